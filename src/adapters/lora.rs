@@ -1,0 +1,281 @@
+//! LoRA exactly as PEFT's `tuners/lora/layer.py`: `y = base(x) + scaling * B(A(dropout(x)))`, with
+//! `A` `[r, in]` (kaiming-uniform, a = sqrt(5)), `B` `[out, r]` zeros, `scaling = alpha / r`
+//! (`alpha / sqrt(r)` with rsLoRA). Same names and shapes as PEFT, so export is a rename-free write.
+//!
+//! Memory: the base weight is frozen, so a `LoraLinear` saves its input for backward only while its
+//! adapter trains (for `dA`), plus the tiny `[n, r]` projection (for `dB`). A frozen adapter is a
+//! constant: no weight gradient, nothing saved.
+
+use crate::nn::dropout::{self, DropoutSaved};
+use crate::nn::flops::matmul;
+use crate::nn::linear::Linear;
+use crate::nn::{Dropout, Pass};
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// PEFT's LoRA hyper-parameters (the fields of `adapter_config.json` that matter for training).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names as PEFT matches them: the last path component, e.g. `query`, `value`, `dense`.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.1,
+            target_modules: vec!["query".into(), "value".into()],
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scaling: f64,
+    pub dropout: Dropout,
+    /// False once frozen (by SAFE or a fixed prefix): the adapter is then a constant.
+    pub trainable: bool,
+}
+
+pub struct LoraGrads {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+impl LoraAdapter {
+    /// PEFT's init: `A ~ U(-bound, bound)` with `bound = 1/sqrt(in)` (kaiming-uniform with a = sqrt(5)),
+    /// `B = 0`, so the adapted layer starts equal to the base layer.
+    pub fn init(
+        in_features: usize,
+        out_features: usize,
+        cfg: &LoraConfig,
+        rng: &mut impl Rng,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let a: Vec<f32> = (0..cfg.r * in_features)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        Ok(Self {
+            a: Tensor::from_vec(a, (cfg.r, in_features), device)?.to_dtype(dtype)?,
+            b: Tensor::zeros((out_features, cfg.r), dtype, device)?,
+            scaling: cfg.scaling(),
+            dropout: Dropout::new(cfg.dropout),
+            trainable: true,
+        })
+    }
+
+    /// The adapter's own output `scaling * dropout(x) A^T B^T`. When `save`, keeps the dropout mask
+    /// (needed for `dx` even when frozen) and, if the adapter trains, `(dropout(x), x A^T)` for its
+    /// weight gradients.
+    fn forward(
+        &self,
+        x: &Tensor,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, LoraLinearSaved)> {
+        let (xd, drop) = self.dropout.forward(x, pass, save)?;
+        let xa = matmul(&xd, &self.a.t()?)?;
+        let y = matmul(&xa, &self.b.t()?)?.affine(self.scaling, 0.0)?;
+        let inputs = (save && self.trainable).then_some((xd, xa));
+        Ok((y, LoraLinearSaved { inputs, drop }))
+    }
+}
+
+/// A frozen base linear with an optional LoRA adapter beside it.
+#[derive(Clone, Debug)]
+pub struct LoraLinear {
+    pub base: Linear,
+    pub lora: Option<LoraAdapter>,
+}
+
+/// Saved for backward: the adapter's dropout mask, and its inputs only while it trains.
+pub struct LoraLinearSaved {
+    inputs: Option<(Tensor, Tensor)>,
+    drop: Option<DropoutSaved>,
+}
+
+impl LoraLinearSaved {
+    const NONE: Self = Self {
+        inputs: None,
+        drop: None,
+    };
+}
+
+impl LoraLinear {
+    pub fn new(base: Linear) -> Self {
+        Self { base, lora: None }
+    }
+
+    pub fn trains(&self) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.trainable)
+    }
+
+    /// `x` is `[n, in]`. Saves state only when `save` and the adapter trains.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, LoraLinearSaved)> {
+        let (y, _, saved) = self.forward_parts(x, pass, save)?;
+        Ok((y, saved))
+    }
+
+    /// Like `forward`, also returning the base output `x W^T + b` on the same input: SAFE's `Y`
+    /// (the adapted output is its `X`), computed anyway, so monitoring costs no extra matmul.
+    pub fn forward_parts(
+        &self,
+        x: &Tensor,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, Tensor, LoraLinearSaved)> {
+        let base = self.base.forward(x)?;
+        let Some(lora) = &self.lora else {
+            return Ok((base.clone(), base, LoraLinearSaved::NONE));
+        };
+        let (delta, saved) = lora.forward(x, pass, save)?;
+        Ok(((&base + delta)?, base, saved))
+    }
+
+    /// Returns `dx` (when `need_dx`) and the adapter's gradients (when it trains).
+    pub fn backward(
+        &self,
+        saved: LoraLinearSaved,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Option<LoraGrads>)> {
+        let mut dx = if need_dx {
+            Some(self.base.backward_input(dy)?)
+        } else {
+            None
+        };
+        let Some(lora) = &self.lora else {
+            return Ok((dx, None));
+        };
+        let dxa = matmul(dy, &lora.b)?.affine(lora.scaling, 0.0)?; // [n, r]
+        if let Some(d) = dx.as_mut() {
+            let dxd = dropout::backward_opt(&saved.drop, matmul(&dxa, &lora.a)?)?;
+            *d = (&*d + dxd)?;
+        }
+        let grads = match saved.inputs {
+            Some((xd, xa)) => Some(LoraGrads {
+                a: matmul(&dxa.t()?, &xd)?,
+                b: matmul(&dy.t()?, &xa)?.affine(lora.scaling, 0.0)?,
+            }),
+            None => None,
+        };
+        Ok((dx, grads))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::{check, randn};
+    use rand::SeedableRng;
+
+    fn layer(a: &Tensor, b: &Tensor, trainable: bool, p: f64) -> LoraLinear {
+        LoraLinear {
+            base: Linear::new(randn(&[4, 6], 71), Some(randn(&[4], 72))),
+            lora: Some(LoraAdapter {
+                a: a.clone(),
+                b: b.clone(),
+                scaling: 2.0,
+                dropout: Dropout::new(p),
+                trainable,
+            }),
+        }
+    }
+
+    fn fwd(l: &LoraLinear, x: &Tensor, save: bool) -> (Tensor, LoraLinearSaved) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut pass = Pass {
+            training: true,
+            rng: &mut rng,
+        };
+        l.forward(x, &mut pass, save).unwrap()
+    }
+
+    #[test]
+    fn trainable_adapter_gradients_match() {
+        for p in [0.0, 0.3] {
+            let (x, a, b) = (randn(&[7, 6], 73), randn(&[3, 6], 74), randn(&[4, 3], 75));
+            let dy = randn(&[7, 4], 76);
+            let l = layer(&a, &b, true, p);
+            let saved = fwd(&l, &x, true).1;
+            let (dx, g) = l.backward(saved, &dy, true).unwrap();
+            let g = g.expect("trainable adapter has gradients");
+            check(
+                &[x, a, b],
+                &dy,
+                &[dx.unwrap(), g.a, g.b],
+                |t| Ok(fwd(&layer(&t[1], &t[2], true, p), &t[0], false).0),
+                1e-10,
+            );
+        }
+    }
+
+    #[test]
+    fn frozen_adapter_saves_no_input_and_has_no_gradient() {
+        let (x, a, b) = (randn(&[7, 6], 77), randn(&[3, 6], 78), randn(&[4, 3], 79));
+        let dy = randn(&[7, 4], 80);
+        let l = layer(&a, &b, false, 0.3);
+        let saved = fwd(&l, &x, true).1;
+        assert!(
+            saved.inputs.is_none(),
+            "a frozen adapter must not keep its input"
+        );
+        let (dx, g) = l.backward(saved, &dy, true).unwrap();
+        assert!(g.is_none());
+        check(
+            &[x],
+            &dy,
+            &[dx.unwrap()],
+            |t| Ok(fwd(&l, &t[0], false).0),
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn init_matches_peft() {
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 16.0,
+            ..Default::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let ad = LoraAdapter::init(64, 32, &cfg, &mut rng, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(ad.a.dims(), &[4, 64]);
+        assert_eq!(ad.b.dims(), &[32, 4]);
+        assert_eq!(ad.scaling, 4.0);
+        let b: Vec<f32> = ad.b.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(b.iter().all(|&v| v == 0.0));
+        let a: Vec<f32> = ad.a.flatten_all().unwrap().to_vec1().unwrap();
+        let bound = 1.0 / 8.0;
+        assert!(a.iter().all(|v| v.abs() <= bound));
+        assert!(a.iter().any(|v| v.abs() > 0.9 * bound));
+    }
+}

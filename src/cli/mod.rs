@@ -1,0 +1,285 @@
+//! Command line: `safetune train | demo | eval | fetch`. Flags override the TOML config.
+
+use crate::data::{TableFormat, TaskKind};
+use crate::io::{fetch, peft};
+use crate::train::config::{DataKind, Method, TrainConfig};
+use crate::train::trainer::{self, Summary};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "safetune",
+    version,
+    about = "Memory-efficient LoRA fine-tuning with SAFE (Selective Adapter FrEezing)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Fine-tune a model on your data (TOML config and/or flags).
+    Train(TrainArgs),
+    /// The default job: fetch MiniLM-L6 and BBC News if missing, fine-tune with LoRA, report.
+    Demo(TrainArgs),
+    /// Evaluate a trained adapter (PEFT folder) on data.
+    Eval(EvalArgs),
+    /// Time training steps of a random-weight model of a given shape (one JSON line).
+    Bench(crate::train::bench::BenchArgs),
+    /// Download the pinned default assets (hash-checked) into the cache and print where they are.
+    Fetch(FetchArgs),
+}
+
+/// Flags shared by `train` and `demo`; each overrides the config file.
+#[derive(Args, Clone, Default)]
+pub struct TrainArgs {
+    /// TOML config file (see README, "Configuration").
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json). Default: MiniLM-L6.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output folder (adapter, checkpoint, metrics.jsonl, summary.json, plots).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// lora | safe | upper | freeze-prefix:K
+    #[arg(long)]
+    pub method: Option<Method>,
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated module names, e.g. query,value
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Cap optimizer steps per epoch (quick runs); 0 = whole epochs.
+    #[arg(long)]
+    pub max_steps_per_epoch: Option<usize>,
+    /// SAFE's tau_T as an absolute importance value (default: half the largest importance at warm-up end).
+    #[arg(long)]
+    pub safe_tau: Option<f64>,
+    /// Continue from OUTPUT/checkpoint if present.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct DataArgs {
+    /// Data file or folder. Default: BBC News (fetched if missing).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// folder | spam | table | glue (default: folder, or table for a file path)
+    #[arg(long)]
+    pub data_kind: Option<DataKind>,
+    /// classification | regression
+    #[arg(long)]
+    pub task: Option<TaskKind>,
+    #[arg(long)]
+    pub format: Option<TableFormat>,
+    #[arg(long)]
+    pub text_column: Option<String>,
+    #[arg(long)]
+    pub text_pair_column: Option<String>,
+    #[arg(long)]
+    pub label_column: Option<String>,
+    #[arg(long)]
+    pub max_length: Option<usize>,
+}
+
+macro_rules! set {
+    ($dst:expr, $src:expr) => {
+        if let Some(v) = $src.clone() {
+            $dst = v;
+        }
+    };
+}
+
+impl DataArgs {
+    fn apply(&self, c: &mut TrainConfig) {
+        let d = &mut c.data;
+        if let Some(p) = &self.data {
+            d.path = Some(p.clone());
+            if self.data_kind.is_none() && p.is_file() {
+                d.kind = DataKind::Table;
+            }
+        }
+        set!(d.kind, self.data_kind);
+        set!(d.task, self.task);
+        if self.format.is_some() {
+            d.format = self.format;
+        }
+        set!(d.text_column, self.text_column);
+        if self.text_pair_column.is_some() {
+            d.text_pair_column = self.text_pair_column.clone();
+        }
+        set!(d.label_column, self.label_column);
+        set!(d.max_length, self.max_length);
+    }
+}
+
+impl TrainArgs {
+    pub fn to_config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_toml_file(p)?,
+            None => TrainConfig::default(),
+        };
+        if self.model.is_some() {
+            c.model = self.model.clone();
+        }
+        self.data.apply(&mut c);
+        set!(c.output, self.output);
+        set!(c.method, self.method);
+        set!(c.lora.r, self.lora_r);
+        set!(c.lora.alpha, self.lora_alpha);
+        set!(c.lora.dropout, self.lora_dropout);
+        set!(c.lora.target_modules, self.target_modules);
+        set!(c.lr, self.lr);
+        set!(c.epochs, self.epochs);
+        set!(c.batch_size, self.batch_size);
+        set!(c.grad_accum, self.grad_accum);
+        set!(c.seed, self.seed);
+        set!(c.max_steps_per_epoch, self.max_steps_per_epoch);
+        if let Some(t) = self.safe_tau {
+            c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
+        }
+        anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
+        anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
+        anyhow::ensure!(c.data.max_length >= 2, "max_length must be at least 2");
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Base model folder. Default: MiniLM-L6.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a train output.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Seed of the train/validation/test split (must match training's to score its test split).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct FetchArgs {
+    /// Assets to fetch (minilm, bbc-news, spam-assassin, smollm2, moby-dick, sotu); default: all.
+    pub names: Vec<String>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) | Command::Demo(a) => {
+            let cfg = a.to_config()?;
+            let summary = trainer::train(&cfg, a.resume, !a.quiet)?;
+            print_summary(&cfg, &summary);
+            Ok(())
+        }
+        Command::Eval(a) => eval(a),
+        Command::Bench(a) => {
+            println!("{}", serde_json::to_string(&crate::train::bench::run(&a)?)?);
+            Ok(())
+        }
+        Command::Fetch(a) => {
+            let cache = fetch::default_cache_dir();
+            for asset in fetch::ALL {
+                if a.names.is_empty() || a.names.iter().any(|n| n == asset.name) {
+                    let p = fetch::ensure(asset, &cache)?;
+                    println!("{:<14} {}", asset.name, p.display());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let pc = peft::read_config(&a.adapter)?;
+    let mut cfg = TrainConfig {
+        model: a.model.clone(),
+        seed: a.seed,
+        ..Default::default()
+    };
+    a.data.apply(&mut cfg);
+    cfg.lora = pc.lora();
+    let setup = trainer::prepare(&cfg)?;
+    let num_labels = peft::num_labels(&a.adapter)?;
+    anyhow::ensure!(
+        num_labels == setup.splits.test.num_labels(),
+        "{}: the adapter's classifier has {num_labels} outputs, the data has {} labels",
+        a.adapter.display(),
+        setup.splits.test.num_labels()
+    );
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let mut model = crate::model::BertForSequenceClassification::load(
+        &setup.model_dir,
+        num_labels,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        &mut rng,
+    )?;
+    model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
+    peft::load(&a.adapter, &mut model)
+        .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
+    let s = trainer::evaluate(&model, &setup.test, 32, setup.splits.test.task, num_labels)?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+fn print_summary(cfg: &TrainConfig, s: &Summary) {
+    let mb = |b: f64| format!("{:.0} MB", b / 1e6);
+    let rows = [
+        ("method", s.method.clone()),
+        (&*format!("test {}", s.metric), format!("{:.4}", s.value)),
+        ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
+        (
+            "train time",
+            format!("{:.1} s (total {:.1} s)", s.train_wall_s, s.wall_s),
+        ),
+        ("peak memory (heap)", mb(s.peak_mem_bytes as f64)),
+        ("mean epoch peak memory", mb(s.mean_epoch_peak_mem_bytes)),
+        (
+            "peak RSS",
+            s.peak_rss_bytes
+                .map(|b| mb(b as f64))
+                .unwrap_or("n/a".into()),
+        ),
+        (
+            "train FLOPs",
+            format!(
+                "{:.3e} (unfrozen: {:.3e})",
+                s.train_flops as f64, s.unfrozen_train_flops_estimate as f64
+            ),
+        ),
+        ("trainable params", s.trainable_params.to_string()),
+        ("frozen adapters", s.frozen.len().to_string()),
+        ("output", cfg.output.display().to_string()),
+    ];
+    println!();
+    for (k, v) in rows {
+        println!("  {k:<24} {v}");
+    }
+}

@@ -1,0 +1,29 @@
+//! Files in and out: checkpoint weights (safetensors), asset fetching, PEFT adapter format.
+
+pub mod fetch;
+pub mod peft;
+pub mod weights;
+
+use std::path::PathBuf;
+
+/// Errors reading or writing model files; each names the file and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("{path}: file not found ({what})")]
+    Missing { path: PathBuf, what: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: tensor '{name}' not found (tried {tried})")]
+    MissingTensor {
+        path: PathBuf,
+        name: String,
+        tried: String,
+    },
+    #[error("{path}: tensor '{name}' has shape {actual:?}, expected {expected:?}")]
+    WrongShape {
+        path: PathBuf,
+        name: String,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
+}

@@ -1,0 +1,785 @@
+//! BERT for sequence classification (transformers' `BertForSequenceClassification`), with LoRA
+//! adapters on any of the six linears of each layer and explicit layer-wise backprop.
+//!
+//! Layer data flow (post-LN BERT), per layer, rows = `batch * seq` tokens:
+//! ```text
+//! q,k,v = query(h), key(h), value(h)        (LoraLinear)
+//! a     = LN1(dropout(out(attn(q,k,v))) + h)
+//! h'    = LN2(dropout(output(gelu(intermediate(a)))) + a)
+//! ```
+
+use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::io::weights::Weights;
+use crate::io::IoError;
+use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
+use crate::nn::dropout::{self, DropoutSaved};
+use crate::nn::embedding::Embeddings;
+use crate::nn::gelu::{self, GeluSaved};
+use crate::nn::head::{ClassificationHead, HeadGrads, HeadSaved};
+use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
+use crate::nn::linear::Linear;
+use crate::nn::{Dropout, Pass};
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The fields of a Hugging Face BERT `config.json` that the architecture needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: u32,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> std::result::Result<Self, IoError> {
+        let text = std::fs::read_to_string(path).map_err(|_| IoError::Missing {
+            path: path.into(),
+            what: "Hugging Face model config".into(),
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| IoError::Invalid {
+            path: path.into(),
+            message: format!("not a BERT config ({e})"),
+        })?;
+        if cfg.hidden_act != "gelu" {
+            return Err(IoError::Invalid {
+                path: path.into(),
+                message: format!(
+                    "hidden_act '{}' is not supported (only 'gelu')",
+                    cfg.hidden_act
+                ),
+            });
+        }
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
+            return Err(IoError::Invalid {
+                path: path.into(),
+                message: "hidden_size must be a multiple of num_attention_heads".into(),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+/// The six linears of a BERT layer, by the names PEFT's `target_modules` match and their paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    Query,
+    Key,
+    Value,
+    AttnOut,
+    Intermediate,
+    Output,
+}
+
+impl Site {
+    pub const ALL: [Site; 6] = [
+        Site::Query,
+        Site::Key,
+        Site::Value,
+        Site::AttnOut,
+        Site::Intermediate,
+        Site::Output,
+    ];
+
+    /// Path inside a layer, as in the checkpoint (and in PEFT's adapter keys).
+    pub fn path(self) -> &'static str {
+        match self {
+            Site::Query => "attention.self.query",
+            Site::Key => "attention.self.key",
+            Site::Value => "attention.self.value",
+            Site::AttnOut => "attention.output.dense",
+            Site::Intermediate => "intermediate.dense",
+            Site::Output => "output.dense",
+        }
+    }
+
+    /// PEFT matches `target_modules` entries against the end of the module path.
+    pub fn matches(self, target: &str) -> bool {
+        let path = self.path();
+        path == target || path.ends_with(&format!(".{target}"))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BertLayer {
+    /// Linears in `Site::ALL` order.
+    pub linears: [LoraLinear; 6],
+    pub attention: Attention,
+    pub ln_attn: LayerNorm,
+    pub ln_out: LayerNorm,
+    pub dropout: Dropout,
+}
+
+/// What a layer on the gradient path keeps for backward.
+pub struct BertLayerSaved {
+    lin: Vec<LoraLinearSaved>,
+    attn: AttentionSaved,
+    drop_attn: Option<DropoutSaved>,
+    ln_attn: LayerNormSaved,
+    gelu: GeluSaved,
+    drop_out: Option<DropoutSaved>,
+    ln_out: LayerNormSaved,
+}
+
+/// Gradients of a layer's trainable adapters.
+pub type SiteGrads = Vec<(Site, LoraGrads)>;
+
+/// Per-adapter monitoring output: `(adapted output X, base output Y)` of each adapted linear.
+pub type Monitored = Vec<(Site, Tensor, Tensor)>;
+
+impl BertLayer {
+    fn lin(&self, s: Site) -> &LoraLinear {
+        &self.linears[s as usize]
+    }
+
+    pub fn trains(&self) -> bool {
+        self.linears.iter().any(|l| l.trains())
+    }
+
+    /// `h` is `[batch*seq, hidden]`. When `monitor` is given, each adapted linear's `(X, Y)` is pushed.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        pass: &mut Pass,
+        save: bool,
+        mut monitor: Option<&mut Monitored>,
+    ) -> Result<(Tensor, Option<BertLayerSaved>)> {
+        let mut lin = Vec::with_capacity(6);
+        let mut run = |s: Site, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
+            let l = self.lin(s);
+            let (y, base, saved) = l.forward_parts(x, pass, save)?;
+            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
+                m.push((s, y.clone(), base));
+            }
+            lin.push(saved);
+            Ok(y)
+        };
+        let q = run(Site::Query, h, pass)?;
+        let k = run(Site::Key, h, pass)?;
+        let v = run(Site::Value, h, pass)?;
+        let (ctx, attn) = self
+            .attention
+            .forward((&q, &k, &v), mask_add, shape, pass, save)?;
+        let a = run(Site::AttnOut, &ctx, pass)?;
+        let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
+        let (a, ln_attn) = self.ln_attn.forward(&(a + h)?, save)?;
+        let i = run(Site::Intermediate, &a, pass)?;
+        let (g, gelu) = gelu::forward(&i, save)?;
+        let o = run(Site::Output, &g, pass)?;
+        let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
+        let (out, ln_out) = self.ln_out.forward(&(o + a)?, save)?;
+        let saved = match (attn, ln_attn, gelu, ln_out) {
+            (Some(attn), Some(ln_attn), Some(gelu), Some(ln_out)) => Some(BertLayerSaved {
+                lin,
+                attn,
+                drop_attn,
+                ln_attn,
+                gelu,
+                drop_out,
+                ln_out,
+            }),
+            _ => None,
+        };
+        Ok((out, saved))
+    }
+
+    /// Backward through the layer; `dx` is computed only when a layer below still trains.
+    pub fn backward(
+        &self,
+        saved: BertLayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, SiteGrads)> {
+        let mut grads = Vec::new();
+        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
+        let mut back = |s: Site, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
+            let st = lin[s as usize].take().expect("each linear is saved once");
+            let (dx, g) = self.lin(s).backward(st, dy, need)?;
+            if let Some(g) = g {
+                grads.push((s, g));
+            }
+            Ok(dx)
+        };
+        let d_res2 = saved.ln_out.backward(&self.ln_out, dout)?; // d(o + a)
+        let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
+        let d_g = back(Site::Output, &d_o, true)?.expect("dx requested");
+        let d_i = saved.gelu.backward(&d_g)?;
+        let d_a = (back(Site::Intermediate, &d_i, true)?.expect("dx requested") + d_res2)?;
+        let d_res1 = saved.ln_attn.backward(&self.ln_attn, &d_a)?; // d(attn_out + h)
+        let d_ao = dropout::backward_opt(&saved.drop_attn, d_res1.clone())?;
+        let d_ctx = back(Site::AttnOut, &d_ao, true)?.expect("dx requested");
+        let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
+        let mut dh = need_dx.then_some(d_res1);
+        for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
+            if let Some(dxs) = back(s, &d, need_dx)? {
+                dh = Some(match dh {
+                    Some(acc) => (acc + dxs)?,
+                    None => dxs,
+                });
+            }
+        }
+        Ok((dh, grads))
+    }
+}
+
+/// Gradients of one training step, by trainable parameter.
+pub struct ModelGrads {
+    /// `(layer, site, grads)` of every adapter that trains.
+    pub adapters: Vec<(usize, Site, LoraGrads)>,
+    pub head: HeadGrads,
+}
+
+#[derive(Clone, Debug)]
+pub struct BertForSequenceClassification {
+    pub config: BertConfig,
+    pub embeddings: Embeddings,
+    pub layers: Vec<BertLayer>,
+    pub head: ClassificationHead,
+}
+
+/// One tokenized batch on the model's device.
+pub struct BatchTensors {
+    pub input_ids: Tensor,
+    pub token_type_ids: Tensor,
+    /// `[batch, 1, 1, seq]` additive key mask.
+    pub mask_add: Tensor,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// What a training forward keeps: the saved layers above the lowest trainable one, and the head.
+pub struct ForwardSaved {
+    pub first_saved_layer: usize,
+    layers: Vec<BertLayerSaved>,
+    head: HeadSaved,
+}
+
+impl BertForSequenceClassification {
+    /// Loads a Hugging Face BERT folder (`config.json`, `model.safetensors`) with a new classifier of
+    /// `num_labels` outputs, initialised as transformers does (normal(0, 0.02), zero bias) from `rng`.
+    pub fn load(
+        dir: &Path,
+        num_labels: usize,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        if !dir.is_dir() {
+            return Err(IoError::Missing {
+                path: dir.into(),
+                what: "model folder with config.json and model.safetensors".into(),
+            });
+        }
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let w = Weights::open(
+            &dir.join("model.safetensors"),
+            &["bert.", ""],
+            dtype,
+            device,
+        )?;
+        Self::from_weights(config, &w, num_labels, rng)
+    }
+
+    pub fn from_weights(
+        config: BertConfig,
+        w: &Weights,
+        num_labels: usize,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        let c = &config;
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let ln = |w: &Weights| -> std::result::Result<LayerNorm, IoError> {
+            // Old checkpoints name LayerNorm parameters gamma/beta.
+            let (g, b) = if w.contains("gamma") {
+                ("gamma", "beta")
+            } else {
+                ("weight", "bias")
+            };
+            Ok(LayerNorm::new(
+                w.get(g, &[h])?,
+                w.get(b, &[h])?,
+                c.layer_norm_eps,
+            ))
+        };
+        let linear =
+            |w: &Weights, out: usize, inp: usize| -> std::result::Result<Linear, IoError> {
+                Ok(Linear::new(
+                    w.get("weight", &[out, inp])?,
+                    Some(w.get("bias", &[out])?),
+                ))
+            };
+        let hidden_drop = Dropout::new(c.hidden_dropout_prob);
+        let e = w.pp("embeddings");
+        let embeddings = Embeddings {
+            word: e.get("word_embeddings.weight", &[c.vocab_size, h])?,
+            position: e.get(
+                "position_embeddings.weight",
+                &[c.max_position_embeddings, h],
+            )?,
+            token_type: e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?,
+            layer_norm: ln(&e.pp("LayerNorm"))?,
+            dropout: hidden_drop,
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = w.pp("encoder.layer").pp(i);
+            let shapes = |s: Site| match s {
+                Site::Intermediate => (f, h),
+                Site::Output => (h, f),
+                _ => (h, h),
+            };
+            let mut lins = Vec::with_capacity(6);
+            for s in Site::ALL {
+                let (o, inp) = shapes(s);
+                lins.push(LoraLinear::new(linear(&l.pp(s.path()), o, inp)?));
+            }
+            layers.push(BertLayer {
+                linears: lins.try_into().expect("six linears"),
+                attention: Attention {
+                    num_heads: c.num_attention_heads,
+                    dropout: Dropout::new(c.attention_probs_dropout_prob),
+                },
+                ln_attn: ln(&l.pp("attention.output.LayerNorm"))?,
+                ln_out: ln(&l.pp("output.LayerNorm"))?,
+                dropout: hidden_drop,
+            });
+        }
+        let p = w.pp("pooler.dense");
+        let pooler = linear(&p, h, h)?;
+        let dev = pooler.weight.device().clone();
+        let dtype = pooler.weight.dtype();
+        let cls: Vec<f32> = (0..num_labels * h)
+            .map(|_| {
+                rand_distr::Distribution::sample(&rand_distr::Normal::new(0.0, 0.02).unwrap(), rng)
+            })
+            .collect();
+        let classifier = Linear::new(
+            tensor(
+                Tensor::from_vec(cls, (num_labels, h), &dev).and_then(|t| t.to_dtype(dtype)),
+                w,
+            )?,
+            Some(tensor(Tensor::zeros(num_labels, dtype, &dev), w)?),
+        );
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            head: ClassificationHead {
+                pooler,
+                dropout: hidden_drop,
+                classifier,
+            },
+        })
+    }
+
+    /// A model of the given shape with random weights (normal(0, 0.02), LayerNorm 1/0), for
+    /// benchmarks and tests; built through the same loading path as a checkpoint.
+    pub fn random(
+        config: BertConfig,
+        num_labels: usize,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        let c = &config;
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![c.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![c.max_position_embeddings, h],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![c.type_vocab_size, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+            ("pooler.dense.weight".into(), vec![h, h]),
+            ("pooler.dense.bias".into(), vec![h]),
+        ];
+        for i in 0..c.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            for s in Site::ALL {
+                let (o, inp) = match s {
+                    Site::Intermediate => (f, h),
+                    Site::Output => (h, f),
+                    _ => (h, h),
+                };
+                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
+                shapes.push((format!("{p}.{}.bias", s.path()), vec![o]));
+            }
+            for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                shapes.push((format!("{p}.{ln}.weight"), vec![h]));
+                shapes.push((format!("{p}.{ln}.bias"), vec![h]));
+            }
+        }
+        let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape) in shapes {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.contains("LayerNorm") {
+                vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+            } else if name.ends_with("bias") {
+                vec![0.0; n]
+            } else {
+                (0..n)
+                    .map(|_| rand_distr::Distribution::sample(&normal, rng))
+                    .collect()
+            };
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| IoError::Invalid {
+                path: "<memory>".into(),
+                message: e.to_string(),
+            })?;
+            tensors.insert(name, t);
+        }
+        let w = Weights::from_tensors(tensors, dtype, device);
+        Self::from_weights(config, &w, num_labels, rng)
+    }
+
+    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
+    /// layers listed (all layers when `layers` is None).
+    pub fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        layers: Option<&[usize]>,
+        rng: &mut impl Rng,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            if layers.is_some_and(|ls| !ls.contains(&i)) {
+                continue;
+            }
+            for s in Site::ALL {
+                if cfg.target_modules.iter().any(|t| s.matches(t)) {
+                    let lin = &mut layer.linears[s as usize];
+                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
+                    let w = &lin.base.weight;
+                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, w.dtype(), w.device())?);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Adapters in order (layer, then site): the index SAFE uses.
+    pub fn adapter_sites(&self) -> Vec<(usize, Site)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for s in Site::ALL {
+                if l.linears[s as usize].lora.is_some() {
+                    v.push((i, s));
+                }
+            }
+        }
+        v
+    }
+
+    pub fn adapter(&self, layer: usize, site: Site) -> Option<&LoraAdapter> {
+        self.layers[layer].linears[site as usize].lora.as_ref()
+    }
+
+    pub fn adapter_mut(&mut self, layer: usize, site: Site) -> Option<&mut LoraAdapter> {
+        self.layers[layer].linears[site as usize].lora.as_mut()
+    }
+
+    /// The lowest layer with an adapter that still trains; None when only the head trains.
+    pub fn lowest_trainable_layer(&self) -> Option<usize> {
+        self.layers.iter().position(|l| l.trains())
+    }
+
+    /// Training forward. Layers below the lowest trainable adapter run in inference mode (dropout
+    /// still applies, nothing is saved); layers from it up save what their backward needs.
+    pub fn forward_train(
+        &self,
+        b: &BatchTensors,
+        pass: &mut Pass,
+    ) -> Result<(Tensor, ForwardSaved)> {
+        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut h = self
+            .embeddings
+            .forward(&b.input_ids, &b.token_type_ids, pass)?;
+        let mut saved = Vec::with_capacity(self.layers.len() - first);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (out, s) = layer.forward(&h, &b.mask_add, shape, pass, i >= first, None)?;
+            saved.extend(s);
+            h = out;
+        }
+        let (logits, head) = self.head.forward(&h, b.batch, b.seq, pass, true)?;
+        let head = head.expect("head saved");
+        Ok((
+            logits,
+            ForwardSaved {
+                first_saved_layer: first,
+                layers: saved,
+                head,
+            },
+        ))
+    }
+
+    /// Backward from the logits' gradient down to the lowest trainable layer, and no further.
+    pub fn backward(&self, saved: ForwardSaved, dlogits: &Tensor) -> Result<ModelGrads> {
+        let (mut dh, head) = saved.head.backward(&self.head, dlogits)?;
+        let mut adapters = Vec::new();
+        let first = saved.first_saved_layer;
+        for (offset, st) in saved.layers.into_iter().enumerate().rev() {
+            let i = first + offset;
+            let (dx, grads) = self.layers[i].backward(st, &dh, i > first)?;
+            adapters.extend(grads.into_iter().map(|(s, g)| (i, s, g)));
+            match dx {
+                Some(d) => dh = d,
+                None => break,
+            }
+        }
+        adapters.sort_by_key(|(l, s, _)| (*l, *s as usize));
+        Ok(ModelGrads { adapters, head })
+    }
+
+    /// Inference forward returning logits; with `monitor`, also every adapted linear's
+    /// `(layer, site, X, Y)` for SAFE.
+    pub fn forward_eval(
+        &self,
+        b: &BatchTensors,
+        pass: &mut Pass,
+        mut monitor: Option<&mut Vec<(usize, Site, Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut h = self
+            .embeddings
+            .forward(&b.input_ids, &b.token_type_ids, pass)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut m = Monitored::new();
+            let (out, _) = layer.forward(
+                &h,
+                &b.mask_add,
+                shape,
+                pass,
+                false,
+                monitor.is_some().then_some(&mut m),
+            )?;
+            if let Some(all) = monitor.as_deref_mut() {
+                all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
+            }
+            h = out;
+        }
+        Ok(self.head.forward(&h, b.batch, b.seq, pass, false)?.0)
+    }
+}
+
+fn tensor(t: Result<Tensor>, w: &Weights) -> std::result::Result<Tensor, IoError> {
+    t.map_err(|e| IoError::Invalid {
+        path: w.file().into(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::attention::mask_to_additive;
+    use crate::nn::gradcheck::max_abs_diff;
+    use candle_core::Var;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn tiny(dropout: f64) -> BertForSequenceClassification {
+        let cfg = BertConfig {
+            vocab_size: 50,
+            hidden_size: 8,
+            num_hidden_layers: 3,
+            num_attention_heads: 2,
+            intermediate_size: 16,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: dropout,
+            attention_probs_dropout_prob: dropout,
+            max_position_embeddings: 16,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut m =
+            BertForSequenceClassification::random(cfg, 3, DType::F64, &Device::Cpu, &mut rng)
+                .unwrap();
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout,
+            target_modules: vec!["query".into(), "value".into(), "dense".into()],
+            use_rslora: false,
+        };
+        m.add_lora(&lora, None, &mut rng).unwrap();
+        // B starts at zero (PEFT init), which would make every dA zero: give B values.
+        for (l, s) in m.adapter_sites() {
+            let ad = m.adapter_mut(l, s).unwrap();
+            ad.b = Tensor::randn(0.0, 0.5, ad.b.dims(), &Device::Cpu).unwrap();
+        }
+        m
+    }
+
+    fn batch() -> (BatchTensors, Vec<u32>) {
+        let ids = Tensor::from_vec(
+            vec![2u32, 7, 9, 11, 3, 0, 2, 13, 5, 3, 0, 0],
+            (2, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask = Tensor::from_vec(
+            vec![1u32, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0],
+            (2, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = BatchTensors {
+            input_ids: ids,
+            token_type_ids: Tensor::zeros((2, 6), DType::U32, &Device::Cpu).unwrap(),
+            mask_add: mask_to_additive(&mask, DType::F64).unwrap(),
+            batch: 2,
+            seq: 6,
+        };
+        (b, vec![2, 0])
+    }
+
+    fn loss_grads(m: &BertForSequenceClassification) -> (ModelGrads, ForwardSaved) {
+        let (b, labels) = batch();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut pass = Pass {
+            training: true,
+            rng: &mut rng,
+        };
+        let (logits, saved) = m.forward_train(&b, &mut pass).unwrap();
+        let (_, dlogits) = crate::nn::loss::cross_entropy(&logits, &labels).unwrap();
+        let (_, saved2) = {
+            let mut rng = StdRng::seed_from_u64(5);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            m.forward_train(&b, &mut pass).unwrap()
+        };
+        (m.backward(saved, &dlogits).unwrap(), saved2)
+    }
+
+    /// Whole-model check: every adapter's and the classifier's gradients equal candle's autograd
+    /// through the same forward (dropout on, same seed), on a tiny random BERT in f64.
+    #[test]
+    fn whole_model_gradients_match_autograd() {
+        let m = tiny(0.1);
+        let (ours, _) = loss_grads(&m);
+        let mut taped = m.clone();
+        let mut vars = Vec::new();
+        for (l, s) in taped.adapter_sites() {
+            let ad = taped.adapter_mut(l, s).unwrap();
+            let (a, b) = (
+                Var::from_tensor(&ad.a).unwrap(),
+                Var::from_tensor(&ad.b).unwrap(),
+            );
+            ad.a = a.as_tensor().clone();
+            ad.b = b.as_tensor().clone();
+            vars.push((l, s, a, b));
+        }
+        let w = Var::from_tensor(&taped.head.classifier.weight).unwrap();
+        taped.head.classifier.weight = w.as_tensor().clone();
+        let (b, labels) = batch();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut pass = Pass {
+            training: true,
+            rng: &mut rng,
+        };
+        let (logits, _) = taped.forward_train(&b, &mut pass).unwrap();
+        let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
+        let logp = logits.broadcast_sub(&lse).unwrap();
+        let picked = logp
+            .gather(&Tensor::from_vec(labels, (2, 1), &Device::Cpu).unwrap(), 1)
+            .unwrap();
+        let loss = picked.mean_all().unwrap().neg().unwrap();
+        let tape = loss.backward().unwrap();
+        assert_eq!(ours.adapters.len(), vars.len());
+        for ((l, s, g), (vl, vs, a, b)) in ours.adapters.iter().zip(&vars) {
+            assert_eq!((*l, *s), (*vl, *vs));
+            let da = max_abs_diff(&g.a, tape.get(a).unwrap());
+            let db = max_abs_diff(&g.b, tape.get(b).unwrap());
+            assert!(
+                da < 1e-9 && db < 1e-9,
+                "layer {l} {s:?}: dA off by {da}, dB off by {db}"
+            );
+        }
+        assert!(max_abs_diff(&ours.head.weight, tape.get(&w).unwrap()) < 1e-9);
+    }
+
+    /// Freezing the bottom adapters changes what is computed: those layers save nothing, get no
+    /// gradient, and the backward stops above them.
+    #[test]
+    fn frozen_bottom_layers_save_nothing_and_get_no_gradient() {
+        let mut m = tiny(0.1);
+        let (all, saved_all) = loss_grads(&m);
+        assert_eq!(saved_all.first_saved_layer, 0);
+        assert_eq!(saved_all.layers.len(), 3);
+        for (l, s) in m.adapter_sites() {
+            if l < 2 {
+                m.adapter_mut(l, s).unwrap().trainable = false;
+            }
+        }
+        assert_eq!(m.lowest_trainable_layer(), Some(2));
+        let (top, saved_top) = loss_grads(&m);
+        assert_eq!(saved_top.first_saved_layer, 2);
+        assert_eq!(
+            saved_top.layers.len(),
+            1,
+            "only the trainable top layer keeps state"
+        );
+        assert!(top.adapters.iter().all(|(l, _, _)| *l == 2));
+        // The top layer's gradients are unchanged by freezing the layers below it.
+        for (l, s, g) in &top.adapters {
+            let (_, _, ga) = all
+                .adapters
+                .iter()
+                .find(|(la, sa, _)| la == l && sa == s)
+                .unwrap();
+            assert!(max_abs_diff(&g.a, &ga.a) < 1e-12 && max_abs_diff(&g.b, &ga.b) < 1e-12);
+        }
+    }
+}

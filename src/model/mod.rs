@@ -1,0 +1,5 @@
+//! Model architectures, built from `nn` components and `adapters`.
+
+pub mod bert;
+
+pub use bert::{BertConfig, BertForSequenceClassification};

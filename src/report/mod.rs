@@ -1,0 +1,3 @@
+//! Reports for people: PNG plots of SAFE's importance scores and freezing pattern.
+
+pub mod plots;

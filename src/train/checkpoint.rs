@@ -1,0 +1,173 @@
+//! Resumable checkpoints and the best adapter.
+//!
+//! After every epoch the trainer writes `OUTPUT/checkpoint/` (every adapter, the classifier, the
+//! optimizer moments and `state.json`) into a temporary folder and swaps it in with renames, so an
+//! interrupted run loses at most the epoch in progress. The best-validation adapter is written in
+//! PEFT's format at `OUTPUT/` (see `io::peft`).
+
+use super::config::TrainConfig;
+use super::optim::{AdamW, Moments};
+use super::trainer::EpochLog;
+use crate::io::peft;
+use crate::model::bert::BertForSequenceClassification;
+use crate::safe::SafeController;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub epochs_done: usize,
+    pub global_step: usize,
+    pub best_metric: f64,
+    pub best_epoch: usize,
+    /// Adapter name -> epoch it froze.
+    pub frozen_at: BTreeMap<String, usize>,
+    pub history: Vec<EpochLog>,
+    pub safe: Option<SafeController>,
+    /// Optimizer step count of each parameter.
+    pub opt_steps: BTreeMap<String, u64>,
+    /// PEFT key stems of the frozen adapters.
+    pub frozen_adapters: Vec<String>,
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, path)
+}
+
+pub fn save(
+    out: &Path,
+    model: &BertForSequenceClassification,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<()> {
+    let tmp = out.join("checkpoint.tmp");
+    let dir = out.join("checkpoint");
+    let old = out.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut state = state.clone();
+    state.frozen_adapters.clear();
+    for (layer, site) in model.adapter_sites() {
+        let ad = model.adapter(layer, site).expect("listed");
+        let stem = super::step::adapter_path(layer, site);
+        tensors.insert(format!("{stem}.lora_A.weight"), ad.a.clone());
+        tensors.insert(format!("{stem}.lora_B.weight"), ad.b.clone());
+        if !ad.trainable {
+            state.frozen_adapters.push(stem);
+        }
+    }
+    tensors.insert(
+        super::step::CLASSIFIER_WEIGHT.into(),
+        model.head.classifier.weight.clone(),
+    );
+    if let Some(b) = &model.head.classifier.bias {
+        tensors.insert(super::step::CLASSIFIER_BIAS.into(), b.clone());
+    }
+    state.opt_steps.clear();
+    for (name, m) in &opt.state {
+        tensors.insert(format!("opt.m.{name}"), m.m.clone());
+        tensors.insert(format!("opt.v.{name}"), m.v.clone());
+        state.opt_steps.insert(name.clone(), m.step);
+    }
+    candle_core::safetensors::save(&tensors, tmp.join("tensors.safetensors"))?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_vec(&state)?)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(&dir, &old)?;
+    }
+    std::fs::rename(&tmp, &dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Restores model parameters, frozen flags and optimizer state; None when there is no checkpoint.
+pub fn load(
+    out: &Path,
+    model: &mut BertForSequenceClassification,
+    opt: &mut AdamW,
+) -> Result<Option<TrainerState>> {
+    let mut dir = out.join("checkpoint");
+    if !dir.exists() {
+        dir = out.join("checkpoint.old"); // interrupted between the two renames
+        if !dir.exists() {
+            return Ok(None);
+        }
+    }
+    let state_path = dir.join("state.json");
+    let state: TrainerState = serde_json::from_slice(
+        &std::fs::read(&state_path)
+            .with_context(|| format!("{}: cannot read", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid checkpoint state", state_path.display()))?;
+    let tpath = dir.join("tensors.safetensors");
+    let tensors = candle_core::safetensors::load(&tpath, &Device::Cpu)
+        .with_context(|| format!("{}: unreadable checkpoint", tpath.display()))?;
+    for (name, t) in &tensors {
+        if name.starts_with("opt.") {
+            continue;
+        }
+        let p = super::step::param_mut(model, name).with_context(|| {
+            format!(
+                "{}: tensor '{name}' does not fit this model",
+                tpath.display()
+            )
+        })?;
+        anyhow::ensure!(
+            p.dims() == t.dims(),
+            "{}: tensor '{name}' has shape {:?}, the model {:?}",
+            tpath.display(),
+            t.dims(),
+            p.dims()
+        );
+        *p = t.clone();
+    }
+    for (layer, site) in model.adapter_sites() {
+        if state
+            .frozen_adapters
+            .contains(&super::step::adapter_path(layer, site))
+        {
+            model.adapter_mut(layer, site).expect("listed").trainable = false;
+        }
+    }
+    opt.state.clear();
+    for (name, &step) in &state.opt_steps {
+        let get = |k: String| {
+            tensors
+                .get(&k)
+                .cloned()
+                .with_context(|| format!("{}: missing '{k}'", tpath.display()))
+        };
+        opt.state.insert(
+            name.clone(),
+            Moments {
+                m: get(format!("opt.m.{name}"))?,
+                v: get(format!("opt.v.{name}"))?,
+                step,
+            },
+        );
+    }
+    Ok(Some(state))
+}
+
+/// Writes the current adapters and classifier as a PEFT adapter in `out`.
+pub fn save_best(
+    out: &Path,
+    model: &BertForSequenceClassification,
+    cfg: &TrainConfig,
+    base_model: &Path,
+) -> Result<()> {
+    peft::save(out, model, &cfg.lora, &base_model.display().to_string())?;
+    Ok(())
+}
+
+pub fn load_best(out: &Path, model: &mut BertForSequenceClassification) -> Result<()> {
+    peft::load(out, model)?;
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Training configuration: a TOML file (`--config`) whose every field can be overridden by a flag.
+//! Defaults are the demo's: MiniLM-L6 + LoRA (r=8, alpha=16, query/value) on BBC News.
+
+use crate::adapters::LoraConfig;
+use crate::safe::SafeConfig;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Which adapters train, and how they freeze.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Method {
+    /// Plain LoRA in every layer, nothing frozen (the baseline).
+    Lora,
+    /// LoRA in every layer with SAFE's importance-driven freezing.
+    Safe,
+    /// LoRA only in the upper half of the layers (the paper's "Zhang et al." baseline).
+    Upper,
+    /// LoRA everywhere, the bottom K layers' adapters frozen from the start (a control).
+    FreezePrefix(usize),
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lora" => Ok(Method::Lora),
+            "safe" => Ok(Method::Safe),
+            "upper" => Ok(Method::Upper),
+            _ => s
+                .strip_prefix("freeze-prefix:")
+                .and_then(|k| k.parse().ok())
+                .map(Method::FreezePrefix)
+                .ok_or_else(|| {
+                    format!("unknown method '{s}' (expected lora, safe, upper or freeze-prefix:K)")
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Method::Lora => write!(f, "lora"),
+            Method::Safe => write!(f, "safe"),
+            Method::Upper => write!(f, "upper"),
+            Method::FreezePrefix(k) => write!(f, "freeze-prefix:{k}"),
+        }
+    }
+}
+
+impl From<Method> for String {
+    fn from(m: Method) -> String {
+        m.to_string()
+    }
+}
+
+impl TryFrom<String> for Method {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// Where the data comes from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// One folder per class of `.txt` files (BBC News layout).
+    Folder,
+    /// The SpamAssassin npm package layout.
+    Spam,
+    /// One CSV / TSV / JSONL file, split into train/validation/test.
+    Table,
+    /// A GLUE-style folder: train.tsv, dev.tsv (and test.tsv).
+    Glue,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// None: the BBC News asset (fetched if missing).
+    pub path: Option<PathBuf>,
+    pub kind: DataKind,
+    pub text_column: String,
+    pub text_pair_column: Option<String>,
+    pub label_column: String,
+    pub task: crate::data::TaskKind,
+    pub format: Option<crate::data::TableFormat>,
+    pub validation_fraction: f64,
+    pub test_fraction: f64,
+    pub max_length: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            kind: DataKind::Folder,
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: "label".into(),
+            task: crate::data::TaskKind::Classification,
+            format: None,
+            validation_fraction: 0.15,
+            test_fraction: 0.15,
+            max_length: 128,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Hugging Face model folder; None: the MiniLM-L6 asset (fetched if missing).
+    pub model: Option<PathBuf>,
+    pub output: PathBuf,
+    pub method: Method,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Stop after this many optimizer steps per epoch (0 = the whole epoch). For quick runs.
+    pub max_steps_per_epoch: usize,
+    pub data: DataConfig,
+    pub lora: LoraConfig,
+    pub safe: SafeConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            output: PathBuf::from("runs/demo"),
+            method: Method::Lora,
+            epochs: 6,
+            batch_size: 16,
+            eval_batch_size: 32,
+            grad_accum: 1,
+            lr: 1e-3,
+            warmup_ratio: 0.06,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            seed: 42,
+            max_steps_per_epoch: 0,
+            data: DataConfig::default(),
+            lora: LoraConfig::default(),
+            safe: SafeConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read config ({e})", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_parse_and_print() {
+        for s in ["lora", "safe", "upper", "freeze-prefix:3"] {
+            assert_eq!(s.parse::<Method>().unwrap().to_string(), s);
+        }
+        assert!("freeze-prefix:x".parse::<Method>().is_err());
+        assert!("adapterdrop".parse::<Method>().is_err());
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_typos() {
+        let c: TrainConfig = toml::from_str(
+            "method = \"safe\"\nepochs = 3\n[lora]\nr = 4\nalpha = 16.0\ndropout = 0.0\ntarget_modules = [\"query\"]\nuse_rslora = false\n[data]\nmax_length = 64\n",
+        )
+        .unwrap();
+        assert_eq!(c.method, Method::Safe);
+        assert_eq!((c.epochs, c.lora.r, c.data.max_length), (3, 4, 64));
+        assert_eq!(c.batch_size, TrainConfig::default().batch_size);
+        assert!(toml::from_str::<TrainConfig>("epoch = 3").is_err());
+    }
+}

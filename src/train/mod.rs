@@ -1,0 +1,12 @@
+//! Training: configuration, the step (`step.rs`, top to bottom), the epoch loop (`trainer.rs`),
+//! optimizer, checkpoints, memory accounting, metrics and SAFE reports.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod memory;
+pub mod metrics;
+pub mod optim;
+pub mod reports;
+pub mod step;
+pub mod trainer;

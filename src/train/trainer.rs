@@ -1,0 +1,588 @@
+//! The epoch loop: data -> tokenizer -> steps (see `step`) -> optimizer -> evaluation -> SAFE ->
+//! checkpoint. Writes `metrics.jsonl` (one line per epoch), the best adapter (by validation metric),
+//! a resumable checkpoint after every epoch, and `summary.json`.
+
+use super::checkpoint;
+use super::config::{DataKind, Method, TrainConfig};
+use super::memory;
+use super::metrics;
+use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
+use super::step::{self, adapter_path};
+use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
+use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
+use crate::io::fetch;
+use crate::model::bert::{BertForSequenceClassification, Site};
+use crate::nn::{flops, Pass};
+use crate::safe::{CkaAccumulator, SafeController};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything a run needs, loaded once.
+pub struct Setup {
+    pub model_dir: PathBuf,
+    pub splits: Splits,
+    pub encoder: TextEncoder,
+    pub train: Vec<Encoded>,
+    pub validation: Vec<Encoded>,
+    pub test: Vec<Encoded>,
+}
+
+/// Resolves the model folder and the data (fetching the default assets when none are given),
+/// loads and splits the data, and tokenizes it.
+pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
+    let cache = fetch::default_cache_dir();
+    let model_dir = match &cfg.model {
+        Some(p) => p.clone(),
+        None => {
+            fetch::ensure(&fetch::MINILM, &cache)?;
+            fetch::minilm_model_dir(&cache)
+        }
+    };
+    let splits = load_splits(cfg, &cache)?;
+    let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), cfg.data.max_length)?;
+    let train = encoder.encode_all(&splits.train.examples)?;
+    let validation = encoder.encode_all(&splits.validation.examples)?;
+    let test = encoder.encode_all(&splits.test.examples)?;
+    Ok(Setup {
+        model_dir,
+        splits,
+        encoder,
+        train,
+        validation,
+        test,
+    })
+}
+
+fn load_splits(cfg: &TrainConfig, cache: &Path) -> Result<Splits> {
+    let d = &cfg.data;
+    let split = |ds: Dataset| {
+        anyhow::ensure!(!ds.is_empty(), "the data set is empty");
+        Ok(data::stratified_split(
+            &ds,
+            d.validation_fraction,
+            d.test_fraction,
+            cfg.seed,
+        ))
+    };
+    let spec = || TableSpec {
+        format: d.format,
+        text_column: d.text_column.clone(),
+        text_pair_column: d.text_pair_column.clone(),
+        label_column: d.label_column.clone(),
+        task: d.task,
+        label_names: None,
+    };
+    Ok(match (&d.kind, &d.path) {
+        (DataKind::Folder, None) => {
+            fetch::ensure(&fetch::BBC_NEWS, cache)?;
+            split(data::load_text_folder(&fetch::bbc_news_dir(cache))?)?
+        }
+        (DataKind::Spam, None) => {
+            fetch::ensure(&fetch::SPAM_ASSASSIN, cache)?;
+            split(data::load_spamassassin(&fetch::spam_assassin_dir(cache))?)?
+        }
+        (DataKind::Folder, Some(p)) => split(data::load_text_folder(p)?)?,
+        (DataKind::Spam, Some(p)) => split(data::load_spamassassin(p)?)?,
+        (DataKind::Table, Some(p)) => split(data::load_table(p, &spec())?)?,
+        (DataKind::Glue, Some(p)) => data::load_glue_dir(p, &spec(), cfg.seed)?,
+        (k, None) => anyhow::bail!("data kind {k:?} needs a path (--data FILE)"),
+    })
+}
+
+/// Builds the model with the adapters the method asks for.
+pub fn build_model(
+    cfg: &TrainConfig,
+    model_dir: &Path,
+    num_labels: usize,
+    device: &Device,
+    rng: &mut StdRng,
+) -> Result<BertForSequenceClassification> {
+    let mut model =
+        BertForSequenceClassification::load(model_dir, num_labels, DType::F32, device, rng)?;
+    let n_layers = model.layers.len();
+    let layers: Option<Vec<usize>> = match cfg.method {
+        Method::Upper => Some((n_layers / 2..n_layers).collect()),
+        _ => None,
+    };
+    let n = model.add_lora(&cfg.lora, layers.as_deref(), rng)?;
+    anyhow::ensure!(
+        n > 0,
+        "no linear matches the LoRA target modules {:?} (BERT has query, key, value, dense)",
+        cfg.lora.target_modules
+    );
+    if let Method::FreezePrefix(k) = cfg.method {
+        for (layer, site) in model.adapter_sites() {
+            if layer < k {
+                model.adapter_mut(layer, site).expect("listed").trainable = false;
+            }
+        }
+    }
+    Ok(model)
+}
+
+/// Evaluation scores of one split.
+#[derive(Clone, Debug, Serialize)]
+pub struct Scores {
+    /// The task's main metric: accuracy for classification, Pearson for regression.
+    pub metric: f64,
+    pub metric_name: &'static str,
+    pub macro_f1: Option<f64>,
+    pub matthews: Option<f64>,
+    pub spearman: Option<f64>,
+    pub loss: f64,
+}
+
+pub fn evaluate(
+    model: &BertForSequenceClassification,
+    items: &[Encoded],
+    batch_size: usize,
+    task: TaskKind,
+    num_labels: usize,
+) -> Result<Scores> {
+    let device = model.head.classifier.weight.device().clone();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut pass = Pass {
+        training: false,
+        rng: &mut rng,
+    };
+    let (mut pred_c, mut gold_c, mut pred_v, mut gold_v) = (vec![], vec![], vec![], vec![]);
+    let mut loss_sum = 0.0;
+    for chunk in items.chunks(batch_size.max(1)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let b = collate(&refs, 0);
+        let t = step::to_tensors(&b, DType::F32, &device)?;
+        let logits = model.forward_eval(&t, &mut pass, None)?;
+        let (loss, _) = step::loss_and_grad(&logits, &b.labels)?;
+        loss_sum += loss as f64 * b.batch as f64;
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        for (row, label) in rows.iter().zip(&b.labels) {
+            match label {
+                Label::Class(c) => {
+                    let arg = (0..row.len())
+                        .max_by(|&i, &j| row[i].total_cmp(&row[j]))
+                        .unwrap_or(0);
+                    pred_c.push(arg);
+                    gold_c.push(*c);
+                }
+                Label::Value(v) => {
+                    pred_v.push(row[0] as f64);
+                    gold_v.push(*v as f64);
+                }
+            }
+        }
+    }
+    let loss = loss_sum / items.len().max(1) as f64;
+    Ok(match task {
+        TaskKind::Classification => Scores {
+            metric: metrics::accuracy(&pred_c, &gold_c),
+            metric_name: "accuracy",
+            macro_f1: Some(metrics::macro_f1(&pred_c, &gold_c, num_labels)),
+            matthews: Some(metrics::matthews_corrcoef(&pred_c, &gold_c, num_labels)),
+            spearman: None,
+            loss,
+        },
+        TaskKind::Regression => Scores {
+            metric: metrics::pearson(&pred_v, &gold_v),
+            metric_name: "pearson",
+            macro_f1: None,
+            matthews: None,
+            spearman: Some(metrics::spearman(&pred_v, &gold_v)),
+            loss,
+        },
+    })
+}
+
+/// SAFE's importance `1 - CKA(X, Y)` of every adapter over the monitoring examples: `X` the adapted
+/// linear's output, `Y` the base linear's output on the same input, token rows without padding,
+/// moments accumulated in f64.
+pub fn adapter_importance(
+    model: &BertForSequenceClassification,
+    items: &[&Encoded],
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let sites = model.adapter_sites();
+    let device = model.head.classifier.weight.device().clone();
+    let mut accs: Vec<CkaAccumulator> = sites
+        .iter()
+        .map(|&(l, s)| {
+            let d = model.layers[l].linears[s as usize].base.out_features();
+            CkaAccumulator::new(d, d)
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut pass = Pass {
+        training: false,
+        rng: &mut rng,
+    };
+    for chunk in items.chunks(batch_size.max(1)) {
+        let b = collate(chunk, 0);
+        let t = step::to_tensors(&b, DType::F32, &device)?;
+        let rows: Vec<u32> = (0..b.batch * b.seq)
+            .filter(|&i| b.attention_mask[i] == 1)
+            .map(|i| i as u32)
+            .collect();
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, &device)?;
+        let mut monitored = Vec::new();
+        model.forward_eval(&t, &mut pass, Some(&mut monitored))?;
+        for (layer, site, x, y) in monitored {
+            let i = sites
+                .iter()
+                .position(|&(l, s)| l == layer && s == site)
+                .expect("monitored adapter is listed");
+            let x = x.index_select(&rows, 0)?.to_dtype(DType::F64)?;
+            let y = y.index_select(&rows, 0)?.to_dtype(DType::F64)?;
+            let v = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
+            accs[i].add_moments(
+                n,
+                &v(x.sum(0)?)?,
+                &v(y.sum(0)?)?,
+                &v(x.t()?.matmul(&x)?)?,
+                &v(y.t()?.matmul(&y)?)?,
+                &v(y.t()?.matmul(&x)?)?,
+            );
+        }
+    }
+    Ok(accs
+        .iter()
+        .map(|a| a.cka().map(crate::safe::importance).unwrap_or(f64::NAN))
+        .collect())
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub validation_metric: f64,
+    pub validation_loss: f64,
+    pub lr: f64,
+    pub steps: usize,
+    pub wall_s: f64,
+    /// Matmul FLOPs of this epoch's training steps (forward + backward), as run.
+    pub train_flops: u64,
+    /// Peak heap bytes during this epoch's training steps (allocator level).
+    pub peak_mem_bytes: usize,
+    pub lowest_trainable_layer: Option<usize>,
+    pub trainable_params: usize,
+    /// SAFE: every adapter's importance (1 - CKA), the threshold and the frozen adapters.
+    pub importance: Option<Vec<f64>>,
+    pub threshold: Option<f64>,
+    pub frozen: Vec<String>,
+}
+
+/// `summary.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub task: String,
+    pub method: String,
+    pub metric: String,
+    /// Test-split metric of the best-validation checkpoint.
+    pub value: f64,
+    pub test: Scores,
+    pub best_epoch: usize,
+    pub epochs: usize,
+    pub wall_s: f64,
+    pub train_wall_s: f64,
+    /// Highest per-epoch heap peak during training (allocator level).
+    pub peak_mem_bytes: usize,
+    /// Step-weighted mean of the per-epoch heap peaks: memory "over the run".
+    pub mean_epoch_peak_mem_bytes: f64,
+    pub peak_rss_bytes: Option<usize>,
+    pub trainable_params: usize,
+    pub train_flops: u64,
+    /// What the run would have cost with nothing frozen: epoch 1's FLOPs per step times all steps,
+    /// and epoch 1's memory peak (in epoch 1 nothing is frozen by SAFE).
+    pub unfrozen_train_flops_estimate: u64,
+    pub unfrozen_peak_mem_bytes: usize,
+    /// Adapter name -> epoch it froze (SAFE / freeze-prefix).
+    pub frozen: std::collections::BTreeMap<String, usize>,
+    pub seed: u64,
+}
+
+pub fn adapter_name(layer: usize, site: Site) -> String {
+    format!(
+        "layer.{layer}.{}",
+        site.path().rsplit('.').next().unwrap_or("?")
+    )
+}
+
+fn count_params(params: &[(String, Tensor)]) -> usize {
+    params.iter().map(|(_, t)| t.elem_count()).sum()
+}
+
+/// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.
+pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Summary> {
+    let t_start = Instant::now();
+    let device = Device::Cpu;
+    let setup = prepare(cfg)?;
+    let task = setup.splits.train.task;
+    let num_labels = setup.splits.train.num_labels();
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
+    std::fs::create_dir_all(&cfg.output)
+        .with_context(|| format!("{}: cannot create output folder", cfg.output.display()))?;
+
+    let sites = model.adapter_sites();
+    let names: Vec<String> = sites.iter().map(|&(l, s)| adapter_name(l, s)).collect();
+    let mut safe = (cfg.method == Method::Safe)
+        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), cfg.epochs));
+    let monitor: Vec<&Encoded> = {
+        let mut idx: Vec<usize> = (0..setup.train.len()).collect();
+        idx.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5afe));
+        idx.truncate(cfg.safe.monitor_examples.min(setup.train.len()));
+        idx.sort_unstable();
+        idx.into_iter().map(|i| &setup.train[i]).collect()
+    };
+
+    let micro = cfg.batch_size.max(1);
+    let accum = cfg.grad_accum.max(1);
+    let full_steps = setup.train.len().div_ceil(micro * accum);
+    let steps_per_epoch = match cfg.max_steps_per_epoch {
+        0 => full_steps,
+        m => m.min(full_steps),
+    };
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let warmup_steps = (cfg.warmup_ratio * total_steps as f64).round() as usize;
+    let mut opt = AdamW::new(AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    });
+
+    let mut state = checkpoint::TrainerState::default();
+    if resume {
+        if let Some(s) = checkpoint::load(&cfg.output, &mut model, &mut opt)? {
+            tracing::info!("resuming after epoch {}", s.epochs_done);
+            if let (Some(c), Some(saved)) = (safe.as_mut(), &s.safe) {
+                *c = saved.clone();
+            }
+            state = s;
+        }
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.output.join("metrics.jsonl"))
+        .with_context(|| format!("{}: cannot open metrics log", cfg.output.display()))?;
+
+    for epoch in state.epochs_done + 1..=cfg.epochs {
+        let t_epoch = Instant::now();
+        let mut order: Vec<usize> = (0..setup.train.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            cfg.seed.wrapping_add(epoch as u64),
+        ));
+        let mut drop_rng =
+            StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
+        let bar = progress_bar(show_progress, steps_per_epoch, epoch, cfg.epochs);
+        let flops_before = flops::total();
+        memory::reset_peak();
+        let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
+        let mut lr = 0.0;
+        let trainable = count_params(&step::trainable_params(&model));
+        for s in 0..steps_per_epoch {
+            let mut grads: Vec<(String, Tensor)> = Vec::new();
+            for m in 0..accum {
+                let start = (s * accum + m) * micro;
+                if start >= order.len() {
+                    break;
+                }
+                let batch: Batch = {
+                    let refs: Vec<&Encoded> = order[start..(start + micro).min(order.len())]
+                        .iter()
+                        .map(|&i| &setup.train[i])
+                        .collect();
+                    collate(&refs, 0)
+                };
+                tokens += batch.attention_mask.iter().filter(|&&m| m == 1).count();
+                let mut pass = Pass {
+                    training: true,
+                    rng: &mut drop_rng,
+                };
+                let out = step::forward_backward(&model, &batch, &mut pass, 1.0 / accum as f64)?;
+                loss_sum += out.loss as f64;
+                loss_n += 1;
+                if grads.is_empty() {
+                    grads = out.grads;
+                } else {
+                    for ((_, acc), (_, g)) in grads.iter_mut().zip(out.grads) {
+                        *acc = (&*acc + g)?;
+                    }
+                }
+            }
+            clip_global_norm(&mut grads, cfg.grad_clip)?;
+            lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
+            for (name, g) in &grads {
+                let p = step::param_mut(&mut model, name).expect("gradient of a known parameter");
+                *p = opt.update(name, p, g, lr)?;
+            }
+            state.global_step += 1;
+            if let Some(b) = &bar {
+                b.inc(1);
+                let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
+                b.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    loss_sum / loss_n.max(1) as f64 * accum as f64,
+                    tokens as f64 / secs
+                ));
+            }
+        }
+        let epoch_peak = memory::peak_bytes();
+        let epoch_flops = flops::total() - flops_before;
+        let train_secs = t_epoch.elapsed().as_secs_f64();
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let val = evaluate(
+            &model,
+            &setup.validation,
+            cfg.eval_batch_size,
+            task,
+            num_labels,
+        )?;
+
+        // SAFE: measure importance, then freeze what the schedule says.
+        let (mut importance, mut threshold) = (None, None);
+        if let Some(c) = safe.as_mut() {
+            let scores = adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
+            let d = c.end_of_epoch(epoch, &scores);
+            for &i in &d.newly_frozen {
+                let (layer, site) = sites[i];
+                freeze(&mut model, &mut opt, layer, site);
+                state.frozen_at.insert(names[i].clone(), epoch);
+            }
+            importance = Some(scores);
+            threshold = Some(d.threshold);
+        }
+        if let Method::FreezePrefix(k) = cfg.method {
+            for (i, &(layer, _)) in sites.iter().enumerate() {
+                if layer < k {
+                    state.frozen_at.entry(names[i].clone()).or_insert(0);
+                }
+            }
+        }
+
+        let entry = EpochLog {
+            epoch,
+            train_loss: loss_sum / loss_n.max(1) as f64 * accum as f64,
+            validation_metric: val.metric,
+            validation_loss: val.loss,
+            lr,
+            steps: steps_per_epoch,
+            wall_s: train_secs,
+            train_flops: epoch_flops,
+            peak_mem_bytes: epoch_peak,
+            lowest_trainable_layer: model.lowest_trainable_layer(),
+            trainable_params: trainable,
+            importance,
+            threshold,
+            frozen: state.frozen_at.keys().cloned().collect(),
+        };
+        writeln!(log, "{}", serde_json::to_string(&entry)?)?;
+        if show_progress {
+            eprintln!(
+                "epoch {epoch}/{}: loss {:.4}  val {} {:.4}  {:.1}s  peak {:.0} MB  frozen {}/{}",
+                cfg.epochs,
+                entry.train_loss,
+                val.metric_name,
+                val.metric,
+                train_secs,
+                epoch_peak as f64 / 1e6,
+                state.frozen_at.len(),
+                sites.len()
+            );
+        }
+        if state.best_epoch == 0 || val.metric > state.best_metric {
+            state.best_metric = val.metric;
+            state.best_epoch = epoch;
+            checkpoint::save_best(&cfg.output, &model, cfg, &setup.model_dir)?;
+        }
+        state.epochs_done = epoch;
+        state.history.push(entry);
+        state.safe = safe.clone();
+        checkpoint::save(&cfg.output, &model, &opt, &state)?;
+    }
+
+    // Test on the best-validation adapter and head.
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut best = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
+    checkpoint::load_best(&cfg.output, &mut best)?;
+    let test = evaluate(&best, &setup.test, cfg.eval_batch_size, task, num_labels)?;
+
+    let h = &state.history;
+    let total_flops: u64 = h.iter().map(|e| e.train_flops).sum();
+    let steps: usize = h.iter().map(|e| e.steps).sum();
+    let first = h.first();
+    let summary = Summary {
+        task: format!("{task:?}").to_lowercase(),
+        method: cfg.method.to_string(),
+        metric: test.metric_name.into(),
+        value: test.metric,
+        test: test.clone(),
+        best_epoch: state.best_epoch,
+        epochs: cfg.epochs,
+        wall_s: t_start.elapsed().as_secs_f64(),
+        train_wall_s: h.iter().map(|e| e.wall_s).sum(),
+        peak_mem_bytes: h.iter().map(|e| e.peak_mem_bytes).max().unwrap_or(0),
+        mean_epoch_peak_mem_bytes: h
+            .iter()
+            .map(|e| e.peak_mem_bytes as f64 * e.steps as f64)
+            .sum::<f64>()
+            / steps.max(1) as f64,
+        peak_rss_bytes: memory::peak_rss_bytes(),
+        trainable_params: first.map(|e| e.trainable_params).unwrap_or(0),
+        train_flops: total_flops,
+        unfrozen_train_flops_estimate: first
+            .map(|e| e.train_flops / e.steps.max(1) as u64 * steps as u64)
+            .unwrap_or(0),
+        unfrozen_peak_mem_bytes: first.map(|e| e.peak_mem_bytes).unwrap_or(0),
+        frozen: state.frozen_at.clone(),
+        seed: cfg.seed,
+    };
+    checkpoint::write_atomic(
+        &cfg.output.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    if let Some(c) = &safe {
+        super::reports::write_safe_reports(&cfg.output, &names, c, cfg.epochs)?;
+    }
+    Ok(summary)
+}
+
+/// Freezes one adapter for good: a constant from now on, its optimizer state dropped.
+pub fn freeze(
+    model: &mut BertForSequenceClassification,
+    opt: &mut AdamW,
+    layer: usize,
+    site: Site,
+) {
+    if let Some(ad) = model.adapter_mut(layer, site) {
+        ad.trainable = false;
+    }
+    let stem = adapter_path(layer, site);
+    opt.drop_state(&format!("{stem}.lora_A.weight"));
+    opt.drop_state(&format!("{stem}.lora_B.weight"));
+}
+
+fn progress_bar(show: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} steps | {msg} | eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    Some(bar)
+}
