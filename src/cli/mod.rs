@@ -27,6 +27,10 @@ pub enum Command {
     Demo(TrainArgs),
     /// Evaluate a trained adapter (PEFT folder) on data.
     Eval(EvalArgs),
+    /// Write the latest checkpoint of a training run as a PEFT adapter folder.
+    Export(ExportArgs),
+    /// Merge a PEFT LoRA adapter into its base model (W + scaling * B A) and write a full model.
+    Merge(MergeArgs),
     /// Time training steps of a random-weight model of a given shape (one JSON line).
     Bench(crate::train::bench::BenchArgs),
     /// Download the pinned default assets (hash-checked) into the cache and print where they are.
@@ -75,6 +79,12 @@ pub struct TrainArgs {
     /// SAFE's tau_T as an absolute importance value (default: half the largest importance at warm-up end).
     #[arg(long)]
     pub safe_tau: Option<f64>,
+    /// SAFE decision rounds per epoch (1 = once per epoch, as in the paper).
+    #[arg(long)]
+    pub safe_rounds_per_epoch: Option<usize>,
+    /// Size of SAFE's monitoring subset of the training data.
+    #[arg(long)]
+    pub safe_monitor_examples: Option<usize>,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -159,6 +169,8 @@ impl TrainArgs {
         set!(c.grad_accum, self.grad_accum);
         set!(c.seed, self.seed);
         set!(c.max_steps_per_epoch, self.max_steps_per_epoch);
+        set!(c.safe.rounds_per_epoch, self.safe_rounds_per_epoch);
+        set!(c.safe.monitor_examples, self.safe_monitor_examples);
         if let Some(t) = self.safe_tau {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
@@ -182,6 +194,42 @@ pub struct EvalArgs {
     /// Seed of the train/validation/test split (must match training's to score its test split).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Which examples: the seeded split's `test` or `validation`, or `all` (the whole data, in order).
+    #[arg(long, default_value = "test")]
+    pub split: EvalSplit,
+    /// Also write the logits (`{"logits": [[...], ...]}`, in data order) to this file.
+    #[arg(long)]
+    pub logits: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum EvalSplit {
+    Test,
+    Validation,
+    All,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A training output folder (with checkpoint/ and train_config.json).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Where to write the PEFT adapter (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Base model folder. Default: MiniLM-L6.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder: a full Hugging Face model with the LoRA deltas merged in.
+    #[arg(long)]
+    pub output: PathBuf,
 }
 
 #[derive(Args)]
@@ -199,6 +247,21 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(a) => eval(a),
+        Command::Export(a) => export(a),
+        Command::Merge(a) => {
+            let cfg = TrainConfig {
+                model: a.model.clone(),
+                ..Default::default()
+            };
+            let base = trainer::resolve_model_dir(&cfg)?;
+            let r = crate::io::merge::merge_adapter(&base, &a.adapter, &a.output)?;
+            println!(
+                "merged {} LoRA modules into {}",
+                r.merged_modules,
+                r.out_file.display()
+            );
+            Ok(())
+        }
         Command::Bench(a) => {
             println!("{}", serde_json::to_string(&crate::train::bench::run(&a)?)?);
             Ok(())
@@ -225,17 +288,27 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     a.data.apply(&mut cfg);
     cfg.lora = pc.lora();
-    let setup = trainer::prepare(&cfg)?;
+    let model_dir = trainer::resolve_model_dir(&cfg)?;
+    let dataset = match a.split {
+        EvalSplit::All => trainer::load_dataset(&cfg)?,
+        EvalSplit::Test => trainer::prepare(&cfg)?.splits.test,
+        EvalSplit::Validation => trainer::prepare(&cfg)?.splits.validation,
+    };
+    let encoder = crate::data::batch::TextEncoder::from_file(
+        &model_dir.join("tokenizer.json"),
+        cfg.data.max_length,
+    )?;
+    let items = encoder.encode_all(&dataset.examples)?;
     let num_labels = peft::num_labels(&a.adapter)?;
     anyhow::ensure!(
-        num_labels == setup.splits.test.num_labels(),
+        num_labels == dataset.num_labels(),
         "{}: the adapter's classifier has {num_labels} outputs, the data has {} labels",
         a.adapter.display(),
-        setup.splits.test.num_labels()
+        dataset.num_labels()
     );
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
     let mut model = crate::model::BertForSequenceClassification::load(
-        &setup.model_dir,
+        &model_dir,
         num_labels,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
@@ -244,8 +317,52 @@ fn eval(a: EvalArgs) -> Result<()> {
     model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
     peft::load(&a.adapter, &mut model)
         .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
-    let s = trainer::evaluate(&model, &setup.test, 32, setup.splits.test.task, num_labels)?;
+    if let Some(path) = &a.logits {
+        let logits = trainer::predict_logits(&model, &items, 32)?;
+        std::fs::write(
+            path,
+            serde_json::to_string(&serde_json::json!({ "logits": logits }))?,
+        )
+        .with_context(|| format!("{}: cannot write logits", path.display()))?;
+    }
+    let s = trainer::evaluate(&model, &items, 32, dataset.task, num_labels)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let cfg_path = a.run.join("train_config.json");
+    let cfg: TrainConfig = serde_json::from_slice(
+        &std::fs::read(&cfg_path)
+            .with_context(|| format!("{}: not a training output folder", cfg_path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid training config", cfg_path.display()))?;
+    let model_dir = trainer::resolve_model_dir(&cfg)?;
+    let state_path = a.run.join("checkpoint/tensors.safetensors");
+    let tensors = candle_core::safetensors::load(&state_path, &candle_core::Device::Cpu)
+        .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
+    let num_labels = tensors
+        .get(crate::train::step::CLASSIFIER_WEIGHT)
+        .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
+        .dim(0)?;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+    let mut model = trainer::build_model(
+        &cfg,
+        &model_dir,
+        num_labels,
+        &candle_core::Device::Cpu,
+        &mut rng,
+    )?;
+    let mut opt = crate::train::optim::AdamW::new(Default::default());
+    crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
+        .with_context(|| format!("{}: no checkpoint", a.run.display()))?;
+    peft::save(
+        &a.output,
+        &model,
+        &cfg.lora,
+        &model_dir.display().to_string(),
+    )?;
+    println!("wrote PEFT adapter to {}", a.output.display());
     Ok(())
 }
 

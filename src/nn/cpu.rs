@@ -279,3 +279,86 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 0)
 }
+
+/// Dropout forward in one pass: `y = x * keep / (1 - p)`, with the keep-mask drawn per chunk from
+/// seeds taken from `rng` (so a run is reproducible from its seed whatever the thread count).
+/// Returns `(y, keep)`, `keep` as `u8`.
+pub fn dropout_fwd(
+    x: &Tensor,
+    p: f64,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<Option<(Tensor, Tensor)>> {
+    use rand::RngCore;
+    let n = x.elem_count();
+    let seeds: Vec<u64> = (0..n.div_ceil(CHUNK)).map(|_| rng.next_u64()).collect();
+    let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let out = with_f32(x, |x| {
+        let mut y = vec![0f32; n];
+        let mut keep = vec![0u8; n];
+        y.par_chunks_mut(CHUNK)
+            .zip(keep.par_chunks_mut(CHUNK))
+            .zip(x.par_chunks(CHUNK))
+            .zip(seeds.par_iter())
+            .for_each(|(((y, k), x), &seed)| {
+                let mut r = SplitMix64(seed);
+                for i in 0..y.len() {
+                    let kept = r.next_u32() < threshold;
+                    k[i] = kept as u8;
+                    y[i] = if kept { x[i] * scale } else { 0.0 };
+                }
+            });
+        (y, keep)
+    });
+    let Some((y, keep)) = out else {
+        return Ok(None);
+    };
+    Ok(Some((
+        tensor(y, x)?,
+        Tensor::from_vec(keep, x.shape(), x.device())?,
+    )))
+}
+
+/// Dropout backward: `dx = dy * keep * scale`.
+pub fn dropout_bwd(dy: &Tensor, keep: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let scale = scale as f32;
+    let (storage, layout) = keep.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Ok(k) = cpu.as_slice::<u8>() else {
+        return Ok(None);
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let k = &k[a..b];
+    let out = with_f32(dy, |dy| {
+        let mut dx = vec![0f32; dy.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(dy.par_chunks(CHUNK))
+            .zip(k.par_chunks(CHUNK))
+            .for_each(|((dx, dy), k)| {
+                for i in 0..dx.len() {
+                    dx[i] = if k[i] != 0 { dy[i] * scale } else { 0.0 };
+                }
+            });
+        dx
+    });
+    out.map(|dx| tensor(dx, dy)).transpose()
+}
+
+/// SplitMix64: a tiny, fast generator, plenty for dropout masks (each chunk seeded from the run's
+/// seeded `StdRng`).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    #[inline]
+    fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 32) as u32
+    }
+}

@@ -33,6 +33,10 @@ impl Dropout {
         if !pass.training || self.p <= 0.0 {
             return Ok((x.clone(), None));
         }
+        if let Some((y, keep)) = super::cpu::dropout_fwd(x, self.p, pass.rng)? {
+            let scale = 1.0 / (1.0 - self.p);
+            return Ok((y, save.then_some(DropoutSaved { keep, scale })));
+        }
         let threshold = ((1.0 - self.p) * u32::MAX as f64) as u32;
         let n = x.elem_count();
         let mut mask = Vec::with_capacity(n);
@@ -48,6 +52,9 @@ impl Dropout {
 
 impl DropoutSaved {
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        if let Some(dx) = super::cpu::dropout_bwd(dy, &self.keep, self.scale)? {
+            return Ok(dx);
+        }
         (dy * self.keep.to_dtype(dy.dtype())?)?.affine(self.scale, 0.0)
     }
 }

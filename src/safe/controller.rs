@@ -51,6 +51,10 @@ pub struct SafeConfig {
     pub max_warmup_epochs: usize,
     /// Size of the seeded monitoring subset the trainer measures CKA on. Default 128.
     pub monitor_examples: usize,
+    /// SAFE decisions per epoch. The paper decides once per epoch over runs of 50-100 epochs; a
+    /// short run (a few epochs on a CPU) can decide several times per epoch, each decision point
+    /// then playing the role of the paper's epoch (`t`, `t_w`, `t_f` count these rounds). Default 1.
+    pub rounds_per_epoch: usize,
 }
 
 impl Default for SafeConfig {
@@ -62,6 +66,7 @@ impl Default for SafeConfig {
             warmup_abs_floor: 1e-3,
             max_warmup_epochs: 3,
             monitor_examples: 128,
+            rounds_per_epoch: 1,
         }
     }
 }

@@ -138,7 +138,7 @@ impl Default for TrainConfig {
             model: None,
             output: PathBuf::from("runs/demo"),
             method: Method::Lora,
-            epochs: 6,
+            epochs: 3,
             batch_size: 16,
             eval_batch_size: 32,
             grad_accum: 1,

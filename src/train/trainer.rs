@@ -38,15 +38,8 @@ pub struct Setup {
 /// Resolves the model folder and the data (fetching the default assets when none are given),
 /// loads and splits the data, and tokenizes it.
 pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
-    let cache = fetch::default_cache_dir();
-    let model_dir = match &cfg.model {
-        Some(p) => p.clone(),
-        None => {
-            fetch::ensure(&fetch::MINILM, &cache)?;
-            fetch::minilm_model_dir(&cache)
-        }
-    };
-    let splits = load_splits(cfg, &cache)?;
+    let model_dir = resolve_model_dir(cfg)?;
+    let splits = load_splits(cfg)?;
     let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), cfg.data.max_length)?;
     let train = encoder.encode_all(&splits.train.examples)?;
     let validation = encoder.encode_all(&splits.validation.examples)?;
@@ -61,40 +54,66 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
     })
 }
 
-fn load_splits(cfg: &TrainConfig, cache: &Path) -> Result<Splits> {
+/// The model folder: the configured one, or the MiniLM-L6 asset (fetched if missing).
+pub fn resolve_model_dir(cfg: &TrainConfig) -> Result<PathBuf> {
+    Ok(match &cfg.model {
+        Some(p) => p.clone(),
+        None => {
+            let cache = fetch::default_cache_dir();
+            fetch::ensure(&fetch::MINILM, &cache)?;
+            fetch::minilm_model_dir(&cache)
+        }
+    })
+}
+
+fn table_spec(cfg: &TrainConfig) -> TableSpec {
     let d = &cfg.data;
-    let split = |ds: Dataset| {
-        anyhow::ensure!(!ds.is_empty(), "the data set is empty");
-        Ok(data::stratified_split(
-            &ds,
-            d.validation_fraction,
-            d.test_fraction,
-            cfg.seed,
-        ))
-    };
-    let spec = || TableSpec {
+    TableSpec {
         format: d.format,
         text_column: d.text_column.clone(),
         text_pair_column: d.text_pair_column.clone(),
         label_column: d.label_column.clone(),
         task: d.task,
         label_names: None,
-    };
-    Ok(match (&d.kind, &d.path) {
+    }
+}
+
+/// The whole data set, unsplit (every kind but GLUE folders, which come split).
+pub fn load_dataset(cfg: &TrainConfig) -> Result<Dataset> {
+    let cache = fetch::default_cache_dir();
+    let ds = match (&cfg.data.kind, &cfg.data.path) {
         (DataKind::Folder, None) => {
-            fetch::ensure(&fetch::BBC_NEWS, cache)?;
-            split(data::load_text_folder(&fetch::bbc_news_dir(cache))?)?
+            fetch::ensure(&fetch::BBC_NEWS, &cache)?;
+            data::load_text_folder(&fetch::bbc_news_dir(&cache))?
         }
         (DataKind::Spam, None) => {
-            fetch::ensure(&fetch::SPAM_ASSASSIN, cache)?;
-            split(data::load_spamassassin(&fetch::spam_assassin_dir(cache))?)?
+            fetch::ensure(&fetch::SPAM_ASSASSIN, &cache)?;
+            data::load_spamassassin(&fetch::spam_assassin_dir(&cache))?
         }
-        (DataKind::Folder, Some(p)) => split(data::load_text_folder(p)?)?,
-        (DataKind::Spam, Some(p)) => split(data::load_spamassassin(p)?)?,
-        (DataKind::Table, Some(p)) => split(data::load_table(p, &spec())?)?,
-        (DataKind::Glue, Some(p)) => data::load_glue_dir(p, &spec(), cfg.seed)?,
+        (DataKind::Folder, Some(p)) => data::load_text_folder(p)?,
+        (DataKind::Spam, Some(p)) => data::load_spamassassin(p)?,
+        (DataKind::Table, Some(p)) => data::load_table(p, &table_spec(cfg))?,
+        (DataKind::Glue, _) => {
+            anyhow::bail!("a GLUE folder comes split: evaluate its test or validation split")
+        }
         (k, None) => anyhow::bail!("data kind {k:?} needs a path (--data FILE)"),
-    })
+    };
+    anyhow::ensure!(!ds.is_empty(), "the data set is empty");
+    Ok(ds)
+}
+
+fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
+    let d = &cfg.data;
+    if let (DataKind::Glue, Some(p)) = (&d.kind, &d.path) {
+        return Ok(data::load_glue_dir(p, &table_spec(cfg), cfg.seed)?);
+    }
+    let ds = load_dataset(cfg)?;
+    Ok(data::stratified_split(
+        &ds,
+        d.validation_fraction,
+        d.test_fraction,
+        cfg.seed,
+    ))
 }
 
 /// Builds the model with the adapters the method asks for.
@@ -138,6 +157,28 @@ pub struct Scores {
     pub matthews: Option<f64>,
     pub spearman: Option<f64>,
     pub loss: f64,
+}
+
+/// Logits of every item, in order (inference: no dropout).
+pub fn predict_logits(
+    model: &BertForSequenceClassification,
+    items: &[Encoded],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let device = model.head.classifier.weight.device().clone();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut pass = Pass {
+        training: false,
+        rng: &mut rng,
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(batch_size.max(1)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let b = collate(&refs, 0);
+        let t = step::to_tensors(&b, DType::F32, &device)?;
+        out.extend(model.forward_eval(&t, &mut pass, None)?.to_vec2::<f32>()?);
+    }
+    Ok(out)
 }
 
 pub fn evaluate(
@@ -330,11 +371,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
     std::fs::create_dir_all(&cfg.output)
         .with_context(|| format!("{}: cannot create output folder", cfg.output.display()))?;
+    // The run's configuration, so `export` and `eval` can rebuild the same model later.
+    checkpoint::write_atomic(
+        &cfg.output.join("train_config.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
 
     let sites = model.adapter_sites();
     let names: Vec<String> = sites.iter().map(|&(l, s)| adapter_name(l, s)).collect();
+    let rounds_per_epoch = cfg.safe.rounds_per_epoch.max(1);
     let mut safe = (cfg.method == Method::Safe)
-        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), cfg.epochs));
+        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), cfg.epochs * rounds_per_epoch));
     let monitor: Vec<&Encoded> = {
         let mut idx: Vec<usize> = (0..setup.train.len()).collect();
         idx.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5afe));
@@ -367,6 +414,16 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             state = s;
         }
     }
+    let mut safe_log = match safe {
+        Some(_) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cfg.output.join("safe.jsonl"))
+                .with_context(|| format!("{}: cannot open SAFE log", cfg.output.display()))?,
+        ),
+        None => None,
+    };
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -386,6 +443,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         memory::reset_peak();
         let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
         let mut lr = 0.0;
+        let (mut importance, mut threshold) = (None, None);
         let trainable = count_params(&step::trainable_params(&model));
         for s in 0..steps_per_epoch {
             let mut grads: Vec<(String, Tensor)> = Vec::new();
@@ -424,6 +482,32 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 *p = opt.update(name, p, g, lr)?;
             }
             state.global_step += 1;
+            // SAFE: at each round boundary, measure importance and freeze what the schedule says.
+            let round_len = steps_per_epoch.div_ceil(rounds_per_epoch);
+            if let Some(c) = safe.as_mut() {
+                if (s + 1) % round_len == 0 || s + 1 == steps_per_epoch {
+                    let round = (epoch - 1) * rounds_per_epoch
+                        + ((s + 1).div_ceil(round_len)).min(rounds_per_epoch);
+                    let scores = adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
+                    let d = c.end_of_epoch(round, &scores);
+                    for &i in &d.newly_frozen {
+                        let (layer, site) = sites[i];
+                        freeze(&mut model, &mut opt, layer, site);
+                        state.frozen_at.insert(names[i].clone(), epoch);
+                    }
+                    let line = serde_json::json!({
+                        "round": round, "epoch": epoch, "step": state.global_step,
+                        "importance": scores, "threshold": d.threshold,
+                        "newly_frozen": d.newly_frozen.iter().map(|&i| &names[i]).collect::<Vec<_>>(),
+                        "lowest_trainable_layer": model.lowest_trainable_layer(),
+                    });
+                    if let Some(f) = safe_log.as_mut() {
+                        writeln!(f, "{line}")?;
+                    }
+                    importance = Some(scores);
+                    threshold = Some(d.threshold);
+                }
+            }
             if let Some(b) = &bar {
                 b.inc(1);
                 let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
@@ -448,19 +532,6 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             num_labels,
         )?;
 
-        // SAFE: measure importance, then freeze what the schedule says.
-        let (mut importance, mut threshold) = (None, None);
-        if let Some(c) = safe.as_mut() {
-            let scores = adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
-            let d = c.end_of_epoch(epoch, &scores);
-            for &i in &d.newly_frozen {
-                let (layer, site) = sites[i];
-                freeze(&mut model, &mut opt, layer, site);
-                state.frozen_at.insert(names[i].clone(), epoch);
-            }
-            importance = Some(scores);
-            threshold = Some(d.threshold);
-        }
         if let Method::FreezePrefix(k) = cfg.method {
             for (i, &(layer, _)) in sites.iter().enumerate() {
                 if layer < k {
@@ -551,7 +622,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     if let Some(c) = &safe {
-        super::reports::write_safe_reports(&cfg.output, &names, c, cfg.epochs)?;
+        super::reports::write_safe_reports(&cfg.output, &names, c, cfg.epochs * rounds_per_epoch)?;
     }
     Ok(summary)
 }

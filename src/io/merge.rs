@@ -1,0 +1,675 @@
+//! Merging a PEFT LoRA adapter into its base model: a full Hugging Face
+//! `BertForSequenceClassification` folder that transformers loads without PEFT.
+//!
+//! Each adapted linear becomes `W' = W + scaling * B @ A` (computed in f64, stored in `W`'s dtype);
+//! the classifier comes from the adapter (PEFT's `modules_to_save`). Every other base tensor is
+//! copied unchanged (byte for byte), renamed to the `bert.`-prefixed layout transformers expects.
+
+use super::peft::{self, PeftConfig};
+use super::IoError;
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Tokenizer files copied from the base folder when present.
+pub const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+const PREFIX: &str = "base_model.model.";
+/// Top-level modules of `BertModel`: bare checkpoint names starting with these get `bert.`.
+const BERT_PARTS: [&str; 3] = ["embeddings.", "encoder.", "pooler."];
+
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// Number of linears that received a LoRA delta.
+    pub merged_modules: usize,
+    /// The written `model.safetensors`.
+    pub out_file: PathBuf,
+}
+
+/// Writes a full Hugging Face model folder with the LoRA deltas merged into the base weights:
+/// for each adapted linear, `W' = W + scaling * B @ A` (scaling = lora_alpha / r, or
+/// lora_alpha / sqrt(r) with use_rslora), plus the classifier (`base_model.model.classifier.weight`
+/// / `.bias` from the adapter file, saved as `classifier.weight` / `classifier.bias`), so
+/// `transformers.BertForSequenceClassification.from_pretrained(out)` loads it.
+/// Copies config.json with `"architectures": ["BertForSequenceClassification"]` and
+/// `num_labels` / `id2label` / `label2id` set to the classifier's size, and the tokenizer files
+/// present among [`TOKENIZER_FILES`].
+pub fn merge_adapter(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+) -> Result<MergeReport, IoError> {
+    let base_file = base_dir.join(WEIGHTS_FILE);
+    let base_config = base_dir.join("config.json");
+    let adapter_file = adapter_dir.join(peft::WEIGHTS_FILE);
+    for (path, what) in [
+        (&base_file, "base model weights"),
+        (&base_config, "base model config"),
+    ] {
+        if !path.is_file() {
+            return Err(IoError::Missing {
+                path: path.clone(),
+                what: what.into(),
+            });
+        }
+    }
+    let cfg = peft::read_config(adapter_dir)?;
+    if !adapter_file.is_file() {
+        return Err(IoError::Missing {
+            path: adapter_file,
+            what: "PEFT adapter weights".into(),
+        });
+    }
+    check_plain_lora(&adapter_dir.join(peft::CONFIG_FILE))?;
+    if cfg.fan_in_fan_out {
+        return Err(invalid(
+            &adapter_dir.join(peft::CONFIG_FILE),
+            "fan_in_fan_out = true is not supported (BERT linears store W as [out, in])",
+        ));
+    }
+    if same_dir(base_dir, out_dir) {
+        return Err(invalid(
+            out_dir,
+            "the output folder is the base model folder; choose another",
+        ));
+    }
+
+    let base = load(&base_file)?;
+    let adapter = load(&adapter_file)?;
+    let mut config: serde_json::Value = read_json(&base_config)?;
+
+    // Base tensors under their output names.
+    let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut source: HashMap<String, String> = HashMap::new();
+    for (name, t) in base {
+        if name.ends_with("position_ids") {
+            continue;
+        }
+        let o = out_name(&name);
+        if o.starts_with("classifier.") {
+            continue; // replaced by the adapter's classifier
+        }
+        if let Some(prev) = source.insert(o.clone(), name.clone()) {
+            return Err(invalid(
+                &base_file,
+                &format!("tensors '{prev}' and '{name}' are both '{o}'"),
+            ));
+        }
+        out.insert(o, t);
+    }
+
+    // The LoRA modules: `<module>.lora_A.weight` / `<module>.lora_A.default.weight`.
+    let scaling = cfg.lora().scaling();
+    let mut merged_modules = 0;
+    let mut modules: Vec<&str> = Vec::new();
+    for key in adapter.keys() {
+        let Some(rest) = key.strip_prefix(PREFIX) else {
+            return Err(invalid(
+                &adapter_file,
+                &format!("tensor '{key}' does not start with '{PREFIX}'"),
+            ));
+        };
+        if let Some((module, which)) = rest.split_once(".lora_") {
+            if !matches!(
+                which,
+                "A.weight" | "B.weight" | "A.default.weight" | "B.default.weight"
+            ) {
+                return Err(unsupported(&adapter_file, key, &cfg));
+            }
+            modules.push(module);
+        } else if !matches!(rest, "classifier.weight" | "classifier.bias") {
+            return Err(unsupported(&adapter_file, key, &cfg));
+        }
+    }
+    modules.sort();
+    modules.dedup();
+    for module in modules {
+        let a = lora_tensor(&adapter, &adapter_file, module, "A")?;
+        let b = lora_tensor(&adapter, &adapter_file, module, "B")?;
+        let target = out_name(&format!("{module}.weight"));
+        let w = out.get(&target).ok_or_else(|| IoError::MissingTensor {
+            path: base_file.clone(),
+            name: format!("{module}.weight"),
+            tried: format!(
+                "'{target}' and '{}' for LoRA module '{module}' of {}",
+                target.strip_prefix("bert.").unwrap_or(&target),
+                adapter_file.display()
+            ),
+        })?;
+        let (out_f, in_f) = match w.dims() {
+            [o, i] => (*o, *i),
+            d => {
+                return Err(invalid(
+                    &base_file,
+                    &format!("tensor '{target}' has shape {d:?}, expected a 2-D linear weight"),
+                ))
+            }
+        };
+        let a_name = format!("{PREFIX}{module}.lora_A.weight");
+        let b_name = format!("{PREFIX}{module}.lora_B.weight");
+        if a.dims() != [cfg.r, in_f] {
+            return Err(wrong_shape(&adapter_file, &a_name, a, &[cfg.r, in_f]));
+        }
+        if b.dims() != [out_f, cfg.r] {
+            return Err(wrong_shape(&adapter_file, &b_name, b, &[out_f, cfg.r]));
+        }
+        let dtype = w.dtype();
+        let merged = (|| -> candle_core::Result<Tensor> {
+            let delta = b
+                .to_dtype(DType::F64)?
+                .matmul(&a.to_dtype(DType::F64)?)?
+                .affine(scaling, 0.0)?;
+            (w.to_dtype(DType::F64)? + delta)?.to_dtype(dtype)
+        })()
+        .map_err(|e| invalid(&base_file, &format!("merging into '{target}': {e}")))?;
+        out.insert(target, merged);
+        merged_modules += 1;
+    }
+
+    // The classifier.
+    let cw_name = format!("{PREFIX}classifier.weight");
+    let cb_name = format!("{PREFIX}classifier.bias");
+    let missing = |name: &str| IoError::MissingTensor {
+        path: adapter_file.clone(),
+        name: name.into(),
+        tried: "the classifier PEFT saves as modules_to_save".into(),
+    };
+    let cw = adapter.get(&cw_name).ok_or_else(|| missing(&cw_name))?;
+    let cb = adapter.get(&cb_name).ok_or_else(|| missing(&cb_name))?;
+    let hidden = config
+        .get("hidden_size")
+        .and_then(|h| h.as_u64())
+        .map(|h| h as usize);
+    let num_labels = match (cw.dims(), hidden) {
+        ([k, h], Some(hs)) if *h == hs => *k,
+        ([k, _], None) => *k,
+        _ => {
+            let k = cw.dims().first().copied().unwrap_or(0);
+            return Err(wrong_shape(
+                &adapter_file,
+                &cw_name,
+                cw,
+                &[k, hidden.unwrap_or(0)],
+            ));
+        }
+    };
+    if cb.dims() != [num_labels] {
+        return Err(wrong_shape(&adapter_file, &cb_name, cb, &[num_labels]));
+    }
+    out.insert("classifier.weight".into(), cw.clone());
+    out.insert("classifier.bias".into(), cb.clone());
+
+    // Write: weights, config, tokenizer.
+    std::fs::create_dir_all(out_dir).map_err(|e| invalid(out_dir, &e.to_string()))?;
+    let out_file = out_dir.join(WEIGHTS_FILE);
+    save(&out, &out_file)?;
+
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| invalid(&base_config, "not a JSON object"))?;
+    let id2label: serde_json::Map<String, serde_json::Value> = (0..num_labels)
+        .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = (0..num_labels)
+        .map(|i| (format!("LABEL_{i}"), i.into()))
+        .collect();
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!(["BertForSequenceClassification"]),
+    );
+    obj.insert("num_labels".into(), num_labels.into());
+    obj.insert("id2label".into(), id2label.into());
+    obj.insert("label2id".into(), label2id.into());
+    let text = serde_json::to_string_pretty(&config).expect("JSON value serializes");
+    let out_config = out_dir.join("config.json");
+    std::fs::write(&out_config, text).map_err(|e| invalid(&out_config, &e.to_string()))?;
+
+    for name in TOKENIZER_FILES {
+        let src = base_dir.join(name);
+        if src.is_file() {
+            let dst = out_dir.join(name);
+            std::fs::copy(&src, &dst)
+                .map_err(|e| invalid(&dst, &format!("cannot copy from {}: {e}", src.display())))?;
+        }
+    }
+    Ok(MergeReport {
+        merged_modules,
+        out_file,
+    })
+}
+
+/// Refuses PEFT options that change what `W + scaling * B @ A` means (PEFT writes them all, with
+/// neutral defaults): DoRA, a LoRA bias, per-module ranks or alphas.
+fn check_plain_lora(path: &Path) -> Result<(), IoError> {
+    let cfg = read_json(path)?;
+    let on = |k: &str| cfg.get(k).and_then(|v| v.as_bool()) == Some(true);
+    let nonempty = |k: &str| {
+        cfg.get(k)
+            .and_then(|v| v.as_object())
+            .is_some_and(|m| !m.is_empty())
+    };
+    for (bad, what) in [
+        (on("use_dora"), "use_dora = true"),
+        (on("lora_bias"), "lora_bias = true"),
+        (nonempty("rank_pattern"), "a non-empty rank_pattern"),
+        (nonempty("alpha_pattern"), "a non-empty alpha_pattern"),
+    ] {
+        if bad {
+            return Err(invalid(path, &format!("{what} is not supported by merge")));
+        }
+    }
+    Ok(())
+}
+
+/// The name transformers' `BertForSequenceClassification` uses for a base checkpoint tensor:
+/// bare `BertModel` names (`encoder.layer.0...`) get `bert.`; everything else is kept.
+fn out_name(name: &str) -> String {
+    if BERT_PARTS.iter().any(|p| name.starts_with(p)) {
+        format!("bert.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+fn lora_tensor<'a>(
+    adapter: &'a HashMap<String, Tensor>,
+    file: &Path,
+    module: &str,
+    which: &str,
+) -> Result<&'a Tensor, IoError> {
+    let plain = format!("{PREFIX}{module}.lora_{which}.weight");
+    let named = format!("{PREFIX}{module}.lora_{which}.default.weight");
+    adapter
+        .get(&plain)
+        .or_else(|| adapter.get(&named))
+        .ok_or_else(|| IoError::MissingTensor {
+            path: file.into(),
+            name: plain.clone(),
+            tried: format!("'{plain}', '{named}'"),
+        })
+}
+
+fn load(path: &Path) -> Result<HashMap<String, Tensor>, IoError> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| invalid(path, &format!("not a readable safetensors file ({e})")))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, IoError> {
+    let text = std::fs::read_to_string(path).map_err(|_| IoError::Missing {
+        path: path.into(),
+        what: "JSON file".into(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| invalid(path, &format!("not valid JSON ({e})")))
+}
+
+/// Writes `tensors` with the `{"format": "pt"}` metadata transformers checks for (temp + rename).
+fn save(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), IoError> {
+    let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = st_dtype(t.dtype()).ok_or_else(|| {
+            invalid(
+                path,
+                &format!("tensor '{name}': dtype {:?} cannot be written", t.dtype()),
+            )
+        })?;
+        let mut bytes = Vec::with_capacity(t.elem_count() * t.dtype().size_in_bytes());
+        t.write_bytes(&mut bytes)
+            .map_err(|e| invalid(path, &format!("tensor '{name}': {e}")))?;
+        data.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.as_str(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| invalid(path, &e.to_string()))?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| invalid(&tmp, &e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| invalid(path, &e.to_string()))
+}
+
+fn st_dtype(d: DType) -> Option<Dtype> {
+    Some(match d {
+        DType::U8 => Dtype::U8,
+        DType::U32 => Dtype::U32,
+        DType::I16 => Dtype::I16,
+        DType::I32 => Dtype::I32,
+        DType::I64 => Dtype::I64,
+        DType::BF16 => Dtype::BF16,
+        DType::F16 => Dtype::F16,
+        DType::F32 => Dtype::F32,
+        DType::F64 => Dtype::F64,
+        _ => return None,
+    })
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn invalid(path: &Path, message: &str) -> IoError {
+    IoError::Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+fn wrong_shape(path: &Path, name: &str, t: &Tensor, expected: &[usize]) -> IoError {
+    IoError::WrongShape {
+        path: path.into(),
+        name: name.into(),
+        actual: t.dims().to_vec(),
+        expected: expected.to_vec(),
+    }
+}
+
+fn unsupported(path: &Path, key: &str, cfg: &PeftConfig) -> IoError {
+    invalid(
+        path,
+        &format!(
+            "tensor '{key}' is not a LoRA A/B matrix or the classifier; only plain LoRA \
+             (bias \"none\", no DoRA, no extra modules_to_save) can be merged (bias = \"{}\")",
+            cfg.bias
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: usize = 4;
+    const R: usize = 2;
+
+    fn vals(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 + 1.0) * seed).sin()).collect()
+    }
+
+    fn t(shape: &[usize], seed: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(vals(n, seed), shape, &Device::Cpu).unwrap()
+    }
+
+    fn peft_config(r: usize, use_rslora: bool) -> PeftConfig {
+        PeftConfig {
+            peft_type: "LORA".into(),
+            task_type: Some("SEQ_CLS".into()),
+            r,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: vec!["query".into(), "value".into()],
+            base_model_name_or_path: None,
+            bias: "none".into(),
+            fan_in_fan_out: false,
+            use_rslora,
+            modules_to_save: Some(vec!["classifier".into()]),
+            layers_to_transform: None,
+            inference_mode: true,
+            init_lora_weights: true,
+        }
+    }
+
+    /// A base folder with bare (un-prefixed) names, as MiniLM's checkpoint has, and a position_ids
+    /// buffer; and an adapter on query (plain keys) and value (`.default.` keys).
+    fn fixture(dir: &Path, a_rank: usize, use_rslora: bool) -> (PathBuf, PathBuf) {
+        let base = dir.join("base");
+        let adapter = dir.join("adapter");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::create_dir_all(&adapter).unwrap();
+        let mut b: HashMap<String, Tensor> = HashMap::new();
+        b.insert("embeddings.word_embeddings.weight".into(), t(&[10, H], 0.3));
+        b.insert(
+            "embeddings.position_ids".into(),
+            Tensor::arange(0i64, 8, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        );
+        for (i, m) in ["query", "key", "value"].iter().enumerate() {
+            let p = format!("encoder.layer.0.attention.self.{m}");
+            b.insert(format!("{p}.weight"), t(&[H, H], 0.7 + i as f32));
+            b.insert(format!("{p}.bias"), t(&[H], 0.11 + i as f32));
+        }
+        b.insert("pooler.dense.weight".into(), t(&[H, H], 1.9));
+        candle_core::safetensors::save(&b, base.join(WEIGHTS_FILE)).unwrap();
+        let config = serde_json::json!({
+            "architectures": ["BertModel"], "hidden_size": H, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10,
+            "max_position_embeddings": 8, "hidden_act": "gelu"
+        });
+        std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+        std::fs::write(base.join("tokenizer.json"), "{\"tok\": 1}").unwrap();
+
+        let stem = "base_model.model.bert.encoder.layer.0.attention.self";
+        let mut a: HashMap<String, Tensor> = HashMap::new();
+        a.insert(format!("{stem}.query.lora_A.weight"), t(&[a_rank, H], 2.3));
+        a.insert(format!("{stem}.query.lora_B.weight"), t(&[H, R], 3.1));
+        a.insert(
+            format!("{stem}.value.lora_A.default.weight"),
+            t(&[R, H], 4.7),
+        );
+        a.insert(
+            format!("{stem}.value.lora_B.default.weight"),
+            t(&[H, R], 5.3),
+        );
+        a.insert("base_model.model.classifier.weight".into(), t(&[3, H], 6.1));
+        a.insert("base_model.model.classifier.bias".into(), t(&[3], 6.9));
+        candle_core::safetensors::save(&a, adapter.join(peft::WEIGHTS_FILE)).unwrap();
+        let cfg = serde_json::to_string(&peft_config(R, use_rslora)).unwrap();
+        std::fs::write(adapter.join(peft::CONFIG_FILE), cfg).unwrap();
+        (base, adapter)
+    }
+
+    fn raw(path: &Path) -> (Vec<u8>, Option<HashMap<String, String>>) {
+        let bytes = std::fs::read(path).unwrap();
+        let meta = safetensors::SafeTensors::read_metadata(&bytes)
+            .unwrap()
+            .1
+            .metadata()
+            .clone();
+        (bytes, meta)
+    }
+
+    fn data_of(bytes: &[u8], name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        let v = st.tensor(name).unwrap();
+        (v.dtype(), v.shape().to_vec(), v.data().to_vec())
+    }
+
+    /// `W + s * B @ A` by hand, in f64, for row-major `W [H,H]`, `B [H,R]`, `A [R,H]`.
+    fn expected(w: &[f32], b: &[f32], a: &[f32], s: f64) -> Vec<f32> {
+        let mut out = vec![0f32; H * H];
+        for o in 0..H {
+            for i in 0..H {
+                let d: f64 = (0..R)
+                    .map(|k| b[o * R + k] as f64 * a[k * H + i] as f64)
+                    .sum();
+                out[o * H + i] = (w[o * H + i] as f64 + s * d) as f32;
+            }
+        }
+        out
+    }
+
+    fn floats(bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn merges_deltas_and_keeps_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R, false);
+        let out = dir.path().join("merged");
+        let report = merge_adapter(&base, &adapter, &out).unwrap();
+        assert_eq!(report.merged_modules, 2);
+        assert_eq!(report.out_file, out.join(WEIGHTS_FILE));
+
+        let (merged, meta) = raw(&report.out_file);
+        assert_eq!(meta.unwrap().get("format").map(String::as_str), Some("pt"));
+        let (base_bytes, _) = raw(&base.join(WEIGHTS_FILE));
+        let st = safetensors::SafeTensors::deserialize(&merged).unwrap();
+        let mut names = st.names();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "bert.embeddings.word_embeddings.weight",
+                "bert.encoder.layer.0.attention.self.key.bias",
+                "bert.encoder.layer.0.attention.self.key.weight",
+                "bert.encoder.layer.0.attention.self.query.bias",
+                "bert.encoder.layer.0.attention.self.query.weight",
+                "bert.encoder.layer.0.attention.self.value.bias",
+                "bert.encoder.layer.0.attention.self.value.weight",
+                "bert.pooler.dense.weight",
+                "classifier.bias",
+                "classifier.weight",
+            ]
+        );
+
+        // W' = W + (alpha / r) B A for both modules (plain and `.default.` adapter keys).
+        let s = 8.0 / R as f64;
+        for (m, wseed, aseed, bseed) in [("query", 0.7, 2.3, 3.1), ("value", 2.7, 4.7, 5.3)] {
+            let name = format!("bert.encoder.layer.0.attention.self.{m}.weight");
+            let (dtype, shape, data) = data_of(&merged, &name);
+            assert_eq!((dtype, shape), (Dtype::F32, vec![H, H]));
+            let want = expected(
+                &vals(H * H, wseed),
+                &vals(H * R, bseed),
+                &vals(R * H, aseed),
+                s,
+            );
+            let got = floats(&data);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-6, "{m}: off by {diff}");
+            let orig = vals(H * H, wseed);
+            assert!(got.iter().zip(&orig).any(|(g, o)| (g - o).abs() > 1e-3));
+        }
+
+        // Untouched tensors are byte-identical, only renamed.
+        for (src, dst) in [
+            (
+                "embeddings.word_embeddings.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            (
+                "encoder.layer.0.attention.self.key.weight",
+                "bert.encoder.layer.0.attention.self.key.weight",
+            ),
+            (
+                "encoder.layer.0.attention.self.query.bias",
+                "bert.encoder.layer.0.attention.self.query.bias",
+            ),
+        ] {
+            assert_eq!(data_of(&base_bytes, src), data_of(&merged, dst), "{src}");
+        }
+        let (adapter_bytes, _) = raw(&adapter.join(peft::WEIGHTS_FILE));
+        assert_eq!(
+            data_of(&adapter_bytes, "base_model.model.classifier.weight"),
+            data_of(&merged, "classifier.weight")
+        );
+
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
+        assert_eq!(cfg["num_labels"], 3);
+        assert_eq!(cfg["id2label"]["2"], "LABEL_2");
+        assert_eq!(cfg["label2id"]["LABEL_1"], 1);
+        assert_eq!(cfg["hidden_size"], H);
+        assert!(out.join("tokenizer.json").is_file());
+        assert!(!out.join("vocab.txt").exists());
+    }
+
+    #[test]
+    fn rslora_scales_by_sqrt_r() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R, true);
+        let out = dir.path().join("merged");
+        merge_adapter(&base, &adapter, &out).unwrap();
+        let (merged, _) = raw(&out.join(WEIGHTS_FILE));
+        let (_, _, data) = data_of(&merged, "bert.encoder.layer.0.attention.self.query.weight");
+        let s = 8.0 / (R as f64).sqrt();
+        let want = expected(&vals(H * H, 0.7), &vals(H * R, 3.1), &vals(R * H, 2.3), s);
+        let got = floats(&data);
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6));
+    }
+
+    #[test]
+    fn rank_mismatch_names_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R + 1, false);
+        let err = merge_adapter(&base, &adapter, &dir.path().join("merged")).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, IoError::WrongShape { .. }), "{msg}");
+        assert!(msg.contains("adapter_model.safetensors"), "{msg}");
+        assert!(
+            msg.contains("bert.encoder.layer.0.attention.self.query.lora_A.weight"),
+            "{msg}"
+        );
+        assert!(msg.contains("[3, 4]") && msg.contains("[2, 4]"), "{msg}");
+        assert!(!dir.path().join("merged").join(WEIGHTS_FILE).exists());
+    }
+
+    #[test]
+    fn module_without_base_weight_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R, false);
+        let path = adapter.join(peft::WEIGHTS_FILE);
+        let mut a = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let stem = "base_model.model.bert.encoder.layer.7.attention.self.query";
+        a.insert(format!("{stem}.lora_A.weight"), t(&[R, H], 1.0));
+        a.insert(format!("{stem}.lora_B.weight"), t(&[H, R], 1.0));
+        candle_core::safetensors::save(&a, &path).unwrap();
+        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, IoError::MissingTensor { .. }), "{msg}");
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("layer.7"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn refuses_per_module_alpha() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R, false);
+        let path = adapter.join(peft::CONFIG_FILE);
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["alpha_pattern"] = serde_json::json!({"query": 16});
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        assert!(err.to_string().contains("alpha_pattern"), "{err}");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R, false);
+        std::fs::remove_file(adapter.join(peft::WEIGHTS_FILE)).unwrap();
+        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        assert!(
+            err.to_string().contains("adapter_model.safetensors"),
+            "{err}"
+        );
+        let err =
+            merge_adapter(&dir.path().join("nope"), &adapter, &dir.path().join("m")).unwrap_err();
+        assert!(matches!(err, IoError::Missing { .. }), "{err}");
+    }
+}
