@@ -73,10 +73,10 @@ impl Dataset {
 /// applies, the 1-based line number, so a user can fix the data without a debugger.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Content that does not match what the loader expects.
     #[error("{}: {msg}", path.display())]
@@ -91,10 +91,10 @@ impl DataError {
         }
     }
 
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, error: std::io::Error) -> Self {
         DataError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

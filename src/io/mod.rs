@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// Errors reading or writing model files; each names the file and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
-    #[error("{path}: file not found ({what})")]
+    #[error("{path}: not found ({what})")]
     Missing { path: PathBuf, what: String },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },

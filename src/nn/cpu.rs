@@ -268,10 +268,10 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return a.matmul(b);
     }
     let per = n.div_ceil(threads);
-    let parts: Vec<Result<Tensor>> = (0..threads)
+    let starts: Vec<usize> = (0..n).step_by(per).collect();
+    let parts: Vec<Result<Tensor>> = starts
         .into_par_iter()
-        .map(|i| {
-            let start = i * per;
+        .map(|start| {
             let len = per.min(n - start);
             a.narrow(0, start, len)?.matmul(&b.narrow(0, start, len)?)
         })
@@ -360,5 +360,35 @@ impl SplitMix64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         ((z ^ (z >> 31)) >> 32) as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batched_matmul_matches_candle_for_any_batch_and_thread_count() {
+        for threads in [1, 2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for n in [1, 2, 5, 10, 11] {
+                let a = Tensor::randn(0f32, 1., (n, 3, 4, 5), &candle_core::Device::Cpu).unwrap();
+                let b = Tensor::randn(0f32, 1., (n, 3, 5, 2), &candle_core::Device::Cpu).unwrap();
+                let ours = pool.install(|| batched_matmul(&a, &b)).unwrap();
+                let d = (ours - a.matmul(&b).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert!(
+                    d.to_scalar::<f32>().unwrap() < 1e-5,
+                    "n={n} threads={threads}"
+                );
+            }
+        }
     }
 }

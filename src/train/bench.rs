@@ -61,6 +61,8 @@ pub struct BenchResult {
     /// Peak heap bytes above the resident weights during a step (activations, gradients, optimizer).
     pub peak_mem_mb: f64,
     pub weights_mb: f64,
+    /// Peak resident set size of the whole process (weights, framework, activations).
+    pub peak_rss_mb: Option<f64>,
     pub flops_per_step: u64,
     pub loss_first: f32,
     pub loss_last: f32,
@@ -154,6 +156,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         tokens_per_s: (a.batch * a.seq) as f64 / (median / 1e3),
         peak_mem_mb: peak as f64 / (1 << 20) as f64,
         weights_mb: weights as f64 / (1 << 20) as f64,
+        peak_rss_mb: memory::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
         flops_per_step: flops_step,
         loss_first: losses[0],
         loss_last: *losses.last().expect("at least one step"),

@@ -19,6 +19,8 @@ use std::path::Path;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainerState {
+    /// The run's `epochs` (the LR schedule and SAFE's rounds depend on it).
+    pub total_epochs: usize,
     pub epochs_done: usize,
     pub global_step: usize,
     pub best_metric: f64,
@@ -76,15 +78,40 @@ pub fn save(
         tensors.insert(format!("opt.v.{name}"), m.v.clone());
         state.opt_steps.insert(name.clone(), m.step);
     }
-    candle_core::safetensors::save(&tensors, tmp.join("tensors.safetensors"))?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_vec(&state)?)?;
-    let _ = std::fs::remove_dir_all(&old);
+    let tensors_path = tmp.join("tensors.safetensors");
+    candle_core::safetensors::save(&tensors, &tensors_path)
+        .with_context(|| format!("{}: cannot write checkpoint", tensors_path.display()))?;
+    let state_path = tmp.join("state.json");
+    std::fs::write(&state_path, serde_json::to_vec(&state)?)
+        .with_context(|| format!("{}: cannot write checkpoint", state_path.display()))?;
+    remove_any(&old)?;
     if dir.exists() {
-        std::fs::rename(&dir, &old)?;
+        std::fs::rename(&dir, &old).with_context(|| {
+            format!(
+                "{}: cannot move the previous checkpoint to {}",
+                dir.display(),
+                old.display()
+            )
+        })?;
     }
-    std::fs::rename(&tmp, &dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("{}: cannot put the checkpoint in place", dir.display()))?;
+    remove_any(&old)
+}
+
+/// Removes a file or folder if present (a stray file is in the way as much as a folder).
+fn remove_any(path: &Path) -> Result<()> {
+    let r = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(e).context(format!("{}: cannot remove", path.display())))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Restores model parameters, frozen flags and optimizer state; None when there is no checkpoint.

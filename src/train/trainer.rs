@@ -57,6 +57,13 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
 /// The model folder: the configured one, or the MiniLM-L6 asset (fetched if missing).
 pub fn resolve_model_dir(cfg: &TrainConfig) -> Result<PathBuf> {
     Ok(match &cfg.model {
+        Some(p) if !p.is_dir() => {
+            return Err(crate::io::IoError::Missing {
+                path: p.clone(),
+                what: "model folder with config.json, model.safetensors and tokenizer.json".into(),
+            }
+            .into())
+        }
         Some(p) => p.clone(),
         None => {
             let cache = fetch::default_cache_dir();
@@ -404,9 +411,20 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         ..Default::default()
     });
 
-    let mut state = checkpoint::TrainerState::default();
+    let mut state = checkpoint::TrainerState {
+        total_epochs: cfg.epochs,
+        ..Default::default()
+    };
     if resume {
         if let Some(s) = checkpoint::load(&cfg.output, &mut model, &mut opt)? {
+            anyhow::ensure!(
+                s.total_epochs == cfg.epochs,
+                "{}: the checkpoint belongs to a run of {} epochs; resume it with --epochs {} \
+                 (the learning-rate schedule and SAFE's rounds depend on the run's length)",
+                cfg.output.join("checkpoint").display(),
+                s.total_epochs,
+                s.total_epochs
+            );
             tracing::info!("resuming after epoch {}", s.epochs_done);
             if let (Some(c), Some(saved)) = (safe.as_mut(), &s.safe) {
                 *c = saved.clone();
@@ -414,21 +432,34 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             state = s;
         }
     }
+    // Logs restart with the run: from the checkpoint's history when resuming, empty otherwise, so
+    // an epoch logged before an interruption is not logged twice.
+    let mut log = create_file(&cfg.output.join("metrics.jsonl"))?;
+    for e in &state.history {
+        writeln!(log, "{}", serde_json::to_string(e)?)?;
+    }
     let mut safe_log = match safe {
-        Some(_) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(cfg.output.join("safe.jsonl"))
-                .with_context(|| format!("{}: cannot open SAFE log", cfg.output.display()))?,
-        ),
+        Some(_) => {
+            let path = cfg.output.join("safe.jsonl");
+            let kept: Vec<String> = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["epoch"].as_u64())
+                        .is_some_and(|e| (e as usize) <= state.epochs_done)
+                })
+                .map(str::to_string)
+                .collect();
+            let mut f = create_file(&path)?;
+            for l in kept {
+                writeln!(f, "{l}")?;
+            }
+            Some(f)
+        }
         None => None,
     };
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cfg.output.join("metrics.jsonl"))
-        .with_context(|| format!("{}: cannot open metrics log", cfg.output.display()))?;
 
     for epoch in state.epochs_done + 1..=cfg.epochs {
         let t_epoch = Instant::now();
@@ -579,6 +610,14 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         state.history.push(entry);
         state.safe = safe.clone();
         checkpoint::save(&cfg.output, &model, &opt, &state)?;
+        // Test hook: simulate an interruption right after this epoch's checkpoint.
+        if std::env::var("SAFETUNE_EXIT_AFTER_EPOCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            == Some(epoch)
+        {
+            std::process::exit(3);
+        }
     }
 
     // Test on the best-validation adapter and head.
@@ -625,6 +664,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         super::reports::write_safe_reports(&cfg.output, &names, c, cfg.epochs * rounds_per_epoch)?;
     }
     Ok(summary)
+}
+
+fn create_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))
 }
 
 /// Freezes one adapter for good: a constant from now on, its optimizer state dropped.

@@ -1,0 +1,770 @@
+//! End-to-end tests of the `safetune` binary: bad inputs end in one clean `error:` line, real
+//! training runs on a tiny random-weight BERT write every documented output, resume and export
+//! agree with uninterrupted runs, and (when `SAFETUNE_MINILM_DIR` is set) a smoke run on MiniLM.
+//!
+//! Every command runs with `SAFETUNE_CACHE` pointed at an empty folder, so nothing is fetched.
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tempfile::TempDir;
+
+const QUERY_A: &str = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight";
+const CLASSIFIER: &str = "base_model.model.classifier.weight";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary folder with an empty `cache/` that every command uses as `SAFETUNE_CACHE`.
+struct Sandbox {
+    dir: TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("cache")).expect("cache dir");
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `safetune ARGS` from the repository root (so fixture paths are relative to it).
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_safetune"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("SAFETUNE_CACHE", self.path("cache"))
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run safetune")
+    }
+
+    /// Runs `safetune ARGS` and fails the test (showing stdout and stderr) unless it exits 0.
+    fn run_ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "safetune {args:?} failed ({})\n{}",
+            out.status,
+            text(&out)
+        );
+        out
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Exit status 1, no panic, and exactly one `error:` line on stderr that contains every needle.
+/// Returns that line.
+fn assert_clean_error(out: &Output, needles: &[&str]) -> String {
+    let all = text(out);
+    assert!(!all.contains("panicked"), "panicked:\n{all}");
+    assert_eq!(out.status.code(), Some(1), "exit status:\n{all}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one `error:` line:\n{all}");
+    for needle in needles {
+        assert!(
+            errors[0].contains(needle),
+            "error line does not mention {needle:?}: {}",
+            errors[0]
+        );
+    }
+    errors[0].to_string()
+}
+
+fn read_json(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
+
+fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Asserts two safetensors files hold the same tensor names, shapes and f32 bit patterns.
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (ta, tb) = (load_tensors(a), load_tensors(b));
+    let mut names: Vec<&String> = ta.keys().collect();
+    names.sort();
+    let mut names_b: Vec<&String> = tb.keys().collect();
+    names_b.sort();
+    assert_eq!(
+        names,
+        names_b,
+        "{} vs {}: tensor names",
+        a.display(),
+        b.display()
+    );
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    let differing: Vec<&String> = names
+        .iter()
+        .copied()
+        .filter(|n| ta[*n].dims() != tb[*n].dims() || bits(&ta[*n]) != bits(&tb[*n]))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{} vs {}: these tensors differ: {differing:?}",
+        a.display(),
+        b.display()
+    );
+}
+
+/// Shapes of every tensor a BERT checkpoint has (`bert.`-prefixed, as Hugging Face saves
+/// `BertForSequenceClassification`) for the tiny config written by [`write_model`].
+fn bert_tensor_shapes(layers: usize) -> Vec<(String, Vec<usize>)> {
+    let (v, h, f, p) = (TINY_VOCAB, TINY_HIDDEN, TINY_FFN, TINY_POSITIONS);
+    let mut t: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![v, h]),
+        ("embeddings.position_embeddings.weight".into(), vec![p, h]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+        ("embeddings.LayerNorm.weight".into(), vec![h]),
+        ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ("pooler.dense.weight".into(), vec![h, h]),
+        ("pooler.dense.bias".into(), vec![h]),
+    ];
+    for i in 0..layers {
+        let l = format!("encoder.layer.{i}");
+        for (m, out, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", f, h),
+            ("output.dense", h, f),
+        ] {
+            t.push((format!("{l}.{m}.weight"), vec![out, inp]));
+            t.push((format!("{l}.{m}.bias"), vec![out]));
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            t.push((format!("{l}.{ln}.weight"), vec![h]));
+            t.push((format!("{l}.{ln}.bias"), vec![h]));
+        }
+    }
+    t.into_iter()
+        .map(|(n, s)| (format!("bert.{n}"), s))
+        .collect()
+}
+
+const TINY_VOCAB: usize = 30522; // the real tokenizer's vocabulary
+const TINY_HIDDEN: usize = 8;
+const TINY_FFN: usize = 16;
+const TINY_POSITIONS: usize = 32;
+/// Token limit for runs on the tiny model (its position table has 32 rows).
+const TINY_MAX_LENGTH: &str = "32";
+
+/// Writes a tiny random-weight BERT folder (config.json, model.safetensors, the repository's
+/// tokenizer.json) at `dir`. `shape_of` may change a tensor's shape (to make a broken model).
+fn write_model(dir: &Path, layers: usize, shape_of: impl Fn(&str, Vec<usize>) -> Vec<usize>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": TINY_HIDDEN,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "intermediate_size": TINY_FFN,
+        "max_position_embeddings": TINY_POSITIONS,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        repo.join("interop/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+
+    // Deterministic pseudo-random values in [-0.05, 0.05) (xorshift64*); LayerNorm weight 1, bias 0.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let x = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40; // 24 bits
+        (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+    };
+    let mut tensors = HashMap::new();
+    for (name, shape) in bert_tensor_shapes(layers) {
+        let shape = shape_of(&name, shape);
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.contains("LayerNorm.weight") {
+            vec![1.0; n]
+        } else if name.contains("LayerNorm.bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| next()).collect()
+        };
+        let t = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
+        tensors.insert(name, t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
+/// A valid tiny random BERT with `layers` layers in `dir`.
+fn tiny_model(dir: &Path, layers: usize) -> PathBuf {
+    write_model(dir, layers, |_, shape| shape);
+    dir.to_path_buf()
+}
+
+/// A 40-row, two-class CSV (`text,label`): a 70/15/15 split gives 28/6/6 examples.
+fn tiny_csv(path: &Path) -> PathBuf {
+    let good = ["great", "wonderful", "lovely", "superb", "charming"];
+    let bad = ["awful", "boring", "dull", "terrible", "clumsy"];
+    let things = ["film", "plot", "cast", "score"];
+    let mut csv = String::from("text,label\n");
+    for i in 0..20 {
+        let thing = things[i % things.len()];
+        csv += &format!(
+            "a {} {thing} and a {} ending,pos\n",
+            good[i % 5],
+            good[(i + 2) % 5]
+        );
+        csv += &format!(
+            "the {} {thing} with {} acting,neg\n",
+            bad[i % 5],
+            bad[(i + 3) % 5]
+        );
+    }
+    std::fs::write(path, csv).unwrap();
+    path.to_path_buf()
+}
+
+/// `train` on the tiny model and data with the test defaults plus `extra` flags.
+fn train_args<'a>(
+    model: &'a Path,
+    data: &'a Path,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--output",
+        s(out),
+        "--batch-size",
+        "4",
+        "--max-length",
+        TINY_MAX_LENGTH,
+        "--seed",
+        "7",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Bad inputs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn missing_model_folder() {
+    let sb = Sandbox::new();
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.run(&[
+        "train",
+        "--model",
+        "/nonexistent",
+        "--data",
+        s(&data),
+        "--output",
+        s(&sb.path("out")),
+        "--quiet",
+    ]);
+    assert_clean_error(&out, &["/nonexistent"]);
+}
+
+#[test]
+fn missing_model_folder_and_data_file() {
+    // The literal bad command: neither the model folder nor the data file exists; the first
+    // problem (the model folder) is reported.
+    let sb = Sandbox::new();
+    let out = sb.run(&[
+        "train",
+        "--model",
+        "/nonexistent",
+        "--data",
+        "x.csv",
+        "--output",
+        s(&sb.path("out")),
+        "--quiet",
+    ]);
+    assert_clean_error(&out, &["/nonexistent", "model folder"]);
+}
+
+#[test]
+fn missing_data_file() {
+    // A valid model and a data file that does not exist: the file is named, its cause once.
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let missing = sb.path("x.csv");
+    let out = sb.run(&train_args(
+        &model,
+        &missing,
+        &sb.path("out"),
+        &["--epochs", "1"],
+    ));
+    let err = assert_clean_error(&out, &["x.csv"]);
+    assert_eq!(
+        err.matches("os error 2").count(),
+        1,
+        "the cause should be printed once: {err}"
+    );
+}
+
+#[test]
+fn tensor_of_wrong_shape() {
+    let sb = Sandbox::new();
+    let bad = "bert.encoder.layer.0.attention.self.query.weight";
+    let model = sb.path("model");
+    write_model(&model, 1, |name, shape| {
+        if name == bad {
+            vec![TINY_HIDDEN, 7]
+        } else {
+            shape
+        }
+    });
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.run(&train_args(&model, &data, &sb.path("out"), &[]));
+    assert_clean_error(&out, &["model.safetensors", bad, "[8, 7]", "[8, 8]"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.run(&train_args(&model, &data, &sb.path("out"), &[]));
+    assert_clean_error(&out, &["model.safetensors"]);
+}
+
+#[test]
+fn empty_csv() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = sb.path("empty.csv");
+    std::fs::write(&data, "").unwrap();
+    let out = sb.run(&train_args(&model, &data, &sb.path("out"), &[]));
+    assert_clean_error(&out, &["empty.csv"]);
+}
+
+#[test]
+fn header_only_csv() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = sb.path("header.csv");
+    std::fs::write(&data, "text,label\n").unwrap();
+    let out = sb.run(&train_args(&model, &data, &sb.path("out"), &[]));
+    assert_clean_error(&out, &["header.csv"]);
+}
+
+#[test]
+fn missing_label_column() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.run(&train_args(
+        &model,
+        &data,
+        &sb.path("out"),
+        &["--label-column", "nope"],
+    ));
+    assert_clean_error(&out, &["data.csv", "nope"]);
+}
+
+#[test]
+fn unknown_method() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.run(&train_args(
+        &model,
+        &data,
+        &sb.path("out"),
+        &["--method", "adapterdrop"],
+    ));
+    // clap reports argument errors itself, with exit status 2.
+    assert!(
+        !out.status.success(),
+        "accepted --method adapterdrop:\n{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("adapterdrop"),
+        "{}",
+        text(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Real runs on a tiny random BERT
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn train_writes_every_output() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "2"]));
+
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["query", "value"]));
+
+    let tensors = load_tensors(&out.join("adapter_model.safetensors"));
+    for key in [QUERY_A, CLASSIFIER] {
+        assert!(tensors.contains_key(key), "adapter has no {key}");
+    }
+    assert_eq!(tensors[QUERY_A].dims(), &[8, TINY_HIDDEN]);
+    assert_eq!(tensors[CLASSIFIER].dims(), &[2, TINY_HIDDEN]);
+
+    let summary = read_json(&out.join("summary.json"));
+    for field in [
+        "task",
+        "method",
+        "metric",
+        "value",
+        "peak_mem_bytes",
+        "wall_s",
+        "trainable_params",
+        "epochs",
+        "train_flops",
+        "frozen",
+    ] {
+        assert!(
+            summary.get(field).is_some(),
+            "summary.json has no {field}: {summary}"
+        );
+    }
+    assert_eq!(summary["task"], "classification");
+    assert_eq!(summary["method"], "lora");
+    assert_eq!(summary["metric"], "accuracy");
+    assert_eq!(summary["epochs"], 2);
+    let value = summary["value"].as_f64().expect("numeric value");
+    assert!((0.0..=1.0).contains(&value), "accuracy {value}");
+    assert!(summary["trainable_params"].as_u64().unwrap() > 0);
+    assert!(summary["train_flops"].as_u64().unwrap() > 0);
+
+    let epochs: Vec<u64> = read_jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1, 2]);
+
+    assert!(out.join("checkpoint/tensors.safetensors").is_file());
+    assert!(out.join("checkpoint/state.json").is_file());
+}
+
+#[test]
+fn resume_with_another_length_is_refused() {
+    // The LR schedule (warm-up, then linear decay to 0 over epochs x steps) and SAFE's rounds
+    // depend on the run's length, so a checkpoint resumes only the run it belongs to.
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "1"]));
+    let refused = sb.run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--epochs", "2", "--resume"],
+    ));
+    assert_clean_error(&refused, &["checkpoint", "--epochs 1"]);
+}
+
+#[test]
+fn resume_after_an_interruption_is_exact() {
+    // A run of 2 epochs that dies after epoch 1's checkpoint (the SAFETUNE_EXIT_AFTER_EPOCH test
+    // hook exits there), resumed with the same command, must end where the uninterrupted run ends.
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let (resumed, straight) = (sb.path("resumed"), sb.path("straight"));
+    let crashed = std::process::Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(train_args(&model, &data, &resumed, &["--epochs", "2"]))
+        .env("SAFETUNE_CACHE", sb.path("cache"))
+        .env("SAFETUNE_EXIT_AFTER_EPOCH", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        crashed.status.code(),
+        Some(3),
+        "the test hook ends the run after epoch 1"
+    );
+    let state = read_json(&resumed.join("checkpoint/state.json"));
+    assert_eq!(
+        state["epochs_done"], 1,
+        "the crash should leave epoch 1's checkpoint"
+    );
+
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &resumed,
+        &["--epochs", "2", "--resume"],
+    ));
+    sb.run_ok(&train_args(&model, &data, &straight, &["--epochs", "2"]));
+
+    assert_same_tensors(
+        &resumed.join("checkpoint/tensors.safetensors"),
+        &straight.join("checkpoint/tensors.safetensors"),
+    );
+    assert_same_tensors(
+        &resumed.join("adapter_model.safetensors"),
+        &straight.join("adapter_model.safetensors"),
+    );
+    let epochs: Vec<u64> = read_jsonl(&resumed.join("metrics.jsonl"))
+        .iter()
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1, 2], "metrics.jsonl after the resumed run");
+}
+
+#[test]
+fn safe_writes_its_reports() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &out,
+        &[
+            "--method",
+            "safe",
+            "--safe-rounds-per-epoch",
+            "3",
+            "--epochs",
+            "3",
+        ],
+    ));
+    let rounds: Vec<u64> = read_jsonl(&out.join("safe.jsonl"))
+        .iter()
+        .map(|l| l["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        rounds,
+        (1..=9).collect::<Vec<u64>>(),
+        "3 rounds in each of 3 epochs"
+    );
+    let state = read_json(&out.join("safe_state.json"));
+    assert_eq!(state["adapters"].as_array().map(Vec::len), Some(2));
+    for png in ["importance.png", "freezing.png"] {
+        let img = image::open(out.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(img.width() > 0 && img.height() > 0, "{png} is empty");
+    }
+    assert_eq!(read_json(&out.join("summary.json"))["method"], "safe");
+}
+
+#[test]
+fn freeze_prefix_freezes_the_bottom_layers() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 2);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--method", "freeze-prefix:1", "--epochs", "1"],
+    ));
+    let summary = read_json(&out.join("summary.json"));
+    let mut frozen: Vec<&String> = summary["frozen"]
+        .as_object()
+        .expect("frozen map")
+        .keys()
+        .collect();
+    frozen.sort();
+    assert_eq!(frozen, ["layer.0.query", "layer.0.value"], "{summary}");
+}
+
+#[test]
+fn upper_adapts_only_the_upper_half() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 2);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--method", "upper", "--epochs", "1"],
+    ));
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["layers_to_transform"], serde_json::json!([1]), "{cfg}");
+    let tensors = load_tensors(&out.join("adapter_model.safetensors"));
+    assert!(
+        !tensors.contains_key(QUERY_A),
+        "layer 0 should have no adapter"
+    );
+    assert!(tensors
+        .contains_key("base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"));
+}
+
+#[test]
+fn export_of_the_last_epoch_equals_the_best_adapter() {
+    // `export` writes the latest checkpoint; the run folder holds the best-validation adapter.
+    // They are the same model exactly when the best epoch is the last one, which a 1-epoch run
+    // guarantees (checked through summary.json's best_epoch).
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let (out, exported) = (sb.path("out"), sb.path("exported"));
+    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "1"]));
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["best_epoch"], summary["epochs"], "{summary}");
+
+    sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
+    assert_same_tensors(
+        &exported.join("adapter_model.safetensors"),
+        &out.join("adapter_model.safetensors"),
+    );
+    assert_eq!(
+        read_json(&exported.join("adapter_config.json")),
+        read_json(&out.join("adapter_config.json"))
+    );
+
+    let eval = |adapter: &Path, logits: &Path| {
+        sb.run_ok(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(adapter),
+            "--data",
+            s(&data),
+            "--max-length",
+            TINY_MAX_LENGTH,
+            "--split",
+            "all",
+            "--logits",
+            s(logits),
+        ])
+    };
+    let (l1, l2) = (sb.path("exported.json"), sb.path("run.json"));
+    let e1 = eval(&exported, &l1);
+    let e2 = eval(&out, &l2);
+    let (l1, l2) = (read_json(&l1), read_json(&l2));
+    assert_eq!(
+        l1["logits"].as_array().map(Vec::len),
+        Some(40),
+        "one row per example"
+    );
+    assert_eq!(
+        l1, l2,
+        "logits of the exported adapter vs the run's adapter"
+    );
+    assert_eq!(e1.stdout, e2.stdout, "eval scores");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The real MiniLM-L6 model
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn minilm_smoke() {
+    let Some(model) = std::env::var_os("SAFETUNE_MINILM_DIR") else {
+        println!("skipped: SAFETUNE_MINILM_DIR unset");
+        return;
+    };
+    let model = PathBuf::from(model);
+    let sb = Sandbox::new();
+    let out = sb.path("out");
+    sb.run_ok(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        "tests/fixtures/glue/sst2/train.tsv",
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "label",
+        "--output",
+        s(&out),
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "2",
+        "--quiet",
+    ]);
+    let summary = read_json(&out.join("summary.json"));
+    let value = summary["value"].as_f64().expect("numeric value");
+    assert!((0.0..=1.0).contains(&value), "accuracy {value}: {summary}");
+}
+
+#[test]
+fn checkpoint_write_failure_names_the_folder() {
+    // The checkpoint cannot be written: a plain file sits where its temporary folder goes.
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("checkpoint.tmp"), "in the way").unwrap();
+    let crashed = sb.run(&train_args(&model, &data, &out, &["--epochs", "2"]));
+    assert_clean_error(&crashed, &["checkpoint"]);
+}
+
+#[test]
+fn rerun_without_resume_starts_fresh_logs() {
+    // A second run into the same folder without --resume starts over: its metrics.jsonl should
+    // describe that run only.
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "1"]));
+    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "1"]));
+    let epochs: Vec<u64> = read_jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1], "metrics.jsonl after a fresh rerun");
+}
