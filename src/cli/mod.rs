@@ -240,8 +240,27 @@ pub struct FetchArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(a) | Command::Demo(a) => {
+        Command::Train(a) => {
             let cfg = a.to_config()?;
+            let summary = trainer::train(&cfg, a.resume, !a.quiet)?;
+            print_summary(&cfg, &summary);
+            Ok(())
+        }
+        Command::Demo(a) => {
+            let mut cfg = a.to_config()?;
+            // A 3-epoch run: SAFE decides 4 times per epoch on 64 monitoring examples (flags and
+            // the config file still override), so warm-up and freezing fit in the run.
+            let from_file = a
+                .config
+                .as_ref()
+                .map(|p| std::fs::read_to_string(p).unwrap_or_default());
+            let in_file = |key: &str| from_file.as_deref().is_some_and(|t| t.contains(key));
+            if a.safe_rounds_per_epoch.is_none() && !in_file("rounds_per_epoch") {
+                cfg.safe.rounds_per_epoch = 4;
+            }
+            if a.safe_monitor_examples.is_none() && !in_file("monitor_examples") {
+                cfg.safe.monitor_examples = 64;
+            }
             let summary = trainer::train(&cfg, a.resume, !a.quiet)?;
             print_summary(&cfg, &summary);
             Ok(())
@@ -378,6 +397,14 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
         ),
         ("peak memory (heap)", mb(s.peak_mem_bytes as f64)),
         ("mean epoch peak memory", mb(s.mean_epoch_peak_mem_bytes)),
+        (
+            "step memory (max / mean)",
+            format!(
+                "{} / {}",
+                mb(s.step_mem_bytes as f64),
+                mb(s.mean_step_mem_bytes)
+            ),
+        ),
         (
             "peak RSS",
             s.peak_rss_bytes

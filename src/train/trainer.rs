@@ -317,8 +317,12 @@ pub struct EpochLog {
     pub wall_s: f64,
     /// Matmul FLOPs of this epoch's training steps (forward + backward), as run.
     pub train_flops: u64,
-    /// Peak heap bytes during this epoch's training steps (allocator level).
+    /// Peak heap bytes during this epoch's training steps (allocator level), everything included.
     pub peak_mem_bytes: usize,
+    /// Peak heap bytes a training step adds to what is live before it (activations kept for
+    /// backward, gradients, temporaries): the part freezing can save.
+    #[serde(default)]
+    pub step_mem_bytes: usize,
     pub lowest_trainable_layer: Option<usize>,
     pub trainable_params: usize,
     /// SAFE: every adapter's importance (1 - CKA), the threshold and the frozen adapters.
@@ -344,6 +348,10 @@ pub struct Summary {
     pub peak_mem_bytes: usize,
     /// Step-weighted mean of the per-epoch heap peaks: memory "over the run".
     pub mean_epoch_peak_mem_bytes: f64,
+    /// Highest per-step memory (activations, gradients, temporaries above the resident model and
+    /// data), and its step-weighted mean over the epochs.
+    pub step_mem_bytes: usize,
+    pub mean_step_mem_bytes: f64,
     pub peak_rss_bytes: Option<usize>,
     pub trainable_params: usize,
     pub train_flops: u64,
@@ -476,7 +484,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         let mut lr = 0.0;
         let (mut importance, mut threshold) = (None, None);
         let trainable = count_params(&step::trainable_params(&model));
+        let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
         for s in 0..steps_per_epoch {
+            let live_before = memory::live_bytes();
+            epoch_peak = epoch_peak.max(memory::peak_bytes());
+            memory::reset_peak();
             let mut grads: Vec<(String, Tensor)> = Vec::new();
             for m in 0..accum {
                 let start = (s * accum + m) * micro;
@@ -507,6 +519,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 }
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
+            step_peak = step_peak.max(memory::peak_bytes().saturating_sub(live_before));
             lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
             for (name, g) in &grads {
                 let p = step::param_mut(&mut model, name).expect("gradient of a known parameter");
@@ -549,7 +562,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 ));
             }
         }
-        let epoch_peak = memory::peak_bytes();
+        let epoch_peak = epoch_peak.max(memory::peak_bytes());
         let epoch_flops = flops::total() - flops_before;
         let train_secs = t_epoch.elapsed().as_secs_f64();
         if let Some(b) = bar {
@@ -581,6 +594,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             wall_s: train_secs,
             train_flops: epoch_flops,
             peak_mem_bytes: epoch_peak,
+            step_mem_bytes: step_peak,
             lowest_trainable_layer: model.lowest_trainable_layer(),
             trainable_params: trainable,
             importance,
@@ -644,6 +658,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         mean_epoch_peak_mem_bytes: h
             .iter()
             .map(|e| e.peak_mem_bytes as f64 * e.steps as f64)
+            .sum::<f64>()
+            / steps.max(1) as f64,
+        step_mem_bytes: h.iter().map(|e| e.step_mem_bytes).max().unwrap_or(0),
+        mean_step_mem_bytes: h
+            .iter()
+            .map(|e| e.step_mem_bytes as f64 * e.steps as f64)
             .sum::<f64>()
             / steps.max(1) as f64,
         peak_rss_bytes: memory::peak_rss_bytes(),
