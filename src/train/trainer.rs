@@ -317,6 +317,10 @@ pub struct EpochLog {
     pub wall_s: f64,
     /// Matmul FLOPs of this epoch's training steps (forward + backward), as run.
     pub train_flops: u64,
+    /// Matmul FLOPs of SAFE's importance measurements this epoch (forward passes on the
+    /// monitoring subset), kept apart from training FLOPs.
+    #[serde(default)]
+    pub monitor_flops: u64,
     /// Peak heap bytes during this epoch's training steps (allocator level), everything included.
     pub peak_mem_bytes: usize,
     /// Peak heap bytes a training step adds to what is live before it (activations kept for
@@ -355,6 +359,8 @@ pub struct Summary {
     pub peak_rss_bytes: Option<usize>,
     pub trainable_params: usize,
     pub train_flops: u64,
+    /// SAFE's monitoring forward passes (not part of `train_flops`).
+    pub monitor_flops: u64,
     /// What the run would have cost with nothing frozen: epoch 1's FLOPs per step times all steps,
     /// and epoch 1's memory peak (in epoch 1 nothing is frozen by SAFE).
     pub unfrozen_train_flops_estimate: u64,
@@ -483,6 +489,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
         let mut lr = 0.0;
         let (mut importance, mut threshold) = (None, None);
+        let mut monitor_flops = 0u64;
         let trainable = count_params(&step::trainable_params(&model));
         let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
         for s in 0..steps_per_epoch {
@@ -529,10 +536,14 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             // SAFE: at each round boundary, measure importance and freeze what the schedule says.
             let round_len = steps_per_epoch.div_ceil(rounds_per_epoch);
             if let Some(c) = safe.as_mut() {
-                if (s + 1) % round_len == 0 || s + 1 == steps_per_epoch {
+                let boundary = (s + 1) % round_len == 0 || s + 1 == steps_per_epoch;
+                // Once every candidate is frozen nothing can change: stop measuring.
+                if boundary && c.phase() != crate::safe::Phase::Done {
+                    let f0 = flops::total();
                     let round = (epoch - 1) * rounds_per_epoch
                         + ((s + 1).div_ceil(round_len)).min(rounds_per_epoch);
                     let scores = adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
+                    monitor_flops += flops::total() - f0;
                     let d = c.end_of_epoch(round, &scores);
                     for &i in &d.newly_frozen {
                         let (layer, site) = sites[i];
@@ -563,7 +574,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             }
         }
         let epoch_peak = epoch_peak.max(memory::peak_bytes());
-        let epoch_flops = flops::total() - flops_before;
+        let epoch_flops = flops::total() - flops_before - monitor_flops;
         let train_secs = t_epoch.elapsed().as_secs_f64();
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -593,6 +604,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             steps: steps_per_epoch,
             wall_s: train_secs,
             train_flops: epoch_flops,
+            monitor_flops,
             peak_mem_bytes: epoch_peak,
             step_mem_bytes: step_peak,
             lowest_trainable_layer: model.lowest_trainable_layer(),
@@ -669,6 +681,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         peak_rss_bytes: memory::peak_rss_bytes(),
         trainable_params: first.map(|e| e.trainable_params).unwrap_or(0),
         train_flops: total_flops,
+        monitor_flops: h.iter().map(|e| e.monitor_flops).sum(),
         unfrozen_train_flops_estimate: first
             .map(|e| e.train_flops / e.steps.max(1) as u64 * steps as u64)
             .unwrap_or(0),
