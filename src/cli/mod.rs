@@ -79,6 +79,9 @@ pub struct TrainArgs {
     /// SAFE's tau_T as an absolute importance value (default: half the largest importance at warm-up end).
     #[arg(long)]
     pub safe_tau: Option<f64>,
+    /// Start from an existing PEFT LoRA adapter folder (same rank and target modules).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
     /// SAFE decision rounds per epoch (1 = once per epoch, as in the paper).
     #[arg(long)]
     pub safe_rounds_per_epoch: Option<usize>,
@@ -169,6 +172,9 @@ impl TrainArgs {
         set!(c.grad_accum, self.grad_accum);
         set!(c.seed, self.seed);
         set!(c.max_steps_per_epoch, self.max_steps_per_epoch);
+        if self.init_adapter.is_some() {
+            c.init_adapter = self.init_adapter.clone();
+        }
         set!(c.safe.rounds_per_epoch, self.safe_rounds_per_epoch);
         set!(c.safe.monitor_examples, self.safe_monitor_examples);
         if let Some(t) = self.safe_tau {

@@ -127,6 +127,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps per epoch (0 = the whole epoch). For quick runs.
     pub max_steps_per_epoch: usize,
+    /// Start from this PEFT LoRA adapter folder (its adapters and classifier), e.g. one trained by
+    /// PEFT or by an earlier run, instead of fresh adapters.
+    pub init_adapter: Option<PathBuf>,
     pub data: DataConfig,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
@@ -148,6 +151,7 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             seed: 42,
             max_steps_per_epoch: 0,
+            init_adapter: None,
             data: DataConfig::default(),
             lora: LoraConfig::default(),
             safe: SafeConfig::default(),

@@ -144,6 +144,10 @@ pub fn build_model(
         "no linear matches the LoRA target modules {:?} (BERT has query, key, value, dense)",
         cfg.lora.target_modules
     );
+    if let Some(dir) = &cfg.init_adapter {
+        crate::io::peft::load(dir, &mut model)
+            .with_context(|| format!("{}: adapter does not fit the model", dir.display()))?;
+    }
     if let Method::FreezePrefix(k) = cfg.method {
         for (layer, site) in model.adapter_sites() {
             if layer < k {
@@ -552,7 +556,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                     }
                     let line = serde_json::json!({
                         "round": round, "epoch": epoch, "step": state.global_step,
-                        "importance": scores, "threshold": d.threshold,
+                        "importance": scores, "threshold": d.threshold, "phase": d.phase,
                         "newly_frozen": d.newly_frozen.iter().map(|&i| &names[i]).collect::<Vec<_>>(),
                         "lowest_trainable_layer": model.lowest_trainable_layer(),
                     });
