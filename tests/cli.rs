@@ -814,3 +814,38 @@ fn an_adapter_of_another_rank_is_refused() {
     ));
     assert_clean_error(&out, &["adapter_model.safetensors", "lora_A"]);
 }
+
+#[test]
+fn safe_rounds_fit_any_epoch_length() {
+    // 28 training rows in batches of 4 make 7 steps per epoch; 5 rounds per epoch do not divide
+    // them, and 9 rounds are more than the steps: every round must still come once, in order.
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 2);
+    let data = tiny_csv(&sb.path("data.csv"));
+    for rounds in ["5", "9"] {
+        let out = sb.path(&format!("out{rounds}"));
+        sb.run_ok(&train_args(
+            &model,
+            &data,
+            &out,
+            &[
+                "--epochs",
+                "2",
+                "--method",
+                "safe",
+                "--safe-rounds-per-epoch",
+                rounds,
+            ],
+        ));
+        let got: Vec<u64> = read_jsonl(&out.join("safe.jsonl"))
+            .iter()
+            .map(|l| l["round"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            (1..=got.len() as u64).collect::<Vec<_>>(),
+            "rounds {rounds}"
+        );
+        assert!(!got.is_empty());
+    }
+}

@@ -175,6 +175,9 @@ impl LoraLinear {
         let Some(lora) = &self.lora else {
             return Ok((dx, None));
         };
+        if dx.is_none() && saved.inputs.is_none() {
+            return Ok((None, None)); // frozen adapter at the bottom of the backward: nothing to do
+        }
         let dxa = matmul(dy, &lora.b)?.affine(lora.scaling, 0.0)?; // [n, r]
         if let Some(d) = dx.as_mut() {
             let dxd = dropout::backward_opt(&saved.drop, matmul(&dxa, &lora.a)?)?;

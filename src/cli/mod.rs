@@ -254,17 +254,28 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(a) => {
             let mut cfg = a.to_config()?;
-            // A 3-epoch run: SAFE decides 4 times per epoch on 64 monitoring examples (flags and
-            // the config file still override), so warm-up and freezing fit in the run.
-            let from_file = a
+            // The demo: 2 epochs (under 15 minutes on 2 CPU cores), SAFE deciding 4 times per epoch
+            // on 64 monitoring examples so warm-up and freezing fit in the run. Flags and the config
+            // file still override.
+            let file: Option<toml::Value> = a
                 .config
                 .as_ref()
-                .map(|p| std::fs::read_to_string(p).unwrap_or_default());
-            let in_file = |key: &str| from_file.as_deref().is_some_and(|t| t.contains(key));
-            if a.safe_rounds_per_epoch.is_none() && !in_file("rounds_per_epoch") {
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|t| t.parse().ok());
+            let in_file = |path: &[&str]| {
+                let mut v = file.as_ref();
+                for k in path {
+                    v = v.and_then(|x| x.get(*k));
+                }
+                v.is_some()
+            };
+            if a.epochs.is_none() && !in_file(&["epochs"]) {
+                cfg.epochs = 2;
+            }
+            if a.safe_rounds_per_epoch.is_none() && !in_file(&["safe", "rounds_per_epoch"]) {
                 cfg.safe.rounds_per_epoch = 4;
             }
-            if a.safe_monitor_examples.is_none() && !in_file("monitor_examples") {
+            if a.safe_monitor_examples.is_none() && !in_file(&["safe", "monitor_examples"]) {
                 cfg.safe.monitor_examples = 64;
             }
             let summary = trainer::train(&cfg, a.resume, !a.quiet)?;

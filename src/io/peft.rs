@@ -5,7 +5,7 @@
 use super::IoError;
 use crate::adapters::LoraConfig;
 use crate::model::bert::{BertForSequenceClassification, Site};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -220,6 +220,5 @@ pub fn num_labels(dir: &Path) -> Result<usize, IoError> {
             name: format!("{PREFIX}classifier.weight"),
             tried: "the classifier saved as modules_to_save".into(),
         })?;
-    let _ = DType::F32;
     Ok(w.dims()[0])
 }

@@ -404,9 +404,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
 
     let sites = model.adapter_sites();
     let names: Vec<String> = sites.iter().map(|&(l, s)| adapter_name(l, s)).collect();
-    let rounds_per_epoch = cfg.safe.rounds_per_epoch.max(1);
-    let mut safe = (cfg.method == Method::Safe)
-        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), cfg.epochs * rounds_per_epoch));
+
     let monitor: Vec<&Encoded> = {
         let mut idx: Vec<usize> = (0..setup.train.len()).collect();
         idx.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5afe));
@@ -423,6 +421,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         m => m.min(full_steps),
     };
     let total_steps = steps_per_epoch * cfg.epochs;
+    // SAFE rounds: at most one per step; round k of an epoch ends at step ceil(k * steps / rounds).
+    let rounds_per_epoch = cfg.safe.rounds_per_epoch.clamp(1, steps_per_epoch.max(1));
+    let mut safe = (cfg.method == Method::Safe)
+        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), cfg.epochs * rounds_per_epoch));
     let warmup_steps = (cfg.warmup_ratio * total_steps as f64).round() as usize;
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: cfg.weight_decay,
@@ -538,14 +540,13 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             }
             state.global_step += 1;
             // SAFE: at each round boundary, measure importance and freeze what the schedule says.
-            let round_len = steps_per_epoch.div_ceil(rounds_per_epoch);
             if let Some(c) = safe.as_mut() {
-                let boundary = (s + 1) % round_len == 0 || s + 1 == steps_per_epoch;
+                let done_rounds = |steps: usize| steps * rounds_per_epoch / steps_per_epoch;
+                let boundary = done_rounds(s + 1) > done_rounds(s);
                 // Once every candidate is frozen nothing can change: stop measuring.
                 if boundary && c.phase() != crate::safe::Phase::Done {
                     let f0 = flops::total();
-                    let round = (epoch - 1) * rounds_per_epoch
-                        + ((s + 1).div_ceil(round_len)).min(rounds_per_epoch);
+                    let round = (epoch - 1) * rounds_per_epoch + done_rounds(s + 1);
                     let scores = adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
                     monitor_flops += flops::total() - f0;
                     let d = c.end_of_epoch(round, &scores);
