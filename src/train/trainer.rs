@@ -661,6 +661,13 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     let total_flops: u64 = h.iter().map(|e| e.train_flops).sum();
     let steps: usize = h.iter().map(|e| e.steps).sum();
     let first = h.first();
+    // Memory "over the run": each epoch's value weighted by its steps.
+    let step_weighted = |bytes: fn(&EpochLog) -> usize| {
+        h.iter()
+            .map(|e| bytes(e) as f64 * e.steps as f64)
+            .sum::<f64>()
+            / steps.max(1) as f64
+    };
     let summary = Summary {
         task: format!("{task:?}").to_lowercase(),
         method: cfg.method.to_string(),
@@ -672,17 +679,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         wall_s: t_start.elapsed().as_secs_f64(),
         train_wall_s: h.iter().map(|e| e.wall_s).sum(),
         peak_mem_bytes: h.iter().map(|e| e.peak_mem_bytes).max().unwrap_or(0),
-        mean_epoch_peak_mem_bytes: h
-            .iter()
-            .map(|e| e.peak_mem_bytes as f64 * e.steps as f64)
-            .sum::<f64>()
-            / steps.max(1) as f64,
+        mean_epoch_peak_mem_bytes: step_weighted(|e| e.peak_mem_bytes),
         step_mem_bytes: h.iter().map(|e| e.step_mem_bytes).max().unwrap_or(0),
-        mean_step_mem_bytes: h
-            .iter()
-            .map(|e| e.step_mem_bytes as f64 * e.steps as f64)
-            .sum::<f64>()
-            / steps.max(1) as f64,
+        mean_step_mem_bytes: step_weighted(|e| e.step_mem_bytes),
         peak_rss_bytes: memory::peak_rss_bytes(),
         trainable_params: first.map(|e| e.trainable_params).unwrap_or(0),
         train_flops: total_flops,
