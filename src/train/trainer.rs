@@ -29,7 +29,6 @@ use std::time::Instant;
 pub struct Setup {
     pub model_dir: PathBuf,
     pub splits: Splits,
-    pub encoder: TextEncoder,
     pub train: Vec<Encoded>,
     pub validation: Vec<Encoded>,
     pub test: Vec<Encoded>,
@@ -47,7 +46,6 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
     Ok(Setup {
         model_dir,
         splits,
-        encoder,
         train,
         validation,
         test,
