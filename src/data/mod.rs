@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod bbc;
+pub mod lm;
 pub mod spam;
 pub mod split;
 pub mod table;
