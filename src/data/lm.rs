@@ -156,9 +156,8 @@ pub fn split_documents(docs: Vec<Document>, period: usize) -> DocSplit {
     let n = docs.len();
     let mut s = DocSplit::default();
     for (i, d) in docs.into_iter().enumerate() {
-        if n < period && i + 1 == n && n > 1 {
-            s.test.push(d);
-        } else if i % period == period - 1 {
+        let short_and_last = n < period && i + 1 == n && n > 1;
+        if short_and_last || i % period == period - 1 {
             s.test.push(d);
         } else if i % period == period - 2 {
             s.validation.push(d);
