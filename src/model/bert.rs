@@ -609,6 +609,46 @@ impl BertForSequenceClassification {
     }
 }
 
+impl crate::adapters::Adapted for BertForSequenceClassification {
+    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
+        self.adapter_sites()
+            .into_iter()
+            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
+            .collect()
+    }
+
+    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
+        let (layer, site) = path.strip_prefix("bert.encoder.layer.")?.split_once('.')?;
+        let site = Site::ALL.into_iter().find(|s| s.path() == site)?;
+        self.adapter_mut(layer.parse().ok()?, site)
+    }
+
+    fn head_params(&self) -> Vec<(String, Tensor)> {
+        let c = &self.head.classifier;
+        let mut v = vec![(CLASSIFIER_WEIGHT.to_string(), c.weight.clone())];
+        if let Some(b) = &c.bias {
+            v.push((CLASSIFIER_BIAS.to_string(), b.clone()));
+        }
+        v
+    }
+
+    fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+        match key {
+            CLASSIFIER_WEIGHT => Some(&mut self.head.classifier.weight),
+            CLASSIFIER_BIAS => self.head.classifier.bias.as_mut(),
+            _ => None,
+        }
+    }
+}
+
+/// PEFT's module path of an adapter, e.g. `bert.encoder.layer.0.attention.self.query`.
+pub fn adapter_path(layer: usize, site: Site) -> String {
+    format!("bert.encoder.layer.{layer}.{}", site.path())
+}
+
+pub const CLASSIFIER_WEIGHT: &str = "classifier.weight";
+pub const CLASSIFIER_BIAS: &str = "classifier.bias";
+
 fn tensor(t: Result<Tensor>, w: &Weights) -> std::result::Result<Tensor, IoError> {
     t.map_err(|e| IoError::Invalid {
         path: w.file().into(),

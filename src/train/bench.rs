@@ -5,6 +5,7 @@
 use super::memory;
 use super::optim::{AdamW, AdamWConfig};
 use super::step;
+use crate::adapters::Adapted;
 use crate::adapters::LoraConfig;
 use crate::data::batch::Batch;
 use crate::data::Label;
@@ -129,7 +130,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         };
         let out = step::forward_backward(&model, &batch, &mut pass, 1.0)?;
         for (name, g) in &out.grads {
-            let p = step::param_mut(&mut model, name).expect("known parameter");
+            let p = model.param_mut(name).expect("known parameter");
             *p = opt.update(name, p, g, 1e-3)?;
         }
         let ms = t.elapsed().as_secs_f64() * 1e3;

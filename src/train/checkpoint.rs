@@ -8,6 +8,7 @@
 use super::config::TrainConfig;
 use super::optim::{AdamW, Moments};
 use super::trainer::EpochLog;
+use crate::adapters::Adapted;
 use crate::io::peft;
 use crate::model::bert::BertForSequenceClassification;
 use crate::safe::SafeController;
@@ -42,12 +43,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-pub fn save(
-    out: &Path,
-    model: &BertForSequenceClassification,
-    opt: &AdamW,
-    state: &TrainerState,
-) -> Result<()> {
+pub fn save(out: &Path, model: &impl Adapted, opt: &AdamW, state: &TrainerState) -> Result<()> {
     let tmp = out.join("checkpoint.tmp");
     let dir = out.join("checkpoint");
     let old = out.join("checkpoint.old");
@@ -56,22 +52,14 @@ pub fn save(
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut state = state.clone();
     state.frozen_adapters.clear();
-    for (layer, site) in model.adapter_sites() {
-        let ad = model.adapter(layer, site).expect("listed");
-        let stem = super::step::adapter_path(layer, site);
+    for (stem, ad) in model.adapters() {
         tensors.insert(format!("{stem}.lora_A.weight"), ad.a.clone());
         tensors.insert(format!("{stem}.lora_B.weight"), ad.b.clone());
         if !ad.trainable {
             state.frozen_adapters.push(stem);
         }
     }
-    tensors.insert(
-        super::step::CLASSIFIER_WEIGHT.into(),
-        model.head.classifier.weight.clone(),
-    );
-    if let Some(b) = &model.head.classifier.bias {
-        tensors.insert(super::step::CLASSIFIER_BIAS.into(), b.clone());
-    }
+    tensors.extend(model.head_params());
     state.opt_steps.clear();
     for (name, m) in &opt.state {
         tensors.insert(format!("opt.m.{name}"), m.m.clone());
@@ -115,11 +103,7 @@ fn remove_any(path: &Path) -> Result<()> {
 }
 
 /// Restores model parameters, frozen flags and optimizer state; None when there is no checkpoint.
-pub fn load(
-    out: &Path,
-    model: &mut BertForSequenceClassification,
-    opt: &mut AdamW,
-) -> Result<Option<TrainerState>> {
+pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Option<TrainerState>> {
     let mut dir = out.join("checkpoint");
     if !dir.exists() {
         dir = out.join("checkpoint.old"); // interrupted between the two renames
@@ -140,7 +124,7 @@ pub fn load(
         if name.starts_with("opt.") {
             continue;
         }
-        let p = super::step::param_mut(model, name).with_context(|| {
+        let p = model.param_mut(name).with_context(|| {
             format!(
                 "{}: tensor '{name}' does not fit this model",
                 tpath.display()
@@ -155,12 +139,9 @@ pub fn load(
         );
         *p = t.clone();
     }
-    for (layer, site) in model.adapter_sites() {
-        if state
-            .frozen_adapters
-            .contains(&super::step::adapter_path(layer, site))
-        {
-            model.adapter_mut(layer, site).expect("listed").trainable = false;
+    for stem in &state.frozen_adapters {
+        if let Some(ad) = model.adapter_by_path_mut(stem) {
+            ad.trainable = false;
         }
     }
     opt.state.clear();

@@ -5,18 +5,12 @@
 
 use crate::data::batch::Batch;
 use crate::data::Label;
-use crate::model::bert::{BatchTensors, BertForSequenceClassification, Site};
+use crate::model::bert::{BatchTensors, BertForSequenceClassification};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::{loss, Pass};
 use candle_core::{DType, Device, Result, Tensor};
 
-/// PEFT's key stem for an adapter, e.g. `bert.encoder.layer.0.attention.self.query`.
-pub fn adapter_path(layer: usize, site: Site) -> String {
-    format!("bert.encoder.layer.{layer}.{}", site.path())
-}
-
-pub const CLASSIFIER_WEIGHT: &str = "classifier.weight";
-pub const CLASSIFIER_BIAS: &str = "classifier.bias";
+pub use crate::model::bert::{adapter_path, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
 
 /// Uploads a host batch to the device.
 pub fn to_tensors(b: &Batch, dtype: DType, device: &Device) -> Result<BatchTensors> {
@@ -90,48 +84,4 @@ pub fn forward_backward(
     grads.push((CLASSIFIER_WEIGHT.into(), g.head.weight));
     grads.push((CLASSIFIER_BIAS.into(), g.head.bias));
     Ok(StepOutput { loss, grads })
-}
-
-/// Mutable access to a trainable parameter by its key.
-pub fn param_mut<'a>(
-    model: &'a mut BertForSequenceClassification,
-    key: &str,
-) -> Option<&'a mut Tensor> {
-    match key {
-        CLASSIFIER_WEIGHT => return Some(&mut model.head.classifier.weight),
-        CLASSIFIER_BIAS => return model.head.classifier.bias.as_mut(),
-        _ => {}
-    }
-    let rest = key.strip_prefix("bert.encoder.layer.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (path, which) = rest.rsplit_once(".lora_")?;
-    let site = Site::ALL.into_iter().find(|s| s.path() == path)?;
-    let ad = model.adapter_mut(layer, site)?;
-    match which {
-        "A.weight" => Some(&mut ad.a),
-        "B.weight" => Some(&mut ad.b),
-        _ => None,
-    }
-}
-
-/// Every trainable parameter's key and value (adapters that still train, and the classifier).
-pub fn trainable_params(model: &BertForSequenceClassification) -> Vec<(String, Tensor)> {
-    let mut v = Vec::new();
-    for (layer, site) in model.adapter_sites() {
-        let ad = model.adapter(layer, site).expect("listed adapter");
-        if ad.trainable {
-            let stem = adapter_path(layer, site);
-            v.push((format!("{stem}.lora_A.weight"), ad.a.clone()));
-            v.push((format!("{stem}.lora_B.weight"), ad.b.clone()));
-        }
-    }
-    v.push((
-        CLASSIFIER_WEIGHT.into(),
-        model.head.classifier.weight.clone(),
-    ));
-    if let Some(b) = &model.head.classifier.bias {
-        v.push((CLASSIFIER_BIAS.into(), b.clone()));
-    }
-    v
 }

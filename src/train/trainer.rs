@@ -8,6 +8,7 @@ use super::memory;
 use super::metrics;
 use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
 use super::step::{self, adapter_path};
+use crate::adapters::Adapted;
 use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
@@ -494,7 +495,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         let mut lr = 0.0;
         let (mut importance, mut threshold) = (None, None);
         let mut monitor_flops = 0u64;
-        let trainable = count_params(&step::trainable_params(&model));
+        let trainable = count_params(&model.trainable_params());
         let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
         for s in 0..steps_per_epoch {
             let live_before = memory::live_bytes();
@@ -533,7 +534,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             step_peak = step_peak.max(memory::peak_bytes().saturating_sub(live_before));
             lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
             for (name, g) in &grads {
-                let p = step::param_mut(&mut model, name).expect("gradient of a known parameter");
+                let p = model
+                    .param_mut(name)
+                    .expect("gradient of a known parameter");
                 *p = opt.update(name, p, g, lr)?;
             }
             state.global_step += 1;
