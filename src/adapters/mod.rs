@@ -14,6 +14,13 @@ pub trait Adapted {
 
     fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter>;
 
+    /// Transformer layers in the model (PEFT's `layers_to_transform` is written when adapters
+    /// sit in only some of them).
+    fn num_layers(&self) -> usize;
+
+    /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
+    fn peft_task_type(&self) -> &'static str;
+
     /// Trained tensors beside the adapters (a classifier), by key; none for a causal LM.
     fn head_params(&self) -> Vec<(String, Tensor)> {
         Vec::new()

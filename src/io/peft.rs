@@ -3,8 +3,8 @@
 //! PEFT saves `modules_to_save` (`base_model.model.classifier.weight`/`.bias`).
 
 use super::IoError;
+use crate::adapters::Adapted;
 use crate::adapters::LoraConfig;
-use crate::model::bert::{BertForSequenceClassification, Site};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -52,17 +52,20 @@ impl PeftConfig {
     }
 }
 
-fn key(layer: usize, site: Site, which: &str) -> String {
-    format!(
-        "{PREFIX}bert.encoder.layer.{layer}.{}.lora_{which}.weight",
-        site.path()
-    )
+/// The transformer layer an adapter's module path sits in (`...layer.3...`, `...layers.3...`).
+fn layer_of(path: &str) -> Option<usize> {
+    let parts: Vec<&str> = path.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| w[0] == "layer" || w[0] == "layers" || w[0] == "h")
+        .and_then(|w| w[1].parse().ok())
 }
 
-/// Writes the model's adapters and classifier in PEFT's layout (each file via temp + rename).
+/// Writes the model's adapters (and head, as PEFT's `modules_to_save`) in PEFT's layout, each
+/// file via temp + rename.
 pub fn save(
     dir: &Path,
-    model: &BertForSequenceClassification,
+    model: &impl Adapted,
     lora: &LoraConfig,
     base_model: &str,
 ) -> Result<(), IoError> {
@@ -73,23 +76,29 @@ pub fn save(
     std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut layers = Vec::new();
-    for (layer, site) in model.adapter_sites() {
-        let ad = model.adapter(layer, site).expect("listed adapter");
-        tensors.insert(key(layer, site, "A"), ad.a.clone());
-        tensors.insert(key(layer, site, "B"), ad.b.clone());
-        if !layers.contains(&layer) {
-            layers.push(layer);
+    for (path, ad) in model.adapters() {
+        tensors.insert(format!("{PREFIX}{path}.lora_A.weight"), ad.a.clone());
+        tensors.insert(format!("{PREFIX}{path}.lora_B.weight"), ad.b.clone());
+        if let Some(l) = layer_of(&path).filter(|l| !layers.contains(l)) {
+            layers.push(l);
         }
     }
-    let head = &model.head.classifier;
-    tensors.insert(format!("{PREFIX}classifier.weight"), head.weight.clone());
-    if let Some(b) = &head.bias {
-        tensors.insert(format!("{PREFIX}classifier.bias"), b.clone());
+    let mut modules_to_save: Vec<String> = Vec::new();
+    for (key, t) in model.head_params() {
+        let module = key
+            .rsplit_once('.')
+            .map(|(m, _)| m)
+            .unwrap_or(&key)
+            .to_string();
+        if !modules_to_save.contains(&module) {
+            modules_to_save.push(module);
+        }
+        tensors.insert(format!("{PREFIX}{key}"), t);
     }
-    let all_layers = layers.len() == model.layers.len();
+    let all_layers = layers.len() == model.num_layers();
     let cfg = PeftConfig {
         peft_type: "LORA".into(),
-        task_type: Some("SEQ_CLS".into()),
+        task_type: Some(model.peft_task_type().into()),
         r: lora.r,
         lora_alpha: lora.alpha,
         lora_dropout: lora.dropout,
@@ -98,7 +107,7 @@ pub fn save(
         bias: "none".into(),
         fan_in_fan_out: false,
         use_rslora: lora.use_rslora,
-        modules_to_save: Some(vec!["classifier".into()]),
+        modules_to_save: (!modules_to_save.is_empty()).then_some(modules_to_save),
         layers_to_transform: (!all_layers).then_some(layers),
         inference_mode: true,
         init_lora_weights: true,
@@ -132,9 +141,9 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, IoError> {
     Ok(cfg)
 }
 
-/// Loads a PEFT LoRA adapter folder into `model`, replacing its adapters and classifier. The model
+/// Loads a PEFT LoRA adapter folder into `model`, replacing its adapters and head. The model
 /// must have adapters on exactly the modules the file has, with the same rank.
-pub fn load(dir: &Path, model: &mut BertForSequenceClassification) -> Result<PeftConfig, IoError> {
+pub fn load(dir: &Path, model: &mut impl Adapted) -> Result<PeftConfig, IoError> {
     let cfg = read_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     if !path.exists() {
@@ -143,13 +152,12 @@ pub fn load(dir: &Path, model: &mut BertForSequenceClassification) -> Result<Pef
             what: "PEFT adapter weights".into(),
         });
     }
-    let dtype = model.head.classifier.weight.dtype();
     let tensors =
         candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| IoError::Invalid {
             path: path.clone(),
             message: format!("not a readable safetensors file ({e})"),
         })?;
-    let get = |name: &str, shape: &[usize]| -> Result<Tensor, IoError> {
+    let get = |name: &str, like: &Tensor| -> Result<Tensor, IoError> {
         // PEFT writes `...lora_A.weight`; older versions used `...lora_A.default.weight`.
         let t = tensors
             .get(name)
@@ -159,50 +167,50 @@ pub fn load(dir: &Path, model: &mut BertForSequenceClassification) -> Result<Pef
                 name: name.into(),
                 tried: format!("'{name}'"),
             })?;
-        if t.dims() != shape {
+        if t.dims() != like.dims() {
             return Err(IoError::WrongShape {
                 path: path.clone(),
                 name: name.into(),
                 actual: t.dims().to_vec(),
-                expected: shape.to_vec(),
+                expected: like.dims().to_vec(),
             });
         }
-        t.to_dtype(dtype).map_err(|e| IoError::Invalid {
-            path: path.clone(),
-            message: e.to_string(),
-        })
+        t.to_dtype(like.dtype())
+            .and_then(|t| t.to_device(like.device()))
+            .map_err(|e| IoError::Invalid {
+                path: path.clone(),
+                message: e.to_string(),
+            })
     };
     let in_file = tensors.keys().filter(|k| k.contains(".lora_A")).count();
-    let sites = model.adapter_sites();
-    if in_file != sites.len() {
+    let expected: Vec<(String, Tensor, Tensor)> = model
+        .adapters()
+        .into_iter()
+        .map(|(p, ad)| (p, ad.a.clone(), ad.b.clone()))
+        .collect();
+    if in_file != expected.len() {
         return Err(IoError::Invalid {
             path: path.clone(),
             message: format!(
                 "adapter has {in_file} LoRA modules, the model expects {} (target modules {:?})",
-                sites.len(),
+                expected.len(),
                 cfg.target_modules
             ),
         });
     }
-    for (layer, site) in sites {
-        let lin = &model.layers[layer].linears[site as usize];
-        let (o, i) = (lin.base.out_features(), lin.base.in_features());
-        let r = lin
-            .lora
-            .as_ref()
-            .map(|l| l.a.dim(0).unwrap_or(0))
-            .unwrap_or(0);
-        let a = get(&key(layer, site, "A"), &[r, i])?;
-        let b = get(&key(layer, site, "B"), &[o, r])?;
-        let ad = model.adapter_mut(layer, site).expect("listed adapter");
+    let scaling = cfg.lora().scaling();
+    for (stem, a, b) in expected {
+        let a = get(&format!("{PREFIX}{stem}.lora_A.weight"), &a)?;
+        let b = get(&format!("{PREFIX}{stem}.lora_B.weight"), &b)?;
+        let ad = model.adapter_by_path_mut(&stem).expect("listed adapter");
         ad.a = a;
         ad.b = b;
-        ad.scaling = cfg.lora().scaling();
+        ad.scaling = scaling;
     }
-    let head = &mut model.head.classifier;
-    let (k, h) = (head.out_features(), head.in_features());
-    head.weight = get(&format!("{PREFIX}classifier.weight"), &[k, h])?;
-    head.bias = Some(get(&format!("{PREFIX}classifier.bias"), &[k])?);
+    for (key, like) in model.head_params() {
+        let t = get(&format!("{PREFIX}{key}"), &like)?;
+        *model.head_param_mut(&key).expect("listed head tensor") = t;
+    }
     Ok(cfg)
 }
 

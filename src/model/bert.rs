@@ -623,6 +623,14 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
         self.adapter_mut(layer.parse().ok()?, site)
     }
 
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn peft_task_type(&self) -> &'static str {
+        "SEQ_CLS"
+    }
+
     fn head_params(&self) -> Vec<(String, Tensor)> {
         let c = &self.head.classifier;
         let mut v = vec![(CLASSIFIER_WEIGHT.to_string(), c.weight.clone())];
