@@ -91,6 +91,65 @@ pub fn layer_norm_bwd(
     rstd: &Tensor,
     gamma: &Tensor,
 ) -> Result<Option<Tensor>> {
+    norm_bwd(dy, xhat, rstd, gamma, true)
+}
+
+/// RMSNorm forward over rows of `c`: returns `(y, xhat, rstd)`, `xhat = x * rstd`,
+/// `rstd = 1 / sqrt(mean(x^2) + eps)`, `y = xhat * weight`.
+pub fn rms_norm_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let c = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / c;
+    let out = slices!(x, weight => {
+        let mut y = vec![0f32; rows * c];
+        let mut xhat = vec![0f32; rows * c];
+        let mut rstd = vec![0f32; rows];
+        y.par_chunks_mut(c)
+            .zip(xhat.par_chunks_mut(c))
+            .zip(rstd.par_iter_mut())
+            .zip(x.par_chunks(c))
+            .for_each(|(((y, xh), r), x)| {
+                let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
+                let rs = 1.0 / (ms + eps).sqrt();
+                *r = rs as f32;
+                for i in 0..c {
+                    let h = (x[i] as f64 * rs) as f32;
+                    xh[i] = h;
+                    y[i] = h * weight[i];
+                }
+            });
+        (y, xhat, rstd)
+    });
+    let Some((y, xhat, rstd)) = out else {
+        return Ok(None);
+    };
+    let rs = Tensor::from_vec(rstd, rows, x.device())?;
+    let mut rdims = x.dims().to_vec();
+    *rdims.last_mut().expect("rank >= 1") = 1;
+    Ok(Some((tensor(y, x)?, tensor(xhat, x)?, rs.reshape(rdims)?)))
+}
+
+/// RMSNorm backward: `dx = rstd * (g - xhat * mean(g * xhat))`, `g = dy * weight`.
+pub fn rms_norm_bwd(
+    dy: &Tensor,
+    xhat: &Tensor,
+    rstd: &Tensor,
+    weight: &Tensor,
+) -> Result<Option<Tensor>> {
+    norm_bwd(dy, xhat, rstd, weight, false)
+}
+
+/// Shared by both norms: RMSNorm is LayerNorm without the centring term (`center = false`).
+fn norm_bwd(
+    dy: &Tensor,
+    xhat: &Tensor,
+    rstd: &Tensor,
+    gamma: &Tensor,
+    center: bool,
+) -> Result<Option<Tensor>> {
     let c = dy.dim(candle_core::D::Minus1)?;
     let rows = dy.elem_count() / c;
     let out = slices!(dy, xhat, rstd, gamma => {
@@ -106,7 +165,8 @@ pub fn layer_norm_bwd(
                     sg += g;
                     sgx += g * xh[i] as f64;
                 }
-                let (mg, mgx) = ((sg / c as f64) as f32, (sgx / c as f64) as f32);
+                let mg = if center { (sg / c as f64) as f32 } else { 0.0 };
+                let mgx = (sgx / c as f64) as f32;
                 for i in 0..c {
                     dx[i] = rs * (dy[i] * gamma[i] - mg - xh[i] * mgx);
                 }

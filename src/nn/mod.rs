@@ -16,6 +16,7 @@ pub mod head;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
+pub mod rms_norm;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
