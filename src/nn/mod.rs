@@ -17,6 +17,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod loss;
 pub mod rms_norm;
+pub mod rope;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
