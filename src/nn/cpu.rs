@@ -238,10 +238,28 @@ pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
     out.map(|dx| tensor(dx, x)).transpose()
 }
 
+/// How many keys query row `i` of `t` sees out of `t2` (keys `0..n`): all of them, or under a
+/// causal mask those up to its own position (queries are the last `t` of the `t2` positions).
+#[inline]
+fn visible_keys(i: usize, t: usize, t2: usize, causal: bool) -> usize {
+    if causal {
+        (i + t2 - t + 1).min(t2)
+    } else {
+        t2
+    }
+}
+
 /// Masked softmax over the last dim of raw scores `[b, h, t, t]`: `p = softmax(s * scale + mask)`,
 /// with `mask_add` `[b, 1, 1, t]`. Returns `(p, lse)`, `lse` `[b, h, t, 1]` the log-sum-exp of the
-/// scaled, masked scores (what backward needs to recompute `p`).
-pub fn softmax_fwd(s: &Tensor, mask_add: &Tensor, scale: f64) -> Result<Option<(Tensor, Tensor)>> {
+/// scaled, masked scores (what backward needs to recompute `p`). With `causal`, keys after the
+/// query's position get probability exactly 0 (what adding -1e9 gives once exp underflows) and
+/// are not even exponentiated.
+pub fn softmax_fwd(
+    s: &Tensor,
+    mask_add: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
     let (b, h, t, t2) = s.dims4()?;
     let scale = scale as f32;
     let out = slices!(s, mask_add => {
@@ -253,18 +271,19 @@ pub fn softmax_fwd(s: &Tensor, mask_add: &Tensor, scale: f64) -> Result<Option<(
             .enumerate()
             .for_each(|(row, ((p, lse), s))| {
                 let m = &mask_add[(row / (h * t)) * t2..][..t2];
+                let n = visible_keys(row % t, t, t2, causal);
                 let mut max = f32::NEG_INFINITY;
-                for j in 0..t2 {
+                for j in 0..n {
                     p[j] = s[j] * scale + m[j];
                     max = max.max(p[j]);
                 }
                 let mut sum = 0f32;
-                for v in p.iter_mut() {
+                for v in p[..n].iter_mut() {
                     *v = (*v - max).exp();
                     sum += *v;
                 }
                 let inv = 1.0 / sum;
-                p.iter_mut().for_each(|v| *v *= inv);
+                p[..n].iter_mut().for_each(|v| *v *= inv);
                 *lse = max + sum.ln();
             });
         (p, lse)
@@ -276,12 +295,13 @@ pub fn softmax_fwd(s: &Tensor, mask_add: &Tensor, scale: f64) -> Result<Option<(
     )))
 }
 
-/// Recomputes `p = exp(s * scale + mask - lse)` from raw scores.
+/// Recomputes `p = exp(s * scale + mask - lse)` from raw scores (0 past the query under `causal`).
 pub fn softmax_recompute(
     s: &Tensor,
     mask_add: &Tensor,
     lse: &Tensor,
     scale: f64,
+    causal: bool,
 ) -> Result<Option<Tensor>> {
     let (_, h, t, t2) = s.dims4()?;
     let scale = scale as f32;
@@ -290,7 +310,7 @@ pub fn softmax_recompute(
         p.par_chunks_mut(t2).zip(s.par_chunks(t2)).enumerate().for_each(|(row, (p, s))| {
             let m = &mask_add[(row / (h * t)) * t2..][..t2];
             let l = lse[row];
-            for j in 0..t2 {
+            for j in 0..visible_keys(row % t, t, t2, causal) {
                 p[j] = (s[j] * scale + m[j] - l).exp();
             }
         });
