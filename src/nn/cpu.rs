@@ -238,6 +238,50 @@ pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
     out.map(|dx| tensor(dx, x)).transpose()
 }
 
+#[inline]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// SwiGLU forward: `silu(gate) * up`.
+pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    let out = slices!(gate, up => {
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK))
+            .zip(up.par_chunks(CHUNK))
+            .for_each(|((y, g), u)| {
+                for i in 0..y.len() {
+                    y[i] = g[i] * sigmoid(g[i]) * u[i];
+                }
+            });
+        y
+    });
+    out.map(|y| tensor(y, gate)).transpose()
+}
+
+/// SwiGLU backward: `dgate = dy * up * s (1 + g (1 - s))`, `dup = dy * g s`, `s = sigmoid(g)`.
+pub fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let out = slices!(gate, up, dy => {
+        let mut dg = vec![0f32; gate.len()];
+        let mut du = vec![0f32; gate.len()];
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(gate.par_chunks(CHUNK))
+            .zip(up.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(((dg, du), g), (u, dy))| {
+                for i in 0..dg.len() {
+                    let s = sigmoid(g[i]);
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] = dy[i] * g[i] * s;
+                }
+            });
+        (dg, du)
+    });
+    let Some((dg, du)) = out else { return Ok(None) };
+    Ok(Some((tensor(dg, gate)?, tensor(du, gate)?)))
+}
+
 /// How many keys query row `i` of `t` sees out of `t2` (keys `0..n`): all of them, or under a
 /// causal mask those up to its own position (queries are the last `t` of the `t2` positions).
 #[inline]

@@ -18,6 +18,7 @@ pub mod linear;
 pub mod loss;
 pub mod rms_norm;
 pub mod rope;
+pub mod swiglu;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
