@@ -238,6 +238,47 @@ pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
     out.map(|dx| tensor(dx, x)).transpose()
 }
 
+/// `sqrt(2 / pi)` and the cubic coefficient of GELU's tanh approximation.
+const GELU_TANH_C: f32 = 0.797_884_6;
+const GELU_TANH_A: f32 = 0.044_715;
+
+/// GELU (tanh approximation, GPT-2's `gelu_new`) forward.
+pub fn gelu_tanh_fwd(x: &Tensor) -> Result<Option<Tensor>> {
+    let out = with_f32(x, |x| {
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &v) in y.iter_mut().zip(x) {
+                    let u = GELU_TANH_C * (v + GELU_TANH_A * v * v * v);
+                    *y = 0.5 * v * (1.0 + u.tanh());
+                }
+            });
+        y
+    });
+    out.map(|y| tensor(y, x)).transpose()
+}
+
+/// GELU (tanh) backward: `dy * (0.5 (1 + t) + 0.5 x (1 - t^2) u')`, `t = tanh(u)`.
+pub fn gelu_tanh_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    let out = slices!(x, dy => {
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .zip(dy.par_chunks(CHUNK))
+            .for_each(|((dx, x), dy)| {
+                for i in 0..dx.len() {
+                    let v = x[i];
+                    let t = (GELU_TANH_C * (v + GELU_TANH_A * v * v * v)).tanh();
+                    let du = GELU_TANH_C * (1.0 + 3.0 * GELU_TANH_A * v * v);
+                    dx[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+                }
+            });
+        dx
+    });
+    out.map(|dx| tensor(dx, x)).transpose()
+}
+
 #[inline]
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
