@@ -189,9 +189,9 @@ impl BertLayer {
         let q = run(Site::Query, h, pass)?;
         let k = run(Site::Key, h, pass)?;
         let v = run(Site::Value, h, pass)?;
-        let (ctx, attn) = self
-            .attention
-            .forward((&q, &k, &v), mask_add, shape, pass, save)?;
+        let (ctx, attn) =
+            self.attention
+                .forward((&q, &k, &v), mask_add, shape, None, pass, save)?;
         let a = run(Site::AttnOut, &ctx, pass)?;
         let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&(a + h)?, save)?;
@@ -369,6 +369,8 @@ impl BertForSequenceClassification {
                 linears: lins.try_into().expect("six linears"),
                 attention: Attention {
                     num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_attention_heads,
+                    causal: false,
                     dropout: Dropout::new(c.attention_probs_dropout_prob),
                 },
                 ln_attn: ln(&l.pp("attention.output.LayerNorm"))?,

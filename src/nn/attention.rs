@@ -1,17 +1,28 @@
-//! Multi-head scaled dot-product attention with a key padding mask and dropout on the probabilities.
+//! Multi-head scaled dot-product attention with a key padding mask, an optional causal mask,
+//! grouped-query attention, optional rotary embeddings, and dropout on the probabilities.
 //!
 //! Memory: backward does not read saved `(batch, heads, seq, seq)` probabilities. It saves q, k, v and
 //! the per-row log-sum-exp, and recomputes the probabilities (one extra `q k^T` matmul), the way
 //! flash attention does. Only the dropout keep-mask of that shape is kept, as `u8`, when dropout is on.
+//!
+//! Grouped-query attention without copies: query heads `g*G .. (g+1)*G` share kv head `g`
+//! (transformers' `repeat_kv`), so viewing q `[b, heads, t, d]` as `[b, kv_heads, G*t, d]` (a free
+//! reshape) turns every product into a batched matmul against the unexpanded k and v, and the sums
+//! of dk and dv over each group come out of the backward matmuls themselves.
 
 use super::dropout::{self, Dropout, DropoutSaved};
 use super::flops::matmul;
+use super::rope::Rope;
 use super::{cpu, Pass};
-use candle_core::{Result, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Attention {
     pub num_heads: usize,
+    /// Key/value heads: `num_heads` for multi-head attention (BERT), fewer for grouped-query.
+    pub num_kv_heads: usize,
+    /// Position `i` attends only to positions `<= i` (decoders).
+    pub causal: bool,
     pub dropout: Dropout,
 }
 
@@ -23,20 +34,27 @@ pub struct AttnShape {
 }
 
 pub struct AttentionSaved {
+    /// `[b, heads, t, d]`, after rope.
     q: Tensor,
+    /// `[b, kv_heads, t, d]`, after rope; unexpanded.
     k: Tensor,
     v: Tensor,
     lse: Tensor,
     mask_add: Tensor,
+    rope: Option<Rope>,
     dropout: Option<DropoutSaved>,
     shape: AttnShape,
     fused: bool,
 }
 
+/// The additive value of a masked score, as in [`mask_to_additive`]: finite, so a row with every
+/// key masked still gives a (uniform) softmax instead of NaN.
+const MASKED: f64 = -1e9;
+
 impl Attention {
-    fn split_heads(&self, x: &Tensor, s: AttnShape) -> Result<Tensor> {
+    fn split_heads(&self, x: &Tensor, s: AttnShape, heads: usize) -> Result<Tensor> {
         let c = x.dim(D::Minus1)?;
-        x.reshape((s.batch, s.seq, self.num_heads, c / self.num_heads))?
+        x.reshape((s.batch, s.seq, heads, c / heads))?
             .transpose(1, 2)?
             .contiguous()
     }
@@ -46,12 +64,35 @@ impl Attention {
         x.transpose(1, 2)?.reshape((s.batch * s.seq, c))
     }
 
-    /// Scaled scores plus the additive mask, `[batch, heads, seq, seq]`.
-    fn scores(&self, q: &Tensor, k: &Tensor, mask_add: &Tensor) -> Result<Tensor> {
-        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-        matmul(q, &k.t()?)?
-            .affine(scale, 0.0)?
-            .broadcast_add(mask_add)
+    /// `[b, heads, t, n]` viewed as `[b, kv_heads, G*t, n]`: each kv head's query group stacked.
+    fn group(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, t, n) = x.dims4()?;
+        x.reshape((b, self.num_kv_heads, h / self.num_kv_heads * t, n))
+    }
+
+    /// The inverse of [`Attention::group`].
+    fn ungroup(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, gt, n) = x.dims4()?;
+        let g = self.num_heads / self.num_kv_heads;
+        x.reshape((b, self.num_heads, gt / g, n))
+    }
+
+    /// Unscaled scores `q k^T`, `[b, heads, t, t]`.
+    fn raw_scores(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        self.ungroup(&matmul(&self.group(q)?, &k.t()?)?)
+    }
+
+    /// The additive mask of the composition: key padding `[b, 1, 1, t2]`, plus `MASKED` above the
+    /// diagonal when causal (`[b, 1, t, t2]`; queries are the last `t` of `t2` positions).
+    fn full_mask(&self, mask_add: &Tensor, t: usize, t2: usize) -> Result<Tensor> {
+        if !self.causal {
+            return Ok(mask_add.clone());
+        }
+        let causal: Vec<f64> = (0..t)
+            .flat_map(|i| (0..t2).map(move |j| if j + t > i + t2 { MASKED } else { 0.0 }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (t, t2), mask_add.device())?;
+        mask_add.broadcast_add(&causal.to_dtype(mask_add.dtype())?)
     }
 
     /// Softmax probabilities and per-row log-sum-exp (fused kernel on CPU, composition elsewhere).
@@ -63,30 +104,36 @@ impl Attention {
         fused: bool,
     ) -> Result<(Tensor, Tensor)> {
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+        let raw = self.raw_scores(q, k)?;
         if fused {
-            let raw = matmul(q, &k.t()?)?;
-            if let Some(out) = cpu::softmax_fwd(&raw, mask_add, scale)? {
+            if let Some(out) = cpu::softmax_fwd(&raw, mask_add, scale, self.causal)? {
                 return Ok(out);
             }
         }
-        let s = self.scores(q, k, mask_add)?;
+        let (_, _, t, t2) = raw.dims4()?;
+        let s = raw
+            .affine(scale, 0.0)?
+            .broadcast_add(&self.full_mask(mask_add, t, t2)?)?;
         let max = s.max_keepdim(D::Minus1)?;
         let e = s.broadcast_sub(&max)?.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;
         Ok((e.broadcast_div(&sum)?, (max + sum.log()?)?))
     }
 
-    /// `q`, `k`, `v` are `[batch*seq, hidden]`; `mask_add` is `[batch, 1, 1, seq]` (0 for tokens,
-    /// a large negative number for padding). Returns the context `[batch*seq, hidden]`.
+    /// `q` is `[batch*seq, num_heads*head_dim]`, `k` and `v` `[batch*seq, num_kv_heads*head_dim]`;
+    /// `mask_add` is `[batch, 1, 1, seq]` (0 for tokens, a large negative number for padding, which
+    /// is on the right). `rope`, if given, rotates q and k at positions `0..seq`. Returns the context
+    /// `[batch*seq, num_heads*head_dim]`.
     pub fn forward(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         mask_add: &Tensor,
         shape: AttnShape,
+        rope: Option<&Rope>,
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
-        self.forward_impl((q, k, v), mask_add, shape, pass, save, true)
+        self.forward_impl((q, k, v), mask_add, shape, rope, pass, save, true)
     }
 
     /// The candle composition throughout: reference for the fused kernels.
@@ -95,35 +142,52 @@ impl Attention {
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         mask_add: &Tensor,
         shape: AttnShape,
+        rope: Option<&Rope>,
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
-        self.forward_impl((q, k, v), mask_add, shape, pass, save, false)
+        self.forward_impl((q, k, v), mask_add, shape, rope, pass, save, false)
     }
 
+    fn check_widths(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (h, kv) = (self.num_heads, self.num_kv_heads);
+        let (cq, ck, cv) = (q.dim(1)?, k.dim(1)?, v.dim(1)?);
+        if kv == 0 || h % kv != 0 || cq % h != 0 || ck != cq / h * kv || cv != ck {
+            bail!("attention: widths q {cq}, k {ck}, v {cv} do not fit {h} heads, {kv} kv heads");
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn forward_impl(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         mask_add: &Tensor,
         shape: AttnShape,
+        rope: Option<&Rope>,
         pass: &mut Pass,
         save: bool,
         fused: bool,
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
-        let (q, k, v) = (
-            self.split_heads(q, shape)?,
-            self.split_heads(k, shape)?,
-            self.split_heads(v, shape)?,
-        );
+        self.check_widths(q, k, v)?;
+        let q = self.split_heads(q, shape, self.num_heads)?;
+        let k = self.split_heads(k, shape, self.num_kv_heads)?;
+        let v = self.split_heads(v, shape, self.num_kv_heads)?;
+        let (q, k) = match rope {
+            Some(r) => (r.apply(&q, 0)?, r.apply(&k, 0)?),
+            None => (q, k),
+        };
         let (p, lse) = self.probs(&q, &k, mask_add, fused)?;
         let (p, drop) = self.dropout.forward(&p, pass, save)?;
-        let ctx = self.merge_heads(&matmul(&p, &v)?, shape)?;
-        let saved = save.then_some(AttentionSaved {
+        let ctx = self.ungroup(&matmul(&self.group(&p)?, &v)?)?;
+        let ctx = self.merge_heads(&ctx, shape)?;
+        let saved = save.then(|| AttentionSaved {
             q,
             k,
             v,
             lse,
             mask_add: mask_add.clone(),
+            rope: rope.cloned(),
             dropout: drop,
             shape,
             fused,
@@ -133,30 +197,35 @@ impl Attention {
 }
 
 impl AttentionSaved {
-    /// Returns `(dq, dk, dv)`, each `[batch*seq, hidden]`.
+    /// Returns `(dq, dk, dv)` in the input layouts: `[batch*seq, num_heads*head_dim]` for dq,
+    /// `[batch*seq, num_kv_heads*head_dim]` for dk and dv.
     pub fn backward(&self, attn: &Attention, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let dctx = attn.split_heads(dctx, self.shape)?;
+        let dctx = attn.split_heads(dctx, self.shape, attn.num_heads)?;
         let scale = 1.0 / (self.q.dim(D::Minus1)? as f64).sqrt();
-        let raw = matmul(&self.q, &self.k.t()?)?;
+        let raw = attn.raw_scores(&self.q, &self.k)?;
         let fused_p = if self.fused {
-            cpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale)?
+            cpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)?
         } else {
             None
         };
         let p = match fused_p {
             Some(p) => p,
-            None => raw
-                .affine(scale, 0.0)?
-                .broadcast_add(&self.mask_add)?
-                .broadcast_sub(&self.lse)?
-                .exp()?,
+            None => {
+                let (_, _, t, t2) = raw.dims4()?;
+                raw.affine(scale, 0.0)?
+                    .broadcast_add(&attn.full_mask(&self.mask_add, t, t2)?)?
+                    .broadcast_sub(&self.lse)?
+                    .exp()?
+            }
         };
         let p_drop = match &self.dropout {
             Some(d) => d.backward(&p)?, // the same mask-and-scale as forward
             None => p.clone(),
         };
-        let dv = matmul(&p_drop.t()?, &dctx)?;
-        let dp = dropout::backward_opt(&self.dropout, matmul(&dctx, &self.v.t()?)?)?;
+        let gdctx = attn.group(&dctx)?;
+        let dv = matmul(&attn.group(&p_drop)?.t()?, &gdctx)?;
+        let dp = attn.ungroup(&matmul(&gdctx, &self.v.t()?)?)?;
+        let dp = dropout::backward_opt(&self.dropout, dp)?;
         let fused_ds = if self.fused {
             cpu::softmax_bwd(&p, &dp, scale)?
         } else {
@@ -169,8 +238,13 @@ impl AttentionSaved {
                 (p * dp.broadcast_sub(&row)?)?.affine(scale, 0.0)?
             }
         };
-        let dq = matmul(&ds, &self.k)?;
-        let dk = matmul(&ds.t()?, &self.q)?;
+        let gds = attn.group(&ds)?;
+        let dq = attn.ungroup(&matmul(&gds, &self.k)?)?;
+        let dk = matmul(&gds.t()?, &attn.group(&self.q)?)?;
+        let (dq, dk) = match &self.rope {
+            Some(r) => (r.apply_backward(&dq, 0)?, r.apply_backward(&dk, 0)?),
+            None => (dq, dk),
+        };
         Ok((
             attn.merge_heads(&dq, self.shape)?,
             attn.merge_heads(&dk, self.shape)?,
@@ -190,41 +264,66 @@ pub fn mask_to_additive(mask: &Tensor, dtype: candle_core::DType) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check, randn};
+    use crate::nn::gradcheck::{check, max_abs_diff, randn};
+    use candle_core::{DType, Device};
     use rand::SeedableRng;
 
-    fn run(p: f64) {
-        let (b, t, c, heads) = (2, 5, 8, 2);
-        let attn = Attention {
+    fn mha(heads: usize, p: f64) -> Attention {
+        Attention {
             num_heads: heads,
+            num_kv_heads: heads,
+            causal: false,
             dropout: Dropout::new(p),
-        };
+        }
+    }
+
+    /// 4 query heads sharing 2 kv heads, causal: a LLaMA-style decoder attention.
+    fn decoder(p: f64) -> Attention {
+        Attention {
+            num_heads: 4,
+            num_kv_heads: 2,
+            causal: true,
+            dropout: Dropout::new(p),
+        }
+    }
+
+    /// Right padding: the second sequence ends two tokens early.
+    fn mask(b: usize, t: usize, padded: bool, dtype: DType) -> Tensor {
+        let mut m = vec![1u32; b * t];
+        if padded {
+            m[2 * t - 2..2 * t].fill(0);
+        }
+        let m = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
+        mask_to_additive(&m, dtype).unwrap()
+    }
+
+    /// Gradcheck of all three inputs in f64 (the composition path), head_dim 4.
+    fn gradcheck(attn: Attention, rope: Option<&Rope>, padded: bool) {
+        let (b, t, d) = (2, 5, 4);
+        let (cq, ckv) = (attn.num_heads * d, attn.num_kv_heads * d);
         let shape = AttnShape { batch: b, seq: t };
-        // Second sequence has two padding tokens.
-        let mask = Tensor::from_vec(
-            vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0],
-            (b, t),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let mask_add = mask_to_additive(&mask, candle_core::DType::F64).unwrap();
+        let mask_add = mask(b, t, padded, DType::F64);
         let (q, k, v) = (
-            randn(&[b * t, c], 41),
-            randn(&[b * t, c], 42),
-            randn(&[b * t, c], 43),
+            randn(&[b * t, cq], 41),
+            randn(&[b * t, ckv], 42),
+            randn(&[b * t, ckv], 43),
         );
-        let dy = randn(&[b * t, c], 44);
+        let dy = randn(&[b * t, cq], 44);
         let fwd = |q: &Tensor, k: &Tensor, v: &Tensor, save: bool| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
             };
-            attn.forward((q, k, v), &mask_add, shape, &mut pass, save)
+            attn.forward((q, k, v), &mask_add, shape, rope, &mut pass, save)
                 .unwrap()
         };
         let (_, saved) = fwd(&q, &k, &v, true);
         let (dq, dk, dv) = saved.unwrap().backward(&attn, &dy).unwrap();
+        assert_eq!(
+            (dq.dims2().unwrap(), dk.dims2().unwrap()),
+            ((b * t, cq), (b * t, ckv))
+        );
         check(
             &[q, k, v],
             &dy,
@@ -234,71 +333,169 @@ mod tests {
         );
     }
 
-    #[test]
-    fn backward_matches_autograd_and_finite_differences() {
-        run(0.0);
+    fn rope() -> Rope {
+        Rope::new(4, 16, 10_000.0, &Device::Cpu).unwrap()
     }
 
     #[test]
-    fn fused_cpu_path_matches_the_composition() {
-        let f32 = |t: Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
-        let (b, t, c) = (3, 6, 8);
-        let attn = Attention {
-            num_heads: 2,
-            dropout: Dropout::new(0.2),
-        };
+    fn backward_matches_autograd_and_finite_differences() {
+        gradcheck(mha(2, 0.0), None, true);
+    }
+
+    #[test]
+    fn backward_with_dropout_matches() {
+        gradcheck(mha(2, 0.3), None, true);
+    }
+
+    #[test]
+    fn causal_gqa_rope_backward_matches_with_and_without_padding() {
+        let rope = rope();
+        gradcheck(decoder(0.0), Some(&rope), false);
+        gradcheck(decoder(0.0), Some(&rope), true);
+        gradcheck(decoder(0.2), Some(&rope), true);
+    }
+
+    #[test]
+    fn causal_gqa_without_rope_backward_matches() {
+        gradcheck(decoder(0.0), None, true);
+    }
+
+    fn fused_matches_composition(attn: Attention, rope: Option<&Rope>) {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let (b, t, d) = (3, 6, 4);
+        let (cq, ckv) = (attn.num_heads * d, attn.num_kv_heads * d);
         let shape = AttnShape { batch: b, seq: t };
         let mut m = vec![1u32; b * t];
         m[t - 1] = 0;
         m[2 * t - 2..2 * t].fill(0);
-        let mask = Tensor::from_vec(m, (b, t), &candle_core::Device::Cpu).unwrap();
-        let mask_add = mask_to_additive(&mask, candle_core::DType::F32).unwrap();
+        let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
+        let mask_add = mask_to_additive(&mask, DType::F32).unwrap();
         let (q, k, v) = (
-            f32(randn(&[b * t, c], 1)),
-            f32(randn(&[b * t, c], 2)),
-            f32(randn(&[b * t, c], 3)),
+            f32(randn(&[b * t, cq], 1)),
+            f32(randn(&[b * t, ckv], 2)),
+            f32(randn(&[b * t, ckv], 3)),
         );
-        let dy = f32(randn(&[b * t, c], 4));
+        let dy = f32(randn(&[b * t, cq], 4));
         let run = |fused: bool| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
             };
+            let qkv = (&q, &k, &v);
             let (y, s) = if fused {
-                attn.forward((&q, &k, &v), &mask_add, shape, &mut pass, true)
-                    .unwrap()
+                attn.forward(qkv, &mask_add, shape, rope, &mut pass, true)
             } else {
-                attn.forward_reference((&q, &k, &v), &mask_add, shape, &mut pass, true)
-                    .unwrap()
-            };
+                attn.forward_reference(qkv, &mask_add, shape, rope, &mut pass, true)
+            }
+            .unwrap();
             let (dq, dk, dv) = s.unwrap().backward(&attn, &dy).unwrap();
             [y, dq, dk, dv]
         };
         for (a, r) in run(true).iter().zip(run(false).iter()) {
-            assert!(crate::nn::gradcheck::max_abs_diff(a, r) < 1e-5);
+            assert!(max_abs_diff(a, r) < 1e-5);
         }
     }
 
     #[test]
-    fn backward_with_dropout_matches() {
-        run(0.3);
+    fn fused_cpu_path_matches_the_composition() {
+        fused_matches_composition(mha(2, 0.2), None);
+    }
+
+    #[test]
+    fn fused_causal_gqa_rope_path_matches_the_composition() {
+        fused_matches_composition(decoder(0.2), Some(&rope()));
+        fused_matches_composition(decoder(0.0), Some(&rope()));
+    }
+
+    #[test]
+    fn causal_outputs_do_not_depend_on_later_positions() {
+        let attn = decoder(0.0);
+        let rope = rope();
+        let (b, t, d) = (2, 6, 4);
+        let shape = AttnShape { batch: b, seq: t };
+        let mask_add = mask(b, t, false, DType::F32);
+        let x = |c: usize, seed| randn(&[b * t, c], seed).to_dtype(DType::F32).unwrap();
+        let (q, k, v) = (x(4 * d, 1), x(2 * d, 2), x(2 * d, 3));
+        // Adds 5 to every feature of rows at positions > j in each sequence.
+        let bump = |x: &Tensor, j: usize| {
+            let c = x.dim(1).unwrap();
+            let mut vals: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            for (row, r) in vals.chunks_mut(c).enumerate() {
+                if row % t > j {
+                    r.iter_mut().for_each(|v| *v += 5.0);
+                }
+            }
+            Tensor::from_vec(vals, x.shape(), x.device()).unwrap()
+        };
+        for fused in [true, false] {
+            let out = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+                let mut pass = Pass {
+                    training: false,
+                    rng: &mut rng,
+                };
+                let r = if fused {
+                    attn.forward((q, k, v), &mask_add, shape, Some(&rope), &mut pass, false)
+                } else {
+                    attn.forward_reference(
+                        (q, k, v),
+                        &mask_add,
+                        shape,
+                        Some(&rope),
+                        &mut pass,
+                        false,
+                    )
+                };
+                r.unwrap().0.to_vec2::<f32>().unwrap()
+            };
+            let base = out(&q, &k, &v);
+            for j in 0..t - 1 {
+                let moved = out(&bump(&q, j), &bump(&k, j), &bump(&v, j));
+                for row in 0..b * t {
+                    let d = base[row]
+                        .iter()
+                        .zip(&moved[row])
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    if row % t <= j {
+                        assert!(d < 1e-6, "fused {fused}: position {} moved by {d}", row % t);
+                    } else {
+                        assert!(d > 1e-3, "fused {fused}: position {} unchanged", row % t);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_widths_that_do_not_fit_the_heads() {
+        let attn = decoder(0.0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
+        let q = randn(&[5, 16], 1);
+        let mask_add = mask(1, 5, false, DType::F64);
+        let s = AttnShape { batch: 1, seq: 5 };
+        // k as wide as q: 4 kv heads given, 2 declared.
+        assert!(attn
+            .forward((&q, &q, &q), &mask_add, s, None, &mut pass, false)
+            .is_err());
     }
 
     #[test]
     fn padding_keys_get_no_attention() {
         // Changing the value of a padded token must not change any output.
-        let attn = Attention {
-            num_heads: 1,
-            dropout: Dropout::new(0.0),
-        };
-        let mask = Tensor::from_vec(vec![1u32, 1, 0], (1, 3), &candle_core::Device::Cpu).unwrap();
-        let mask_add = mask_to_additive(&mask, candle_core::DType::F64).unwrap();
+        let attn = mha(1, 0.0);
+        let mask = Tensor::from_vec(vec![1u32, 1, 0], (1, 3), &Device::Cpu).unwrap();
+        let mask_add = mask_to_additive(&mask, DType::F64).unwrap();
         let q = randn(&[3, 4], 1);
         let v1 = randn(&[3, 4], 2);
         let mut vals: Vec<f64> = v1.flatten_all().unwrap().to_vec1().unwrap();
         vals[8..].iter_mut().for_each(|x| *x += 100.0);
-        let v2 = Tensor::from_vec(vals, (3, 4), &candle_core::Device::Cpu).unwrap();
+        let v2 = Tensor::from_vec(vals, (3, 4), &Device::Cpu).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let mut pass = Pass {
             training: false,
@@ -306,13 +503,13 @@ mod tests {
         };
         let s = AttnShape { batch: 1, seq: 3 };
         let a = attn
-            .forward((&q, &q, &v1), &mask_add, s, &mut pass, false)
+            .forward((&q, &q, &v1), &mask_add, s, None, &mut pass, false)
             .unwrap()
             .0;
         let b = attn
-            .forward((&q, &q, &v2), &mask_add, s, &mut pass, false)
+            .forward((&q, &q, &v2), &mask_add, s, None, &mut pass, false)
             .unwrap()
             .0;
-        assert!(crate::nn::gradcheck::max_abs_diff(&a, &b) < 1e-12);
+        assert!(max_abs_diff(&a, &b) < 1e-12);
     }
 }

@@ -1,6 +1,7 @@
 //! Losses returning the value and the gradient of the logits in one go (mean over the batch).
 
-use candle_core::{DType, Result, Tensor, D};
+use super::flops::matmul;
+use candle_core::{bail, DType, Result, Tensor, D};
 
 /// Cross-entropy of `logits [batch, classes]` against class indices; returns `(loss, dlogits)`.
 pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<(f32, Tensor)> {
@@ -37,10 +38,156 @@ pub fn mse(pred: &Tensor, targets: &[f32]) -> Result<(f32, Tensor)> {
     Ok((loss, diff.affine(2.0 / b as f64, 0.0)?))
 }
 
+/// Target value of a row that is not scored (prompt, padding, a sequence's last token), as in
+/// transformers.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Result of [`lm_head_loss`].
+pub struct LmLoss {
+    /// Sum of the per-token cross-entropies (nats) over counted tokens.
+    pub loss_sum: f64,
+    /// Rows whose target is not [`IGNORE_INDEX`].
+    pub tokens: usize,
+    /// Gradient of the mean loss `loss_sum / tokens` with respect to `hidden`, `[rows, hidden]`
+    /// (zero rows where ignored; all zero when no token counts).
+    pub dhidden: Option<Tensor>,
+}
+
+/// Causal-LM cross-entropy through a frozen LM head (tied or not), without ever holding the
+/// `[rows, vocab]` logits: with a 32k-150k vocabulary those dwarf every activation of the model.
+/// `hidden` is `[rows, hidden]`, row `i` predicting `targets[i]` ([`IGNORE_INDEX`] = skip);
+/// `head_weight` is `[vocab, hidden]`. Only counted rows are scored, `chunk_rows` at a time:
+/// logits chunk, log-softmax (max-subtracted), loss and `dlogits`, then `dlogits @ W` for those
+/// rows of `dhidden`. Peak extra memory is two `[chunk_rows, vocab]` buffers.
+pub fn lm_head_loss(
+    hidden: &Tensor,
+    head_weight: &Tensor,
+    targets: &[i64],
+    chunk_rows: usize,
+    need_grad: bool,
+) -> Result<LmLoss> {
+    lm_head_loss_impl(hidden, head_weight, targets, chunk_rows, need_grad, true)
+}
+
+fn lm_head_loss_impl(
+    hidden: &Tensor,
+    head_weight: &Tensor,
+    targets: &[i64],
+    chunk_rows: usize,
+    need_grad: bool,
+    fused: bool,
+) -> Result<LmLoss> {
+    let (rows, h) = hidden.dims2()?;
+    let (vocab, hw) = head_weight.dims2()?;
+    if hw != h || targets.len() != rows || chunk_rows == 0 {
+        bail!(
+            "lm_head_loss: hidden [{rows}, {h}], head [{vocab}, {hw}], {} targets, chunk {chunk_rows}",
+            targets.len()
+        );
+    }
+    let mut counted = Vec::new();
+    let mut labels = Vec::new();
+    for (i, &t) in targets.iter().enumerate() {
+        if t == IGNORE_INDEX {
+            continue;
+        }
+        if t < 0 || t as usize >= vocab {
+            bail!("lm_head_loss: target {t} at row {i} outside the vocabulary of {vocab}");
+        }
+        counted.push(i as u32);
+        labels.push(t as u32);
+    }
+    let tokens = counted.len();
+    let zeros = || Tensor::zeros((rows, h), hidden.dtype(), hidden.device());
+    if tokens == 0 {
+        let dhidden = need_grad.then(zeros).transpose()?;
+        return Ok(LmLoss {
+            loss_sum: 0.0,
+            tokens,
+            dhidden,
+        });
+    }
+    // Gather the counted rows so that ignored ones cost no matmul.
+    let all = tokens == rows;
+    let index = Tensor::from_vec(counted, tokens, hidden.device())?;
+    let sel = if all {
+        hidden.clone()
+    } else {
+        hidden.index_select(&index, 0)?
+    };
+    let grad_scale = need_grad.then_some(1.0 / tokens as f64);
+    let w_t = head_weight.t()?;
+    let mut loss_sum = 0.0;
+    let mut dsel = Vec::new();
+    for start in (0..tokens).step_by(chunk_rows) {
+        let n = chunk_rows.min(tokens - start);
+        let logits = matmul(&sel.narrow(0, start, n)?, &w_t)?;
+        let (loss, dlogits) = chunk_loss(&logits, &labels[start..start + n], grad_scale, fused)?;
+        loss_sum += loss;
+        if let Some(d) = dlogits {
+            dsel.push(matmul(&d, head_weight)?);
+        }
+    }
+    let dhidden = if need_grad {
+        let dsel = Tensor::cat(&dsel, 0)?;
+        Some(if all {
+            dsel
+        } else {
+            zeros()?.index_add(&index, &dsel, 0)?
+        })
+    } else {
+        None
+    };
+    Ok(LmLoss {
+        loss_sum,
+        tokens,
+        dhidden,
+    })
+}
+
+/// Summed cross-entropy of one chunk of logits, and `dlogits * grad_scale` if asked: the fused
+/// CPU kernel, or the candle composition (other devices; the kernel's reference).
+fn chunk_loss(
+    logits: &Tensor,
+    labels: &[u32],
+    grad_scale: Option<f64>,
+    fused: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    if fused {
+        if let Some(out) = super::cpu::cross_entropy_rows(logits, labels, grad_scale)? {
+            return Ok(out);
+        }
+    }
+    let (n, v) = logits.dims2()?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let index = Tensor::from_slice(labels, (n, 1), logits.device())?;
+    let loss = -logp
+        .gather(&index, 1)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let dlogits = match grad_scale {
+        Some(g) => {
+            let mut onehot = vec![0f32; n * v];
+            for (i, &y) in labels.iter().enumerate() {
+                onehot[i * v + y as usize] = 1.0;
+            }
+            let onehot =
+                Tensor::from_vec(onehot, (n, v), logits.device())?.to_dtype(logits.dtype())?;
+            Some((logp.exp()? - onehot)?.affine(g, 0.0)?)
+        }
+        None => None,
+    };
+    Ok((loss, dlogits))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check, randn};
+    use crate::nn::gradcheck::{check, max_abs_diff, randn};
 
     #[test]
     fn cross_entropy_gradient_and_value() {
@@ -106,5 +253,117 @@ mod tests {
             |x| (&x[0] - &t)?.sqr()?.affine(0.2, 0.0),
             1e-10,
         );
+    }
+
+    /// `[rows, vocab]` per-element contributions whose sum is the mean loss: full logits, log-softmax,
+    /// the target's entry weighted `-1/tokens` (ignored rows weigh nothing).
+    fn lm_oracle(h: &Tensor, w: &Tensor, targets: &[i64]) -> candle_core::Result<Tensor> {
+        let logits = h.matmul(&w.t()?)?;
+        let (rows, v) = logits.dims2()?;
+        let tokens = targets.iter().filter(|&&t| t != IGNORE_INDEX).count() as f64;
+        let mut weights = vec![0f64; rows * v];
+        for (i, &t) in targets.iter().enumerate() {
+            if t != IGNORE_INDEX {
+                weights[i * v + t as usize] = -1.0 / tokens;
+            }
+        }
+        let weights = Tensor::from_vec(weights, (rows, v), h.device())?;
+        let lse = logits.exp()?.sum_keepdim(1)?.log()?;
+        logits.broadcast_sub(&lse)? * weights
+    }
+
+    const TARGETS: [i64; 7] = [3, -100, 0, 10, -100, 2, 7];
+
+    #[test]
+    fn lm_head_loss_gradient_and_value() {
+        let h = randn(&[7, 5], 51).affine(2.0, 0.0).unwrap();
+        let w = randn(&[11, 5], 52);
+        let out = lm_head_loss(&h, &w, &TARGETS, 2, true).unwrap();
+        assert_eq!(out.tokens, 5);
+        let mean = lm_oracle(&h, &w, &TARGETS).unwrap().sum_all().unwrap();
+        let mean = mean.to_scalar::<f64>().unwrap();
+        assert!((out.loss_sum / 5.0 - mean).abs() < 1e-12);
+        let ones = Tensor::ones((7, 11), DType::F64, h.device()).unwrap();
+        let dh = out.dhidden.unwrap();
+        check(
+            &[h],
+            &ones,
+            &[dh],
+            |t| lm_oracle(&t[0], &w, &TARGETS),
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn lm_head_loss_does_not_depend_on_the_chunk_size() {
+        let h = randn(&[7, 5], 53);
+        let w = randn(&[11, 5], 54);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (h32, w32) = (f32(&h), f32(&w));
+        let base = lm_head_loss(&h, &w, &TARGETS, 7, true).unwrap();
+        let base32 = lm_head_loss(&h32, &w32, &TARGETS, 7, true).unwrap();
+        for chunk in [1, 2, 3, 4, 100] {
+            let o = lm_head_loss(&h, &w, &TARGETS, chunk, true).unwrap();
+            assert!((o.loss_sum - base.loss_sum).abs() < 1e-12, "chunk {chunk}");
+            let d = max_abs_diff(o.dhidden.as_ref().unwrap(), base.dhidden.as_ref().unwrap());
+            assert!(d < 1e-14, "chunk {chunk}: {d}");
+            let o = lm_head_loss(&h32, &w32, &TARGETS, chunk, true).unwrap();
+            assert!((o.loss_sum - base32.loss_sum).abs() < 1e-5, "chunk {chunk}");
+            let d = max_abs_diff(
+                o.dhidden.as_ref().unwrap(),
+                base32.dhidden.as_ref().unwrap(),
+            );
+            assert!(d < 1e-6, "chunk {chunk}: {d}");
+        }
+    }
+
+    #[test]
+    fn lm_head_loss_fused_kernel_matches_the_composition() {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let (rows, hid, vocab) = (20, 16, 300);
+        let w = f32(randn(&[vocab, hid], 56));
+        let targets: Vec<i64> = (0..rows as i64)
+            .map(|i| {
+                if i % 5 == 4 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 37) % vocab as i64
+                }
+            })
+            .collect();
+        // Scale 1 is typical; scale 300 gives logits in the thousands (max-subtraction needed).
+        for scale in [1.0, 300.0] {
+            let h = f32(randn(&[rows, hid], 55).affine(scale, 0.0).unwrap());
+            let a = lm_head_loss_impl(&h, &w, &targets, 6, true, true).unwrap();
+            let b = lm_head_loss_impl(&h, &w, &targets, 6, true, false).unwrap();
+            assert!(a.loss_sum.is_finite() && b.loss_sum.is_finite());
+            assert!((a.loss_sum - b.loss_sum).abs() < 1e-5 * (1.0 + b.loss_sum.abs()));
+            let (da, db) = (a.dhidden.unwrap(), b.dhidden.unwrap());
+            assert!(max_abs_diff(&da, &db) < 1e-5, "scale {scale}");
+            let c = lm_head_loss_impl(&h, &w, &targets, 6, false, true).unwrap();
+            assert!(c.dhidden.is_none() && (c.loss_sum - a.loss_sum).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn lm_head_loss_edge_cases() {
+        let h = randn(&[3, 4], 57);
+        let w = randn(&[6, 4], 58);
+        let none = lm_head_loss(&h, &w, &[-100, -100, -100], 2, true).unwrap();
+        assert_eq!((none.tokens, none.loss_sum), (0, 0.0));
+        let dh = none.dhidden.unwrap();
+        assert_eq!(dh.dims2().unwrap(), (3, 4));
+        assert_eq!(
+            dh.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            0.0
+        );
+        assert!(lm_head_loss(&h, &w, &[0, 6, 1], 2, true).is_err());
+        assert!(lm_head_loss(&h, &w, &[0, 1], 2, true).is_err());
+        assert!(lm_head_loss(&h, &w, &[0, 1, 2], 0, true).is_err());
     }
 }

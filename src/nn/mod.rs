@@ -16,6 +16,9 @@ pub mod head;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
+pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
