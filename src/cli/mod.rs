@@ -1,5 +1,7 @@
 //! Command line: `safetune train | demo | eval | fetch`. Flags override the TOML config.
 
+mod lm;
+
 use crate::data::{TableFormat, TaskKind};
 use crate::io::{fetch, peft};
 use crate::train::config::{DataKind, Method, TrainConfig};
@@ -35,6 +37,13 @@ pub enum Command {
     Bench(crate::train::bench::BenchArgs),
     /// Download the pinned default assets (hash-checked) into the cache and print where they are.
     Fetch(FetchArgs),
+    /// Fine-tune a decoder (LLaMA family; default SmolLM2-135M) as a causal LM on text or
+    /// instruction data. Default: a short run on Moby Dick.
+    TrainLm(lm::LmTrainArgs),
+    /// Held-out perplexity of a decoder (optionally with a PEFT adapter).
+    Perplexity(lm::PerplexityArgs),
+    /// Continue a prompt with a decoder (optionally with a PEFT adapter), greedy or sampled.
+    Generate(lm::GenerateArgs),
 }
 
 /// Flags shared by `train` and `demo`; each overrides the config file.
@@ -302,6 +311,9 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&crate::train::bench::run(&a)?)?);
             Ok(())
         }
+        Command::TrainLm(a) => lm::train_lm(&a),
+        Command::Perplexity(a) => lm::perplexity(&a),
+        Command::Generate(a) => lm::generate(&a),
         Command::Fetch(a) => {
             let cache = fetch::default_cache_dir();
             for asset in fetch::ALL {

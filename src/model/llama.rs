@@ -86,3 +86,631 @@ impl LlamaConfig {
         Ok(())
     }
 }
+
+use super::{AdapterGrads, CausalLm, LmBatch};
+use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::Adapted;
+use crate::io::weights::Weights;
+use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
+use crate::nn::linear::Linear;
+use crate::nn::loss::{lm_head_loss, LmLoss};
+use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
+use crate::nn::rope::Rope;
+use crate::nn::swiglu::{self, SwiGluSaved};
+use crate::nn::{Dropout, Pass};
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+
+/// The seven linears of a LLaMA layer, named as Hugging Face (and PEFT's `target_modules`) name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LlamaSite {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LlamaSite {
+    pub const ALL: [LlamaSite; 7] = [
+        LlamaSite::Q,
+        LlamaSite::K,
+        LlamaSite::V,
+        LlamaSite::O,
+        LlamaSite::Gate,
+        LlamaSite::Up,
+        LlamaSite::Down,
+    ];
+
+    /// Path inside a layer, as in the checkpoint (and in PEFT's adapter keys).
+    pub fn path(self) -> &'static str {
+        match self {
+            LlamaSite::Q => "self_attn.q_proj",
+            LlamaSite::K => "self_attn.k_proj",
+            LlamaSite::V => "self_attn.v_proj",
+            LlamaSite::O => "self_attn.o_proj",
+            LlamaSite::Gate => "mlp.gate_proj",
+            LlamaSite::Up => "mlp.up_proj",
+            LlamaSite::Down => "mlp.down_proj",
+        }
+    }
+
+    /// PEFT matches `target_modules` entries against the end of the module path.
+    pub fn matches(self, target: &str) -> bool {
+        let path = self.path();
+        path == target || path.ends_with(&format!(".{target}"))
+    }
+
+    /// `(out, in)` features of this linear.
+    fn shape(self, c: &LlamaConfig) -> (usize, usize) {
+        let (h, f, kv) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.kv_heads() * c.head_dim(),
+        );
+        match self {
+            LlamaSite::Q | LlamaSite::O => (h, h),
+            LlamaSite::K | LlamaSite::V => (kv, h),
+            LlamaSite::Gate | LlamaSite::Up => (f, h),
+            LlamaSite::Down => (h, f),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LlamaLayer {
+    /// Linears in `LlamaSite::ALL` order.
+    pub linears: [LoraLinear; 7],
+    pub attention: Attention,
+    pub input_norm: RmsNorm,
+    pub post_attention_norm: RmsNorm,
+}
+
+/// What a layer on the gradient path keeps for backward.
+pub struct LlamaLayerSaved {
+    lin: Vec<LoraLinearSaved>,
+    input_norm: RmsNormSaved,
+    attn: AttentionSaved,
+    post_norm: RmsNormSaved,
+    swiglu: SwiGluSaved,
+}
+
+/// Per-adapter monitoring output `(site, X adapted, Y base)`, as in BERT.
+pub type LlamaMonitored = Vec<(LlamaSite, Tensor, Tensor)>;
+
+impl LlamaLayer {
+    fn lin(&self, s: LlamaSite) -> &LoraLinear {
+        &self.linears[s as usize]
+    }
+
+    pub fn trains(&self) -> bool {
+        self.linears.iter().any(|l| l.trains())
+    }
+
+    /// `x` is `[batch*seq, hidden]`; pre-norm residual blocks: `h = x + attn(norm(x))`,
+    /// `out = h + mlp(norm(h))`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        rope: &Rope,
+        pass: &mut Pass,
+        save: bool,
+        mut monitor: Option<&mut LlamaMonitored>,
+    ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
+        let mut lin = Vec::with_capacity(7);
+        let mut run = |s: LlamaSite, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
+            let l = self.lin(s);
+            let (y, base, saved) = l.forward_parts(x, pass, save)?;
+            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
+                m.push((s, y.clone(), base));
+            }
+            lin.push(saved);
+            Ok(y)
+        };
+        let (xn, input_norm) = self.input_norm.forward(x, save)?;
+        let q = run(LlamaSite::Q, &xn, pass)?;
+        let k = run(LlamaSite::K, &xn, pass)?;
+        let v = run(LlamaSite::V, &xn, pass)?;
+        drop(xn);
+        let (ctx, attn) =
+            self.attention
+                .forward((&q, &k, &v), mask_add, shape, Some(rope), pass, save)?;
+        drop((q, k, v));
+        let h = (x + run(LlamaSite::O, &ctx, pass)?)?;
+        drop(ctx);
+        let (hn, post_norm) = self.post_attention_norm.forward(&h, save)?;
+        let g = run(LlamaSite::Gate, &hn, pass)?;
+        let u = run(LlamaSite::Up, &hn, pass)?;
+        drop(hn);
+        let (a, sw) = swiglu::forward(&g, &u, save)?;
+        drop((g, u));
+        let out = (&h + run(LlamaSite::Down, &a, pass)?)?;
+        let saved = match (input_norm, attn, post_norm, sw) {
+            (Some(input_norm), Some(attn), Some(post_norm), Some(swiglu)) => {
+                Some(LlamaLayerSaved {
+                    lin,
+                    input_norm,
+                    attn,
+                    post_norm,
+                    swiglu,
+                })
+            }
+            _ => None,
+        };
+        Ok((out, saved))
+    }
+
+    /// Backward through the layer; `dx` is computed only when a layer below still trains.
+    pub fn backward(
+        &self,
+        saved: LlamaLayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Vec<(LlamaSite, LoraGrads)>)> {
+        let mut grads = Vec::new();
+        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
+        let mut back = |s: LlamaSite, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
+            let st = lin[s as usize].take().expect("each linear is saved once");
+            let (dx, g) = self.lin(s).backward(st, dy, need)?;
+            if let Some(g) = g {
+                grads.push((s, g));
+            }
+            Ok(dx)
+        };
+        let add = |acc: Option<Tensor>, d: Option<Tensor>| -> Result<Option<Tensor>> {
+            Ok(match (acc, d) {
+                (Some(a), Some(d)) => Some((a + d)?),
+                (a, d) => a.or(d),
+            })
+        };
+        let da = back(LlamaSite::Down, dout, true)?.expect("dx requested");
+        let (dg, du) = saved.swiglu.backward(&da)?;
+        drop(da);
+        let dhn = add(
+            back(LlamaSite::Gate, &dg, true)?,
+            back(LlamaSite::Up, &du, true)?,
+        )?
+        .expect("dx requested");
+        drop((dg, du));
+        let dh = (dout + saved.post_norm.backward(&self.post_attention_norm, &dhn)?)?;
+        drop(dhn);
+        let dctx = back(LlamaSite::O, &dh, true)?.expect("dx requested");
+        let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
+        drop(dctx);
+        let mut dxn = None;
+        for (s, d) in [(LlamaSite::Q, dq), (LlamaSite::K, dk), (LlamaSite::V, dv)] {
+            dxn = add(dxn, back(s, &d, need_dx)?)?;
+        }
+        let dx = match dxn {
+            Some(dxn) => Some((dh + saved.input_norm.backward(&self.input_norm, &dxn)?)?),
+            None => None,
+        };
+        grads.sort_by_key(|(s, _)| *s);
+        Ok((dx, grads))
+    }
+}
+
+/// A LLaMA-family decoder with a causal-LM head (tied to the embeddings, or its own).
+#[derive(Clone, Debug)]
+pub struct LlamaForCausalLM {
+    pub config: LlamaConfig,
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LlamaLayer>,
+    pub norm: RmsNorm,
+    /// `[vocab, hidden]`; None when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    pub rope: Rope,
+}
+
+/// What a training forward keeps: the saved layers from the lowest trainable one up, and the
+/// final norm's input state.
+pub struct LlamaSaved {
+    pub first_saved_layer: usize,
+    layers: Vec<LlamaLayerSaved>,
+    norm: RmsNormSaved,
+}
+
+/// Rows of the LM head computed at once: bounds the `[rows, vocab]` logits a step holds.
+pub const LM_HEAD_CHUNK: usize = 256;
+
+impl LlamaForCausalLM {
+    /// Builds the model from weights named as in a Hugging Face LLaMA checkpoint.
+    pub fn from_weights(config: LlamaConfig, w: &Weights) -> std::result::Result<Self, IoError> {
+        let c = &config;
+        config.validate(w.file())?;
+        let h = c.hidden_size;
+        let m = w.pp("model");
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            let mut lins = Vec::with_capacity(7);
+            for s in LlamaSite::ALL {
+                let (o, inp) = s.shape(c);
+                let p = l.pp(s.path());
+                let bias = if p.contains("bias") {
+                    Some(p.get("bias", &[o])?)
+                } else {
+                    None
+                };
+                lins.push(LoraLinear::new(Linear::new(
+                    p.get("weight", &[o, inp])?,
+                    bias,
+                )));
+            }
+            layers.push(LlamaLayer {
+                linears: lins.try_into().expect("seven linears"),
+                attention: Attention {
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.kv_heads(),
+                    causal: true,
+                    dropout: Dropout::new(0.0),
+                },
+                input_norm: RmsNorm::new(l.get("input_layernorm.weight", &[h])?, c.rms_norm_eps),
+                post_attention_norm: RmsNorm::new(
+                    l.get("post_attention_layernorm.weight", &[h])?,
+                    c.rms_norm_eps,
+                ),
+            });
+        }
+        let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if !c.tie_word_embeddings && w.contains("lm_head.weight") {
+            Some(w.get("lm_head.weight", &[c.vocab_size, h])?)
+        } else {
+            None
+        };
+        let rope = Rope::new(
+            c.head_dim(),
+            c.max_position_embeddings,
+            c.rope_theta,
+            embed_tokens.device(),
+        )
+        .map_err(|e| IoError::Invalid {
+            path: w.file().into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            norm: RmsNorm::new(m.get("norm.weight", &[h])?, c.rms_norm_eps),
+            config,
+            embed_tokens,
+            layers,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// Loads a Hugging Face LLaMA folder (`config.json`, `model.safetensors`).
+    pub fn load_hf(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, IoError> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let w = Weights::open(&dir.join("model.safetensors"), &[""], dtype, device)?;
+        Self::from_weights(config, &w)
+    }
+
+    /// A model of the given shape with random weights (normal(0, 0.02), norms 1), for benchmarks
+    /// and tests; built through the same loading path as a checkpoint.
+    pub fn random(
+        config: LlamaConfig,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        let c = &config;
+        let h = c.hidden_size;
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
+            ("model.norm.weight".into(), vec![h]),
+        ];
+        if !c.tie_word_embeddings {
+            shapes.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+        }
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for s in LlamaSite::ALL {
+                let (o, inp) = s.shape(c);
+                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
+            }
+            shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        }
+        let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape) in shapes {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                (0..n)
+                    .map(|_| rand_distr::Distribution::sample(&normal, rng))
+                    .collect()
+            };
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| IoError::Invalid {
+                path: "<memory>".into(),
+                message: e.to_string(),
+            })?;
+            tensors.insert(name, t);
+        }
+        Self::from_weights(config, &Weights::from_tensors(tensors, dtype, device))
+    }
+
+    /// The LM head's weight: its own, or the tied embeddings.
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
+    /// layers listed (all layers when `layers` is None). Returns how many were added.
+    pub fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        layers: Option<&[usize]>,
+        rng: &mut impl Rng,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            if layers.is_some_and(|ls| !ls.contains(&i)) {
+                continue;
+            }
+            for s in LlamaSite::ALL {
+                if cfg.target_modules.iter().any(|t| s.matches(t)) {
+                    let lin = &mut layer.linears[s as usize];
+                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
+                    // Adapters train in f32 (f64 in tests) whatever the base dtype.
+                    let w = &lin.base.weight;
+                    let dtype = match w.dtype() {
+                        DType::BF16 | DType::F16 => DType::F32,
+                        d => d,
+                    };
+                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, w.device())?);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Adapters in order (layer, then site): the index SAFE uses.
+    pub fn adapter_sites(&self) -> Vec<(usize, LlamaSite)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for s in LlamaSite::ALL {
+                if l.linears[s as usize].lora.is_some() {
+                    v.push((i, s));
+                }
+            }
+        }
+        v
+    }
+
+    pub fn adapter(&self, layer: usize, site: LlamaSite) -> Option<&LoraAdapter> {
+        self.layers[layer].linears[site as usize].lora.as_ref()
+    }
+
+    pub fn adapter_mut(&mut self, layer: usize, site: LlamaSite) -> Option<&mut LoraAdapter> {
+        self.layers[layer].linears[site as usize].lora.as_mut()
+    }
+
+    /// The lowest layer with an adapter that still trains; None when nothing trains.
+    pub fn lowest_trainable_layer(&self) -> Option<usize> {
+        self.layers.iter().position(|l| l.trains())
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)
+    }
+
+    /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the lowest
+    /// trainable adapter run in inference mode (nothing saved); layers from it up save.
+    pub fn forward_train(&self, b: &LmBatch, pass: &mut Pass) -> Result<(Tensor, LlamaSaved)> {
+        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut h = self.embed(&b.input_ids)?;
+        let mut saved = Vec::with_capacity(self.layers.len() - first);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (out, s) =
+                layer.forward(&h, &b.mask_add, shape, &self.rope, pass, i >= first, None)?;
+            saved.extend(s);
+            h = out;
+        }
+        let (hn, norm) = self.norm.forward(&h, true)?;
+        Ok((
+            hn,
+            LlamaSaved {
+                first_saved_layer: first,
+                layers: saved,
+                norm: norm.expect("final norm saved"),
+            },
+        ))
+    }
+
+    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
+    pub fn backward(
+        &self,
+        saved: LlamaSaved,
+        dhidden: &Tensor,
+    ) -> Result<Vec<(usize, LlamaSite, LoraGrads)>> {
+        let mut dh = saved.norm.backward(&self.norm, dhidden)?;
+        let mut adapters = Vec::new();
+        let first = saved.first_saved_layer;
+        for (offset, st) in saved.layers.into_iter().enumerate().rev() {
+            let i = first + offset;
+            let (dx, grads) = self.layers[i].backward(st, &dh, i > first)?;
+            adapters.extend(grads.into_iter().map(|(s, g)| (i, s, g)));
+            match dx {
+                Some(d) => dh = d,
+                None => break,
+            }
+        }
+        adapters.sort_by_key(|(l, s, _)| (*l, *s));
+        Ok(adapters)
+    }
+
+    /// One training step's forward, loss and backward: mean next-token cross-entropy over the
+    /// counted targets, and the adapters' gradients (scaled by `loss_scale`).
+    pub fn loss_and_site_grads(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        loss_scale: f64,
+    ) -> Result<(LmLoss, Vec<(usize, LlamaSite, LoraGrads)>)> {
+        let (hn, saved) = self.forward_train(b, pass)?;
+        let mut loss = lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
+        drop(hn);
+        let dh = loss.dhidden.take().expect("gradient requested");
+        let dh = if loss_scale == 1.0 {
+            dh
+        } else {
+            dh.affine(loss_scale, 0.0)?
+        };
+        let grads = self.backward(saved, &dh)?;
+        Ok((loss, grads))
+    }
+
+    /// Inference forward to the final norm's output `[batch*seq, hidden]`; with `monitor`, also
+    /// every adapted linear's `(layer, site, X, Y)` for SAFE.
+    pub fn forward_hidden(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        mut monitor: Option<&mut Vec<(usize, LlamaSite, Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut h = self.embed(&b.input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut m = LlamaMonitored::new();
+            let (out, _) = layer.forward(
+                &h,
+                &b.mask_add,
+                shape,
+                &self.rope,
+                pass,
+                false,
+                monitor.is_some().then_some(&mut m),
+            )?;
+            if let Some(all) = monitor.as_deref_mut() {
+                all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
+            }
+            h = out;
+        }
+        Ok(self.norm.forward(&h, false)?.0)
+    }
+
+    /// Next-token logits `[batch*seq, vocab]` (inference; materializes the whole logits, so meant
+    /// for generation and short prompts).
+    pub fn logits(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
+        let hn = self.forward_hidden(b, pass, None)?;
+        let w = self.head_weight();
+        crate::nn::matmul(&hn.to_dtype(w.dtype())?, &w.t()?)?.to_dtype(DType::F32)
+    }
+}
+
+/// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
+pub fn adapter_path(layer: usize, site: LlamaSite) -> String {
+    format!("model.layers.{layer}.{}", site.path())
+}
+
+impl Adapted for LlamaForCausalLM {
+    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
+        self.adapter_sites()
+            .into_iter()
+            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
+            .collect()
+    }
+
+    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
+        let (layer, site) = path.strip_prefix("model.layers.")?.split_once('.')?;
+        let site = LlamaSite::ALL.into_iter().find(|s| s.path() == site)?;
+        self.adapter_mut(layer.parse().ok()?, site)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn peft_task_type(&self) -> &'static str {
+        "CAUSAL_LM"
+    }
+}
+
+impl CausalLm for LlamaForCausalLM {
+    fn device(&self) -> Device {
+        self.embed_tokens.device().clone()
+    }
+
+    fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        layers: Option<&[usize]>,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<usize> {
+        LlamaForCausalLM::add_lora(self, cfg, layers, rng)
+    }
+
+    fn adapter_layers(&self) -> Vec<usize> {
+        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+    }
+
+    fn lowest_trainable_layer(&self) -> Option<usize> {
+        LlamaForCausalLM::lowest_trainable_layer(self)
+    }
+
+    fn loss_and_grads(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        loss_scale: f64,
+    ) -> Result<(LmLoss, AdapterGrads)> {
+        let (loss, grads) = self.loss_and_site_grads(b, pass, loss_scale)?;
+        let grads = grads
+            .into_iter()
+            .map(|(l, s, g)| (adapter_path(l, s), g))
+            .collect();
+        Ok((loss, grads))
+    }
+
+    fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
+        let hn = self.forward_hidden(b, &mut pass, None)?;
+        lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, false)
+    }
+
+    fn logits(&self, b: &LmBatch) -> Result<Tensor> {
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
+        LlamaForCausalLM::logits(self, b, &mut pass)
+    }
+
+    fn monitor(&self, b: &LmBatch) -> Result<Vec<(String, Tensor, Tensor)>> {
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
+        let mut m = Vec::new();
+        self.forward_hidden(b, &mut pass, Some(&mut m))?;
+        Ok(m.into_iter()
+            .map(|(l, s, x, y)| (adapter_path(l, s), x, y))
+            .collect())
+    }
+}

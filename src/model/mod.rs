@@ -1,7 +1,66 @@
 //! Model architectures, built from `nn` components and `adapters`.
 
 pub mod bert;
+pub mod generate;
 pub mod llama;
 
 pub use bert::{BertConfig, BertForSequenceClassification};
 pub use llama::LlamaConfig;
+
+use crate::adapters::{Adapted, LoraConfig, LoraGrads};
+use crate::nn::loss::LmLoss;
+use crate::nn::Pass;
+use candle_core::{Device, Result, Tensor};
+
+/// One causal-LM batch on the model's device: `targets[i]` is the token row `i` must predict
+/// (the next token), `-100` where nothing is predicted (padding, prompt tokens).
+pub struct LmBatch {
+    /// `[batch, seq]` u32.
+    pub input_ids: Tensor,
+    /// `[batch, 1, 1, seq]` additive key mask (right padding).
+    pub mask_add: Tensor,
+    pub targets: Vec<i64>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Adapter gradients by module path (PEFT's key stem).
+pub type AdapterGrads = Vec<(String, LoraGrads)>;
+
+/// What the causal-LM trainer, evaluation and generation need from a decoder architecture.
+pub trait CausalLm: Adapted {
+    fn device(&self) -> Device;
+
+    /// Puts fresh LoRA adapters on the linears `cfg.target_modules` names, in `layers` (all when
+    /// None). Returns how many.
+    fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        layers: Option<&[usize]>,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<usize>;
+
+    /// The transformer layer of each adapter, in `Adapted::adapters` order.
+    fn adapter_layers(&self) -> Vec<usize>;
+
+    /// The lowest layer whose adapters still train (backward stops there).
+    fn lowest_trainable_layer(&self) -> Option<usize>;
+
+    /// Forward, mean next-token loss and backward down to the lowest trainable layer.
+    fn loss_and_grads(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        loss_scale: f64,
+    ) -> Result<(LmLoss, AdapterGrads)>;
+
+    /// Inference loss (summed over counted tokens) without gradients.
+    fn loss(&self, b: &LmBatch) -> Result<LmLoss>;
+
+    /// Next-token logits `[batch*seq, vocab]` in f32 (generation).
+    fn logits(&self, b: &LmBatch) -> Result<Tensor>;
+
+    /// Inference forward returning every adapted linear's `(module path, X adapted, Y base)`
+    /// rows `[batch*seq, out]` for SAFE.
+    fn monitor(&self, b: &LmBatch) -> Result<Vec<(String, Tensor, Tensor)>>;
+}

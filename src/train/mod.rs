@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod lm;
+pub mod lm_config;
 pub mod memory;
 pub mod metrics;
 pub mod optim;

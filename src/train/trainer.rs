@@ -723,7 +723,12 @@ pub fn freeze(
     opt.drop_state(&format!("{stem}.lora_B.weight"));
 }
 
-fn progress_bar(show: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {
+pub(crate) fn progress_bar(
+    show: bool,
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+) -> Option<ProgressBar> {
     if !show {
         return None;
     }

@@ -1,0 +1,329 @@
+//! Command line for decoders: `safetune train-lm | perplexity | generate`.
+
+use crate::adapters::Adapted;
+use crate::data::lm::PromptFormat;
+use crate::model::generate::{self, Sampling};
+use crate::model::CausalLm;
+use crate::train::config::Method;
+use crate::train::lm::{self, LmSummary};
+use crate::train::lm_config::{LmDataKind, LmTrainConfig};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Flags of `train-lm`; each overrides the config file.
+#[derive(Args, Clone, Default)]
+pub struct LmTrainArgs {
+    /// TOML config file (fields of `LmTrainConfig`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// GGUF file or Hugging Face LLaMA folder. Default: SmolLM2-135M-Instruct (fetched).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Text file/folder or instruction JSONL. Default: the asset of --data-kind (Moby Dick).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// moby-dick | sotu | text | instructions
+    #[arg(long)]
+    pub data_kind: Option<LmDataKind>,
+    /// How instructions are laid out: plain | chatml
+    #[arg(long)]
+    pub prompt_format: Option<PromptFormat>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// lora | safe | upper | freeze-prefix:K
+    #[arg(long)]
+    pub method: Option<Method>,
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated module names, e.g. q_proj,v_proj
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Cap optimizer steps per epoch; 0 = whole epochs.
+    #[arg(long)]
+    pub max_steps_per_epoch: Option<usize>,
+    /// Evaluate on at most this many validation/test sequences; 0 = all.
+    #[arg(long)]
+    pub max_eval_sequences: Option<usize>,
+    /// SAFE's tau_T as an absolute importance value.
+    #[arg(long)]
+    pub safe_tau: Option<f64>,
+    #[arg(long)]
+    pub safe_rounds_per_epoch: Option<usize>,
+    #[arg(long)]
+    pub safe_monitor_examples: Option<usize>,
+    /// Continue from OUTPUT/checkpoint if present.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+macro_rules! set {
+    ($dst:expr, $src:expr) => {
+        if let Some(v) = $src.clone() {
+            $dst = v;
+        }
+    };
+}
+
+impl LmTrainArgs {
+    pub fn to_config(&self) -> Result<LmTrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => LmTrainConfig::from_toml_file(p)?,
+            None => LmTrainConfig::default(),
+        };
+        if self.model.is_some() {
+            c.model = self.model.clone();
+        }
+        if let Some(p) = &self.data {
+            c.data = Some(p.clone());
+            if self.data_kind.is_none() {
+                c.data_kind = if p.extension().is_some_and(|e| e == "jsonl") {
+                    LmDataKind::Instructions
+                } else {
+                    LmDataKind::Text
+                };
+            }
+        }
+        set!(c.data_kind, self.data_kind);
+        set!(c.prompt_format, self.prompt_format);
+        set!(c.seq_len, self.seq_len);
+        set!(c.output, self.output);
+        set!(c.method, self.method);
+        set!(c.lora.r, self.lora_r);
+        set!(c.lora.alpha, self.lora_alpha);
+        set!(c.lora.target_modules, self.target_modules);
+        set!(c.lr, self.lr);
+        set!(c.epochs, self.epochs);
+        set!(c.batch_size, self.batch_size);
+        set!(c.grad_accum, self.grad_accum);
+        set!(c.seed, self.seed);
+        set!(c.max_steps_per_epoch, self.max_steps_per_epoch);
+        set!(c.max_eval_sequences, self.max_eval_sequences);
+        set!(c.safe.rounds_per_epoch, self.safe_rounds_per_epoch);
+        set!(c.safe.monitor_examples, self.safe_monitor_examples);
+        if let Some(t) = self.safe_tau {
+            c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
+        }
+        anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
+        anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
+        anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// GGUF file or Hugging Face LLaMA folder. Default: SmolLM2-135M-Instruct.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT adapter folder to apply (e.g. a train-lm output).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Text file/folder. Default: the Moby Dick asset's test chapters.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub data_kind: Option<LmDataKind>,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Which split of the documents: test | validation | train
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// At most this many sequences (evenly spaced); 0 = all.
+    #[arg(long, default_value_t = 64)]
+    pub max_sequences: usize,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// GGUF file or Hugging Face LLaMA folder. Default: SmolLM2-135M-Instruct (fetched).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT adapter folder to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Wrap the prompt in the ChatML template (instruct models).
+    #[arg(long)]
+    pub chat: bool,
+    /// Also print the top next-token logits after the prompt (JSON), for checking against a reference.
+    #[arg(long)]
+    pub show_logits: Option<usize>,
+}
+
+/// Loads the decoder and, when given, a PEFT adapter onto it.
+fn load_with_adapter(
+    model: Option<&std::path::Path>,
+    adapter: Option<&std::path::Path>,
+) -> Result<lm::LoadedDecoder> {
+    let mut d = lm::load_decoder(model, DType::F32, &Device::Cpu)?;
+    if let Some(dir) = adapter {
+        let pc = crate::io::peft::read_config(dir)?;
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        CausalLm::add_lora(
+            &mut d.model,
+            &pc.lora(),
+            pc.layers_to_transform.as_deref(),
+            &mut rng,
+        )?;
+        crate::io::peft::load(dir, &mut d.model)
+            .with_context(|| format!("{}: adapter does not fit the model", dir.display()))?;
+        anyhow::ensure!(
+            !d.model.adapters().is_empty(),
+            "{}: no adapter module matches the model",
+            dir.display()
+        );
+    }
+    Ok(d)
+}
+
+pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
+    let cfg = a.to_config()?;
+    let s = lm::train_lm(&cfg, a.resume, !a.quiet)?;
+    print_lm_summary(&cfg, &s);
+    Ok(())
+}
+
+pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
+    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref())?;
+    let mut cfg = LmTrainConfig {
+        data: a.data.clone(),
+        seq_len: a.seq_len,
+        ..Default::default()
+    };
+    if a.data.is_some() {
+        cfg.data_kind = LmDataKind::Text;
+    }
+    if let Some(k) = a.data_kind {
+        cfg.data_kind = k;
+    }
+    let splits = lm::load_lm_data(&cfg, &d.tokenizer, d.eos)?;
+    let items = match a.split.as_str() {
+        "test" => &splits.test,
+        "validation" => &splits.validation,
+        "train" => &splits.train,
+        s => anyhow::bail!("unknown split '{s}' (expected test, validation or train)"),
+    };
+    let items = lm::evenly(items, a.max_sequences);
+    let (loss, ppl) = lm::perplexity(&d.model, &items, 8)?;
+    let tokens: usize = items.iter().map(|s| s.counted()).sum();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "split": a.split, "sequences": items.len(), "tokens": tokens,
+            "loss": loss, "perplexity": ppl,
+        }))?
+    );
+    Ok(())
+}
+
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref())?;
+    let text = if a.chat {
+        PromptFormat::Chatml.prompt_text(&a.prompt)
+    } else {
+        a.prompt.clone()
+    };
+    let enc = d
+        .tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt ({e})"))?;
+    let ids = enc.get_ids().to_vec();
+    anyhow::ensure!(!ids.is_empty(), "the prompt is empty");
+    if let Some(k) = a.show_logits {
+        let logits = generate::next_logits(&d.model, &ids)?;
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]));
+        let top: Vec<_> = idx[..k.min(idx.len())]
+            .iter()
+            .map(|&i| {
+                serde_json::json!({"id": i, "logit": logits[i],
+                    "token": d.tokenizer.id_to_token(i as u32)})
+            })
+            .collect();
+        eprintln!("{}", serde_json::json!({ "prompt_ids": ids, "top": top }));
+    }
+    let mut stop: Vec<u32> = d.eos.into_iter().collect();
+    stop.extend(d.tokenizer.token_to_id("<|im_end|>"));
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(a.seed);
+    let s = Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+    };
+    let new = generate::generate(&d.model, &ids, a.max_new_tokens, &stop, s, &mut rng)?;
+    let out = d
+        .tokenizer
+        .decode(&new, true)
+        .map_err(|e| anyhow::anyhow!("cannot decode ({e})"))?;
+    println!("{}{}", a.prompt, out);
+    Ok(())
+}
+
+fn print_lm_summary(cfg: &LmTrainConfig, s: &LmSummary) {
+    let mb = |b: f64| format!("{:.0} MB", b / 1e6);
+    let rows = [
+        ("method", s.method.clone()),
+        (
+            "test perplexity",
+            format!(
+                "{:.3} (base model {:.3})",
+                s.test_perplexity, s.base_test_perplexity
+            ),
+        ),
+        ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
+        (
+            "train time",
+            format!("{:.1} s (total {:.1} s)", s.train_wall_s, s.wall_s),
+        ),
+        ("peak memory (heap)", mb(s.peak_mem_bytes as f64)),
+        (
+            "step memory (max / mean)",
+            format!(
+                "{} / {}",
+                mb(s.step_mem_bytes as f64),
+                mb(s.mean_step_mem_bytes)
+            ),
+        ),
+        (
+            "train FLOPs",
+            format!(
+                "{:.3e} (unfrozen: {:.3e})",
+                s.train_flops as f64, s.unfrozen_train_flops_estimate as f64
+            ),
+        ),
+        ("trainable params", s.trainable_params.to_string()),
+        ("frozen adapters", s.frozen.len().to_string()),
+        ("output", cfg.output.display().to_string()),
+    ];
+    println!();
+    for (k, v) in rows {
+        println!("  {k:<24} {v}");
+    }
+}

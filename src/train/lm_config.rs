@@ -1,0 +1,103 @@
+//! Causal-LM fine-tuning configuration (`safetune train-lm`): a TOML file whose every field a flag
+//! can override. Defaults are a short CPU run: SmolLM2-135M-Instruct + LoRA (r=8, q_proj/v_proj)
+//! on Moby Dick, chapters split 8:1:1.
+
+use super::config::Method;
+use crate::adapters::LoraConfig;
+use crate::data::lm::PromptFormat;
+use crate::safe::SafeConfig;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Where the text comes from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LmDataKind {
+    /// Moby Dick by chapter (the npm asset's layout).
+    MobyDick,
+    /// State of the Union addresses (the npm asset's layout).
+    Sotu,
+    /// A `.txt` file or a folder of them; documents split by position.
+    Text,
+    /// JSONL of prompt/response pairs; the loss counts response tokens only.
+    Instructions,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LmTrainConfig {
+    /// GGUF file or Hugging Face LLaMA folder; None: the SmolLM2 asset (fetched if missing).
+    pub model: Option<PathBuf>,
+    /// None: the asset of `data_kind` (Moby Dick or State of the Union), fetched if missing.
+    pub data: Option<PathBuf>,
+    pub data_kind: LmDataKind,
+    pub prompt_format: PromptFormat,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Of every `split_period` documents (or instructions), one validates and one tests.
+    pub split_period: usize,
+    pub output: PathBuf,
+    pub method: Method,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Stop after this many optimizer steps per epoch (0 = whole epochs).
+    pub max_steps_per_epoch: usize,
+    /// Evaluate perplexity on at most this many validation / test sequences (0 = all).
+    pub max_eval_sequences: usize,
+    pub eval_batch_size: usize,
+    pub lora: LoraConfig,
+    pub safe: SafeConfig,
+}
+
+impl Default for LmTrainConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            data: None,
+            data_kind: LmDataKind::MobyDick,
+            prompt_format: PromptFormat::Chatml,
+            seq_len: 128,
+            split_period: 10,
+            output: PathBuf::from("runs/lm"),
+            method: Method::Lora,
+            epochs: 2,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-3,
+            warmup_ratio: 0.06,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            seed: 42,
+            max_steps_per_epoch: 40,
+            max_eval_sequences: 64,
+            eval_batch_size: 8,
+            lora: LoraConfig {
+                r: 8,
+                alpha: 16.0,
+                dropout: 0.05,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+                use_rslora: false,
+            },
+            safe: SafeConfig {
+                rounds_per_epoch: 4,
+                monitor_examples: 32,
+                ..SafeConfig::default()
+            },
+        }
+    }
+}
+
+impl LmTrainConfig {
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read config ({e})", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))
+    }
+}
