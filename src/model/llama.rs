@@ -177,6 +177,12 @@ pub struct LlamaLayerSaved {
     swiglu: SwiGluSaved,
 }
 
+/// Gradients of a layer's trainable adapters.
+pub type LayerGrads = Vec<(LlamaSite, LoraGrads)>;
+
+/// Gradients of every trainable adapter, by `(layer, site)`.
+pub type SiteGrads = Vec<(usize, LlamaSite, LoraGrads)>;
+
 /// Per-adapter monitoring output `(site, X adapted, Y base)`, as in BERT.
 pub type LlamaMonitored = Vec<(LlamaSite, Tensor, Tensor)>;
 
@@ -251,7 +257,7 @@ impl LlamaLayer {
         saved: LlamaLayerSaved,
         dout: &Tensor,
         need_dx: bool,
-    ) -> Result<(Option<Tensor>, Vec<(LlamaSite, LoraGrads)>)> {
+    ) -> Result<(Option<Tensor>, LayerGrads)> {
         let mut grads = Vec::new();
         let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
         let mut back = |s: LlamaSite, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
@@ -535,11 +541,7 @@ impl LlamaForCausalLM {
     }
 
     /// Backward from the final hidden state's gradient down to the lowest trainable layer.
-    pub fn backward(
-        &self,
-        saved: LlamaSaved,
-        dhidden: &Tensor,
-    ) -> Result<Vec<(usize, LlamaSite, LoraGrads)>> {
+    pub fn backward(&self, saved: LlamaSaved, dhidden: &Tensor) -> Result<SiteGrads> {
         let mut dh = saved.norm.backward(&self.norm, dhidden)?;
         let mut adapters = Vec::new();
         let first = saved.first_saved_layer;
@@ -563,7 +565,7 @@ impl LlamaForCausalLM {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
-    ) -> Result<(LmLoss, Vec<(usize, LlamaSite, LoraGrads)>)> {
+    ) -> Result<(LmLoss, SiteGrads)> {
         let (hn, saved) = self.forward_train(b, pass)?;
         let mut loss = lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
         drop(hn);
