@@ -176,6 +176,9 @@ pub struct GenerateArgs {
     /// Also print the top next-token logits after the prompt (JSON), for checking against a reference.
     #[arg(long)]
     pub show_logits: Option<usize>,
+    /// Write the prompt's ids and its full next-token logits to this JSON file.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
 }
 
 /// Loads the decoder and, when given, a PEFT adapter onto it.
@@ -257,6 +260,14 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt ({e})"))?;
     let ids = enc.get_ids().to_vec();
     anyhow::ensure!(!ids.is_empty(), "the prompt is empty");
+    if let Some(path) = &a.logits_out {
+        let logits = generate::next_logits(&d.model, &ids)?;
+        std::fs::write(
+            path,
+            serde_json::to_string(&serde_json::json!({ "ids": ids, "logits": logits }))?,
+        )
+        .with_context(|| format!("{}: cannot write logits", path.display()))?;
+    }
     if let Some(k) = a.show_logits {
         let logits = generate::next_logits(&d.model, &ids)?;
         let mut idx: Vec<usize> = (0..logits.len()).collect();
