@@ -626,6 +626,43 @@ fn freeze_prefix_freezes_the_bottom_layers() {
     assert_eq!(frozen, ["layer.0.query", "layer.0.value"], "{summary}");
 }
 
+/// Frozen adapters stop changing bit for bit, and the cached frozen bottom gives the same model
+/// as recomputing it: a freeze-prefix run started from a trained adapter keeps layer 0's adapter
+/// exactly, trains layer 1's, and ends identical with and without the cache.
+#[test]
+fn frozen_adapters_keep_their_bits_and_the_cache_changes_nothing() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 2);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let init = sb.path("init");
+    sb.run_ok(&train_args(&model, &data, &init, &["--epochs", "1"]));
+    let (cached, plain) = (sb.path("cached"), sb.path("plain"));
+    let init_s = s(&init).to_string();
+    for (out, extra) in [(&cached, None), (&plain, Some("--no-frozen-cache"))] {
+        let mut args = vec!["--method", "freeze-prefix:1", "--epochs", "3"];
+        args.extend(["--init-adapter", &init_s]);
+        args.extend(extra);
+        sb.run_ok(&train_args(&model, &data, out, &args));
+    }
+    assert_same_tensors(
+        &cached.join("adapter_model.safetensors"),
+        &plain.join("adapter_model.safetensors"),
+    );
+    let before = load_tensors(&init.join("adapter_model.safetensors"));
+    let after = load_tensors(&cached.join("adapter_model.safetensors"));
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    for (name, t) in &before {
+        if !name.contains(".lora_") {
+            continue;
+        }
+        let same = bits(t) == bits(&after[name]);
+        assert_eq!(same, name.contains("layer.0."), "{name}");
+    }
+}
+
 #[test]
 fn upper_adapts_only_the_upper_half() {
     let sb = Sandbox::new();

@@ -97,6 +97,9 @@ pub struct TrainArgs {
     /// Size of SAFE's monitoring subset of the training data.
     #[arg(long)]
     pub safe_monitor_examples: Option<usize>,
+    /// Recompute the frozen bottom layers every step instead of caching their output on disk.
+    #[arg(long)]
+    pub no_frozen_cache: bool,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -188,6 +191,9 @@ impl TrainArgs {
         set!(c.safe.monitor_examples, self.safe_monitor_examples);
         if let Some(t) = self.safe_tau {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
+        }
+        if self.no_frozen_cache {
+            c.cache_frozen_bottom = false;
         }
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");

@@ -526,24 +526,63 @@ impl BertForSequenceClassification {
         self.layers.iter().position(|l| l.trains())
     }
 
-    /// Training forward. Layers below the lowest trainable adapter run in inference mode (dropout
-    /// still applies, nothing is saved); layers from it up save what their backward needs.
+    /// Training forward. When every adapter below layer `k` is frozen (`k` > 0), the embeddings
+    /// and layers below `k` are a fixed feature extractor: they run in inference mode (no dropout,
+    /// nothing saved, see [`Self::forward_frozen_bottom`]), so their output per example is a
+    /// constant the trainer may cache. Layers from `k` up train and save what backward needs.
     pub fn forward_train(
         &self,
         b: &BatchTensors,
         pass: &mut Pass,
     ) -> Result<(Tensor, ForwardSaved)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
+        let h = if first > 0 {
+            self.forward_frozen_bottom(b, first)?
+        } else {
+            self.embeddings
+                .forward(&b.input_ids, &b.token_type_ids, pass)?
+        };
+        self.forward_train_from(b, h, first, pass)
+    }
+
+    /// Embeddings and layers `0..k` in inference mode: `[batch*seq, hidden]`, deterministic.
+    pub fn forward_frozen_bottom(&self, b: &BatchTensors, k: usize) -> Result<Tensor> {
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
         };
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
         let mut h = self
             .embeddings
-            .forward(&b.input_ids, &b.token_type_ids, pass)?;
+            .forward(&b.input_ids, &b.token_type_ids, &mut pass)?;
+        for layer in &self.layers[..k] {
+            h = layer
+                .forward(&h, &b.mask_add, shape, &mut pass, false, None)?
+                .0;
+        }
+        Ok(h)
+    }
+
+    /// Training forward from `h`, the output of layer `first - 1` (or of the embeddings), saving
+    /// every layer from `first` up.
+    pub fn forward_train_from(
+        &self,
+        b: &BatchTensors,
+        mut h: Tensor,
+        first: usize,
+        pass: &mut Pass,
+    ) -> Result<(Tensor, ForwardSaved)> {
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
         let mut saved = Vec::with_capacity(self.layers.len() - first);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (out, s) = layer.forward(&h, &b.mask_add, shape, pass, i >= first, None)?;
+        for layer in &self.layers[first..] {
+            let (out, s) = layer.forward(&h, &b.mask_add, shape, pass, true, None)?;
             saved.extend(s);
             h = out;
         }
@@ -804,7 +843,9 @@ mod tests {
     /// gradient, and the backward stops above them.
     #[test]
     fn frozen_bottom_layers_save_nothing_and_get_no_gradient() {
-        let mut m = tiny(0.1);
+        // No dropout: a frozen bottom runs in inference mode, so only then are the two runs'
+        // top-layer inputs the same.
+        let mut m = tiny(0.0);
         let (all, saved_all) = loss_grads(&m);
         assert_eq!(saved_all.first_saved_layer, 0);
         assert_eq!(saved_all.layers.len(), 3);

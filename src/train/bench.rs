@@ -128,7 +128,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
             training: true,
             rng: &mut rng,
         };
-        let out = step::forward_backward(&model, &batch, &mut pass, 1.0)?;
+        let out = step::forward_backward(&model, &batch, &mut pass, 1.0, None)?;
         for (name, g) in &out.grads {
             let p = model.param_mut(name).expect("known parameter");
             *p = opt.update(name, p, g, 1e-3)?;

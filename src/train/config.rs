@@ -130,6 +130,9 @@ pub struct TrainConfig {
     /// Start from this PEFT LoRA adapter folder (its adapters and classifier), e.g. one trained by
     /// PEFT or by an earlier run, instead of fresh adapters.
     pub init_adapter: Option<PathBuf>,
+    /// Once the bottom layers freeze, keep their output per example on disk (in the output folder)
+    /// and reuse it in later epochs instead of recomputing those layers.
+    pub cache_frozen_bottom: bool,
     pub data: DataConfig,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
@@ -152,6 +155,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_steps_per_epoch: 0,
             init_adapter: None,
+            cache_frozen_bottom: true,
             data: DataConfig::default(),
             lora: LoraConfig::default(),
             safe: SafeConfig::default(),

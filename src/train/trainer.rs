@@ -480,6 +480,13 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         None => None,
     };
 
+    // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
+    let mut frozen_cache = match (cfg.cache_frozen_bottom, &cfg.method) {
+        (true, Method::Safe | Method::FreezePrefix(_)) => {
+            Some(super::frozen_cache::FrozenCache::create(&cfg.output)?)
+        }
+        _ => None,
+    };
     for epoch in state.epochs_done + 1..=cfg.epochs {
         let t_epoch = Instant::now();
         let mut order: Vec<usize> = (0..setup.train.len()).collect();
@@ -519,7 +526,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                     training: true,
                     rng: &mut drop_rng,
                 };
-                let out = step::forward_backward(&model, &batch, &mut pass, 1.0 / accum as f64)?;
+                let examples = &order[start..(start + micro).min(order.len())];
+                let cache = frozen_cache.as_mut().map(|c| (c, examples));
+                let out =
+                    step::forward_backward(&model, &batch, &mut pass, 1.0 / accum as f64, cache)?;
                 loss_sum += out.loss as f64;
                 loss_n += 1;
                 if grads.is_empty() {
