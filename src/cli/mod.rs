@@ -103,6 +103,8 @@ pub struct TrainArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(Args, Clone, Default)]
@@ -189,6 +191,7 @@ impl TrainArgs {
         if let Some(t) = self.safe_tau {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
+        set!(c.device, self.device.device);
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.data.max_length >= 2, "max_length must be at least 2");
@@ -215,6 +218,8 @@ pub struct EvalArgs {
     /// Also write the logits (`{"logits": [[...], ...]}`, in data order) to this file.
     #[arg(long)]
     pub logits: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -359,7 +364,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         &model_dir,
         num_labels,
         candle_core::DType::F32,
-        &candle_core::Device::Cpu,
+        &a.device.open()?,
         &mut rng,
     )?;
     model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;

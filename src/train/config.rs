@@ -130,6 +130,8 @@ pub struct TrainConfig {
     /// Start from this PEFT LoRA adapter folder (its adapters and classifier), e.g. one trained by
     /// PEFT or by an earlier run, instead of fresh adapters.
     pub init_adapter: Option<PathBuf>,
+    /// cpu | cuda | cuda:N
+    pub device: crate::device::DeviceSpec,
     pub data: DataConfig,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
@@ -152,6 +154,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_steps_per_epoch: 0,
             init_adapter: None,
+            device: Default::default(),
             data: DataConfig::default(),
             lora: LoraConfig::default(),
             safe: SafeConfig::default(),

@@ -51,6 +51,8 @@ pub struct LmTrainConfig {
     /// Evaluate perplexity on at most this many validation / test sequences (0 = all).
     pub max_eval_sequences: usize,
     pub eval_batch_size: usize,
+    /// cpu | cuda | cuda:N
+    pub device: crate::device::DeviceSpec,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
 }
@@ -77,6 +79,7 @@ impl Default for LmTrainConfig {
             max_steps_per_epoch: 40,
             max_eval_sequences: 64,
             eval_batch_size: 8,
+            device: Default::default(),
             lora: LoraConfig {
                 r: 8,
                 alpha: 16.0,

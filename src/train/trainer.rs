@@ -387,7 +387,7 @@ fn count_params(params: &[(String, Tensor)]) -> usize {
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.
 pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Summary> {
     let t_start = Instant::now();
-    let device = Device::Cpu;
+    let device = cfg.device.open()?;
     let setup = prepare(cfg)?;
     let task = setup.splits.train.task;
     let num_labels = setup.splits.train.num_labels();
