@@ -139,18 +139,26 @@ impl DTypeSpec {
     }
 }
 
-/// `--device`, shared by every command that runs a model. Unset flags leave the
+/// `--device` and `--dtype`, shared by every command that runs a model. Unset flags leave the
 /// config file's value (training) or the default (cpu, f32).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct DeviceArgs {
     /// cpu | cuda | cuda:N. CUDA needs a build with the `cuda` feature (scripts/build-cuda.sh).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// f32 | bf16: precision of the frozen base weights and activations; LoRA adapters, their
+    /// gradients and optimizer state, the classification head and losses stay f32.
+    #[arg(long)]
+    pub dtype: Option<DTypeSpec>,
 }
 
 impl DeviceArgs {
     pub fn device_spec(&self) -> DeviceSpec {
         self.device.unwrap_or_default()
+    }
+
+    pub fn dtype_spec(&self) -> DTypeSpec {
+        self.dtype.unwrap_or_default()
     }
 
     /// Opens the device (default cpu).

@@ -8,7 +8,6 @@ use crate::train::config::Method;
 use crate::train::lm::{self, LmSummary};
 use crate::train::lm_config::{LmDataKind, LmTrainConfig};
 use anyhow::{Context, Result};
-use candle_core::DType;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -124,6 +123,7 @@ impl LmTrainArgs {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
         set!(c.device, self.device.device);
+        set!(c.dtype, self.device.dtype);
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");
@@ -191,7 +191,7 @@ fn load_with_adapter(
     adapter: Option<&std::path::Path>,
     device: &crate::device::DeviceArgs,
 ) -> Result<lm::LoadedDecoder> {
-    let mut d = lm::load_decoder(model, DType::F32, &device.open()?)?;
+    let mut d = lm::load_decoder(model, device.dtype_spec().dtype(), &device.open()?)?;
     if let Some(dir) = adapter {
         let pc = crate::io::peft::read_config(dir)?;
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);

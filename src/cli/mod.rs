@@ -192,6 +192,7 @@ impl TrainArgs {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
         set!(c.device, self.device.device);
+        set!(c.dtype, self.device.dtype);
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.data.max_length >= 2, "max_length must be at least 2");
@@ -363,7 +364,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut model = crate::model::BertForSequenceClassification::load(
         &model_dir,
         num_labels,
-        candle_core::DType::F32,
+        a.device.dtype_spec().dtype(),
         &a.device.open()?,
         &mut rng,
     )?;

@@ -132,6 +132,9 @@ pub struct TrainConfig {
     pub init_adapter: Option<PathBuf>,
     /// cpu | cuda | cuda:N
     pub device: crate::device::DeviceSpec,
+    /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
+    /// optimizer state and the losses stay f32).
+    pub dtype: crate::device::DTypeSpec,
     pub data: DataConfig,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
@@ -155,6 +158,7 @@ impl Default for TrainConfig {
             max_steps_per_epoch: 0,
             init_adapter: None,
             device: Default::default(),
+            dtype: Default::default(),
             data: DataConfig::default(),
             lora: LoraConfig::default(),
             safe: SafeConfig::default(),

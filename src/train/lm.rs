@@ -272,7 +272,7 @@ fn create_file(path: &Path) -> Result<std::fs::File> {
 pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Result<LmSummary> {
     let t_start = Instant::now();
     let device = cfg.device.open()?;
-    let loaded = load_decoder(cfg.model.as_deref(), DType::F32, &device)?;
+    let loaded = load_decoder(cfg.model.as_deref(), cfg.dtype.dtype(), &device)?;
     let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos)?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
     let mut model = loaded.model;

@@ -53,6 +53,9 @@ pub struct LmTrainConfig {
     pub eval_batch_size: usize,
     /// cpu | cuda | cuda:N
     pub device: crate::device::DeviceSpec,
+    /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
+    /// optimizer state and the losses stay f32).
+    pub dtype: crate::device::DTypeSpec,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
 }
@@ -80,6 +83,7 @@ impl Default for LmTrainConfig {
             max_eval_sequences: 64,
             eval_batch_size: 8,
             device: Default::default(),
+            dtype: Default::default(),
             lora: LoraConfig {
                 r: 8,
                 alpha: 16.0,

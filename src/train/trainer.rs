@@ -131,7 +131,7 @@ pub fn build_model(
     rng: &mut StdRng,
 ) -> Result<BertForSequenceClassification> {
     let mut model =
-        BertForSequenceClassification::load(model_dir, num_labels, DType::F32, device, rng)?;
+        BertForSequenceClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
     let n_layers = model.layers.len();
     let layers: Option<Vec<usize>> = match cfg.method {
         Method::Upper => Some((n_layers / 2..n_layers).collect()),
