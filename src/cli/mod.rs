@@ -430,7 +430,10 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
             "train time",
             format!("{:.1} s (total {:.1} s)", s.train_wall_s, s.wall_s),
         ),
-        ("peak memory (heap)", mb(s.peak_mem_bytes as f64)),
+        (
+            &*format!("peak memory ({})", s.memory_counter),
+            mb(s.peak_mem_bytes as f64),
+        ),
         ("mean epoch peak memory", mb(s.mean_epoch_peak_mem_bytes)),
         (
             "step memory (max / mean)",
@@ -439,6 +442,12 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
                 mb(s.step_mem_bytes as f64),
                 mb(s.mean_step_mem_bytes)
             ),
+        ),
+        (
+            "peak device memory (driver)",
+            s.peak_driver_used_bytes
+                .map(|b| mb(b as f64))
+                .unwrap_or("n/a".into()),
         ),
         (
             "peak RSS",
