@@ -5,10 +5,12 @@
 //! - [`adapters`]: LoRA beside frozen linears.
 //! - [`model`]: architectures (BERT) assembled from `nn` and `adapters`.
 //! - [`io`]: safetensors weights, asset fetching.
+//! - [`device`]: `--device cpu|cuda|cuda:N` and `--dtype f32|bf16`.
 
 pub mod adapters;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod io;
 pub mod model;
 pub mod nn;

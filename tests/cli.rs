@@ -438,6 +438,36 @@ fn unknown_method() {
     );
 }
 
+#[test]
+fn devices_are_checked() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.run(&train_args(
+        &model,
+        &data,
+        &sb.path("out"),
+        &["--device", "tpu"],
+    ));
+    assert!(!out.status.success(), "accepted --device tpu");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"),
+        "{}",
+        text(&out)
+    );
+    if !cfg!(feature = "cuda") {
+        let out = sb.run(&train_args(
+            &model,
+            &data,
+            &sb.path("out"),
+            &["--device", "cuda"],
+        ));
+        assert_clean_error(&out, &["without CUDA support", "scripts/build-cuda.sh"]);
+        let out = sb.run(&["bench", "--device", "cuda:1", "--layers", "1"]);
+        assert_clean_error(&out, &["scripts/build-cuda.sh"]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Real runs on a tiny random BERT
 // ---------------------------------------------------------------------------------------------

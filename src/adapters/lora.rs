@@ -87,19 +87,25 @@ impl LoraAdapter {
         })
     }
 
-    /// The adapter's own output `scaling * dropout(x) A^T B^T`. When `save`, keeps the dropout mask
-    /// (needed for `dx` even when frozen) and, if the adapter trains, `(dropout(x), x A^T)` for its
-    /// weight gradients.
+    /// The adapter's own output `scaling * dropout(x) A^T B^T`, computed in the adapter's dtype
+    /// (f32 beside a bf16 base, as PEFT casts) and returned in `x`'s. When `save`, keeps the
+    /// dropout mask (needed for `dx` even when frozen) and, if the adapter trains, `x` as it came
+    /// (the same tensor for every adapter on that input, e.g. query and value) and `x A^T`; backward
+    /// re-applies the cast and the mask for `dA`.
     fn forward(
         &self,
         x: &Tensor,
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
-        let (xd, drop) = self.dropout.forward(x, pass, save)?;
+        let (xd, drop) = self
+            .dropout
+            .forward(&x.to_dtype(self.a.dtype())?, pass, save)?;
         let xa = matmul(&xd, &self.a.t()?)?;
-        let y = matmul(&xa, &self.b.t()?)?.affine(self.scaling, 0.0)?;
-        let inputs = (save && self.trainable).then_some((xd, xa));
+        let y = matmul(&xa, &self.b.t()?)?
+            .affine(self.scaling, 0.0)?
+            .to_dtype(x.dtype())?;
+        let inputs = (save && self.trainable).then(|| (x.clone(), xa));
         Ok((y, LoraLinearSaved { inputs, drop }))
     }
 }
@@ -178,16 +184,20 @@ impl LoraLinear {
         if dx.is_none() && saved.inputs.is_none() {
             return Ok((None, None)); // frozen adapter at the bottom of the backward: nothing to do
         }
-        let dxa = matmul(dy, &lora.b)?.affine(lora.scaling, 0.0)?; // [n, r]
+        let dy = dy.to_dtype(lora.a.dtype())?; // the adapter path runs in its own dtype
+        let dxa = matmul(&dy, &lora.b)?.affine(lora.scaling, 0.0)?; // [n, r]
         if let Some(d) = dx.as_mut() {
             let dxd = dropout::backward_opt(&saved.drop, matmul(&dxa, &lora.a)?)?;
-            *d = (&*d + dxd)?;
+            *d = (&*d + dxd.to_dtype(d.dtype())?)?;
         }
         let grads = match saved.inputs {
-            Some((xd, xa)) => Some(LoraGrads {
-                a: matmul(&dxa.t()?, &xd)?,
-                b: matmul(&dy.t()?, &xa)?.affine(lora.scaling, 0.0)?,
-            }),
+            Some((x, xa)) => {
+                let xd = dropout::backward_opt(&saved.drop, x.to_dtype(lora.a.dtype())?)?;
+                Some(LoraGrads {
+                    a: matmul(&dxa.t()?, &xd)?,
+                    b: matmul(&dy.t()?, &xa)?.affine(lora.scaling, 0.0)?,
+                })
+            }
             None => None,
         };
         Ok((dx, grads))

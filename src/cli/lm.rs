@@ -8,7 +8,6 @@ use crate::train::config::Method;
 use crate::train::lm::{self, LmSummary};
 use crate::train::lm_config::{LmDataKind, LmTrainConfig};
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -72,6 +71,8 @@ pub struct LmTrainArgs {
     pub resume: bool,
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 macro_rules! set {
@@ -121,6 +122,8 @@ impl LmTrainArgs {
         if let Some(t) = self.safe_tau {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
+        set!(c.device, self.device.device);
+        set!(c.dtype, self.device.dtype);
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");
@@ -149,6 +152,8 @@ pub struct PerplexityArgs {
     /// At most this many sequences (evenly spaced); 0 = all.
     #[arg(long, default_value_t = 64)]
     pub max_sequences: usize,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -179,14 +184,17 @@ pub struct GenerateArgs {
     /// Write the prompt's ids and its full next-token logits to this JSON file.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Loads the decoder and, when given, a PEFT adapter onto it.
 fn load_with_adapter(
     model: Option<&std::path::Path>,
     adapter: Option<&std::path::Path>,
+    device: &crate::device::DeviceArgs,
 ) -> Result<lm::LoadedDecoder> {
-    let mut d = lm::load_decoder(model, DType::F32, &Device::Cpu)?;
+    let mut d = lm::load_decoder(model, device.dtype_spec().dtype(), &device.open()?)?;
     if let Some(dir) = adapter {
         let pc = crate::io::peft::read_config(dir)?;
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
@@ -215,7 +223,7 @@ pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
-    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref())?;
+    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref(), &a.device)?;
     let mut cfg = LmTrainConfig {
         data: a.data.clone(),
         seq_len: a.seq_len,
@@ -248,7 +256,7 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
-    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref())?;
+    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref(), &a.device)?;
     let text = if a.chat {
         PromptFormat::Chatml.prompt_text(&a.prompt)
     } else {

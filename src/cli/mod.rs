@@ -106,6 +106,8 @@ pub struct TrainArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(Args, Clone, Default)]
@@ -195,6 +197,8 @@ impl TrainArgs {
         if self.no_frozen_cache {
             c.cache_frozen_bottom = false;
         }
+        set!(c.device, self.device.device);
+        set!(c.dtype, self.device.dtype);
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.data.max_length >= 2, "max_length must be at least 2");
@@ -221,6 +225,8 @@ pub struct EvalArgs {
     /// Also write the logits (`{"logits": [[...], ...]}`, in data order) to this file.
     #[arg(long)]
     pub logits: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -364,8 +370,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut model = crate::model::BertForSequenceClassification::load(
         &model_dir,
         num_labels,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
+        a.device.dtype_spec().dtype(),
+        &a.device.open()?,
         &mut rng,
     )?;
     model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
@@ -430,7 +436,10 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
             "train time",
             format!("{:.1} s (total {:.1} s)", s.train_wall_s, s.wall_s),
         ),
-        ("peak memory (heap)", mb(s.peak_mem_bytes as f64)),
+        (
+            &*format!("peak memory ({})", s.memory_counter),
+            mb(s.peak_mem_bytes as f64),
+        ),
         ("mean epoch peak memory", mb(s.mean_epoch_peak_mem_bytes)),
         (
             "step memory (max / mean)",
@@ -439,6 +448,12 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
                 mb(s.step_mem_bytes as f64),
                 mb(s.mean_step_mem_bytes)
             ),
+        ),
+        (
+            "peak device memory (driver)",
+            s.peak_driver_used_bytes
+                .map(|b| mb(b as f64))
+                .unwrap_or("n/a".into()),
         ),
         (
             "peak RSS",

@@ -378,10 +378,18 @@ impl BertForSequenceClassification {
                 dropout: hidden_drop,
             });
         }
+        // The head (frozen pooler, trained classifier) runs in f32 beside half-precision layers.
         let p = w.pp("pooler.dense");
         let pooler = linear(&p, h, h)?;
         let dev = pooler.weight.device().clone();
-        let dtype = pooler.weight.dtype();
+        let dtype = crate::device::compute_dtype(pooler.weight.dtype());
+        let pooler = Linear::new(
+            tensor(pooler.weight.to_dtype(dtype), w)?,
+            match &pooler.bias {
+                Some(b) => Some(tensor(b.to_dtype(dtype), w)?),
+                None => None,
+            },
+        );
         let cls: Vec<f32> = (0..num_labels * h)
             .map(|_| {
                 rand_distr::Distribution::sample(&rand_distr::Normal::new(0.0, 0.02).unwrap(), rng)
@@ -492,7 +500,9 @@ impl BertForSequenceClassification {
                     let lin = &mut layer.linears[s as usize];
                     let (o, inp) = (lin.base.out_features(), lin.base.in_features());
                     let w = &lin.base.weight;
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, w.dtype(), w.device())?);
+                    // Adapters train in f32 beside a half-precision base (f64 in tests).
+                    let dtype = crate::device::compute_dtype(w.dtype());
+                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, w.device())?);
                     n += 1;
                 }
             }

@@ -14,6 +14,7 @@ use super::dropout::{self, Dropout, DropoutSaved};
 use super::flops::matmul;
 use super::rope::Rope;
 use super::{cpu, Pass};
+use crate::device::compute_dtype;
 use candle_core::{bail, Result, Tensor, D};
 
 #[derive(Clone, Copy, Debug)]
@@ -88,14 +89,29 @@ impl Attention {
         if !self.causal {
             return Ok(mask_add.clone());
         }
-        let causal: Vec<f64> = (0..t)
-            .flat_map(|i| (0..t2).map(move |j| if j + t > i + t2 { MASKED } else { 0.0 }))
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t2).map(move |j| if j + t > i + t2 { MASKED as f32 } else { 0.0 }))
             .collect();
         let causal = Tensor::from_vec(causal, (t, t2), mask_add.device())?;
         mask_add.broadcast_add(&causal.to_dtype(mask_add.dtype())?)
     }
 
-    /// Softmax probabilities and per-row log-sum-exp (fused kernel on CPU, composition elsewhere).
+    /// Masked, scaled scores in the compute dtype (f32 for half-precision q and k), for the
+    /// composition: `q` is scaled before the product (a `[b, h, t, d]` pass instead of a
+    /// `[b, h, t, t]` one). Each step replaces the last, so at most two score-sized tensors live.
+    fn scores(&self, q: &Tensor, k: &Tensor, mask_add: &Tensor) -> Result<Tensor> {
+        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+        let raw = self.raw_scores(&q.affine(scale, 0.0)?, k)?;
+        let (_, _, t, t2) = raw.dims4()?;
+        let cdt = compute_dtype(raw.dtype());
+        let mut s = raw.to_dtype(cdt)?;
+        drop(raw);
+        s = s.broadcast_add(&self.full_mask(mask_add, t, t2)?.to_dtype(cdt)?)?;
+        Ok(s)
+    }
+
+    /// Softmax probabilities and per-row log-sum-exp, in the compute dtype (fused kernel on CPU,
+    /// composition elsewhere).
     fn probs(
         &self,
         q: &Tensor,
@@ -103,21 +119,20 @@ impl Attention {
         mask_add: &Tensor,
         fused: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-        let raw = self.raw_scores(q, k)?;
-        if fused {
+        if fused && q.device().is_cpu() {
+            let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+            let raw = self.raw_scores(q, k)?;
             if let Some(out) = cpu::softmax_fwd(&raw, mask_add, scale, self.causal)? {
                 return Ok(out);
             }
         }
-        let (_, _, t, t2) = raw.dims4()?;
-        let s = raw
-            .affine(scale, 0.0)?
-            .broadcast_add(&self.full_mask(mask_add, t, t2)?)?;
-        let max = s.max_keepdim(D::Minus1)?;
-        let e = s.broadcast_sub(&max)?.exp()?;
+        let mut e = self.scores(q, k, mask_add)?;
+        let max = e.max_keepdim(D::Minus1)?;
+        e = e.broadcast_sub(&max)?;
+        e = e.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;
-        Ok((e.broadcast_div(&sum)?, (max + sum.log()?)?))
+        e = e.broadcast_div(&sum)?;
+        Ok((e, (max + sum.log()?)?))
     }
 
     /// `q` is `[batch*seq, num_heads*head_dim]`, `k` and `v` `[batch*seq, num_kv_heads*head_dim]`;
@@ -177,9 +192,12 @@ impl Attention {
             Some(r) => (r.apply(&q, 0)?, r.apply(&k, 0)?),
             None => (q, k),
         };
-        let (p, lse) = self.probs(&q, &k, mask_add, fused)?;
-        let (p, drop) = self.dropout.forward(&p, pass, save)?;
-        let ctx = self.ungroup(&matmul(&self.group(&p)?, &v)?)?;
+        let (ctx, lse, drop) = {
+            let (p, lse) = self.probs(&q, &k, mask_add, fused)?;
+            let (p, drop) = self.dropout.forward(&p, pass, save)?;
+            let p = p.to_dtype(v.dtype())?;
+            (self.ungroup(&matmul(&self.group(&p)?, &v)?)?, lse, drop)
+        };
         let ctx = self.merge_heads(&ctx, shape)?;
         let saved = save.then(|| AttentionSaved {
             q,
@@ -202,8 +220,9 @@ impl AttentionSaved {
     pub fn backward(&self, attn: &Attention, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let dctx = attn.split_heads(dctx, self.shape, attn.num_heads)?;
         let scale = 1.0 / (self.q.dim(D::Minus1)? as f64).sqrt();
-        let raw = attn.raw_scores(&self.q, &self.k)?;
-        let fused_p = if self.fused {
+        let fused = self.fused && self.q.device().is_cpu();
+        let fused_p = if fused {
+            let raw = attn.raw_scores(&self.q, &self.k)?;
             cpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)?
         } else {
             None
@@ -211,36 +230,48 @@ impl AttentionSaved {
         let p = match fused_p {
             Some(p) => p,
             None => {
-                let (_, _, t, t2) = raw.dims4()?;
-                raw.affine(scale, 0.0)?
-                    .broadcast_add(&attn.full_mask(&self.mask_add, t, t2)?)?
-                    .broadcast_sub(&self.lse)?
-                    .exp()?
+                let mut p = attn.scores(&self.q, &self.k, &self.mask_add)?;
+                p = p.broadcast_sub(&self.lse.to_dtype(p.dtype())?)?;
+                p.exp()?
             }
         };
-        let p_drop = match &self.dropout {
-            Some(d) => d.backward(&p)?, // the same mask-and-scale as forward
-            None => p.clone(),
-        };
+        let adt = self.v.dtype();
         let gdctx = attn.group(&dctx)?;
-        let dv = matmul(&attn.group(&p_drop)?.t()?, &gdctx)?;
+        let dv = {
+            let p_drop = match &self.dropout {
+                Some(d) => d.backward(&p)?, // the same mask-and-scale as forward
+                None => p.clone(),
+            };
+            matmul(&attn.group(&p_drop.to_dtype(adt)?)?.t()?, &gdctx)?
+        };
         let dp = attn.ungroup(&matmul(&gdctx, &self.v.t()?)?)?;
         let dp = dropout::backward_opt(&self.dropout, dp)?;
-        let fused_ds = if self.fused {
+        let fused_ds = if fused {
             cpu::softmax_bwd(&p, &dp, scale)?
         } else {
             None
         };
-        let ds = match fused_ds {
-            Some(ds) => ds,
+        // ds = scale * p * (dp - rowsum(dp * p)); the composition leaves the scale to dq and dk,
+        // which are head-sized rather than score-sized.
+        let (ds, ds_scale) = match fused_ds {
+            Some(ds) => (ds, 1.0),
             None => {
-                let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-                (p * dp.broadcast_sub(&row)?)?.affine(scale, 0.0)?
+                let mut d = dp.to_dtype(p.dtype())?;
+                std::mem::drop(dp);
+                let row = (&d * &p)?.sum_keepdim(D::Minus1)?;
+                d = d.broadcast_sub(&row)?;
+                d = (d * p)?;
+                (d.to_dtype(adt)?, scale)
             }
         };
         let gds = attn.group(&ds)?;
-        let dq = attn.ungroup(&matmul(&gds, &self.k)?)?;
-        let dk = matmul(&gds.t()?, &attn.group(&self.q)?)?;
+        std::mem::drop(ds);
+        let mut dq = attn.ungroup(&matmul(&gds, &self.k)?)?;
+        let mut dk = matmul(&gds.t()?, &attn.group(&self.q)?)?;
+        if ds_scale != 1.0 {
+            dq = dq.affine(ds_scale, 0.0)?;
+            dk = dk.affine(ds_scale, 0.0)?;
+        }
         let (dq, dk) = match &self.rope {
             Some(r) => (r.apply_backward(&dq, 0)?, r.apply_backward(&dk, 0)?),
             None => (dq, dk),
@@ -406,6 +437,54 @@ mod tests {
     fn fused_causal_gqa_rope_path_matches_the_composition() {
         fused_matches_composition(decoder(0.2), Some(&rope()));
         fused_matches_composition(decoder(0.0), Some(&rope()));
+    }
+
+    /// bf16 q, k, v and output gradient (the composition, as on a GPU) against f32.
+    fn bf16_follows_f32(attn: Attention, rope: Option<&Rope>) {
+        let (b, t, d) = (2, 7, 8);
+        let (cq, ckv) = (attn.num_heads * d, attn.num_kv_heads * d);
+        let shape = AttnShape { batch: b, seq: t };
+        let mask_add = mask(b, t, true, DType::F32);
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (q, k, v, dy) = (
+            bf(randn(&[b * t, cq], 61)),
+            bf(randn(&[b * t, ckv], 62)),
+            bf(randn(&[b * t, ckv], 63)),
+            bf(randn(&[b * t, cq], 64)),
+        );
+        let run = |dtype: DType| {
+            let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            let (y, s) = attn
+                .forward(
+                    (&c(&q), &c(&k), &c(&v)),
+                    &mask_add,
+                    shape,
+                    rope,
+                    &mut pass,
+                    true,
+                )
+                .unwrap();
+            let (dq, dk, dv) = s.unwrap().backward(&attn, &c(&dy)).unwrap();
+            [y, dq, dk, dv]
+        };
+        for (h, f) in run(DType::BF16).iter().zip(run(DType::F32).iter()) {
+            assert_eq!(h.dtype(), DType::BF16);
+            assert!(crate::nn::gradcheck::rel_err(h, f) < 2e-2);
+        }
+    }
+
+    #[test]
+    fn bf16_composition_follows_f32() {
+        bf16_follows_f32(mha(2, 0.0), None);
+        bf16_follows_f32(
+            decoder(0.0),
+            Some(&Rope::new(8, 16, 10_000.0, &Device::Cpu).unwrap()),
+        );
     }
 
     #[test]

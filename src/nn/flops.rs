@@ -10,7 +10,9 @@ static MATMUL_FLOPS: AtomicU64 = AtomicU64::new(0);
 
 /// `a @ b` (candle's batched matmul) with FLOP accounting.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let out = if a.rank() >= 3 && a.dim(0)? >= 2 {
+    let out = if !a.device().is_cpu() {
+        gpu_matmul(a, b)?
+    } else if a.rank() >= 3 && a.dim(0)? >= 2 {
         super::cpu::batched_matmul(a, b)?
     } else {
         a.matmul(b)?
@@ -22,7 +24,70 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// cuBLAS takes each operand's last two dims either row-major or transposed, with evenly strided
+/// batches; other views (a row slice of a wider tensor, say) are copied to a contiguous layout first.
+fn gpu_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let ok = cublas_layout_ok;
+    match (ok(a), ok(b)) {
+        (true, true) => a.matmul(b),
+        (ta, tb) => {
+            let a = if ta { a.clone() } else { a.contiguous()? };
+            let b = if tb { b.clone() } else { b.contiguous()? };
+            a.matmul(&b)
+        }
+    }
+}
+
+/// Whether candle's CUDA matmul accepts this operand's layout as it is.
+pub(crate) fn cublas_layout_ok(t: &Tensor) -> bool {
+    let (d, s) = (t.dims(), t.stride());
+    let n = d.len();
+    if n < 2 {
+        return t.is_contiguous();
+    }
+    let (rows, cols) = (d[n - 2], d[n - 1]);
+    let (sr, sc) = (s[n - 2], s[n - 1]);
+    let inner = (sc == 1 || cols == 1) && (sr == cols || rows == 1)
+        || (sr == 1 || rows == 1) && (sc == rows || cols == 1);
+    // Batch dims (rank 4): the outer batch stride must step over whole inner batches.
+    let batch_ok = (0..n.saturating_sub(3)).all(|i| d[i + 1] == 1 || s[i] == s[i + 1] * d[i + 1]);
+    inner && batch_ok
+}
+
 /// FLOPs counted since the process started.
 pub fn total() -> u64 {
     MATMUL_FLOPS.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn cublas_layouts_are_recognised() {
+        let t = Tensor::zeros((4, 6, 5), DType::F32, &Device::Cpu).unwrap();
+        assert!(cublas_layout_ok(&t));
+        assert!(cublas_layout_ok(&t.t().unwrap()));
+        // A column slice and the first token of each sequence (rows strided by seq * hidden).
+        assert!(!cublas_layout_ok(&t.narrow(2, 1, 3).unwrap()));
+        let first = t.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+        assert!(!cublas_layout_ok(&first));
+        assert!(cublas_layout_ok(&first.contiguous().unwrap()));
+        let q = Tensor::zeros((2, 3, 4, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(cublas_layout_ok(&q.t().unwrap()));
+        assert!(!cublas_layout_ok(&q.transpose(1, 2).unwrap()));
+        // The fallback gives candle's own result on the CPU.
+        let a = Tensor::randn(0f32, 1., (3, 4), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1., (5, 4), &Device::Cpu).unwrap();
+        let d = (gpu_matmul(&a, &w.t().unwrap()).unwrap() - a.matmul(&w.t().unwrap()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6);
+    }
 }

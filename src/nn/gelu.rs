@@ -58,32 +58,40 @@ impl GeluSaved {
         }
     }
 
-    /// The candle composition (other devices; reference for the fused kernel).
+    /// The candle composition (other devices; reference for the fused kernel). Computed in f32
+    /// for half-precision activations, by blocks of rows to bound its temporaries.
     pub fn backward_reference(&self, dy: &Tensor) -> Result<Tensor> {
-        if self.kind == GeluKind::Tanh {
-            return self.backward_reference_tanh(dy);
-        }
-        let x = &self.x;
-        let cdf = (x / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
-        let pdf = x
-            .sqr()?
-            .affine(-0.5, 0.0)?
-            .exp()?
-            .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
-        dy * (cdf + (x * pdf)?)?
+        let kind = self.kind;
+        super::map_row_blocks(&[&self.x, dy], super::ROW_BLOCK_ELEMS, |t| {
+            let out = t[1].dtype();
+            let cdt = crate::device::compute_dtype(out);
+            let (x, dy) = (t[0].to_dtype(cdt)?, t[1].to_dtype(cdt)?);
+            match kind {
+                GeluKind::Erf => erf_backward(&x, &dy)?.to_dtype(out),
+                GeluKind::Tanh => tanh_backward(&x, &dy)?.to_dtype(out),
+            }
+        })
     }
+}
 
-    fn backward_reference_tanh(&self, dy: &Tensor) -> Result<Tensor> {
-        let x = &self.x;
-        let c = (2.0 / std::f64::consts::PI).sqrt();
-        let t = (x + x.powf(3.0)?.affine(0.044715, 0.0)?)?
-            .affine(c, 0.0)?
-            .tanh()?;
-        let du = x.sqr()?.affine(3.0 * 0.044715 * c, c)?;
-        let left = t.affine(0.5, 0.5)?;
-        let right = ((x * t.sqr()?.affine(-0.5, 0.5)?)? * du)?;
-        dy * (left + right)?
-    }
+fn erf_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let mut cdf = (x / std::f64::consts::SQRT_2)?.erf()?;
+    cdf = cdf.affine(0.5, 0.5)?;
+    let mut pdf = x.sqr()?.affine(-0.5, 0.0)?;
+    pdf = pdf.exp()?;
+    pdf = (x * pdf)?.affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
+    dy * (cdf + pdf)?
+}
+
+fn tanh_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let t = (x + x.powf(3.0)?.affine(0.044715, 0.0)?)?
+        .affine(c, 0.0)?
+        .tanh()?;
+    let du = x.sqr()?.affine(3.0 * 0.044715 * c, c)?;
+    let left = t.affine(0.5, 0.5)?;
+    let right = ((x * t.sqr()?.affine(-0.5, 0.5)?)? * du)?;
+    dy * (left + right)?
 }
 
 #[cfg(test)]

@@ -27,6 +27,22 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// `||a - b|| / ||b||` in f64, whatever the dtypes (half-precision results against f32 ones).
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let (a, b) = (f(a), f(b));
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt()
+    };
+    norm(&(&a - &b).unwrap()) / norm(&b).max(1e-30)
+}
+
 fn weighted_sum(y: &Tensor, dy: &Tensor) -> Result<f64> {
     (y * dy)?.sum_all()?.to_scalar::<f64>()
 }

@@ -21,6 +21,8 @@ pub struct HeadSaved {
     features: Tensor,
     batch: usize,
     seq: usize,
+    /// The hidden states' dtype (the head itself may run in a wider one).
+    in_dtype: candle_core::DType,
 }
 
 pub struct HeadGrads {
@@ -42,7 +44,8 @@ impl ClassificationHead {
         let first = h
             .reshape((batch, seq, hidden))?
             .narrow(1, 0, 1)?
-            .squeeze(1)?;
+            .squeeze(1)?
+            .to_dtype(self.pooler.weight.dtype())?;
         let pooled = self.pooler.forward(&first)?.tanh()?;
         let (features, dropout) = self.dropout.forward(&pooled, pass, save)?;
         let logits = self.classifier.forward(&features)?;
@@ -52,6 +55,7 @@ impl ClassificationHead {
             features,
             batch,
             seq,
+            in_dtype: h.dtype(),
         });
         Ok((logits, saved))
     }
@@ -72,7 +76,7 @@ impl HeadSaved {
         let dfeat = head.classifier.backward_input(dlogits)?;
         let dpooled = super::dropout::backward_opt(&self.dropout, dfeat)?;
         let dz = (dpooled * self.pooled.sqr()?.affine(-1.0, 1.0)?)?;
-        let dfirst = head.pooler.backward_input(&dz)?;
+        let dfirst = head.pooler.backward_input(&dz)?.to_dtype(self.in_dtype)?;
         let hidden = dfirst.dim(1)?;
         let rest = Tensor::zeros(
             (self.batch, self.seq - 1, hidden),

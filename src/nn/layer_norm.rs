@@ -1,6 +1,7 @@
 //! LayerNorm over the last dimension with frozen gamma/beta (as in llm.c's `layernorm_forward`,
 //! backward reads back the normalised input and the per-row reciprocal std).
 
+use crate::device::compute_dtype;
 use candle_core::{Result, Tensor, D};
 
 #[derive(Clone, Debug)]
@@ -36,12 +37,21 @@ impl LayerNorm {
         x: &Tensor,
         save: bool,
     ) -> Result<(Tensor, Option<LayerNormSaved>)> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
+        // Statistics in f32 for half-precision activations; xhat is kept in the activations' dtype.
+        let cdt = compute_dtype(x.dtype());
+        let xc = {
+            let x = x.to_dtype(cdt)?;
+            x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
+        };
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let rstd = (var + self.eps)?.sqrt()?.recip()?;
         let xhat = xc.broadcast_mul(&rstd)?;
-        let y = xhat.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)?;
+        drop(xc);
+        let y = xhat
+            .broadcast_mul(&self.gamma.to_dtype(cdt)?)?
+            .broadcast_add(&self.beta.to_dtype(cdt)?)?
+            .to_dtype(x.dtype())?;
+        let xhat = xhat.to_dtype(x.dtype())?;
         Ok((y, save.then_some(LayerNormSaved { xhat, rstd })))
     }
 }
@@ -56,13 +66,16 @@ impl LayerNormSaved {
     }
 
     pub fn backward_reference(&self, ln: &LayerNorm, dy: &Tensor) -> Result<Tensor> {
-        let g = dy.broadcast_mul(&ln.gamma)?;
+        let cdt = compute_dtype(dy.dtype());
+        let xhat = self.xhat.to_dtype(cdt)?;
+        let g = dy.to_dtype(cdt)?.broadcast_mul(&ln.gamma.to_dtype(cdt)?)?;
         let g_mean = g.mean_keepdim(D::Minus1)?;
-        let gx_mean = (&g * &self.xhat)?.mean_keepdim(D::Minus1)?;
+        let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = g
             .broadcast_sub(&g_mean)?
-            .sub(&self.xhat.broadcast_mul(&gx_mean)?)?;
-        dx.broadcast_mul(&self.rstd)
+            .sub(&xhat.broadcast_mul(&gx_mean)?)?;
+        dx.broadcast_mul(&self.rstd.to_dtype(cdt)?)?
+            .to_dtype(dy.dtype())
     }
 }
 

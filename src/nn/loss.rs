@@ -123,13 +123,15 @@ fn lm_head_loss_impl(
         let n = chunk_rows.min(tokens - start);
         let logits = matmul(&sel.narrow(0, start, n)?, &w_t)?;
         let (loss, dlogits) = chunk_loss(&logits, &labels[start..start + n], grad_scale, fused)?;
+        drop(logits);
         loss_sum += loss;
         if let Some(d) = dlogits {
-            dsel.push(matmul(&d, head_weight)?);
+            // The gradient flows back in the head's dtype (bf16 logits' gradient is bf16).
+            dsel.push(matmul(&d.to_dtype(head_weight.dtype())?, head_weight)?);
         }
     }
     let dhidden = if need_grad {
-        let dsel = Tensor::cat(&dsel, 0)?;
+        let dsel = Tensor::cat(&dsel, 0)?.to_dtype(hidden.dtype())?;
         Some(if all {
             dsel
         } else {
@@ -158,12 +160,16 @@ fn chunk_loss(
             return Ok(out);
         }
     }
-    let (n, v) = logits.dims2()?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let logp = shifted.broadcast_sub(&lse)?;
-    let index = Tensor::from_slice(labels, (n, 1), logits.device())?;
+    // In f32 for half-precision logits (a log-softmax over 10^4-10^5 entries).
+    let logits = logits.to_dtype(crate::device::compute_dtype(logits.dtype()))?;
+    let n = logits.dim(0)?;
+    let logp = {
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        shifted.broadcast_sub(&lse)?
+    };
+    drop(logits);
+    let index = Tensor::from_slice(labels, (n, 1), logp.device())?;
     let loss = -logp
         .gather(&index, 1)?
         .to_dtype(DType::F64)?
@@ -171,13 +177,12 @@ fn chunk_loss(
         .to_scalar::<f64>()?;
     let dlogits = match grad_scale {
         Some(g) => {
-            let mut onehot = vec![0f32; n * v];
-            for (i, &y) in labels.iter().enumerate() {
-                onehot[i * v + y as usize] = 1.0;
-            }
-            let onehot =
-                Tensor::from_vec(onehot, (n, v), logits.device())?.to_dtype(logits.dtype())?;
-            Some((logp.exp()? - onehot)?.affine(g, 0.0)?)
+            // softmax - onehot: 1 subtracted in place at each row's target, on the device.
+            let d = logp.exp()?;
+            drop(logp);
+            let minus_one = Tensor::ones((n, 1), d.dtype(), d.device())?.neg()?;
+            d.scatter_add_set(&index, &minus_one, 1)?;
+            Some(d.affine(g, 0.0)?)
         }
         None => None,
     };

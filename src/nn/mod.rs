@@ -23,6 +23,7 @@ pub mod swiglu;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 
+use candle_core::Tensor;
 pub use dropout::Dropout;
 pub use flops::matmul;
 
@@ -31,4 +32,68 @@ pub use flops::matmul;
 pub struct Pass<'a> {
     pub training: bool,
     pub rng: &'a mut rand::rngs::StdRng,
+}
+
+/// Runs `f` on blocks of rows of `inputs` (same number of rows each) and writes its results into
+/// one output. Off the CPU an elementwise formula is a chain of candle ops, each allocating a
+/// tensor as large as its input; by rows, those temporaries take one block's worth of memory
+/// instead of several activations' worth. One block (no copy) when everything fits.
+pub(crate) fn map_row_blocks(
+    inputs: &[&Tensor],
+    block_elems: usize,
+    f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let rows = inputs[0].dim(0)?;
+    let per_row = (inputs[0].elem_count() / rows.max(1)).max(1);
+    let block = (block_elems / per_row).max(1);
+    if block >= rows {
+        let all: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+        return f(&all);
+    }
+    let mut out: Option<Tensor> = None;
+    for start in (0..rows).step_by(block) {
+        let n = block.min(rows - start);
+        let part = inputs
+            .iter()
+            .map(|t| t.narrow(0, start, n))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let y = f(&part)?;
+        if out.is_none() {
+            let mut dims = y.dims().to_vec();
+            dims[0] = rows;
+            out = Some(Tensor::zeros(dims, y.dtype(), y.device())?);
+        }
+        out.as_ref().expect("made above").slice_set(&y, 0, start)?;
+    }
+    Ok(out.expect("at least one block"))
+}
+
+/// Elements per block for [`map_row_blocks`] (16 MiB of f32).
+pub(crate) const ROW_BLOCK_ELEMS: usize = 1 << 22;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn row_blocks_give_the_unblocked_result() {
+        let x = Tensor::randn(0f32, 1., (37, 5), &Device::Cpu).unwrap();
+        let y = Tensor::randn(0f32, 1., (37, 5), &Device::Cpu).unwrap();
+        let f = |t: &[Tensor]| (&t[0] * &t[1])?.exp()?.to_dtype(DType::F64);
+        let whole = f(&[x.clone(), y.clone()]).unwrap();
+        for block in [1, 5, 10, 36, 1000] {
+            let b = map_row_blocks(&[&x, &y], block, f).unwrap();
+            assert_eq!(b.dtype(), DType::F64);
+            let d: f64 = (b - &whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0, "block {block}");
+        }
+    }
 }

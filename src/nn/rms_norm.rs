@@ -2,6 +2,7 @@
 //! Like LayerNorm without centring or bias, so backward reads back the same two things: the
 //! normalised input and the per-row reciprocal RMS.
 
+use crate::device::compute_dtype;
 use candle_core::{Result, Tensor, D};
 
 #[derive(Clone, Debug)]
@@ -34,10 +35,17 @@ impl RmsNorm {
         x: &Tensor,
         save: bool,
     ) -> Result<(Tensor, Option<RmsNormSaved>)> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        // Statistics in f32 for half-precision activations; xhat is kept in the activations' dtype.
+        let cdt = compute_dtype(x.dtype());
+        let xc = x.to_dtype(cdt)?;
+        let ms = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let rstd = (ms + self.eps)?.sqrt()?.recip()?;
-        let xhat = x.broadcast_mul(&rstd)?;
-        let y = xhat.broadcast_mul(&self.weight)?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        drop(xc);
+        let y = xhat
+            .broadcast_mul(&self.weight.to_dtype(cdt)?)?
+            .to_dtype(x.dtype())?;
+        let xhat = xhat.to_dtype(x.dtype())?;
         Ok((y, save.then_some(RmsNormSaved { xhat, rstd })))
     }
 }
@@ -53,10 +61,15 @@ impl RmsNormSaved {
     }
 
     pub fn backward_reference(&self, norm: &RmsNorm, dy: &Tensor) -> Result<Tensor> {
-        let g = dy.broadcast_mul(&norm.weight)?;
-        let gx_mean = (&g * &self.xhat)?.mean_keepdim(D::Minus1)?;
-        g.sub(&self.xhat.broadcast_mul(&gx_mean)?)?
-            .broadcast_mul(&self.rstd)
+        let cdt = compute_dtype(dy.dtype());
+        let xhat = self.xhat.to_dtype(cdt)?;
+        let g = dy
+            .to_dtype(cdt)?
+            .broadcast_mul(&norm.weight.to_dtype(cdt)?)?;
+        let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+        g.sub(&xhat.broadcast_mul(&gx_mean)?)?
+            .broadcast_mul(&self.rstd.to_dtype(cdt)?)?
+            .to_dtype(dy.dtype())
     }
 }
 

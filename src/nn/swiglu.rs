@@ -36,12 +36,27 @@ impl SwiGluSaved {
         self.backward_reference(dy)
     }
 
+    /// The candle composition (other devices; reference for the fused kernel). Computed in f32
+    /// for half-precision activations, by blocks of rows to bound its temporaries.
     pub fn backward_reference(&self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let g = &self.gate;
-        let s = (g.neg()?.exp()? + 1.0)?.recip()?;
-        let dsilu = (&s * (g * s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
-        let dgate = (dy * &self.up)?.mul(&dsilu)?;
-        let dup = dy.mul(&(g * s)?)?;
+        let out = dy.dtype();
+        let cdt = crate::device::compute_dtype(out);
+        let sigmoid = |g: &Tensor| (g.neg()?.exp()? + 1.0)?.recip();
+        let blocks = super::ROW_BLOCK_ELEMS;
+        let dgate = super::map_row_blocks(&[&self.gate, &self.up, dy], blocks, |t| {
+            let (g, u, dy) = (
+                t[0].to_dtype(cdt)?,
+                t[1].to_dtype(cdt)?,
+                t[2].to_dtype(cdt)?,
+            );
+            let s = sigmoid(&g)?;
+            let dsilu = (&s * (g * s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+            (dy * u)?.mul(&dsilu)?.to_dtype(out)
+        })?;
+        let dup = super::map_row_blocks(&[&self.gate, dy], blocks, |t| {
+            let (g, dy) = (t[0].to_dtype(cdt)?, t[1].to_dtype(cdt)?);
+            dy.mul(&(&g * sigmoid(&g)?)?)?.to_dtype(out)
+        })?;
         Ok((dgate, dup))
     }
 }

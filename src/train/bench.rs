@@ -12,7 +12,7 @@ use crate::data::Label;
 use crate::model::bert::{BertConfig, BertForSequenceClassification};
 use crate::nn::{flops, Pass};
 use anyhow::Result;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -44,6 +44,8 @@ pub struct BenchArgs {
     /// Model dropout (hidden and attention); PEFT's reference benchmark uses 0.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(Serialize)]
@@ -70,7 +72,7 @@ pub struct BenchResult {
 }
 
 pub fn run(a: &BenchArgs) -> Result<BenchResult> {
-    let device = Device::Cpu;
+    let device = a.device.open()?;
     let mut rng = StdRng::seed_from_u64(0);
     let config = BertConfig {
         vocab_size: 30522,
@@ -133,6 +135,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
             let p = model.param_mut(name).expect("known parameter");
             *p = opt.update(name, p, g, 1e-3)?;
         }
+        crate::device::synchronize(&device)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         losses.push(out.loss);
         if s >= a.warmup {
@@ -146,7 +149,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
     Ok(BenchResult {
         framework: "safetune",
         arch: "bert",
-        device: format!("{device:?}").to_lowercase(),
+        device: a.device.device_spec().to_string(),
         layers: a.layers,
         hidden: a.hidden,
         batch: a.batch,

@@ -137,7 +137,8 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
             t.dims(),
             p.dims()
         );
-        *p = t.clone();
+        // Onto the model's device and dtype (checkpoints are read on the host).
+        *p = t.to_dtype(p.dtype())?.to_device(p.device())?;
     }
     for stem in &state.frozen_adapters {
         if let Some(ad) = model.adapter_by_path_mut(stem) {
@@ -146,11 +147,17 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
     }
     opt.state.clear();
     for (name, &step) in &state.opt_steps {
-        let get = |k: String| {
-            tensors
+        let like = model
+            .param_mut(name)
+            .map(|p| (p.dtype(), p.device().clone()));
+        let get = |k: String| -> Result<Tensor> {
+            let t = tensors
                 .get(&k)
-                .cloned()
-                .with_context(|| format!("{}: missing '{k}'", tpath.display()))
+                .with_context(|| format!("{}: missing '{k}'", tpath.display()))?;
+            Ok(match &like {
+                Some((dtype, device)) => t.to_dtype(*dtype)?.to_device(device)?,
+                None => t.clone(),
+            })
         };
         opt.state.insert(
             name.clone(),

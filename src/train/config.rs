@@ -133,6 +133,11 @@ pub struct TrainConfig {
     /// Once the bottom layers freeze, keep their output per example on disk (in the output folder)
     /// and reuse it in later epochs instead of recomputing those layers.
     pub cache_frozen_bottom: bool,
+    /// cpu | cuda | cuda:N
+    pub device: crate::device::DeviceSpec,
+    /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
+    /// optimizer state and the losses stay f32).
+    pub dtype: crate::device::DTypeSpec,
     pub data: DataConfig,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
@@ -156,6 +161,8 @@ impl Default for TrainConfig {
             max_steps_per_epoch: 0,
             init_adapter: None,
             cache_frozen_bottom: true,
+            device: Default::default(),
+            dtype: Default::default(),
             data: DataConfig::default(),
             lora: LoraConfig::default(),
             safe: SafeConfig::default(),

@@ -271,8 +271,9 @@ fn create_file(path: &Path) -> Result<std::fs::File> {
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.
 pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Result<LmSummary> {
     let t_start = Instant::now();
-    let device = Device::Cpu;
-    let loaded = load_decoder(cfg.model.as_deref(), DType::F32, &device)?;
+    let device = cfg.device.open()?;
+    let mem = memory::MemTracker::new(&device);
+    let loaded = load_decoder(cfg.model.as_deref(), cfg.dtype.dtype(), &device)?;
     let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos)?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
     let mut model = loaded.model;
@@ -381,7 +382,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
             StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
         let bar = super::trainer::progress_bar(show_progress, steps_per_epoch, epoch, cfg.epochs);
         let flops_before = flops::total();
-        memory::reset_peak();
+        mem.reset_peak();
         let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
         let mut lr = 0.0;
         let (mut importance, mut threshold) = (None, None);
@@ -393,9 +394,9 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
             .sum();
         let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
         for s in 0..steps_per_epoch {
-            let live_before = memory::live_bytes();
-            epoch_peak = epoch_peak.max(memory::peak_bytes());
-            memory::reset_peak();
+            let live_before = mem.live();
+            epoch_peak = epoch_peak.max(mem.peak());
+            mem.reset_peak();
             let mut grads: Vec<(String, Tensor)> = Vec::new();
             for m in 0..accum {
                 let start = (s * accum + m) * micro;
@@ -431,7 +432,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 }
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
-            step_peak = step_peak.max(memory::peak_bytes().saturating_sub(live_before));
+            step_peak = step_peak.max(mem.peak().saturating_sub(live_before));
             lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
             for (name, g) in &grads {
                 let p = model
@@ -481,7 +482,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 ));
             }
         }
-        let epoch_peak = epoch_peak.max(memory::peak_bytes());
+        let epoch_peak = epoch_peak.max(mem.peak());
         let epoch_flops = flops::total() - flops_before - monitor_flops;
         let train_secs = t_epoch.elapsed().as_secs_f64();
         if let Some(b) = bar {
@@ -506,6 +507,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
             train_flops: epoch_flops,
             monitor_flops,
             peak_mem_bytes: epoch_peak,
+            driver_used_bytes: mem.driver().map(|d| d.used),
             step_mem_bytes: step_peak,
             lowest_trainable_layer: model.lowest_trainable_layer(),
             trainable_params: trainable,

@@ -51,6 +51,11 @@ pub struct LmTrainConfig {
     /// Evaluate perplexity on at most this many validation / test sequences (0 = all).
     pub max_eval_sequences: usize,
     pub eval_batch_size: usize,
+    /// cpu | cuda | cuda:N
+    pub device: crate::device::DeviceSpec,
+    /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
+    /// optimizer state and the losses stay f32).
+    pub dtype: crate::device::DTypeSpec,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
 }
@@ -77,6 +82,8 @@ impl Default for LmTrainConfig {
             max_steps_per_epoch: 30,
             max_eval_sequences: 64,
             eval_batch_size: 8,
+            device: Default::default(),
+            dtype: Default::default(),
             lora: LoraConfig {
                 r: 8,
                 alpha: 16.0,

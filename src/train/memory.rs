@@ -1,6 +1,13 @@
 //! Memory accounting: a counting global allocator (live and peak bytes of every heap allocation,
 //! tensors included; resettable per epoch, the CPU analogue of PyTorch's `max_memory_allocated`)
 //! and the process's peak RSS from `/proc/self/status`.
+//!
+//! On CUDA, candle allocates every tensor with cudarc's stream-ordered `cuMemAllocAsync` from the
+//! device's current memory pool, so the pool's counters are the allocator-level numbers:
+//! `CU_MEMPOOL_ATTR_USED_MEM_CURRENT` (live bytes) and `CU_MEMPOOL_ATTR_USED_MEM_HIGH` (peak since
+//! the last reset), what PyTorch reports as `memory_allocated` / `max_memory_allocated`. The
+//! driver's view (`cuMemGetInfo`: everything the process holds, pool reserve, cuBLAS workspace and
+//! CUDA context included) is reported beside them. [`MemTracker`] reads whichever applies.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,9 +72,182 @@ pub fn peak_rss_bytes() -> Option<usize> {
     Some(kb * 1024)
 }
 
+/// What the driver says about the whole device (`cuMemGetInfo`): bytes in use by every process
+/// and context, and the device's capacity.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DriverMem {
+    pub used: usize,
+    pub total: usize,
+}
+
+/// Sets up a device for training: on CUDA, the memory pool keeps what is freed
+/// (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD` = u64::MAX) instead of handing it back to the driver at
+/// every synchronization, so the next step reuses it without new driver allocations. A no-op on
+/// the CPU.
+pub fn device_init(device: &candle_core::Device) -> anyhow::Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => cuda::set_attr(
+            d,
+            cuda::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Live and peak bytes where a device's tensors live: the counting heap allocator for the CPU,
+/// the CUDA memory pool for a GPU (each read waits for the device's queued work first, since
+/// frees are stream-ordered).
+#[derive(Clone, Debug)]
+pub struct MemTracker {
+    device: candle_core::Device,
+}
+
+impl MemTracker {
+    pub fn new(device: &candle_core::Device) -> Self {
+        Self {
+            device: device.clone(),
+        }
+    }
+
+    /// `heap` (CPU) or `cuda-pool`.
+    pub fn kind(&self) -> &'static str {
+        if self.device.is_cpu() {
+            "heap"
+        } else {
+            "cuda-pool"
+        }
+    }
+
+    /// Bytes allocated now.
+    pub fn live(&self) -> usize {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(d) => cuda::counter(
+                d,
+                cuda::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            ),
+            _ => live_bytes(),
+        }
+    }
+
+    /// Highest `live` since the last `reset_peak`.
+    pub fn peak(&self) -> usize {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(d) => {
+                let high = cuda::counter(
+                    d,
+                    cuda::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                );
+                high.max(self.live())
+            }
+            _ => peak_bytes(),
+        }
+    }
+
+    pub fn reset_peak(&self) {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(d) => {
+                // The high watermark can only be set to zero; it then restarts from the next use.
+                let _ = self.device.synchronize();
+                if let Err(e) = cuda::set_attr(
+                    d,
+                    cuda::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    0,
+                ) {
+                    tracing::warn!("cannot reset the CUDA pool's peak: {e:#}");
+                }
+            }
+            _ => reset_peak(),
+        }
+    }
+
+    /// The driver's view of the whole device; None on the CPU.
+    pub fn driver(&self) -> Option<DriverMem> {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(d) => cuda::driver(d),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::DriverMem;
+    use candle_core::cuda_backend::cudarc::driver::result;
+    pub use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::CudaDevice;
+
+    /// The pool `cuMemAllocAsync` draws from on this device (the default pool unless changed).
+    fn pool(d: &CudaDevice) -> anyhow::Result<sys::CUmemoryPool> {
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread()?;
+        // SAFETY: the device handle comes from a live context.
+        Ok(unsafe { result::device::get_mem_pool(ctx.cu_device()) }?)
+    }
+
+    pub fn get_attr(d: &CudaDevice, attr: sys::CUmemPool_attribute) -> anyhow::Result<u64> {
+        let pool = pool(d)?;
+        let mut v: u64 = 0;
+        // SAFETY: every attribute read here is a cuuint64_t.
+        unsafe { result::mem_pool::get_attribute(pool, attr, &mut v as *mut u64 as *mut _) }?;
+        Ok(v)
+    }
+
+    pub fn set_attr(d: &CudaDevice, attr: sys::CUmemPool_attribute, v: u64) -> anyhow::Result<()> {
+        let pool = pool(d)?;
+        let mut v = v;
+        // SAFETY: every attribute written here is a cuuint64_t.
+        unsafe { result::mem_pool::set_attribute(pool, attr, &mut v as *mut u64 as *mut _) }?;
+        Ok(())
+    }
+
+    /// A pool counter after the queued work (and its frees) has run; 0 if unreadable.
+    pub fn counter(d: &CudaDevice, attr: sys::CUmemPool_attribute) -> usize {
+        let read = || -> anyhow::Result<u64> {
+            d.cuda_stream().synchronize()?;
+            get_attr(d, attr)
+        };
+        match read() {
+            Ok(v) => v as usize,
+            Err(e) => {
+                tracing::warn!("cannot read the CUDA pool's {attr:?}: {e:#}");
+                0
+            }
+        }
+    }
+
+    pub fn driver(d: &CudaDevice) -> Option<DriverMem> {
+        d.cuda_stream().context().bind_to_thread().ok()?;
+        let (free, total) = result::mem_get_info().ok()?;
+        Some(DriverMem {
+            used: total - free,
+            total,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_tracker_reads_the_heap_counters() {
+        let t = MemTracker::new(&candle_core::Device::Cpu);
+        assert_eq!(t.kind(), "heap");
+        assert!(t.driver().is_none());
+        t.reset_peak();
+        let v = vec![1u8; 32 << 20];
+        assert!(t.peak() >= 32 << 20);
+        assert!(t.live() >= 32 << 20);
+        drop(v);
+        assert!(device_init(&candle_core::Device::Cpu).is_ok());
+    }
 
     #[test]
     fn peak_follows_a_large_allocation_and_resets() {

@@ -134,7 +134,7 @@ fn frozen_bottom(
         }
     }
     let device = tensors.input_ids.device();
-    let dtype = model.head.classifier.weight.dtype();
+    let dtype = model.embeddings.word.dtype();
     if complete {
         return Ok(
             Tensor::from_vec(rows, (batch.batch * batch.seq, hidden), device)?.to_dtype(dtype)?,
@@ -228,5 +228,104 @@ mod tests {
             .grads
             .iter()
             .all(|(n, _)| !n.contains("layer.0.") && !n.contains("layer.1.")));
+    }
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use super::*;
+    use crate::adapters::{Adapted, LoraConfig};
+    use crate::model::bert::{BertConfig, Site};
+    use crate::nn::gradcheck::{randn, rel_err};
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn model(dtype: DType) -> BertForSequenceClassification {
+        let cfg = BertConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 64,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            max_position_embeddings: 16,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut m =
+            BertForSequenceClassification::random(cfg, 3, dtype, &Device::Cpu, &mut rng).unwrap();
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: vec!["query".into(), "value".into(), "output.dense".into()],
+            use_rslora: false,
+        };
+        m.add_lora(&lora, None, &mut rng).unwrap();
+        for (i, (l, s)) in m.adapter_sites().into_iter().enumerate() {
+            let ad = m.adapter_mut(l, s).unwrap();
+            ad.b = randn(ad.b.dims(), 200 + i as u64)
+                .affine(0.2, 0.0)
+                .unwrap()
+                .to_dtype(ad.a.dtype())
+                .unwrap();
+        }
+        m
+    }
+
+    fn batch() -> Batch {
+        let mut mask = vec![1u32; 16];
+        mask[13..].fill(0);
+        Batch {
+            input_ids: (0..16).map(|i| (i * 7 % 60 + 1) as u32).collect(),
+            token_type_ids: vec![0; 16],
+            attention_mask: mask,
+            batch: 2,
+            seq: 8,
+            labels: vec![Label::Class(2), Label::Class(0)],
+        }
+    }
+
+    #[test]
+    fn bf16_base_keeps_adapters_and_head_in_f32_and_follows_f32() {
+        let (m32, m16) = (model(DType::F32), model(DType::BF16));
+        let l0 = &m16.layers[0];
+        assert_eq!(
+            l0.linears[Site::Query as usize].base.weight.dtype(),
+            DType::BF16
+        );
+        assert_eq!(m16.adapter(0, Site::Query).unwrap().a.dtype(), DType::F32);
+        assert_eq!(m16.head.pooler.weight.dtype(), DType::F32);
+        assert_eq!(m16.head.classifier.weight.dtype(), DType::F32);
+        let run = |m: &BertForSequenceClassification| {
+            let mut rng = StdRng::seed_from_u64(9);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            forward_backward(m, &batch(), &mut pass, 1.0, None).unwrap()
+        };
+        let (a, b) = (run(&m32), run(&m16));
+        assert!(
+            (a.loss - b.loss).abs() < 1e-2 * a.loss.abs().max(1.0),
+            "loss f32 {} bf16 {}",
+            a.loss,
+            b.loss
+        );
+        assert_eq!(a.grads.len(), b.grads.len());
+        for ((na, ga), (nb, gb)) in a.grads.iter().zip(&b.grads) {
+            assert_eq!(na, nb);
+            assert_eq!(gb.dtype(), DType::F32, "{nb}");
+            let e = rel_err(gb, ga);
+            assert!(e < 5e-2, "{na}: relative error {e}");
+        }
+        // The trainable parameters match their gradients' dtype: AdamW runs in f32.
+        for (name, p) in m16.trainable_params() {
+            assert_eq!(p.dtype(), DType::F32, "{name}");
+        }
     }
 }

@@ -131,7 +131,7 @@ pub fn build_model(
     rng: &mut StdRng,
 ) -> Result<BertForSequenceClassification> {
     let mut model =
-        BertForSequenceClassification::load(model_dir, num_labels, DType::F32, device, rng)?;
+        BertForSequenceClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
     let n_layers = model.layers.len();
     let layers: Option<Vec<usize>> = match cfg.method {
         Method::Upper => Some((n_layers / 2..n_layers).collect()),
@@ -324,8 +324,13 @@ pub struct EpochLog {
     /// monitoring subset), kept apart from training FLOPs.
     #[serde(default)]
     pub monitor_flops: u64,
-    /// Peak heap bytes during this epoch's training steps (allocator level), everything included.
+    /// Peak bytes during this epoch's training steps (allocator level: the heap on the CPU, the
+    /// CUDA memory pool on a GPU), everything included.
     pub peak_mem_bytes: usize,
+    /// On a GPU, the driver's view at the end of the epoch's steps (`cuMemGetInfo`: all memory in
+    /// use on the device, the pool's reserve, cuBLAS workspace and CUDA context included).
+    #[serde(default)]
+    pub driver_used_bytes: Option<usize>,
     /// Peak heap bytes a training step adds to what is live before it (activations kept for
     /// backward, gradients, temporaries): the part freezing can save.
     #[serde(default)]
@@ -351,8 +356,12 @@ pub struct Summary {
     pub epochs: usize,
     pub wall_s: f64,
     pub train_wall_s: f64,
-    /// Highest per-epoch heap peak during training (allocator level).
+    /// What the memory numbers count: `heap` (CPU) or `cuda-pool` (GPU).
+    pub memory_counter: &'static str,
+    /// Highest per-epoch peak during training (allocator level).
     pub peak_mem_bytes: usize,
+    /// On a GPU, the highest driver-reported device memory in use at an epoch's end.
+    pub peak_driver_used_bytes: Option<usize>,
     /// Step-weighted mean of the per-epoch heap peaks: memory "over the run".
     pub mean_epoch_peak_mem_bytes: f64,
     /// Highest per-step memory (activations, gradients, temporaries above the resident model and
@@ -387,12 +396,14 @@ fn count_params(params: &[(String, Tensor)]) -> usize {
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.
 pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Summary> {
     let t_start = Instant::now();
-    let device = Device::Cpu;
+    let device = cfg.device.open()?;
     let setup = prepare(cfg)?;
     let task = setup.splits.train.task;
     let num_labels = setup.splits.train.num_labels();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
+    // Heap counters on the CPU, the CUDA memory pool's on a GPU.
+    let mem = memory::MemTracker::new(&device);
     std::fs::create_dir_all(&cfg.output)
         .with_context(|| format!("{}: cannot create output folder", cfg.output.display()))?;
     // The run's configuration, so `export` and `eval` can rebuild the same model later.
@@ -497,7 +508,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
         let bar = progress_bar(show_progress, steps_per_epoch, epoch, cfg.epochs);
         let flops_before = flops::total();
-        memory::reset_peak();
+        mem.reset_peak();
         let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
         let mut lr = 0.0;
         let (mut importance, mut threshold) = (None, None);
@@ -505,9 +516,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         let trainable = count_params(&model.trainable_params());
         let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
         for s in 0..steps_per_epoch {
-            let live_before = memory::live_bytes();
-            epoch_peak = epoch_peak.max(memory::peak_bytes());
-            memory::reset_peak();
+            let live_before = mem.live();
+            epoch_peak = epoch_peak.max(mem.peak());
+            mem.reset_peak();
             let mut grads: Vec<(String, Tensor)> = Vec::new();
             for m in 0..accum {
                 let start = (s * accum + m) * micro;
@@ -541,7 +552,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 }
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
-            step_peak = step_peak.max(memory::peak_bytes().saturating_sub(live_before));
+            step_peak = step_peak.max(mem.peak().saturating_sub(live_before));
             lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
             for (name, g) in &grads {
                 let p = model
@@ -589,7 +600,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 ));
             }
         }
-        let epoch_peak = epoch_peak.max(memory::peak_bytes());
+        let epoch_peak = epoch_peak.max(mem.peak());
         let epoch_flops = flops::total() - flops_before - monitor_flops;
         let train_secs = t_epoch.elapsed().as_secs_f64();
         if let Some(b) = bar {
@@ -622,6 +633,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             train_flops: epoch_flops,
             monitor_flops,
             peak_mem_bytes: epoch_peak,
+            driver_used_bytes: mem.driver().map(|d| d.used),
             step_mem_bytes: step_peak,
             lowest_trainable_layer: model.lowest_trainable_layer(),
             trainable_params: trainable,
@@ -689,7 +701,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         epochs: cfg.epochs,
         wall_s: t_start.elapsed().as_secs_f64(),
         train_wall_s: h.iter().map(|e| e.wall_s).sum(),
+        memory_counter: mem.kind(),
         peak_mem_bytes: h.iter().map(|e| e.peak_mem_bytes).max().unwrap_or(0),
+        peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
         mean_epoch_peak_mem_bytes: step_weighted(|e| e.peak_mem_bytes),
         step_mem_bytes: h.iter().map(|e| e.step_mem_bytes).max().unwrap_or(0),
         mean_step_mem_bytes: step_weighted(|e| e.step_mem_bytes),
