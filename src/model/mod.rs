@@ -2,9 +2,11 @@
 
 pub mod bert;
 pub mod generate;
+pub mod gpt2;
 pub mod llama;
 
 pub use bert::{BertConfig, BertForSequenceClassification};
+pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::LlamaConfig;
 
 use crate::adapters::{Adapted, LoraConfig, LoraGrads};
