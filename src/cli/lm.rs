@@ -17,7 +17,7 @@ pub struct LmTrainArgs {
     /// TOML config file (fields of `LmTrainConfig`).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// GGUF file or Hugging Face LLaMA folder. Default: SmolLM2-135M-Instruct (fetched).
+    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Text file/folder or instruction JSONL. Default: the asset of --data-kind (Moby Dick).
@@ -40,7 +40,7 @@ pub struct LmTrainArgs {
     pub lora_r: Option<usize>,
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-    /// Comma-separated module names, e.g. q_proj,v_proj
+    /// Comma-separated module names, e.g. q_proj,v_proj (LLaMA) or c_attn (GPT-2)
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
     #[arg(long)]
@@ -133,7 +133,7 @@ impl LmTrainArgs {
 
 #[derive(Args)]
 pub struct PerplexityArgs {
-    /// GGUF file or Hugging Face LLaMA folder. Default: SmolLM2-135M-Instruct.
+    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder to apply (e.g. a train-lm output).
@@ -162,7 +162,7 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
-    /// GGUF file or Hugging Face LLaMA folder. Default: SmolLM2-135M-Instruct (fetched).
+    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder to apply.

@@ -105,7 +105,7 @@ pub fn save(
         target_modules: lora.target_modules.clone(),
         base_model_name_or_path: Some(base_model.into()),
         bias: "none".into(),
-        fan_in_fan_out: false,
+        fan_in_fan_out: model.peft_fan_in_fan_out(),
         use_rslora: lora.use_rslora,
         modules_to_save: (!modules_to_save.is_empty()).then_some(modules_to_save),
         layers_to_transform: (!all_layers).then_some(layers),

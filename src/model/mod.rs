@@ -1,10 +1,14 @@
 //! Model architectures, built from `nn` components and `adapters`.
 
 pub mod bert;
+pub mod decoder;
 pub mod generate;
+pub mod gpt2;
 pub mod llama;
 
 pub use bert::{BertConfig, BertForSequenceClassification};
+pub use decoder::Decoder;
+pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::LlamaConfig;
 
 use crate::adapters::{Adapted, LoraConfig, LoraGrads};

@@ -14,7 +14,7 @@ use crate::adapters::Adapted;
 use crate::data::lm::{self, LmSequence};
 use crate::io::fetch;
 use crate::model::llama::LlamaForCausalLM;
-use crate::model::{CausalLm, LmBatch};
+use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::{flops, Pass};
 use crate::safe::{CkaAccumulator, SafeController};
@@ -31,7 +31,7 @@ use tokenizers::Tokenizer;
 
 /// A loaded decoder with its tokenizer and where it came from.
 pub struct LoadedDecoder {
-    pub model: LlamaForCausalLM,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
     pub eos: Option<u32>,
     /// Path written into the adapter's `base_model_name_or_path`.
@@ -44,7 +44,7 @@ pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
         Some(p) if !p.exists() => {
             return Err(crate::io::IoError::Missing {
                 path: p.into(),
-                what: "GGUF file or Hugging Face LLaMA folder".into(),
+                what: "GGUF file or Hugging Face LLaMA / GPT-2 folder".into(),
             }
             .into())
         }
@@ -57,15 +57,16 @@ pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
     })
 }
 
-/// Loads a LLaMA-family decoder from a GGUF file (dequantized to `dtype`) or a Hugging Face folder.
+/// Loads a decoder: a LLaMA-family GGUF file (dequantized to `dtype`), or a Hugging Face folder
+/// (GPT-2 when its `config.json` says `"model_type": "gpt2"`, else LLaMA-family).
 pub fn load_decoder(model: Option<&Path>, dtype: DType, device: &Device) -> Result<LoadedDecoder> {
     let source = resolve_decoder_path(model)?;
     if source.is_dir() {
-        let m = LlamaForCausalLM::load_hf(&source, dtype, device)?;
+        let m = Decoder::load_hf(&source, dtype, device)?;
         let tok_path = source.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("{}: not a tokenizer file ({e})", tok_path.display()))?;
-        let eos = m.config.eos_token_id;
+        let eos = m.eos_token_id();
         return Ok(LoadedDecoder {
             model: m,
             tokenizer,
@@ -79,7 +80,7 @@ pub fn load_decoder(model: Option<&Path>, dtype: DType, device: &Device) -> Resu
     let model = LlamaForCausalLM::from_weights(g.config, &w)
         .with_context(|| format!("{}: weights do not fit a LLaMA model", source.display()))?;
     Ok(LoadedDecoder {
-        model,
+        model: model.into(),
         tokenizer: g.tokenizer,
         eos,
         source,
@@ -302,8 +303,10 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
     let n = CausalLm::add_lora(&mut model, &cfg.lora, layers.as_deref(), &mut rng)?;
     anyhow::ensure!(
         n > 0,
-        "no linear matches the LoRA target modules {:?} (LLaMA has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
-        cfg.lora.target_modules
+        "no linear matches the LoRA target modules {:?} (this {} model has {})",
+        cfg.lora.target_modules,
+        model.model_type(),
+        model.linear_names().join(", ")
     );
     let names: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
     let layer_of = model.adapter_layers();

@@ -26,7 +26,7 @@ pub enum LmDataKind {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LmTrainConfig {
-    /// GGUF file or Hugging Face LLaMA folder; None: the SmolLM2 asset (fetched if missing).
+    /// GGUF file or Hugging Face LLaMA / GPT-2 folder; None: the SmolLM2 asset (fetched if missing).
     pub model: Option<PathBuf>,
     /// None: the asset of `data_kind` (Moby Dick or State of the Union), fetched if missing.
     pub data: Option<PathBuf>,
