@@ -1,42 +1,157 @@
-//! `safetune bench`: training-step speed and memory of a random-weight model of a given shape,
-//! with a given freezing pattern. One JSON line per run, comparable with
-//! `bench/peft_bench.py` (PyTorch + PEFT) on the same shapes.
+//! `safetune bench`: training-step speed and memory of a random-weight model of a given shape
+//! (a BERT classifier or a LLaMA-style decoder), with a given freezing pattern, on a given device
+//! and dtype. One JSON line per run, comparable with `bench/peft_bench.py` (PyTorch + PEFT) on the
+//! same shapes: the step time is the median of the timed steps (the device synchronized before the
+//! clock is read), the peak memory the highest allocator-level peak of a timed step above what was
+//! live before the first step (the weights), as PyTorch's `max_memory_allocated - base`.
 
-use super::memory;
+use super::memory::{self, MemTracker};
 use super::optim::{AdamW, AdamWConfig};
 use super::step;
-use crate::adapters::Adapted;
-use crate::adapters::LoraConfig;
+use crate::adapters::{Adapted, LoraConfig};
 use crate::data::batch::Batch;
 use crate::data::Label;
+use crate::device::DeviceArgs;
+use crate::io::weights::Weights;
 use crate::model::bert::{BertConfig, BertForSequenceClassification};
+use crate::model::llama::{LlamaForCausalLM, LlamaSite};
+use crate::model::{CausalLm, LlamaConfig, LmBatch};
+use crate::nn::attention::mask_to_additive;
 use crate::nn::{flops, Pass};
 use anyhow::Result;
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// BERT for sequence classification (2 labels), LoRA on query/value by default.
+    Bert,
+    /// LLaMA-style decoder with an untied LM head, LoRA on q_proj/v_proj by default.
+    Llama,
+}
+
+/// Shapes of the reference benchmarks (`bench/peft_bench.py`, `../shared/cuda/README.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// 6 x 384, 12 heads, FFN 1536; batch 16, seq 128.
+    Minilm,
+    /// 12 x 768, 12 heads, FFN 3072; batch 32, seq 128.
+    BertBase,
+    /// 24 x 1024, 16 heads, FFN 4096; batch 32, seq 128.
+    BertLarge,
+    /// 32 x 4096, 32 heads, FFN 11008, vocab 32000; batch 2, seq 512.
+    #[value(name = "llama-7b")]
+    Llama7b,
+    /// 2 x 64, 4 heads, FFN 128, vocab 1000; batch 4, seq 16 (smoke tests).
+    TinyBert,
+    /// 2 x 64, 4 heads (2 kv heads), FFN 128, vocab 1000; batch 2, seq 16 (smoke tests).
+    TinyLlama,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Shape {
+    pub arch: Arch,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Preset {
+    pub fn shape(self) -> Shape {
+        let bert = |layers, hidden, heads, ffn, batch| Shape {
+            arch: Arch::Bert,
+            layers,
+            hidden,
+            heads,
+            kv_heads: heads,
+            ffn,
+            vocab: 30522,
+            batch,
+            seq: 128,
+        };
+        match self {
+            Preset::Minilm => bert(6, 384, 12, 1536, 16),
+            Preset::BertBase => bert(12, 768, 12, 3072, 32),
+            Preset::BertLarge => bert(24, 1024, 16, 4096, 32),
+            Preset::Llama7b => Shape {
+                arch: Arch::Llama,
+                layers: 32,
+                hidden: 4096,
+                heads: 32,
+                kv_heads: 32,
+                ffn: 11008,
+                vocab: 32000,
+                batch: 2,
+                seq: 512,
+            },
+            Preset::TinyBert => Shape {
+                vocab: 1000,
+                batch: 4,
+                seq: 16,
+                ..bert(2, 64, 4, 128, 4)
+            },
+            Preset::TinyLlama => Shape {
+                arch: Arch::Llama,
+                layers: 2,
+                hidden: 64,
+                heads: 4,
+                kv_heads: 2,
+                ffn: 128,
+                vocab: 1000,
+                batch: 2,
+                seq: 16,
+            },
+        }
+    }
+}
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value_t = 12)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 768)]
-    pub hidden: usize,
-    #[arg(long, default_value_t = 12)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 3072)]
-    pub ffn: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 128)]
-    pub seq: usize,
+    /// Shape preset (default: bert-base, or llama-7b with --arch llama); the shape flags below
+    /// override its fields.
+    #[arg(long)]
+    pub preset: Option<Preset>,
+    /// bert | llama (default: the preset's).
+    #[arg(long)]
+    pub arch: Option<Arch>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Key/value heads (grouped-query attention; LLaMA only).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    #[arg(long)]
+    pub ffn: Option<usize>,
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long)]
+    pub seq: Option<usize>,
     /// Freeze the adapters of the bottom K layers (as SAFE does once they are unimportant).
     #[arg(long, default_value_t = 0)]
     pub frozen_prefix: usize,
     #[arg(long, default_value_t = 4)]
     pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// LoRA target modules, comma-separated (default: query,value for BERT, q_proj,v_proj for
+    /// LLaMA).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     #[arg(long, default_value_t = 10)]
@@ -44,125 +159,444 @@ pub struct BenchArgs {
     /// Model dropout (hidden and attention); PEFT's reference benchmark uses 0.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
+    /// Draw the LLaMA weights with the seeded host RNG (the same weights on every device, and what
+    /// the CPU always does) instead of `randn` on the device. BERT weights always come from the host.
+    #[arg(long)]
+    pub host_init: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[command(flatten)]
-    pub device: crate::device::DeviceArgs,
+    pub device: DeviceArgs,
+}
+
+impl BenchArgs {
+    /// The preset's shape with the flags' overrides.
+    pub fn shape(&self) -> Shape {
+        let preset = self.preset.unwrap_or(match self.arch {
+            Some(Arch::Llama) => Preset::Llama7b,
+            _ => Preset::BertBase,
+        });
+        let mut s = preset.shape();
+        let heads_given = self.heads.is_some();
+        s.arch = self.arch.unwrap_or(s.arch);
+        s.layers = self.layers.unwrap_or(s.layers);
+        s.hidden = self.hidden.unwrap_or(s.hidden);
+        s.heads = self.heads.unwrap_or(s.heads);
+        s.kv_heads = match (s.arch, self.kv_heads) {
+            (Arch::Bert, _) => s.heads,
+            (_, Some(k)) => k,
+            (_, None) if heads_given => s.heads,
+            (_, None) => s.kv_heads,
+        };
+        s.ffn = self.ffn.unwrap_or(s.ffn);
+        s.vocab = self.vocab.unwrap_or(s.vocab);
+        s.batch = self.batch.unwrap_or(s.batch);
+        s.seq = self.seq.unwrap_or(s.seq);
+        s
+    }
 }
 
 #[derive(Serialize)]
 pub struct BenchResult {
     pub framework: &'static str,
-    pub arch: &'static str,
+    #[serde(flatten)]
+    pub shape: Shape,
     pub device: String,
-    pub layers: usize,
-    pub hidden: usize,
-    pub batch: usize,
-    pub seq: usize,
-    pub frozen_prefix: usize,
     pub dtype: &'static str,
+    pub lora_r: usize,
+    pub targets: Vec<String>,
+    pub frozen_prefix: usize,
+    /// `host` (seeded host RNG, the same on every device) or `device` (`randn` on the device).
+    pub init: &'static str,
+    pub warmup: usize,
+    pub steps: usize,
     pub step_ms_median: f64,
+    pub step_ms_min: f64,
     pub tokens_per_s: f64,
-    /// Peak heap bytes above the resident weights during a step (activations, gradients, optimizer).
+    /// `heap` (CPU) or `cuda-pool` (allocator level of candle's CUDA memory pool).
+    pub memory_counter: &'static str,
+    /// Highest peak of a timed step above what was live before the first step (the weights):
+    /// activations, gradients, optimizer state, temporaries. PyTorch's `max_memory_allocated`
+    /// minus the weights.
     pub peak_mem_mb: f64,
+    /// Highest peak of a timed step above what was live just before it.
+    pub step_peak_mem_mb: f64,
+    /// Live before the first step: the weights (and adapters).
     pub weights_mb: f64,
+    /// CUDA: device memory in use according to the driver after the steps (pool reserve, cuBLAS
+    /// workspace and the CUDA context included), and the device's capacity.
+    pub driver_used_mb: Option<f64>,
+    pub driver_total_mb: Option<f64>,
     /// Peak resident set size of the whole process (weights, framework, activations).
     pub peak_rss_mb: Option<f64>,
     pub flops_per_step: u64,
+    /// Matmul FLOPs per second of the median step.
+    pub tflops_per_s: f64,
     pub loss_first: f32,
     pub loss_last: f32,
+    /// Every step's loss, warm-up included (for comparing devices and dtypes).
+    pub losses: Vec<f32>,
+}
+
+/// One model of either architecture, and its step.
+enum Model {
+    Bert(Box<BertForSequenceClassification>),
+    Llama(Box<LlamaForCausalLM>),
+}
+
+enum Inputs {
+    Bert(Batch),
+    Llama(LmBatch),
+}
+
+impl Model {
+    fn params(&mut self) -> &mut dyn Adapted {
+        match self {
+            Model::Bert(m) => m.as_mut(),
+            Model::Llama(m) => m.as_mut(),
+        }
+    }
+
+    /// Forward, loss and backward: `(loss, gradients by PEFT key)`.
+    fn step(&self, inputs: &Inputs, pass: &mut Pass) -> Result<(f32, Vec<(String, Tensor)>)> {
+        Ok(match (self, inputs) {
+            (Model::Bert(m), Inputs::Bert(b)) => {
+                let out = step::forward_backward(m, b, pass, 1.0, None)?;
+                (out.loss, out.grads)
+            }
+            (Model::Llama(m), Inputs::Llama(b)) => {
+                let (loss, grads) = m.loss_and_grads(b, pass, 1.0)?;
+                let mut named = Vec::with_capacity(2 * grads.len());
+                for (path, g) in grads {
+                    named.push((format!("{path}.lora_A.weight"), g.a));
+                    named.push((format!("{path}.lora_B.weight"), g.b));
+                }
+                ((loss.loss_sum / loss.tokens.max(1) as f64) as f32, named)
+            }
+            _ => unreachable!("inputs are built for the model's architecture"),
+        })
+    }
+}
+
+/// Random LLaMA weights drawn on the device (`randn` in f32, then cast one tensor at a time), so a
+/// 7B model never exists on the host or in f32 as a whole.
+fn llama_on_device(config: LlamaConfig, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+    let c = &config;
+    let (h, f, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.kv_heads() * c.head_dim(),
+    );
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    if !c.tie_word_embeddings {
+        shapes.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+    }
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for s in LlamaSite::ALL {
+            let (o, inp) = match s {
+                LlamaSite::Q | LlamaSite::O => (h, h),
+                LlamaSite::K | LlamaSite::V => (kv, h),
+                LlamaSite::Gate | LlamaSite::Up => (f, h),
+                LlamaSite::Down => (h, f),
+            };
+            shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
+        }
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    let mut tensors = HashMap::new();
+    for (name, shape) in shapes {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, dtype, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
+        };
+        tensors.insert(name, t);
+    }
+    Ok(LlamaForCausalLM::from_weights(
+        config,
+        &Weights::from_tensors(tensors, dtype, device),
+    )?)
+}
+
+fn build(
+    a: &BenchArgs,
+    s: &Shape,
+    dtype: DType,
+    device: &Device,
+    rng: &mut StdRng,
+) -> Result<(Model, Inputs, Vec<String>, &'static str)> {
+    let ids: Vec<u32> = (0..s.batch * s.seq)
+        .map(|_| rng.random_range(0..s.vocab as u32))
+        .collect();
+    let default_targets: &[&str] = match s.arch {
+        Arch::Bert => &["query", "value"],
+        Arch::Llama => &["q_proj", "v_proj"],
+    };
+    let targets = a
+        .targets
+        .clone()
+        .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
+    let lora = LoraConfig {
+        r: a.lora_r,
+        alpha: a.lora_alpha,
+        dropout: 0.0,
+        target_modules: targets.clone(),
+        use_rslora: false,
+    };
+    Ok(match s.arch {
+        Arch::Bert => {
+            let config = BertConfig {
+                vocab_size: s.vocab,
+                hidden_size: s.hidden,
+                num_hidden_layers: s.layers,
+                num_attention_heads: s.heads,
+                intermediate_size: s.ffn,
+                hidden_act: "gelu".into(),
+                hidden_dropout_prob: a.dropout,
+                attention_probs_dropout_prob: a.dropout,
+                max_position_embeddings: s.seq.max(512),
+                type_vocab_size: 2,
+                layer_norm_eps: 1e-12,
+                pad_token_id: 0,
+            };
+            let mut m = BertForSequenceClassification::random(config, 2, dtype, device, rng)?;
+            let n = m.add_lora(&lora, None, rng)?;
+            anyhow::ensure!(n > 0, "no BERT linear matches the targets {targets:?}");
+            for (layer, site) in m.adapter_sites() {
+                if layer < a.frozen_prefix {
+                    m.adapter_mut(layer, site).expect("listed").trainable = false;
+                }
+            }
+            let batch = Batch {
+                labels: (0..s.batch)
+                    .map(|i| Label::Class((ids[i * s.seq] % 2) as usize))
+                    .collect(),
+                input_ids: ids,
+                token_type_ids: vec![0; s.batch * s.seq],
+                attention_mask: vec![1; s.batch * s.seq],
+                batch: s.batch,
+                seq: s.seq,
+            };
+            (
+                Model::Bert(Box::new(m)),
+                Inputs::Bert(batch),
+                targets,
+                "host",
+            )
+        }
+        Arch::Llama => {
+            let config = LlamaConfig {
+                vocab_size: s.vocab,
+                hidden_size: s.hidden,
+                intermediate_size: s.ffn,
+                num_hidden_layers: s.layers,
+                num_attention_heads: s.heads,
+                num_key_value_heads: Some(s.kv_heads),
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+                max_position_embeddings: s.seq.max(4096),
+                tie_word_embeddings: false,
+                bos_token_id: None,
+                eos_token_id: None,
+            };
+            let host = a.host_init || device.is_cpu();
+            let mut m = if host {
+                LlamaForCausalLM::random(config, dtype, device, rng)?
+            } else {
+                llama_on_device(config, dtype, device)?
+            };
+            let n = m.add_lora(&lora, None, rng)?;
+            anyhow::ensure!(n > 0, "no LLaMA linear matches the targets {targets:?}");
+            for (layer, site) in m.adapter_sites() {
+                if layer < a.frozen_prefix {
+                    m.adapter_mut(layer, site).expect("listed").trainable = false;
+                }
+            }
+            // Labels = inputs, as transformers' causal-LM loss takes them: row i predicts token
+            // i + 1 of its sequence; each sequence's last row predicts nothing.
+            let mut targets_ids = Vec::with_capacity(ids.len());
+            for row in ids.chunks(s.seq) {
+                targets_ids.extend(row[1..].iter().map(|&t| t as i64));
+                targets_ids.push(crate::nn::loss::IGNORE_INDEX);
+            }
+            let shape = (s.batch, s.seq);
+            let mask = Tensor::ones(shape, DType::U32, device)?;
+            let batch = LmBatch {
+                input_ids: Tensor::from_vec(ids, shape, device)?,
+                mask_add: mask_to_additive(&mask, DType::F32)?,
+                targets: targets_ids,
+                batch: s.batch,
+                seq: s.seq,
+            };
+            (
+                Model::Llama(Box::new(m)),
+                Inputs::Llama(batch),
+                targets,
+                if host { "host" } else { "device" },
+            )
+        }
+    })
 }
 
 pub fn run(a: &BenchArgs) -> Result<BenchResult> {
+    anyhow::ensure!(a.steps > 0, "--steps must be at least 1");
+    let s = a.shape();
     let device = a.device.open()?;
-    let mut rng = StdRng::seed_from_u64(0);
-    let config = BertConfig {
-        vocab_size: 30522,
-        hidden_size: a.hidden,
-        num_hidden_layers: a.layers,
-        num_attention_heads: a.heads,
-        intermediate_size: a.ffn,
-        hidden_act: "gelu".into(),
-        hidden_dropout_prob: a.dropout,
-        attention_probs_dropout_prob: a.dropout,
-        max_position_embeddings: a.seq.max(512),
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-        pad_token_id: 0,
-    };
-    let live0 = memory::live_bytes();
-    let mut model =
-        BertForSequenceClassification::random(config, 2, DType::F32, &device, &mut rng)?;
-    let lora = LoraConfig {
-        r: a.lora_r,
-        alpha: 16.0,
-        dropout: 0.0,
-        ..Default::default()
-    };
-    model.add_lora(&lora, None, &mut rng)?;
-    for (layer, site) in model.adapter_sites() {
-        if layer < a.frozen_prefix {
-            model.adapter_mut(layer, site).expect("listed").trainable = false;
-        }
+    let dtype = a.device.dtype_spec().dtype();
+    if !device.is_cpu() {
+        device.set_seed(a.seed)?;
     }
-    let weights = memory::live_bytes() - live0;
-    let ids: Vec<u32> = (0..a.batch * a.seq)
-        .map(|_| rng.random_range(0..30522))
-        .collect();
-    let batch = Batch {
-        labels: (0..a.batch)
-            .map(|i| Label::Class((ids[i * a.seq] % 2) as usize))
-            .collect(),
-        input_ids: ids,
-        token_type_ids: vec![0; a.batch * a.seq],
-        attention_mask: vec![1; a.batch * a.seq],
-        batch: a.batch,
-        seq: a.seq,
-    };
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    let mem = MemTracker::new(&device);
+    let live0 = mem.live();
+    let (mut model, inputs, targets, init) = build(a, &s, dtype, &device, &mut rng)?;
     let mut opt = AdamW::new(AdamWConfig::default());
+    crate::device::synchronize(&device)?;
+    let base = mem.live();
     let mut times = Vec::new();
     let mut losses = Vec::new();
-    let (mut peak, mut flops_step) = (0usize, 0u64);
-    for s in 0..a.warmup + a.steps {
-        let base = memory::live_bytes();
-        memory::reset_peak();
+    let (mut peak, mut step_peak, mut flops_step) = (0usize, 0usize, 0u64);
+    for i in 0..a.warmup + a.steps {
+        let before = mem.live(); // after synchronizing
+        mem.reset_peak();
         let f0 = flops::total();
         let t = Instant::now();
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
         };
-        let out = step::forward_backward(&model, &batch, &mut pass, 1.0, None)?;
-        for (name, g) in &out.grads {
-            let p = model.param_mut(name).expect("known parameter");
+        let (loss, grads) = model.step(&inputs, &mut pass)?;
+        let params = model.params();
+        for (name, g) in &grads {
+            let p = params.param_mut(name).expect("known parameter");
             *p = opt.update(name, p, g, 1e-3)?;
         }
+        drop(grads);
         crate::device::synchronize(&device)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        losses.push(out.loss);
-        if s >= a.warmup {
+        losses.push(loss);
+        if i >= a.warmup {
+            let p = mem.peak();
             times.push(ms);
-            peak = peak.max(memory::peak_bytes().saturating_sub(base));
+            peak = peak.max(p.saturating_sub(base));
+            step_peak = step_peak.max(p.saturating_sub(before));
             flops_step = flops::total() - f0;
         }
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let mb = |b: usize| b as f64 / (1 << 20) as f64;
+    let driver = mem.driver();
     Ok(BenchResult {
         framework: "safetune",
-        arch: "bert",
+        shape: s,
         device: a.device.device_spec().to_string(),
-        layers: a.layers,
-        hidden: a.hidden,
-        batch: a.batch,
-        seq: a.seq,
+        dtype: a.device.dtype_spec().name(),
+        lora_r: a.lora_r,
+        targets,
         frozen_prefix: a.frozen_prefix,
-        dtype: "f32",
+        init,
+        warmup: a.warmup,
+        steps: a.steps,
         step_ms_median: median,
-        tokens_per_s: (a.batch * a.seq) as f64 / (median / 1e3),
-        peak_mem_mb: peak as f64 / (1 << 20) as f64,
-        weights_mb: weights as f64 / (1 << 20) as f64,
-        peak_rss_mb: memory::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+        step_ms_min: times[0],
+        tokens_per_s: (s.batch * s.seq) as f64 / (median / 1e3),
+        memory_counter: mem.kind(),
+        peak_mem_mb: mb(peak),
+        step_peak_mem_mb: mb(step_peak),
+        weights_mb: mb(base.saturating_sub(live0)),
+        driver_used_mb: driver.map(|d| mb(d.used)),
+        driver_total_mb: driver.map(|d| mb(d.total)),
+        peak_rss_mb: memory::peak_rss_bytes().map(mb),
         flops_per_step: flops_step,
+        tflops_per_s: flops_step as f64 / (median / 1e3) / 1e12,
         loss_first: losses[0],
         loss_last: *losses.last().expect("at least one step"),
+        losses,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn args(flags: &[&str]) -> BenchArgs {
+        let mut v = vec!["bench"];
+        v.extend_from_slice(flags);
+        Cli::parse_from(v).bench
+    }
+
+    #[test]
+    fn presets_and_overrides() {
+        let s = args(&[]).shape();
+        assert_eq!(
+            (s.arch, s.layers, s.hidden, s.batch, s.seq),
+            (Arch::Bert, 12, 768, 32, 128)
+        );
+        let s = args(&["--preset", "llama-7b", "--layers", "2"]).shape();
+        assert_eq!(
+            (s.arch, s.layers, s.hidden, s.ffn, s.vocab),
+            (Arch::Llama, 2, 4096, 11008, 32000)
+        );
+        assert_eq!((s.batch, s.seq), (2, 512));
+        let s = args(&["--arch", "llama", "--heads", "8", "--hidden", "64"]).shape();
+        assert_eq!((s.heads, s.kv_heads), (8, 8));
+        let s = args(&["--preset", "tiny-llama"]).shape();
+        assert_eq!((s.heads, s.kv_heads), (4, 2));
+        let s = args(&["--preset", "bert-large", "--kv-heads", "4"]).shape();
+        assert_eq!((s.heads, s.kv_heads), (16, 16));
+    }
+
+    fn quick(flags: &[&str]) -> BenchResult {
+        let mut f = vec!["--warmup", "1", "--steps", "3"];
+        f.extend_from_slice(flags);
+        run(&args(&f)).unwrap()
+    }
+
+    #[test]
+    fn tiny_models_train_and_report() {
+        for preset in ["tiny-bert", "tiny-llama"] {
+            let r = quick(&["--preset", preset]);
+            assert_eq!(r.losses.len(), 4);
+            assert!(r.losses.iter().all(|l| l.is_finite()));
+            assert!(r.losses[3] < r.losses[0], "{preset}: {:?}", r.losses);
+            assert!(r.flops_per_step > 0 && r.step_ms_median > 0.0);
+            assert!(r.peak_mem_mb > 0.0 && r.weights_mb > 0.0);
+            assert_eq!(r.memory_counter, "heap");
+            assert!(r.driver_used_mb.is_none());
+            // Freezing the bottom layer's adapters stops backward above it: fewer FLOPs.
+            let frozen = quick(&["--preset", preset, "--frozen-prefix", "1"]);
+            assert!(frozen.flops_per_step < r.flops_per_step);
+        }
+    }
+
+    #[test]
+    fn bf16_follows_f32_on_tiny_models() {
+        for preset in ["tiny-bert", "tiny-llama"] {
+            let f = quick(&["--preset", preset]);
+            let h = quick(&["--preset", preset, "--dtype", "bf16"]);
+            assert_eq!(h.dtype, "bf16");
+            for (a, b) in f.losses.iter().zip(&h.losses) {
+                assert!(
+                    (a - b).abs() < 2e-2 * a.abs().max(1.0),
+                    "{preset}: {f:?} {h:?}",
+                    f = f.losses,
+                    h = h.losses
+                );
+            }
+            assert!(h.weights_mb < f.weights_mb);
+        }
+    }
 }

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""safetune against PyTorch + PEFT on one GPU, in one session: the shapes of the reference numbers
+in ../shared/cuda/README.md, bf16, LoRA r=4, each with nothing frozen and with the bottom half of
+the layers' adapters frozen. Prints every run as a JSON line, then a markdown table of the ratios
+ours / PyTorch+PEFT (step time, peak memory above the weights) and of each run's memory against
+its own unfrozen run.
+
+    python3 bench/side_by_side_gpu.py --safetune .device/safetune [--out results.jsonl]
+        [--shapes bert-base,bert-large,llama-7b] [--steps 20]
+
+Run on the GPU machine (torch, transformers, peft installed; the CUDA libraries on
+LD_LIBRARY_PATH for safetune). One PyTorch process per shape (its start-up is long), one safetune
+process per run. Memory on both sides is the allocator's peak above what is live before the first
+step (PyTorch: max_memory_allocated - memory_allocated; safetune: the CUDA pool's USED_MEM_HIGH
+minus USED_MEM_CURRENT).
+"""
+import argparse, json, os, subprocess, sys, time
+
+# preset, arch, shape flags for peft_bench.py, frozen prefixes (0 and half the layers).
+SHAPES = {
+    "bert-base": ("bert", ["--layers", "12", "--hidden", "768", "--heads", "12", "--ffn", "3072",
+                           "--batch", "32", "--seq", "128"], [0, 6]),
+    "bert-large": ("bert", ["--layers", "24", "--hidden", "1024", "--heads", "16", "--ffn", "4096",
+                            "--batch", "32", "--seq", "128"], [0, 12]),
+    "llama-7b": ("llama", ["--layers", "32", "--hidden", "4096", "--heads", "32", "--ffn", "11008",
+                           "--batch", "2", "--seq", "512"], [0, 16]),
+}
+
+p = argparse.ArgumentParser()
+p.add_argument("--safetune", default=".device/safetune")
+p.add_argument("--python", default=sys.executable)
+p.add_argument("--peft-bench", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "peft_bench.py"))
+p.add_argument("--shapes", default="bert-base,bert-large,llama-7b")
+p.add_argument("--dtype", default="bf16")
+p.add_argument("--steps", type=int, default=20)
+p.add_argument("--warmup", type=int, default=3)
+p.add_argument("--out", default=None, help="also append every JSON line to this file")
+p.add_argument("--skip-peft", action="store_true", help="only safetune (e.g. to re-measure it)")
+a = p.parse_args()
+
+out = open(a.out, "a") if a.out else None
+
+
+def emit(rec):
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if out:
+        out.write(line + "\n"); out.flush()
+
+
+def run_lines(cmd):
+    t = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"FAILED ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return []
+    recs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    for rec in recs:
+        rec["wall_s"] = round(time.time() - t, 1)
+    return recs
+
+
+rows = []
+for name in a.shapes.split(","):
+    arch, flags, frozen = SHAPES[name]
+    ours = {}
+    for k in frozen:
+        for rec in run_lines([a.safetune, "bench", "--preset", name, "--device", "cuda", "--dtype", a.dtype,
+                              "--lora-r", "4", "--frozen-prefix", str(k), "--warmup", str(a.warmup),
+                              "--steps", str(a.steps)]):
+            rec.pop("losses", None)
+            rec["shape"] = name
+            emit(rec)
+            ours[k] = rec
+    theirs = {}
+    if not a.skip_peft:
+        for rec in run_lines([a.python, a.peft_bench, "--arch", arch, *flags, "--dtype", a.dtype, "--lora-r", "4",
+                              "--frozen-prefix", ",".join(map(str, frozen)), "--steps", str(a.steps)]):
+            rec["shape"] = name
+            emit(rec)
+            theirs[rec["frozen_prefix"]] = rec
+    for k in frozen:
+        rows.append((name, k, ours.get(k), theirs.get(k), ours.get(frozen[0])))
+
+
+def f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def ratio(x, y):
+    return None if x is None or y is None or y == 0 else x / y
+
+
+print(f"\n{a.dtype}, LoRA r=4 (BERT: query/value, batch 32, seq 128; LLaMA: q_proj/v_proj, batch 2, seq 512)")
+print("| shape | frozen prefix | safetune ms | PyTorch+PEFT ms | time ratio | safetune peak MB | PyTorch+PEFT peak MB "
+      "| memory ratio | safetune memory vs its unfrozen run | safetune TFLOP/s | safetune driver MB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for name, k, o, t, o0 in rows:
+    g = lambda r, key: None if r is None else r.get(key)
+    om, tm = g(o, "step_ms_median"), g(t, "step_ms_median")
+    op, tp = g(o, "peak_mem_mb"), g(t, "peak_mem_mb")
+    print(f"| {name} | {k} | {f(om)} | {f(tm)} | {f(ratio(om, tm), '{:.2f}')} | {f(op, '{:.0f}')} | {f(tp, '{:.0f}')} "
+          f"| {f(ratio(op, tp), '{:.2f}')} | {f(ratio(op, g(o0, 'peak_mem_mb')), '{:.2f}')} "
+          f"| {f(g(o, 'tflops_per_s'), '{:.0f}')} | {f(g(o, 'driver_used_mb'), '{:.0f}')} |")
