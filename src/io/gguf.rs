@@ -1059,11 +1059,32 @@ mod tests {
         let cache = super::super::fetch::default_cache_dir();
         match super::super::fetch::smollm2_gguf(&cache) {
             Ok(p) => Some(p),
+            // scripts/test.sh (CI) fetches the asset and sets SAFETUNE_REQUIRE_ASSETS: there a
+            // missing file fails the test instead of skipping it.
+            Err(e) if std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_some() => {
+                panic!("SmolLM2 GGUF not available ({e})")
+            }
             Err(e) => {
                 eprintln!("skipping: SmolLM2 GGUF not available ({e}); run `safetune fetch`");
                 None
             }
         }
+    }
+
+    /// The loaded model continues "The capital of France is" with " Paris" (greedy).
+    #[test]
+    fn smollm2_says_paris() {
+        let Some(path) = smollm2() else { return };
+        let g = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+        let tok = g.tokenizer.clone();
+        let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu);
+        let m = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+        let ids = tok.encode("The capital of France is", false).unwrap();
+        let logits = crate::model::generate::next_logits(&m, ids.get_ids()).unwrap();
+        let best = (0..logits.len())
+            .max_by(|&i, &j| logits[i].total_cmp(&logits[j]))
+            .unwrap();
+        assert_eq!(tok.decode(&[best as u32], false).unwrap(), " Paris");
     }
 
     #[test]
