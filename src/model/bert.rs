@@ -557,6 +557,25 @@ impl BertForSequenceClassification {
 
     /// Embeddings and layers `0..k` in inference mode: `[batch*seq, hidden]`, deterministic.
     pub fn forward_frozen_bottom(&self, b: &BatchTensors, k: usize) -> Result<Tensor> {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
+        let h = self
+            .embeddings
+            .forward(&b.input_ids, &b.token_type_ids, &mut pass)?;
+        self.forward_frozen_layers(b, h, 0, k)
+    }
+
+    /// Layers `from..to` in inference mode on `h`, the output of layer `from - 1`.
+    pub fn forward_frozen_layers(
+        &self,
+        b: &BatchTensors,
+        mut h: Tensor,
+        from: usize,
+        to: usize,
+    ) -> Result<Tensor> {
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
@@ -566,10 +585,7 @@ impl BertForSequenceClassification {
             training: false,
             rng: &mut rng,
         };
-        let mut h = self
-            .embeddings
-            .forward(&b.input_ids, &b.token_type_ids, &mut pass)?;
-        for layer in &self.layers[..k] {
+        for layer in &self.layers[from..to] {
             h = layer
                 .forward(&h, &b.mask_add, shape, &mut pass, false, None)?
                 .0;

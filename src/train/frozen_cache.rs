@@ -4,7 +4,8 @@
 //! mode: for a given example their output is a constant. The first time an example passes after
 //! the freeze, its `[tokens, hidden]` rows are written to a file in the run's output folder; every
 //! later pass reads them back instead of recomputing `k` layers. The cache lives on disk, not in
-//! the heap, so it costs no training memory; it is emptied whenever `k` changes and removed at the
+//! the heap, so it costs no training memory. When more layers freeze later (`k` grows) the rows
+//! stay valid and the layers between their depth and `k` run from them; the file is removed at the
 //! end of the run.
 
 use anyhow::{Context, Result};
@@ -46,6 +47,16 @@ impl FrozenCache {
             hits: 0,
             misses: 0,
         })
+    }
+
+    /// The depth whose rows the cache serves when layers `0..k` are frozen: the depth it was
+    /// filled at, as long as that is not above `k` (freezing only moves up, so rows of a lower
+    /// depth stay valid: the layers between run from them); otherwise it starts over at `k`.
+    pub fn depth_for(&mut self, k: usize) -> Result<usize> {
+        if self.entries.is_empty() || self.depth > k {
+            self.set_depth(k)?;
+        }
+        Ok(self.depth)
     }
 
     /// Makes the cache serve depth `k`, dropping rows of any other depth.
@@ -121,6 +132,11 @@ mod tests {
         assert_eq!(c.get(7).unwrap(), Some(vec![1.0, -2.5, 3.25]));
         assert_eq!(c.get(3).unwrap(), Some(vec![0.5]));
         assert_eq!((c.hits, c.misses), (2, 1));
+        assert_eq!(
+            c.depth_for(4).unwrap(),
+            2,
+            "rows of a lower depth keep serving"
+        );
         c.set_depth(3).unwrap();
         assert_eq!(c.get(7).unwrap(), None, "rows of another depth are gone");
         let path = dir.path().join("frozen_bottom.cache");

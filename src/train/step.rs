@@ -99,8 +99,9 @@ pub fn forward_backward(
     Ok(StepOutput { loss, grads })
 }
 
-/// The output of layers `0..k` for the batch: from the cache if every example is there, else
-/// computed (inference mode) and stored per example, without its padding rows.
+/// The output of layers `0..k` for the batch: from the cache's rows (of depth `d <= k`, then
+/// layers `d..k`) if every example is there, else computed (inference mode) and stored per
+/// example, without its padding rows.
 fn frozen_bottom(
     model: &BertForSequenceClassification,
     tensors: &BatchTensors,
@@ -109,7 +110,7 @@ fn frozen_bottom(
     cache: &mut FrozenCache,
     examples: &[usize],
 ) -> anyhow::Result<Tensor> {
-    cache.set_depth(k)?;
+    let d = cache.depth_for(k)?;
     let hidden = model.config.hidden_size;
     let lens: Vec<usize> = (0..batch.batch)
         .map(|j| {
@@ -135,18 +136,19 @@ fn frozen_bottom(
     }
     let device = tensors.input_ids.device();
     let dtype = model.embeddings.word.dtype();
-    if complete {
-        return Ok(
-            Tensor::from_vec(rows, (batch.batch * batch.seq, hidden), device)?.to_dtype(dtype)?,
-        );
-    }
-    let h = model.forward_frozen_bottom(tensors, k)?;
-    let host: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    for (j, &e) in examples.iter().enumerate() {
-        let start = j * batch.seq * hidden;
-        cache.put(e, &host[start..start + lens[j] * hidden])?;
-    }
-    Ok(h)
+    let h = if complete {
+        Tensor::from_vec(rows, (batch.batch * batch.seq, hidden), device)?.to_dtype(dtype)?
+    } else {
+        let h = model.forward_frozen_bottom(tensors, d)?;
+        let host: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        for (j, &e) in examples.iter().enumerate() {
+            let start = j * batch.seq * hidden;
+            cache.put(e, &host[start..start + lens[j] * hidden])?;
+        }
+        h
+    };
+    // Layers frozen since the rows were stored run from them.
+    Ok(model.forward_frozen_layers(tensors, h, d, k)?)
 }
 
 #[cfg(test)]
@@ -199,18 +201,22 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let mut cache = FrozenCache::create(dir.path()).unwrap();
-        let run = |cache: Option<(&mut FrozenCache, &[usize])>| {
+        fn run(
+            m: &BertForSequenceClassification,
+            batch: &Batch,
+            cache: Option<(&mut FrozenCache, &[usize])>,
+        ) -> StepOutput {
             let mut rng = StdRng::seed_from_u64(9);
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
             };
-            forward_backward(&m, &batch, &mut pass, 1.0, cache).unwrap()
-        };
-        let plain = run(None);
-        let stored = run(Some((&mut cache, &[4, 1])));
+            forward_backward(m, batch, &mut pass, 1.0, cache).unwrap()
+        }
+        let plain = run(&m, &batch, None);
+        let stored = run(&m, &batch, Some((&mut cache, &[4, 1])));
         assert_eq!((cache.hits, cache.misses), (0, 1));
-        let read = run(Some((&mut cache, &[4, 1])));
+        let read = run(&m, &batch, Some((&mut cache, &[4, 1])));
         assert_eq!(cache.hits, 2, "both examples come from the cache");
         for out in [&stored, &read] {
             assert_eq!(out.loss.to_bits(), plain.loss.to_bits());
@@ -228,6 +234,16 @@ mod tests {
             .grads
             .iter()
             .all(|(n, _)| !n.contains("layer.0.") && !n.contains("layer.1.")));
+        // Layer 2 freezes too: the depth-2 rows keep serving, layer 2 runs from them.
+        for (l, s) in m.adapter_sites() {
+            m.adapter_mut(l, s).unwrap().trainable = false;
+        }
+        let plain = run(&m, &batch, None);
+        let hits = cache.hits;
+        let read = run(&m, &batch, Some((&mut cache, &[4, 1])));
+        assert_eq!((cache.hits, cache.depth()), (hits + 2, 2));
+        assert_eq!(read.loss.to_bits(), plain.loss.to_bits());
+        assert_eq!(read.grads.len(), 2, "only the classifier trains");
     }
 }
 
