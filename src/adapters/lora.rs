@@ -102,9 +102,8 @@ impl LoraAdapter {
             .dropout
             .forward(&x.to_dtype(self.a.dtype())?, pass, save)?;
         let xa = matmul(&xd, &self.a.t()?)?;
-        let y = matmul(&xa, &self.b.t()?)?
-            .affine(self.scaling, 0.0)?
-            .to_dtype(x.dtype())?;
+        // The scaling on the rank-r side: an [n, r] pass instead of an [n, out] one.
+        let y = matmul(&xa.affine(self.scaling, 0.0)?, &self.b.t()?)?.to_dtype(x.dtype())?;
         let inputs = (save && self.trainable).then(|| (x.clone(), xa));
         Ok((y, LoraLinearSaved { inputs, drop }))
     }

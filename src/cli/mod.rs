@@ -44,6 +44,16 @@ pub enum Command {
     Perplexity(lm::PerplexityArgs),
     /// Continue a prompt with a decoder (optionally with a PEFT adapter), greedy or sampled.
     Generate(lm::GenerateArgs),
+    /// Fused kernels (CUDA on a GPU, the CPU ones on the CPU) against their candle compositions;
+    /// one JSON line per check, exit status 1 on a mismatch.
+    #[command(hide = true)]
+    SelfTest(SelfTestArgs),
+}
+
+#[derive(Args)]
+pub struct SelfTestArgs {
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Flags shared by `train` and `demo`; each overrides the config file.
@@ -330,6 +340,25 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainLm(a) => lm::train_lm(&a),
         Command::Perplexity(a) => lm::perplexity(&a),
         Command::Generate(a) => lm::generate(&a),
+        Command::SelfTest(a) => {
+            let device = a.device.open()?;
+            let dtypes = match a.device.dtype {
+                Some(d) => vec![d.dtype()],
+                None => vec![candle_core::DType::F32, candle_core::DType::BF16],
+            };
+            let mut failed = 0;
+            for dtype in dtypes {
+                for c in crate::nn::check::fused_against_reference(&device, dtype)? {
+                    failed += usize::from(!c.ok);
+                    println!("{}", serde_json::to_string(&c)?);
+                }
+            }
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} fused kernels disagree with the compositions"
+            );
+            Ok(())
+        }
         Command::Fetch(a) => {
             let cache = fetch::default_cache_dir();
             for asset in fetch::ALL {

@@ -186,18 +186,22 @@ impl BertLayer {
             lin.push(saved);
             Ok(y)
         };
-        let q = run(Site::Query, h, pass)?;
-        let k = run(Site::Key, h, pass)?;
-        let v = run(Site::Value, h, pass)?;
-        let (ctx, attn) =
+        // Each intermediate is dropped as soon as it is used: what stays is what the saved
+        // structs hold (the peak of a step is the saved layers plus one layer's temporaries).
+        let (ctx, attn) = {
+            let q = run(Site::Query, h, pass)?;
+            let k = run(Site::Key, h, pass)?;
+            let v = run(Site::Value, h, pass)?;
             self.attention
-                .forward((&q, &k, &v), mask_add, shape, None, pass, save)?;
+                .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
+        };
         let a = run(Site::AttnOut, &ctx, pass)?;
+        drop(ctx);
         let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&(a + h)?, save)?;
-        let i = run(Site::Intermediate, &a, pass)?;
-        let (g, gelu) = gelu::forward(&i, save)?;
+        let (g, gelu) = gelu::forward(&run(Site::Intermediate, &a, pass)?, save)?;
         let o = run(Site::Output, &g, pass)?;
+        drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let (out, ln_out) = self.ln_out.forward(&(o + a)?, save)?;
         let saved = match (attn, ln_attn, gelu, ln_out) {
@@ -232,15 +236,26 @@ impl BertLayer {
             }
             Ok(dx)
         };
+        // As in forward, each gradient is dropped once used (and each saved part once read).
         let d_res2 = saved.ln_out.backward(&self.ln_out, dout)?; // d(o + a)
-        let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
-        let d_g = back(Site::Output, &d_o, true)?.expect("dx requested");
-        let d_i = saved.gelu.backward(&d_g)?;
+        drop(saved.ln_out);
+        let d_i = {
+            let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
+            let d_g = back(Site::Output, &d_o, true)?.expect("dx requested");
+            drop(d_o);
+            saved.gelu.backward(&d_g)?
+        };
+        drop(saved.gelu);
         let d_a = (back(Site::Intermediate, &d_i, true)?.expect("dx requested") + d_res2)?;
+        drop(d_i);
         let d_res1 = saved.ln_attn.backward(&self.ln_attn, &d_a)?; // d(attn_out + h)
-        let d_ao = dropout::backward_opt(&saved.drop_attn, d_res1.clone())?;
-        let d_ctx = back(Site::AttnOut, &d_ao, true)?.expect("dx requested");
+        drop((d_a, saved.ln_attn));
+        let d_ctx = {
+            let d_ao = dropout::backward_opt(&saved.drop_attn, d_res1.clone())?;
+            back(Site::AttnOut, &d_ao, true)?.expect("dx requested")
+        };
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
+        drop((d_ctx, saved.attn));
         let mut dh = need_dx.then_some(d_res1);
         for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
             if let Some(dxs) = back(s, &d, need_dx)? {

@@ -13,7 +13,7 @@
 use super::dropout::{self, Dropout, DropoutSaved};
 use super::flops::matmul;
 use super::rope::Rope;
-use super::{cpu, Pass};
+use super::{cpu, gpu, Pass};
 use crate::device::compute_dtype;
 use candle_core::{bail, Result, Tensor, D};
 
@@ -119,10 +119,14 @@ impl Attention {
         mask_add: &Tensor,
         fused: bool,
     ) -> Result<(Tensor, Tensor)> {
-        if fused && q.device().is_cpu() {
+        if fused {
             let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
             let raw = self.raw_scores(q, k)?;
-            if let Some(out) = cpu::softmax_fwd(&raw, mask_add, scale, self.causal)? {
+            let out = match cpu::softmax_fwd(&raw, mask_add, scale, self.causal)? {
+                Some(out) => Some(out),
+                None => gpu::softmax_fwd(&raw, mask_add, scale, self.causal)?,
+            };
+            if let Some(out) = out {
                 return Ok(out);
             }
         }
@@ -220,10 +224,15 @@ impl AttentionSaved {
     pub fn backward(&self, attn: &Attention, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let dctx = attn.split_heads(dctx, self.shape, attn.num_heads)?;
         let scale = 1.0 / (self.q.dim(D::Minus1)? as f64).sqrt();
-        let fused = self.fused && self.q.device().is_cpu();
+        let fused = self.fused;
         let fused_p = if fused {
             let raw = attn.raw_scores(&self.q, &self.k)?;
-            cpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)?
+            match cpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)? {
+                Some(p) => Some(p),
+                None => {
+                    gpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)?
+                }
+            }
         } else {
             None
         };
@@ -247,14 +256,20 @@ impl AttentionSaved {
         let dp = attn.ungroup(&matmul(&gdctx, &self.v.t()?)?)?;
         let dp = dropout::backward_opt(&self.dropout, dp)?;
         let fused_ds = if fused {
-            cpu::softmax_bwd(&p, &dp, scale)?
+            match cpu::softmax_bwd(&p, &dp, scale)? {
+                Some(ds) => Some(ds),
+                None => gpu::softmax_bwd(&p, &dp, scale)?,
+            }
         } else {
             None
         };
         // ds = scale * p * (dp - rowsum(dp * p)); the composition leaves the scale to dq and dk,
         // which are head-sized rather than score-sized.
         let (ds, ds_scale) = match fused_ds {
-            Some(ds) => (ds, 1.0),
+            Some(ds) => {
+                std::mem::drop((dp, p));
+                (ds, 1.0)
+            }
             None => {
                 let mut d = dp.to_dtype(p.dtype())?;
                 std::mem::drop(dp);
@@ -264,6 +279,7 @@ impl AttentionSaved {
                 (d.to_dtype(adt)?, scale)
             }
         };
+        std::mem::drop(gdctx);
         let gds = attn.group(&ds)?;
         std::mem::drop(ds);
         let mut dq = attn.ungroup(&matmul(&gds, &self.k)?)?;

@@ -52,6 +52,10 @@ impl GeluSaved {
             GeluKind::Erf => super::cpu::gelu_bwd(&self.x, dy)?,
             GeluKind::Tanh => super::cpu::gelu_tanh_bwd(&self.x, dy)?,
         };
+        let fused = match fused {
+            Some(dx) => Some(dx),
+            None => super::gpu::gelu_bwd(&self.x, dy, self.kind == GeluKind::Tanh)?,
+        };
         match fused {
             Some(dx) => Ok(dx),
             None => self.backward_reference(dy),

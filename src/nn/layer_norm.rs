@@ -28,10 +28,15 @@ impl LayerNorm {
         {
             return Ok((y, save.then_some(LayerNormSaved { xhat, rstd })));
         }
+        if let Some((y, xhat, rstd)) =
+            super::gpu::norm_fwd(x, &self.gamma, Some(&self.beta), self.eps)?
+        {
+            return Ok((y, save.then_some(LayerNormSaved { xhat, rstd })));
+        }
         self.forward_reference(x, save)
     }
 
-    /// The candle composition: the path off the CPU and the reference for the fused kernel.
+    /// The candle composition: the fallback, and the reference for the fused CPU and CUDA kernels.
     pub fn forward_reference(
         &self,
         x: &Tensor,
@@ -60,6 +65,9 @@ impl LayerNormSaved {
     /// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * gamma`.
     pub fn backward(&self, ln: &LayerNorm, dy: &Tensor) -> Result<Tensor> {
         if let Some(dx) = super::cpu::layer_norm_bwd(dy, &self.xhat, &self.rstd, &ln.gamma)? {
+            return Ok(dx);
+        }
+        if let Some(dx) = super::gpu::norm_bwd(dy, &self.xhat, &self.rstd, &ln.gamma, true)? {
             return Ok(dx);
         }
         self.backward_reference(ln, dy)

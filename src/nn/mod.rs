@@ -7,11 +7,13 @@
 //! tensors built here are plain values, so nothing is kept alive that the saved structs do not name.
 
 pub mod attention;
+pub mod check;
 pub mod cpu;
 pub mod dropout;
 pub mod embedding;
 pub mod flops;
 pub mod gelu;
+pub mod gpu;
 pub mod head;
 pub mod layer_norm;
 pub mod linear;

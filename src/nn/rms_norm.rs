@@ -26,10 +26,13 @@ impl RmsNorm {
         if let Some((y, xhat, rstd)) = super::cpu::rms_norm_fwd(x, &self.weight, self.eps)? {
             return Ok((y, save.then_some(RmsNormSaved { xhat, rstd })));
         }
+        if let Some((y, xhat, rstd)) = super::gpu::norm_fwd(x, &self.weight, None, self.eps)? {
+            return Ok((y, save.then_some(RmsNormSaved { xhat, rstd })));
+        }
         self.forward_reference(x, save)
     }
 
-    /// The candle composition: the path off the CPU and the reference for the fused kernel.
+    /// The candle composition: the fallback, and the reference for the fused CPU and CUDA kernels.
     pub fn forward_reference(
         &self,
         x: &Tensor,
@@ -55,6 +58,9 @@ impl RmsNormSaved {
     /// `g = dy * weight`.
     pub fn backward(&self, norm: &RmsNorm, dy: &Tensor) -> Result<Tensor> {
         if let Some(dx) = super::cpu::rms_norm_bwd(dy, &self.xhat, &self.rstd, &norm.weight)? {
+            return Ok(dx);
+        }
+        if let Some(dx) = super::gpu::norm_bwd(dy, &self.xhat, &self.rstd, &norm.weight, false)? {
             return Ok(dx);
         }
         self.backward_reference(norm, dy)

@@ -12,7 +12,10 @@ pub struct SwiGluSaved {
 pub fn forward(gate: &Tensor, up: &Tensor, save: bool) -> Result<(Tensor, Option<SwiGluSaved>)> {
     let y = match super::cpu::swiglu_fwd(gate, up)? {
         Some(y) => y,
-        None => forward_reference(gate, up)?,
+        None => match super::gpu::swiglu_fwd(gate, up)? {
+            Some(y) => y,
+            None => forward_reference(gate, up)?,
+        },
     };
     let saved = save.then(|| SwiGluSaved {
         gate: gate.clone(),
@@ -31,6 +34,9 @@ impl SwiGluSaved {
     /// `dup = dy * silu(g)`.
     pub fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         if let Some(d) = super::cpu::swiglu_bwd(&self.gate, &self.up, dy)? {
+            return Ok(d);
+        }
+        if let Some(d) = super::gpu::swiglu_bwd(&self.gate, &self.up, dy)? {
             return Ok(d);
         }
         self.backward_reference(dy)

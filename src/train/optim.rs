@@ -44,8 +44,30 @@ impl AdamW {
         }
     }
 
-    /// Returns the updated parameter. State is created on first use.
+    /// Returns the updated parameter. State is created on first use. One fused kernel on CUDA.
     pub fn update(&mut self, name: &str, param: &Tensor, grad: &Tensor, lr: f64) -> Result<Tensor> {
+        self.update_impl(name, param, grad, lr, true)
+    }
+
+    /// The candle composition: the fallback, and the reference for the fused kernel.
+    pub fn update_reference(
+        &mut self,
+        name: &str,
+        param: &Tensor,
+        grad: &Tensor,
+        lr: f64,
+    ) -> Result<Tensor> {
+        self.update_impl(name, param, grad, lr, false)
+    }
+
+    fn update_impl(
+        &mut self,
+        name: &str,
+        param: &Tensor,
+        grad: &Tensor,
+        lr: f64,
+        fused: bool,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let st = match self.state.get_mut(name) {
             Some(s) => s,
@@ -56,10 +78,26 @@ impl AdamW {
             }),
         };
         st.step += 1;
-        st.m = ((&st.m * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
-        st.v = ((&st.v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
         let bc1 = 1.0 - c.beta1.powi(st.step as i32);
         let bc2 = 1.0 - c.beta2.powi(st.step as i32);
+        if fused {
+            let h = crate::nn::gpu::AdamWStep {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                bc1,
+                bc2,
+            };
+            if let Some((p, m, v)) = crate::nn::gpu::adamw(param, grad, &st.m, &st.v, &h)? {
+                st.m = m;
+                st.v = v;
+                return Ok(p);
+            }
+        }
+        st.m = ((&st.m * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
+        st.v = ((&st.v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
         let denom = ((&st.v / bc2)?.sqrt()? + c.eps)?;
         let update = ((&st.m / bc1)? / denom)?;
         let decayed = (param * (1.0 - lr * c.weight_decay))?;

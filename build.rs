@@ -1,0 +1,37 @@
+//! With the `cuda` feature, compiles safetune's own CUDA kernels (src/nn/kernels.cu) to PTX with
+//! nvcc (`NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH) for `CUDA_COMPUTE_CAP`
+//! (default 90); `src/nn/gpu.rs` embeds the PTX. Nothing to do without the feature.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/nn/kernels.cu");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("safetune_kernels.ptx");
+    let cap: String = std::env::var("CUDA_COMPUTE_CAP")
+        .unwrap_or_else(|_| "90".into())
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| {
+        std::env::var("CUDA_HOME")
+            .map(|h| format!("{h}/bin/nvcc"))
+            .unwrap_or_else(|_| "nvcc".into())
+    });
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg("-o")
+        .arg(&out)
+        .arg("src/nn/kernels.cu")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {nvcc} to compile src/nn/kernels.cu: {e}"));
+    assert!(status.success(), "{nvcc} failed on src/nn/kernels.cu");
+}

@@ -1,0 +1,194 @@
+//! Fused kernels against their candle compositions, on any device: what `safetune self-test`
+//! runs (on a GPU it checks the CUDA kernels of `gpu.rs`, on the CPU those of `cpu.rs`; a unit test
+//! runs it on the CPU). Each check returns the relative L2 error of the fused result against the
+//! composition's.
+
+use super::attention::{mask_to_additive, Attention, AttnShape};
+use super::gelu::{self, GeluKind};
+use super::layer_norm::LayerNorm;
+use super::rms_norm::RmsNorm;
+use super::rope::Rope;
+use super::{swiglu, Dropout, Pass};
+use crate::train::optim::{AdamW, AdamWConfig};
+use candle_core::{DType, Device, Result, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub dtype: String,
+    /// `||fused - composition|| / ||composition||`.
+    pub rel_err: f64,
+    pub tol: f64,
+    pub ok: bool,
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
+    Ok(norm(&(&a - &b)?)? / norm(&b)?.max(1e-30))
+}
+
+/// Uniform(-1, 1) values from a seeded host RNG, scaled and shifted, on `device` in `dtype`.
+fn rand(
+    shape: &[usize],
+    seed: u64,
+    scale: f64,
+    shift: f64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.random_range(-1.0..1.0) * scale + shift) as f32)
+        .collect();
+    Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)
+}
+
+/// Runs every check on `device` with activations of `dtype` (f32 or bf16).
+pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Check>> {
+    let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+    let dname = format!("{dtype:?}").to_lowercase();
+    let mut out = Vec::new();
+    let mut push = |name: &str, e: f64| {
+        out.push(Check {
+            name: name.into(),
+            dtype: dname.clone(),
+            rel_err: e,
+            tol,
+            ok: e <= tol,
+        })
+    };
+    let r = |shape: &[usize], seed, scale, shift| rand(shape, seed, scale, shift, dtype, device);
+
+    // LayerNorm and RMSNorm, BERT-base and LLaMA widths.
+    for c in [768, 4096] {
+        let x = r(&[64, c], 1, 3.0, 0.5)?;
+        let dy = r(&[64, c], 2, 1.0, 0.0)?;
+        let ln = LayerNorm::new(r(&[c], 3, 1.0, 1.0)?, r(&[c], 4, 1.0, 0.0)?, 1e-12);
+        let (yf, sf) = ln.forward(&x, true)?;
+        let (yr, sr) = ln.forward_reference(&x, true)?;
+        push(&format!("layer_norm forward c={c}"), rel(&yf, &yr)?);
+        let (sf, sr) = (sf.expect("saved"), sr.expect("saved"));
+        push(
+            &format!("layer_norm backward c={c}"),
+            rel(&sf.backward(&ln, &dy)?, &sr.backward_reference(&ln, &dy)?)?,
+        );
+        let rms = RmsNorm::new(r(&[c], 5, 1.0, 1.0)?, 1e-6);
+        let (yf, sf) = rms.forward(&x, true)?;
+        let (yr, sr) = rms.forward_reference(&x, true)?;
+        push(&format!("rms_norm forward c={c}"), rel(&yf, &yr)?);
+        let (sf, sr) = (sf.expect("saved"), sr.expect("saved"));
+        push(
+            &format!("rms_norm backward c={c}"),
+            rel(&sf.backward(&rms, &dy)?, &sr.backward_reference(&rms, &dy)?)?,
+        );
+    }
+
+    // GELU (both forms) and SwiGLU, elementwise.
+    let x = r(&[96, 3072], 6, 4.0, 0.0)?;
+    let up = r(&[96, 3072], 7, 2.0, 0.0)?;
+    let dy = r(&[96, 3072], 8, 1.0, 0.0)?;
+    for (kind, name) in [(GeluKind::Erf, "erf"), (GeluKind::Tanh, "tanh")] {
+        let (_, saved) = gelu::forward_kind(&x, kind, true)?;
+        let saved = saved.expect("saved");
+        push(
+            &format!("gelu {name} backward"),
+            rel(&saved.backward(&dy)?, &saved.backward_reference(&dy)?)?,
+        );
+    }
+    let (y, saved) = swiglu::forward(&x, &up, true)?;
+    push(
+        "swiglu forward",
+        rel(&y, &swiglu::forward_reference(&x, &up)?)?,
+    );
+    let saved = saved.expect("saved");
+    let (dg, du) = saved.backward(&dy)?;
+    let (dgr, dur) = saved.backward_reference(&dy)?;
+    push("swiglu backward gate", rel(&dg, &dgr)?);
+    push("swiglu backward up", rel(&du, &dur)?);
+
+    // Attention: BERT-like (padding) and LLaMA-like (causal, grouped-query, rope).
+    let cases = [
+        ("attention mha padded", 4, 64, 4, 4, false, 32),
+        ("attention causal gqa rope", 2, 48, 8, 2, true, 32),
+    ];
+    for (name, b, t, heads, kv, causal, d) in cases {
+        let attn = Attention {
+            num_heads: heads,
+            num_kv_heads: kv,
+            causal,
+            dropout: Dropout::new(0.0),
+        };
+        let mut m = vec![1u32; b * t];
+        m[2 * t - 5..2 * t].fill(0);
+        let mask = mask_to_additive(&Tensor::from_vec(m, (b, t), device)?, DType::F32)?;
+        let rope = Rope::new(d, t, 10_000.0, device)?;
+        let rope = causal.then_some(&rope);
+        let (q, k, v) = (
+            r(&[b * t, heads * d], 9, 1.0, 0.0)?,
+            r(&[b * t, kv * d], 10, 1.0, 0.0)?,
+            r(&[b * t, kv * d], 11, 1.0, 0.0)?,
+        );
+        let dy = r(&[b * t, heads * d], 12, 1.0, 0.0)?;
+        let shape = AttnShape { batch: b, seq: t };
+        let run = |fused: bool| -> Result<[Tensor; 4]> {
+            let mut rng = StdRng::seed_from_u64(0);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            let (y, s) = if fused {
+                attn.forward((&q, &k, &v), &mask, shape, rope, &mut pass, true)?
+            } else {
+                attn.forward_reference((&q, &k, &v), &mask, shape, rope, &mut pass, true)?
+            };
+            let (dq, dk, dv) = s.expect("saved").backward(&attn, &dy)?;
+            Ok([y, dq, dk, dv])
+        };
+        let (f, c) = (run(true)?, run(false)?);
+        for (i, part) in ["output", "dq", "dk", "dv"].iter().enumerate() {
+            push(&format!("{name} {part}"), rel(&f[i], &c[i])?);
+        }
+    }
+
+    // AdamW: three updates of an f32 parameter (trained tensors are f32 whatever the dtype).
+    let p0 = rand(&[64, 768], 13, 0.1, 0.0, DType::F32, device)?;
+    let (mut pf, mut pr) = (p0.clone(), p0);
+    let cfg = AdamWConfig {
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let (mut of, mut or) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
+    for step in 0..3 {
+        let g = rand(&[64, 768], 14 + step, 1e-2, 0.0, DType::F32, device)?;
+        pf = of.update("w", &pf, &g, 1e-3)?;
+        pr = or.update_reference("w", &pr, &g, 1e-3)?;
+    }
+    let e = rel(&pf, &pr)?;
+    out.push(Check {
+        name: "adamw 3 updates".into(),
+        dtype: "f32".into(),
+        rel_err: e,
+        tol: 1e-6,
+        ok: e <= 1e-6,
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_fused_kernels_match_the_compositions() {
+        for dtype in [DType::F32, DType::BF16] {
+            for c in fused_against_reference(&Device::Cpu, dtype).unwrap() {
+                assert!(c.ok, "{c:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! Fused CUDA kernels (`src/nn/kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature)
+//! for the parts of a step that candle composes from many small ops: LayerNorm / RMSNorm forward
+//! and backward, the GELU and SwiGLU backward (and SwiGLU forward), the attention softmax
+//! (forward with log-sum-exp, recomputation, backward) and AdamW.
+//!
+//! Why: off the CPU each candle op is a kernel launch, an allocation and often a host-to-device
+//! copy of its layout, about 20 us of host time; a BERT-base step ran about 3000 of them and was
+//! bound by that, not by the GPU (BENCHMARKS.md). Like `cpu.rs`, each function returns `None`
+//! when its inputs are not contiguous CUDA tensors of one dtype (f32 or bf16; per-row statistics
+//! and the attention mask f32), or in a build without the feature, and the caller falls back to
+//! the candle composition, which stays the reference (`safetune self-test --device cuda` compares
+//! the two).
+
+use candle_core::Tensor;
+
+/// `(y, xhat, rstd)` of LayerNorm (`beta` given, centred) or RMSNorm (`beta` None).
+pub type NormOut = (Tensor, Tensor, Tensor);
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::NormOut;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor, D};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/safetune_kernels.ptx"));
+    const MODULE: &str = "safetune_kernels";
+
+    /// The kernels' dtype suffix when every tensor is a contiguous CUDA tensor of `dtype`.
+    fn suffix(dtype: DType, ts: &[&Tensor]) -> Option<&'static str> {
+        let ok = ts
+            .iter()
+            .all(|t| t.dtype() == dtype && t.is_contiguous() && t.device().is_cuda());
+        match (ok, dtype) {
+            (true, DType::F32) => Some("f32"),
+            (true, DType::BF16) => Some("bf16"),
+            _ => None,
+        }
+    }
+
+    fn f32_on_cuda(ts: &[&Tensor]) -> bool {
+        ts.iter()
+            .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && t.device().is_cuda())
+    }
+
+    fn device(t: &Tensor) -> Result<CudaDevice> {
+        match t.device() {
+            Device::Cuda(d) => Ok(d.clone()),
+            _ => bail!("not a CUDA tensor"),
+        }
+    }
+
+    /// Device address of the tensor's first element. The tensor must outlive the launch's
+    /// scheduling; its memory outlives the kernel because frees are stream-ordered.
+    fn ptr(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+        let stream = dev.cuda_stream();
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else {
+            bail!("not a CUDA tensor")
+        };
+        let off = layout.start_offset() as u64;
+        Ok(match &cs.slice {
+            CudaStorageSlice::F32(s) => s.device_ptr(&stream).0 + 4 * off,
+            CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0 + 2 * off,
+            _ => bail!("fused kernels take f32 or bf16 tensors"),
+        })
+    }
+
+    /// An uninitialised output of `shape` (every element is written by the kernel) and its address.
+    fn output(dev: &CudaDevice, dtype: DType, shape: &Shape) -> Result<(Tensor, u64)> {
+        let n = shape.elem_count();
+        let stream = dev.cuda_stream();
+        // SAFETY: the kernels write every element before anything reads it.
+        let (storage, p) = match dtype {
+            DType::F32 => {
+                let s = unsafe { dev.alloc::<f32>(n)? };
+                let p = s.device_ptr(&stream).0;
+                (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+            }
+            DType::BF16 => {
+                let s = unsafe { dev.alloc::<half::bf16>(n)? };
+                let p = s.device_ptr(&stream).0;
+                (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+            }
+            d => bail!("no fused kernel output of dtype {d:?}"),
+        };
+        let t = Tensor::from_storage(
+            Storage::Cuda(storage),
+            shape.clone(),
+            BackpropOp::none(),
+            false,
+        );
+        Ok((t, p))
+    }
+
+    /// Launches kernel `$name` of the safetune module with the given locals as arguments (their
+    /// types must match the kernel's signature in kernels.cu).
+    macro_rules! launch {
+        ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+            let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
+            let mut b = func.builder();
+            $( b.arg(&$arg); )*
+            // SAFETY: argument lists match the kernels' signatures in kernels.cu.
+            unsafe { b.launch($cfg) }.w()?;
+        }};
+    }
+
+    fn rows_cfg(rows: usize, c: usize) -> LaunchConfig {
+        let threads = if c >= 1024 {
+            512
+        } else if c >= 256 {
+            256
+        } else {
+            64
+        };
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn elems_cfg(n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 132 * 32);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One warp per row, 8 rows per block.
+    fn warps_cfg(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub fn norm_fwd(
+        x: &Tensor,
+        weight: &Tensor,
+        beta: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Option<NormOut>> {
+        let mut ts = vec![x, weight];
+        ts.extend(beta);
+        let Some(sfx) = suffix(x.dtype(), &ts) else {
+            return Ok(None);
+        };
+        let c = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / c;
+        let dev = device(x)?;
+        let (y, py) = output(&dev, x.dtype(), x.shape())?;
+        let (xhat, ph) = output(&dev, x.dtype(), x.shape())?;
+        let mut rdims = x.dims().to_vec();
+        *rdims.last_mut().expect("rank >= 1") = 1;
+        let (rstd, pr) = output(&dev, DType::F32, &Shape::from(rdims))?;
+        let (px, pw) = (ptr(x, &dev)?, ptr(weight, &dev)?);
+        let pb = match beta {
+            Some(b) => ptr(b, &dev)?,
+            None => 0,
+        };
+        let (c32, eps32, center) = (c as i32, eps as f32, beta.is_some() as i32);
+        launch!(dev, format!("st_norm_fwd_{sfx}"), rows_cfg(rows, c); px, pw, pb, py, ph, pr, c32, eps32, center);
+        Ok(Some((y, xhat, rstd)))
+    }
+
+    pub fn norm_bwd(
+        dy: &Tensor,
+        xhat: &Tensor,
+        rstd: &Tensor,
+        weight: &Tensor,
+        center: bool,
+    ) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(dy.dtype(), &[dy, xhat, weight]) else {
+            return Ok(None);
+        };
+        if !f32_on_cuda(&[rstd]) {
+            return Ok(None);
+        }
+        let c = dy.dim(D::Minus1)?;
+        let rows = dy.elem_count() / c;
+        let dev = device(dy)?;
+        let (dx, pdx) = output(&dev, dy.dtype(), dy.shape())?;
+        let (pdy, ph, pr, pw) = (
+            ptr(dy, &dev)?,
+            ptr(xhat, &dev)?,
+            ptr(rstd, &dev)?,
+            ptr(weight, &dev)?,
+        );
+        let (c32, center) = (c as i32, center as i32);
+        launch!(dev, format!("st_norm_bwd_{sfx}"), rows_cfg(rows, c); pdy, ph, pr, pw, pdx, c32, center);
+        Ok(Some(dx))
+    }
+
+    pub fn gelu_bwd(x: &Tensor, dy: &Tensor, tanh: bool) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(x.dtype(), &[x, dy]) else {
+            return Ok(None);
+        };
+        let dev = device(x)?;
+        let n = x.elem_count();
+        let (dx, pdx) = output(&dev, x.dtype(), x.shape())?;
+        let (px, pdy, n64) = (ptr(x, &dev)?, ptr(dy, &dev)?, n as u64);
+        let kind = if tanh { "tanh" } else { "erf" };
+        launch!(dev, format!("st_gelu_{kind}_bwd_{sfx}"), elems_cfg(n); px, pdy, pdx, n64);
+        Ok(Some(dx))
+    }
+
+    pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(gate.dtype(), &[gate, up]) else {
+            return Ok(None);
+        };
+        let dev = device(gate)?;
+        let n = gate.elem_count();
+        let (y, py) = output(&dev, gate.dtype(), gate.shape())?;
+        let (pg, pu, n64) = (ptr(gate, &dev)?, ptr(up, &dev)?, n as u64);
+        launch!(dev, format!("st_swiglu_fwd_{sfx}"), elems_cfg(n); pg, pu, py, n64);
+        Ok(Some(y))
+    }
+
+    pub fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(sfx) = suffix(gate.dtype(), &[gate, up, dy]) else {
+            return Ok(None);
+        };
+        let dev = device(gate)?;
+        let n = gate.elem_count();
+        let (dg, pdg) = output(&dev, gate.dtype(), gate.shape())?;
+        let (du, pdu) = output(&dev, gate.dtype(), gate.shape())?;
+        let (pg, pu, pdy, n64) = (ptr(gate, &dev)?, ptr(up, &dev)?, ptr(dy, &dev)?, n as u64);
+        launch!(dev, format!("st_swiglu_bwd_{sfx}"), elems_cfg(n); pg, pu, pdy, pdg, pdu, n64);
+        Ok(Some((dg, du)))
+    }
+
+    /// Shape checks shared by the softmax kernels: `s` `[b, h, t, t2]`, mask `[b, 1, 1, t2]` f32.
+    fn softmax_dims(s: &Tensor, mask_add: &Tensor) -> Result<Option<(usize, usize, usize, usize)>> {
+        let (b, h, t, t2) = s.dims4()?;
+        let mask_ok = f32_on_cuda(&[mask_add]) && mask_add.dims() == [b, 1, 1, t2];
+        Ok(mask_ok.then_some((b, h, t, t2)))
+    }
+
+    pub fn softmax_fwd(
+        s: &Tensor,
+        mask_add: &Tensor,
+        scale: f64,
+        causal: bool,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(sfx) = suffix(s.dtype(), &[s]) else {
+            return Ok(None);
+        };
+        let Some((b, h, t, t2)) = softmax_dims(s, mask_add)? else {
+            return Ok(None);
+        };
+        let dev = device(s)?;
+        let rows = b * h * t;
+        let (p, pp) = output(&dev, s.dtype(), s.shape())?;
+        let (lse, pl) = output(&dev, DType::F32, &Shape::from((b, h, t, 1)))?;
+        let (ps, pm) = (ptr(s, &dev)?, ptr(mask_add, &dev)?);
+        let (r, h32, t32, t232) = (rows as i32, h as i32, t as i32, t2 as i32);
+        let (sc, ca) = (scale as f32, causal as i32);
+        launch!(dev, format!("st_softmax_fwd_{sfx}"), warps_cfg(rows); ps, pm, pp, pl, r, h32, t32, t232, sc, ca);
+        Ok(Some((p, lse)))
+    }
+
+    pub fn softmax_recompute(
+        s: &Tensor,
+        mask_add: &Tensor,
+        lse: &Tensor,
+        scale: f64,
+        causal: bool,
+    ) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(s.dtype(), &[s]) else {
+            return Ok(None);
+        };
+        let Some((b, h, t, t2)) = softmax_dims(s, mask_add)? else {
+            return Ok(None);
+        };
+        if !f32_on_cuda(&[lse]) || lse.elem_count() != b * h * t {
+            return Ok(None);
+        }
+        let dev = device(s)?;
+        let rows = b * h * t;
+        let (p, pp) = output(&dev, s.dtype(), s.shape())?;
+        let (ps, pm, pl) = (ptr(s, &dev)?, ptr(mask_add, &dev)?, ptr(lse, &dev)?);
+        let (r, h32, t32, t232) = (rows as i32, h as i32, t as i32, t2 as i32);
+        let (sc, ca) = (scale as f32, causal as i32);
+        launch!(dev, format!("st_softmax_recompute_{sfx}"), warps_cfg(rows); ps, pm, pl, pp, r, h32, t32, t232, sc, ca);
+        Ok(Some(p))
+    }
+
+    pub fn softmax_bwd(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(p.dtype(), &[p, dp]) else {
+            return Ok(None);
+        };
+        if p.dims() != dp.dims() {
+            return Ok(None);
+        }
+        let t2 = p.dim(D::Minus1)?;
+        let rows = p.elem_count() / t2;
+        let dev = device(p)?;
+        let (ds, pds) = output(&dev, p.dtype(), p.shape())?;
+        let (pp, pdp) = (ptr(p, &dev)?, ptr(dp, &dev)?);
+        let (r, t232, sc) = (rows as i32, t2 as i32, scale as f32);
+        launch!(dev, format!("st_softmax_bwd_{sfx}"), warps_cfg(rows); pp, pdp, pds, r, t232, sc);
+        Ok(Some(ds))
+    }
+
+    /// Hyper-parameters of one AdamW update, bias corrections included.
+    pub struct AdamWStep {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub eps: f64,
+        pub weight_decay: f64,
+        pub bc1: f64,
+        pub bc2: f64,
+    }
+
+    pub fn adamw(
+        p: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        h: &AdamWStep,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        if !f32_on_cuda(&[p, g, m, v]) || g.shape() != p.shape() {
+            return Ok(None);
+        }
+        let dev = device(p)?;
+        let n = p.elem_count();
+        let (p2, pp2) = output(&dev, DType::F32, p.shape())?;
+        let (m2, pm2) = output(&dev, DType::F32, p.shape())?;
+        let (v2, pv2) = output(&dev, DType::F32, p.shape())?;
+        let (pp, pg, pm, pv) = (ptr(p, &dev)?, ptr(g, &dev)?, ptr(m, &dev)?, ptr(v, &dev)?);
+        let n64 = n as u64;
+        let f = |x: f64| x as f32;
+        let (lr, b1, b2, eps, wd, bc1, bc2) = (
+            f(h.lr),
+            f(h.beta1),
+            f(h.beta2),
+            f(h.eps),
+            f(h.weight_decay),
+            f(h.bc1),
+            f(h.bc2),
+        );
+        launch!(dev, "st_adamw_f32", elems_cfg(n); pp, pg, pm, pv, pp2, pm2, pv2, n64, lr, b1, b2, eps, wd, bc1, bc2);
+        Ok(Some((p2, m2, v2)))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use super::NormOut;
+    use candle_core::{Result, Tensor};
+
+    pub struct AdamWStep {
+        pub lr: f64,
+        pub beta1: f64,
+        pub beta2: f64,
+        pub eps: f64,
+        pub weight_decay: f64,
+        pub bc1: f64,
+        pub bc2: f64,
+    }
+
+    pub fn norm_fwd(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: f64) -> Result<Option<NormOut>> {
+        Ok(None)
+    }
+    pub fn norm_bwd(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: bool,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn gelu_bwd(_: &Tensor, _: &Tensor, _: bool) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn swiglu_fwd(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn swiglu_bwd(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+    pub fn softmax_fwd(
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: bool,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+    pub fn softmax_recompute(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: bool,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn softmax_bwd(_: &Tensor, _: &Tensor, _: f64) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn adamw(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &AdamWStep,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+pub use imp::*;
+
+/// Whether this build has the fused CUDA kernels.
+pub const AVAILABLE: bool = cfg!(feature = "cuda");
