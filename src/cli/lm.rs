@@ -75,14 +75,6 @@ pub struct LmTrainArgs {
     pub device: crate::device::DeviceArgs,
 }
 
-macro_rules! set {
-    ($dst:expr, $src:expr) => {
-        if let Some(v) = $src.clone() {
-            $dst = v;
-        }
-    };
-}
-
 impl LmTrainArgs {
     pub fn to_config(&self) -> Result<LmTrainConfig> {
         let mut c = match &self.config {

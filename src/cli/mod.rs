@@ -1,5 +1,14 @@
 //! Command line: `safetune train | demo | eval | fetch`. Flags override the TOML config.
 
+/// Sets a config field from a flag that was given (shared by this module and `lm`).
+macro_rules! set {
+    ($dst:expr, $src:expr) => {
+        if let Some(v) = $src.clone() {
+            $dst = v;
+        }
+    };
+}
+
 mod lm;
 
 use crate::data::{TableFormat, TaskKind};
@@ -141,14 +150,6 @@ pub struct DataArgs {
     pub label_column: Option<String>,
     #[arg(long)]
     pub max_length: Option<usize>,
-}
-
-macro_rules! set {
-    ($dst:expr, $src:expr) => {
-        if let Some(v) = $src.clone() {
-            $dst = v;
-        }
-    };
 }
 
 impl DataArgs {
