@@ -106,6 +106,24 @@ fn open_cuda(_ordinal: usize) -> anyhow::Result<Device> {
     )
 }
 
+/// While it lives, candle keeps its small host-to-device uploads (the dims and strides that every
+/// strided CUDA op sends before its kernel, at most 4 KiB) in a cache keyed by their bytes, so a
+/// layout seen before costs no allocation and no copy from pageable memory, which can make the
+/// host wait for the GPU. Hold it around a model's forward and backward only: every small upload
+/// made meanwhile stays cached for the life of the process, so data uploads (labels, token ids)
+/// belong outside it, and a tensor made from host data inside it must never be written in place.
+/// A no-op on the CPU.
+pub struct UploadCache(#[allow(dead_code)] Option<Box<dyn std::any::Any>>);
+
+pub fn upload_cache(device: &Device) -> UploadCache {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = device {
+        return UploadCache(Some(Box::new(c.enable_cuda_graph_htod_cache())));
+    }
+    let _ = device;
+    UploadCache(None)
+}
+
 /// Waits until the device has finished all queued work (a no-op on the CPU): before reading a
 /// clock or a memory counter.
 pub fn synchronize(device: &Device) -> candle_core::Result<()> {

@@ -119,6 +119,9 @@ pub struct TrainArgs {
     /// Recompute the frozen bottom layers every step instead of caching their output on disk.
     #[arg(long)]
     pub no_frozen_cache: bool,
+    /// Run the frozen bottom layers with dropout, as without freezing (recomputed every step).
+    #[arg(long)]
+    pub frozen_bottom_dropout: bool,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -207,6 +210,9 @@ impl TrainArgs {
         }
         if self.no_frozen_cache {
             c.cache_frozen_bottom = false;
+        }
+        if self.frozen_bottom_dropout {
+            c.frozen_bottom_dropout = true;
         }
         set!(c.device, self.device.device);
         set!(c.dtype, self.device.dtype);

@@ -577,33 +577,52 @@ impl BertForSequenceClassification {
             training: false,
             rng: &mut rng,
         };
+        self.forward_frozen_bottom_in(b, k, &mut pass)
+    }
+
+    /// Embeddings and layers `0..k`, saving nothing, in `pass`'s mode (training: with dropout).
+    pub fn forward_frozen_bottom_in(
+        &self,
+        b: &BatchTensors,
+        k: usize,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
         let h = self
             .embeddings
-            .forward(&b.input_ids, &b.token_type_ids, &mut pass)?;
-        self.forward_frozen_layers(b, h, 0, k)
+            .forward(&b.input_ids, &b.token_type_ids, pass)?;
+        self.forward_layers_unsaved(b, h, 0, k, pass)
     }
 
     /// Layers `from..to` in inference mode on `h`, the output of layer `from - 1`.
     pub fn forward_frozen_layers(
         &self,
         b: &BatchTensors,
-        mut h: Tensor,
+        h: Tensor,
         from: usize,
         to: usize,
     ) -> Result<Tensor> {
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
         let mut pass = Pass {
             training: false,
             rng: &mut rng,
         };
+        self.forward_layers_unsaved(b, h, from, to, &mut pass)
+    }
+
+    fn forward_layers_unsaved(
+        &self,
+        b: &BatchTensors,
+        mut h: Tensor,
+        from: usize,
+        to: usize,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
         for layer in &self.layers[from..to] {
-            h = layer
-                .forward(&h, &b.mask_add, shape, &mut pass, false, None)?
-                .0;
+            h = layer.forward(&h, &b.mask_add, shape, pass, false, None)?.0;
         }
         Ok(h)
     }
@@ -655,6 +674,40 @@ impl BertForSequenceClassification {
         }
         adapters.sort_by_key(|(l, s, _)| (*l, *s as usize));
         Ok(ModelGrads { adapters, head })
+    }
+
+    /// SAFE's monitoring forward (inference, no head): layers `from..` on `h` (the output of layer
+    /// `from - 1`, or of the embeddings), up to the highest layer with a trainable adapter,
+    /// returning every adapted linear's `(layer, site, X, Y)` on the way. Layers below `from` and
+    /// above the last trainable adapter cost nothing: no decision needs their scores.
+    pub fn forward_monitor(
+        &self,
+        b: &BatchTensors,
+        mut h: Tensor,
+        from: usize,
+    ) -> Result<Vec<(usize, Site, Tensor, Tensor)>> {
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let top = self
+            .layers
+            .iter()
+            .rposition(|l| l.trains())
+            .map_or(0, |i| i + 1);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
+        let mut all = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate().take(top).skip(from) {
+            let mut m = Monitored::new();
+            let out = layer.forward(&h, &b.mask_add, shape, &mut pass, false, Some(&mut m))?;
+            all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
+            h = out.0;
+        }
+        Ok(all)
     }
 
     /// Inference forward returning logits; with `monitor`, also every adapted linear's

@@ -566,7 +566,9 @@ impl LlamaForCausalLM {
         pass: &mut Pass,
         loss_scale: f64,
     ) -> Result<(LmLoss, SiteGrads)> {
+        let layouts = crate::device::upload_cache(self.embed_tokens.device());
         let (hn, saved) = self.forward_train(b, pass)?;
+        drop(layouts);
         let mut loss = lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
         drop(hn);
         let dh = loss.dhidden.take().expect("gradient requested");
@@ -575,7 +577,9 @@ impl LlamaForCausalLM {
         } else {
             dh.affine(loss_scale, 0.0)?
         };
+        let layouts = crate::device::upload_cache(self.embed_tokens.device());
         let grads = self.backward(saved, &dh)?;
+        drop(layouts);
         Ok((loss, grads))
     }
 

@@ -261,7 +261,7 @@ impl Model {
     fn step(&self, inputs: &Inputs, pass: &mut Pass) -> Result<(f32, Vec<(String, Tensor)>)> {
         Ok(match (self, inputs) {
             (Model::Bert(m), Inputs::Bert(b)) => {
-                let out = step::forward_backward(m, b, pass, 1.0, None)?;
+                let out = step::forward_backward(m, b, pass, 1.0, step::FrozenBottom::Inference)?;
                 (out.loss, out.grads)
             }
             (Model::Llama(m), Inputs::Llama(b)) => {
@@ -560,6 +560,7 @@ mod tests {
     }
 
     fn quick(flags: &[&str]) -> BenchResult {
+        let _lock = crate::train::memory::counters_lock();
         let mut f = vec!["--warmup", "1", "--steps", "3"];
         f.extend_from_slice(flags);
         run(&args(&f)).unwrap()

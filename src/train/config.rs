@@ -133,6 +133,9 @@ pub struct TrainConfig {
     /// Once the bottom layers freeze, keep their output per example on disk (in the output folder)
     /// and reuse it in later epochs instead of recomputing those layers.
     pub cache_frozen_bottom: bool,
+    /// Run the frozen bottom layers with dropout, as an unfrozen run would (and as the paper's
+    /// PyTorch setting does), instead of in inference mode. Rules out the cache.
+    pub frozen_bottom_dropout: bool,
     /// cpu | cuda | cuda:N
     pub device: crate::device::DeviceSpec,
     /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
@@ -161,6 +164,7 @@ impl Default for TrainConfig {
             max_steps_per_epoch: 0,
             init_adapter: None,
             cache_frozen_bottom: true,
+            frozen_bottom_dropout: false,
             device: Default::default(),
             dtype: Default::default(),
             data: DataConfig::default(),

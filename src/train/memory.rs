@@ -65,6 +65,14 @@ pub fn reset_peak() {
 }
 
 /// Peak resident set size of the process (VmHWM), where the OS reports it.
+/// Tests that read the process-wide counters (heap bytes, matmul FLOPs) hold this, so tests
+/// running in parallel threads do not move the counters under them.
+#[cfg(test)]
+pub(crate) fn counters_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn peak_rss_bytes() -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -238,6 +246,7 @@ mod tests {
 
     #[test]
     fn cpu_tracker_reads_the_heap_counters() {
+        let _lock = counters_lock();
         let t = MemTracker::new(&candle_core::Device::Cpu);
         assert_eq!(t.kind(), "heap");
         assert!(t.driver().is_none());
@@ -251,6 +260,7 @@ mod tests {
 
     #[test]
     fn peak_follows_a_large_allocation_and_resets() {
+        let _lock = counters_lock();
         reset_peak();
         let before = peak_bytes();
         let v = vec![1u8; 64 << 20];

@@ -58,17 +58,26 @@ pub struct StepOutput {
     pub grads: Vec<(String, Tensor)>,
 }
 
+/// How the layers below the lowest trainable adapter run. They save nothing in every mode.
+pub enum FrozenBottom<'a> {
+    /// Inference mode (no dropout), recomputed every step.
+    Inference,
+    /// Inference mode, its output read from the cache (the cache and the batch's example
+    /// indices) when every example of the batch is there, and stored when computed.
+    Cached(&'a mut FrozenCache, &'a [usize]),
+    /// Training mode: dropout as in an unfrozen run (the paper's setting, where a frozen adapter
+    /// only stops getting gradients), recomputed every step; it cannot be cached.
+    Dropout,
+}
+
 /// Forward, loss and backward for one micro-batch. `loss_scale` divides the loss (and so the
 /// gradients) for gradient accumulation.
-///
-/// With `cache` (the cache and the batch's example indices), the frozen bottom's output is read
-/// from the cache when every example of the batch is there, and stored when computed.
 pub fn forward_backward(
     model: &BertForSequenceClassification,
     batch: &Batch,
     pass: &mut Pass,
     loss_scale: f64,
-    cache: Option<(&mut FrozenCache, &[usize])>,
+    bottom: FrozenBottom,
 ) -> anyhow::Result<StepOutput> {
     let dtype = model.head.classifier.weight.dtype();
     let device = model.head.classifier.weight.device().clone();
@@ -76,18 +85,26 @@ pub fn forward_backward(
     let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
     // Layers below the lowest trainable adapter run without saving (or come from the cache); the
     // rest save for backward.
-    let (logits, saved) = match cache {
-        Some((c, examples)) if first > 0 => {
+    let layouts = crate::device::upload_cache(&device);
+    let (logits, saved) = match bottom {
+        FrozenBottom::Cached(c, examples) if first > 0 => {
             let h = frozen_bottom(model, &tensors, batch, first, c, examples)?;
+            model.forward_train_from(&tensors, h, first, pass)?
+        }
+        FrozenBottom::Dropout => {
+            let h = model.forward_frozen_bottom_in(&tensors, first, pass)?;
             model.forward_train_from(&tensors, h, first, pass)?
         }
         _ => model.forward_train(&tensors, pass)?,
     };
+    drop(layouts);
     let (loss, dlogits) = loss_and_grad(&logits, &batch.labels)?;
     let dlogits = (dlogits * loss_scale)?;
     drop(logits);
     // Backward stops at the lowest trainable layer.
+    let layouts = crate::device::upload_cache(&device);
     let g = model.backward(saved, &dlogits)?;
+    drop(layouts);
     let mut grads = Vec::with_capacity(2 * g.adapters.len() + 2);
     for (layer, site, lg) in g.adapters {
         let stem = adapter_path(layer, site);
@@ -102,7 +119,7 @@ pub fn forward_backward(
 /// The output of layers `0..k` for the batch: from the cache's rows (of depth `d <= k`, then
 /// layers `d..k`) if every example is there, else computed (inference mode) and stored per
 /// example, without its padding rows.
-fn frozen_bottom(
+pub(crate) fn frozen_bottom(
     model: &BertForSequenceClassification,
     tensors: &BatchTensors,
     batch: &Batch,
@@ -204,19 +221,19 @@ mod tests {
         fn run(
             m: &BertForSequenceClassification,
             batch: &Batch,
-            cache: Option<(&mut FrozenCache, &[usize])>,
+            bottom: FrozenBottom,
         ) -> StepOutput {
             let mut rng = StdRng::seed_from_u64(9);
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
             };
-            forward_backward(m, batch, &mut pass, 1.0, cache).unwrap()
+            forward_backward(m, batch, &mut pass, 1.0, bottom).unwrap()
         }
-        let plain = run(&m, &batch, None);
-        let stored = run(&m, &batch, Some((&mut cache, &[4, 1])));
+        let plain = run(&m, &batch, FrozenBottom::Inference);
+        let stored = run(&m, &batch, FrozenBottom::Cached(&mut cache, &[4, 1]));
         assert_eq!((cache.hits, cache.misses), (0, 1));
-        let read = run(&m, &batch, Some((&mut cache, &[4, 1])));
+        let read = run(&m, &batch, FrozenBottom::Cached(&mut cache, &[4, 1]));
         assert_eq!(cache.hits, 2, "both examples come from the cache");
         for out in [&stored, &read] {
             assert_eq!(out.loss.to_bits(), plain.loss.to_bits());
@@ -234,13 +251,19 @@ mod tests {
             .grads
             .iter()
             .all(|(n, _)| !n.contains("layer.0.") && !n.contains("layer.1.")));
+        // A dropout bottom draws masks in the frozen layers (a different loss), and still gives
+        // them no gradient.
+        let dropped = run(&m, &batch, FrozenBottom::Dropout);
+        assert_ne!(dropped.loss.to_bits(), plain.loss.to_bits());
+        let names = |o: &StepOutput| o.grads.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&dropped), names(&plain));
         // Layer 2 freezes too: the depth-2 rows keep serving, layer 2 runs from them.
         for (l, s) in m.adapter_sites() {
             m.adapter_mut(l, s).unwrap().trainable = false;
         }
-        let plain = run(&m, &batch, None);
+        let plain = run(&m, &batch, FrozenBottom::Inference);
         let hits = cache.hits;
-        let read = run(&m, &batch, Some((&mut cache, &[4, 1])));
+        let read = run(&m, &batch, FrozenBottom::Cached(&mut cache, &[4, 1]));
         assert_eq!((cache.hits, cache.depth()), (hits + 2, 2));
         assert_eq!(read.loss.to_bits(), plain.loss.to_bits());
         assert_eq!(read.grads.len(), 2, "only the classifier trains");
@@ -323,7 +346,7 @@ mod dtype_tests {
                 training: true,
                 rng: &mut rng,
             };
-            forward_backward(m, &batch(), &mut pass, 1.0, None).unwrap()
+            forward_backward(m, &batch(), &mut pass, 1.0, FrozenBottom::Inference).unwrap()
         };
         let (a, b) = (run(&m32), run(&m16));
         assert!(

@@ -4,6 +4,7 @@
 
 use super::checkpoint;
 use super::config::{DataKind, Method, TrainConfig};
+use super::frozen_cache::FrozenCache;
 use super::memory;
 use super::metrics;
 use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
@@ -256,8 +257,9 @@ pub fn evaluate(
 /// moments accumulated in f64.
 pub fn adapter_importance(
     model: &BertForSequenceClassification,
-    items: &[&Encoded],
+    items: &[(usize, &Encoded)],
     batch_size: usize,
+    mut cache: Option<&mut FrozenCache>,
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
     let device = model.head.classifier.weight.device().clone();
@@ -268,13 +270,11 @@ pub fn adapter_importance(
             CkaAccumulator::new(d, d)
         })
         .collect();
-    let mut rng = StdRng::seed_from_u64(0);
-    let mut pass = Pass {
-        training: false,
-        rng: &mut rng,
-    };
+    let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
     for chunk in items.chunks(batch_size.max(1)) {
-        let b = collate(chunk, 0);
+        let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
+        let examples: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+        let b = collate(&encoded, 0);
         let t = step::to_tensors(&b, DType::F32, &device)?;
         let rows: Vec<u32> = (0..b.batch * b.seq)
             .filter(|&i| b.attention_mask[i] == 1)
@@ -282,9 +282,13 @@ pub fn adapter_importance(
             .collect();
         let n = rows.len();
         let rows = Tensor::from_vec(rows, n, &device)?;
-        let mut monitored = Vec::new();
-        model.forward_eval(&t, &mut pass, Some(&mut monitored))?;
-        for (layer, site, x, y) in monitored {
+        // The frozen bottom comes from the training cache when it has these examples: a frozen
+        // layer's adapters need no more scores.
+        let h = match cache.as_deref_mut() {
+            Some(c) if first > 0 => step::frozen_bottom(model, &t, &b, first, c, &examples)?,
+            _ => model.forward_frozen_bottom(&t, first.min(model.layers.len()))?,
+        };
+        for (layer, site, x, y) in model.forward_monitor(&t, h, first)? {
             let i = sites
                 .iter()
                 .position(|&(l, s)| l == layer && s == site)
@@ -415,12 +419,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     let sites = model.adapter_sites();
     let names: Vec<String> = sites.iter().map(|&(l, s)| adapter_name(l, s)).collect();
 
-    let monitor: Vec<&Encoded> = {
+    let monitor: Vec<(usize, &Encoded)> = {
         let mut idx: Vec<usize> = (0..setup.train.len()).collect();
         idx.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5afe));
         idx.truncate(cfg.safe.monitor_examples.min(setup.train.len()));
         idx.sort_unstable();
-        idx.into_iter().map(|i| &setup.train[i]).collect()
+        idx.into_iter().map(|i| (i, &setup.train[i])).collect()
     };
 
     let micro = cfg.batch_size.max(1);
@@ -492,7 +496,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     };
 
     // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
-    let mut frozen_cache = match (cfg.cache_frozen_bottom, &cfg.method) {
+    let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
+    let mut frozen_cache = match (cache, &cfg.method) {
         (true, Method::Safe | Method::FreezePrefix(_)) => {
             Some(super::frozen_cache::FrozenCache::create(&cfg.output)?)
         }
@@ -538,9 +543,13 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                     rng: &mut drop_rng,
                 };
                 let examples = &order[start..(start + micro).min(order.len())];
-                let cache = frozen_cache.as_mut().map(|c| (c, examples));
+                let bottom = match frozen_cache.as_mut() {
+                    Some(c) => step::FrozenBottom::Cached(c, examples),
+                    None if cfg.frozen_bottom_dropout => step::FrozenBottom::Dropout,
+                    None => step::FrozenBottom::Inference,
+                };
                 let out =
-                    step::forward_backward(&model, &batch, &mut pass, 1.0 / accum as f64, cache)?;
+                    step::forward_backward(&model, &batch, &mut pass, 1.0 / accum as f64, bottom)?;
                 loss_sum += out.loss as f64;
                 loss_n += 1;
                 if grads.is_empty() {
@@ -569,7 +578,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 if boundary && c.phase() != crate::safe::Phase::Done {
                     let f0 = flops::total();
                     let round = (epoch - 1) * rounds_per_epoch + done_rounds(s + 1);
-                    let scores = adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
+                    let scores = adapter_importance(
+                        &model,
+                        &monitor,
+                        cfg.eval_batch_size,
+                        frozen_cache.as_mut(),
+                    )?;
                     monitor_flops += flops::total() - f0;
                     let d = c.end_of_epoch(round, &scores);
                     for &i in &d.newly_frozen {
@@ -766,4 +780,77 @@ pub(crate) fn progress_bar(
     );
     bar.set_prefix(format!("{epoch}/{epochs}"));
     Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::LoraConfig;
+    use crate::model::BertConfig;
+
+    /// Monitoring starts at the lowest trainable layer: frozen bottom adapters get no score
+    /// (NaN), the others the same score as before they froze, whether the bottom is recomputed
+    /// or read from the training cache.
+    #[test]
+    fn importance_skips_the_frozen_bottom() {
+        let cfg = BertConfig {
+            vocab_size: 40,
+            hidden_size: 8,
+            num_hidden_layers: 3,
+            num_attention_heads: 2,
+            intermediate_size: 16,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 16,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut m =
+            BertForSequenceClassification::random(cfg, 2, DType::F32, &Device::Cpu, &mut rng)
+                .unwrap();
+        let lora = LoraConfig {
+            target_modules: vec!["query".into(), "value".into()],
+            ..Default::default()
+        };
+        m.add_lora(&lora, None, &mut rng).unwrap();
+        // Nonzero B, so every adapter changes its layer's output.
+        for (l, s) in m.adapter_sites() {
+            let a = m.adapter_mut(l, s).unwrap();
+            a.b = Tensor::randn(0f32, 0.5, a.b.shape(), &Device::Cpu).unwrap();
+        }
+        let items: Vec<Encoded> = (0..5u32)
+            .map(|i| Encoded {
+                ids: (0..3 + i).map(|j| 2 + (7 * i + 3 * j) % 37).collect(),
+                type_ids: vec![0; 3 + i as usize],
+                label: Label::Class(i as usize % 2),
+            })
+            .collect();
+        let monitor: Vec<(usize, &Encoded)> = items.iter().enumerate().collect();
+        let all = adapter_importance(&m, &monitor, 2, None).unwrap();
+        assert!(all.iter().all(|s| s.is_finite() && *s > 0.0), "{all:?}");
+
+        for (l, s) in m.adapter_sites() {
+            if l == 0 {
+                m.adapter_mut(l, s).unwrap().trainable = false;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = FrozenCache::create(dir.path()).unwrap();
+        let recomputed = adapter_importance(&m, &monitor, 2, None).unwrap();
+        let stored = adapter_importance(&m, &monitor, 2, Some(&mut cache)).unwrap();
+        let read = adapter_importance(&m, &monitor, 2, Some(&mut cache)).unwrap();
+        assert_eq!((cache.misses, cache.hits), (3, 5));
+        for scores in [&recomputed, &stored, &read] {
+            for (i, (l, _)) in m.adapter_sites().into_iter().enumerate() {
+                if l == 0 {
+                    assert!(scores[i].is_nan());
+                } else {
+                    assert!((scores[i] - all[i]).abs() < 1e-9, "{scores:?} {all:?}");
+                }
+            }
+        }
+    }
 }
