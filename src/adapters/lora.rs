@@ -87,23 +87,24 @@ impl LoraAdapter {
         })
     }
 
-    /// The adapter's own output `scaling * dropout(x) A^T B^T`, computed in the adapter's dtype
-    /// (f32 beside a bf16 base, as PEFT casts) and returned in `x`'s. When `save`, keeps the
-    /// dropout mask (needed for `dx` even when frozen) and, if the adapter trains, `x` as it came
-    /// (the same tensor for every adapter on that input, e.g. query and value) and `x A^T`; backward
-    /// re-applies the cast and the mask for `dA`.
+    /// The adapter's own output `scaling * dropout(x) A^T B^T`, computed in `x`'s dtype: beside
+    /// a bf16 base, `A` and `B` (f32 master weights, `[r, in]` and `[out, r]`) are cast down for
+    /// the product instead of casting the `[n, in]` activations up, so the matmuls run on bf16
+    /// tensor cores and no activation-sized cast exists (PEFT with its adapters in bf16 computes
+    /// the same way). When `save`, keeps the dropout mask (needed for `dx` even when frozen) and,
+    /// if the adapter trains, `x` as it came (the same tensor for every adapter on that input,
+    /// e.g. query and value) and `x A^T`; backward re-applies the mask for `dA`.
     fn forward(
         &self,
         x: &Tensor,
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
-        let (xd, drop) = self
-            .dropout
-            .forward(&x.to_dtype(self.a.dtype())?, pass, save)?;
-        let xa = matmul(&xd, &self.a.t()?)?;
+        let (xd, drop) = self.dropout.forward(x, pass, save)?;
+        let (a, b) = (self.a.to_dtype(x.dtype())?, self.b.to_dtype(x.dtype())?);
+        let xa = matmul(&xd, &a.t()?)?;
         // The scaling on the rank-r side: an [n, r] pass instead of an [n, out] one.
-        let y = matmul(&xa.affine(self.scaling, 0.0)?, &self.b.t()?)?.to_dtype(x.dtype())?;
+        let y = matmul(&xa.affine(self.scaling, 0.0)?, &b.t()?)?;
         let inputs = (save && self.trainable).then(|| (x.clone(), xa));
         Ok((y, LoraLinearSaved { inputs, drop }))
     }
@@ -162,7 +163,7 @@ impl LoraLinear {
             return Ok((base.clone(), base, LoraLinearSaved::NONE));
         };
         let (delta, saved) = lora.forward(x, pass, save)?;
-        Ok(((&base + delta)?, base, saved))
+        Ok((crate::nn::add(&base, &delta)?, base, saved))
     }
 
     /// Returns `dx` (when `need_dx`) and the adapter's gradients (when it trains).
@@ -183,18 +184,22 @@ impl LoraLinear {
         if dx.is_none() && saved.inputs.is_none() {
             return Ok((None, None)); // frozen adapter at the bottom of the backward: nothing to do
         }
-        let dy = dy.to_dtype(lora.a.dtype())?; // the adapter path runs in its own dtype
-        let dxa = matmul(&dy, &lora.b)?.affine(lora.scaling, 0.0)?; // [n, r]
+        // The adapter path runs in the activations' dtype (see `LoraAdapter::forward`); the
+        // gradients come back in the master weights' dtype.
+        let (a, b) = (lora.a.to_dtype(dy.dtype())?, lora.b.to_dtype(dy.dtype())?);
+        let dxa = matmul(dy, &b)?.affine(lora.scaling, 0.0)?; // [n, r]
         if let Some(d) = dx.as_mut() {
-            let dxd = dropout::backward_opt(&saved.drop, matmul(&dxa, &lora.a)?)?;
-            *d = (&*d + dxd.to_dtype(d.dtype())?)?;
+            let dxd = dropout::backward_opt(&saved.drop, matmul(&dxa, &a)?)?;
+            *d = crate::nn::add(d, &dxd)?;
         }
         let grads = match saved.inputs {
             Some((x, xa)) => {
-                let xd = dropout::backward_opt(&saved.drop, x.to_dtype(lora.a.dtype())?)?;
+                let xd = dropout::backward_opt(&saved.drop, x)?;
                 Some(LoraGrads {
-                    a: matmul(&dxa.t()?, &xd)?,
-                    b: matmul(&dy.t()?, &xa)?.affine(lora.scaling, 0.0)?,
+                    a: matmul(&dxa.t()?, &xd)?.to_dtype(lora.a.dtype())?,
+                    b: matmul(&dy.t()?, &xa)?
+                        .affine(lora.scaling, 0.0)?
+                        .to_dtype(lora.b.dtype())?,
                 })
             }
             None => None,

@@ -18,7 +18,7 @@ use crate::nn::gelu::{self, GeluSaved};
 use crate::nn::head::{ClassificationHead, HeadGrads, HeadSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
-use crate::nn::{Dropout, Pass};
+use crate::nn::{self, Dropout, Pass};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -198,12 +198,12 @@ impl BertLayer {
         let a = run(Site::AttnOut, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
-        let (a, ln_attn) = self.ln_attn.forward(&(a + h)?, save)?;
+        let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
         let (g, gelu) = gelu::forward(&run(Site::Intermediate, &a, pass)?, save)?;
         let o = run(Site::Output, &g, pass)?;
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
-        let (out, ln_out) = self.ln_out.forward(&(o + a)?, save)?;
+        let (out, ln_out) = self.ln_out.forward(&nn::add(&o, &a)?, save)?;
         let saved = match (attn, ln_attn, gelu, ln_out) {
             (Some(attn), Some(ln_attn), Some(gelu), Some(ln_out)) => Some(BertLayerSaved {
                 lin,
@@ -246,7 +246,10 @@ impl BertLayer {
             saved.gelu.backward(&d_g)?
         };
         drop(saved.gelu);
-        let d_a = (back(Site::Intermediate, &d_i, true)?.expect("dx requested") + d_res2)?;
+        let d_a = nn::add(
+            &back(Site::Intermediate, &d_i, true)?.expect("dx requested"),
+            &d_res2,
+        )?;
         drop(d_i);
         let d_res1 = saved.ln_attn.backward(&self.ln_attn, &d_a)?; // d(attn_out + h)
         drop((d_a, saved.ln_attn));
@@ -260,7 +263,7 @@ impl BertLayer {
         for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
             if let Some(dxs) = back(s, &d, need_dx)? {
                 dh = Some(match dh {
-                    Some(acc) => (acc + dxs)?,
+                    Some(acc) => nn::add(&acc, &dxs)?,
                     None => dxs,
                 });
             }

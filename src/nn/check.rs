@@ -93,12 +93,24 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     let up = r(&[96, 3072], 7, 2.0, 0.0)?;
     let dy = r(&[96, 3072], 8, 1.0, 0.0)?;
     for (kind, name) in [(GeluKind::Erf, "erf"), (GeluKind::Tanh, "tanh")] {
-        let (_, saved) = gelu::forward_kind(&x, kind, true)?;
+        let (y, saved) = gelu::forward_kind(&x, kind, true)?;
+        push(
+            &format!("gelu {name} forward"),
+            rel(&y, &gelu::forward_reference(&x, kind)?)?,
+        );
         let saved = saved.expect("saved");
         push(
             &format!("gelu {name} backward"),
             rel(&saved.backward(&dy)?, &saved.backward_reference(&dy)?)?,
         );
+    }
+    // The bias and residual adds (CUDA kernels only; elsewhere they are candle's ops).
+    let bias = r(&[3072], 9, 1.0, 0.0)?;
+    if let Some(y) = super::gpu::bias_add(&x, &bias)? {
+        push("bias add", rel(&y, &x.broadcast_add(&bias)?)?);
+    }
+    if let Some(y) = super::gpu::add(&x, &up)? {
+        push("add", rel(&y, &(&x + &up)?)?);
     }
     let (y, saved) = swiglu::forward(&x, &up, true)?;
     push(

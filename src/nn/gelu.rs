@@ -29,6 +29,10 @@ pub fn forward_kind(x: &Tensor, kind: GeluKind, save: bool) -> Result<(Tensor, O
         GeluKind::Erf => super::cpu::gelu_fwd(x)?,
         GeluKind::Tanh => super::cpu::gelu_tanh_fwd(x)?,
     };
+    let fused = match fused {
+        Some(y) => Some(y),
+        None => super::gpu::gelu_fwd(x, kind == GeluKind::Tanh)?,
+    };
     let y = match fused {
         Some(y) => y,
         None => forward_reference(x, kind)?,

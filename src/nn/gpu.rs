@@ -1,7 +1,8 @@
 //! Fused CUDA kernels (`src/nn/kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature)
-//! for the parts of a step that candle composes from many small ops: LayerNorm / RMSNorm forward
-//! and backward, the GELU and SwiGLU backward (and SwiGLU forward), the attention softmax
-//! (forward with log-sum-exp, recomputation, backward) and AdamW.
+//! for the parts of a step that candle composes from many small ops, or runs slowly: LayerNorm /
+//! RMSNorm forward and backward, GELU forward and backward, SwiGLU, the attention softmax
+//! (forward with log-sum-exp, recomputation, backward), AdamW, and the bias and residual adds
+//! (candle's broadcast add indexes every element through its strides).
 //!
 //! Why: off the CPU each candle op is a kernel launch, an allocation and often a host-to-device
 //! copy of its layout, about 20 us of host time; a BERT-base step ran about 3000 of them and was
@@ -209,6 +210,51 @@ mod imp {
         Ok(Some(dx))
     }
 
+    pub fn gelu_fwd(x: &Tensor, tanh: bool) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(x.dtype(), &[x]) else {
+            return Ok(None);
+        };
+        let dev = device(x)?;
+        let n = x.elem_count();
+        let (y, py) = output(&dev, x.dtype(), x.shape())?;
+        let (px, n64, t32) = (ptr(x, &dev)?, n as u64, tanh as i32);
+        launch!(dev, format!("st_gelu_fwd_{sfx}"), elems_cfg(n); px, py, n64, t32);
+        Ok(Some(y))
+    }
+
+    /// `x [.., c] + b [c]`.
+    pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(x.dtype(), &[x, b]) else {
+            return Ok(None);
+        };
+        let c = x.dim(D::Minus1)?;
+        if b.elem_count() != c {
+            return Ok(None);
+        }
+        let dev = device(x)?;
+        let n = x.elem_count();
+        let (y, py) = output(&dev, x.dtype(), x.shape())?;
+        let (px, pb, n64, c32) = (ptr(x, &dev)?, ptr(b, &dev)?, n as u64, c as i32);
+        launch!(dev, format!("st_bias_add_{sfx}"), elems_cfg(n); px, pb, py, n64, c32);
+        Ok(Some(y))
+    }
+
+    /// `a + b`, same shape.
+    pub fn add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+        let Some(sfx) = suffix(a.dtype(), &[a, b]) else {
+            return Ok(None);
+        };
+        if a.dims() != b.dims() {
+            return Ok(None);
+        }
+        let dev = device(a)?;
+        let n = a.elem_count();
+        let (y, py) = output(&dev, a.dtype(), a.shape())?;
+        let (pa, pb, n64) = (ptr(a, &dev)?, ptr(b, &dev)?, n as u64);
+        launch!(dev, format!("st_add_{sfx}"), elems_cfg(n); pa, pb, py, n64);
+        Ok(Some(y))
+    }
+
     pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         let Some(sfx) = suffix(gate.dtype(), &[gate, up]) else {
             return Ok(None);
@@ -378,6 +424,15 @@ mod imp {
         Ok(None)
     }
     pub fn gelu_bwd(_: &Tensor, _: &Tensor, _: bool) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn gelu_fwd(_: &Tensor, _: bool) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn bias_add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn swiglu_fwd(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {

@@ -109,6 +109,33 @@ __device__ void gelu_erf_bwd(const T* x, const T* dy, T* dx, size_t n) {
   }
 }
 
+// GELU forward, both forms: x * Phi(x) (erf) or 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+template <typename T>
+__device__ void gelu_fwd(const T* x, T* y, size_t n, int tanh_form) {
+  GRID_STRIDE(i, n) {
+    const float v = ld(x[i]);
+    float g;
+    if (tanh_form) {
+      g = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    } else {
+      g = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    }
+    y[i] = st<T>(g);
+  }
+}
+
+// y = x + b broadcast over rows of c (a linear layer's bias): one pass, no strided indexing.
+template <typename T>
+__device__ void bias_add(const T* x, const T* b, T* y, size_t n, int c) {
+  GRID_STRIDE(i, n) y[i] = st<T>(ld(x[i]) + ld(b[i % c]));
+}
+
+// y = a + b, same shape.
+template <typename T>
+__device__ void add(const T* a, const T* b, T* y, size_t n) {
+  GRID_STRIDE(i, n) y[i] = st<T>(ld(a[i]) + ld(b[i]));
+}
+
 // GELU (tanh approximation): dy * (0.5 (1 + t) + 0.5 x (1 - t^2) u'), t = tanh(u).
 template <typename T>
 __device__ void gelu_tanh_bwd(const T* x, const T* dy, T* dx, size_t n) {
@@ -236,6 +263,15 @@ extern "C" __global__ void st_adamw_f32(const float* p, const float* g, const fl
   }                                                                                               \
   extern "C" __global__ void st_gelu_tanh_bwd_##S(const T* x, const T* dy, T* dx, size_t n) {     \
     gelu_tanh_bwd<T>(x, dy, dx, n);                                                               \
+  }                                                                                               \
+  extern "C" __global__ void st_gelu_fwd_##S(const T* x, T* y, size_t n, int tanh_form) {        \
+    gelu_fwd<T>(x, y, n, tanh_form);                                                              \
+  }                                                                                               \
+  extern "C" __global__ void st_bias_add_##S(const T* x, const T* b, T* y, size_t n, int c) {     \
+    bias_add<T>(x, b, y, n, c);                                                                   \
+  }                                                                                               \
+  extern "C" __global__ void st_add_##S(const T* a, const T* b, T* y, size_t n) {                 \
+    add<T>(a, b, y, n);                                                                           \
   }                                                                                               \
   extern "C" __global__ void st_swiglu_fwd_##S(const T* g, const T* u, T* y, size_t n) {          \
     swiglu_fwd<T>(g, u, y, n);                                                                    \

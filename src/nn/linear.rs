@@ -29,7 +29,10 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = matmul(x, &self.weight.t()?)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => match super::gpu::bias_add(&y, b)? {
+                Some(y) => Ok(y),
+                None => y.broadcast_add(b),
+            },
             None => Ok(y),
         }
     }

@@ -40,6 +40,14 @@ pub struct Pass<'a> {
 /// one output. Off the CPU an elementwise formula is a chain of candle ops, each allocating a
 /// tensor as large as its input; by rows, those temporaries take one block's worth of memory
 /// instead of several activations' worth. One block (no copy) when everything fits.
+/// `a + b` for same-shaped tensors (residuals, gradient sums): one fused kernel on CUDA.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    match gpu::add(a, b)? {
+        Some(y) => Ok(y),
+        None => a + b,
+    }
+}
+
 pub(crate) fn map_row_blocks(
     inputs: &[&Tensor],
     block_elems: usize,
