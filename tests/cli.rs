@@ -634,6 +634,42 @@ fn safe_writes_its_reports() {
     assert_eq!(read_json(&out.join("summary.json"))["method"], "safe");
 }
 
+/// The block-level monitor and the dropout bottom are run options: they reach the saved config,
+/// and the first round scores every adapter.
+#[test]
+fn safe_block_monitor_and_dropout_bottom() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &out,
+        &[
+            "--method",
+            "safe",
+            "--safe-monitor",
+            "block",
+            "--frozen-bottom-dropout",
+            "--safe-rounds-per-epoch",
+            "2",
+            "--epochs",
+            "2",
+        ],
+    ));
+    let cfg = read_json(&out.join("train_config.json"));
+    assert_eq!(cfg["safe"]["monitor"], "block");
+    assert_eq!(cfg["frozen_bottom_dropout"], true);
+    let lines = read_jsonl(&out.join("safe.jsonl"));
+    let first = lines[0]["importance"].as_array().unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(
+        first.iter().all(|v| v.as_f64().is_some_and(f64::is_finite)),
+        "{first:?}"
+    );
+}
+
 #[test]
 fn freeze_prefix_freezes_the_bottom_layers() {
     let sb = Sandbox::new();

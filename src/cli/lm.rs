@@ -66,6 +66,9 @@ pub struct LmTrainArgs {
     pub safe_rounds_per_epoch: Option<usize>,
     #[arg(long)]
     pub safe_monitor_examples: Option<usize>,
+    /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.
+    #[arg(long)]
+    pub safe_monitor: Option<crate::safe::MonitorPoint>,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -111,6 +114,7 @@ impl LmTrainArgs {
         set!(c.max_eval_sequences, self.max_eval_sequences);
         set!(c.safe.rounds_per_epoch, self.safe_rounds_per_epoch);
         set!(c.safe.monitor_examples, self.safe_monitor_examples);
+        set!(c.safe.monitor, self.safe_monitor);
         if let Some(t) = self.safe_tau {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }

@@ -116,6 +116,9 @@ pub struct TrainArgs {
     /// Size of SAFE's monitoring subset of the training data.
     #[arg(long)]
     pub safe_monitor_examples: Option<usize>,
+    /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.
+    #[arg(long)]
+    pub safe_monitor: Option<crate::safe::MonitorPoint>,
     /// Recompute the frozen bottom layers every step instead of caching their output on disk.
     #[arg(long)]
     pub no_frozen_cache: bool,
@@ -205,6 +208,7 @@ impl TrainArgs {
         }
         set!(c.safe.rounds_per_epoch, self.safe_rounds_per_epoch);
         set!(c.safe.monitor_examples, self.safe_monitor_examples);
+        set!(c.safe.monitor, self.safe_monitor);
         if let Some(t) = self.safe_tau {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }

@@ -19,6 +19,7 @@ use crate::nn::head::{ClassificationHead, HeadGrads, HeadSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
 use crate::nn::{self, Dropout, Pass};
+use crate::safe::MonitorPoint;
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -681,13 +682,15 @@ impl BertForSequenceClassification {
 
     /// SAFE's monitoring forward (inference, no head): layers `from..` on `h` (the output of layer
     /// `from - 1`, or of the embeddings), up to the highest layer with a trainable adapter,
-    /// returning every adapted linear's `(layer, site, X, Y)` on the way. Layers below `from` and
-    /// above the last trainable adapter cost nothing: no decision needs their scores.
+    /// returning every adapter's `(layer, site, X, Y)` on the way, at `point` (see
+    /// [`MonitorPoint`]). Layers below `from` and above the last trainable adapter cost nothing:
+    /// no decision needs their scores.
     pub fn forward_monitor(
         &self,
         b: &BatchTensors,
         mut h: Tensor,
         from: usize,
+        point: MonitorPoint,
     ) -> Result<Vec<(usize, Site, Tensor, Tensor)>> {
         let shape = AttnShape {
             batch: b.batch,
@@ -705,10 +708,32 @@ impl BertForSequenceClassification {
         };
         let mut all = Vec::new();
         for (i, layer) in self.layers.iter().enumerate().take(top).skip(from) {
-            let mut m = Monitored::new();
-            let out = layer.forward(&h, &b.mask_add, shape, &mut pass, false, Some(&mut m))?;
-            all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
-            h = out.0;
+            let out = match point {
+                MonitorPoint::Linear => {
+                    let mut m = Monitored::new();
+                    let out =
+                        layer.forward(&h, &b.mask_add, shape, &mut pass, false, Some(&mut m))?;
+                    all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
+                    out.0
+                }
+                MonitorPoint::Block => {
+                    let out = layer
+                        .forward(&h, &b.mask_add, shape, &mut pass, false, None)?
+                        .0;
+                    for s in Site::ALL {
+                        if layer.lin(s).lora.is_some() {
+                            let mut without = layer.clone();
+                            without.linears[s as usize].lora = None;
+                            let y = without
+                                .forward(&h, &b.mask_add, shape, &mut pass, false, None)?
+                                .0;
+                            all.push((i, s, out.clone(), y));
+                        }
+                    }
+                    out
+                }
+            };
+            h = out;
         }
         Ok(all)
     }

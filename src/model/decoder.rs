@@ -7,6 +7,7 @@ use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::{Adapted, LoraAdapter, LoraConfig};
 use crate::nn::loss::LmLoss;
 use crate::nn::Pass;
+use crate::safe::MonitorPoint;
 use candle_core::{Device, Result, Tensor};
 use std::path::Path;
 
@@ -162,8 +163,8 @@ impl CausalLm for Decoder {
         each!(self, m => CausalLm::logits(m, b))
     }
 
-    fn monitor(&self, b: &LmBatch) -> Result<Vec<(String, Tensor, Tensor)>> {
-        each!(self, m => m.monitor(b))
+    fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
+        each!(self, m => m.monitor(b, point))
     }
 }
 
@@ -232,6 +233,53 @@ mod tests {
         );
         assert!(!l.peft_fan_in_fan_out());
         assert_eq!(l.num_layers(), 2);
+    }
+
+    /// SAFE's block-level monitoring: `X` is the block's output, `Y` the same block without the
+    /// adapter; an adapter whose `B` is still zero changes nothing (`X == Y`), one with a nonzero
+    /// `B` does. At the linear, rows are the linear's width.
+    #[test]
+    fn block_monitoring_removes_one_adapter() {
+        let lora = |t: &str| LoraConfig {
+            r: 2,
+            target_modules: vec![t.into()],
+            ..Default::default()
+        };
+        let batch = LmBatch {
+            input_ids: Tensor::new(&[[1u32, 5, 7, 2]], &Device::Cpu).unwrap(),
+            mask_add: Tensor::zeros((1, 1, 1, 4), DType::F32, &Device::Cpu).unwrap(),
+            targets: vec![5, 7, 2, -100],
+            batch: 1,
+            seq: 4,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for (mut m, target, hidden) in [(llama(), "v_proj", 8), (gpt2(), "c_fc", 8)] {
+            CausalLm::add_lora(&mut m, &lora(target), None, &mut rng).unwrap();
+            let paths: Vec<String> = m.adapters().into_iter().map(|(p, _)| p).collect();
+            let a = m.adapter_by_path_mut(&paths[1]).unwrap();
+            a.b = Tensor::ones(a.b.shape(), DType::F32, &Device::Cpu).unwrap();
+            let rows = m.monitor(&batch, MonitorPoint::Block).unwrap();
+            assert_eq!(rows.len(), 2, "{target}");
+            for (i, (path, x, y)) in rows.iter().enumerate() {
+                assert_eq!(path, &paths[i]);
+                assert_eq!(x.dims(), [4, hidden]);
+                let d: f32 = (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                if i == 0 {
+                    assert_eq!(d, 0.0, "{path}: a zero B changes nothing");
+                } else {
+                    assert!(d > 1e-3, "{path}: {d}");
+                }
+            }
+            let linear = m.monitor(&batch, MonitorPoint::Linear).unwrap();
+            assert_eq!(linear.len(), 2);
+        }
     }
 
     /// A folder's `config.json` decides the architecture.

@@ -19,6 +19,7 @@ use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
 use crate::nn::loss::{lm_head_loss, LmLoss};
 use crate::nn::{Dropout, Pass};
+use crate::safe::MonitorPoint;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -717,6 +718,36 @@ impl Gpt2LMHeadModel {
         Ok(self.ln_f.forward(&h, false)?.0)
     }
 
+    /// SAFE at the block output (inference): for every adapter, `(block, site, X, Y)` with `X` the
+    /// block's output and `Y` the same block's output without that adapter, on the same input.
+    pub fn monitor_blocks(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+    ) -> Result<Vec<(usize, Gpt2Site, Tensor, Tensor)>> {
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut all = Vec::new();
+        let mut h = self.embed(b, pass)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let run = |l: &Gpt2Block, pass: &mut Pass| -> Result<Tensor> {
+                Ok(l.forward(&h, &b.mask_add, shape, pass, false, None)?.0)
+            };
+            let out = run(layer, pass)?;
+            for s in Gpt2Site::ALL {
+                if layer.lin(s).lora.is_some() {
+                    let mut without = layer.clone();
+                    without.linears[s as usize].lora = None;
+                    all.push((i, s, out.clone(), run(&without, pass)?));
+                }
+            }
+            h = out;
+        }
+        Ok(all)
+    }
+
     /// Next-token logits `[batch*seq, vocab]` in f32 (inference; materializes the whole logits).
     pub fn logits(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
         let hn = self.forward_hidden(b, pass, None)?;
@@ -814,14 +845,19 @@ impl CausalLm for Gpt2LMHeadModel {
         Gpt2LMHeadModel::logits(self, b, &mut pass)
     }
 
-    fn monitor(&self, b: &LmBatch) -> Result<Vec<(String, Tensor, Tensor)>> {
+    fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
         let mut rng = rand::SeedableRng::seed_from_u64(0);
         let mut pass = Pass {
             training: false,
             rng: &mut rng,
         };
         let mut m = Vec::new();
-        self.forward_hidden(b, &mut pass, Some(&mut m))?;
+        match point {
+            MonitorPoint::Linear => {
+                self.forward_hidden(b, &mut pass, Some(&mut m))?;
+            }
+            MonitorPoint::Block => m = self.monitor_blocks(b, &mut pass)?,
+        }
         Ok(m.into_iter()
             .map(|(l, s, x, y)| (adapter_path(l, s), x, y))
             .collect())

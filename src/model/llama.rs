@@ -98,6 +98,7 @@ use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
 use crate::nn::rope::Rope;
 use crate::nn::swiglu::{self, SwiGluSaved};
 use crate::nn::{Dropout, Pass};
+use crate::safe::MonitorPoint;
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 
@@ -615,6 +616,39 @@ impl LlamaForCausalLM {
         Ok(self.norm.forward(&h, false)?.0)
     }
 
+    /// SAFE at the block output (inference): for every adapter, `(layer, site, X, Y)` with `X` the
+    /// layer's output and `Y` the same layer's output without that adapter, on the same input.
+    pub fn monitor_blocks(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+    ) -> Result<Vec<(usize, LlamaSite, Tensor, Tensor)>> {
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut all = Vec::new();
+        let mut h = self.embed(&b.input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let run = |l: &LlamaLayer, pass: &mut Pass| -> Result<Tensor> {
+                Ok(
+                    l.forward(&h, &b.mask_add, shape, &self.rope, pass, false, None)?
+                        .0,
+                )
+            };
+            let out = run(layer, pass)?;
+            for s in LlamaSite::ALL {
+                if layer.lin(s).lora.is_some() {
+                    let mut without = layer.clone();
+                    without.linears[s as usize].lora = None;
+                    all.push((i, s, out.clone(), run(&without, pass)?));
+                }
+            }
+            h = out;
+        }
+        Ok(all)
+    }
+
     /// Next-token logits `[batch*seq, vocab]` (inference; materializes the whole logits, so meant
     /// for generation and short prompts).
     pub fn logits(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
@@ -707,14 +741,19 @@ impl CausalLm for LlamaForCausalLM {
         LlamaForCausalLM::logits(self, b, &mut pass)
     }
 
-    fn monitor(&self, b: &LmBatch) -> Result<Vec<(String, Tensor, Tensor)>> {
+    fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
         let mut rng = rand::SeedableRng::seed_from_u64(0);
         let mut pass = Pass {
             training: false,
             rng: &mut rng,
         };
         let mut m = Vec::new();
-        self.forward_hidden(b, &mut pass, Some(&mut m))?;
+        match point {
+            MonitorPoint::Linear => {
+                self.forward_hidden(b, &mut pass, Some(&mut m))?;
+            }
+            MonitorPoint::Block => m = self.monitor_blocks(b, &mut pass)?,
+        }
         Ok(m.into_iter()
             .map(|(l, s, x, y)| (adapter_path(l, s), x, y))
             .collect())

@@ -64,7 +64,12 @@ pub trait CausalLm: Adapted {
     /// Next-token logits `[batch*seq, vocab]` in f32 (generation).
     fn logits(&self, b: &LmBatch) -> Result<Tensor>;
 
-    /// Inference forward returning every adapted linear's `(module path, X adapted, Y base)`
-    /// rows `[batch*seq, out]` for SAFE.
-    fn monitor(&self, b: &LmBatch) -> Result<Vec<(String, Tensor, Tensor)>>;
+    /// Inference forward returning every adapter's `(module path, X, Y)` rows for SAFE, at
+    /// `point`: the adapted linear's output against the base linear's (`[batch*seq, out]`), or
+    /// the block's output with and without the adapter (`[batch*seq, hidden]`).
+    fn monitor(
+        &self,
+        b: &LmBatch,
+        point: crate::safe::MonitorPoint,
+    ) -> Result<Vec<(String, Tensor, Tensor)>>;
 }

@@ -34,6 +34,20 @@ impl TauTarget {
     }
 }
 
+/// Which output CKA compares with and without an adapter (both on the same input).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MonitorPoint {
+    /// The adapted linear's output `X = xW^T + b + delta(x)` against `Y = xW^T + b`: both come
+    /// out of the forward anyway, so monitoring adds no matmul.
+    #[default]
+    Linear,
+    /// The transformer block's output with every adapter of the block against the same block
+    /// with this one adapter removed: what the adapter changes after attention, the MLP and the
+    /// norms, at one extra block forward per adapter.
+    Block,
+}
+
 /// SAFE settings; missing fields deserialize to their defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -51,6 +65,8 @@ pub struct SafeConfig {
     pub max_warmup_epochs: usize,
     /// Size of the seeded monitoring subset the trainer measures CKA on. Default 128.
     pub monitor_examples: usize,
+    /// Where CKA looks; see [`MonitorPoint`]. Default `Linear`.
+    pub monitor: MonitorPoint,
     /// SAFE decisions per epoch. The paper decides once per epoch over runs of 50-100 epochs; a
     /// short run (a few epochs on a CPU) can decide several times per epoch, each decision point
     /// then playing the role of the paper's epoch (`t`, `t_w`, `t_f` count these rounds). Default 1.
@@ -66,6 +82,7 @@ impl Default for SafeConfig {
             warmup_abs_floor: 1e-3,
             max_warmup_epochs: 3,
             monitor_examples: 128,
+            monitor: MonitorPoint::Linear,
             rounds_per_epoch: 1,
         }
     }

@@ -15,7 +15,7 @@ pub mod schedule;
 pub mod warmup;
 
 pub use cka::{importance, linear_cka_gram, CkaAccumulator};
-pub use controller::{EpochDecision, Phase, SafeConfig, SafeController, TauTarget};
+pub use controller::{EpochDecision, MonitorPoint, Phase, SafeConfig, SafeController, TauTarget};
 pub use schedule::cubic_threshold;
 pub use warmup::WarmupDetector;
 

@@ -194,6 +194,7 @@ pub fn lm_adapter_importance(
     model: &impl CausalLm,
     items: &[&LmSequence],
     batch: usize,
+    point: crate::safe::MonitorPoint,
 ) -> Result<Vec<f64>> {
     let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
     let mut accs: Vec<Option<CkaAccumulator>> = vec![None; paths.len()];
@@ -206,7 +207,7 @@ pub fn lm_adapter_importance(
             .collect();
         let n = rows.len();
         let rows = Tensor::from_vec(rows, n, &model.device())?;
-        for (path, x, y) in model.monitor(&b)? {
+        for (path, x, y) in model.monitor(&b, point)? {
             let i = paths
                 .iter()
                 .position(|p| *p == path)
@@ -450,7 +451,12 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 if boundary && c.phase() != crate::safe::Phase::Done {
                     let f0 = flops::total();
                     let round = (epoch - 1) * rounds_per_epoch + done_rounds(s + 1);
-                    let scores = lm_adapter_importance(&model, &monitor, cfg.eval_batch_size)?;
+                    let scores = lm_adapter_importance(
+                        &model,
+                        &monitor,
+                        cfg.eval_batch_size,
+                        cfg.safe.monitor,
+                    )?;
                     monitor_flops += flops::total() - f0;
                     let d = c.end_of_epoch(round, &scores);
                     for &i in &d.newly_frozen {

@@ -15,7 +15,7 @@ use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::model::bert::{BertForSequenceClassification, Site};
 use crate::nn::{flops, Pass};
-use crate::safe::{CkaAccumulator, SafeController};
+use crate::safe::{CkaAccumulator, MonitorPoint, SafeController};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -259,17 +259,12 @@ pub fn adapter_importance(
     model: &BertForSequenceClassification,
     items: &[(usize, &Encoded)],
     batch_size: usize,
+    point: MonitorPoint,
     mut cache: Option<&mut FrozenCache>,
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
     let device = model.head.classifier.weight.device().clone();
-    let mut accs: Vec<CkaAccumulator> = sites
-        .iter()
-        .map(|&(l, s)| {
-            let d = model.layers[l].linears[s as usize].base.out_features();
-            CkaAccumulator::new(d, d)
-        })
-        .collect();
+    let mut accs: Vec<Option<CkaAccumulator>> = vec![None; sites.len()];
     let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
     for chunk in items.chunks(batch_size.max(1)) {
         let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
@@ -288,15 +283,17 @@ pub fn adapter_importance(
             Some(c) if first > 0 => step::frozen_bottom(model, &t, &b, first, c, &examples)?,
             _ => model.forward_frozen_bottom(&t, first.min(model.layers.len()))?,
         };
-        for (layer, site, x, y) in model.forward_monitor(&t, h, first)? {
+        for (layer, site, x, y) in model.forward_monitor(&t, h, first, point)? {
             let i = sites
                 .iter()
                 .position(|&(l, s)| l == layer && s == site)
                 .expect("monitored adapter is listed");
             let x = x.index_select(&rows, 0)?.to_dtype(DType::F64)?;
             let y = y.index_select(&rows, 0)?.to_dtype(DType::F64)?;
+            let d = x.dim(1)?;
+            let acc = accs[i].get_or_insert_with(|| CkaAccumulator::new(d, d));
             let v = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
-            accs[i].add_moments(
+            acc.add_moments(
                 n,
                 &v(x.sum(0)?)?,
                 &v(y.sum(0)?)?,
@@ -308,7 +305,12 @@ pub fn adapter_importance(
     }
     Ok(accs
         .iter()
-        .map(|a| a.cka().map(crate::safe::importance).unwrap_or(f64::NAN))
+        .map(|a| {
+            a.as_ref()
+                .and_then(|a| a.cka())
+                .map(crate::safe::importance)
+                .unwrap_or(f64::NAN)
+        })
         .collect())
 }
 
@@ -582,6 +584,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                         &model,
                         &monitor,
                         cfg.eval_batch_size,
+                        cfg.safe.monitor,
                         frozen_cache.as_mut(),
                     )?;
                     monitor_flops += flops::total() - f0;
@@ -786,13 +789,13 @@ pub(crate) fn progress_bar(
 mod tests {
     use super::*;
     use crate::adapters::LoraConfig;
+    use crate::model::bert::BertLayer;
     use crate::model::BertConfig;
+    use rand::Rng;
 
-    /// Monitoring starts at the lowest trainable layer: frozen bottom adapters get no score
-    /// (NaN), the others the same score as before they froze, whether the bottom is recomputed
-    /// or read from the training cache.
-    #[test]
-    fn importance_skips_the_frozen_bottom() {
+    /// A 3-layer BERT with LoRA on query and value, every `B` nonzero (so every adapter changes
+    /// its layer's output), and five monitoring examples of different lengths.
+    fn tiny_with_items() -> (BertForSequenceClassification, Vec<Encoded>) {
         let cfg = BertConfig {
             vocab_size: 40,
             hidden_size: 8,
@@ -816,10 +819,13 @@ mod tests {
             ..Default::default()
         };
         m.add_lora(&lora, None, &mut rng).unwrap();
-        // Nonzero B, so every adapter changes its layer's output.
+        // Nonzero B (seeded), so every adapter changes its layer's output.
         for (l, s) in m.adapter_sites() {
             let a = m.adapter_mut(l, s).unwrap();
-            a.b = Tensor::randn(0f32, 0.5, a.b.shape(), &Device::Cpu).unwrap();
+            let v: Vec<f32> = (0..a.b.elem_count())
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            a.b = Tensor::from_vec(v, a.b.shape(), &Device::Cpu).unwrap();
         }
         let items: Vec<Encoded> = (0..5u32)
             .map(|i| Encoded {
@@ -828,8 +834,17 @@ mod tests {
                 label: Label::Class(i as usize % 2),
             })
             .collect();
+        (m, items)
+    }
+
+    /// Monitoring starts at the lowest trainable layer: frozen bottom adapters get no score
+    /// (NaN), the others the same score as before they froze, whether the bottom is recomputed
+    /// or read from the training cache.
+    #[test]
+    fn importance_skips_the_frozen_bottom() {
+        let (mut m, items) = tiny_with_items();
         let monitor: Vec<(usize, &Encoded)> = items.iter().enumerate().collect();
-        let all = adapter_importance(&m, &monitor, 2, None).unwrap();
+        let all = adapter_importance(&m, &monitor, 2, MonitorPoint::Linear, None).unwrap();
         assert!(all.iter().all(|s| s.is_finite() && *s > 0.0), "{all:?}");
 
         for (l, s) in m.adapter_sites() {
@@ -839,9 +854,11 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let mut cache = FrozenCache::create(dir.path()).unwrap();
-        let recomputed = adapter_importance(&m, &monitor, 2, None).unwrap();
-        let stored = adapter_importance(&m, &monitor, 2, Some(&mut cache)).unwrap();
-        let read = adapter_importance(&m, &monitor, 2, Some(&mut cache)).unwrap();
+        let recomputed = adapter_importance(&m, &monitor, 2, MonitorPoint::Linear, None).unwrap();
+        let stored =
+            adapter_importance(&m, &monitor, 2, MonitorPoint::Linear, Some(&mut cache)).unwrap();
+        let read =
+            adapter_importance(&m, &monitor, 2, MonitorPoint::Linear, Some(&mut cache)).unwrap();
         assert_eq!((cache.misses, cache.hits), (3, 5));
         for scores in [&recomputed, &stored, &read] {
             for (i, (l, _)) in m.adapter_sites().into_iter().enumerate() {
@@ -851,6 +868,72 @@ mod tests {
                     assert!((scores[i] - all[i]).abs() < 1e-9, "{scores:?} {all:?}");
                 }
             }
+        }
+    }
+
+    /// At the block output, an adapter's score is `1 - CKA` between its layer's output and the
+    /// same layer's output without it, over the monitoring tokens; an adapter whose `B` is zero
+    /// changes nothing and scores 0.
+    #[test]
+    fn block_importance_is_cka_of_the_layer_with_and_without_the_adapter() {
+        let (mut m, items) = tiny_with_items();
+        let zero = m.adapter_sites()[3];
+        let a = m.adapter_mut(zero.0, zero.1).unwrap();
+        a.b = a.b.zeros_like().unwrap();
+        let monitor: Vec<(usize, &Encoded)> = items.iter().enumerate().collect();
+        let scores = adapter_importance(&m, &monitor, 5, MonitorPoint::Block, None).unwrap();
+
+        // Direct: all five examples in one batch, each layer's output with and without each adapter.
+        let refs: Vec<&Encoded> = items.iter().collect();
+        let b = collate(&refs, 0);
+        let t = step::to_tensors(&b, DType::F32, &Device::Cpu).unwrap();
+        let keep: Vec<usize> = (0..b.batch * b.seq)
+            .filter(|&i| b.attention_mask[i] == 1)
+            .collect();
+        let shape = crate::nn::attention::AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut pass = Pass {
+            training: false,
+            rng: &mut rng,
+        };
+        let rows = |x: &Tensor| -> Vec<f64> {
+            let v: Vec<Vec<f32>> = x.to_vec2().unwrap();
+            keep.iter()
+                .flat_map(|&i| v[i].iter().map(|&f| f as f64))
+                .collect()
+        };
+        let sites = m.adapter_sites();
+        let mut h = m.forward_frozen_bottom(&t, 0).unwrap();
+        for (l, lay) in m.layers.iter().enumerate() {
+            let run = |x: &BertLayer, pass: &mut Pass| {
+                x.forward(&h, &t.mask_add, shape, pass, false, None)
+                    .unwrap()
+                    .0
+            };
+            let with = run(lay, &mut pass);
+            for (i, &(layer, site)) in sites.iter().enumerate().filter(|(_, s)| s.0 == l) {
+                let mut without = lay.clone();
+                without.linears[site as usize].lora = None;
+                let wo = run(&without, &mut pass);
+                let d = with.dim(1).unwrap();
+                let cka = crate::safe::linear_cka_gram(&rows(&with), &rows(&wo), keep.len(), d, d)
+                    .unwrap();
+                let expected = crate::safe::importance(cka);
+                assert!(
+                    (scores[i] - expected).abs() < 1e-9,
+                    "{i}: {} vs {expected}",
+                    scores[i]
+                );
+                if (layer, site) == zero {
+                    assert!(scores[i].abs() < 1e-12, "{}", scores[i]);
+                } else {
+                    assert!(scores[i] > 1e-9, "{}", scores[i]);
+                }
+            }
+            h = with;
         }
     }
 }
