@@ -634,6 +634,42 @@ fn safe_writes_its_reports() {
     assert_eq!(read_json(&out.join("summary.json"))["method"], "safe");
 }
 
+/// `safetune bench` in a process of its own, so the heap and FLOP counters see only its work:
+/// a positive peak above the weights, bf16 weights smaller than f32, and fewer FLOPs per step
+/// once the bottom layer's adapters are frozen (backward stops above it).
+#[test]
+fn bench_reports_memory_and_flops() {
+    let sb = Sandbox::new();
+    let bench = |flags: &[&str]| -> Value {
+        let mut args = vec!["bench", "--warmup", "1", "--steps", "3"];
+        args.extend_from_slice(flags);
+        let out = sb.run_ok(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line");
+        serde_json::from_str(line).unwrap()
+    };
+    for preset in ["tiny-bert", "tiny-llama"] {
+        let r = bench(&["--preset", preset]);
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+        assert!(
+            f(&r, "peak_mem_mb") > 0.0 && f(&r, "weights_mb") > 0.0,
+            "{r}"
+        );
+        assert_eq!(r["memory_counter"], "heap");
+        let frozen = bench(&["--preset", preset, "--frozen-prefix", "1"]);
+        assert!(
+            f(&frozen, "flops_per_step") < f(&r, "flops_per_step"),
+            "{frozen} {r}"
+        );
+        let half = bench(&["--preset", preset, "--dtype", "bf16"]);
+        assert!(f(&half, "weights_mb") < f(&r, "weights_mb"), "{half} {r}");
+    }
+}
+
 /// The block-level monitor and the dropout bottom are run options: they reach the saved config,
 /// and the first round scores every adapter.
 #[test]

@@ -560,12 +560,14 @@ mod tests {
     }
 
     fn quick(flags: &[&str]) -> BenchResult {
-        let _lock = crate::train::memory::counters_lock();
         let mut f = vec!["--warmup", "1", "--steps", "3"];
         f.extend_from_slice(flags);
         run(&args(&f)).unwrap()
     }
 
+    /// Training itself. The memory and FLOP figures come from process-wide counters that other
+    /// test threads move, so `tests/cli.rs` (`bench_reports_memory_and_flops`) checks them in a
+    /// process of their own.
     #[test]
     fn tiny_models_train_and_report() {
         for preset in ["tiny-bert", "tiny-llama"] {
@@ -573,13 +575,9 @@ mod tests {
             assert_eq!(r.losses.len(), 4);
             assert!(r.losses.iter().all(|l| l.is_finite()));
             assert!(r.losses[3] < r.losses[0], "{preset}: {:?}", r.losses);
-            assert!(r.flops_per_step > 0 && r.step_ms_median > 0.0);
-            assert!(r.peak_mem_mb > 0.0 && r.weights_mb > 0.0);
+            assert!(r.step_ms_median > 0.0);
             assert_eq!(r.memory_counter, "heap");
             assert!(r.driver_used_mb.is_none());
-            // Freezing the bottom layer's adapters stops backward above it: fewer FLOPs.
-            let frozen = quick(&["--preset", preset, "--frozen-prefix", "1"]);
-            assert!(frozen.flops_per_step < r.flops_per_step);
         }
     }
 
@@ -597,7 +595,6 @@ mod tests {
                     h = h.losses
                 );
             }
-            assert!(h.weights_mb < f.weights_mb);
         }
     }
 }

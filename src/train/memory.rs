@@ -264,7 +264,8 @@ mod tests {
         reset_peak();
         let before = peak_bytes();
         let v = vec![1u8; 64 << 20];
-        assert!(peak_bytes() >= before + (64 << 20));
+        // Other threads may free memory meanwhile, so only what this thread holds is certain.
+        assert!(peak_bytes() >= live_bytes() && live_bytes() >= 64 << 20);
         drop(v);
         // Other test threads allocate (and reset) concurrently; a quiet moment comes within a
         // few tries, while a reset that does not forget the 64 MiB never passes.
