@@ -372,7 +372,10 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         writeln!(log, "{}", serde_json::to_string(e)?)?;
     }
     let mut safe_log = match safe {
-        Some(_) => Some(create_file(&cfg.output.join("safe.jsonl"))?),
+        Some(_) => Some(super::reports::open_safe_log(
+            &cfg.output,
+            state.epochs_done,
+        )?),
         None => None,
     };
 

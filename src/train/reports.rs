@@ -3,7 +3,7 @@
 
 use crate::report::plots;
 use crate::safe::SafeController;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
@@ -69,4 +69,60 @@ pub fn write_safe_reports(
         &last,
     )?;
     Ok(())
+}
+
+/// Opens `safe.jsonl` in `output` for a run that has finished `epochs_done` epochs: the lines of
+/// those epochs (the checkpointed part of an interrupted run) are kept, later ones dropped, so a
+/// resumed run logs every round once. A fresh run (`epochs_done` 0) starts an empty file.
+pub fn open_safe_log(output: &Path, epochs_done: usize) -> Result<std::fs::File> {
+    use std::io::Write;
+    let path = output.join("safe.jsonl");
+    let kept: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["epoch"].as_u64())
+                .is_some_and(|e| (e as usize) <= epochs_done)
+        })
+        .map(str::to_string)
+        .collect();
+    let mut f = std::fs::File::create(&path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
+    for l in kept {
+        writeln!(f, "{l}").with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Resuming after epoch 2 keeps the rounds of epochs 1-2 and drops those of the lost epoch 3;
+    /// a fresh run starts empty.
+    #[test]
+    fn safe_log_keeps_the_checkpointed_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("safe.jsonl");
+        let line = |round: u32, epoch: u32| format!(r#"{{"round":{round},"epoch":{epoch}}}"#);
+        let lines: Vec<String> = [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]
+            .iter()
+            .map(|&(r, e)| line(r, e))
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let mut f = open_safe_log(dir.path(), 2).unwrap();
+        writeln!(f, "{}", line(5, 3)).unwrap();
+        drop(f);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expected: Vec<String> = [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]
+            .iter()
+            .map(|&(r, e)| line(r, e))
+            .collect();
+        assert_eq!(text.lines().collect::<Vec<_>>(), expected);
+        drop(open_safe_log(dir.path(), 0).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
 }

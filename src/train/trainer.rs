@@ -475,25 +475,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         writeln!(log, "{}", serde_json::to_string(e)?)?;
     }
     let mut safe_log = match safe {
-        Some(_) => {
-            let path = cfg.output.join("safe.jsonl");
-            let kept: Vec<String> = std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["epoch"].as_u64())
-                        .is_some_and(|e| (e as usize) <= state.epochs_done)
-                })
-                .map(str::to_string)
-                .collect();
-            let mut f = create_file(&path)?;
-            for l in kept {
-                writeln!(f, "{l}")?;
-            }
-            Some(f)
-        }
+        Some(_) => Some(super::reports::open_safe_log(
+            &cfg.output,
+            state.epochs_done,
+        )?),
         None => None,
     };
 
