@@ -265,7 +265,9 @@ pub fn adapter_importance(
     let sites = model.adapter_sites();
     let device = model.head.classifier.weight.device().clone();
     let mut accs: Vec<Option<CkaAccumulator>> = vec![None; sites.len()];
-    let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
+    let Some(first) = model.lowest_trainable_layer() else {
+        return Ok(vec![f64::NAN; sites.len()]); // everything frozen: nothing left to decide
+    };
     for chunk in items.chunks(batch_size.max(1)) {
         let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
         let examples: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
@@ -281,7 +283,7 @@ pub fn adapter_importance(
         // layer's adapters need no more scores.
         let h = match cache.as_deref_mut() {
             Some(c) if first > 0 => step::frozen_bottom(model, &t, &b, first, c, &examples)?,
-            _ => model.forward_frozen_bottom(&t, first.min(model.layers.len()))?,
+            _ => model.forward_frozen_bottom(&t, first)?,
         };
         for (layer, site, x, y) in model.forward_monitor(&t, h, first, point)? {
             let i = sites
