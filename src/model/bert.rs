@@ -9,6 +9,7 @@
 //! ```
 
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
@@ -91,6 +92,27 @@ impl BertConfig {
     }
 }
 
+#[cfg(test)]
+impl BertConfig {
+    /// A 3-layer, 8-wide BERT (vocabulary 50) for tests.
+    pub(crate) fn tiny(dropout: f64) -> Self {
+        Self {
+            vocab_size: 50,
+            hidden_size: 8,
+            num_hidden_layers: 3,
+            num_attention_heads: 2,
+            intermediate_size: 16,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: dropout,
+            attention_probs_dropout_prob: dropout,
+            max_position_embeddings: 16,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+        }
+    }
+}
+
 /// The six linears of a BERT layer, by the names PEFT's `target_modules` match and their paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
@@ -139,6 +161,12 @@ pub struct BertLayer {
     pub ln_attn: LayerNorm,
     pub ln_out: LayerNorm,
     pub dropout: Dropout,
+}
+
+impl AdaptedLayer for BertLayer {
+    fn linears_mut(&mut self) -> &mut [LoraLinear] {
+        &mut self.linears
+    }
 }
 
 /// What a layer on the gradient path keeps for backward.
@@ -717,18 +745,12 @@ impl BertForSequenceClassification {
                     out.0
                 }
                 MonitorPoint::Block => {
-                    let out = layer
-                        .forward(&h, &b.mask_add, shape, &mut pass, false, None)?
-                        .0;
-                    for s in Site::ALL {
-                        if layer.lin(s).lora.is_some() {
-                            let mut without = layer.clone();
-                            without.linears[s as usize].lora = None;
-                            let y = without
-                                .forward(&h, &b.mask_add, shape, &mut pass, false, None)?
-                                .0;
-                            all.push((i, s, out.clone(), y));
-                        }
+                    let mut run = |l: &BertLayer| {
+                        Ok(l.forward(&h, &b.mask_add, shape, &mut pass, false, None)?.0)
+                    };
+                    let out = run(layer)?;
+                    for (k, y) in outputs_without_each_adapter(layer, run)? {
+                        all.push((i, Site::ALL[k], out.clone(), y));
                     }
                     out
                 }
@@ -837,20 +859,7 @@ mod tests {
     use rand::SeedableRng;
 
     fn tiny(dropout: f64) -> BertForSequenceClassification {
-        let cfg = BertConfig {
-            vocab_size: 50,
-            hidden_size: 8,
-            num_hidden_layers: 3,
-            num_attention_heads: 2,
-            intermediate_size: 16,
-            hidden_act: "gelu".into(),
-            hidden_dropout_prob: dropout,
-            attention_probs_dropout_prob: dropout,
-            max_position_embeddings: 16,
-            type_vocab_size: 2,
-            layer_norm_eps: 1e-12,
-            pad_token_id: 0,
-        };
+        let cfg = BertConfig::tiny(dropout);
         let mut rng = StdRng::seed_from_u64(1);
         let mut m =
             BertForSequenceClassification::random(cfg, 3, DType::F64, &Device::Cpu, &mut rng)

@@ -9,7 +9,7 @@
 
 use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::Adapted;
+use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
@@ -222,6 +222,12 @@ pub struct Gpt2Block {
     pub act: GeluKind,
     /// On each branch's output before the residual add (`resid_pdrop`).
     pub resid_dropout: Dropout,
+}
+
+impl AdaptedLayer for Gpt2Block {
+    fn linears_mut(&mut self) -> &mut [LoraLinear] {
+        &mut self.linears
+    }
 }
 
 /// What a block on the gradient path keeps for backward.
@@ -736,12 +742,8 @@ impl Gpt2LMHeadModel {
                 Ok(l.forward(&h, &b.mask_add, shape, pass, false, None)?.0)
             };
             let out = run(layer, pass)?;
-            for s in Gpt2Site::ALL {
-                if layer.lin(s).lora.is_some() {
-                    let mut without = layer.clone();
-                    without.linears[s as usize].lora = None;
-                    all.push((i, s, out.clone(), run(&without, pass)?));
-                }
+            for (k, y) in outputs_without_each_adapter(layer, |l| run(l, pass))? {
+                all.push((i, Gpt2Site::ALL[k], out.clone(), y));
             }
             h = out;
         }

@@ -89,7 +89,7 @@ impl LlamaConfig {
 
 use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::Adapted;
+use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
 use crate::io::weights::Weights;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
 use crate::nn::linear::Linear;
@@ -167,6 +167,12 @@ pub struct LlamaLayer {
     pub attention: Attention,
     pub input_norm: RmsNorm,
     pub post_attention_norm: RmsNorm,
+}
+
+impl AdaptedLayer for LlamaLayer {
+    fn linears_mut(&mut self) -> &mut [LoraLinear] {
+        &mut self.linears
+    }
 }
 
 /// What a layer on the gradient path keeps for backward.
@@ -637,12 +643,8 @@ impl LlamaForCausalLM {
                 )
             };
             let out = run(layer, pass)?;
-            for s in LlamaSite::ALL {
-                if layer.lin(s).lora.is_some() {
-                    let mut without = layer.clone();
-                    without.linears[s as usize].lora = None;
-                    all.push((i, s, out.clone(), run(&without, pass)?));
-                }
+            for (k, y) in outputs_without_each_adapter(layer, |l| run(l, pass))? {
+                all.push((i, LlamaSite::ALL[k], out.clone(), y));
             }
             h = out;
         }

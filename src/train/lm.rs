@@ -6,10 +6,11 @@
 
 use super::checkpoint;
 use super::config::Method;
+use super::create_file;
 use super::lm_config::{LmDataKind, LmTrainConfig};
 use super::memory;
 use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
-use super::trainer::EpochLog;
+use super::trainer::{EpochLog, ImportanceMoments};
 use crate::adapters::Adapted;
 use crate::data::lm::{self, LmSequence};
 use crate::io::fetch;
@@ -17,7 +18,7 @@ use crate::model::llama::LlamaForCausalLM;
 use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::{flops, Pass};
-use crate::safe::{CkaAccumulator, SafeController};
+use crate::safe::SafeController;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -197,45 +198,20 @@ pub fn lm_adapter_importance(
     point: crate::safe::MonitorPoint,
 ) -> Result<Vec<f64>> {
     let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
-    let mut accs: Vec<Option<CkaAccumulator>> = vec![None; paths.len()];
+    let mut moments = ImportanceMoments::new(paths.len());
     for chunk in items.chunks(batch.max(1)) {
         let b = to_batch(chunk, DType::F32, &model.device())?;
-        let c = lm::collate(chunk);
-        let rows: Vec<u32> = (0..c.batch * c.seq)
-            .filter(|&i| c.attention_mask[i] == 1)
-            .map(|i| i as u32)
-            .collect();
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, &model.device())?;
+        let rows =
+            ImportanceMoments::token_rows(&lm::collate(chunk).attention_mask, &model.device())?;
         for (path, x, y) in model.monitor(&b, point)? {
             let i = paths
                 .iter()
                 .position(|p| *p == path)
                 .expect("listed adapter");
-            let x = x.index_select(&rows, 0)?.to_dtype(DType::F64)?;
-            let y = y.index_select(&rows, 0)?.to_dtype(DType::F64)?;
-            let d = x.dim(1)?;
-            let acc = accs[i].get_or_insert_with(|| CkaAccumulator::new(d, d));
-            let v = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
-            acc.add_moments(
-                n,
-                &v(x.sum(0)?)?,
-                &v(y.sum(0)?)?,
-                &v(x.t()?.matmul(&x)?)?,
-                &v(y.t()?.matmul(&y)?)?,
-                &v(y.t()?.matmul(&x)?)?,
-            );
+            moments.add(i, &x, &y, &rows)?;
         }
     }
-    Ok(accs
-        .iter()
-        .map(|a| {
-            a.as_ref()
-                .and_then(|a| a.cka())
-                .map(crate::safe::importance)
-                .unwrap_or(f64::NAN)
-        })
-        .collect())
+    Ok(moments.scores())
 }
 
 /// `summary.json` of a causal-LM run.
@@ -264,10 +240,6 @@ pub struct LmSummary {
     pub unfrozen_train_flops_estimate: u64,
     pub frozen: std::collections::BTreeMap<String, usize>,
     pub seed: u64,
-}
-
-fn create_file(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))
 }
 
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.

@@ -13,3 +13,9 @@ pub mod optim;
 pub mod reports;
 pub mod step;
 pub mod trainer;
+
+/// Creates (or truncates) an output file, naming it in the error.
+pub(crate) fn create_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context;
+    std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))
+}

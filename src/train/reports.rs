@@ -88,8 +88,7 @@ pub fn open_safe_log(output: &Path, epochs_done: usize) -> Result<std::fs::File>
         })
         .map(str::to_string)
         .collect();
-    let mut f = std::fs::File::create(&path)
-        .with_context(|| format!("{}: cannot create", path.display()))?;
+    let mut f = super::create_file(&path)?;
     for l in kept {
         writeln!(f, "{l}").with_context(|| format!("{}: cannot write", path.display()))?;
     }

@@ -180,20 +180,7 @@ mod tests {
     /// and the frozen layers' adapters get no gradient.
     #[test]
     fn cached_frozen_bottom_gives_identical_gradients() {
-        let cfg = BertConfig {
-            vocab_size: 50,
-            hidden_size: 8,
-            num_hidden_layers: 3,
-            num_attention_heads: 2,
-            intermediate_size: 16,
-            hidden_act: "gelu".into(),
-            hidden_dropout_prob: 0.1,
-            attention_probs_dropout_prob: 0.1,
-            max_position_embeddings: 16,
-            type_vocab_size: 2,
-            layer_norm_eps: 1e-12,
-            pad_token_id: 0,
-        };
+        let cfg = BertConfig::tiny(0.1);
         let mut rng = StdRng::seed_from_u64(1);
         let mut m =
             BertForSequenceClassification::random(cfg, 3, DType::F32, &Device::Cpu, &mut rng)

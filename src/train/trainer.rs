@@ -4,6 +4,7 @@
 
 use super::checkpoint;
 use super::config::{DataKind, Method, TrainConfig};
+use super::create_file;
 use super::frozen_cache::FrozenCache;
 use super::memory;
 use super::metrics;
@@ -252,6 +253,61 @@ pub fn evaluate(
     })
 }
 
+/// CKA moments of every adapter's `(X, Y)` over the monitoring tokens, streamed batch by batch in
+/// f64 (memory `O(d^2)` per adapter), then each adapter's importance `1 - CKA`. Both trainers
+/// feed it.
+pub(crate) struct ImportanceMoments {
+    accs: Vec<Option<CkaAccumulator>>,
+}
+
+impl ImportanceMoments {
+    pub fn new(adapters: usize) -> Self {
+        Self {
+            accs: vec![None; adapters],
+        }
+    }
+
+    /// Indices of the real (non-padding) token rows of a `[batch, seq]` attention mask.
+    pub fn token_rows(attention_mask: &[u32], device: &Device) -> Result<Tensor> {
+        let rows: Vec<u32> = (0..attention_mask.len() as u32)
+            .filter(|&i| attention_mask[i as usize] == 1)
+            .collect();
+        let n = rows.len();
+        Ok(Tensor::from_vec(rows, n, device)?)
+    }
+
+    /// Adds adapter `i`'s `X` and `Y` (`[batch*seq, d]`), keeping only `rows`.
+    pub fn add(&mut self, i: usize, x: &Tensor, y: &Tensor, rows: &Tensor) -> Result<()> {
+        let x = x.index_select(rows, 0)?.to_dtype(DType::F64)?;
+        let y = y.index_select(rows, 0)?.to_dtype(DType::F64)?;
+        let (n, d) = x.dims2()?;
+        let acc = self.accs[i].get_or_insert_with(|| CkaAccumulator::new(d, d));
+        let v = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
+        acc.add_moments(
+            n,
+            &v(x.sum(0)?)?,
+            &v(y.sum(0)?)?,
+            &v(x.t()?.matmul(&x)?)?,
+            &v(y.t()?.matmul(&y)?)?,
+            &v(y.t()?.matmul(&x)?)?,
+        );
+        Ok(())
+    }
+
+    /// `1 - CKA` per adapter; NaN for one never measured or whose CKA is undefined.
+    pub fn scores(&self) -> Vec<f64> {
+        self.accs
+            .iter()
+            .map(|a| {
+                a.as_ref()
+                    .and_then(|a| a.cka())
+                    .map(crate::safe::importance)
+                    .unwrap_or(f64::NAN)
+            })
+            .collect()
+    }
+}
+
 /// SAFE's importance `1 - CKA(X, Y)` of every adapter over the monitoring examples: `X` the adapted
 /// linear's output, `Y` the base linear's output on the same input, token rows without padding,
 /// moments accumulated in f64.
@@ -264,21 +320,16 @@ pub fn adapter_importance(
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
     let device = model.head.classifier.weight.device().clone();
-    let mut accs: Vec<Option<CkaAccumulator>> = vec![None; sites.len()];
+    let mut moments = ImportanceMoments::new(sites.len());
     let Some(first) = model.lowest_trainable_layer() else {
-        return Ok(vec![f64::NAN; sites.len()]); // everything frozen: nothing left to decide
+        return Ok(moments.scores()); // everything frozen: nothing left to decide
     };
     for chunk in items.chunks(batch_size.max(1)) {
         let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
         let examples: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
         let b = collate(&encoded, 0);
         let t = step::to_tensors(&b, DType::F32, &device)?;
-        let rows: Vec<u32> = (0..b.batch * b.seq)
-            .filter(|&i| b.attention_mask[i] == 1)
-            .map(|i| i as u32)
-            .collect();
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, &device)?;
+        let rows = ImportanceMoments::token_rows(&b.attention_mask, &device)?;
         // The frozen bottom comes from the training cache when it has these examples: a frozen
         // layer's adapters need no more scores.
         let h = match cache.as_deref_mut() {
@@ -290,30 +341,10 @@ pub fn adapter_importance(
                 .iter()
                 .position(|&(l, s)| l == layer && s == site)
                 .expect("monitored adapter is listed");
-            let x = x.index_select(&rows, 0)?.to_dtype(DType::F64)?;
-            let y = y.index_select(&rows, 0)?.to_dtype(DType::F64)?;
-            let d = x.dim(1)?;
-            let acc = accs[i].get_or_insert_with(|| CkaAccumulator::new(d, d));
-            let v = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
-            acc.add_moments(
-                n,
-                &v(x.sum(0)?)?,
-                &v(y.sum(0)?)?,
-                &v(x.t()?.matmul(&x)?)?,
-                &v(y.t()?.matmul(&y)?)?,
-                &v(y.t()?.matmul(&x)?)?,
-            );
+            moments.add(i, &x, &y, &rows)?;
         }
     }
-    Ok(accs
-        .iter()
-        .map(|a| {
-            a.as_ref()
-                .and_then(|a| a.cka())
-                .map(crate::safe::importance)
-                .unwrap_or(f64::NAN)
-        })
-        .collect())
+    Ok(moments.scores())
 }
 
 /// One line of `metrics.jsonl`.
@@ -732,10 +763,6 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     Ok(summary)
 }
 
-fn create_file(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))
-}
-
 /// Freezes one adapter for good: a constant from now on, its optimizer state dropped.
 pub fn freeze(
     model: &mut BertForSequenceClassification,
@@ -783,20 +810,7 @@ mod tests {
     /// A 3-layer BERT with LoRA on query and value, every `B` nonzero (so every adapter changes
     /// its layer's output), and five monitoring examples of different lengths.
     fn tiny_with_items() -> (BertForSequenceClassification, Vec<Encoded>) {
-        let cfg = BertConfig {
-            vocab_size: 40,
-            hidden_size: 8,
-            num_hidden_layers: 3,
-            num_attention_heads: 2,
-            intermediate_size: 16,
-            hidden_act: "gelu".into(),
-            hidden_dropout_prob: 0.1,
-            attention_probs_dropout_prob: 0.1,
-            max_position_embeddings: 16,
-            type_vocab_size: 2,
-            layer_norm_eps: 1e-12,
-            pad_token_id: 0,
-        };
+        let cfg = BertConfig::tiny(0.1);
         let mut rng = StdRng::seed_from_u64(3);
         let mut m =
             BertForSequenceClassification::random(cfg, 2, DType::F32, &Device::Cpu, &mut rng)
