@@ -1213,3 +1213,17 @@ fn train_lm_on_gpt2_with_llama_targets_names_gpt2_modules() {
     let e = assert_clean_error(&out, &["q_proj", "gpt2", "c_attn", "c_fc"]);
     assert_eq!(e.matches("c_proj").count(), 1, "{e}");
 }
+
+#[test]
+fn quantized_base_needs_a_gguf_model() {
+    let sb = Sandbox::new();
+    let model = tiny_gpt2(&sb.path("gpt2"), 1);
+    let data = tiny_texts(&sb.path("texts"));
+    let out = sb.run(&train_lm_args(
+        &model,
+        &data,
+        &sb.path("out"),
+        &["--target-modules", "c_attn", "--quantized-base"],
+    ));
+    assert_clean_error(&out, &[s(&model), "GGUF"]);
+}

@@ -69,6 +69,10 @@ pub struct LmTrainArgs {
     /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.
     #[arg(long)]
     pub safe_monitor: Option<crate::safe::MonitorPoint>,
+    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
+    /// matmul) instead of a full-precision copy.
+    #[arg(long)]
+    pub quantized_base: bool,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -120,6 +124,7 @@ impl LmTrainArgs {
         }
         set!(c.device, self.device.device);
         set!(c.dtype, self.device.dtype);
+        c.quantized_base |= self.quantized_base;
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");
@@ -190,7 +195,7 @@ fn load_with_adapter(
     adapter: Option<&std::path::Path>,
     device: &crate::device::DeviceArgs,
 ) -> Result<lm::LoadedDecoder> {
-    let mut d = lm::load_decoder(model, device.dtype_spec().dtype(), &device.open()?)?;
+    let mut d = lm::load_decoder(model, device.dtype_spec().dtype(), &device.open()?, false)?;
     if let Some(dir) = adapter {
         let pc = crate::io::peft::read_config(dir)?;
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);

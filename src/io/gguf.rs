@@ -10,11 +10,13 @@ use super::weights::Weights;
 use super::IoError;
 use crate::model::llama::LlamaConfig;
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -30,6 +32,8 @@ use tokenizers::{AddedToken, Tokenizer};
 pub struct GgufLlama {
     pub config: LlamaConfig,
     pub tensors: HashMap<String, Tensor>,
+    /// Projection weights kept in their GGUF blocks (see [`load_llama_opts`]); not in `tensors`.
+    pub quantized: HashMap<String, Arc<QTensor>>,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<String>,
 }
@@ -39,6 +43,7 @@ impl std::fmt::Debug for GgufLlama {
         f.debug_struct("GgufLlama")
             .field("config", &self.config)
             .field("tensors", &self.tensors.len())
+            .field("quantized", &self.quantized.len())
             .field("vocab", &self.tokenizer.get_vocab_size(true))
             .field("chat_template", &self.chat_template.is_some())
             .finish()
@@ -119,6 +124,30 @@ pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))
+}
+
+/// [`unpermute_qk`] on a quantized tensor: the same row order, moving whole rows of blocks, so
+/// the values are untouched (quantization blocks never straddle rows).
+pub fn unpermute_qk_quantized(
+    q: &QTensor,
+    n_head: usize,
+    device: &Device,
+) -> candle_core::Result<QTensor> {
+    let (rows, _) = q.shape().dims2()?;
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let hd = rows / n_head;
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..hd / 2 {
+                let src = h * hd + 2 * i + j;
+                out.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), device, q.dtype())?;
+    QTensor::new(storage, q.shape().clone())
 }
 
 /// Typed access to GGUF metadata; every error names the file and the key.
@@ -401,6 +430,18 @@ pub fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<String>), IoErro
 /// renamed to Hugging Face names, Q/K rows restored to HF order, shapes checked against the
 /// config from the `llama.*` metadata.
 pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> Result<GgufLlama, IoError> {
+    load_llama_opts(path, dtype, device, false)
+}
+
+/// [`load_llama`]; with `keep_quantized`, the seven projection weights of every layer that the
+/// file holds in a block-quantized type stay quantized (in [`GgufLlama::quantized`]) and are
+/// dequantized per matmul: the frozen base then costs its file size in memory, not `dtype`'s.
+pub fn load_llama_opts(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep_quantized: bool,
+) -> Result<GgufLlama, IoError> {
     let (mut reader, content) = open_gguf(path)?;
     let meta = Meta {
         path,
@@ -452,11 +493,31 @@ pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> Result<GgufLlam
     }
 
     let mut tensors = HashMap::with_capacity(plan.len());
+    let mut quantized = HashMap::new();
     for (gguf, hf) in plan {
         let fail = |e: candle_core::Error| invalid(path, format!("tensor '{gguf}': {e}"));
         let q = content.tensor_infos[gguf]
             .read(&mut reader, content.tensor_data_offset, &Device::Cpu)
             .map_err(fail)?;
+        let is_projection = hf.starts_with("model.layers.") && hf.ends_with("_proj.weight");
+        let is_float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if keep_quantized && is_projection && !is_float {
+            let heads = if gguf.ends_with("attn_q.weight") {
+                Some(config.num_attention_heads)
+            } else if gguf.ends_with("attn_k.weight") {
+                Some(config.kv_heads())
+            } else {
+                None
+            };
+            let q = match heads {
+                Some(n) => unpermute_qk_quantized(&q, n, device),
+                None => QStorage::from_data(q.data().map_err(fail)?, device, q.dtype())
+                    .and_then(|s| QTensor::new(s, q.shape().clone())),
+            }
+            .map_err(fail)?;
+            quantized.insert(hf, Arc::new(q));
+            continue;
+        }
         let mut t = q.dequantize(&Device::Cpu).map_err(fail)?;
         if gguf.ends_with("attn_q.weight") {
             t = unpermute_qk(&t, config.num_attention_heads).map_err(fail)?;
@@ -472,6 +533,7 @@ pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> Result<GgufLlam
     Ok(GgufLlama {
         config,
         tensors,
+        quantized,
         tokenizer,
         chat_template,
     })
@@ -534,6 +596,7 @@ pub fn load_llama_hf(dir: &Path, dtype: DType, device: &Device) -> Result<GgufLl
     Ok(GgufLlama {
         config,
         tensors,
+        quantized: HashMap::new(),
         tokenizer,
         chat_template,
     })
@@ -844,6 +907,57 @@ mod tests {
         }
     }
 
+    /// Keeping the projections quantized changes where the weights live, not what the model
+    /// computes: every logit equals the dequantize-on-load model's, Q/K rows included.
+    #[test]
+    fn quantized_base_computes_what_the_dequantized_model_computes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("q.gguf");
+        let cfg = tiny_config(true);
+        let quant = |g: &str| {
+            if g.ends_with("norm.weight") {
+                GgmlDType::F32
+            } else if g.contains("attn_v") {
+                GgmlDType::F16 // a float projection stays dense
+            } else if g.contains("attn_") {
+                GgmlDType::Q8_0
+            } else {
+                GgmlDType::Q4_1
+            }
+        };
+        write_gguf(&path, &cfg, &random_tensors(&cfg, 9), quant, |_, _| {});
+        let build = |keep: bool| {
+            let g = load_llama_opts(&path, DType::F32, &Device::Cpu, keep).unwrap();
+            let n = g.quantized.len();
+            let w = Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu)
+                .with_quantized(g.quantized);
+            let m = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+            (m, n)
+        };
+        let ((dense, n_dense), (quantized, n_quantized)) = (build(false), build(true));
+        // q, k, o, gate, up, down in both layers; v is F16 in the file.
+        assert_eq!((n_dense, n_quantized), (0, 6 * cfg.num_hidden_layers));
+        let bytes = |m: &crate::model::llama::LlamaForCausalLM| -> usize {
+            m.layers
+                .iter()
+                .flat_map(|l| l.linears.iter())
+                .map(|l| l.base.weight.storage_bytes())
+                .sum()
+        };
+        assert!(bytes(&quantized) * 3 < bytes(&dense));
+        let ids = [3u32, 7, 1, 12, 5, 9];
+        let a = crate::model::generate::next_logits(&dense, &ids).unwrap();
+        let b = crate::model::generate::next_logits(&quantized, &ids).unwrap();
+        assert_eq!(a, b);
+        let e = load_llama_opts(
+            &tmp.path().join("absent.gguf"),
+            DType::F32,
+            &Device::Cpu,
+            true,
+        );
+        assert!(e.is_err());
+    }
+
     #[test]
     fn gguf_tokenizer_matches_llamacpp_rules() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1085,6 +1199,15 @@ mod tests {
             .max_by(|&i, &j| logits[i].total_cmp(&logits[j]))
             .unwrap();
         assert_eq!(tok.decode(&[best as u32], false).unwrap(), " Paris");
+        // The same with the projections kept in Q4_1: the same logits, bit for bit.
+        let g = load_llama_opts(&path, DType::F32, &Device::Cpu, true).unwrap();
+        let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu)
+            .with_quantized(g.quantized);
+        let q = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+        assert_eq!(
+            crate::model::generate::next_logits(&q, ids.get_ids()).unwrap(),
+            logits
+        );
     }
 
     #[test]

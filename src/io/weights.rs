@@ -6,6 +6,8 @@
 //! expected shape.
 
 use super::IoError;
+use crate::nn::linear::Weight;
+use candle_core::quantized::QTensor;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,8 @@ impl Store {
 #[derive(Clone)]
 pub struct Weights {
     file: Arc<(PathBuf, Store)>,
+    /// Weights kept quantized (GGUF), by full name; served by [`Weights::linear_weight`].
+    quantized: Arc<HashMap<String, Arc<QTensor>>>,
     prefixes: Arc<Vec<String>>,
     path: String,
     dtype: DType,
@@ -65,6 +69,7 @@ impl Weights {
         })?;
         Ok(Self {
             file: Arc::new((path.into(), Store::File(st))),
+            quantized: Arc::default(),
             prefixes: Arc::new(prefixes.iter().map(|s| s.to_string()).collect()),
             path: String::new(),
             dtype,
@@ -76,11 +81,41 @@ impl Weights {
     pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
         Self {
             file: Arc::new((PathBuf::from("<memory>"), Store::Memory(tensors))),
+            quantized: Arc::default(),
             prefixes: Arc::new(vec![String::new()]),
             path: String::new(),
             dtype,
             device: device.clone(),
         }
+    }
+
+    /// Adds weights kept quantized, by full name (see [`Weights::linear_weight`]).
+    pub fn with_quantized(mut self, quantized: HashMap<String, Arc<QTensor>>) -> Self {
+        self.quantized = Arc::new(quantized);
+        self
+    }
+
+    /// A linear layer's frozen weight: quantized if it was kept so, else loaded like [`get`](Self::get).
+    pub fn linear_weight(&self, name: &str, shape: &[usize]) -> Result<Weight, IoError> {
+        let full = self.full_name(name);
+        for p in self.prefixes.iter() {
+            let key = format!("{p}{full}");
+            if let Some(q) = self.quantized.get(&key) {
+                if q.shape().dims() != shape {
+                    return Err(IoError::WrongShape {
+                        path: self.file.0.clone(),
+                        name: key,
+                        actual: q.shape().dims().to_vec(),
+                        expected: shape.to_vec(),
+                    });
+                }
+                return Ok(Weight::Quantized {
+                    q: q.clone(),
+                    dtype: self.dtype,
+                });
+            }
+        }
+        self.get(name, shape).map(Weight::Dense)
     }
 
     /// A view one level down the name hierarchy.

@@ -427,15 +427,12 @@ impl BertForSequenceClassification {
         }
         // The head (frozen pooler, trained classifier) runs in f32 beside half-precision layers.
         let p = w.pp("pooler.dense");
-        let pooler = linear(&p, h, h)?;
-        let dev = pooler.weight.device().clone();
-        let dtype = crate::device::compute_dtype(pooler.weight.dtype());
+        let (pw, pb) = (p.get("weight", &[h, h])?, p.get("bias", &[h])?);
+        let dev = pw.device().clone();
+        let dtype = crate::device::compute_dtype(pw.dtype());
         let pooler = Linear::new(
-            tensor(pooler.weight.to_dtype(dtype), w)?,
-            match &pooler.bias {
-                Some(b) => Some(tensor(b.to_dtype(dtype), w)?),
-                None => None,
-            },
+            tensor(pw.to_dtype(dtype), w)?,
+            Some(tensor(pb.to_dtype(dtype), w)?),
         );
         let cls: Vec<f32> = (0..num_labels * h)
             .map(|_| {
@@ -549,7 +546,7 @@ impl BertForSequenceClassification {
                     let w = &lin.base.weight;
                     // Adapters train in f32 beside a half-precision base (f64 in tests).
                     let dtype = crate::device::compute_dtype(w.dtype());
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, w.device())?);
+                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
                     n += 1;
                 }
             }
@@ -818,7 +815,12 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
 
     fn head_params(&self) -> Vec<(String, Tensor)> {
         let c = &self.head.classifier;
-        let mut v = vec![(CLASSIFIER_WEIGHT.to_string(), c.weight.clone())];
+        let mut v: Vec<(String, Tensor)> = c
+            .weight
+            .as_dense()
+            .map(|w| (CLASSIFIER_WEIGHT.to_string(), w.clone()))
+            .into_iter()
+            .collect();
         if let Some(b) = &c.bias {
             v.push((CLASSIFIER_BIAS.to_string(), b.clone()));
         }
@@ -827,7 +829,7 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
 
     fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
         match key {
-            CLASSIFIER_WEIGHT => Some(&mut self.head.classifier.weight),
+            CLASSIFIER_WEIGHT => self.head.classifier.weight.as_dense_mut(),
             CLASSIFIER_BIAS => self.head.classifier.bias.as_mut(),
             _ => None,
         }
@@ -941,8 +943,8 @@ mod tests {
             ad.b = b.as_tensor().clone();
             vars.push((l, s, a, b));
         }
-        let w = Var::from_tensor(&taped.head.classifier.weight).unwrap();
-        taped.head.classifier.weight = w.as_tensor().clone();
+        let w = Var::from_tensor(taped.head.classifier.weight.as_dense().unwrap()).unwrap();
+        taped.head.classifier.weight = crate::nn::linear::Weight::Dense(w.as_tensor().clone());
         let (b, labels) = batch();
         let mut rng = StdRng::seed_from_u64(5);
         let mut pass = Pass {

@@ -570,7 +570,7 @@ impl Gpt2LMHeadModel {
                         DType::BF16 | DType::F16 => DType::F32,
                         d => d,
                     };
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, w.device())?);
+                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
                     n += 1;
                 }
             }

@@ -351,10 +351,10 @@ impl LlamaForCausalLM {
                 } else {
                     None
                 };
-                lins.push(LoraLinear::new(Linear::new(
-                    p.get("weight", &[o, inp])?,
+                lins.push(LoraLinear::new(Linear {
+                    weight: p.linear_weight("weight", &[o, inp])?,
                     bias,
-                )));
+                }));
             }
             layers.push(LlamaLayer {
                 linears: lins.try_into().expect("seven linears"),
@@ -482,7 +482,7 @@ impl LlamaForCausalLM {
                         DType::BF16 | DType::F16 => DType::F32,
                         d => d,
                     };
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, w.device())?);
+                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
                     n += 1;
                 }
             }

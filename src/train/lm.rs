@@ -60,9 +60,21 @@ pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
 
 /// Loads a decoder: a LLaMA-family GGUF file (dequantized to `dtype`), or a Hugging Face folder
 /// (GPT-2 when its `config.json` says `"model_type": "gpt2"`, else LLaMA-family).
-pub fn load_decoder(model: Option<&Path>, dtype: DType, device: &Device) -> Result<LoadedDecoder> {
+/// With `quantized_base`, a GGUF model's projection weights stay quantized in memory (see
+/// [`crate::io::gguf::load_llama_opts`]); a Hugging Face folder then is an error.
+pub fn load_decoder(
+    model: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+    quantized_base: bool,
+) -> Result<LoadedDecoder> {
     let source = resolve_decoder_path(model)?;
     if source.is_dir() {
+        anyhow::ensure!(
+            !quantized_base,
+            "{}: a quantized base needs a GGUF model file; this is a Hugging Face folder of float weights",
+            source.display()
+        );
         let m = Decoder::load_hf(&source, dtype, device)?;
         let tok_path = source.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
@@ -75,9 +87,10 @@ pub fn load_decoder(model: Option<&Path>, dtype: DType, device: &Device) -> Resu
             source,
         });
     }
-    let g = crate::io::gguf::load_llama(&source, dtype, device)?;
+    let g = crate::io::gguf::load_llama_opts(&source, dtype, device, quantized_base)?;
     let eos = g.config.eos_token_id;
-    let w = crate::io::weights::Weights::from_tensors(g.tensors, dtype, device);
+    let w = crate::io::weights::Weights::from_tensors(g.tensors, dtype, device)
+        .with_quantized(g.quantized);
     let model = LlamaForCausalLM::from_weights(g.config, &w)
         .with_context(|| format!("{}: weights do not fit a LLaMA model", source.display()))?;
     Ok(LoadedDecoder {
@@ -247,7 +260,12 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
     let t_start = Instant::now();
     let device = cfg.device.open()?;
     let mem = memory::MemTracker::new(&device);
-    let loaded = load_decoder(cfg.model.as_deref(), cfg.dtype.dtype(), &device)?;
+    let loaded = load_decoder(
+        cfg.model.as_deref(),
+        cfg.dtype.dtype(),
+        &device,
+        cfg.quantized_base,
+    )?;
     let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos)?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
     let mut model = loaded.model;

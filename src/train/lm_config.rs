@@ -56,6 +56,9 @@ pub struct LmTrainConfig {
     /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
     /// optimizer state and the losses stay f32).
     pub dtype: crate::device::DTypeSpec,
+    /// Keep a GGUF base's projection weights quantized in memory, dequantized per matmul: the
+    /// frozen base costs its file size instead of a full-precision copy.
+    pub quantized_base: bool,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
 }
@@ -84,6 +87,7 @@ impl Default for LmTrainConfig {
             eval_batch_size: 8,
             device: Default::default(),
             dtype: Default::default(),
+            quantized_base: false,
             lora: LoraConfig {
                 r: 8,
                 alpha: 16.0,

@@ -80,7 +80,7 @@ pub fn forward_backward(
     bottom: FrozenBottom,
 ) -> anyhow::Result<StepOutput> {
     let dtype = model.head.classifier.weight.dtype();
-    let device = model.head.classifier.weight.device().clone();
+    let device = model.head.classifier.weight.device();
     let tensors = to_tensors(batch, dtype, &device)?;
     let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
     // Layers below the lowest trainable adapter run without saving (or come from the cache); the

@@ -177,7 +177,7 @@ pub fn predict_logits(
     items: &[Encoded],
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let device = model.head.classifier.weight.device().clone();
+    let device = model.head.classifier.weight.device();
     let mut rng = StdRng::seed_from_u64(0);
     let mut pass = Pass {
         training: false,
@@ -200,7 +200,7 @@ pub fn evaluate(
     task: TaskKind,
     num_labels: usize,
 ) -> Result<Scores> {
-    let device = model.head.classifier.weight.device().clone();
+    let device = model.head.classifier.weight.device();
     let mut rng = StdRng::seed_from_u64(0);
     let mut pass = Pass {
         training: false,
@@ -319,7 +319,7 @@ pub fn adapter_importance(
     mut cache: Option<&mut FrozenCache>,
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
-    let device = model.head.classifier.weight.device().clone();
+    let device = model.head.classifier.weight.device();
     let mut moments = ImportanceMoments::new(sites.len());
     let Some(first) = model.lowest_trainable_layer() else {
         return Ok(moments.scores()); // everything frozen: nothing left to decide
