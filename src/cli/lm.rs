@@ -320,25 +320,25 @@ fn print_lm_summary(cfg: &LmTrainConfig, s: &LmSummary) {
         ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
         (
             "train time",
-            format!("{:.1} s (total {:.1} s)", s.train_wall_s, s.wall_s),
+            format!("{:.1} s (total {:.1} s)", s.totals.train_wall_s, s.wall_s),
         ),
-        ("peak memory (heap)", mb(s.peak_mem_bytes as f64)),
+        ("peak memory (heap)", mb(s.totals.peak_mem_bytes as f64)),
         (
             "step memory (max / mean)",
             format!(
                 "{} / {}",
-                mb(s.step_mem_bytes as f64),
-                mb(s.mean_step_mem_bytes)
+                mb(s.totals.step_mem_bytes as f64),
+                mb(s.totals.mean_step_mem_bytes)
             ),
         ),
         (
             "train FLOPs",
             format!(
                 "{:.3e} (unfrozen: {:.3e})",
-                s.train_flops as f64, s.unfrozen_train_flops_estimate as f64
+                s.totals.train_flops as f64, s.totals.unfrozen_train_flops_estimate as f64
             ),
         ),
-        ("trainable params", s.trainable_params.to_string()),
+        ("trainable params", s.totals.trainable_params.to_string()),
         ("frozen adapters", s.frozen.len().to_string()),
         ("output", cfg.output.display().to_string()),
     ];

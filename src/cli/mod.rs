@@ -476,25 +476,26 @@ fn export(a: ExportArgs) -> Result<()> {
 
 fn print_summary(cfg: &TrainConfig, s: &Summary) {
     let mb = |b: f64| format!("{:.0} MB", b / 1e6);
+    let t = &s.totals;
     let rows = [
         ("method", s.method.clone()),
         (&*format!("test {}", s.metric), format!("{:.4}", s.value)),
         ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
         (
             "train time",
-            format!("{:.1} s (total {:.1} s)", s.train_wall_s, s.wall_s),
+            format!("{:.1} s (total {:.1} s)", t.train_wall_s, s.wall_s),
         ),
         (
             &*format!("peak memory ({})", s.memory_counter),
-            mb(s.peak_mem_bytes as f64),
+            mb(t.peak_mem_bytes as f64),
         ),
-        ("mean epoch peak memory", mb(s.mean_epoch_peak_mem_bytes)),
+        ("mean epoch peak memory", mb(t.mean_epoch_peak_mem_bytes)),
         (
             "step memory (max / mean)",
             format!(
                 "{} / {}",
-                mb(s.step_mem_bytes as f64),
-                mb(s.mean_step_mem_bytes)
+                mb(t.step_mem_bytes as f64),
+                mb(t.mean_step_mem_bytes)
             ),
         ),
         (
@@ -505,7 +506,7 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
         ),
         (
             "peak RSS",
-            s.peak_rss_bytes
+            t.peak_rss_bytes
                 .map(|b| mb(b as f64))
                 .unwrap_or("n/a".into()),
         ),
@@ -513,10 +514,10 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
             "train FLOPs",
             format!(
                 "{:.3e} (unfrozen: {:.3e})",
-                s.train_flops as f64, s.unfrozen_train_flops_estimate as f64
+                t.train_flops as f64, t.unfrozen_train_flops_estimate as f64
             ),
         ),
-        ("trainable params", s.trainable_params.to_string()),
+        ("trainable params", t.trainable_params.to_string()),
         ("frozen adapters", s.frozen.len().to_string()),
         ("output", cfg.output.display().to_string()),
     ];

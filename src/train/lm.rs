@@ -6,10 +6,10 @@
 
 use super::checkpoint;
 use super::config::Method;
-use super::create_file;
 use super::lm_config::{LmDataKind, LmTrainConfig};
 use super::memory;
 use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
+use super::run::{self, StepPlan};
 use super::trainer::{EpochLog, ImportanceMoments};
 use crate::adapters::Adapted;
 use crate::data::lm::{self, LmSequence};
@@ -18,7 +18,7 @@ use crate::model::llama::LlamaForCausalLM;
 use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::{flops, Pass};
-use crate::safe::SafeController;
+use crate::safe::{Phase, SafeController};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -173,7 +173,10 @@ pub fn evenly(items: &[LmSequence], n: usize) -> Vec<&LmSequence> {
 
 /// Uploads a padded batch.
 pub fn to_batch(items: &[&LmSequence], dtype: DType, device: &Device) -> Result<LmBatch> {
-    let c = lm::collate(items);
+    collated_batch(lm::collate(items), dtype, device)
+}
+
+fn collated_batch(c: lm::LmCollated, dtype: DType, device: &Device) -> Result<LmBatch> {
     let shape = (c.batch, c.seq);
     let mask = Tensor::from_slice(&c.attention_mask, shape, device)?;
     Ok(LmBatch {
@@ -213,9 +216,9 @@ pub fn lm_adapter_importance(
     let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
     let mut moments = ImportanceMoments::new(paths.len());
     for chunk in items.chunks(batch.max(1)) {
-        let b = to_batch(chunk, DType::F32, &model.device())?;
-        let rows =
-            ImportanceMoments::token_rows(&lm::collate(chunk).attention_mask, &model.device())?;
+        let c = lm::collate(chunk);
+        let rows = ImportanceMoments::token_rows(&c.attention_mask, &model.device())?;
+        let b = collated_batch(c, DType::F32, &model.device())?;
         for (path, x, y) in model.monitor(&b, point)? {
             let i = paths
                 .iter()
@@ -241,16 +244,9 @@ pub struct LmSummary {
     pub best_epoch: usize,
     pub epochs: usize,
     pub wall_s: f64,
-    pub train_wall_s: f64,
-    pub peak_mem_bytes: usize,
-    pub mean_epoch_peak_mem_bytes: f64,
-    pub step_mem_bytes: usize,
-    pub mean_step_mem_bytes: f64,
-    pub peak_rss_bytes: Option<usize>,
-    pub trainable_params: usize,
-    pub train_flops: u64,
-    pub monitor_flops: u64,
-    pub unfrozen_train_flops_estimate: u64,
+    /// Time, memory and FLOPs over the run's epochs.
+    #[serde(flatten)]
+    pub totals: run::RunTotals,
     pub frozen: std::collections::BTreeMap<String, usize>,
     pub seed: u64,
 }
@@ -315,59 +311,39 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;
 
-    let monitor: Vec<&LmSequence> = {
-        let mut idx: Vec<usize> = (0..data.train.len()).collect();
-        idx.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5afe));
-        idx.truncate(cfg.safe.monitor_examples.min(data.train.len()));
-        idx.sort_unstable();
-        idx.into_iter().map(|i| &data.train[i]).collect()
-    };
-    let micro = cfg.batch_size.max(1);
-    let accum = cfg.grad_accum.max(1);
-    let full_steps = data.train.len().div_ceil(micro * accum);
-    let steps_per_epoch = match cfg.max_steps_per_epoch {
-        0 => full_steps,
-        m => m.min(full_steps),
-    };
-    let total_steps = steps_per_epoch * cfg.epochs;
-    let rounds_per_epoch = cfg.safe.rounds_per_epoch.clamp(1, steps_per_epoch.max(1));
+    let monitor: Vec<&LmSequence> =
+        run::monitor_subset(data.train.len(), cfg.safe.monitor_examples, cfg.seed)
+            .into_iter()
+            .map(|i| &data.train[i])
+            .collect();
+    let plan = StepPlan::new(
+        data.train.len(),
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.max_steps_per_epoch,
+        cfg.epochs,
+        cfg.warmup_ratio,
+        cfg.safe.rounds_per_epoch,
+    );
+    let rounds = cfg.epochs * plan.rounds_per_epoch;
     let mut safe = (cfg.method == Method::Safe)
-        .then(|| SafeController::new(cfg.safe.clone(), names.len(), cfg.epochs * rounds_per_epoch));
-    let warmup_steps = (cfg.warmup_ratio * total_steps as f64).round() as usize;
+        .then(|| SafeController::new(cfg.safe.clone(), names.len(), rounds));
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: cfg.weight_decay,
         ..Default::default()
     });
-    let mut state = checkpoint::TrainerState {
-        total_epochs: cfg.epochs,
-        ..Default::default()
-    };
-    if resume {
-        if let Some(s) = checkpoint::load(&cfg.output, &mut model, &mut opt)? {
-            anyhow::ensure!(
-                s.total_epochs == cfg.epochs,
-                "{}: the checkpoint belongs to a run of {} epochs; resume it with --epochs {}",
-                cfg.output.join("checkpoint").display(),
-                s.total_epochs,
-                s.total_epochs
-            );
-            if let (Some(c), Some(saved)) = (safe.as_mut(), &s.safe) {
-                *c = saved.clone();
-            }
-            state = s;
-        }
-    }
-    let mut log = create_file(&cfg.output.join("metrics.jsonl"))?;
-    for e in &state.history {
-        writeln!(log, "{}", serde_json::to_string(e)?)?;
-    }
-    let mut safe_log = match safe {
-        Some(_) => Some(super::reports::open_safe_log(
-            &cfg.output,
-            state.epochs_done,
-        )?),
-        None => None,
-    };
+    let run::Started {
+        mut state,
+        metrics: mut log,
+        mut safe_log,
+    } = run::start_or_resume(
+        &cfg.output,
+        cfg.epochs,
+        resume,
+        &mut model,
+        &mut opt,
+        &mut safe,
+    )?;
 
     for epoch in state.epochs_done + 1..=cfg.epochs {
         let t_epoch = Instant::now();
@@ -377,9 +353,10 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         ));
         let mut drop_rng =
             StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
-        let bar = super::trainer::progress_bar(show_progress, steps_per_epoch, epoch, cfg.epochs);
+        let bar =
+            super::trainer::progress_bar(show_progress, plan.steps_per_epoch, epoch, cfg.epochs);
         let flops_before = flops::total();
-        mem.reset_peak();
+        let mut epoch_mem = run::EpochMemory::start(&mem);
         let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
         let mut lr = 0.0;
         let (mut importance, mut threshold) = (None, None);
@@ -389,21 +366,14 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
-        let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
-        for s in 0..steps_per_epoch {
-            let live_before = mem.live();
-            epoch_peak = epoch_peak.max(mem.peak());
-            mem.reset_peak();
+        for s in 0..plan.steps_per_epoch {
+            epoch_mem.begin_step();
             let mut grads: Vec<(String, Tensor)> = Vec::new();
-            for m in 0..accum {
-                let start = (s * accum + m) * micro;
-                if start >= order.len() {
+            for m in 0..plan.accum {
+                let Some(examples) = plan.micro_batch(&order, s, m) else {
                     break;
-                }
-                let items: Vec<&LmSequence> = order[start..(start + micro).min(order.len())]
-                    .iter()
-                    .map(|&i| &data.train[i])
-                    .collect();
+                };
+                let items: Vec<&LmSequence> = examples.iter().map(|&i| &data.train[i]).collect();
                 let b = to_batch(&items, DType::F32, &device)?;
                 tokens += items.iter().map(|s| s.ids.len()).sum::<usize>();
                 let mut pass = Pass {
@@ -411,7 +381,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                     rng: &mut drop_rng,
                 };
                 let (loss, g) =
-                    CausalLm::loss_and_grads(&model, &b, &mut pass, 1.0 / accum as f64)?;
+                    CausalLm::loss_and_grads(&model, &b, &mut pass, 1.0 / plan.accum as f64)?;
                 loss_sum += loss.loss_sum / loss.tokens.max(1) as f64;
                 loss_n += 1;
                 let g = g.into_iter().flat_map(|(p, g)| {
@@ -429,8 +399,13 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 }
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
-            step_peak = step_peak.max(mem.peak().saturating_sub(live_before));
-            lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
+            epoch_mem.end_step();
+            lr = linear_schedule(
+                state.global_step,
+                plan.warmup_steps,
+                plan.total_steps,
+                cfg.lr,
+            );
             for (name, g) in &grads {
                 let p = model
                     .param_mut(name)
@@ -438,41 +413,35 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 *p = opt.update(name, p, g, lr)?;
             }
             state.global_step += 1;
-            if let Some(c) = safe.as_mut() {
-                let done_rounds = |steps: usize| steps * rounds_per_epoch / steps_per_epoch;
-                let boundary = done_rounds(s + 1) > done_rounds(s);
-                if boundary && c.phase() != crate::safe::Phase::Done {
-                    let f0 = flops::total();
-                    let round = (epoch - 1) * rounds_per_epoch + done_rounds(s + 1);
-                    let scores = lm_adapter_importance(
-                        &model,
-                        &monitor,
-                        cfg.eval_batch_size,
-                        cfg.safe.monitor,
-                    )?;
-                    monitor_flops += flops::total() - f0;
-                    let d = c.end_of_epoch(round, &scores);
-                    for &i in &d.newly_frozen {
-                        model
-                            .adapter_by_path_mut(&names[i])
-                            .expect("listed")
-                            .trainable = false;
-                        opt.drop_state(&format!("{}.lora_A.weight", names[i]));
-                        opt.drop_state(&format!("{}.lora_B.weight", names[i]));
-                        state.frozen_at.insert(names[i].clone(), epoch);
-                    }
-                    let line = serde_json::json!({
-                        "round": round, "epoch": epoch, "step": state.global_step,
-                        "importance": scores, "threshold": d.threshold, "phase": d.phase,
-                        "newly_frozen": d.newly_frozen.iter().map(|&i| &names[i]).collect::<Vec<_>>(),
-                        "lowest_trainable_layer": model.lowest_trainable_layer(),
-                    });
-                    if let Some(f) = safe_log.as_mut() {
-                        writeln!(f, "{line}")?;
-                    }
-                    importance = Some(scores);
-                    threshold = Some(d.threshold);
+            // SAFE, as in the classification trainer.
+            let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
+            if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
+                let f0 = flops::total();
+                let scores =
+                    lm_adapter_importance(&model, &monitor, cfg.eval_batch_size, cfg.safe.monitor)?;
+                monitor_flops += flops::total() - f0;
+                let d = c.end_of_epoch(round, &scores);
+                for &i in &d.newly_frozen {
+                    model
+                        .adapter_by_path_mut(&names[i])
+                        .expect("listed")
+                        .trainable = false;
+                    opt.drop_state(&format!("{}.lora_A.weight", names[i]));
+                    opt.drop_state(&format!("{}.lora_B.weight", names[i]));
+                    state.frozen_at.insert(names[i].clone(), epoch);
                 }
+                run::log_safe_round(
+                    safe_log.as_mut(),
+                    round,
+                    epoch,
+                    state.global_step,
+                    &scores,
+                    &d,
+                    &names,
+                    model.lowest_trainable_layer(),
+                )?;
+                importance = Some(scores);
+                threshold = Some(d.threshold);
             }
             if let Some(b) = &bar {
                 b.inc(1);
@@ -484,7 +453,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 ));
             }
         }
-        let epoch_peak = epoch_peak.max(mem.peak());
+        let (epoch_peak, step_peak) = epoch_mem.finish();
         let epoch_flops = flops::total() - flops_before - monitor_flops;
         let train_secs = t_epoch.elapsed().as_secs_f64();
         if let Some(b) = bar {
@@ -504,7 +473,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
             validation_metric: val_ppl,
             validation_loss: val_loss,
             lr,
-            steps: steps_per_epoch,
+            steps: plan.steps_per_epoch,
             wall_s: train_secs,
             train_flops: epoch_flops,
             monitor_flops,
@@ -558,15 +527,6 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
     crate::io::peft::load(&cfg.output, &mut model)?;
     let (test_loss, test_ppl) = perplexity(&model, &test, cfg.eval_batch_size)?;
     let test_tokens: usize = test.iter().map(|s| s.counted()).sum();
-    let h = &state.history;
-    let steps: usize = h.iter().map(|e| e.steps).sum();
-    let first = h.first();
-    let step_weighted = |bytes: fn(&EpochLog) -> usize| {
-        h.iter()
-            .map(|e| bytes(e) as f64 * e.steps as f64)
-            .sum::<f64>()
-            / steps.max(1) as f64
-    };
     let summary = LmSummary {
         task: "causal-lm".into(),
         method: cfg.method.to_string(),
@@ -578,18 +538,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         best_epoch: state.best_epoch,
         epochs: cfg.epochs,
         wall_s: t_start.elapsed().as_secs_f64(),
-        train_wall_s: h.iter().map(|e| e.wall_s).sum(),
-        peak_mem_bytes: h.iter().map(|e| e.peak_mem_bytes).max().unwrap_or(0),
-        mean_epoch_peak_mem_bytes: step_weighted(|e| e.peak_mem_bytes),
-        step_mem_bytes: h.iter().map(|e| e.step_mem_bytes).max().unwrap_or(0),
-        mean_step_mem_bytes: step_weighted(|e| e.step_mem_bytes),
-        peak_rss_bytes: memory::peak_rss_bytes(),
-        trainable_params: first.map(|e| e.trainable_params).unwrap_or(0),
-        train_flops: h.iter().map(|e| e.train_flops).sum(),
-        monitor_flops: h.iter().map(|e| e.monitor_flops).sum(),
-        unfrozen_train_flops_estimate: first
-            .map(|e| e.train_flops / e.steps.max(1) as u64 * steps as u64)
-            .unwrap_or(0),
+        totals: run::RunTotals::of(&state.history),
         frozen: state.frozen_at.clone(),
         seed: cfg.seed,
     };
@@ -598,7 +547,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     if let Some(c) = &safe {
-        super::reports::write_safe_reports(&cfg.output, &names, c, cfg.epochs * rounds_per_epoch)?;
+        super::reports::write_safe_reports(&cfg.output, &names, c, rounds)?;
     }
     Ok(summary)
 }

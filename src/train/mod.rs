@@ -11,6 +11,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod reports;
+pub mod run;
 pub mod step;
 pub mod trainer;
 

@@ -4,11 +4,11 @@
 
 use super::checkpoint;
 use super::config::{DataKind, Method, TrainConfig};
-use super::create_file;
 use super::frozen_cache::FrozenCache;
 use super::memory;
 use super::metrics;
 use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
+use super::run::{self, StepPlan};
 use super::step::{self, adapter_path};
 use crate::adapters::Adapted;
 use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
@@ -16,7 +16,7 @@ use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::model::bert::{BertForSequenceClassification, Site};
 use crate::nn::{flops, Pass};
-use crate::safe::{CkaAccumulator, MonitorPoint, SafeController};
+use crate::safe::{CkaAccumulator, MonitorPoint, Phase, SafeController};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -394,27 +394,15 @@ pub struct Summary {
     pub best_epoch: usize,
     pub epochs: usize,
     pub wall_s: f64,
-    pub train_wall_s: f64,
+    /// Time, memory and FLOPs over the run's epochs (`monitor_flops`, SAFE's monitoring passes,
+    /// are not part of `train_flops`).
+    #[serde(flatten)]
+    pub totals: run::RunTotals,
     /// What the memory numbers count: `heap` (CPU) or `cuda-pool` (GPU).
     pub memory_counter: &'static str,
-    /// Highest per-epoch peak during training (allocator level).
-    pub peak_mem_bytes: usize,
     /// On a GPU, the highest driver-reported device memory in use at an epoch's end.
     pub peak_driver_used_bytes: Option<usize>,
-    /// Step-weighted mean of the per-epoch heap peaks: memory "over the run".
-    pub mean_epoch_peak_mem_bytes: f64,
-    /// Highest per-step memory (activations, gradients, temporaries above the resident model and
-    /// data), and its step-weighted mean over the epochs.
-    pub step_mem_bytes: usize,
-    pub mean_step_mem_bytes: f64,
-    pub peak_rss_bytes: Option<usize>,
-    pub trainable_params: usize,
-    pub train_flops: u64,
-    /// SAFE's monitoring forward passes (not part of `train_flops`).
-    pub monitor_flops: u64,
-    /// What the run would have cost with nothing frozen: epoch 1's FLOPs per step times all steps,
-    /// and epoch 1's memory peak (in epoch 1 nothing is frozen by SAFE).
-    pub unfrozen_train_flops_estimate: u64,
+    /// Epoch 1's memory peak: in epoch 1 nothing is frozen by SAFE.
     pub unfrozen_peak_mem_bytes: usize,
     /// Adapter name -> epoch it froze (SAFE / freeze-prefix).
     pub frozen: std::collections::BTreeMap<String, usize>,
@@ -454,66 +442,40 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     let sites = model.adapter_sites();
     let names: Vec<String> = sites.iter().map(|&(l, s)| adapter_name(l, s)).collect();
 
-    let monitor: Vec<(usize, &Encoded)> = {
-        let mut idx: Vec<usize> = (0..setup.train.len()).collect();
-        idx.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5afe));
-        idx.truncate(cfg.safe.monitor_examples.min(setup.train.len()));
-        idx.sort_unstable();
-        idx.into_iter().map(|i| (i, &setup.train[i])).collect()
-    };
-
-    let micro = cfg.batch_size.max(1);
-    let accum = cfg.grad_accum.max(1);
-    let full_steps = setup.train.len().div_ceil(micro * accum);
-    let steps_per_epoch = match cfg.max_steps_per_epoch {
-        0 => full_steps,
-        m => m.min(full_steps),
-    };
-    let total_steps = steps_per_epoch * cfg.epochs;
-    // SAFE rounds: at most one per step; round k of an epoch ends at step ceil(k * steps / rounds).
-    let rounds_per_epoch = cfg.safe.rounds_per_epoch.clamp(1, steps_per_epoch.max(1));
+    let monitor: Vec<(usize, &Encoded)> =
+        run::monitor_subset(setup.train.len(), cfg.safe.monitor_examples, cfg.seed)
+            .into_iter()
+            .map(|i| (i, &setup.train[i]))
+            .collect();
+    let plan = StepPlan::new(
+        setup.train.len(),
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.max_steps_per_epoch,
+        cfg.epochs,
+        cfg.warmup_ratio,
+        cfg.safe.rounds_per_epoch,
+    );
+    let rounds = cfg.epochs * plan.rounds_per_epoch;
     let mut safe = (cfg.method == Method::Safe)
-        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), cfg.epochs * rounds_per_epoch));
-    let warmup_steps = (cfg.warmup_ratio * total_steps as f64).round() as usize;
+        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), rounds));
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: cfg.weight_decay,
         ..Default::default()
     });
 
-    let mut state = checkpoint::TrainerState {
-        total_epochs: cfg.epochs,
-        ..Default::default()
-    };
-    if resume {
-        if let Some(s) = checkpoint::load(&cfg.output, &mut model, &mut opt)? {
-            anyhow::ensure!(
-                s.total_epochs == cfg.epochs,
-                "{}: the checkpoint belongs to a run of {} epochs; resume it with --epochs {} \
-                 (the learning-rate schedule and SAFE's rounds depend on the run's length)",
-                cfg.output.join("checkpoint").display(),
-                s.total_epochs,
-                s.total_epochs
-            );
-            tracing::info!("resuming after epoch {}", s.epochs_done);
-            if let (Some(c), Some(saved)) = (safe.as_mut(), &s.safe) {
-                *c = saved.clone();
-            }
-            state = s;
-        }
-    }
-    // Logs restart with the run: from the checkpoint's history when resuming, empty otherwise, so
-    // an epoch logged before an interruption is not logged twice.
-    let mut log = create_file(&cfg.output.join("metrics.jsonl"))?;
-    for e in &state.history {
-        writeln!(log, "{}", serde_json::to_string(e)?)?;
-    }
-    let mut safe_log = match safe {
-        Some(_) => Some(super::reports::open_safe_log(
-            &cfg.output,
-            state.epochs_done,
-        )?),
-        None => None,
-    };
+    let run::Started {
+        mut state,
+        metrics: mut log,
+        mut safe_log,
+    } = run::start_or_resume(
+        &cfg.output,
+        cfg.epochs,
+        resume,
+        &mut model,
+        &mut opt,
+        &mut safe,
+    )?;
 
     // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
     let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
@@ -531,30 +493,23 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         ));
         let mut drop_rng =
             StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
-        let bar = progress_bar(show_progress, steps_per_epoch, epoch, cfg.epochs);
+        let bar = progress_bar(show_progress, plan.steps_per_epoch, epoch, cfg.epochs);
         let flops_before = flops::total();
-        mem.reset_peak();
+        let mut epoch_mem = run::EpochMemory::start(&mem);
         let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
         let mut lr = 0.0;
         let (mut importance, mut threshold) = (None, None);
         let mut monitor_flops = 0u64;
         let trainable = count_params(&model.trainable_params());
-        let (mut epoch_peak, mut step_peak) = (0usize, 0usize);
-        for s in 0..steps_per_epoch {
-            let live_before = mem.live();
-            epoch_peak = epoch_peak.max(mem.peak());
-            mem.reset_peak();
+        for s in 0..plan.steps_per_epoch {
+            epoch_mem.begin_step();
             let mut grads: Vec<(String, Tensor)> = Vec::new();
-            for m in 0..accum {
-                let start = (s * accum + m) * micro;
-                if start >= order.len() {
+            for m in 0..plan.accum {
+                let Some(examples) = plan.micro_batch(&order, s, m) else {
                     break;
-                }
+                };
                 let batch: Batch = {
-                    let refs: Vec<&Encoded> = order[start..(start + micro).min(order.len())]
-                        .iter()
-                        .map(|&i| &setup.train[i])
-                        .collect();
+                    let refs: Vec<&Encoded> = examples.iter().map(|&i| &setup.train[i]).collect();
                     collate(&refs, 0)
                 };
                 tokens += batch.attention_mask.iter().filter(|&&m| m == 1).count();
@@ -562,14 +517,18 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                     training: true,
                     rng: &mut drop_rng,
                 };
-                let examples = &order[start..(start + micro).min(order.len())];
                 let bottom = match frozen_cache.as_mut() {
                     Some(c) => step::FrozenBottom::Cached(c, examples),
                     None if cfg.frozen_bottom_dropout => step::FrozenBottom::Dropout,
                     None => step::FrozenBottom::Inference,
                 };
-                let out =
-                    step::forward_backward(&model, &batch, &mut pass, 1.0 / accum as f64, bottom)?;
+                let out = step::forward_backward(
+                    &model,
+                    &batch,
+                    &mut pass,
+                    1.0 / plan.accum as f64,
+                    bottom,
+                )?;
                 loss_sum += out.loss as f64;
                 loss_n += 1;
                 if grads.is_empty() {
@@ -581,8 +540,13 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 }
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
-            step_peak = step_peak.max(mem.peak().saturating_sub(live_before));
-            lr = linear_schedule(state.global_step, warmup_steps, total_steps, cfg.lr);
+            epoch_mem.end_step();
+            lr = linear_schedule(
+                state.global_step,
+                plan.warmup_steps,
+                plan.total_steps,
+                cfg.lr,
+            );
             for (name, g) in &grads {
                 let p = model
                     .param_mut(name)
@@ -590,52 +554,49 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 *p = opt.update(name, p, g, lr)?;
             }
             state.global_step += 1;
-            // SAFE: at each round boundary, measure importance and freeze what the schedule says.
-            if let Some(c) = safe.as_mut() {
-                let done_rounds = |steps: usize| steps * rounds_per_epoch / steps_per_epoch;
-                let boundary = done_rounds(s + 1) > done_rounds(s);
-                // Once every candidate is frozen nothing can change: stop measuring.
-                if boundary && c.phase() != crate::safe::Phase::Done {
-                    let f0 = flops::total();
-                    let round = (epoch - 1) * rounds_per_epoch + done_rounds(s + 1);
-                    let scores = adapter_importance(
-                        &model,
-                        &monitor,
-                        cfg.eval_batch_size,
-                        cfg.safe.monitor,
-                        frozen_cache.as_mut(),
-                    )?;
-                    monitor_flops += flops::total() - f0;
-                    let d = c.end_of_epoch(round, &scores);
-                    for &i in &d.newly_frozen {
-                        let (layer, site) = sites[i];
-                        freeze(&mut model, &mut opt, layer, site);
-                        state.frozen_at.insert(names[i].clone(), epoch);
-                    }
-                    let line = serde_json::json!({
-                        "round": round, "epoch": epoch, "step": state.global_step,
-                        "importance": scores, "threshold": d.threshold, "phase": d.phase,
-                        "newly_frozen": d.newly_frozen.iter().map(|&i| &names[i]).collect::<Vec<_>>(),
-                        "lowest_trainable_layer": model.lowest_trainable_layer(),
-                    });
-                    if let Some(f) = safe_log.as_mut() {
-                        writeln!(f, "{line}")?;
-                    }
-                    importance = Some(scores);
-                    threshold = Some(d.threshold);
+            // SAFE: at each round's end, measure importance and freeze what the schedule says
+            // (until every candidate is frozen: then nothing can change).
+            let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
+            if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
+                let f0 = flops::total();
+                let scores = adapter_importance(
+                    &model,
+                    &monitor,
+                    cfg.eval_batch_size,
+                    cfg.safe.monitor,
+                    frozen_cache.as_mut(),
+                )?;
+                monitor_flops += flops::total() - f0;
+                let d = c.end_of_epoch(round, &scores);
+                for &i in &d.newly_frozen {
+                    let (layer, site) = sites[i];
+                    freeze(&mut model, &mut opt, layer, site);
+                    state.frozen_at.insert(names[i].clone(), epoch);
                 }
+                run::log_safe_round(
+                    safe_log.as_mut(),
+                    round,
+                    epoch,
+                    state.global_step,
+                    &scores,
+                    &d,
+                    &names,
+                    model.lowest_trainable_layer(),
+                )?;
+                importance = Some(scores);
+                threshold = Some(d.threshold);
             }
             if let Some(b) = &bar {
                 b.inc(1);
                 let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
                 b.set_message(format!(
                     "loss {:.4} | {:.0} tok/s",
-                    loss_sum / loss_n.max(1) as f64 * accum as f64,
+                    loss_sum / loss_n.max(1) as f64 * plan.accum as f64,
                     tokens as f64 / secs
                 ));
             }
         }
-        let epoch_peak = epoch_peak.max(mem.peak());
+        let (epoch_peak, step_peak) = epoch_mem.finish();
         let epoch_flops = flops::total() - flops_before - monitor_flops;
         let train_secs = t_epoch.elapsed().as_secs_f64();
         if let Some(b) = bar {
@@ -659,11 +620,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
 
         let entry = EpochLog {
             epoch,
-            train_loss: loss_sum / loss_n.max(1) as f64 * accum as f64,
+            train_loss: loss_sum / loss_n.max(1) as f64 * plan.accum as f64,
             validation_metric: val.metric,
             validation_loss: val.loss,
             lr,
-            steps: steps_per_epoch,
+            steps: plan.steps_per_epoch,
             wall_s: train_secs,
             train_flops: epoch_flops,
             monitor_flops,
@@ -716,16 +677,6 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     let test = evaluate(&best, &setup.test, cfg.eval_batch_size, task, num_labels)?;
 
     let h = &state.history;
-    let total_flops: u64 = h.iter().map(|e| e.train_flops).sum();
-    let steps: usize = h.iter().map(|e| e.steps).sum();
-    let first = h.first();
-    // Memory "over the run": each epoch's value weighted by its steps.
-    let step_weighted = |bytes: fn(&EpochLog) -> usize| {
-        h.iter()
-            .map(|e| bytes(e) as f64 * e.steps as f64)
-            .sum::<f64>()
-            / steps.max(1) as f64
-    };
     let summary = Summary {
         task: format!("{task:?}").to_lowercase(),
         method: cfg.method.to_string(),
@@ -735,21 +686,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         best_epoch: state.best_epoch,
         epochs: cfg.epochs,
         wall_s: t_start.elapsed().as_secs_f64(),
-        train_wall_s: h.iter().map(|e| e.wall_s).sum(),
+        totals: run::RunTotals::of(h),
         memory_counter: mem.kind(),
-        peak_mem_bytes: h.iter().map(|e| e.peak_mem_bytes).max().unwrap_or(0),
         peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
-        mean_epoch_peak_mem_bytes: step_weighted(|e| e.peak_mem_bytes),
-        step_mem_bytes: h.iter().map(|e| e.step_mem_bytes).max().unwrap_or(0),
-        mean_step_mem_bytes: step_weighted(|e| e.step_mem_bytes),
-        peak_rss_bytes: memory::peak_rss_bytes(),
-        trainable_params: first.map(|e| e.trainable_params).unwrap_or(0),
-        train_flops: total_flops,
-        monitor_flops: h.iter().map(|e| e.monitor_flops).sum(),
-        unfrozen_train_flops_estimate: first
-            .map(|e| e.train_flops / e.steps.max(1) as u64 * steps as u64)
-            .unwrap_or(0),
-        unfrozen_peak_mem_bytes: first.map(|e| e.peak_mem_bytes).unwrap_or(0),
+        unfrozen_peak_mem_bytes: h.first().map(|e| e.peak_mem_bytes).unwrap_or(0),
         frozen: state.frozen_at.clone(),
         seed: cfg.seed,
     };
@@ -758,7 +698,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     if let Some(c) = &safe {
-        super::reports::write_safe_reports(&cfg.output, &names, c, cfg.epochs * rounds_per_epoch)?;
+        super::reports::write_safe_reports(&cfg.output, &names, c, rounds)?;
     }
     Ok(summary)
 }

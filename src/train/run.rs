@@ -1,0 +1,287 @@
+//! What the classification trainer (`trainer.rs`) and the causal-LM trainer (`lm.rs`) share: the
+//! step plan, starting or resuming from a checkpoint, SAFE's rounds, each epoch's memory
+//! bookkeeping and the run's totals in `summary.json`.
+
+use super::checkpoint::{self, TrainerState};
+use super::memory::{self, MemTracker};
+use super::optim::AdamW;
+use super::trainer::EpochLog;
+use crate::adapters::Adapted;
+use crate::safe::{EpochDecision, SafeController};
+use anyhow::Result;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+/// How a run's examples become optimizer steps, and where SAFE's rounds end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Examples per forward/backward pass.
+    pub micro: usize,
+    /// Passes per optimizer step.
+    pub accum: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
+    /// Linear learning-rate warm-up, in steps.
+    pub warmup_steps: usize,
+    /// SAFE decisions per epoch: at least 1, at most one per step.
+    pub rounds_per_epoch: usize,
+}
+
+impl StepPlan {
+    /// `max_steps_per_epoch` of 0 means whole epochs.
+    pub fn new(
+        examples: usize,
+        batch_size: usize,
+        grad_accum: usize,
+        max_steps_per_epoch: usize,
+        epochs: usize,
+        warmup_ratio: f64,
+        rounds_per_epoch: usize,
+    ) -> Self {
+        let (micro, accum) = (batch_size.max(1), grad_accum.max(1));
+        let full_steps = examples.div_ceil(micro * accum);
+        let steps_per_epoch = match max_steps_per_epoch {
+            0 => full_steps,
+            m => m.min(full_steps),
+        };
+        let total_steps = steps_per_epoch * epochs;
+        Self {
+            micro,
+            accum,
+            steps_per_epoch,
+            total_steps,
+            warmup_steps: (warmup_ratio * total_steps as f64).round() as usize,
+            rounds_per_epoch: rounds_per_epoch.clamp(1, steps_per_epoch.max(1)),
+        }
+    }
+
+    /// Positions in the epoch's `order` of pass `m` of step `s`; `None` past the end.
+    pub fn micro_batch<'a>(&self, order: &'a [usize], s: usize, m: usize) -> Option<&'a [usize]> {
+        let start = (s * self.accum + m) * self.micro;
+        (start < order.len()).then(|| &order[start..(start + self.micro).min(order.len())])
+    }
+
+    /// The SAFE round (1-based over the run) that step `s` (0-based) of `epoch` ends, if it ends
+    /// one: round k of an epoch ends at step `ceil(k * steps / rounds)`.
+    pub fn round_ending_at(&self, epoch: usize, s: usize) -> Option<usize> {
+        let done = |steps: usize| steps * self.rounds_per_epoch / self.steps_per_epoch;
+        (done(s + 1) > done(s)).then(|| (epoch - 1) * self.rounds_per_epoch + done(s + 1))
+    }
+}
+
+/// SAFE's monitoring subset: `k` of `n` training examples drawn with `seed`, in index order.
+pub fn monitor_subset(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x5afe));
+    idx.truncate(k.min(n));
+    idx.sort_unstable();
+    idx
+}
+
+/// A run's state and open logs, fresh or restored from `OUTPUT/checkpoint`.
+pub struct Started {
+    pub state: TrainerState,
+    /// `metrics.jsonl`, holding the checkpoint's epochs when resuming.
+    pub metrics: File,
+    /// `safe.jsonl` (SAFE runs only), holding the checkpointed rounds when resuming.
+    pub safe_log: Option<File>,
+}
+
+/// Restores model, optimizer and SAFE controller from `output/checkpoint` when `resume` and one
+/// exists (refusing a checkpoint of a run of another length), then restarts the logs from the
+/// checkpoint's history, so an epoch logged before an interruption is not logged twice.
+pub fn start_or_resume(
+    output: &Path,
+    epochs: usize,
+    resume: bool,
+    model: &mut impl Adapted,
+    opt: &mut AdamW,
+    safe: &mut Option<SafeController>,
+) -> Result<Started> {
+    let mut state = TrainerState {
+        total_epochs: epochs,
+        ..Default::default()
+    };
+    if resume {
+        if let Some(s) = checkpoint::load(output, model, opt)? {
+            anyhow::ensure!(
+                s.total_epochs == epochs,
+                "{}: the checkpoint belongs to a run of {} epochs; resume it with --epochs {} \
+                 (the learning-rate schedule and SAFE's rounds depend on the run's length)",
+                output.join("checkpoint").display(),
+                s.total_epochs,
+                s.total_epochs
+            );
+            tracing::info!("resuming after epoch {}", s.epochs_done);
+            if let (Some(c), Some(saved)) = (safe.as_mut(), &s.safe) {
+                *c = saved.clone();
+            }
+            state = s;
+        }
+    }
+    let mut metrics = super::create_file(&output.join("metrics.jsonl"))?;
+    for e in &state.history {
+        writeln!(metrics, "{}", serde_json::to_string(e)?)?;
+    }
+    let safe_log = match safe {
+        Some(_) => Some(super::reports::open_safe_log(output, state.epochs_done)?),
+        None => None,
+    };
+    Ok(Started {
+        state,
+        metrics,
+        safe_log,
+    })
+}
+
+/// Appends one SAFE round to `safe.jsonl`.
+#[allow(clippy::too_many_arguments)]
+pub fn log_safe_round(
+    log: Option<&mut File>,
+    round: usize,
+    epoch: usize,
+    step: usize,
+    scores: &[f64],
+    d: &EpochDecision,
+    names: &[String],
+    lowest_trainable_layer: Option<usize>,
+) -> Result<()> {
+    let line = serde_json::json!({
+        "round": round, "epoch": epoch, "step": step,
+        "importance": scores, "threshold": d.threshold, "phase": d.phase,
+        "newly_frozen": d.newly_frozen.iter().map(|&i| &names[i]).collect::<Vec<_>>(),
+        "lowest_trainable_layer": lowest_trainable_layer,
+    });
+    if let Some(f) = log {
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
+}
+
+/// One epoch's memory: its peak, and the largest amount one step adds to what was live before
+/// it (activations saved for backward, gradients, temporaries: what freezing can save).
+pub struct EpochMemory<'a> {
+    mem: &'a MemTracker,
+    live_before: usize,
+    epoch_peak: usize,
+    step_peak: usize,
+}
+
+impl<'a> EpochMemory<'a> {
+    pub fn start(mem: &'a MemTracker) -> Self {
+        mem.reset_peak();
+        Self {
+            mem,
+            live_before: 0,
+            epoch_peak: 0,
+            step_peak: 0,
+        }
+    }
+
+    /// Before a step's first pass.
+    pub fn begin_step(&mut self) {
+        self.live_before = self.mem.live();
+        self.epoch_peak = self.epoch_peak.max(self.mem.peak());
+        self.mem.reset_peak();
+    }
+
+    /// After a step's backward passes, before the optimizer update.
+    pub fn end_step(&mut self) {
+        let added = self.mem.peak().saturating_sub(self.live_before);
+        self.step_peak = self.step_peak.max(added);
+    }
+
+    /// `(epoch peak, step peak)`.
+    pub fn finish(self) -> (usize, usize) {
+        (self.epoch_peak.max(self.mem.peak()), self.step_peak)
+    }
+}
+
+/// A run's totals over its epoch logs, in both trainers' `summary.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunTotals {
+    pub train_wall_s: f64,
+    /// The largest epoch peak; allocator level (heap on the CPU, the CUDA pool on a GPU).
+    pub peak_mem_bytes: usize,
+    /// Epoch peaks averaged over the run's steps.
+    pub mean_epoch_peak_mem_bytes: f64,
+    /// The largest step peak (see [`EpochMemory`]) and its step-weighted mean.
+    pub step_mem_bytes: usize,
+    pub mean_step_mem_bytes: f64,
+    pub peak_rss_bytes: Option<usize>,
+    /// Trainable parameters at the start.
+    pub trainable_params: usize,
+    pub train_flops: u64,
+    pub monitor_flops: u64,
+    /// What the run's training would have cost with every epoch like the first.
+    pub unfrozen_train_flops_estimate: u64,
+}
+
+impl RunTotals {
+    pub fn of(h: &[EpochLog]) -> Self {
+        let steps: usize = h.iter().map(|e| e.steps).sum();
+        let first = h.first();
+        let step_weighted = |bytes: fn(&EpochLog) -> usize| {
+            h.iter()
+                .map(|e| bytes(e) as f64 * e.steps as f64)
+                .sum::<f64>()
+                / steps.max(1) as f64
+        };
+        Self {
+            train_wall_s: h.iter().map(|e| e.wall_s).sum(),
+            peak_mem_bytes: h.iter().map(|e| e.peak_mem_bytes).max().unwrap_or(0),
+            mean_epoch_peak_mem_bytes: step_weighted(|e| e.peak_mem_bytes),
+            step_mem_bytes: h.iter().map(|e| e.step_mem_bytes).max().unwrap_or(0),
+            mean_step_mem_bytes: step_weighted(|e| e.step_mem_bytes),
+            peak_rss_bytes: memory::peak_rss_bytes(),
+            trainable_params: first.map(|e| e.trainable_params).unwrap_or(0),
+            train_flops: h.iter().map(|e| e.train_flops).sum(),
+            monitor_flops: h.iter().map(|e| e.monitor_flops).sum(),
+            unfrozen_train_flops_estimate: first
+                .map(|e| e.train_flops / e.steps.max(1) as u64 * steps as u64)
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_plan_counts_steps_passes_and_rounds() {
+        // 10 examples, micro-batches of 2, 2 passes per step: 3 steps (the last one short).
+        let p = StepPlan::new(10, 2, 2, 0, 4, 0.25, 2);
+        assert_eq!(
+            (p.steps_per_epoch, p.total_steps, p.warmup_steps),
+            (3, 12, 3)
+        );
+        let order: Vec<usize> = (0..10).rev().collect();
+        assert_eq!(p.micro_batch(&order, 0, 1), Some(&[7, 6][..]));
+        assert_eq!(p.micro_batch(&order, 2, 0), Some(&[1, 0][..]));
+        assert_eq!(p.micro_batch(&order, 2, 1), None);
+        // Two rounds over three steps end at steps ceil(3/2) = 2 and 3 (0-based 1 and 2).
+        let rounds: Vec<_> = (0..3).map(|s| p.round_ending_at(2, s)).collect();
+        assert_eq!(rounds, vec![None, Some(3), Some(4)]);
+        // Capped steps; more rounds than steps become one per step.
+        let p = StepPlan::new(100, 4, 1, 5, 1, 0.0, 9);
+        assert_eq!((p.steps_per_epoch, p.rounds_per_epoch), (5, 5));
+        let rounds: Vec<_> = (0..5).map(|s| p.round_ending_at(1, s)).collect();
+        assert_eq!(rounds, vec![Some(1), Some(2), Some(3), Some(4), Some(5)]);
+    }
+
+    #[test]
+    fn monitor_subset_is_seeded_sorted_and_bounded() {
+        let a = monitor_subset(100, 10, 7);
+        assert_eq!(a, monitor_subset(100, 10, 7));
+        assert_ne!(a, monitor_subset(100, 10, 8));
+        assert_eq!(a.len(), 10);
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a[9] < 100);
+        assert_eq!(monitor_subset(3, 10, 7), vec![0, 1, 2]);
+    }
+}
