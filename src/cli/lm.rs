@@ -153,6 +153,10 @@ pub struct PerplexityArgs {
     /// At most this many sequences (evenly spaced); 0 = all.
     #[arg(long, default_value_t = 64)]
     pub max_sequences: usize,
+    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
+    /// matmul) instead of a full-precision copy.
+    #[arg(long)]
+    pub quantized_base: bool,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
 }
@@ -185,6 +189,10 @@ pub struct GenerateArgs {
     /// Write the prompt's ids and its full next-token logits to this JSON file.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
+    /// matmul) instead of a full-precision copy.
+    #[arg(long)]
+    pub quantized_base: bool,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
 }
@@ -194,8 +202,10 @@ fn load_with_adapter(
     model: Option<&std::path::Path>,
     adapter: Option<&std::path::Path>,
     device: &crate::device::DeviceArgs,
+    quantized_base: bool,
 ) -> Result<lm::LoadedDecoder> {
-    let mut d = lm::load_decoder(model, device.dtype_spec().dtype(), &device.open()?, false)?;
+    let dtype = device.dtype_spec().dtype();
+    let mut d = lm::load_decoder(model, dtype, &device.open()?, quantized_base)?;
     if let Some(dir) = adapter {
         let pc = crate::io::peft::read_config(dir)?;
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
@@ -224,7 +234,12 @@ pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
-    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref(), &a.device)?;
+    let d = load_with_adapter(
+        a.model.as_deref(),
+        a.adapter.as_deref(),
+        &a.device,
+        a.quantized_base,
+    )?;
     let mut cfg = LmTrainConfig {
         data: a.data.clone(),
         seq_len: a.seq_len,
@@ -257,7 +272,12 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
-    let d = load_with_adapter(a.model.as_deref(), a.adapter.as_deref(), &a.device)?;
+    let d = load_with_adapter(
+        a.model.as_deref(),
+        a.adapter.as_deref(),
+        &a.device,
+        a.quantized_base,
+    )?;
     let text = if a.chat {
         PromptFormat::Chatml.prompt_text(&a.prompt)
     } else {
