@@ -1227,3 +1227,36 @@ fn quantized_base_needs_a_gguf_model() {
     ));
     assert_clean_error(&out, &[s(&model), "GGUF"]);
 }
+
+/// Gradient checkpointing: the same run (same perplexity, same adapter) with less step memory
+/// and more FLOPs (the trainable blocks run forward twice).
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter_in_less_memory() {
+    let sb = Sandbox::new();
+    let model = tiny_gpt2(&sb.path("gpt2"), 8);
+    let data = tiny_texts(&sb.path("texts"));
+    let run = |name: &str, extra: &[&str]| {
+        let out = sb.path(name);
+        let mut args = vec!["--target-modules", "c_attn"];
+        args.extend_from_slice(extra);
+        sb.run_ok(&train_lm_args(&model, &data, &out, &args));
+        (
+            read_json(&out.join("summary.json")),
+            load_tensors(&out.join("adapter_model.safetensors")),
+        )
+    };
+    let (plain, a) = run("plain", &[]);
+    let (ckpt, b) = run("ckpt", &["--gradient-checkpointing"]);
+    assert_eq!(plain["test_perplexity"], ckpt["test_perplexity"]);
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let diff = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
+    let num = |s: &Value, k: &str| s[k].as_f64().unwrap();
+    assert!(
+        num(&ckpt, "step_mem_bytes") < num(&plain, "step_mem_bytes"),
+        "{plain}\n{ckpt}"
+    );
+    assert!(num(&ckpt, "train_flops") > num(&plain, "train_flops"));
+}

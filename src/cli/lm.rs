@@ -73,6 +73,10 @@ pub struct LmTrainArgs {
     /// matmul) instead of a full-precision copy.
     #[arg(long)]
     pub quantized_base: bool,
+    /// Gradient checkpointing: keep only each trainable layer's input and run it again in
+    /// backward (less activation memory, one more forward of the trainable layers).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -125,6 +129,7 @@ impl LmTrainArgs {
         set!(c.device, self.device.device);
         set!(c.dtype, self.device.dtype);
         c.quantized_base |= self.quantized_base;
+        c.gradient_checkpointing |= self.gradient_checkpointing;
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");

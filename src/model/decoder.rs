@@ -151,8 +151,9 @@ impl CausalLm for Decoder {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
+        checkpoint: bool,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        each!(self, m => m.loss_and_grads(b, pass, loss_scale))
+        each!(self, m => m.loss_and_grads(b, pass, loss_scale, checkpoint))
     }
 
     fn loss(&self, b: &LmBatch) -> Result<LmLoss> {

@@ -7,6 +7,7 @@
 //! (q, k, v side by side), so a LoRA adapter on it is one adapter over the fused output, as PEFT
 //! puts it (PEFT's default GPT-2 target is `c_attn`, with `fan_in_fan_out: true`).
 
+use super::stack::{self, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
@@ -381,12 +382,14 @@ pub struct Gpt2LMHeadModel {
     pub embd_dropout: Dropout,
 }
 
-/// What a training forward keeps: the saved blocks from the lowest trainable one up, and the
-/// final LayerNorm's state.
+/// What a training forward keeps: the blocks from the lowest trainable one up (their states, or
+/// checkpoints), the final LayerNorm's state, and the batch's mask and shape for checkpointed
+/// blocks' second forward.
 pub struct Gpt2Saved {
-    pub first_saved_layer: usize,
-    layers: Vec<Gpt2BlockSaved>,
+    pub layers: StackSaved<Gpt2BlockSaved>,
     ln_f: LayerNormSaved,
+    mask_add: Tensor,
+    shape: AttnShape,
 }
 
 /// Rows of the LM head computed at once: bounds the `[rows, vocab]` logits a step holds.
@@ -628,46 +631,53 @@ impl Gpt2LMHeadModel {
         Ok(self.embd_dropout.forward(&x, pass, false)?.0)
     }
 
+    /// One block's training forward, as [`stack`] runs it.
+    fn block_forward<'a>(
+        mask_add: &'a Tensor,
+        shape: AttnShape,
+    ) -> impl FnMut(&Gpt2Block, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<Gpt2BlockSaved>)> + 'a
+    {
+        move |block, x, pass, save| block.forward(x, mask_add, shape, pass, save, None)
+    }
+
     /// Training forward to `ln_f`'s output `[batch*seq, n_embd]`. Blocks below the lowest
-    /// trainable adapter run without saving; blocks from it up save.
-    pub fn forward_train(&self, b: &LmBatch, pass: &mut Pass) -> Result<(Tensor, Gpt2Saved)> {
+    /// trainable adapter run without saving; blocks from it up save, or with `checkpoint` keep
+    /// only their inputs (see [`stack`]).
+    pub fn forward_train(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        checkpoint: bool,
+    ) -> Result<(Tensor, Gpt2Saved)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
         };
-        let mut h = self.embed(b, pass)?;
-        let mut saved = Vec::with_capacity(self.layers.len() - first);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (out, s) = layer.forward(&h, &b.mask_add, shape, pass, i >= first, None)?;
-            saved.extend(s);
-            h = out;
-        }
+        let h = self.embed(b, pass)?;
+        let run = Self::block_forward(&b.mask_add, shape);
+        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
         let (hn, ln_f) = self.ln_f.forward(&h, true)?;
         Ok((
             hn,
             Gpt2Saved {
-                first_saved_layer: first,
-                layers: saved,
+                layers,
                 ln_f: ln_f.expect("final norm saved"),
+                mask_add: b.mask_add.clone(),
+                shape,
             },
         ))
     }
 
     /// Backward from the final hidden state's gradient down to the lowest trainable layer.
     pub fn backward(&self, saved: Gpt2Saved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let mut dh = saved.ln_f.backward(&self.ln_f, dhidden)?;
-        let mut adapters = Vec::new();
-        let first = saved.first_saved_layer;
-        for (offset, st) in saved.layers.into_iter().enumerate().rev() {
-            let i = first + offset;
-            let (dx, grads) = self.layers[i].backward(st, &dh, i > first)?;
-            adapters.extend(grads.into_iter().map(|(s, g)| (i, s, g)));
-            match dx {
-                Some(d) => dh = d,
-                None => break,
-            }
-        }
+        let dh = saved.ln_f.backward(&self.ln_f, dhidden)?;
+        let run = Self::block_forward(&saved.mask_add, saved.shape);
+        let back = |l: &Gpt2Block, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
+        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
+            .into_iter()
+            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
+            .collect();
         adapters.sort_by_key(|(l, s, _)| (*l, *s));
         Ok(adapters)
     }
@@ -679,8 +689,9 @@ impl Gpt2LMHeadModel {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
+        checkpoint: bool,
     ) -> Result<(LmLoss, SiteGrads)> {
-        let (hn, saved) = self.forward_train(b, pass)?;
+        let (hn, saved) = self.forward_train(b, pass, checkpoint)?;
         let mut loss = lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
         drop(hn);
         let dh = loss.dhidden.take().expect("gradient requested");
@@ -819,8 +830,9 @@ impl CausalLm for Gpt2LMHeadModel {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
+        checkpoint: bool,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        let (loss, grads) = self.loss_and_site_grads(b, pass, loss_scale)?;
+        let (loss, grads) = self.loss_and_site_grads(b, pass, loss_scale, checkpoint)?;
         let grads = grads
             .into_iter()
             .map(|(l, s, g)| (adapter_path(l, s), g))
@@ -948,13 +960,37 @@ mod tests {
     }
 
     fn grads(m: &Gpt2LMHeadModel) -> (LmLoss, SiteGrads) {
+        grads_with(m, false)
+    }
+
+    fn grads_with(m: &Gpt2LMHeadModel, checkpoint: bool) -> (LmLoss, SiteGrads) {
         let mut rng = StdRng::seed_from_u64(5);
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
         };
-        m.loss_and_site_grads(&batch(DType::F64), &mut pass, 1.0)
+        m.loss_and_site_grads(&batch(DType::F64), &mut pass, 1.0, checkpoint)
             .unwrap()
+    }
+
+    /// With every dropout on (embeddings, attention, residual, LoRA), gradient checkpointing
+    /// replays each block's masks in its second forward: the same loss and gradients bit for bit.
+    #[test]
+    fn gradient_checkpointing_gives_the_same_gradients() {
+        let mut m = tiny();
+        for frozen_below in [0, 1] {
+            for (l, s) in m.adapter_sites() {
+                m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
+            }
+            let ((loss, g), (loss_ck, g_ck)) = (grads_with(&m, false), grads_with(&m, true));
+            assert_eq!(loss.loss_sum, loss_ck.loss_sum);
+            assert_eq!(g.len(), g_ck.len());
+            for ((l, s, a), (l_ck, s_ck, b)) in g.iter().zip(&g_ck) {
+                assert_eq!((l, s), (l_ck, s_ck));
+                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "layer {l} {s:?} A");
+                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "layer {l} {s:?} B");
+            }
+        }
     }
 
     /// Every adapter's gradient equals candle's autograd through the same forward (all dropouts
@@ -980,7 +1016,7 @@ mod tests {
                 rng: &mut rng,
             };
             let b = batch(DType::F64);
-            let (hn, _) = m.forward_train(&b, &mut pass).unwrap();
+            let (hn, _) = m.forward_train(&b, &mut pass, false).unwrap();
             let l = lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false).unwrap();
             l.loss_sum / l.tokens as f64
         };
@@ -1034,7 +1070,7 @@ mod tests {
             rng: &mut rng,
         };
         let b = batch(DType::F64);
-        let (hn, _) = taped.forward_train(&b, &mut pass).unwrap();
+        let (hn, _) = taped.forward_train(&b, &mut pass, false).unwrap();
         let logits = hn.matmul(&taped.head_weight().t().unwrap()).unwrap();
         let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
         let logp = logits.broadcast_sub(&lse).unwrap();
@@ -1088,8 +1124,10 @@ mod tests {
             training: true,
             rng: &mut rng,
         };
-        let (_, saved) = m.forward_train(&batch(DType::F64), &mut pass).unwrap();
-        assert_eq!((saved.first_saved_layer, saved.layers.len()), (2, 1));
+        let (_, saved) = m
+            .forward_train(&batch(DType::F64), &mut pass, false)
+            .unwrap();
+        assert_eq!((saved.layers.first, saved.layers.states_kept()), (2, 1));
         let (_, top) = grads(&m);
         assert_eq!(top.len(), 4);
         assert!(top.iter().all(|(l, _, _)| *l == 2));

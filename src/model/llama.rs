@@ -87,6 +87,7 @@ impl LlamaConfig {
     }
 }
 
+use super::stack::{self, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
@@ -321,12 +322,14 @@ pub struct LlamaForCausalLM {
     pub rope: Rope,
 }
 
-/// What a training forward keeps: the saved layers from the lowest trainable one up, and the
-/// final norm's input state.
+/// What a training forward keeps: the layers from the lowest trainable one up (their states, or
+/// checkpoints), the final norm's input state, and the batch's mask and shape for checkpointed
+/// layers' second forward.
 pub struct LlamaSaved {
-    pub first_saved_layer: usize,
-    layers: Vec<LlamaLayerSaved>,
+    pub layers: StackSaved<LlamaLayerSaved>,
     norm: RmsNormSaved,
+    mask_add: Tensor,
+    shape: AttnShape,
 }
 
 /// Rows of the LM head computed at once: bounds the `[rows, vocab]` logits a step holds.
@@ -520,47 +523,54 @@ impl LlamaForCausalLM {
         self.embed_tokens.index_select(&ids.flatten_all()?, 0)
     }
 
+    /// One layer's training forward, as [`stack`] runs it.
+    fn layer_forward<'a>(
+        &'a self,
+        mask_add: &'a Tensor,
+        shape: AttnShape,
+    ) -> impl FnMut(&LlamaLayer, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<LlamaLayerSaved>)>
+           + 'a {
+        move |layer, x, pass, save| layer.forward(x, mask_add, shape, &self.rope, pass, save, None)
+    }
+
     /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the lowest
-    /// trainable adapter run in inference mode (nothing saved); layers from it up save.
-    pub fn forward_train(&self, b: &LmBatch, pass: &mut Pass) -> Result<(Tensor, LlamaSaved)> {
+    /// trainable adapter run in inference mode (nothing saved); layers from it up save, or with
+    /// `checkpoint` keep only their inputs (see [`stack`]).
+    pub fn forward_train(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        checkpoint: bool,
+    ) -> Result<(Tensor, LlamaSaved)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
         };
-        let mut h = self.embed(&b.input_ids)?;
-        let mut saved = Vec::with_capacity(self.layers.len() - first);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (out, s) =
-                layer.forward(&h, &b.mask_add, shape, &self.rope, pass, i >= first, None)?;
-            saved.extend(s);
-            h = out;
-        }
+        let h = self.embed(&b.input_ids)?;
+        let run = self.layer_forward(&b.mask_add, shape);
+        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
         let (hn, norm) = self.norm.forward(&h, true)?;
         Ok((
             hn,
             LlamaSaved {
-                first_saved_layer: first,
-                layers: saved,
+                layers,
                 norm: norm.expect("final norm saved"),
+                mask_add: b.mask_add.clone(),
+                shape,
             },
         ))
     }
 
     /// Backward from the final hidden state's gradient down to the lowest trainable layer.
     pub fn backward(&self, saved: LlamaSaved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let mut dh = saved.norm.backward(&self.norm, dhidden)?;
-        let mut adapters = Vec::new();
-        let first = saved.first_saved_layer;
-        for (offset, st) in saved.layers.into_iter().enumerate().rev() {
-            let i = first + offset;
-            let (dx, grads) = self.layers[i].backward(st, &dh, i > first)?;
-            adapters.extend(grads.into_iter().map(|(s, g)| (i, s, g)));
-            match dx {
-                Some(d) => dh = d,
-                None => break,
-            }
-        }
+        let dh = saved.norm.backward(&self.norm, dhidden)?;
+        let run = self.layer_forward(&saved.mask_add, saved.shape);
+        let back = |l: &LlamaLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
+        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
+            .into_iter()
+            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
+            .collect();
         adapters.sort_by_key(|(l, s, _)| (*l, *s));
         Ok(adapters)
     }
@@ -572,9 +582,10 @@ impl LlamaForCausalLM {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
+        checkpoint: bool,
     ) -> Result<(LmLoss, SiteGrads)> {
         let layouts = crate::device::upload_cache(self.embed_tokens.device());
-        let (hn, saved) = self.forward_train(b, pass)?;
+        let (hn, saved) = self.forward_train(b, pass, checkpoint)?;
         drop(layouts);
         let mut loss = lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
         drop(hn);
@@ -715,8 +726,9 @@ impl CausalLm for LlamaForCausalLM {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
+        checkpoint: bool,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        let (loss, grads) = self.loss_and_site_grads(b, pass, loss_scale)?;
+        let (loss, grads) = self.loss_and_site_grads(b, pass, loss_scale, checkpoint)?;
         let grads = grads
             .into_iter()
             .map(|(l, s, g)| (adapter_path(l, s), g))
@@ -820,12 +832,48 @@ mod tests {
     }
 
     fn grads(m: &LlamaForCausalLM) -> (LmLoss, SiteGrads) {
+        grads_with(m, false)
+    }
+
+    fn grads_with(m: &LlamaForCausalLM, checkpoint: bool) -> (LmLoss, SiteGrads) {
         let mut rng = StdRng::seed_from_u64(5);
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
         };
-        m.loss_and_site_grads(&batch(), &mut pass, 1.0).unwrap()
+        m.loss_and_site_grads(&batch(), &mut pass, 1.0, checkpoint)
+            .unwrap()
+    }
+
+    /// Gradient checkpointing changes what is kept, not what is computed: the same loss and
+    /// gradients bit for bit (the LoRA dropout masks replayed from the saved RNG state), with
+    /// only the trainable layers' inputs kept.
+    #[test]
+    fn gradient_checkpointing_gives_the_same_gradients() {
+        let mut m = tiny(true);
+        for frozen_below in [0, 2] {
+            for (l, s) in m.adapter_sites() {
+                m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
+            }
+            let (loss, g) = grads_with(&m, false);
+            let (loss_ck, g_ck) = grads_with(&m, true);
+            assert_eq!(loss.loss_sum, loss_ck.loss_sum);
+            assert_eq!(g.len(), g_ck.len());
+            assert!(!g.is_empty());
+            for ((l, s, a), (l_ck, s_ck, b)) in g.iter().zip(&g_ck) {
+                assert_eq!((l, s), (l_ck, s_ck));
+                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "layer {l} {s:?} A");
+                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "layer {l} {s:?} B");
+            }
+            let mut rng = StdRng::seed_from_u64(5);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            let (_, saved) = m.forward_train(&batch(), &mut pass, true).unwrap();
+            let kept = (saved.layers.states_kept(), saved.layers.checkpoints_kept());
+            assert_eq!(kept, (0, 3 - frozen_below));
+        }
     }
 
     /// Every adapter's gradient equals candle's autograd through the same forward (LoRA dropout
@@ -853,7 +901,7 @@ mod tests {
                 rng: &mut rng,
             };
             let b = batch();
-            let (hn, _) = taped.forward_train(&b, &mut pass).unwrap();
+            let (hn, _) = taped.forward_train(&b, &mut pass, false).unwrap();
             let logits = hn.matmul(&taped.head_weight().t().unwrap()).unwrap();
             let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
             let logp = logits.broadcast_sub(&lse).unwrap();
@@ -898,8 +946,8 @@ mod tests {
             training: true,
             rng: &mut rng,
         };
-        let (_, saved) = m.forward_train(&batch(), &mut pass).unwrap();
-        assert_eq!((saved.first_saved_layer, saved.layers.len()), (2, 1));
+        let (_, saved) = m.forward_train(&batch(), &mut pass, false).unwrap();
+        assert_eq!((saved.layers.first, saved.layers.states_kept()), (2, 1));
         let (_, top) = grads(&m);
         assert!(top.iter().all(|(l, _, _)| *l == 2));
         for (l, s, g) in &top {

@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;
+pub mod stack;
 
 pub use bert::{BertConfig, BertForSequenceClassification};
 pub use decoder::Decoder;
@@ -50,12 +51,15 @@ pub trait CausalLm: Adapted {
     /// The lowest layer whose adapters still train (backward stops there).
     fn lowest_trainable_layer(&self) -> Option<usize>;
 
-    /// Forward, mean next-token loss and backward down to the lowest trainable layer.
+    /// Forward, mean next-token loss and backward down to the lowest trainable layer. With
+    /// `checkpoint`, the trainable layers keep only their inputs and run again in backward
+    /// (gradient checkpointing, see [`stack`]).
     fn loss_and_grads(
         &self,
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
+        checkpoint: bool,
     ) -> Result<(LmLoss, AdapterGrads)>;
 
     /// Inference loss (summed over counted tokens) without gradients.

@@ -380,8 +380,13 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                     training: true,
                     rng: &mut drop_rng,
                 };
-                let (loss, g) =
-                    CausalLm::loss_and_grads(&model, &b, &mut pass, 1.0 / plan.accum as f64)?;
+                let (loss, g) = CausalLm::loss_and_grads(
+                    &model,
+                    &b,
+                    &mut pass,
+                    1.0 / plan.accum as f64,
+                    cfg.gradient_checkpointing,
+                )?;
                 loss_sum += loss.loss_sum / loss.tokens.max(1) as f64;
                 loss_n += 1;
                 let g = g.into_iter().flat_map(|(p, g)| {

@@ -59,6 +59,9 @@ pub struct LmTrainConfig {
     /// Keep a GGUF base's projection weights quantized in memory, dequantized per matmul: the
     /// frozen base costs its file size instead of a full-precision copy.
     pub quantized_base: bool,
+    /// Keep only each trainable layer's input in the forward and run the layer again in backward:
+    /// activation memory of one layer instead of all, for one more forward of the trainable layers.
+    pub gradient_checkpointing: bool,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
 }
@@ -88,6 +91,7 @@ impl Default for LmTrainConfig {
             device: Default::default(),
             dtype: Default::default(),
             quantized_base: false,
+            gradient_checkpointing: false,
             lora: LoraConfig {
                 r: 8,
                 alpha: 16.0,
