@@ -125,6 +125,10 @@ pub struct TrainArgs {
     /// Run the frozen bottom layers with dropout, as without freezing (recomputed every step).
     #[arg(long)]
     pub frozen_bottom_dropout: bool,
+    /// Gradient checkpointing: keep only each trainable layer's input and run it again in
+    /// backward (less activation memory, one more forward of the trainable layers).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -218,6 +222,7 @@ impl TrainArgs {
         if self.frozen_bottom_dropout {
             c.frozen_bottom_dropout = true;
         }
+        c.gradient_checkpointing |= self.gradient_checkpointing;
         set!(c.device, self.device.device);
         set!(c.dtype, self.device.dtype);
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");

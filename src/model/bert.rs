@@ -8,6 +8,7 @@
 //! h'    = LN2(dropout(output(gelu(intermediate(a)))) + a)
 //! ```
 
+use super::stack::{self, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
 use crate::io::weights::Weights;
@@ -329,8 +330,11 @@ pub struct BatchTensors {
 /// What a training forward keeps: the saved layers above the lowest trainable one, and the head.
 pub struct ForwardSaved {
     pub first_saved_layer: usize,
-    layers: Vec<BertLayerSaved>,
+    /// Layers `first_saved_layer..` (their states, or checkpoints; indices relative to it).
+    pub layers: StackSaved<BertLayerSaved>,
     head: HeadSaved,
+    mask_add: Tensor,
+    shape: AttnShape,
 }
 
 impl BertForSequenceClassification {
@@ -588,6 +592,7 @@ impl BertForSequenceClassification {
         &self,
         b: &BatchTensors,
         pass: &mut Pass,
+        checkpoint: bool,
     ) -> Result<(Tensor, ForwardSaved)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
         let h = if first > 0 {
@@ -596,7 +601,7 @@ impl BertForSequenceClassification {
             self.embeddings
                 .forward(&b.input_ids, &b.token_type_ids, pass)?
         };
-        self.forward_train_from(b, h, first, pass)
+        self.forward_train_from(b, h, first, pass, checkpoint)
     }
 
     /// Embeddings and layers `0..k` in inference mode: `[batch*seq, hidden]`, deterministic.
@@ -656,51 +661,57 @@ impl BertForSequenceClassification {
         Ok(h)
     }
 
-    /// Training forward from `h`, the output of layer `first - 1` (or of the embeddings), saving
-    /// every layer from `first` up.
+    /// One layer's training forward, as [`stack`] runs it.
+    fn layer_forward<'a>(
+        mask_add: &'a Tensor,
+        shape: AttnShape,
+    ) -> impl FnMut(&BertLayer, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<BertLayerSaved>)> + 'a
+    {
+        move |layer, x, pass, save| layer.forward(x, mask_add, shape, pass, save, None)
+    }
+
+    /// Layers `first..` and the head on `h` (the output of layer `first - 1`, or of the
+    /// embeddings), saving for backward, or with `checkpoint` keeping only each layer's input
+    /// (see [`stack`]).
     pub fn forward_train_from(
         &self,
         b: &BatchTensors,
-        mut h: Tensor,
+        h: Tensor,
         first: usize,
         pass: &mut Pass,
+        checkpoint: bool,
     ) -> Result<(Tensor, ForwardSaved)> {
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
         };
-        let mut saved = Vec::with_capacity(self.layers.len() - first);
-        for layer in &self.layers[first..] {
-            let (out, s) = layer.forward(&h, &b.mask_add, shape, pass, true, None)?;
-            saved.extend(s);
-            h = out;
-        }
+        let run = Self::layer_forward(&b.mask_add, shape);
+        let (h, layers) = stack::forward(&self.layers[first..], 0, h, pass, checkpoint, run)?;
         let (logits, head) = self.head.forward(&h, b.batch, b.seq, pass, true)?;
         let head = head.expect("head saved");
         Ok((
             logits,
             ForwardSaved {
                 first_saved_layer: first,
-                layers: saved,
+                layers,
                 head,
+                mask_add: b.mask_add.clone(),
+                shape,
             },
         ))
     }
 
     /// Backward from the logits' gradient down to the lowest trainable layer, and no further.
     pub fn backward(&self, saved: ForwardSaved, dlogits: &Tensor) -> Result<ModelGrads> {
-        let (mut dh, head) = saved.head.backward(&self.head, dlogits)?;
-        let mut adapters = Vec::new();
+        let (dh, head) = saved.head.backward(&self.head, dlogits)?;
         let first = saved.first_saved_layer;
-        for (offset, st) in saved.layers.into_iter().enumerate().rev() {
-            let i = first + offset;
-            let (dx, grads) = self.layers[i].backward(st, &dh, i > first)?;
-            adapters.extend(grads.into_iter().map(|(s, g)| (i, s, g)));
-            match dx {
-                Some(d) => dh = d,
-                None => break,
-            }
-        }
+        let run = Self::layer_forward(&saved.mask_add, saved.shape);
+        let back = |l: &BertLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
+        let mut adapters: Vec<_> =
+            stack::backward(&self.layers[first..], saved.layers, dh, run, back)?
+                .into_iter()
+                .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (first + i, s, g)))
+                .collect();
         adapters.sort_by_key(|(l, s, _)| (*l, *s as usize));
         Ok(ModelGrads { adapters, head })
     }
@@ -906,13 +917,20 @@ mod tests {
     }
 
     fn loss_grads(m: &BertForSequenceClassification) -> (ModelGrads, ForwardSaved) {
+        loss_grads_with(m, false)
+    }
+
+    fn loss_grads_with(
+        m: &BertForSequenceClassification,
+        checkpoint: bool,
+    ) -> (ModelGrads, ForwardSaved) {
         let (b, labels) = batch();
         let mut rng = StdRng::seed_from_u64(5);
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
         };
-        let (logits, saved) = m.forward_train(&b, &mut pass).unwrap();
+        let (logits, saved) = m.forward_train(&b, &mut pass, checkpoint).unwrap();
         let (_, dlogits) = crate::nn::loss::cross_entropy(&logits, &labels).unwrap();
         let (_, saved2) = {
             let mut rng = StdRng::seed_from_u64(5);
@@ -920,9 +938,36 @@ mod tests {
                 training: true,
                 rng: &mut rng,
             };
-            m.forward_train(&b, &mut pass).unwrap()
+            m.forward_train(&b, &mut pass, checkpoint).unwrap()
         };
         (m.backward(saved, &dlogits).unwrap(), saved2)
+    }
+
+    /// Gradient checkpointing (every dropout on, LoRA's included): the same adapter and
+    /// classifier gradients bit for bit, with only the trainable layers' inputs kept.
+    #[test]
+    fn gradient_checkpointing_gives_the_same_gradients() {
+        let mut m = tiny(0.1);
+        for frozen_below in [0, 1] {
+            for (l, s) in m.adapter_sites() {
+                m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
+            }
+            let ((g, _), (g_ck, saved_ck)) = (loss_grads(&m), loss_grads_with(&m, true));
+            assert_eq!(
+                (
+                    saved_ck.layers.states_kept(),
+                    saved_ck.layers.checkpoints_kept()
+                ),
+                (0, 3 - frozen_below)
+            );
+            assert_eq!(max_abs_diff(&g.head.weight, &g_ck.head.weight), 0.0);
+            assert_eq!(g.adapters.len(), g_ck.adapters.len());
+            for ((l, s, a), (l_ck, s_ck, b)) in g.adapters.iter().zip(&g_ck.adapters) {
+                assert_eq!((l, *s as usize), (l_ck, *s_ck as usize));
+                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0);
+                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0);
+            }
+        }
     }
 
     /// Whole-model check: every adapter's and the classifier's gradients equal candle's autograd
@@ -951,7 +996,7 @@ mod tests {
             training: true,
             rng: &mut rng,
         };
-        let (logits, _) = taped.forward_train(&b, &mut pass).unwrap();
+        let (logits, _) = taped.forward_train(&b, &mut pass, false).unwrap();
         let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
         let logp = logits.broadcast_sub(&lse).unwrap();
         let picked = logp
@@ -981,7 +1026,7 @@ mod tests {
         let mut m = tiny(0.0);
         let (all, saved_all) = loss_grads(&m);
         assert_eq!(saved_all.first_saved_layer, 0);
-        assert_eq!(saved_all.layers.len(), 3);
+        assert_eq!(saved_all.layers.states_kept(), 3);
         for (l, s) in m.adapter_sites() {
             if l < 2 {
                 m.adapter_mut(l, s).unwrap().trainable = false;
@@ -991,7 +1036,7 @@ mod tests {
         let (top, saved_top) = loss_grads(&m);
         assert_eq!(saved_top.first_saved_layer, 2);
         assert_eq!(
-            saved_top.layers.len(),
+            saved_top.layers.states_kept(),
             1,
             "only the trainable top layer keeps state"
         );

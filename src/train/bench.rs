@@ -261,7 +261,8 @@ impl Model {
     fn step(&self, inputs: &Inputs, pass: &mut Pass) -> Result<(f32, Vec<(String, Tensor)>)> {
         Ok(match (self, inputs) {
             (Model::Bert(m), Inputs::Bert(b)) => {
-                let out = step::forward_backward(m, b, pass, 1.0, step::FrozenBottom::Inference)?;
+                let out =
+                    step::forward_backward(m, b, pass, 1.0, step::FrozenBottom::Inference, false)?;
                 (out.loss, out.grads)
             }
             (Model::Llama(m), Inputs::Llama(b)) => {

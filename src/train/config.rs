@@ -136,6 +136,9 @@ pub struct TrainConfig {
     /// Run the frozen bottom layers with dropout, as an unfrozen run would (and as the paper's
     /// PyTorch setting does), instead of in inference mode. Rules out the cache.
     pub frozen_bottom_dropout: bool,
+    /// Keep only each trainable layer's input in the forward and run the layer again in backward:
+    /// activation memory of one layer instead of all, for one more forward of the trainable layers.
+    pub gradient_checkpointing: bool,
     /// cpu | cuda | cuda:N
     pub device: crate::device::DeviceSpec,
     /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
@@ -165,6 +168,7 @@ impl Default for TrainConfig {
             init_adapter: None,
             cache_frozen_bottom: true,
             frozen_bottom_dropout: false,
+            gradient_checkpointing: false,
             device: Default::default(),
             dtype: Default::default(),
             data: DataConfig::default(),

@@ -71,13 +71,15 @@ pub enum FrozenBottom<'a> {
 }
 
 /// Forward, loss and backward for one micro-batch. `loss_scale` divides the loss (and so the
-/// gradients) for gradient accumulation.
+/// gradients) for gradient accumulation; `checkpoint`: gradient checkpointing of the trainable
+/// layers (see `model::stack`).
 pub fn forward_backward(
     model: &BertForSequenceClassification,
     batch: &Batch,
     pass: &mut Pass,
     loss_scale: f64,
     bottom: FrozenBottom,
+    checkpoint: bool,
 ) -> anyhow::Result<StepOutput> {
     let dtype = model.head.classifier.weight.dtype();
     let device = model.head.classifier.weight.device();
@@ -89,13 +91,13 @@ pub fn forward_backward(
     let (logits, saved) = match bottom {
         FrozenBottom::Cached(c, examples) if first > 0 => {
             let h = frozen_bottom(model, &tensors, batch, first, c, examples)?;
-            model.forward_train_from(&tensors, h, first, pass)?
+            model.forward_train_from(&tensors, h, first, pass, checkpoint)?
         }
         FrozenBottom::Dropout => {
             let h = model.forward_frozen_bottom_in(&tensors, first, pass)?;
-            model.forward_train_from(&tensors, h, first, pass)?
+            model.forward_train_from(&tensors, h, first, pass, checkpoint)?
         }
-        _ => model.forward_train(&tensors, pass)?,
+        _ => model.forward_train(&tensors, pass, checkpoint)?,
     };
     drop(layouts);
     let (loss, dlogits) = loss_and_grad(&logits, &batch.labels)?;
@@ -215,7 +217,7 @@ mod tests {
                 training: true,
                 rng: &mut rng,
             };
-            forward_backward(m, batch, &mut pass, 1.0, bottom).unwrap()
+            forward_backward(m, batch, &mut pass, 1.0, bottom, false).unwrap()
         }
         let plain = run(&m, &batch, FrozenBottom::Inference);
         let stored = run(&m, &batch, FrozenBottom::Cached(&mut cache, &[4, 1]));
@@ -333,7 +335,7 @@ mod dtype_tests {
                 training: true,
                 rng: &mut rng,
             };
-            forward_backward(m, &batch(), &mut pass, 1.0, FrozenBottom::Inference).unwrap()
+            forward_backward(m, &batch(), &mut pass, 1.0, FrozenBottom::Inference, false).unwrap()
         };
         let (a, b) = (run(&m32), run(&m16));
         assert!(

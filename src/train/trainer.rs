@@ -528,6 +528,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                     &mut pass,
                     1.0 / plan.accum as f64,
                     bottom,
+                    cfg.gradient_checkpointing,
                 )?;
                 loss_sum += out.loss as f64;
                 loss_n += 1;
