@@ -1,7 +1,8 @@
 # Reference point: HF transformers + PEFT LoRA on a BERT-shaped encoder (random init).
 # Copied from shared/bench/peft_bench.py; extended with --device cpu, --threads, --lora-r and --dropout
 # so the same script measures PyTorch + PEFT beside `safetune bench` on the CPU too, and with
-# --frozen-prefix K1,K2 (one process, several freezing patterns: torch's start-up once).
+# --frozen-prefix K1,K2 (one process, several freezing patterns: torch's start-up once), and
+# --grad-ckpt (transformers' gradient checkpointing).
 # Prints one JSON line per run.
 import json, sys, time, argparse, statistics
 import torch
@@ -20,6 +21,7 @@ p.add_argument("--arch", default="bert", choices=["bert", "llama"])
 p.add_argument("--kv-heads", type=int, default=0)
 p.add_argument("--device", default="cuda"); p.add_argument("--threads", type=int, default=0)
 p.add_argument("--lora-r", type=int, default=4); p.add_argument("--dropout", type=float, default=0.0)
+p.add_argument("--grad-ckpt", action="store_true", help="transformers' gradient checkpointing (use_reentrant=False)")
 a = p.parse_args()
 if a.threads: torch.set_num_threads(a.threads)
 dev = a.device
@@ -50,6 +52,10 @@ def run(frozen):
                 if li < frozen:
                     prm.requires_grad_(False)
     m = m.to(dev, dtype=dt)
+    if a.grad_ckpt:
+        base_model = m if a.full else m.base_model.model
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
     opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3)
     ids = torch.randint(0, vocab, (a.batch, a.seq), device=dev)
     labels = (ids[:, 0] % 2).long() if a.arch == "bert" else ids
@@ -69,7 +75,7 @@ def run(frozen):
         losses.append(out.loss.item())
     print(json.dumps({"framework": "pytorch+peft" if not a.full else "pytorch-full", "arch": a.arch, "attn": a.attn, "device": dev, "threads": torch.get_num_threads(), "lora_r": a.lora_r,
                       "layers": a.layers, "hidden": a.hidden, "batch": a.batch, "seq": a.seq,
-                      "frozen_prefix": frozen, "dtype": a.dtype,
+                      "frozen_prefix": frozen, "dtype": a.dtype, "gradient_checkpointing": a.grad_ckpt,
                       "step_ms_median": round(statistics.median(times), 3),
                       "peak_mem_mb": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1) if cuda else None,
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rss_before_steps_mb": round(rss0 / 1024, 1),

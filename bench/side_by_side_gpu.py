@@ -36,6 +36,7 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--out", default=None, help="also append every JSON line to this file")
 p.add_argument("--skip-peft", action="store_true", help="only safetune (e.g. to re-measure it)")
+p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
 a = p.parse_args()
 
 out = open(a.out, "a") if a.out else None
@@ -67,7 +68,7 @@ for name in a.shapes.split(","):
     for k in frozen:
         for rec in run_lines([a.safetune, "bench", "--preset", name, "--device", "cuda", "--dtype", a.dtype,
                               "--lora-r", "4", "--frozen-prefix", str(k), "--warmup", str(a.warmup),
-                              "--steps", str(a.steps)]):
+                              "--steps", str(a.steps)] + (["--gradient-checkpointing"] if a.grad_ckpt else [])):
             rec.pop("losses", None)
             rec["shape"] = name
             emit(rec)
@@ -75,7 +76,8 @@ for name in a.shapes.split(","):
     theirs = {}
     if not a.skip_peft:
         for rec in run_lines([a.python, a.peft_bench, "--arch", arch, *flags, "--dtype", a.dtype, "--lora-r", "4",
-                              "--frozen-prefix", ",".join(map(str, frozen)), "--steps", str(a.steps)]):
+                              "--frozen-prefix", ",".join(map(str, frozen)), "--steps", str(a.steps)]
+                             + (["--grad-ckpt"] if a.grad_ckpt else [])):
             rec["shape"] = name
             emit(rec)
             theirs[rec["frozen_prefix"]] = rec
@@ -91,7 +93,7 @@ def ratio(x, y):
     return None if x is None or y is None or y == 0 else x / y
 
 
-print(f"\n{a.dtype}, LoRA r=4 (BERT: query/value, batch 32, seq 128; LLaMA: q_proj/v_proj, batch 2, seq 512)")
+print(f"\n{a.dtype}{', gradient checkpointing' if a.grad_ckpt else ''}, LoRA r=4 (BERT: query/value, batch 32, seq 128; LLaMA: q_proj/v_proj, batch 2, seq 512)")
 print("| shape | frozen prefix | safetune ms | PyTorch+PEFT ms | time ratio | safetune peak MB | PyTorch+PEFT peak MB "
       "| memory ratio | safetune memory vs its unfrozen run | safetune TFLOP/s | safetune driver MB |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -165,6 +165,9 @@ pub struct BenchArgs {
     pub host_init: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Gradient checkpointing of the trainable layers (see `model::stack`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -206,6 +209,7 @@ pub struct BenchResult {
     pub lora_r: usize,
     pub targets: Vec<String>,
     pub frozen_prefix: usize,
+    pub gradient_checkpointing: bool,
     /// `host` (seeded host RNG, the same on every device) or `device` (`randn` on the device).
     pub init: &'static str,
     pub warmup: usize,
@@ -258,15 +262,26 @@ impl Model {
     }
 
     /// Forward, loss and backward: `(loss, gradients by PEFT key)`.
-    fn step(&self, inputs: &Inputs, pass: &mut Pass) -> Result<(f32, Vec<(String, Tensor)>)> {
+    fn step(
+        &self,
+        inputs: &Inputs,
+        pass: &mut Pass,
+        checkpoint: bool,
+    ) -> Result<(f32, Vec<(String, Tensor)>)> {
         Ok(match (self, inputs) {
             (Model::Bert(m), Inputs::Bert(b)) => {
-                let out =
-                    step::forward_backward(m, b, pass, 1.0, step::FrozenBottom::Inference, false)?;
+                let out = step::forward_backward(
+                    m,
+                    b,
+                    pass,
+                    1.0,
+                    step::FrozenBottom::Inference,
+                    checkpoint,
+                )?;
                 (out.loss, out.grads)
             }
             (Model::Llama(m), Inputs::Llama(b)) => {
-                let (loss, grads) = m.loss_and_grads(b, pass, 1.0, false)?;
+                let (loss, grads) = m.loss_and_grads(b, pass, 1.0, checkpoint)?;
                 let mut named = Vec::with_capacity(2 * grads.len());
                 for (path, g) in grads {
                     named.push((format!("{path}.lora_A.weight"), g.a));
@@ -471,7 +486,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
             training: true,
             rng: &mut rng,
         };
-        let (loss, grads) = model.step(&inputs, &mut pass)?;
+        let (loss, grads) = model.step(&inputs, &mut pass, a.gradient_checkpointing)?;
         let params = model.params();
         for (name, g) in &grads {
             let p = params.param_mut(name).expect("known parameter");
@@ -501,6 +516,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         lora_r: a.lora_r,
         targets,
         frozen_prefix: a.frozen_prefix,
+        gradient_checkpointing: a.gradient_checkpointing,
         init,
         warmup: a.warmup,
         steps: a.steps,
