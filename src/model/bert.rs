@@ -606,12 +606,7 @@ impl BertForSequenceClassification {
 
     /// Embeddings and layers `0..k` in inference mode: `[batch*seq, hidden]`, deterministic.
     pub fn forward_frozen_bottom(&self, b: &BatchTensors, k: usize) -> Result<Tensor> {
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-        };
-        self.forward_frozen_bottom_in(b, k, &mut pass)
+        Pass::inference(|pass| self.forward_frozen_bottom_in(b, k, pass))
     }
 
     /// Embeddings and layers `0..k`, saving nothing, in `pass`'s mode (training: with dropout).
@@ -635,12 +630,7 @@ impl BertForSequenceClassification {
         from: usize,
         to: usize,
     ) -> Result<Tensor> {
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-        };
-        self.forward_layers_unsaved(b, h, from, to, &mut pass)
+        Pass::inference(|pass| self.forward_layers_unsaved(b, h, from, to, pass))
     }
 
     fn forward_layers_unsaved(

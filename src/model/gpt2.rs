@@ -841,37 +841,25 @@ impl CausalLm for Gpt2LMHeadModel {
     }
 
     fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
-        let mut rng = rand::SeedableRng::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-        };
-        let hn = self.forward_hidden(b, &mut pass, None)?;
+        let hn = Pass::inference(|pass| self.forward_hidden(b, pass, None))?;
         lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, false)
     }
 
     fn logits(&self, b: &LmBatch) -> Result<Tensor> {
-        let mut rng = rand::SeedableRng::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-        };
-        Gpt2LMHeadModel::logits(self, b, &mut pass)
+        Pass::inference(|pass| Gpt2LMHeadModel::logits(self, b, pass))
     }
 
     fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
-        let mut rng = rand::SeedableRng::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-        };
-        let mut m = Vec::new();
-        match point {
-            MonitorPoint::Linear => {
-                self.forward_hidden(b, &mut pass, Some(&mut m))?;
+        let m = Pass::inference(|pass| -> Result<_> {
+            let mut m = Vec::new();
+            match point {
+                MonitorPoint::Linear => {
+                    self.forward_hidden(b, pass, Some(&mut m))?;
+                }
+                MonitorPoint::Block => m = self.monitor_blocks(b, pass)?,
             }
-            MonitorPoint::Block => m = self.monitor_blocks(b, &mut pass)?,
-        }
+            Ok(m)
+        })?;
         Ok(m.into_iter()
             .map(|(l, s, x, y)| (adapter_path(l, s), x, y))
             .collect())

@@ -36,6 +36,17 @@ pub struct Pass<'a> {
     pub rng: &'a mut rand::rngs::StdRng,
 }
 
+impl Pass<'_> {
+    /// Runs `f` with an inference pass: no dropout, so its RNG is never drawn from.
+    pub fn inference<T>(f: impl FnOnce(&mut Pass) -> T) -> T {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        f(&mut Pass {
+            training: false,
+            rng: &mut rng,
+        })
+    }
+}
+
 /// Runs `f` on blocks of rows of `inputs` (same number of rows each) and writes its results into
 /// one output. Off the CPU an elementwise formula is a chain of candle ops, each allocating a
 /// tensor as large as its input; by rows, those temporaries take one block's worth of memory
