@@ -137,14 +137,27 @@ impl LmTrainArgs {
     }
 }
 
+/// The decoder `perplexity` and `generate` load, and the adapter they put on it.
 #[derive(Args)]
-pub struct PerplexityArgs {
-    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct.
+pub struct DecoderArgs {
+    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder to apply (e.g. a train-lm output).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
+    /// matmul) instead of a full-precision copy.
+    #[arg(long)]
+    pub quantized_base: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub decoder: DecoderArgs,
     /// Text file/folder. Default: the Moby Dick asset's test chapters.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -158,12 +171,6 @@ pub struct PerplexityArgs {
     /// At most this many sequences (evenly spaced); 0 = all.
     #[arg(long, default_value_t = 64)]
     pub max_sequences: usize,
-    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
-    /// matmul) instead of a full-precision copy.
-    #[arg(long)]
-    pub quantized_base: bool,
-    #[command(flatten)]
-    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -172,12 +179,8 @@ pub struct GenerateArgs {
     pub prompt: String,
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
-    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct (fetched).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// PEFT adapter folder to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub decoder: DecoderArgs,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -194,24 +197,14 @@ pub struct GenerateArgs {
     /// Write the prompt's ids and its full next-token logits to this JSON file.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
-    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
-    /// matmul) instead of a full-precision copy.
-    #[arg(long)]
-    pub quantized_base: bool,
-    #[command(flatten)]
-    pub device: crate::device::DeviceArgs,
 }
 
 /// Loads the decoder and, when given, a PEFT adapter onto it.
-fn load_with_adapter(
-    model: Option<&std::path::Path>,
-    adapter: Option<&std::path::Path>,
-    device: &crate::device::DeviceArgs,
-    quantized_base: bool,
-) -> Result<lm::LoadedDecoder> {
-    let dtype = device.dtype_spec().dtype();
-    let mut d = lm::load_decoder(model, dtype, &device.open()?, quantized_base)?;
-    if let Some(dir) = adapter {
+fn load_with_adapter(a: &DecoderArgs) -> Result<lm::LoadedDecoder> {
+    let dtype = a.device.dtype_spec().dtype();
+    let device = a.device.open()?;
+    let mut d = lm::load_decoder(a.model.as_deref(), dtype, &device, a.quantized_base)?;
+    if let Some(dir) = a.adapter.as_deref() {
         let pc = crate::io::peft::read_config(dir)?;
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
         CausalLm::add_lora(
@@ -239,12 +232,7 @@ pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
-    let d = load_with_adapter(
-        a.model.as_deref(),
-        a.adapter.as_deref(),
-        &a.device,
-        a.quantized_base,
-    )?;
+    let d = load_with_adapter(&a.decoder)?;
     let mut cfg = LmTrainConfig {
         data: a.data.clone(),
         seq_len: a.seq_len,
@@ -277,12 +265,7 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
-    let d = load_with_adapter(
-        a.model.as_deref(),
-        a.adapter.as_deref(),
-        &a.device,
-        a.quantized_base,
-    )?;
+    let d = load_with_adapter(&a.decoder)?;
     let text = if a.chat {
         PromptFormat::Chatml.prompt_text(&a.prompt)
     } else {
