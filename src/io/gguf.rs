@@ -509,8 +509,10 @@ pub fn load_llama_opts(
             } else {
                 None
             };
+            // Read on the CPU: kept as read there, copied to another device.
             let q = match heads {
                 Some(n) => unpermute_qk_quantized(&q, n, device),
+                None if device.is_cpu() => Ok(q),
                 None => QStorage::from_data(q.data().map_err(fail)?, device, q.dtype())
                     .and_then(|s| QTensor::new(s, q.shape().clone())),
             }

@@ -427,12 +427,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 monitor_flops += flops::total() - f0;
                 let d = c.end_of_epoch(round, &scores);
                 for &i in &d.newly_frozen {
-                    model
-                        .adapter_by_path_mut(&names[i])
-                        .expect("listed")
-                        .trainable = false;
-                    opt.drop_state(&format!("{}.lora_A.weight", names[i]));
-                    opt.drop_state(&format!("{}.lora_B.weight", names[i]));
+                    run::freeze_adapter(&mut model, &mut opt, &names[i]);
                     state.frozen_at.insert(names[i].clone(), epoch);
                 }
                 run::log_safe_round(

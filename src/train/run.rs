@@ -163,6 +163,16 @@ pub fn log_safe_round(
     Ok(())
 }
 
+/// Freezes one adapter (by PEFT module path) for good: a constant from now on, its optimizer
+/// state dropped.
+pub fn freeze_adapter(model: &mut impl Adapted, opt: &mut AdamW, path: &str) {
+    if let Some(ad) = model.adapter_by_path_mut(path) {
+        ad.trainable = false;
+    }
+    opt.drop_state(&format!("{path}.lora_A.weight"));
+    opt.drop_state(&format!("{path}.lora_B.weight"));
+}
+
 /// One epoch's memory: its peak, and the largest amount one step adds to what was live before
 /// it (activations saved for backward, gradients, temporaries: what freezing can save).
 pub struct EpochMemory<'a> {

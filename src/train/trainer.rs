@@ -571,7 +571,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                 let d = c.end_of_epoch(round, &scores);
                 for &i in &d.newly_frozen {
                     let (layer, site) = sites[i];
-                    freeze(&mut model, &mut opt, layer, site);
+                    run::freeze_adapter(&mut model, &mut opt, &adapter_path(layer, site));
                     state.frozen_at.insert(names[i].clone(), epoch);
                 }
                 run::log_safe_round(
@@ -702,21 +702,6 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         super::reports::write_safe_reports(&cfg.output, &names, c, rounds)?;
     }
     Ok(summary)
-}
-
-/// Freezes one adapter for good: a constant from now on, its optimizer state dropped.
-pub fn freeze(
-    model: &mut BertForSequenceClassification,
-    opt: &mut AdamW,
-    layer: usize,
-    site: Site,
-) {
-    if let Some(ad) = model.adapter_mut(layer, site) {
-        ad.trainable = false;
-    }
-    let stem = adapter_path(layer, site);
-    opt.drop_state(&format!("{stem}.lora_A.weight"));
-    opt.drop_state(&format!("{stem}.lora_B.weight"));
 }
 
 pub(crate) fn progress_bar(
