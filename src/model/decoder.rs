@@ -5,6 +5,7 @@ use super::gpt2::{Gpt2LMHeadModel, Gpt2Site};
 use super::llama::{LlamaForCausalLM, LlamaSite};
 use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::{Adapted, LoraAdapter, LoraConfig};
+use crate::nn::attention::KvCache;
 use crate::nn::loss::LmLoss;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -164,6 +165,10 @@ impl CausalLm for Decoder {
         each!(self, m => CausalLm::logits(m, b))
     }
 
+    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
+        each!(self, m => m.next_logits_cached(new_ids, cache))
+    }
+
     fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
         each!(self, m => m.monitor(b, point))
     }
@@ -280,6 +285,56 @@ mod tests {
             }
             let linear = m.monitor(&batch, MonitorPoint::Linear).unwrap();
             assert_eq!(linear.len(), 2);
+        }
+    }
+
+    /// Generation's cache: the prompt in one call, then one token per call, gives the logits of
+    /// a full forward of the whole prefix at every step, adapters included (LLaMA with grouped
+    /// kv heads and rope, GPT-2 with learned positions); past GPT-2's positions it errors.
+    #[test]
+    fn cached_logits_match_a_full_forward_at_every_step() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 20, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1
+        }))
+        .unwrap();
+        let gqa: Decoder = LlamaForCausalLM::random(cfg, DType::F32, &Device::Cpu, &mut rng)
+            .unwrap()
+            .into();
+        for (mut m, target) in [(gqa, "v_proj"), (gpt2(), "c_attn")] {
+            let lora = LoraConfig {
+                r: 2,
+                target_modules: vec![target.into()],
+                ..Default::default()
+            };
+            CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
+            let paths: Vec<String> = m.adapters().into_iter().map(|(p, _)| p).collect();
+            for p in &paths {
+                let a = m.adapter_by_path_mut(p).unwrap();
+                a.b = crate::nn::gradcheck::randn(a.b.dims(), 5)
+                    .to_dtype(DType::F32)
+                    .unwrap();
+            }
+            let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
+            let mut cache = Vec::new();
+            for n in 3..=ids.len() {
+                let new = if n == 3 { &ids[..3] } else { &ids[n - 1..n] };
+                let got = m.next_logits_cached(new, &mut cache).unwrap();
+                let want = crate::model::generate::next_logits(&m, &ids[..n]).unwrap();
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{target}, {n} tokens: {diff}");
+            }
+            let past_the_end = m.next_logits_cached(&[7], &mut cache);
+            assert_eq!(
+                past_the_end.is_err(),
+                target == "c_attn",
+                "n_positions is 8"
+            );
         }
     }
 

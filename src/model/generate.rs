@@ -1,6 +1,6 @@
 //! Text generation from a causal LM: greedy or sampled (temperature, top-k), one token at a time.
-//! Every step reruns the whole prefix (no KV cache): simple and exact, and fast enough for the
-//! short continuations used to inspect a fine-tuned model.
+//! The prompt runs once, filling a key/value cache; each new token then runs one position
+//! (`CausalLm::next_logits_cached`). `next_logits` recomputes everything and is the reference.
 
 use super::{CausalLm, LmBatch};
 use crate::nn::attention::mask_to_additive;
@@ -15,7 +15,8 @@ pub struct Sampling {
     pub top_k: usize,
 }
 
-/// Next-token logits after `ids` (a single sequence), `[vocab]` f32.
+/// Next-token logits after `ids` (a single sequence), `[vocab]` f32, from a full forward of every
+/// position (the training forward's inference mode; no cache).
 pub fn next_logits(model: &impl CausalLm, ids: &[u32]) -> Result<Vec<f32>> {
     let dev = model.device();
     let n = ids.len();
@@ -70,15 +71,18 @@ pub fn generate(
     s: Sampling,
     rng: &mut impl Rng,
 ) -> Result<Vec<u32>> {
-    let mut ids = prompt.to_vec();
+    let mut cache = Vec::new();
+    let mut logits = model.next_logits_cached(prompt, &mut cache)?;
     let mut out = Vec::new();
     for _ in 0..max_new {
-        let t = pick(&next_logits(model, &ids)?, s, rng);
+        let t = pick(&logits, s, rng);
         if stop.contains(&t) {
             break;
         }
-        ids.push(t);
         out.push(t);
+        if out.len() < max_new {
+            logits = model.next_logits_cached(&[t], &mut cache)?;
+        }
     }
     Ok(out)
 }

@@ -8,12 +8,12 @@
 //! puts it (PEFT's default GPT-2 target is `c_attn`, with `fan_in_fan_out: true`).
 
 use super::stack::{self, StackSaved};
-use super::{AdapterGrads, CausalLm, LmBatch};
+use super::{head_logits, last_row_logits, AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
 use crate::io::weights::Weights;
 use crate::io::IoError;
-use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
+use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
@@ -269,6 +269,40 @@ impl Gpt2Block {
         shape: AttnShape,
         pass: &mut Pass,
         save: bool,
+        monitor: Option<&mut Gpt2Monitored>,
+    ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
+        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), pass: &mut Pass| {
+            a.forward(qkv, mask_add, shape, None, pass, save)
+        };
+        self.forward_with(x, attend, pass, save, monitor)
+    }
+
+    /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and
+    /// values `cache` holds (generation).
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        cache: &mut KvCache,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), _: &mut Pass| {
+            Ok((a.forward_cached(qkv, batch, None, cache)?, None))
+        };
+        Ok(self.forward_with(x, attend, pass, false, None)?.0)
+    }
+
+    /// The block around its attention call, which `attend` makes.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(
+            &Attention,
+            (&Tensor, &Tensor, &Tensor),
+            &mut Pass,
+        ) -> Result<(Tensor, Option<AttentionSaved>)>,
+        pass: &mut Pass,
+        save: bool,
         mut monitor: Option<&mut Gpt2Monitored>,
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
         let mut lin = Vec::with_capacity(4);
@@ -290,9 +324,7 @@ impl Gpt2Block {
             qkv.narrow(1, c, c)?,
             qkv.narrow(1, 2 * c, c)?,
         );
-        let (ctx, attn) =
-            self.attention
-                .forward((&q, &k, &v), mask_add, shape, None, pass, save)?;
+        let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
         drop((q, k, v, qkv));
         let a = run(Gpt2Site::AttnCProj, &ctx, pass)?;
         drop(ctx);
@@ -615,17 +647,30 @@ impl Gpt2LMHeadModel {
     /// Token plus position embeddings (positions `0..seq`), then embedding dropout:
     /// `[batch*seq, n_embd]`.
     fn embed(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
-        if b.seq > self.config.n_positions {
+        self.embed_at(&b.input_ids, b.batch, 0, pass)
+    }
+
+    /// [`Self::embed`] of `batch` sequences of ids at positions `start..`.
+    fn embed_at(
+        &self,
+        ids: &Tensor,
+        batch: usize,
+        start: usize,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        let ids = ids.flatten_all()?;
+        let end = start + ids.dim(0)? / batch;
+        if end > self.config.n_positions {
             bail!(
-                "GPT-2: sequence of {} tokens is longer than the model's {} positions",
-                b.seq,
+                "GPT-2: sequence of {end} tokens is longer than the model's {} positions",
                 self.config.n_positions
             );
         }
-        let positions = Tensor::arange(0u32, b.seq as u32, self.wpe.device())?.repeat(b.batch)?;
+        let positions =
+            Tensor::arange(start as u32, end as u32, self.wpe.device())?.repeat(batch)?;
         let x = self
             .wte
-            .index_select(&b.input_ids.flatten_all()?, 0)?
+            .index_select(&ids, 0)?
             .add(&self.wpe.index_select(&positions, 0)?)?;
         // Nothing below the first block trains, so the mask is never needed for backward.
         Ok(self.embd_dropout.forward(&x, pass, false)?.0)
@@ -764,8 +809,24 @@ impl Gpt2LMHeadModel {
     /// Next-token logits `[batch*seq, vocab]` in f32 (inference; materializes the whole logits).
     pub fn logits(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
         let hn = self.forward_hidden(b, pass, None)?;
-        let w = self.head_weight();
-        crate::nn::matmul(&hn.to_dtype(w.dtype())?, &w.t()?)?.to_dtype(DType::F32)
+        head_logits(&hn, self.head_weight())
+    }
+
+    /// `ln_f` output `[new, n_embd]` of the positions `new_ids` adds to the one sequence `cache`
+    /// holds (one entry per block; empty at the start), extending the cache.
+    pub fn forward_cached(
+        &self,
+        new_ids: &[u32],
+        cache: &mut Vec<KvCache>,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        cache.resize_with(self.layers.len(), KvCache::default);
+        let ids = Tensor::from_slice(new_ids, new_ids.len(), self.wte.device())?;
+        let mut h = self.embed_at(&ids, 1, cache[0].len(), pass)?;
+        for (block, c) in self.layers.iter().zip(cache.iter_mut()) {
+            h = block.forward_cached(&h, 1, c, pass)?;
+        }
+        Ok(self.ln_f.forward(&h, false)?.0)
     }
 }
 
@@ -847,6 +908,11 @@ impl CausalLm for Gpt2LMHeadModel {
 
     fn logits(&self, b: &LmBatch) -> Result<Tensor> {
         Pass::inference(|pass| Gpt2LMHeadModel::logits(self, b, pass))
+    }
+
+    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
+        let hn = Pass::inference(|pass| self.forward_cached(new_ids, cache, pass))?;
+        last_row_logits(&hn, self.head_weight())
     }
 
     fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {

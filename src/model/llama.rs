@@ -88,11 +88,11 @@ impl LlamaConfig {
 }
 
 use super::stack::{self, StackSaved};
-use super::{AdapterGrads, CausalLm, LmBatch};
+use super::{head_logits, last_row_logits, AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
 use crate::io::weights::Weights;
-use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
+use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::Linear;
 use crate::nn::loss::{lm_head_loss, LmLoss};
 use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
@@ -214,6 +214,41 @@ impl LlamaLayer {
         rope: &Rope,
         pass: &mut Pass,
         save: bool,
+        monitor: Option<&mut LlamaMonitored>,
+    ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
+        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), pass: &mut Pass| {
+            a.forward(qkv, mask_add, shape, Some(rope), pass, save)
+        };
+        self.forward_with(x, attend, pass, save, monitor)
+    }
+
+    /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and
+    /// values `cache` holds (generation).
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), _: &mut Pass| {
+            Ok((a.forward_cached(qkv, batch, Some(rope), cache)?, None))
+        };
+        Ok(self.forward_with(x, attend, pass, false, None)?.0)
+    }
+
+    /// The layer around its attention call, which `attend` makes.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(
+            &Attention,
+            (&Tensor, &Tensor, &Tensor),
+            &mut Pass,
+        ) -> Result<(Tensor, Option<AttentionSaved>)>,
+        pass: &mut Pass,
+        save: bool,
         mut monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
         let mut lin = Vec::with_capacity(7);
@@ -231,9 +266,7 @@ impl LlamaLayer {
         let k = run(LlamaSite::K, &xn, pass)?;
         let v = run(LlamaSite::V, &xn, pass)?;
         drop(xn);
-        let (ctx, attn) =
-            self.attention
-                .forward((&q, &k, &v), mask_add, shape, Some(rope), pass, save)?;
+        let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
         drop((q, k, v));
         let h = (x + run(LlamaSite::O, &ctx, pass)?)?;
         drop(ctx);
@@ -663,11 +696,27 @@ impl LlamaForCausalLM {
     }
 
     /// Next-token logits `[batch*seq, vocab]` (inference; materializes the whole logits, so meant
-    /// for generation and short prompts).
+    /// for short prompts and as generation's reference).
     pub fn logits(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
         let hn = self.forward_hidden(b, pass, None)?;
-        let w = self.head_weight();
-        crate::nn::matmul(&hn.to_dtype(w.dtype())?, &w.t()?)?.to_dtype(DType::F32)
+        head_logits(&hn, self.head_weight())
+    }
+
+    /// Final-norm output `[new, hidden]` of the positions `new_ids` adds to the one sequence
+    /// `cache` holds (one entry per layer; empty at the start), extending the cache.
+    pub fn forward_cached(
+        &self,
+        new_ids: &[u32],
+        cache: &mut Vec<KvCache>,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        cache.resize_with(self.layers.len(), KvCache::default);
+        let ids = Tensor::from_slice(new_ids, new_ids.len(), self.embed_tokens.device())?;
+        let mut h = self.embed(&ids)?;
+        for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
+            h = layer.forward_cached(&h, 1, &self.rope, c, pass)?;
+        }
+        Ok(self.norm.forward(&h, false)?.0)
     }
 }
 
@@ -743,6 +792,11 @@ impl CausalLm for LlamaForCausalLM {
 
     fn logits(&self, b: &LmBatch) -> Result<Tensor> {
         Pass::inference(|pass| LlamaForCausalLM::logits(self, b, pass))
+    }
+
+    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
+        let hn = Pass::inference(|pass| self.forward_cached(new_ids, cache, pass))?;
+        last_row_logits(&hn, self.head_weight())
     }
 
     fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {

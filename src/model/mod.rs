@@ -13,9 +13,10 @@ pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::LlamaConfig;
 
 use crate::adapters::{Adapted, LoraConfig, LoraGrads};
+use crate::nn::attention::KvCache;
 use crate::nn::loss::LmLoss;
 use crate::nn::Pass;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// One causal-LM batch on the model's device: `targets[i]` is the token row `i` must predict
 /// (the next token), `-100` where nothing is predicted (padding, prompt tokens).
@@ -65,8 +66,14 @@ pub trait CausalLm: Adapted {
     /// Inference loss (summed over counted tokens) without gradients.
     fn loss(&self, b: &LmBatch) -> Result<LmLoss>;
 
-    /// Next-token logits `[batch*seq, vocab]` in f32 (generation).
+    /// Next-token logits `[batch*seq, vocab]` in f32, every position computed afresh (the
+    /// reference that generation's cached path is tested against).
     fn logits(&self, b: &LmBatch) -> Result<Tensor>;
+
+    /// Next-token logits `[vocab]` f32 after `new_ids`, which continue the one sequence whose
+    /// keys and values `cache` holds (empty at the start); adds the new positions to `cache`.
+    /// Generation's step: each new token costs one position's forward.
+    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>>;
 
     /// Inference forward returning every adapter's `(module path, X, Y)` rows for SAFE, at
     /// `point`: the adapted linear's output against the base linear's (`[batch*seq, out]`), or
@@ -76,4 +83,15 @@ pub trait CausalLm: Adapted {
         b: &LmBatch,
         point: crate::safe::MonitorPoint,
     ) -> Result<Vec<(String, Tensor, Tensor)>>;
+}
+
+/// Logits `[rows, vocab]` in f32 of final hidden states against an LM head `[vocab, hidden]`.
+fn head_logits(hn: &Tensor, head: &Tensor) -> Result<Tensor> {
+    crate::nn::matmul(&hn.to_dtype(head.dtype())?, &head.t()?)?.to_dtype(DType::F32)
+}
+
+/// The last row's logits: the next token's, in generation.
+fn last_row_logits(hn: &Tensor, head: &Tensor) -> Result<Vec<f32>> {
+    let last = hn.narrow(0, hn.dim(0)? - 1, 1)?;
+    head_logits(&last, head)?.squeeze(0)?.to_vec1()
 }
