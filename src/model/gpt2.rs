@@ -7,10 +7,11 @@
 //! (q, k, v side by side), so a LoRA adapter on it is one adapter over the fused output, as PEFT
 //! puts it (PEFT's default GPT-2 target is `c_attn`, with `fan_in_fan_out: true`).
 
+use super::causal::{self, DecoderParts};
 use super::stack::{self, StackSaved};
-use super::{head_logits, last_row_logits, AdapterGrads, CausalLm, LmBatch};
+use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
+use crate::adapters::{Adapted, AdaptedLayer};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
@@ -18,7 +19,7 @@ use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
-use crate::nn::loss::{lm_head_loss, LmLoss};
+use crate::nn::loss::LmLoss;
 use crate::nn::{Dropout, Pass};
 use crate::safe::MonitorPoint;
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -246,7 +247,7 @@ pub struct Gpt2BlockSaved {
 pub type BlockGrads = Vec<(Gpt2Site, LoraGrads)>;
 
 /// Gradients of every trainable adapter, by `(layer, site)`.
-pub type SiteGrads = Vec<(usize, Gpt2Site, LoraGrads)>;
+pub type SiteGrads = causal::SiteGrads<Gpt2Site>;
 
 /// Per-adapter monitoring output `(site, X adapted, Y base)`.
 pub type Gpt2Monitored = Vec<(Gpt2Site, Tensor, Tensor)>;
@@ -423,9 +424,6 @@ pub struct Gpt2Saved {
     mask_add: Tensor,
     shape: AttnShape,
 }
-
-/// Rows of the LM head computed at once: bounds the `[rows, vocab]` logits a step holds.
-pub const LM_HEAD_CHUNK: usize = 256;
 
 /// The checkpoint names (without `transformer.`) and Conv1D shapes `[in, out]` of every tensor.
 fn tensor_shapes(c: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
@@ -647,11 +645,11 @@ impl Gpt2LMHeadModel {
     /// Token plus position embeddings (positions `0..seq`), then embedding dropout:
     /// `[batch*seq, n_embd]`.
     fn embed(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
-        self.embed_at(&b.input_ids, b.batch, 0, pass)
+        self.embed_from(&b.input_ids, b.batch, 0, pass)
     }
 
     /// [`Self::embed`] of `batch` sequences of ids at positions `start..`.
-    fn embed_at(
+    fn embed_from(
         &self,
         ids: &Tensor,
         batch: usize,
@@ -726,108 +724,6 @@ impl Gpt2LMHeadModel {
         adapters.sort_by_key(|(l, s, _)| (*l, *s));
         Ok(adapters)
     }
-
-    /// One training step's forward, loss and backward: mean next-token cross-entropy over the
-    /// counted targets, and the adapters' gradients (scaled by `loss_scale`).
-    pub fn loss_and_site_grads(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        loss_scale: f64,
-        checkpoint: bool,
-    ) -> Result<(LmLoss, SiteGrads)> {
-        let (hn, saved) = self.forward_train(b, pass, checkpoint)?;
-        let mut loss = lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
-        drop(hn);
-        let dh = loss.dhidden.take().expect("gradient requested");
-        let dh = if loss_scale == 1.0 {
-            dh
-        } else {
-            dh.affine(loss_scale, 0.0)?
-        };
-        let grads = self.backward(saved, &dh)?;
-        Ok((loss, grads))
-    }
-
-    /// Inference forward to `ln_f`'s output `[batch*seq, n_embd]`; with `monitor`, also every
-    /// adapted linear's `(layer, site, X, Y)` for SAFE.
-    pub fn forward_hidden(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        mut monitor: Option<&mut Vec<(usize, Gpt2Site, Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let mut h = self.embed(b, pass)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut m = Gpt2Monitored::new();
-            let (out, _) = layer.forward(
-                &h,
-                &b.mask_add,
-                shape,
-                pass,
-                false,
-                monitor.is_some().then_some(&mut m),
-            )?;
-            if let Some(all) = monitor.as_deref_mut() {
-                all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
-            }
-            h = out;
-        }
-        Ok(self.ln_f.forward(&h, false)?.0)
-    }
-
-    /// SAFE at the block output (inference): for every adapter, `(block, site, X, Y)` with `X` the
-    /// block's output and `Y` the same block's output without that adapter, on the same input.
-    pub fn monitor_blocks(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-    ) -> Result<Vec<(usize, Gpt2Site, Tensor, Tensor)>> {
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let mut all = Vec::new();
-        let mut h = self.embed(b, pass)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let run = |l: &Gpt2Block, pass: &mut Pass| -> Result<Tensor> {
-                Ok(l.forward(&h, &b.mask_add, shape, pass, false, None)?.0)
-            };
-            let out = run(layer, pass)?;
-            for (k, y) in outputs_without_each_adapter(layer, |l| run(l, pass))? {
-                all.push((i, Gpt2Site::ALL[k], out.clone(), y));
-            }
-            h = out;
-        }
-        Ok(all)
-    }
-
-    /// Next-token logits `[batch*seq, vocab]` in f32 (inference; materializes the whole logits).
-    pub fn logits(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
-        let hn = self.forward_hidden(b, pass, None)?;
-        head_logits(&hn, self.head_weight())
-    }
-
-    /// `ln_f` output `[new, n_embd]` of the positions `new_ids` adds to the one sequence `cache`
-    /// holds (one entry per block; empty at the start), extending the cache.
-    pub fn forward_cached(
-        &self,
-        new_ids: &[u32],
-        cache: &mut Vec<KvCache>,
-        pass: &mut Pass,
-    ) -> Result<Tensor> {
-        cache.resize_with(self.layers.len(), KvCache::default);
-        let ids = Tensor::from_slice(new_ids, new_ids.len(), self.wte.device())?;
-        let mut h = self.embed_at(&ids, 1, cache[0].len(), pass)?;
-        for (block, c) in self.layers.iter().zip(cache.iter_mut()) {
-            h = block.forward_cached(&h, 1, c, pass)?;
-        }
-        Ok(self.ln_f.forward(&h, false)?.0)
-    }
 }
 
 /// PEFT's module path of an adapter, e.g. `transformer.h.0.attn.c_attn`.
@@ -864,6 +760,76 @@ impl Adapted for Gpt2LMHeadModel {
     }
 }
 
+impl DecoderParts for Gpt2LMHeadModel {
+    type Layer = Gpt2Block;
+    type Site = Gpt2Site;
+    const SITES: &'static [Gpt2Site] = &Gpt2Site::ALL;
+    type Saved = Gpt2Saved;
+
+    fn layers(&self) -> &[Gpt2Block] {
+        &self.layers
+    }
+
+    fn path(layer: usize, site: Gpt2Site) -> String {
+        adapter_path(layer, site)
+    }
+
+    fn embed_at(
+        &self,
+        ids: &Tensor,
+        batch: usize,
+        start: usize,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        self.embed_from(ids, batch, start, pass)
+    }
+
+    fn layer_forward(
+        &self,
+        block: &Gpt2Block,
+        x: &Tensor,
+        b: &LmBatch,
+        pass: &mut Pass,
+        monitor: Option<&mut Gpt2Monitored>,
+    ) -> Result<Tensor> {
+        let shape = causal::attn_shape(b);
+        Ok(block
+            .forward(x, &b.mask_add, shape, pass, false, monitor)?
+            .0)
+    }
+
+    fn layer_forward_cached(
+        &self,
+        block: &Gpt2Block,
+        x: &Tensor,
+        cache: &mut KvCache,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        block.forward_cached(x, 1, cache, pass)
+    }
+
+    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.ln_f.forward(h, false)?.0)
+    }
+
+    fn head_weight(&self) -> &Tensor {
+        Gpt2LMHeadModel::head_weight(self)
+    }
+
+    fn forward_train(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        checkpoint: bool,
+    ) -> Result<(Tensor, Gpt2Saved)> {
+        Gpt2LMHeadModel::forward_train(self, b, pass, checkpoint)
+    }
+
+    fn backward(&self, saved: Gpt2Saved, dhidden: &Tensor) -> Result<SiteGrads> {
+        Gpt2LMHeadModel::backward(self, saved, dhidden)
+    }
+}
+
 impl CausalLm for Gpt2LMHeadModel {
     fn device(&self) -> Device {
         self.wte.device().clone()
@@ -893,42 +859,23 @@ impl CausalLm for Gpt2LMHeadModel {
         loss_scale: f64,
         checkpoint: bool,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        let (loss, grads) = self.loss_and_site_grads(b, pass, loss_scale, checkpoint)?;
-        let grads = grads
-            .into_iter()
-            .map(|(l, s, g)| (adapter_path(l, s), g))
-            .collect();
-        Ok((loss, grads))
+        causal::loss_and_grads(self, b, pass, loss_scale, checkpoint)
     }
 
     fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
-        let hn = Pass::inference(|pass| self.forward_hidden(b, pass, None))?;
-        lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, false)
+        causal::loss(self, b)
     }
 
     fn logits(&self, b: &LmBatch) -> Result<Tensor> {
-        Pass::inference(|pass| Gpt2LMHeadModel::logits(self, b, pass))
+        causal::logits(self, b)
     }
 
     fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
-        let hn = Pass::inference(|pass| self.forward_cached(new_ids, cache, pass))?;
-        last_row_logits(&hn, self.head_weight())
+        causal::next_logits_cached(self, new_ids, cache)
     }
 
     fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
-        let m = Pass::inference(|pass| -> Result<_> {
-            let mut m = Vec::new();
-            match point {
-                MonitorPoint::Linear => {
-                    self.forward_hidden(b, pass, Some(&mut m))?;
-                }
-                MonitorPoint::Block => m = self.monitor_blocks(b, pass)?,
-            }
-            Ok(m)
-        })?;
-        Ok(m.into_iter()
-            .map(|(l, s, x, y)| (adapter_path(l, s), x, y))
-            .collect())
+        causal::monitor(self, b, point)
     }
 }
 
@@ -1023,8 +970,7 @@ mod tests {
             training: true,
             rng: &mut rng,
         };
-        m.loss_and_site_grads(&batch(DType::F64), &mut pass, 1.0, checkpoint)
-            .unwrap()
+        causal::loss_and_site_grads(m, &batch(DType::F64), &mut pass, 1.0, checkpoint).unwrap()
     }
 
     /// With every dropout on (embeddings, attention, residual, LoRA), gradient checkpointing
@@ -1071,7 +1017,8 @@ mod tests {
             };
             let b = batch(DType::F64);
             let (hn, _) = m.forward_train(&b, &mut pass, false).unwrap();
-            let l = lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false).unwrap();
+            let l =
+                crate::nn::loss::lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false).unwrap();
             l.loss_sum / l.tokens as f64
         };
         let h = 1e-5;

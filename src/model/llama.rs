@@ -87,14 +87,15 @@ impl LlamaConfig {
     }
 }
 
+use super::causal::{self, DecoderParts};
 use super::stack::{self, StackSaved};
-use super::{head_logits, last_row_logits, AdapterGrads, CausalLm, LmBatch};
+use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedLayer};
+use crate::adapters::{Adapted, AdaptedLayer};
 use crate::io::weights::Weights;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::Linear;
-use crate::nn::loss::{lm_head_loss, LmLoss};
+use crate::nn::loss::LmLoss;
 use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
 use crate::nn::rope::Rope;
 use crate::nn::swiglu::{self, SwiGluSaved};
@@ -189,7 +190,7 @@ pub struct LlamaLayerSaved {
 pub type LayerGrads = Vec<(LlamaSite, LoraGrads)>;
 
 /// Gradients of every trainable adapter, by `(layer, site)`.
-pub type SiteGrads = Vec<(usize, LlamaSite, LoraGrads)>;
+pub type SiteGrads = causal::SiteGrads<LlamaSite>;
 
 /// Per-adapter monitoring output `(site, X adapted, Y base)`, as in BERT.
 pub type LlamaMonitored = Vec<(LlamaSite, Tensor, Tensor)>;
@@ -364,9 +365,6 @@ pub struct LlamaSaved {
     mask_add: Tensor,
     shape: AttnShape,
 }
-
-/// Rows of the LM head computed at once: bounds the `[rows, vocab]` logits a step holds.
-pub const LM_HEAD_CHUNK: usize = 256;
 
 impl LlamaForCausalLM {
     /// Builds the model from weights named as in a Hugging Face LLaMA checkpoint.
@@ -607,117 +605,6 @@ impl LlamaForCausalLM {
         adapters.sort_by_key(|(l, s, _)| (*l, *s));
         Ok(adapters)
     }
-
-    /// One training step's forward, loss and backward: mean next-token cross-entropy over the
-    /// counted targets, and the adapters' gradients (scaled by `loss_scale`).
-    pub fn loss_and_site_grads(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        loss_scale: f64,
-        checkpoint: bool,
-    ) -> Result<(LmLoss, SiteGrads)> {
-        let layouts = crate::device::upload_cache(self.embed_tokens.device());
-        let (hn, saved) = self.forward_train(b, pass, checkpoint)?;
-        drop(layouts);
-        let mut loss = lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
-        drop(hn);
-        let dh = loss.dhidden.take().expect("gradient requested");
-        let dh = if loss_scale == 1.0 {
-            dh
-        } else {
-            dh.affine(loss_scale, 0.0)?
-        };
-        let layouts = crate::device::upload_cache(self.embed_tokens.device());
-        let grads = self.backward(saved, &dh)?;
-        drop(layouts);
-        Ok((loss, grads))
-    }
-
-    /// Inference forward to the final norm's output `[batch*seq, hidden]`; with `monitor`, also
-    /// every adapted linear's `(layer, site, X, Y)` for SAFE.
-    pub fn forward_hidden(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        mut monitor: Option<&mut Vec<(usize, LlamaSite, Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let mut h = self.embed(&b.input_ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut m = LlamaMonitored::new();
-            let (out, _) = layer.forward(
-                &h,
-                &b.mask_add,
-                shape,
-                &self.rope,
-                pass,
-                false,
-                monitor.is_some().then_some(&mut m),
-            )?;
-            if let Some(all) = monitor.as_deref_mut() {
-                all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
-            }
-            h = out;
-        }
-        Ok(self.norm.forward(&h, false)?.0)
-    }
-
-    /// SAFE at the block output (inference): for every adapter, `(layer, site, X, Y)` with `X` the
-    /// layer's output and `Y` the same layer's output without that adapter, on the same input.
-    pub fn monitor_blocks(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-    ) -> Result<Vec<(usize, LlamaSite, Tensor, Tensor)>> {
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let mut all = Vec::new();
-        let mut h = self.embed(&b.input_ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let run = |l: &LlamaLayer, pass: &mut Pass| -> Result<Tensor> {
-                Ok(
-                    l.forward(&h, &b.mask_add, shape, &self.rope, pass, false, None)?
-                        .0,
-                )
-            };
-            let out = run(layer, pass)?;
-            for (k, y) in outputs_without_each_adapter(layer, |l| run(l, pass))? {
-                all.push((i, LlamaSite::ALL[k], out.clone(), y));
-            }
-            h = out;
-        }
-        Ok(all)
-    }
-
-    /// Next-token logits `[batch*seq, vocab]` (inference; materializes the whole logits, so meant
-    /// for short prompts and as generation's reference).
-    pub fn logits(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
-        let hn = self.forward_hidden(b, pass, None)?;
-        head_logits(&hn, self.head_weight())
-    }
-
-    /// Final-norm output `[new, hidden]` of the positions `new_ids` adds to the one sequence
-    /// `cache` holds (one entry per layer; empty at the start), extending the cache.
-    pub fn forward_cached(
-        &self,
-        new_ids: &[u32],
-        cache: &mut Vec<KvCache>,
-        pass: &mut Pass,
-    ) -> Result<Tensor> {
-        cache.resize_with(self.layers.len(), KvCache::default);
-        let ids = Tensor::from_slice(new_ids, new_ids.len(), self.embed_tokens.device())?;
-        let mut h = self.embed(&ids)?;
-        for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
-            h = layer.forward_cached(&h, 1, &self.rope, c, pass)?;
-        }
-        Ok(self.norm.forward(&h, false)?.0)
-    }
 }
 
 /// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
@@ -745,6 +632,71 @@ impl Adapted for LlamaForCausalLM {
 
     fn peft_task_type(&self) -> &'static str {
         "CAUSAL_LM"
+    }
+}
+
+impl DecoderParts for LlamaForCausalLM {
+    type Layer = LlamaLayer;
+    type Site = LlamaSite;
+    const SITES: &'static [LlamaSite] = &LlamaSite::ALL;
+    type Saved = LlamaSaved;
+
+    fn layers(&self) -> &[LlamaLayer] {
+        &self.layers
+    }
+
+    fn path(layer: usize, site: LlamaSite) -> String {
+        adapter_path(layer, site)
+    }
+
+    /// Token embeddings only: positions enter through rope, in attention.
+    fn embed_at(&self, ids: &Tensor, _: usize, _: usize, _: &mut Pass) -> Result<Tensor> {
+        self.embed(ids)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &LlamaLayer,
+        x: &Tensor,
+        b: &LmBatch,
+        pass: &mut Pass,
+        monitor: Option<&mut LlamaMonitored>,
+    ) -> Result<Tensor> {
+        let shape = causal::attn_shape(b);
+        Ok(layer
+            .forward(x, &b.mask_add, shape, &self.rope, pass, false, monitor)?
+            .0)
+    }
+
+    fn layer_forward_cached(
+        &self,
+        layer: &LlamaLayer,
+        x: &Tensor,
+        cache: &mut KvCache,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        layer.forward_cached(x, 1, &self.rope, cache, pass)
+    }
+
+    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.norm.forward(h, false)?.0)
+    }
+
+    fn head_weight(&self) -> &Tensor {
+        LlamaForCausalLM::head_weight(self)
+    }
+
+    fn forward_train(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        checkpoint: bool,
+    ) -> Result<(Tensor, LlamaSaved)> {
+        LlamaForCausalLM::forward_train(self, b, pass, checkpoint)
+    }
+
+    fn backward(&self, saved: LlamaSaved, dhidden: &Tensor) -> Result<SiteGrads> {
+        LlamaForCausalLM::backward(self, saved, dhidden)
     }
 }
 
@@ -777,42 +729,23 @@ impl CausalLm for LlamaForCausalLM {
         loss_scale: f64,
         checkpoint: bool,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        let (loss, grads) = self.loss_and_site_grads(b, pass, loss_scale, checkpoint)?;
-        let grads = grads
-            .into_iter()
-            .map(|(l, s, g)| (adapter_path(l, s), g))
-            .collect();
-        Ok((loss, grads))
+        causal::loss_and_grads(self, b, pass, loss_scale, checkpoint)
     }
 
     fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
-        let hn = Pass::inference(|pass| self.forward_hidden(b, pass, None))?;
-        lm_head_loss(&hn, self.head_weight(), &b.targets, LM_HEAD_CHUNK, false)
+        causal::loss(self, b)
     }
 
     fn logits(&self, b: &LmBatch) -> Result<Tensor> {
-        Pass::inference(|pass| LlamaForCausalLM::logits(self, b, pass))
+        causal::logits(self, b)
     }
 
     fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
-        let hn = Pass::inference(|pass| self.forward_cached(new_ids, cache, pass))?;
-        last_row_logits(&hn, self.head_weight())
+        causal::next_logits_cached(self, new_ids, cache)
     }
 
     fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
-        let m = Pass::inference(|pass| -> Result<_> {
-            let mut m = Vec::new();
-            match point {
-                MonitorPoint::Linear => {
-                    self.forward_hidden(b, pass, Some(&mut m))?;
-                }
-                MonitorPoint::Block => m = self.monitor_blocks(b, pass)?,
-            }
-            Ok(m)
-        })?;
-        Ok(m.into_iter()
-            .map(|(l, s, x, y)| (adapter_path(l, s), x, y))
-            .collect())
+        causal::monitor(self, b, point)
     }
 }
 
@@ -883,8 +816,7 @@ mod tests {
             training: true,
             rng: &mut rng,
         };
-        m.loss_and_site_grads(&batch(), &mut pass, 1.0, checkpoint)
-            .unwrap()
+        causal::loss_and_site_grads(m, &batch(), &mut pass, 1.0, checkpoint).unwrap()
     }
 
     /// Gradient checkpointing changes what is kept, not what is computed: the same loss and

@@ -1,6 +1,7 @@
 //! Model architectures, built from `nn` components and `adapters`.
 
 pub mod bert;
+pub mod causal;
 pub mod decoder;
 pub mod generate;
 pub mod gpt2;
@@ -16,7 +17,7 @@ use crate::adapters::{Adapted, LoraConfig, LoraGrads};
 use crate::nn::attention::KvCache;
 use crate::nn::loss::LmLoss;
 use crate::nn::Pass;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 /// One causal-LM batch on the model's device: `targets[i]` is the token row `i` must predict
 /// (the next token), `-100` where nothing is predicted (padding, prompt tokens).
@@ -83,15 +84,4 @@ pub trait CausalLm: Adapted {
         b: &LmBatch,
         point: crate::safe::MonitorPoint,
     ) -> Result<Vec<(String, Tensor, Tensor)>>;
-}
-
-/// Logits `[rows, vocab]` in f32 of final hidden states against an LM head `[vocab, hidden]`.
-fn head_logits(hn: &Tensor, head: &Tensor) -> Result<Tensor> {
-    crate::nn::matmul(&hn.to_dtype(head.dtype())?, &head.t()?)?.to_dtype(DType::F32)
-}
-
-/// The last row's logits: the next token's, in generation.
-fn last_row_logits(hn: &Tensor, head: &Tensor) -> Result<Vec<f32>> {
-    let last = hn.narrow(0, hn.dim(0)? - 1, 1)?;
-    head_logits(&last, head)?.squeeze(0)?.to_vec1()
 }

@@ -1,0 +1,229 @@
+//! What the decoder architectures (LLaMA, GPT-2) share, written once over [`DecoderParts`]: the
+//! training step's loss and gradients, the inference forward (with SAFE's monitoring), the
+//! loss, the logits, and generation's cached forward. Each architecture supplies its
+//! embeddings, layers, final norm and head.
+
+use super::{AdapterGrads, LmBatch};
+use crate::adapters::lora::LoraGrads;
+use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
+use crate::nn::attention::{AttnShape, KvCache};
+use crate::nn::loss::{lm_head_loss, LmLoss};
+use crate::nn::Pass;
+use crate::safe::MonitorPoint;
+use candle_core::{DType, Result, Tensor};
+
+/// Rows of the LM head computed at once: bounds the `[rows, vocab]` logits a step holds.
+pub const LM_HEAD_CHUNK: usize = 256;
+
+/// `(layer, site, X, Y)` of every monitored adapter.
+pub type Monitored<S> = Vec<(usize, S, Tensor, Tensor)>;
+
+/// The pieces of a decoder that its shared paths are built from.
+pub trait DecoderParts {
+    type Layer: AdaptedLayer;
+    /// An adapter's place in a layer; `SITES[i]` is the site of the layer's `i`-th linear.
+    type Site: Copy + Ord + 'static;
+    const SITES: &'static [Self::Site];
+    /// What the training forward keeps for backward.
+    type Saved;
+
+    fn layers(&self) -> &[Self::Layer];
+
+    /// PEFT's module path of an adapter.
+    fn path(layer: usize, site: Self::Site) -> String;
+
+    /// Input embeddings `[batch*seq, hidden]` of `ids` (`batch` sequences) at positions `start..`.
+    fn embed_at(&self, ids: &Tensor, batch: usize, start: usize, pass: &mut Pass)
+        -> Result<Tensor>;
+
+    /// One layer's inference forward; with `monitor`, its adapted linears' `(site, X, Y)`.
+    fn layer_forward(
+        &self,
+        layer: &Self::Layer,
+        x: &Tensor,
+        b: &LmBatch,
+        pass: &mut Pass,
+        monitor: Option<&mut Vec<(Self::Site, Tensor, Tensor)>>,
+    ) -> Result<Tensor>;
+
+    /// One layer's inference forward of new positions after those `cache` holds.
+    fn layer_forward_cached(
+        &self,
+        layer: &Self::Layer,
+        x: &Tensor,
+        cache: &mut KvCache,
+        pass: &mut Pass,
+    ) -> Result<Tensor>;
+
+    fn final_norm(&self, h: &Tensor) -> Result<Tensor>;
+
+    /// The LM head `[vocab, hidden]` (the embeddings when tied).
+    fn head_weight(&self) -> &Tensor;
+
+    /// Training forward to the final norm's output (see `model::stack`).
+    fn forward_train(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        checkpoint: bool,
+    ) -> Result<(Tensor, Self::Saved)>;
+
+    /// Backward from the final norm's output gradient down to the lowest trainable layer.
+    fn backward(&self, saved: Self::Saved, dhidden: &Tensor) -> Result<SiteGrads<Self::Site>>;
+}
+
+/// Adapter gradients by `(layer, site)`.
+pub type SiteGrads<S> = Vec<(usize, S, LoraGrads)>;
+
+/// [`loss_and_site_grads`] with the gradients by module path (PEFT's key stem).
+pub fn loss_and_grads<M: DecoderParts>(
+    m: &M,
+    b: &LmBatch,
+    pass: &mut Pass,
+    loss_scale: f64,
+    checkpoint: bool,
+) -> Result<(LmLoss, AdapterGrads)> {
+    let (loss, grads) = loss_and_site_grads(m, b, pass, loss_scale, checkpoint)?;
+    let grads = grads
+        .into_iter()
+        .map(|(l, s, g)| (M::path(l, s), g))
+        .collect();
+    Ok((loss, grads))
+}
+
+/// One training step's forward, loss and backward: mean next-token cross-entropy over the
+/// counted targets, and the adapters' gradients (scaled by `loss_scale`).
+pub fn loss_and_site_grads<M: DecoderParts>(
+    m: &M,
+    b: &LmBatch,
+    pass: &mut Pass,
+    loss_scale: f64,
+    checkpoint: bool,
+) -> Result<(LmLoss, SiteGrads<M::Site>)> {
+    let device = m.head_weight().device();
+    let layouts = crate::device::upload_cache(device);
+    let (hn, saved) = m.forward_train(b, pass, checkpoint)?;
+    drop(layouts);
+    let mut loss = lm_head_loss(&hn, m.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
+    drop(hn);
+    let dh = loss.dhidden.take().expect("gradient requested");
+    let dh = if loss_scale == 1.0 {
+        dh
+    } else {
+        dh.affine(loss_scale, 0.0)?
+    };
+    let layouts = crate::device::upload_cache(device);
+    let grads = m.backward(saved, &dh)?;
+    drop(layouts);
+    Ok((loss, grads))
+}
+
+/// Inference forward to the final norm's output `[batch*seq, hidden]`; with `monitor`, also
+/// every adapted linear's `(layer, site, X, Y)` for SAFE.
+pub fn forward_hidden<M: DecoderParts>(
+    m: &M,
+    b: &LmBatch,
+    pass: &mut Pass,
+    mut monitor: Option<&mut Monitored<M::Site>>,
+) -> Result<Tensor> {
+    let mut h = m.embed_at(&b.input_ids, b.batch, 0, pass)?;
+    for (i, layer) in m.layers().iter().enumerate() {
+        let mut rows = Vec::new();
+        h = m.layer_forward(layer, &h, b, pass, monitor.is_some().then_some(&mut rows))?;
+        if let Some(all) = monitor.as_deref_mut() {
+            all.extend(rows.into_iter().map(|(s, x, y)| (i, s, x, y)));
+        }
+    }
+    m.final_norm(&h)
+}
+
+/// SAFE at the block output (inference): for every adapter, `(layer, site, X, Y)` with `X` the
+/// layer's output and `Y` the same layer's output without that adapter, on the same input.
+pub fn monitor_blocks<M: DecoderParts>(
+    m: &M,
+    b: &LmBatch,
+    pass: &mut Pass,
+) -> Result<Monitored<M::Site>> {
+    let mut all = Vec::new();
+    let mut h = m.embed_at(&b.input_ids, b.batch, 0, pass)?;
+    for (i, layer) in m.layers().iter().enumerate() {
+        let run = |l: &M::Layer, pass: &mut Pass| m.layer_forward(l, &h, b, pass, None);
+        let out = run(layer, pass)?;
+        for (k, y) in outputs_without_each_adapter(layer, |l| run(l, pass))? {
+            all.push((i, M::SITES[k], out.clone(), y));
+        }
+        h = out;
+    }
+    Ok(all)
+}
+
+/// Every adapter's `(module path, X, Y)` rows for SAFE at `point` (inference).
+pub fn monitor<M: DecoderParts>(
+    m: &M,
+    b: &LmBatch,
+    point: MonitorPoint,
+) -> Result<Vec<(String, Tensor, Tensor)>> {
+    let rows = Pass::inference(|pass| -> Result<_> {
+        match point {
+            MonitorPoint::Linear => {
+                let mut rows = Vec::new();
+                forward_hidden(m, b, pass, Some(&mut rows))?;
+                Ok(rows)
+            }
+            MonitorPoint::Block => monitor_blocks(m, b, pass),
+        }
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|(l, s, x, y)| (M::path(l, s), x, y))
+        .collect())
+}
+
+/// Inference loss (summed over counted tokens), the head applied in chunks.
+pub fn loss<M: DecoderParts>(m: &M, b: &LmBatch) -> Result<LmLoss> {
+    let hn = Pass::inference(|pass| forward_hidden(m, b, pass, None))?;
+    lm_head_loss(&hn, m.head_weight(), &b.targets, LM_HEAD_CHUNK, false)
+}
+
+/// Next-token logits `[batch*seq, vocab]` in f32 (materializes them whole: short prompts, and
+/// generation's reference).
+pub fn logits<M: DecoderParts>(m: &M, b: &LmBatch) -> Result<Tensor> {
+    let hn = Pass::inference(|pass| forward_hidden(m, b, pass, None))?;
+    head_logits(&hn, m.head_weight())
+}
+
+/// Next-token logits `[vocab]` after `new_ids`, which continue the one sequence `cache` holds
+/// (one entry per layer; empty at the start); extends the cache.
+pub fn next_logits_cached<M: DecoderParts>(
+    m: &M,
+    new_ids: &[u32],
+    cache: &mut Vec<KvCache>,
+) -> Result<Vec<f32>> {
+    if new_ids.is_empty() {
+        candle_core::bail!("generation: no new token ids to run");
+    }
+    let head = m.head_weight();
+    let hn = Pass::inference(|pass| -> Result<Tensor> {
+        cache.resize_with(m.layers().len(), KvCache::default);
+        let ids = Tensor::from_slice(new_ids, new_ids.len(), head.device())?;
+        let mut h = m.embed_at(&ids, 1, cache[0].len(), pass)?;
+        for (layer, c) in m.layers().iter().zip(cache.iter_mut()) {
+            h = m.layer_forward_cached(layer, &h, c, pass)?;
+        }
+        m.final_norm(&h.narrow(0, new_ids.len() - 1, 1)?)
+    })?;
+    head_logits(&hn, head)?.squeeze(0)?.to_vec1()
+}
+
+/// Logits `[rows, vocab]` in f32 of final hidden states against the LM head.
+fn head_logits(hn: &Tensor, head: &Tensor) -> Result<Tensor> {
+    crate::nn::matmul(&hn.to_dtype(head.dtype())?, &head.t()?)?.to_dtype(DType::F32)
+}
+
+/// The shape of a batch, for attention.
+pub fn attn_shape(b: &LmBatch) -> AttnShape {
+    AttnShape {
+        batch: b.batch,
+        seq: b.seq,
+    }
+}
