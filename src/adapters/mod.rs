@@ -42,6 +42,10 @@ pub trait Adapted {
     /// sit in only some of them).
     fn num_layers(&self) -> usize;
 
+    /// The lowest layer whose adapters still train: backward stops there, and nothing below it
+    /// is saved. None when nothing trains.
+    fn lowest_trainable_layer(&self) -> Option<usize>;
+
     /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
     fn peft_task_type(&self) -> &'static str;
 

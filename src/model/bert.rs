@@ -806,6 +806,10 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
         self.adapter_mut(layer.parse().ok()?, site)
     }
 
+    fn lowest_trainable_layer(&self) -> Option<usize> {
+        BertForSequenceClassification::lowest_trainable_layer(self)
+    }
+
     fn num_layers(&self) -> usize {
         self.layers.len()
     }

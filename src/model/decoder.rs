@@ -104,6 +104,10 @@ impl Adapted for Decoder {
         each!(self, m => m.adapter_by_path_mut(path))
     }
 
+    fn lowest_trainable_layer(&self) -> Option<usize> {
+        each!(self, m => Adapted::lowest_trainable_layer(m))
+    }
+
     fn num_layers(&self) -> usize {
         each!(self, m => m.num_layers())
     }
@@ -141,10 +145,6 @@ impl CausalLm for Decoder {
 
     fn adapter_layers(&self) -> Vec<usize> {
         each!(self, m => m.adapter_layers())
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        each!(self, m => CausalLm::lowest_trainable_layer(m))
     }
 
     fn loss_and_grads(

@@ -745,6 +745,10 @@ impl Adapted for Gpt2LMHeadModel {
         self.adapter_mut(layer.parse().ok()?, site)
     }
 
+    fn lowest_trainable_layer(&self) -> Option<usize> {
+        Gpt2LMHeadModel::lowest_trainable_layer(self)
+    }
+
     fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -846,10 +850,6 @@ impl CausalLm for Gpt2LMHeadModel {
 
     fn adapter_layers(&self) -> Vec<usize> {
         self.adapter_sites().into_iter().map(|(l, _)| l).collect()
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        Gpt2LMHeadModel::lowest_trainable_layer(self)
     }
 
     fn loss_and_grads(

@@ -626,6 +626,10 @@ impl Adapted for LlamaForCausalLM {
         self.adapter_mut(layer.parse().ok()?, site)
     }
 
+    fn lowest_trainable_layer(&self) -> Option<usize> {
+        LlamaForCausalLM::lowest_trainable_layer(self)
+    }
+
     fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -716,10 +720,6 @@ impl CausalLm for LlamaForCausalLM {
 
     fn adapter_layers(&self) -> Vec<usize> {
         self.adapter_sites().into_iter().map(|(l, _)| l).collect()
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        LlamaForCausalLM::lowest_trainable_layer(self)
     }
 
     fn loss_and_grads(

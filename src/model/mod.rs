@@ -50,9 +50,6 @@ pub trait CausalLm: Adapted {
     /// The transformer layer of each adapter, in `Adapted::adapters` order.
     fn adapter_layers(&self) -> Vec<usize>;
 
-    /// The lowest layer whose adapters still train (backward stops there).
-    fn lowest_trainable_layer(&self) -> Option<usize>;
-
     /// Forward, mean next-token loss and backward down to the lowest trainable layer. With
     /// `checkpoint`, the trainable layers keep only their inputs and run again in backward
     /// (gradient checkpointing, see [`stack`]).

@@ -8,7 +8,7 @@ use super::checkpoint;
 use super::config::Method;
 use super::lm_config::{LmDataKind, LmTrainConfig};
 use super::memory;
-use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
+use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::run::{self, StepPlan};
 use super::trainer::{EpochLog, ImportanceMoments};
 use crate::adapters::Adapted;
@@ -405,19 +405,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
             epoch_mem.end_step();
-            lr = linear_schedule(
-                state.global_step,
-                plan.warmup_steps,
-                plan.total_steps,
-                cfg.lr,
-            );
-            for (name, g) in &grads {
-                let p = model
-                    .param_mut(name)
-                    .expect("gradient of a known parameter");
-                *p = opt.update(name, p, g, lr)?;
-            }
-            state.global_step += 1;
+            lr = run::optimizer_step(&mut model, &mut opt, &grads, &plan, cfg.lr, &mut state)?;
             // SAFE, as in the classification trainer.
             let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
             if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
@@ -425,20 +413,16 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
                 let scores =
                     lm_adapter_importance(&model, &monitor, cfg.eval_batch_size, cfg.safe.monitor)?;
                 monitor_flops += flops::total() - f0;
-                let d = c.end_of_epoch(round, &scores);
-                for &i in &d.newly_frozen {
-                    run::freeze_adapter(&mut model, &mut opt, &names[i]);
-                    state.frozen_at.insert(names[i].clone(), epoch);
-                }
-                run::log_safe_round(
-                    safe_log.as_mut(),
+                let d = run::finish_safe_round(
+                    c,
                     round,
                     epoch,
-                    state.global_step,
                     &scores,
-                    &d,
                     &names,
-                    model.lowest_trainable_layer(),
+                    &mut model,
+                    &mut opt,
+                    &mut state,
+                    safe_log.as_mut(),
                 )?;
                 importance = Some(scores);
                 threshold = Some(d.threshold);

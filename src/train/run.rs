@@ -4,11 +4,12 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::memory::{self, MemTracker};
-use super::optim::AdamW;
+use super::optim::{linear_schedule, AdamW};
 use super::trainer::EpochLog;
 use crate::adapters::Adapted;
 use crate::safe::{EpochDecision, SafeController};
 use anyhow::Result;
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -139,28 +140,64 @@ pub fn start_or_resume(
     })
 }
 
-/// Appends one SAFE round to `safe.jsonl`.
+/// The optimizer step of both trainers, after clipping: this step's learning rate on the linear
+/// schedule, AdamW on every gradient (by key), the step counted. Returns the learning rate.
+pub fn optimizer_step(
+    model: &mut impl Adapted,
+    opt: &mut AdamW,
+    grads: &[(String, Tensor)],
+    plan: &StepPlan,
+    peak_lr: f64,
+    state: &mut TrainerState,
+) -> Result<f64> {
+    let lr = linear_schedule(
+        state.global_step,
+        plan.warmup_steps,
+        plan.total_steps,
+        peak_lr,
+    );
+    for (name, g) in grads {
+        let p = model
+            .param_mut(name)
+            .expect("gradient of a known parameter");
+        *p = opt.update(name, p, g, lr)?;
+    }
+    state.global_step += 1;
+    Ok(lr)
+}
+
+/// The end of a SAFE round whose `scores` were measured, in either trainer: the controller
+/// decides; each newly frozen adapter becomes a constant for good, and `state.frozen_at` records
+/// its epoch under its report name (`names`, in the controller's order, which is
+/// `Adapted::adapters`' order); the round is appended to `safe.jsonl`.
 #[allow(clippy::too_many_arguments)]
-pub fn log_safe_round(
-    log: Option<&mut File>,
+pub fn finish_safe_round(
+    c: &mut SafeController,
     round: usize,
     epoch: usize,
-    step: usize,
     scores: &[f64],
-    d: &EpochDecision,
     names: &[String],
-    lowest_trainable_layer: Option<usize>,
-) -> Result<()> {
+    model: &mut impl Adapted,
+    opt: &mut AdamW,
+    state: &mut TrainerState,
+    log: Option<&mut File>,
+) -> Result<EpochDecision> {
+    let d = c.end_of_epoch(round, scores);
+    let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
+    for &i in &d.newly_frozen {
+        freeze_adapter(model, opt, &paths[i]);
+        state.frozen_at.insert(names[i].clone(), epoch);
+    }
     let line = serde_json::json!({
-        "round": round, "epoch": epoch, "step": step,
+        "round": round, "epoch": epoch, "step": state.global_step,
         "importance": scores, "threshold": d.threshold, "phase": d.phase,
         "newly_frozen": d.newly_frozen.iter().map(|&i| &names[i]).collect::<Vec<_>>(),
-        "lowest_trainable_layer": lowest_trainable_layer,
+        "lowest_trainable_layer": model.lowest_trainable_layer(),
     });
     if let Some(f) = log {
         writeln!(f, "{line}")?;
     }
-    Ok(())
+    Ok(d)
 }
 
 /// Freezes one adapter (by PEFT module path) for good: a constant from now on, its optimizer

@@ -7,9 +7,9 @@ use super::config::{DataKind, Method, TrainConfig};
 use super::frozen_cache::FrozenCache;
 use super::memory;
 use super::metrics;
-use super::optim::{clip_global_norm, linear_schedule, AdamW, AdamWConfig};
+use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::run::{self, StepPlan};
-use super::step::{self, adapter_path};
+use super::step;
 use crate::adapters::Adapted;
 use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
@@ -542,19 +542,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
             epoch_mem.end_step();
-            lr = linear_schedule(
-                state.global_step,
-                plan.warmup_steps,
-                plan.total_steps,
-                cfg.lr,
-            );
-            for (name, g) in &grads {
-                let p = model
-                    .param_mut(name)
-                    .expect("gradient of a known parameter");
-                *p = opt.update(name, p, g, lr)?;
-            }
-            state.global_step += 1;
+            lr = run::optimizer_step(&mut model, &mut opt, &grads, &plan, cfg.lr, &mut state)?;
             // SAFE: at each round's end, measure importance and freeze what the schedule says
             // (until every candidate is frozen: then nothing can change).
             let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
@@ -568,21 +556,16 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
                     frozen_cache.as_mut(),
                 )?;
                 monitor_flops += flops::total() - f0;
-                let d = c.end_of_epoch(round, &scores);
-                for &i in &d.newly_frozen {
-                    let (layer, site) = sites[i];
-                    run::freeze_adapter(&mut model, &mut opt, &adapter_path(layer, site));
-                    state.frozen_at.insert(names[i].clone(), epoch);
-                }
-                run::log_safe_round(
-                    safe_log.as_mut(),
+                let d = run::finish_safe_round(
+                    c,
                     round,
                     epoch,
-                    state.global_step,
                     &scores,
-                    &d,
                     &names,
-                    model.lowest_trainable_layer(),
+                    &mut model,
+                    &mut opt,
+                    &mut state,
+                    safe_log.as_mut(),
                 )?;
                 importance = Some(scores);
                 threshold = Some(d.threshold);
