@@ -17,13 +17,16 @@ use crate::model::bert::{BertConfig, BertForSequenceClassification};
 use crate::model::llama::{LlamaForCausalLM, LlamaSite};
 use crate::model::{CausalLm, LlamaConfig, LmBatch};
 use crate::nn::attention::mask_to_additive;
+use crate::nn::linear::Weight;
 use crate::nn::{flops, Pass};
 use anyhow::Result;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -168,8 +171,50 @@ pub struct BenchArgs {
     /// Gradient checkpointing of the trainable layers (see `model::stack`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// LLaMA only: keep the frozen projection weights quantized in GGUF blocks (`q4_0`, `q4_1`,
+    /// `q8_0`) and dequantize each for its matmul, as `train-lm --quantized-base` does with a GGUF
+    /// model. The embeddings and the head stay dense.
+    #[arg(long)]
+    pub quantize: Option<QuantFormat>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// GGUF block formats the bench can quantize a random base into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantFormat {
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl QuantFormat {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            QuantFormat::Q4_0 => GgmlDType::Q4_0,
+            QuantFormat::Q4_1 => GgmlDType::Q4_1,
+            QuantFormat::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+}
+
+/// Replaces every projection weight of `m` by its quantized blocks, one tensor at a time.
+fn quantize_base(m: &mut LlamaForCausalLM, format: QuantFormat, dtype: DType) -> Result<()> {
+    for layer in &mut m.layers {
+        for lin in &mut layer.linears {
+            let dense = lin.base.weight.dense()?.into_owned();
+            let q = QTensor::quantize(&dense, format.ggml())?;
+            lin.base.weight = Weight::Quantized {
+                q: Arc::new(q),
+                dtype,
+            };
+        }
+    }
+    Ok(())
 }
 
 impl BenchArgs {
@@ -210,6 +255,8 @@ pub struct BenchResult {
     pub targets: Vec<String>,
     pub frozen_prefix: usize,
     pub gradient_checkpointing: bool,
+    /// The frozen projections' GGUF block format when kept quantized (`--quantize`).
+    pub quantized: Option<QuantFormat>,
     /// `host` (seeded host RNG, the same on every device) or `device` (`randn` on the device).
     pub init: &'static str,
     pub warmup: usize,
@@ -380,6 +427,10 @@ fn build(
                 layer_norm_eps: 1e-12,
                 pad_token_id: 0,
             };
+            anyhow::ensure!(
+                a.quantize.is_none(),
+                "--quantize keeps a LLaMA base quantized; BERT's is always dense"
+            );
             let mut m = BertForSequenceClassification::random(config, 2, dtype, device, rng)?;
             let n = m.add_lora(&lora, None, rng)?;
             anyhow::ensure!(n > 0, "no BERT linear matches the targets {targets:?}");
@@ -426,6 +477,9 @@ fn build(
             } else {
                 llama_on_device(config, dtype, device)?
             };
+            if let Some(format) = a.quantize {
+                quantize_base(&mut m, format, dtype)?;
+            }
             let n = m.add_lora(&lora, None, rng)?;
             anyhow::ensure!(n > 0, "no LLaMA linear matches the targets {targets:?}");
             for (layer, site) in m.adapter_sites() {
@@ -517,6 +571,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         targets,
         frozen_prefix: a.frozen_prefix,
         gradient_checkpointing: a.gradient_checkpointing,
+        quantized: a.quantize,
         init,
         warmup: a.warmup,
         steps: a.steps,
@@ -574,6 +629,38 @@ mod tests {
         assert_eq!((s.heads, s.kv_heads), (4, 2));
         let s = args(&["--preset", "bert-large", "--kv-heads", "4"]).shape();
         assert_eq!((s.heads, s.kv_heads), (16, 16));
+    }
+
+    /// `--quantize q8_0` keeps every projection in 8-bit blocks (34 bytes per 32 weights), the
+    /// loss follows the dense model's, and training still lowers it. BERT refuses the flag.
+    #[test]
+    fn quantized_llama_base_is_smaller_and_trains() {
+        let dense = quick(&["--preset", "tiny-llama"]);
+        let q8 = quick(&["--preset", "tiny-llama", "--quantize", "q8_0"]);
+        assert_eq!(q8.quantized, Some(QuantFormat::Q8_0));
+        // The heap counter is shared by the tests running beside this one: count the weights'
+        // own bytes instead of `weights_mb`.
+        let a = args(&["--preset", "tiny-llama", "--quantize", "q8_0"]);
+        let mut rng = StdRng::seed_from_u64(0);
+        let (model, ..) = build(&a, &a.shape(), DType::F32, &Device::Cpu, &mut rng).unwrap();
+        let Model::Llama(m) = model else {
+            panic!("tiny-llama builds a LLaMA")
+        };
+        let (mut kept, mut dense_bytes) = (0, 0);
+        for lin in m.layers.iter().flat_map(|l| &l.linears) {
+            assert!(
+                lin.base.weight.as_dense().is_none(),
+                "every projection quantized"
+            );
+            kept += lin.base.weight.storage_bytes();
+            dense_bytes += lin.base.weight.dims().iter().product::<usize>() * 4;
+        }
+        // Q8_0: 34 bytes per 32 weights.
+        assert_eq!(kept * 128, dense_bytes * 34);
+        assert!((q8.losses[0] - dense.losses[0]).abs() < 0.01 * dense.losses[0]);
+        assert!(q8.losses[3] < q8.losses[0], "{:?}", q8.losses);
+        let e = run(&args(&["--preset", "tiny-bert", "--quantize", "q4_1"]));
+        assert!(e.is_err());
     }
 
     fn quick(flags: &[&str]) -> BenchResult {
