@@ -202,7 +202,8 @@ impl QuantFormat {
     }
 }
 
-/// Replaces every projection weight of `m` by its quantized blocks, one tensor at a time.
+/// Replaces every projection weight of `m` by its quantized blocks, one tensor at a time (host
+/// init; on the device `llama_on_device` quantizes as it draws).
 fn quantize_base(m: &mut LlamaForCausalLM, format: QuantFormat, dtype: DType) -> Result<()> {
     for layer in &mut m.layers {
         for lin in &mut layer.linears {
@@ -342,8 +343,15 @@ impl Model {
 }
 
 /// Random LLaMA weights drawn on the device (`randn` in f32, then cast one tensor at a time), so a
-/// 7B model never exists on the host or in f32 as a whole.
-fn llama_on_device(config: LlamaConfig, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+/// 7B model never exists on the host or in f32 as a whole. With `quantize`, each projection is
+/// quantized as soon as it is drawn: the dense model never exists either, and the device's
+/// memory holds what a `--quantized-base` GGUF load would.
+fn llama_on_device(
+    config: LlamaConfig,
+    dtype: DType,
+    device: &Device,
+    quantize: Option<QuantFormat>,
+) -> Result<LlamaForCausalLM> {
     let c = &config;
     let (h, f, kv) = (
         c.hidden_size,
@@ -372,18 +380,24 @@ fn llama_on_device(config: LlamaConfig, dtype: DType, device: &Device) -> Result
         shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
     }
     let mut tensors = HashMap::new();
+    let mut quantized = HashMap::new();
     for (name, shape) in shapes {
-        let t = if name.ends_with("norm.weight") {
-            Tensor::ones(shape, dtype, device)?
-        } else {
-            Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
-        };
-        tensors.insert(name, t);
+        if name.ends_with("norm.weight") {
+            tensors.insert(name, Tensor::ones(shape, dtype, device)?);
+            continue;
+        }
+        let t = Tensor::randn(0f32, 0.02, shape, device)?;
+        match quantize {
+            Some(f) if name.ends_with("_proj.weight") => {
+                quantized.insert(name, Arc::new(QTensor::quantize(&t, f.ggml())?));
+            }
+            _ => {
+                tensors.insert(name, t.to_dtype(dtype)?);
+            }
+        }
     }
-    Ok(LlamaForCausalLM::from_weights(
-        config,
-        &Weights::from_tensors(tensors, dtype, device),
-    )?)
+    let weights = Weights::from_tensors(tensors, dtype, device).with_quantized(quantized);
+    Ok(LlamaForCausalLM::from_weights(config, &weights)?)
 }
 
 fn build(
@@ -473,13 +487,14 @@ fn build(
             };
             let host = a.host_init || device.is_cpu();
             let mut m = if host {
-                LlamaForCausalLM::random(config, dtype, device, rng)?
+                let mut m = LlamaForCausalLM::random(config, dtype, device, rng)?;
+                if let Some(format) = a.quantize {
+                    quantize_base(&mut m, format, dtype)?;
+                }
+                m
             } else {
-                llama_on_device(config, dtype, device)?
+                llama_on_device(config, dtype, device, a.quantize)?
             };
-            if let Some(format) = a.quantize {
-                quantize_base(&mut m, format, dtype)?;
-            }
             let n = m.add_lora(&lora, None, rng)?;
             anyhow::ensure!(n > 0, "no LLaMA linear matches the targets {targets:?}");
             for (layer, site) in m.adapter_sites() {
@@ -657,6 +672,11 @@ mod tests {
         }
         // Q8_0: 34 bytes per 32 weights.
         assert_eq!(kept * 128, dense_bytes * 34);
+        // The device path quantizes as it draws.
+        let on_device = llama_on_device(m.config.clone(), DType::F32, &Device::Cpu, a.quantize);
+        for lin in on_device.unwrap().layers.iter().flat_map(|l| &l.linears) {
+            assert!(lin.base.weight.as_dense().is_none());
+        }
         assert!((q8.losses[0] - dense.losses[0]).abs() < 0.01 * dense.losses[0]);
         assert!(q8.losses[3] < q8.losses[0], "{:?}", q8.losses);
         let e = run(&args(&["--preset", "tiny-bert", "--quantize", "q4_1"]));
