@@ -6,10 +6,12 @@
 use super::attention::{mask_to_additive, Attention, AttnShape};
 use super::gelu::{self, GeluKind};
 use super::layer_norm::LayerNorm;
+use super::linear::Weight;
 use super::rms_norm::RmsNorm;
 use super::rope::Rope;
 use super::{swiglu, Dropout, Pass};
 use crate::train::optim::{AdamW, AdamWConfig};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -165,6 +167,22 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         for (i, part) in ["output", "dq", "dk", "dv"].iter().enumerate() {
             push(&format!("{name} {part}"), rel(&f[i], &c[i])?);
         }
+    }
+
+    // A quantized base weight as the matmuls get it (`Weight::dense`: the CUDA kernel for these
+    // formats) against the host's dequantization of the same blocks (candle quantizes on the host
+    // for every device, so the blocks are identical).
+    for fmt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let w = rand(&[256, 512], 15, 0.05, 0.01, DType::F32, device)?;
+        let q = std::sync::Arc::new(QTensor::quantize(&w, fmt)?);
+        let used = Weight::Quantized { q, dtype }.dense()?.into_owned();
+        let host = QTensor::quantize(&w.to_device(&Device::Cpu)?, fmt)?
+            .dequantize(&Device::Cpu)?
+            .to_dtype(dtype)?;
+        push(
+            &format!("dequantize {fmt:?}"),
+            rel(&used.to_device(&Device::Cpu)?, &host)?,
+        );
     }
 
     // AdamW: three updates of an f32 parameter (trained tensors are f32 whatever the dtype).

@@ -1,8 +1,9 @@
 //! Fused CUDA kernels (`src/nn/kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature)
 //! for the parts of a step that candle composes from many small ops, or runs slowly: LayerNorm /
 //! RMSNorm forward and backward, GELU forward and backward, SwiGLU, the attention softmax
-//! (forward with log-sum-exp, recomputation, backward), AdamW, and the bias and residual adds
-//! (candle's broadcast add indexes every element through its strides).
+//! (forward with log-sum-exp, recomputation, backward), AdamW, the bias and residual adds
+//! (candle's broadcast add indexes every element through its strides), and the dequantization of
+//! a quantized base (GGUF blocks straight into the compute dtype; candle writes f32, then casts).
 //!
 //! Why: off the CPU each candle op is a kernel launch, an allocation and often a host-to-device
 //! copy of its layout, about 20 us of host time; a BERT-base step ran about 3000 of them and was
@@ -23,6 +24,7 @@ mod imp {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::op::BackpropOp;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor, D};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/safetune_kernels.ptx"));
@@ -36,6 +38,14 @@ mod imp {
         match (ok, dtype) {
             (true, DType::F32) => Some("f32"),
             (true, DType::BF16) => Some("bf16"),
+            _ => None,
+        }
+    }
+
+    fn dtype_suffix(dtype: DType) -> Option<&'static str> {
+        match dtype {
+            DType::F32 => Some("f32"),
+            DType::BF16 => Some("bf16"),
             _ => None,
         }
     }
@@ -240,6 +250,23 @@ mod imp {
     }
 
     /// `a + b`, same shape.
+    pub fn dequantize(q: &QTensor, dtype: DType) -> Result<Option<Tensor>> {
+        let fmt: i32 = match q.dtype() {
+            GgmlDType::Q4_0 => 0,
+            GgmlDType::Q4_1 => 1,
+            GgmlDType::Q8_0 => 2,
+            _ => return Ok(None),
+        };
+        let (Device::Cuda(dev), Some(sfx)) = (q.device(), dtype_suffix(dtype)) else {
+            return Ok(None);
+        };
+        let n = q.shape().elem_count();
+        let (y, py) = output(&dev, dtype, q.shape())?;
+        let (pq, n64) = (q.device_ptr()? as u64, n as u64);
+        launch!(dev, format!("st_dequant_{sfx}"), elems_cfg(n); pq, py, n64, fmt);
+        Ok(Some(y))
+    }
+
     pub fn add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         let Some(sfx) = suffix(a.dtype(), &[a, b]) else {
             return Ok(None);
@@ -430,6 +457,12 @@ mod imp {
         Ok(None)
     }
     pub fn bias_add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn dequantize(
+        _: &candle_core::quantized::QTensor,
+        _: candle_core::DType,
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {

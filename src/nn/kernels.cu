@@ -8,6 +8,7 @@
 // element counts.
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
@@ -249,6 +250,34 @@ extern "C" __global__ void st_adamw_f32(const float* p, const float* g, const fl
 }
 
 // ---------------------------------------------------------------------------------------------
+// GGUF blocks of 32 weights straight to f32 / bf16 storage, one pass (a quantized frozen base is
+// dequantized for every matmul). fmt 0 = Q4_0 (18 bytes: f16 d, 16 bytes of nibbles; w = (q - 8)
+// d), 1 = Q4_1 (20 bytes: f16 d, f16 m, nibbles; w = q d + m), 2 = Q8_0 (34 bytes: f16 d, 32
+// int8; w = q d). In ggml's layout weight j < 16 of a block is the low nibble of byte j and
+// weight j + 16 its high nibble.
+template <typename T>
+__device__ void dequant(const uint8_t* q, T* y, size_t n, int fmt) {
+  GRID_STRIDE(i, n) {
+    const size_t b = i >> 5;
+    const int j = (int)(i & 31);
+    float w;
+    if (fmt == 2) {
+      const uint8_t* blk = q + b * 34;
+      w = __half2float(*reinterpret_cast<const __half*>(blk)) * (float)(int8_t)blk[2 + j];
+    } else {
+      const int size = fmt == 0 ? 18 : 20;
+      const uint8_t* blk = q + b * size;
+      const uint8_t* qs = blk + size - 16;
+      const int nib = j < 16 ? (qs[j] & 0x0F) : (qs[j - 16] >> 4);
+      const float d = __half2float(*reinterpret_cast<const __half*>(blk));
+      w = fmt == 0 ? (nib - 8) * d
+                   : nib * d + __half2float(*reinterpret_cast<const __half*>(blk + 2));
+    }
+    y[i] = st<T>(w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 #define INSTANTIATE(T, S)                                                                         \
   extern "C" __global__ void st_norm_fwd_##S(const T* x, const T* gamma, const T* beta, T* y,     \
                                              T* xhat, float* rstd, int c, float eps, int center) { \
@@ -289,6 +318,9 @@ extern "C" __global__ void st_adamw_f32(const float* p, const float* g, const fl
                                                       const float* lse, T* p, int rows, int h,    \
                                                       int t, int t2, float scale, int causal) {   \
     softmax_recompute<T>(s, mask, lse, p, rows, h, t, t2, scale, causal);                         \
+  }                                                                                               \
+  extern "C" __global__ void st_dequant_##S(const uint8_t* q, T* y, size_t n, int fmt) {          \
+    dequant<T>(q, y, n, fmt);                                                                     \
   }                                                                                               \
   extern "C" __global__ void st_softmax_bwd_##S(const T* p, const T* dp, T* ds, int rows, int t2, \
                                                 float scale) {                                    \

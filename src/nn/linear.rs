@@ -50,7 +50,10 @@ impl Weight {
         match self {
             Weight::Dense(t) => Ok(Cow::Borrowed(t)),
             Weight::Quantized { q, dtype } => {
-                Ok(Cow::Owned(q.dequantize(&q.device())?.to_dtype(*dtype)?))
+                Ok(Cow::Owned(match super::gpu::dequantize(q, *dtype)? {
+                    Some(w) => w, // CUDA, Q4_0 / Q4_1 / Q8_0: one pass straight into `dtype`
+                    None => q.dequantize(&q.device())?.to_dtype(*dtype)?,
+                }))
             }
         }
     }
