@@ -12,8 +12,13 @@ use crate::nn::Pass;
 use crate::safe::MonitorPoint;
 use candle_core::{DType, Result, Tensor};
 
-/// Rows of the LM head computed at once: bounds the `[rows, vocab]` logits a step holds.
-pub const LM_HEAD_CHUNK: usize = 256;
+/// Rows of the LM head computed at once: the `[rows, vocab]` f32 logits chunk is kept near 16 MiB
+/// (two such buffers live at a time), between 16 and 256 rows: 85 rows for SmolLM2's 49152
+/// tokens, 131 for LLaMA's 32000. With gradient checkpointing the chunk was most of a step's
+/// memory at a fixed 256 rows.
+pub fn lm_head_chunk_rows(vocab: usize) -> usize {
+    ((16 << 20) / (4 * vocab.max(1))).clamp(16, 256)
+}
 
 /// `(layer, site, X, Y)` of every monitored adapter.
 pub type Monitored<S> = Vec<(usize, S, Tensor, Tensor)>;
@@ -104,7 +109,7 @@ pub fn loss_and_site_grads<M: DecoderParts>(
     let layouts = crate::device::upload_cache(device);
     let (hn, saved) = m.forward_train(b, pass, checkpoint)?;
     drop(layouts);
-    let mut loss = lm_head_loss(&hn, m.head_weight(), &b.targets, LM_HEAD_CHUNK, true)?;
+    let mut loss = lm_head_loss(&hn, m.head_weight(), &b.targets, chunk_rows(m), true)?;
     drop(hn);
     let dh = loss.dhidden.take().expect("gradient requested");
     let dh = if loss_scale == 1.0 {
@@ -182,7 +187,7 @@ pub fn monitor<M: DecoderParts>(
 /// Inference loss (summed over counted tokens), the head applied in chunks.
 pub fn loss<M: DecoderParts>(m: &M, b: &LmBatch) -> Result<LmLoss> {
     let hn = Pass::inference(|pass| forward_hidden(m, b, pass, None))?;
-    lm_head_loss(&hn, m.head_weight(), &b.targets, LM_HEAD_CHUNK, false)
+    lm_head_loss(&hn, m.head_weight(), &b.targets, chunk_rows(m), false)
 }
 
 /// Next-token logits `[batch*seq, vocab]` in f32 (materializes them whole: short prompts, and
@@ -225,5 +230,26 @@ pub fn attn_shape(b: &LmBatch) -> AttnShape {
     AttnShape {
         batch: b.batch,
         seq: b.seq,
+    }
+}
+
+fn chunk_rows<M: DecoderParts>(m: &M) -> usize {
+    lm_head_chunk_rows(m.head_weight().dim(0).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lm_head_chunk_rows;
+
+    /// The logits chunk stays near 16 MiB whatever the vocabulary, within 16..=256 rows.
+    #[test]
+    fn head_chunk_follows_the_vocabulary() {
+        assert_eq!(lm_head_chunk_rows(49152), 85); // SmolLM2
+        assert_eq!(lm_head_chunk_rows(32000), 131); // LLaMA 2
+        assert_eq!(lm_head_chunk_rows(1000), 256);
+        assert_eq!(lm_head_chunk_rows(256_000), 16);
+        for vocab in [1000, 32000, 49152, 128_256] {
+            assert!(lm_head_chunk_rows(vocab) * vocab * 4 <= 16 << 20);
+        }
     }
 }
