@@ -575,11 +575,6 @@ impl Gpt2LMHeadModel {
         self.set_dropout(e, a, r);
     }
 
-    /// The LM head's weight: the token embeddings.
-    pub fn head_weight(&self) -> &Tensor {
-        &self.wte
-    }
-
     /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
     /// layers listed (all layers when `layers` is None). Returns how many were added.
     pub fn add_lora(
@@ -642,38 +637,6 @@ impl Gpt2LMHeadModel {
         self.layers.iter().position(|l| l.trains())
     }
 
-    /// Token plus position embeddings (positions `0..seq`), then embedding dropout:
-    /// `[batch*seq, n_embd]`.
-    fn embed(&self, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
-        self.embed_from(&b.input_ids, b.batch, 0, pass)
-    }
-
-    /// [`Self::embed`] of `batch` sequences of ids at positions `start..`.
-    fn embed_from(
-        &self,
-        ids: &Tensor,
-        batch: usize,
-        start: usize,
-        pass: &mut Pass,
-    ) -> Result<Tensor> {
-        let ids = ids.flatten_all()?;
-        let end = start + ids.dim(0)? / batch;
-        if end > self.config.n_positions {
-            bail!(
-                "GPT-2: sequence of {end} tokens is longer than the model's {} positions",
-                self.config.n_positions
-            );
-        }
-        let positions =
-            Tensor::arange(start as u32, end as u32, self.wpe.device())?.repeat(batch)?;
-        let x = self
-            .wte
-            .index_select(&ids, 0)?
-            .add(&self.wpe.index_select(&positions, 0)?)?;
-        // Nothing below the first block trains, so the mask is never needed for backward.
-        Ok(self.embd_dropout.forward(&x, pass, false)?.0)
-    }
-
     /// One block's training forward, as [`stack`] runs it.
     fn block_forward<'a>(
         mask_add: &'a Tensor,
@@ -681,48 +644,6 @@ impl Gpt2LMHeadModel {
     ) -> impl FnMut(&Gpt2Block, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<Gpt2BlockSaved>)> + 'a
     {
         move |block, x, pass, save| block.forward(x, mask_add, shape, pass, save, None)
-    }
-
-    /// Training forward to `ln_f`'s output `[batch*seq, n_embd]`. Blocks below the lowest
-    /// trainable adapter run without saving; blocks from it up save, or with `checkpoint` keep
-    /// only their inputs (see [`stack`]).
-    pub fn forward_train(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        checkpoint: bool,
-    ) -> Result<(Tensor, Gpt2Saved)> {
-        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let h = self.embed(b, pass)?;
-        let run = Self::block_forward(&b.mask_add, shape);
-        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
-        let (hn, ln_f) = self.ln_f.forward(&h, true)?;
-        Ok((
-            hn,
-            Gpt2Saved {
-                layers,
-                ln_f: ln_f.expect("final norm saved"),
-                mask_add: b.mask_add.clone(),
-                shape,
-            },
-        ))
-    }
-
-    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
-    pub fn backward(&self, saved: Gpt2Saved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let dh = saved.ln_f.backward(&self.ln_f, dhidden)?;
-        let run = Self::block_forward(&saved.mask_add, saved.shape);
-        let back = |l: &Gpt2Block, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
-            .into_iter()
-            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
-            .collect();
-        adapters.sort_by_key(|(l, s, _)| (*l, *s));
-        Ok(adapters)
     }
 }
 
@@ -778,6 +699,7 @@ impl DecoderParts for Gpt2LMHeadModel {
         adapter_path(layer, site)
     }
 
+    /// Token plus position embeddings, then embedding dropout.
     fn embed_at(
         &self,
         ids: &Tensor,
@@ -785,7 +707,22 @@ impl DecoderParts for Gpt2LMHeadModel {
         start: usize,
         pass: &mut Pass,
     ) -> Result<Tensor> {
-        self.embed_from(ids, batch, start, pass)
+        let ids = ids.flatten_all()?;
+        let end = start + ids.dim(0)? / batch;
+        if end > self.config.n_positions {
+            bail!(
+                "GPT-2: sequence of {end} tokens is longer than the model's {} positions",
+                self.config.n_positions
+            );
+        }
+        let positions =
+            Tensor::arange(start as u32, end as u32, self.wpe.device())?.repeat(batch)?;
+        let x = self
+            .wte
+            .index_select(&ids, 0)?
+            .add(&self.wpe.index_select(&positions, 0)?)?;
+        // Nothing below the first block trains, so the mask is never needed for backward.
+        Ok(self.embd_dropout.forward(&x, pass, false)?.0)
     }
 
     fn layer_forward(
@@ -816,21 +753,51 @@ impl DecoderParts for Gpt2LMHeadModel {
         Ok(self.ln_f.forward(h, false)?.0)
     }
 
+    /// The LM head's weight: the token embeddings.
     fn head_weight(&self) -> &Tensor {
-        Gpt2LMHeadModel::head_weight(self)
+        &self.wte
     }
 
+    /// Training forward to `ln_f`'s output `[batch*seq, n_embd]`. Blocks below the lowest
+    /// trainable adapter run without saving; blocks from it up save, or with `checkpoint` keep
+    /// only their inputs (see [`stack`]).
     fn forward_train(
         &self,
         b: &LmBatch,
         pass: &mut Pass,
         checkpoint: bool,
     ) -> Result<(Tensor, Gpt2Saved)> {
-        Gpt2LMHeadModel::forward_train(self, b, pass, checkpoint)
+        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
+        let run = Self::block_forward(&b.mask_add, shape);
+        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
+        let (hn, ln_f) = self.ln_f.forward(&h, true)?;
+        Ok((
+            hn,
+            Gpt2Saved {
+                layers,
+                ln_f: ln_f.expect("final norm saved"),
+                mask_add: b.mask_add.clone(),
+                shape,
+            },
+        ))
     }
 
+    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
     fn backward(&self, saved: Gpt2Saved, dhidden: &Tensor) -> Result<SiteGrads> {
-        Gpt2LMHeadModel::backward(self, saved, dhidden)
+        let dh = saved.ln_f.backward(&self.ln_f, dhidden)?;
+        let run = Self::block_forward(&saved.mask_add, saved.shape);
+        let back = |l: &Gpt2Block, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
+        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
+            .into_iter()
+            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
+            .collect();
+        adapters.sort_by_key(|(l, s, _)| (*l, *s));
+        Ok(adapters)
     }
 }
 

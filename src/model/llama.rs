@@ -488,11 +488,6 @@ impl LlamaForCausalLM {
         Self::from_weights(config, &Weights::from_tensors(tensors, dtype, device))
     }
 
-    /// The LM head's weight: its own, or the tied embeddings.
-    pub fn head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
-    }
-
     /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
     /// layers listed (all layers when `layers` is None). Returns how many were added.
     pub fn add_lora(
@@ -550,60 +545,14 @@ impl LlamaForCausalLM {
         self.layers.iter().position(|l| l.trains())
     }
 
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        self.embed_tokens.index_select(&ids.flatten_all()?, 0)
-    }
-
     /// One layer's training forward, as [`stack`] runs it.
-    fn layer_forward<'a>(
+    fn layer_forward_train<'a>(
         &'a self,
         mask_add: &'a Tensor,
         shape: AttnShape,
     ) -> impl FnMut(&LlamaLayer, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<LlamaLayerSaved>)>
            + 'a {
         move |layer, x, pass, save| layer.forward(x, mask_add, shape, &self.rope, pass, save, None)
-    }
-
-    /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the lowest
-    /// trainable adapter run in inference mode (nothing saved); layers from it up save, or with
-    /// `checkpoint` keep only their inputs (see [`stack`]).
-    pub fn forward_train(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        checkpoint: bool,
-    ) -> Result<(Tensor, LlamaSaved)> {
-        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let h = self.embed(&b.input_ids)?;
-        let run = self.layer_forward(&b.mask_add, shape);
-        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
-        let (hn, norm) = self.norm.forward(&h, true)?;
-        Ok((
-            hn,
-            LlamaSaved {
-                layers,
-                norm: norm.expect("final norm saved"),
-                mask_add: b.mask_add.clone(),
-                shape,
-            },
-        ))
-    }
-
-    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
-    pub fn backward(&self, saved: LlamaSaved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let dh = saved.norm.backward(&self.norm, dhidden)?;
-        let run = self.layer_forward(&saved.mask_add, saved.shape);
-        let back = |l: &LlamaLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
-            .into_iter()
-            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
-            .collect();
-        adapters.sort_by_key(|(l, s, _)| (*l, *s));
-        Ok(adapters)
     }
 }
 
@@ -655,7 +604,7 @@ impl DecoderParts for LlamaForCausalLM {
 
     /// Token embeddings only: positions enter through rope, in attention.
     fn embed_at(&self, ids: &Tensor, _: usize, _: usize, _: &mut Pass) -> Result<Tensor> {
-        self.embed(ids)
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)
     }
 
     fn layer_forward(
@@ -686,21 +635,51 @@ impl DecoderParts for LlamaForCausalLM {
         Ok(self.norm.forward(h, false)?.0)
     }
 
+    /// The LM head's weight: its own, or the tied embeddings.
     fn head_weight(&self) -> &Tensor {
-        LlamaForCausalLM::head_weight(self)
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
+    /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the lowest
+    /// trainable adapter run in inference mode (nothing saved); layers from it up save, or with
+    /// `checkpoint` keep only their inputs (see [`stack`]).
     fn forward_train(
         &self,
         b: &LmBatch,
         pass: &mut Pass,
         checkpoint: bool,
     ) -> Result<(Tensor, LlamaSaved)> {
-        LlamaForCausalLM::forward_train(self, b, pass, checkpoint)
+        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
+        let shape = AttnShape {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
+        let run = self.layer_forward_train(&b.mask_add, shape);
+        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
+        let (hn, norm) = self.norm.forward(&h, true)?;
+        Ok((
+            hn,
+            LlamaSaved {
+                layers,
+                norm: norm.expect("final norm saved"),
+                mask_add: b.mask_add.clone(),
+                shape,
+            },
+        ))
     }
 
+    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
     fn backward(&self, saved: LlamaSaved, dhidden: &Tensor) -> Result<SiteGrads> {
-        LlamaForCausalLM::backward(self, saved, dhidden)
+        let dh = saved.norm.backward(&self.norm, dhidden)?;
+        let run = self.layer_forward_train(&saved.mask_add, saved.shape);
+        let back = |l: &LlamaLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
+        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
+            .into_iter()
+            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
+            .collect();
+        adapters.sort_by_key(|(l, s, _)| (*l, *s));
+        Ok(adapters)
     }
 }
 
