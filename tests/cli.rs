@@ -1013,11 +1013,9 @@ const GPT2_WORDS: [&str; 24] = [
 ];
 const GPT2_EMBD: usize = 8;
 
-/// A tiny random GPT-2 folder as Hugging Face saves `GPT2LMHeadModel`: `config.json`
-/// (`model_type` gpt2), `model.safetensors` (`transformer.`-prefixed, Conv1D weights `[in, out]`)
-/// and a word-level `tokenizer.json` over [`GPT2_WORDS`] plus `<unk>` and `<|endoftext|>`.
-fn tiny_gpt2(dir: &Path, layers: usize) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
+/// A word-level `tokenizer.json` over [`GPT2_WORDS`] plus `<unk>` (0) and `<|endoftext|>` (1) in
+/// `dir`; returns the vocabulary size.
+fn write_word_tokenizer(dir: &Path) -> usize {
     let mut vocab: serde_json::Map<String, Value> = serde_json::Map::new();
     for (i, w) in ["<unk>", "<|endoftext|>"]
         .iter()
@@ -1026,13 +1024,21 @@ fn tiny_gpt2(dir: &Path, layers: usize) -> PathBuf {
     {
         vocab.insert(w.to_string(), i.into());
     }
-    let v = vocab.len();
     let tokenizer = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
         "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
     });
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    GPT2_WORDS.len() + 2
+}
+
+/// A tiny random GPT-2 folder as Hugging Face saves `GPT2LMHeadModel`: `config.json`
+/// (`model_type` gpt2), `model.safetensors` (`transformer.`-prefixed, Conv1D weights `[in, out]`)
+/// and a word-level `tokenizer.json` over [`GPT2_WORDS`] plus `<unk>` and `<|endoftext|>`.
+fn tiny_gpt2(dir: &Path, layers: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let v = write_word_tokenizer(dir);
     let config = serde_json::json!({
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": v,
         "n_positions": 32, "n_embd": GPT2_EMBD, "n_layer": layers, "n_head": 2, "n_inner": null,
@@ -1203,6 +1209,69 @@ fn train_lm_on_gpt2_writes_a_fan_in_fan_out_adapter() {
     assert!(String::from_utf8_lossy(&gen.stdout).starts_with("the whale"));
 }
 
+/// A sharded Qwen2 checkpoint as transformers writes it (`tests/fixtures/hf`), with its frozen
+/// base quantized to Q4_1 as it loads: train-lm trains q_proj/v_proj adapters and writes them
+/// under PEFT's names; perplexity and generation load the folder the same way.
+#[test]
+fn train_lm_on_a_sharded_checkpoint_with_a_base_quantized_on_load() {
+    let sb = Sandbox::new();
+    let model = sb.path("qwen2");
+    std::fs::create_dir_all(&model).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2-sharded");
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    assert!(!model.join("model.safetensors").exists());
+    write_word_tokenizer(&model);
+    let data = tiny_texts(&sb.path("texts"));
+    let out = sb.path("out");
+    sb.run_ok(&train_lm_args(
+        &model,
+        &data,
+        &out,
+        &["--quantize-format", "q4_1"],
+    ));
+    let summary = read_json(&out.join("summary.json"));
+    for key in ["test_perplexity", "base_test_perplexity"] {
+        let p = summary[key].as_f64().unwrap();
+        assert!(p.is_finite() && p > 1.0, "{key} {p}: {summary}");
+    }
+    let t = load_tensors(&out.join("adapter_model.safetensors"));
+    assert_eq!(t.len(), 2 * 2 * 2, "2 layers x q/v x A/B");
+    // Qwen2 fixture: hidden 32, 2 kv heads of 8.
+    let stem = "base_model.model.model.layers.1.self_attn";
+    assert_eq!(t[&format!("{stem}.q_proj.lora_B.weight")].dims(), &[32, 2]);
+    assert_eq!(t[&format!("{stem}.v_proj.lora_B.weight")].dims(), &[16, 2]);
+
+    let ppl = sb.run_ok(&[
+        "perplexity",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--data",
+        s(&data),
+        "--seq-len",
+        "16",
+        "--quantize-format",
+        "q4_1",
+    ]);
+    let ppl: Value = serde_json::from_slice(&ppl.stdout).unwrap();
+    assert!(ppl["perplexity"].as_f64().unwrap().is_finite(), "{ppl}");
+    let gen = sb.run_ok(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "the whale",
+        "--max-new-tokens",
+        "3",
+        "--quantized-base",
+    ]);
+    assert!(String::from_utf8_lossy(&gen.stdout).starts_with("the whale"));
+}
+
 #[test]
 fn train_lm_on_gpt2_with_llama_targets_names_gpt2_modules() {
     let sb = Sandbox::new();
@@ -1214,8 +1283,9 @@ fn train_lm_on_gpt2_with_llama_targets_names_gpt2_modules() {
     assert_eq!(e.matches("c_proj").count(), 1, "{e}");
 }
 
+/// A quantized base is for LLaMA-layout models (GGUF, or safetensors quantized as they load).
 #[test]
-fn quantized_base_needs_a_gguf_model() {
+fn quantized_base_is_refused_for_gpt2() {
     let sb = Sandbox::new();
     let model = tiny_gpt2(&sb.path("gpt2"), 1);
     let data = tiny_texts(&sb.path("texts"));
@@ -1225,7 +1295,7 @@ fn quantized_base_needs_a_gguf_model() {
         &sb.path("out"),
         &["--target-modules", "c_attn", "--quantized-base"],
     ));
-    assert_clean_error(&out, &[s(&model), "GGUF"]);
+    assert_clean_error(&out, &[s(&model), "config.json", "not GPT-2"]);
 }
 
 /// Gradient checkpointing: the same run (same perplexity, same adapter) with less step memory

@@ -17,7 +17,8 @@ pub struct LmTrainArgs {
     /// TOML config file (fields of `LmTrainConfig`).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct (fetched).
+    /// GGUF file, or Hugging Face folder (LLaMA, Mistral, Qwen2 or GPT-2; one safetensors file or
+    /// sharded). Default: SmolLM2-135M-Instruct (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Text file/folder or instruction JSONL. Default: the asset of --data-kind (Moby Dick).
@@ -69,10 +70,15 @@ pub struct LmTrainArgs {
     /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.
     #[arg(long)]
     pub safe_monitor: Option<crate::safe::MonitorPoint>,
-    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
-    /// matmul) instead of a full-precision copy.
+    /// Keep the frozen projection weights quantized in memory (dequantized per matmul) instead of
+    /// a full-precision copy: a GGUF model's own blocks, a safetensors model's quantized as it
+    /// loads (see --quantize-format).
     #[arg(long)]
     pub quantized_base: bool,
+    /// Blocks a safetensors model's projections are quantized into (implies --quantized-base;
+    /// default q8_0).
+    #[arg(long, value_enum)]
+    pub quantize_format: Option<crate::nn::linear::QuantFormat>,
     /// Gradient checkpointing: keep only each trainable layer's input and run it again in
     /// backward (less activation memory, one more forward of the trainable layers).
     #[arg(long)]
@@ -129,6 +135,7 @@ impl LmTrainArgs {
         set!(c.device, self.device.device);
         set!(c.dtype, self.device.dtype);
         c.quantized_base |= self.quantized_base;
+        c.quantize_format = self.quantize_format.or(c.quantize_format);
         c.gradient_checkpointing |= self.gradient_checkpointing;
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
         anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
@@ -140,16 +147,22 @@ impl LmTrainArgs {
 /// The decoder `perplexity` and `generate` load, and the adapter they put on it.
 #[derive(Args)]
 pub struct DecoderArgs {
-    /// GGUF file or Hugging Face LLaMA / GPT-2 folder. Default: SmolLM2-135M-Instruct (fetched).
+    /// GGUF file, or Hugging Face folder (LLaMA, Mistral, Qwen2 or GPT-2; one safetensors file or
+    /// sharded). Default: SmolLM2-135M-Instruct (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder to apply (e.g. a train-lm output).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Keep a GGUF model's frozen projection weights quantized in memory (dequantized per
-    /// matmul) instead of a full-precision copy.
+    /// Keep the frozen projection weights quantized in memory (dequantized per matmul) instead of
+    /// a full-precision copy: a GGUF model's own blocks, a safetensors model's quantized as it
+    /// loads (see --quantize-format).
     #[arg(long)]
     pub quantized_base: bool,
+    /// Blocks a safetensors model's projections are quantized into (implies --quantized-base;
+    /// default q8_0).
+    #[arg(long, value_enum)]
+    pub quantize_format: Option<crate::nn::linear::QuantFormat>,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
 }
@@ -203,7 +216,13 @@ pub struct GenerateArgs {
 fn load_with_adapter(a: &DecoderArgs) -> Result<lm::LoadedDecoder> {
     let dtype = a.device.dtype_spec().dtype();
     let device = a.device.open()?;
-    let mut d = lm::load_decoder(a.model.as_deref(), dtype, &device, a.quantized_base)?;
+    let mut d = lm::load_decoder(
+        a.model.as_deref(),
+        dtype,
+        &device,
+        a.quantized_base,
+        a.quantize_format,
+    )?;
     if let Some(dir) = a.adapter.as_deref() {
         let pc = crate::io::peft::read_config(dir)?;
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
@@ -244,7 +263,7 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
     if let Some(k) = a.data_kind {
         cfg.data_kind = k;
     }
-    let splits = lm::load_lm_data(&cfg, &d.tokenizer, d.eos)?;
+    let splits = lm::load_lm_data(&cfg, &d.tokenizer, d.eos.first().copied())?;
     let items = match a.split.as_str() {
         "test" => &splits.test,
         "validation" => &splits.validation,
@@ -298,7 +317,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
             .collect();
         eprintln!("{}", serde_json::json!({ "prompt_ids": ids, "top": top }));
     }
-    let mut stop: Vec<u32> = d.eos.into_iter().collect();
+    let mut stop: Vec<u32> = d.eos.clone();
     stop.extend(d.tokenizer.token_to_id("<|im_end|>"));
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(a.seed);
     let s = Sampling {

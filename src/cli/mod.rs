@@ -71,7 +71,7 @@ pub struct TrainArgs {
     /// TOML config file (see README, "Configuration").
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json). Default: MiniLM-L6.
+    /// Hugging Face model folder (config.json, model.safetensors or its shards, tokenizer.json). Default: MiniLM-L6.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[command(flatten)]

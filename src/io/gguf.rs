@@ -8,7 +8,7 @@
 
 use super::weights::Weights;
 use super::IoError;
-use crate::model::llama::LlamaConfig;
+use crate::model::llama::{LlamaConfig, RopeScaling};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -284,12 +284,27 @@ fn config_from_metadata(meta: &Meta, tied: bool) -> Result<LlamaConfig, IoError>
             meta.opt_usize("llama.attention.head_count_kv")?
                 .unwrap_or(heads),
         ),
+        explicit_head_dim: meta.opt_usize("llama.attention.key_length")?,
         rms_norm_eps: meta.f64("llama.attention.layer_norm_rms_epsilon")?,
         rope_theta: meta.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
+        rope_scaling: match meta.opt_str("llama.rope.scaling.type")? {
+            None | Some("none") => None,
+            Some("linear") => Some(RopeScaling::Linear {
+                factor: meta.f64("llama.rope.scaling.factor")?,
+            }),
+            Some(other) => {
+                return Err(invalid(
+                    meta.path,
+                    format!("rope scaling '{other}' is not supported (none, linear)"),
+                ))
+            }
+        },
         max_position_embeddings: meta.usize("llama.context_length")?,
         tie_word_embeddings: tied,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id")?
+            .into_iter()
+            .collect(),
     };
     config.validate(meta.path)?;
     if let Some(rot) = meta.opt_usize("llama.rope.dimension_count")? {
@@ -675,12 +690,14 @@ mod tests {
             num_hidden_layers: 2,
             num_attention_heads: 4,
             num_key_value_heads: Some(2),
+            explicit_head_dim: None,
             rms_norm_eps: 1e-5,
             rope_theta: 100000.0,
+            rope_scaling: None,
             max_position_embeddings: 256,
             tie_word_embeddings: tied,
             bos_token_id: Some(1),
-            eos_token_id: Some(2),
+            eos_token_id: vec![2],
         }
     }
 
@@ -1259,7 +1276,7 @@ mod tests {
             (9, 3, 49152)
         );
         assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-5, 100000.0));
-        assert_eq!((c.bos_token_id, c.eos_token_id), (Some(1), Some(2)));
+        assert_eq!((c.bos_token_id, c.eos_token_id.clone()), (Some(1), vec![2]));
         assert!(c.tie_word_embeddings);
         assert_eq!(m.tensors.len(), 2 + 9 * 30);
 

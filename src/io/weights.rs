@@ -6,8 +6,8 @@
 //! expected shape.
 
 use super::IoError;
-use crate::nn::linear::Weight;
-use candle_core::quantized::QTensor;
+use crate::nn::linear::{QuantFormat, Weight};
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,11 +36,69 @@ impl Store {
     }
 }
 
+/// A model folder's weights in one file.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// A sharded checkpoint's index: `{"weight_map": {tensor name: shard file name}}`.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Whether a folder holds Hugging Face safetensors weights, in one file or sharded.
+pub fn has_weights(dir: &Path) -> bool {
+    dir.join(SINGLE_FILE).exists() || dir.join(INDEX_FILE).exists()
+}
+
+/// The shard files a `model.safetensors.index.json` routes tensors to, each once, in name order;
+/// every one must exist beside the index.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>, IoError> {
+    let bad = |message: String| IoError::Invalid {
+        path: index.into(),
+        message,
+    };
+    let text = std::fs::read_to_string(index).map_err(|e| bad(format!("cannot be read ({e})")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON ({e})")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no \"weight_map\" object (tensor name -> shard file)".into()))?;
+    let mut names = std::collections::BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map entry '{tensor}' is not a file name")))?;
+        // A shard lives beside the index: no paths.
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(bad(format!(
+                "weight_map entry '{tensor}' names '{file}', not a file in this folder"
+            )));
+        }
+        names.insert(file.to_string());
+    }
+    if names.is_empty() {
+        return Err(bad("weight_map is empty".into()));
+    }
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards = Vec::with_capacity(names.len());
+    for n in names {
+        let p = dir.join(&n);
+        if !p.exists() {
+            return Err(IoError::Missing {
+                path: p,
+                what: format!("a weight shard listed in {}", index.display()),
+            });
+        }
+        shards.push(p);
+    }
+    Ok(shards)
+}
+
 #[derive(Clone)]
 pub struct Weights {
     file: Arc<(PathBuf, Store)>,
     /// Weights kept quantized (GGUF), by full name; served by [`Weights::linear_weight`].
     quantized: Arc<HashMap<String, Arc<QTensor>>>,
+    /// Quantize float linear weights into this format as they load (a frozen base from a
+    /// safetensors checkpoint that never needs a full-precision copy).
+    quantize_on_load: Option<QuantFormat>,
     prefixes: Arc<Vec<String>>,
     path: String,
     dtype: DType,
@@ -70,6 +128,45 @@ impl Weights {
         Ok(Self {
             file: Arc::new((path.into(), Store::File(st))),
             quantized: Arc::default(),
+            quantize_on_load: None,
+            prefixes: Arc::new(prefixes.iter().map(|s| s.to_string()).collect()),
+            path: String::new(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Opens a Hugging Face model folder's weights: `model.safetensors`, or the shards that
+    /// `model.safetensors.index.json` lists (what `save_pretrained` writes for models over its shard
+    /// size, e.g. every 7B checkpoint). Shards are memory-mapped; a tensor is read from the one the
+    /// index routes it to.
+    pub fn open_dir(
+        dir: &Path,
+        prefixes: &[&str],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, IoError> {
+        let single = dir.join(SINGLE_FILE);
+        let index = dir.join(INDEX_FILE);
+        if !single.exists() && !index.exists() {
+            return Err(IoError::Missing {
+                path: single,
+                what: format!("model weights: {SINGLE_FILE}, or {INDEX_FILE} and its shards"),
+            });
+        }
+        if single.exists() {
+            return Self::open(&single, prefixes, dtype, device);
+        }
+        let shards = shard_files(&index)?;
+        // SAFETY: as in `open`, read-only maps of files we do not expect to change.
+        let st = unsafe { MmapedSafetensors::multi(&shards) }.map_err(|e| IoError::Invalid {
+            path: index.clone(),
+            message: format!("a shard it lists is not a readable safetensors file ({e})"),
+        })?;
+        Ok(Self {
+            file: Arc::new((index, Store::File(st))),
+            quantized: Arc::default(),
+            quantize_on_load: None,
             prefixes: Arc::new(prefixes.iter().map(|s| s.to_string()).collect()),
             path: String::new(),
             dtype,
@@ -82,6 +179,7 @@ impl Weights {
         Self {
             file: Arc::new((PathBuf::from("<memory>"), Store::Memory(tensors))),
             quantized: Arc::default(),
+            quantize_on_load: None,
             prefixes: Arc::new(vec![String::new()]),
             path: String::new(),
             dtype,
@@ -95,7 +193,15 @@ impl Weights {
         self
     }
 
-    /// A linear layer's frozen weight: quantized if it was kept so, else loaded like [`get`](Self::get).
+    /// Linear weights read after this are quantized into `format` as they load, one tensor at a
+    /// time (see [`Weights::linear_weight`]).
+    pub fn quantize_on_load(mut self, format: QuantFormat) -> Self {
+        self.quantize_on_load = Some(format);
+        self
+    }
+
+    /// A linear layer's frozen weight: quantized if it was kept so or is quantized on load, else
+    /// loaded like [`get`](Self::get).
     pub fn linear_weight(&self, name: &str, shape: &[usize]) -> Result<Weight, IoError> {
         let full = self.full_name(name);
         for p in self.prefixes.iter() {
@@ -115,7 +221,36 @@ impl Weights {
                 });
             }
         }
-        self.get(name, shape).map(Weight::Dense)
+        let Some(format) = self.quantize_on_load else {
+            return self.get(name, shape).map(Weight::Dense);
+        };
+        let block = format.ggml().block_size();
+        let fail = |message: String| IoError::Invalid {
+            path: self.file.0.clone(),
+            message: format!("tensor '{full}': {message}"),
+        };
+        if shape.last().is_none_or(|&n| n % block != 0) {
+            return Err(fail(format!(
+                "cannot be quantized to {format:?}: {shape:?} rows are not a whole number of \
+                 {block}-value blocks"
+            )));
+        }
+        // Quantized on the host from f32 (the dense copy lives only for this call), then the
+        // blocks go to the device: candle quantizes a device tensor on the host anyway.
+        let dense = self.get_as(name, shape, DType::F32, &Device::Cpu)?;
+        let q = QTensor::quantize(&dense, format.ggml()).map_err(|e| fail(e.to_string()))?;
+        let q = if self.device.is_cpu() {
+            q
+        } else {
+            let data = q.data().map_err(|e| fail(e.to_string()))?;
+            let storage = QStorage::from_data(data, &self.device, format.ggml())
+                .map_err(|e| fail(e.to_string()))?;
+            QTensor::new(storage, shape).map_err(|e| fail(e.to_string()))?
+        };
+        Ok(Weight::Quantized {
+            q: Arc::new(q),
+            dtype: self.dtype,
+        })
     }
 
     /// A view one level down the name hierarchy.
@@ -150,6 +285,16 @@ impl Weights {
 
     /// Loads a tensor, checks its shape, converts it to the model dtype and device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, IoError> {
+        self.get_as(name, shape, self.dtype, &self.device)
+    }
+
+    fn get_as(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, IoError> {
         let full = self.full_name(name);
         let (path, st) = &*self.file;
         for p in self.prefixes.iter() {
@@ -157,7 +302,7 @@ impl Weights {
             if !st.has(&key) {
                 continue;
             }
-            let t = st.load(&key, &self.device).map_err(|e| IoError::Invalid {
+            let t = st.load(&key, device).map_err(|e| IoError::Invalid {
                 path: path.clone(),
                 message: format!("tensor '{key}' cannot be read ({e})"),
             })?;
@@ -169,7 +314,7 @@ impl Weights {
                     expected: shape.to_vec(),
                 });
             }
-            return t.to_dtype(self.dtype).map_err(|e| IoError::Invalid {
+            return t.to_dtype(dtype).map_err(|e| IoError::Invalid {
                 path: path.clone(),
                 message: format!("tensor '{key}': {e}"),
             });
@@ -185,5 +330,92 @@ impl Weights {
             name: full,
             tried,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    /// A sharded folder serves each tensor from the shard its index names, under every accepted
+    /// prefix, exactly as the same tensors in one file; one file wins over an index.
+    #[test]
+    fn sharded_folder_reads_like_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = t(&[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        let b = t(&[5.0, 6.0], &[2]);
+        let c = t(&[7.0, 8.0, 9.0], &[3]);
+        let shard = |name: &str, ts: &[(&str, &Tensor)]| {
+            let map: HashMap<String, Tensor> = ts
+                .iter()
+                .map(|(k, v)| (k.to_string(), (*v).clone()))
+                .collect();
+            candle_core::safetensors::save(&map, dir.path().join(name)).unwrap();
+        };
+        shard(
+            "model-00001-of-00002.safetensors",
+            &[("bert.x.a", &a), ("bert.x.b", &b)],
+        );
+        shard("model-00002-of-00002.safetensors", &[("y.c", &c)]);
+        let index = serde_json::json!({"metadata": {"total_size": 36}, "weight_map": {
+            "bert.x.a": "model-00001-of-00002.safetensors",
+            "bert.x.b": "model-00001-of-00002.safetensors",
+            "y.c": "model-00002-of-00002.safetensors"}});
+        std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
+        assert!(has_weights(dir.path()));
+
+        let w = Weights::open_dir(dir.path(), &["bert.", ""], DType::F32, &Device::Cpu).unwrap();
+        let same = |x: &Tensor, y: &Tensor| {
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert!(same(&w.pp("x").get("a", &[2, 2]).unwrap(), &a));
+        assert!(same(&w.pp("x").get("b", &[2]).unwrap(), &b));
+        assert!(same(&w.pp("y").get("c", &[3]).unwrap(), &c));
+        assert!(w.file().ends_with(INDEX_FILE));
+        let e = w.get("x.a", &[4]).unwrap_err().to_string();
+        assert!(e.contains(INDEX_FILE) && e.contains("[2, 2]"), "{e}");
+
+        // A single file beside the index is what loads (transformers' order too).
+        shard(SINGLE_FILE, &[("y.c", &b)]);
+        let w = Weights::open_dir(dir.path(), &[""], DType::F32, &Device::Cpu).unwrap();
+        assert!(same(&w.get("y.c", &[2]).unwrap(), &b));
+    }
+
+    /// A broken index is reported against the index file, saying what is wrong.
+    #[test]
+    fn bad_index_is_named() {
+        let cases = [
+            ("{", "not JSON"),
+            (r#"{"metadata": {}}"#, "weight_map"),
+            (
+                r#"{"weight_map": {"a": "../x.safetensors"}}"#,
+                "not a file in this folder",
+            ),
+            (r#"{"weight_map": {}}"#, "weight_map is empty"),
+        ];
+        for (text, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(INDEX_FILE), text).unwrap();
+            let e = match Weights::open_dir(dir.path(), &[""], DType::F32, &Device::Cpu) {
+                Ok(_) => panic!("{text} loaded"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(INDEX_FILE) && e.contains(expected),
+                "{text}: {e}"
+            );
+        }
+        // Neither form: the single file is what is missing.
+        let dir = tempfile::tempdir().unwrap();
+        let e = match Weights::open_dir(dir.path(), &[""], DType::F32, &Device::Cpu) {
+            Ok(_) => panic!("an empty folder loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(SINGLE_FILE) && e.contains("not found"), "{e}");
     }
 }

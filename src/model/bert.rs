@@ -354,12 +354,7 @@ impl BertForSequenceClassification {
             });
         }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::open(
-            &dir.join("model.safetensors"),
-            &["bert.", ""],
-            dtype,
-            device,
-        )?;
+        let w = Weights::open_dir(dir, &["bert.", ""], dtype, device)?;
         Self::from_weights(config, &w, num_labels, rng)
     }
 

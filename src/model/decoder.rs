@@ -6,6 +6,7 @@ use super::llama::{LlamaForCausalLM, LlamaSite};
 use super::{AdapterGrads, CausalLm, LmBatch};
 use crate::adapters::{Adapted, LoraAdapter, LoraConfig};
 use crate::nn::attention::KvCache;
+use crate::nn::linear::QuantFormat;
 use crate::nn::loss::LmLoss;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -61,24 +62,44 @@ impl Decoder {
         v
     }
 
-    /// The end-of-text token its config names.
-    pub fn eos_token_id(&self) -> Option<u32> {
+    /// The end-of-sequence tokens its config names (Llama 3 instruct lists several).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
         match self {
-            Decoder::Llama(m) => m.config.eos_token_id,
-            Decoder::Gpt2(m) => m.config.eos_token_id,
+            Decoder::Llama(m) => m.config.eos_token_id.clone(),
+            Decoder::Gpt2(m) => m.config.eos_token_id.into_iter().collect(),
         }
     }
 
     /// Loads a Hugging Face folder whose `config.json` says `"model_type": "gpt2"` as GPT-2, any
-    /// other as a LLaMA-family decoder.
+    /// other as a LLaMA-layout decoder.
     pub fn load_hf(
         dir: &Path,
         dtype: candle_core::DType,
         device: &Device,
     ) -> std::result::Result<Self, crate::io::IoError> {
+        Self::load_hf_quantized(dir, dtype, device, None)
+    }
+
+    /// [`Decoder::load_hf`], with the frozen projection weights quantized into `quantize` as they
+    /// load (LLaMA layout only).
+    pub fn load_hf_quantized(
+        dir: &Path,
+        dtype: candle_core::DType,
+        device: &Device,
+        quantize: Option<QuantFormat>,
+    ) -> std::result::Result<Self, crate::io::IoError> {
         Ok(match hf_model_type(dir).as_deref() {
+            Some("gpt2") if quantize.is_some() => {
+                return Err(crate::io::IoError::Invalid {
+                    path: dir.join("config.json"),
+                    message: "a quantized base is supported for LLaMA-layout models, not GPT-2"
+                        .into(),
+                })
+            }
             Some("gpt2") => Decoder::Gpt2(Gpt2LMHeadModel::load_hf(dir, dtype, device)?),
-            _ => Decoder::Llama(LlamaForCausalLM::load_hf(dir, dtype, device)?),
+            _ => Decoder::Llama(LlamaForCausalLM::load_hf_quantized(
+                dir, dtype, device, quantize,
+            )?),
         })
     }
 }
@@ -180,6 +201,7 @@ mod tests {
     use crate::model::{Gpt2Config, LlamaConfig};
     use candle_core::DType;
     use rand::SeedableRng;
+    use std::path::Path;
 
     fn gpt2() -> Decoder {
         let cfg: Gpt2Config = serde_json::from_value(serde_json::json!({
@@ -350,5 +372,236 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a GPT-2 config"), "{e}");
+    }
+
+    /// Checkpoints written by transformers 5.17 itself (`scripts/hf_fixtures.py`), with the
+    /// float64 logits transformers computed from the same weights: sharded with an index
+    /// (LLaMA, Qwen2, GPT-2), Llama 3.1's rope scaling with an explicit `head_dim` and a list of
+    /// EOS ids, linear rope scaling with tied embeddings, Qwen2's q/k/v biases. Our float64 logits
+    /// must match to rounding (the rope tables are f32 in both).
+    #[test]
+    fn transformers_checkpoints_give_transformers_logits() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        for (name, arch) in [
+            ("llama3-sharded", "llama"),
+            ("llama2-linear", "llama"),
+            ("qwen2-sharded", "llama"),
+            ("gpt2-sharded", "gpt2"),
+        ] {
+            let dir = root.join(name);
+            let m = Decoder::load_hf(&dir, DType::F64, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(m.model_type(), arch, "{name}");
+            let reference =
+                candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                    .unwrap();
+            let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
+            let want = &reference["logits"];
+            let (batch, seq) = ids.dims2().unwrap();
+            let b = LmBatch {
+                input_ids: ids,
+                mask_add: Tensor::zeros((batch, 1, 1, seq), DType::F64, &Device::Cpu).unwrap(),
+                targets: vec![-100; batch * seq],
+                batch,
+                seq,
+            };
+            let got = m.logits(&b).unwrap().reshape(want.shape()).unwrap();
+            let got = got.to_dtype(DType::F64).unwrap();
+            let err: f64 = (&got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let scale: f64 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(
+                scale > 1.0,
+                "{name}: logits of scale {scale} test too little"
+            );
+            assert!(
+                err < 1e-5 * scale,
+                "{name}: max |diff| {err}, logits up to {scale}"
+            );
+        }
+        let l3 = Decoder::load_hf(&root.join("llama3-sharded"), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(l3.eos_token_ids(), vec![2, 3]);
+    }
+
+    /// Loading refuses what it cannot compute faithfully, naming the file and the setting.
+    #[test]
+    fn unsupported_llama_settings_are_named() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama2-linear");
+        let base: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("config.json")).unwrap())
+                .unwrap();
+        let cases: [(&str, serde_json::Value, &str); 4] = [
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+                "rope scaling 'yarn' is not supported",
+            ),
+            (
+                "model_type",
+                serde_json::json!("gemma"),
+                "model_type 'gemma'",
+            ),
+            (
+                "sliding_window",
+                serde_json::json!(16),
+                "sliding-window attention",
+            ),
+            (
+                "num_key_value_heads",
+                serde_json::json!(3),
+                "multiple of num_key_value_heads",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = base.clone();
+            cfg[key] = value;
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, cfg.to_string()).unwrap();
+            let e = LlamaConfig::from_file(&path).unwrap_err().to_string();
+            assert!(
+                e.contains(expected) && e.contains("config.json"),
+                "{key}: {e}"
+            );
+        }
+    }
+
+    /// transformers 4's form of the same settings (`rope_theta` at the top, `rope_scaling` tagged
+    /// `type` or `rope_type`) reads into the same config as transformers 5's `rope_parameters`.
+    #[test]
+    fn transformers_4_and_5_rope_configs_agree() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        for (name, tag) in [("llama3-sharded", "rope_type"), ("llama2-linear", "type")] {
+            let v5 = LlamaConfig::from_file(&root.join(name).join("config.json")).unwrap();
+            assert!(v5.rope_scaling.is_some(), "{name}");
+            let mut v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(root.join(name).join("config.json")).unwrap(),
+            )
+            .unwrap();
+            let mut params = v
+                .as_object_mut()
+                .unwrap()
+                .remove("rope_parameters")
+                .unwrap();
+            let p = params.as_object_mut().unwrap();
+            v["rope_theta"] = p.remove("rope_theta").unwrap();
+            let kind = p.remove("rope_type").unwrap();
+            p.insert(tag.into(), kind);
+            v["rope_scaling"] = params;
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+            let v4 = LlamaConfig::from_file(&dir.path().join("config.json")).unwrap();
+            assert_eq!(v4, v5, "{name}");
+        }
+    }
+
+    /// A shard the index names but the folder lacks is reported by its path.
+    #[test]
+    fn missing_shard_is_named() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2-sharded");
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+        ] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let e = Decoder::load_hf(dir.path(), DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model-00002-of-00002.safetensors") && e.contains("not found"),
+            "{e}"
+        );
+    }
+
+    /// A safetensors base quantized as it loads computes exactly what the dense model computes
+    /// with the same quantized-then-dequantized projection weights, stays near transformers'
+    /// logits (nearer in 8 bits than in 4), and refuses a width that is no whole number of
+    /// blocks.
+    #[test]
+    fn safetensors_base_quantizes_on_load() {
+        use crate::nn::linear::Weight;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        let dir = root.join("llama2-linear");
+        let reference =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap();
+        let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
+        let (batch, seq) = ids.dims2().unwrap();
+        let b = LmBatch {
+            input_ids: ids,
+            mask_add: Tensor::zeros((batch, 1, 1, seq), DType::F32, &Device::Cpu).unwrap(),
+            targets: vec![-100; batch * seq],
+            batch,
+            seq,
+        };
+        let load = |q| LlamaForCausalLM::load_hf_quantized(&dir, DType::F32, &Device::Cpu, q);
+        let mut errs = Vec::new();
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_1] {
+            let q = load(Some(format)).unwrap();
+            let mut dense = load(None).unwrap();
+            let mut n = 0;
+            for (lq, ld) in q.layers.iter().zip(dense.layers.iter_mut()) {
+                for (a, d) in lq.linears.iter().zip(ld.linears.iter_mut()) {
+                    let Weight::Quantized { q, .. } = &a.base.weight else {
+                        panic!("{format:?}: a projection stayed dense");
+                    };
+                    assert_eq!(q.dtype(), format.ggml());
+                    d.base.weight = Weight::Dense(a.base.weight.dense().unwrap().into_owned());
+                    n += 1;
+                }
+            }
+            assert_eq!(n, 7 * 2);
+            let lq = CausalLm::logits(&q, &b).unwrap();
+            let ld = CausalLm::logits(&dense, &b).unwrap();
+            let same = (&lq - &ld).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "{format:?}");
+            let want = reference["logits"].to_dtype(DType::F32).unwrap();
+            let err: f32 = (lq.reshape(want.shape()).unwrap() - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            errs.push(err);
+        }
+        // Near transformers' float logits (|logits| up to 3.9), 8-bit much nearer than 4-bit.
+        let (q8, q4) = (errs[0], errs[1]);
+        assert!(
+            q8 < 0.4 && q8 < q4 / 4.0,
+            "max |diff|: Q8_0 {q8}, Q4_1 {q4}"
+        );
+        // hidden 48: rows of 48 values are not whole 32-value blocks.
+        let e = LlamaForCausalLM::load_hf_quantized(
+            &root.join("llama3-sharded"),
+            DType::F32,
+            &Device::Cpu,
+            Some(QuantFormat::Q8_0),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("self_attn.q_proj.weight") && e.contains("32-value blocks"),
+            "{e}"
+        );
+        let e = Decoder::load_hf_quantized(
+            &root.join("gpt2-sharded"),
+            DType::F32,
+            &Device::Cpu,
+            Some(QuantFormat::Q8_0),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not GPT-2"), "{e}");
     }
 }

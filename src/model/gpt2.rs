@@ -514,12 +514,7 @@ impl Gpt2LMHeadModel {
         device: &Device,
     ) -> std::result::Result<Self, IoError> {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-        let w = Weights::open(
-            &dir.join("model.safetensors"),
-            &["transformer.", ""],
-            dtype,
-            device,
-        )?;
+        let w = Weights::open_dir(dir, &["transformer.", ""], dtype, device)?;
         Self::from_weights(config, &w)
     }
 

@@ -4,10 +4,33 @@
 //! costs no activation memory (only an adapter beside it that trains does, see `adapters::lora`).
 
 use super::flops::matmul;
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::sync::Arc;
+
+/// GGUF block formats a float base can be quantized into (32 values per block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantFormat {
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl QuantFormat {
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QuantFormat::Q4_0 => GgmlDType::Q4_0,
+            QuantFormat::Q4_1 => GgmlDType::Q4_1,
+            QuantFormat::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+}
 
 /// A linear layer's weight: dense, or kept in its quantized GGUF blocks and dequantized for each
 /// matmul. A frozen base needs no full-precision copy, so a Q4 base costs about a seventh of its

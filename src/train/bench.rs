@@ -17,10 +17,10 @@ use crate::model::bert::{BertConfig, BertForSequenceClassification};
 use crate::model::llama::{LlamaForCausalLM, LlamaSite};
 use crate::model::{CausalLm, LlamaConfig, LmBatch};
 use crate::nn::attention::mask_to_additive;
-use crate::nn::linear::Weight;
+use crate::nn::linear::{QuantFormat, Weight};
 use crate::nn::{flops, Pass};
 use anyhow::Result;
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -180,28 +180,6 @@ pub struct BenchArgs {
     pub device: DeviceArgs,
 }
 
-/// GGUF block formats the bench can quantize a random base into.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QuantFormat {
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q4_1")]
-    Q4_1,
-    #[value(name = "q8_0")]
-    Q8_0,
-}
-
-impl QuantFormat {
-    fn ggml(self) -> GgmlDType {
-        match self {
-            QuantFormat::Q4_0 => GgmlDType::Q4_0,
-            QuantFormat::Q4_1 => GgmlDType::Q4_1,
-            QuantFormat::Q8_0 => GgmlDType::Q8_0,
-        }
-    }
-}
-
 /// Replaces every projection weight of `m` by its quantized blocks, one tensor at a time (host
 /// init; on the device `llama_on_device` quantizes as it draws).
 fn quantize_base(m: &mut LlamaForCausalLM, format: QuantFormat, dtype: DType) -> Result<()> {
@@ -353,11 +331,7 @@ fn llama_on_device(
     quantize: Option<QuantFormat>,
 ) -> Result<LlamaForCausalLM> {
     let c = &config;
-    let (h, f, kv) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.kv_heads() * c.head_dim(),
-    );
+    let h = c.hidden_size;
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
         ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
         ("model.norm.weight".into(), vec![h]),
@@ -368,12 +342,7 @@ fn llama_on_device(
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         for s in LlamaSite::ALL {
-            let (o, inp) = match s {
-                LlamaSite::Q | LlamaSite::O => (h, h),
-                LlamaSite::K | LlamaSite::V => (kv, h),
-                LlamaSite::Gate | LlamaSite::Up => (f, h),
-                LlamaSite::Down => (h, f),
-            };
+            let (o, inp) = s.shape(c);
             shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
         }
         shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -478,12 +447,14 @@ fn build(
                 num_hidden_layers: s.layers,
                 num_attention_heads: s.heads,
                 num_key_value_heads: Some(s.kv_heads),
+                explicit_head_dim: None,
                 rms_norm_eps: 1e-6,
                 rope_theta: 10000.0,
+                rope_scaling: None,
                 max_position_embeddings: s.seq.max(4096),
                 tie_word_embeddings: false,
                 bos_token_id: None,
-                eos_token_id: None,
+                eos_token_id: Vec::new(),
             };
             let host = a.host_init || device.is_cpu();
             let mut m = if host {

@@ -17,6 +17,7 @@ use crate::io::fetch;
 use crate::model::llama::LlamaForCausalLM;
 use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
+use crate::nn::linear::QuantFormat;
 use crate::nn::{flops, Pass};
 use crate::safe::{Phase, SafeController};
 use anyhow::{Context, Result};
@@ -34,7 +35,8 @@ use tokenizers::Tokenizer;
 pub struct LoadedDecoder {
     pub model: Decoder,
     pub tokenizer: Tokenizer,
-    pub eos: Option<u32>,
+    /// End-of-sequence ids: the first ends each training sequence, any stops generation.
+    pub eos: Vec<u32>,
     /// Path written into the adapter's `base_model_name_or_path`.
     pub source: PathBuf,
 }
@@ -59,27 +61,26 @@ pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// Loads a decoder: a LLaMA-family GGUF file (dequantized to `dtype`), or a Hugging Face folder
-/// (GPT-2 when its `config.json` says `"model_type": "gpt2"`, else LLaMA-family).
-/// With `quantized_base`, a GGUF model's projection weights stay quantized in memory (see
-/// [`crate::io::gguf::load_llama_opts`]); a Hugging Face folder then is an error.
+/// (GPT-2 when its `config.json` says `"model_type": "gpt2"`, else LLaMA layout).
+/// With `quantized_base`, the frozen projection weights stay quantized in memory: a GGUF file's
+/// own blocks (see [`crate::io::gguf::load_llama_opts`]), or a float checkpoint's quantized into
+/// `quantize_format` (default Q8_0) as they load. A format alone implies `quantized_base`.
 pub fn load_decoder(
     model: Option<&Path>,
     dtype: DType,
     device: &Device,
     quantized_base: bool,
+    quantize_format: Option<QuantFormat>,
 ) -> Result<LoadedDecoder> {
     let source = resolve_decoder_path(model)?;
+    let quantized_base = quantized_base || quantize_format.is_some();
     if source.is_dir() {
-        anyhow::ensure!(
-            !quantized_base,
-            "{}: a quantized base needs a GGUF model file; this is a Hugging Face folder of float weights",
-            source.display()
-        );
-        let m = Decoder::load_hf(&source, dtype, device)?;
+        let format = quantized_base.then(|| quantize_format.unwrap_or(QuantFormat::Q8_0));
+        let m = Decoder::load_hf_quantized(&source, dtype, device, format)?;
         let tok_path = source.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("{}: not a tokenizer file ({e})", tok_path.display()))?;
-        let eos = m.eos_token_id();
+        let eos = m.eos_token_ids();
         return Ok(LoadedDecoder {
             model: m,
             tokenizer,
@@ -87,8 +88,14 @@ pub fn load_decoder(
             source,
         });
     }
+    anyhow::ensure!(
+        quantize_format.is_none(),
+        "{}: a GGUF base keeps its own quantized blocks; a quantize format applies to float \
+         (safetensors) checkpoints",
+        source.display()
+    );
     let g = crate::io::gguf::load_llama_opts(&source, dtype, device, quantized_base)?;
-    let eos = g.config.eos_token_id;
+    let eos = g.config.eos_token_id.clone();
     let w = crate::io::weights::Weights::from_tensors(g.tensors, dtype, device)
         .with_quantized(g.quantized);
     let model = LlamaForCausalLM::from_weights(g.config, &w)
@@ -261,8 +268,9 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         cfg.dtype.dtype(),
         &device,
         cfg.quantized_base,
+        cfg.quantize_format,
     )?;
-    let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos)?;
+    let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos.first().copied())?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
     let mut model = loaded.model;
     let source = loaded.source;

@@ -56,9 +56,12 @@ pub struct LmTrainConfig {
     /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
     /// optimizer state and the losses stay f32).
     pub dtype: crate::device::DTypeSpec,
-    /// Keep a GGUF base's projection weights quantized in memory, dequantized per matmul: the
-    /// frozen base costs its file size instead of a full-precision copy.
+    /// Keep the base's projection weights quantized in memory, dequantized per matmul: a GGUF
+    /// base at its file size, a safetensors base quantized into `quantize_format` as it loads.
     pub quantized_base: bool,
+    /// q4_0 | q4_1 | q8_0: the blocks a float (safetensors) base is quantized into (default q8_0);
+    /// implies `quantized_base`.
+    pub quantize_format: Option<crate::nn::linear::QuantFormat>,
     /// Keep only each trainable layer's input in the forward and run the layer again in backward:
     /// activation memory of one layer instead of all, for one more forward of the trainable layers.
     pub gradient_checkpointing: bool,
@@ -91,6 +94,7 @@ impl Default for LmTrainConfig {
             device: Default::default(),
             dtype: Default::default(),
             quantized_base: false,
+            quantize_format: None,
             gradient_checkpointing: false,
             lora: LoraConfig {
                 r: 8,
