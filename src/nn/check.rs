@@ -9,7 +9,7 @@ use super::layer_norm::LayerNorm;
 use super::linear::Weight;
 use super::rms_norm::RmsNorm;
 use super::rope::Rope;
-use super::{swiglu, Dropout, Pass};
+use super::{dropout, swiglu, Dropout, Pass};
 use crate::train::optim::{AdamW, AdamWConfig};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
@@ -183,6 +183,36 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             &format!("dequantize {fmt:?}"),
             rel(&used.to_device(&Device::Cpu)?, &host)?,
         );
+    }
+
+    // Dropout: the mask the device draws against the host's from the same seeds (they must be
+    // identical: a run is the same on any device), and its output against `x * keep * scale`.
+    {
+        let n = 3 * 4096 + 123; // several seeds, a partial last chunk
+        let x = r(&[n], 16, 1.0, 0.0)?;
+        let mut rng = StdRng::seed_from_u64(17);
+        let mut pass = Pass {
+            training: true,
+            rng: &mut rng,
+        };
+        let (y, saved) = Dropout::new(0.1).forward(&x, &mut pass, true)?;
+        let keep = saved.expect("saved").keep_mask().to_device(&Device::Cpu)?;
+        let mut rng = StdRng::seed_from_u64(17);
+        let seeds: Vec<u64> = (0..n.div_ceil(dropout::MASK_CHUNK))
+            .map(|_| rand::RngCore::next_u64(&mut rng))
+            .collect();
+        let host = dropout::host_mask(&seeds, n, dropout::keep_threshold(0.1));
+        let differ = keep
+            .to_vec1::<u8>()?
+            .iter()
+            .zip(&host)
+            .filter(|(a, b)| a != b)
+            .count();
+        push("dropout mask (differing elements)", differ as f64);
+        let want = (x.to_device(&Device::Cpu)?
+            * Tensor::new(host, &Device::Cpu)?.to_dtype(dtype)?)?
+        .affine(1.0 / 0.9, 0.0)?;
+        push("dropout output", rel(&y.to_device(&Device::Cpu)?, &want)?);
     }
 
     // AdamW: three updates of an f32 parameter (trained tensors are f32 whatever the dtype).

@@ -7,6 +7,7 @@
 //! inputs are not contiguous f32 CPU tensors, and the caller falls back to the candle composition,
 //! which stays the reference the kernels are tested against (and the path on other devices).
 
+use super::dropout;
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -492,28 +493,22 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::cat(&parts, 0)
 }
 
-/// Dropout forward in one pass: `y = x * keep / (1 - p)`, with the keep-mask drawn per chunk from
-/// seeds taken from `rng` (so a run is reproducible from its seed whatever the thread count).
-/// Returns `(y, keep)`, `keep` as `u8`.
-pub fn dropout_fwd(
-    x: &Tensor,
-    p: f64,
-    rng: &mut rand::rngs::StdRng,
-) -> Result<Option<(Tensor, Tensor)>> {
-    use rand::RngCore;
+/// Dropout forward in one pass: `y = x * keep / (1 - p)`, the keep-mask drawn per
+/// [`dropout::MASK_CHUNK`] elements from that chunk's seed (see [`dropout`]). Returns
+/// `(y, keep)`, `keep` as `u8`.
+pub fn dropout_fwd(x: &Tensor, p: f64, seeds: &[u64]) -> Result<Option<(Tensor, Tensor)>> {
     let n = x.elem_count();
-    let seeds: Vec<u64> = (0..n.div_ceil(CHUNK)).map(|_| rng.next_u64()).collect();
-    let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
+    let threshold = dropout::keep_threshold(p);
     let scale = (1.0 / (1.0 - p)) as f32;
     let out = with_f32(x, |x| {
         let mut y = vec![0f32; n];
         let mut keep = vec![0u8; n];
-        y.par_chunks_mut(CHUNK)
-            .zip(keep.par_chunks_mut(CHUNK))
-            .zip(x.par_chunks(CHUNK))
+        y.par_chunks_mut(dropout::MASK_CHUNK)
+            .zip(keep.par_chunks_mut(dropout::MASK_CHUNK))
+            .zip(x.par_chunks(dropout::MASK_CHUNK))
             .zip(seeds.par_iter())
             .for_each(|(((y, k), x), &seed)| {
-                let mut r = SplitMix64(seed);
+                let mut r = dropout::SplitMix64(seed);
                 for i in 0..y.len() {
                     let kept = r.next_u32() < threshold;
                     k[i] = kept as u8;
@@ -558,21 +553,6 @@ pub fn dropout_bwd(dy: &Tensor, keep: &Tensor, scale: f64) -> Result<Option<Tens
         dx
     });
     out.map(|dx| tensor(dx, dy)).transpose()
-}
-
-/// SplitMix64: a tiny, fast generator, plenty for dropout masks (each chunk seeded from the run's
-/// seeded `StdRng`).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    #[inline]
-    fn next_u32(&mut self) -> u32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 32) as u32
-    }
 }
 
 #[cfg(test)]

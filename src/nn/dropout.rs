@@ -1,11 +1,55 @@
-//! Inverted dropout with masks drawn from a seeded host RNG.
+//! Inverted dropout with masks drawn from the run's seeded host RNG.
+//!
+//! The host RNG gives one seed per [`MASK_CHUNK`] elements; within a chunk, element `k`'s bits are
+//! the `k`-th output of SplitMix64 started at that seed. Every path computes exactly that: the
+//! host in parallel over chunks (`cpu::dropout_fwd`, or [`host_mask`] for other dtypes), a CUDA
+//! kernel in closed form (`gpu::dropout_fwd`), so the masks, and a run, are the same on any
+//! device and thread count, and the host draws one number per 4096 elements, not one per element.
 //!
 //! The saved mask is a `u8` tensor (a quarter of an f32 activation), so dropout costs little memory
-//! for backward, and runs are reproducible from the seed on any device.
+//! for backward.
 
 use super::Pass;
 use candle_core::{Result, Tensor};
 use rand::RngCore;
+use rayon::prelude::*;
+
+/// Elements per seed.
+pub const MASK_CHUNK: usize = 4096;
+
+/// An element is kept when its 32 random bits fall below this.
+pub fn keep_threshold(p: f64) -> u32 {
+    ((1.0 - p) * u32::MAX as f64) as u32
+}
+
+/// SplitMix64: a tiny, fast generator, plenty for dropout masks; its `k`-th output has a closed
+/// form (state `seed + k * gamma`), which the CUDA kernel uses.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    #[inline]
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 32) as u32
+    }
+}
+
+/// The keep-mask of `n` elements for `seeds` (one per chunk), on the host.
+pub fn host_mask(seeds: &[u64], n: usize, threshold: u32) -> Vec<u8> {
+    let mut mask = vec![0u8; n];
+    mask.par_chunks_mut(MASK_CHUNK)
+        .zip(seeds.par_iter())
+        .for_each(|(m, &seed)| {
+            let mut r = SplitMix64(seed);
+            for k in m.iter_mut() {
+                *k = (r.next_u32() < threshold) as u8;
+            }
+        });
+    mask
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
@@ -33,24 +77,35 @@ impl Dropout {
         if !pass.training || self.p <= 0.0 {
             return Ok((x.clone(), None));
         }
-        if let Some((y, keep)) = super::cpu::dropout_fwd(x, self.p, pass.rng)? {
-            let scale = 1.0 / (1.0 - self.p);
-            return Ok((y, save.then_some(DropoutSaved { keep, scale })));
-        }
-        let threshold = ((1.0 - self.p) * u32::MAX as f64) as u32;
         let n = x.elem_count();
-        let mut mask = Vec::with_capacity(n);
-        for _ in 0..n {
-            mask.push((pass.rng.next_u32() < threshold) as u8);
-        }
-        let keep = Tensor::from_vec(mask, x.shape(), x.device())?;
+        let seeds: Vec<u64> = (0..n.div_ceil(MASK_CHUNK))
+            .map(|_| pass.rng.next_u64())
+            .collect();
+        let threshold = keep_threshold(self.p);
         let scale = 1.0 / (1.0 - self.p);
-        let y = (x * keep.to_dtype(x.dtype())?)?.affine(scale, 0.0)?;
+        let fused = match super::cpu::dropout_fwd(x, self.p, &seeds)? {
+            Some(out) => Some(out),
+            None => super::gpu::dropout_fwd(x, &seeds, threshold, scale as f32)?,
+        };
+        let (y, keep) = match fused {
+            Some(out) => out,
+            None => {
+                let keep =
+                    Tensor::from_vec(host_mask(&seeds, n, threshold), x.shape(), x.device())?;
+                let y = (x * keep.to_dtype(x.dtype())?)?.affine(scale, 0.0)?;
+                (y, keep)
+            }
+        };
         Ok((y, save.then_some(DropoutSaved { keep, scale })))
     }
 }
 
 impl DropoutSaved {
+    /// The keep-mask (`u8`, 1 = kept).
+    pub fn keep_mask(&self) -> &Tensor {
+        &self.keep
+    }
+
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         if let Some(dx) = super::cpu::dropout_bwd(dy, &self.keep, self.scale)? {
             return Ok(dx);
@@ -100,6 +155,42 @@ mod tests {
         assert!(v
             .iter()
             .all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-12));
+    }
+
+    /// The mask depends on the seed alone: the fused f32 path, the host path of other dtypes and
+    /// a non-contiguous input give the same mask (the CUDA kernel is held to it by `self-test`).
+    #[test]
+    fn mask_is_the_same_on_every_path() {
+        let x = randn(&[3, 5000], 7)
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let mask = |x: &Tensor| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            let (_, s) = Dropout::new(0.3).forward(x, &mut pass, true).unwrap();
+            s.unwrap()
+                .keep
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap()
+        };
+        let f32_mask = mask(&x);
+        assert_eq!(
+            f32_mask,
+            mask(&x.to_dtype(candle_core::DType::F64).unwrap())
+        );
+        assert_eq!(
+            f32_mask,
+            mask(&x.to_dtype(candle_core::DType::BF16).unwrap())
+        );
+        // A transposed view: the mask follows the logical (row-major) order.
+        let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!xt.is_contiguous());
+        assert_eq!(f32_mask, mask(&xt));
     }
 
     #[test]

@@ -249,7 +249,44 @@ mod imp {
         Ok(Some(y))
     }
 
-    /// `a + b`, same shape.
+    /// Inverted dropout `y = x * keep / (1 - p)` and its `u8` keep mask, drawn on the device from
+    /// one SplitMix64 seed per 4096 elements: the masks `cpu::dropout_fwd` draws from the same
+    /// seeds.
+    pub fn dropout_fwd(
+        x: &Tensor,
+        seeds: &[u64],
+        threshold: u32,
+        scale: f32,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(sfx) = suffix(x.dtype(), &[x]) else {
+            return Ok(None);
+        };
+        let dev = device(x)?;
+        let n = x.elem_count();
+        if seeds.len() != n.div_ceil(4096) {
+            bail!("dropout: {} seeds for {n} elements", seeds.len());
+        }
+        let stream = dev.cuda_stream();
+        let seeds = dev.clone_htod(seeds)?;
+        let ps = seeds.device_ptr(&stream).0;
+        let (y, py) = output(&dev, x.dtype(), x.shape())?;
+        // SAFETY: the kernel writes every element of the mask.
+        let keep = unsafe { dev.alloc::<u8>(n)? };
+        let pk = keep.device_ptr(&stream).0;
+        let keep = Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(keep, dev.clone())),
+            x.shape().clone(),
+            BackpropOp::none(),
+            false,
+        );
+        let (px, n64) = (ptr(x, &dev)?, n as u64);
+        launch!(dev, format!("st_dropout_fwd_{sfx}"), elems_cfg(n); px, ps, py, pk, n64, threshold, scale);
+        drop(seeds); // freed in stream order, after the kernel
+        Ok(Some((y, keep)))
+    }
+
+    /// A Q4_0 / Q4_1 / Q8_0 weight dequantized straight into `dtype` (None: another format or
+    /// device).
     pub fn dequantize(q: &QTensor, dtype: DType) -> Result<Option<Tensor>> {
         let fmt: i32 = match q.dtype() {
             GgmlDType::Q4_0 => 0,
@@ -267,6 +304,7 @@ mod imp {
         Ok(Some(y))
     }
 
+    /// `a + b`, same shape.
     pub fn add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         let Some(sfx) = suffix(a.dtype(), &[a, b]) else {
             return Ok(None);
@@ -457,6 +495,9 @@ mod imp {
         Ok(None)
     }
     pub fn bias_add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn dropout_fwd(_: &Tensor, _: &[u64], _: u32, _: f32) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
     pub fn dequantize(
