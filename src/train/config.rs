@@ -180,10 +180,36 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot read config ({e})", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))
+        toml_over_defaults(path, &Self::default())
+    }
+}
+
+/// Reads a TOML config in which every key it leaves out, in nested tables too, keeps its value in
+/// `defaults`: a `[lora]` table that sets only `dropout` keeps the command's own target modules
+/// (plain serde defaults would take `LoraConfig::default()`'s for the whole table). Unknown keys
+/// are still refused.
+pub fn toml_over_defaults<T: Serialize + serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    defaults: &T,
+) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read config ({e})", path.display()))?;
+    let invalid =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: invalid config: {e}", path.display());
+    let given: toml::Table = toml::from_str(&text).map_err(|e| invalid(&e))?;
+    let mut merged = toml::Table::try_from(defaults).map_err(|e| invalid(&e))?;
+    merge_tables(&mut merged, given);
+    merged.try_into().map_err(|e| invalid(&e))
+}
+
+fn merge_tables(base: &mut toml::Table, given: toml::Table) {
+    for (k, v) in given {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(g)) => merge_tables(b, g),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -210,5 +236,39 @@ mod tests {
         assert_eq!((c.epochs, c.lora.r, c.data.max_length), (3, 4, 64));
         assert_eq!(c.batch_size, TrainConfig::default().batch_size);
         assert!(toml::from_str::<TrainConfig>("epoch = 3").is_err());
+    }
+
+    /// A table that sets one key keeps the command's defaults for the others (the LM trainer's
+    /// LoRA targets and SAFE rounds are not the classifier's); typos are still refused.
+    #[test]
+    fn partial_tables_keep_the_commands_defaults() {
+        use crate::train::lm_config::LmTrainConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "epochs = 3\n[lora]\ndropout = 0.0\n[safe]\nwarmup_rel_tol = 0.1\n",
+        )
+        .unwrap();
+        let c = LmTrainConfig::from_toml_file(&path).unwrap();
+        let d = LmTrainConfig::default();
+        assert_eq!(
+            (c.epochs, c.lora.dropout, c.safe.warmup_rel_tol),
+            (3, 0.0, 0.1)
+        );
+        assert_eq!(c.lora.target_modules, d.lora.target_modules);
+        assert_eq!(c.lora.r, d.lora.r);
+        assert_eq!(c.safe.rounds_per_epoch, d.safe.rounds_per_epoch);
+        assert_eq!(c.safe.monitor_examples, d.safe.monitor_examples);
+        let b = TrainConfig::from_toml_file(&path).unwrap();
+        assert_eq!(
+            b.lora.target_modules,
+            TrainConfig::default().lora.target_modules
+        );
+        std::fs::write(&path, "[lora]\ndropuot = 0.0\n").unwrap();
+        let e = LmTrainConfig::from_toml_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml") && e.contains("dropuot"), "{e}");
     }
 }

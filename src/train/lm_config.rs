@@ -114,9 +114,6 @@ impl Default for LmTrainConfig {
 
 impl LmTrainConfig {
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot read config ({e})", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))
+        super::config::toml_over_defaults(path, &Self::default())
     }
 }
