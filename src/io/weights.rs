@@ -7,7 +7,7 @@
 
 use super::IoError;
 use crate::nn::linear::{QuantFormat, Weight};
-use candle_core::quantized::{QStorage, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -224,29 +224,16 @@ impl Weights {
         let Some(format) = self.quantize_on_load else {
             return self.get(name, shape).map(Weight::Dense);
         };
-        let block = format.ggml().block_size();
         let fail = |message: String| IoError::Invalid {
             path: self.file.0.clone(),
-            message: format!("tensor '{full}': {message}"),
+            message: format!("tensor '{full}': cannot be quantized to {format:?} ({message})"),
         };
-        if shape.last().is_none_or(|&n| n % block != 0) {
-            return Err(fail(format!(
-                "cannot be quantized to {format:?}: {shape:?} rows are not a whole number of \
-                 {block}-value blocks"
-            )));
-        }
         // Quantized on the host from f32 (the dense copy lives only for this call), then the
-        // blocks go to the device: candle quantizes a device tensor on the host anyway.
+        // blocks go to the device.
         let dense = self.get_as(name, shape, DType::F32, &Device::Cpu)?;
-        let q = QTensor::quantize(&dense, format.ggml()).map_err(|e| fail(e.to_string()))?;
-        let q = if self.device.is_cpu() {
-            q
-        } else {
-            let data = q.data().map_err(|e| fail(e.to_string()))?;
-            let storage = QStorage::from_data(data, &self.device, format.ggml())
-                .map_err(|e| fail(e.to_string()))?;
-            QTensor::new(storage, shape).map_err(|e| fail(e.to_string()))?
-        };
+        let q = format
+            .quantize(&dense, &self.device)
+            .map_err(|e| fail(e.to_string()))?;
         Ok(Weight::Quantized {
             q: Arc::new(q),
             dtype: self.dtype,

@@ -20,7 +20,6 @@ use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::{QuantFormat, Weight};
 use crate::nn::{flops, Pass};
 use anyhow::Result;
-use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -186,7 +185,7 @@ fn quantize_base(m: &mut LlamaForCausalLM, format: QuantFormat, dtype: DType) ->
     for layer in &mut m.layers {
         for lin in &mut layer.linears {
             let dense = lin.base.weight.dense()?.into_owned();
-            let q = QTensor::quantize(&dense, format.ggml())?;
+            let q = format.quantize(&dense, &dense.device().clone())?;
             lin.base.weight = Weight::Quantized {
                 q: Arc::new(q),
                 dtype,
@@ -358,7 +357,7 @@ fn llama_on_device(
         let t = Tensor::randn(0f32, 0.02, shape, device)?;
         match quantize {
             Some(f) if name.ends_with("_proj.weight") => {
-                quantized.insert(name, Arc::new(QTensor::quantize(&t, f.ggml())?));
+                quantized.insert(name, Arc::new(f.quantize(&t, device)?));
             }
             _ => {
                 tensors.insert(name, t.to_dtype(dtype)?);
