@@ -6,7 +6,6 @@
 //! kernel can rotate adjacent pairs; we undo that here, because the model rotates HF-style
 //! (`rotate_half`, pairs `i` and `i + head_dim / 2`).
 
-use super::weights::Weights;
 use super::IoError;
 use crate::model::llama::{LlamaConfig, RopeScaling};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -15,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -28,7 +27,8 @@ use tokenizers::{AddedToken, Tokenizer};
 
 /// A LLaMA checkpoint ready for the model: config, tensors under Hugging Face names (Q/K rows in
 /// HF order; no `lm_head.weight` when the head is tied), tokenizer, chat template if the file
-/// has one. Made by [`load_llama`] (GGUF) and [`load_llama_hf`] (Hugging Face folder).
+/// has one. Made by [`load_llama`] / [`load_llama_opts`]; a Hugging Face folder loads through
+/// `LlamaForCausalLM::load_hf` instead.
 pub struct GgufLlama {
     pub config: LlamaConfig,
     pub tensors: HashMap<String, Tensor>,
@@ -556,92 +556,14 @@ pub fn load_llama_opts(
     })
 }
 
-/// Loads a Hugging Face LLaMA folder: `config.json`, `tokenizer.json`, `model.safetensors` or
-/// sharded `model.safetensors.index.json`; `tokenizer_config.json`'s chat template if present.
-pub fn load_llama_hf(dir: &Path, dtype: DType, device: &Device) -> Result<GgufLlama, IoError> {
-    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-    let tok_path = dir.join("tokenizer.json");
-    if !tok_path.is_file() {
-        return Err(IoError::Missing {
-            path: tok_path,
-            what: "Hugging Face tokenizer".into(),
-        });
-    }
-    let tokenizer = Tokenizer::from_file(&tok_path)
-        .map_err(|e| invalid(&tok_path, format!("not a readable tokenizer ({e})")))?;
-    let chat_template = read_chat_template(&dir.join("tokenizer_config.json"))?;
-
-    // Which file holds each tensor: one file, or the index's map of name -> shard.
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let shard_map: Option<HashMap<String, String>> = if single.is_file() {
-        None
-    } else if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| invalid(&index, e.to_string()))?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| invalid(&index, format!("not JSON ({e})")))?;
-        let map = parsed
-            .get("weight_map")
-            .cloned()
-            .and_then(|m| serde_json::from_value(m).ok())
-            .ok_or_else(|| invalid(&index, "no 'weight_map' of tensor name -> file"))?;
-        Some(map)
-    } else {
-        return Err(IoError::Missing {
-            path: single,
-            what: "model weights (model.safetensors or model.safetensors.index.json)".into(),
-        });
-    };
-
-    let mut files: HashMap<PathBuf, Weights> = HashMap::new();
-    let mut tensors = HashMap::new();
-    for (name, shape) in expected_shapes(&config) {
-        let file = match &shard_map {
-            None => single.clone(),
-            Some(map) => dir.join(map.get(&name).ok_or_else(|| IoError::MissingTensor {
-                path: index.clone(),
-                name: name.clone(),
-                tried: "the index's weight_map".into(),
-            })?),
-        };
-        if !files.contains_key(&file) {
-            let w = Weights::open(&file, &[""], dtype, device)?;
-            files.insert(file.clone(), w);
-        }
-        tensors.insert(name.clone(), files[&file].get(&name, &shape)?);
-    }
-    Ok(GgufLlama {
-        config,
-        tensors,
-        quantized: HashMap::new(),
-        tokenizer,
-        chat_template,
-    })
-}
-
-/// `chat_template` from `tokenizer_config.json`: a string, or the entry named "default" of a list.
-fn read_chat_template(path: &Path) -> Result<Option<String>, IoError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(None);
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| invalid(path, format!("not JSON ({e})")))?;
-    Ok(match v.get("chat_template") {
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str().map(String::from)),
-        _ => None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::weights::Weights;
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+    use std::path::PathBuf;
 
     /// GPT-2's byte -> printable char table (as in every byte-level BPE vocab).
     fn byte_chars() -> Vec<char> {
@@ -1101,11 +1023,6 @@ mod tests {
         let (tok, _) = load_tokenizer(&gguf).unwrap();
         tok.save(dir.join("tokenizer.json"), false).unwrap();
         std::fs::remove_file(&gguf).unwrap();
-        std::fs::write(
-            dir.join("tokenizer_config.json"),
-            r#"{"chat_template": "{{ hf }}"}"#,
-        )
-        .unwrap();
         let mut names: Vec<&String> = hf.keys().collect();
         names.sort();
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = names
@@ -1145,28 +1062,42 @@ mod tests {
         }
     }
 
+    /// The same weights as a GGUF and as a Hugging Face folder (one file, or three shards with an
+    /// index) give the same model: equal logits, and the folder's `tokenizer.json` encodes as the
+    /// GGUF's tokenizer does.
     #[test]
     fn hf_folder_single_and_sharded_equal_the_gguf() {
+        use crate::model::llama::LlamaForCausalLM;
+        use crate::model::{CausalLm, LmBatch};
         let tmp = tempfile::tempdir().unwrap();
         let cfg = tiny_config(false);
         let hf = random_tensors(&cfg, 11);
         let gguf = tmp.path().join("m.gguf");
         write_gguf(&gguf, &cfg, &hf, f32s, |_, _| {});
-        let from_gguf = load_llama(&gguf, DType::F32, &Device::Cpu).unwrap();
+        let g = load_llama(&gguf, DType::F32, &Device::Cpu).unwrap();
+        let w = Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu);
+        let from_gguf = LlamaForCausalLM::from_weights(g.config.clone(), &w).unwrap();
+        let ids = Tensor::new(&[[3u32, 9, 17, 4, 22, 8]], &Device::Cpu).unwrap();
+        let b = LmBatch {
+            input_ids: ids,
+            mask_add: Tensor::zeros((1, 1, 1, 6), DType::F32, &Device::Cpu).unwrap(),
+            targets: vec![-100; 6],
+            batch: 1,
+            seq: 6,
+        };
+        let want = CausalLm::logits(&from_gguf, &b).unwrap();
         for shards in [1, 3] {
             let dir = tmp.path().join(format!("hf{shards}"));
             write_hf(&dir, &cfg, &hf, shards);
-            let m = load_llama_hf(&dir, DType::F32, &Device::Cpu).unwrap();
-            assert_eq!(m.config, from_gguf.config);
-            assert_eq!(m.chat_template.as_deref(), Some("{{ hf }}"));
-            assert_eq!(m.tensors.len(), from_gguf.tensors.len());
-            for (name, t) in &m.tensors {
-                assert_eq!(max_diff(t, &from_gguf.tensors[name]), 0.0, "{name}");
-            }
+            assert_eq!(dir.join("model.safetensors").exists(), shards == 1);
+            let m = LlamaForCausalLM::load_hf(&dir, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(m.config, g.config);
+            assert_eq!(max_diff(&CausalLm::logits(&m, &b).unwrap(), &want), 0.0);
+            let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
             let text = "<|im_start|>the 42 Größe";
             assert_eq!(
-                m.tokenizer.encode(text, false).unwrap().get_ids(),
-                from_gguf.tokenizer.encode(text, false).unwrap().get_ids()
+                tok.encode(text, false).unwrap().get_ids(),
+                g.tokenizer.encode(text, false).unwrap().get_ids()
             );
         }
         // A shape that disagrees with config.json is named.
@@ -1178,10 +1109,10 @@ mod tests {
             serde_json::to_string(&bad).unwrap(),
         )
         .unwrap();
-        let e = load_llama_hf(&dir, DType::F32, &Device::Cpu).unwrap_err();
+        let e = LlamaForCausalLM::load_hf(&dir, DType::F32, &Device::Cpu).unwrap_err();
         assert!(matches!(e, IoError::WrongShape { .. }), "{e}");
         std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-        let e = load_llama_hf(&dir, DType::F32, &Device::Cpu).unwrap_err();
+        let e = LlamaForCausalLM::load_hf(&dir, DType::F32, &Device::Cpu).unwrap_err();
         assert!(matches!(e, IoError::Missing { .. }), "{e}");
     }
 
