@@ -441,6 +441,34 @@ pub fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<String>), IoErro
     Ok((tokenizer_from_metadata(&meta)?, template))
 }
 
+/// llama.cpp's tensor of per-frequency divisors (Llama 3.1's rope scaling, as
+/// `convert_hf_to_gguf.py` writes it: `inv_freq[i] / factor[i]`).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+fn rope_freq_factors(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    config: &LlamaConfig,
+    path: &Path,
+) -> Result<RopeScaling, IoError> {
+    let t = content
+        .tensor(reader, ROPE_FREQS, &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map_err(|e| invalid(path, format!("{ROPE_FREQS} cannot be read ({e})")))?;
+    let half = config.head_dim() / 2;
+    if t.len() != half || t.iter().any(|&f| !(f > 0.0 && f.is_finite())) {
+        return Err(invalid(
+            path,
+            format!(
+                "{ROPE_FREQS}: expected {half} positive factors, found {} values",
+                t.len()
+            ),
+        ));
+    }
+    Ok(RopeScaling::Factors { factors: t })
+}
+
 /// Loads a llama.cpp GGUF LLaMA checkpoint: every tensor dequantized to `dtype` on `device`,
 /// renamed to Hugging Face names, Q/K rows restored to HF order, shapes checked against the
 /// config from the `llama.*` metadata.
@@ -463,7 +491,10 @@ pub fn load_llama_opts(
         md: &content.metadata,
     };
     let tied = !content.tensor_infos.contains_key("output.weight");
-    let config = config_from_metadata(&meta, tied)?;
+    let mut config = config_from_metadata(&meta, tied)?;
+    if content.tensor_infos.contains_key(ROPE_FREQS) {
+        config.rope_scaling = Some(rope_freq_factors(&content, &mut reader, &config, path)?);
+    }
     let tokenizer = tokenizer_from_metadata(&meta)?;
     let chat_template = meta.opt_str("tokenizer.chat_template")?.map(String::from);
 
@@ -474,6 +505,9 @@ pub fn load_llama_opts(
     infos.sort_by_key(|(_, info)| info.offset);
     let mut plan = Vec::with_capacity(infos.len());
     for (gguf, info) in infos {
+        if gguf == ROPE_FREQS {
+            continue; // read into the config above
+        }
         let hf = hf_name(gguf)
             .filter(|hf| expected.contains_key(hf))
             .ok_or_else(|| {
@@ -1114,6 +1148,89 @@ mod tests {
         std::fs::remove_file(dir.join("model.safetensors")).unwrap();
         let e = LlamaForCausalLM::load_hf(&dir, DType::F32, &Device::Cpu).unwrap_err();
         assert!(matches!(e, IoError::Missing { .. }), "{e}");
+    }
+
+    /// A GGUF converted from a Llama 3.1-style model carries the rope scaling as llama.cpp's
+    /// `rope_freqs` divisors: it computes what the same weights compute with the `llama3` config,
+    /// and not what they compute unscaled. A tensor of the wrong length is named.
+    #[test]
+    fn rope_freqs_tensor_matches_the_llama3_config() {
+        use crate::model::llama::LlamaForCausalLM;
+        use crate::model::{CausalLm, LmBatch};
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(false);
+        let hf = random_tensors(&cfg, 13);
+        let (factor, low, high, old) = (8.0f64, 1.0f64, 4.0f64, 256usize);
+        // As convert_hf_to_gguf.py writes them for rope_type llama3.
+        let d = cfg.head_dim();
+        let factors: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let freq = 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32);
+                let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
+                let (low_wl, high_wl) = (old as f64 / low, old as f64 / high);
+                if wavelen < high_wl {
+                    1.0
+                } else if wavelen > low_wl {
+                    factor as f32
+                } else {
+                    let s = (old as f64 / wavelen - low) / (high - low);
+                    (1.0 / ((1.0 - s) / factor + s)) as f32
+                }
+            })
+            .collect();
+        assert!(factors[0] == 1.0 && factors[3] == 8.0 && factors[1] > 1.0 && factors[1] < 8.0);
+        let write = |path: &Path, f: Vec<f32>| {
+            write_gguf(path, &cfg, &hf, f32s, |_, ts| {
+                let t = Tensor::new(f.as_slice(), &Device::Cpu).unwrap();
+                ts.push((
+                    ROPE_FREQS.into(),
+                    QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+                ));
+            })
+        };
+        let path = tmp.path().join("l3.gguf");
+        write(&path, factors.clone());
+        let g = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            g.config.rope_scaling,
+            Some(RopeScaling::Factors { .. })
+        ));
+        let model = |rope: Option<RopeScaling>| {
+            let mut c = g.config.clone();
+            c.rope_scaling = rope;
+            let w = Weights::from_tensors(g.tensors.clone(), DType::F32, &Device::Cpu);
+            LlamaForCausalLM::from_weights(c, &w).unwrap()
+        };
+        let ids: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 40).collect();
+        let b = LmBatch {
+            input_ids: Tensor::from_vec(ids, (1, 24), &Device::Cpu).unwrap(),
+            mask_add: Tensor::zeros((1, 1, 1, 24), DType::F32, &Device::Cpu).unwrap(),
+            targets: vec![-100; 24],
+            batch: 1,
+            seq: 24,
+        };
+        let logits = |m: &LlamaForCausalLM| CausalLm::logits(m, &b).unwrap();
+        let from_gguf = logits(&model(g.config.rope_scaling.clone()));
+        let llama3 = logits(&model(Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: old,
+        })));
+        let unscaled = logits(&model(None));
+        assert!(
+            max_diff(&from_gguf, &llama3) < 1e-5,
+            "{}",
+            max_diff(&from_gguf, &llama3)
+        );
+        assert!(max_diff(&from_gguf, &unscaled) > 1e-3);
+
+        let bad = tmp.path().join("bad.gguf");
+        write(&bad, vec![1.0; 3]);
+        let e = load_llama(&bad, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.gguf") && e.contains(ROPE_FREQS), "{e}");
     }
 
     // ------------------------------------------------------------ the real SmolLM2 asset

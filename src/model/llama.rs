@@ -57,6 +57,11 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// One divisor per frequency: llama.cpp's `rope_freqs` tensor in a GGUF (Llama 3.1's scaling
+    /// computed at conversion). Never read from a `config.json`.
+    Factors {
+        factors: Vec<f32>,
+    },
 }
 
 fn default_rms_eps() -> f64 {
@@ -116,10 +121,13 @@ impl LlamaConfig {
         let base: Vec<f32> = (0..d / 2)
             .map(|i| self.rope_theta.powf(-((2 * i) as f64) / d as f64) as f32)
             .collect();
-        match self.rope_scaling {
+        match &self.rope_scaling {
             None | Some(RopeScaling::Default) => base,
+            Some(RopeScaling::Factors { factors }) => {
+                base.iter().zip(factors).map(|(&f, &d)| f / d).collect()
+            }
             Some(RopeScaling::Linear { factor }) => {
-                base.iter().map(|&f| f / factor as f32).collect()
+                base.iter().map(|&f| f / *factor as f32).collect()
             }
             Some(RopeScaling::Llama3 {
                 factor,
@@ -127,7 +135,9 @@ impl LlamaConfig {
                 high_freq_factor,
                 original_max_position_embeddings,
             }) => {
-                let old = original_max_position_embeddings as f64;
+                let (factor, low_freq_factor, high_freq_factor) =
+                    (*factor, *low_freq_factor, *high_freq_factor);
+                let old = *original_max_position_embeddings as f64;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 base.iter()
