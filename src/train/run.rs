@@ -296,6 +296,57 @@ impl RunTotals {
     }
 }
 
+/// Host memory SAFE's CKA moments take while a round is measured, in bytes: for each adapter,
+/// three `d x d` f64 matrices and two `d` sums, `d` the width CKA watches. That is the adapted
+/// linear's output width; for the block's output, the wider of the linear's input and output is
+/// used as a bound.
+pub fn cka_moment_bytes(model: &impl Adapted, point: crate::safe::MonitorPoint) -> u64 {
+    model
+        .adapters()
+        .iter()
+        .map(|(_, a)| {
+            let out = a.b.dims().first().copied().unwrap_or(0);
+            let d = match point {
+                crate::safe::MonitorPoint::Linear => out,
+                crate::safe::MonitorPoint::Block => {
+                    out.max(a.a.dims().get(1).copied().unwrap_or(0))
+                }
+            } as u64;
+            (3 * d * d + 2 * d) * 8
+        })
+        .sum()
+}
+
+/// Refuses a SAFE run whose CKA moments would not fit in `available` bytes of host memory,
+/// before it trains, instead of being killed for memory at its first round.
+pub fn check_cka_memory(needed: u64, available: Option<u64>, adapters: usize) -> Result<()> {
+    const GB: f64 = 1e9;
+    if needed as f64 > GB {
+        tracing::info!(
+            "SAFE's CKA moments: {:.1} GB of host memory per round",
+            needed as f64 / GB
+        );
+    }
+    if let Some(avail) = available.filter(|&a| needed > a) {
+        anyhow::bail!(
+            "SAFE's importance monitoring needs {:.1} GB of host memory for the CKA moments of {adapters} \
+             adapters (three d x d f64 matrices each), more than the {:.1} GB available; adapt fewer \
+             modules or layers, or train with --method lora",
+            needed as f64 / GB,
+            avail as f64 / GB
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (None where there is no such file).
+pub fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,5 +381,60 @@ mod tests {
         assert_eq!(a.len(), 10);
         assert!(a.windows(2).all(|w| w[0] < w[1]) && a[9] < 100);
         assert_eq!(monitor_subset(3, 10, 7), vec![0, 1, 2]);
+    }
+
+    /// The CKA moments' size follows the watched widths, and a run that needs more than the host
+    /// has is refused with the numbers.
+    #[test]
+    fn cka_memory_is_estimated_and_checked() {
+        use crate::adapters::LoraConfig;
+        use crate::model::{CausalLm, LlamaConfig};
+        use crate::safe::MonitorPoint;
+        let cfg = LlamaConfig {
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            explicit_head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            max_position_embeddings: 16,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: Vec::new(),
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut m = crate::model::llama::LlamaForCausalLM::random(
+            cfg,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+            &mut rng,
+        )
+        .unwrap();
+        let lora = LoraConfig {
+            r: 2,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..Default::default()
+        };
+        CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
+        // q: d = 16, v: d = 2 kv heads x 4 = 8 at the linear; 16 (the block's input) at the block.
+        let per = |d: u64| (3 * d * d + 2 * d) * 8;
+        assert_eq!(
+            cka_moment_bytes(&m, MonitorPoint::Linear),
+            2 * (per(16) + per(8))
+        );
+        assert_eq!(cka_moment_bytes(&m, MonitorPoint::Block), 4 * per(16));
+        assert!(check_cka_memory(1000, Some(2000), 4).is_ok());
+        assert!(check_cka_memory(1000, None, 4).is_ok());
+        let e = check_cka_memory(30_000_000_000, Some(8_000_000_000), 64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("30.0 GB") && e.contains("8.0 GB") && e.contains("64"),
+            "{e}"
+        );
     }
 }

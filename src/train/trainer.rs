@@ -457,6 +457,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         cfg.safe.rounds_per_epoch,
     );
     let rounds = cfg.epochs * plan.rounds_per_epoch;
+    if cfg.method == Method::Safe {
+        let needed = run::cka_moment_bytes(&model, cfg.safe.monitor);
+        run::check_cka_memory(needed, run::host_memory_available(), sites.len())?;
+    }
     let mut safe = (cfg.method == Method::Safe)
         .then(|| SafeController::new(cfg.safe.clone(), sites.len(), rounds));
     let mut opt = AdamW::new(AdamWConfig {
