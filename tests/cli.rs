@@ -1182,30 +1182,47 @@ fn train_lm_on_gpt2_writes_a_fan_in_fan_out_adapter() {
     );
 
     // The adapter loads back onto the model for perplexity and generation.
-    let ppl = sb.run_ok(&[
+    adapter_serves_perplexity_and_generation(&sb, &model, &out, &data, &[], &[]);
+}
+
+/// The adapter in `out` loads back onto `model`: `perplexity` on `data` is finite (with
+/// `ppl_flags`) and `generate` continues its prompt (with `gen_flags`).
+fn adapter_serves_perplexity_and_generation(
+    sb: &Sandbox,
+    model: &Path,
+    out: &Path,
+    data: &Path,
+    ppl_flags: &[&str],
+    gen_flags: &[&str],
+) {
+    let mut args = vec![
         "perplexity",
         "--model",
-        s(&model),
+        s(model),
         "--adapter",
-        s(&out),
+        s(out),
         "--data",
-        s(&data),
+        s(data),
         "--seq-len",
         "16",
-    ]);
+    ];
+    args.extend_from_slice(ppl_flags);
+    let ppl = sb.run_ok(&args);
     let ppl: Value = serde_json::from_slice(&ppl.stdout).unwrap();
     assert!(ppl["perplexity"].as_f64().unwrap().is_finite(), "{ppl}");
-    let gen = sb.run_ok(&[
+    let mut args = vec![
         "generate",
         "--model",
-        s(&model),
+        s(model),
         "--adapter",
-        s(&out),
+        s(out),
         "--prompt",
         "the whale",
         "--max-new-tokens",
         "3",
-    ]);
+    ];
+    args.extend_from_slice(gen_flags);
+    let gen = sb.run_ok(&args);
     assert!(String::from_utf8_lossy(&gen.stdout).starts_with("the whale"));
 }
 
@@ -1243,33 +1260,14 @@ fn train_lm_on_a_sharded_checkpoint_with_a_base_quantized_on_load() {
     let stem = "base_model.model.model.layers.1.self_attn";
     assert_eq!(t[&format!("{stem}.q_proj.lora_B.weight")].dims(), &[32, 2]);
     assert_eq!(t[&format!("{stem}.v_proj.lora_B.weight")].dims(), &[16, 2]);
-
-    let ppl = sb.run_ok(&[
-        "perplexity",
-        "--model",
-        s(&model),
-        "--adapter",
-        s(&out),
-        "--data",
-        s(&data),
-        "--seq-len",
-        "16",
-        "--quantize-format",
-        "q4_1",
-    ]);
-    let ppl: Value = serde_json::from_slice(&ppl.stdout).unwrap();
-    assert!(ppl["perplexity"].as_f64().unwrap().is_finite(), "{ppl}");
-    let gen = sb.run_ok(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "the whale",
-        "--max-new-tokens",
-        "3",
-        "--quantized-base",
-    ]);
-    assert!(String::from_utf8_lossy(&gen.stdout).starts_with("the whale"));
+    adapter_serves_perplexity_and_generation(
+        &sb,
+        &model,
+        &out,
+        &data,
+        &["--quantize-format", "q4_1"],
+        &["--quantized-base"],
+    );
 }
 
 #[test]

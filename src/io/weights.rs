@@ -125,15 +125,13 @@ impl Weights {
             path: path.into(),
             message: format!("not a readable safetensors file ({e})"),
         })?;
-        Ok(Self {
-            file: Arc::new((path.into(), Store::File(st))),
-            quantized: Arc::default(),
-            quantize_on_load: None,
-            prefixes: Arc::new(prefixes.iter().map(|s| s.to_string()).collect()),
-            path: String::new(),
+        Ok(Self::new(
+            path.into(),
+            Store::File(st),
+            prefixes,
             dtype,
-            device: device.clone(),
-        })
+            device,
+        ))
     }
 
     /// Opens a Hugging Face model folder's weights: `model.safetensors`, or the shards that
@@ -163,24 +161,21 @@ impl Weights {
             path: index.clone(),
             message: format!("a shard it lists is not a readable safetensors file ({e})"),
         })?;
-        Ok(Self {
-            file: Arc::new((index, Store::File(st))),
-            quantized: Arc::default(),
-            quantize_on_load: None,
-            prefixes: Arc::new(prefixes.iter().map(|s| s.to_string()).collect()),
-            path: String::new(),
-            dtype,
-            device: device.clone(),
-        })
+        Ok(Self::new(index, Store::File(st), prefixes, dtype, device))
     }
 
     /// Weights held in memory under their checkpoint names (no prefix).
     pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        let store = Store::Memory(tensors);
+        Self::new(PathBuf::from("<memory>"), store, &[""], dtype, device)
+    }
+
+    fn new(file: PathBuf, store: Store, prefixes: &[&str], dtype: DType, device: &Device) -> Self {
         Self {
-            file: Arc::new((PathBuf::from("<memory>"), Store::Memory(tensors))),
+            file: Arc::new((file, store)),
             quantized: Arc::default(),
             quantize_on_load: None,
-            prefixes: Arc::new(vec![String::new()]),
+            prefixes: Arc::new(prefixes.iter().map(|s| s.to_string()).collect()),
             path: String::new(),
             dtype,
             device: device.clone(),

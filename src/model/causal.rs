@@ -80,6 +80,17 @@ pub trait DecoderParts {
 /// Adapter gradients by `(layer, site)`.
 pub type SiteGrads<S> = Vec<(usize, S, LoraGrads)>;
 
+/// Each layer's gradients, as `stack::backward` returns them (top layer first), listed by
+/// `(layer, site)` in ascending order.
+pub fn by_site<S: Copy + Ord>(per_layer: Vec<(usize, Vec<(S, LoraGrads)>)>) -> SiteGrads<S> {
+    let mut grads: SiteGrads<S> = per_layer
+        .into_iter()
+        .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
+        .collect();
+    grads.sort_by_key(|(l, s, _)| (*l, *s));
+    grads
+}
+
 /// [`loss_and_site_grads`] with the gradients by module path (PEFT's key stem).
 pub fn loss_and_grads<M: DecoderParts>(
     m: &M,

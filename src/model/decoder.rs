@@ -199,6 +199,7 @@ impl CausalLm for Decoder {
 mod tests {
     use super::*;
     use crate::model::{Gpt2Config, LlamaConfig};
+    use crate::nn::gradcheck::max_abs_diff;
     use candle_core::DType;
     use rand::SeedableRng;
     use std::path::Path;
@@ -374,6 +375,23 @@ mod tests {
         assert!(e.contains("not a GPT-2 config"), "{e}");
     }
 
+    /// A `tests/fixtures/hf` folder's reference input as a batch (its mask in `dtype`), and the
+    /// float64 logits transformers computed for it.
+    fn fixture_reference(dir: &Path, dtype: DType) -> (LmBatch, Tensor) {
+        let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+        let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+        let (batch, seq) = ids.dims2().unwrap();
+        let b = LmBatch {
+            input_ids: ids,
+            mask_add: Tensor::zeros((batch, 1, 1, seq), dtype, &Device::Cpu).unwrap(),
+            targets: vec![-100; batch * seq],
+            batch,
+            seq,
+        };
+        (b, r["logits"].clone())
+    }
+
     /// Checkpoints written by transformers 5.17 itself (`scripts/hf_fixtures.py`), with the
     /// float64 logits transformers computed from the same weights: sharded with an index
     /// (LLaMA, Qwen2, GPT-2), Llama 3.1's rope scaling with an explicit `head_dim` and a list of
@@ -392,29 +410,9 @@ mod tests {
             let m = Decoder::load_hf(&dir, DType::F64, &Device::Cpu)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(m.model_type(), arch, "{name}");
-            let reference =
-                candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-                    .unwrap();
-            let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
-            let want = &reference["logits"];
-            let (batch, seq) = ids.dims2().unwrap();
-            let b = LmBatch {
-                input_ids: ids,
-                mask_add: Tensor::zeros((batch, 1, 1, seq), DType::F64, &Device::Cpu).unwrap(),
-                targets: vec![-100; batch * seq],
-                batch,
-                seq,
-            };
+            let (b, want) = fixture_reference(&dir, DType::F64);
             let got = m.logits(&b).unwrap().reshape(want.shape()).unwrap();
-            let got = got.to_dtype(DType::F64).unwrap();
-            let err: f64 = (&got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let err = max_abs_diff(&got.to_dtype(DType::F64).unwrap(), &want);
             let scale: f64 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             assert!(
                 scale > 1.0,
@@ -531,18 +529,8 @@ mod tests {
         use crate::nn::linear::Weight;
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
         let dir = root.join("llama2-linear");
-        let reference =
-            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-                .unwrap();
-        let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
-        let (batch, seq) = ids.dims2().unwrap();
-        let b = LmBatch {
-            input_ids: ids,
-            mask_add: Tensor::zeros((batch, 1, 1, seq), DType::F32, &Device::Cpu).unwrap(),
-            targets: vec![-100; batch * seq],
-            batch,
-            seq,
-        };
+        let (b, want) = fixture_reference(&dir, DType::F32);
+        let want = want.to_dtype(DType::F32).unwrap();
         let load = |q| LlamaForCausalLM::load_hf_quantized(&dir, DType::F32, &Device::Cpu, q);
         let mut errs = Vec::new();
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_1] {
@@ -562,17 +550,8 @@ mod tests {
             assert_eq!(n, 7 * 2);
             let lq = CausalLm::logits(&q, &b).unwrap();
             let ld = CausalLm::logits(&dense, &b).unwrap();
-            let same = (&lq - &ld).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "{format:?}");
-            let want = reference["logits"].to_dtype(DType::F32).unwrap();
-            let err: f32 = (lq.reshape(want.shape()).unwrap() - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            assert_eq!(max_abs_diff(&lq, &ld), 0.0, "{format:?}");
+            let err = max_abs_diff(&lq.reshape(want.shape()).unwrap(), &want);
             errs.push(err);
         }
         // Near transformers' float logits (|logits| up to 3.9), 8-bit much nearer than 4-bit.

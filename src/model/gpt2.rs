@@ -787,12 +787,8 @@ impl DecoderParts for Gpt2LMHeadModel {
         let dh = saved.ln_f.backward(&self.ln_f, dhidden)?;
         let run = Self::block_forward(&saved.mask_add, saved.shape);
         let back = |l: &Gpt2Block, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
-            .into_iter()
-            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
-            .collect();
-        adapters.sort_by_key(|(l, s, _)| (*l, *s));
-        Ok(adapters)
+        let per_layer = stack::backward(&self.layers, saved.layers, dh, run, back)?;
+        Ok(causal::by_site(per_layer))
     }
 }
 

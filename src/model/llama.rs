@@ -905,12 +905,8 @@ impl DecoderParts for LlamaForCausalLM {
         let dh = saved.norm.backward(&self.norm, dhidden)?;
         let run = self.layer_forward_train(&saved.mask_add, saved.shape);
         let back = |l: &LlamaLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let mut adapters: SiteGrads = stack::backward(&self.layers, saved.layers, dh, run, back)?
-            .into_iter()
-            .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
-            .collect();
-        adapters.sort_by_key(|(l, s, _)| (*l, *s));
-        Ok(adapters)
+        let per_layer = stack::backward(&self.layers, saved.layers, dh, run, back)?;
+        Ok(causal::by_site(per_layer))
     }
 }
 

@@ -198,9 +198,7 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         let (y, saved) = Dropout::new(0.1).forward(&x, &mut pass, true)?;
         let keep = saved.expect("saved").keep_mask().to_device(&Device::Cpu)?;
         let mut rng = StdRng::seed_from_u64(17);
-        let seeds: Vec<u64> = (0..n.div_ceil(dropout::MASK_CHUNK))
-            .map(|_| rand::RngCore::next_u64(&mut rng))
-            .collect();
+        let seeds = dropout::mask_seeds(&mut rng, n);
         let host = dropout::host_mask(&seeds, n, dropout::keep_threshold(0.1));
         let differ = keep
             .to_vec1::<u8>()?

@@ -493,13 +493,16 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::cat(&parts, 0)
 }
 
-/// Dropout forward in one pass: `y = x * keep / (1 - p)`, the keep-mask drawn per
-/// [`dropout::MASK_CHUNK`] elements from that chunk's seed (see [`dropout`]). Returns
-/// `(y, keep)`, `keep` as `u8`.
-pub fn dropout_fwd(x: &Tensor, p: f64, seeds: &[u64]) -> Result<Option<(Tensor, Tensor)>> {
+/// Dropout forward in one pass: `y = x * keep * scale`, the keep-mask drawn per
+/// [`dropout::MASK_CHUNK`] elements from that chunk's seed (see [`dropout`]), as
+/// `gpu::dropout_fwd` takes them. Returns `(y, keep)`, `keep` as `u8`.
+pub fn dropout_fwd(
+    x: &Tensor,
+    seeds: &[u64],
+    threshold: u32,
+    scale: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
     let n = x.elem_count();
-    let threshold = dropout::keep_threshold(p);
-    let scale = (1.0 / (1.0 - p)) as f32;
     let out = with_f32(x, |x| {
         let mut y = vec![0f32; n];
         let mut keep = vec![0u8; n];

@@ -37,6 +37,13 @@ impl SplitMix64 {
     }
 }
 
+/// The seeds of an `n`-element mask: one per [`MASK_CHUNK`], drawn from the run's RNG.
+pub fn mask_seeds(rng: &mut impl RngCore, n: usize) -> Vec<u64> {
+    (0..n.div_ceil(MASK_CHUNK))
+        .map(|_| rng.next_u64())
+        .collect()
+}
+
 /// The keep-mask of `n` elements for `seeds` (one per chunk), on the host.
 pub fn host_mask(seeds: &[u64], n: usize, threshold: u32) -> Vec<u8> {
     let mut mask = vec![0u8; n];
@@ -78,12 +85,10 @@ impl Dropout {
             return Ok((x.clone(), None));
         }
         let n = x.elem_count();
-        let seeds: Vec<u64> = (0..n.div_ceil(MASK_CHUNK))
-            .map(|_| pass.rng.next_u64())
-            .collect();
+        let seeds = mask_seeds(pass.rng, n);
         let threshold = keep_threshold(self.p);
         let scale = 1.0 / (1.0 - self.p);
-        let fused = match super::cpu::dropout_fwd(x, self.p, &seeds)? {
+        let fused = match super::cpu::dropout_fwd(x, &seeds, threshold, scale as f32)? {
             Some(out) => Some(out),
             None => super::gpu::dropout_fwd(x, &seeds, threshold, scale as f32)?,
         };

@@ -185,7 +185,7 @@ fn quantize_base(m: &mut LlamaForCausalLM, format: QuantFormat, dtype: DType) ->
     for layer in &mut m.layers {
         for lin in &mut layer.linears {
             let dense = lin.base.weight.dense()?.into_owned();
-            let q = format.quantize(&dense, &dense.device().clone())?;
+            let q = format.quantize(&dense, dense.device())?;
             lin.base.weight = Weight::Quantized {
                 q: Arc::new(q),
                 dtype,

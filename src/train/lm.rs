@@ -335,8 +335,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
     );
     let rounds = cfg.epochs * plan.rounds_per_epoch;
     if cfg.method == Method::Safe {
-        let needed = run::cka_moment_bytes(&model, cfg.safe.monitor);
-        run::check_cka_memory(needed, run::host_memory_available(), names.len())?;
+        run::ensure_cka_fits(&model, cfg.safe.monitor)?;
     }
     let mut safe = (cfg.method == Method::Safe)
         .then(|| SafeController::new(cfg.safe.clone(), names.len(), rounds));

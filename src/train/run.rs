@@ -339,6 +339,13 @@ pub fn check_cka_memory(needed: u64, available: Option<u64>, adapters: usize) ->
     Ok(())
 }
 
+/// [`check_cka_memory`] of `model`'s adapters against the host's available memory: called before
+/// a SAFE run trains.
+pub fn ensure_cka_fits(model: &impl Adapted, point: crate::safe::MonitorPoint) -> Result<()> {
+    let needed = cka_moment_bytes(model, point);
+    check_cka_memory(needed, host_memory_available(), model.adapters().len())
+}
+
 /// `MemAvailable` of `/proc/meminfo`, in bytes (None where there is no such file).
 pub fn host_memory_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

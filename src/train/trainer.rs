@@ -458,8 +458,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     );
     let rounds = cfg.epochs * plan.rounds_per_epoch;
     if cfg.method == Method::Safe {
-        let needed = run::cka_moment_bytes(&model, cfg.safe.monitor);
-        run::check_cka_memory(needed, run::host_memory_available(), sites.len())?;
+        run::ensure_cka_fits(&model, cfg.safe.monitor)?;
     }
     let mut safe = (cfg.method == Method::Safe)
         .then(|| SafeController::new(cfg.safe.clone(), sites.len(), rounds));
