@@ -38,6 +38,9 @@ pub trait Adapted {
 
     fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter>;
 
+    /// The transformer layer of each adapter, in [`Adapted::adapters`] order.
+    fn adapter_layers(&self) -> Vec<usize>;
+
     /// Transformer layers in the model (PEFT's `layers_to_transform` is written when adapters
     /// sit in only some of them).
     fn num_layers(&self) -> usize;

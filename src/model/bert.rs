@@ -701,66 +701,48 @@ impl BertForSequenceClassification {
         Ok(ModelGrads { adapters, head })
     }
 
-    /// SAFE's monitoring forward (inference, no head): layers `from..` on `h` (the output of layer
-    /// `from - 1`, or of the embeddings), up to the highest layer with a trainable adapter,
-    /// returning every adapter's `(layer, site, X, Y)` on the way, at `point` (see
-    /// [`MonitorPoint`]). Layers below `from` and above the last trainable adapter cost nothing:
-    /// no decision needs their scores.
-    pub fn forward_monitor(
+    /// Index of the highest layer with a trainable adapter: SAFE's monitoring stops there, since
+    /// no decision needs the scores of the frozen layers above it.
+    pub fn highest_trainable_layer(&self) -> Option<usize> {
+        self.layers.iter().rposition(|l| l.trains())
+    }
+
+    /// SAFE's monitoring of layer `i` (inference): its output on `h` (the output of layer
+    /// `i - 1`, or of the embeddings) and each of its adapters' `(site, X, Y)` at `point` (see
+    /// [`MonitorPoint`]).
+    pub fn monitor_layer(
         &self,
+        i: usize,
         b: &BatchTensors,
-        mut h: Tensor,
-        from: usize,
+        h: &Tensor,
         point: MonitorPoint,
-    ) -> Result<Vec<(usize, Site, Tensor, Tensor)>> {
+    ) -> Result<(Tensor, Monitored)> {
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
         };
-        let top = self
-            .layers
-            .iter()
-            .rposition(|l| l.trains())
-            .map_or(0, |i| i + 1);
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-        };
-        let mut all = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate().take(top).skip(from) {
-            let out = match point {
-                MonitorPoint::Linear => {
-                    let mut m = Monitored::new();
-                    let out =
-                        layer.forward(&h, &b.mask_add, shape, &mut pass, false, Some(&mut m))?;
-                    all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
-                    out.0
-                }
-                MonitorPoint::Block => {
-                    let mut run = |l: &BertLayer| {
-                        Ok(l.forward(&h, &b.mask_add, shape, &mut pass, false, None)?.0)
-                    };
-                    let out = run(layer)?;
-                    for (k, y) in outputs_without_each_adapter(layer, run)? {
-                        all.push((i, Site::ALL[k], out.clone(), y));
-                    }
-                    out
-                }
-            };
-            h = out;
-        }
-        Ok(all)
+        let layer = &self.layers[i];
+        Pass::inference(|pass| match point {
+            MonitorPoint::Linear => {
+                let mut m = Monitored::new();
+                let out = layer.forward(h, &b.mask_add, shape, pass, false, Some(&mut m))?;
+                Ok((out.0, m))
+            }
+            MonitorPoint::Block => {
+                let mut run =
+                    |l: &BertLayer| Ok(l.forward(h, &b.mask_add, shape, pass, false, None)?.0);
+                let out = run(layer)?;
+                let rows = outputs_without_each_adapter(layer, run)?
+                    .into_iter()
+                    .map(|(k, y)| (Site::ALL[k], out.clone(), y))
+                    .collect();
+                Ok((out, rows))
+            }
+        })
     }
 
-    /// Inference forward returning logits; with `monitor`, also every adapted linear's
-    /// `(layer, site, X, Y)` for SAFE.
-    pub fn forward_eval(
-        &self,
-        b: &BatchTensors,
-        pass: &mut Pass,
-        mut monitor: Option<&mut Vec<(usize, Site, Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    /// Inference forward returning logits.
+    pub fn forward_eval(&self, b: &BatchTensors, pass: &mut Pass) -> Result<Tensor> {
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
@@ -768,26 +750,18 @@ impl BertForSequenceClassification {
         let mut h = self
             .embeddings
             .forward(&b.input_ids, &b.token_type_ids, pass)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut m = Monitored::new();
-            let (out, _) = layer.forward(
-                &h,
-                &b.mask_add,
-                shape,
-                pass,
-                false,
-                monitor.is_some().then_some(&mut m),
-            )?;
-            if let Some(all) = monitor.as_deref_mut() {
-                all.extend(m.into_iter().map(|(s, x, y)| (i, s, x, y)));
-            }
-            h = out;
+        for layer in &self.layers {
+            h = layer.forward(&h, &b.mask_add, shape, pass, false, None)?.0;
         }
         Ok(self.head.forward(&h, b.batch, b.seq, pass, false)?.0)
     }
 }
 
 impl crate::adapters::Adapted for BertForSequenceClassification {
+    fn adapter_layers(&self) -> Vec<usize> {
+        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+    }
+
     fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
         self.adapter_sites()
             .into_iter()

@@ -3,7 +3,7 @@
 //! loss, the logits, and generation's cached forward. Each architecture supplies its
 //! embeddings, layers, final norm and head.
 
-use super::{AdapterGrads, LmBatch};
+use super::{AdapterGrads, LmBatch, MonitoredLayer};
 use crate::adapters::lora::LoraGrads;
 use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
 use crate::nn::attention::{AttnShape, KvCache};
@@ -19,9 +19,6 @@ use candle_core::{DType, Result, Tensor};
 pub fn lm_head_chunk_rows(vocab: usize) -> usize {
     ((16 << 20) / (4 * vocab.max(1))).clamp(16, 256)
 }
-
-/// `(layer, site, X, Y)` of every monitored adapter.
-pub type Monitored<S> = Vec<(usize, S, Tensor, Tensor)>;
 
 /// The pieces of a decoder that its shared paths are built from.
 pub trait DecoderParts {
@@ -134,77 +131,77 @@ pub fn loss_and_site_grads<M: DecoderParts>(
     Ok((loss, grads))
 }
 
-/// Inference forward to the final norm's output `[batch*seq, hidden]`; with `monitor`, also
-/// every adapted linear's `(layer, site, X, Y)` for SAFE.
-pub fn forward_hidden<M: DecoderParts>(
-    m: &M,
-    b: &LmBatch,
-    pass: &mut Pass,
-    mut monitor: Option<&mut Monitored<M::Site>>,
-) -> Result<Tensor> {
-    let mut h = m.embed_at(&b.input_ids, b.batch, 0, pass)?;
-    for (i, layer) in m.layers().iter().enumerate() {
-        let mut rows = Vec::new();
-        h = m.layer_forward(layer, &h, b, pass, monitor.is_some().then_some(&mut rows))?;
-        if let Some(all) = monitor.as_deref_mut() {
-            all.extend(rows.into_iter().map(|(s, x, y)| (i, s, x, y)));
-        }
-    }
+/// Inference forward to the final norm's output `[batch*seq, hidden]`.
+fn forward_hidden<M: DecoderParts>(m: &M, b: &LmBatch, pass: &mut Pass) -> Result<Tensor> {
+    let h = hidden_before_with(m, b, m.layers().len(), pass)?;
     m.final_norm(&h)
 }
 
-/// SAFE at the block output (inference): for every adapter, `(layer, site, X, Y)` with `X` the
-/// layer's output and `Y` the same layer's output without that adapter, on the same input.
-pub fn monitor_blocks<M: DecoderParts>(
+fn hidden_before_with<M: DecoderParts>(
     m: &M,
     b: &LmBatch,
+    layer: usize,
     pass: &mut Pass,
-) -> Result<Monitored<M::Site>> {
-    let mut all = Vec::new();
+) -> Result<Tensor> {
     let mut h = m.embed_at(&b.input_ids, b.batch, 0, pass)?;
-    for (i, layer) in m.layers().iter().enumerate() {
-        let run = |l: &M::Layer, pass: &mut Pass| m.layer_forward(l, &h, b, pass, None);
-        let out = run(layer, pass)?;
-        for (k, y) in outputs_without_each_adapter(layer, |l| run(l, pass))? {
-            all.push((i, M::SITES[k], out.clone(), y));
-        }
-        h = out;
+    for l in &m.layers()[..layer] {
+        h = m.layer_forward(l, &h, b, pass, None)?;
     }
-    Ok(all)
+    Ok(h)
 }
 
-/// Every adapter's `(module path, X, Y)` rows for SAFE at `point` (inference).
-pub fn monitor<M: DecoderParts>(
+/// The input of layer `layer` (inference): the embeddings, then every layer below it.
+pub fn hidden_before<M: DecoderParts>(m: &M, b: &LmBatch, layer: usize) -> Result<Tensor> {
+    Pass::inference(|pass| hidden_before_with(m, b, layer, pass))
+}
+
+/// SAFE's monitoring of layer `i` (inference) on its input `h`: the layer's output and each of
+/// its adapters' `(module path, X, Y)` at `point`: the adapted linear's output against the base
+/// linear's (`[batch*seq, out]`), or the block's output with and without the adapter
+/// (`[batch*seq, hidden]`).
+pub fn monitor_layer<M: DecoderParts>(
     m: &M,
+    i: usize,
     b: &LmBatch,
+    h: &Tensor,
     point: MonitorPoint,
-) -> Result<Vec<(String, Tensor, Tensor)>> {
-    let rows = Pass::inference(|pass| -> Result<_> {
+) -> Result<MonitoredLayer> {
+    let layer = &m.layers()[i];
+    let (out, rows) = Pass::inference(|pass| -> Result<_> {
         match point {
             MonitorPoint::Linear => {
                 let mut rows = Vec::new();
-                forward_hidden(m, b, pass, Some(&mut rows))?;
-                Ok(rows)
+                let out = m.layer_forward(layer, h, b, pass, Some(&mut rows))?;
+                Ok((out, rows))
             }
-            MonitorPoint::Block => monitor_blocks(m, b, pass),
+            MonitorPoint::Block => {
+                let run = |l: &M::Layer, pass: &mut Pass| m.layer_forward(l, h, b, pass, None);
+                let out = run(layer, pass)?;
+                let rows = outputs_without_each_adapter(layer, |l| run(l, pass))?
+                    .into_iter()
+                    .map(|(k, y)| (M::SITES[k], out.clone(), y))
+                    .collect();
+                Ok((out, rows))
+            }
         }
     })?;
-    Ok(rows
+    let rows = rows
         .into_iter()
-        .map(|(l, s, x, y)| (M::path(l, s), x, y))
-        .collect())
+        .map(|(s, x, y)| (M::path(i, s), x, y))
+        .collect();
+    Ok((out, rows))
 }
 
 /// Inference loss (summed over counted tokens), the head applied in chunks.
 pub fn loss<M: DecoderParts>(m: &M, b: &LmBatch) -> Result<LmLoss> {
-    let hn = Pass::inference(|pass| forward_hidden(m, b, pass, None))?;
+    let hn = Pass::inference(|pass| forward_hidden(m, b, pass))?;
     lm_head_loss(&hn, m.head_weight(), &b.targets, chunk_rows(m), false)
 }
 
 /// Next-token logits `[batch*seq, vocab]` in f32 (materializes them whole: short prompts, and
 /// generation's reference).
 pub fn logits<M: DecoderParts>(m: &M, b: &LmBatch) -> Result<Tensor> {
-    let hn = Pass::inference(|pass| forward_hidden(m, b, pass, None))?;
+    let hn = Pass::inference(|pass| forward_hidden(m, b, pass))?;
     head_logits(&hn, m.head_weight())
 }
 

@@ -3,7 +3,7 @@
 
 use super::gpt2::{Gpt2LMHeadModel, Gpt2Site};
 use super::llama::{LlamaForCausalLM, LlamaSite};
-use super::{AdapterGrads, CausalLm, LmBatch};
+use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::{Adapted, LoraAdapter, LoraConfig};
 use crate::nn::attention::KvCache;
 use crate::nn::linear::QuantFormat;
@@ -117,6 +117,10 @@ impl From<Gpt2LMHeadModel> for Decoder {
 }
 
 impl Adapted for Decoder {
+    fn adapter_layers(&self) -> Vec<usize> {
+        each!(self, m => m.adapter_layers())
+    }
+
     fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
         each!(self, m => m.adapters())
     }
@@ -164,10 +168,6 @@ impl CausalLm for Decoder {
         each!(self, m => CausalLm::add_lora(m, cfg, layers, rng))
     }
 
-    fn adapter_layers(&self) -> Vec<usize> {
-        each!(self, m => m.adapter_layers())
-    }
-
     fn loss_and_grads(
         &self,
         b: &LmBatch,
@@ -190,8 +190,18 @@ impl CausalLm for Decoder {
         each!(self, m => m.next_logits_cached(new_ids, cache))
     }
 
-    fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
-        each!(self, m => m.monitor(b, point))
+    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
+        each!(self, m => m.hidden_before(b, layer))
+    }
+
+    fn monitor_layer(
+        &self,
+        layer: usize,
+        b: &LmBatch,
+        h: &Tensor,
+        point: MonitorPoint,
+    ) -> Result<MonitoredLayer> {
+        each!(self, m => m.monitor_layer(layer, b, h, point))
     }
 }
 
@@ -264,9 +274,10 @@ mod tests {
         assert_eq!(l.num_layers(), 2);
     }
 
-    /// SAFE's block-level monitoring: `X` is the block's output, `Y` the same block without the
-    /// adapter; an adapter whose `B` is still zero changes nothing (`X == Y`), one with a nonzero
-    /// `B` does. At the linear, rows are the linear's width.
+    /// SAFE's monitoring, one layer at a time: a layer's monitored output is the next layer's
+    /// input as the plain forward computes it. At the block, `X` is the block's output, `Y` the
+    /// same block without the adapter; an adapter whose `B` is still zero changes nothing
+    /// (`X == Y`), one with a nonzero `B` does. At the linear, one row set per adapter too.
     #[test]
     fn block_monitoring_removes_one_adapter() {
         let lora = |t: &str| LoraConfig {
@@ -287,27 +298,29 @@ mod tests {
             let paths: Vec<String> = m.adapters().into_iter().map(|(p, _)| p).collect();
             let a = m.adapter_by_path_mut(&paths[1]).unwrap();
             a.b = Tensor::ones(a.b.shape(), DType::F32, &Device::Cpu).unwrap();
-            let rows = m.monitor(&batch, MonitorPoint::Block).unwrap();
-            assert_eq!(rows.len(), 2, "{target}");
-            for (i, (path, x, y)) in rows.iter().enumerate() {
-                assert_eq!(path, &paths[i]);
-                assert_eq!(x.dims(), [4, hidden]);
-                let d: f32 = (x - y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar()
+            for (layer, expected_path) in paths.iter().enumerate() {
+                let h = m.hidden_before(&batch, layer).unwrap();
+                let (out, rows) = m
+                    .monitor_layer(layer, &batch, &h, MonitorPoint::Block)
                     .unwrap();
-                if i == 0 {
+                let next = m.hidden_before(&batch, layer + 1).unwrap();
+                assert_eq!(max_abs_diff(&out, &next), 0.0, "{target} layer {layer}");
+                assert_eq!(rows.len(), 1, "{target}");
+                let (path, x, y) = &rows[0];
+                assert_eq!(path, expected_path);
+                assert_eq!(x.dims(), [4, hidden]);
+                let d = max_abs_diff(x, y);
+                if layer == 0 {
                     assert_eq!(d, 0.0, "{path}: a zero B changes nothing");
                 } else {
                     assert!(d > 1e-3, "{path}: {d}");
                 }
+                let (_, linear) = m
+                    .monitor_layer(layer, &batch, &h, MonitorPoint::Linear)
+                    .unwrap();
+                assert_eq!(linear.len(), 1);
+                assert_eq!(&linear[0].0, expected_path);
             }
-            let linear = m.monitor(&batch, MonitorPoint::Linear).unwrap();
-            assert_eq!(linear.len(), 2);
         }
     }
 

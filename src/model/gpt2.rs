@@ -9,7 +9,7 @@
 
 use super::causal::{self, DecoderParts};
 use super::stack::{self, StackSaved};
-use super::{AdapterGrads, CausalLm, LmBatch};
+use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{Adapted, AdaptedLayer};
 use crate::io::weights::Weights;
@@ -648,6 +648,10 @@ pub fn adapter_path(layer: usize, site: Gpt2Site) -> String {
 }
 
 impl Adapted for Gpt2LMHeadModel {
+    fn adapter_layers(&self) -> Vec<usize> {
+        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+    }
+
     fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
         self.adapter_sites()
             .into_iter()
@@ -806,10 +810,6 @@ impl CausalLm for Gpt2LMHeadModel {
         Gpt2LMHeadModel::add_lora(self, cfg, layers, rng)
     }
 
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
-    }
-
     fn loss_and_grads(
         &self,
         b: &LmBatch,
@@ -832,8 +832,18 @@ impl CausalLm for Gpt2LMHeadModel {
         causal::next_logits_cached(self, new_ids, cache)
     }
 
-    fn monitor(&self, b: &LmBatch, point: MonitorPoint) -> Result<Vec<(String, Tensor, Tensor)>> {
-        causal::monitor(self, b, point)
+    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
+        causal::hidden_before(self, b, layer)
+    }
+
+    fn monitor_layer(
+        &self,
+        layer: usize,
+        b: &LmBatch,
+        h: &Tensor,
+        point: MonitorPoint,
+    ) -> Result<MonitoredLayer> {
+        causal::monitor_layer(self, layer, b, h, point)
     }
 }
 

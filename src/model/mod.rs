@@ -31,6 +31,9 @@ pub struct LmBatch {
     pub seq: usize,
 }
 
+/// A monitored layer's output and each of its adapters' `(module path, X, Y)` rows (SAFE).
+pub type MonitoredLayer = (Tensor, Vec<(String, Tensor, Tensor)>);
+
 /// Adapter gradients by module path (PEFT's key stem).
 pub type AdapterGrads = Vec<(String, LoraGrads)>;
 
@@ -46,9 +49,6 @@ pub trait CausalLm: Adapted {
         layers: Option<&[usize]>,
         rng: &mut rand::rngs::StdRng,
     ) -> Result<usize>;
-
-    /// The transformer layer of each adapter, in `Adapted::adapters` order.
-    fn adapter_layers(&self) -> Vec<usize>;
 
     /// Forward, mean next-token loss and backward down to the lowest trainable layer. With
     /// `checkpoint`, the trainable layers keep only their inputs and run again in backward
@@ -73,12 +73,18 @@ pub trait CausalLm: Adapted {
     /// Generation's step: each new token costs one position's forward.
     fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>>;
 
-    /// Inference forward returning every adapter's `(module path, X, Y)` rows for SAFE, at
-    /// `point`: the adapted linear's output against the base linear's (`[batch*seq, out]`), or
-    /// the block's output with and without the adapter (`[batch*seq, hidden]`).
-    fn monitor(
+    /// The input of layer `layer` (inference): the embeddings, then every layer below it.
+    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor>;
+
+    /// SAFE's monitoring of layer `layer` (inference) on its input `h`: the layer's output and
+    /// each of its adapters' `(module path, X, Y)` rows at `point`: the adapted linear's output
+    /// against the base linear's (`[batch*seq, out]`), or the block's output with and without
+    /// the adapter (`[batch*seq, hidden]`).
+    fn monitor_layer(
         &self,
+        layer: usize,
         b: &LmBatch,
+        h: &Tensor,
         point: crate::safe::MonitorPoint,
-    ) -> Result<Vec<(String, Tensor, Tensor)>>;
+    ) -> Result<MonitoredLayer>;
 }

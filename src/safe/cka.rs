@@ -36,6 +36,36 @@ pub struct CkaAccumulator {
     ytx: Vec<f64>,
 }
 
+/// The squared Frobenius norms linear CKA is made of, over `rows` rows: of the centered products
+/// `Xc^T Xc` (`xx`), `Yc^T Yc` (`yy`), `Yc^T Xc` (`yx`), and of the uncentered `X^T X`, `Y^T Y`
+/// (`xx_raw`, `yy_raw`: the zero-variance guard's scale). Centering is `M - a b^T / rows` with
+/// `a`, `b` the column sums. Whoever holds the moments computes these five numbers (the host from
+/// a [`CkaAccumulator`], or a device from its own copies) and [`cka_from_norms`] does the rest.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CkaNorms {
+    pub rows: usize,
+    pub xx: f64,
+    pub xx_raw: f64,
+    pub yy: f64,
+    pub yy_raw: f64,
+    pub yx: f64,
+}
+
+/// Linear CKA `yx / sqrt(xx * yy)` from its norms, with [`CkaAccumulator::cka`]'s `None` cases:
+/// fewer than 2 rows, a side with (numerically) zero variance, or non-finite values.
+pub fn cka_from_norms(m: &CkaNorms) -> Option<f64> {
+    if m.rows < 2 {
+        return None;
+    }
+    let (nx, ny) = (m.xx.sqrt(), m.yy.sqrt());
+    let degenerate = |c: f64, raw2: f64| c == 0.0 || c <= ZERO_VARIANCE_RTOL * raw2.sqrt();
+    if degenerate(nx, m.xx_raw) || degenerate(ny, m.yy_raw) {
+        return None;
+    }
+    let v = m.yx / (nx * ny);
+    v.is_finite().then_some(v)
+}
+
 /// `m[i, j] += a[i] * b[j]` for a row-major `m` of shape `[a.len(), b.len()]`.
 fn add_outer(m: &mut [f64], a: &[f64], b: &[f64]) {
     for (row, &ai) in m.chunks_exact_mut(b.len()).zip(a) {
@@ -119,9 +149,6 @@ impl CkaAccumulator {
     /// (centered norm exactly 0 or `<= 1e-12 *` its uncentered norm), or when the inputs held
     /// non-finite values. The value is not clamped: it lies in `[0, 1]` up to rounding.
     pub fn cka(&self) -> Option<f64> {
-        if self.n < 2 {
-            return None;
-        }
         let n = self.n as f64;
         // Returns (||M - a b^T / n||_F^2, ||M||_F^2).
         let centered = |m: &[f64], a: &[f64], b: &[f64]| {
@@ -135,16 +162,17 @@ impl CkaAccumulator {
             }
             (c2, raw2)
         };
-        let (xx2, xx_raw2) = centered(&self.xtx, &self.sum_x, &self.sum_x);
-        let (yy2, yy_raw2) = centered(&self.yty, &self.sum_y, &self.sum_y);
-        let (yx2, _) = centered(&self.ytx, &self.sum_y, &self.sum_x);
-        let (nx, ny) = (xx2.sqrt(), yy2.sqrt());
-        let degenerate = |c: f64, raw2: f64| c == 0.0 || c <= ZERO_VARIANCE_RTOL * raw2.sqrt();
-        if degenerate(nx, xx_raw2) || degenerate(ny, yy_raw2) {
-            return None;
-        }
-        let v = yx2 / (nx * ny);
-        v.is_finite().then_some(v)
+        let (xx, xx_raw) = centered(&self.xtx, &self.sum_x, &self.sum_x);
+        let (yy, yy_raw) = centered(&self.yty, &self.sum_y, &self.sum_y);
+        let (yx, _) = centered(&self.ytx, &self.sum_y, &self.sum_x);
+        cka_from_norms(&CkaNorms {
+            rows: self.n,
+            xx,
+            xx_raw,
+            yy,
+            yy_raw,
+            yx,
+        })
     }
 
     /// Forget all rows (dimensions are kept), e.g. at the start of the next monitoring pass.

@@ -6,11 +6,12 @@
 
 use super::checkpoint;
 use super::config::Method;
+use super::importance::{self, MonitorBatch};
 use super::lm_config::{LmDataKind, LmTrainConfig};
 use super::memory;
 use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::run::{self, StepPlan};
-use super::trainer::{EpochLog, ImportanceMoments};
+use super::trainer::EpochLog;
 use crate::adapters::Adapted;
 use crate::data::lm::{self, LmSequence};
 use crate::io::fetch;
@@ -213,28 +214,60 @@ pub fn perplexity(
 }
 
 /// SAFE's importance `1 - CKA(X, Y)` of every adapter over the monitoring sequences (token rows
-/// without padding, moments in f64).
+/// without padding, moments in f64), layer by layer (see [`importance`]). Only the layers from the
+/// lowest to the highest trainable one are measured; the others' adapters score NaN (no decision
+/// needs them).
 pub fn lm_adapter_importance(
     model: &impl CausalLm,
     items: &[&LmSequence],
     batch: usize,
     point: crate::safe::MonitorPoint,
 ) -> Result<Vec<f64>> {
-    let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
-    let mut moments = ImportanceMoments::new(paths.len());
+    let adapters = model.adapters();
+    let paths: Vec<&str> = adapters.iter().map(|(p, _)| p.as_str()).collect();
+    let layers = model.adapter_layers();
+    let trainable = || {
+        adapters
+            .iter()
+            .zip(&layers)
+            .filter(|((_, a), _)| a.trainable)
+            .map(|(_, &l)| l)
+    };
+    let (Some(first), Some(top)) = (trainable().min(), trainable().max()) else {
+        return Ok(vec![f64::NAN; paths.len()]); // everything frozen: nothing left to decide
+    };
+    let mut batches = Vec::new();
     for chunk in items.chunks(batch.max(1)) {
         let c = lm::collate(chunk);
-        let rows = ImportanceMoments::token_rows(&c.attention_mask, &model.device())?;
+        let rows = importance::token_rows(&c.attention_mask, &model.device())?;
         let b = collated_batch(c, DType::F32, &model.device())?;
-        for (path, x, y) in model.monitor(&b, point)? {
-            let i = paths
-                .iter()
-                .position(|p| *p == path)
-                .expect("listed adapter");
-            moments.add(i, &x, &y, &rows)?;
-        }
+        let hidden = model.hidden_before(&b, first)?;
+        batches.push(MonitorBatch {
+            batch: b,
+            rows,
+            hidden,
+        });
     }
-    Ok(moments.scores())
+    let scores = importance::importance_by_layer(
+        paths.len(),
+        &mut batches,
+        first..top + 1,
+        |layer, b, h| {
+            let (out, rows) = model.monitor_layer(layer, b, h, point)?;
+            let rows = rows
+                .into_iter()
+                .map(|(path, x, y)| {
+                    let i = paths
+                        .iter()
+                        .position(|p| *p == path)
+                        .expect("listed adapter");
+                    (i, x, y)
+                })
+                .collect();
+            Ok((out, rows))
+        },
+    )?;
+    Ok(scores)
 }
 
 /// `summary.json` of a causal-LM run.
@@ -335,7 +368,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
     );
     let rounds = cfg.epochs * plan.rounds_per_epoch;
     if cfg.method == Method::Safe {
-        run::ensure_cka_fits(&model, cfg.safe.monitor)?;
+        run::ensure_cka_fits(&model, cfg.safe.monitor, &mem)?;
     }
     let mut safe = (cfg.method == Method::Safe)
         .then(|| SafeController::new(cfg.safe.clone(), names.len(), rounds));
@@ -545,4 +578,96 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         super::reports::write_safe_reports(&cfg.output, &names, c, rounds)?;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::LoraConfig;
+    use crate::model::LlamaConfig;
+    use crate::safe::MonitorPoint;
+
+    /// SAFE's importance on a decoder: with batches of 2 over 3 sequences of different lengths,
+    /// each adapter's score is the direct Gram-form CKA of its layer's rows over all real tokens
+    /// (one padded batch, padding rows dropped); once the bottom and the top adapter freeze, the
+    /// layers outside the trainable range are not measured (NaN) and the middle keeps its score.
+    #[test]
+    fn importance_is_cka_over_real_tokens_of_the_trainable_range() {
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 30, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1
+        }))
+        .unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut m: Decoder = LlamaForCausalLM::random(cfg, DType::F32, &Device::Cpu, &mut rng)
+            .unwrap()
+            .into();
+        let lora = crate::adapters::LoraConfig {
+            r: 2,
+            target_modules: vec!["v_proj".into()],
+            ..LoraConfig::default()
+        };
+        CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
+        let paths: Vec<String> = m.adapters().into_iter().map(|(p, _)| p).collect();
+        for (k, p) in paths.iter().enumerate() {
+            let a = m.adapter_by_path_mut(p).unwrap();
+            let v: Vec<f32> = (0..a.b.elem_count())
+                .map(|i| ((i * 5 + k * 3) % 7) as f32 * 0.2 - 0.6)
+                .collect();
+            a.b = Tensor::from_vec(v, a.b.shape(), &Device::Cpu).unwrap();
+        }
+        let seqs: Vec<LmSequence> = [5usize, 3, 4]
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| LmSequence {
+                ids: (0..n).map(|j| ((s * 11 + j * 7) % 29) as u32 + 1).collect(),
+                targets: vec![-100; n],
+            })
+            .collect();
+        let items: Vec<&LmSequence> = seqs.iter().collect();
+        let scores = lm_adapter_importance(&m, &items, 2, MonitorPoint::Linear).unwrap();
+
+        // Direct: all three sequences in one batch.
+        let c = lm::collate(&items);
+        let keep: Vec<usize> = (0..c.batch * c.seq)
+            .filter(|&i| c.attention_mask[i] == 1)
+            .collect();
+        let b = collated_batch(c, DType::F32, &Device::Cpu).unwrap();
+        let rows = |t: &Tensor| -> (Vec<f64>, usize) {
+            let v: Vec<Vec<f32>> = t.to_vec2().unwrap();
+            let d = v[0].len();
+            let r = keep
+                .iter()
+                .flat_map(|&i| v[i].iter().map(|&f| f as f64))
+                .collect();
+            (r, d)
+        };
+        for (layer, path) in paths.iter().enumerate() {
+            let h = m.hidden_before(&b, layer).unwrap();
+            let (_, monitored) = m
+                .monitor_layer(layer, &b, &h, MonitorPoint::Linear)
+                .unwrap();
+            assert_eq!(&monitored[0].0, path);
+            let ((x, d), (y, _)) = (rows(&monitored[0].1), rows(&monitored[0].2));
+            let cka = crate::safe::linear_cka_gram(&x, &y, keep.len(), d, d).unwrap();
+            let expected = crate::safe::importance(cka);
+            assert!(
+                expected > 1e-4,
+                "{path}: the test needs a non-trivial score"
+            );
+            let err = (scores[layer] - expected).abs();
+            assert!(
+                err < 1e-6 * expected,
+                "{path}: {} vs {expected}",
+                scores[layer]
+            );
+        }
+
+        for p in [&paths[0], &paths[2]] {
+            m.adapter_by_path_mut(p).unwrap().trainable = false;
+        }
+        let middle = lm_adapter_importance(&m, &items, 2, MonitorPoint::Linear).unwrap();
+        assert!(middle[0].is_nan() && middle[2].is_nan(), "{middle:?}");
+        assert_eq!(middle[1], scores[1]);
+    }
 }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod frozen_cache;
+pub mod importance;
 pub mod lm;
 pub mod lm_config;
 pub mod memory;

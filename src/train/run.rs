@@ -296,42 +296,41 @@ impl RunTotals {
     }
 }
 
-/// Host memory SAFE's CKA moments take while a round is measured, in bytes: for each adapter,
-/// three `d x d` f64 matrices and two `d` sums, `d` the width CKA watches. That is the adapted
-/// linear's output width; for the block's output, the wider of the linear's input and output is
-/// used as a bound.
+/// Memory SAFE's CKA moments take while a round is measured, in bytes. The measurement goes layer
+/// by layer (see `train::importance`), so this is the largest layer's share: for each of its
+/// adapters, three `d x d` f64 matrices and two `d` sums, `d` the width CKA watches, plus four
+/// `d x d` temporaries while one adapter's norms are computed. `d` is the adapted linear's output
+/// width; for the block's output, the wider of the linear's input and output is used as a bound.
 pub fn cka_moment_bytes(model: &impl Adapted, point: crate::safe::MonitorPoint) -> u64 {
-    model
-        .adapters()
-        .iter()
-        .map(|(_, a)| {
-            let out = a.b.dims().first().copied().unwrap_or(0);
-            let d = match point {
-                crate::safe::MonitorPoint::Linear => out,
-                crate::safe::MonitorPoint::Block => {
-                    out.max(a.a.dims().get(1).copied().unwrap_or(0))
-                }
-            } as u64;
-            (3 * d * d + 2 * d) * 8
-        })
-        .sum()
+    let mut per_layer = std::collections::BTreeMap::<usize, u64>::new();
+    let mut widest = 0u64;
+    for ((_, a), layer) in model.adapters().iter().zip(model.adapter_layers()) {
+        let out = a.b.dims().first().copied().unwrap_or(0);
+        let d = match point {
+            crate::safe::MonitorPoint::Linear => out,
+            crate::safe::MonitorPoint::Block => out.max(a.a.dims().get(1).copied().unwrap_or(0)),
+        } as u64;
+        *per_layer.entry(layer).or_default() += (3 * d * d + 2 * d) * 8;
+        widest = widest.max(d);
+    }
+    per_layer.into_values().max().unwrap_or(0) + 4 * widest * widest * 8
 }
 
-/// Refuses a SAFE run whose CKA moments would not fit in `available` bytes of host memory,
-/// before it trains, instead of being killed for memory at its first round.
+/// Refuses a SAFE run whose CKA moments would not fit in `available` bytes, before it trains,
+/// instead of failing for memory at its first round.
 pub fn check_cka_memory(needed: u64, available: Option<u64>, adapters: usize) -> Result<()> {
     const GB: f64 = 1e9;
     if needed as f64 > GB {
         tracing::info!(
-            "SAFE's CKA moments: {:.1} GB of host memory per round",
+            "SAFE's CKA moments: {:.1} GB per layer while a round is measured",
             needed as f64 / GB
         );
     }
     if let Some(avail) = available.filter(|&a| needed > a) {
         anyhow::bail!(
-            "SAFE's importance monitoring needs {:.1} GB of host memory for the CKA moments of {adapters} \
-             adapters (three d x d f64 matrices each), more than the {:.1} GB available; adapt fewer \
-             modules or layers, or train with --method lora",
+            "SAFE's importance monitoring needs {:.1} GB for the CKA moments of one layer's adapters \
+             ({adapters} adapters in all; three d x d f64 matrices each), more than the {:.1} GB \
+             available; adapt fewer modules, or train with --method lora",
             needed as f64 / GB,
             avail as f64 / GB
         );
@@ -339,11 +338,19 @@ pub fn check_cka_memory(needed: u64, available: Option<u64>, adapters: usize) ->
     Ok(())
 }
 
-/// [`check_cka_memory`] of `model`'s adapters against the host's available memory: called before
-/// a SAFE run trains.
-pub fn ensure_cka_fits(model: &impl Adapted, point: crate::safe::MonitorPoint) -> Result<()> {
+/// [`check_cka_memory`] of `model`'s adapters against the memory free where the moments live:
+/// the device's on CUDA, the host's otherwise. Called before a SAFE run trains.
+pub fn ensure_cka_fits(
+    model: &impl Adapted,
+    point: crate::safe::MonitorPoint,
+    mem: &super::memory::MemTracker,
+) -> Result<()> {
     let needed = cka_moment_bytes(model, point);
-    check_cka_memory(needed, host_memory_available(), model.adapters().len())
+    let available = match mem.driver() {
+        Some(d) => Some(d.total.saturating_sub(d.used) as u64),
+        None => host_memory_available(),
+    };
+    check_cka_memory(needed, available, model.adapters().len())
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes (None where there is no such file).
@@ -427,13 +434,17 @@ mod tests {
             ..Default::default()
         };
         CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
-        // q: d = 16, v: d = 2 kv heads x 4 = 8 at the linear; 16 (the block's input) at the block.
+        // One layer's q and v: d = 16 and 2 kv heads x 4 = 8 at the linear; 16 (the block's
+        // input) for both at the block.
+        // Plus four 16 x 16 temporaries.
         let per = |d: u64| (3 * d * d + 2 * d) * 8;
+        let temp = 4 * 16 * 16 * 8;
+        let linear = cka_moment_bytes(&m, MonitorPoint::Linear);
+        assert_eq!(linear, per(16) + per(8) + temp);
         assert_eq!(
-            cka_moment_bytes(&m, MonitorPoint::Linear),
-            2 * (per(16) + per(8))
+            cka_moment_bytes(&m, MonitorPoint::Block),
+            2 * per(16) + temp
         );
-        assert_eq!(cka_moment_bytes(&m, MonitorPoint::Block), 4 * per(16));
         assert!(check_cka_memory(1000, Some(2000), 4).is_ok());
         assert!(check_cka_memory(1000, None, 4).is_ok());
         let e = check_cka_memory(30_000_000_000, Some(8_000_000_000), 64)

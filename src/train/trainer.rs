@@ -5,6 +5,7 @@
 use super::checkpoint;
 use super::config::{DataKind, Method, TrainConfig};
 use super::frozen_cache::FrozenCache;
+use super::importance::{self, MonitorBatch};
 use super::memory;
 use super::metrics;
 use super::optim::{clip_global_norm, AdamW, AdamWConfig};
@@ -16,7 +17,7 @@ use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::model::bert::{BertForSequenceClassification, Site};
 use crate::nn::{flops, Pass};
-use crate::safe::{CkaAccumulator, MonitorPoint, Phase, SafeController};
+use crate::safe::{MonitorPoint, Phase, SafeController};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -188,7 +189,7 @@ pub fn predict_logits(
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let b = collate(&refs, 0);
         let t = step::to_tensors(&b, DType::F32, &device)?;
-        out.extend(model.forward_eval(&t, &mut pass, None)?.to_vec2::<f32>()?);
+        out.extend(model.forward_eval(&t, &mut pass)?.to_vec2::<f32>()?);
     }
     Ok(out)
 }
@@ -212,7 +213,7 @@ pub fn evaluate(
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let b = collate(&refs, 0);
         let t = step::to_tensors(&b, DType::F32, &device)?;
-        let logits = model.forward_eval(&t, &mut pass, None)?;
+        let logits = model.forward_eval(&t, &mut pass)?;
         let (loss, _) = step::loss_and_grad(&logits, &b.labels)?;
         loss_sum += loss as f64 * b.batch as f64;
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
@@ -253,64 +254,10 @@ pub fn evaluate(
     })
 }
 
-/// CKA moments of every adapter's `(X, Y)` over the monitoring tokens, streamed batch by batch in
-/// f64 (memory `O(d^2)` per adapter), then each adapter's importance `1 - CKA`. Both trainers
-/// feed it.
-pub(crate) struct ImportanceMoments {
-    accs: Vec<Option<CkaAccumulator>>,
-}
-
-impl ImportanceMoments {
-    pub fn new(adapters: usize) -> Self {
-        Self {
-            accs: vec![None; adapters],
-        }
-    }
-
-    /// Indices of the real (non-padding) token rows of a `[batch, seq]` attention mask.
-    pub fn token_rows(attention_mask: &[u32], device: &Device) -> Result<Tensor> {
-        let rows: Vec<u32> = (0..attention_mask.len() as u32)
-            .filter(|&i| attention_mask[i as usize] == 1)
-            .collect();
-        let n = rows.len();
-        Ok(Tensor::from_vec(rows, n, device)?)
-    }
-
-    /// Adds adapter `i`'s `X` and `Y` (`[batch*seq, d]`), keeping only `rows`.
-    pub fn add(&mut self, i: usize, x: &Tensor, y: &Tensor, rows: &Tensor) -> Result<()> {
-        let x = x.index_select(rows, 0)?.to_dtype(DType::F64)?;
-        let y = y.index_select(rows, 0)?.to_dtype(DType::F64)?;
-        let (n, d) = x.dims2()?;
-        let acc = self.accs[i].get_or_insert_with(|| CkaAccumulator::new(d, d));
-        let v = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
-        acc.add_moments(
-            n,
-            &v(x.sum(0)?)?,
-            &v(y.sum(0)?)?,
-            &v(x.t()?.matmul(&x)?)?,
-            &v(y.t()?.matmul(&y)?)?,
-            &v(y.t()?.matmul(&x)?)?,
-        );
-        Ok(())
-    }
-
-    /// `1 - CKA` per adapter; NaN for one never measured or whose CKA is undefined.
-    pub fn scores(&self) -> Vec<f64> {
-        self.accs
-            .iter()
-            .map(|a| {
-                a.as_ref()
-                    .and_then(|a| a.cka())
-                    .map(crate::safe::importance)
-                    .unwrap_or(f64::NAN)
-            })
-            .collect()
-    }
-}
-
 /// SAFE's importance `1 - CKA(X, Y)` of every adapter over the monitoring examples: `X` the adapted
 /// linear's output, `Y` the base linear's output on the same input, token rows without padding,
-/// moments accumulated in f64.
+/// moments in f64, layer by layer (see [`importance`]). Only the layers from the lowest to the
+/// highest trainable one are measured; the others' adapters score NaN (no decision needs them).
 pub fn adapter_importance(
     model: &BertForSequenceClassification,
     items: &[(usize, &Encoded)],
@@ -320,31 +267,51 @@ pub fn adapter_importance(
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
     let device = model.head.classifier.weight.device();
-    let mut moments = ImportanceMoments::new(sites.len());
-    let Some(first) = model.lowest_trainable_layer() else {
-        return Ok(moments.scores()); // everything frozen: nothing left to decide
+    let (Some(first), Some(top)) = (
+        model.lowest_trainable_layer(),
+        model.highest_trainable_layer(),
+    ) else {
+        return Ok(vec![f64::NAN; sites.len()]); // everything frozen: nothing left to decide
     };
+    let mut batches = Vec::new();
     for chunk in items.chunks(batch_size.max(1)) {
         let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
         let examples: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
         let b = collate(&encoded, 0);
         let t = step::to_tensors(&b, DType::F32, &device)?;
-        let rows = ImportanceMoments::token_rows(&b.attention_mask, &device)?;
+        let rows = importance::token_rows(&b.attention_mask, &device)?;
         // The frozen bottom comes from the training cache when it has these examples: a frozen
         // layer's adapters need no more scores.
-        let h = match cache.as_deref_mut() {
+        let hidden = match cache.as_deref_mut() {
             Some(c) if first > 0 => step::frozen_bottom(model, &t, &b, first, c, &examples)?,
             _ => model.forward_frozen_bottom(&t, first)?,
         };
-        for (layer, site, x, y) in model.forward_monitor(&t, h, first, point)? {
-            let i = sites
-                .iter()
-                .position(|&(l, s)| l == layer && s == site)
-                .expect("monitored adapter is listed");
-            moments.add(i, &x, &y, &rows)?;
-        }
+        batches.push(MonitorBatch {
+            batch: t,
+            rows,
+            hidden,
+        });
     }
-    Ok(moments.scores())
+    let scores = importance::importance_by_layer(
+        sites.len(),
+        &mut batches,
+        first..top + 1,
+        |layer, t, h| {
+            let (out, rows) = model.monitor_layer(layer, t, h, point)?;
+            let rows = rows
+                .into_iter()
+                .map(|(site, x, y)| {
+                    let i = sites
+                        .iter()
+                        .position(|&s| s == (layer, site))
+                        .expect("monitored adapter is listed");
+                    (i, x, y)
+                })
+                .collect();
+            Ok((out, rows))
+        },
+    )?;
+    Ok(scores)
 }
 
 /// One line of `metrics.jsonl`.
@@ -458,7 +425,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     );
     let rounds = cfg.epochs * plan.rounds_per_epoch;
     if cfg.method == Method::Safe {
-        run::ensure_cka_fits(&model, cfg.safe.monitor)?;
+        run::ensure_cka_fits(&model, cfg.safe.monitor, &mem)?;
     }
     let mut safe = (cfg.method == Method::Safe)
         .then(|| SafeController::new(cfg.safe.clone(), sites.len(), rounds));
