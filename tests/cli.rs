@@ -1183,6 +1183,36 @@ fn train_lm_on_gpt2_writes_a_fan_in_fan_out_adapter() {
 
     // The adapter loads back onto the model for perplexity and generation.
     adapter_serves_perplexity_and_generation(&sb, &model, &out, &data, &[], &[]);
+
+    // Merged into the base (Conv1D weights, so transposed deltas), it gives the same perplexity
+    // without the adapter; a causal-LM merge without its base folder is a clear error.
+    let merged = sb.path("merged");
+    sb.run_ok(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--output",
+        s(&merged),
+    ]);
+    let ppl = |extra: &[&str]| -> f64 {
+        let mut args = vec!["perplexity", "--data", s(&data), "--seq-len", "16"];
+        args.extend_from_slice(extra);
+        let o = sb.run_ok(&args);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["perplexity"].as_f64().unwrap()
+    };
+    let adapted = ppl(&["--model", s(&model), "--adapter", s(&out)]);
+    let from_merged = ppl(&["--model", s(&merged)]);
+    let base = ppl(&["--model", s(&model)]);
+    assert!(
+        (adapted - from_merged).abs() < 1e-4 * adapted,
+        "{adapted} {from_merged}"
+    );
+    assert!((adapted - base).abs() > 1e-3 * base, "{adapted} {base}");
+    let no_base = sb.run(&["merge", "--adapter", s(&out), "--output", s(&sb.path("m2"))]);
+    assert_clean_error(&no_base, &[s(&out), "--model", "GGUF"]);
 }
 
 /// The adapter in `out` loads back onto `model`: `perplexity` on `data` is finite (with

@@ -40,7 +40,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write the latest checkpoint of a training run as a PEFT adapter folder.
     Export(ExportArgs),
-    /// Merge a PEFT LoRA adapter into its base model (W + scaling * B A) and write a full model.
+    /// Merge a PEFT LoRA adapter into its base model (W + scaling * B A) and write a full model:
+    /// a BERT classifier, or a LLaMA-family / GPT-2 causal LM.
     Merge(MergeArgs),
     /// Time training steps of a random-weight model of a given shape (one JSON line).
     Bench(crate::train::bench::BenchArgs),
@@ -274,7 +275,8 @@ pub struct ExportArgs {
 
 #[derive(Args)]
 pub struct MergeArgs {
-    /// Base model folder. Default: MiniLM-L6.
+    /// Base model folder. Default: MiniLM-L6. A causal-LM adapter (LLaMA family, GPT-2) needs
+    /// its Hugging Face base folder (safetensors, one file or shards).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder.
@@ -336,12 +338,24 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Export(a) => export(a),
         Command::Merge(a) => {
-            let cfg = TrainConfig {
-                model: a.model.clone(),
-                ..Default::default()
+            let task = crate::io::peft::read_config(&a.adapter)?.task_type;
+            let r = if task.as_deref() == Some("CAUSAL_LM") {
+                let Some(base) = a.model.as_deref().filter(|m| m.is_dir()) else {
+                    anyhow::bail!(
+                        "{}: a causal-LM adapter merges into its Hugging Face base folder: pass \
+                         --model DIR (safetensors weights; a GGUF base cannot be merged)",
+                        a.adapter.display()
+                    );
+                };
+                crate::io::merge::merge_decoder_adapter(base, &a.adapter, &a.output)?
+            } else {
+                let cfg = TrainConfig {
+                    model: a.model.clone(),
+                    ..Default::default()
+                };
+                let base = trainer::resolve_model_dir(&cfg)?;
+                crate::io::merge::merge_adapter(&base, &a.adapter, &a.output)?
             };
-            let base = trainer::resolve_model_dir(&cfg)?;
-            let r = crate::io::merge::merge_adapter(&base, &a.adapter, &a.output)?;
             println!(
                 "merged {} LoRA modules into {}",
                 r.merged_modules,

@@ -1,5 +1,6 @@
-//! Merging a PEFT LoRA adapter into its base model: a full Hugging Face
-//! `BertForSequenceClassification` folder that transformers loads without PEFT.
+//! Merging a PEFT LoRA adapter into its base model: a full Hugging Face folder that transformers
+//! loads without PEFT, `BertForSequenceClassification` ([`merge_adapter`]) or a causal LM,
+//! LLaMA family or GPT-2 ([`merge_decoder_adapter`]).
 //!
 //! Each adapted linear becomes `W' = W + scaling * B @ A` (computed in f64, stored in `W`'s dtype);
 //! the classifier comes from the adapter (PEFT's `modules_to_save`). Every other base tensor is
@@ -242,6 +243,179 @@ pub fn merge_adapter(
         merged_modules,
         out_file,
     })
+}
+
+/// Files copied beside a merged decoder's weights when the base folder has them: its config, its
+/// generation settings and its tokenizer (fast, SentencePiece or GPT-2 BPE).
+pub const DECODER_FILES: [&str; 8] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Writes a full Hugging Face causal-LM folder (LLaMA family or GPT-2) with a PEFT LoRA adapter
+/// merged in: each adapted linear becomes `W + scaling * B @ A`, transposed for GPT-2's Conv1D
+/// (PEFT's `fan_in_fan_out`), computed in f64 and stored in `W`'s dtype. Every other tensor is
+/// copied unchanged. The base's weight files are rewritten one at a time under their own names
+/// (with its `model.safetensors.index.json`), so a 7B checkpoint is never in memory whole, and
+/// `AutoModelForCausalLM.from_pretrained(out)` loads the result without PEFT. Nothing is written
+/// until every adapted module is found in the base.
+pub fn merge_decoder_adapter(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+) -> Result<MergeReport, IoError> {
+    let cfg = peft::read_config(adapter_dir)?;
+    let adapter_file = adapter_dir.join(peft::WEIGHTS_FILE);
+    if !adapter_file.is_file() {
+        return Err(IoError::Missing {
+            path: adapter_file,
+            what: "PEFT adapter weights".into(),
+        });
+    }
+    check_plain_lora(&adapter_dir.join(peft::CONFIG_FILE))?;
+    if same_dir(base_dir, out_dir) {
+        return Err(invalid(
+            out_dir,
+            "the output folder is the base model folder; choose another",
+        ));
+    }
+    let index = base_dir.join(super::weights::INDEX_FILE);
+    let files = if index.is_file() {
+        super::weights::shard_files(&index)?
+    } else {
+        let single = base_dir.join(super::weights::SINGLE_FILE);
+        if !single.is_file() {
+            return Err(IoError::Missing {
+                path: single,
+                what: format!(
+                    "base model weights (a Hugging Face folder with {} or {}; a GGUF base \
+                     cannot be merged)",
+                    super::weights::SINGLE_FILE,
+                    super::weights::INDEX_FILE
+                ),
+            });
+        }
+        vec![single]
+    };
+    let adapter = load(&adapter_file)?;
+    let mut modules: Vec<&str> = Vec::new();
+    for key in adapter.keys() {
+        let module = key
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split_once(".lora_"))
+            .filter(|(_, which)| {
+                matches!(
+                    *which,
+                    "A.weight" | "B.weight" | "A.default.weight" | "B.default.weight"
+                )
+            })
+            .map(|(module, _)| module)
+            .ok_or_else(|| unsupported(&adapter_file, key, &cfg))?;
+        modules.push(module);
+    }
+    modules.sort();
+    modules.dedup();
+
+    // Where each module's weight is: its name in the base (PEFT's path, or without its first
+    // part for checkpoints saved without `transformer.`/`model.`) and the file holding it.
+    // SAFETY: as in `Weights::open_dir`: the files are only read, and not modified meanwhile.
+    let names = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| invalid(base_dir, &format!("cannot read the weights ({e})")))?;
+    let names: std::collections::HashSet<String> =
+        names.tensors().into_iter().map(|(n, _)| n).collect();
+    let mut targets: HashMap<String, &str> = HashMap::new();
+    for &module in &modules {
+        let full = format!("{module}.weight");
+        let bare = module.split_once('.').map(|(_, m)| format!("{m}.weight"));
+        let name = [Some(full.clone()), bare.clone()]
+            .into_iter()
+            .flatten()
+            .find(|n| names.contains(n))
+            .ok_or_else(|| IoError::MissingTensor {
+                path: base_dir.into(),
+                name: full.clone(),
+                tried: format!(
+                    "'{full}'{} for LoRA module '{module}' of {}",
+                    bare.map(|b| format!(" and '{b}'")).unwrap_or_default(),
+                    adapter_file.display()
+                ),
+            })?;
+        targets.insert(name, module);
+    }
+
+    let scaling = cfg.lora().scaling();
+    std::fs::create_dir_all(out_dir).map_err(|e| invalid(out_dir, &e.to_string()))?;
+    let mut merged_modules = 0;
+    let mut out_file = out_dir.join(super::weights::SINGLE_FILE);
+    for file in &files {
+        let mut tensors: BTreeMap<String, Tensor> = load(file)?.into_iter().collect();
+        for (name, w) in tensors.iter_mut() {
+            let Some(module) = targets.get(name) else {
+                continue;
+            };
+            let a = lora_tensor(&adapter, &adapter_file, module, "A")?;
+            let b = lora_tensor(&adapter, &adapter_file, module, "B")?;
+            let (out_f, in_f) = match (w.dims(), cfg.fan_in_fan_out) {
+                ([i, o], true) => (*o, *i),
+                ([o, i], false) => (*o, *i),
+                (d, _) => {
+                    return Err(invalid(
+                        file,
+                        &format!("tensor '{name}' has shape {d:?}, expected a 2-D linear weight"),
+                    ))
+                }
+            };
+            if a.dims() != [cfg.r, in_f] {
+                let a_name = format!("{PREFIX}{module}.lora_A.weight");
+                return Err(wrong_shape(&adapter_file, &a_name, a, &[cfg.r, in_f]));
+            }
+            if b.dims() != [out_f, cfg.r] {
+                let b_name = format!("{PREFIX}{module}.lora_B.weight");
+                return Err(wrong_shape(&adapter_file, &b_name, b, &[out_f, cfg.r]));
+            }
+            let dtype = w.dtype();
+            *w = (|| -> candle_core::Result<Tensor> {
+                let mut delta = b
+                    .to_dtype(DType::F64)?
+                    .matmul(&a.to_dtype(DType::F64)?)?
+                    .affine(scaling, 0.0)?;
+                if cfg.fan_in_fan_out {
+                    delta = delta.t()?;
+                }
+                (w.to_dtype(DType::F64)? + delta)?.to_dtype(dtype)
+            })()
+            .map_err(|e| invalid(file, &format!("merging into '{name}': {e}")))?;
+            merged_modules += 1;
+        }
+        out_file = out_dir.join(file.file_name().expect("a weights file has a name"));
+        save(&tensors, &out_file)?;
+    }
+    if index.is_file() {
+        out_file = out_dir.join(super::weights::INDEX_FILE);
+        copy_file(&index, &out_file)?;
+    }
+    for name in DECODER_FILES {
+        let src = base_dir.join(name);
+        if src.is_file() {
+            copy_file(&src, &out_dir.join(name))?;
+        }
+    }
+    Ok(MergeReport {
+        merged_modules,
+        out_file,
+    })
+}
+
+fn copy_file(src: &Path, dst: &Path) -> Result<(), IoError> {
+    std::fs::copy(src, dst)
+        .map(|_| ())
+        .map_err(|e| invalid(dst, &format!("cannot copy from {}: {e}", src.display())))
 }
 
 /// Refuses PEFT options that change what `W + scaling * B @ A` means (PEFT writes them all, with
@@ -671,5 +845,125 @@ mod tests {
         let err =
             merge_adapter(&dir.path().join("nope"), &adapter, &dir.path().join("m")).unwrap_err();
         assert!(matches!(err, IoError::Missing { .. }), "{err}");
+    }
+
+    /// Decoder adapters merged into transformers-written sharded checkpoints (LLaMA with grouped
+    /// kv heads and an untied head; GPT-2, whose Conv1D weights are `[in, out]`, PEFT's
+    /// `fan_in_fan_out`): loaded without adapters, the merged folder gives the adapted model's
+    /// logits. It keeps the base's shard files and index, and tensors no adapter touches are
+    /// copied exactly.
+    #[test]
+    fn merged_decoder_gives_the_adapted_logits() {
+        use crate::adapters::{Adapted, LoraConfig};
+        use crate::model::{CausalLm, Decoder, LmBatch};
+        use rand::SeedableRng;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        let cases = [
+            (
+                "llama3-sharded",
+                ["q_proj", "v_proj"],
+                "model.embed_tokens.weight",
+            ),
+            (
+                "gpt2-sharded",
+                ["c_attn", "c_proj"],
+                "transformer.wte.weight",
+            ),
+        ];
+        for (name, targets, untouched) in cases {
+            let base = root.join(name);
+            let mut m = Decoder::load_hf(&base, DType::F32, &Device::Cpu).unwrap();
+            let lora = LoraConfig {
+                r: 2,
+                alpha: 4.0,
+                target_modules: targets.iter().map(|t| t.to_string()).collect(),
+                ..LoraConfig::default()
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let n = CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
+            let paths: Vec<String> = m.adapters().into_iter().map(|(p, _)| p).collect();
+            for (k, p) in paths.iter().enumerate() {
+                let a = m.adapter_by_path_mut(p).unwrap();
+                a.b = (t(a.b.dims(), 0.3 + k as f32) * 0.2).unwrap();
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let adapter = dir.path().join("adapter");
+            peft::save(&adapter, &m, &lora, name).unwrap();
+            let out = dir.path().join("merged");
+            let report = merge_decoder_adapter(&base, &adapter, &out).unwrap();
+            assert_eq!(report.merged_modules, n, "{name}");
+
+            let merged = Decoder::load_hf(&out, DType::F32, &Device::Cpu).unwrap();
+            assert!(merged.adapters().is_empty());
+            let plain = Decoder::load_hf(&base, DType::F32, &Device::Cpu).unwrap();
+            let b = LmBatch {
+                input_ids: Tensor::new(&[[3u32, 17, 5, 9, 30, 2]], &Device::Cpu).unwrap(),
+                mask_add: Tensor::zeros((1, 1, 1, 6), DType::F32, &Device::Cpu).unwrap(),
+                targets: vec![-100; 6],
+                batch: 1,
+                seq: 6,
+            };
+            let want = m.logits(&b).unwrap();
+            let diff = crate::nn::gradcheck::max_abs_diff(&merged.logits(&b).unwrap(), &want);
+            let effect = crate::nn::gradcheck::max_abs_diff(&plain.logits(&b).unwrap(), &want);
+            assert!(
+                diff < 1e-4,
+                "{name}: merged vs adapted logits differ by {diff}"
+            );
+            assert!(effect > 1e-2, "{name}: the adapter must matter ({effect})");
+
+            for f in std::fs::read_dir(&base).unwrap() {
+                let f = f.unwrap().file_name().into_string().unwrap();
+                if f.starts_with("model") {
+                    assert!(out.join(&f).is_file(), "{name}: {f} not written");
+                }
+            }
+            let (src, dst) = (load_all(&base), load_all(&out));
+            assert_eq!(src.len(), dst.len());
+            let same = |t: &Tensor, u: &Tensor| {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == u.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(same(&src[untouched], &dst[untouched]), "{name}");
+        }
+    }
+
+    fn load_all(dir: &Path) -> HashMap<String, Tensor> {
+        let index = dir.join(crate::io::weights::INDEX_FILE);
+        crate::io::weights::shard_files(&index)
+            .unwrap()
+            .iter()
+            .flat_map(|f| load(f).unwrap())
+            .collect()
+    }
+
+    /// A decoder adapter whose module the base lacks (a GPT-2 adapter on a LLaMA base) is refused
+    /// with the base folder and the tensor named, before anything is written.
+    #[test]
+    fn decoder_merge_names_a_missing_module_and_writes_nothing() {
+        use crate::adapters::LoraConfig;
+        use crate::model::{CausalLm, Decoder};
+        use rand::SeedableRng;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        let mut g = Decoder::load_hf(&root.join("gpt2-sharded"), DType::F32, &Device::Cpu).unwrap();
+        let lora = LoraConfig {
+            target_modules: vec!["c_attn".into()],
+            ..LoraConfig::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        CausalLm::add_lora(&mut g, &lora, None, &mut rng).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = dir.path().join("adapter");
+        peft::save(&adapter, &g, &lora, "gpt2").unwrap();
+        let out = dir.path().join("merged");
+        let base = root.join("llama3-sharded");
+        let e = merge_decoder_adapter(&base, &adapter, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("llama3-sharded") && e.contains("transformer.h.0.attn.c_attn.weight"),
+            "{e}"
+        );
+        assert!(!out.exists());
     }
 }

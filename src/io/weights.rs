@@ -48,7 +48,7 @@ pub fn has_weights(dir: &Path) -> bool {
 
 /// The shard files a `model.safetensors.index.json` routes tensors to, each once, in name order;
 /// every one must exist beside the index.
-fn shard_files(index: &Path) -> Result<Vec<PathBuf>, IoError> {
+pub(crate) fn shard_files(index: &Path) -> Result<Vec<PathBuf>, IoError> {
     let bad = |message: String| IoError::Invalid {
         path: index.into(),
         message,
