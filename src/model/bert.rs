@@ -701,12 +701,6 @@ impl BertForSequenceClassification {
         Ok(ModelGrads { adapters, head })
     }
 
-    /// Index of the highest layer with a trainable adapter: SAFE's monitoring stops there, since
-    /// no decision needs the scores of the frozen layers above it.
-    pub fn highest_trainable_layer(&self) -> Option<usize> {
-        self.layers.iter().rposition(|l| l.trains())
-    }
-
     /// SAFE's monitoring of layer `i` (inference): its output on `h` (the output of layer
     /// `i - 1`, or of the embeddings) and each of its adapters' `(site, X, Y)` at `point` (see
     /// [`MonitorPoint`]).

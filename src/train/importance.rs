@@ -9,6 +9,7 @@
 //! The centered norms CKA is made of are computed there too, so per adapter and round five numbers
 //! reach the host, not three `d x d` matrices.
 
+use crate::adapters::Adapted;
 use crate::safe::{cka_from_norms, CkaNorms};
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
@@ -30,24 +31,42 @@ pub fn token_rows(attention_mask: &[u32], device: &Device) -> Result<Tensor> {
     Tensor::from_vec(rows, n, device)
 }
 
-/// What one monitored layer gives for one batch: its output (the next layer's input) and, for
-/// each of its adapters, `(adapter index, X, Y)` as `[batch*seq, d]` rows.
-pub type LayerRows = (Tensor, Vec<(usize, Tensor, Tensor)>);
+/// The layers a round measures: from the lowest to the highest layer with a trainable adapter.
+/// Below, frozen adapters need no more scores; above, nothing trains. None when nothing trains.
+pub fn trainable_layers(model: &impl Adapted) -> Option<Range<usize>> {
+    let trainable: Vec<usize> = model
+        .adapters()
+        .into_iter()
+        .zip(model.adapter_layers())
+        .filter(|((_, a), _)| a.trainable)
+        .map(|(_, l)| l)
+        .collect();
+    Some(*trainable.iter().min()?..*trainable.iter().max()? + 1)
+}
 
-/// Importance of `n_adapters` adapters: `layer(l, batch, hidden)` runs layer `l` on every batch
-/// in turn, for each `l` in `layers`; adapters outside those layers get NaN ("not measured").
-pub fn importance_by_layer<B>(
-    n_adapters: usize,
+/// What one monitored layer gives for one batch: its output (the next layer's input) and, for
+/// each of its adapters, `(adapter key, X, Y)` as `[batch*seq, d]` rows.
+pub type LayerRows<K> = (Tensor, Vec<(K, Tensor, Tensor)>);
+
+/// Importance of each of `adapters` (in that order): `layer(l, batch, hidden)` runs layer `l` on
+/// every batch in turn, for each `l` in `layers`, naming its adapters by their keys; adapters
+/// outside those layers get NaN ("not measured").
+pub fn importance_by_layer<B, K: PartialEq>(
+    adapters: &[K],
     batches: &mut [MonitorBatch<B>],
     layers: Range<usize>,
-    mut layer: impl FnMut(usize, &B, &Tensor) -> Result<LayerRows>,
+    mut layer: impl FnMut(usize, &B, &Tensor) -> Result<LayerRows<K>>,
 ) -> Result<Vec<f64>> {
-    let mut scores = vec![f64::NAN; n_adapters];
+    let mut scores = vec![f64::NAN; adapters.len()];
     for l in layers {
         let mut moments: Vec<(usize, DeviceMoments)> = Vec::new();
         for mb in batches.iter_mut() {
             let (out, rows) = layer(l, &mb.batch, &mb.hidden)?;
-            for (i, x, y) in rows {
+            for (key, x, y) in rows {
+                let i = adapters
+                    .iter()
+                    .position(|a| *a == key)
+                    .expect("monitored adapter is listed");
                 let m = DeviceMoments::of(&x, &y, &mb.rows)?;
                 match moments.iter_mut().find(|(j, _)| *j == i) {
                     Some((_, acc)) => acc.add(m)?,
@@ -106,22 +125,18 @@ impl DeviceMoments {
         // Sum of squares, by rows first: candle's CUDA `sum_all` reduces in one thread block,
         // which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
         let sum_sq = |t: &Tensor| -> Result<f64> { t.sqr()?.sum(1)?.sum_all()?.to_scalar() };
-        // (||M - a b^T / n||_F^2, ||M||_F^2), as CkaAccumulator::cka computes them on the host.
-        let norms = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<(f64, f64)> {
+        // ||M - a b^T / n||_F^2, as CkaAccumulator::cka computes it on the host.
+        let centered = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<f64> {
             let outer = a.unsqueeze(1)?.broadcast_mul(&b.unsqueeze(0)?)?;
-            let c = (m - (outer / n)?)?;
-            Ok((sum_sq(&c)?, sum_sq(m)?))
+            sum_sq(&(m - (outer / n)?)?)
         };
-        let (xx, xx_raw) = norms(&self.xtx, &self.sum_x, &self.sum_x)?;
-        let (yy, yy_raw) = norms(&self.yty, &self.sum_y, &self.sum_y)?;
-        let (yx, _) = norms(&self.ytx, &self.sum_y, &self.sum_x)?;
         let norms = CkaNorms {
             rows: self.n,
-            xx,
-            xx_raw,
-            yy,
-            yy_raw,
-            yx,
+            xx: centered(&self.xtx, &self.sum_x, &self.sum_x)?,
+            xx_raw: sum_sq(&self.xtx)?,
+            yy: centered(&self.yty, &self.sum_y, &self.sum_y)?,
+            yy_raw: sum_sq(&self.yty)?,
+            yx: centered(&self.ytx, &self.sum_y, &self.sum_x)?,
         };
         Ok(cka_from_norms(&norms)
             .map(crate::safe::importance)
@@ -160,7 +175,7 @@ mod tests {
             Tensor::from_vec(v, (4, d), &dev).unwrap()
         };
         // Layer l holds adapter l; adapter 2 (layer 2) is outside the measured range.
-        let scores = importance_by_layer(3, &mut batches, 0..2, |l, &b, h| {
+        let scores = importance_by_layer(&[0, 1, 2], &mut batches, 0..2, |l, &b, h| {
             let k = 0.5 + l as f32;
             Ok(((h + 1.0)?, vec![(l, xy(b, k), xy(b, 0.0))]))
         })

@@ -223,17 +223,8 @@ pub fn lm_adapter_importance(
     batch: usize,
     point: crate::safe::MonitorPoint,
 ) -> Result<Vec<f64>> {
-    let adapters = model.adapters();
-    let paths: Vec<&str> = adapters.iter().map(|(p, _)| p.as_str()).collect();
-    let layers = model.adapter_layers();
-    let trainable = || {
-        adapters
-            .iter()
-            .zip(&layers)
-            .filter(|((_, a), _)| a.trainable)
-            .map(|(_, &l)| l)
-    };
-    let (Some(first), Some(top)) = (trainable().min(), trainable().max()) else {
+    let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
+    let Some(layers) = importance::trainable_layers(model) else {
         return Ok(vec![f64::NAN; paths.len()]); // everything frozen: nothing left to decide
     };
     let mut batches = Vec::new();
@@ -241,32 +232,16 @@ pub fn lm_adapter_importance(
         let c = lm::collate(chunk);
         let rows = importance::token_rows(&c.attention_mask, &model.device())?;
         let b = collated_batch(c, DType::F32, &model.device())?;
-        let hidden = model.hidden_before(&b, first)?;
+        let hidden = model.hidden_before(&b, layers.start)?;
         batches.push(MonitorBatch {
             batch: b,
             rows,
             hidden,
         });
     }
-    let scores = importance::importance_by_layer(
-        paths.len(),
-        &mut batches,
-        first..top + 1,
-        |layer, b, h| {
-            let (out, rows) = model.monitor_layer(layer, b, h, point)?;
-            let rows = rows
-                .into_iter()
-                .map(|(path, x, y)| {
-                    let i = paths
-                        .iter()
-                        .position(|p| *p == path)
-                        .expect("listed adapter");
-                    (i, x, y)
-                })
-                .collect();
-            Ok((out, rows))
-        },
-    )?;
+    let scores = importance::importance_by_layer(&paths, &mut batches, layers, |layer, b, h| {
+        model.monitor_layer(layer, b, h, point)
+    })?;
     Ok(scores)
 }
 

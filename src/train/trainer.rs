@@ -267,12 +267,10 @@ pub fn adapter_importance(
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
     let device = model.head.classifier.weight.device();
-    let (Some(first), Some(top)) = (
-        model.lowest_trainable_layer(),
-        model.highest_trainable_layer(),
-    ) else {
+    let Some(layers) = importance::trainable_layers(model) else {
         return Ok(vec![f64::NAN; sites.len()]); // everything frozen: nothing left to decide
     };
+    let first = layers.start;
     let mut batches = Vec::new();
     for chunk in items.chunks(batch_size.max(1)) {
         let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
@@ -292,25 +290,11 @@ pub fn adapter_importance(
             hidden,
         });
     }
-    let scores = importance::importance_by_layer(
-        sites.len(),
-        &mut batches,
-        first..top + 1,
-        |layer, t, h| {
-            let (out, rows) = model.monitor_layer(layer, t, h, point)?;
-            let rows = rows
-                .into_iter()
-                .map(|(site, x, y)| {
-                    let i = sites
-                        .iter()
-                        .position(|&s| s == (layer, site))
-                        .expect("monitored adapter is listed");
-                    (i, x, y)
-                })
-                .collect();
-            Ok((out, rows))
-        },
-    )?;
+    let scores = importance::importance_by_layer(&sites, &mut batches, layers, |layer, t, h| {
+        let (out, rows) = model.monitor_layer(layer, t, h, point)?;
+        let rows = rows.into_iter().map(|(s, x, y)| ((layer, s), x, y));
+        Ok((out, rows.collect()))
+    })?;
     Ok(scores)
 }
 
