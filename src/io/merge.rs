@@ -48,7 +48,6 @@ pub fn merge_adapter(
 ) -> Result<MergeReport, IoError> {
     let base_file = base_dir.join(WEIGHTS_FILE);
     let base_config = base_dir.join("config.json");
-    let adapter_file = adapter_dir.join(peft::WEIGHTS_FILE);
     for (path, what) in [
         (&base_file, "base model weights"),
         (&base_config, "base model config"),
@@ -60,14 +59,7 @@ pub fn merge_adapter(
             });
         }
     }
-    let cfg = peft::read_config(adapter_dir)?;
-    if !adapter_file.is_file() {
-        return Err(IoError::Missing {
-            path: adapter_file,
-            what: "PEFT adapter weights".into(),
-        });
-    }
-    check_plain_lora(&adapter_dir.join(peft::CONFIG_FILE))?;
+    let (cfg, adapter_file) = read_plain_adapter(adapter_dir)?;
     if cfg.fan_in_fan_out {
         return Err(invalid(
             &adapter_dir.join(peft::CONFIG_FILE),
@@ -106,33 +98,14 @@ pub fn merge_adapter(
     }
 
     // The LoRA modules: `<module>.lora_A.weight` / `<module>.lora_A.default.weight`.
-    let scaling = cfg.lora().scaling();
     let mut merged_modules = 0;
-    let mut modules: Vec<&str> = Vec::new();
-    for key in adapter.keys() {
-        let Some(rest) = key.strip_prefix(PREFIX) else {
-            return Err(invalid(
-                &adapter_file,
-                &format!("tensor '{key}' does not start with '{PREFIX}'"),
-            ));
-        };
-        if let Some((module, which)) = rest.split_once(".lora_") {
-            if !matches!(
-                which,
-                "A.weight" | "B.weight" | "A.default.weight" | "B.default.weight"
-            ) {
-                return Err(unsupported(&adapter_file, key, &cfg));
-            }
-            modules.push(module);
-        } else if !matches!(rest, "classifier.weight" | "classifier.bias") {
-            return Err(unsupported(&adapter_file, key, &cfg));
-        }
-    }
-    modules.sort();
-    modules.dedup();
+    let modules = lora_modules(
+        &adapter,
+        &adapter_file,
+        &cfg,
+        &["classifier.weight", "classifier.bias"],
+    )?;
     for module in modules {
-        let a = lora_tensor(&adapter, &adapter_file, module, "A")?;
-        let b = lora_tensor(&adapter, &adapter_file, module, "B")?;
         let target = out_name(&format!("{module}.weight"));
         let w = out.get(&target).ok_or_else(|| IoError::MissingTensor {
             path: base_file.clone(),
@@ -143,32 +116,15 @@ pub fn merge_adapter(
                 adapter_file.display()
             ),
         })?;
-        let (out_f, in_f) = match w.dims() {
-            [o, i] => (*o, *i),
-            d => {
-                return Err(invalid(
-                    &base_file,
-                    &format!("tensor '{target}' has shape {d:?}, expected a 2-D linear weight"),
-                ))
-            }
-        };
-        let a_name = format!("{PREFIX}{module}.lora_A.weight");
-        let b_name = format!("{PREFIX}{module}.lora_B.weight");
-        if a.dims() != [cfg.r, in_f] {
-            return Err(wrong_shape(&adapter_file, &a_name, a, &[cfg.r, in_f]));
-        }
-        if b.dims() != [out_f, cfg.r] {
-            return Err(wrong_shape(&adapter_file, &b_name, b, &[out_f, cfg.r]));
-        }
-        let dtype = w.dtype();
-        let merged = (|| -> candle_core::Result<Tensor> {
-            let delta = b
-                .to_dtype(DType::F64)?
-                .matmul(&a.to_dtype(DType::F64)?)?
-                .affine(scaling, 0.0)?;
-            (w.to_dtype(DType::F64)? + delta)?.to_dtype(dtype)
-        })()
-        .map_err(|e| invalid(&base_file, &format!("merging into '{target}': {e}")))?;
+        let merged = merged_weight(
+            w,
+            &target,
+            &base_file,
+            &adapter,
+            &adapter_file,
+            module,
+            &cfg,
+        )?;
         out.insert(target, merged);
         merged_modules += 1;
     }
@@ -234,9 +190,7 @@ pub fn merge_adapter(
     for name in TOKENIZER_FILES {
         let src = base_dir.join(name);
         if src.is_file() {
-            let dst = out_dir.join(name);
-            std::fs::copy(&src, &dst)
-                .map_err(|e| invalid(&dst, &format!("cannot copy from {}: {e}", src.display())))?;
+            copy_file(&src, &out_dir.join(name))?;
         }
     }
     Ok(MergeReport {
@@ -270,15 +224,7 @@ pub fn merge_decoder_adapter(
     adapter_dir: &Path,
     out_dir: &Path,
 ) -> Result<MergeReport, IoError> {
-    let cfg = peft::read_config(adapter_dir)?;
-    let adapter_file = adapter_dir.join(peft::WEIGHTS_FILE);
-    if !adapter_file.is_file() {
-        return Err(IoError::Missing {
-            path: adapter_file,
-            what: "PEFT adapter weights".into(),
-        });
-    }
-    check_plain_lora(&adapter_dir.join(peft::CONFIG_FILE))?;
+    let (cfg, adapter_file) = read_plain_adapter(adapter_dir)?;
     if same_dir(base_dir, out_dir) {
         return Err(invalid(
             out_dir,
@@ -304,23 +250,7 @@ pub fn merge_decoder_adapter(
         vec![single]
     };
     let adapter = load(&adapter_file)?;
-    let mut modules: Vec<&str> = Vec::new();
-    for key in adapter.keys() {
-        let module = key
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split_once(".lora_"))
-            .filter(|(_, which)| {
-                matches!(
-                    *which,
-                    "A.weight" | "B.weight" | "A.default.weight" | "B.default.weight"
-                )
-            })
-            .map(|(module, _)| module)
-            .ok_or_else(|| unsupported(&adapter_file, key, &cfg))?;
-        modules.push(module);
-    }
-    modules.sort();
-    modules.dedup();
+    let modules = lora_modules(&adapter, &adapter_file, &cfg, &[])?;
 
     // Where each module's weight is: its name in the base (PEFT's path, or without its first
     // part for checkpoints saved without `transformer.`/`model.`) and the file holding it.
@@ -349,7 +279,6 @@ pub fn merge_decoder_adapter(
         targets.insert(name, module);
     }
 
-    let scaling = cfg.lora().scaling();
     std::fs::create_dir_all(out_dir).map_err(|e| invalid(out_dir, &e.to_string()))?;
     let mut merged_modules = 0;
     let mut out_file = out_dir.join(super::weights::SINGLE_FILE);
@@ -359,38 +288,7 @@ pub fn merge_decoder_adapter(
             let Some(module) = targets.get(name) else {
                 continue;
             };
-            let a = lora_tensor(&adapter, &adapter_file, module, "A")?;
-            let b = lora_tensor(&adapter, &adapter_file, module, "B")?;
-            let (out_f, in_f) = match (w.dims(), cfg.fan_in_fan_out) {
-                ([i, o], true) => (*o, *i),
-                ([o, i], false) => (*o, *i),
-                (d, _) => {
-                    return Err(invalid(
-                        file,
-                        &format!("tensor '{name}' has shape {d:?}, expected a 2-D linear weight"),
-                    ))
-                }
-            };
-            if a.dims() != [cfg.r, in_f] {
-                let a_name = format!("{PREFIX}{module}.lora_A.weight");
-                return Err(wrong_shape(&adapter_file, &a_name, a, &[cfg.r, in_f]));
-            }
-            if b.dims() != [out_f, cfg.r] {
-                let b_name = format!("{PREFIX}{module}.lora_B.weight");
-                return Err(wrong_shape(&adapter_file, &b_name, b, &[out_f, cfg.r]));
-            }
-            let dtype = w.dtype();
-            *w = (|| -> candle_core::Result<Tensor> {
-                let mut delta = b
-                    .to_dtype(DType::F64)?
-                    .matmul(&a.to_dtype(DType::F64)?)?
-                    .affine(scaling, 0.0)?;
-                if cfg.fan_in_fan_out {
-                    delta = delta.t()?;
-                }
-                (w.to_dtype(DType::F64)? + delta)?.to_dtype(dtype)
-            })()
-            .map_err(|e| invalid(file, &format!("merging into '{name}': {e}")))?;
+            *w = merged_weight(w, name, file, &adapter, &adapter_file, module, &cfg)?;
             merged_modules += 1;
         }
         out_file = out_dir.join(file.file_name().expect("a weights file has a name"));
@@ -410,6 +308,100 @@ pub fn merge_decoder_adapter(
         merged_modules,
         out_file,
     })
+}
+
+/// The LoRA modules of an adapter file, sorted: from `<module>.lora_A.weight` /
+/// `<module>.lora_B.weight` (or PEFT's `.default.` names). Any other tensor is refused unless it
+/// is one of `also` (a classifier PEFT saves beside them).
+fn lora_modules<'a>(
+    adapter: &'a HashMap<String, Tensor>,
+    adapter_file: &Path,
+    cfg: &PeftConfig,
+    also: &[&str],
+) -> Result<Vec<&'a str>, IoError> {
+    let mut modules: Vec<&str> = Vec::new();
+    for key in adapter.keys() {
+        let Some(rest) = key.strip_prefix(PREFIX) else {
+            return Err(invalid(
+                adapter_file,
+                &format!("tensor '{key}' does not start with '{PREFIX}'"),
+            ));
+        };
+        if let Some((module, which)) = rest.split_once(".lora_") {
+            if !matches!(
+                which,
+                "A.weight" | "B.weight" | "A.default.weight" | "B.default.weight"
+            ) {
+                return Err(unsupported(adapter_file, key, cfg));
+            }
+            modules.push(module);
+        } else if !also.contains(&rest) {
+            return Err(unsupported(adapter_file, key, cfg));
+        }
+    }
+    modules.sort();
+    modules.dedup();
+    Ok(modules)
+}
+
+/// The adapter folder's PEFT config and weights file, refused unless it is plain LoRA.
+fn read_plain_adapter(adapter_dir: &Path) -> Result<(PeftConfig, PathBuf), IoError> {
+    let cfg = peft::read_config(adapter_dir)?;
+    let adapter_file = adapter_dir.join(peft::WEIGHTS_FILE);
+    if !adapter_file.is_file() {
+        return Err(IoError::Missing {
+            path: adapter_file,
+            what: "PEFT adapter weights".into(),
+        });
+    }
+    check_plain_lora(&adapter_dir.join(peft::CONFIG_FILE))?;
+    Ok((cfg, adapter_file))
+}
+
+/// `W + scaling * B @ A` for LoRA module `module` of `adapter`, in f64, stored in `W`'s dtype;
+/// `W` (tensor `name` of `file`) is `[out, in]`, or `[in, out]` with `fan_in_fan_out` (GPT-2's
+/// Conv1D), and A, B must be `[r, in]`, `[out, r]`.
+fn merged_weight(
+    w: &Tensor,
+    name: &str,
+    file: &Path,
+    adapter: &HashMap<String, Tensor>,
+    adapter_file: &Path,
+    module: &str,
+    cfg: &PeftConfig,
+) -> Result<Tensor, IoError> {
+    let a = lora_tensor(adapter, adapter_file, module, "A")?;
+    let b = lora_tensor(adapter, adapter_file, module, "B")?;
+    let (out_f, in_f) = match (w.dims(), cfg.fan_in_fan_out) {
+        ([i, o], true) => (*o, *i),
+        ([o, i], false) => (*o, *i),
+        (d, _) => {
+            return Err(invalid(
+                file,
+                &format!("tensor '{name}' has shape {d:?}, expected a 2-D linear weight"),
+            ))
+        }
+    };
+    if a.dims() != [cfg.r, in_f] {
+        let a_name = format!("{PREFIX}{module}.lora_A.weight");
+        return Err(wrong_shape(adapter_file, &a_name, a, &[cfg.r, in_f]));
+    }
+    if b.dims() != [out_f, cfg.r] {
+        let b_name = format!("{PREFIX}{module}.lora_B.weight");
+        return Err(wrong_shape(adapter_file, &b_name, b, &[out_f, cfg.r]));
+    }
+    let scaling = cfg.lora().scaling();
+    (|| -> candle_core::Result<Tensor> {
+        let mut delta = b
+            .to_dtype(DType::F64)?
+            .matmul(&a.to_dtype(DType::F64)?)?
+            .affine(scaling, 0.0)?;
+        if cfg.fan_in_fan_out {
+            delta = delta.t()?;
+        }
+        (w.to_dtype(DType::F64)? + delta)?.to_dtype(w.dtype())
+    })()
+    .map_err(|e| invalid(file, &format!("merging into '{name}': {e}")))
 }
 
 fn copy_file(src: &Path, dst: &Path) -> Result<(), IoError> {
