@@ -549,27 +549,27 @@ fn resume_with_another_length_is_refused() {
 
 #[test]
 fn resume_after_an_interruption_is_exact() {
-    // A run of 2 epochs that dies after epoch 1's checkpoint (the SAFETUNE_EXIT_AFTER_EPOCH test
-    // hook exits there), resumed with the same command, must end where the uninterrupted run ends.
+    // A run of 2 epochs stopped after epoch 1's checkpoint (`--stop-after-epoch 1`, as a job
+    // with a time limit would be), resumed with the same command, must end where the
+    // uninterrupted run ends.
     let sb = Sandbox::new();
     let model = tiny_model(&sb.path("model"), 1);
     let data = tiny_csv(&sb.path("data.csv"));
     let (resumed, straight) = (sb.path("resumed"), sb.path("straight"));
-    let crashed = std::process::Command::new(env!("CARGO_BIN_EXE_safetune"))
-        .args(train_args(&model, &data, &resumed, &["--epochs", "2"]))
-        .env("SAFETUNE_CACHE", sb.path("cache"))
-        .env("SAFETUNE_EXIT_AFTER_EPOCH", "1")
-        .output()
-        .unwrap();
-    assert_eq!(
-        crashed.status.code(),
-        Some(3),
-        "the test hook ends the run after epoch 1"
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &resumed,
+        &["--epochs", "2", "--stop-after-epoch", "1"],
+    ));
+    assert!(
+        !resumed.join("summary.json").exists(),
+        "a stopped run has no summary yet"
     );
     let state = read_json(&resumed.join("checkpoint/state.json"));
     assert_eq!(
         state["epochs_done"], 1,
-        "the crash should leave epoch 1's checkpoint"
+        "the stop should leave epoch 1's checkpoint"
     );
 
     sb.run_ok(&train_args(

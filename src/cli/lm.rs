@@ -4,7 +4,6 @@ use crate::adapters::Adapted;
 use crate::data::lm::PromptFormat;
 use crate::model::generate::{self, Sampling};
 use crate::model::CausalLm;
-use crate::train::config::Method;
 use crate::train::lm::{self, LmSummary};
 use crate::train::lm_config::{LmDataKind, LmTrainConfig};
 use anyhow::{Context, Result};
@@ -32,44 +31,11 @@ pub struct LmTrainArgs {
     pub prompt_format: Option<PromptFormat>,
     #[arg(long)]
     pub seq_len: Option<usize>,
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    /// lora | safe | upper | freeze-prefix:K
-    #[arg(long)]
-    pub method: Option<Method>,
-    #[arg(long)]
-    pub lora_r: Option<usize>,
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// Comma-separated module names, e.g. q_proj,v_proj (LLaMA) or c_attn (GPT-2)
-    #[arg(long, value_delimiter = ',')]
-    pub target_modules: Option<Vec<String>>,
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Cap optimizer steps per epoch; 0 = whole epochs.
-    #[arg(long)]
-    pub max_steps_per_epoch: Option<usize>,
+    #[command(flatten)]
+    pub run: super::RunArgs,
     /// Evaluate on at most this many validation/test sequences; 0 = all.
     #[arg(long)]
     pub max_eval_sequences: Option<usize>,
-    /// SAFE's tau_T as an absolute importance value.
-    #[arg(long)]
-    pub safe_tau: Option<f64>,
-    #[arg(long)]
-    pub safe_rounds_per_epoch: Option<usize>,
-    #[arg(long)]
-    pub safe_monitor_examples: Option<usize>,
-    /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.
-    #[arg(long)]
-    pub safe_monitor: Option<crate::safe::MonitorPoint>,
     /// Keep the frozen projection weights quantized in memory (dequantized per matmul) instead of
     /// a full-precision copy: a GGUF model's own blocks, a safetensors model's quantized as it
     /// loads (see --quantize-format).
@@ -79,17 +45,6 @@ pub struct LmTrainArgs {
     /// default q8_0).
     #[arg(long, value_enum)]
     pub quantize_format: Option<crate::nn::linear::QuantFormat>,
-    /// Gradient checkpointing: keep only each trainable layer's input and run it again in
-    /// backward (less activation memory, one more forward of the trainable layers).
-    #[arg(long)]
-    pub gradient_checkpointing: bool,
-    /// Continue from OUTPUT/checkpoint if present.
-    #[arg(long)]
-    pub resume: bool,
-    #[arg(long)]
-    pub quiet: bool,
-    #[command(flatten)]
-    pub device: crate::device::DeviceArgs,
 }
 
 impl LmTrainArgs {
@@ -114,31 +69,10 @@ impl LmTrainArgs {
         set!(c.data_kind, self.data_kind);
         set!(c.prompt_format, self.prompt_format);
         set!(c.seq_len, self.seq_len);
-        set!(c.output, self.output);
-        set!(c.method, self.method);
-        set!(c.lora.r, self.lora_r);
-        set!(c.lora.alpha, self.lora_alpha);
-        set!(c.lora.target_modules, self.target_modules);
-        set!(c.lr, self.lr);
-        set!(c.epochs, self.epochs);
-        set!(c.batch_size, self.batch_size);
-        set!(c.grad_accum, self.grad_accum);
-        set!(c.seed, self.seed);
-        set!(c.max_steps_per_epoch, self.max_steps_per_epoch);
+        apply_run_args!(c, self.run);
         set!(c.max_eval_sequences, self.max_eval_sequences);
-        set!(c.safe.rounds_per_epoch, self.safe_rounds_per_epoch);
-        set!(c.safe.monitor_examples, self.safe_monitor_examples);
-        set!(c.safe.monitor, self.safe_monitor);
-        if let Some(t) = self.safe_tau {
-            c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
-        }
-        set!(c.device, self.device.device);
-        set!(c.dtype, self.device.dtype);
         c.quantized_base |= self.quantized_base;
         c.quantize_format = self.quantize_format.or(c.quantize_format);
-        c.gradient_checkpointing |= self.gradient_checkpointing;
-        anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
-        anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");
         Ok(c)
     }
@@ -245,8 +179,9 @@ fn load_with_adapter(a: &DecoderArgs) -> Result<lm::LoadedDecoder> {
 
 pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
     let cfg = a.to_config()?;
-    let s = lm::train_lm(&cfg, a.resume, !a.quiet)?;
-    print_lm_summary(&cfg, &s);
+    if let Some(s) = lm::train_lm(&cfg, a.run.resume, !a.run.quiet)? {
+        print_lm_summary(&cfg, &s);
+    }
     Ok(())
 }
 

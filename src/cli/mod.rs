@@ -9,8 +9,6 @@ macro_rules! set {
     };
 }
 
-mod lm;
-
 use crate::data::{TableFormat, TaskKind};
 use crate::io::{fetch, peft};
 use crate::train::config::{DataKind, Method, TrainConfig};
@@ -77,6 +75,23 @@ pub struct TrainArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Start from an existing PEFT LoRA adapter folder (same rank and target modules).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Recompute the frozen bottom layers every step instead of caching their output on disk.
+    #[arg(long)]
+    pub no_frozen_cache: bool,
+    /// Run the frozen bottom layers with dropout, as without freezing (recomputed every step).
+    #[arg(long)]
+    pub frozen_bottom_dropout: bool,
+}
+
+/// Flags of a training run that `train`, `demo` and `train-lm` share; each overrides the config
+/// file. [`apply_run_args!`] sets them on either command's config.
+#[derive(Args, Clone, Default)]
+pub struct RunArgs {
     /// Output folder (adapter, checkpoint, metrics.jsonl, summary.json, plots).
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -89,7 +104,7 @@ pub struct TrainArgs {
     pub lora_alpha: Option<f64>,
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-    /// Comma-separated module names, e.g. query,value
+    /// Comma-separated module names, e.g. query,value (BERT), q_proj,v_proj (LLaMA), c_attn (GPT-2)
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
     #[arg(long)]
@@ -105,12 +120,13 @@ pub struct TrainArgs {
     /// Cap optimizer steps per epoch (quick runs); 0 = whole epochs.
     #[arg(long)]
     pub max_steps_per_epoch: Option<usize>,
+    /// Stop after this epoch with its checkpoint written; continue later with --resume (the
+    /// schedule stays that of --epochs).
+    #[arg(long)]
+    pub stop_after_epoch: Option<usize>,
     /// SAFE's tau_T as an absolute importance value (default: half the largest importance at warm-up end).
     #[arg(long)]
     pub safe_tau: Option<f64>,
-    /// Start from an existing PEFT LoRA adapter folder (same rank and target modules).
-    #[arg(long)]
-    pub init_adapter: Option<PathBuf>,
     /// SAFE decision rounds per epoch (1 = once per epoch, as in the paper).
     #[arg(long)]
     pub safe_rounds_per_epoch: Option<usize>,
@@ -120,12 +136,6 @@ pub struct TrainArgs {
     /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.
     #[arg(long)]
     pub safe_monitor: Option<crate::safe::MonitorPoint>,
-    /// Recompute the frozen bottom layers every step instead of caching their output on disk.
-    #[arg(long)]
-    pub no_frozen_cache: bool,
-    /// Run the frozen bottom layers with dropout, as without freezing (recomputed every step).
-    #[arg(long)]
-    pub frozen_bottom_dropout: bool,
     /// Gradient checkpointing: keep only each trainable layer's input and run it again in
     /// backward (less activation memory, one more forward of the trainable layers).
     #[arg(long)]
@@ -139,6 +149,43 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
 }
+
+/// Sets the [`RunArgs`] that were given on a config (`TrainConfig` or `LmTrainConfig`, whose
+/// fields share these names), and checks what every run needs.
+macro_rules! apply_run_args {
+    ($c:expr, $a:expr) => {{
+        let (c, a) = (&mut $c, &$a);
+        set!(c.output, a.output);
+        set!(c.method, a.method);
+        set!(c.lora.r, a.lora_r);
+        set!(c.lora.alpha, a.lora_alpha);
+        set!(c.lora.dropout, a.lora_dropout);
+        set!(c.lora.target_modules, a.target_modules);
+        set!(c.lr, a.lr);
+        set!(c.epochs, a.epochs);
+        set!(c.batch_size, a.batch_size);
+        set!(c.grad_accum, a.grad_accum);
+        set!(c.seed, a.seed);
+        set!(c.max_steps_per_epoch, a.max_steps_per_epoch);
+        if a.stop_after_epoch.is_some() {
+            c.stop_after_epoch = a.stop_after_epoch;
+        }
+        set!(c.safe.rounds_per_epoch, a.safe_rounds_per_epoch);
+        set!(c.safe.monitor_examples, a.safe_monitor_examples);
+        set!(c.safe.monitor, a.safe_monitor);
+        if let Some(t) = a.safe_tau {
+            c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
+        }
+        c.gradient_checkpointing |= a.gradient_checkpointing;
+        set!(c.device, a.device.device);
+        set!(c.dtype, a.device.dtype);
+        anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
+        anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
+    }};
+}
+
+// After the macros, which `lm` uses.
+mod lm;
 
 #[derive(Args, Clone, Default)]
 pub struct DataArgs {
@@ -196,26 +243,9 @@ impl TrainArgs {
             c.model = self.model.clone();
         }
         self.data.apply(&mut c);
-        set!(c.output, self.output);
-        set!(c.method, self.method);
-        set!(c.lora.r, self.lora_r);
-        set!(c.lora.alpha, self.lora_alpha);
-        set!(c.lora.dropout, self.lora_dropout);
-        set!(c.lora.target_modules, self.target_modules);
-        set!(c.lr, self.lr);
-        set!(c.epochs, self.epochs);
-        set!(c.batch_size, self.batch_size);
-        set!(c.grad_accum, self.grad_accum);
-        set!(c.seed, self.seed);
-        set!(c.max_steps_per_epoch, self.max_steps_per_epoch);
+        apply_run_args!(c, self.run);
         if self.init_adapter.is_some() {
             c.init_adapter = self.init_adapter.clone();
-        }
-        set!(c.safe.rounds_per_epoch, self.safe_rounds_per_epoch);
-        set!(c.safe.monitor_examples, self.safe_monitor_examples);
-        set!(c.safe.monitor, self.safe_monitor);
-        if let Some(t) = self.safe_tau {
-            c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
         if self.no_frozen_cache {
             c.cache_frozen_bottom = false;
@@ -223,11 +253,6 @@ impl TrainArgs {
         if self.frozen_bottom_dropout {
             c.frozen_bottom_dropout = true;
         }
-        c.gradient_checkpointing |= self.gradient_checkpointing;
-        set!(c.device, self.device.device);
-        set!(c.dtype, self.device.dtype);
-        anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
-        anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
         anyhow::ensure!(c.data.max_length >= 2, "max_length must be at least 2");
         Ok(c)
     }
@@ -301,8 +326,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => {
             let cfg = a.to_config()?;
-            let summary = trainer::train(&cfg, a.resume, !a.quiet)?;
-            print_summary(&cfg, &summary);
+            if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
+                print_summary(&cfg, &summary);
+            }
             Ok(())
         }
         Command::Demo(a) => {
@@ -322,17 +348,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 v.is_some()
             };
-            if a.epochs.is_none() && !in_file(&["epochs"]) {
+            if a.run.epochs.is_none() && !in_file(&["epochs"]) {
                 cfg.epochs = 2;
             }
-            if a.safe_rounds_per_epoch.is_none() && !in_file(&["safe", "rounds_per_epoch"]) {
+            if a.run.safe_rounds_per_epoch.is_none() && !in_file(&["safe", "rounds_per_epoch"]) {
                 cfg.safe.rounds_per_epoch = 4;
             }
-            if a.safe_monitor_examples.is_none() && !in_file(&["safe", "monitor_examples"]) {
+            if a.run.safe_monitor_examples.is_none() && !in_file(&["safe", "monitor_examples"]) {
                 cfg.safe.monitor_examples = 64;
             }
-            let summary = trainer::train(&cfg, a.resume, !a.quiet)?;
-            print_summary(&cfg, &summary);
+            if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
+                print_summary(&cfg, &summary);
+            }
             Ok(())
         }
         Command::Eval(a) => eval(a),

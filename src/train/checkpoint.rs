@@ -5,12 +5,9 @@
 //! interrupted run loses at most the epoch in progress. The best-validation adapter is written in
 //! PEFT's format at `OUTPUT/` (see `io::peft`).
 
-use super::config::TrainConfig;
+use super::fit::EpochLog;
 use super::optim::{AdamW, Moments};
-use super::trainer::EpochLog;
 use crate::adapters::Adapted;
-use crate::io::peft;
-use crate::model::bert::BertForSequenceClassification;
 use crate::safe::SafeController;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -169,20 +166,4 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
         );
     }
     Ok(Some(state))
-}
-
-/// Writes the current adapters and classifier as a PEFT adapter in `out`.
-pub fn save_best(
-    out: &Path,
-    model: &BertForSequenceClassification,
-    cfg: &TrainConfig,
-    base_model: &Path,
-) -> Result<()> {
-    peft::save(out, model, &cfg.lora, &base_model.display().to_string())?;
-    Ok(())
-}
-
-pub fn load_best(out: &Path, model: &mut BertForSequenceClassification) -> Result<()> {
-    peft::load(out, model)?;
-    Ok(())
 }

@@ -127,6 +127,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps per epoch (0 = the whole epoch). For quick runs.
     pub max_steps_per_epoch: usize,
+    /// Stop after this epoch with its checkpoint written, to continue later with `--resume` (a
+    /// run cut into time-limited jobs); the schedule stays that of `epochs`.
+    pub stop_after_epoch: Option<usize>,
     /// Start from this PEFT LoRA adapter folder (its adapters and classifier), e.g. one trained by
     /// PEFT or by an earlier run, instead of fresh adapters.
     pub init_adapter: Option<PathBuf>,
@@ -165,6 +168,7 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             seed: 42,
             max_steps_per_epoch: 0,
+            stop_after_epoch: None,
             init_adapter: None,
             cache_frozen_bottom: true,
             frozen_bottom_dropout: false,

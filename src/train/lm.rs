@@ -5,13 +5,11 @@
 //! `summary.json`.
 
 use super::checkpoint;
-use super::config::Method;
+use super::fit::{fit, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::importance::{self, MonitorBatch};
 use super::lm_config::{LmDataKind, LmTrainConfig};
 use super::memory;
-use super::optim::{clip_global_norm, AdamW, AdamWConfig};
-use super::run::{self, StepPlan};
-use super::trainer::EpochLog;
+use super::run;
 use crate::adapters::Adapted;
 use crate::data::lm::{self, LmSequence};
 use crate::io::fetch;
@@ -19,15 +17,13 @@ use crate::model::llama::LlamaForCausalLM;
 use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::QuantFormat;
-use crate::nn::{flops, Pass};
-use crate::safe::{Phase, SafeController};
+use crate::nn::Pass;
+use crate::safe::MonitorPoint;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -267,7 +263,13 @@ pub struct LmSummary {
 }
 
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.
-pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Result<LmSummary> {
+/// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`. None
+/// when the run stopped early (`stop_after_epoch`), resumable.
+pub fn train_lm(
+    cfg: &LmTrainConfig,
+    resume: bool,
+    show_progress: bool,
+) -> Result<Option<LmSummary>> {
     let t_start = Instant::now();
     let device = cfg.device.open()?;
     let mem = memory::MemTracker::new(&device);
@@ -298,11 +300,7 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
     }
 
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let n_layers = model.num_layers();
-    let layers: Option<Vec<usize>> = match cfg.method {
-        Method::Upper => Some((n_layers / 2..n_layers).collect()),
-        _ => None,
-    };
+    let layers = run::adapted_layers(&cfg.method, model.num_layers());
     let n = CausalLm::add_lora(&mut model, &cfg.lora, layers.as_deref(), &mut rng)?;
     anyhow::ensure!(
         n > 0,
@@ -311,225 +309,32 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         model.model_type(),
         model.linear_names().join(", ")
     );
-    let names: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
-    let layer_of = model.adapter_layers();
-    if let Method::FreezePrefix(k) = cfg.method {
-        for (name, &l) in names.iter().zip(&layer_of) {
-            if l < k {
-                model.adapter_by_path_mut(name).expect("listed").trainable = false;
-            }
-        }
-    }
-    std::fs::create_dir_all(&cfg.output)
-        .with_context(|| format!("{}: cannot create output folder", cfg.output.display()))?;
-    checkpoint::write_atomic(
-        &cfg.output.join("train_config.json"),
-        serde_json::to_string_pretty(cfg)?.as_bytes(),
-    )?;
-
-    let monitor: Vec<&LmSequence> =
-        run::monitor_subset(data.train.len(), cfg.safe.monitor_examples, cfg.seed)
-            .into_iter()
-            .map(|i| &data.train[i])
-            .collect();
-    let plan = StepPlan::new(
-        data.train.len(),
-        cfg.batch_size,
-        cfg.grad_accum,
-        cfg.max_steps_per_epoch,
-        cfg.epochs,
-        cfg.warmup_ratio,
-        cfg.safe.rounds_per_epoch,
-    );
-    let rounds = cfg.epochs * plan.rounds_per_epoch;
-    if cfg.method == Method::Safe {
-        run::ensure_cka_fits(&model, cfg.safe.monitor, &mem)?;
-    }
-    let mut safe = (cfg.method == Method::Safe)
-        .then(|| SafeController::new(cfg.safe.clone(), names.len(), rounds));
-    let mut opt = AdamW::new(AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..Default::default()
-    });
-    let run::Started {
-        mut state,
-        metrics: mut log,
-        mut safe_log,
-    } = run::start_or_resume(
-        &cfg.output,
-        cfg.epochs,
-        resume,
+    run::freeze_prefix(&mut model, &cfg.method);
+    prepare_output(&cfg.output, cfg)?;
+    let mut task = LmTask {
+        train: &data.train,
+        validation: val,
+        eval_batch_size: cfg.eval_batch_size,
+        monitor_point: cfg.safe.monitor,
+        device: device.clone(),
+        lora: &cfg.lora,
+        source: source.display().to_string(),
+    };
+    let fitted = fit(
+        &mut task,
         &mut model,
-        &mut opt,
-        &mut safe,
+        &cfg.fit_config(resume, show_progress),
+        &mem,
     )?;
-
-    for epoch in state.epochs_done + 1..=cfg.epochs {
-        let t_epoch = Instant::now();
-        let mut order: Vec<usize> = (0..data.train.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            cfg.seed.wrapping_add(epoch as u64),
-        ));
-        let mut drop_rng =
-            StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
-        let bar =
-            super::trainer::progress_bar(show_progress, plan.steps_per_epoch, epoch, cfg.epochs);
-        let flops_before = flops::total();
-        let mut epoch_mem = run::EpochMemory::start(&mem);
-        let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
-        let mut lr = 0.0;
-        let (mut importance, mut threshold) = (None, None);
-        let mut monitor_flops = 0u64;
-        let trainable: usize = model
-            .trainable_params()
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum();
-        for s in 0..plan.steps_per_epoch {
-            epoch_mem.begin_step();
-            let mut grads: Vec<(String, Tensor)> = Vec::new();
-            for m in 0..plan.accum {
-                let Some(examples) = plan.micro_batch(&order, s, m) else {
-                    break;
-                };
-                let items: Vec<&LmSequence> = examples.iter().map(|&i| &data.train[i]).collect();
-                let b = to_batch(&items, DType::F32, &device)?;
-                tokens += items.iter().map(|s| s.ids.len()).sum::<usize>();
-                let mut pass = Pass {
-                    training: true,
-                    rng: &mut drop_rng,
-                };
-                let (loss, g) = CausalLm::loss_and_grads(
-                    &model,
-                    &b,
-                    &mut pass,
-                    1.0 / plan.accum as f64,
-                    cfg.gradient_checkpointing,
-                )?;
-                loss_sum += loss.loss_sum / loss.tokens.max(1) as f64;
-                loss_n += 1;
-                let g = g.into_iter().flat_map(|(p, g)| {
-                    [
-                        (format!("{p}.lora_A.weight"), g.a),
-                        (format!("{p}.lora_B.weight"), g.b),
-                    ]
-                });
-                if grads.is_empty() {
-                    grads = g.collect();
-                } else {
-                    for ((_, acc), (_, g)) in grads.iter_mut().zip(g) {
-                        *acc = (&*acc + g)?;
-                    }
-                }
-            }
-            clip_global_norm(&mut grads, cfg.grad_clip)?;
-            epoch_mem.end_step();
-            lr = run::optimizer_step(&mut model, &mut opt, &grads, &plan, cfg.lr, &mut state)?;
-            // SAFE, as in the classification trainer.
-            let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
-            if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
-                let f0 = flops::total();
-                let scores =
-                    lm_adapter_importance(&model, &monitor, cfg.eval_batch_size, cfg.safe.monitor)?;
-                monitor_flops += flops::total() - f0;
-                let d = run::finish_safe_round(
-                    c,
-                    round,
-                    epoch,
-                    &scores,
-                    &names,
-                    &mut model,
-                    &mut opt,
-                    &mut state,
-                    safe_log.as_mut(),
-                )?;
-                importance = Some(scores);
-                threshold = Some(d.threshold);
-            }
-            if let Some(b) = &bar {
-                b.inc(1);
-                let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
-                b.set_message(format!(
-                    "loss {:.4} | {:.0} tok/s",
-                    loss_sum / loss_n.max(1) as f64,
-                    tokens as f64 / secs
-                ));
-            }
-        }
-        let (epoch_peak, step_peak) = epoch_mem.finish();
-        let epoch_flops = flops::total() - flops_before - monitor_flops;
-        let train_secs = t_epoch.elapsed().as_secs_f64();
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        let (val_loss, val_ppl) = perplexity(&model, &val, cfg.eval_batch_size)?;
-        if let Method::FreezePrefix(k) = cfg.method {
-            for (name, &l) in names.iter().zip(&layer_of) {
-                if l < k {
-                    state.frozen_at.entry(name.clone()).or_insert(0);
-                }
-            }
-        }
-        let entry = EpochLog {
-            epoch,
-            train_loss: loss_sum / loss_n.max(1) as f64,
-            validation_metric: val_ppl,
-            validation_loss: val_loss,
-            lr,
-            steps: plan.steps_per_epoch,
-            wall_s: train_secs,
-            train_flops: epoch_flops,
-            monitor_flops,
-            peak_mem_bytes: epoch_peak,
-            driver_used_bytes: mem.driver().map(|d| d.used),
-            step_mem_bytes: step_peak,
-            lowest_trainable_layer: model.lowest_trainable_layer(),
-            trainable_params: trainable,
-            importance,
-            threshold,
-            frozen: state.frozen_at.keys().cloned().collect(),
-        };
-        writeln!(log, "{}", serde_json::to_string(&entry)?)?;
-        if show_progress {
-            eprintln!(
-                "epoch {epoch}/{}: loss {:.4}  val perplexity {:.3}  {:.1}s  peak {:.0} MB  frozen {}/{}",
-                cfg.epochs,
-                entry.train_loss,
-                val_ppl,
-                train_secs,
-                epoch_peak as f64 / 1e6,
-                state.frozen_at.len(),
-                names.len()
-            );
-        }
-        // Lower perplexity is better.
-        if state.best_epoch == 0 || val_ppl < state.best_metric {
-            state.best_metric = val_ppl;
-            state.best_epoch = epoch;
-            crate::io::peft::save(
-                &cfg.output,
-                &model,
-                &cfg.lora,
-                &source.display().to_string(),
-            )?;
-        }
-        state.epochs_done = epoch;
-        state.history.push(entry);
-        state.safe = safe.clone();
-        checkpoint::save(&cfg.output, &model, &opt, &state)?;
-        if std::env::var("SAFETUNE_EXIT_AFTER_EPOCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            == Some(epoch)
-        {
-            std::process::exit(3);
-        }
+    if fitted.stopped {
+        return Ok(None);
     }
 
     // Test on the best-validation adapter.
     crate::io::peft::load(&cfg.output, &mut model)?;
     let (test_loss, test_ppl) = perplexity(&model, &test, cfg.eval_batch_size)?;
     let test_tokens: usize = test.iter().map(|s| s.counted()).sum();
+    let state = &fitted.state;
     let summary = LmSummary {
         task: "causal-lm".into(),
         method: cfg.method.to_string(),
@@ -549,10 +354,97 @@ pub fn train_lm(cfg: &LmTrainConfig, resume: bool, show_progress: bool) -> Resul
         &cfg.output.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    if let Some(c) = &safe {
-        super::reports::write_safe_reports(&cfg.output, &names, c, rounds)?;
+    Ok(Some(summary))
+}
+
+/// Causal language modelling: next-token loss over token blocks, perplexity on held-out text.
+pub struct LmTask<'a> {
+    pub train: &'a [LmSequence],
+    pub validation: Vec<&'a LmSequence>,
+    pub eval_batch_size: usize,
+    pub monitor_point: MonitorPoint,
+    pub device: Device,
+    /// Writes the best adapter: the run's LoRA settings and the base model's path.
+    pub lora: &'a crate::adapters::LoraConfig,
+    pub source: String,
+}
+
+impl Task for LmTask<'_> {
+    type Model = Decoder;
+
+    fn train_len(&self) -> usize {
+        self.train.len()
     }
-    Ok(summary)
+
+    fn metric(&self) -> (&'static str, bool) {
+        ("perplexity", false)
+    }
+
+    fn step(
+        &mut self,
+        model: &Decoder,
+        examples: &[usize],
+        pass: &mut Pass,
+        loss_scale: f64,
+        checkpoint: bool,
+    ) -> Result<MicroStep> {
+        let items: Vec<&LmSequence> = examples.iter().map(|&i| &self.train[i]).collect();
+        let b = to_batch(&items, DType::F32, &self.device)?;
+        let (loss, grads) = CausalLm::loss_and_grads(model, &b, pass, loss_scale, checkpoint)?;
+        let grads = grads
+            .into_iter()
+            .flat_map(|(p, g)| {
+                [
+                    (format!("{p}.lora_A.weight"), g.a),
+                    (format!("{p}.lora_B.weight"), g.b),
+                ]
+            })
+            .collect();
+        Ok(MicroStep {
+            loss: loss.loss_sum / loss.tokens.max(1) as f64,
+            tokens: items.iter().map(|s| s.ids.len()).sum(),
+            grads,
+        })
+    }
+
+    fn importance(&mut self, model: &Decoder, monitor: &[usize]) -> Result<Vec<f64>> {
+        let items: Vec<&LmSequence> = monitor.iter().map(|&i| &self.train[i]).collect();
+        lm_adapter_importance(model, &items, self.eval_batch_size, self.monitor_point)
+    }
+
+    fn validate(&mut self, model: &Decoder) -> Result<Validation> {
+        let (loss, ppl) = perplexity(model, &self.validation, self.eval_batch_size)?;
+        Ok(Validation { metric: ppl, loss })
+    }
+
+    fn save_best(&self, model: &Decoder, output: &Path) -> Result<()> {
+        crate::io::peft::save(output, model, self.lora, &self.source)?;
+        Ok(())
+    }
+}
+
+impl LmTrainConfig {
+    /// The loop's settings of this run.
+    pub fn fit_config(&self, resume: bool, show_progress: bool) -> FitConfig<'_> {
+        FitConfig {
+            output: &self.output,
+            method: &self.method,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            max_steps_per_epoch: self.max_steps_per_epoch,
+            lr: self.lr,
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+            seed: self.seed,
+            gradient_checkpointing: self.gradient_checkpointing,
+            safe: &self.safe,
+            resume,
+            stop_after_epoch: self.stop_after_epoch,
+            show_progress,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,8 @@ pub struct LmTrainConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps per epoch (0 = whole epochs).
     pub max_steps_per_epoch: usize,
+    /// Stop after this epoch with its checkpoint written, to continue later with `--resume`.
+    pub stop_after_epoch: Option<usize>,
     /// Evaluate perplexity on at most this many validation / test sequences (0 = all).
     pub max_eval_sequences: usize,
     pub eval_batch_size: usize,
@@ -89,6 +91,7 @@ impl Default for LmTrainConfig {
             grad_clip: 1.0,
             seed: 42,
             max_steps_per_epoch: 30,
+            stop_after_epoch: None,
             max_eval_sequences: 64,
             eval_batch_size: 8,
             device: Default::default(),

@@ -1,9 +1,11 @@
-//! Training: configuration, the step (`step.rs`, top to bottom), the epoch loop (`trainer.rs`),
+//! Training: configuration, the step (`step.rs`, top to bottom), the one training loop (`fit.rs`)
+//! over a task (`trainer.rs`: classification, `lm.rs`: causal LM),
 //! optimizer, checkpoints, memory accounting, metrics and SAFE reports.
 
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod fit;
 pub mod frozen_cache;
 pub mod importance;
 pub mod lm;

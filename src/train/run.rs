@@ -3,9 +3,10 @@
 //! bookkeeping and the run's totals in `summary.json`.
 
 use super::checkpoint::{self, TrainerState};
+use super::config::Method;
+use super::fit::EpochLog;
 use super::memory::{self, MemTracker};
 use super::optim::{linear_schedule, AdamW};
-use super::trainer::EpochLog;
 use crate::adapters::Adapted;
 use crate::safe::{EpochDecision, SafeController};
 use anyhow::Result;
@@ -72,6 +73,28 @@ impl StepPlan {
     pub fn round_ending_at(&self, epoch: usize, s: usize) -> Option<usize> {
         let done = |steps: usize| steps * self.rounds_per_epoch / self.steps_per_epoch;
         (done(s + 1) > done(s)).then(|| (epoch - 1) * self.rounds_per_epoch + done(s + 1))
+    }
+}
+
+/// The layers that get adapters: the upper half for `upper` (the paper's Zhang et al. baseline),
+/// every layer (None) otherwise.
+pub fn adapted_layers(method: &Method, n_layers: usize) -> Option<Vec<usize>> {
+    match method {
+        Method::Upper => Some((n_layers / 2..n_layers).collect()),
+        _ => None,
+    }
+}
+
+/// `freeze-prefix:K`: the bottom K layers' adapters frozen from the start.
+pub fn freeze_prefix(model: &mut impl Adapted, method: &Method) {
+    let Method::FreezePrefix(k) = *method else {
+        return;
+    };
+    let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
+    for (path, layer) in paths.iter().zip(model.adapter_layers()) {
+        if layer < k {
+            model.adapter_by_path_mut(path).expect("listed").trainable = false;
+        }
     }
 }
 

@@ -1,31 +1,27 @@
-//! The epoch loop: data -> tokenizer -> steps (see `step`) -> optimizer -> evaluation -> SAFE ->
-//! checkpoint. Writes `metrics.jsonl` (one line per epoch), the best adapter (by validation metric),
-//! a resumable checkpoint after every epoch, and `summary.json`.
+//! Sequence classification and regression: data -> tokenizer -> [`ClassifyTask`] (steps through
+//! `step`, SAFE's importance, validation) -> the training loop (`fit`) -> test of the best adapter
+//! -> `summary.json`.
 
 use super::checkpoint;
 use super::config::{DataKind, Method, TrainConfig};
+use super::fit::{fit, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::FrozenCache;
 use super::importance::{self, MonitorBatch};
 use super::memory;
 use super::metrics;
-use super::optim::{clip_global_norm, AdamW, AdamWConfig};
-use super::run::{self, StepPlan};
+use super::run;
 use super::step;
-use crate::adapters::Adapted;
 use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
-use crate::model::bert::{BertForSequenceClassification, Site};
-use crate::nn::{flops, Pass};
-use crate::safe::{MonitorPoint, Phase, SafeController};
+use crate::model::bert::BertForSequenceClassification;
+use crate::nn::Pass;
+use crate::safe::MonitorPoint;
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use candle_core::{DType, Device};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -135,11 +131,7 @@ pub fn build_model(
 ) -> Result<BertForSequenceClassification> {
     let mut model =
         BertForSequenceClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
-    let n_layers = model.layers.len();
-    let layers: Option<Vec<usize>> = match cfg.method {
-        Method::Upper => Some((n_layers / 2..n_layers).collect()),
-        _ => None,
-    };
+    let layers = run::adapted_layers(&cfg.method, model.layers.len());
     let n = model.add_lora(&cfg.lora, layers.as_deref(), rng)?;
     anyhow::ensure!(
         n > 0,
@@ -150,13 +142,7 @@ pub fn build_model(
         crate::io::peft::load(dir, &mut model)
             .with_context(|| format!("{}: adapter does not fit the model", dir.display()))?;
     }
-    if let Method::FreezePrefix(k) = cfg.method {
-        for (layer, site) in model.adapter_sites() {
-            if layer < k {
-                model.adapter_mut(layer, site).expect("listed").trainable = false;
-            }
-        }
-    }
+    run::freeze_prefix(&mut model, &cfg.method);
     Ok(model)
 }
 
@@ -298,40 +284,7 @@ pub fn adapter_importance(
     Ok(scores)
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub train_loss: f64,
-    pub validation_metric: f64,
-    pub validation_loss: f64,
-    pub lr: f64,
-    pub steps: usize,
-    pub wall_s: f64,
-    /// Matmul FLOPs of this epoch's training steps (forward + backward), as run.
-    pub train_flops: u64,
-    /// Matmul FLOPs of SAFE's importance measurements this epoch (forward passes on the
-    /// monitoring subset), kept apart from training FLOPs.
-    #[serde(default)]
-    pub monitor_flops: u64,
-    /// Peak bytes during this epoch's training steps (allocator level: the heap on the CPU, the
-    /// CUDA memory pool on a GPU), everything included.
-    pub peak_mem_bytes: usize,
-    /// On a GPU, the driver's view at the end of the epoch's steps (`cuMemGetInfo`: all memory in
-    /// use on the device, the pool's reserve, cuBLAS workspace and CUDA context included).
-    #[serde(default)]
-    pub driver_used_bytes: Option<usize>,
-    /// Peak heap bytes a training step adds to what is live before it (activations kept for
-    /// backward, gradients, temporaries): the part freezing can save.
-    #[serde(default)]
-    pub step_mem_bytes: usize,
-    pub lowest_trainable_layer: Option<usize>,
-    pub trainable_params: usize,
-    /// SAFE: every adapter's importance (1 - CKA), the threshold and the frozen adapters.
-    pub importance: Option<Vec<f64>>,
-    pub threshold: Option<f64>,
-    pub frozen: Vec<String>,
-}
+pub use super::fit::EpochLog;
 
 /// `summary.json`.
 #[derive(Clone, Debug, Serialize)]
@@ -360,19 +313,124 @@ pub struct Summary {
     pub seed: u64,
 }
 
-pub fn adapter_name(layer: usize, site: Site) -> String {
-    format!(
-        "layer.{layer}.{}",
-        site.path().rsplit('.').next().unwrap_or("?")
-    )
+/// Classification or regression of token sequences: a BERT model with a new head.
+pub struct ClassifyTask<'a> {
+    pub train: &'a [Encoded],
+    pub validation: &'a [Encoded],
+    pub task: TaskKind,
+    pub num_labels: usize,
+    pub eval_batch_size: usize,
+    /// How the layers under the lowest trainable adapter run (and where their cached outputs
+    /// live): see [`step::FrozenBottom`].
+    pub frozen_cache: Option<FrozenCache>,
+    pub frozen_bottom_dropout: bool,
+    pub monitor_point: MonitorPoint,
+    /// Writes the best adapter: the run's LoRA settings and the base model folder.
+    pub lora: &'a crate::adapters::LoraConfig,
+    pub model_dir: &'a Path,
 }
 
-fn count_params(params: &[(String, Tensor)]) -> usize {
-    params.iter().map(|(_, t)| t.elem_count()).sum()
+impl Task for ClassifyTask<'_> {
+    type Model = BertForSequenceClassification;
+
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn metric(&self) -> (&'static str, bool) {
+        match self.task {
+            TaskKind::Classification => ("accuracy", true),
+            TaskKind::Regression => ("pearson", true),
+        }
+    }
+
+    fn step(
+        &mut self,
+        model: &Self::Model,
+        examples: &[usize],
+        pass: &mut Pass,
+        loss_scale: f64,
+        checkpoint: bool,
+    ) -> Result<MicroStep> {
+        let refs: Vec<&Encoded> = examples.iter().map(|&i| &self.train[i]).collect();
+        let batch: Batch = collate(&refs, 0);
+        let tokens = batch.attention_mask.iter().filter(|&&m| m == 1).count();
+        let bottom = match self.frozen_cache.as_mut() {
+            Some(c) => step::FrozenBottom::Cached(c, examples),
+            None if self.frozen_bottom_dropout => step::FrozenBottom::Dropout,
+            None => step::FrozenBottom::Inference,
+        };
+        let out = step::forward_backward(model, &batch, pass, loss_scale, bottom, checkpoint)?;
+        Ok(MicroStep {
+            loss: out.loss as f64,
+            tokens,
+            grads: out.grads,
+        })
+    }
+
+    fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
+        let items: Vec<(usize, &Encoded)> = monitor.iter().map(|&i| (i, &self.train[i])).collect();
+        adapter_importance(
+            model,
+            &items,
+            self.eval_batch_size,
+            self.monitor_point,
+            self.frozen_cache.as_mut(),
+        )
+    }
+
+    fn validate(&mut self, model: &Self::Model) -> Result<Validation> {
+        let s = evaluate(
+            model,
+            self.validation,
+            self.eval_batch_size,
+            self.task,
+            self.num_labels,
+        )?;
+        Ok(Validation {
+            metric: s.metric,
+            loss: s.loss,
+        })
+    }
+
+    fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()> {
+        crate::io::peft::save(
+            output,
+            model,
+            self.lora,
+            &self.model_dir.display().to_string(),
+        )?;
+        Ok(())
+    }
 }
 
-/// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`.
-pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Summary> {
+impl TrainConfig {
+    /// The loop's settings of this run.
+    pub fn fit_config(&self, resume: bool, show_progress: bool) -> FitConfig<'_> {
+        FitConfig {
+            output: &self.output,
+            method: &self.method,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            max_steps_per_epoch: self.max_steps_per_epoch,
+            lr: self.lr,
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+            seed: self.seed,
+            gradient_checkpointing: self.gradient_checkpointing,
+            safe: &self.safe,
+            resume,
+            stop_after_epoch: self.stop_after_epoch,
+            show_progress,
+        }
+    }
+}
+
+/// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`. None
+/// when the run stopped early (`stop_after_epoch`), resumable.
+pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Option<Summary>> {
     let t_start = Instant::now();
     let device = cfg.device.open()?;
     let setup = prepare(cfg)?;
@@ -382,238 +440,42 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
     let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
     let mem = memory::MemTracker::new(&device);
-    std::fs::create_dir_all(&cfg.output)
-        .with_context(|| format!("{}: cannot create output folder", cfg.output.display()))?;
-    // The run's configuration, so `export` and `eval` can rebuild the same model later.
-    checkpoint::write_atomic(
-        &cfg.output.join("train_config.json"),
-        serde_json::to_string_pretty(cfg)?.as_bytes(),
-    )?;
-
-    let sites = model.adapter_sites();
-    let names: Vec<String> = sites.iter().map(|&(l, s)| adapter_name(l, s)).collect();
-
-    let monitor: Vec<(usize, &Encoded)> =
-        run::monitor_subset(setup.train.len(), cfg.safe.monitor_examples, cfg.seed)
-            .into_iter()
-            .map(|i| (i, &setup.train[i]))
-            .collect();
-    let plan = StepPlan::new(
-        setup.train.len(),
-        cfg.batch_size,
-        cfg.grad_accum,
-        cfg.max_steps_per_epoch,
-        cfg.epochs,
-        cfg.warmup_ratio,
-        cfg.safe.rounds_per_epoch,
-    );
-    let rounds = cfg.epochs * plan.rounds_per_epoch;
-    if cfg.method == Method::Safe {
-        run::ensure_cka_fits(&model, cfg.safe.monitor, &mem)?;
-    }
-    let mut safe = (cfg.method == Method::Safe)
-        .then(|| SafeController::new(cfg.safe.clone(), sites.len(), rounds));
-    let mut opt = AdamW::new(AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..Default::default()
-    });
-
-    let run::Started {
-        mut state,
-        metrics: mut log,
-        mut safe_log,
-    } = run::start_or_resume(
-        &cfg.output,
-        cfg.epochs,
-        resume,
-        &mut model,
-        &mut opt,
-        &mut safe,
-    )?;
-
+    prepare_output(&cfg.output, cfg)?;
     // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
     let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
-    let mut frozen_cache = match (cache, &cfg.method) {
-        (true, Method::Safe | Method::FreezePrefix(_)) => {
-            Some(super::frozen_cache::FrozenCache::create(&cfg.output)?)
-        }
+    let frozen_cache = match (cache, &cfg.method) {
+        (true, Method::Safe | Method::FreezePrefix(_)) => Some(FrozenCache::create(&cfg.output)?),
         _ => None,
     };
-    for epoch in state.epochs_done + 1..=cfg.epochs {
-        let t_epoch = Instant::now();
-        let mut order: Vec<usize> = (0..setup.train.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            cfg.seed.wrapping_add(epoch as u64),
-        ));
-        let mut drop_rng =
-            StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
-        let bar = progress_bar(show_progress, plan.steps_per_epoch, epoch, cfg.epochs);
-        let flops_before = flops::total();
-        let mut epoch_mem = run::EpochMemory::start(&mem);
-        let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
-        let mut lr = 0.0;
-        let (mut importance, mut threshold) = (None, None);
-        let mut monitor_flops = 0u64;
-        let trainable = count_params(&model.trainable_params());
-        for s in 0..plan.steps_per_epoch {
-            epoch_mem.begin_step();
-            let mut grads: Vec<(String, Tensor)> = Vec::new();
-            for m in 0..plan.accum {
-                let Some(examples) = plan.micro_batch(&order, s, m) else {
-                    break;
-                };
-                let batch: Batch = {
-                    let refs: Vec<&Encoded> = examples.iter().map(|&i| &setup.train[i]).collect();
-                    collate(&refs, 0)
-                };
-                tokens += batch.attention_mask.iter().filter(|&&m| m == 1).count();
-                let mut pass = Pass {
-                    training: true,
-                    rng: &mut drop_rng,
-                };
-                let bottom = match frozen_cache.as_mut() {
-                    Some(c) => step::FrozenBottom::Cached(c, examples),
-                    None if cfg.frozen_bottom_dropout => step::FrozenBottom::Dropout,
-                    None => step::FrozenBottom::Inference,
-                };
-                let out = step::forward_backward(
-                    &model,
-                    &batch,
-                    &mut pass,
-                    1.0 / plan.accum as f64,
-                    bottom,
-                    cfg.gradient_checkpointing,
-                )?;
-                loss_sum += out.loss as f64;
-                loss_n += 1;
-                if grads.is_empty() {
-                    grads = out.grads;
-                } else {
-                    for ((_, acc), (_, g)) in grads.iter_mut().zip(out.grads) {
-                        *acc = (&*acc + g)?;
-                    }
-                }
-            }
-            clip_global_norm(&mut grads, cfg.grad_clip)?;
-            epoch_mem.end_step();
-            lr = run::optimizer_step(&mut model, &mut opt, &grads, &plan, cfg.lr, &mut state)?;
-            // SAFE: at each round's end, measure importance and freeze what the schedule says
-            // (until every candidate is frozen: then nothing can change).
-            let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
-            if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
-                let f0 = flops::total();
-                let scores = adapter_importance(
-                    &model,
-                    &monitor,
-                    cfg.eval_batch_size,
-                    cfg.safe.monitor,
-                    frozen_cache.as_mut(),
-                )?;
-                monitor_flops += flops::total() - f0;
-                let d = run::finish_safe_round(
-                    c,
-                    round,
-                    epoch,
-                    &scores,
-                    &names,
-                    &mut model,
-                    &mut opt,
-                    &mut state,
-                    safe_log.as_mut(),
-                )?;
-                importance = Some(scores);
-                threshold = Some(d.threshold);
-            }
-            if let Some(b) = &bar {
-                b.inc(1);
-                let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
-                b.set_message(format!(
-                    "loss {:.4} | {:.0} tok/s",
-                    loss_sum / loss_n.max(1) as f64 * plan.accum as f64,
-                    tokens as f64 / secs
-                ));
-            }
-        }
-        let (epoch_peak, step_peak) = epoch_mem.finish();
-        let epoch_flops = flops::total() - flops_before - monitor_flops;
-        let train_secs = t_epoch.elapsed().as_secs_f64();
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        let val = evaluate(
-            &model,
-            &setup.validation,
-            cfg.eval_batch_size,
-            task,
-            num_labels,
-        )?;
-
-        if let Method::FreezePrefix(k) = cfg.method {
-            for (i, &(layer, _)) in sites.iter().enumerate() {
-                if layer < k {
-                    state.frozen_at.entry(names[i].clone()).or_insert(0);
-                }
-            }
-        }
-
-        let entry = EpochLog {
-            epoch,
-            train_loss: loss_sum / loss_n.max(1) as f64 * plan.accum as f64,
-            validation_metric: val.metric,
-            validation_loss: val.loss,
-            lr,
-            steps: plan.steps_per_epoch,
-            wall_s: train_secs,
-            train_flops: epoch_flops,
-            monitor_flops,
-            peak_mem_bytes: epoch_peak,
-            driver_used_bytes: mem.driver().map(|d| d.used),
-            step_mem_bytes: step_peak,
-            lowest_trainable_layer: model.lowest_trainable_layer(),
-            trainable_params: trainable,
-            importance,
-            threshold,
-            frozen: state.frozen_at.keys().cloned().collect(),
-        };
-        writeln!(log, "{}", serde_json::to_string(&entry)?)?;
-        if show_progress {
-            eprintln!(
-                "epoch {epoch}/{}: loss {:.4}  val {} {:.4}  {:.1}s  peak {:.0} MB  frozen {}/{}",
-                cfg.epochs,
-                entry.train_loss,
-                val.metric_name,
-                val.metric,
-                train_secs,
-                epoch_peak as f64 / 1e6,
-                state.frozen_at.len(),
-                sites.len()
-            );
-        }
-        if state.best_epoch == 0 || val.metric > state.best_metric {
-            state.best_metric = val.metric;
-            state.best_epoch = epoch;
-            checkpoint::save_best(&cfg.output, &model, cfg, &setup.model_dir)?;
-        }
-        state.epochs_done = epoch;
-        state.history.push(entry);
-        state.safe = safe.clone();
-        checkpoint::save(&cfg.output, &model, &opt, &state)?;
-        // Test hook: simulate an interruption right after this epoch's checkpoint.
-        if std::env::var("SAFETUNE_EXIT_AFTER_EPOCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            == Some(epoch)
-        {
-            std::process::exit(3);
-        }
+    let mut classify = ClassifyTask {
+        train: &setup.train,
+        validation: &setup.validation,
+        task,
+        num_labels,
+        eval_batch_size: cfg.eval_batch_size,
+        frozen_cache,
+        frozen_bottom_dropout: cfg.frozen_bottom_dropout,
+        monitor_point: cfg.safe.monitor,
+        lora: &cfg.lora,
+        model_dir: &setup.model_dir,
+    };
+    let fitted = fit(
+        &mut classify,
+        &mut model,
+        &cfg.fit_config(resume, show_progress),
+        &mem,
+    )?;
+    if fitted.stopped {
+        return Ok(None);
     }
 
     // Test on the best-validation adapter and head.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut best = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
-    checkpoint::load_best(&cfg.output, &mut best)?;
+    crate::io::peft::load(&cfg.output, &mut best)?;
     let test = evaluate(&best, &setup.test, cfg.eval_batch_size, task, num_labels)?;
 
+    let state = &fitted.state;
     let h = &state.history;
     let summary = Summary {
         task: format!("{task:?}").to_lowercase(),
@@ -635,31 +497,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Sum
         &cfg.output.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    if let Some(c) = &safe {
-        super::reports::write_safe_reports(&cfg.output, &names, c, rounds)?;
-    }
-    Ok(summary)
-}
-
-pub(crate) fn progress_bar(
-    show: bool,
-    steps: usize,
-    epoch: usize,
-    epochs: usize,
-) -> Option<ProgressBar> {
-    if !show {
-        return None;
-    }
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "epoch {prefix} [{bar:30}] {pos}/{len} steps | {msg} | eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{epoch}/{epochs}"));
-    Some(bar)
+    Ok(Some(summary))
 }
 
 #[cfg(test)]
@@ -668,7 +506,72 @@ mod tests {
     use crate::adapters::LoraConfig;
     use crate::model::bert::BertLayer;
     use crate::model::BertConfig;
+    use candle_core::Tensor;
     use rand::Rng;
+
+    /// The logged training loss is the mean of the micro-batch losses, whatever the
+    /// accumulation: with the learning rate at 0 (nothing moves) and no dropout, 2 steps of 4
+    /// examples and 2 steps of 2 x 2 examples see the same examples and log the same loss (the
+    /// trainer once multiplied it by `grad_accum`).
+    #[test]
+    fn logged_loss_does_not_depend_on_accumulation() {
+        let items: Vec<Encoded> = (0..8u32)
+            .map(|i| Encoded {
+                ids: (0..4 + i % 3).map(|j| 2 + (5 * i + 3 * j) % 37).collect(),
+                type_ids: vec![0; 4 + (i % 3) as usize],
+                label: Label::Class(i as usize % 2),
+            })
+            .collect();
+        let lora = LoraConfig {
+            target_modules: vec!["query".into(), "value".into()],
+            dropout: 0.0,
+            ..Default::default()
+        };
+        let logged = |batch_size: usize, grad_accum: usize| -> f64 {
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut m = BertForSequenceClassification::random(
+                BertConfig::tiny(0.0),
+                2,
+                DType::F32,
+                &Device::Cpu,
+                &mut rng,
+            )
+            .unwrap();
+            m.add_lora(&lora, None, &mut rng).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = TrainConfig {
+                output: dir.path().to_path_buf(),
+                epochs: 1,
+                batch_size,
+                grad_accum,
+                lr: 0.0,
+                ..Default::default()
+            };
+            let mut task = ClassifyTask {
+                train: &items,
+                validation: &items,
+                task: TaskKind::Classification,
+                num_labels: 2,
+                eval_batch_size: 8,
+                frozen_cache: None,
+                frozen_bottom_dropout: false,
+                monitor_point: MonitorPoint::Linear,
+                lora: &lora,
+                model_dir: dir.path(),
+            };
+            let mem = memory::MemTracker::new(&Device::Cpu);
+            let fitted = fit(&mut task, &mut m, &cfg.fit_config(false, false), &mem).unwrap();
+            let h = &fitted.state.history;
+            assert_eq!((h.len(), h[0].steps), (1, 2));
+            h[0].train_loss
+        };
+        let (whole, accumulated) = (logged(4, 1), logged(2, 2));
+        assert!(whole > 0.1, "{whole}");
+        assert!(
+            (whole - accumulated).abs() < 1e-5 * whole,
+            "batch 4: {whole}, 2 x 2: {accumulated}"
+        );
+    }
 
     /// A 3-layer BERT with LoRA on query and value, every `B` nonzero (so every adapter changes
     /// its layer's output), and five monitoring examples of different lengths.

@@ -1,0 +1,437 @@
+//! The training loop, written once for every task: epochs of steps (micro-batches accumulated,
+//! clipped, AdamW), SAFE's rounds, validation, the best adapter, a resumable checkpoint after every
+//! epoch, and the memory and FLOPs of each epoch in `metrics.jsonl`. A [`Task`] supplies the data,
+//! the loss and its gradients, the importance measurement and the validation metric.
+
+use super::checkpoint::{self, TrainerState};
+use super::config::Method;
+use super::memory::MemTracker;
+use super::optim::{clip_global_norm, AdamW, AdamWConfig};
+use super::run::{self, StepPlan};
+use crate::adapters::Adapted;
+use crate::nn::{flops, Pass};
+use crate::safe::{Phase, SafeConfig, SafeController};
+use anyhow::Result;
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One micro-batch's forward, loss and backward.
+pub struct MicroStep {
+    /// The micro-batch's mean loss, not scaled for accumulation.
+    pub loss: f64,
+    /// Tokens the micro-batch fed the model (for the progress bar's rate).
+    pub tokens: usize,
+    /// Gradients of every trainable parameter by key, scaled by the step's `loss_scale`.
+    pub grads: Vec<(String, Tensor)>,
+}
+
+/// A validation score: the task's metric and its mean loss.
+pub struct Validation {
+    pub metric: f64,
+    pub loss: f64,
+}
+
+/// What differs between tasks (classification or regression, causal LM): everything else of a
+/// run is [`fit`]'s.
+pub trait Task {
+    type Model: Adapted;
+
+    /// Training examples; steps address them by index.
+    fn train_len(&self) -> usize;
+
+    /// The validation metric's name, and whether a higher value is better.
+    fn metric(&self) -> (&'static str, bool);
+
+    /// Forward, loss and backward of the training examples `examples`, gradients scaled by
+    /// `loss_scale`; with `checkpoint`, gradient checkpointing of the trainable layers.
+    fn step(
+        &mut self,
+        model: &Self::Model,
+        examples: &[usize],
+        pass: &mut Pass,
+        loss_scale: f64,
+        checkpoint: bool,
+    ) -> Result<MicroStep>;
+
+    /// SAFE's importance of every adapter (in `Adapted::adapters` order) over the training
+    /// examples `monitor`.
+    fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>>;
+
+    fn validate(&mut self, model: &Self::Model) -> Result<Validation>;
+
+    /// Writes the current adapter (and head) as the run's best, in PEFT's format.
+    fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()>;
+}
+
+/// The run settings the loop reads (both commands' configs give them).
+pub struct FitConfig<'a> {
+    pub output: &'a Path,
+    pub method: &'a Method,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_steps_per_epoch: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub gradient_checkpointing: bool,
+    pub safe: &'a SafeConfig,
+    pub resume: bool,
+    /// Stop after this epoch with its checkpoint written (the run resumes with `--resume`).
+    pub stop_after_epoch: Option<usize>,
+    pub show_progress: bool,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    /// Mean loss of the epoch's micro-batches.
+    pub train_loss: f64,
+    pub validation_metric: f64,
+    pub validation_loss: f64,
+    pub lr: f64,
+    pub steps: usize,
+    pub wall_s: f64,
+    /// Matmul FLOPs of this epoch's training steps (forward + backward), as run.
+    pub train_flops: u64,
+    /// Matmul FLOPs of SAFE's importance measurements this epoch (forward passes on the
+    /// monitoring subset), kept apart from training FLOPs.
+    #[serde(default)]
+    pub monitor_flops: u64,
+    /// Peak bytes during this epoch's training steps (allocator level: the heap on the CPU, the
+    /// CUDA memory pool on a GPU), everything included.
+    pub peak_mem_bytes: usize,
+    /// On a GPU, the driver's view at the end of the epoch's steps (`cuMemGetInfo`: all memory in
+    /// use on the device, the pool's reserve, cuBLAS workspace and CUDA context included).
+    #[serde(default)]
+    pub driver_used_bytes: Option<usize>,
+    /// Peak heap bytes a training step adds to what is live before it (activations kept for
+    /// backward, gradients, temporaries): the part freezing can save.
+    #[serde(default)]
+    pub step_mem_bytes: usize,
+    pub lowest_trainable_layer: Option<usize>,
+    pub trainable_params: usize,
+    /// SAFE: every adapter's importance (1 - CKA), the threshold and the frozen adapters.
+    pub importance: Option<Vec<f64>>,
+    pub threshold: Option<f64>,
+    pub frozen: Vec<String>,
+}
+
+/// What a finished (or stopped) run leaves for its summary.
+pub struct Fitted {
+    pub state: TrainerState,
+    /// Every adapter's report name, in `Adapted::adapters` order.
+    pub names: Vec<String>,
+    /// True when the run stopped early (`stop_after_epoch`) and has epochs left.
+    pub stopped: bool,
+}
+
+/// Report names of a model's adapters, `layer.{l}.{module}` in `Adapted::adapters` order: the
+/// module is the shortest end of its path (after the layer index) that tells the layer's adapters
+/// apart (`query`, `q_proj`; `attn.c_proj` beside `mlp.c_proj`).
+pub fn adapter_names(model: &impl Adapted) -> Vec<String> {
+    let adapters = model.adapters();
+    let layers = model.adapter_layers();
+    let within: Vec<Vec<&str>> = adapters
+        .iter()
+        .zip(&layers)
+        .map(|((path, _), l)| {
+            let parts: Vec<&str> = path.split('.').collect();
+            let at = parts.iter().position(|p| *p == l.to_string());
+            parts[at.map_or(0, |i| i + 1)..].to_vec()
+        })
+        .collect();
+    (0..adapters.len())
+        .map(|i| {
+            let same_layer: Vec<usize> = (0..adapters.len())
+                .filter(|&j| j != i && layers[j] == layers[i])
+                .collect();
+            let n = (1..=within[i].len())
+                .find(|&n| {
+                    let tail = |p: &[&str]| p[p.len().saturating_sub(n)..].join(".");
+                    same_layer
+                        .iter()
+                        .all(|&j| tail(&within[j]) != tail(&within[i]))
+                })
+                .unwrap_or(within[i].len());
+            let tail = within[i][within[i].len() - n..].join(".");
+            format!("layer.{}.{tail}", layers[i])
+        })
+        .collect()
+}
+
+/// Trains `model` on `task`: see the module doc. Writes `metrics.jsonl`, `safe.jsonl` and the SAFE
+/// reports (SAFE runs), the best adapter (by the task's validation metric) and `checkpoint/`.
+pub fn fit<T: Task>(
+    task: &mut T,
+    model: &mut T::Model,
+    cfg: &FitConfig,
+    mem: &MemTracker,
+) -> Result<Fitted> {
+    let names = adapter_names(model);
+    let layer_of = model.adapter_layers();
+    let monitor = run::monitor_subset(task.train_len(), cfg.safe.monitor_examples, cfg.seed);
+    let plan = StepPlan::new(
+        task.train_len(),
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.max_steps_per_epoch,
+        cfg.epochs,
+        cfg.warmup_ratio,
+        cfg.safe.rounds_per_epoch,
+    );
+    let rounds = cfg.epochs * plan.rounds_per_epoch;
+    let is_safe = *cfg.method == Method::Safe;
+    if is_safe {
+        run::ensure_cka_fits(model, cfg.safe.monitor, mem)?;
+    }
+    let mut safe = is_safe.then(|| SafeController::new(cfg.safe.clone(), names.len(), rounds));
+    let mut opt = AdamW::new(AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    });
+    let run::Started {
+        mut state,
+        metrics: mut log,
+        mut safe_log,
+    } = run::start_or_resume(
+        cfg.output, cfg.epochs, cfg.resume, model, &mut opt, &mut safe,
+    )?;
+    let (metric_name, higher_is_better) = task.metric();
+
+    for epoch in state.epochs_done + 1..=cfg.epochs {
+        if cfg.stop_after_epoch.is_some_and(|k| epoch > k) {
+            return Ok(Fitted {
+                state,
+                names,
+                stopped: true,
+            });
+        }
+        let t_epoch = Instant::now();
+        let mut order: Vec<usize> = (0..task.train_len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            cfg.seed.wrapping_add(epoch as u64),
+        ));
+        let mut drop_rng =
+            StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
+        let bar = progress_bar(cfg.show_progress, plan.steps_per_epoch, epoch, cfg.epochs);
+        let flops_before = flops::total();
+        let mut epoch_mem = run::EpochMemory::start(mem);
+        let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
+        let mut lr = 0.0;
+        let (mut importance, mut threshold) = (None, None);
+        let mut monitor_flops = 0u64;
+        let trainable: usize = model
+            .trainable_params()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        for s in 0..plan.steps_per_epoch {
+            epoch_mem.begin_step();
+            let mut grads: Vec<(String, Tensor)> = Vec::new();
+            for m in 0..plan.accum {
+                let Some(examples) = plan.micro_batch(&order, s, m) else {
+                    break;
+                };
+                let mut pass = Pass {
+                    training: true,
+                    rng: &mut drop_rng,
+                };
+                let out = task.step(
+                    model,
+                    examples,
+                    &mut pass,
+                    1.0 / plan.accum as f64,
+                    cfg.gradient_checkpointing,
+                )?;
+                loss_sum += out.loss;
+                loss_n += 1;
+                tokens += out.tokens;
+                if grads.is_empty() {
+                    grads = out.grads;
+                } else {
+                    for ((_, acc), (_, g)) in grads.iter_mut().zip(out.grads) {
+                        *acc = (&*acc + g)?;
+                    }
+                }
+            }
+            clip_global_norm(&mut grads, cfg.grad_clip)?;
+            epoch_mem.end_step();
+            lr = run::optimizer_step(model, &mut opt, &grads, &plan, cfg.lr, &mut state)?;
+            // SAFE: at each round's end, measure importance and freeze what the schedule says
+            // (until every candidate is frozen: then nothing can change).
+            let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
+            if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
+                let f0 = flops::total();
+                let scores = task.importance(model, &monitor)?;
+                monitor_flops += flops::total() - f0;
+                let d = run::finish_safe_round(
+                    c,
+                    round,
+                    epoch,
+                    &scores,
+                    &names,
+                    model,
+                    &mut opt,
+                    &mut state,
+                    safe_log.as_mut(),
+                )?;
+                importance = Some(scores);
+                threshold = Some(d.threshold);
+            }
+            if let Some(b) = &bar {
+                b.inc(1);
+                let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
+                b.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    loss_sum / loss_n.max(1) as f64,
+                    tokens as f64 / secs
+                ));
+            }
+        }
+        let (epoch_peak, step_peak) = epoch_mem.finish();
+        let epoch_flops = flops::total() - flops_before - monitor_flops;
+        let train_secs = t_epoch.elapsed().as_secs_f64();
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let val = task.validate(model)?;
+        if let Method::FreezePrefix(k) = *cfg.method {
+            for (name, &l) in names.iter().zip(&layer_of) {
+                if l < k {
+                    state.frozen_at.entry(name.clone()).or_insert(0);
+                }
+            }
+        }
+        let entry = EpochLog {
+            epoch,
+            train_loss: loss_sum / loss_n.max(1) as f64,
+            validation_metric: val.metric,
+            validation_loss: val.loss,
+            lr,
+            steps: plan.steps_per_epoch,
+            wall_s: train_secs,
+            train_flops: epoch_flops,
+            monitor_flops,
+            peak_mem_bytes: epoch_peak,
+            driver_used_bytes: mem.driver().map(|d| d.used),
+            step_mem_bytes: step_peak,
+            lowest_trainable_layer: model.lowest_trainable_layer(),
+            trainable_params: trainable,
+            importance,
+            threshold,
+            frozen: state.frozen_at.keys().cloned().collect(),
+        };
+        writeln!(log, "{}", serde_json::to_string(&entry)?)?;
+        if cfg.show_progress {
+            eprintln!(
+                "epoch {epoch}/{}: loss {:.4}  val {metric_name} {:.4}  {:.1}s  peak {:.0} MB  frozen {}/{}",
+                cfg.epochs,
+                entry.train_loss,
+                val.metric,
+                train_secs,
+                epoch_peak as f64 / 1e6,
+                state.frozen_at.len(),
+                names.len()
+            );
+        }
+        let better = if higher_is_better {
+            val.metric > state.best_metric
+        } else {
+            val.metric < state.best_metric
+        };
+        if state.best_epoch == 0 || better {
+            state.best_metric = val.metric;
+            state.best_epoch = epoch;
+            task.save_best(model, cfg.output)?;
+        }
+        state.epochs_done = epoch;
+        state.history.push(entry);
+        state.safe = safe.clone();
+        checkpoint::save(cfg.output, model, &opt, &state)?;
+    }
+    if let Some(c) = &safe {
+        super::reports::write_safe_reports(cfg.output, &names, c, rounds)?;
+    }
+    Ok(Fitted {
+        state,
+        names,
+        stopped: false,
+    })
+}
+
+/// A run's output folder, created if missing, with the run's configuration in
+/// `train_config.json` (so `export` and `eval` can rebuild the same model later).
+pub fn prepare_output(output: &PathBuf, config: &impl Serialize) -> Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(output)
+        .with_context(|| format!("{}: cannot create output folder", output.display()))?;
+    checkpoint::write_atomic(
+        &output.join("train_config.json"),
+        serde_json::to_string_pretty(config)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+fn progress_bar(show: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} steps | {msg} | eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::LoraConfig;
+    use crate::model::{CausalLm, Gpt2Config, Gpt2LMHeadModel};
+    use candle_core::{DType, Device};
+
+    /// Report names are the layer and the shortest distinguishing end of the module path: GPT-2's
+    /// two `c_proj`s keep their parent, the others their last name.
+    #[test]
+    fn adapter_names_tell_sites_apart() {
+        let cfg: Gpt2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 20, "n_positions": 8, "n_embd": 8, "n_layer": 2, "n_head": 2
+        }))
+        .unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut m = Gpt2LMHeadModel::random(cfg, DType::F32, &Device::Cpu, &mut rng).unwrap();
+        let lora = LoraConfig {
+            r: 2,
+            target_modules: vec!["c_attn".into(), "c_proj".into(), "c_fc".into()],
+            ..Default::default()
+        };
+        CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
+        let names = adapter_names(&m);
+        assert_eq!(
+            &names[..4],
+            [
+                "layer.0.c_attn",
+                "layer.0.attn.c_proj",
+                "layer.0.c_fc",
+                "layer.0.mlp.c_proj"
+            ]
+        );
+        assert_eq!(names[4], "layer.1.c_attn");
+    }
+}
