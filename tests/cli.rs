@@ -547,6 +547,56 @@ fn resume_with_another_length_is_refused() {
     assert_clean_error(&refused, &["checkpoint", "--epochs 1"]);
 }
 
+/// A checkpoint resumes only with the SAFE settings and target modules it was written with: other
+/// ones end in one clean error naming what differs, not a panic at SAFE's next round (more
+/// adapters than the checkpoint's controller knows) nor a run that silently keeps the old settings.
+#[test]
+fn resume_with_other_safe_settings_or_targets_is_refused() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 2);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    let safe = [
+        "--epochs",
+        "2",
+        "--method",
+        "safe",
+        "--target-modules",
+        "query",
+    ];
+    let crashed = std::process::Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(train_args(&model, &data, &out, &safe))
+        .env("SAFETUNE_CACHE", sb.path("cache"))
+        .env("SAFETUNE_EXIT_AFTER_EPOCH", "1")
+        .output()
+        .unwrap();
+    assert_eq!(crashed.status.code(), Some(3), "{}", text(&crashed));
+    let resume = |extra: &[&str]| {
+        let mut args = train_args(&model, &data, &out, &["--epochs", "2", "--resume"]);
+        args.extend_from_slice(extra);
+        sb.run(&args)
+    };
+    let tau = [
+        "--method",
+        "safe",
+        "--target-modules",
+        "query",
+        "--safe-tau",
+        "0.3",
+    ];
+    assert_clean_error(&resume(&tau), &["checkpoint", "tau_final"]);
+    let more = ["--method", "safe", "--target-modules", "query,value"];
+    assert_clean_error(
+        &resume(&more),
+        &["checkpoint", "attention.self.value.lora_A.weight"],
+    );
+    let lora = ["--method", "lora", "--target-modules", "query"];
+    assert_clean_error(&resume(&lora), &["checkpoint", "written by a SAFE run"]);
+    // The checkpoint is untouched: the original command still resumes it.
+    let ok = resume(&["--method", "safe", "--target-modules", "query"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+}
+
 #[test]
 fn resume_after_an_interruption_is_exact() {
     // A run of 2 epochs that dies after epoch 1's checkpoint (the SAFETUNE_EXIT_AFTER_EPOCH test
