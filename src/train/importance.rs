@@ -126,7 +126,7 @@ impl DeviceMoments {
         // Sum of squares, by rows first: candle's CUDA `sum_all` reduces in one thread block,
         // which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
         let sum_sq = |t: &Tensor| -> Result<f64> { t.sqr()?.sum(1)?.sum_all()?.to_scalar() };
-        // ||M - a b^T / n||_F^2, as CkaAccumulator::cka computes it on the host.
+        // ||M - a b^T / n||_F^2.
         let centered = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<f64> {
             let outer = a.unsqueeze(1)?.broadcast_mul(&b.unsqueeze(0)?)?;
             sum_sq(&(m - (outer / n)?)?)
