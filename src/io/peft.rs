@@ -221,12 +221,54 @@ pub fn num_labels(dir: &Path) -> Result<usize, IoError> {
         path: path.clone(),
         message: format!("not a readable safetensors file ({e})"),
     })?;
-    let w = t
-        .get(&format!("{PREFIX}classifier.weight"))
-        .ok_or_else(|| IoError::MissingTensor {
-            path: path.clone(),
-            name: format!("{PREFIX}classifier.weight"),
-            tried: "the classifier saved as modules_to_save".into(),
-        })?;
-    Ok(w.dims()[0])
+    let name = format!("{PREFIX}classifier.weight");
+    let w = t.get(&name).ok_or_else(|| IoError::MissingTensor {
+        path: path.clone(),
+        name: name.clone(),
+        tried: "the classifier saved as modules_to_save".into(),
+    })?;
+    match w.dims() {
+        &[labels, _] => Ok(labels),
+        dims => Err(IoError::Invalid {
+            path,
+            message: format!("tensor '{name}' has shape {dims:?}, expected [num_labels, hidden]"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn write_classifier(dir: &Path, w: Tensor) {
+        let t = HashMap::from([(format!("{PREFIX}classifier.weight"), w)]);
+        candle_core::safetensors::save(&t, dir.join(WEIGHTS_FILE)).unwrap();
+    }
+
+    #[test]
+    fn num_labels_reads_the_classifier_and_refuses_other_ranks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WEIGHTS_FILE);
+        write_classifier(
+            dir.path(),
+            Tensor::zeros((5, 8), DType::F32, &Device::Cpu).unwrap(),
+        );
+        assert_eq!(num_labels(dir.path()).unwrap(), 5);
+        for bad in [
+            Tensor::new(1f32, &Device::Cpu).unwrap(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        ] {
+            let dims = bad.dims().to_vec();
+            write_classifier(dir.path(), bad);
+            let e = num_labels(dir.path()).unwrap_err().to_string();
+            assert!(e.starts_with(&path.display().to_string()), "{e}");
+            assert!(
+                e.contains(&format!(
+                    "tensor 'base_model.model.classifier.weight' has shape {dims:?}"
+                )),
+                "{e}"
+            );
+        }
+    }
 }

@@ -567,11 +567,13 @@ impl BertForSequenceClassification {
     }
 
     pub fn adapter(&self, layer: usize, site: Site) -> Option<&LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_ref()
+        self.layers.get(layer)?.linears[site as usize].lora.as_ref()
     }
 
     pub fn adapter_mut(&mut self, layer: usize, site: Site) -> Option<&mut LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_mut()
+        self.layers.get_mut(layer)?.linears[site as usize]
+            .lora
+            .as_mut()
     }
 
     /// The lowest layer with an adapter that still trains; None when only the head trains.

@@ -615,7 +615,7 @@ impl Gpt2LMHeadModel {
     }
 
     pub fn adapter(&self, layer: usize, site: Gpt2Site) -> Option<&LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_ref()
+        self.layers.get(layer)?.linears[site as usize].lora.as_ref()
     }
 
     pub fn adapter_mut(&mut self, layer: usize, site: Gpt2Site) -> Option<&mut LoraAdapter> {

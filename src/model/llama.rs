@@ -764,11 +764,13 @@ impl LlamaForCausalLM {
     }
 
     pub fn adapter(&self, layer: usize, site: LlamaSite) -> Option<&LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_ref()
+        self.layers.get(layer)?.linears[site as usize].lora.as_ref()
     }
 
     pub fn adapter_mut(&mut self, layer: usize, site: LlamaSite) -> Option<&mut LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_mut()
+        self.layers.get_mut(layer)?.linears[site as usize]
+            .lora
+            .as_mut()
     }
 
     /// The lowest layer with an adapter that still trains; None when nothing trains.

@@ -1,12 +1,16 @@
 //! Analytical FLOP accounting: every matmul the model runs goes through [`matmul`], which adds
-//! `2 * batch * m * n * k` to a process-wide counter. The trainer reads it per epoch, so reported
+//! `2 * batch * m * n * k` to a counter of the calling thread. The trainer reads it per epoch, so reported
 //! training FLOPs are those of the matmuls actually executed (frozen layers' backward included or
 //! not, exactly as run), not an estimate from the model shape.
 
 use candle_core::{Result, Tensor};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
-static MATMUL_FLOPS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Per thread: a trainer runs its step and its monitoring on one thread, and tests running in
+    /// parallel each see only their own matmuls.
+    static MATMUL_FLOPS: Cell<u64> = const { Cell::new(0) };
+}
 
 /// `a @ b` (candle's batched matmul) with FLOP accounting.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -20,7 +24,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = a.dims();
     let k = dims[dims.len() - 1] as u64;
     let mn = out.elem_count() as u64; // batch * m * n
-    MATMUL_FLOPS.fetch_add(2 * mn * k, Ordering::Relaxed);
+    MATMUL_FLOPS.with(|f| f.set(f.get() + 2 * mn * k));
     Ok(out)
 }
 
@@ -54,9 +58,9 @@ pub(crate) fn cublas_layout_ok(t: &Tensor) -> bool {
     inner && batch_ok
 }
 
-/// FLOPs counted since the process started.
+/// FLOPs counted on this thread since it started.
 pub fn total() -> u64 {
-    MATMUL_FLOPS.load(Ordering::Relaxed)
+    MATMUL_FLOPS.with(Cell::get)
 }
 
 #[cfg(test)]

@@ -15,12 +15,60 @@
 
 use candle_core::Tensor;
 
+/// Host-side preconditions of a fused kernel that reads its inputs as flat arrays: each kernel is
+/// launched over one tensor's `elem_count()` elements, so an input shorter than that would be read
+/// (and an output sized from it written) out of bounds on the device. Every tensor named here must
+/// be contiguous (its elements are addressed from its first one) and hold exactly `len` elements.
+/// The wrappers call these before taking any device pointer; they are plain host code, tested on
+/// any build.
+pub fn check_len(op: &str, name: &str, t: &Tensor, len: usize) -> candle_core::Result<()> {
+    if !t.is_contiguous() {
+        candle_core::bail!("{op}: '{name}' {:?} is not contiguous", t.dims());
+    }
+    if t.elem_count() != len {
+        candle_core::bail!(
+            "{op}: '{name}' {:?} has {} elements, the kernel reads {len}",
+            t.dims(),
+            t.elem_count()
+        );
+    }
+    Ok(())
+}
+
+/// [`check_len`] for an elementwise kernel: every tensor contiguous, of the first one's dtype and
+/// with its number of elements.
+pub fn check_same_len(op: &str, ts: &[(&str, &Tensor)]) -> candle_core::Result<()> {
+    let Some(&(first, t0)) = ts.first() else {
+        return Ok(());
+    };
+    for &(name, t) in ts {
+        if t.dtype() != t0.dtype() {
+            candle_core::bail!(
+                "{op}: '{name}' is {:?}, '{first}' {:?}",
+                t.dtype(),
+                t0.dtype()
+            );
+        }
+        if t.elem_count() != t0.elem_count() {
+            candle_core::bail!(
+                "{op}: '{name}' {:?} has {} elements, '{first}' {:?} has {}",
+                t.dims(),
+                t.elem_count(),
+                t0.dims(),
+                t0.elem_count()
+            );
+        }
+        check_len(op, name, t, t0.elem_count())?;
+    }
+    Ok(())
+}
+
 /// `(y, xhat, rstd)` of LayerNorm (`beta` given, centred) or RMSNorm (`beta` None).
 pub type NormOut = (Tensor, Tensor, Tensor);
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::NormOut;
+    use super::{check_len, check_same_len, NormOut};
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::op::BackpropOp;
@@ -162,6 +210,10 @@ mod imp {
             return Ok(None);
         };
         let c = x.dim(D::Minus1)?;
+        check_len("norm_fwd", "weight", weight, c)?;
+        if let Some(b) = beta {
+            check_len("norm_fwd", "beta", b, c)?;
+        }
         let rows = x.elem_count() / c;
         let dev = device(x)?;
         let (y, py) = output(&dev, x.dtype(), x.shape())?;
@@ -194,6 +246,9 @@ mod imp {
         }
         let c = dy.dim(D::Minus1)?;
         let rows = dy.elem_count() / c;
+        check_same_len("norm_bwd", &[("dy", dy), ("xhat", xhat)])?;
+        check_len("norm_bwd", "weight", weight, c)?;
+        check_len("norm_bwd", "rstd", rstd, rows)?;
         let dev = device(dy)?;
         let (dx, pdx) = output(&dev, dy.dtype(), dy.shape())?;
         let (pdy, ph, pr, pw) = (
@@ -211,6 +266,7 @@ mod imp {
         let Some(sfx) = suffix(x.dtype(), &[x, dy]) else {
             return Ok(None);
         };
+        check_same_len("gelu_bwd", &[("x", x), ("dy", dy)])?;
         let dev = device(x)?;
         let n = x.elem_count();
         let (dx, pdx) = output(&dev, x.dtype(), x.shape())?;
@@ -324,6 +380,7 @@ mod imp {
         let Some(sfx) = suffix(gate.dtype(), &[gate, up]) else {
             return Ok(None);
         };
+        check_same_len("swiglu_fwd", &[("gate", gate), ("up", up)])?;
         let dev = device(gate)?;
         let n = gate.elem_count();
         let (y, py) = output(&dev, gate.dtype(), gate.shape())?;
@@ -336,6 +393,7 @@ mod imp {
         let Some(sfx) = suffix(gate.dtype(), &[gate, up, dy]) else {
             return Ok(None);
         };
+        check_same_len("swiglu_bwd", &[("gate", gate), ("up", up), ("dy", dy)])?;
         let dev = device(gate)?;
         let n = gate.elem_count();
         let (dg, pdg) = output(&dev, gate.dtype(), gate.shape())?;
@@ -436,9 +494,10 @@ mod imp {
         v: &Tensor,
         h: &AdamWStep,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-        if !f32_on_cuda(&[p, g, m, v]) || g.shape() != p.shape() {
+        if !f32_on_cuda(&[p, g, m, v]) {
             return Ok(None);
         }
+        check_same_len("adamw", &[("param", p), ("grad", g), ("m", m), ("v", v)])?;
         let dev = device(p)?;
         let n = p.elem_count();
         let (p2, pp2) = output(&dev, DType::F32, p.shape())?;
@@ -550,3 +609,61 @@ pub use imp::*;
 
 /// Whether this build has the fused CUDA kernels.
 pub const AVAILABLE: bool = cfg!(feature = "cuda");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn zeros(dims: &[usize], dtype: DType) -> Tensor {
+        Tensor::zeros(dims, dtype, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn kernel_inputs_must_agree_in_length_dtype_and_layout() {
+        let p = zeros(&[4, 3], DType::F32);
+        let g = zeros(&[4, 3], DType::F32);
+        let flat = zeros(&[12], DType::F32);
+        let ok = [("param", &p), ("grad", &g), ("m", &flat), ("v", &flat)];
+        check_same_len("adamw", &ok).unwrap();
+        check_same_len("adamw", &[]).unwrap();
+        // A moment one element short: named, with both lengths.
+        let short = zeros(&[11], DType::F32);
+        let e = check_same_len("adamw", &[("param", &p), ("grad", &g), ("m", &short)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adamw") && e.contains("'m'"), "{e}");
+        assert!(
+            e.contains("11 elements") && e.contains("'param' [4, 3] has 12"),
+            "{e}"
+        );
+        // A longer one is refused too (the output is sized from the first tensor).
+        let long = zeros(&[5, 3], DType::F32);
+        let e = check_same_len("gelu_bwd", &[("x", &p), ("dy", &long)]).unwrap_err();
+        assert!(e.to_string().contains("'dy' [5, 3] has 15 elements"), "{e}");
+        // Another dtype.
+        let half = zeros(&[4, 3], DType::BF16);
+        let e = check_same_len("swiglu_fwd", &[("gate", &p), ("up", &half)]).unwrap_err();
+        assert!(e.to_string().contains("'up' is BF16"), "{e}");
+        // Same length but a transposed view: the kernel would read it in the wrong order.
+        let t = zeros(&[3, 4], DType::F32).t().unwrap();
+        let e = check_same_len("swiglu_bwd", &[("gate", &p), ("up", &p), ("dy", &t)]).unwrap_err();
+        assert!(
+            e.to_string().contains("'dy' [4, 3] is not contiguous"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn per_row_inputs_must_have_the_kernels_length() {
+        let w = zeros(&[8], DType::F32);
+        check_len("norm_fwd", "weight", &w, 8).unwrap();
+        let e = check_len("norm_bwd", "rstd", &w, 6)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("norm_bwd: 'rstd' [8] has 8 elements, the kernel reads 6"),
+            "{e}"
+        );
+    }
+}

@@ -11,36 +11,15 @@
 //! column means are large relative to the spread; in f64 that is harmless for activations, but
 //! moments accumulated in f32 on a device should be converted to f64 before summing many batches.
 
-use serde::{Deserialize, Serialize};
-
 /// A side counts as constant when its centered Frobenius norm is at most this fraction of the
 /// uncentered one: that is where `X^T X - n m m^T` is pure rounding noise.
 const ZERO_VARIANCE_RTOL: f64 = 1e-12;
 
-/// Streaming linear CKA between `X [n, dx]` and `Y [n, dy]` (rows = samples = tokens).
-///
-/// Keeps column sums and `X^T X`, `Y^T Y`, `Y^T X` (row-major), so memory is O(d^2), not O(n^2).
-/// Serializable so that a partly accumulated epoch can be checkpointed if the trainer wants to.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CkaAccumulator {
-    dx: usize,
-    dy: usize,
-    n: usize,
-    sum_x: Vec<f64>,
-    sum_y: Vec<f64>,
-    /// `[dx, dx]`
-    xtx: Vec<f64>,
-    /// `[dy, dy]`
-    yty: Vec<f64>,
-    /// `[dy, dx]`
-    ytx: Vec<f64>,
-}
-
 /// The squared Frobenius norms linear CKA is made of, over `rows` rows: of the centered products
 /// `Xc^T Xc` (`xx`), `Yc^T Yc` (`yy`), `Yc^T Xc` (`yx`), and of the uncentered `X^T X`, `Y^T Y`
 /// (`xx_raw`, `yy_raw`: the zero-variance guard's scale). Centering is `M - a b^T / rows` with
-/// `a`, `b` the column sums. Whoever holds the moments computes these five numbers (the host from
-/// a [`CkaAccumulator`], or a device from its own copies) and [`cka_from_norms`] does the rest.
+/// `a`, `b` the column sums. Whoever holds the moments computes these five numbers (the trainer
+/// does it on the model's device, `train::importance`) and [`cka_from_norms`] does the rest.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CkaNorms {
     pub rows: usize,
@@ -51,8 +30,9 @@ pub struct CkaNorms {
     pub yx: f64,
 }
 
-/// Linear CKA `yx / sqrt(xx * yy)` from its norms, with [`CkaAccumulator::cka`]'s `None` cases:
-/// fewer than 2 rows, a side with (numerically) zero variance, or non-finite values.
+/// Linear CKA `yx / sqrt(xx * yy)` from its norms; `None` for fewer than 2 rows, a side with
+/// (numerically) zero variance (centered norm exactly 0 or `<= 1e-12 *` its uncentered norm), or
+/// non-finite values. The value is not clamped: it lies in `[0, 1]` up to rounding.
 pub fn cka_from_norms(m: &CkaNorms) -> Option<f64> {
     if m.rows < 2 {
         return None;
@@ -66,127 +46,9 @@ pub fn cka_from_norms(m: &CkaNorms) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-/// `m[i, j] += a[i] * b[j]` for a row-major `m` of shape `[a.len(), b.len()]`.
-fn add_outer(m: &mut [f64], a: &[f64], b: &[f64]) {
-    for (row, &ai) in m.chunks_exact_mut(b.len()).zip(a) {
-        for (mij, &bj) in row.iter_mut().zip(b) {
-            *mij += ai * bj;
-        }
-    }
-}
-
 fn add_into(acc: &mut [f64], v: &[f64]) {
     for (a, &b) in acc.iter_mut().zip(v) {
         *a += b;
-    }
-}
-
-impl CkaAccumulator {
-    /// Panics if `dx` or `dy` is 0 (CKA of an empty representation is meaningless).
-    pub fn new(dx: usize, dy: usize) -> Self {
-        assert!(dx > 0 && dy > 0, "CkaAccumulator needs dx, dy > 0");
-        Self {
-            dx,
-            dy,
-            n: 0,
-            sum_x: vec![0.0; dx],
-            sum_y: vec![0.0; dy],
-            xtx: vec![0.0; dx * dx],
-            yty: vec![0.0; dy * dy],
-            ytx: vec![0.0; dy * dx],
-        }
-    }
-
-    /// Add raw rows (row-major, `rows * dx` and `rows * dy` values). Panics on a length mismatch.
-    pub fn add_rows(&mut self, x: &[f64], y: &[f64], rows: usize) {
-        let (dx, dy) = (self.dx, self.dy);
-        assert_eq!(x.len(), rows * dx, "x must hold rows * dx values");
-        assert_eq!(y.len(), rows * dy, "y must hold rows * dy values");
-        for (xr, yr) in x.chunks_exact(dx).zip(y.chunks_exact(dy)) {
-            add_into(&mut self.sum_x, xr);
-            add_into(&mut self.sum_y, yr);
-            add_outer(&mut self.xtx, xr, xr);
-            add_outer(&mut self.yty, yr, yr);
-            add_outer(&mut self.ytx, yr, xr);
-        }
-        self.n += rows;
-    }
-
-    /// Add moments computed elsewhere (e.g. on a GPU): `rows`, column sums, and the three
-    /// uncentered products, all row-major: `xtx [dx,dx]`, `yty [dy,dy]`, `ytx [dy,dx]`.
-    /// Panics on a length mismatch.
-    pub fn add_moments(
-        &mut self,
-        rows: usize,
-        sum_x: &[f64],
-        sum_y: &[f64],
-        xtx: &[f64],
-        yty: &[f64],
-        ytx: &[f64],
-    ) {
-        let (dx, dy) = (self.dx, self.dy);
-        assert_eq!(sum_x.len(), dx, "sum_x must hold dx values");
-        assert_eq!(sum_y.len(), dy, "sum_y must hold dy values");
-        assert_eq!(xtx.len(), dx * dx, "xtx must be [dx, dx]");
-        assert_eq!(yty.len(), dy * dy, "yty must be [dy, dy]");
-        assert_eq!(ytx.len(), dy * dx, "ytx must be [dy, dx]");
-        add_into(&mut self.sum_x, sum_x);
-        add_into(&mut self.sum_y, sum_y);
-        add_into(&mut self.xtx, xtx);
-        add_into(&mut self.yty, yty);
-        add_into(&mut self.ytx, ytx);
-        self.n += rows;
-    }
-
-    /// Number of rows accumulated so far.
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    /// Linear CKA with column centering: `||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`.
-    ///
-    /// `None` when fewer than 2 rows were seen, when either side has (numerically) zero variance
-    /// (centered norm exactly 0 or `<= 1e-12 *` its uncentered norm), or when the inputs held
-    /// non-finite values. The value is not clamped: it lies in `[0, 1]` up to rounding.
-    pub fn cka(&self) -> Option<f64> {
-        let n = self.n as f64;
-        // Returns (||M - a b^T / n||_F^2, ||M||_F^2).
-        let centered = |m: &[f64], a: &[f64], b: &[f64]| {
-            let (mut c2, mut raw2) = (0.0, 0.0);
-            for (row, &ai) in m.chunks_exact(b.len()).zip(a) {
-                for (&mij, &bj) in row.iter().zip(b) {
-                    let c = mij - ai * bj / n;
-                    c2 += c * c;
-                    raw2 += mij * mij;
-                }
-            }
-            (c2, raw2)
-        };
-        let (xx, xx_raw) = centered(&self.xtx, &self.sum_x, &self.sum_x);
-        let (yy, yy_raw) = centered(&self.yty, &self.sum_y, &self.sum_y);
-        let (yx, _) = centered(&self.ytx, &self.sum_y, &self.sum_x);
-        cka_from_norms(&CkaNorms {
-            rows: self.n,
-            xx,
-            xx_raw,
-            yy,
-            yy_raw,
-            yx,
-        })
-    }
-
-    /// Forget all rows (dimensions are kept), e.g. at the start of the next monitoring pass.
-    pub fn reset(&mut self) {
-        self.n = 0;
-        for v in [
-            &mut self.sum_x,
-            &mut self.sum_y,
-            &mut self.xtx,
-            &mut self.yty,
-            &mut self.ytx,
-        ] {
-            v.fill(0.0);
-        }
     }
 }
 
@@ -214,8 +76,8 @@ fn gram(mc: &[f64], n: usize, d: usize) -> Vec<f64> {
 }
 
 /// Direct O(n^2) formula with centered Gram matrices `K = Xc Xc^T`, `L = Yc Yc^T`:
-/// `CKA = <K, L>_F / (||K||_F ||L||_F)`. Independent of [`CkaAccumulator`]; tests use it as the
-/// oracle. Same `None` cases (guard relative to `||X||_F^2`, which bounds the uncentered Gram norm).
+/// `CKA = <K, L>_F / (||K||_F ||L||_F)`. Independent of the moment form the trainer computes
+/// (`train::importance`); tests use it as the oracle. Same `None` cases (guard relative to `||X||_F^2`, which bounds the uncentered Gram norm).
 pub fn linear_cka_gram(x: &[f64], y: &[f64], n: usize, dx: usize, dy: usize) -> Option<f64> {
     assert!(dx > 0 && dy > 0, "linear_cka_gram needs dx, dy > 0");
     assert_eq!(x.len(), n * dx, "x must hold n * dx values");
@@ -292,10 +154,56 @@ mod tests {
         q.concat()
     }
 
+    /// CKA as the trainer measures it: `train::importance` on candle tensors (f64 moments on the
+    /// device, here the CPU), over batches of the given sizes. Each batch gets two padding rows
+    /// (one among its rows, one at the end) of large values that its attention mask leaves out.
+    fn measured_in(x: &[f64], y: &[f64], dx: usize, dy: usize, sizes: &[usize]) -> Option<f64> {
+        use crate::train::importance::{importance_by_layer, token_rows, MonitorBatch};
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let (mut batches, mut xs, mut ys) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        for (i, &b) in sizes.iter().enumerate() {
+            let pad_at = b / 2;
+            let padded = |m: &[f64], d: usize| -> Tensor {
+                let rows = &m[start * d..(start + b) * d];
+                let mut v = Vec::new();
+                for (r, row) in rows.chunks_exact(d).enumerate() {
+                    if r == pad_at {
+                        v.extend((0..d).map(|c| 1e3 + c as f64));
+                    }
+                    v.extend_from_slice(row);
+                }
+                if pad_at == b {
+                    v.extend((0..d).map(|c| 1e3 + c as f64));
+                }
+                v.extend((0..d).map(|c| -7e2 * c as f64));
+                Tensor::from_vec(v, (b + 2, d), &dev).unwrap()
+            };
+            xs.push(padded(x, dx));
+            ys.push(padded(y, dy));
+            let mask: Vec<u32> = (0..b + 2)
+                .map(|r| u32::from(r != pad_at && r != b + 1))
+                .collect();
+            batches.push(MonitorBatch {
+                batch: i,
+                rows: token_rows(&mask, &dev).unwrap(),
+                hidden: Tensor::zeros(1, DType::F64, &dev).unwrap(),
+            });
+            start += b;
+        }
+        assert_eq!((start * dx, start * dy), (x.len(), y.len()));
+        let scores = importance_by_layer(&[0usize], &mut batches, 0..1, |_, &i, h| {
+            Ok((h.clone(), vec![(0, xs[i].clone(), ys[i].clone())]))
+        })
+        .unwrap();
+        let s = scores[0];
+        (!s.is_nan()).then_some(1.0 - s)
+    }
+
+    /// [`measured_in`] with every row in one batch.
     fn streamed(x: &[f64], y: &[f64], n: usize, dx: usize, dy: usize) -> Option<f64> {
-        let mut acc = CkaAccumulator::new(dx, dy);
-        acc.add_rows(x, y, n);
-        acc.cka()
+        measured_in(x, y, dx, dy, &[n])
     }
 
     /// Correlated pair: `Y = X W + 0.5 noise`, with dx != dy.
@@ -360,68 +268,15 @@ mod tests {
         let batches = [1, 7, 3, 20, 2, 17];
         let n: usize = batches.iter().sum();
         let (x, y) = pair(&mut rng, n, dx, dy);
-        let mut acc = CkaAccumulator::new(dx, dy);
-        let mut start = 0;
-        for b in batches {
-            acc.add_rows(
-                &x[start * dx..(start + b) * dx],
-                &y[start * dy..(start + b) * dy],
-                b,
-            );
-            start += b;
-        }
-        assert_eq!(acc.rows(), n);
-        let got = acc.cka().unwrap();
+        let got = measured_in(&x, &y, dx, dy, &batches).unwrap();
         let want = linear_cka_gram(&x, &y, n, dx, dy).unwrap();
         assert!((got - want).abs() < 1e-9, "{got} vs {want}");
         assert!(got > 0.0 && got < 1.0);
+        // The same rows in one batch give the same score.
+        assert!((streamed(&x, &y, n, dx, dy).unwrap() - got).abs() < 1e-12);
         // Independent data must score clearly lower than the correlated pair.
         let z = rng.mat(n * dy);
         assert!(streamed(&x, &z, n, dx, dy).unwrap() < got);
-    }
-
-    #[test]
-    fn add_moments_matches_add_rows() {
-        let mut rng = Rng(5);
-        let (n, dx, dy) = (25, 4, 2);
-        let (x, y) = pair(&mut rng, n, dx, dy);
-        // Moments of two batches computed with explicit index loops (independent of add_outer).
-        let moments = |lo: usize, hi: usize| {
-            let (mut sx, mut sy) = (vec![0.0; dx], vec![0.0; dy]);
-            let (mut xx, mut yy, mut yx) =
-                (vec![0.0; dx * dx], vec![0.0; dy * dy], vec![0.0; dy * dx]);
-            for r in lo..hi {
-                for i in 0..dx {
-                    sx[i] += x[r * dx + i];
-                    for j in 0..dx {
-                        xx[i * dx + j] += x[r * dx + i] * x[r * dx + j];
-                    }
-                }
-                for k in 0..dy {
-                    sy[k] += y[r * dy + k];
-                    for l in 0..dy {
-                        yy[k * dy + l] += y[r * dy + k] * y[r * dy + l];
-                    }
-                    for i in 0..dx {
-                        yx[k * dx + i] += y[r * dy + k] * x[r * dx + i];
-                    }
-                }
-            }
-            (hi - lo, sx, sy, xx, yy, yx)
-        };
-        let mut acc = CkaAccumulator::new(dx, dy);
-        for (lo, hi) in [(0, 9), (9, 25)] {
-            let (r, sx, sy, xx, yy, yx) = moments(lo, hi);
-            acc.add_moments(r, &sx, &sy, &xx, &yy, &yx);
-        }
-        let want = streamed(&x, &y, n, dx, dy).unwrap();
-        assert!((acc.cka().unwrap() - want).abs() < 1e-12);
-        // Mixing both paths is fine too.
-        let mut mixed = CkaAccumulator::new(dx, dy);
-        let (r, sx, sy, xx, yy, yx) = moments(0, 9);
-        mixed.add_moments(r, &sx, &sy, &xx, &yy, &yx);
-        mixed.add_rows(&x[9 * dx..], &y[9 * dy..], n - 9);
-        assert!((mixed.cka().unwrap() - want).abs() < 1e-12);
     }
 
     #[test]
@@ -461,7 +316,10 @@ mod tests {
         assert!(streamed(&partly, &y, n, d, d).is_some());
         // Fewer than 2 rows.
         assert_eq!(streamed(&y[..d], &y[..d], 1, d, d), None);
-        assert_eq!(CkaAccumulator::new(d, d).cka(), None);
+        // Two rows over two batches of one are enough; a constant side across batches is not.
+        assert!(measured_in(&y[..2 * d], &y[..2 * d], d, d, &[1, 1]).is_some());
+        let c2: Vec<f64> = (0..2).flat_map(|_| [1.5, 2.5, -4.0]).collect();
+        assert_eq!(measured_in(&c2, &y[..2 * d], d, d, &[1, 1]), None);
         assert_eq!(linear_cka_gram(&y[..d], &y[..d], 1, d, d), None);
         // Non-finite input.
         let mut bad = y.clone();
@@ -487,19 +345,5 @@ mod tests {
         let base = streamed(&x, &y, n, dx, dy).unwrap();
         assert!((streamed(&xs, &ys, n, dx, dy).unwrap() - base).abs() < 1e-9);
         assert!((linear_cka_gram(&xs, &ys, n, dx, dy).unwrap() - base).abs() < 1e-9);
-    }
-
-    #[test]
-    fn reset_forgets_rows() {
-        let mut rng = Rng(19);
-        let (n, dx, dy) = (12, 2, 3);
-        let (x, y) = pair(&mut rng, n, dx, dy);
-        let mut acc = CkaAccumulator::new(dx, dy);
-        let z = rng.mat(n * dy);
-        acc.add_rows(&x, &z, n);
-        acc.reset();
-        assert_eq!((acc.rows(), acc.cka()), (0, None));
-        acc.add_rows(&x, &y, n);
-        assert_eq!(acc.cka(), streamed(&x, &y, n, dx, dy));
     }
 }

@@ -218,6 +218,64 @@ impl SafeController {
         }
     }
 
+    /// Resuming: the controller of this run (`current`, None without SAFE) takes over the state
+    /// of the checkpoint's (`saved`), which must have been made for the same run: both with SAFE
+    /// or both without, the same settings, the same number of adapters (target modules and
+    /// layers) and of epochs. Otherwise an error says what differs (the checkpoint's value first).
+    pub fn resume(current: Option<&mut Self>, saved: Option<&Self>) -> Result<(), String> {
+        let (c, saved) = match (current, saved) {
+            (None, None) => return Ok(()),
+            (Some(_), None) => {
+                return Err(
+                    "the checkpoint was written by a run without SAFE; this run uses \
+                     SAFE (resume with the method it was started with)"
+                        .into(),
+                )
+            }
+            (None, Some(_)) => {
+                return Err(
+                    "the checkpoint was written by a SAFE run; this run does not use \
+                     SAFE (resume with the method it was started with)"
+                        .into(),
+                )
+            }
+            (Some(c), Some(s)) => (c, s),
+        };
+        let mut diffs = Vec::new();
+        let (was, now) = (
+            serde_json::to_value(&saved.config).map_err(|e| e.to_string())?,
+            serde_json::to_value(&c.config).map_err(|e| e.to_string())?,
+        );
+        if let (Some(was), Some(now)) = (was.as_object(), now.as_object()) {
+            for (k, v) in was {
+                if now.get(k) != Some(v) {
+                    let n = now.get(k).map_or("nothing".into(), |n| n.to_string());
+                    diffs.push(format!("SAFE setting {k}: {v} in the checkpoint, {n} now"));
+                }
+            }
+        }
+        if saved.n_adapters != c.n_adapters {
+            diffs.push(format!(
+                "adapters: {} in the checkpoint, {} now (other target modules or layers)",
+                saved.n_adapters, c.n_adapters
+            ));
+        }
+        if saved.total_epochs != c.total_epochs {
+            diffs.push(format!(
+                "SAFE rounds: {} in the checkpoint, {} now",
+                saved.total_epochs, c.total_epochs
+            ));
+        }
+        if !diffs.is_empty() {
+            return Err(format!(
+                "the checkpoint was written with other settings: {}",
+                diffs.join("; ")
+            ));
+        }
+        *c = saved.clone();
+        Ok(())
+    }
+
     /// Current phase (see [`Phase`]); useful after resuming from a checkpoint.
     pub fn phase(&self) -> Phase {
         if self.t_w.is_none() {
@@ -289,6 +347,53 @@ mod tests {
             max_warmup_epochs: max_warmup,
             ..SafeConfig::default()
         }
+    }
+
+    #[test]
+    fn resume_takes_the_saved_state_only_for_the_same_run() {
+        let cfg = config(TauTarget::Absolute(0.1), 0.8, 5);
+        let mut saved = SafeController::new(cfg.clone(), 4, 6);
+        saved.end_of_epoch(1, &[0.5, 0.5, 0.1, 0.01]);
+        // Same run: the state is taken over, and the next epoch continues it.
+        let mut c = SafeController::new(cfg.clone(), 4, 6);
+        SafeController::resume(Some(&mut c), Some(&saved)).unwrap();
+        assert_eq!(c.history(), saved.history());
+        c.end_of_epoch(2, &[0.5, 0.5, 0.1, 0.01]);
+        SafeController::resume(None, None).unwrap();
+        // Other target modules: another number of adapters.
+        let mut other = SafeController::new(cfg.clone(), 6, 6);
+        let e = SafeController::resume(Some(&mut other), Some(&saved)).unwrap_err();
+        assert!(e.contains("adapters: 4 in the checkpoint, 6 now"), "{e}");
+        assert!(
+            other.history().is_empty(),
+            "a refused state must not be taken"
+        );
+        // Other SAFE settings: each one named.
+        let mut cfg2 = cfg.clone();
+        cfg2.tau_final = TauTarget::Absolute(0.2);
+        cfg2.rounds_per_epoch = 3;
+        let mut other = SafeController::new(cfg2, 4, 6);
+        let e = SafeController::resume(Some(&mut other), Some(&saved)).unwrap_err();
+        assert!(
+            e.contains("SAFE setting tau_final") && e.contains("0.2"),
+            "{e}"
+        );
+        assert!(
+            e.contains("SAFE setting rounds_per_epoch: 1 in the checkpoint, 3 now"),
+            "{e}"
+        );
+        let mut other = SafeController::new(cfg.clone(), 4, 12);
+        let e = SafeController::resume(Some(&mut other), Some(&saved)).unwrap_err();
+        assert!(
+            e.contains("SAFE rounds: 6 in the checkpoint, 12 now"),
+            "{e}"
+        );
+        // SAFE on one side only.
+        let mut c = SafeController::new(cfg, 4, 6);
+        let e = SafeController::resume(Some(&mut c), None).unwrap_err();
+        assert!(e.contains("without SAFE"), "{e}");
+        let e = SafeController::resume(None, Some(&saved)).unwrap_err();
+        assert!(e.contains("written by a SAFE run"), "{e}");
     }
 
     #[test]

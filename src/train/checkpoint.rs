@@ -137,24 +137,46 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
         // Onto the model's device and dtype (checkpoints are read on the host).
         *p = t.to_dtype(p.dtype())?.to_device(p.device())?;
     }
-    for stem in &state.frozen_adapters {
-        if let Some(ad) = model.adapter_by_path_mut(stem) {
-            ad.trainable = false;
+    for (stem, _) in model.adapters() {
+        for which in ["A", "B"] {
+            let key = format!("{stem}.lora_{which}.weight");
+            anyhow::ensure!(
+                tensors.contains_key(&key),
+                "{}: no tensor '{key}' for this model's adapter '{stem}' (was the checkpoint \
+                 written with other target modules or layers?)",
+                tpath.display()
+            );
         }
+    }
+    for stem in &state.frozen_adapters {
+        let ad = model.adapter_by_path_mut(stem).with_context(|| {
+            format!(
+                "{}: frozen adapter '{stem}' is not in this model",
+                state_path.display()
+            )
+        })?;
+        ad.trainable = false;
     }
     opt.state.clear();
     for (name, &step) in &state.opt_steps {
-        let like = model
-            .param_mut(name)
-            .map(|p| (p.dtype(), p.device().clone()));
+        let p = model.param_mut(name).with_context(|| {
+            format!(
+                "{}: optimizer state of '{name}', which this model does not have",
+                state_path.display()
+            )
+        })?;
+        let (dims, dtype, device) = (p.dims().to_vec(), p.dtype(), p.device().clone());
         let get = |k: String| -> Result<Tensor> {
             let t = tensors
                 .get(&k)
                 .with_context(|| format!("{}: missing '{k}'", tpath.display()))?;
-            Ok(match &like {
-                Some((dtype, device)) => t.to_dtype(*dtype)?.to_device(device)?,
-                None => t.clone(),
-            })
+            anyhow::ensure!(
+                t.dims() == dims,
+                "{}: tensor '{k}' has shape {:?}, its parameter '{name}' {dims:?}",
+                tpath.display(),
+                t.dims()
+            );
+            Ok(t.to_dtype(dtype)?.to_device(&device)?)
         };
         opt.state.insert(
             name.clone(),
@@ -166,4 +188,157 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
         );
     }
     Ok(Some(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::LoraConfig;
+    use crate::model::{BertConfig, BertForSequenceClassification};
+    use crate::train::optim::AdamWConfig;
+    use candle_core::DType;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    /// A tiny BERT with LoRA on query/value and one AdamW step on every trained tensor.
+    fn model_and_optimizer() -> (BertForSequenceClassification, AdamW) {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut m = BertForSequenceClassification::random(
+            BertConfig::tiny(0.0),
+            2,
+            DType::F32,
+            &Device::Cpu,
+            &mut rng,
+        )
+        .unwrap();
+        let lora = LoraConfig {
+            target_modules: vec!["query".into(), "value".into()],
+            ..Default::default()
+        };
+        m.add_lora(&lora, None, &mut rng).unwrap();
+        let mut opt = AdamW::new(AdamWConfig::default());
+        for (name, p) in m.trainable_params() {
+            let g = p.ones_like().unwrap();
+            *m.param_mut(&name).unwrap() = opt.update(&name, &p, &g, 1e-3).unwrap();
+        }
+        (m, opt)
+    }
+
+    fn fresh() -> (BertForSequenceClassification, AdamW) {
+        let (m, _) = model_and_optimizer();
+        (m, AdamW::new(AdamWConfig::default()))
+    }
+
+    /// Writes a checkpoint into a new folder; returns it and its tensors file.
+    fn saved() -> (tempfile::TempDir, std::path::PathBuf) {
+        let (m, opt) = model_and_optimizer();
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &m, &opt, &TrainerState::default()).unwrap();
+        let tpath = dir.path().join("checkpoint/tensors.safetensors");
+        (dir, tpath)
+    }
+
+    /// Rewrites the checkpoint's tensors through `edit`.
+    fn edit_tensors(tpath: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+        let mut t = candle_core::safetensors::load(tpath, &Device::Cpu).unwrap();
+        edit(&mut t);
+        candle_core::safetensors::save(&t, tpath).unwrap();
+    }
+
+    fn load_err(dir: &Path) -> String {
+        let (mut m, mut opt) = fresh();
+        let e = load(dir, &mut m, &mut opt).expect_err("the checkpoint must be refused");
+        format!("{e:#}")
+    }
+
+    const Q0: &str = "bert.encoder.layer.0.attention.self.query";
+
+    #[test]
+    fn a_saved_checkpoint_loads_with_its_optimizer_state() {
+        let (dir, _) = saved();
+        let (mut m, mut opt) = fresh();
+        load(dir.path(), &mut m, &mut opt).unwrap().unwrap();
+        let key = format!("{Q0}.lora_A.weight");
+        let (want_m, want_p) = {
+            let (m0, o0) = model_and_optimizer();
+            let p = m0.trainable_params().into_iter().find(|(k, _)| *k == key);
+            (o0.state[&key].m.to_vec2::<f32>().unwrap(), p.unwrap().1)
+        };
+        assert_eq!(opt.state[&key].m.to_vec2::<f32>().unwrap(), want_m);
+        assert_eq!(opt.state[&key].step, 1);
+        let p = m.param_mut(&key).unwrap();
+        assert_eq!(
+            p.to_vec2::<f32>().unwrap(),
+            want_p.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn optimizer_moments_of_another_shape_are_refused() {
+        let (dir, tpath) = saved();
+        let key = format!("opt.v.{Q0}.lora_B.weight");
+        edit_tensors(&tpath, |t| {
+            let bad = Tensor::zeros((3, 1), DType::F32, &Device::Cpu).unwrap();
+            assert!(t.insert(key.clone(), bad).is_some());
+        });
+        let e = load_err(dir.path());
+        assert!(e.contains(&tpath.display().to_string()), "{e}");
+        assert!(e.contains(&format!("'{key}' has shape [3, 1]")), "{e}");
+    }
+
+    #[test]
+    fn an_adapter_of_a_layer_the_model_lacks_is_refused() {
+        let (dir, tpath) = saved();
+        let key = "bert.encoder.layer.99.attention.self.query.lora_A.weight";
+        edit_tensors(&tpath, |t| {
+            let a = t[&format!("{Q0}.lora_A.weight")].clone();
+            t.insert(key.into(), a);
+        });
+        let e = load_err(dir.path());
+        assert!(e.contains(&tpath.display().to_string()), "{e}");
+        assert!(
+            e.contains(key) && e.contains("does not fit this model"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_frozen_adapter_or_optimizer_state_the_model_lacks_is_refused() {
+        let (dir, _) = saved();
+        let state_path = dir.path().join("checkpoint/state.json");
+        let state: TrainerState =
+            serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+        let write = |s: &TrainerState| std::fs::write(&state_path, serde_json::to_vec(s).unwrap());
+        let mut s = state.clone();
+        s.frozen_adapters = vec!["bert.encoder.layer.7.attention.self.value".into()];
+        write(&s).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains(&state_path.display().to_string()), "{e}");
+        assert!(
+            e.contains("'bert.encoder.layer.7.attention.self.value'"),
+            "{e}"
+        );
+        let mut s = state;
+        s.opt_steps
+            .insert("bert.encoder.layer.12.output.dense.lora_A.weight".into(), 3);
+        write(&s).unwrap();
+        let e = load_err(dir.path());
+        assert!(
+            e.contains("optimizer state of 'bert.encoder.layer.12.output.dense.lora_A.weight'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_model_adapter_missing_from_the_checkpoint_is_refused() {
+        let (dir, tpath) = saved();
+        let key = format!("{Q0}.lora_B.weight");
+        edit_tensors(&tpath, |t| {
+            t.remove(&key);
+            t.remove(&format!("opt.m.{key}"));
+            t.remove(&format!("opt.v.{key}"));
+        });
+        let e = load_err(dir.path());
+        assert!(e.contains(&format!("no tensor '{key}'")), "{e}");
+    }
 }

@@ -102,9 +102,10 @@ impl DeviceMoments {
             n: x.dim(0)?,
             sum_x: x.sum(0)?,
             sum_y: y.sum(0)?,
-            xtx: x.t()?.matmul(&x)?,
-            yty: y.t()?.matmul(&y)?,
-            ytx: y.t()?.matmul(&x)?,
+            // Counted as the model's matmuls are: SAFE's monitoring FLOPs include them.
+            xtx: crate::nn::matmul(&x.t()?, &x)?,
+            yty: crate::nn::matmul(&y.t()?, &y)?,
+            ytx: crate::nn::matmul(&y.t()?, &x)?,
         })
     }
 
@@ -125,7 +126,7 @@ impl DeviceMoments {
         // Sum of squares, by rows first: candle's CUDA `sum_all` reduces in one thread block,
         // which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
         let sum_sq = |t: &Tensor| -> Result<f64> { t.sqr()?.sum(1)?.sum_all()?.to_scalar() };
-        // ||M - a b^T / n||_F^2, as CkaAccumulator::cka computes it on the host.
+        // ||M - a b^T / n||_F^2.
         let centered = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<f64> {
             let outer = a.unsqueeze(1)?.broadcast_mul(&b.unsqueeze(0)?)?;
             sum_sq(&(m - (outer / n)?)?)
@@ -148,6 +149,45 @@ impl DeviceMoments {
 mod tests {
     use super::*;
     use crate::safe::linear_cka_gram;
+
+    /// FLOPs of a monitoring pass: the layers' own matmuls plus, per adapter and batch, the
+    /// moments `X^T X`, `Y^T Y`, `Y^T X` over the batch's `n` real rows: `2 n (dx^2 + dy^2 + dy dx)`.
+    #[test]
+    fn monitoring_flops_are_the_forward_and_the_moments() {
+        let dev = Device::Cpu;
+        let (seq, d_in, dx, dy) = (5, 3, 4, 2);
+        let masks: [&[u32]; 2] = [&[1, 1, 1, 0, 0], &[1, 1, 1, 1, 1]];
+        let mut batches: Vec<MonitorBatch<usize>> = masks
+            .iter()
+            .enumerate()
+            .map(|(b, mask)| MonitorBatch {
+                batch: b,
+                rows: token_rows(mask, &dev).unwrap(),
+                hidden: Tensor::randn(0f32, 1., (seq, d_in), &dev).unwrap(),
+            })
+            .collect();
+        let wx = Tensor::randn(0f32, 1., (d_in, dx), &dev).unwrap();
+        let wy = Tensor::randn(0f32, 1., (d_in, dy), &dev).unwrap();
+        let before = crate::nn::flops::total();
+        // Two layers, one adapter each; each layer's forward is two matmuls.
+        importance_by_layer(&[0, 1], &mut batches, 0..2, |l, _, h| {
+            let x = crate::nn::matmul(h, &wx)?;
+            let y = crate::nn::matmul(h, &wy)?;
+            Ok((h.clone(), vec![(l, x, y)]))
+        })
+        .unwrap();
+        let counted = crate::nn::flops::total() - before;
+        let (layers, per_batch_forward) = (2, 2 * seq * d_in * (dx + dy));
+        let forward = layers * masks.len() * per_batch_forward;
+        let moments: usize = masks
+            .iter()
+            .map(|m| {
+                let n = m.iter().filter(|&&v| v == 1).count();
+                layers * 2 * n * (dx * dx + dy * dy + dy * dx)
+            })
+            .sum();
+        assert_eq!(counted, (forward + moments) as u64);
+    }
 
     /// Two "layers" over three batches with padding: each adapter's score is the direct Gram-form
     /// CKA over all its real rows at once; adapters of unmeasured layers are NaN; the hidden state

@@ -142,9 +142,8 @@ pub fn start_or_resume(
                 s.total_epochs
             );
             tracing::info!("resuming after epoch {}", s.epochs_done);
-            if let (Some(c), Some(saved)) = (safe.as_mut(), &s.safe) {
-                *c = saved.clone();
-            }
+            SafeController::resume(safe.as_mut(), s.safe.as_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", output.join("checkpoint").display()))?;
             state = s;
         }
     }
