@@ -93,7 +93,7 @@ fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
         // call keep tracking; none exist yet on this device.
         unsafe { c.disable_event_tracking() };
     }
-    crate::train::memory::device_init(&d)?;
+    crate::memory::device_init(&d)?;
     open.insert(ordinal, d.clone());
     Ok(d)
 }

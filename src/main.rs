@@ -1,5 +1,9 @@
 use clap::Parser;
 
+/// Heap numbers in `metrics.jsonl` and `summary.json` come from counting every allocation.
+#[global_allocator]
+static ALLOCATOR: safetune::memory::CountingAllocator = safetune::memory::CountingAllocator;
+
 /// Keep freed tensor buffers in the heap instead of returning each one to the OS: glibc otherwise
 /// unmaps every large buffer on free and the next step page-faults it back in, zeroed (measured: 7%
 /// of a MiniLM training step on 2 cores).

@@ -507,7 +507,7 @@ fn export(a: ExportArgs) -> Result<()> {
         &candle_core::Device::Cpu,
         &mut rng,
     )?;
-    let mut opt = crate::train::optim::AdamW::new(Default::default());
+    let mut opt = crate::nn::optim::AdamW::new(Default::default());
     crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
         .with_context(|| format!("{}: no checkpoint", a.run.display()))?;
     peft::save(

@@ -1,7 +1,6 @@
 //! Files in and out: checkpoint weights (safetensors, GGUF), asset fetching, PEFT adapter format.
 
 pub mod fetch;
-pub mod gguf;
 pub mod merge;
 pub mod peft;
 pub mod weights;

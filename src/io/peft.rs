@@ -117,7 +117,7 @@ pub fn save(
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| err(&tmp, &e))?;
     std::fs::rename(&tmp, &weights).map_err(|e| err(&weights, &e))?;
     let json = serde_json::to_string_pretty(&cfg).map_err(|e| err(dir, &e))?;
-    crate::train::checkpoint::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    crate::files::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
         .map_err(|e| err(dir, &e))?;
     Ok(())
 }

@@ -4,6 +4,7 @@ pub mod bert;
 pub mod causal;
 pub mod decoder;
 pub mod generate;
+pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 pub mod stack;

@@ -10,7 +10,7 @@ use super::linear::Weight;
 use super::rms_norm::RmsNorm;
 use super::rope::Rope;
 use super::{dropout, swiglu, Dropout, Pass};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::nn::optim::{AdamW, AdamWConfig};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::rngs::StdRng;

@@ -18,6 +18,7 @@ pub mod head;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
+pub mod optim;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

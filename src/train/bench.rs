@@ -5,19 +5,19 @@
 //! clock is read), the peak memory the highest allocator-level peak of a timed step above what was
 //! live before the first step (the weights), as PyTorch's `max_memory_allocated - base`.
 
-use super::memory::{self, MemTracker};
-use super::optim::{AdamW, AdamWConfig};
 use super::step;
 use crate::adapters::{Adapted, LoraConfig};
 use crate::data::batch::Batch;
 use crate::data::Label;
 use crate::device::DeviceArgs;
 use crate::io::weights::Weights;
+use crate::memory::{self, MemTracker};
 use crate::model::bert::{BertConfig, BertForSequenceClassification};
 use crate::model::llama::{LlamaForCausalLM, LlamaSite};
 use crate::model::{CausalLm, LlamaConfig, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::{QuantFormat, Weight};
+use crate::nn::optim::{AdamW, AdamWConfig};
 use crate::nn::{flops, Pass};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};

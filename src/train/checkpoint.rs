@@ -6,8 +6,8 @@
 //! PEFT's format at `OUTPUT/` (see `io::peft`).
 
 use super::fit::EpochLog;
-use super::optim::{AdamW, Moments};
 use crate::adapters::Adapted;
+use crate::nn::optim::{AdamW, Moments};
 use crate::safe::SafeController;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -31,13 +31,6 @@ pub struct TrainerState {
     pub opt_steps: BTreeMap<String, u64>,
     /// PEFT key stems of the frozen adapters.
     pub frozen_adapters: Vec<String>,
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, path)
 }
 
 pub fn save(out: &Path, model: &impl Adapted, opt: &AdamW, state: &TrainerState) -> Result<()> {
@@ -195,7 +188,7 @@ mod tests {
     use super::*;
     use crate::adapters::LoraConfig;
     use crate::model::{BertConfig, BertForSequenceClassification};
-    use crate::train::optim::AdamWConfig;
+    use crate::nn::optim::AdamWConfig;
     use candle_core::DType;
     use rand::rngs::StdRng;
     use rand::SeedableRng;

@@ -5,10 +5,10 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::config::Method;
-use super::memory::MemTracker;
-use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::run::{self, StepPlan};
 use crate::adapters::Adapted;
+use crate::memory::MemTracker;
+use crate::nn::optim::{clip_global_norm, AdamW, AdamWConfig};
 use crate::nn::{flops, Pass};
 use crate::safe::{Phase, SafeConfig, SafeController};
 use anyhow::Result;
@@ -376,7 +376,7 @@ pub fn prepare_output(output: &PathBuf, config: &impl Serialize) -> Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(output)
         .with_context(|| format!("{}: cannot create output folder", output.display()))?;
-    checkpoint::write_atomic(
+    crate::files::write_atomic(
         &output.join("train_config.json"),
         serde_json::to_string_pretty(config)?.as_bytes(),
     )?;

@@ -4,15 +4,14 @@
 //! `metrics.jsonl`, `safe.jsonl`, a resumable `checkpoint/`, the best adapter (PEFT) and
 //! `summary.json`.
 
-use super::checkpoint;
 use super::fit::{fit, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::importance::{self, MonitorBatch};
 use super::lm_config::{LmDataKind, LmTrainConfig};
-use super::memory;
 use super::run;
 use crate::adapters::Adapted;
 use crate::data::lm::{self, LmSequence};
 use crate::io::fetch;
+use crate::memory;
 use crate::model::llama::LlamaForCausalLM;
 use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
@@ -60,7 +59,7 @@ pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
 /// Loads a decoder: a LLaMA-family GGUF file (dequantized to `dtype`), or a Hugging Face folder
 /// (GPT-2 when its `config.json` says `"model_type": "gpt2"`, else LLaMA layout).
 /// With `quantized_base`, the frozen projection weights stay quantized in memory: a GGUF file's
-/// own blocks (see [`crate::io::gguf::load_llama_opts`]), or a float checkpoint's quantized into
+/// own blocks (see [`crate::model::gguf::load_llama_opts`]), or a float checkpoint's quantized into
 /// `quantize_format` (default Q8_0) as they load. A format alone implies `quantized_base`.
 pub fn load_decoder(
     model: Option<&Path>,
@@ -91,7 +90,7 @@ pub fn load_decoder(
          (safetensors) checkpoints",
         source.display()
     );
-    let g = crate::io::gguf::load_llama_opts(&source, dtype, device, quantized_base)?;
+    let g = crate::model::gguf::load_llama_opts(&source, dtype, device, quantized_base)?;
     let eos = g.config.eos_token_id.clone();
     let w = crate::io::weights::Weights::from_tensors(g.tensors, dtype, device)
         .with_quantized(g.quantized);
@@ -350,7 +349,7 @@ pub fn train_lm(
         frozen: state.frozen_at.clone(),
         seed: cfg.seed,
     };
-    checkpoint::write_atomic(
+    crate::files::write_atomic(
         &cfg.output.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;

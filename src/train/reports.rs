@@ -51,7 +51,7 @@ pub fn write_safe_reports(
             })
             .collect(),
     };
-    super::checkpoint::write_atomic(
+    crate::files::write_atomic(
         &out.join("safe_state.json"),
         serde_json::to_string_pretty(&state)?.as_bytes(),
     )?;
@@ -88,7 +88,7 @@ pub fn open_safe_log(output: &Path, epochs_done: usize) -> Result<std::fs::File>
         })
         .map(str::to_string)
         .collect();
-    let mut f = super::create_file(&path)?;
+    let mut f = crate::files::create_file(&path)?;
     for l in kept {
         writeln!(f, "{l}").with_context(|| format!("{}: cannot write", path.display()))?;
     }

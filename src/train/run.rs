@@ -5,9 +5,9 @@
 use super::checkpoint::{self, TrainerState};
 use super::config::Method;
 use super::fit::EpochLog;
-use super::memory::{self, MemTracker};
-use super::optim::{linear_schedule, AdamW};
 use crate::adapters::Adapted;
+use crate::memory::{self, MemTracker};
+use crate::nn::optim::{linear_schedule, AdamW};
 use crate::safe::{EpochDecision, SafeController};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -147,7 +147,7 @@ pub fn start_or_resume(
             state = s;
         }
     }
-    let mut metrics = super::create_file(&output.join("metrics.jsonl"))?;
+    let mut metrics = crate::files::create_file(&output.join("metrics.jsonl"))?;
     for e in &state.history {
         writeln!(metrics, "{}", serde_json::to_string(e)?)?;
     }
@@ -365,7 +365,7 @@ pub fn check_cka_memory(needed: u64, available: Option<u64>, adapters: usize) ->
 pub fn ensure_cka_fits(
     model: &impl Adapted,
     point: crate::safe::MonitorPoint,
-    mem: &super::memory::MemTracker,
+    mem: &crate::memory::MemTracker,
 ) -> Result<()> {
     let needed = cka_moment_bytes(model, point);
     let available = match mem.driver() {

@@ -2,18 +2,17 @@
 //! `step`, SAFE's importance, validation) -> the training loop (`fit`) -> test of the best adapter
 //! -> `summary.json`.
 
-use super::checkpoint;
 use super::config::{DataKind, Method, TrainConfig};
 use super::fit::{fit, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::FrozenCache;
 use super::importance::{self, MonitorBatch};
-use super::memory;
 use super::metrics;
 use super::run;
 use super::step;
 use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
+use crate::memory;
 use crate::model::bert::BertForSequenceClassification;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -493,7 +492,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
         frozen: state.frozen_at.clone(),
         seed: cfg.seed,
     };
-    checkpoint::write_atomic(
+    crate::files::write_atomic(
         &cfg.output.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;

@@ -1,4 +1,4 @@
-//! Memory accounting: a counting global allocator (live and peak bytes of every heap allocation,
+//! Memory accounting: a counting allocator (live and peak bytes of every heap allocation,
 //! tensors included; resettable per epoch, the CPU analogue of PyTorch's `max_memory_allocated`)
 //! and the process's peak RSS from `/proc/self/status`.
 //!
@@ -12,6 +12,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Counts live and peak heap bytes. The library installs no allocator: a program that wants heap
+/// numbers makes it its `#[global_allocator]` (the `safetune` binary does; so do the library's
+/// tests). Without it the heap counters stay at 0.
 pub struct CountingAllocator;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -46,9 +49,6 @@ unsafe impl GlobalAlloc for CountingAllocator {
         p
     }
 }
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// Bytes currently allocated on the heap.
 pub fn live_bytes() -> usize {

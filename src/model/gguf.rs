@@ -6,7 +6,7 @@
 //! kernel can rotate adjacent pairs; we undo that here, because the model rotates HF-style
 //! (`rotate_half`, pairs `i` and `i + head_dim / 2`).
 
-use super::IoError;
+use crate::io::IoError;
 use crate::model::llama::{LlamaConfig, RopeScaling};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
@@ -1237,8 +1237,8 @@ mod tests {
 
     /// The fetched SmolLM2 GGUF, or `None` (and a note) when it is not in the cache.
     fn smollm2() -> Option<PathBuf> {
-        let cache = super::super::fetch::default_cache_dir();
-        match super::super::fetch::smollm2_gguf(&cache) {
+        let cache = crate::io::fetch::default_cache_dir();
+        match crate::io::fetch::smollm2_gguf(&cache) {
             Ok(p) => Some(p),
             // scripts/test.sh (CI) fetches the asset and sets SAFETUNE_REQUIRE_ASSETS: there a
             // missing file fails the test instead of skipping it.
