@@ -1,7 +1,7 @@
 """Writes tiny Hugging Face checkpoints with transformers itself, plus reference logits, for
 safetensune's loader tests (tests/fixtures/hf/). Run where transformers and torch are installed:
 
-    python3 scripts/hf_fixtures.py OUT_DIR
+    python3 scripts/hf_fixtures.py OUT_DIR [NAME ...]   (default: every fixture)
 
 Each model folder gets transformers' own config.json and safetensors (sharded with an index where
 noted) and `reference.safetensors`: `input_ids` (i64, [2, 16]) and the float64 `logits`
@@ -13,6 +13,7 @@ import transformers
 from safetensors.torch import save_file
 
 out = sys.argv[1]
+only = set(sys.argv[2:])
 torch.manual_seed(0)
 print("transformers", transformers.__version__, "torch", torch.__version__)
 
@@ -22,7 +23,7 @@ def randomize(model, std=0.2):
     # the logits are far from uniform.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or "ln_f" in name:
+            if "norm" in name.lower() or name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or "ln_f" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
@@ -31,6 +32,8 @@ def randomize(model, std=0.2):
 
 
 def write(name, model, shard):
+    if only and name not in only:
+        return
     d = os.path.join(out, name)
     os.makedirs(d, exist_ok=True)
     randomize(model)
@@ -91,3 +94,34 @@ write("qwen2-sharded", transformers.Qwen2ForCausalLM(c), shard=True)
 g = cfg(transformers.GPT2Config, vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
         bos_token_id=1, eos_token_id=2)
 write("gpt2-sharded", transformers.GPT2LMHeadModel(g), shard=True)
+
+
+# BERT for sequence classification: padded batch (attention mask), two token types, GELU, the
+# pooler and a 3-way classifier; the reference also stores the mask and token types.
+def write_bert(name):
+    if only and name not in only:
+        return
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+    c = cfg(transformers.BertConfig, vocab_size=96, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+            type_vocab_size=2, num_labels=3)
+    model = transformers.BertForSequenceClassification(c)
+    randomize(model)
+    model.eval()
+    model.save_pretrained(d)
+    ids = torch.randint(0, 96, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 11:] = 0
+    types = torch.zeros(2, 16, dtype=torch.int64)
+    types[:, 8:] = 1
+    ref = model.to(torch.float64)
+    with torch.no_grad():
+        logits = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous(),
+               "token_type_ids": types.contiguous(), "logits": logits.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    print("==", name, sorted(os.listdir(d)), logits)
+
+
+write_bert("bert-padded")

@@ -178,6 +178,67 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
+    /// A BERT classifier written by transformers 5.17 (`scripts/hf_fixtures.py`: padded second
+    /// row, two token types, pooler, 3 labels) gives transformers' float64 logits through the
+    /// trainer's own upload and inference forward; without the padding mask it would not.
+    #[test]
+    fn transformers_bert_gives_transformers_logits() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/bert-padded");
+        let cpu = Device::Cpu;
+        let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &cpu).unwrap();
+        let ids = |k: &str| -> Vec<u32> {
+            r[k].to_dtype(DType::U32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut m =
+            BertForSequenceClassification::load(&dir, 3, DType::F64, &cpu, &mut rng).unwrap();
+        // The loader starts a new classifier; the fixture's trained one is put in its place.
+        let w = candle_core::safetensors::load(dir.join("model.safetensors"), &cpu).unwrap();
+        let dtype = m.head.classifier.weight.dense().unwrap().dtype();
+        m.head.classifier = crate::nn::linear::Linear::new(
+            w["classifier.weight"].to_dtype(dtype).unwrap(),
+            Some(w["classifier.bias"].to_dtype(dtype).unwrap()),
+        );
+        let want = &r["logits"];
+        let logits = |mask: Vec<u32>| -> Tensor {
+            let b = Batch {
+                input_ids: ids("input_ids"),
+                token_type_ids: ids("token_type_ids"),
+                attention_mask: mask,
+                batch: 2,
+                seq: 16,
+                labels: vec![],
+            };
+            let t = to_tensors(&b, DType::F64, &cpu).unwrap();
+            Pass::inference(|pass| m.forward_eval(&t, pass))
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let diff = |a: &Tensor| -> f64 {
+            (a - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let mask = ids("attention_mask");
+        assert!(mask.contains(&0), "the fixture pads its second row");
+        let err = diff(&logits(mask.clone()));
+        assert!(err < 1e-9, "max |diff| {err}");
+        let unmasked = diff(&logits(vec![1; mask.len()]));
+        assert!(unmasked > 1e-3, "padding must matter: {unmasked}");
+    }
+
     /// Reading the frozen bottom from the cache gives bit-identical gradients to computing it,
     /// and the frozen layers' adapters get no gradient.
     #[test]
