@@ -323,7 +323,9 @@ mod imp {
             bail!("dropout: {} seeds for {n} elements", seeds.len());
         }
         let stream = dev.cuda_stream();
-        let seeds = dev.clone_htod(seeds)?;
+        // Straight through the stream, not `dev.clone_htod`: inside `device::upload_cache` that
+        // would keep every step's new seeds (keyed by their bytes) for the life of the process.
+        let seeds = stream.clone_htod(seeds).w()?;
         let ps = seeds.device_ptr(&stream).0;
         let (y, py) = output(&dev, x.dtype(), x.shape())?;
         // SAFETY: the kernel writes every element of the mask.
