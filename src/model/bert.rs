@@ -10,7 +10,7 @@
 
 use super::stack::{self, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
+use crate::adapters::{self, outputs_without_each_adapter, AdaptedStack, Block};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
@@ -115,7 +115,7 @@ impl BertConfig {
 }
 
 /// The six linears of a BERT layer, by the names PEFT's `target_modules` match and their paths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Site {
     Query,
     Key,
@@ -146,12 +146,6 @@ impl Site {
             Site::Output => "output.dense",
         }
     }
-
-    /// PEFT matches `target_modules` entries against the end of the module path.
-    pub fn matches(self, target: &str) -> bool {
-        let path = self.path();
-        path == target || path.ends_with(&format!(".{target}"))
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -164,7 +158,18 @@ pub struct BertLayer {
     pub dropout: Dropout,
 }
 
-impl AdaptedLayer for BertLayer {
+impl Block for BertLayer {
+    type Site = Site;
+    const SITES: &'static [Site] = &Site::ALL;
+
+    fn site_path(site: Site) -> &'static str {
+        site.path()
+    }
+
+    fn linears(&self) -> &[LoraLinear] {
+        &self.linears
+    }
+
     fn linears_mut(&mut self) -> &mut [LoraLinear] {
         &mut self.linears
     }
@@ -188,14 +193,6 @@ pub type SiteGrads = Vec<(Site, LoraGrads)>;
 pub type Monitored = Vec<(Site, Tensor, Tensor)>;
 
 impl BertLayer {
-    fn lin(&self, s: Site) -> &LoraLinear {
-        &self.linears[s as usize]
-    }
-
-    pub fn trains(&self) -> bool {
-        self.linears.iter().any(|l| l.trains())
-    }
-
     /// `h` is `[batch*seq, hidden]`. When `monitor` is given, each adapted linear's `(X, Y)` is pushed.
     pub fn forward(
         &self,
@@ -208,7 +205,7 @@ impl BertLayer {
     ) -> Result<(Tensor, Option<BertLayerSaved>)> {
         let mut lin = Vec::with_capacity(6);
         let mut run = |s: Site, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.lin(s);
+            let l = self.linear(s);
             let (y, base, saved) = l.forward_parts(x, pass, save)?;
             if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
                 m.push((s, y.clone(), base));
@@ -260,7 +257,7 @@ impl BertLayer {
         let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
         let mut back = |s: Site, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
             let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.lin(s).backward(st, dy, need)?;
+            let (dx, g) = self.linear(s).backward(st, dy, need)?;
             if let Some(g) = g {
                 grads.push((s, g));
             }
@@ -525,58 +522,33 @@ impl BertForSequenceClassification {
         Self::from_weights(config, &w, num_labels, rng)
     }
 
-    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
-    /// layers listed (all layers when `layers` is None).
+    /// Puts a fresh LoRA adapter on every linear `cfg.target_modules` names, in `layers` (all
+    /// when None). Returns how many.
     pub fn add_lora(
         &mut self,
         cfg: &LoraConfig,
         layers: Option<&[usize]>,
         rng: &mut impl Rng,
     ) -> Result<usize> {
-        let mut n = 0;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            if layers.is_some_and(|ls| !ls.contains(&i)) {
-                continue;
-            }
-            for s in Site::ALL {
-                if cfg.target_modules.iter().any(|t| s.matches(t)) {
-                    let lin = &mut layer.linears[s as usize];
-                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
-                    let w = &lin.base.weight;
-                    // Adapters train in f32 beside a half-precision base (f64 in tests).
-                    let dtype = crate::device::compute_dtype(w.dtype());
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
+        adapters::add_lora(&mut self.layers, cfg, layers, rng)
     }
 
-    /// Adapters in order (layer, then site): the index SAFE uses.
+    // [`AdaptedStack`]'s, here too so that callers need not import it.
     pub fn adapter_sites(&self) -> Vec<(usize, Site)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for s in Site::ALL {
-                if l.linears[s as usize].lora.is_some() {
-                    v.push((i, s));
-                }
-            }
-        }
-        v
+        AdaptedStack::adapter_sites(self)
     }
 
     pub fn adapter(&self, layer: usize, site: Site) -> Option<&LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_ref()
+        AdaptedStack::adapter(self, layer, site)
     }
 
     pub fn adapter_mut(&mut self, layer: usize, site: Site) -> Option<&mut LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_mut()
+        AdaptedStack::adapter_mut(self, layer, site)
     }
 
     /// The lowest layer with an adapter that still trains; None when only the head trains.
     pub fn lowest_trainable_layer(&self) -> Option<usize> {
-        self.layers.iter().position(|l| l.trains())
+        crate::adapters::Adapted::lowest_trainable_layer(self)
     }
 
     /// Training forward. When every adapter below layer `k` is frozen (`k` > 0), the embeddings
@@ -728,7 +700,7 @@ impl BertForSequenceClassification {
                 let out = run(layer)?;
                 let rows = outputs_without_each_adapter(layer, run)?
                     .into_iter()
-                    .map(|(k, y)| (Site::ALL[k], out.clone(), y))
+                    .map(|(s, y)| (s, out.clone(), y))
                     .collect();
                 Ok((out, rows))
             }
@@ -751,37 +723,20 @@ impl BertForSequenceClassification {
     }
 }
 
-impl crate::adapters::Adapted for BertForSequenceClassification {
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+impl AdaptedStack for BertForSequenceClassification {
+    type Layer = BertLayer;
+    const LAYERS_PATH: &'static str = "bert.encoder.layer";
+    const TASK_TYPE: &'static str = "SEQ_CLS";
+
+    fn layers(&self) -> &[BertLayer] {
+        &self.layers
     }
 
-    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        self.adapter_sites()
-            .into_iter()
-            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
-            .collect()
+    fn layers_mut(&mut self) -> &mut [BertLayer] {
+        &mut self.layers
     }
 
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
-        let (layer, site) = path.strip_prefix("bert.encoder.layer.")?.split_once('.')?;
-        let site = Site::ALL.into_iter().find(|s| s.path() == site)?;
-        self.adapter_mut(layer.parse().ok()?, site)
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        BertForSequenceClassification::lowest_trainable_layer(self)
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn peft_task_type(&self) -> &'static str {
-        "SEQ_CLS"
-    }
-
-    fn head_params(&self) -> Vec<(String, Tensor)> {
+    fn head_tensors(&self) -> Vec<(String, Tensor)> {
         let c = &self.head.classifier;
         let mut v: Vec<(String, Tensor)> = c
             .weight
@@ -795,7 +750,7 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
         v
     }
 
-    fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+    fn head_tensor_mut(&mut self, key: &str) -> Option<&mut Tensor> {
         match key {
             CLASSIFIER_WEIGHT => self.head.classifier.weight.as_dense_mut(),
             CLASSIFIER_BIAS => self.head.classifier.bias.as_mut(),
@@ -806,7 +761,7 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
 
 /// PEFT's module path of an adapter, e.g. `bert.encoder.layer.0.attention.self.query`.
 pub fn adapter_path(layer: usize, site: Site) -> String {
-    format!("bert.encoder.layer.{layer}.{}", site.path())
+    BertForSequenceClassification::adapter_path(layer, site)
 }
 
 pub const CLASSIFIER_WEIGHT: &str = "classifier.weight";

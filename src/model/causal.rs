@@ -4,8 +4,9 @@
 //! embeddings, layers, final norm and head.
 
 use super::{AdapterGrads, LmBatch, MonitoredLayer};
+use crate::adapters::block::Site;
 use crate::adapters::lora::LoraGrads;
-use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
+use crate::adapters::{outputs_without_each_adapter, AdaptedStack};
 use crate::nn::attention::{AttnShape, KvCache};
 use crate::nn::loss::{lm_head_loss, LmLoss};
 use crate::nn::Pass;
@@ -21,18 +22,9 @@ pub fn lm_head_chunk_rows(vocab: usize) -> usize {
 }
 
 /// The pieces of a decoder that its shared paths are built from.
-pub trait DecoderParts {
-    type Layer: AdaptedLayer;
-    /// An adapter's place in a layer; `SITES[i]` is the site of the layer's `i`-th linear.
-    type Site: Copy + Ord + 'static;
-    const SITES: &'static [Self::Site];
+pub trait DecoderParts: AdaptedStack {
     /// What the training forward keeps for backward.
     type Saved;
-
-    fn layers(&self) -> &[Self::Layer];
-
-    /// PEFT's module path of an adapter.
-    fn path(layer: usize, site: Self::Site) -> String;
 
     /// Input embeddings `[batch*seq, hidden]` of `ids` (`batch` sequences) at positions `start..`.
     fn embed_at(&self, ids: &Tensor, batch: usize, start: usize, pass: &mut Pass)
@@ -45,7 +37,7 @@ pub trait DecoderParts {
         x: &Tensor,
         b: &LmBatch,
         pass: &mut Pass,
-        monitor: Option<&mut Vec<(Self::Site, Tensor, Tensor)>>,
+        monitor: Option<&mut Vec<(Site<Self>, Tensor, Tensor)>>,
     ) -> Result<Tensor>;
 
     /// One layer's inference forward of new positions after those `cache` holds.
@@ -71,7 +63,7 @@ pub trait DecoderParts {
     ) -> Result<(Tensor, Self::Saved)>;
 
     /// Backward from the final norm's output gradient down to the lowest trainable layer.
-    fn backward(&self, saved: Self::Saved, dhidden: &Tensor) -> Result<SiteGrads<Self::Site>>;
+    fn backward(&self, saved: Self::Saved, dhidden: &Tensor) -> Result<SiteGrads<Site<Self>>>;
 }
 
 /// Adapter gradients by `(layer, site)`.
@@ -99,7 +91,7 @@ pub fn loss_and_grads<M: DecoderParts>(
     let (loss, grads) = loss_and_site_grads(m, b, pass, loss_scale, checkpoint)?;
     let grads = grads
         .into_iter()
-        .map(|(l, s, g)| (M::path(l, s), g))
+        .map(|(l, s, g)| (M::adapter_path(l, s), g))
         .collect();
     Ok((loss, grads))
 }
@@ -112,7 +104,7 @@ pub fn loss_and_site_grads<M: DecoderParts>(
     pass: &mut Pass,
     loss_scale: f64,
     checkpoint: bool,
-) -> Result<(LmLoss, SiteGrads<M::Site>)> {
+) -> Result<(LmLoss, SiteGrads<Site<M>>)> {
     let device = m.head_weight().device();
     let layouts = crate::device::upload_cache(device);
     let (hn, saved) = m.forward_train(b, pass, checkpoint)?;
@@ -179,7 +171,7 @@ pub fn monitor_layer<M: DecoderParts>(
                 let out = run(layer, pass)?;
                 let rows = outputs_without_each_adapter(layer, |l| run(l, pass))?
                     .into_iter()
-                    .map(|(k, y)| (M::SITES[k], out.clone(), y))
+                    .map(|(s, y)| (s, out.clone(), y))
                     .collect();
                 Ok((out, rows))
             }
@@ -187,7 +179,7 @@ pub fn monitor_layer<M: DecoderParts>(
     })?;
     let rows = rows
         .into_iter()
-        .map(|(s, x, y)| (M::path(i, s), x, y))
+        .map(|(s, x, y)| (M::adapter_path(i, s), x, y))
         .collect();
     Ok((out, rows))
 }

@@ -10,8 +10,8 @@
 use super::causal::{self, DecoderParts};
 use super::stack::{self, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
-use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{Adapted, AdaptedLayer};
+use crate::adapters::lora::{LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{self, Adapted, AdaptedStack, Block};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
@@ -195,13 +195,6 @@ impl Gpt2Site {
         }
     }
 
-    /// PEFT matches `target_modules` entries against the end of the module path, so `c_proj`
-    /// names both projections and `attn.c_proj` only the attention's.
-    pub fn matches(self, target: &str) -> bool {
-        let path = self.path();
-        path == target || path.ends_with(&format!(".{target}"))
-    }
-
     /// `(out, in)` features of this linear.
     fn shape(self, c: &Gpt2Config) -> (usize, usize) {
         let (h, f) = (c.n_embd, c.inner());
@@ -226,7 +219,18 @@ pub struct Gpt2Block {
     pub resid_dropout: Dropout,
 }
 
-impl AdaptedLayer for Gpt2Block {
+impl Block for Gpt2Block {
+    type Site = Gpt2Site;
+    const SITES: &'static [Gpt2Site] = &Gpt2Site::ALL;
+
+    fn site_path(site: Gpt2Site) -> &'static str {
+        site.path()
+    }
+
+    fn linears(&self) -> &[LoraLinear] {
+        &self.linears
+    }
+
     fn linears_mut(&mut self) -> &mut [LoraLinear] {
         &mut self.linears
     }
@@ -253,14 +257,6 @@ pub type SiteGrads = causal::SiteGrads<Gpt2Site>;
 pub type Gpt2Monitored = Vec<(Gpt2Site, Tensor, Tensor)>;
 
 impl Gpt2Block {
-    fn lin(&self, s: Gpt2Site) -> &LoraLinear {
-        &self.linears[s as usize]
-    }
-
-    pub fn trains(&self) -> bool {
-        self.linears.iter().any(|l| l.trains())
-    }
-
     /// `x` is `[batch*seq, n_embd]`; pre-LN residual blocks: `h = x + c_proj(attn(ln_1(x)))`,
     /// `out = h + mlp.c_proj(gelu(c_fc(ln_2(h))))`.
     pub fn forward(
@@ -308,7 +304,7 @@ impl Gpt2Block {
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
         let mut lin = Vec::with_capacity(4);
         let mut run = |s: Gpt2Site, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.lin(s);
+            let l = self.linear(s);
             let (y, base, saved) = l.forward_parts(x, pass, save)?;
             if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
                 m.push((s, y.clone(), base));
@@ -366,7 +362,7 @@ impl Gpt2Block {
         let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
         let mut back = |s: Gpt2Site, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
             let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.lin(s).backward(st, dy, need)?;
+            let (dx, g) = self.linear(s).backward(st, dy, need)?;
             if let Some(g) = g {
                 grads.push((s, g));
             }
@@ -384,7 +380,7 @@ impl Gpt2Block {
         let da = dropout::backward_opt(&saved.drop_attn, dh.clone())?;
         let dctx = back(Gpt2Site::AttnCProj, &da, true)?.expect("dx requested");
         drop(da);
-        let dx = if need_dx || self.lin(Gpt2Site::CAttn).trains() {
+        let dx = if need_dx || self.linear(Gpt2Site::CAttn).trains() {
             let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
             drop(dctx);
             let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?;
@@ -570,68 +566,6 @@ impl Gpt2LMHeadModel {
         self.set_dropout(e, a, r);
     }
 
-    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
-    /// layers listed (all layers when `layers` is None). Returns how many were added.
-    pub fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut impl Rng,
-    ) -> Result<usize> {
-        let mut n = 0;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            if layers.is_some_and(|ls| !ls.contains(&i)) {
-                continue;
-            }
-            for s in Gpt2Site::ALL {
-                if cfg.target_modules.iter().any(|t| s.matches(t)) {
-                    let lin = &mut layer.linears[s as usize];
-                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
-                    // Adapters train in f32 (f64 in tests) whatever the base dtype.
-                    let w = &lin.base.weight;
-                    let dtype = match w.dtype() {
-                        DType::BF16 | DType::F16 => DType::F32,
-                        d => d,
-                    };
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    /// Adapters in order (layer, then site): the index SAFE uses.
-    pub fn adapter_sites(&self) -> Vec<(usize, Gpt2Site)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for s in Gpt2Site::ALL {
-                if l.linears[s as usize].lora.is_some() {
-                    v.push((i, s));
-                }
-            }
-        }
-        v
-    }
-
-    pub fn adapter(&self, layer: usize, site: Gpt2Site) -> Option<&LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_ref()
-    }
-
-    pub fn adapter_mut(&mut self, layer: usize, site: Gpt2Site) -> Option<&mut LoraAdapter> {
-        self.layers
-            .get_mut(layer)?
-            .linears
-            .get_mut(site as usize)?
-            .lora
-            .as_mut()
-    }
-
-    /// The lowest layer with an adapter that still trains; None when nothing trains.
-    pub fn lowest_trainable_layer(&self) -> Option<usize> {
-        self.layers.iter().position(|l| l.trains())
-    }
-
     /// One block's training forward, as [`stack`] runs it.
     fn block_forward<'a>(
         mask_add: &'a Tensor,
@@ -642,61 +576,24 @@ impl Gpt2LMHeadModel {
     }
 }
 
-/// PEFT's module path of an adapter, e.g. `transformer.h.0.attn.c_attn`.
-pub fn adapter_path(layer: usize, site: Gpt2Site) -> String {
-    format!("transformer.h.{layer}.{}", site.path())
-}
-
-impl Adapted for Gpt2LMHeadModel {
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
-    }
-
-    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        self.adapter_sites()
-            .into_iter()
-            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
-            .collect()
-    }
-
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
-        let (layer, site) = path.strip_prefix("transformer.h.")?.split_once('.')?;
-        let site = Gpt2Site::ALL.into_iter().find(|s| s.path() == site)?;
-        self.adapter_mut(layer.parse().ok()?, site)
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        Gpt2LMHeadModel::lowest_trainable_layer(self)
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn peft_task_type(&self) -> &'static str {
-        "CAUSAL_LM"
-    }
-
-    /// GPT-2's linears are Conv1D (`[in, out]`): PEFT's config says so. The adapter tensors keep
-    /// PEFT's shapes either way (A `[r, in]`, B `[out, r]`).
-    fn peft_fan_in_fan_out(&self) -> bool {
-        true
-    }
-}
-
-impl DecoderParts for Gpt2LMHeadModel {
+impl AdaptedStack for Gpt2LMHeadModel {
     type Layer = Gpt2Block;
-    type Site = Gpt2Site;
-    const SITES: &'static [Gpt2Site] = &Gpt2Site::ALL;
-    type Saved = Gpt2Saved;
+    const LAYERS_PATH: &'static str = "transformer.h";
+    const TASK_TYPE: &'static str = "CAUSAL_LM";
+    /// Conv1D linears (`[in, out]`); the adapter tensors keep PEFT's shapes either way.
+    const FAN_IN_FAN_OUT: bool = true;
 
     fn layers(&self) -> &[Gpt2Block] {
         &self.layers
     }
 
-    fn path(layer: usize, site: Gpt2Site) -> String {
-        adapter_path(layer, site)
+    fn layers_mut(&mut self) -> &mut [Gpt2Block] {
+        &mut self.layers
     }
+}
+
+impl DecoderParts for Gpt2LMHeadModel {
+    type Saved = Gpt2Saved;
 
     /// Token plus position embeddings, then embedding dropout.
     fn embed_at(
@@ -807,7 +704,7 @@ impl CausalLm for Gpt2LMHeadModel {
         layers: Option<&[usize]>,
         rng: &mut rand::rngs::StdRng,
     ) -> Result<usize> {
-        Gpt2LMHeadModel::add_lora(self, cfg, layers, rng)
+        adapters::add_lora(&mut self.layers, cfg, layers, rng)
     }
 
     fn loss_and_grads(
@@ -1117,7 +1014,10 @@ mod tests {
     #[test]
     fn target_names_match_the_end_of_the_path() {
         let on = |t: &str| -> Vec<Gpt2Site> {
-            Gpt2Site::ALL.into_iter().filter(|s| s.matches(t)).collect()
+            Gpt2Site::ALL
+                .into_iter()
+                .filter(|s| adapters::target_matches(s.path(), t))
+                .collect()
         };
         assert_eq!(on("c_attn"), [Gpt2Site::CAttn]);
         assert_eq!(on("c_proj"), [Gpt2Site::AttnCProj, Gpt2Site::MlpCProj]);

@@ -197,6 +197,28 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
+    /// Every checkpoint tensor's name and shape (no biases), for random models.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![self.vocab_size, h]),
+            ("model.norm.weight".into(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            shapes.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
+        }
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for s in LlamaSite::ALL {
+                let (o, inp) = s.shape(self);
+                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
+            }
+            shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        }
+        shapes
+    }
+
     /// Shape rules every loader checks, with the file named in the error.
     pub fn validate(&self, path: &Path) -> std::result::Result<(), IoError> {
         let bad = |message: String| IoError::Invalid {
@@ -305,8 +327,8 @@ fn sliding_window(obj: &serde_json::Map<String, serde_json::Value>) -> Option<us
 use super::causal::{self, DecoderParts};
 use super::stack::{self, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
-use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{Adapted, AdaptedLayer};
+use crate::adapters::lora::{LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{self, Adapted, AdaptedStack, Block};
 use crate::io::weights::Weights;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::{Linear, QuantFormat};
@@ -355,12 +377,6 @@ impl LlamaSite {
         }
     }
 
-    /// PEFT matches `target_modules` entries against the end of the module path.
-    pub fn matches(self, target: &str) -> bool {
-        let path = self.path();
-        path == target || path.ends_with(&format!(".{target}"))
-    }
-
     /// `(out, in)` features of this linear.
     pub fn shape(self, c: &LlamaConfig) -> (usize, usize) {
         let (h, f, q, kv) = (
@@ -388,7 +404,18 @@ pub struct LlamaLayer {
     pub post_attention_norm: RmsNorm,
 }
 
-impl AdaptedLayer for LlamaLayer {
+impl Block for LlamaLayer {
+    type Site = LlamaSite;
+    const SITES: &'static [LlamaSite] = &LlamaSite::ALL;
+
+    fn site_path(site: LlamaSite) -> &'static str {
+        site.path()
+    }
+
+    fn linears(&self) -> &[LoraLinear] {
+        &self.linears
+    }
+
     fn linears_mut(&mut self) -> &mut [LoraLinear] {
         &mut self.linears
     }
@@ -413,14 +440,6 @@ pub type SiteGrads = causal::SiteGrads<LlamaSite>;
 pub type LlamaMonitored = Vec<(LlamaSite, Tensor, Tensor)>;
 
 impl LlamaLayer {
-    fn lin(&self, s: LlamaSite) -> &LoraLinear {
-        &self.linears[s as usize]
-    }
-
-    pub fn trains(&self) -> bool {
-        self.linears.iter().any(|l| l.trains())
-    }
-
     /// `x` is `[batch*seq, hidden]`; pre-norm residual blocks: `h = x + attn(norm(x))`,
     /// `out = h + mlp(norm(h))`.
     #[allow(clippy::too_many_arguments)]
@@ -471,7 +490,7 @@ impl LlamaLayer {
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
         let mut lin = Vec::with_capacity(7);
         let mut run = |s: LlamaSite, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.lin(s);
+            let l = self.linear(s);
             let (y, base, saved) = l.forward_parts(x, pass, save)?;
             if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
                 m.push((s, y.clone(), base));
@@ -521,7 +540,7 @@ impl LlamaLayer {
         let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
         let mut back = |s: LlamaSite, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
             let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.lin(s).backward(st, dy, need)?;
+            let (dx, g) = self.linear(s).backward(st, dy, need)?;
             if let Some(g) = g {
                 grads.push((s, g));
             }
@@ -681,24 +700,7 @@ impl LlamaForCausalLM {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        let c = &config;
-        let h = c.hidden_size;
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
-            ("model.norm.weight".into(), vec![h]),
-        ];
-        if !c.tie_word_embeddings {
-            shapes.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
-        }
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            for s in LlamaSite::ALL {
-                let (o, inp) = s.shape(c);
-                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
-            }
-            shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        }
+        let shapes = config.tensor_shapes();
         let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
         let mut tensors = std::collections::HashMap::new();
         for (name, shape) in shapes {
@@ -719,63 +721,6 @@ impl LlamaForCausalLM {
         Self::from_weights(config, &Weights::from_tensors(tensors, dtype, device))
     }
 
-    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
-    /// layers listed (all layers when `layers` is None). Returns how many were added.
-    pub fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut impl Rng,
-    ) -> Result<usize> {
-        let mut n = 0;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            if layers.is_some_and(|ls| !ls.contains(&i)) {
-                continue;
-            }
-            for s in LlamaSite::ALL {
-                if cfg.target_modules.iter().any(|t| s.matches(t)) {
-                    let lin = &mut layer.linears[s as usize];
-                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
-                    // Adapters train in f32 (f64 in tests) whatever the base dtype.
-                    let w = &lin.base.weight;
-                    let dtype = match w.dtype() {
-                        DType::BF16 | DType::F16 => DType::F32,
-                        d => d,
-                    };
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    /// Adapters in order (layer, then site): the index SAFE uses.
-    pub fn adapter_sites(&self) -> Vec<(usize, LlamaSite)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for s in LlamaSite::ALL {
-                if l.linears[s as usize].lora.is_some() {
-                    v.push((i, s));
-                }
-            }
-        }
-        v
-    }
-
-    pub fn adapter(&self, layer: usize, site: LlamaSite) -> Option<&LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_ref()
-    }
-
-    pub fn adapter_mut(&mut self, layer: usize, site: LlamaSite) -> Option<&mut LoraAdapter> {
-        self.layers[layer].linears[site as usize].lora.as_mut()
-    }
-
-    /// The lowest layer with an adapter that still trains; None when nothing trains.
-    pub fn lowest_trainable_layer(&self) -> Option<usize> {
-        self.layers.iter().position(|l| l.trains())
-    }
-
     /// One layer's training forward, as [`stack`] runs it.
     fn layer_forward_train<'a>(
         &'a self,
@@ -787,55 +732,22 @@ impl LlamaForCausalLM {
     }
 }
 
-/// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
-pub fn adapter_path(layer: usize, site: LlamaSite) -> String {
-    format!("model.layers.{layer}.{}", site.path())
-}
-
-impl Adapted for LlamaForCausalLM {
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
-    }
-
-    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        self.adapter_sites()
-            .into_iter()
-            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
-            .collect()
-    }
-
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
-        let (layer, site) = path.strip_prefix("model.layers.")?.split_once('.')?;
-        let site = LlamaSite::ALL.into_iter().find(|s| s.path() == site)?;
-        self.adapter_mut(layer.parse().ok()?, site)
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        LlamaForCausalLM::lowest_trainable_layer(self)
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn peft_task_type(&self) -> &'static str {
-        "CAUSAL_LM"
-    }
-}
-
-impl DecoderParts for LlamaForCausalLM {
+impl AdaptedStack for LlamaForCausalLM {
     type Layer = LlamaLayer;
-    type Site = LlamaSite;
-    const SITES: &'static [LlamaSite] = &LlamaSite::ALL;
-    type Saved = LlamaSaved;
+    const LAYERS_PATH: &'static str = "model.layers";
+    const TASK_TYPE: &'static str = "CAUSAL_LM";
 
     fn layers(&self) -> &[LlamaLayer] {
         &self.layers
     }
 
-    fn path(layer: usize, site: LlamaSite) -> String {
-        adapter_path(layer, site)
+    fn layers_mut(&mut self) -> &mut [LlamaLayer] {
+        &mut self.layers
     }
+}
+
+impl DecoderParts for LlamaForCausalLM {
+    type Saved = LlamaSaved;
 
     /// Token embeddings only: positions enter through rope, in attention.
     fn embed_at(&self, ids: &Tensor, _: usize, _: usize, _: &mut Pass) -> Result<Tensor> {
@@ -925,7 +837,7 @@ impl CausalLm for LlamaForCausalLM {
         layers: Option<&[usize]>,
         rng: &mut rand::rngs::StdRng,
     ) -> Result<usize> {
-        LlamaForCausalLM::add_lora(self, cfg, layers, rng)
+        adapters::add_lora(&mut self.layers, cfg, layers, rng)
     }
 
     fn loss_and_grads(

@@ -1,0 +1,237 @@
+//! Adapter bookkeeping written once for every architecture: a layer body ([`Block`]) names its
+//! linears by site, a model ([`AdaptedStack`]) is a stack of such layers under a PEFT path, and
+//! [`Adapted`] follows from that. A layer's saved linear states are kept by site
+//! ([`SiteStates`]), so backward reads what forward saved whatever the order of calls.
+
+use super::lora::{LoraAdapter, LoraConfig, LoraLinear};
+use super::Adapted;
+use candle_core::{Result, Tensor};
+use rand::Rng;
+use std::fmt::Debug;
+
+/// A transformer layer whose linears may carry adapters.
+pub trait Block: Clone {
+    /// A linear's place in the layer.
+    type Site: Copy + Ord + Eq + Debug + 'static;
+    /// Every site, in the order of [`Block::linears`] (and of the adapter listing).
+    const SITES: &'static [Self::Site];
+
+    /// PEFT's module path of a site within the layer, e.g. `self_attn.q_proj`.
+    fn site_path(site: Self::Site) -> &'static str;
+
+    fn linears(&self) -> &[LoraLinear];
+
+    fn linears_mut(&mut self) -> &mut [LoraLinear];
+
+    fn linear(&self, site: Self::Site) -> &LoraLinear {
+        &self.linears()[site_index::<Self>(site)]
+    }
+
+    fn linear_mut(&mut self, site: Self::Site) -> &mut LoraLinear {
+        &mut self.linears_mut()[site_index::<Self>(site)]
+    }
+
+    /// Whether any of its adapters still trains.
+    fn trains(&self) -> bool {
+        self.linears().iter().any(|l| l.trains())
+    }
+}
+
+fn site_index<L: Block>(site: L::Site) -> usize {
+    L::SITES
+        .iter()
+        .position(|&s| s == site)
+        .expect("a site of this block")
+}
+
+/// PEFT's `target_modules` rule: a module matches when its path is the target or ends with
+/// `.target` (so GPT-2's `c_proj` names both projections, `attn.c_proj` only one).
+pub fn target_matches(path: &str, target: &str) -> bool {
+    path == target
+        || path
+            .strip_suffix(target)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
+/// The last path component of each site, deduplicated: the names a target can give.
+pub fn linear_names<L: Block>() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = Vec::new();
+    for &s in L::SITES {
+        let p = L::site_path(s);
+        let name = p.rsplit('.').next().unwrap_or(p);
+        if !v.contains(&name) {
+            v.push(name);
+        }
+    }
+    v
+}
+
+/// Puts a fresh LoRA adapter on every linear `cfg.target_modules` names, in `only` (all layers
+/// when None), layer by layer and site by site (the order of the RNG's draws). Adapters train in
+/// the base's compute dtype: f32 beside a half-precision base. Returns how many.
+pub fn add_lora<L: Block>(
+    layers: &mut [L],
+    cfg: &LoraConfig,
+    only: Option<&[usize]>,
+    rng: &mut impl Rng,
+) -> Result<usize> {
+    let mut n = 0;
+    for (i, layer) in layers.iter_mut().enumerate() {
+        if only.is_some_and(|ls| !ls.contains(&i)) {
+            continue;
+        }
+        for &s in L::SITES {
+            let path = L::site_path(s);
+            if cfg.target_modules.iter().any(|t| target_matches(path, t)) {
+                let lin = layer.linear_mut(s);
+                let (o, inp) = (lin.base.out_features(), lin.base.in_features());
+                let w = &lin.base.weight;
+                let dtype = crate::device::compute_dtype(w.dtype());
+                lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// A model whose adapters sit on a stack of [`Block`]s; [`Adapted`] follows from it.
+pub trait AdaptedStack {
+    type Layer: Block;
+    /// PEFT's path of the layer list: layer `i`'s modules are `{LAYERS_PATH}.{i}.{site path}`.
+    const LAYERS_PATH: &'static str;
+    /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
+    const TASK_TYPE: &'static str;
+    /// PEFT's `fan_in_fan_out` (GPT-2's Conv1D linears).
+    const FAN_IN_FAN_OUT: bool = false;
+
+    fn layers(&self) -> &[Self::Layer];
+
+    fn layers_mut(&mut self) -> &mut [Self::Layer];
+
+    /// Trained tensors beside the adapters (a classifier), by key.
+    fn head_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    fn head_tensor_mut(&mut self, _key: &str) -> Option<&mut Tensor> {
+        None
+    }
+
+    /// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
+    fn adapter_path(layer: usize, site: Site<Self>) -> String {
+        format!(
+            "{}.{layer}.{}",
+            Self::LAYERS_PATH,
+            Self::Layer::site_path(site)
+        )
+    }
+
+    /// Adapters in order (layer, then site): the index SAFE uses.
+    fn adapter_sites(&self) -> Vec<(usize, Site<Self>)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers().iter().enumerate() {
+            for &s in Self::Layer::SITES {
+                if l.linear(s).lora.is_some() {
+                    v.push((i, s));
+                }
+            }
+        }
+        v
+    }
+
+    fn adapter(&self, layer: usize, site: Site<Self>) -> Option<&LoraAdapter> {
+        self.layers().get(layer)?.linear(site).lora.as_ref()
+    }
+
+    fn adapter_mut(&mut self, layer: usize, site: Site<Self>) -> Option<&mut LoraAdapter> {
+        self.layers_mut()
+            .get_mut(layer)?
+            .linear_mut(site)
+            .lora
+            .as_mut()
+    }
+}
+
+/// The site type of a stack's layers.
+pub type Site<M> = <<M as AdaptedStack>::Layer as Block>::Site;
+
+impl<M: AdaptedStack> Adapted for M {
+    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
+        self.adapter_sites()
+            .into_iter()
+            .map(|(l, s)| (M::adapter_path(l, s), self.adapter(l, s).expect("listed")))
+            .collect()
+    }
+
+    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
+        let rest = path.strip_prefix(M::LAYERS_PATH)?.strip_prefix('.')?;
+        let (layer, site) = rest.split_once('.')?;
+        let site = M::Layer::SITES
+            .iter()
+            .copied()
+            .find(|&s| M::Layer::site_path(s) == site)?;
+        self.adapter_mut(layer.parse().ok()?, site)
+    }
+
+    fn adapter_layers(&self) -> Vec<usize> {
+        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers().len()
+    }
+
+    fn lowest_trainable_layer(&self) -> Option<usize> {
+        self.layers().iter().position(|l| l.trains())
+    }
+
+    fn peft_task_type(&self) -> &'static str {
+        M::TASK_TYPE
+    }
+
+    fn peft_fan_in_fan_out(&self) -> bool {
+        M::FAN_IN_FAN_OUT
+    }
+
+    fn head_params(&self) -> Vec<(String, Tensor)> {
+        self.head_tensors()
+    }
+
+    fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+        self.head_tensor_mut(key)
+    }
+}
+
+/// SAFE's block-level `Y`s: the layer's output (by `run`, on the input it closes over) with each
+/// of its adapters taken out in turn, as `(site, output)`. One copy of the layer serves every
+/// adapter: each is removed, the copy run, and the adapter put back.
+pub fn outputs_without_each_adapter<L: Block>(
+    layer: &L,
+    mut run: impl FnMut(&L) -> Result<Tensor>,
+) -> Result<Vec<(L::Site, Tensor)>> {
+    let mut copy = layer.clone();
+    let mut out = Vec::new();
+    for &s in L::SITES {
+        let Some(adapter) = copy.linear_mut(s).lora.take() else {
+            continue;
+        };
+        out.push((s, run(&copy)?));
+        copy.linear_mut(s).lora = Some(adapter);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PEFT's suffix rule: whole path components only.
+    #[test]
+    fn targets_match_whole_path_suffixes() {
+        assert!(target_matches("attn.c_proj", "c_proj"));
+        assert!(target_matches("attn.c_proj", "attn.c_proj"));
+        assert!(!target_matches("attn.c_proj", "proj"));
+        assert!(!target_matches("attn.c_proj", "mlp.c_proj"));
+    }
+}
