@@ -3,8 +3,9 @@
 //! [`Adapted`] follows from that. A layer's saved linear states are kept by site
 //! ([`SiteStates`]), so backward reads what forward saved whatever the order of calls.
 
-use super::lora::{LoraAdapter, LoraConfig, LoraLinear};
+use super::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use super::Adapted;
+use crate::nn::Pass;
 use candle_core::{Result, Tensor};
 use rand::Rng;
 use std::fmt::Debug;
@@ -203,6 +204,112 @@ impl<M: AdaptedStack> Adapted for M {
     }
 }
 
+/// Per-site state of one layer pass, each site at most once.
+pub struct SiteStates<S, T> {
+    items: Vec<(S, T)>,
+}
+
+impl<S: Copy + Eq + Debug, T> SiteStates<S, T> {
+    pub fn new() -> Self {
+        Self { items: Vec::new() }
+    }
+
+    /// Keeps `state` for `site`; a second state for the same site is an error.
+    pub fn put(&mut self, site: S, state: T) -> Result<()> {
+        if self.items.iter().any(|(s, _)| *s == site) {
+            candle_core::bail!("{site:?} saved twice in one layer pass");
+        }
+        self.items.push((site, state));
+        Ok(())
+    }
+
+    /// The state kept for `site`, removed; an error when there is none.
+    pub fn take(&mut self, site: S) -> Result<T> {
+        match self.items.iter().position(|(s, _)| *s == site) {
+            Some(i) => Ok(self.items.swap_remove(i).1),
+            None => candle_core::bail!("no saved state for {site:?} (not run, or read twice)"),
+        }
+    }
+}
+
+impl<S: Copy + Eq + Debug, T> Default for SiteStates<S, T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Monitoring rows of a layer: each adapted linear's `(site, X adapted output, Y base output)`.
+pub type Monitored<S> = Vec<(S, Tensor, Tensor)>;
+
+/// A layer forward's linears: runs each by site, keeping its saved state by site and, when
+/// monitoring, its `(X, Y)`.
+pub struct SiteForward<'a, L: Block> {
+    layer: &'a L,
+    save: bool,
+    monitor: Option<&'a mut Monitored<L::Site>>,
+    pub states: SiteStates<L::Site, LoraLinearSaved>,
+}
+
+impl<'a, L: Block> SiteForward<'a, L> {
+    pub fn new(layer: &'a L, save: bool, monitor: Option<&'a mut Monitored<L::Site>>) -> Self {
+        Self {
+            layer,
+            save,
+            monitor,
+            states: SiteStates::new(),
+        }
+    }
+
+    pub fn run(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let l = self.layer.linear(site);
+        let (y, base, saved) = l.forward_parts(x, pass, self.save)?;
+        if let (Some(m), Some(_)) = (self.monitor.as_deref_mut(), &l.lora) {
+            m.push((site, y.clone(), base));
+        }
+        self.states.put(site, saved)?;
+        Ok(y)
+    }
+}
+
+/// A layer backward's linears: each by site from the states its forward kept, collecting the
+/// adapters' gradients.
+pub struct SiteBackward<'a, L: Block> {
+    layer: &'a L,
+    states: SiteStates<L::Site, LoraLinearSaved>,
+    grads: Vec<(L::Site, LoraGrads)>,
+}
+
+impl<'a, L: Block> SiteBackward<'a, L> {
+    pub fn new(layer: &'a L, states: SiteStates<L::Site, LoraLinearSaved>) -> Self {
+        Self {
+            layer,
+            states,
+            grads: Vec::new(),
+        }
+    }
+
+    /// `dx` of the site's linear when `need_dx`; its adapter's gradients are kept.
+    pub fn back(&mut self, site: L::Site, dy: &Tensor, need_dx: bool) -> Result<Option<Tensor>> {
+        let st = self.states.take(site)?;
+        let (dx, g) = self.layer.linear(site).backward(st, dy, need_dx)?;
+        if let Some(g) = g {
+            self.grads.push((site, g));
+        }
+        Ok(dx)
+    }
+
+    /// `back` where `dx` is always needed.
+    pub fn back_dx(&mut self, site: L::Site, dy: &Tensor) -> Result<Tensor> {
+        Ok(self.back(site, dy, true)?.expect("dx requested"))
+    }
+
+    /// The gradients by site, in site order.
+    pub fn grads(mut self) -> Vec<(L::Site, LoraGrads)> {
+        self.grads.sort_by_key(|(s, _)| *s);
+        self.grads
+    }
+}
+
 /// SAFE's block-level `Y`s: the layer's output (by `run`, on the input it closes over) with each
 /// of its adapters taken out in turn, as `(site, output)`. One copy of the layer serves every
 /// adapter: each is removed, the copy run, and the adapter put back.
@@ -233,5 +340,15 @@ mod tests {
         assert!(target_matches("attn.c_proj", "attn.c_proj"));
         assert!(!target_matches("attn.c_proj", "proj"));
         assert!(!target_matches("attn.c_proj", "mlp.c_proj"));
+    }
+
+    /// A second state for one site, or a missing one, is an error naming the site.
+    #[test]
+    fn site_states_refuse_repeats_and_absences() {
+        let mut s = SiteStates::new();
+        s.put('q', 1).unwrap();
+        assert!(s.put('q', 2).unwrap_err().to_string().contains("'q'"));
+        assert_eq!(s.take('q').unwrap(), 1);
+        assert!(s.take('q').unwrap_err().to_string().contains("'q'"));
     }
 }

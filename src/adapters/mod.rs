@@ -3,7 +3,10 @@
 pub mod block;
 pub mod lora;
 
-pub use block::{add_lora, outputs_without_each_adapter, target_matches, AdaptedStack, Block};
+pub use block::{
+    add_lora, outputs_without_each_adapter, target_matches, AdaptedStack, Block, Monitored,
+    SiteBackward, SiteForward, SiteStates,
+};
 use candle_core::Tensor;
 pub use lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear};
 

@@ -10,7 +10,9 @@
 
 use super::stack::{self, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{self, outputs_without_each_adapter, AdaptedStack, Block};
+use crate::adapters::{
+    self, outputs_without_each_adapter, AdaptedStack, Block, SiteBackward, SiteForward, SiteStates,
+};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
@@ -177,7 +179,7 @@ impl Block for BertLayer {
 
 /// What a layer on the gradient path keeps for backward.
 pub struct BertLayerSaved {
-    lin: Vec<LoraLinearSaved>,
+    lin: SiteStates<Site, LoraLinearSaved>,
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
     ln_attn: LayerNormSaved,
@@ -190,7 +192,7 @@ pub struct BertLayerSaved {
 pub type SiteGrads = Vec<(Site, LoraGrads)>;
 
 /// Per-adapter monitoring output: `(adapted output X, base output Y)` of each adapted linear.
-pub type Monitored = Vec<(Site, Tensor, Tensor)>;
+pub type Monitored = adapters::Monitored<Site>;
 
 impl BertLayer {
     /// `h` is `[batch*seq, hidden]`. When `monitor` is given, each adapted linear's `(X, Y)` is pushed.
@@ -201,39 +203,30 @@ impl BertLayer {
         shape: AttnShape,
         pass: &mut Pass,
         save: bool,
-        mut monitor: Option<&mut Monitored>,
+        monitor: Option<&mut Monitored>,
     ) -> Result<(Tensor, Option<BertLayerSaved>)> {
-        let mut lin = Vec::with_capacity(6);
-        let mut run = |s: Site, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.linear(s);
-            let (y, base, saved) = l.forward_parts(x, pass, save)?;
-            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
-                m.push((s, y.clone(), base));
-            }
-            lin.push(saved);
-            Ok(y)
-        };
+        let mut lin = SiteForward::new(self, save, monitor);
         // Each intermediate is dropped as soon as it is used: what stays is what the saved
         // structs hold (the peak of a step is the saved layers plus one layer's temporaries).
         let (ctx, attn) = {
-            let q = run(Site::Query, h, pass)?;
-            let k = run(Site::Key, h, pass)?;
-            let v = run(Site::Value, h, pass)?;
+            let q = lin.run(Site::Query, h, pass)?;
+            let k = lin.run(Site::Key, h, pass)?;
+            let v = lin.run(Site::Value, h, pass)?;
             self.attention
                 .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
         };
-        let a = run(Site::AttnOut, &ctx, pass)?;
+        let a = lin.run(Site::AttnOut, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
-        let (g, gelu) = gelu::forward(&run(Site::Intermediate, &a, pass)?, save)?;
-        let o = run(Site::Output, &g, pass)?;
+        let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
+        let o = lin.run(Site::Output, &g, pass)?;
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let (out, ln_out) = self.ln_out.forward(&nn::add(&o, &a)?, save)?;
         let saved = match (attn, ln_attn, gelu, ln_out) {
             (Some(attn), Some(ln_attn), Some(gelu), Some(ln_out)) => Some(BertLayerSaved {
-                lin,
+                lin: lin.states,
                 attn,
                 drop_attn,
                 ln_attn,
@@ -253,49 +246,37 @@ impl BertLayer {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, SiteGrads)> {
-        let mut grads = Vec::new();
-        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
-        let mut back = |s: Site, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
-            let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.linear(s).backward(st, dy, need)?;
-            if let Some(g) = g {
-                grads.push((s, g));
-            }
-            Ok(dx)
-        };
+        let mut lin = SiteBackward::new(self, saved.lin);
         // As in forward, each gradient is dropped once used (and each saved part once read).
         let d_res2 = saved.ln_out.backward(&self.ln_out, dout)?; // d(o + a)
         drop(saved.ln_out);
         let d_i = {
             let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
-            let d_g = back(Site::Output, &d_o, true)?.expect("dx requested");
+            let d_g = lin.back_dx(Site::Output, &d_o)?;
             drop(d_o);
             saved.gelu.backward(&d_g)?
         };
         drop(saved.gelu);
-        let d_a = nn::add(
-            &back(Site::Intermediate, &d_i, true)?.expect("dx requested"),
-            &d_res2,
-        )?;
+        let d_a = nn::add(&lin.back_dx(Site::Intermediate, &d_i)?, &d_res2)?;
         drop(d_i);
         let d_res1 = saved.ln_attn.backward(&self.ln_attn, &d_a)?; // d(attn_out + h)
         drop((d_a, saved.ln_attn));
         let d_ctx = {
             let d_ao = dropout::backward_opt(&saved.drop_attn, d_res1.clone())?;
-            back(Site::AttnOut, &d_ao, true)?.expect("dx requested")
+            lin.back_dx(Site::AttnOut, &d_ao)?
         };
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
         drop((d_ctx, saved.attn));
         let mut dh = need_dx.then_some(d_res1);
         for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
-            if let Some(dxs) = back(s, &d, need_dx)? {
+            if let Some(dxs) = lin.back(s, &d, need_dx)? {
                 dh = Some(match dh {
                     Some(acc) => nn::add(&acc, &dxs)?,
                     None => dxs,
                 });
             }
         }
-        Ok((dh, grads))
+        Ok((dh, lin.grads()))
     }
 }
 

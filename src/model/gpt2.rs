@@ -12,6 +12,7 @@ use super::stack::{self, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::lora::{LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{self, Adapted, AdaptedStack, Block};
+use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
@@ -238,7 +239,7 @@ impl Block for Gpt2Block {
 
 /// What a block on the gradient path keeps for backward.
 pub struct Gpt2BlockSaved {
-    lin: Vec<LoraLinearSaved>,
+    lin: SiteStates<Gpt2Site, LoraLinearSaved>,
     ln_1: LayerNormSaved,
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
@@ -254,7 +255,7 @@ pub type BlockGrads = Vec<(Gpt2Site, LoraGrads)>;
 pub type SiteGrads = causal::SiteGrads<Gpt2Site>;
 
 /// Per-adapter monitoring output `(site, X adapted, Y base)`.
-pub type Gpt2Monitored = Vec<(Gpt2Site, Tensor, Tensor)>;
+pub type Gpt2Monitored = adapters::Monitored<Gpt2Site>;
 
 impl Gpt2Block {
     /// `x` is `[batch*seq, n_embd]`; pre-LN residual blocks: `h = x + c_proj(attn(ln_1(x)))`,
@@ -300,21 +301,12 @@ impl Gpt2Block {
         ) -> Result<(Tensor, Option<AttentionSaved>)>,
         pass: &mut Pass,
         save: bool,
-        mut monitor: Option<&mut Gpt2Monitored>,
+        monitor: Option<&mut Gpt2Monitored>,
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
-        let mut lin = Vec::with_capacity(4);
-        let mut run = |s: Gpt2Site, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.linear(s);
-            let (y, base, saved) = l.forward_parts(x, pass, save)?;
-            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
-                m.push((s, y.clone(), base));
-            }
-            lin.push(saved);
-            Ok(y)
-        };
+        let mut lin = SiteForward::new(self, save, monitor);
         let c = x.dim(1)?;
         let (xn, ln_1) = self.ln_1.forward(x, save)?;
-        let qkv = run(Gpt2Site::CAttn, &xn, pass)?;
+        let qkv = lin.run(Gpt2Site::CAttn, &xn, pass)?;
         drop(xn);
         let (q, k, v) = (
             qkv.narrow(1, 0, c)?,
@@ -323,22 +315,22 @@ impl Gpt2Block {
         );
         let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
         drop((q, k, v, qkv));
-        let a = run(Gpt2Site::AttnCProj, &ctx, pass)?;
+        let a = lin.run(Gpt2Site::AttnCProj, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.resid_dropout.forward(&a, pass, save)?;
         let h = (x + a)?;
         let (hn, ln_2) = self.ln_2.forward(&h, save)?;
-        let f = run(Gpt2Site::CFc, &hn, pass)?;
+        let f = lin.run(Gpt2Site::CFc, &hn, pass)?;
         drop(hn);
         let (g, gelu) = gelu::forward_kind(&f, self.act, save)?;
         drop(f);
-        let m = run(Gpt2Site::MlpCProj, &g, pass)?;
+        let m = lin.run(Gpt2Site::MlpCProj, &g, pass)?;
         drop(g);
         let (m, drop_mlp) = self.resid_dropout.forward(&m, pass, save)?;
         let out = (&h + m)?;
         let saved = match (ln_1, attn, ln_2, gelu) {
             (Some(ln_1), Some(attn), Some(ln_2), Some(gelu)) => Some(Gpt2BlockSaved {
-                lin,
+                lin: lin.states,
                 ln_1,
                 attn,
                 drop_attn,
@@ -358,42 +350,32 @@ impl Gpt2Block {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, BlockGrads)> {
-        let mut grads = Vec::new();
-        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
-        let mut back = |s: Gpt2Site, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
-            let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.linear(s).backward(st, dy, need)?;
-            if let Some(g) = g {
-                grads.push((s, g));
-            }
-            Ok(dx)
-        };
+        let mut lin = SiteBackward::new(self, saved.lin);
         let dm = dropout::backward_opt(&saved.drop_mlp, dout.clone())?;
-        let dg = back(Gpt2Site::MlpCProj, &dm, true)?.expect("dx requested");
+        let dg = lin.back_dx(Gpt2Site::MlpCProj, &dm)?;
         drop(dm);
         let df = saved.gelu.backward(&dg)?;
         drop(dg);
-        let dhn = back(Gpt2Site::CFc, &df, true)?.expect("dx requested");
+        let dhn = lin.back_dx(Gpt2Site::CFc, &df)?;
         drop(df);
         let dh = (dout + saved.ln_2.backward(&self.ln_2, &dhn)?)?;
         drop(dhn);
         let da = dropout::backward_opt(&saved.drop_attn, dh.clone())?;
-        let dctx = back(Gpt2Site::AttnCProj, &da, true)?.expect("dx requested");
+        let dctx = lin.back_dx(Gpt2Site::AttnCProj, &da)?;
         drop(da);
         let dx = if need_dx || self.linear(Gpt2Site::CAttn).trains() {
             let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
             drop(dctx);
             let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?;
             drop((dq, dk, dv));
-            match back(Gpt2Site::CAttn, &dqkv, need_dx)? {
+            match lin.back(Gpt2Site::CAttn, &dqkv, need_dx)? {
                 Some(dxn) => Some((dh + saved.ln_1.backward(&self.ln_1, &dxn)?)?),
                 None => None,
             }
         } else {
             None // the lowest trainable block, and c_attn does not train: nothing below matters
         };
-        grads.sort_by_key(|(s, _)| *s);
-        Ok((dx, grads))
+        Ok((dx, lin.grads()))
     }
 }
 

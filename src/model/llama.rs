@@ -329,6 +329,7 @@ use super::stack::{self, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::lora::{LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{self, Adapted, AdaptedStack, Block};
+use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::{Linear, QuantFormat};
@@ -423,7 +424,7 @@ impl Block for LlamaLayer {
 
 /// What a layer on the gradient path keeps for backward.
 pub struct LlamaLayerSaved {
-    lin: Vec<LoraLinearSaved>,
+    lin: SiteStates<LlamaSite, LoraLinearSaved>,
     input_norm: RmsNormSaved,
     attn: AttentionSaved,
     post_norm: RmsNormSaved,
@@ -437,7 +438,7 @@ pub type LayerGrads = Vec<(LlamaSite, LoraGrads)>;
 pub type SiteGrads = causal::SiteGrads<LlamaSite>;
 
 /// Per-adapter monitoring output `(site, X adapted, Y base)`, as in BERT.
-pub type LlamaMonitored = Vec<(LlamaSite, Tensor, Tensor)>;
+pub type LlamaMonitored = adapters::Monitored<LlamaSite>;
 
 impl LlamaLayer {
     /// `x` is `[batch*seq, hidden]`; pre-norm residual blocks: `h = x + attn(norm(x))`,
@@ -486,38 +487,29 @@ impl LlamaLayer {
         ) -> Result<(Tensor, Option<AttentionSaved>)>,
         pass: &mut Pass,
         save: bool,
-        mut monitor: Option<&mut LlamaMonitored>,
+        monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
-        let mut lin = Vec::with_capacity(7);
-        let mut run = |s: LlamaSite, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.linear(s);
-            let (y, base, saved) = l.forward_parts(x, pass, save)?;
-            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
-                m.push((s, y.clone(), base));
-            }
-            lin.push(saved);
-            Ok(y)
-        };
+        let mut lin = SiteForward::new(self, save, monitor);
         let (xn, input_norm) = self.input_norm.forward(x, save)?;
-        let q = run(LlamaSite::Q, &xn, pass)?;
-        let k = run(LlamaSite::K, &xn, pass)?;
-        let v = run(LlamaSite::V, &xn, pass)?;
+        let q = lin.run(LlamaSite::Q, &xn, pass)?;
+        let k = lin.run(LlamaSite::K, &xn, pass)?;
+        let v = lin.run(LlamaSite::V, &xn, pass)?;
         drop(xn);
         let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
         drop((q, k, v));
-        let h = (x + run(LlamaSite::O, &ctx, pass)?)?;
+        let h = (x + lin.run(LlamaSite::O, &ctx, pass)?)?;
         drop(ctx);
         let (hn, post_norm) = self.post_attention_norm.forward(&h, save)?;
-        let g = run(LlamaSite::Gate, &hn, pass)?;
-        let u = run(LlamaSite::Up, &hn, pass)?;
+        let g = lin.run(LlamaSite::Gate, &hn, pass)?;
+        let u = lin.run(LlamaSite::Up, &hn, pass)?;
         drop(hn);
         let (a, sw) = swiglu::forward(&g, &u, save)?;
         drop((g, u));
-        let out = (&h + run(LlamaSite::Down, &a, pass)?)?;
+        let out = (&h + lin.run(LlamaSite::Down, &a, pass)?)?;
         let saved = match (input_norm, attn, post_norm, sw) {
             (Some(input_norm), Some(attn), Some(post_norm), Some(swiglu)) => {
                 Some(LlamaLayerSaved {
-                    lin,
+                    lin: lin.states,
                     input_norm,
                     attn,
                     post_norm,
@@ -536,46 +528,36 @@ impl LlamaLayer {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, LayerGrads)> {
-        let mut grads = Vec::new();
-        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
-        let mut back = |s: LlamaSite, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
-            let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.linear(s).backward(st, dy, need)?;
-            if let Some(g) = g {
-                grads.push((s, g));
-            }
-            Ok(dx)
-        };
+        let mut lin = SiteBackward::new(self, saved.lin);
         let add = |acc: Option<Tensor>, d: Option<Tensor>| -> Result<Option<Tensor>> {
             Ok(match (acc, d) {
                 (Some(a), Some(d)) => Some((a + d)?),
                 (a, d) => a.or(d),
             })
         };
-        let da = back(LlamaSite::Down, dout, true)?.expect("dx requested");
+        let da = lin.back_dx(LlamaSite::Down, dout)?;
         let (dg, du) = saved.swiglu.backward(&da)?;
         drop(da);
         let dhn = add(
-            back(LlamaSite::Gate, &dg, true)?,
-            back(LlamaSite::Up, &du, true)?,
+            lin.back(LlamaSite::Gate, &dg, true)?,
+            lin.back(LlamaSite::Up, &du, true)?,
         )?
         .expect("dx requested");
         drop((dg, du));
         let dh = (dout + saved.post_norm.backward(&self.post_attention_norm, &dhn)?)?;
         drop(dhn);
-        let dctx = back(LlamaSite::O, &dh, true)?.expect("dx requested");
+        let dctx = lin.back_dx(LlamaSite::O, &dh)?;
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
         drop(dctx);
         let mut dxn = None;
         for (s, d) in [(LlamaSite::Q, dq), (LlamaSite::K, dk), (LlamaSite::V, dv)] {
-            dxn = add(dxn, back(s, &d, need_dx)?)?;
+            dxn = add(dxn, lin.back(s, &d, need_dx)?)?;
         }
         let dx = match dxn {
             Some(dxn) => Some((dh + saved.input_norm.backward(&self.input_norm, &dxn)?)?),
             None => None,
         };
-        grads.sort_by_key(|(s, _)| *s);
-        Ok((dx, grads))
+        Ok((dx, lin.grads()))
     }
 }
 
