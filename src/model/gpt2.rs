@@ -8,10 +8,8 @@
 //! puts it (PEFT's default GPT-2 target is `c_attn`, with `fan_in_fan_out: true`).
 
 use super::causal::{self, DecoderParts};
-use super::stack::{self, StackSaved};
-use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
-use crate::adapters::lora::{LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{self, Adapted, AdaptedStack, Block};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{self, AdaptedStack, Block};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::io::IoError;
@@ -20,9 +18,7 @@ use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
-use crate::nn::loss::LmLoss;
 use crate::nn::{Dropout, Pass};
-use crate::safe::MonitorPoint;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -393,16 +389,6 @@ pub struct Gpt2LMHeadModel {
     pub embd_dropout: Dropout,
 }
 
-/// What a training forward keeps: the blocks from the lowest trainable one up (their states, or
-/// checkpoints), the final LayerNorm's state, and the batch's mask and shape for checkpointed
-/// blocks' second forward.
-pub struct Gpt2Saved {
-    pub layers: StackSaved<Gpt2BlockSaved>,
-    ln_f: LayerNormSaved,
-    mask_add: Tensor,
-    shape: AttnShape,
-}
-
 /// The checkpoint names (without `transformer.`) and Conv1D shapes `[in, out]` of every tensor.
 fn tensor_shapes(c: &Gpt2Config) -> Vec<(String, Vec<usize>)> {
     let h = c.n_embd;
@@ -547,15 +533,6 @@ impl Gpt2LMHeadModel {
         let (e, a, r) = (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop);
         self.set_dropout(e, a, r);
     }
-
-    /// One block's training forward, as [`stack`] runs it.
-    fn block_forward<'a>(
-        mask_add: &'a Tensor,
-        shape: AttnShape,
-    ) -> impl FnMut(&Gpt2Block, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<Gpt2BlockSaved>)> + 'a
-    {
-        move |block, x, pass, save| block.forward(x, mask_add, shape, pass, save, None)
-    }
 }
 
 impl AdaptedStack for Gpt2LMHeadModel {
@@ -575,7 +552,8 @@ impl AdaptedStack for Gpt2LMHeadModel {
 }
 
 impl DecoderParts for Gpt2LMHeadModel {
-    type Saved = Gpt2Saved;
+    type LayerSaved = Gpt2BlockSaved;
+    type NormSaved = LayerNormSaved;
 
     /// Token plus position embeddings, then embedding dropout.
     fn embed_at(
@@ -603,18 +581,27 @@ impl DecoderParts for Gpt2LMHeadModel {
         Ok(self.embd_dropout.forward(&x, pass, false)?.0)
     }
 
-    fn layer_forward(
+    fn layer_train(
         &self,
-        block: &Gpt2Block,
+        layer: &Gpt2Block,
         x: &Tensor,
-        b: &LmBatch,
+        mask_add: &Tensor,
+        shape: AttnShape,
         pass: &mut Pass,
+        save: bool,
         monitor: Option<&mut Gpt2Monitored>,
-    ) -> Result<Tensor> {
-        let shape = causal::attn_shape(b);
-        Ok(block
-            .forward(x, &b.mask_add, shape, pass, false, monitor)?
-            .0)
+    ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
+        layer.forward(x, mask_add, shape, pass, save, monitor)
+    }
+
+    fn layer_backward(
+        &self,
+        layer: &Gpt2Block,
+        saved: Gpt2BlockSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Vec<(Gpt2Site, LoraGrads)>)> {
+        layer.backward(saved, dout, need_dx)
     }
 
     fn layer_forward_cached(
@@ -627,109 +614,27 @@ impl DecoderParts for Gpt2LMHeadModel {
         block.forward_cached(x, 1, cache, pass)
     }
 
-    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.ln_f.forward(h, false)?.0)
+    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<LayerNormSaved>)> {
+        self.ln_f.forward(h, save)
+    }
+
+    fn final_norm_backward(&self, saved: LayerNormSaved, d: &Tensor) -> Result<Tensor> {
+        saved.backward(&self.ln_f, d)
     }
 
     /// The LM head's weight: the token embeddings.
     fn head_weight(&self) -> &Tensor {
         &self.wte
     }
-
-    /// Training forward to `ln_f`'s output `[batch*seq, n_embd]`. Blocks below the lowest
-    /// trainable adapter run without saving; blocks from it up save, or with `checkpoint` keep
-    /// only their inputs (see [`stack`]).
-    fn forward_train(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        checkpoint: bool,
-    ) -> Result<(Tensor, Gpt2Saved)> {
-        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
-        let run = Self::block_forward(&b.mask_add, shape);
-        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
-        let (hn, ln_f) = self.ln_f.forward(&h, true)?;
-        Ok((
-            hn,
-            Gpt2Saved {
-                layers,
-                ln_f: ln_f.expect("final norm saved"),
-                mask_add: b.mask_add.clone(),
-                shape,
-            },
-        ))
-    }
-
-    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
-    fn backward(&self, saved: Gpt2Saved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let dh = saved.ln_f.backward(&self.ln_f, dhidden)?;
-        let run = Self::block_forward(&saved.mask_add, saved.shape);
-        let back = |l: &Gpt2Block, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let per_layer = stack::backward(&self.layers, saved.layers, dh, run, back)?;
-        Ok(causal::by_site(per_layer))
-    }
-}
-
-impl CausalLm for Gpt2LMHeadModel {
-    fn device(&self) -> Device {
-        self.wte.device().clone()
-    }
-
-    fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut rand::rngs::StdRng,
-    ) -> Result<usize> {
-        adapters::add_lora(&mut self.layers, cfg, layers, rng)
-    }
-
-    fn loss_and_grads(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        loss_scale: f64,
-        checkpoint: bool,
-    ) -> Result<(LmLoss, AdapterGrads)> {
-        causal::loss_and_grads(self, b, pass, loss_scale, checkpoint)
-    }
-
-    fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
-        causal::loss(self, b)
-    }
-
-    fn logits(&self, b: &LmBatch) -> Result<Tensor> {
-        causal::logits(self, b)
-    }
-
-    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
-        causal::next_logits_cached(self, new_ids, cache)
-    }
-
-    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
-        causal::hidden_before(self, b, layer)
-    }
-
-    fn monitor_layer(
-        &self,
-        layer: usize,
-        b: &LmBatch,
-        h: &Tensor,
-        point: MonitorPoint,
-    ) -> Result<MonitoredLayer> {
-        causal::monitor_layer(self, layer, b, h, point)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::{Adapted, LoraConfig};
+    use crate::model::{CausalLm, LmBatch};
     use crate::nn::gradcheck::{max_abs_diff, randn};
+    use crate::nn::loss::LmLoss;
     use candle_core::Var;
     use rand::rngs::StdRng;
     use rand::SeedableRng;

@@ -325,20 +325,16 @@ fn sliding_window(obj: &serde_json::Map<String, serde_json::Value>) -> Option<us
 }
 
 use super::causal::{self, DecoderParts};
-use super::stack::{self, StackSaved};
-use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
-use crate::adapters::lora::{LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{self, Adapted, AdaptedStack, Block};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{self, AdaptedStack, Block};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::{Linear, QuantFormat};
-use crate::nn::loss::LmLoss;
 use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
 use crate::nn::rope::Rope;
 use crate::nn::swiglu::{self, SwiGluSaved};
 use crate::nn::{Dropout, Pass};
-use crate::safe::MonitorPoint;
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 
@@ -574,16 +570,6 @@ pub struct LlamaForCausalLM {
     pub rope: Rope,
 }
 
-/// What a training forward keeps: the layers from the lowest trainable one up (their states, or
-/// checkpoints), the final norm's input state, and the batch's mask and shape for checkpointed
-/// layers' second forward.
-pub struct LlamaSaved {
-    pub layers: StackSaved<LlamaLayerSaved>,
-    norm: RmsNormSaved,
-    mask_add: Tensor,
-    shape: AttnShape,
-}
-
 impl LlamaForCausalLM {
     /// Builds the model from weights named as in a Hugging Face LLaMA checkpoint.
     pub fn from_weights(config: LlamaConfig, w: &Weights) -> std::result::Result<Self, IoError> {
@@ -702,16 +688,6 @@ impl LlamaForCausalLM {
         }
         Self::from_weights(config, &Weights::from_tensors(tensors, dtype, device))
     }
-
-    /// One layer's training forward, as [`stack`] runs it.
-    fn layer_forward_train<'a>(
-        &'a self,
-        mask_add: &'a Tensor,
-        shape: AttnShape,
-    ) -> impl FnMut(&LlamaLayer, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<LlamaLayerSaved>)>
-           + 'a {
-        move |layer, x, pass, save| layer.forward(x, mask_add, shape, &self.rope, pass, save, None)
-    }
 }
 
 impl AdaptedStack for LlamaForCausalLM {
@@ -729,25 +705,35 @@ impl AdaptedStack for LlamaForCausalLM {
 }
 
 impl DecoderParts for LlamaForCausalLM {
-    type Saved = LlamaSaved;
+    type LayerSaved = LlamaLayerSaved;
+    type NormSaved = RmsNormSaved;
 
     /// Token embeddings only: positions enter through rope, in attention.
     fn embed_at(&self, ids: &Tensor, _: usize, _: usize, _: &mut Pass) -> Result<Tensor> {
         self.embed_tokens.index_select(&ids.flatten_all()?, 0)
     }
 
-    fn layer_forward(
+    fn layer_train(
         &self,
         layer: &LlamaLayer,
         x: &Tensor,
-        b: &LmBatch,
+        mask_add: &Tensor,
+        shape: AttnShape,
         pass: &mut Pass,
+        save: bool,
         monitor: Option<&mut LlamaMonitored>,
-    ) -> Result<Tensor> {
-        let shape = causal::attn_shape(b);
-        Ok(layer
-            .forward(x, &b.mask_add, shape, &self.rope, pass, false, monitor)?
-            .0)
+    ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
+        layer.forward(x, mask_add, shape, &self.rope, pass, save, monitor)
+    }
+
+    fn layer_backward(
+        &self,
+        layer: &LlamaLayer,
+        saved: LlamaLayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Vec<(LlamaSite, LoraGrads)>)> {
+        layer.backward(saved, dout, need_dx)
     }
 
     fn layer_forward_cached(
@@ -760,109 +746,27 @@ impl DecoderParts for LlamaForCausalLM {
         layer.forward_cached(x, 1, &self.rope, cache, pass)
     }
 
-    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward(h, false)?.0)
+    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<RmsNormSaved>)> {
+        self.norm.forward(h, save)
+    }
+
+    fn final_norm_backward(&self, saved: RmsNormSaved, d: &Tensor) -> Result<Tensor> {
+        saved.backward(&self.norm, d)
     }
 
     /// The LM head's weight: its own, or the tied embeddings.
     fn head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
-
-    /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the lowest
-    /// trainable adapter run in inference mode (nothing saved); layers from it up save, or with
-    /// `checkpoint` keep only their inputs (see [`stack`]).
-    fn forward_train(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        checkpoint: bool,
-    ) -> Result<(Tensor, LlamaSaved)> {
-        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
-        let run = self.layer_forward_train(&b.mask_add, shape);
-        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
-        let (hn, norm) = self.norm.forward(&h, true)?;
-        Ok((
-            hn,
-            LlamaSaved {
-                layers,
-                norm: norm.expect("final norm saved"),
-                mask_add: b.mask_add.clone(),
-                shape,
-            },
-        ))
-    }
-
-    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
-    fn backward(&self, saved: LlamaSaved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let dh = saved.norm.backward(&self.norm, dhidden)?;
-        let run = self.layer_forward_train(&saved.mask_add, saved.shape);
-        let back = |l: &LlamaLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let per_layer = stack::backward(&self.layers, saved.layers, dh, run, back)?;
-        Ok(causal::by_site(per_layer))
-    }
-}
-
-impl CausalLm for LlamaForCausalLM {
-    fn device(&self) -> Device {
-        self.embed_tokens.device().clone()
-    }
-
-    fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut rand::rngs::StdRng,
-    ) -> Result<usize> {
-        adapters::add_lora(&mut self.layers, cfg, layers, rng)
-    }
-
-    fn loss_and_grads(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        loss_scale: f64,
-        checkpoint: bool,
-    ) -> Result<(LmLoss, AdapterGrads)> {
-        causal::loss_and_grads(self, b, pass, loss_scale, checkpoint)
-    }
-
-    fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
-        causal::loss(self, b)
-    }
-
-    fn logits(&self, b: &LmBatch) -> Result<Tensor> {
-        causal::logits(self, b)
-    }
-
-    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
-        causal::next_logits_cached(self, new_ids, cache)
-    }
-
-    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
-        causal::hidden_before(self, b, layer)
-    }
-
-    fn monitor_layer(
-        &self,
-        layer: usize,
-        b: &LmBatch,
-        h: &Tensor,
-        point: MonitorPoint,
-    ) -> Result<MonitoredLayer> {
-        causal::monitor_layer(self, layer, b, h, point)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::LoraConfig;
+    use crate::model::{CausalLm, LmBatch};
     use crate::nn::gradcheck::{max_abs_diff, randn};
+    use crate::nn::loss::LmLoss;
     use candle_core::Var;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
