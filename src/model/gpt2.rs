@@ -44,8 +44,8 @@ pub struct Gpt2Config {
     /// `gelu_new` (GPT-2), `gelu_pytorch_tanh` or `gelu_fast` (the same tanh form), or `gelu` (erf).
     #[serde(default = "default_activation")]
     pub activation_function: String,
-    /// Dropout rates of the checkpoint's training; the model runs without dropout unless
-    /// [`Gpt2LMHeadModel::use_config_dropout`] (or `set_dropout`) turns it on.
+    /// Dropout rates of the checkpoint's training; a model loaded from a folder trains with them
+    /// (as transformers' train mode), one built from weights without (`set_dropout` sets them).
     #[serde(default = "default_pdrop")]
     pub resid_pdrop: f64,
     #[serde(default = "default_pdrop")]
@@ -471,7 +471,7 @@ impl Gpt2LMHeadModel {
     }
 
     /// Loads a Hugging Face GPT-2 folder (`config.json`, `model.safetensors`, names with or
-    /// without the `transformer.` prefix).
+    /// without the `transformer.` prefix), training with its config's dropout.
     pub fn load_hf(
         dir: &Path,
         dtype: DType,
@@ -479,7 +479,9 @@ impl Gpt2LMHeadModel {
     ) -> std::result::Result<Self, IoError> {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let w = Weights::open_dir(dir, &["transformer.", ""], dtype, device)?;
-        Self::from_weights(config, &w)
+        let mut m = Self::from_weights(config, &w)?;
+        m.use_config_dropout();
+        Ok(m)
     }
 
     /// Random checkpoint tensors in Hugging Face's layout (Conv1D `[in, out]`, no `transformer.`
@@ -1051,6 +1053,38 @@ mod tests {
             let ours: f32 = y.get(0).unwrap().get(j).unwrap().to_scalar().unwrap();
             assert!((ours as f64 - by_hand).abs() < 1e-5, "{ours} vs {by_hand}");
         }
+    }
+
+    /// A folder's GPT-2 trains with its config's dropout (embeddings, attention, residual), as
+    /// transformers does in train mode: a training pass differs from one without dropout, and
+    /// inference stays deterministic.
+    #[test]
+    fn hf_folder_trains_with_config_dropout() {
+        let mut cfg = config();
+        (cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop) = (0.1, 0.2, 0.3);
+        let dir = tempfile::tempdir().unwrap();
+        write_folder(dir.path(), &cfg, &tensors(&cfg, 8), "");
+        let m = Gpt2LMHeadModel::load_hf(dir.path(), DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(m.embd_dropout.p, 0.1);
+        for l in &m.layers {
+            assert_eq!((l.attention.dropout.p, l.resid_dropout.p), (0.2, 0.3));
+        }
+        let mut plain = m.clone();
+        plain.set_dropout(0.0, 0.0, 0.0);
+        let b = batch(DType::F64);
+        let train_loss = |m: &Gpt2LMHeadModel| {
+            let mut rng = StdRng::seed_from_u64(5);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            let (hn, _) = m.forward_train(&b, &mut pass, false).unwrap();
+            let l = crate::nn::loss::lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false);
+            l.unwrap().loss_sum
+        };
+        assert_ne!(train_loss(&m), train_loss(&plain));
+        let eval = |m: &Gpt2LMHeadModel| CausalLm::loss(m, &b).unwrap().loss_sum;
+        assert_eq!(eval(&m), eval(&plain));
     }
 
     /// The PEFT files of a GPT-2 adapter say `fan_in_fan_out: true`, keep PEFT's shapes and
