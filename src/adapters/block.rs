@@ -38,6 +38,30 @@ pub trait Block: Clone {
     }
 }
 
+/// [`Block`] for a layer struct whose `linears` array is in `$site::ALL` order, with
+/// `$site::path` giving each site's PEFT path.
+macro_rules! impl_block {
+    ($layer:ty, $site:ty) => {
+        impl $crate::adapters::Block for $layer {
+            type Site = $site;
+            const SITES: &'static [$site] = &<$site>::ALL;
+
+            fn site_path(site: $site) -> &'static str {
+                site.path()
+            }
+
+            fn linears(&self) -> &[$crate::adapters::LoraLinear] {
+                &self.linears
+            }
+
+            fn linears_mut(&mut self) -> &mut [$crate::adapters::LoraLinear] {
+                &mut self.linears
+            }
+        }
+    };
+}
+pub(crate) use impl_block;
+
 fn site_index<L: Block>(site: L::Site) -> usize {
     L::SITES
         .iter()
