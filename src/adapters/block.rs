@@ -353,6 +353,24 @@ pub fn outputs_without_each_adapter<L: Block>(
     Ok(out)
 }
 
+/// Gradient tests: every adapter's A and B as candle `Var`s (put back into the model), so the
+/// tape can be the oracle.
+#[cfg(test)]
+pub(crate) fn tape_adapters<M: AdaptedStack>(
+    m: &mut M,
+) -> Vec<(usize, Site<M>, candle_core::Var, candle_core::Var)> {
+    let mut vars = Vec::new();
+    for (l, s) in m.adapter_sites() {
+        let ad = m.adapter_mut(l, s).expect("listed");
+        let a = candle_core::Var::from_tensor(&ad.a).unwrap();
+        let b = candle_core::Var::from_tensor(&ad.b).unwrap();
+        ad.a = a.as_tensor().clone();
+        ad.b = b.as_tensor().clone();
+        vars.push((l, s, a, b));
+    }
+    vars
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,17 +112,7 @@ fn whole_model_gradients_match_autograd() {
     let m = tiny(0.1);
     let (ours, _) = loss_grads(&m);
     let mut taped = m.clone();
-    let mut vars = Vec::new();
-    for (l, s) in taped.adapter_sites() {
-        let ad = taped.adapter_mut(l, s).unwrap();
-        let (a, b) = (
-            Var::from_tensor(&ad.a).unwrap(),
-            Var::from_tensor(&ad.b).unwrap(),
-        );
-        ad.a = a.as_tensor().clone();
-        ad.b = b.as_tensor().clone();
-        vars.push((l, s, a, b));
-    }
+    let vars = crate::adapters::block::tape_adapters(&mut taped);
     let w = Var::from_tensor(taped.head.classifier.weight.as_dense().unwrap()).unwrap();
     taped.head.classifier.weight = crate::nn::linear::Weight::Dense(w.as_tensor().clone());
     let (b, labels) = batch();

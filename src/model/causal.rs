@@ -330,6 +330,29 @@ fn chunk_rows<M: DecoderParts>(m: &M) -> usize {
     lm_head_chunk_rows(m.head_weight().dim(0).unwrap_or(0))
 }
 
+/// The oracle's loss for gradient tests: mean cross-entropy of the counted targets over
+/// full logits, on candle's tape.
+#[cfg(test)]
+pub(crate) fn taped_mean_nll(hn: &Tensor, head: &Tensor, targets: &[i64]) -> Tensor {
+    let logits = hn.matmul(&head.t().unwrap()).unwrap();
+    let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
+    let logp = logits.broadcast_sub(&lse).unwrap();
+    let rows: Vec<u32> = (0..targets.len() as u32)
+        .filter(|&i| targets[i as usize] >= 0)
+        .collect();
+    let tgt: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
+    let n = rows.len();
+    let dev = hn.device();
+    logp.index_select(&Tensor::from_vec(rows, n, dev).unwrap(), 0)
+        .unwrap()
+        .gather(&Tensor::from_vec(tgt, (n, 1), dev).unwrap(), 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::lm_head_chunk_rows;

@@ -5,7 +5,6 @@ use crate::adapters::LoraConfig;
 use crate::model::{CausalLm, LmBatch};
 use crate::nn::gradcheck::{max_abs_diff, randn};
 use crate::nn::loss::LmLoss;
-use candle_core::Var;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -111,17 +110,7 @@ fn whole_model_gradients_match_autograd() {
         let m = tiny(tied);
         let (loss, ours) = grads(&m);
         let mut taped = m.clone();
-        let mut vars = Vec::new();
-        for (l, s) in taped.adapter_sites() {
-            let ad = taped.adapter_mut(l, s).unwrap();
-            let (a, b) = (
-                Var::from_tensor(&ad.a).unwrap(),
-                Var::from_tensor(&ad.b).unwrap(),
-            );
-            ad.a = a.as_tensor().clone();
-            ad.b = b.as_tensor().clone();
-            vars.push((l, s, a, b));
-        }
+        let vars = crate::adapters::block::tape_adapters(&mut taped);
         let mut rng = StdRng::seed_from_u64(5);
         let mut pass = Pass {
             training: true,
@@ -129,18 +118,7 @@ fn whole_model_gradients_match_autograd() {
         };
         let b = batch();
         let (hn, _) = taped.forward_train(&b, &mut pass, false).unwrap();
-        let logits = hn.matmul(&taped.head_weight().t().unwrap()).unwrap();
-        let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
-        let logp = logits.broadcast_sub(&lse).unwrap();
-        let rows: Vec<u32> = (0..12u32).filter(|&i| b.targets[i as usize] >= 0).collect();
-        let tgt: Vec<u32> = rows.iter().map(|&i| b.targets[i as usize] as u32).collect();
-        let n = rows.len();
-        let picked = logp
-            .index_select(&Tensor::from_vec(rows, n, &Device::Cpu).unwrap(), 0)
-            .unwrap()
-            .gather(&Tensor::from_vec(tgt, (n, 1), &Device::Cpu).unwrap(), 1)
-            .unwrap();
-        let tape_loss = picked.mean_all().unwrap().neg().unwrap();
+        let tape_loss = super::causal::taped_mean_nll(&hn, taped.head_weight(), &b.targets);
         let want = tape_loss.to_scalar::<f64>().unwrap();
         assert!((loss.loss_sum / loss.tokens as f64 - want).abs() < 1e-10);
         let tape = tape_loss.backward().unwrap();
