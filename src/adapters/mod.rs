@@ -1,33 +1,14 @@
 //! Adapters: trainable side paths beside frozen base layers (LoRA first).
 
+pub mod block;
 pub mod lora;
 
+pub use block::{
+    add_lora, outputs_without_each_adapter, target_matches, AdaptedStack, Block, Monitored,
+    SiteBackward, SiteForward, SiteStates,
+};
 use candle_core::Tensor;
 pub use lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear};
-
-/// A transformer layer (block) whose linears may carry adapters, in its sites' order.
-pub trait AdaptedLayer: Clone {
-    fn linears_mut(&mut self) -> &mut [LoraLinear];
-}
-
-/// SAFE's block-level `Y`s: the layer's output (by `run`, on the input it closes over) with each
-/// of its adapters taken out in turn, as `(index into the layer's linears, output)`. One copy of
-/// the layer serves every adapter: each is removed, the copy run, and the adapter put back.
-pub fn outputs_without_each_adapter<L: AdaptedLayer>(
-    layer: &L,
-    mut run: impl FnMut(&L) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Vec<(usize, Tensor)>> {
-    let mut copy = layer.clone();
-    let mut out = Vec::new();
-    for i in 0..copy.linears_mut().len() {
-        let Some(adapter) = copy.linears_mut()[i].lora.take() else {
-            continue;
-        };
-        out.push((i, run(&copy)?));
-        copy.linears_mut()[i].lora = Some(adapter);
-    }
-    Ok(out)
-}
 
 /// What the optimizer, checkpoints and PEFT files need from a model that carries adapters: its
 /// trained tensors by key. Keys are PEFT's without the `base_model.model.` prefix:

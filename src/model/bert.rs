@@ -10,7 +10,9 @@
 
 use super::stack::{self, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
+use crate::adapters::{
+    self, outputs_without_each_adapter, AdaptedStack, SiteBackward, SiteForward, SiteStates,
+};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
@@ -115,7 +117,7 @@ impl BertConfig {
 }
 
 /// The six linears of a BERT layer, by the names PEFT's `target_modules` match and their paths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Site {
     Query,
     Key,
@@ -146,12 +148,6 @@ impl Site {
             Site::Output => "output.dense",
         }
     }
-
-    /// PEFT matches `target_modules` entries against the end of the module path.
-    pub fn matches(self, target: &str) -> bool {
-        let path = self.path();
-        path == target || path.ends_with(&format!(".{target}"))
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -164,15 +160,11 @@ pub struct BertLayer {
     pub dropout: Dropout,
 }
 
-impl AdaptedLayer for BertLayer {
-    fn linears_mut(&mut self) -> &mut [LoraLinear] {
-        &mut self.linears
-    }
-}
+crate::adapters::block::impl_block!(BertLayer, Site);
 
 /// What a layer on the gradient path keeps for backward.
 pub struct BertLayerSaved {
-    lin: Vec<LoraLinearSaved>,
+    lin: SiteStates<Site, LoraLinearSaved>,
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
     ln_attn: LayerNormSaved,
@@ -185,17 +177,9 @@ pub struct BertLayerSaved {
 pub type SiteGrads = Vec<(Site, LoraGrads)>;
 
 /// Per-adapter monitoring output: `(adapted output X, base output Y)` of each adapted linear.
-pub type Monitored = Vec<(Site, Tensor, Tensor)>;
+pub type Monitored = adapters::Monitored<Site>;
 
 impl BertLayer {
-    fn lin(&self, s: Site) -> &LoraLinear {
-        &self.linears[s as usize]
-    }
-
-    pub fn trains(&self) -> bool {
-        self.linears.iter().any(|l| l.trains())
-    }
-
     /// `h` is `[batch*seq, hidden]`. When `monitor` is given, each adapted linear's `(X, Y)` is pushed.
     pub fn forward(
         &self,
@@ -204,39 +188,30 @@ impl BertLayer {
         shape: AttnShape,
         pass: &mut Pass,
         save: bool,
-        mut monitor: Option<&mut Monitored>,
+        monitor: Option<&mut Monitored>,
     ) -> Result<(Tensor, Option<BertLayerSaved>)> {
-        let mut lin = Vec::with_capacity(6);
-        let mut run = |s: Site, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.lin(s);
-            let (y, base, saved) = l.forward_parts(x, pass, save)?;
-            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
-                m.push((s, y.clone(), base));
-            }
-            lin.push(saved);
-            Ok(y)
-        };
+        let mut lin = SiteForward::new(self, save, monitor);
         // Each intermediate is dropped as soon as it is used: what stays is what the saved
         // structs hold (the peak of a step is the saved layers plus one layer's temporaries).
         let (ctx, attn) = {
-            let q = run(Site::Query, h, pass)?;
-            let k = run(Site::Key, h, pass)?;
-            let v = run(Site::Value, h, pass)?;
+            let q = lin.run(Site::Query, h, pass)?;
+            let k = lin.run(Site::Key, h, pass)?;
+            let v = lin.run(Site::Value, h, pass)?;
             self.attention
                 .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
         };
-        let a = run(Site::AttnOut, &ctx, pass)?;
+        let a = lin.run(Site::AttnOut, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
-        let (g, gelu) = gelu::forward(&run(Site::Intermediate, &a, pass)?, save)?;
-        let o = run(Site::Output, &g, pass)?;
+        let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
+        let o = lin.run(Site::Output, &g, pass)?;
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let (out, ln_out) = self.ln_out.forward(&nn::add(&o, &a)?, save)?;
         let saved = match (attn, ln_attn, gelu, ln_out) {
             (Some(attn), Some(ln_attn), Some(gelu), Some(ln_out)) => Some(BertLayerSaved {
-                lin,
+                lin: lin.states,
                 attn,
                 drop_attn,
                 ln_attn,
@@ -256,49 +231,37 @@ impl BertLayer {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, SiteGrads)> {
-        let mut grads = Vec::new();
-        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
-        let mut back = |s: Site, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
-            let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.lin(s).backward(st, dy, need)?;
-            if let Some(g) = g {
-                grads.push((s, g));
-            }
-            Ok(dx)
-        };
+        let mut lin = SiteBackward::new(self, saved.lin);
         // As in forward, each gradient is dropped once used (and each saved part once read).
         let d_res2 = saved.ln_out.backward(&self.ln_out, dout)?; // d(o + a)
         drop(saved.ln_out);
         let d_i = {
             let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
-            let d_g = back(Site::Output, &d_o, true)?.expect("dx requested");
+            let d_g = lin.back_dx(Site::Output, &d_o)?;
             drop(d_o);
             saved.gelu.backward(&d_g)?
         };
         drop(saved.gelu);
-        let d_a = nn::add(
-            &back(Site::Intermediate, &d_i, true)?.expect("dx requested"),
-            &d_res2,
-        )?;
+        let d_a = nn::add(&lin.back_dx(Site::Intermediate, &d_i)?, &d_res2)?;
         drop(d_i);
         let d_res1 = saved.ln_attn.backward(&self.ln_attn, &d_a)?; // d(attn_out + h)
         drop((d_a, saved.ln_attn));
         let d_ctx = {
             let d_ao = dropout::backward_opt(&saved.drop_attn, d_res1.clone())?;
-            back(Site::AttnOut, &d_ao, true)?.expect("dx requested")
+            lin.back_dx(Site::AttnOut, &d_ao)?
         };
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
         drop((d_ctx, saved.attn));
         let mut dh = need_dx.then_some(d_res1);
         for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
-            if let Some(dxs) = back(s, &d, need_dx)? {
+            if let Some(dxs) = lin.back(s, &d, need_dx)? {
                 dh = Some(match dh {
                     Some(acc) => nn::add(&acc, &dxs)?,
                     None => dxs,
                 });
             }
         }
-        Ok((dh, grads))
+        Ok((dh, lin.grads()))
     }
 }
 
@@ -525,60 +488,33 @@ impl BertForSequenceClassification {
         Self::from_weights(config, &w, num_labels, rng)
     }
 
-    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
-    /// layers listed (all layers when `layers` is None).
+    /// Puts a fresh LoRA adapter on every linear `cfg.target_modules` names, in `layers` (all
+    /// when None). Returns how many.
     pub fn add_lora(
         &mut self,
         cfg: &LoraConfig,
         layers: Option<&[usize]>,
         rng: &mut impl Rng,
     ) -> Result<usize> {
-        let mut n = 0;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            if layers.is_some_and(|ls| !ls.contains(&i)) {
-                continue;
-            }
-            for s in Site::ALL {
-                if cfg.target_modules.iter().any(|t| s.matches(t)) {
-                    let lin = &mut layer.linears[s as usize];
-                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
-                    let w = &lin.base.weight;
-                    // Adapters train in f32 beside a half-precision base (f64 in tests).
-                    let dtype = crate::device::compute_dtype(w.dtype());
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
+        adapters::add_lora(&mut self.layers, cfg, layers, rng)
     }
 
-    /// Adapters in order (layer, then site): the index SAFE uses.
+    // [`AdaptedStack`]'s, here too so that callers need not import it.
     pub fn adapter_sites(&self) -> Vec<(usize, Site)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for s in Site::ALL {
-                if l.linears[s as usize].lora.is_some() {
-                    v.push((i, s));
-                }
-            }
-        }
-        v
+        AdaptedStack::adapter_sites(self)
     }
 
     pub fn adapter(&self, layer: usize, site: Site) -> Option<&LoraAdapter> {
-        self.layers.get(layer)?.linears[site as usize].lora.as_ref()
+        AdaptedStack::adapter(self, layer, site)
     }
 
     pub fn adapter_mut(&mut self, layer: usize, site: Site) -> Option<&mut LoraAdapter> {
-        self.layers.get_mut(layer)?.linears[site as usize]
-            .lora
-            .as_mut()
+        AdaptedStack::adapter_mut(self, layer, site)
     }
 
     /// The lowest layer with an adapter that still trains; None when only the head trains.
     pub fn lowest_trainable_layer(&self) -> Option<usize> {
-        self.layers.iter().position(|l| l.trains())
+        crate::adapters::Adapted::lowest_trainable_layer(self)
     }
 
     /// Training forward. When every adapter below layer `k` is frozen (`k` > 0), the embeddings
@@ -730,7 +666,7 @@ impl BertForSequenceClassification {
                 let out = run(layer)?;
                 let rows = outputs_without_each_adapter(layer, run)?
                     .into_iter()
-                    .map(|(k, y)| (Site::ALL[k], out.clone(), y))
+                    .map(|(s, y)| (s, out.clone(), y))
                     .collect();
                 Ok((out, rows))
             }
@@ -753,37 +689,20 @@ impl BertForSequenceClassification {
     }
 }
 
-impl crate::adapters::Adapted for BertForSequenceClassification {
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+impl AdaptedStack for BertForSequenceClassification {
+    type Layer = BertLayer;
+    const LAYERS_PATH: &'static str = "bert.encoder.layer";
+    const TASK_TYPE: &'static str = "SEQ_CLS";
+
+    fn layers(&self) -> &[BertLayer] {
+        &self.layers
     }
 
-    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        self.adapter_sites()
-            .into_iter()
-            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
-            .collect()
+    fn layers_mut(&mut self) -> &mut [BertLayer] {
+        &mut self.layers
     }
 
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
-        let (layer, site) = path.strip_prefix("bert.encoder.layer.")?.split_once('.')?;
-        let site = Site::ALL.into_iter().find(|s| s.path() == site)?;
-        self.adapter_mut(layer.parse().ok()?, site)
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        BertForSequenceClassification::lowest_trainable_layer(self)
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn peft_task_type(&self) -> &'static str {
-        "SEQ_CLS"
-    }
-
-    fn head_params(&self) -> Vec<(String, Tensor)> {
+    fn head_tensors(&self) -> Vec<(String, Tensor)> {
         let c = &self.head.classifier;
         let mut v: Vec<(String, Tensor)> = c
             .weight
@@ -797,7 +716,7 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
         v
     }
 
-    fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+    fn head_tensor_mut(&mut self, key: &str) -> Option<&mut Tensor> {
         match key {
             CLASSIFIER_WEIGHT => self.head.classifier.weight.as_dense_mut(),
             CLASSIFIER_BIAS => self.head.classifier.bias.as_mut(),
@@ -808,7 +727,7 @@ impl crate::adapters::Adapted for BertForSequenceClassification {
 
 /// PEFT's module path of an adapter, e.g. `bert.encoder.layer.0.attention.self.query`.
 pub fn adapter_path(layer: usize, site: Site) -> String {
-    format!("bert.encoder.layer.{layer}.{}", site.path())
+    BertForSequenceClassification::adapter_path(layer, site)
 }
 
 pub const CLASSIFIER_WEIGHT: &str = "classifier.weight";
@@ -822,192 +741,5 @@ fn tensor(t: Result<Tensor>, w: &Weights) -> std::result::Result<Tensor, IoError
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nn::attention::mask_to_additive;
-    use crate::nn::gradcheck::max_abs_diff;
-    use candle_core::Var;
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
-
-    fn tiny(dropout: f64) -> BertForSequenceClassification {
-        let cfg = BertConfig::tiny(dropout);
-        let mut rng = StdRng::seed_from_u64(1);
-        let mut m =
-            BertForSequenceClassification::random(cfg, 3, DType::F64, &Device::Cpu, &mut rng)
-                .unwrap();
-        let lora = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            dropout,
-            target_modules: vec!["query".into(), "value".into(), "dense".into()],
-            use_rslora: false,
-        };
-        m.add_lora(&lora, None, &mut rng).unwrap();
-        // B starts at zero (PEFT init), which would make every dA zero: give B values.
-        for (i, (l, s)) in m.adapter_sites().into_iter().enumerate() {
-            let ad = m.adapter_mut(l, s).unwrap();
-            ad.b = crate::nn::gradcheck::randn(ad.b.dims(), 100 + i as u64);
-        }
-        m
-    }
-
-    fn batch() -> (BatchTensors, Vec<u32>) {
-        let ids = Tensor::from_vec(
-            vec![2u32, 7, 9, 11, 3, 0, 2, 13, 5, 3, 0, 0],
-            (2, 6),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mask = Tensor::from_vec(
-            vec![1u32, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0],
-            (2, 6),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let b = BatchTensors {
-            input_ids: ids,
-            token_type_ids: Tensor::zeros((2, 6), DType::U32, &Device::Cpu).unwrap(),
-            mask_add: mask_to_additive(&mask, DType::F64).unwrap(),
-            batch: 2,
-            seq: 6,
-        };
-        (b, vec![2, 0])
-    }
-
-    fn loss_grads(m: &BertForSequenceClassification) -> (ModelGrads, ForwardSaved) {
-        loss_grads_with(m, false)
-    }
-
-    fn loss_grads_with(
-        m: &BertForSequenceClassification,
-        checkpoint: bool,
-    ) -> (ModelGrads, ForwardSaved) {
-        let (b, labels) = batch();
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-        };
-        let (logits, saved) = m.forward_train(&b, &mut pass, checkpoint).unwrap();
-        let (_, dlogits) = crate::nn::loss::cross_entropy(&logits, &labels).unwrap();
-        let (_, saved2) = {
-            let mut rng = StdRng::seed_from_u64(5);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-            };
-            m.forward_train(&b, &mut pass, checkpoint).unwrap()
-        };
-        (m.backward(saved, &dlogits).unwrap(), saved2)
-    }
-
-    /// Gradient checkpointing (every dropout on, LoRA's included): the same adapter and
-    /// classifier gradients bit for bit, with only the trainable layers' inputs kept.
-    #[test]
-    fn gradient_checkpointing_gives_the_same_gradients() {
-        let mut m = tiny(0.1);
-        for frozen_below in [0, 1] {
-            for (l, s) in m.adapter_sites() {
-                m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
-            }
-            let ((g, _), (g_ck, saved_ck)) = (loss_grads(&m), loss_grads_with(&m, true));
-            assert_eq!(
-                (
-                    saved_ck.layers.states_kept(),
-                    saved_ck.layers.checkpoints_kept()
-                ),
-                (0, 3 - frozen_below)
-            );
-            assert_eq!(max_abs_diff(&g.head.weight, &g_ck.head.weight), 0.0);
-            assert_eq!(g.adapters.len(), g_ck.adapters.len());
-            for ((l, s, a), (l_ck, s_ck, b)) in g.adapters.iter().zip(&g_ck.adapters) {
-                assert_eq!((l, *s as usize), (l_ck, *s_ck as usize));
-                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0);
-                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0);
-            }
-        }
-    }
-
-    /// Whole-model check: every adapter's and the classifier's gradients equal candle's autograd
-    /// through the same forward (dropout on, same seed), on a tiny random BERT in f64.
-    #[test]
-    fn whole_model_gradients_match_autograd() {
-        let m = tiny(0.1);
-        let (ours, _) = loss_grads(&m);
-        let mut taped = m.clone();
-        let mut vars = Vec::new();
-        for (l, s) in taped.adapter_sites() {
-            let ad = taped.adapter_mut(l, s).unwrap();
-            let (a, b) = (
-                Var::from_tensor(&ad.a).unwrap(),
-                Var::from_tensor(&ad.b).unwrap(),
-            );
-            ad.a = a.as_tensor().clone();
-            ad.b = b.as_tensor().clone();
-            vars.push((l, s, a, b));
-        }
-        let w = Var::from_tensor(taped.head.classifier.weight.as_dense().unwrap()).unwrap();
-        taped.head.classifier.weight = crate::nn::linear::Weight::Dense(w.as_tensor().clone());
-        let (b, labels) = batch();
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-        };
-        let (logits, _) = taped.forward_train(&b, &mut pass, false).unwrap();
-        let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
-        let logp = logits.broadcast_sub(&lse).unwrap();
-        let picked = logp
-            .gather(&Tensor::from_vec(labels, (2, 1), &Device::Cpu).unwrap(), 1)
-            .unwrap();
-        let loss = picked.mean_all().unwrap().neg().unwrap();
-        let tape = loss.backward().unwrap();
-        assert_eq!(ours.adapters.len(), vars.len());
-        for ((l, s, g), (vl, vs, a, b)) in ours.adapters.iter().zip(&vars) {
-            assert_eq!((*l, *s), (*vl, *vs));
-            let da = max_abs_diff(&g.a, tape.get(a).unwrap());
-            let db = max_abs_diff(&g.b, tape.get(b).unwrap());
-            assert!(
-                da < 1e-9 && db < 1e-9,
-                "layer {l} {s:?}: dA off by {da}, dB off by {db}"
-            );
-        }
-        assert!(max_abs_diff(&ours.head.weight, tape.get(&w).unwrap()) < 1e-9);
-    }
-
-    /// Freezing the bottom adapters changes what is computed: those layers save nothing, get no
-    /// gradient, and the backward stops above them.
-    #[test]
-    fn frozen_bottom_layers_save_nothing_and_get_no_gradient() {
-        // No dropout: a frozen bottom runs in inference mode, so only then are the two runs'
-        // top-layer inputs the same.
-        let mut m = tiny(0.0);
-        let (all, saved_all) = loss_grads(&m);
-        assert_eq!(saved_all.first_saved_layer, 0);
-        assert_eq!(saved_all.layers.states_kept(), 3);
-        for (l, s) in m.adapter_sites() {
-            if l < 2 {
-                m.adapter_mut(l, s).unwrap().trainable = false;
-            }
-        }
-        assert_eq!(m.lowest_trainable_layer(), Some(2));
-        let (top, saved_top) = loss_grads(&m);
-        assert_eq!(saved_top.first_saved_layer, 2);
-        assert_eq!(
-            saved_top.layers.states_kept(),
-            1,
-            "only the trainable top layer keeps state"
-        );
-        assert!(top.adapters.iter().all(|(l, _, _)| *l == 2));
-        // The top layer's gradients are unchanged by freezing the layers below it.
-        for (l, s, g) in &top.adapters {
-            let (_, _, ga) = all
-                .adapters
-                .iter()
-                .find(|(la, sa, _)| la == l && sa == s)
-                .unwrap();
-            assert!(max_abs_diff(&g.a, &ga.a) < 1e-12 && max_abs_diff(&g.b, &ga.b) < 1e-12);
-        }
-    }
-}
+#[path = "bert_tests.rs"]
+mod tests;

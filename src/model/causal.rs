@@ -1,16 +1,18 @@
 //! What the decoder architectures (LLaMA, GPT-2) share, written once over [`DecoderParts`]: the
-//! training step's loss and gradients, the inference forward (with SAFE's monitoring), the
-//! loss, the logits, and generation's cached forward. Each architecture supplies its
-//! embeddings, layers, final norm and head.
+//! training forward and backward, [`CausalLm`] (the step's loss and gradients, the inference
+//! forward with SAFE's monitoring, loss, logits, generation's cached forward). Each architecture
+//! supplies its embeddings, one layer's forward and backward, final norm and head.
 
-use super::{AdapterGrads, LmBatch, MonitoredLayer};
-use crate::adapters::lora::LoraGrads;
-use crate::adapters::{outputs_without_each_adapter, AdaptedLayer};
+use super::stack::{self, StackSaved};
+use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
+use crate::adapters::block::Site;
+use crate::adapters::lora::{LoraConfig, LoraGrads};
+use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedStack, Monitored};
 use crate::nn::attention::{AttnShape, KvCache};
 use crate::nn::loss::{lm_head_loss, LmLoss};
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Rows of the LM head computed at once: the `[rows, vocab]` f32 logits chunk is kept near 16 MiB
 /// (two such buffers live at a time), between 16 and 256 rows: 85 rows for SmolLM2's 49152
@@ -20,33 +22,40 @@ pub fn lm_head_chunk_rows(vocab: usize) -> usize {
     ((16 << 20) / (4 * vocab.max(1))).clamp(16, 256)
 }
 
-/// The pieces of a decoder that its shared paths are built from.
-pub trait DecoderParts {
-    type Layer: AdaptedLayer;
-    /// An adapter's place in a layer; `SITES[i]` is the site of the layer's `i`-th linear.
-    type Site: Copy + Ord + 'static;
-    const SITES: &'static [Self::Site];
-    /// What the training forward keeps for backward.
-    type Saved;
-
-    fn layers(&self) -> &[Self::Layer];
-
-    /// PEFT's module path of an adapter.
-    fn path(layer: usize, site: Self::Site) -> String;
+/// The pieces of a decoder that its shared paths are built from: embeddings, one layer's
+/// forward and backward, the final norm and the head. Everything else is written once below.
+pub trait DecoderParts: AdaptedStack + Sized {
+    /// What a layer on the gradient path keeps for backward.
+    type LayerSaved;
+    /// What the final norm keeps for backward.
+    type NormSaved;
 
     /// Input embeddings `[batch*seq, hidden]` of `ids` (`batch` sequences) at positions `start..`.
     fn embed_at(&self, ids: &Tensor, batch: usize, start: usize, pass: &mut Pass)
         -> Result<Tensor>;
 
-    /// One layer's inference forward; with `monitor`, its adapted linears' `(site, X, Y)`.
-    fn layer_forward(
+    /// One layer's forward, keeping its state when `save`; with `monitor`, its adapted linears'
+    /// `(site, X, Y)`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_train(
         &self,
         layer: &Self::Layer,
         x: &Tensor,
-        b: &LmBatch,
+        mask_add: &Tensor,
+        shape: AttnShape,
         pass: &mut Pass,
-        monitor: Option<&mut Vec<(Self::Site, Tensor, Tensor)>>,
-    ) -> Result<Tensor>;
+        save: bool,
+        monitor: Option<&mut Monitored<Site<Self>>>,
+    ) -> Result<(Tensor, Option<Self::LayerSaved>)>;
+
+    /// One layer's backward; `dx` only when `need_dx`.
+    fn layer_backward(
+        &self,
+        layer: &Self::Layer,
+        saved: Self::LayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, LayerGrads<Site<Self>>)>;
 
     /// One layer's inference forward of new positions after those `cache` holds.
     fn layer_forward_cached(
@@ -57,22 +66,93 @@ pub trait DecoderParts {
         pass: &mut Pass,
     ) -> Result<Tensor>;
 
-    fn final_norm(&self, h: &Tensor) -> Result<Tensor>;
+    fn final_norm_train(&self, h: &Tensor, save: bool)
+        -> Result<(Tensor, Option<Self::NormSaved>)>;
+
+    fn final_norm_backward(&self, saved: Self::NormSaved, d: &Tensor) -> Result<Tensor>;
 
     /// The LM head `[vocab, hidden]` (the embeddings when tied).
     fn head_weight(&self) -> &Tensor;
 
-    /// Training forward to the final norm's output (see `model::stack`).
+    /// One layer's inference forward; with `monitor`, its adapted linears' `(site, X, Y)`.
+    fn layer_forward(
+        &self,
+        layer: &Self::Layer,
+        x: &Tensor,
+        b: &LmBatch,
+        pass: &mut Pass,
+        monitor: Option<&mut Monitored<Site<Self>>>,
+    ) -> Result<Tensor> {
+        let shape = attn_shape(b);
+        Ok(self
+            .layer_train(layer, x, &b.mask_add, shape, pass, false, monitor)?
+            .0)
+    }
+
+    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.final_norm_train(h, false)?.0)
+    }
+
+    /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the
+    /// lowest trainable adapter run in inference mode (nothing saved); layers from it up save,
+    /// or with `checkpoint` keep only their inputs (see [`stack`]).
     fn forward_train(
         &self,
         b: &LmBatch,
         pass: &mut Pass,
         checkpoint: bool,
-    ) -> Result<(Tensor, Self::Saved)>;
+    ) -> Result<(Tensor, DecoderSaved<Self>)> {
+        let first = self.lowest_trainable_layer().unwrap_or(self.layers().len());
+        let shape = attn_shape(b);
+        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
+        let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, save| {
+            self.layer_train(l, x, &b.mask_add, shape, pass, save, None)
+        };
+        let (h, layers) = stack::forward(self.layers(), first, h, pass, checkpoint, run)?;
+        let (hn, norm) = self.final_norm_train(&h, true)?;
+        let norm = norm.expect("final norm saved");
+        let mask_add = b.mask_add.clone();
+        Ok((
+            hn,
+            DecoderSaved {
+                layers,
+                norm,
+                mask_add,
+                shape,
+            },
+        ))
+    }
 
     /// Backward from the final norm's output gradient down to the lowest trainable layer.
-    fn backward(&self, saved: Self::Saved, dhidden: &Tensor) -> Result<SiteGrads<Self::Site>>;
+    fn backward(
+        &self,
+        saved: DecoderSaved<Self>,
+        dhidden: &Tensor,
+    ) -> Result<SiteGrads<Site<Self>>> {
+        let dh = self.final_norm_backward(saved.norm, dhidden)?;
+        let (mask_add, shape) = (&saved.mask_add, saved.shape);
+        let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, save| {
+            self.layer_train(l, x, mask_add, shape, pass, save, None)
+        };
+        let back =
+            |l: &Self::Layer, st, dout: &Tensor, need| self.layer_backward(l, st, dout, need);
+        let per_layer = stack::backward(self.layers(), saved.layers, dh, run, back)?;
+        Ok(by_site(per_layer))
+    }
 }
+
+/// What a decoder's training forward keeps: the layers from the lowest trainable one up (their
+/// states, or checkpoints), the final norm's state, and the batch's mask and shape for
+/// checkpointed layers' second forward.
+pub struct DecoderSaved<M: DecoderParts> {
+    pub layers: StackSaved<M::LayerSaved>,
+    norm: M::NormSaved,
+    mask_add: Tensor,
+    shape: AttnShape,
+}
+
+/// One layer's adapter gradients by site.
+pub type LayerGrads<S> = Vec<(S, LoraGrads)>;
 
 /// Adapter gradients by `(layer, site)`.
 pub type SiteGrads<S> = Vec<(usize, S, LoraGrads)>;
@@ -88,22 +168,6 @@ pub fn by_site<S: Copy + Ord>(per_layer: Vec<(usize, Vec<(S, LoraGrads)>)>) -> S
     grads
 }
 
-/// [`loss_and_site_grads`] with the gradients by module path (PEFT's key stem).
-pub fn loss_and_grads<M: DecoderParts>(
-    m: &M,
-    b: &LmBatch,
-    pass: &mut Pass,
-    loss_scale: f64,
-    checkpoint: bool,
-) -> Result<(LmLoss, AdapterGrads)> {
-    let (loss, grads) = loss_and_site_grads(m, b, pass, loss_scale, checkpoint)?;
-    let grads = grads
-        .into_iter()
-        .map(|(l, s, g)| (M::path(l, s), g))
-        .collect();
-    Ok((loss, grads))
-}
-
 /// One training step's forward, loss and backward: mean next-token cross-entropy over the
 /// counted targets, and the adapters' gradients (scaled by `loss_scale`).
 pub fn loss_and_site_grads<M: DecoderParts>(
@@ -112,7 +176,7 @@ pub fn loss_and_site_grads<M: DecoderParts>(
     pass: &mut Pass,
     loss_scale: f64,
     checkpoint: bool,
-) -> Result<(LmLoss, SiteGrads<M::Site>)> {
+) -> Result<(LmLoss, SiteGrads<Site<M>>)> {
     let device = m.head_weight().device();
     let layouts = crate::device::upload_cache(device);
     let (hn, saved) = m.forward_train(b, pass, checkpoint)?;
@@ -150,82 +214,103 @@ fn hidden_before_with<M: DecoderParts>(
     Ok(h)
 }
 
-/// The input of layer `layer` (inference): the embeddings, then every layer below it.
-pub fn hidden_before<M: DecoderParts>(m: &M, b: &LmBatch, layer: usize) -> Result<Tensor> {
-    Pass::inference(|pass| hidden_before_with(m, b, layer, pass))
-}
-
-/// SAFE's monitoring of layer `i` (inference) on its input `h`: the layer's output and each of
-/// its adapters' `(module path, X, Y)` at `point`: the adapted linear's output against the base
-/// linear's (`[batch*seq, out]`), or the block's output with and without the adapter
-/// (`[batch*seq, hidden]`).
-pub fn monitor_layer<M: DecoderParts>(
-    m: &M,
-    i: usize,
-    b: &LmBatch,
-    h: &Tensor,
-    point: MonitorPoint,
-) -> Result<MonitoredLayer> {
-    let layer = &m.layers()[i];
-    let (out, rows) = Pass::inference(|pass| -> Result<_> {
-        match point {
-            MonitorPoint::Linear => {
-                let mut rows = Vec::new();
-                let out = m.layer_forward(layer, h, b, pass, Some(&mut rows))?;
-                Ok((out, rows))
-            }
-            MonitorPoint::Block => {
-                let run = |l: &M::Layer, pass: &mut Pass| m.layer_forward(l, h, b, pass, None);
-                let out = run(layer, pass)?;
-                let rows = outputs_without_each_adapter(layer, |l| run(l, pass))?
-                    .into_iter()
-                    .map(|(k, y)| (M::SITES[k], out.clone(), y))
-                    .collect();
-                Ok((out, rows))
-            }
-        }
-    })?;
-    let rows = rows
-        .into_iter()
-        .map(|(s, x, y)| (M::path(i, s), x, y))
-        .collect();
-    Ok((out, rows))
-}
-
-/// Inference loss (summed over counted tokens), the head applied in chunks.
-pub fn loss<M: DecoderParts>(m: &M, b: &LmBatch) -> Result<LmLoss> {
-    let hn = Pass::inference(|pass| forward_hidden(m, b, pass))?;
-    lm_head_loss(&hn, m.head_weight(), &b.targets, chunk_rows(m), false)
-}
-
-/// Next-token logits `[batch*seq, vocab]` in f32 (materializes them whole: short prompts, and
-/// generation's reference).
-pub fn logits<M: DecoderParts>(m: &M, b: &LmBatch) -> Result<Tensor> {
-    let hn = Pass::inference(|pass| forward_hidden(m, b, pass))?;
-    head_logits(&hn, m.head_weight())
-}
-
-/// Next-token logits `[vocab]` after `new_ids`, which continue the one sequence `cache` holds
-/// (one entry per layer; empty at the start); extends the cache.
-pub fn next_logits_cached<M: DecoderParts>(
-    m: &M,
-    new_ids: &[u32],
-    cache: &mut Vec<KvCache>,
-) -> Result<Vec<f32>> {
-    if new_ids.is_empty() {
-        candle_core::bail!("generation: no new token ids to run");
+impl<M: DecoderParts> CausalLm for M {
+    fn device(&self) -> Device {
+        self.head_weight().device().clone()
     }
-    let head = m.head_weight();
-    let hn = Pass::inference(|pass| -> Result<Tensor> {
-        cache.resize_with(m.layers().len(), KvCache::default);
-        let ids = Tensor::from_slice(new_ids, new_ids.len(), head.device())?;
-        let mut h = m.embed_at(&ids, 1, cache[0].len(), pass)?;
-        for (layer, c) in m.layers().iter().zip(cache.iter_mut()) {
-            h = m.layer_forward_cached(layer, &h, c, pass)?;
+
+    fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        layers: Option<&[usize]>,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<usize> {
+        crate::adapters::add_lora(self.layers_mut(), cfg, layers, rng)
+    }
+
+    /// [`loss_and_site_grads`] with the gradients by module path (PEFT's key stem).
+    fn loss_and_grads(
+        &self,
+        b: &LmBatch,
+        pass: &mut Pass,
+        loss_scale: f64,
+        checkpoint: bool,
+    ) -> Result<(LmLoss, AdapterGrads)> {
+        let (loss, grads) = loss_and_site_grads(self, b, pass, loss_scale, checkpoint)?;
+        let grads = grads
+            .into_iter()
+            .map(|(l, s, g)| (M::adapter_path(l, s), g))
+            .collect();
+        Ok((loss, grads))
+    }
+
+    /// Inference loss (summed over counted tokens), the head applied in chunks.
+    fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
+        let hn = Pass::inference(|pass| forward_hidden(self, b, pass))?;
+        lm_head_loss(&hn, self.head_weight(), &b.targets, chunk_rows(self), false)
+    }
+
+    /// Next-token logits `[batch*seq, vocab]` in f32 (materializes them whole: short prompts,
+    /// and generation's reference).
+    fn logits(&self, b: &LmBatch) -> Result<Tensor> {
+        let hn = Pass::inference(|pass| forward_hidden(self, b, pass))?;
+        head_logits(&hn, self.head_weight())
+    }
+
+    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
+        if new_ids.is_empty() {
+            candle_core::bail!("generation: no new token ids to run");
         }
-        m.final_norm(&h.narrow(0, new_ids.len() - 1, 1)?)
-    })?;
-    head_logits(&hn, head)?.squeeze(0)?.to_vec1()
+        let head = self.head_weight();
+        let hn = Pass::inference(|pass| -> Result<Tensor> {
+            cache.resize_with(self.layers().len(), KvCache::default);
+            let ids = Tensor::from_slice(new_ids, new_ids.len(), head.device())?;
+            let mut h = self.embed_at(&ids, 1, cache[0].len(), pass)?;
+            for (layer, c) in self.layers().iter().zip(cache.iter_mut()) {
+                h = self.layer_forward_cached(layer, &h, c, pass)?;
+            }
+            self.final_norm(&h.narrow(0, new_ids.len() - 1, 1)?)
+        })?;
+        head_logits(&hn, head)?.squeeze(0)?.to_vec1()
+    }
+
+    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
+        Pass::inference(|pass| hidden_before_with(self, b, layer, pass))
+    }
+
+    fn monitor_layer(
+        &self,
+        i: usize,
+        b: &LmBatch,
+        h: &Tensor,
+        point: MonitorPoint,
+    ) -> Result<MonitoredLayer> {
+        let layer = &self.layers()[i];
+        let (out, rows) = Pass::inference(|pass| -> Result<_> {
+            match point {
+                MonitorPoint::Linear => {
+                    let mut rows = Vec::new();
+                    let out = self.layer_forward(layer, h, b, pass, Some(&mut rows))?;
+                    Ok((out, rows))
+                }
+                MonitorPoint::Block => {
+                    let run =
+                        |l: &M::Layer, pass: &mut Pass| self.layer_forward(l, h, b, pass, None);
+                    let out = run(layer, pass)?;
+                    let rows = outputs_without_each_adapter(layer, |l| run(l, pass))?
+                        .into_iter()
+                        .map(|(s, y)| (s, out.clone(), y))
+                        .collect();
+                    Ok((out, rows))
+                }
+            }
+        })?;
+        let rows = rows
+            .into_iter()
+            .map(|(s, x, y)| (M::adapter_path(i, s), x, y))
+            .collect();
+        Ok((out, rows))
+    }
 }
 
 /// Logits `[rows, vocab]` in f32 of final hidden states against the LM head.
@@ -243,6 +328,29 @@ pub fn attn_shape(b: &LmBatch) -> AttnShape {
 
 fn chunk_rows<M: DecoderParts>(m: &M) -> usize {
     lm_head_chunk_rows(m.head_weight().dim(0).unwrap_or(0))
+}
+
+/// The oracle's loss for gradient tests: mean cross-entropy of the counted targets over
+/// full logits, on candle's tape.
+#[cfg(test)]
+pub(crate) fn taped_mean_nll(hn: &Tensor, head: &Tensor, targets: &[i64]) -> Tensor {
+    let logits = hn.matmul(&head.t().unwrap()).unwrap();
+    let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
+    let logp = logits.broadcast_sub(&lse).unwrap();
+    let rows: Vec<u32> = (0..targets.len() as u32)
+        .filter(|&i| targets[i as usize] >= 0)
+        .collect();
+    let tgt: Vec<u32> = rows.iter().map(|&i| targets[i as usize] as u32).collect();
+    let n = rows.len();
+    let dev = hn.device();
+    logp.index_select(&Tensor::from_vec(rows, n, dev).unwrap(), 0)
+        .unwrap()
+        .gather(&Tensor::from_vec(tgt, (n, 1), dev).unwrap(), 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap()
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! Any supported causal-LM architecture behind one type, so the trainer and the CLI hold a
 //! decoder without knowing which it is.
 
-use super::gpt2::{Gpt2LMHeadModel, Gpt2Site};
-use super::llama::{LlamaForCausalLM, LlamaSite};
+use super::gpt2::{Gpt2Block, Gpt2LMHeadModel};
+use super::llama::{LlamaForCausalLM, LlamaLayer};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
+use crate::adapters::block::linear_names;
 use crate::adapters::{Adapted, LoraAdapter, LoraConfig};
 use crate::nn::attention::KvCache;
 use crate::nn::linear::QuantFormat;
@@ -48,18 +49,10 @@ impl Decoder {
 
     /// Names of the linears a LoRA `target_modules` entry can match, for error messages.
     pub fn linear_names(&self) -> Vec<&'static str> {
-        let last = |p: &'static str| p.rsplit('.').next().unwrap_or(p);
-        let mut v: Vec<&'static str> = match self {
-            Decoder::Llama(_) => LlamaSite::ALL.iter().map(|s| last(s.path())).collect(),
-            Decoder::Gpt2(_) => Gpt2Site::ALL.iter().map(|s| last(s.path())).collect(),
-        };
-        let mut seen = Vec::new();
-        v.retain(|n| {
-            let new = !seen.contains(n);
-            seen.push(*n);
-            new
-        });
-        v
+        match self {
+            Decoder::Llama(_) => linear_names::<LlamaLayer>(),
+            Decoder::Gpt2(_) => linear_names::<Gpt2Block>(),
+        }
     }
 
     /// The end-of-sequence tokens its config names (Llama 3 instruct lists several).

@@ -8,10 +8,9 @@
 //! puts it (PEFT's default GPT-2 target is `c_attn`, with `fan_in_fan_out: true`).
 
 use super::causal::{self, DecoderParts};
-use super::stack::{self, StackSaved};
-use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
-use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{Adapted, AdaptedLayer};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{self, AdaptedStack, Block};
+use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
@@ -19,9 +18,7 @@ use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
-use crate::nn::loss::LmLoss;
 use crate::nn::{Dropout, Pass};
-use crate::safe::MonitorPoint;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -47,8 +44,8 @@ pub struct Gpt2Config {
     /// `gelu_new` (GPT-2), `gelu_pytorch_tanh` or `gelu_fast` (the same tanh form), or `gelu` (erf).
     #[serde(default = "default_activation")]
     pub activation_function: String,
-    /// Dropout rates of the checkpoint's training; the model runs without dropout unless
-    /// [`Gpt2LMHeadModel::use_config_dropout`] (or `set_dropout`) turns it on.
+    /// Dropout rates of the checkpoint's training; a model loaded from a folder trains with them
+    /// (as transformers' train mode), one built from weights without (`set_dropout` sets them).
     #[serde(default = "default_pdrop")]
     pub resid_pdrop: f64,
     #[serde(default = "default_pdrop")]
@@ -195,13 +192,6 @@ impl Gpt2Site {
         }
     }
 
-    /// PEFT matches `target_modules` entries against the end of the module path, so `c_proj`
-    /// names both projections and `attn.c_proj` only the attention's.
-    pub fn matches(self, target: &str) -> bool {
-        let path = self.path();
-        path == target || path.ends_with(&format!(".{target}"))
-    }
-
     /// `(out, in)` features of this linear.
     fn shape(self, c: &Gpt2Config) -> (usize, usize) {
         let (h, f) = (c.n_embd, c.inner());
@@ -226,15 +216,11 @@ pub struct Gpt2Block {
     pub resid_dropout: Dropout,
 }
 
-impl AdaptedLayer for Gpt2Block {
-    fn linears_mut(&mut self) -> &mut [LoraLinear] {
-        &mut self.linears
-    }
-}
+crate::adapters::block::impl_block!(Gpt2Block, Gpt2Site);
 
 /// What a block on the gradient path keeps for backward.
 pub struct Gpt2BlockSaved {
-    lin: Vec<LoraLinearSaved>,
+    lin: SiteStates<Gpt2Site, LoraLinearSaved>,
     ln_1: LayerNormSaved,
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
@@ -250,17 +236,9 @@ pub type BlockGrads = Vec<(Gpt2Site, LoraGrads)>;
 pub type SiteGrads = causal::SiteGrads<Gpt2Site>;
 
 /// Per-adapter monitoring output `(site, X adapted, Y base)`.
-pub type Gpt2Monitored = Vec<(Gpt2Site, Tensor, Tensor)>;
+pub type Gpt2Monitored = adapters::Monitored<Gpt2Site>;
 
 impl Gpt2Block {
-    fn lin(&self, s: Gpt2Site) -> &LoraLinear {
-        &self.linears[s as usize]
-    }
-
-    pub fn trains(&self) -> bool {
-        self.linears.iter().any(|l| l.trains())
-    }
-
     /// `x` is `[batch*seq, n_embd]`; pre-LN residual blocks: `h = x + c_proj(attn(ln_1(x)))`,
     /// `out = h + mlp.c_proj(gelu(c_fc(ln_2(h))))`.
     pub fn forward(
@@ -304,21 +282,12 @@ impl Gpt2Block {
         ) -> Result<(Tensor, Option<AttentionSaved>)>,
         pass: &mut Pass,
         save: bool,
-        mut monitor: Option<&mut Gpt2Monitored>,
+        monitor: Option<&mut Gpt2Monitored>,
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
-        let mut lin = Vec::with_capacity(4);
-        let mut run = |s: Gpt2Site, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.lin(s);
-            let (y, base, saved) = l.forward_parts(x, pass, save)?;
-            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
-                m.push((s, y.clone(), base));
-            }
-            lin.push(saved);
-            Ok(y)
-        };
+        let mut lin = SiteForward::new(self, save, monitor);
         let c = x.dim(1)?;
         let (xn, ln_1) = self.ln_1.forward(x, save)?;
-        let qkv = run(Gpt2Site::CAttn, &xn, pass)?;
+        let qkv = lin.run(Gpt2Site::CAttn, &xn, pass)?;
         drop(xn);
         let (q, k, v) = (
             qkv.narrow(1, 0, c)?,
@@ -327,22 +296,22 @@ impl Gpt2Block {
         );
         let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
         drop((q, k, v, qkv));
-        let a = run(Gpt2Site::AttnCProj, &ctx, pass)?;
+        let a = lin.run(Gpt2Site::AttnCProj, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.resid_dropout.forward(&a, pass, save)?;
         let h = (x + a)?;
         let (hn, ln_2) = self.ln_2.forward(&h, save)?;
-        let f = run(Gpt2Site::CFc, &hn, pass)?;
+        let f = lin.run(Gpt2Site::CFc, &hn, pass)?;
         drop(hn);
         let (g, gelu) = gelu::forward_kind(&f, self.act, save)?;
         drop(f);
-        let m = run(Gpt2Site::MlpCProj, &g, pass)?;
+        let m = lin.run(Gpt2Site::MlpCProj, &g, pass)?;
         drop(g);
         let (m, drop_mlp) = self.resid_dropout.forward(&m, pass, save)?;
         let out = (&h + m)?;
         let saved = match (ln_1, attn, ln_2, gelu) {
             (Some(ln_1), Some(attn), Some(ln_2), Some(gelu)) => Some(Gpt2BlockSaved {
-                lin,
+                lin: lin.states,
                 ln_1,
                 attn,
                 drop_attn,
@@ -362,42 +331,32 @@ impl Gpt2Block {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, BlockGrads)> {
-        let mut grads = Vec::new();
-        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
-        let mut back = |s: Gpt2Site, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
-            let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.lin(s).backward(st, dy, need)?;
-            if let Some(g) = g {
-                grads.push((s, g));
-            }
-            Ok(dx)
-        };
+        let mut lin = SiteBackward::new(self, saved.lin);
         let dm = dropout::backward_opt(&saved.drop_mlp, dout.clone())?;
-        let dg = back(Gpt2Site::MlpCProj, &dm, true)?.expect("dx requested");
+        let dg = lin.back_dx(Gpt2Site::MlpCProj, &dm)?;
         drop(dm);
         let df = saved.gelu.backward(&dg)?;
         drop(dg);
-        let dhn = back(Gpt2Site::CFc, &df, true)?.expect("dx requested");
+        let dhn = lin.back_dx(Gpt2Site::CFc, &df)?;
         drop(df);
         let dh = (dout + saved.ln_2.backward(&self.ln_2, &dhn)?)?;
         drop(dhn);
         let da = dropout::backward_opt(&saved.drop_attn, dh.clone())?;
-        let dctx = back(Gpt2Site::AttnCProj, &da, true)?.expect("dx requested");
+        let dctx = lin.back_dx(Gpt2Site::AttnCProj, &da)?;
         drop(da);
-        let dx = if need_dx || self.lin(Gpt2Site::CAttn).trains() {
+        let dx = if need_dx || self.linear(Gpt2Site::CAttn).trains() {
             let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
             drop(dctx);
             let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?;
             drop((dq, dk, dv));
-            match back(Gpt2Site::CAttn, &dqkv, need_dx)? {
+            match lin.back(Gpt2Site::CAttn, &dqkv, need_dx)? {
                 Some(dxn) => Some((dh + saved.ln_1.backward(&self.ln_1, &dxn)?)?),
                 None => None,
             }
         } else {
             None // the lowest trainable block, and c_attn does not train: nothing below matters
         };
-        grads.sort_by_key(|(s, _)| *s);
-        Ok((dx, grads))
+        Ok((dx, lin.grads()))
     }
 }
 
@@ -413,16 +372,6 @@ pub struct Gpt2LMHeadModel {
     pub ln_f: LayerNorm,
     /// On the summed embeddings (`embd_pdrop`).
     pub embd_dropout: Dropout,
-}
-
-/// What a training forward keeps: the blocks from the lowest trainable one up (their states, or
-/// checkpoints), the final LayerNorm's state, and the batch's mask and shape for checkpointed
-/// blocks' second forward.
-pub struct Gpt2Saved {
-    pub layers: StackSaved<Gpt2BlockSaved>,
-    ln_f: LayerNormSaved,
-    mask_add: Tensor,
-    shape: AttnShape,
 }
 
 /// The checkpoint names (without `transformer.`) and Conv1D shapes `[in, out]` of every tensor.
@@ -507,7 +456,7 @@ impl Gpt2LMHeadModel {
     }
 
     /// Loads a Hugging Face GPT-2 folder (`config.json`, `model.safetensors`, names with or
-    /// without the `transformer.` prefix).
+    /// without the `transformer.` prefix), training with its config's dropout.
     pub fn load_hf(
         dir: &Path,
         dtype: DType,
@@ -515,7 +464,9 @@ impl Gpt2LMHeadModel {
     ) -> std::result::Result<Self, IoError> {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let w = Weights::open_dir(dir, &["transformer.", ""], dtype, device)?;
-        Self::from_weights(config, &w)
+        let mut m = Self::from_weights(config, &w)?;
+        m.use_config_dropout();
+        Ok(m)
     }
 
     /// Random checkpoint tensors in Hugging Face's layout (Conv1D `[in, out]`, no `transformer.`
@@ -569,134 +520,27 @@ impl Gpt2LMHeadModel {
         let (e, a, r) = (c.embd_pdrop, c.attn_pdrop, c.resid_pdrop);
         self.set_dropout(e, a, r);
     }
-
-    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
-    /// layers listed (all layers when `layers` is None). Returns how many were added.
-    pub fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut impl Rng,
-    ) -> Result<usize> {
-        let mut n = 0;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            if layers.is_some_and(|ls| !ls.contains(&i)) {
-                continue;
-            }
-            for s in Gpt2Site::ALL {
-                if cfg.target_modules.iter().any(|t| s.matches(t)) {
-                    let lin = &mut layer.linears[s as usize];
-                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
-                    // Adapters train in f32 (f64 in tests) whatever the base dtype.
-                    let w = &lin.base.weight;
-                    let dtype = match w.dtype() {
-                        DType::BF16 | DType::F16 => DType::F32,
-                        d => d,
-                    };
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    /// Adapters in order (layer, then site): the index SAFE uses.
-    pub fn adapter_sites(&self) -> Vec<(usize, Gpt2Site)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for s in Gpt2Site::ALL {
-                if l.linears[s as usize].lora.is_some() {
-                    v.push((i, s));
-                }
-            }
-        }
-        v
-    }
-
-    pub fn adapter(&self, layer: usize, site: Gpt2Site) -> Option<&LoraAdapter> {
-        self.layers.get(layer)?.linears[site as usize].lora.as_ref()
-    }
-
-    pub fn adapter_mut(&mut self, layer: usize, site: Gpt2Site) -> Option<&mut LoraAdapter> {
-        self.layers
-            .get_mut(layer)?
-            .linears
-            .get_mut(site as usize)?
-            .lora
-            .as_mut()
-    }
-
-    /// The lowest layer with an adapter that still trains; None when nothing trains.
-    pub fn lowest_trainable_layer(&self) -> Option<usize> {
-        self.layers.iter().position(|l| l.trains())
-    }
-
-    /// One block's training forward, as [`stack`] runs it.
-    fn block_forward<'a>(
-        mask_add: &'a Tensor,
-        shape: AttnShape,
-    ) -> impl FnMut(&Gpt2Block, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<Gpt2BlockSaved>)> + 'a
-    {
-        move |block, x, pass, save| block.forward(x, mask_add, shape, pass, save, None)
-    }
 }
 
-/// PEFT's module path of an adapter, e.g. `transformer.h.0.attn.c_attn`.
-pub fn adapter_path(layer: usize, site: Gpt2Site) -> String {
-    format!("transformer.h.{layer}.{}", site.path())
-}
-
-impl Adapted for Gpt2LMHeadModel {
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
-    }
-
-    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        self.adapter_sites()
-            .into_iter()
-            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
-            .collect()
-    }
-
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
-        let (layer, site) = path.strip_prefix("transformer.h.")?.split_once('.')?;
-        let site = Gpt2Site::ALL.into_iter().find(|s| s.path() == site)?;
-        self.adapter_mut(layer.parse().ok()?, site)
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        Gpt2LMHeadModel::lowest_trainable_layer(self)
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn peft_task_type(&self) -> &'static str {
-        "CAUSAL_LM"
-    }
-
-    /// GPT-2's linears are Conv1D (`[in, out]`): PEFT's config says so. The adapter tensors keep
-    /// PEFT's shapes either way (A `[r, in]`, B `[out, r]`).
-    fn peft_fan_in_fan_out(&self) -> bool {
-        true
-    }
-}
-
-impl DecoderParts for Gpt2LMHeadModel {
+impl AdaptedStack for Gpt2LMHeadModel {
     type Layer = Gpt2Block;
-    type Site = Gpt2Site;
-    const SITES: &'static [Gpt2Site] = &Gpt2Site::ALL;
-    type Saved = Gpt2Saved;
+    const LAYERS_PATH: &'static str = "transformer.h";
+    const TASK_TYPE: &'static str = "CAUSAL_LM";
+    /// Conv1D linears (`[in, out]`); the adapter tensors keep PEFT's shapes either way.
+    const FAN_IN_FAN_OUT: bool = true;
 
     fn layers(&self) -> &[Gpt2Block] {
         &self.layers
     }
 
-    fn path(layer: usize, site: Gpt2Site) -> String {
-        adapter_path(layer, site)
+    fn layers_mut(&mut self) -> &mut [Gpt2Block] {
+        &mut self.layers
     }
+}
+
+impl DecoderParts for Gpt2LMHeadModel {
+    type LayerSaved = Gpt2BlockSaved;
+    type NormSaved = LayerNormSaved;
 
     /// Token plus position embeddings, then embedding dropout.
     fn embed_at(
@@ -724,18 +568,27 @@ impl DecoderParts for Gpt2LMHeadModel {
         Ok(self.embd_dropout.forward(&x, pass, false)?.0)
     }
 
-    fn layer_forward(
+    fn layer_train(
         &self,
-        block: &Gpt2Block,
+        layer: &Gpt2Block,
         x: &Tensor,
-        b: &LmBatch,
+        mask_add: &Tensor,
+        shape: AttnShape,
         pass: &mut Pass,
+        save: bool,
         monitor: Option<&mut Gpt2Monitored>,
-    ) -> Result<Tensor> {
-        let shape = causal::attn_shape(b);
-        Ok(block
-            .forward(x, &b.mask_add, shape, pass, false, monitor)?
-            .0)
+    ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
+        layer.forward(x, mask_add, shape, pass, save, monitor)
+    }
+
+    fn layer_backward(
+        &self,
+        layer: &Gpt2Block,
+        saved: Gpt2BlockSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Vec<(Gpt2Site, LoraGrads)>)> {
+        layer.backward(saved, dout, need_dx)
     }
 
     fn layer_forward_cached(
@@ -748,611 +601,20 @@ impl DecoderParts for Gpt2LMHeadModel {
         block.forward_cached(x, 1, cache, pass)
     }
 
-    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.ln_f.forward(h, false)?.0)
+    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<LayerNormSaved>)> {
+        self.ln_f.forward(h, save)
+    }
+
+    fn final_norm_backward(&self, saved: LayerNormSaved, d: &Tensor) -> Result<Tensor> {
+        saved.backward(&self.ln_f, d)
     }
 
     /// The LM head's weight: the token embeddings.
     fn head_weight(&self) -> &Tensor {
         &self.wte
     }
-
-    /// Training forward to `ln_f`'s output `[batch*seq, n_embd]`. Blocks below the lowest
-    /// trainable adapter run without saving; blocks from it up save, or with `checkpoint` keep
-    /// only their inputs (see [`stack`]).
-    fn forward_train(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        checkpoint: bool,
-    ) -> Result<(Tensor, Gpt2Saved)> {
-        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
-        let run = Self::block_forward(&b.mask_add, shape);
-        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
-        let (hn, ln_f) = self.ln_f.forward(&h, true)?;
-        Ok((
-            hn,
-            Gpt2Saved {
-                layers,
-                ln_f: ln_f.expect("final norm saved"),
-                mask_add: b.mask_add.clone(),
-                shape,
-            },
-        ))
-    }
-
-    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
-    fn backward(&self, saved: Gpt2Saved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let dh = saved.ln_f.backward(&self.ln_f, dhidden)?;
-        let run = Self::block_forward(&saved.mask_add, saved.shape);
-        let back = |l: &Gpt2Block, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let per_layer = stack::backward(&self.layers, saved.layers, dh, run, back)?;
-        Ok(causal::by_site(per_layer))
-    }
-}
-
-impl CausalLm for Gpt2LMHeadModel {
-    fn device(&self) -> Device {
-        self.wte.device().clone()
-    }
-
-    fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut rand::rngs::StdRng,
-    ) -> Result<usize> {
-        Gpt2LMHeadModel::add_lora(self, cfg, layers, rng)
-    }
-
-    fn loss_and_grads(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        loss_scale: f64,
-        checkpoint: bool,
-    ) -> Result<(LmLoss, AdapterGrads)> {
-        causal::loss_and_grads(self, b, pass, loss_scale, checkpoint)
-    }
-
-    fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
-        causal::loss(self, b)
-    }
-
-    fn logits(&self, b: &LmBatch) -> Result<Tensor> {
-        causal::logits(self, b)
-    }
-
-    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
-        causal::next_logits_cached(self, new_ids, cache)
-    }
-
-    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
-        causal::hidden_before(self, b, layer)
-    }
-
-    fn monitor_layer(
-        &self,
-        layer: usize,
-        b: &LmBatch,
-        h: &Tensor,
-        point: MonitorPoint,
-    ) -> Result<MonitoredLayer> {
-        causal::monitor_layer(self, layer, b, h, point)
-    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nn::gradcheck::{max_abs_diff, randn};
-    use candle_core::Var;
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
-
-    fn config() -> Gpt2Config {
-        serde_json::from_value(serde_json::json!({
-            "vocab_size": 40, "n_positions": 8, "n_embd": 16, "n_layer": 3, "n_head": 4,
-            "n_inner": null, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "bos_token_id": 1, "eos_token_id": 1, "model_type": "gpt2"
-        }))
-        .unwrap()
-    }
-
-    /// Checkpoint tensors (Conv1D layout, no prefix) with every weight, bias and LayerNorm
-    /// parameter nonzero and of order 0.1-1, so each one moves the output measurably.
-    fn tensors(cfg: &Gpt2Config, seed: u64) -> HashMap<String, Tensor> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut t = Gpt2LMHeadModel::random_tensors(cfg, &mut rng);
-        let mut names: Vec<String> = t.keys().cloned().collect();
-        names.sort();
-        for (i, name) in names.into_iter().enumerate() {
-            let dims = t[&name].dims().to_vec();
-            let r = randn(&dims, seed * 1000 + i as u64);
-            let v = if name.contains("ln_") && name.ends_with(".weight") {
-                r.affine(0.2, 1.0)
-            } else if name.starts_with("wte") || name.starts_with("wpe") {
-                Ok(r)
-            } else {
-                r.affine(0.4, 0.0)
-            };
-            t.insert(name, v.unwrap().to_dtype(DType::F32).unwrap());
-        }
-        t
-    }
-
-    fn model_from(cfg: &Gpt2Config, t: &HashMap<String, Tensor>, dtype: DType) -> Gpt2LMHeadModel {
-        let w = Weights::from_tensors(t.clone(), dtype, &Device::Cpu);
-        Gpt2LMHeadModel::from_weights(cfg.clone(), &w).unwrap()
-    }
-
-    /// A tiny random GPT-2 in f64, LoRA on all four sites (`c_proj` names both projections)
-    /// with nonzero B, dropout everywhere.
-    fn tiny() -> Gpt2LMHeadModel {
-        let cfg = config();
-        let mut m = model_from(&cfg, &tensors(&cfg, 3), DType::F64);
-        m.set_dropout(0.1, 0.1, 0.1);
-        let lora = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.1,
-            target_modules: vec!["c_attn".into(), "c_fc".into(), "c_proj".into()],
-            use_rslora: false,
-        };
-        let mut rng = StdRng::seed_from_u64(4);
-        assert_eq!(m.add_lora(&lora, None, &mut rng).unwrap(), 12);
-        for (i, (l, s)) in m.adapter_sites().into_iter().enumerate() {
-            let ad = m.adapter_mut(l, s).unwrap();
-            ad.b = randn(ad.b.dims(), 100 + i as u64); // B = 0 (PEFT init) would zero every dA
-        }
-        m
-    }
-
-    fn batch(dtype: DType) -> LmBatch {
-        let dev = Device::Cpu;
-        let ids =
-            Tensor::from_vec(vec![2u32, 7, 9, 11, 3, 5, 2, 13, 5, 0, 0, 0], (2, 6), &dev).unwrap();
-        let mask =
-            Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], (2, 6), &dev).unwrap();
-        LmBatch {
-            input_ids: ids,
-            mask_add: crate::nn::attention::mask_to_additive(&mask, dtype).unwrap(),
-            targets: vec![7, 9, 11, 3, 5, -100, 13, 5, -100, -100, -100, -100],
-            batch: 2,
-            seq: 6,
-        }
-    }
-
-    fn grads(m: &Gpt2LMHeadModel) -> (LmLoss, SiteGrads) {
-        grads_with(m, false)
-    }
-
-    fn grads_with(m: &Gpt2LMHeadModel, checkpoint: bool) -> (LmLoss, SiteGrads) {
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-        };
-        causal::loss_and_site_grads(m, &batch(DType::F64), &mut pass, 1.0, checkpoint).unwrap()
-    }
-
-    /// With every dropout on (embeddings, attention, residual, LoRA), gradient checkpointing
-    /// replays each block's masks in its second forward: the same loss and gradients bit for bit.
-    #[test]
-    fn gradient_checkpointing_gives_the_same_gradients() {
-        let mut m = tiny();
-        for frozen_below in [0, 1] {
-            for (l, s) in m.adapter_sites() {
-                m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
-            }
-            let ((loss, g), (loss_ck, g_ck)) = (grads_with(&m, false), grads_with(&m, true));
-            assert_eq!(loss.loss_sum, loss_ck.loss_sum);
-            assert_eq!(g.len(), g_ck.len());
-            for ((l, s, a), (l_ck, s_ck, b)) in g.iter().zip(&g_ck) {
-                assert_eq!((l, s), (l_ck, s_ck));
-                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "layer {l} {s:?} A");
-                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "layer {l} {s:?} B");
-            }
-        }
-    }
-
-    /// Every adapter's gradient equals candle's autograd through the same forward (all dropouts
-    /// on, same seed) and a full-logits cross-entropy, on a tiny random GPT-2 in f64. The bound
-    /// is 5e-6, not 1e-9: candle's backward of `gelu` and `gelu_erf` uses 6-digit constants
-    /// (0.797885, 0.0356774, 0.398942), which puts the tape itself ~1e-7 off at these O(1)
-    /// activations. The finite-difference test below pins our gradients to 1e-8.
-    #[test]
-    fn whole_model_gradients_match_autograd() {
-        check_against_autograd(&tiny(), 5e-6);
-    }
-
-    /// Our gradients against central finite differences of the loss (same dropout masks), on a
-    /// sample of entries of every adapter's A and B: exact to 1e-8, where the tape is ~1e-7 off.
-    #[test]
-    fn whole_model_gradients_match_finite_differences() {
-        let m = tiny();
-        let (_, ours) = grads(&m);
-        let loss_of = |m: &Gpt2LMHeadModel| {
-            let mut rng = StdRng::seed_from_u64(5);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-            };
-            let b = batch(DType::F64);
-            let (hn, _) = m.forward_train(&b, &mut pass, false).unwrap();
-            let l =
-                crate::nn::loss::lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false).unwrap();
-            l.loss_sum / l.tokens as f64
-        };
-        let h = 1e-5;
-        let mut worst = 0f64;
-        for (k, (l, s, g)) in ours.iter().enumerate() {
-            for (which, grad) in [(0, &g.a), (1, &g.b)] {
-                let n = grad.elem_count();
-                let want: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
-                for e in [k % n, (7 * k + 3) % n, n - 1] {
-                    let shifted = |delta: f64| {
-                        let mut m2 = m.clone();
-                        let ad = m2.adapter_mut(*l, *s).unwrap();
-                        let t = if which == 0 { &mut ad.a } else { &mut ad.b };
-                        let mut v: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
-                        v[e] += delta;
-                        *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
-                        loss_of(&m2)
-                    };
-                    let fd = (shifted(h) - shifted(-h)) / (2.0 * h);
-                    let d = (fd - want[e]).abs();
-                    worst = worst.max(d);
-                    assert!(
-                        d < 1e-8,
-                        "layer {l} {s:?} {which} entry {e}: {} vs fd {fd}",
-                        want[e]
-                    );
-                }
-            }
-        }
-        assert!(worst > 0.0);
-    }
-
-    fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
-        let (loss, ours) = grads(m);
-        let mut taped = m.clone();
-        let mut vars = Vec::new();
-        for (l, s) in taped.adapter_sites() {
-            let ad = taped.adapter_mut(l, s).unwrap();
-            let (a, b) = (
-                Var::from_tensor(&ad.a).unwrap(),
-                Var::from_tensor(&ad.b).unwrap(),
-            );
-            ad.a = a.as_tensor().clone();
-            ad.b = b.as_tensor().clone();
-            vars.push((l, s, a, b));
-        }
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-        };
-        let b = batch(DType::F64);
-        let (hn, _) = taped.forward_train(&b, &mut pass, false).unwrap();
-        let logits = hn.matmul(&taped.head_weight().t().unwrap()).unwrap();
-        let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
-        let logp = logits.broadcast_sub(&lse).unwrap();
-        let rows: Vec<u32> = (0..12u32).filter(|&i| b.targets[i as usize] >= 0).collect();
-        let tgt: Vec<u32> = rows.iter().map(|&i| b.targets[i as usize] as u32).collect();
-        let n = rows.len();
-        let picked = logp
-            .index_select(&Tensor::from_vec(rows, n, &Device::Cpu).unwrap(), 0)
-            .unwrap()
-            .gather(&Tensor::from_vec(tgt, (n, 1), &Device::Cpu).unwrap(), 1)
-            .unwrap();
-        let tape_loss = picked.mean_all().unwrap().neg().unwrap();
-        let want = tape_loss.to_scalar::<f64>().unwrap();
-        assert!((loss.loss_sum / loss.tokens as f64 - want).abs() < 1e-10);
-        let tape = tape_loss.backward().unwrap();
-        assert_eq!(ours.len(), vars.len());
-        for ((l, s, g), (vl, vs, a, b)) in ours.iter().zip(&vars) {
-            assert_eq!((*l, *s), (*vl, *vs));
-            let ta = tape.get(a).unwrap();
-            let da = max_abs_diff(&g.a, ta);
-            let db = max_abs_diff(&g.b, tape.get(b).unwrap());
-            assert!(
-                da < tol && db < tol,
-                "layer {l} {s:?}: dA off by {da}, dB off by {db}"
-            );
-            let scale = ta
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(scale > 1e-2, "layer {l} {s:?}: dA is ~0 ({scale})");
-        }
-    }
-
-    /// Freezing the bottom layers' adapters: those layers save nothing, get no gradient, and the
-    /// top layer's gradients are unchanged. With only c_fc training in the lowest trainable
-    /// layer, its attention backward is skipped and the gradients still agree.
-    #[test]
-    fn frozen_bottom_layers_save_nothing() {
-        let mut m = tiny();
-        let (_, all) = grads(&m);
-        for (l, s) in m.adapter_sites() {
-            if l < 2 {
-                m.adapter_mut(l, s).unwrap().trainable = false;
-            }
-        }
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-        };
-        let (_, saved) = m
-            .forward_train(&batch(DType::F64), &mut pass, false)
-            .unwrap();
-        assert_eq!((saved.layers.first, saved.layers.states_kept()), (2, 1));
-        let (_, top) = grads(&m);
-        assert_eq!(top.len(), 4);
-        assert!(top.iter().all(|(l, _, _)| *l == 2));
-        let same = |top: &SiteGrads| {
-            for (l, s, g) in top {
-                let (_, _, ga) = all.iter().find(|(la, sa, _)| la == l && sa == s).unwrap();
-                assert!(max_abs_diff(&g.a, &ga.a) < 1e-12 && max_abs_diff(&g.b, &ga.b) < 1e-12);
-            }
-        };
-        same(&top);
-        m.adapter_mut(2, Gpt2Site::CAttn).unwrap().trainable = false;
-        let (_, top) = grads(&m);
-        assert_eq!(top.len(), 3);
-        same(&top);
-    }
-
-    /// `target_modules` as PEFT matches them: against the end of the module path.
-    #[test]
-    fn target_names_match_the_end_of_the_path() {
-        let on = |t: &str| -> Vec<Gpt2Site> {
-            Gpt2Site::ALL.into_iter().filter(|s| s.matches(t)).collect()
-        };
-        assert_eq!(on("c_attn"), [Gpt2Site::CAttn]);
-        assert_eq!(on("c_proj"), [Gpt2Site::AttnCProj, Gpt2Site::MlpCProj]);
-        assert_eq!(on("attn.c_proj"), [Gpt2Site::AttnCProj]);
-        assert_eq!(on("mlp.c_proj"), [Gpt2Site::MlpCProj]);
-        assert!(on("q_proj").is_empty() && on("proj").is_empty());
-    }
-
-    /// GPT-2 straight from the checkpoint's Conv1D tensors (`y = x W + b`, no transposes), in
-    /// plain candle ops, for one unpadded sequence: the oracle for the loader and the forward.
-    fn reference_logits(t: &HashMap<String, Tensor>, c: &Gpt2Config, ids: &[u32]) -> Tensor {
-        let g = |n: &str| t[n].to_dtype(DType::F64).unwrap();
-        let conv = |x: &Tensor, p: &str| {
-            x.matmul(&g(&format!("{p}.weight")))
-                .unwrap()
-                .broadcast_add(&g(&format!("{p}.bias")))
-                .unwrap()
-        };
-        let ln = |x: &Tensor, p: &str| {
-            let mean = x.mean_keepdim(1).unwrap();
-            let xc = x.broadcast_sub(&mean).unwrap();
-            let var = xc.sqr().unwrap().mean_keepdim(1).unwrap();
-            let rstd = (var + c.layer_norm_epsilon)
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .recip()
-                .unwrap();
-            xc.broadcast_mul(&rstd)
-                .unwrap()
-                .broadcast_mul(&g(&format!("{p}.weight")))
-                .unwrap()
-                .broadcast_add(&g(&format!("{p}.bias")))
-                .unwrap()
-        };
-        let n = ids.len();
-        let (e, d) = (c.n_embd, c.head_dim());
-        let ids_t = Tensor::from_slice(ids, n, &Device::Cpu).unwrap();
-        let mut x = (g("wte.weight").index_select(&ids_t, 0).unwrap()
-            + g("wpe.weight").narrow(0, 0, n).unwrap())
-        .unwrap();
-        let causal: Vec<f64> = (0..n)
-            .flat_map(|i| (0..n).map(move |j| if j > i { f64::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let causal = Tensor::from_vec(causal, (n, n), &Device::Cpu).unwrap();
-        for l in 0..c.n_layer {
-            let p = format!("h.{l}");
-            let qkv = conv(&ln(&x, &format!("{p}.ln_1")), &format!("{p}.attn.c_attn"));
-            let mut heads = Vec::new();
-            for h in 0..c.n_head {
-                let part = |k: usize| qkv.narrow(1, k * e + h * d, d).unwrap();
-                let s = (part(0).matmul(&part(1).t().unwrap()).unwrap() / (d as f64).sqrt())
-                    .unwrap()
-                    .broadcast_add(&causal)
-                    .unwrap();
-                let p = candle_core::D::Minus1;
-                let ex = s
-                    .broadcast_sub(&s.max_keepdim(p).unwrap())
-                    .unwrap()
-                    .exp()
-                    .unwrap();
-                let probs = ex.broadcast_div(&ex.sum_keepdim(p).unwrap()).unwrap();
-                heads.push(probs.matmul(&part(2)).unwrap());
-            }
-            let ctx = Tensor::cat(&heads, 1).unwrap();
-            x = (x + conv(&ctx, &format!("{p}.attn.c_proj"))).unwrap();
-            let f = conv(&ln(&x, &format!("{p}.ln_2")), &format!("{p}.mlp.c_fc"));
-            let k = (2.0 / std::f64::consts::PI).sqrt();
-            let u =
-                ((&f + f.powf(3.0).unwrap().affine(0.044715, 0.0).unwrap()).unwrap() * k).unwrap();
-            let act = (&f * u.tanh().unwrap().affine(0.5, 0.5).unwrap()).unwrap();
-            x = (x + conv(&act, &format!("{p}.mlp.c_proj"))).unwrap();
-        }
-        ln(&x, "ln_f")
-            .matmul(&g("wte.weight").t().unwrap())
-            .unwrap()
-    }
-
-    fn write_folder(dir: &Path, cfg: &Gpt2Config, t: &HashMap<String, Tensor>, prefix: &str) {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut file: HashMap<String, Tensor> = t
-            .iter()
-            .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
-            .collect();
-        // Old checkpoints also hold the causal-mask buffer; it is not a parameter.
-        let np = cfg.n_positions;
-        let buffer = Tensor::ones((1, 1, np, np), DType::F32, &Device::Cpu).unwrap();
-        file.insert(format!("{prefix}h.0.attn.bias"), buffer);
-        candle_core::safetensors::save(&file, dir.join("model.safetensors")).unwrap();
-        let mut json = serde_json::to_value(cfg).unwrap();
-        json["model_type"] = "gpt2".into();
-        json["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-        std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
-    }
-
-    /// A Hugging Face folder (Conv1D `[in, out]` weights, with or without `transformer.`) loads
-    /// to the model `random`'s path builds from the same tensors, and both agree with a forward
-    /// computed straight from the Conv1D tensors; one element of c_attn's output is checked by
-    /// hand against `y = x W + b`.
-    #[test]
-    fn hf_folder_loads_conv1d_weights_transposed() {
-        let cfg = config();
-        let t = tensors(&cfg, 8);
-        let ids = [3u32, 17, 1, 39, 0, 22, 8];
-        let b = {
-            let n = ids.len();
-            let mask = Tensor::ones((1, n), DType::U32, &Device::Cpu).unwrap();
-            LmBatch {
-                input_ids: Tensor::from_slice(&ids, (1, n), &Device::Cpu).unwrap(),
-                mask_add: crate::nn::attention::mask_to_additive(&mask, DType::F32).unwrap(),
-                targets: vec![-100; n],
-                batch: 1,
-                seq: n,
-            }
-        };
-        let want = reference_logits(&t, &cfg, &ids);
-        let in_memory = CausalLm::logits(&model_from(&cfg, &t, DType::F32), &b).unwrap();
-        let d = max_abs_diff(&in_memory.to_dtype(DType::F64).unwrap(), &want);
-        assert!(d < 1e-4, "forward vs the Conv1D reference: {d}");
-        let dir = tempfile::tempdir().unwrap();
-        for prefix in ["transformer.", ""] {
-            let folder = dir.path().join(format!("gpt2{prefix}"));
-            write_folder(&folder, &cfg, &t, prefix);
-            let m = Gpt2LMHeadModel::load_hf(&folder, DType::F32, &Device::Cpu).unwrap();
-            assert_eq!(m.config, cfg);
-            let got = CausalLm::logits(&m, &b).unwrap();
-            assert_eq!(max_abs_diff(&got, &in_memory), 0.0, "prefix {prefix:?}");
-
-            // c_attn of layer 1: column 37 (a key feature) of row 0, by hand.
-            let x = randn(&[2, cfg.n_embd], 21).to_dtype(DType::F32).unwrap();
-            let y = m.layers[1].linears[Gpt2Site::CAttn as usize]
-                .base
-                .forward(&x)
-                .unwrap();
-            assert_eq!(y.dims(), &[2, 3 * cfg.n_embd]);
-            let w: Vec<Vec<f32>> = t["h.1.attn.c_attn.weight"].to_vec2().unwrap();
-            let bias: Vec<f32> = t["h.1.attn.c_attn.bias"].to_vec1().unwrap();
-            let xr: Vec<f32> = x.get(0).unwrap().to_vec1().unwrap();
-            let j = 37;
-            let by_hand: f64 = bias[j] as f64
-                + (0..cfg.n_embd)
-                    .map(|i| xr[i] as f64 * w[i][j] as f64)
-                    .sum::<f64>();
-            let ours: f32 = y.get(0).unwrap().get(j).unwrap().to_scalar().unwrap();
-            assert!((ours as f64 - by_hand).abs() < 1e-5, "{ours} vs {by_hand}");
-        }
-    }
-
-    /// The PEFT files of a GPT-2 adapter say `fan_in_fan_out: true`, keep PEFT's shapes and
-    /// paths, and load back into a fresh model.
-    #[test]
-    fn peft_export_says_fan_in_fan_out() {
-        let m = tiny();
-        let lora = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.1,
-            target_modules: vec!["c_attn".into(), "c_fc".into(), "c_proj".into()],
-            use_rslora: false,
-        };
-        let dir = tempfile::tempdir().unwrap();
-        crate::io::peft::save(dir.path(), &m, &lora, "tiny-gpt2").unwrap();
-        let pc = crate::io::peft::read_config(dir.path()).unwrap();
-        assert!(pc.fan_in_fan_out);
-        assert_eq!(pc.task_type.as_deref(), Some("CAUSAL_LM"));
-        assert_eq!(pc.layers_to_transform, None);
-        let file = candle_core::safetensors::load(
-            dir.path().join(crate::io::peft::WEIGHTS_FILE),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let key = "base_model.model.transformer.h.0.attn.c_attn";
-        assert_eq!(file[&format!("{key}.lora_A.weight")].dims(), &[2, 16]);
-        assert_eq!(file[&format!("{key}.lora_B.weight")].dims(), &[48, 2]);
-        let mut fresh = tiny();
-        for (l, s) in fresh.adapter_sites() {
-            let ad = fresh.adapter_mut(l, s).unwrap();
-            ad.b = ad.b.zeros_like().unwrap();
-        }
-        crate::io::peft::load(dir.path(), &mut fresh).unwrap();
-        for ((pa, a), (pb, b)) in m.adapters().into_iter().zip(fresh.adapters()) {
-            assert_eq!(pa, pb);
-            assert_eq!(max_abs_diff(&a.a, &b.a), 0.0);
-            assert_eq!(max_abs_diff(&a.b, &b.b), 0.0);
-        }
-    }
-
-    /// Bad configs fail naming the file and the field.
-    #[test]
-    fn bad_config_names_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.json");
-        let cases = [
-            (serde_json::json!({"n_head": 5}), "n_head"),
-            (serde_json::json!({"activation_function": "relu"}), "relu"),
-            (
-                serde_json::json!({"scale_attn_by_inverse_layer_idx": true}),
-                "scale",
-            ),
-            (serde_json::json!({"attn_pdrop": 1.0}), "attn_pdrop"),
-            (serde_json::json!({"n_embd": "wide"}), "not a GPT-2 config"),
-        ];
-        for (patch, needle) in cases {
-            let mut json = serde_json::to_value(config()).unwrap();
-            for (k, v) in patch.as_object().unwrap() {
-                json[k] = v.clone();
-            }
-            std::fs::write(&path, json.to_string()).unwrap();
-            let e = Gpt2Config::from_file(&path).unwrap_err().to_string();
-            assert!(
-                e.contains(&path.display().to_string()) && e.contains(needle),
-                "{needle}: {e}"
-            );
-        }
-        let e = Gpt2Config::from_file(&dir.path().join("nope.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("nope.json"), "{e}");
-    }
-
-    /// Positions past `n_positions` are refused, not read out of the table.
-    #[test]
-    fn too_long_sequences_are_refused() {
-        let cfg = config();
-        let m = model_from(&cfg, &tensors(&cfg, 3), DType::F32);
-        let n = cfg.n_positions + 1;
-        let mask = Tensor::ones((1, n), DType::U32, &Device::Cpu).unwrap();
-        let b = LmBatch {
-            input_ids: Tensor::zeros((1, n), DType::U32, &Device::Cpu).unwrap(),
-            mask_add: crate::nn::attention::mask_to_additive(&mask, DType::F32).unwrap(),
-            targets: vec![-100; n],
-            batch: 1,
-            seq: n,
-        };
-        let e = CausalLm::logits(&m, &b).unwrap_err().to_string();
-        assert!(e.contains("positions"), "{e}");
-    }
-}
+#[path = "gpt2_tests.rs"]
+mod tests;

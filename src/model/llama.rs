@@ -197,6 +197,28 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
+    /// Every checkpoint tensor's name and shape (no biases), for random models.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![self.vocab_size, h]),
+            ("model.norm.weight".into(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            shapes.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
+        }
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for s in LlamaSite::ALL {
+                let (o, inp) = s.shape(self);
+                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
+            }
+            shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        }
+        shapes
+    }
+
     /// Shape rules every loader checks, with the file named in the error.
     pub fn validate(&self, path: &Path) -> std::result::Result<(), IoError> {
         let bad = |message: String| IoError::Invalid {
@@ -303,19 +325,16 @@ fn sliding_window(obj: &serde_json::Map<String, serde_json::Value>) -> Option<us
 }
 
 use super::causal::{self, DecoderParts};
-use super::stack::{self, StackSaved};
-use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
-use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{Adapted, AdaptedLayer};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{self, AdaptedStack};
+use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::{Linear, QuantFormat};
-use crate::nn::loss::LmLoss;
 use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
 use crate::nn::rope::Rope;
 use crate::nn::swiglu::{self, SwiGluSaved};
 use crate::nn::{Dropout, Pass};
-use crate::safe::MonitorPoint;
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 
@@ -355,12 +374,6 @@ impl LlamaSite {
         }
     }
 
-    /// PEFT matches `target_modules` entries against the end of the module path.
-    pub fn matches(self, target: &str) -> bool {
-        let path = self.path();
-        path == target || path.ends_with(&format!(".{target}"))
-    }
-
     /// `(out, in)` features of this linear.
     pub fn shape(self, c: &LlamaConfig) -> (usize, usize) {
         let (h, f, q, kv) = (
@@ -388,15 +401,11 @@ pub struct LlamaLayer {
     pub post_attention_norm: RmsNorm,
 }
 
-impl AdaptedLayer for LlamaLayer {
-    fn linears_mut(&mut self) -> &mut [LoraLinear] {
-        &mut self.linears
-    }
-}
+crate::adapters::block::impl_block!(LlamaLayer, LlamaSite);
 
 /// What a layer on the gradient path keeps for backward.
 pub struct LlamaLayerSaved {
-    lin: Vec<LoraLinearSaved>,
+    lin: SiteStates<LlamaSite, LoraLinearSaved>,
     input_norm: RmsNormSaved,
     attn: AttentionSaved,
     post_norm: RmsNormSaved,
@@ -410,17 +419,9 @@ pub type LayerGrads = Vec<(LlamaSite, LoraGrads)>;
 pub type SiteGrads = causal::SiteGrads<LlamaSite>;
 
 /// Per-adapter monitoring output `(site, X adapted, Y base)`, as in BERT.
-pub type LlamaMonitored = Vec<(LlamaSite, Tensor, Tensor)>;
+pub type LlamaMonitored = adapters::Monitored<LlamaSite>;
 
 impl LlamaLayer {
-    fn lin(&self, s: LlamaSite) -> &LoraLinear {
-        &self.linears[s as usize]
-    }
-
-    pub fn trains(&self) -> bool {
-        self.linears.iter().any(|l| l.trains())
-    }
-
     /// `x` is `[batch*seq, hidden]`; pre-norm residual blocks: `h = x + attn(norm(x))`,
     /// `out = h + mlp(norm(h))`.
     #[allow(clippy::too_many_arguments)]
@@ -467,38 +468,29 @@ impl LlamaLayer {
         ) -> Result<(Tensor, Option<AttentionSaved>)>,
         pass: &mut Pass,
         save: bool,
-        mut monitor: Option<&mut LlamaMonitored>,
+        monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
-        let mut lin = Vec::with_capacity(7);
-        let mut run = |s: LlamaSite, x: &Tensor, pass: &mut Pass| -> Result<Tensor> {
-            let l = self.lin(s);
-            let (y, base, saved) = l.forward_parts(x, pass, save)?;
-            if let (Some(m), Some(_)) = (monitor.as_deref_mut(), &l.lora) {
-                m.push((s, y.clone(), base));
-            }
-            lin.push(saved);
-            Ok(y)
-        };
+        let mut lin = SiteForward::new(self, save, monitor);
         let (xn, input_norm) = self.input_norm.forward(x, save)?;
-        let q = run(LlamaSite::Q, &xn, pass)?;
-        let k = run(LlamaSite::K, &xn, pass)?;
-        let v = run(LlamaSite::V, &xn, pass)?;
+        let q = lin.run(LlamaSite::Q, &xn, pass)?;
+        let k = lin.run(LlamaSite::K, &xn, pass)?;
+        let v = lin.run(LlamaSite::V, &xn, pass)?;
         drop(xn);
         let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
         drop((q, k, v));
-        let h = (x + run(LlamaSite::O, &ctx, pass)?)?;
+        let h = (x + lin.run(LlamaSite::O, &ctx, pass)?)?;
         drop(ctx);
         let (hn, post_norm) = self.post_attention_norm.forward(&h, save)?;
-        let g = run(LlamaSite::Gate, &hn, pass)?;
-        let u = run(LlamaSite::Up, &hn, pass)?;
+        let g = lin.run(LlamaSite::Gate, &hn, pass)?;
+        let u = lin.run(LlamaSite::Up, &hn, pass)?;
         drop(hn);
         let (a, sw) = swiglu::forward(&g, &u, save)?;
         drop((g, u));
-        let out = (&h + run(LlamaSite::Down, &a, pass)?)?;
+        let out = (&h + lin.run(LlamaSite::Down, &a, pass)?)?;
         let saved = match (input_norm, attn, post_norm, sw) {
             (Some(input_norm), Some(attn), Some(post_norm), Some(swiglu)) => {
                 Some(LlamaLayerSaved {
-                    lin,
+                    lin: lin.states,
                     input_norm,
                     attn,
                     post_norm,
@@ -517,46 +509,36 @@ impl LlamaLayer {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, LayerGrads)> {
-        let mut grads = Vec::new();
-        let mut lin = saved.lin.into_iter().map(Some).collect::<Vec<_>>();
-        let mut back = |s: LlamaSite, dy: &Tensor, need: bool| -> Result<Option<Tensor>> {
-            let st = lin[s as usize].take().expect("each linear is saved once");
-            let (dx, g) = self.lin(s).backward(st, dy, need)?;
-            if let Some(g) = g {
-                grads.push((s, g));
-            }
-            Ok(dx)
-        };
+        let mut lin = SiteBackward::new(self, saved.lin);
         let add = |acc: Option<Tensor>, d: Option<Tensor>| -> Result<Option<Tensor>> {
             Ok(match (acc, d) {
                 (Some(a), Some(d)) => Some((a + d)?),
                 (a, d) => a.or(d),
             })
         };
-        let da = back(LlamaSite::Down, dout, true)?.expect("dx requested");
+        let da = lin.back_dx(LlamaSite::Down, dout)?;
         let (dg, du) = saved.swiglu.backward(&da)?;
         drop(da);
         let dhn = add(
-            back(LlamaSite::Gate, &dg, true)?,
-            back(LlamaSite::Up, &du, true)?,
+            lin.back(LlamaSite::Gate, &dg, true)?,
+            lin.back(LlamaSite::Up, &du, true)?,
         )?
         .expect("dx requested");
         drop((dg, du));
         let dh = (dout + saved.post_norm.backward(&self.post_attention_norm, &dhn)?)?;
         drop(dhn);
-        let dctx = back(LlamaSite::O, &dh, true)?.expect("dx requested");
+        let dctx = lin.back_dx(LlamaSite::O, &dh)?;
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
         drop(dctx);
         let mut dxn = None;
         for (s, d) in [(LlamaSite::Q, dq), (LlamaSite::K, dk), (LlamaSite::V, dv)] {
-            dxn = add(dxn, back(s, &d, need_dx)?)?;
+            dxn = add(dxn, lin.back(s, &d, need_dx)?)?;
         }
         let dx = match dxn {
             Some(dxn) => Some((dh + saved.input_norm.backward(&self.input_norm, &dxn)?)?),
             None => None,
         };
-        grads.sort_by_key(|(s, _)| *s);
-        Ok((dx, grads))
+        Ok((dx, lin.grads()))
     }
 }
 
@@ -571,16 +553,6 @@ pub struct LlamaForCausalLM {
     /// `[vocab, hidden]`; None when tied to `embed_tokens`.
     pub lm_head: Option<Tensor>,
     pub rope: Rope,
-}
-
-/// What a training forward keeps: the layers from the lowest trainable one up (their states, or
-/// checkpoints), the final norm's input state, and the batch's mask and shape for checkpointed
-/// layers' second forward.
-pub struct LlamaSaved {
-    pub layers: StackSaved<LlamaLayerSaved>,
-    norm: RmsNormSaved,
-    mask_add: Tensor,
-    shape: AttnShape,
 }
 
 impl LlamaForCausalLM {
@@ -681,24 +653,7 @@ impl LlamaForCausalLM {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        let c = &config;
-        let h = c.hidden_size;
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
-            ("model.norm.weight".into(), vec![h]),
-        ];
-        if !c.tie_word_embeddings {
-            shapes.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
-        }
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            for s in LlamaSite::ALL {
-                let (o, inp) = s.shape(c);
-                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
-            }
-            shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        }
+        let shapes = config.tensor_shapes();
         let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
         let mut tensors = std::collections::HashMap::new();
         for (name, shape) in shapes {
@@ -718,144 +673,52 @@ impl LlamaForCausalLM {
         }
         Self::from_weights(config, &Weights::from_tensors(tensors, dtype, device))
     }
-
-    /// Puts a fresh LoRA adapter on every linear whose name matches `cfg.target_modules`, in the
-    /// layers listed (all layers when `layers` is None). Returns how many were added.
-    pub fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut impl Rng,
-    ) -> Result<usize> {
-        let mut n = 0;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            if layers.is_some_and(|ls| !ls.contains(&i)) {
-                continue;
-            }
-            for s in LlamaSite::ALL {
-                if cfg.target_modules.iter().any(|t| s.matches(t)) {
-                    let lin = &mut layer.linears[s as usize];
-                    let (o, inp) = (lin.base.out_features(), lin.base.in_features());
-                    // Adapters train in f32 (f64 in tests) whatever the base dtype.
-                    let w = &lin.base.weight;
-                    let dtype = match w.dtype() {
-                        DType::BF16 | DType::F16 => DType::F32,
-                        d => d,
-                    };
-                    lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    /// Adapters in order (layer, then site): the index SAFE uses.
-    pub fn adapter_sites(&self) -> Vec<(usize, LlamaSite)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for s in LlamaSite::ALL {
-                if l.linears[s as usize].lora.is_some() {
-                    v.push((i, s));
-                }
-            }
-        }
-        v
-    }
-
-    pub fn adapter(&self, layer: usize, site: LlamaSite) -> Option<&LoraAdapter> {
-        self.layers.get(layer)?.linears[site as usize].lora.as_ref()
-    }
-
-    pub fn adapter_mut(&mut self, layer: usize, site: LlamaSite) -> Option<&mut LoraAdapter> {
-        self.layers.get_mut(layer)?.linears[site as usize]
-            .lora
-            .as_mut()
-    }
-
-    /// The lowest layer with an adapter that still trains; None when nothing trains.
-    pub fn lowest_trainable_layer(&self) -> Option<usize> {
-        self.layers.iter().position(|l| l.trains())
-    }
-
-    /// One layer's training forward, as [`stack`] runs it.
-    fn layer_forward_train<'a>(
-        &'a self,
-        mask_add: &'a Tensor,
-        shape: AttnShape,
-    ) -> impl FnMut(&LlamaLayer, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<LlamaLayerSaved>)>
-           + 'a {
-        move |layer, x, pass, save| layer.forward(x, mask_add, shape, &self.rope, pass, save, None)
-    }
 }
 
-/// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
-pub fn adapter_path(layer: usize, site: LlamaSite) -> String {
-    format!("model.layers.{layer}.{}", site.path())
-}
-
-impl Adapted for LlamaForCausalLM {
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
-    }
-
-    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        self.adapter_sites()
-            .into_iter()
-            .map(|(l, s)| (adapter_path(l, s), self.adapter(l, s).expect("listed")))
-            .collect()
-    }
-
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
-        let (layer, site) = path.strip_prefix("model.layers.")?.split_once('.')?;
-        let site = LlamaSite::ALL.into_iter().find(|s| s.path() == site)?;
-        self.adapter_mut(layer.parse().ok()?, site)
-    }
-
-    fn lowest_trainable_layer(&self) -> Option<usize> {
-        LlamaForCausalLM::lowest_trainable_layer(self)
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn peft_task_type(&self) -> &'static str {
-        "CAUSAL_LM"
-    }
-}
-
-impl DecoderParts for LlamaForCausalLM {
+impl AdaptedStack for LlamaForCausalLM {
     type Layer = LlamaLayer;
-    type Site = LlamaSite;
-    const SITES: &'static [LlamaSite] = &LlamaSite::ALL;
-    type Saved = LlamaSaved;
+    const LAYERS_PATH: &'static str = "model.layers";
+    const TASK_TYPE: &'static str = "CAUSAL_LM";
 
     fn layers(&self) -> &[LlamaLayer] {
         &self.layers
     }
 
-    fn path(layer: usize, site: LlamaSite) -> String {
-        adapter_path(layer, site)
+    fn layers_mut(&mut self) -> &mut [LlamaLayer] {
+        &mut self.layers
     }
+}
+
+impl DecoderParts for LlamaForCausalLM {
+    type LayerSaved = LlamaLayerSaved;
+    type NormSaved = RmsNormSaved;
 
     /// Token embeddings only: positions enter through rope, in attention.
     fn embed_at(&self, ids: &Tensor, _: usize, _: usize, _: &mut Pass) -> Result<Tensor> {
         self.embed_tokens.index_select(&ids.flatten_all()?, 0)
     }
 
-    fn layer_forward(
+    fn layer_train(
         &self,
         layer: &LlamaLayer,
         x: &Tensor,
-        b: &LmBatch,
+        mask_add: &Tensor,
+        shape: AttnShape,
         pass: &mut Pass,
+        save: bool,
         monitor: Option<&mut LlamaMonitored>,
-    ) -> Result<Tensor> {
-        let shape = causal::attn_shape(b);
-        Ok(layer
-            .forward(x, &b.mask_add, shape, &self.rope, pass, false, monitor)?
-            .0)
+    ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
+        layer.forward(x, mask_add, shape, &self.rope, pass, save, monitor)
+    }
+
+    fn layer_backward(
+        &self,
+        layer: &LlamaLayer,
+        saved: LlamaLayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Vec<(LlamaSite, LoraGrads)>)> {
+        layer.backward(saved, dout, need_dx)
     }
 
     fn layer_forward_cached(
@@ -868,285 +731,20 @@ impl DecoderParts for LlamaForCausalLM {
         layer.forward_cached(x, 1, &self.rope, cache, pass)
     }
 
-    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward(h, false)?.0)
+    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<RmsNormSaved>)> {
+        self.norm.forward(h, save)
+    }
+
+    fn final_norm_backward(&self, saved: RmsNormSaved, d: &Tensor) -> Result<Tensor> {
+        saved.backward(&self.norm, d)
     }
 
     /// The LM head's weight: its own, or the tied embeddings.
     fn head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
-
-    /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the lowest
-    /// trainable adapter run in inference mode (nothing saved); layers from it up save, or with
-    /// `checkpoint` keep only their inputs (see [`stack`]).
-    fn forward_train(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        checkpoint: bool,
-    ) -> Result<(Tensor, LlamaSaved)> {
-        let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
-        let shape = AttnShape {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
-        let run = self.layer_forward_train(&b.mask_add, shape);
-        let (h, layers) = stack::forward(&self.layers, first, h, pass, checkpoint, run)?;
-        let (hn, norm) = self.norm.forward(&h, true)?;
-        Ok((
-            hn,
-            LlamaSaved {
-                layers,
-                norm: norm.expect("final norm saved"),
-                mask_add: b.mask_add.clone(),
-                shape,
-            },
-        ))
-    }
-
-    /// Backward from the final hidden state's gradient down to the lowest trainable layer.
-    fn backward(&self, saved: LlamaSaved, dhidden: &Tensor) -> Result<SiteGrads> {
-        let dh = saved.norm.backward(&self.norm, dhidden)?;
-        let run = self.layer_forward_train(&saved.mask_add, saved.shape);
-        let back = |l: &LlamaLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let per_layer = stack::backward(&self.layers, saved.layers, dh, run, back)?;
-        Ok(causal::by_site(per_layer))
-    }
-}
-
-impl CausalLm for LlamaForCausalLM {
-    fn device(&self) -> Device {
-        self.embed_tokens.device().clone()
-    }
-
-    fn add_lora(
-        &mut self,
-        cfg: &LoraConfig,
-        layers: Option<&[usize]>,
-        rng: &mut rand::rngs::StdRng,
-    ) -> Result<usize> {
-        LlamaForCausalLM::add_lora(self, cfg, layers, rng)
-    }
-
-    fn loss_and_grads(
-        &self,
-        b: &LmBatch,
-        pass: &mut Pass,
-        loss_scale: f64,
-        checkpoint: bool,
-    ) -> Result<(LmLoss, AdapterGrads)> {
-        causal::loss_and_grads(self, b, pass, loss_scale, checkpoint)
-    }
-
-    fn loss(&self, b: &LmBatch) -> Result<LmLoss> {
-        causal::loss(self, b)
-    }
-
-    fn logits(&self, b: &LmBatch) -> Result<Tensor> {
-        causal::logits(self, b)
-    }
-
-    fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>> {
-        causal::next_logits_cached(self, new_ids, cache)
-    }
-
-    fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
-        causal::hidden_before(self, b, layer)
-    }
-
-    fn monitor_layer(
-        &self,
-        layer: usize,
-        b: &LmBatch,
-        h: &Tensor,
-        point: MonitorPoint,
-    ) -> Result<MonitoredLayer> {
-        causal::monitor_layer(self, layer, b, h, point)
-    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nn::gradcheck::{max_abs_diff, randn};
-    use candle_core::Var;
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
-
-    fn tiny(tied: bool) -> LlamaForCausalLM {
-        let cfg = LlamaConfig {
-            vocab_size: 40,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_hidden_layers: 3,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            explicit_head_dim: None,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            max_position_embeddings: 32,
-            tie_word_embeddings: tied,
-            bos_token_id: None,
-            eos_token_id: Vec::new(),
-        };
-        let mut rng = StdRng::seed_from_u64(3);
-        let mut m = LlamaForCausalLM::random(cfg, DType::F64, &Device::Cpu, &mut rng).unwrap();
-        // Larger weights than the 0.02 init, so every path moves the loss measurably.
-        m.embed_tokens = randn(m.embed_tokens.dims(), 9);
-        let lora = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.1,
-            target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-            use_rslora: false,
-        };
-        m.add_lora(&lora, None, &mut rng).unwrap();
-        for (i, (l, s)) in m.adapter_sites().into_iter().enumerate() {
-            let ad = m.adapter_mut(l, s).unwrap();
-            ad.b = randn(ad.b.dims(), 100 + i as u64); // B = 0 (PEFT init) would zero every dA
-        }
-        m
-    }
-
-    fn batch() -> LmBatch {
-        let dev = Device::Cpu;
-        let ids =
-            Tensor::from_vec(vec![2u32, 7, 9, 11, 3, 5, 2, 13, 5, 0, 0, 0], (2, 6), &dev).unwrap();
-        let mask =
-            Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], (2, 6), &dev).unwrap();
-        LmBatch {
-            input_ids: ids,
-            mask_add: crate::nn::attention::mask_to_additive(&mask, DType::F64).unwrap(),
-            targets: vec![7, 9, 11, 3, 5, -100, 13, 5, -100, -100, -100, -100],
-            batch: 2,
-            seq: 6,
-        }
-    }
-
-    fn grads(m: &LlamaForCausalLM) -> (LmLoss, SiteGrads) {
-        grads_with(m, false)
-    }
-
-    fn grads_with(m: &LlamaForCausalLM, checkpoint: bool) -> (LmLoss, SiteGrads) {
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-        };
-        causal::loss_and_site_grads(m, &batch(), &mut pass, 1.0, checkpoint).unwrap()
-    }
-
-    /// Gradient checkpointing changes what is kept, not what is computed: the same loss and
-    /// gradients bit for bit (the LoRA dropout masks replayed from the saved RNG state), with
-    /// only the trainable layers' inputs kept.
-    #[test]
-    fn gradient_checkpointing_gives_the_same_gradients() {
-        let mut m = tiny(true);
-        for frozen_below in [0, 2] {
-            for (l, s) in m.adapter_sites() {
-                m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
-            }
-            let (loss, g) = grads_with(&m, false);
-            let (loss_ck, g_ck) = grads_with(&m, true);
-            assert_eq!(loss.loss_sum, loss_ck.loss_sum);
-            assert_eq!(g.len(), g_ck.len());
-            assert!(!g.is_empty());
-            for ((l, s, a), (l_ck, s_ck, b)) in g.iter().zip(&g_ck) {
-                assert_eq!((l, s), (l_ck, s_ck));
-                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "layer {l} {s:?} A");
-                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "layer {l} {s:?} B");
-            }
-            let mut rng = StdRng::seed_from_u64(5);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-            };
-            let (_, saved) = m.forward_train(&batch(), &mut pass, true).unwrap();
-            let kept = (saved.layers.states_kept(), saved.layers.checkpoints_kept());
-            assert_eq!(kept, (0, 3 - frozen_below));
-        }
-    }
-
-    /// Every adapter's gradient equals candle's autograd through the same forward (LoRA dropout
-    /// on, same seed) and a full-logits cross-entropy, on a tiny random GQA decoder in f64.
-    #[test]
-    fn whole_model_gradients_match_autograd() {
-        for tied in [true, false] {
-            let m = tiny(tied);
-            let (loss, ours) = grads(&m);
-            let mut taped = m.clone();
-            let mut vars = Vec::new();
-            for (l, s) in taped.adapter_sites() {
-                let ad = taped.adapter_mut(l, s).unwrap();
-                let (a, b) = (
-                    Var::from_tensor(&ad.a).unwrap(),
-                    Var::from_tensor(&ad.b).unwrap(),
-                );
-                ad.a = a.as_tensor().clone();
-                ad.b = b.as_tensor().clone();
-                vars.push((l, s, a, b));
-            }
-            let mut rng = StdRng::seed_from_u64(5);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-            };
-            let b = batch();
-            let (hn, _) = taped.forward_train(&b, &mut pass, false).unwrap();
-            let logits = hn.matmul(&taped.head_weight().t().unwrap()).unwrap();
-            let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
-            let logp = logits.broadcast_sub(&lse).unwrap();
-            let rows: Vec<u32> = (0..12u32).filter(|&i| b.targets[i as usize] >= 0).collect();
-            let tgt: Vec<u32> = rows.iter().map(|&i| b.targets[i as usize] as u32).collect();
-            let n = rows.len();
-            let picked = logp
-                .index_select(&Tensor::from_vec(rows, n, &Device::Cpu).unwrap(), 0)
-                .unwrap()
-                .gather(&Tensor::from_vec(tgt, (n, 1), &Device::Cpu).unwrap(), 1)
-                .unwrap();
-            let tape_loss = picked.mean_all().unwrap().neg().unwrap();
-            let want = tape_loss.to_scalar::<f64>().unwrap();
-            assert!((loss.loss_sum / loss.tokens as f64 - want).abs() < 1e-10);
-            let tape = tape_loss.backward().unwrap();
-            assert_eq!(ours.len(), vars.len());
-            for ((l, s, g), (vl, vs, a, b)) in ours.iter().zip(&vars) {
-                assert_eq!((*l, *s), (*vl, *vs));
-                let da = max_abs_diff(&g.a, tape.get(a).unwrap());
-                let db = max_abs_diff(&g.b, tape.get(b).unwrap());
-                assert!(
-                    da < 1e-9 && db < 1e-9,
-                    "tied {tied} layer {l} {s:?}: dA off by {da}, dB off by {db}"
-                );
-            }
-        }
-    }
-
-    /// Freezing the bottom layers' adapters: those layers save nothing, get no gradient, and the
-    /// top layer's gradients are unchanged.
-    #[test]
-    fn frozen_bottom_layers_save_nothing() {
-        let mut m = tiny(true);
-        let (_, all) = grads(&m);
-        for (l, s) in m.adapter_sites() {
-            if l < 2 {
-                m.adapter_mut(l, s).unwrap().trainable = false;
-            }
-        }
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-        };
-        let (_, saved) = m.forward_train(&batch(), &mut pass, false).unwrap();
-        assert_eq!((saved.layers.first, saved.layers.states_kept()), (2, 1));
-        let (_, top) = grads(&m);
-        assert!(top.iter().all(|(l, _, _)| *l == 2));
-        for (l, s, g) in &top {
-            let (_, _, ga) = all.iter().find(|(la, sa, _)| la == l && sa == s).unwrap();
-            assert!(max_abs_diff(&g.a, &ga.a) < 1e-12 && max_abs_diff(&g.b, &ga.b) < 1e-12);
-        }
-    }
-}
+#[path = "llama_tests.rs"]
+mod tests;

@@ -6,14 +6,14 @@
 //! live before the first step (the weights), as PyTorch's `max_memory_allocated - base`.
 
 use super::step;
-use crate::adapters::{Adapted, LoraConfig};
+use crate::adapters::{Adapted, AdaptedStack, LoraConfig};
 use crate::data::batch::Batch;
 use crate::data::Label;
 use crate::device::DeviceArgs;
 use crate::io::weights::Weights;
 use crate::memory::{self, MemTracker};
 use crate::model::bert::{BertConfig, BertForSequenceClassification};
-use crate::model::llama::{LlamaForCausalLM, LlamaSite};
+use crate::model::llama::LlamaForCausalLM;
 use crate::model::{CausalLm, LlamaConfig, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::{QuantFormat, Weight};
@@ -329,24 +329,7 @@ fn llama_on_device(
     device: &Device,
     quantize: Option<QuantFormat>,
 ) -> Result<LlamaForCausalLM> {
-    let c = &config;
-    let h = c.hidden_size;
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    if !c.tie_word_embeddings {
-        shapes.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
-    }
-    for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for s in LlamaSite::ALL {
-            let (o, inp) = s.shape(c);
-            shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
-        }
-        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-    }
+    let shapes = config.tensor_shapes();
     let mut tensors = HashMap::new();
     let mut quantized = HashMap::new();
     for (name, shape) in shapes {

@@ -1,0 +1,396 @@
+//! Adapter bookkeeping written once for every architecture: a layer body ([`Block`]) names its
+//! linears by site, a model ([`AdaptedStack`]) is a stack of such layers under a PEFT path, and
+//! [`Adapted`] follows from that. A layer's saved linear states are kept by site
+//! ([`SiteStates`]), so backward reads what forward saved whatever the order of calls.
+
+use super::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use super::Adapted;
+use crate::nn::Pass;
+use candle_core::{Result, Tensor};
+use rand::Rng;
+use std::fmt::Debug;
+
+/// A transformer layer whose linears may carry adapters.
+pub trait Block: Clone {
+    /// A linear's place in the layer.
+    type Site: Copy + Ord + Eq + Debug + 'static;
+    /// Every site, in the order of [`Block::linears`] (and of the adapter listing).
+    const SITES: &'static [Self::Site];
+
+    /// PEFT's module path of a site within the layer, e.g. `self_attn.q_proj`.
+    fn site_path(site: Self::Site) -> &'static str;
+
+    fn linears(&self) -> &[LoraLinear];
+
+    fn linears_mut(&mut self) -> &mut [LoraLinear];
+
+    fn linear(&self, site: Self::Site) -> &LoraLinear {
+        &self.linears()[site_index::<Self>(site)]
+    }
+
+    fn linear_mut(&mut self, site: Self::Site) -> &mut LoraLinear {
+        &mut self.linears_mut()[site_index::<Self>(site)]
+    }
+
+    /// Whether any of its adapters still trains.
+    fn trains(&self) -> bool {
+        self.linears().iter().any(|l| l.trains())
+    }
+}
+
+/// [`Block`] for a layer struct whose `linears` array is in `$site::ALL` order, with
+/// `$site::path` giving each site's PEFT path.
+macro_rules! impl_block {
+    ($layer:ty, $site:ty) => {
+        impl $crate::adapters::Block for $layer {
+            type Site = $site;
+            const SITES: &'static [$site] = &<$site>::ALL;
+
+            fn site_path(site: $site) -> &'static str {
+                site.path()
+            }
+
+            fn linears(&self) -> &[$crate::adapters::LoraLinear] {
+                &self.linears
+            }
+
+            fn linears_mut(&mut self) -> &mut [$crate::adapters::LoraLinear] {
+                &mut self.linears
+            }
+        }
+    };
+}
+pub(crate) use impl_block;
+
+fn site_index<L: Block>(site: L::Site) -> usize {
+    L::SITES
+        .iter()
+        .position(|&s| s == site)
+        .expect("a site of this block")
+}
+
+/// PEFT's `target_modules` rule: a module matches when its path is the target or ends with
+/// `.target` (so GPT-2's `c_proj` names both projections, `attn.c_proj` only one).
+pub fn target_matches(path: &str, target: &str) -> bool {
+    path == target
+        || path
+            .strip_suffix(target)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
+/// The last path component of each site, deduplicated: the names a target can give.
+pub fn linear_names<L: Block>() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = Vec::new();
+    for &s in L::SITES {
+        let p = L::site_path(s);
+        let name = p.rsplit('.').next().unwrap_or(p);
+        if !v.contains(&name) {
+            v.push(name);
+        }
+    }
+    v
+}
+
+/// Puts a fresh LoRA adapter on every linear `cfg.target_modules` names, in `only` (all layers
+/// when None), layer by layer and site by site (the order of the RNG's draws). Adapters train in
+/// the base's compute dtype: f32 beside a half-precision base. Returns how many.
+pub fn add_lora<L: Block>(
+    layers: &mut [L],
+    cfg: &LoraConfig,
+    only: Option<&[usize]>,
+    rng: &mut impl Rng,
+) -> Result<usize> {
+    let mut n = 0;
+    for (i, layer) in layers.iter_mut().enumerate() {
+        if only.is_some_and(|ls| !ls.contains(&i)) {
+            continue;
+        }
+        for &s in L::SITES {
+            let path = L::site_path(s);
+            if cfg.target_modules.iter().any(|t| target_matches(path, t)) {
+                let lin = layer.linear_mut(s);
+                let (o, inp) = (lin.base.out_features(), lin.base.in_features());
+                let w = &lin.base.weight;
+                let dtype = crate::device::compute_dtype(w.dtype());
+                lin.lora = Some(LoraAdapter::init(inp, o, cfg, rng, dtype, &w.device())?);
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// A model whose adapters sit on a stack of [`Block`]s; [`Adapted`] follows from it.
+pub trait AdaptedStack {
+    type Layer: Block;
+    /// PEFT's path of the layer list: layer `i`'s modules are `{LAYERS_PATH}.{i}.{site path}`.
+    const LAYERS_PATH: &'static str;
+    /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
+    const TASK_TYPE: &'static str;
+    /// PEFT's `fan_in_fan_out` (GPT-2's Conv1D linears).
+    const FAN_IN_FAN_OUT: bool = false;
+
+    fn layers(&self) -> &[Self::Layer];
+
+    fn layers_mut(&mut self) -> &mut [Self::Layer];
+
+    /// Trained tensors beside the adapters (a classifier), by key.
+    fn head_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    fn head_tensor_mut(&mut self, _key: &str) -> Option<&mut Tensor> {
+        None
+    }
+
+    /// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
+    fn adapter_path(layer: usize, site: Site<Self>) -> String {
+        format!(
+            "{}.{layer}.{}",
+            Self::LAYERS_PATH,
+            Self::Layer::site_path(site)
+        )
+    }
+
+    /// Adapters in order (layer, then site): the index SAFE uses.
+    fn adapter_sites(&self) -> Vec<(usize, Site<Self>)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers().iter().enumerate() {
+            for &s in Self::Layer::SITES {
+                if l.linear(s).lora.is_some() {
+                    v.push((i, s));
+                }
+            }
+        }
+        v
+    }
+
+    fn adapter(&self, layer: usize, site: Site<Self>) -> Option<&LoraAdapter> {
+        self.layers().get(layer)?.linear(site).lora.as_ref()
+    }
+
+    fn adapter_mut(&mut self, layer: usize, site: Site<Self>) -> Option<&mut LoraAdapter> {
+        self.layers_mut()
+            .get_mut(layer)?
+            .linear_mut(site)
+            .lora
+            .as_mut()
+    }
+}
+
+/// The site type of a stack's layers.
+pub type Site<M> = <<M as AdaptedStack>::Layer as Block>::Site;
+
+impl<M: AdaptedStack> Adapted for M {
+    fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
+        self.adapter_sites()
+            .into_iter()
+            .map(|(l, s)| (M::adapter_path(l, s), self.adapter(l, s).expect("listed")))
+            .collect()
+    }
+
+    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
+        let rest = path.strip_prefix(M::LAYERS_PATH)?.strip_prefix('.')?;
+        let (layer, site) = rest.split_once('.')?;
+        let site = M::Layer::SITES
+            .iter()
+            .copied()
+            .find(|&s| M::Layer::site_path(s) == site)?;
+        self.adapter_mut(layer.parse().ok()?, site)
+    }
+
+    fn adapter_layers(&self) -> Vec<usize> {
+        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers().len()
+    }
+
+    fn lowest_trainable_layer(&self) -> Option<usize> {
+        self.layers().iter().position(|l| l.trains())
+    }
+
+    fn peft_task_type(&self) -> &'static str {
+        M::TASK_TYPE
+    }
+
+    fn peft_fan_in_fan_out(&self) -> bool {
+        M::FAN_IN_FAN_OUT
+    }
+
+    fn head_params(&self) -> Vec<(String, Tensor)> {
+        self.head_tensors()
+    }
+
+    fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+        self.head_tensor_mut(key)
+    }
+}
+
+/// Per-site state of one layer pass, each site at most once.
+pub struct SiteStates<S, T> {
+    items: Vec<(S, T)>,
+}
+
+impl<S: Copy + Eq + Debug, T> SiteStates<S, T> {
+    pub fn new() -> Self {
+        Self { items: Vec::new() }
+    }
+
+    /// Keeps `state` for `site`; a second state for the same site is an error.
+    pub fn put(&mut self, site: S, state: T) -> Result<()> {
+        if self.items.iter().any(|(s, _)| *s == site) {
+            candle_core::bail!("{site:?} saved twice in one layer pass");
+        }
+        self.items.push((site, state));
+        Ok(())
+    }
+
+    /// The state kept for `site`, removed; an error when there is none.
+    pub fn take(&mut self, site: S) -> Result<T> {
+        match self.items.iter().position(|(s, _)| *s == site) {
+            Some(i) => Ok(self.items.swap_remove(i).1),
+            None => candle_core::bail!("no saved state for {site:?} (not run, or read twice)"),
+        }
+    }
+}
+
+impl<S: Copy + Eq + Debug, T> Default for SiteStates<S, T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Monitoring rows of a layer: each adapted linear's `(site, X adapted output, Y base output)`.
+pub type Monitored<S> = Vec<(S, Tensor, Tensor)>;
+
+/// A layer forward's linears: runs each by site, keeping its saved state by site and, when
+/// monitoring, its `(X, Y)`.
+pub struct SiteForward<'a, L: Block> {
+    layer: &'a L,
+    save: bool,
+    monitor: Option<&'a mut Monitored<L::Site>>,
+    pub states: SiteStates<L::Site, LoraLinearSaved>,
+}
+
+impl<'a, L: Block> SiteForward<'a, L> {
+    pub fn new(layer: &'a L, save: bool, monitor: Option<&'a mut Monitored<L::Site>>) -> Self {
+        Self {
+            layer,
+            save,
+            monitor,
+            states: SiteStates::new(),
+        }
+    }
+
+    pub fn run(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let l = self.layer.linear(site);
+        let (y, base, saved) = l.forward_parts(x, pass, self.save)?;
+        if let (Some(m), Some(_)) = (self.monitor.as_deref_mut(), &l.lora) {
+            m.push((site, y.clone(), base));
+        }
+        self.states.put(site, saved)?;
+        Ok(y)
+    }
+}
+
+/// A layer backward's linears: each by site from the states its forward kept, collecting the
+/// adapters' gradients.
+pub struct SiteBackward<'a, L: Block> {
+    layer: &'a L,
+    states: SiteStates<L::Site, LoraLinearSaved>,
+    grads: Vec<(L::Site, LoraGrads)>,
+}
+
+impl<'a, L: Block> SiteBackward<'a, L> {
+    pub fn new(layer: &'a L, states: SiteStates<L::Site, LoraLinearSaved>) -> Self {
+        Self {
+            layer,
+            states,
+            grads: Vec::new(),
+        }
+    }
+
+    /// `dx` of the site's linear when `need_dx`; its adapter's gradients are kept.
+    pub fn back(&mut self, site: L::Site, dy: &Tensor, need_dx: bool) -> Result<Option<Tensor>> {
+        let st = self.states.take(site)?;
+        let (dx, g) = self.layer.linear(site).backward(st, dy, need_dx)?;
+        if let Some(g) = g {
+            self.grads.push((site, g));
+        }
+        Ok(dx)
+    }
+
+    /// `back` where `dx` is always needed.
+    pub fn back_dx(&mut self, site: L::Site, dy: &Tensor) -> Result<Tensor> {
+        Ok(self.back(site, dy, true)?.expect("dx requested"))
+    }
+
+    /// The gradients by site, in site order.
+    pub fn grads(mut self) -> Vec<(L::Site, LoraGrads)> {
+        self.grads.sort_by_key(|(s, _)| *s);
+        self.grads
+    }
+}
+
+/// SAFE's block-level `Y`s: the layer's output (by `run`, on the input it closes over) with each
+/// of its adapters taken out in turn, as `(site, output)`. One copy of the layer serves every
+/// adapter: each is removed, the copy run, and the adapter put back.
+pub fn outputs_without_each_adapter<L: Block>(
+    layer: &L,
+    mut run: impl FnMut(&L) -> Result<Tensor>,
+) -> Result<Vec<(L::Site, Tensor)>> {
+    let mut copy = layer.clone();
+    let mut out = Vec::new();
+    for &s in L::SITES {
+        let Some(adapter) = copy.linear_mut(s).lora.take() else {
+            continue;
+        };
+        out.push((s, run(&copy)?));
+        copy.linear_mut(s).lora = Some(adapter);
+    }
+    Ok(out)
+}
+
+/// Gradient tests: every adapter's A and B as candle `Var`s (put back into the model), so the
+/// tape can be the oracle.
+#[cfg(test)]
+pub(crate) fn tape_adapters<M: AdaptedStack>(
+    m: &mut M,
+) -> Vec<(usize, Site<M>, candle_core::Var, candle_core::Var)> {
+    let mut vars = Vec::new();
+    for (l, s) in m.adapter_sites() {
+        let ad = m.adapter_mut(l, s).expect("listed");
+        let a = candle_core::Var::from_tensor(&ad.a).unwrap();
+        let b = candle_core::Var::from_tensor(&ad.b).unwrap();
+        ad.a = a.as_tensor().clone();
+        ad.b = b.as_tensor().clone();
+        vars.push((l, s, a, b));
+    }
+    vars
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PEFT's suffix rule: whole path components only.
+    #[test]
+    fn targets_match_whole_path_suffixes() {
+        assert!(target_matches("attn.c_proj", "c_proj"));
+        assert!(target_matches("attn.c_proj", "attn.c_proj"));
+        assert!(!target_matches("attn.c_proj", "proj"));
+        assert!(!target_matches("attn.c_proj", "mlp.c_proj"));
+    }
+
+    /// A second state for one site, or a missing one, is an error naming the site.
+    #[test]
+    fn site_states_refuse_repeats_and_absences() {
+        let mut s = SiteStates::new();
+        s.put('q', 1).unwrap();
+        assert!(s.put('q', 2).unwrap_err().to_string().contains("'q'"));
+        assert_eq!(s.take('q').unwrap(), 1);
+        assert!(s.take('q').unwrap_err().to_string().contains("'q'"));
+    }
+}
