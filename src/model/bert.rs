@@ -209,18 +209,18 @@ impl BertLayer {
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let (out, ln_out) = self.ln_out.forward(&nn::add(&o, &a)?, save)?;
-        let saved = match (attn, ln_attn, gelu, ln_out) {
-            (Some(attn), Some(ln_attn), Some(gelu), Some(ln_out)) => Some(BertLayerSaved {
+        // Every part is Some when `save` is set.
+        let saved = (|| {
+            Some(BertLayerSaved {
                 lin: lin.states,
-                attn,
+                attn: attn?,
                 drop_attn,
-                ln_attn,
-                gelu,
+                ln_attn: ln_attn?,
+                gelu: gelu?,
                 drop_out,
-                ln_out,
-            }),
-            _ => None,
-        };
+                ln_out: ln_out?,
+            })
+        })();
         Ok((out, saved))
     }
 

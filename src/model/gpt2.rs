@@ -309,18 +309,18 @@ impl Gpt2Block {
         drop(g);
         let (m, drop_mlp) = self.resid_dropout.forward(&m, pass, save)?;
         let out = (&h + m)?;
-        let saved = match (ln_1, attn, ln_2, gelu) {
-            (Some(ln_1), Some(attn), Some(ln_2), Some(gelu)) => Some(Gpt2BlockSaved {
+        // Every part is Some when `save` is set.
+        let saved = (|| {
+            Some(Gpt2BlockSaved {
                 lin: lin.states,
-                ln_1,
-                attn,
+                ln_1: ln_1?,
+                attn: attn?,
                 drop_attn,
-                ln_2,
-                gelu,
+                ln_2: ln_2?,
+                gelu: gelu?,
                 drop_mlp,
-            }),
-            _ => None,
-        };
+            })
+        })();
         Ok((out, saved))
     }
 

@@ -487,18 +487,16 @@ impl LlamaLayer {
         let (a, sw) = swiglu::forward(&g, &u, save)?;
         drop((g, u));
         let out = (&h + lin.run(LlamaSite::Down, &a, pass)?)?;
-        let saved = match (input_norm, attn, post_norm, sw) {
-            (Some(input_norm), Some(attn), Some(post_norm), Some(swiglu)) => {
-                Some(LlamaLayerSaved {
-                    lin: lin.states,
-                    input_norm,
-                    attn,
-                    post_norm,
-                    swiglu,
-                })
-            }
-            _ => None,
-        };
+        // Every part is Some when `save` is set.
+        let saved = (|| {
+            Some(LlamaLayerSaved {
+                lin: lin.states,
+                input_norm: input_norm?,
+                attn: attn?,
+                post_norm: post_norm?,
+                swiglu: sw?,
+            })
+        })();
         Ok((out, saved))
     }
 

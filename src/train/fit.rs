@@ -91,6 +91,32 @@ pub struct FitConfig<'a> {
     pub show_progress: bool,
 }
 
+/// A [`FitConfig`] from a command's config (`TrainConfig`, `LmTrainConfig`: their fields share
+/// these names).
+macro_rules! fit_config_of {
+    ($c:expr, $resume:expr, $show_progress:expr) => {
+        $crate::train::fit::FitConfig {
+            output: &$c.output,
+            method: &$c.method,
+            epochs: $c.epochs,
+            batch_size: $c.batch_size,
+            grad_accum: $c.grad_accum,
+            max_steps_per_epoch: $c.max_steps_per_epoch,
+            lr: $c.lr,
+            warmup_ratio: $c.warmup_ratio,
+            weight_decay: $c.weight_decay,
+            grad_clip: $c.grad_clip,
+            seed: $c.seed,
+            gradient_checkpointing: $c.gradient_checkpointing,
+            safe: &$c.safe,
+            resume: $resume,
+            stop_after_epoch: $c.stop_after_epoch,
+            show_progress: $show_progress,
+        }
+    };
+}
+pub(crate) use fit_config_of;
+
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct EpochLog {

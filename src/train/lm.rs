@@ -4,7 +4,7 @@
 //! `metrics.jsonl`, `safe.jsonl`, a resumable `checkpoint/`, the best adapter (PEFT) and
 //! `summary.json`.
 
-use super::fit::{fit, prepare_output, FitConfig, MicroStep, Task, Validation};
+use super::fit::{fit, fit_config_of, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::importance::{self, MonitorBatch};
 use super::lm_config::{LmDataKind, LmTrainConfig};
 use super::run;
@@ -425,24 +425,7 @@ impl Task for LmTask<'_> {
 impl LmTrainConfig {
     /// The loop's settings of this run.
     pub fn fit_config(&self, resume: bool, show_progress: bool) -> FitConfig<'_> {
-        FitConfig {
-            output: &self.output,
-            method: &self.method,
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            max_steps_per_epoch: self.max_steps_per_epoch,
-            lr: self.lr,
-            warmup_ratio: self.warmup_ratio,
-            weight_decay: self.weight_decay,
-            grad_clip: self.grad_clip,
-            seed: self.seed,
-            gradient_checkpointing: self.gradient_checkpointing,
-            safe: &self.safe,
-            resume,
-            stop_after_epoch: self.stop_after_epoch,
-            show_progress,
-        }
+        fit_config_of!(self, resume, show_progress)
     }
 }
 

@@ -3,7 +3,7 @@
 //! -> `summary.json`.
 
 use super::config::{DataKind, Method, TrainConfig};
-use super::fit::{fit, prepare_output, FitConfig, MicroStep, Task, Validation};
+use super::fit::{fit, fit_config_of, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::FrozenCache;
 use super::importance::{self, MonitorBatch};
 use super::metrics;
@@ -406,24 +406,7 @@ impl Task for ClassifyTask<'_> {
 impl TrainConfig {
     /// The loop's settings of this run.
     pub fn fit_config(&self, resume: bool, show_progress: bool) -> FitConfig<'_> {
-        FitConfig {
-            output: &self.output,
-            method: &self.method,
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            max_steps_per_epoch: self.max_steps_per_epoch,
-            lr: self.lr,
-            warmup_ratio: self.warmup_ratio,
-            weight_decay: self.weight_decay,
-            grad_clip: self.grad_clip,
-            seed: self.seed,
-            gradient_checkpointing: self.gradient_checkpointing,
-            safe: &self.safe,
-            resume,
-            stop_after_epoch: self.stop_after_epoch,
-            show_progress,
-        }
+        fit_config_of!(self, resume, show_progress)
     }
 }
 
