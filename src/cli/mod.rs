@@ -80,9 +80,6 @@ pub struct TrainArgs {
     /// Start from an existing PEFT LoRA adapter folder (same rank and target modules).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
-    /// Recompute the frozen bottom layers every step instead of caching their output on disk.
-    #[arg(long)]
-    pub no_frozen_cache: bool,
     /// Run the frozen bottom layers with dropout, as without freezing (recomputed every step).
     #[arg(long)]
     pub frozen_bottom_dropout: bool,
@@ -140,6 +137,9 @@ pub struct RunArgs {
     /// backward (less activation memory, one more forward of the trainable layers).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Recompute the frozen bottom layers every step instead of caching their output on disk.
+    #[arg(long)]
+    pub no_frozen_cache: bool,
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
@@ -177,6 +177,9 @@ macro_rules! apply_run_args {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
         c.gradient_checkpointing |= a.gradient_checkpointing;
+        if a.no_frozen_cache {
+            c.cache_frozen_bottom = false;
+        }
         set!(c.device, a.device.device);
         set!(c.dtype, a.device.dtype);
         anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
@@ -246,9 +249,6 @@ impl TrainArgs {
         apply_run_args!(c, self.run);
         if self.init_adapter.is_some() {
             c.init_adapter = self.init_adapter.clone();
-        }
-        if self.no_frozen_cache {
-            c.cache_frozen_bottom = false;
         }
         if self.frozen_bottom_dropout {
             c.frozen_bottom_dropout = true;

@@ -94,27 +94,35 @@ pub trait DecoderParts: AdaptedStack + Sized {
     }
 
     /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the
-    /// lowest trainable adapter run in inference mode (nothing saved); layers from it up save,
-    /// or with `checkpoint` keep only their inputs (see [`stack`]).
+    /// lowest trainable adapter run in inference mode and keep nothing (or are skipped: `bottom`
+    /// is their output when the frozen-bottom cache has it); layers from it up save, or with
+    /// `checkpoint` keep only their inputs (see [`stack`]).
     fn forward_train(
         &self,
         b: &LmBatch,
         pass: &mut Pass,
         checkpoint: bool,
+        bottom: Option<Tensor>,
     ) -> Result<(Tensor, DecoderSaved<Self>)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers().len());
         let shape = attn_shape(b);
-        let h = self.embed_at(&b.input_ids, b.batch, 0, pass)?;
+        let h = match bottom {
+            Some(h) => h,
+            None if first == 0 => self.embed_at(&b.input_ids, b.batch, 0, pass)?,
+            None => Pass::inference(|inference| hidden_before_with(self, b, first, inference))?,
+        };
         let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, save| {
             self.layer_train(l, x, &b.mask_add, shape, pass, save, None)
         };
-        let (h, layers) = stack::forward(self.layers(), first, h, pass, checkpoint, run)?;
+        let trained = &self.layers()[first..];
+        let (h, layers) = stack::forward(trained, 0, h, pass, checkpoint, run)?;
         let (hn, norm) = self.final_norm_train(&h, true)?;
         let norm = norm.expect("final norm saved");
         let mask_add = b.mask_add.clone();
         Ok((
             hn,
             DecoderSaved {
+                first,
                 layers,
                 norm,
                 mask_add,
@@ -130,14 +138,17 @@ pub trait DecoderParts: AdaptedStack + Sized {
         dhidden: &Tensor,
     ) -> Result<SiteGrads<Site<Self>>> {
         let dh = self.final_norm_backward(saved.norm, dhidden)?;
-        let (mask_add, shape) = (&saved.mask_add, saved.shape);
+        let (mask_add, shape, first) = (&saved.mask_add, saved.shape, saved.first);
         let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, save| {
             self.layer_train(l, x, mask_add, shape, pass, save, None)
         };
         let back =
             |l: &Self::Layer, st, dout: &Tensor, need| self.layer_backward(l, st, dout, need);
-        let per_layer = stack::backward(self.layers(), saved.layers, dh, run, back)?;
-        Ok(by_site(per_layer))
+        let trained = &self.layers()[first..];
+        let per_layer = stack::backward(trained, saved.layers, dh, run, back)?;
+        Ok(by_site(
+            per_layer.into_iter().map(|(i, g)| (first + i, g)).collect(),
+        ))
     }
 }
 
@@ -145,6 +156,8 @@ pub trait DecoderParts: AdaptedStack + Sized {
 /// states, or checkpoints), the final norm's state, and the batch's mask and shape for
 /// checkpointed layers' second forward.
 pub struct DecoderSaved<M: DecoderParts> {
+    /// The lowest trainable layer, where `layers` starts.
+    pub first: usize,
     pub layers: StackSaved<M::LayerSaved>,
     norm: M::NormSaved,
     mask_add: Tensor,
@@ -176,10 +189,11 @@ pub fn loss_and_site_grads<M: DecoderParts>(
     pass: &mut Pass,
     loss_scale: f64,
     checkpoint: bool,
+    bottom: Option<Tensor>,
 ) -> Result<(LmLoss, SiteGrads<Site<M>>)> {
     let device = m.head_weight().device();
     let layouts = crate::device::upload_cache(device);
-    let (hn, saved) = m.forward_train(b, pass, checkpoint)?;
+    let (hn, saved) = m.forward_train(b, pass, checkpoint, bottom)?;
     drop(layouts);
     let mut loss = lm_head_loss(&hn, m.head_weight(), &b.targets, chunk_rows(m), true)?;
     drop(hn);
@@ -235,8 +249,9 @@ impl<M: DecoderParts> CausalLm for M {
         pass: &mut Pass,
         loss_scale: f64,
         checkpoint: bool,
+        bottom: Option<Tensor>,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        let (loss, grads) = loss_and_site_grads(self, b, pass, loss_scale, checkpoint)?;
+        let (loss, grads) = loss_and_site_grads(self, b, pass, loss_scale, checkpoint, bottom)?;
         let grads = grads
             .into_iter()
             .map(|(l, s, g)| (M::adapter_path(l, s), g))
@@ -272,6 +287,21 @@ impl<M: DecoderParts> CausalLm for M {
             self.final_norm(&h.narrow(0, new_ids.len() - 1, 1)?)
         })?;
         head_logits(&hn, head)?.squeeze(0)?.to_vec1()
+    }
+
+    fn hidden_layout(&self) -> (usize, DType) {
+        let e = self.head_weight();
+        (e.dims()[1], e.dtype())
+    }
+
+    fn hidden_between(&self, b: &LmBatch, h: Tensor, from: usize, to: usize) -> Result<Tensor> {
+        Pass::inference(|pass| {
+            let mut h = h;
+            for l in &self.layers()[from..to] {
+                h = self.layer_forward(l, &h, b, pass, None)?;
+            }
+            Ok(h)
+        })
     }
 
     fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {

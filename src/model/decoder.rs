@@ -167,8 +167,17 @@ impl CausalLm for Decoder {
         pass: &mut Pass,
         loss_scale: f64,
         checkpoint: bool,
+        bottom: Option<Tensor>,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        each!(self, m => m.loss_and_grads(b, pass, loss_scale, checkpoint))
+        each!(self, m => m.loss_and_grads(b, pass, loss_scale, checkpoint, bottom))
+    }
+
+    fn hidden_layout(&self) -> (usize, candle_core::DType) {
+        each!(self, m => m.hidden_layout())
+    }
+
+    fn hidden_between(&self, b: &LmBatch, h: Tensor, from: usize, to: usize) -> Result<Tensor> {
+        each!(self, m => m.hidden_between(b, h, from, to))
     }
 
     fn loss(&self, b: &LmBatch) -> Result<LmLoss> {

@@ -90,7 +90,7 @@ fn grads_with(m: &Gpt2LMHeadModel, checkpoint: bool) -> (LmLoss, SiteGrads) {
         training: true,
         rng: &mut rng,
     };
-    causal::loss_and_site_grads(m, &batch(DType::F64), &mut pass, 1.0, checkpoint).unwrap()
+    causal::loss_and_site_grads(m, &batch(DType::F64), &mut pass, 1.0, checkpoint, None).unwrap()
 }
 
 /// With every dropout on (embeddings, attention, residual, LoRA), gradient checkpointing
@@ -136,7 +136,7 @@ fn whole_model_gradients_match_finite_differences() {
             rng: &mut rng,
         };
         let b = batch(DType::F64);
-        let (hn, _) = m.forward_train(&b, &mut pass, false).unwrap();
+        let (hn, _) = m.forward_train(&b, &mut pass, false, None).unwrap();
         let l = crate::nn::loss::lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false).unwrap();
         l.loss_sum / l.tokens as f64
     };
@@ -180,7 +180,7 @@ fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
         rng: &mut rng,
     };
     let b = batch(DType::F64);
-    let (hn, _) = taped.forward_train(&b, &mut pass, false).unwrap();
+    let (hn, _) = taped.forward_train(&b, &mut pass, false, None).unwrap();
     let tape_loss = super::causal::taped_mean_nll(&hn, taped.head_weight(), &b.targets);
     let want = tape_loss.to_scalar::<f64>().unwrap();
     assert!((loss.loss_sum / loss.tokens as f64 - want).abs() < 1e-10);
@@ -224,7 +224,7 @@ fn frozen_bottom_layers_save_nothing() {
         rng: &mut rng,
     };
     let (_, saved) = m
-        .forward_train(&batch(DType::F64), &mut pass, false)
+        .forward_train(&batch(DType::F64), &mut pass, false, None)
         .unwrap();
     assert_eq!((saved.layers.first, saved.layers.states_kept()), (2, 1));
     let (_, top) = grads(&m);
@@ -421,7 +421,7 @@ fn hf_folder_trains_with_config_dropout() {
             training: true,
             rng: &mut rng,
         };
-        let (hn, _) = m.forward_train(&b, &mut pass, false).unwrap();
+        let (hn, _) = m.forward_train(&b, &mut pass, false, None).unwrap();
         let l = crate::nn::loss::lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false);
         l.unwrap().loss_sum
     };

@@ -68,7 +68,7 @@ fn grads_with(m: &LlamaForCausalLM, checkpoint: bool) -> (LmLoss, SiteGrads) {
         training: true,
         rng: &mut rng,
     };
-    causal::loss_and_site_grads(m, &batch(), &mut pass, 1.0, checkpoint).unwrap()
+    causal::loss_and_site_grads(m, &batch(), &mut pass, 1.0, checkpoint, None).unwrap()
 }
 
 /// Gradient checkpointing changes what is kept, not what is computed: the same loss and
@@ -96,7 +96,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             training: true,
             rng: &mut rng,
         };
-        let (_, saved) = m.forward_train(&batch(), &mut pass, true).unwrap();
+        let (_, saved) = m.forward_train(&batch(), &mut pass, true, None).unwrap();
         let kept = (saved.layers.states_kept(), saved.layers.checkpoints_kept());
         assert_eq!(kept, (0, 3 - frozen_below));
     }
@@ -117,7 +117,7 @@ fn whole_model_gradients_match_autograd() {
             rng: &mut rng,
         };
         let b = batch();
-        let (hn, _) = taped.forward_train(&b, &mut pass, false).unwrap();
+        let (hn, _) = taped.forward_train(&b, &mut pass, false, None).unwrap();
         let tape_loss = super::causal::taped_mean_nll(&hn, taped.head_weight(), &b.targets);
         let want = tape_loss.to_scalar::<f64>().unwrap();
         assert!((loss.loss_sum / loss.tokens as f64 - want).abs() < 1e-10);
@@ -151,7 +151,7 @@ fn frozen_bottom_layers_save_nothing() {
         training: true,
         rng: &mut rng,
     };
-    let (_, saved) = m.forward_train(&batch(), &mut pass, false).unwrap();
+    let (_, saved) = m.forward_train(&batch(), &mut pass, false, None).unwrap();
     assert_eq!((saved.layers.first, saved.layers.states_kept()), (2, 1));
     let (_, top) = grads(&m);
     assert!(top.iter().all(|(l, _, _)| *l == 2));

@@ -53,13 +53,16 @@ pub trait CausalLm: Adapted {
 
     /// Forward, mean next-token loss and backward down to the lowest trainable layer. With
     /// `checkpoint`, the trainable layers keep only their inputs and run again in backward
-    /// (gradient checkpointing, see [`stack`]).
+    /// (gradient checkpointing, see [`stack`]). The layers below the lowest trainable one run in
+    /// inference mode, or not at all when `bottom` (their output, from the frozen-bottom cache)
+    /// is given.
     fn loss_and_grads(
         &self,
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
         checkpoint: bool,
+        bottom: Option<Tensor>,
     ) -> Result<(LmLoss, AdapterGrads)>;
 
     /// Inference loss (summed over counted tokens) without gradients.
@@ -73,6 +76,12 @@ pub trait CausalLm: Adapted {
     /// keys and values `cache` holds (empty at the start); adds the new positions to `cache`.
     /// Generation's step: each new token costs one position's forward.
     fn next_logits_cached(&self, new_ids: &[u32], cache: &mut Vec<KvCache>) -> Result<Vec<f32>>;
+
+    /// Width and dtype of the hidden states between layers.
+    fn hidden_layout(&self) -> (usize, candle_core::DType);
+
+    /// Layers `from..to` (inference) on `h`, the input of layer `from`.
+    fn hidden_between(&self, b: &LmBatch, h: Tensor, from: usize, to: usize) -> Result<Tensor>;
 
     /// The input of layer `layer` (inference): the embeddings, then every layer below it.
     fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor>;

@@ -306,7 +306,7 @@ impl Model {
                 (out.loss, out.grads)
             }
             (Model::Llama(m), Inputs::Llama(b)) => {
-                let (loss, grads) = m.loss_and_grads(b, pass, 1.0, checkpoint)?;
+                let (loss, grads) = m.loss_and_grads(b, pass, 1.0, checkpoint, None)?;
                 let mut named = Vec::with_capacity(2 * grads.len());
                 for (path, g) in grads {
                     named.push((format!("{path}.lora_A.weight"), g.a));

@@ -9,6 +9,7 @@
 //! end of the run.
 
 use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -108,6 +109,62 @@ impl FrozenCache {
         self.entries.insert(example, (self.end, values.len()));
         self.end += bytes.len() as u64;
         Ok(())
+    }
+}
+
+/// A batch as the cache sees it: which training examples its rows are, how many real (unpadded)
+/// tokens each has, and its padded length.
+pub struct BatchRows<'a> {
+    pub examples: &'a [usize],
+    pub lens: Vec<usize>,
+    pub seq: usize,
+}
+
+impl FrozenCache {
+    /// The output `[batch*seq, hidden]` (in `dtype` on `device`) of the frozen layers `0..k` for
+    /// `rows`: from the stored rows of depth `d <= k` when every example has them, then
+    /// `advance(h, d)` runs layers `d..k`; otherwise `compute(d)` (inference) and each example's
+    /// real rows are stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bottom(
+        &mut self,
+        rows: &BatchRows,
+        k: usize,
+        hidden: usize,
+        dtype: DType,
+        device: &Device,
+        compute: impl FnOnce(usize) -> candle_core::Result<Tensor>,
+        advance: impl FnOnce(Tensor, usize) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        let d = self.depth_for(k)?;
+        let (batch, seq) = (rows.examples.len(), rows.seq);
+        let mut values = Vec::with_capacity(batch * seq * hidden);
+        let mut complete = true;
+        for (j, &e) in rows.examples.iter().enumerate() {
+            match self.get(e)? {
+                Some(v) if v.len() == rows.lens[j] * hidden => {
+                    values.extend(v);
+                    values.resize((j + 1) * seq * hidden, 0.0);
+                }
+                _ => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        let h = if complete {
+            Tensor::from_vec(values, (batch * seq, hidden), device)?.to_dtype(dtype)?
+        } else {
+            let h = compute(d)?;
+            let host: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            for (j, &e) in rows.examples.iter().enumerate() {
+                let start = j * seq * hidden;
+                self.put(e, &host[start..start + rows.lens[j] * hidden])?;
+            }
+            h
+        };
+        // Layers frozen since the rows were stored run from them.
+        Ok(advance(h, d)?)
     }
 }
 

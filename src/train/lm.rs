@@ -4,7 +4,9 @@
 //! `metrics.jsonl`, `safe.jsonl`, a resumable `checkpoint/`, the best adapter (PEFT) and
 //! `summary.json`.
 
+use super::config::Method;
 use super::fit::{fit, fit_config_of, prepare_output, FitConfig, MicroStep, Task, Validation};
+use super::frozen_cache::{BatchRows, FrozenCache};
 use super::importance::{self, MonitorBatch};
 use super::lm_config::{LmDataKind, LmTrainConfig};
 use super::run;
@@ -214,9 +216,10 @@ pub fn perplexity(
 /// needs them).
 pub fn lm_adapter_importance(
     model: &impl CausalLm,
-    items: &[&LmSequence],
+    items: &[(usize, &LmSequence)],
     batch: usize,
     point: crate::safe::MonitorPoint,
+    mut cache: Option<&mut FrozenCache>,
 ) -> Result<Vec<f64>> {
     let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
     let Some(layers) = importance::trainable_layers(model) else {
@@ -224,10 +227,18 @@ pub fn lm_adapter_importance(
     };
     let mut batches = Vec::new();
     for chunk in items.chunks(batch.max(1)) {
-        let c = lm::collate(chunk);
+        let examples: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+        let seqs: Vec<&LmSequence> = chunk.iter().map(|&(_, s)| s).collect();
+        let c = lm::collate(&seqs);
         let rows = importance::token_rows(&c.attention_mask, &model.device())?;
         let b = collated_batch(c, DType::F32, &model.device())?;
-        let hidden = model.hidden_before(&b, layers.start)?;
+        // The frozen bottom comes from the training cache when it has these examples.
+        let hidden = match cache.as_deref_mut() {
+            Some(c) if layers.start > 0 => {
+                cached_bottom(model, c, &b, &examples, &seqs, layers.start)?
+            }
+            _ => model.hidden_before(&b, layers.start)?,
+        };
         batches.push(MonitorBatch {
             batch: b,
             rows,
@@ -238,6 +249,33 @@ pub fn lm_adapter_importance(
         model.monitor_layer(layer, b, h, point)
     })?;
     Ok(scores)
+}
+
+/// The input of layer `k` (the output of the frozen layers below it) for batch `b` of the training
+/// `examples`, through the frozen-bottom cache (see [`FrozenCache::bottom`]).
+fn cached_bottom(
+    model: &impl CausalLm,
+    cache: &mut FrozenCache,
+    b: &LmBatch,
+    examples: &[usize],
+    seqs: &[&LmSequence],
+    k: usize,
+) -> Result<Tensor> {
+    let rows = BatchRows {
+        examples,
+        lens: seqs.iter().map(|s| s.ids.len()).collect(),
+        seq: b.seq,
+    };
+    let (hidden, dtype) = model.hidden_layout();
+    cache.bottom(
+        &rows,
+        k,
+        hidden,
+        dtype,
+        &model.device(),
+        |d| model.hidden_before(b, d),
+        |h, d| model.hidden_between(b, h, d, k),
+    )
 }
 
 /// `summary.json` of a causal-LM run.
@@ -316,6 +354,12 @@ pub fn train_lm(
         eval_batch_size: cfg.eval_batch_size,
         monitor_point: cfg.safe.monitor,
         device: device.clone(),
+        frozen_cache: match (cfg.cache_frozen_bottom, &cfg.method) {
+            (true, Method::Safe | Method::FreezePrefix(_)) => {
+                Some(FrozenCache::create(&cfg.output)?)
+            }
+            _ => None,
+        },
         lora: &cfg.lora,
         source: source.display().to_string(),
     };
@@ -363,6 +407,8 @@ pub struct LmTask<'a> {
     pub eval_batch_size: usize,
     pub monitor_point: MonitorPoint,
     pub device: Device,
+    /// The frozen bottom's outputs on disk once layers freeze (SAFE, freeze-prefix).
+    pub frozen_cache: Option<FrozenCache>,
     /// Writes the best adapter: the run's LoRA settings and the base model's path.
     pub lora: &'a crate::adapters::LoraConfig,
     pub source: String,
@@ -389,7 +435,12 @@ impl Task for LmTask<'_> {
     ) -> Result<MicroStep> {
         let items: Vec<&LmSequence> = examples.iter().map(|&i| &self.train[i]).collect();
         let b = to_batch(&items, DType::F32, &self.device)?;
-        let (loss, grads) = CausalLm::loss_and_grads(model, &b, pass, loss_scale, checkpoint)?;
+        let first = model.lowest_trainable_layer().unwrap_or(model.num_layers());
+        let bottom = match self.frozen_cache.as_mut() {
+            Some(c) if first > 0 => Some(cached_bottom(model, c, &b, examples, &items, first)?),
+            _ => None,
+        };
+        let (loss, grads) = model.loss_and_grads(&b, pass, loss_scale, checkpoint, bottom)?;
         let grads = grads
             .into_iter()
             .flat_map(|(p, g)| {
@@ -407,8 +458,15 @@ impl Task for LmTask<'_> {
     }
 
     fn importance(&mut self, model: &Decoder, monitor: &[usize]) -> Result<Vec<f64>> {
-        let items: Vec<&LmSequence> = monitor.iter().map(|&i| &self.train[i]).collect();
-        lm_adapter_importance(model, &items, self.eval_batch_size, self.monitor_point)
+        let items: Vec<(usize, &LmSequence)> =
+            monitor.iter().map(|&i| (i, &self.train[i])).collect();
+        lm_adapter_importance(
+            model,
+            &items,
+            self.eval_batch_size,
+            self.monitor_point,
+            self.frozen_cache.as_mut(),
+        )
     }
 
     fn validate(&mut self, model: &Decoder) -> Result<Validation> {
@@ -474,7 +532,8 @@ mod tests {
             })
             .collect();
         let items: Vec<&LmSequence> = seqs.iter().collect();
-        let scores = lm_adapter_importance(&m, &items, 2, MonitorPoint::Linear).unwrap();
+        let indexed: Vec<(usize, &LmSequence)> = seqs.iter().enumerate().collect();
+        let scores = lm_adapter_importance(&m, &indexed, 2, MonitorPoint::Linear, None).unwrap();
 
         // Direct: all three sequences in one batch.
         let c = lm::collate(&items);
@@ -515,8 +574,94 @@ mod tests {
         for p in [&paths[0], &paths[2]] {
             m.adapter_by_path_mut(p).unwrap().trainable = false;
         }
-        let middle = lm_adapter_importance(&m, &items, 2, MonitorPoint::Linear).unwrap();
+        let middle = lm_adapter_importance(&m, &indexed, 2, MonitorPoint::Linear, None).unwrap();
         assert!(middle[0].is_nan() && middle[2].is_nan(), "{middle:?}");
         assert_eq!(middle[1], scores[1]);
+        // The frozen layer 0's output, stored by the first pass and read by the second, gives
+        // the same score as recomputing it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = FrozenCache::create(dir.path()).unwrap();
+        for _ in 0..2 {
+            let cached =
+                lm_adapter_importance(&m, &indexed, 2, MonitorPoint::Linear, Some(&mut cache))
+                    .unwrap();
+            assert!(
+                (cached[1] - middle[1]).abs() < 1e-9 * middle[1],
+                "{cached:?}"
+            );
+        }
+        assert_eq!((cache.misses, cache.hits), (2, 3));
+    }
+
+    /// A training step whose frozen bottom comes from the cache (filled by the first step, read
+    /// by the second) gives bit-identical loss and gradients to one that recomputes it, and the
+    /// frozen layer's adapter gets none.
+    #[test]
+    fn cached_frozen_bottom_gives_identical_gradients() {
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 30, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 3, "num_attention_heads": 2
+        }))
+        .unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut m: Decoder = LlamaForCausalLM::random(cfg, DType::F32, &Device::Cpu, &mut rng)
+            .unwrap()
+            .into();
+        let lora = LoraConfig {
+            r: 2,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..LoraConfig::default()
+        };
+        CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
+        run::freeze_prefix(&mut m, &Method::FreezePrefix(1));
+        let seqs: Vec<LmSequence> = [6usize, 4, 5]
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| LmSequence {
+                ids: (0..n).map(|j| ((s * 7 + j * 5) % 29) as u32 + 1).collect(),
+                targets: (0..n).map(|j| ((s + j * 3) % 29) as i64 + 1).collect(),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let task = |cache: Option<FrozenCache>| LmTask {
+            train: &seqs,
+            validation: vec![],
+            eval_batch_size: 2,
+            monitor_point: MonitorPoint::Linear,
+            device: Device::Cpu,
+            frozen_cache: cache,
+            lora: &lora,
+            source: String::new(),
+        };
+        type Step = (f64, Vec<(String, Vec<f32>)>);
+        let steps = |t: &mut LmTask| -> Vec<Step> {
+            (0..2)
+                .map(|_| {
+                    let mut r = StdRng::seed_from_u64(9);
+                    let mut pass = Pass {
+                        training: true,
+                        rng: &mut r,
+                    };
+                    let out = t.step(&m, &[2, 0], &mut pass, 1.0, false).unwrap();
+                    let g = out
+                        .grads
+                        .into_iter()
+                        .map(|(k, g)| (k, g.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+                    (out.loss, g.collect())
+                })
+                .collect()
+        };
+        let plain = steps(&mut task(None));
+        let mut cached_task = task(Some(FrozenCache::create(dir.path()).unwrap()));
+        let cached = steps(&mut cached_task);
+        let c = cached_task.frozen_cache.as_ref().unwrap();
+        assert_eq!(
+            (c.misses, c.hits),
+            (1, 2),
+            "filled by the first step, read by the second"
+        );
+        assert_eq!(plain, cached);
+        assert_eq!(plain[0].1.len(), 8, "q and v of layers 1 and 2, A and B");
+        assert!(plain[0].1.iter().all(|(k, _)| !k.contains("layers.0.")));
     }
 }

@@ -67,6 +67,9 @@ pub struct LmTrainConfig {
     /// Keep only each trainable layer's input in the forward and run the layer again in backward:
     /// activation memory of one layer instead of all, for one more forward of the trainable layers.
     pub gradient_checkpointing: bool,
+    /// Once the bottom layers freeze, keep their output per sequence on disk (in the output
+    /// folder) and reuse it instead of recomputing those layers.
+    pub cache_frozen_bottom: bool,
     pub lora: LoraConfig,
     pub safe: SafeConfig,
 }
@@ -99,6 +102,7 @@ impl Default for LmTrainConfig {
             quantized_base: false,
             quantize_format: None,
             gradient_checkpointing: false,
+            cache_frozen_bottom: true,
             lora: LoraConfig {
                 r: 8,
                 alpha: 16.0,

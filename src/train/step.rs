@@ -3,7 +3,7 @@
 //! backward down to the lowest trainable adapter -> gradients by parameter name.
 //! The optimizer update and SAFE's bookkeeping follow in `trainer`.
 
-use super::frozen_cache::FrozenCache;
+use super::frozen_cache::{BatchRows, FrozenCache};
 use crate::data::batch::Batch;
 use crate::data::Label;
 use crate::model::bert::{BatchTensors, BertForSequenceClassification};
@@ -118,9 +118,8 @@ pub fn forward_backward(
     Ok(StepOutput { loss, grads })
 }
 
-/// The output of layers `0..k` for the batch: from the cache's rows (of depth `d <= k`, then
-/// layers `d..k`) if every example is there, else computed (inference mode) and stored per
-/// example, without its padding rows.
+/// The output of layers `0..k` for the batch, through the frozen-bottom cache (see
+/// [`FrozenCache::bottom`]).
 pub(crate) fn frozen_bottom(
     model: &BertForSequenceClassification,
     tensors: &BatchTensors,
@@ -129,45 +128,25 @@ pub(crate) fn frozen_bottom(
     cache: &mut FrozenCache,
     examples: &[usize],
 ) -> anyhow::Result<Tensor> {
-    let d = cache.depth_for(k)?;
-    let hidden = model.config.hidden_size;
-    let lens: Vec<usize> = (0..batch.batch)
-        .map(|j| {
-            batch.attention_mask[j * batch.seq..(j + 1) * batch.seq]
-                .iter()
-                .filter(|&&m| m == 1)
-                .count()
-        })
-        .collect();
-    let mut rows = Vec::with_capacity(batch.batch * batch.seq * hidden);
-    let mut complete = true;
-    for (j, &e) in examples.iter().enumerate() {
-        match cache.get(e)? {
-            Some(v) if v.len() == lens[j] * hidden => {
-                rows.extend(v);
-                rows.resize((j + 1) * batch.seq * hidden, 0.0);
-            }
-            _ => {
-                complete = false;
-                break;
-            }
-        }
-    }
-    let device = tensors.input_ids.device();
-    let dtype = model.embeddings.word.dtype();
-    let h = if complete {
-        Tensor::from_vec(rows, (batch.batch * batch.seq, hidden), device)?.to_dtype(dtype)?
-    } else {
-        let h = model.forward_frozen_bottom(tensors, d)?;
-        let host: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        for (j, &e) in examples.iter().enumerate() {
-            let start = j * batch.seq * hidden;
-            cache.put(e, &host[start..start + lens[j] * hidden])?;
-        }
-        h
+    let rows = BatchRows {
+        examples,
+        lens: (0..batch.batch)
+            .map(|j| {
+                let row = &batch.attention_mask[j * batch.seq..(j + 1) * batch.seq];
+                row.iter().filter(|&&m| m == 1).count()
+            })
+            .collect(),
+        seq: batch.seq,
     };
-    // Layers frozen since the rows were stored run from them.
-    Ok(model.forward_frozen_layers(tensors, h, d, k)?)
+    cache.bottom(
+        &rows,
+        k,
+        model.config.hidden_size,
+        model.embeddings.word.dtype(),
+        tensors.input_ids.device(),
+        |d| model.forward_frozen_bottom(tensors, d),
+        |h, d| model.forward_frozen_layers(tensors, h, d, k),
+    )
 }
 
 #[cfg(test)]
