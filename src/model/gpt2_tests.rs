@@ -212,6 +212,12 @@ fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
 #[test]
 fn frozen_bottom_layers_save_nothing() {
     let mut m = tiny();
+    // No dropout: a frozen bottom runs in inference mode, so only then are the two runs'
+    // top-layer inputs the same.
+    for (l, site) in m.adapter_sites() {
+        m.adapter_mut(l, site).unwrap().dropout = crate::nn::dropout::Dropout::new(0.0);
+    }
+    m.set_dropout(0.0, 0.0, 0.0);
     let (_, all) = grads(&m);
     for (l, s) in m.adapter_sites() {
         if l < 2 {
@@ -226,7 +232,7 @@ fn frozen_bottom_layers_save_nothing() {
     let (_, saved) = m
         .forward_train(&batch(DType::F64), &mut pass, false, None)
         .unwrap();
-    assert_eq!((saved.layers.first, saved.layers.states_kept()), (2, 1));
+    assert_eq!((saved.first, saved.layers.states_kept()), (2, 1));
     let (_, top) = grads(&m);
     assert_eq!(top.len(), 4);
     assert!(top.iter().all(|(l, _, _)| *l == 2));
@@ -407,8 +413,16 @@ fn hf_folder_trains_with_config_dropout() {
     (cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop) = (0.1, 0.2, 0.3);
     let dir = tempfile::tempdir().unwrap();
     write_folder(dir.path(), &cfg, &tensors(&cfg, 8), "");
-    let m = Gpt2LMHeadModel::load_hf(dir.path(), DType::F64, &Device::Cpu).unwrap();
+    let mut m = Gpt2LMHeadModel::load_hf(dir.path(), DType::F64, &Device::Cpu).unwrap();
     assert_eq!(m.embd_dropout.p, 0.1);
+    // An adapter in layer 0 (without dropout of its own), so every layer runs in training mode.
+    let lora = LoraConfig {
+        r: 2,
+        dropout: 0.0,
+        target_modules: vec!["c_attn".into()],
+        ..Default::default()
+    };
+    CausalLm::add_lora(&mut m, &lora, None, &mut StdRng::seed_from_u64(1)).unwrap();
     for l in &m.layers {
         assert_eq!((l.attention.dropout.p, l.resid_dropout.p), (0.2, 0.3));
     }

@@ -1,0 +1,267 @@
+//! The GGUF loader on the fetched SmolLM2 asset, and against the independent numpy reference.
+
+use super::*;
+
+// ------------------------------------------------------------ the real SmolLM2 asset
+
+/// The fetched SmolLM2 GGUF, or `None` (and a note) when it is not in the cache.
+fn smollm2() -> Option<PathBuf> {
+    let cache = crate::io::fetch::default_cache_dir();
+    match crate::io::fetch::smollm2_gguf(&cache) {
+        Ok(p) => Some(p),
+        // scripts/test.sh (CI) fetches the asset and sets SAFETUNE_REQUIRE_ASSETS: there a
+        // missing file fails the test instead of skipping it.
+        Err(e) if std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_some() => {
+            panic!("SmolLM2 GGUF not available ({e})")
+        }
+        Err(e) => {
+            eprintln!("skipping: SmolLM2 GGUF not available ({e}); run `safetune fetch`");
+            None
+        }
+    }
+}
+
+/// The loaded model continues "The capital of France is" with " Paris" (greedy).
+#[test]
+fn smollm2_says_paris() {
+    let Some(path) = smollm2() else { return };
+    let g = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    let tok = g.tokenizer.clone();
+    let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu);
+    let m = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+    let ids = tok.encode("The capital of France is", false).unwrap();
+    let logits = crate::model::generate::next_logits(&m, ids.get_ids()).unwrap();
+    let best = (0..logits.len())
+        .max_by(|&i, &j| logits[i].total_cmp(&logits[j]))
+        .unwrap();
+    assert_eq!(tok.decode(&[best as u32], false).unwrap(), " Paris");
+    // The same with the projections kept in Q4_1: the same logits, bit for bit.
+    let g = load_llama_opts(&path, DType::F32, &Device::Cpu, true).unwrap();
+    let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu)
+        .with_quantized(g.quantized);
+    let q = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+    assert_eq!(
+        crate::model::generate::next_logits(&q, ids.get_ids()).unwrap(),
+        logits
+    );
+}
+
+#[test]
+fn smollm2_tokenizer() {
+    let Some(path) = smollm2() else { return };
+    let (tok, template) = load_tokenizer(&path).unwrap();
+    assert!(template.unwrap().contains("<|im_start|>"));
+    assert_eq!(tok.get_vocab_size(true), 49152);
+    let text = "The capital of France is";
+    let enc = tok.encode(text, false).unwrap();
+    eprintln!("{text:?} -> {:?} {:?}", enc.get_ids(), enc.get_tokens());
+    assert_eq!(
+        enc.get_tokens(),
+        ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]
+    );
+    assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+    for (s, id) in [("<|endoftext|>", 0), ("<|im_start|>", 1), ("<|im_end|>", 2)] {
+        assert_eq!(tok.encode(s, false).unwrap().get_ids(), [id]);
+    }
+    let chat = "<|im_start|>user\nHi!<|im_end|>\n";
+    let ids = tok.encode(chat, false).unwrap().get_ids().to_vec();
+    assert_eq!((ids[0], ids[ids.len() - 2]), (1, 2));
+    assert_eq!(tok.decode(&ids, false).unwrap(), chat);
+    assert_eq!(tok.encode("12345", false).unwrap().len(), 5);
+    for s in [
+        "Größe und Maße",
+        "東京は日本の首都です",
+        "emoji 🙂🚀 done",
+        "naïve café",
+    ] {
+        let ids = tok.encode(s, false).unwrap().get_ids().to_vec();
+        assert_eq!(tok.decode(&ids, false).unwrap(), s);
+    }
+}
+
+#[test]
+fn smollm2_loads_and_truncated_copy_is_invalid() {
+    let Some(path) = smollm2() else { return };
+    let m = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    let c = &m.config;
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (576, 1536, 30)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.kv_heads(), c.vocab_size),
+        (9, 3, 49152)
+    );
+    assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-5, 100000.0));
+    assert_eq!((c.bos_token_id, c.eos_token_id.clone()), (Some(1), vec![2]));
+    assert!(c.tie_word_embeddings);
+    assert_eq!(m.tensors.len(), 2 + 9 * 30);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    for n in [100_000, bytes.len() / 2, bytes.len() - 1] {
+        let cut = tmp.path().join("SmolLM2-truncated.gguf");
+        std::fs::write(&cut, &bytes[..n]).unwrap();
+        let err = load_llama(&cut, DType::F32, &Device::Cpu).unwrap_err();
+        assert!(matches!(err, IoError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("SmolLM2-truncated.gguf"), "{err}");
+    }
+}
+
+/// For the opt-in tests: a missing asset is a failure, not a silent pass.
+fn smollm2_required() -> PathBuf {
+    smollm2().expect("these tests need the SmolLM2 asset (SAFETUNE_CACHE)")
+}
+
+fn reference(args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/llama_reference.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 with numpy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every tensor of the Rust loader against the numpy reference's own parser, dequantizer and
+/// un-permutation: checksums for all 272 tensors, element by element for the first and last
+/// layers and the embedding.
+#[test]
+#[ignore = "needs the SmolLM2 asset and python3 + numpy (about a minute)"]
+fn smollm2_dequant_matches_numpy_reference() {
+    let path = smollm2_required();
+    let m = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    let p = path.to_str().unwrap();
+    let mut checked = 0;
+    for line in reference(&[p, "--dump-dequant", "all"]).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let name = v["name"].as_str().unwrap();
+        let x: Vec<f64> = m.tensors[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let sumsq: f64 = x.iter().map(|a| a * a).sum();
+        let sum: f64 = x.iter().sum();
+        let wsum: f64 = x
+            .iter()
+            .enumerate()
+            .map(|(i, a)| a * ((i % 97) as f64 + 1.0))
+            .sum();
+        let scale = (sumsq * x.len() as f64).sqrt();
+        for (key, mine) in [("sum", sum), ("sumsq", sumsq), ("wsum", wsum)] {
+            let theirs = v[key].as_f64().unwrap();
+            let tol = 1e-9 * scale.max(1.0) * if key == "wsum" { 97.0 } else { 1.0 };
+            assert!(
+                (mine - theirs).abs() <= tol,
+                "{name} {key}: {mine} vs {theirs}"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, m.tensors.len());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".into(),
+    ];
+    names.extend(
+        m.tensors
+            .keys()
+            .filter(|n| n.starts_with("model.layers.0.") || n.starts_with("model.layers.29."))
+            .cloned(),
+    );
+    let dir = tmp.path().to_str().unwrap();
+    reference(&[
+        p,
+        "--dump-dequant",
+        &names.join(","),
+        "--npy-dir",
+        dir,
+        "--count",
+        "0",
+    ]);
+    for name in &names {
+        let theirs = Tensor::read_npy(tmp.path().join(format!("{name}.npy"))).unwrap();
+        let d = max_diff(&m.tensors[name], &theirs);
+        eprintln!("{name}: max |rust - numpy| = {d}");
+        assert_eq!(d, 0.0, "{name}");
+    }
+}
+
+/// The reference's dequantizers for the types this file lacks, against candle's: a GGUF of
+/// one random tensor per ggml type, written by candle.
+#[test]
+#[ignore = "needs python3 + numpy"]
+fn reference_dequantizes_every_type_like_candle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("types.gguf");
+    let mut rng = StdRng::seed_from_u64(5);
+    let v: Vec<f32> = (0..4 * 512).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let src = Tensor::from_vec(v, (4, 512), &Device::Cpu).unwrap();
+    let types = [
+        ("f32", GgmlDType::F32),
+        ("f16", GgmlDType::F16),
+        ("bf16", GgmlDType::BF16),
+        ("q4_0", GgmlDType::Q4_0),
+        ("q4_1", GgmlDType::Q4_1),
+        ("q5_0", GgmlDType::Q5_0),
+        ("q5_1", GgmlDType::Q5_1),
+        ("q8_0", GgmlDType::Q8_0),
+        ("q4_k", GgmlDType::Q4K),
+        ("q5_k", GgmlDType::Q5K),
+        ("q6_k", GgmlDType::Q6K),
+    ];
+    let qs: Vec<(&str, QTensor)> = types
+        .iter()
+        .map(|(n, t)| (*n, QTensor::quantize(&src, *t).unwrap()))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = qs.iter().map(|(n, q)| (*n, q)).collect();
+    gguf_file::write(&mut File::create(&path).unwrap(), &[], &refs).unwrap();
+    let names: Vec<&str> = types.iter().map(|t| t.0).collect();
+    let dir = tmp.path().to_str().unwrap();
+    let p = path.to_str().unwrap();
+    reference(&[p, "--dump-dequant", &names.join(","), "--npy-dir", dir]);
+    for (name, q) in &qs {
+        let ours = q.dequantize(&Device::Cpu).unwrap();
+        let theirs = Tensor::read_npy(tmp.path().join(format!("{name}.npy"))).unwrap();
+        let d = max_diff(&ours, &theirs);
+        eprintln!(
+            "{name}: max |candle - numpy| = {d}, quantization error {}",
+            max_diff(&ours, &src)
+        );
+        assert_eq!(d, 0.0, "{name}");
+    }
+}
+
+/// The ids of the prompt, and the reference's next token for them.
+#[test]
+#[ignore = "needs the SmolLM2 asset and python3 + numpy (about 20 s)"]
+fn smollm2_reference_completes_the_capital_of_france() {
+    let path = smollm2_required();
+    let (tok, _) = load_tokenizer(&path).unwrap();
+    let ids = tok
+        .encode("The capital of France is", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let ids = ids
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = reference(&[path.to_str().unwrap(), "--ids", &ids, "--top", "5"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!("ids {ids}: {}", v["top"]);
+    let best = v["top"][0]["id"].as_u64().unwrap() as u32;
+    assert_eq!(tok.id_to_token(best).as_deref(), Some("ĠParis"));
+}
