@@ -392,12 +392,7 @@ impl Task for LmTask<'_> {
         let (loss, grads) = CausalLm::loss_and_grads(model, &b, pass, loss_scale, checkpoint)?;
         let grads = grads
             .into_iter()
-            .flat_map(|(p, g)| {
-                [
-                    (format!("{p}.lora_A.weight"), g.a),
-                    (format!("{p}.lora_B.weight"), g.b),
-                ]
-            })
+            .flat_map(|(id, g)| crate::adapters::lora_grads(id, g))
             .collect();
         Ok(MicroStep {
             loss: loss.loss_sum / loss.tokens.max(1) as f64,
