@@ -4,7 +4,7 @@
 //! ([`SiteStates`]), so backward reads what forward saved whatever the order of calls.
 
 use super::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use super::Adapted;
+use super::{Adapted, AdapterId, HeadParam};
 use crate::nn::Pass;
 use candle_core::{Result, Tensor};
 use rand::Rng;
@@ -134,13 +134,26 @@ pub trait AdaptedStack {
 
     fn layers_mut(&mut self) -> &mut [Self::Layer];
 
-    /// Trained tensors beside the adapters (a classifier), by key.
-    fn head_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Trained tensors beside the adapters (a classifier).
+    fn head_tensors(&self) -> Vec<(HeadParam, Tensor)> {
         Vec::new()
     }
 
-    fn head_tensor_mut(&mut self, _key: &str) -> Option<&mut Tensor> {
+    fn head_tensor_mut(&mut self, _key: HeadParam) -> Option<&mut Tensor> {
         None
+    }
+
+    /// The id of the adapter at `site` of layer `layer`.
+    fn adapter_id(layer: usize, site: Site<Self>) -> AdapterId {
+        AdapterId {
+            layer,
+            site: site_index::<Self::Layer>(site),
+        }
+    }
+
+    /// The layer and site an id names; None when its site is not one of the layer's.
+    fn id_site(id: AdapterId) -> Option<(usize, Site<Self>)> {
+        Some((id.layer, *Self::Layer::SITES.get(id.site)?))
     }
 
     /// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
@@ -189,18 +202,31 @@ impl<M: AdaptedStack> Adapted for M {
             .collect()
     }
 
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
+    fn adapter_ids(&self) -> Vec<AdapterId> {
+        self.adapter_sites()
+            .into_iter()
+            .map(|(l, s)| M::adapter_id(l, s))
+            .collect()
+    }
+
+    fn adapter_by_id_mut(&mut self, id: AdapterId) -> Option<&mut LoraAdapter> {
+        let (layer, site) = M::id_site(id)?;
+        self.adapter_mut(layer, site)
+    }
+
+    fn module_path(&self, id: AdapterId) -> Option<String> {
+        let (layer, site) = M::id_site(id)?;
+        Some(M::adapter_path(layer, site))
+    }
+
+    fn module_id(&self, path: &str) -> Option<AdapterId> {
         let rest = path.strip_prefix(M::LAYERS_PATH)?.strip_prefix('.')?;
         let (layer, site) = rest.split_once('.')?;
         let site = M::Layer::SITES
             .iter()
             .copied()
             .find(|&s| M::Layer::site_path(s) == site)?;
-        self.adapter_mut(layer.parse().ok()?, site)
-    }
-
-    fn adapter_layers(&self) -> Vec<usize> {
-        self.adapter_sites().into_iter().map(|(l, _)| l).collect()
+        Some(M::adapter_id(layer.parse().ok()?, site))
     }
 
     fn num_layers(&self) -> usize {
@@ -219,11 +245,11 @@ impl<M: AdaptedStack> Adapted for M {
         M::FAN_IN_FAN_OUT
     }
 
-    fn head_params(&self) -> Vec<(String, Tensor)> {
+    fn head_params(&self) -> Vec<(HeadParam, Tensor)> {
         self.head_tensors()
     }
 
-    fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+    fn head_param_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
         self.head_tensor_mut(key)
     }
 }

@@ -10,17 +10,94 @@ pub use block::{
 use candle_core::Tensor;
 pub use lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear};
 
+/// One adapter: its transformer layer and its site, the index into the layer's
+/// [`Block::SITES`]. Ordered by layer, then site: the order of [`Adapted::adapters`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterId {
+    pub layer: usize,
+    pub site: usize,
+}
+
+/// A LoRA adapter's two matrices: `A` (`[r, in]`) and `B` (`[out, r]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LoraMatrix {
+    A,
+    B,
+}
+
+/// A trained tensor beside the adapters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HeadParam {
+    ClassifierWeight,
+    ClassifierBias,
+}
+
+/// A trained tensor: the key of gradients, optimizer state and checkpoints inside the program
+/// (PEFT's key strings exist only in `io::peft`). Ordered as a step lists its gradients:
+/// adapters by (layer, site), A then B, then the head's weight and bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ParamId {
+    Lora {
+        adapter: AdapterId,
+        matrix: LoraMatrix,
+    },
+    Head(HeadParam),
+}
+
+impl ParamId {
+    /// An adapter's A and B, in that order.
+    pub fn lora(adapter: AdapterId) -> [ParamId; 2] {
+        [LoraMatrix::A, LoraMatrix::B].map(|matrix| ParamId::Lora { adapter, matrix })
+    }
+}
+
+impl std::fmt::Display for ParamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamId::Lora { adapter, matrix } => write!(
+                f,
+                "lora_{matrix:?} of layer {} site {}",
+                adapter.layer, adapter.site
+            ),
+            ParamId::Head(h) => write!(f, "{h:?}"),
+        }
+    }
+}
+
+/// An adapter's gradients keyed by parameter: A then B.
+pub fn lora_grads(adapter: AdapterId, g: LoraGrads) -> [(ParamId, Tensor); 2] {
+    let [a, b] = ParamId::lora(adapter);
+    [(a, g.a), (b, g.b)]
+}
+
 /// What the optimizer, checkpoints and PEFT files need from a model that carries adapters: its
-/// trained tensors by key. Keys are PEFT's without the `base_model.model.` prefix:
-/// `<module path>.lora_A.weight` / `.lora_B.weight`, and head tensors such as `classifier.weight`.
+/// adapters by [`AdapterId`] and module path (PEFT's, e.g. `model.layers.0.self_attn.q_proj`),
+/// and its trained tensors by [`ParamId`].
 pub trait Adapted {
     /// Every adapter with its module path, in layer order (the index SAFE uses).
     fn adapters(&self) -> Vec<(String, &LoraAdapter)>;
 
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter>;
+    /// Every adapter's id, in [`Adapted::adapters`] order.
+    fn adapter_ids(&self) -> Vec<AdapterId>;
+
+    fn adapter_by_id_mut(&mut self, id: AdapterId) -> Option<&mut LoraAdapter>;
+
+    /// The module path of a layer's site (whether or not an adapter sits there); None when the
+    /// site is not one of the layer's.
+    fn module_path(&self, id: AdapterId) -> Option<String>;
+
+    /// The layer and site a module path names (the layer is not checked against the model's).
+    fn module_id(&self, path: &str) -> Option<AdapterId>;
+
+    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
+        let id = self.module_id(path)?;
+        self.adapter_by_id_mut(id)
+    }
 
     /// The transformer layer of each adapter, in [`Adapted::adapters`] order.
-    fn adapter_layers(&self) -> Vec<usize>;
+    fn adapter_layers(&self) -> Vec<usize> {
+        self.adapter_ids().into_iter().map(|id| id.layer).collect()
+    }
 
     /// Transformer layers in the model (PEFT's `layers_to_transform` is written when adapters
     /// sit in only some of them).
@@ -39,40 +116,44 @@ pub trait Adapted {
         false
     }
 
-    /// Trained tensors beside the adapters (a classifier), by key; none for a causal LM.
-    fn head_params(&self) -> Vec<(String, Tensor)> {
+    /// Trained tensors beside the adapters (a classifier); none for a causal LM.
+    fn head_params(&self) -> Vec<(HeadParam, Tensor)> {
         Vec::new()
     }
 
-    fn head_param_mut(&mut self, _key: &str) -> Option<&mut Tensor> {
+    fn head_param_mut(&mut self, _key: HeadParam) -> Option<&mut Tensor> {
         None
     }
 
-    /// Mutable access to any trained tensor by key.
-    fn param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
-        match key.rsplit_once(".lora_") {
-            Some((path, which)) => {
-                let ad = self.adapter_by_path_mut(path)?;
-                match which {
-                    "A.weight" => Some(&mut ad.a),
-                    "B.weight" => Some(&mut ad.b),
-                    _ => None,
-                }
+    /// Mutable access to any trained tensor; None when the model has no such tensor.
+    fn param_mut(&mut self, id: ParamId) -> Option<&mut Tensor> {
+        match id {
+            ParamId::Lora { adapter, matrix } => {
+                let ad = self.adapter_by_id_mut(adapter)?;
+                Some(match matrix {
+                    LoraMatrix::A => &mut ad.a,
+                    LoraMatrix::B => &mut ad.b,
+                })
             }
-            None => self.head_param_mut(key),
+            ParamId::Head(h) => self.head_param_mut(h),
         }
     }
 
-    /// Every tensor that still trains: adapters not frozen, and the head.
-    fn trainable_params(&self) -> Vec<(String, Tensor)> {
+    /// Every tensor that still trains, in [`ParamId`] order: adapters not frozen, and the head.
+    fn trainable_params(&self) -> Vec<(ParamId, Tensor)> {
         let mut v = Vec::new();
-        for (path, ad) in self.adapters() {
+        for (id, (_, ad)) in self.adapter_ids().into_iter().zip(self.adapters()) {
             if ad.trainable {
-                v.push((format!("{path}.lora_A.weight"), ad.a.clone()));
-                v.push((format!("{path}.lora_B.weight"), ad.b.clone()));
+                let [a, b] = ParamId::lora(id);
+                v.push((a, ad.a.clone()));
+                v.push((b, ad.b.clone()));
             }
         }
-        v.extend(self.head_params());
+        v.extend(
+            self.head_params()
+                .into_iter()
+                .map(|(h, t)| (ParamId::Head(h), t)),
+        );
         v
     }
 }

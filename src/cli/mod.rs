@@ -496,7 +496,7 @@ fn export(a: ExportArgs) -> Result<()> {
     let tensors = candle_core::safetensors::load(&state_path, &candle_core::Device::Cpu)
         .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
     let num_labels = tensors
-        .get(crate::train::step::CLASSIFIER_WEIGHT)
+        .get(peft::head_key(crate::adapters::HeadParam::ClassifierWeight))
         .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
         .dim(0)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);

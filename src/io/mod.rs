@@ -27,4 +27,7 @@ pub enum IoError {
         actual: Vec<usize>,
         expected: Vec<usize>,
     },
+    /// A tensor key that names no trained tensor of the model (the caller names the file).
+    #[error("tensor key '{key}' names no trained tensor of this model: {message}")]
+    UnknownParam { key: String, message: String },
 }

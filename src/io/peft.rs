@@ -3,8 +3,7 @@
 //! PEFT saves `modules_to_save` (`base_model.model.classifier.weight`/`.bias`).
 
 use super::IoError;
-use crate::adapters::Adapted;
-use crate::adapters::LoraConfig;
+use crate::adapters::{Adapted, AdapterId, HeadParam, LoraConfig, LoraMatrix, ParamId};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -52,13 +51,67 @@ impl PeftConfig {
     }
 }
 
-/// The transformer layer an adapter's module path sits in (`...layer.3...`, `...layers.3...`).
-fn layer_of(path: &str) -> Option<usize> {
-    let parts: Vec<&str> = path.split('.').collect();
-    parts
-        .windows(2)
-        .find(|w| w[0] == "layer" || w[0] == "layers" || w[0] == "h")
-        .and_then(|w| w[1].parse().ok())
+/// A head tensor's key (PEFT saves the classifier as `modules_to_save`).
+pub fn head_key(h: HeadParam) -> &'static str {
+    match h {
+        HeadParam::ClassifierWeight => "classifier.weight",
+        HeadParam::ClassifierBias => "classifier.bias",
+    }
+}
+
+const HEADS: [HeadParam; 2] = [HeadParam::ClassifierWeight, HeadParam::ClassifierBias];
+
+/// The suffix of a LoRA matrix's key after its module path.
+fn lora_suffix(m: LoraMatrix) -> &'static str {
+    match m {
+        LoraMatrix::A => ".lora_A.weight",
+        LoraMatrix::B => ".lora_B.weight",
+    }
+}
+
+/// The key of a trained tensor of `model` without PEFT's `base_model.model.` prefix, as
+/// checkpoints name it: `<module path>.lora_A.weight` / `.lora_B.weight`, `classifier.weight` /
+/// `classifier.bias`. `id`'s site must be one of the model's layer sites, as the site of every
+/// id that the model lists or [`param_id`] returns is.
+pub fn param_key(model: &(impl Adapted + ?Sized), id: ParamId) -> String {
+    match id {
+        ParamId::Lora { adapter, matrix } => {
+            let path = model
+                .module_path(adapter)
+                .expect("an adapter id of this model's sites");
+            format!("{path}{}", lora_suffix(matrix))
+        }
+        ParamId::Head(h) => head_key(h).to_string(),
+    }
+}
+
+/// The trained tensor a key (without `base_model.model.`) names, the inverse of [`param_key`];
+/// an error for a key that is neither a LoRA matrix of one of the model's layer sites nor a head
+/// tensor. Whether the model has that tensor is `Adapted::param_mut`'s to say.
+pub fn param_id(model: &(impl Adapted + ?Sized), key: &str) -> Result<ParamId, IoError> {
+    let unknown = |message: String| IoError::UnknownParam {
+        key: key.into(),
+        message,
+    };
+    if let Some(&h) = HEADS.iter().find(|&&h| head_key(h) == key) {
+        return Ok(ParamId::Head(h));
+    }
+    let (path, matrix) = [LoraMatrix::A, LoraMatrix::B]
+        .into_iter()
+        .find_map(|m| Some((key.strip_suffix(lora_suffix(m))?, m)))
+        .ok_or_else(|| {
+            unknown(
+                "expected '<module path>.lora_A.weight', '<module path>.lora_B.weight', \
+                 'classifier.weight' or 'classifier.bias'"
+                    .into(),
+            )
+        })?;
+    let adapter = model.module_id(path).ok_or_else(|| {
+        unknown(format!(
+            "'{path}' is not the module path of a linear in this model's layers"
+        ))
+    })?;
+    Ok(ParamId::Lora { adapter, matrix })
 }
 
 /// Writes the model's adapters (and head, as PEFT's `modules_to_save`) in PEFT's layout, each
@@ -76,20 +129,18 @@ pub fn save(
     std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut layers = Vec::new();
-    for (path, ad) in model.adapters() {
-        tensors.insert(format!("{PREFIX}{path}.lora_A.weight"), ad.a.clone());
-        tensors.insert(format!("{PREFIX}{path}.lora_B.weight"), ad.b.clone());
-        if let Some(l) = layer_of(&path).filter(|l| !layers.contains(l)) {
-            layers.push(l);
+    for (id, (_, ad)) in model.adapter_ids().into_iter().zip(model.adapters()) {
+        let [a, b] = ParamId::lora(id).map(|p| param_key(model, p));
+        tensors.insert(format!("{PREFIX}{a}"), ad.a.clone());
+        tensors.insert(format!("{PREFIX}{b}"), ad.b.clone());
+        if !layers.contains(&id.layer) {
+            layers.push(id.layer);
         }
     }
     let mut modules_to_save: Vec<String> = Vec::new();
-    for (key, t) in model.head_params() {
-        let module = key
-            .rsplit_once('.')
-            .map(|(m, _)| m)
-            .unwrap_or(&key)
-            .to_string();
+    for (h, t) in model.head_params() {
+        let key = head_key(h);
+        let module = key.rsplit_once('.').map_or(key, |(m, _)| m).to_string();
         if !modules_to_save.contains(&module) {
             modules_to_save.push(module);
         }
@@ -183,10 +234,11 @@ pub fn load(dir: &Path, model: &mut impl Adapted) -> Result<PeftConfig, IoError>
             })
     };
     let in_file = tensors.keys().filter(|k| k.contains(".lora_A")).count();
-    let expected: Vec<(String, Tensor, Tensor)> = model
-        .adapters()
+    let expected: Vec<(AdapterId, Tensor, Tensor)> = model
+        .adapter_ids()
         .into_iter()
-        .map(|(p, ad)| (p, ad.a.clone(), ad.b.clone()))
+        .zip(model.adapters())
+        .map(|(id, (_, ad))| (id, ad.a.clone(), ad.b.clone()))
         .collect();
     if in_file != expected.len() {
         return Err(IoError::Invalid {
@@ -199,17 +251,18 @@ pub fn load(dir: &Path, model: &mut impl Adapted) -> Result<PeftConfig, IoError>
         });
     }
     let scaling = cfg.lora().scaling();
-    for (stem, a, b) in expected {
-        let a = get(&format!("{PREFIX}{stem}.lora_A.weight"), &a)?;
-        let b = get(&format!("{PREFIX}{stem}.lora_B.weight"), &b)?;
-        let ad = model.adapter_by_path_mut(&stem).expect("listed adapter");
+    for (id, a, b) in expected {
+        let [ka, kb] = ParamId::lora(id).map(|p| param_key(model, p));
+        let a = get(&format!("{PREFIX}{ka}"), &a)?;
+        let b = get(&format!("{PREFIX}{kb}"), &b)?;
+        let ad = model.adapter_by_id_mut(id).expect("listed adapter");
         ad.a = a;
         ad.b = b;
         ad.scaling = scaling;
     }
-    for (key, like) in model.head_params() {
-        let t = get(&format!("{PREFIX}{key}"), &like)?;
-        *model.head_param_mut(&key).expect("listed head tensor") = t;
+    for (h, like) in model.head_params() {
+        let t = get(&format!("{PREFIX}{}", head_key(h)), &like)?;
+        *model.head_param_mut(h).expect("listed head tensor") = t;
     }
     Ok(cfg)
 }
@@ -221,7 +274,7 @@ pub fn num_labels(dir: &Path) -> Result<usize, IoError> {
         path: path.clone(),
         message: format!("not a readable safetensors file ({e})"),
     })?;
-    let name = format!("{PREFIX}classifier.weight");
+    let name = format!("{PREFIX}{}", head_key(HeadParam::ClassifierWeight));
     let w = t.get(&name).ok_or_else(|| IoError::MissingTensor {
         path: path.clone(),
         name: name.clone(),
@@ -239,7 +292,122 @@ pub fn num_labels(dir: &Path) -> Result<usize, IoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::llama::LlamaForCausalLM;
+    use crate::model::{BertConfig, BertForSequenceClassification, Gpt2Config, Gpt2LMHeadModel};
+    use crate::model::{CausalLm, Decoder, LlamaConfig};
     use candle_core::DType;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn lora(targets: &[&str]) -> LoraConfig {
+        LoraConfig {
+            r: 2,
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Every trained tensor's key, and each key read back to the same id.
+    fn round_trip(model: &impl Adapted) -> Vec<String> {
+        let ids: Vec<ParamId> = model
+            .trainable_params()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert!(!ids.is_empty());
+        ids.into_iter()
+            .map(|id| {
+                let key = param_key(model, id);
+                assert_eq!(param_id(model, &key).unwrap(), id, "{key}");
+                key
+            })
+            .collect()
+    }
+
+    /// BERT, LLaMA and GPT-2: a parameter's key is PEFT's name without `base_model.model.`, and
+    /// reads back to the same parameter; an unknown key is an error naming it.
+    #[test]
+    fn param_ids_round_trip_through_their_keys() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut bert = BertForSequenceClassification::random(
+            BertConfig::tiny(0.0),
+            2,
+            DType::F32,
+            &Device::Cpu,
+            &mut rng,
+        )
+        .unwrap();
+        bert.add_lora(&lora(&["query", "value"]), None, &mut rng)
+            .unwrap();
+        let keys = round_trip(&bert);
+        assert_eq!(
+            keys[0],
+            "bert.encoder.layer.0.attention.self.query.lora_A.weight"
+        );
+        assert_eq!(
+            keys[1],
+            "bert.encoder.layer.0.attention.self.query.lora_B.weight"
+        );
+        assert_eq!(
+            keys[2],
+            "bert.encoder.layer.0.attention.self.value.lora_A.weight"
+        );
+        assert_eq!(
+            keys[keys.len() - 2..],
+            ["classifier.weight", "classifier.bias"]
+        );
+
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 20, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 2, "num_attention_heads": 2
+        }))
+        .unwrap();
+        let mut llama: Decoder = LlamaForCausalLM::random(cfg, DType::F32, &Device::Cpu, &mut rng)
+            .unwrap()
+            .into();
+        CausalLm::add_lora(&mut llama, &lora(&["q_proj", "down_proj"]), None, &mut rng).unwrap();
+        let keys = round_trip(&llama);
+        assert_eq!(keys.len(), 8);
+        assert_eq!(keys[0], "model.layers.0.self_attn.q_proj.lora_A.weight");
+        assert_eq!(keys[7], "model.layers.1.mlp.down_proj.lora_B.weight");
+
+        let cfg: Gpt2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 20, "n_positions": 8, "n_embd": 8, "n_layer": 2, "n_head": 2
+        }))
+        .unwrap();
+        let mut gpt2: Decoder = Gpt2LMHeadModel::random(cfg, DType::F32, &Device::Cpu, &mut rng)
+            .unwrap()
+            .into();
+        CausalLm::add_lora(&mut gpt2, &lora(&["c_proj"]), None, &mut rng).unwrap();
+        let keys = round_trip(&gpt2);
+        assert_eq!(
+            keys[..4],
+            [
+                "transformer.h.0.attn.c_proj.lora_A.weight",
+                "transformer.h.0.attn.c_proj.lora_B.weight",
+                "transformer.h.0.mlp.c_proj.lora_A.weight",
+                "transformer.h.0.mlp.c_proj.lora_B.weight",
+            ]
+        );
+
+        for (model, key) in [
+            (
+                &llama as &dyn Adapted,
+                "model.layers.0.self_attn.q_proj.lora_C.weight",
+            ),
+            (&llama, "model.layers.0.self_attn.q_proj.weight"),
+            (&llama, "transformer.h.0.attn.c_proj.lora_A.weight"),
+            (&llama, "model.layers.x.self_attn.q_proj.lora_A.weight"),
+            (&gpt2, "transformer.h.0.attn.q_proj.lora_A.weight"),
+            (&bert, "classifier.gamma"),
+        ] {
+            let e = param_id(model, key).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("tensor key '{key}' names no trained tensor")),
+                "{e}"
+            );
+        }
+    }
 
     fn write_classifier(dir: &Path, w: Tensor) {
         let t = HashMap::from([(format!("{PREFIX}classifier.weight"), w)]);

@@ -11,7 +11,8 @@
 use super::stack::{self, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{
-    self, outputs_without_each_adapter, AdaptedStack, SiteBackward, SiteForward, SiteStates,
+    self, outputs_without_each_adapter, AdaptedStack, HeadParam, SiteBackward, SiteForward,
+    SiteStates,
 };
 use crate::io::weights::Weights;
 use crate::io::IoError;
@@ -702,25 +703,24 @@ impl AdaptedStack for BertForSequenceClassification {
         &mut self.layers
     }
 
-    fn head_tensors(&self) -> Vec<(String, Tensor)> {
+    fn head_tensors(&self) -> Vec<(HeadParam, Tensor)> {
         let c = &self.head.classifier;
-        let mut v: Vec<(String, Tensor)> = c
+        let mut v: Vec<(HeadParam, Tensor)> = c
             .weight
             .as_dense()
-            .map(|w| (CLASSIFIER_WEIGHT.to_string(), w.clone()))
+            .map(|w| (HeadParam::ClassifierWeight, w.clone()))
             .into_iter()
             .collect();
         if let Some(b) = &c.bias {
-            v.push((CLASSIFIER_BIAS.to_string(), b.clone()));
+            v.push((HeadParam::ClassifierBias, b.clone()));
         }
         v
     }
 
-    fn head_tensor_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+    fn head_tensor_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
         match key {
-            CLASSIFIER_WEIGHT => self.head.classifier.weight.as_dense_mut(),
-            CLASSIFIER_BIAS => self.head.classifier.bias.as_mut(),
-            _ => None,
+            HeadParam::ClassifierWeight => self.head.classifier.weight.as_dense_mut(),
+            HeadParam::ClassifierBias => self.head.classifier.bias.as_mut(),
         }
     }
 }
@@ -729,9 +729,6 @@ impl AdaptedStack for BertForSequenceClassification {
 pub fn adapter_path(layer: usize, site: Site) -> String {
     BertForSequenceClassification::adapter_path(layer, site)
 }
-
-pub const CLASSIFIER_WEIGHT: &str = "classifier.weight";
-pub const CLASSIFIER_BIAS: &str = "classifier.bias";
 
 fn tensor(t: Result<Tensor>, w: &Weights) -> std::result::Result<Tensor, IoError> {
     t.map_err(|e| IoError::Invalid {

@@ -242,7 +242,7 @@ impl<M: DecoderParts> CausalLm for M {
         crate::adapters::add_lora(self.layers_mut(), cfg, layers, rng)
     }
 
-    /// [`loss_and_site_grads`] with the gradients by module path (PEFT's key stem).
+    /// [`loss_and_site_grads`] with the gradients by adapter id.
     fn loss_and_grads(
         &self,
         b: &LmBatch,
@@ -254,7 +254,7 @@ impl<M: DecoderParts> CausalLm for M {
         let (loss, grads) = loss_and_site_grads(self, b, pass, loss_scale, checkpoint, bottom)?;
         let grads = grads
             .into_iter()
-            .map(|(l, s, g)| (M::adapter_path(l, s), g))
+            .map(|(l, s, g)| (M::adapter_id(l, s), g))
             .collect();
         Ok((loss, grads))
     }

@@ -5,7 +5,7 @@ use super::gpt2::{Gpt2Block, Gpt2LMHeadModel};
 use super::llama::{LlamaForCausalLM, LlamaLayer};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::block::linear_names;
-use crate::adapters::{Adapted, LoraAdapter, LoraConfig};
+use crate::adapters::{Adapted, AdapterId, HeadParam, LoraAdapter, LoraConfig};
 use crate::nn::attention::KvCache;
 use crate::nn::linear::QuantFormat;
 use crate::nn::loss::LmLoss;
@@ -118,8 +118,20 @@ impl Adapted for Decoder {
         each!(self, m => m.adapters())
     }
 
-    fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
-        each!(self, m => m.adapter_by_path_mut(path))
+    fn adapter_ids(&self) -> Vec<AdapterId> {
+        each!(self, m => m.adapter_ids())
+    }
+
+    fn adapter_by_id_mut(&mut self, id: AdapterId) -> Option<&mut LoraAdapter> {
+        each!(self, m => m.adapter_by_id_mut(id))
+    }
+
+    fn module_path(&self, id: AdapterId) -> Option<String> {
+        each!(self, m => m.module_path(id))
+    }
+
+    fn module_id(&self, path: &str) -> Option<AdapterId> {
+        each!(self, m => m.module_id(path))
     }
 
     fn lowest_trainable_layer(&self) -> Option<usize> {
@@ -138,11 +150,11 @@ impl Adapted for Decoder {
         each!(self, m => m.peft_fan_in_fan_out())
     }
 
-    fn head_params(&self) -> Vec<(String, Tensor)> {
+    fn head_params(&self) -> Vec<(HeadParam, Tensor)> {
         each!(self, m => m.head_params())
     }
 
-    fn head_param_mut(&mut self, key: &str) -> Option<&mut Tensor> {
+    fn head_param_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
         each!(self, m => m.head_param_mut(key))
     }
 }

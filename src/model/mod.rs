@@ -14,7 +14,7 @@ pub use decoder::Decoder;
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::LlamaConfig;
 
-use crate::adapters::{Adapted, LoraConfig, LoraGrads};
+use crate::adapters::{Adapted, AdapterId, LoraConfig, LoraGrads};
 use crate::nn::attention::KvCache;
 use crate::nn::loss::LmLoss;
 use crate::nn::Pass;
@@ -35,8 +35,8 @@ pub struct LmBatch {
 /// A monitored layer's output and each of its adapters' `(module path, X, Y)` rows (SAFE).
 pub type MonitoredLayer = (Tensor, Vec<(String, Tensor, Tensor)>);
 
-/// Adapter gradients by module path (PEFT's key stem).
-pub type AdapterGrads = Vec<(String, LoraGrads)>;
+/// Adapter gradients by adapter, in `(layer, site)` order.
+pub type AdapterGrads = Vec<(AdapterId, LoraGrads)>;
 
 /// What the causal-LM trainer, evaluation and generation need from a decoder architecture.
 pub trait CausalLm: Adapted {

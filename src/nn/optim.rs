@@ -1,7 +1,9 @@
-//! AdamW on plain tensors, state keyed by parameter name (PEFT's key names), and the linear
+//! AdamW on plain tensors, state keyed by parameter (any ordered key: `adapters::ParamId` in
+//! training), and the linear
 //! learning-rate schedule with warm-up (transformers' `get_linear_schedule_with_warmup`).
 
 use candle_core::{Result, Tensor};
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
@@ -31,12 +33,12 @@ pub struct Moments {
     pub step: u64,
 }
 
-pub struct AdamW {
+pub struct AdamW<K> {
     pub config: AdamWConfig,
-    pub state: BTreeMap<String, Moments>,
+    pub state: BTreeMap<K, Moments>,
 }
 
-impl AdamW {
+impl<K: Ord> AdamW<K> {
     pub fn new(config: AdamWConfig) -> Self {
         Self {
             config,
@@ -45,33 +47,33 @@ impl AdamW {
     }
 
     /// Returns the updated parameter. State is created on first use. One fused kernel on CUDA.
-    pub fn update(&mut self, name: &str, param: &Tensor, grad: &Tensor, lr: f64) -> Result<Tensor> {
-        self.update_impl(name, param, grad, lr, true)
+    pub fn update(&mut self, key: K, param: &Tensor, grad: &Tensor, lr: f64) -> Result<Tensor> {
+        self.update_impl(key, param, grad, lr, true)
     }
 
     /// The candle composition: the fallback, and the reference for the fused kernel.
     pub fn update_reference(
         &mut self,
-        name: &str,
+        key: K,
         param: &Tensor,
         grad: &Tensor,
         lr: f64,
     ) -> Result<Tensor> {
-        self.update_impl(name, param, grad, lr, false)
+        self.update_impl(key, param, grad, lr, false)
     }
 
     fn update_impl(
         &mut self,
-        name: &str,
+        key: K,
         param: &Tensor,
         grad: &Tensor,
         lr: f64,
         fused: bool,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let st = match self.state.get_mut(name) {
-            Some(s) => s,
-            None => self.state.entry(name.to_string()).or_insert(Moments {
+        let st = match self.state.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Moments {
                 m: param.zeros_like()?,
                 v: param.zeros_like()?,
                 step: 0,
@@ -105,8 +107,8 @@ impl AdamW {
     }
 
     /// Frees a frozen parameter's moments: it will never be updated again.
-    pub fn drop_state(&mut self, name: &str) {
-        self.state.remove(name);
+    pub fn drop_state(&mut self, key: &K) {
+        self.state.remove(key);
     }
 }
 
@@ -122,7 +124,8 @@ pub fn linear_schedule(step: usize, warmup: usize, total: usize, peak: f64) -> f
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_global_norm(grads: &mut [(String, Tensor)], max_norm: f64) -> Result<f64> {
+/// The squares are summed in the slice's order, so the order decides the last bits.
+pub fn clip_global_norm<K>(grads: &mut [(K, Tensor)], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for (_, g) in grads.iter() {
         sq += g
@@ -161,7 +164,7 @@ mod tests {
         for (a, b) in v.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        opt.drop_state("p");
+        opt.drop_state(&"p");
         assert!(opt.state.is_empty());
     }
 
@@ -190,14 +193,8 @@ mod tests {
     #[test]
     fn clipping_bounds_the_global_norm() {
         let mut g = vec![
-            (
-                "a".to_string(),
-                Tensor::new(&[3.0f64], &Device::Cpu).unwrap(),
-            ),
-            (
-                "b".to_string(),
-                Tensor::new(&[4.0f64], &Device::Cpu).unwrap(),
-            ),
+            ("a", Tensor::new(&[3.0f64], &Device::Cpu).unwrap()),
+            ("b", Tensor::new(&[4.0f64], &Device::Cpu).unwrap()),
         ];
         let n = clip_global_norm(&mut g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-12);

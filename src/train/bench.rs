@@ -6,7 +6,7 @@
 //! live before the first step (the weights), as PyTorch's `max_memory_allocated - base`.
 
 use super::step;
-use crate::adapters::{Adapted, AdaptedStack, LoraConfig};
+use crate::adapters::{Adapted, AdaptedStack, LoraConfig, ParamId};
 use crate::data::batch::Batch;
 use crate::data::Label;
 use crate::device::DeviceArgs;
@@ -292,7 +292,7 @@ impl Model {
         inputs: &Inputs,
         pass: &mut Pass,
         checkpoint: bool,
-    ) -> Result<(f32, Vec<(String, Tensor)>)> {
+    ) -> Result<(f32, Vec<(ParamId, Tensor)>)> {
         Ok(match (self, inputs) {
             (Model::Bert(m), Inputs::Bert(b)) => {
                 let out = step::forward_backward(
@@ -308,9 +308,8 @@ impl Model {
             (Model::Llama(m), Inputs::Llama(b)) => {
                 let (loss, grads) = m.loss_and_grads(b, pass, 1.0, checkpoint, None)?;
                 let mut named = Vec::with_capacity(2 * grads.len());
-                for (path, g) in grads {
-                    named.push((format!("{path}.lora_A.weight"), g.a));
-                    named.push((format!("{path}.lora_B.weight"), g.b));
+                for (id, g) in grads {
+                    named.extend(crate::adapters::lora_grads(id, g));
                 }
                 ((loss.loss_sum / loss.tokens.max(1) as f64) as f32, named)
             }
@@ -510,9 +509,9 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         };
         let (loss, grads) = model.step(&inputs, &mut pass, a.gradient_checkpointing)?;
         let params = model.params();
-        for (name, g) in &grads {
-            let p = params.param_mut(name).expect("known parameter");
-            *p = opt.update(name, p, g, 1e-3)?;
+        for (id, g) in &grads {
+            let p = params.param_mut(*id).expect("known parameter");
+            *p = opt.update(*id, p, g, 1e-3)?;
         }
         drop(grads);
         crate::device::synchronize(&device)?;

@@ -6,7 +6,8 @@
 //! PEFT's format at `OUTPUT/` (see `io::peft`).
 
 use super::fit::EpochLog;
-use crate::adapters::Adapted;
+use crate::adapters::{Adapted, ParamId};
+use crate::io::peft::{param_id, param_key};
 use crate::nn::optim::{AdamW, Moments};
 use crate::safe::SafeController;
 use anyhow::{Context, Result};
@@ -27,13 +28,20 @@ pub struct TrainerState {
     pub frozen_at: BTreeMap<String, usize>,
     pub history: Vec<EpochLog>,
     pub safe: Option<SafeController>,
-    /// Optimizer step count of each parameter.
+    /// Optimizer step count of each parameter, by its key (`io::peft::param_key`).
     pub opt_steps: BTreeMap<String, u64>,
     /// PEFT key stems of the frozen adapters.
     pub frozen_adapters: Vec<String>,
 }
 
-pub fn save(out: &Path, model: &impl Adapted, opt: &AdamW, state: &TrainerState) -> Result<()> {
+/// Writes `OUTPUT/checkpoint/`. Tensors are named by their keys (`io::peft::param_key`), the
+/// optimizer's moments `opt.m.<key>` / `opt.v.<key>`.
+pub fn save(
+    out: &Path,
+    model: &impl Adapted,
+    opt: &AdamW<ParamId>,
+    state: &TrainerState,
+) -> Result<()> {
     let tmp = out.join("checkpoint.tmp");
     let dir = out.join("checkpoint");
     let old = out.join("checkpoint.old");
@@ -42,19 +50,23 @@ pub fn save(out: &Path, model: &impl Adapted, opt: &AdamW, state: &TrainerState)
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut state = state.clone();
     state.frozen_adapters.clear();
-    for (stem, ad) in model.adapters() {
-        tensors.insert(format!("{stem}.lora_A.weight"), ad.a.clone());
-        tensors.insert(format!("{stem}.lora_B.weight"), ad.b.clone());
+    for (id, (stem, ad)) in model.adapter_ids().into_iter().zip(model.adapters()) {
+        let [a, b] = ParamId::lora(id).map(|p| param_key(model, p));
+        tensors.insert(a, ad.a.clone());
+        tensors.insert(b, ad.b.clone());
         if !ad.trainable {
             state.frozen_adapters.push(stem);
         }
     }
-    tensors.extend(model.head_params());
+    for (h, t) in model.head_params() {
+        tensors.insert(param_key(model, ParamId::Head(h)), t);
+    }
     state.opt_steps.clear();
-    for (name, m) in &opt.state {
+    for (&id, m) in &opt.state {
+        let name = param_key(model, id);
         tensors.insert(format!("opt.m.{name}"), m.m.clone());
         tensors.insert(format!("opt.v.{name}"), m.v.clone());
-        state.opt_steps.insert(name.clone(), m.step);
+        state.opt_steps.insert(name, m.step);
     }
     let tensors_path = tmp.join("tensors.safetensors");
     candle_core::safetensors::save(&tensors, &tensors_path)
@@ -93,7 +105,11 @@ fn remove_any(path: &Path) -> Result<()> {
 }
 
 /// Restores model parameters, frozen flags and optimizer state; None when there is no checkpoint.
-pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Option<TrainerState>> {
+pub fn load(
+    out: &Path,
+    model: &mut impl Adapted,
+    opt: &mut AdamW<ParamId>,
+) -> Result<Option<TrainerState>> {
     let mut dir = out.join("checkpoint");
     if !dir.exists() {
         dir = out.join("checkpoint.old"); // interrupted between the two renames
@@ -114,12 +130,14 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
         if name.starts_with("opt.") {
             continue;
         }
-        let p = model.param_mut(name).with_context(|| {
+        let misfit = || {
             format!(
                 "{}: tensor '{name}' does not fit this model",
                 tpath.display()
             )
-        })?;
+        };
+        let id = param_id(model, name).with_context(misfit)?;
+        let p = model.param_mut(id).with_context(misfit)?;
         anyhow::ensure!(
             p.dims() == t.dims(),
             "{}: tensor '{name}' has shape {:?}, the model {:?}",
@@ -130,9 +148,9 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
         // Onto the model's device and dtype (checkpoints are read on the host).
         *p = t.to_dtype(p.dtype())?.to_device(p.device())?;
     }
-    for (stem, _) in model.adapters() {
-        for which in ["A", "B"] {
-            let key = format!("{stem}.lora_{which}.weight");
+    for (id, (stem, _)) in model.adapter_ids().into_iter().zip(model.adapters()) {
+        for p in ParamId::lora(id) {
+            let key = param_key(model, p);
             anyhow::ensure!(
                 tensors.contains_key(&key),
                 "{}: no tensor '{key}' for this model's adapter '{stem}' (was the checkpoint \
@@ -152,12 +170,14 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
     }
     opt.state.clear();
     for (name, &step) in &state.opt_steps {
-        let p = model.param_mut(name).with_context(|| {
+        let missing = || {
             format!(
                 "{}: optimizer state of '{name}', which this model does not have",
                 state_path.display()
             )
-        })?;
+        };
+        let id = param_id(model, name).with_context(missing)?;
+        let p = model.param_mut(id).with_context(missing)?;
         let (dims, dtype, device) = (p.dims().to_vec(), p.dtype(), p.device().clone());
         let get = |k: String| -> Result<Tensor> {
             let t = tensors
@@ -172,7 +192,7 @@ pub fn load(out: &Path, model: &mut impl Adapted, opt: &mut AdamW) -> Result<Opt
             Ok(t.to_dtype(dtype)?.to_device(&device)?)
         };
         opt.state.insert(
-            name.clone(),
+            id,
             Moments {
                 m: get(format!("opt.m.{name}"))?,
                 v: get(format!("opt.v.{name}"))?,
@@ -194,7 +214,7 @@ mod tests {
     use rand::SeedableRng;
 
     /// A tiny BERT with LoRA on query/value and one AdamW step on every trained tensor.
-    fn model_and_optimizer() -> (BertForSequenceClassification, AdamW) {
+    fn model_and_optimizer() -> (BertForSequenceClassification, AdamW<ParamId>) {
         let mut rng = StdRng::seed_from_u64(5);
         let mut m = BertForSequenceClassification::random(
             BertConfig::tiny(0.0),
@@ -210,14 +230,14 @@ mod tests {
         };
         m.add_lora(&lora, None, &mut rng).unwrap();
         let mut opt = AdamW::new(AdamWConfig::default());
-        for (name, p) in m.trainable_params() {
+        for (id, p) in m.trainable_params() {
             let g = p.ones_like().unwrap();
-            *m.param_mut(&name).unwrap() = opt.update(&name, &p, &g, 1e-3).unwrap();
+            *m.param_mut(id).unwrap() = opt.update(id, &p, &g, 1e-3).unwrap();
         }
         (m, opt)
     }
 
-    fn fresh() -> (BertForSequenceClassification, AdamW) {
+    fn fresh() -> (BertForSequenceClassification, AdamW<ParamId>) {
         let (m, _) = model_and_optimizer();
         (m, AdamW::new(AdamWConfig::default()))
     }
@@ -251,7 +271,7 @@ mod tests {
         let (dir, _) = saved();
         let (mut m, mut opt) = fresh();
         load(dir.path(), &mut m, &mut opt).unwrap().unwrap();
-        let key = format!("{Q0}.lora_A.weight");
+        let key = ParamId::lora(m.module_id(Q0).unwrap())[0];
         let (want_m, want_p) = {
             let (m0, o0) = model_and_optimizer();
             let p = m0.trainable_params().into_iter().find(|(k, _)| *k == key);
@@ -259,7 +279,7 @@ mod tests {
         };
         assert_eq!(opt.state[&key].m.to_vec2::<f32>().unwrap(), want_m);
         assert_eq!(opt.state[&key].step, 1);
-        let p = m.param_mut(&key).unwrap();
+        let p = m.param_mut(key).unwrap();
         assert_eq!(
             p.to_vec2::<f32>().unwrap(),
             want_p.to_vec2::<f32>().unwrap()

@@ -6,7 +6,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::config::Method;
 use super::run::{self, StepPlan};
-use crate::adapters::Adapted;
+use crate::adapters::{Adapted, ParamId};
 use crate::memory::MemTracker;
 use crate::nn::optim::{clip_global_norm, AdamW, AdamWConfig};
 use crate::nn::{flops, Pass};
@@ -28,8 +28,8 @@ pub struct MicroStep {
     pub loss: f64,
     /// Tokens the micro-batch fed the model (for the progress bar's rate).
     pub tokens: usize,
-    /// Gradients of every trainable parameter by key, scaled by the step's `loss_scale`.
-    pub grads: Vec<(String, Tensor)>,
+    /// Gradients of every trainable parameter in [`ParamId`] order, scaled by the step's `loss_scale`.
+    pub grads: Vec<(ParamId, Tensor)>,
 }
 
 /// A validation score: the task's metric and its mean loss.
@@ -264,7 +264,7 @@ pub fn fit<T: Task>(
             .sum();
         for s in 0..plan.steps_per_epoch {
             epoch_mem.begin_step();
-            let mut grads: Vec<(String, Tensor)> = Vec::new();
+            let mut grads: Vec<(ParamId, Tensor)> = Vec::new();
             for m in 0..plan.accum {
                 let Some(examples) = plan.micro_batch(&order, s, m) else {
                     break;

@@ -443,12 +443,7 @@ impl Task for LmTask<'_> {
         let (loss, grads) = model.loss_and_grads(&b, pass, loss_scale, checkpoint, bottom)?;
         let grads = grads
             .into_iter()
-            .flat_map(|(p, g)| {
-                [
-                    (format!("{p}.lora_A.weight"), g.a),
-                    (format!("{p}.lora_B.weight"), g.b),
-                ]
-            })
+            .flat_map(|(id, g)| crate::adapters::lora_grads(id, g))
             .collect();
         Ok(MicroStep {
             loss: loss.loss_sum / loss.tokens.max(1) as f64,
@@ -491,6 +486,7 @@ impl LmTrainConfig {
 mod tests {
     use super::*;
     use crate::adapters::LoraConfig;
+    use crate::adapters::ParamId;
     use crate::model::LlamaConfig;
     use crate::safe::MonitorPoint;
 
@@ -633,7 +629,7 @@ mod tests {
             lora: &lora,
             source: String::new(),
         };
-        type Step = (f64, Vec<(String, Vec<f32>)>);
+        type Step = (f64, Vec<(ParamId, Vec<f32>)>);
         let steps = |t: &mut LmTask| -> Vec<Step> {
             (0..2)
                 .map(|_| {
@@ -662,6 +658,9 @@ mod tests {
         );
         assert_eq!(plain, cached);
         assert_eq!(plain[0].1.len(), 8, "q and v of layers 1 and 2, A and B");
-        assert!(plain[0].1.iter().all(|(k, _)| !k.contains("layers.0.")));
+        assert!(plain[0]
+            .1
+            .iter()
+            .all(|(k, _)| matches!(k, ParamId::Lora { adapter, .. } if adapter.layer > 0)));
     }
 }

@@ -5,7 +5,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::config::Method;
 use super::fit::EpochLog;
-use crate::adapters::Adapted;
+use crate::adapters::{Adapted, AdapterId, ParamId};
 use crate::memory::{self, MemTracker};
 use crate::nn::optim::{linear_schedule, AdamW};
 use crate::safe::{EpochDecision, SafeController};
@@ -90,10 +90,9 @@ pub fn freeze_prefix(model: &mut impl Adapted, method: &Method) {
     let Method::FreezePrefix(k) = *method else {
         return;
     };
-    let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
-    for (path, layer) in paths.iter().zip(model.adapter_layers()) {
-        if layer < k {
-            model.adapter_by_path_mut(path).expect("listed").trainable = false;
+    for id in model.adapter_ids() {
+        if id.layer < k {
+            model.adapter_by_id_mut(id).expect("listed").trainable = false;
         }
     }
 }
@@ -124,7 +123,7 @@ pub fn start_or_resume(
     epochs: usize,
     resume: bool,
     model: &mut impl Adapted,
-    opt: &mut AdamW,
+    opt: &mut AdamW<ParamId>,
     safe: &mut Option<SafeController>,
 ) -> Result<Started> {
     let mut state = TrainerState {
@@ -163,11 +162,11 @@ pub fn start_or_resume(
 }
 
 /// The optimizer step of both trainers, after clipping: this step's learning rate on the linear
-/// schedule, AdamW on every gradient (by key), the step counted. Returns the learning rate.
+/// schedule, AdamW on every gradient (by parameter), the step counted. Returns the learning rate.
 pub fn optimizer_step(
     model: &mut impl Adapted,
-    opt: &mut AdamW,
-    grads: &[(String, Tensor)],
+    opt: &mut AdamW<ParamId>,
+    grads: &[(ParamId, Tensor)],
     plan: &StepPlan,
     peak_lr: f64,
     state: &mut TrainerState,
@@ -178,11 +177,9 @@ pub fn optimizer_step(
         plan.total_steps,
         peak_lr,
     );
-    for (name, g) in grads {
-        let p = model
-            .param_mut(name)
-            .expect("gradient of a known parameter");
-        *p = opt.update(name, p, g, lr)?;
+    for (id, g) in grads {
+        let p = model.param_mut(*id).expect("gradient of a known parameter");
+        *p = opt.update(*id, p, g, lr)?;
     }
     state.global_step += 1;
     Ok(lr)
@@ -200,14 +197,14 @@ pub fn finish_safe_round(
     scores: &[f64],
     names: &[String],
     model: &mut impl Adapted,
-    opt: &mut AdamW,
+    opt: &mut AdamW<ParamId>,
     state: &mut TrainerState,
     log: Option<&mut File>,
 ) -> Result<EpochDecision> {
     let d = c.end_of_epoch(round, scores);
-    let paths: Vec<String> = model.adapters().into_iter().map(|(p, _)| p).collect();
+    let ids = model.adapter_ids();
     for &i in &d.newly_frozen {
-        freeze_adapter(model, opt, &paths[i]);
+        freeze_adapter(model, opt, ids[i]);
         state.frozen_at.insert(names[i].clone(), epoch);
     }
     let line = serde_json::json!({
@@ -222,14 +219,14 @@ pub fn finish_safe_round(
     Ok(d)
 }
 
-/// Freezes one adapter (by PEFT module path) for good: a constant from now on, its optimizer
-/// state dropped.
-pub fn freeze_adapter(model: &mut impl Adapted, opt: &mut AdamW, path: &str) {
-    if let Some(ad) = model.adapter_by_path_mut(path) {
+/// Freezes one adapter for good: a constant from now on, its optimizer state dropped.
+pub fn freeze_adapter(model: &mut impl Adapted, opt: &mut AdamW<ParamId>, id: AdapterId) {
+    if let Some(ad) = model.adapter_by_id_mut(id) {
         ad.trainable = false;
     }
-    opt.drop_state(&format!("{path}.lora_A.weight"));
-    opt.drop_state(&format!("{path}.lora_B.weight"));
+    for p in ParamId::lora(id) {
+        opt.drop_state(&p);
+    }
 }
 
 /// One epoch's memory: its peak, and the largest amount one step adds to what was live before

@@ -1,17 +1,16 @@
 //! One training step, top to bottom:
 //! forward the frozen bottom (inference, nothing saved) -> forward the top (saving) -> loss ->
-//! backward down to the lowest trainable adapter -> gradients by parameter name.
+//! backward down to the lowest trainable adapter -> gradients by parameter id.
 //! The optimizer update and SAFE's bookkeeping follow in `trainer`.
 
 use super::frozen_cache::{BatchRows, FrozenCache};
+use crate::adapters::{lora_grads, AdaptedStack, HeadParam, ParamId};
 use crate::data::batch::Batch;
 use crate::data::Label;
 use crate::model::bert::{BatchTensors, BertForSequenceClassification};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::{loss, Pass};
 use candle_core::{DType, Device, Result, Tensor};
-
-pub use crate::model::bert::{adapter_path, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
 
 /// Uploads a host batch to the device.
 pub fn to_tensors(b: &Batch, dtype: DType, device: &Device) -> Result<BatchTensors> {
@@ -54,8 +53,8 @@ pub fn loss_and_grad(logits: &Tensor, labels: &[Label]) -> Result<(f32, Tensor)>
 
 pub struct StepOutput {
     pub loss: f32,
-    /// Gradients of every trainable parameter, by PEFT key (`...lora_A.weight`, `classifier.weight`).
-    pub grads: Vec<(String, Tensor)>,
+    /// Gradients of every trainable parameter, in [`ParamId`] order.
+    pub grads: Vec<(ParamId, Tensor)>,
 }
 
 /// How the layers below the lowest trainable adapter run. They save nothing in every mode.
@@ -109,12 +108,11 @@ pub fn forward_backward(
     drop(layouts);
     let mut grads = Vec::with_capacity(2 * g.adapters.len() + 2);
     for (layer, site, lg) in g.adapters {
-        let stem = adapter_path(layer, site);
-        grads.push((format!("{stem}.lora_A.weight"), lg.a));
-        grads.push((format!("{stem}.lora_B.weight"), lg.b));
+        let id = BertForSequenceClassification::adapter_id(layer, site);
+        grads.extend(lora_grads(id, lg));
     }
-    grads.push((CLASSIFIER_WEIGHT.into(), g.head.weight));
-    grads.push((CLASSIFIER_BIAS.into(), g.head.bias));
+    grads.push((ParamId::Head(HeadParam::ClassifierWeight), g.head.weight));
+    grads.push((ParamId::Head(HeadParam::ClassifierBias), g.head.bias));
     Ok(StepOutput { loss, grads })
 }
 
@@ -279,12 +277,12 @@ mod tests {
         assert!(plain
             .grads
             .iter()
-            .all(|(n, _)| !n.contains("layer.0.") && !n.contains("layer.1.")));
+            .all(|(n, _)| !matches!(n, ParamId::Lora { adapter, .. } if adapter.layer < 2)));
         // A dropout bottom draws masks in the frozen layers (a different loss), and still gives
         // them no gradient.
         let dropped = run(&m, &batch, FrozenBottom::Dropout);
         assert_ne!(dropped.loss.to_bits(), plain.loss.to_bits());
-        let names = |o: &StepOutput| o.grads.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let names = |o: &StepOutput| o.grads.iter().map(|(n, _)| *n).collect::<Vec<_>>();
         assert_eq!(names(&dropped), names(&plain));
         // Layer 2 freezes too: the depth-2 rows keep serving, layer 2 runs from them.
         for (l, s) in m.adapter_sites() {
