@@ -1,12 +1,14 @@
 //! safetune: memory-efficient adapter fine-tuning with SAFE (Selective Adapter FrEezing).
 //!
-//! Module map (see ARCHITECTURE.md for the data flow of a training step):
-//! - [`nn`]: components with explicit forward/backward (linear, layer norm, GELU, attention, ...).
-//! - [`adapters`]: LoRA beside frozen linears.
-//! - [`model`]: architectures (BERT) assembled from `nn` and `adapters`.
-//! - [`io`]: safetensors weights, asset fetching.
+//! Module map, bottom up (see ARCHITECTURE.md for the data flow of a training step):
 //! - [`device`], [`memory`], [`files`]: infrastructure below everything else: devices and dtypes,
 //!   memory accounting, atomic files.
+//! - [`nn`]: components with explicit forward/backward (linear, norms, attention, ...), AdamW.
+//! - [`adapters`]: LoRA beside frozen linears; a layer stack's adapters, `ParamId`.
+//! - [`io`]: safetensors weights, PEFT files, merging, asset fetching.
+//! - [`model`]: BERT, LLaMA family, GPT-2, assembled from `nn` and `adapters`.
+//! - [`safe`]: SAFE's decisions, without tensors.
+//! - [`train`]: the training loop over a task, checkpoints, SAFE's importance; [`cli`] on top.
 
 pub mod adapters;
 pub mod cli;
