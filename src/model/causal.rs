@@ -360,6 +360,34 @@ fn chunk_rows<M: DecoderParts>(m: &M) -> usize {
     lm_head_chunk_rows(m.head_weight().dim(0).unwrap_or(0))
 }
 
+/// The decoders' test batch: two sequences of 6 positions, the second padded after 3, masked
+/// targets included.
+#[cfg(test)]
+pub(crate) fn test_batch(dtype: DType) -> LmBatch {
+    let dev = Device::Cpu;
+    let ids =
+        Tensor::from_vec(vec![2u32, 7, 9, 11, 3, 5, 2, 13, 5, 0, 0, 0], (2, 6), &dev).unwrap();
+    let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], (2, 6), &dev).unwrap();
+    LmBatch {
+        input_ids: ids,
+        mask_add: crate::nn::attention::mask_to_additive(&mask, dtype).unwrap(),
+        targets: vec![7, 9, 11, 3, 5, -100, 13, 5, -100, -100, -100, -100],
+        batch: 2,
+        seq: 6,
+    }
+}
+
+/// A test step's loss and gradients on [`test_batch`] in f64, dropout drawn from seed 5.
+#[cfg(test)]
+pub(crate) fn test_grads<M: DecoderParts>(m: &M, checkpoint: bool) -> (LmLoss, SiteGrads<Site<M>>) {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
+    let mut pass = Pass {
+        training: true,
+        rng: &mut rng,
+    };
+    loss_and_site_grads(m, &test_batch(DType::F64), &mut pass, 1.0, checkpoint, None).unwrap()
+}
+
 /// The oracle's loss for gradient tests: mean cross-entropy of the counted targets over
 /// full logits, on candle's tape.
 #[cfg(test)]

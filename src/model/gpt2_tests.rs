@@ -67,30 +67,15 @@ fn tiny() -> Gpt2LMHeadModel {
 }
 
 fn batch(dtype: DType) -> LmBatch {
-    let dev = Device::Cpu;
-    let ids =
-        Tensor::from_vec(vec![2u32, 7, 9, 11, 3, 5, 2, 13, 5, 0, 0, 0], (2, 6), &dev).unwrap();
-    let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], (2, 6), &dev).unwrap();
-    LmBatch {
-        input_ids: ids,
-        mask_add: crate::nn::attention::mask_to_additive(&mask, dtype).unwrap(),
-        targets: vec![7, 9, 11, 3, 5, -100, 13, 5, -100, -100, -100, -100],
-        batch: 2,
-        seq: 6,
-    }
+    causal::test_batch(dtype)
 }
 
 fn grads(m: &Gpt2LMHeadModel) -> (LmLoss, SiteGrads) {
-    grads_with(m, false)
+    causal::test_grads(m, false)
 }
 
 fn grads_with(m: &Gpt2LMHeadModel, checkpoint: bool) -> (LmLoss, SiteGrads) {
-    let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-    };
-    causal::loss_and_site_grads(m, &batch(DType::F64), &mut pass, 1.0, checkpoint, None).unwrap()
+    causal::test_grads(m, checkpoint)
 }
 
 /// With every dropout on (embeddings, attention, residual, LoRA), gradient checkpointing
