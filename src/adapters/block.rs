@@ -6,6 +6,7 @@
 use super::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use super::{Adapted, AdapterId, HeadParam};
 use crate::nn::Pass;
+use crate::safe::MonitorPoint;
 use candle_core::{Result, Tensor};
 use rand::Rng;
 use std::fmt::Debug;
@@ -360,10 +361,37 @@ impl<'a, L: Block> SiteBackward<'a, L> {
     }
 }
 
+/// SAFE's monitoring of one layer (inference): its output and each adapter's `(site, X, Y)` at
+/// `point`. `run(layer, pass, monitor)` is the layer's forward on the input it closes over,
+/// pushing each adapted linear's `(site, X, Y)` into `monitor` when given. At the linear, `X` and
+/// `Y` are the adapted and the base linear's output; at the block, the layer's output with and
+/// without that one adapter.
+pub fn monitor_layer<L: Block>(
+    layer: &L,
+    point: MonitorPoint,
+    mut run: impl FnMut(&L, &mut Pass, Option<&mut Monitored<L::Site>>) -> Result<Tensor>,
+) -> Result<(Tensor, Monitored<L::Site>)> {
+    Pass::inference(|pass| match point {
+        MonitorPoint::Linear => {
+            let mut rows = Vec::new();
+            let out = run(layer, pass, Some(&mut rows))?;
+            Ok((out, rows))
+        }
+        MonitorPoint::Block => {
+            let out = run(layer, pass, None)?;
+            let rows = outputs_without_each_adapter(layer, |l| run(l, pass, None))?
+                .into_iter()
+                .map(|(s, y)| (s, out.clone(), y))
+                .collect();
+            Ok((out, rows))
+        }
+    })
+}
+
 /// SAFE's block-level `Y`s: the layer's output (by `run`, on the input it closes over) with each
 /// of its adapters taken out in turn, as `(site, output)`. One copy of the layer serves every
 /// adapter: each is removed, the copy run, and the adapter put back.
-pub fn outputs_without_each_adapter<L: Block>(
+fn outputs_without_each_adapter<L: Block>(
     layer: &L,
     mut run: impl FnMut(&L) -> Result<Tensor>,
 ) -> Result<Vec<(L::Site, Tensor)>> {

@@ -4,8 +4,8 @@ pub mod block;
 pub mod lora;
 
 pub use block::{
-    add_lora, outputs_without_each_adapter, target_matches, AdaptedStack, Block, Monitored,
-    SiteBackward, SiteForward, SiteStates,
+    add_lora, monitor_layer, target_matches, AdaptedStack, Block, Monitored, SiteBackward,
+    SiteForward, SiteStates,
 };
 use candle_core::Tensor;
 pub use lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear};

@@ -10,10 +10,7 @@
 
 use super::stack::{self, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
-use crate::adapters::{
-    self, outputs_without_each_adapter, AdaptedStack, HeadParam, SiteBackward, SiteForward,
-    SiteStates,
-};
+use crate::adapters::{self, AdaptedStack, HeadParam, SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
@@ -654,24 +651,10 @@ impl BertForSequenceClassification {
             batch: b.batch,
             seq: b.seq,
         };
-        let layer = &self.layers[i];
-        Pass::inference(|pass| match point {
-            MonitorPoint::Linear => {
-                let mut m = Monitored::new();
-                let out = layer.forward(h, &b.mask_add, shape, pass, false, Some(&mut m))?;
-                Ok((out.0, m))
-            }
-            MonitorPoint::Block => {
-                let mut run =
-                    |l: &BertLayer| Ok(l.forward(h, &b.mask_add, shape, pass, false, None)?.0);
-                let out = run(layer)?;
-                let rows = outputs_without_each_adapter(layer, run)?
-                    .into_iter()
-                    .map(|(s, y)| (s, out.clone(), y))
-                    .collect();
-                Ok((out, rows))
-            }
-        })
+        let run = |l: &BertLayer, pass: &mut Pass, monitor: Option<&mut Monitored>| {
+            Ok(l.forward(h, &b.mask_add, shape, pass, false, monitor)?.0)
+        };
+        adapters::monitor_layer(&self.layers[i], point, run)
     }
 
     /// Inference forward returning logits.

@@ -7,7 +7,7 @@ use super::stack::{self, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::block::Site;
 use crate::adapters::lora::{LoraConfig, LoraGrads};
-use crate::adapters::{outputs_without_each_adapter, Adapted, AdaptedStack, Monitored};
+use crate::adapters::{Adapted, AdaptedStack, Monitored};
 use crate::nn::attention::{AttnShape, KvCache};
 use crate::nn::loss::{lm_head_loss, LmLoss};
 use crate::nn::Pass;
@@ -315,26 +315,10 @@ impl<M: DecoderParts> CausalLm for M {
         h: &Tensor,
         point: MonitorPoint,
     ) -> Result<MonitoredLayer> {
-        let layer = &self.layers()[i];
-        let (out, rows) = Pass::inference(|pass| -> Result<_> {
-            match point {
-                MonitorPoint::Linear => {
-                    let mut rows = Vec::new();
-                    let out = self.layer_forward(layer, h, b, pass, Some(&mut rows))?;
-                    Ok((out, rows))
-                }
-                MonitorPoint::Block => {
-                    let run =
-                        |l: &M::Layer, pass: &mut Pass| self.layer_forward(l, h, b, pass, None);
-                    let out = run(layer, pass)?;
-                    let rows = outputs_without_each_adapter(layer, |l| run(l, pass))?
-                        .into_iter()
-                        .map(|(s, y)| (s, out.clone(), y))
-                        .collect();
-                    Ok((out, rows))
-                }
-            }
-        })?;
+        let run = |l: &M::Layer, pass: &mut Pass, monitor: Option<&mut Monitored<Site<M>>>| {
+            self.layer_forward(l, h, b, pass, monitor)
+        };
+        let (out, rows) = crate::adapters::monitor_layer(&self.layers()[i], point, run)?;
         let rows = rows
             .into_iter()
             .map(|(s, x, y)| (M::adapter_path(i, s), x, y))
