@@ -628,12 +628,8 @@ impl BertForSequenceClassification {
         let first = saved.first_saved_layer;
         let run = Self::layer_forward(&saved.mask_add, saved.shape);
         let back = |l: &BertLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let mut adapters: Vec<_> =
-            stack::backward(&self.layers[first..], saved.layers, dh, run, back)?
-                .into_iter()
-                .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (first + i, s, g)))
-                .collect();
-        adapters.sort_by_key(|(l, s, _)| (*l, *s as usize));
+        let per_layer = stack::backward(&self.layers[first..], saved.layers, dh, run, back)?;
+        let adapters = stack::by_site(first, per_layer);
         Ok(ModelGrads { adapters, head })
     }
 

@@ -146,9 +146,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
             |l: &Self::Layer, st, dout: &Tensor, need| self.layer_backward(l, st, dout, need);
         let trained = &self.layers()[first..];
         let per_layer = stack::backward(trained, saved.layers, dh, run, back)?;
-        Ok(by_site(
-            per_layer.into_iter().map(|(i, g)| (first + i, g)).collect(),
-        ))
+        Ok(stack::by_site(first, per_layer))
     }
 }
 
@@ -169,17 +167,6 @@ pub type LayerGrads<S> = Vec<(S, LoraGrads)>;
 
 /// Adapter gradients by `(layer, site)`.
 pub type SiteGrads<S> = Vec<(usize, S, LoraGrads)>;
-
-/// Each layer's gradients, as `stack::backward` returns them (top layer first), listed by
-/// `(layer, site)` in ascending order.
-pub fn by_site<S: Copy + Ord>(per_layer: Vec<(usize, Vec<(S, LoraGrads)>)>) -> SiteGrads<S> {
-    let mut grads: SiteGrads<S> = per_layer
-        .into_iter()
-        .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (i, s, g)))
-        .collect();
-    grads.sort_by_key(|(l, s, _)| (*l, *s));
-    grads
-}
 
 /// One training step's forward, loss and backward: mean next-token cross-entropy over the
 /// counted targets, and the adapters' gradients (scaled by `loss_scale`).

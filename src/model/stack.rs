@@ -6,6 +6,7 @@
 //! then runs each layer's forward again, from the top down, just before its backward. That trades
 //! one more forward of the trainable layers for activation memory of one layer instead of all.
 
+use crate::adapters::LoraGrads;
 use crate::nn::Pass;
 use candle_core::{Result, Tensor};
 use rand::rngs::StdRng;
@@ -120,4 +121,17 @@ pub fn backward<L, S, G>(
         }
     }
     Ok(grads)
+}
+/// The adapters' gradients of a [`backward`] run on the layers from `first` up (indices relative
+/// to `first`, top layer first), as `(layer, site, grads)` by ascending layer and site.
+pub fn by_site<S: Copy + Ord>(
+    first: usize,
+    per_layer: Vec<(usize, Vec<(S, LoraGrads)>)>,
+) -> Vec<(usize, S, LoraGrads)> {
+    let mut grads: Vec<_> = per_layer
+        .into_iter()
+        .flat_map(|(i, grads)| grads.into_iter().map(move |(s, g)| (first + i, s, g)))
+        .collect();
+    grads.sort_by_key(|(l, s, _)| (*l, *s));
+    grads
 }
