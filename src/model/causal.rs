@@ -208,8 +208,20 @@ fn hidden_before_with<M: DecoderParts>(
     layer: usize,
     pass: &mut Pass,
 ) -> Result<Tensor> {
-    let mut h = m.embed_at(&b.input_ids, b.batch, 0, pass)?;
-    for l in &m.layers()[..layer] {
+    let h = m.embed_at(&b.input_ids, b.batch, 0, pass)?;
+    layers_between(m, b, h, 0, layer, pass)
+}
+
+/// Layers `from..to` on `h`, the input of layer `from`, without saving.
+fn layers_between<M: DecoderParts>(
+    m: &M,
+    b: &LmBatch,
+    mut h: Tensor,
+    from: usize,
+    to: usize,
+    pass: &mut Pass,
+) -> Result<Tensor> {
+    for l in &m.layers()[from..to] {
         h = m.layer_forward(l, &h, b, pass, None)?;
     }
     Ok(h)
@@ -282,13 +294,7 @@ impl<M: DecoderParts> CausalLm for M {
     }
 
     fn hidden_between(&self, b: &LmBatch, h: Tensor, from: usize, to: usize) -> Result<Tensor> {
-        Pass::inference(|pass| {
-            let mut h = h;
-            for l in &self.layers()[from..to] {
-                h = self.layer_forward(l, &h, b, pass, None)?;
-            }
-            Ok(h)
-        })
+        Pass::inference(|pass| layers_between(self, b, h, from, to, pass))
     }
 
     fn hidden_before(&self, b: &LmBatch, layer: usize) -> Result<Tensor> {
