@@ -10,6 +10,7 @@
 //! CUDA context included) is reported beside them. [`MemTracker`] reads whichever applies.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Counts live and peak heap bytes. The library installs no allocator: a program that wants heap
@@ -20,12 +21,29 @@ pub struct CountingAllocator;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// This thread's allocations less its frees (negative when it frees what others allocated),
+    /// and the highest value since its last reset: a measurement that threads running beside it
+    /// do not disturb.
+    static THREAD_LIVE: Cell<isize> = const { Cell::new(0) };
+    static THREAD_PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn thread_add(bytes: isize) {
+    let _ = THREAD_LIVE.try_with(|live| {
+        let v = live.get() + bytes;
+        live.set(v);
+        let _ = THREAD_PEAK.try_with(|peak| peak.set(peak.get().max(v)));
+    });
+}
+
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc(layout);
         if !p.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
             PEAK.fetch_max(live, Ordering::Relaxed);
+            thread_add(layout.size() as isize);
         }
         p
     }
@@ -33,6 +51,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         System.dealloc(ptr, layout);
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        thread_add(-(layout.size() as isize));
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -45,6 +64,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
             } else {
                 LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
             }
+            thread_add(new_size as isize - layout.size() as isize);
         }
         p
     }
@@ -62,6 +82,21 @@ pub fn peak_bytes() -> usize {
 
 pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// What this thread has allocated and not freed (see [`thread_peak_bytes`]).
+pub fn thread_live_bytes() -> isize {
+    THREAD_LIVE.with(|l| l.get())
+}
+
+/// The highest [`thread_live_bytes`] since this thread's last [`reset_thread_peak`]: the heap
+/// peak of work done on this thread, undisturbed by other threads.
+pub fn thread_peak_bytes() -> isize {
+    THREAD_PEAK.with(|p| p.get())
+}
+
+pub fn reset_thread_peak() {
+    THREAD_PEAK.with(|p| p.set(thread_live_bytes()));
 }
 
 /// Peak resident set size of the process (VmHWM), where the OS reports it.
@@ -117,6 +152,10 @@ impl MemTracker {
         Self {
             device: device.clone(),
         }
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
     }
 
     /// `heap` (CPU) or `cuda-pool`.

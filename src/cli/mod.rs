@@ -124,7 +124,8 @@ pub struct RunArgs {
     /// SAFE's tau_T as an absolute importance value (default: half the largest importance at warm-up end).
     #[arg(long)]
     pub safe_tau: Option<f64>,
-    /// SAFE decision rounds per epoch (1 = once per epoch, as in the paper).
+    /// SAFE decision rounds per epoch (1 = once per epoch, as in the paper; default: from the
+    /// run's length, about 12 per run and at most one per 24 steps).
     #[arg(long)]
     pub safe_rounds_per_epoch: Option<usize>,
     /// Size of SAFE's monitoring subset of the training data.
@@ -137,6 +138,11 @@ pub struct RunArgs {
     /// backward (less activation memory, one more forward of the trainable layers).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// The most a training step may add to memory above the weights, e.g. 6GB or 900MB: layers
+    /// are checkpointed and the batch split into smaller passes (same effective batch) to fit,
+    /// planned again as SAFE freezes adapters.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_budget: Option<crate::train::plan::ByteSize>,
     /// Recompute the frozen bottom layers every step instead of caching their output on disk.
     #[arg(long)]
     pub no_frozen_cache: bool,
@@ -177,6 +183,9 @@ macro_rules! apply_run_args {
             c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
         c.gradient_checkpointing |= a.gradient_checkpointing;
+        if a.memory_budget.is_some() {
+            c.memory_budget = a.memory_budget;
+        }
         if a.no_frozen_cache {
             c.cache_frozen_bottom = false;
         }

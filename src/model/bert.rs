@@ -8,7 +8,8 @@
 //! h'    = LN2(dropout(output(gelu(intermediate(a)))) + a)
 //! ```
 
-use super::stack::{self, StackSaved};
+use super::memory::{Acts, LayerMemory, StepMemory};
+use super::stack::{self, Recompute, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{self, AdaptedStack, HeadParam, SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
@@ -222,6 +223,29 @@ impl BertLayer {
         Ok((out, saved))
     }
 
+    /// What [`BertLayer::forward`] keeps (its [`BertLayerSaved`]) and its temporaries, from
+    /// shapes.
+    pub fn memory(&self, acts: Acts) -> LayerMemory {
+        let lin = |s: Site| crate::adapters::Block::linear(self, s);
+        let (h, f) = (
+            lin(Site::Query).base.in_features(),
+            lin(Site::Intermediate).base.out_features(),
+        );
+        let linears = acts.lora_group(&[lin(Site::Query), lin(Site::Key), lin(Site::Value)])
+            + acts.lora_group(&[lin(Site::AttnOut)])
+            + acts.lora_group(&[lin(Site::Intermediate)])
+            + acts.lora_group(&[lin(Site::Output)]);
+        let state = linears
+            + acts.attention(&self.attention, h / self.attention.num_heads)
+            + 2 * acts.mask(&self.dropout, h)
+            + 2 * acts.norm(h)
+            + acts.of(f);
+        LayerMemory {
+            state,
+            transient: acts.transient(&self.attention, h, f),
+        }
+    }
+
     /// Backward through the layer; `dx` is computed only when a layer below still trains.
     pub fn backward(
         &self,
@@ -296,6 +320,25 @@ pub struct ForwardSaved {
     head: HeadSaved,
     mask_add: Tensor,
     shape: AttnShape,
+}
+
+impl StepMemory for BertForSequenceClassification {
+    fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
+        self.layers[layer].memory(Acts::new(rows, seq, self.embeddings.word.dtype()))
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
+        Acts::new(rows, seq, self.embeddings.word.dtype()).of(self.config.hidden_size)
+    }
+
+    /// The pooler and classifier work on one row each; their input gradient is hidden-wide.
+    fn head_bytes(&self, rows: usize, seq: usize) -> usize {
+        2 * self.hidden_bytes(rows, seq)
+    }
 }
 
 impl BertForSequenceClassification {
@@ -523,7 +566,7 @@ impl BertForSequenceClassification {
         &self,
         b: &BatchTensors,
         pass: &mut Pass,
-        checkpoint: bool,
+        recompute: &Recompute,
     ) -> Result<(Tensor, ForwardSaved)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
         let h = if first > 0 {
@@ -532,7 +575,7 @@ impl BertForSequenceClassification {
             self.embeddings
                 .forward(&b.input_ids, &b.token_type_ids, pass)?
         };
-        self.forward_train_from(b, h, first, pass, checkpoint)
+        self.forward_train_from(b, h, first, pass, recompute)
     }
 
     /// Embeddings and layers `0..k` in inference mode: `[batch*seq, hidden]`, deterministic.
@@ -600,14 +643,14 @@ impl BertForSequenceClassification {
         h: Tensor,
         first: usize,
         pass: &mut Pass,
-        checkpoint: bool,
+        recompute: &Recompute,
     ) -> Result<(Tensor, ForwardSaved)> {
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
         };
         let run = Self::layer_forward(&b.mask_add, shape);
-        let (h, layers) = stack::forward(&self.layers[first..], 0, h, pass, checkpoint, run)?;
+        let (h, layers) = stack::forward(&self.layers[first..], first, h, pass, recompute, run)?;
         let (logits, head) = self.head.forward(&h, b.batch, b.seq, pass, true)?;
         let head = head.expect("head saved");
         Ok((

@@ -1,6 +1,7 @@
 //! Tests of `model::bert`.
 
 use super::*;
+use crate::model::stack::Recompute;
 use crate::nn::attention::mask_to_additive;
 use crate::nn::gradcheck::max_abs_diff;
 use candle_core::Var;
@@ -65,7 +66,13 @@ fn loss_grads_with(
         training: true,
         rng: &mut rng,
     };
-    let (logits, saved) = m.forward_train(&b, &mut pass, checkpoint).unwrap();
+    let (logits, saved) = m
+        .forward_train(
+            &b,
+            &mut pass,
+            &crate::model::stack::Recompute::all_if(checkpoint),
+        )
+        .unwrap();
     let (_, dlogits) = crate::nn::loss::cross_entropy(&logits, &labels).unwrap();
     let (_, saved2) = {
         let mut rng = StdRng::seed_from_u64(5);
@@ -73,7 +80,12 @@ fn loss_grads_with(
             training: true,
             rng: &mut rng,
         };
-        m.forward_train(&b, &mut pass, checkpoint).unwrap()
+        m.forward_train(
+            &b,
+            &mut pass,
+            &crate::model::stack::Recompute::all_if(checkpoint),
+        )
+        .unwrap()
     };
     (m.backward(saved, &dlogits).unwrap(), saved2)
 }
@@ -121,7 +133,9 @@ fn whole_model_gradients_match_autograd() {
         training: true,
         rng: &mut rng,
     };
-    let (logits, _) = taped.forward_train(&b, &mut pass, false).unwrap();
+    let (logits, _) = taped
+        .forward_train(&b, &mut pass, &Recompute::None)
+        .unwrap();
     let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
     let logp = logits.broadcast_sub(&lse).unwrap();
     let picked = logp

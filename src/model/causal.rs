@@ -3,7 +3,8 @@
 //! forward with SAFE's monitoring, loss, logits, generation's cached forward). Each architecture
 //! supplies its embeddings, one layer's forward and backward, final norm and head.
 
-use super::stack::{self, StackSaved};
+use super::memory::{Acts, LayerMemory, StepMemory};
+use super::stack::{self, Recompute, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::block::Site;
 use crate::adapters::lora::{LoraConfig, LoraGrads};
@@ -74,6 +75,9 @@ pub trait DecoderParts: AdaptedStack + Sized {
     /// The LM head `[vocab, hidden]` (the embeddings when tied).
     fn head_weight(&self) -> &Tensor;
 
+    /// What one layer's training forward keeps and its temporaries, from shapes.
+    fn layer_memory(&self, layer: &Self::Layer, acts: Acts) -> LayerMemory;
+
     /// One layer's inference forward; with `monitor`, its adapted linears' `(site, X, Y)`.
     fn layer_forward(
         &self,
@@ -101,7 +105,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
         &self,
         b: &LmBatch,
         pass: &mut Pass,
-        checkpoint: bool,
+        recompute: &Recompute,
         bottom: Option<Tensor>,
     ) -> Result<(Tensor, DecoderSaved<Self>)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers().len());
@@ -115,7 +119,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
             self.layer_train(l, x, &b.mask_add, shape, pass, save, None)
         };
         let trained = &self.layers()[first..];
-        let (h, layers) = stack::forward(trained, 0, h, pass, checkpoint, run)?;
+        let (h, layers) = stack::forward(trained, first, h, pass, recompute, run)?;
         let (hn, norm) = self.final_norm_train(&h, true)?;
         let norm = norm.expect("final norm saved");
         let mask_add = b.mask_add.clone();
@@ -175,12 +179,12 @@ pub fn loss_and_site_grads<M: DecoderParts>(
     b: &LmBatch,
     pass: &mut Pass,
     loss_scale: f64,
-    checkpoint: bool,
+    recompute: &Recompute,
     bottom: Option<Tensor>,
 ) -> Result<(LmLoss, SiteGrads<Site<M>>)> {
     let device = m.head_weight().device();
     let layouts = crate::device::upload_cache(device);
-    let (hn, saved) = m.forward_train(b, pass, checkpoint, bottom)?;
+    let (hn, saved) = m.forward_train(b, pass, recompute, bottom)?;
     drop(layouts);
     let mut loss = lm_head_loss(&hn, m.head_weight(), &b.targets, chunk_rows(m), true)?;
     drop(hn);
@@ -227,6 +231,30 @@ fn layers_between<M: DecoderParts>(
     Ok(h)
 }
 
+impl<M: DecoderParts> StepMemory for M {
+    fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
+        let dtype = self.head_weight().dtype();
+        DecoderParts::layer_memory(self, &self.layers()[layer], Acts::new(rows, seq, dtype))
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.head_weight().dims()[1]
+    }
+
+    fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
+        let (vocab_hidden, dtype) = (self.head_weight().dims()[1], self.head_weight().dtype());
+        Acts::new(rows, seq, dtype).of(vocab_hidden)
+    }
+
+    /// The final norm's state, the hidden gradient, and two f32 logits chunks of the LM head.
+    fn head_bytes(&self, rows: usize, seq: usize) -> usize {
+        let (vocab, hidden) = self.head_weight().dims2().unwrap_or((0, 0));
+        let acts = Acts::new(rows, seq, self.head_weight().dtype());
+        let chunk = lm_head_chunk_rows(vocab).min(acts.tokens());
+        acts.norm(hidden) + 2 * acts.of(hidden) + 2 * chunk * vocab * 4
+    }
+}
+
 impl<M: DecoderParts> CausalLm for M {
     fn device(&self) -> Device {
         self.head_weight().device().clone()
@@ -247,10 +275,10 @@ impl<M: DecoderParts> CausalLm for M {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
-        checkpoint: bool,
+        recompute: &Recompute,
         bottom: Option<Tensor>,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        let (loss, grads) = loss_and_site_grads(self, b, pass, loss_scale, checkpoint, bottom)?;
+        let (loss, grads) = loss_and_site_grads(self, b, pass, loss_scale, recompute, bottom)?;
         let grads = grads
             .into_iter()
             .map(|(l, s, g)| (M::adapter_id(l, s), g))
@@ -362,7 +390,15 @@ pub(crate) fn test_grads<M: DecoderParts>(m: &M, checkpoint: bool) -> (LmLoss, S
         training: true,
         rng: &mut rng,
     };
-    loss_and_site_grads(m, &test_batch(DType::F64), &mut pass, 1.0, checkpoint, None).unwrap()
+    loss_and_site_grads(
+        m,
+        &test_batch(DType::F64),
+        &mut pass,
+        1.0,
+        &Recompute::all_if(checkpoint),
+        None,
+    )
+    .unwrap()
 }
 
 /// The oracle's loss for gradient tests: mean cross-entropy of the counted targets over

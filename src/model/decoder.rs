@@ -3,6 +3,7 @@
 
 use super::gpt2::{Gpt2Block, Gpt2LMHeadModel};
 use super::llama::{LlamaForCausalLM, LlamaLayer};
+use super::memory::{LayerMemory, StepMemory};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::block::linear_names;
 use crate::adapters::{Adapted, AdapterId, HeadParam, LoraAdapter, LoraConfig};
@@ -139,7 +140,7 @@ impl Adapted for Decoder {
     }
 
     fn num_layers(&self) -> usize {
-        each!(self, m => m.num_layers())
+        each!(self, m => Adapted::num_layers(m))
     }
 
     fn peft_task_type(&self) -> &'static str {
@@ -156,6 +157,24 @@ impl Adapted for Decoder {
 
     fn head_param_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
         each!(self, m => m.head_param_mut(key))
+    }
+}
+
+impl StepMemory for Decoder {
+    fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
+        each!(self, m => StepMemory::layer_memory(m, layer, rows, seq))
+    }
+
+    fn hidden_size(&self) -> usize {
+        each!(self, m => m.hidden_size())
+    }
+
+    fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
+        each!(self, m => m.hidden_bytes(rows, seq))
+    }
+
+    fn head_bytes(&self, rows: usize, seq: usize) -> usize {
+        each!(self, m => m.head_bytes(rows, seq))
     }
 }
 
@@ -178,10 +197,10 @@ impl CausalLm for Decoder {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
-        checkpoint: bool,
+        recompute: &super::stack::Recompute,
         bottom: Option<Tensor>,
     ) -> Result<(LmLoss, AdapterGrads)> {
-        each!(self, m => m.loss_and_grads(b, pass, loss_scale, checkpoint, bottom))
+        each!(self, m => m.loss_and_grads(b, pass, loss_scale, recompute, bottom))
     }
 
     fn hidden_layout(&self) -> (usize, candle_core::DType) {

@@ -8,6 +8,7 @@
 //! puts it (PEFT's default GPT-2 target is `c_attn`, with `fan_in_fan_out: true`).
 
 use super::causal::{self, DecoderParts};
+use super::memory::{Acts, LayerMemory};
 use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{self, AdaptedStack, Block};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
@@ -239,6 +240,26 @@ pub type SiteGrads = causal::SiteGrads<Gpt2Site>;
 pub type Gpt2Monitored = adapters::Monitored<Gpt2Site>;
 
 impl Gpt2Block {
+    /// What [`Gpt2Block::forward`] keeps (its [`Gpt2BlockSaved`]) and its temporaries, from
+    /// shapes.
+    pub fn memory(&self, acts: Acts) -> LayerMemory {
+        use Gpt2Site::*;
+        let lin = |s: Gpt2Site| crate::adapters::Block::linear(self, s);
+        let (h, f) = (lin(CAttn).base.in_features(), lin(CFc).base.out_features());
+        let state = [CAttn, AttnCProj, CFc, MlpCProj]
+            .iter()
+            .map(|&s| acts.lora_group(&[lin(s)]))
+            .sum::<usize>()
+            + 2 * acts.norm(h)
+            + acts.attention(&self.attention, h / self.attention.num_heads)
+            + 2 * acts.mask(&self.resid_dropout, h)
+            + acts.of(f);
+        LayerMemory {
+            state,
+            transient: acts.transient(&self.attention, h, f),
+        }
+    }
+
     /// `x` is `[batch*seq, n_embd]`; pre-LN residual blocks: `h = x + c_proj(attn(ln_1(x)))`,
     /// `out = h + mlp.c_proj(gelu(c_fc(ln_2(h))))`.
     pub fn forward(
@@ -610,6 +631,10 @@ impl DecoderParts for Gpt2LMHeadModel {
     }
 
     /// The LM head's weight: the token embeddings.
+    fn layer_memory(&self, layer: &Gpt2Block, acts: Acts) -> LayerMemory {
+        layer.memory(acts)
+    }
+
     fn head_weight(&self) -> &Tensor {
         &self.wte
     }

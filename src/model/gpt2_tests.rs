@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::adapters::{Adapted, LoraConfig};
+use crate::model::stack::Recompute;
 use crate::model::{CausalLm, LmBatch};
 use crate::nn::gradcheck::{max_abs_diff, randn};
 use crate::nn::loss::LmLoss;
@@ -121,7 +122,9 @@ fn whole_model_gradients_match_finite_differences() {
             rng: &mut rng,
         };
         let b = batch(DType::F64);
-        let (hn, _) = m.forward_train(&b, &mut pass, false, None).unwrap();
+        let (hn, _) = m
+            .forward_train(&b, &mut pass, &Recompute::None, None)
+            .unwrap();
         let l = crate::nn::loss::lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false).unwrap();
         l.loss_sum / l.tokens as f64
     };
@@ -165,7 +168,9 @@ fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
         rng: &mut rng,
     };
     let b = batch(DType::F64);
-    let (hn, _) = taped.forward_train(&b, &mut pass, false, None).unwrap();
+    let (hn, _) = taped
+        .forward_train(&b, &mut pass, &Recompute::None, None)
+        .unwrap();
     let tape_loss = super::causal::taped_mean_nll(&hn, taped.head_weight(), &b.targets);
     let want = tape_loss.to_scalar::<f64>().unwrap();
     assert!((loss.loss_sum / loss.tokens as f64 - want).abs() < 1e-10);
@@ -215,7 +220,7 @@ fn frozen_bottom_layers_save_nothing() {
         rng: &mut rng,
     };
     let (_, saved) = m
-        .forward_train(&batch(DType::F64), &mut pass, false, None)
+        .forward_train(&batch(DType::F64), &mut pass, &Recompute::None, None)
         .unwrap();
     assert_eq!((saved.first, saved.layers.states_kept()), (2, 1));
     let (_, top) = grads(&m);
@@ -420,7 +425,9 @@ fn hf_folder_trains_with_config_dropout() {
             training: true,
             rng: &mut rng,
         };
-        let (hn, _) = m.forward_train(&b, &mut pass, false, None).unwrap();
+        let (hn, _) = m
+            .forward_train(&b, &mut pass, &Recompute::None, None)
+            .unwrap();
         let l = crate::nn::loss::lm_head_loss(&hn, m.head_weight(), &b.targets, 64, false);
         l.unwrap().loss_sum
     };

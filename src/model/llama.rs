@@ -325,6 +325,7 @@ fn sliding_window(obj: &serde_json::Map<String, serde_json::Value>) -> Option<us
 }
 
 use super::causal::{self, DecoderParts};
+use super::memory::{Acts, LayerMemory};
 use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{self, AdaptedStack};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
@@ -498,6 +499,26 @@ impl LlamaLayer {
             })
         })();
         Ok((out, saved))
+    }
+
+    /// What [`LlamaLayer::forward`] keeps (its [`LlamaLayerSaved`]) and its temporaries, from
+    /// shapes.
+    pub fn memory(&self, acts: Acts) -> LayerMemory {
+        use LlamaSite::*;
+        let lin = |s: LlamaSite| crate::adapters::Block::linear(self, s);
+        let (h, f) = (lin(Q).base.in_features(), lin(Gate).base.out_features());
+        let head_dim = lin(Q).base.out_features() / self.attention.num_heads;
+        let state = acts.lora_group(&[lin(Q), lin(K), lin(V)])
+            + acts.lora_group(&[lin(O)])
+            + acts.lora_group(&[lin(Gate), lin(Up)])
+            + acts.lora_group(&[lin(Down)])
+            + 2 * acts.norm(h)
+            + acts.attention(&self.attention, head_dim)
+            + 2 * acts.of(f);
+        LayerMemory {
+            state,
+            transient: acts.transient(&self.attention, h, f),
+        }
     }
 
     /// Backward through the layer; `dx` is computed only when a layer below still trains.
@@ -738,6 +759,10 @@ impl DecoderParts for LlamaForCausalLM {
     }
 
     /// The LM head's weight: its own, or the tied embeddings.
+    fn layer_memory(&self, layer: &LlamaLayer, acts: Acts) -> LayerMemory {
+        layer.memory(acts)
+    }
+
     fn head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::adapters::LoraConfig;
+use crate::model::stack::Recompute;
 use crate::model::{CausalLm, LmBatch};
 use crate::nn::gradcheck::{max_abs_diff, randn};
 use crate::nn::loss::LmLoss;
@@ -81,7 +82,9 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             training: true,
             rng: &mut rng,
         };
-        let (_, saved) = m.forward_train(&batch(), &mut pass, true, None).unwrap();
+        let (_, saved) = m
+            .forward_train(&batch(), &mut pass, &Recompute::All, None)
+            .unwrap();
         let kept = (saved.layers.states_kept(), saved.layers.checkpoints_kept());
         assert_eq!(kept, (0, 3 - frozen_below));
     }
@@ -102,7 +105,9 @@ fn whole_model_gradients_match_autograd() {
             rng: &mut rng,
         };
         let b = batch();
-        let (hn, _) = taped.forward_train(&b, &mut pass, false, None).unwrap();
+        let (hn, _) = taped
+            .forward_train(&b, &mut pass, &Recompute::None, None)
+            .unwrap();
         let tape_loss = super::causal::taped_mean_nll(&hn, taped.head_weight(), &b.targets);
         let want = tape_loss.to_scalar::<f64>().unwrap();
         assert!((loss.loss_sum / loss.tokens as f64 - want).abs() < 1e-10);
@@ -141,7 +146,9 @@ fn frozen_bottom_layers_save_nothing() {
         training: true,
         rng: &mut rng,
     };
-    let (_, saved) = m.forward_train(&batch(), &mut pass, false, None).unwrap();
+    let (_, saved) = m
+        .forward_train(&batch(), &mut pass, &Recompute::None, None)
+        .unwrap();
     assert_eq!((saved.first, saved.layers.states_kept()), (2, 1));
     let (_, top) = grads(&m);
     assert!(top.iter().all(|(l, _, _)| *l == 2));

@@ -7,12 +7,14 @@ pub mod generate;
 pub mod gguf;
 pub mod gpt2;
 pub mod llama;
+pub mod memory;
 pub mod stack;
 
 pub use bert::{BertConfig, BertForSequenceClassification};
 pub use decoder::Decoder;
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::LlamaConfig;
+pub use memory::{LayerMemory, StepMemory};
 
 use crate::adapters::{Adapted, AdapterId, LoraConfig, LoraGrads};
 use crate::nn::attention::KvCache;
@@ -61,7 +63,7 @@ pub trait CausalLm: Adapted {
         b: &LmBatch,
         pass: &mut Pass,
         loss_scale: f64,
-        checkpoint: bool,
+        recompute: &stack::Recompute,
         bottom: Option<Tensor>,
     ) -> Result<(LmLoss, AdapterGrads)>;
 

@@ -1,80 +1,110 @@
-//! The training forward and backward of a stack of transformer layers, shared by the decoders.
+//! The training forward and backward of the trainable layers of a stack, shared by every
+//! architecture.
 //!
-//! Layers below the lowest trainable adapter run in inference mode and keep nothing; backward
-//! stops at the lowest trainable layer. The layers from there up either keep what their backward
-//! needs, or, with gradient checkpointing, only their input and the dropout RNG's state: backward
-//! then runs each layer's forward again, from the top down, just before its backward. That trades
-//! one more forward of the trainable layers for activation memory of one layer instead of all.
+//! The layers below the lowest trainable adapter are not run here (they run in inference mode and
+//! keep nothing, or come from the frozen-bottom cache); backward stops at the lowest trainable
+//! layer. Each layer from there up either keeps what its backward needs, or, when [`Recompute`]
+//! covers it (gradient checkpointing), only its input and the dropout RNG's state: backward then
+//! runs that layer's forward again just before its backward. That trades one more forward of the
+//! layer for its activation memory; the memory planner (`train/plan.rs`) chooses which layers.
 
 use crate::adapters::LoraGrads;
 use crate::nn::Pass;
 use candle_core::{Result, Tensor};
 use rand::rngs::StdRng;
+use std::collections::BTreeSet;
+
+/// The layers gradient checkpointing covers, by model layer index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Recompute {
+    /// Every layer keeps its state.
+    #[default]
+    None,
+    /// Every layer keeps only its input (`--gradient-checkpointing`).
+    All,
+    /// These layers keep only their input.
+    Layers(BTreeSet<usize>),
+}
+
+impl Recompute {
+    pub fn covers(&self, layer: usize) -> bool {
+        match self {
+            Recompute::None => false,
+            Recompute::All => true,
+            Recompute::Layers(l) => l.contains(&layer),
+        }
+    }
+
+    /// `--gradient-checkpointing`: all layers or none.
+    pub fn all_if(on: bool) -> Self {
+        if on {
+            Recompute::All
+        } else {
+            Recompute::None
+        }
+    }
+}
 
 /// What a training forward of the stack keeps for backward.
 pub struct StackSaved<S> {
-    /// The lowest layer that trains (and the first one kept).
+    /// The model index of the lowest layer kept (the lowest trainable one).
     pub first: usize,
-    kept: Kept<S>,
+    /// Each trainable layer's keep, bottom up.
+    kept: Vec<Kept<S>>,
 }
 
 enum Kept<S> {
-    /// Each trainable layer's saved state, bottom up.
-    States(Vec<S>),
-    /// Each trainable layer's input and the RNG state its forward started from, bottom up.
-    Checkpoints(Vec<(Tensor, StdRng)>),
+    /// The layer's saved state.
+    State(S),
+    /// The layer's input and the RNG state its forward started from.
+    Checkpoint(Tensor, Box<StdRng>),
 }
 
 impl<S> StackSaved<S> {
-    /// Layers whose full saved state is kept (0 with checkpointing).
+    /// Layers whose full saved state is kept.
     pub fn states_kept(&self) -> usize {
-        match &self.kept {
-            Kept::States(s) => s.len(),
-            Kept::Checkpoints(_) => 0,
-        }
+        self.kept
+            .iter()
+            .filter(|k| matches!(k, Kept::State(_)))
+            .count()
     }
 
     /// Layers kept as checkpoints (input and RNG state).
     pub fn checkpoints_kept(&self) -> usize {
-        match &self.kept {
-            Kept::States(_) => 0,
-            Kept::Checkpoints(c) => c.len(),
-        }
+        self.kept.len() - self.states_kept()
     }
 }
 
-/// Runs `layers` on `h`: inference mode below `first`, saving from `first` up (or keeping
-/// checkpoints, with `checkpoint`). `run(layer, x, pass, save)` is one layer's forward.
+/// Runs `layers` (model layers `first..`, all on the gradient path) on `h`, each saving its state
+/// or, when `recompute` covers it, keeping its input. `run(layer, x, pass, save)` is one layer's
+/// forward.
 pub fn forward<L, S>(
     layers: &[L],
     first: usize,
     mut h: Tensor,
     pass: &mut Pass,
-    checkpoint: bool,
+    recompute: &Recompute,
     mut run: impl FnMut(&L, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<S>)>,
 ) -> Result<(Tensor, StackSaved<S>)> {
-    let (mut states, mut checkpoints) = (Vec::new(), Vec::new());
+    let mut kept = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
-        let trains = i >= first;
-        if trains && checkpoint {
-            checkpoints.push((h.clone(), pass.rng.clone()));
-        }
-        let (out, saved) = run(layer, &h, pass, trains && !checkpoint)?;
-        states.extend(saved);
+        let checkpoint = recompute.covers(first + i);
+        let point = checkpoint.then(|| (h.clone(), pass.rng.clone()));
+        let (out, saved) = run(layer, &h, pass, !checkpoint)?;
+        kept.push(match (point, saved) {
+            (Some((x, rng)), _) => Kept::Checkpoint(x, Box::new(rng)),
+            (None, Some(s)) => Kept::State(s),
+            (None, None) => candle_core::bail!("layer {} run with save kept no state", first + i),
+        });
         h = out;
     }
-    let kept = if checkpoint {
-        Kept::Checkpoints(checkpoints)
-    } else {
-        Kept::States(states)
-    };
     Ok((h, StackSaved { first, kept }))
 }
 
 /// Backward from the stack output's gradient `dh` down to the lowest trainable layer.
 /// `back(layer, saved, dout, need_dx)` is one layer's backward; `run` must be the forward given to
 /// [`forward`] (checkpointed layers are run again with it, in training mode). Returns each
-/// layer's gradients with its index, top layer first.
+/// layer's gradients with its index relative to `first`, top layer first.
 pub fn backward<L, S, G>(
     layers: &[L],
     saved: StackSaved<S>,
@@ -82,46 +112,33 @@ pub fn backward<L, S, G>(
     mut run: impl FnMut(&L, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<S>)>,
     mut back: impl FnMut(&L, S, &Tensor, bool) -> Result<(Option<Tensor>, G)>,
 ) -> Result<Vec<(usize, G)>> {
-    let first = saved.first;
     let mut grads = Vec::new();
-    // One layer's backward; false once no layer below needs a gradient.
-    let mut step = |i: usize, state: S| -> Result<bool> {
-        let (dx, g) = back(&layers[i], state, &dh, i > first)?;
-        grads.push((i, g));
-        Ok(match dx {
-            Some(d) => {
-                dh = d;
-                true
-            }
-            None => false,
-        })
-    };
-    match saved.kept {
-        Kept::States(states) => {
-            for (offset, state) in states.into_iter().enumerate().rev() {
-                if !step(first + offset, state)? {
-                    break;
-                }
-            }
-        }
-        Kept::Checkpoints(points) => {
-            for (offset, (x, mut rng)) in points.into_iter().enumerate().rev() {
-                let i = first + offset;
+    for (i, kept) in saved.kept.into_iter().enumerate().rev() {
+        let state = match kept {
+            Kept::State(s) => s,
+            Kept::Checkpoint(x, mut rng) => {
                 let mut pass = Pass {
                     training: true,
                     rng: &mut rng,
                 };
                 let (_, state) = run(&layers[i], &x, &mut pass, true)?;
                 drop(x);
-                let state = state.expect("a layer run with save keeps its state");
-                if !step(i, state)? {
-                    break;
+                match state {
+                    Some(s) => s,
+                    None => candle_core::bail!("layer {} run with save kept no state", i),
                 }
             }
+        };
+        let (dx, g) = back(&layers[i], state, &dh, i > 0)?;
+        grads.push((i, g));
+        match dx {
+            Some(d) => dh = d,
+            None => break,
         }
     }
     Ok(grads)
 }
+
 /// The adapters' gradients of a [`backward`] run on the layers from `first` up (indices relative
 /// to `first`, top layer first), as `(layer, site, grads)` by ascending layer and site.
 pub fn by_site<S: Copy + Ord>(

@@ -69,7 +69,9 @@ pub struct SafeConfig {
     pub monitor: MonitorPoint,
     /// SAFE decisions per epoch. The paper decides once per epoch over runs of 50-100 epochs; a
     /// short run (a few epochs on a CPU) can decide several times per epoch, each decision point
-    /// then playing the role of the paper's epoch (`t`, `t_w`, `t_f` count these rounds). Default 1.
+    /// then playing the role of the paper's epoch (`t`, `t_w`, `t_f` count these rounds).
+    /// 0 (the default): chosen from the run's length, about 12 rounds per run and at most one
+    /// per 24 steps (`train::run::StepPlan`).
     pub rounds_per_epoch: usize,
 }
 
@@ -83,7 +85,7 @@ impl Default for SafeConfig {
             max_warmup_epochs: 3,
             monitor_examples: 128,
             monitor: MonitorPoint::Linear,
-            rounds_per_epoch: 1,
+            rounds_per_epoch: 0,
         }
     }
 }
@@ -379,7 +381,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("SAFE setting rounds_per_epoch: 1 in the checkpoint, 3 now"),
+            e.contains("SAFE setting rounds_per_epoch: 0 in the checkpoint, 3 now"),
             "{e}"
         );
         let mut other = SafeController::new(cfg.clone(), 4, 12);

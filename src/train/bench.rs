@@ -14,6 +14,7 @@ use crate::io::weights::Weights;
 use crate::memory::{self, MemTracker};
 use crate::model::bert::{BertConfig, BertForSequenceClassification};
 use crate::model::llama::LlamaForCausalLM;
+use crate::model::stack::Recompute;
 use crate::model::{CausalLm, LlamaConfig, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::{QuantFormat, Weight};
@@ -301,12 +302,13 @@ impl Model {
                     pass,
                     1.0,
                     step::FrozenBottom::Inference,
-                    checkpoint,
+                    &Recompute::all_if(checkpoint),
                 )?;
                 (out.loss, out.grads)
             }
             (Model::Llama(m), Inputs::Llama(b)) => {
-                let (loss, grads) = m.loss_and_grads(b, pass, 1.0, checkpoint, None)?;
+                let (loss, grads) =
+                    m.loss_and_grads(b, pass, 1.0, &Recompute::all_if(checkpoint), None)?;
                 let mut named = Vec::with_capacity(2 * grads.len());
                 for (id, g) in grads {
                     named.extend(crate::adapters::lora_grads(id, g));

@@ -142,6 +142,10 @@ pub struct TrainConfig {
     /// Keep only each trainable layer's input in the forward and run the layer again in backward:
     /// activation memory of one layer instead of all, for one more forward of the trainable layers.
     pub gradient_checkpointing: bool,
+    /// The most a training step may add to memory above the weights (`"6GB"`, `"900MB"` or
+    /// bytes): the memory plan checkpoints layers and splits the batch into smaller passes to
+    /// fit, and plans again as SAFE freezes adapters (see `train/plan.rs`).
+    pub memory_budget: Option<super::plan::ByteSize>,
     /// cpu | cuda | cuda:N
     pub device: crate::device::DeviceSpec,
     /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
@@ -173,6 +177,7 @@ impl Default for TrainConfig {
             cache_frozen_bottom: true,
             frozen_bottom_dropout: false,
             gradient_checkpointing: false,
+            memory_budget: None,
             device: Default::default(),
             dtype: Default::default(),
             data: DataConfig::default(),

@@ -5,9 +5,12 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::config::Method;
+use super::plan::{self, MemoryPlan};
 use super::run::{self, StepPlan};
 use crate::adapters::{Adapted, ParamId};
 use crate::memory::MemTracker;
+use crate::model::stack::Recompute;
+use crate::model::StepMemory;
 use crate::nn::optim::{clip_global_norm, AdamW, AdamWConfig};
 use crate::nn::{flops, Pass};
 use crate::safe::{Phase, SafeConfig, SafeController};
@@ -41,23 +44,27 @@ pub struct Validation {
 /// What differs between tasks (classification or regression, causal LM): everything else of a
 /// run is [`fit`]'s.
 pub trait Task {
-    type Model: Adapted;
+    type Model: StepMemory;
 
     /// Training examples; steps address them by index.
     fn train_len(&self) -> usize;
+
+    /// Tokens of the longest training example (a batch's rows are padded to its longest): what
+    /// the memory plan sizes a row by.
+    fn max_tokens(&self) -> usize;
 
     /// The validation metric's name, and whether a higher value is better.
     fn metric(&self) -> (&'static str, bool);
 
     /// Forward, loss and backward of the training examples `examples`, gradients scaled by
-    /// `loss_scale`; with `checkpoint`, gradient checkpointing of the trainable layers.
+    /// `loss_scale`; the layers `recompute` covers are checkpointed.
     fn step(
         &mut self,
         model: &Self::Model,
         examples: &[usize],
         pass: &mut Pass,
         loss_scale: f64,
-        checkpoint: bool,
+        recompute: &Recompute,
     ) -> Result<MicroStep>;
 
     /// SAFE's importance of every adapter (in `Adapted::adapters` order) over the training
@@ -84,6 +91,9 @@ pub struct FitConfig<'a> {
     pub grad_clip: f64,
     pub seed: u64,
     pub gradient_checkpointing: bool,
+    /// The most a step may add to memory, in bytes: the memory plan checkpoints layers and splits
+    /// the batch to fit (see `train/plan.rs`).
+    pub memory_budget: Option<usize>,
     pub safe: &'a SafeConfig,
     pub resume: bool,
     /// Stop after this epoch with its checkpoint written (the run resumes with `--resume`).
@@ -108,6 +118,7 @@ macro_rules! fit_config_of {
             grad_clip: $c.grad_clip,
             seed: $c.seed,
             gradient_checkpointing: $c.gradient_checkpointing,
+            memory_budget: $c.memory_budget.map(|b| b.0),
             safe: &$c.safe,
             resume: $resume,
             stop_after_epoch: $c.stop_after_epoch,
@@ -145,6 +156,9 @@ pub struct EpochLog {
     /// backward, gradients, temporaries): the part freezing can save.
     #[serde(default)]
     pub step_mem_bytes: usize,
+    /// The memory plan in effect at the epoch's end, with its estimate of `step_mem_bytes`.
+    #[serde(default)]
+    pub plan: Option<MemoryPlan>,
     pub lowest_trainable_layer: Option<usize>,
     pub trainable_params: usize,
     /// SAFE: every adapter's importance (1 - CKA), the threshold and the frozen adapters.
@@ -234,6 +248,25 @@ pub fn fit<T: Task>(
         cfg.output, cfg.epochs, cfg.resume, model, &mut opt, &mut safe,
     )?;
     let (metric_name, higher_is_better) = task.metric();
+    // The memory plan, made again whenever SAFE freezes adapters.
+    let seq = task.max_tokens();
+    let replan = |model: &T::Model| {
+        plan::plan(
+            model,
+            plan.micro,
+            plan.accum,
+            seq,
+            cfg.gradient_checkpointing,
+            cfg.memory_budget,
+            plan::efficient_tokens(mem.device(), model.hidden_size()),
+        )
+    };
+    if let Some(budget) = cfg.memory_budget {
+        plan::ensure_monitoring_fits(model, is_safe.then_some(monitor.len()), seq, budget)?;
+    }
+    let mut plan_log = plan::PlanLog::open(cfg.output, state.epochs_done > 0)?;
+    let mut mem_plan = replan(model)?;
+    plan_log.write(state.epochs_done + 1, 0, &mem_plan)?;
 
     for epoch in state.epochs_done + 1..=cfg.epochs {
         if cfg.stop_after_epoch.is_some_and(|k| epoch > k) {
@@ -265,8 +298,9 @@ pub fn fit<T: Task>(
         for s in 0..plan.steps_per_epoch {
             epoch_mem.begin_step();
             let mut grads: Vec<(ParamId, Tensor)> = Vec::new();
-            for m in 0..plan.accum {
-                let Some(examples) = plan.micro_batch(&order, s, m) else {
+            let recompute = mem_plan.recompute();
+            for m in 0..mem_plan.accum {
+                let Some(examples) = plan.pass(&order, s, m, mem_plan.micro) else {
                     break;
                 };
                 let mut pass = Pass {
@@ -277,8 +311,8 @@ pub fn fit<T: Task>(
                     model,
                     examples,
                     &mut pass,
-                    1.0 / plan.accum as f64,
-                    cfg.gradient_checkpointing,
+                    1.0 / mem_plan.accum as f64,
+                    &recompute,
                 )?;
                 loss_sum += out.loss;
                 loss_n += 1;
@@ -314,6 +348,11 @@ pub fn fit<T: Task>(
                 )?;
                 importance = Some(scores);
                 threshold = Some(d.threshold);
+                let next = replan(model)?;
+                if next != mem_plan {
+                    plan_log.write(epoch, s + 1, &next)?;
+                    mem_plan = next;
+                }
             }
             if let Some(b) = &bar {
                 b.inc(1);
@@ -352,6 +391,7 @@ pub fn fit<T: Task>(
             peak_mem_bytes: epoch_peak,
             driver_used_bytes: mem.driver().map(|d| d.used),
             step_mem_bytes: step_peak,
+            plan: Some(mem_plan.clone()),
             lowest_trainable_layer: model.lowest_trainable_layer(),
             trainable_params: trainable,
             importance,

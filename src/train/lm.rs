@@ -15,6 +15,7 @@ use crate::data::lm::{self, LmSequence};
 use crate::io::fetch;
 use crate::memory;
 use crate::model::llama::LlamaForCausalLM;
+use crate::model::stack::Recompute;
 use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::QuantFormat;
@@ -421,6 +422,10 @@ impl Task for LmTask<'_> {
         self.train.len()
     }
 
+    fn max_tokens(&self) -> usize {
+        self.train.iter().map(|s| s.ids.len()).max().unwrap_or(1)
+    }
+
     fn metric(&self) -> (&'static str, bool) {
         ("perplexity", false)
     }
@@ -431,7 +436,7 @@ impl Task for LmTask<'_> {
         examples: &[usize],
         pass: &mut Pass,
         loss_scale: f64,
-        checkpoint: bool,
+        recompute: &Recompute,
     ) -> Result<MicroStep> {
         let items: Vec<&LmSequence> = examples.iter().map(|&i| &self.train[i]).collect();
         let b = to_batch(&items, DType::F32, &self.device)?;
@@ -440,7 +445,7 @@ impl Task for LmTask<'_> {
             Some(c) if first > 0 => Some(cached_bottom(model, c, &b, examples, &items, first)?),
             _ => None,
         };
-        let (loss, grads) = model.loss_and_grads(&b, pass, loss_scale, checkpoint, bottom)?;
+        let (loss, grads) = model.loss_and_grads(&b, pass, loss_scale, recompute, bottom)?;
         let grads = grads
             .into_iter()
             .flat_map(|(id, g)| crate::adapters::lora_grads(id, g))
@@ -638,7 +643,9 @@ mod tests {
                         training: true,
                         rng: &mut r,
                     };
-                    let out = t.step(&m, &[2, 0], &mut pass, 1.0, false).unwrap();
+                    let out = t
+                        .step(&m, &[2, 0], &mut pass, 1.0, &Recompute::None)
+                        .unwrap();
                     let g = out
                         .grads
                         .into_iter()

@@ -67,6 +67,10 @@ pub struct LmTrainConfig {
     /// Keep only each trainable layer's input in the forward and run the layer again in backward:
     /// activation memory of one layer instead of all, for one more forward of the trainable layers.
     pub gradient_checkpointing: bool,
+    /// The most a training step may add to memory above the weights (`"6GB"`, `"900MB"` or
+    /// bytes): the memory plan checkpoints layers and splits the batch into smaller passes to
+    /// fit, and plans again as SAFE freezes adapters (see `train/plan.rs`).
+    pub memory_budget: Option<super::plan::ByteSize>,
     /// Once the bottom layers freeze, keep their output per sequence on disk (in the output
     /// folder) and reuse it instead of recomputing those layers.
     pub cache_frozen_bottom: bool,
@@ -102,6 +106,7 @@ impl Default for LmTrainConfig {
             quantized_base: false,
             quantize_format: None,
             gradient_checkpointing: false,
+            memory_budget: None,
             cache_frozen_bottom: true,
             lora: LoraConfig {
                 r: 8,
@@ -111,7 +116,6 @@ impl Default for LmTrainConfig {
                 use_rslora: false,
             },
             safe: SafeConfig {
-                rounds_per_epoch: 4,
                 monitor_examples: 32,
                 ..SafeConfig::default()
             },

@@ -11,6 +11,7 @@ pub mod importance;
 pub mod lm;
 pub mod lm_config;
 pub mod metrics;
+pub mod plan;
 pub mod reports;
 pub mod run;
 pub mod step;

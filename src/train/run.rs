@@ -34,6 +34,12 @@ pub struct StepPlan {
     pub rounds_per_epoch: usize,
 }
 
+/// SAFE decisions per run when the run's length chooses them (`rounds_per_epoch` 0): enough for
+/// warm-up to end and the threshold to rise while freezing still has steps to pay off.
+pub const AUTO_ROUNDS_PER_RUN: usize = 12;
+/// ... and no more than one per this many steps, so that a round's scores have moved.
+pub const MIN_STEPS_PER_ROUND: usize = 24;
+
 impl StepPlan {
     /// `max_steps_per_epoch` of 0 means whole epochs.
     pub fn new(
@@ -58,14 +64,31 @@ impl StepPlan {
             steps_per_epoch,
             total_steps,
             warmup_steps: (warmup_ratio * total_steps as f64).round() as usize,
-            rounds_per_epoch: rounds_per_epoch.clamp(1, steps_per_epoch.max(1)),
+            rounds_per_epoch: match rounds_per_epoch {
+                0 => ((AUTO_ROUNDS_PER_RUN as f64 / epochs.max(1) as f64).round() as usize)
+                    .clamp(1, (steps_per_epoch / MIN_STEPS_PER_ROUND).max(1)),
+                r => r.clamp(1, steps_per_epoch.max(1)),
+            },
         }
     }
 
     /// Positions in the epoch's `order` of pass `m` of step `s`; `None` past the end.
     pub fn micro_batch<'a>(&self, order: &'a [usize], s: usize, m: usize) -> Option<&'a [usize]> {
-        let start = (s * self.accum + m) * self.micro;
-        (start < order.len()).then(|| &order[start..(start + self.micro).min(order.len())])
+        self.pass(order, s, m, self.micro)
+    }
+
+    /// Like [`StepPlan::micro_batch`] with passes of `rows` examples (the memory plan's): the
+    /// step's examples stay those of `micro * accum` positions from `s * micro * accum`.
+    pub fn pass<'a>(
+        &self,
+        order: &'a [usize],
+        s: usize,
+        m: usize,
+        rows: usize,
+    ) -> Option<&'a [usize]> {
+        let step_end = ((s + 1) * self.micro * self.accum).min(order.len());
+        let start = s * self.micro * self.accum + m * rows;
+        (start < step_end).then(|| &order[start..(start + rows).min(step_end)])
     }
 
     /// The SAFE round (1-based over the run) that step `s` (0-based) of `epoch` ends, if it ends
@@ -404,6 +427,39 @@ mod tests {
         assert_eq!((p.steps_per_epoch, p.rounds_per_epoch), (5, 5));
         let rounds: Vec<_> = (0..5).map(|s| p.round_ending_at(1, s)).collect();
         assert_eq!(rounds, vec![Some(1), Some(2), Some(3), Some(4), Some(5)]);
+    }
+
+    /// Rounds chosen from the run's length: about 12 per run over 1, 3 and 10 epochs when steps
+    /// allow, never more than one per 24 steps, at least one per epoch.
+    #[test]
+    fn auto_rounds_follow_the_run_length() {
+        let rounds = |examples, epochs| {
+            let p = StepPlan::new(examples, 16, 1, 0, epochs, 0.0, 0);
+            (p.rounds_per_epoch, p.rounds_per_epoch * epochs)
+        };
+        // 300 steps per epoch: 12 rounds in 1 epoch, 4 x 3, 1 x 10.
+        assert_eq!(rounds(4800, 1), (12, 12));
+        assert_eq!(rounds(4800, 3), (4, 12));
+        assert_eq!(rounds(4800, 10), (1, 10));
+        // 111 steps per epoch (BBC's training split): at most 4 per epoch.
+        assert_eq!(rounds(1776, 1), (4, 4));
+        assert_eq!(rounds(1776, 3), (4, 12));
+        // Fewer steps than one round's worth: still one per epoch.
+        assert_eq!(rounds(100, 2), (1, 2));
+        // An explicit count is kept.
+        assert_eq!(StepPlan::new(4800, 16, 1, 0, 3, 0.0, 2).rounds_per_epoch, 2);
+    }
+
+    /// Passes of another size cover the same examples of a step.
+    #[test]
+    fn passes_of_any_size_cover_the_step() {
+        let p = StepPlan::new(10, 2, 2, 0, 1, 0.0, 1);
+        let order: Vec<usize> = (0..10).collect();
+        assert_eq!(p.pass(&order, 1, 0, 4), Some(&[4, 5, 6, 7][..]));
+        assert_eq!(p.pass(&order, 1, 1, 4), None);
+        assert_eq!(p.pass(&order, 1, 3, 1), Some(&[7][..]));
+        assert_eq!(p.pass(&order, 2, 0, 4), Some(&[8, 9][..]));
+        assert_eq!(p.pass(&order, 0, 1, 2), p.micro_batch(&order, 0, 1));
     }
 
     #[test]

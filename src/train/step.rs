@@ -8,6 +8,7 @@ use crate::adapters::{lora_grads, AdaptedStack, HeadParam, ParamId};
 use crate::data::batch::Batch;
 use crate::data::Label;
 use crate::model::bert::{BatchTensors, BertForSequenceClassification};
+use crate::model::stack::Recompute;
 use crate::nn::attention::mask_to_additive;
 use crate::nn::{loss, Pass};
 use candle_core::{DType, Device, Result, Tensor};
@@ -78,7 +79,7 @@ pub fn forward_backward(
     pass: &mut Pass,
     loss_scale: f64,
     bottom: FrozenBottom,
-    checkpoint: bool,
+    recompute: &Recompute,
 ) -> anyhow::Result<StepOutput> {
     let dtype = model.head.classifier.weight.dtype();
     let device = model.head.classifier.weight.device();
@@ -90,13 +91,13 @@ pub fn forward_backward(
     let (logits, saved) = match bottom {
         FrozenBottom::Cached(c, examples) if first > 0 => {
             let h = frozen_bottom(model, &tensors, batch, first, c, examples)?;
-            model.forward_train_from(&tensors, h, first, pass, checkpoint)?
+            model.forward_train_from(&tensors, h, first, pass, recompute)?
         }
         FrozenBottom::Dropout => {
             let h = model.forward_frozen_bottom_in(&tensors, first, pass)?;
-            model.forward_train_from(&tensors, h, first, pass, checkpoint)?
+            model.forward_train_from(&tensors, h, first, pass, recompute)?
         }
-        _ => model.forward_train(&tensors, pass, checkpoint)?,
+        _ => model.forward_train(&tensors, pass, recompute)?,
     };
     drop(layouts);
     let (loss, dlogits) = loss_and_grad(&logits, &batch.labels)?;
@@ -255,7 +256,7 @@ mod tests {
                 training: true,
                 rng: &mut rng,
             };
-            forward_backward(m, batch, &mut pass, 1.0, bottom, false).unwrap()
+            forward_backward(m, batch, &mut pass, 1.0, bottom, &Recompute::None).unwrap()
         }
         let plain = run(&m, &batch, FrozenBottom::Inference);
         let stored = run(&m, &batch, FrozenBottom::Cached(&mut cache, &[4, 1]));
@@ -373,7 +374,15 @@ mod dtype_tests {
                 training: true,
                 rng: &mut rng,
             };
-            forward_backward(m, &batch(), &mut pass, 1.0, FrozenBottom::Inference, false).unwrap()
+            forward_backward(
+                m,
+                &batch(),
+                &mut pass,
+                1.0,
+                FrozenBottom::Inference,
+                &Recompute::None,
+            )
+            .unwrap()
         };
         let (a, b) = (run(&m32), run(&m16));
         assert!(

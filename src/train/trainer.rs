@@ -14,6 +14,7 @@ use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::memory;
 use crate::model::bert::BertForSequenceClassification;
+use crate::model::stack::Recompute;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
 use anyhow::{Context, Result};
@@ -336,6 +337,10 @@ impl Task for ClassifyTask<'_> {
         self.train.len()
     }
 
+    fn max_tokens(&self) -> usize {
+        self.train.iter().map(|e| e.ids.len()).max().unwrap_or(1)
+    }
+
     fn metric(&self) -> (&'static str, bool) {
         match self.task {
             TaskKind::Classification => ("accuracy", true),
@@ -349,7 +354,7 @@ impl Task for ClassifyTask<'_> {
         examples: &[usize],
         pass: &mut Pass,
         loss_scale: f64,
-        checkpoint: bool,
+        recompute: &Recompute,
     ) -> Result<MicroStep> {
         let refs: Vec<&Encoded> = examples.iter().map(|&i| &self.train[i]).collect();
         let batch: Batch = collate(&refs, 0);
@@ -359,7 +364,7 @@ impl Task for ClassifyTask<'_> {
             None if self.frozen_bottom_dropout => step::FrozenBottom::Dropout,
             None => step::FrozenBottom::Inference,
         };
-        let out = step::forward_backward(model, &batch, pass, loss_scale, bottom, checkpoint)?;
+        let out = step::forward_backward(model, &batch, pass, loss_scale, bottom, recompute)?;
         Ok(MicroStep {
             loss: out.loss as f64,
             tokens,

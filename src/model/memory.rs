@@ -1,0 +1,122 @@
+//! What a training step keeps in memory, computed from shapes: the input of the memory planner
+//! (`train/plan.rs`). Each architecture adds up its layer's saved state from the pieces below, one
+//! per component, written beside what the component saves (see the `*Saved` structs): a layer
+//! whose forward changes what it saves changes its sum here, and the tests measure both.
+
+use crate::adapters::LoraLinear;
+use crate::nn::attention::Attention;
+use crate::nn::dropout::Dropout;
+use candle_core::DType;
+
+/// One layer of a micro-batch in training mode, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerMemory {
+    /// What its forward keeps for backward (its saved-state struct).
+    pub state: usize,
+    /// The most its forward or backward holds at once beyond that state and its input and output
+    /// (attention probabilities, the feed-forward's intermediate, gradients in flight).
+    pub transient: usize,
+}
+
+/// What a training step of a model keeps, by layer, for `rows` rows of `seq` tokens.
+pub trait StepMemory: crate::adapters::Adapted {
+    /// Layer `layer` in training mode with its adapters' current trainable state.
+    fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory;
+
+    /// Width of the hidden states between layers.
+    fn hidden_size(&self) -> usize;
+
+    /// One layer's input `[rows*seq, hidden]`: what a checkpointed layer keeps.
+    fn hidden_bytes(&self, rows: usize, seq: usize) -> usize;
+
+    /// The head and loss, forward and backward, above the layers' output.
+    fn head_bytes(&self, rows: usize, seq: usize) -> usize;
+}
+
+/// Activation shapes of one micro-batch: `tokens = rows * seq`, `act` the bytes of an activation
+/// element, `compute` of a statistics element (f32 beside half precision).
+#[derive(Clone, Copy, Debug)]
+pub struct Acts {
+    pub rows: usize,
+    pub seq: usize,
+    pub act: usize,
+    pub compute: usize,
+}
+
+impl Acts {
+    pub fn new(rows: usize, seq: usize, dtype: DType) -> Self {
+        Self {
+            rows,
+            seq,
+            act: dtype.size_in_bytes(),
+            compute: crate::device::compute_dtype(dtype).size_in_bytes(),
+        }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.rows * self.seq
+    }
+
+    /// An activation `[tokens, width]`.
+    pub fn of(&self, width: usize) -> usize {
+        self.tokens() * width * self.act
+    }
+
+    /// A dropout keep-mask over `[tokens, width]` (u8), when the dropout is active.
+    pub fn mask(&self, d: &Dropout, width: usize) -> usize {
+        if d.p > 0.0 {
+            self.tokens() * width
+        } else {
+            0
+        }
+    }
+
+    /// A norm's saved `xhat` (activation dtype) and per-row `1/std` (f32 or wider).
+    pub fn norm(&self, width: usize) -> usize {
+        self.of(width) + self.tokens() * self.compute.max(4)
+    }
+
+    /// Attention's saved q, k, v (after rope), per-row log-sum-exp and the probabilities'
+    /// dropout mask.
+    pub fn attention(&self, a: &Attention, head_dim: usize) -> usize {
+        let (h, kv) = (a.num_heads, a.num_kv_heads);
+        let probs_mask = if a.dropout.p > 0.0 {
+            self.rows * h * self.seq * self.seq
+        } else {
+            0
+        };
+        self.of(h * head_dim)
+            + 2 * self.of(kv * head_dim)
+            + self.tokens() * h * self.compute
+            + probs_mask
+    }
+
+    /// Attention's `[rows, heads, seq, seq]` probabilities in the compute dtype.
+    pub fn probs(&self, a: &Attention) -> usize {
+        self.rows * a.num_heads * self.seq * self.seq * self.compute
+    }
+
+    /// Linears that read one input: each adapter's dropout mask, each trainable adapter's
+    /// `x A^T`, and the input itself once if any of them trains (the same tensor is kept for all).
+    pub fn lora_group(&self, linears: &[&LoraLinear]) -> usize {
+        let mut bytes = 0;
+        let mut input = 0;
+        for l in linears {
+            let Some(a) = &l.lora else { continue };
+            let (r, inp) = (a.a.dims()[0], l.base.in_features());
+            bytes += self.mask(&a.dropout, inp);
+            if a.trainable {
+                bytes += self.of(r);
+                input = self.of(inp);
+            }
+        }
+        bytes + input
+    }
+
+    /// A layer's temporaries beside its state: the attention probabilities (fused softmax
+    /// kernels keep one score-sized tensor at a time), and two feed-forward-wide and two
+    /// hidden-wide activations in flight (backward's gradients through the feed-forward).
+    pub fn transient(&self, a: &Attention, hidden: usize, ffn: usize) -> usize {
+        self.probs(a) + 2 * self.of(ffn) + 2 * self.of(hidden)
+    }
+}

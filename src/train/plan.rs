@@ -1,0 +1,509 @@
+//! The memory plan of a training step: how many rows a forward/backward pass takes and which
+//! trainable layers are checkpointed, estimated from shapes ([`StepMemory`]) and chosen to fit a
+//! memory budget. SAFE freezes adapters as training goes, so the loop plans again after every
+//! round: checkpointing is dropped and the micro-batch grows as the trainable part shrinks.
+
+use crate::model::stack::Recompute;
+use crate::model::StepMemory;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// A memory size as people write it (`6GB`, `900MB`, `1.5GiB`, or bytes), for `--memory-budget`
+/// and `memory_budget` in TOML (a string or a number of bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_bytes(s).map(ByteSize)
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format_bytes(self.0))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0 as u64)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) if b > 0 => Ok(ByteSize(b as usize)),
+            Raw::Bytes(_) => Err(serde::de::Error::custom("a memory size must be positive")),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How one optimizer step of `batch` examples runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// Examples per forward/backward pass.
+    pub micro: usize,
+    /// Passes per optimizer step (`micro * accum` is the step's batch).
+    pub accum: usize,
+    /// The lowest layer backprop reaches (the number of layers when only the head trains).
+    pub first_trained_layer: usize,
+    /// Layers above it whose adapters are all frozen: backprop only passes through them.
+    pub pass_through: Vec<usize>,
+    /// Checkpointed layers: they keep their input and run again in backward.
+    pub checkpointed: Vec<usize>,
+    /// The estimated peak a pass adds to what is live before it, in bytes.
+    pub estimated_step_bytes: usize,
+    /// The budget it was planned for.
+    pub budget_bytes: Option<usize>,
+}
+
+impl MemoryPlan {
+    pub fn recompute(&self) -> Recompute {
+        Recompute::Layers(self.checkpointed.iter().copied().collect())
+    }
+}
+
+/// A plan's estimate fits the budget less 1/12 of it (8%), the memory model's error margin.
+const BUDGET_MARGIN: usize = 12;
+
+/// Tokens below which a pass's time no longer falls with its size: kernel launches and weight
+/// reads, not the rows, set it, so splitting a batch into smaller passes costs time while
+/// recomputing a layer costs a third of its passes. On a GPU a layer's launches take about as long
+/// as 30 GFLOP of work (150 us at 200 TFLOP/s), and a token costs a layer about 24 hidden^2 FLOP:
+/// 8,500 tokens at MiniLM's width 384, 75 at LLaMA-7B's 4096. A CPU is compute-bound from a few
+/// rows on.
+pub fn efficient_tokens(device: &candle_core::Device, hidden: usize) -> usize {
+    match device {
+        candle_core::Device::Cpu => 256,
+        _ => (1.25e9 / (hidden.max(1) as f64).powi(2)).clamp(64.0, 65536.0) as usize,
+    }
+}
+
+/// Estimated peak bytes of one pass of `rows` rows of `seq` tokens over and above what is live
+/// before it: the layers below the lowest trainable one run in inference mode (one layer's
+/// temporaries at a time); from there up each layer keeps its state, or its input when
+/// checkpointed; the head and loss; then backward from the top, where a checkpointed layer's state
+/// exists again while its backward runs.
+pub fn step_bytes(
+    model: &impl StepMemory,
+    recompute: &Recompute,
+    rows: usize,
+    seq: usize,
+) -> usize {
+    let n = model.num_layers();
+    let first = model.lowest_trainable_layer().unwrap_or(n);
+    let x = model.hidden_bytes(rows, seq);
+    let mut peak = (0..first)
+        .map(|l| 2 * x + model.layer_memory(l, rows, seq).transient)
+        .max()
+        .unwrap_or(x);
+    let layers: Vec<_> = (first..n)
+        .map(|l| (l, model.layer_memory(l, rows, seq)))
+        .collect();
+    let kept = |l: usize, state: usize| if recompute.covers(l) { x } else { state };
+    let mut below = 0;
+    for &(l, m) in &layers {
+        peak = peak.max(below + x + m.state + m.transient + x);
+        below += kept(l, m.state);
+    }
+    peak = peak.max(below + x + model.head_bytes(rows, seq));
+    for &(l, m) in layers.iter().rev() {
+        below -= kept(l, m.state);
+        let input = if recompute.covers(l) { x } else { 0 };
+        peak = peak.max(below + input + m.state + m.transient + 2 * x);
+    }
+    peak
+}
+
+/// The layers from the lowest trainable one up whose adapters are all frozen.
+fn pass_through(model: &impl StepMemory) -> Vec<usize> {
+    let n = model.num_layers();
+    let first = model.lowest_trainable_layer().unwrap_or(n);
+    let layers = model.adapter_layers();
+    let adapters = model.adapters();
+    (first..n)
+        .filter(|&l| {
+            !layers
+                .iter()
+                .zip(&adapters)
+                .any(|(&al, (_, a))| al == l && a.trainable)
+        })
+        .collect()
+}
+
+/// The step's plan. Without a budget: `micro` rows per pass, `accum` passes, every trainable layer
+/// checkpointed when `checkpoint_all`. With `budget` bytes: the plan of least estimated time whose
+/// [`step_bytes`] fits, over micro-batches that divide the step's batch (`micro * accum` examples,
+/// so the step's examples and result do not change) and the fewest checkpointed layers, taken
+/// first from the pass-through layers (they have no weight gradients, only the gradient to pass
+/// down), then the layers that save most. An error when not even one row with every layer
+/// checkpointed fits.
+pub fn plan(
+    model: &impl StepMemory,
+    micro: usize,
+    accum: usize,
+    seq: usize,
+    checkpoint_all: bool,
+    budget: Option<usize>,
+    efficient_tokens: usize,
+) -> anyhow::Result<MemoryPlan> {
+    let n = model.num_layers();
+    let first = model.lowest_trainable_layer().unwrap_or(n);
+    let through = pass_through(model);
+    let make = |micro: usize, accum: usize, checkpointed: Vec<usize>| {
+        let recompute = Recompute::Layers(checkpointed.iter().copied().collect());
+        MemoryPlan {
+            micro,
+            accum,
+            first_trained_layer: first,
+            pass_through: through.clone(),
+            estimated_step_bytes: step_bytes(model, &recompute, micro, seq),
+            checkpointed,
+            budget_bytes: budget,
+        }
+    };
+    let Some(budget) = budget else {
+        let all = if checkpoint_all {
+            (first..n).collect()
+        } else {
+            vec![]
+        };
+        return Ok(make(micro, accum, all));
+    };
+    let batch = micro * accum;
+    let span = n - first;
+    // The estimate is within a few percent of the allocator's count (tests/plan_memory.rs): plan
+    // against a little less than the budget so that the measured peak stays under it.
+    let target = budget - budget / BUDGET_MARGIN;
+    let mut best: Option<(usize, MemoryPlan)> = None;
+    for rows in (1..=batch).rev().filter(|r| batch.is_multiple_of(*r)) {
+        let Some(checkpointed) = fewest_checkpoints(model, &through, rows, seq, target) else {
+            continue;
+        };
+        // Work in layer-forward units per token: 3 per trained layer (forward, backward), 1 per
+        // layer below, 1 more per checkpointed layer; a pass counts at least `efficient_tokens`.
+        let passes = batch / rows;
+        let tokens = (rows * seq).max(efficient_tokens);
+        let cost = passes * tokens * (first + 3 * span + checkpointed.len());
+        if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+            best = Some((cost, make(rows, passes, checkpointed)));
+        }
+    }
+    match best {
+        Some((_, p)) => Ok(p),
+        None => {
+            let all = Recompute::Layers((first..n).collect());
+            anyhow::bail!(
+                "--memory-budget {}: too small; one example of {seq} tokens with every trained \
+                 layer checkpointed needs about {} for a step (layers {first}..{n} train)",
+                format_bytes(budget),
+                format_bytes(step_bytes(model, &all, 1, seq))
+            )
+        }
+    }
+}
+
+/// The fewest checkpointed layers with which a pass of `rows` rows fits `budget`: pass-through
+/// layers first, then the trained layers that save most by it; None when even all do not fit.
+fn fewest_checkpoints(
+    model: &impl StepMemory,
+    through: &[usize],
+    rows: usize,
+    seq: usize,
+    budget: usize,
+) -> Option<Vec<usize>> {
+    let n = model.num_layers();
+    let first = model.lowest_trainable_layer().unwrap_or(n);
+    let x = model.hidden_bytes(rows, seq);
+    let mut order: Vec<usize> = through.to_vec();
+    let mut trained: Vec<(usize, usize)> = (first..n)
+        .filter(|l| !through.contains(l))
+        .map(|l| (l, model.layer_memory(l, rows, seq).state.saturating_sub(x)))
+        .collect();
+    trained.sort_by_key(|&(l, saves)| (std::cmp::Reverse(saves), l));
+    order.extend(trained.into_iter().map(|(l, _)| l));
+    let mut chosen = BTreeSet::new();
+    for k in 0..=order.len() {
+        if k > 0 {
+            chosen.insert(order[k - 1]);
+        }
+        let r = Recompute::Layers(chosen.clone());
+        if step_bytes(model, &r, rows, seq) <= budget {
+            return Some(chosen.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// `1.2 GB`, `850 MB`, `12 KB` (decimal units, as `--memory-budget` reads them).
+pub fn format_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.0} KB", b / 1e3)
+    }
+}
+
+/// Reads a size: `6GB`, `900MB`, `1.5GiB`, `512KiB`, or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 6GB, 900MB, 1.5GiB)"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "'{s}': unknown unit '{u}' (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = v * scale;
+    if !bytes.is_finite() || bytes < 1.0 {
+        return Err(format!("'{s}' is not a positive size"));
+    }
+    Ok(bytes as usize)
+}
+
+/// SAFE's monitoring keeps every monitoring example's hidden state between layers (and the next
+/// layer's output beside it): an error before training when that alone exceeds the budget.
+pub fn ensure_monitoring_fits(
+    model: &impl StepMemory,
+    monitor_examples: Option<usize>,
+    seq: usize,
+    budget: usize,
+) -> anyhow::Result<()> {
+    let Some(n) = monitor_examples else {
+        return Ok(());
+    };
+    let needed = 2 * model.hidden_bytes(n, seq);
+    anyhow::ensure!(
+        needed <= budget,
+        "--memory-budget {}: SAFE's monitoring of {n} examples of {seq} tokens keeps about {}; \
+         give a larger budget or fewer --safe-monitor-examples",
+        format_bytes(budget),
+        format_bytes(needed)
+    );
+    Ok(())
+}
+
+/// `plan.jsonl`: every memory plan a run makes, with the epoch and step from which it holds.
+pub struct PlanLog {
+    file: std::fs::File,
+}
+
+impl PlanLog {
+    /// Continues the file when `resume`, starts it afresh otherwise.
+    pub fn open(output: &std::path::Path, resume: bool) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let path = output.join("plan.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(resume)
+            .write(true)
+            .truncate(!resume)
+            .open(&path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(Self { file })
+    }
+
+    /// Logs `plan` as in effect from step `step` (0-based, in steps done) of epoch `epoch`.
+    pub fn write(&mut self, epoch: usize, step: usize, plan: &MemoryPlan) -> anyhow::Result<()> {
+        use std::io::Write;
+        #[derive(Serialize)]
+        struct Line<'a> {
+            epoch: usize,
+            step: usize,
+            #[serde(flatten)]
+            plan: &'a MemoryPlan,
+        }
+        let line = serde_json::to_string(&Line { epoch, step, plan })?;
+        writeln!(self.file, "{line}")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::{Adapted, LoraConfig};
+    use crate::model::{BertConfig, BertForSequenceClassification};
+    use candle_core::{DType, Device};
+    use rand::SeedableRng;
+
+    const SEQ: usize = 64;
+    /// Tokens of an efficient pass on a GPU at this width (launch-bound: splitting costs time).
+    const GPU: usize = 8192;
+    /// ... and on a CPU (compute-bound: splitting is nearly free).
+    const CPU: usize = 256;
+
+    /// Six layers, LoRA on query and value of each.
+    fn model() -> BertForSequenceClassification {
+        let cfg = BertConfig {
+            vocab_size: 50,
+            hidden_size: 32,
+            num_hidden_layers: 6,
+            num_attention_heads: 4,
+            intermediate_size: 128,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: SEQ,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut m =
+            BertForSequenceClassification::random(cfg, 2, DType::F32, &Device::Cpu, &mut rng)
+                .unwrap();
+        let lora = LoraConfig {
+            r: 4,
+            target_modules: vec!["query".into(), "value".into()],
+            ..Default::default()
+        };
+        m.add_lora(&lora, None, &mut rng).unwrap();
+        m
+    }
+
+    fn freeze(m: &mut BertForSequenceClassification, layers: &[usize]) {
+        for id in m.adapter_ids() {
+            if layers.contains(&id.layer) {
+                m.adapter_by_id_mut(id).unwrap().trainable = false;
+            }
+        }
+    }
+
+    #[test]
+    fn without_a_budget_the_plan_is_the_flags() {
+        let m = model();
+        let p = plan(&m, 8, 2, SEQ, false, None, GPU).unwrap();
+        assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
+        let p = plan(&m, 8, 2, SEQ, true, None, GPU).unwrap();
+        assert_eq!(p.checkpointed, (0..6).collect::<Vec<_>>());
+        assert!(p.estimated_step_bytes < step_bytes(&m, &Recompute::None, 8, SEQ));
+    }
+
+    /// A budget between the checkpointed and the plain step: the batch stays whole (splitting it
+    /// below efficient passes costs more than recomputing a few layers) and only as many layers
+    /// as needed are checkpointed; the estimate fits; a smaller budget checkpoints more.
+    #[test]
+    fn a_budget_checkpoints_as_few_layers_as_needed() {
+        let m = model();
+        let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+        let p = plan(&m, 16, 1, SEQ, false, Some(full + full / 10), GPU).unwrap();
+        assert_eq!((p.micro, p.checkpointed.len()), (16, 0));
+        let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), GPU).unwrap();
+        assert_eq!(p.micro, 16);
+        assert!(
+            !p.checkpointed.is_empty() && p.checkpointed.len() < 6,
+            "{p:?}"
+        );
+        assert!(p.estimated_step_bytes <= full * 8 / 10);
+        let q = plan(&m, 16, 1, SEQ, false, Some(full * 5 / 10), GPU).unwrap();
+        assert!(
+            q.checkpointed.len() > p.checkpointed.len() || q.micro < 16,
+            "{q:?}"
+        );
+        assert!(q.estimated_step_bytes <= full * 5 / 10);
+        // The step's examples are unchanged: passes of `micro` rows, `accum` of them.
+        assert_eq!(q.micro * q.accum, 16);
+    }
+
+    /// On a CPU, splitting the batch is nearly free: a budget is met by smaller passes first.
+    #[test]
+    fn on_a_cpu_the_batch_is_split_before_layers_are_checkpointed() {
+        let m = model();
+        let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+        let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), CPU).unwrap();
+        assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
+    }
+
+    /// Below what checkpointing every layer allows, the batch is split into passes.
+    #[test]
+    fn a_tight_budget_splits_the_batch_and_too_small_a_budget_is_an_error() {
+        let m = model();
+        let all = Recompute::All;
+        let tight = step_bytes(&m, &all, 4, SEQ);
+        let p = plan(&m, 16, 1, SEQ, false, Some(tight), GPU).unwrap();
+        assert!(p.micro <= 4 && p.micro * p.accum == 16, "{p:?}");
+        assert!(p.estimated_step_bytes <= tight);
+        let one = step_bytes(&m, &all, 1, SEQ);
+        let e = plan(&m, 16, 1, SEQ, false, Some(one / 2), GPU).unwrap_err();
+        assert!(e.to_string().contains("--memory-budget"), "{e}");
+    }
+
+    /// Layers whose adapters are all frozen above a trainable one only pass the gradient down:
+    /// they are checkpointed first.
+    #[test]
+    fn pass_through_layers_are_checkpointed_first() {
+        let mut m = model();
+        freeze(&mut m, &[1, 2, 3]);
+        let p = plan(&m, 16, 1, SEQ, false, None, GPU).unwrap();
+        assert_eq!(
+            (p.first_trained_layer, p.pass_through.clone()),
+            (0, vec![1, 2, 3])
+        );
+        let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+        let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU).unwrap();
+        assert!(!p.checkpointed.is_empty(), "{p:?}");
+        assert!(
+            p.checkpointed.iter().all(|l| [1, 2, 3].contains(l)),
+            "{p:?}"
+        );
+    }
+
+    /// As SAFE freezes the bottom, the same budget needs fewer checkpoints.
+    #[test]
+    fn freezing_relaxes_the_plan() {
+        let mut m = model();
+        let budget = step_bytes(&m, &Recompute::None, 16, SEQ) * 6 / 10;
+        let before = plan(&m, 16, 1, SEQ, false, Some(budget), GPU).unwrap();
+        freeze(&mut m, &[0, 1, 2, 3]);
+        let after = plan(&m, 16, 1, SEQ, false, Some(budget), GPU).unwrap();
+        assert_eq!(after.first_trained_layer, 4);
+        assert!(
+            after.checkpointed.len() < before.checkpointed.len(),
+            "{before:?} {after:?}"
+        );
+    }
+
+    #[test]
+    fn sizes_parse_as_people_write_them() {
+        assert_eq!(parse_bytes("6GB"), Ok(6_000_000_000));
+        assert_eq!(parse_bytes("900MB"), Ok(900_000_000));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(1_610_612_736));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("0MB").is_err());
+        let t: ByteSize =
+            toml::from_str::<std::collections::HashMap<String, ByteSize>>("b = \"2GB\"").unwrap()
+                ["b"];
+        assert_eq!(t, ByteSize(2_000_000_000));
+    }
+}
