@@ -27,13 +27,17 @@ st() { # data method seed [flags]
 }
 for d in ${DATASETS:-folder spam}; do
   TAG=""
-  for s in $SEEDS; do st $d lora $s & done; wait
+  if [ -z "${SKIP_LORA:-}" ]; then
+    for s in $SEEDS; do st $d lora $s & done; wait
+  fi
   B=$(python3 -c "
 import json, glob
 print(int(0.6 * max(json.loads(l)['step_mem_bytes'] for f in glob.glob('$R/$d-lora-*/metrics.jsonl') for l in open(f))))")
   echo "$d budget_bytes $B" | tee -a $R/budgets.txt
   TAG="-budget"
-  for s in $SEEDS; do st $d safe $s --memory-budget $B & done; wait
+  # SAFE_CONFIG: a TOML file for the SAFE runs (e.g. other SAFE settings).
+  for s in $SEEDS; do st $d safe $s --memory-budget $B ${SAFE_CONFIG:+--config $SAFE_CONFIG} & done; wait
+  [ -n "${SKIP_PEFT:-}" ] && continue
   for s in $SEEDS; do
     python3 $HERE/peft_train_gpu.py --model $M --data ${DATA[$d]} --kind $d --seed $s --grad-ckpt \
       > $R/$d-peft-ckpt-$s.json 2> $R/$d-peft-ckpt-$s.err &
@@ -48,7 +52,8 @@ if [ -n "${DEFAULTS:-1}" ]; then
   TAG=""
   for e in 1 3 10; do
     $BIN train --device cuda --model $M --data ${DATA[folder]} --data-kind folder --method safe \
-      --epochs $e --output $R/defaults-e$e --quiet > $R/defaults-e$e.log 2>&1 &
+      --epochs $e ${SAFE_CONFIG:+--config $SAFE_CONFIG} --output $R/defaults-e$e --quiet \
+      > $R/defaults-e$e.log 2>&1 &
   done; wait
 fi
 python3 - "$R" <<'EOF'
@@ -58,7 +63,8 @@ for f in sorted(glob.glob(f"{R}/*/summary.json")):
     s = json.load(open(f))
     m = [json.loads(l) for l in open(os.path.join(os.path.dirname(f), "metrics.jsonl"))]
     plans = [json.loads(l) for l in open(os.path.join(os.path.dirname(f), "plan.jsonl"))]
-    print(json.dumps({"run": os.path.basename(os.path.dirname(f)), "test": s.get("value"),
+    val = max(e["validation_metric"] for e in m)
+    print(json.dumps({"run": os.path.basename(os.path.dirname(f)), "test": s.get("value"), "val": val,
         "train_s": s.get("train_wall_s"), "step_max_mb": max(e["step_mem_bytes"] for e in m) / 1e6,
         "step_mean_mb": sum(e["step_mem_bytes"] for e in m) / len(m) / 1e6,
         "estimated_max_mb": max(p["estimated_step_bytes"] for p in plans) / 1e6,
@@ -67,4 +73,4 @@ for f in sorted(glob.glob(f"{R}/*/summary.json")):
 for f in sorted(glob.glob(f"{R}/*.json")):
     print(open(f).read().strip() or f"{f}: " + open(f[:-5] + ".err").read()[-400:])
 EOF
-rm -rf $R/*/checkpoint $R/*/*.safetensors $R/*/frozen_bottom.cache
+rm -rf $R/*/checkpoint $R/*/*.safetensors $R/*/frozen_bottom.cache $R/*/*.png
