@@ -73,7 +73,7 @@ impl LmTrainArgs {
         set!(c.max_eval_sequences, self.max_eval_sequences);
         c.quantized_base |= self.quantized_base;
         c.quantize_format = self.quantize_format.or(c.quantize_format);
-        anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");
+        c.validate()?;
         Ok(c)
     }
 }

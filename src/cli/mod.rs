@@ -151,7 +151,7 @@ pub struct RunArgs {
 }
 
 /// Sets the [`RunArgs`] that were given on a config (`TrainConfig` or `LmTrainConfig`, whose
-/// fields share these names), and checks what every run needs.
+/// fields share these names); the config's `validate` checks them.
 macro_rules! apply_run_args {
     ($c:expr, $a:expr) => {{
         let (c, a) = (&mut $c, &$a);
@@ -182,8 +182,6 @@ macro_rules! apply_run_args {
         }
         set!(c.device, a.device.device);
         set!(c.dtype, a.device.dtype);
-        anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
-        anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
     }};
 }
 
@@ -253,7 +251,7 @@ impl TrainArgs {
         if self.frozen_bottom_dropout {
             c.frozen_bottom_dropout = true;
         }
-        anyhow::ensure!(c.data.max_length >= 2, "max_length must be at least 2");
+        c.validate()?;
         Ok(c)
     }
 }
@@ -443,6 +441,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     a.data.apply(&mut cfg);
     cfg.lora = pc.lora();
     let model_dir = trainer::resolve_model_dir(&cfg)?;
+    cfg.check_model(&model_dir)?;
     let dataset = match a.split {
         EvalSplit::All => trainer::load_dataset(&cfg)?,
         EvalSplit::Test => trainer::prepare(&cfg)?.splits.test,

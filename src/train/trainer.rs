@@ -37,6 +37,7 @@ pub struct Setup {
 /// loads and splits the data, and tokenizes it.
 pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
     let model_dir = resolve_model_dir(cfg)?;
+    cfg.check_model(&model_dir)?;
     let splits = load_splits(cfg)?;
     let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), cfg.data.max_length)?;
     let train = encoder.encode_all(&splits.train.examples)?;
@@ -413,6 +414,7 @@ impl TrainConfig {
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`. None
 /// when the run stopped early (`stop_after_epoch`), resumable.
 pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Option<Summary>> {
+    cfg.validate()?;
     let t_start = Instant::now();
     let device = cfg.device.open()?;
     let setup = prepare(cfg)?;
