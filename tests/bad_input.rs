@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tempfile::TempDir;
 
+const QUERY_W: &str = "bert.encoder.layer.0.attention.self.query.weight";
+const ADAPTER_QUERY_A: &str =
+    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight";
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
@@ -39,6 +43,16 @@ impl Sandbox {
             .env_remove("RUST_BACKTRACE")
             .output()
             .expect("run safetune")
+    }
+
+    fn run_ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "safetune {args:?} failed\n{}",
+            text(&out)
+        );
+        out
     }
 }
 
@@ -118,6 +132,29 @@ fn refused_without_change(sb: &Sandbox, out: &Path, args: &[&str], needles: &[&s
         names(&after)
     );
     line
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Replaces tensor `name` of a safetensors file.
+fn replace_tensor(path: &Path, name: &str, t: Tensor) {
+    let mut tensors = load(path);
+    assert!(
+        tensors.contains_key(name),
+        "{name} not in {}",
+        path.display()
+    );
+    tensors.insert(name.into(), t);
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+/// A copy of `t` with its first value NaN.
+fn with_nan(t: &Tensor) -> Tensor {
+    let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[0] = f32::NAN;
+    Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
 }
 
 const VOCAB: usize = 30522; // the repository tokenizer's vocabulary
@@ -493,4 +530,113 @@ fn absurd_decoder_config_sizes_name_config_json() {
         ];
         refused_without_change(&sb, &out, &args, &["config.json", key]);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Weights and adapters: NaN, infinity, integers
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn nan_or_integer_model_weights_name_file_and_tensor() {
+    let f = fixture();
+    let weights = f.model.join("model.safetensors");
+    let query = load(&weights)[QUERY_W].clone();
+    replace_tensor(&weights, QUERY_W, with_nan(&query));
+    let args = train_args(&f.model, &f.data, &f.out, &[]);
+    refused_without_change(&f.sb, &f.out, &args, &["model.safetensors", QUERY_W, "NaN"]);
+
+    let ints = Tensor::zeros(query.dims(), DType::I64, &Device::Cpu).unwrap();
+    replace_tensor(&weights, QUERY_W, ints);
+    refused_without_change(&f.sb, &f.out, &args, &["model.safetensors", QUERY_W, "I64"]);
+}
+
+#[test]
+fn a_nan_adapter_is_refused_by_init_eval_and_merge() {
+    let f = fixture();
+    f.sb.run_ok(&train_args(&f.model, &f.data, &f.out, &["--epochs", "1"]));
+    let adapter = f.sb.path("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(f.out.join(name), adapter.join(name)).unwrap();
+    }
+    let file = adapter.join("adapter_model.safetensors");
+    let a = load(&file)[ADAPTER_QUERY_A].clone();
+    replace_tensor(&file, ADAPTER_QUERY_A, with_nan(&a));
+    let needles = ["adapter_model.safetensors", ADAPTER_QUERY_A, "NaN"];
+
+    let second = f.sb.path("second");
+    let init = train_args(&f.model, &f.data, &second, &["--init-adapter", s(&adapter)]);
+    refused_without_change(&f.sb, &second, &init, &needles);
+
+    let eval = [
+        "eval",
+        "--model",
+        s(&f.model),
+        "--adapter",
+        s(&adapter),
+        "--data",
+        s(&f.data),
+        "--max-length",
+        "32",
+    ];
+    assert_clean_error(&f.sb.run(&eval), &needles);
+
+    let merged = f.sb.path("merged");
+    let merge = [
+        "merge",
+        "--model",
+        s(&f.model),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&merged),
+    ];
+    refused_without_change(&f.sb, &merged, &merge, &needles);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Divergence
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_files() {
+    let f = fixture();
+    // Epoch 1 at a sane learning rate, then the rest with lr 1e30: the weights overflow and the
+    // loss stops being finite within a few steps.
+    let first = ["--epochs", "2", "--stop-after-epoch", "1"];
+    f.sb.run_ok(&train_args(&f.model, &f.data, &f.out, &first));
+    let kept = [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "checkpoint/tensors.safetensors",
+        "checkpoint/state.json",
+    ];
+    let before: Vec<Vec<u8>> = kept
+        .iter()
+        .map(|k| std::fs::read(f.out.join(k)).unwrap())
+        .collect();
+    let resume = ["--epochs", "2", "--resume", "--lr", "1e30"];
+    let out = f.sb.run(&train_args(&f.model, &f.data, &f.out, &resume));
+    assert_clean_error(&out, &["diverged", "epoch 2"]);
+    for (k, b) in kept.iter().zip(&before) {
+        assert!(
+            std::fs::read(f.out.join(k)).unwrap() == *b,
+            "{k} changed by the diverged run"
+        );
+    }
+    assert!(!f.out.join("summary.json").exists());
+
+    // A fresh run that diverges in epoch 1 writes no adapter at all. (From fresh adapters, lr
+    // 1e30 only saturates this model: LayerNorm bounds the activations and the loss stays near
+    // 1e30, finite; at 1e38 the classifier's logits overflow f32.)
+    let fresh = f.sb.path("fresh");
+    let out =
+        f.sb.run(&train_args(&f.model, &f.data, &fresh, &["--lr", "1e38"]));
+    if out.status.success() {
+        let metrics = std::fs::read_to_string(fresh.join("metrics.jsonl")).unwrap_or_default();
+        panic!("lr 1e30 did not diverge: {metrics}");
+    }
+    assert_clean_error(&out, &["diverged", "epoch 1"]);
+    assert!(!fresh.join("adapter_model.safetensors").exists());
+    assert!(!fresh.join("checkpoint").exists());
 }

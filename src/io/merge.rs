@@ -74,7 +74,7 @@ pub fn merge_adapter(
     }
 
     let base = load(&base_file)?;
-    let adapter = load(&adapter_file)?;
+    let adapter = load_adapter(&adapter_file)?;
     let mut config: serde_json::Value = read_json(&base_config)?;
 
     // Base tensors under their output names.
@@ -249,7 +249,7 @@ pub fn merge_decoder_adapter(
         }
         vec![single]
     };
-    let adapter = load(&adapter_file)?;
+    let adapter = load_adapter(&adapter_file)?;
     let modules = lora_modules(&adapter, &adapter_file, &cfg, &[])?;
 
     // Where each module's weight is: its name in the base (PEFT's path, or without its first
@@ -464,6 +464,18 @@ fn lora_tensor<'a>(
 fn load(path: &Path) -> Result<HashMap<String, Tensor>, IoError> {
     candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| invalid(path, &format!("not a readable safetensors file ({e})")))
+}
+
+/// An adapter file's tensors, refused before anything is written if one is not a finite float
+/// tensor (a diverged run's adapter would make every merged weight NaN).
+fn load_adapter(path: &Path) -> Result<HashMap<String, Tensor>, IoError> {
+    let tensors = load(path)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        super::check_weight(path, name, &tensors[name])?;
+    }
+    Ok(tensors)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, IoError> {
@@ -809,6 +821,35 @@ mod tests {
             msg.contains("model.safetensors") && msg.contains("layer.7"),
             "{msg}"
         );
+    }
+
+    /// A diverged adapter (a NaN in one LoRA matrix) or one stored as integers is refused, naming
+    /// the file and tensor, and nothing is written.
+    #[test]
+    fn refuses_a_nan_or_integer_adapter() {
+        let stem = "base_model.model.bert.encoder.layer.0.attention.self.query";
+        let nan = Tensor::new(&[[f32::NAN; H]; R], &Device::Cpu).unwrap();
+        let ints = Tensor::zeros((H, R), DType::I64, &Device::Cpu).unwrap();
+        for (key, bad, needle) in [
+            (format!("{stem}.lora_A.weight"), nan, "NaN"),
+            (format!("{stem}.lora_B.weight"), ints, "I64"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (base, adapter) = fixture(dir.path(), R, false);
+            let path = adapter.join(peft::WEIGHTS_FILE);
+            let mut a = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+            a.insert(key.clone(), bad);
+            candle_core::safetensors::save(&a, &path).unwrap();
+            let out = dir.path().join("merged");
+            let msg = merge_adapter(&base, &adapter, &out)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(peft::WEIGHTS_FILE) && msg.contains(&key) && msg.contains(needle),
+                "{msg}"
+            );
+            assert!(!out.exists(), "a refused merge wrote {}", out.display());
+        }
     }
 
     #[test]

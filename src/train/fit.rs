@@ -280,6 +280,7 @@ pub fn fit<T: Task>(
                     1.0 / plan.accum as f64,
                     cfg.gradient_checkpointing,
                 )?;
+                super::guard::ensure_finite_loss(out.loss, epoch, s + 1)?;
                 loss_sum += out.loss;
                 loss_n += 1;
                 tokens += out.tokens;
