@@ -134,6 +134,10 @@ fn refused_without_change(sb: &Sandbox, out: &Path, args: &[&str], needles: &[&s
     line
 }
 
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
 fn load(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
@@ -639,4 +643,75 @@ fn a_diverging_run_stops_and_keeps_the_last_good_files() {
     assert_clean_error(&out, &["diverged", "epoch 1"]);
     assert!(!fresh.join("adapter_model.safetensors").exists());
     assert!(!fresh.join("checkpoint").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Output folders
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_non_empty_output_folder_needs_resume_or_overwrite() {
+    let f = fixture();
+    std::fs::create_dir_all(&f.out).unwrap();
+    std::fs::write(f.out.join("notes.txt"), "mine").unwrap();
+    let args = train_args(&f.model, &f.data, &f.out, &["--epochs", "1"]);
+    refused_without_change(
+        &f.sb,
+        &f.out,
+        &args,
+        &["not empty", "notes.txt", "--overwrite"],
+    );
+
+    let args = train_args(&f.model, &f.data, &f.out, &["--epochs", "1", "--overwrite"]);
+    f.sb.run_ok(&args);
+    assert_eq!(
+        std::fs::read_to_string(f.out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(f.out.join("summary.json").is_file());
+
+    // The finished run's folder: a plain rerun is refused and changes nothing.
+    let args = train_args(&f.model, &f.data, &f.out, &["--epochs", "1"]);
+    refused_without_change(&f.sb, &f.out, &args, &["not empty", "--resume"]);
+}
+
+#[test]
+fn a_folder_in_use_by_another_run_is_refused() {
+    let f = fixture();
+    f.sb.run_ok(&train_args(&f.model, &f.data, &f.out, &["--epochs", "1"]));
+    let lock = std::fs::File::open(f.out.join(".safetune.lock")).expect("the run's lock file");
+    lock.try_lock().expect("nobody else holds it");
+    for extra in [
+        &["--epochs", "1", "--overwrite"][..],
+        &["--epochs", "1", "--resume"],
+    ] {
+        let args = train_args(&f.model, &f.data, &f.out, extra);
+        refused_without_change(&f.sb, &f.out, &args, &["in use", s(&f.out)]);
+    }
+    drop(lock);
+    f.sb.run_ok(&train_args(
+        &f.model,
+        &f.data,
+        &f.out,
+        &["--epochs", "1", "--overwrite"],
+    ));
+}
+
+#[test]
+fn a_refused_resume_changes_nothing() {
+    // train_config.json used to be rewritten before the checkpoint was looked at.
+    let f = fixture();
+    f.sb.run_ok(&train_args(&f.model, &f.data, &f.out, &["--epochs", "1"]));
+    let args = train_args(&f.model, &f.data, &f.out, &["--epochs", "2", "--resume"]);
+    refused_without_change(&f.sb, &f.out, &args, &["checkpoint", "--epochs 1"]);
+    let more = [
+        "--epochs",
+        "1",
+        "--resume",
+        "--target-modules",
+        "query,key,value",
+    ];
+    let args = train_args(&f.model, &f.data, &f.out, &more);
+    refused_without_change(&f.sb, &f.out, &args, &["checkpoint"]);
+    assert_eq!(read_json(&f.out.join("train_config.json"))["epochs"], 1);
 }

@@ -179,6 +179,7 @@ fn load_with_adapter(a: &DecoderArgs) -> Result<lm::LoadedDecoder> {
 
 pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
     let cfg = a.to_config()?;
+    super::check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
     if let Some(s) = lm::train_lm(&cfg, a.run.resume, !a.run.quiet)? {
         print_lm_summary(&cfg, &s);
     }

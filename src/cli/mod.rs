@@ -143,6 +143,10 @@ pub struct RunArgs {
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run in an output folder that is not empty: the earlier run's checkpoint and
+    /// summary are removed, its other files replaced as the new run writes them.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -324,6 +328,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => {
             let cfg = a.to_config()?;
+            check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
             if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
                 print_summary(&cfg, &summary);
             }
@@ -355,6 +360,10 @@ pub fn run(cli: Cli) -> Result<()> {
             if a.run.safe_monitor_examples.is_none() && !in_file(&["safe", "monitor_examples"]) {
                 cfg.safe.monitor_examples = 64;
             }
+            // The demo replaces its own default folder's earlier run; another folder is the
+            // user's, and kept unless they pass --overwrite.
+            let overwrite = a.run.overwrite || cfg.output == TrainConfig::default().output;
+            check_output(&cfg.output, a.run.resume, overwrite)?;
             if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
                 print_summary(&cfg, &summary);
             }
@@ -429,6 +438,41 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Before a run loads anything: its output folder must not be in use by another run (its lock,
+/// see [`crate::files::lock_output`]), and must be empty unless the run resumes there or
+/// overwrites it. Writes nothing.
+pub(crate) fn check_output(dir: &std::path::Path, resume: bool, overwrite: bool) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{}: --output must be a folder, and this is a file",
+        dir.display()
+    );
+    crate::files::ensure_unlocked(dir)?;
+    if resume || overwrite {
+        return Ok(());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read the output folder", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != crate::files::LOCK_FILE)
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let more = if names.len() > 3 { ", ..." } else { "" };
+    anyhow::bail!(
+        "{}: the output folder is not empty ({}{more}); pass --resume to continue its run, \
+         --overwrite to replace it, or choose another --output",
+        dir.display(),
+        names[..names.len().min(3)].join(", ")
+    )
 }
 
 fn eval(a: EvalArgs) -> Result<()> {

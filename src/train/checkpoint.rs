@@ -98,7 +98,7 @@ pub fn save(
 }
 
 /// Removes a file or folder if present (a stray file is in the way as much as a folder).
-fn remove_any(path: &Path) -> Result<()> {
+pub(crate) fn remove_any(path: &Path) -> Result<()> {
     let r = if path.is_dir() {
         std::fs::remove_dir_all(path)
     } else {
@@ -110,6 +110,11 @@ fn remove_any(path: &Path) -> Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether `out` holds a checkpoint for [`load`] (also one interrupted between its renames).
+pub fn exists(out: &Path) -> bool {
+    out.join("checkpoint").exists() || out.join("checkpoint.old").exists()
 }
 
 /// Restores model parameters, frozen flags and optimizer state; None when there is no checkpoint.

@@ -349,7 +349,7 @@ pub fn train_lm(
         model.linear_names().join(", ")
     );
     run::freeze_prefix(&mut model, &cfg.method);
-    prepare_output(&cfg.output, cfg)?;
+    let _lock = prepare_output(&cfg.output, cfg, resume)?;
     let mut task = LmTask {
         train: &data.train,
         validation: val,

@@ -424,7 +424,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
     let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
     let mem = memory::MemTracker::new(&device);
-    prepare_output(&cfg.output, cfg)?;
+    let _lock = prepare_output(&cfg.output, cfg, resume)?;
     // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
     let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
     let frozen_cache = match (cache, &cfg.method) {
