@@ -715,3 +715,62 @@ fn a_refused_resume_changes_nothing() {
     refused_without_change(&f.sb, &f.out, &args, &["checkpoint"]);
     assert_eq!(read_json(&f.out.join("train_config.json"))["epochs"], 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Empty splits
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn an_empty_test_split_is_reported_as_none() {
+    let f = fixture();
+    let config = f.sb.path("c.toml");
+    std::fs::write(&config, "[data]\ntest_fraction = 0.0\n").unwrap();
+    let out = f.sb.run_ok(&train_args(
+        &f.model,
+        &f.data,
+        &f.out,
+        &["--epochs", "1", "--config", s(&config)],
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("0.0000"), "{stdout}");
+    assert!(stdout.contains("test split is empty"), "{stdout}");
+    let summary = read_json(&f.out.join("summary.json"));
+    assert!(
+        summary["value"].is_null() && summary["test"].is_null(),
+        "{summary}"
+    );
+}
+
+#[test]
+fn evaluating_an_empty_split_is_an_error() {
+    let f = fixture();
+    f.sb.run_ok(&train_args(&f.model, &f.data, &f.out, &["--epochs", "1"]));
+    // Two rows per class: round(0.15 * 2) = 0 rows of each class go to test.
+    let small = f.sb.path("small.csv");
+    std::fs::write(
+        &small,
+        "text,label\ngood film,pos\nfine plot,pos\nbad film,neg\ndull plot,neg\n",
+    )
+    .unwrap();
+    let eval = [
+        "eval",
+        "--model",
+        s(&f.model),
+        "--adapter",
+        s(&f.out),
+        "--data",
+        s(&small),
+        "--max-length",
+        "32",
+    ];
+    assert_clean_error(&f.sb.run(&eval), &["--split test", "no examples"]);
+}
+
+#[test]
+fn an_empty_validation_split_is_an_error() {
+    let f = fixture();
+    let config = f.sb.path("c.toml");
+    std::fs::write(&config, "[data]\nvalidation_fraction = 0.0\n").unwrap();
+    let args = train_args(&f.model, &f.data, &f.out, &["--config", s(&config)]);
+    refused_without_change(&f.sb, &f.out, &args, &["no validation examples"]);
+}

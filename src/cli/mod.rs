@@ -491,6 +491,11 @@ fn eval(a: EvalArgs) -> Result<()> {
         EvalSplit::Test => trainer::prepare(&cfg)?.splits.test,
         EvalSplit::Validation => trainer::prepare(&cfg)?.splits.validation,
     };
+    anyhow::ensure!(
+        !dataset.is_empty(),
+        "--split {}: the split has no examples, nothing to evaluate",
+        format!("{:?}", a.split).to_lowercase()
+    );
     let encoder = crate::data::batch::TextEncoder::from_file(
         &model_dir.join("tokenizer.json"),
         cfg.data.max_length,
@@ -568,7 +573,13 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
     let t = &s.totals;
     let rows = [
         ("method", s.method.clone()),
-        (&*format!("test {}", s.metric), format!("{:.4}", s.value)),
+        (
+            &*format!("test {}", s.metric),
+            match s.value {
+                Some(v) => format!("{v:.4}"),
+                None => "none: the test split is empty".into(),
+            },
+        ),
         ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
         (
             "train time",
