@@ -514,6 +514,11 @@ fn absurd_decoder_config_sizes_name_config_json() {
         (gpt2(serde_json::json!({"vocab_size": huge})), "vocab_size"),
         (gpt2(serde_json::json!({"n_inner": huge})), "n_inner"),
         (gpt2(serde_json::json!({"n_head": 3})), "n_head"),
+        (
+            llama(serde_json::json!({"eos_token_id": [2, 4]})),
+            "eos_token_id",
+        ),
+        (gpt2(serde_json::json!({"bos_token_id": 9})), "bos_token_id"),
     ];
     for (i, (config, key)) in cases.into_iter().enumerate() {
         let tensor = if config["model_type"] == "gpt2" {

@@ -137,6 +137,11 @@ impl Gpt2Config {
             &[("layer_norm_epsilon", self.layer_norm_epsilon)],
             false,
         )?;
+        let ids = self.bos_token_id.map(|id| ("bos_token_id", id));
+        let ids = ids
+            .into_iter()
+            .chain(self.eos_token_id.map(|id| ("eos_token_id", id)));
+        super::check_token_ids(path, ids, self.vocab_size)?;
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd ({}) must be a multiple of n_head ({})",

@@ -254,6 +254,9 @@ impl LlamaConfig {
             super::check_sizes(path, &[("head_dim", d, limits::HEAD_DIM)])?;
         }
         super::check_reals(path, &[("rms_norm_eps", self.rms_norm_eps)], false)?;
+        let ids = self.bos_token_id.iter().map(|&id| ("bos_token_id", id));
+        let ids = ids.chain(self.eos_token_id.iter().map(|&id| ("eos_token_id", id)));
+        super::check_token_ids(path, ids, self.vocab_size)?;
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(bad(format!(
                 "rope_theta = {} must be a finite number > 0",

@@ -68,6 +68,23 @@ pub(crate) fn check_reals(
     Ok(())
 }
 
+/// Each `(key, id)` of a config file must be a token of the model's vocabulary.
+pub(crate) fn check_token_ids<'a>(
+    path: &std::path::Path,
+    ids: impl IntoIterator<Item = (&'a str, u32)>,
+    vocab_size: usize,
+) -> std::result::Result<(), crate::io::IoError> {
+    for (key, id) in ids {
+        if id as usize >= vocab_size {
+            return Err(crate::io::IoError::Invalid {
+                path: path.into(),
+                message: format!("{key} = {id} is not below vocab_size ({vocab_size})"),
+            });
+        }
+    }
+    Ok(())
+}
+
 use crate::adapters::{Adapted, AdapterId, LoraConfig, LoraGrads};
 use crate::nn::attention::KvCache;
 use crate::nn::loss::LmLoss;
