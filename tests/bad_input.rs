@@ -405,6 +405,69 @@ fn max_length_beyond_the_position_table_names_flag_and_model() {
     );
 }
 
+/// The repository's tiny LLaMA fixture (64 positions, vocabulary 96) with a word-level
+/// tokenizer, as a model folder `train-lm` and `perplexity` load.
+fn tiny_llama(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama2-linear");
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(name), dir.join(name)).unwrap();
+    }
+    let words = ["<unk>", "<s>", "</s>", "the", "whale", "sea", "ship", "and"];
+    let vocab: serde_json::Map<String, Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i.into()))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn seq_len_beyond_the_models_positions_names_flag_and_model() {
+    // Used to fail in the first forward pass ("rope: positions up to 128 exceed max_positions
+    // 64"), naming neither the flag nor the model.
+    let sb = Sandbox::new();
+    let model = tiny_llama(&sb.path("llama"));
+    // Ten documents of 400 words: enough for a split and for 128-token sequences.
+    let text = sb.path("texts");
+    std::fs::create_dir_all(&text).unwrap();
+    for d in 0..10 {
+        let doc = "the whale and the sea and the ship ".repeat(50);
+        std::fs::write(text.join(format!("doc{d}.txt")), doc).unwrap();
+    }
+    let out = sb.path("out");
+    let needles = ["--seq-len", "128", "64 positions", "llama"];
+    let train = [
+        "train-lm",
+        "--model",
+        s(&model),
+        "--data",
+        s(&text),
+        "--output",
+        s(&out),
+        "--seq-len",
+        "128",
+        "--quiet",
+    ];
+    refused_without_change(&sb, &out, &train, &needles);
+    let ppl = [
+        "perplexity",
+        "--model",
+        s(&model),
+        "--data",
+        s(&text),
+        "--seq-len",
+        "128",
+    ];
+    assert_clean_error(&sb.run(&ppl), &needles);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Model config.json sizes, before anything is allocated from them
 // ---------------------------------------------------------------------------------------------

@@ -187,12 +187,14 @@ pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
+    crate::train::config::at_least(2, Some("--seq-len"), "seq_len", a.seq_len)?;
     let d = load_with_adapter(&a.decoder)?;
     let mut cfg = LmTrainConfig {
         data: a.data.clone(),
         seq_len: a.seq_len,
         ..Default::default()
     };
+    cfg.check_model(&d.model, &d.source)?;
     if a.data.is_some() {
         cfg.data_kind = LmDataKind::Text;
     }
