@@ -370,6 +370,8 @@ fn merged_weight(
     module: &str,
     cfg: &PeftConfig,
 ) -> Result<Tensor, IoError> {
+    // An integer W would take the delta silently cast; a NaN one would stay NaN.
+    super::check_weight(file, name, w)?;
     let a = lora_tensor(adapter, adapter_file, module, "A")?;
     let b = lora_tensor(adapter, adapter_file, module, "B")?;
     let (out_f, in_f) = match (w.dims(), cfg.fan_in_fan_out) {
@@ -850,6 +852,31 @@ mod tests {
             );
             assert!(!out.exists(), "a refused merge wrote {}", out.display());
         }
+    }
+
+    /// A base weight the adapter merges into that is stored as integers is refused, naming the
+    /// base file and tensor, rather than getting the delta cast to integers.
+    #[test]
+    fn refuses_an_integer_base_weight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R, false);
+        let path = base.join(WEIGHTS_FILE);
+        let mut b = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let name = "encoder.layer.0.attention.self.query.weight";
+        b.insert(
+            name.into(),
+            Tensor::zeros((H, H), DType::I64, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&b, &path).unwrap();
+        let out = dir.path().join("merged");
+        let msg = merge_adapter(&base, &adapter, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(WEIGHTS_FILE) && msg.contains(name) && msg.contains("I64"),
+            "{msg}"
+        );
+        assert!(!out.exists());
     }
 
     #[test]
