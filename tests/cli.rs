@@ -970,20 +970,30 @@ fn checkpoint_write_failure_names_the_folder() {
     let out = sb.path("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("checkpoint.tmp"), "in the way").unwrap();
-    let crashed = sb.run(&train_args(&model, &data, &out, &["--epochs", "2"]));
+    let crashed = sb.run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--epochs", "2", "--overwrite"],
+    ));
     assert_clean_error(&crashed, &["checkpoint"]);
 }
 
 #[test]
 fn rerun_without_resume_starts_fresh_logs() {
-    // A second run into the same folder without --resume starts over: its metrics.jsonl should
+    // A second run into the same folder with --overwrite starts over: its metrics.jsonl should
     // describe that run only.
     let sb = Sandbox::new();
     let model = tiny_model(&sb.path("model"), 1);
     let data = tiny_csv(&sb.path("data.csv"));
     let out = sb.path("out");
     sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "1"]));
-    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "1"]));
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--epochs", "1", "--overwrite"],
+    ));
     let epochs: Vec<u64> = read_jsonl(&out.join("metrics.jsonl"))
         .iter()
         .map(|l| l["epoch"].as_u64().unwrap())

@@ -73,7 +73,7 @@ impl LmTrainArgs {
         set!(c.max_eval_sequences, self.max_eval_sequences);
         c.quantized_base |= self.quantized_base;
         c.quantize_format = self.quantize_format.or(c.quantize_format);
-        anyhow::ensure!(c.seq_len >= 2, "seq_len must be at least 2");
+        c.validate()?;
         Ok(c)
     }
 }
@@ -179,6 +179,7 @@ fn load_with_adapter(a: &DecoderArgs) -> Result<lm::LoadedDecoder> {
 
 pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
     let cfg = a.to_config()?;
+    super::check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
     if let Some(s) = lm::train_lm(&cfg, a.run.resume, !a.run.quiet)? {
         print_lm_summary(&cfg, &s);
     }
@@ -186,12 +187,14 @@ pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
+    crate::train::config::at_least(2, Some("--seq-len"), "seq_len", a.seq_len)?;
     let d = load_with_adapter(&a.decoder)?;
     let mut cfg = LmTrainConfig {
         data: a.data.clone(),
         seq_len: a.seq_len,
         ..Default::default()
     };
+    cfg.check_model(&d.model, &d.source)?;
     if a.data.is_some() {
         cfg.data_kind = LmDataKind::Text;
     }

@@ -149,6 +149,10 @@ pub struct RunArgs {
     /// Continue from OUTPUT/checkpoint if present.
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run in an output folder that is not empty: the earlier run's checkpoint and
+    /// summary are removed, its other files replaced as the new run writes them.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -157,7 +161,7 @@ pub struct RunArgs {
 }
 
 /// Sets the [`RunArgs`] that were given on a config (`TrainConfig` or `LmTrainConfig`, whose
-/// fields share these names), and checks what every run needs.
+/// fields share these names); the config's `validate` checks them.
 macro_rules! apply_run_args {
     ($c:expr, $a:expr) => {{
         let (c, a) = (&mut $c, &$a);
@@ -191,8 +195,6 @@ macro_rules! apply_run_args {
         }
         set!(c.device, a.device.device);
         set!(c.dtype, a.device.dtype);
-        anyhow::ensure!(c.epochs > 0, "epochs must be at least 1");
-        anyhow::ensure!(c.lora.r > 0, "LoRA rank r must be at least 1");
     }};
 }
 
@@ -262,7 +264,7 @@ impl TrainArgs {
         if self.frozen_bottom_dropout {
             c.frozen_bottom_dropout = true;
         }
-        anyhow::ensure!(c.data.max_length >= 2, "max_length must be at least 2");
+        c.validate()?;
         Ok(c)
     }
 }
@@ -335,6 +337,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => {
             let cfg = a.to_config()?;
+            check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
             if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
                 print_summary(&cfg, &summary);
             }
@@ -366,6 +369,10 @@ pub fn run(cli: Cli) -> Result<()> {
             if a.run.safe_monitor_examples.is_none() && !in_file(&["safe", "monitor_examples"]) {
                 cfg.safe.monitor_examples = 64;
             }
+            // The demo replaces its own default folder's earlier run; another folder is the
+            // user's, and kept unless they pass --overwrite.
+            let overwrite = a.run.overwrite || cfg.output == TrainConfig::default().output;
+            check_output(&cfg.output, a.run.resume, overwrite)?;
             if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
                 print_summary(&cfg, &summary);
             }
@@ -442,6 +449,41 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Before a run loads anything: its output folder must not be in use by another run (its lock,
+/// see [`crate::files::lock_output`]), and must be empty unless the run resumes there or
+/// overwrites it. Writes nothing.
+pub(crate) fn check_output(dir: &std::path::Path, resume: bool, overwrite: bool) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{}: --output must be a folder, and this is a file",
+        dir.display()
+    );
+    crate::files::ensure_unlocked(dir)?;
+    if resume || overwrite {
+        return Ok(());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read the output folder", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != crate::files::LOCK_FILE)
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let more = if names.len() > 3 { ", ..." } else { "" };
+    anyhow::bail!(
+        "{}: the output folder is not empty ({}{more}); pass --resume to continue its run, \
+         --overwrite to replace it, or choose another --output",
+        dir.display(),
+        names[..names.len().min(3)].join(", ")
+    )
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
     let pc = peft::read_config(&a.adapter)?;
     let mut cfg = TrainConfig {
@@ -452,11 +494,17 @@ fn eval(a: EvalArgs) -> Result<()> {
     a.data.apply(&mut cfg);
     cfg.lora = pc.lora();
     let model_dir = trainer::resolve_model_dir(&cfg)?;
+    cfg.check_model(&model_dir)?;
     let dataset = match a.split {
         EvalSplit::All => trainer::load_dataset(&cfg)?,
         EvalSplit::Test => trainer::prepare(&cfg)?.splits.test,
         EvalSplit::Validation => trainer::prepare(&cfg)?.splits.validation,
     };
+    anyhow::ensure!(
+        !dataset.is_empty(),
+        "--split {}: the split has no examples, nothing to evaluate",
+        format!("{:?}", a.split).to_lowercase()
+    );
     let encoder = crate::data::batch::TextEncoder::from_file(
         &model_dir.join("tokenizer.json"),
         cfg.data.max_length,
@@ -534,7 +582,13 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
     let t = &s.totals;
     let rows = [
         ("method", s.method.clone()),
-        (&*format!("test {}", s.metric), format!("{:.4}", s.value)),
+        (
+            &*format!("test {}", s.metric),
+            match s.value {
+                Some(v) => format!("{v:.4}"),
+                None => "none: the test split is empty".into(),
+            },
+        ),
         ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
         (
             "train time",

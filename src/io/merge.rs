@@ -74,7 +74,7 @@ pub fn merge_adapter(
     }
 
     let base = load(&base_file)?;
-    let adapter = load(&adapter_file)?;
+    let adapter = load_adapter(&adapter_file)?;
     let mut config: serde_json::Value = read_json(&base_config)?;
 
     // Base tensors under their output names.
@@ -249,7 +249,7 @@ pub fn merge_decoder_adapter(
         }
         vec![single]
     };
-    let adapter = load(&adapter_file)?;
+    let adapter = load_adapter(&adapter_file)?;
     let modules = lora_modules(&adapter, &adapter_file, &cfg, &[])?;
 
     // Where each module's weight is: its name in the base (PEFT's path, or without its first
@@ -370,6 +370,8 @@ fn merged_weight(
     module: &str,
     cfg: &PeftConfig,
 ) -> Result<Tensor, IoError> {
+    // An integer W would take the delta silently cast; a NaN one would stay NaN.
+    super::check_weight(file, name, w)?;
     let a = lora_tensor(adapter, adapter_file, module, "A")?;
     let b = lora_tensor(adapter, adapter_file, module, "B")?;
     let (out_f, in_f) = match (w.dims(), cfg.fan_in_fan_out) {
@@ -464,6 +466,18 @@ fn lora_tensor<'a>(
 fn load(path: &Path) -> Result<HashMap<String, Tensor>, IoError> {
     candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| invalid(path, &format!("not a readable safetensors file ({e})")))
+}
+
+/// An adapter file's tensors, refused before anything is written if one is not a finite float
+/// tensor (a diverged run's adapter would make every merged weight NaN).
+fn load_adapter(path: &Path) -> Result<HashMap<String, Tensor>, IoError> {
+    let tensors = load(path)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        super::check_weight(path, name, &tensors[name])?;
+    }
+    Ok(tensors)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, IoError> {
@@ -809,6 +823,60 @@ mod tests {
             msg.contains("model.safetensors") && msg.contains("layer.7"),
             "{msg}"
         );
+    }
+
+    /// A diverged adapter (a NaN in one LoRA matrix) or one stored as integers is refused, naming
+    /// the file and tensor, and nothing is written.
+    #[test]
+    fn refuses_a_nan_or_integer_adapter() {
+        let stem = "base_model.model.bert.encoder.layer.0.attention.self.query";
+        let nan = Tensor::new(&[[f32::NAN; H]; R], &Device::Cpu).unwrap();
+        let ints = Tensor::zeros((H, R), DType::I64, &Device::Cpu).unwrap();
+        for (key, bad, needle) in [
+            (format!("{stem}.lora_A.weight"), nan, "NaN"),
+            (format!("{stem}.lora_B.weight"), ints, "I64"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (base, adapter) = fixture(dir.path(), R, false);
+            let path = adapter.join(peft::WEIGHTS_FILE);
+            let mut a = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+            a.insert(key.clone(), bad);
+            candle_core::safetensors::save(&a, &path).unwrap();
+            let out = dir.path().join("merged");
+            let msg = merge_adapter(&base, &adapter, &out)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(peft::WEIGHTS_FILE) && msg.contains(&key) && msg.contains(needle),
+                "{msg}"
+            );
+            assert!(!out.exists(), "a refused merge wrote {}", out.display());
+        }
+    }
+
+    /// A base weight the adapter merges into that is stored as integers is refused, naming the
+    /// base file and tensor, rather than getting the delta cast to integers.
+    #[test]
+    fn refuses_an_integer_base_weight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, adapter) = fixture(dir.path(), R, false);
+        let path = base.join(WEIGHTS_FILE);
+        let mut b = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let name = "encoder.layer.0.attention.self.query.weight";
+        b.insert(
+            name.into(),
+            Tensor::zeros((H, H), DType::I64, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&b, &path).unwrap();
+        let out = dir.path().join("merged");
+        let msg = merge_adapter(&base, &adapter, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(WEIGHTS_FILE) && msg.contains(name) && msg.contains("I64"),
+            "{msg}"
+        );
+        assert!(!out.exists());
     }
 
     #[test]

@@ -126,7 +126,6 @@ pub fn save(
         path: path.into(),
         message: e.to_string(),
     };
-    std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut layers = Vec::new();
     for (id, (_, ad)) in model.adapter_ids().into_iter().zip(model.adapters()) {
@@ -164,6 +163,18 @@ pub fn save(
         init_lora_weights: true,
     };
     let weights = dir.join(WEIGHTS_FILE);
+    // A diverged run must not replace a good adapter with NaNs.
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    for key in keys {
+        if let Some(problem) = super::weight_problem(&tensors[key]) {
+            return Err(IoError::Invalid {
+                path: weights,
+                message: format!("not written: tensor '{key}' {problem}"),
+            });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
     let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| err(&tmp, &e))?;
     std::fs::rename(&tmp, &weights).map_err(|e| err(&weights, &e))?;
@@ -226,6 +237,7 @@ pub fn load(dir: &Path, model: &mut impl Adapted) -> Result<PeftConfig, IoError>
                 expected: like.dims().to_vec(),
             });
         }
+        super::check_weight(&path, name, t)?;
         t.to_dtype(like.dtype())
             .and_then(|t| t.to_device(like.device()))
             .map_err(|e| IoError::Invalid {

@@ -296,6 +296,7 @@ impl Weights {
                     expected: shape.to_vec(),
                 });
             }
+            super::check_weight(path, &key, &t)?;
             return t.to_dtype(dtype).map_err(|e| IoError::Invalid {
                 path: path.clone(),
                 message: format!("tensor '{key}': {e}"),

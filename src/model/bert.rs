@@ -74,23 +74,73 @@ impl BertConfig {
             path: path.into(),
             message: format!("not a BERT config ({e})"),
         })?;
-        if cfg.hidden_act != "gelu" {
-            return Err(IoError::Invalid {
-                path: path.into(),
-                message: format!(
-                    "hidden_act '{}' is not supported (only 'gelu')",
-                    cfg.hidden_act
-                ),
-            });
-        }
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
-            return Err(IoError::Invalid {
-                path: path.into(),
-                message: "hidden_size must be a multiple of num_attention_heads".into(),
-            });
-        }
+        cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// Every size in range and consistent, with the file named in the error: checked before any
+    /// tensor is read or allocated from these numbers.
+    pub fn validate(&self, path: &Path) -> std::result::Result<(), IoError> {
+        use super::limits;
+        let bad = |message: String| IoError::Invalid {
+            path: path.into(),
+            message,
+        };
+        if self.hidden_act != "gelu" {
+            return Err(bad(format!(
+                "hidden_act '{}' is not supported (only 'gelu')",
+                self.hidden_act
+            )));
+        }
+        super::check_sizes(
+            path,
+            &[
+                ("vocab_size", self.vocab_size, limits::VOCAB),
+                ("hidden_size", self.hidden_size, limits::HIDDEN),
+                ("num_hidden_layers", self.num_hidden_layers, limits::LAYERS),
+                (
+                    "num_attention_heads",
+                    self.num_attention_heads,
+                    limits::HEADS,
+                ),
+                (
+                    "intermediate_size",
+                    self.intermediate_size,
+                    limits::INTERMEDIATE,
+                ),
+                (
+                    "max_position_embeddings",
+                    self.max_position_embeddings,
+                    limits::POSITIONS,
+                ),
+                ("type_vocab_size", self.type_vocab_size, limits::TYPE_VOCAB),
+            ],
+        )?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(bad(format!(
+                "hidden_size ({}) must be a multiple of num_attention_heads ({})",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        super::check_reals(
+            path,
+            &[
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                (
+                    "attention_probs_dropout_prob",
+                    self.attention_probs_dropout_prob,
+                ),
+            ],
+            true,
+        )?;
+        super::check_reals(path, &[("layer_norm_eps", self.layer_norm_eps)], false)?;
+        if self.pad_token_id as usize >= self.vocab_size {
+            return Err(bad(format!(
+                "pad_token_id ({}) must be below vocab_size ({})",
+                self.pad_token_id, self.vocab_size
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -368,6 +418,7 @@ impl BertForSequenceClassification {
         num_labels: usize,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
+        config.validate(w.file())?;
         let c = &config;
         let (h, f) = (c.hidden_size, c.intermediate_size);
         let ln = |w: &Weights| -> std::result::Result<LayerNorm, IoError> {

@@ -56,6 +56,15 @@ impl Decoder {
         }
     }
 
+    /// The longest sequence the model takes: the rows of its position table (GPT-2's
+    /// `n_positions`) or of its rotary tables (LLaMA's `max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Decoder::Llama(m) => m.config.max_position_embeddings,
+            Decoder::Gpt2(m) => m.config.n_positions,
+        }
+    }
+
     /// The end-of-sequence tokens its config names (Llama 3 instruct lists several).
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match self {

@@ -120,17 +120,34 @@ impl Gpt2Config {
                 message,
             })
         };
-        if self.vocab_size == 0 || self.n_embd == 0 || self.n_positions == 0 {
-            return bad("vocab_size, n_embd and n_positions must be positive".into());
-        }
+        use super::limits;
+        super::check_sizes(
+            path,
+            &[
+                ("vocab_size", self.vocab_size, limits::VOCAB),
+                ("n_positions", self.n_positions, limits::POSITIONS),
+                ("n_embd", self.n_embd, limits::HIDDEN),
+                ("n_layer", self.n_layer, limits::LAYERS),
+                ("n_head", self.n_head, limits::HEADS),
+            ],
+        )?;
+        // After n_embd is bounded: `inner()` may be `4 * n_embd`.
+        super::check_sizes(path, &[("n_inner", self.inner(), limits::INTERMEDIATE)])?;
+        super::check_reals(
+            path,
+            &[("layer_norm_epsilon", self.layer_norm_epsilon)],
+            false,
+        )?;
+        let ids = self.bos_token_id.map(|id| ("bos_token_id", id));
+        let ids = ids
+            .into_iter()
+            .chain(self.eos_token_id.map(|id| ("eos_token_id", id)));
+        super::check_token_ids(path, ids, self.vocab_size)?;
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd ({}) must be a multiple of n_head ({})",
                 self.n_embd, self.n_head
             ));
-        }
-        if self.n_inner == Some(0) {
-            return bad("n_inner must be positive (or null for 4 * n_embd)".into());
         }
         if self.gelu_kind().is_none() {
             return bad(format!(

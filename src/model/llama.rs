@@ -221,10 +221,48 @@ impl LlamaConfig {
 
     /// Shape rules every loader checks, with the file named in the error.
     pub fn validate(&self, path: &Path) -> std::result::Result<(), IoError> {
+        use super::limits;
         let bad = |message: String| IoError::Invalid {
             path: path.into(),
             message,
         };
+        super::check_sizes(
+            path,
+            &[
+                ("vocab_size", self.vocab_size, limits::VOCAB),
+                ("hidden_size", self.hidden_size, limits::HIDDEN),
+                (
+                    "intermediate_size",
+                    self.intermediate_size,
+                    limits::INTERMEDIATE,
+                ),
+                ("num_hidden_layers", self.num_hidden_layers, limits::LAYERS),
+                (
+                    "num_attention_heads",
+                    self.num_attention_heads,
+                    limits::HEADS,
+                ),
+                ("num_key_value_heads", self.kv_heads(), limits::HEADS),
+                (
+                    "max_position_embeddings",
+                    self.max_position_embeddings,
+                    limits::POSITIONS,
+                ),
+            ],
+        )?;
+        if let Some(d) = self.explicit_head_dim {
+            super::check_sizes(path, &[("head_dim", d, limits::HEAD_DIM)])?;
+        }
+        super::check_reals(path, &[("rms_norm_eps", self.rms_norm_eps)], false)?;
+        let ids = self.bos_token_id.iter().map(|&id| ("bos_token_id", id));
+        let ids = ids.chain(self.eos_token_id.iter().map(|&id| ("eos_token_id", id)));
+        super::check_token_ids(path, ids, self.vocab_size)?;
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(bad(format!(
+                "rope_theta = {} must be a finite number > 0",
+                self.rope_theta
+            )));
+        }
         if self.num_attention_heads == 0
             || (self.explicit_head_dim.is_none()
                 && !self.hidden_size.is_multiple_of(self.num_attention_heads))

@@ -16,6 +16,77 @@ pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::LlamaConfig;
 pub use memory::{LayerMemory, StepMemory};
 
+/// Upper bounds of a `config.json`'s sizes, each far above any released model's (Llama 3.1 405B:
+/// 126 layers, hidden 16384, MLP 53248; Gemma: vocabulary 256000), so a corrupt or hostile
+/// config is refused, naming the file and the key, before anything is allocated from its numbers.
+pub(crate) mod limits {
+    pub const LAYERS: usize = 1 << 10;
+    pub const HIDDEN: usize = 1 << 16;
+    pub const INTERMEDIATE: usize = 1 << 18;
+    pub const VOCAB: usize = 1 << 22;
+    pub const POSITIONS: usize = 1 << 22;
+    pub const HEADS: usize = 1 << 10;
+    pub const HEAD_DIM: usize = 1 << 12;
+    pub const TYPE_VOCAB: usize = 1 << 10;
+}
+
+/// Each `(key, value, max)` of a config file must be in `1..=max`.
+pub(crate) fn check_sizes(
+    path: &std::path::Path,
+    sizes: &[(&str, usize, usize)],
+) -> std::result::Result<(), crate::io::IoError> {
+    for &(key, value, max) in sizes {
+        if value == 0 || value > max {
+            return Err(crate::io::IoError::Invalid {
+                path: path.into(),
+                message: format!("{key} = {value} is out of range (1 to {max})"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Each `(key, value)` of a config file must be a finite number `>= 0`, or with `below_one` in
+/// `[0, 1)` (a probability of dropping).
+pub(crate) fn check_reals(
+    path: &std::path::Path,
+    values: &[(&str, f64)],
+    below_one: bool,
+) -> std::result::Result<(), crate::io::IoError> {
+    for &(key, v) in values {
+        let ok = v.is_finite() && v >= 0.0 && (!below_one || v < 1.0);
+        if !ok {
+            let rule = if below_one {
+                "in [0, 1)"
+            } else {
+                "a finite number >= 0"
+            };
+            return Err(crate::io::IoError::Invalid {
+                path: path.into(),
+                message: format!("{key} = {v} must be {rule}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Each `(key, id)` of a config file must be a token of the model's vocabulary.
+pub(crate) fn check_token_ids<'a>(
+    path: &std::path::Path,
+    ids: impl IntoIterator<Item = (&'a str, u32)>,
+    vocab_size: usize,
+) -> std::result::Result<(), crate::io::IoError> {
+    for (key, id) in ids {
+        if id as usize >= vocab_size {
+            return Err(crate::io::IoError::Invalid {
+                path: path.into(),
+                message: format!("{key} = {id} is not below vocab_size ({vocab_size})"),
+            });
+        }
+    }
+    Ok(())
+}
+
 use crate::adapters::{Adapted, AdapterId, LoraConfig, LoraGrads};
 use crate::nn::attention::KvCache;
 use crate::nn::loss::LmLoss;

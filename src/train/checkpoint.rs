@@ -45,8 +45,6 @@ pub fn save(
     let tmp = out.join("checkpoint.tmp");
     let dir = out.join("checkpoint");
     let old = out.join("checkpoint.old");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut state = state.clone();
     state.frozen_adapters.clear();
@@ -68,6 +66,16 @@ pub fn save(
         tensors.insert(format!("opt.v.{name}"), m.v.clone());
         state.opt_steps.insert(name, m.step);
     }
+    // A diverged run must not replace the last good checkpoint with NaNs.
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some(problem) = crate::io::weight_problem(&tensors[name]) {
+            anyhow::bail!("{}: not written: tensor '{name}' {problem}", dir.display());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     let tensors_path = tmp.join("tensors.safetensors");
     candle_core::safetensors::save(&tensors, &tensors_path)
         .with_context(|| format!("{}: cannot write checkpoint", tensors_path.display()))?;
@@ -90,7 +98,7 @@ pub fn save(
 }
 
 /// Removes a file or folder if present (a stray file is in the way as much as a folder).
-fn remove_any(path: &Path) -> Result<()> {
+pub(crate) fn remove_any(path: &Path) -> Result<()> {
     let r = if path.is_dir() {
         std::fs::remove_dir_all(path)
     } else {
@@ -102,6 +110,11 @@ fn remove_any(path: &Path) -> Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether `out` holds a checkpoint for [`load`] (also one interrupted between its renames).
+pub fn exists(out: &Path) -> bool {
+    out.join("checkpoint").exists() || out.join("checkpoint.old").exists()
 }
 
 /// Restores model parameters, frozen flags and optimizer state; None when there is no checkpoint.

@@ -1,8 +1,9 @@
 //! Training configuration: a TOML file (`--config`) whose every field can be overridden by a flag.
 //! Defaults are the demo's: MiniLM-L6 + LoRA (r=8, alpha=16, query/value) on BBC News.
 
+use super::fit::FitConfig;
 use crate::adapters::LoraConfig;
-use crate::safe::SafeConfig;
+use crate::safe::{SafeConfig, TauTarget};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -191,6 +192,160 @@ impl TrainConfig {
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Self> {
         toml_over_defaults(path, &Self::default())
     }
+
+    /// Checks every setting's range once flags and the config file are merged: an error names the
+    /// flag (and its config key) or the key, and what is allowed.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_run_settings(&self.fit_config(false, false), &self.lora)?;
+        at_least(1, None, "eval_batch_size", self.eval_batch_size)?;
+        let d = &self.data;
+        at_least(2, Some("--max-length"), "data.max_length", d.max_length)?;
+        for (key, v) in [
+            ("data.validation_fraction", d.validation_fraction),
+            ("data.test_fraction", d.test_fraction),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(out_of_range(None, key, v, "in [0, 1)"));
+            }
+        }
+        let sum = d.validation_fraction + d.test_fraction;
+        anyhow::ensure!(
+            sum < 1.0,
+            "config keys data.validation_fraction ({}) + data.test_fraction ({}) = {sum}: must \
+             be below 1 (the rest of the data trains)",
+            d.validation_fraction,
+            d.test_fraction
+        );
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// The token limit against the model's position table: reads (and so validates) the
+    /// `config.json` of `model_dir`.
+    pub fn check_model(&self, model_dir: &std::path::Path) -> anyhow::Result<()> {
+        let path = model_dir.join("config.json");
+        let positions = crate::model::BertConfig::from_file(&path)?.max_position_embeddings;
+        if self.data.max_length > positions {
+            let rule = format!(
+                "at most the model's max_position_embeddings, {positions} ({})",
+                path.display()
+            );
+            let v = self.data.max_length;
+            return Err(out_of_range(
+                Some("--max-length"),
+                "data.max_length",
+                v,
+                &rule,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A setting out of range: the flag that sets it with its config key, or the key alone.
+pub(crate) fn out_of_range(
+    flag: Option<&str>,
+    key: &str,
+    value: impl std::fmt::Display,
+    rule: &str,
+) -> anyhow::Error {
+    match flag {
+        Some(f) => anyhow::anyhow!("{f} {value} (config key {key}): must be {rule}"),
+        None => anyhow::anyhow!("config key {key} = {value}: must be {rule}"),
+    }
+}
+
+/// A count that must be at least `min`.
+pub(crate) fn at_least(
+    min: usize,
+    flag: Option<&str>,
+    key: &str,
+    value: usize,
+) -> anyhow::Result<()> {
+    if value < min {
+        return Err(out_of_range(flag, key, value, &format!("at least {min}")));
+    }
+    Ok(())
+}
+
+/// The rules of the settings every training run has (`RunArgs`' flags and their config keys), for
+/// [`TrainConfig::validate`] and `LmTrainConfig::validate`.
+pub(crate) fn check_run_settings(f: &FitConfig, lora: &LoraConfig) -> anyhow::Result<()> {
+    at_least(1, Some("--epochs"), "epochs", f.epochs)?;
+    at_least(1, Some("--batch-size"), "batch_size", f.batch_size)?;
+    at_least(1, Some("--grad-accum"), "grad_accum", f.grad_accum)?;
+    at_least(1, Some("--lora-r"), "lora.r", lora.r)?;
+    // safe.rounds_per_epoch and safe.max_warmup_epochs: 0 chooses them from the run's length.
+    if *f.method == Method::Safe {
+        let n = f.safe.monitor_examples;
+        at_least(
+            1,
+            Some("--safe-monitor-examples"),
+            "safe.monitor_examples",
+            n,
+        )?;
+    }
+    if let Some(k) = f.stop_after_epoch {
+        at_least(1, Some("--stop-after-epoch"), "stop_after_epoch", k)?;
+    }
+    if !(f.lr.is_finite() && f.lr >= 0.0) {
+        return Err(out_of_range(
+            Some("--lr"),
+            "lr",
+            f.lr,
+            "a finite number >= 0",
+        ));
+    }
+    if !(0.0..=1.0).contains(&f.warmup_ratio) {
+        let v = f.warmup_ratio;
+        return Err(out_of_range(None, "warmup_ratio", v, "in [0, 1]"));
+    }
+    for (key, v) in [("weight_decay", f.weight_decay), ("grad_clip", f.grad_clip)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(out_of_range(None, key, v, "a finite number >= 0"));
+        }
+    }
+    if !(0.0..1.0).contains(&lora.dropout) {
+        let v = lora.dropout;
+        return Err(out_of_range(
+            Some("--lora-dropout"),
+            "lora.dropout",
+            v,
+            "in [0, 1)",
+        ));
+    }
+    if !lora.alpha.is_finite() {
+        let v = lora.alpha;
+        return Err(out_of_range(
+            Some("--lora-alpha"),
+            "lora.alpha",
+            v,
+            "finite",
+        ));
+    }
+    anyhow::ensure!(
+        !lora.target_modules.is_empty() && lora.target_modules.iter().all(|m| !m.is_empty()),
+        "--target-modules (config key lora.target_modules): must name at least one module"
+    );
+    let (flag, key, v, ok) = match f.safe.tau_final {
+        TauTarget::Absolute(t) => (Some("--safe-tau"), "safe.tau_final", t, t.is_finite()),
+        TauTarget::RelativeToMax(r) => (None, "safe.tau_final", r, r.is_finite() && r > 0.0),
+    };
+    if !ok {
+        return Err(out_of_range(
+            flag,
+            key,
+            v,
+            "a finite number (a relative one above 0)",
+        ));
+    }
+    let frac = f.safe.final_epoch_fraction;
+    if !(frac > 0.0 && frac <= 1.0) {
+        let key = "safe.final_epoch_fraction";
+        return Err(out_of_range(None, key, frac, "in (0, 1]"));
+    }
+    Ok(())
 }
 
 /// Reads a TOML config in which every key it leaves out, in nested tables too, keeps its value in

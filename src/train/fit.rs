@@ -314,6 +314,7 @@ pub fn fit<T: Task>(
                     1.0 / mem_plan.accum as f64,
                     &recompute,
                 )?;
+                super::guard::ensure_finite_loss(out.loss, epoch, s + 1)?;
                 loss_sum += out.loss;
                 loss_n += 1;
                 tokens += out.tokens;
@@ -436,17 +437,31 @@ pub fn fit<T: Task>(
     })
 }
 
-/// A run's output folder, created if missing, with the run's configuration in
-/// `train_config.json` (so `export` and `eval` can rebuild the same model later).
-pub fn prepare_output(output: &PathBuf, config: &impl Serialize) -> Result<()> {
+/// A run's output folder, created if missing and locked for the run (the lock is held while the
+/// returned guard lives). A fresh run writes its configuration to `train_config.json` (so `export`
+/// and `eval` can rebuild the same model later) and removes an earlier run's checkpoint and
+/// summary; a run that resumes a checkpoint keeps the configuration of the run it continues, so a
+/// resume that is then refused (`run::start_or_resume`) has changed nothing.
+pub fn prepare_output(
+    output: &PathBuf,
+    config: &impl Serialize,
+    resume: bool,
+) -> Result<crate::files::OutputLock> {
     use anyhow::Context;
     std::fs::create_dir_all(output)
         .with_context(|| format!("{}: cannot create output folder", output.display()))?;
+    let lock = crate::files::lock_output(output)?;
+    if resume && checkpoint::exists(output) {
+        return Ok(lock);
+    }
+    for stale in ["checkpoint", "checkpoint.old", "summary.json"] {
+        checkpoint::remove_any(&output.join(stale))?;
+    }
     crate::files::write_atomic(
         &output.join("train_config.json"),
         serde_json::to_string_pretty(config)?.as_bytes(),
     )?;
-    Ok(())
+    Ok(lock)
 }
 
 fn progress_bar(show: bool, steps: usize, epoch: usize, epochs: usize) -> Option<ProgressBar> {

@@ -308,6 +308,7 @@ pub fn train_lm(
     resume: bool,
     show_progress: bool,
 ) -> Result<Option<LmSummary>> {
+    cfg.validate()?;
     let t_start = Instant::now();
     let device = cfg.device.open()?;
     let mem = memory::MemTracker::new(&device);
@@ -318,6 +319,7 @@ pub fn train_lm(
         cfg.quantized_base,
         cfg.quantize_format,
     )?;
+    cfg.check_model(&loaded.model, &loaded.source)?;
     let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos.first().copied())?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
     let mut model = loaded.model;
@@ -348,7 +350,7 @@ pub fn train_lm(
         model.linear_names().join(", ")
     );
     run::freeze_prefix(&mut model, &cfg.method);
-    prepare_output(&cfg.output, cfg)?;
+    let _lock = prepare_output(&cfg.output, cfg, resume)?;
     let mut task = LmTask {
         train: &data.train,
         validation: val,

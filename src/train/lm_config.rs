@@ -127,4 +127,74 @@ impl LmTrainConfig {
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Self> {
         super::config::toml_over_defaults(path, &Self::default())
     }
+
+    /// Checks every setting's range once flags and the config file are merged: an error names the
+    /// flag (and its config key) or the key, and what is allowed.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use super::config::at_least;
+        super::config::check_run_settings(&self.fit_config(false, false), &self.lora)?;
+        at_least(2, Some("--seq-len"), "seq_len", self.seq_len)?;
+        at_least(1, None, "eval_batch_size", self.eval_batch_size)?;
+        // One document of every period validates and one tests.
+        at_least(3, None, "split_period", self.split_period)?;
+        Ok(())
+    }
+
+    /// The sequence length against the loaded model's positions (`source`: where it came from).
+    pub fn check_model(
+        &self,
+        model: &crate::model::Decoder,
+        source: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        let positions = model.max_positions();
+        if self.seq_len > positions {
+            let rule = format!(
+                "at most the model's {positions} positions (max_position_embeddings, or \
+                 n_positions for GPT-2, of {})",
+                source.display()
+            );
+            let out_of_range = super::config::out_of_range;
+            return Err(out_of_range(
+                Some("--seq-len"),
+                "seq_len",
+                self.seq_len,
+                &rule,
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Decoder, Gpt2Config, Gpt2LMHeadModel};
+    use candle_core::{DType, Device};
+    use rand::SeedableRng;
+
+    /// A sequence longer than the model's position table is refused naming the flag and the
+    /// model's limit (it used to fail inside the first forward pass, after the output folder was
+    /// written).
+    #[test]
+    fn seq_len_must_fit_the_models_positions() {
+        let cfg: Gpt2Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 20, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2
+        }))
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let m = Gpt2LMHeadModel::random(cfg, DType::F32, &Device::Cpu, &mut rng).unwrap();
+        let model = Decoder::from(m);
+        let src = std::path::Path::new("models/tiny");
+        let mut c = LmTrainConfig {
+            seq_len: 8,
+            ..Default::default()
+        };
+        c.check_model(&model, src).unwrap();
+        c.seq_len = 9;
+        let e = c.check_model(&model, src).unwrap_err().to_string();
+        assert!(
+            e.contains("--seq-len 9") && e.contains("8 positions") && e.contains("models/tiny"),
+            "{e}"
+        );
+    }
 }

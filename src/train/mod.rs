@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod fit;
 pub mod frozen_cache;
+pub mod guard;
 pub mod importance;
 pub mod lm;
 pub mod lm_config;

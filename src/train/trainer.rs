@@ -38,6 +38,7 @@ pub struct Setup {
 /// loads and splits the data, and tokenizes it.
 pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
     let model_dir = resolve_model_dir(cfg)?;
+    cfg.check_model(&model_dir)?;
     let splits = load_splits(cfg)?;
     let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), cfg.data.max_length)?;
     let train = encoder.encode_all(&splits.train.examples)?;
@@ -292,9 +293,10 @@ pub struct Summary {
     pub task: String,
     pub method: String,
     pub metric: String,
-    /// Test-split metric of the best-validation checkpoint.
-    pub value: f64,
-    pub test: Scores,
+    /// Test-split metric of the best-validation checkpoint; None (null) when the test split is
+    /// empty (`data.test_fraction = 0`).
+    pub value: Option<f64>,
+    pub test: Option<Scores>,
     pub best_epoch: usize,
     pub epochs: usize,
     pub wall_s: f64,
@@ -418,16 +420,29 @@ impl TrainConfig {
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`. None
 /// when the run stopped early (`stop_after_epoch`), resumable.
 pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Option<Summary>> {
+    cfg.validate()?;
     let t_start = Instant::now();
     let device = cfg.device.open()?;
     let setup = prepare(cfg)?;
+    for (name, n) in [
+        ("training", setup.train.len()),
+        ("validation", setup.validation.len()),
+    ] {
+        anyhow::ensure!(
+            n > 0,
+            "the data has no {name} examples after the split (data.validation_fraction {}, \
+             data.test_fraction {}): the best adapter is chosen on the validation split",
+            cfg.data.validation_fraction,
+            cfg.data.test_fraction
+        );
+    }
     let task = setup.splits.train.task;
     let num_labels = setup.splits.train.num_labels();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
     let mem = memory::MemTracker::new(&device);
-    prepare_output(&cfg.output, cfg)?;
+    let _lock = prepare_output(&cfg.output, cfg, resume)?;
     // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
     let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
     let frozen_cache = match (cache, &cfg.method) {
@@ -456,20 +471,30 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
         return Ok(None);
     }
 
-    // Test on the best-validation adapter and head.
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut best = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
-    crate::io::peft::load(&cfg.output, &mut best)?;
-    let test = evaluate(&best, &setup.test, cfg.eval_batch_size, task, num_labels)?;
+    // Test on the best-validation adapter and head (when there is a test split).
+    let test = if setup.test.is_empty() {
+        None
+    } else {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let mut best = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
+        crate::io::peft::load(&cfg.output, &mut best)?;
+        Some(evaluate(
+            &best,
+            &setup.test,
+            cfg.eval_batch_size,
+            task,
+            num_labels,
+        )?)
+    };
 
     let state = &fitted.state;
     let h = &state.history;
     let summary = Summary {
         task: format!("{task:?}").to_lowercase(),
         method: cfg.method.to_string(),
-        metric: test.metric_name.into(),
-        value: test.metric,
-        test: test.clone(),
+        metric: classify.metric().0.into(),
+        value: test.as_ref().map(|t| t.metric),
+        test,
         best_epoch: state.best_epoch,
         epochs: cfg.epochs,
         wall_s: t_start.elapsed().as_secs_f64(),
