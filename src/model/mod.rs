@@ -1,12 +1,14 @@
 //! Model architectures, built from `nn` components and `adapters`.
 
 pub mod bert;
+pub mod bert_config;
 pub mod causal;
 pub mod decoder;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;
 pub mod llama;
+pub mod llama_config;
 pub mod memory;
 pub mod stack;
 
