@@ -495,11 +495,18 @@ fn eval(a: EvalArgs) -> Result<()> {
     cfg.lora = pc.lora();
     let model_dir = trainer::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
-    let dataset = match a.split {
+    let mut dataset = match a.split {
         EvalSplit::All => trainer::load_dataset(&cfg)?,
         EvalSplit::Test => trainer::prepare(&cfg)?.splits.test,
         EvalSplit::Validation => trainer::prepare(&cfg)?.splits.validation,
     };
+    // The adapter's outputs are its training data's classes: map this data's labels by name.
+    if let Some(labels) = crate::io::labels::load(&a.adapter)? {
+        if dataset.task == crate::data::TaskKind::Classification {
+            let to = crate::io::labels::output_of_each(&a.adapter, &labels, &dataset.label_names)?;
+            dataset.relabel(&to, labels.label_names);
+        }
+    }
     anyhow::ensure!(
         !dataset.is_empty(),
         "--split {}: the split has no examples, nothing to evaluate",

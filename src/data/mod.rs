@@ -68,6 +68,16 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }
+
+    /// Renumbers the classes as `names` (a model's output order): class `c` becomes `to[c]`.
+    pub fn relabel(&mut self, to: &[usize], names: Vec<String>) {
+        for e in &mut self.examples {
+            if let Label::Class(c) = &mut e.label {
+                *c = to[*c];
+            }
+        }
+        self.label_names = names;
+    }
 }
 
 /// Loading errors. Every message starts with the file (or folder) and, where it
@@ -138,6 +148,41 @@ pub(crate) fn read_lossy(path: &Path) -> Result<String, DataError> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Classes renumbered by name keep each example's class name.
+    #[test]
+    fn relabel_keeps_each_examples_class_name() {
+        let ex = |c| Example {
+            text_a: String::new(),
+            text_b: None,
+            label: Label::Class(c),
+        };
+        let mut ds = Dataset {
+            examples: vec![ex(0), ex(1), ex(1)],
+            label_names: vec!["neg".into(), "pos".into()],
+            task: TaskKind::Classification,
+        };
+        let before: Vec<String> = ds
+            .examples
+            .iter()
+            .map(|e| match e.label {
+                Label::Class(c) => ds.label_names[c].clone(),
+                Label::Value(_) => unreachable!(),
+            })
+            .collect();
+        ds.relabel(&[2, 0], vec!["pos".into(), "mid".into(), "neg".into()]);
+        let after: Vec<String> = ds
+            .examples
+            .iter()
+            .map(|e| match e.label {
+                Label::Class(c) => ds.label_names[c].clone(),
+                Label::Value(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(before, after);
+        assert_eq!(ds.num_labels(), 3);
+    }
+
     use super::*;
 
     #[test]

@@ -170,11 +170,29 @@ pub fn merge_adapter(
     let obj = config
         .as_object_mut()
         .ok_or_else(|| invalid(&base_config, "not a JSON object"))?;
-    let id2label: serde_json::Map<String, serde_json::Value> = (0..num_labels)
-        .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+    // The class names saved with the adapter, else transformers' LABEL_i.
+    let names: Vec<String> = match super::labels::load(adapter_dir)? {
+        Some(l) if l.label_names.len() == num_labels => l.label_names,
+        Some(l) => {
+            return Err(invalid(
+                &adapter_dir.join(super::labels::FILE),
+                &format!(
+                    "{} label names for a classifier of {num_labels} outputs",
+                    l.label_names.len()
+                ),
+            ))
+        }
+        None => (0..num_labels).map(|i| format!("LABEL_{i}")).collect(),
+    };
+    let id2label: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), n.clone().into()))
         .collect();
-    let label2id: serde_json::Map<String, serde_json::Value> = (0..num_labels)
-        .map(|i| (format!("LABEL_{i}"), i.into()))
+    let label2id: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i.into()))
         .collect();
     obj.insert(
         "architectures".into(),
@@ -774,6 +792,23 @@ mod tests {
         assert_eq!(cfg["hidden_size"], H);
         assert!(out.join("tokenizer.json").is_file());
         assert!(!out.join("vocab.txt").exists());
+
+        // With the class names saved beside the adapter, config.json carries them; a list of
+        // the wrong length is an error naming the file.
+        let labels = |names: &[&str]| crate::io::labels::AdapterLabels {
+            label_names: names.iter().map(|s| s.to_string()).collect(),
+        };
+        crate::io::labels::save(&adapter, &labels(&["sport", "tech", "politics"])).unwrap();
+        let named = dir.path().join("merged-named");
+        merge_adapter(&base, &adapter, &named).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(named.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["id2label"]["2"], "politics");
+        assert_eq!(cfg["label2id"]["tech"], 1);
+        crate::io::labels::save(&adapter, &labels(&["sport", "tech"])).unwrap();
+        let e = merge_adapter(&base, &adapter, &dir.path().join("m3")).unwrap_err();
+        assert!(e.to_string().contains(crate::io::labels::FILE), "{e}");
     }
 
     #[test]

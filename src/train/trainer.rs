@@ -330,6 +330,8 @@ pub struct ClassifyTask<'a> {
     /// Writes the best adapter: the run's LoRA settings and the base model folder.
     pub lora: &'a crate::adapters::LoraConfig,
     pub model_dir: &'a Path,
+    /// Class names in classifier-output order, saved beside the adapter (`io::labels`).
+    pub label_names: &'a [String],
 }
 
 impl Task for ClassifyTask<'_> {
@@ -406,6 +408,12 @@ impl Task for ClassifyTask<'_> {
             self.lora,
             &self.model_dir.display().to_string(),
         )?;
+        if self.task == TaskKind::Classification && !self.label_names.is_empty() {
+            let labels = crate::io::labels::AdapterLabels {
+                label_names: self.label_names.to_vec(),
+            };
+            crate::io::labels::save(output, &labels)?;
+        }
         Ok(())
     }
 }
@@ -460,6 +468,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
         monitor_point: cfg.safe.monitor,
         lora: &cfg.lora,
         model_dir: &setup.model_dir,
+        label_names: &setup.splits.train.label_names,
     };
     let fitted = fit(
         &mut classify,
@@ -570,6 +579,7 @@ mod tests {
                 monitor_point: MonitorPoint::Linear,
                 lora: &lora,
                 model_dir: dir.path(),
+                label_names: &[],
             };
             let mem = memory::MemTracker::new(&Device::Cpu);
             let fitted = fit(&mut task, &mut m, &cfg.fit_config(false, false), &mem).unwrap();
