@@ -530,6 +530,91 @@ fn train_writes_every_output() {
     assert!(out.join("checkpoint/state.json").is_file());
 }
 
+/// `steps.jsonl` has one line per optimizer step: 1-based steps within each epoch, a global step
+/// that counts up by one, finite losses, the epochs' step counts of `metrics.jsonl`.
+#[test]
+fn steps_jsonl_logs_every_optimizer_step() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "2"]));
+    let steps = read_jsonl(&out.join("steps.jsonl"));
+    let per_epoch: Vec<u64> = read_jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .map(|l| l["steps"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.len() as u64, per_epoch.iter().sum::<u64>());
+    assert!(per_epoch[0] > 1, "{per_epoch:?}");
+    for (i, l) in steps.iter().enumerate() {
+        assert_eq!(l["global_step"].as_u64(), Some(i as u64 + 1), "{l}");
+        let epoch = if i < per_epoch[0] as usize { 1 } else { 2 };
+        assert_eq!(l["epoch"].as_u64(), Some(epoch), "{l}");
+        let step = if epoch == 1 {
+            i + 1
+        } else {
+            i + 1 - per_epoch[0] as usize
+        };
+        assert_eq!(l["step"].as_u64(), Some(step as u64), "{l}");
+        assert!(l["loss"].as_f64().unwrap().is_finite(), "{l}");
+        assert!(l["lr"].as_f64().unwrap() >= 0.0, "{l}");
+        assert!(l["step_s"].as_f64().unwrap() >= 0.0, "{l}");
+        assert!(l["tokens"].as_u64().unwrap() > 0, "{l}");
+        assert!(l["step_mem_bytes"].as_u64().is_some(), "{l}");
+    }
+}
+
+/// Without a terminal (tests pipe stderr) and without --quiet, progress comes as plain lines.
+#[test]
+fn progress_without_a_terminal_is_plain_lines() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    let args: Vec<&str> = train_args(&model, &data, &out, &["--epochs", "1"])
+        .into_iter()
+        .filter(|a| *a != "--quiet")
+        .collect();
+    let run = sb.run_ok(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            l.starts_with("epoch 1/1 step ") && l.contains(" loss ") && l.ends_with(" tok/s")
+        })
+        .collect();
+    assert!(!lines.is_empty(), "no progress lines:\n{stderr}");
+    assert!(lines[0].starts_with("epoch 1/1 step 1/"), "{stderr}");
+}
+
+/// `--max-steps 3` ends the run after 3 optimizer steps, as a run's normal end: validated,
+/// checkpointed, summarized.
+#[test]
+fn max_steps_ends_the_run_early() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--epochs", "2", "--max-steps", "3"],
+    ));
+    let steps = read_jsonl(&out.join("steps.jsonl"));
+    assert_eq!(steps.len(), 3);
+    assert_eq!(steps[2]["global_step"], 3);
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 1);
+    assert_eq!(metrics[0]["steps"], 3);
+    assert!(out.join("summary.json").is_file());
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert_eq!(
+        read_json(&out.join("checkpoint/state.json"))["global_step"],
+        3
+    );
+}
+
 #[test]
 fn resume_with_another_length_is_refused() {
     // The LR schedule (warm-up, then linear decay to 0 over epochs x steps) and SAFE's rounds
@@ -640,6 +725,22 @@ fn resume_after_an_interruption_is_exact() {
         .map(|l| l["epoch"].as_u64().unwrap())
         .collect();
     assert_eq!(epochs, [1, 2], "metrics.jsonl after the resumed run");
+    let global_steps = |dir: &Path| -> Vec<(u64, u64)> {
+        read_jsonl(&dir.join("steps.jsonl"))
+            .iter()
+            .map(|l| {
+                (
+                    l["epoch"].as_u64().unwrap(),
+                    l["global_step"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        global_steps(&resumed),
+        global_steps(&straight),
+        "steps.jsonl after the resumed run"
+    );
 }
 
 #[test]

@@ -117,6 +117,10 @@ pub struct RunArgs {
     /// Cap optimizer steps per epoch (quick runs); 0 = whole epochs.
     #[arg(long)]
     pub max_steps_per_epoch: Option<usize>,
+    /// Stop the run after this many optimizer steps in all (validated, checkpointed and
+    /// summarized as a run's end); the learning-rate schedule is that long. 0 = no limit.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
     /// Stop after this epoch with its checkpoint written; continue later with --resume (the
     /// schedule stays that of --epochs).
     #[arg(long)]
@@ -177,6 +181,7 @@ macro_rules! apply_run_args {
         set!(c.grad_accum, a.grad_accum);
         set!(c.seed, a.seed);
         set!(c.max_steps_per_epoch, a.max_steps_per_epoch);
+        set!(c.max_steps, a.max_steps);
         if a.stop_after_epoch.is_some() {
             c.stop_after_epoch = a.stop_after_epoch;
         }

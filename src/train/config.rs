@@ -128,6 +128,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps per epoch (0 = the whole epoch). For quick runs.
     pub max_steps_per_epoch: usize,
+    /// Stop the run after this many optimizer steps in all (0 = no limit): the epoch it falls in
+    /// ends there, validated and checkpointed, and the run ends as usual.
+    pub max_steps: usize,
     /// Stop after this epoch with its checkpoint written, to continue later with `--resume` (a
     /// run cut into time-limited jobs); the schedule stays that of `epochs`.
     pub stop_after_epoch: Option<usize>,
@@ -173,6 +176,7 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             seed: 42,
             max_steps_per_epoch: 0,
+            max_steps: 0,
             stop_after_epoch: None,
             init_adapter: None,
             cache_frozen_bottom: true,

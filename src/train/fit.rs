@@ -7,6 +7,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::Method;
 use super::plan::{self, MemoryPlan};
 use super::run::{self, StepPlan};
+use super::step_log::{self, StepLine, StepLog};
 use crate::adapters::{Adapted, ParamId};
 use crate::memory::MemTracker;
 use crate::model::stack::Recompute;
@@ -21,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -85,6 +86,9 @@ pub struct FitConfig<'a> {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub max_steps_per_epoch: usize,
+    /// Stop the run after this many optimizer steps in all (0 = no limit): the epoch it falls in
+    /// ends there (validated, checkpointed) and the learning-rate schedule is that long.
+    pub max_steps: usize,
     pub lr: f64,
     pub warmup_ratio: f64,
     pub weight_decay: f64,
@@ -112,6 +116,7 @@ macro_rules! fit_config_of {
             batch_size: $c.batch_size,
             grad_accum: $c.grad_accum,
             max_steps_per_epoch: $c.max_steps_per_epoch,
+            max_steps: $c.max_steps,
             lr: $c.lr,
             warmup_ratio: $c.warmup_ratio,
             weight_decay: $c.weight_decay,
@@ -229,7 +234,9 @@ pub fn fit<T: Task>(
         cfg.epochs,
         cfg.warmup_ratio,
         cfg.safe.rounds_per_epoch,
-    );
+    )
+    .capped(cfg.max_steps, cfg.warmup_ratio);
+    let steps_reached = |global_step: usize| cfg.max_steps > 0 && global_step >= cfg.max_steps;
     let rounds = cfg.epochs * plan.rounds_per_epoch;
     let is_safe = *cfg.method == Method::Safe;
     if is_safe {
@@ -267,8 +274,15 @@ pub fn fit<T: Task>(
     let mut plan_log = plan::PlanLog::open(cfg.output, state.epochs_done > 0)?;
     let mut mem_plan = replan(model)?;
     plan_log.write(state.epochs_done + 1, 0, &mem_plan)?;
+    let mut step_log = StepLog::open(cfg.output, state.epochs_done)?;
+    // Without a terminal (a job's log, a pipe) a bar shows nothing until it ends: plain lines.
+    let plain_progress = cfg.show_progress && !std::io::stderr().is_terminal();
+    let progress_every = step_log::progress_every(plan.steps_per_epoch);
 
     for epoch in state.epochs_done + 1..=cfg.epochs {
+        if steps_reached(state.global_step) {
+            break;
+        }
         if cfg.stop_after_epoch.is_some_and(|k| epoch > k) {
             return Ok(Fitted {
                 state,
@@ -283,7 +297,12 @@ pub fn fit<T: Task>(
         ));
         let mut drop_rng =
             StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
-        let bar = progress_bar(cfg.show_progress, plan.steps_per_epoch, epoch, cfg.epochs);
+        let bar = progress_bar(
+            cfg.show_progress && !plain_progress,
+            plan.steps_per_epoch,
+            epoch,
+            cfg.epochs,
+        );
         let flops_before = flops::total();
         let mut epoch_mem = run::EpochMemory::start(mem);
         let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
@@ -295,7 +314,10 @@ pub fn fit<T: Task>(
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
+        let mut steps_done = 0;
         for s in 0..plan.steps_per_epoch {
+            let t_step = Instant::now();
+            let (mut step_loss, mut step_passes, mut step_tokens) = (0f64, 0usize, 0usize);
             epoch_mem.begin_step();
             let mut grads: Vec<(ParamId, Tensor)> = Vec::new();
             let recompute = mem_plan.recompute();
@@ -318,6 +340,9 @@ pub fn fit<T: Task>(
                 loss_sum += out.loss;
                 loss_n += 1;
                 tokens += out.tokens;
+                step_loss += out.loss;
+                step_passes += 1;
+                step_tokens += out.tokens;
                 if grads.is_empty() {
                     grads = out.grads;
                 } else {
@@ -327,8 +352,20 @@ pub fn fit<T: Task>(
                 }
             }
             clip_global_norm(&mut grads, cfg.grad_clip)?;
-            epoch_mem.end_step();
+            let step_mem_bytes = epoch_mem.end_step();
             lr = run::optimizer_step(model, &mut opt, &grads, &plan, cfg.lr, &mut state)?;
+            step_log.write(&StepLine {
+                epoch,
+                step: s + 1,
+                global_step: state.global_step,
+                loss: step_loss / step_passes.max(1) as f64,
+                lr,
+                step_s: t_step.elapsed().as_secs_f64(),
+                step_mem_bytes,
+                tokens: step_tokens,
+            })?;
+            steps_done = s + 1;
+            let stop = steps_reached(state.global_step);
             // SAFE: at each round's end, measure importance and freeze what the schedule says
             // (until every candidate is frozen: then nothing can change).
             let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
@@ -355,14 +392,33 @@ pub fn fit<T: Task>(
                     mem_plan = next;
                 }
             }
+            let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
+            let mean_loss = loss_sum / loss_n.max(1) as f64;
             if let Some(b) = &bar {
                 b.inc(1);
-                let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
                 b.set_message(format!(
-                    "loss {:.4} | {:.0} tok/s",
-                    loss_sum / loss_n.max(1) as f64,
+                    "loss {mean_loss:.4} | {:.0} tok/s",
                     tokens as f64 / secs
                 ));
+            }
+            if plain_progress
+                && (steps_done % progress_every == 0 || steps_done == plan.steps_per_epoch || stop)
+            {
+                eprintln!(
+                    "{}",
+                    step_log::progress_line(
+                        epoch,
+                        cfg.epochs,
+                        steps_done,
+                        plan.steps_per_epoch,
+                        mean_loss,
+                        lr,
+                        tokens as f64 / secs
+                    )
+                );
+            }
+            if stop {
+                break;
             }
         }
         let (epoch_peak, step_peak) = epoch_mem.finish();
@@ -385,7 +441,7 @@ pub fn fit<T: Task>(
             validation_metric: val.metric,
             validation_loss: val.loss,
             lr,
-            steps: plan.steps_per_epoch,
+            steps: steps_done,
             wall_s: train_secs,
             train_flops: epoch_flops,
             monitor_flops,

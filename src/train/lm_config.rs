@@ -48,6 +48,8 @@ pub struct LmTrainConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps per epoch (0 = whole epochs).
     pub max_steps_per_epoch: usize,
+    /// Stop the run after this many optimizer steps in all (0 = no limit).
+    pub max_steps: usize,
     /// Stop after this epoch with its checkpoint written, to continue later with `--resume`.
     pub stop_after_epoch: Option<usize>,
     /// Evaluate perplexity on at most this many validation / test sequences (0 = all).
@@ -98,6 +100,7 @@ impl Default for LmTrainConfig {
             grad_clip: 1.0,
             seed: 42,
             max_steps_per_epoch: 30,
+            max_steps: 0,
             stop_after_epoch: None,
             max_eval_sequences: 64,
             eval_batch_size: 8,

@@ -16,4 +16,5 @@ pub mod plan;
 pub mod reports;
 pub mod run;
 pub mod step;
+pub mod step_log;
 pub mod trainer;

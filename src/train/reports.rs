@@ -75,9 +75,14 @@ pub fn write_safe_reports(
 /// those epochs (the checkpointed part of an interrupted run) are kept, later ones dropped, so a
 /// resumed run logs every round once. A fresh run (`epochs_done` 0) starts an empty file.
 pub fn open_safe_log(output: &Path, epochs_done: usize) -> Result<std::fs::File> {
+    reopen_epoch_log(&output.join("safe.jsonl"), epochs_done)
+}
+
+/// Opens a JSONL log whose lines carry an `epoch` for a run that has finished `epochs_done`
+/// epochs: the lines of those epochs are kept, later ones (and lines without an epoch) dropped.
+pub fn reopen_epoch_log(path: &Path, epochs_done: usize) -> Result<std::fs::File> {
     use std::io::Write;
-    let path = output.join("safe.jsonl");
-    let kept: Vec<String> = std::fs::read_to_string(&path)
+    let kept: Vec<String> = std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter(|l| {
@@ -88,7 +93,7 @@ pub fn open_safe_log(output: &Path, epochs_done: usize) -> Result<std::fs::File>
         })
         .map(str::to_string)
         .collect();
-    let mut f = crate::files::create_file(&path)?;
+    let mut f = crate::files::create_file(path)?;
     for l in kept {
         writeln!(f, "{l}").with_context(|| format!("{}: cannot write", path.display()))?;
     }

@@ -72,6 +72,16 @@ impl StepPlan {
         }
     }
 
+    /// The plan of a run stopped after `max_steps` optimizer steps (0 = no limit): the schedule's
+    /// length (and its warm-up, `warmup_ratio` of it) becomes the smaller of the two.
+    pub fn capped(mut self, max_steps: usize, warmup_ratio: f64) -> Self {
+        if max_steps > 0 && max_steps < self.total_steps {
+            self.total_steps = max_steps;
+            self.warmup_steps = (warmup_ratio * max_steps as f64).round() as usize;
+        }
+        self
+    }
+
     /// Positions in the epoch's `order` of pass `m` of step `s`; `None` past the end.
     pub fn micro_batch<'a>(&self, order: &'a [usize], s: usize, m: usize) -> Option<&'a [usize]> {
         self.pass(order, s, m, self.micro)
@@ -279,10 +289,12 @@ impl<'a> EpochMemory<'a> {
         self.mem.reset_peak();
     }
 
-    /// After a step's backward passes, before the optimizer update.
-    pub fn end_step(&mut self) {
+    /// After a step's backward passes, before the optimizer update. Returns the step's peak
+    /// above what was live before it.
+    pub fn end_step(&mut self) -> usize {
         let added = self.mem.peak().saturating_sub(self.live_before);
         self.step_peak = self.step_peak.max(added);
+        added
     }
 
     /// `(epoch peak, step peak)`.
@@ -427,6 +439,19 @@ mod tests {
         assert_eq!((p.steps_per_epoch, p.rounds_per_epoch), (5, 5));
         let rounds: Vec<_> = (0..5).map(|s| p.round_ending_at(1, s)).collect();
         assert_eq!(rounds, vec![Some(1), Some(2), Some(3), Some(4), Some(5)]);
+    }
+
+    /// `max_steps` shortens the schedule (warm-up a share of the shorter run) and never lengthens it.
+    #[test]
+    fn max_steps_caps_the_schedule() {
+        let p = StepPlan::new(10, 2, 2, 0, 4, 0.25, 2);
+        let c = p.capped(4, 0.25);
+        assert_eq!(
+            (c.total_steps, c.warmup_steps, c.steps_per_epoch),
+            (4, 1, 3)
+        );
+        assert_eq!(p.capped(0, 0.25), p);
+        assert_eq!(p.capped(100, 0.25), p);
     }
 
     /// Rounds chosen from the run's length: about 12 per run over 1, 3 and 10 epochs when steps
