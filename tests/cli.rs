@@ -1616,3 +1616,75 @@ fn gradient_checkpointing_trains_the_same_adapter_in_less_memory() {
     );
     assert!(num(&ckpt, "train_flops") > num(&plain, "train_flops"));
 }
+
+/// The adapter keeps its class names (`safetune.json`): `eval` on a file holding only the `pos`
+/// rows maps them to the adapter's `pos` output (a file's own sorted labels would call `pos` class
+/// 0, the adapter's `neg`), and a label the adapter never saw is an error naming it.
+#[test]
+fn eval_maps_labels_by_the_adapters_class_names() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "2"]));
+    assert_eq!(
+        read_json(&out.join("safetune.json"))["label_names"],
+        serde_json::json!(["neg", "pos"])
+    );
+    let eval = |file: &Path, logits: Option<&Path>| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&out),
+            "--data",
+            s(file),
+            "--max-length",
+            TINY_MAX_LENGTH,
+            "--split",
+            "all",
+        ];
+        if let Some(l) = logits {
+            args.extend(["--logits", s(l)]);
+        }
+        sb.run(&args)
+    };
+    // What the adapter predicts for each pos row of the full file.
+    let logits = sb.path("logits.json");
+    assert!(eval(&data, Some(&logits)).status.success());
+    let rows = read_json(&logits)["logits"].as_array().unwrap().clone();
+    let csv = std::fs::read_to_string(&data).unwrap();
+    let labels: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap())
+        .collect();
+    let pos_right = rows
+        .iter()
+        .zip(&labels)
+        .filter(|(_, l)| **l == "pos")
+        .filter(|(r, _)| r[1].as_f64() > r[0].as_f64())
+        .count();
+    let pos_only = sb.path("pos.csv");
+    let kept: Vec<&str> = csv.lines().filter(|l| !l.ends_with(",neg")).collect();
+    std::fs::write(&pos_only, kept.join("\n") + "\n").unwrap();
+    let o = eval(&pos_only, None);
+    assert!(o.status.success(), "{}", text(&o));
+    let scores: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want = pos_right as f64 / 20.0;
+    assert!(
+        (scores["metric"].as_f64().unwrap() - want).abs() < 1e-9,
+        "{scores} vs {want}"
+    );
+    // A renamed class.
+    let renamed = sb.path("renamed.csv");
+    std::fs::write(&renamed, csv.replace(",pos\n", ",positive\n")).unwrap();
+    let o = eval(&renamed, None);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("'positive'") && err.contains("safetune.json"),
+        "{err}"
+    );
+}
