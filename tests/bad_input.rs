@@ -4,12 +4,12 @@
 //!
 //! Every command runs with `SAFETUNE_CACHE` pointed at an empty folder, so nothing is fetched.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use tempfile::TempDir;
 
 const QUERY_W: &str = "bert.encoder.layer.0.attention.self.query.weight";
 const ADAPTER_QUERY_A: &str =
@@ -18,77 +18,6 @@ const ADAPTER_QUERY_A: &str =
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-struct Sandbox {
-    dir: TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("cache")).expect("cache dir");
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_safetune"))
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("SAFETUNE_CACHE", self.path("cache"))
-            .env_remove("RUST_LOG")
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .expect("run safetune")
-    }
-
-    fn run_ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "safetune {args:?} failed\n{}",
-            text(&out)
-        );
-        out
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "--- stdout ---\n{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A non-zero exit status, no panic, and exactly one `error:` line on stderr containing every
-/// needle.
-fn assert_clean_error(out: &Output, needles: &[&str]) -> String {
-    let all = text(out);
-    for panic_text in ["panicked", "RUST_BACKTRACE"] {
-        assert!(!all.contains(panic_text), "{panic_text}:\n{all}");
-    }
-    assert!(!out.status.success(), "exit status 0:\n{all}");
-    assert!(out.status.code().is_some(), "killed by a signal:\n{all}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one `error:` line:\n{all}");
-    for needle in needles {
-        assert!(
-            errors[0].contains(needle),
-            "error line does not mention {needle:?}: {}",
-            errors[0]
-        );
-    }
-    errors[0].to_string()
-}
 
 /// Every file under `dir` (relative path -> bytes); None when `dir` does not exist.
 fn snapshot(dir: &Path) -> Option<BTreeMap<PathBuf, Vec<u8>>> {
@@ -132,10 +61,6 @@ fn refused_without_change(sb: &Sandbox, out: &Path, args: &[&str], needles: &[&s
         names(&after)
     );
     line
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 fn load(path: &Path) -> HashMap<String, Tensor> {

@@ -5,12 +5,12 @@
 //!
 //! Every command runs with `SAFETUNE_CACHE` pointed at an empty folder, so nothing is fetched.
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::*;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use tempfile::TempDir;
 
 const QUERY_A: &str = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight";
 const CLASSIFIER: &str = "base_model.model.classifier.weight";
@@ -18,82 +18,6 @@ const CLASSIFIER: &str = "base_model.model.classifier.weight";
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A temporary folder with an empty `cache/` that every command uses as `SAFETUNE_CACHE`.
-struct Sandbox {
-    dir: TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("cache")).expect("cache dir");
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Runs `safetune ARGS` from the repository root (so fixture paths are relative to it).
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_safetune"))
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("SAFETUNE_CACHE", self.path("cache"))
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run safetune")
-    }
-
-    /// Runs `safetune ARGS` and fails the test (showing stdout and stderr) unless it exits 0.
-    fn run_ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "safetune {args:?} failed ({})\n{}",
-            out.status,
-            text(&out)
-        );
-        out
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "--- stdout ---\n{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Exit status 1, no panic, and exactly one `error:` line on stderr that contains every needle.
-/// Returns that line.
-fn assert_clean_error(out: &Output, needles: &[&str]) -> String {
-    let all = text(out);
-    assert!(!all.contains("panicked"), "panicked:\n{all}");
-    assert_eq!(out.status.code(), Some(1), "exit status:\n{all}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one `error:` line:\n{all}");
-    for needle in needles {
-        assert!(
-            errors[0].contains(needle),
-            "error line does not mention {needle:?}: {}",
-            errors[0]
-        );
-    }
-    errors[0].to_string()
-}
-
-fn read_json(path: &Path) -> Value {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 fn read_jsonl(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
