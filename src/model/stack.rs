@@ -47,8 +47,6 @@ impl Recompute {
 
 /// What a training forward of the stack keeps for backward.
 pub struct StackSaved<S> {
-    /// The model index of the lowest layer kept (the lowest trainable one).
-    pub first: usize,
     /// Each trainable layer's keep, bottom up.
     kept: Vec<Kept<S>>,
 }
@@ -98,7 +96,7 @@ pub fn forward<L, S>(
         });
         h = out;
     }
-    Ok((h, StackSaved { first, kept }))
+    Ok((h, StackSaved { kept }))
 }
 
 /// Backward from the stack output's gradient `dh` down to the lowest trainable layer.

@@ -268,10 +268,10 @@ pub fn fit<T: Task>(
             plan::efficient_tokens(mem.device(), model.hidden_size()),
         )
     };
-    if let Some(budget) = cfg.memory_budget {
-        plan::ensure_monitoring_fits(model, is_safe.then_some(monitor.len()), seq, budget)?;
+    if let (Some(budget), true) = (cfg.memory_budget, is_safe) {
+        plan::ensure_monitoring_fits(model, monitor.len(), seq, budget)?;
     }
-    let mut plan_log = plan::PlanLog::open(cfg.output, state.epochs_done > 0)?;
+    let mut plan_log = plan::PlanLog::open(cfg.output, state.epochs_done)?;
     let mut mem_plan = replan(model)?;
     plan_log.write(state.epochs_done + 1, 0, &mem_plan)?;
     let mut step_log = StepLog::open(cfg.output, state.epochs_done)?;

@@ -125,10 +125,9 @@ pub fn step_bytes(
     peak
 }
 
-/// The layers from the lowest trainable one up whose adapters are all frozen.
-fn pass_through(model: &impl StepMemory) -> Vec<usize> {
+/// The layers from `first` (the lowest trainable one) up whose adapters are all frozen.
+fn pass_through(model: &impl StepMemory, first: usize) -> Vec<usize> {
     let n = model.num_layers();
-    let first = model.lowest_trainable_layer().unwrap_or(n);
     let layers = model.adapter_layers();
     let adapters = model.adapters();
     (first..n)
@@ -159,26 +158,26 @@ pub fn plan(
 ) -> anyhow::Result<MemoryPlan> {
     let n = model.num_layers();
     let first = model.lowest_trainable_layer().unwrap_or(n);
-    let through = pass_through(model);
-    let make = |micro: usize, accum: usize, checkpointed: Vec<usize>| {
-        let recompute = Recompute::Layers(checkpointed.iter().copied().collect());
-        MemoryPlan {
+    let through = pass_through(model, first);
+    let make =
+        |micro: usize, accum: usize, (checkpointed, estimate): (Vec<usize>, usize)| MemoryPlan {
             micro,
             accum,
             first_trained_layer: first,
             pass_through: through.clone(),
-            estimated_step_bytes: step_bytes(model, &recompute, micro, seq),
+            estimated_step_bytes: estimate,
             checkpointed,
             budget_bytes: budget,
-        }
-    };
+        };
     let Some(budget) = budget else {
-        let all = if checkpoint_all {
+        let all: Vec<usize> = if checkpoint_all {
             (first..n).collect()
         } else {
             vec![]
         };
-        return Ok(make(micro, accum, all));
+        let recompute = Recompute::Layers(all.iter().copied().collect());
+        let estimate = step_bytes(model, &recompute, micro, seq);
+        return Ok(make(micro, accum, (all, estimate)));
     };
     let batch = micro * accum;
     let span = n - first;
@@ -187,16 +186,16 @@ pub fn plan(
     let target = budget - budget / BUDGET_MARGIN;
     let mut best: Option<(usize, MemoryPlan)> = None;
     for rows in (1..=batch).rev().filter(|r| batch.is_multiple_of(*r)) {
-        let Some(checkpointed) = fewest_checkpoints(model, &through, rows, seq, target) else {
+        let Some(chosen) = fewest_checkpoints(model, first, &through, rows, seq, target) else {
             continue;
         };
         // Work in layer-forward units per token: 3 per trained layer (forward, backward), 1 per
         // layer below, 1 more per checkpointed layer; a pass counts at least `efficient_tokens`.
         let passes = batch / rows;
         let tokens = (rows * seq).max(efficient_tokens);
-        let cost = passes * tokens * (first + 3 * span + checkpointed.len());
+        let cost = passes * tokens * (first + 3 * span + chosen.0.len());
         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-            best = Some((cost, make(rows, passes, checkpointed)));
+            best = Some((cost, make(rows, passes, chosen)));
         }
     }
     match best {
@@ -214,16 +213,17 @@ pub fn plan(
 }
 
 /// The fewest checkpointed layers with which a pass of `rows` rows fits `budget`: pass-through
-/// layers first, then the trained layers that save most by it; None when even all do not fit.
+/// layers first, then the trained layers that save most by it, with the pass's estimated bytes;
+/// None when even all do not fit.
 fn fewest_checkpoints(
     model: &impl StepMemory,
+    first: usize,
     through: &[usize],
     rows: usize,
     seq: usize,
     budget: usize,
-) -> Option<Vec<usize>> {
+) -> Option<(Vec<usize>, usize)> {
     let n = model.num_layers();
-    let first = model.lowest_trainable_layer().unwrap_or(n);
     let x = model.hidden_bytes(rows, seq);
     let mut order: Vec<usize> = through.to_vec();
     let mut trained: Vec<(usize, usize)> = (first..n)
@@ -237,9 +237,9 @@ fn fewest_checkpoints(
         if k > 0 {
             chosen.insert(order[k - 1]);
         }
-        let r = Recompute::Layers(chosen.clone());
-        if step_bytes(model, &r, rows, seq) <= budget {
-            return Some(chosen.into_iter().collect());
+        let estimate = step_bytes(model, &Recompute::Layers(chosen.clone()), rows, seq);
+        if estimate <= budget {
+            return Some((chosen.into_iter().collect(), estimate));
         }
     }
     None
@@ -293,13 +293,10 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 /// layer's output beside it): an error before training when that alone exceeds the budget.
 pub fn ensure_monitoring_fits(
     model: &impl StepMemory,
-    monitor_examples: Option<usize>,
+    n: usize,
     seq: usize,
     budget: usize,
 ) -> anyhow::Result<()> {
-    let Some(n) = monitor_examples else {
-        return Ok(());
-    };
     let needed = 2 * model.hidden_bytes(n, seq);
     anyhow::ensure!(
         needed <= budget,
@@ -317,17 +314,10 @@ pub struct PlanLog {
 }
 
 impl PlanLog {
-    /// Continues the file when `resume`, starts it afresh otherwise.
-    pub fn open(output: &std::path::Path, resume: bool) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let path = output.join("plan.jsonl");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(resume)
-            .write(true)
-            .truncate(!resume)
-            .open(&path)
-            .with_context(|| format!("{}: cannot write", path.display()))?;
+    /// Opens `output/plan.jsonl` for a run that has finished `epochs_done` epochs: the plans of
+    /// those epochs are kept, those of a lost epoch dropped (as for `safe.jsonl`, `steps.jsonl`).
+    pub fn open(output: &std::path::Path, epochs_done: usize) -> anyhow::Result<Self> {
+        let file = super::reports::reopen_epoch_log(&output.join("plan.jsonl"), epochs_done)?;
         Ok(Self { file })
     }
 

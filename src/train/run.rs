@@ -82,13 +82,9 @@ impl StepPlan {
         self
     }
 
-    /// Positions in the epoch's `order` of pass `m` of step `s`; `None` past the end.
-    pub fn micro_batch<'a>(&self, order: &'a [usize], s: usize, m: usize) -> Option<&'a [usize]> {
-        self.pass(order, s, m, self.micro)
-    }
-
-    /// Like [`StepPlan::micro_batch`] with passes of `rows` examples (the memory plan's): the
-    /// step's examples stay those of `micro * accum` positions from `s * micro * accum`.
+    /// Positions in the epoch's `order` of pass `m` of step `s`, in passes of `rows` examples (the
+    /// memory plan's; `micro` without one): the step's examples stay those of `micro * accum`
+    /// positions from `s * micro * accum`. `None` past the step's end.
     pub fn pass<'a>(
         &self,
         order: &'a [usize],
@@ -428,9 +424,9 @@ mod tests {
             (3, 12, 3)
         );
         let order: Vec<usize> = (0..10).rev().collect();
-        assert_eq!(p.micro_batch(&order, 0, 1), Some(&[7, 6][..]));
-        assert_eq!(p.micro_batch(&order, 2, 0), Some(&[1, 0][..]));
-        assert_eq!(p.micro_batch(&order, 2, 1), None);
+        assert_eq!(p.pass(&order, 0, 1, p.micro), Some(&[7, 6][..]));
+        assert_eq!(p.pass(&order, 2, 0, p.micro), Some(&[1, 0][..]));
+        assert_eq!(p.pass(&order, 2, 1, p.micro), None);
         // Two rounds over three steps end at steps ceil(3/2) = 2 and 3 (0-based 1 and 2).
         let rounds: Vec<_> = (0..3).map(|s| p.round_ending_at(2, s)).collect();
         assert_eq!(rounds, vec![None, Some(3), Some(4)]);
@@ -484,7 +480,7 @@ mod tests {
         assert_eq!(p.pass(&order, 1, 1, 4), None);
         assert_eq!(p.pass(&order, 1, 3, 1), Some(&[7][..]));
         assert_eq!(p.pass(&order, 2, 0, 4), Some(&[8, 9][..]));
-        assert_eq!(p.pass(&order, 0, 1, 2), p.micro_batch(&order, 0, 1));
+        assert_eq!(p.pass(&order, 0, 1, 2), Some(&[2, 3][..]));
     }
 
     #[test]
