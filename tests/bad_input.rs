@@ -86,80 +86,16 @@ fn with_nan(t: &Tensor) -> Tensor {
     Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
 }
 
-const VOCAB: usize = 30522; // the repository tokenizer's vocabulary
-const HIDDEN: usize = 8;
-const FFN: usize = 16;
-const POSITIONS: usize = 32;
-
 /// A tiny random one-layer BERT folder (config.json, model.safetensors, the repository's
-/// tokenizer.json) with `config` keys overridden by `patch`.
+/// tokenizer.json; `common::write_model`) with `config` keys overridden by `patch`.
 fn tiny_bert(dir: &Path, patch: Value) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut config = serde_json::json!({
-        "model_type": "bert", "vocab_size": VOCAB, "hidden_size": HIDDEN,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": FFN,
-        "max_position_embeddings": POSITIONS, "type_vocab_size": 2, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-        "layer_norm_eps": 1e-12, "pad_token_id": 0
-    });
+    write_model(dir, 1, |_, shape| shape);
+    let path = dir.join("config.json");
+    let mut config = read_json(&path);
     for (k, v) in patch.as_object().unwrap() {
         config[k] = v.clone();
     }
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(
-        repo.join("interop/tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
-    let (v, h, f, p) = (VOCAB, HIDDEN, FFN, POSITIONS);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![v, h]),
-        ("embeddings.position_embeddings.weight".into(), vec![p, h]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
-        ("embeddings.LayerNorm.weight".into(), vec![h]),
-        ("embeddings.LayerNorm.bias".into(), vec![h]),
-        ("pooler.dense.weight".into(), vec![h, h]),
-        ("pooler.dense.bias".into(), vec![h]),
-    ];
-    let l = "encoder.layer.0";
-    for (m, out, inp) in [
-        ("attention.self.query", h, h),
-        ("attention.self.key", h, h),
-        ("attention.self.value", h, h),
-        ("attention.output.dense", h, h),
-        ("intermediate.dense", f, h),
-        ("output.dense", h, f),
-    ] {
-        shapes.push((format!("{l}.{m}.weight"), vec![out, inp]));
-        shapes.push((format!("{l}.{m}.bias"), vec![out]));
-    }
-    for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-        shapes.push((format!("{l}.{ln}.weight"), vec![h]));
-        shapes.push((format!("{l}.{ln}.bias"), vec![h]));
-    }
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let x = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-        (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-    };
-    let mut tensors = HashMap::new();
-    for (name, shape) in shapes {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = if name.contains("LayerNorm.weight") {
-            vec![1.0; n]
-        } else if name.contains("LayerNorm.bias") {
-            vec![0.0; n]
-        } else {
-            (0..n).map(|_| next()).collect()
-        };
-        let t = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
-        tensors.insert(format!("bert.{name}"), t);
-    }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(&path, config.to_string()).unwrap();
     dir.to_path_buf()
 }
 

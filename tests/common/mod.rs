@@ -2,7 +2,9 @@
 //! output.
 #![allow(dead_code)] // each test file uses a part
 
+use candle_core::{Device, Tensor};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tempfile::TempDir;
@@ -84,4 +86,100 @@ pub fn assert_clean_error(out: &Output, needles: &[&str]) -> String {
 pub fn read_json(path: &Path) -> Value {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The tiny random BERT of the end-to-end tests ([`write_model`]).
+pub const TINY_VOCAB: usize = 30522; // the real tokenizer's vocabulary
+pub const TINY_HIDDEN: usize = 8;
+pub const TINY_FFN: usize = 16;
+pub const TINY_POSITIONS: usize = 32;
+
+/// Shapes of every tensor a BERT checkpoint has (`bert.`-prefixed, as Hugging Face saves
+/// `BertForSequenceClassification`) for the tiny config written by [`write_model`].
+pub fn bert_tensor_shapes(layers: usize) -> Vec<(String, Vec<usize>)> {
+    let (v, h, f, p) = (TINY_VOCAB, TINY_HIDDEN, TINY_FFN, TINY_POSITIONS);
+    let mut t: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![v, h]),
+        ("embeddings.position_embeddings.weight".into(), vec![p, h]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+        ("embeddings.LayerNorm.weight".into(), vec![h]),
+        ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ("pooler.dense.weight".into(), vec![h, h]),
+        ("pooler.dense.bias".into(), vec![h]),
+    ];
+    for i in 0..layers {
+        let l = format!("encoder.layer.{i}");
+        for (m, out, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", f, h),
+            ("output.dense", h, f),
+        ] {
+            t.push((format!("{l}.{m}.weight"), vec![out, inp]));
+            t.push((format!("{l}.{m}.bias"), vec![out]));
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            t.push((format!("{l}.{ln}.weight"), vec![h]));
+            t.push((format!("{l}.{ln}.bias"), vec![h]));
+        }
+    }
+    t.into_iter()
+        .map(|(n, s)| (format!("bert.{n}"), s))
+        .collect()
+}
+
+/// Writes a tiny random-weight BERT folder (config.json, model.safetensors, the repository's
+/// tokenizer.json) at `dir`. `shape_of` may change a tensor's shape (to make a broken model).
+pub fn write_model(dir: &Path, layers: usize, shape_of: impl Fn(&str, Vec<usize>) -> Vec<usize>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": TINY_HIDDEN,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "intermediate_size": TINY_FFN,
+        "max_position_embeddings": TINY_POSITIONS,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        repo.join("interop/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+
+    // Deterministic pseudo-random values in [-0.05, 0.05) (xorshift64*); LayerNorm weight 1, bias 0.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let x = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40; // 24 bits
+        (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+    };
+    let mut tensors = HashMap::new();
+    for (name, shape) in bert_tensor_shapes(layers) {
+        let shape = shape_of(&name, shape);
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.contains("LayerNorm.weight") {
+            vec![1.0; n]
+        } else if name.contains("LayerNorm.bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| next()).collect()
+        };
+        let t = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
+        tensors.insert(name, t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
 }
