@@ -273,6 +273,7 @@ pub fn fit<T: Task>(
     }
     let mut plan_log = plan::PlanLog::open(cfg.output, state.epochs_done)?;
     let mut mem_plan = replan(model)?;
+    let mut recompute = mem_plan.recompute();
     plan_log.write(state.epochs_done + 1, 0, &mem_plan)?;
     let mut step_log = StepLog::open(cfg.output, state.epochs_done)?;
     // Without a terminal (a job's log, a pipe) a bar shows nothing until it ends: plain lines.
@@ -320,7 +321,6 @@ pub fn fit<T: Task>(
             let (mut step_loss, mut step_passes, mut step_tokens) = (0f64, 0usize, 0usize);
             epoch_mem.begin_step();
             let mut grads: Vec<(ParamId, Tensor)> = Vec::new();
-            let recompute = mem_plan.recompute();
             for m in 0..mem_plan.accum {
                 let Some(examples) = plan.pass(&order, s, m, mem_plan.micro) else {
                     break;
@@ -389,6 +389,7 @@ pub fn fit<T: Task>(
                 let next = replan(model)?;
                 if next != mem_plan {
                     plan_log.write(epoch, s + 1, &next)?;
+                    recompute = next.recompute();
                     mem_plan = next;
                 }
             }
