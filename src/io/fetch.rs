@@ -420,7 +420,7 @@ pub fn install_archive(asset: &Asset, archive: &Path, cache: &Path) -> Result<Pa
 }
 
 /// Unpack a zip; entries whose names would escape `dest` (`..`, absolute) are refused.
-fn unzip(archive: &Path, dest: &Path) -> Result<(), String> {
+pub(crate) fn unzip(archive: &Path, dest: &Path) -> Result<(), String> {
     let file = File::open(archive).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| e.to_string())?;
     for i in 0..zip.len() {

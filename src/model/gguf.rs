@@ -1,10 +1,12 @@
-//! LLaMA checkpoints from llama.cpp's GGUF files and from Hugging Face folders, both returned
-//! under Hugging Face tensor names and row order, so one model implementation serves both.
+//! LLaMA-layout checkpoints (`llama`, `qwen2`) from llama.cpp's GGUF files, returned under
+//! Hugging Face tensor names and row order, so one model implementation serves GGUF and
+//! Hugging Face folders.
 //!
-//! GGUF tensors are dequantized on load: training runs in float, and the adapters are what is
-//! learned. llama.cpp's converter reorders the rows of the Q and K projections so that its rotary
-//! kernel can rotate adjacent pairs; we undo that here, because the model rotates HF-style
-//! (`rotate_half`, pairs `i` and `i + head_dim / 2`).
+//! GGUF tensors are dequantized on load (or kept in their blocks, see [`load_llama_opts`]):
+//! training runs in float, and the adapters are what is learned. For `llama`, llama.cpp's
+//! converter reorders the rows of the Q and K projections so that its rotary kernel can rotate
+//! adjacent pairs; we undo that here, because the model rotates HF-style (`rotate_half`, pairs
+//! `i` and `i + head_dim / 2`). `qwen2` files keep HF's order (llama.cpp rotates them NeoX-style).
 
 use crate::io::IoError;
 use crate::model::llama::{LlamaConfig, RopeScaling};
@@ -18,11 +20,14 @@ use std::path::Path;
 use std::sync::Arc;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// A LLaMA checkpoint ready for the model: config, tensors under Hugging Face names (Q/K rows in
@@ -57,8 +62,48 @@ fn invalid(path: &Path, message: impl Into<String>) -> IoError {
     }
 }
 
+/// The GGUF architectures that load as a LLaMA-layout model, with what differs between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufArch {
+    Llama,
+    /// Qwen2 / Qwen2.5: biases on the q, k and v projections; rows in HF order.
+    Qwen2,
+}
+
+impl GgufArch {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(GgufArch::Llama),
+            "qwen2" => Some(GgufArch::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// The prefix of the architecture's metadata keys (`qwen2.block_count`).
+    fn key(self) -> &'static str {
+        match self {
+            GgufArch::Llama => "llama",
+            GgufArch::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Whether llama.cpp's converter permuted the Q and K rows (see [`unpermute_qk`]).
+    fn permuted_qk(self) -> bool {
+        self == GgufArch::Llama
+    }
+
+    fn qkv_bias(self) -> bool {
+        self == GgufArch::Qwen2
+    }
+}
+
 /// Every tensor a LLaMA checkpoint must hold, with its shape, under Hugging Face names.
 pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    expected_shapes_for(cfg, GgufArch::Llama)
+}
+
+/// [`expected_shapes`] of an architecture: Qwen2 adds the q/k/v biases.
+pub fn expected_shapes_for(cfg: &LlamaConfig, arch: GgufArch) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let q = cfg.num_attention_heads * cfg.head_dim();
     let kv = cfg.kv_heads() * cfg.head_dim();
@@ -84,6 +129,11 @@ pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         ] {
             out.push((format!("{p}.{name}"), shape));
         }
+        if arch.qkv_bias() {
+            for (name, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                out.push((format!("{p}.self_attn.{name}.bias"), vec![n]));
+            }
+        }
     }
     out
 }
@@ -104,6 +154,9 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
@@ -245,52 +298,50 @@ impl Meta<'_> {
     }
 }
 
-fn config_from_metadata(meta: &Meta, tied: bool) -> Result<LlamaConfig, IoError> {
+/// The architecture a GGUF file declares, if it loads as a LLaMA-layout model.
+fn arch_of(meta: &Meta) -> Result<GgufArch, IoError> {
     let arch = meta.str("general.architecture")?;
-    if arch != "llama" {
-        return Err(invalid(
+    GgufArch::parse(arch).ok_or_else(|| {
+        invalid(
             meta.path,
-            format!("architecture '{arch}' is not supported (only 'llama')"),
-        ));
-    }
+            format!("architecture '{arch}' is not supported (llama, qwen2)"),
+        )
+    })
+}
+
+fn config_from_metadata(meta: &Meta, arch: GgufArch, tied: bool) -> Result<LlamaConfig, IoError> {
+    let a = arch.key();
+    let key = |k: &str| format!("{a}.{k}");
     // Features this loader does not implement: refuse rather than load a subtly wrong model.
-    if meta.opt_usize("llama.expert_count")?.unwrap_or(0) > 0 {
+    if meta.opt_usize(&key("expert_count"))?.unwrap_or(0) > 0 {
         return Err(invalid(
             meta.path,
-            "mixture-of-experts LLaMA is not supported",
+            format!("mixture-of-experts {a} is not supported"),
         ));
-    }
-    if let Some(kind) = meta.opt_str("llama.rope.scaling.type")? {
-        if kind != "none" {
-            return Err(invalid(
-                meta.path,
-                format!("rope scaling '{kind}' is not supported"),
-            ));
-        }
     }
     let token_id = |key: &str| -> Result<Option<u32>, IoError> {
         meta.opt_usize(key)?
             .map(|id| u32::try_from(id).map_err(|_| invalid(meta.path, format!("{key} too large"))))
             .transpose()
     };
-    let heads = meta.usize("llama.attention.head_count")?;
+    let heads = meta.usize(&key("attention.head_count"))?;
     let config = LlamaConfig {
         vocab_size: meta.array("tokenizer.ggml.tokens")?.len(),
-        hidden_size: meta.usize("llama.embedding_length")?,
-        intermediate_size: meta.usize("llama.feed_forward_length")?,
-        num_hidden_layers: meta.usize("llama.block_count")?,
+        hidden_size: meta.usize(&key("embedding_length"))?,
+        intermediate_size: meta.usize(&key("feed_forward_length"))?,
+        num_hidden_layers: meta.usize(&key("block_count"))?,
         num_attention_heads: heads,
         num_key_value_heads: Some(
-            meta.opt_usize("llama.attention.head_count_kv")?
+            meta.opt_usize(&key("attention.head_count_kv"))?
                 .unwrap_or(heads),
         ),
-        explicit_head_dim: meta.opt_usize("llama.attention.key_length")?,
-        rms_norm_eps: meta.f64("llama.attention.layer_norm_rms_epsilon")?,
-        rope_theta: meta.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
-        rope_scaling: match meta.opt_str("llama.rope.scaling.type")? {
+        explicit_head_dim: meta.opt_usize(&key("attention.key_length"))?,
+        rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        rope_scaling: match meta.opt_str(&key("rope.scaling.type"))? {
             None | Some("none") => None,
             Some("linear") => Some(RopeScaling::Linear {
-                factor: meta.f64("llama.rope.scaling.factor")?,
+                factor: meta.f64(&key("rope.scaling.factor"))?,
             }),
             Some(other) => {
                 return Err(invalid(
@@ -299,7 +350,7 @@ fn config_from_metadata(meta: &Meta, tied: bool) -> Result<LlamaConfig, IoError>
                 ))
             }
         },
-        max_position_embeddings: meta.usize("llama.context_length")?,
+        max_position_embeddings: meta.usize(&key("context_length"))?,
         tie_word_embeddings: tied,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
         eos_token_id: token_id("tokenizer.ggml.eos_token_id")?
@@ -307,7 +358,7 @@ fn config_from_metadata(meta: &Meta, tied: bool) -> Result<LlamaConfig, IoError>
             .collect(),
     };
     config.validate(meta.path)?;
-    if let Some(rot) = meta.opt_usize("llama.rope.dimension_count")? {
+    if let Some(rot) = meta.opt_usize(&key("rope.dimension_count"))? {
         if rot != config.head_dim() {
             return Err(invalid(
                 meta.path,
@@ -319,6 +370,47 @@ fn config_from_metadata(meta: &Meta, tied: bool) -> Result<LlamaConfig, IoError>
         }
     }
     Ok(config)
+}
+
+/// Qwen2's split regex (its tokenizer.json; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`): like
+/// GPT-2's, but case-insensitive contractions, letters with one leading non-letter, and every
+/// digit on its own.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Llama 3's split regex (`llama-bpe`): as Qwen2's, with numbers in groups of up to three digits.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The Hugging Face pre-tokenizer that does what llama.cpp does for a GGUF's
+/// `tokenizer.ggml.pre`; None for one we do not know.
+fn pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
+    let split_then_bytes = |regex: &str| -> Option<PreTokenizerWrapper> {
+        let split = Split::new(
+            SplitPattern::Regex(regex.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .ok()?;
+        Some(
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+        )
+    };
+    let byte_level = ByteLevel::new(false, true, true);
+    match pre {
+        // llama.cpp (llama-vocab.cpp) splits these with "\p{N}" before the GPT-2 regex, i.e.
+        // every digit is its own word.
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
+            Some(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into())
+        }
+        // The GPT-2 regex alone.
+        "gpt2" | "mpt" | "olmo" | "jais" => Some(byte_level.into()),
+        "qwen2" => split_then_bytes(QWEN2_SPLIT),
+        "llama-bpe" | "llama3" => split_then_bytes(LLAMA3_SPLIT),
+        _ => None,
+    }
 }
 
 /// The byte-level BPE tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata, rebuilt as
@@ -333,21 +425,13 @@ fn tokenizer_from_metadata(meta: &Meta) -> Result<Tokenizer, IoError> {
             format!("tokenizer model '{model}' is not supported (only 'gpt2', byte-level BPE)"),
         ));
     }
-    // llama.cpp (llama-vocab.cpp) splits these with "\p{N}" before the GPT-2 regex, i.e. every
-    // digit is its own word; the gpt2 group uses the GPT-2 regex alone.
     let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
-    let split_digits = match pre {
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
-            true
-        }
-        "gpt2" | "mpt" | "olmo" | "jais" => false,
-        other => {
-            return Err(invalid(
-                path,
-                format!("tokenizer pre-tokenizer '{other}' is not supported"),
-            ))
-        }
-    };
+    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
+        invalid(
+            path,
+            format!("tokenizer pre-tokenizer '{pre}' is not supported"),
+        )
+    })?;
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let types = match meta.md.get("tokenizer.ggml.token_type") {
         Some(_) => meta.ints("tokenizer.ggml.token_type")?,
@@ -377,13 +461,11 @@ fn tokenizer_from_metadata(meta: &Meta) -> Result<Tokenizer, IoError> {
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| invalid(path, format!("tokenizer cannot be built ({e})")))?;
-    let byte_level = ByteLevel::new(false, true, true);
-    let pre_tokenizer: PreTokenizerWrapper = if split_digits {
-        Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-    } else {
-        byte_level.into()
-    };
     let mut tokenizer = Tokenizer::new(bpe);
+    if pre == "qwen2" {
+        // Qwen2's tokenizer.json normalizes to NFC before splitting.
+        tokenizer.with_normalizer(Some(NFC));
+    }
     tokenizer
         .with_pre_tokenizer(Some(pre_tokenizer))
         .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
@@ -490,8 +572,9 @@ pub fn load_llama_opts(
         path,
         md: &content.metadata,
     };
+    let arch = arch_of(&meta)?;
     let tied = !content.tensor_infos.contains_key("output.weight");
-    let mut config = config_from_metadata(&meta, tied)?;
+    let mut config = config_from_metadata(&meta, arch, tied)?;
     if content.tensor_infos.contains_key(ROPE_FREQS) {
         config.rope_scaling = Some(rope_freq_factors(&content, &mut reader, &config, path)?);
     }
@@ -499,7 +582,8 @@ pub fn load_llama_opts(
     let chat_template = meta.opt_str("tokenizer.chat_template")?.map(String::from);
 
     // Check names and shapes of everything before reading any tensor data.
-    let expected: HashMap<String, Vec<usize>> = expected_shapes(&config).into_iter().collect();
+    let expected: HashMap<String, Vec<usize>> =
+        expected_shapes_for(&config, arch).into_iter().collect();
     // In file order, so reads are sequential and the first error reported is deterministic.
     let mut infos: Vec<_> = content.tensor_infos.iter().collect();
     infos.sort_by_key(|(_, info)| info.offset);
@@ -514,8 +598,9 @@ pub fn load_llama_opts(
                 invalid(
                     path,
                     format!(
-                        "tensor '{gguf}' is not part of a {}-layer LLaMA",
-                        config.num_hidden_layers
+                        "tensor '{gguf}' is not part of a {}-layer {}",
+                        config.num_hidden_layers,
+                        arch.key()
                     ),
                 )
             })?;
@@ -531,7 +616,7 @@ pub fn load_llama_opts(
         plan.push((gguf.as_str(), hf));
     }
     let present: std::collections::HashSet<&str> = plan.iter().map(|p| p.1.as_str()).collect();
-    for (hf, _) in expected_shapes(&config) {
+    for (hf, _) in expected_shapes_for(&config, arch) {
         if !present.contains(hf.as_str()) {
             return Err(IoError::MissingTensor {
                 path: path.into(),
@@ -550,16 +635,16 @@ pub fn load_llama_opts(
             .map_err(fail)?;
         let is_projection = hf.starts_with("model.layers.") && hf.ends_with("_proj.weight");
         let is_float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        // The head count of a Q or K weight whose rows llama.cpp permuted.
+        let permuted_heads = match gguf {
+            _ if !arch.permuted_qk() => None,
+            g if g.ends_with("attn_q.weight") => Some(config.num_attention_heads),
+            g if g.ends_with("attn_k.weight") => Some(config.kv_heads()),
+            _ => None,
+        };
         if keep_quantized && is_projection && !is_float {
-            let heads = if gguf.ends_with("attn_q.weight") {
-                Some(config.num_attention_heads)
-            } else if gguf.ends_with("attn_k.weight") {
-                Some(config.kv_heads())
-            } else {
-                None
-            };
             // Read on the CPU: kept as read there, copied to another device.
-            let q = match heads {
+            let q = match permuted_heads {
                 Some(n) => unpermute_qk_quantized(&q, n, device),
                 None if device.is_cpu() => Ok(q),
                 None => QStorage::from_data(q.data().map_err(fail)?, device, q.dtype())
@@ -570,10 +655,8 @@ pub fn load_llama_opts(
             continue;
         }
         let mut t = q.dequantize(&Device::Cpu).map_err(fail)?;
-        if gguf.ends_with("attn_q.weight") {
-            t = unpermute_qk(&t, config.num_attention_heads).map_err(fail)?;
-        } else if gguf.ends_with("attn_k.weight") {
-            t = unpermute_qk(&t, config.kv_heads()).map_err(fail)?;
+        if let Some(heads) = permuted_heads {
+            t = unpermute_qk(&t, heads).map_err(fail)?;
         }
         let t = t
             .to_dtype(dtype)

@@ -265,3 +265,124 @@ fn smollm2_reference_completes_the_capital_of_france() {
     let best = v["top"][0]["id"].as_u64().unwrap() as u32;
     assert_eq!(tok.id_to_token(best).as_deref(), Some("ĠParis"));
 }
+
+// ------------------------------------------------------------ the real Qwen2.5-Coder-0.5B asset
+
+/// The fetched Qwen2.5-Coder-0.5B GGUF (`safetune fetch qwen2.5-coder-0.5b`), or `None` (and a
+/// note) when it is not in the cache; required under `SAFETUNE_REQUIRE_ASSETS`.
+fn qwen2() -> Option<PathBuf> {
+    let cache = crate::io::fetch::default_cache_dir();
+    let path = crate::io::joined::qwen2_05b_gguf(&cache);
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is missing; run `safetune fetch qwen2.5-coder-0.5b`",
+        path.display()
+    );
+    assert!(
+        std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_none(),
+        "{why}"
+    );
+    eprintln!("skipping: {why}");
+    None
+}
+
+/// What scripts/qwen2_reference.py computed without safetune: token ids from transformers'
+/// Qwen2Tokenizer, logits from a float64 numpy forward on gguf-dequantized weights.
+#[derive(serde::Deserialize)]
+struct QwenReference {
+    texts: Vec<String>,
+    ids: Vec<Vec<u32>>,
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    last_logits: ProbedLogits,
+}
+
+#[derive(serde::Deserialize)]
+struct ProbedLogits {
+    ids: Vec<usize>,
+    values: Vec<f64>,
+}
+
+fn qwen_reference() -> QwenReference {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The tokenizer rebuilt from the GGUF metadata (pre-tokenizer `qwen2`: NFC, Qwen2's split
+/// regex, byte-level BPE) gives transformers' ids for digits, code, whitespace, accents, CJK and
+/// emoji, and the chat prompt's control tokens.
+#[test]
+fn qwen2_tokenizer_matches_transformers() {
+    let Some(path) = qwen2() else { return };
+    let reference = qwen_reference();
+    let (tok, template) = load_tokenizer(&path).unwrap();
+    assert!(template.unwrap().contains("<|im_start|>"));
+    assert_eq!(tok.get_vocab_size(true), 151_936);
+    for (text, want) in reference.texts.iter().zip(&reference.ids) {
+        let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(&ids, want, "{text:?}");
+        assert_eq!(tok.decode(&ids, false).unwrap(), *text);
+    }
+    let ids = tok.encode(reference.prompt.as_str(), false).unwrap();
+    assert_eq!(ids.get_ids(), reference.prompt_ids);
+}
+
+/// Qwen2 from GGUF (q/k/v biases, rows in HF order, Q5_0 / Q8_0 / Q6_K / Q4_K blocks dequantized
+/// on load) gives the reference's logits after the chat prompt, and answers it: greedy decoding
+/// says Paris. Kept quantized, the same logits bit for bit.
+#[test]
+fn qwen2_logits_match_reference_and_it_knows_paris() {
+    let Some(path) = qwen2() else { return };
+    let reference = qwen_reference();
+    let g = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        (
+            g.config.num_hidden_layers,
+            g.config.hidden_size,
+            g.config.kv_heads()
+        ),
+        (24, 896, 2)
+    );
+    assert!(!g.config.tie_word_embeddings);
+    let tok = g.tokenizer.clone();
+    let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu);
+    let m = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+    let logits = crate::model::generate::next_logits(&m, &reference.prompt_ids).unwrap();
+    let probe = &reference.last_logits;
+    let scale = probe.values.iter().fold(0f64, |a, v| a.max(v.abs()));
+    for (&id, &want) in probe.ids.iter().zip(&probe.values) {
+        let got = logits[id] as f64;
+        assert!(
+            (got - want).abs() <= 2e-4 * scale,
+            "logit of {id}: {got} vs reference {want}"
+        );
+    }
+    let im_end = tok.token_to_id("<|im_end|>").unwrap();
+    let greedy = crate::model::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let answer = crate::model::generate::generate(
+        &m,
+        &reference.prompt_ids,
+        16,
+        &[im_end],
+        greedy,
+        &mut rng,
+    )
+    .unwrap();
+    let answer = tok.decode(&answer, true).unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    let g = load_llama_opts(&path, DType::F32, &Device::Cpu, true).unwrap();
+    assert!(!g.quantized.is_empty());
+    let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu)
+        .with_quantized(g.quantized);
+    let q = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+    assert_eq!(
+        crate::model::generate::next_logits(&q, &reference.prompt_ids).unwrap(),
+        logits
+    );
+}

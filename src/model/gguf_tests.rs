@@ -414,8 +414,11 @@ fn bad_metadata_and_shapes_are_reported() {
         ts.push(("rope_freqs.weight".into(), t.unwrap()));
     });
     assert!(e.to_string().contains("rope_freqs.weight"), "{e}");
+    let e = err_of(&|md, _| set(md, "general.architecture", Value::String("gemma".into())));
+    assert!(e.to_string().contains("architecture 'gemma'"), "{e}");
+    // A qwen2 file reads its sizes under `qwen2.*` and needs the q/k/v biases.
     let e = err_of(&|md, _| set(md, "general.architecture", Value::String("qwen2".into())));
-    assert!(e.to_string().contains("qwen2"), "{e}");
+    assert!(e.to_string().contains("qwen2.attention.head_count"), "{e}");
     let e = err_of(&|md, _| set(md, "tokenizer.ggml.pre", Value::String("falcon".into())));
     assert!(e.to_string().contains("falcon"), "{e}");
     let e = err_of(&|md, _| md.retain(|(k, _)| k != "llama.embedding_length"));
