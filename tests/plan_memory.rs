@@ -46,6 +46,8 @@ fn bert(dropout: f64) -> BertForSequenceClassification {
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
         pad_token_id: 0,
+        model_type: None,
+        relative_attention_num_buckets: 32,
     };
     let mut rng = StdRng::seed_from_u64(1);
     let mut m =

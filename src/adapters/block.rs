@@ -18,8 +18,10 @@ pub trait Block: Clone {
     /// Every site, in the order of [`Block::linears`] (and of the adapter listing).
     const SITES: &'static [Self::Site];
 
-    /// PEFT's module path of a site within the layer, e.g. `self_attn.q_proj`.
-    fn site_path(site: Self::Site) -> &'static str;
+    /// PEFT's module path of a site within the layer, e.g. `self_attn.q_proj`. A method, since
+    /// one layer body can serve architectures that name its linears differently (BERT's
+    /// `attention.self.query` is MPNet's `attention.attn.q`).
+    fn site_path(&self, site: Self::Site) -> &'static str;
 
     fn linears(&self) -> &[LoraLinear];
 
@@ -47,7 +49,7 @@ macro_rules! impl_block {
             type Site = $site;
             const SITES: &'static [$site] = &<$site>::ALL;
 
-            fn site_path(site: $site) -> &'static str {
+            fn site_path(&self, site: $site) -> &'static str {
                 site.path()
             }
 
@@ -70,20 +72,26 @@ fn site_index<L: Block>(site: L::Site) -> usize {
         .expect("a site of this block")
 }
 
+/// PEFT's spelling for every linear of the layers (PEFT leaves out the output layer; the
+/// layer stacks here hold no other).
+pub const ALL_LINEAR: &str = "all-linear";
+
 /// PEFT's `target_modules` rule: a module matches when its path is the target or ends with
-/// `.target` (so GPT-2's `c_proj` names both projections, `attn.c_proj` only one).
+/// `.target` (so GPT-2's `c_proj` names both projections, `attn.c_proj` only one); `all-linear`
+/// matches every linear of a layer.
 pub fn target_matches(path: &str, target: &str) -> bool {
-    path == target
+    target == ALL_LINEAR
+        || path == target
         || path
             .strip_suffix(target)
             .is_some_and(|head| head.ends_with('.'))
 }
 
-/// The last path component of each site, deduplicated: the names a target can give.
-pub fn linear_names<L: Block>() -> Vec<&'static str> {
+/// The last path component of each site of `layer`, deduplicated: the names a target can give.
+pub fn linear_names<L: Block>(layer: &L) -> Vec<&'static str> {
     let mut v: Vec<&'static str> = Vec::new();
     for &s in L::SITES {
-        let p = L::site_path(s);
+        let p = layer.site_path(s);
         let name = p.rsplit('.').next().unwrap_or(p);
         if !v.contains(&name) {
             v.push(name);
@@ -107,7 +115,7 @@ pub fn add_lora<L: Block>(
             continue;
         }
         for &s in L::SITES {
-            let path = L::site_path(s);
+            let path = layer.site_path(s);
             if cfg.target_modules.iter().any(|t| target_matches(path, t)) {
                 let lin = layer.linear_mut(s);
                 let (o, inp) = (lin.base.out_features(), lin.base.in_features());
@@ -124,8 +132,8 @@ pub fn add_lora<L: Block>(
 /// A model whose adapters sit on a stack of [`Block`]s; [`Adapted`] follows from it.
 pub trait AdaptedStack {
     type Layer: Block;
-    /// PEFT's path of the layer list: layer `i`'s modules are `{LAYERS_PATH}.{i}.{site path}`.
-    const LAYERS_PATH: &'static str;
+    /// PEFT's path of the layer list: layer `i`'s modules are `{layers_path}.{i}.{site path}`.
+    fn layers_path(&self) -> &'static str;
     /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
     const TASK_TYPE: &'static str;
     /// PEFT's `fan_in_fan_out` (GPT-2's Conv1D linears).
@@ -157,13 +165,18 @@ pub trait AdaptedStack {
         Some((id.layer, *Self::Layer::SITES.get(id.site)?))
     }
 
+    /// PEFT's module path of a site within any layer (every layer of a model names its linears
+    /// alike; a model has at least one layer, as its config is checked to).
+    fn site_path(&self, site: Site<Self>) -> &'static str {
+        self.layers()
+            .first()
+            .expect("a model has layers")
+            .site_path(site)
+    }
+
     /// PEFT's module path of an adapter, e.g. `model.layers.0.self_attn.q_proj`.
-    fn adapter_path(layer: usize, site: Site<Self>) -> String {
-        format!(
-            "{}.{layer}.{}",
-            Self::LAYERS_PATH,
-            Self::Layer::site_path(site)
-        )
+    fn adapter_path(&self, layer: usize, site: Site<Self>) -> String {
+        format!("{}.{layer}.{}", self.layers_path(), self.site_path(site))
     }
 
     /// Adapters in order (layer, then site): the index SAFE uses.
@@ -199,7 +212,7 @@ impl<M: AdaptedStack> Adapted for M {
     fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
         self.adapter_sites()
             .into_iter()
-            .map(|(l, s)| (M::adapter_path(l, s), self.adapter(l, s).expect("listed")))
+            .map(|(l, s)| (self.adapter_path(l, s), self.adapter(l, s).expect("listed")))
             .collect()
     }
 
@@ -217,16 +230,16 @@ impl<M: AdaptedStack> Adapted for M {
 
     fn module_path(&self, id: AdapterId) -> Option<String> {
         let (layer, site) = M::id_site(id)?;
-        Some(M::adapter_path(layer, site))
+        Some(self.adapter_path(layer, site))
     }
 
     fn module_id(&self, path: &str) -> Option<AdapterId> {
-        let rest = path.strip_prefix(M::LAYERS_PATH)?.strip_prefix('.')?;
+        let rest = path.strip_prefix(self.layers_path())?.strip_prefix('.')?;
         let (layer, site) = rest.split_once('.')?;
         let site = M::Layer::SITES
             .iter()
             .copied()
-            .find(|&s| M::Layer::site_path(s) == site)?;
+            .find(|&s| self.site_path(s) == site)?;
         Some(M::adapter_id(layer.parse().ok()?, site))
     }
 

@@ -3,6 +3,7 @@
 //! PEFT saves `modules_to_save` (`base_model.model.classifier.weight`/`.bias`).
 
 use super::IoError;
+use crate::adapters::block::ALL_LINEAR;
 use crate::adapters::{Adapted, AdapterId, HeadParam, LoraConfig, LoraMatrix, ParamId};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -114,6 +115,28 @@ pub fn param_id(model: &(impl Adapted + ?Sized), key: &str) -> Result<ParamId, I
     Ok(ParamId::Lora { adapter, matrix })
 }
 
+/// The `target_modules` to write: as given, except that `all-linear` becomes the module paths
+/// within a layer of the linears that carry adapters. PEFT's own `all-linear` would also take
+/// linears outside the layers (BERT's `pooler.dense`), which have no adapter here.
+fn peft_targets(model: &impl Adapted, lora: &LoraConfig) -> Vec<String> {
+    if !lora.target_modules.iter().any(|t| t == ALL_LINEAR) {
+        return lora.target_modules.clone();
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (path, _) in model.adapters() {
+        // `{layers path}.{index}.{site path}`: the part after the layer index.
+        let parts: Vec<&str> = path.split('.').collect();
+        let Some(i) = parts.iter().position(|p| p.parse::<usize>().is_ok()) else {
+            continue;
+        };
+        let site = parts[i + 1..].join(".");
+        if !out.contains(&site) {
+            out.push(site);
+        }
+    }
+    out
+}
+
 /// Writes the model's adapters (and head, as PEFT's `modules_to_save`) in PEFT's layout, each
 /// file via temp + rename.
 pub fn save(
@@ -152,7 +175,7 @@ pub fn save(
         r: lora.r,
         lora_alpha: lora.alpha,
         lora_dropout: lora.dropout,
-        target_modules: lora.target_modules.clone(),
+        target_modules: peft_targets(model, lora),
         base_model_name_or_path: Some(base_model.into()),
         bias: "none".into(),
         fan_in_fan_out: model.peft_fan_in_fan_out(),
@@ -334,6 +357,33 @@ mod tests {
                 key
             })
             .collect()
+    }
+
+    /// `all-linear` puts an adapter on each of a layer's six linears, and the written config
+    /// names them by their paths in the layer (so PEFT does not also adapt `pooler.dense`).
+    #[test]
+    fn all_linear_is_written_as_the_adapted_paths() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut bert = BertForSequenceClassification::random(
+            BertConfig::tiny(0.0),
+            2,
+            DType::F32,
+            &Device::Cpu,
+            &mut rng,
+        )
+        .unwrap();
+        let cfg = lora(&["all-linear"]);
+        assert_eq!(bert.add_lora(&cfg, None, &mut rng).unwrap(), 3 * 6);
+        let written = peft_targets(&bert, &cfg);
+        let want: Vec<&str> = crate::model::bert::Site::ALL
+            .iter()
+            .map(|s| s.path())
+            .collect();
+        assert_eq!(written, want);
+        assert!(!written
+            .iter()
+            .any(|t| crate::adapters::target_matches("pooler.dense", t)));
+        assert_eq!(peft_targets(&bert, &lora(&["query"])), ["query"]);
     }
 
     /// BERT, LLaMA and GPT-2: a parameter's key is PEFT's name without `base_model.model.`, and

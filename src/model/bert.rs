@@ -1,5 +1,7 @@
 //! BERT for sequence classification (transformers' `BertForSequenceClassification`), with LoRA
-//! adapters on any of the six linears of each layer and explicit layer-wise backprop.
+//! adapters on any of the six linears of each layer and explicit layer-wise backprop. The same
+//! body serves MPNet (see [`EncoderFamily`]): other tensor names, no token types, and a relative
+//! position bias added to the attention scores.
 //!
 //! Layer data flow (post-LN BERT), per layer, rows = `batch * seq` tokens:
 //! ```text
@@ -27,7 +29,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 use std::path::Path;
 
-pub use super::bert_config::BertConfig;
+pub use super::bert_config::{BertConfig, EncoderFamily};
 
 /// The six linears of a BERT layer, by the names PEFT's `target_modules` match and their paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -50,16 +52,10 @@ impl Site {
         Site::Output,
     ];
 
-    /// Path inside a layer, as in the checkpoint (and in PEFT's adapter keys).
+    /// Path inside a BERT layer, as in the checkpoint (and in PEFT's adapter keys); another
+    /// family's are [`EncoderFamily::site_paths`].
     pub fn path(self) -> &'static str {
-        match self {
-            Site::Query => "attention.self.query",
-            Site::Key => "attention.self.key",
-            Site::Value => "attention.self.value",
-            Site::AttnOut => "attention.output.dense",
-            Site::Intermediate => "intermediate.dense",
-            Site::Output => "output.dense",
-        }
+        EncoderFamily::Bert.site_paths()[self as usize]
     }
 }
 
@@ -71,9 +67,26 @@ pub struct BertLayer {
     pub ln_attn: LayerNorm,
     pub ln_out: LayerNorm,
     pub dropout: Dropout,
+    /// The family's names of the six linears (PEFT's module paths within the layer).
+    pub paths: &'static [&'static str; 6],
 }
 
-crate::adapters::block::impl_block!(BertLayer, Site);
+impl crate::adapters::Block for BertLayer {
+    type Site = Site;
+    const SITES: &'static [Site] = &Site::ALL;
+
+    fn site_path(&self, site: Site) -> &'static str {
+        self.paths[site as usize]
+    }
+
+    fn linears(&self) -> &[LoraLinear] {
+        &self.linears
+    }
+
+    fn linears_mut(&mut self) -> &mut [LoraLinear] {
+        &mut self.linears
+    }
+}
 
 /// What a layer on the gradient path keeps for backward.
 pub struct BertLayerSaved {
@@ -214,6 +227,8 @@ pub struct BertForSequenceClassification {
     pub embeddings: Embeddings,
     pub layers: Vec<BertLayer>,
     pub head: ClassificationHead,
+    /// MPNet's relative position bias, `[buckets, heads]`, shared by every layer.
+    pub relative_bias: Option<Tensor>,
 }
 
 /// One tokenized batch on the model's device.
@@ -272,7 +287,7 @@ impl BertForSequenceClassification {
             });
         }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::open_dir(dir, &["bert.", ""], dtype, device)?;
+        let w = Weights::open_dir(dir, config.family().prefixes(), dtype, device)?;
         Self::from_weights(config, &w, num_labels, rng)
     }
 
@@ -284,6 +299,8 @@ impl BertForSequenceClassification {
     ) -> std::result::Result<Self, IoError> {
         config.validate(w.file())?;
         let c = &config;
+        let family = c.family();
+        let mpnet = family == EncoderFamily::MPNet;
         let (h, f) = (c.hidden_size, c.intermediate_size);
         let ln = |w: &Weights| -> std::result::Result<LayerNorm, IoError> {
             // Old checkpoints name LayerNorm parameters gamma/beta.
@@ -313,7 +330,12 @@ impl BertForSequenceClassification {
                 "position_embeddings.weight",
                 &[c.max_position_embeddings, h],
             )?,
-            token_type: e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?,
+            token_type: if mpnet {
+                None
+            } else {
+                Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
+            },
+            padding_idx: mpnet.then_some(c.pad_token_id),
             layer_norm: ln(&e.pp("LayerNorm"))?,
             dropout: hidden_drop,
         };
@@ -326,10 +348,12 @@ impl BertForSequenceClassification {
                 _ => (h, h),
             };
             let mut lins = Vec::with_capacity(6);
+            let paths = family.site_paths();
             for s in Site::ALL {
                 let (o, inp) = shapes(s);
-                lins.push(LoraLinear::new(linear(&l.pp(s.path()), o, inp)?));
+                lins.push(LoraLinear::new(linear(&l.pp(paths[s as usize]), o, inp)?));
             }
+            let [ln_attn, ln_out] = family.layer_norm_paths();
             layers.push(BertLayer {
                 linears: lins.try_into().expect("six linears"),
                 attention: Attention {
@@ -338,9 +362,10 @@ impl BertForSequenceClassification {
                     causal: false,
                     dropout: Dropout::new(c.attention_probs_dropout_prob),
                 },
-                ln_attn: ln(&l.pp("attention.output.LayerNorm"))?,
-                ln_out: ln(&l.pp("output.LayerNorm"))?,
+                ln_attn: ln(&l.pp(ln_attn))?,
+                ln_out: ln(&l.pp(ln_out))?,
                 dropout: hidden_drop,
+                paths,
             });
         }
         // The head (frozen pooler, trained classifier) runs in f32 beside half-precision layers.
@@ -364,6 +389,15 @@ impl BertForSequenceClassification {
             )?,
             Some(tensor(Tensor::zeros(num_labels, dtype, &dev), w)?),
         );
+        let relative_bias = if mpnet {
+            let table = w.get(
+                "encoder.relative_attention_bias.weight",
+                &[c.relative_attention_num_buckets, c.num_attention_heads],
+            )?;
+            Some(tensor(table.to_dtype(dtype), w)?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             embeddings,
@@ -373,6 +407,7 @@ impl BertForSequenceClassification {
                 dropout: hidden_drop,
                 classifier,
             },
+            relative_bias,
         })
     }
 
@@ -534,8 +569,9 @@ impl BertForSequenceClassification {
             batch: b.batch,
             seq: b.seq,
         };
+        let bias = self.attention_bias(b)?;
         for layer in &self.layers[from..to] {
-            h = layer.forward(&h, &b.mask_add, shape, pass, false, None)?.0;
+            h = layer.forward(&h, &bias, shape, pass, false, None)?.0;
         }
         Ok(h)
     }
@@ -564,7 +600,8 @@ impl BertForSequenceClassification {
             batch: b.batch,
             seq: b.seq,
         };
-        let run = Self::layer_forward(&b.mask_add, shape);
+        let bias = self.attention_bias(b)?;
+        let run = Self::layer_forward(&bias, shape);
         let (h, layers) = stack::forward(&self.layers[first..], first, h, pass, recompute, run)?;
         let (logits, head) = self.head.forward(&h, b.batch, b.seq, pass, true)?;
         let head = head.expect("head saved");
@@ -574,7 +611,7 @@ impl BertForSequenceClassification {
                 first_saved_layer: first,
                 layers,
                 head,
-                mask_add: b.mask_add.clone(),
+                mask_add: bias,
                 shape,
             },
         ))
@@ -605,10 +642,29 @@ impl BertForSequenceClassification {
             batch: b.batch,
             seq: b.seq,
         };
+        let bias = self.attention_bias(b)?;
         let run = |l: &BertLayer, pass: &mut Pass, monitor: Option<&mut Monitored>| {
-            Ok(l.forward(h, &b.mask_add, shape, pass, false, monitor)?.0)
+            Ok(l.forward(h, &bias, shape, pass, false, monitor)?.0)
         };
         adapters::monitor_layer(&self.layers[i], point, run)
+    }
+
+    /// What every layer adds to its attention scores: the batch's key padding mask
+    /// `[batch, 1, 1, seq]`, plus for MPNet the relative position bias (`[batch, heads, seq,
+    /// seq]`, made once per batch and shared by the layers).
+    pub fn attention_bias(&self, b: &BatchTensors) -> Result<Tensor> {
+        let Some(table) = &self.relative_bias else {
+            return Ok(b.mask_add.clone());
+        };
+        let buckets = relative_buckets(b.seq, self.config.relative_attention_num_buckets);
+        let idx = Tensor::from_vec(buckets, b.seq * b.seq, table.device())?;
+        let heads = table.dim(1)?;
+        let bias = table
+            .index_select(&idx, 0)? // [t*t, heads]
+            .t()?
+            .reshape((1, heads, b.seq, b.seq))?
+            .to_dtype(b.mask_add.dtype())?;
+        bias.broadcast_add(&b.mask_add)
     }
 
     /// Inference forward returning logits.
@@ -620,8 +676,9 @@ impl BertForSequenceClassification {
         let mut h = self
             .embeddings
             .forward(&b.input_ids, &b.token_type_ids, pass)?;
+        let bias = self.attention_bias(b)?;
         for layer in &self.layers {
-            h = layer.forward(&h, &b.mask_add, shape, pass, false, None)?.0;
+            h = layer.forward(&h, &bias, shape, pass, false, None)?.0;
         }
         Ok(self.head.forward(&h, b.batch, b.seq, pass, false)?.0)
     }
@@ -629,7 +686,9 @@ impl BertForSequenceClassification {
 
 impl AdaptedStack for BertForSequenceClassification {
     type Layer = BertLayer;
-    const LAYERS_PATH: &'static str = "bert.encoder.layer";
+    fn layers_path(&self) -> &'static str {
+        self.config.family().layers_path()
+    }
     const TASK_TYPE: &'static str = "SEQ_CLS";
 
     fn layers(&self) -> &[BertLayer] {
@@ -662,9 +721,32 @@ impl AdaptedStack for BertForSequenceClassification {
     }
 }
 
-/// PEFT's module path of an adapter, e.g. `bert.encoder.layer.0.attention.self.query`.
-pub fn adapter_path(layer: usize, site: Site) -> String {
-    BertForSequenceClassification::adapter_path(layer, site)
+/// MPNet's relative position buckets (transformers' `MPNetEncoder.relative_position_bucket`,
+/// bidirectional, max distance 128) of every `(query i, key j)` pair, row-major: offsets under
+/// a quarter of the buckets each have their own, larger ones share log-spaced buckets; keys
+/// after the query use the upper half.
+pub fn relative_buckets(seq: usize, num_buckets: usize) -> Vec<u32> {
+    let half = num_buckets / 2;
+    let max_exact = half / 2;
+    let max_distance = 128.0f64;
+    let mut out = Vec::with_capacity(seq * seq);
+    for i in 0..seq as i64 {
+        for j in 0..seq as i64 {
+            let n = i - j; // -(memory - context)
+            let mut bucket = if n < 0 { half } else { 0 };
+            let n = n.unsigned_abs() as usize;
+            bucket += if n < max_exact {
+                n
+            } else {
+                let log = ((n as f64 / max_exact as f64).ln()
+                    / (max_distance / max_exact as f64).ln()
+                    * (half - max_exact) as f64) as usize;
+                (max_exact + log).min(half - 1)
+            };
+            out.push(bucket as u32);
+        }
+    }
+    out
 }
 
 fn tensor(t: Result<Tensor>, w: &Weights) -> std::result::Result<Tensor, IoError> {

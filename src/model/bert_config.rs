@@ -26,6 +26,70 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub pad_token_id: u32,
+    /// `bert` (also when absent) or `mpnet`: see [`EncoderFamily`].
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// MPNet's relative position buckets.
+    #[serde(default = "default_buckets")]
+    pub relative_attention_num_buckets: usize,
+}
+
+/// The encoders that share BERT's layer body (post-LN attention, GELU MLP, six linears) and
+/// differ in what is around it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncoderFamily {
+    Bert,
+    /// MPNet: its own tensor names, no token types, positions counted from `pad_token_id + 1`
+    /// (as RoBERTa), and a relative position bias added to every layer's attention scores.
+    MPNet,
+}
+
+impl EncoderFamily {
+    /// The checkpoint prefixes its tensors may carry (a task model's, then the bare model's).
+    pub fn prefixes(self) -> &'static [&'static str] {
+        match self {
+            EncoderFamily::Bert => &["bert.", ""],
+            EncoderFamily::MPNet => &["mpnet.", ""],
+        }
+    }
+
+    /// PEFT's path of the layer list in the task model (`...ForSequenceClassification`).
+    pub fn layers_path(self) -> &'static str {
+        match self {
+            EncoderFamily::Bert => "bert.encoder.layer",
+            EncoderFamily::MPNet => "mpnet.encoder.layer",
+        }
+    }
+
+    /// Paths of the six linears in a layer, in `bert::Site::ALL` order.
+    pub fn site_paths(self) -> &'static [&'static str; 6] {
+        match self {
+            EncoderFamily::Bert => &[
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ],
+            EncoderFamily::MPNet => &[
+                "attention.attn.q",
+                "attention.attn.k",
+                "attention.attn.v",
+                "attention.attn.o",
+                "intermediate.dense",
+                "output.dense",
+            ],
+        }
+    }
+
+    /// The attention block's LayerNorm, then the layer output's.
+    pub fn layer_norm_paths(self) -> [&'static str; 2] {
+        match self {
+            EncoderFamily::Bert => ["attention.output.LayerNorm", "output.LayerNorm"],
+            EncoderFamily::MPNet => ["attention.LayerNorm", "output.LayerNorm"],
+        }
+    }
 }
 
 fn default_act() -> String {
@@ -39,6 +103,9 @@ fn default_type_vocab() -> usize {
 }
 fn default_eps() -> f64 {
     1e-12
+}
+fn default_buckets() -> usize {
+    32
 }
 
 impl BertConfig {
@@ -55,6 +122,13 @@ impl BertConfig {
         Ok(cfg)
     }
 
+    pub fn family(&self) -> EncoderFamily {
+        match self.model_type.as_deref() {
+            Some("mpnet") => EncoderFamily::MPNet,
+            _ => EncoderFamily::Bert,
+        }
+    }
+
     /// Every size in range and consistent, with the file named in the error: checked before any
     /// tensor is read or allocated from these numbers.
     pub fn validate(&self, path: &Path) -> std::result::Result<(), IoError> {
@@ -63,6 +137,14 @@ impl BertConfig {
             path: path.into(),
             message,
         };
+        match self.model_type.as_deref() {
+            None | Some("bert") | Some("mpnet") => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "model_type '{other}' is not supported by the encoder (bert, mpnet)"
+                )))
+            }
+        }
         if self.hidden_act != "gelu" {
             return Err(bad(format!(
                 "hidden_act '{}' is not supported (only 'gelu')",
@@ -91,6 +173,11 @@ impl BertConfig {
                     limits::POSITIONS,
                 ),
                 ("type_vocab_size", self.type_vocab_size, limits::TYPE_VOCAB),
+                (
+                    "relative_attention_num_buckets",
+                    self.relative_attention_num_buckets,
+                    limits::TYPE_VOCAB,
+                ),
             ],
         )?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
@@ -138,6 +225,8 @@ impl BertConfig {
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
             pad_token_id: 0,
+            model_type: None,
+            relative_attention_num_buckets: 32,
         }
     }
 }

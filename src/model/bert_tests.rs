@@ -190,3 +190,102 @@ fn frozen_bottom_layers_save_nothing_and_get_no_gradient() {
         assert!(max_abs_diff(&g.a, &ga.a) < 1e-12 && max_abs_diff(&g.b, &ga.b) < 1e-12);
     }
 }
+
+// ------------------------------------------------------------ MPNet on the real all-mpnet-base-v2
+
+/// The fetched all-mpnet-base-v2 folder (`safetune fetch mpnet`), or `None` (and a note) when it
+/// is not in the cache; required under `SAFETUNE_REQUIRE_ASSETS`.
+fn mpnet_dir() -> Option<std::path::PathBuf> {
+    let dir = crate::io::joined::mpnet_model_dir(&crate::io::fetch::default_cache_dir());
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
+    }
+    let why = format!("{} is missing; run `safetune fetch mpnet`", dir.display());
+    assert!(
+        std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_none(),
+        "{why}"
+    );
+    eprintln!("skipping: {why}");
+    None
+}
+
+#[derive(serde::Deserialize)]
+struct MpnetReference {
+    input_ids: Vec<Vec<u32>>,
+    lengths: Vec<usize>,
+    feature_step: usize,
+    hidden: Vec<Vec<Vec<f64>>>,
+}
+
+/// MPNet through the BERT body (its tensor names, positions from the padding index, no token
+/// types, the relative position bias in every layer) gives the last hidden state of
+/// scripts/mpnet_reference.py's float64 numpy forward, for a right-padded batch; and LoRA names
+/// its adapters by MPNet's module paths.
+#[test]
+fn mpnet_matches_the_numpy_reference() {
+    let Some(dir) = mpnet_dir() else { return };
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mpnet/reference.json");
+    let r: MpnetReference = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut m =
+        BertForSequenceClassification::load(&dir, 2, DType::F32, &Device::Cpu, &mut rng).unwrap();
+    assert_eq!(m.config.family(), EncoderFamily::MPNet);
+    let (b, t) = (r.input_ids.len(), r.input_ids[0].len());
+    let ids: Vec<u32> = r.input_ids.concat();
+    let mask: Vec<u32> = r
+        .lengths
+        .iter()
+        .flat_map(|&n| (0..t).map(move |j| u32::from(j < n)))
+        .collect();
+    let dev = Device::Cpu;
+    let batch = BatchTensors {
+        input_ids: Tensor::from_vec(ids, (b, t), &dev).unwrap(),
+        token_type_ids: Tensor::zeros((b, t), DType::U32, &dev).unwrap(),
+        mask_add: mask_to_additive(&Tensor::from_vec(mask, (b, t), &dev).unwrap(), DType::F32)
+            .unwrap(),
+        batch: b,
+        seq: t,
+    };
+    let h = m.forward_frozen_bottom(&batch, m.layers.len()).unwrap();
+    let h: Vec<Vec<f32>> = h.to_vec2().unwrap();
+    let mut worst = 0f64;
+    for (row, tokens) in r.hidden.iter().enumerate() {
+        for (tok, want) in tokens.iter().enumerate() {
+            let got = &h[row * t + tok];
+            for (k, w) in want.iter().enumerate() {
+                worst = worst.max((got[k * r.feature_step] as f64 - w).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-4, "largest difference {worst}");
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["q".into(), "v".into()],
+        use_rslora: false,
+    };
+    assert_eq!(m.add_lora(&lora, None, &mut rng).unwrap(), 24);
+    let names: Vec<String> = crate::adapters::Adapted::adapters(&m)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names[0], "mpnet.encoder.layer.0.attention.attn.q");
+    assert_eq!(names[23], "mpnet.encoder.layer.11.attention.attn.v");
+}
+
+/// transformers' bucket table, computed by hand from its definition for a few offsets: exact
+/// below 8, log-spaced to 15 beyond, keys after the query in the upper half.
+#[test]
+fn mpnet_relative_buckets() {
+    let t = 200;
+    let b = relative_buckets(t, 32);
+    let at = |i: usize, j: usize| b[i * t + j];
+    assert_eq!(at(0, 0), 0);
+    assert_eq!(at(5, 0), 5); // key 5 before the query
+    assert_eq!(at(0, 5), 16 + 5); // key 5 after
+    assert_eq!(at(8, 0), 8); // 8 + floor(log(1)/log(16)*8)
+    assert_eq!(at(16, 0), 10); // 8 + floor(log(2)/log(16)*8) = 8 + 2
+    assert_eq!(at(0, 127), 16 + 15); // 8 + floor(log(127/8)/log(16)*8) = 15
+    assert_eq!(at(199, 0), 15); // capped
+}

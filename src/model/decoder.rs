@@ -1,8 +1,8 @@
 //! Any supported causal-LM architecture behind one type, so the trainer and the CLI hold a
 //! decoder without knowing which it is.
 
-use super::gpt2::{Gpt2Block, Gpt2LMHeadModel};
-use super::llama::{LlamaForCausalLM, LlamaLayer};
+use super::gpt2::Gpt2LMHeadModel;
+use super::llama::LlamaForCausalLM;
 use super::memory::{LayerMemory, StepMemory};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::block::linear_names;
@@ -51,8 +51,8 @@ impl Decoder {
     /// Names of the linears a LoRA `target_modules` entry can match, for error messages.
     pub fn linear_names(&self) -> Vec<&'static str> {
         match self {
-            Decoder::Llama(_) => linear_names::<LlamaLayer>(),
-            Decoder::Gpt2(_) => linear_names::<Gpt2Block>(),
+            Decoder::Llama(m) => linear_names(&m.layers[0]),
+            Decoder::Gpt2(m) => linear_names(&m.layers[0]),
         }
     }
 

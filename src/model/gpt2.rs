@@ -562,7 +562,9 @@ impl Gpt2LMHeadModel {
 
 impl AdaptedStack for Gpt2LMHeadModel {
     type Layer = Gpt2Block;
-    const LAYERS_PATH: &'static str = "transformer.h";
+    fn layers_path(&self) -> &'static str {
+        "transformer.h"
+    }
     const TASK_TYPE: &'static str = "CAUSAL_LM";
     /// Conv1D linears (`[in, out]`); the adapter tensors keep PEFT's shapes either way.
     const FAN_IN_FAN_OUT: bool = true;

@@ -377,7 +377,9 @@ impl LlamaForCausalLM {
 
 impl AdaptedStack for LlamaForCausalLM {
     type Layer = LlamaLayer;
-    const LAYERS_PATH: &'static str = "model.layers";
+    fn layers_path(&self) -> &'static str {
+        "model.layers"
+    }
     const TASK_TYPE: &'static str = "CAUSAL_LM";
 
     fn layers(&self) -> &[LlamaLayer] {

@@ -141,7 +141,7 @@ impl Attention {
 
     /// `q` is `[batch*seq, num_heads*head_dim]`, `k` and `v` `[batch*seq, num_kv_heads*head_dim]`;
     /// `mask_add` is `[batch, 1, 1, seq]` (0 for tokens, a large negative number for padding, which
-    /// is on the right). `rope`, if given, rotates q and k at positions `0..seq`. Returns the context
+    /// is on the right), or any additive bias that broadcasts to `[batch, heads, seq, seq]`. `rope`, if given, rotates q and k at positions `0..seq`. Returns the context
     /// `[batch*seq, num_heads*head_dim]`.
     pub fn forward(
         &self,
@@ -189,6 +189,9 @@ impl Attention {
         fused: bool,
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
         self.check_widths(q, k, v)?;
+        // The fused softmax kernels read a key mask `[batch, 1, 1, keys]`; a per-head bias
+        // (MPNet's relative positions, `[batch, heads, seq, seq]`) takes the composition.
+        let fused = fused && mask_add.dims() == [shape.batch, 1, 1, shape.seq];
         let q = self.split_heads(q, shape, self.num_heads)?;
         let k = self.split_heads(k, shape, self.num_kv_heads)?;
         let v = self.split_heads(v, shape, self.num_kv_heads)?;

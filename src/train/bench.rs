@@ -392,6 +392,8 @@ fn build(
                 type_vocab_size: 2,
                 layer_norm_eps: 1e-12,
                 pad_token_id: 0,
+                model_type: None,
+                relative_attention_num_buckets: 32,
             };
             anyhow::ensure!(
                 a.quantize.is_none(),

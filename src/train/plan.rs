@@ -366,6 +366,8 @@ mod tests {
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
             pad_token_id: 0,
+            model_type: None,
+            relative_attention_num_buckets: 32,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let mut m =

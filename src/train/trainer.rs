@@ -13,7 +13,7 @@ use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::memory;
-use crate::model::bert::BertForSequenceClassification;
+use crate::model::bert::{BertForSequenceClassification, EncoderFamily};
 use crate::model::stack::Recompute;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -122,6 +122,19 @@ fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
     ))
 }
 
+/// The default targets (`query`, `value`) said in MPNet's names (`q`, `v`), when the model is
+/// an MPNet; None otherwise (other targets are the user's and kept as given).
+fn mpnet_default_targets(cfg: &TrainConfig, model_dir: &Path) -> Option<TrainConfig> {
+    let default = TrainConfig::default().lora.target_modules;
+    let config = crate::model::BertConfig::from_file(&model_dir.join("config.json")).ok()?;
+    if cfg.lora.target_modules != default || config.family() != EncoderFamily::MPNet {
+        return None;
+    }
+    let mut c = cfg.clone();
+    c.lora.target_modules = vec!["q".into(), "v".into()];
+    Some(c)
+}
+
 /// Builds the model with the adapters the method asks for.
 pub fn build_model(
     cfg: &TrainConfig,
@@ -136,8 +149,10 @@ pub fn build_model(
     let n = model.add_lora(&cfg.lora, layers.as_deref(), rng)?;
     anyhow::ensure!(
         n > 0,
-        "no linear matches the LoRA target modules {:?} (BERT has query, key, value, dense)",
-        cfg.lora.target_modules
+        "no linear matches the LoRA target modules {:?} (this {:?} model has {}, or all-linear)",
+        cfg.lora.target_modules,
+        model.config.family(),
+        crate::adapters::block::linear_names(&model.layers[0]).join(", ")
     );
     if let Some(dir) = &cfg.init_adapter {
         crate::io::peft::load(dir, &mut model)
@@ -446,6 +461,14 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
     }
     let task = setup.splits.train.task;
     let num_labels = setup.splits.train.num_labels();
+    let mpnet_cfg;
+    let cfg = match mpnet_default_targets(cfg, &setup.model_dir) {
+        Some(c) => {
+            mpnet_cfg = c;
+            &mpnet_cfg
+        }
+        None => cfg,
+    };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
