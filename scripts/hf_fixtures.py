@@ -125,3 +125,34 @@ def write_bert(name):
 
 
 write_bert("bert-padded")
+
+
+# MPNet (the encoder model, with its pooler): relative position bias, positions counted from the
+# padding index, no token types; right-padded second row (pad id 1). Stores the last hidden
+# state and the pooler output.
+def write_mpnet(name):
+    if only and name not in only:
+        return
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+    c = cfg(transformers.MPNetConfig, vocab_size=96, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+            relative_attention_num_buckets=32, pad_token_id=1)
+    model = transformers.MPNetModel(c)
+    randomize(model)
+    model.eval()
+    model.save_pretrained(d)
+    ids = torch.randint(3, 96, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 11:] = 0
+    ids[1, 11:] = 1
+    ref = model.to(torch.float64)
+    with torch.no_grad():
+        o = ref(input_ids=ids, attention_mask=mask)
+    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous(),
+               "hidden": o.last_hidden_state.contiguous(), "pooled": o.pooler_output.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    print("==", name, sorted(os.listdir(d)))
+
+
+write_mpnet("mpnet-padded")

@@ -289,3 +289,42 @@ fn mpnet_relative_buckets() {
     assert_eq!(at(0, 127), 16 + 15); // 8 + floor(log(127/8)/log(16)*8) = 15
     assert_eq!(at(199, 0), 15); // capped
 }
+
+/// A random MPNet written by transformers (`scripts/hf_fixtures.py`: two layers, a right-padded
+/// second row) gives transformers' float64 last hidden state and pooler output.
+#[test]
+fn transformers_mpnet_gives_transformers_hidden_states() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/mpnet-padded");
+    let cpu = Device::Cpu;
+    let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &cpu).unwrap();
+    let (b, t) = r["input_ids"].dims2().unwrap();
+    let u32s = |k: &str| r[k].to_dtype(DType::U32).unwrap();
+    let mut rng = StdRng::seed_from_u64(0);
+    let m = BertForSequenceClassification::load(&dir, 2, DType::F64, &cpu, &mut rng).unwrap();
+    assert_eq!(m.config.family(), EncoderFamily::MPNet);
+    let batch = BatchTensors {
+        input_ids: u32s("input_ids"),
+        token_type_ids: Tensor::zeros((b, t), DType::U32, &cpu).unwrap(),
+        mask_add: mask_to_additive(&u32s("attention_mask"), DType::F64).unwrap(),
+        batch: b,
+        seq: t,
+    };
+    let h = m.forward_frozen_bottom(&batch, m.layers.len()).unwrap();
+    let want = r["hidden"].reshape((b * t, ())).unwrap();
+    let mask: Vec<u32> = u32s("attention_mask").flatten_all().unwrap().to_vec1().unwrap();
+    assert!(mask.contains(&0), "the fixture pads its second row");
+    // Padded rows' states are never read; compare the tokens'.
+    let keep: Vec<u32> = (0..b * t).filter(|&i| mask[i] == 1).map(|i| i as u32).collect();
+    let keep = Tensor::new(keep.as_slice(), &cpu).unwrap();
+    let pick = |x: &Tensor| x.index_select(&keep, 0).unwrap();
+    assert!(max_abs_diff(&pick(&h), &pick(&want)) < 1e-9);
+    let first = Tensor::new(&[0u32, t as u32], &cpu).unwrap();
+    let pooled = m
+        .head
+        .pooler
+        .forward(&h.index_select(&first, 0).unwrap())
+        .unwrap()
+        .tanh()
+        .unwrap();
+    assert!(max_abs_diff(&pooled, &r["pooled"]) < 1e-9);
+}
