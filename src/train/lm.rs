@@ -40,17 +40,13 @@ pub struct LoadedDecoder {
     pub source: PathBuf,
 }
 
-/// The model path: the configured GGUF file / HF folder, or the SmolLM2 asset (fetched).
+/// The model path: the configured GGUF file / HF folder (or a model id in the local Hugging Face
+/// cache, see [`crate::io::hub`]), or the SmolLM2 asset (fetched).
 pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
     Ok(match model {
-        Some(p) if !p.exists() => {
-            return Err(crate::io::IoError::Missing {
-                path: p.into(),
-                what: "GGUF file or Hugging Face LLaMA / GPT-2 folder".into(),
-            }
-            .into())
+        Some(p) => {
+            crate::io::hub::resolve_model(p, "GGUF file or Hugging Face LLaMA / GPT-2 folder")?
         }
-        Some(p) => p.to_path_buf(),
         None => {
             let cache = fetch::default_cache_dir();
             fetch::ensure(&fetch::SMOLLM2, &cache)?;
