@@ -59,7 +59,7 @@ impl LmTrainArgs {
         if let Some(p) = &self.data {
             c.data = Some(p.clone());
             if self.data_kind.is_none() {
-                c.data_kind = if p.extension().is_some_and(|e| e == "jsonl") {
+                c.data_kind = if p.extension().is_some_and(|e| e == "jsonl" || e == "json") {
                     LmDataKind::Instructions
                 } else {
                     LmDataKind::Text
@@ -201,7 +201,7 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
     if let Some(k) = a.data_kind {
         cfg.data_kind = k;
     }
-    let splits = lm::load_lm_data(&cfg, &d.tokenizer, d.eos.first().copied())?;
+    let splits = lm::load_lm_data(&cfg, &d)?;
     let items = match a.split.as_str() {
         "test" => &splits.test,
         "validation" => &splits.validation,

@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod bbc;
+pub mod chat;
 pub mod lm;
 mod parquet;
 pub mod spam;
