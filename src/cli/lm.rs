@@ -17,7 +17,8 @@ pub struct LmTrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// GGUF file, or Hugging Face folder (LLaMA, Mistral, Qwen2 or GPT-2; one safetensors file or
-    /// sharded). Default: SmolLM2-135M-Instruct (fetched).
+    /// sharded), or a model id in the local Hugging Face cache. Default: SmolLM2-135M-Instruct
+    /// (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Text file/folder or instruction JSONL. Default: the asset of --data-kind (Moby Dick).
@@ -82,7 +83,8 @@ impl LmTrainArgs {
 #[derive(Args)]
 pub struct DecoderArgs {
     /// GGUF file, or Hugging Face folder (LLaMA, Mistral, Qwen2 or GPT-2; one safetensors file or
-    /// sharded). Default: SmolLM2-135M-Instruct (fetched).
+    /// sharded), or a model id in the local Hugging Face cache. Default: SmolLM2-135M-Instruct
+    /// (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder to apply (e.g. a train-lm output).

@@ -70,7 +70,8 @@ pub struct TrainArgs {
     /// TOML config file (see README, "Configuration").
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Hugging Face model folder (config.json, model.safetensors or its shards, tokenizer.json). Default: MiniLM-L6.
+    /// Hugging Face model folder (config.json, model.safetensors or its shards, tokenizer.json or
+    /// vocab.txt), or a model id in the local Hugging Face cache. Default: MiniLM-L6.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[command(flatten)]
