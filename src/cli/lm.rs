@@ -137,7 +137,7 @@ pub struct GenerateArgs {
     pub top_k: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Wrap the prompt in the ChatML template (instruct models).
+    /// Wrap the prompt in the model's chat template (ChatML when it has none).
     #[arg(long)]
     pub chat: bool,
     /// Also print the top next-token logits after the prompt (JSON), for checking against a reference.
@@ -225,10 +225,19 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
     let d = load_with_adapter(&a.decoder)?;
-    let text = if a.chat {
-        PromptFormat::Chatml.prompt_text(&a.prompt)
-    } else {
-        a.prompt.clone()
+    // The model's own chat template when it has one (as transformers' apply_chat_template with
+    // add_generation_prompt), else ChatML.
+    let text = match (&d.chat_template, a.chat) {
+        (_, false) => a.prompt.clone(),
+        (Some(t), true) => {
+            let user = crate::data::chat::Message {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            };
+            t.render(&[user], true)
+                .map_err(|e| anyhow::anyhow!("{}: chat template: {e}", t.origin.display()))?
+        }
+        (None, true) => PromptFormat::Chatml.prompt_text(&a.prompt),
     };
     let enc = d
         .tokenizer
