@@ -355,3 +355,43 @@ fn train_lm_on_one_text_file() {
         "{summary}"
     );
 }
+
+/// A chat template that does not compile (minijinja has no `{% generation %}` tag, which a few
+/// templates use) stops only chat data: plain text trains on the model; a chat file is an error
+/// naming the template's file.
+#[test]
+fn a_broken_chat_template_matters_only_to_chat_data() {
+    let sb = Sandbox::new();
+    let broken =
+        "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}";
+    let model = tiny_llama(&sb.path("llama"), Some(broken));
+    let book = sb.path("book.txt");
+    std::fs::write(&book, "the whale and the sea\n\n".repeat(60)).unwrap();
+    let run = |data: &Path, out: &Path| {
+        sb.run(&[
+            "train-lm",
+            "--model",
+            s(&model),
+            "--data",
+            s(data),
+            "--output",
+            s(out),
+            "--seq-len",
+            "16",
+            "--epochs",
+            "1",
+            "--quiet",
+        ])
+    };
+    let o = run(&book, &sb.path("out"));
+    assert!(o.status.success(), "{}", text(&o));
+    let chat = sb.path("chat.jsonl");
+    let line = r#"{"messages": [{"role": "user", "content": "the sea"}, {"role": "assistant", "content": "the whale"}]}"#;
+    std::fs::write(&chat, format!("{line}\n").repeat(10)).unwrap();
+    let out = sb.path("out2");
+    assert_clean_error(
+        &run(&chat, &out),
+        &["tokenizer_config.json", "does not parse", "chat.jsonl"],
+    );
+    assert!(!out.exists());
+}

@@ -227,7 +227,11 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     let d = load_with_adapter(&a.decoder)?;
     // The model's own chat template when it has one (as transformers' apply_chat_template with
     // add_generation_prompt), else ChatML.
-    let text = match (&d.chat_template, a.chat) {
+    let template = match (&d.chat_template, a.chat) {
+        (Err(e), true) => anyhow::bail!("{e} (needed for --chat)"),
+        (t, _) => t.as_ref().ok().and_then(Option::as_ref),
+    };
+    let text = match (template, a.chat) {
         (_, false) => a.prompt.clone(),
         (Some(t), true) => {
             let user = crate::data::chat::Message {

@@ -37,8 +37,10 @@ pub struct LoadedDecoder {
     /// End-of-sequence ids: the first ends each training sequence, any stops generation.
     pub eos: Vec<u32>,
     /// The tokenizer's chat template (`chat_template.jinja` / `tokenizer_config.json` beside a
-    /// Hugging Face model, `tokenizer.chat_template` in GGUF metadata), for chat records.
-    pub chat_template: Option<crate::data::chat::ChatTemplate>,
+    /// Hugging Face model, `tokenizer.chat_template` in GGUF metadata), for chat records. A
+    /// template that does not compile is kept as its error, which only chat data reports: plain
+    /// text trains on such a model as on any other.
+    pub chat_template: Result<Option<crate::data::chat::ChatTemplate>, String>,
     /// Path written into the adapter's `base_model_name_or_path`.
     pub source: PathBuf,
 }
@@ -79,7 +81,8 @@ pub fn load_decoder(
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("{}: not a tokenizer file ({e})", tok_path.display()))?;
         let eos = m.eos_token_ids();
-        let chat_template = crate::data::chat::ChatTemplate::from_hf_dir(&source)?;
+        let chat_template =
+            crate::data::chat::ChatTemplate::from_hf_dir(&source).map_err(|e| e.to_string());
         return Ok(LoadedDecoder {
             model: m,
             tokenizer,
@@ -107,7 +110,8 @@ pub fn load_decoder(
             let (bos, eos) = (token(g.config.bos_token_id), token(eos.first().copied()));
             crate::data::chat::ChatTemplate::new(t, bos, eos, &source)
         })
-        .transpose()?;
+        .transpose()
+        .map_err(|e| e.to_string());
     let w = crate::io::weights::Weights::from_tensors(g.tensors, dtype, device)
         .with_quantized(g.quantized);
     let model = LlamaForCausalLM::from_weights(g.config, &w)
@@ -140,9 +144,16 @@ pub fn load_lm_data(cfg: &LmTrainConfig, d: &LoadedDecoder) -> Result<LmSplits> 
         }
         (LmDataKind::Instructions, Some(p)) => {
             let items = lm::load_records(p)?;
+            let chat = match &d.chat_template {
+                Ok(t) => t.as_ref(),
+                Err(e) if items.iter().any(|r| matches!(r, lm::Record::Chat(_))) => {
+                    anyhow::bail!("{e} (needed for the chats of {})", p.display())
+                }
+                Err(_) => None,
+            };
             let how = lm::RecordEncoding {
                 format: cfg.prompt_format,
-                chat: d.chat_template.as_ref(),
+                chat,
                 max_len: cfg.seq_len,
                 eos,
             };
