@@ -703,3 +703,124 @@ fn an_empty_validation_split_is_an_error() {
     let args = train_args(&f.model, &f.data, &f.out, &["--config", s(&config)]);
     refused_without_change(&f.sb, &f.out, &args, &["no validation examples"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Data formats: Parquet, JSON arrays, split files, chat records, models by id
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_table_files_name_the_file_and_the_problem() {
+    let f = fixture();
+    let not_parquet = f.sb.path("data.parquet");
+    std::fs::write(&not_parquet, "text,label\na,pos\n").unwrap();
+    let args = train_args(&f.model, &not_parquet, &f.out, &[]);
+    refused_without_change(
+        &f.sb,
+        &f.out,
+        &args,
+        &["data.parquet", "not a readable Parquet file"],
+    );
+    let array = f.sb.path("data.json");
+    std::fs::write(&array, r#"[{"text": "a", "label": "pos"}, {"text": "b"}]"#).unwrap();
+    let args = train_args(&f.model, &array, &f.out, &[]);
+    refused_without_change(
+        &f.sb,
+        &f.out,
+        &args,
+        &["data.json", "record 2", "label column 'label' missing"],
+    );
+}
+
+#[test]
+fn split_files_with_an_unknown_label_or_without_a_train_file() {
+    let f = fixture();
+    let val = f.sb.path("val.csv");
+    std::fs::write(&val, "text,label\nfine film,pos\nodd film,meh\n").unwrap();
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&f.model),
+        "--train-file",
+        s(&f.data),
+        "--validation-file",
+        s(&val),
+        "--output",
+        s(&f.out),
+        "--max-length",
+        "32",
+        "--quiet",
+    ];
+    refused_without_change(
+        &f.sb,
+        &f.out,
+        &args,
+        &[
+            "val.csv",
+            "line 3",
+            "unknown label 'meh'",
+            "known: neg, pos",
+        ],
+    );
+    // A validation file alone: which file's labels would count?
+    args[3] = "--data";
+    refused_without_change(&f.sb, &f.out, &args, &["--validation-file", "--train-file"]);
+}
+
+/// The tiny LLaMA of `tiny_llama`, with no chat template anywhere.
+#[test]
+fn a_chat_file_for_a_model_without_a_chat_template() {
+    let sb = Sandbox::new();
+    let model = tiny_llama(&sb.path("llama"));
+    let data = sb.path("chat.jsonl");
+    let line = r#"{"messages": [{"role": "user", "content": "the sea"}, {"role": "assistant", "content": "the whale"}]}"#;
+    std::fs::write(&data, format!("{line}\n").repeat(10)).unwrap();
+    let out = sb.path("out");
+    let args = [
+        "train-lm",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--seq-len",
+        "16",
+        "--quiet",
+    ];
+    refused_without_change(
+        &sb,
+        &out,
+        &args,
+        &["chat.jsonl", "record 1", "chat template", "llama"],
+    );
+}
+
+#[test]
+fn a_model_id_not_in_the_hf_cache_lists_where_it_looked() {
+    let sb = Sandbox::new();
+    let hf = sb.path("hf");
+    std::fs::create_dir_all(hf.join("hub")).unwrap();
+    let data = tiny_csv(&sb.path("data.csv"));
+    let text = sb.path("t.txt");
+    std::fs::write(&text, "the whale and the sea\n").unwrap();
+    let out = sb.path("out");
+    let looked = hf.join("hub/models--acme--absent");
+    for args in [
+        vec!["train", "--model", "acme/absent", "--data", s(&data)],
+        vec!["train-lm", "--model", "acme/absent", "--data", s(&text)],
+    ] {
+        let mut args = args;
+        args.extend(["--output", s(&out), "--quiet"]);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_safetune"))
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("SAFETUNE_CACHE", sb.path("cache"))
+            .env("HF_HOME", &hf)
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert_clean_error(&o, &["acme/absent", "Hugging Face cache", s(&looked)]);
+        assert!(!out.exists());
+    }
+}

@@ -17,7 +17,8 @@ pub struct LmTrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// GGUF file, or Hugging Face folder (LLaMA, Mistral, Qwen2 or GPT-2; one safetensors file or
-    /// sharded). Default: SmolLM2-135M-Instruct (fetched).
+    /// sharded), or a model id in the local Hugging Face cache. Default: SmolLM2-135M-Instruct
+    /// (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Text file/folder or instruction JSONL. Default: the asset of --data-kind (Moby Dick).
@@ -59,7 +60,7 @@ impl LmTrainArgs {
         if let Some(p) = &self.data {
             c.data = Some(p.clone());
             if self.data_kind.is_none() {
-                c.data_kind = if p.extension().is_some_and(|e| e == "jsonl") {
+                c.data_kind = if p.extension().is_some_and(|e| e == "jsonl" || e == "json") {
                     LmDataKind::Instructions
                 } else {
                     LmDataKind::Text
@@ -82,7 +83,8 @@ impl LmTrainArgs {
 #[derive(Args)]
 pub struct DecoderArgs {
     /// GGUF file, or Hugging Face folder (LLaMA, Mistral, Qwen2 or GPT-2; one safetensors file or
-    /// sharded). Default: SmolLM2-135M-Instruct (fetched).
+    /// sharded), or a model id in the local Hugging Face cache. Default: SmolLM2-135M-Instruct
+    /// (fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder to apply (e.g. a train-lm output).
@@ -135,7 +137,7 @@ pub struct GenerateArgs {
     pub top_k: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Wrap the prompt in the ChatML template (instruct models).
+    /// Wrap the prompt in the model's chat template (ChatML when it has none).
     #[arg(long)]
     pub chat: bool,
     /// Also print the top next-token logits after the prompt (JSON), for checking against a reference.
@@ -201,7 +203,7 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
     if let Some(k) = a.data_kind {
         cfg.data_kind = k;
     }
-    let splits = lm::load_lm_data(&cfg, &d.tokenizer, d.eos.first().copied())?;
+    let splits = lm::load_lm_data(&cfg, &d)?;
     let items = match a.split.as_str() {
         "test" => &splits.test,
         "validation" => &splits.validation,
@@ -223,10 +225,23 @@ pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
     let d = load_with_adapter(&a.decoder)?;
-    let text = if a.chat {
-        PromptFormat::Chatml.prompt_text(&a.prompt)
-    } else {
-        a.prompt.clone()
+    // The model's own chat template when it has one (as transformers' apply_chat_template with
+    // add_generation_prompt), else ChatML.
+    let template = match (&d.chat_template, a.chat) {
+        (Err(e), true) => anyhow::bail!("{e} (needed for --chat)"),
+        (t, _) => t.as_ref().ok().and_then(Option::as_ref),
+    };
+    let text = match (template, a.chat) {
+        (_, false) => a.prompt.clone(),
+        (Some(t), true) => {
+            let user = crate::data::chat::Message {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            };
+            t.render(&[user], true)
+                .map_err(|e| anyhow::anyhow!("{}: chat template: {e}", t.origin.display()))?
+        }
+        (None, true) => PromptFormat::Chatml.prompt_text(&a.prompt),
     };
     let enc = d
         .tokenizer

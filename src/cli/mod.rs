@@ -70,7 +70,8 @@ pub struct TrainArgs {
     /// TOML config file (see README, "Configuration").
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Hugging Face model folder (config.json, model.safetensors or its shards, tokenizer.json). Default: MiniLM-L6.
+    /// Hugging Face model folder (config.json, model.safetensors or its shards, tokenizer.json or
+    /// vocab.txt), or a model id in the local Hugging Face cache. Default: MiniLM-L6.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[command(flatten)]
@@ -227,6 +228,14 @@ pub struct DataArgs {
     pub label_column: Option<String>,
     #[arg(long)]
     pub max_length: Option<usize>,
+    /// Explicit split files (csv, tsv, jsonl, json, parquet) instead of --data; without
+    /// --validation-file / --test-file those splits are carved out of the train file.
+    #[arg(long)]
+    pub train_file: Option<PathBuf>,
+    #[arg(long)]
+    pub validation_file: Option<PathBuf>,
+    #[arg(long)]
+    pub test_file: Option<PathBuf>,
 }
 
 impl DataArgs {
@@ -249,6 +258,15 @@ impl DataArgs {
         }
         set!(d.label_column, self.label_column);
         set!(d.max_length, self.max_length);
+        for (dst, src) in [
+            (&mut d.train_file, &self.train_file),
+            (&mut d.validation_file, &self.validation_file),
+            (&mut d.test_file, &self.test_file),
+        ] {
+            if src.is_some() {
+                *dst = src.clone();
+            }
+        }
     }
 }
 
@@ -390,14 +408,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => {
             let task = crate::io::peft::read_config(&a.adapter)?.task_type;
             let r = if task.as_deref() == Some("CAUSAL_LM") {
-                let Some(base) = a.model.as_deref().filter(|m| m.is_dir()) else {
+                let base = a
+                    .model
+                    .as_deref()
+                    .map(|m| crate::train::lm::resolve_decoder_path(Some(m)))
+                    .transpose()?;
+                let Some(base) = base.filter(|m| m.is_dir()) else {
                     anyhow::bail!(
                         "{}: a causal-LM adapter merges into its Hugging Face base folder: pass \
                          --model DIR (safetensors weights; a GGUF base cannot be merged)",
                         a.adapter.display()
                     );
                 };
-                crate::io::merge::merge_decoder_adapter(base, &a.adapter, &a.output)?
+                crate::io::merge::merge_decoder_adapter(&base, &a.adapter, &a.output)?
             } else {
                 let cfg = TrainConfig {
                     model: a.model.clone(),
@@ -533,10 +556,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         "--split {}: the split has no examples, nothing to evaluate",
         format!("{:?}", a.split).to_lowercase()
     );
-    let encoder = crate::data::batch::TextEncoder::from_file(
-        &model_dir.join("tokenizer.json"),
-        cfg.data.max_length,
-    )?;
+    let encoder = crate::data::batch::TextEncoder::from_model_dir(&model_dir, cfg.data.max_length)?;
     let items = encoder.encode_all(&dataset.examples)?;
     let num_labels = peft::num_labels(&a.adapter)?;
     anyhow::ensure!(

@@ -1,13 +1,16 @@
 //! Dataset loading and splitting, kept free of tensors so it can be tested on
 //! plain files: the trainer tokenizes [`Example`]s itself.
 //!
-//! Loaders: [`load_table`] / [`load_glue_dir`] (CSV, GLUE-style TSV, JSONL),
+//! Loaders: [`load_table`] / [`load_glue_dir`] / [`load_split_files`] (CSV, GLUE-style TSV,
+//! JSONL, JSON arrays, Parquet),
 //! [`load_text_folder`] (BBC News, one folder per class),
 //! [`load_spamassassin`] (raw emails) and [`stratified_split`].
 
 pub mod batch;
 pub mod bbc;
+pub mod chat;
 pub mod lm;
+mod parquet;
 pub mod spam;
 pub mod split;
 pub mod table;
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 pub use bbc::load_text_folder;
 pub use spam::load_spamassassin;
 pub use split::stratified_split;
-pub use table::{load_glue_dir, load_table, TableFormat, TableSpec};
+pub use table::{load_glue_dir, load_split_files, load_table, SplitFiles, TableFormat, TableSpec};
 
 /// Gold label of one example: a class index into [`Dataset::label_names`] or a
 /// regression target.

@@ -218,8 +218,8 @@ pub fn merge_adapter(
 }
 
 /// Files copied beside a merged decoder's weights when the base folder has them: its config, its
-/// generation settings and its tokenizer (fast, SentencePiece or GPT-2 BPE).
-pub const DECODER_FILES: [&str; 8] = [
+/// generation settings and its tokenizer (fast, SentencePiece or GPT-2 BPE) with its chat template.
+pub const DECODER_FILES: [&str; 9] = [
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -228,6 +228,7 @@ pub const DECODER_FILES: [&str; 8] = [
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
 ];
 
 /// Writes a full Hugging Face causal-LM folder (LLaMA family or GPT-2) with a PEFT LoRA adapter

@@ -1,6 +1,7 @@
 //! Files in and out: checkpoint weights (safetensors, GGUF), asset fetching, PEFT adapter format.
 
 pub mod fetch;
+pub mod hub;
 pub mod joined;
 pub mod labels;
 pub mod merge;

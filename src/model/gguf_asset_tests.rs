@@ -386,3 +386,48 @@ fn qwen2_logits_match_reference_and_it_knows_paris() {
         logits
     );
 }
+
+/// SmolLM2's own chat template (from the GGUF's metadata) and byte-level tokenizer: the tokens a
+/// chat record trains on are exactly the assistant answers with their `<|im_end|>\n`; the
+/// system prompt the template adds, the user turns and the `<|im_start|>assistant\n` headers are
+/// not targets.
+#[test]
+fn smollm2_chat_template_targets_only_the_assistant() {
+    use crate::data::chat::{ChatTemplate, Message};
+    use crate::data::lm::{encode_records, PromptFormat, Record, RecordEncoding, IGNORE};
+    let Some(path) = smollm2() else { return };
+    let (tok, template) = load_tokenizer(&path).unwrap();
+    let t = ChatTemplate::new(template.unwrap(), String::new(), String::new(), &path).unwrap();
+    let m = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let conv = vec![
+        m("user", "What is the capital of France?"),
+        m("assistant", "Paris."),
+        m("user", "And of Italy?"),
+        m("assistant", "Rome, since 1871."),
+    ];
+    let how = RecordEncoding {
+        format: PromptFormat::Chatml,
+        chat: Some(&t),
+        max_len: 512,
+        eos: None,
+    };
+    let seqs = encode_records(&tok, &[Record::Chat(conv)], &how, Path::new("d"), &path).unwrap();
+    let s = &seqs[0];
+    let counted: Vec<u32> = s
+        .targets
+        .iter()
+        .filter(|&&t| t != IGNORE)
+        .map(|&t| t as u32)
+        .collect();
+    let answers = tok.decode(&counted, false).unwrap();
+    assert_eq!(answers, "Paris.<|im_end|>\nRome, since 1871.<|im_end|>\n");
+    // The whole sequence is the template's text, system prompt included.
+    let all = tok.decode(&s.ids, false).unwrap();
+    assert!(
+        all.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{all}"
+    );
+}

@@ -71,7 +71,8 @@ pub enum DataKind {
     Folder,
     /// The SpamAssassin npm package layout.
     Spam,
-    /// One CSV / TSV / JSONL file, split into train/validation/test.
+    /// One CSV / TSV / JSONL / JSON / Parquet file, split into train/validation/test; or
+    /// explicit split files (`train_file`, ...).
     Table,
     /// A GLUE-style folder: train.tsv, dev.tsv (and test.tsv).
     Glue,
@@ -82,6 +83,11 @@ pub enum DataKind {
 pub struct DataConfig {
     /// None: the BBC News asset (fetched if missing).
     pub path: Option<PathBuf>,
+    /// Explicit split files (any table format) instead of `path`: the train file, and optionally
+    /// validation and test files; a split without a file is carved out of the train file.
+    pub train_file: Option<PathBuf>,
+    pub validation_file: Option<PathBuf>,
+    pub test_file: Option<PathBuf>,
     pub kind: DataKind,
     pub text_column: String,
     pub text_pair_column: Option<String>,
@@ -97,6 +103,9 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             path: None,
+            train_file: None,
+            validation_file: None,
+            test_file: None,
             kind: DataKind::Folder,
             text_column: "text".into(),
             text_pair_column: None,
@@ -211,6 +220,26 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&v) {
                 return Err(out_of_range(None, key, v, "in [0, 1)"));
             }
+        }
+        if d.train_file.is_none() {
+            let other = [
+                (
+                    "--validation-file",
+                    "data.validation_file",
+                    &d.validation_file,
+                ),
+                ("--test-file", "data.test_file", &d.test_file),
+            ];
+            if let Some((flag, key, _)) = other.iter().find(|o| o.2.is_some()) {
+                anyhow::bail!(
+                    "{flag} (config key {key}) needs --train-file (data.train_file): the label \
+                     order comes from the train file"
+                );
+            }
+        } else if d.path.is_some() {
+            anyhow::bail!(
+                "--data (data.path) and --train-file (data.train_file) both given: use one"
+            );
         }
         let sum = d.validation_fraction + d.test_fraction;
         anyhow::ensure!(

@@ -36,21 +36,22 @@ pub struct LoadedDecoder {
     pub tokenizer: Tokenizer,
     /// End-of-sequence ids: the first ends each training sequence, any stops generation.
     pub eos: Vec<u32>,
+    /// The tokenizer's chat template (`chat_template.jinja` / `tokenizer_config.json` beside a
+    /// Hugging Face model, `tokenizer.chat_template` in GGUF metadata), for chat records. A
+    /// template that does not compile is kept as its error, which only chat data reports: plain
+    /// text trains on such a model as on any other.
+    pub chat_template: Result<Option<crate::data::chat::ChatTemplate>, String>,
     /// Path written into the adapter's `base_model_name_or_path`.
     pub source: PathBuf,
 }
 
-/// The model path: the configured GGUF file / HF folder, or the SmolLM2 asset (fetched).
+/// The model path: the configured GGUF file / HF folder (or a model id in the local Hugging Face
+/// cache, see [`crate::io::hub`]), or the SmolLM2 asset (fetched).
 pub fn resolve_decoder_path(model: Option<&Path>) -> Result<PathBuf> {
     Ok(match model {
-        Some(p) if !p.exists() => {
-            return Err(crate::io::IoError::Missing {
-                path: p.into(),
-                what: "GGUF file or Hugging Face LLaMA / GPT-2 folder".into(),
-            }
-            .into())
+        Some(p) => {
+            crate::io::hub::resolve_model(p, "GGUF file or Hugging Face LLaMA / GPT-2 folder")?
         }
-        Some(p) => p.to_path_buf(),
         None => {
             let cache = fetch::default_cache_dir();
             fetch::ensure(&fetch::SMOLLM2, &cache)?;
@@ -80,10 +81,13 @@ pub fn load_decoder(
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("{}: not a tokenizer file ({e})", tok_path.display()))?;
         let eos = m.eos_token_ids();
+        let chat_template =
+            crate::data::chat::ChatTemplate::from_hf_dir(&source).map_err(|e| e.to_string());
         return Ok(LoadedDecoder {
             model: m,
             tokenizer,
             eos,
+            chat_template,
             source,
         });
     }
@@ -95,6 +99,19 @@ pub fn load_decoder(
     );
     let g = crate::model::gguf::load_llama_opts(&source, dtype, device, quantized_base)?;
     let eos = g.config.eos_token_id.clone();
+    let token = |id: Option<u32>| {
+        id.and_then(|i| g.tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let chat_template = g
+        .chat_template
+        .clone()
+        .map(|t| {
+            let (bos, eos) = (token(g.config.bos_token_id), token(eos.first().copied()));
+            crate::data::chat::ChatTemplate::new(t, bos, eos, &source)
+        })
+        .transpose()
+        .map_err(|e| e.to_string());
     let w = crate::io::weights::Weights::from_tensors(g.tensors, dtype, device)
         .with_quantized(g.quantized);
     let model = LlamaForCausalLM::from_weights(g.config, &w)
@@ -103,6 +120,7 @@ pub fn load_decoder(
         model: model.into(),
         tokenizer: g.tokenizer,
         eos,
+        chat_template,
         source,
     })
 }
@@ -114,18 +132,32 @@ pub struct LmSplits {
     pub test: Vec<LmSequence>,
 }
 
-/// Loads the configured text, splits it by document and cuts it into sequences.
-pub fn load_lm_data(cfg: &LmTrainConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<LmSplits> {
+/// Loads the configured text, splits it by document (one document or a few: by position) and
+/// cuts it into sequences; or loads instruction records and encodes them (chats through the
+/// decoder's chat template).
+pub fn load_lm_data(cfg: &LmTrainConfig, d: &LoadedDecoder) -> Result<LmSplits> {
+    let (tok, eos) = (&d.tokenizer, d.eos.first().copied());
     let cache = fetch::default_cache_dir();
     let docs = match (cfg.data_kind, &cfg.data) {
         (LmDataKind::Instructions, None) => {
             anyhow::bail!("instruction data needs a path (--data FILE.jsonl)")
         }
         (LmDataKind::Instructions, Some(p)) => {
-            let items = lm::load_instructions(p)?;
-            let enc = |v: Vec<lm::Instruction>| {
-                lm::encode_instructions(tok, &v, cfg.prompt_format, cfg.seq_len, eos)
+            let items = lm::load_records(p)?;
+            let chat = match &d.chat_template {
+                Ok(t) => t.as_ref(),
+                Err(e) if items.iter().any(|r| matches!(r, lm::Record::Chat(_))) => {
+                    anyhow::bail!("{e} (needed for the chats of {})", p.display())
+                }
+                Err(_) => None,
             };
+            let how = lm::RecordEncoding {
+                format: cfg.prompt_format,
+                chat,
+                max_len: cfg.seq_len,
+                eos,
+            };
+            let enc = |v: Vec<lm::Record>| lm::encode_records(tok, &v, &how, p, &d.source);
             let period = cfg.split_period.max(3);
             let (mut tr, mut va, mut te) = (vec![], vec![], vec![]);
             for (i, it) in items.into_iter().enumerate() {
@@ -155,12 +187,24 @@ pub fn load_lm_data(cfg: &LmTrainConfig, tok: &Tokenizer, eos: Option<u32>) -> R
         (LmDataKind::Text, Some(p)) => lm::load_text(p)?,
         (LmDataKind::Text, None) => anyhow::bail!("text data needs a path (--data FILE|DIR)"),
     };
-    let s = lm::split_documents(docs, cfg.split_period);
-    anyhow::ensure!(
-        !s.train.is_empty() && !s.validation.is_empty() && !s.test.is_empty(),
-        "too few documents to split into train/validation/test (period {})",
-        cfg.split_period
-    );
+    let s = if docs.len() < cfg.split_period {
+        // Too few documents for one of every period to validate and one to test (one .txt
+        // file): the text, joined, is split by position.
+        let name = cfg
+            .data
+            .as_ref()
+            .map_or("text".into(), |p| p.display().to_string());
+        let text = docs.iter().map(|d| d.text.as_str()).collect::<Vec<_>>();
+        let joined = lm::Document {
+            name: name.clone(),
+            text: text.join("\n\n"),
+        };
+        lm::split_by_position(&joined, cfg.split_period).ok_or_else(|| {
+            anyhow::anyhow!("{name}: too little text to split into train, validation and test")
+        })?
+    } else {
+        lm::split_documents(docs, cfg.split_period)
+    };
     let cut = |d: &[lm::Document]| lm::chunk_documents(tok, d, cfg.seq_len, eos);
     Ok(LmSplits {
         train: cut(&s.train)?,
@@ -320,7 +364,7 @@ pub fn train_lm(
         cfg.quantize_format,
     )?;
     cfg.check_model(&loaded.model, &loaded.source)?;
-    let data = load_lm_data(cfg, &loaded.tokenizer, loaded.eos.first().copied())?;
+    let data = load_lm_data(cfg, &loaded)?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
     let mut model = loaded.model;
     let source = loaded.source;

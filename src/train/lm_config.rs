@@ -17,9 +17,12 @@ pub enum LmDataKind {
     MobyDick,
     /// State of the Union addresses (the npm asset's layout).
     Sotu,
-    /// A `.txt` file or a folder of them; documents split by position.
+    /// A `.txt` file or a folder of them; documents split by position (fewer documents than
+    /// `split_period`, one file say: the text split by position).
     Text,
-    /// JSONL of prompt/response pairs; the loss counts response tokens only.
+    /// JSONL or a JSON array of records: `messages` / ShareGPT `conversations` (through the
+    /// model's chat template), prompt/completion, prompt/response, instruction/output, or
+    /// `text`; the loss counts the answers' tokens only.
     Instructions,
 }
 

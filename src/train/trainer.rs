@@ -40,7 +40,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
     let model_dir = resolve_model_dir(cfg)?;
     cfg.check_model(&model_dir)?;
     let splits = load_splits(cfg)?;
-    let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), cfg.data.max_length)?;
+    let encoder = TextEncoder::from_model_dir(&model_dir, cfg.data.max_length)?;
     let train = encoder.encode_all(&splits.train.examples)?;
     let validation = encoder.encode_all(&splits.validation.examples)?;
     let test = encoder.encode_all(&splits.test.examples)?;
@@ -53,17 +53,23 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
     })
 }
 
-/// The model folder: the configured one, or the MiniLM-L6 asset (fetched if missing).
+/// The model folder: the configured one (a folder, or a model id in the local Hugging Face
+/// cache, see [`crate::io::hub`]), or the MiniLM-L6 asset (fetched if missing).
 pub fn resolve_model_dir(cfg: &TrainConfig) -> Result<PathBuf> {
+    const WHAT: &str =
+        "model folder with config.json, model.safetensors and tokenizer.json (or vocab.txt)";
     Ok(match &cfg.model {
-        Some(p) if !p.is_dir() => {
-            return Err(crate::io::IoError::Missing {
-                path: p.clone(),
-                what: "model folder with config.json, model.safetensors and tokenizer.json".into(),
+        Some(p) => {
+            let dir = crate::io::hub::resolve_model(p, WHAT)?;
+            if !dir.is_dir() {
+                return Err(crate::io::IoError::Missing {
+                    path: dir,
+                    what: WHAT.into(),
+                }
+                .into());
             }
-            .into())
+            dir
         }
-        Some(p) => p.clone(),
         None => {
             let cache = fetch::default_cache_dir();
             fetch::ensure(&fetch::MINILM, &cache)?;
@@ -86,6 +92,12 @@ fn table_spec(cfg: &TrainConfig) -> TableSpec {
 
 /// The whole data set, unsplit (every kind but GLUE folders, which come split).
 pub fn load_dataset(cfg: &TrainConfig) -> Result<Dataset> {
+    if let (Some(train), None) = (&cfg.data.train_file, &cfg.data.path) {
+        anyhow::bail!(
+            "{}: the whole data is one file: pass the file to evaluate as --data",
+            train.display()
+        );
+    }
     let cache = fetch::default_cache_dir();
     let ds = match (&cfg.data.kind, &cfg.data.path) {
         (DataKind::Folder, None) => {
@@ -110,6 +122,21 @@ pub fn load_dataset(cfg: &TrainConfig) -> Result<Dataset> {
 
 fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
     let d = &cfg.data;
+    if let Some(train) = &d.train_file {
+        let files = data::SplitFiles {
+            train,
+            validation: d.validation_file.as_deref(),
+            test: d.test_file.as_deref(),
+        };
+        let (v, t) = (d.validation_fraction, d.test_fraction);
+        return Ok(data::load_split_files(
+            &files,
+            &table_spec(cfg),
+            v,
+            t,
+            cfg.seed,
+        )?);
+    }
     if let (DataKind::Glue, Some(p)) = (&d.kind, &d.path) {
         return Ok(data::load_glue_dir(p, &table_spec(cfg), cfg.seed)?);
     }
