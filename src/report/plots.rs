@@ -1,4 +1,5 @@
-//! PNG plots of a SAFE run: adapter importance over epochs and the resulting freezing pattern.
+//! PNG plots of a SAFE run: adapter importance over SAFE's decision rounds (several per epoch by
+//! default) and the resulting freezing pattern.
 //!
 //! Rendering is pure Rust (plotters' bitmap backend) so reports work on headless training
 //! machines. Text uses a TTF shipped in the repository (`assets/DejaVuSans.ttf`) and embedded
@@ -73,9 +74,10 @@ fn importance_size(adapter_names: &[String]) -> (u32, u32) {
     (IMP_PLOT_W + cols * col_w + 10, IMP_H)
 }
 
-/// Importance per adapter over epochs (the SAFE paper's Fig. 3 in spirit): one line per adapter
-/// (x = epoch 1.., y = importance 1-CKA) and the freezing threshold tau_t per epoch as a dashed
-/// black line; the legend sits in its own panel on the right. Missing or non-finite scores
+/// Importance per adapter over SAFE's rounds (the SAFE paper's Fig. 3 in spirit): one line per
+/// adapter (x = round 1.., y = importance 1-CKA on a log axis, since scores span orders of
+/// magnitude: 1e-6 beside 0.3) and the freezing threshold tau_t per round as a dashed black line;
+/// the legend sits in its own panel on the right. Missing, non-finite or non-positive scores
 /// (e.g. adapters no longer scored after freezing) are skipped.
 pub fn plot_importance(
     path: &Path,
@@ -106,27 +108,21 @@ pub fn plot_importance(
     let (plot, legend) = root.split_horizontally(IMP_PLOT_W);
 
     let epochs = scores_per_epoch.len().max(thresholds.len()).max(2) as i32;
-    let y_max = scores_per_epoch
-        .iter()
-        .flatten()
-        .chain(thresholds)
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max);
-    let y_max = if y_max > 0.0 { y_max * 1.08 } else { 1.0 };
+    let shown = |v: &f64| v.is_finite() && *v > 0.0;
+    let (y_lo, y_hi) = log_range(scores_per_epoch.iter().flatten().chain(thresholds).copied());
     let mut chart = ChartBuilder::on(&plot)
-        .caption("Adapter importance per epoch", (FONT, 22))
+        .caption("Adapter importance per SAFE round", (FONT, 22))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
-        .build_cartesian_2d(1..epochs, 0.0..y_max)
+        .build_cartesian_2d(1..epochs, (y_lo..y_hi).log_scale())
         .map_err(&err)?;
     chart
         .configure_mesh()
-        .x_desc("epoch")
-        .y_desc("importance (1 − CKA)")
+        .x_desc("SAFE round")
+        .y_desc("importance (1 − CKA), log scale")
         .x_labels(epochs.min(20) as usize)
-        .y_label_formatter(&|v| format!("{v:.2}"))
+        .y_label_formatter(&|v| importance_label(*v))
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
         .light_line_style(WHITE.mix(0.0))
@@ -139,7 +135,7 @@ pub fn plot_importance(
             .iter()
             .enumerate()
             .filter_map(|(e, row)| Some((e as i32 + 1, *row.get(j)?)))
-            .filter(|(_, v)| v.is_finite());
+            .filter(|(_, v)| shown(v));
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
             .map_err(&err)?;
@@ -148,7 +144,7 @@ pub fn plot_importance(
         .iter()
         .enumerate()
         .map(|(e, t)| (e as i32 + 1, *t))
-        .filter(|(_, t)| t.is_finite());
+        .filter(|(_, t)| shown(t));
     chart
         .draw_series(DashedLineSeries::new(
             tau.clone(),
@@ -164,6 +160,33 @@ pub fn plot_importance(
 
     draw_legend(&legend, adapter_names, &colors).map_err(&err)?;
     root.present().map_err(&err)
+}
+
+/// The importance axis's range: the positive finite values' span, widened a little on the log
+/// scale (a decade when all are equal); 1e-3..1 when there are none.
+fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    if hi == 0.0 {
+        return (1e-3, 1.0);
+    }
+    if lo == hi {
+        return (lo / 3.0, hi * 3.0);
+    }
+    (lo / 1.5, hi * 1.5)
+}
+
+/// An importance tick's label: two decimals from 0.01 up, scientific below (1e-6 must not read
+/// "0.00").
+fn importance_label(v: f64) -> String {
+    if v >= 0.01 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0e}")
+    }
 }
 
 /// Distinct colours for up to ~100 series; adjacent layers get clearly different hues.
@@ -199,7 +222,7 @@ fn draw_legend(
     Ok(())
 }
 
-const FREEZE_DESC: &str = "epoch (shade = last importance, darker = higher; white = training)";
+const FREEZE_DESC: &str = "SAFE round (shade = last importance, darker = higher; white = training)";
 
 /// Freezing-plot geometry: (label area width, image size). Cells get a fixed pixel size, so
 /// long runs and deep models grow the image instead of squashing the rows.
@@ -222,8 +245,9 @@ fn freezing_layout(adapter_names: &[String], epochs: usize) -> (u32, (u32, u32))
 }
 
 /// Freezing pattern (paper Fig. 5): adapters as rows (first adapter = bottom layer at the
-/// bottom), epochs as columns. A cell is coloured from the epoch the adapter froze onwards,
-/// darker for a higher last importance; white while it still trains.
+/// bottom), SAFE's rounds as columns (`total_epochs` of them, the name kept from the paper's one
+/// round per epoch). A cell is coloured from the round the adapter froze onwards, darker for a
+/// higher last importance; white while it still trains.
 pub fn plot_freezing(
     path: &Path,
     adapter_names: &[String],
@@ -383,6 +407,32 @@ mod tests {
         let row = vec![0.1; 61];
         let bad = plot_importance(&path, &many, &[row], &[]).unwrap_err();
         assert!(bad.to_string().contains("importance.png"), "{bad}");
+    }
+
+    /// Scores across six decades get a log axis that holds them all, labelled so that 1e-6 does
+    /// not read "0.00"; the plot of such scores is drawn.
+    #[test]
+    fn small_scores_get_a_log_axis_and_readable_labels() {
+        let (lo, hi) = log_range([1e-6, 0.3, f64::NAN, 0.0, 2e-4].into_iter());
+        assert!(lo < 1e-6 && lo > 1e-7 && hi > 0.3 && hi < 1.0, "{lo} {hi}");
+        assert_eq!(log_range([0.0, f64::NAN].into_iter()), (1e-3, 1.0));
+        let (lo, hi) = log_range([0.2, 0.2].into_iter());
+        assert!(lo < 0.2 && hi > 0.2);
+        assert_eq!(importance_label(1e-6), "1e-6");
+        assert_eq!(importance_label(0.25), "0.25");
+        assert_ne!(importance_label(3e-3), "0.00");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("importance.png");
+        let names = make_names(4);
+        let scores: Vec<Vec<f64>> = (0..6)
+            .map(|e| {
+                (0..4)
+                    .map(|a| 1e-6 * 10f64.powi(a) / (1.0 + e as f64))
+                    .collect()
+            })
+            .collect();
+        plot_importance(&path, &names, &scores, &[1e-5; 6]).unwrap();
+        assert!(inked_pixels(&path) > 5_000);
     }
 
     #[test]
