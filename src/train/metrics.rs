@@ -20,7 +20,7 @@ pub fn accuracy(pred: &[usize], gold: &[usize]) -> f64 {
 }
 
 /// `confusion[g][p]`: how many examples of gold class `g` were predicted `p`.
-fn confusion(pred: &[usize], gold: &[usize], num_classes: usize) -> Vec<Vec<u64>> {
+pub fn confusion(pred: &[usize], gold: &[usize], num_classes: usize) -> Vec<Vec<u64>> {
     check_len(pred.len(), gold.len());
     let mut m = vec![vec![0u64; num_classes]; num_classes];
     for (&p, &g) in pred.iter().zip(gold) {
@@ -52,6 +52,43 @@ pub fn macro_f1(pred: &[usize], gold: &[usize], num_classes: usize) -> f64 {
     } else {
         f1s.iter().sum::<f64>() / f1s.len() as f64
     }
+}
+
+/// One class's scores, as scikit-learn's `classification_report` gives them: precision
+/// TP / (TP + FP), recall TP / (TP + FN), F1 their harmonic mean, support the gold count. A ratio
+/// whose denominator is 0 (never predicted; no support) is 0.0, scikit-learn's `zero_division`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ClassScores {
+    pub label: String,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub support: u64,
+}
+
+/// [`ClassScores`] of every class, in class order; `names[k]` labels class k (its index where
+/// `names` has none).
+pub fn per_class(pred: &[usize], gold: &[usize], names: &[String]) -> Vec<ClassScores> {
+    let n = names
+        .len()
+        .max(pred.iter().chain(gold).map(|&c| c + 1).max().unwrap_or(0));
+    let m = confusion(pred, gold, n);
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    (0..n)
+        .map(|k| {
+            let tp = m[k][k];
+            let support: u64 = m[k].iter().sum();
+            let predicted: u64 = m.iter().map(|row| row[k]).sum();
+            let (precision, recall) = (ratio(tp, predicted), ratio(tp, support));
+            ClassScores {
+                label: names.get(k).cloned().unwrap_or_else(|| k.to_string()),
+                precision,
+                recall,
+                f1: ratio(2 * tp, predicted + support),
+                support,
+            }
+        })
+        .collect()
 }
 
 /// Matthews correlation coefficient, multiclass form (Gorodkin 2004, as in
@@ -157,6 +194,46 @@ mod tests {
         close(macro_f1(&[0, 0, 0], &[0, 0, 1], 2), 0.4);
         close(macro_f1(&[1, 0], &[1, 0], 2), 1.0);
         close(macro_f1(&[], &[], 2), 0.0);
+    }
+
+    /// sklearn's `classification_report` example: y_true [0,1,2,2,2], y_pred [0,0,2,2,1] gives
+    /// class 0: precision 1/2, recall 1, F1 2/3, support 1; class 1: 0, 0, 0, 1; class 2:
+    /// precision 1, recall 2/3, F1 0.8, support 3.
+    #[test]
+    fn per_class_scores_and_confusion_by_hand() {
+        let (gold, pred) = ([0, 1, 2, 2, 2], [0, 0, 2, 2, 1]);
+        let names: Vec<String> = ["ant", "bee", "cat"].map(String::from).to_vec();
+        let r = per_class(&pred, &gold, &names);
+        let got: Vec<(&str, f64, f64, f64, u64)> = r
+            .iter()
+            .map(|c| (c.label.as_str(), c.precision, c.recall, c.f1, c.support))
+            .collect();
+        assert_eq!(got[1], ("bee", 0.0, 0.0, 0.0, 1));
+        let want = [
+            ("ant", 0.5, 1.0, 2.0 / 3.0, 1),
+            ("cat", 1.0, 2.0 / 3.0, 0.8, 3),
+        ];
+        for (g, w) in [got[0], got[2]].iter().zip(want) {
+            assert_eq!((g.0, g.4), (w.0, w.4));
+            for (a, b) in [(g.1, w.1), (g.2, w.2), (g.3, w.3)] {
+                close(a, b);
+            }
+        }
+        // The per-class F1s average to macro F1 when every class occurs.
+        close(
+            r.iter().map(|c| c.f1).sum::<f64>() / 3.0,
+            macro_f1(&pred, &gold, 3),
+        );
+        // Rows are gold classes, columns predictions.
+        assert_eq!(
+            confusion(&pred, &gold, 3),
+            [[1, 0, 0], [1, 0, 0], [0, 1, 2]]
+        );
+        // A class without a name, and a class named but absent.
+        let r = per_class(&[0, 3], &[0, 3], &names);
+        assert_eq!(r.len(), 4);
+        assert_eq!((r[3].label.as_str(), r[3].support, r[3].f1), ("3", 1, 1.0));
+        assert_eq!((r[1].support, r[1].precision), (0, 0.0));
     }
 
     #[test]
