@@ -29,7 +29,7 @@ $BIN train --model "$BASE" --data "$WORK/train.csv" --output "$OUT" --epochs 1 \
 
 step=safetune-eval
 $BIN eval --model "$BASE" --adapter "$OUT" --data "$EVAL" --split all --max-length 128 \
-  --logits "$WORK/safetune_logits.json"
+  --logits-out "$WORK/safetune_logits.json"
 
 step=peft-logits
 $PY $SCRIPT peft-logits --base "$BASE" --adapter "$OUT" --data "$EVAL" --out "$WORK/peft_logits.json"
@@ -41,7 +41,7 @@ $PY $SCRIPT peft-logits --base "$BASE" --adapter "$PEFT_OUT" --data "$EVAL" \
 
 step=safetune-eval-peft-adapter
 $BIN eval --model "$BASE" --adapter "$PEFT_OUT" --data "$EVAL" --split all --max-length 128 \
-  --logits "$WORK/safetune_on_peft_logits.json"
+  --logits-out "$WORK/safetune_on_peft_logits.json"
 
 step=safetune-merge
 $BIN merge --model "$BASE" --adapter "$OUT" --output "$MERGED"

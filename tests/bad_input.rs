@@ -239,7 +239,7 @@ fn train_lm_flags_out_of_range_name_the_flag() {
     let out = sb.path("out");
     for (flag, value) in [
         ("--batch-size", "0"),
-        ("--seq-len", "1"),
+        ("--max-length", "1"),
         ("--lora-dropout", "1"),
     ] {
         let args = ["train-lm", "--output", s(&out), flag, value, "--quiet"];
@@ -303,7 +303,8 @@ fn seq_len_beyond_the_models_positions_names_flag_and_model() {
         std::fs::write(text.join(format!("doc{d}.txt")), doc).unwrap();
     }
     let out = sb.path("out");
-    let needles = ["--seq-len", "128", "64 positions", "llama"];
+    // --seq-len, the former name, is an alias of --max-length; errors name the current flag.
+    let needles = ["--max-length", "128", "64 positions", "llama"];
     let train = [
         "train-lm",
         "--model",

@@ -445,6 +445,298 @@ fn max_steps_ends_the_run_early() {
     );
 }
 
+/// The learning rate each step logs follows `--lr-scheduler` after `--warmup-ratio`'s warm-up:
+/// flat for `constant`, half a cosine down to 0 for `cosine` (computed here from the step index);
+/// `--weight-decay` changes what is trained.
+#[test]
+fn lr_scheduler_warmup_and_weight_decay_flags_take_effect() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let run = |name: &str, extra: &[&str]| {
+        let out = sb.path(name);
+        let mut flags = vec!["--epochs", "2", "--lr", "0.004"];
+        flags.extend_from_slice(extra);
+        sb.run_ok(&train_args(&model, &data, &out, &flags));
+        let lrs: Vec<f64> = read_jsonl(&out.join("steps.jsonl"))
+            .iter()
+            .map(|l| l["lr"].as_f64().unwrap())
+            .collect();
+        (out, lrs)
+    };
+    let (_, constant) = run(
+        "constant",
+        &["--lr-scheduler", "constant", "--warmup-ratio", "0"],
+    );
+    assert!(constant.len() > 4);
+    assert!(constant.iter().all(|&lr| lr == 0.004), "{constant:?}");
+    let (plain, cosine) = run(
+        "cosine",
+        &["--lr-scheduler", "cosine", "--warmup-ratio", "0.25"],
+    );
+    let total = cosine.len();
+    let warmup = (0.25 * total as f64).round() as usize;
+    for (step, &lr) in cosine.iter().enumerate() {
+        let want = if step < warmup {
+            0.004 * (step + 1) as f64 / warmup as f64
+        } else {
+            let done = (step - warmup) as f64 / (total - warmup) as f64;
+            0.004 * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
+        };
+        assert!((lr - want).abs() < 1e-12, "step {step}: {lr} vs {want}");
+    }
+    let (decayed, _) = run(
+        "decayed",
+        &[
+            "--lr-scheduler",
+            "cosine",
+            "--warmup-ratio",
+            "0.25",
+            "--weight-decay",
+            "0.5",
+        ],
+    );
+    let (a, b) = (
+        load_tensors(&plain.join("adapter_model.safetensors")),
+        load_tensors(&decayed.join("adapter_model.safetensors")),
+    );
+    let diff = (&a[QUERY_A] - &b[QUERY_A]).unwrap().abs().unwrap();
+    assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+}
+
+/// `--eval-steps 2` validates after step 2 (a `metrics.jsonl` line with the step); with the
+/// learning rate at 0 nothing changes, so the next validation (step 4) does not improve and
+/// `--early-stopping-patience 1` ends the run there: validated, checkpointed, summarized, with
+/// the best adapter that of step 2.
+#[test]
+fn eval_steps_and_early_stopping() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    let flags = [
+        "--epochs",
+        "3",
+        "--lr",
+        "0",
+        "--eval-steps",
+        "2",
+        "--early-stopping-patience",
+        "1",
+    ];
+    sb.run_ok(&train_args(&model, &data, &out, &flags));
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    let at = |l: &Value| (l["step"].as_u64(), l["global_step"].as_u64());
+    // Validations after steps 2 and 4, then the epoch's line (which reuses step 4's).
+    assert_eq!(metrics.len(), 3, "{metrics:?}");
+    assert_eq!(at(&metrics[0]), (Some(2), Some(2)));
+    assert_eq!(at(&metrics[1]), (Some(4), Some(4)));
+    assert_eq!(at(&metrics[2]), (None, Some(4)));
+    assert_eq!(
+        (metrics[2]["epoch"].as_u64(), metrics[2]["steps"].as_u64()),
+        (Some(1), Some(4))
+    );
+    for l in &metrics[1..] {
+        assert_eq!(l["validation_metric"], metrics[0]["validation_metric"]);
+    }
+    assert_eq!(read_jsonl(&out.join("steps.jsonl")).len(), 4);
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["stopped_early"], true, "{summary}");
+    assert_eq!(
+        (
+            summary["best_step"].as_u64(),
+            summary["best_epoch"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    // Without patience the same run goes on to its 3 epochs.
+    let all = sb.path("all");
+    sb.run_ok(&train_args(&model, &data, &all, &flags[..6]));
+    let summary = read_json(&all.join("summary.json"));
+    assert_eq!(summary["stopped_early"], false, "{summary}");
+    let epochs: Vec<u64> = read_jsonl(&all.join("metrics.jsonl"))
+        .iter()
+        .filter(|l| l.get("step").is_none())
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1, 2, 3]);
+}
+
+/// `--save-steps 3 --save-total-limit 3` keeps the newest three step checkpoints. A run whose
+/// newest checkpoint is `checkpoint-6` (step 6 of epoch 1's 7: as if it was killed after writing
+/// it) resumes inside epoch 1 and ends where the uninterrupted run ends: same tensors, same
+/// steps, losses and validations in the logs.
+#[test]
+fn resume_from_a_step_checkpoint_inside_an_epoch_is_exact() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let (straight, resumed) = (sb.path("straight"), sb.path("resumed"));
+    let flags = [
+        "--epochs",
+        "2",
+        "--save-steps",
+        "3",
+        "--save-total-limit",
+        "3",
+        "--eval-steps",
+        "4",
+    ];
+    sb.run_ok(&train_args(&model, &data, &straight, &flags));
+    let step_dirs = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        v.sort();
+        v
+    };
+    // 7 steps per epoch, 14 in all: checkpoints at 3, 6, 9 and 12, the newest 3 kept.
+    assert_eq!(
+        step_dirs(&straight),
+        ["checkpoint-12", "checkpoint-6", "checkpoint-9"]
+    );
+    let six = read_json(&straight.join("checkpoint-6/state.json"));
+    assert_eq!(
+        (
+            six["epochs_done"].as_u64(),
+            six["partial_epoch"]["steps"].as_u64()
+        ),
+        (Some(0), Some(6))
+    );
+
+    // The interrupted run: the straight run's folder as it was after step 6's checkpoint (its
+    // logs run further; the resume drops what comes after step 6).
+    std::fs::create_dir_all(&resumed).unwrap();
+    for e in std::fs::read_dir(&straight).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if p.is_file() && name != "summary.json" && name != ".safetune.lock" {
+            std::fs::copy(&p, resumed.join(&name)).unwrap();
+        }
+    }
+    let copy_dir = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    };
+    copy_dir(
+        &straight.join("checkpoint-6"),
+        &resumed.join("checkpoint-6"),
+    );
+    let mut args = train_args(&model, &data, &resumed, &flags);
+    args.push("--resume");
+    sb.run_ok(&args);
+
+    assert_eq!(step_dirs(&resumed), step_dirs(&straight));
+    for f in [
+        "checkpoint/tensors.safetensors",
+        "checkpoint-12/tensors.safetensors",
+        "adapter_model.safetensors",
+    ] {
+        assert_same_tensors(&resumed.join(f), &straight.join(f));
+    }
+    let logged = |dir: &Path, file: &str, keys: &[&str]| -> Vec<Vec<Value>> {
+        read_jsonl(&dir.join(file))
+            .iter()
+            .map(|l| keys.iter().map(|k| l[*k].clone()).collect())
+            .collect()
+    };
+    let step_keys = ["epoch", "step", "global_step", "loss", "lr"];
+    assert_eq!(
+        logged(&resumed, "steps.jsonl", &step_keys),
+        logged(&straight, "steps.jsonl", &step_keys)
+    );
+    let metric_keys = [
+        "epoch",
+        "step",
+        "global_step",
+        "steps",
+        "train_loss",
+        "validation_metric",
+        "validation_loss",
+    ];
+    let metrics = logged(&straight, "metrics.jsonl", &metric_keys);
+    assert_eq!(
+        metrics.len(),
+        2 + 3,
+        "two epochs, validations at steps 4, 8 and 12"
+    );
+    assert_eq!(logged(&resumed, "metrics.jsonl", &metric_keys), metrics);
+    let summary = |dir: &Path| read_json(&dir.join("summary.json"))["value"].clone();
+    assert_eq!(summary(&resumed), summary(&straight));
+}
+
+/// `--report-to tensorboard` writes an event file in OUTPUT/runs/ whose scalars (read back
+/// through their TFRecord checksums) are the run's: each step's loss, learning rate and step
+/// memory as `steps.jsonl` has them, each validation's accuracy as `metrics.jsonl` has it.
+#[test]
+fn report_to_tensorboard_writes_the_runs_scalars() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    let out = sb.path("out");
+    let flags = [
+        "--epochs",
+        "2",
+        "--eval-steps",
+        "3",
+        "--report-to",
+        "tensorboard",
+    ];
+    sb.run_ok(&train_args(&model, &data, &out, &flags));
+    let files: Vec<PathBuf> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("events.out.tfevents."), "{name}");
+    let scalars =
+        safetune::report::tensorboard::read::scalars(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let series = |tag: &str| -> Vec<(u64, f32)> {
+        scalars
+            .iter()
+            .filter(|(t, _, _)| t == tag)
+            .map(|(_, step, v)| (*step, *v))
+            .collect()
+    };
+    let steps = read_jsonl(&out.join("steps.jsonl"));
+    for (tag, key) in [
+        ("train/loss", "loss"),
+        ("train/lr", "lr"),
+        ("train/step_mem_bytes", "step_mem_bytes"),
+    ] {
+        let want: Vec<(u64, f32)> = steps
+            .iter()
+            .map(|l| {
+                (
+                    l["global_step"].as_u64().unwrap(),
+                    l[key].as_f64().unwrap() as f32,
+                )
+            })
+            .collect();
+        assert_eq!(series(tag), want, "{tag}");
+    }
+    let want: Vec<(u64, f32)> = read_jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .map(|l| {
+            let v = l["validation_metric"].as_f64().unwrap() as f32;
+            (l["global_step"].as_u64().unwrap(), v)
+        })
+        .collect();
+    assert_eq!(
+        want.len(),
+        2 + 4,
+        "epoch ends and validations at steps 3, 6, 9, 12"
+    );
+    assert_eq!(series("eval/accuracy"), want);
+    assert_eq!(series("eval/loss").len(), want.len());
+}
+
 #[test]
 fn resume_with_another_length_is_refused() {
     // The LR schedule (warm-up, then linear decay to 0 over epochs x steps) and SAFE's rounds
@@ -1211,7 +1503,7 @@ fn train_lm_args<'a>(
         "1",
         "--max-steps-per-epoch",
         "2",
-        "--seq-len",
+        "--max-length",
         "16",
         "--batch-size",
         "2",
@@ -1476,7 +1768,7 @@ fn eval_maps_labels_by_the_adapters_class_names() {
             "all",
         ];
         if let Some(l) = logits {
-            args.extend(["--logits", s(l)]);
+            args.extend(["--logits-out", s(l)]);
         }
         sb.run(&args)
     };
@@ -1517,4 +1809,108 @@ fn eval_maps_labels_by_the_adapters_class_names() {
         err.contains("'positive'") && err.contains("safetune.json"),
         "{err}"
     );
+}
+
+/// `eval --adapter DIR` alone reads data as the run did: `safetune.json` keeps the task, max
+/// length, columns and split, `adapter_config.json` the base model folder. On the run's own data
+/// it scores the run's test split as `summary.json` does; without the saved settings the default
+/// columns are not in the file; a base folder that is not here is a clear error.
+#[test]
+fn eval_reads_the_runs_settings_from_the_adapter_folder() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let plain = std::fs::read_to_string(tiny_csv(&sb.path("plain.csv"))).unwrap();
+    let data = sb.path("data.csv");
+    std::fs::write(&data, plain.replacen("text,label", "sentence,verdict", 1)).unwrap();
+    let out = sb.path("out");
+    let cols = [
+        "--epochs",
+        "1",
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "verdict",
+    ];
+    sb.run_ok(&train_args(&model, &data, &out, &cols));
+    let saved = read_json(&out.join("safetune.json"));
+    assert_eq!(saved["data"]["label_column"], "verdict", "{saved}");
+    assert_eq!(
+        saved["data"]["max_length"].as_u64(),
+        Some(TINY_MAX_LENGTH.parse().unwrap())
+    );
+    let o = sb.run_ok(&["eval", "--adapter", s(&out), "--data", s(&data)]);
+    let scores: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(scores["metric"], summary["value"], "{scores}\n{summary}");
+    assert_eq!(
+        scores["loss"], summary["test"]["loss"],
+        "{scores}\n{summary}"
+    );
+
+    // The same adapter without its data settings reads the default columns.
+    let bare = sb.path("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(out.join(f), bare.join(f)).unwrap();
+    }
+    let mut labels = saved.clone();
+    labels.as_object_mut().unwrap().remove("data");
+    std::fs::write(bare.join("safetune.json"), labels.to_string()).unwrap();
+    let o = sb.run(&[
+        "eval",
+        "--adapter",
+        s(&bare),
+        "--data",
+        s(&data),
+        "--max-length",
+        "32",
+    ]);
+    assert_clean_error(&o, &["data.csv", "'text'"]);
+    // ... and flags still override the saved settings.
+    let o = sb.run(&[
+        "eval",
+        "--adapter",
+        s(&out),
+        "--data",
+        s(&data),
+        "--label-column",
+        "nope",
+    ]);
+    assert_clean_error(&o, &["data.csv", "nope"]);
+
+    // A base model the adapter names that is not on this machine.
+    let mut cfg = read_json(&out.join("adapter_config.json"));
+    cfg["base_model_name_or_path"] = "bert-base-uncased".into();
+    std::fs::write(bare.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let o = sb.run(&["eval", "--adapter", s(&bare), "--data", s(&data)]);
+    assert_clean_error(&o, &["adapter_config.json", "bert-base-uncased", "--model"]);
+}
+
+/// `train-lm` says when `--max-steps-per-epoch` (30 by default) cuts its epochs short, with the
+/// epoch's real length, and says nothing over whole epochs.
+#[test]
+fn train_lm_says_when_the_step_cap_is_in_force() {
+    let sb = Sandbox::new();
+    let model = tiny_gpt2(&sb.path("gpt2"), 1);
+    let data = tiny_texts(&sb.path("texts"));
+    let whole = sb.path("whole");
+    let flags = ["--target-modules", "c_attn"];
+    let mut args = train_lm_args(&model, &data, &whole, &flags);
+    let cap = args
+        .iter()
+        .position(|a| *a == "--max-steps-per-epoch")
+        .unwrap();
+    args[cap + 1] = "0";
+    let o = sb.run_ok(&args);
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("in force"),
+        "{}",
+        text(&o)
+    );
+    let full = read_jsonl(&whole.join("steps.jsonl")).len();
+    assert!(full > 2, "{full} steps per epoch");
+    let o = sb.run_ok(&train_lm_args(&model, &data, &sb.path("capped"), &flags));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let want = format!("--max-steps-per-epoch 2 is in force: 2 of the {full} optimizer steps");
+    assert!(stderr.contains(&want), "{stderr}");
 }

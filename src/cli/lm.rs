@@ -30,8 +30,9 @@ pub struct LmTrainArgs {
     /// How instructions are laid out: plain | chatml
     #[arg(long)]
     pub prompt_format: Option<PromptFormat>,
-    #[arg(long)]
-    pub seq_len: Option<usize>,
+    /// Tokens per training sequence (config key seq_len).
+    #[arg(long, alias = "seq-len")]
+    pub max_length: Option<usize>,
     #[command(flatten)]
     pub run: super::RunArgs,
     /// Evaluate on at most this many validation/test sequences; 0 = all.
@@ -69,7 +70,7 @@ impl LmTrainArgs {
         }
         set!(c.data_kind, self.data_kind);
         set!(c.prompt_format, self.prompt_format);
-        set!(c.seq_len, self.seq_len);
+        set!(c.seq_len, self.max_length);
         apply_run_args!(c, self.run);
         set!(c.max_eval_sequences, self.max_eval_sequences);
         c.quantized_base |= self.quantized_base;
@@ -112,8 +113,9 @@ pub struct PerplexityArgs {
     pub data: Option<PathBuf>,
     #[arg(long)]
     pub data_kind: Option<LmDataKind>,
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
+    /// Tokens per sequence.
+    #[arg(long, alias = "seq-len", default_value_t = 128)]
+    pub max_length: usize,
     /// Which split of the documents: test | validation | train
     #[arg(long, default_value = "test")]
     pub split: String,
@@ -189,11 +191,11 @@ pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: &PerplexityArgs) -> Result<()> {
-    crate::train::config::at_least(2, Some("--seq-len"), "seq_len", a.seq_len)?;
+    crate::train::config::at_least(2, Some("--max-length"), "seq_len", a.max_length)?;
     let d = load_with_adapter(&a.decoder)?;
     let mut cfg = LmTrainConfig {
         data: a.data.clone(),
-        seq_len: a.seq_len,
+        seq_len: a.max_length,
         ..Default::default()
     };
     cfg.check_model(&d.model, &d.source)?;

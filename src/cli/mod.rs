@@ -105,8 +105,19 @@ pub struct RunArgs {
     /// Comma-separated module names, e.g. query,value (BERT), q_proj,v_proj (LLaMA), c_attn (GPT-2)
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
+    /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// The learning rate after its linear warm-up: linear decay to 0 (default), half a cosine
+    /// to 0, or constant.
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<crate::nn::optim::LrScheduler>,
+    /// Share of the run's optimizer steps over which the learning rate warms up from 0 (0 to 1).
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// AdamW's decoupled weight decay (default 0, as in the SAFE paper).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     #[arg(long)]
     pub epochs: Option<usize>,
     #[arg(long)]
@@ -126,6 +137,25 @@ pub struct RunArgs {
     /// schedule stays that of --epochs).
     #[arg(long)]
     pub stop_after_epoch: Option<usize>,
+    /// Validate every N optimizer steps besides each epoch's end (logged in metrics.jsonl with
+    /// the step; each validation can become the best adapter). 0 = epoch ends only.
+    #[arg(long, value_name = "N")]
+    pub eval_steps: Option<usize>,
+    /// Write a resumable checkpoint, OUTPUT/checkpoint-STEP/, every N optimizer steps (--resume
+    /// continues from the newest checkpoint, inside an epoch too). 0 = none.
+    #[arg(long, value_name = "N")]
+    pub save_steps: Option<usize>,
+    /// Keep only the newest K step checkpoints (0 = all).
+    #[arg(long, value_name = "K")]
+    pub save_total_limit: Option<usize>,
+    /// Stop the run after P validations in a row without a better validation metric (0 = never);
+    /// the best adapter is kept and summary.json says stopped_early.
+    #[arg(long, value_name = "P")]
+    pub early_stopping_patience: Option<usize>,
+    /// Also write TensorBoard event files in OUTPUT/runs/ (train loss, learning rate, step
+    /// memory, validation metric and loss; `tensorboard --logdir OUTPUT/runs`).
+    #[arg(long, value_enum)]
+    pub report_to: Option<crate::train::config::ReportTo>,
     /// SAFE's tau_T as an absolute importance value (default: half the largest importance at warm-up end).
     #[arg(long)]
     pub safe_tau: Option<f64>,
@@ -177,12 +207,20 @@ macro_rules! apply_run_args {
         set!(c.lora.dropout, a.lora_dropout);
         set!(c.lora.target_modules, a.target_modules);
         set!(c.lr, a.lr);
+        set!(c.lr_scheduler, a.lr_scheduler);
+        set!(c.warmup_ratio, a.warmup_ratio);
+        set!(c.weight_decay, a.weight_decay);
         set!(c.epochs, a.epochs);
         set!(c.batch_size, a.batch_size);
         set!(c.grad_accum, a.grad_accum);
         set!(c.seed, a.seed);
         set!(c.max_steps_per_epoch, a.max_steps_per_epoch);
         set!(c.max_steps, a.max_steps);
+        set!(c.eval_steps, a.eval_steps);
+        set!(c.save_steps, a.save_steps);
+        set!(c.save_total_limit, a.save_total_limit);
+        set!(c.early_stopping_patience, a.early_stopping_patience);
+        set!(c.report_to, a.report_to);
         if a.stop_after_epoch.is_some() {
             c.stop_after_epoch = a.stop_after_epoch;
         }
@@ -292,9 +330,12 @@ impl TrainArgs {
     }
 }
 
+/// `eval`'s data flags override the settings the run saved in the adapter folder
+/// (`safetune.json`: task, max length, columns, split), which override the defaults.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Base model folder. Default: MiniLM-L6.
+    /// Base model folder. Default: the adapter's base_model_name_or_path (adapter_config.json)
+    /// when that folder exists, else MiniLM-L6 for an adapter that names none.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a train output.
@@ -302,15 +343,16 @@ pub struct EvalArgs {
     pub adapter: PathBuf,
     #[command(flatten)]
     pub data: DataArgs,
-    /// Seed of the train/validation/test split (must match training's to score its test split).
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    /// Seed of the train/validation/test split (default: the training run's, saved with the
+    /// adapter, else 42).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Which examples: the seeded split's `test` or `validation`, or `all` (the whole data, in order).
     #[arg(long, default_value = "test")]
     pub split: EvalSplit,
     /// Also write the logits (`{"logits": [[...], ...]}`, in data order) to this file.
-    #[arg(long)]
-    pub logits: Option<PathBuf>,
+    #[arg(long, alias = "logits")]
+    pub logits_out: Option<PathBuf>,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
 }
@@ -530,12 +572,19 @@ pub(crate) fn check_output(dir: &std::path::Path, resume: bool, overwrite: bool)
 
 fn eval(a: EvalArgs) -> Result<()> {
     let pc = peft::read_config(&a.adapter)?;
+    let saved = crate::io::labels::load(&a.adapter)?;
     let mut cfg = TrainConfig {
-        model: a.model.clone(),
-        seed: a.seed,
+        model: match &a.model {
+            Some(m) => Some(m.clone()),
+            None => adapter_base(&a.adapter, pc.base_model_name_or_path.as_deref())?,
+        },
         ..Default::default()
     };
+    if let Some(d) = saved.as_ref().and_then(|l| l.data.as_ref()) {
+        apply_trained_on(&mut cfg, d, &a.adapter)?;
+    }
     a.data.apply(&mut cfg);
+    set!(cfg.seed, a.seed);
     cfg.lora = pc.lora();
     let model_dir = trainer::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
@@ -545,7 +594,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         EvalSplit::Validation => trainer::prepare(&cfg)?.splits.validation,
     };
     // The adapter's outputs are its training data's classes: map this data's labels by name.
-    if let Some(labels) = crate::io::labels::load(&a.adapter)? {
+    if let Some(labels) = saved.filter(|l| !l.label_names.is_empty()) {
         if dataset.task == crate::data::TaskKind::Classification {
             let to = crate::io::labels::output_of_each(&a.adapter, &labels, &dataset.label_names)?;
             dataset.relabel(&to, labels.label_names);
@@ -576,7 +625,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
     peft::load(&a.adapter, &mut model)
         .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
-    if let Some(path) = &a.logits {
+    if let Some(path) = &a.logits_out {
         let logits = trainer::predict_logits(&model, &items, 32)?;
         std::fs::write(
             path,
@@ -584,8 +633,55 @@ fn eval(a: EvalArgs) -> Result<()> {
         )
         .with_context(|| format!("{}: cannot write logits", path.display()))?;
     }
-    let s = trainer::evaluate(&model, &items, 32, dataset.task, num_labels)?;
+    let s = trainer::evaluate(
+        &model,
+        &items,
+        32,
+        dataset.task,
+        &dataset.label_names,
+        num_labels,
+    )?;
     println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+/// The base model folder an adapter names (`base_model_name_or_path`), for `eval` without
+/// `--model`: None when it names none (the default model then), an error when that folder is not
+/// here (a Hugging Face id, or another machine's path).
+fn adapter_base(adapter: &std::path::Path, base: Option<&str>) -> Result<Option<PathBuf>> {
+    let Some(base) = base.filter(|b| !b.is_empty()) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(base);
+    anyhow::ensure!(
+        path.is_dir(),
+        "{}: base_model_name_or_path '{base}' is not a model folder on this machine; pass --model DIR",
+        adapter.join(peft::CONFIG_FILE).display()
+    );
+    Ok(Some(path))
+}
+
+/// The data settings a run saved with its adapter, as `eval`'s starting point.
+fn apply_trained_on(
+    cfg: &mut TrainConfig,
+    d: &crate::io::labels::TrainedOn,
+    adapter: &std::path::Path,
+) -> Result<()> {
+    cfg.data.task = serde_json::from_value(serde_json::Value::String(d.task.clone()))
+        .with_context(|| {
+            format!(
+                "{}: unknown task '{}'",
+                adapter.join(crate::io::labels::FILE).display(),
+                d.task
+            )
+        })?;
+    cfg.data.max_length = d.max_length;
+    cfg.data.text_column = d.text_column.clone();
+    cfg.data.text_pair_column = d.text_pair_column.clone();
+    cfg.data.label_column = d.label_column.clone();
+    cfg.data.validation_fraction = d.validation_fraction;
+    cfg.data.test_fraction = d.test_fraction;
+    cfg.seed = d.seed;
     Ok(())
 }
 
@@ -681,5 +777,141 @@ fn print_summary(cfg: &TrainConfig, s: &Summary) {
     println!();
     for (k, v) in rows {
         println!("  {k:<24} {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Command {
+        let mut all = vec!["safetune"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+    }
+
+    /// One name per setting: the former names (`--seq-len`, `--seq`, `--batch`, `--targets`,
+    /// `--logits`) set the same field as the current ones, and no help text lists them.
+    #[test]
+    fn former_flag_names_are_hidden_aliases() {
+        let seq_len = |flag: &str| match parse(&["train-lm", flag, "16"]) {
+            Command::TrainLm(a) => a.to_config().unwrap().seq_len,
+            _ => unreachable!(),
+        };
+        assert_eq!((seq_len("--max-length"), seq_len("--seq-len")), (16, 16));
+        assert_ne!(
+            crate::train::lm_config::LmTrainConfig::default().seq_len,
+            16
+        );
+        let ppl = |flag: &str| match parse(&["perplexity", flag, "48"]) {
+            Command::Perplexity(a) => a.max_length,
+            _ => unreachable!(),
+        };
+        assert_eq!((ppl("--max-length"), ppl("--seq-len")), (48, 48));
+        let bench = |flags: &[&str]| match parse(flags) {
+            Command::Bench(a) => (a.shape().batch, a.shape().seq, a.target_modules),
+            _ => unreachable!(),
+        };
+        let new = bench(&[
+            "bench",
+            "--batch-size",
+            "3",
+            "--max-length",
+            "5",
+            "--target-modules",
+            "key",
+        ]);
+        let old = bench(&["bench", "--batch", "3", "--seq", "5", "--targets", "key"]);
+        assert_eq!(new, (3, 5, Some(vec!["key".to_string()])));
+        assert_eq!(old, new);
+        let logits = |flag: &str| match parse(&["eval", "--adapter", "a", flag, "l.json"]) {
+            Command::Eval(a) => a.logits_out,
+            _ => unreachable!(),
+        };
+        assert_eq!(logits("--logits"), Some(PathBuf::from("l.json")));
+        assert_eq!(logits("--logits-out"), logits("--logits"));
+
+        let mut cli = Cli::command();
+        for (cmd, current, former) in [
+            ("train-lm", "--max-length", "--seq-len"),
+            ("perplexity", "--max-length", "--seq-len"),
+            ("bench", "--batch-size", "--batch "),
+            ("bench", "--max-length", "--seq "),
+            ("bench", "--target-modules", "--targets"),
+            ("eval", "--logits-out", "--logits "),
+        ] {
+            let help = cli
+                .find_subcommand_mut(cmd)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            assert!(help.contains(current), "{cmd}: {help}");
+            assert!(!help.contains(former), "{cmd} lists {former}: {help}");
+        }
+    }
+
+    fn train_config(args: &[&str]) -> anyhow::Result<TrainConfig> {
+        match parse(args) {
+            Command::Train(a) => a.to_config(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// `--lr-scheduler`, `--warmup-ratio` and `--weight-decay` set `train`'s and `train-lm`'s
+    /// configs (so the loop's settings); values out of range are refused naming the flag.
+    #[test]
+    fn trainer_style_schedule_flags() {
+        use crate::nn::optim::LrScheduler;
+        let c = train_config(&[
+            "train",
+            "--lr-scheduler",
+            "cosine",
+            "--warmup-ratio",
+            "0.2",
+            "--weight-decay",
+            "0.01",
+        ])
+        .unwrap();
+        assert_eq!(c.lr_scheduler, LrScheduler::Cosine);
+        let f = c.fit_config(false, false);
+        assert_eq!(
+            (f.lr_scheduler, f.warmup_ratio, f.weight_decay),
+            (LrScheduler::Cosine, 0.2, 0.01)
+        );
+        assert_eq!(TrainConfig::default().lr_scheduler, LrScheduler::Linear);
+        let lm = match parse(&[
+            "train-lm",
+            "--lr-scheduler",
+            "constant",
+            "--weight-decay",
+            "0.1",
+        ]) {
+            Command::TrainLm(a) => a.to_config().unwrap(),
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            (lm.lr_scheduler, lm.weight_decay),
+            (LrScheduler::Constant, 0.1)
+        );
+        for (flag, value) in [("--warmup-ratio", "1.5"), ("--weight-decay", "-1")] {
+            let arg = format!("{flag}={value}");
+            let e = train_config(&["train", &arg]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains(value), "{e}");
+        }
+        assert!(Cli::try_parse_from(["safetune", "train", "--lr-scheduler", "cyclic"]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("c.toml");
+        std::fs::write(&toml, "lr_scheduler = \"constant\"\nweight_decay = 0.05\n").unwrap();
+        let c = TrainConfig::from_toml_file(&toml).unwrap();
+        assert_eq!(
+            (c.lr_scheduler, c.weight_decay),
+            (LrScheduler::Constant, 0.05)
+        );
+        std::fs::write(&toml, "lr_scheduler = \"cyclic\"\n").unwrap();
+        let e = TrainConfig::from_toml_file(&toml).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("cyclic"), "{e}");
     }
 }

@@ -1,7 +1,8 @@
-//! What a classifier adapter's outputs mean: `safetune.json` beside the PEFT files, holding the
-//! class names in output order (PEFT's own files keep only tensor shapes). `eval` maps a data
-//! set's labels by these names, whatever order the file lists them in; `merge` writes them as
-//! `id2label` / `label2id`.
+//! What a classifier adapter's outputs mean and how its data was read: `safetune.json` beside the
+//! PEFT files, holding the class names in output order (PEFT's own files keep only tensor shapes)
+//! and the run's data settings (task, max length, columns, split). `eval` maps a data set's labels
+//! by these names, whatever order the file lists them in, and reads data with these settings
+//! unless flags say otherwise; `merge` writes the names as `id2label` / `label2id`.
 
 use super::IoError;
 use serde::{Deserialize, Serialize};
@@ -9,10 +10,30 @@ use std::path::Path;
 
 pub const FILE: &str = "safetune.json";
 
-/// The classes of an adapter's classifier, output `i` being `label_names[i]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The classes of an adapter's classifier, output `i` being `label_names[i]` (none for
+/// regression), and the data settings it was trained with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdapterLabels {
     pub label_names: Vec<String>,
+    /// Absent in files written before the settings were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<TrainedOn>,
+}
+
+/// How the training run read its data: what `eval` needs to read other data (or the run's own
+/// split) the same way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainedOn {
+    /// `classification` or `regression`.
+    pub task: String,
+    pub max_length: usize,
+    pub text_column: String,
+    pub text_pair_column: Option<String>,
+    pub label_column: String,
+    /// The split's seed and fractions: `eval --split test` scores the run's own test split.
+    pub seed: u64,
+    pub validation_fraction: f64,
+    pub test_fraction: f64,
 }
 
 /// Writes `dir/safetune.json`.
@@ -86,6 +107,16 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), None);
         let labels = AdapterLabels {
             label_names: names(&["ham", "spam"]),
+            data: Some(TrainedOn {
+                task: "classification".into(),
+                max_length: 64,
+                text_column: "body".into(),
+                text_pair_column: None,
+                label_column: "kind".into(),
+                seed: 3,
+                validation_fraction: 0.1,
+                test_fraction: 0.2,
+            }),
         };
         save(dir.path(), &labels).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(labels.clone()));
@@ -97,6 +128,9 @@ mod tests {
             e.to_string().contains("'eggs'") && e.to_string().contains(FILE),
             "{e}"
         );
+        // A file written before the data settings were kept still loads.
+        std::fs::write(dir.path().join(FILE), r#"{"label_names": ["a", "b"]}"#).unwrap();
+        assert_eq!(load(dir.path()).unwrap().unwrap().data, None);
         std::fs::write(dir.path().join(FILE), r#"{"label_names": ["a", "a"]}"#).unwrap();
         assert!(load(dir.path()).unwrap_err().to_string().contains("twice"));
     }

@@ -171,7 +171,9 @@ pub fn merge_adapter(
         .as_object_mut()
         .ok_or_else(|| invalid(&base_config, "not a JSON object"))?;
     // The class names saved with the adapter, else transformers' LABEL_i.
-    let names: Vec<String> = match super::labels::load(adapter_dir)? {
+    // (A regression adapter's file names no classes.)
+    let saved = super::labels::load(adapter_dir)?.filter(|l| !l.label_names.is_empty());
+    let names: Vec<String> = match saved {
         Some(l) if l.label_names.len() == num_labels => l.label_names,
         Some(l) => {
             return Err(invalid(
@@ -797,6 +799,7 @@ mod tests {
         // With the class names saved beside the adapter, config.json carries them; a list of
         // the wrong length is an error naming the file.
         let labels = |names: &[&str]| crate::io::labels::AdapterLabels {
+            data: None,
             label_names: names.iter().map(|s| s.to_string()).collect(),
         };
         crate::io::labels::save(&adapter, &labels(&["sport", "tech", "politics"])).unwrap();

@@ -1,6 +1,6 @@
 //! AdamW on plain tensors, state keyed by parameter (any ordered key: `adapters::ParamId` in
-//! training), and the linear
-//! learning-rate schedule with warm-up (transformers' `get_linear_schedule_with_warmup`).
+//! training), and the learning-rate schedules with warm-up (transformers' `linear`, `cosine` and
+//! `constant_with_warmup`).
 
 use candle_core::{Result, Tensor};
 use std::collections::btree_map::Entry;
@@ -112,14 +112,47 @@ impl<K: Ord> AdamW<K> {
     }
 }
 
-/// Linear warm-up from 0 to `peak` over `warmup` steps, then linear decay to 0 at `total`.
-pub fn linear_schedule(step: usize, warmup: usize, total: usize, peak: f64) -> f64 {
-    if step < warmup {
-        peak * (step + 1) as f64 / warmup as f64
-    } else if total <= warmup {
-        peak
-    } else {
-        peak * (total.saturating_sub(step)) as f64 / (total - warmup) as f64
+/// How the learning rate moves after its linear warm-up (`--lr-scheduler`, transformers'
+/// `lr_scheduler_type`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduler {
+    /// Linear decay to 0 at the run's last step.
+    #[default]
+    Linear,
+    /// Half a cosine down to 0 at the run's last step.
+    Cosine,
+    /// The peak, flat.
+    Constant,
+}
+
+impl LrScheduler {
+    /// The learning rate of step `step` (0-based): linear warm-up from `peak / warmup` to `peak`
+    /// over `warmup` steps, then this schedule's shape, reaching 0 at `total` (linear, cosine).
+    pub fn lr(self, step: usize, warmup: usize, total: usize, peak: f64) -> f64 {
+        if step < warmup {
+            return peak * (step + 1) as f64 / warmup as f64;
+        }
+        if total <= warmup || self == LrScheduler::Constant {
+            return peak;
+        }
+        // The share of the decay done, 0 at the end of warm-up, 1 at `total`.
+        let done = (step - warmup).min(total - warmup) as f64 / (total - warmup) as f64;
+        match self {
+            LrScheduler::Linear => peak * (1.0 - done),
+            LrScheduler::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * done).cos()),
+            LrScheduler::Constant => peak,
+        }
     }
 }
 
@@ -183,11 +216,38 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
-        assert_eq!(linear_schedule(0, 4, 10, 1.0), 0.25);
-        assert_eq!(linear_schedule(3, 4, 10, 1.0), 1.0);
-        assert_eq!(linear_schedule(4, 4, 10, 1.0), 1.0);
-        assert_eq!(linear_schedule(7, 4, 10, 1.0), 0.5);
-        assert_eq!(linear_schedule(10, 4, 10, 1.0), 0.0);
+        let linear = |s| LrScheduler::Linear.lr(s, 4, 10, 1.0);
+        assert_eq!(linear(0), 0.25);
+        assert_eq!(linear(3), 1.0);
+        assert_eq!(linear(4), 1.0);
+        assert_eq!(linear(7), 0.5);
+        assert_eq!(linear(10), 0.0);
+    }
+
+    /// Every schedule warms up the same way; cosine is halfway down at the middle of the decay
+    /// (cos(pi/2) = 0), above the linear value before it and below after it, and 0 at the end;
+    /// constant stays at the peak.
+    #[test]
+    fn cosine_and_constant_schedules() {
+        use LrScheduler::*;
+        for s in [Linear, Cosine, Constant] {
+            assert_eq!(s.lr(1, 4, 12, 2.0), 1.0, "{s:?}");
+        }
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        // Decay over steps 4..12: the middle is step 8.
+        close(Cosine.lr(4, 4, 12, 2.0), 2.0);
+        close(Cosine.lr(8, 4, 12, 2.0), 1.0);
+        // A quarter in: 0.5 * (1 + cos(pi/4)) = 0.8536 of the peak, linear 0.75.
+        close(
+            Cosine.lr(6, 4, 12, 2.0),
+            1.0 + std::f64::consts::FRAC_1_SQRT_2,
+        );
+        assert!(Cosine.lr(6, 4, 12, 2.0) > Linear.lr(6, 4, 12, 2.0));
+        assert!(Cosine.lr(10, 4, 12, 2.0) < Linear.lr(10, 4, 12, 2.0));
+        close(Cosine.lr(12, 4, 12, 2.0), 0.0);
+        for step in [4, 8, 11, 12] {
+            assert_eq!(Constant.lr(step, 4, 12, 2.0), 2.0);
+        }
     }
 
     #[test]

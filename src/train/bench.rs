@@ -140,10 +140,12 @@ pub struct BenchArgs {
     pub ffn: Option<usize>,
     #[arg(long)]
     pub vocab: Option<usize>,
-    #[arg(long)]
-    pub batch: Option<usize>,
-    #[arg(long)]
-    pub seq: Option<usize>,
+    /// Sequences per step (the preset's by default).
+    #[arg(long, alias = "batch")]
+    pub batch_size: Option<usize>,
+    /// Tokens per sequence (the preset's by default).
+    #[arg(long, alias = "seq")]
+    pub max_length: Option<usize>,
     /// Freeze the adapters of the bottom K layers (as SAFE does once they are unimportant).
     #[arg(long, default_value_t = 0)]
     pub frozen_prefix: usize,
@@ -153,8 +155,8 @@ pub struct BenchArgs {
     pub lora_alpha: f64,
     /// LoRA target modules, comma-separated (default: query,value for BERT, q_proj,v_proj for
     /// LLaMA).
-    #[arg(long, value_delimiter = ',')]
-    pub targets: Option<Vec<String>>,
+    #[arg(long, alias = "targets", value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     #[arg(long, default_value_t = 10)]
@@ -217,8 +219,8 @@ impl BenchArgs {
         };
         s.ffn = self.ffn.unwrap_or(s.ffn);
         s.vocab = self.vocab.unwrap_or(s.vocab);
-        s.batch = self.batch.unwrap_or(s.batch);
-        s.seq = self.seq.unwrap_or(s.seq);
+        s.batch = self.batch_size.unwrap_or(s.batch);
+        s.seq = self.max_length.unwrap_or(s.seq);
         s
     }
 }
@@ -367,7 +369,7 @@ fn build(
         Arch::Llama => &["q_proj", "v_proj"],
     };
     let targets = a
-        .targets
+        .target_modules
         .clone()
         .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
     let lora = LoraConfig {

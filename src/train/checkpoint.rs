@@ -2,8 +2,11 @@
 //!
 //! After every epoch the trainer writes `OUTPUT/checkpoint/` (every adapter, the classifier, the
 //! optimizer moments and `state.json`) into a temporary folder and swaps it in with renames, so an
-//! interrupted run loses at most the epoch in progress. The best-validation adapter is written in
-//! PEFT's format at `OUTPUT/` (see `io::peft`).
+//! interrupted run loses at most the epoch in progress. With `save_steps`, it also writes
+//! `OUTPUT/checkpoint-STEP/` every that many optimizer steps (the last `save_total_limit` kept):
+//! such a checkpoint records how far its epoch got ([`PartialEpoch`]), and a resume continues
+//! from the newest checkpoint of either kind. The best-validation adapter is written in PEFT's
+//! format at `OUTPUT/` (see `io::peft`).
 
 use super::fit::EpochLog;
 use crate::adapters::{Adapted, ParamId};
@@ -14,7 +17,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -32,7 +35,45 @@ pub struct TrainerState {
     pub opt_steps: BTreeMap<String, u64>,
     /// PEFT key stems of the frozen adapters.
     pub frozen_adapters: Vec<String>,
+    /// The global step of the best validation so far.
+    #[serde(default)]
+    pub best_step: usize,
+    /// Validations since the best one (what `early_stopping_patience` counts).
+    #[serde(default)]
+    pub evals_since_best: usize,
+    /// The run ended because `early_stopping_patience` validations in a row did not improve.
+    #[serde(default)]
+    pub stopped_early: bool,
+    /// The validations between epoch ends (`eval_steps`), as `metrics.jsonl` logs them.
+    #[serde(default)]
+    pub step_evals: Vec<super::best::StepEval>,
+    /// In a checkpoint written inside an epoch (`save_steps`): how far the epoch after
+    /// `epochs_done` got; None at an epoch's end.
+    #[serde(default)]
+    pub partial_epoch: Option<PartialEpoch>,
 }
+
+/// An epoch in progress: the steps it has done and the sums its `metrics.jsonl` line is made of,
+/// so a run resumed inside the epoch logs the same line as one that was never interrupted.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    pub steps: usize,
+    pub loss_sum: f64,
+    pub loss_n: usize,
+    pub tokens: usize,
+    pub lr: f64,
+    pub wall_s: f64,
+    pub train_flops: u64,
+    pub monitor_flops: u64,
+    pub peak_mem_bytes: usize,
+    pub step_mem_bytes: usize,
+    pub trainable_params: usize,
+    pub importance: Option<Vec<f64>>,
+    pub threshold: Option<f64>,
+}
+
+/// A step checkpoint's folder name.
+const STEP_PREFIX: &str = "checkpoint-";
 
 /// Writes `OUTPUT/checkpoint/`. Tensors are named by their keys (`io::peft::param_key`), the
 /// optimizer's moments `opt.m.<key>` / `opt.v.<key>`.
@@ -45,6 +86,91 @@ pub fn save(
     let tmp = out.join("checkpoint.tmp");
     let dir = out.join("checkpoint");
     let old = out.join("checkpoint.old");
+    write_folder(&tmp, &dir, model, opt, state)?;
+    remove_any(&old)?;
+    if dir.exists() {
+        std::fs::rename(&dir, &old).with_context(|| {
+            format!(
+                "{}: cannot move the previous checkpoint to {}",
+                dir.display(),
+                old.display()
+            )
+        })?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("{}: cannot put the checkpoint in place", dir.display()))?;
+    remove_any(&old)
+}
+
+/// Writes `OUTPUT/checkpoint-STEP/` (STEP: `state.global_step`) and removes the oldest step
+/// checkpoints beyond the newest `keep` (0: keeps them all).
+pub fn save_step(
+    out: &Path,
+    model: &impl Adapted,
+    opt: &AdamW<ParamId>,
+    state: &TrainerState,
+    keep: usize,
+) -> Result<()> {
+    let dir = out.join(format!("{STEP_PREFIX}{}", state.global_step));
+    let tmp = out.join(format!("{STEP_PREFIX}{}.tmp", state.global_step));
+    write_folder(&tmp, &dir, model, opt, state)?;
+    remove_any(&dir)?;
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("{}: cannot put the checkpoint in place", dir.display()))?;
+    let steps = step_checkpoints(out)?;
+    if keep > 0 && steps.len() > keep {
+        for (_, old) in &steps[..steps.len() - keep] {
+            remove_any(old)?;
+        }
+    }
+    Ok(())
+}
+
+/// The step checkpoints in `out`, oldest first, with their steps.
+pub fn step_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("{}: cannot read", out.display())))
+        }
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix(STEP_PREFIX).and_then(|n| n.parse().ok()) {
+            found.push((step, e.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes every checkpoint in `out` (a fresh run's start), step checkpoints and leftovers of an
+/// interrupted write included.
+pub fn remove_all(out: &Path) -> Result<()> {
+    for name in ["checkpoint", "checkpoint.old", "checkpoint.tmp"] {
+        remove_any(&out.join(name))?;
+    }
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(STEP_PREFIX) {
+                remove_any(&e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint into `tmp` (replacing anything there); `dir` is where it will be put,
+/// named in errors.
+fn write_folder(
+    tmp: &Path,
+    dir: &Path,
+    model: &impl Adapted,
+    opt: &AdamW<ParamId>,
+    state: &TrainerState,
+) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut state = state.clone();
     state.frozen_adapters.clear();
@@ -74,27 +200,15 @@ pub fn save(
             anyhow::bail!("{}: not written: tensor '{name}' {problem}", dir.display());
         }
     }
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let _ = std::fs::remove_dir_all(tmp);
+    std::fs::create_dir_all(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     let tensors_path = tmp.join("tensors.safetensors");
     candle_core::safetensors::save(&tensors, &tensors_path)
         .with_context(|| format!("{}: cannot write checkpoint", tensors_path.display()))?;
     let state_path = tmp.join("state.json");
     std::fs::write(&state_path, serde_json::to_vec(&state)?)
         .with_context(|| format!("{}: cannot write checkpoint", state_path.display()))?;
-    remove_any(&old)?;
-    if dir.exists() {
-        std::fs::rename(&dir, &old).with_context(|| {
-            format!(
-                "{}: cannot move the previous checkpoint to {}",
-                dir.display(),
-                old.display()
-            )
-        })?;
-    }
-    std::fs::rename(&tmp, &dir)
-        .with_context(|| format!("{}: cannot put the checkpoint in place", dir.display()))?;
-    remove_any(&old)
+    Ok(())
 }
 
 /// Removes a file or folder if present (a stray file is in the way as much as a folder).
@@ -114,28 +228,58 @@ pub(crate) fn remove_any(path: &Path) -> Result<()> {
 
 /// Whether `out` holds a checkpoint for [`load`] (also one interrupted between its renames).
 pub fn exists(out: &Path) -> bool {
-    out.join("checkpoint").exists() || out.join("checkpoint.old").exists()
+    newest(out).is_ok_and(|d| d.is_some())
 }
 
-/// Restores model parameters, frozen flags and optimizer state; None when there is no checkpoint.
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    let state_path = dir.join("state.json");
+    serde_json::from_slice(
+        &std::fs::read(&state_path)
+            .with_context(|| format!("{}: cannot read", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid checkpoint state", state_path.display()))
+}
+
+/// The checkpoint a resume continues from: the one of the most optimizer steps among
+/// `checkpoint/` (or `checkpoint.old/`, when a write was interrupted between its renames) and the
+/// step checkpoints; `checkpoint/` on a tie (it holds the epoch's validation too).
+pub fn newest(out: &Path) -> Result<Option<PathBuf>> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    let epoch_dir = [out.join("checkpoint"), out.join("checkpoint.old")]
+        .into_iter()
+        .find(|d| d.exists());
+    if let Some(d) = epoch_dir {
+        best = Some((read_state(&d)?.global_step, d));
+    }
+    for (step, d) in step_checkpoints(out)? {
+        if best.as_ref().is_none_or(|(b, _)| step > *b) {
+            best = Some((step, d));
+        }
+    }
+    Ok(best.map(|(_, d)| d))
+}
+
+/// Restores model parameters, frozen flags and optimizer state from the newest checkpoint
+/// ([`newest`]); None when there is none.
 pub fn load(
     out: &Path,
     model: &mut impl Adapted,
     opt: &mut AdamW<ParamId>,
 ) -> Result<Option<TrainerState>> {
-    let mut dir = out.join("checkpoint");
-    if !dir.exists() {
-        dir = out.join("checkpoint.old"); // interrupted between the two renames
-        if !dir.exists() {
-            return Ok(None);
-        }
-    }
+    let Some(dir) = newest(out)? else {
+        return Ok(None);
+    };
+    load_from(&dir, model, opt).map(Some)
+}
+
+/// Restores model parameters, frozen flags and optimizer state from the checkpoint folder `dir`.
+pub fn load_from(
+    dir: &Path,
+    model: &mut impl Adapted,
+    opt: &mut AdamW<ParamId>,
+) -> Result<TrainerState> {
     let state_path = dir.join("state.json");
-    let state: TrainerState = serde_json::from_slice(
-        &std::fs::read(&state_path)
-            .with_context(|| format!("{}: cannot read", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: invalid checkpoint state", state_path.display()))?;
+    let state = read_state(dir)?;
     let tpath = dir.join("tensors.safetensors");
     let tensors = candle_core::safetensors::load(&tpath, &Device::Cpu)
         .with_context(|| format!("{}: unreadable checkpoint", tpath.display()))?;
@@ -213,7 +357,7 @@ pub fn load(
             },
         );
     }
-    Ok(Some(state))
+    Ok(state)
 }
 
 #[cfg(test)]

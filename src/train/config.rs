@@ -63,6 +63,16 @@ impl TryFrom<String> for Method {
     }
 }
 
+/// Where a run's scalars also go, besides its JSONL logs (`--report-to`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    #[default]
+    None,
+    /// Event files in `OUTPUT/runs/` (train loss, learning rate, step memory, validation).
+    Tensorboard,
+}
+
 /// Where the data comes from.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -130,7 +140,11 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub eval_batch_size: usize,
     pub grad_accum: usize,
+    /// The peak learning rate.
     pub lr: f64,
+    /// linear | cosine | constant: the learning rate after its linear warm-up.
+    pub lr_scheduler: crate::nn::optim::LrScheduler,
+    /// The share of the run's steps over which the learning rate warms up from 0.
     pub warmup_ratio: f64,
     pub weight_decay: f64,
     pub grad_clip: f64,
@@ -143,6 +157,19 @@ pub struct TrainConfig {
     /// Stop after this epoch with its checkpoint written, to continue later with `--resume` (a
     /// run cut into time-limited jobs); the schedule stays that of `epochs`.
     pub stop_after_epoch: Option<usize>,
+    /// Validate every this many optimizer steps besides each epoch's end (0: epoch ends only);
+    /// each validation can become the best adapter and counts for early stopping.
+    pub eval_steps: usize,
+    /// Write a resumable step checkpoint, `checkpoint-STEP/`, every this many optimizer steps
+    /// (0: none); `--resume` continues from the newest checkpoint.
+    pub save_steps: usize,
+    /// Keep only the newest this many step checkpoints (0: all).
+    pub save_total_limit: usize,
+    /// End the run after this many validations in a row without a better validation metric
+    /// (0: never); the best adapter is kept, summary.json says `stopped_early`.
+    pub early_stopping_patience: usize,
+    /// none | tensorboard: TensorBoard event files in `OUTPUT/runs/`.
+    pub report_to: super::config::ReportTo,
     /// Start from this PEFT LoRA adapter folder (its adapters and classifier), e.g. one trained by
     /// PEFT or by an earlier run, instead of fresh adapters.
     pub init_adapter: Option<PathBuf>,
@@ -180,6 +207,7 @@ impl Default for TrainConfig {
             eval_batch_size: 32,
             grad_accum: 1,
             lr: 1e-3,
+            lr_scheduler: Default::default(),
             warmup_ratio: 0.06,
             weight_decay: 0.0,
             grad_clip: 1.0,
@@ -187,6 +215,11 @@ impl Default for TrainConfig {
             max_steps_per_epoch: 0,
             max_steps: 0,
             stop_after_epoch: None,
+            eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: 0,
+            early_stopping_patience: 0,
+            report_to: Default::default(),
             init_adapter: None,
             cache_frozen_bottom: true,
             frozen_bottom_dropout: false,
@@ -332,11 +365,15 @@ pub(crate) fn check_run_settings(f: &FitConfig, lora: &LoraConfig) -> anyhow::Re
     }
     if !(0.0..=1.0).contains(&f.warmup_ratio) {
         let v = f.warmup_ratio;
-        return Err(out_of_range(None, "warmup_ratio", v, "in [0, 1]"));
+        let flag = Some("--warmup-ratio");
+        return Err(out_of_range(flag, "warmup_ratio", v, "in [0, 1]"));
     }
-    for (key, v) in [("weight_decay", f.weight_decay), ("grad_clip", f.grad_clip)] {
+    for (flag, key, v) in [
+        (Some("--weight-decay"), "weight_decay", f.weight_decay),
+        (None, "grad_clip", f.grad_clip),
+    ] {
         if !(v.is_finite() && v >= 0.0) {
-            return Err(out_of_range(None, key, v, "a finite number >= 0"));
+            return Err(out_of_range(flag, key, v, "a finite number >= 0"));
         }
     }
     if !(0.0..1.0).contains(&lora.dropout) {

@@ -1,10 +1,12 @@
 //! The training loop, written once for every task: epochs of steps (micro-batches accumulated,
-//! clipped, AdamW), SAFE's rounds, validation, the best adapter, a resumable checkpoint after every
-//! epoch, and the memory and FLOPs of each epoch in `metrics.jsonl`. A [`Task`] supplies the data,
+//! clipped, AdamW), SAFE's rounds, validation (each epoch's end, and every `eval_steps`), the best
+//! adapter and early stopping (`best.rs`), a resumable checkpoint after every epoch (and every
+//! `save_steps`), and the memory and FLOPs of each epoch in `metrics.jsonl`. A [`Task`] supplies the data,
 //! the loss and its gradients, the importance measurement and the validation metric.
 
+use super::best;
 use super::checkpoint::{self, TrainerState};
-use super::config::Method;
+use super::config::{Method, ReportTo};
 use super::plan::{self, MemoryPlan};
 use super::run::{self, StepPlan};
 use super::step_log::{self, StepLine, StepLog};
@@ -14,6 +16,7 @@ use crate::model::stack::Recompute;
 use crate::model::StepMemory;
 use crate::nn::optim::{clip_global_norm, AdamW, AdamWConfig};
 use crate::nn::{flops, Pass};
+use crate::report::tensorboard::EventWriter;
 use crate::safe::{Phase, SafeConfig, SafeController};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -90,6 +93,7 @@ pub struct FitConfig<'a> {
     /// ends there (validated, checkpointed) and the learning-rate schedule is that long.
     pub max_steps: usize,
     pub lr: f64,
+    pub lr_scheduler: crate::nn::optim::LrScheduler,
     pub warmup_ratio: f64,
     pub weight_decay: f64,
     pub grad_clip: f64,
@@ -102,6 +106,16 @@ pub struct FitConfig<'a> {
     pub resume: bool,
     /// Stop after this epoch with its checkpoint written (the run resumes with `--resume`).
     pub stop_after_epoch: Option<usize>,
+    /// Validate every this many optimizer steps besides each epoch's end (0: epoch ends only).
+    pub eval_steps: usize,
+    /// Write a step checkpoint (`checkpoint-STEP/`) every this many optimizer steps (0: none).
+    pub save_steps: usize,
+    /// Keep only the newest this many step checkpoints (0: all).
+    pub save_total_limit: usize,
+    /// End the run after this many validations in a row without a better metric (0: never).
+    pub early_stopping_patience: usize,
+    /// Also write TensorBoard event files (`OUTPUT/runs/`).
+    pub report_to: ReportTo,
     pub show_progress: bool,
 }
 
@@ -118,6 +132,7 @@ macro_rules! fit_config_of {
             max_steps_per_epoch: $c.max_steps_per_epoch,
             max_steps: $c.max_steps,
             lr: $c.lr,
+            lr_scheduler: $c.lr_scheduler,
             warmup_ratio: $c.warmup_ratio,
             weight_decay: $c.weight_decay,
             grad_clip: $c.grad_clip,
@@ -127,6 +142,11 @@ macro_rules! fit_config_of {
             safe: &$c.safe,
             resume: $resume,
             stop_after_epoch: $c.stop_after_epoch,
+            eval_steps: $c.eval_steps,
+            save_steps: $c.save_steps,
+            save_total_limit: $c.save_total_limit,
+            early_stopping_patience: $c.early_stopping_patience,
+            report_to: $c.report_to,
             show_progress: $show_progress,
         }
     };
@@ -137,6 +157,9 @@ pub(crate) use fit_config_of;
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct EpochLog {
     pub epoch: usize,
+    /// Optimizer steps done in the run at the epoch's end.
+    #[serde(default)]
+    pub global_step: usize,
     /// Mean loss of the epoch's micro-batches.
     pub train_loss: f64,
     pub validation_metric: f64,
@@ -177,7 +200,8 @@ pub struct Fitted {
     pub state: TrainerState,
     /// Every adapter's report name, in `Adapted::adapters` order.
     pub names: Vec<String>,
-    /// True when the run stopped early (`stop_after_epoch`) and has epochs left.
+    /// True when the run stopped (`stop_after_epoch`) and has epochs left: resumable, not
+    /// finished. (Early stopping finishes a run: see `state.stopped_early`.)
     pub stopped: bool,
 }
 
@@ -249,6 +273,7 @@ pub fn fit<T: Task>(
     });
     let run::Started {
         mut state,
+        resumed_at: started_at,
         metrics: mut log,
         mut safe_log,
     } = run::start_or_resume(
@@ -271,17 +296,28 @@ pub fn fit<T: Task>(
     if let (Some(budget), true) = (cfg.memory_budget, is_safe) {
         plan::ensure_monitoring_fits(model, monitor.len(), seq, budget)?;
     }
-    let mut plan_log = plan::PlanLog::open(cfg.output, state.epochs_done)?;
+    let mut plan_log = plan::PlanLog::open(cfg.output, started_at)?;
     let mut mem_plan = replan(model)?;
     let mut recompute = mem_plan.recompute();
-    plan_log.write(state.epochs_done + 1, 0, &mem_plan)?;
-    let mut step_log = StepLog::open(cfg.output, state.epochs_done)?;
+    let steps_in = state.partial_epoch.as_ref().map_or(0, |p| p.steps);
+    plan_log.write(
+        state.epochs_done + 1,
+        steps_in,
+        state.global_step,
+        &mem_plan,
+    )?;
+    let mut step_log = StepLog::open(cfg.output, started_at)?;
+    // TensorBoard's scalars (`--report-to tensorboard`): a new event file per (resumed) run.
+    let mut events = match cfg.report_to {
+        ReportTo::Tensorboard => Some(EventWriter::create(&cfg.output.join("runs"))?),
+        ReportTo::None => None,
+    };
     // Without a terminal (a job's log, a pipe) a bar shows nothing until it ends: plain lines.
     let plain_progress = cfg.show_progress && !std::io::stderr().is_terminal();
     let progress_every = step_log::progress_every(plan.steps_per_epoch);
 
     for epoch in state.epochs_done + 1..=cfg.epochs {
-        if steps_reached(state.global_step) {
+        if steps_reached(state.global_step) || state.stopped_early {
             break;
         }
         if cfg.stop_after_epoch.is_some_and(|k| epoch > k) {
@@ -291,33 +327,35 @@ pub fn fit<T: Task>(
                 stopped: true,
             });
         }
-        let t_epoch = Instant::now();
+        // A step checkpoint inside this epoch: continue after its steps, with its sums.
+        let mut p = state.partial_epoch.take().unwrap_or_default();
         let mut order: Vec<usize> = (0..task.train_len()).collect();
         order.shuffle(&mut StdRng::seed_from_u64(
             cfg.seed.wrapping_add(epoch as u64),
         ));
-        let mut drop_rng =
-            StdRng::seed_from_u64(cfg.seed.wrapping_mul(31).wrapping_add(epoch as u64));
         let bar = progress_bar(
             cfg.show_progress && !plain_progress,
             plan.steps_per_epoch,
             epoch,
             cfg.epochs,
         );
-        let flops_before = flops::total();
+        if let Some(b) = &bar {
+            b.set_position(p.steps as u64);
+        }
         let mut epoch_mem = run::EpochMemory::start(mem);
-        let (mut loss_sum, mut loss_n, mut tokens) = (0f64, 0usize, 0usize);
-        let mut lr = 0.0;
-        let (mut importance, mut threshold) = (None, None);
-        let mut monitor_flops = 0u64;
-        let trainable: usize = model
-            .trainable_params()
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum();
-        let mut steps_done = 0;
-        for s in 0..plan.steps_per_epoch {
+        if p.steps == 0 {
+            p.trainable_params = model
+                .trainable_params()
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum();
+        }
+        // The validation of the step just taken, when `eval_steps` asked for one.
+        let mut last_val: Option<(usize, Validation)> = None;
+        for s in p.steps..plan.steps_per_epoch {
             let t_step = Instant::now();
+            let flops_before = flops::total();
+            let mut drop_rng = run::dropout_rng(cfg.seed, epoch, s);
             let (mut step_loss, mut step_passes, mut step_tokens) = (0f64, 0usize, 0usize);
             epoch_mem.begin_step();
             let mut grads: Vec<(ParamId, Tensor)> = Vec::new();
@@ -337,9 +375,6 @@ pub fn fit<T: Task>(
                     &recompute,
                 )?;
                 super::guard::ensure_finite_loss(out.loss, epoch, s + 1)?;
-                loss_sum += out.loss;
-                loss_n += 1;
-                tokens += out.tokens;
                 step_loss += out.loss;
                 step_passes += 1;
                 step_tokens += out.tokens;
@@ -351,20 +386,42 @@ pub fn fit<T: Task>(
                     }
                 }
             }
+            p.loss_sum += step_loss;
+            p.loss_n += step_passes;
+            p.tokens += step_tokens;
             clip_global_norm(&mut grads, cfg.grad_clip)?;
             let step_mem_bytes = epoch_mem.end_step();
-            lr = run::optimizer_step(model, &mut opt, &grads, &plan, cfg.lr, &mut state)?;
-            step_log.write(&StepLine {
+            p.lr = run::optimizer_step(
+                model,
+                &mut opt,
+                &grads,
+                &plan,
+                cfg.lr_scheduler,
+                cfg.lr,
+                &mut state,
+            )?;
+            p.train_flops += flops::total() - flops_before;
+            let line = StepLine {
                 epoch,
                 step: s + 1,
                 global_step: state.global_step,
                 loss: step_loss / step_passes.max(1) as f64,
-                lr,
+                lr: p.lr,
                 step_s: t_step.elapsed().as_secs_f64(),
                 step_mem_bytes,
                 tokens: step_tokens,
-            })?;
-            steps_done = s + 1;
+            };
+            step_log.write(&line)?;
+            if let Some(w) = events.as_mut() {
+                w.scalar("train/loss", line.global_step, line.loss)?;
+                w.scalar("train/lr", line.global_step, line.lr)?;
+                w.scalar(
+                    "train/step_mem_bytes",
+                    line.global_step,
+                    step_mem_bytes as f64,
+                )?;
+            }
+            p.steps = s + 1;
             let stop = steps_reached(state.global_step);
             // SAFE: at each round's end, measure importance and freeze what the schedule says
             // (until every candidate is frozen: then nothing can change).
@@ -372,7 +429,7 @@ pub fn fit<T: Task>(
             if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
                 let f0 = flops::total();
                 let scores = task.importance(model, &monitor)?;
-                monitor_flops += flops::total() - f0;
+                p.monitor_flops += flops::total() - f0;
                 let d = run::finish_safe_round(
                     c,
                     round,
@@ -384,51 +441,105 @@ pub fn fit<T: Task>(
                     &mut state,
                     safe_log.as_mut(),
                 )?;
-                importance = Some(scores);
-                threshold = Some(d.threshold);
+                p.importance = Some(scores);
+                p.threshold = Some(d.threshold);
                 let next = replan(model)?;
                 if next != mem_plan {
-                    plan_log.write(epoch, s + 1, &next)?;
+                    plan_log.write(epoch, s + 1, state.global_step, &next)?;
                     recompute = next.recompute();
                     mem_plan = next;
                 }
             }
-            let secs = t_epoch.elapsed().as_secs_f64().max(1e-9);
-            let mean_loss = loss_sum / loss_n.max(1) as f64;
+            p.wall_s += t_step.elapsed().as_secs_f64();
+            let secs = p.wall_s.max(1e-9);
+            let mean_loss = p.loss_sum / p.loss_n.max(1) as f64;
             if let Some(b) = &bar {
                 b.inc(1);
                 b.set_message(format!(
                     "loss {mean_loss:.4} | {:.0} tok/s",
-                    tokens as f64 / secs
+                    p.tokens as f64 / secs
                 ));
             }
-            if plain_progress
-                && (steps_done % progress_every == 0 || steps_done == plan.steps_per_epoch || stop)
-            {
+            let epoch_ends = p.steps == plan.steps_per_epoch || stop;
+            if plain_progress && (p.steps % progress_every == 0 || epoch_ends) {
                 eprintln!(
                     "{}",
                     step_log::progress_line(
                         epoch,
                         cfg.epochs,
-                        steps_done,
+                        p.steps,
                         plan.steps_per_epoch,
                         mean_loss,
-                        lr,
-                        tokens as f64 / secs
+                        p.lr,
+                        p.tokens as f64 / secs
                     )
                 );
             }
-            if stop {
+            // Validation every `eval_steps` (the epoch's end validates anyway).
+            if best::due(cfg.eval_steps, state.global_step) && !epoch_ends {
+                let val = task.validate(model)?;
+                let line = best::StepEval {
+                    epoch,
+                    step: p.steps,
+                    global_step: state.global_step,
+                    validation_metric: val.metric,
+                    validation_loss: val.loss,
+                };
+                writeln!(log, "{}", serde_json::to_string(&line)?)?;
+                state.step_evals.push(line);
+                if cfg.show_progress {
+                    eprintln!(
+                        "epoch {epoch}/{} step {}/{}: val {metric_name} {:.4}",
+                        cfg.epochs, p.steps, plan.steps_per_epoch, val.metric
+                    );
+                }
+                let patience = cfg.early_stopping_patience;
+                if best::record(&mut state, val.metric, higher_is_better, patience, epoch) {
+                    task.save_best(model, cfg.output)?;
+                }
+                if let Some(w) = events.as_mut() {
+                    validation_scalars(w, metric_name, state.global_step, &val)?;
+                }
+                last_val = Some((state.global_step, val));
+            }
+            // A step checkpoint every `save_steps`: the epoch so far travels in its state.
+            if best::due(cfg.save_steps, state.global_step) {
+                let (peak, step_peak) = epoch_mem.so_far();
+                state.partial_epoch = Some(checkpoint::PartialEpoch {
+                    peak_mem_bytes: p.peak_mem_bytes.max(peak),
+                    step_mem_bytes: p.step_mem_bytes.max(step_peak),
+                    ..p.clone()
+                });
+                state.safe = safe.clone();
+                checkpoint::save_step(cfg.output, model, &opt, &state, cfg.save_total_limit)?;
+                state.partial_epoch = None;
+            }
+            if stop || state.stopped_early {
                 break;
             }
         }
         let (epoch_peak, step_peak) = epoch_mem.finish();
-        let epoch_flops = flops::total() - flops_before - monitor_flops;
-        let train_secs = t_epoch.elapsed().as_secs_f64();
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        let val = task.validate(model)?;
+        // The epoch's end validates, unless its last step just did.
+        let val = match last_val.take() {
+            Some((step, val)) if step == state.global_step => val,
+            _ => {
+                let val = task.validate(model)?;
+                let patience = cfg.early_stopping_patience;
+                if best::record(&mut state, val.metric, higher_is_better, patience, epoch) {
+                    task.save_best(model, cfg.output)?;
+                }
+                if let Some(w) = events.as_mut() {
+                    validation_scalars(w, metric_name, state.global_step, &val)?;
+                }
+                val
+            }
+        };
+        if let Some(w) = events.as_mut() {
+            w.flush()?;
+        }
         if let Method::FreezePrefix(k) = *cfg.method {
             for (name, &l) in names.iter().zip(&layer_of) {
                 if l < k {
@@ -438,22 +549,23 @@ pub fn fit<T: Task>(
         }
         let entry = EpochLog {
             epoch,
-            train_loss: loss_sum / loss_n.max(1) as f64,
+            global_step: state.global_step,
+            train_loss: p.loss_sum / p.loss_n.max(1) as f64,
             validation_metric: val.metric,
             validation_loss: val.loss,
-            lr,
-            steps: steps_done,
-            wall_s: train_secs,
-            train_flops: epoch_flops,
-            monitor_flops,
-            peak_mem_bytes: epoch_peak,
+            lr: p.lr,
+            steps: p.steps,
+            wall_s: p.wall_s,
+            train_flops: p.train_flops,
+            monitor_flops: p.monitor_flops,
+            peak_mem_bytes: p.peak_mem_bytes.max(epoch_peak),
             driver_used_bytes: mem.driver().map(|d| d.used),
-            step_mem_bytes: step_peak,
+            step_mem_bytes: p.step_mem_bytes.max(step_peak),
             plan: Some(mem_plan.clone()),
             lowest_trainable_layer: model.lowest_trainable_layer(),
-            trainable_params: trainable,
-            importance,
-            threshold,
+            trainable_params: p.trainable_params,
+            importance: p.importance.take(),
+            threshold: p.threshold,
             frozen: state.frozen_at.keys().cloned().collect(),
         };
         writeln!(log, "{}", serde_json::to_string(&entry)?)?;
@@ -463,21 +575,18 @@ pub fn fit<T: Task>(
                 cfg.epochs,
                 entry.train_loss,
                 val.metric,
-                train_secs,
-                epoch_peak as f64 / 1e6,
+                entry.wall_s,
+                entry.peak_mem_bytes as f64 / 1e6,
                 state.frozen_at.len(),
                 names.len()
             );
-        }
-        let better = if higher_is_better {
-            val.metric > state.best_metric
-        } else {
-            val.metric < state.best_metric
-        };
-        if state.best_epoch == 0 || better {
-            state.best_metric = val.metric;
-            state.best_epoch = epoch;
-            task.save_best(model, cfg.output)?;
+            if state.stopped_early {
+                eprintln!(
+                    "early stopping: {} validations without improvement; the best adapter is \
+                     that of step {}",
+                    state.evals_since_best, state.best_step
+                );
+            }
         }
         state.epochs_done = epoch;
         state.history.push(entry);
@@ -492,6 +601,18 @@ pub fn fit<T: Task>(
         names,
         stopped: false,
     })
+}
+
+/// A validation's scalars in TensorBoard: the task's metric and the loss.
+fn validation_scalars(
+    w: &mut EventWriter,
+    metric_name: &str,
+    step: usize,
+    val: &Validation,
+) -> Result<()> {
+    w.scalar(&format!("eval/{metric_name}"), step, val.metric)?;
+    w.scalar("eval/loss", step, val.loss)?;
+    w.flush()
 }
 
 /// A run's output folder, created if missing and locked for the run (the lock is held while the
@@ -511,7 +632,8 @@ pub fn prepare_output(
     if resume && checkpoint::exists(output) {
         return Ok(lock);
     }
-    for stale in ["checkpoint", "checkpoint.old", "summary.json"] {
+    checkpoint::remove_all(output)?;
+    for stale in ["summary.json", "runs"] {
         checkpoint::remove_any(&output.join(stale))?;
     }
     crate::files::write_atomic(

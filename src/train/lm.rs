@@ -335,7 +335,11 @@ pub struct LmSummary {
     pub test_loss: f64,
     pub test_tokens: usize,
     pub best_epoch: usize,
+    /// The optimizer step of the best validation.
+    pub best_step: usize,
     pub epochs: usize,
+    /// The run ended by early stopping (`early_stopping_patience`).
+    pub stopped_early: bool,
     pub wall_s: f64,
     /// Time, memory and FLOPs over the run's epochs.
     #[serde(flatten)]
@@ -366,6 +370,11 @@ pub fn train_lm(
     cfg.check_model(&loaded.model, &loaded.source)?;
     let data = load_lm_data(cfg, &loaded)?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
+    // train-lm's default is a short run: say so when the cap cuts epochs short.
+    let full_steps = data.train.len().div_ceil(cfg.batch_size * cfg.grad_accum);
+    if let Some(line) = step_cap_notice(cfg.max_steps_per_epoch, full_steps) {
+        eprintln!("{line}");
+    }
     let mut model = loaded.model;
     let source = loaded.source;
     drop(loaded.tokenizer);
@@ -434,7 +443,9 @@ pub fn train_lm(
         test_loss,
         test_tokens,
         best_epoch: state.best_epoch,
+        best_step: state.best_step,
         epochs: cfg.epochs,
+        stopped_early: state.stopped_early,
         wall_s: t_start.elapsed().as_secs_f64(),
         totals: run::RunTotals::of(&state.history),
         frozen: state.frozen_at.clone(),
@@ -445,6 +456,17 @@ pub fn train_lm(
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(Some(summary))
+}
+
+/// The line `train-lm` prints when `max_steps_per_epoch` (`cap`, 30 by default) trains less than
+/// the `full` steps of an epoch; None when epochs are whole.
+pub fn step_cap_notice(cap: usize, full: usize) -> Option<String> {
+    (cap > 0 && cap < full).then(|| {
+        format!(
+            "note: --max-steps-per-epoch {cap} is in force: {cap} of the {full} optimizer steps \
+             of an epoch (pass --max-steps-per-epoch 0 for whole epochs)"
+        )
+    })
 }
 
 /// Causal language modelling: next-token loss over token blocks, perplexity on held-out text.

@@ -44,17 +44,35 @@ pub struct LmTrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// The peak learning rate.
     pub lr: f64,
+    /// linear | cosine | constant: the learning rate after its linear warm-up.
+    pub lr_scheduler: crate::nn::optim::LrScheduler,
+    /// The share of the run's steps over which the learning rate warms up from 0.
     pub warmup_ratio: f64,
     pub weight_decay: f64,
     pub grad_clip: f64,
     pub seed: u64,
-    /// Stop after this many optimizer steps per epoch (0 = whole epochs).
+    /// Stop after this many optimizer steps per epoch (0 = whole epochs). 30 by default, so the
+    /// default run is a short one on a CPU; the run says so when it cuts an epoch short.
     pub max_steps_per_epoch: usize,
     /// Stop the run after this many optimizer steps in all (0 = no limit).
     pub max_steps: usize,
     /// Stop after this epoch with its checkpoint written, to continue later with `--resume`.
     pub stop_after_epoch: Option<usize>,
+    /// Validate every this many optimizer steps besides each epoch's end (0: epoch ends only);
+    /// each validation can become the best adapter and counts for early stopping.
+    pub eval_steps: usize,
+    /// Write a resumable step checkpoint, `checkpoint-STEP/`, every this many optimizer steps
+    /// (0: none); `--resume` continues from the newest checkpoint.
+    pub save_steps: usize,
+    /// Keep only the newest this many step checkpoints (0: all).
+    pub save_total_limit: usize,
+    /// End the run after this many validations in a row without a better validation metric
+    /// (0: never); the best adapter is kept, summary.json says `stopped_early`.
+    pub early_stopping_patience: usize,
+    /// none | tensorboard: TensorBoard event files in `OUTPUT/runs/`.
+    pub report_to: super::config::ReportTo,
     /// Evaluate perplexity on at most this many validation / test sequences (0 = all).
     pub max_eval_sequences: usize,
     pub eval_batch_size: usize,
@@ -98,6 +116,7 @@ impl Default for LmTrainConfig {
             batch_size: 4,
             grad_accum: 1,
             lr: 1e-3,
+            lr_scheduler: Default::default(),
             warmup_ratio: 0.06,
             weight_decay: 0.0,
             grad_clip: 1.0,
@@ -105,6 +124,11 @@ impl Default for LmTrainConfig {
             max_steps_per_epoch: 30,
             max_steps: 0,
             stop_after_epoch: None,
+            eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: 0,
+            early_stopping_patience: 0,
+            report_to: Default::default(),
             max_eval_sequences: 64,
             eval_batch_size: 8,
             device: Default::default(),
@@ -139,7 +163,7 @@ impl LmTrainConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         use super::config::at_least;
         super::config::check_run_settings(&self.fit_config(false, false), &self.lora)?;
-        at_least(2, Some("--seq-len"), "seq_len", self.seq_len)?;
+        at_least(2, Some("--max-length"), "seq_len", self.seq_len)?;
         at_least(1, None, "eval_batch_size", self.eval_batch_size)?;
         // One document of every period validates and one tests.
         at_least(3, None, "split_period", self.split_period)?;
@@ -161,7 +185,7 @@ impl LmTrainConfig {
             );
             let out_of_range = super::config::out_of_range;
             return Err(out_of_range(
-                Some("--seq-len"),
+                Some("--max-length"),
                 "seq_len",
                 self.seq_len,
                 &rule,
@@ -199,7 +223,7 @@ mod tests {
         c.seq_len = 9;
         let e = c.check_model(&model, src).unwrap_err().to_string();
         assert!(
-            e.contains("--seq-len 9") && e.contains("8 positions") && e.contains("models/tiny"),
+            e.contains("--max-length 9") && e.contains("8 positions") && e.contains("models/tiny"),
             "{e}"
         );
     }

@@ -3,6 +3,7 @@
 //! checkpoints, metrics and SAFE reports.
 
 pub mod bench;
+pub mod best;
 pub mod checkpoint;
 pub mod config;
 pub mod fit;

@@ -314,24 +314,39 @@ pub struct PlanLog {
 }
 
 impl PlanLog {
-    /// Opens `output/plan.jsonl` for a run that has finished `epochs_done` epochs: the plans of
-    /// those epochs are kept, those of a lost epoch dropped (as for `safe.jsonl`, `steps.jsonl`).
-    pub fn open(output: &std::path::Path, epochs_done: usize) -> anyhow::Result<Self> {
-        let file = super::reports::reopen_epoch_log(&output.join("plan.jsonl"), epochs_done)?;
+    /// Opens `output/plan.jsonl` for a run resumed at global step `resumed_at` (None: fresh): the
+    /// plans made up to that step are kept, those of lost steps dropped (as for `safe.jsonl`,
+    /// `steps.jsonl`).
+    pub fn open(output: &std::path::Path, resumed_at: Option<usize>) -> anyhow::Result<Self> {
+        let path = output.join("plan.jsonl");
+        let file = super::reports::reopen_log(&path, "global_step", resumed_at)?;
         Ok(Self { file })
     }
 
-    /// Logs `plan` as in effect from step `step` (0-based, in steps done) of epoch `epoch`.
-    pub fn write(&mut self, epoch: usize, step: usize, plan: &MemoryPlan) -> anyhow::Result<()> {
+    /// Logs `plan` as in effect from step `step` (0-based, in steps done) of epoch `epoch`, the
+    /// run's optimizer step `global_step`.
+    pub fn write(
+        &mut self,
+        epoch: usize,
+        step: usize,
+        global_step: usize,
+        plan: &MemoryPlan,
+    ) -> anyhow::Result<()> {
         use std::io::Write;
         #[derive(Serialize)]
         struct Line<'a> {
             epoch: usize,
             step: usize,
+            global_step: usize,
             #[serde(flatten)]
             plan: &'a MemoryPlan,
         }
-        let line = serde_json::to_string(&Line { epoch, step, plan })?;
+        let line = serde_json::to_string(&Line {
+            epoch,
+            step,
+            global_step,
+            plan,
+        })?;
         writeln!(self.file, "{line}")?;
         Ok(())
     }

@@ -71,28 +71,32 @@ pub fn write_safe_reports(
     Ok(())
 }
 
-/// Opens `safe.jsonl` in `output` for a run that has finished `epochs_done` epochs: the lines of
-/// those epochs (the checkpointed part of an interrupted run) are kept, later ones dropped, so a
-/// resumed run logs every round once. A fresh run (`epochs_done` 0) starts an empty file.
-pub fn open_safe_log(output: &Path, epochs_done: usize) -> Result<std::fs::File> {
-    reopen_epoch_log(&output.join("safe.jsonl"), epochs_done)
+/// Opens `safe.jsonl` in `output` for a run resumed at global step `resumed_at` (None: a fresh
+/// run, which starts an empty file): the rounds up to that step (the checkpointed part of an
+/// interrupted run) are kept, later ones dropped, so a resumed run logs every round once.
+pub fn open_safe_log(output: &Path, resumed_at: Option<usize>) -> Result<std::fs::File> {
+    reopen_log(&output.join("safe.jsonl"), "step", resumed_at)
 }
 
-/// Opens a JSONL log whose lines carry an `epoch` for a run that has finished `epochs_done`
-/// epochs: the lines of those epochs are kept, later ones (and lines without an epoch) dropped.
-pub fn reopen_epoch_log(path: &Path, epochs_done: usize) -> Result<std::fs::File> {
+/// Opens a JSONL log whose lines carry the global optimizer step in `field`, for a run resumed at
+/// global step `resumed_at`: the lines up to that step are kept, later ones (and lines without the
+/// field) dropped. A fresh run (`resumed_at` None) starts an empty file.
+pub fn reopen_log(path: &Path, field: &str, resumed_at: Option<usize>) -> Result<std::fs::File> {
     use std::io::Write;
-    let kept: Vec<String> = std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["epoch"].as_u64())
-                .is_some_and(|e| (e as usize) <= epochs_done)
-        })
-        .map(str::to_string)
-        .collect();
+    let kept: Vec<String> = match resumed_at {
+        None => Vec::new(),
+        Some(at) => std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v[field].as_u64())
+                    .is_some_and(|s| (s as usize) <= at)
+            })
+            .map(str::to_string)
+            .collect(),
+    };
     let mut f = crate::files::create_file(path)?;
     for l in kept {
         writeln!(f, "{l}").with_context(|| format!("{}: cannot write", path.display()))?;
@@ -105,28 +109,29 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// Resuming after epoch 2 keeps the rounds of epochs 1-2 and drops those of the lost epoch 3;
-    /// a fresh run starts empty.
+    /// Resuming at global step 20 keeps the rounds logged up to step 20 and drops those of the
+    /// lost steps after it; a fresh run starts empty.
     #[test]
-    fn safe_log_keeps_the_checkpointed_epochs() {
+    fn safe_log_keeps_the_checkpointed_rounds() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("safe.jsonl");
-        let line = |round: u32, epoch: u32| format!(r#"{{"round":{round},"epoch":{epoch}}}"#);
-        let lines: Vec<String> = [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]
+        let line = |round: u32, step: u32| format!(r#"{{"round":{round},"step":{step}}}"#);
+        let lines: Vec<String> = [(1, 5), (2, 10), (3, 15), (4, 20), (5, 25)]
             .iter()
-            .map(|&(r, e)| line(r, e))
+            .map(|&(r, s)| line(r, s))
             .collect();
         std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-        let mut f = open_safe_log(dir.path(), 2).unwrap();
-        writeln!(f, "{}", line(5, 3)).unwrap();
+        let mut f = open_safe_log(dir.path(), Some(20)).unwrap();
+        writeln!(f, "{}", line(5, 25)).unwrap();
         drop(f);
         let text = std::fs::read_to_string(&path).unwrap();
-        let expected: Vec<String> = [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]
-            .iter()
-            .map(|&(r, e)| line(r, e))
-            .collect();
-        assert_eq!(text.lines().collect::<Vec<_>>(), expected);
-        drop(open_safe_log(dir.path(), 0).unwrap());
+        assert_eq!(text.lines().collect::<Vec<_>>(), lines);
+        let mut f = open_safe_log(dir.path(), Some(12)).unwrap();
+        writeln!(f, "{}", line(3, 15)).unwrap();
+        drop(f);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().collect::<Vec<_>>(), lines[..3]);
+        drop(open_safe_log(dir.path(), None).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 }

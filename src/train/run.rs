@@ -7,7 +7,7 @@ use super::config::Method;
 use super::fit::EpochLog;
 use crate::adapters::{Adapted, AdapterId, ParamId};
 use crate::memory::{self, MemTracker};
-use crate::nn::optim::{linear_schedule, AdamW};
+use crate::nn::optim::{AdamW, LrScheduler};
 use crate::safe::{EpochDecision, SafeController};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -105,6 +105,13 @@ impl StepPlan {
     }
 }
 
+/// The dropout RNG of step `s` (0-based) of `epoch`: one seed per step, so a run resumed inside
+/// an epoch draws the same masks as one that was never interrupted.
+pub fn dropout_rng(seed: u64, epoch: usize, s: usize) -> StdRng {
+    let epoch_seed = seed.wrapping_mul(31).wrapping_add(epoch as u64);
+    StdRng::seed_from_u64(epoch_seed ^ (s as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
 /// The layers that get adapters: the upper half for `upper` (the paper's Zhang et al. baseline),
 /// every layer (None) otherwise.
 pub fn adapted_layers(method: &Method, n_layers: usize) -> Option<Vec<usize>> {
@@ -135,18 +142,21 @@ pub fn monitor_subset(n: usize, k: usize, seed: u64) -> Vec<usize> {
     idx
 }
 
-/// A run's state and open logs, fresh or restored from `OUTPUT/checkpoint`.
+/// A run's state and open logs, fresh or restored from the newest checkpoint.
 pub struct Started {
     pub state: TrainerState,
+    /// The global step a resumed run continues after; None for a fresh run.
+    pub resumed_at: Option<usize>,
     /// `metrics.jsonl`, holding the checkpoint's epochs when resuming.
     pub metrics: File,
     /// `safe.jsonl` (SAFE runs only), holding the checkpointed rounds when resuming.
     pub safe_log: Option<File>,
 }
 
-/// Restores model, optimizer and SAFE controller from `output/checkpoint` when `resume` and one
-/// exists (refusing a checkpoint of a run of another length), then restarts the logs from the
-/// checkpoint's history, so an epoch logged before an interruption is not logged twice.
+/// Restores model, optimizer and SAFE controller from the newest checkpoint (`checkpoint/` or a
+/// step checkpoint) when `resume` and one exists (refusing a checkpoint of a run of another
+/// length), then restarts the logs from the checkpoint's history, so an epoch or validation
+/// logged before an interruption is not logged twice.
 pub fn start_or_resume(
     output: &Path,
     epochs: usize,
@@ -159,6 +169,7 @@ pub fn start_or_resume(
         total_epochs: epochs,
         ..Default::default()
     };
+    let mut resumed_at = None;
     if resume {
         if let Some(s) = checkpoint::load(output, model, opt)? {
             anyhow::ensure!(
@@ -169,38 +180,52 @@ pub fn start_or_resume(
                 s.total_epochs,
                 s.total_epochs
             );
-            tracing::info!("resuming after epoch {}", s.epochs_done);
+            tracing::info!("resuming after optimizer step {}", s.global_step);
             SafeController::resume(safe.as_mut(), s.safe.as_ref())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", output.join("checkpoint").display()))?;
+            resumed_at = Some(s.global_step);
             state = s;
         }
     }
     let mut metrics = crate::files::create_file(&output.join("metrics.jsonl"))?;
+    // Epoch lines and step validations in the order they were logged: by step, a step's
+    // validation before its epoch's line.
+    let mut lines: Vec<(usize, usize, String)> = Vec::new();
     for e in &state.history {
-        writeln!(metrics, "{}", serde_json::to_string(e)?)?;
+        lines.push((e.global_step, 1, serde_json::to_string(e)?));
+    }
+    for v in &state.step_evals {
+        lines.push((v.global_step, 0, serde_json::to_string(v)?));
+    }
+    lines.sort_by_key(|(step, kind, _)| (*step, *kind));
+    for (_, _, l) in lines {
+        writeln!(metrics, "{l}")?;
     }
     let safe_log = match safe {
-        Some(_) => Some(super::reports::open_safe_log(output, state.epochs_done)?),
+        Some(_) => Some(super::reports::open_safe_log(output, resumed_at)?),
         None => None,
     };
     Ok(Started {
         state,
+        resumed_at,
         metrics,
         safe_log,
     })
 }
 
-/// The optimizer step of both trainers, after clipping: this step's learning rate on the linear
+/// The optimizer step of both trainers, after clipping: this step's learning rate on the run's
 /// schedule, AdamW on every gradient (by parameter), the step counted. Returns the learning rate.
+#[allow(clippy::too_many_arguments)]
 pub fn optimizer_step(
     model: &mut impl Adapted,
     opt: &mut AdamW<ParamId>,
     grads: &[(ParamId, Tensor)],
     plan: &StepPlan,
+    schedule: LrScheduler,
     peak_lr: f64,
     state: &mut TrainerState,
 ) -> Result<f64> {
-    let lr = linear_schedule(
+    let lr = schedule.lr(
         state.global_step,
         plan.warmup_steps,
         plan.total_steps,
@@ -276,6 +301,11 @@ impl<'a> EpochMemory<'a> {
             epoch_peak: 0,
             step_peak: 0,
         }
+    }
+
+    /// `(epoch peak, step peak)` so far.
+    pub fn so_far(&self) -> (usize, usize) {
+        (self.epoch_peak.max(self.mem.peak()), self.step_peak)
     }
 
     /// Before a step's first pass.

@@ -35,12 +35,12 @@ pub struct StepLog {
 }
 
 impl StepLog {
-    /// Opens `output/steps.jsonl` for a run that has finished `epochs_done` epochs: the steps of
-    /// those epochs are kept (the checkpointed part of an interrupted run), later ones dropped, so
-    /// a resumed run logs every step once; a fresh run (`epochs_done` 0) starts an empty file.
-    pub fn open(output: &Path, epochs_done: usize) -> Result<Self> {
+    /// Opens `output/steps.jsonl` for a run resumed at global step `resumed_at`: the steps up to
+    /// it are kept (the checkpointed part of an interrupted run), later ones dropped, so a resumed
+    /// run logs every step once; a fresh run (None) starts an empty file.
+    pub fn open(output: &Path, resumed_at: Option<usize>) -> Result<Self> {
         let path = output.join("steps.jsonl");
-        let file = super::reports::reopen_epoch_log(&path, epochs_done)?;
+        let file = super::reports::reopen_log(&path, "global_step", resumed_at)?;
         Ok(Self { path, file })
     }
 
@@ -86,16 +86,17 @@ mod tests {
         }
     }
 
-    /// Resuming after epoch 1 keeps epoch 1's steps and drops the lost epoch 2's.
+    /// Resuming after global step 2 (epoch 1's end) keeps epoch 1's steps and drops the lost
+    /// epoch 2's.
     #[test]
     fn step_log_keeps_the_checkpointed_epochs() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = StepLog::open(dir.path(), 0).unwrap();
+        let mut log = StepLog::open(dir.path(), None).unwrap();
         for (e, s, g) in [(1, 1, 1), (1, 2, 2), (2, 1, 3)] {
             log.write(&line(e, s, g)).unwrap();
         }
         drop(log);
-        let mut log = StepLog::open(dir.path(), 1).unwrap();
+        let mut log = StepLog::open(dir.path(), Some(2)).unwrap();
         log.write(&line(2, 1, 3)).unwrap();
         drop(log);
         let read: Vec<StepLine> = std::fs::read_to_string(dir.path().join("steps.jsonl"))

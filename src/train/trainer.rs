@@ -199,6 +199,12 @@ pub struct Scores {
     pub matthews: Option<f64>,
     pub spearman: Option<f64>,
     pub loss: f64,
+    /// Classification: precision, recall, F1 and support of each class, in output order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<Vec<metrics::ClassScores>>,
+    /// Classification: `confusion[gold][predicted]` counts, classes in output order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confusion: Option<Vec<Vec<u64>>>,
 }
 
 /// Logits of every item, in order (inference: no dropout).
@@ -223,11 +229,13 @@ pub fn predict_logits(
     Ok(out)
 }
 
+/// Scores of `items` (classification: `label_names` name the outputs in the per-class scores).
 pub fn evaluate(
     model: &BertForSequenceClassification,
     items: &[Encoded],
     batch_size: usize,
     task: TaskKind,
+    label_names: &[String],
     num_labels: usize,
 ) -> Result<Scores> {
     let device = model.head.classifier.weight.device();
@@ -271,6 +279,12 @@ pub fn evaluate(
             matthews: Some(metrics::matthews_corrcoef(&pred_c, &gold_c, num_labels)),
             spearman: None,
             loss,
+            per_class: Some(metrics::per_class(
+                &pred_c,
+                &gold_c,
+                &label_names[..label_names.len().min(num_labels)],
+            )),
+            confusion: Some(metrics::confusion(&pred_c, &gold_c, num_labels)),
         },
         TaskKind::Regression => Scores {
             metric: metrics::pearson(&pred_v, &gold_v),
@@ -279,6 +293,8 @@ pub fn evaluate(
             matthews: None,
             spearman: Some(metrics::spearman(&pred_v, &gold_v)),
             loss,
+            per_class: None,
+            confusion: None,
         },
     })
 }
@@ -340,7 +356,11 @@ pub struct Summary {
     pub value: Option<f64>,
     pub test: Option<Scores>,
     pub best_epoch: usize,
+    /// The optimizer step of the best validation.
+    pub best_step: usize,
     pub epochs: usize,
+    /// The run ended by early stopping (`early_stopping_patience`).
+    pub stopped_early: bool,
     pub wall_s: f64,
     /// Time, memory and FLOPs over the run's epochs (`monitor_flops`, SAFE's monitoring passes,
     /// are not part of `train_flops`).
@@ -372,8 +392,10 @@ pub struct ClassifyTask<'a> {
     /// Writes the best adapter: the run's LoRA settings and the base model folder.
     pub lora: &'a crate::adapters::LoraConfig,
     pub model_dir: &'a Path,
-    /// Class names in classifier-output order, saved beside the adapter (`io::labels`).
+    /// Class names in classifier-output order, saved beside the adapter (`io::labels`) with the
+    /// run's data settings.
     pub label_names: &'a [String],
+    pub trained_on: Option<crate::io::labels::TrainedOn>,
 }
 
 impl Task for ClassifyTask<'_> {
@@ -435,6 +457,7 @@ impl Task for ClassifyTask<'_> {
             self.validation,
             self.eval_batch_size,
             self.task,
+            self.label_names,
             self.num_labels,
         )?;
         Ok(Validation {
@@ -450,13 +473,30 @@ impl Task for ClassifyTask<'_> {
             self.lora,
             &self.model_dir.display().to_string(),
         )?;
-        if self.task == TaskKind::Classification && !self.label_names.is_empty() {
-            let labels = crate::io::labels::AdapterLabels {
-                label_names: self.label_names.to_vec(),
-            };
-            crate::io::labels::save(output, &labels)?;
-        }
+        let labels = crate::io::labels::AdapterLabels {
+            label_names: match self.task {
+                TaskKind::Classification => self.label_names.to_vec(),
+                TaskKind::Regression => Vec::new(),
+            },
+            data: self.trained_on.clone(),
+        };
+        crate::io::labels::save(output, &labels)?;
         Ok(())
+    }
+}
+
+/// The data settings of a run, as `safetune.json` keeps them for `eval`.
+pub fn trained_on(cfg: &TrainConfig) -> crate::io::labels::TrainedOn {
+    let d = &cfg.data;
+    crate::io::labels::TrainedOn {
+        task: format!("{:?}", d.task).to_lowercase(),
+        max_length: d.max_length,
+        text_column: d.text_column.clone(),
+        text_pair_column: d.text_pair_column.clone(),
+        label_column: d.label_column.clone(),
+        seed: cfg.seed,
+        validation_fraction: d.validation_fraction,
+        test_fraction: d.test_fraction,
     }
 }
 
@@ -519,6 +559,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
         lora: &cfg.lora,
         model_dir: &setup.model_dir,
         label_names: &setup.splits.train.label_names,
+        trained_on: Some(trained_on(cfg)),
     };
     let fitted = fit(
         &mut classify,
@@ -542,6 +583,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
             &setup.test,
             cfg.eval_batch_size,
             task,
+            &setup.splits.train.label_names,
             num_labels,
         )?)
     };
@@ -555,7 +597,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
         value: test.as_ref().map(|t| t.metric),
         test,
         best_epoch: state.best_epoch,
+        best_step: state.best_step,
         epochs: cfg.epochs,
+        stopped_early: state.stopped_early,
         wall_s: t_start.elapsed().as_secs_f64(),
         totals: run::RunTotals::of(h),
         memory_counter: mem.kind(),
@@ -630,6 +674,7 @@ mod tests {
                 lora: &lora,
                 model_dir: dir.path(),
                 label_names: &[],
+                trained_on: None,
             };
             let mem = memory::MemTracker::new(&Device::Cpu);
             let fitted = fit(&mut task, &mut m, &cfg.fit_config(false, false), &mem).unwrap();
