@@ -575,6 +575,40 @@ fn a_diverging_run_stops_and_keeps_the_last_good_files() {
     assert!(!fresh.join("checkpoint").exists());
 }
 
+/// A resume whose newest checkpoint is a step checkpoint with an unreadable state is refused,
+/// naming that file, and changes nothing: it neither falls back to an older checkpoint nor
+/// starts the run over.
+#[test]
+fn a_resume_of_an_unreadable_step_checkpoint_changes_nothing() {
+    let f = fixture();
+    let first = [
+        "--epochs",
+        "2",
+        "--stop-after-epoch",
+        "1",
+        "--save-steps",
+        "2",
+    ];
+    f.sb.run_ok(&train_args(&f.model, &f.data, &f.out, &first));
+    // As if the run was killed inside epoch 1: no epoch checkpoint yet.
+    std::fs::remove_dir_all(f.out.join("checkpoint")).unwrap();
+    let newest = std::fs::read_dir(&f.out)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("checkpoint-")?.parse::<usize>().ok()
+        })
+        .max()
+        .expect("step checkpoints");
+    assert!(newest >= 4, "{newest}");
+    let state = f.out.join(format!("checkpoint-{newest}/state.json"));
+    std::fs::write(&state, "{ not json").unwrap();
+    let resume = ["--epochs", "2", "--resume", "--save-steps", "2"];
+    let args = train_args(&f.model, &f.data, &f.out, &resume);
+    let dir = format!("checkpoint-{newest}");
+    refused_without_change(&f.sb, &f.out, &args, &[&dir, "state.json"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Output folders
 // ---------------------------------------------------------------------------------------------

@@ -226,9 +226,13 @@ pub(crate) fn remove_any(path: &Path) -> Result<()> {
     }
 }
 
-/// Whether `out` holds a checkpoint for [`load`] (also one interrupted between its renames).
+/// Whether `out` holds a checkpoint for [`load`] (also one interrupted between its renames). By
+/// its folders alone: a checkpoint that cannot be read still exists, so a resume of it is refused
+/// (by [`load`]) instead of starting over.
 pub fn exists(out: &Path) -> bool {
-    newest(out).is_ok_and(|d| d.is_some())
+    out.join("checkpoint").exists()
+        || out.join("checkpoint.old").exists()
+        || step_checkpoints(out).is_ok_and(|s| !s.is_empty())
 }
 
 fn read_state(dir: &Path) -> Result<TrainerState> {
