@@ -146,10 +146,10 @@ pub fn step_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
-/// Removes every checkpoint in `out` (a fresh run's start), step checkpoints and leftovers of an
-/// interrupted write included.
+/// Removes every checkpoint in `out` (a fresh run's start), step checkpoints and their
+/// leftovers included (`checkpoint.tmp` is replaced by the next write).
 pub fn remove_all(out: &Path) -> Result<()> {
-    for name in ["checkpoint", "checkpoint.old", "checkpoint.tmp"] {
+    for name in ["checkpoint", "checkpoint.old"] {
         remove_any(&out.join(name))?;
     }
     if let Ok(entries) = std::fs::read_dir(out) {
