@@ -1880,10 +1880,13 @@ fn eval_reads_the_runs_settings_from_the_adapter_folder() {
 
     // A base model the adapter names that is not on this machine.
     let mut cfg = read_json(&out.join("adapter_config.json"));
-    cfg["base_model_name_or_path"] = "bert-base-uncased".into();
+    cfg["base_model_name_or_path"] = "no-such-org/no-such-bert".into();
     std::fs::write(bare.join("adapter_config.json"), cfg.to_string()).unwrap();
     let o = sb.run(&["eval", "--adapter", s(&bare), "--data", s(&data)]);
-    assert_clean_error(&o, &["adapter_config.json", "bert-base-uncased", "--model"]);
+    assert_clean_error(
+        &o,
+        &["adapter_config.json", "no-such-org/no-such-bert", "--model"],
+    );
 }
 
 /// `train-lm` says when `--max-steps-per-epoch` (30 by default) cuts its epochs short, with the

@@ -334,8 +334,9 @@ impl TrainArgs {
 /// (`safetune.json`: task, max length, columns, split), which override the defaults.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Base model folder. Default: the adapter's base_model_name_or_path (adapter_config.json)
-    /// when that folder exists, else MiniLM-L6 for an adapter that names none.
+    /// Base model folder, or a model id in the local Hugging Face cache. Default: the adapter's
+    /// base_model_name_or_path (adapter_config.json), found the same way; MiniLM-L6 for an
+    /// adapter that names none.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a train output.
@@ -646,19 +647,21 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 /// The base model folder an adapter names (`base_model_name_or_path`), for `eval` without
-/// `--model`: None when it names none (the default model then), an error when that folder is not
-/// here (a Hugging Face id, or another machine's path).
+/// `--model`: a folder here or a model id in the local Hugging Face cache (as `--model` takes
+/// them). None when it names none (the default model then), an error when it is neither.
 fn adapter_base(adapter: &std::path::Path, base: Option<&str>) -> Result<Option<PathBuf>> {
     let Some(base) = base.filter(|b| !b.is_empty()) else {
         return Ok(None);
     };
-    let path = PathBuf::from(base);
-    anyhow::ensure!(
-        path.is_dir(),
-        "{}: base_model_name_or_path '{base}' is not a model folder on this machine; pass --model DIR",
-        adapter.join(peft::CONFIG_FILE).display()
-    );
-    Ok(Some(path))
+    let found = crate::io::hub::resolve_model(std::path::Path::new(base), "base model");
+    match found {
+        Ok(dir) if dir.is_dir() => Ok(Some(dir)),
+        _ => anyhow::bail!(
+            "{}: base_model_name_or_path '{base}' is neither a model folder on this machine nor a \
+             model in the local Hugging Face cache; pass --model DIR",
+            adapter.join(peft::CONFIG_FILE).display()
+        ),
+    }
 }
 
 /// The data settings a run saved with its adapter, as `eval`'s starting point.

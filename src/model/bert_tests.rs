@@ -311,10 +311,17 @@ fn transformers_mpnet_gives_transformers_hidden_states() {
     };
     let h = m.forward_frozen_bottom(&batch, m.layers.len()).unwrap();
     let want = r["hidden"].reshape((b * t, ())).unwrap();
-    let mask: Vec<u32> = u32s("attention_mask").flatten_all().unwrap().to_vec1().unwrap();
+    let mask: Vec<u32> = u32s("attention_mask")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(mask.contains(&0), "the fixture pads its second row");
     // Padded rows' states are never read; compare the tokens'.
-    let keep: Vec<u32> = (0..b * t).filter(|&i| mask[i] == 1).map(|i| i as u32).collect();
+    let keep: Vec<u32> = (0..b * t)
+        .filter(|&i| mask[i] == 1)
+        .map(|i| i as u32)
+        .collect();
     let keep = Tensor::new(keep.as_slice(), &cpu).unwrap();
     let pick = |x: &Tensor| x.index_select(&keep, 0).unwrap();
     assert!(max_abs_diff(&pick(&h), &pick(&want)) < 1e-9);
