@@ -30,6 +30,9 @@ pub enum LoraMatrix {
 pub enum HeadParam {
     ClassifierWeight,
     ClassifierBias,
+    /// Extractive QA's `qa_outputs` (start and end logits).
+    QaOutputsWeight,
+    QaOutputsBias,
 }
 
 /// A trained tensor: the key of gradients, optimizer state and checkpoints inside the program

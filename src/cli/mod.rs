@@ -253,7 +253,8 @@ pub struct DataArgs {
     /// folder | spam | table | glue (default: folder, or table for a file path)
     #[arg(long)]
     pub data_kind: Option<DataKind>,
-    /// classification | regression
+    /// classification | regression | qa (extractive question answering on SQuAD v1.1 / v2.0
+    /// JSON; --max-length then defaults to 384)
     #[arg(long)]
     pub task: Option<TaskKind>,
     #[arg(long)]
@@ -266,6 +267,10 @@ pub struct DataArgs {
     pub label_column: Option<String>,
     #[arg(long)]
     pub max_length: Option<usize>,
+    /// Question answering: context tokens that consecutive windows of a long context share
+    /// (default 128).
+    #[arg(long)]
+    pub doc_stride: Option<usize>,
     /// Explicit split files (csv, tsv, jsonl, json, parquet) instead of --data; without
     /// --validation-file / --test-file those splits are carved out of the train file.
     #[arg(long)]
@@ -296,6 +301,15 @@ impl DataArgs {
         }
         set!(d.label_column, self.label_column);
         set!(d.max_length, self.max_length);
+        // Question answering's windows: transformers' run_qa.py defaults (384, stride 128).
+        let default_length = crate::train::config::DataConfig::default().max_length;
+        if self.task == Some(TaskKind::Qa)
+            && self.max_length.is_none()
+            && d.max_length == default_length
+        {
+            d.max_length = 384;
+        }
+        set!(d.doc_stride, self.doc_stride);
         for (dst, src) in [
             (&mut d.train_file, &self.train_file),
             (&mut d.validation_file, &self.validation_file),
@@ -354,6 +368,10 @@ pub struct EvalArgs {
     /// Also write the logits (`{"logits": [[...], ...]}`, in data order) to this file.
     #[arg(long, alias = "logits")]
     pub logits_out: Option<PathBuf>,
+    /// Question answering: also write the answers (`{"id": "answer", ...}`, the official
+    /// scripts' format) to this file.
+    #[arg(long)]
+    pub predictions_out: Option<PathBuf>,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
 }
@@ -406,6 +424,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => {
             let cfg = a.to_config()?;
             check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
+            if cfg.data.task == TaskKind::Qa {
+                let qa = crate::train::qa::train_qa(&cfg, a.run.resume, !a.run.quiet)?;
+                if let Some(summary) = qa {
+                    print_summary(&cfg, &summary);
+                }
+                return Ok(());
+            }
             if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
                 print_summary(&cfg, &summary);
             }
@@ -450,6 +475,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export(a),
         Command::Merge(a) => {
             let task = crate::io::peft::read_config(&a.adapter)?.task_type;
+            anyhow::ensure!(
+                task.as_deref() != Some("QUESTION_ANS"),
+                "{}: merging a question-answering adapter (task_type QUESTION_ANS) is not \
+                 supported yet; load it with PEFT on the base model, or use `safetune eval --task qa`",
+                a.adapter.display()
+            );
             let r = if task.as_deref() == Some("CAUSAL_LM") {
                 let base = a
                     .model
@@ -573,6 +604,9 @@ pub(crate) fn check_output(dir: &std::path::Path, resume: bool, overwrite: bool)
 
 fn eval(a: EvalArgs) -> Result<()> {
     let pc = peft::read_config(&a.adapter)?;
+    if pc.task_type.as_deref() == Some("QUESTION_ANS") || a.data.task == Some(TaskKind::Qa) {
+        return eval_qa(a, pc);
+    }
     let saved = crate::io::labels::load(&a.adapter)?;
     let mut cfg = TrainConfig {
         model: match &a.model {
@@ -646,6 +680,75 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// `eval` of a question-answering adapter: the SQuAD file's split (as the run split it, from
+/// `safetune.json`), its answers and the official scores.
+fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
+    let saved = crate::io::labels::load(&a.adapter)?;
+    let mut cfg = TrainConfig {
+        model: match &a.model {
+            Some(m) => Some(m.clone()),
+            None => adapter_base(&a.adapter, pc.base_model_name_or_path.as_deref())?,
+        },
+        ..Default::default()
+    };
+    cfg.data.task = TaskKind::Qa;
+    cfg.data.max_length = 384;
+    if let Some(d) = saved.as_ref().and_then(|l| l.data.as_ref()) {
+        apply_trained_on(&mut cfg, d, &a.adapter)?;
+        if let Some(stride) = d.doc_stride {
+            cfg.data.doc_stride = stride;
+        }
+    }
+    a.data.apply(&mut cfg);
+    set!(cfg.seed, a.seed);
+    cfg.lora = pc.lora();
+    cfg.dtype = a.device.dtype_spec();
+    let model_dir = trainer::resolve_model_dir(&cfg)?;
+    cfg.check_model(&model_dir)?;
+    let [train, validation, test] = crate::train::qa::load_splits(&cfg)?;
+    let squad = match a.split {
+        EvalSplit::Test => test,
+        EvalSplit::Validation => validation,
+        EvalSplit::All => {
+            let mut all = train;
+            all.examples.extend(validation.examples);
+            all.examples.extend(test.examples);
+            all
+        }
+    };
+    anyhow::ensure!(
+        !squad.examples.is_empty(),
+        "--split {}: the split has no questions, nothing to evaluate",
+        format!("{:?}", a.split).to_lowercase()
+    );
+    let encoder = crate::data::squad::QaEncoder::from_model_dir(
+        &model_dir,
+        cfg.data.max_length,
+        cfg.data.doc_stride,
+    )?;
+    let split = crate::train::qa::QaSplit {
+        features: encoder.features(&squad.examples)?,
+        examples: squad.examples,
+    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let device = a.device.open()?;
+    let mut model = crate::model::BertForQuestionAnswering::load(
+        &model_dir,
+        cfg.dtype.dtype(),
+        &device,
+        &mut rng,
+    )?;
+    model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
+    peft::load(&a.adapter, &mut model)
+        .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
+    let (predictions, scores, _) = crate::train::qa::evaluate(&model, &split, squad.v2, 32)?;
+    if let Some(path) = &a.predictions_out {
+        crate::train::qa::write_predictions(path, &predictions)?;
+    }
+    println!("{}", serde_json::to_string_pretty(&scores)?);
+    Ok(())
+}
+
 /// The base model folder an adapter names (`base_model_name_or_path`), for `eval` without
 /// `--model`: a folder here or a model id in the local Hugging Face cache (as `--model` takes
 /// them). None when it names none (the default model then), an error when it is neither.
@@ -699,6 +802,22 @@ fn export(a: ExportArgs) -> Result<()> {
     let state_path = a.run.join("checkpoint/tensors.safetensors");
     let tensors = candle_core::safetensors::load(&state_path, &candle_core::Device::Cpu)
         .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
+    if cfg.data.task == TaskKind::Qa {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+        let device = candle_core::Device::Cpu;
+        let mut model = crate::train::qa::build_model(&cfg, &model_dir, &device, &mut rng)?;
+        let mut opt = crate::nn::optim::AdamW::new(Default::default());
+        crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
+            .with_context(|| format!("{}: no checkpoint", a.run.display()))?;
+        peft::save(
+            &a.output,
+            &model,
+            &cfg.lora,
+            &model_dir.display().to_string(),
+        )?;
+        println!("wrote PEFT adapter to {}", a.output.display());
+        return Ok(());
+    }
     let num_labels = tensors
         .get(peft::head_key(crate::adapters::HeadParam::ClassifierWeight))
         .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
@@ -724,7 +843,7 @@ fn export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(cfg: &TrainConfig, s: &Summary) {
+fn print_summary<T>(cfg: &TrainConfig, s: &Summary<T>) {
     let mb = |b: f64| format!("{:.0} MB", b / 1e6);
     let t = &s.totals;
     let rows = [

@@ -168,22 +168,32 @@ pub struct Batch {
 
 /// Pads `items` to the longest of them with `pad_id`.
 pub fn collate(items: &[&Encoded], pad_id: u32) -> Batch {
-    let seq = items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    let batch = items.len();
+    let rows: Vec<(&[u32], &[u32])> = items
+        .iter()
+        .map(|e| (&e.ids[..], &e.type_ids[..]))
+        .collect();
+    let mut b = pad_rows(&rows, pad_id);
+    b.labels = items.iter().map(|e| e.label.clone()).collect();
+    b
+}
+
+/// Pads rows of `(ids, token type ids)` to the longest with `pad_id`; no labels.
+pub fn pad_rows(rows: &[(&[u32], &[u32])], pad_id: u32) -> Batch {
+    let seq = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+    let batch = rows.len();
     let mut b = Batch {
         input_ids: vec![pad_id; batch * seq],
         token_type_ids: vec![0; batch * seq],
         attention_mask: vec![0; batch * seq],
         batch,
         seq,
-        labels: Vec::with_capacity(batch),
+        labels: Vec::new(),
     };
-    for (i, e) in items.iter().enumerate() {
+    for (i, (ids, types)) in rows.iter().enumerate() {
         let row = i * seq;
-        b.input_ids[row..row + e.ids.len()].copy_from_slice(&e.ids);
-        b.token_type_ids[row..row + e.ids.len()].copy_from_slice(&e.type_ids);
-        b.attention_mask[row..row + e.ids.len()].fill(1);
-        b.labels.push(e.label.clone());
+        b.input_ids[row..row + ids.len()].copy_from_slice(ids);
+        b.token_type_ids[row..row + ids.len()].copy_from_slice(types);
+        b.attention_mask[row..row + ids.len()].fill(1);
     }
     b
 }

@@ -13,6 +13,7 @@ pub mod lm;
 mod parquet;
 pub mod spam;
 pub mod split;
+pub mod squad;
 pub mod table;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +46,8 @@ pub struct Example {
 pub enum TaskKind {
     Classification,
     Regression,
+    /// Extractive question answering on SQuAD JSON (see [`squad`]).
+    Qa,
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +64,7 @@ impl Dataset {
         match self.task {
             TaskKind::Classification => self.label_names.len(),
             TaskKind::Regression => 1,
+            TaskKind::Qa => 2,
         }
     }
 

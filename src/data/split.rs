@@ -24,7 +24,7 @@ pub fn stratified_split(ds: &Dataset, validation_frac: f64, test_frac: f64, seed
         "split fractions must be in 0..=1 and sum to at most 1 (validation {validation_frac}, test {test_frac})"
     );
     let mut groups: Vec<Vec<usize>> = match ds.task {
-        TaskKind::Regression => vec![(0..ds.len()).collect()],
+        TaskKind::Regression | TaskKind::Qa => vec![(0..ds.len()).collect()],
         TaskKind::Classification => vec![Vec::new(); ds.num_labels()],
     };
     if ds.task == TaskKind::Classification {

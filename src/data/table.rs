@@ -361,6 +361,10 @@ fn object_row(
 
 fn build(path: &Path, spec: &TableSpec, rows: Vec<Row>) -> Result<Dataset, DataError> {
     let label_names = match (spec.task, &spec.label_names) {
+        (TaskKind::Qa, _) => {
+            let msg = "question answering (task qa) reads SQuAD JSON, not a table of labels";
+            return Err(DataError::format(path, msg));
+        }
         (TaskKind::Regression, _) => Vec::new(),
         (TaskKind::Classification, Some(names)) => names.clone(),
         (TaskKind::Classification, None) => infer_label_names(rows.iter().map(|r| r.label.trim())),
@@ -386,7 +390,7 @@ fn build(path: &Path, spec: &TableSpec, rows: Vec<Row>) -> Result<Dataset, DataE
                     })?;
                     Label::Class(idx)
                 }
-                TaskKind::Regression => {
+                TaskKind::Regression | TaskKind::Qa => {
                     let v = raw.parse::<f32>().ok().filter(|v| v.is_finite());
                     Label::Value(v.ok_or_else(|| {
                         err(format!(

@@ -34,6 +34,9 @@ pub struct TrainedOn {
     pub seed: u64,
     pub validation_fraction: f64,
     pub test_fraction: f64,
+    /// Question answering: the context tokens consecutive windows share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_stride: Option<usize>,
 }
 
 /// Writes `dir/safetune.json`.
@@ -116,6 +119,7 @@ mod tests {
                 seed: 3,
                 validation_fraction: 0.1,
                 test_fraction: 0.2,
+                doc_stride: None,
             }),
         };
         save(dir.path(), &labels).unwrap();

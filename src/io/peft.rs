@@ -57,10 +57,17 @@ pub fn head_key(h: HeadParam) -> &'static str {
     match h {
         HeadParam::ClassifierWeight => "classifier.weight",
         HeadParam::ClassifierBias => "classifier.bias",
+        HeadParam::QaOutputsWeight => "qa_outputs.weight",
+        HeadParam::QaOutputsBias => "qa_outputs.bias",
     }
 }
 
-const HEADS: [HeadParam; 2] = [HeadParam::ClassifierWeight, HeadParam::ClassifierBias];
+const HEADS: [HeadParam; 4] = [
+    HeadParam::ClassifierWeight,
+    HeadParam::ClassifierBias,
+    HeadParam::QaOutputsWeight,
+    HeadParam::QaOutputsBias,
+];
 
 /// The suffix of a LoRA matrix's key after its module path.
 fn lora_suffix(m: LoraMatrix) -> &'static str {
@@ -103,7 +110,8 @@ pub fn param_id(model: &(impl Adapted + ?Sized), key: &str) -> Result<ParamId, I
         .ok_or_else(|| {
             unknown(
                 "expected '<module path>.lora_A.weight', '<module path>.lora_B.weight', \
-                 'classifier.weight' or 'classifier.bias'"
+                 'classifier.weight', 'classifier.bias', 'qa_outputs.weight' or \
+                 'qa_outputs.bias'"
                     .into(),
             )
         })?;

@@ -1,7 +1,7 @@
-//! BERT for sequence classification (transformers' `BertForSequenceClassification`), with LoRA
-//! adapters on any of the six linears of each layer and explicit layer-wise backprop. The same
-//! body serves MPNet (see [`EncoderFamily`]): other tensor names, no token types, and a relative
-//! position bias added to the attention scores.
+//! BERT with a task head (an [`EncoderHead`]: transformers' `BertForSequenceClassification`, or
+//! `BertForQuestionAnswering`), with LoRA adapters on any of the six linears of each layer and
+//! explicit layer-wise backprop. The same body serves MPNet (see [`EncoderFamily`]): other tensor
+//! names, no token types, and a relative position bias added to the attention scores.
 //!
 //! Layer data flow (post-LN BERT), per layer, rows = `batch * seq` tokens:
 //! ```text
@@ -20,7 +20,7 @@ use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::embedding::Embeddings;
 use crate::nn::gelu::{self, GeluSaved};
-use crate::nn::head::{ClassificationHead, HeadGrads, HeadSaved};
+use crate::nn::head::{ClassificationHead, HeadGrads, HeadSaved, QaHead, QaHeadSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
 use crate::nn::{self, Dropout, Pass};
@@ -221,15 +221,110 @@ pub struct ModelGrads {
     pub head: HeadGrads,
 }
 
+/// A head on the encoder's last hidden state, trained beside the adapters (PEFT's
+/// `modules_to_save`): one trainable linear, its weight and bias.
+pub trait EncoderHead: Clone + std::fmt::Debug {
+    /// What the head's backward needs.
+    type Saved;
+    /// PEFT's `task_type`.
+    const TASK_TYPE: &'static str;
+    /// The trained linear's weight and bias, in that order.
+    const PARAMS: [HeadParam; 2];
+
+    /// `h` is the last hidden state `[batch*seq, hidden]`; returns the head's output.
+    fn forward(
+        &self,
+        h: &Tensor,
+        batch: usize,
+        seq: usize,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, Option<Self::Saved>)>;
+
+    /// The gradient of the last hidden state and the trained linear's gradients.
+    fn backward(&self, saved: Self::Saved, dout: &Tensor) -> Result<(Tensor, HeadGrads)>;
+
+    /// The trained linear.
+    fn trained(&self) -> &Linear;
+
+    fn trained_mut(&mut self) -> &mut Linear;
+}
+
+impl EncoderHead for ClassificationHead {
+    type Saved = HeadSaved;
+    const TASK_TYPE: &'static str = "SEQ_CLS";
+    const PARAMS: [HeadParam; 2] = [HeadParam::ClassifierWeight, HeadParam::ClassifierBias];
+
+    fn forward(
+        &self,
+        h: &Tensor,
+        batch: usize,
+        seq: usize,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, Option<HeadSaved>)> {
+        ClassificationHead::forward(self, h, batch, seq, pass, save)
+    }
+
+    fn backward(&self, saved: HeadSaved, dout: &Tensor) -> Result<(Tensor, HeadGrads)> {
+        saved.backward(self, dout)
+    }
+
+    fn trained(&self) -> &Linear {
+        &self.classifier
+    }
+
+    fn trained_mut(&mut self) -> &mut Linear {
+        &mut self.classifier
+    }
+}
+
+impl EncoderHead for QaHead {
+    type Saved = QaHeadSaved;
+    const TASK_TYPE: &'static str = "QUESTION_ANS";
+    const PARAMS: [HeadParam; 2] = [HeadParam::QaOutputsWeight, HeadParam::QaOutputsBias];
+
+    /// `[batch*seq, 2]`: each token's start and end logit.
+    fn forward(
+        &self,
+        h: &Tensor,
+        _batch: usize,
+        _seq: usize,
+        _pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, Option<QaHeadSaved>)> {
+        QaHead::forward(self, h, save)
+    }
+
+    fn backward(&self, saved: QaHeadSaved, dout: &Tensor) -> Result<(Tensor, HeadGrads)> {
+        saved.backward(self, dout)
+    }
+
+    fn trained(&self) -> &Linear {
+        &self.qa_outputs
+    }
+
+    fn trained_mut(&mut self) -> &mut Linear {
+        &mut self.qa_outputs
+    }
+}
+
+/// The encoder body (embeddings, layers, MPNet's relative position bias) and a head.
 #[derive(Clone, Debug)]
-pub struct BertForSequenceClassification {
+pub struct BertWithHead<H> {
     pub config: BertConfig,
     pub embeddings: Embeddings,
     pub layers: Vec<BertLayer>,
-    pub head: ClassificationHead,
+    pub head: H,
     /// MPNet's relative position bias, `[buckets, heads]`, shared by every layer.
     pub relative_bias: Option<Tensor>,
 }
+
+/// transformers' `BertForSequenceClassification` (and MPNet's).
+pub type BertForSequenceClassification = BertWithHead<ClassificationHead>;
+
+/// transformers' `BertForQuestionAnswering` (and MPNet's): a start/end logit per token.
+pub type BertForQuestionAnswering = BertWithHead<QaHead>;
 
 /// One tokenized batch on the model's device.
 pub struct BatchTensors {
@@ -242,16 +337,16 @@ pub struct BatchTensors {
 }
 
 /// What a training forward keeps: the saved layers above the lowest trainable one, and the head.
-pub struct ForwardSaved {
+pub struct ForwardSaved<S> {
     pub first_saved_layer: usize,
     /// Layers `first_saved_layer..` (their states, or checkpoints; indices relative to it).
     pub layers: StackSaved<BertLayerSaved>,
-    head: HeadSaved,
+    head: S,
     mask_add: Tensor,
     shape: AttnShape,
 }
 
-impl StepMemory for BertForSequenceClassification {
+impl<H: EncoderHead> StepMemory for BertWithHead<H> {
     fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
         self.layers[layer].memory(Acts::new(rows, seq, self.embeddings.word.dtype()))
     }
@@ -264,7 +359,8 @@ impl StepMemory for BertForSequenceClassification {
         Acts::new(rows, seq, self.embeddings.word.dtype()).of(self.config.hidden_size)
     }
 
-    /// The pooler and classifier work on one row each; their input gradient is hidden-wide.
+    /// The classifier's pooler works on one row each, `qa_outputs` on every token; the input
+    /// gradient of either is hidden-wide (and `qa_outputs` keeps its input).
     fn head_bytes(&self, rows: usize, seq: usize) -> usize {
         2 * self.hidden_bytes(rows, seq)
     }
@@ -478,6 +574,51 @@ impl BertForSequenceClassification {
         let w = Weights::from_tensors(tensors, dtype, device);
         Self::from_weights(config, &w, num_labels, rng)
     }
+}
+
+impl BertForQuestionAnswering {
+    /// Loads a Hugging Face BERT or MPNet folder with a new `qa_outputs` (`[2, hidden]`,
+    /// normal(0, 0.02), zero bias, as transformers initialises it) from `rng`. The checkpoint's
+    /// pooler is not used.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        BertForSequenceClassification::load(dir, 2, dtype, device, rng).map(Self::from_encoder)
+    }
+
+    /// A random-weight model (see [`BertForSequenceClassification::random`]).
+    pub fn random(
+        config: BertConfig,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        BertForSequenceClassification::random(config, 2, dtype, device, rng).map(Self::from_encoder)
+    }
+
+    /// The body of a 2-output classifier with its classifier (initialised as `qa_outputs` is)
+    /// as `qa_outputs`.
+    fn from_encoder(m: BertForSequenceClassification) -> Self {
+        BertWithHead {
+            config: m.config,
+            embeddings: m.embeddings,
+            layers: m.layers,
+            head: QaHead {
+                qa_outputs: m.head.classifier,
+            },
+            relative_bias: m.relative_bias,
+        }
+    }
+}
+
+impl<H: EncoderHead> BertWithHead<H> {
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.embeddings.word.device().clone()
+    }
 
     /// Puts a fresh LoRA adapter on every linear `cfg.target_modules` names, in `layers` (all
     /// when None). Returns how many.
@@ -517,7 +658,7 @@ impl BertForSequenceClassification {
         b: &BatchTensors,
         pass: &mut Pass,
         recompute: &Recompute,
-    ) -> Result<(Tensor, ForwardSaved)> {
+    ) -> Result<(Tensor, ForwardSaved<H::Saved>)> {
         let first = self.lowest_trainable_layer().unwrap_or(self.layers.len());
         let h = if first > 0 {
             self.forward_frozen_bottom(b, first)?
@@ -595,7 +736,7 @@ impl BertForSequenceClassification {
         first: usize,
         pass: &mut Pass,
         recompute: &Recompute,
-    ) -> Result<(Tensor, ForwardSaved)> {
+    ) -> Result<(Tensor, ForwardSaved<H::Saved>)> {
         let shape = AttnShape {
             batch: b.batch,
             seq: b.seq,
@@ -618,8 +759,8 @@ impl BertForSequenceClassification {
     }
 
     /// Backward from the logits' gradient down to the lowest trainable layer, and no further.
-    pub fn backward(&self, saved: ForwardSaved, dlogits: &Tensor) -> Result<ModelGrads> {
-        let (dh, head) = saved.head.backward(&self.head, dlogits)?;
+    pub fn backward(&self, saved: ForwardSaved<H::Saved>, dlogits: &Tensor) -> Result<ModelGrads> {
+        let (dh, head) = self.head.backward(saved.head, dlogits)?;
         let first = saved.first_saved_layer;
         let run = Self::layer_forward(&saved.mask_add, saved.shape);
         let back = |l: &BertLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
@@ -684,12 +825,12 @@ impl BertForSequenceClassification {
     }
 }
 
-impl AdaptedStack for BertForSequenceClassification {
+impl<H: EncoderHead> AdaptedStack for BertWithHead<H> {
     type Layer = BertLayer;
     fn layers_path(&self) -> &'static str {
         self.config.family().layers_path()
     }
-    const TASK_TYPE: &'static str = "SEQ_CLS";
+    const TASK_TYPE: &'static str = H::TASK_TYPE;
 
     fn layers(&self) -> &[BertLayer] {
         &self.layers
@@ -700,23 +841,29 @@ impl AdaptedStack for BertForSequenceClassification {
     }
 
     fn head_tensors(&self) -> Vec<(HeadParam, Tensor)> {
-        let c = &self.head.classifier;
+        let c = self.head.trained();
+        let [w_id, b_id] = H::PARAMS;
         let mut v: Vec<(HeadParam, Tensor)> = c
             .weight
             .as_dense()
-            .map(|w| (HeadParam::ClassifierWeight, w.clone()))
+            .map(|w| (w_id, w.clone()))
             .into_iter()
             .collect();
         if let Some(b) = &c.bias {
-            v.push((HeadParam::ClassifierBias, b.clone()));
+            v.push((b_id, b.clone()));
         }
         v
     }
 
     fn head_tensor_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
-        match key {
-            HeadParam::ClassifierWeight => self.head.classifier.weight.as_dense_mut(),
-            HeadParam::ClassifierBias => self.head.classifier.bias.as_mut(),
+        let [w_id, b_id] = H::PARAMS;
+        let c = self.head.trained_mut();
+        if key == w_id {
+            c.weight.as_dense_mut()
+        } else if key == b_id {
+            c.bias.as_mut()
+        } else {
+            None
         }
     }
 }

@@ -52,14 +52,16 @@ fn batch() -> (BatchTensors, Vec<u32>) {
     (b, vec![2, 0])
 }
 
-fn loss_grads(m: &BertForSequenceClassification) -> (ModelGrads, ForwardSaved) {
+fn loss_grads(
+    m: &BertForSequenceClassification,
+) -> (ModelGrads, ForwardSaved<crate::nn::head::HeadSaved>) {
     loss_grads_with(m, false)
 }
 
 fn loss_grads_with(
     m: &BertForSequenceClassification,
     checkpoint: bool,
-) -> (ModelGrads, ForwardSaved) {
+) -> (ModelGrads, ForwardSaved<crate::nn::head::HeadSaved>) {
     let (b, labels) = batch();
     let mut rng = StdRng::seed_from_u64(5);
     let mut pass = Pass {

@@ -12,7 +12,7 @@ pub mod llama_config;
 pub mod memory;
 pub mod stack;
 
-pub use bert::{BertConfig, BertForSequenceClassification};
+pub use bert::{BertConfig, BertForQuestionAnswering, BertForSequenceClassification};
 pub use decoder::Decoder;
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::LlamaConfig;

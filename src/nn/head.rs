@@ -1,5 +1,8 @@
-//! The head of transformers' `BertForSequenceClassification`: the pretrained pooler (dense + tanh on
-//! the first token, frozen), dropout, then a trainable linear classifier (PEFT's `modules_to_save`).
+//! Heads on an encoder's last hidden state, each trained as PEFT's `modules_to_save`:
+//! - [`ClassificationHead`], transformers' `BertForSequenceClassification`'s: the pretrained
+//!   pooler (dense + tanh on the first token, frozen), dropout, then a trainable linear classifier;
+//! - [`QaHead`], `BertForQuestionAnswering`'s: one trainable linear `qa_outputs` (hidden -> 2) on
+//!   every token, giving each token's start and end logit (no pooler, no dropout).
 
 use super::dropout::DropoutSaved;
 use super::flops::matmul;
@@ -88,6 +91,49 @@ impl HeadSaved {
     }
 }
 
+/// Extractive question answering's span head: `qa_outputs`, `[2, hidden]` and `[2]`.
+#[derive(Clone, Debug)]
+pub struct QaHead {
+    pub qa_outputs: Linear,
+}
+
+/// What [`QaHead`]'s backward needs: its input (in the head's dtype) and the hidden states'
+/// dtype.
+pub struct QaHeadSaved {
+    x: Tensor,
+    in_dtype: candle_core::DType,
+}
+
+impl QaHead {
+    /// `h` is the last hidden state `[batch*seq, hidden]`; returns `[batch*seq, 2]`: column 0 the
+    /// start logits, column 1 the end logits.
+    pub fn forward(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<QaHeadSaved>)> {
+        let x = h.to_dtype(self.qa_outputs.weight.dtype())?;
+        let logits = self.qa_outputs.forward(&x)?;
+        let saved = save.then_some(QaHeadSaved {
+            x,
+            in_dtype: h.dtype(),
+        });
+        Ok((logits, saved))
+    }
+}
+
+impl QaHeadSaved {
+    /// Returns the gradient of the last hidden state `[batch*seq, hidden]` and `qa_outputs`'
+    /// gradients.
+    pub fn backward(&self, head: &QaHead, dlogits: &Tensor) -> Result<(Tensor, HeadGrads)> {
+        let grads = HeadGrads {
+            weight: matmul(&dlogits.t()?, &self.x)?,
+            bias: dlogits.sum(0)?,
+        };
+        let dh = head
+            .qa_outputs
+            .backward_input(dlogits)?
+            .to_dtype(self.in_dtype)?;
+        Ok((dh, grads))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +172,33 @@ mod tests {
             &dy,
             &[dh, g.weight, g.bias],
             |x| Ok(fwd(x, false).0),
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn qa_backward_matches_autograd_and_finite_differences() {
+        let (n, c) = (7, 6);
+        let h = randn(&[n, c], 61);
+        let (w, bias) = (randn(&[2, c], 62), randn(&[2], 63));
+        let dy = randn(&[n, 2], 64);
+        let head = |w: &Tensor, b: &Tensor| QaHead {
+            qa_outputs: Linear::new(w.clone(), Some(b.clone())),
+        };
+        let inputs = [h, w, bias];
+        let (logits, saved) = head(&inputs[1], &inputs[2])
+            .forward(&inputs[0], true)
+            .unwrap();
+        assert_eq!(logits.dims(), &[n, 2]);
+        let (dh, g) = saved
+            .unwrap()
+            .backward(&head(&inputs[1], &inputs[2]), &dy)
+            .unwrap();
+        check(
+            &inputs,
+            &dy,
+            &[dh, g.weight, g.bias],
+            |x| Ok(head(&x[1], &x[2]).forward(&x[0], false)?.0),
             1e-10,
         );
     }

@@ -24,6 +24,52 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<(f32, Tensor)> {
     Ok((loss, dlogits))
 }
 
+/// Extractive question answering's loss, as transformers' `BertForQuestionAnswering` computes
+/// it: `(CE(start) + CE(end)) / 2`, each cross-entropy over a row's token positions and averaged
+/// over the rows. `logits` is `[batch*seq, 2]` (start, end), `mask` the batch's 0/1 attention
+/// mask (`[batch, seq]` row-major): padding positions get no probability and no gradient.
+/// Returns `(loss, dlogits)`.
+pub fn span_loss(
+    logits: &Tensor,
+    mask: &[u32],
+    starts: &[u32],
+    ends: &[u32],
+    batch: usize,
+    seq: usize,
+) -> Result<(f32, Tensor)> {
+    if mask.len() != batch * seq || starts.len() != batch || ends.len() != batch {
+        bail!(
+            "span_loss: mask of {} for {batch} x {seq}, {} starts, {} ends",
+            mask.len(),
+            starts.len(),
+            ends.len()
+        );
+    }
+    for (i, (&s, &e)) in starts.iter().zip(ends).enumerate() {
+        let ok = |p: u32| (p as usize) < seq && mask[i * seq + p as usize] == 1;
+        if !ok(s) || !ok(e) {
+            bail!("span_loss: row {i}'s start {s} or end {e} is padding or past {seq} tokens");
+        }
+    }
+    // A large negative rather than -inf: exp underflows to exactly 0 either way, and a row's max
+    // (always a real token) keeps the shift finite.
+    let add: Vec<f32> = mask
+        .iter()
+        .map(|&m| if m == 1 { 0.0 } else { -1e9 })
+        .collect();
+    let add = Tensor::from_vec(add, (batch, seq), logits.device())?.to_dtype(logits.dtype())?;
+    let column = |c: usize, labels: &[u32]| -> Result<(f32, Tensor)> {
+        let l = logits.narrow(1, c, 1)?.reshape((batch, seq))?;
+        cross_entropy(&(l + &add)?, labels)
+    };
+    let (ls, gs) = column(0, starts)?;
+    let (le, ge) = column(1, ends)?;
+    let d = Tensor::stack(&[gs, ge], 2)?
+        .reshape((batch * seq, 2))?
+        .affine(0.5, 0.0)?;
+    Ok(((ls + le) / 2.0, d))
+}
+
 /// Mean squared error of `pred [batch, 1]` against targets; returns `(loss, dpred)`.
 pub fn mse(pred: &Tensor, targets: &[f32]) -> Result<(f32, Tensor)> {
     let b = targets.len();
@@ -370,5 +416,59 @@ mod tests {
         assert!(lm_head_loss(&h, &w, &[0, 6, 1], 2, true).is_err());
         assert!(lm_head_loss(&h, &w, &[0, 1], 2, true).is_err());
         assert!(lm_head_loss(&h, &w, &[0, 1, 2], 0, true).is_err());
+    }
+
+    /// The span loss is the mean of the start and end cross-entropies over each row's real
+    /// tokens (computed directly in f64 here); its gradient matches central finite differences
+    /// of that direct value, is zero at padding, and padding logits do not change the loss.
+    #[test]
+    fn span_loss_value_gradient_and_padding() {
+        let (b, t) = (3, 5);
+        let logits = randn(&[b * t, 2], 41).affine(3.0, 0.0).unwrap();
+        let mask: Vec<u32> = [5, 3, 4]
+            .iter()
+            .flat_map(|&n| (0..t).map(move |j| u32::from(j < n)))
+            .collect();
+        let (starts, ends) = ([0u32, 1, 2], [4u32, 2, 3]);
+        let direct = |v: &[f64]| -> f64 {
+            let mut sum = 0.0;
+            for r in 0..b {
+                for (c, gold) in [(0, starts[r]), (1, ends[r])] {
+                    let xs: Vec<f64> = (0..t)
+                        .filter(|&j| mask[r * t + j] == 1)
+                        .map(|j| v[(r * t + j) * 2 + c])
+                        .collect();
+                    let lse = xs.iter().map(|x| x.exp()).sum::<f64>().ln();
+                    sum += lse - v[(r * t + gold as usize) * 2 + c];
+                }
+            }
+            sum / (2.0 * b as f64)
+        };
+        let flat: Vec<f64> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        let (loss, d) = span_loss(&logits, &mask, &starts, &ends, b, t).unwrap();
+        assert!((loss as f64 - direct(&flat)).abs() < 1e-5, "{loss}");
+        let d: Vec<f64> = d.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..flat.len() {
+            let h = 1e-6;
+            let (mut up, mut down) = (flat.clone(), flat.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (direct(&up) - direct(&down)) / (2.0 * h);
+            assert!((fd - d[i]).abs() < 1e-6, "logit {i}: fd {fd} vs {}", d[i]);
+            if mask[i / 2] == 0 {
+                assert_eq!(d[i], 0.0, "padding logit {i}");
+            }
+        }
+        // Other values at the padding positions: the same loss.
+        let moved: Vec<f64> = flat
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if mask[i / 2] == 0 { x + 50.0 } else { x })
+            .collect();
+        let moved = Tensor::from_vec(moved, (b * t, 2), &candle_core::Device::Cpu).unwrap();
+        let (again, _) = span_loss(&moved, &mask, &starts, &ends, b, t).unwrap();
+        assert_eq!(again.to_bits(), loss.to_bits());
+        // A label on padding is refused.
+        assert!(span_loss(&logits, &mask, &[0, 4, 0], &ends, b, t).is_err());
     }
 }

@@ -107,6 +107,8 @@ pub struct DataConfig {
     pub validation_fraction: f64,
     pub test_fraction: f64,
     pub max_length: usize,
+    /// Question answering: context tokens that consecutive windows of a long context share.
+    pub doc_stride: usize,
 }
 
 impl Default for DataConfig {
@@ -125,6 +127,7 @@ impl Default for DataConfig {
             validation_fraction: 0.15,
             test_fraction: 0.15,
             max_length: 128,
+            doc_stride: 128,
         }
     }
 }
@@ -273,6 +276,17 @@ impl TrainConfig {
             anyhow::bail!(
                 "--data (data.path) and --train-file (data.train_file) both given: use one"
             );
+        }
+        if d.task == crate::data::TaskKind::Qa && d.doc_stride >= d.max_length {
+            return Err(out_of_range(
+                Some("--doc-stride"),
+                "data.doc_stride",
+                d.doc_stride,
+                &format!(
+                    "below data.max_length ({}) for question answering",
+                    d.max_length
+                ),
+            ));
         }
         let sum = d.validation_fraction + d.test_fraction;
         anyhow::ensure!(

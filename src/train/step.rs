@@ -4,10 +4,10 @@
 //! The optimizer update and SAFE's bookkeeping follow in `trainer`.
 
 use super::frozen_cache::{BatchRows, FrozenCache};
-use crate::adapters::{lora_grads, AdaptedStack, HeadParam, ParamId};
+use crate::adapters::{lora_grads, AdaptedStack, ParamId};
 use crate::data::batch::Batch;
 use crate::data::Label;
-use crate::model::bert::{BatchTensors, BertForSequenceClassification};
+use crate::model::bert::{BatchTensors, BertForSequenceClassification, BertWithHead, EncoderHead};
 use crate::model::stack::Recompute;
 use crate::nn::attention::mask_to_additive;
 use crate::nn::{loss, Pass};
@@ -70,9 +70,8 @@ pub enum FrozenBottom<'a> {
     Dropout,
 }
 
-/// Forward, loss and backward for one micro-batch. `loss_scale` divides the loss (and so the
-/// gradients) for gradient accumulation; `checkpoint`: gradient checkpointing of the trainable
-/// layers (see `model::stack`).
+/// Forward, loss and backward for one micro-batch of a classifier (or regressor): the labels'
+/// cross-entropy (or MSE), see [`forward_backward_with`].
 pub fn forward_backward(
     model: &BertForSequenceClassification,
     batch: &Batch,
@@ -81,8 +80,25 @@ pub fn forward_backward(
     bottom: FrozenBottom,
     recompute: &Recompute,
 ) -> anyhow::Result<StepOutput> {
-    let dtype = model.head.classifier.weight.dtype();
-    let device = model.head.classifier.weight.device();
+    let loss = |logits: &Tensor| loss_and_grad(logits, &batch.labels);
+    forward_backward_with(model, batch, pass, loss_scale, bottom, recompute, loss)
+}
+
+/// Forward, loss and backward for one micro-batch of any head: `loss` gives the loss of the
+/// head's output and its gradient. `loss_scale` divides the loss (and so the gradients) for
+/// gradient accumulation; `recompute`: gradient checkpointing of the trainable layers (see
+/// `model::stack`).
+pub fn forward_backward_with<H: EncoderHead>(
+    model: &BertWithHead<H>,
+    batch: &Batch,
+    pass: &mut Pass,
+    loss_scale: f64,
+    bottom: FrozenBottom,
+    recompute: &Recompute,
+    loss: impl FnOnce(&Tensor) -> Result<(f32, Tensor)>,
+) -> anyhow::Result<StepOutput> {
+    let dtype = model.head.trained().weight.dtype();
+    let device = model.device();
     let tensors = to_tensors(batch, dtype, &device)?;
     let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
     // Layers below the lowest trainable adapter run without saving (or come from the cache); the
@@ -100,7 +116,7 @@ pub fn forward_backward(
         _ => model.forward_train(&tensors, pass, recompute)?,
     };
     drop(layouts);
-    let (loss, dlogits) = loss_and_grad(&logits, &batch.labels)?;
+    let (loss, dlogits) = loss(&logits)?;
     let dlogits = (dlogits * loss_scale)?;
     drop(logits);
     // Backward stops at the lowest trainable layer.
@@ -109,18 +125,19 @@ pub fn forward_backward(
     drop(layouts);
     let mut grads = Vec::with_capacity(2 * g.adapters.len() + 2);
     for (layer, site, lg) in g.adapters {
-        let id = BertForSequenceClassification::adapter_id(layer, site);
+        let id = BertWithHead::<H>::adapter_id(layer, site);
         grads.extend(lora_grads(id, lg));
     }
-    grads.push((ParamId::Head(HeadParam::ClassifierWeight), g.head.weight));
-    grads.push((ParamId::Head(HeadParam::ClassifierBias), g.head.bias));
+    let [w, b] = H::PARAMS;
+    grads.push((ParamId::Head(w), g.head.weight));
+    grads.push((ParamId::Head(b), g.head.bias));
     Ok(StepOutput { loss, grads })
 }
 
 /// The output of layers `0..k` for the batch, through the frozen-bottom cache (see
 /// [`FrozenCache::bottom`]).
-pub(crate) fn frozen_bottom(
-    model: &BertForSequenceClassification,
+pub(crate) fn frozen_bottom<H: EncoderHead>(
+    model: &BertWithHead<H>,
     tensors: &BatchTensors,
     batch: &Batch,
     k: usize,

@@ -13,7 +13,7 @@ use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::memory;
-use crate::model::bert::{BertForSequenceClassification, EncoderFamily};
+use crate::model::bert::{BertForSequenceClassification, BertWithHead, EncoderFamily, EncoderHead};
 use crate::model::stack::Recompute;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -151,7 +151,7 @@ fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
 
 /// The default targets (`query`, `value`) said in MPNet's names (`q`, `v`), when the model is
 /// an MPNet; None otherwise (other targets are the user's and kept as given).
-fn mpnet_default_targets(cfg: &TrainConfig, model_dir: &Path) -> Option<TrainConfig> {
+pub(crate) fn mpnet_default_targets(cfg: &TrainConfig, model_dir: &Path) -> Option<TrainConfig> {
     let default = TrainConfig::default().lora.target_modules;
     let config = crate::model::BertConfig::from_file(&model_dir.join("config.json")).ok()?;
     if cfg.lora.target_modules != default || config.family() != EncoderFamily::MPNet {
@@ -170,8 +170,18 @@ pub fn build_model(
     device: &Device,
     rng: &mut StdRng,
 ) -> Result<BertForSequenceClassification> {
-    let mut model =
+    let model =
         BertForSequenceClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
+    add_adapters(cfg, model, rng)
+}
+
+/// Puts the adapters the method asks for on a loaded model (any head), starting from
+/// `cfg.init_adapter` when given.
+pub fn add_adapters<H: EncoderHead>(
+    cfg: &TrainConfig,
+    mut model: BertWithHead<H>,
+    rng: &mut StdRng,
+) -> Result<BertWithHead<H>> {
     let layers = run::adapted_layers(&cfg.method, model.layers.len());
     let n = model.add_lora(&cfg.lora, layers.as_deref(), rng)?;
     anyhow::ensure!(
@@ -286,7 +296,7 @@ pub fn evaluate(
             )),
             confusion: Some(metrics::confusion(&pred_c, &gold_c, num_labels)),
         },
-        TaskKind::Regression => Scores {
+        TaskKind::Regression | TaskKind::Qa => Scores {
             metric: metrics::pearson(&pred_v, &gold_v),
             metric_name: "pearson",
             macro_f1: None,
@@ -308,19 +318,32 @@ pub fn adapter_importance(
     items: &[(usize, &Encoded)],
     batch_size: usize,
     point: MonitorPoint,
+    cache: Option<&mut FrozenCache>,
+) -> Result<Vec<f64>> {
+    let batches = items.chunks(batch_size.max(1)).map(|chunk| {
+        let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
+        let examples: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+        (examples, collate(&encoded, 0))
+    });
+    adapter_importance_of(model, batches, point, cache)
+}
+
+/// [`adapter_importance`] of any head's model over host batches, each with its training
+/// example indices (the frozen-bottom cache's keys).
+pub fn adapter_importance_of<H: EncoderHead>(
+    model: &BertWithHead<H>,
+    host_batches: impl Iterator<Item = (Vec<usize>, Batch)>,
+    point: MonitorPoint,
     mut cache: Option<&mut FrozenCache>,
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
-    let device = model.head.classifier.weight.device();
+    let device = model.device();
     let Some(layers) = importance::trainable_layers(model) else {
         return Ok(vec![f64::NAN; sites.len()]); // everything frozen: nothing left to decide
     };
     let first = layers.start;
     let mut batches = Vec::new();
-    for chunk in items.chunks(batch_size.max(1)) {
-        let encoded: Vec<&Encoded> = chunk.iter().map(|&(_, e)| e).collect();
-        let examples: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
-        let b = collate(&encoded, 0);
+    for (examples, b) in host_batches {
         let t = step::to_tensors(&b, DType::F32, &device)?;
         let rows = importance::token_rows(&b.attention_mask, &device)?;
         // The frozen bottom comes from the training cache when it has these examples: a frozen
@@ -345,16 +368,17 @@ pub fn adapter_importance(
 
 pub use super::fit::EpochLog;
 
-/// `summary.json`.
+/// `summary.json`; `T` is the test split's scores (a classifier's [`Scores`], or
+/// question answering's `QaScores`).
 #[derive(Clone, Debug, Serialize)]
-pub struct Summary {
+pub struct Summary<T = Scores> {
     pub task: String,
     pub method: String,
     pub metric: String,
     /// Test-split metric of the best-validation checkpoint; None (null) when the test split is
     /// empty (`data.test_fraction = 0`).
     pub value: Option<f64>,
-    pub test: Option<Scores>,
+    pub test: Option<T>,
     pub best_epoch: usize,
     /// The optimizer step of the best validation.
     pub best_step: usize,
@@ -412,7 +436,7 @@ impl Task for ClassifyTask<'_> {
     fn metric(&self) -> (&'static str, bool) {
         match self.task {
             TaskKind::Classification => ("accuracy", true),
-            TaskKind::Regression => ("pearson", true),
+            TaskKind::Regression | TaskKind::Qa => ("pearson", true),
         }
     }
 
@@ -476,7 +500,7 @@ impl Task for ClassifyTask<'_> {
         let labels = crate::io::labels::AdapterLabels {
             label_names: match self.task {
                 TaskKind::Classification => self.label_names.to_vec(),
-                TaskKind::Regression => Vec::new(),
+                TaskKind::Regression | TaskKind::Qa => Vec::new(),
             },
             data: self.trained_on.clone(),
         };
@@ -497,6 +521,7 @@ pub fn trained_on(cfg: &TrainConfig) -> crate::io::labels::TrainedOn {
         seed: cfg.seed,
         validation_fraction: d.validation_fraction,
         test_fraction: d.test_fraction,
+        doc_stride: (d.task == TaskKind::Qa).then_some(d.doc_stride),
     }
 }
 
@@ -511,6 +536,10 @@ impl TrainConfig {
 /// when the run stopped early (`stop_after_epoch`), resumable.
 pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Option<Summary>> {
     cfg.validate()?;
+    anyhow::ensure!(
+        cfg.data.task != TaskKind::Qa,
+        "question answering trains through train::qa::train_qa"
+    );
     let t_start = Instant::now();
     let device = cfg.device.open()?;
     let setup = prepare(cfg)?;

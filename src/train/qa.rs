@@ -1,0 +1,367 @@
+//! Extractive question answering: SQuAD JSON -> windows (`data/squad.rs`) -> [`QaTask`] (steps
+//! through `step::forward_backward_with` and the span loss, SAFE's importance, validation F1)
+//! -> the training loop (`fit`) -> test of the best adapter -> `predictions.json` (the official
+//! format: question id -> answer) and `summary.json`.
+
+use super::config::{Method, TrainConfig};
+use super::fit::{fit, prepare_output, MicroStep, Task, Validation};
+use super::frozen_cache::FrozenCache;
+use super::squad_eval::{self, QaScores, SpanLogits};
+use super::step;
+use super::trainer::{self, Summary};
+use super::{run, trainer::add_adapters};
+use crate::data::batch::{pad_rows, Batch};
+use crate::data::squad::{load_squad, QaEncoder, QaFeature, Squad, SquadExample};
+use crate::memory;
+use crate::model::bert::BertForQuestionAnswering;
+use crate::model::stack::Recompute;
+use crate::nn::{loss, Pass};
+use crate::safe::MonitorPoint;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The file of the test split's answers in the output folder.
+pub const PREDICTIONS_FILE: &str = "predictions.json";
+
+/// One split's questions and their windows.
+pub struct QaSplit {
+    pub examples: Vec<SquadExample>,
+    pub features: Vec<QaFeature>,
+}
+
+/// Everything a run needs, loaded once.
+pub struct QaSetup {
+    pub model_dir: PathBuf,
+    /// SQuAD v2.0 data (unanswerable questions exist): the null answer is a candidate.
+    pub v2: bool,
+    pub train: QaSplit,
+    pub validation: QaSplit,
+    pub test: QaSplit,
+}
+
+/// The training, validation and test questions: one file (`data.path`, or `data.train_file`
+/// alone) split by article with the configured fractions and seed, or explicit split files;
+/// a split without a file is carved out of the train file.
+pub fn load_splits(cfg: &TrainConfig) -> Result<[Squad; 3]> {
+    let d = &cfg.data;
+    let Some(main) = d.train_file.as_ref().or(d.path.as_ref()) else {
+        anyhow::bail!("question answering needs SQuAD JSON: --data FILE or --train-file FILE");
+    };
+    let whole = load_squad(main)?;
+    let vf = if d.validation_file.is_some() {
+        0.0
+    } else {
+        d.validation_fraction
+    };
+    let tf = if d.test_file.is_some() {
+        0.0
+    } else {
+        d.test_fraction
+    };
+    let [train, mut validation, mut test] = whole.split_articles(vf, tf, cfg.seed)?;
+    if let Some(p) = &d.validation_file {
+        validation = load_squad(p)?;
+    }
+    if let Some(p) = &d.test_file {
+        test = load_squad(p)?;
+    }
+    Ok([train, validation, test])
+}
+
+/// Resolves the model folder, loads and splits the data and cuts it into windows.
+pub fn prepare(cfg: &TrainConfig) -> Result<QaSetup> {
+    let model_dir = trainer::resolve_model_dir(cfg)?;
+    cfg.check_model(&model_dir)?;
+    let [train, validation, test] = load_splits(cfg)?;
+    let encoder = QaEncoder::from_model_dir(&model_dir, cfg.data.max_length, cfg.data.doc_stride)?;
+    let split = |s: Squad| -> Result<QaSplit> {
+        Ok(QaSplit {
+            features: encoder.features(&s.examples)?,
+            examples: s.examples,
+        })
+    };
+    Ok(QaSetup {
+        model_dir,
+        v2: train.v2 || validation.v2 || test.v2,
+        train: split(train)?,
+        validation: split(validation)?,
+        test: split(test)?,
+    })
+}
+
+/// The QA model with the adapters the method asks for.
+pub fn build_model(
+    cfg: &TrainConfig,
+    model_dir: &Path,
+    device: &Device,
+    rng: &mut StdRng,
+) -> Result<BertForQuestionAnswering> {
+    let model = BertForQuestionAnswering::load(model_dir, cfg.dtype.dtype(), device, rng)?;
+    add_adapters(cfg, model, rng)
+}
+
+/// A padded batch of windows and their answers' start and end tokens.
+fn collate(items: &[&QaFeature]) -> (Batch, Vec<u32>, Vec<u32>) {
+    let rows: Vec<(&[u32], &[u32])> = items
+        .iter()
+        .map(|f| (&f.ids[..], &f.type_ids[..]))
+        .collect();
+    let starts = items.iter().map(|f| f.start).collect();
+    let ends = items.iter().map(|f| f.end).collect();
+    (pad_rows(&rows, 0), starts, ends)
+}
+
+/// Each window's start and end logits (its own tokens, no padding), and the mean span loss
+/// (inference: no dropout).
+pub fn predict(
+    model: &BertForQuestionAnswering,
+    features: &[QaFeature],
+    batch_size: usize,
+) -> Result<(Vec<SpanLogits>, f64)> {
+    let device = model.device();
+    let mut out = Vec::with_capacity(features.len());
+    let mut loss_sum = 0.0;
+    for chunk in features.chunks(batch_size.max(1)) {
+        let refs: Vec<&QaFeature> = chunk.iter().collect();
+        let (b, starts, ends) = collate(&refs);
+        let t = step::to_tensors(&b, DType::F32, &device)?;
+        let logits = Pass::inference(|pass| model.forward_eval(&t, pass))?;
+        let (l, _) = loss::span_loss(&logits, &b.attention_mask, &starts, &ends, b.batch, b.seq)?;
+        loss_sum += l as f64 * b.batch as f64;
+        let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        for (i, f) in chunk.iter().enumerate() {
+            let row = &rows[i * b.seq..i * b.seq + f.ids.len()];
+            out.push((
+                row.iter().map(|r| r[0]).collect(),
+                row.iter().map(|r| r[1]).collect(),
+            ));
+        }
+    }
+    Ok((out, loss_sum / features.len().max(1) as f64))
+}
+
+/// The split's answers (question id -> text) and scores, and the mean span loss of its windows.
+pub fn evaluate(
+    model: &BertForQuestionAnswering,
+    split: &QaSplit,
+    v2: bool,
+    batch_size: usize,
+) -> Result<(BTreeMap<String, String>, QaScores, f64)> {
+    let (logits, loss) = predict(model, &split.features, batch_size)?;
+    let answers = squad_eval::predict_answers(&split.examples, &split.features, &logits, v2);
+    let predictions: BTreeMap<String, String> = split
+        .examples
+        .iter()
+        .map(|e| e.id.clone())
+        .zip(answers)
+        .collect();
+    let scores = squad_eval::score(&split.examples, &predictions, v2);
+    Ok((predictions, scores, loss))
+}
+
+/// Extractive question answering: a BERT / MPNet body with `qa_outputs`.
+pub struct QaTask<'a> {
+    pub train: &'a [QaFeature],
+    pub validation: &'a QaSplit,
+    pub v2: bool,
+    pub eval_batch_size: usize,
+    pub frozen_cache: Option<FrozenCache>,
+    pub frozen_bottom_dropout: bool,
+    pub monitor_point: MonitorPoint,
+    pub lora: &'a crate::adapters::LoraConfig,
+    pub model_dir: &'a Path,
+    pub trained_on: Option<crate::io::labels::TrainedOn>,
+}
+
+impl Task for QaTask<'_> {
+    type Model = BertForQuestionAnswering;
+
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.train.iter().map(|f| f.ids.len()).max().unwrap_or(1)
+    }
+
+    fn metric(&self) -> (&'static str, bool) {
+        ("f1", true)
+    }
+
+    fn step(
+        &mut self,
+        model: &Self::Model,
+        examples: &[usize],
+        pass: &mut Pass,
+        loss_scale: f64,
+        recompute: &Recompute,
+    ) -> Result<MicroStep> {
+        let refs: Vec<&QaFeature> = examples.iter().map(|&i| &self.train[i]).collect();
+        let (batch, starts, ends) = collate(&refs);
+        let tokens = batch.attention_mask.iter().filter(|&&m| m == 1).count();
+        let bottom = match self.frozen_cache.as_mut() {
+            Some(c) => step::FrozenBottom::Cached(c, examples),
+            None if self.frozen_bottom_dropout => step::FrozenBottom::Dropout,
+            None => step::FrozenBottom::Inference,
+        };
+        let (mask, b, s) = (&batch.attention_mask, batch.batch, batch.seq);
+        let span =
+            |logits: &candle_core::Tensor| loss::span_loss(logits, mask, &starts, &ends, b, s);
+        let out =
+            step::forward_backward_with(model, &batch, pass, loss_scale, bottom, recompute, span)?;
+        Ok(MicroStep {
+            loss: out.loss as f64,
+            tokens,
+            grads: out.grads,
+        })
+    }
+
+    fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
+        let batches = monitor.chunks(self.eval_batch_size.max(1)).map(|chunk| {
+            let refs: Vec<&QaFeature> = chunk.iter().map(|&i| &self.train[i]).collect();
+            (chunk.to_vec(), collate(&refs).0)
+        });
+        trainer::adapter_importance_of(
+            model,
+            batches,
+            self.monitor_point,
+            self.frozen_cache.as_mut(),
+        )
+    }
+
+    fn validate(&mut self, model: &Self::Model) -> Result<Validation> {
+        let (_, scores, loss) = evaluate(model, self.validation, self.v2, self.eval_batch_size)?;
+        Ok(Validation {
+            metric: scores.f1,
+            loss,
+        })
+    }
+
+    fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()> {
+        crate::io::peft::save(
+            output,
+            model,
+            self.lora,
+            &self.model_dir.display().to_string(),
+        )?;
+        let labels = crate::io::labels::AdapterLabels {
+            label_names: Vec::new(),
+            data: self.trained_on.clone(),
+        };
+        crate::io::labels::save(output, &labels)?;
+        Ok(())
+    }
+}
+
+/// Writes `predictions` as the official scripts read them: `{"id": "answer", ...}`.
+pub fn write_predictions(path: &Path, predictions: &BTreeMap<String, String>) -> Result<()> {
+    crate::files::write_atomic(path, serde_json::to_string_pretty(predictions)?.as_bytes())
+        .with_context(|| format!("{}: cannot write the predictions", path.display()))
+}
+
+/// Trains, tests the best adapter and writes all outputs (`predictions.json`: the test split's
+/// answers, or the validation split's when there is no test split). `resume`: continue from
+/// `output/checkpoint`. None when the run stopped early (`stop_after_epoch`), resumable.
+pub fn train_qa(
+    cfg: &TrainConfig,
+    resume: bool,
+    show_progress: bool,
+) -> Result<Option<Summary<QaScores>>> {
+    cfg.validate()?;
+    let t_start = Instant::now();
+    let device = cfg.device.open()?;
+    let setup = prepare(cfg)?;
+    for (name, n) in [
+        ("training", setup.train.examples.len()),
+        ("validation", setup.validation.examples.len()),
+    ] {
+        anyhow::ensure!(
+            n > 0,
+            "the data has no {name} questions after the split by article: the best adapter is \
+             chosen on the validation split"
+        );
+    }
+    let mpnet_cfg;
+    let cfg = match trainer::mpnet_default_targets(cfg, &setup.model_dir) {
+        Some(c) => {
+            mpnet_cfg = c;
+            &mpnet_cfg
+        }
+        None => cfg,
+    };
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut model = build_model(cfg, &setup.model_dir, &device, &mut rng)?;
+    let mem = memory::MemTracker::new(&device);
+    let _lock = prepare_output(&cfg.output, cfg, resume)?;
+    let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
+    let frozen_cache = match (cache, &cfg.method) {
+        (true, Method::Safe | Method::FreezePrefix(_)) => Some(FrozenCache::create(&cfg.output)?),
+        _ => None,
+    };
+    let mut task = QaTask {
+        train: &setup.train.features,
+        validation: &setup.validation,
+        v2: setup.v2,
+        eval_batch_size: cfg.eval_batch_size,
+        frozen_cache,
+        frozen_bottom_dropout: cfg.frozen_bottom_dropout,
+        monitor_point: cfg.safe.monitor,
+        lora: &cfg.lora,
+        model_dir: &setup.model_dir,
+        trained_on: Some(trainer::trained_on(cfg)),
+    };
+    let fitted = fit(
+        &mut task,
+        &mut model,
+        &cfg.fit_config(resume, show_progress),
+        &mem,
+    )?;
+    if fitted.stopped {
+        return Ok(None);
+    }
+
+    // The best-validation adapter answers the test split (or the validation split).
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut best = build_model(cfg, &setup.model_dir, &device, &mut rng)?;
+    crate::io::peft::load(&cfg.output, &mut best)?;
+    let has_test = !setup.test.examples.is_empty();
+    let split = if has_test {
+        &setup.test
+    } else {
+        &setup.validation
+    };
+    let (predictions, scores, _) = evaluate(&best, split, setup.v2, cfg.eval_batch_size)?;
+    write_predictions(&cfg.output.join(PREDICTIONS_FILE), &predictions)?;
+    let test = has_test.then_some(scores);
+
+    let state = &fitted.state;
+    let h = &state.history;
+    let summary = Summary {
+        task: "qa".into(),
+        method: cfg.method.to_string(),
+        metric: "f1".into(),
+        value: test.as_ref().map(|t| t.f1),
+        test,
+        best_epoch: state.best_epoch,
+        best_step: state.best_step,
+        epochs: cfg.epochs,
+        stopped_early: state.stopped_early,
+        wall_s: t_start.elapsed().as_secs_f64(),
+        totals: run::RunTotals::of(h),
+        memory_counter: mem.kind(),
+        peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
+        unfrozen_peak_mem_bytes: h.first().map(|e| e.peak_mem_bytes).unwrap_or(0),
+        frozen: state.frozen_at.clone(),
+        seed: cfg.seed,
+    };
+    crate::files::write_atomic(
+        &cfg.output.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(Some(summary))
+}
