@@ -1917,3 +1917,229 @@ fn train_lm_says_when_the_step_cap_is_in_force() {
     let want = format!("--max-steps-per-epoch 2 is in force: 2 of the {full} optimizer steps");
     assert!(stderr.contains(&want), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. Extractive question answering (--task qa)
+// ---------------------------------------------------------------------------------------------
+
+fn squad_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/squad/tiny-v2.json")
+}
+
+/// The fixture's test split (by article, fractions 0.15 / 0.15, `seed`), as the trainer splits it.
+fn squad_test_split(seed: u64) -> safetune::data::squad::Squad {
+    let whole = safetune::data::squad::load_squad(&squad_fixture()).unwrap();
+    let [_, _, test] = whole.split_articles(0.15, 0.15, seed).unwrap();
+    test
+}
+
+/// What a QA run must leave: `predictions.json` answering exactly the test split's questions
+/// (each answer empty or a piece of its own context), a summary whose exact / F1 lie in [0, 100]
+/// and are the SQuAD scores of those predictions, and a PEFT adapter of task `QUESTION_ANS`
+/// that saves `qa_outputs` (`[2, hidden]`, `[2]`).
+fn check_qa_outputs(out: &Path, seed: u64, hidden: usize) -> Value {
+    let test = squad_test_split(seed);
+    let preds: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(out.join("predictions.json")).unwrap()).unwrap();
+    let ids: std::collections::BTreeSet<&String> = test.examples.iter().map(|e| &e.id).collect();
+    assert_eq!(preds.keys().collect::<std::collections::BTreeSet<_>>(), ids);
+    for e in &test.examples {
+        let p = &preds[&e.id];
+        assert!(
+            p.is_empty() || e.context.contains(p.as_str()),
+            "{}: '{p}' is not in its context",
+            e.id
+        );
+    }
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(
+        (summary["task"].as_str(), summary["metric"].as_str()),
+        (Some("qa"), Some("f1"))
+    );
+    let t = &summary["test"];
+    for k in ["exact", "f1", "HasAns_exact", "HasAns_f1"] {
+        let v = t[k].as_f64().unwrap_or_else(|| panic!("{k} in {summary}"));
+        assert!((0.0..=100.0).contains(&v), "{k} {v}");
+    }
+    let expected = safetune::train::squad_eval::score(&test.examples, &preds, true);
+    assert_eq!(t["total"].as_u64(), Some(test.examples.len() as u64));
+    for (k, v) in [("exact", expected.exact), ("f1", expected.f1)] {
+        assert!((t[k].as_f64().unwrap() - v).abs() < 1e-9, "{k}: {summary}");
+    }
+    assert_eq!(summary["value"], t["f1"]);
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], "QUESTION_ANS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["qa_outputs"]));
+    let tensors = load_tensors(&out.join("adapter_model.safetensors"));
+    let dims = |k: &str| {
+        tensors[&format!("base_model.model.qa_outputs.{k}")]
+            .dims()
+            .to_vec()
+    };
+    assert_eq!(dims("weight"), vec![2, hidden]);
+    assert_eq!(dims("bias"), vec![2]);
+    assert!(tensors.keys().any(|k| k.contains("lora_A")));
+    summary
+}
+
+/// `--task qa` on the tiny model: trains with SAFE over windows of 32 tokens (the fixture's
+/// long context is cut into overlapping windows), writes every QA output, `eval --task qa`
+/// scores the same test split as the run did, export writes the same adapter kind, and merge
+/// refuses a QA adapter with a clear message.
+#[test]
+fn qa_tiny_model_trains_evaluates_and_exports() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 2);
+    let out = sb.path("out");
+    let data = squad_fixture();
+    sb.run_ok(&[
+        "train",
+        "--task",
+        "qa",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--method",
+        "safe",
+        "--max-length",
+        TINY_MAX_LENGTH,
+        "--doc-stride",
+        "8",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--seed",
+        "7",
+        "--quiet",
+    ]);
+    let summary = check_qa_outputs(&out, 7, common::TINY_HIDDEN);
+    let saved = read_json(&out.join("safetune.json"));
+    assert_eq!(saved["data"]["task"], "qa");
+    assert_eq!(saved["data"]["doc_stride"], 8);
+    // eval reads the run's settings (length, stride, split) from the adapter folder.
+    let preds_out = sb.path("eval-predictions.json");
+    let ev = sb.run_ok(&[
+        "eval",
+        "--adapter",
+        s(&out),
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--predictions-out",
+        s(&preds_out),
+    ]);
+    let scores: Value = serde_json::from_slice(&ev.stdout).unwrap();
+    for k in ["exact", "f1", "total", "NoAns_total"] {
+        assert_eq!(scores[k], summary["test"][k], "{k}");
+    }
+    assert_eq!(
+        read_json(&preds_out),
+        read_json(&out.join("predictions.json"))
+    );
+    // export of the last checkpoint: a QA adapter too.
+    let exported = sb.path("exported");
+    sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
+    let cfg = read_json(&exported.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], "QUESTION_ANS");
+    let merged = sb.run(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--output",
+        s(&sb.path("m")),
+    ]);
+    assert_clean_error(&merged, &["QUESTION_ANS", "not supported"]);
+}
+
+/// A SQuAD record whose answer is not where `answer_start` says: the error names the file and
+/// the record.
+#[test]
+fn qa_bad_record_is_named() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = sb.path("bad.json");
+    std::fs::write(
+        &data,
+        r#"{"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [
+            {"id": "q1", "question": "Where?", "answers": [{"text": "France", "answer_start": 2}]}]}]}]}"#,
+    )
+    .unwrap();
+    let out = sb.run(&[
+        "train",
+        "--task",
+        "qa",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&sb.path("out")),
+        "--max-length",
+        TINY_MAX_LENGTH,
+        "--doc-stride",
+        "8",
+        "--quiet",
+    ]);
+    assert_clean_error(&out, &["bad.json", "qas[0] (id 'q1')", "answer_start 2"]);
+}
+
+/// MiniLM on the SQuAD fixture, a few steps with SAFE (under a memory budget that makes the plan
+/// split the batch or checkpoint) and with plain LoRA: both write the QA outputs.
+#[test]
+fn qa_minilm_safe_and_lora() {
+    let Some(model) = asset_dir("SAFETUNE_MINILM_DIR") else {
+        return;
+    };
+    let data = squad_fixture();
+    for method in ["safe", "lora"] {
+        let sb = Sandbox::new();
+        let out = sb.path("out");
+        let mut args = vec![
+            "train",
+            "--task",
+            "qa",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--output",
+            s(&out),
+            "--method",
+            method,
+            "--max-length",
+            "128",
+            "--doc-stride",
+            "32",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "4",
+            "--seed",
+            "42",
+            "--quiet",
+        ];
+        if method == "safe" {
+            args.extend(["--memory-budget", "40MB"]);
+        }
+        sb.run_ok(&args);
+        check_qa_outputs(&out, 42, 384);
+        if method == "safe" {
+            let plan = read_jsonl(&out.join("plan.jsonl"));
+            let p = &plan[0];
+            assert_eq!(p["budget_bytes"].as_u64(), Some(40_000_000), "{p}");
+            let est = p["estimated_step_bytes"].as_u64().unwrap();
+            let split = p["micro"].as_u64().unwrap() < 4;
+            let checkpointed = !p["checkpointed"].as_array().unwrap().is_empty();
+            assert!(est <= 40_000_000 && (split || checkpointed), "{p}");
+        }
+    }
+}
