@@ -1985,7 +1985,7 @@ fn check_qa_outputs(out: &Path, seed: u64, hidden: usize) -> Value {
 /// `--task qa` on the tiny model: trains with SAFE over windows of 32 tokens (the fixture's
 /// long context is cut into overlapping windows), writes every QA output, `eval --task qa`
 /// scores the same test split as the run did, export writes the same adapter kind, and merge
-/// refuses a QA adapter with a clear message.
+/// writes a `BertForQuestionAnswering` folder.
 #[test]
 fn qa_tiny_model_trains_evaluates_and_exports() {
     let sb = Sandbox::new();
@@ -2046,16 +2046,23 @@ fn qa_tiny_model_trains_evaluates_and_exports() {
     sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
     let cfg = read_json(&exported.join("adapter_config.json"));
     assert_eq!(cfg["task_type"], "QUESTION_ANS");
-    let merged = sb.run(&[
+    let merged = sb.path("merged");
+    sb.run_ok(&[
         "merge",
         "--model",
         s(&model),
         "--adapter",
         s(&out),
         "--output",
-        s(&sb.path("m")),
+        s(&merged),
     ]);
-    assert_clean_error(&merged, &["QUESTION_ANS", "not supported"]);
+    let cfg = read_json(&merged.join("config.json"));
+    assert_eq!(cfg["architectures"][0], "BertForQuestionAnswering");
+    let tensors = load_tensors(&merged.join("model.safetensors"));
+    assert_eq!(
+        tensors["qa_outputs.weight"].dims(),
+        &[2, common::TINY_HIDDEN]
+    );
 }
 
 /// A SQuAD record whose answer is not where `answer_start` says: the error names the file and

@@ -39,7 +39,7 @@ pub enum Command {
     /// Write the latest checkpoint of a training run as a PEFT adapter folder.
     Export(ExportArgs),
     /// Merge a PEFT LoRA adapter into its base model (W + scaling * B A) and write a full model:
-    /// a BERT classifier, or a LLaMA-family / GPT-2 causal LM.
+    /// a BERT classifier or question-answering model, or a LLaMA-family / GPT-2 causal LM.
     Merge(MergeArgs),
     /// Time training steps of a random-weight model of a given shape (one JSON line).
     Bench(crate::train::bench::BenchArgs),
@@ -475,12 +475,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export(a),
         Command::Merge(a) => {
             let task = crate::io::peft::read_config(&a.adapter)?.task_type;
-            anyhow::ensure!(
-                task.as_deref() != Some("QUESTION_ANS"),
-                "{}: merging a question-answering adapter (task_type QUESTION_ANS) is not \
-                 supported yet; load it with PEFT on the base model, or use `safetune eval --task qa`",
-                a.adapter.display()
-            );
             let r = if task.as_deref() == Some("CAUSAL_LM") {
                 let base = a
                     .model

@@ -40,7 +40,10 @@ pub struct MergeReport {
 /// `transformers.BertForSequenceClassification.from_pretrained(out)` loads it.
 /// Copies config.json with `"architectures": ["BertForSequenceClassification"]` and
 /// `num_labels` / `id2label` / `label2id` set to the classifier's size, and the tokenizer files
-/// present among [`TOKENIZER_FILES`].
+/// present among [`TOKENIZER_FILES`]. A question-answering adapter (`task_type` `QUESTION_ANS`)
+/// gives `BertForQuestionAnswering` instead: its `qa_outputs` (`[2, hidden]`) in place of the
+/// classifier, `"architectures": ["BertForQuestionAnswering"]` (the base's pooler is kept;
+/// transformers' QA model does not use it).
 pub fn merge_adapter(
     base_dir: &Path,
     adapter_dir: &Path,
@@ -73,6 +76,10 @@ pub fn merge_adapter(
         ));
     }
 
+    // The head PEFT saved beside the adapters: a classifier, or extractive QA's `qa_outputs`.
+    let qa = cfg.task_type.as_deref() == Some("QUESTION_ANS");
+    let head = if qa { "qa_outputs" } else { "classifier" };
+    let (head_w, head_b) = (format!("{head}.weight"), format!("{head}.bias"));
     let base = load(&base_file)?;
     let adapter = load_adapter(&adapter_file)?;
     let mut config: serde_json::Value = read_json(&base_config)?;
@@ -85,8 +92,8 @@ pub fn merge_adapter(
             continue;
         }
         let o = out_name(&name);
-        if o.starts_with("classifier.") {
-            continue; // replaced by the adapter's classifier
+        if o.starts_with("classifier.") || o.starts_with("qa_outputs.") {
+            continue; // replaced by the adapter's head
         }
         if let Some(prev) = source.insert(o.clone(), name.clone()) {
             return Err(invalid(
@@ -103,7 +110,7 @@ pub fn merge_adapter(
         &adapter,
         &adapter_file,
         &cfg,
-        &["classifier.weight", "classifier.bias"],
+        &[head_w.as_str(), head_b.as_str()],
     )?;
     for module in modules {
         let target = out_name(&format!("{module}.weight"));
@@ -129,13 +136,13 @@ pub fn merge_adapter(
         merged_modules += 1;
     }
 
-    // The classifier.
-    let cw_name = format!("{PREFIX}classifier.weight");
-    let cb_name = format!("{PREFIX}classifier.bias");
+    // The classifier (or qa_outputs).
+    let cw_name = format!("{PREFIX}{head_w}");
+    let cb_name = format!("{PREFIX}{head_b}");
     let missing = |name: &str| IoError::MissingTensor {
         path: adapter_file.clone(),
         name: name.into(),
-        tried: "the classifier PEFT saves as modules_to_save".into(),
+        tried: format!("the {head} PEFT saves as modules_to_save"),
     };
     let cw = adapter.get(&cw_name).ok_or_else(|| missing(&cw_name))?;
     let cb = adapter.get(&cb_name).ok_or_else(|| missing(&cb_name))?;
@@ -156,11 +163,19 @@ pub fn merge_adapter(
             ));
         }
     };
+    if qa && num_labels != 2 {
+        return Err(wrong_shape(
+            &adapter_file,
+            &cw_name,
+            cw,
+            &[2, hidden.unwrap_or(0)],
+        ));
+    }
     if cb.dims() != [num_labels] {
         return Err(wrong_shape(&adapter_file, &cb_name, cb, &[num_labels]));
     }
-    out.insert("classifier.weight".into(), cw.clone());
-    out.insert("classifier.bias".into(), cb.clone());
+    out.insert(head_w.clone(), cw.clone());
+    out.insert(head_b.clone(), cb.clone());
 
     // Write: weights, config, tokenizer.
     std::fs::create_dir_all(out_dir).map_err(|e| invalid(out_dir, &e.to_string()))?;
@@ -170,6 +185,13 @@ pub fn merge_adapter(
     let obj = config
         .as_object_mut()
         .ok_or_else(|| invalid(&base_config, "not a JSON object"))?;
+    if qa {
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["BertForQuestionAnswering"]),
+        );
+        return finish(&config, base_dir, out_dir, merged_modules, out_file);
+    }
     // The class names saved with the adapter, else transformers' LABEL_i.
     // (A regression adapter's file names no classes.)
     let saved = super::labels::load(adapter_dir)?.filter(|l| !l.label_names.is_empty());
@@ -203,7 +225,18 @@ pub fn merge_adapter(
     obj.insert("num_labels".into(), num_labels.into());
     obj.insert("id2label".into(), id2label.into());
     obj.insert("label2id".into(), label2id.into());
-    let text = serde_json::to_string_pretty(&config).expect("JSON value serializes");
+    finish(&config, base_dir, out_dir, merged_modules, out_file)
+}
+
+/// Writes a merged encoder's config.json and copies the base's tokenizer files.
+fn finish(
+    config: &serde_json::Value,
+    base_dir: &Path,
+    out_dir: &Path,
+    merged_modules: usize,
+    out_file: PathBuf,
+) -> Result<MergeReport, IoError> {
+    let text = serde_json::to_string_pretty(config).expect("JSON value serializes");
     let out_config = out_dir.join("config.json");
     std::fs::write(&out_config, text).map_err(|e| invalid(&out_config, &e.to_string()))?;
 
@@ -1025,6 +1058,70 @@ mod tests {
             };
             assert!(same(&src[untouched], &dst[untouched]), "{name}");
         }
+    }
+
+    /// A question-answering adapter merges into a `BertForQuestionAnswering` folder: the base with
+    /// the deltas merged and the adapter's `qa_outputs` gives the adapted model's start / end
+    /// logits, and its config names the QA architecture (the base's classifier is dropped).
+    #[test]
+    fn merged_qa_model_gives_the_adapted_span_logits() {
+        use crate::adapters::LoraConfig;
+        use crate::model::BertForQuestionAnswering;
+        use rand::SeedableRng;
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/bert-padded");
+        let cpu = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut m = BertForQuestionAnswering::load(&base, DType::F32, &cpu, &mut rng).unwrap();
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            target_modules: vec!["query".into(), "value".into()],
+            ..LoraConfig::default()
+        };
+        let n = m.add_lora(&lora, None, &mut rng).unwrap();
+        for (k, (l, site)) in m.adapter_sites().into_iter().enumerate() {
+            let a = m.adapter_mut(l, site).unwrap();
+            a.b = (t(a.b.dims(), 0.3 + k as f32) * 0.2).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = dir.path().join("adapter");
+        peft::save(&adapter, &m, &lora, "bert-padded").unwrap();
+        let out = dir.path().join("merged");
+        let report = merge_adapter(&base, &adapter, &out).unwrap();
+        assert_eq!(report.merged_modules, n);
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["architectures"][0], "BertForQuestionAnswering");
+        let written = load(&out.join(WEIGHTS_FILE)).unwrap();
+        assert!(!written.keys().any(|k| k.starts_with("classifier.")));
+        assert_eq!(written["qa_outputs.weight"].dims(), &[2, 32]);
+
+        // The merged folder, its qa_outputs put in place of the loader's new one.
+        let mut merged = BertForQuestionAnswering::load(&out, DType::F32, &cpu, &mut rng).unwrap();
+        merged.head.qa_outputs = crate::nn::linear::Linear::new(
+            written["qa_outputs.weight"].clone(),
+            Some(written["qa_outputs.bias"].clone()),
+        );
+        let mut plain = merged.clone();
+        plain.layers = BertForQuestionAnswering::load(&base, DType::F32, &cpu, &mut rng)
+            .unwrap()
+            .layers;
+        let b = crate::data::batch::pad_rows(
+            &[(&[2u32, 17, 5, 9, 30, 3][..], &[0u32, 0, 0, 1, 1, 1][..])],
+            0,
+        );
+        let tensors = crate::train::step::to_tensors(&b, DType::F32, &cpu).unwrap();
+        let logits = |x: &BertForQuestionAnswering| {
+            crate::nn::Pass::inference(|pass| x.forward_eval(&tensors, pass)).unwrap()
+        };
+        let want = logits(&m);
+        let diff = crate::nn::gradcheck::max_abs_diff(&logits(&merged), &want);
+        let effect = crate::nn::gradcheck::max_abs_diff(&logits(&plain), &want);
+        assert!(
+            diff < 1e-4,
+            "merged vs adapted span logits differ by {diff}"
+        );
+        assert!(effect > 1e-3, "the adapter must matter ({effect})");
     }
 
     fn load_all(dir: &Path) -> HashMap<String, Tensor> {
