@@ -424,17 +424,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => {
             let cfg = a.to_config()?;
             check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
-            if cfg.data.task == TaskKind::Qa {
-                let qa = crate::train::qa::train_qa(&cfg, a.run.resume, !a.run.quiet)?;
-                if let Some(summary) = qa {
-                    print_summary(&cfg, &summary);
-                }
-                return Ok(());
-            }
-            if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
-                print_summary(&cfg, &summary);
-            }
-            Ok(())
+            train_and_report(&cfg, a.run.resume, !a.run.quiet)
         }
         Command::Demo(a) => {
             let mut cfg = a.to_config()?;
@@ -466,10 +456,7 @@ pub fn run(cli: Cli) -> Result<()> {
             // user's, and kept unless they pass --overwrite.
             let overwrite = a.run.overwrite || cfg.output == TrainConfig::default().output;
             check_output(&cfg.output, a.run.resume, overwrite)?;
-            if let Some(summary) = trainer::train(&cfg, a.run.resume, !a.run.quiet)? {
-                print_summary(&cfg, &summary);
-            }
-            Ok(())
+            train_and_report(&cfg, a.run.resume, !a.run.quiet)
         }
         Command::Eval(a) => eval(a),
         Command::Export(a) => export(a),
@@ -559,6 +546,19 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Trains the configured task (classification / regression, or question answering) and prints
+/// its summary.
+fn train_and_report(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<()> {
+    if cfg.data.task == TaskKind::Qa {
+        if let Some(summary) = crate::train::qa::train_qa(cfg, resume, show_progress)? {
+            print_summary(cfg, &summary);
+        }
+    } else if let Some(summary) = trainer::train(cfg, resume, show_progress)? {
+        print_summary(cfg, &summary);
+    }
+    Ok(())
 }
 
 /// Before a run loads anything: its output folder must not be in use by another run (its lock,

@@ -528,6 +528,22 @@ mod tests {
         ));
         assert!(close(got.no_ans_exact.unwrap(), 50.0) && close(got.no_ans_f1.unwrap(), 50.0));
 
+        // The answerable ones under v1.1's rules: the same exact match, but "article-only" (an
+        // empty prediction against gold answers that normalize to nothing) scores F1 0.
+        let answerable: Vec<SquadExample> = s
+            .examples
+            .iter()
+            .filter(|e| !e.answers.is_empty())
+            .cloned()
+            .collect();
+        let v1 = score(&answerable, &preds, false);
+        assert_eq!((v1.total, v1.has_ans_total), (8, None));
+        assert!(close(v1.exact, 50.0), "{v1:?}");
+        assert!(
+            close(v1.f1, 100.0 * (3.0 + 8.0 / 9.0 + 0.5) / 8.0),
+            "{v1:?}"
+        );
+
         let Some(script) = std::env::var_os("SAFETUNE_SQUAD_EVAL") else {
             println!("official script not run: SAFETUNE_SQUAD_EVAL unset");
             return;
