@@ -301,14 +301,6 @@ impl DataArgs {
         }
         set!(d.label_column, self.label_column);
         set!(d.max_length, self.max_length);
-        // Question answering's windows: transformers' run_qa.py defaults (384, stride 128).
-        let default_length = crate::train::config::DataConfig::default().max_length;
-        if self.task == Some(TaskKind::Qa)
-            && self.max_length.is_none()
-            && d.max_length == default_length
-        {
-            d.max_length = 384;
-        }
         set!(d.doc_stride, self.doc_stride);
         for (dst, src) in [
             (&mut d.train_file, &self.train_file),
@@ -332,6 +324,15 @@ impl TrainArgs {
             c.model = self.model.clone();
         }
         self.data.apply(&mut c);
+        // `--task qa` windows: transformers' run_qa.py defaults (384 tokens, stride 128), unless
+        // a length is given (flag or config file).
+        let default_length = crate::train::config::DataConfig::default().max_length;
+        if self.data.task == Some(TaskKind::Qa)
+            && self.data.max_length.is_none()
+            && c.data.max_length == default_length
+        {
+            c.data.max_length = 384;
+        }
         apply_run_args!(c, self.run);
         if self.init_adapter.is_some() {
             c.init_adapter = self.init_adapter.clone();
@@ -974,6 +975,37 @@ mod tests {
             Command::Train(a) => a.to_config(),
             _ => unreachable!(),
         }
+    }
+
+    /// `--task qa` windows: 384 tokens, stride 128 by default (run_qa.py's), the flags' values
+    /// when given; a stride not below the window is refused naming the flag.
+    #[test]
+    fn qa_window_flags() {
+        let c = train_config(&["train", "--task", "qa"]).unwrap();
+        assert_eq!(
+            (c.data.task, c.data.max_length, c.data.doc_stride),
+            (TaskKind::Qa, 384, 128)
+        );
+        let c = train_config(&[
+            "train",
+            "--task",
+            "qa",
+            "--max-length",
+            "256",
+            "--doc-stride",
+            "64",
+        ])
+        .unwrap();
+        assert_eq!((c.data.max_length, c.data.doc_stride), (256, 64));
+        let c = train_config(&["train", "--max-length", "96"]).unwrap();
+        assert_eq!(c.data.max_length, 96, "other tasks keep theirs");
+        let e = train_config(&["train", "--task", "qa", "--doc-stride", "384"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--doc-stride 384") && e.contains("below data.max_length (384)"),
+            "{e}"
+        );
     }
 
     /// `--lr-scheduler`, `--warmup-ratio` and `--weight-decay` set `train`'s and `train-lm`'s
