@@ -282,25 +282,34 @@ impl QaEncoder {
     }
 
     /// Every window of every example, in example order; each window's answer positions as
-    /// `prepare_train_features` finds them (the answer is the first gold answer).
+    /// `prepare_train_features` finds them (the answer is the first gold answer). Tokenized in
+    /// parallel inside `tokenizers`.
     pub fn features(&self, examples: &[SquadExample]) -> Result<Vec<QaFeature>, DataError> {
+        // transformers strips the question's leading white space (some questions have a lot,
+        // and it would eat into the window).
+        let pair = |ex: &SquadExample| -> tokenizers::EncodeInput {
+            (ex.question.trim_start().to_string(), ex.context.to_string()).into()
+        };
+        let inputs: Vec<tokenizers::EncodeInput> = examples.iter().map(pair).collect();
+        let encodings = match self.tokenizer.encode_batch_char_offsets(inputs, true) {
+            Ok(e) => e,
+            Err(batch_error) => {
+                // Name the question that cannot be cut into windows.
+                for ex in examples {
+                    if let Err(e) = self.tokenizer.encode_char_offsets(pair(ex), true) {
+                        let msg =
+                            format!("question '{}': cannot tokenize into windows ({e})", ex.id);
+                        return Err(DataError::format(&self.path, msg));
+                    }
+                }
+                let msg = format!("cannot tokenize into windows ({batch_error})");
+                return Err(DataError::format(&self.path, msg));
+            }
+        };
         let mut out = Vec::new();
-        for (i, ex) in examples.iter().enumerate() {
-            // transformers strips the question's leading white space (some questions have a lot,
-            // and it would eat into the window).
-            let question = ex.question.trim_start();
-            let enc = self
-                .tokenizer
-                .encode_char_offsets((question, &*ex.context), true)
-                .map_err(|e| {
-                    DataError::format(
-                        &self.path,
-                        format!("question '{}': cannot tokenize into windows ({e})", ex.id),
-                    )
-                })?;
-            let mut windows = vec![&enc];
-            windows.extend(enc.get_overflowing());
-            for w in windows {
+        for (i, (ex, enc)) in examples.iter().zip(&encodings).enumerate() {
+            out.push(window_feature(i, ex, enc));
+            for w in enc.get_overflowing() {
                 out.push(window_feature(i, ex, w));
             }
         }
@@ -515,6 +524,15 @@ mod tests {
         assert_eq!(
             f[1].offsets[4..8],
             [Some((4, 5)), Some((6, 7)), Some((8, 9)), Some((10, 11))]
+        );
+        // A question that leaves no room for the context: an error naming it.
+        let mut long = ex(None);
+        long.id = "long".into();
+        long.question = "who is who is who is who is".into();
+        let e = enc.features(&[ex(None), long]).unwrap_err().to_string();
+        assert!(
+            e.contains("question 'long'") && e.contains("windows"),
+            "{e}"
         );
     }
 }
