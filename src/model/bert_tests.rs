@@ -400,6 +400,74 @@ fn transformers_mpnet_gives_transformers_hidden_states() {
     assert!(max_abs_diff(&pooled, &r["pooled"]) < 1e-9);
 }
 
+/// `name`'s sequence classifier (written by transformers: 3 labels, its own head) through the
+/// shared body gives transformers' float64 last hidden state on the tokens (to 1e-9) and its
+/// logits through the inference forward, loading the checkpoint's head (to 1e-9 in f64, 1e-4 in
+/// f32); and the fixture's tokenizer.json gives the reference ids of its texts.
+fn classifier_matches_transformers(name: &str, family: EncoderFamily) {
+    let (dir, r) = hf_fixture(name);
+    let cpu = Device::Cpu;
+    for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 1e-4)] {
+        let mut rng = StdRng::seed_from_u64(0);
+        let m = BertForSequenceClassification::load(&dir, 3, dtype, &cpu, &mut rng).unwrap();
+        assert_eq!(m.config.family(), family);
+        let batch = reference_batch(&r, dtype);
+        if dtype == DType::F64 {
+            let h = m.forward_frozen_bottom(&batch, m.layers.len()).unwrap();
+            let want = r["hidden"].reshape((batch.batch * batch.seq, ())).unwrap();
+            let keep = token_rows(&r);
+            let pick = |x: &Tensor| x.index_select(&keep, 0).unwrap();
+            let d = max_abs_diff(&pick(&h), &pick(&want));
+            assert!(d < 1e-9, "{name}: hidden states off by {d}");
+        }
+        let logits = Pass::inference(|p| m.forward_eval(&batch, p))
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let d = max_abs_diff(&logits, &r["logits"]);
+        assert!(d < tol, "{name} {dtype:?}: logits off by {d}");
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Texts {
+        texts: Vec<String>,
+        max_length: usize,
+    }
+    let p = dir.join("reference.json");
+    let t: Texts = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let encoder = crate::data::batch::TextEncoder::from_model_dir(&dir, t.max_length).unwrap();
+    let examples: Vec<crate::data::Example> = t
+        .texts
+        .iter()
+        .map(|text| crate::data::Example {
+            text_a: text.clone(),
+            text_b: None,
+            label: crate::data::Label::Class(0),
+        })
+        .collect();
+    let got = encoder.encode_all(&examples).unwrap();
+    let vec2 = |k: &str| -> Vec<Vec<u32>> { r[k].to_dtype(DType::U32).unwrap().to_vec2().unwrap() };
+    let (ids, mask) = (vec2("input_ids"), vec2("attention_mask"));
+    for (row, e) in got.iter().enumerate() {
+        let n = mask[row].iter().sum::<u32>() as usize;
+        assert_eq!(e.ids, ids[row][..n], "{name}: row {row}'s token ids");
+    }
+}
+
+/// RoBERTa (`roberta.` names, positions from the padding index, a one-row token type table,
+/// byte-level BPE) against transformers' `RobertaForSequenceClassification`.
+#[test]
+fn transformers_roberta_gives_transformers_hidden_states_and_logits() {
+    classifier_matches_transformers("roberta-padded", EncoderFamily::Roberta);
+}
+
+/// DistilBERT (its names and config keys, no token types, no attention-output dropout,
+/// `pre_classifier` + ReLU) against transformers' `DistilBertForSequenceClassification`.
+#[test]
+fn transformers_distilbert_gives_transformers_hidden_states_and_logits() {
+    classifier_matches_transformers("distilbert-padded", EncoderFamily::DistilBert);
+}
+
 // ------------------------------------------------------- family configs, names, heads, merge
 
 /// A tiny `config.json` of `family` in its own keys (DistilBERT's differ), 2 layers, 8 wide.
