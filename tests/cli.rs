@@ -1930,6 +1930,8 @@ struct FamilyCase {
     layer0: &'static str,
     targets: [&'static str; 2],
     sites: [&'static str; 2],
+    /// Every linear of a layer, as `all-linear` is written.
+    all: [&'static str; 6],
     head: [&'static str; 4],
     modules_to_save: &'static [&'static str],
     architecture: &'static str,
@@ -1941,6 +1943,14 @@ const FAMILIES: [FamilyCase; 2] = [
         layer0: "roberta.encoder.layer",
         targets: ["query", "value"],
         sites: ["attention.self.query", "attention.self.value"],
+        all: [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ],
         head: [
             "classifier.out_proj.weight",
             "classifier.out_proj.bias",
@@ -1955,6 +1965,14 @@ const FAMILIES: [FamilyCase; 2] = [
         layer0: "distilbert.transformer.layer",
         targets: ["q_lin", "v_lin"],
         sites: ["attention.q_lin", "attention.v_lin"],
+        all: [
+            "attention.q_lin",
+            "attention.k_lin",
+            "attention.v_lin",
+            "attention.out_lin",
+            "ffn.lin1",
+            "ffn.lin2",
+        ],
         head: [
             "classifier.weight",
             "classifier.bias",
@@ -1970,7 +1988,8 @@ const FAMILIES: [FamilyCase; 2] = [
 /// give a new classifier in place of the checkpoint's 3-way one) writes an adapter with PEFT's
 /// keys for the family: the family's default targets in its module paths, its head as
 /// `modules_to_save`. `export` writes the same adapter, `eval` scores it, and `merge` writes the
-/// family's sequence classifier (prefixed names, the adapter's head, `architectures`).
+/// family's sequence classifier (prefixed names, the adapter's head, `architectures`). A run with
+/// `--target-modules all-linear` under a memory budget writes the six linears' paths.
 #[test]
 fn roberta_and_distilbert_train_export_eval_and_merge() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -2042,5 +2061,22 @@ fn roberta_and_distilbert_train_export_eval_and_merge() {
         labels.sort_by_key(|v| v.to_string());
         assert_eq!(labels, ["neg", "pos"], "{config}");
         assert!(merged.join("tokenizer.json").is_file());
+
+        let all = sb.path("all");
+        let flags = [
+            "--epochs",
+            "1",
+            "--target-modules",
+            "all-linear",
+            "--memory-budget",
+            "1GB",
+            "--gradient-checkpointing",
+        ];
+        sb.run_ok(&train_args(&model, &data, &all, &flags));
+        let cfg = read_json(&all.join("adapter_config.json"));
+        assert_eq!(cfg["target_modules"], serde_json::json!(f.all));
+        let tensors = load_tensors(&all.join("adapter_model.safetensors"));
+        assert_eq!(tensors.len(), 2 * 6 * 2 + 4, "{}", f.fixture);
+        assert!(!read_jsonl(&all.join("plan.jsonl")).is_empty());
     }
 }
