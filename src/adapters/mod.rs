@@ -25,11 +25,28 @@ pub enum LoraMatrix {
     B,
 }
 
-/// A trained tensor beside the adapters.
+/// A trained tensor beside the adapters: the classifier's, and the dense layer's before it
+/// where that trains with it (RoBERTa's `classifier.dense`, DistilBERT's `pre_classifier`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HeadParam {
     ClassifierWeight,
     ClassifierBias,
+    DenseWeight,
+    DenseBias,
+}
+
+impl HeadParam {
+    pub const ALL: [HeadParam; 4] = [
+        HeadParam::ClassifierWeight,
+        HeadParam::ClassifierBias,
+        HeadParam::DenseWeight,
+        HeadParam::DenseBias,
+    ];
+
+    /// A bias (else a weight).
+    pub fn is_bias(self) -> bool {
+        matches!(self, HeadParam::ClassifierBias | HeadParam::DenseBias)
+    }
 }
 
 /// A trained tensor: the key of gradients, optimizer state and checkpoints inside the program
@@ -122,6 +139,12 @@ pub trait Adapted {
     }
 
     fn head_param_mut(&mut self, _key: HeadParam) -> Option<&mut Tensor> {
+        None
+    }
+
+    /// The module path of a trained head tensor's layer in the task model (`classifier`,
+    /// RoBERTa's `classifier.out_proj`); None when the model trains no such tensor.
+    fn head_path(&self, _key: HeadParam) -> Option<&'static str> {
         None
     }
 

@@ -39,7 +39,8 @@ pub enum Command {
     /// Write the latest checkpoint of a training run as a PEFT adapter folder.
     Export(ExportArgs),
     /// Merge a PEFT LoRA adapter into its base model (W + scaling * B A) and write a full model:
-    /// a BERT classifier, or a LLaMA-family / GPT-2 causal LM.
+    /// an encoder classifier (BERT, RoBERTa, MPNet, DistilBERT), or a LLaMA-family / GPT-2
+    /// causal LM.
     Merge(MergeArgs),
     /// Time training steps of a random-weight model of a given shape (one JSON line).
     Bench(crate::train::bench::BenchArgs),
@@ -102,7 +103,8 @@ pub struct RunArgs {
     pub lora_alpha: Option<f64>,
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-    /// Comma-separated module names, e.g. query,value (BERT), q_proj,v_proj (LLaMA), c_attn (GPT-2)
+    /// Comma-separated module names, e.g. query,value (BERT, RoBERTa), q_lin,v_lin (DistilBERT),
+    /// q_proj,v_proj (LLaMA), c_attn (GPT-2), or all-linear
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
     /// Peak learning rate.
@@ -471,7 +473,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 };
                 let base = trainer::resolve_model_dir(&cfg)?;
-                crate::io::merge::merge_adapter(&base, &a.adapter, &a.output)?
+                let config = crate::model::BertConfig::from_file(&base.join("config.json"))?;
+                crate::io::merge::merge_adapter(&base, &a.adapter, &a.output, &config.naming())?
             };
             println!(
                 "merged {} LoRA modules into {}",
@@ -609,7 +612,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     );
     let encoder = crate::data::batch::TextEncoder::from_model_dir(&model_dir, cfg.data.max_length)?;
     let items = encoder.encode_all(&dataset.examples)?;
-    let num_labels = peft::num_labels(&a.adapter)?;
+    let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
+    let num_labels = peft::num_labels(&a.adapter, family.head().out)?;
     anyhow::ensure!(
         num_labels == dataset.num_labels(),
         "{}: the adapter's classifier has {num_labels} outputs, the data has {} labels",
@@ -700,8 +704,13 @@ fn export(a: ExportArgs) -> Result<()> {
     let state_path = a.run.join("checkpoint/tensors.safetensors");
     let tensors = candle_core::safetensors::load(&state_path, &candle_core::Device::Cpu)
         .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
+    let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
+    let classifier = peft::head_key(
+        family.head().out,
+        crate::adapters::HeadParam::ClassifierWeight,
+    );
     let num_labels = tensors
-        .get(peft::head_key(crate::adapters::HeadParam::ClassifierWeight))
+        .get(&classifier)
         .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
         .dim(0)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);

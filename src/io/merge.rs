@@ -1,10 +1,11 @@
 //! Merging a PEFT LoRA adapter into its base model: a full Hugging Face folder that transformers
-//! loads without PEFT, `BertForSequenceClassification` ([`merge_adapter`]) or a causal LM,
-//! LLaMA family or GPT-2 ([`merge_decoder_adapter`]).
+//! loads without PEFT, an encoder's sequence classifier ([`merge_adapter`]: BERT, RoBERTa, MPNet,
+//! DistilBERT) or a causal LM, LLaMA family or GPT-2 ([`merge_decoder_adapter`]).
 //!
 //! Each adapted linear becomes `W' = W + scaling * B @ A` (computed in f64, stored in `W`'s dtype);
-//! the classifier comes from the adapter (PEFT's `modules_to_save`). Every other base tensor is
-//! copied unchanged (byte for byte), renamed to the `bert.`-prefixed layout transformers expects.
+//! the head comes from the adapter (PEFT's `modules_to_save`). Every other base tensor is
+//! copied unchanged (byte for byte), renamed to the prefixed layout transformers expects
+//! (`bert.`, `roberta.`, ...).
 
 use super::peft::{self, PeftConfig};
 use super::IoError;
@@ -15,15 +16,64 @@ use std::path::{Path, PathBuf};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Tokenizer files copied from the base folder when present.
-pub const TOKENIZER_FILES: [&str; 4] = [
+pub const TOKENIZER_FILES: [&str; 6] = [
     "tokenizer.json",
     "vocab.txt",
+    "vocab.json",
+    "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
 ];
 const PREFIX: &str = "base_model.model.";
-/// Top-level modules of `BertModel`: bare checkpoint names starting with these get `bert.`.
-const BERT_PARTS: [&str; 3] = ["embeddings.", "encoder.", "pooler."];
+
+/// What merging needs to know of an encoder family's names (`model::BertConfig::naming` fills
+/// it from the family's table).
+#[derive(Clone, Debug)]
+pub struct EncoderNaming {
+    /// The base model's prefix in the task model (`bert.`).
+    pub prefix: &'static str,
+    /// The base model's top-level modules its sequence classifier has (`embeddings`, `encoder`):
+    /// a base tensor under one of them is kept, with the prefix; any other that is not of the
+    /// head (another task's head, a pooler the classifier has no use for) is left out.
+    pub base_modules: &'static [&'static str],
+    /// The head's trained layers at the task model's root, the output layer (`[num_labels,
+    /// hidden]`) first: `classifier`; RoBERTa's `classifier.out_proj`, `classifier.dense`. Each
+    /// comes from the adapter, else from the base checkpoint.
+    pub head: Vec<&'static str>,
+    /// transformers' class (`config.json`'s `architectures`).
+    pub architecture: &'static str,
+    pub hidden_size: usize,
+}
+
+impl EncoderNaming {
+    /// The name the task model uses for a base checkpoint tensor: a bare base-model name
+    /// (`encoder.layer.0...`) gets the prefix, a head tensor keeps its own; None for a tensor the
+    /// task model does not have.
+    fn out_name(&self, name: &str) -> Option<String> {
+        let under = |name: &str, module: &str| {
+            name.strip_prefix(module)
+                .is_some_and(|rest| rest.starts_with('.'))
+        };
+        if self.head.iter().any(|m| under(name, m)) {
+            return Some(name.to_string());
+        }
+        let bare = name.strip_prefix(self.prefix).unwrap_or(name);
+        self.base_modules
+            .iter()
+            .any(|m| under(bare, m))
+            .then(|| format!("{}{bare}", self.prefix))
+    }
+
+    /// Every head tensor's name (`classifier.weight`, `classifier.bias`, ...).
+    fn head_tensors(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for m in &self.head {
+            v.push(format!("{m}.weight"));
+            v.push(format!("{m}.bias"));
+        }
+        v
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct MergeReport {
@@ -35,16 +85,18 @@ pub struct MergeReport {
 
 /// Writes a full Hugging Face model folder with the LoRA deltas merged into the base weights:
 /// for each adapted linear, `W' = W + scaling * B @ A` (scaling = lora_alpha / r, or
-/// lora_alpha / sqrt(r) with use_rslora), plus the classifier (`base_model.model.classifier.weight`
-/// / `.bias` from the adapter file, saved as `classifier.weight` / `classifier.bias`), so
-/// `transformers.BertForSequenceClassification.from_pretrained(out)` loads it.
-/// Copies config.json with `"architectures": ["BertForSequenceClassification"]` and
-/// `num_labels` / `id2label` / `label2id` set to the classifier's size, and the tokenizer files
-/// present among [`TOKENIZER_FILES`].
+/// lora_alpha / sqrt(r) with use_rslora), plus the head layers `naming` lists (from the adapter,
+/// `base_model.model.classifier.weight` / `.bias` saved as `classifier.weight` /
+/// `classifier.bias`; else the base's), so transformers' sequence classifier of the family
+/// (`naming.architecture`, e.g. `BertForSequenceClassification`) loads it with
+/// `from_pretrained(out)`. Copies config.json with that `architectures` and `num_labels` /
+/// `id2label` / `label2id` set to the classifier's size, and the tokenizer files present among
+/// [`TOKENIZER_FILES`].
 pub fn merge_adapter(
     base_dir: &Path,
     adapter_dir: &Path,
     out_dir: &Path,
+    naming: &EncoderNaming,
 ) -> Result<MergeReport, IoError> {
     let base_file = base_dir.join(WEIGHTS_FILE);
     let base_config = base_dir.join("config.json");
@@ -63,7 +115,7 @@ pub fn merge_adapter(
     if cfg.fan_in_fan_out {
         return Err(invalid(
             &adapter_dir.join(peft::CONFIG_FILE),
-            "fan_in_fan_out = true is not supported (BERT linears store W as [out, in])",
+            "fan_in_fan_out = true is not supported (encoder linears store W as [out, in])",
         ));
     }
     if same_dir(base_dir, out_dir) {
@@ -84,10 +136,9 @@ pub fn merge_adapter(
         if name.ends_with("position_ids") {
             continue;
         }
-        let o = out_name(&name);
-        if o.starts_with("classifier.") {
-            continue; // replaced by the adapter's classifier
-        }
+        let Some(o) = naming.out_name(&name) else {
+            continue;
+        };
         if let Some(prev) = source.insert(o.clone(), name.clone()) {
             return Err(invalid(
                 &base_file,
@@ -99,20 +150,18 @@ pub fn merge_adapter(
 
     // The LoRA modules: `<module>.lora_A.weight` / `<module>.lora_A.default.weight`.
     let mut merged_modules = 0;
-    let modules = lora_modules(
-        &adapter,
-        &adapter_file,
-        &cfg,
-        &["classifier.weight", "classifier.bias"],
-    )?;
+    let head = naming.head_tensors();
+    let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
+    let modules = lora_modules(&adapter, &adapter_file, &cfg, &head_refs)?;
     for module in modules {
-        let target = out_name(&format!("{module}.weight"));
+        let name = format!("{module}.weight");
+        let target = naming.out_name(&name).unwrap_or(name.clone());
         let w = out.get(&target).ok_or_else(|| IoError::MissingTensor {
             path: base_file.clone(),
-            name: format!("{module}.weight"),
+            name: name.clone(),
             tried: format!(
                 "'{target}' and '{}' for LoRA module '{module}' of {}",
-                target.strip_prefix("bert.").unwrap_or(&target),
+                target.strip_prefix(naming.prefix).unwrap_or(&target),
                 adapter_file.display()
             ),
         })?;
@@ -129,38 +178,39 @@ pub fn merge_adapter(
         merged_modules += 1;
     }
 
-    // The classifier.
-    let cw_name = format!("{PREFIX}classifier.weight");
-    let cb_name = format!("{PREFIX}classifier.bias");
-    let missing = |name: &str| IoError::MissingTensor {
-        path: adapter_file.clone(),
-        name: name.into(),
-        tried: "the classifier PEFT saves as modules_to_save".into(),
-    };
-    let cw = adapter.get(&cw_name).ok_or_else(|| missing(&cw_name))?;
-    let cb = adapter.get(&cb_name).ok_or_else(|| missing(&cb_name))?;
-    let hidden = config
-        .get("hidden_size")
-        .and_then(|h| h.as_u64())
-        .map(|h| h as usize);
-    let num_labels = match (cw.dims(), hidden) {
-        ([k, h], Some(hs)) if *h == hs => *k,
-        ([k, _], None) => *k,
-        _ => {
-            let k = cw.dims().first().copied().unwrap_or(0);
-            return Err(wrong_shape(
-                &adapter_file,
-                &cw_name,
-                cw,
-                &[k, hidden.unwrap_or(0)],
-            ));
+    // The head: each tensor from the adapter, else the base's. The output layer's rows are the
+    // labels; the other layers are hidden-wide.
+    let h = naming.hidden_size;
+    let mut num_labels = 0;
+    for (i, module) in naming.head.iter().enumerate() {
+        for bias in [false, true] {
+            let name = format!("{module}.{}", if bias { "bias" } else { "weight" });
+            let key = format!("{PREFIX}{name}");
+            let (t, file, shown) = match (adapter.get(&key), out.get(&name)) {
+                (Some(t), _) => (t.clone(), &adapter_file, key),
+                (None, Some(t)) => (t.clone(), &base_file, name.clone()),
+                (None, None) => {
+                    return Err(IoError::MissingTensor {
+                        path: adapter_file.clone(),
+                        name: key,
+                        tried: format!(
+                            "the head PEFT saves as modules_to_save, and '{name}' in {}",
+                            base_file.display()
+                        ),
+                    })
+                }
+            };
+            if i == 0 && !bias {
+                num_labels = t.dims().first().copied().unwrap_or(0);
+            }
+            let rows = if i == 0 { num_labels.max(1) } else { h };
+            let want = if bias { vec![rows] } else { vec![rows, h] };
+            if t.dims() != want.as_slice() {
+                return Err(wrong_shape(file, &shown, &t, &want));
+            }
+            out.insert(name, t);
         }
-    };
-    if cb.dims() != [num_labels] {
-        return Err(wrong_shape(&adapter_file, &cb_name, cb, &[num_labels]));
     }
-    out.insert("classifier.weight".into(), cw.clone());
-    out.insert("classifier.bias".into(), cb.clone());
 
     // Write: weights, config, tokenizer.
     std::fs::create_dir_all(out_dir).map_err(|e| invalid(out_dir, &e.to_string()))?;
@@ -198,7 +248,7 @@ pub fn merge_adapter(
         .collect();
     obj.insert(
         "architectures".into(),
-        serde_json::json!(["BertForSequenceClassification"]),
+        serde_json::json!([naming.architecture]),
     );
     obj.insert("num_labels".into(), num_labels.into());
     obj.insert("id2label".into(), id2label.into());
@@ -456,16 +506,6 @@ fn check_plain_lora(path: &Path) -> Result<(), IoError> {
     Ok(())
 }
 
-/// The name transformers' `BertForSequenceClassification` uses for a base checkpoint tensor:
-/// bare `BertModel` names (`encoder.layer.0...`) get `bert.`; everything else is kept.
-fn out_name(name: &str) -> String {
-    if BERT_PARTS.iter().any(|p| name.starts_with(p)) {
-        format!("bert.{name}")
-    } else {
-        name.to_string()
-    }
-}
-
 fn lora_tensor<'a>(
     adapter: &'a HashMap<String, Tensor>,
     file: &Path,
@@ -671,6 +711,13 @@ mod tests {
         (base, adapter)
     }
 
+    /// The fixture's family names (BERT), as `safetune merge` reads them from its config.
+    fn naming(base: &Path) -> EncoderNaming {
+        crate::model::BertConfig::from_file(&base.join("config.json"))
+            .unwrap()
+            .naming()
+    }
+
     fn raw(path: &Path) -> (Vec<u8>, Option<HashMap<String, String>>) {
         let bytes = std::fs::read(path).unwrap();
         let meta = safetensors::SafeTensors::read_metadata(&bytes)
@@ -713,7 +760,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R, false);
         let out = dir.path().join("merged");
-        let report = merge_adapter(&base, &adapter, &out).unwrap();
+        let report = merge_adapter(&base, &adapter, &out, &naming(&base)).unwrap();
         assert_eq!(report.merged_modules, 2);
         assert_eq!(report.out_file, out.join(WEIGHTS_FILE));
 
@@ -804,14 +851,14 @@ mod tests {
         };
         crate::io::labels::save(&adapter, &labels(&["sport", "tech", "politics"])).unwrap();
         let named = dir.path().join("merged-named");
-        merge_adapter(&base, &adapter, &named).unwrap();
+        merge_adapter(&base, &adapter, &named, &naming(&base)).unwrap();
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(named.join("config.json")).unwrap())
                 .unwrap();
         assert_eq!(cfg["id2label"]["2"], "politics");
         assert_eq!(cfg["label2id"]["tech"], 1);
         crate::io::labels::save(&adapter, &labels(&["sport", "tech"])).unwrap();
-        let e = merge_adapter(&base, &adapter, &dir.path().join("m3")).unwrap_err();
+        let e = merge_adapter(&base, &adapter, &dir.path().join("m3"), &naming(&base)).unwrap_err();
         assert!(e.to_string().contains(crate::io::labels::FILE), "{e}");
     }
 
@@ -820,7 +867,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R, true);
         let out = dir.path().join("merged");
-        merge_adapter(&base, &adapter, &out).unwrap();
+        merge_adapter(&base, &adapter, &out, &naming(&base)).unwrap();
         let (merged, _) = raw(&out.join(WEIGHTS_FILE));
         let (_, _, data) = data_of(&merged, "bert.encoder.layer.0.attention.self.query.weight");
         let s = 8.0 / (R as f64).sqrt();
@@ -833,7 +880,8 @@ mod tests {
     fn rank_mismatch_names_file_and_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R + 1, false);
-        let err = merge_adapter(&base, &adapter, &dir.path().join("merged")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("merged"), &naming(&base)).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, IoError::WrongShape { .. }), "{msg}");
         assert!(msg.contains("adapter_model.safetensors"), "{msg}");
@@ -855,7 +903,8 @@ mod tests {
         a.insert(format!("{stem}.lora_A.weight"), t(&[R, H], 1.0));
         a.insert(format!("{stem}.lora_B.weight"), t(&[H, R], 1.0));
         candle_core::safetensors::save(&a, &path).unwrap();
-        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("m"), &naming(&base)).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, IoError::MissingTensor { .. }), "{msg}");
         assert!(
@@ -882,7 +931,7 @@ mod tests {
             a.insert(key.clone(), bad);
             candle_core::safetensors::save(&a, &path).unwrap();
             let out = dir.path().join("merged");
-            let msg = merge_adapter(&base, &adapter, &out)
+            let msg = merge_adapter(&base, &adapter, &out, &naming(&base))
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -908,7 +957,7 @@ mod tests {
         );
         candle_core::safetensors::save(&b, &path).unwrap();
         let out = dir.path().join("merged");
-        let msg = merge_adapter(&base, &adapter, &out)
+        let msg = merge_adapter(&base, &adapter, &out, &naming(&base))
             .unwrap_err()
             .to_string();
         assert!(
@@ -927,7 +976,8 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         cfg["alpha_pattern"] = serde_json::json!({"query": 16});
         std::fs::write(&path, cfg.to_string()).unwrap();
-        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("m"), &naming(&base)).unwrap_err();
         assert!(err.to_string().contains("alpha_pattern"), "{err}");
     }
 
@@ -936,13 +986,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R, false);
         std::fs::remove_file(adapter.join(peft::WEIGHTS_FILE)).unwrap();
-        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("m"), &naming(&base)).unwrap_err();
         assert!(
             err.to_string().contains("adapter_model.safetensors"),
             "{err}"
         );
-        let err =
-            merge_adapter(&dir.path().join("nope"), &adapter, &dir.path().join("m")).unwrap_err();
+        let err = merge_adapter(
+            &dir.path().join("nope"),
+            &adapter,
+            &dir.path().join("m"),
+            &naming(&base),
+        )
+        .unwrap_err();
         assert!(matches!(err, IoError::Missing { .. }), "{err}");
     }
 

@@ -1,7 +1,8 @@
 //! BERT for sequence classification (transformers' `BertForSequenceClassification`), with LoRA
 //! adapters on any of the six linears of each layer and explicit layer-wise backprop. The same
-//! body serves MPNet (see [`EncoderFamily`]): other tensor names, no token types, and a relative
-//! position bias added to the attention scores.
+//! body serves RoBERTa, MPNet and DistilBERT (see [`EncoderFamily`], the table of their
+//! differences): other tensor names, positions counted from the padding index, no token types,
+//! MPNet's relative position bias added to the attention scores, and each family's head.
 //!
 //! Layer data flow (post-LN BERT), per layer, rows = `batch * seq` tokens:
 //! ```text
@@ -52,6 +53,15 @@ impl Site {
         Site::Output,
     ];
 
+    /// `(out, in)` of its linear in a layer of width `hidden` and MLP width `ffn`.
+    pub fn shape(self, hidden: usize, ffn: usize) -> (usize, usize) {
+        match self {
+            Site::Intermediate => (ffn, hidden),
+            Site::Output => (hidden, ffn),
+            _ => (hidden, hidden),
+        }
+    }
+
     /// Path inside a BERT layer, as in the checkpoint (and in PEFT's adapter keys); another
     /// family's are [`EncoderFamily::site_paths`].
     pub fn path(self) -> &'static str {
@@ -66,6 +76,9 @@ pub struct BertLayer {
     pub attention: Attention,
     pub ln_attn: LayerNorm,
     pub ln_out: LayerNorm,
+    /// After the attention output projection (none in DistilBERT).
+    pub dropout_attn: Dropout,
+    /// After the MLP output.
     pub dropout: Dropout,
     /// The family's names of the six linears (PEFT's module paths within the layer).
     pub paths: &'static [&'static str; 6],
@@ -128,7 +141,7 @@ impl BertLayer {
         };
         let a = lin.run(Site::AttnOut, &ctx, pass)?;
         drop(ctx);
-        let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
+        let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
         let o = lin.run(Site::Output, &g, pass)?;
@@ -164,7 +177,8 @@ impl BertLayer {
             + acts.lora_group(&[lin(Site::Output)]);
         let state = linears
             + acts.attention(&self.attention, h / self.attention.num_heads)
-            + 2 * acts.mask(&self.dropout, h)
+            + acts.mask(&self.dropout_attn, h)
+            + acts.mask(&self.dropout, h)
             + 2 * acts.norm(h)
             + acts.of(f);
         LayerMemory {
@@ -264,15 +278,18 @@ impl StepMemory for BertForSequenceClassification {
         Acts::new(rows, seq, self.embeddings.word.dtype()).of(self.config.hidden_size)
     }
 
-    /// The pooler and classifier work on one row each; their input gradient is hidden-wide.
+    /// The head's dense layer and classifier work on one row each; their input gradient is
+    /// hidden-wide.
     fn head_bytes(&self, rows: usize, seq: usize) -> usize {
         2 * self.hidden_bytes(rows, seq)
     }
 }
 
 impl BertForSequenceClassification {
-    /// Loads a Hugging Face BERT folder (`config.json`, `model.safetensors`) with a new classifier of
-    /// `num_labels` outputs, initialised as transformers does (normal(0, 0.02), zero bias) from `rng`.
+    /// Loads a Hugging Face encoder folder (`config.json`, `model.safetensors`) of any
+    /// [`EncoderFamily`], with a classifier of `num_labels` outputs: the checkpoint's when it has
+    /// one of that size, else a new one initialised as transformers does (normal(0, 0.02), zero
+    /// bias) from `rng` (see [`Self::from_weights`]).
     pub fn load(
         dir: &Path,
         num_labels: usize,
@@ -287,10 +304,15 @@ impl BertForSequenceClassification {
             });
         }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::open_dir(dir, config.family().prefixes(), dtype, device)?;
+        let w = Weights::open_dir(dir, &config.family().prefixes(), dtype, device)?;
         Self::from_weights(config, &w, num_labels, rng)
     }
 
+    /// Builds the model from checkpoint tensors named as the config's family names them. The
+    /// head's trained layers (the classifier, and RoBERTa's or DistilBERT's dense layer) are the
+    /// checkpoint's when it has them in the right shape, else new; `rng` draws the new ones
+    /// either way (the classifier, then the trained dense layer), so what it draws next does not
+    /// depend on the checkpoint.
     pub fn from_weights(
         config: BertConfig,
         w: &Weights,
@@ -300,7 +322,6 @@ impl BertForSequenceClassification {
         config.validate(w.file())?;
         let c = &config;
         let family = c.family();
-        let mpnet = family == EncoderFamily::MPNet;
         let (h, f) = (c.hidden_size, c.intermediate_size);
         let ln = |w: &Weights| -> std::result::Result<LayerNorm, IoError> {
             // Old checkpoints name LayerNorm parameters gamma/beta.
@@ -324,36 +345,32 @@ impl BertForSequenceClassification {
             };
         let hidden_drop = Dropout::new(c.hidden_dropout_prob);
         let e = w.pp("embeddings");
+        let token_type = if family.token_types() {
+            Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
+        } else {
+            None
+        };
         let embeddings = Embeddings {
             word: e.get("word_embeddings.weight", &[c.vocab_size, h])?,
             position: e.get(
                 "position_embeddings.weight",
                 &[c.max_position_embeddings, h],
             )?,
-            token_type: if mpnet {
-                None
-            } else {
-                Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
-            },
-            padding_idx: mpnet.then_some(c.pad_token_id),
+            token_type,
+            padding_idx: family.positions_from_padding().then_some(c.pad_token_id),
             layer_norm: ln(&e.pp("LayerNorm"))?,
             dropout: hidden_drop,
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let paths = family.site_paths();
+        let [ln_attn, ln_out] = family.layer_norm_paths();
         for i in 0..c.num_hidden_layers {
-            let l = w.pp("encoder.layer").pp(i);
-            let shapes = |s: Site| match s {
-                Site::Intermediate => (f, h),
-                Site::Output => (h, f),
-                _ => (h, h),
-            };
+            let l = w.pp(family.encoder_layers()).pp(i);
             let mut lins = Vec::with_capacity(6);
-            let paths = family.site_paths();
             for s in Site::ALL {
-                let (o, inp) = shapes(s);
+                let (o, inp) = s.shape(h, f);
                 lins.push(LoraLinear::new(linear(&l.pp(paths[s as usize]), o, inp)?));
             }
-            let [ln_attn, ln_out] = family.layer_norm_paths();
             layers.push(BertLayer {
                 linears: lins.try_into().expect("six linears"),
                 attention: Attention {
@@ -364,51 +381,131 @@ impl BertForSequenceClassification {
                 },
                 ln_attn: ln(&l.pp(ln_attn))?,
                 ln_out: ln(&l.pp(ln_out))?,
+                dropout_attn: if family.attention_output_dropout() {
+                    hidden_drop
+                } else {
+                    Dropout::new(0.0)
+                },
                 dropout: hidden_drop,
                 paths,
             });
         }
-        // The head (frozen pooler, trained classifier) runs in f32 beside half-precision layers.
-        let p = w.pp("pooler.dense");
-        let (pw, pb) = (p.get("weight", &[h, h])?, p.get("bias", &[h])?);
-        let dev = pw.device().clone();
-        let dtype = crate::device::compute_dtype(pw.dtype());
-        let pooler = Linear::new(
-            tensor(pw.to_dtype(dtype), w)?,
-            Some(tensor(pb.to_dtype(dtype), w)?),
-        );
-        let cls: Vec<f32> = (0..num_labels * h)
-            .map(|_| {
-                rand_distr::Distribution::sample(&rand_distr::Normal::new(0.0, 0.02).unwrap(), rng)
-            })
-            .collect();
-        let classifier = Linear::new(
-            tensor(
-                Tensor::from_vec(cls, (num_labels, h), &dev).and_then(|t| t.to_dtype(dtype)),
-                w,
-            )?,
-            Some(tensor(Tensor::zeros(num_labels, dtype, &dev), w)?),
-        );
-        let relative_bias = if mpnet {
+        // The head runs in f32 beside half-precision layers.
+        let dev = embeddings.word.device().clone();
+        let dtype = crate::device::compute_dtype(embeddings.word.dtype());
+        let spec = family.head();
+        let as_head = |t: Tensor| tensor(t.to_dtype(dtype), w);
+        let mut new_linear = |out: usize| -> std::result::Result<Linear, IoError> {
+            let normal = rand_distr::Normal::new(0.0, 0.02).expect("valid std");
+            let v: Vec<f32> = (0..out * h)
+                .map(|_| rand_distr::Distribution::sample(&normal, rng))
+                .collect();
+            let weight = Tensor::from_vec(v, (out, h), &dev).and_then(|t| t.to_dtype(dtype));
+            Ok(Linear::new(
+                tensor(weight, w)?,
+                Some(tensor(Tensor::zeros(out, dtype, &dev), w)?),
+            ))
+        };
+        let new_classifier = new_linear(num_labels)?;
+        let new_dense = spec.dense_trains.then(|| new_linear(h)).transpose()?;
+        // The checkpoint's layer, when it has one of this shape (another number of labels is a
+        // new classifier, as transformers' `ignore_mismatched_sizes`).
+        let stored = |path: &str, out: usize| -> std::result::Result<Option<Linear>, IoError> {
+            let p = w.pp(path);
+            if !p.contains("weight") {
+                return Ok(None);
+            }
+            let weight = match p.get("weight", &[out, h]) {
+                Ok(t) => t,
+                Err(IoError::WrongShape { .. }) if path == spec.out => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let bias = p.get("bias", &[out])?;
+            Ok(Some(Linear::new(as_head(weight)?, Some(as_head(bias)?))))
+        };
+        let classifier = stored(spec.out, num_labels)?.unwrap_or(new_classifier);
+        // A frozen dense layer (BERT's pooler) must be in the checkpoint.
+        let dense = match (stored(spec.dense, h)?, new_dense) {
+            (Some(d), _) => d,
+            (None, Some(d)) => d,
+            (None, None) => linear(&w.pp(spec.dense), h, h)?,
+        };
+        let relative_bias = if family == EncoderFamily::MPNet {
             let table = w.get(
                 "encoder.relative_attention_bias.weight",
                 &[c.relative_attention_num_buckets, c.num_attention_heads],
             )?;
-            Some(tensor(table.to_dtype(dtype), w)?)
+            Some(as_head(table)?)
         } else {
             None
         };
+        let head_drop = Dropout::new(c.head_dropout());
         Ok(Self {
             config,
             embeddings,
             layers,
             head: ClassificationHead {
-                pooler,
-                dropout: hidden_drop,
+                dense,
+                activation: spec.activation,
+                dense_trains: spec.dense_trains,
+                dropout_first: spec.dropout_first.then_some(head_drop),
+                dropout: head_drop,
                 classifier,
             },
             relative_bias,
         })
+    }
+
+    /// The tensors a checkpoint of `config`'s family has, without its prefix, and their shapes:
+    /// the embeddings, the layers and MPNet's relative bias, and BERT's pooler (the other
+    /// families' heads are new when absent).
+    pub fn checkpoint_shapes(config: &BertConfig) -> Vec<(String, Vec<usize>)> {
+        let c = config;
+        let family = c.family();
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![c.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![c.max_position_embeddings, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        if family.token_types() {
+            shapes.push((
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![c.type_vocab_size, h],
+            ));
+        }
+        if !family.head().dense_trains {
+            let d = family.head().dense;
+            shapes.push((format!("{d}.weight"), vec![h, h]));
+            shapes.push((format!("{d}.bias"), vec![h]));
+        }
+        if family == EncoderFamily::MPNet {
+            shapes.push((
+                "encoder.relative_attention_bias.weight".into(),
+                vec![c.relative_attention_num_buckets, c.num_attention_heads],
+            ));
+        }
+        for i in 0..c.num_hidden_layers {
+            let p = format!("{}.{i}", family.encoder_layers());
+            for s in Site::ALL {
+                let (o, inp) = s.shape(h, f);
+                let path = family.site_paths()[s as usize];
+                shapes.push((format!("{p}.{path}.weight"), vec![o, inp]));
+                shapes.push((format!("{p}.{path}.bias"), vec![o]));
+            }
+            for ln in family.layer_norm_paths() {
+                shapes.push((format!("{p}.{ln}.weight"), vec![h]));
+                shapes.push((format!("{p}.{ln}.bias"), vec![h]));
+            }
+        }
+        shapes
     }
 
     /// A model of the given shape with random weights (normal(0, 0.02), LayerNorm 1/0), for
@@ -420,47 +517,12 @@ impl BertForSequenceClassification {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        let c = &config;
-        let (h, f) = (c.hidden_size, c.intermediate_size);
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            (
-                "embeddings.word_embeddings.weight".into(),
-                vec![c.vocab_size, h],
-            ),
-            (
-                "embeddings.position_embeddings.weight".into(),
-                vec![c.max_position_embeddings, h],
-            ),
-            (
-                "embeddings.token_type_embeddings.weight".into(),
-                vec![c.type_vocab_size, h],
-            ),
-            ("embeddings.LayerNorm.weight".into(), vec![h]),
-            ("embeddings.LayerNorm.bias".into(), vec![h]),
-            ("pooler.dense.weight".into(), vec![h, h]),
-            ("pooler.dense.bias".into(), vec![h]),
-        ];
-        for i in 0..c.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
-            for s in Site::ALL {
-                let (o, inp) = match s {
-                    Site::Intermediate => (f, h),
-                    Site::Output => (h, f),
-                    _ => (h, h),
-                };
-                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
-                shapes.push((format!("{p}.{}.bias", s.path()), vec![o]));
-            }
-            for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-                shapes.push((format!("{p}.{ln}.weight"), vec![h]));
-                shapes.push((format!("{p}.{ln}.bias"), vec![h]));
-            }
-        }
         let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
         let mut tensors = std::collections::HashMap::new();
-        for (name, shape) in shapes {
+        for (name, shape) in Self::checkpoint_shapes(&config) {
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = if name.contains("LayerNorm") {
+            let norm = ["LayerNorm", "layer_norm"].iter().any(|l| name.contains(l));
+            let v: Vec<f32> = if norm {
                 vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
             } else if name.ends_with("bias") {
                 vec![0.0; n]
@@ -699,24 +761,43 @@ impl AdaptedStack for BertForSequenceClassification {
         &mut self.layers
     }
 
+    /// The classifier's weight and bias, then the dense layer's when it trains.
     fn head_tensors(&self) -> Vec<(HeadParam, Tensor)> {
-        let c = &self.head.classifier;
-        let mut v: Vec<(HeadParam, Tensor)> = c
-            .weight
-            .as_dense()
-            .map(|w| (HeadParam::ClassifierWeight, w.clone()))
-            .into_iter()
-            .collect();
-        if let Some(b) = &c.bias {
-            v.push((HeadParam::ClassifierBias, b.clone()));
+        let (c, d) = (&self.head.classifier, &self.head.dense);
+        let mut v = Vec::new();
+        let mut push = |l: &Linear, w: HeadParam, b: HeadParam| {
+            if let Some(t) = l.weight.as_dense() {
+                v.push((w, t.clone()));
+            }
+            if let Some(t) = &l.bias {
+                v.push((b, t.clone()));
+            }
+        };
+        push(c, HeadParam::ClassifierWeight, HeadParam::ClassifierBias);
+        if self.head.dense_trains {
+            push(d, HeadParam::DenseWeight, HeadParam::DenseBias);
         }
         v
     }
 
     fn head_tensor_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
+        let head = &mut self.head;
         match key {
-            HeadParam::ClassifierWeight => self.head.classifier.weight.as_dense_mut(),
-            HeadParam::ClassifierBias => self.head.classifier.bias.as_mut(),
+            HeadParam::ClassifierWeight => head.classifier.weight.as_dense_mut(),
+            HeadParam::ClassifierBias => head.classifier.bias.as_mut(),
+            HeadParam::DenseWeight if head.dense_trains => head.dense.weight.as_dense_mut(),
+            HeadParam::DenseBias if head.dense_trains => head.dense.bias.as_mut(),
+            _ => None,
+        }
+    }
+
+    fn head_tensor_path(&self, key: HeadParam) -> Option<&'static str> {
+        let spec = self.config.family().head();
+        match key {
+            HeadParam::ClassifierWeight | HeadParam::ClassifierBias => Some(spec.out),
+            HeadParam::DenseWeight | HeadParam::DenseBias => {
+                self.head.dense_trains.then_some(spec.dense)
+            }
         }
     }
 }

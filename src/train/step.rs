@@ -114,6 +114,10 @@ pub fn forward_backward(
     }
     grads.push((ParamId::Head(HeadParam::ClassifierWeight), g.head.weight));
     grads.push((ParamId::Head(HeadParam::ClassifierBias), g.head.bias));
+    if let Some(d) = g.head.dense {
+        grads.push((ParamId::Head(HeadParam::DenseWeight), d.weight));
+        grads.push((ParamId::Head(HeadParam::DenseBias), d.bias));
+    }
     Ok(StepOutput { loss, grads })
 }
 
@@ -174,15 +178,12 @@ mod tests {
                 .unwrap()
         };
         let mut rng = StdRng::seed_from_u64(0);
-        let mut m =
-            BertForSequenceClassification::load(&dir, 3, DType::F64, &cpu, &mut rng).unwrap();
-        // The loader starts a new classifier; the fixture's trained one is put in its place.
+        let m = BertForSequenceClassification::load(&dir, 3, DType::F64, &cpu, &mut rng).unwrap();
+        // The loader takes the fixture's trained classifier (3 labels, as asked).
         let w = candle_core::safetensors::load(dir.join("model.safetensors"), &cpu).unwrap();
-        let dtype = m.head.classifier.weight.dense().unwrap().dtype();
-        m.head.classifier = crate::nn::linear::Linear::new(
-            w["classifier.weight"].to_dtype(dtype).unwrap(),
-            Some(w["classifier.bias"].to_dtype(dtype).unwrap()),
-        );
+        let loaded = m.head.classifier.weight.dense().unwrap().into_owned();
+        let stored = w["classifier.weight"].to_dtype(DType::F64).unwrap();
+        assert_eq!(crate::nn::gradcheck::max_abs_diff(&loaded, &stored), 0.0);
         let want = &r["logits"];
         let logits = |mask: Vec<u32>| -> Tensor {
             let b = Batch {
@@ -323,6 +324,7 @@ mod dtype_tests {
             pad_token_id: 0,
             model_type: None,
             relative_attention_num_buckets: 32,
+            classifier_dropout: None,
         };
         let mut rng = StdRng::seed_from_u64(3);
         let mut m =
@@ -368,7 +370,7 @@ mod dtype_tests {
             DType::BF16
         );
         assert_eq!(m16.adapter(0, Site::Query).unwrap().a.dtype(), DType::F32);
-        assert_eq!(m16.head.pooler.weight.dtype(), DType::F32);
+        assert_eq!(m16.head.dense.weight.dtype(), DType::F32);
         assert_eq!(m16.head.classifier.weight.dtype(), DType::F32);
         let run = |m: &BertForSequenceClassification| {
             let mut rng = StdRng::seed_from_u64(9);
