@@ -1,4 +1,4 @@
-"""Writes tiny Hugging Face checkpoints with transformers itself, plus reference logits, for
+"""Writes tiny Hugging Face checkpoints with transformers itself, plus reference outputs, for
 safetensune's loader tests (tests/fixtures/hf/). Run where transformers and torch are installed:
 
     python3 scripts/hf_fixtures.py OUT_DIR [NAME ...]   (default: every fixture)
@@ -156,3 +156,109 @@ def write_mpnet(name):
 
 
 write_mpnet("mpnet-padded")
+
+
+# RoBERTa and DistilBERT for sequence classification (3 labels, the checkpoint's own head), each
+# with a tokenizer trained here by the `tokenizers` library on CORPUS (RoBERTa: byte-level BPE,
+# <s>=0 <pad>=1 </s>=2; DistilBERT: lower-cased WordPiece, [PAD]=0) and saved as tokenizer.json.
+# The reference batch is TEXTS encoded by that tokenizer (cut at MAX_LENGTH tokens), the second row
+# right-padded with the pad id; reference.safetensors holds input_ids, attention_mask, the float64
+# last hidden state (`hidden`) and classification `logits`; reference.json the texts and the cut.
+CORPUS = [
+    "the match ended in a draw after a late goal from the visiting side",
+    "shares fell sharply as the bank reported lower profits for the quarter",
+    "the new phone has a faster chip and a brighter screen than last year",
+    "voters will choose a new parliament in the election next month",
+    "the film won three awards for its music, cast and direction",
+    "heavy rain is expected across the north with strong winds by the evening",
+    "the striker scored twice and the coach praised the young defenders",
+    "the company plans to open ten new stores and hire hundreds of staff",
+    "scientists found water ice in a crater near the south pole of the moon",
+    "the minister said the budget would cut taxes for small firms",
+    "a quiet, charming story about two friends who open a bakery",
+    "the team lost the final, 2-1, despite a strong start",
+] * 4
+TEXTS = [
+    "the striker scored a late goal and the team won the final",
+    "rain expected",
+]
+MAX_LENGTH = 24
+
+
+def byte_bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=1, show_progress=False,
+                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(CORPUS, trainer)
+    ids = [t.token_to_id(s) for s in ["<s>", "<pad>", "</s>"]]
+    assert ids == [0, 1, 2], ids
+    t.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
+                                                    add_prefix_space=False)
+    return t, 1
+
+
+def wordpiece_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    t = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    t.normalizer = normalizers.BertNormalizer(lowercase=True)
+    t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    t.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=120, show_progress=False,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    t.train_from_iterator(CORPUS, trainer)
+    assert t.token_to_id("[PAD]") == 0
+    t.post_processor = processors.BertProcessing(("[SEP]", t.token_to_id("[SEP]")),
+                                                 ("[CLS]", t.token_to_id("[CLS]")))
+    return t, 0
+
+
+def write_classifier(name, make_tokenizer, make_model):
+    if only and name not in only:
+        return
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+    tok, pad = make_tokenizer()
+    model = make_model(tok.get_vocab_size(), pad)
+    randomize(model)
+    model.eval()
+    model.save_pretrained(d)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    tok.enable_truncation(MAX_LENGTH)
+    tok.enable_padding(pad_id=pad, pad_token=tok.id_to_token(pad))
+    enc = tok.encode_batch(TEXTS)
+    ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
+    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)
+    assert (mask[1] == 0).any() and (mask[0] == 1).all(), mask
+    assert (ids[mask == 0] == pad).all()
+    ref = model.to(torch.float64)
+    with torch.no_grad():
+        o = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous(),
+               "hidden": o.hidden_states[-1].contiguous(), "logits": o.logits.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump({"texts": TEXTS, "max_length": MAX_LENGTH}, f, indent=1)
+    print("==", name, sorted(os.listdir(d)), ids.tolist(), o.logits)
+    print(open(os.path.join(d, "config.json")).read())
+
+
+def roberta(vocab, pad):
+    c = cfg(transformers.RobertaConfig, vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+            type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=pad, bos_token_id=0,
+            eos_token_id=2, num_labels=3)
+    return transformers.RobertaForSequenceClassification(c)
+
+
+def distilbert(vocab, pad):
+    c = cfg(transformers.DistilBertConfig, vocab_size=vocab, dim=32, n_layers=2, n_heads=4,
+            hidden_dim=64, max_position_embeddings=64, pad_token_id=pad, num_labels=3)
+    return transformers.DistilBertForSequenceClassification(c)
+
+
+write_classifier("roberta-padded", byte_bpe_tokenizer, roberta)
+write_classifier("distilbert-padded", wordpiece_tokenizer, distilbert)

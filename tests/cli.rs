@@ -1919,7 +1919,7 @@ fn train_lm_says_when_the_step_cap_is_in_force() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Extractive question answering (--task qa)
+// 5. Extractive question answering (--task qa)
 // ---------------------------------------------------------------------------------------------
 
 fn squad_fixture() -> PathBuf {
@@ -2097,6 +2097,40 @@ fn qa_bad_record_is_named() {
     assert_clean_error(&out, &["bad.json", "qas[0] (id 'q1')", "answer_start 2"]);
 }
 
+/// `--task qa` on a RoBERTa or DistilBERT model (transformers' fixtures) is refused at load, the
+/// error naming the family, and nothing is written.
+#[test]
+fn qa_refuses_roberta_and_distilbert() {
+    let sb = Sandbox::new();
+    for (fixture, family) in [
+        ("roberta-padded", "roberta"),
+        ("distilbert-padded", "distilbert"),
+    ] {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf")
+            .join(fixture);
+        let out_dir = sb.path(fixture);
+        let out = sb.run(&[
+            "train",
+            "--task",
+            "qa",
+            "--model",
+            s(&model),
+            "--data",
+            s(&squad_fixture()),
+            "--output",
+            s(&out_dir),
+            "--max-length",
+            "48",
+            "--doc-stride",
+            "16",
+            "--quiet",
+        ]);
+        assert_clean_error(&out, &["--task qa", family]);
+        assert!(!out_dir.join("adapter_config.json").exists());
+    }
+}
+
 /// MiniLM on the SQuAD fixture, a few steps with SAFE (under a memory budget that makes the plan
 /// split the batch or checkpoint) and with plain LoRA: both write the QA outputs.
 #[test]
@@ -2148,5 +2182,168 @@ fn qa_minilm_safe_and_lora() {
             let checkpointed = !p["checkpointed"].as_array().unwrap().is_empty();
             assert!(est <= 40_000_000 && (split || checkpointed), "{p}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. RoBERTa and DistilBERT written by transformers (scripts/hf_fixtures.py)
+// ---------------------------------------------------------------------------------------------
+
+/// One family's expectations: its fixture, the adapted module paths of layer 0 under PEFT's
+/// `base_model.model.`, its head's keys (the classifier first), `modules_to_save`, class, and the
+/// merged name of layer 0's query weight.
+struct FamilyCase {
+    fixture: &'static str,
+    layer0: &'static str,
+    targets: [&'static str; 2],
+    sites: [&'static str; 2],
+    /// Every linear of a layer, as `all-linear` is written.
+    all: [&'static str; 6],
+    head: [&'static str; 4],
+    modules_to_save: &'static [&'static str],
+    architecture: &'static str,
+}
+
+const FAMILIES: [FamilyCase; 2] = [
+    FamilyCase {
+        fixture: "roberta-padded",
+        layer0: "roberta.encoder.layer",
+        targets: ["query", "value"],
+        sites: ["attention.self.query", "attention.self.value"],
+        all: [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ],
+        head: [
+            "classifier.out_proj.weight",
+            "classifier.out_proj.bias",
+            "classifier.dense.weight",
+            "classifier.dense.bias",
+        ],
+        modules_to_save: &["classifier"],
+        architecture: "RobertaForSequenceClassification",
+    },
+    FamilyCase {
+        fixture: "distilbert-padded",
+        layer0: "distilbert.transformer.layer",
+        targets: ["q_lin", "v_lin"],
+        sites: ["attention.q_lin", "attention.v_lin"],
+        all: [
+            "attention.q_lin",
+            "attention.k_lin",
+            "attention.v_lin",
+            "attention.out_lin",
+            "ffn.lin1",
+            "ffn.lin2",
+        ],
+        head: [
+            "classifier.weight",
+            "classifier.bias",
+            "pre_classifier.weight",
+            "pre_classifier.bias",
+        ],
+        modules_to_save: &["classifier", "pre_classifier"],
+        architecture: "DistilBertForSequenceClassification",
+    },
+];
+
+/// A short SAFE run on each transformers-written classifier (2 layers; the data's 2 classes
+/// give a new classifier in place of the checkpoint's 3-way one) writes an adapter with PEFT's
+/// keys for the family: the family's default targets in its module paths, its head as
+/// `modules_to_save`. `export` writes the same adapter, `eval` scores it, and `merge` writes the
+/// family's sequence classifier (prefixed names, the adapter's head, `architectures`). A run with
+/// `--target-modules all-linear` under a memory budget writes the six linears' paths.
+#[test]
+fn roberta_and_distilbert_train_export_eval_and_merge() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in &FAMILIES {
+        let sb = Sandbox::new();
+        let model = repo.join("tests/fixtures/hf").join(f.fixture);
+        let data = tiny_csv(&sb.path("data.csv"));
+        let out = sb.path("out");
+        let flags = ["--epochs", "1", "--method", "safe"];
+        sb.run_ok(&train_args(&model, &data, &out, &flags));
+
+        let cfg = read_json(&out.join("adapter_config.json"));
+        assert_eq!(cfg["target_modules"], serde_json::json!(f.targets));
+        assert_eq!(cfg["modules_to_save"], serde_json::json!(f.modules_to_save));
+        assert_eq!(cfg["task_type"], "SEQ_CLS");
+        let tensors = load_tensors(&out.join("adapter_model.safetensors"));
+        let mut want: Vec<String> = Vec::new();
+        for layer in 0..2 {
+            for site in f.sites {
+                for m in ["A", "B"] {
+                    want.push(format!(
+                        "base_model.model.{}.{layer}.{site}.lora_{m}.weight",
+                        f.layer0
+                    ));
+                }
+            }
+        }
+        want.extend(f.head.iter().map(|k| format!("base_model.model.{k}")));
+        want.sort();
+        let mut keys: Vec<String> = tensors.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, want, "{}", f.fixture);
+        let classifier = &tensors[&format!("base_model.model.{}", f.head[0])];
+        assert_eq!(classifier.dims(), [2, 32]);
+
+        let exported = sb.path("exported");
+        sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
+        assert_same_tensors(
+            &exported.join("adapter_model.safetensors"),
+            &out.join("adapter_model.safetensors"),
+        );
+        let o = sb.run_ok(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&out),
+            "--data",
+            s(&data),
+            "--split",
+            "all",
+        ]);
+        let scores: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(scores["metric"].as_f64().is_some(), "{scores}");
+
+        let merged = sb.path("merged");
+        let args = ["merge", "--model", s(&model), "--adapter", s(&out)];
+        sb.run_ok(&[&args[..], &["--output", s(&merged)]].concat());
+        let m = load_tensors(&merged.join("model.safetensors"));
+        let query = format!("{}.0.{}.weight", f.layer0, f.sites[0]);
+        assert!(m.contains_key(&query), "{}: no {query}", f.fixture);
+        for k in f.head {
+            assert!(m.contains_key(k), "{}: no {k}", f.fixture);
+        }
+        assert_eq!(m[f.head[0]].dims(), [2, 32]);
+        let config = read_json(&merged.join("config.json"));
+        assert_eq!(config["architectures"][0], f.architecture);
+        let mut labels = [&config["id2label"]["0"], &config["id2label"]["1"]];
+        labels.sort_by_key(|v| v.to_string());
+        assert_eq!(labels, ["neg", "pos"], "{config}");
+        assert!(merged.join("tokenizer.json").is_file());
+
+        let all = sb.path("all");
+        let flags = [
+            "--epochs",
+            "1",
+            "--target-modules",
+            "all-linear",
+            "--memory-budget",
+            "1GB",
+            "--gradient-checkpointing",
+        ];
+        sb.run_ok(&train_args(&model, &data, &all, &flags));
+        let cfg = read_json(&all.join("adapter_config.json"));
+        assert_eq!(cfg["target_modules"], serde_json::json!(f.all));
+        let tensors = load_tensors(&all.join("adapter_model.safetensors"));
+        assert_eq!(tensors.len(), 2 * 6 * 2 + 4, "{}", f.fixture);
+        assert!(!read_jsonl(&all.join("plan.jsonl")).is_empty());
     }
 }

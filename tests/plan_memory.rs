@@ -48,6 +48,7 @@ fn bert(dropout: f64) -> BertForSequenceClassification {
         pad_token_id: 0,
         model_type: None,
         relative_attention_num_buckets: 32,
+        classifier_dropout: None,
     };
     let mut rng = StdRng::seed_from_u64(1);
     let mut m =

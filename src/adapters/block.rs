@@ -152,6 +152,11 @@ pub trait AdaptedStack {
         None
     }
 
+    /// The module path of a trained head tensor's layer (see [`Adapted::head_path`]).
+    fn head_tensor_path(&self, _key: HeadParam) -> Option<&'static str> {
+        None
+    }
+
     /// The id of the adapter at `site` of layer `layer`.
     fn adapter_id(layer: usize, site: Site<Self>) -> AdapterId {
         AdapterId {
@@ -265,6 +270,10 @@ impl<M: AdaptedStack> Adapted for M {
 
     fn head_param_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
         self.head_tensor_mut(key)
+    }
+
+    fn head_path(&self, key: HeadParam) -> Option<&'static str> {
+        self.head_tensor_path(key)
     }
 }
 

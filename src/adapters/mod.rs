@@ -25,14 +25,36 @@ pub enum LoraMatrix {
     B,
 }
 
-/// A trained tensor beside the adapters.
+/// A trained tensor beside the adapters: the classifier's, and the dense layer's before it
+/// where that trains with it (RoBERTa's `classifier.dense`, DistilBERT's `pre_classifier`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HeadParam {
     ClassifierWeight,
     ClassifierBias,
+    DenseWeight,
+    DenseBias,
     /// Extractive QA's `qa_outputs` (start and end logits).
     QaOutputsWeight,
     QaOutputsBias,
+}
+
+impl HeadParam {
+    pub const ALL: [HeadParam; 6] = [
+        HeadParam::ClassifierWeight,
+        HeadParam::ClassifierBias,
+        HeadParam::DenseWeight,
+        HeadParam::DenseBias,
+        HeadParam::QaOutputsWeight,
+        HeadParam::QaOutputsBias,
+    ];
+
+    /// A bias (else a weight).
+    pub fn is_bias(self) -> bool {
+        matches!(
+            self,
+            HeadParam::ClassifierBias | HeadParam::DenseBias | HeadParam::QaOutputsBias
+        )
+    }
 }
 
 /// A trained tensor: the key of gradients, optimizer state and checkpoints inside the program
@@ -125,6 +147,12 @@ pub trait Adapted {
     }
 
     fn head_param_mut(&mut self, _key: HeadParam) -> Option<&mut Tensor> {
+        None
+    }
+
+    /// The module path of a trained head tensor's layer in the task model (`classifier`,
+    /// RoBERTa's `classifier.out_proj`); None when the model trains no such tensor.
+    fn head_path(&self, _key: HeadParam) -> Option<&'static str> {
         None
     }
 

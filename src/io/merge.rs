@@ -1,10 +1,11 @@
 //! Merging a PEFT LoRA adapter into its base model: a full Hugging Face folder that transformers
-//! loads without PEFT, `BertForSequenceClassification` ([`merge_adapter`]) or a causal LM,
-//! LLaMA family or GPT-2 ([`merge_decoder_adapter`]).
+//! loads without PEFT, an encoder's sequence classifier ([`merge_adapter`]: BERT, RoBERTa, MPNet,
+//! DistilBERT) or a causal LM, LLaMA family or GPT-2 ([`merge_decoder_adapter`]).
 //!
 //! Each adapted linear becomes `W' = W + scaling * B @ A` (computed in f64, stored in `W`'s dtype);
-//! the classifier comes from the adapter (PEFT's `modules_to_save`). Every other base tensor is
-//! copied unchanged (byte for byte), renamed to the `bert.`-prefixed layout transformers expects.
+//! the head comes from the adapter (PEFT's `modules_to_save`). Every other base tensor is
+//! copied unchanged (byte for byte), renamed to the prefixed layout transformers expects
+//! (`bert.`, `roberta.`, ...).
 
 use super::peft::{self, PeftConfig};
 use super::IoError;
@@ -15,15 +16,84 @@ use std::path::{Path, PathBuf};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Tokenizer files copied from the base folder when present.
-pub const TOKENIZER_FILES: [&str; 4] = [
+pub const TOKENIZER_FILES: [&str; 6] = [
     "tokenizer.json",
     "vocab.txt",
+    "vocab.json",
+    "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
 ];
 const PREFIX: &str = "base_model.model.";
-/// Top-level modules of `BertModel`: bare checkpoint names starting with these get `bert.`.
-const BERT_PARTS: [&str; 3] = ["embeddings.", "encoder.", "pooler."];
+
+/// What merging needs to know of an encoder family's names (`model::BertConfig::naming` fills
+/// it from the family's table).
+#[derive(Clone, Debug)]
+pub struct EncoderNaming {
+    /// The base model's prefix in the task model (`bert.`).
+    pub prefix: &'static str,
+    /// The base model's top-level modules its sequence classifier has (`embeddings`, `encoder`):
+    /// a base tensor under one of them is kept, with the prefix; any other that is not of the
+    /// head (another task's head, a pooler the classifier has no use for) is left out.
+    pub base_modules: &'static [&'static str],
+    /// The head's trained layers at the task model's root, the output layer (`[num_labels,
+    /// hidden]`) first: `classifier`; RoBERTa's `classifier.out_proj`, `classifier.dense`. Each
+    /// comes from the adapter, else from the base checkpoint.
+    pub head: Vec<&'static str>,
+    /// transformers' class (`config.json`'s `architectures`).
+    pub architecture: &'static str,
+    /// transformers' question-answering class of the family; None where `--task qa` is not
+    /// supported.
+    pub qa_architecture: Option<&'static str>,
+    pub hidden_size: usize,
+}
+
+impl EncoderNaming {
+    /// The names of the family's `...ForQuestionAnswering`: `qa_outputs` as the head, the same
+    /// base model; an error where the family has no supported QA model.
+    pub fn question_answering(&self) -> Result<Self, String> {
+        let architecture = self.qa_architecture.ok_or_else(|| {
+            format!(
+                "a question-answering adapter (task_type QUESTION_ANS) merges into a BERT or \
+                 MPNet base only, not into this {} one",
+                self.prefix.trim_end_matches('.')
+            )
+        })?;
+        Ok(Self {
+            head: vec![crate::nn::head::QaHead::PATH],
+            architecture,
+            ..self.clone()
+        })
+    }
+
+    /// The name the task model uses for a base checkpoint tensor: a bare base-model name
+    /// (`encoder.layer.0...`) gets the prefix, a head tensor keeps its own; None for a tensor the
+    /// task model does not have.
+    fn out_name(&self, name: &str) -> Option<String> {
+        let under = |name: &str, module: &str| {
+            name.strip_prefix(module)
+                .is_some_and(|rest| rest.starts_with('.'))
+        };
+        if self.head.iter().any(|m| under(name, m)) {
+            return Some(name.to_string());
+        }
+        let bare = name.strip_prefix(self.prefix).unwrap_or(name);
+        self.base_modules
+            .iter()
+            .any(|m| under(bare, m))
+            .then(|| format!("{}{bare}", self.prefix))
+    }
+
+    /// Every head tensor's name (`classifier.weight`, `classifier.bias`, ...).
+    fn head_tensors(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for m in &self.head {
+            v.push(format!("{m}.weight"));
+            v.push(format!("{m}.bias"));
+        }
+        v
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct MergeReport {
@@ -35,19 +105,21 @@ pub struct MergeReport {
 
 /// Writes a full Hugging Face model folder with the LoRA deltas merged into the base weights:
 /// for each adapted linear, `W' = W + scaling * B @ A` (scaling = lora_alpha / r, or
-/// lora_alpha / sqrt(r) with use_rslora), plus the classifier (`base_model.model.classifier.weight`
-/// / `.bias` from the adapter file, saved as `classifier.weight` / `classifier.bias`), so
-/// `transformers.BertForSequenceClassification.from_pretrained(out)` loads it.
-/// Copies config.json with `"architectures": ["BertForSequenceClassification"]` and
-/// `num_labels` / `id2label` / `label2id` set to the classifier's size, and the tokenizer files
-/// present among [`TOKENIZER_FILES`]. A question-answering adapter (`task_type` `QUESTION_ANS`)
-/// gives `BertForQuestionAnswering` instead: its `qa_outputs` (`[2, hidden]`) in place of the
-/// classifier, `"architectures": ["BertForQuestionAnswering"]` (the base's pooler is kept;
-/// transformers' QA model does not use it).
+/// lora_alpha / sqrt(r) with use_rslora), plus the head layers `naming` lists (from the adapter,
+/// `base_model.model.classifier.weight` / `.bias` saved as `classifier.weight` /
+/// `classifier.bias`; else the base's), so transformers' sequence classifier of the family
+/// (`naming.architecture`, e.g. `BertForSequenceClassification`) loads it with
+/// `from_pretrained(out)`. Copies config.json with that `architectures` and `num_labels` /
+/// `id2label` / `label2id` set to the classifier's size, and the tokenizer files present among
+/// [`TOKENIZER_FILES`]. A question-answering adapter (`task_type` `QUESTION_ANS`) gives the
+/// family's `...ForQuestionAnswering` instead ([`EncoderNaming::question_answering`]): its
+/// `qa_outputs` (`[2, hidden]`) in place of the classifier (BERT's pooler is kept; transformers'
+/// QA model does not use it).
 pub fn merge_adapter(
     base_dir: &Path,
     adapter_dir: &Path,
     out_dir: &Path,
+    naming: &EncoderNaming,
 ) -> Result<MergeReport, IoError> {
     let base_file = base_dir.join(WEIGHTS_FILE);
     let base_config = base_dir.join("config.json");
@@ -66,7 +138,7 @@ pub fn merge_adapter(
     if cfg.fan_in_fan_out {
         return Err(invalid(
             &adapter_dir.join(peft::CONFIG_FILE),
-            "fan_in_fan_out = true is not supported (BERT linears store W as [out, in])",
+            "fan_in_fan_out = true is not supported (encoder linears store W as [out, in])",
         ));
     }
     if same_dir(base_dir, out_dir) {
@@ -78,8 +150,15 @@ pub fn merge_adapter(
 
     // The head PEFT saved beside the adapters: a classifier, or extractive QA's `qa_outputs`.
     let qa = cfg.task_type.as_deref() == Some("QUESTION_ANS");
-    let head = if qa { "qa_outputs" } else { "classifier" };
-    let (head_w, head_b) = (format!("{head}.weight"), format!("{head}.bias"));
+    let qa_naming;
+    let naming = if qa {
+        qa_naming = naming
+            .question_answering()
+            .map_err(|m| invalid(&adapter_dir.join(peft::CONFIG_FILE), &m))?;
+        &qa_naming
+    } else {
+        naming
+    };
     let base = load(&base_file)?;
     let adapter = load_adapter(&adapter_file)?;
     let mut config: serde_json::Value = read_json(&base_config)?;
@@ -91,10 +170,9 @@ pub fn merge_adapter(
         if name.ends_with("position_ids") {
             continue;
         }
-        let o = out_name(&name);
-        if o.starts_with("classifier.") || o.starts_with("qa_outputs.") {
-            continue; // replaced by the adapter's head
-        }
+        let Some(o) = naming.out_name(&name) else {
+            continue;
+        };
         if let Some(prev) = source.insert(o.clone(), name.clone()) {
             return Err(invalid(
                 &base_file,
@@ -106,20 +184,18 @@ pub fn merge_adapter(
 
     // The LoRA modules: `<module>.lora_A.weight` / `<module>.lora_A.default.weight`.
     let mut merged_modules = 0;
-    let modules = lora_modules(
-        &adapter,
-        &adapter_file,
-        &cfg,
-        &[head_w.as_str(), head_b.as_str()],
-    )?;
+    let head = naming.head_tensors();
+    let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
+    let modules = lora_modules(&adapter, &adapter_file, &cfg, &head_refs)?;
     for module in modules {
-        let target = out_name(&format!("{module}.weight"));
+        let name = format!("{module}.weight");
+        let target = naming.out_name(&name).unwrap_or(name.clone());
         let w = out.get(&target).ok_or_else(|| IoError::MissingTensor {
             path: base_file.clone(),
-            name: format!("{module}.weight"),
+            name: name.clone(),
             tried: format!(
                 "'{target}' and '{}' for LoRA module '{module}' of {}",
-                target.strip_prefix("bert.").unwrap_or(&target),
+                target.strip_prefix(naming.prefix).unwrap_or(&target),
                 adapter_file.display()
             ),
         })?;
@@ -136,46 +212,44 @@ pub fn merge_adapter(
         merged_modules += 1;
     }
 
-    // The classifier (or qa_outputs).
-    let cw_name = format!("{PREFIX}{head_w}");
-    let cb_name = format!("{PREFIX}{head_b}");
-    let missing = |name: &str| IoError::MissingTensor {
-        path: adapter_file.clone(),
-        name: name.into(),
-        tried: format!("the {head} PEFT saves as modules_to_save"),
-    };
-    let cw = adapter.get(&cw_name).ok_or_else(|| missing(&cw_name))?;
-    let cb = adapter.get(&cb_name).ok_or_else(|| missing(&cb_name))?;
-    let hidden = config
-        .get("hidden_size")
-        .and_then(|h| h.as_u64())
-        .map(|h| h as usize);
-    let num_labels = match (cw.dims(), hidden) {
-        ([k, h], Some(hs)) if *h == hs => *k,
-        ([k, _], None) => *k,
-        _ => {
-            let k = cw.dims().first().copied().unwrap_or(0);
-            return Err(wrong_shape(
-                &adapter_file,
-                &cw_name,
-                cw,
-                &[k, hidden.unwrap_or(0)],
-            ));
+    // The head: each tensor from the adapter, else the base's. The output layer's rows are the
+    // labels; the other layers are hidden-wide.
+    let h = naming.hidden_size;
+    let mut num_labels = 0;
+    for (i, module) in naming.head.iter().enumerate() {
+        for bias in [false, true] {
+            let name = format!("{module}.{}", if bias { "bias" } else { "weight" });
+            let key = format!("{PREFIX}{name}");
+            let (t, file, shown) = match (adapter.get(&key), out.get(&name)) {
+                (Some(t), _) => (t.clone(), &adapter_file, key),
+                (None, Some(t)) => (t.clone(), &base_file, name.clone()),
+                (None, None) => {
+                    return Err(IoError::MissingTensor {
+                        path: adapter_file.clone(),
+                        name: key,
+                        tried: format!(
+                            "the head PEFT saves as modules_to_save, and '{name}' in {}",
+                            base_file.display()
+                        ),
+                    })
+                }
+            };
+            if i == 0 && !bias {
+                num_labels = t.dims().first().copied().unwrap_or(0);
+            }
+            let rows = if i == 0 { num_labels.max(1) } else { h };
+            let want = if bias { vec![rows] } else { vec![rows, h] };
+            if t.dims() != want.as_slice() {
+                return Err(wrong_shape(file, &shown, &t, &want));
+            }
+            out.insert(name, t);
         }
-    };
+    }
     if qa && num_labels != 2 {
-        return Err(wrong_shape(
-            &adapter_file,
-            &cw_name,
-            cw,
-            &[2, hidden.unwrap_or(0)],
-        ));
+        let name = format!("{PREFIX}{}.weight", naming.head[0]);
+        let t = &out[&format!("{}.weight", naming.head[0])];
+        return Err(wrong_shape(&adapter_file, &name, t, &[2, h]));
     }
-    if cb.dims() != [num_labels] {
-        return Err(wrong_shape(&adapter_file, &cb_name, cb, &[num_labels]));
-    }
-    out.insert(head_w.clone(), cw.clone());
-    out.insert(head_b.clone(), cb.clone());
 
     // Write: weights, config, tokenizer.
     std::fs::create_dir_all(out_dir).map_err(|e| invalid(out_dir, &e.to_string()))?;
@@ -188,7 +262,7 @@ pub fn merge_adapter(
     if qa {
         obj.insert(
             "architectures".into(),
-            serde_json::json!(["BertForQuestionAnswering"]),
+            serde_json::json!([naming.architecture]),
         );
         return finish(&config, base_dir, out_dir, merged_modules, out_file);
     }
@@ -220,7 +294,7 @@ pub fn merge_adapter(
         .collect();
     obj.insert(
         "architectures".into(),
-        serde_json::json!(["BertForSequenceClassification"]),
+        serde_json::json!([naming.architecture]),
     );
     obj.insert("num_labels".into(), num_labels.into());
     obj.insert("id2label".into(), id2label.into());
@@ -489,16 +563,6 @@ fn check_plain_lora(path: &Path) -> Result<(), IoError> {
     Ok(())
 }
 
-/// The name transformers' `BertForSequenceClassification` uses for a base checkpoint tensor:
-/// bare `BertModel` names (`encoder.layer.0...`) get `bert.`; everything else is kept.
-fn out_name(name: &str) -> String {
-    if BERT_PARTS.iter().any(|p| name.starts_with(p)) {
-        format!("bert.{name}")
-    } else {
-        name.to_string()
-    }
-}
-
 fn lora_tensor<'a>(
     adapter: &'a HashMap<String, Tensor>,
     file: &Path,
@@ -704,6 +768,13 @@ mod tests {
         (base, adapter)
     }
 
+    /// The fixture's family names (BERT), as `safetune merge` reads them from its config.
+    fn naming(base: &Path) -> EncoderNaming {
+        crate::model::BertConfig::from_file(&base.join("config.json"))
+            .unwrap()
+            .naming()
+    }
+
     fn raw(path: &Path) -> (Vec<u8>, Option<HashMap<String, String>>) {
         let bytes = std::fs::read(path).unwrap();
         let meta = safetensors::SafeTensors::read_metadata(&bytes)
@@ -746,7 +817,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R, false);
         let out = dir.path().join("merged");
-        let report = merge_adapter(&base, &adapter, &out).unwrap();
+        let report = merge_adapter(&base, &adapter, &out, &naming(&base)).unwrap();
         assert_eq!(report.merged_modules, 2);
         assert_eq!(report.out_file, out.join(WEIGHTS_FILE));
 
@@ -837,14 +908,14 @@ mod tests {
         };
         crate::io::labels::save(&adapter, &labels(&["sport", "tech", "politics"])).unwrap();
         let named = dir.path().join("merged-named");
-        merge_adapter(&base, &adapter, &named).unwrap();
+        merge_adapter(&base, &adapter, &named, &naming(&base)).unwrap();
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(named.join("config.json")).unwrap())
                 .unwrap();
         assert_eq!(cfg["id2label"]["2"], "politics");
         assert_eq!(cfg["label2id"]["tech"], 1);
         crate::io::labels::save(&adapter, &labels(&["sport", "tech"])).unwrap();
-        let e = merge_adapter(&base, &adapter, &dir.path().join("m3")).unwrap_err();
+        let e = merge_adapter(&base, &adapter, &dir.path().join("m3"), &naming(&base)).unwrap_err();
         assert!(e.to_string().contains(crate::io::labels::FILE), "{e}");
     }
 
@@ -853,7 +924,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R, true);
         let out = dir.path().join("merged");
-        merge_adapter(&base, &adapter, &out).unwrap();
+        merge_adapter(&base, &adapter, &out, &naming(&base)).unwrap();
         let (merged, _) = raw(&out.join(WEIGHTS_FILE));
         let (_, _, data) = data_of(&merged, "bert.encoder.layer.0.attention.self.query.weight");
         let s = 8.0 / (R as f64).sqrt();
@@ -866,7 +937,8 @@ mod tests {
     fn rank_mismatch_names_file_and_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R + 1, false);
-        let err = merge_adapter(&base, &adapter, &dir.path().join("merged")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("merged"), &naming(&base)).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, IoError::WrongShape { .. }), "{msg}");
         assert!(msg.contains("adapter_model.safetensors"), "{msg}");
@@ -888,7 +960,8 @@ mod tests {
         a.insert(format!("{stem}.lora_A.weight"), t(&[R, H], 1.0));
         a.insert(format!("{stem}.lora_B.weight"), t(&[H, R], 1.0));
         candle_core::safetensors::save(&a, &path).unwrap();
-        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("m"), &naming(&base)).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, IoError::MissingTensor { .. }), "{msg}");
         assert!(
@@ -915,7 +988,7 @@ mod tests {
             a.insert(key.clone(), bad);
             candle_core::safetensors::save(&a, &path).unwrap();
             let out = dir.path().join("merged");
-            let msg = merge_adapter(&base, &adapter, &out)
+            let msg = merge_adapter(&base, &adapter, &out, &naming(&base))
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -941,7 +1014,7 @@ mod tests {
         );
         candle_core::safetensors::save(&b, &path).unwrap();
         let out = dir.path().join("merged");
-        let msg = merge_adapter(&base, &adapter, &out)
+        let msg = merge_adapter(&base, &adapter, &out, &naming(&base))
             .unwrap_err()
             .to_string();
         assert!(
@@ -960,7 +1033,8 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         cfg["alpha_pattern"] = serde_json::json!({"query": 16});
         std::fs::write(&path, cfg.to_string()).unwrap();
-        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("m"), &naming(&base)).unwrap_err();
         assert!(err.to_string().contains("alpha_pattern"), "{err}");
     }
 
@@ -969,13 +1043,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base, adapter) = fixture(dir.path(), R, false);
         std::fs::remove_file(adapter.join(peft::WEIGHTS_FILE)).unwrap();
-        let err = merge_adapter(&base, &adapter, &dir.path().join("m")).unwrap_err();
+        let err =
+            merge_adapter(&base, &adapter, &dir.path().join("m"), &naming(&base)).unwrap_err();
         assert!(
             err.to_string().contains("adapter_model.safetensors"),
             "{err}"
         );
-        let err =
-            merge_adapter(&dir.path().join("nope"), &adapter, &dir.path().join("m")).unwrap_err();
+        let err = merge_adapter(
+            &dir.path().join("nope"),
+            &adapter,
+            &dir.path().join("m"),
+            &naming(&base),
+        )
+        .unwrap_err();
         assert!(matches!(err, IoError::Missing { .. }), "{err}");
     }
 
@@ -1060,68 +1140,90 @@ mod tests {
         }
     }
 
-    /// A question-answering adapter merges into a `BertForQuestionAnswering` folder: the base with
-    /// the deltas merged and the adapter's `qa_outputs` gives the adapted model's start / end
-    /// logits, and its config names the QA architecture (the base's classifier is dropped).
+    /// A question-answering adapter merges into the family's `...ForQuestionAnswering` folder
+    /// (BERT and MPNet): the base with the deltas merged and the adapter's `qa_outputs` gives
+    /// the adapted model's start / end logits when loaded back, and its config names the QA
+    /// architecture (no classifier, the base model's names under the family's prefix).
     #[test]
     fn merged_qa_model_gives_the_adapted_span_logits() {
         use crate::adapters::LoraConfig;
         use crate::model::BertForQuestionAnswering;
         use rand::SeedableRng;
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/bert-padded");
-        let cpu = Device::Cpu;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let mut m = BertForQuestionAnswering::load(&base, DType::F32, &cpu, &mut rng).unwrap();
-        let lora = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            target_modules: vec!["query".into(), "value".into()],
-            ..LoraConfig::default()
-        };
-        let n = m.add_lora(&lora, None, &mut rng).unwrap();
-        for (k, (l, site)) in m.adapter_sites().into_iter().enumerate() {
-            let a = m.adapter_mut(l, site).unwrap();
-            a.b = (t(a.b.dims(), 0.3 + k as f32) * 0.2).unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let adapter = dir.path().join("adapter");
-        peft::save(&adapter, &m, &lora, "bert-padded").unwrap();
-        let out = dir.path().join("merged");
-        let report = merge_adapter(&base, &adapter, &out).unwrap();
-        assert_eq!(report.merged_modules, n);
-        let cfg: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-        assert_eq!(cfg["architectures"][0], "BertForQuestionAnswering");
-        let written = load(&out.join(WEIGHTS_FILE)).unwrap();
-        assert!(!written.keys().any(|k| k.starts_with("classifier.")));
-        assert_eq!(written["qa_outputs.weight"].dims(), &[2, 32]);
+        let cases = [
+            (
+                "bert-padded",
+                "BertForQuestionAnswering",
+                ["query", "value"],
+                "bert.",
+            ),
+            (
+                "mpnet-padded",
+                "MPNetForQuestionAnswering",
+                ["q", "v"],
+                "mpnet.",
+            ),
+        ];
+        for (fixture, architecture, targets, prefix) in cases {
+            let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hf")
+                .join(fixture);
+            let cpu = Device::Cpu;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+            let mut m = BertForQuestionAnswering::load(&base, DType::F32, &cpu, &mut rng).unwrap();
+            let lora = LoraConfig {
+                r: 2,
+                alpha: 4.0,
+                target_modules: targets.map(String::from).to_vec(),
+                ..LoraConfig::default()
+            };
+            let n = m.add_lora(&lora, None, &mut rng).unwrap();
+            assert!(n > 0, "{fixture}");
+            for (k, (l, site)) in m.adapter_sites().into_iter().enumerate() {
+                let a = m.adapter_mut(l, site).unwrap();
+                a.b = (t(a.b.dims(), 0.3 + k as f32) * 0.2).unwrap();
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let adapter = dir.path().join("adapter");
+            peft::save(&adapter, &m, &lora, fixture).unwrap();
+            let out = dir.path().join("merged");
+            let report = merge_adapter(&base, &adapter, &out, &naming(&base)).unwrap();
+            assert_eq!(report.merged_modules, n);
+            let cfg: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+            assert_eq!(cfg["architectures"][0], architecture);
+            let written = load(&out.join(WEIGHTS_FILE)).unwrap();
+            assert!(!written.keys().any(|k| k.starts_with("classifier.")));
+            assert!(written
+                .keys()
+                .all(|k| k.starts_with(prefix) || k.starts_with("qa_outputs.")));
+            assert_eq!(written["qa_outputs.weight"].dims(), &[2, 32]);
 
-        // The merged folder, its qa_outputs put in place of the loader's new one.
-        let mut merged = BertForQuestionAnswering::load(&out, DType::F32, &cpu, &mut rng).unwrap();
-        merged.head.qa_outputs = crate::nn::linear::Linear::new(
-            written["qa_outputs.weight"].clone(),
-            Some(written["qa_outputs.bias"].clone()),
-        );
-        let mut plain = merged.clone();
-        plain.layers = BertForQuestionAnswering::load(&base, DType::F32, &cpu, &mut rng)
-            .unwrap()
-            .layers;
-        let b = crate::data::batch::pad_rows(
-            &[(&[2u32, 17, 5, 9, 30, 3][..], &[0u32, 0, 0, 1, 1, 1][..])],
-            0,
-        );
-        let tensors = crate::train::step::to_tensors(&b, DType::F32, &cpu).unwrap();
-        let logits = |x: &BertForQuestionAnswering| {
-            crate::nn::Pass::inference(|pass| x.forward_eval(&tensors, pass)).unwrap()
-        };
-        let want = logits(&m);
-        let diff = crate::nn::gradcheck::max_abs_diff(&logits(&merged), &want);
-        let effect = crate::nn::gradcheck::max_abs_diff(&logits(&plain), &want);
-        assert!(
-            diff < 1e-4,
-            "merged vs adapted span logits differ by {diff}"
-        );
-        assert!(effect > 1e-3, "the adapter must matter ({effect})");
+            // The merged folder loads with its own qa_outputs.
+            let merged = BertForQuestionAnswering::load(&out, DType::F32, &cpu, &mut rng).unwrap();
+            let mut plain = merged.clone();
+            plain.layers = BertForQuestionAnswering::load(&base, DType::F32, &cpu, &mut rng)
+                .unwrap()
+                .layers;
+            let b = crate::data::batch::pad_rows(
+                &[(&[2u32, 17, 5, 9, 30, 3][..], &[0u32, 0, 0, 1, 1, 1][..])],
+                0,
+            );
+            let tensors = crate::train::step::to_tensors(&b, DType::F32, &cpu).unwrap();
+            let logits = |x: &BertForQuestionAnswering| {
+                crate::nn::Pass::inference(|pass| x.forward_eval(&tensors, pass)).unwrap()
+            };
+            let want = logits(&m);
+            let diff = crate::nn::gradcheck::max_abs_diff(&logits(&merged), &want);
+            let effect = crate::nn::gradcheck::max_abs_diff(&logits(&plain), &want);
+            assert!(
+                diff < 1e-4,
+                "{fixture}: merged vs adapted span logits differ by {diff}"
+            );
+            assert!(
+                effect > 1e-3,
+                "{fixture}: the adapter must matter ({effect})"
+            );
+        }
     }
 
     fn load_all(dir: &Path) -> HashMap<String, Tensor> {

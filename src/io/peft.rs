@@ -1,6 +1,7 @@
 //! Hugging Face PEFT's LoRA adapter format: `adapter_config.json` + `adapter_model.safetensors` with
-//! keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` and the classifier saved as
-//! PEFT saves `modules_to_save` (`base_model.model.classifier.weight`/`.bias`).
+//! keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` and the head saved as
+//! PEFT saves `modules_to_save` (`base_model.model.classifier.weight`/`.bias`; RoBERTa's
+//! `classifier.dense.*` and `classifier.out_proj.*`; DistilBERT's `pre_classifier.*` too).
 
 use super::IoError;
 use crate::adapters::block::ALL_LINEAR;
@@ -52,22 +53,12 @@ impl PeftConfig {
     }
 }
 
-/// A head tensor's key (PEFT saves the classifier as `modules_to_save`).
-pub fn head_key(h: HeadParam) -> &'static str {
-    match h {
-        HeadParam::ClassifierWeight => "classifier.weight",
-        HeadParam::ClassifierBias => "classifier.bias",
-        HeadParam::QaOutputsWeight => "qa_outputs.weight",
-        HeadParam::QaOutputsBias => "qa_outputs.bias",
-    }
+/// A head tensor's key: its layer's module path (`classifier`, `classifier.out_proj`) and
+/// `.weight` or `.bias`, as PEFT saves `modules_to_save`.
+pub fn head_key(module: &str, h: HeadParam) -> String {
+    let name = if h.is_bias() { "bias" } else { "weight" };
+    format!("{module}.{name}")
 }
-
-const HEADS: [HeadParam; 4] = [
-    HeadParam::ClassifierWeight,
-    HeadParam::ClassifierBias,
-    HeadParam::QaOutputsWeight,
-    HeadParam::QaOutputsBias,
-];
 
 /// The suffix of a LoRA matrix's key after its module path.
 fn lora_suffix(m: LoraMatrix) -> &'static str {
@@ -79,8 +70,8 @@ fn lora_suffix(m: LoraMatrix) -> &'static str {
 
 /// The key of a trained tensor of `model` without PEFT's `base_model.model.` prefix, as
 /// checkpoints name it: `<module path>.lora_A.weight` / `.lora_B.weight`, `classifier.weight` /
-/// `classifier.bias`. `id`'s site must be one of the model's layer sites, as the site of every
-/// id that the model lists or [`param_id`] returns is.
+/// `classifier.bias` (or the model's other head layers, see [`Adapted::head_path`]). `id` must
+/// be one the model lists or [`param_id`] returns: a site of its layers, a head tensor it trains.
 pub fn param_key(model: &(impl Adapted + ?Sized), id: ParamId) -> String {
     match id {
         ParamId::Lora { adapter, matrix } => {
@@ -89,7 +80,10 @@ pub fn param_key(model: &(impl Adapted + ?Sized), id: ParamId) -> String {
                 .expect("an adapter id of this model's sites");
             format!("{path}{}", lora_suffix(matrix))
         }
-        ParamId::Head(h) => head_key(h).to_string(),
+        ParamId::Head(h) => {
+            let module = model.head_path(h).expect("a head tensor this model trains");
+            head_key(module, h)
+        }
     }
 }
 
@@ -101,19 +95,23 @@ pub fn param_id(model: &(impl Adapted + ?Sized), key: &str) -> Result<ParamId, I
         key: key.into(),
         message,
     };
-    if let Some(&h) = HEADS.iter().find(|&&h| head_key(h) == key) {
-        return Ok(ParamId::Head(h));
+    let heads = HeadParam::ALL
+        .into_iter()
+        .filter_map(|h| Some((h, head_key(model.head_path(h)?, h))));
+    let heads: Vec<(HeadParam, String)> = heads.collect();
+    if let Some((h, _)) = heads.iter().find(|(_, k)| k == key) {
+        return Ok(ParamId::Head(*h));
     }
     let (path, matrix) = [LoraMatrix::A, LoraMatrix::B]
         .into_iter()
         .find_map(|m| Some((key.strip_suffix(lora_suffix(m))?, m)))
         .ok_or_else(|| {
-            unknown(
-                "expected '<module path>.lora_A.weight', '<module path>.lora_B.weight', \
-                 'classifier.weight', 'classifier.bias', 'qa_outputs.weight' or \
-                 'qa_outputs.bias'"
-                    .into(),
-            )
+            let heads: Vec<String> = heads.iter().map(|(_, k)| format!("'{k}'")).collect();
+            unknown(format!(
+                "expected '<module path>.lora_A.weight', '<module path>.lora_B.weight'{}{}",
+                if heads.is_empty() { "" } else { " or " },
+                heads.join(", ")
+            ))
         })?;
     let adapter = model.module_id(path).ok_or_else(|| {
         unknown(format!(
@@ -167,10 +165,12 @@ pub fn save(
             layers.push(id.layer);
         }
     }
+    // PEFT wraps a top-level module of the task model (RoBERTa's whole `classifier`, with its
+    // `dense` and `out_proj`; DistilBERT's `pre_classifier` and `classifier`).
     let mut modules_to_save: Vec<String> = Vec::new();
     for (h, t) in model.head_params() {
-        let key = head_key(h);
-        let module = key.rsplit_once('.').map_or(key, |(m, _)| m).to_string();
+        let key = param_key(model, ParamId::Head(h));
+        let module = key.split('.').next().unwrap_or(&key).to_string();
         if !modules_to_save.contains(&module) {
             modules_to_save.push(module);
         }
@@ -304,20 +304,28 @@ pub fn load(dir: &Path, model: &mut impl Adapted) -> Result<PeftConfig, IoError>
         ad.scaling = scaling;
     }
     for (h, like) in model.head_params() {
-        let t = get(&format!("{PREFIX}{}", head_key(h)), &like)?;
+        let t = get(
+            &format!("{PREFIX}{}", param_key(model, ParamId::Head(h))),
+            &like,
+        )?;
         *model.head_param_mut(h).expect("listed head tensor") = t;
     }
     Ok(cfg)
 }
 
-/// Reads the classifier's number of labels from an adapter file (to build a matching model).
-pub fn num_labels(dir: &Path) -> Result<usize, IoError> {
+/// Reads the classifier's number of labels from an adapter file (to build a matching model);
+/// `classifier` is the output layer's module path (`classifier`, RoBERTa's
+/// `classifier.out_proj`).
+pub fn num_labels(dir: &Path, classifier: &str) -> Result<usize, IoError> {
     let path = dir.join(WEIGHTS_FILE);
     let t = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| IoError::Invalid {
         path: path.clone(),
         message: format!("not a readable safetensors file ({e})"),
     })?;
-    let name = format!("{PREFIX}{}", head_key(HeadParam::ClassifierWeight));
+    let name = format!(
+        "{PREFIX}{}",
+        head_key(classifier, HeadParam::ClassifierWeight)
+    );
     let w = t.get(&name).ok_or_else(|| IoError::MissingTensor {
         path: path.clone(),
         name: name.clone(),
@@ -492,14 +500,16 @@ mod tests {
             dir.path(),
             Tensor::zeros((5, 8), DType::F32, &Device::Cpu).unwrap(),
         );
-        assert_eq!(num_labels(dir.path()).unwrap(), 5);
+        assert_eq!(num_labels(dir.path(), "classifier").unwrap(), 5);
         for bad in [
             Tensor::new(1f32, &Device::Cpu).unwrap(),
             Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
         ] {
             let dims = bad.dims().to_vec();
             write_classifier(dir.path(), bad);
-            let e = num_labels(dir.path()).unwrap_err().to_string();
+            let e = num_labels(dir.path(), "classifier")
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(&path.display().to_string()), "{e}");
             assert!(
                 e.contains(&format!(

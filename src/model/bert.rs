@@ -1,7 +1,9 @@
-//! BERT with a task head (an [`EncoderHead`]: transformers' `BertForSequenceClassification`, or
-//! `BertForQuestionAnswering`), with LoRA adapters on any of the six linears of each layer and
-//! explicit layer-wise backprop. The same body serves MPNet (see [`EncoderFamily`]): other tensor
-//! names, no token types, and a relative position bias added to the attention scores.
+//! An encoder with a task head (an [`EncoderHead`]: transformers' `...ForSequenceClassification`
+//! or `...ForQuestionAnswering`), with LoRA adapters on any of the six linears of each layer and
+//! explicit layer-wise backprop. The same body serves BERT, RoBERTa, MPNet and DistilBERT (see
+//! [`EncoderFamily`], the table of their differences): other tensor names, positions counted
+//! from the padding index, no token types, MPNet's relative position bias added to the attention
+//! scores, and each family's classification head.
 //!
 //! Layer data flow (post-LN BERT), per layer, rows = `batch * seq` tokens:
 //! ```text
@@ -52,6 +54,15 @@ impl Site {
         Site::Output,
     ];
 
+    /// `(out, in)` of its linear in a layer of width `hidden` and MLP width `ffn`.
+    pub fn shape(self, hidden: usize, ffn: usize) -> (usize, usize) {
+        match self {
+            Site::Intermediate => (ffn, hidden),
+            Site::Output => (hidden, ffn),
+            _ => (hidden, hidden),
+        }
+    }
+
     /// Path inside a BERT layer, as in the checkpoint (and in PEFT's adapter keys); another
     /// family's are [`EncoderFamily::site_paths`].
     pub fn path(self) -> &'static str {
@@ -66,6 +77,9 @@ pub struct BertLayer {
     pub attention: Attention,
     pub ln_attn: LayerNorm,
     pub ln_out: LayerNorm,
+    /// After the attention output projection (none in DistilBERT).
+    pub dropout_attn: Dropout,
+    /// After the MLP output.
     pub dropout: Dropout,
     /// The family's names of the six linears (PEFT's module paths within the layer).
     pub paths: &'static [&'static str; 6],
@@ -128,7 +142,7 @@ impl BertLayer {
         };
         let a = lin.run(Site::AttnOut, &ctx, pass)?;
         drop(ctx);
-        let (a, drop_attn) = self.dropout.forward(&a, pass, save)?;
+        let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
         let o = lin.run(Site::Output, &g, pass)?;
@@ -164,7 +178,8 @@ impl BertLayer {
             + acts.lora_group(&[lin(Site::Output)]);
         let state = linears
             + acts.attention(&self.attention, h / self.attention.num_heads)
-            + 2 * acts.mask(&self.dropout, h)
+            + acts.mask(&self.dropout_attn, h)
+            + acts.mask(&self.dropout, h)
             + 2 * acts.norm(h)
             + acts.of(f);
         LayerMemory {
@@ -222,13 +237,14 @@ pub struct ModelGrads {
 }
 
 /// A head on the encoder's last hidden state, trained beside the adapters (PEFT's
-/// `modules_to_save`): one trainable linear, its weight and bias.
+/// `modules_to_save`).
 pub trait EncoderHead: Clone + std::fmt::Debug {
     /// What the head's backward needs.
     type Saved;
     /// PEFT's `task_type`.
     const TASK_TYPE: &'static str;
-    /// The trained linear's weight and bias, in that order.
+    /// The output layer's weight and bias ([`HeadGrads::weight`] and `bias`; a trained dense
+    /// layer's are [`HeadParam::DenseWeight`] and `DenseBias`).
     const PARAMS: [HeadParam; 2];
 
     /// `h` is the last hidden state `[batch*seq, hidden]`; returns the head's output.
@@ -241,13 +257,17 @@ pub trait EncoderHead: Clone + std::fmt::Debug {
         save: bool,
     ) -> Result<(Tensor, Option<Self::Saved>)>;
 
-    /// The gradient of the last hidden state and the trained linear's gradients.
+    /// The gradient of the last hidden state and the trained layers' gradients.
     fn backward(&self, saved: Self::Saved, dout: &Tensor) -> Result<(Tensor, HeadGrads)>;
 
-    /// The trained linear.
-    fn trained(&self) -> &Linear;
+    /// The layers that train, each with its weight's and bias' ids, the output layer first.
+    fn trained(&self) -> Vec<([HeadParam; 2], &Linear)>;
 
-    fn trained_mut(&mut self) -> &mut Linear;
+    /// The trained layer of a head tensor; None when this head trains no such tensor.
+    fn trained_mut(&mut self, key: HeadParam) -> Option<&mut Linear>;
+
+    /// The module path of a trained head tensor's layer in `family`'s task model.
+    fn trained_path(&self, family: EncoderFamily, key: HeadParam) -> Option<&'static str>;
 }
 
 impl EncoderHead for ClassificationHead {
@@ -270,12 +290,34 @@ impl EncoderHead for ClassificationHead {
         saved.backward(self, dout)
     }
 
-    fn trained(&self) -> &Linear {
-        &self.classifier
+    /// The classifier, then the dense layer when it trains.
+    fn trained(&self) -> Vec<([HeadParam; 2], &Linear)> {
+        let mut v = vec![(Self::PARAMS, &self.classifier)];
+        if self.dense_trains {
+            v.push(([HeadParam::DenseWeight, HeadParam::DenseBias], &self.dense));
+        }
+        v
     }
 
-    fn trained_mut(&mut self) -> &mut Linear {
-        &mut self.classifier
+    fn trained_mut(&mut self, key: HeadParam) -> Option<&mut Linear> {
+        match key {
+            HeadParam::ClassifierWeight | HeadParam::ClassifierBias => Some(&mut self.classifier),
+            HeadParam::DenseWeight | HeadParam::DenseBias if self.dense_trains => {
+                Some(&mut self.dense)
+            }
+            _ => None,
+        }
+    }
+
+    fn trained_path(&self, family: EncoderFamily, key: HeadParam) -> Option<&'static str> {
+        let spec = family.head();
+        match key {
+            HeadParam::ClassifierWeight | HeadParam::ClassifierBias => Some(spec.out),
+            HeadParam::DenseWeight | HeadParam::DenseBias => {
+                self.dense_trains.then_some(spec.dense)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -300,12 +342,17 @@ impl EncoderHead for QaHead {
         saved.backward(self, dout)
     }
 
-    fn trained(&self) -> &Linear {
-        &self.qa_outputs
+    fn trained(&self) -> Vec<([HeadParam; 2], &Linear)> {
+        vec![(Self::PARAMS, &self.qa_outputs)]
     }
 
-    fn trained_mut(&mut self) -> &mut Linear {
-        &mut self.qa_outputs
+    fn trained_mut(&mut self, key: HeadParam) -> Option<&mut Linear> {
+        Self::PARAMS.contains(&key).then_some(&mut self.qa_outputs)
+    }
+
+    /// `qa_outputs` at the task model's root, in every family.
+    fn trained_path(&self, _family: EncoderFamily, key: HeadParam) -> Option<&'static str> {
+        Self::PARAMS.contains(&key).then_some(QaHead::PATH)
     }
 }
 
@@ -359,16 +406,19 @@ impl<H: EncoderHead> StepMemory for BertWithHead<H> {
         Acts::new(rows, seq, self.embeddings.word.dtype()).of(self.config.hidden_size)
     }
 
-    /// The classifier's pooler works on one row each, `qa_outputs` on every token; the input
-    /// gradient of either is hidden-wide (and `qa_outputs` keeps its input).
+    /// The classification head's dense layer and classifier work on one row each, `qa_outputs`
+    /// on every token; the input gradient of either is hidden-wide (and `qa_outputs` keeps its
+    /// input).
     fn head_bytes(&self, rows: usize, seq: usize) -> usize {
         2 * self.hidden_bytes(rows, seq)
     }
 }
 
 impl BertForSequenceClassification {
-    /// Loads a Hugging Face BERT folder (`config.json`, `model.safetensors`) with a new classifier of
-    /// `num_labels` outputs, initialised as transformers does (normal(0, 0.02), zero bias) from `rng`.
+    /// Loads a Hugging Face encoder folder (`config.json`, `model.safetensors`) of any
+    /// [`EncoderFamily`], with a classifier of `num_labels` outputs: the checkpoint's when it has
+    /// one of that size, else a new one initialised as transformers does (normal(0, 0.02), zero
+    /// bias) from `rng` (see [`Self::from_weights`]).
     pub fn load(
         dir: &Path,
         num_labels: usize,
@@ -383,20 +433,273 @@ impl BertForSequenceClassification {
             });
         }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::open_dir(dir, config.family().prefixes(), dtype, device)?;
+        let w = Weights::open_dir(dir, &config.family().prefixes(), dtype, device)?;
         Self::from_weights(config, &w, num_labels, rng)
     }
 
+    /// Builds the model from checkpoint tensors named as the config's family names them. The
+    /// head's trained layers (the classifier, and RoBERTa's or DistilBERT's dense layer) are the
+    /// checkpoint's when it has them in the right shape, else new; `rng` draws the new ones
+    /// either way (the classifier, then the trained dense layer), so what it draws next does not
+    /// depend on the checkpoint.
     pub fn from_weights(
         config: BertConfig,
         w: &Weights,
         num_labels: usize,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
+        BertWithHead::build(config, w, |c, w, on| {
+            Self::classification_head(c, w, num_labels, on, rng)
+        })
+    }
+
+    /// The family's classification head (see [`Self::from_weights`]), in `on`'s dtype.
+    fn classification_head(
+        c: &BertConfig,
+        w: &Weights,
+        num_labels: usize,
+        on: HeadOn,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<ClassificationHead, IoError> {
+        let family = c.family();
+        let h = c.hidden_size;
+        let spec = family.head();
+        let as_head = |t: Tensor| tensor(t.to_dtype(on.dtype), w);
+        let mut new_linear = |out: usize| new_head_linear(out, h, on, w, rng);
+        let new_classifier = new_linear(num_labels)?;
+        let new_dense = spec.dense_trains.then(|| new_linear(h)).transpose()?;
+        // The checkpoint's layer, when it has one of this shape (another number of labels is a
+        // new classifier, as transformers' `ignore_mismatched_sizes`).
+        let stored = |path: &str, out: usize| -> std::result::Result<Option<Linear>, IoError> {
+            let p = w.pp(path);
+            if !p.contains("weight") {
+                return Ok(None);
+            }
+            let weight = match p.get("weight", &[out, h]) {
+                Ok(t) => t,
+                Err(IoError::WrongShape { .. }) if path == spec.out => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let bias = p.get("bias", &[out])?;
+            Ok(Some(Linear::new(as_head(weight)?, Some(as_head(bias)?))))
+        };
+        let classifier = stored(spec.out, num_labels)?.unwrap_or(new_classifier);
+        // A frozen dense layer (BERT's pooler) must be in the checkpoint.
+        let dense = match (stored(spec.dense, h)?, new_dense) {
+            (Some(d), _) => d,
+            (None, Some(d)) => d,
+            (None, None) => {
+                let p = w.pp(spec.dense);
+                Linear::new(p.get("weight", &[h, h])?, Some(p.get("bias", &[h])?))
+            }
+        };
+        let head_drop = Dropout::new(c.head_dropout());
+        Ok(ClassificationHead {
+            dense,
+            activation: spec.activation,
+            dense_trains: spec.dense_trains,
+            dropout_first: spec.dropout_first.then_some(head_drop),
+            dropout: head_drop,
+            classifier,
+        })
+    }
+
+    /// The tensors a checkpoint of `config`'s family has, without its prefix, and their shapes:
+    /// the embeddings, the layers and MPNet's relative bias, and BERT's pooler (the other
+    /// families' heads are new when absent).
+    pub fn checkpoint_shapes(config: &BertConfig) -> Vec<(String, Vec<usize>)> {
+        let c = config;
+        let family = c.family();
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![c.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![c.max_position_embeddings, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        if family.token_types() {
+            shapes.push((
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![c.type_vocab_size, h],
+            ));
+        }
+        if !family.head().dense_trains {
+            let d = family.head().dense;
+            shapes.push((format!("{d}.weight"), vec![h, h]));
+            shapes.push((format!("{d}.bias"), vec![h]));
+        }
+        if family == EncoderFamily::MPNet {
+            shapes.push((
+                "encoder.relative_attention_bias.weight".into(),
+                vec![c.relative_attention_num_buckets, c.num_attention_heads],
+            ));
+        }
+        for i in 0..c.num_hidden_layers {
+            let p = format!("{}.{i}", family.encoder_layers());
+            for s in Site::ALL {
+                let (o, inp) = s.shape(h, f);
+                let path = family.site_paths()[s as usize];
+                shapes.push((format!("{p}.{path}.weight"), vec![o, inp]));
+                shapes.push((format!("{p}.{path}.bias"), vec![o]));
+            }
+            for ln in family.layer_norm_paths() {
+                shapes.push((format!("{p}.{ln}.weight"), vec![h]));
+                shapes.push((format!("{p}.{ln}.bias"), vec![h]));
+            }
+        }
+        shapes
+    }
+
+    /// A model of the given shape with random weights (normal(0, 0.02), LayerNorm 1/0), for
+    /// benchmarks and tests; built through the same loading path as a checkpoint.
+    pub fn random(
+        config: BertConfig,
+        num_labels: usize,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        let w = random_weights(&config, dtype, device, rng)?;
+        Self::from_weights(config, &w, num_labels, rng)
+    }
+}
+
+/// Random checkpoint tensors of `config`'s shape (normal(0, 0.02), LayerNorm 1/0, zero biases),
+/// see [`BertForSequenceClassification::checkpoint_shapes`].
+fn random_weights(
+    config: &BertConfig,
+    dtype: DType,
+    device: &Device,
+    rng: &mut impl Rng,
+) -> std::result::Result<Weights, IoError> {
+    let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in BertForSequenceClassification::checkpoint_shapes(config) {
+        let n: usize = shape.iter().product();
+        let norm = ["LayerNorm", "layer_norm"].iter().any(|l| name.contains(l));
+        let v: Vec<f32> = if norm {
+            vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+        } else if name.ends_with("bias") {
+            vec![0.0; n]
+        } else {
+            (0..n)
+                .map(|_| rand_distr::Distribution::sample(&normal, rng))
+                .collect()
+        };
+        let t = Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| IoError::Invalid {
+            path: "<memory>".into(),
+            message: e.to_string(),
+        })?;
+        tensors.insert(name, t);
+    }
+    Ok(Weights::from_tensors(tensors, dtype, device))
+}
+
+/// Where a head's tensors live: the dtype it runs in (f32 beside half-precision layers) and the
+/// device.
+#[derive(Clone, Copy)]
+struct HeadOn<'a> {
+    dtype: DType,
+    device: &'a Device,
+}
+
+/// A new `[out, hidden]` linear, initialised as transformers does (normal(0, 0.02), zero bias).
+fn new_head_linear(
+    out: usize,
+    h: usize,
+    on: HeadOn,
+    w: &Weights,
+    rng: &mut impl Rng,
+) -> std::result::Result<Linear, IoError> {
+    let normal = rand_distr::Normal::new(0.0, 0.02).expect("valid std");
+    let v: Vec<f32> = (0..out * h)
+        .map(|_| rand_distr::Distribution::sample(&normal, rng))
+        .collect();
+    let weight = Tensor::from_vec(v, (out, h), on.device).and_then(|t| t.to_dtype(on.dtype));
+    Ok(Linear::new(
+        tensor(weight, w)?,
+        Some(tensor(Tensor::zeros(out, on.dtype, on.device), w)?),
+    ))
+}
+
+impl BertForQuestionAnswering {
+    /// Loads a Hugging Face encoder folder with `qa_outputs` (`[2, hidden]`): the checkpoint's
+    /// when it has one (a merged QA model), else new (normal(0, 0.02), zero bias, as transformers
+    /// initialises it) from `rng`, drawn either way. The checkpoint's pooler or classifier is not
+    /// used.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        if !dir.is_dir() {
+            return Err(IoError::Missing {
+                path: dir.into(),
+                what: "model folder with config.json and model.safetensors".into(),
+            });
+        }
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let w = Weights::open_dir(dir, &config.family().prefixes(), dtype, device)?;
+        Self::from_weights(config, &w, rng)
+    }
+
+    /// Builds the model from checkpoint tensors (see [`Self::load`]).
+    pub fn from_weights(
+        config: BertConfig,
+        w: &Weights,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        if let Err(message) = config.family().qa_support() {
+            return Err(IoError::Invalid {
+                path: w.file().into(),
+                message,
+            });
+        }
+        BertWithHead::build(config, w, |c, w, on| {
+            let h = c.hidden_size;
+            let new = new_head_linear(2, h, on, w, rng)?;
+            let p = w.pp(QaHead::PATH);
+            let qa_outputs = if p.contains("weight") {
+                let t =
+                    |name: &str, shape: &[usize]| tensor(p.get(name, shape)?.to_dtype(on.dtype), w);
+                Linear::new(t("weight", &[2, h])?, Some(t("bias", &[2])?))
+            } else {
+                new
+            };
+            Ok(QaHead { qa_outputs })
+        })
+    }
+
+    /// A random-weight model (see [`BertForSequenceClassification::random`]).
+    pub fn random(
+        config: BertConfig,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> std::result::Result<Self, IoError> {
+        let w = random_weights(&config, dtype, device, rng)?;
+        Self::from_weights(config, &w, rng)
+    }
+}
+
+impl<H: EncoderHead> BertWithHead<H> {
+    /// Builds the encoder body from checkpoint tensors named as the config's family names them,
+    /// and the head `head` builds from the config, the checkpoint and where the head lives.
+    fn build(
+        config: BertConfig,
+        w: &Weights,
+        head: impl FnOnce(&BertConfig, &Weights, HeadOn) -> std::result::Result<H, IoError>,
+    ) -> std::result::Result<Self, IoError> {
         config.validate(w.file())?;
         let c = &config;
         let family = c.family();
-        let mpnet = family == EncoderFamily::MPNet;
         let (h, f) = (c.hidden_size, c.intermediate_size);
         let ln = |w: &Weights| -> std::result::Result<LayerNorm, IoError> {
             // Old checkpoints name LayerNorm parameters gamma/beta.
@@ -420,36 +723,32 @@ impl BertForSequenceClassification {
             };
         let hidden_drop = Dropout::new(c.hidden_dropout_prob);
         let e = w.pp("embeddings");
+        let token_type = if family.token_types() {
+            Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
+        } else {
+            None
+        };
         let embeddings = Embeddings {
             word: e.get("word_embeddings.weight", &[c.vocab_size, h])?,
             position: e.get(
                 "position_embeddings.weight",
                 &[c.max_position_embeddings, h],
             )?,
-            token_type: if mpnet {
-                None
-            } else {
-                Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
-            },
-            padding_idx: mpnet.then_some(c.pad_token_id),
+            token_type,
+            padding_idx: family.positions_from_padding().then_some(c.pad_token_id),
             layer_norm: ln(&e.pp("LayerNorm"))?,
             dropout: hidden_drop,
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let paths = family.site_paths();
+        let [ln_attn, ln_out] = family.layer_norm_paths();
         for i in 0..c.num_hidden_layers {
-            let l = w.pp("encoder.layer").pp(i);
-            let shapes = |s: Site| match s {
-                Site::Intermediate => (f, h),
-                Site::Output => (h, f),
-                _ => (h, h),
-            };
+            let l = w.pp(family.encoder_layers()).pp(i);
             let mut lins = Vec::with_capacity(6);
-            let paths = family.site_paths();
             for s in Site::ALL {
-                let (o, inp) = shapes(s);
+                let (o, inp) = s.shape(h, f);
                 lins.push(LoraLinear::new(linear(&l.pp(paths[s as usize]), o, inp)?));
             }
-            let [ln_attn, ln_out] = family.layer_norm_paths();
             layers.push(BertLayer {
                 linears: lins.try_into().expect("six linears"),
                 attention: Attention {
@@ -460,157 +759,37 @@ impl BertForSequenceClassification {
                 },
                 ln_attn: ln(&l.pp(ln_attn))?,
                 ln_out: ln(&l.pp(ln_out))?,
+                dropout_attn: if family.attention_output_dropout() {
+                    hidden_drop
+                } else {
+                    Dropout::new(0.0)
+                },
                 dropout: hidden_drop,
                 paths,
             });
         }
-        // The head (frozen pooler, trained classifier) runs in f32 beside half-precision layers.
-        let p = w.pp("pooler.dense");
-        let (pw, pb) = (p.get("weight", &[h, h])?, p.get("bias", &[h])?);
-        let dev = pw.device().clone();
-        let dtype = crate::device::compute_dtype(pw.dtype());
-        let pooler = Linear::new(
-            tensor(pw.to_dtype(dtype), w)?,
-            Some(tensor(pb.to_dtype(dtype), w)?),
-        );
-        let cls: Vec<f32> = (0..num_labels * h)
-            .map(|_| {
-                rand_distr::Distribution::sample(&rand_distr::Normal::new(0.0, 0.02).unwrap(), rng)
-            })
-            .collect();
-        let classifier = Linear::new(
-            tensor(
-                Tensor::from_vec(cls, (num_labels, h), &dev).and_then(|t| t.to_dtype(dtype)),
-                w,
-            )?,
-            Some(tensor(Tensor::zeros(num_labels, dtype, &dev), w)?),
-        );
-        let relative_bias = if mpnet {
+        // The head runs in f32 beside half-precision layers.
+        let on = HeadOn {
+            dtype: crate::device::compute_dtype(embeddings.word.dtype()),
+            device: &embeddings.word.device().clone(),
+        };
+        let relative_bias = if family == EncoderFamily::MPNet {
             let table = w.get(
                 "encoder.relative_attention_bias.weight",
                 &[c.relative_attention_num_buckets, c.num_attention_heads],
             )?;
-            Some(tensor(table.to_dtype(dtype), w)?)
+            Some(tensor(table.to_dtype(on.dtype), w)?)
         } else {
             None
         };
+        let head = head(c, w, on)?;
         Ok(Self {
             config,
             embeddings,
             layers,
-            head: ClassificationHead {
-                pooler,
-                dropout: hidden_drop,
-                classifier,
-            },
+            head,
             relative_bias,
         })
-    }
-
-    /// A model of the given shape with random weights (normal(0, 0.02), LayerNorm 1/0), for
-    /// benchmarks and tests; built through the same loading path as a checkpoint.
-    pub fn random(
-        config: BertConfig,
-        num_labels: usize,
-        dtype: DType,
-        device: &Device,
-        rng: &mut impl Rng,
-    ) -> std::result::Result<Self, IoError> {
-        let c = &config;
-        let (h, f) = (c.hidden_size, c.intermediate_size);
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            (
-                "embeddings.word_embeddings.weight".into(),
-                vec![c.vocab_size, h],
-            ),
-            (
-                "embeddings.position_embeddings.weight".into(),
-                vec![c.max_position_embeddings, h],
-            ),
-            (
-                "embeddings.token_type_embeddings.weight".into(),
-                vec![c.type_vocab_size, h],
-            ),
-            ("embeddings.LayerNorm.weight".into(), vec![h]),
-            ("embeddings.LayerNorm.bias".into(), vec![h]),
-            ("pooler.dense.weight".into(), vec![h, h]),
-            ("pooler.dense.bias".into(), vec![h]),
-        ];
-        for i in 0..c.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
-            for s in Site::ALL {
-                let (o, inp) = match s {
-                    Site::Intermediate => (f, h),
-                    Site::Output => (h, f),
-                    _ => (h, h),
-                };
-                shapes.push((format!("{p}.{}.weight", s.path()), vec![o, inp]));
-                shapes.push((format!("{p}.{}.bias", s.path()), vec![o]));
-            }
-            for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-                shapes.push((format!("{p}.{ln}.weight"), vec![h]));
-                shapes.push((format!("{p}.{ln}.bias"), vec![h]));
-            }
-        }
-        let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
-        let mut tensors = std::collections::HashMap::new();
-        for (name, shape) in shapes {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = if name.contains("LayerNorm") {
-                vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
-            } else if name.ends_with("bias") {
-                vec![0.0; n]
-            } else {
-                (0..n)
-                    .map(|_| rand_distr::Distribution::sample(&normal, rng))
-                    .collect()
-            };
-            let t = Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| IoError::Invalid {
-                path: "<memory>".into(),
-                message: e.to_string(),
-            })?;
-            tensors.insert(name, t);
-        }
-        let w = Weights::from_tensors(tensors, dtype, device);
-        Self::from_weights(config, &w, num_labels, rng)
-    }
-}
-
-impl BertForQuestionAnswering {
-    /// Loads a Hugging Face BERT or MPNet folder with a new `qa_outputs` (`[2, hidden]`,
-    /// normal(0, 0.02), zero bias, as transformers initialises it) from `rng`. The checkpoint's
-    /// pooler is not used.
-    pub fn load(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        rng: &mut impl Rng,
-    ) -> std::result::Result<Self, IoError> {
-        BertForSequenceClassification::load(dir, 2, dtype, device, rng).map(Self::from_encoder)
-    }
-
-    /// A random-weight model (see [`BertForSequenceClassification::random`]).
-    pub fn random(
-        config: BertConfig,
-        dtype: DType,
-        device: &Device,
-        rng: &mut impl Rng,
-    ) -> std::result::Result<Self, IoError> {
-        BertForSequenceClassification::random(config, 2, dtype, device, rng).map(Self::from_encoder)
-    }
-
-    /// The body of a 2-output classifier with its classifier (initialised as `qa_outputs` is)
-    /// as `qa_outputs`.
-    fn from_encoder(m: BertForSequenceClassification) -> Self {
-        BertWithHead {
-            config: m.config,
-            embeddings: m.embeddings,
-            layers: m.layers,
-            head: QaHead {
-                qa_outputs: m.head.classifier,
-            },
-            relative_bias: m.relative_bias,
-        }
     }
 }
 
@@ -840,31 +1019,31 @@ impl<H: EncoderHead> AdaptedStack for BertWithHead<H> {
         &mut self.layers
     }
 
+    /// The head's output layer's weight and bias, then its trained dense layer's.
     fn head_tensors(&self) -> Vec<(HeadParam, Tensor)> {
-        let c = self.head.trained();
-        let [w_id, b_id] = H::PARAMS;
-        let mut v: Vec<(HeadParam, Tensor)> = c
-            .weight
-            .as_dense()
-            .map(|w| (w_id, w.clone()))
-            .into_iter()
-            .collect();
-        if let Some(b) = &c.bias {
-            v.push((b_id, b.clone()));
+        let mut v = Vec::new();
+        for ([w, b], l) in self.head.trained() {
+            if let Some(t) = l.weight.as_dense() {
+                v.push((w, t.clone()));
+            }
+            if let Some(t) = &l.bias {
+                v.push((b, t.clone()));
+            }
         }
         v
     }
 
     fn head_tensor_mut(&mut self, key: HeadParam) -> Option<&mut Tensor> {
-        let [w_id, b_id] = H::PARAMS;
-        let c = self.head.trained_mut();
-        if key == w_id {
-            c.weight.as_dense_mut()
-        } else if key == b_id {
-            c.bias.as_mut()
+        let l = self.head.trained_mut(key)?;
+        if key.is_bias() {
+            l.bias.as_mut()
         } else {
-            None
+            l.weight.as_dense_mut()
         }
+    }
+
+    fn head_tensor_path(&self, key: HeadParam) -> Option<&'static str> {
+        self.head.trained_path(self.config.family(), key)
     }
 }
 

@@ -1,11 +1,14 @@
-//! A Hugging Face BERT `config.json`: the fields the architecture reads, checked before anything
-//! is allocated from them.
+//! A Hugging Face encoder `config.json` (BERT, RoBERTa, MPNet, DistilBERT): the fields the
+//! architecture reads, checked before anything is allocated from them; and [`EncoderFamily`],
+//! the table of what the families name and do differently around the shared layer body.
 
 use crate::io::IoError;
+use crate::nn::head::HeadActivation;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The fields of a Hugging Face BERT `config.json` that the architecture needs.
+/// The fields of a Hugging Face BERT `config.json` that the architecture needs (RoBERTa and
+/// MPNet use the same keys; a DistilBERT config is read from its own keys into these).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BertConfig {
     pub vocab_size: usize,
@@ -26,30 +29,136 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub pad_token_id: u32,
-    /// `bert` (also when absent) or `mpnet`: see [`EncoderFamily`].
+    /// `bert` (also when absent), `roberta`, `mpnet` or `distilbert`: see [`EncoderFamily`].
     #[serde(default)]
     pub model_type: Option<String>,
     /// MPNet's relative position buckets.
     #[serde(default = "default_buckets")]
     pub relative_attention_num_buckets: usize,
+    /// Dropout in the classification head (transformers' `classifier_dropout`, DistilBERT's
+    /// `seq_classif_dropout`); None: `hidden_dropout_prob`, as transformers does.
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
 }
 
 /// The encoders that share BERT's layer body (post-LN attention, GELU MLP, six linears) and
-/// differ in what is around it.
+/// differ in what is around it: tensor names, positions, token types, the classification head.
+/// Every difference is a method here, read by the loader, LoRA, PEFT files and merge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EncoderFamily {
     Bert,
+    /// RoBERTa: BERT's names under `roberta.`, positions counted from `pad_token_id + 1`, a
+    /// one-row token type table, and its own head (`classifier.dense` + `classifier.out_proj`).
+    Roberta,
     /// MPNet: its own tensor names, no token types, positions counted from `pad_token_id + 1`
-    /// (as RoBERTa), and a relative position bias added to every layer's attention scores.
+    /// (as RoBERTa), a relative position bias added to every layer's attention scores, and
+    /// RoBERTa's head.
     MPNet,
+    /// DistilBERT: its own names and config keys, no token types, no dropout after the attention
+    /// output, and its head (`pre_classifier`, ReLU, `classifier`).
+    DistilBert,
+}
+
+/// A family's classification head on the first token, as its `...ForSequenceClassification`
+/// names it: `[dropout] -> dense -> activation -> dropout -> out`.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadSpec {
+    /// The dense layer's module path: BERT's pooler (`pooler.dense`, in the base model and so
+    /// under its prefix), RoBERTa's and MPNet's `classifier.dense`, DistilBERT's `pre_classifier`
+    /// (both at the task model's root).
+    pub dense: &'static str,
+    pub activation: HeadActivation,
+    /// Whether the dense layer trains with the output layer. PEFT's `modules_to_save` for a
+    /// sequence classifier is `classifier`, which is RoBERTa's whole head and, by PEFT's suffix
+    /// match, also DistilBERT's `pre_classifier`; BERT's pooler stays frozen.
+    pub dense_trains: bool,
+    /// Dropout on the first token before the dense layer (RoBERTa's and MPNet's heads).
+    pub dropout_first: bool,
+    /// The output layer's module path (`[num_labels, hidden]`), at the task model's root.
+    pub out: &'static str,
 }
 
 impl EncoderFamily {
-    /// The checkpoint prefixes its tensors may carry (a task model's, then the bare model's).
-    pub fn prefixes(self) -> &'static [&'static str] {
+    pub const ALL: [EncoderFamily; 4] = [
+        EncoderFamily::Bert,
+        EncoderFamily::Roberta,
+        EncoderFamily::MPNet,
+        EncoderFamily::DistilBert,
+    ];
+
+    /// Its `model_type` in `config.json` (`bert` also when absent).
+    pub fn model_type(self) -> &'static str {
         match self {
-            EncoderFamily::Bert => &["bert.", ""],
-            EncoderFamily::MPNet => &["mpnet.", ""],
+            EncoderFamily::Bert => "bert",
+            EncoderFamily::Roberta => "roberta",
+            EncoderFamily::MPNet => "mpnet",
+            EncoderFamily::DistilBert => "distilbert",
+        }
+    }
+
+    /// transformers' sequence classifier of the family (`architectures` of a merged model).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            EncoderFamily::Bert => "BertForSequenceClassification",
+            EncoderFamily::Roberta => "RobertaForSequenceClassification",
+            EncoderFamily::MPNet => "MPNetForSequenceClassification",
+            EncoderFamily::DistilBert => "DistilBertForSequenceClassification",
+        }
+    }
+
+    /// transformers' extractive question-answering model of the family, where `--task qa`
+    /// supports it (BERT, MPNet); None for RoBERTa and DistilBERT (not tested against
+    /// transformers yet: DistilBERT's `qa_dropout`, RoBERTa's pair encoding).
+    pub fn qa_architecture(self) -> Option<&'static str> {
+        match self {
+            EncoderFamily::Bert => Some("BertForQuestionAnswering"),
+            EncoderFamily::MPNet => Some("MPNetForQuestionAnswering"),
+            EncoderFamily::Roberta | EncoderFamily::DistilBert => None,
+        }
+    }
+
+    /// [`Self::qa_architecture`], or the error that `--task qa` gives for the family.
+    pub fn qa_support(self) -> Result<&'static str, String> {
+        self.qa_architecture().ok_or_else(|| {
+            format!(
+                "question answering (--task qa) supports BERT and MPNet models, not {} \
+                 (model_type '{}')",
+                self.prefix().trim_end_matches('.'),
+                self.model_type()
+            )
+        })
+    }
+
+    /// The base model's prefix in the task model (`bert.`): its tensors carry it or not.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            EncoderFamily::Bert => "bert.",
+            EncoderFamily::Roberta => "roberta.",
+            EncoderFamily::MPNet => "mpnet.",
+            EncoderFamily::DistilBert => "distilbert.",
+        }
+    }
+
+    /// The checkpoint prefixes its tensors may carry (a task model's, then the bare model's).
+    pub fn prefixes(self) -> [&'static str; 2] {
+        [self.prefix(), ""]
+    }
+
+    /// The base model's top-level modules (a bare checkpoint's names start with these).
+    pub fn base_modules(self) -> &'static [&'static str] {
+        match self {
+            EncoderFamily::Bert => &["embeddings", "encoder", "pooler"],
+            // Their sequence classifiers have no pooler (a base checkpoint's is left out).
+            EncoderFamily::Roberta | EncoderFamily::MPNet => &["embeddings", "encoder"],
+            EncoderFamily::DistilBert => &["embeddings", "transformer"],
+        }
+    }
+
+    /// The layer list's path in the base model.
+    pub fn encoder_layers(self) -> &'static str {
+        match self {
+            EncoderFamily::DistilBert => "transformer.layer",
+            _ => "encoder.layer",
         }
     }
 
@@ -57,14 +166,16 @@ impl EncoderFamily {
     pub fn layers_path(self) -> &'static str {
         match self {
             EncoderFamily::Bert => "bert.encoder.layer",
+            EncoderFamily::Roberta => "roberta.encoder.layer",
             EncoderFamily::MPNet => "mpnet.encoder.layer",
+            EncoderFamily::DistilBert => "distilbert.transformer.layer",
         }
     }
 
     /// Paths of the six linears in a layer, in `bert::Site::ALL` order.
     pub fn site_paths(self) -> &'static [&'static str; 6] {
         match self {
-            EncoderFamily::Bert => &[
+            EncoderFamily::Bert | EncoderFamily::Roberta => &[
                 "attention.self.query",
                 "attention.self.key",
                 "attention.self.value",
@@ -80,15 +191,151 @@ impl EncoderFamily {
                 "intermediate.dense",
                 "output.dense",
             ],
+            EncoderFamily::DistilBert => &[
+                "attention.q_lin",
+                "attention.k_lin",
+                "attention.v_lin",
+                "attention.out_lin",
+                "ffn.lin1",
+                "ffn.lin2",
+            ],
         }
     }
 
     /// The attention block's LayerNorm, then the layer output's.
     pub fn layer_norm_paths(self) -> [&'static str; 2] {
         match self {
-            EncoderFamily::Bert => ["attention.output.LayerNorm", "output.LayerNorm"],
+            EncoderFamily::Bert | EncoderFamily::Roberta => {
+                ["attention.output.LayerNorm", "output.LayerNorm"]
+            }
             EncoderFamily::MPNet => ["attention.LayerNorm", "output.LayerNorm"],
+            EncoderFamily::DistilBert => ["sa_layer_norm", "output_layer_norm"],
         }
+    }
+
+    /// PEFT's default LoRA targets for the family (the query and value projections).
+    pub fn default_targets(self) -> [&'static str; 2] {
+        match self {
+            EncoderFamily::Bert | EncoderFamily::Roberta => ["query", "value"],
+            EncoderFamily::MPNet => ["q", "v"],
+            EncoderFamily::DistilBert => ["q_lin", "v_lin"],
+        }
+    }
+
+    /// Whether it has a token type table (RoBERTa's has one row: every token is type 0).
+    pub fn token_types(self) -> bool {
+        matches!(self, EncoderFamily::Bert | EncoderFamily::Roberta)
+    }
+
+    /// Whether positions count from the padding index (transformers'
+    /// `create_position_ids_from_input_ids`) rather than from 0.
+    pub fn positions_from_padding(self) -> bool {
+        matches!(self, EncoderFamily::Roberta | EncoderFamily::MPNet)
+    }
+
+    /// Whether the attention output goes through dropout before its residual (not DistilBERT's).
+    pub fn attention_output_dropout(self) -> bool {
+        self != EncoderFamily::DistilBert
+    }
+
+    /// Its classification head.
+    pub fn head(self) -> HeadSpec {
+        match self {
+            EncoderFamily::Bert => HeadSpec {
+                dense: "pooler.dense",
+                activation: HeadActivation::Tanh,
+                dense_trains: false,
+                dropout_first: false,
+                out: "classifier",
+            },
+            EncoderFamily::Roberta | EncoderFamily::MPNet => HeadSpec {
+                dense: "classifier.dense",
+                activation: HeadActivation::Tanh,
+                dense_trains: true,
+                dropout_first: true,
+                out: "classifier.out_proj",
+            },
+            EncoderFamily::DistilBert => HeadSpec {
+                dense: "pre_classifier",
+                activation: HeadActivation::Relu,
+                dense_trains: true,
+                dropout_first: false,
+                out: "classifier",
+            },
+        }
+    }
+
+    /// The name of a BERT config key in the family's `config.json` (DistilBERT's differ), for
+    /// errors that name the key the file has.
+    pub fn config_key(self, bert_key: &'static str) -> &'static str {
+        if self != EncoderFamily::DistilBert {
+            return bert_key;
+        }
+        match bert_key {
+            "hidden_size" => "dim",
+            "num_hidden_layers" => "n_layers",
+            "num_attention_heads" => "n_heads",
+            "intermediate_size" => "hidden_dim",
+            "hidden_act" => "activation",
+            "hidden_dropout_prob" => "dropout",
+            "attention_probs_dropout_prob" => "attention_dropout",
+            "classifier_dropout" => "seq_classif_dropout",
+            other => other,
+        }
+    }
+}
+
+/// DistilBERT's `config.json` keys (transformers' `DistilBertConfig`).
+#[derive(Deserialize)]
+struct DistilBertKeys {
+    vocab_size: usize,
+    dim: usize,
+    n_layers: usize,
+    n_heads: usize,
+    hidden_dim: usize,
+    #[serde(default = "default_act")]
+    activation: String,
+    #[serde(default = "default_dropout")]
+    dropout: f64,
+    #[serde(default = "default_dropout")]
+    attention_dropout: f64,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    sinusoidal_pos_embds: bool,
+    #[serde(default = "default_seq_classif_dropout")]
+    seq_classif_dropout: f64,
+    #[serde(default)]
+    pad_token_id: u32,
+}
+
+impl DistilBertKeys {
+    fn into_config(self, path: &Path) -> Result<BertConfig, IoError> {
+        if self.sinusoidal_pos_embds {
+            return Err(IoError::Invalid {
+                path: path.into(),
+                message: "sinusoidal_pos_embds = true is not supported (only learned position \
+                          embeddings)"
+                    .into(),
+            });
+        }
+        Ok(BertConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.dim,
+            num_hidden_layers: self.n_layers,
+            num_attention_heads: self.n_heads,
+            intermediate_size: self.hidden_dim,
+            hidden_act: self.activation,
+            hidden_dropout_prob: self.dropout,
+            attention_probs_dropout_prob: self.attention_dropout,
+            max_position_embeddings: self.max_position_embeddings,
+            type_vocab_size: 0,
+            // transformers' DistilBERT LayerNorms use 1e-12, whatever the config says.
+            layer_norm_eps: 1e-12,
+            pad_token_id: self.pad_token_id,
+            model_type: Some("distilbert".into()),
+            relative_attention_num_buckets: default_buckets(),
+            classifier_dropout: Some(self.seq_classif_dropout),
+        })
     }
 }
 
@@ -97,6 +344,9 @@ fn default_act() -> String {
 }
 fn default_dropout() -> f64 {
     0.1
+}
+fn default_seq_classif_dropout() -> f64 {
+    0.2
 }
 fn default_type_vocab() -> usize {
     2
@@ -109,99 +359,167 @@ fn default_buckets() -> usize {
 }
 
 impl BertConfig {
+    /// Reads and checks a `config.json`: BERT's keys, or DistilBERT's when its `model_type` is
+    /// `distilbert`.
     pub fn from_file(path: &Path) -> std::result::Result<Self, IoError> {
         let text = std::fs::read_to_string(path).map_err(|_| IoError::Missing {
             path: path.into(),
             what: "Hugging Face model config".into(),
         })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| IoError::Invalid {
+        let bad = |what: &str, e: serde_json::Error| IoError::Invalid {
             path: path.into(),
-            message: format!("not a BERT config ({e})"),
-        })?;
+            message: format!("not a {what} config ({e})"),
+        };
+        // Not JSON at all reads as before, "not a BERT config (...)".
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad("BERT", e))?;
+        let distilbert = value.get("model_type").and_then(|t| t.as_str())
+            == Some(EncoderFamily::DistilBert.model_type());
+        let cfg: Self = if distilbert {
+            let keys: DistilBertKeys =
+                serde_json::from_value(value).map_err(|e| bad("DistilBERT", e))?;
+            keys.into_config(path)?
+        } else {
+            serde_json::from_value(value).map_err(|e| bad("BERT", e))?
+        };
         cfg.validate(path)?;
         Ok(cfg)
     }
 
+    /// The family its `model_type` names (validated: an unknown one is refused at load).
     pub fn family(&self) -> EncoderFamily {
-        match self.model_type.as_deref() {
-            Some("mpnet") => EncoderFamily::MPNet,
-            _ => EncoderFamily::Bert,
+        let t = self.model_type.as_deref().unwrap_or("bert");
+        EncoderFamily::ALL
+            .into_iter()
+            .find(|f| f.model_type() == t)
+            .unwrap_or(EncoderFamily::Bert)
+    }
+
+    /// What `io::merge` needs of the family's names: its prefix, base modules, trained head
+    /// layers (the output layer first) and transformers' class.
+    pub fn naming(&self) -> crate::io::merge::EncoderNaming {
+        let family = self.family();
+        let spec = family.head();
+        let mut head = vec![spec.out];
+        if spec.dense_trains {
+            head.push(spec.dense);
+        }
+        crate::io::merge::EncoderNaming {
+            prefix: family.prefix(),
+            base_modules: family.base_modules(),
+            head,
+            architecture: family.architecture(),
+            qa_architecture: family.qa_architecture(),
+            hidden_size: self.hidden_size,
         }
     }
 
-    /// Every size in range and consistent, with the file named in the error: checked before any
-    /// tensor is read or allocated from these numbers.
+    /// The dropout of the classification head.
+    pub fn head_dropout(&self) -> f64 {
+        self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)
+    }
+
+    /// The most tokens a sequence may have: the position table's rows, less the padding index
+    /// and the rows below it where positions count from it (RoBERTa's 514 rows hold 512).
+    pub fn max_tokens(&self) -> usize {
+        if self.family().positions_from_padding() {
+            self.max_position_embeddings
+                .saturating_sub(self.pad_token_id as usize + 1)
+        } else {
+            self.max_position_embeddings
+        }
+    }
+
+    /// Every size in range and consistent, with the file and its key named in the error:
+    /// checked before any tensor is read or allocated from these numbers.
     pub fn validate(&self, path: &Path) -> std::result::Result<(), IoError> {
         use super::limits;
         let bad = |message: String| IoError::Invalid {
             path: path.into(),
             message,
         };
-        match self.model_type.as_deref() {
-            None | Some("bert") | Some("mpnet") => {}
-            Some(other) => {
-                return Err(bad(format!(
-                    "model_type '{other}' is not supported by the encoder (bert, mpnet)"
-                )))
-            }
-        }
+        let t = self.model_type.as_deref().unwrap_or("bert");
+        let Some(family) = EncoderFamily::ALL.into_iter().find(|f| f.model_type() == t) else {
+            let known: Vec<&str> = EncoderFamily::ALL.iter().map(|f| f.model_type()).collect();
+            return Err(bad(format!(
+                "model_type '{t}' is not supported by the encoder ({})",
+                known.join(", ")
+            )));
+        };
+        let key = |k: &'static str| family.config_key(k);
         if self.hidden_act != "gelu" {
             return Err(bad(format!(
-                "hidden_act '{}' is not supported (only 'gelu')",
+                "{} '{}' is not supported (only 'gelu')",
+                key("hidden_act"),
                 self.hidden_act
             )));
         }
-        super::check_sizes(
-            path,
-            &[
-                ("vocab_size", self.vocab_size, limits::VOCAB),
-                ("hidden_size", self.hidden_size, limits::HIDDEN),
-                ("num_hidden_layers", self.num_hidden_layers, limits::LAYERS),
-                (
-                    "num_attention_heads",
-                    self.num_attention_heads,
-                    limits::HEADS,
-                ),
-                (
-                    "intermediate_size",
-                    self.intermediate_size,
-                    limits::INTERMEDIATE,
-                ),
-                (
-                    "max_position_embeddings",
-                    self.max_position_embeddings,
-                    limits::POSITIONS,
-                ),
-                ("type_vocab_size", self.type_vocab_size, limits::TYPE_VOCAB),
-                (
-                    "relative_attention_num_buckets",
-                    self.relative_attention_num_buckets,
-                    limits::TYPE_VOCAB,
-                ),
-            ],
-        )?;
+        let mut sizes = vec![
+            ("vocab_size", self.vocab_size, limits::VOCAB),
+            (key("hidden_size"), self.hidden_size, limits::HIDDEN),
+            (
+                key("num_hidden_layers"),
+                self.num_hidden_layers,
+                limits::LAYERS,
+            ),
+            (
+                key("num_attention_heads"),
+                self.num_attention_heads,
+                limits::HEADS,
+            ),
+            (
+                key("intermediate_size"),
+                self.intermediate_size,
+                limits::INTERMEDIATE,
+            ),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                limits::POSITIONS,
+            ),
+        ];
+        if family.token_types() {
+            sizes.push(("type_vocab_size", self.type_vocab_size, limits::TYPE_VOCAB));
+        }
+        if family == EncoderFamily::MPNet {
+            sizes.push((
+                "relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+                limits::TYPE_VOCAB,
+            ));
+        }
+        super::check_sizes(path, &sizes)?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(format!(
-                "hidden_size ({}) must be a multiple of num_attention_heads ({})",
-                self.hidden_size, self.num_attention_heads
+                "{} ({}) must be a multiple of {} ({})",
+                key("hidden_size"),
+                self.hidden_size,
+                key("num_attention_heads"),
+                self.num_attention_heads
             )));
         }
-        super::check_reals(
-            path,
-            &[
-                ("hidden_dropout_prob", self.hidden_dropout_prob),
-                (
-                    "attention_probs_dropout_prob",
-                    self.attention_probs_dropout_prob,
-                ),
-            ],
-            true,
-        )?;
+        let mut dropouts = vec![
+            (key("hidden_dropout_prob"), self.hidden_dropout_prob),
+            (
+                key("attention_probs_dropout_prob"),
+                self.attention_probs_dropout_prob,
+            ),
+        ];
+        if let Some(p) = self.classifier_dropout {
+            dropouts.push((key("classifier_dropout"), p));
+        }
+        super::check_reals(path, &dropouts, true)?;
         super::check_reals(path, &[("layer_norm_eps", self.layer_norm_eps)], false)?;
         if self.pad_token_id as usize >= self.vocab_size {
             return Err(bad(format!(
                 "pad_token_id ({}) must be below vocab_size ({})",
                 self.pad_token_id, self.vocab_size
+            )));
+        }
+        if family.positions_from_padding() && self.max_tokens() == 0 {
+            return Err(bad(format!(
+                "max_position_embeddings ({}) leaves no position for a token: positions start \
+                 after pad_token_id ({})",
+                self.max_position_embeddings, self.pad_token_id
             )));
         }
         Ok(())
@@ -227,6 +545,31 @@ impl BertConfig {
             pad_token_id: 0,
             model_type: None,
             relative_attention_num_buckets: 32,
+            classifier_dropout: None,
         }
+    }
+
+    /// [`BertConfig::tiny`] as another family: RoBERTa's one-row type table and padding index
+    /// 1, DistilBERT's absent token types.
+    pub(crate) fn tiny_of(family: EncoderFamily, dropout: f64) -> Self {
+        let mut c = Self::tiny(dropout);
+        c.model_type = Some(family.model_type().into());
+        match family {
+            EncoderFamily::Roberta => {
+                c.type_vocab_size = 1;
+                c.pad_token_id = 1;
+                c.max_position_embeddings = 18;
+            }
+            EncoderFamily::MPNet => {
+                c.pad_token_id = 1;
+                c.max_position_embeddings = 18;
+            }
+            EncoderFamily::DistilBert => {
+                c.type_vocab_size = 0;
+                c.classifier_dropout = Some(2.0 * dropout);
+            }
+            EncoderFamily::Bert => {}
+        }
+        c
     }
 }

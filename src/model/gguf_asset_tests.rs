@@ -272,14 +272,26 @@ fn smollm2_reference_completes_the_capital_of_france() {
 /// note) when it is not in the cache; required under `SAFETUNE_REQUIRE_ASSETS`.
 fn qwen2() -> Option<PathBuf> {
     let cache = crate::io::fetch::default_cache_dir();
-    let path = crate::io::joined::qwen2_05b_gguf(&cache);
+    fetched(
+        crate::io::joined::qwen2_05b_gguf(&cache),
+        "qwen2.5-coder-0.5b",
+    )
+}
+
+/// The fetched Qwen2.5-Coder-1.5B GGUF, as [`qwen2`].
+fn qwen2_15b() -> Option<PathBuf> {
+    let cache = crate::io::fetch::default_cache_dir();
+    fetched(
+        crate::io::joined::qwen2_15b_gguf(&cache),
+        "qwen2.5-coder-1.5b",
+    )
+}
+
+fn fetched(path: PathBuf, name: &str) -> Option<PathBuf> {
     if path.is_file() {
         return Some(path);
     }
-    let why = format!(
-        "{} is missing; run `safetune fetch qwen2.5-coder-0.5b`",
-        path.display()
-    );
+    let why = format!("{} is missing; run `safetune fetch {name}`", path.display());
     assert!(
         std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_none(),
         "{why}"
@@ -385,6 +397,45 @@ fn qwen2_logits_match_reference_and_it_knows_paris() {
         crate::model::generate::next_logits(&q, &reference.prompt_ids).unwrap(),
         logits
     );
+}
+
+/// The 1.5B model (28 layers, hidden 1536, tied embeddings) from its own GGUF: the same tokenizer
+/// as the 0.5B (transformers' ids for the chat prompt), and greedy decoding answers "Paris".
+#[test]
+fn qwen2_15b_knows_paris() {
+    let Some(path) = qwen2_15b() else { return };
+    let reference = qwen_reference();
+    let g = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        (
+            g.config.num_hidden_layers,
+            g.config.hidden_size,
+            g.config.kv_heads()
+        ),
+        (28, 1536, 2)
+    );
+    let tok = g.tokenizer.clone();
+    let ids = tok.encode(reference.prompt.as_str(), false).unwrap();
+    assert_eq!(ids.get_ids(), reference.prompt_ids);
+    let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu);
+    let m = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+    let im_end = tok.token_to_id("<|im_end|>").unwrap();
+    let greedy = crate::model::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let answer = crate::model::generate::generate(
+        &m,
+        &reference.prompt_ids,
+        16,
+        &[im_end],
+        greedy,
+        &mut rng,
+    )
+    .unwrap();
+    let answer = tok.decode(&answer, true).unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
 }
 
 /// SmolLM2's own chat template (from the GGUF's metadata) and byte-level tokenizer: the tokens a

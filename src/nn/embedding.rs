@@ -1,5 +1,5 @@
-//! Encoder input embeddings: word + absolute position (+ token type, for BERT), then LayerNorm
-//! and dropout.
+//! Encoder input embeddings: word + absolute position (+ token type, for BERT and RoBERTa), then
+//! LayerNorm and dropout.
 //!
 //! Forward only. The embedding tables are frozen and the inputs are integer ids, so nothing below the
 //! lowest trainable adapter ever needs a gradient here: the trainer never calls backward on this.
@@ -12,7 +12,9 @@ use candle_core::{DType, Result, Tensor, D};
 pub struct Embeddings {
     pub word: Tensor,
     pub position: Tensor,
-    /// BERT's segment embeddings; None for models without token types (MPNet, RoBERTa-style).
+    /// BERT's segment embeddings; None for models without token types (MPNet, DistilBERT). A
+    /// one-row table (RoBERTa's) is added to every token, whatever its type id: such a model's
+    /// only type is 0 (its tokenizer returns no type ids to transformers).
     pub token_type: Option<Tensor>,
     /// Positions as RoBERTa and MPNet count them (`create_position_ids_from_input_ids`): tokens
     /// at `pad + 1, pad + 2, ...`, padding at `pad`. None: `0, 1, ...` for every token (BERT).
@@ -47,7 +49,11 @@ impl Embeddings {
             .index_select(&ids, 0)?
             .add(&self.position.index_select(&positions, 0)?)?;
         if let Some(table) = &self.token_type {
-            x = x.add(&table.index_select(&token_type_ids.flatten_all()?, 0)?)?;
+            x = if table.dim(0)? == 1 {
+                x.broadcast_add(table)?
+            } else {
+                x.add(&table.index_select(&token_type_ids.flatten_all()?, 0)?)?
+            };
         }
         let (x, _) = self.layer_norm.forward(&x, false)?;
         let (x, _) = self.dropout.forward(&x, pass, false)?;

@@ -1,7 +1,10 @@
 //! Heads on an encoder's last hidden state, each trained as PEFT's `modules_to_save`:
-//! - [`ClassificationHead`], transformers' `BertForSequenceClassification`'s: the pretrained
-//!   pooler (dense + tanh on the first token, frozen), dropout, then a trainable linear classifier;
-//! - [`QaHead`], `BertForQuestionAnswering`'s: one trainable linear `qa_outputs` (hidden -> 2) on
+//! - [`ClassificationHead`], transformers' encoder sequence classifiers', on the first token:
+//!   `[dropout] -> dense -> tanh or ReLU -> dropout -> classifier`. BERT's dense layer is the
+//!   pretrained pooler, frozen; RoBERTa's (`classifier.dense`, with the first dropout) and
+//!   DistilBERT's (`pre_classifier`, ReLU) train with the classifier, as PEFT's
+//!   `modules_to_save` trains them;
+//! - [`QaHead`], `...ForQuestionAnswering`'s: one trainable linear `qa_outputs` (hidden -> 2) on
 //!   every token, giving each token's start and end logit (no pooler, no dropout).
 
 use super::dropout::DropoutSaved;
@@ -10,15 +13,33 @@ use super::linear::Linear;
 use super::{Dropout, Pass};
 use candle_core::{Result, Tensor};
 
+/// The dense layer's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadActivation {
+    Tanh,
+    Relu,
+}
+
 #[derive(Clone, Debug)]
 pub struct ClassificationHead {
-    pub pooler: Linear,
+    /// `[hidden, hidden]`: BERT's pooler, RoBERTa's `classifier.dense`, DistilBERT's
+    /// `pre_classifier`.
+    pub dense: Linear,
+    pub activation: HeadActivation,
+    /// Whether `dense` trains (its gradients are computed), or is frozen.
+    pub dense_trains: bool,
+    /// Dropout on the first token before `dense` (RoBERTa's head); None: none.
+    pub dropout_first: Option<Dropout>,
     pub dropout: Dropout,
     /// Trainable: `[num_labels, hidden]` and `[num_labels]`.
     pub classifier: Linear,
 }
 
 pub struct HeadSaved {
+    /// The dense layer's input, kept when it trains.
+    dense_in: Option<Tensor>,
+    dropout_first: Option<DropoutSaved>,
+    /// The activation's output.
     pooled: Tensor,
     dropout: Option<DropoutSaved>,
     features: Tensor,
@@ -28,9 +49,25 @@ pub struct HeadSaved {
     in_dtype: candle_core::DType,
 }
 
-pub struct HeadGrads {
+/// Gradients of a linear layer's weight and bias.
+pub struct LinearGrads {
     pub weight: Tensor,
     pub bias: Tensor,
+}
+
+pub struct HeadGrads {
+    /// The classifier's weight and bias.
+    pub weight: Tensor,
+    pub bias: Tensor,
+    /// The dense layer's, when it trains.
+    pub dense: Option<LinearGrads>,
+}
+
+fn linear_grads(dy: &Tensor, x: &Tensor) -> Result<LinearGrads> {
+    Ok(LinearGrads {
+        weight: matmul(&dy.t()?, x)?,
+        bias: dy.sum(0)?,
+    })
 }
 
 impl ClassificationHead {
@@ -48,11 +85,21 @@ impl ClassificationHead {
             .reshape((batch, seq, hidden))?
             .narrow(1, 0, 1)?
             .squeeze(1)?
-            .to_dtype(self.pooler.weight.dtype())?;
-        let pooled = self.pooler.forward(&first)?.tanh()?;
+            .to_dtype(self.dense.weight.dtype())?;
+        let (x, dropout_first) = match &self.dropout_first {
+            Some(d) => d.forward(&first, pass, save)?,
+            None => (first, None),
+        };
+        let z = self.dense.forward(&x)?;
+        let pooled = match self.activation {
+            HeadActivation::Tanh => z.tanh()?,
+            HeadActivation::Relu => z.relu()?,
+        };
         let (features, dropout) = self.dropout.forward(&pooled, pass, save)?;
         let logits = self.classifier.forward(&features)?;
         let saved = save.then_some(HeadSaved {
+            dense_in: self.dense_trains.then_some(x),
+            dropout_first,
             pooled,
             dropout,
             features,
@@ -66,20 +113,29 @@ impl ClassificationHead {
 
 impl HeadSaved {
     /// Returns the gradient of the last hidden state `[batch*seq, hidden]` (non-zero on the first
-    /// token only) and the classifier's gradients.
+    /// token only) and the trained layers' gradients.
     pub fn backward(
         &self,
         head: &ClassificationHead,
         dlogits: &Tensor,
     ) -> Result<(Tensor, HeadGrads)> {
-        let grads = HeadGrads {
-            weight: matmul(&dlogits.t()?, &self.features)?,
-            bias: dlogits.sum(0)?,
-        };
+        let out = linear_grads(dlogits, &self.features)?;
         let dfeat = head.classifier.backward_input(dlogits)?;
         let dpooled = super::dropout::backward_opt(&self.dropout, dfeat)?;
-        let dz = (dpooled * self.pooled.sqr()?.affine(-1.0, 1.0)?)?;
-        let dfirst = head.pooler.backward_input(&dz)?.to_dtype(self.in_dtype)?;
+        let dz = match head.activation {
+            HeadActivation::Tanh => (dpooled * self.pooled.sqr()?.affine(-1.0, 1.0)?)?,
+            HeadActivation::Relu => {
+                let on = self.pooled.gt(0.0)?.to_dtype(dpooled.dtype())?;
+                (dpooled * on)?
+            }
+        };
+        let dense = match &self.dense_in {
+            Some(x) => Some(linear_grads(&dz, x)?),
+            None => None,
+        };
+        let dx = head.dense.backward_input(&dz)?;
+        let dfirst =
+            super::dropout::backward_opt(&self.dropout_first, dx)?.to_dtype(self.in_dtype)?;
         let hidden = dfirst.dim(1)?;
         let rest = Tensor::zeros(
             (self.batch, self.seq - 1, hidden),
@@ -87,6 +143,11 @@ impl HeadSaved {
             dfirst.device(),
         )?;
         let dh = Tensor::cat(&[&dfirst.unsqueeze(1)?, &rest], 1)?;
+        let grads = HeadGrads {
+            weight: out.weight,
+            bias: out.bias,
+            dense,
+        };
         Ok((dh.reshape((self.batch * self.seq, hidden))?, grads))
     }
 }
@@ -105,6 +166,9 @@ pub struct QaHeadSaved {
 }
 
 impl QaHead {
+    /// Its module path in a task model (`...ForQuestionAnswering`'s `qa_outputs`, at the root).
+    pub const PATH: &'static str = "qa_outputs";
+
     /// `h` is the last hidden state `[batch*seq, hidden]`; returns `[batch*seq, 2]`: column 0 the
     /// start logits, column 1 the end logits.
     pub fn forward(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<QaHeadSaved>)> {
@@ -122,9 +186,11 @@ impl QaHeadSaved {
     /// Returns the gradient of the last hidden state `[batch*seq, hidden]` and `qa_outputs`'
     /// gradients.
     pub fn backward(&self, head: &QaHead, dlogits: &Tensor) -> Result<(Tensor, HeadGrads)> {
+        let LinearGrads { weight, bias } = linear_grads(dlogits, &self.x)?;
         let grads = HeadGrads {
-            weight: matmul(&dlogits.t()?, &self.x)?,
-            bias: dlogits.sum(0)?,
+            weight,
+            bias,
+            dense: None,
         };
         let dh = head
             .qa_outputs
@@ -140,40 +206,61 @@ mod tests {
     use crate::nn::gradcheck::{check, randn};
     use rand::SeedableRng;
 
+    /// Each head layout (BERT's frozen tanh pooler; RoBERTa's dropout, trained tanh dense;
+    /// DistilBERT's trained ReLU dense): the hidden state's and every trained tensor's gradient
+    /// equal autograd's and finite differences, dropout on.
     #[test]
     fn backward_matches_autograd_and_finite_differences() {
         let (b, t, c, k) = (3, 4, 6, 5);
-        let pooler = Linear::new(randn(&[c, c], 51), Some(randn(&[c], 52)));
         let h = randn(&[b * t, c], 53);
         let (w, bias) = (randn(&[k, c], 54), randn(&[k], 55));
+        let (dw, db) = (randn(&[c, c], 51), randn(&[c], 52));
         let dy = randn(&[b, k], 56);
-        let head_with = |w: &Tensor, bias: &Tensor| ClassificationHead {
-            pooler: pooler.clone(),
-            dropout: Dropout::new(0.2),
-            classifier: Linear::new(w.clone(), Some(bias.clone())),
-        };
-        let fwd = |x: &[Tensor], save: bool| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
+        let layouts = [
+            (HeadActivation::Tanh, false, None),
+            (HeadActivation::Tanh, true, Some(Dropout::new(0.3))),
+            (HeadActivation::Relu, true, None),
+        ];
+        for (activation, dense_trains, dropout_first) in layouts {
+            let head_with = |x: &[Tensor]| ClassificationHead {
+                dense: Linear::new(x[3].clone(), Some(x[4].clone())),
+                activation,
+                dense_trains,
+                dropout_first,
+                dropout: Dropout::new(0.2),
+                classifier: Linear::new(x[1].clone(), Some(x[2].clone())),
             };
-            head_with(&x[1], &x[2])
-                .forward(&x[0], b, t, &mut pass, save)
-                .unwrap()
-        };
-        let inputs = [h, w, bias];
-        let saved = fwd(&inputs, true).1.unwrap();
-        let (dh, g) = saved
-            .backward(&head_with(&inputs[1], &inputs[2]), &dy)
-            .unwrap();
-        check(
-            &inputs,
-            &dy,
-            &[dh, g.weight, g.bias],
-            |x| Ok(fwd(x, false).0),
-            1e-10,
-        );
+            let fwd = |x: &[Tensor], save: bool| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+                let mut pass = Pass {
+                    training: true,
+                    rng: &mut rng,
+                };
+                head_with(x).forward(&x[0], b, t, &mut pass, save).unwrap()
+            };
+            let inputs = [h.clone(), w.clone(), bias.clone(), dw.clone(), db.clone()];
+            let saved = fwd(&inputs, true).1.unwrap();
+            let (dh, g) = saved.backward(&head_with(&inputs), &dy).unwrap();
+            assert_eq!(g.dense.is_some(), dense_trains);
+            let n = if dense_trains { 5 } else { 3 };
+            let mut grads = vec![dh, g.weight, g.bias];
+            if let Some(d) = g.dense {
+                grads.extend([d.weight, d.bias]);
+            }
+            // The frozen dense layer's tensors are inputs of the forward, not checked.
+            let fixed = inputs[3..].to_vec();
+            check(
+                &inputs[..n],
+                &dy,
+                &grads,
+                |x| {
+                    let mut all = x.to_vec();
+                    all.extend(fixed[n - 3..].iter().cloned());
+                    Ok(fwd(&all, false).0)
+                },
+                1e-10,
+            );
+        }
     }
 
     #[test]

@@ -396,6 +396,7 @@ fn build(
                 pad_token_id: 0,
                 model_type: None,
                 relative_attention_num_buckets: 32,
+                classifier_dropout: None,
             };
             anyhow::ensure!(
                 a.quantize.is_none(),

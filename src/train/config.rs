@@ -305,12 +305,27 @@ impl TrainConfig {
     /// `config.json` of `model_dir`.
     pub fn check_model(&self, model_dir: &std::path::Path) -> anyhow::Result<()> {
         let path = model_dir.join("config.json");
-        let positions = crate::model::BertConfig::from_file(&path)?.max_position_embeddings;
+        let config = crate::model::BertConfig::from_file(&path)?;
+        if self.data.task == crate::data::TaskKind::Qa {
+            if let Err(e) = config.family().qa_support() {
+                anyhow::bail!("{}: {e}", path.display());
+            }
+        }
+        let positions = config.max_tokens();
         if self.data.max_length > positions {
-            let rule = format!(
-                "at most the model's max_position_embeddings, {positions} ({})",
-                path.display()
-            );
+            let rows = config.max_position_embeddings;
+            let rule = if rows == positions {
+                format!(
+                    "at most the model's max_position_embeddings, {positions} ({})",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "at most {positions}: the model's max_position_embeddings, {rows}, less the \
+                     positions up to its pad_token_id, where they start ({})",
+                    path.display()
+                )
+            };
             let v = self.data.max_length;
             return Err(out_of_range(
                 Some("--max-length"),

@@ -383,6 +383,7 @@ mod tests {
             pad_token_id: 0,
             model_type: None,
             relative_attention_num_buckets: 32,
+            classifier_dropout: None,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let mut m =

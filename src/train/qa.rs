@@ -286,11 +286,11 @@ pub fn train_qa(
              chosen on the validation split"
         );
     }
-    let mpnet_cfg;
-    let cfg = match trainer::mpnet_default_targets(cfg, &setup.model_dir) {
+    let family_cfg;
+    let cfg = match trainer::family_default_targets(cfg, &setup.model_dir) {
         Some(c) => {
-            mpnet_cfg = c;
-            &mpnet_cfg
+            family_cfg = c;
+            &family_cfg
         }
         None => cfg,
     };

@@ -4,7 +4,7 @@
 //! The optimizer update and SAFE's bookkeeping follow in `trainer`.
 
 use super::frozen_cache::{BatchRows, FrozenCache};
-use crate::adapters::{lora_grads, AdaptedStack, ParamId};
+use crate::adapters::{lora_grads, AdaptedStack, HeadParam, ParamId};
 use crate::data::batch::Batch;
 use crate::data::Label;
 use crate::model::bert::{BatchTensors, BertForSequenceClassification, BertWithHead, EncoderHead};
@@ -97,7 +97,7 @@ pub fn forward_backward_with<H: EncoderHead>(
     recompute: &Recompute,
     loss: impl FnOnce(&Tensor) -> Result<(f32, Tensor)>,
 ) -> anyhow::Result<StepOutput> {
-    let dtype = model.head.trained().weight.dtype();
+    let dtype = model.head.trained()[0].1.weight.dtype();
     let device = model.device();
     let tensors = to_tensors(batch, dtype, &device)?;
     let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
@@ -131,6 +131,10 @@ pub fn forward_backward_with<H: EncoderHead>(
     let [w, b] = H::PARAMS;
     grads.push((ParamId::Head(w), g.head.weight));
     grads.push((ParamId::Head(b), g.head.bias));
+    if let Some(d) = g.head.dense {
+        grads.push((ParamId::Head(HeadParam::DenseWeight), d.weight));
+        grads.push((ParamId::Head(HeadParam::DenseBias), d.bias));
+    }
     Ok(StepOutput { loss, grads })
 }
 
@@ -191,15 +195,12 @@ mod tests {
                 .unwrap()
         };
         let mut rng = StdRng::seed_from_u64(0);
-        let mut m =
-            BertForSequenceClassification::load(&dir, 3, DType::F64, &cpu, &mut rng).unwrap();
-        // The loader starts a new classifier; the fixture's trained one is put in its place.
+        let m = BertForSequenceClassification::load(&dir, 3, DType::F64, &cpu, &mut rng).unwrap();
+        // The loader takes the fixture's trained classifier (3 labels, as asked).
         let w = candle_core::safetensors::load(dir.join("model.safetensors"), &cpu).unwrap();
-        let dtype = m.head.classifier.weight.dense().unwrap().dtype();
-        m.head.classifier = crate::nn::linear::Linear::new(
-            w["classifier.weight"].to_dtype(dtype).unwrap(),
-            Some(w["classifier.bias"].to_dtype(dtype).unwrap()),
-        );
+        let loaded = m.head.classifier.weight.dense().unwrap().into_owned();
+        let stored = w["classifier.weight"].to_dtype(DType::F64).unwrap();
+        assert_eq!(crate::nn::gradcheck::max_abs_diff(&loaded, &stored), 0.0);
         let want = &r["logits"];
         let logits = |mask: Vec<u32>| -> Tensor {
             let b = Batch {
@@ -340,6 +341,7 @@ mod dtype_tests {
             pad_token_id: 0,
             model_type: None,
             relative_attention_num_buckets: 32,
+            classifier_dropout: None,
         };
         let mut rng = StdRng::seed_from_u64(3);
         let mut m =
@@ -385,7 +387,7 @@ mod dtype_tests {
             DType::BF16
         );
         assert_eq!(m16.adapter(0, Site::Query).unwrap().a.dtype(), DType::F32);
-        assert_eq!(m16.head.pooler.weight.dtype(), DType::F32);
+        assert_eq!(m16.head.dense.weight.dtype(), DType::F32);
         assert_eq!(m16.head.classifier.weight.dtype(), DType::F32);
         let run = |m: &BertForSequenceClassification| {
             let mut rng = StdRng::seed_from_u64(9);

@@ -13,7 +13,7 @@ use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::memory;
-use crate::model::bert::{BertForSequenceClassification, BertWithHead, EncoderFamily, EncoderHead};
+use crate::model::bert::{BertForSequenceClassification, BertWithHead, EncoderHead};
 use crate::model::stack::Recompute;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -149,16 +149,18 @@ fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
     ))
 }
 
-/// The default targets (`query`, `value`) said in MPNet's names (`q`, `v`), when the model is
-/// an MPNet; None otherwise (other targets are the user's and kept as given).
-pub(crate) fn mpnet_default_targets(cfg: &TrainConfig, model_dir: &Path) -> Option<TrainConfig> {
+/// The default targets (`query`, `value`) said in the model family's names (MPNet's `q`, `v`,
+/// DistilBERT's `q_lin`, `v_lin`), when they are other than BERT's; None otherwise (other
+/// targets are the user's and kept as given).
+pub(crate) fn family_default_targets(cfg: &TrainConfig, model_dir: &Path) -> Option<TrainConfig> {
     let default = TrainConfig::default().lora.target_modules;
     let config = crate::model::BertConfig::from_file(&model_dir.join("config.json")).ok()?;
-    if cfg.lora.target_modules != default || config.family() != EncoderFamily::MPNet {
+    let targets = config.family().default_targets().map(String::from).to_vec();
+    if cfg.lora.target_modules != default || targets == default {
         return None;
     }
     let mut c = cfg.clone();
-    c.lora.target_modules = vec!["q".into(), "v".into()];
+    c.lora.target_modules = targets;
     Some(c)
 }
 
@@ -557,11 +559,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
     }
     let task = setup.splits.train.task;
     let num_labels = setup.splits.train.num_labels();
-    let mpnet_cfg;
-    let cfg = match mpnet_default_targets(cfg, &setup.model_dir) {
+    let family_cfg;
+    let cfg = match family_default_targets(cfg, &setup.model_dir) {
         Some(c) => {
-            mpnet_cfg = c;
-            &mpnet_cfg
+            family_cfg = c;
+            &family_cfg
         }
         None => cfg,
     };
