@@ -231,8 +231,25 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, IoError> {
             message: format!("peft_type '{}' is not supported (only LORA)", cfg.peft_type),
         });
     }
-    Ok(cfg)
+    // Checked before a model allocates `r`-row adapters or divides by `r`.
+    let problem = if cfg.r == 0 || cfg.r > MAX_RANK {
+        Some(format!("r = {} is out of range (1 to {MAX_RANK})", cfg.r))
+    } else if !(0.0..1.0).contains(&cfg.lora_dropout) {
+        Some(format!(
+            "lora_dropout = {} is out of range (0 to below 1)",
+            cfg.lora_dropout
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(message) => Err(IoError::Invalid { path, message }),
+        None => Ok(cfg),
+    }
 }
+
+/// The largest LoRA rank an adapter config may name (PEFT's ranks are 1 to a few hundred).
+pub const MAX_RANK: usize = 1 << 14;
 
 /// Loads a PEFT LoRA adapter folder into `model`, replacing its adapters and head. The model
 /// must have adapters on exactly the modules the file has, with the same rank.
@@ -332,7 +349,8 @@ pub fn num_labels(dir: &Path, classifier: &str) -> Result<usize, IoError> {
         tried: "the classifier saved as modules_to_save".into(),
     })?;
     match w.dims() {
-        &[labels, _] => Ok(labels),
+        // A `[n, 0]` tensor holds no bytes, so its `n` would be a size the file does not back.
+        &[labels, hidden] if labels > 0 && hidden > 0 => Ok(labels),
         dims => Err(IoError::Invalid {
             path,
             message: format!("tensor '{name}' has shape {dims:?}, expected [num_labels, hidden]"),
@@ -504,6 +522,8 @@ mod tests {
         for bad in [
             Tensor::new(1f32, &Device::Cpu).unwrap(),
             Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((1 << 40, 0), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((0, 8), DType::F32, &Device::Cpu).unwrap(),
         ] {
             let dims = bad.dims().to_vec();
             write_classifier(dir.path(), bad);
@@ -516,6 +536,43 @@ mod tests {
                     "tensor 'base_model.model.classifier.weight' has shape {dims:?}"
                 )),
                 "{e}"
+            );
+        }
+    }
+
+    /// Settings a model would allocate or divide by are range-checked when the config is read,
+    /// and the error names the file and the key.
+    #[test]
+    fn config_numbers_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |r: &str, alpha: &str, dropout: &str| {
+            let text = format!(
+                r#"{{"peft_type": "LORA", "task_type": null, "r": {r}, "lora_alpha": {alpha},
+                "lora_dropout": {dropout}, "target_modules": ["query"],
+                "base_model_name_or_path": null, "bias": "none", "fan_in_fan_out": false,
+                "use_rslora": false, "modules_to_save": null}}"#
+            );
+            std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
+        };
+        write("4", "8.0", "0.1");
+        assert_eq!(read_config(dir.path()).unwrap().r, 4);
+        for (r, alpha, dropout, expected) in [
+            ("0", "8.0", "0.1", "r = 0 is out of range"),
+            (
+                "1099511627776",
+                "8.0",
+                "0.1",
+                "r = 1099511627776 is out of range",
+            ),
+            ("4", "8.0", "1.0", "lora_dropout = 1 is out of range"),
+            ("4", "8.0", "-0.5", "lora_dropout"),
+        ] {
+            write(r, alpha, dropout);
+            let e = read_config(dir.path()).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&dir.path().join(CONFIG_FILE).display().to_string())
+                    && e.contains(expected),
+                "{r} {alpha} {dropout}: {e}"
             );
         }
     }

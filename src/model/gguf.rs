@@ -15,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 use tokenizers::decoders::DecoderWrapper;
@@ -507,9 +507,156 @@ fn open_gguf(path: &Path) -> Result<(BufReader<File>, Content), IoError> {
         what: "GGUF model file".into(),
     })?;
     let mut reader = BufReader::new(file);
+    // candle's reader divides by the declared alignment: a 0 must not reach it.
+    if declared_alignment(&mut reader) == Some(0) {
+        return Err(invalid(
+            path,
+            "GGUF metadata 'general.alignment' is 0; it must be a positive number of bytes",
+        ));
+    }
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| invalid(path, format!("cannot be read ({e})")))?;
     let content = Content::read(&mut reader)
         .map_err(|e| invalid(path, format!("not a readable GGUF file ({e})")))?;
+    // candle multiplies a tensor's dimensions when it reads the tensor; their product, and its
+    // size in bytes, must fit.
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let bytes = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| {
+                (n / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size())
+            });
+        if bytes.is_none() {
+            return Err(invalid(
+                path,
+                format!("tensor '{name}' has dimensions {dims:?}, too large for any file"),
+            ));
+        }
+    }
     Ok((reader, content))
+}
+
+/// The `general.alignment` a GGUF header declares, when it is one of the integer types candle's
+/// reader takes it from; None when there is none, or the header cannot be walked to that key
+/// (candle's reader then says what is wrong). Walks the metadata from the start of the
+/// file, skipping values by their sizes; only lengths are read, nothing is allocated from them.
+fn declared_alignment(r: &mut BufReader<File>) -> Option<u64> {
+    alignment_walk(r).ok().flatten()
+}
+
+fn alignment_walk(r: &mut BufReader<File>) -> std::io::Result<Option<u64>> {
+    const KEY: &[u8] = b"general.alignment";
+    let magic = read_u32(r)?;
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Ok(None);
+    }
+    let v1 = match read_u32(r)? {
+        1 => true,
+        2 | 3 => false,
+        _ => return Ok(None),
+    };
+    let _tensors = read_len(r, v1)?;
+    let kvs = read_len(r, v1)?;
+    for _ in 0..kvs {
+        let len = read_len(r, v1)?;
+        let mut is_key = false;
+        if len == KEY.len() as u64 {
+            let mut key = [0u8; KEY.len()];
+            r.read_exact(&mut key)?;
+            is_key = key == KEY;
+        } else {
+            skip(r, len)?;
+        }
+        let vtype = read_u32(r)?;
+        if is_key {
+            // u8, i8, u16, i16, u32, i32: the types candle reads the alignment from.
+            let (size, signed) = match vtype {
+                0..=5 => (1usize << (vtype / 2), vtype % 2 == 1),
+                _ => return Ok(None),
+            };
+            let mut v = [0u8; 8];
+            r.read_exact(&mut v[..size])?;
+            let negative = signed && v[size - 1] & 0x80 != 0;
+            return Ok((!negative).then(|| u64::from_le_bytes(v)));
+        }
+        if !skip_value(r, vtype, v1, 0)? {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+fn read_u32(r: &mut BufReader<File>) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// A string or array length: u32 in GGUF v1, u64 after.
+fn read_len(r: &mut BufReader<File>, v1: bool) -> std::io::Result<u64> {
+    if v1 {
+        return read_u32(r).map(u64::from);
+    }
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Moves `n` bytes on (past the end is found by the next read).
+fn skip(r: &mut BufReader<File>, n: u64) -> std::io::Result<()> {
+    let n =
+        i64::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+    r.seek_relative(n)
+}
+
+/// The size of one GGUF metadata value of a fixed-size type.
+fn fixed_size(vtype: u32) -> Option<u64> {
+    match vtype {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// Skips one GGUF metadata value of type `vtype`; false for a type or nesting GGUF does not
+/// have. A loop over an array's elements reads at least 4 bytes per element, so it ends at the
+/// end of the file.
+fn skip_value(
+    r: &mut BufReader<File>,
+    vtype: u32,
+    v1: bool,
+    depth: usize,
+) -> std::io::Result<bool> {
+    match vtype {
+        8 => {
+            let n = read_len(r, v1)?;
+            skip(r, n)?;
+        }
+        9 if depth < 64 => {
+            let elem = read_u32(r)?;
+            let n = read_len(r, v1)?;
+            match fixed_size(elem) {
+                Some(size) => skip(r, size.saturating_mul(n))?,
+                None => {
+                    for _ in 0..n {
+                        if !skip_value(r, elem, v1, depth + 1)? {
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        }
+        t => match fixed_size(t) {
+            Some(size) => skip(r, size)?,
+            None => return Ok(false),
+        },
+    }
+    Ok(true)
 }
 
 /// Only the tokenizer (and chat template) of a GGUF file, without reading any tensor data.

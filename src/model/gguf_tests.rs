@@ -451,6 +451,65 @@ fn truncated_or_garbage_files_are_invalid_not_panics() {
     assert!(matches!(err, Err(IoError::Missing { .. })));
 }
 
+/// Numbers in a GGUF header that candle's reader would divide by or multiply without a check
+/// (an alignment of 0; a tensor whose dimensions overflow when multiplied) are refused with an
+/// error naming the file, before candle reads the file.
+#[test]
+fn header_numbers_that_would_panic_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(true);
+    let hf = random_tensors(&cfg, 5);
+    let path = tmp.path().join("a.gguf");
+    write_gguf(&path, &cfg, &hf, f32s, |md, _| {
+        md.push(("general.alignment".into(), Value::U32(0)));
+    });
+    for f in [load_tokenizer_only, load_dequantized] {
+        let e = f(&path);
+        assert!(
+            e.contains("a.gguf") && e.contains("general.alignment"),
+            "{e}"
+        );
+    }
+    // rope_freqs.weight is read before the shapes are checked: dimensions whose product
+    // overflows.
+    write_gguf(&path, &cfg, &hf, f32s, |_, ts| {
+        let t = Tensor::new(&[1f32, 1.0, 1.0, 1.0], &Device::Cpu).unwrap();
+        let t = t.reshape((2, 2)).unwrap();
+        ts.push((
+            ROPE_FREQS.into(),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
+    });
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = ROPE_FREQS.as_bytes();
+    let at = bytes
+        .windows(name.len())
+        .rposition(|w| w == name)
+        .expect("the tensor's name in the header")
+        + name.len();
+    // n_dims (u32) = 2, then the two dims (u64 each).
+    assert_eq!(bytes[at..at + 4], 2u32.to_le_bytes());
+    bytes[at + 4..at + 12].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    bytes[at + 12..at + 20].copy_from_slice(&16u64.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = load_dequantized(&path);
+    assert!(
+        e.contains("a.gguf") && e.contains(ROPE_FREQS) && e.contains("too large"),
+        "{e}"
+    );
+}
+
+fn load_tokenizer_only(path: &Path) -> String {
+    load_tokenizer(path).map(|_| ()).unwrap_err().to_string()
+}
+
+fn load_dequantized(path: &Path) -> String {
+    load_llama(path, DType::F32, &Device::Cpu)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+}
+
 fn write_hf(dir: &Path, cfg: &LlamaConfig, hf: &HashMap<String, Tensor>, shards: usize) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_string(cfg).unwrap()).unwrap();
