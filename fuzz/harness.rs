@@ -141,10 +141,10 @@ fn load_adapter(dir: &Path, adapter: &Path) -> anyhow::Result<()> {
             safetune::model::llama::LlamaForCausalLM::random(cfg, dtype, &cpu, &mut rng)?,
         ))
     } else {
-        let labels = peft::num_labels(adapter)?;
         let path = dir.join("bert.json");
         write(&path, BERT_CONFIG.as_bytes());
         let cfg = BertConfig::from_file(&path)?;
+        let labels = peft::num_labels(adapter, cfg.family().head().out)?;
         PeftBase::Bert(BertForSequenceClassification::random(
             cfg, labels, dtype, &cpu, &mut rng,
         )?)
