@@ -4,7 +4,9 @@ safetensune's loader tests (tests/fixtures/hf/). Run where transformers and torc
     python3 scripts/hf_fixtures.py OUT_DIR [NAME ...]   (default: every fixture)
 
 Each model folder gets transformers' own config.json and safetensors (sharded with an index where
-noted) and `reference.safetensors`: `input_ids` (i64, [2, 16]) and the float64 `logits`
+noted) and reference outputs (the decoders' below; the encoders' and QA models' where they are
+written). Needs a `tokenizers` other than 0.23.2 for the QA windows. The decoders'
+`reference.safetensors`: `input_ids` (i64, [2, 16]) and the float64 `logits`
 ([2, 16, vocab]) of the same weights run in float64 with eager attention.
 """
 import json, os, sys
@@ -262,3 +264,99 @@ def distilbert(vocab, pad):
 
 write_classifier("roberta-padded", byte_bpe_tokenizer, roberta)
 write_classifier("distilbert-padded", wordpiece_tokenizer, distilbert)
+
+
+# Extractive QA for BERT, RoBERTa and DistilBERT (the checkpoint's own `qa_outputs`), with the
+# tokenizers above. QA_QUESTION / QA_CONTEXT are cut into windows as transformers' `run_qa.py`
+# does (a PreTrainedTokenizerFast over that tokenizer: truncation only_second, QA_MAX_LENGTH
+# tokens, QA_STRIDE tokens shared, overflowing windows, offsets). reference.json holds each
+# window's ids, token type ids (BERT only: the others' tokenizers return none) and context
+# offsets (null outside the context, as run_qa.py sets them); reference.safetensors the windows
+# right-padded with the pad id (input_ids, attention_mask, token_type_ids) and the float64
+# `start_logits` / `end_logits`.
+QA_QUESTION = "  who scored twice for the team?"
+QA_CONTEXT = ("the striker scored twice and the coach praised the young defenders. the match "
+              "ended in a draw after a late goal from the visiting side, and the team lost the "
+              "final, 2-1, despite a strong start.")
+QA_MAX_LENGTH = 40
+QA_STRIDE = 10
+
+
+def write_qa(name, make_tokenizer, make_model, specials, token_types):
+    if only and name not in only:
+        return
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+    tok, pad = make_tokenizer()
+    model = make_model(tok.get_vocab_size(), pad)
+    randomize(model)
+    model.eval()
+    model.save_pretrained(d)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if token_types else [])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=names,
+                                                **specials)
+    enc = fast(QA_QUESTION.lstrip(), QA_CONTEXT, truncation="only_second",
+               max_length=QA_MAX_LENGTH, stride=QA_STRIDE, return_overflowing_tokens=True,
+               return_offsets_mapping=True, padding="max_length")
+    n = len(enc["input_ids"])
+    assert n >= 3, n
+    # The windows must reach the end of the context: tokenizers 0.23.2 stops a pair's overflow
+    # after two windows (0.23.3 and the Rust crate do not).
+    last = [o for o, q in zip(enc["offset_mapping"][-1], enc.sequence_ids(n - 1)) if q == 1]
+    assert last[-1][1] == len(QA_CONTEXT), ("windows stop at", last[-1], "of", len(QA_CONTEXT))
+    windows = []
+    for i in range(n):
+        seq = enc.sequence_ids(i)
+        keep = [j for j, m in enumerate(enc["attention_mask"][i]) if m == 1]
+        windows.append({
+            "ids": [enc["input_ids"][i][j] for j in keep],
+            "type_ids": [enc["token_type_ids"][i][j] for j in keep] if token_types else None,
+            "offsets": [list(enc["offset_mapping"][i][j]) if seq[j] == 1 else None for j in keep],
+        })
+    ids = torch.tensor(enc["input_ids"], dtype=torch.int64)
+    mask = torch.tensor(enc["attention_mask"], dtype=torch.int64)
+    types = torch.tensor(enc["token_type_ids"] if token_types else [[0] * QA_MAX_LENGTH] * n,
+                         dtype=torch.int64)
+    ref = model.to(torch.float64)
+    kw = {"token_type_ids": types} if token_types else {}
+    with torch.no_grad():
+        o = ref(input_ids=ids, attention_mask=mask, **kw)
+    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous(),
+               "token_type_ids": types.contiguous(),
+               "start_logits": o.start_logits.contiguous(), "end_logits": o.end_logits.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump({"question": QA_QUESTION, "context": QA_CONTEXT, "max_length": QA_MAX_LENGTH,
+                   "doc_stride": QA_STRIDE, "windows": windows}, f, indent=1)
+    print("==", name, sorted(os.listdir(d)), n, "windows, padded:", (mask == 0).any().item(),
+          o.start_logits[0, :6])
+
+
+def bert_qa(vocab, pad):
+    c = cfg(transformers.BertConfig, vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+            type_vocab_size=2, pad_token_id=pad)
+    return transformers.BertForQuestionAnswering(c)
+
+
+def roberta_qa(vocab, pad):
+    c = cfg(transformers.RobertaConfig, vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+            type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=pad, bos_token_id=0,
+            eos_token_id=2)
+    return transformers.RobertaForQuestionAnswering(c)
+
+
+def distilbert_qa(vocab, pad):
+    c = cfg(transformers.DistilBertConfig, vocab_size=vocab, dim=32, n_layers=2, n_heads=4,
+            hidden_dim=64, max_position_embeddings=64, pad_token_id=pad)
+    return transformers.DistilBertForQuestionAnswering(c)
+
+
+WORDPIECE = dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+BYTE_BPE = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+                pad_token="<pad>", unk_token="<unk>")
+write_qa("bert-qa", wordpiece_tokenizer, bert_qa, WORDPIECE, True)
+write_qa("roberta-qa", byte_bpe_tokenizer, roberta_qa, BYTE_BPE, False)
+write_qa("distilbert-qa", wordpiece_tokenizer, distilbert_qa, WORDPIECE, False)

@@ -2097,20 +2097,20 @@ fn qa_bad_record_is_named() {
     assert_clean_error(&out, &["bad.json", "qas[0] (id 'q1')", "answer_start 2"]);
 }
 
-/// `--task qa` on a RoBERTa or DistilBERT model (transformers' fixtures) is refused at load, the
-/// error naming the family, and nothing is written.
+/// `--task qa` on RoBERTa and DistilBERT (transformers' fixtures, their own tokenizers): a few
+/// steps write the QA outputs, and `merge` writes the family's `...ForQuestionAnswering`.
 #[test]
-fn qa_refuses_roberta_and_distilbert() {
+fn qa_trains_roberta_and_distilbert() {
     let sb = Sandbox::new();
-    for (fixture, family) in [
-        ("roberta-padded", "roberta"),
-        ("distilbert-padded", "distilbert"),
+    for (fixture, architecture) in [
+        ("roberta-padded", "RobertaForQuestionAnswering"),
+        ("distilbert-padded", "DistilBertForQuestionAnswering"),
     ] {
         let model = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/hf")
             .join(fixture);
-        let out_dir = sb.path(fixture);
-        let out = sb.run(&[
+        let out = sb.path(fixture);
+        sb.run_ok(&[
             "train",
             "--task",
             "qa",
@@ -2119,15 +2119,36 @@ fn qa_refuses_roberta_and_distilbert() {
             "--data",
             s(&squad_fixture()),
             "--output",
-            s(&out_dir),
+            s(&out),
             "--max-length",
-            "48",
+            "60",
             "--doc-stride",
-            "16",
+            "8",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
             "--quiet",
         ]);
-        assert_clean_error(&out, &["--task qa", family]);
-        assert!(!out_dir.join("adapter_config.json").exists());
+        check_qa_outputs(&out, 42, 32);
+        let merged = sb.path(&format!("{fixture}-merged"));
+        sb.run_ok(&[
+            "merge",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&out),
+            "--output",
+            s(&merged),
+        ]);
+        let cfg = read_json(&merged.join("config.json"));
+        assert_eq!(
+            cfg["architectures"],
+            serde_json::json!([architecture]),
+            "{cfg}"
+        );
+        let tensors = load_tensors(&merged.join("model.safetensors"));
+        assert!(tensors.contains_key("qa_outputs.weight"), "{fixture}");
     }
 }
 

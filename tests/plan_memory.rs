@@ -49,6 +49,7 @@ fn bert(dropout: f64) -> BertForSequenceClassification {
         model_type: None,
         relative_attention_num_buckets: 32,
         classifier_dropout: None,
+        qa_dropout: None,
     };
     let mut rng = StdRng::seed_from_u64(1);
     let mut m =

@@ -42,28 +42,20 @@ pub struct EncoderNaming {
     pub head: Vec<&'static str>,
     /// transformers' class (`config.json`'s `architectures`).
     pub architecture: &'static str,
-    /// transformers' question-answering class of the family; None where `--task qa` is not
-    /// supported.
-    pub qa_architecture: Option<&'static str>,
+    /// transformers' question-answering class of the family.
+    pub qa_architecture: &'static str,
     pub hidden_size: usize,
 }
 
 impl EncoderNaming {
     /// The names of the family's `...ForQuestionAnswering`: `qa_outputs` as the head, the same
-    /// base model; an error where the family has no supported QA model.
-    pub fn question_answering(&self) -> Result<Self, String> {
-        let architecture = self.qa_architecture.ok_or_else(|| {
-            format!(
-                "a question-answering adapter (task_type QUESTION_ANS) merges into a BERT or \
-                 MPNet base only, not into this {} one",
-                self.prefix.trim_end_matches('.')
-            )
-        })?;
-        Ok(Self {
+    /// base model.
+    pub fn question_answering(&self) -> Self {
+        Self {
             head: vec![crate::nn::head::QaHead::PATH],
-            architecture,
+            architecture: self.qa_architecture,
             ..self.clone()
-        })
+        }
     }
 
     /// The name the task model uses for a base checkpoint tensor: a bare base-model name
@@ -152,9 +144,7 @@ pub fn merge_adapter(
     let qa = cfg.task_type.as_deref() == Some("QUESTION_ANS");
     let qa_naming;
     let naming = if qa {
-        qa_naming = naming
-            .question_answering()
-            .map_err(|m| invalid(&adapter_dir.join(peft::CONFIG_FILE), &m))?;
+        qa_naming = naming.question_answering();
         &qa_naming
     } else {
         naming

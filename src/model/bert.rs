@@ -332,10 +332,10 @@ impl EncoderHead for QaHead {
         h: &Tensor,
         _batch: usize,
         _seq: usize,
-        _pass: &mut Pass,
+        pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, Option<QaHeadSaved>)> {
-        QaHead::forward(self, h, save)
+        QaHead::forward(self, h, pass, save)
     }
 
     fn backward(&self, saved: QaHeadSaved, dout: &Tensor) -> Result<(Tensor, HeadGrads)> {
@@ -656,12 +656,6 @@ impl BertForQuestionAnswering {
         w: &Weights,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        if let Err(message) = config.family().qa_support() {
-            return Err(IoError::Invalid {
-                path: w.file().into(),
-                message,
-            });
-        }
         BertWithHead::build(config, w, |c, w, on| {
             let h = c.hidden_size;
             let new = new_head_linear(2, h, on, w, rng)?;
@@ -673,7 +667,10 @@ impl BertForQuestionAnswering {
             } else {
                 new
             };
-            Ok(QaHead { qa_outputs })
+            Ok(QaHead {
+                qa_outputs,
+                dropout: Dropout::new(c.qa_dropout.unwrap_or(0.0)),
+            })
         })
     }
 

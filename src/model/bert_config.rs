@@ -39,6 +39,10 @@ pub struct BertConfig {
     /// `seq_classif_dropout`); None: `hidden_dropout_prob`, as transformers does.
     #[serde(default)]
     pub classifier_dropout: Option<f64>,
+    /// Dropout before the question-answering head's `qa_outputs` (DistilBERT's `qa_dropout`;
+    /// BERT's, RoBERTa's and MPNet's QA models have none).
+    #[serde(default)]
+    pub qa_dropout: Option<f64>,
 }
 
 /// The encoders that share BERT's layer body (post-LN attention, GELU MLP, six linears) and
@@ -106,27 +110,15 @@ impl EncoderFamily {
         }
     }
 
-    /// transformers' extractive question-answering model of the family, where `--task qa`
-    /// supports it (BERT, MPNet); None for RoBERTa and DistilBERT (not tested against
-    /// transformers yet: DistilBERT's `qa_dropout`, RoBERTa's pair encoding).
-    pub fn qa_architecture(self) -> Option<&'static str> {
+    /// transformers' extractive question-answering model of the family (`qa_outputs` on the
+    /// body), which `--task qa` trains and `merge` writes.
+    pub fn qa_architecture(self) -> &'static str {
         match self {
-            EncoderFamily::Bert => Some("BertForQuestionAnswering"),
-            EncoderFamily::MPNet => Some("MPNetForQuestionAnswering"),
-            EncoderFamily::Roberta | EncoderFamily::DistilBert => None,
+            EncoderFamily::Bert => "BertForQuestionAnswering",
+            EncoderFamily::Roberta => "RobertaForQuestionAnswering",
+            EncoderFamily::MPNet => "MPNetForQuestionAnswering",
+            EncoderFamily::DistilBert => "DistilBertForQuestionAnswering",
         }
-    }
-
-    /// [`Self::qa_architecture`], or the error that `--task qa` gives for the family.
-    pub fn qa_support(self) -> Result<&'static str, String> {
-        self.qa_architecture().ok_or_else(|| {
-            format!(
-                "question answering (--task qa) supports BERT and MPNet models, not {} \
-                 (model_type '{}')",
-                self.prefix().trim_end_matches('.'),
-                self.model_type()
-            )
-        })
     }
 
     /// The base model's prefix in the task model (`bert.`): its tensors carry it or not.
@@ -304,6 +296,8 @@ struct DistilBertKeys {
     sinusoidal_pos_embds: bool,
     #[serde(default = "default_seq_classif_dropout")]
     seq_classif_dropout: f64,
+    #[serde(default = "default_dropout")]
+    qa_dropout: f64,
     #[serde(default)]
     pad_token_id: u32,
 }
@@ -335,6 +329,7 @@ impl DistilBertKeys {
             model_type: Some("distilbert".into()),
             relative_attention_num_buckets: default_buckets(),
             classifier_dropout: Some(self.seq_classif_dropout),
+            qa_dropout: Some(self.qa_dropout),
         })
     }
 }
@@ -507,6 +502,9 @@ impl BertConfig {
         if let Some(p) = self.classifier_dropout {
             dropouts.push((key("classifier_dropout"), p));
         }
+        if let Some(p) = self.qa_dropout {
+            dropouts.push(("qa_dropout", p));
+        }
         super::check_reals(path, &dropouts, true)?;
         super::check_reals(path, &[("layer_norm_eps", self.layer_norm_eps)], false)?;
         if self.pad_token_id as usize >= self.vocab_size {
@@ -546,6 +544,7 @@ impl BertConfig {
             model_type: None,
             relative_attention_num_buckets: 32,
             classifier_dropout: None,
+            qa_dropout: None,
         }
     }
 
@@ -567,6 +566,7 @@ impl BertConfig {
             EncoderFamily::DistilBert => {
                 c.type_vocab_size = 0;
                 c.classifier_dropout = Some(2.0 * dropout);
+                c.qa_dropout = Some(dropout);
             }
             EncoderFamily::Bert => {}
         }

@@ -366,7 +366,7 @@ fn token_rows(r: &std::collections::HashMap<String, Tensor>) -> Tensor {
         .unwrap()
         .to_vec1()
         .unwrap();
-    assert!(mask.contains(&0), "the fixture pads its second row");
+    assert!(mask.contains(&0), "the fixture pads a row");
     let keep: Vec<u32> = (0..mask.len() as u32)
         .filter(|&i| mask[i as usize] == 1)
         .collect();
@@ -402,35 +402,96 @@ fn transformers_mpnet_gives_transformers_hidden_states() {
     assert!(max_abs_diff(&pooled, &r["pooled"]) < 1e-9);
 }
 
-/// `--task qa` builds the QA model for BERT and MPNet (their PEFT keys name `qa_outputs` at the
-/// root, `task_type` QUESTION_ANS), and refuses RoBERTa and DistilBERT with an error naming the
-/// family.
+/// `--task qa` builds the QA model of every family: its PEFT keys name `qa_outputs` at the root,
+/// `task_type` QUESTION_ANS, and no classifier.
 #[test]
 fn qa_model_families() {
     use crate::adapters::{Adapted, HeadParam, ParamId};
     for family in EncoderFamily::ALL {
         let mut rng = StdRng::seed_from_u64(1);
         let cfg = BertConfig::tiny_of(family, 0.0);
-        let r = BertForQuestionAnswering::random(cfg, DType::F32, &Device::Cpu, &mut rng);
-        match family.qa_architecture() {
-            Some(_) => {
-                let m = r.unwrap();
-                let keys: Vec<String> = m
-                    .head_params()
-                    .into_iter()
-                    .map(|(h, _)| crate::io::peft::param_key(&m, ParamId::Head(h)))
-                    .collect();
-                assert_eq!(keys, ["qa_outputs.weight", "qa_outputs.bias"], "{family:?}");
-                assert_eq!(m.head_path(HeadParam::ClassifierWeight), None);
-                assert_eq!(m.peft_task_type(), "QUESTION_ANS");
+        let m = BertForQuestionAnswering::random(cfg, DType::F32, &Device::Cpu, &mut rng).unwrap();
+        let keys: Vec<String> = m
+            .head_params()
+            .into_iter()
+            .map(|(h, _)| crate::io::peft::param_key(&m, ParamId::Head(h)))
+            .collect();
+        assert_eq!(keys, ["qa_outputs.weight", "qa_outputs.bias"], "{family:?}");
+        assert_eq!(m.head_path(HeadParam::ClassifierWeight), None);
+        assert_eq!(m.peft_task_type(), "QUESTION_ANS");
+    }
+}
+
+/// BERT, RoBERTa and DistilBERT question answering against transformers (`scripts/hf_fixtures.py`
+/// `*-qa`: each family's `...ForQuestionAnswering` and its own tokenizer): the windows that
+/// `QaEncoder` cuts equal what a `PreTrainedTokenizerFast` gives `run_qa.py` (ids, token types,
+/// context offsets), and the checkpoint's `qa_outputs` gives transformers' float64 start and end
+/// logits on the padded windows.
+#[test]
+fn transformers_qa_windows_and_span_logits() {
+    use crate::data::squad::{QaEncoder, SquadExample};
+    #[derive(serde::Deserialize)]
+    struct Window {
+        ids: Vec<u32>,
+        type_ids: Option<Vec<u32>>,
+        offsets: Vec<Option<(usize, usize)>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        question: String,
+        context: String,
+        max_length: usize,
+        doc_stride: usize,
+        windows: Vec<Window>,
+    }
+    for (name, family) in [
+        ("bert-qa", EncoderFamily::Bert),
+        ("roberta-qa", EncoderFamily::Roberta),
+        ("distilbert-qa", EncoderFamily::DistilBert),
+    ] {
+        let (dir, r) = hf_fixture(name);
+        let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+        let want: Reference = serde_json::from_str(&text).unwrap();
+        let example = SquadExample {
+            id: "q".into(),
+            question: want.question.clone(),
+            context: want.context.as_str().into(),
+            answers: Vec::new(),
+            article: 0,
+        };
+        let encoder = QaEncoder::from_model_dir(&dir, want.max_length, want.doc_stride).unwrap();
+        let got = encoder.features(&[example]).unwrap();
+        assert!(
+            want.windows.len() >= 3,
+            "{name}: the fixture has several windows"
+        );
+        assert_eq!(
+            got.len(),
+            want.windows.len(),
+            "{name}: windows {:?}",
+            got.iter().map(|g| g.ids.clone()).collect::<Vec<_>>()
+        );
+        for (i, (g, w)) in got.iter().zip(&want.windows).enumerate() {
+            assert_eq!(g.ids, w.ids, "{name}: window {i}'s ids");
+            assert_eq!(g.offsets, w.offsets, "{name}: window {i}'s context offsets");
+            if let Some(types) = &w.type_ids {
+                assert_eq!(&g.type_ids, types, "{name}: window {i}'s token types");
             }
-            None => {
-                let e = r.unwrap_err().to_string();
-                assert!(
-                    e.contains("--task qa") && e.contains(family.model_type()),
-                    "{e}"
-                );
-            }
+        }
+
+        let mut rng = StdRng::seed_from_u64(0);
+        let m = BertForQuestionAnswering::load(&dir, DType::F64, &Device::Cpu, &mut rng).unwrap();
+        assert_eq!(m.config.family(), family);
+        let mut batch = reference_batch(&r, DType::F64);
+        batch.token_type_ids = r["token_type_ids"].to_dtype(DType::U32).unwrap();
+        let logits = Pass::inference(|pass| m.forward_eval(&batch, pass)).unwrap();
+        let keep = token_rows(&r);
+        let pick = |x: &Tensor| x.index_select(&keep, 0).unwrap();
+        for (col, key) in [(0, "start_logits"), (1, "end_logits")] {
+            let got = logits.narrow(1, col, 1).unwrap().flatten_all().unwrap();
+            let want = r[key].flatten_all().unwrap();
+            let d = max_abs_diff(&pick(&got), &pick(&want));
+            assert!(d < 1e-9, "{name}: {key} off by {d}");
         }
     }
 }

@@ -4,8 +4,9 @@
 //!   pretrained pooler, frozen; RoBERTa's (`classifier.dense`, with the first dropout) and
 //!   DistilBERT's (`pre_classifier`, ReLU) train with the classifier, as PEFT's
 //!   `modules_to_save` trains them;
-//! - [`QaHead`], `...ForQuestionAnswering`'s: one trainable linear `qa_outputs` (hidden -> 2) on
-//!   every token, giving each token's start and end logit (no pooler, no dropout).
+//! - [`QaHead`], `...ForQuestionAnswering`'s: `[dropout] -> qa_outputs`, one trainable linear
+//!   (hidden -> 2) on every token, giving each token's start and end logit (no pooler; the
+//!   dropout is DistilBERT's `qa_dropout`, none in the other families).
 
 use super::dropout::DropoutSaved;
 use super::flops::matmul;
@@ -156,12 +157,14 @@ impl HeadSaved {
 #[derive(Clone, Debug)]
 pub struct QaHead {
     pub qa_outputs: Linear,
+    pub dropout: Dropout,
 }
 
 /// What [`QaHead`]'s backward needs: its input (in the head's dtype) and the hidden states'
 /// dtype.
 pub struct QaHeadSaved {
     x: Tensor,
+    dropout: Option<DropoutSaved>,
     in_dtype: candle_core::DType,
 }
 
@@ -171,11 +174,18 @@ impl QaHead {
 
     /// `h` is the last hidden state `[batch*seq, hidden]`; returns `[batch*seq, 2]`: column 0 the
     /// start logits, column 1 the end logits.
-    pub fn forward(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<QaHeadSaved>)> {
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, Option<QaHeadSaved>)> {
         let x = h.to_dtype(self.qa_outputs.weight.dtype())?;
+        let (x, dropout) = self.dropout.forward(&x, pass, save)?;
         let logits = self.qa_outputs.forward(&x)?;
         let saved = save.then_some(QaHeadSaved {
             x,
+            dropout,
             in_dtype: h.dtype(),
         });
         Ok((logits, saved))
@@ -192,10 +202,8 @@ impl QaHeadSaved {
             bias,
             dense: None,
         };
-        let dh = head
-            .qa_outputs
-            .backward_input(dlogits)?
-            .to_dtype(self.in_dtype)?;
+        let dx = head.qa_outputs.backward_input(dlogits)?;
+        let dh = super::dropout::backward_opt(&self.dropout, dx)?.to_dtype(self.in_dtype)?;
         Ok((dh, grads))
     }
 }
@@ -263,30 +271,40 @@ mod tests {
         }
     }
 
+    /// With and without DistilBERT's dropout before `qa_outputs` (the same seed in every
+    /// forward, so the same mask).
     #[test]
     fn qa_backward_matches_autograd_and_finite_differences() {
         let (n, c) = (7, 6);
         let h = randn(&[n, c], 61);
         let (w, bias) = (randn(&[2, c], 62), randn(&[2], 63));
         let dy = randn(&[n, 2], 64);
-        let head = |w: &Tensor, b: &Tensor| QaHead {
-            qa_outputs: Linear::new(w.clone(), Some(b.clone())),
-        };
-        let inputs = [h, w, bias];
-        let (logits, saved) = head(&inputs[1], &inputs[2])
-            .forward(&inputs[0], true)
-            .unwrap();
-        assert_eq!(logits.dims(), &[n, 2]);
-        let (dh, g) = saved
-            .unwrap()
-            .backward(&head(&inputs[1], &inputs[2]), &dy)
-            .unwrap();
-        check(
-            &inputs,
-            &dy,
-            &[dh, g.weight, g.bias],
-            |x| Ok(head(&x[1], &x[2]).forward(&x[0], false)?.0),
-            1e-10,
-        );
+        for p in [0.0, 0.3] {
+            let head = |w: &Tensor, b: &Tensor| QaHead {
+                qa_outputs: Linear::new(w.clone(), Some(b.clone())),
+                dropout: Dropout::new(p),
+            };
+            let fwd = |x: &[Tensor], save: bool| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+                let mut pass = Pass {
+                    training: true,
+                    rng: &mut rng,
+                };
+                head(&x[1], &x[2]).forward(&x[0], &mut pass, save).unwrap()
+            };
+            let inputs = [h.clone(), w.clone(), bias.clone()];
+            let (logits, saved) = fwd(&inputs, true);
+            assert_eq!(logits.dims(), &[n, 2]);
+            let saved = saved.unwrap();
+            assert_eq!(saved.dropout.is_some(), p > 0.0);
+            let (dh, g) = saved.backward(&head(&inputs[1], &inputs[2]), &dy).unwrap();
+            check(
+                &inputs,
+                &dy,
+                &[dh, g.weight, g.bias],
+                |x| Ok(fwd(x, false).0),
+                1e-10,
+            );
+        }
     }
 }

@@ -306,11 +306,6 @@ impl TrainConfig {
     pub fn check_model(&self, model_dir: &std::path::Path) -> anyhow::Result<()> {
         let path = model_dir.join("config.json");
         let config = crate::model::BertConfig::from_file(&path)?;
-        if self.data.task == crate::data::TaskKind::Qa {
-            if let Err(e) = config.family().qa_support() {
-                anyhow::bail!("{}: {e}", path.display());
-            }
-        }
         let positions = config.max_tokens();
         if self.data.max_length > positions {
             let rows = config.max_position_embeddings;

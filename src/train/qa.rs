@@ -105,15 +105,16 @@ pub fn build_model(
     add_adapters(cfg, model, rng)
 }
 
-/// A padded batch of windows and their answers' start and end tokens.
-fn collate(items: &[&QaFeature]) -> (Batch, Vec<u32>, Vec<u32>) {
+/// A batch of windows right-padded with `pad_id` (the model's: RoBERTa and MPNet count positions
+/// from it), and their answers' start and end tokens.
+fn collate(items: &[&QaFeature], pad_id: u32) -> (Batch, Vec<u32>, Vec<u32>) {
     let rows: Vec<(&[u32], &[u32])> = items
         .iter()
         .map(|f| (&f.ids[..], &f.type_ids[..]))
         .collect();
     let starts = items.iter().map(|f| f.start).collect();
     let ends = items.iter().map(|f| f.end).collect();
-    (pad_rows(&rows, 0), starts, ends)
+    (pad_rows(&rows, pad_id), starts, ends)
 }
 
 /// Each window's start and end logits (its own tokens, no padding), and the mean span loss
@@ -128,7 +129,7 @@ pub fn predict(
     let mut loss_sum = 0.0;
     for chunk in features.chunks(batch_size.max(1)) {
         let refs: Vec<&QaFeature> = chunk.iter().collect();
-        let (b, starts, ends) = collate(&refs);
+        let (b, starts, ends) = collate(&refs, model.config.pad_token_id);
         let t = step::to_tensors(&b, DType::F32, &device)?;
         let logits = Pass::inference(|pass| model.forward_eval(&t, pass))?;
         let (l, _) = loss::span_loss(&logits, &b.attention_mask, &starts, &ends, b.batch, b.seq)?;
@@ -202,7 +203,7 @@ impl Task for QaTask<'_> {
         recompute: &Recompute,
     ) -> Result<MicroStep> {
         let refs: Vec<&QaFeature> = examples.iter().map(|&i| &self.train[i]).collect();
-        let (batch, starts, ends) = collate(&refs);
+        let (batch, starts, ends) = collate(&refs, model.config.pad_token_id);
         let tokens = batch.attention_mask.iter().filter(|&&m| m == 1).count();
         let bottom = match self.frozen_cache.as_mut() {
             Some(c) => step::FrozenBottom::Cached(c, examples),
@@ -224,7 +225,7 @@ impl Task for QaTask<'_> {
     fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
         let batches = monitor.chunks(self.eval_batch_size.max(1)).map(|chunk| {
             let refs: Vec<&QaFeature> = chunk.iter().map(|&i| &self.train[i]).collect();
-            (chunk.to_vec(), collate(&refs).0)
+            (chunk.to_vec(), collate(&refs, model.config.pad_token_id).0)
         });
         trainer::adapter_importance_of(
             model,

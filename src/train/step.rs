@@ -342,6 +342,7 @@ mod dtype_tests {
             model_type: None,
             relative_attention_num_buckets: 32,
             classifier_dropout: None,
+            qa_dropout: None,
         };
         let mut rng = StdRng::seed_from_u64(3);
         let mut m =
