@@ -348,19 +348,8 @@ fn qwen2_tokenizer_matches_transformers() {
 fn qwen2_logits_match_reference_and_it_knows_paris() {
     let Some(path) = qwen2() else { return };
     let reference = qwen_reference();
-    let g = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(
-        (
-            g.config.num_hidden_layers,
-            g.config.hidden_size,
-            g.config.kv_heads()
-        ),
-        (24, 896, 2)
-    );
-    assert!(!g.config.tie_word_embeddings);
-    let tok = g.tokenizer.clone();
-    let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu);
-    let m = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+    let (m, tok, tied) = qwen2_dequantized(&path, (24, 896, 2));
+    assert!(!tied);
     let logits = crate::model::generate::next_logits(&m, &reference.prompt_ids).unwrap();
     let probe = &reference.last_logits;
     let scale = probe.values.iter().fold(0f64, |a, v| a.max(v.abs()));
@@ -371,22 +360,7 @@ fn qwen2_logits_match_reference_and_it_knows_paris() {
             "logit of {id}: {got} vs reference {want}"
         );
     }
-    let im_end = tok.token_to_id("<|im_end|>").unwrap();
-    let greedy = crate::model::generate::Sampling {
-        temperature: 0.0,
-        top_k: 0,
-    };
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-    let answer = crate::model::generate::generate(
-        &m,
-        &reference.prompt_ids,
-        16,
-        &[im_end],
-        greedy,
-        &mut rng,
-    )
-    .unwrap();
-    let answer = tok.decode(&answer, true).unwrap();
+    let answer = greedy_answer(&m, &tok, &reference.prompt_ids, 16);
     assert!(answer.contains("Paris"), "{answer:?}");
     let g = load_llama_opts(&path, DType::F32, &Device::Cpu, true).unwrap();
     assert!(!g.quantized.is_empty());
@@ -405,37 +379,47 @@ fn qwen2_logits_match_reference_and_it_knows_paris() {
 fn qwen2_15b_knows_paris() {
     let Some(path) = qwen2_15b() else { return };
     let reference = qwen_reference();
-    let g = load_llama(&path, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(
-        (
-            g.config.num_hidden_layers,
-            g.config.hidden_size,
-            g.config.kv_heads()
-        ),
-        (28, 1536, 2)
-    );
-    let tok = g.tokenizer.clone();
+    let (m, tok, _) = qwen2_dequantized(&path, (28, 1536, 2));
     let ids = tok.encode(reference.prompt.as_str(), false).unwrap();
     assert_eq!(ids.get_ids(), reference.prompt_ids);
+    let answer = greedy_answer(&m, &tok, &reference.prompt_ids, 16);
+    assert!(answer.contains("Paris"), "{answer:?}");
+}
+
+/// A Qwen2 GGUF dequantized to f32 on the CPU, its (layers, hidden, kv heads) checked: the model,
+/// the tokenizer from its metadata, and whether it ties its embeddings.
+fn qwen2_dequantized(
+    path: &Path,
+    want: (usize, usize, usize),
+) -> (crate::model::llama::LlamaForCausalLM, Tokenizer, bool) {
+    let g = load_llama(path, DType::F32, &Device::Cpu).unwrap();
+    let c = &g.config;
+    assert_eq!((c.num_hidden_layers, c.hidden_size, c.kv_heads()), want);
+    let tied = c.tie_word_embeddings;
+    let tok = g.tokenizer.clone();
     let w = crate::io::weights::Weights::from_tensors(g.tensors, DType::F32, &Device::Cpu);
     let m = crate::model::llama::LlamaForCausalLM::from_weights(g.config, &w).unwrap();
+    (m, tok, tied)
+}
+
+/// Greedy decoding of at most `max_new` tokens after the chat prompt `prompt_ids`, stopped at
+/// `<|im_end|>`, decoded without special tokens.
+fn greedy_answer(
+    model: &crate::model::llama::LlamaForCausalLM,
+    tok: &Tokenizer,
+    prompt_ids: &[u32],
+    max_new: usize,
+) -> String {
     let im_end = tok.token_to_id("<|im_end|>").unwrap();
     let greedy = crate::model::generate::Sampling {
         temperature: 0.0,
         top_k: 0,
     };
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-    let answer = crate::model::generate::generate(
-        &m,
-        &reference.prompt_ids,
-        16,
-        &[im_end],
-        greedy,
-        &mut rng,
-    )
-    .unwrap();
-    let answer = tok.decode(&answer, true).unwrap();
-    assert!(answer.contains("Paris"), "{answer:?}");
+    let answer =
+        crate::model::generate::generate(model, prompt_ids, max_new, &[im_end], greedy, &mut rng)
+            .unwrap();
+    tok.decode(&answer, true).unwrap()
 }
 
 /// SmolLM2's own chat template (from the GGUF's metadata) and byte-level tokenizer: the tokens a
