@@ -299,28 +299,37 @@ fn print_lm_summary(cfg: &LmTrainConfig, s: &LmSummary) {
                 s.test_perplexity, s.base_test_perplexity
             ),
         ),
-        ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
+        (
+            "best epoch",
+            format!("{} of {}", s.run.best_epoch, s.run.epochs),
+        ),
         (
             "train time",
-            format!("{:.1} s (total {:.1} s)", s.totals.train_wall_s, s.wall_s),
+            format!(
+                "{:.1} s (total {:.1} s)",
+                s.run.totals.train_wall_s, s.run.wall_s
+            ),
         ),
-        ("peak memory (heap)", mb(s.totals.peak_mem_bytes as f64)),
+        ("peak memory (heap)", mb(s.run.totals.peak_mem_bytes as f64)),
         (
             "step memory (max / mean)",
             format!(
                 "{} / {}",
-                mb(s.totals.step_mem_bytes as f64),
-                mb(s.totals.mean_step_mem_bytes)
+                mb(s.run.totals.step_mem_bytes as f64),
+                mb(s.run.totals.mean_step_mem_bytes)
             ),
         ),
         (
             "train FLOPs",
             format!(
                 "{:.3e} (unfrozen: {:.3e})",
-                s.totals.train_flops as f64, s.totals.unfrozen_train_flops_estimate as f64
+                s.run.totals.train_flops as f64, s.run.totals.unfrozen_train_flops_estimate as f64
             ),
         ),
-        ("trainable params", s.totals.trainable_params.to_string()),
+        (
+            "trainable params",
+            s.run.totals.trainable_params.to_string(),
+        ),
         ("frozen adapters", s.frozen.len().to_string()),
         ("output", cfg.output.display().to_string()),
     ];

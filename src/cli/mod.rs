@@ -850,7 +850,7 @@ fn export(a: ExportArgs) -> Result<()> {
 
 fn print_summary<T>(cfg: &TrainConfig, s: &Summary<T>) {
     let mb = |b: f64| format!("{:.0} MB", b / 1e6);
-    let t = &s.totals;
+    let t = &s.run.totals;
     let rows = [
         ("method", s.method.clone()),
         (
@@ -860,10 +860,13 @@ fn print_summary<T>(cfg: &TrainConfig, s: &Summary<T>) {
                 None => "none: the test split is empty".into(),
             },
         ),
-        ("best epoch", format!("{} of {}", s.best_epoch, s.epochs)),
+        (
+            "best epoch",
+            format!("{} of {}", s.run.best_epoch, s.run.epochs),
+        ),
         (
             "train time",
-            format!("{:.1} s (total {:.1} s)", t.train_wall_s, s.wall_s),
+            format!("{:.1} s (total {:.1} s)", t.train_wall_s, s.run.wall_s),
         ),
         (
             &*format!("peak memory ({})", s.memory_counter),

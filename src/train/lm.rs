@@ -4,7 +4,6 @@
 //! `metrics.jsonl`, `safe.jsonl`, a resumable `checkpoint/`, the best adapter (PEFT) and
 //! `summary.json`.
 
-use super::config::Method;
 use super::fit::{fit, fit_config_of, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::{BatchRows, FrozenCache};
 use super::importance::{self, MonitorBatch};
@@ -334,16 +333,8 @@ pub struct LmSummary {
     pub test_perplexity: f64,
     pub test_loss: f64,
     pub test_tokens: usize,
-    pub best_epoch: usize,
-    /// The optimizer step of the best validation.
-    pub best_step: usize,
-    pub epochs: usize,
-    /// The run ended by early stopping (`early_stopping_patience`).
-    pub stopped_early: bool,
-    pub wall_s: f64,
-    /// Time, memory and FLOPs over the run's epochs.
     #[serde(flatten)]
-    pub totals: run::RunTotals,
+    pub run: run::RunOutcome,
     pub frozen: std::collections::BTreeMap<String, usize>,
     pub seed: u64,
 }
@@ -410,12 +401,7 @@ pub fn train_lm(
         eval_batch_size: cfg.eval_batch_size,
         monitor_point: cfg.safe.monitor,
         device: device.clone(),
-        frozen_cache: match (cfg.cache_frozen_bottom, &cfg.method) {
-            (true, Method::Safe | Method::FreezePrefix(_)) => {
-                Some(FrozenCache::create(&cfg.output)?)
-            }
-            _ => None,
-        },
+        frozen_cache: run::frozen_cache(cfg.cache_frozen_bottom, &cfg.method, &cfg.output)?,
         lora: &cfg.lora,
         source: source.display().to_string(),
     };
@@ -442,19 +428,11 @@ pub fn train_lm(
         test_perplexity: test_ppl,
         test_loss,
         test_tokens,
-        best_epoch: state.best_epoch,
-        best_step: state.best_step,
-        epochs: cfg.epochs,
-        stopped_early: state.stopped_early,
-        wall_s: t_start.elapsed().as_secs_f64(),
-        totals: run::RunTotals::of(&state.history),
+        run: run::RunOutcome::of(state, cfg.epochs, t_start),
         frozen: state.frozen_at.clone(),
         seed: cfg.seed,
     };
-    crate::files::write_atomic(
-        &cfg.output.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    run::write_summary(&cfg.output, &summary)?;
     Ok(Some(summary))
 }
 
@@ -557,6 +535,7 @@ impl LmTrainConfig {
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::Method;
     use super::*;
     use crate::adapters::LoraConfig;
     use crate::adapters::ParamId;

@@ -3,7 +3,7 @@
 //! -> the training loop (`fit`) -> test of the best adapter -> `predictions.json` (the official
 //! format: question id -> answer) and `summary.json`.
 
-use super::config::{Method, TrainConfig};
+use super::config::TrainConfig;
 use super::fit::{fit, prepare_output, MicroStep, Task, Validation};
 use super::frozen_cache::FrozenCache;
 use super::squad_eval::{self, QaScores, SpanLogits};
@@ -204,22 +204,17 @@ impl Task for QaTask<'_> {
     ) -> Result<MicroStep> {
         let refs: Vec<&QaFeature> = examples.iter().map(|&i| &self.train[i]).collect();
         let (batch, starts, ends) = collate(&refs, model.config.pad_token_id);
-        let tokens = batch.attention_mask.iter().filter(|&&m| m == 1).count();
-        let bottom = match self.frozen_cache.as_mut() {
-            Some(c) => step::FrozenBottom::Cached(c, examples),
-            None if self.frozen_bottom_dropout => step::FrozenBottom::Dropout,
-            None => step::FrozenBottom::Inference,
-        };
+        let bottom = step::FrozenBottom::of(
+            self.frozen_cache.as_mut(),
+            self.frozen_bottom_dropout,
+            examples,
+        );
         let (mask, b, s) = (&batch.attention_mask, batch.batch, batch.seq);
         let span =
             |logits: &candle_core::Tensor| loss::span_loss(logits, mask, &starts, &ends, b, s);
         let out =
             step::forward_backward_with(model, &batch, pass, loss_scale, bottom, recompute, span)?;
-        Ok(MicroStep {
-            loss: out.loss as f64,
-            tokens,
-            grads: out.grads,
-        })
+        Ok(trainer::micro_step(out, &batch))
     }
 
     fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
@@ -244,18 +239,8 @@ impl Task for QaTask<'_> {
     }
 
     fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()> {
-        crate::io::peft::save(
-            output,
-            model,
-            self.lora,
-            &self.model_dir.display().to_string(),
-        )?;
-        let labels = crate::io::labels::AdapterLabels {
-            label_names: Vec::new(),
-            data: self.trained_on.clone(),
-        };
-        crate::io::labels::save(output, &labels)?;
-        Ok(())
+        let (lora, dir) = (self.lora, self.model_dir);
+        trainer::save_adapter(model, output, lora, dir, Vec::new(), &self.trained_on)
     }
 }
 
@@ -287,23 +272,14 @@ pub fn train_qa(
              chosen on the validation split"
         );
     }
-    let family_cfg;
-    let cfg = match trainer::family_default_targets(cfg, &setup.model_dir) {
-        Some(c) => {
-            family_cfg = c;
-            &family_cfg
-        }
-        None => cfg,
-    };
+    let family_cfg = trainer::with_family_targets(cfg, &setup.model_dir);
+    let cfg = &*family_cfg;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut model = build_model(cfg, &setup.model_dir, &device, &mut rng)?;
     let mem = memory::MemTracker::new(&device);
     let _lock = prepare_output(&cfg.output, cfg, resume)?;
     let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
-    let frozen_cache = match (cache, &cfg.method) {
-        (true, Method::Safe | Method::FreezePrefix(_)) => Some(FrozenCache::create(&cfg.output)?),
-        _ => None,
-    };
+    let frozen_cache = run::frozen_cache(cache, &cfg.method, &cfg.output)?;
     let mut task = QaTask {
         train: &setup.train.features,
         validation: &setup.validation,
@@ -340,29 +316,16 @@ pub fn train_qa(
     write_predictions(&cfg.output.join(PREDICTIONS_FILE), &predictions)?;
     let test = has_test.then_some(scores);
 
-    let state = &fitted.state;
-    let h = &state.history;
-    let summary = Summary {
-        task: "qa".into(),
-        method: cfg.method.to_string(),
-        metric: "f1".into(),
-        value: test.as_ref().map(|t| t.f1),
+    let summary = Summary::new(
+        cfg,
+        "qa".into(),
+        "f1",
         test,
-        best_epoch: state.best_epoch,
-        best_step: state.best_step,
-        epochs: cfg.epochs,
-        stopped_early: state.stopped_early,
-        wall_s: t_start.elapsed().as_secs_f64(),
-        totals: run::RunTotals::of(h),
-        memory_counter: mem.kind(),
-        peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
-        unfrozen_peak_mem_bytes: h.first().map(|e| e.peak_mem_bytes).unwrap_or(0),
-        frozen: state.frozen_at.clone(),
-        seed: cfg.seed,
-    };
-    crate::files::write_atomic(
-        &cfg.output.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+        |t| t.f1,
+        &fitted.state,
+        &mem,
+        t_start,
+    );
+    run::write_summary(&cfg.output, &summary)?;
     Ok(Some(summary))
 }

@@ -5,6 +5,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::config::Method;
 use super::fit::EpochLog;
+use super::frozen_cache::FrozenCache;
 use crate::adapters::{Adapted, AdapterId, ParamId};
 use crate::memory::{self, MemTracker};
 use crate::nn::optim::{AdamW, LrScheduler};
@@ -18,6 +19,7 @@ use serde::Serialize;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::time::Instant;
 
 /// How a run's examples become optimizer steps, and where SAFE's rounds end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,6 +329,55 @@ impl<'a> EpochMemory<'a> {
     pub fn finish(self) -> (usize, usize) {
         (self.epoch_peak.max(self.mem.peak()), self.step_peak)
     }
+}
+
+/// How a run went, in every command's `summary.json` (flattened into it): the best validation,
+/// whether early stopping ended it, its wall time and its totals.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunOutcome {
+    pub best_epoch: usize,
+    /// The optimizer step of the best validation.
+    pub best_step: usize,
+    pub epochs: usize,
+    /// The run ended by early stopping (`early_stopping_patience`).
+    pub stopped_early: bool,
+    pub wall_s: f64,
+    /// Time, memory and FLOPs over the run's epochs (`monitor_flops`, SAFE's monitoring passes,
+    /// are not part of `train_flops`).
+    #[serde(flatten)]
+    pub totals: RunTotals,
+}
+
+impl RunOutcome {
+    /// The outcome of a run of `epochs` epochs that started at `started`, from its final state.
+    pub fn of(state: &TrainerState, epochs: usize, started: Instant) -> Self {
+        Self {
+            best_epoch: state.best_epoch,
+            best_step: state.best_step,
+            epochs,
+            stopped_early: state.stopped_early,
+            wall_s: started.elapsed().as_secs_f64(),
+            totals: RunTotals::of(&state.history),
+        }
+    }
+}
+
+/// Writes a run's summary to `OUTPUT/summary.json`.
+pub fn write_summary(output: &Path, summary: &impl Serialize) -> Result<()> {
+    crate::files::write_atomic(
+        &output.join("summary.json"),
+        serde_json::to_string_pretty(summary)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// The cache of the frozen bottom's outputs on disk (in `output`), when `enabled` and the method
+/// freezes layers (SAFE, freeze-prefix); None otherwise.
+pub fn frozen_cache(enabled: bool, method: &Method, output: &Path) -> Result<Option<FrozenCache>> {
+    Ok(match (enabled, method) {
+        (true, Method::Safe | Method::FreezePrefix(_)) => Some(FrozenCache::create(output)?),
+        _ => None,
+    })
 }
 
 /// A run's totals over its epoch logs, in both trainers' `summary.json`.

@@ -70,6 +70,18 @@ pub enum FrozenBottom<'a> {
     Dropout,
 }
 
+impl<'a> FrozenBottom<'a> {
+    /// A task's frozen bottom for the training `examples`: from `cache` when the run keeps one,
+    /// else in training mode when `dropout` (`frozen_bottom_dropout`), else in inference mode.
+    pub fn of(cache: Option<&'a mut FrozenCache>, dropout: bool, examples: &'a [usize]) -> Self {
+        match cache {
+            Some(c) => Self::Cached(c, examples),
+            None if dropout => Self::Dropout,
+            None => Self::Inference,
+        }
+    }
+}
+
 /// Forward, loss and backward for one micro-batch of a classifier (or regressor): the labels'
 /// cross-entropy (or MSE), see [`forward_backward_with`].
 pub fn forward_backward(

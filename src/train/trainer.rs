@@ -2,7 +2,8 @@
 //! `step`, SAFE's importance, validation) -> the training loop (`fit`) -> test of the best adapter
 //! -> `summary.json`.
 
-use super::config::{DataKind, Method, TrainConfig};
+use super::checkpoint::TrainerState;
+use super::config::{DataKind, TrainConfig};
 use super::fit::{fit, fit_config_of, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::FrozenCache;
 use super::importance::{self, MonitorBatch};
@@ -149,19 +150,25 @@ fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
     ))
 }
 
-/// The default targets (`query`, `value`) said in the model family's names (MPNet's `q`, `v`,
-/// DistilBERT's `q_lin`, `v_lin`), when they are other than BERT's; None otherwise (other
-/// targets are the user's and kept as given).
-pub(crate) fn family_default_targets(cfg: &TrainConfig, model_dir: &Path) -> Option<TrainConfig> {
+/// `cfg` with the default targets (`query`, `value`) said in the model family's names (MPNet's
+/// `q`, `v`, DistilBERT's `q_lin`, `v_lin`) when they are other than BERT's; `cfg` as it is
+/// otherwise (other targets are the user's and kept as given).
+pub(crate) fn with_family_targets<'a>(
+    cfg: &'a TrainConfig,
+    model_dir: &Path,
+) -> std::borrow::Cow<'a, TrainConfig> {
+    use std::borrow::Cow;
     let default = TrainConfig::default().lora.target_modules;
-    let config = crate::model::BertConfig::from_file(&model_dir.join("config.json")).ok()?;
+    let Ok(config) = crate::model::BertConfig::from_file(&model_dir.join("config.json")) else {
+        return Cow::Borrowed(cfg);
+    };
     let targets = config.family().default_targets().map(String::from).to_vec();
     if cfg.lora.target_modules != default || targets == default {
-        return None;
+        return Cow::Borrowed(cfg);
     }
     let mut c = cfg.clone();
     c.lora.target_modules = targets;
-    Some(c)
+    Cow::Owned(c)
 }
 
 /// Builds the model with the adapters the method asks for.
@@ -381,17 +388,8 @@ pub struct Summary<T = Scores> {
     /// empty (`data.test_fraction = 0`).
     pub value: Option<f64>,
     pub test: Option<T>,
-    pub best_epoch: usize,
-    /// The optimizer step of the best validation.
-    pub best_step: usize,
-    pub epochs: usize,
-    /// The run ended by early stopping (`early_stopping_patience`).
-    pub stopped_early: bool,
-    pub wall_s: f64,
-    /// Time, memory and FLOPs over the run's epochs (`monitor_flops`, SAFE's monitoring passes,
-    /// are not part of `train_flops`).
     #[serde(flatten)]
-    pub totals: run::RunTotals,
+    pub run: run::RunOutcome,
     /// What the memory numbers count: `heap` (CPU) or `cuda-pool` (GPU).
     pub memory_counter: &'static str,
     /// On a GPU, the highest driver-reported device memory in use at an epoch's end.
@@ -401,6 +399,38 @@ pub struct Summary<T = Scores> {
     /// Adapter name -> epoch it froze (SAFE / freeze-prefix).
     pub frozen: std::collections::BTreeMap<String, usize>,
     pub seed: u64,
+}
+
+impl<T> Summary<T> {
+    /// The summary of a finished encoder run of `cfg` (classification, regression or QA) that
+    /// started at `started`: its `task` and `metric`, the test split's scores (None without a
+    /// test split) and the metric's `value` in them; the rest from the run's final `state`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: &TrainConfig,
+        task: String,
+        metric: &str,
+        test: Option<T>,
+        value: impl Fn(&T) -> f64,
+        state: &TrainerState,
+        mem: &memory::MemTracker,
+        started: Instant,
+    ) -> Self {
+        let h = &state.history;
+        Self {
+            task,
+            method: cfg.method.to_string(),
+            metric: metric.into(),
+            value: test.as_ref().map(value),
+            test,
+            run: run::RunOutcome::of(state, cfg.epochs, started),
+            memory_counter: mem.kind(),
+            peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
+            unfrozen_peak_mem_bytes: h.first().map(|e| e.peak_mem_bytes).unwrap_or(0),
+            frozen: state.frozen_at.clone(),
+            seed: cfg.seed,
+        }
+    }
 }
 
 /// Classification or regression of token sequences: a BERT model with a new head.
@@ -452,18 +482,13 @@ impl Task for ClassifyTask<'_> {
     ) -> Result<MicroStep> {
         let refs: Vec<&Encoded> = examples.iter().map(|&i| &self.train[i]).collect();
         let batch: Batch = collate(&refs, 0);
-        let tokens = batch.attention_mask.iter().filter(|&&m| m == 1).count();
-        let bottom = match self.frozen_cache.as_mut() {
-            Some(c) => step::FrozenBottom::Cached(c, examples),
-            None if self.frozen_bottom_dropout => step::FrozenBottom::Dropout,
-            None => step::FrozenBottom::Inference,
-        };
+        let bottom = step::FrozenBottom::of(
+            self.frozen_cache.as_mut(),
+            self.frozen_bottom_dropout,
+            examples,
+        );
         let out = step::forward_backward(model, &batch, pass, loss_scale, bottom, recompute)?;
-        Ok(MicroStep {
-            loss: out.loss as f64,
-            tokens,
-            grads: out.grads,
-        })
+        Ok(micro_step(out, &batch))
     }
 
     fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
@@ -493,22 +518,48 @@ impl Task for ClassifyTask<'_> {
     }
 
     fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()> {
-        crate::io::peft::save(
-            output,
-            model,
-            self.lora,
-            &self.model_dir.display().to_string(),
-        )?;
-        let labels = crate::io::labels::AdapterLabels {
-            label_names: match self.task {
-                TaskKind::Classification => self.label_names.to_vec(),
-                TaskKind::Regression | TaskKind::Qa => Vec::new(),
-            },
-            data: self.trained_on.clone(),
+        let label_names = match self.task {
+            TaskKind::Classification => self.label_names.to_vec(),
+            TaskKind::Regression | TaskKind::Qa => Vec::new(),
         };
-        crate::io::labels::save(output, &labels)?;
-        Ok(())
+        save_adapter(
+            model,
+            output,
+            self.lora,
+            self.model_dir,
+            label_names,
+            &self.trained_on,
+        )
     }
+}
+
+/// The [`MicroStep`] of an encoder task's step on `batch` (its tokens: the attention mask's ones).
+pub(crate) fn micro_step(out: step::StepOutput, batch: &Batch) -> MicroStep {
+    MicroStep {
+        loss: out.loss as f64,
+        tokens: batch.attention_mask.iter().filter(|&&m| m == 1).count(),
+        grads: out.grads,
+    }
+}
+
+/// Writes an encoder task's adapter and head to `output` in PEFT's format (with the LoRA settings
+/// and the base model folder), and beside it `safetune.json`: the class names and the run's data
+/// settings.
+pub(crate) fn save_adapter<H: EncoderHead>(
+    model: &BertWithHead<H>,
+    output: &Path,
+    lora: &crate::adapters::LoraConfig,
+    model_dir: &Path,
+    label_names: Vec<String>,
+    trained_on: &Option<crate::io::labels::TrainedOn>,
+) -> Result<()> {
+    crate::io::peft::save(output, model, lora, &model_dir.display().to_string())?;
+    let labels = crate::io::labels::AdapterLabels {
+        label_names,
+        data: trained_on.clone(),
+    };
+    crate::io::labels::save(output, &labels)?;
+    Ok(())
 }
 
 /// The data settings of a run, as `safetune.json` keeps them for `eval`.
@@ -559,14 +610,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
     }
     let task = setup.splits.train.task;
     let num_labels = setup.splits.train.num_labels();
-    let family_cfg;
-    let cfg = match family_default_targets(cfg, &setup.model_dir) {
-        Some(c) => {
-            family_cfg = c;
-            &family_cfg
-        }
-        None => cfg,
-    };
+    let family_cfg = with_family_targets(cfg, &setup.model_dir);
+    let cfg = &*family_cfg;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
@@ -574,10 +619,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
     let _lock = prepare_output(&cfg.output, cfg, resume)?;
     // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
     let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
-    let frozen_cache = match (cache, &cfg.method) {
-        (true, Method::Safe | Method::FreezePrefix(_)) => Some(FrozenCache::create(&cfg.output)?),
-        _ => None,
-    };
+    let frozen_cache = run::frozen_cache(cache, &cfg.method, &cfg.output)?;
     let mut classify = ClassifyTask {
         train: &setup.train,
         validation: &setup.validation,
@@ -619,30 +661,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
         )?)
     };
 
-    let state = &fitted.state;
-    let h = &state.history;
-    let summary = Summary {
-        task: format!("{task:?}").to_lowercase(),
-        method: cfg.method.to_string(),
-        metric: classify.metric().0.into(),
-        value: test.as_ref().map(|t| t.metric),
+    let summary = Summary::new(
+        cfg,
+        format!("{task:?}").to_lowercase(),
+        classify.metric().0,
         test,
-        best_epoch: state.best_epoch,
-        best_step: state.best_step,
-        epochs: cfg.epochs,
-        stopped_early: state.stopped_early,
-        wall_s: t_start.elapsed().as_secs_f64(),
-        totals: run::RunTotals::of(h),
-        memory_counter: mem.kind(),
-        peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
-        unfrozen_peak_mem_bytes: h.first().map(|e| e.peak_mem_bytes).unwrap_or(0),
-        frozen: state.frozen_at.clone(),
-        seed: cfg.seed,
-    };
-    crate::files::write_atomic(
-        &cfg.output.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+        |t| t.metric,
+        &fitted.state,
+        &mem,
+        t_start,
+    );
+    run::write_summary(&cfg.output, &summary)?;
     Ok(Some(summary))
 }
 
