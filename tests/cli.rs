@@ -2097,6 +2097,49 @@ fn qa_bad_record_is_named() {
     assert_clean_error(&out, &["bad.json", "qas[0] (id 'q1')", "answer_start 2"]);
 }
 
+/// A question so long that the context's room in a window (`--max-length` less the question's
+/// tokens and the special tokens) is not more than `--doc-stride`: windows could not move forward
+/// (the `tokenizers` crate panicked here). The error names the flags' values and the question.
+#[test]
+fn qa_stride_not_below_the_context_room_is_refused() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = sb.path("long-question.json");
+    // 22 question tokens: 32 - 22 - 3 ([CLS], 2 [SEP]) leaves 7 for the context, and the
+    // context (60 tokens) needs windows.
+    let question = "what is ".repeat(11);
+    let context = "paris is the capital of france ".repeat(10);
+    let squad = serde_json::json!({"version": "v2.0", "data": [{"paragraphs": [{
+    "context": context.trim_end(),
+    "qas": [
+        {"id": "short", "question": "what is it?",
+         "answers": [{"text": "paris", "answer_start": 0}]},
+        {"id": "long-q", "question": question.trim_end(),
+         "answers": [{"text": "paris", "answer_start": 0}]}
+    ]}]}]});
+    std::fs::write(&data, squad.to_string()).unwrap();
+    let out = sb.run(&[
+        "train",
+        "--task",
+        "qa",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&sb.path("out")),
+        "--max-length",
+        TINY_MAX_LENGTH,
+        "--doc-stride",
+        "8",
+        "--quiet",
+    ]);
+    assert_clean_error(
+        &out,
+        &["'long-q'", "--doc-stride 8", "--max-length 32", "22 tokens"],
+    );
+}
+
 /// `--task qa` on RoBERTa and DistilBERT (transformers' fixtures, their own tokenizers): a few
 /// steps write the QA outputs, and `merge` writes the family's `...ForQuestionAnswering`.
 #[test]

@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 /// One gold answer: its text and its first character in the context.
 #[derive(Clone, Debug, PartialEq)]
@@ -252,6 +254,12 @@ pub struct QaFeature {
 /// sharing `doc_stride` tokens of context).
 pub struct QaEncoder {
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation: counts a question's tokens.
+    counter: Tokenizer,
+    /// Special tokens of a question-context pair (BERT's `[CLS]` and two `[SEP]`s).
+    specials: usize,
+    max_length: usize,
+    doc_stride: usize,
     path: PathBuf,
 }
 
@@ -264,6 +272,13 @@ impl QaEncoder {
     ) -> Result<Self, DataError> {
         let text = TextEncoder::from_model_dir(dir, max_length)?;
         let mut tokenizer = text.tokenizer().clone();
+        let mut counter = tokenizer.clone();
+        counter
+            .with_truncation(None)
+            .expect("no truncation is valid");
+        let specials = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
         let path = dir.join("tokenizer.json");
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -278,13 +293,53 @@ impl QaEncoder {
                     format!("cannot cut windows of {max_length} tokens, stride {doc_stride} ({e})"),
                 )
             })?;
-        Ok(Self { tokenizer, path })
+        Ok(Self {
+            tokenizer,
+            counter,
+            specials,
+            max_length,
+            doc_stride,
+            path,
+        })
+    }
+
+    /// Refuses a question that leaves the context no more room in a window than the stride
+    /// (`max_length` less the question's tokens and the special tokens): the windows could not
+    /// move forward, and the `tokenizers` crate asserts (panics) as it cuts them. transformers'
+    /// `run_qa.py` fails in its tokenizer there too, without naming the question; every
+    /// question is checked, whatever its context's length.
+    fn check_room(&self, examples: &[SquadExample]) -> Result<(), DataError> {
+        let questions: Vec<tokenizers::EncodeInput> = examples
+            .iter()
+            .map(|ex| ex.question.trim_start().into())
+            .collect();
+        let counted = self
+            .counter
+            .encode_batch(questions, false)
+            .map_err(|e| DataError::format(&self.path, format!("cannot tokenize ({e})")))?;
+        for (ex, q) in examples.iter().zip(&counted) {
+            let q = q.len();
+            let room = self.max_length.saturating_sub(q + self.specials);
+            if room <= self.doc_stride {
+                let msg = format!(
+                    "question '{}' has {q} tokens: windows of --max-length {} (data.max_length) \
+                     less the question and {} special tokens leave {room} for the context, not \
+                     more than --doc-stride {} (data.doc_stride), so the windows cannot move on; \
+                     the stride must be below the context's room for every question: lower \
+                     --doc-stride or raise --max-length",
+                    ex.id, self.max_length, self.specials, self.doc_stride
+                );
+                return Err(DataError::format(&self.path, msg));
+            }
+        }
+        Ok(())
     }
 
     /// Every window of every example, in example order; each window's answer positions as
     /// `prepare_train_features` finds them (the answer is the first gold answer). Tokenized in
     /// parallel inside `tokenizers`.
     pub fn features(&self, examples: &[SquadExample]) -> Result<Vec<QaFeature>, DataError> {
+        self.check_room(examples)?;
         // transformers strips the question's leading white space (some questions have a lot,
         // and it would eat into the window).
         let pair = |ex: &SquadExample| -> tokenizers::EncodeInput {
@@ -467,10 +522,9 @@ mod tests {
         assert_eq!(ok.examples[0].answers[0].start, 15);
     }
 
-    /// Windows and labels of a hand-built WordPiece tokenizer (whitespace words, one token each),
-    /// against positions worked out by hand.
-    #[test]
-    fn windows_and_answer_positions() {
+    /// A model folder with only a hand-built WordPiece `vocab.txt`: the letters a to j and "who",
+    /// "is" (whitespace words, one token each).
+    fn letters_vocab() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let words = "a b c d e f g h i j who is";
         let vocab: Vec<&str> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -478,6 +532,14 @@ mod tests {
             .chain(words.split(' '))
             .collect();
         std::fs::write(dir.path().join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
+        dir
+    }
+
+    /// Windows and labels of a hand-built WordPiece tokenizer (whitespace words, one token each),
+    /// against positions worked out by hand.
+    #[test]
+    fn windows_and_answer_positions() {
+        let dir = letters_vocab();
         // Question "who is" (2 tokens) + [CLS] + 2 [SEP]: 5 of 9 tokens, so 4 context tokens a
         // window, consecutive windows sharing 2 (the stride).
         let enc = QaEncoder::from_model_dir(dir.path(), 9, 2).unwrap();
@@ -534,5 +596,38 @@ mod tests {
             e.contains("question 'long'") && e.contains("windows"),
             "{e}"
         );
+    }
+
+    /// A stride not below the room a question leaves for the context (the `tokenizers` crate
+    /// asserts `stride < room` while it cuts windows, and panicked): refused before tokenizing,
+    /// naming the question and the settings; the same stride with a shorter question works.
+    #[test]
+    fn stride_not_below_the_context_room_is_an_error() {
+        let dir = letters_vocab();
+        // Windows of 10: a question of 3 tokens leaves 10 - 3 - 3 = 4 for the context.
+        let enc = QaEncoder::from_model_dir(dir.path(), 10, 3).unwrap();
+        let ex = |id: &str, question: &str| SquadExample {
+            id: id.into(),
+            question: question.into(),
+            context: "a b c d e f g h i j".into(),
+            answers: Vec::new(),
+            article: 0,
+        };
+        // Windows of 4 context tokens sharing 3: a-d, b-e, ..., g-j.
+        assert_eq!(enc.features(&[ex("ok", "who is who")]).unwrap().len(), 7);
+        // 4 tokens leave 3: not more than the stride.
+        let long = ex("long", "who is who is");
+        let e = enc
+            .features(&[ex("ok", "who"), long])
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "question 'long'",
+            "4 tokens",
+            "--doc-stride 3",
+            "--max-length 10",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
     }
 }
