@@ -426,14 +426,7 @@ impl BertForSequenceClassification {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        if !dir.is_dir() {
-            return Err(IoError::Missing {
-                path: dir.into(),
-                what: "model folder with config.json and model.safetensors".into(),
-            });
-        }
-        let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::open_dir(dir, &config.family().prefixes(), dtype, device)?;
+        let (config, w) = open_encoder_dir(dir, dtype, device)?;
         Self::from_weights(config, &w, num_labels, rng)
     }
 
@@ -464,25 +457,13 @@ impl BertForSequenceClassification {
         let family = c.family();
         let h = c.hidden_size;
         let spec = family.head();
-        let as_head = |t: Tensor| tensor(t.to_dtype(on.dtype), w);
         let mut new_linear = |out: usize| new_head_linear(out, h, on, w, rng);
         let new_classifier = new_linear(num_labels)?;
         let new_dense = spec.dense_trains.then(|| new_linear(h)).transpose()?;
-        // The checkpoint's layer, when it has one of this shape (another number of labels is a
-        // new classifier, as transformers' `ignore_mismatched_sizes`).
-        let stored = |path: &str, out: usize| -> std::result::Result<Option<Linear>, IoError> {
-            let p = w.pp(path);
-            if !p.contains("weight") {
-                return Ok(None);
-            }
-            let weight = match p.get("weight", &[out, h]) {
-                Ok(t) => t,
-                Err(IoError::WrongShape { .. }) if path == spec.out => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let bias = p.get("bias", &[out])?;
-            Ok(Some(Linear::new(as_head(weight)?, Some(as_head(bias)?))))
-        };
+        // Another number of labels is a new classifier, as transformers'
+        // `ignore_mismatched_sizes`.
+        let stored =
+            |path: &str, out: usize| stored_head_linear(w, path, out, h, on, path == spec.out);
         let classifier = stored(spec.out, num_labels)?.unwrap_or(new_classifier);
         // A frozen dense layer (BERT's pooler) must be in the checkpoint.
         let dense = match (stored(spec.dense, h)?, new_dense) {
@@ -609,6 +590,49 @@ struct HeadOn<'a> {
     device: &'a Device,
 }
 
+/// The checkpoint's `[out, h]` head layer at `path` (weight and bias) in `on`'s dtype; None when
+/// the checkpoint has none, or, when `other_shape_is_new`, has a weight of another shape (the
+/// caller makes a new layer); otherwise a weight of another shape is an error.
+fn stored_head_linear(
+    w: &Weights,
+    path: &str,
+    out: usize,
+    h: usize,
+    on: HeadOn,
+    other_shape_is_new: bool,
+) -> std::result::Result<Option<Linear>, IoError> {
+    let p = w.pp(path);
+    if !p.contains("weight") {
+        return Ok(None);
+    }
+    let weight = match p.get("weight", &[out, h]) {
+        Ok(t) => t,
+        Err(IoError::WrongShape { .. }) if other_shape_is_new => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bias = p.get("bias", &[out])?;
+    let as_head = |t: Tensor| tensor(t.to_dtype(on.dtype), w);
+    Ok(Some(Linear::new(as_head(weight)?, Some(as_head(bias)?))))
+}
+
+/// A Hugging Face encoder folder's `config.json` and its tensors (`model.safetensors`, one file or
+/// shards) under the names of the config's family.
+fn open_encoder_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<(BertConfig, Weights), IoError> {
+    if !dir.is_dir() {
+        return Err(IoError::Missing {
+            path: dir.into(),
+            what: "model folder with config.json and model.safetensors".into(),
+        });
+    }
+    let config = BertConfig::from_file(&dir.join("config.json"))?;
+    let w = Weights::open_dir(dir, &config.family().prefixes(), dtype, device)?;
+    Ok((config, w))
+}
+
 /// A new `[out, hidden]` linear, initialised as transformers does (normal(0, 0.02), zero bias).
 fn new_head_linear(
     out: usize,
@@ -639,14 +663,7 @@ impl BertForQuestionAnswering {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        if !dir.is_dir() {
-            return Err(IoError::Missing {
-                path: dir.into(),
-                what: "model folder with config.json and model.safetensors".into(),
-            });
-        }
-        let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::open_dir(dir, &config.family().prefixes(), dtype, device)?;
+        let (config, w) = open_encoder_dir(dir, dtype, device)?;
         Self::from_weights(config, &w, rng)
     }
 
@@ -659,14 +676,7 @@ impl BertForQuestionAnswering {
         BertWithHead::build(config, w, |c, w, on| {
             let h = c.hidden_size;
             let new = new_head_linear(2, h, on, w, rng)?;
-            let p = w.pp(QaHead::PATH);
-            let qa_outputs = if p.contains("weight") {
-                let t =
-                    |name: &str, shape: &[usize]| tensor(p.get(name, shape)?.to_dtype(on.dtype), w);
-                Linear::new(t("weight", &[2, h])?, Some(t("bias", &[2])?))
-            } else {
-                new
-            };
+            let qa_outputs = stored_head_linear(w, QaHead::PATH, 2, h, on, false)?.unwrap_or(new);
             Ok(QaHead {
                 qa_outputs,
                 dropout: Dropout::new(c.qa_dropout.unwrap_or(0.0)),
