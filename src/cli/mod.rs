@@ -606,20 +606,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if pc.task_type.as_deref() == Some("QUESTION_ANS") || a.data.task == Some(TaskKind::Qa) {
         return eval_qa(a, pc);
     }
-    let saved = crate::io::labels::load(&a.adapter)?;
-    let mut cfg = TrainConfig {
-        model: match &a.model {
-            Some(m) => Some(m.clone()),
-            None => adapter_base(&a.adapter, pc.base_model_name_or_path.as_deref())?,
-        },
-        ..Default::default()
-    };
-    if let Some(d) = saved.as_ref().and_then(|l| l.data.as_ref()) {
-        apply_trained_on(&mut cfg, d, &a.adapter)?;
-    }
-    a.data.apply(&mut cfg);
-    set!(cfg.seed, a.seed);
-    cfg.lora = pc.lora();
+    let (cfg, saved) = eval_config(&a, &pc, false)?;
     let model_dir = trainer::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
     let mut dataset = match a.split {
@@ -657,9 +644,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         &a.device.open()?,
         &mut rng,
     )?;
-    model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
-    peft::load(&a.adapter, &mut model)
-        .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
+    load_eval_adapter(&mut model, &a, &pc, &mut rng)?;
     if let Some(path) = &a.logits_out {
         let logits = trainer::predict_logits(&model, &items, 32)?;
         std::fs::write(
@@ -683,25 +668,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 /// `eval` of a question-answering adapter: the SQuAD file's split (as the run split it, from
 /// `safetune.json`), its answers and the official scores.
 fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
-    let saved = crate::io::labels::load(&a.adapter)?;
-    let mut cfg = TrainConfig {
-        model: match &a.model {
-            Some(m) => Some(m.clone()),
-            None => adapter_base(&a.adapter, pc.base_model_name_or_path.as_deref())?,
-        },
-        ..Default::default()
-    };
-    cfg.data.task = TaskKind::Qa;
-    cfg.data.max_length = 384;
-    if let Some(d) = saved.as_ref().and_then(|l| l.data.as_ref()) {
-        apply_trained_on(&mut cfg, d, &a.adapter)?;
-        if let Some(stride) = d.doc_stride {
-            cfg.data.doc_stride = stride;
-        }
-    }
-    a.data.apply(&mut cfg);
-    set!(cfg.seed, a.seed);
-    cfg.lora = pc.lora();
+    let (mut cfg, _) = eval_config(&a, &pc, true)?;
     cfg.dtype = a.device.dtype_spec();
     let model_dir = trainer::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
@@ -738,14 +705,58 @@ fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
         &device,
         &mut rng,
     )?;
-    model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
-    peft::load(&a.adapter, &mut model)
-        .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
+    load_eval_adapter(&mut model, &a, &pc, &mut rng)?;
     let (predictions, scores, _) = crate::train::qa::evaluate(&model, &split, squad.v2, 32)?;
     if let Some(path) = &a.predictions_out {
         crate::train::qa::write_predictions(path, &predictions)?;
     }
     println!("{}", serde_json::to_string_pretty(&scores)?);
+    Ok(())
+}
+
+/// What `eval` rebuilds the run's model and data with: the base model (`--model`, else the
+/// adapter's), the run's data settings from the adapter's `safetune.json` (for `qa`: the task,
+/// 384 tokens when it has none, and its stride), then this command's flags and the adapter's
+/// LoRA settings; and the adapter's saved labels.
+fn eval_config(
+    a: &EvalArgs,
+    pc: &peft::PeftConfig,
+    qa: bool,
+) -> Result<(TrainConfig, Option<crate::io::labels::AdapterLabels>)> {
+    let saved = crate::io::labels::load(&a.adapter)?;
+    let mut cfg = TrainConfig {
+        model: match &a.model {
+            Some(m) => Some(m.clone()),
+            None => adapter_base(&a.adapter, pc.base_model_name_or_path.as_deref())?,
+        },
+        ..Default::default()
+    };
+    if qa {
+        cfg.data.task = TaskKind::Qa;
+        cfg.data.max_length = 384;
+    }
+    if let Some(d) = saved.as_ref().and_then(|l| l.data.as_ref()) {
+        apply_trained_on(&mut cfg, d, &a.adapter)?;
+        if let (true, Some(stride)) = (qa, d.doc_stride) {
+            cfg.data.doc_stride = stride;
+        }
+    }
+    a.data.apply(&mut cfg);
+    set!(cfg.seed, a.seed);
+    cfg.lora = pc.lora();
+    Ok((cfg, saved))
+}
+
+/// Puts the adapter's LoRA layers (its `layers_to_transform`) on `model` and loads its tensors.
+fn load_eval_adapter<H: crate::model::bert::EncoderHead>(
+    model: &mut crate::model::bert::BertWithHead<H>,
+    a: &EvalArgs,
+    pc: &peft::PeftConfig,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<()> {
+    model.add_lora(&pc.lora(), pc.layers_to_transform.as_deref(), rng)?;
+    peft::load(&a.adapter, model)
+        .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
     Ok(())
 }
 
@@ -805,18 +816,8 @@ fn export(a: ExportArgs) -> Result<()> {
     if cfg.data.task == TaskKind::Qa {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
         let device = candle_core::Device::Cpu;
-        let mut model = crate::train::qa::build_model(&cfg, &model_dir, &device, &mut rng)?;
-        let mut opt = crate::nn::optim::AdamW::new(Default::default());
-        crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
-            .with_context(|| format!("{}: no checkpoint", a.run.display()))?;
-        peft::save(
-            &a.output,
-            &model,
-            &cfg.lora,
-            &model_dir.display().to_string(),
-        )?;
-        println!("wrote PEFT adapter to {}", a.output.display());
-        return Ok(());
+        let model = crate::train::qa::build_model(&cfg, &model_dir, &device, &mut rng)?;
+        return export_checkpoint(&a, model, &cfg, &model_dir);
     }
     let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
     let classifier = peft::head_key(
@@ -828,13 +829,24 @@ fn export(a: ExportArgs) -> Result<()> {
         .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
         .dim(0)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
-    let mut model = trainer::build_model(
+    let model = trainer::build_model(
         &cfg,
         &model_dir,
         num_labels,
         &candle_core::Device::Cpu,
         &mut rng,
     )?;
+    export_checkpoint(&a, model, &cfg, &model_dir)
+}
+
+/// Loads the run's last checkpoint into `model` (built as the run built it) and writes its
+/// adapter and head to `--output` in PEFT's format.
+fn export_checkpoint(
+    a: &ExportArgs,
+    mut model: impl crate::adapters::Adapted,
+    cfg: &TrainConfig,
+    model_dir: &std::path::Path,
+) -> Result<()> {
     let mut opt = crate::nn::optim::AdamW::new(Default::default());
     crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
         .with_context(|| format!("{}: no checkpoint", a.run.display()))?;
