@@ -122,6 +122,58 @@ fn train_args<'a>(
     args
 }
 
+/// `train --task qa` on `model` and `data` with windows of `max_length` tokens sharing
+/// `doc_stride`, plus `extra` flags.
+fn qa_train_args<'a>(
+    model: &'a Path,
+    data: &'a Path,
+    out: &'a Path,
+    (max_length, doc_stride): (&'a str, &'a str),
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--task",
+        "qa",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--output",
+        s(out),
+        "--max-length",
+        max_length,
+        "--doc-stride",
+        doc_stride,
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A model folder transformers wrote (`tests/fixtures/hf`, scripts/hf_fixtures.py).
+fn hf_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+/// `export` of the run in `out` to `sb`'s `exported` folder; returns that folder.
+fn export_run(sb: &Sandbox, out: &Path) -> PathBuf {
+    let exported = sb.path("exported");
+    sb.run_ok(&["export", "--run", s(out), "--output", s(&exported)]);
+    exported
+}
+
+/// `merge` of the adapter in `adapter` into `model`, to `sb`'s `merged` folder; returns that
+/// folder.
+fn merge_adapter(sb: &Sandbox, model: &Path, adapter: &Path) -> PathBuf {
+    let merged = sb.path("merged");
+    let args = ["merge", "--model", s(model), "--adapter", s(adapter)];
+    sb.run_ok(&[&args[..], &["--output", s(&merged)]].concat());
+    merged
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Bad inputs
 // ---------------------------------------------------------------------------------------------
@@ -1066,12 +1118,12 @@ fn export_of_the_last_epoch_equals_the_best_adapter() {
     let sb = Sandbox::new();
     let model = tiny_model(&sb.path("model"), 1);
     let data = tiny_csv(&sb.path("data.csv"));
-    let (out, exported) = (sb.path("out"), sb.path("exported"));
+    let out = sb.path("out");
     sb.run_ok(&train_args(&model, &data, &out, &["--epochs", "1"]));
     let summary = read_json(&out.join("summary.json"));
     assert_eq!(summary["best_epoch"], summary["epochs"], "{summary}");
 
-    sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
+    let exported = export_run(&sb, &out);
     assert_same_tensors(
         &exported.join("adapter_model.safetensors"),
         &out.join("adapter_model.safetensors"),
@@ -1566,16 +1618,7 @@ fn train_lm_on_gpt2_writes_a_fan_in_fan_out_adapter() {
 
     // Merged into the base (Conv1D weights, so transposed deltas), it gives the same perplexity
     // without the adapter; a causal-LM merge without its base folder is a clear error.
-    let merged = sb.path("merged");
-    sb.run_ok(&[
-        "merge",
-        "--model",
-        s(&model),
-        "--adapter",
-        s(&out),
-        "--output",
-        s(&merged),
-    ]);
+    let merged = merge_adapter(&sb, &model, &out);
     let ppl = |extra: &[&str]| -> f64 {
         let mut args = vec!["perplexity", "--data", s(&data), "--seq-len", "16"];
         args.extend_from_slice(extra);
@@ -1644,7 +1687,7 @@ fn train_lm_on_a_sharded_checkpoint_with_a_base_quantized_on_load() {
     let sb = Sandbox::new();
     let model = sb.path("qwen2");
     std::fs::create_dir_all(&model).unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2-sharded");
+    let fixture = hf_fixture("qwen2-sharded");
     for f in std::fs::read_dir(&fixture).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
@@ -1992,30 +2035,18 @@ fn qa_tiny_model_trains_evaluates_and_exports() {
     let model = tiny_model(&sb.path("model"), 2);
     let out = sb.path("out");
     let data = squad_fixture();
-    sb.run_ok(&[
-        "train",
-        "--task",
-        "qa",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&out),
+    let window = (TINY_MAX_LENGTH, "8");
+    let flags = [
         "--method",
         "safe",
-        "--max-length",
-        TINY_MAX_LENGTH,
-        "--doc-stride",
-        "8",
         "--batch-size",
         "8",
         "--epochs",
         "1",
         "--seed",
         "7",
-        "--quiet",
-    ]);
+    ];
+    sb.run_ok(&qa_train_args(&model, &data, &out, window, &flags));
     let summary = check_qa_outputs(&out, 7, common::TINY_HIDDEN);
     let saved = read_json(&out.join("safetune.json"));
     assert_eq!(saved["data"]["task"], "qa");
@@ -2042,20 +2073,10 @@ fn qa_tiny_model_trains_evaluates_and_exports() {
         read_json(&out.join("predictions.json"))
     );
     // export of the last checkpoint: a QA adapter too.
-    let exported = sb.path("exported");
-    sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
+    let exported = export_run(&sb, &out);
     let cfg = read_json(&exported.join("adapter_config.json"));
     assert_eq!(cfg["task_type"], "QUESTION_ANS");
-    let merged = sb.path("merged");
-    sb.run_ok(&[
-        "merge",
-        "--model",
-        s(&model),
-        "--adapter",
-        s(&out),
-        "--output",
-        s(&merged),
-    ]);
+    let merged = merge_adapter(&sb, &model, &out);
     let cfg = read_json(&merged.join("config.json"));
     assert_eq!(cfg["architectures"][0], "BertForQuestionAnswering");
     let tensors = load_tensors(&merged.join("model.safetensors"));
@@ -2078,22 +2099,8 @@ fn qa_bad_record_is_named() {
             {"id": "q1", "question": "Where?", "answers": [{"text": "France", "answer_start": 2}]}]}]}]}"#,
     )
     .unwrap();
-    let out = sb.run(&[
-        "train",
-        "--task",
-        "qa",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&sb.path("out")),
-        "--max-length",
-        TINY_MAX_LENGTH,
-        "--doc-stride",
-        "8",
-        "--quiet",
-    ]);
+    let (out_dir, window) = (sb.path("out"), (TINY_MAX_LENGTH, "8"));
+    let out = sb.run(&qa_train_args(&model, &data, &out_dir, window, &[]));
     assert_clean_error(&out, &["bad.json", "qas[0] (id 'q1')", "answer_start 2"]);
 }
 
@@ -2118,22 +2125,8 @@ fn qa_stride_not_below_the_context_room_is_refused() {
          "answers": [{"text": "paris", "answer_start": 0}]}
     ]}]}]});
     std::fs::write(&data, squad.to_string()).unwrap();
-    let out = sb.run(&[
-        "train",
-        "--task",
-        "qa",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&sb.path("out")),
-        "--max-length",
-        TINY_MAX_LENGTH,
-        "--doc-stride",
-        "8",
-        "--quiet",
-    ]);
+    let (out_dir, window) = (sb.path("out"), (TINY_MAX_LENGTH, "8"));
+    let out = sb.run(&qa_train_args(&model, &data, &out_dir, window, &[]));
     assert_clean_error(
         &out,
         &["'long-q'", "--doc-stride 8", "--max-length 32", "22 tokens"],
@@ -2144,46 +2137,17 @@ fn qa_stride_not_below_the_context_room_is_refused() {
 /// steps write the QA outputs, and `merge` writes the family's `...ForQuestionAnswering`.
 #[test]
 fn qa_trains_roberta_and_distilbert() {
-    let sb = Sandbox::new();
     for (fixture, architecture) in [
         ("roberta-padded", "RobertaForQuestionAnswering"),
         ("distilbert-padded", "DistilBertForQuestionAnswering"),
     ] {
-        let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/hf")
-            .join(fixture);
+        let sb = Sandbox::new();
+        let (model, data) = (hf_fixture(fixture), squad_fixture());
         let out = sb.path(fixture);
-        sb.run_ok(&[
-            "train",
-            "--task",
-            "qa",
-            "--model",
-            s(&model),
-            "--data",
-            s(&squad_fixture()),
-            "--output",
-            s(&out),
-            "--max-length",
-            "60",
-            "--doc-stride",
-            "8",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "2",
-            "--quiet",
-        ]);
+        let flags = ["--batch-size", "4", "--max-steps", "2"];
+        sb.run_ok(&qa_train_args(&model, &data, &out, ("60", "8"), &flags));
         check_qa_outputs(&out, 42, 32);
-        let merged = sb.path(&format!("{fixture}-merged"));
-        sb.run_ok(&[
-            "merge",
-            "--model",
-            s(&model),
-            "--adapter",
-            s(&out),
-            "--output",
-            s(&merged),
-        ]);
+        let merged = merge_adapter(&sb, &model, &out);
         let cfg = read_json(&merged.join("config.json"));
         assert_eq!(
             cfg["architectures"],
@@ -2206,22 +2170,9 @@ fn qa_minilm_safe_and_lora() {
     for method in ["safe", "lora"] {
         let sb = Sandbox::new();
         let out = sb.path("out");
-        let mut args = vec![
-            "train",
-            "--task",
-            "qa",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "--output",
-            s(&out),
+        let flags = [
             "--method",
             method,
-            "--max-length",
-            "128",
-            "--doc-stride",
-            "32",
             "--batch-size",
             "4",
             "--epochs",
@@ -2230,8 +2181,8 @@ fn qa_minilm_safe_and_lora() {
             "4",
             "--seed",
             "42",
-            "--quiet",
         ];
+        let mut args = qa_train_args(&model, &data, &out, ("128", "32"), &flags);
         if method == "safe" {
             args.extend(["--memory-budget", "40MB"]);
         }
@@ -2323,10 +2274,9 @@ const FAMILIES: [FamilyCase; 2] = [
 /// `--target-modules all-linear` under a memory budget writes the six linears' paths.
 #[test]
 fn roberta_and_distilbert_train_export_eval_and_merge() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     for f in &FAMILIES {
         let sb = Sandbox::new();
-        let model = repo.join("tests/fixtures/hf").join(f.fixture);
+        let model = hf_fixture(f.fixture);
         let data = tiny_csv(&sb.path("data.csv"));
         let out = sb.path("out");
         let flags = ["--epochs", "1", "--method", "safe"];
@@ -2356,8 +2306,7 @@ fn roberta_and_distilbert_train_export_eval_and_merge() {
         let classifier = &tensors[&format!("base_model.model.{}", f.head[0])];
         assert_eq!(classifier.dims(), [2, 32]);
 
-        let exported = sb.path("exported");
-        sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
+        let exported = export_run(&sb, &out);
         assert_same_tensors(
             &exported.join("adapter_model.safetensors"),
             &out.join("adapter_model.safetensors"),
@@ -2376,9 +2325,7 @@ fn roberta_and_distilbert_train_export_eval_and_merge() {
         let scores: Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(scores["metric"].as_f64().is_some(), "{scores}");
 
-        let merged = sb.path("merged");
-        let args = ["merge", "--model", s(&model), "--adapter", s(&out)];
-        sb.run_ok(&[&args[..], &["--output", s(&merged)]].concat());
+        let merged = merge_adapter(&sb, &model, &out);
         let m = load_tensors(&merged.join("model.safetensors"));
         let query = format!("{}.0.{}.weight", f.layer0, f.sites[0]);
         assert!(m.contains_key(&query), "{}: no {query}", f.fixture);
