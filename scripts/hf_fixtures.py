@@ -262,3 +262,65 @@ def distilbert(vocab, pad):
 
 write_classifier("roberta-padded", byte_bpe_tokenizer, roberta)
 write_classifier("distilbert-padded", wordpiece_tokenizer, distilbert)
+
+
+# ViT for image classification (pre-LN layers, patch embedding, [CLS] + final LayerNorm +
+# classifier) with a ViTImageProcessor config: two RGB PNGs of other sizes (one upscaled, one
+# downscaled to 28x28 with PIL's bilinear filter), the processor's pixel_values, and the float64
+# last hidden state (before the final LayerNorm) and logits.
+def write_vit(name):
+    if only and name not in only:
+        return
+    import numpy as np
+    from PIL import Image
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+    c = cfg(transformers.ViTConfig, image_size=28, patch_size=7, num_channels=3, hidden_size=32,
+            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=10,
+            qkv_bias=True)
+    model = transformers.ViTForImageClassification(c)
+    randomize(model)
+    model.eval()
+    model.save_pretrained(d)
+    proc = transformers.ViTImageProcessor(size={"height": 28, "width": 28}, resample=2,
+                                          image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    proc.save_pretrained(d)
+    rng = np.random.default_rng(0)
+    images = []
+    for i, (h, w) in enumerate([(20, 24), (56, 42)]):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (h + w)], -1)
+        arr = np.clip(base + rng.integers(0, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "RGB")
+        img.save(os.path.join(d, f"image{i}.png"))
+        images.append(Image.open(os.path.join(d, f"image{i}.png")))
+    pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+    ref = model.to(torch.float64)
+    with torch.no_grad():
+        o = ref(pixel_values=pixels.to(torch.float64), output_hidden_states=True)
+    save_file({"pixel_values": pixels.to(torch.float32).contiguous(),
+               "hidden": o.hidden_states[-1].contiguous(), "logits": o.logits.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    # A PEFT adapter on it (LoRA on query/value, the classifier as modules_to_save, all of it
+    # made non-trivial), with PEFT's float64 logits on the same pixels: safetune must load it.
+    import peft
+    base = transformers.ViTForImageClassification.from_pretrained(d)
+    lc = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0,
+                         modules_to_save=["classifier"])
+    pm = peft.get_peft_model(base, lc)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    pm.eval()
+    pm.save_pretrained(os.path.join(d, "peft-adapter"))
+    with torch.no_grad():
+        pl = pm.to(torch.float64)(pixel_values=pixels.to(torch.float64)).logits
+    save_file({"logits": pl.contiguous()}, os.path.join(d, "peft-adapter", "reference.safetensors"))
+    print(open(os.path.join(d, "peft-adapter", "adapter_config.json")).read())
+    print("==", name, type(proc).__name__, sorted(os.listdir(d)), o.logits, pl)
+    print(open(os.path.join(d, "config.json")).read())
+    print(open(os.path.join(d, "preprocessor_config.json")).read())
+
+
+write_vit("vit")

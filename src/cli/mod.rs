@@ -256,7 +256,8 @@ pub struct DataArgs {
     #[arg(long)]
     pub data_kind: Option<DataKind>,
     /// classification | regression | qa (extractive question answering on SQuAD v1.1 / v2.0
-    /// JSON; --max-length then defaults to 384)
+    /// JSON; --max-length then defaults to 384) | image (a ViT --model on --data DIR: IDX
+    /// files or class folders of images)
     #[arg(long)]
     pub task: Option<TaskKind>,
     #[arg(long)]
@@ -560,6 +561,10 @@ fn train_and_report(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Res
         if let Some(summary) = crate::train::qa::train_qa(cfg, resume, show_progress)? {
             print_summary(cfg, &summary);
         }
+    } else if cfg.data.task == TaskKind::Image {
+        if let Some(summary) = crate::train::image::train_image(cfg, resume, show_progress)? {
+            print_summary(cfg, &summary);
+        }
     } else if let Some(summary) = trainer::train(cfg, resume, show_progress)? {
         print_summary(cfg, &summary);
     }
@@ -607,6 +612,13 @@ fn eval(a: EvalArgs) -> Result<()> {
         return eval_qa(a, pc);
     }
     let saved = crate::io::labels::load(&a.adapter)?;
+    let image = saved
+        .as_ref()
+        .and_then(|l| l.data.as_ref())
+        .is_some_and(|d| d.task == "image");
+    if image || a.data.task == Some(TaskKind::Image) {
+        return eval_image(a, pc, saved);
+    }
     let mut cfg = TrainConfig {
         model: match &a.model {
             Some(m) => Some(m.clone()),
@@ -676,6 +688,95 @@ fn eval(a: EvalArgs) -> Result<()> {
         &dataset.label_names,
         num_labels,
     )?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+/// `eval` of an image classifier's adapter: the image data's split (as the run split it, from
+/// `safetune.json`), accuracy, loss, per-class scores and the confusion matrix.
+fn eval_image(
+    a: EvalArgs,
+    pc: peft::PeftConfig,
+    saved: Option<crate::io::labels::AdapterLabels>,
+) -> Result<()> {
+    let mut cfg = TrainConfig {
+        model: match &a.model {
+            Some(m) => Some(m.clone()),
+            None => adapter_base(&a.adapter, pc.base_model_name_or_path.as_deref())?,
+        },
+        ..Default::default()
+    };
+    if let Some(d) = saved.as_ref().and_then(|l| l.data.as_ref()) {
+        apply_trained_on(&mut cfg, d, &a.adapter)?;
+    }
+    cfg.data.task = TaskKind::Image;
+    a.data.apply(&mut cfg);
+    set!(cfg.seed, a.seed);
+    cfg.lora = pc.lora();
+    cfg.dtype = a.device.dtype_spec();
+    let setup = crate::train::image::prepare(&cfg)?;
+    let set = match a.split {
+        EvalSplit::Test => setup.test,
+        EvalSplit::Validation => setup.validation,
+        EvalSplit::All => {
+            let mut all = setup.train;
+            for s in [setup.validation, setup.test] {
+                all.images.extend(s.images);
+                all.labels.extend(s.labels);
+            }
+            all
+        }
+    };
+    anyhow::ensure!(
+        !set.is_empty(),
+        "--split {}: the split has no images, nothing to evaluate",
+        format!("{:?}", a.split).to_lowercase()
+    );
+    let family = crate::model::bert::EncoderFamily::ViT;
+    let num_labels = peft::num_labels(&a.adapter, family.head().out)?;
+    // The adapter's outputs are its training data's classes, by name.
+    let names = saved
+        .map(|l| l.label_names)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| set.label_names.clone());
+    anyhow::ensure!(
+        num_labels == names.len() && set.label_names.len() <= num_labels,
+        "{}: the adapter's classifier has {num_labels} outputs, the data has {} classes",
+        a.adapter.display(),
+        set.label_names.len()
+    );
+    let mut set = set;
+    if let Some(d) = &a.data.data {
+        anyhow::ensure!(
+            set.label_names[..] == names[..set.label_names.len()],
+            "{}: its classes ({}) are not the adapter's ({})",
+            d.display(),
+            set.label_names.join(", "),
+            names.join(", ")
+        );
+    }
+    set.label_names = names;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let mut model = crate::model::vit::ViTForImageClassification::load(
+        &setup.model_dir,
+        num_labels,
+        cfg.dtype.dtype(),
+        &a.device.open()?,
+        &mut rng,
+    )?;
+    model.add_lora(&cfg.lora, pc.layers_to_transform.as_deref(), &mut rng)?;
+    peft::load(&a.adapter, &mut model)
+        .with_context(|| format!("{}: adapter does not fit the model", a.adapter.display()))?;
+    let pre = &setup.preprocessor;
+    if let Some(path) = &a.logits_out {
+        let logits = crate::train::image::predict_logits(&model, pre, &set, 32)?;
+        std::fs::write(
+            path,
+            serde_json::to_string(&serde_json::json!({ "logits": logits }))?,
+        )
+        .with_context(|| format!("{}: cannot write logits", path.display()))?;
+    }
+    let s = crate::train::image::evaluate(&model, pre, &set, 32, num_labels)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
 }
@@ -806,6 +907,28 @@ fn export(a: ExportArgs) -> Result<()> {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
         let device = candle_core::Device::Cpu;
         let mut model = crate::train::qa::build_model(&cfg, &model_dir, &device, &mut rng)?;
+        let mut opt = crate::nn::optim::AdamW::new(Default::default());
+        crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
+            .with_context(|| format!("{}: no checkpoint", a.run.display()))?;
+        peft::save(
+            &a.output,
+            &model,
+            &cfg.lora,
+            &model_dir.display().to_string(),
+        )?;
+        println!("wrote PEFT adapter to {}", a.output.display());
+        return Ok(());
+    }
+    if cfg.data.task == TaskKind::Image {
+        let classifier = peft::head_key("classifier", crate::adapters::HeadParam::ClassifierWeight);
+        let num_labels = tensors
+            .get(&classifier)
+            .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
+            .dim(0)?;
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+        let device = candle_core::Device::Cpu;
+        let mut model =
+            crate::train::image::build_model(&cfg, &model_dir, num_labels, &device, &mut rng)?;
         let mut opt = crate::nn::optim::AdamW::new(Default::default());
         crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
             .with_context(|| format!("{}: no checkpoint", a.run.display()))?;

@@ -16,13 +16,15 @@ use std::path::{Path, PathBuf};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Tokenizer files copied from the base folder when present.
-pub const TOKENIZER_FILES: [&str; 6] = [
+pub const TOKENIZER_FILES: [&str; 7] = [
     "tokenizer.json",
     "vocab.txt",
     "vocab.json",
     "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    // An image model's preprocessing (ViT).
+    "preprocessor_config.json",
 ];
 const PREFIX: &str = "base_model.model.";
 

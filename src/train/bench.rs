@@ -397,6 +397,7 @@ fn build(
                 model_type: None,
                 relative_attention_num_buckets: 32,
                 classifier_dropout: None,
+                image: None,
             };
             anyhow::ensure!(
                 a.quantize.is_none(),

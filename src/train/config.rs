@@ -311,6 +311,21 @@ impl TrainConfig {
                 anyhow::bail!("{}: {e}", path.display());
             }
         }
+        let images = self.data.task == crate::data::TaskKind::Image;
+        match (images, config.family().images()) {
+            // Images are the patches the model's config says; --max-length does not apply.
+            (true, true) => return Ok(()),
+            (true, false) => anyhow::bail!(
+                "{}: image classification (--task image) needs a ViT model (model_type 'vit'),                  not '{}'",
+                path.display(),
+                config.family().model_type()
+            ),
+            (false, true) => anyhow::bail!(
+                "{}: a ViT model classifies images: pass --task image",
+                path.display()
+            ),
+            (false, false) => {}
+        }
         let positions = config.max_tokens();
         if self.data.max_length > positions {
             let rows = config.max_position_embeddings;

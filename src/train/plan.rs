@@ -384,6 +384,7 @@ mod tests {
             model_type: None,
             relative_attention_num_buckets: 32,
             classifier_dropout: None,
+            image: None,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let mut m =
