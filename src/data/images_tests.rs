@@ -314,3 +314,35 @@ fn default_preprocessing_and_bad_configs() {
     let e = p.pixel_values(&big, &|| "big.png".into()).unwrap_err();
     assert!(e.contains("big.png") && e.contains("do_resize"), "{e}");
 }
+
+/// Fashion-MNIST as fetched (`safetune fetch fashion-mnist`): 60000 training and 10000 test
+/// images of 28x28, 10 classes of 6000 and 1000 images each (the data set's documented
+/// balance). Skipped when the asset is not in the cache; required under
+/// `SAFETUNE_REQUIRE_ASSETS`.
+#[test]
+fn fashion_mnist_has_its_documented_shape() {
+    let dir = crate::io::fetch::fashion_mnist_dir(&crate::io::fetch::default_cache_dir());
+    if !is_idx_dir(&dir) {
+        let why = format!(
+            "{} is missing; run `safetune fetch fashion-mnist`",
+            dir.display()
+        );
+        assert!(
+            std::env::var_os("SAFETUNE_REQUIRE_ASSETS").is_none(),
+            "{why}"
+        );
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let (train, test) = load_idx_dir(&dir).unwrap();
+    let test = test.expect("the t10k files");
+    for (set, n, per_class) in [(&train, 60000, 6000), (&test, 10000, 1000)] {
+        assert_eq!(set.len(), n);
+        assert_eq!(set.label_names.len(), 10);
+        assert_eq!(set.class_counts(), vec![per_class; 10]);
+        assert!(set
+            .images
+            .iter()
+            .all(|im| (im.width, im.height, im.channels) == (28, 28, 1)));
+    }
+}
