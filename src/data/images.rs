@@ -147,7 +147,8 @@ fn read_idx_file(path: &Path, ndims: usize) -> Result<(Vec<usize>, Vec<u8>), Dat
     };
     let bad = |msg: String| DataError::format(path, msg);
     let mut head = [0u8; 4];
-    read_full(&mut r, &mut head).map_err(|e| bad(format!("not an IDX file ({e})")))?;
+    r.read_exact(&mut head)
+        .map_err(|e| bad(format!("not an IDX file ({e})")))?;
     if head[..3] != [0, 0, 8] || head[3] as usize != ndims {
         return Err(bad(format!(
             "not an IDX file of {ndims}-dimensional unsigned bytes (magic {:02x} {:02x} {:02x} {:02x}, \
@@ -158,7 +159,8 @@ fn read_idx_file(path: &Path, ndims: usize) -> Result<(Vec<usize>, Vec<u8>), Dat
     let mut dims = Vec::with_capacity(ndims);
     for d in 0..ndims {
         let mut b = [0u8; 4];
-        read_full(&mut r, &mut b).map_err(|e| bad(format!("truncated header ({e})")))?;
+        r.read_exact(&mut b)
+            .map_err(|e| bad(format!("truncated header ({e})")))?;
         let v = u32::from_be_bytes(b) as usize;
         if v == 0 {
             return Err(bad(format!("dimension {d} is 0")));
@@ -207,10 +209,6 @@ fn read_idx_file(path: &Path, ndims: usize) -> Result<(Vec<usize>, Vec<u8>), Dat
         )));
     }
     Ok((dims, data))
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
-    r.read_exact(buf)
 }
 
 /// The image files a folder of class folders holds: `root/<class>/*.{png,jpg,jpeg}` (any case),
