@@ -346,3 +346,27 @@ fn fashion_mnist_has_its_documented_shape() {
             .all(|im| (im.width, im.height, im.channels) == (28, 28, 1)));
     }
 }
+
+/// A 1-channel model gets RGB reduced as PIL's `convert("L")` does: pure red, green and blue
+/// are 76, 150 and 29 (0.299, 0.587 and 0.114 of 255, rounded as PIL rounds).
+#[test]
+fn rgb_to_one_channel_is_pils_luminance() {
+    let p = Preprocessor {
+        channels: 1,
+        height: 1,
+        width: 3,
+        do_resize: false,
+        rescale: None,
+        normalize: None,
+    };
+    let img = Image {
+        width: 3,
+        height: 1,
+        channels: 3,
+        pixels: vec![255, 0, 0, 0, 255, 0, 0, 0, 255],
+    };
+    assert_eq!(
+        p.pixel_values(&img, &|| "x".into()).unwrap(),
+        vec![76.0, 150.0, 29.0]
+    );
+}
