@@ -4,10 +4,11 @@ safetensune's loader tests (tests/fixtures/hf/). Run where transformers and torc
     python3 scripts/hf_fixtures.py OUT_DIR [NAME ...]   (default: every fixture)
 
 Each model folder gets transformers' own config.json and safetensors (sharded with an index where
-noted) and reference outputs (the decoders' below; the encoders' and QA models' where they are
-written). Needs a `tokenizers` other than 0.23.2 for the QA windows. The decoders'
-`reference.safetensors`: `input_ids` (i64, [2, 16]) and the float64 `logits`
-([2, 16, vocab]) of the same weights run in float64 with eager attention.
+noted) and `reference.safetensors`: `input_ids` (i64, [2, 16]) and the float64 `logits`
+([2, 16, vocab]) of the same weights run in float64 with eager attention. The encoders' fixtures
+add their masks and hidden states; `vit` stores images, its processor's `pixel_values` instead;
+the QA fixtures (`*-qa`) their windows and span logits, which need a `tokenizers` other than
+0.23.2.
 """
 import json, os, sys
 import torch
@@ -360,3 +361,46 @@ BYTE_BPE = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="
 write_qa("bert-qa", wordpiece_tokenizer, bert_qa, WORDPIECE, True)
 write_qa("roberta-qa", byte_bpe_tokenizer, roberta_qa, BYTE_BPE, False)
 write_qa("distilbert-qa", wordpiece_tokenizer, distilbert_qa, WORDPIECE, False)
+# ViT for image classification (pre-LN layers, patch embedding, [CLS] + final LayerNorm +
+# classifier) with a ViTImageProcessor config: two RGB PNGs of other sizes (one upscaled, one
+# downscaled to 28x28 with PIL's bilinear filter), the processor's pixel_values, and the float64
+# last hidden state (before the final LayerNorm) and logits.
+def write_vit(name):
+    if only and name not in only:
+        return
+    import numpy as np
+    from PIL import Image
+    d = os.path.join(out, name)
+    os.makedirs(d, exist_ok=True)
+    c = cfg(transformers.ViTConfig, image_size=28, patch_size=7, num_channels=3, hidden_size=32,
+            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=10,
+            qkv_bias=True)
+    model = transformers.ViTForImageClassification(c)
+    randomize(model)
+    model.eval()
+    model.save_pretrained(d)
+    proc = transformers.ViTImageProcessor(size={"height": 28, "width": 28}, resample=2,
+                                          image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    proc.save_pretrained(d)
+    rng = np.random.default_rng(0)
+    images = []
+    for i, (h, w) in enumerate([(20, 24), (56, 42)]):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (h + w)], -1)
+        arr = np.clip(base + rng.integers(0, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "RGB")
+        img.save(os.path.join(d, f"image{i}.png"))
+        images.append(Image.open(os.path.join(d, f"image{i}.png")))
+    pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+    ref = model.to(torch.float64)
+    with torch.no_grad():
+        o = ref(pixel_values=pixels.to(torch.float64), output_hidden_states=True)
+    save_file({"pixel_values": pixels.to(torch.float32).contiguous(),
+               "hidden": o.hidden_states[-1].contiguous(), "logits": o.logits.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    print("==", name, type(proc).__name__, sorted(os.listdir(d)), o.logits)
+    print(open(os.path.join(d, "config.json")).read())
+    print(open(os.path.join(d, "preprocessor_config.json")).read())
+
+
+write_vit("vit")

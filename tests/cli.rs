@@ -2358,3 +2358,265 @@ fn roberta_and_distilbert_train_export_eval_and_merge() {
         assert!(!read_jsonl(&all.join("plan.jsonl")).is_empty());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Image classification (--task image) on the transformers-written ViT fixture
+// ---------------------------------------------------------------------------------------------
+
+fn vit_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/vit")
+}
+
+/// An IDX file of unsigned bytes, gzipped.
+fn write_idx_gz(path: &Path, dims: &[u32], data: &[u8]) {
+    use std::io::Write;
+    let mut v = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        v.extend(d.to_be_bytes());
+    }
+    v.extend(data);
+    let f = std::fs::File::create(path).unwrap();
+    let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    e.write_all(&v).unwrap();
+    e.finish().unwrap();
+}
+
+/// A tiny MNIST-like IDX folder: `n` 28x28 grayscale training images and `n_test` test images of
+/// 3 classes (class c: a bright band at rows 8c..8c+8, plus noise).
+fn made_idx_dir(dir: &Path, n: usize, n_test: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let make = |count: usize, seed: usize| -> (Vec<u8>, Vec<u8>) {
+        let (mut px, mut labels) = (Vec::new(), Vec::new());
+        for i in 0..count {
+            let c = (i + seed) % 3;
+            labels.push(c as u8);
+            for r in 0..28 {
+                for col in 0..28 {
+                    let band = if r / 8 == c { 200 } else { 20 };
+                    px.push((band + (i * 7 + r * 3 + col) % 30) as u8);
+                }
+            }
+        }
+        (px, labels)
+    };
+    for (name, count, seed) in [("train", n, 0), ("t10k", n_test, 1)] {
+        let (px, labels) = make(count, seed);
+        write_idx_gz(
+            &dir.join(format!("{name}-images-idx3-ubyte.gz")),
+            &[count as u32, 28, 28],
+            &px,
+        );
+        write_idx_gz(
+            &dir.join(format!("{name}-labels-idx1-ubyte.gz")),
+            &[count as u32],
+            &labels,
+        );
+    }
+    dir.into()
+}
+
+/// `--task image` with SAFE on IDX files (grayscale repeated to the fixture ViT's RGB): every
+/// output, a PEFT adapter as PEFT writes one for ViT (no task type, the classifier saved),
+/// `eval` of the run folder repeats the test scores, export writes the same kind of adapter,
+/// and merge writes a `ViTForImageClassification` folder.
+#[test]
+fn image_vit_trains_on_idx_evaluates_exports_and_merges() {
+    let sb = Sandbox::new();
+    let data = made_idx_dir(&sb.path("idx"), 60, 12);
+    let model = vit_fixture();
+    let out = sb.path("out");
+    sb.run_ok(&[
+        "train",
+        "--task",
+        "image",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--method",
+        "safe",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--quiet",
+    ]);
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], Value::Null);
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier"]));
+    let mut targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone()).unwrap();
+    targets.sort();
+    assert_eq!(targets, ["query", "value"]);
+    let t = load_tensors(&out.join("adapter_model.safetensors"));
+    let a = "base_model.model.vit.encoder.layer.1.attention.attention.value.lora_A.weight";
+    assert_eq!(t[a].dims()[1], 32, "{:?}", t.keys().collect::<Vec<_>>());
+    assert_eq!(t[CLASSIFIER].dims(), &[3, 32]);
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["task"], "image");
+    assert_eq!(summary["metric"], "accuracy");
+    // The t10k files are the test set: 12 images, 4 per class.
+    let confusion: Vec<Vec<u64>> =
+        serde_json::from_value(summary["test"]["confusion"].clone()).unwrap();
+    let rows: Vec<u64> = confusion.iter().map(|r| r.iter().sum()).collect();
+    assert_eq!(rows, [4, 4, 4]);
+    let saved = read_json(&out.join("safetune.json"));
+    assert_eq!(saved["data"]["task"], "image");
+    assert_eq!(saved["label_names"], serde_json::json!(["0", "1", "2"]));
+    assert_eq!(read_jsonl(&out.join("metrics.jsonl")).len(), 2);
+    // eval reads the run's settings from the adapter folder and scores the same test split.
+    let ev = sb.run_ok(&["eval", "--adapter", s(&out), "--data", s(&data)]);
+    let scores: Value = serde_json::from_slice(&ev.stdout).unwrap();
+    for k in ["metric", "confusion", "per_class"] {
+        assert_eq!(scores[k], summary["test"][k], "{k}");
+    }
+    let loss = scores["loss"].as_f64().unwrap();
+    assert!((loss - summary["test"]["loss"].as_f64().unwrap()).abs() < 1e-9);
+    let exported = sb.path("exported");
+    sb.run_ok(&["export", "--run", s(&out), "--output", s(&exported)]);
+    let cfg = read_json(&exported.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], Value::Null);
+    let merged = sb.path("merged");
+    sb.run_ok(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--output",
+        s(&merged),
+    ]);
+    let cfg = read_json(&merged.join("config.json"));
+    assert_eq!(cfg["architectures"][0], "ViTForImageClassification");
+    assert_eq!(cfg["num_labels"], 3);
+    assert!(merged.join("preprocessor_config.json").is_file());
+    let m = load_tensors(&merged.join("model.safetensors"));
+    let base = load_tensors(&model.join("model.safetensors"));
+    assert_eq!(m["classifier.weight"].dims(), &[3, 32]);
+    let ln = "vit.layernorm.weight";
+    assert_eq!(common_max_diff(&m[ln], &base[ln]), 0.0);
+    let q = "vit.encoder.layer.0.attention.attention.query.weight";
+    assert!(
+        common_max_diff(&m[q], &base[q]) > 0.0,
+        "the LoRA delta is merged"
+    );
+    let k = "vit.encoder.layer.0.attention.attention.key.weight";
+    assert_eq!(common_max_diff(&m[k], &base[k]), 0.0, "key has no adapter");
+}
+
+fn common_max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// An image folder (class folders of PNGs, RGB and grayscale, other sizes than the model's):
+/// split three ways as the tables are, trained with LoRA; the class names are the folders'.
+#[test]
+fn image_vit_trains_on_an_image_folder() {
+    let sb = Sandbox::new();
+    let root = sb.path("pets");
+    for (c, name) in ["cat", "dog"].iter().enumerate() {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        for i in 0..10u32 {
+            let path = root.join(name).join(format!("{i}.png"));
+            if i % 2 == 0 {
+                image::RgbImage::from_fn(20 + i, 24, |x, y| {
+                    image::Rgb([
+                        (x * 9 + c as u32 * 120) as u8,
+                        (y * 5) as u8,
+                        (i * 20) as u8,
+                    ])
+                })
+                .save(&path)
+                .unwrap();
+            } else {
+                image::GrayImage::from_fn(32, 30, |x, y| {
+                    image::Luma([((x + y) * 3 + c as u32 * 100) as u8])
+                })
+                .save(&path)
+                .unwrap();
+            }
+        }
+    }
+    let out = sb.path("out");
+    sb.run_ok(&[
+        "train",
+        "--task",
+        "image",
+        "--model",
+        s(&vit_fixture()),
+        "--data",
+        s(&root),
+        "--output",
+        s(&out),
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    let saved = read_json(&out.join("safetune.json"));
+    assert_eq!(saved["label_names"], serde_json::json!(["cat", "dog"]));
+    let summary = read_json(&out.join("summary.json"));
+    // 15% of 10 per class, rounded: 2 test images per class.
+    let confusion: Vec<Vec<u64>> =
+        serde_json::from_value(summary["test"]["confusion"].clone()).unwrap();
+    assert_eq!(
+        confusion
+            .iter()
+            .map(|r| r.iter().sum::<u64>())
+            .collect::<Vec<_>>(),
+        [2, 2]
+    );
+}
+
+/// Bad image-task input: a text model, no model, a truncated IDX file: one error line naming
+/// the file, exit status 1.
+#[test]
+fn image_task_bad_input_is_named() {
+    let sb = Sandbox::new();
+    let data = made_idx_dir(&sb.path("idx"), 9, 3);
+    let bert = tiny_model(&sb.path("bert"), 1);
+    let out = sb.path("out");
+    let base = [
+        "train",
+        "--task",
+        "image",
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+    ];
+    let r = sb.run(&[&base[..], &["--model", s(&bert)]].concat());
+    assert_clean_error(&r, &["config.json", "needs a ViT model"]);
+    let r = sb.run(&base);
+    assert_clean_error(&r, &["needs --model"]);
+    let vit = vit_fixture();
+    let r = sb.run(&[
+        "train",
+        "--model",
+        s(&vit),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+    ]);
+    assert_clean_error(&r, &["config.json", "--task image"]);
+    let labels = data.join("train-labels-idx1-ubyte.gz");
+    let bytes = std::fs::read(&labels).unwrap();
+    std::fs::write(&labels, &bytes[..bytes.len() / 2]).unwrap();
+    let r = sb.run(&[&base[..], &["--model", s(&vit)]].concat());
+    assert_clean_error(&r, &["train-labels-idx1-ubyte.gz"]);
+    assert!(!out.join("adapter_config.json").exists());
+}

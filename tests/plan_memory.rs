@@ -50,6 +50,7 @@ fn bert(dropout: f64) -> BertForSequenceClassification {
         relative_attention_num_buckets: 32,
         classifier_dropout: None,
         qa_dropout: None,
+        image: None,
     };
     let mut rng = StdRng::seed_from_u64(1);
     let mut m =
@@ -118,6 +119,7 @@ fn mask_add() -> Tensor {
 
 fn bert_batch() -> (BatchTensors, Vec<u32>) {
     let b = BatchTensors {
+        pixel_values: None,
         input_ids: ids(100),
         token_type_ids: Tensor::zeros((ROWS, SEQ), DType::U32, &Device::Cpu).unwrap(),
         mask_add: mask_add(),

@@ -134,8 +134,8 @@ pub trait AdaptedStack {
     type Layer: Block;
     /// PEFT's path of the layer list: layer `i`'s modules are `{layers_path}.{i}.{site path}`.
     fn layers_path(&self) -> &'static str;
-    /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
-    const TASK_TYPE: &'static str;
+    /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM` (None: an image classifier's).
+    const TASK_TYPE: Option<&'static str>;
     /// PEFT's `fan_in_fan_out` (GPT-2's Conv1D linears).
     const FAN_IN_FAN_OUT: bool = false;
 
@@ -256,7 +256,7 @@ impl<M: AdaptedStack> Adapted for M {
         self.layers().iter().position(|l| l.trains())
     }
 
-    fn peft_task_type(&self) -> &'static str {
+    fn peft_task_type(&self) -> Option<&'static str> {
         M::TASK_TYPE
     }
 

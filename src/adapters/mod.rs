@@ -132,8 +132,9 @@ pub trait Adapted {
     /// is saved. None when nothing trains.
     fn lowest_trainable_layer(&self) -> Option<usize>;
 
-    /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`.
-    fn peft_task_type(&self) -> &'static str;
+    /// PEFT's `task_type`: `SEQ_CLS`, `CAUSAL_LM`; None for an image classifier (PEFT has no
+    /// task type for it).
+    fn peft_task_type(&self) -> Option<&'static str>;
 
     /// PEFT's `fan_in_fan_out`: true when the base model stores its linears as `[in, out]`
     /// (GPT-2's Conv1D). The adapter tensors keep PEFT's shapes either way.

@@ -256,7 +256,8 @@ pub struct DataArgs {
     #[arg(long)]
     pub data_kind: Option<DataKind>,
     /// classification | regression | qa (extractive question answering on SQuAD v1.1 / v2.0
-    /// JSON; --max-length then defaults to 384)
+    /// JSON; --max-length then defaults to 384) | image (a ViT --model on --data DIR: IDX
+    /// files or class folders of images)
     #[arg(long)]
     pub task: Option<TaskKind>,
     #[arg(long)]
@@ -560,6 +561,10 @@ fn train_and_report(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Res
         if let Some(summary) = crate::train::qa::train_qa(cfg, resume, show_progress)? {
             print_summary(cfg, &summary);
         }
+    } else if cfg.data.task == TaskKind::Image {
+        if let Some(summary) = crate::train::image::train_image(cfg, resume, show_progress)? {
+            print_summary(cfg, &summary);
+        }
     } else if let Some(summary) = trainer::train(cfg, resume, show_progress)? {
         print_summary(cfg, &summary);
     }
@@ -606,7 +611,13 @@ fn eval(a: EvalArgs) -> Result<()> {
     if pc.task_type.as_deref() == Some("QUESTION_ANS") || a.data.task == Some(TaskKind::Qa) {
         return eval_qa(a, pc);
     }
-    let (cfg, saved) = eval_config(&a, &pc, false)?;
+    let trained_on_images = crate::io::labels::load(&a.adapter)?
+        .and_then(|l| l.data)
+        .is_some_and(|d| d.task == "image");
+    if trained_on_images || a.data.task == Some(TaskKind::Image) {
+        return eval_image(a, pc);
+    }
+    let (cfg, saved) = eval_config(&a, &pc, None)?;
     let model_dir = trainer::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
     let mut dataset = match a.split {
@@ -665,10 +676,80 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// `eval` of an image classifier's adapter: the image data's split (as the run split it, from
+/// `safetune.json`), accuracy, loss, per-class scores and the confusion matrix.
+fn eval_image(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
+    let (mut cfg, saved) = eval_config(&a, &pc, Some(TaskKind::Image))?;
+    cfg.dtype = a.device.dtype_spec();
+    let setup = crate::train::image::prepare(&cfg)?;
+    let set = match a.split {
+        EvalSplit::Test => setup.test,
+        EvalSplit::Validation => setup.validation,
+        EvalSplit::All => {
+            let mut all = setup.train;
+            for s in [setup.validation, setup.test] {
+                all.images.extend(s.images);
+                all.labels.extend(s.labels);
+            }
+            all
+        }
+    };
+    anyhow::ensure!(
+        !set.is_empty(),
+        "--split {}: the split has no images, nothing to evaluate",
+        format!("{:?}", a.split).to_lowercase()
+    );
+    let family = crate::model::bert::EncoderFamily::ViT;
+    let num_labels = peft::num_labels(&a.adapter, family.head().out)?;
+    // The adapter's outputs are its training data's classes, by name.
+    let names = saved
+        .map(|l| l.label_names)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| set.label_names.clone());
+    anyhow::ensure!(
+        num_labels == names.len() && set.label_names.len() <= num_labels,
+        "{}: the adapter's classifier has {num_labels} outputs, the data has {} classes",
+        a.adapter.display(),
+        set.label_names.len()
+    );
+    let mut set = set;
+    if let Some(d) = &a.data.data {
+        anyhow::ensure!(
+            set.label_names[..] == names[..set.label_names.len()],
+            "{}: its classes ({}) are not the adapter's ({})",
+            d.display(),
+            set.label_names.join(", "),
+            names.join(", ")
+        );
+    }
+    set.label_names = names;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let mut model = crate::model::vit::ViTForImageClassification::load(
+        &setup.model_dir,
+        num_labels,
+        cfg.dtype.dtype(),
+        &a.device.open()?,
+        &mut rng,
+    )?;
+    load_eval_adapter(&mut model, &a, &pc, &mut rng)?;
+    let pre = &setup.preprocessor;
+    if let Some(path) = &a.logits_out {
+        let logits = crate::train::image::predict_logits(&model, pre, &set, 32)?;
+        std::fs::write(
+            path,
+            serde_json::to_string(&serde_json::json!({ "logits": logits }))?,
+        )
+        .with_context(|| format!("{}: cannot write logits", path.display()))?;
+    }
+    let s = crate::train::image::evaluate(&model, pre, &set, 32, num_labels)?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
 /// `eval` of a question-answering adapter: the SQuAD file's split (as the run split it, from
 /// `safetune.json`), its answers and the official scores.
 fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
-    let (mut cfg, _) = eval_config(&a, &pc, true)?;
+    let (mut cfg, _) = eval_config(&a, &pc, Some(TaskKind::Qa))?;
     cfg.dtype = a.device.dtype_spec();
     let model_dir = trainer::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
@@ -721,8 +802,9 @@ fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
 fn eval_config(
     a: &EvalArgs,
     pc: &peft::PeftConfig,
-    qa: bool,
+    task: Option<TaskKind>,
 ) -> Result<(TrainConfig, Option<crate::io::labels::AdapterLabels>)> {
+    let qa = task == Some(TaskKind::Qa);
     let saved = crate::io::labels::load(&a.adapter)?;
     let mut cfg = TrainConfig {
         model: match &a.model {
@@ -740,6 +822,9 @@ fn eval_config(
         if let (true, Some(stride)) = (qa, d.doc_stride) {
             cfg.data.doc_stride = stride;
         }
+    }
+    if task == Some(TaskKind::Image) {
+        cfg.data.task = TaskKind::Image;
     }
     a.data.apply(&mut cfg);
     set!(cfg.seed, a.seed);
@@ -818,6 +903,28 @@ fn export(a: ExportArgs) -> Result<()> {
         let device = candle_core::Device::Cpu;
         let model = crate::train::qa::build_model(&cfg, &model_dir, &device, &mut rng)?;
         return export_checkpoint(&a, model, &cfg, &model_dir);
+    }
+    if cfg.data.task == TaskKind::Image {
+        let classifier = peft::head_key("classifier", crate::adapters::HeadParam::ClassifierWeight);
+        let num_labels = tensors
+            .get(&classifier)
+            .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
+            .dim(0)?;
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+        let device = candle_core::Device::Cpu;
+        let mut model =
+            crate::train::image::build_model(&cfg, &model_dir, num_labels, &device, &mut rng)?;
+        let mut opt = crate::nn::optim::AdamW::new(Default::default());
+        crate::train::checkpoint::load(&a.run, &mut model, &mut opt)?
+            .with_context(|| format!("{}: no checkpoint", a.run.display()))?;
+        peft::save(
+            &a.output,
+            &model,
+            &cfg.lora,
+            &model_dir.display().to_string(),
+        )?;
+        println!("wrote PEFT adapter to {}", a.output.display());
+        return Ok(());
     }
     let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
     let classifier = peft::head_key(

@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod bbc;
 pub mod chat;
+pub mod images;
 pub mod lm;
 mod parquet;
 pub mod spam;
@@ -48,6 +49,8 @@ pub enum TaskKind {
     Regression,
     /// Extractive question answering on SQuAD JSON (see [`squad`]).
     Qa,
+    /// Image classification with a ViT: IDX files or an image folder (see [`images`]).
+    Image,
 }
 
 #[derive(Clone, Debug)]
@@ -62,7 +65,7 @@ impl Dataset {
     /// Width of the model head: number of classes, or 1 for regression.
     pub fn num_labels(&self) -> usize {
         match self.task {
-            TaskKind::Classification => self.label_names.len(),
+            TaskKind::Classification | TaskKind::Image => self.label_names.len(),
             TaskKind::Regression => 1,
             TaskKind::Qa => 2,
         }

@@ -17,28 +17,66 @@ use super::{Dataset, Label, Splits, TaskKind};
 /// # Panics
 /// If a fraction is outside `0..=1` or their sum exceeds 1.
 pub fn stratified_split(ds: &Dataset, validation_frac: f64, test_frac: f64, seed: u64) -> Splits {
+    let classes: Option<Vec<usize>> = (ds.task == TaskKind::Classification).then(|| {
+        ds.examples
+            .iter()
+            .map(|e| match e.label {
+                Label::Class(c) => c,
+                Label::Value(_) => panic!("regression label in a classification dataset"),
+            })
+            .collect()
+    });
+    let [train, validation, test] = stratified_indices(
+        ds.len(),
+        classes.as_deref(),
+        validation_frac,
+        test_frac,
+        seed,
+    );
+    let subset = |idx: Vec<usize>| Dataset {
+        examples: idx.iter().map(|&i| ds.examples[i].clone()).collect(),
+        label_names: ds.label_names.clone(),
+        task: ds.task,
+    };
+    Splits {
+        train: subset(train),
+        validation: subset(validation),
+        test: subset(test),
+    }
+}
+
+/// [`stratified_split`] of `n` examples by index: `classes` gives each example's class (None:
+/// one group, as for regression). Returns the train, validation and test indices, each
+/// shuffled.
+///
+/// # Panics
+/// If a fraction is outside `0..=1` or their sum exceeds 1.
+pub fn stratified_indices(
+    n: usize,
+    classes: Option<&[usize]>,
+    validation_frac: f64,
+    test_frac: f64,
+    seed: u64,
+) -> [Vec<usize>; 3] {
     assert!(
         (0.0..=1.0).contains(&validation_frac)
             && (0.0..=1.0).contains(&test_frac)
             && validation_frac + test_frac <= 1.0,
         "split fractions must be in 0..=1 and sum to at most 1 (validation {validation_frac}, test {test_frac})"
     );
-    let mut groups: Vec<Vec<usize>> = match ds.task {
-        TaskKind::Regression | TaskKind::Qa => vec![(0..ds.len()).collect()],
-        TaskKind::Classification => vec![Vec::new(); ds.num_labels()],
-    };
-    if ds.task == TaskKind::Classification {
-        for (i, e) in ds.examples.iter().enumerate() {
-            let class = match e.label {
-                Label::Class(c) => c,
-                Label::Value(_) => panic!("regression label in a classification dataset"),
-            };
-            if class >= groups.len() {
-                groups.resize(class + 1, Vec::new());
+    let groups: Vec<Vec<usize>> = match classes {
+        None => vec![(0..n).collect()],
+        Some(classes) => {
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            for (i, &class) in classes.iter().enumerate() {
+                if class >= groups.len() {
+                    groups.resize(class + 1, Vec::new());
+                }
+                groups[class].push(i);
             }
-            groups[class].push(i);
+            groups
         }
-    }
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut train, mut validation, mut test) = (Vec::new(), Vec::new(), Vec::new());
     for mut group in groups {
@@ -50,19 +88,10 @@ pub fn stratified_split(ds: &Dataset, validation_frac: f64, test_frac: f64, seed
         test.extend_from_slice(&group[n_val..n_val + n_test]);
         train.extend_from_slice(&group[n_val + n_test..]);
     }
-    let mut subset = |mut idx: Vec<usize>| {
+    for idx in [&mut train, &mut validation, &mut test] {
         idx.shuffle(&mut rng);
-        Dataset {
-            examples: idx.iter().map(|&i| ds.examples[i].clone()).collect(),
-            label_names: ds.label_names.clone(),
-            task: ds.task,
-        }
-    };
-    Splits {
-        train: subset(train),
-        validation: subset(validation),
-        test: subset(test),
     }
+    [train, validation, test]
 }
 
 #[cfg(test)]

@@ -365,6 +365,11 @@ fn build(path: &Path, spec: &TableSpec, rows: Vec<Row>) -> Result<Dataset, DataE
             let msg = "question answering (task qa) reads SQuAD JSON, not a table of labels";
             return Err(DataError::format(path, msg));
         }
+        (TaskKind::Image, _) => {
+            let msg = "image classification (task image) reads IDX files or image folders, not \
+                       a table";
+            return Err(DataError::format(path, msg));
+        }
         (TaskKind::Regression, _) => Vec::new(),
         (TaskKind::Classification, Some(names)) => names.clone(),
         (TaskKind::Classification, None) => infer_label_names(rows.iter().map(|r| r.label.trim())),
@@ -381,7 +386,7 @@ fn build(path: &Path, spec: &TableSpec, rows: Vec<Row>) -> Result<Dataset, DataE
                 )));
             }
             let label = match spec.task {
-                TaskKind::Classification => {
+                TaskKind::Classification | TaskKind::Image => {
                     let idx = label_names.iter().position(|n| n == raw).ok_or_else(|| {
                         err(format!(
                             "unknown label '{raw}' (known: {})",

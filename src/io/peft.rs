@@ -179,7 +179,7 @@ pub fn save(
     let all_layers = layers.len() == model.num_layers();
     let cfg = PeftConfig {
         peft_type: "LORA".into(),
-        task_type: Some(model.peft_task_type().into()),
+        task_type: model.peft_task_type().map(Into::into),
         r: lora.r,
         lora_alpha: lora.alpha,
         lora_dropout: lora.dropout,

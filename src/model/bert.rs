@@ -5,11 +5,19 @@
 //! from the padding index, no token types, MPNet's relative position bias added to the attention
 //! scores, and each family's classification head.
 //!
+//! ViT (`model::vit`) is the same body with pre-LN layers, patch embeddings and its image head.
+//!
 //! Layer data flow (post-LN BERT), per layer, rows = `batch * seq` tokens:
 //! ```text
 //! q,k,v = query(h), key(h), value(h)        (LoraLinear)
 //! a     = LN1(dropout(out(attn(q,k,v))) + h)
 //! h'    = LN2(dropout(output(gelu(intermediate(a)))) + a)
+//! ```
+//! and pre-LN (ViT), the same components in another order:
+//! ```text
+//! x     = LN1(h);  q,k,v = query(x), key(x), value(x)
+//! a     = dropout(out(attn(q,k,v))) + h
+//! h'    = dropout(output(gelu(intermediate(LN2(a))))) + a
 //! ```
 
 use super::memory::{Acts, LayerMemory, StepMemory};
@@ -83,6 +91,9 @@ pub struct BertLayer {
     pub dropout: Dropout,
     /// The family's names of the six linears (PEFT's module paths within the layer).
     pub paths: &'static [&'static str; 6],
+    /// Pre-LN (ViT): `ln_attn` and `ln_out` normalize each sublayer's input, see the module
+    /// doc.
+    pub pre_norm: bool,
 }
 
 impl crate::adapters::Block for BertLayer {
@@ -130,6 +141,9 @@ impl BertLayer {
         save: bool,
         monitor: Option<&mut Monitored>,
     ) -> Result<(Tensor, Option<BertLayerSaved>)> {
+        if self.pre_norm {
+            return self.forward_pre_norm(h, mask_add, shape, pass, save, monitor);
+        }
         let mut lin = SiteForward::new(self, save, monitor);
         // Each intermediate is dropped as soon as it is used: what stays is what the saved
         // structs hold (the peak of a step is the saved layers plus one layer's temporaries).
@@ -164,6 +178,94 @@ impl BertLayer {
         Ok((out, saved))
     }
 
+    /// [`Self::forward`] of a pre-LN layer: the same parts, each LayerNorm on a sublayer's input.
+    fn forward_pre_norm(
+        &self,
+        h: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        pass: &mut Pass,
+        save: bool,
+        monitor: Option<&mut Monitored>,
+    ) -> Result<(Tensor, Option<BertLayerSaved>)> {
+        let mut lin = SiteForward::new(self, save, monitor);
+        let (x, ln_attn) = self.ln_attn.forward(h, save)?;
+        let (ctx, attn) = {
+            let q = lin.run(Site::Query, &x, pass)?;
+            let k = lin.run(Site::Key, &x, pass)?;
+            let v = lin.run(Site::Value, &x, pass)?;
+            drop(x);
+            self.attention
+                .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
+        };
+        let a = lin.run(Site::AttnOut, &ctx, pass)?;
+        drop(ctx);
+        let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
+        let a = nn::add(&a, h)?;
+        let (x, ln_out) = self.ln_out.forward(&a, save)?;
+        let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &x, pass)?, save)?;
+        drop(x);
+        let o = lin.run(Site::Output, &g, pass)?;
+        drop(g);
+        let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
+        let out = nn::add(&o, &a)?;
+        let saved = (|| {
+            Some(BertLayerSaved {
+                lin: lin.states,
+                attn: attn?,
+                drop_attn,
+                ln_attn: ln_attn?,
+                gelu: gelu?,
+                drop_out,
+                ln_out: ln_out?,
+            })
+        })();
+        Ok((out, saved))
+    }
+
+    /// [`Self::backward`] of a pre-LN layer.
+    fn backward_pre_norm(
+        &self,
+        saved: BertLayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, SiteGrads)> {
+        let mut lin = SiteBackward::new(self, saved.lin);
+        // out = o + a: dout reaches a directly and through the MLP branch.
+        let d_x2 = {
+            let d_o = dropout::backward_opt(&saved.drop_out, dout.clone())?;
+            let d_g = lin.back_dx(Site::Output, &d_o)?;
+            drop(d_o);
+            let d_i = saved.gelu.backward(&d_g)?;
+            lin.back_dx(Site::Intermediate, &d_i)?
+        };
+        drop(saved.gelu);
+        let d_a = nn::add(&saved.ln_out.backward(&self.ln_out, &d_x2)?, dout)?;
+        drop((d_x2, saved.ln_out));
+        // a = attn_out + h.
+        let d_ctx = {
+            let d_ao = dropout::backward_opt(&saved.drop_attn, d_a.clone())?;
+            lin.back_dx(Site::AttnOut, &d_ao)?
+        };
+        let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
+        drop((d_ctx, saved.attn));
+        let mut dx: Option<Tensor> = None;
+        for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
+            if let Some(dxs) = lin.back(s, &d, need_dx)? {
+                dx = Some(match dx {
+                    Some(acc) => nn::add(&acc, &dxs)?,
+                    None => dxs,
+                });
+            }
+        }
+        let dh = match (need_dx, dx) {
+            (false, _) => None,
+            (true, Some(dx)) => Some(nn::add(&saved.ln_attn.backward(&self.ln_attn, &dx)?, &d_a)?),
+            (true, None) => Some(d_a),
+        };
+        Ok((dh, lin.grads()))
+    }
+
     /// What [`BertLayer::forward`] keeps (its [`BertLayerSaved`]) and its temporaries, from
     /// shapes.
     pub fn memory(&self, acts: Acts) -> LayerMemory {
@@ -195,6 +297,9 @@ impl BertLayer {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, SiteGrads)> {
+        if self.pre_norm {
+            return self.backward_pre_norm(saved, dout, need_dx);
+        }
         let mut lin = SiteBackward::new(self, saved.lin);
         // As in forward, each gradient is dropped once used (and each saved part once read).
         let d_res2 = saved.ln_out.backward(&self.ln_out, dout)?; // d(o + a)
@@ -241,8 +346,8 @@ pub struct ModelGrads {
 pub trait EncoderHead: Clone + std::fmt::Debug {
     /// What the head's backward needs.
     type Saved;
-    /// PEFT's `task_type`.
-    const TASK_TYPE: &'static str;
+    /// PEFT's `task_type` (None: PEFT has none for image classification).
+    const TASK_TYPE: Option<&'static str>;
     /// The output layer's weight and bias ([`HeadGrads::weight`] and `bias`; a trained dense
     /// layer's are [`HeadParam::DenseWeight`] and `DenseBias`).
     const PARAMS: [HeadParam; 2];
@@ -272,7 +377,7 @@ pub trait EncoderHead: Clone + std::fmt::Debug {
 
 impl EncoderHead for ClassificationHead {
     type Saved = HeadSaved;
-    const TASK_TYPE: &'static str = "SEQ_CLS";
+    const TASK_TYPE: Option<&'static str> = Some("SEQ_CLS");
     const PARAMS: [HeadParam; 2] = [HeadParam::ClassifierWeight, HeadParam::ClassifierBias];
 
     fn forward(
@@ -323,7 +428,7 @@ impl EncoderHead for ClassificationHead {
 
 impl EncoderHead for QaHead {
     type Saved = QaHeadSaved;
-    const TASK_TYPE: &'static str = "QUESTION_ANS";
+    const TASK_TYPE: Option<&'static str> = Some("QUESTION_ANS");
     const PARAMS: [HeadParam; 2] = [HeadParam::QaOutputsWeight, HeadParam::QaOutputsBias];
 
     /// `[batch*seq, 2]`: each token's start and end logit.
@@ -360,7 +465,7 @@ impl EncoderHead for QaHead {
 #[derive(Clone, Debug)]
 pub struct BertWithHead<H> {
     pub config: BertConfig,
-    pub embeddings: Embeddings,
+    pub embeddings: InputEmbeddings,
     pub layers: Vec<BertLayer>,
     pub head: H,
     /// MPNet's relative position bias, `[buckets, heads]`, shared by every layer.
@@ -373,8 +478,47 @@ pub type BertForSequenceClassification = BertWithHead<ClassificationHead>;
 /// transformers' `BertForQuestionAnswering` (and MPNet's): a start/end logit per token.
 pub type BertForQuestionAnswering = BertWithHead<QaHead>;
 
-/// One tokenized batch on the model's device.
+/// What turns a batch into the first layer's input: token embeddings (the text encoders) or
+/// patch embeddings (ViT).
+#[derive(Clone, Debug)]
+pub enum InputEmbeddings {
+    Tokens(Embeddings),
+    Patches(super::vit::PatchEmbeddings),
+}
+
+impl InputEmbeddings {
+    /// `[batch*seq, hidden]`: of the batch's token ids, or of its pixel values.
+    pub fn forward(&self, b: &BatchTensors, pass: &mut Pass) -> Result<Tensor> {
+        match self {
+            InputEmbeddings::Tokens(e) => e.forward(&b.input_ids, &b.token_type_ids, pass),
+            InputEmbeddings::Patches(p) => match &b.pixel_values {
+                Some(x) => p.forward(x, pass),
+                None => candle_core::bail!("a ViT batch needs pixel values"),
+            },
+        }
+    }
+
+    /// The layers' dtype (the embedding tables').
+    pub fn dtype(&self) -> DType {
+        match self {
+            InputEmbeddings::Tokens(e) => e.word.dtype(),
+            InputEmbeddings::Patches(p) => p.projection.dtype(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            InputEmbeddings::Tokens(e) => e.word.device().clone(),
+            InputEmbeddings::Patches(p) => p.projection.device().clone(),
+        }
+    }
+}
+
+/// One batch on the model's device: token ids (text), or pixel values (images; the ids are then
+/// empty `[batch, 0]` tensors and the mask all zeros).
 pub struct BatchTensors {
+    /// `[batch, channels, height, width]`, preprocessed; None for text.
+    pub pixel_values: Option<Tensor>,
     pub input_ids: Tensor,
     pub token_type_ids: Tensor,
     /// `[batch, 1, 1, seq]` additive key mask.
@@ -395,7 +539,7 @@ pub struct ForwardSaved<S> {
 
 impl<H: EncoderHead> StepMemory for BertWithHead<H> {
     fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
-        self.layers[layer].memory(Acts::new(rows, seq, self.embeddings.word.dtype()))
+        self.layers[layer].memory(Acts::new(rows, seq, self.embeddings.dtype()))
     }
 
     fn hidden_size(&self) -> usize {
@@ -403,7 +547,7 @@ impl<H: EncoderHead> StepMemory for BertWithHead<H> {
     }
 
     fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
-        Acts::new(rows, seq, self.embeddings.word.dtype()).of(self.config.hidden_size)
+        Acts::new(rows, seq, self.embeddings.dtype()).of(self.config.hidden_size)
     }
 
     /// The classification head's dense layer and classifier work on one row each, `qa_outputs`
@@ -492,25 +636,11 @@ impl BertForSequenceClassification {
         let c = config;
         let family = c.family();
         let (h, f) = (c.hidden_size, c.intermediate_size);
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            (
-                "embeddings.word_embeddings.weight".into(),
-                vec![c.vocab_size, h],
-            ),
-            (
-                "embeddings.position_embeddings.weight".into(),
-                vec![c.max_position_embeddings, h],
-            ),
-            ("embeddings.LayerNorm.weight".into(), vec![h]),
-            ("embeddings.LayerNorm.bias".into(), vec![h]),
-        ];
-        if family.token_types() {
-            shapes.push((
-                "embeddings.token_type_embeddings.weight".into(),
-                vec![c.type_vocab_size, h],
-            ));
-        }
-        if !family.head().dense_trains {
+        let mut shapes: Vec<(String, Vec<usize>)> = match &c.image {
+            Some(g) => super::vit::embedding_shapes(g, h),
+            None => Self::token_embedding_shapes(c),
+        };
+        if !family.head().dense_trains && !family.images() {
             let d = family.head().dense;
             shapes.push((format!("{d}.weight"), vec![h, h]));
             shapes.push((format!("{d}.bias"), vec![h]));
@@ -537,6 +667,30 @@ impl BertForSequenceClassification {
         shapes
     }
 
+    /// A text encoder's embedding tensors and their shapes.
+    fn token_embedding_shapes(c: &BertConfig) -> Vec<(String, Vec<usize>)> {
+        let h = c.hidden_size;
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![c.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![c.max_position_embeddings, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        if c.family().token_types() {
+            shapes.push((
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![c.type_vocab_size, h],
+            ));
+        }
+        shapes
+    }
+
     /// A model of the given shape with random weights (normal(0, 0.02), LayerNorm 1/0), for
     /// benchmarks and tests; built through the same loading path as a checkpoint.
     pub fn random(
@@ -553,7 +707,7 @@ impl BertForSequenceClassification {
 
 /// Random checkpoint tensors of `config`'s shape (normal(0, 0.02), LayerNorm 1/0, zero biases),
 /// see [`BertForSequenceClassification::checkpoint_shapes`].
-fn random_weights(
+pub(crate) fn random_weights(
     config: &BertConfig,
     dtype: DType,
     device: &Device,
@@ -563,7 +717,9 @@ fn random_weights(
     let mut tensors = std::collections::HashMap::new();
     for (name, shape) in BertForSequenceClassification::checkpoint_shapes(config) {
         let n: usize = shape.iter().product();
-        let norm = ["LayerNorm", "layer_norm"].iter().any(|l| name.contains(l));
+        let norm = ["LayerNorm", "layer_norm", "layernorm"]
+            .iter()
+            .any(|l| name.contains(l));
         let v: Vec<f32> = if norm {
             vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
         } else if name.ends_with("bias") {
@@ -585,9 +741,9 @@ fn random_weights(
 /// Where a head's tensors live: the dtype it runs in (f32 beside half-precision layers) and the
 /// device.
 #[derive(Clone, Copy)]
-struct HeadOn<'a> {
-    dtype: DType,
-    device: &'a Device,
+pub(crate) struct HeadOn<'a> {
+    pub dtype: DType,
+    pub device: &'a Device,
 }
 
 /// The checkpoint's `[out, h]` head layer at `path` (weight and bias) in `on`'s dtype; None when
@@ -634,7 +790,7 @@ fn open_encoder_dir(
 }
 
 /// A new `[out, hidden]` linear, initialised as transformers does (normal(0, 0.02), zero bias).
-fn new_head_linear(
+pub(crate) fn new_head_linear(
     out: usize,
     h: usize,
     on: HeadOn,
@@ -673,6 +829,12 @@ impl BertForQuestionAnswering {
         w: &Weights,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
+        if let Err(message) = config.family().qa_support() {
+            return Err(IoError::Invalid {
+                path: w.file().into(),
+                message,
+            });
+        }
         BertWithHead::build(config, w, |c, w, on| {
             let h = c.hidden_size;
             let new = new_head_linear(2, h, on, w, rng)?;
@@ -699,7 +861,7 @@ impl BertForQuestionAnswering {
 impl<H: EncoderHead> BertWithHead<H> {
     /// Builds the encoder body from checkpoint tensors named as the config's family names them,
     /// and the head `head` builds from the config, the checkpoint and where the head lives.
-    fn build(
+    pub(crate) fn build(
         config: BertConfig,
         w: &Weights,
         head: impl FnOnce(&BertConfig, &Weights, HeadOn) -> std::result::Result<H, IoError>,
@@ -730,21 +892,11 @@ impl<H: EncoderHead> BertWithHead<H> {
             };
         let hidden_drop = Dropout::new(c.hidden_dropout_prob);
         let e = w.pp("embeddings");
-        let token_type = if family.token_types() {
-            Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
-        } else {
-            None
-        };
-        let embeddings = Embeddings {
-            word: e.get("word_embeddings.weight", &[c.vocab_size, h])?,
-            position: e.get(
-                "position_embeddings.weight",
-                &[c.max_position_embeddings, h],
-            )?,
-            token_type,
-            padding_idx: family.positions_from_padding().then_some(c.pad_token_id),
-            layer_norm: ln(&e.pp("LayerNorm"))?,
-            dropout: hidden_drop,
+        let embeddings = match &c.image {
+            Some(g) => {
+                InputEmbeddings::Patches(super::vit::PatchEmbeddings::load(&e, *g, h, hidden_drop)?)
+            }
+            None => InputEmbeddings::Tokens(Self::token_embeddings(c, &e, ln, hidden_drop)?),
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let paths = family.site_paths();
@@ -773,12 +925,13 @@ impl<H: EncoderHead> BertWithHead<H> {
                 },
                 dropout: hidden_drop,
                 paths,
+                pre_norm: family.pre_norm(),
             });
         }
         // The head runs in f32 beside half-precision layers.
         let on = HeadOn {
-            dtype: crate::device::compute_dtype(embeddings.word.dtype()),
-            device: &embeddings.word.device().clone(),
+            dtype: crate::device::compute_dtype(embeddings.dtype()),
+            device: &embeddings.device(),
         };
         let relative_bias = if family == EncoderFamily::MPNet {
             let table = w.get(
@@ -801,9 +954,38 @@ impl<H: EncoderHead> BertWithHead<H> {
 }
 
 impl<H: EncoderHead> BertWithHead<H> {
+    /// A text encoder's token embeddings (word, position, token type, LayerNorm).
+    fn token_embeddings(
+        c: &BertConfig,
+        e: &Weights,
+        ln: impl Fn(&Weights) -> std::result::Result<LayerNorm, IoError>,
+        hidden_drop: Dropout,
+    ) -> std::result::Result<Embeddings, IoError> {
+        let family = c.family();
+        let h = c.hidden_size;
+        let token_type = if family.token_types() {
+            Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
+        } else {
+            None
+        };
+        Ok(Embeddings {
+            word: e.get("word_embeddings.weight", &[c.vocab_size, h])?,
+            position: e.get(
+                "position_embeddings.weight",
+                &[c.max_position_embeddings, h],
+            )?,
+            token_type,
+            padding_idx: family.positions_from_padding().then_some(c.pad_token_id),
+            layer_norm: ln(&e.pp("LayerNorm"))?,
+            dropout: hidden_drop,
+        })
+    }
+}
+
+impl<H: EncoderHead> BertWithHead<H> {
     /// The device the model lives on.
     pub fn device(&self) -> Device {
-        self.embeddings.word.device().clone()
+        self.embeddings.device()
     }
 
     /// Puts a fresh LoRA adapter on every linear `cfg.target_modules` names, in `layers` (all
@@ -849,8 +1031,7 @@ impl<H: EncoderHead> BertWithHead<H> {
         let h = if first > 0 {
             self.forward_frozen_bottom(b, first)?
         } else {
-            self.embeddings
-                .forward(&b.input_ids, &b.token_type_ids, pass)?
+            self.embeddings.forward(b, pass)?
         };
         self.forward_train_from(b, h, first, pass, recompute)
     }
@@ -867,9 +1048,7 @@ impl<H: EncoderHead> BertWithHead<H> {
         k: usize,
         pass: &mut Pass,
     ) -> Result<Tensor> {
-        let h = self
-            .embeddings
-            .forward(&b.input_ids, &b.token_type_ids, pass)?;
+        let h = self.embeddings.forward(b, pass)?;
         self.forward_layers_unsaved(b, h, 0, k, pass)
     }
 
@@ -1000,9 +1179,7 @@ impl<H: EncoderHead> BertWithHead<H> {
             batch: b.batch,
             seq: b.seq,
         };
-        let mut h = self
-            .embeddings
-            .forward(&b.input_ids, &b.token_type_ids, pass)?;
+        let mut h = self.embeddings.forward(b, pass)?;
         let bias = self.attention_bias(b)?;
         for layer in &self.layers {
             h = layer.forward(&h, &bias, shape, pass, false, None)?.0;
@@ -1016,7 +1193,7 @@ impl<H: EncoderHead> AdaptedStack for BertWithHead<H> {
     fn layers_path(&self) -> &'static str {
         self.config.family().layers_path()
     }
-    const TASK_TYPE: &'static str = H::TASK_TYPE;
+    const TASK_TYPE: Option<&'static str> = H::TASK_TYPE;
 
     fn layers(&self) -> &[BertLayer] {
         &self.layers
@@ -1082,7 +1259,7 @@ pub fn relative_buckets(seq: usize, num_buckets: usize) -> Vec<u32> {
     out
 }
 
-fn tensor(t: Result<Tensor>, w: &Weights) -> std::result::Result<Tensor, IoError> {
+pub(crate) fn tensor(t: Result<Tensor>, w: &Weights) -> std::result::Result<Tensor, IoError> {
     t.map_err(|e| IoError::Invalid {
         path: w.file().into(),
         message: e.to_string(),

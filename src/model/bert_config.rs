@@ -43,6 +43,30 @@ pub struct BertConfig {
     /// BERT's, RoBERTa's and MPNet's QA models have none).
     #[serde(default)]
     pub qa_dropout: Option<f64>,
+    /// ViT's image geometry (read from its own keys); None for the text encoders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageGeometry>,
+}
+
+/// A ViT's input: square images of `image_size` pixels and `num_channels` channels, cut into
+/// `patch_size` x `patch_size` patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageGeometry {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+}
+
+impl ImageGeometry {
+    /// Patches per image (the sequence has one more: the `[CLS]` token).
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Values of one flattened patch (`channels * patch * patch`).
+    pub fn patch_dim(&self) -> usize {
+        self.num_channels * self.patch_size * self.patch_size
+    }
 }
 
 /// The encoders that share BERT's layer body (post-LN attention, GELU MLP, six linears) and
@@ -61,6 +85,10 @@ pub enum EncoderFamily {
     /// DistilBERT: its own names and config keys, no token types, no dropout after the attention
     /// output, and its head (`pre_classifier`, ReLU, `classifier`).
     DistilBert,
+    /// ViT (`ViTForImageClassification`): pre-LN layers (`layernorm_before` / `layernorm_after`)
+    /// under `vit.`, patch embeddings instead of tokens, and a head of the final `layernorm` and
+    /// `classifier` on the `[CLS]` token (`model::vit`).
+    ViT,
 }
 
 /// A family's classification head on the first token, as its `...ForSequenceClassification`
@@ -83,11 +111,20 @@ pub struct HeadSpec {
 }
 
 impl EncoderFamily {
-    pub const ALL: [EncoderFamily; 4] = [
+    /// The text encoders (token inputs).
+    pub const TEXT: [EncoderFamily; 4] = [
         EncoderFamily::Bert,
         EncoderFamily::Roberta,
         EncoderFamily::MPNet,
         EncoderFamily::DistilBert,
+    ];
+
+    pub const ALL: [EncoderFamily; 5] = [
+        EncoderFamily::Bert,
+        EncoderFamily::Roberta,
+        EncoderFamily::MPNet,
+        EncoderFamily::DistilBert,
+        EncoderFamily::ViT,
     ];
 
     /// Its `model_type` in `config.json` (`bert` also when absent).
@@ -97,6 +134,7 @@ impl EncoderFamily {
             EncoderFamily::Roberta => "roberta",
             EncoderFamily::MPNet => "mpnet",
             EncoderFamily::DistilBert => "distilbert",
+            EncoderFamily::ViT => "vit",
         }
     }
 
@@ -107,18 +145,31 @@ impl EncoderFamily {
             EncoderFamily::Roberta => "RobertaForSequenceClassification",
             EncoderFamily::MPNet => "MPNetForSequenceClassification",
             EncoderFamily::DistilBert => "DistilBertForSequenceClassification",
+            EncoderFamily::ViT => "ViTForImageClassification",
         }
     }
 
     /// transformers' extractive question-answering model of the family (`qa_outputs` on the
-    /// body), which `--task qa` trains and `merge` writes.
-    pub fn qa_architecture(self) -> &'static str {
+    /// body), which `--task qa` trains and `merge` writes; None for ViT (an image model).
+    pub fn qa_architecture(self) -> Option<&'static str> {
         match self {
-            EncoderFamily::Bert => "BertForQuestionAnswering",
-            EncoderFamily::Roberta => "RobertaForQuestionAnswering",
-            EncoderFamily::MPNet => "MPNetForQuestionAnswering",
-            EncoderFamily::DistilBert => "DistilBertForQuestionAnswering",
+            EncoderFamily::Bert => Some("BertForQuestionAnswering"),
+            EncoderFamily::Roberta => Some("RobertaForQuestionAnswering"),
+            EncoderFamily::MPNet => Some("MPNetForQuestionAnswering"),
+            EncoderFamily::DistilBert => Some("DistilBertForQuestionAnswering"),
+            EncoderFamily::ViT => None,
         }
+    }
+
+    /// [`Self::qa_architecture`], or the error that `--task qa` gives for the family.
+    pub fn qa_support(self) -> Result<&'static str, String> {
+        self.qa_architecture().ok_or_else(|| {
+            format!(
+                "question answering (--task qa) needs a text encoder (BERT, RoBERTa, MPNet, \
+                 DistilBERT), not model_type '{}'",
+                self.model_type()
+            )
+        })
     }
 
     /// The base model's prefix in the task model (`bert.`): its tensors carry it or not.
@@ -128,6 +179,7 @@ impl EncoderFamily {
             EncoderFamily::Roberta => "roberta.",
             EncoderFamily::MPNet => "mpnet.",
             EncoderFamily::DistilBert => "distilbert.",
+            EncoderFamily::ViT => "vit.",
         }
     }
 
@@ -143,6 +195,8 @@ impl EncoderFamily {
             // Their sequence classifiers have no pooler (a base checkpoint's is left out).
             EncoderFamily::Roberta | EncoderFamily::MPNet => &["embeddings", "encoder"],
             EncoderFamily::DistilBert => &["embeddings", "transformer"],
+            // The image classifier has no pooler (its final LayerNorm runs in `ImageHead`).
+            EncoderFamily::ViT => &["embeddings", "encoder", "layernorm"],
         }
     }
 
@@ -161,6 +215,7 @@ impl EncoderFamily {
             EncoderFamily::Roberta => "roberta.encoder.layer",
             EncoderFamily::MPNet => "mpnet.encoder.layer",
             EncoderFamily::DistilBert => "distilbert.transformer.layer",
+            EncoderFamily::ViT => "vit.encoder.layer",
         }
     }
 
@@ -191,10 +246,19 @@ impl EncoderFamily {
                 "ffn.lin1",
                 "ffn.lin2",
             ],
+            EncoderFamily::ViT => &[
+                "attention.attention.query",
+                "attention.attention.key",
+                "attention.attention.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ],
         }
     }
 
-    /// The attention block's LayerNorm, then the layer output's.
+    /// The attention block's LayerNorm, then the layer output's (ViT: the LayerNorms before the
+    /// attention and before the MLP, see [`Self::pre_norm`]).
     pub fn layer_norm_paths(self) -> [&'static str; 2] {
         match self {
             EncoderFamily::Bert | EncoderFamily::Roberta => {
@@ -202,13 +266,14 @@ impl EncoderFamily {
             }
             EncoderFamily::MPNet => ["attention.LayerNorm", "output.LayerNorm"],
             EncoderFamily::DistilBert => ["sa_layer_norm", "output_layer_norm"],
+            EncoderFamily::ViT => ["layernorm_before", "layernorm_after"],
         }
     }
 
     /// PEFT's default LoRA targets for the family (the query and value projections).
     pub fn default_targets(self) -> [&'static str; 2] {
         match self {
-            EncoderFamily::Bert | EncoderFamily::Roberta => ["query", "value"],
+            EncoderFamily::Bert | EncoderFamily::Roberta | EncoderFamily::ViT => ["query", "value"],
             EncoderFamily::MPNet => ["q", "v"],
             EncoderFamily::DistilBert => ["q_lin", "v_lin"],
         }
@@ -223,6 +288,17 @@ impl EncoderFamily {
     /// `create_position_ids_from_input_ids`) rather than from 0.
     pub fn positions_from_padding(self) -> bool {
         matches!(self, EncoderFamily::Roberta | EncoderFamily::MPNet)
+    }
+
+    /// Whether each sublayer normalizes its input (pre-LN: `x + f(LN(x))`, ViT) rather than its
+    /// residual sum (post-LN: `LN(x + f(x))`, the text encoders).
+    pub fn pre_norm(self) -> bool {
+        self == EncoderFamily::ViT
+    }
+
+    /// Whether the input is images (patch embeddings) rather than tokens.
+    pub fn images(self) -> bool {
+        self == EncoderFamily::ViT
     }
 
     /// Whether the attention output goes through dropout before its residual (not DistilBERT's).
@@ -251,6 +327,15 @@ impl EncoderFamily {
                 dense: "pre_classifier",
                 activation: HeadActivation::Relu,
                 dense_trains: true,
+                dropout_first: false,
+                out: "classifier",
+            },
+            // No dense layer: the final LayerNorm (`vit.layernorm`, frozen) takes its place in
+            // `model::vit::ImageHead`; only `classifier` trains.
+            EncoderFamily::ViT => HeadSpec {
+                dense: "vit.layernorm",
+                activation: HeadActivation::Tanh,
+                dense_trains: false,
                 dropout_first: false,
                 out: "classifier",
             },
@@ -330,8 +415,105 @@ impl DistilBertKeys {
             relative_attention_num_buckets: default_buckets(),
             classifier_dropout: Some(self.seq_classif_dropout),
             qa_dropout: Some(self.qa_dropout),
+            image: None,
         })
     }
+}
+
+/// ViT's `config.json` keys (transformers' `ViTConfig`).
+#[derive(Deserialize)]
+struct ViTKeys {
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    #[serde(default)]
+    hidden_dropout_prob: f64,
+    #[serde(default)]
+    attention_probs_dropout_prob: f64,
+    #[serde(default = "default_eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "default_image_size")]
+    image_size: usize,
+    #[serde(default = "default_patch_size")]
+    patch_size: usize,
+    #[serde(default = "default_channels")]
+    num_channels: usize,
+    #[serde(default = "default_true")]
+    qkv_bias: bool,
+}
+
+impl ViTKeys {
+    fn into_config(self, path: &Path) -> Result<BertConfig, IoError> {
+        let bad = |message: String| IoError::Invalid {
+            path: path.into(),
+            message,
+        };
+        if !self.qkv_bias {
+            return Err(bad(
+                "qkv_bias = false is not supported (query/key/value biases)".into(),
+            ));
+        }
+        let image = ImageGeometry {
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            num_channels: self.num_channels,
+        };
+        // Checked here, before the position count below is computed from them.
+        super::check_sizes(
+            path,
+            &[
+                ("image_size", image.image_size, IMAGE_SIZE_MAX),
+                ("patch_size", image.patch_size, IMAGE_SIZE_MAX),
+                ("num_channels", image.num_channels, CHANNELS_MAX),
+            ],
+        )?;
+        if !image.image_size.is_multiple_of(image.patch_size) {
+            return Err(bad(format!(
+                "image_size ({}) must be a multiple of patch_size ({})",
+                image.image_size, image.patch_size
+            )));
+        }
+        Ok(BertConfig {
+            vocab_size: 1,
+            hidden_size: self.hidden_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            hidden_act: self.hidden_act,
+            hidden_dropout_prob: self.hidden_dropout_prob,
+            attention_probs_dropout_prob: self.attention_probs_dropout_prob,
+            max_position_embeddings: image.num_patches() + 1,
+            type_vocab_size: 0,
+            layer_norm_eps: self.layer_norm_eps,
+            pad_token_id: 0,
+            model_type: Some("vit".into()),
+            relative_attention_num_buckets: default_buckets(),
+            // ViT's classifier has no dropout.
+            classifier_dropout: Some(0.0),
+            qa_dropout: None,
+            image: Some(image),
+        })
+    }
+}
+
+/// The largest image side and patch a ViT config may give (pixels), and its most channels.
+const IMAGE_SIZE_MAX: usize = 1 << 13;
+const CHANNELS_MAX: usize = 16;
+
+fn default_image_size() -> usize {
+    224
+}
+fn default_patch_size() -> usize {
+    16
+}
+fn default_channels() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
 }
 
 fn default_act() -> String {
@@ -367,9 +549,12 @@ impl BertConfig {
         };
         // Not JSON at all reads as before, "not a BERT config (...)".
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad("BERT", e))?;
-        let distilbert = value.get("model_type").and_then(|t| t.as_str())
-            == Some(EncoderFamily::DistilBert.model_type());
-        let cfg: Self = if distilbert {
+        let model_type = value.get("model_type").and_then(|t| t.as_str());
+        let distilbert = model_type == Some(EncoderFamily::DistilBert.model_type());
+        let cfg: Self = if model_type == Some(EncoderFamily::ViT.model_type()) {
+            let keys: ViTKeys = serde_json::from_value(value).map_err(|e| bad("ViT", e))?;
+            keys.into_config(path)?
+        } else if distilbert {
             let keys: DistilBertKeys =
                 serde_json::from_value(value).map_err(|e| bad("DistilBERT", e))?;
             keys.into_config(path)?
@@ -475,6 +660,11 @@ impl BertConfig {
         if family.token_types() {
             sizes.push(("type_vocab_size", self.type_vocab_size, limits::TYPE_VOCAB));
         }
+        if let Some(g) = &self.image {
+            sizes.push(("image_size", g.image_size, IMAGE_SIZE_MAX));
+            sizes.push(("patch_size", g.patch_size, IMAGE_SIZE_MAX));
+            sizes.push(("num_channels", g.num_channels, CHANNELS_MAX));
+        }
         if family == EncoderFamily::MPNet {
             sizes.push((
                 "relative_attention_num_buckets",
@@ -507,6 +697,26 @@ impl BertConfig {
         }
         super::check_reals(path, &dropouts, true)?;
         super::check_reals(path, &[("layer_norm_eps", self.layer_norm_eps)], false)?;
+        match (&self.image, family.images()) {
+            (Some(g), true) => {
+                if !g.image_size.is_multiple_of(g.patch_size) {
+                    return Err(bad(format!(
+                        "image_size ({}) must be a multiple of patch_size ({})",
+                        g.image_size, g.patch_size
+                    )));
+                }
+                if self.max_position_embeddings != g.num_patches() + 1 {
+                    return Err(bad(format!(
+                        "{} positions for {} patches and [CLS]",
+                        self.max_position_embeddings,
+                        g.num_patches()
+                    )));
+                }
+            }
+            (None, true) => return Err(bad("a ViT config without image_size".into())),
+            (Some(_), false) => return Err(bad(format!("model_type '{t}' takes no images"))),
+            (None, false) => {}
+        }
         if self.pad_token_id as usize >= self.vocab_size {
             return Err(bad(format!(
                 "pad_token_id ({}) must be below vocab_size ({})",
@@ -545,6 +755,7 @@ impl BertConfig {
             relative_attention_num_buckets: 32,
             classifier_dropout: None,
             qa_dropout: None,
+            image: None,
         }
     }
 
@@ -567,6 +778,18 @@ impl BertConfig {
                 c.type_vocab_size = 0;
                 c.classifier_dropout = Some(2.0 * dropout);
                 c.qa_dropout = Some(dropout);
+            }
+            EncoderFamily::ViT => {
+                let g = ImageGeometry {
+                    image_size: 8,
+                    patch_size: 4,
+                    num_channels: 3,
+                };
+                c.vocab_size = 1;
+                c.type_vocab_size = 0;
+                c.max_position_embeddings = g.num_patches() + 1;
+                c.classifier_dropout = Some(0.0);
+                c.image = Some(g);
             }
             EncoderFamily::Bert => {}
         }

@@ -53,6 +53,7 @@ fn batch() -> (BatchTensors, Vec<u32>) {
     )
     .unwrap();
     let b = BatchTensors {
+        pixel_values: None,
         input_ids: ids,
         token_type_ids: Tensor::zeros((2, 6), DType::U32, &Device::Cpu).unwrap(),
         mask_add: mask_to_additive(&mask, DType::F64).unwrap(),
@@ -134,7 +135,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 /// through the same forward (dropout on, same seed), on a tiny random model in f64.
 #[test]
 fn whole_model_gradients_match_autograd() {
-    for family in EncoderFamily::ALL {
+    for family in EncoderFamily::TEXT {
         let m = tiny_of(family, 0.1);
         let (ours, _) = loss_grads(&m);
         let mut taped = m.clone();
@@ -275,6 +276,7 @@ fn mpnet_matches_the_numpy_reference() {
         .collect();
     let dev = Device::Cpu;
     let batch = BatchTensors {
+        pixel_values: None,
         input_ids: Tensor::from_vec(ids, (b, t), &dev).unwrap(),
         token_type_ids: Tensor::zeros((b, t), DType::U32, &dev).unwrap(),
         mask_add: mask_to_additive(&Tensor::from_vec(mask, (b, t), &dev).unwrap(), DType::F32)
@@ -348,6 +350,7 @@ fn reference_batch(r: &std::collections::HashMap<String, Tensor>, dtype: DType) 
     let (b, t) = r["input_ids"].dims2().unwrap();
     let u32s = |k: &str| r[k].to_dtype(DType::U32).unwrap();
     BatchTensors {
+        pixel_values: None,
         input_ids: u32s("input_ids"),
         token_type_ids: Tensor::zeros((b, t), DType::U32, &Device::Cpu).unwrap(),
         mask_add: mask_to_additive(&u32s("attention_mask"), dtype).unwrap(),
@@ -402,12 +405,12 @@ fn transformers_mpnet_gives_transformers_hidden_states() {
     assert!(max_abs_diff(&pooled, &r["pooled"]) < 1e-9);
 }
 
-/// `--task qa` builds the QA model of every family: its PEFT keys name `qa_outputs` at the root,
-/// `task_type` QUESTION_ANS, and no classifier.
+/// `--task qa` builds the QA model of every text family: its PEFT keys name `qa_outputs` at the
+/// root, `task_type` QUESTION_ANS, and no classifier; ViT has none.
 #[test]
 fn qa_model_families() {
     use crate::adapters::{Adapted, HeadParam, ParamId};
-    for family in EncoderFamily::ALL {
+    for family in EncoderFamily::TEXT {
         let mut rng = StdRng::seed_from_u64(1);
         let cfg = BertConfig::tiny_of(family, 0.0);
         let m = BertForQuestionAnswering::random(cfg, DType::F32, &Device::Cpu, &mut rng).unwrap();
@@ -418,8 +421,10 @@ fn qa_model_families() {
             .collect();
         assert_eq!(keys, ["qa_outputs.weight", "qa_outputs.bias"], "{family:?}");
         assert_eq!(m.head_path(HeadParam::ClassifierWeight), None);
-        assert_eq!(m.peft_task_type(), "QUESTION_ANS");
+        assert_eq!(m.peft_task_type(), Some("QUESTION_ANS"));
     }
+    let vit = EncoderFamily::ViT.qa_support().unwrap_err();
+    assert!(vit.contains("--task qa") && vit.contains("'vit'"), "{vit}");
 }
 
 /// BERT, RoBERTa and DistilBERT question answering against transformers (`scripts/hf_fixtures.py`
@@ -788,7 +793,7 @@ fn roberta_positions_and_unknown_model_types() {
         (
             "model_type",
             serde_json::json!("xlnet"),
-            "model_type 'xlnet' is not supported by the encoder (bert, roberta, mpnet, distilbert)",
+            "model_type 'xlnet' is not supported by the encoder (bert, roberta, mpnet, distilbert, vit)",
         ),
     ] {
         let mut bad = cfg.clone();
@@ -981,7 +986,7 @@ fn checkpoint_heads_load_when_they_fit() {
 #[test]
 fn merged_encoders_give_the_adapted_logits() {
     use crate::adapters::Adapted;
-    for family in EncoderFamily::ALL {
+    for family in EncoderFamily::TEXT {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base");
         write_checkpoint(&base, &family_config(family), &[]);

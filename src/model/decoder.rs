@@ -152,7 +152,7 @@ impl Adapted for Decoder {
         each!(self, m => Adapted::num_layers(m))
     }
 
-    fn peft_task_type(&self) -> &'static str {
+    fn peft_task_type(&self) -> Option<&'static str> {
         each!(self, m => m.peft_task_type())
     }
 

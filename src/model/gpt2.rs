@@ -565,7 +565,7 @@ impl AdaptedStack for Gpt2LMHeadModel {
     fn layers_path(&self) -> &'static str {
         "transformer.h"
     }
-    const TASK_TYPE: &'static str = "CAUSAL_LM";
+    const TASK_TYPE: Option<&'static str> = Some("CAUSAL_LM");
     /// Conv1D linears (`[in, out]`); the adapter tensors keep PEFT's shapes either way.
     const FAN_IN_FAN_OUT: bool = true;
 

@@ -380,7 +380,7 @@ impl AdaptedStack for LlamaForCausalLM {
     fn layers_path(&self) -> &'static str {
         "model.layers"
     }
-    const TASK_TYPE: &'static str = "CAUSAL_LM";
+    const TASK_TYPE: Option<&'static str> = Some("CAUSAL_LM");
 
     fn layers(&self) -> &[LlamaLayer] {
         &self.layers

@@ -11,6 +11,7 @@ pub mod llama;
 pub mod llama_config;
 pub mod memory;
 pub mod stack;
+pub mod vit;
 
 pub use bert::{BertConfig, BertForQuestionAnswering, BertForSequenceClassification};
 pub use decoder::Decoder;

@@ -6,10 +6,13 @@
 //!   `modules_to_save` trains them;
 //! - [`QaHead`], `...ForQuestionAnswering`'s: `[dropout] -> qa_outputs`, one trainable linear
 //!   (hidden -> 2) on every token, giving each token's start and end logit (no pooler; the
-//!   dropout is DistilBERT's `qa_dropout`, none in the other families).
+//!   dropout is DistilBERT's `qa_dropout`, none in the other families);
+//! - [`ImageHead`], `ViTForImageClassification`'s: the final LayerNorm (frozen) and a trainable
+//!   `classifier` on the `[CLS]` token (no dense layer, no dropout).
 
 use super::dropout::DropoutSaved;
 use super::flops::matmul;
+use super::layer_norm::{LayerNorm, LayerNormSaved};
 use super::linear::Linear;
 use super::{Dropout, Pass};
 use candle_core::{Result, Tensor};
@@ -81,12 +84,7 @@ impl ClassificationHead {
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, Option<HeadSaved>)> {
-        let hidden = h.dim(1)?;
-        let first = h
-            .reshape((batch, seq, hidden))?
-            .narrow(1, 0, 1)?
-            .squeeze(1)?
-            .to_dtype(self.dense.weight.dtype())?;
+        let first = first_token(h, batch, seq, self.dense.weight.dtype())?;
         let (x, dropout_first) = match &self.dropout_first {
             Some(d) => d.forward(&first, pass, save)?,
             None => (first, None),
@@ -137,19 +135,91 @@ impl HeadSaved {
         let dx = head.dense.backward_input(&dz)?;
         let dfirst =
             super::dropout::backward_opt(&self.dropout_first, dx)?.to_dtype(self.in_dtype)?;
-        let hidden = dfirst.dim(1)?;
-        let rest = Tensor::zeros(
-            (self.batch, self.seq - 1, hidden),
-            dfirst.dtype(),
-            dfirst.device(),
-        )?;
-        let dh = Tensor::cat(&[&dfirst.unsqueeze(1)?, &rest], 1)?;
         let grads = HeadGrads {
             weight: out.weight,
             bias: out.bias,
             dense,
         };
-        Ok((dh.reshape((self.batch * self.seq, hidden))?, grads))
+        Ok((first_token_grad(&dfirst, self.batch, self.seq)?, grads))
+    }
+}
+
+/// The first token of each row of the last hidden state `h` (`[batch*seq, hidden]`), in `dtype`:
+/// `[batch, hidden]`.
+fn first_token(h: &Tensor, batch: usize, seq: usize, dtype: candle_core::DType) -> Result<Tensor> {
+    let hidden = h.dim(1)?;
+    h.reshape((batch, seq, hidden))?
+        .narrow(1, 0, 1)?
+        .squeeze(1)?
+        .to_dtype(dtype)
+}
+
+/// The gradient of the last hidden state `[batch*seq, hidden]` of a head that read the first
+/// token only: `dfirst` there, zero elsewhere.
+fn first_token_grad(dfirst: &Tensor, batch: usize, seq: usize) -> Result<Tensor> {
+    let hidden = dfirst.dim(1)?;
+    let rest = Tensor::zeros((batch, seq - 1, hidden), dfirst.dtype(), dfirst.device())?;
+    Tensor::cat(&[&dfirst.unsqueeze(1)?, &rest], 1)?.reshape((batch * seq, hidden))
+}
+
+/// `ViTForImageClassification`'s head: `classifier(layernorm(h))` on the `[CLS]` token. The
+/// LayerNorm (`vit.layernorm`) is the pretrained model's, frozen; the classifier trains.
+#[derive(Clone, Debug)]
+pub struct ImageHead {
+    pub layernorm: LayerNorm,
+    /// Trainable: `[num_labels, hidden]` and `[num_labels]`.
+    pub classifier: Linear,
+}
+
+/// What [`ImageHead`]'s backward needs.
+pub struct ImageHeadSaved {
+    ln: LayerNormSaved,
+    /// The classifier's input.
+    features: Tensor,
+    batch: usize,
+    seq: usize,
+    in_dtype: candle_core::DType,
+}
+
+impl ImageHead {
+    /// `h` is the last hidden state `[batch*seq, hidden]`; returns logits `[batch, num_labels]`.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        batch: usize,
+        seq: usize,
+        save: bool,
+    ) -> Result<(Tensor, Option<ImageHeadSaved>)> {
+        let first = first_token(h, batch, seq, self.classifier.weight.dtype())?;
+        let (features, ln) = self.layernorm.forward(&first, save)?;
+        let logits = self.classifier.forward(&features)?;
+        let saved = ln.map(|ln| ImageHeadSaved {
+            ln,
+            features,
+            batch,
+            seq,
+            in_dtype: h.dtype(),
+        });
+        Ok((logits, saved))
+    }
+}
+
+impl ImageHeadSaved {
+    /// Returns the gradient of the last hidden state (non-zero on the `[CLS]` token only) and the
+    /// classifier's gradients.
+    pub fn backward(&self, head: &ImageHead, dlogits: &Tensor) -> Result<(Tensor, HeadGrads)> {
+        let LinearGrads { weight, bias } = linear_grads(dlogits, &self.features)?;
+        let dfeat = head.classifier.backward_input(dlogits)?;
+        let dfirst = self
+            .ln
+            .backward(&head.layernorm, &dfeat)?
+            .to_dtype(self.in_dtype)?;
+        let grads = HeadGrads {
+            weight,
+            bias,
+            dense: None,
+        };
+        Ok((first_token_grad(&dfirst, self.batch, self.seq)?, grads))
     }
 }
 
@@ -306,5 +376,41 @@ mod tests {
                 1e-10,
             );
         }
+    }
+
+    /// ViT's head: the hidden state's gradient (through the frozen LayerNorm, on the `[CLS]` rows
+    /// only) and the classifier's equal autograd's and finite differences.
+    #[test]
+    fn image_head_backward_matches_autograd_and_finite_differences() {
+        let (b, t, c, k) = (3, 4, 6, 5);
+        let h = randn(&[b * t, c], 71);
+        let (w, bias) = (randn(&[k, c], 72), randn(&[k], 73));
+        let (gamma, beta) = (randn(&[c], 74), randn(&[c], 75));
+        let dy = randn(&[b, k], 76);
+        let head = |w: &Tensor, bias: &Tensor| ImageHead {
+            layernorm: LayerNorm::new(gamma.clone(), beta.clone(), 1e-6),
+            classifier: Linear::new(w.clone(), Some(bias.clone())),
+        };
+        let inputs = [h, w, bias];
+        let (logits, saved) = head(&inputs[1], &inputs[2])
+            .forward(&inputs[0], b, t, true)
+            .unwrap();
+        assert_eq!(logits.dims(), &[b, k]);
+        let (dh, g) = saved
+            .unwrap()
+            .backward(&head(&inputs[1], &inputs[2]), &dy)
+            .unwrap();
+        // Only the first token of each row feeds the logits.
+        let rows: Vec<f64> = dh.abs().unwrap().sum(1).unwrap().to_vec1().unwrap();
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(*r > 0.0, i % t == 0, "row {i}: {r}");
+        }
+        check(
+            &inputs,
+            &dy,
+            &[dh, g.weight, g.bias],
+            |x| Ok(head(&x[1], &x[2]).forward(&x[0], b, t, false)?.0),
+            1e-10,
+        );
     }
 }

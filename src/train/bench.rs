@@ -398,6 +398,7 @@ fn build(
                 relative_attention_num_buckets: 32,
                 classifier_dropout: None,
                 qa_dropout: None,
+                image: None,
             };
             anyhow::ensure!(
                 a.quantize.is_none(),

@@ -306,6 +306,27 @@ impl TrainConfig {
     pub fn check_model(&self, model_dir: &std::path::Path) -> anyhow::Result<()> {
         let path = model_dir.join("config.json");
         let config = crate::model::BertConfig::from_file(&path)?;
+        if self.data.task == crate::data::TaskKind::Qa {
+            if let Err(e) = config.family().qa_support() {
+                anyhow::bail!("{}: {e}", path.display());
+            }
+        }
+        let images = self.data.task == crate::data::TaskKind::Image;
+        match (images, config.family().images()) {
+            // Images are the patches the model's config says; --max-length does not apply.
+            (true, true) => return Ok(()),
+            (true, false) => anyhow::bail!(
+                "{}: image classification (--task image) needs a ViT model (model_type 'vit'), \
+                 not '{}'",
+                path.display(),
+                config.family().model_type()
+            ),
+            (false, true) => anyhow::bail!(
+                "{}: a ViT model classifies images: pass --task image",
+                path.display()
+            ),
+            (false, false) => {}
+        }
         let positions = config.max_tokens();
         if self.data.max_length > positions {
             let rows = config.max_position_embeddings;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod fit;
 pub mod frozen_cache;
 pub mod guard;
+pub mod image;
 pub mod importance;
 pub mod lm;
 pub mod lm_config;

@@ -385,6 +385,7 @@ mod tests {
             relative_attention_num_buckets: 32,
             classifier_dropout: None,
             qa_dropout: None,
+            image: None,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let mut m =

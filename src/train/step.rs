@@ -18,6 +18,7 @@ pub fn to_tensors(b: &Batch, dtype: DType, device: &Device) -> Result<BatchTenso
     let shape = (b.batch, b.seq);
     let mask = Tensor::from_slice(&b.attention_mask, shape, device)?;
     Ok(BatchTensors {
+        pixel_values: None,
         input_ids: Tensor::from_slice(&b.input_ids, shape, device)?,
         token_type_ids: Tensor::from_slice(&b.token_type_ids, shape, device)?,
         mask_add: mask_to_additive(&mask, dtype)?,
@@ -110,22 +111,42 @@ pub fn forward_backward_with<H: EncoderHead>(
     loss: impl FnOnce(&Tensor) -> Result<(f32, Tensor)>,
 ) -> anyhow::Result<StepOutput> {
     let dtype = model.head.trained()[0].1.weight.dtype();
+    let tensors = to_tensors(batch, dtype, &model.device())?;
+    let mask = &batch.attention_mask;
+    forward_backward_on(
+        model, &tensors, mask, pass, loss_scale, bottom, recompute, loss,
+    )
+}
+
+/// [`forward_backward_with`] of a batch already on the device (token ids or pixel values);
+/// `attention_mask` is its host mask `[batch * seq]` (1: a real position), which says how many
+/// rows of each example the frozen-bottom cache keeps.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_on<H: EncoderHead>(
+    model: &BertWithHead<H>,
+    tensors: &BatchTensors,
+    attention_mask: &[u32],
+    pass: &mut Pass,
+    loss_scale: f64,
+    bottom: FrozenBottom,
+    recompute: &Recompute,
+    loss: impl FnOnce(&Tensor) -> Result<(f32, Tensor)>,
+) -> anyhow::Result<StepOutput> {
     let device = model.device();
-    let tensors = to_tensors(batch, dtype, &device)?;
     let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
     // Layers below the lowest trainable adapter run without saving (or come from the cache); the
     // rest save for backward.
     let layouts = crate::device::upload_cache(&device);
     let (logits, saved) = match bottom {
         FrozenBottom::Cached(c, examples) if first > 0 => {
-            let h = frozen_bottom(model, &tensors, batch, first, c, examples)?;
-            model.forward_train_from(&tensors, h, first, pass, recompute)?
+            let h = frozen_bottom(model, tensors, attention_mask, first, c, examples)?;
+            model.forward_train_from(tensors, h, first, pass, recompute)?
         }
         FrozenBottom::Dropout => {
-            let h = model.forward_frozen_bottom_in(&tensors, first, pass)?;
-            model.forward_train_from(&tensors, h, first, pass, recompute)?
+            let h = model.forward_frozen_bottom_in(tensors, first, pass)?;
+            model.forward_train_from(tensors, h, first, pass, recompute)?
         }
-        _ => model.forward_train(&tensors, pass, recompute)?,
+        _ => model.forward_train(tensors, pass, recompute)?,
     };
     drop(layouts);
     let (loss, dlogits) = loss(&logits)?;
@@ -150,32 +171,33 @@ pub fn forward_backward_with<H: EncoderHead>(
     Ok(StepOutput { loss, grads })
 }
 
-/// The output of layers `0..k` for the batch, through the frozen-bottom cache (see
-/// [`FrozenCache::bottom`]).
+/// The output of layers `0..k` for the batch (its host `attention_mask`), through the
+/// frozen-bottom cache (see [`FrozenCache::bottom`]).
 pub(crate) fn frozen_bottom<H: EncoderHead>(
     model: &BertWithHead<H>,
     tensors: &BatchTensors,
-    batch: &Batch,
+    attention_mask: &[u32],
     k: usize,
     cache: &mut FrozenCache,
     examples: &[usize],
 ) -> anyhow::Result<Tensor> {
+    let seq = tensors.seq;
     let rows = BatchRows {
         examples,
-        lens: (0..batch.batch)
+        lens: (0..tensors.batch)
             .map(|j| {
-                let row = &batch.attention_mask[j * batch.seq..(j + 1) * batch.seq];
+                let row = &attention_mask[j * seq..(j + 1) * seq];
                 row.iter().filter(|&&m| m == 1).count()
             })
             .collect(),
-        seq: batch.seq,
+        seq,
     };
     cache.bottom(
         &rows,
         k,
         model.config.hidden_size,
-        model.embeddings.word.dtype(),
-        tensors.input_ids.device(),
+        model.embeddings.dtype(),
+        &model.device(),
         |d| model.forward_frozen_bottom(tensors, d),
         |h, d| model.forward_frozen_layers(tensors, h, d, k),
     )
@@ -355,6 +377,7 @@ mod dtype_tests {
             relative_attention_num_buckets: 32,
             classifier_dropout: None,
             qa_dropout: None,
+            image: None,
         };
         let mut rng = StdRng::seed_from_u64(3);
         let mut m =

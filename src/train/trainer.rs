@@ -14,7 +14,7 @@ use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
 use crate::memory;
-use crate::model::bert::{BertForSequenceClassification, BertWithHead, EncoderHead};
+use crate::model::bert::{BatchTensors, BertForSequenceClassification, BertWithHead, EncoderHead};
 use crate::model::stack::Recompute;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -226,6 +226,31 @@ pub struct Scores {
     pub confusion: Option<Vec<Vec<u64>>>,
 }
 
+/// A classifier's scores from its predicted and gold classes: accuracy, macro F1, MCC, the
+/// per-class scores (`label_names` name the outputs) and the confusion matrix.
+pub fn class_scores(
+    pred: &[usize],
+    gold: &[usize],
+    loss: f64,
+    label_names: &[String],
+    num_labels: usize,
+) -> Scores {
+    Scores {
+        metric: metrics::accuracy(pred, gold),
+        metric_name: "accuracy",
+        macro_f1: Some(metrics::macro_f1(pred, gold, num_labels)),
+        matthews: Some(metrics::matthews_corrcoef(pred, gold, num_labels)),
+        spearman: None,
+        loss,
+        per_class: Some(metrics::per_class(
+            pred,
+            gold,
+            &label_names[..label_names.len().min(num_labels)],
+        )),
+        confusion: Some(metrics::confusion(pred, gold, num_labels)),
+    }
+}
+
 /// Logits of every item, in order (inference: no dropout).
 pub fn predict_logits(
     model: &BertForSequenceClassification,
@@ -291,20 +316,9 @@ pub fn evaluate(
     }
     let loss = loss_sum / items.len().max(1) as f64;
     Ok(match task {
-        TaskKind::Classification => Scores {
-            metric: metrics::accuracy(&pred_c, &gold_c),
-            metric_name: "accuracy",
-            macro_f1: Some(metrics::macro_f1(&pred_c, &gold_c, num_labels)),
-            matthews: Some(metrics::matthews_corrcoef(&pred_c, &gold_c, num_labels)),
-            spearman: None,
-            loss,
-            per_class: Some(metrics::per_class(
-                &pred_c,
-                &gold_c,
-                &label_names[..label_names.len().min(num_labels)],
-            )),
-            confusion: Some(metrics::confusion(&pred_c, &gold_c, num_labels)),
-        },
+        TaskKind::Classification | TaskKind::Image => {
+            class_scores(&pred_c, &gold_c, loss, label_names, num_labels)
+        }
         TaskKind::Regression | TaskKind::Qa => Scores {
             metric: metrics::pearson(&pred_v, &gold_v),
             metric_name: "pearson",
@@ -343,6 +357,22 @@ pub fn adapter_importance_of<H: EncoderHead>(
     model: &BertWithHead<H>,
     host_batches: impl Iterator<Item = (Vec<usize>, Batch)>,
     point: MonitorPoint,
+    cache: Option<&mut FrozenCache>,
+) -> Result<Vec<f64>> {
+    let device = model.device();
+    let batches = host_batches.map(|(examples, b)| -> Result<_> {
+        let t = step::to_tensors(&b, DType::F32, &device)?;
+        Ok((examples, t, b.attention_mask))
+    });
+    adapter_importance_on(model, batches, point, cache)
+}
+
+/// [`adapter_importance_of`] over batches already on the device (token ids or pixel values),
+/// each with its training example indices and its host attention mask.
+pub fn adapter_importance_on<H: EncoderHead>(
+    model: &BertWithHead<H>,
+    device_batches: impl Iterator<Item = Result<(Vec<usize>, BatchTensors, Vec<u32>)>>,
+    point: MonitorPoint,
     mut cache: Option<&mut FrozenCache>,
 ) -> Result<Vec<f64>> {
     let sites = model.adapter_sites();
@@ -352,13 +382,13 @@ pub fn adapter_importance_of<H: EncoderHead>(
     };
     let first = layers.start;
     let mut batches = Vec::new();
-    for (examples, b) in host_batches {
-        let t = step::to_tensors(&b, DType::F32, &device)?;
-        let rows = importance::token_rows(&b.attention_mask, &device)?;
+    for item in device_batches {
+        let (examples, t, mask) = item?;
+        let rows = importance::token_rows(&mask, &device)?;
         // The frozen bottom comes from the training cache when it has these examples: a frozen
         // layer's adapters need no more scores.
         let hidden = match cache.as_deref_mut() {
-            Some(c) if first > 0 => step::frozen_bottom(model, &t, &b, first, c, &examples)?,
+            Some(c) if first > 0 => step::frozen_bottom(model, &t, &mask, first, c, &examples)?,
             _ => model.forward_frozen_bottom(&t, first)?,
         };
         batches.push(MonitorBatch {
@@ -467,7 +497,7 @@ impl Task for ClassifyTask<'_> {
 
     fn metric(&self) -> (&'static str, bool) {
         match self.task {
-            TaskKind::Classification => ("accuracy", true),
+            TaskKind::Classification | TaskKind::Image => ("accuracy", true),
             TaskKind::Regression | TaskKind::Qa => ("pearson", true),
         }
     }
@@ -519,7 +549,7 @@ impl Task for ClassifyTask<'_> {
 
     fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()> {
         let label_names = match self.task {
-            TaskKind::Classification => self.label_names.to_vec(),
+            TaskKind::Classification | TaskKind::Image => self.label_names.to_vec(),
             TaskKind::Regression | TaskKind::Qa => Vec::new(),
         };
         save_adapter(
@@ -592,6 +622,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
     anyhow::ensure!(
         cfg.data.task != TaskKind::Qa,
         "question answering trains through train::qa::train_qa"
+    );
+    anyhow::ensure!(
+        cfg.data.task != TaskKind::Image,
+        "image classification trains through train::image::train_image"
     );
     let t_start = Instant::now();
     let device = cfg.device.open()?;
