@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 /// One gold answer: its text and its first character in the context.
 #[derive(Clone, Debug, PartialEq)]
@@ -252,7 +254,13 @@ pub struct QaFeature {
 /// sharing `doc_stride` tokens of context).
 pub struct QaEncoder {
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation: counts a question's and a context's tokens.
+    counter: Tokenizer,
     path: PathBuf,
+    max_length: usize,
+    doc_stride: usize,
+    /// The special tokens around a question-context pair (BERT: `[CLS]` and two `[SEP]`).
+    pair_specials: usize,
 }
 
 impl QaEncoder {
@@ -264,7 +272,23 @@ impl QaEncoder {
     ) -> Result<Self, DataError> {
         let text = TextEncoder::from_model_dir(dir, max_length)?;
         let mut tokenizer = text.tokenizer().clone();
+        let mut counter = tokenizer.clone();
+        counter
+            .with_truncation(None)
+            .expect("no truncation is valid");
         let path = dir.join("tokenizer.json");
+        let pair_specials = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        // tokenizers subtracts the pair's special tokens from max_length (an overflow when they
+        // do not fit) and asserts that every cut leaves more than the stride.
+        if max_length <= pair_specials + doc_stride {
+            let msg = format!(
+                "windows of {max_length} tokens hold {pair_specials} special tokens around a \
+                 question and its context: too short for a stride of {doc_stride} tokens"
+            );
+            return Err(DataError::format(&path, msg));
+        }
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length,
@@ -278,7 +302,53 @@ impl QaEncoder {
                     format!("cannot cut windows of {max_length} tokens, stride {doc_stride} ({e})"),
                 )
             })?;
-        Ok(Self { tokenizer, path })
+        Ok(Self {
+            tokenizer,
+            counter,
+            path,
+            max_length,
+            doc_stride,
+            pair_specials,
+        })
+    }
+
+    /// Refuses, by its id, a question that must be cut into windows but leaves no more than
+    /// `doc_stride` tokens of a window for the context: tokenizers' `Encoding::truncate` asserts
+    /// that the stride is below the cut's length, a panic (a long question with a stride that
+    /// fits the window found it: the `squad` fuzz target).
+    fn check_room(&self, examples: &[SquadExample]) -> Result<(), DataError> {
+        let budget = self.max_length - self.pair_specials; // above doc_stride: from_model_dir
+        let questions: Vec<tokenizers::EncodeInput> = examples
+            .iter()
+            .map(|ex| ex.question.trim_start().into())
+            .collect();
+        let fail = |e| DataError::format(&self.path, format!("cannot tokenize questions ({e})"));
+        let counted = self.counter.encode_batch(questions, false).map_err(fail)?;
+        for (ex, q) in examples.iter().zip(&counted) {
+            let q = q.get_ids().len();
+            if q + self.doc_stride < budget {
+                continue;
+            }
+            let c = self
+                .counter
+                .encode(ex.context.as_ref(), false)
+                .map_err(fail)?
+                .get_ids()
+                .len();
+            if q + c > budget {
+                let msg = format!(
+                    "question '{}': cannot tokenize into windows: its {q} tokens leave {} of \
+                     the {}-token window for the context, not more than the stride ({}); give \
+                     a longer --max-length or a shorter --doc-stride",
+                    ex.id,
+                    budget.saturating_sub(q),
+                    self.max_length,
+                    self.doc_stride
+                );
+                return Err(DataError::format(&self.path, msg));
+            }
+        }
+        Ok(())
     }
 
     /// Every window of every example, in example order; each window's answer positions as
@@ -290,6 +360,7 @@ impl QaEncoder {
         let pair = |ex: &SquadExample| -> tokenizers::EncodeInput {
             (ex.question.trim_start().to_string(), ex.context.to_string()).into()
         };
+        self.check_room(examples)?;
         let inputs: Vec<tokenizers::EncodeInput> = examples.iter().map(pair).collect();
         let encodings = match self.tokenizer.encode_batch_char_offsets(inputs, true) {
             Ok(e) => e,
@@ -534,5 +605,55 @@ mod tests {
             e.contains("question 'long'") && e.contains("windows"),
             "{e}"
         );
+    }
+
+    /// A question leaving the context no more than `doc_stride` tokens of a window that must be
+    /// cut made tokenizers panic (`stride` must be strictly less than `max_len`, an assertion in
+    /// `Encoding::truncate`); found by the `squad` fuzz target on the SQuAD fixture with windows
+    /// of 30 tokens and a stride of 8. Now an error naming the question; windows too short for
+    /// the pair's special tokens and the stride are refused up front.
+    #[test]
+    fn a_question_leaving_no_more_than_the_stride_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let words = "a b c d e f g h i j who is";
+        let vocab: Vec<&str> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            .into_iter()
+            .chain(words.split(' '))
+            .collect();
+        std::fs::write(dir.path().join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
+        let ex = |id: &str, question: &str| SquadExample {
+            id: id.into(),
+            question: question.into(),
+            context: "a b c d e f g h i j".into(),
+            answers: vec![],
+            article: 0,
+        };
+        // 9 tokens, 3 of them special: "who is who is" leaves 2 for the context, the stride.
+        let enc = QaEncoder::from_model_dir(dir.path(), 9, 2).unwrap();
+        let e = enc
+            .features(&[ex("ok", "who is"), ex("long", "who is who is")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("question 'long'") && e.contains("stride (2)"),
+            "{e}"
+        );
+        // One more token of room is enough; so is a context that needs no cut.
+        assert!(enc.features(&[ex("q", "who is who")]).is_ok());
+        let mut short = ex("short", "who is who is");
+        short.context = "a b".into();
+        assert!(enc.features(&[short]).is_ok());
+        // [CLS] and two [SEP] plus a stride of 1 do not fit 4 tokens, nor the pair 2.
+        for (max_length, stride) in [(4, 1), (2, 0), (3, 0)] {
+            let e = QaEncoder::from_model_dir(dir.path(), max_length, stride)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("tokenizer.json") && e.contains("too short"),
+                "{e}"
+            );
+        }
+        assert!(QaEncoder::from_model_dir(dir.path(), 4, 0).is_ok());
     }
 }
