@@ -253,3 +253,114 @@ pub fn check_lm(dir: &Path, data: &[u8]) -> bool {
     }
     verdict(docs, dir)
 }
+
+/// A Parquet table read as `train --data FILE.parquet` reads it, then split as `train` splits
+/// it. Input: one byte (bits 0-1 the columns, [`TABLE_SPECS`]; bit 2: label names given), then
+/// the file.
+pub fn check_parquet(dir: &Path, data: &[u8]) -> bool {
+    let Some((&mode, file)) = data.split_first() else {
+        return false;
+    };
+    let (text, pair, label, task) = TABLE_SPECS[(mode & 3) as usize];
+    let spec = TableSpec {
+        format: Some(TableFormat::Parquet),
+        text_column: text.into(),
+        text_pair_column: pair.map(String::from),
+        label_column: label.into(),
+        task,
+        label_names: (mode & 4 != 0 && task == TaskKind::Classification).then(|| {
+            ["negative", "neutral", "positive", "0", "1", "2"]
+                .map(String::from)
+                .to_vec()
+        }),
+    };
+    let path = dir.join("data.parquet");
+    write(&path, file);
+    let table = safetune::data::load_table(&path, &spec);
+    if let Ok(ds) = &table {
+        let s = safetune::data::stratified_split(ds, 0.1, 0.1, 7);
+        assert_eq!(
+            s.train.len() + s.validation.len() + s.test.len(),
+            ds.len(),
+            "the split loses or adds examples"
+        );
+    }
+    verdict(table, dir)
+}
+
+/// The tokenizers of the `squad` target: the QA fixtures' WordPiece (BERT) and byte-level BPE
+/// (RoBERTa) `tokenizer.json`.
+pub const QA_TOKENIZERS: [(&str, &str); 2] = [
+    (
+        "bert-qa",
+        include_str!("../tests/fixtures/hf/bert-qa/tokenizer.json"),
+    ),
+    (
+        "roberta-qa",
+        include_str!("../tests/fixtures/hf/roberta-qa/tokenizer.json"),
+    ),
+];
+
+/// The `doc_stride` values of the `squad` target: some at or past the window's length, or past
+/// the room the question leaves for the context.
+pub const QA_STRIDES: [usize; 8] = [0, 2, 4, 8, 16, 32, 64, 128];
+
+/// The window length and stride of a `squad` input's mode byte (see [`check_squad`]).
+pub fn qa_windows(mode: u8) -> (usize, usize) {
+    (
+        2 + 4 * (mode & 15) as usize,
+        QA_STRIDES[((mode >> 4) & 7) as usize],
+    )
+}
+
+/// A SQuAD v1.1 / v2.0 file read as `train --task qa --data FILE` reads it: `load_squad`, the
+/// split by article, and every split cut into windows by `QaEncoder`. Input: one byte (bits 0-3:
+/// the window length, 2 (the least `train` takes) to 62 tokens; bits 4-6: the stride, [`QA_STRIDES`]; bit 7: the
+/// tokenizer, [`QA_TOKENIZERS`]), then the file. The tokenizer is written under `dir`, so its
+/// errors name a file there too.
+pub fn check_squad(dir: &Path, data: &[u8]) -> bool {
+    let Some((&mode, file)) = data.split_first() else {
+        return false;
+    };
+    let (max_length, doc_stride) = qa_windows(mode);
+    let (name, tokenizer) = QA_TOKENIZERS[(mode >> 7) as usize];
+    let model = dir.join(name);
+    write(&model.join("tokenizer.json"), tokenizer.as_bytes());
+    let path = dir.join("squad.json");
+    write(&path, file);
+    verdict(squad_windows(&path, &model, max_length, doc_stride), dir)
+}
+
+fn squad_windows(
+    path: &Path,
+    model: &Path,
+    max_length: usize,
+    doc_stride: usize,
+) -> anyhow::Result<()> {
+    use safetune::data::squad::{load_squad, QaEncoder};
+    let whole = load_squad(path)?;
+    let splits = whole.split_articles(0.1, 0.1, 7)?;
+    assert_eq!(
+        splits.iter().map(|s| s.examples.len()).sum::<usize>(),
+        whole.examples.len(),
+        "the split loses or adds questions"
+    );
+    let encoder = QaEncoder::from_model_dir(model, max_length, doc_stride)?;
+    for split in &splits {
+        let features = encoder.features(&split.examples)?;
+        for f in &features {
+            let n = f.ids.len();
+            assert!(
+                f.example < split.examples.len()
+                    && f.type_ids.len() == n
+                    && f.offsets.len() == n
+                    && (f.start as usize) < n.max(1)
+                    && (f.end as usize) < n.max(1),
+                "a window out of bounds: {n} tokens, answer {}..{}",
+                f.start,
+                f.end
+            );
+        }
+    }
+    Ok(())
+}

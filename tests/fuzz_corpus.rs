@@ -431,3 +431,216 @@ fn lm_seeds() -> Vec<(&'static str, Vec<u8>)> {
 fn lm() {
     seeds_and_corpus("lm", check_lm, lm_seeds());
 }
+
+/// A column of a Parquet seed.
+enum Column {
+    Str(Vec<&'static str>),
+    Int(Vec<i64>),
+    Int32(Vec<i32>),
+    Double(Vec<f64>),
+}
+
+/// A Parquet file as the `parquet` crate writes one (as `tests/formats.rs` does), its columns
+/// in `schema`'s order; OPTIONAL columns are written without nulls (definition level 1).
+fn parquet_bytes(
+    schema: &str,
+    columns: &[Column],
+    props: parquet::file::properties::WriterProperties,
+) -> Vec<u8> {
+    use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int32Type, Int64Type};
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = std::sync::Arc::new(parquet::schema::parser::parse_message_type(schema).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.parquet");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut w = SerializedFileWriter::new(file, schema.clone(), props.into()).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    for (field, values) in schema.get_fields().iter().zip(columns) {
+        let optional = field.is_optional();
+        let mut col = rg.next_column().unwrap().unwrap();
+        let n = match values {
+            Column::Str(v) => v.len(),
+            Column::Int(v) => v.len(),
+            Column::Int32(v) => v.len(),
+            Column::Double(v) => v.len(),
+        };
+        let ones = vec![1i16; n];
+        let def = optional.then_some(&ones[..]);
+        match values {
+            Column::Str(v) => {
+                let v: Vec<ByteArray> = v.iter().map(|s| ByteArray::from(*s)).collect();
+                col.typed::<ByteArrayType>().write_batch(&v, def, None)
+            }
+            Column::Int(v) => col.typed::<Int64Type>().write_batch(v, def, None),
+            Column::Int32(v) => col.typed::<Int32Type>().write_batch(v, def, None),
+            Column::Double(v) => col.typed::<DoubleType>().write_batch(v, def, None),
+        }
+        .unwrap();
+        col.close().unwrap();
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Small Parquet tables in the `parquet` target's layout (a byte choosing the columns, see
+/// `check_parquet`, then the file): plain, Snappy and gzip pages, dictionary encoding on and
+/// off, required and optional columns, string, integer and float labels, an unread column.
+fn parquet_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use parquet::basic::{Compression, GzipLevel};
+    use parquet::file::properties::WriterProperties;
+    let with = |mode: u8, bytes: Vec<u8>| [vec![mode], bytes].concat();
+    let texts = vec![
+        "great film",
+        "awful plot",
+        "it was fine",
+        "loved it",
+        "boring",
+        "ok I guess",
+        "superb acting",
+        "terrible",
+        "average",
+        "wonderful",
+        "dull",
+        "so-so",
+    ];
+    let sentiments = vec![
+        "positive", "negative", "neutral", "positive", "negative", "neutral", "positive",
+        "negative", "neutral", "positive", "negative", "neutral",
+    ];
+    let hypotheses = vec![
+        "it is good",
+        "it is bad",
+        "it is ok",
+        "it is good",
+        "it is bad",
+        "it is ok",
+        "it is good",
+        "it is bad",
+        "it is ok",
+        "it is good",
+        "it is bad",
+        "it is ok",
+    ];
+    let ints: Vec<i64> = (0..12).map(|i| i % 3).collect();
+    let plain = || {
+        WriterProperties::builder()
+            .set_dictionary_enabled(false)
+            .build()
+    };
+    let snappy = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let gzip = WriterProperties::builder()
+        .set_compression(Compression::GZIP(GzipLevel::default()))
+        .build();
+    let sentiment = parquet_bytes(
+        "message schema { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED BYTE_ARRAY sentiment (UTF8); }",
+        &[Column::Str(texts.clone()), Column::Str(sentiments.clone())],
+        plain(),
+    );
+    vec![
+        ("ok-sentiment-plain", with(0, sentiment.clone())),
+        ("ok-sentiment-plain-names", with(4, sentiment)),
+        (
+            "ok-nli-int64-snappy",
+            with(
+                1,
+                parquet_bytes(
+                    "message schema { REQUIRED BYTE_ARRAY premise (UTF8); \
+                     REQUIRED BYTE_ARRAY hypothesis (UTF8); REQUIRED INT64 label; }",
+                    &[
+                        Column::Str(texts.clone()),
+                        Column::Str(hypotheses.clone()),
+                        Column::Int(ints),
+                    ],
+                    snappy,
+                ),
+            ),
+        ),
+        (
+            "ok-sentence-optional-int32",
+            with(
+                2,
+                parquet_bytes(
+                    "message schema { OPTIONAL BYTE_ARRAY idx (UTF8); \
+                     OPTIONAL BYTE_ARRAY sentence (UTF8); OPTIONAL INT32 label; }",
+                    &[
+                        Column::Str(sentiments),
+                        Column::Str(texts.clone()),
+                        Column::Int32((0..12).map(|i| i % 2).collect()),
+                    ],
+                    plain(),
+                ),
+            ),
+        ),
+        (
+            "ok-stsb-double-gzip",
+            with(
+                3,
+                parquet_bytes(
+                    "message schema { REQUIRED BYTE_ARRAY sentence1 (UTF8); \
+                     REQUIRED BYTE_ARRAY sentence2 (UTF8); REQUIRED DOUBLE score; }",
+                    &[
+                        Column::Str(texts),
+                        Column::Str(hypotheses),
+                        Column::Double((0..12).map(|i| i as f64 * 0.4).collect()),
+                    ],
+                    gzip,
+                ),
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn parquet() {
+    seeds_and_corpus("parquet", check_parquet, parquet_seeds());
+}
+
+/// The SQuAD fixtures in the `squad` target's layout (a byte choosing the window length,
+/// stride and tokenizer, see `check_squad`, then the file), as compact JSON under the target's
+/// 4096-byte inputs: v2.0 with unanswerable questions, the same questions as v1.1, the tricky
+/// answers (accents, punctuation, answers at the context's ends).
+fn squad_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use serde_json::{json, Value};
+    let read = |name: &str| -> Value { serde_json::from_slice(&fixture(name)).unwrap() };
+    let with = |mode: u8, v: &Value| [vec![mode], serde_json::to_vec(v).unwrap()].concat();
+    let tiny = read("squad/tiny-v2.json");
+    let articles =
+        |keep: &[usize]| -> Vec<Value> { keep.iter().map(|&a| tiny["data"][a].clone()).collect() };
+    let v2 = json!({"version": "v2.0", "data": articles(&[0, 2, 3, 4])});
+    let mut v1_data = articles(&[0, 2, 3]);
+    for article in &mut v1_data {
+        for para in article["paragraphs"].as_array_mut().unwrap() {
+            let qas = para["qas"].as_array_mut().unwrap();
+            qas.retain(|q| q["is_impossible"] != Value::Bool(true));
+            for q in qas {
+                q.as_object_mut().unwrap().remove("is_impossible");
+            }
+        }
+    }
+    let v1 = json!({"version": "1.1", "data": v1_data});
+    let tricky = read("squad/tricky-v2.json");
+    let mode = |roberta: bool, max_length: usize, stride: usize| -> u8 {
+        let m = ((max_length - 2) / 4) as u8;
+        let s = QA_STRIDES.iter().position(|&x| x == stride).unwrap() as u8;
+        let mode = (roberta as u8) << 7 | s << 4 | m;
+        assert_eq!(qa_windows(mode), (max_length, stride));
+        mode
+    };
+    vec![
+        ("ok-tiny-v2-bert-50-8", with(mode(false, 50, 8), &v2)),
+        ("ok-tiny-v1-roberta-62-16", with(mode(true, 62, 16), &v1)),
+        ("ok-tricky-v2-bert-62-0", with(mode(false, 62, 0), &tricky)),
+        (
+            "ok-tricky-v2-roberta-26-4",
+            with(mode(true, 26, 4), &tricky),
+        ),
+    ]
+}
+
+#[test]
+fn squad() {
+    seeds_and_corpus("squad", check_squad, squad_seeds());
+}

@@ -254,13 +254,13 @@ pub struct QaFeature {
 /// sharing `doc_stride` tokens of context).
 pub struct QaEncoder {
     tokenizer: Tokenizer,
-    /// The same tokenizer without truncation: counts a question's tokens.
+    /// The same tokenizer without truncation: counts a question's and a context's tokens.
     counter: Tokenizer,
-    /// Special tokens of a question-context pair (BERT's `[CLS]` and two `[SEP]`s).
-    specials: usize,
+    path: PathBuf,
     max_length: usize,
     doc_stride: usize,
-    path: PathBuf,
+    /// The special tokens around a question-context pair (BERT: `[CLS]` and two `[SEP]`).
+    pair_specials: usize,
 }
 
 impl QaEncoder {
@@ -276,10 +276,19 @@ impl QaEncoder {
         counter
             .with_truncation(None)
             .expect("no truncation is valid");
-        let specials = tokenizer
+        let path = dir.join("tokenizer.json");
+        let pair_specials = tokenizer
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(true));
-        let path = dir.join("tokenizer.json");
+        // tokenizers subtracts the pair's special tokens from max_length (an overflow when they
+        // do not fit) and asserts that every cut leaves more than the stride.
+        if max_length <= pair_specials + doc_stride {
+            let msg = format!(
+                "windows of {max_length} tokens hold {pair_specials} special tokens around a \
+                 question and its context: too short for a stride of {doc_stride} tokens"
+            );
+            return Err(DataError::format(&path, msg));
+        }
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length,
@@ -296,38 +305,46 @@ impl QaEncoder {
         Ok(Self {
             tokenizer,
             counter,
-            specials,
+            path,
             max_length,
             doc_stride,
-            path,
+            pair_specials,
         })
     }
 
-    /// Refuses a question that leaves the context no more room in a window than the stride
-    /// (`max_length` less the question's tokens and the special tokens): the windows could not
-    /// move forward, and the `tokenizers` crate asserts (panics) as it cuts them. transformers'
-    /// `run_qa.py` fails in its tokenizer there too, without naming the question; every
-    /// question is checked, whatever its context's length.
+    /// Refuses, by its id, a question that must be cut into windows but leaves no more than
+    /// `doc_stride` tokens of a window for the context: tokenizers' `Encoding::truncate` asserts
+    /// that the stride is below the cut's length, a panic (a long question with a stride that
+    /// fits the window found it: the `squad` fuzz target).
     fn check_room(&self, examples: &[SquadExample]) -> Result<(), DataError> {
+        let budget = self.max_length - self.pair_specials; // above doc_stride: from_model_dir
         let questions: Vec<tokenizers::EncodeInput> = examples
             .iter()
             .map(|ex| ex.question.trim_start().into())
             .collect();
-        let counted = self
-            .counter
-            .encode_batch(questions, false)
-            .map_err(|e| DataError::format(&self.path, format!("cannot tokenize ({e})")))?;
+        let fail = |e| DataError::format(&self.path, format!("cannot tokenize questions ({e})"));
+        let counted = self.counter.encode_batch(questions, false).map_err(fail)?;
         for (ex, q) in examples.iter().zip(&counted) {
-            let q = q.len();
-            let room = self.max_length.saturating_sub(q + self.specials);
-            if room <= self.doc_stride {
+            let q = q.get_ids().len();
+            if q + self.doc_stride < budget {
+                continue;
+            }
+            let c = self
+                .counter
+                .encode(ex.context.as_ref(), false)
+                .map_err(fail)?
+                .get_ids()
+                .len();
+            if q + c > budget {
                 let msg = format!(
-                    "question '{}' has {q} tokens: windows of --max-length {} (data.max_length) \
-                     less the question and {} special tokens leave {room} for the context, not \
-                     more than --doc-stride {} (data.doc_stride), so the windows cannot move on; \
-                     the stride must be below the context's room for every question: lower \
-                     --doc-stride or raise --max-length",
-                    ex.id, self.max_length, self.specials, self.doc_stride
+                    "question '{}' has {q} tokens: windows of --max-length {} \
+                     (data.max_length) less the question and the special tokens leave {} for \
+                     its context, not more than --doc-stride {} (data.doc_stride), so the \
+                     windows cannot move on; raise --max-length or lower --doc-stride",
+                    ex.id,
+                    self.max_length,
+                    budget.saturating_sub(q),
+                    self.doc_stride
                 );
                 return Err(DataError::format(&self.path, msg));
             }
@@ -345,6 +362,7 @@ impl QaEncoder {
         let pair = |ex: &SquadExample| -> tokenizers::EncodeInput {
             (ex.question.trim_start().to_string(), ex.context.to_string()).into()
         };
+        self.check_room(examples)?;
         let inputs: Vec<tokenizers::EncodeInput> = examples.iter().map(pair).collect();
         let encodings = match self.tokenizer.encode_batch_char_offsets(inputs, true) {
             Ok(e) => e,
@@ -598,36 +616,53 @@ mod tests {
         );
     }
 
-    /// A stride not below the room a question leaves for the context (the `tokenizers` crate
-    /// asserts `stride < room` while it cuts windows, and panicked): refused before tokenizing,
-    /// naming the question and the settings; the same stride with a shorter question works.
+    /// A question leaving the context no more than `doc_stride` tokens of a window that must be
+    /// cut made tokenizers panic (`stride` must be strictly less than `max_len`, an assertion in
+    /// `Encoding::truncate`); found by the `squad` fuzz target on the SQuAD fixture with windows
+    /// of 30 tokens and a stride of 8. Now an error naming the question; windows too short for
+    /// the pair's special tokens and the stride are refused up front.
     #[test]
-    fn stride_not_below_the_context_room_is_an_error() {
-        let dir = letters_vocab();
-        // Windows of 10: a question of 3 tokens leaves 10 - 3 - 3 = 4 for the context.
-        let enc = QaEncoder::from_model_dir(dir.path(), 10, 3).unwrap();
+    fn a_question_leaving_no_more_than_the_stride_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let words = "a b c d e f g h i j who is";
+        let vocab: Vec<&str> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            .into_iter()
+            .chain(words.split(' '))
+            .collect();
+        std::fs::write(dir.path().join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
         let ex = |id: &str, question: &str| SquadExample {
             id: id.into(),
             question: question.into(),
             context: "a b c d e f g h i j".into(),
-            answers: Vec::new(),
+            answers: vec![],
             article: 0,
         };
-        // Windows of 4 context tokens sharing 3: a-d, b-e, ..., g-j.
-        assert_eq!(enc.features(&[ex("ok", "who is who")]).unwrap().len(), 7);
-        // 4 tokens leave 3: not more than the stride.
-        let long = ex("long", "who is who is");
+        // 9 tokens, 3 of them special: "who is who is" leaves 2 for the context, the stride.
+        let enc = QaEncoder::from_model_dir(dir.path(), 9, 2).unwrap();
         let e = enc
-            .features(&[ex("ok", "who"), long])
+            .features(&[ex("ok", "who is"), ex("long", "who is who is")])
             .unwrap_err()
             .to_string();
-        for needle in [
-            "question 'long'",
-            "4 tokens",
-            "--doc-stride 3",
-            "--max-length 10",
-        ] {
-            assert!(e.contains(needle), "{needle}: {e}");
+        assert!(
+            e.contains("question 'long'") && e.contains("--doc-stride 2"),
+            "{e}"
+        );
+        // One more token of room is enough; so is a context that needs no cut.
+        assert!(enc.features(&[ex("q", "who is who")]).is_ok());
+        let mut short = ex("short", "who is who is");
+        short.context = "a b".into();
+        assert!(enc.features(&[short]).is_ok());
+        // [CLS] and two [SEP] plus a stride of 1 do not fit 4 tokens, nor the pair 2.
+        for (max_length, stride) in [(4, 1), (2, 0), (3, 0)] {
+            let e = QaEncoder::from_model_dir(dir.path(), max_length, stride)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("tokenizer.json") && e.contains("too short"),
+                "{e}"
+            );
         }
+        assert!(QaEncoder::from_model_dir(dir.path(), 4, 0).is_ok());
     }
 }
