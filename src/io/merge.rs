@@ -1142,7 +1142,7 @@ mod tests {
     }
 
     /// A question-answering adapter merges into the family's `...ForQuestionAnswering` folder
-    /// (BERT and MPNet): the base with the deltas merged and the adapter's `qa_outputs` gives
+    /// (every text family): the base with the deltas merged and the adapter's `qa_outputs` gives
     /// the adapted model's start / end logits when loaded back, and its config names the QA
     /// architecture (no classifier, the base model's names under the family's prefix).
     #[test]
@@ -1162,6 +1162,18 @@ mod tests {
                 "MPNetForQuestionAnswering",
                 ["q", "v"],
                 "mpnet.",
+            ),
+            (
+                "roberta-padded",
+                "RobertaForQuestionAnswering",
+                ["query", "value"],
+                "roberta.",
+            ),
+            (
+                "distilbert-padded",
+                "DistilBertForQuestionAnswering",
+                ["q_lin", "v_lin"],
+                "distilbert.",
             ),
         ];
         for (fixture, architecture, targets, prefix) in cases {

@@ -165,7 +165,8 @@ pub fn evaluate(
     Ok((predictions, scores, loss))
 }
 
-/// Extractive question answering: a BERT / MPNet body with `qa_outputs`.
+/// Extractive question answering: a text encoder body (BERT, RoBERTa, MPNet, DistilBERT) with
+/// `qa_outputs`.
 pub struct QaTask<'a> {
     pub train: &'a [QaFeature],
     pub validation: &'a QaSplit,
