@@ -122,44 +122,7 @@ fn llama_config() -> LlamaConfig {
 
 /// A BERT checkpoint's tensors (as transformers names them, with the `bert.` prefix).
 fn bert_tensors(c: &BertConfig, rng: &mut StdRng) -> HashMap<String, Tensor> {
-    let (h, f) = (c.hidden_size, c.intermediate_size);
-    let mut shapes = vec![
-        (
-            "embeddings.word_embeddings.weight".to_string(),
-            vec![c.vocab_size, h],
-        ),
-        (
-            "embeddings.position_embeddings.weight".into(),
-            vec![c.max_position_embeddings, h],
-        ),
-        (
-            "embeddings.token_type_embeddings.weight".into(),
-            vec![c.type_vocab_size, h],
-        ),
-        ("embeddings.LayerNorm.weight".into(), vec![h]),
-        ("embeddings.LayerNorm.bias".into(), vec![h]),
-        ("pooler.dense.weight".into(), vec![h, h]),
-        ("pooler.dense.bias".into(), vec![h]),
-    ];
-    for i in 0..c.num_hidden_layers {
-        let p = format!("encoder.layer.{i}");
-        for (m, o, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", f, h),
-            ("output.dense", h, f),
-        ] {
-            shapes.push((format!("{p}.{m}.weight"), vec![o, inp]));
-            shapes.push((format!("{p}.{m}.bias"), vec![o]));
-        }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            shapes.push((format!("{p}.{ln}.weight"), vec![h]));
-            shapes.push((format!("{p}.{ln}.bias"), vec![h]));
-        }
-    }
-    shapes
+    BertForSequenceClassification::checkpoint_shapes(c)
         .into_iter()
         .map(|(n, s)| (format!("bert.{n}"), random(&s, rng)))
         .collect()
