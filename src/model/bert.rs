@@ -249,15 +249,7 @@ impl BertLayer {
         };
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
         drop((d_ctx, saved.attn));
-        let mut dx: Option<Tensor> = None;
-        for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
-            if let Some(dxs) = lin.back(s, &d, need_dx)? {
-                dx = Some(match dx {
-                    Some(acc) => nn::add(&acc, &dxs)?,
-                    None => dxs,
-                });
-            }
-        }
+        let dx = qkv_backward(&mut lin, [dq, dk, dv], need_dx, None)?;
         let dh = match (need_dx, dx) {
             (false, _) => None,
             (true, Some(dx)) => Some(nn::add(&saved.ln_attn.backward(&self.ln_attn, &dx)?, &d_a)?),
@@ -321,17 +313,29 @@ impl BertLayer {
         };
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
         drop((d_ctx, saved.attn));
-        let mut dh = need_dx.then_some(d_res1);
-        for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
-            if let Some(dxs) = lin.back(s, &d, need_dx)? {
-                dh = Some(match dh {
-                    Some(acc) => nn::add(&acc, &dxs)?,
-                    None => dxs,
-                });
-            }
-        }
+        let dh = qkv_backward(&mut lin, [dq, dk, dv], need_dx, need_dx.then_some(d_res1))?;
         Ok((dh, lin.grads()))
     }
+}
+
+/// Backward through the query, key and value linears from their output gradients: their
+/// adapters' gradients go to `lin`; with `need_dx`, their input gradients are summed onto `acc`
+/// (the residual's gradient, or None).
+fn qkv_backward(
+    lin: &mut SiteBackward<BertLayer>,
+    [dq, dk, dv]: [Tensor; 3],
+    need_dx: bool,
+    mut acc: Option<Tensor>,
+) -> Result<Option<Tensor>> {
+    for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
+        if let Some(dxs) = lin.back(s, &d, need_dx)? {
+            acc = Some(match acc {
+                Some(a) => nn::add(&a, &dxs)?,
+                None => dxs,
+            });
+        }
+    }
+    Ok(acc)
 }
 
 /// Gradients of one training step, by trainable parameter.
