@@ -12,7 +12,8 @@ macro_rules! set {
 use crate::data::{TableFormat, TaskKind};
 use crate::io::{fetch, joined, peft};
 use crate::train::config::{DataKind, Method, TrainConfig};
-use crate::train::trainer::{self, Summary};
+use crate::train::encoder::{self, Summary};
+use crate::train::trainer;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -486,9 +487,14 @@ pub fn run(cli: Cli) -> Result<()> {
                     model: a.model.clone(),
                     ..Default::default()
                 };
-                let base = trainer::resolve_model_dir(&cfg)?;
+                let base = encoder::resolve_model_dir(&cfg)?;
                 let config = crate::model::BertConfig::from_file(&base.join("config.json"))?;
-                crate::io::merge::merge_adapter(&base, &a.adapter, &a.output, &config.naming())?
+                crate::io::merge::merge_adapter(
+                    &base,
+                    &a.adapter,
+                    &a.output,
+                    &crate::io::merge::EncoderNaming::of(&config),
+                )?
             };
             println!(
                 "merged {} LoRA modules into {}",
@@ -618,7 +624,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         return eval_image(a, pc);
     }
     let (cfg, saved) = eval_config(&a, &pc, None)?;
-    let model_dir = trainer::resolve_model_dir(&cfg)?;
+    let model_dir = encoder::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
     let mut dataset = match a.split {
         EvalSplit::All => trainer::load_dataset(&cfg)?,
@@ -751,7 +757,7 @@ fn eval_image(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
 fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
     let (mut cfg, _) = eval_config(&a, &pc, Some(TaskKind::Qa))?;
     cfg.dtype = a.device.dtype_spec();
-    let model_dir = trainer::resolve_model_dir(&cfg)?;
+    let model_dir = encoder::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
     let [train, validation, test] = crate::train::qa::load_splits(&cfg)?;
     let squad = match a.split {
@@ -894,7 +900,7 @@ fn export(a: ExportArgs) -> Result<()> {
             .with_context(|| format!("{}: not a training output folder", cfg_path.display()))?,
     )
     .with_context(|| format!("{}: invalid training config", cfg_path.display()))?;
-    let model_dir = trainer::resolve_model_dir(&cfg)?;
+    let model_dir = encoder::resolve_model_dir(&cfg)?;
     let state_path = a.run.join("checkpoint/tensors.safetensors");
     let tensors = candle_core::safetensors::load(&state_path, &candle_core::Device::Cpu)
         .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;

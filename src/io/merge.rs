@@ -28,8 +28,8 @@ pub const TOKENIZER_FILES: [&str; 7] = [
 ];
 const PREFIX: &str = "base_model.model.";
 
-/// What merging needs to know of an encoder family's names (`model::BertConfig::naming` fills
-/// it from the family's table).
+/// What merging needs to know of an encoder family's names ([`EncoderNaming::of`] reads them
+/// from the family's table).
 #[derive(Clone, Debug)]
 pub struct EncoderNaming {
     /// The base model's prefix in the task model (`bert.`).
@@ -50,6 +50,25 @@ pub struct EncoderNaming {
 }
 
 impl EncoderNaming {
+    /// The names of `config`'s family: its prefix, base modules, trained head layers (the output
+    /// layer first) and transformers' class.
+    pub fn of(config: &crate::model::BertConfig) -> Self {
+        let family = config.family();
+        let spec = family.head();
+        let mut head = vec![spec.out];
+        if spec.dense_trains {
+            head.push(spec.dense);
+        }
+        Self {
+            prefix: family.prefix(),
+            base_modules: family.base_modules(),
+            head,
+            architecture: family.architecture(),
+            qa_architecture: family.qa_architecture(),
+            hidden_size: config.hidden_size,
+        }
+    }
+
     /// The names of the family's `...ForQuestionAnswering`: `qa_outputs` as the head, the same
     /// base model; an error for a family without one.
     pub fn question_answering(&self) -> Result<Self, String> {
@@ -771,9 +790,7 @@ mod tests {
 
     /// The fixture's family names (BERT), as `safetune merge` reads them from its config.
     fn naming(base: &Path) -> EncoderNaming {
-        crate::model::BertConfig::from_file(&base.join("config.json"))
-            .unwrap()
-            .naming()
+        EncoderNaming::of(&crate::model::BertConfig::from_file(&base.join("config.json")).unwrap())
     }
 
     fn raw(path: &Path) -> (Vec<u8>, Option<HashMap<String, String>>) {

@@ -574,25 +574,6 @@ impl BertConfig {
             .unwrap_or(EncoderFamily::Bert)
     }
 
-    /// What `io::merge` needs of the family's names: its prefix, base modules, trained head
-    /// layers (the output layer first) and transformers' class.
-    pub fn naming(&self) -> crate::io::merge::EncoderNaming {
-        let family = self.family();
-        let spec = family.head();
-        let mut head = vec![spec.out];
-        if spec.dense_trains {
-            head.push(spec.dense);
-        }
-        crate::io::merge::EncoderNaming {
-            prefix: family.prefix(),
-            base_modules: family.base_modules(),
-            head,
-            architecture: family.architecture(),
-            qa_architecture: family.qa_architecture(),
-            hidden_size: self.hidden_size,
-        }
-    }
-
     /// The dropout of the classification head.
     pub fn head_dropout(&self) -> f64 {
         self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)

@@ -8,6 +8,7 @@
 //! adjacent pairs; we undo that here, because the model rotates HF-style (`rotate_half`, pairs
 //! `i` and `i + head_dim / 2`). `qwen2` files keep HF's order (llama.cpp rotates them NeoX-style).
 
+use super::gguf_tokenizer::tokenizer_from_metadata;
 use crate::io::IoError;
 use crate::model::llama::{LlamaConfig, RopeScaling};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -18,17 +19,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
-use tokenizers::decoders::DecoderWrapper;
-use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::unicode::NFC;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::SplitDelimiterBehavior;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
 
 /// A LLaMA checkpoint ready for the model: config, tensors under Hugging Face names (Q/K rows in
 /// HF order; no `lm_head.weight` when the head is tied), tokenizer, chat template if the file
@@ -55,7 +46,7 @@ impl std::fmt::Debug for GgufLlama {
     }
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> IoError {
+pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> IoError {
     IoError::Invalid {
         path: path.into(),
         message: message.into(),
@@ -204,19 +195,19 @@ pub fn unpermute_qk_quantized(
 }
 
 /// Typed access to GGUF metadata; every error names the file and the key.
-struct Meta<'a> {
-    path: &'a Path,
-    md: &'a HashMap<String, Value>,
+pub(crate) struct Meta<'a> {
+    pub path: &'a Path,
+    pub md: &'a HashMap<String, Value>,
 }
 
 impl Meta<'_> {
-    fn get(&self, key: &str) -> Result<&Value, IoError> {
+    pub(crate) fn get(&self, key: &str) -> Result<&Value, IoError> {
         self.md
             .get(key)
             .ok_or_else(|| invalid(self.path, format!("GGUF metadata '{key}' is missing")))
     }
 
-    fn wrong(&self, key: &str, want: &str, v: &Value) -> IoError {
+    pub(crate) fn wrong(&self, key: &str, want: &str, v: &Value) -> IoError {
         invalid(
             self.path,
             format!(
@@ -226,7 +217,7 @@ impl Meta<'_> {
         )
     }
 
-    fn int(&self, key: &str, v: &Value) -> Result<i64, IoError> {
+    pub(crate) fn int(&self, key: &str, v: &Value) -> Result<i64, IoError> {
         Ok(match v {
             Value::U8(x) => *x as i64,
             Value::I8(x) => *x as i64,
@@ -240,18 +231,18 @@ impl Meta<'_> {
         })
     }
 
-    fn usize(&self, key: &str) -> Result<usize, IoError> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize, IoError> {
         let v = self.get(key)?;
         usize::try_from(self.int(key, v)?).map_err(|_| self.wrong(key, "non-negative", v))
     }
 
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>, IoError> {
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>, IoError> {
         self.md.get(key).map(|_| self.usize(key)).transpose()
     }
 
     /// f32 values are read back as their shortest decimal (1e-5, not 9.99999974e-6), which is
     /// the number the converter was given, so configs from GGUF and HF compare equal.
-    fn f64(&self, key: &str) -> Result<f64, IoError> {
+    pub(crate) fn f64(&self, key: &str) -> Result<f64, IoError> {
         match self.get(key)? {
             Value::F32(x) => Ok(x.to_string().parse().unwrap_or(*x as f64)),
             Value::F64(x) => Ok(*x),
@@ -259,11 +250,11 @@ impl Meta<'_> {
         }
     }
 
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>, IoError> {
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>, IoError> {
         self.md.get(key).map(|_| self.f64(key)).transpose()
     }
 
-    fn opt_str(&self, key: &str) -> Result<Option<&str>, IoError> {
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<&str>, IoError> {
         match self.md.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -271,19 +262,19 @@ impl Meta<'_> {
         }
     }
 
-    fn str(&self, key: &str) -> Result<&str, IoError> {
+    pub(crate) fn str(&self, key: &str) -> Result<&str, IoError> {
         self.opt_str(key)?
             .ok_or_else(|| invalid(self.path, format!("GGUF metadata '{key}' is missing")))
     }
 
-    fn array(&self, key: &str) -> Result<&Vec<Value>, IoError> {
+    pub(crate) fn array(&self, key: &str) -> Result<&Vec<Value>, IoError> {
         match self.get(key)? {
             Value::Array(a) => Ok(a),
             v => Err(self.wrong(key, "an array", v)),
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Vec<&str>, IoError> {
+    pub(crate) fn strings(&self, key: &str) -> Result<Vec<&str>, IoError> {
         self.array(key)?
             .iter()
             .map(|v| match v {
@@ -293,7 +284,7 @@ impl Meta<'_> {
             .collect()
     }
 
-    fn ints(&self, key: &str) -> Result<Vec<i64>, IoError> {
+    pub(crate) fn ints(&self, key: &str) -> Result<Vec<i64>, IoError> {
         self.array(key)?.iter().map(|v| self.int(key, v)).collect()
     }
 }
@@ -370,135 +361,6 @@ fn config_from_metadata(meta: &Meta, arch: GgufArch, tied: bool) -> Result<Llama
         }
     }
     Ok(config)
-}
-
-/// Qwen2's split regex (its tokenizer.json; llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`): like
-/// GPT-2's, but case-insensitive contractions, letters with one leading non-letter, and every
-/// digit on its own.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// Llama 3's split regex (`llama-bpe`): as Qwen2's, with numbers in groups of up to three digits.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// The Hugging Face pre-tokenizer that does what llama.cpp does for a GGUF's
-/// `tokenizer.ggml.pre`; None for one we do not know.
-fn pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
-    let split_then_bytes = |regex: &str| -> Option<PreTokenizerWrapper> {
-        let split = Split::new(
-            SplitPattern::Regex(regex.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .ok()?;
-        Some(
-            Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into(),
-        )
-    };
-    let byte_level = ByteLevel::new(false, true, true);
-    match pre {
-        // llama.cpp (llama-vocab.cpp) splits these with "\p{N}" before the GPT-2 regex, i.e.
-        // every digit is its own word.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
-            Some(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into())
-        }
-        // The GPT-2 regex alone.
-        "gpt2" | "mpt" | "olmo" | "jais" => Some(byte_level.into()),
-        "qwen2" => split_then_bytes(QWEN2_SPLIT),
-        "llama-bpe" | "llama3" => split_then_bytes(LLAMA3_SPLIT),
-        _ => None,
-    }
-}
-
-/// The byte-level BPE tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata, rebuilt as
-/// a Hugging Face tokenizer: vocab and merges as stored, the pre-tokenizer that llama.cpp uses
-/// for `tokenizer.ggml.pre`, control tokens (type 3) as special tokens.
-fn tokenizer_from_metadata(meta: &Meta) -> Result<Tokenizer, IoError> {
-    let path = meta.path;
-    let model = meta.str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(invalid(
-            path,
-            format!("tokenizer model '{model}' is not supported (only 'gpt2', byte-level BPE)"),
-        ));
-    }
-    let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
-    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
-        invalid(
-            path,
-            format!("tokenizer pre-tokenizer '{pre}' is not supported"),
-        )
-    })?;
-    let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    let types = match meta.md.get("tokenizer.ggml.token_type") {
-        Some(_) => meta.ints("tokenizer.ggml.token_type")?,
-        None => vec![1; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        return Err(invalid(
-            path,
-            format!("{} token types for {} tokens", types.len(), tokens.len()),
-        ));
-    }
-    let merges = meta
-        .strings("tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| invalid(path, format!("tokenizer merge '{m}' is not 'A B'")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| invalid(path, format!("tokenizer cannot be built ({e})")))?;
-    let mut tokenizer = Tokenizer::new(bpe);
-    if pre == "qwen2" {
-        // Qwen2's tokenizer.json normalizes to NFC before splitting.
-        tokenizer.with_normalizer(Some(NFC));
-    }
-    tokenizer
-        .with_pre_tokenizer(Some(pre_tokenizer))
-        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
-    // 3 = control (<|im_start|>, <|endoftext|>): special, never split. 4 = user-defined: matched
-    // whole before BPE, as llama.cpp does, but kept in decoded text.
-    let added = |kind: i64, special: bool| -> Vec<AddedToken> {
-        tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| **t == kind)
-            .map(|(tok, _)| AddedToken::from(tok.to_string(), special))
-            .collect()
-    };
-    tokenizer.add_special_tokens(&added(3, true));
-    tokenizer.add_tokens(&added(4, false));
-    // llama.cpp prepends BOS when the file asks for it; so does `encode(text, true)` then.
-    if let (Some(Value::Bool(true)), Some(bos)) = (
-        meta.md.get("tokenizer.ggml.add_bos_token"),
-        meta.opt_usize("tokenizer.ggml.bos_token_id")?,
-    ) {
-        let name = tokens
-            .get(bos)
-            .ok_or_else(|| invalid(path, format!("bos_token_id {bos} is not in the vocab")))?;
-        let template = TemplateProcessing::builder()
-            .try_single(format!("{name} $A"))
-            .and_then(|b| b.try_pair(format!("{name} $A {name} $B")))
-            .map_err(|e| invalid(path, format!("BOS template: {e}")))?
-            .special_tokens(vec![(name.to_string(), bos as u32)])
-            .build()
-            .map_err(|e| invalid(path, format!("BOS template: {e}")))?;
-        tokenizer.with_post_processor(Some(template));
-    }
-    Ok(tokenizer)
 }
 
 fn open_gguf(path: &Path) -> Result<(BufReader<File>, Content), IoError> {

@@ -14,7 +14,7 @@ use crate::adapters::{self, AdaptedStack, Block};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::io::IoError;
-use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
+use crate::nn::attention::{Attention, AttentionCall, AttentionSaved, AttnShape, KvCache};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
@@ -288,10 +288,13 @@ impl Gpt2Block {
         save: bool,
         monitor: Option<&mut Gpt2Monitored>,
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
-        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), pass: &mut Pass| {
-            a.forward(qkv, mask_add, shape, None, pass, save)
+        let call = AttentionCall::Forward {
+            mask_add,
+            shape,
+            rope: None,
+            save,
         };
-        self.forward_with(x, attend, pass, save, monitor)
+        self.forward_with(x, call, pass, save, monitor)
     }
 
     /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and
@@ -303,21 +306,19 @@ impl Gpt2Block {
         cache: &mut KvCache,
         pass: &mut Pass,
     ) -> Result<Tensor> {
-        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), _: &mut Pass| {
-            Ok((a.forward_cached(qkv, batch, None, cache)?, None))
+        let call = AttentionCall::Cached {
+            batch,
+            rope: None,
+            cache,
         };
-        Ok(self.forward_with(x, attend, pass, false, None)?.0)
+        Ok(self.forward_with(x, call, pass, false, None)?.0)
     }
 
-    /// The block around its attention call, which `attend` makes.
+    /// The block around its attention, which runs as `call` says.
     fn forward_with(
         &self,
         x: &Tensor,
-        attend: impl FnOnce(
-            &Attention,
-            (&Tensor, &Tensor, &Tensor),
-            &mut Pass,
-        ) -> Result<(Tensor, Option<AttentionSaved>)>,
+        call: AttentionCall,
         pass: &mut Pass,
         save: bool,
         monitor: Option<&mut Gpt2Monitored>,
@@ -332,7 +333,7 @@ impl Gpt2Block {
             qkv.narrow(1, c, c)?,
             qkv.narrow(1, 2 * c, c)?,
         );
-        let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
+        let (ctx, attn) = self.attention.call(call, (&q, &k, &v), pass)?;
         drop((q, k, v, qkv));
         let a = lin.run(Gpt2Site::AttnCProj, &ctx, pass)?;
         drop(ctx);

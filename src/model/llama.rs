@@ -11,7 +11,7 @@ use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{self, AdaptedStack};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
-use crate::nn::attention::{Attention, AttentionSaved, AttnShape, KvCache};
+use crate::nn::attention::{Attention, AttentionCall, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::{Linear, QuantFormat};
 use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
 use crate::nn::rope::Rope;
@@ -117,10 +117,13 @@ impl LlamaLayer {
         save: bool,
         monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
-        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), pass: &mut Pass| {
-            a.forward(qkv, mask_add, shape, Some(rope), pass, save)
+        let call = AttentionCall::Forward {
+            mask_add,
+            shape,
+            rope: Some(rope),
+            save,
         };
-        self.forward_with(x, attend, pass, save, monitor)
+        self.forward_with(x, call, pass, save, monitor)
     }
 
     /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and
@@ -133,21 +136,16 @@ impl LlamaLayer {
         cache: &mut KvCache,
         pass: &mut Pass,
     ) -> Result<Tensor> {
-        let attend = |a: &Attention, qkv: (&Tensor, &Tensor, &Tensor), _: &mut Pass| {
-            Ok((a.forward_cached(qkv, batch, Some(rope), cache)?, None))
-        };
-        Ok(self.forward_with(x, attend, pass, false, None)?.0)
+        let rope = Some(rope);
+        let call = AttentionCall::Cached { batch, rope, cache };
+        Ok(self.forward_with(x, call, pass, false, None)?.0)
     }
 
-    /// The layer around its attention call, which `attend` makes.
+    /// The layer around its attention, which runs as `call` says.
     fn forward_with(
         &self,
         x: &Tensor,
-        attend: impl FnOnce(
-            &Attention,
-            (&Tensor, &Tensor, &Tensor),
-            &mut Pass,
-        ) -> Result<(Tensor, Option<AttentionSaved>)>,
+        call: AttentionCall,
         pass: &mut Pass,
         save: bool,
         monitor: Option<&mut LlamaMonitored>,
@@ -158,7 +156,7 @@ impl LlamaLayer {
         let k = lin.run(LlamaSite::K, &xn, pass)?;
         let v = lin.run(LlamaSite::V, &xn, pass)?;
         drop(xn);
-        let (ctx, attn) = attend(&self.attention, (&q, &k, &v), pass)?;
+        let (ctx, attn) = self.attention.call(call, (&q, &k, &v), pass)?;
         drop((q, k, v));
         let h = (x + lin.run(LlamaSite::O, &ctx, pass)?)?;
         drop(ctx);

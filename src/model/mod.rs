@@ -2,10 +2,13 @@
 
 pub mod bert;
 pub mod bert_config;
+pub mod bert_layer;
 pub mod causal;
 pub mod decoder;
+pub mod encoder_head;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod gpt2;
 pub mod llama;
 pub mod llama_config;

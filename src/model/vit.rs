@@ -10,8 +10,9 @@
 //!   -> pre-LN layers -> layernorm([CLS]) -> classifier
 //! ```
 
-use super::bert::{new_head_linear, tensor, BatchTensors, BertWithHead, EncoderHead, HeadOn};
+use super::bert::{tensor, BatchTensors, BertWithHead, EncoderHead};
 use super::bert_config::{BertConfig, EncoderFamily, ImageGeometry};
+use super::encoder_head::{new_head_linear, HeadOn};
 use crate::adapters::HeadParam;
 use crate::io::weights::Weights;
 use crate::io::IoError;

@@ -221,6 +221,45 @@ impl Attention {
     }
 }
 
+/// How a layer runs its attention on `(q, k, v)`: a training or evaluation forward (see
+/// [`Attention::forward`]), or generation from a [`KvCache`] (see [`Attention::forward_cached`]).
+/// The layer's body around the call is the same either way.
+pub enum AttentionCall<'a> {
+    Forward {
+        mask_add: &'a Tensor,
+        shape: AttnShape,
+        rope: Option<&'a Rope>,
+        save: bool,
+    },
+    Cached {
+        batch: usize,
+        rope: Option<&'a Rope>,
+        cache: &'a mut KvCache,
+    },
+}
+
+impl Attention {
+    /// The context of `qkv` the way `call` says, and what backward needs when it saves.
+    pub fn call(
+        &self,
+        call: AttentionCall,
+        qkv: (&Tensor, &Tensor, &Tensor),
+        pass: &mut Pass,
+    ) -> Result<(Tensor, Option<AttentionSaved>)> {
+        match call {
+            AttentionCall::Forward {
+                mask_add,
+                shape,
+                rope,
+                save,
+            } => self.forward(qkv, mask_add, shape, rope, pass, save),
+            AttentionCall::Cached { batch, rope, cache } => {
+                Ok((self.forward_cached(qkv, batch, rope, cache)?, None))
+            }
+        }
+    }
+}
+
 /// The keys and values (after rope) of every position a sequence has seen, for generation: each
 /// new token then costs one position's work instead of the whole prefix's. `[batch, kv_heads,
 /// positions, head_dim]`; inference only.

@@ -5,22 +5,21 @@
 //! scores and the confusion matrix, as text classification's).
 
 use super::config::TrainConfig;
-use super::fit::{fit, prepare_output, MicroStep, Task, Validation};
-use super::frozen_cache::FrozenCache;
-use super::run;
+use super::encoder::{
+    add_adapters, resolve_model_dir, train_encoder, with_family_targets, EncoderRun, Summary,
+    TestOf,
+};
+use super::fit::{MicroStep, Task, Validation};
 use super::step;
-use super::trainer::{self, Scores, Summary};
+use super::trainer::{self, Scores};
 use crate::data::images::{self, ImageSet, Preprocessor};
-use crate::memory;
 use crate::model::stack::Recompute;
 use crate::model::vit::ViTForImageClassification;
 use crate::model::BertConfig;
 use crate::nn::{loss, Pass};
-use crate::safe::MonitorPoint;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -92,7 +91,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<ImageSetup> {
         "image classification needs --model: a ViT folder (config.json with model_type 'vit', \
          model.safetensors, optionally preprocessor_config.json)"
     );
-    let model_dir = trainer::resolve_model_dir(cfg)?;
+    let model_dir = resolve_model_dir(cfg)?;
     cfg.check_model(&model_dir)?;
     let preprocessor = preprocessor_of(&model_dir)?;
     let [train, validation, test] = load_splits(cfg)?;
@@ -129,7 +128,7 @@ pub fn build_model(
 ) -> Result<ViTForImageClassification> {
     let model =
         ViTForImageClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
-    trainer::add_adapters(cfg, model, rng)
+    add_adapters(cfg, model, rng)
 }
 
 /// `[n, channels, size, size]` pixel values of the images `idx` of `set`, on `device`.
@@ -223,13 +222,7 @@ pub struct ImageTask<'a> {
     pub num_labels: usize,
     /// Patches per image plus `[CLS]`: every image is that many tokens.
     pub seq: usize,
-    pub eval_batch_size: usize,
-    pub frozen_cache: Option<FrozenCache>,
-    pub frozen_bottom_dropout: bool,
-    pub monitor_point: MonitorPoint,
-    pub lora: &'a crate::adapters::LoraConfig,
-    pub model_dir: &'a Path,
-    pub trained_on: Option<crate::io::labels::TrainedOn>,
+    pub run: EncoderRun<'a>,
 }
 
 impl Task for ImageTask<'_> {
@@ -262,11 +255,7 @@ impl Task for ImageTask<'_> {
             .iter()
             .map(|&i| self.train.labels[i] as u32)
             .collect();
-        let bottom = match self.frozen_cache.as_mut() {
-            Some(c) => step::FrozenBottom::Cached(c, examples),
-            None if self.frozen_bottom_dropout => step::FrozenBottom::Dropout,
-            None => step::FrozenBottom::Inference,
-        };
+        let bottom = self.run.bottom(examples);
         let ce = |logits: &Tensor| loss::cross_entropy(logits, &labels);
         let out =
             step::forward_backward_on(model, &t, &mask, pass, loss_scale, bottom, recompute, ce)?;
@@ -279,17 +268,14 @@ impl Task for ImageTask<'_> {
 
     fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
         let (pre, set, device) = (self.preprocessor, self.train, model.device());
-        let batches = monitor.chunks(self.eval_batch_size.max(1)).map(|chunk| {
-            let t = model.image_batch(pixels(pre, set, chunk, &device)?)?;
-            let mask = vec![1u32; t.batch * t.seq];
-            Ok((chunk.to_vec(), t, mask))
-        });
-        trainer::adapter_importance_on(
-            model,
-            batches,
-            self.monitor_point,
-            self.frozen_cache.as_mut(),
-        )
+        let batches = monitor
+            .chunks(self.run.eval_batch_size.max(1))
+            .map(|chunk| {
+                let t = model.image_batch(pixels(pre, set, chunk, &device)?)?;
+                let mask = vec![1u32; t.batch * t.seq];
+                Ok((chunk.to_vec(), t, mask))
+            });
+        self.run.importance_on(model, batches)
     }
 
     fn validate(&mut self, model: &Self::Model) -> Result<Validation> {
@@ -297,7 +283,7 @@ impl Task for ImageTask<'_> {
             model,
             self.preprocessor,
             self.validation,
-            self.eval_batch_size,
+            self.run.eval_batch_size,
             self.num_labels,
         )?;
         Ok(Validation {
@@ -307,14 +293,7 @@ impl Task for ImageTask<'_> {
     }
 
     fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()> {
-        trainer::save_adapter(
-            model,
-            output,
-            self.lora,
-            self.model_dir,
-            self.train.label_names.clone(),
-            &self.trained_on,
-        )
+        self.run.save(model, output, self.train.label_names.clone())
     }
 }
 
@@ -324,10 +303,9 @@ pub fn train_image(
     cfg: &TrainConfig,
     resume: bool,
     show_progress: bool,
-) -> Result<Option<Summary>> {
+) -> Result<Option<Summary<Scores>>> {
     cfg.validate()?;
-    let t_start = Instant::now();
-    let device = cfg.device.open()?;
+    let started = Instant::now();
     let setup = prepare(cfg)?;
     for (name, n) in [
         ("training", setup.train.len()),
@@ -345,63 +323,23 @@ pub fn train_image(
         num_labels >= 2,
         "image classification needs at least 2 classes, the data has {num_labels}"
     );
-    let family_cfg = trainer::with_family_targets(cfg, &setup.model_dir);
-    let cfg = &*family_cfg;
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
-    let mem = memory::MemTracker::new(&device);
-    let _lock = prepare_output(&cfg.output, cfg, resume)?;
-    let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
-    let frozen_cache = run::frozen_cache(cache, &cfg.method, &cfg.output)?;
-    let mut task = ImageTask {
+    let cfg = &*with_family_targets(cfg, &setup.model_dir);
+    let dir = &setup.model_dir;
+    let build = |device: &Device, rng: &mut StdRng| build_model(cfg, dir, num_labels, device, rng);
+    let (pre, batch) = (&setup.preprocessor, cfg.eval_batch_size);
+    let test: TestOf<_, Scores> = Box::new(|best| {
+        let test = (!setup.test.is_empty()).then_some(&setup.test);
+        test.map(|t| evaluate(&best()?, pre, t, batch, num_labels))
+            .transpose()
+    });
+    let image = |run, model: &ViTForImageClassification| ImageTask {
         train: &setup.train,
         validation: &setup.validation,
-        preprocessor: &setup.preprocessor,
+        preprocessor: pre,
         num_labels,
         seq: model.geometry().num_patches() + 1,
-        eval_batch_size: cfg.eval_batch_size,
-        frozen_cache,
-        frozen_bottom_dropout: cfg.frozen_bottom_dropout,
-        monitor_point: cfg.safe.monitor,
-        lora: &cfg.lora,
-        model_dir: &setup.model_dir,
-        trained_on: Some(trainer::trained_on(cfg)),
+        run,
     };
-    let fitted = fit(
-        &mut task,
-        &mut model,
-        &cfg.fit_config(resume, show_progress),
-        &mem,
-    )?;
-    if fitted.stopped {
-        return Ok(None);
-    }
-
-    let test = if setup.test.is_empty() {
-        None
-    } else {
-        let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let mut best = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
-        crate::io::peft::load(&cfg.output, &mut best)
-            .with_context(|| format!("{}: the best adapter", cfg.output.display()))?;
-        Some(evaluate(
-            &best,
-            &setup.preprocessor,
-            &setup.test,
-            cfg.eval_batch_size,
-            num_labels,
-        )?)
-    };
-    let summary = Summary::new(
-        cfg,
-        "image".into(),
-        "accuracy",
-        test,
-        |t| t.metric,
-        &fitted.state,
-        &mem,
-        t_start,
-    );
-    run::write_summary(&cfg.output, &summary)?;
-    Ok(Some(summary))
+    let flags = (resume, show_progress);
+    train_encoder(cfg, dir, flags, started, build, image, test, |t| t.metric)
 }

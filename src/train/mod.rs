@@ -1,11 +1,12 @@
 //! Training: configuration, the step (`step.rs`, top to bottom), the one training loop (`fit.rs`)
-//! over a task (`trainer.rs`: classification, `lm.rs`: causal LM),
-//! checkpoints, metrics and SAFE reports.
+//! over a task (`trainer.rs`: classification, `qa.rs`, `image.rs`, the three sharing
+//! `encoder.rs`; `lm.rs`: causal LM), checkpoints, metrics and SAFE reports.
 
 pub mod bench;
 pub mod best;
 pub mod checkpoint;
 pub mod config;
+pub mod encoder;
 pub mod fit;
 pub mod frozen_cache;
 pub mod guard;

@@ -4,23 +4,21 @@
 //! format: question id -> answer) and `summary.json`.
 
 use super::config::TrainConfig;
-use super::fit::{fit, prepare_output, MicroStep, Task, Validation};
-use super::frozen_cache::FrozenCache;
+use super::encoder::{
+    add_adapters, micro_step, resolve_model_dir, train_encoder, with_family_targets, EncoderRun,
+    Summary, TestOf,
+};
+use super::fit::{MicroStep, Task, Validation};
 use super::squad_eval::{self, QaScores, SpanLogits};
 use super::step;
-use super::trainer::{self, Summary};
-use super::{run, trainer::add_adapters};
 use crate::data::batch::{pad_rows, Batch};
 use crate::data::squad::{load_squad, QaEncoder, QaFeature, Squad, SquadExample};
-use crate::memory;
 use crate::model::bert::BertForQuestionAnswering;
 use crate::model::stack::Recompute;
 use crate::nn::{loss, Pass};
-use crate::safe::MonitorPoint;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -75,7 +73,7 @@ pub fn load_splits(cfg: &TrainConfig) -> Result<[Squad; 3]> {
 
 /// Resolves the model folder, loads and splits the data and cuts it into windows.
 pub fn prepare(cfg: &TrainConfig) -> Result<QaSetup> {
-    let model_dir = trainer::resolve_model_dir(cfg)?;
+    let model_dir = resolve_model_dir(cfg)?;
     cfg.check_model(&model_dir)?;
     let [train, validation, test] = load_splits(cfg)?;
     let encoder = QaEncoder::from_model_dir(&model_dir, cfg.data.max_length, cfg.data.doc_stride)?;
@@ -171,13 +169,7 @@ pub struct QaTask<'a> {
     pub train: &'a [QaFeature],
     pub validation: &'a QaSplit,
     pub v2: bool,
-    pub eval_batch_size: usize,
-    pub frozen_cache: Option<FrozenCache>,
-    pub frozen_bottom_dropout: bool,
-    pub monitor_point: MonitorPoint,
-    pub lora: &'a crate::adapters::LoraConfig,
-    pub model_dir: &'a Path,
-    pub trained_on: Option<crate::io::labels::TrainedOn>,
+    pub run: EncoderRun<'a>,
 }
 
 impl Task for QaTask<'_> {
@@ -205,34 +197,29 @@ impl Task for QaTask<'_> {
     ) -> Result<MicroStep> {
         let refs: Vec<&QaFeature> = examples.iter().map(|&i| &self.train[i]).collect();
         let (batch, starts, ends) = collate(&refs, model.config.pad_token_id);
-        let bottom = step::FrozenBottom::of(
-            self.frozen_cache.as_mut(),
-            self.frozen_bottom_dropout,
-            examples,
-        );
+        let bottom = self.run.bottom(examples);
         let (mask, b, s) = (&batch.attention_mask, batch.batch, batch.seq);
         let span =
             |logits: &candle_core::Tensor| loss::span_loss(logits, mask, &starts, &ends, b, s);
         let out =
             step::forward_backward_with(model, &batch, pass, loss_scale, bottom, recompute, span)?;
-        Ok(trainer::micro_step(out, &batch))
+        Ok(micro_step(out, &batch))
     }
 
     fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
-        let batches = monitor.chunks(self.eval_batch_size.max(1)).map(|chunk| {
-            let refs: Vec<&QaFeature> = chunk.iter().map(|&i| &self.train[i]).collect();
-            (chunk.to_vec(), collate(&refs, model.config.pad_token_id).0)
-        });
-        trainer::adapter_importance_of(
-            model,
-            batches,
-            self.monitor_point,
-            self.frozen_cache.as_mut(),
-        )
+        let train = self.train;
+        let batches = monitor
+            .chunks(self.run.eval_batch_size.max(1))
+            .map(|chunk| {
+                let refs: Vec<&QaFeature> = chunk.iter().map(|&i| &train[i]).collect();
+                (chunk.to_vec(), collate(&refs, model.config.pad_token_id).0)
+            });
+        self.run.importance_of(model, batches)
     }
 
     fn validate(&mut self, model: &Self::Model) -> Result<Validation> {
-        let (_, scores, loss) = evaluate(model, self.validation, self.v2, self.eval_batch_size)?;
+        let batch = self.run.eval_batch_size;
+        let (_, scores, loss) = evaluate(model, self.validation, self.v2, batch)?;
         Ok(Validation {
             metric: scores.f1,
             loss,
@@ -240,8 +227,7 @@ impl Task for QaTask<'_> {
     }
 
     fn save_best(&self, model: &Self::Model, output: &Path) -> Result<()> {
-        let (lora, dir) = (self.lora, self.model_dir);
-        trainer::save_adapter(model, output, lora, dir, Vec::new(), &self.trained_on)
+        self.run.save(model, output, Vec::new())
     }
 }
 
@@ -260,8 +246,7 @@ pub fn train_qa(
     show_progress: bool,
 ) -> Result<Option<Summary<QaScores>>> {
     cfg.validate()?;
-    let t_start = Instant::now();
-    let device = cfg.device.open()?;
+    let started = Instant::now();
     let setup = prepare(cfg)?;
     for (name, n) in [
         ("training", setup.train.examples.len()),
@@ -273,60 +258,27 @@ pub fn train_qa(
              chosen on the validation split"
         );
     }
-    let family_cfg = trainer::with_family_targets(cfg, &setup.model_dir);
-    let cfg = &*family_cfg;
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut model = build_model(cfg, &setup.model_dir, &device, &mut rng)?;
-    let mem = memory::MemTracker::new(&device);
-    let _lock = prepare_output(&cfg.output, cfg, resume)?;
-    let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
-    let frozen_cache = run::frozen_cache(cache, &cfg.method, &cfg.output)?;
-    let mut task = QaTask {
+    let cfg = &*with_family_targets(cfg, &setup.model_dir);
+    let dir = &setup.model_dir;
+    let build = |device: &Device, rng: &mut StdRng| build_model(cfg, dir, device, rng);
+    // The best-validation adapter answers the test split (or the validation split).
+    let test: TestOf<_, QaScores> = Box::new(|best| {
+        let has_test = !setup.test.examples.is_empty();
+        let split = if has_test {
+            &setup.test
+        } else {
+            &setup.validation
+        };
+        let (predictions, scores, _) = evaluate(&best()?, split, setup.v2, cfg.eval_batch_size)?;
+        write_predictions(&cfg.output.join(PREDICTIONS_FILE), &predictions)?;
+        Ok(has_test.then_some(scores))
+    });
+    let qa = |run, _: &_| QaTask {
         train: &setup.train.features,
         validation: &setup.validation,
         v2: setup.v2,
-        eval_batch_size: cfg.eval_batch_size,
-        frozen_cache,
-        frozen_bottom_dropout: cfg.frozen_bottom_dropout,
-        monitor_point: cfg.safe.monitor,
-        lora: &cfg.lora,
-        model_dir: &setup.model_dir,
-        trained_on: Some(trainer::trained_on(cfg)),
+        run,
     };
-    let fitted = fit(
-        &mut task,
-        &mut model,
-        &cfg.fit_config(resume, show_progress),
-        &mem,
-    )?;
-    if fitted.stopped {
-        return Ok(None);
-    }
-
-    // The best-validation adapter answers the test split (or the validation split).
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut best = build_model(cfg, &setup.model_dir, &device, &mut rng)?;
-    crate::io::peft::load(&cfg.output, &mut best)?;
-    let has_test = !setup.test.examples.is_empty();
-    let split = if has_test {
-        &setup.test
-    } else {
-        &setup.validation
-    };
-    let (predictions, scores, _) = evaluate(&best, split, setup.v2, cfg.eval_batch_size)?;
-    write_predictions(&cfg.output.join(PREDICTIONS_FILE), &predictions)?;
-    let test = has_test.then_some(scores);
-
-    let summary = Summary::new(
-        cfg,
-        "qa".into(),
-        "f1",
-        test,
-        |t| t.f1,
-        &fitted.state,
-        &mem,
-        t_start,
-    );
-    run::write_summary(&cfg.output, &summary)?;
-    Ok(Some(summary))
+    let flags = (resume, show_progress);
+    train_encoder(cfg, dir, flags, started, build, qa, test, |t| t.f1)
 }

@@ -2,23 +2,23 @@
 //! `step`, SAFE's importance, validation) -> the training loop (`fit`) -> test of the best adapter
 //! -> `summary.json`.
 
-use super::checkpoint::TrainerState;
 use super::config::{DataKind, TrainConfig};
-use super::fit::{fit, fit_config_of, prepare_output, FitConfig, MicroStep, Task, Validation};
+use super::encoder::{
+    adapter_importance_of, add_adapters, micro_step, resolve_model_dir, train_encoder,
+    with_family_targets, EncoderRun, Summary, TestOf,
+};
+use super::fit::{fit_config_of, FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::FrozenCache;
-use super::importance::{self, MonitorBatch};
 use super::metrics;
-use super::run;
 use super::step;
 use crate::data::batch::{collate, Batch, Encoded, TextEncoder};
 use crate::data::{self, Dataset, Label, Splits, TableSpec, TaskKind};
 use crate::io::fetch;
-use crate::memory;
-use crate::model::bert::{BatchTensors, BertForSequenceClassification, BertWithHead, EncoderHead};
+use crate::model::bert::BertForSequenceClassification;
 use crate::model::stack::Recompute;
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -51,31 +51,6 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Setup> {
         train,
         validation,
         test,
-    })
-}
-
-/// The model folder: the configured one (a folder, or a model id in the local Hugging Face
-/// cache, see [`crate::io::hub`]), or the MiniLM-L6 asset (fetched if missing).
-pub fn resolve_model_dir(cfg: &TrainConfig) -> Result<PathBuf> {
-    const WHAT: &str =
-        "model folder with config.json, model.safetensors and tokenizer.json (or vocab.txt)";
-    Ok(match &cfg.model {
-        Some(p) => {
-            let dir = crate::io::hub::resolve_model(p, WHAT)?;
-            if !dir.is_dir() {
-                return Err(crate::io::IoError::Missing {
-                    path: dir,
-                    what: WHAT.into(),
-                }
-                .into());
-            }
-            dir
-        }
-        None => {
-            let cache = fetch::default_cache_dir();
-            fetch::ensure(&fetch::MINILM, &cache)?;
-            fetch::minilm_model_dir(&cache)
-        }
     })
 }
 
@@ -150,27 +125,6 @@ fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
     ))
 }
 
-/// `cfg` with the default targets (`query`, `value`) said in the model family's names (MPNet's
-/// `q`, `v`, DistilBERT's `q_lin`, `v_lin`) when they are other than BERT's; `cfg` as it is
-/// otherwise (other targets are the user's and kept as given).
-pub(crate) fn with_family_targets<'a>(
-    cfg: &'a TrainConfig,
-    model_dir: &Path,
-) -> std::borrow::Cow<'a, TrainConfig> {
-    use std::borrow::Cow;
-    let default = TrainConfig::default().lora.target_modules;
-    let Ok(config) = crate::model::BertConfig::from_file(&model_dir.join("config.json")) else {
-        return Cow::Borrowed(cfg);
-    };
-    let targets = config.family().default_targets().map(String::from).to_vec();
-    if cfg.lora.target_modules != default || targets == default {
-        return Cow::Borrowed(cfg);
-    }
-    let mut c = cfg.clone();
-    c.lora.target_modules = targets;
-    Cow::Owned(c)
-}
-
 /// Builds the model with the adapters the method asks for.
 pub fn build_model(
     cfg: &TrainConfig,
@@ -182,30 +136,6 @@ pub fn build_model(
     let model =
         BertForSequenceClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
     add_adapters(cfg, model, rng)
-}
-
-/// Puts the adapters the method asks for on a loaded model (any head), starting from
-/// `cfg.init_adapter` when given.
-pub fn add_adapters<H: EncoderHead>(
-    cfg: &TrainConfig,
-    mut model: BertWithHead<H>,
-    rng: &mut StdRng,
-) -> Result<BertWithHead<H>> {
-    let layers = run::adapted_layers(&cfg.method, model.layers.len());
-    let n = model.add_lora(&cfg.lora, layers.as_deref(), rng)?;
-    anyhow::ensure!(
-        n > 0,
-        "no linear matches the LoRA target modules {:?} (this {:?} model has {}, or all-linear)",
-        cfg.lora.target_modules,
-        model.config.family(),
-        crate::adapters::block::linear_names(&model.layers[0]).join(", ")
-    );
-    if let Some(dir) = &cfg.init_adapter {
-        crate::io::peft::load(dir, &mut model)
-            .with_context(|| format!("{}: adapter does not fit the model", dir.display()))?;
-    }
-    run::freeze_prefix(&mut model, &cfg.method);
-    Ok(model)
 }
 
 /// Evaluation scores of one split.
@@ -351,117 +281,7 @@ pub fn adapter_importance(
     adapter_importance_of(model, batches, point, cache)
 }
 
-/// [`adapter_importance`] of any head's model over host batches, each with its training
-/// example indices (the frozen-bottom cache's keys).
-pub fn adapter_importance_of<H: EncoderHead>(
-    model: &BertWithHead<H>,
-    host_batches: impl Iterator<Item = (Vec<usize>, Batch)>,
-    point: MonitorPoint,
-    cache: Option<&mut FrozenCache>,
-) -> Result<Vec<f64>> {
-    let device = model.device();
-    let batches = host_batches.map(|(examples, b)| -> Result<_> {
-        let t = step::to_tensors(&b, DType::F32, &device)?;
-        Ok((examples, t, b.attention_mask))
-    });
-    adapter_importance_on(model, batches, point, cache)
-}
-
-/// [`adapter_importance_of`] over batches already on the device (token ids or pixel values),
-/// each with its training example indices and its host attention mask.
-pub fn adapter_importance_on<H: EncoderHead>(
-    model: &BertWithHead<H>,
-    device_batches: impl Iterator<Item = Result<(Vec<usize>, BatchTensors, Vec<u32>)>>,
-    point: MonitorPoint,
-    mut cache: Option<&mut FrozenCache>,
-) -> Result<Vec<f64>> {
-    let sites = model.adapter_sites();
-    let device = model.device();
-    let Some(layers) = importance::trainable_layers(model) else {
-        return Ok(vec![f64::NAN; sites.len()]); // everything frozen: nothing left to decide
-    };
-    let first = layers.start;
-    let mut batches = Vec::new();
-    for item in device_batches {
-        let (examples, t, mask) = item?;
-        let rows = importance::token_rows(&mask, &device)?;
-        // The frozen bottom comes from the training cache when it has these examples: a frozen
-        // layer's adapters need no more scores.
-        let hidden = match cache.as_deref_mut() {
-            Some(c) if first > 0 => step::frozen_bottom(model, &t, &mask, first, c, &examples)?,
-            _ => model.forward_frozen_bottom(&t, first)?,
-        };
-        batches.push(MonitorBatch {
-            batch: t,
-            rows,
-            hidden,
-        });
-    }
-    let scores = importance::importance_by_layer(&sites, &mut batches, layers, |layer, t, h| {
-        let (out, rows) = model.monitor_layer(layer, t, h, point)?;
-        let rows = rows.into_iter().map(|(s, x, y)| ((layer, s), x, y));
-        Ok((out, rows.collect()))
-    })?;
-    Ok(scores)
-}
-
 pub use super::fit::EpochLog;
-
-/// `summary.json`; `T` is the test split's scores (a classifier's [`Scores`], or
-/// question answering's `QaScores`).
-#[derive(Clone, Debug, Serialize)]
-pub struct Summary<T = Scores> {
-    pub task: String,
-    pub method: String,
-    pub metric: String,
-    /// Test-split metric of the best-validation checkpoint; None (null) when the test split is
-    /// empty (`data.test_fraction = 0`).
-    pub value: Option<f64>,
-    pub test: Option<T>,
-    #[serde(flatten)]
-    pub run: run::RunOutcome,
-    /// What the memory numbers count: `heap` (CPU) or `cuda-pool` (GPU).
-    pub memory_counter: &'static str,
-    /// On a GPU, the highest driver-reported device memory in use at an epoch's end.
-    pub peak_driver_used_bytes: Option<usize>,
-    /// Epoch 1's memory peak: in epoch 1 nothing is frozen by SAFE.
-    pub unfrozen_peak_mem_bytes: usize,
-    /// Adapter name -> epoch it froze (SAFE / freeze-prefix).
-    pub frozen: std::collections::BTreeMap<String, usize>,
-    pub seed: u64,
-}
-
-impl<T> Summary<T> {
-    /// The summary of a finished encoder run of `cfg` (classification, regression or QA) that
-    /// started at `started`: its `task` and `metric`, the test split's scores (None without a
-    /// test split) and the metric's `value` in them; the rest from the run's final `state`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cfg: &TrainConfig,
-        task: String,
-        metric: &str,
-        test: Option<T>,
-        value: impl Fn(&T) -> f64,
-        state: &TrainerState,
-        mem: &memory::MemTracker,
-        started: Instant,
-    ) -> Self {
-        let h = &state.history;
-        Self {
-            task,
-            method: cfg.method.to_string(),
-            metric: metric.into(),
-            value: test.as_ref().map(value),
-            test,
-            run: run::RunOutcome::of(state, cfg.epochs, started),
-            memory_counter: mem.kind(),
-            peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
-            unfrozen_peak_mem_bytes: h.first().map(|e| e.peak_mem_bytes).unwrap_or(0),
-            frozen: state.frozen_at.clone(),
-            seed: cfg.seed,
-        }
-    }
-}
 
 /// Classification or regression of token sequences: a BERT model with a new head.
 pub struct ClassifyTask<'a> {
@@ -469,19 +289,9 @@ pub struct ClassifyTask<'a> {
     pub validation: &'a [Encoded],
     pub task: TaskKind,
     pub num_labels: usize,
-    pub eval_batch_size: usize,
-    /// How the layers under the lowest trainable adapter run (and where their cached outputs
-    /// live): see [`step::FrozenBottom`].
-    pub frozen_cache: Option<FrozenCache>,
-    pub frozen_bottom_dropout: bool,
-    pub monitor_point: MonitorPoint,
-    /// Writes the best adapter: the run's LoRA settings and the base model folder.
-    pub lora: &'a crate::adapters::LoraConfig,
-    pub model_dir: &'a Path,
-    /// Class names in classifier-output order, saved beside the adapter (`io::labels`) with the
-    /// run's data settings.
+    /// Class names in classifier-output order, saved beside the adapter (`io::labels`).
     pub label_names: &'a [String],
-    pub trained_on: Option<crate::io::labels::TrainedOn>,
+    pub run: EncoderRun<'a>,
 }
 
 impl Task for ClassifyTask<'_> {
@@ -512,31 +322,23 @@ impl Task for ClassifyTask<'_> {
     ) -> Result<MicroStep> {
         let refs: Vec<&Encoded> = examples.iter().map(|&i| &self.train[i]).collect();
         let batch: Batch = collate(&refs, 0);
-        let bottom = step::FrozenBottom::of(
-            self.frozen_cache.as_mut(),
-            self.frozen_bottom_dropout,
-            examples,
-        );
+        let bottom = self.run.bottom(examples);
         let out = step::forward_backward(model, &batch, pass, loss_scale, bottom, recompute)?;
         Ok(micro_step(out, &batch))
     }
 
     fn importance(&mut self, model: &Self::Model, monitor: &[usize]) -> Result<Vec<f64>> {
         let items: Vec<(usize, &Encoded)> = monitor.iter().map(|&i| (i, &self.train[i])).collect();
-        adapter_importance(
-            model,
-            &items,
-            self.eval_batch_size,
-            self.monitor_point,
-            self.frozen_cache.as_mut(),
-        )
+        let run = &mut self.run;
+        let (batch, point) = (run.eval_batch_size, run.monitor_point);
+        adapter_importance(model, &items, batch, point, run.frozen_cache.as_mut())
     }
 
     fn validate(&mut self, model: &Self::Model) -> Result<Validation> {
         let s = evaluate(
             model,
             self.validation,
-            self.eval_batch_size,
+            self.run.eval_batch_size,
             self.task,
             self.label_names,
             self.num_labels,
@@ -552,59 +354,7 @@ impl Task for ClassifyTask<'_> {
             TaskKind::Classification | TaskKind::Image => self.label_names.to_vec(),
             TaskKind::Regression | TaskKind::Qa => Vec::new(),
         };
-        save_adapter(
-            model,
-            output,
-            self.lora,
-            self.model_dir,
-            label_names,
-            &self.trained_on,
-        )
-    }
-}
-
-/// The [`MicroStep`] of an encoder task's step on `batch` (its tokens: the attention mask's ones).
-pub(crate) fn micro_step(out: step::StepOutput, batch: &Batch) -> MicroStep {
-    MicroStep {
-        loss: out.loss as f64,
-        tokens: batch.attention_mask.iter().filter(|&&m| m == 1).count(),
-        grads: out.grads,
-    }
-}
-
-/// Writes an encoder task's adapter and head to `output` in PEFT's format (with the LoRA settings
-/// and the base model folder), and beside it `safetune.json`: the class names and the run's data
-/// settings.
-pub(crate) fn save_adapter<H: EncoderHead>(
-    model: &BertWithHead<H>,
-    output: &Path,
-    lora: &crate::adapters::LoraConfig,
-    model_dir: &Path,
-    label_names: Vec<String>,
-    trained_on: &Option<crate::io::labels::TrainedOn>,
-) -> Result<()> {
-    crate::io::peft::save(output, model, lora, &model_dir.display().to_string())?;
-    let labels = crate::io::labels::AdapterLabels {
-        label_names,
-        data: trained_on.clone(),
-    };
-    crate::io::labels::save(output, &labels)?;
-    Ok(())
-}
-
-/// The data settings of a run, as `safetune.json` keeps them for `eval`.
-pub fn trained_on(cfg: &TrainConfig) -> crate::io::labels::TrainedOn {
-    let d = &cfg.data;
-    crate::io::labels::TrainedOn {
-        task: format!("{:?}", d.task).to_lowercase(),
-        max_length: d.max_length,
-        text_column: d.text_column.clone(),
-        text_pair_column: d.text_pair_column.clone(),
-        label_column: d.label_column.clone(),
-        seed: cfg.seed,
-        validation_fraction: d.validation_fraction,
-        test_fraction: d.test_fraction,
-        doc_stride: (d.task == TaskKind::Qa).then_some(d.doc_stride),
+        self.run.save(model, output, label_names)
     }
 }
 
@@ -617,7 +367,11 @@ impl TrainConfig {
 
 /// Trains, evaluates and writes all outputs. `resume`: continue from `output/checkpoint`. None
 /// when the run stopped early (`stop_after_epoch`), resumable.
-pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Option<Summary>> {
+pub fn train(
+    cfg: &TrainConfig,
+    resume: bool,
+    show_progress: bool,
+) -> Result<Option<Summary<Scores>>> {
     cfg.validate()?;
     anyhow::ensure!(
         cfg.data.task != TaskKind::Qa,
@@ -627,8 +381,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
         cfg.data.task != TaskKind::Image,
         "image classification trains through train::image::train_image"
     );
-    let t_start = Instant::now();
-    let device = cfg.device.open()?;
+    let started = Instant::now();
     let setup = prepare(cfg)?;
     for (name, n) in [
         ("training", setup.train.len()),
@@ -642,79 +395,39 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Opt
             cfg.data.test_fraction
         );
     }
-    let task = setup.splits.train.task;
+    let (task, labels) = (setup.splits.train.task, &setup.splits.train.label_names);
     let num_labels = setup.splits.train.num_labels();
-    let family_cfg = with_family_targets(cfg, &setup.model_dir);
-    let cfg = &*family_cfg;
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut model = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
-    // Heap counters on the CPU, the CUDA memory pool's on a GPU.
-    let mem = memory::MemTracker::new(&device);
-    let _lock = prepare_output(&cfg.output, cfg, resume)?;
-    // The frozen bottom's outputs, cached on disk once layers freeze (SAFE, freeze-prefix).
-    let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
-    let frozen_cache = run::frozen_cache(cache, &cfg.method, &cfg.output)?;
-    let mut classify = ClassifyTask {
+    let cfg = &*with_family_targets(cfg, &setup.model_dir);
+    let dir = &setup.model_dir;
+    let build = |device: &Device, rng: &mut StdRng| build_model(cfg, dir, num_labels, device, rng);
+    let test: TestOf<_, Scores> = Box::new(|best| {
+        let batch = cfg.eval_batch_size;
+        let test = (!setup.test.is_empty()).then_some(&setup.test);
+        test.map(|t| evaluate(&best()?, t, batch, task, labels, num_labels))
+            .transpose()
+    });
+    let classify = |run, _: &_| ClassifyTask {
         train: &setup.train,
         validation: &setup.validation,
         task,
         num_labels,
-        eval_batch_size: cfg.eval_batch_size,
-        frozen_cache,
-        frozen_bottom_dropout: cfg.frozen_bottom_dropout,
-        monitor_point: cfg.safe.monitor,
-        lora: &cfg.lora,
-        model_dir: &setup.model_dir,
-        label_names: &setup.splits.train.label_names,
-        trained_on: Some(trained_on(cfg)),
+        label_names: labels,
+        run,
     };
-    let fitted = fit(
-        &mut classify,
-        &mut model,
-        &cfg.fit_config(resume, show_progress),
-        &mem,
-    )?;
-    if fitted.stopped {
-        return Ok(None);
-    }
-
-    // Test on the best-validation adapter and head (when there is a test split).
-    let test = if setup.test.is_empty() {
-        None
-    } else {
-        let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let mut best = build_model(cfg, &setup.model_dir, num_labels, &device, &mut rng)?;
-        crate::io::peft::load(&cfg.output, &mut best)?;
-        Some(evaluate(
-            &best,
-            &setup.test,
-            cfg.eval_batch_size,
-            task,
-            &setup.splits.train.label_names,
-            num_labels,
-        )?)
-    };
-
-    let summary = Summary::new(
-        cfg,
-        format!("{task:?}").to_lowercase(),
-        classify.metric().0,
-        test,
-        |t| t.metric,
-        &fitted.state,
-        &mem,
-        t_start,
-    );
-    run::write_summary(&cfg.output, &summary)?;
-    Ok(Some(summary))
+    let flags = (resume, show_progress);
+    train_encoder(cfg, dir, flags, started, build, classify, test, |t| {
+        t.metric
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::adapters::LoraConfig;
+    use crate::memory;
     use crate::model::bert::BertLayer;
     use crate::model::BertConfig;
+    use crate::train::fit::fit;
     use candle_core::Tensor;
     use rand::Rng;
 
@@ -761,14 +474,16 @@ mod tests {
                 validation: &items,
                 task: TaskKind::Classification,
                 num_labels: 2,
-                eval_batch_size: 8,
-                frozen_cache: None,
-                frozen_bottom_dropout: false,
-                monitor_point: MonitorPoint::Linear,
-                lora: &lora,
-                model_dir: dir.path(),
                 label_names: &[],
-                trained_on: None,
+                run: EncoderRun {
+                    eval_batch_size: 8,
+                    frozen_cache: None,
+                    frozen_bottom_dropout: false,
+                    monitor_point: MonitorPoint::Linear,
+                    lora: &lora,
+                    model_dir: dir.path(),
+                    trained_on: None,
+                },
             };
             let mem = memory::MemTracker::new(&Device::Cpu);
             let fitted = fit(&mut task, &mut m, &cfg.fit_config(false, false), &mem).unwrap();

@@ -94,42 +94,6 @@ pub const TINY_HIDDEN: usize = 8;
 pub const TINY_FFN: usize = 16;
 pub const TINY_POSITIONS: usize = 32;
 
-/// Shapes of every tensor a BERT checkpoint has (`bert.`-prefixed, as Hugging Face saves
-/// `BertForSequenceClassification`) for the tiny config written by [`write_model`].
-pub fn bert_tensor_shapes(layers: usize) -> Vec<(String, Vec<usize>)> {
-    let (v, h, f, p) = (TINY_VOCAB, TINY_HIDDEN, TINY_FFN, TINY_POSITIONS);
-    let mut t: Vec<(String, Vec<usize>)> = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![v, h]),
-        ("embeddings.position_embeddings.weight".into(), vec![p, h]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
-        ("embeddings.LayerNorm.weight".into(), vec![h]),
-        ("embeddings.LayerNorm.bias".into(), vec![h]),
-        ("pooler.dense.weight".into(), vec![h, h]),
-        ("pooler.dense.bias".into(), vec![h]),
-    ];
-    for i in 0..layers {
-        let l = format!("encoder.layer.{i}");
-        for (m, out, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", f, h),
-            ("output.dense", h, f),
-        ] {
-            t.push((format!("{l}.{m}.weight"), vec![out, inp]));
-            t.push((format!("{l}.{m}.bias"), vec![out]));
-        }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            t.push((format!("{l}.{ln}.weight"), vec![h]));
-            t.push((format!("{l}.{ln}.bias"), vec![h]));
-        }
-    }
-    t.into_iter()
-        .map(|(n, s)| (format!("bert.{n}"), s))
-        .collect()
-}
-
 /// Writes a tiny random-weight BERT folder (config.json, model.safetensors, the repository's
 /// tokenizer.json) at `dir`. `shape_of` may change a tensor's shape (to make a broken model).
 pub fn write_model(dir: &Path, layers: usize, shape_of: impl Fn(&str, Vec<usize>) -> Vec<usize>) {
@@ -167,8 +131,11 @@ pub fn write_model(dir: &Path, layers: usize, shape_of: impl Fn(&str, Vec<usize>
         let x = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40; // 24 bits
         (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
     };
+    // The tensors a BERT checkpoint of this config has, as the loader names them.
+    let config = safetune::model::BertConfig::from_file(&dir.join("config.json")).unwrap();
+    let shapes = safetune::model::BertForSequenceClassification::checkpoint_shapes(&config);
     let mut tensors = HashMap::new();
-    for (name, shape) in bert_tensor_shapes(layers) {
+    for (name, shape) in shapes.into_iter().map(|(n, s)| (format!("bert.{n}"), s)) {
         let shape = shape_of(&name, shape);
         let n: usize = shape.iter().product();
         let values: Vec<f32> = if name.contains("LayerNorm.weight") {

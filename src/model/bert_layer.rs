@@ -1,0 +1,310 @@
+//! One encoder layer (BERT, RoBERTa, MPNet, DistilBERT, ViT): its six adapted linears, attention,
+//! LayerNorms and dropouts, forward and backward, post-LN or pre-LN (data flow in `model::bert`).
+
+use super::bert_config::EncoderFamily;
+use super::memory::{Acts, LayerMemory};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::{self, SiteBackward, SiteForward, SiteStates};
+use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
+use crate::nn::dropout::{self, DropoutSaved};
+use crate::nn::gelu::{self, GeluSaved};
+use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
+use crate::nn::{self, Dropout, Pass};
+use candle_core::{Result, Tensor};
+
+/// The six linears of a BERT layer, by the names PEFT's `target_modules` match and their paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Site {
+    Query,
+    Key,
+    Value,
+    AttnOut,
+    Intermediate,
+    Output,
+}
+
+impl Site {
+    pub const ALL: [Site; 6] = [
+        Site::Query,
+        Site::Key,
+        Site::Value,
+        Site::AttnOut,
+        Site::Intermediate,
+        Site::Output,
+    ];
+
+    /// `(out, in)` of its linear in a layer of width `hidden` and MLP width `ffn`.
+    pub fn shape(self, hidden: usize, ffn: usize) -> (usize, usize) {
+        match self {
+            Site::Intermediate => (ffn, hidden),
+            Site::Output => (hidden, ffn),
+            _ => (hidden, hidden),
+        }
+    }
+
+    /// Path inside a BERT layer, as in the checkpoint (and in PEFT's adapter keys); another
+    /// family's are [`EncoderFamily::site_paths`].
+    pub fn path(self) -> &'static str {
+        EncoderFamily::Bert.site_paths()[self as usize]
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BertLayer {
+    /// Linears in `Site::ALL` order.
+    pub linears: [LoraLinear; 6],
+    pub attention: Attention,
+    pub ln_attn: LayerNorm,
+    pub ln_out: LayerNorm,
+    /// After the attention output projection (none in DistilBERT).
+    pub dropout_attn: Dropout,
+    /// After the MLP output.
+    pub dropout: Dropout,
+    /// The family's names of the six linears (PEFT's module paths within the layer).
+    pub paths: &'static [&'static str; 6],
+    /// Pre-LN (ViT): `ln_attn` and `ln_out` normalize each sublayer's input, see the module
+    /// doc.
+    pub pre_norm: bool,
+}
+
+impl crate::adapters::Block for BertLayer {
+    type Site = Site;
+    const SITES: &'static [Site] = &Site::ALL;
+
+    fn site_path(&self, site: Site) -> &'static str {
+        self.paths[site as usize]
+    }
+
+    fn linears(&self) -> &[LoraLinear] {
+        &self.linears
+    }
+
+    fn linears_mut(&mut self) -> &mut [LoraLinear] {
+        &mut self.linears
+    }
+}
+
+/// What a layer on the gradient path keeps for backward.
+pub struct BertLayerSaved {
+    lin: SiteStates<Site, LoraLinearSaved>,
+    attn: AttentionSaved,
+    drop_attn: Option<DropoutSaved>,
+    ln_attn: LayerNormSaved,
+    gelu: GeluSaved,
+    drop_out: Option<DropoutSaved>,
+    ln_out: LayerNormSaved,
+}
+
+/// Gradients of a layer's trainable adapters.
+pub type SiteGrads = Vec<(Site, LoraGrads)>;
+
+/// Per-adapter monitoring output: `(adapted output X, base output Y)` of each adapted linear.
+pub type Monitored = adapters::Monitored<Site>;
+
+impl BertLayer {
+    /// `h` is `[batch*seq, hidden]`. When `monitor` is given, each adapted linear's `(X, Y)` is pushed.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        pass: &mut Pass,
+        save: bool,
+        monitor: Option<&mut Monitored>,
+    ) -> Result<(Tensor, Option<BertLayerSaved>)> {
+        if self.pre_norm {
+            return self.forward_pre_norm(h, mask_add, shape, pass, save, monitor);
+        }
+        let mut lin = SiteForward::new(self, save, monitor);
+        // Each intermediate is dropped as soon as it is used: what stays is what the saved
+        // structs hold (the peak of a step is the saved layers plus one layer's temporaries).
+        let (ctx, attn) = {
+            let q = lin.run(Site::Query, h, pass)?;
+            let k = lin.run(Site::Key, h, pass)?;
+            let v = lin.run(Site::Value, h, pass)?;
+            self.attention
+                .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
+        };
+        let a = lin.run(Site::AttnOut, &ctx, pass)?;
+        drop(ctx);
+        let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
+        let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
+        let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
+        let o = lin.run(Site::Output, &g, pass)?;
+        drop(g);
+        let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
+        let (out, ln_out) = self.ln_out.forward(&nn::add(&o, &a)?, save)?;
+        // Every part is Some when `save` is set.
+        let saved = (|| {
+            Some(BertLayerSaved {
+                lin: lin.states,
+                attn: attn?,
+                drop_attn,
+                ln_attn: ln_attn?,
+                gelu: gelu?,
+                drop_out,
+                ln_out: ln_out?,
+            })
+        })();
+        Ok((out, saved))
+    }
+
+    /// [`Self::forward`] of a pre-LN layer: the same parts, each LayerNorm on a sublayer's input.
+    fn forward_pre_norm(
+        &self,
+        h: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        pass: &mut Pass,
+        save: bool,
+        monitor: Option<&mut Monitored>,
+    ) -> Result<(Tensor, Option<BertLayerSaved>)> {
+        let mut lin = SiteForward::new(self, save, monitor);
+        let (x, ln_attn) = self.ln_attn.forward(h, save)?;
+        let (ctx, attn) = {
+            let q = lin.run(Site::Query, &x, pass)?;
+            let k = lin.run(Site::Key, &x, pass)?;
+            let v = lin.run(Site::Value, &x, pass)?;
+            drop(x);
+            self.attention
+                .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
+        };
+        let a = lin.run(Site::AttnOut, &ctx, pass)?;
+        drop(ctx);
+        let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
+        let a = nn::add(&a, h)?;
+        let (x, ln_out) = self.ln_out.forward(&a, save)?;
+        let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &x, pass)?, save)?;
+        drop(x);
+        let o = lin.run(Site::Output, &g, pass)?;
+        drop(g);
+        let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
+        let out = nn::add(&o, &a)?;
+        let saved = (|| {
+            Some(BertLayerSaved {
+                lin: lin.states,
+                attn: attn?,
+                drop_attn,
+                ln_attn: ln_attn?,
+                gelu: gelu?,
+                drop_out,
+                ln_out: ln_out?,
+            })
+        })();
+        Ok((out, saved))
+    }
+
+    /// [`Self::backward`] of a pre-LN layer.
+    fn backward_pre_norm(
+        &self,
+        saved: BertLayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, SiteGrads)> {
+        let mut lin = SiteBackward::new(self, saved.lin);
+        // out = o + a: dout reaches a directly and through the MLP branch.
+        let d_x2 = {
+            let d_o = dropout::backward_opt(&saved.drop_out, dout.clone())?;
+            let d_g = lin.back_dx(Site::Output, &d_o)?;
+            drop(d_o);
+            let d_i = saved.gelu.backward(&d_g)?;
+            lin.back_dx(Site::Intermediate, &d_i)?
+        };
+        drop(saved.gelu);
+        let d_a = nn::add(&saved.ln_out.backward(&self.ln_out, &d_x2)?, dout)?;
+        drop((d_x2, saved.ln_out));
+        // a = attn_out + h.
+        let d_ctx = {
+            let d_ao = dropout::backward_opt(&saved.drop_attn, d_a.clone())?;
+            lin.back_dx(Site::AttnOut, &d_ao)?
+        };
+        let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
+        drop((d_ctx, saved.attn));
+        let dx = qkv_backward(&mut lin, [dq, dk, dv], need_dx, None)?;
+        let dh = match (need_dx, dx) {
+            (false, _) => None,
+            (true, Some(dx)) => Some(nn::add(&saved.ln_attn.backward(&self.ln_attn, &dx)?, &d_a)?),
+            (true, None) => Some(d_a),
+        };
+        Ok((dh, lin.grads()))
+    }
+
+    /// What [`BertLayer::forward`] keeps (its [`BertLayerSaved`]) and its temporaries, from
+    /// shapes.
+    pub fn memory(&self, acts: Acts) -> LayerMemory {
+        let lin = |s: Site| crate::adapters::Block::linear(self, s);
+        let (h, f) = (
+            lin(Site::Query).base.in_features(),
+            lin(Site::Intermediate).base.out_features(),
+        );
+        let linears = acts.lora_group(&[lin(Site::Query), lin(Site::Key), lin(Site::Value)])
+            + acts.lora_group(&[lin(Site::AttnOut)])
+            + acts.lora_group(&[lin(Site::Intermediate)])
+            + acts.lora_group(&[lin(Site::Output)]);
+        let state = linears
+            + acts.attention(&self.attention, h / self.attention.num_heads)
+            + acts.mask(&self.dropout_attn, h)
+            + acts.mask(&self.dropout, h)
+            + 2 * acts.norm(h)
+            + acts.of(f);
+        LayerMemory {
+            state,
+            transient: acts.transient(&self.attention, h, f),
+        }
+    }
+
+    /// Backward through the layer; `dx` is computed only when a layer below still trains.
+    pub fn backward(
+        &self,
+        saved: BertLayerSaved,
+        dout: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, SiteGrads)> {
+        if self.pre_norm {
+            return self.backward_pre_norm(saved, dout, need_dx);
+        }
+        let mut lin = SiteBackward::new(self, saved.lin);
+        // As in forward, each gradient is dropped once used (and each saved part once read).
+        let d_res2 = saved.ln_out.backward(&self.ln_out, dout)?; // d(o + a)
+        drop(saved.ln_out);
+        let d_i = {
+            let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
+            let d_g = lin.back_dx(Site::Output, &d_o)?;
+            drop(d_o);
+            saved.gelu.backward(&d_g)?
+        };
+        drop(saved.gelu);
+        let d_a = nn::add(&lin.back_dx(Site::Intermediate, &d_i)?, &d_res2)?;
+        drop(d_i);
+        let d_res1 = saved.ln_attn.backward(&self.ln_attn, &d_a)?; // d(attn_out + h)
+        drop((d_a, saved.ln_attn));
+        let d_ctx = {
+            let d_ao = dropout::backward_opt(&saved.drop_attn, d_res1.clone())?;
+            lin.back_dx(Site::AttnOut, &d_ao)?
+        };
+        let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
+        drop((d_ctx, saved.attn));
+        let dh = qkv_backward(&mut lin, [dq, dk, dv], need_dx, need_dx.then_some(d_res1))?;
+        Ok((dh, lin.grads()))
+    }
+}
+
+/// Backward through the query, key and value linears from their output gradients: their
+/// adapters' gradients go to `lin`; with `need_dx`, their input gradients are summed onto `acc`
+/// (the residual's gradient, or None).
+fn qkv_backward(
+    lin: &mut SiteBackward<BertLayer>,
+    [dq, dk, dv]: [Tensor; 3],
+    need_dx: bool,
+    mut acc: Option<Tensor>,
+) -> Result<Option<Tensor>> {
+    for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
+        if let Some(dxs) = lin.back(s, &d, need_dx)? {
+            acc = Some(match acc {
+                Some(a) => nn::add(&a, &dxs)?,
+                None => dxs,
+            });
+        }
+    }
+    Ok(acc)
+}
