@@ -2450,9 +2450,18 @@ fn image_vit_trains_on_idx_evaluates_exports_and_merges() {
     assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier"]));
     let mut targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone()).unwrap();
     targets.sort();
-    assert_eq!(targets, ["query", "value"]);
+    // transformers 4's module names and transformers 5's (it renames ViT's modules at load).
+    assert_eq!(
+        targets,
+        ["attention.q_proj", "attention.v_proj", "query", "value"]
+    );
     let t = load_tensors(&out.join("adapter_model.safetensors"));
     let a = "base_model.model.vit.encoder.layer.1.attention.attention.value.lora_A.weight";
+    let renamed = "base_model.model.vit.layers.1.attention.v_proj.lora_A.weight";
+    assert_eq!(
+        t[a].to_vec2::<f32>().unwrap(),
+        t[renamed].to_vec2::<f32>().unwrap()
+    );
     assert_eq!(t[a].dims()[1], 32, "{:?}", t.keys().collect::<Vec<_>>());
     assert_eq!(t[CLASSIFIER].dims(), &[3, 32]);
     let summary = read_json(&out.join("summary.json"));
@@ -2503,6 +2512,20 @@ fn image_vit_trains_on_idx_evaluates_exports_and_merges() {
         common_max_diff(&m[q], &base[q]) > 0.0,
         "the LoRA delta is merged"
     );
+    // Once, though the adapter file holds it under both namings: W + alpha / r * B A.
+    let adapter_cfg = read_json(&out.join("adapter_config.json"));
+    let scaling = adapter_cfg["lora_alpha"].as_f64().unwrap() / adapter_cfg["r"].as_f64().unwrap();
+    let lora =
+        |m: &str| &t[&format!("base_model.model.vit.layers.0.attention.q_proj.lora_{m}.weight")];
+    let delta = lora("B")
+        .matmul(lora("A"))
+        .unwrap()
+        .affine(scaling, 0.0)
+        .unwrap();
+    let once = (&base[q] + delta).unwrap();
+    let moved = common_max_diff(&once, &base[q]);
+    assert!(moved > 1e-4, "the delta is {moved}");
+    assert!(common_max_diff(&m[q], &once) < 1e-3 * moved);
     let k = "vit.encoder.layer.0.attention.attention.key.weight";
     assert_eq!(common_max_diff(&m[k], &base[k]), 0.0, "key has no adapter");
 }

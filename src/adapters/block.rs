@@ -157,6 +157,13 @@ pub trait AdaptedStack {
         None
     }
 
+    /// The layers' path and their sites' paths (in `SITES` order) in a second naming of the same
+    /// modules, where one exists: transformers 5 renames ViT's modules as it loads the checkpoint
+    /// (`vit.layers.N.attention.q_proj` for `vit.encoder.layer.N.attention.attention.query`).
+    fn renamed_paths(&self) -> Option<(&'static str, &'static [&'static str])> {
+        None
+    }
+
     /// The id of the adapter at `site` of layer `layer`.
     fn adapter_id(layer: usize, site: Site<Self>) -> AdapterId {
         AdapterId {
@@ -238,14 +245,36 @@ impl<M: AdaptedStack> Adapted for M {
         Some(self.adapter_path(layer, site))
     }
 
+    /// In the model's own naming, or in its [`AdaptedStack::renamed_paths`].
     fn module_id(&self, path: &str) -> Option<AdapterId> {
-        let rest = path.strip_prefix(self.layers_path())?.strip_prefix('.')?;
-        let (layer, site) = rest.split_once('.')?;
-        let site = M::Layer::SITES
-            .iter()
-            .copied()
-            .find(|&s| self.site_path(s) == site)?;
-        Some(M::adapter_id(layer.parse().ok()?, site))
+        let own = self.layers_path();
+        let renamed = self.renamed_paths();
+        let names = |i: usize, s: Site<M>| match renamed {
+            Some((_, sites)) if i == 1 => sites.get(site_index::<M::Layer>(s)).copied(),
+            _ => Some(self.site_path(s)),
+        };
+        let layers = [Some(own), renamed.map(|(l, _)| l)];
+        for (i, layers) in layers.into_iter().enumerate() {
+            let Some(rest) = layers.and_then(|l| path.strip_prefix(l)?.strip_prefix('.')) else {
+                continue;
+            };
+            let Some((layer, site)) = rest.split_once('.') else {
+                continue;
+            };
+            let found = M::Layer::SITES
+                .iter()
+                .copied()
+                .find(|&s| names(i, s) == Some(site));
+            if let (Some(s), Ok(layer)) = (found, layer.parse()) {
+                return Some(M::adapter_id(layer, s));
+            }
+        }
+        None
+    }
+
+    fn renamed_module_path(&self, id: AdapterId) -> Option<String> {
+        let (layers, sites) = self.renamed_paths()?;
+        Some(format!("{layers}.{}.{}", id.layer, sites.get(id.site)?))
     }
 
     fn num_layers(&self) -> usize {

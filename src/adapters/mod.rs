@@ -114,6 +114,12 @@ pub trait Adapted {
     /// The layer and site a module path names (the layer is not checked against the model's).
     fn module_id(&self, path: &str) -> Option<AdapterId>;
 
+    /// The module path of a layer's site in the model's second naming, where it has one
+    /// (transformers 5's ViT: `vit.layers.0.attention.q_proj`).
+    fn renamed_module_path(&self, _id: AdapterId) -> Option<String> {
+        None
+    }
+
     fn adapter_by_path_mut(&mut self, path: &str) -> Option<&mut LoraAdapter> {
         let id = self.module_id(path)?;
         self.adapter_by_id_mut(id)

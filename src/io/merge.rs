@@ -47,6 +47,7 @@ pub struct EncoderNaming {
     /// transformers' question-answering class of the family; None for ViT.
     pub qa_architecture: Option<&'static str>,
     pub hidden_size: usize,
+    pub family: crate::model::bert_config::EncoderFamily,
 }
 
 impl EncoderNaming {
@@ -66,7 +67,25 @@ impl EncoderNaming {
             architecture: family.architecture(),
             qa_architecture: family.qa_architecture(),
             hidden_size: config.hidden_size,
+            family,
         }
+    }
+
+    /// An adapter file's LoRA module path (without PEFT's prefix) as the checkpoint names it: a
+    /// module in the family's second naming (transformers 5's ViT: `vit.layers.0.attention.q_proj`)
+    /// becomes the checkpoint's (`vit.encoder.layer.0.attention.attention.query`).
+    pub fn checkpoint_module(&self, module: &str) -> String {
+        let own = |module: &str| -> Option<String> {
+            let (layers, sites) = self.family.renamed_paths()?;
+            let (layer, site) = module
+                .strip_prefix(layers)?
+                .strip_prefix('.')?
+                .split_once('.')?;
+            let i = sites.iter().position(|s| *s == site)?;
+            let site = self.family.site_paths()[i];
+            Some(format!("{}.{layer}.{site}", self.family.layers_path()))
+        };
+        own(module).unwrap_or_else(|| module.into())
     }
 
     /// The names of the family's `...ForQuestionAnswering`: `qa_outputs` as the head, the same
@@ -206,9 +225,15 @@ pub fn merge_adapter(
     let mut merged_modules = 0;
     let head = naming.head_tensors();
     let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
-    let modules = lora_modules(&adapter, &adapter_file, &cfg, &head_refs)?;
-    for module in modules {
-        let name = format!("{module}.weight");
+    // A module named in both of the family's namings (safetune writes ViT's so) merges once.
+    let mut modules: BTreeMap<String, &str> = BTreeMap::new();
+    for module in lora_modules(&adapter, &adapter_file, &cfg, &head_refs)? {
+        modules
+            .entry(naming.checkpoint_module(module))
+            .or_insert(module);
+    }
+    for (checkpoint_module, module) in modules {
+        let name = format!("{checkpoint_module}.weight");
         let target = naming.out_name(&name).unwrap_or(name.clone());
         let w = out.get(&target).ok_or_else(|| IoError::MissingTensor {
             path: base_file.clone(),

@@ -122,22 +122,30 @@ pub fn param_id(model: &(impl Adapted + ?Sized), key: &str) -> Result<ParamId, I
 }
 
 /// The `target_modules` to write: as given, except that `all-linear` becomes the module paths
-/// within a layer of the linears that carry adapters. PEFT's own `all-linear` would also take
-/// linears outside the layers (BERT's `pooler.dense`), which have no adapter here.
+/// within a layer of the linears that carry adapters (PEFT's own `all-linear` would also take
+/// linears outside the layers, BERT's `pooler.dense`, which have no adapter here). Where the
+/// model's modules have a second naming (transformers 5's ViT), the adapted sites' paths in it
+/// are added, so that PEFT finds its targets under either.
 fn peft_targets(model: &impl Adapted, lora: &LoraConfig) -> Vec<String> {
-    if !lora.target_modules.iter().any(|t| t == ALL_LINEAR) {
-        return lora.target_modules.clone();
-    }
-    let mut out: Vec<String> = Vec::new();
-    for (path, _) in model.adapters() {
-        // `{layers path}.{index}.{site path}`: the part after the layer index.
+    let all_linear = lora.target_modules.iter().any(|t| t == ALL_LINEAR);
+    let mut out: Vec<String> = if all_linear {
+        Vec::new()
+    } else {
+        lora.target_modules.clone()
+    };
+    // `{layers path}.{index}.{site path}`: the part after the layer index.
+    let site = |path: &str| {
         let parts: Vec<&str> = path.split('.').collect();
-        let Some(i) = parts.iter().position(|p| p.parse::<usize>().is_ok()) else {
-            continue;
-        };
-        let site = parts[i + 1..].join(".");
-        if !out.contains(&site) {
-            out.push(site);
+        let i = parts.iter().position(|p| p.parse::<usize>().is_ok())?;
+        Some(parts[i + 1..].join("."))
+    };
+    for (id, (path, _)) in model.adapter_ids().into_iter().zip(model.adapters()) {
+        let own = all_linear.then(|| site(&path)).flatten();
+        let renamed = model.renamed_module_path(id).and_then(|p| site(&p));
+        for name in [own, renamed].into_iter().flatten() {
+            if !out.contains(&name) {
+                out.push(name);
+            }
         }
     }
     out
@@ -161,6 +169,19 @@ pub fn save(
         let [a, b] = ParamId::lora(id).map(|p| param_key(model, p));
         tensors.insert(format!("{PREFIX}{a}"), ad.a.clone());
         tensors.insert(format!("{PREFIX}{b}"), ad.b.clone());
+        // Under the second naming too: PEFT on transformers 5 loads those keys (and leaves the
+        // others as unexpected), PEFT on transformers 4 the first ones.
+        if let Some(renamed) = model.renamed_module_path(id) {
+            let own = model.module_path(id).expect("an adapter's path");
+            tensors.insert(
+                format!("{PREFIX}{}", a.replacen(&own, &renamed, 1)),
+                ad.a.clone(),
+            );
+            tensors.insert(
+                format!("{PREFIX}{}", b.replacen(&own, &renamed, 1)),
+                ad.b.clone(),
+            );
+        }
         if !layers.contains(&id.layer) {
             layers.push(id.layer);
         }
@@ -267,6 +288,18 @@ pub fn load(dir: &Path, model: &mut impl Adapted) -> Result<PeftConfig, IoError>
             path: path.clone(),
             message: format!("not a readable safetensors file ({e})"),
         })?;
+    // A LoRA key in the model's second naming (transformers 5's ViT) is read as its own.
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(key, t)| {
+            let own = key
+                .strip_prefix(PREFIX)
+                .filter(|k| k.contains(".lora_"))
+                .and_then(|k| param_id(model, k).ok())
+                .map(|id| format!("{PREFIX}{}", param_key(model, id)));
+            (own.unwrap_or(key), t)
+        })
+        .collect();
     let get = |name: &str, like: &Tensor| -> Result<Tensor, IoError> {
         // PEFT writes `...lora_A.weight`; older versions used `...lora_A.default.weight`.
         let t = tensors

@@ -715,6 +715,10 @@ impl<H: EncoderHead> AdaptedStack for BertWithHead<H> {
     fn head_tensor_path(&self, key: HeadParam) -> Option<&'static str> {
         self.head.trained_path(self.config.family(), key)
     }
+
+    fn renamed_paths(&self) -> Option<(&'static str, &'static [&'static str])> {
+        self.config.family().renamed_paths()
+    }
 }
 
 /// MPNet's relative position buckets (transformers' `MPNetEncoder.relative_position_bucket`,

@@ -257,6 +257,21 @@ impl EncoderFamily {
         }
     }
 
+    /// The layers' path and the six linears' paths (in `Site::ALL` order) as transformers 5
+    /// names the modules after loading the checkpoint, where it renames them (ViT: its
+    /// conversion mapping `ViTModel`); None where the checkpoint's names are the modules' names.
+    pub fn renamed_paths(self) -> Option<(&'static str, &'static [&'static str])> {
+        const VIT: [&str; 6] = [
+            "attention.q_proj",
+            "attention.k_proj",
+            "attention.v_proj",
+            "attention.o_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        ];
+        (self == EncoderFamily::ViT).then_some(("vit.layers", &VIT))
+    }
+
     /// The attention block's LayerNorm, then the layer output's (ViT: the LayerNorms before the
     /// attention and before the MLP, see [`Self::pre_norm`]).
     pub fn layer_norm_paths(self) -> [&'static str; 2] {

@@ -273,6 +273,73 @@ fn lora_targets_peft_module_paths() {
     assert_eq!(d, 0.0);
 }
 
+/// transformers 5 renames ViT's modules as it loads the checkpoint (its conversion mapping
+/// `ViTModel`: `vit.layers.N.attention.q_proj` for `vit.encoder.layer.N.attention.attention.query`):
+/// the adapter names its targets and weights in both namings (with all-linear too, each site
+/// once), so PEFT finds them under transformers 4 and 5, and an adapter file written under the
+/// new names alone loads.
+#[test]
+fn vit_adapters_name_their_targets_under_transformers_4_and_5() {
+    use crate::adapters::Adapted;
+    use crate::io::peft;
+    let cfg = BertConfig::tiny_of(EncoderFamily::ViT, 0.0);
+    let mut rng = StdRng::seed_from_u64(2);
+    let new = |rng: &mut StdRng, targets: &[&str]| {
+        let mut m =
+            ViTForImageClassification::random(cfg.clone(), 3, DType::F32, &Device::Cpu, rng)
+                .unwrap();
+        let lora = LoraConfig {
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+        m.add_lora(&lora, None, rng).unwrap();
+        (m, lora)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (m, lora) = new(&mut rng, &["query", "value"]);
+    peft::save(dir.path(), &m, &lora, "base").unwrap();
+    let pc = peft::read_config(dir.path()).unwrap();
+    assert_eq!(
+        pc.target_modules,
+        ["query", "value", "attention.q_proj", "attention.v_proj"]
+    );
+    let (all, all_lora) = new(&mut rng, &["all-linear"]);
+    let all_dir = tempfile::tempdir().unwrap();
+    peft::save(all_dir.path(), &all, &all_lora, "base").unwrap();
+    let targets = peft::read_config(all_dir.path()).unwrap().target_modules;
+    assert_eq!(targets.len(), 12, "{targets:?}");
+    for t in [
+        "attention.attention.key",
+        "attention.k_proj",
+        "mlp.fc1",
+        "output.dense",
+    ] {
+        assert!(targets.contains(&t.to_string()), "{t} not in {targets:?}");
+    }
+
+    // The weights are under both names; a file with transformers 5's names alone (as PEFT may
+    // write it there) loads into the same tensors.
+    let file = dir.path().join(peft::WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let old = "base_model.model.vit.encoder.layer.1.attention.attention.value.lora_B.weight";
+    let new_key = "base_model.model.vit.layers.1.attention.v_proj.lora_B.weight";
+    assert_eq!(max_abs_diff(&tensors[old], &tensors[new_key]), 0.0);
+    assert_eq!(tensors.len(), 2 * 2 * 6 + 2, "{:?}", tensors.keys());
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .filter(|(k, _)| !k.contains("vit.encoder.layer."))
+        .collect();
+    assert_eq!(renamed.len(), 2 * 6 + 2);
+    candle_core::safetensors::save(&renamed, &file).unwrap();
+    let (mut back, _) = new(&mut rng, &["query", "value"]);
+    peft::load(dir.path(), &mut back).unwrap();
+    for ((p, a), (q, b)) in m.adapters().into_iter().zip(back.adapters()) {
+        assert_eq!(p, q);
+        assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "{p}");
+        assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "{p}");
+    }
+}
+
 /// A config's image geometry is checked at load, naming the file and the key.
 #[test]
 fn bad_vit_configs_are_refused_naming_the_file() {
