@@ -2,7 +2,8 @@
 # Copied from shared/bench/peft_bench.py; extended with --device cpu, --threads, --lora-r and --dropout
 # so the same script measures PyTorch + PEFT beside `safetune bench` on the CPU too, and with
 # --frozen-prefix K1,K2 (one process, several freezing patterns: torch's start-up once), and
-# --grad-ckpt (transformers' gradient checkpointing).
+# --grad-ckpt (transformers' gradient checkpointing), --targets all-linear, --liger (Liger-Kernel's
+# apply_liger_kernel_to_llama: fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy).
 # Prints one JSON line per run.
 import json, sys, time, argparse, statistics
 import torch
@@ -22,7 +23,12 @@ p.add_argument("--kv-heads", type=int, default=0)
 p.add_argument("--device", default="cuda"); p.add_argument("--threads", type=int, default=0)
 p.add_argument("--lora-r", type=int, default=4); p.add_argument("--dropout", type=float, default=0.0)
 p.add_argument("--grad-ckpt", action="store_true", help="transformers' gradient checkpointing (use_reentrant=False)")
+p.add_argument("--targets", default="qv", choices=["qv", "all-linear"], help="LoRA on query/value or every linear of the layers")
+p.add_argument("--liger", action="store_true", help="LLaMA only: Liger-Kernel's apply_liger_kernel_to_llama before the model is built")
 a = p.parse_args()
+if a.liger:
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    apply_liger_kernel_to_llama()
 if a.threads: torch.set_num_threads(a.threads)
 dev = a.device
 dt = {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
@@ -35,13 +41,17 @@ def run(frozen):
                          intermediate_size=a.ffn, max_position_embeddings=512, num_labels=2,
                          hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=a.dropout, attn_implementation=a.attn)
         vocab, targets, extra = 30522, ["query", "value"], dict(modules_to_save=["classifier"])
+        if a.targets == "all-linear":
+            targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
         with torch.device(dev):
             m = BertForSequenceClassification(cfg)
     else:
         cfg = LlamaConfig(vocab_size=32000, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
                           num_key_value_heads=a.kv_heads or a.heads, intermediate_size=a.ffn,
-                          max_position_embeddings=4096, attn_implementation=a.attn)
+                          max_position_embeddings=max(4096, a.seq), attn_implementation=a.attn)
         vocab, targets, extra = 32000, ["q_proj", "v_proj"], {}
+        if a.targets == "all-linear":
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         with torch.device(dev):
             m = LlamaForCausalLM(cfg).to(dt)
     if not a.full:
@@ -73,7 +83,7 @@ def run(frozen):
         sync()
         if s >= 3: times.append((time.perf_counter() - t) * 1e3)
         losses.append(out.loss.item())
-    print(json.dumps({"framework": "pytorch+peft" if not a.full else "pytorch-full", "arch": a.arch, "attn": a.attn, "device": dev, "threads": torch.get_num_threads(), "lora_r": a.lora_r,
+    print(json.dumps({"framework": ("pytorch+peft+liger" if a.liger else "pytorch+peft") if not a.full else "pytorch-full", "targets": a.targets, "arch": a.arch, "attn": a.attn, "device": dev, "threads": torch.get_num_threads(), "lora_r": a.lora_r,
                       "layers": a.layers, "hidden": a.hidden, "batch": a.batch, "seq": a.seq,
                       "frozen_prefix": frozen, "dtype": a.dtype, "gradient_checkpointing": a.grad_ckpt,
                       "step_ms_median": round(statistics.median(times), 3),

@@ -8,6 +8,11 @@ its own unfrozen run.
     python3 bench/side_by_side_gpu.py --safetune .device/safetune [--out results.jsonl]
         [--shapes bert-base,bert-large,llama-7b] [--steps 20]
 
+`--rows long`: instead, the LLaMA-7B-shaped rows of the GPU issue (batch 2 x 512 with and
+without the bottom 16 layers' adapters frozen; batch 1 x 2,048 with LoRA r16 on every linear;
+batch 1 x 4,096 and 8,192 with r4 on q/v; 8,192 and 2 x 512 with gradient checkpointing in both),
+each against PyTorch + PEFT and, with `--liger` (Liger-Kernel importable), PEFT + Liger.
+
 Run on the GPU machine (torch, transformers, peft installed; the CUDA libraries on
 LD_LIBRARY_PATH for safetune). One PyTorch process per shape (its start-up is long), one safetune
 process per run. Memory on both sides is the allocator's peak above what is live before the first
@@ -37,6 +42,8 @@ p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--out", default=None, help="also append every JSON line to this file")
 p.add_argument("--skip-peft", action="store_true", help="only safetune (e.g. to re-measure it)")
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
+p.add_argument("--rows", default="shapes", choices=["shapes", "long"], help="long: the LLaMA-7B rows of the GPU issue")
+p.add_argument("--liger", action="store_true", help="with --rows long: also PyTorch + PEFT + Liger-Kernel")
 a = p.parse_args()
 
 out = open(a.out, "a") if a.out else None
@@ -61,6 +68,73 @@ def run_lines(cmd):
     return recs
 
 
+# --rows long: (label, batch, seq, lora r, targets, frozen prefix, gradient checkpointing, with Liger)
+LONG = [
+    ("b2 s512 r4 q/v", 2, 512, 4, "qv", 0, False, False),
+    ("b2 s512 r4 q/v, bottom 16 frozen", 2, 512, 4, "qv", 16, False, False),
+    ("b1 s2048 r16 all-linear", 1, 2048, 16, "all-linear", 0, False, True),
+    ("b1 s4096 r4 q/v", 1, 4096, 4, "qv", 0, False, True),
+    ("b1 s8192 r4 q/v", 1, 8192, 4, "qv", 0, False, True),
+    ("b1 s8192 r4 q/v, checkpointing", 1, 8192, 4, "qv", 0, True, False),
+    ("b2 s512 r4 q/v, checkpointing", 2, 512, 4, "qv", 0, True, False),
+]
+LLAMA_7B = ["--layers", "32", "--hidden", "4096", "--heads", "32", "--ffn", "11008"]
+
+
+def long_rows():
+    table = []
+    for label, batch, seq, r, targets, frozen, ckpt, liger in LONG:
+        cmd = [a.safetune, "bench", "--preset", "llama-7b", "--device", "cuda", "--dtype", a.dtype,
+               "--batch-size", str(batch), "--max-length", str(seq), "--lora-r", str(r),
+               "--frozen-prefix", str(frozen), "--warmup", str(a.warmup), "--steps", str(a.steps)]
+        if targets == "all-linear":
+            cmd += ["--target-modules", "all-linear"]
+        if ckpt:
+            cmd += ["--gradient-checkpointing"]
+        row = {"label": label}
+        for rec in run_lines(cmd):
+            rec.pop("losses", None)
+            rec["row"] = label
+            emit(rec)
+            row["safetune"] = rec
+        refs = [("peft", [])] + ([("liger", ["--liger"])] if liger and a.liger else [])
+        for name, extra in refs:
+            if a.skip_peft:
+                continue
+            for rec in run_lines([a.python, a.peft_bench, "--arch", "llama", *LLAMA_7B, "--batch", str(batch),
+                                  "--seq", str(seq), "--dtype", a.dtype, "--lora-r", str(r), "--targets", targets,
+                                  "--frozen-prefix", str(frozen), "--steps", str(a.steps), *extra]
+                                 + (["--grad-ckpt"] if ckpt else [])):
+                rec["row"] = label
+                emit(rec)
+                row[name] = rec
+        table.append(row)
+    print("\n| row | safetune ms | PEFT ms | PEFT + Liger ms | safetune peak MB | PEFT peak MB | PEFT + Liger peak MB "
+          "| time vs faster reference | peak vs smaller reference | safetune TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in table:
+        g = lambda k, key: (row.get(k) or {}).get(key)
+        times = [x for x in (g("peft", "step_ms_median"), g("liger", "step_ms_median")) if x]
+        peaks = [x for x in (g("peft", "peak_mem_mb"), g("liger", "peak_mem_mb")) if x]
+        om, op = g("safetune", "step_ms_median"), g("safetune", "peak_mem_mb")
+        print(f"| {row['label']} | {f(om)} | {f(g('peft', 'step_ms_median'))} | {f(g('liger', 'step_ms_median'))} "
+              f"| {f(op, '{:.0f}')} | {f(g('peft', 'peak_mem_mb'), '{:.0f}')} | {f(g('liger', 'peak_mem_mb'), '{:.0f}')} "
+              f"| {f(ratio(om, min(times) if times else None), '{:.2f}')} | {f(ratio(op, min(peaks) if peaks else None), '{:.2f}')} "
+              f"| {f(g('safetune', 'tflops_per_s'), '{:.0f}')} |")
+
+
+def f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def ratio(x, y):
+    return None if x is None or y is None or y == 0 else x / y
+
+
+if a.rows == "long":
+    long_rows()
+    sys.exit(0)
+
 rows = []
 for name in a.shapes.split(","):
     arch, flags, frozen = SHAPES[name]
@@ -83,14 +157,6 @@ for name in a.shapes.split(","):
             theirs[rec["frozen_prefix"]] = rec
     for k in frozen:
         rows.append((name, k, ours.get(k), theirs.get(k), ours.get(frozen[0])))
-
-
-def f(x, fmt="{:.1f}"):
-    return "-" if x is None else fmt.format(x)
-
-
-def ratio(x, y):
-    return None if x is None or y is None or y == 0 else x / y
 
 
 print(f"\n{a.dtype}{', gradient checkpointing' if a.grad_ckpt else ''}, LoRA r=4 (BERT: query/value, batch 32, seq 128; LLaMA: q_proj/v_proj, batch 2, seq 512)")
