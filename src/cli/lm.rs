@@ -71,7 +71,7 @@ impl LmTrainArgs {
         set!(c.data_kind, self.data_kind);
         set!(c.prompt_format, self.prompt_format);
         set!(c.seq_len, self.max_length);
-        apply_run_args!(c, self.run);
+        self.run.apply(&mut c.run, &mut c.lora, &mut c.safe);
         set!(c.max_eval_sequences, self.max_eval_sequences);
         c.quantized_base |= self.quantized_base;
         c.quantize_format = self.quantize_format.or(c.quantize_format);
@@ -183,7 +183,7 @@ fn load_with_adapter(a: &DecoderArgs) -> Result<lm::LoadedDecoder> {
 
 pub fn train_lm(a: &LmTrainArgs) -> Result<()> {
     let cfg = a.to_config()?;
-    super::check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
+    super::check_output(&cfg.run.output, a.run.resume, a.run.overwrite)?;
     if let Some(s) = lm::train_lm(&cfg, a.run.resume, !a.run.quiet)? {
         print_lm_summary(&cfg, &s);
     }
@@ -331,7 +331,7 @@ fn print_lm_summary(cfg: &LmTrainConfig, s: &LmSummary) {
             s.run.totals.trainable_params.to_string(),
         ),
         ("frozen adapters", s.frozen.len().to_string()),
-        ("output", cfg.output.display().to_string()),
+        ("output", cfg.run.output.display().to_string()),
     ];
     println!();
     for (k, v) in rows {

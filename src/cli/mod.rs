@@ -9,9 +9,11 @@ macro_rules! set {
     };
 }
 
+use crate::adapters::LoraConfig;
 use crate::data::{TableFormat, TaskKind};
 use crate::io::{fetch, joined, peft};
-use crate::train::config::{DataKind, Method, TrainConfig};
+use crate::safe::SafeConfig;
+use crate::train::config::{DataKind, Method, RunConfig, TrainConfig};
 use crate::train::encoder::{self, Summary};
 use crate::train::trainer;
 use anyhow::{Context, Result};
@@ -89,7 +91,7 @@ pub struct TrainArgs {
 }
 
 /// Flags of a training run that `train`, `demo` and `train-lm` share; each overrides the config
-/// file. [`apply_run_args!`] sets them on either command's config.
+/// file. [`RunArgs::apply`] sets them on either command's config.
 #[derive(Args, Clone, Default)]
 pub struct RunArgs {
     /// Output folder (adapter, checkpoint, metrics.jsonl, summary.json, plots).
@@ -198,17 +200,17 @@ pub struct RunArgs {
     pub device: crate::device::DeviceArgs,
 }
 
-/// Sets the [`RunArgs`] that were given on a config (`TrainConfig` or `LmTrainConfig`, whose
-/// fields share these names); the config's `validate` checks them.
-macro_rules! apply_run_args {
-    ($c:expr, $a:expr) => {{
-        let (c, a) = (&mut $c, &$a);
+impl RunArgs {
+    /// Sets the flags that were given on a command's loop settings, LoRA and SAFE settings (the
+    /// config's `validate` checks them).
+    pub fn apply(&self, c: &mut RunConfig, lora: &mut LoraConfig, safe: &mut SafeConfig) {
+        let a = self;
         set!(c.output, a.output);
         set!(c.method, a.method);
-        set!(c.lora.r, a.lora_r);
-        set!(c.lora.alpha, a.lora_alpha);
-        set!(c.lora.dropout, a.lora_dropout);
-        set!(c.lora.target_modules, a.target_modules);
+        set!(lora.r, a.lora_r);
+        set!(lora.alpha, a.lora_alpha);
+        set!(lora.dropout, a.lora_dropout);
+        set!(lora.target_modules, a.target_modules);
         set!(c.lr, a.lr);
         set!(c.lr_scheduler, a.lr_scheduler);
         set!(c.warmup_ratio, a.warmup_ratio);
@@ -227,11 +229,11 @@ macro_rules! apply_run_args {
         if a.stop_after_epoch.is_some() {
             c.stop_after_epoch = a.stop_after_epoch;
         }
-        set!(c.safe.rounds_per_epoch, a.safe_rounds_per_epoch);
-        set!(c.safe.monitor_examples, a.safe_monitor_examples);
-        set!(c.safe.monitor, a.safe_monitor);
+        set!(safe.rounds_per_epoch, a.safe_rounds_per_epoch);
+        set!(safe.monitor_examples, a.safe_monitor_examples);
+        set!(safe.monitor, a.safe_monitor);
         if let Some(t) = a.safe_tau {
-            c.safe.tau_final = crate::safe::TauTarget::Absolute(t);
+            safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
         c.gradient_checkpointing |= a.gradient_checkpointing;
         if a.memory_budget.is_some() {
@@ -242,10 +244,10 @@ macro_rules! apply_run_args {
         }
         set!(c.device, a.device.device);
         set!(c.dtype, a.device.dtype);
-    }};
+    }
 }
 
-// After the macros, which `lm` uses.
+// After `set!`, which `lm` uses.
 mod lm;
 
 #[derive(Args, Clone, Default)]
@@ -337,7 +339,7 @@ impl TrainArgs {
         {
             c.data.max_length = 384;
         }
-        apply_run_args!(c, self.run);
+        self.run.apply(&mut c.run, &mut c.lora, &mut c.safe);
         if self.init_adapter.is_some() {
             c.init_adapter = self.init_adapter.clone();
         }
@@ -429,7 +431,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => {
             let cfg = a.to_config()?;
-            check_output(&cfg.output, a.run.resume, a.run.overwrite)?;
+            check_output(&cfg.run.output, a.run.resume, a.run.overwrite)?;
             train_and_report(&cfg, a.run.resume, !a.run.quiet)
         }
         Command::Demo(a) => {
@@ -450,7 +452,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 v.is_some()
             };
             if a.run.epochs.is_none() && !in_file(&["epochs"]) {
-                cfg.epochs = 2;
+                cfg.run.epochs = 2;
             }
             if a.run.safe_rounds_per_epoch.is_none() && !in_file(&["safe", "rounds_per_epoch"]) {
                 cfg.safe.rounds_per_epoch = 4;
@@ -460,8 +462,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             // The demo replaces its own default folder's earlier run; another folder is the
             // user's, and kept unless they pass --overwrite.
-            let overwrite = a.run.overwrite || cfg.output == TrainConfig::default().output;
-            check_output(&cfg.output, a.run.resume, overwrite)?;
+            let overwrite = a.run.overwrite || cfg.run.output == TrainConfig::default().run.output;
+            check_output(&cfg.run.output, a.run.resume, overwrite)?;
             train_and_report(&cfg, a.run.resume, !a.run.quiet)
         }
         Command::Eval(a) => eval(a),
@@ -686,7 +688,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 /// `safetune.json`), accuracy, loss, per-class scores and the confusion matrix.
 fn eval_image(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
     let (mut cfg, saved) = eval_config(&a, &pc, Some(TaskKind::Image))?;
-    cfg.dtype = a.device.dtype_spec();
+    cfg.run.dtype = a.device.dtype_spec();
     let setup = crate::train::image::prepare(&cfg)?;
     let set = match a.split {
         EvalSplit::Test => setup.test,
@@ -733,7 +735,7 @@ fn eval_image(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
     let mut model = crate::model::vit::ViTForImageClassification::load(
         &setup.model_dir,
         num_labels,
-        cfg.dtype.dtype(),
+        cfg.run.dtype.dtype(),
         &a.device.open()?,
         &mut rng,
     )?;
@@ -756,7 +758,7 @@ fn eval_image(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
 /// `safetune.json`), its answers and the official scores.
 fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
     let (mut cfg, _) = eval_config(&a, &pc, Some(TaskKind::Qa))?;
-    cfg.dtype = a.device.dtype_spec();
+    cfg.run.dtype = a.device.dtype_spec();
     let model_dir = encoder::resolve_model_dir(&cfg)?;
     cfg.check_model(&model_dir)?;
     let [train, validation, test] = crate::train::qa::load_splits(&cfg)?;
@@ -788,7 +790,7 @@ fn eval_qa(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
     let device = a.device.open()?;
     let mut model = crate::model::BertForQuestionAnswering::load(
         &model_dir,
-        cfg.dtype.dtype(),
+        cfg.run.dtype.dtype(),
         &device,
         &mut rng,
     )?;
@@ -833,7 +835,7 @@ fn eval_config(
         cfg.data.task = TaskKind::Image;
     }
     a.data.apply(&mut cfg);
-    set!(cfg.seed, a.seed);
+    set!(cfg.run.seed, a.seed);
     cfg.lora = pc.lora();
     Ok((cfg, saved))
 }
@@ -889,7 +891,7 @@ fn apply_trained_on(
     cfg.data.label_column = d.label_column.clone();
     cfg.data.validation_fraction = d.validation_fraction;
     cfg.data.test_fraction = d.test_fraction;
-    cfg.seed = d.seed;
+    cfg.run.seed = d.seed;
     Ok(())
 }
 
@@ -905,7 +907,7 @@ fn export(a: ExportArgs) -> Result<()> {
     let tensors = candle_core::safetensors::load(&state_path, &candle_core::Device::Cpu)
         .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
     if cfg.data.task == TaskKind::Qa {
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.run.seed);
         let device = candle_core::Device::Cpu;
         let model = crate::train::qa::build_model(&cfg, &model_dir, &device, &mut rng)?;
         return export_checkpoint(&a, model, &cfg, &model_dir);
@@ -916,7 +918,7 @@ fn export(a: ExportArgs) -> Result<()> {
             .get(&classifier)
             .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
             .dim(0)?;
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.run.seed);
         let device = candle_core::Device::Cpu;
         let mut model =
             crate::train::image::build_model(&cfg, &model_dir, num_labels, &device, &mut rng)?;
@@ -941,7 +943,7 @@ fn export(a: ExportArgs) -> Result<()> {
         .get(&classifier)
         .with_context(|| format!("{}: no classifier in checkpoint", state_path.display()))?
         .dim(0)?;
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.run.seed);
     let model = trainer::build_model(
         &cfg,
         &model_dir,
@@ -1027,7 +1029,7 @@ fn print_summary<T>(cfg: &TrainConfig, s: &Summary<T>) {
         ),
         ("trainable params", t.trainable_params.to_string()),
         ("frozen adapters", s.frozen.len().to_string()),
-        ("output", cfg.output.display().to_string()),
+        ("output", cfg.run.output.display().to_string()),
     ];
     println!();
     for (k, v) in rows {
@@ -1161,13 +1163,13 @@ mod tests {
             "0.01",
         ])
         .unwrap();
-        assert_eq!(c.lr_scheduler, LrScheduler::Cosine);
+        assert_eq!(c.run.lr_scheduler, LrScheduler::Cosine);
         let f = c.fit_config(false, false);
         assert_eq!(
             (f.lr_scheduler, f.warmup_ratio, f.weight_decay),
             (LrScheduler::Cosine, 0.2, 0.01)
         );
-        assert_eq!(TrainConfig::default().lr_scheduler, LrScheduler::Linear);
+        assert_eq!(TrainConfig::default().run.lr_scheduler, LrScheduler::Linear);
         let lm = match parse(&[
             "train-lm",
             "--lr-scheduler",
@@ -1179,7 +1181,7 @@ mod tests {
             _ => unreachable!(),
         };
         assert_eq!(
-            (lm.lr_scheduler, lm.weight_decay),
+            (lm.run.lr_scheduler, lm.run.weight_decay),
             (LrScheduler::Constant, 0.1)
         );
         for (flag, value) in [("--warmup-ratio", "1.5"), ("--weight-decay", "-1")] {
@@ -1193,7 +1195,7 @@ mod tests {
         std::fs::write(&toml, "lr_scheduler = \"constant\"\nweight_decay = 0.05\n").unwrap();
         let c = TrainConfig::from_toml_file(&toml).unwrap();
         assert_eq!(
-            (c.lr_scheduler, c.weight_decay),
+            (c.run.lr_scheduler, c.run.weight_decay),
             (LrScheduler::Constant, 0.05)
         );
         std::fs::write(&toml, "lr_scheduler = \"cyclic\"\n").unwrap();

@@ -48,9 +48,9 @@ pub enum MonitorPoint {
     Block,
 }
 
-/// SAFE settings; missing fields deserialize to their defaults.
+/// SAFE settings; missing fields deserialize to their defaults, unknown ones are refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SafeConfig {
     /// `tau_T`; see [`TauTarget`]. Default `RelativeToMax(0.25)`, chosen on validation accuracy
     /// (BENCHMARKS.md, "SAFE's defaults").

@@ -132,11 +132,12 @@ impl Default for DataConfig {
     }
 }
 
+/// The training loop's settings, which `train` and `train-lm` share (each command's config
+/// flattens them in: they stay top-level keys of its TOML file); the loop reads them as a
+/// [`FitConfig`](super::fit::FitConfig).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Hugging Face model folder; None: the MiniLM-L6 asset (fetched if missing).
-    pub model: Option<PathBuf>,
+#[serde(default)]
+pub struct RunConfig {
     pub output: PathBuf,
     pub method: Method,
     pub epochs: usize,
@@ -173,15 +174,9 @@ pub struct TrainConfig {
     pub early_stopping_patience: usize,
     /// none | tensorboard: TensorBoard event files in `OUTPUT/runs/`.
     pub report_to: super::config::ReportTo,
-    /// Start from this PEFT LoRA adapter folder (its adapters and classifier), e.g. one trained by
-    /// PEFT or by an earlier run, instead of fresh adapters.
-    pub init_adapter: Option<PathBuf>,
     /// Once the bottom layers freeze, keep their output per example on disk (in the output folder)
     /// and reuse it in later epochs instead of recomputing those layers.
     pub cache_frozen_bottom: bool,
-    /// Run the frozen bottom layers with dropout, as an unfrozen run would (and as the paper's
-    /// PyTorch setting does), instead of in inference mode. Rules out the cache.
-    pub frozen_bottom_dropout: bool,
     /// Keep only each trainable layer's input in the forward and run the layer again in backward:
     /// activation memory of one layer instead of all, for one more forward of the trainable layers.
     pub gradient_checkpointing: bool,
@@ -194,15 +189,11 @@ pub struct TrainConfig {
     /// f32 | bf16: precision of the frozen base weights and activations (adapters, their
     /// optimizer state and the losses stay f32).
     pub dtype: crate::device::DTypeSpec,
-    pub data: DataConfig,
-    pub lora: LoraConfig,
-    pub safe: SafeConfig,
 }
 
-impl Default for TrainConfig {
+impl Default for RunConfig {
     fn default() -> Self {
         Self {
-            model: None,
             output: PathBuf::from("runs/demo"),
             method: Method::Lora,
             epochs: 3,
@@ -223,18 +214,34 @@ impl Default for TrainConfig {
             save_total_limit: 0,
             early_stopping_patience: 0,
             report_to: Default::default(),
-            init_adapter: None,
             cache_frozen_bottom: true,
-            frozen_bottom_dropout: false,
             gradient_checkpointing: false,
             memory_budget: None,
             device: Default::default(),
             dtype: Default::default(),
-            data: DataConfig::default(),
-            lora: LoraConfig::default(),
-            safe: SafeConfig::default(),
         }
     }
+}
+
+/// `safetune train`'s configuration: a TOML file whose every field a flag can override; unknown
+/// keys are refused by [`toml_over_defaults`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Hugging Face model folder; None: the MiniLM-L6 asset (fetched if missing).
+    pub model: Option<PathBuf>,
+    /// The training loop's settings (at the top level of the TOML file).
+    #[serde(flatten)]
+    pub run: RunConfig,
+    /// Start from this PEFT LoRA adapter folder (its adapters and classifier), e.g. one trained by
+    /// PEFT or by an earlier run, instead of fresh adapters.
+    pub init_adapter: Option<PathBuf>,
+    /// Run the frozen bottom layers with dropout, as an unfrozen run would (and as the paper's
+    /// PyTorch setting does), instead of in inference mode. Rules out the cache.
+    pub frozen_bottom_dropout: bool,
+    pub data: DataConfig,
+    pub lora: LoraConfig,
+    pub safe: SafeConfig,
 }
 
 impl TrainConfig {
@@ -246,7 +253,7 @@ impl TrainConfig {
     /// flag (and its config key) or the key, and what is allowed.
     pub fn validate(&self) -> anyhow::Result<()> {
         check_run_settings(&self.fit_config(false, false), &self.lora)?;
-        at_least(1, None, "eval_batch_size", self.eval_batch_size)?;
+        at_least(1, None, "eval_batch_size", self.run.eval_batch_size)?;
         let d = &self.data;
         at_least(2, Some("--max-length"), "data.max_length", d.max_length)?;
         for (key, v) in [
@@ -476,6 +483,21 @@ pub fn toml_over_defaults<T: Serialize + serde::de::DeserializeOwned>(
     let invalid =
         |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: invalid config: {e}", path.display());
     let given: toml::Table = toml::from_str(&text).map_err(|e| invalid(&e))?;
+    // The top-level keys are the config's own and its flattened `RunConfig`'s, which serde
+    // cannot refuse unknown keys beside; nested tables refuse theirs themselves.
+    let known = serde_json::to_value(defaults).map_err(|e| invalid(&e))?;
+    let known: Vec<&String> = known
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    if let Some(key) = given.keys().find(|k| !known.contains(k)) {
+        let mut expected: Vec<&str> = known.iter().map(|k| k.as_str()).collect();
+        expected.sort_unstable();
+        let expected = expected.join(", ");
+        return Err(invalid(&format!(
+            "unknown key `{key}`, expected one of {expected}"
+        )));
+    }
     let mut merged = toml::Table::try_from(defaults).map_err(|e| invalid(&e))?;
     merge_tables(&mut merged, given);
     merged.try_into().map_err(|e| invalid(&e))
@@ -511,10 +533,31 @@ mod tests {
             "method = \"safe\"\nepochs = 3\n[lora]\nr = 4\nalpha = 16.0\ndropout = 0.0\ntarget_modules = [\"query\"]\nuse_rslora = false\n[data]\nmax_length = 64\n",
         )
         .unwrap();
-        assert_eq!(c.method, Method::Safe);
-        assert_eq!((c.epochs, c.lora.r, c.data.max_length), (3, 4, 64));
-        assert_eq!(c.batch_size, TrainConfig::default().batch_size);
-        assert!(toml::from_str::<TrainConfig>("epoch = 3").is_err());
+        assert_eq!(c.run.method, Method::Safe);
+        assert_eq!((c.run.epochs, c.lora.r, c.data.max_length), (3, 4, 64));
+        assert_eq!(c.run.batch_size, TrainConfig::default().run.batch_size);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("typo.toml");
+        for typo in [
+            "epoch = 3",
+            "[lora]\nrr = 4",
+            "[safe]\ntau = 0.1",
+            "eval_batchsize = 3",
+        ] {
+            std::fs::write(&path, typo).unwrap();
+            let e = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
+            let key = typo.rsplit('\n').next().unwrap().split(' ').next().unwrap();
+            assert!(e.contains("typo.toml") && e.contains(key), "{typo}: {e}");
+        }
+        // Keys that default to nothing (`model`, `memory_budget`, ...) are known.
+        std::fs::write(
+            &path,
+            "model = \"m\"\nmemory_budget = \"1GB\"\nstop_after_epoch = 1",
+        )
+        .unwrap();
+        let c = TrainConfig::from_toml_file(&path).unwrap();
+        assert_eq!(c.run.stop_after_epoch, Some(1));
+        assert_eq!(c.run.memory_budget.map(|b| b.0), Some(1_000_000_000));
     }
 
     /// A table that sets one key keeps the command's defaults for the others (the LM trainer's
@@ -532,7 +575,7 @@ mod tests {
         let c = LmTrainConfig::from_toml_file(&path).unwrap();
         let d = LmTrainConfig::default();
         assert_eq!(
-            (c.epochs, c.lora.dropout, c.safe.warmup_rel_tol),
+            (c.run.epochs, c.lora.dropout, c.safe.warmup_rel_tol),
             (3, 0.0, 0.1)
         );
         assert_eq!(c.lora.target_modules, d.lora.target_modules);

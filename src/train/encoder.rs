@@ -80,7 +80,7 @@ pub fn add_adapters<H: EncoderHead>(
     mut model: BertWithHead<H>,
     rng: &mut StdRng,
 ) -> Result<BertWithHead<H>> {
-    let layers = run::adapted_layers(&cfg.method, model.layers.len());
+    let layers = run::adapted_layers(&cfg.run.method, model.layers.len());
     let n = model.add_lora(&cfg.lora, layers.as_deref(), rng)?;
     anyhow::ensure!(
         n > 0,
@@ -93,7 +93,7 @@ pub fn add_adapters<H: EncoderHead>(
         crate::io::peft::load(dir, &mut model)
             .with_context(|| format!("{}: adapter does not fit the model", dir.display()))?;
     }
-    run::freeze_prefix(&mut model, &cfg.method);
+    run::freeze_prefix(&mut model, &cfg.run.method);
     Ok(model)
 }
 
@@ -117,10 +117,10 @@ impl<'a> EncoderRun<'a> {
     /// The run settings of `cfg` on the model in `model_dir`, with the frozen-bottom cache in
     /// the output folder when the method freezes layers.
     pub fn of(cfg: &'a TrainConfig, model_dir: &'a Path) -> Result<Self> {
-        let cache = cfg.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
+        let cache = cfg.run.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
         Ok(Self {
-            eval_batch_size: cfg.eval_batch_size,
-            frozen_cache: run::frozen_cache(cache, &cfg.method, &cfg.output)?,
+            eval_batch_size: cfg.run.eval_batch_size,
+            frozen_cache: run::frozen_cache(cache, &cfg.run.method, &cfg.run.output)?,
             frozen_bottom_dropout: cfg.frozen_bottom_dropout,
             monitor_point: cfg.safe.monitor,
             lora: &cfg.lora,
@@ -252,7 +252,7 @@ pub fn trained_on(cfg: &TrainConfig) -> TrainedOn {
         text_column: d.text_column.clone(),
         text_pair_column: d.text_pair_column.clone(),
         label_column: d.label_column.clone(),
-        seed: cfg.seed,
+        seed: cfg.run.seed,
         validation_fraction: d.validation_fraction,
         test_fraction: d.test_fraction,
         doc_stride: (d.task == TaskKind::Qa).then_some(d.doc_stride),
@@ -298,16 +298,16 @@ impl<T> Summary<T> {
         let h = &state.history;
         Self {
             task: format!("{:?}", cfg.data.task).to_lowercase(),
-            method: cfg.method.to_string(),
+            method: cfg.run.method.to_string(),
             metric: metric.into(),
             value: test.as_ref().map(value),
             test,
-            run: run::RunOutcome::of(state, cfg.epochs, started),
+            run: run::RunOutcome::of(state, cfg.run.epochs, started),
             memory_counter: mem.kind(),
             peak_driver_used_bytes: h.iter().filter_map(|e| e.driver_used_bytes).max(),
             unfrozen_peak_mem_bytes: h.first().map(|e| e.peak_mem_bytes).unwrap_or(0),
             frozen: state.frozen_at.clone(),
-            seed: cfg.seed,
+            seed: cfg.run.seed,
         }
     }
 }
@@ -333,11 +333,11 @@ pub fn train_encoder<'a, T: Task, S: Serialize>(
     test: TestOf<'_, T::Model, S>,
     value: impl Fn(&S) -> f64,
 ) -> Result<Option<Summary<S>>> {
-    let device = cfg.device.open()?;
-    let mut model = build(&device, &mut StdRng::seed_from_u64(cfg.seed))?;
+    let device = cfg.run.device.open()?;
+    let mut model = build(&device, &mut StdRng::seed_from_u64(cfg.run.seed))?;
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
     let mem = memory::MemTracker::new(&device);
-    let _lock = prepare_output(&cfg.output, cfg, resume)?;
+    let _lock = prepare_output(&cfg.run.output, cfg, resume)?;
     let mut task = task(EncoderRun::of(cfg, model_dir)?, &model);
     let fitted = fit(
         &mut task,
@@ -351,13 +351,13 @@ pub fn train_encoder<'a, T: Task, S: Serialize>(
     let metric = task.metric().0;
     drop(task);
     let best = || -> Result<T::Model> {
-        let mut best = build(&device, &mut StdRng::seed_from_u64(cfg.seed))?;
-        crate::io::peft::load(&cfg.output, &mut best)
-            .with_context(|| format!("{}: the best adapter", cfg.output.display()))?;
+        let mut best = build(&device, &mut StdRng::seed_from_u64(cfg.run.seed))?;
+        crate::io::peft::load(&cfg.run.output, &mut best)
+            .with_context(|| format!("{}: the best adapter", cfg.run.output.display()))?;
         Ok(best)
     };
     let scores = test(&best)?;
     let summary = Summary::new(cfg, metric, (scores, value), &fitted.state, &mem, started);
-    run::write_summary(&cfg.output, &summary)?;
+    run::write_summary(&cfg.run.output, &summary)?;
     Ok(Some(summary))
 }

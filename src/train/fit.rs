@@ -6,7 +6,7 @@
 
 use super::best;
 use super::checkpoint::{self, TrainerState};
-use super::config::{Method, ReportTo};
+use super::config::{Method, ReportTo, RunConfig};
 use super::plan::{self, MemoryPlan};
 use super::run::{self, StepPlan};
 use super::step_log::{self, StepLine, StepLog};
@@ -119,39 +119,37 @@ pub struct FitConfig<'a> {
     pub show_progress: bool,
 }
 
-/// A [`FitConfig`] from a command's config (`TrainConfig`, `LmTrainConfig`: their fields share
-/// these names).
-macro_rules! fit_config_of {
-    ($c:expr, $resume:expr, $show_progress:expr) => {
-        $crate::train::fit::FitConfig {
-            output: &$c.output,
-            method: &$c.method,
-            epochs: $c.epochs,
-            batch_size: $c.batch_size,
-            grad_accum: $c.grad_accum,
-            max_steps_per_epoch: $c.max_steps_per_epoch,
-            max_steps: $c.max_steps,
-            lr: $c.lr,
-            lr_scheduler: $c.lr_scheduler,
-            warmup_ratio: $c.warmup_ratio,
-            weight_decay: $c.weight_decay,
-            grad_clip: $c.grad_clip,
-            seed: $c.seed,
-            gradient_checkpointing: $c.gradient_checkpointing,
-            memory_budget: $c.memory_budget.map(|b| b.0),
-            safe: &$c.safe,
-            resume: $resume,
-            stop_after_epoch: $c.stop_after_epoch,
-            eval_steps: $c.eval_steps,
-            save_steps: $c.save_steps,
-            save_total_limit: $c.save_total_limit,
-            early_stopping_patience: $c.early_stopping_patience,
-            report_to: $c.report_to,
-            show_progress: $show_progress,
+impl<'a> FitConfig<'a> {
+    /// The loop's settings of a command's run: its [`RunConfig`] and SAFE's settings.
+    pub fn of(run: &'a RunConfig, safe: &'a SafeConfig, resume: bool, show_progress: bool) -> Self {
+        Self {
+            output: &run.output,
+            method: &run.method,
+            epochs: run.epochs,
+            batch_size: run.batch_size,
+            grad_accum: run.grad_accum,
+            max_steps_per_epoch: run.max_steps_per_epoch,
+            max_steps: run.max_steps,
+            lr: run.lr,
+            lr_scheduler: run.lr_scheduler,
+            warmup_ratio: run.warmup_ratio,
+            weight_decay: run.weight_decay,
+            grad_clip: run.grad_clip,
+            seed: run.seed,
+            gradient_checkpointing: run.gradient_checkpointing,
+            memory_budget: run.memory_budget.map(|b| b.0),
+            safe,
+            resume,
+            stop_after_epoch: run.stop_after_epoch,
+            eval_steps: run.eval_steps,
+            save_steps: run.save_steps,
+            save_total_limit: run.save_total_limit,
+            early_stopping_patience: run.early_stopping_patience,
+            report_to: run.report_to,
+            show_progress,
         }
-    };
+    }
 }
-pub(crate) use fit_config_of;
 
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]

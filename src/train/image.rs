@@ -64,7 +64,7 @@ pub fn load_splits(cfg: &TrainConfig) -> Result<[ImageSet; 3]> {
         Some(&all.labels),
         d.validation_fraction,
         test_frac,
-        cfg.seed,
+        cfg.run.seed,
     );
     let mut sets = [
         all.subset(&train),
@@ -127,7 +127,7 @@ pub fn build_model(
     rng: &mut StdRng,
 ) -> Result<ViTForImageClassification> {
     let model =
-        ViTForImageClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
+        ViTForImageClassification::load(model_dir, num_labels, cfg.run.dtype.dtype(), device, rng)?;
     add_adapters(cfg, model, rng)
 }
 
@@ -326,7 +326,7 @@ pub fn train_image(
     let cfg = &*with_family_targets(cfg, &setup.model_dir);
     let dir = &setup.model_dir;
     let build = |device: &Device, rng: &mut StdRng| build_model(cfg, dir, num_labels, device, rng);
-    let (pre, batch) = (&setup.preprocessor, cfg.eval_batch_size);
+    let (pre, batch) = (&setup.preprocessor, cfg.run.eval_batch_size);
     let test: TestOf<_, Scores> = Box::new(|best| {
         let test = (!setup.test.is_empty()).then_some(&setup.test);
         test.map(|t| evaluate(&best()?, pre, t, batch, num_labels))

@@ -4,7 +4,7 @@
 //! `metrics.jsonl`, `safe.jsonl`, a resumable `checkpoint/`, the best adapter (PEFT) and
 //! `summary.json`.
 
-use super::fit::{fit, fit_config_of, prepare_output, FitConfig, MicroStep, Task, Validation};
+use super::fit::{fit, prepare_output, FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::{BatchRows, FrozenCache};
 use super::importance::{self, MonitorBatch};
 use super::lm_config::{LmDataKind, LmTrainConfig};
@@ -349,11 +349,11 @@ pub fn train_lm(
 ) -> Result<Option<LmSummary>> {
     cfg.validate()?;
     let t_start = Instant::now();
-    let device = cfg.device.open()?;
+    let device = cfg.run.device.open()?;
     let mem = memory::MemTracker::new(&device);
     let loaded = load_decoder(
         cfg.model.as_deref(),
-        cfg.dtype.dtype(),
+        cfg.run.dtype.dtype(),
         &device,
         cfg.quantized_base,
         cfg.quantize_format,
@@ -362,8 +362,11 @@ pub fn train_lm(
     let data = load_lm_data(cfg, &loaded)?;
     anyhow::ensure!(!data.train.is_empty(), "no training sequences");
     // train-lm's default is a short run: say so when the cap cuts epochs short.
-    let full_steps = data.train.len().div_ceil(cfg.batch_size * cfg.grad_accum);
-    if let Some(line) = step_cap_notice(cfg.max_steps_per_epoch, full_steps) {
+    let full_steps = data
+        .train
+        .len()
+        .div_ceil(cfg.run.batch_size * cfg.run.grad_accum);
+    if let Some(line) = step_cap_notice(cfg.run.max_steps_per_epoch, full_steps) {
         eprintln!("{line}");
     }
     let mut model = loaded.model;
@@ -371,7 +374,7 @@ pub fn train_lm(
     drop(loaded.tokenizer);
     let val = evenly(&data.validation, cfg.max_eval_sequences);
     let test = evenly(&data.test, cfg.max_eval_sequences);
-    let base_test = perplexity(&model, &test, cfg.eval_batch_size)?;
+    let base_test = perplexity(&model, &test, cfg.run.eval_batch_size)?;
     if show_progress {
         eprintln!(
             "{} train / {} validation / {} test sequences of {} tokens; base test perplexity {:.3}",
@@ -383,8 +386,8 @@ pub fn train_lm(
         );
     }
 
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let layers = run::adapted_layers(&cfg.method, model.num_layers());
+    let mut rng = StdRng::seed_from_u64(cfg.run.seed);
+    let layers = run::adapted_layers(&cfg.run.method, model.num_layers());
     let n = CausalLm::add_lora(&mut model, &cfg.lora, layers.as_deref(), &mut rng)?;
     anyhow::ensure!(
         n > 0,
@@ -393,15 +396,19 @@ pub fn train_lm(
         model.model_type(),
         model.linear_names().join(", ")
     );
-    run::freeze_prefix(&mut model, &cfg.method);
-    let _lock = prepare_output(&cfg.output, cfg, resume)?;
+    run::freeze_prefix(&mut model, &cfg.run.method);
+    let _lock = prepare_output(&cfg.run.output, cfg, resume)?;
     let mut task = LmTask {
         train: &data.train,
         validation: val,
-        eval_batch_size: cfg.eval_batch_size,
+        eval_batch_size: cfg.run.eval_batch_size,
         monitor_point: cfg.safe.monitor,
         device: device.clone(),
-        frozen_cache: run::frozen_cache(cfg.cache_frozen_bottom, &cfg.method, &cfg.output)?,
+        frozen_cache: run::frozen_cache(
+            cfg.run.cache_frozen_bottom,
+            &cfg.run.method,
+            &cfg.run.output,
+        )?,
         lora: &cfg.lora,
         source: source.display().to_string(),
     };
@@ -416,23 +423,23 @@ pub fn train_lm(
     }
 
     // Test on the best-validation adapter.
-    crate::io::peft::load(&cfg.output, &mut model)?;
-    let (test_loss, test_ppl) = perplexity(&model, &test, cfg.eval_batch_size)?;
+    crate::io::peft::load(&cfg.run.output, &mut model)?;
+    let (test_loss, test_ppl) = perplexity(&model, &test, cfg.run.eval_batch_size)?;
     let test_tokens: usize = test.iter().map(|s| s.counted()).sum();
     let state = &fitted.state;
     let summary = LmSummary {
         task: "causal-lm".into(),
-        method: cfg.method.to_string(),
+        method: cfg.run.method.to_string(),
         model: source.display().to_string(),
         base_test_perplexity: base_test.1,
         test_perplexity: test_ppl,
         test_loss,
         test_tokens,
-        run: run::RunOutcome::of(state, cfg.epochs, t_start),
+        run: run::RunOutcome::of(state, cfg.run.epochs, t_start),
         frozen: state.frozen_at.clone(),
-        seed: cfg.seed,
+        seed: cfg.run.seed,
     };
-    run::write_summary(&cfg.output, &summary)?;
+    run::write_summary(&cfg.run.output, &summary)?;
     Ok(Some(summary))
 }
 
@@ -529,7 +536,7 @@ impl Task for LmTask<'_> {
 impl LmTrainConfig {
     /// The loop's settings of this run.
     pub fn fit_config(&self, resume: bool, show_progress: bool) -> FitConfig<'_> {
-        fit_config_of!(self, resume, show_progress)
+        FitConfig::of(&self.run, &self.safe, resume, show_progress)
     }
 }
 

@@ -61,7 +61,7 @@ pub fn load_splits(cfg: &TrainConfig) -> Result<[Squad; 3]> {
     } else {
         d.test_fraction
     };
-    let [train, mut validation, mut test] = whole.split_articles(vf, tf, cfg.seed)?;
+    let [train, mut validation, mut test] = whole.split_articles(vf, tf, cfg.run.seed)?;
     if let Some(p) = &d.validation_file {
         validation = load_squad(p)?;
     }
@@ -99,7 +99,7 @@ pub fn build_model(
     device: &Device,
     rng: &mut StdRng,
 ) -> Result<BertForQuestionAnswering> {
-    let model = BertForQuestionAnswering::load(model_dir, cfg.dtype.dtype(), device, rng)?;
+    let model = BertForQuestionAnswering::load(model_dir, cfg.run.dtype.dtype(), device, rng)?;
     add_adapters(cfg, model, rng)
 }
 
@@ -269,8 +269,9 @@ pub fn train_qa(
         } else {
             &setup.validation
         };
-        let (predictions, scores, _) = evaluate(&best()?, split, setup.v2, cfg.eval_batch_size)?;
-        write_predictions(&cfg.output.join(PREDICTIONS_FILE), &predictions)?;
+        let (predictions, scores, _) =
+            evaluate(&best()?, split, setup.v2, cfg.run.eval_batch_size)?;
+        write_predictions(&cfg.run.output.join(PREDICTIONS_FILE), &predictions)?;
         Ok(has_test.then_some(scores))
     });
     let qa = |run, _: &_| QaTask {

@@ -7,7 +7,7 @@ use super::encoder::{
     adapter_importance_of, add_adapters, micro_step, resolve_model_dir, train_encoder,
     with_family_targets, EncoderRun, Summary, TestOf,
 };
-use super::fit::{fit_config_of, FitConfig, MicroStep, Task, Validation};
+use super::fit::{FitConfig, MicroStep, Task, Validation};
 use super::frozen_cache::FrozenCache;
 use super::metrics;
 use super::step;
@@ -110,18 +110,18 @@ fn load_splits(cfg: &TrainConfig) -> Result<Splits> {
             &table_spec(cfg),
             v,
             t,
-            cfg.seed,
+            cfg.run.seed,
         )?);
     }
     if let (DataKind::Glue, Some(p)) = (&d.kind, &d.path) {
-        return Ok(data::load_glue_dir(p, &table_spec(cfg), cfg.seed)?);
+        return Ok(data::load_glue_dir(p, &table_spec(cfg), cfg.run.seed)?);
     }
     let ds = load_dataset(cfg)?;
     Ok(data::stratified_split(
         &ds,
         d.validation_fraction,
         d.test_fraction,
-        cfg.seed,
+        cfg.run.seed,
     ))
 }
 
@@ -133,8 +133,13 @@ pub fn build_model(
     device: &Device,
     rng: &mut StdRng,
 ) -> Result<BertForSequenceClassification> {
-    let model =
-        BertForSequenceClassification::load(model_dir, num_labels, cfg.dtype.dtype(), device, rng)?;
+    let model = BertForSequenceClassification::load(
+        model_dir,
+        num_labels,
+        cfg.run.dtype.dtype(),
+        device,
+        rng,
+    )?;
     add_adapters(cfg, model, rng)
 }
 
@@ -361,7 +366,7 @@ impl Task for ClassifyTask<'_> {
 impl TrainConfig {
     /// The loop's settings of this run.
     pub fn fit_config(&self, resume: bool, show_progress: bool) -> FitConfig<'_> {
-        fit_config_of!(self, resume, show_progress)
+        FitConfig::of(&self.run, &self.safe, resume, show_progress)
     }
 }
 
@@ -401,7 +406,7 @@ pub fn train(
     let dir = &setup.model_dir;
     let build = |device: &Device, rng: &mut StdRng| build_model(cfg, dir, num_labels, device, rng);
     let test: TestOf<_, Scores> = Box::new(|best| {
-        let batch = cfg.eval_batch_size;
+        let batch = cfg.run.eval_batch_size;
         let test = (!setup.test.is_empty()).then_some(&setup.test);
         test.map(|t| evaluate(&best()?, t, batch, task, labels, num_labels))
             .transpose()
@@ -427,6 +432,7 @@ mod tests {
     use crate::memory;
     use crate::model::bert::BertLayer;
     use crate::model::BertConfig;
+    use crate::train::config::RunConfig;
     use crate::train::fit::fit;
     use candle_core::Tensor;
     use rand::Rng;
@@ -462,11 +468,14 @@ mod tests {
             m.add_lora(&lora, None, &mut rng).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let cfg = TrainConfig {
-                output: dir.path().to_path_buf(),
-                epochs: 1,
-                batch_size,
-                grad_accum,
-                lr: 0.0,
+                run: RunConfig {
+                    output: dir.path().to_path_buf(),
+                    epochs: 1,
+                    batch_size,
+                    grad_accum,
+                    lr: 0.0,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let mut task = ClassifyTask {
