@@ -12,6 +12,7 @@
 
 use super::dropout::{self, Dropout, DropoutSaved};
 use super::flops::matmul;
+use super::gpu::{Bhtd, FlashDims};
 use super::rope::Rope;
 use super::{cpu, gpu, Pass};
 use crate::device::compute_dtype;
@@ -46,6 +47,26 @@ pub struct AttentionSaved {
     dropout: Option<DropoutSaved>,
     shape: AttnShape,
     fused: bool,
+    /// Set when the fused flash kernels ran forward (CUDA, bf16): then q, k and v are kept as the
+    /// kernels read them (the layers' `[b*t, heads*d]` layout without rope, `[b, heads, t, d]`
+    /// after it), `lse` is `[b, heads, t]`, and backward runs the flash backward kernel.
+    flash: Option<FlashSaved>,
+}
+
+struct FlashSaved {
+    /// The context `[b*t, heads*d]` the forward returned (backward's `rowsum(dO * O)`).
+    o: Tensor,
+    dims: FlashDims,
+    /// q and k are `[b, heads, t, d]` (rope ran), not the layers' layout.
+    heads_major: bool,
+}
+
+/// Whether `Attention::forward` may take the fused flash kernels (CUDA, bf16, head_dim 64 / 128,
+/// a key mask, no dropout): unless the environment sets `SAFETUNE_FLASH=0`, which keeps the
+/// composition with the fused softmax kernels (for comparisons).
+pub fn flash_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SAFETUNE_FLASH").map_or(true, |v| v.trim() != "0"))
 }
 
 /// The additive value of a masked score, as in [`mask_to_additive`]: finite, so a row with every
@@ -189,6 +210,11 @@ impl Attention {
         fused: bool,
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
         self.check_widths(q, k, v)?;
+        if fused {
+            if let Some(out) = self.flash_forward((q, k, v), mask_add, shape, rope, pass, save)? {
+                return Ok(out);
+            }
+        }
         // The fused softmax kernels read a key mask `[batch, 1, 1, keys]`; a per-head bias
         // (MPNet's relative positions, `[batch, heads, seq, seq]`) takes the composition.
         let fused = fused && mask_add.dims() == [shape.batch, 1, 1, shape.seq];
@@ -216,8 +242,89 @@ impl Attention {
             dropout: drop,
             shape,
             fused,
+            flash: None,
         });
         Ok((ctx, saved))
+    }
+
+    /// The fused flash kernels' forward where they apply (see [`flash_enabled`]); None otherwise.
+    fn flash_forward(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        mask_add: &Tensor,
+        shape: AttnShape,
+        rope: Option<&Rope>,
+        pass: &Pass,
+        save: bool,
+    ) -> Result<Option<(Tensor, Option<AttentionSaved>)>> {
+        let dropout_on = pass.training && self.dropout.p > 0.0;
+        let all_bf16 = [q, k, v]
+            .iter()
+            .all(|t| t.dtype() == candle_core::DType::BF16 && t.device().is_cuda());
+        let (h, kv) = (self.num_heads, self.num_kv_heads);
+        let dims = FlashDims {
+            batch: shape.batch,
+            seq: shape.seq,
+            heads: h,
+            kv_heads: kv,
+            head_dim: q.dim(1)? / h,
+            causal: self.causal,
+            scale: 1.0 / ((q.dim(1)? / h) as f64).sqrt(),
+        };
+        if dropout_on
+            || !all_bf16
+            || !flash_enabled()
+            || !gpu::flash_supported(&dims)
+            || mask_add.dims() != [shape.batch, 1, 1, shape.seq]
+        {
+            return Ok(None);
+        }
+        let (q, k, qs, ks) = match rope {
+            Some(r) => (
+                r.apply(&self.split_heads(q, shape, h)?, 0)?.contiguous()?,
+                r.apply(&self.split_heads(k, shape, kv)?, 0)?.contiguous()?,
+                dims.heads_major(h),
+                dims.heads_major(kv),
+            ),
+            None => (
+                q.contiguous()?,
+                k.contiguous()?,
+                dims.merged(h),
+                dims.merged(kv),
+            ),
+        };
+        let v = v.contiguous()?;
+        let Some((o, lse)) = gpu::flash_fwd(
+            Bhtd { t: &q, strides: qs },
+            Bhtd { t: &k, strides: ks },
+            Bhtd {
+                t: &v,
+                strides: dims.merged(kv),
+            },
+            mask_add,
+            &dims,
+        )?
+        else {
+            return Ok(None);
+        };
+        super::flops::add(2 * dims.attention_product_flops());
+        let saved = save.then(|| AttentionSaved {
+            q,
+            k,
+            v,
+            lse,
+            mask_add: mask_add.clone(),
+            rope: rope.cloned(),
+            dropout: None,
+            shape,
+            fused: true,
+            flash: Some(FlashSaved {
+                o: o.clone(),
+                dims,
+                heads_major: rope.is_some(),
+            }),
+        });
+        Ok(Some((o, saved)))
     }
 }
 
@@ -329,6 +436,9 @@ impl AttentionSaved {
     /// Returns `(dq, dk, dv)` in the input layouts: `[batch*seq, num_heads*head_dim]` for dq,
     /// `[batch*seq, num_kv_heads*head_dim]` for dk and dv.
     pub fn backward(&self, attn: &Attention, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Some(f) = &self.flash {
+            return self.flash_backward(attn, f, dctx);
+        }
         let dctx = attn.split_heads(dctx, self.shape, attn.num_heads)?;
         let scale = 1.0 / (self.q.dim(D::Minus1)? as f64).sqrt();
         let fused = self.fused;
@@ -404,6 +514,68 @@ impl AttentionSaved {
             attn.merge_heads(&dk, self.shape)?,
             attn.merge_heads(&dv, self.shape)?,
         ))
+    }
+}
+
+impl AttentionSaved {
+    /// Whether the forward ran the fused flash kernels (and backward will).
+    pub fn used_flash(&self) -> bool {
+        self.flash.is_some()
+    }
+
+    fn flash_backward(
+        &self,
+        attn: &Attention,
+        f: &FlashSaved,
+        dctx: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = &f.dims;
+        let (h, kv) = (d.heads, d.kv_heads);
+        let (qs, ks) = if f.heads_major {
+            (d.heads_major(h), d.heads_major(kv))
+        } else {
+            (d.merged(h), d.merged(kv))
+        };
+        let dctx = dctx.to_dtype(f.o.dtype())?.contiguous()?;
+        let Some((dq, dk, dv)) = gpu::flash_bwd(
+            Bhtd {
+                t: &self.q,
+                strides: qs,
+            },
+            Bhtd {
+                t: &self.k,
+                strides: ks,
+            },
+            Bhtd {
+                t: &self.v,
+                strides: d.merged(kv),
+            },
+            &self.mask_add,
+            Bhtd {
+                t: &f.o,
+                strides: d.merged(h),
+            },
+            Bhtd {
+                t: &dctx,
+                strides: d.merged(h),
+            },
+            &self.lse,
+            d,
+            f.heads_major,
+        )?
+        else {
+            bail!("attention: the flash backward kernel refused inputs its forward took");
+        };
+        // The composition's backward: the recomputed scores and four gradient products.
+        super::flops::add(5 * d.attention_product_flops());
+        match &self.rope {
+            Some(r) if f.heads_major => Ok((
+                attn.merge_heads(&r.apply_backward(&dq, 0)?, self.shape)?,
+                attn.merge_heads(&r.apply_backward(&dk, 0)?, self.shape)?,
+                dv,
+            )),
+            _ => Ok((dq, dk, dv)),
+        }
     }
 }
 

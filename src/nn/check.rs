@@ -169,6 +169,80 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         }
     }
 
+    // Flash attention (the fused kernels on CUDA in bf16; elsewhere, or in f32, the same paths as
+    // above) against the bf16 composition and against the f32 composition of the same (bf16)
+    // inputs, at BERT-, LLaMA- (grouped-query, rope) and GPT-2-like head shapes, sequence lengths
+    // that are not multiples of the kernels' tiles, one sequence right-padded.
+    let flash_cases = [
+        ("bert-like padded 12h d64", 2, 200, 12, 12, false, 64),
+        (
+            "llama-like causal gqa 8/2 d128 rope",
+            2,
+            300,
+            8,
+            2,
+            true,
+            128,
+        ),
+        ("gpt2-like causal 12h d64", 2, 130, 12, 12, true, 64),
+    ];
+    for (name, b, t, heads, kv, causal, d) in flash_cases {
+        let attn = Attention {
+            num_heads: heads,
+            num_kv_heads: kv,
+            causal,
+            dropout: Dropout::new(0.0),
+        };
+        let mut m = vec![1u32; b * t];
+        m[2 * t - 37..2 * t].fill(0);
+        let mask = mask_to_additive(&Tensor::from_vec(m, (b, t), device)?, DType::F32)?;
+        let rope = Rope::new(d, t, 10_000.0, device)?;
+        let rope = (kv < heads).then_some(&rope);
+        let (q, k, v) = (
+            r(&[b * t, heads * d], 21, 2.0, 0.0)?,
+            r(&[b * t, kv * d], 22, 2.0, 0.0)?,
+            r(&[b * t, kv * d], 23, 1.0, 0.0)?,
+        );
+        let dy = r(&[b * t, heads * d], 24, 1.0, 0.0)?;
+        let shape = AttnShape { batch: b, seq: t };
+        let run = |fused: bool, dt: DType| -> Result<([Tensor; 4], bool)> {
+            let mut rng = StdRng::seed_from_u64(0);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+            };
+            let c = |x: &Tensor| x.to_dtype(dt);
+            let qkv = (&c(&q)?, &c(&k)?, &c(&v)?);
+            let (y, s) = if fused {
+                attn.forward(qkv, &mask, shape, rope, &mut pass, true)?
+            } else {
+                attn.forward_reference(qkv, &mask, shape, rope, &mut pass, true)?
+            };
+            let s = s.expect("saved");
+            let flash = s.used_flash();
+            let (dq, dk, dv) = s.backward(&attn, &c(&dy)?)?;
+            Ok(([y, dq, dk, dv], flash))
+        };
+        let (f, flash) = run(true, dtype)?;
+        let (c, _) = run(false, dtype)?;
+        let (c32, _) = run(false, DType::F32)?;
+        let kind = if flash { "flash" } else { "fallback" };
+        for (i, part) in ["output", "dq", "dk", "dv"].iter().enumerate() {
+            push(
+                &format!("attention {kind} {name} {part} vs composition"),
+                rel(&f[i], &c[i])?,
+            );
+            push(
+                &format!("attention {kind} {name} {part} vs f32 composition"),
+                rel(&f[i], &c32[i])?,
+            );
+            push(
+                &format!("  (composition {name} {part} vs f32 composition)"),
+                rel(&c[i], &c32[i])?,
+            );
+        }
+    }
+
     // A quantized base weight as the matmuls get it (`Weight::dense`: the CUDA kernel for these
     // formats) against the host's dequantization of the same blocks (candle quantizes on the host
     // for every device, so the blocks are identical).
@@ -234,7 +308,73 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         tol: 1e-6,
         ok: e <= 1e-6,
     });
+
+    // The memory claim: at LLaMA-7B's attention shape (32 heads, d 128, causal) and 4096 tokens,
+    // forward + backward through the flash kernels allocate far less than one `[heads, T, T]`
+    // score tensor (1 GiB in bf16; the composition holds f32 ones). In MB above the inputs,
+    // against a limit of a quarter of that tensor; the composition's figure beside it.
+    if device.is_cuda() && dtype == DType::BF16 {
+        let (flash_mb, used) = attention_peak_mb(device, true)?;
+        if used {
+            let (comp_mb, _) = attention_peak_mb(device, false)?;
+            out.push(Check {
+                name: "attention flash T=4096 32h d128 causal: peak MB above inputs".into(),
+                dtype: dname.clone(),
+                rel_err: flash_mb,
+                tol: 256.0,
+                ok: flash_mb <= 256.0,
+            });
+            out.push(Check {
+                name: "  (the composition's peak MB, same call)".into(),
+                dtype: dname.clone(),
+                rel_err: comp_mb,
+                tol: 1e12,
+                ok: true,
+            });
+        }
+    }
     Ok(out)
+}
+
+/// Peak device memory (MB, the CUDA pool's high-water mark) of one attention forward + backward at
+/// 1 x 4096 tokens, 32 heads of 128, causal, bf16, above what was allocated before it; and whether
+/// the flash kernels ran.
+fn attention_peak_mb(device: &Device, fused: bool) -> Result<(f64, bool)> {
+    let (b, t, heads, d) = (1, 4096, 32, 128);
+    let attn = Attention {
+        num_heads: heads,
+        num_kv_heads: heads,
+        causal: true,
+        dropout: Dropout::new(0.0),
+    };
+    let x = |seed| rand(&[b * t, heads * d], seed, 1.0, 0.0, DType::BF16, device);
+    let (q, k, v, dy) = (x(31)?, x(32)?, x(33)?, x(34)?);
+    let mask = Tensor::zeros((b, 1, 1, t), DType::F32, device)?;
+    let shape = AttnShape { batch: b, seq: t };
+    let tracker = crate::memory::MemTracker::new(device);
+    device.synchronize()?;
+    let before = tracker.live();
+    tracker.reset_peak();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut pass = Pass {
+        training: true,
+        rng: &mut rng,
+    };
+    let used = {
+        let (_y, s) = if fused {
+            attn.forward((&q, &k, &v), &mask, shape, None, &mut pass, true)?
+        } else {
+            attn.forward_reference((&q, &k, &v), &mask, shape, None, &mut pass, true)?
+        };
+        let s = s.expect("saved");
+        let grads = s.backward(&attn, &dy)?;
+        device.synchronize()?;
+        drop(grads);
+        s.used_flash()
+    };
+    device.synchronize()?;
+    let peak = tracker.peak().saturating_sub(before);
+    Ok((peak as f64 / 1e6, used))
 }
 
 #[cfg(test)]

@@ -59,6 +59,12 @@ pub(crate) fn cublas_layout_ok(t: &Tensor) -> bool {
 }
 
 /// FLOPs counted on this thread since it started.
+/// Counts `flops` done outside [`matmul`] (the fused attention kernels: they add what the
+/// composition's matmuls would have counted, so counted TFLOP/s compare across the two paths).
+pub fn add(flops: u64) {
+    MATMUL_FLOPS.with(|f| f.set(f.get() + flops));
+}
+
 pub fn total() -> u64 {
     MATMUL_FLOPS.with(Cell::get)
 }

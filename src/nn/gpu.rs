@@ -66,9 +66,54 @@ pub fn check_same_len(op: &str, ts: &[(&str, &Tensor)]) -> candle_core::Result<(
 /// `(y, xhat, rstd)` of LayerNorm (`beta` given, centred) or RMSNorm (`beta` None).
 pub type NormOut = (Tensor, Tensor, Tensor);
 
+/// A bf16 tensor read by the flash attention kernels as `[batch, heads, rows, head_dim]` through
+/// element strides `(batch, head, row)`, head_dim contiguous: the layers' `[batch*seq,
+/// heads*head_dim]` layout (`strides = [seq*heads*d, d, heads*d]`) or `[batch, heads, seq, d]`
+/// (`[heads*seq*d, seq*d, d]`), without a copy between them.
+#[derive(Clone, Copy)]
+pub struct Bhtd<'a> {
+    pub t: &'a Tensor,
+    pub strides: [i64; 3],
+}
+
+/// What a flash attention call is: `batch` sequences of `seq` positions (queries = keys), `heads`
+/// query heads sharing `kv_heads` key/value heads, `head_dim` features, scores scaled by `scale`.
+#[derive(Clone, Copy, Debug)]
+pub struct FlashDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f64,
+}
+
+impl FlashDims {
+    /// Strides of the layers' `[batch*seq, heads*head_dim]` layout.
+    pub fn merged(&self, heads: usize) -> [i64; 3] {
+        let (t, d) = (self.seq as i64, self.head_dim as i64);
+        let h = heads as i64;
+        [t * h * d, d, h * d]
+    }
+
+    /// FLOPs of one `[seq, seq] x head_dim` product over every head, as the composition's
+    /// matmuls count it (full, causal or not).
+    pub fn attention_product_flops(&self) -> u64 {
+        let (b, t, h, d) = (self.batch, self.seq, self.heads, self.head_dim);
+        2 * (b * h * t * t * d) as u64
+    }
+
+    /// Strides of a contiguous `[batch, heads, seq, head_dim]`.
+    pub fn heads_major(&self, heads: usize) -> [i64; 3] {
+        let (t, d) = (self.seq as i64, self.head_dim as i64);
+        [heads as i64 * t * d, t * d, d]
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::{check_len, check_same_len, NormOut};
+    use super::{check_len, check_same_len, Bhtd, FlashDims, NormOut};
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::op::BackpropOp;
@@ -478,6 +523,198 @@ mod imp {
         Ok(Some(ds))
     }
 
+    /// Loads `name` and lets it use `smem` bytes of dynamic shared memory (above the 48 KiB
+    /// default).
+    fn big_smem(dev: &CudaDevice, name: &str, smem: usize) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+        dev.get_or_load_custom_func(name, MODULE, PTX)?
+            .into_cuda_function()
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()
+    }
+
+    /// Whether the flash kernels read `x`: a contiguous bf16 CUDA tensor whose first element and
+    /// strides keep 16-byte vector loads aligned, and that holds every addressed element.
+    fn flash_input(x: &Bhtd, dims: &FlashDims, heads: usize) -> bool {
+        let t = x.t;
+        if t.dtype() != DType::BF16 || !t.is_contiguous() || !t.device().is_cuda() {
+            return false;
+        }
+        if t.layout().start_offset() % 8 != 0 || x.strides.iter().any(|s| s % 8 != 0) {
+            return false;
+        }
+        let [sb, sh, sr] = x.strides;
+        let last = (dims.batch as i64 - 1) * sb
+            + (heads as i64 - 1) * sh
+            + (dims.seq as i64 - 1) * sr
+            + dims.head_dim as i64;
+        last <= t.elem_count() as i64
+    }
+
+    /// Whether the fused kernels cover `dims` (head_dim 64 or 128, whole kv groups).
+    pub fn flash_supported(dims: &FlashDims) -> bool {
+        matches!(dims.head_dim, 64 | 128)
+            && dims.kv_heads > 0
+            && dims.heads % dims.kv_heads == 0
+            && dims.seq > 0
+            && dims.batch > 0
+    }
+
+    fn flash_mask(mask_add: &Tensor, dims: &FlashDims) -> Result<Option<Tensor>> {
+        if mask_add.dims() != [dims.batch, 1, 1, dims.seq] || !mask_add.device().is_cuda() {
+            return Ok(None);
+        }
+        Ok(Some(mask_add.to_dtype(DType::F32)?.contiguous()?))
+    }
+
+    fn fwd_smem(d: usize) -> usize {
+        (64 * (d + 8) * 2 + d * 72) * 2
+    }
+
+    fn bwd_smem(d: usize) -> usize {
+        2 * 32 * 4 + (2 * 64 * (d + 8) + d * 72 + 2 * 32 * (d + 8) + 2 * d * 40 + 32 * 72) * 2
+    }
+
+    /// Flash attention forward: the context `[batch*seq, heads*head_dim]` (bf16) and the per-row
+    /// log-sum-exp `[batch, heads, seq]` (f32, natural log). None where the kernels do not apply.
+    pub fn flash_fwd(
+        q: Bhtd,
+        k: Bhtd,
+        v: Bhtd,
+        mask_add: &Tensor,
+        dims: &FlashDims,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if !flash_supported(dims)
+            || !flash_input(&q, dims, dims.heads)
+            || !flash_input(&k, dims, dims.kv_heads)
+            || !flash_input(&v, dims, dims.kv_heads)
+        {
+            return Ok(None);
+        }
+        let Some(mask) = flash_mask(mask_add, dims)? else {
+            return Ok(None);
+        };
+        let dev = device(q.t)?;
+        let (b, t, h, d) = (dims.batch, dims.seq, dims.heads, dims.head_dim);
+        let (o, po) = output(&dev, DType::BF16, &Shape::from((b * t, h * d)))?;
+        let (lse, pl) = output(&dev, DType::F32, &Shape::from((b, h, t)))?;
+        let (pq, pk, pv, pm) = (
+            ptr(q.t, &dev)?,
+            ptr(k.t, &dev)?,
+            ptr(v.t, &dev)?,
+            ptr(&mask, &dev)?,
+        );
+        let name = format!("st_flash_fwd_d{d}_bf16");
+        let smem = fwd_smem(d);
+        big_smem(&dev, &name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(64) as u32, h as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (t32, h32, kv32) = (t as i32, h as i32, dims.kv_heads as i32);
+        let [qsb, qsh, qsr] = q.strides;
+        let [ksb, ksh, ksr] = k.strides;
+        let [vsb, vsh, vsr] = v.strides;
+        let [osb, osh, osr] = dims.merged(h);
+        let (sc, ca) = (dims.scale as f32, dims.causal as i32);
+        launch!(dev, name, cfg; pq, pk, pv, pm, po, pl, t32, h32, kv32, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, osb, osh, osr, sc, ca);
+        Ok(Some((o, lse)))
+    }
+
+    /// Flash attention backward: `(dq, dk, dv)`, bf16. dq and dk come as `[batch, heads, seq,
+    /// head_dim]` when `heads_major` (for rope's backward), else in the layers' `[batch*seq,
+    /// heads*head_dim]` layout as dv always does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_bwd(
+        q: Bhtd,
+        k: Bhtd,
+        v: Bhtd,
+        mask_add: &Tensor,
+        o: Bhtd,
+        dout: Bhtd,
+        lse: &Tensor,
+        dims: &FlashDims,
+        heads_major: bool,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let (b, t, h, kv, d) = (
+            dims.batch,
+            dims.seq,
+            dims.heads,
+            dims.kv_heads,
+            dims.head_dim,
+        );
+        if !flash_supported(dims)
+            || !flash_input(&q, dims, h)
+            || !flash_input(&k, dims, kv)
+            || !flash_input(&v, dims, kv)
+            || !flash_input(&o, dims, h)
+            || !flash_input(&dout, dims, h)
+            || !f32_on_cuda(&[lse])
+            || lse.elem_count() != b * h * t
+        {
+            return Ok(None);
+        }
+        let Some(mask) = flash_mask(mask_add, dims)? else {
+            return Ok(None);
+        };
+        let dev = device(q.t)?;
+        let (dvec, pdvec) = output(&dev, DType::F32, &Shape::from((b, h, t)))?;
+        let dq_acc = Tensor::zeros((b, h, t, d), DType::F32, q.t.device())?;
+        let (dq_shape, dk_shape, dq_strides, dk_strides) = if heads_major {
+            (
+                Shape::from((b, h, t, d)),
+                Shape::from((b, kv, t, d)),
+                dims.heads_major(h),
+                dims.heads_major(kv),
+            )
+        } else {
+            (
+                Shape::from((b * t, h * d)),
+                Shape::from((b * t, kv * d)),
+                dims.merged(h),
+                dims.merged(kv),
+            )
+        };
+        let (dq, pdq) = output(&dev, DType::BF16, &dq_shape)?;
+        let (dk, pdk) = output(&dev, DType::BF16, &dk_shape)?;
+        let (dv, pdv) = output(&dev, DType::BF16, &Shape::from((b * t, kv * d)))?;
+        let (t32, h32, kv32, b32, d32) = (t as i32, h as i32, kv as i32, b as i32, d as i32);
+        let [osb, osh, osr] = o.strides;
+        let [dsb, dsh, dsr] = dout.strides;
+        let (po, pdo) = (ptr(o.t, &dev)?, ptr(dout.t, &dev)?);
+        launch!(dev, "st_flash_bwd_pre_bf16", warps_cfg(b * h * t); po, pdo, pdvec, b32, t32, h32, d32, osb, osh, osr, dsb, dsh, dsr);
+        let (pq, pk, pv, pm) = (
+            ptr(q.t, &dev)?,
+            ptr(k.t, &dev)?,
+            ptr(v.t, &dev)?,
+            ptr(&mask, &dev)?,
+        );
+        let (pl, pacc) = (ptr(lse, &dev)?, ptr(&dq_acc, &dev)?);
+        let name = format!("st_flash_bwd_d{d}_bf16");
+        let smem = bwd_smem(d);
+        big_smem(&dev, &name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(64) as u32, kv as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let [qsb, qsh, qsr] = q.strides;
+        let [ksb, ksh, ksr] = k.strides;
+        let [vsb, vsh, vsr] = v.strides;
+        let [dksb, dksh, dksr] = dk_strides;
+        let [dvsb, dvsh, dvsr] = dims.merged(kv);
+        let (sc, ca) = (dims.scale as f32, dims.causal as i32);
+        launch!(dev, name, cfg; pq, pk, pv, pm, pdo, pl, pdvec, pacc, pdk, pdv, t32, h32, kv32, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, dsb, dsh, dsr, dksb, dksh, dksr, dvsb, dvsh, dvsr, sc, ca);
+        let [sb, sh, sr] = dq_strides;
+        launch!(dev, "st_flash_dq_store_bf16", elems_cfg(b * h * t * d); pacc, pdq, b32, t32, h32, d32, sb, sh, sr);
+        drop((dq_acc, dvec, mask)); // freed in stream order, after the kernels
+        Ok(Some((dq, dk, dv)))
+    }
+
     /// Hyper-parameters of one AdamW update, bias corrections included.
     pub struct AdamWStep {
         pub lr: f64,
@@ -524,8 +761,35 @@ mod imp {
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::NormOut;
+    use super::{Bhtd, FlashDims, NormOut};
     use candle_core::{Result, Tensor};
+
+    pub fn flash_supported(_: &FlashDims) -> bool {
+        false
+    }
+    pub fn flash_fwd(
+        _: Bhtd,
+        _: Bhtd,
+        _: Bhtd,
+        _: &Tensor,
+        _: &FlashDims,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_bwd(
+        _: Bhtd,
+        _: Bhtd,
+        _: Bhtd,
+        _: &Tensor,
+        _: Bhtd,
+        _: Bhtd,
+        _: &Tensor,
+        _: &FlashDims,
+        _: bool,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
 
     pub struct AdamWStep {
         pub lr: f64,

@@ -351,3 +351,448 @@ __device__ void dequant(const uint8_t* q, T* y, size_t n, int fmt) {
 
 INSTANTIATE(float, f32)
 INSTANTIATE(bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Fused (flash) attention, bf16 storage, f32 accumulation, tensor cores through `mma.sync`
+// m16n8k16 (inline PTX). FlashAttention-2: the forward runs an online softmax over key blocks and
+// writes the output and the per-row log-sum-exp (natural log, f32), nothing of size T x T; the
+// backward recomputes the probabilities from the log-sum-exp per (key block, query block) tile,
+// accumulates dK and dV of one key block in registers over every query block and every query head
+// of its kv group (grouped-query attention sums over the group without atomics), and adds dQ into
+// an f32 buffer with atomics.
+//
+// Tensors are addressed as [batch, heads, rows, head_dim] through (batch, head, row) strides in
+// elements, head_dim contiguous: q, k, v, o, do in the layers' [batch*seq, heads*head_dim] layout or
+// in [batch, heads, seq, head_dim] (after rope) alike. Scores are scale * q.k + mask[b, key] (the
+// additive key mask, f32, may be null); causal masks keys above the diagonal (as -inf: every row
+// keeps its diagonal); keys and queries past `T` are out of range.
+//
+// mma.sync m16n8k16 fragments (lane = 4 * g + t): A (16 x 16, row-major) a0 = A[g][2t..2t+1],
+// a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; B (16 x 8, k x n) b0 = B[2t..2t+1][g],
+// b1 = B[2t+8..2t+9][g]; C (16 x 8) c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]. So a B
+// operand is read as 32-bit words from a tile stored n-major ([n][k], k contiguous), and two
+// adjacent C tiles of a product are the A fragment of the next product.
+
+#define FL_LOG2E 1.4426950408889634f
+#define FL_LN2 0.6931471805599453f
+
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t lds32(const bf16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Rows row0 .. row0+R of a [rows, D] matrix (row stride rs, zeros past T) into shared memory:
+// row-major with row stride SS, or transposed ([D][R], row stride SS) when TRANS.
+template <int D, int R, bool TRANS>
+__device__ __forceinline__ void fl_load(bf16* s, int SS, const bf16* g, long long rs, int row0,
+                                        int T) {
+  constexpr int V = D / 8;  // 16-byte vectors per row
+  for (int i = threadIdx.x; i < R * V; i += blockDim.x) {
+    // Row-major: a warp reads whole rows (coalesced). Transposed: a warp takes 32 consecutive rows
+    // of one column group, so its 2-byte stores land in 16 consecutive words (no bank conflicts).
+    const int r = TRANS ? i % R : i / V, c = (TRANS ? i / R : i % V) * 8;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row0 + r < T) val = *reinterpret_cast<const uint4*>(g + (long long)(row0 + r) * rs + c);
+    if (TRANS) {
+      const bf16* e = reinterpret_cast<const bf16*>(&val);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s[(c + j) * SS + r] = e[j];
+    } else {
+      *reinterpret_cast<uint4*>(s + r * SS + c) = val;
+    }
+  }
+}
+
+// One block of 4 warps per (64 query rows, head, batch); each warp owns 16 query rows.
+template <int D>
+__device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, const float* __restrict__ mask,
+                          bf16* __restrict__ o, float* __restrict__ lse, int T, int H, int KVH,
+                          long long qsb, long long qsh, long long qsr, long long ksb,
+                          long long ksh, long long ksr, long long vsb, long long vsh,
+                          long long vsr, long long osb, long long osh, long long osr,
+                          float scale, int causal) {
+  constexpr int BR = 64, BC = 64, SD = D + 8, ST = BC + 8;
+  extern __shared__ __align__(16) unsigned char fl_smem[];
+  bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
+  bf16* sK = sQ + BR * SD;                       // [BC][SD]
+  bf16* sVt = sK + BC * SD;                      // [D][ST]
+  const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (H / KVH);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  q += b * qsb + h * qsh;
+  k += b * ksb + kvh * ksh;
+  v += b * vsb + kvh * vsh;
+  o += b * osb + h * osh;
+  const float* mk = mask ? mask + (long long)b * T : nullptr;
+  const int q0 = qb * BR;
+  fl_load<D, BR, false>(sQ, SD, q, qsr, q0, T);
+  __syncthreads();
+  const int r0 = warp * 16;
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    qf[ks][0] = lds32(sQ + (r0 + g) * SD + ks * 16 + 2 * t4);
+    qf[ks][1] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 2 * t4);
+    qf[ks][2] = lds32(sQ + (r0 + g) * SD + ks * 16 + 8 + 2 * t4);
+    qf[ks][3] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 8 + 2 * t4);
+  }
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float sl2 = scale * FL_LOG2E;
+  const int qi[2] = {q0 + r0 + g, q0 + r0 + g + 8};
+  const int nkb_all = (T + BC - 1) / BC;
+  const int nkb = causal ? min(nkb_all, (q0 + BR - 1) / BC + 1) : nkb_all;
+  for (int kb = 0; kb < nkb; ++kb) {
+    const int k0 = kb * BC;
+    __syncthreads();  // every warp is done with the previous key block
+    fl_load<D, BC, false>(sK, SD, k, ksr, k0, T);
+    fl_load<D, BC, true>(sVt, ST, v, vsr, k0, T);
+    __syncthreads();
+    float s[BC / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const bf16* kr = sK + (nt * 8 + g) * SD + ks * 16 + 2 * t4;
+        mma_bf16(s[nt], qf[ks], lds32(kr), lds32(kr + 8));
+      }
+    }
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kj = k0 + nt * 8 + 2 * t4 + (e & 1);
+        float x;
+        if (kj >= T || (causal && kj > qi[e >> 1]))
+          x = -INFINITY;
+        else
+          x = s[nt][e] * sl2 + (mk ? mk[kj] * FL_LOG2E : 0.f);
+        s[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float mu[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      mu[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+      const float alpha = exp2f(m[r] - mu[r]);
+      m[r] = mx[r];
+      l[r] *= alpha;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[n][2 * r] *= alpha;
+        acc[n][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[nt][e] - mu[e >> 1]);
+        s[nt][e] = p;
+        l[e >> 1] += p;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < BC / 16; ++ks) {
+      const uint32_t a[4] = {pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                             pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                             pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                             pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const bf16* vr = sVt + (n * 8 + g) * ST + ks * 16 + 2 * t4;
+        mma_bf16(acc[n], a, lds32(vr), lds32(vr + 8));
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    if (qi[r] >= T) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    bf16* orow = o + (long long)qi[r] * osr;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t4) =
+          pack_bf16(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+    if (t4 == 0) {
+      const float mu = m[r] == -INFINITY ? 0.f : m[r];
+      lse[((long long)b * H + h) * T + qi[r]] = mu * FL_LN2 + logf(l[r]);
+    }
+  }
+}
+
+// dvec[b, h, i] = sum_d do[b, h, i, d] * o[b, h, i, d]: one warp per row, 8 rows per block.
+__device__ void flash_bwd_pre(const bf16* __restrict__ o, const bf16* __restrict__ dout,
+                              float* __restrict__ dvec, int B, int T, int H, int D, long long osb,
+                              long long osh, long long osr, long long dsb, long long dsh,
+                              long long dsr) {
+  const long long row = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (row >= (long long)B * H * T) return;
+  const int lane = threadIdx.x & 31;
+  const int i = row % T;
+  const long long bh = row / T;
+  const int h = bh % H, b = bh / H;
+  const bf16* orow = o + b * osb + h * osh + i * osr;
+  const bf16* drow = dout + b * dsb + h * dsh + i * dsr;
+  float s = 0.f;
+  for (int c = lane; c < D; c += 32) s += ld(orow[c]) * ld(drow[c]);
+  s = warp_sum(s);
+  if (lane == 0) dvec[row] = s;
+}
+
+// dq[b, h, i, :] (bf16, strided) from the f32 accumulator [b, h, T, D].
+__device__ void flash_dq_store(const float* __restrict__ acc, bf16* __restrict__ dq, int B, int T,
+                               int H, int D, long long sb, long long sh, long long sr) {
+  const long long n = (long long)B * H * T * D;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int c = i % D;
+    const long long r = i / D;
+    const int t = r % T;
+    const long long bh = r / T;
+    const int h = bh % H, b = bh / H;
+    dq[b * sb + h * sh + t * sr + c] = __float2bfloat16(acc[i]);
+  }
+}
+
+// One block of 4 warps per (64 keys, kv head, batch); each warp owns 16 keys and keeps their dK
+// and dV in registers over every query block (32 rows) of every query head of the group.
+template <int D>
+__device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, const float* __restrict__ mask,
+                          const bf16* __restrict__ dout, const float* __restrict__ lse,
+                          const float* __restrict__ dvec, float* __restrict__ dq_acc,
+                          bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int H, int KVH,
+                          long long qsb, long long qsh, long long qsr, long long ksb,
+                          long long ksh, long long ksr, long long vsb, long long vsh,
+                          long long vsr, long long dsb, long long dsh, long long dsr,
+                          long long dksb, long long dksh, long long dksr, long long dvsb,
+                          long long dvsh, long long dvsr, float scale, int causal) {
+  constexpr int BR = 32, BC = 64, SD = D + 8, STK = BC + 8, STQ = BR + 8;
+  extern __shared__ __align__(16) unsigned char fl_smem[];
+  float* sL = reinterpret_cast<float*>(fl_smem);  // [BR] lse * log2(e)
+  float* sDd = sL + BR;                            // [BR]
+  bf16* sK = reinterpret_cast<bf16*>(sDd + BR);    // [BC][SD]
+  bf16* sV = sK + BC * SD;                         // [BC][SD]
+  bf16* sKt = sV + BC * SD;                        // [D][STK]
+  bf16* sQ = sKt + D * STK;                        // [BR][SD]
+  bf16* sQt = sQ + BR * SD;                        // [D][STQ]
+  bf16* sdO = sQt + D * STQ;                       // [BR][SD]
+  bf16* sdOt = sdO + BR * SD;                      // [D][STQ]
+  bf16* sdS = sdOt + D * STQ;                      // [BR][STK]
+  const int kb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int G = H / KVH;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int k0 = kb * BC;
+  k += b * ksb + kvh * ksh;
+  v += b * vsb + kvh * vsh;
+  fl_load<D, BC, false>(sK, SD, k, ksr, k0, T);
+  fl_load<D, BC, false>(sV, SD, v, vsr, k0, T);
+  fl_load<D, BC, true>(sKt, STK, k, ksr, k0, T);
+  const int kr = warp * 16;
+  const int kj[2] = {k0 + kr + g, k0 + kr + g + 8};
+  float mk[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    mk[r] = kj[r] < T && mask ? mask[(long long)b * T + kj[r]] * FL_LOG2E : 0.f;
+  float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.f;
+  const float sl2 = scale * FL_LOG2E;
+  const int nqb = (T + BR - 1) / BR;
+  const int qb0 = causal ? k0 / BR : 0;
+  const int mt = warp & 1, half = warp >> 1;
+  for (int hq = kvh * G; hq < (kvh + 1) * G; ++hq) {
+    const bf16* qh = q + b * qsb + hq * qsh;
+    const bf16* dh = dout + b * dsb + hq * dsh;
+    const float* lh = lse + ((long long)b * H + hq) * T;
+    const float* dvh = dvec + ((long long)b * H + hq) * T;
+    float* dqh = dq_acc + ((long long)b * H + hq) * T * D;
+    for (int qb = qb0; qb < nqb; ++qb) {
+      const int q0 = qb * BR;
+      __syncthreads();  // every warp is done with the previous query block's tiles
+      fl_load<D, BR, false>(sQ, SD, qh, qsr, q0, T);
+      fl_load<D, BR, true>(sQt, STQ, qh, qsr, q0, T);
+      fl_load<D, BR, false>(sdO, SD, dh, dsr, q0, T);
+      fl_load<D, BR, true>(sdOt, STQ, dh, dsr, q0, T);
+      if (threadIdx.x < BR) {
+        const int i = q0 + threadIdx.x;
+        sL[threadIdx.x] = i < T ? lh[i] * FL_LOG2E : 0.f;
+        sDd[threadIdx.x] = i < T ? dvh[i] : 0.f;
+      }
+      __syncthreads();
+      // S^T = K_w Q^T and dP^T = V_w dO^T, 16 keys x BR queries.
+      float st[BR / 8][4], dpt[BR / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < BR / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t a[4], av[4];
+        const int c = ks * 16 + 2 * t4;
+        a[0] = lds32(sK + (kr + g) * SD + c);
+        a[1] = lds32(sK + (kr + g + 8) * SD + c);
+        a[2] = lds32(sK + (kr + g) * SD + c + 8);
+        a[3] = lds32(sK + (kr + g + 8) * SD + c + 8);
+        av[0] = lds32(sV + (kr + g) * SD + c);
+        av[1] = lds32(sV + (kr + g + 8) * SD + c);
+        av[2] = lds32(sV + (kr + g) * SD + c + 8);
+        av[3] = lds32(sV + (kr + g + 8) * SD + c + 8);
+#pragma unroll
+        for (int nt = 0; nt < BR / 8; ++nt) {
+          const bf16* qr = sQ + (nt * 8 + g) * SD + c;
+          mma_bf16(st[nt], a, lds32(qr), lds32(qr + 8));
+          const bf16* dr = sdO + (nt * 8 + g) * SD + c;
+          mma_bf16(dpt[nt], av, lds32(dr), lds32(dr + 8));
+        }
+      }
+      // P^T from the log-sum-exp; dS^T = P^T (dP^T - D) (unscaled: scale goes on dQ and dK).
+#pragma unroll
+      for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ql = nt * 8 + 2 * t4 + (e & 1);
+          const int qi = q0 + ql, key = kj[e >> 1];
+          float p = 0.f;
+          if (qi < T && key < T && !(causal && key > qi))
+            p = exp2f(st[nt][e] * sl2 + mk[e >> 1] - sL[ql]);
+          st[nt][e] = p;
+          dpt[nt][e] = p * (dpt[nt][e] - sDd[ql]);
+        }
+      }
+      // dV += P^T dO, dK += dS^T Q (k = the BR queries).
+#pragma unroll
+      for (int ks = 0; ks < BR / 16; ++ks) {
+        const uint32_t ap[4] = {pack_bf16(st[2 * ks][0], st[2 * ks][1]),
+                                pack_bf16(st[2 * ks][2], st[2 * ks][3]),
+                                pack_bf16(st[2 * ks + 1][0], st[2 * ks + 1][1]),
+                                pack_bf16(st[2 * ks + 1][2], st[2 * ks + 1][3])};
+        const uint32_t ad[4] = {pack_bf16(dpt[2 * ks][0], dpt[2 * ks][1]),
+                                pack_bf16(dpt[2 * ks][2], dpt[2 * ks][3]),
+                                pack_bf16(dpt[2 * ks + 1][0], dpt[2 * ks + 1][1]),
+                                pack_bf16(dpt[2 * ks + 1][2], dpt[2 * ks + 1][3])};
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          const bf16* dr = sdOt + (n * 8 + g) * STQ + ks * 16 + 2 * t4;
+          mma_bf16(dva[n], ap, lds32(dr), lds32(dr + 8));
+          const bf16* qr = sQt + (n * 8 + g) * STQ + ks * 16 + 2 * t4;
+          mma_bf16(dka[n], ad, lds32(qr), lds32(qr + 8));
+        }
+      }
+      // dS as [query][key] in shared memory for dQ = dS K.
+#pragma unroll
+      for (int nt = 0; nt < BR / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sdS[(nt * 8 + 2 * t4 + (e & 1)) * STK + kr + g + (e >> 1) * 8] =
+              __float2bfloat16(dpt[nt][e]);
+      __syncthreads();
+      // dQ rows mt*16 .. +16, columns half*D/2 .. +D/2 of this warp.
+      float dqa[D / 16][4];
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < BC / 16; ++ks) {
+        const int c = ks * 16 + 2 * t4;
+        uint32_t a[4];
+        a[0] = lds32(sdS + (mt * 16 + g) * STK + c);
+        a[1] = lds32(sdS + (mt * 16 + g + 8) * STK + c);
+        a[2] = lds32(sdS + (mt * 16 + g) * STK + c + 8);
+        a[3] = lds32(sdS + (mt * 16 + g + 8) * STK + c + 8);
+#pragma unroll
+        for (int j = 0; j < D / 16; ++j) {
+          const bf16* kt = sKt + ((half * (D / 16) + j) * 8 + g) * STK + c;
+          mma_bf16(dqa[j], a, lds32(kt), lds32(kt + 8));
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int qi = q0 + mt * 16 + g + 8 * r;
+        if (qi >= T) continue;
+        float* dqr = dqh + (long long)qi * D;
+#pragma unroll
+        for (int j = 0; j < D / 16; ++j) {
+          const int col = (half * (D / 16) + j) * 8 + 2 * t4;
+          atomicAdd(dqr + col, dqa[j][2 * r] * scale);
+          atomicAdd(dqr + col + 1, dqa[j][2 * r + 1] * scale);
+        }
+      }
+    }
+  }
+  dk += b * dksb + kvh * dksh;
+  dv += b * dvsb + kvh * dvsh;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (kj[r] >= T) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + 2 * t4;
+      *reinterpret_cast<uint32_t*>(dk + (long long)kj[r] * dksr + col) =
+          pack_bf16(dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv + (long long)kj[r] * dvsr + col) =
+          pack_bf16(dva[n][2 * r], dva[n][2 * r + 1]);
+    }
+  }
+}
+
+#define FLASH_INSTANTIATE(DIM)                                                                   \
+  extern "C" __global__ void __launch_bounds__(128) st_flash_fwd_d##DIM##_bf16(                 \
+      const bf16* q, const bf16* k, const bf16* v, const float* mask, bf16* o, float* lse, int T, \
+      int H, int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,  \
+      long long ksr, long long vsb, long long vsh, long long vsr, long long osb, long long osh,    \
+      long long osr, float scale, int causal) {                                                   \
+    flash_fwd<DIM>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, \
+                   osb, osh, osr, scale, causal);                                                 \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(128) st_flash_bwd_d##DIM##_bf16(                 \
+      const bf16* q, const bf16* k, const bf16* v, const float* mask, const bf16* dout,           \
+      const float* lse, const float* dvec, float* dq_acc, bf16* dk, bf16* dv, int T, int H,       \
+      int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,          \
+      long long ksr, long long vsb, long long vsh, long long vsr, long long dsb, long long dsh,   \
+      long long dsr, long long dksb, long long dksh, long long dksr, long long dvsb,              \
+      long long dvsh, long long dvsr, float scale, int causal) {                                  \
+    flash_bwd<DIM>(q, k, v, mask, dout, lse, dvec, dq_acc, dk, dv, T, H, KVH, qsb, qsh, qsr, ksb, \
+                   ksh, ksr, vsb, vsh, vsr, dsb, dsh, dsr, dksb, dksh, dksr, dvsb, dvsh, dvsr,    \
+                   scale, causal);                                                                \
+  }
+
+FLASH_INSTANTIATE(64)
+FLASH_INSTANTIATE(128)
+
+extern "C" __global__ void st_flash_bwd_pre_bf16(const bf16* o, const bf16* dout, float* dvec,
+                                                 int B, int T, int H, int D, long long osb,
+                                                 long long osh, long long osr, long long dsb,
+                                                 long long dsh, long long dsr) {
+  flash_bwd_pre(o, dout, dvec, B, T, H, D, osb, osh, osr, dsb, dsh, dsr);
+}
+
+extern "C" __global__ void st_flash_dq_store_bf16(const float* acc, bf16* dq, int B, int T, int H,
+                                                  int D, long long sb, long long sh,
+                                                  long long sr) {
+  flash_dq_store(acc, dq, B, T, H, D, sb, sh, sr);
+}
