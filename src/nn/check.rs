@@ -331,9 +331,65 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                 tol: 1e12,
                 ok: true,
             });
+            // Timings, for information (ms of one forward / backward, median of 5).
+            for (fused, kind) in [(true, "flash"), (false, "composition")] {
+                let (f, b) = attention_ms(device, fused)?;
+                for (part, ms) in [("forward", f), ("backward", b)] {
+                    out.push(Check {
+                        name: format!("  (timing: {kind} T=4096 32h d128 causal {part} ms)"),
+                        dtype: dname.clone(),
+                        rel_err: ms,
+                        tol: 1e12,
+                        ok: true,
+                    });
+                }
+            }
         }
     }
     Ok(out)
+}
+
+/// Median milliseconds of one attention forward (saving) and one backward at the shape of
+/// [`attention_peak_mb`].
+fn attention_ms(device: &Device, fused: bool) -> Result<(f64, f64)> {
+    let (b, t, heads, d) = (1, 4096, 32, 128);
+    let attn = Attention {
+        num_heads: heads,
+        num_kv_heads: heads,
+        causal: true,
+        dropout: Dropout::new(0.0),
+    };
+    let x = |seed| rand(&[b * t, heads * d], seed, 1.0, 0.0, DType::BF16, device);
+    let (q, k, v, dy) = (x(31)?, x(32)?, x(33)?, x(34)?);
+    let mask = Tensor::zeros((b, 1, 1, t), DType::F32, device)?;
+    let shape = AttnShape { batch: b, seq: t };
+    let mut rng = StdRng::seed_from_u64(0);
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        let mut pass = Pass {
+            training: true,
+            rng: &mut rng,
+        };
+        device.synchronize()?;
+        let t0 = std::time::Instant::now();
+        let (_y, s) = if fused {
+            attn.forward((&q, &k, &v), &mask, shape, None, &mut pass, true)?
+        } else {
+            attn.forward_reference((&q, &k, &v), &mask, shape, None, &mut pass, true)?
+        };
+        device.synchronize()?;
+        let t1 = std::time::Instant::now();
+        let _g = s.expect("saved").backward(&attn, &dy)?;
+        device.synchronize()?;
+        fwd.push((t1 - t0).as_secs_f64() * 1e3);
+        bwd.push(t1.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.drain(..2); // warm-up
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(fwd), median(bwd)))
 }
 
 /// Peak device memory (MB, the CUDA pool's high-water mark) of one attention forward + backward at

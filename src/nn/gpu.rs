@@ -543,7 +543,7 @@ mod imp {
         if t.dtype() != DType::BF16 || !t.is_contiguous() || !t.device().is_cuda() {
             return false;
         }
-        if t.layout().start_offset() % 8 != 0 || x.strides.iter().any(|s| s % 8 != 0) {
+        if !t.layout().start_offset().is_multiple_of(8) || x.strides.iter().any(|s| s % 8 != 0) {
             return false;
         }
         let [sb, sh, sr] = x.strides;
@@ -558,7 +558,7 @@ mod imp {
     pub fn flash_supported(dims: &FlashDims) -> bool {
         matches!(dims.head_dim, 64 | 128)
             && dims.kv_heads > 0
-            && dims.heads % dims.kv_heads == 0
+            && dims.heads.is_multiple_of(dims.kv_heads)
             && dims.seq > 0
             && dims.batch > 0
     }
@@ -570,12 +570,15 @@ mod imp {
         Ok(Some(mask_add.to_dtype(DType::F32)?.contiguous()?))
     }
 
+    /// Dynamic shared memory of the forward: q, and two buffers of k and v, 64 rows each.
     fn fwd_smem(d: usize) -> usize {
-        (64 * (d + 8) * 2 + d * 72) * 2
+        5 * 64 * (d + 8) * 2
     }
 
+    /// Of the backward: two buffers of lse and D (32 f32 each), k and v (64 rows), two buffers of
+    /// q and do (32 rows), dS (32 x 72).
     fn bwd_smem(d: usize) -> usize {
-        2 * 32 * 4 + (2 * 64 * (d + 8) + d * 72 + 2 * 32 * (d + 8) + 2 * d * 40 + 32 * 72) * 2
+        4 * 32 * 4 + (2 * 64 * (d + 8) + 4 * 32 * (d + 8) + 32 * 72) * 2
     }
 
     /// Flash attention forward: the context `[batch*seq, heads*head_dim]` (bf16) and the per-row

@@ -393,29 +393,45 @@ __device__ __forceinline__ uint32_t lds32(const bf16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// Rows row0 .. row0+R of a [rows, D] matrix (row stride rs, zeros past T) into shared memory:
-// row-major with row stride SS, or transposed ([D][R], row stride SS) when TRANS.
-template <int D, int R, bool TRANS>
-__device__ __forceinline__ void fl_load(bf16* s, int SS, const bf16* g, long long rs, int row0,
-                                        int T) {
+// Rows row0 .. row0+R of a [rows, D] matrix (row stride rs, zeros past T) into shared memory
+// (row-major, row stride SS) with asynchronous 16-byte copies (cp.async; the caller commits and
+// waits).
+template <int D, int R>
+__device__ __forceinline__ void fl_load_async(bf16* s, int SS, const bf16* g, long long rs,
+                                              int row0, int T) {
   constexpr int V = D / 8;  // 16-byte vectors per row
   for (int i = threadIdx.x; i < R * V; i += blockDim.x) {
-    // Row-major: a warp reads whole rows (coalesced). Transposed: a warp takes 32 consecutive rows
-    // of one column group, so its 2-byte stores land in 16 consecutive words (no bank conflicts).
-    const int r = TRANS ? i % R : i / V, c = (TRANS ? i / R : i % V) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row0 + r < T) val = *reinterpret_cast<const uint4*>(g + (long long)(row0 + r) * rs + c);
-    if (TRANS) {
-      const bf16* e = reinterpret_cast<const bf16*>(&val);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) s[(c + j) * SS + r] = e[j];
-    } else {
-      *reinterpret_cast<uint4*>(s + r * SS + c) = val;
-    }
+    const int r = i / V, c = (i % V) * 8;
+    const bool in = row0 + r < T;
+    const bf16* src = in ? g + (long long)(row0 + r) * rs + c : g;
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(s + r * SS + c);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(in ? 16 : 0));
   }
 }
 
-// One block of 4 warps per (64 query rows, head, batch); each warp owns 16 query rows.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// B fragments of two adjacent n-tiles (columns n0 .. n0+16) at k-step rows k0 .. k0+16 of a
+// row-major [k][n] tile (row stride SS) in shared memory: ldmatrix.x4.trans, matrices (k0, n0),
+// (k0+8, n0), (k0, n0+8), (k0+8, n0+8); b[0..1] is n-tile n0's fragment, b[2..3] n0+8's.
+__device__ __forceinline__ void ldsm_b_trans(uint32_t* b, const bf16* tile, int SS, int k0,
+                                             int n0) {
+  const int l = threadIdx.x & 31, mi = l >> 3;
+  const bf16* p = tile + (k0 + (mi & 1) * 8 + (l & 7)) * SS + n0 + (mi >> 1) * 8;
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(a));
+}
+
+// One block of 4 warps per (64 query rows, head, batch); each warp owns 16 query rows. Key/value
+// tiles are double-buffered (the next one is copied while this one is used); causal blocks run
+// heaviest (last query rows) first.
 template <int D>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
@@ -424,12 +440,12 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long ksh, long long ksr, long long vsb, long long vsh,
                           long long vsr, long long osb, long long osh, long long osr,
                           float scale, int causal) {
-  constexpr int BR = 64, BC = 64, SD = D + 8, ST = BC + 8;
+  constexpr int BR = 64, BC = 64, SD = D + 8;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
-  bf16* sK = sQ + BR * SD;                       // [BC][SD]
-  bf16* sVt = sK + BC * SD;                      // [D][ST]
-  const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  bf16* sK = sQ + BR * SD;                       // 2 x [BC][SD]
+  bf16* sV = sK + 2 * BC * SD;                   // 2 x [BC][SD]
+  const int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / (H / KVH);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   q += b * qsb + h * qsh;
@@ -438,38 +454,50 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   o += b * osb + h * osh;
   const float* mk = mask ? mask + (long long)b * T : nullptr;
   const int q0 = qb * BR;
-  fl_load<D, BR, false>(sQ, SD, q, qsr, q0, T);
-  __syncthreads();
+  const int nkb_all = (T + BC - 1) / BC;
+  const int nkb = causal ? min(nkb_all, (q0 + BR - 1) / BC + 1) : nkb_all;
+  fl_load_async<D, BR>(sQ, SD, q, qsr, q0, T);
+  fl_load_async<D, BC>(sK, SD, k, ksr, 0, T);
+  fl_load_async<D, BC>(sV, SD, v, vsr, 0, T);
+  cp_async_commit();
   const int r0 = warp * 16;
   uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    qf[ks][0] = lds32(sQ + (r0 + g) * SD + ks * 16 + 2 * t4);
-    qf[ks][1] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 2 * t4);
-    qf[ks][2] = lds32(sQ + (r0 + g) * SD + ks * 16 + 8 + 2 * t4);
-    qf[ks][3] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 8 + 2 * t4);
-  }
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float sl2 = scale * FL_LOG2E;
   const int qi[2] = {q0 + r0 + g, q0 + r0 + g + 8};
-  const int nkb_all = (T + BC - 1) / BC;
-  const int nkb = causal ? min(nkb_all, (q0 + BR - 1) / BC + 1) : nkb_all;
   for (int kb = 0; kb < nkb; ++kb) {
     const int k0 = kb * BC;
-    __syncthreads();  // every warp is done with the previous key block
-    fl_load<D, BC, false>(sK, SD, k, ksr, k0, T);
-    fl_load<D, BC, true>(sVt, ST, v, vsr, k0, T);
+    if (kb + 1 < nkb) {
+      const int nb = (kb + 1) & 1;
+      fl_load_async<D, BC>(sK + nb * BC * SD, SD, k, ksr, k0 + BC, T);
+      fl_load_async<D, BC>(sV + nb * BC * SD, SD, v, vsr, k0 + BC, T);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
+    if (kb == 0) {
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        qf[ks][0] = lds32(sQ + (r0 + g) * SD + ks * 16 + 2 * t4);
+        qf[ks][1] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 2 * t4);
+        qf[ks][2] = lds32(sQ + (r0 + g) * SD + ks * 16 + 8 + 2 * t4);
+        qf[ks][3] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 8 + 2 * t4);
+      }
+    }
+    const bf16* cK = sK + (kb & 1) * BC * SD;
+    const bf16* cV = sV + (kb & 1) * BC * SD;
     float s[BC / 8][4];
 #pragma unroll
     for (int nt = 0; nt < BC / 8; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        const bf16* kr = sK + (nt * 8 + g) * SD + ks * 16 + 2 * t4;
+        const bf16* kr = cK + (nt * 8 + g) * SD + ks * 16 + 2 * t4;
         mma_bf16(s[nt], qf[ks], lds32(kr), lds32(kr + 8));
       }
     }
@@ -477,15 +505,19 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
     for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kj = k0 + nt * 8 + 2 * t4 + (e & 1);
-        float x;
-        if (kj >= T || (causal && kj > qi[e >> 1]))
-          x = -INFINITY;
-        else
-          x = s[nt][e] * sl2 + (mk ? mk[kj] * FL_LOG2E : 0.f);
-        s[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      for (int c = 0; c < 2; ++c) {
+        const int kj = k0 + nt * 8 + 2 * t4 + c;
+        const float madd = kj < T && mk ? mk[kj] * FL_LOG2E : 0.f;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float x;
+          if (kj >= T || (causal && kj > qi[r]))
+            x = -INFINITY;
+          else
+            x = s[nt][2 * r + c] * sl2 + madd;
+          s[nt][2 * r + c] = x;
+          mx[r] = fmaxf(mx[r], x);
+        }
       }
     }
     float mu[2];
@@ -519,11 +551,14 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                              pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
                              pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const bf16* vr = sVt + (n * 8 + g) * ST + ks * 16 + 2 * t4;
-        mma_bf16(acc[n], a, lds32(vr), lds32(vr + 8));
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t bv[4];
+        ldsm_b_trans(bv, cV, SD, ks * 16, n * 8);
+        mma_bf16(acc[n], a, bv[0], bv[1]);
+        mma_bf16(acc[n + 1], a, bv[2], bv[3]);
       }
     }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -578,7 +613,9 @@ __device__ void flash_dq_store(const float* __restrict__ acc, bf16* __restrict__
 }
 
 // One block of 4 warps per (64 keys, kv head, batch); each warp owns 16 keys and keeps their dK
-// and dV in registers over every query block (32 rows) of every query head of the group.
+// and dV in registers over every query block (32 rows) of every query head of the group. The
+// query-side tiles (q, do, lse, D) are double-buffered; causal blocks skip query blocks wholly
+// before their keys.
 template <int D>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
@@ -590,27 +627,40 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long vsr, long long dsb, long long dsh, long long dsr,
                           long long dksb, long long dksh, long long dksr, long long dvsb,
                           long long dvsh, long long dvsr, float scale, int causal) {
-  constexpr int BR = 32, BC = 64, SD = D + 8, STK = BC + 8, STQ = BR + 8;
+  constexpr int BR = 32, BC = 64, SD = D + 8, STK = BC + 8;
   extern __shared__ __align__(16) unsigned char fl_smem[];
-  float* sL = reinterpret_cast<float*>(fl_smem);  // [BR] lse * log2(e)
-  float* sDd = sL + BR;                            // [BR]
-  bf16* sK = reinterpret_cast<bf16*>(sDd + BR);    // [BC][SD]
-  bf16* sV = sK + BC * SD;                         // [BC][SD]
-  bf16* sKt = sV + BC * SD;                        // [D][STK]
-  bf16* sQ = sKt + D * STK;                        // [BR][SD]
-  bf16* sQt = sQ + BR * SD;                        // [D][STQ]
-  bf16* sdO = sQt + D * STQ;                       // [BR][SD]
-  bf16* sdOt = sdO + BR * SD;                      // [D][STQ]
-  bf16* sdS = sdOt + D * STQ;                      // [BR][STK]
+  float* sL = reinterpret_cast<float*>(fl_smem);  // 2 x [BR] lse * log2(e)
+  float* sDd = sL + 2 * BR;                        // 2 x [BR]
+  bf16* sK = reinterpret_cast<bf16*>(sDd + 2 * BR);  // [BC][SD]
+  bf16* sV = sK + BC * SD;                           // [BC][SD]
+  bf16* sQ = sV + BC * SD;                           // 2 x [BR][SD]
+  bf16* sdO = sQ + 2 * BR * SD;                      // 2 x [BR][SD]
+  bf16* sdS = sdO + 2 * BR * SD;                     // [BR][STK]
   const int kb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int G = H / KVH;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const int k0 = kb * BC;
   k += b * ksb + kvh * ksh;
   v += b * vsb + kvh * vsh;
-  fl_load<D, BC, false>(sK, SD, k, ksr, k0, T);
-  fl_load<D, BC, false>(sV, SD, v, vsr, k0, T);
-  fl_load<D, BC, true>(sKt, STK, k, ksr, k0, T);
+  const int nqb = (T + BR - 1) / BR;
+  const int qb0 = causal ? k0 / BR : 0;
+  const int nq = nqb - qb0, total = G * nq;
+  // Copies query block `it` (head kvh*G + it / nq, rows (qb0 + it % nq) * BR ..) into buffer bf.
+  auto issue = [&](int it, int bf) {
+    const int hq = kvh * G + it / nq, q0 = (qb0 + it % nq) * BR;
+    fl_load_async<D, BR>(sQ + bf * BR * SD, SD, q + b * qsb + hq * qsh, qsr, q0, T);
+    fl_load_async<D, BR>(sdO + bf * BR * SD, SD, dout + b * dsb + hq * dsh, dsr, q0, T);
+    if (threadIdx.x < BR) {
+      const int i = q0 + threadIdx.x;
+      const long long row = ((long long)b * H + hq) * T + i;
+      sL[bf * BR + threadIdx.x] = i < T ? lse[row] * FL_LOG2E : 0.f;
+      sDd[bf * BR + threadIdx.x] = i < T ? dvec[row] : 0.f;
+    }
+  };
+  fl_load_async<D, BC>(sK, SD, k, ksr, k0, T);
+  fl_load_async<D, BC>(sV, SD, v, vsr, k0, T);
+  if (total > 0) issue(0, 0);
+  cp_async_commit();
   const int kr = warp * 16;
   const int kj[2] = {k0 + kr + g, k0 + kr + g + 8};
   float mk[2];
@@ -623,127 +673,128 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
     for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.f;
   const float sl2 = scale * FL_LOG2E;
-  const int nqb = (T + BR - 1) / BR;
-  const int qb0 = causal ? k0 / BR : 0;
   const int mt = warp & 1, half = warp >> 1;
-  for (int hq = kvh * G; hq < (kvh + 1) * G; ++hq) {
-    const bf16* qh = q + b * qsb + hq * qsh;
-    const bf16* dh = dout + b * dsb + hq * dsh;
-    const float* lh = lse + ((long long)b * H + hq) * T;
-    const float* dvh = dvec + ((long long)b * H + hq) * T;
-    float* dqh = dq_acc + ((long long)b * H + hq) * T * D;
-    for (int qb = qb0; qb < nqb; ++qb) {
-      const int q0 = qb * BR;
-      __syncthreads();  // every warp is done with the previous query block's tiles
-      fl_load<D, BR, false>(sQ, SD, qh, qsr, q0, T);
-      fl_load<D, BR, true>(sQt, STQ, qh, qsr, q0, T);
-      fl_load<D, BR, false>(sdO, SD, dh, dsr, q0, T);
-      fl_load<D, BR, true>(sdOt, STQ, dh, dsr, q0, T);
-      if (threadIdx.x < BR) {
-        const int i = q0 + threadIdx.x;
-        sL[threadIdx.x] = i < T ? lh[i] * FL_LOG2E : 0.f;
-        sDd[threadIdx.x] = i < T ? dvh[i] : 0.f;
-      }
-      __syncthreads();
-      // S^T = K_w Q^T and dP^T = V_w dO^T, 16 keys x BR queries.
-      float st[BR / 8][4], dpt[BR / 8][4];
+  for (int it = 0; it < total; ++it) {
+    const int hq = kvh * G + it / nq, q0 = (qb0 + it % nq) * BR, bf = it & 1;
+    if (it + 1 < total) {
+      issue(it + 1, bf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16* cQ = sQ + bf * BR * SD;
+    const bf16* cdO = sdO + bf * BR * SD;
+    const float* cL = sL + bf * BR;
+    const float* cD = sDd + bf * BR;
+    // S^T = K_w Q^T and dP^T = V_w dO^T, 16 keys x BR queries.
+    float st[BR / 8][4], dpt[BR / 8][4];
 #pragma unroll
-      for (int nt = 0; nt < BR / 8; ++nt)
+    for (int nt = 0; nt < BR / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        uint32_t a[4], av[4];
-        const int c = ks * 16 + 2 * t4;
-        a[0] = lds32(sK + (kr + g) * SD + c);
-        a[1] = lds32(sK + (kr + g + 8) * SD + c);
-        a[2] = lds32(sK + (kr + g) * SD + c + 8);
-        a[3] = lds32(sK + (kr + g + 8) * SD + c + 8);
-        av[0] = lds32(sV + (kr + g) * SD + c);
-        av[1] = lds32(sV + (kr + g + 8) * SD + c);
-        av[2] = lds32(sV + (kr + g) * SD + c + 8);
-        av[3] = lds32(sV + (kr + g + 8) * SD + c + 8);
-#pragma unroll
-        for (int nt = 0; nt < BR / 8; ++nt) {
-          const bf16* qr = sQ + (nt * 8 + g) * SD + c;
-          mma_bf16(st[nt], a, lds32(qr), lds32(qr + 8));
-          const bf16* dr = sdO + (nt * 8 + g) * SD + c;
-          mma_bf16(dpt[nt], av, lds32(dr), lds32(dr + 8));
-        }
-      }
-      // P^T from the log-sum-exp; dS^T = P^T (dP^T - D) (unscaled: scale goes on dQ and dK).
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[4], av[4];
+      const int c = ks * 16 + 2 * t4;
+      a[0] = lds32(sK + (kr + g) * SD + c);
+      a[1] = lds32(sK + (kr + g + 8) * SD + c);
+      a[2] = lds32(sK + (kr + g) * SD + c + 8);
+      a[3] = lds32(sK + (kr + g + 8) * SD + c + 8);
+      av[0] = lds32(sV + (kr + g) * SD + c);
+      av[1] = lds32(sV + (kr + g + 8) * SD + c);
+      av[2] = lds32(sV + (kr + g) * SD + c + 8);
+      av[3] = lds32(sV + (kr + g + 8) * SD + c + 8);
 #pragma unroll
       for (int nt = 0; nt < BR / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int ql = nt * 8 + 2 * t4 + (e & 1);
-          const int qi = q0 + ql, key = kj[e >> 1];
-          float p = 0.f;
-          if (qi < T && key < T && !(causal && key > qi))
-            p = exp2f(st[nt][e] * sl2 + mk[e >> 1] - sL[ql]);
-          st[nt][e] = p;
-          dpt[nt][e] = p * (dpt[nt][e] - sDd[ql]);
-        }
-      }
-      // dV += P^T dO, dK += dS^T Q (k = the BR queries).
-#pragma unroll
-      for (int ks = 0; ks < BR / 16; ++ks) {
-        const uint32_t ap[4] = {pack_bf16(st[2 * ks][0], st[2 * ks][1]),
-                                pack_bf16(st[2 * ks][2], st[2 * ks][3]),
-                                pack_bf16(st[2 * ks + 1][0], st[2 * ks + 1][1]),
-                                pack_bf16(st[2 * ks + 1][2], st[2 * ks + 1][3])};
-        const uint32_t ad[4] = {pack_bf16(dpt[2 * ks][0], dpt[2 * ks][1]),
-                                pack_bf16(dpt[2 * ks][2], dpt[2 * ks][3]),
-                                pack_bf16(dpt[2 * ks + 1][0], dpt[2 * ks + 1][1]),
-                                pack_bf16(dpt[2 * ks + 1][2], dpt[2 * ks + 1][3])};
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          const bf16* dr = sdOt + (n * 8 + g) * STQ + ks * 16 + 2 * t4;
-          mma_bf16(dva[n], ap, lds32(dr), lds32(dr + 8));
-          const bf16* qr = sQt + (n * 8 + g) * STQ + ks * 16 + 2 * t4;
-          mma_bf16(dka[n], ad, lds32(qr), lds32(qr + 8));
-        }
-      }
-      // dS as [query][key] in shared memory for dQ = dS K.
-#pragma unroll
-      for (int nt = 0; nt < BR / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          sdS[(nt * 8 + 2 * t4 + (e & 1)) * STK + kr + g + (e >> 1) * 8] =
-              __float2bfloat16(dpt[nt][e]);
-      __syncthreads();
-      // dQ rows mt*16 .. +16, columns half*D/2 .. +D/2 of this warp.
-      float dqa[D / 16][4];
-#pragma unroll
-      for (int j = 0; j < D / 16; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < BC / 16; ++ks) {
-        const int c = ks * 16 + 2 * t4;
-        uint32_t a[4];
-        a[0] = lds32(sdS + (mt * 16 + g) * STK + c);
-        a[1] = lds32(sdS + (mt * 16 + g + 8) * STK + c);
-        a[2] = lds32(sdS + (mt * 16 + g) * STK + c + 8);
-        a[3] = lds32(sdS + (mt * 16 + g + 8) * STK + c + 8);
-#pragma unroll
-        for (int j = 0; j < D / 16; ++j) {
-          const bf16* kt = sKt + ((half * (D / 16) + j) * 8 + g) * STK + c;
-          mma_bf16(dqa[j], a, lds32(kt), lds32(kt + 8));
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int qi = q0 + mt * 16 + g + 8 * r;
-        if (qi >= T) continue;
-        float* dqr = dqh + (long long)qi * D;
-#pragma unroll
-        for (int j = 0; j < D / 16; ++j) {
-          const int col = (half * (D / 16) + j) * 8 + 2 * t4;
-          atomicAdd(dqr + col, dqa[j][2 * r] * scale);
-          atomicAdd(dqr + col + 1, dqa[j][2 * r + 1] * scale);
-        }
+        const bf16* qr = cQ + (nt * 8 + g) * SD + c;
+        mma_bf16(st[nt], a, lds32(qr), lds32(qr + 8));
+        const bf16* dr = cdO + (nt * 8 + g) * SD + c;
+        mma_bf16(dpt[nt], av, lds32(dr), lds32(dr + 8));
       }
     }
+    // P^T from the log-sum-exp; dS^T = P^T (dP^T - D) (unscaled: scale goes on dQ and dK).
+#pragma unroll
+    for (int nt = 0; nt < BR / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ql = nt * 8 + 2 * t4 + (e & 1);
+        const int qi = q0 + ql, key = kj[e >> 1];
+        float p = 0.f;
+        if (qi < T && key < T && !(causal && key > qi))
+          p = exp2f(st[nt][e] * sl2 + mk[e >> 1] - cL[ql]);
+        st[nt][e] = p;
+        dpt[nt][e] = p * (dpt[nt][e] - cD[ql]);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q (k = the BR queries).
+#pragma unroll
+    for (int ks = 0; ks < BR / 16; ++ks) {
+      const uint32_t ap[4] = {pack_bf16(st[2 * ks][0], st[2 * ks][1]),
+                              pack_bf16(st[2 * ks][2], st[2 * ks][3]),
+                              pack_bf16(st[2 * ks + 1][0], st[2 * ks + 1][1]),
+                              pack_bf16(st[2 * ks + 1][2], st[2 * ks + 1][3])};
+      const uint32_t ad[4] = {pack_bf16(dpt[2 * ks][0], dpt[2 * ks][1]),
+                              pack_bf16(dpt[2 * ks][2], dpt[2 * ks][3]),
+                              pack_bf16(dpt[2 * ks + 1][0], dpt[2 * ks + 1][1]),
+                              pack_bf16(dpt[2 * ks + 1][2], dpt[2 * ks + 1][3])};
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t bd[4], bq[4];
+        ldsm_b_trans(bd, cdO, SD, ks * 16, n * 8);
+        mma_bf16(dva[n], ap, bd[0], bd[1]);
+        mma_bf16(dva[n + 1], ap, bd[2], bd[3]);
+        ldsm_b_trans(bq, cQ, SD, ks * 16, n * 8);
+        mma_bf16(dka[n], ad, bq[0], bq[1]);
+        mma_bf16(dka[n + 1], ad, bq[2], bq[3]);
+      }
+    }
+    // dS as [query][key] in shared memory for dQ = dS K.
+#pragma unroll
+    for (int nt = 0; nt < BR / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        sdS[(nt * 8 + 2 * t4 + (e & 1)) * STK + kr + g + (e >> 1) * 8] =
+            __float2bfloat16(dpt[nt][e]);
+    __syncthreads();
+    // dQ rows mt*16 .. +16, columns half*D/2 .. +D/2 of this warp.
+    float dqa[D / 16][4];
+#pragma unroll
+    for (int j = 0; j < D / 16; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < BC / 16; ++ks) {
+      const int c = ks * 16 + 2 * t4;
+      uint32_t a[4];
+      a[0] = lds32(sdS + (mt * 16 + g) * STK + c);
+      a[1] = lds32(sdS + (mt * 16 + g + 8) * STK + c);
+      a[2] = lds32(sdS + (mt * 16 + g) * STK + c + 8);
+      a[3] = lds32(sdS + (mt * 16 + g + 8) * STK + c + 8);
+#pragma unroll
+      for (int j = 0; j < D / 16; j += 2) {
+        uint32_t bk[4];
+        ldsm_b_trans(bk, sK, SD, ks * 16, (half * (D / 16) + j) * 8);
+        mma_bf16(dqa[j], a, bk[0], bk[1]);
+        mma_bf16(dqa[j + 1], a, bk[2], bk[3]);
+      }
+    }
+    float* dqh = dq_acc + ((long long)b * H + hq) * T * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int qi = q0 + mt * 16 + g + 8 * r;
+      if (qi >= T) continue;
+      float* dqr = dqh + (long long)qi * D;
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        const int col = (half * (D / 16) + j) * 8 + 2 * t4;
+        atomicAdd(dqr + col, dqa[j][2 * r] * scale);
+        atomicAdd(dqr + col + 1, dqa[j][2 * r + 1] * scale);
+      }
+    }
+    // The next iteration refills the other buffer; the one after refills this one, after the
+    // __syncthreads at its top that follows every warp's use of this one (above).
   }
+  cp_async_wait<0>();
   dk += b * dksb + kvh * dksh;
   dv += b * dvsb + kvh * dvsh;
 #pragma unroll
