@@ -570,9 +570,13 @@ mod imp {
         Ok(Some(mask_add.to_dtype(DType::F32)?.contiguous()?))
     }
 
-    /// Dynamic shared memory of the forward: q, and two buffers of k and v, 64 rows each.
+    /// Query rows per block of the forward kernel.
+    const FWD_ROWS: usize = 128;
+
+    /// Dynamic shared memory of the forward: q (`FWD_ROWS` rows), and two buffers of k and v
+    /// (64 rows each).
     fn fwd_smem(d: usize) -> usize {
-        5 * 64 * (d + 8) * 2
+        (FWD_ROWS + 4 * 64) * (d + 8) * 2
     }
 
     /// Of the backward: two buffers of lse and D (32 f32 each), k and v (64 rows), two buffers of
@@ -614,7 +618,7 @@ mod imp {
         let smem = fwd_smem(d);
         big_smem(&dev, &name, smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(64) as u32, h as u32, b as u32),
+            grid_dim: (t.div_ceil(FWD_ROWS) as u32, h as u32, b as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };

@@ -429,9 +429,10 @@ __device__ __forceinline__ void ldsm_b_trans(uint32_t* b, const bf16* tile, int 
                : "r"(a));
 }
 
-// One block of 4 warps per (64 query rows, head, batch); each warp owns 16 query rows. Key/value
-// tiles are double-buffered (the next one is copied while this one is used); causal blocks run
-// heaviest (last query rows) first.
+// One block of 4 warps per (128 query rows, head, batch); each warp owns two 16-row m-tiles, so
+// every K and V fragment read from shared memory feeds two products. Key/value tiles are
+// double-buffered (the next one is copied while this one is used); causal blocks run heaviest
+// (last query rows) first.
 template <int D>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
@@ -440,7 +441,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long ksh, long long ksr, long long vsb, long long vsh,
                           long long vsr, long long osb, long long osh, long long osr,
                           float scale, int causal) {
-  constexpr int BR = 64, BC = 64, SD = D + 8;
+  constexpr int MT = 2, BR = 64 * MT, BC = 64, SD = D + 8;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
   bf16* sK = sQ + BR * SD;                       // 2 x [BC][SD]
@@ -460,14 +461,22 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   fl_load_async<D, BC>(sK, SD, k, ksr, 0, T);
   fl_load_async<D, BC>(sV, SD, v, vsr, 0, T);
   cp_async_commit();
-  const int r0 = warp * 16;
-  uint32_t qf[D / 16][4];
-  float acc[D / 8][4];
+  const int r0 = warp * 16 * MT;
+  float acc[MT][D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
+  float m[MT][2], l[MT][2];
+  int qi[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    m[i][0] = m[i][1] = -INFINITY;
+    l[i][0] = l[i][1] = 0.f;
+    qi[i][0] = q0 + r0 + 16 * i + g;
+    qi[i][1] = qi[i][0] + 8;
+  }
   const float sl2 = scale * FL_LOG2E;
-  const int qi[2] = {q0 + r0 + g, q0 + r0 + g + 8};
   for (int kb = 0; kb < nkb; ++kb) {
     const int k0 = kb * BC;
     if (kb + 1 < nkb) {
@@ -480,103 +489,122 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (kb == 0) {
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        qf[ks][0] = lds32(sQ + (r0 + g) * SD + ks * 16 + 2 * t4);
-        qf[ks][1] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 2 * t4);
-        qf[ks][2] = lds32(sQ + (r0 + g) * SD + ks * 16 + 8 + 2 * t4);
-        qf[ks][3] = lds32(sQ + (r0 + g + 8) * SD + ks * 16 + 8 + 2 * t4);
-      }
-    }
     const bf16* cK = sK + (kb & 1) * BC * SD;
     const bf16* cV = sV + (kb & 1) * BC * SD;
-    float s[BC / 8][4];
+    float s[MT][BC / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int i = 0; i < MT; ++i)
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
+      for (int nt = 0; nt < BC / 8; ++nt) s[i][nt][0] = s[i][nt][1] = s[i][nt][2] = s[i][nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t qa[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const bf16* qr = sQ + (r0 + 16 * i + g) * SD + ks * 16 + 2 * t4;
+        qa[i][0] = lds32(qr);
+        qa[i][1] = lds32(qr + 8 * SD);
+        qa[i][2] = lds32(qr + 8);
+        qa[i][3] = lds32(qr + 8 * SD + 8);
+      }
+#pragma unroll
+      for (int nt = 0; nt < BC / 8; ++nt) {
         const bf16* kr = cK + (nt * 8 + g) * SD + ks * 16 + 2 * t4;
-        mma_bf16(s[nt], qf[ks], lds32(kr), lds32(kr + 8));
+        const uint32_t b0 = lds32(kr), b1 = lds32(kr + 8);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) mma_bf16(s[i][nt], qa[i], b0, b1);
       }
     }
-    float mx[2] = {m[0], m[1]};
     // Interior blocks (every key in range and, causal, at or before every query row of the
     // block) skip the per-element bound and diagonal tests.
     const bool interior = k0 + BC <= T && (!causal || k0 + BC - 1 <= q0);
+    float mu[MT][2];
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
+    for (int i = 0; i < MT; ++i) {
+      float mx[2] = {m[i][0], m[i][1]};
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int kj = k0 + nt * 8 + 2 * t4 + c;
-        const float madd = kj < T && mk ? mk[kj] * FL_LOG2E : 0.f;
+      for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float x;
-          if (!interior && (kj >= T || (causal && kj > qi[r])))
-            x = -INFINITY;
-          else
-            x = s[nt][2 * r + c] * sl2 + madd;
-          s[nt][2 * r + c] = x;
-          mx[r] = fmaxf(mx[r], x);
+        for (int c = 0; c < 2; ++c) {
+          const int kj = k0 + nt * 8 + 2 * t4 + c;
+          const float madd = kj < T && mk ? mk[kj] * FL_LOG2E : 0.f;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float x;
+            if (!interior && (kj >= T || (causal && kj > qi[i][r])))
+              x = -INFINITY;
+            else
+              x = s[i][nt][2 * r + c] * sl2 + madd;
+            s[i][nt][2 * r + c] = x;
+            mx[r] = fmaxf(mx[r], x);
+          }
         }
       }
-    }
-    float mu[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      mu[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-      const float alpha = exp2f(m[r] - mu[r]);
-      m[r] = mx[r];
-      l[r] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        mu[i][r] = mx[r] == -INFINITY ? 0.f : mx[r];
+        const float alpha = exp2f(m[i][r] - mu[i][r]);
+        m[i][r] = mx[r];
+        l[i][r] *= alpha;
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        acc[n][2 * r] *= alpha;
-        acc[n][2 * r + 1] *= alpha;
+        for (int n = 0; n < D / 8; ++n) {
+          acc[i][n][2 * r] *= alpha;
+          acc[i][n][2 * r + 1] *= alpha;
+        }
       }
-    }
 #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt) {
+      for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[nt][e] - mu[e >> 1]);
-        s[nt][e] = p;
-        l[e >> 1] += p;
+        for (int e = 0; e < 4; ++e) {
+          const float p = exp2f(s[i][nt][e] - mu[i][e >> 1]);
+          s[i][nt][e] = p;
+          l[i][e >> 1] += p;
+        }
       }
     }
 #pragma unroll
     for (int ks = 0; ks < BC / 16; ++ks) {
-      const uint32_t a[4] = {pack_bf16(s[2 * ks][0], s[2 * ks][1]),
-                             pack_bf16(s[2 * ks][2], s[2 * ks][3]),
-                             pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                             pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        a[i][0] = pack_bf16(s[i][2 * ks][0], s[i][2 * ks][1]);
+        a[i][1] = pack_bf16(s[i][2 * ks][2], s[i][2 * ks][3]);
+        a[i][2] = pack_bf16(s[i][2 * ks + 1][0], s[i][2 * ks + 1][1]);
+        a[i][3] = pack_bf16(s[i][2 * ks + 1][2], s[i][2 * ks + 1][3]);
+      }
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
         uint32_t bv[4];
         ldsm_b_trans(bv, cV, SD, ks * 16, n * 8);
-        mma_bf16(acc[n], a, bv[0], bv[1]);
-        mma_bf16(acc[n + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma_bf16(acc[i][n], a[i], bv[0], bv[1]);
+          mma_bf16(acc[i][n + 1], a[i], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this buffer before it is refilled
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    if (qi[r] >= T) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    bf16* orow = o + (long long)qi[r] * osr;
+  for (int i = 0; i < MT; ++i) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t4) =
-          pack_bf16(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
-    if (t4 == 0) {
-      const float mu = m[r] == -INFINITY ? 0.f : m[r];
-      lse[((long long)b * H + h) * T + qi[r]] = mu * FL_LN2 + logf(l[r]);
+    for (int r = 0; r < 2; ++r) {
+      float li = l[i][r];
+      li += __shfl_xor_sync(0xffffffffu, li, 1);
+      li += __shfl_xor_sync(0xffffffffu, li, 2);
+      if (qi[i][r] >= T) continue;
+      const float inv = li > 0.f ? 1.f / li : 0.f;
+      bf16* orow = o + (long long)qi[i][r] * osr;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t4) =
+            pack_bf16(acc[i][n][2 * r] * inv, acc[i][n][2 * r + 1] * inv);
+      if (t4 == 0) {
+        const float mu = m[i][r] == -INFINITY ? 0.f : m[i][r];
+        lse[((long long)b * H + h) * T + qi[i][r]] = mu * FL_LN2 + logf(li);
+      }
     }
   }
 }
