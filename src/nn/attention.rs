@@ -5,6 +5,14 @@
 //! the per-row log-sum-exp, and recomputes the probabilities (one extra `q k^T` matmul), the way
 //! flash attention does. Only the dropout keep-mask of that shape is kept, as `u8`, when dropout is on.
 //!
+//! Fused (flash) attention on CUDA: for bf16 q, k and v with head_dim 64 or 128, a key mask
+//! `[batch, 1, 1, seq]` and no dropout, [`Attention::forward`] runs the FlashAttention-2 style
+//! kernels of `kernels.cu` (`gpu::flash_fwd` / `gpu::flash_bwd`): nothing of size `seq x seq` is
+//! allocated, q, k and v are read in the layers' layout (or after rope, `[b, heads, t, d]`) without
+//! head split / merge copies, and [`AttentionSaved`] keeps q, k, v, the output and the per-row
+//! log-sum-exp. Everything else (f32, dropout, MPNet's per-head bias, other head sizes,
+//! `SAFETUNE_FLASH=0`) takes the composition below, which stays the reference.
+//!
 //! Grouped-query attention without copies: query heads `g*G .. (g+1)*G` share kv head `g`
 //! (transformers' `repeat_kv`), so viewing q `[b, heads, t, d]` as `[b, kv_heads, G*t, d]` (a free
 //! reshape) turns every product into a batched matmul against the unexpanded k and v, and the sums

@@ -1,7 +1,8 @@
 //! Fused CUDA kernels (`src/nn/kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature)
 //! for the parts of a step that candle composes from many small ops, or runs slowly: LayerNorm /
 //! RMSNorm forward and backward, GELU forward and backward, SwiGLU, the attention softmax
-//! (forward with log-sum-exp, recomputation, backward), AdamW, the bias and residual adds
+//! (forward with log-sum-exp, recomputation, backward), fused flash attention forward and
+//! backward (bf16 tensor cores, no `seq x seq` tensor; see `attention.rs`), AdamW, the bias and residual adds
 //! (candle's broadcast add indexes every element through its strides), and the dequantization of
 //! a quantized base (GGUF blocks straight into the compute dtype; candle writes f32, then casts).
 //!
@@ -925,6 +926,49 @@ mod tests {
             e.to_string().contains("'dy' [4, 3] is not contiguous"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn flash_strides_address_both_layouts() {
+        let d = FlashDims {
+            batch: 2,
+            seq: 5,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            causal: true,
+            scale: 1.0,
+        };
+        // [b*t, h*d]: element (b, h, t, 0) at b*t*h*d + t*h*d + h*d.
+        assert_eq!(d.merged(4), [5 * 4 * 8, 8, 4 * 8]);
+        assert_eq!(d.merged(2), [5 * 2 * 8, 8, 2 * 8]);
+        // [b, h, t, d] contiguous.
+        assert_eq!(d.heads_major(4), [4 * 5 * 8, 5 * 8, 8]);
+        // Both layouts of the same logical element agree with candle's own reshapes.
+        let x = Tensor::arange(0f32, (2 * 5 * 4 * 8) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((2 * 5, 4 * 8))
+            .unwrap();
+        let bhtd = x
+            .reshape((2, 5, 4, 8))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let head_major: Vec<f32> = bhtd.flatten_all().unwrap().to_vec1().unwrap();
+        let at = |s: [i64; 3], b: i64, h: i64, t: i64, c: i64| {
+            (b * s[0] + h * s[1] + t * s[2] + c) as usize
+        };
+        for (b, h, t, c) in [(0, 0, 0, 0), (1, 3, 4, 7), (1, 2, 0, 5), (0, 1, 3, 2)] {
+            assert_eq!(
+                flat[at(d.merged(4), b, h, t, c)],
+                head_major[at(d.heads_major(4), b, h, t, c)]
+            );
+        }
+        // One full [seq, seq] x head_dim product over every query head: 2 * b * h * t * t * d.
+        assert_eq!(d.attention_product_flops(), 2 * 2 * 4 * 5 * 5 * 8);
     }
 
     #[test]
