@@ -77,7 +77,10 @@ impl Acts {
     }
 
     /// Attention's saved q, k, v (after rope), per-row log-sum-exp and the probabilities'
-    /// dropout mask.
+    /// dropout mask; and the output, which the fused flash kernels (CUDA builds, bf16, head_dim
+    /// 64 or 128, no dropout) keep for backward's `rowsum(dO * O)`: counted wherever they may run
+    /// (a CUDA build training in bf16 on the CPU over-counts it; the probabilities in
+    /// [`Acts::transient`] are over-counted on the flash path, which allocates none).
     pub fn attention(&self, a: &Attention, head_dim: usize) -> usize {
         let (h, kv) = (a.num_heads, a.num_kv_heads);
         let probs_mask = if a.dropout.p > 0.0 {
@@ -85,10 +88,17 @@ impl Acts {
         } else {
             0
         };
+        let flash = crate::nn::gpu::AVAILABLE
+            && self.act == 2
+            && matches!(head_dim, 64 | 128)
+            && a.dropout.p <= 0.0
+            && crate::nn::attention::flash_enabled();
+        let flash_out = if flash { self.of(h * head_dim) } else { 0 };
         self.of(h * head_dim)
             + 2 * self.of(kv * head_dim)
             + self.tokens() * h * self.compute
             + probs_mask
+            + flash_out
     }
 
     /// Attention's `[rows, heads, seq, seq]` probabilities in the compute dtype.
