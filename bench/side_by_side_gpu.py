@@ -41,6 +41,7 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--out", default=None, help="also append every JSON line to this file")
 p.add_argument("--skip-peft", action="store_true", help="only safetune (e.g. to re-measure it)")
+p.add_argument("--skip-safetune", action="store_true", help="with --rows long: only the references")
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
 p.add_argument("--rows", default="shapes", choices=["shapes", "long"], help="long: the LLaMA-7B rows of the GPU issue")
 p.add_argument("--liger", action="store_true", help="with --rows long: also PyTorch + PEFT + Liger-Kernel")
@@ -92,7 +93,7 @@ def long_rows():
         if ckpt:
             cmd += ["--gradient-checkpointing"]
         row = {"label": label}
-        for rec in run_lines(cmd):
+        for rec in ([] if a.skip_safetune else run_lines(cmd)):
             rec.pop("losses", None)
             rec["row"] = label
             emit(rec)
