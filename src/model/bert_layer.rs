@@ -249,7 +249,7 @@ impl BertLayer {
             + acts.of(f);
         LayerMemory {
             state,
-            transient: acts.transient(&self.attention, h, f),
+            transient: acts.transient(&self.attention, h / self.attention.num_heads, h, f),
         }
     }
 

@@ -273,7 +273,7 @@ impl Gpt2Block {
             + acts.of(f);
         LayerMemory {
             state,
-            transient: acts.transient(&self.attention, h, f),
+            transient: acts.transient(&self.attention, h / self.attention.num_heads, h, f),
         }
     }
 

@@ -196,7 +196,7 @@ impl LlamaLayer {
             + 2 * acts.of(f);
         LayerMemory {
             state,
-            transient: acts.transient(&self.attention, h, f),
+            transient: acts.transient(&self.attention, head_dim, h, f),
         }
     }
 

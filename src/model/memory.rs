@@ -88,17 +88,26 @@ impl Acts {
         } else {
             0
         };
-        let flash = crate::nn::gpu::AVAILABLE
-            && self.act == 2
-            && matches!(head_dim, 64 | 128)
-            && a.dropout.p <= 0.0
-            && crate::nn::attention::flash_enabled();
-        let flash_out = if flash { self.of(h * head_dim) } else { 0 };
+        let flash_out = if self.flash(a, head_dim) {
+            self.of(h * head_dim)
+        } else {
+            0
+        };
         self.of(h * head_dim)
             + 2 * self.of(kv * head_dim)
             + self.tokens() * h * self.compute
             + probs_mask
             + flash_out
+    }
+
+    /// Whether the fused flash kernels may run this attention: a CUDA build, half precision,
+    /// head_dim 64 or 128, no dropout, not turned off (`SAFETUNE_FLASH=0`).
+    fn flash(&self, a: &Attention, head_dim: usize) -> bool {
+        crate::nn::gpu::AVAILABLE
+            && self.act == 2
+            && matches!(head_dim, 64 | 128)
+            && a.dropout.p <= 0.0
+            && crate::nn::attention::flash_enabled()
     }
 
     /// Attention's `[rows, heads, seq, seq]` probabilities in the compute dtype.
@@ -124,9 +133,15 @@ impl Acts {
     }
 
     /// A layer's temporaries beside its state: the attention probabilities (fused softmax
-    /// kernels keep one score-sized tensor at a time), and two feed-forward-wide and two
+    /// kernels keep one score-sized tensor at a time; the flash kernels none, but backward's f32
+    /// dQ accumulator and per-row `rowsum(dO * O)`), and two feed-forward-wide and two
     /// hidden-wide activations in flight (backward's gradients through the feed-forward).
-    pub fn transient(&self, a: &Attention, hidden: usize, ffn: usize) -> usize {
-        self.probs(a) + 2 * self.of(ffn) + 2 * self.of(hidden)
+    pub fn transient(&self, a: &Attention, head_dim: usize, hidden: usize, ffn: usize) -> usize {
+        let scores = if self.flash(a, head_dim) {
+            self.tokens() * a.num_heads * (head_dim + 1) * 4
+        } else {
+            self.probs(a)
+        };
+        scores + 2 * self.of(ffn) + 2 * self.of(hidden)
     }
 }

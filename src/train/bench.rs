@@ -253,6 +253,9 @@ pub struct BenchResult {
     pub peak_mem_mb: f64,
     /// Highest peak of a timed step above what was live just before it.
     pub step_peak_mem_mb: f64,
+    /// The memory model's estimate of that step peak (`train/plan.rs::step_bytes`), to check it
+    /// against the measurement.
+    pub estimated_step_mem_mb: f64,
     /// Live before the first step: the weights (and adapters).
     pub weights_mb: f64,
     /// CUDA: device memory in use according to the driver after the steps (pool reserve, cuBLAS
@@ -286,6 +289,15 @@ impl Model {
         match self {
             Model::Bert(m) => m.as_mut(),
             Model::Llama(m) => m.as_mut(),
+        }
+    }
+
+    /// The memory model's estimate of one step's peak above what is live before it.
+    fn estimated_step_bytes(&self, rows: usize, seq: usize, checkpoint: bool) -> usize {
+        let recompute = Recompute::all_if(checkpoint);
+        match self {
+            Model::Bert(m) => super::plan::step_bytes(m.as_ref(), &recompute, rows, seq),
+            Model::Llama(m) => super::plan::step_bytes(m.as_ref(), &recompute, rows, seq),
         }
     }
 
@@ -557,6 +569,11 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         memory_counter: mem.kind(),
         peak_mem_mb: mb(peak),
         step_peak_mem_mb: mb(step_peak),
+        estimated_step_mem_mb: mb(model.estimated_step_bytes(
+            s.batch,
+            s.seq,
+            a.gradient_checkpointing,
+        )),
         weights_mb: mb(base.saturating_sub(live0)),
         driver_used_mb: driver.map(|d| mb(d.used)),
         driver_total_mb: driver.map(|d| mb(d.total)),
