@@ -202,7 +202,7 @@ impl<I: Iterator<Item = std::io::Result<u8>>> ThriftBytes<I> {
                     let z = self.varint()?;
                     (z >> 1) as i64 ^ -((z & 1) as i64)
                 }
-                delta => id + i64::from(delta),
+                delta => id.wrapping_add(i64::from(delta)),
             };
             if id == 3 && t == 5 {
                 let z = self.varint()?;
