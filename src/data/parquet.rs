@@ -394,6 +394,45 @@ mod tests {
         assert!(e.contains("panicked"), "{e}");
     }
 
+    /// The page-header walk reads a `PageHeader`'s `compressed_page_size`, skipping the other
+    /// fields, and refuses what could make a reader work more than the bytes allow.
+    #[test]
+    fn the_page_header_walk_reads_sizes_and_bounds_the_work() {
+        let walk = |bytes: &[u8]| {
+            let mut t = ThriftBytes {
+                bytes: bytes.iter().map(|&b| Ok(b)),
+                read: 0,
+                left: bytes.len() as u64,
+            };
+            t.page_header().map(|n| (n, t.read))
+        };
+        // type 0, uncompressed 149, compressed 149 (i32 zigzag varints), a binary field 10 of 2
+        // bytes, a bool field (no byte), stop.
+        let header = [
+            0x15, 0x00, 0x15, 0xaa, 0x02, 0x15, 0xaa, 0x02, 0x78, 0x02, 0, 0, 0x11, 0,
+        ];
+        assert_eq!(walk(&header), Ok((149, 14)));
+        // A list claiming 4,000 booleans in 3 bytes.
+        let e = walk(&[0x19, 0xf1, 0xa0, 0x1f, 1, 1, 0]).unwrap_err();
+        assert!(e.contains("4000 elements in 3 bytes"), "{e}");
+        // Lists nested 70 deep.
+        let mut deep = vec![0x19];
+        deep.extend([0x19; 70]);
+        assert!(walk(&deep).unwrap_err().contains("deeper than 64"));
+        // A field id at i64's end followed by a delta: an error, not an overflow.
+        let mut big = vec![0x05];
+        big.extend([
+            0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x00, 0xf5,
+        ]);
+        assert!(walk(&big).is_err());
+        // No compressed_page_size, a negative one, a header that runs out.
+        assert!(walk(&[0x15, 0x00, 0])
+            .unwrap_err()
+            .contains("no compressed_page_size"));
+        assert!(walk(&[0x35, 0x01, 0]).unwrap_err().contains("negative"));
+        assert!(walk(&[0x15, 0x00, 0x15]).unwrap_err().contains("runs past"));
+    }
+
     /// The page-header walk passes well-formed files: the `parquet` fuzz target's seeds (a
     /// mode byte, then a file the `parquet` crate wrote: dictionary and plain pages, optional
     /// columns, snappy and gzip).
