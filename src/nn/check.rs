@@ -50,6 +50,60 @@ fn rand(
     Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)
 }
 
+/// One attention check: `batch` sequences of `seq` tokens, the second with its last `pad` keys
+/// masked, and the inputs and output gradient the caller drew.
+struct AttentionCase<'a> {
+    attn: Attention,
+    mask: Tensor,
+    shape: AttnShape,
+    rope: Option<&'a Rope>,
+    qkv: [Tensor; 3],
+    dy: Tensor,
+}
+
+impl AttentionCase<'_> {
+    /// The attention and key mask of `heads` query and `kv` key/value heads.
+    fn attention_and_mask(
+        (batch, seq, heads, kv, causal): (usize, usize, usize, usize, bool),
+        pad: usize,
+        device: &Device,
+    ) -> Result<(Attention, Tensor)> {
+        let attn = Attention {
+            num_heads: heads,
+            num_kv_heads: kv,
+            causal,
+            dropout: Dropout::new(0.0),
+        };
+        let mut m = vec![1u32; batch * seq];
+        m[2 * seq - pad..2 * seq].fill(0);
+        let mask = mask_to_additive(&Tensor::from_vec(m, (batch, seq), device)?, DType::F32)?;
+        Ok((attn, mask))
+    }
+
+    /// Output, dq, dk and dv through the fused path (`fused`) or the composition, the inputs in
+    /// `dt`; and whether the flash kernels ran.
+    fn run(&self, fused: bool, dt: DType) -> Result<([Tensor; 4], bool)> {
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut pass = Pass {
+            training: true,
+            rng: &mut rng,
+        };
+        let c = |x: &Tensor| x.to_dtype(dt);
+        let [q, k, v] = &self.qkv;
+        let qkv = (&c(q)?, &c(k)?, &c(v)?);
+        let (a, mask, shape, rope) = (&self.attn, &self.mask, self.shape, self.rope);
+        let (y, s) = if fused {
+            a.forward(qkv, mask, shape, rope, &mut pass, true)?
+        } else {
+            a.forward_reference(qkv, mask, shape, rope, &mut pass, true)?
+        };
+        let s = s.expect("saved");
+        let flash = s.used_flash();
+        let (dq, dk, dv) = s.backward(a, &c(&self.dy)?)?;
+        Ok(([y, dq, dk, dv], flash))
+    }
+}
+
 /// Runs every check on `device` with activations of `dtype` (f32 or bf16).
 pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Check>> {
     let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
@@ -131,39 +185,21 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         ("attention causal gqa rope", 2, 48, 8, 2, true, 32),
     ];
     for (name, b, t, heads, kv, causal, d) in cases {
-        let attn = Attention {
-            num_heads: heads,
-            num_kv_heads: kv,
-            causal,
-            dropout: Dropout::new(0.0),
-        };
-        let mut m = vec![1u32; b * t];
-        m[2 * t - 5..2 * t].fill(0);
-        let mask = mask_to_additive(&Tensor::from_vec(m, (b, t), device)?, DType::F32)?;
+        let (attn, mask) = AttentionCase::attention_and_mask((b, t, heads, kv, causal), 5, device)?;
         let rope = Rope::new(d, t, 10_000.0, device)?;
-        let rope = causal.then_some(&rope);
-        let (q, k, v) = (
-            r(&[b * t, heads * d], 9, 1.0, 0.0)?,
-            r(&[b * t, kv * d], 10, 1.0, 0.0)?,
-            r(&[b * t, kv * d], 11, 1.0, 0.0)?,
-        );
-        let dy = r(&[b * t, heads * d], 12, 1.0, 0.0)?;
-        let shape = AttnShape { batch: b, seq: t };
-        let run = |fused: bool| -> Result<[Tensor; 4]> {
-            let mut rng = StdRng::seed_from_u64(0);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-            };
-            let (y, s) = if fused {
-                attn.forward((&q, &k, &v), &mask, shape, rope, &mut pass, true)?
-            } else {
-                attn.forward_reference((&q, &k, &v), &mask, shape, rope, &mut pass, true)?
-            };
-            let (dq, dk, dv) = s.expect("saved").backward(&attn, &dy)?;
-            Ok([y, dq, dk, dv])
+        let case = AttentionCase {
+            attn,
+            mask,
+            shape: AttnShape { batch: b, seq: t },
+            rope: causal.then_some(&rope),
+            qkv: [
+                r(&[b * t, heads * d], 9, 1.0, 0.0)?,
+                r(&[b * t, kv * d], 10, 1.0, 0.0)?,
+                r(&[b * t, kv * d], 11, 1.0, 0.0)?,
+            ],
+            dy: r(&[b * t, heads * d], 12, 1.0, 0.0)?,
         };
-        let (f, c) = (run(true)?, run(false)?);
+        let (f, c) = (case.run(true, dtype)?.0, case.run(false, dtype)?.0);
         for (i, part) in ["output", "dq", "dk", "dv"].iter().enumerate() {
             push(&format!("{name} {part}"), rel(&f[i], &c[i])?);
         }
@@ -187,45 +223,24 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         ("gpt2-like causal 12h d64", 2, 130, 12, 12, true, 64),
     ];
     for (name, b, t, heads, kv, causal, d) in flash_cases {
-        let attn = Attention {
-            num_heads: heads,
-            num_kv_heads: kv,
-            causal,
-            dropout: Dropout::new(0.0),
-        };
-        let mut m = vec![1u32; b * t];
-        m[2 * t - 37..2 * t].fill(0);
-        let mask = mask_to_additive(&Tensor::from_vec(m, (b, t), device)?, DType::F32)?;
+        let (attn, mask) =
+            AttentionCase::attention_and_mask((b, t, heads, kv, causal), 37, device)?;
         let rope = Rope::new(d, t, 10_000.0, device)?;
-        let rope = (kv < heads).then_some(&rope);
-        let (q, k, v) = (
-            r(&[b * t, heads * d], 21, 2.0, 0.0)?,
-            r(&[b * t, kv * d], 22, 2.0, 0.0)?,
-            r(&[b * t, kv * d], 23, 1.0, 0.0)?,
-        );
-        let dy = r(&[b * t, heads * d], 24, 1.0, 0.0)?;
-        let shape = AttnShape { batch: b, seq: t };
-        let run = |fused: bool, dt: DType| -> Result<([Tensor; 4], bool)> {
-            let mut rng = StdRng::seed_from_u64(0);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-            };
-            let c = |x: &Tensor| x.to_dtype(dt);
-            let qkv = (&c(&q)?, &c(&k)?, &c(&v)?);
-            let (y, s) = if fused {
-                attn.forward(qkv, &mask, shape, rope, &mut pass, true)?
-            } else {
-                attn.forward_reference(qkv, &mask, shape, rope, &mut pass, true)?
-            };
-            let s = s.expect("saved");
-            let flash = s.used_flash();
-            let (dq, dk, dv) = s.backward(&attn, &c(&dy)?)?;
-            Ok(([y, dq, dk, dv], flash))
+        let case = AttentionCase {
+            attn,
+            mask,
+            shape: AttnShape { batch: b, seq: t },
+            rope: (kv < heads).then_some(&rope),
+            qkv: [
+                r(&[b * t, heads * d], 21, 2.0, 0.0)?,
+                r(&[b * t, kv * d], 22, 2.0, 0.0)?,
+                r(&[b * t, kv * d], 23, 1.0, 0.0)?,
+            ],
+            dy: r(&[b * t, heads * d], 24, 1.0, 0.0)?,
         };
-        let (f, flash) = run(true, dtype)?;
-        let (c, _) = run(false, dtype)?;
-        let (c32, _) = run(false, DType::F32)?;
+        let (f, flash) = case.run(true, dtype)?;
+        let (c, _) = case.run(false, dtype)?;
+        let (c32, _) = case.run(false, DType::F32)?;
         let kind = if flash { "flash" } else { "fallback" };
         for (i, part) in ["output", "dq", "dk", "dv"].iter().enumerate() {
             push(
