@@ -2,9 +2,10 @@
 # Qwen2.5-Coder-0.5B (GGUF) on one GPU (issue #19): a factual chat prompt, then train-lm LoRA vs
 # SAFE under a memory budget (60% of LoRA's step peak) on Moby Dick, 3 seeds each at once.
 #   K=/root/keep OUT=/tmp/out bash bench/qwen_gpu.sh
-# K holds the CUDA binary (safetune), K/qwen.gguf and K/cache/moby-dick.
+# K holds the CUDA binary (safetune), K/qwen.gguf (or GGUF=another file, e.g. the 1.5B) and
+# K/cache/moby-dick.
 set -u
-K=${K:-/root/keep}; BIN=$K/safetune; Q=$K/qwen.gguf; R=$OUT/qwen; mkdir -p $R
+K=${K:-/root/keep}; BIN=$K/safetune; Q=${GGUF:-$K/qwen.gguf}; R=$OUT/qwen; mkdir -p $R
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64
 export SAFETUNE_CACHE=$K/cache
 SEEDS=${SEEDS:-42 43 44}
