@@ -3,7 +3,7 @@
 //! [`Adapted`] follows from that. A layer's saved linear states are kept by site
 //! ([`SiteStates`]), so backward reads what forward saved whatever the order of calls.
 
-use super::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use super::lora::{CkaRows, LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
 use super::{Adapted, AdapterId, HeadParam};
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -340,8 +340,8 @@ impl<S: Copy + Eq + Debug, T> Default for SiteStates<S, T> {
     }
 }
 
-/// Monitoring rows of a layer: each adapted linear's `(site, X adapted output, Y base output)`.
-pub type Monitored<S> = Vec<(S, Tensor, Tensor)>;
+/// Monitoring rows of a layer: each adapter's `(site, rows for CKA)`.
+pub type Monitored<S> = Vec<(S, CkaRows)>;
 
 /// A layer forward's linears: runs each by site, keeping its saved state by site and, when
 /// monitoring, its `(X, Y)`.
@@ -364,11 +364,17 @@ impl<'a, L: Block> SiteForward<'a, L> {
 
     pub fn run(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let l = self.layer.linear(site);
-        let (y, base, saved) = l.forward_parts(x, pass, self.save)?;
-        if let (Some(m), Some(_)) = (self.monitor.as_deref_mut(), &l.lora) {
-            m.push((site, y.clone(), base));
+        let Some(m) = self.monitor.as_deref_mut() else {
+            let (y, saved) = l.forward(x, pass, self.save)?;
+            self.states.put(site, saved)?;
+            return Ok(y);
+        };
+        // Monitoring is an inference pass: nothing to save.
+        let (y, rows) = l.forward_monitored(x)?;
+        if let Some(rows) = rows {
+            m.push((site, rows));
         }
-        self.states.put(site, saved)?;
+        self.states.put(site, LoraLinearSaved::NONE)?;
         Ok(y)
     }
 }
@@ -432,7 +438,7 @@ pub fn monitor_layer<L: Block>(
             let out = run(layer, pass, None)?;
             let rows = outputs_without_each_adapter(layer, |l| run(l, pass, None))?
                 .into_iter()
-                .map(|(s, y)| (s, out.clone(), y))
+                .map(|(s, y)| (s, CkaRows::Full { x: out.clone(), y }))
                 .collect();
             Ok((out, rows))
         }

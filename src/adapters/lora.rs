@@ -124,10 +124,33 @@ pub struct LoraLinearSaved {
 }
 
 impl LoraLinearSaved {
-    const NONE: Self = Self {
+    /// Nothing saved: a linear without an adapter, or an inference pass.
+    pub const NONE: Self = Self {
         inputs: None,
         drop: None,
     };
+}
+
+/// What SAFE's CKA needs of one adapter on one batch, as `[rows, d]` tensors.
+#[derive(Clone, Debug)]
+pub enum CkaRows {
+    /// `X` and `Y` in full: the block point, where the layer's outputs with and without one
+    /// adapter differ in every direction.
+    Full { x: Tensor, y: Tensor },
+    /// At the linear `X = Y + U B^T`: the base output `Y`, the adapter's rank-r rows
+    /// `U = scaling * x A^T` and its `B` (`[d, r]`). The CKA moments then need one `d x d`
+    /// product over the rows (`Y^T Y`) instead of three.
+    LowRank { y: Tensor, u: Tensor, b: Tensor },
+}
+
+impl CkaRows {
+    /// `(X, Y)` in full.
+    pub fn x_y(&self) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Full { x, y } => Ok((x.clone(), y.clone())),
+            Self::LowRank { y, u, b } => Ok(((y + matmul(u, &b.t()?)?)?, y.clone())),
+        }
+    }
 }
 
 impl LoraLinear {
@@ -146,24 +169,25 @@ impl LoraLinear {
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
-        let (y, _, saved) = self.forward_parts(x, pass, save)?;
-        Ok((y, saved))
-    }
-
-    /// Like `forward`, also returning the base output `x W^T + b` on the same input: SAFE's `Y`
-    /// (the adapted output is its `X`), computed anyway, so monitoring costs no extra matmul.
-    pub fn forward_parts(
-        &self,
-        x: &Tensor,
-        pass: &mut Pass,
-        save: bool,
-    ) -> Result<(Tensor, Tensor, LoraLinearSaved)> {
         let base = self.base.forward(x)?;
         let Some(lora) = &self.lora else {
-            return Ok((base.clone(), base, LoraLinearSaved::NONE));
+            return Ok((base, LoraLinearSaved::NONE));
         };
         let (delta, saved) = lora.forward(x, pass, save)?;
-        Ok((crate::nn::add(&base, &delta)?, base, saved))
+        Ok((crate::nn::add(&base, &delta)?, saved))
+    }
+
+    /// The inference forward of SAFE's monitoring: the output, bit for bit `forward`'s (dropout
+    /// is off in inference), and with an adapter its [`CkaRows::LowRank`] rows.
+    pub fn forward_monitored(&self, x: &Tensor) -> Result<(Tensor, Option<CkaRows>)> {
+        let base = self.base.forward(x)?;
+        let Some(lora) = &self.lora else {
+            return Ok((base, None));
+        };
+        let (a, b) = (lora.a.to_dtype(x.dtype())?, lora.b.to_dtype(x.dtype())?);
+        let u = matmul(x, &a.t()?)?.affine(lora.scaling, 0.0)?;
+        let y = crate::nn::add(&base, &matmul(&u, &b.t()?)?)?;
+        Ok((y, Some(CkaRows::LowRank { y: base, u, b })))
     }
 
     /// Returns `dx` (when `need_dx`) and the adapter's gradients (when it trains).

@@ -8,7 +8,7 @@ pub use block::{
     SiteForward, SiteStates,
 };
 use candle_core::Tensor;
-pub use lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear};
+pub use lora::{CkaRows, LoraAdapter, LoraConfig, LoraGrads, LoraLinear};
 
 /// One adapter: its transformer layer and its site, the index into the layer's
 /// [`Block::SITES`]. Ordered by layer, then site: the order of [`Adapted::adapters`].

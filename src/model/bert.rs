@@ -621,7 +621,7 @@ impl<H: EncoderHead> BertWithHead<H> {
     }
 
     /// SAFE's monitoring of layer `i` (inference): its output on `h` (the output of layer
-    /// `i - 1`, or of the embeddings) and each of its adapters' `(site, X, Y)` at `point` (see
+    /// `i - 1`, or of the embeddings) and each of its adapters' `(site, rows for CKA)` at `point` (see
     /// [`MonitorPoint`]).
     pub fn monitor_layer(
         &self,

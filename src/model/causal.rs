@@ -342,7 +342,7 @@ impl<M: DecoderParts> CausalLm for M {
         let (out, rows) = crate::adapters::monitor_layer(&self.layers()[i], point, run)?;
         let rows = rows
             .into_iter()
-            .map(|(s, x, y)| (self.adapter_path(i, s), x, y))
+            .map(|(s, r)| (self.adapter_path(i, s), r))
             .collect();
         Ok((out, rows))
     }

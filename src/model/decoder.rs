@@ -348,8 +348,10 @@ mod tests {
                 let next = m.hidden_before(&batch, layer + 1).unwrap();
                 assert_eq!(max_abs_diff(&out, &next), 0.0, "{target} layer {layer}");
                 assert_eq!(rows.len(), 1, "{target}");
-                let (path, x, y) = &rows[0];
+                let (path, r) = &rows[0];
                 assert_eq!(path, expected_path);
+                let (x, y) = r.x_y().unwrap();
+                let (x, y) = (&x, &y);
                 assert_eq!(x.dims(), [4, hidden]);
                 let d = max_abs_diff(x, y);
                 if layer == 0 {

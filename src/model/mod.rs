@@ -111,8 +111,8 @@ pub struct LmBatch {
     pub seq: usize,
 }
 
-/// A monitored layer's output and each of its adapters' `(module path, X, Y)` rows (SAFE).
-pub type MonitoredLayer = (Tensor, Vec<(String, Tensor, Tensor)>);
+/// A monitored layer's output and each of its adapters' `(module path, rows for CKA)` (SAFE).
+pub type MonitoredLayer = (Tensor, Vec<(String, crate::adapters::CkaRows)>);
 
 /// Adapter gradients by adapter, in `(layer, site)` order.
 pub type AdapterGrads = Vec<(AdapterId, LoraGrads)>;

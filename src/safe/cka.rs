@@ -194,7 +194,11 @@ mod tests {
         }
         assert_eq!((start * dx, start * dy), (x.len(), y.len()));
         let scores = importance_by_layer(&[0usize], &mut batches, 0..1, |_, &i, h| {
-            Ok((h.clone(), vec![(0, xs[i].clone(), ys[i].clone())]))
+            let rows = crate::adapters::CkaRows::Full {
+                x: xs[i].clone(),
+                y: ys[i].clone(),
+            };
+            Ok((h.clone(), vec![(0, rows)]))
         })
         .unwrap();
         let s = scores[0];

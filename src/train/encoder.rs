@@ -237,7 +237,7 @@ pub fn adapter_importance_on<H: EncoderHead>(
     }
     let scores = importance::importance_by_layer(&sites, &mut batches, layers, |layer, t, h| {
         let (out, rows) = model.monitor_layer(layer, t, h, point)?;
-        let rows = rows.into_iter().map(|(s, x, y)| ((layer, s), x, y));
+        let rows = rows.into_iter().map(|(s, r)| ((layer, s), r));
         Ok((out, rows.collect()))
     })?;
     Ok(scores)

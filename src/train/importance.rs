@@ -2,14 +2,15 @@
 //! fixed set of monitoring batches, computed **layer by layer**. All batches pass one layer before
 //! the next layer runs, so at any time only one layer's `(X, Y)` rows and CKA moments exist; the
 //! batches' hidden states (a few MB) are what carries over. The moments of a layer stay on the
-//! model's device in f64.
+//! model's device in f64; at the linear they are kept in the adapter's low-rank form (see
+//! [`DeviceMoments`]), one `d x d` product per batch instead of three.
 //!
-//! Memory is therefore `O(d^2)` for one layer's adapters, not for the model's: 0.8 GB for a
-//! LLaMA-7B layer's q/v adapters at width 4096, where holding every layer's would take 26 GB.
+//! Memory is therefore `O(d^2)` for one layer's adapters, not for the model's: 0.27 GB for a
+//! LLaMA-7B layer's q/v adapters at width 4096, where holding every layer's would take 8.6 GB.
 //! The centered norms CKA is made of are computed there too, so per adapter and round five numbers
 //! reach the host, not three `d x d` matrices.
 
-use crate::adapters::Adapted;
+use crate::adapters::{Adapted, CkaRows};
 use crate::safe::{cka_from_norms, CkaNorms};
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
@@ -45,8 +46,8 @@ pub fn trainable_layers(model: &impl Adapted) -> Option<Range<usize>> {
 }
 
 /// What one monitored layer gives for one batch: its output (the next layer's input) and, for
-/// each of its adapters, `(adapter key, X, Y)` as `[batch*seq, d]` rows.
-pub type LayerRows<K> = (Tensor, Vec<(K, Tensor, Tensor)>);
+/// each of its adapters, `(adapter key, its X and Y rows)` over `[batch*seq]` rows.
+pub type LayerRows<K> = (Tensor, Vec<(K, CkaRows)>);
 
 /// Importance of each of `adapters` (in that order): `layer(l, batch, hidden)` runs layer `l` on
 /// every batch in turn, for each `l` in `layers`, naming its adapters by their keys; adapters
@@ -62,12 +63,12 @@ pub fn importance_by_layer<B, K: PartialEq>(
         let mut moments: Vec<(usize, DeviceMoments)> = Vec::new();
         for mb in batches.iter_mut() {
             let (out, rows) = layer(l, &mb.batch, &mb.hidden)?;
-            for (key, x, y) in rows {
+            for (key, r) in rows {
                 let i = adapters
                     .iter()
                     .position(|a| *a == key)
                     .expect("monitored adapter is listed");
-                let m = DeviceMoments::of(&x, &y, &mb.rows)?;
+                let m = DeviceMoments::of(&r, &mb.rows)?;
                 match moments.iter_mut().find(|(j, _)| *j == i) {
                     Some((_, acc)) => acc.add(m)?,
                     None => moments.push((i, m)),
@@ -83,46 +84,164 @@ pub fn importance_by_layer<B, K: PartialEq>(
 }
 
 /// One adapter's CKA moments over the batches seen so far, on the model's device in f64: the
-/// row count, column sums, and the uncentered `X^T X`, `Y^T Y`, `Y^T X`.
-struct DeviceMoments {
-    n: usize,
-    sum_x: Tensor,
-    sum_y: Tensor,
-    xtx: Tensor,
-    yty: Tensor,
-    ytx: Tensor,
+/// row count, column sums, and the uncentered `X^T X`, `Y^T Y`, `Y^T X`. At the linear, where
+/// `X = Y + U B^T` with `U` of rank r, they are kept as `Y^T Y`, `Y^T U`, `U^T U` and `B`:
+/// one `d x d` product over the rows instead of three (`X^T X` and `Y^T X` follow from them
+/// in `O(d^2 r)` when the round's batches are done).
+enum DeviceMoments {
+    Full {
+        n: usize,
+        sum_x: Tensor,
+        sum_y: Tensor,
+        xtx: Tensor,
+        yty: Tensor,
+        ytx: Tensor,
+    },
+    LowRank {
+        n: usize,
+        sum_y: Tensor,
+        sum_u: Tensor,
+        yty: Tensor,
+        ytu: Tensor,
+        utu: Tensor,
+        b: Tensor,
+    },
 }
 
 impl DeviceMoments {
-    /// The moments of `X`, `Y` (`[batch*seq, d]`) over the token rows `rows`.
-    fn of(x: &Tensor, y: &Tensor, rows: &Tensor) -> Result<Self> {
-        let x = x.index_select(rows, 0)?.to_dtype(DType::F64)?;
-        let y = y.index_select(rows, 0)?.to_dtype(DType::F64)?;
-        Ok(Self {
-            n: x.dim(0)?,
-            sum_x: x.sum(0)?,
-            sum_y: y.sum(0)?,
-            // Counted as the model's matmuls are: SAFE's monitoring FLOPs include them.
-            xtx: crate::nn::matmul(&x.t()?, &x)?,
-            yty: crate::nn::matmul(&y.t()?, &y)?,
-            ytx: crate::nn::matmul(&y.t()?, &x)?,
+    /// The moments of one batch's rows over its token rows `rows`.
+    fn of(r: &CkaRows, rows: &Tensor) -> Result<Self> {
+        let pick = |t: &Tensor| t.index_select(rows, 0)?.to_dtype(DType::F64);
+        // Counted as the model's matmuls are: SAFE's monitoring FLOPs include them.
+        let mm = |a: &Tensor, b: &Tensor| crate::nn::matmul(&a.t()?, b);
+        Ok(match r {
+            CkaRows::Full { x, y } => {
+                let (x, y) = (pick(x)?, pick(y)?);
+                Self::Full {
+                    n: x.dim(0)?,
+                    sum_x: x.sum(0)?,
+                    sum_y: y.sum(0)?,
+                    xtx: mm(&x, &x)?,
+                    yty: mm(&y, &y)?,
+                    ytx: mm(&y, &x)?,
+                }
+            }
+            CkaRows::LowRank { y, u, b } => {
+                let (y, u) = (pick(y)?, pick(u)?);
+                Self::LowRank {
+                    n: y.dim(0)?,
+                    sum_y: y.sum(0)?,
+                    sum_u: u.sum(0)?,
+                    yty: mm(&y, &y)?,
+                    ytu: mm(&y, &u)?,
+                    utu: mm(&u, &u)?,
+                    b: b.to_dtype(DType::F64)?,
+                }
+            }
         })
     }
 
     fn add(&mut self, o: Self) -> Result<()> {
-        self.n += o.n;
-        self.sum_x = (&self.sum_x + o.sum_x)?;
-        self.sum_y = (&self.sum_y + o.sum_y)?;
-        self.xtx = (&self.xtx + o.xtx)?;
-        self.yty = (&self.yty + o.yty)?;
-        self.ytx = (&self.ytx + o.ytx)?;
-        Ok(())
+        let sum = |a: &mut Tensor, b: Tensor| -> Result<()> {
+            *a = (&*a + b)?;
+            Ok(())
+        };
+        match (self, o) {
+            (
+                Self::Full {
+                    n,
+                    sum_x,
+                    sum_y,
+                    xtx,
+                    yty,
+                    ytx,
+                },
+                Self::Full {
+                    n: n2,
+                    sum_x: sx,
+                    sum_y: sy,
+                    xtx: xx,
+                    yty: yy,
+                    ytx: yx,
+                },
+            ) => {
+                *n += n2;
+                sum(sum_x, sx)?;
+                sum(sum_y, sy)?;
+                sum(xtx, xx)?;
+                sum(yty, yy)?;
+                sum(ytx, yx)
+            }
+            (
+                Self::LowRank {
+                    n,
+                    sum_y,
+                    sum_u,
+                    yty,
+                    ytu,
+                    utu,
+                    ..
+                },
+                Self::LowRank {
+                    n: n2,
+                    sum_y: sy,
+                    sum_u: su,
+                    yty: yy,
+                    ytu: yu,
+                    utu: uu,
+                    ..
+                },
+            ) => {
+                *n += n2;
+                sum(sum_y, sy)?;
+                sum(sum_u, su)?;
+                sum(yty, yy)?;
+                sum(ytu, yu)?;
+                sum(utu, uu)
+            }
+            _ => candle_core::bail!("one adapter's CKA rows changed form between batches"),
+        }
+    }
+
+    /// `(n, sum_x, sum_y, X^T X, Y^T Y, Y^T X)`. From the low-rank form, with `C = (Y^T U) B^T`
+    /// (`= Y^T (X - Y)`): `Y^T X = Y^T Y + C`, `X^T X = Y^T Y + C + C^T + B (U^T U) B^T`, and
+    /// `sum_x = sum_y + B sum_u`.
+    #[allow(clippy::type_complexity)]
+    fn full(self) -> Result<(usize, Tensor, Tensor, Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Full {
+                n,
+                sum_x,
+                sum_y,
+                xtx,
+                yty,
+                ytx,
+            } => Ok((n, sum_x, sum_y, xtx, yty, ytx)),
+            Self::LowRank {
+                n,
+                sum_y,
+                sum_u,
+                yty,
+                ytu,
+                utu,
+                b,
+            } => {
+                let mm = crate::nn::matmul;
+                let c = mm(&ytu, &b.t()?)?;
+                let ytx = (&yty + &c)?;
+                let bub = mm(&mm(&b, &utu)?, &b.t()?)?;
+                let xtx = ((&ytx + c.t()?)? + bub)?;
+                let sum_x = (&sum_y + mm(&b, &sum_u.unsqueeze(1)?)?.squeeze(1)?)?;
+                Ok((n, sum_x, sum_y, xtx, yty, ytx))
+            }
+        }
     }
 
     /// `1 - CKA` (NaN where CKA is undefined, see [`cka_from_norms`]). The centered products and
     /// their norms are computed where the moments are, so only five numbers reach the host.
     fn importance(self) -> Result<f64> {
-        let n = self.n as f64;
+        let (rows, sum_x, sum_y, xtx, yty, ytx) = self.full()?;
+        let n = rows as f64;
         // Sum of squares, by rows first: candle's CUDA `sum_all` reduces in one thread block,
         // which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
         let sum_sq = |t: &Tensor| -> Result<f64> { t.sqr()?.sum(1)?.sum_all()?.to_scalar() };
@@ -132,12 +251,12 @@ impl DeviceMoments {
             sum_sq(&(m - (outer / n)?)?)
         };
         let norms = CkaNorms {
-            rows: self.n,
-            xx: centered(&self.xtx, &self.sum_x, &self.sum_x)?,
-            xx_raw: sum_sq(&self.xtx)?,
-            yy: centered(&self.yty, &self.sum_y, &self.sum_y)?,
-            yy_raw: sum_sq(&self.yty)?,
-            yx: centered(&self.ytx, &self.sum_y, &self.sum_x)?,
+            rows,
+            xx: centered(&xtx, &sum_x, &sum_x)?,
+            xx_raw: sum_sq(&xtx)?,
+            yy: centered(&yty, &sum_y, &sum_y)?,
+            yy_raw: sum_sq(&yty)?,
+            yx: centered(&ytx, &sum_y, &sum_x)?,
         };
         Ok(cka_from_norms(&norms)
             .map(crate::safe::importance)
@@ -173,7 +292,7 @@ mod tests {
         importance_by_layer(&[0, 1], &mut batches, 0..2, |l, _, h| {
             let x = crate::nn::matmul(h, &wx)?;
             let y = crate::nn::matmul(h, &wy)?;
-            Ok((h.clone(), vec![(l, x, y)]))
+            Ok((h.clone(), vec![(l, CkaRows::Full { x, y })]))
         })
         .unwrap();
         let counted = crate::nn::flops::total() - before;
@@ -187,6 +306,72 @@ mod tests {
             })
             .sum();
         assert_eq!(counted, (forward + moments) as u64);
+    }
+
+    /// At the linear, `X = Y + U B^T`: the low-rank moments give the score of the full ones
+    /// (X materialized) over three padded batches with non-zero column means, and count
+    /// `2 n (d^2 + d r + r^2)` per batch plus `4 d^2 r + 2 d r^2 + 2 d r` per round instead of
+    /// the full form's `6 n d^2`.
+    #[test]
+    fn low_rank_moments_give_the_full_moments_score() {
+        let dev = Device::Cpu;
+        let (seq, d, r) = (6, 5, 2);
+        let masks: [&[u32]; 3] = [
+            &[1, 1, 1, 1, 0, 0],
+            &[1, 1, 1, 1, 1, 1],
+            &[1, 1, 0, 0, 0, 0],
+        ];
+        let made = |seed: u64, rows: usize, cols: usize, mean: f64| {
+            let v: Vec<f64> = (0..rows * cols)
+                .map(|i| ((i as u64 * 37 + seed * 11) % 17) as f64 * 0.25 - 2.0 + mean)
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &dev).unwrap()
+        };
+        let b = made(9, d, r, 0.0);
+        let per_batch: Vec<(Tensor, Tensor)> = (0..3)
+            .map(|i| (made(i, seq, d, 1.5), made(i + 5, seq, r, 0.3)))
+            .collect();
+        let batches = || -> Vec<MonitorBatch<usize>> {
+            masks
+                .iter()
+                .enumerate()
+                .map(|(i, mask)| MonitorBatch {
+                    batch: i,
+                    rows: token_rows(mask, &dev).unwrap(),
+                    hidden: Tensor::zeros(1, DType::F64, &dev).unwrap(),
+                })
+                .collect()
+        };
+        let score = |low_rank: bool| {
+            let before = crate::nn::flops::total();
+            let s = importance_by_layer(&[0usize], &mut batches(), 0..1, |_, &i, h| {
+                let (y, u) = per_batch[i].clone();
+                let rows = CkaRows::LowRank { y, u, b: b.clone() };
+                let rows = if low_rank {
+                    rows
+                } else {
+                    let (x, y) = rows.x_y()?;
+                    CkaRows::Full { x, y }
+                };
+                Ok((h.clone(), vec![(0, rows)]))
+            })
+            .unwrap()[0];
+            (s, crate::nn::flops::total() - before)
+        };
+        let ((full, full_flops), (low, low_flops)) = (score(false), score(true));
+        assert!(full > 1e-3, "the test needs a non-trivial score: {full}");
+        assert!((low - full).abs() < 1e-12 * full, "{low} vs {full}");
+        let rows: Vec<usize> = masks
+            .iter()
+            .map(|m| m.iter().filter(|&&v| v == 1).count())
+            .collect();
+        // x_y's U B^T per batch is the full path's own cost of materializing X.
+        let materialize = 3 * 2 * seq * r * d;
+        let full_moments: usize = rows.iter().map(|n| 2 * n * 3 * d * d).sum();
+        assert_eq!(full_flops, (materialize + full_moments) as u64);
+        let low_moments: usize = rows.iter().map(|n| 2 * n * (d * d + d * r + r * r)).sum();
+        let round = 4 * d * d * r + 2 * d * r * r + 2 * d * r;
+        assert_eq!(low_flops, (low_moments + round) as u64);
     }
 
     /// Two "layers" over three batches with padding: each adapter's score is the direct Gram-form
@@ -217,7 +402,11 @@ mod tests {
         // Layer l holds adapter l; adapter 2 (layer 2) is outside the measured range.
         let scores = importance_by_layer(&[0, 1, 2], &mut batches, 0..2, |l, &b, h| {
             let k = 0.5 + l as f32;
-            Ok(((h + 1.0)?, vec![(l, xy(b, k), xy(b, 0.0))]))
+            let rows = CkaRows::Full {
+                x: xy(b, k),
+                y: xy(b, 0.0),
+            };
+            Ok(((h + 1.0)?, vec![(l, rows)]))
         })
         .unwrap();
         for l in 0..2 {

@@ -611,7 +611,8 @@ mod tests {
                 .monitor_layer(layer, &b, &h, MonitorPoint::Linear)
                 .unwrap();
             assert_eq!(&monitored[0].0, path);
-            let ((x, d), (y, _)) = (rows(&monitored[0].1), rows(&monitored[0].2));
+            let (x, y) = monitored[0].1.x_y().unwrap();
+            let ((x, d), (y, _)) = (rows(&x), rows(&y));
             let cka = crate::safe::linear_cka_gram(&x, &y, keep.len(), d, d).unwrap();
             let expected = crate::safe::importance(cka);
             assert!(

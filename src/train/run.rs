@@ -428,23 +428,37 @@ impl RunTotals {
 }
 
 /// Memory SAFE's CKA moments take while a round is measured, in bytes. The measurement goes layer
-/// by layer (see `train::importance`), so this is the largest layer's share: for each of its
-/// adapters, three `d x d` f64 matrices and two `d` sums, `d` the width CKA watches, plus four
-/// `d x d` temporaries while one adapter's norms are computed. `d` is the adapted linear's output
-/// width; for the block's output, the wider of the linear's input and output is used as a bound.
+/// by layer (see `train::importance`), so this is the largest layer's share plus the temporaries
+/// while one adapter's norms are computed. At the linear (`d` its output width, `r` the rank) an
+/// adapter keeps `Y^T Y`, `Y^T U`, `U^T U`, `B` and two sums, and its norms take eight `d x d`
+/// temporaries (`X^T X` and `Y^T X` rebuilt, then centered). At the block (`d` the wider of the
+/// linear's input and output, a bound) it keeps three `d x d` matrices and two sums, and the norms
+/// take four temporaries.
 pub fn cka_moment_bytes(model: &impl Adapted, point: crate::safe::MonitorPoint) -> u64 {
+    use crate::safe::MonitorPoint;
     let mut per_layer = std::collections::BTreeMap::<usize, u64>::new();
     let mut widest = 0u64;
     for ((_, a), layer) in model.adapters().iter().zip(model.adapter_layers()) {
-        let out = a.b.dims().first().copied().unwrap_or(0);
-        let d = match point {
-            crate::safe::MonitorPoint::Linear => out,
-            crate::safe::MonitorPoint::Block => out.max(a.a.dims().get(1).copied().unwrap_or(0)),
-        } as u64;
-        *per_layer.entry(layer).or_default() += (3 * d * d + 2 * d) * 8;
+        let out = a.b.dims().first().copied().unwrap_or(0) as u64;
+        let (r, input) = match a.a.dims() {
+            [r, i] => (*r as u64, *i as u64),
+            _ => (0, 0),
+        };
+        let (d, floats) = match point {
+            MonitorPoint::Linear => (out, out * out + 2 * out * r + r * r + out + r),
+            MonitorPoint::Block => {
+                let d = out.max(input);
+                (d, 3 * d * d + 2 * d)
+            }
+        };
+        *per_layer.entry(layer).or_default() += floats * 8;
         widest = widest.max(d);
     }
-    per_layer.into_values().max().unwrap_or(0) + 4 * widest * widest * 8
+    let temporaries = match point {
+        MonitorPoint::Linear => 8,
+        MonitorPoint::Block => 4,
+    };
+    per_layer.into_values().max().unwrap_or(0) + temporaries * widest * widest * 8
 }
 
 /// Refuses a SAFE run whose CKA moments would not fit in `available` bytes, before it trains,
@@ -611,16 +625,16 @@ mod tests {
             ..Default::default()
         };
         CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
-        // One layer's q and v: d = 16 and 2 kv heads x 4 = 8 at the linear; 16 (the block's
-        // input) for both at the block.
-        // Plus four 16 x 16 temporaries.
-        let per = |d: u64| (3 * d * d + 2 * d) * 8;
-        let temp = 4 * 16 * 16 * 8;
+        // One layer's q and v (rank 2): d = 16 and 2 kv heads x 4 = 8 at the linear, each
+        // keeping Y^T Y, Y^T U, U^T U, B and two sums, plus eight 16 x 16 temporaries; 16 (the
+        // block's input) for both at the block, three d x d and two sums each, plus four.
+        let low_rank = |d: u64| (d * d + 2 * d * 2 + 2 * 2 + d + 2) * 8;
         let linear = cka_moment_bytes(&m, MonitorPoint::Linear);
-        assert_eq!(linear, per(16) + per(8) + temp);
+        assert_eq!(linear, low_rank(16) + low_rank(8) + 8 * 16 * 16 * 8);
+        let full = |d: u64| (3 * d * d + 2 * d) * 8;
         assert_eq!(
             cka_moment_bytes(&m, MonitorPoint::Block),
-            2 * per(16) + temp
+            2 * full(16) + 4 * 16 * 16 * 8
         );
         assert!(check_cka_memory(1000, Some(2000), 4).is_ok());
         assert!(check_cka_memory(1000, None, 4).is_ok());
