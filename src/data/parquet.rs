@@ -13,8 +13,9 @@ use super::table::{Row, TableSpec};
 use super::DataError;
 
 fn open(path: &Path) -> Result<SerializedFileReader<File>, DataError> {
-    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    check_footer(path, &mut file, len)?;
     let reader = SerializedFileReader::new(file)
         .map_err(|e| DataError::format(path, format!("not a readable Parquet file ({e})")))?;
     check_chunks(path, &reader, len)?;
@@ -52,6 +53,44 @@ fn check_chunks(
     Ok(())
 }
 
+/// Walks the footer's `FileMetaData` (Thrift compact) before the `parquet` crate parses it: the
+/// same bounds as the page-header walk, and every schema element's `num_children` must be
+/// between 0 and the number of schema elements. The crate reserves a vector of `num_children`
+/// before it builds the children, so a footer claiming two billion of them made it allocate
+/// 12.6 GB (an out-of-memory abort the `parquet` fuzz target found). A file too short for a
+/// footer, or without the magic, is left to the crate's own error.
+fn check_footer(path: &Path, file: &mut File, len: u64) -> Result<(), DataError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tail = [0u8; 8];
+    if len < 12 {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(len - 8))
+        .and_then(|_| file.read_exact(&mut tail))
+        .map_err(|e| DataError::io(path, e))?;
+    let footer_len = u64::from(u32::from_le_bytes(tail[..4].try_into().unwrap()));
+    if &tail[4..] != b"PAR1" || footer_len + 8 > len {
+        return Ok(());
+    }
+    let start = len - 8 - footer_len;
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| DataError::io(path, e))?;
+    let mut footer = ThriftBytes {
+        bytes: std::io::BufReader::new(&mut *file).take(footer_len).bytes(),
+        read: 0,
+        left: footer_len,
+        region: "footer",
+    };
+    let refuse = |what: String| {
+        let msg = format!("not a readable Parquet file (the footer at byte {start} {what})");
+        DataError::format(path, msg)
+    };
+    footer.schema_children().map_err(refuse)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| DataError::io(path, e))?;
+    Ok(())
+}
+
 /// Walks every column chunk's page headers (Thrift compact structs) before the `parquet` crate
 /// reads them: a header must end inside its chunk, no list, set or map may count more elements
 /// than bytes are left (each takes at least one), and a page's size must keep the next header
@@ -76,6 +115,7 @@ fn check_page_headers(path: &Path, reader: &SerializedFileReader<File>) -> Resul
                     bytes: (&mut file).take(end - pos).bytes(),
                     read: 0,
                     left: end - pos,
+                    region: "column chunk",
                 };
                 let page_size = header.page_header().map_err(|what| {
                     let msg = format!(
@@ -98,12 +138,14 @@ fn check_page_headers(path: &Path, reader: &SerializedFileReader<File>) -> Resul
     Ok(())
 }
 
-/// A Thrift compact-protocol reader over at most `left` bytes, enough to skip any value and read
-/// a `PageHeader`'s `compressed_page_size`.
+/// A Thrift compact-protocol reader over at most `left` bytes, enough to skip any value, read a
+/// `PageHeader`'s `compressed_page_size` and a `FileMetaData`'s schema elements' `num_children`.
 struct ThriftBytes<I> {
     bytes: I,
     read: u64,
     left: u64,
+    /// What the bytes are ("column chunk", "footer"), for the error when they run out.
+    region: &'static str,
 }
 
 impl<I: Iterator<Item = std::io::Result<u8>>> ThriftBytes<I> {
@@ -115,7 +157,7 @@ impl<I: Iterator<Item = std::io::Result<u8>>> ThriftBytes<I> {
                 Ok(b)
             }
             Some(Err(e)) => Err(format!("cannot be read ({e})")),
-            None => Err("runs past its column chunk".into()),
+            None => Err(format!("runs past its {}", self.region)),
         }
     }
 
@@ -133,7 +175,7 @@ impl<I: Iterator<Item = std::io::Result<u8>>> ThriftBytes<I> {
 
     fn skip(&mut self, n: u64) -> Result<(), String> {
         if n > self.left {
-            return Err("runs past its column chunk".into());
+            return Err(format!("runs past its {}", self.region));
         }
         (0..n).try_for_each(|_| self.byte().map(|_| ()))
     }
@@ -182,44 +224,99 @@ impl<I: Iterator<Item = std::io::Result<u8>>> ThriftBytes<I> {
                 }
                 Ok(())
             }
-            12 => self.skip_struct(depth + 1).map(|_| ()),
+            12 => self.walk_struct(depth + 1, |_, _, _| Ok(false)),
             13 => self.skip(16),
             t => Err(format!("has a value of unknown type {t}")),
         }
     }
 
-    /// Skips a struct; returns its i32 field 3, if any (a `PageHeader`'s `compressed_page_size`).
-    fn skip_struct(&mut self, depth: u32) -> Result<Option<i64>, String> {
-        let (mut id, mut field3) = (0i64, None);
+    fn zigzag(&mut self) -> Result<i64, String> {
+        let z = self.varint()?;
+        Ok((z >> 1) as i64 ^ -((z & 1) as i64))
+    }
+
+    /// Walks a struct's fields, handing each (field id, compact type) to `field`, which reads
+    /// the value or returns `false` to have it skipped.
+    fn walk_struct(
+        &mut self,
+        depth: u32,
+        mut field: impl FnMut(&mut Self, i64, u8) -> Result<bool, String>,
+    ) -> Result<(), String> {
+        let mut id = 0i64;
         loop {
             let head = self.byte()?;
             let t = head & 0x0f;
             if t == 0 {
-                return Ok(field3);
+                return Ok(());
             }
             id = match head >> 4 {
-                0 => {
-                    let z = self.varint()?;
-                    (z >> 1) as i64 ^ -((z & 1) as i64)
-                }
+                0 => self.zigzag()?,
                 delta => id.wrapping_add(i64::from(delta)),
             };
-            if id == 3 && t == 5 {
-                let z = self.varint()?;
-                field3 = Some((z >> 1) as i64 ^ -((z & 1) as i64));
-            } else {
+            if !field(self, id, t)? {
                 self.skip_value(t, false, depth)?;
             }
         }
     }
 
-    /// A `PageHeader`'s `compressed_page_size`: the bytes of page data after the header.
+    /// Skips a struct; returns its i32 field `want`, if any. The `parquet` crate reads a known
+    /// field as its declared type whatever the wire type says, so `want` of another type is
+    /// refused rather than skipped (the crate would read a binary's length as the number).
+    fn skip_struct(&mut self, depth: u32, want: i64) -> Result<Option<i64>, String> {
+        let mut found = None;
+        self.walk_struct(depth, |t, id, ty| {
+            if id != want {
+                return Ok(false);
+            }
+            if ty != 5 {
+                return Err(format!("has field {want} of type {ty}, not i32"));
+            }
+            found = Some(t.zigzag()?);
+            Ok(true)
+        })?;
+        Ok(found)
+    }
+
+    /// A `PageHeader`'s `compressed_page_size` (field 3): the bytes of page data after it.
     fn page_header(&mut self) -> Result<u64, String> {
-        match self.skip_struct(0)? {
+        match self.skip_struct(0, 3)? {
             Some(n) if n >= 0 => Ok(n as u64),
             Some(n) => Err(format!("gives a negative page size ({n})")),
             None => Err("has no compressed_page_size".into()),
         }
+    }
+
+    /// A `FileMetaData`'s schema (field 2, a list of `SchemaElement`s): each element's
+    /// `num_children` (field 5), if set, which must lie in 0..(the number of elements). The rest
+    /// of the footer is skipped.
+    fn schema_children(&mut self) -> Result<Vec<Option<i64>>, String> {
+        let mut children = Vec::new();
+        self.walk_struct(0, |t, id, ty| {
+            if id != 2 || ty != 9 {
+                return Ok(false);
+            }
+            let head = t.byte()?;
+            let n = match head >> 4 {
+                15 => t.varint()?,
+                n => u64::from(n),
+            };
+            if head & 0x0f != 12 {
+                return Err("has a schema that is not a list of structs".into());
+            }
+            for i in 0..t.count(n)? {
+                let c = t
+                    .skip_struct(1, 5)
+                    .map_err(|e| format!("in schema element {i} {e}"))?;
+                if let Some(c) = c.filter(|c| !(0..n as i64).contains(c)) {
+                    return Err(format!(
+                        "gives schema element {i} {c} children, outside 0..{n}"
+                    ));
+                }
+                children.push(c);
+            }
+            Ok(true)
+        })?;
+        Ok(children)
     }
 }
 
@@ -403,6 +500,7 @@ mod tests {
                 bytes: bytes.iter().map(|&b| Ok(b)),
                 read: 0,
                 left: bytes.len() as u64,
+                region: "column chunk",
             };
             t.page_header().map(|n| (n, t.read))
         };
@@ -456,6 +554,65 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 5);
+    }
+
+    /// The footer walk reads each schema element's `num_children` and skips the rest.
+    #[test]
+    fn the_footer_walk_reads_the_schema_elements_children() {
+        // FileMetaData { version 1, schema [ {name "schema", num_children 1},
+        // {type 1, repetition 0, name "a"} ], num_rows 0 }
+        let footer = [
+            0x15, 0x02, 0x19, 0x2c, 0x48, 0x06, b's', b'c', b'h', b'e', b'm', b'a', 0x15, 0x02,
+            0x00, 0x15, 0x02, 0x25, 0x00, 0x18, 0x01, b'a', 0x00, 0x16, 0x00, 0x00,
+        ];
+        let mut t = ThriftBytes {
+            bytes: footer.iter().map(|&b| Ok(b)),
+            read: 0,
+            left: footer.len() as u64,
+            region: "footer",
+        };
+        assert_eq!(t.schema_children(), Ok(vec![Some(1), None]));
+        assert_eq!(t.read, footer.len() as u64);
+        // A schema list claiming more elements than bytes are left.
+        let mut t = ThriftBytes {
+            bytes: [0x29, 0xfc, 0x80, 0x08, 0x00].iter().map(|&b| Ok(b)),
+            read: 0,
+            left: 5,
+            region: "footer",
+        };
+        assert!(t.schema_children().unwrap_err().contains("1024 elements"));
+        // One element claiming 2^30 children (an i32 field 5, as a writer types it).
+        let footer = [
+            0x29, 0x1c, 0x48, 0x01, b'r', 0x15, 0x80, 0x80, 0x80, 0x80, 0x08, 0x00, 0x00,
+        ];
+        let mut t = ThriftBytes {
+            bytes: footer.iter().map(|&b| Ok(b)),
+            read: 0,
+            left: footer.len() as u64,
+            region: "footer",
+        };
+        let e = t.schema_children().unwrap_err();
+        assert!(
+            e.contains("schema element 0 1073741824 children, outside 0..1"),
+            "{e}"
+        );
+    }
+
+    /// A file the `parquet` fuzz target made (from the NLI seed) whose footer's schema element 1
+    /// has a binary field 5: the crate reads field 5 as `num_children` whatever its type and
+    /// reserved 12.66 GB for the children before building any (`memory allocation of
+    /// 12656698912 bytes failed`, an abort, under the fuzzer's limit or `ulimit -v 6000000`).
+    /// Refused by the footer walk in `open`, naming the element.
+    #[test]
+    fn a_schema_element_whose_children_field_is_not_an_i32_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/parquet/schema-children-oom.parquet");
+        let e = column_names(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("schema-children-oom.parquet")
+                && e.contains("the footer at byte 266 in schema element 1 has field 5 of type 8"),
+            "{e}"
+        );
     }
 
     /// A file the `parquet` fuzz target made (from the sentiment seed) on which the crate's row
