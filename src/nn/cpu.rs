@@ -11,6 +11,43 @@ use super::dropout;
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
+/// Defines `fn $name(args)` whose body is compiled three times: for AVX-512F, for AVX2 + FMA and
+/// for the build's baseline (SSE2 on x86-64), and picks the first the CPU has at run time. The
+/// elementwise loops below then use the CPU's full vector width (the baseline build vectorises
+/// them 4 lanes wide). Rust contracts no `a * b + c` into an FMA by itself, so every variant
+/// computes the same bits.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn v4($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v3($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 /// Runs `f` on the tensor's contiguous f32 host data, if it has such data.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
@@ -183,18 +220,22 @@ fn norm_bwd(
 /// libm `exp` was the largest cost of a CPU training step after the matmuls (GELU, softmax).
 /// Below -87.3 it is 0 (as `exp` underflows to 0 there, up to denormals); NaN stays NaN; above
 /// 88 it saturates at `exp(88)`, a case none of its callers reaches.
-#[inline]
+#[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
     let xc = x.clamp(-87.336_54, 88.0);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let rounded = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = rounded - ROUND;
     let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4; // ln 2 in two parts: n * hi is exact
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 0.166_666_65)
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from the bits of `rounded` (ROUND + n: n sits in its low mantissa bits), in integer
+    // operations: `n as i32` would be a saturating conversion that does not vectorise.
+    let n_int = (rounded.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits((n_int.wrapping_add(127) << 23) as u32);
     if x < -87.336_54 {
         0.0
     } else {
@@ -204,7 +245,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 /// erf with |error| < 5e-7: Numerical Recipes' erfc Chebyshev fit (1.2e-7) evaluated in f32 with
 /// [`exp_f32`] (within 3.3e-7 of the fit in f64), so GELU's loops vectorise.
-#[inline]
+#[inline(always)]
 fn erf(x: f32) -> f32 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
@@ -235,35 +276,42 @@ pub fn gelu_fwd(x: &Tensor) -> Result<Option<Tensor>> {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &v) in y.iter_mut().zip(x) {
-                    *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
+            .for_each(|(y, x)| gelu_fwd_chunk(y, x));
         y
     });
     out.map(|y| tensor(y, x)).transpose()
 }
 
+multiversion! {
+    fn gelu_fwd_chunk(y: &mut [f32], x: &[f32]) {
+        for (y, &v) in y.iter_mut().zip(x) {
+            *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
 /// GELU backward: `dy * (Phi(x) + x * phi(x))`.
 pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-    let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
     let out = slices!(x, dy => {
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .zip(dy.par_chunks(CHUNK))
-            .for_each(|((dx, x), dy)| {
-                for i in 0..dx.len() {
-                    let v = x[i];
-                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
-                    dx[i] = dy[i] * (cdf + v * pdf);
-                }
-            });
+            .for_each(|((dx, x), dy)| gelu_bwd_chunk(dx, x, dy));
         dx
     });
     out.map(|dx| tensor(dx, x)).transpose()
+}
+
+multiversion! {
+    fn gelu_bwd_chunk(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+        let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+        for ((dx, &v), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
+            *dx = dy * (cdf + v * pdf);
+        }
+    }
 }
 
 /// `sqrt(2 / pi)` and the cubic coefficient of GELU's tanh approximation.
@@ -307,7 +355,7 @@ pub fn gelu_tanh_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
     out.map(|dx| tensor(dx, x)).transpose()
 }
 
-#[inline]
+#[inline(always)]
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-v))
 }
@@ -319,11 +367,7 @@ pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         y.par_chunks_mut(CHUNK)
             .zip(gate.par_chunks(CHUNK))
             .zip(up.par_chunks(CHUNK))
-            .for_each(|((y, g), u)| {
-                for i in 0..y.len() {
-                    y[i] = g[i] * sigmoid(g[i]) * u[i];
-                }
-            });
+            .for_each(|((y, g), u)| swiglu_fwd_chunk(y, g, u));
         y
     });
     out.map(|y| tensor(y, gate)).transpose()
@@ -338,17 +382,29 @@ pub fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Option<(Ten
             .zip(du.par_chunks_mut(CHUNK))
             .zip(gate.par_chunks(CHUNK))
             .zip(up.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(((dg, du), g), (u, dy))| {
-                for i in 0..dg.len() {
-                    let s = sigmoid(g[i]);
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = dy[i] * g[i] * s;
-                }
-            });
+            .for_each(|(((dg, du), g), (u, dy))| swiglu_bwd_chunk(dg, du, g, u, dy));
         (dg, du)
     });
     let Some((dg, du)) = out else { return Ok(None) };
     Ok(Some((tensor(dg, gate)?, tensor(du, gate)?)))
+}
+
+multiversion! {
+    fn swiglu_fwd_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g * sigmoid(g) * u;
+        }
+    }
+}
+
+multiversion! {
+    fn swiglu_bwd_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        for (((dg, du), &g), (&u, &dy)) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u.iter().zip(dy)) {
+            let s = sigmoid(g);
+            *dg = dy * u * s * (1.0 + g * (1.0 - s));
+            *du = dy * g * s;
+        }
+    }
 }
 
 /// How many keys query row `i` of `t` sees out of `t2` (keys `0..n`): all of them, or under a
@@ -390,11 +446,8 @@ pub fn softmax_fwd(
                     p[j] = s[j] * scale + m[j];
                     max = max.max(p[j]);
                 }
-                let mut sum = 0f32;
-                for v in p[..n].iter_mut() {
-                    *v = exp_f32(*v - max);
-                    sum += *v;
-                }
+                exp_minus(&mut p[..n], max);
+                let sum = p[..n].iter().sum::<f32>();
                 let inv = 1.0 / sum;
                 p[..n].iter_mut().for_each(|v| *v *= inv);
                 *lse = max + sum.ln();
@@ -406,6 +459,15 @@ pub fn softmax_fwd(
         tensor(p, s)?,
         Tensor::from_vec(lse, (b, h, t, 1), s.device())?,
     )))
+}
+
+multiversion! {
+    /// `v = exp(v - max)` in place.
+    fn exp_minus(v: &mut [f32], max: f32) {
+        for v in v.iter_mut() {
+            *v = exp_f32(*v - max);
+        }
+    }
 }
 
 /// Recomputes `p = exp(s * scale + mask - lse)` from raw scores (0 past the query under `causal`).
@@ -422,14 +484,21 @@ pub fn softmax_recompute(
         let mut p = vec![0f32; s.len()];
         p.par_chunks_mut(t2).zip(s.par_chunks(t2)).enumerate().for_each(|(row, (p, s))| {
             let m = &mask_add[(row / (h * t)) * t2..][..t2];
-            let l = lse[row];
-            for j in 0..visible_keys(row % t, t, t2, causal) {
-                p[j] = exp_f32(s[j] * scale + m[j] - l);
-            }
+            let n = visible_keys(row % t, t, t2, causal);
+            exp_scaled(&mut p[..n], &s[..n], &m[..n], scale, lse[row]);
         });
         p
     });
     out.map(|p| tensor(p, s)).transpose()
+}
+
+multiversion! {
+    /// `p = exp(s * scale + m - l)`.
+    fn exp_scaled(p: &mut [f32], s: &[f32], m: &[f32], scale: f32, l: f32) {
+        for ((p, &s), &m) in p.iter_mut().zip(s).zip(m) {
+            *p = exp_f32(s * scale + m - l);
+        }
+    }
 }
 
 /// Softmax backward: `ds = scale * p * (dp - sum(dp * p))` per row (gradient of the raw scores).
