@@ -18,11 +18,15 @@ fn tune_allocator() {
 
 /// candle asks for its thread count on every CPU matmul, and unless `RAYON_NUM_THREADS` is set
 /// that reads `/proc/cpuinfo` each time (measured on 2 cores: 6% of a MiniLM training step, 17% of
-/// generation). Settle it once, at the count candle would pick (physical cores); rayon's own pool,
-/// which our CPU kernels share, then has that size too.
+/// generation). Settle it once, at the count candle would pick (physical cores) but no more than
+/// the CPUs this process may run on: candle's count ignores `taskset` and container CPU limits,
+/// and its spinning workers then share cores (measured pinned to 1 of 2 cores: 1010 ms a MiniLM
+/// step against 792 ms with one thread). rayon's own pool, which our CPU kernels share, then has
+/// that size too.
 fn settle_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
+        let allowed = std::thread::available_parallelism().map_or(usize::MAX, |n| n.get());
+        let n = candle_core::utils::get_num_threads().min(allowed).max(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
