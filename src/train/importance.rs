@@ -141,66 +141,40 @@ impl DeviceMoments {
         })
     }
 
-    fn add(&mut self, o: Self) -> Result<()> {
-        let sum = |a: &mut Tensor, b: Tensor| -> Result<()> {
-            *a = (&*a + b)?;
-            Ok(())
-        };
-        match (self, o) {
-            (
-                Self::Full {
-                    n,
-                    sum_x,
-                    sum_y,
-                    xtx,
-                    yty,
-                    ytx,
-                },
-                Self::Full {
-                    n: n2,
-                    sum_x: sx,
-                    sum_y: sy,
-                    xtx: xx,
-                    yty: yy,
-                    ytx: yx,
-                },
-            ) => {
-                *n += n2;
-                sum(sum_x, sx)?;
-                sum(sum_y, sy)?;
-                sum(xtx, xx)?;
-                sum(yty, yy)?;
-                sum(ytx, yx)
-            }
-            (
-                Self::LowRank {
-                    n,
-                    sum_y,
-                    sum_u,
-                    yty,
-                    ytu,
-                    utu,
-                    ..
-                },
-                Self::LowRank {
-                    n: n2,
-                    sum_y: sy,
-                    sum_u: su,
-                    yty: yy,
-                    ytu: yu,
-                    utu: uu,
-                    ..
-                },
-            ) => {
-                *n += n2;
-                sum(sum_y, sy)?;
-                sum(sum_u, su)?;
-                sum(yty, yy)?;
-                sum(ytu, yu)?;
-                sum(utu, uu)
-            }
-            _ => candle_core::bail!("one adapter's CKA rows changed form between batches"),
+    /// The row count and the five summed moments, in a fixed order per form (`b` is not a sum).
+    fn sums_mut(&mut self) -> (&mut usize, [&mut Tensor; 5]) {
+        match self {
+            Self::Full {
+                n,
+                sum_x,
+                sum_y,
+                xtx,
+                yty,
+                ytx,
+            } => (n, [sum_x, sum_y, xtx, yty, ytx]),
+            Self::LowRank {
+                n,
+                sum_y,
+                sum_u,
+                yty,
+                ytu,
+                utu,
+                ..
+            } => (n, [sum_y, sum_u, yty, ytu, utu]),
         }
+    }
+
+    fn add(&mut self, mut o: Self) -> Result<()> {
+        if std::mem::discriminant(self) != std::mem::discriminant(&o) {
+            candle_core::bail!("one adapter's CKA rows changed form between batches");
+        }
+        let (n, ours) = self.sums_mut();
+        let (n2, theirs) = o.sums_mut();
+        *n += *n2;
+        for (a, b) in ours.into_iter().zip(theirs) {
+            *a = (&*a + &*b)?;
+        }
+        Ok(())
     }
 
     /// `(n, sum_x, sum_y, X^T X, Y^T Y, Y^T X)`. From the low-rank form, with `C = (Y^T U) B^T`
