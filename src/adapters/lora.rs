@@ -101,12 +101,20 @@ impl LoraAdapter {
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
         let (xd, drop) = self.dropout.forward(x, pass, save)?;
-        let (a, b) = (self.a.to_dtype(x.dtype())?, self.b.to_dtype(x.dtype())?);
-        let xa = matmul(&xd, &a.t()?)?;
-        // The scaling on the rank-r side: an [n, r] pass instead of an [n, out] one.
-        let y = matmul(&xa.affine(self.scaling, 0.0)?, &b.t()?)?;
+        let (xa, u, b) = self.rank_r(&xd)?;
+        let y = matmul(&u, &b.t()?)?;
         let inputs = (save && self.trainable).then(|| (x.clone(), xa));
         Ok((y, LoraLinearSaved { inputs, drop }))
+    }
+
+    /// The rank-r side of the adapter on its (dropped-out) input `x`: `x A^T`, the scaled rows
+    /// `U = scaling * x A^T` and `B` in `x`'s dtype; the output is `U B^T`. The scaling sits on
+    /// the rank-r side: an `[n, r]` pass instead of an `[n, out]` one.
+    fn rank_r(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (a, b) = (self.a.to_dtype(x.dtype())?, self.b.to_dtype(x.dtype())?);
+        let xa = matmul(x, &a.t()?)?;
+        let u = xa.affine(self.scaling, 0.0)?;
+        Ok((xa, u, b))
     }
 }
 
@@ -184,8 +192,7 @@ impl LoraLinear {
         let Some(lora) = &self.lora else {
             return Ok((base, None));
         };
-        let (a, b) = (lora.a.to_dtype(x.dtype())?, lora.b.to_dtype(x.dtype())?);
-        let u = matmul(x, &a.t()?)?.affine(lora.scaling, 0.0)?;
+        let (_, u, b) = lora.rank_r(x)?;
         let y = crate::nn::add(&base, &matmul(&u, &b.t()?)?)?;
         Ok((y, Some(CkaRows::LowRank { y: base, u, b })))
     }
