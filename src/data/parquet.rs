@@ -54,17 +54,19 @@ fn check_chunks(
 }
 
 /// Walks the footer's `FileMetaData` (Thrift compact) before the `parquet` crate parses it: the
-/// same bounds as the page-header walk, and every schema element's `num_children` must be
-/// between 0 and the number of schema elements. The crate reserves a vector of `num_children`
-/// before it builds the children, so a footer claiming two billion of them made it allocate
-/// 12.6 GB (an out-of-memory abort the `parquet` fuzz target found). A file too short for a
-/// footer, or without the magic, is left to the crate's own error.
+/// same bounds as the page-header walk, and every schema element's `num_children` must be an i32
+/// between 0 and the number of schema elements. The crate reads a field at its declared type
+/// whatever the wire type says, and reserves a vector of `num_children` before it builds the
+/// children, so a binary field 5 made it allocate 12.66 GB (an out-of-memory abort the `parquet`
+/// fuzz target found). A file too short for a footer, or without the magic, is left to the
+/// crate's own error. The crate reads the file by offsets, so where this leaves the handle's
+/// position does not matter.
 fn check_footer(path: &Path, file: &mut File, len: u64) -> Result<(), DataError> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut tail = [0u8; 8];
     if len < 12 {
         return Ok(());
     }
+    let mut tail = [0u8; 8];
     file.seek(SeekFrom::Start(len - 8))
         .and_then(|_| file.read_exact(&mut tail))
         .map_err(|e| DataError::io(path, e))?;
@@ -75,19 +77,13 @@ fn check_footer(path: &Path, file: &mut File, len: u64) -> Result<(), DataError>
     let start = len - 8 - footer_len;
     file.seek(SeekFrom::Start(start))
         .map_err(|e| DataError::io(path, e))?;
-    let mut footer = ThriftBytes {
-        bytes: std::io::BufReader::new(&mut *file).take(footer_len).bytes(),
-        read: 0,
-        left: footer_len,
-        region: "footer",
-    };
+    let bytes = std::io::BufReader::new(&mut *file).take(footer_len).bytes();
+    let mut footer = ThriftBytes::new(bytes, footer_len, "footer");
     let refuse = |what: String| {
         let msg = format!("not a readable Parquet file (the footer at byte {start} {what})");
         DataError::format(path, msg)
     };
     footer.schema_children().map_err(refuse)?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| DataError::io(path, e))?;
     Ok(())
 }
 
@@ -111,12 +107,8 @@ fn check_page_headers(path: &Path, reader: &SerializedFileReader<File>) -> Resul
             while pos < end {
                 file.seek(SeekFrom::Start(pos))
                     .map_err(|e| DataError::io(path, e))?;
-                let mut header = ThriftBytes {
-                    bytes: (&mut file).take(end - pos).bytes(),
-                    read: 0,
-                    left: end - pos,
-                    region: "column chunk",
-                };
+                let bytes = (&mut file).take(end - pos).bytes();
+                let mut header = ThriftBytes::new(bytes, end - pos, "column chunk");
                 let page_size = header.page_header().map_err(|what| {
                     let msg = format!(
                         "not a readable Parquet file (row group {g}, column {c}: the page \
@@ -149,6 +141,16 @@ struct ThriftBytes<I> {
 }
 
 impl<I: Iterator<Item = std::io::Result<u8>>> ThriftBytes<I> {
+    /// A reader over `bytes`, which hold `left` bytes of `region`.
+    fn new(bytes: I, left: u64, region: &'static str) -> Self {
+        Self {
+            bytes,
+            read: 0,
+            left,
+            region,
+        }
+    }
+
     fn byte(&mut self) -> Result<u8, String> {
         match self.bytes.next() {
             Some(Ok(b)) => {
@@ -496,12 +498,11 @@ mod tests {
     #[test]
     fn the_page_header_walk_reads_sizes_and_bounds_the_work() {
         let walk = |bytes: &[u8]| {
-            let mut t = ThriftBytes {
-                bytes: bytes.iter().map(|&b| Ok(b)),
-                read: 0,
-                left: bytes.len() as u64,
-                region: "column chunk",
-            };
+            let mut t = ThriftBytes::new(
+                bytes.iter().map(|&b| Ok(b)),
+                bytes.len() as u64,
+                "column chunk",
+            );
             t.page_header().map(|n| (n, t.read))
         };
         // type 0, uncompressed 149, compressed 149 (i32 zigzag varints), a binary field 10 of 2
@@ -565,32 +566,21 @@ mod tests {
             0x15, 0x02, 0x19, 0x2c, 0x48, 0x06, b's', b'c', b'h', b'e', b'm', b'a', 0x15, 0x02,
             0x00, 0x15, 0x02, 0x25, 0x00, 0x18, 0x01, b'a', 0x00, 0x16, 0x00, 0x00,
         ];
-        let mut t = ThriftBytes {
-            bytes: footer.iter().map(|&b| Ok(b)),
-            read: 0,
-            left: footer.len() as u64,
-            region: "footer",
-        };
+        let mut t = ThriftBytes::new(footer.iter().map(|&b| Ok(b)), footer.len() as u64, "footer");
         assert_eq!(t.schema_children(), Ok(vec![Some(1), None]));
         assert_eq!(t.read, footer.len() as u64);
         // A schema list claiming more elements than bytes are left.
-        let mut t = ThriftBytes {
-            bytes: [0x29, 0xfc, 0x80, 0x08, 0x00].iter().map(|&b| Ok(b)),
-            read: 0,
-            left: 5,
-            region: "footer",
-        };
+        let mut t = ThriftBytes::new(
+            [0x29, 0xfc, 0x80, 0x08, 0x00].iter().map(|&b| Ok(b)),
+            5,
+            "footer",
+        );
         assert!(t.schema_children().unwrap_err().contains("1024 elements"));
         // One element claiming 2^30 children (an i32 field 5, as a writer types it).
         let footer = [
             0x29, 0x1c, 0x48, 0x01, b'r', 0x15, 0x80, 0x80, 0x80, 0x80, 0x08, 0x00, 0x00,
         ];
-        let mut t = ThriftBytes {
-            bytes: footer.iter().map(|&b| Ok(b)),
-            read: 0,
-            left: footer.len() as u64,
-            region: "footer",
-        };
+        let mut t = ThriftBytes::new(footer.iter().map(|&b| Ok(b)), footer.len() as u64, "footer");
         let e = t.schema_children().unwrap_err();
         assert!(
             e.contains("schema element 0 1073741824 children, outside 0..1"),
