@@ -23,7 +23,8 @@ ARGS="train-lm --model $M --device cuda --dtype bf16 --epochs ${EPOCHS:-2} --max
 $BIN $ARGS --method lora --output $R/lora > $R/lora.log 2>&1
 B=$(python3 -c "import json;print(int(0.6*max(json.loads(l)['step_mem_bytes'] for l in open('$R/lora/metrics.jsonl'))))")
 echo "budget_bytes $B"
-$BIN $ARGS --method safe --memory-budget $B --output $R/safe > $R/safe.log 2>&1
+# SAFE_ARGS: more flags for the SAFE run (e.g. --safe-measure passes).
+$BIN $ARGS --method safe --memory-budget $B ${SAFE_ARGS:-} --output $R/safe > $R/safe.log 2>&1
 python3 - $R $B <<'PY'
 import glob, json, os, sys
 for f in sorted(glob.glob(sys.argv[1] + "/*/summary.json")):

@@ -1,5 +1,6 @@
 #!/bin/bash
-# SAFE's tau_T and warm-up cap chosen on VALIDATION accuracy (issue #16): `safetune train
+# SAFE's tau_T, warm-up cap (0: half the rounds) and measurement (MEASURES: passes, steps) chosen
+# on VALIDATION accuracy (issue #16): `safetune train
 # --method safe` at train's defaults otherwise, BBC News and SpamAssassin, seeds 42 and 43, every
 # setting at once on one GPU. Prints, per run, the best validation accuracy (the epoch the run
 # keeps), the adapters frozen and the training FLOPs; never reads the test split's numbers.
@@ -16,11 +17,13 @@ R=$OUT/sweep
 mkdir -p $R
 for d in ${DATASETS:-folder spam}; do
   for tau in ${TAUS:-0.5 0.25 0.1}; do for cap in ${CAPS:-3 6}; do for s in ${SEEDS:-42 43}; do
-    n=$d-tau$tau-cap$cap-$s
-    printf '[safe]\ntau_final = { RelativeToMax = %s }\nmax_warmup_epochs = %s\n' $tau $cap > $R/$n.toml
+  for measure in ${MEASURES:-passes}; do
+    n=$d-tau$tau-cap$cap-$measure-$s
+    printf '[safe]\ntau_final = { RelativeToMax = %s }\nmax_warmup_epochs = %s\nmeasure = "%s"\n' \
+      $tau $cap $measure > $R/$n.toml
     $BIN train --device cuda --config $R/$n.toml --model $M --data ${DATA[$d]} --data-kind $d \
       --method safe --seed $s --output $R/$n --quiet > $R/$n.log 2>&1 &
-  done; done; done
+  done; done; done; done
   wait
 done
 python3 - "$R" <<'PY'
@@ -30,6 +33,8 @@ for f in sorted(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")):
     best = max(m, key=lambda e: e["validation_metric"])
     print(json.dumps({"run": os.path.basename(os.path.dirname(f)), "val": round(best["validation_metric"], 4),
         "frozen": len(m[-1]["frozen"]), "flops_t": round(sum(e["train_flops"] for e in m) / 1e12, 2),
+        "monitor_t": round(sum(e["monitor_flops"] for e in m) / 1e12, 3),
+        "train_s": json.load(open(os.path.dirname(f) + "/summary.json")).get("train_wall_s"),
         "step_mean_mb": round(sum(e["step_mem_bytes"] for e in m) / len(m) / 1e6, 1)}))
 PY
 rm -rf $R/*/checkpoint $R/*/*.safetensors $R/*/frozen_bottom.cache

@@ -992,6 +992,33 @@ fn bench_reports_memory_and_flops() {
     }
 }
 
+/// SAFE measures importance on its training steps unless `--safe-measure passes` says otherwise:
+/// either way the setting reaches the saved config and the first round scores every adapter.
+#[test]
+fn safe_measures_on_steps_by_default_and_on_passes_when_asked() {
+    let sb = Sandbox::new();
+    let model = tiny_model(&sb.path("model"), 1);
+    let data = tiny_csv(&sb.path("data.csv"));
+    for (measure, flags) in [
+        ("steps", &[][..]),
+        ("passes", &["--safe-measure", "passes"][..]),
+    ] {
+        let out = sb.path(measure);
+        let mut args = vec!["--method", "safe", "--safe-rounds-per-epoch", "2"];
+        args.extend_from_slice(flags);
+        sb.run_ok(&train_args(&model, &data, &out, &args));
+        let cfg = read_json(&out.join("train_config.json"));
+        assert_eq!(cfg["safe"]["measure"], measure);
+        let lines = read_jsonl(&out.join("safe.jsonl"));
+        let first = lines[0]["importance"].as_array().unwrap();
+        assert_eq!(first.len(), 2);
+        assert!(
+            first.iter().all(|v| v.as_f64().is_some_and(f64::is_finite)),
+            "{measure}: {first:?}"
+        );
+    }
+}
+
 /// The block-level monitor and the dropout bottom are run options: they reach the saved config,
 /// and the first round scores every adapter.
 #[test]

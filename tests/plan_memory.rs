@@ -234,6 +234,7 @@ fn layer_state_matches_what_forward_keeps() {
                 let mut pass = Pass {
                     training: true,
                     rng: &mut rng,
+                    monitor: None,
                 };
                 layer
                     .forward(&x.copy().unwrap(), &mask, shape, &mut pass, save, None)
@@ -257,6 +258,7 @@ fn layer_state_matches_what_forward_keeps() {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             match &m {
                 safetune::model::Decoder::Llama(l) => {
@@ -297,6 +299,7 @@ fn step_estimate_is_within_ten_percent_of_the_measured_peak() {
                     let mut pass = Pass {
                         training: true,
                         rng: &mut rng,
+                        monitor: None,
                     };
                     let (logits, saved) = m.forward_train(&b, &mut pass, r).unwrap();
                     let (_, d) = safetune::nn::loss::cross_entropy(&logits, &labels).unwrap();
@@ -325,6 +328,7 @@ fn step_estimate_is_within_ten_percent_of_the_measured_peak() {
                     let mut pass = Pass {
                         training: true,
                         rng: &mut rng,
+                        monitor: None,
                     };
                     m.loss_and_grads(&b, &mut pass, 1.0, r, None).unwrap();
                 });

@@ -365,8 +365,14 @@ impl<'a, L: Block> SiteForward<'a, L> {
     pub fn run(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let l = self.layer.linear(site);
         let Some(m) = self.monitor.as_deref_mut() else {
-            let (y, saved) = l.forward(x, pass, self.save)?;
+            // A training pass may hand its rows to SAFE's in-step importance.
+            let (y, saved, rows) = l.forward_rows(x, pass, self.save)?;
             self.states.put(site, saved)?;
+            if let (Some(sink), Some(CkaRows::LowRank { y: base, u, b })) =
+                (pass.taking_rows(), rows)
+            {
+                sink.take(site_index::<L>(site), &base, &u, &b)?;
+            }
             return Ok(y);
         };
         // Monitoring is an inference pass: nothing to save.

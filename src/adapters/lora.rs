@@ -99,12 +99,12 @@ impl LoraAdapter {
         x: &Tensor,
         pass: &mut Pass,
         save: bool,
-    ) -> Result<(Tensor, LoraLinearSaved)> {
+    ) -> Result<(Tensor, LoraLinearSaved, (Tensor, Tensor))> {
         let (xd, drop) = self.dropout.forward(x, pass, save)?;
         let (xa, u, b) = self.rank_r(&xd)?;
         let y = matmul(&u, &b.t()?)?;
         let inputs = (save && self.trainable).then(|| (x.clone(), xa));
-        Ok((y, LoraLinearSaved { inputs, drop }))
+        Ok((y, LoraLinearSaved { inputs, drop }, (u, b)))
     }
 
     /// The rank-r side of the adapter on its (dropped-out) input `x`: `x A^T`, the scaled rows
@@ -152,6 +152,13 @@ pub enum CkaRows {
 }
 
 impl CkaRows {
+    /// The width `d` of `X` and `Y`.
+    pub fn width(&self) -> Result<usize> {
+        match self {
+            Self::Full { y, .. } | Self::LowRank { y, .. } => y.dim(1),
+        }
+    }
+
     /// `(X, Y)` in full.
     pub fn x_y(&self) -> Result<(Tensor, Tensor)> {
         match self {
@@ -177,12 +184,26 @@ impl LoraLinear {
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
+        let (y, saved, _) = self.forward_rows(x, pass, save)?;
+        Ok((y, saved))
+    }
+
+    /// [`LoraLinear::forward`], and with an adapter its [`CkaRows::LowRank`] rows on this pass
+    /// (dropout included): what SAFE measures during a training step. They are the forward's own
+    /// tensors, so nothing is computed for them.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<(Tensor, LoraLinearSaved, Option<CkaRows>)> {
         let base = self.base.forward(x)?;
         let Some(lora) = &self.lora else {
-            return Ok((base, LoraLinearSaved::NONE));
+            return Ok((base, LoraLinearSaved::NONE, None));
         };
-        let (delta, saved) = lora.forward(x, pass, save)?;
-        Ok((crate::nn::add(&base, &delta)?, saved))
+        let (delta, saved, (u, b)) = lora.forward(x, pass, save)?;
+        let y = crate::nn::add(&base, &delta)?;
+        Ok((y, saved, Some(CkaRows::LowRank { y: base, u, b })))
     }
 
     /// The inference forward of SAFE's monitoring: the output, bit for bit `forward`'s (dropout
@@ -263,6 +284,7 @@ mod tests {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         l.forward(x, &mut pass, save).unwrap()
     }

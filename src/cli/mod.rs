@@ -174,6 +174,10 @@ pub struct RunArgs {
     /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.
     #[arg(long)]
     pub safe_monitor: Option<crate::safe::MonitorPoint>,
+    /// What SAFE measures CKA on: the training steps just before each decision (the default; no
+    /// extra forward; linear monitoring point only), or separate passes over the monitoring subset.
+    #[arg(long)]
+    pub safe_measure: Option<crate::safe::Measure>,
     /// Gradient checkpointing: keep only each trainable layer's input and run it again in
     /// backward (less activation memory, one more forward of the trainable layers).
     #[arg(long)]
@@ -232,6 +236,7 @@ impl RunArgs {
         set!(safe.rounds_per_epoch, a.safe_rounds_per_epoch);
         set!(safe.monitor_examples, a.safe_monitor_examples);
         set!(safe.monitor, a.safe_monitor);
+        set!(safe.measure, a.safe_measure);
         if let Some(t) = a.safe_tau {
             safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }

@@ -78,6 +78,7 @@ fn loss_grads_with(
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let (logits, saved) = m
         .forward_train(
@@ -92,6 +93,7 @@ fn loss_grads_with(
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         m.forward_train(
             &b,
@@ -156,6 +158,7 @@ fn whole_model_gradients_match_autograd() {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let (logits, _) = taped
             .forward_train(&b, &mut pass, &Recompute::None)
@@ -525,6 +528,7 @@ fn qa_model_gradients_match_autograd() {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         m.forward_train(&b, &mut pass, &Recompute::None).unwrap()
     };

@@ -389,6 +389,7 @@ pub(crate) fn test_grads<M: DecoderParts>(m: &M, checkpoint: bool) -> (LmLoss, S
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     loss_and_site_grads(
         m,

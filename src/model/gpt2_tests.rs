@@ -120,6 +120,7 @@ fn whole_model_gradients_match_finite_differences() {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let b = batch(DType::F64);
         let (hn, _) = m
@@ -166,6 +167,7 @@ fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let b = batch(DType::F64);
     let (hn, _) = taped
@@ -218,6 +220,7 @@ fn frozen_bottom_layers_save_nothing() {
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let (_, saved) = m
         .forward_train(&batch(DType::F64), &mut pass, &Recompute::None, None)
@@ -424,6 +427,7 @@ fn hf_folder_trains_with_config_dropout() {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let (hn, _) = m
             .forward_train(&b, &mut pass, &Recompute::None, None)

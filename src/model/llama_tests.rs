@@ -81,6 +81,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let (_, saved) = m
             .forward_train(&batch(), &mut pass, &Recompute::All, None)
@@ -103,6 +104,7 @@ fn whole_model_gradients_match_autograd() {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let b = batch();
         let (hn, _) = taped
@@ -145,6 +147,7 @@ fn frozen_bottom_layers_save_nothing() {
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let (_, saved) = m
         .forward_train(&batch(), &mut pass, &Recompute::None, None)

@@ -75,7 +75,8 @@ impl<S> StackSaved<S> {
 
 /// Runs `layers` (model layers `first..`, all on the gradient path) on `h`, each saving its state
 /// or, when `recompute` covers it, keeping its input. `run(layer, x, pass, save)` is one layer's
-/// forward.
+/// forward. A monitored pass is told each layer's index, so its adapters' rows are taken once
+/// per step (a checkpointed layer's second forward, in backward, has no monitor).
 pub fn forward<L, S>(
     layers: &[L],
     first: usize,
@@ -88,7 +89,10 @@ pub fn forward<L, S>(
     for (i, layer) in layers.iter().enumerate() {
         let checkpoint = recompute.covers(first + i);
         let point = checkpoint.then(|| (h.clone(), pass.rng.clone()));
-        let (out, saved) = run(layer, &h, pass, !checkpoint)?;
+        pass.monitor_layer(Some(first + i));
+        let run_layer = run(layer, &h, pass, !checkpoint);
+        pass.monitor_layer(None);
+        let (out, saved) = run_layer?;
         kept.push(match (point, saved) {
             (Some((x, rng)), _) => Kept::Checkpoint(x, Box::new(rng)),
             (None, Some(s)) => Kept::State(s),
@@ -118,6 +122,7 @@ pub fn backward<L, S, G>(
                 let mut pass = Pass {
                     training: true,
                     rng: &mut rng,
+                    monitor: None,
                 };
                 let (_, state) = run(&layers[i], &x, &mut pass, true)?;
                 drop(x);

@@ -56,6 +56,7 @@ fn grads(m: &ViTForImageClassification, recompute: &Recompute) -> ModelGrads {
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let (logits, saved) = m.forward_train(&b, &mut pass, recompute).unwrap();
     let (_, dlogits) = loss_of(&logits);
@@ -69,6 +70,7 @@ fn loss_f64(m: &ViTForImageClassification) -> f64 {
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let (logits, _) = m.forward_train(&b, &mut pass, &Recompute::None).unwrap();
     let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
@@ -117,6 +119,7 @@ fn whole_model_gradients_match_autograd() {
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let (logits, _) = taped
         .forward_train(&b, &mut pass, &Recompute::None)

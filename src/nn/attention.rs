@@ -648,6 +648,7 @@ mod tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             attn.forward((q, k, v), &mask_add, shape, rope, &mut pass, save)
                 .unwrap()
@@ -768,6 +769,7 @@ mod tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             let qkv = (&q, &k, &v);
             let (y, s) = if fused {
@@ -814,6 +816,7 @@ mod tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             let (y, s) = attn
                 .forward(
@@ -869,6 +872,7 @@ mod tests {
                 let mut pass = Pass {
                     training: false,
                     rng: &mut rng,
+                    monitor: None,
                 };
                 let r = if fused {
                     attn.forward((q, k, v), &mask_add, shape, Some(&rope), &mut pass, false)
@@ -910,6 +914,7 @@ mod tests {
         let mut pass = Pass {
             training: false,
             rng: &mut rng,
+            monitor: None,
         };
         let q = randn(&[5, 16], 1);
         let mask_add = mask(1, 5, false, DType::F64);
@@ -935,6 +940,7 @@ mod tests {
         let mut pass = Pass {
             training: false,
             rng: &mut rng,
+            monitor: None,
         };
         let s = AttnShape { batch: 1, seq: 3 };
         let a = attn

@@ -87,6 +87,7 @@ impl AttentionCase<'_> {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let c = |x: &Tensor| x.to_dtype(dt);
         let [q, k, v] = &self.qkv;
@@ -283,6 +284,7 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let (y, saved) = Dropout::new(0.1).forward(&x, &mut pass, true)?;
         let keep = saved.expect("saved").keep_mask().to_device(&Device::Cpu)?;
@@ -386,6 +388,7 @@ fn attention_ms(device: &Device, fused: bool) -> Result<(f64, f64)> {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         device.synchronize()?;
         let t0 = std::time::Instant::now();
@@ -432,6 +435,7 @@ fn attention_peak_mb(device: &Device, fused: bool) -> Result<(f64, bool)> {
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
+        monitor: None,
     };
     let used = {
         let (_y, s) = if fused {

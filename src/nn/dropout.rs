@@ -147,6 +147,7 @@ mod tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             d.forward(&x, &mut pass, false).unwrap().0
         };
@@ -174,6 +175,7 @@ mod tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             let (_, s) = Dropout::new(0.3).forward(x, &mut pass, true).unwrap();
             s.unwrap()
@@ -208,6 +210,7 @@ mod tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             d.forward(x, &mut pass, save).unwrap()
         };

@@ -313,6 +313,7 @@ mod tests {
                 let mut pass = Pass {
                     training: true,
                     rng: &mut rng,
+                    monitor: None,
                 };
                 head_with(x).forward(&x[0], b, t, &mut pass, save).unwrap()
             };
@@ -359,6 +360,7 @@ mod tests {
                 let mut pass = Pass {
                     training: true,
                     rng: &mut rng,
+                    monitor: None,
                 };
                 head(&x[1], &x[2]).forward(&x[0], &mut pass, save).unwrap()
             };

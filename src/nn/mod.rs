@@ -30,11 +30,55 @@ use candle_core::Tensor;
 pub use dropout::Dropout;
 pub use flops::matmul;
 
-/// Per-pass settings shared by every component: whether dropout is active and the seeded RNG it
-/// draws masks from (candle's CPU RNG cannot be seeded, so masks are made on the host).
+/// Per-pass settings shared by every component: whether dropout is active, the seeded RNG it
+/// draws masks from (candle's CPU RNG cannot be seeded, so masks are made on the host), and
+/// where a monitored training pass hands its adapters' rows (SAFE's in-step importance).
 pub struct Pass<'a> {
     pub training: bool,
     pub rng: &'a mut rand::rngs::StdRng,
+    pub monitor: Option<&'a mut dyn RowSink>,
+}
+
+/// Takes the rows SAFE's CKA needs from a training forward, as the layers produce them: per
+/// adapted linear, its base output `Y`, the adapter's rank-r rows `U` and its `B`
+/// (`X = Y + U B^T`). Declared here so that layers hand rows over without knowing who measures.
+pub trait RowSink {
+    /// The model layer whose linears run next; None outside the trainable stack (the frozen
+    /// bottom, the head, a checkpointed layer's second forward): nothing is taken there.
+    fn enter_layer(&mut self, layer: Option<usize>);
+
+    /// Whether rows are taken now (a layer is entered).
+    fn taking(&self) -> bool;
+
+    /// The micro-batch's attention mask `[batch * seq]` (1: a real token), rows in that order.
+    fn tokens(&mut self, attention_mask: &[u32]);
+
+    /// Site `site` (its index in the layer's sites) of the entered layer gave these rows.
+    fn take(&mut self, site: usize, y: &Tensor, u: &Tensor, b: &Tensor) -> candle_core::Result<()>;
+}
+
+impl Pass<'_> {
+    /// Tells the monitor, when there is one, which rows of this pass are real tokens.
+    pub fn monitor_tokens(&mut self, attention_mask: &[u32]) {
+        if let Some(m) = self.monitor.as_deref_mut() {
+            m.tokens(attention_mask);
+        }
+    }
+
+    /// Tells the monitor, when there is one, which layer runs next.
+    pub fn monitor_layer(&mut self, layer: Option<usize>) {
+        if let Some(m) = self.monitor.as_deref_mut() {
+            m.enter_layer(layer);
+        }
+    }
+
+    /// The monitor when it takes rows now.
+    pub fn taking_rows(&mut self) -> Option<&mut dyn RowSink> {
+        match self.monitor.as_deref_mut() {
+            Some(m) if m.taking() => Some(m),
+            _ => None,
+        }
+    }
 }
 
 impl Pass<'_> {
@@ -44,6 +88,7 @@ impl Pass<'_> {
         f(&mut Pass {
             training: false,
             rng: &mut rng,
+            monitor: None,
         })
     }
 }

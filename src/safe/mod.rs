@@ -15,7 +15,9 @@ pub mod schedule;
 pub mod warmup;
 
 pub use cka::{cka_from_norms, importance, linear_cka_gram, CkaNorms};
-pub use controller::{EpochDecision, MonitorPoint, Phase, SafeConfig, SafeController, TauTarget};
+pub use controller::{
+    EpochDecision, Measure, MonitorPoint, Phase, SafeConfig, SafeController, TauTarget,
+};
 pub use schedule::cubic_threshold;
 pub use warmup::WarmupDetector;
 

@@ -527,6 +527,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         let mut pass = Pass {
             training: true,
             rng: &mut rng,
+            monitor: None,
         };
         let (loss, grads) = model.step(&inputs, &mut pass, a.gradient_checkpointing)?;
         let params = model.params();

@@ -7,6 +7,7 @@
 use super::best;
 use super::checkpoint::{self, TrainerState};
 use super::config::{Method, ReportTo, RunConfig};
+use super::importance::{self, StepMonitor};
 use super::plan::{self, MemoryPlan};
 use super::run::{self, StepPlan};
 use super::step_log::{self, StepLine, StepLog};
@@ -15,7 +16,7 @@ use crate::memory::MemTracker;
 use crate::model::stack::Recompute;
 use crate::model::StepMemory;
 use crate::nn::optim::{clip_global_norm, AdamW, AdamWConfig};
-use crate::nn::{flops, Pass};
+use crate::nn::{flops, Pass, RowSink};
 use crate::report::tensorboard::EventWriter;
 use crate::safe::{Phase, SafeConfig, SafeController};
 use anyhow::Result;
@@ -291,7 +292,15 @@ pub fn fit<T: Task>(
             plan::efficient_tokens(mem.device(), model.hidden_size()),
         )
     };
-    if let (Some(budget), true) = (cfg.memory_budget, is_safe) {
+    // In-step importance: the last `window` steps before each round's end are measured.
+    let in_step = is_safe && cfg.safe.in_step();
+    let window = cfg
+        .safe
+        .monitor_examples
+        .div_ceil(plan.micro * plan.accum)
+        .max(1);
+    let mut step_monitor: Option<StepMonitor> = None;
+    if let (Some(budget), true) = (cfg.memory_budget, is_safe && !in_step) {
         plan::ensure_monitoring_fits(model, monitor.len(), seq, budget)?;
     }
     let mut plan_log = plan::PlanLog::open(cfg.output, started_at)?;
@@ -357,6 +366,13 @@ pub fn fit<T: Task>(
             let (mut step_loss, mut step_passes, mut step_tokens) = (0f64, 0usize, 0usize);
             epoch_mem.begin_step();
             let mut grads: Vec<(ParamId, Tensor)> = Vec::new();
+            let measured = in_step
+                && safe.as_ref().is_some_and(|c| c.phase() != Phase::Done)
+                && plan.steps_to_round_end(s) < window;
+            if measured && step_monitor.is_none() {
+                step_monitor = Some(StepMonitor::new());
+            }
+            let monitor_flops_before = step_monitor.as_ref().map_or(0, |m| m.flops);
             for m in 0..mem_plan.accum {
                 let Some(examples) = plan.pass(&order, s, m, mem_plan.micro) else {
                     break;
@@ -364,6 +380,10 @@ pub fn fit<T: Task>(
                 let mut pass = Pass {
                     training: true,
                     rng: &mut drop_rng,
+                    monitor: match step_monitor.as_mut() {
+                        Some(m) if measured => Some(m as &mut dyn RowSink),
+                        _ => None,
+                    },
                 };
                 let out = task.step(
                     model,
@@ -398,7 +418,10 @@ pub fn fit<T: Task>(
                 cfg.lr,
                 &mut state,
             )?;
-            p.train_flops += flops::total() - flops_before;
+            let step_monitor_flops =
+                step_monitor.as_ref().map_or(0, |m| m.flops) - monitor_flops_before;
+            p.train_flops += flops::total() - flops_before - step_monitor_flops;
+            p.monitor_flops += step_monitor_flops;
             let line = StepLine {
                 epoch,
                 step: s + 1,
@@ -425,9 +448,18 @@ pub fn fit<T: Task>(
             // (until every candidate is frozen: then nothing can change).
             let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
             if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
-                let f0 = flops::total();
-                let scores = task.importance(model, &monitor)?;
-                p.monitor_flops += flops::total() - f0;
+                let scores = match step_monitor.take().filter(|m| m.batches() > 0) {
+                    Some(m) => {
+                        m.scores(&model.adapter_ids(), importance::trainable_layers(model))?
+                    }
+                    // Separate passes; also when a resumed run starts at a round's end.
+                    None => {
+                        let f0 = flops::total();
+                        let scores = task.importance(model, &monitor)?;
+                        p.monitor_flops += flops::total() - f0;
+                        scores
+                    }
+                };
                 let d = run::finish_safe_round(
                     c,
                     round,

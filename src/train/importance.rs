@@ -10,9 +10,11 @@
 //! The centered norms CKA is made of are computed there too, so per adapter and round five numbers
 //! reach the host, not three `d x d` matrices.
 
-use crate::adapters::{Adapted, CkaRows};
+use crate::adapters::{Adapted, AdapterId, CkaRows};
+use crate::nn::{flops, RowSink};
 use crate::safe::{cka_from_norms, CkaNorms};
 use candle_core::{DType, Device, Result, Tensor};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 /// One monitoring batch: the model's batch, the indices of its real (non-padding) token rows, and
@@ -211,30 +213,192 @@ impl DeviceMoments {
         }
     }
 
-    /// `1 - CKA` (NaN where CKA is undefined, see [`cka_from_norms`]). The centered products and
-    /// their norms are computed where the moments are, so only five numbers reach the host.
+    /// `1 - CKA` (NaN where CKA is undefined, see [`cka_from_norms`]).
     fn importance(self) -> Result<f64> {
+        let (rows, norms) = self.norms()?;
+        Ok(importance_of(rows, &norms.to_vec1()?))
+    }
+
+    /// The row count and CKA's five norms as a `[5]` tensor on the moments' device (see
+    /// [`NORMS`]): the centered products and their norms are computed where the moments are, so
+    /// only five numbers reach the host.
+    fn norms(self) -> Result<(usize, Tensor)> {
         let (rows, sum_x, sum_y, xtx, yty, ytx) = self.full()?;
         let n = rows as f64;
-        // Sum of squares, by rows first: candle's CUDA `sum_all` reduces in one thread block,
-        // which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
-        let sum_sq = |t: &Tensor| -> Result<f64> { t.sqr()?.sum(1)?.sum_all()?.to_scalar() };
         // ||M - a b^T / n||_F^2.
-        let centered = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<f64> {
+        let centered = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
             let outer = a.unsqueeze(1)?.broadcast_mul(&b.unsqueeze(0)?)?;
             sum_sq(&(m - (outer / n)?)?)
         };
-        let norms = CkaNorms {
-            rows,
-            xx: centered(&xtx, &sum_x, &sum_x)?,
-            xx_raw: sum_sq(&xtx)?,
-            yy: centered(&yty, &sum_y, &sum_y)?,
-            yy_raw: sum_sq(&yty)?,
-            yx: centered(&ytx, &sum_y, &sum_x)?,
+        let norms = [
+            centered(&xtx, &sum_x, &sum_x)?,
+            sum_sq(&xtx)?,
+            centered(&yty, &sum_y, &sum_y)?,
+            sum_sq(&yty)?,
+            centered(&ytx, &sum_y, &sum_x)?,
+        ];
+        Ok((rows, Tensor::stack(&norms, 0)?))
+    }
+}
+
+/// The order of the five norms in a `[5]` norms tensor, as [`CkaNorms`] names them.
+const NORMS: [&str; 5] = ["xx", "xx_raw", "yy", "yy_raw", "yx"];
+
+/// `1 - CKA` of `rows` rows from five norms in [`NORMS`] order (NaN where CKA is undefined).
+fn importance_of(rows: usize, v: &[f64]) -> f64 {
+    debug_assert_eq!(v.len(), NORMS.len());
+    let norms = CkaNorms {
+        rows,
+        xx: v[0],
+        xx_raw: v[1],
+        yy: v[2],
+        yy_raw: v[3],
+        yx: v[4],
+    };
+    cka_from_norms(&norms)
+        .map(crate::safe::importance)
+        .unwrap_or(f64::NAN)
+}
+
+/// Sum of squares as a 0-d tensor, by rows first: candle's CUDA `sum_all` reduces in one thread
+/// block, which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
+fn sum_sq(t: &Tensor) -> Result<Tensor> {
+    t.sqr()?.sum(1)?.sum_all()
+}
+
+/// CKA's five norms (in [`NORMS`] order) of one batch's `X`, `Y` rows (`[n, d]`, f64) in the
+/// Gram form `K = Xc Xc^T`, `L = Yc Yc^T` (`||K||^2`, `||L||^2`, `<K, L>`), which costs
+/// `O(n^2 d)` instead of the moments' `O(n d^2)`: the cheaper one when a batch has fewer token
+/// rows than the layer is wide. The zero-variance guard's scales are `||X||_F^4` and `||Y||_F^4`,
+/// which bound `||X^T X||_F^2` and `||Y^T Y||_F^2` from above.
+fn gram_norms(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let mm = crate::nn::matmul;
+    let center = |t: &Tensor| t.broadcast_sub(&t.mean_keepdim(0)?);
+    let (xc, yc) = (center(x)?, center(y)?);
+    let k = mm(&xc, &xc.t()?)?;
+    let l = mm(&yc, &yc.t()?)?;
+    let norms = [
+        sum_sq(&k)?,
+        sum_sq(x)?.sqr()?,
+        sum_sq(&l)?,
+        sum_sq(y)?.sqr()?,
+        (&k * &l)?.sum(1)?.sum_all()?,
+    ];
+    Tensor::stack(&norms, 0)
+}
+
+/// CKA's five norms of one batch's rows `r` over its token rows `rows`, in whichever of the
+/// moment and Gram forms costs less.
+fn batch_norms(r: &CkaRows, rows: &Tensor) -> Result<Tensor> {
+    let (n, d) = (rows.dim(0)?, r.width()?);
+    if 2 * n <= d {
+        let (x, y) = r.x_y()?;
+        let pick = |t: &Tensor| t.index_select(rows, 0)?.to_dtype(DType::F64);
+        gram_norms(&pick(&x)?, &pick(&y)?)
+    } else {
+        Ok(DeviceMoments::of(r, rows)?.norms()?.1)
+    }
+}
+
+/// SAFE's importance measured on the training steps themselves (`safe.measure = "steps"`): the
+/// training forward hands each adapter's rows over (`nn::RowSink`) and each micro-batch's CKA is
+/// computed from them at once, so no monitoring forward runs and no moments outlive the layer.
+/// An adapter's score is `1 - CKA` averaged over the round's monitored micro-batches (batches
+/// where CKA is undefined left out). Its matmul FLOPs are counted apart (`flops`), so the trainer
+/// can move them from training to monitoring.
+#[derive(Default)]
+pub struct StepMonitor {
+    layer: Option<usize>,
+    mask: Vec<u32>,
+    rows: Option<Tensor>,
+    /// Each adapter's per-micro-batch `(rows, [5] norms)`, on the device until the round ends.
+    norms: BTreeMap<AdapterId, Vec<(usize, Tensor)>>,
+    /// Matmul FLOPs of the measurement.
+    pub flops: u64,
+}
+
+impl StepMonitor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Micro-batches measured so far (of the adapter measured most often).
+    pub fn batches(&self) -> usize {
+        self.norms.values().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// Each of `adapters`' importance (in that order), NaN outside `layers` (see
+    /// [`trainable_layers`]) or where no batch defined it.
+    pub fn scores(self, adapters: &[AdapterId], layers: Option<Range<usize>>) -> Result<Vec<f64>> {
+        let mut scores = vec![f64::NAN; adapters.len()];
+        let Some(layers) = layers else {
+            return Ok(scores);
         };
-        Ok(cka_from_norms(&norms)
-            .map(crate::safe::importance)
-            .unwrap_or(f64::NAN))
+        for (score, id) in scores.iter_mut().zip(adapters) {
+            let Some(batches) = self.norms.get(id).filter(|_| layers.contains(&id.layer)) else {
+                continue;
+            };
+            let (counts, norms): (Vec<usize>, Vec<Tensor>) = batches.iter().cloned().unzip();
+            let values: Vec<f64> = counts
+                .iter()
+                .zip(Tensor::stack(&norms, 0)?.to_vec2::<f64>()?)
+                .map(|(&n, v)| importance_of(n, &v))
+                .filter(|v| v.is_finite())
+                .collect();
+            if !values.is_empty() {
+                *score = values.iter().sum::<f64>() / values.len() as f64;
+            }
+        }
+        Ok(scores)
+    }
+
+    fn token_rows(&mut self, device: &Device, n: usize) -> Result<Tensor> {
+        if self.mask.len() != n {
+            candle_core::bail!(
+                "SAFE's in-step importance: a layer gave {n} rows, the batch's attention mask \
+                 has {} (was the mask given?)",
+                self.mask.len()
+            );
+        }
+        if self.rows.is_none() {
+            self.rows = Some(token_rows(&self.mask, device)?);
+        }
+        Ok(self.rows.clone().expect("just set"))
+    }
+}
+
+impl RowSink for StepMonitor {
+    fn enter_layer(&mut self, layer: Option<usize>) {
+        self.layer = layer;
+    }
+
+    fn taking(&self) -> bool {
+        self.layer.is_some()
+    }
+
+    fn tokens(&mut self, attention_mask: &[u32]) {
+        self.mask = attention_mask.to_vec();
+        self.rows = None;
+    }
+
+    fn take(&mut self, site: usize, y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
+        let Some(layer) = self.layer else {
+            return Ok(());
+        };
+        let f0 = flops::total();
+        let rows = self.token_rows(y.device(), y.dim(0)?)?;
+        let r = CkaRows::LowRank {
+            y: y.clone(),
+            u: u.clone(),
+            b: b.clone(),
+        };
+        let norms = batch_norms(&r, &rows)?;
+        self.norms
+            .entry(AdapterId { layer, site })
+            .or_default()
+            .push((rows.dim(0)?, norms));
+        self.flops += flops::total() - f0;
+        Ok(())
     }
 }
 

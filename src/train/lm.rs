@@ -492,7 +492,9 @@ impl Task for LmTask<'_> {
         recompute: &Recompute,
     ) -> Result<MicroStep> {
         let items: Vec<&LmSequence> = examples.iter().map(|&i| &self.train[i]).collect();
-        let b = to_batch(&items, DType::F32, &self.device)?;
+        let collated = lm::collate(&items);
+        pass.monitor_tokens(&collated.attention_mask);
+        let b = collated_batch(collated, DType::F32, &self.device)?;
         let first = model.lowest_trainable_layer().unwrap_or(model.num_layers());
         let bottom = match self.frozen_cache.as_mut() {
             Some(c) if first > 0 => Some(cached_bottom(model, c, &b, examples, &items, first)?),
@@ -548,6 +550,7 @@ mod tests {
     use crate::adapters::ParamId;
     use crate::model::LlamaConfig;
     use crate::safe::MonitorPoint;
+    use crate::train::importance::{trainable_layers, StepMonitor};
 
     /// SAFE's importance on a decoder: with batches of 2 over 3 sequences of different lengths,
     /// each adapter's score is the direct Gram-form CKA of its layer's rows over all real tokens
@@ -567,6 +570,7 @@ mod tests {
         let lora = crate::adapters::LoraConfig {
             r: 2,
             target_modules: vec!["v_proj".into()],
+            dropout: 0.0,
             ..LoraConfig::default()
         };
         CausalLm::add_lora(&mut m, &lora, None, &mut rng).unwrap();
@@ -625,6 +629,34 @@ mod tests {
                 "{path}: {} vs {expected}",
                 scores[layer]
             );
+        }
+
+        // In-step (`safe.measure = "steps"`): a training step on the three sequences (one
+        // micro-batch, no dropout) gives these scores from its own forward's rows.
+        let mut task = LmTask {
+            train: &seqs,
+            validation: Vec::new(),
+            eval_batch_size: 3,
+            monitor_point: MonitorPoint::Linear,
+            device: Device::Cpu,
+            frozen_cache: None,
+            lora: &lora,
+            source: String::new(),
+        };
+        let mut monitor = StepMonitor::new();
+        let mut step_rng = StdRng::seed_from_u64(1);
+        let mut pass = Pass {
+            training: true,
+            rng: &mut step_rng,
+            monitor: Some(&mut monitor),
+        };
+        task.step(&m, &[0, 1, 2], &mut pass, 1.0, &Recompute::None)
+            .unwrap();
+        let steps = monitor
+            .scores(&m.adapter_ids(), trainable_layers(&m))
+            .unwrap();
+        for (s, p) in steps.iter().zip(&scores) {
+            assert!((s - p).abs() < 1e-5 * p, "{steps:?} {scores:?}");
         }
 
         for p in [&paths[0], &paths[2]] {
@@ -697,6 +729,7 @@ mod tests {
                     let mut pass = Pass {
                         training: true,
                         rng: &mut r,
+                        monitor: None,
                     };
                     let out = t
                         .step(&m, &[2, 0], &mut pass, 1.0, &Recompute::None)

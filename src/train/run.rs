@@ -99,6 +99,13 @@ impl StepPlan {
         (start < step_end).then(|| &order[start..(start + rows).min(step_end)])
     }
 
+    /// Steps from step `s` (0-based) to the step that ends its SAFE round (0: `s` ends one).
+    pub fn steps_to_round_end(&self, s: usize) -> usize {
+        (s..self.steps_per_epoch)
+            .position(|t| self.round_ending_at(1, t).is_some())
+            .unwrap_or(0)
+    }
+
     /// The SAFE round (1-based over the run) that step `s` (0-based) of `epoch` ends, if it ends
     /// one: round k of an epoch ends at step `ceil(k * steps / rounds)`.
     pub fn round_ending_at(&self, epoch: usize, s: usize) -> Option<usize> {

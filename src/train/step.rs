@@ -133,6 +133,7 @@ pub fn forward_backward_on<H: EncoderHead>(
     loss: impl FnOnce(&Tensor) -> Result<(f32, Tensor)>,
 ) -> anyhow::Result<StepOutput> {
     let device = model.device();
+    pass.monitor_tokens(attention_mask);
     let first = model.lowest_trainable_layer().unwrap_or(model.layers.len());
     // Layers below the lowest trainable adapter run without saving (or come from the cache); the
     // rest save for backward.
@@ -307,6 +308,7 @@ mod tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             forward_backward(m, batch, &mut pass, 1.0, bottom, &Recompute::None).unwrap()
         }
@@ -430,6 +432,7 @@ mod dtype_tests {
             let mut pass = Pass {
                 training: true,
                 rng: &mut rng,
+                monitor: None,
             };
             forward_backward(
                 m,

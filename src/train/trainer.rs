@@ -197,6 +197,7 @@ pub fn predict_logits(
     let mut pass = Pass {
         training: false,
         rng: &mut rng,
+        monitor: None,
     };
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(batch_size.max(1)) {
@@ -222,6 +223,7 @@ pub fn evaluate(
     let mut pass = Pass {
         training: false,
         rng: &mut rng,
+        monitor: None,
     };
     let (mut pred_c, mut gold_c, mut pred_v, mut gold_v) = (vec![], vec![], vec![], vec![]);
     let mut loss_sum = 0.0;
@@ -511,13 +513,19 @@ mod tests {
     /// A 3-layer BERT with LoRA on query and value, every `B` nonzero (so every adapter changes
     /// its layer's output), and five monitoring examples of different lengths.
     fn tiny_with_items() -> (BertForSequenceClassification, Vec<Encoded>) {
-        let cfg = BertConfig::tiny(0.1);
+        tiny_with_items_dropout(0.1)
+    }
+
+    /// [`tiny_with_items`] with dropout `p` in the model and its adapters.
+    fn tiny_with_items_dropout(p: f64) -> (BertForSequenceClassification, Vec<Encoded>) {
+        let cfg = BertConfig::tiny(p);
         let mut rng = StdRng::seed_from_u64(3);
         let mut m =
             BertForSequenceClassification::random(cfg, 2, DType::F32, &Device::Cpu, &mut rng)
                 .unwrap();
         let lora = LoraConfig {
             target_modules: vec!["query".into(), "value".into()],
+            dropout: p,
             ..Default::default()
         };
         m.add_lora(&lora, None, &mut rng).unwrap();
@@ -573,6 +581,61 @@ mod tests {
         }
     }
 
+    /// In-step importance (`safe.measure = "steps"`) takes each adapter's rows from the training
+    /// forward: without dropout, one training step on a batch gives the scores the separate
+    /// passes give on the same examples, in the moment form (25 token rows, width 8) and in the
+    /// Gram form (one 3-token example); a checkpointed step (whose layers run twice) takes them
+    /// once; frozen bottom adapters get no score.
+    #[test]
+    fn in_step_importance_is_the_passes_importance_of_the_same_batch() {
+        use crate::adapters::Adapted;
+        use crate::train::importance::{trainable_layers, StepMonitor};
+        let (mut m, items) = tiny_with_items_dropout(0.0);
+        let in_step = |m: &BertForSequenceClassification, examples: &[&Encoded], rc: &Recompute| {
+            let mut monitor = StepMonitor::new();
+            let mut rng = StdRng::seed_from_u64(5);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+                monitor: Some(&mut monitor),
+            };
+            let b = collate(examples, 0);
+            let bottom = step::FrozenBottom::Inference;
+            step::forward_backward(m, &b, &mut pass, 1.0, bottom, rc).unwrap();
+            assert_eq!(monitor.batches(), 1);
+            assert!(monitor.flops > 0);
+            monitor
+                .scores(&m.adapter_ids(), trainable_layers(m))
+                .unwrap()
+        };
+        let check = |m: &BertForSequenceClassification, n: usize, frozen_bottom: bool| {
+            let monitor: Vec<(usize, &Encoded)> = items.iter().take(n).enumerate().collect();
+            let refs: Vec<&Encoded> = monitor.iter().map(|(_, e)| *e).collect();
+            let passes = adapter_importance(m, &monitor, n, MonitorPoint::Linear, None).unwrap();
+            for rc in [Recompute::None, Recompute::All] {
+                let steps = in_step(m, &refs, &rc);
+                for (i, id) in m.adapter_ids().into_iter().enumerate() {
+                    if frozen_bottom && id.layer == 0 {
+                        assert!(steps[i].is_nan() && passes[i].is_nan());
+                        continue;
+                    }
+                    assert!(passes[i] > 1e-4, "{passes:?}");
+                    // The training and inference forwards agree to f32 rounding.
+                    let tol = 1e-5 * passes[i];
+                    assert!((steps[i] - passes[i]).abs() < tol, "{steps:?} {passes:?}");
+                }
+            }
+        };
+        check(&m, 5, false);
+        check(&m, 1, false);
+        for (l, s) in m.adapter_sites() {
+            if l == 0 {
+                m.adapter_mut(l, s).unwrap().trainable = false;
+            }
+        }
+        check(&m, 5, true);
+    }
+
     /// At the block output, an adapter's score is `1 - CKA` between its layer's output and the
     /// same layer's output without it, over the monitoring tokens; an adapter whose `B` is zero
     /// changes nothing and scores 0.
@@ -600,6 +663,7 @@ mod tests {
         let mut pass = Pass {
             training: false,
             rng: &mut rng,
+            monitor: None,
         };
         let rows = |x: &Tensor| -> Vec<f64> {
             let v: Vec<Vec<f32>> = x.to_vec2().unwrap();
