@@ -281,7 +281,9 @@ pub fn fit<T: Task>(
     let (metric_name, higher_is_better) = task.metric();
     // The memory plan, made again whenever SAFE freezes adapters.
     let seq = task.max_tokens();
-    let replan = |model: &T::Model| {
+    // In-step importance: the last `window` steps before each round's end are measured.
+    let in_step = is_safe && cfg.safe.in_step();
+    let replan = |model: &T::Model, safe: &Option<SafeController>| {
         plan::plan(
             model,
             plan.micro,
@@ -290,10 +292,9 @@ pub fn fit<T: Task>(
             cfg.gradient_checkpointing,
             cfg.memory_budget,
             plan::efficient_tokens(mem.device(), model.hidden_size()),
+            in_step && safe.as_ref().is_some_and(|c| c.phase() != Phase::Done),
         )
     };
-    // In-step importance: the last `window` steps before each round's end are measured.
-    let in_step = is_safe && cfg.safe.in_step();
     let window = cfg
         .safe
         .monitor_examples
@@ -304,7 +305,7 @@ pub fn fit<T: Task>(
         plan::ensure_monitoring_fits(model, monitor.len(), seq, budget)?;
     }
     let mut plan_log = plan::PlanLog::open(cfg.output, started_at)?;
-    let mut mem_plan = replan(model)?;
+    let mut mem_plan = replan(model, &safe)?;
     let mut recompute = mem_plan.recompute();
     let steps_in = state.partial_epoch.as_ref().map_or(0, |p| p.steps);
     plan_log.write(
@@ -473,7 +474,7 @@ pub fn fit<T: Task>(
                 )?;
                 p.importance = Some(scores);
                 p.threshold = Some(d.threshold);
-                let next = replan(model)?;
+                let next = replan(model, &safe)?;
                 if next != mem_plan {
                     plan_log.write(epoch, s + 1, state.global_step, &next)?;
                     recompute = next.recompute();

@@ -270,34 +270,47 @@ fn sum_sq(t: &Tensor) -> Result<Tensor> {
 /// Gram form `K = Xc Xc^T`, `L = Yc Yc^T` (`||K||^2`, `||L||^2`, `<K, L>`), which costs
 /// `O(n^2 d)` instead of the moments' `O(n d^2)`: the cheaper one when a batch has fewer token
 /// rows than the layer is wide. The zero-variance guard's scales are `||X||_F^4` and `||Y||_F^4`,
-/// which bound `||X^T X||_F^2` and `||Y^T Y||_F^2` from above.
+/// which bound `||X^T X||_F^2` and `||Y^T Y||_F^2` from above. `X` and `Y` go through as one
+/// `[2, n, d]` batch: on a GPU the measurement is a dozen small kernels, not three dozen.
 fn gram_norms(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let mm = crate::nn::matmul;
-    let center = |t: &Tensor| t.broadcast_sub(&t.mean_keepdim(0)?);
-    let (xc, yc) = (center(x)?, center(y)?);
-    let k = mm(&xc, &xc.t()?)?;
-    let l = mm(&yc, &yc.t()?)?;
-    let norms = [
-        sum_sq(&k)?,
-        sum_sq(x)?.sqr()?,
-        sum_sq(&l)?,
-        sum_sq(y)?.sqr()?,
-        (&k * &l)?.sum(1)?.sum_all()?,
-    ];
-    Tensor::stack(&norms, 0)
+    let z = Tensor::stack(&[x, y], 0)?;
+    let zc = z.broadcast_sub(&z.mean_keepdim(1)?)?;
+    let g = crate::nn::matmul(&zc, &zc.t()?)?; // [2, n, n]: K and L
+                                               // Reductions by rows first, as in `sum_sq`: a CUDA reduction over several dims (or all)
+                                               // runs each output in one thread block.
+    let kk_ll = g.sqr()?.sum(2)?.sum(1)?; // [||K||^2, ||L||^2]
+    let kl = (g.get(0)? * g.get(1)?)?.sum(1)?.sum(0)?.reshape(1)?;
+    let raw = z.sqr()?.sum(2)?.sum(1)?.sqr()?; // [||X||^4, ||Y||^4]
+    let at = |t: &Tensor, i: usize| t.narrow(0, i, 1);
+    Tensor::cat(
+        &[
+            at(&kk_ll, 0)?,
+            at(&raw, 0)?,
+            at(&kk_ll, 1)?,
+            at(&raw, 1)?,
+            kl,
+        ],
+        0,
+    )
 }
 
 /// CKA's five norms of one batch's rows `r` over its token rows `rows`, in whichever of the
 /// moment and Gram forms costs less.
 fn batch_norms(r: &CkaRows, rows: &Tensor) -> Result<Tensor> {
     let (n, d) = (rows.dim(0)?, r.width()?);
-    if 2 * n <= d {
-        let (x, y) = r.x_y()?;
-        let pick = |t: &Tensor| t.index_select(rows, 0)?.to_dtype(DType::F64);
-        gram_norms(&pick(&x)?, &pick(&y)?)
-    } else {
-        Ok(DeviceMoments::of(r, rows)?.norms()?.1)
+    if 2 * n > d {
+        return Ok(DeviceMoments::of(r, rows)?.norms()?.1);
     }
+    let pick = |t: &Tensor| t.index_select(rows, 0)?.to_dtype(DType::F64);
+    let (x, y) = match r {
+        CkaRows::Full { x, y } => (pick(x)?, pick(y)?),
+        CkaRows::LowRank { y, u, b } => {
+            let y = pick(y)?;
+            let ub = crate::nn::matmul(&pick(u)?, &b.to_dtype(DType::F64)?.t()?)?;
+            ((&y + ub)?, y)
+        }
+    };
+    gram_norms(&x, &y)
 }
 
 /// SAFE's importance measured on the training steps themselves (`safe.measure = "steps"`): the

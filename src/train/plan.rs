@@ -76,16 +76,19 @@ impl MemoryPlan {
 /// A plan's estimate fits the budget less 1/12 of it (8%), the memory model's error margin.
 const BUDGET_MARGIN: usize = 12;
 
-/// Tokens below which a pass's time no longer falls with its size: kernel launches and weight
-/// reads, not the rows, set it, so splitting a batch into smaller passes costs time while
-/// recomputing a layer costs a third of its passes. On a GPU a layer's launches take about as long
-/// as 30 GFLOP of work (150 us at 200 TFLOP/s), and a token costs a layer about 24 hidden^2 FLOP:
-/// 8,500 tokens at MiniLM's width 384, 75 at LLaMA-7B's 4096. A CPU is compute-bound from a few
-/// rows on.
+/// Tokens below which a pass's time no longer falls with its size, so that splitting a batch
+/// into smaller passes costs time while recomputing a layer costs a third of its passes. On a GPU
+/// two floors: kernel launches (a layer's take about as long as 30 GFLOP of work, 150 us at 200
+/// TFLOP/s, and a token costs a layer about 24 hidden^2 FLOP: 8,500 tokens at MiniLM's width 384),
+/// and filling the GPU's multiprocessors with a projection's output tiles (132 SMs x 128 x 256
+/// tiles over `hidden` columns: about 1,060 tokens at LLaMA-7B's 4096). Measured at 7B on the
+/// H200 (batch 4 x 128): passes of 2 sequences took 81 ms a step against 62 ms for one pass of 4,
+/// while checkpointing every layer took 85 ms. A CPU is compute-bound from a few rows on.
 pub fn efficient_tokens(device: &candle_core::Device, hidden: usize) -> usize {
+    let h = hidden.max(1) as f64;
     match device {
         candle_core::Device::Cpu => 256,
-        _ => (1.25e9 / (hidden.max(1) as f64).powi(2)).clamp(64.0, 65536.0) as usize,
+        _ => (1.25e9 / (h * h)).max(4.33e6 / h).clamp(64.0, 65536.0) as usize,
     }
 }
 
@@ -100,6 +103,18 @@ pub fn step_bytes(
     rows: usize,
     seq: usize,
 ) -> usize {
+    step_bytes_measured(model, recompute, rows, seq, 0)
+}
+
+/// [`step_bytes`] of a step whose forward also measures SAFE's importance (`measure` bytes, see
+/// [`measure_bytes`], beside each trainable layer's state while its linears run).
+pub fn step_bytes_measured(
+    model: &impl StepMemory,
+    recompute: &Recompute,
+    rows: usize,
+    seq: usize,
+    measure: usize,
+) -> usize {
     let n = model.num_layers();
     let first = model.lowest_trainable_layer().unwrap_or(n);
     let x = model.hidden_bytes(rows, seq);
@@ -113,7 +128,7 @@ pub fn step_bytes(
     let kept = |l: usize, state: usize| if recompute.covers(l) { x } else { state };
     let mut below = 0;
     for &(l, m) in &layers {
-        peak = peak.max(below + x + m.state + m.transient + x);
+        peak = peak.max(below + x + m.state + (m.transient + x).max(measure));
         below += kept(l, m.state);
     }
     peak = peak.max(below + x + model.head_bytes(rows, seq));
@@ -123,6 +138,29 @@ pub fn step_bytes(
         peak = peak.max(below + input + m.state + m.transient + 2 * x);
     }
     peak
+}
+
+/// The most SAFE's in-step importance holds at once while it measures one adapter on a pass of
+/// `rows` rows of `seq` tokens (`train::importance`, f64): in the Gram form (at most half as many
+/// token rows as the adapter is wide) the rows of `X` and `Y`, their `[2, n, d]` stack and its
+/// centered copy, and the two `n x n` Grams with their squares; in the moment form the rows of
+/// `Y` and `U`, and eight `d x d` products and temporaries. Of the widest adapter.
+pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize {
+    let n = rows * seq;
+    let f64s = |e: usize| 8 * e;
+    model
+        .adapters()
+        .iter()
+        .map(|(_, a)| {
+            let (d, r) = (a.b.dims()[0], a.b.dims()[1]);
+            if 2 * n <= d {
+                f64s(6 * n * d + 4 * n * n)
+            } else {
+                f64s(n * (d + r) + 8 * d * d)
+            }
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The layers from `first` (the lowest trainable one) up whose adapters are all frozen.
@@ -142,11 +180,13 @@ fn pass_through(model: &impl StepMemory, first: usize) -> Vec<usize> {
 
 /// The step's plan. Without a budget: `micro` rows per pass, `accum` passes, every trainable layer
 /// checkpointed when `checkpoint_all`. With `budget` bytes: the plan of least estimated time whose
-/// [`step_bytes`] fits, over micro-batches that divide the step's batch (`micro * accum` examples,
+/// [`step_bytes`] fits (with SAFE's in-step measurement when `measuring`), over micro-batches that
+/// divide the step's batch (`micro * accum` examples,
 /// so the step's examples and result do not change) and the fewest checkpointed layers, taken
 /// first from the pass-through layers (they have no weight gradients, only the gradient to pass
 /// down), then the layers that save most. An error when not even one row with every layer
 /// checkpointed fits.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     model: &impl StepMemory,
     micro: usize,
@@ -155,6 +195,7 @@ pub fn plan(
     checkpoint_all: bool,
     budget: Option<usize>,
     efficient_tokens: usize,
+    measuring: bool,
 ) -> anyhow::Result<MemoryPlan> {
     let n = model.num_layers();
     let first = model.lowest_trainable_layer().unwrap_or(n);
@@ -186,7 +227,13 @@ pub fn plan(
     let target = budget - budget / BUDGET_MARGIN;
     let mut best: Option<(usize, MemoryPlan)> = None;
     for rows in (1..=batch).rev().filter(|r| batch.is_multiple_of(*r)) {
-        let Some(chosen) = fewest_checkpoints(model, first, &through, rows, seq, target) else {
+        let measure = if measuring {
+            measure_bytes(model, rows, seq)
+        } else {
+            0
+        };
+        let Some(chosen) = fewest_checkpoints(model, first, &through, rows, seq, measure, target)
+        else {
             continue;
         };
         // Work in layer-forward units per token: 3 per trained layer (forward, backward), 1 per
@@ -221,6 +268,7 @@ fn fewest_checkpoints(
     through: &[usize],
     rows: usize,
     seq: usize,
+    measure: usize,
     budget: usize,
 ) -> Option<(Vec<usize>, usize)> {
     let n = model.num_layers();
@@ -237,7 +285,8 @@ fn fewest_checkpoints(
         if k > 0 {
             chosen.insert(order[k - 1]);
         }
-        let estimate = step_bytes(model, &Recompute::Layers(chosen.clone()), rows, seq);
+        let recompute = Recompute::Layers(chosen.clone());
+        let estimate = step_bytes_measured(model, &recompute, rows, seq, measure);
         if estimate <= budget {
             return Some((chosen.into_iter().collect(), estimate));
         }
@@ -368,12 +417,17 @@ mod tests {
 
     /// Six layers, LoRA on query and value of each.
     fn model() -> BertForSequenceClassification {
+        model_of_width(32)
+    }
+
+    /// [`model`] at another width (4 heads, feed-forward 4x wide).
+    fn model_of_width(hidden: usize) -> BertForSequenceClassification {
         let cfg = BertConfig {
             vocab_size: 50,
-            hidden_size: 32,
+            hidden_size: hidden,
             num_hidden_layers: 6,
             num_attention_heads: 4,
-            intermediate_size: 128,
+            intermediate_size: 4 * hidden,
             hidden_act: "gelu".into(),
             hidden_dropout_prob: 0.1,
             attention_probs_dropout_prob: 0.1,
@@ -408,12 +462,37 @@ mod tests {
         }
     }
 
+    /// In the steps where SAFE measures importance on the training forward, its temporaries sit
+    /// beside a layer's state: at width 256 and 8 tokens a pass (the Gram form) they outweigh the
+    /// layer's own temporaries, so a budget the plain step fits needs checkpoints once measuring,
+    /// and the measuring plan's estimate, with them, fits.
+    #[test]
+    fn a_measuring_step_keeps_room_for_the_measurement() {
+        let (m, rows, seq) = (model_of_width(256), 2, 4);
+        let measure = measure_bytes(&m, rows, seq);
+        assert_eq!(measure, 8 * (6 * 8 * 256 + 4 * 8 * 8));
+        let plain = step_bytes(&m, &Recompute::None, rows, seq);
+        let measured = step_bytes_measured(&m, &Recompute::None, rows, seq, measure);
+        assert!(
+            measured > plain && measured <= plain + measure,
+            "{plain} {measured}"
+        );
+        let budget = plain + plain / 11;
+        let p = plan(&m, rows, 1, seq, false, Some(budget), GPU, false).unwrap();
+        assert!(p.checkpointed.is_empty());
+        let q = plan(&m, rows, 1, seq, false, Some(budget), GPU, true).unwrap();
+        assert!(!q.checkpointed.is_empty(), "{q:?}");
+        let m_q = measure_bytes(&m, q.micro, seq);
+        let estimate = step_bytes_measured(&m, &q.recompute(), q.micro, seq, m_q);
+        assert!(estimate <= budget - budget / BUDGET_MARGIN);
+    }
+
     #[test]
     fn without_a_budget_the_plan_is_the_flags() {
         let m = model();
-        let p = plan(&m, 8, 2, SEQ, false, None, GPU).unwrap();
+        let p = plan(&m, 8, 2, SEQ, false, None, GPU, false).unwrap();
         assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
-        let p = plan(&m, 8, 2, SEQ, true, None, GPU).unwrap();
+        let p = plan(&m, 8, 2, SEQ, true, None, GPU, false).unwrap();
         assert_eq!(p.checkpointed, (0..6).collect::<Vec<_>>());
         assert!(p.estimated_step_bytes < step_bytes(&m, &Recompute::None, 8, SEQ));
     }
@@ -425,16 +504,16 @@ mod tests {
     fn a_budget_checkpoints_as_few_layers_as_needed() {
         let m = model();
         let full = step_bytes(&m, &Recompute::None, 16, SEQ);
-        let p = plan(&m, 16, 1, SEQ, false, Some(full + full / 10), GPU).unwrap();
+        let p = plan(&m, 16, 1, SEQ, false, Some(full + full / 10), GPU, false).unwrap();
         assert_eq!((p.micro, p.checkpointed.len()), (16, 0));
-        let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), GPU).unwrap();
+        let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), GPU, false).unwrap();
         assert_eq!(p.micro, 16);
         assert!(
             !p.checkpointed.is_empty() && p.checkpointed.len() < 6,
             "{p:?}"
         );
         assert!(p.estimated_step_bytes <= full * 8 / 10);
-        let q = plan(&m, 16, 1, SEQ, false, Some(full * 5 / 10), GPU).unwrap();
+        let q = plan(&m, 16, 1, SEQ, false, Some(full * 5 / 10), GPU, false).unwrap();
         assert!(
             q.checkpointed.len() > p.checkpointed.len() || q.micro < 16,
             "{q:?}"
@@ -449,7 +528,7 @@ mod tests {
     fn on_a_cpu_the_batch_is_split_before_layers_are_checkpointed() {
         let m = model();
         let full = step_bytes(&m, &Recompute::None, 16, SEQ);
-        let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), CPU).unwrap();
+        let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), CPU, false).unwrap();
         assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
     }
 
@@ -459,11 +538,11 @@ mod tests {
         let m = model();
         let all = Recompute::All;
         let tight = step_bytes(&m, &all, 4, SEQ);
-        let p = plan(&m, 16, 1, SEQ, false, Some(tight), GPU).unwrap();
+        let p = plan(&m, 16, 1, SEQ, false, Some(tight), GPU, false).unwrap();
         assert!(p.micro <= 4 && p.micro * p.accum == 16, "{p:?}");
         assert!(p.estimated_step_bytes <= tight);
         let one = step_bytes(&m, &all, 1, SEQ);
-        let e = plan(&m, 16, 1, SEQ, false, Some(one / 2), GPU).unwrap_err();
+        let e = plan(&m, 16, 1, SEQ, false, Some(one / 2), GPU, false).unwrap_err();
         assert!(e.to_string().contains("--memory-budget"), "{e}");
     }
 
@@ -473,13 +552,13 @@ mod tests {
     fn pass_through_layers_are_checkpointed_first() {
         let mut m = model();
         freeze(&mut m, &[1, 2, 3]);
-        let p = plan(&m, 16, 1, SEQ, false, None, GPU).unwrap();
+        let p = plan(&m, 16, 1, SEQ, false, None, GPU, false).unwrap();
         assert_eq!(
             (p.first_trained_layer, p.pass_through.clone()),
             (0, vec![1, 2, 3])
         );
         let full = step_bytes(&m, &Recompute::None, 16, SEQ);
-        let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU).unwrap();
+        let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU, false).unwrap();
         assert!(!p.checkpointed.is_empty(), "{p:?}");
         assert!(
             p.checkpointed.iter().all(|l| [1, 2, 3].contains(l)),
@@ -492,9 +571,9 @@ mod tests {
     fn freezing_relaxes_the_plan() {
         let mut m = model();
         let budget = step_bytes(&m, &Recompute::None, 16, SEQ) * 6 / 10;
-        let before = plan(&m, 16, 1, SEQ, false, Some(budget), GPU).unwrap();
+        let before = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
         freeze(&mut m, &[0, 1, 2, 3]);
-        let after = plan(&m, 16, 1, SEQ, false, Some(budget), GPU).unwrap();
+        let after = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
         assert_eq!(after.first_trained_layer, 4);
         assert!(
             after.checkpointed.len() < before.checkpointed.len(),
