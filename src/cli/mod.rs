@@ -168,7 +168,8 @@ pub struct RunArgs {
     /// run's length, about 12 per run and at most one per 24 steps).
     #[arg(long)]
     pub safe_rounds_per_epoch: Option<usize>,
-    /// Size of SAFE's monitoring subset of the training data.
+    /// Examples SAFE measures per decision round: the training steps before it that hold this
+    /// many (`--safe-measure steps`), or the size of the monitoring subset (`passes`).
     #[arg(long)]
     pub safe_monitor_examples: Option<usize>,
     /// Where SAFE's CKA looks: the adapted linear's output (default) or the transformer block's.

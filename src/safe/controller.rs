@@ -82,7 +82,9 @@ pub struct SafeConfig {
     /// half the run's rounds (6 of 12), chosen on validation accuracy; a cap of 3 of 12 ended
     /// warm-up while scores still rose by 20-120% per round.
     pub max_warmup_epochs: usize,
-    /// Size of the seeded monitoring subset the trainer measures CKA on. Default 128.
+    /// Examples measured per round: the training steps before a round's end that hold this many
+    /// ([`Measure::Steps`]), or the size of the seeded monitoring subset ([`Measure::Passes`]).
+    /// Default 128.
     pub monitor_examples: usize,
     /// Where CKA looks; see [`MonitorPoint`]. Default `Linear`.
     pub monitor: MonitorPoint,
