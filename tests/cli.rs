@@ -620,11 +620,24 @@ fn eval_steps_and_early_stopping() {
 /// steps, losses and validations in the logs.
 #[test]
 fn resume_from_a_step_checkpoint_inside_an_epoch_is_exact() {
+    resume_inside_epoch_one_is_exact(&[], &[]);
+}
+
+/// The same with SAFE deciding once per epoch: step 6 lies inside the round's measured steps,
+/// so the checkpoint carries the measurement so far and the resumed run scores and freezes as
+/// the uninterrupted one.
+#[test]
+fn safe_resumed_inside_a_measured_round_is_exact() {
+    let safe = ["--method", "safe", "--safe-rounds-per-epoch", "1"];
+    resume_inside_epoch_one_is_exact(&safe, &["importance", "frozen"]);
+}
+
+fn resume_inside_epoch_one_is_exact(more_flags: &[&str], more_metrics: &[&str]) {
     let sb = Sandbox::new();
     let model = tiny_model(&sb.path("model"), 1);
     let data = tiny_csv(&sb.path("data.csv"));
     let (straight, resumed) = (sb.path("straight"), sb.path("resumed"));
-    let flags = [
+    let mut flags = vec![
         "--epochs",
         "2",
         "--save-steps",
@@ -634,6 +647,7 @@ fn resume_from_a_step_checkpoint_inside_an_epoch_is_exact() {
         "--eval-steps",
         "4",
     ];
+    flags.extend_from_slice(more_flags);
     sb.run_ok(&train_args(&model, &data, &straight, &flags));
     let step_dirs = |dir: &Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -702,7 +716,7 @@ fn resume_from_a_step_checkpoint_inside_an_epoch_is_exact() {
         logged(&resumed, "steps.jsonl", &step_keys),
         logged(&straight, "steps.jsonl", &step_keys)
     );
-    let metric_keys = [
+    let mut metric_keys = vec![
         "epoch",
         "step",
         "global_step",
@@ -711,6 +725,7 @@ fn resume_from_a_step_checkpoint_inside_an_epoch_is_exact() {
         "validation_metric",
         "validation_loss",
     ];
+    metric_keys.extend_from_slice(more_metrics);
     let metrics = logged(&straight, "metrics.jsonl", &metric_keys);
     assert_eq!(
         metrics.len(),

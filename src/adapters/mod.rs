@@ -12,7 +12,9 @@ pub use lora::{CkaRows, LoraAdapter, LoraConfig, LoraGrads, LoraLinear};
 
 /// One adapter: its transformer layer and its site, the index into the layer's
 /// [`Block::SITES`]. Ordered by layer, then site: the order of [`Adapted::adapters`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct AdapterId {
     pub layer: usize,
     pub site: usize,

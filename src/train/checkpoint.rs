@@ -70,6 +70,9 @@ pub struct PartialEpoch {
     pub trainable_params: usize,
     pub importance: Option<Vec<f64>>,
     pub threshold: Option<f64>,
+    /// SAFE's in-step measurement of the round in progress (none outside a measured window).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measured: Vec<super::importance::MeasuredBatch>,
 }
 
 /// A step checkpoint's folder name.

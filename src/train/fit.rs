@@ -337,6 +337,11 @@ pub fn fit<T: Task>(
         }
         // A step checkpoint inside this epoch: continue after its steps, with its sums.
         let mut p = state.partial_epoch.take().unwrap_or_default();
+        // A step checkpoint inside a measured window: the round's measurement so far.
+        if !p.measured.is_empty() {
+            let measured = std::mem::take(&mut p.measured);
+            step_monitor = Some(StepMonitor::resumed(&measured, mem.device())?);
+        }
         let mut order: Vec<usize> = (0..task.train_len()).collect();
         order.shuffle(&mut StdRng::seed_from_u64(
             cfg.seed.wrapping_add(epoch as u64),
@@ -536,9 +541,14 @@ pub fn fit<T: Task>(
             // A step checkpoint every `save_steps`: the epoch so far travels in its state.
             if best::due(cfg.save_steps, state.global_step) {
                 let (peak, step_peak) = epoch_mem.so_far();
+                let measured = match &step_monitor {
+                    Some(m) => m.measured()?,
+                    None => Vec::new(),
+                };
                 state.partial_epoch = Some(checkpoint::PartialEpoch {
                     peak_mem_bytes: p.peak_mem_bytes.max(peak),
                     step_mem_bytes: p.step_mem_bytes.max(step_peak),
+                    measured,
                     ..p.clone()
                 });
                 state.safe = safe.clone();

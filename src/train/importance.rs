@@ -14,6 +14,7 @@ use crate::adapters::{Adapted, AdapterId, CkaRows};
 use crate::nn::{flops, RowSink};
 use crate::safe::{cka_from_norms, CkaNorms};
 use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -330,9 +331,49 @@ pub struct StepMonitor {
     pub flops: u64,
 }
 
+/// One measured micro-batch of one adapter, on the host: what a step checkpoint keeps of a
+/// round's measurement so far, so that a run resumed inside it scores the round as an
+/// uninterrupted run does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MeasuredBatch {
+    pub adapter: AdapterId,
+    pub rows: usize,
+    /// CKA's five norms in [`NORMS`] order.
+    pub norms: [f64; 5],
+}
+
 impl StepMonitor {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The micro-batches measured so far, on the host.
+    pub fn measured(&self) -> Result<Vec<MeasuredBatch>> {
+        let mut out = Vec::new();
+        for (&adapter, batches) in &self.norms {
+            for (rows, t) in batches {
+                let v: Vec<f64> = t.to_vec1()?;
+                let norms: [f64; 5] = v
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("CKA norms are five numbers".into()))?;
+                out.push(MeasuredBatch {
+                    adapter,
+                    rows: *rows,
+                    norms,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A monitor that carries on from `measured` (a step checkpoint's), its norms on `device`.
+    pub fn resumed(measured: &[MeasuredBatch], device: &Device) -> Result<Self> {
+        let mut m = Self::new();
+        for b in measured {
+            let t = Tensor::new(&b.norms, device)?;
+            m.norms.entry(b.adapter).or_default().push((b.rows, t));
+        }
+        Ok(m)
     }
 
     /// Micro-batches measured so far (of the adapter measured most often).
