@@ -363,24 +363,20 @@ impl<'a, L: Block> SiteForward<'a, L> {
     }
 
     pub fn run(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let l = self.layer.linear(site);
-        let Some(m) = self.monitor.as_deref_mut() else {
+        // Monitoring runs on `monitor_layer`'s inference pass and saves nothing.
+        let save = self.save && self.monitor.is_none();
+        let (y, saved, rows) = self.layer.linear(site).forward_rows(x, pass, save)?;
+        self.states.put(site, saved)?;
+        match (self.monitor.as_deref_mut(), rows) {
+            (Some(m), Some(rows)) => m.push((site, rows)),
             // A training pass may hand its rows to SAFE's in-step importance.
-            let (y, saved, rows) = l.forward_rows(x, pass, self.save)?;
-            self.states.put(site, saved)?;
-            if let (Some(sink), Some(CkaRows::LowRank { y: base, u, b })) =
-                (pass.taking_rows(), rows)
-            {
-                sink.take(site_index::<L>(site), &base, &u, &b)?;
+            (None, Some(CkaRows::LowRank { y: base, u, b })) => {
+                if let Some(sink) = pass.taking_rows() {
+                    sink.take(site_index::<L>(site), &base, &u, &b)?;
+                }
             }
-            return Ok(y);
-        };
-        // Monitoring is an inference pass: nothing to save.
-        let (y, rows) = l.forward_monitored(x)?;
-        if let Some(rows) = rows {
-            m.push((site, rows));
+            _ => {}
         }
-        self.states.put(site, LoraLinearSaved::NONE)?;
         Ok(y)
     }
 }

@@ -189,8 +189,9 @@ impl LoraLinear {
     }
 
     /// [`LoraLinear::forward`], and with an adapter its [`CkaRows::LowRank`] rows on this pass
-    /// (dropout included): what SAFE measures during a training step. They are the forward's own
-    /// tensors, so nothing is computed for them.
+    /// (dropout included on a training pass): what SAFE measures, on a training step or on its
+    /// monitoring passes (inference). They are the forward's own tensors, so nothing is computed
+    /// for them.
     pub fn forward_rows(
         &self,
         x: &Tensor,
@@ -204,18 +205,6 @@ impl LoraLinear {
         let (delta, saved, (u, b)) = lora.forward(x, pass, save)?;
         let y = crate::nn::add(&base, &delta)?;
         Ok((y, saved, Some(CkaRows::LowRank { y: base, u, b })))
-    }
-
-    /// The inference forward of SAFE's monitoring: the output, bit for bit `forward`'s (dropout
-    /// is off in inference), and with an adapter its [`CkaRows::LowRank`] rows.
-    pub fn forward_monitored(&self, x: &Tensor) -> Result<(Tensor, Option<CkaRows>)> {
-        let base = self.base.forward(x)?;
-        let Some(lora) = &self.lora else {
-            return Ok((base, None));
-        };
-        let (_, u, b) = lora.rank_r(x)?;
-        let y = crate::nn::add(&base, &matmul(&u, &b.t()?)?)?;
-        Ok((y, Some(CkaRows::LowRank { y: base, u, b })))
     }
 
     /// Returns `dx` (when `need_dx`) and the adapter's gradients (when it trains).

@@ -313,6 +313,12 @@ impl SafeController {
         Ok(())
     }
 
+    /// Whether a round can still change anything (not [`Phase::Done`]): only then does the
+    /// trainer measure importance.
+    pub fn measures(&self) -> bool {
+        self.phase() != Phase::Done
+    }
+
     /// Current phase (see [`Phase`]); useful after resuming from a checkpoint.
     pub fn phase(&self) -> Phase {
         if self.t_w.is_none() {

@@ -18,7 +18,7 @@ use crate::model::StepMemory;
 use crate::nn::optim::{clip_global_norm, AdamW, AdamWConfig};
 use crate::nn::{flops, Pass, RowSink};
 use crate::report::tensorboard::EventWriter;
-use crate::safe::{Phase, SafeConfig, SafeController};
+use crate::safe::{SafeConfig, SafeController};
 use anyhow::Result;
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -292,7 +292,7 @@ pub fn fit<T: Task>(
             cfg.gradient_checkpointing,
             cfg.memory_budget,
             plan::efficient_tokens(mem.device(), model.hidden_size()),
-            in_step && safe.as_ref().is_some_and(|c| c.phase() != Phase::Done),
+            in_step && safe.as_ref().is_some_and(SafeController::measures),
         )
     };
     let window = cfg
@@ -373,7 +373,7 @@ pub fn fit<T: Task>(
             epoch_mem.begin_step();
             let mut grads: Vec<(ParamId, Tensor)> = Vec::new();
             let measured = in_step
-                && safe.as_ref().is_some_and(|c| c.phase() != Phase::Done)
+                && safe.as_ref().is_some_and(SafeController::measures)
                 && plan.steps_to_round_end(s) < window;
             if measured && step_monitor.is_none() {
                 step_monitor = Some(StepMonitor::new());
@@ -452,7 +452,7 @@ pub fn fit<T: Task>(
             let stop = steps_reached(state.global_step);
             // SAFE: at each round's end, measure importance and freeze what the schedule says
             // (until every candidate is frozen: then nothing can change).
-            let measuring = safe.as_mut().filter(|c| c.phase() != Phase::Done);
+            let measuring = safe.as_mut().filter(|c| c.measures());
             if let (Some(c), Some(round)) = (measuring, plan.round_ending_at(epoch, s)) {
                 let scores = match step_monitor.take().filter(|m| m.batches() > 0) {
                     Some(m) => {
