@@ -114,7 +114,7 @@ enum DeviceMoments {
 impl DeviceMoments {
     /// The moments of one batch's rows over its token rows `rows`.
     fn of(r: &CkaRows, rows: &Tensor) -> Result<Self> {
-        let pick = |t: &Tensor| t.index_select(rows, 0)?.to_dtype(DType::F64);
+        let pick = |t: &Tensor| pick_rows(t, rows);
         // Counted as the model's matmuls are: SAFE's monitoring FLOPs include them.
         let mm = |a: &Tensor, b: &Tensor| crate::nn::matmul(&a.t()?, b);
         Ok(match r {
@@ -261,57 +261,60 @@ fn importance_of(rows: usize, v: &[f64]) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The token rows `rows` of `[n, d]` rows `t`, in f64 (CKA's norms cancel in lower precision).
+fn pick_rows(t: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    t.index_select(rows, 0)?.to_dtype(DType::F64)
+}
+
 /// Sum of squares as a 0-d tensor, by rows first: candle's CUDA `sum_all` reduces in one thread
 /// block, which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
 fn sum_sq(t: &Tensor) -> Result<Tensor> {
     t.sqr()?.sum(1)?.sum_all()
 }
 
-/// CKA's five norms (in [`NORMS`] order) of one batch's `X`, `Y` rows (`[n, d]`, f64) in the
-/// Gram form `K = Xc Xc^T`, `L = Yc Yc^T` (`||K||^2`, `||L||^2`, `<K, L>`), which costs
-/// `O(n^2 d)` instead of the moments' `O(n d^2)`: the cheaper one when a batch has fewer token
-/// rows than the layer is wide. The zero-variance guard's scales are `||X||_F^4` and `||Y||_F^4`,
-/// which bound `||X^T X||_F^2` and `||Y^T Y||_F^2` from above. `X` and `Y` go through as one
-/// `[2, n, d]` batch: on a GPU the measurement is a dozen small kernels, not three dozen.
-fn gram_norms(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let z = Tensor::stack(&[x, y], 0)?;
-    let zc = z.broadcast_sub(&z.mean_keepdim(1)?)?;
-    let g = crate::nn::matmul(&zc, &zc.t()?)?; // [2, n, n]: K and L
-                                               // Reductions by rows first, as in `sum_sq`: a CUDA reduction over several dims (or all)
-                                               // runs each output in one thread block.
-    let kk_ll = g.sqr()?.sum(2)?.sum(1)?; // [||K||^2, ||L||^2]
-    let kl = (g.get(0)? * g.get(1)?)?.sum(1)?.sum(0)?.reshape(1)?;
-    let raw = z.sqr()?.sum(2)?.sum(1)?.sqr()?; // [||X||^4, ||Y||^4]
-    let at = |t: &Tensor, i: usize| t.narrow(0, i, 1);
-    Tensor::cat(
-        &[
-            at(&kk_ll, 0)?,
-            at(&raw, 0)?,
-            at(&kk_ll, 1)?,
-            at(&raw, 1)?,
-            kl,
-        ],
-        0,
-    )
+/// CKA's five norms (in [`NORMS`] order) of one batch's rows at the linear, `X = Y + U B^T`
+/// (`Y` `[n, d]`, `U` `[n, r]`, `B` `[d, r]`, f64), in the Gram form `K = Xc Xc^T`,
+/// `L = Yc Yc^T` (`||K||^2`, `||L||^2`, `<K, L>`): `O(n^2 d)` instead of the moments' `O(n d^2)`,
+/// the cheaper one when a batch has fewer token rows than the layer is wide. With
+/// `P = Yc B + Uc (B^T B) / 2`, `K = L + P Uc^T + Uc P^T`, so `L` is the one `n x n x d` product
+/// and the rest costs `O(n^2 r + n d r)`. The zero-variance guard's scales are `||X||_F^4` and
+/// `||Y||_F^4` (they bound `||X^T X||_F^2` and `||Y^T Y||_F^2`), with
+/// `||X||_F^2 = ||Y||_F^2 + 2 <Y B, U> + <U^T U, B^T B>`.
+fn low_rank_gram_norms(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mm = crate::nn::matmul;
+    let yc = y.broadcast_sub(&y.mean_keepdim(0)?)?;
+    let uc = u.broadcast_sub(&u.mean_keepdim(0)?)?;
+    let btb = mm(&b.t()?, b)?;
+    let l = mm(&yc, &yc.t()?)?;
+    let p = (mm(&yc, b)? + (mm(&uc, &btb)? * 0.5)?)?;
+    let s = mm(&p, &uc.t()?)?;
+    let k = ((&l + &s)? + s.t()?)?;
+    // Sums by rows first, as in `sum_sq`.
+    let sum = |t: Tensor| t.sum(1)?.sum_all();
+    let yy = sum_sq(y)?;
+    let cross = sum((mm(y, b)? * u)?)?;
+    let uu = sum((mm(&u.t()?, u)? * &btb)?)?;
+    let xx = ((&yy + (cross * 2.0)?)? + uu)?;
+    let kl = sum((&k * &l)?)?;
+    Tensor::stack(&[sum_sq(&k)?, xx.sqr()?, sum_sq(&l)?, yy.sqr()?, kl], 0)
 }
 
-/// CKA's five norms of one batch's rows `r` over its token rows `rows`, in whichever of the
-/// moment and Gram forms costs less.
-fn batch_norms(r: &CkaRows, rows: &Tensor) -> Result<Tensor> {
-    let (n, d) = (rows.dim(0)?, r.width()?);
-    if 2 * n > d {
-        return Ok(DeviceMoments::of(r, rows)?.norms()?.1);
+/// CKA's five norms of one batch's rows at the linear (`X = Y + U B^T`) over its token rows
+/// `rows`, in whichever of the moment (`d^2 n`) and Gram (`n^2 d`) forms costs less.
+fn batch_norms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    if rows.dim(0)? > y.dim(1)? {
+        let r = CkaRows::LowRank {
+            y: y.clone(),
+            u: u.clone(),
+            b: b.clone(),
+        };
+        return Ok(DeviceMoments::of(&r, rows)?.norms()?.1);
     }
-    let pick = |t: &Tensor| t.index_select(rows, 0)?.to_dtype(DType::F64);
-    let (x, y) = match r {
-        CkaRows::Full { x, y } => (pick(x)?, pick(y)?),
-        CkaRows::LowRank { y, u, b } => {
-            let y = pick(y)?;
-            let ub = crate::nn::matmul(&pick(u)?, &b.to_dtype(DType::F64)?.t()?)?;
-            ((&y + ub)?, y)
-        }
-    };
-    gram_norms(&x, &y)
+    low_rank_gram_norms(
+        &pick_rows(y, rows)?,
+        &pick_rows(u, rows)?,
+        &b.to_dtype(DType::F64)?,
+    )
 }
 
 /// SAFE's importance measured on the training steps themselves (`safe.measure = "steps"`): the
@@ -441,12 +444,7 @@ impl RowSink for StepMonitor {
         };
         let f0 = flops::total();
         let rows = self.token_rows(y.device(), y.dim(0)?)?;
-        let r = CkaRows::LowRank {
-            y: y.clone(),
-            u: u.clone(),
-            b: b.clone(),
-        };
-        let norms = batch_norms(&r, &rows)?;
+        let norms = batch_norms(y, u, b, &rows)?;
         self.norms
             .entry(AdapterId { layer, site })
             .or_default()
@@ -564,6 +562,67 @@ mod tests {
         let low_moments: usize = rows.iter().map(|n| 2 * n * (d * d + d * r + r * r)).sum();
         let round = 4 * d * d * r + 2 * d * r * r + 2 * d * r;
         assert_eq!(low_flops, (low_moments + round) as u64);
+    }
+
+    /// At the linear the Gram form (`K` from `L` and rank-r terms, `||X||` without `X`) gives the
+    /// moment form's five norms, for rows with non-zero column means and padding rows dropped,
+    /// and `batch_norms` picks the form by rows against width.
+    #[test]
+    fn low_rank_gram_norms_are_the_moments_norms() {
+        let dev = Device::Cpu;
+        let (seq, d, r) = (7, 9, 3);
+        let made = |seed: u64, rows: usize, cols: usize, mean: f64| {
+            let v: Vec<f64> = (0..rows * cols)
+                .map(|i| ((i as u64 * 29 + seed * 13) % 19) as f64 * 0.2 - 1.7 + mean)
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &dev).unwrap()
+        };
+        let (y, u, b) = (
+            made(1, seq, d, 0.8),
+            made(2, seq, r, -0.4),
+            made(3, d, r, 0.1),
+        );
+        let rows = token_rows(&[1, 1, 0, 1, 1, 1, 0], &dev).unwrap();
+        let low_rank = CkaRows::LowRank {
+            y: y.clone(),
+            u: u.clone(),
+            b: b.clone(),
+        };
+        let moments: Vec<f64> = DeviceMoments::of(&low_rank, &rows)
+            .unwrap()
+            .norms()
+            .unwrap()
+            .1
+            .to_vec1()
+            .unwrap();
+        let pick = |t: &Tensor| pick_rows(t, &rows).unwrap();
+        let gram: Vec<f64> = low_rank_gram_norms(&pick(&y), &pick(&u), &b)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The centered norms agree; the guard's scales are `||X||_F^4` and `||Y||_F^4` here (the
+        // moments' are `||X^T X||_F^2` and `||Y^T Y||_F^2`).
+        for i in [0, 2, 4] {
+            let (g, m) = (gram[i], moments[i]);
+            assert!((g - m).abs() < 1e-10 * m.abs(), "{gram:?} {moments:?}");
+        }
+        let (x, _) = low_rank.x_y().unwrap();
+        for (i, t) in [(1, pick(&x)), (3, pick(&y))] {
+            let raw = t
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                .powi(2);
+            assert!((gram[i] - raw).abs() < 1e-10 * raw, "{gram:?} {raw}");
+        }
+        // 5 rows under width 9: the Gram form; the same norms either way.
+        let picked: Vec<f64> = batch_norms(&y, &u, &b, &rows).unwrap().to_vec1().unwrap();
+        assert_eq!(picked, gram);
+        let score = importance_of(5, &gram);
+        assert!(score > 1e-3, "the test needs a non-trivial score: {score}");
     }
 
     /// Two "layers" over three batches with padding: each adapter's score is the direct Gram-form
