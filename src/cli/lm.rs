@@ -330,6 +330,15 @@ fn print_lm_summary(cfg: &LmTrainConfig, s: &LmSummary) {
             "trainable params",
             s.run.totals.trainable_params.to_string(),
         ),
+        (
+            "memory plan (at the end)",
+            s.run
+                .totals
+                .plan
+                .as_ref()
+                .map(|p| p.describe())
+                .unwrap_or("n/a".into()),
+        ),
         ("frozen adapters", s.frozen.len().to_string()),
         ("output", cfg.run.output.display().to_string()),
     ];

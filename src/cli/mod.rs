@@ -1034,6 +1034,13 @@ fn print_summary<T>(cfg: &TrainConfig, s: &Summary<T>) {
             ),
         ),
         ("trainable params", t.trainable_params.to_string()),
+        (
+            "memory plan (at the end)",
+            t.plan
+                .as_ref()
+                .map(|p| p.describe())
+                .unwrap_or("n/a".into()),
+        ),
         ("frozen adapters", s.frozen.len().to_string()),
         ("output", cfg.run.output.display().to_string()),
     ];

@@ -59,6 +59,10 @@ pub struct MemoryPlan {
     pub first_trained_layer: usize,
     /// Layers above it whose adapters are all frozen: backprop only passes through them.
     pub pass_through: Vec<usize>,
+    /// What the pass-through layers that are not checkpointed keep for backward in a pass: what
+    /// checkpointing them would free first.
+    #[serde(default)]
+    pub pass_through_bytes: usize,
     /// Checkpointed layers: they keep their input and run again in backward.
     pub checkpointed: Vec<usize>,
     /// The estimated peak a pass adds to what is live before it, in bytes.
@@ -70,6 +74,32 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     pub fn recompute(&self) -> Recompute {
         Recompute::Layers(self.checkpointed.iter().copied().collect())
+    }
+
+    /// One line for people: passes, checkpointed layers, pass-through layers and what they hold.
+    pub fn describe(&self) -> String {
+        let layers = |ls: &[usize]| match ls {
+            [] => "none".to_string(),
+            [l] => format!("layer {l}"),
+            _ if ls.windows(2).all(|w| w[1] == w[0] + 1) => {
+                format!("layers {}-{}", ls[0], ls[ls.len() - 1])
+            }
+            _ => format!("layers {ls:?}"),
+        };
+        let mut d = format!(
+            "{} pass(es) of {}, checkpointed: {}",
+            self.accum,
+            self.micro,
+            layers(&self.checkpointed)
+        );
+        if !self.pass_through.is_empty() {
+            d += &format!(
+                ", pass-through: {} ({} kept)",
+                layers(&self.pass_through),
+                format_bytes(self.pass_through_bytes)
+            );
+        }
+        d
     }
 }
 
@@ -201,14 +231,22 @@ pub fn plan(
     let first = model.lowest_trainable_layer().unwrap_or(n);
     let through = pass_through(model, first);
     let make =
-        |micro: usize, accum: usize, (checkpointed, estimate): (Vec<usize>, usize)| MemoryPlan {
-            micro,
-            accum,
-            first_trained_layer: first,
-            pass_through: through.clone(),
-            estimated_step_bytes: estimate,
-            checkpointed,
-            budget_bytes: budget,
+        |micro: usize, accum: usize, (checkpointed, estimate): (Vec<usize>, usize)| -> MemoryPlan {
+            let pass_through_bytes = through
+                .iter()
+                .filter(|l| !checkpointed.contains(l))
+                .map(|&l| model.layer_memory(l, micro, seq).state)
+                .sum();
+            MemoryPlan {
+                micro,
+                accum,
+                first_trained_layer: first,
+                pass_through: through.clone(),
+                pass_through_bytes,
+                estimated_step_bytes: estimate,
+                checkpointed,
+                budget_bytes: budget,
+            }
         };
     let Some(budget) = budget else {
         let all: Vec<usize> = if checkpoint_all {
@@ -557,6 +595,16 @@ mod tests {
             (p.first_trained_layer, p.pass_through.clone()),
             (0, vec![1, 2, 3])
         );
+        // Without a budget the plan says what they hold: their saved state.
+        let held =
+            |ls: &[usize]| -> usize { ls.iter().map(|&l| m.layer_memory(l, 16, SEQ).state).sum() };
+        assert!(held(&[1]) > 0);
+        assert_eq!(p.pass_through_bytes, held(&[1, 2, 3]));
+        assert!(
+            p.describe().contains("pass-through: layers 1-3"),
+            "{}",
+            p.describe()
+        );
         let full = step_bytes(&m, &Recompute::None, 16, SEQ);
         let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU, false).unwrap();
         assert!(!p.checkpointed.is_empty(), "{p:?}");
@@ -564,6 +612,11 @@ mod tests {
             p.checkpointed.iter().all(|l| [1, 2, 3].contains(l)),
             "{p:?}"
         );
+        let kept: Vec<usize> = [1, 2, 3]
+            .into_iter()
+            .filter(|l| !p.checkpointed.contains(l))
+            .collect();
+        assert_eq!(p.pass_through_bytes, held(&kept), "{p:?}");
     }
 
     /// As SAFE freezes the bottom, the same budget needs fewer checkpoints.

@@ -405,6 +405,8 @@ pub struct RunTotals {
     pub monitor_flops: u64,
     /// What the run's training would have cost with every epoch like the first.
     pub unfrozen_train_flops_estimate: u64,
+    /// The memory plan in effect at the run's end.
+    pub plan: Option<super::plan::MemoryPlan>,
 }
 
 impl RunTotals {
@@ -430,6 +432,7 @@ impl RunTotals {
             unfrozen_train_flops_estimate: first
                 .map(|e| e.train_flops / e.steps.max(1) as u64 * steps as u64)
                 .unwrap_or(0),
+            plan: h.last().and_then(|e| e.plan.clone()),
         }
     }
 }
