@@ -286,13 +286,16 @@ fn low_rank_gram_norms(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
     let uc = u.broadcast_sub(&u.mean_keepdim(0)?)?;
     let btb = mm(&b.t()?, b)?;
     let l = mm(&yc, &yc.t()?)?;
-    let p = (mm(&yc, b)? + (mm(&uc, &btb)? * 0.5)?)?;
+    // `Yc B` is `Y B` centered: one `n x d x r` product serves `P` and `<Y B, U>`.
+    let yb = mm(y, b)?;
+    let ycb = yb.broadcast_sub(&yb.mean_keepdim(0)?)?;
+    let p = (ycb + (mm(&uc, &btb)? * 0.5)?)?;
     let s = mm(&p, &uc.t()?)?;
     let k = ((&l + &s)? + s.t()?)?;
     // Sums by rows first, as in `sum_sq`.
     let sum = |t: Tensor| t.sum(1)?.sum_all();
     let yy = sum_sq(y)?;
-    let cross = sum((mm(y, b)? * u)?)?;
+    let cross = sum((yb * u)?)?;
     let uu = sum((mm(&u.t()?, u)? * &btb)?)?;
     let xx = ((&yy + (cross * 2.0)?)? + uu)?;
     let kl = sum((&k * &l)?)?;
