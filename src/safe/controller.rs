@@ -319,6 +319,17 @@ impl SafeController {
         self.phase() != Phase::Done
     }
 
+    /// Which adapters' scores a round can use: during warm-up every adapter's; after it, only
+    /// the candidates not yet frozen (the others' scores are recorded but change nothing), so
+    /// the trainer measures only those.
+    pub fn needs_scores(&self) -> Vec<bool> {
+        self.candidates
+            .iter()
+            .zip(&self.frozen_at)
+            .map(|(&c, f)| (self.t_w.is_none() || c) && f.is_none())
+            .collect()
+    }
+
     /// Current phase (see [`Phase`]); useful after resuming from a checkpoint.
     pub fn phase(&self) -> Phase {
         if self.t_w.is_none() {
@@ -476,6 +487,48 @@ mod tests {
         assert_eq!(c.history()[3], vec![0.5, 0.5, 0.097, 0.01]);
         assert_eq!(c.thresholds().len(), 6);
         assert_eq!(&c.thresholds()[..2], &[0.0, 0.0]);
+    }
+
+    /// The scores `needs_scores` leaves out change nothing: a run given NaN there (what the
+    /// trainer's measurement gives for adapters it skips) freezes the same adapters at the same
+    /// rounds; during warm-up every adapter is needed, after it the unfrozen candidates only.
+    #[test]
+    fn scores_not_needed_change_no_decision() {
+        let cfg = config(TauTarget::Absolute(0.1), 0.5, 3);
+        let (mut full, mut partial) = (
+            SafeController::new(cfg.clone(), 4, 8),
+            SafeController::new(cfg, 4, 8),
+        );
+        let rounds = [
+            [0.02, 0.05, 0.09, 0.3],
+            [0.02, 0.05, 0.09, 0.3],
+            [0.01, 0.06, 0.098, 0.2],
+            [0.03, 0.05, 0.097, 0.01],
+            [0.5, 0.5, 0.099, 0.01],
+        ];
+        let mut needed = Vec::new();
+        for (t, s) in rounds.iter().enumerate() {
+            let need = partial.needs_scores();
+            let given: Vec<f64> = s
+                .iter()
+                .zip(&need)
+                .map(|(&v, &n)| if n { v } else { f64::NAN })
+                .collect();
+            let (a, b) = (
+                full.end_of_epoch(t + 1, s),
+                partial.end_of_epoch(t + 1, &given),
+            );
+            assert_eq!((a.newly_frozen, a.phase), (b.newly_frozen, b.phase));
+            needed.push(need);
+        }
+        assert_eq!(full.frozen_at(), partial.frozen_at());
+        // Warm-up ends at round 2 with candidates 0, 1, 2 (t_f = 4); 0 and 1 freeze at round 3
+        // (threshold 0.0875), 2 at round 4 (0.1).
+        assert_eq!(full.frozen_at(), &[Some(3), Some(3), Some(4), None]);
+        assert_eq!(needed[0], vec![true; 4]);
+        assert_eq!(needed[2], vec![true, true, true, false]);
+        assert_eq!(needed[3], vec![false, false, true, false]);
+        assert_eq!(needed[4], vec![false; 4]);
     }
 
     #[test]

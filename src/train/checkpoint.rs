@@ -68,6 +68,8 @@ pub struct PartialEpoch {
     pub peak_mem_bytes: usize,
     pub step_mem_bytes: usize,
     pub trainable_params: usize,
+    /// The last round's scores; NaN (written as null) for adapters not measured.
+    #[serde(default, deserialize_with = "crate::safe::nan_serde::opt_vec")]
     pub importance: Option<Vec<f64>>,
     pub threshold: Option<f64>,
     /// SAFE's in-step measurement of the round in progress (none outside a measured window).
@@ -376,6 +378,31 @@ mod tests {
     use candle_core::DType;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+
+    /// A step checkpoint inside an epoch after a SAFE round keeps the round's scores, NaN for
+    /// the adapters it did not measure (serde_json writes them as null): it loads back.
+    #[test]
+    fn a_partial_epoch_with_unmeasured_scores_loads_back() {
+        let p = PartialEpoch {
+            steps: 3,
+            importance: Some(vec![0.25, f64::NAN, 1e-9]),
+            ..PartialEpoch::default()
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains("[0.25,null,1e-9]"), "{json}");
+        let back: PartialEpoch = serde_json::from_str(&json).unwrap();
+        let scores = back.importance.unwrap();
+        assert_eq!((scores[0], scores[2]), (0.25, 1e-9));
+        assert!(scores[1].is_nan());
+        // Older checkpoints without the field still load.
+        let old: PartialEpoch = serde_json::from_str(
+            r#"{"steps":1,"loss_sum":0,"loss_n":0,"tokens":0,"lr":0,"wall_s":0,"train_flops":0,
+            "monitor_flops":0,"peak_mem_bytes":0,"step_mem_bytes":0,"trainable_params":0,
+            "threshold":null}"#,
+        )
+        .unwrap();
+        assert!(old.importance.is_none());
+    }
 
     /// A tiny BERT with LoRA on query/value and one AdamW step on every trained tensor.
     fn model_and_optimizer() -> (BertForSequenceClassification, AdamW<ParamId>) {

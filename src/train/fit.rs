@@ -11,7 +11,7 @@ use super::importance::{self, StepMonitor};
 use super::plan::{self, MemoryPlan};
 use super::run::{self, StepPlan};
 use super::step_log::{self, StepLine, StepLog};
-use crate::adapters::{Adapted, ParamId};
+use crate::adapters::{Adapted, AdapterId, ParamId};
 use crate::memory::MemTracker;
 use crate::model::stack::Recompute;
 use crate::model::StepMemory;
@@ -188,7 +188,9 @@ pub struct EpochLog {
     pub plan: Option<MemoryPlan>,
     pub lowest_trainable_layer: Option<usize>,
     pub trainable_params: usize,
-    /// SAFE: every adapter's importance (1 - CKA), the threshold and the frozen adapters.
+    /// SAFE: every adapter's importance (1 - CKA; NaN, written as null, where not measured),
+    /// the threshold and the frozen adapters.
+    #[serde(default, deserialize_with = "crate::safe::nan_serde::opt_vec")]
     pub importance: Option<Vec<f64>>,
     pub threshold: Option<f64>,
     pub frozen: Vec<String>,
@@ -207,6 +209,17 @@ pub struct Fitted {
 /// Report names of a model's adapters, `layer.{l}.{module}` in `Adapted::adapters` order: the
 /// module is the shortest end of its path (after the layer index) that tells the layer's adapters
 /// apart (`query`, `q_proj`; `attn.c_proj` beside `mlp.c_proj`).
+/// The adapters whose scores SAFE's next round can use (see `SafeController::needs_scores`):
+/// the in-step measurement skips the others.
+fn needed_adapters(c: &SafeController, model: &impl Adapted) -> Vec<AdapterId> {
+    model
+        .adapter_ids()
+        .into_iter()
+        .zip(c.needs_scores())
+        .filter_map(|(id, needed)| needed.then_some(id))
+        .collect()
+}
+
 pub fn adapter_names(model: &impl Adapted) -> Vec<String> {
     let adapters = model.adapters();
     let layers = model.adapter_layers();
@@ -341,6 +354,9 @@ pub fn fit<T: Task>(
         if !p.measured.is_empty() {
             let measured = std::mem::take(&mut p.measured);
             step_monitor = Some(StepMonitor::resumed(&measured, mem.device())?);
+            if let (Some(m), Some(c)) = (step_monitor.take(), safe.as_ref()) {
+                step_monitor = Some(m.only(needed_adapters(c, model)));
+            }
         }
         let mut order: Vec<usize> = (0..task.train_len()).collect();
         order.shuffle(&mut StdRng::seed_from_u64(
@@ -375,8 +391,8 @@ pub fn fit<T: Task>(
             let measured = in_step
                 && safe.as_ref().is_some_and(SafeController::measures)
                 && plan.steps_to_round_end(s) < window;
-            if measured && step_monitor.is_none() {
-                step_monitor = Some(StepMonitor::new());
+            if let (true, None, Some(c)) = (measured, step_monitor.as_ref(), safe.as_ref()) {
+                step_monitor = Some(StepMonitor::new().only(needed_adapters(c, model)));
             }
             let monitor_flops_before = step_monitor.as_ref().map_or(0, |m| m.flops);
             for m in 0..mem_plan.accum {

@@ -171,10 +171,11 @@ pub fn step_bytes_measured(
 }
 
 /// The most SAFE's in-step importance holds at once while it measures one adapter on a pass of
-/// `rows` rows of `seq` tokens (`train::importance`, f64): in the Gram form (at most half as many
-/// token rows as the adapter is wide) the rows of `X` and `Y`, their `[2, n, d]` stack and its
-/// centered copy, and the two `n x n` Grams with their squares; in the moment form the rows of
-/// `Y` and `U`, and eight `d x d` products and temporaries. Of the widest adapter.
+/// `rows` rows of `seq` tokens (`train::importance`, f64), of the widest adapter. In the Gram form
+/// (no more token rows than the adapter is wide) the rows of `Y`, their centered copy and a
+/// squared temporary (`3 n d`) and `L` with its temporaries (`3 n^2`), counted with room to
+/// spare as `6 n d + 4 n^2`; in the moment form the rows of `Y` and `U`, and eight `d x d`
+/// products and temporaries.
 pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize {
     let n = rows * seq;
     let f64s = |e: usize| 8 * e;
@@ -183,7 +184,7 @@ pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize 
         .iter()
         .map(|(_, a)| {
             let (d, r) = (a.b.dims()[0], a.b.dims()[1]);
-            if 2 * n <= d {
+            if n <= d {
                 f64s(6 * n * d + 4 * n * n)
             } else {
                 f64s(n * (d + r) + 8 * d * d)
