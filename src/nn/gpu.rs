@@ -575,9 +575,10 @@ mod imp {
     const FWD_ROWS: usize = 128;
 
     /// Dynamic shared memory of the forward: q (`FWD_ROWS` rows), and two buffers of k and v
-    /// (64 rows each).
+    /// (a key block each: 64 rows, 32 at head_dim 128, as `flash_fwd` in kernels.cu).
     fn fwd_smem(d: usize) -> usize {
-        (FWD_ROWS + 4 * 64) * (d + 8) * 2
+        let key_block = if d == 128 { 32 } else { 64 };
+        (FWD_ROWS + 4 * key_block) * (d + 8) * 2
     }
 
     /// Of the backward: two buffers of lse and D (32 f32 each), k and v (64 rows), two buffers of

@@ -369,9 +369,10 @@ INSTANTIATE(bf16, bf16)
 //
 // mma.sync m16n8k16 fragments (lane = 4 * g + t): A (16 x 16, row-major) a0 = A[g][2t..2t+1],
 // a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; B (16 x 8, k x n) b0 = B[2t..2t+1][g],
-// b1 = B[2t+8..2t+9][g]; C (16 x 8) c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]. So a B
-// operand is read as 32-bit words from a tile stored n-major ([n][k], k contiguous), and two
-// adjacent C tiles of a product are the A fragment of the next product.
+// b1 = B[2t+8..2t+9][g]; C (16 x 8) c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]. So
+// fragments come from shared memory through ldmatrix (a B operand from a tile stored n-major,
+// [n][k] with k contiguous, or transposed from a [k][n] tile), and two adjacent C tiles of a
+// product are the A fragment of the next product.
 
 #define FL_LOG2E 1.4426950408889634f
 #define FL_LN2 0.6931471805599453f
@@ -387,10 +388,6 @@ __device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
-}
-
-__device__ __forceinline__ uint32_t lds32(const bf16* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
 }
 
 // Rows row0 .. row0+R of a [rows, D] matrix (row stride rs, zeros past T) into shared memory
@@ -429,10 +426,35 @@ __device__ __forceinline__ void ldsm_b_trans(uint32_t* b, const bf16* tile, int 
                : "r"(a));
 }
 
+// A fragment (16 x 16) at rows r0 .. r0+16, columns k0 .. k0+16 of a row-major tile (row stride
+// SS) in shared memory: one ldmatrix.x4, matrices (r0, k0), (r0+8, k0), (r0, k0+8), (r0+8, k0+8)
+// in the order a0..a3 of mma.sync. Rows must start 16-byte aligned (SS a multiple of 8).
+__device__ __forceinline__ void ldsm_a(uint32_t* a, const bf16* tile, int SS, int r0, int k0) {
+  const int l = threadIdx.x & 31;
+  const bf16* p = tile + (r0 + (l & 15)) * SS + k0 + (l >> 4) * 8;
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+}
+
+// B fragments of two adjacent n-tiles (n0 .. n0+16) at k-step k0 .. k0+16 of an n-major
+// [n][k] tile (row stride SS): one ldmatrix.x4; b[0..1] is n-tile n0's fragment, b[2..3] n0+8's.
+__device__ __forceinline__ void ldsm_b(uint32_t* b, const bf16* tile, int SS, int k0, int n0) {
+  const int l = threadIdx.x & 31;
+  const bf16* p = tile + (n0 + (l & 7) + (l >> 4) * 8) * SS + k0 + ((l >> 3) & 1) * 8;
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(addr));
+}
+
 // One block of 4 warps per (128 query rows, head, batch); each warp owns two 16-row m-tiles, so
 // every K and V fragment read from shared memory feeds two products. Key/value tiles are
 // double-buffered (the next one is copied while this one is used); causal blocks run heaviest
-// (last query rows) first.
+// (last query rows) first. Key blocks are 64 wide, 32 at head_dim 128: there the output
+// accumulators take 128 registers a thread, and 64-wide score tiles (64 more) spilled to local
+// memory (ncu: 255 registers, 3.0 M spill requests per T=4096 call).
 template <int D>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
@@ -441,7 +463,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long ksh, long long ksr, long long vsb, long long vsh,
                           long long vsr, long long osb, long long osh, long long osr,
                           float scale, int causal) {
-  constexpr int MT = 2, BR = 64 * MT, BC = 64, SD = D + 8;
+  constexpr int MT = 2, BR = 64 * MT, BC = D == 128 ? 32 : 64, SD = D + 8;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
   bf16* sK = sQ + BR * SD;                       // 2 x [BC][SD]
@@ -500,19 +522,16 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     for (int ks = 0; ks < D / 16; ++ks) {
       uint32_t qa[MT][4];
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const bf16* qr = sQ + (r0 + 16 * i + g) * SD + ks * 16 + 2 * t4;
-        qa[i][0] = lds32(qr);
-        qa[i][1] = lds32(qr + 8 * SD);
-        qa[i][2] = lds32(qr + 8);
-        qa[i][3] = lds32(qr + 8 * SD + 8);
-      }
+      for (int i = 0; i < MT; ++i) ldsm_a(qa[i], sQ, SD, r0 + 16 * i, ks * 16);
 #pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) {
-        const bf16* kr = cK + (nt * 8 + g) * SD + ks * 16 + 2 * t4;
-        const uint32_t b0 = lds32(kr), b1 = lds32(kr + 8);
+      for (int nt = 0; nt < BC / 8; nt += 2) {
+        uint32_t bk[4];
+        ldsm_b(bk, cK, SD, ks * 16, nt * 8);
 #pragma unroll
-        for (int i = 0; i < MT; ++i) mma_bf16(s[i][nt], qa[i], b0, b1);
+        for (int i = 0; i < MT; ++i) {
+          mma_bf16(s[i][nt], qa[i], bk[0], bk[1]);
+          mma_bf16(s[i][nt + 1], qa[i], bk[2], bk[3]);
+        }
       }
     }
     // Interior blocks (every key in range and, causal, at or before every query row of the
@@ -728,21 +747,17 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       uint32_t a[4], av[4];
-      const int c = ks * 16 + 2 * t4;
-      a[0] = lds32(sK + (kr + g) * SD + c);
-      a[1] = lds32(sK + (kr + g + 8) * SD + c);
-      a[2] = lds32(sK + (kr + g) * SD + c + 8);
-      a[3] = lds32(sK + (kr + g + 8) * SD + c + 8);
-      av[0] = lds32(sV + (kr + g) * SD + c);
-      av[1] = lds32(sV + (kr + g + 8) * SD + c);
-      av[2] = lds32(sV + (kr + g) * SD + c + 8);
-      av[3] = lds32(sV + (kr + g + 8) * SD + c + 8);
+      ldsm_a(a, sK, SD, kr, ks * 16);
+      ldsm_a(av, sV, SD, kr, ks * 16);
 #pragma unroll
-      for (int nt = 0; nt < BR / 8; ++nt) {
-        const bf16* qr = cQ + (nt * 8 + g) * SD + c;
-        mma_bf16(st[nt], a, lds32(qr), lds32(qr + 8));
-        const bf16* dr = cdO + (nt * 8 + g) * SD + c;
-        mma_bf16(dpt[nt], av, lds32(dr), lds32(dr + 8));
+      for (int nt = 0; nt < BR / 8; nt += 2) {
+        uint32_t bq[4], bd[4];
+        ldsm_b(bq, cQ, SD, ks * 16, nt * 8);
+        mma_bf16(st[nt], a, bq[0], bq[1]);
+        mma_bf16(st[nt + 1], a, bq[2], bq[3]);
+        ldsm_b(bd, cdO, SD, ks * 16, nt * 8);
+        mma_bf16(dpt[nt], av, bd[0], bd[1]);
+        mma_bf16(dpt[nt + 1], av, bd[2], bd[3]);
       }
     }
     // P^T from the log-sum-exp; dS^T = P^T (dP^T - D) (unscaled: scale goes on dQ and dK).
@@ -798,12 +813,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     for (int j = 0; j < D / 16; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < BC / 16; ++ks) {
-      const int c = ks * 16 + 2 * t4;
       uint32_t a[4];
-      a[0] = lds32(sdS + (mt * 16 + g) * STK + c);
-      a[1] = lds32(sdS + (mt * 16 + g + 8) * STK + c);
-      a[2] = lds32(sdS + (mt * 16 + g) * STK + c + 8);
-      a[3] = lds32(sdS + (mt * 16 + g + 8) * STK + c + 8);
+      ldsm_a(a, sdS, STK, mt * 16, ks * 16);
 #pragma unroll
       for (int j = 0; j < D / 16; j += 2) {
         uint32_t bk[4];
