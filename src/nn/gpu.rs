@@ -572,13 +572,20 @@ mod imp {
     }
 
     /// Query rows per block of the forward kernel.
-    const FWD_ROWS: usize = 128;
+    /// Query rows per forward block (`BR` of `flash_fwd` in kernels.cu).
+    fn fwd_rows(d: usize) -> usize {
+        if d == 128 {
+            64
+        } else {
+            128
+        }
+    }
 
-    /// Dynamic shared memory of the forward: q (`FWD_ROWS` rows), and two buffers of k and v
+    /// Dynamic shared memory of the forward: q (`fwd_rows` rows), and two buffers of k and v
     /// (a key block each: 64 rows, 32 at head_dim 128, as `flash_fwd` in kernels.cu).
     fn fwd_smem(d: usize) -> usize {
         let key_block = if d == 128 { 32 } else { 64 };
-        (FWD_ROWS + 4 * key_block) * (d + 8) * 2
+        (fwd_rows(d) + 4 * key_block) * (d + 8) * 2
     }
 
     /// Of the backward: two buffers of lse and D (32 f32 each), k and v (64 rows), two buffers of
@@ -620,7 +627,7 @@ mod imp {
         let smem = fwd_smem(d);
         big_smem(&dev, &name, smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(FWD_ROWS) as u32, h as u32, b as u32),
+            grid_dim: (t.div_ceil(fwd_rows(d)) as u32, h as u32, b as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };

@@ -449,12 +449,13 @@ __device__ __forceinline__ void ldsm_b(uint32_t* b, const bf16* tile, int SS, in
                : "r"(addr));
 }
 
-// One block of 4 warps per (128 query rows, head, batch); each warp owns two 16-row m-tiles, so
-// every K and V fragment read from shared memory feeds two products. Key/value tiles are
-// double-buffered (the next one is copied while this one is used); causal blocks run heaviest
-// (last query rows) first. Key blocks are 64 wide, 32 at head_dim 128: there the output
-// accumulators take 128 registers a thread, and 64-wide score tiles (64 more) spilled to local
-// memory (ncu: 255 registers, 3.0 M spill requests per T=4096 call).
+// One block of 4 warps per (query rows, head, batch); at head_dim 64 each warp owns two 16-row
+// m-tiles (128 rows a block), so every K and V fragment read from shared memory feeds two
+// products. Key/value tiles are double-buffered (the next one is copied while this one is used);
+// causal blocks run heaviest (last query rows) first. At head_dim 128 a warp owns one m-tile and
+// key blocks are 32 wide: two m-tiles' output accumulators and 64-wide score tiles spilled to
+// local memory (ncu: 255 registers, 3.0 M spill requests per T=4096 call, 8 warps an SM); one
+// m-tile and 32-wide blocks take 127 registers, so four blocks share an SM.
 template <int D>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
@@ -463,7 +464,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long ksh, long long ksr, long long vsb, long long vsh,
                           long long vsr, long long osb, long long osh, long long osr,
                           float scale, int causal) {
-  constexpr int MT = 2, BR = 64 * MT, BC = D == 128 ? 32 : 64, SD = D + 8;
+  constexpr int MT = D == 128 ? 1 : 2, BR = 64 * MT, BC = D == 128 ? 32 : 64, SD = D + 8;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
   bf16* sK = sQ + BR * SD;                       // 2 x [BC][SD]
