@@ -588,10 +588,13 @@ mod imp {
         (fwd_rows(d) + 4 * key_block) * (d + 8) * 2
     }
 
-    /// Of the backward: two buffers of lse and D (32 f32 each), k and v (64 rows), two buffers of
-    /// q and do (32 rows), dS (32 x 72).
+    /// Keys per backward block (`BC` of `flash_bwd` in kernels.cu; a warp per 16).
+    const BWD_KEYS: usize = 128;
+
+    /// Of the backward: two buffers of lse and D (32 f32 each), k and v (`BWD_KEYS` rows), two
+    /// buffers of q and do (32 rows), dS (32 x (`BWD_KEYS` + 8)).
     fn bwd_smem(d: usize) -> usize {
-        4 * 32 * 4 + (2 * 64 * (d + 8) + 4 * 32 * (d + 8) + 32 * 72) * 2
+        4 * 32 * 4 + (2 * BWD_KEYS * (d + 8) + 4 * 32 * (d + 8) + 32 * (BWD_KEYS + 8)) * 2
     }
 
     /// Flash attention forward: the context `[batch*seq, heads*head_dim]` (bf16) and the per-row
@@ -714,8 +717,8 @@ mod imp {
         let smem = bwd_smem(d);
         big_smem(&dev, &name, smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(64) as u32, kv as u32, b as u32),
-            block_dim: (128, 1, 1),
+            grid_dim: (t.div_ceil(BWD_KEYS) as u32, kv as u32, b as u32),
+            block_dim: (BWD_KEYS as u32 / 16 * 32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let [qsb, qsh, qsr] = q.strides;

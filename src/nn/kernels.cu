@@ -663,10 +663,11 @@ __device__ void flash_dq_store(const float* __restrict__ acc, bf16* __restrict__
   }
 }
 
-// One block of 4 warps per (64 keys, kv head, batch); each warp owns 16 keys and keeps their dK
+// One block of 8 warps per (128 keys, kv head, batch); each warp owns 16 keys and keeps their dK
 // and dV in registers over every query block (32 rows) of every query head of the group. The
 // query-side tiles (q, do, lse, D) are double-buffered; causal blocks skip query blocks wholly
-// before their keys.
+// before their keys. Each (key block, query block) tile adds its dQ into the f32 buffer with
+// atomics, so 128-key blocks make half the atomics per product that 64-key blocks did.
 template <int D>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
@@ -678,7 +679,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long vsr, long long dsb, long long dsh, long long dsr,
                           long long dksb, long long dksh, long long dksr, long long dvsb,
                           long long dvsh, long long dvsr, float scale, int causal) {
-  constexpr int BR = 32, BC = 64, SD = D + 8, STK = BC + 8;
+  constexpr int BR = 32, BC = 128, SD = D + 8, STK = BC + 8, NQ = D / 32;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   float* sL = reinterpret_cast<float*>(fl_smem);  // 2 x [BR] lse * log2(e)
   float* sDd = sL + 2 * BR;                        // 2 x [BR]
@@ -724,7 +725,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
     for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.f;
   const float sl2 = scale * FL_LOG2E;
-  const int mt = warp & 1, half = warp >> 1;
+  const int mt = warp & 1, quarter = warp >> 1;
   for (int it = 0; it < total; ++it) {
     const int hq = kvh * G + it / nq, q0 = (qb0 + it % nq) * BR, bf = it & 1;
     if (it + 1 < total) {
@@ -808,18 +809,18 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         sdS[(nt * 8 + 2 * t4 + (e & 1)) * STK + kr + g + (e >> 1) * 8] =
             __float2bfloat16(dpt[nt][e]);
     __syncthreads();
-    // dQ rows mt*16 .. +16, columns half*D/2 .. +D/2 of this warp.
-    float dqa[D / 16][4];
+    // dQ rows mt*16 .. +16, columns quarter*D/4 .. +D/4 of this warp.
+    float dqa[NQ][4];
 #pragma unroll
-    for (int j = 0; j < D / 16; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
+    for (int j = 0; j < NQ; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < BC / 16; ++ks) {
       uint32_t a[4];
       ldsm_a(a, sdS, STK, mt * 16, ks * 16);
 #pragma unroll
-      for (int j = 0; j < D / 16; j += 2) {
+      for (int j = 0; j < NQ; j += 2) {
         uint32_t bk[4];
-        ldsm_b_trans(bk, sK, SD, ks * 16, (half * (D / 16) + j) * 8);
+        ldsm_b_trans(bk, sK, SD, ks * 16, (quarter * NQ + j) * 8);
         mma_bf16(dqa[j], a, bk[0], bk[1]);
         mma_bf16(dqa[j + 1], a, bk[2], bk[3]);
       }
@@ -831,8 +832,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       if (qi >= T) continue;
       float* dqr = dqh + (long long)qi * D;
 #pragma unroll
-      for (int j = 0; j < D / 16; ++j) {
-        const int col = (half * (D / 16) + j) * 8 + 2 * t4;
+      for (int j = 0; j < NQ; ++j) {
+        const int col = (quarter * NQ + j) * 8 + 2 * t4;
         // One 8-byte reduction per pair (sm_90's vector atomics).
         atomicAdd(reinterpret_cast<float2*>(dqr + col),
                   make_float2(dqa[j][2 * r] * scale, dqa[j][2 * r + 1] * scale));
@@ -867,7 +868,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     flash_fwd<DIM>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, \
                    osb, osh, osr, scale, causal);                                                 \
   }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(128) st_flash_bwd_d##DIM##_bf16(                 \
+  extern "C" __global__ void __launch_bounds__(256) st_flash_bwd_d##DIM##_bf16(                 \
       const bf16* q, const bf16* k, const bf16* v, const float* mask, const bf16* dout,           \
       const float* lse, const float* dvec, float* dq_acc, bf16* dk, bf16* dv, int T, int H,       \
       int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,          \
