@@ -1,0 +1,378 @@
+//! SAFE's importance measured on the training steps themselves (`safe.measure = "steps"`): the
+//! `StepMonitor` the training forward hands each adapter's rows to, and the per-micro-batch CKA
+//! it computes from them, in the moment or the Gram form.
+
+use super::{importance_of, pick_rows, sum_sq, token_rows, DeviceMoments};
+use crate::adapters::{AdapterId, CkaRows};
+use crate::nn::{flops, RowSink};
+use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// What a measured micro-batch keeps on the device until its round ends: the five norms (the
+/// moment form computes them there), or the Gram form's raw terms, which the host turns into
+/// the norms (see [`gram_terms`]). Either way a few numbers, so nothing of size `n` or `d`
+/// outlives the layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kept {
+    Norms,
+    GramTerms { rank: usize },
+}
+
+impl Kept {
+    /// The five norms in [`NORMS`](super::NORMS) order of `rows` rows from what was kept.
+    fn norms(self, rows: usize, v: &[f64]) -> [f64; 5] {
+        match self {
+            Self::Norms => [v[0], v[1], v[2], v[3], v[4]],
+            Self::GramTerms { rank } => gram_norms(rows, rank, v),
+        }
+    }
+}
+
+/// The Gram form's terms of one batch's rows at the linear, `X = Y + U B^T` (`Y` `[n, d]`, `U`
+/// `[n, r]`, `B` `[d, r]`, f64): `O(n^2 d)` instead of the moments' `O(n d^2)`, the cheaper
+/// one when a batch has fewer token rows than the layer is wide. With `L = Yc Yc^T` (the one
+/// `n x n x d` product), `G = B^T B` and `P = Yc B + Uc G / 2`, the centered Gram of `X` is
+/// `K = L + P Uc^T + Uc P^T`, so CKA's norms need from the device only `||L||^2`,
+/// `<L Uc, P>`, `||Y||^2` and `r`-sized terms: `Z^T Z` for `Z = [P Uc]`, `G`, the column
+/// means of `U` and `mean(Y) B` ([`gram_norms`] does the rest on the host). Every step is a
+/// device kernel, so fewer steps is what makes a measured step cheap on a GPU.
+///
+/// Layout: `[||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r), mean(U) (r), mean(Y) B (r)]`.
+fn gram_terms(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mm = crate::nn::matmul;
+    let y_mean = y.mean_keepdim(0)?;
+    let u_mean = u.mean_keepdim(0)?;
+    let yc = y.broadcast_sub(&y_mean)?;
+    let uc = u.broadcast_sub(&u_mean)?;
+    let l = mm(&yc, &yc.t()?)?;
+    let g = mm(&b.t()?, b)?;
+    let p = (mm(&yc, b)? + mm(&uc, &(&g * 0.5)?)?)?;
+    let z = Tensor::cat(&[&p, &uc], 1)?;
+    // Sums by rows first, as in `sum_sq`.
+    let scalars = [
+        sum_sq(&l)?,
+        (mm(&l, &uc)? * &p)?.sum(1)?.sum_all()?,
+        sum_sq(y)?,
+    ];
+    let flat = |t: Tensor| t.flatten_all();
+    Tensor::cat(
+        &[
+            Tensor::stack(&scalars, 0)?,
+            flat(mm(&z.t()?, &z)?)?,
+            flat(g)?,
+            flat(u_mean)?,
+            flat(mm(&y_mean, b)?)?,
+        ],
+        0,
+    )
+}
+
+/// CKA's five norms (in [`NORMS`](super::NORMS) order) of `n` rows from their Gram-form terms (see
+/// [`gram_terms`]; `U` of rank `r`). With `S = P Uc^T`, `K = L + S + S^T`:
+/// `<K, L> = ||L||^2 + 2 <L Uc, P>` and
+/// `||K||^2 = ||L||^2 + 4 <L Uc, P> + 2 <P^T P, Uc^T Uc> + 2 tr((Uc^T P)^2)`. The zero-variance
+/// guard's scales are `||X||_F^4` and `||Y||_F^4` (they bound `||X^T X||_F^2` and
+/// `||Y^T Y||_F^2`), with `||X||^2 = ||Y||^2 + 2 <Y B, U> + <U^T U, G>`, where
+/// `<Y B, U> = tr(Uc^T P) - <Uc^T Uc, G> / 2 + n mean(Y) B . mean(U)` and
+/// `U^T U = Uc^T Uc + n mean(U)^T mean(U)`.
+fn gram_norms(n: usize, r: usize, v: &[f64]) -> [f64; 5] {
+    let (l2, lup, yy) = (v[0], v[1], v[2]);
+    let z = &v[3..3 + 4 * r * r];
+    let g = &v[3 + 4 * r * r..3 + 5 * r * r];
+    let u_mean = &v[3 + 5 * r * r..3 + 5 * r * r + r];
+    let yb_mean = &v[3 + 5 * r * r + r..3 + 5 * r * r + 2 * r];
+    // Z^T Z's blocks: P^T P (top left), Uc^T P (bottom left), Uc^T Uc (bottom right).
+    let ptp = |i: usize, j: usize| z[i * 2 * r + j];
+    let utp = |i: usize, j: usize| z[(r + i) * 2 * r + j];
+    let utu = |i: usize, j: usize| z[(r + i) * 2 * r + r + j];
+    let (mut ptp_utu, mut utp_sq, mut utp_tr, mut utu_g, mut mean_g_mean, mut cross_mean) =
+        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    for i in 0..r {
+        utp_tr += utp(i, i);
+        cross_mean += yb_mean[i] * u_mean[i];
+        for j in 0..r {
+            ptp_utu += ptp(i, j) * utu(i, j);
+            utp_sq += utp(i, j) * utp(j, i);
+            utu_g += utu(i, j) * g[i * r + j];
+            mean_g_mean += u_mean[i] * g[i * r + j] * u_mean[j];
+        }
+    }
+    let n = n as f64;
+    let kk = l2 + 4.0 * lup + 2.0 * ptp_utu + 2.0 * utp_sq;
+    let kl = l2 + 2.0 * lup;
+    let cross = utp_tr - utu_g / 2.0 + n * cross_mean;
+    let xx = yy + 2.0 * cross + utu_g + n * mean_g_mean;
+    [kk, xx * xx, l2, yy * yy, kl]
+}
+
+/// What CKA needs of one batch's rows at the linear (`X = Y + U B^T`) over its token rows
+/// `rows`, in whichever of the moment (`d^2 n`) and Gram (`n^2 d`) forms costs less.
+fn batch_norms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<(Kept, Tensor)> {
+    if rows.dim(0)? > y.dim(1)? {
+        let r = CkaRows::LowRank {
+            y: y.clone(),
+            u: u.clone(),
+            b: b.clone(),
+        };
+        return Ok((Kept::Norms, DeviceMoments::of(&r, rows)?.norms()?.1));
+    }
+    let terms = gram_terms(
+        &pick_rows(y, rows)?,
+        &pick_rows(u, rows)?,
+        &b.to_dtype(DType::F64)?,
+    )?;
+    Ok((Kept::GramTerms { rank: b.dim(1)? }, terms))
+}
+
+/// One adapter's measured micro-batches as `(rows, five norms)` on the host: one transfer when
+/// every batch kept the same form (the usual case), one per batch otherwise.
+fn host_norms(batches: &[(usize, Kept, Tensor)]) -> Result<Vec<(usize, [f64; 5])>> {
+    let Some((_, first, t0)) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let same = batches
+        .iter()
+        .all(|(_, k, t)| k == first && t.dims() == t0.dims());
+    let values: Vec<Vec<f64>> = if same {
+        let ts: Vec<&Tensor> = batches.iter().map(|(_, _, t)| t).collect();
+        Tensor::stack(&ts, 0)?.to_vec2()?
+    } else {
+        batches
+            .iter()
+            .map(|(_, _, t)| t.to_vec1())
+            .collect::<Result<_>>()?
+    };
+    Ok(batches
+        .iter()
+        .zip(values)
+        .map(|((n, k, _), v)| (*n, k.norms(*n, &v)))
+        .collect())
+}
+
+/// SAFE's importance measured on the training steps themselves (`safe.measure = "steps"`): the
+/// training forward hands each adapter's rows over (`nn::RowSink`) and each micro-batch's CKA is
+/// computed from them at once, so no monitoring forward runs and no moments outlive the layer.
+/// An adapter's score is `1 - CKA` averaged over the round's monitored micro-batches (batches
+/// where CKA is undefined left out). Its matmul FLOPs are counted apart (`flops`), so the trainer
+/// can move them from training to monitoring.
+#[derive(Default)]
+pub struct StepMonitor {
+    layer: Option<usize>,
+    mask: Vec<u32>,
+    rows: Option<Tensor>,
+    /// The adapters measured (None: all). After warm-up only the candidates not yet frozen
+    /// can still change anything (see `SafeController::needs_scores`).
+    only: Option<Vec<AdapterId>>,
+    /// Each adapter's per-micro-batch `(rows, what is kept)`, on the device until the round
+    /// ends.
+    norms: BTreeMap<AdapterId, Vec<(usize, Kept, Tensor)>>,
+    /// Matmul FLOPs of the measurement.
+    pub flops: u64,
+}
+
+/// One measured micro-batch of one adapter, on the host: what a step checkpoint keeps of a
+/// round's measurement so far, so that a run resumed inside it scores the round as an
+/// uninterrupted run does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MeasuredBatch {
+    pub adapter: AdapterId,
+    pub rows: usize,
+    /// CKA's five norms in [`NORMS`](super::NORMS) order.
+    pub norms: [f64; 5],
+}
+
+impl StepMonitor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Measures only `adapters` from now on.
+    pub fn only(mut self, adapters: Vec<AdapterId>) -> Self {
+        self.only = Some(adapters);
+        self
+    }
+
+    /// The micro-batches measured so far, on the host.
+    pub fn measured(&self) -> Result<Vec<MeasuredBatch>> {
+        let mut out = Vec::new();
+        for (&adapter, batches) in &self.norms {
+            for (rows, norms) in host_norms(batches)? {
+                out.push(MeasuredBatch {
+                    adapter,
+                    rows,
+                    norms,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A monitor that carries on from `measured` (a step checkpoint's), its norms on `device`.
+    pub fn resumed(measured: &[MeasuredBatch], device: &Device) -> Result<Self> {
+        let mut m = Self::new();
+        for b in measured {
+            let t = Tensor::new(&b.norms, device)?;
+            m.norms
+                .entry(b.adapter)
+                .or_default()
+                .push((b.rows, Kept::Norms, t));
+        }
+        Ok(m)
+    }
+
+    /// Micro-batches measured so far (of the adapter measured most often).
+    pub fn batches(&self) -> usize {
+        self.norms.values().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// Each of `adapters`' importance (in that order), NaN outside `layers` (see
+    /// [`trainable_layers`]) or where no batch defined it.
+    pub fn scores(self, adapters: &[AdapterId], layers: Option<Range<usize>>) -> Result<Vec<f64>> {
+        let mut scores = vec![f64::NAN; adapters.len()];
+        let Some(layers) = layers else {
+            return Ok(scores);
+        };
+        for (score, id) in scores.iter_mut().zip(adapters) {
+            let Some(batches) = self.norms.get(id).filter(|_| layers.contains(&id.layer)) else {
+                continue;
+            };
+            let values: Vec<f64> = host_norms(batches)?
+                .into_iter()
+                .map(|(n, v)| importance_of(n, &v))
+                .filter(|v| v.is_finite())
+                .collect();
+            if !values.is_empty() {
+                *score = values.iter().sum::<f64>() / values.len() as f64;
+            }
+        }
+        Ok(scores)
+    }
+
+    fn token_rows(&mut self, device: &Device, n: usize) -> Result<Tensor> {
+        if self.mask.len() != n {
+            candle_core::bail!(
+                "SAFE's in-step importance: a layer gave {n} rows, the batch's attention mask \
+                 has {} (was the mask given?)",
+                self.mask.len()
+            );
+        }
+        if self.rows.is_none() {
+            self.rows = Some(token_rows(&self.mask, device)?);
+        }
+        Ok(self.rows.clone().expect("just set"))
+    }
+}
+
+impl RowSink for StepMonitor {
+    fn enter_layer(&mut self, layer: Option<usize>) {
+        self.layer = layer;
+    }
+
+    fn taking(&self) -> bool {
+        self.layer.is_some()
+    }
+
+    fn tokens(&mut self, attention_mask: &[u32]) {
+        self.mask = attention_mask.to_vec();
+        self.rows = None;
+    }
+
+    fn take(&mut self, site: usize, y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
+        let Some(layer) = self.layer else {
+            return Ok(());
+        };
+        let id = AdapterId { layer, site };
+        if self.only.as_ref().is_some_and(|only| !only.contains(&id)) {
+            return Ok(());
+        }
+        let f0 = flops::total();
+        let rows = self.token_rows(y.device(), y.dim(0)?)?;
+        let (kept, t) = batch_norms(y, u, b, &rows)?;
+        self.norms
+            .entry(id)
+            .or_default()
+            .push((rows.dim(0)?, kept, t));
+        self.flops += flops::total() - f0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At the linear the Gram form (`||L||^2`, `<L Uc, P>` and rank-r terms on the device, the
+    /// norms on the host, `||X||` without `X`) gives the moment form's five norms, for rows with
+    /// non-zero column means and padding rows dropped, and `batch_norms` picks the form by rows
+    /// against width.
+    #[test]
+    fn low_rank_gram_norms_are_the_moments_norms() {
+        let dev = Device::Cpu;
+        let (seq, d, r) = (7, 9, 3);
+        let made = |seed: u64, rows: usize, cols: usize, mean: f64| {
+            let v: Vec<f64> = (0..rows * cols)
+                .map(|i| ((i as u64 * 29 + seed * 13) % 19) as f64 * 0.2 - 1.7 + mean)
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &dev).unwrap()
+        };
+        let (y, u, b) = (
+            made(1, seq, d, 0.8),
+            made(2, seq, r, -0.4),
+            made(3, d, r, 0.1),
+        );
+        let rows = token_rows(&[1, 1, 0, 1, 1, 1, 0], &dev).unwrap();
+        let low_rank = CkaRows::LowRank {
+            y: y.clone(),
+            u: u.clone(),
+            b: b.clone(),
+        };
+        let moments: Vec<f64> = DeviceMoments::of(&low_rank, &rows)
+            .unwrap()
+            .norms()
+            .unwrap()
+            .1
+            .to_vec1()
+            .unwrap();
+        let pick = |t: &Tensor| pick_rows(t, &rows).unwrap();
+        let terms: Vec<f64> = gram_terms(&pick(&y), &pick(&u), &b)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(terms.len(), 3 + 5 * r * r + 2 * r);
+        let gram = gram_norms(5, r, &terms).to_vec();
+        // The centered norms agree; the guard's scales are `||X||_F^4` and `||Y||_F^4` here (the
+        // moments' are `||X^T X||_F^2` and `||Y^T Y||_F^2`).
+        for i in [0, 2, 4] {
+            let (g, m) = (gram[i], moments[i]);
+            assert!((g - m).abs() < 1e-10 * m.abs(), "{gram:?} {moments:?}");
+        }
+        let (x, _) = low_rank.x_y().unwrap();
+        for (i, t) in [(1, pick(&x)), (3, pick(&y))] {
+            let raw = t
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                .powi(2);
+            assert!((gram[i] - raw).abs() < 1e-10 * raw, "{gram:?} {raw}");
+        }
+        // 5 rows under width 9: the Gram form; the same terms either way.
+        let (kept, picked) = batch_norms(&y, &u, &b, &rows).unwrap();
+        assert_eq!(kept, Kept::GramTerms { rank: r });
+        assert_eq!(picked.to_vec1::<f64>().unwrap(), terms);
+        // Every row a token row: no gather, the same terms as the rows picked one by one.
+        let all = token_rows(&[1; 7], &dev).unwrap();
+        let (_, whole) = batch_norms(&y, &u, &b, &all).unwrap();
+        let gathered = gram_terms(&y.index_select(&all, 0).unwrap(), &u, &b).unwrap();
+        assert_eq!(
+            whole.to_vec1::<f64>().unwrap(),
+            gathered.to_vec1::<f64>().unwrap()
+        );
+        let score = importance_of(5, &gram);
+        assert!(score > 1e-3, "the test needs a non-trivial score: {score}");
+    }
+}
