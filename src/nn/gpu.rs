@@ -571,7 +571,6 @@ mod imp {
         Ok(Some(mask_add.to_dtype(DType::F32)?.contiguous()?))
     }
 
-    /// Query rows per block of the forward kernel.
     /// Query rows per forward block (`BR` of `flash_fwd` in kernels.cu).
     fn fwd_rows(d: usize) -> usize {
         if d == 128 {

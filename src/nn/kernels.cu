@@ -426,27 +426,27 @@ __device__ __forceinline__ void ldsm_b_trans(uint32_t* b, const bf16* tile, int 
                : "r"(a));
 }
 
+// Four 8 x 8 b16 matrices from shared memory, this lane giving the row address `p` (ldmatrix.x4).
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const bf16* p) {
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 // A fragment (16 x 16) at rows r0 .. r0+16, columns k0 .. k0+16 of a row-major tile (row stride
 // SS) in shared memory: one ldmatrix.x4, matrices (r0, k0), (r0+8, k0), (r0, k0+8), (r0+8, k0+8)
 // in the order a0..a3 of mma.sync. Rows must start 16-byte aligned (SS a multiple of 8).
 __device__ __forceinline__ void ldsm_a(uint32_t* a, const bf16* tile, int SS, int r0, int k0) {
   const int l = threadIdx.x & 31;
-  const bf16* p = tile + (r0 + (l & 15)) * SS + k0 + (l >> 4) * 8;
-  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(addr));
+  ldsm_x4(a, tile + (r0 + (l & 15)) * SS + k0 + (l >> 4) * 8);
 }
 
 // B fragments of two adjacent n-tiles (n0 .. n0+16) at k-step k0 .. k0+16 of an n-major
 // [n][k] tile (row stride SS): one ldmatrix.x4; b[0..1] is n-tile n0's fragment, b[2..3] n0+8's.
 __device__ __forceinline__ void ldsm_b(uint32_t* b, const bf16* tile, int SS, int k0, int n0) {
   const int l = threadIdx.x & 31;
-  const bf16* p = tile + (n0 + (l & 7) + (l >> 4) * 8) * SS + k0 + ((l >> 3) & 1) * 8;
-  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-               : "r"(addr));
+  ldsm_x4(b, tile + (n0 + (l & 7) + (l >> 4) * 8) * SS + k0 + ((l >> 3) & 1) * 8);
 }
 
 // One block of 4 warps per (query rows, head, batch); at head_dim 64 each warp owns two 16-row

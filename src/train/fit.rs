@@ -206,9 +206,6 @@ pub struct Fitted {
     pub stopped: bool,
 }
 
-/// Report names of a model's adapters, `layer.{l}.{module}` in `Adapted::adapters` order: the
-/// module is the shortest end of its path (after the layer index) that tells the layer's adapters
-/// apart (`query`, `q_proj`; `attn.c_proj` beside `mlp.c_proj`).
 /// The adapters whose scores SAFE's next round can use (see `SafeController::needs_scores`):
 /// the in-step measurement skips the others.
 fn needed_adapters(c: &SafeController, model: &impl Adapted) -> Vec<AdapterId> {
@@ -220,6 +217,9 @@ fn needed_adapters(c: &SafeController, model: &impl Adapted) -> Vec<AdapterId> {
         .collect()
 }
 
+/// Report names of a model's adapters, `layer.{l}.{module}` in `Adapted::adapters` order: the
+/// module is the shortest end of its path (after the layer index) that tells the layer's adapters
+/// apart (`query`, `q_proj`; `attn.c_proj` beside `mlp.c_proj`).
 pub fn adapter_names(model: &impl Adapted) -> Vec<String> {
     let adapters = model.adapters();
     let layers = model.adapter_layers();
@@ -353,8 +353,8 @@ pub fn fit<T: Task>(
         // A step checkpoint inside a measured window: the round's measurement so far.
         if !p.measured.is_empty() {
             let measured = std::mem::take(&mut p.measured);
-            step_monitor = Some(StepMonitor::resumed(&measured, mem.device())?);
-            if let (Some(m), Some(c)) = (step_monitor.take(), safe.as_ref()) {
+            if let Some(c) = safe.as_ref() {
+                let m = StepMonitor::resumed(&measured, mem.device())?;
                 step_monitor = Some(m.only(needed_adapters(c, model)));
             }
         }
