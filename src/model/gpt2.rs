@@ -19,7 +19,7 @@ use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
-use crate::nn::{Dropout, Pass};
+use crate::nn::{self, Dropout, Pass};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -338,7 +338,7 @@ impl Gpt2Block {
         let a = lin.run(Gpt2Site::AttnCProj, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.resid_dropout.forward(&a, pass, save)?;
-        let h = (x + a)?;
+        let h = nn::add(x, &a)?;
         let (hn, ln_2) = self.ln_2.forward(&h, save)?;
         let f = lin.run(Gpt2Site::CFc, &hn, pass)?;
         drop(hn);
@@ -347,7 +347,7 @@ impl Gpt2Block {
         let m = lin.run(Gpt2Site::MlpCProj, &g, pass)?;
         drop(g);
         let (m, drop_mlp) = self.resid_dropout.forward(&m, pass, save)?;
-        let out = (&h + m)?;
+        let out = nn::add(&h, &m)?;
         // Every part is Some when `save` is set.
         let saved = (|| {
             Some(Gpt2BlockSaved {
@@ -378,7 +378,7 @@ impl Gpt2Block {
         drop(dg);
         let dhn = lin.back_dx(Gpt2Site::CFc, &df)?;
         drop(df);
-        let dh = (dout + saved.ln_2.backward(&self.ln_2, &dhn)?)?;
+        let dh = nn::add(dout, &saved.ln_2.backward(&self.ln_2, &dhn)?)?;
         drop(dhn);
         let da = dropout::backward_opt(&saved.drop_attn, dh.clone())?;
         let dctx = lin.back_dx(Gpt2Site::AttnCProj, &da)?;
@@ -389,7 +389,7 @@ impl Gpt2Block {
             let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?;
             drop((dq, dk, dv));
             match lin.back(Gpt2Site::CAttn, &dqkv, need_dx)? {
-                Some(dxn) => Some((dh + saved.ln_1.backward(&self.ln_1, &dxn)?)?),
+                Some(dxn) => Some(nn::add(&dh, &saved.ln_1.backward(&self.ln_1, &dxn)?)?),
                 None => None,
             }
         } else {

@@ -16,7 +16,7 @@ use crate::nn::linear::{Linear, QuantFormat};
 use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
 use crate::nn::rope::Rope;
 use crate::nn::swiglu::{self, SwiGluSaved};
-use crate::nn::{Dropout, Pass};
+use crate::nn::{self, Dropout, Pass};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 
@@ -158,7 +158,7 @@ impl LlamaLayer {
         drop(xn);
         let (ctx, attn) = self.attention.call(call, (&q, &k, &v), pass)?;
         drop((q, k, v));
-        let h = (x + lin.run(LlamaSite::O, &ctx, pass)?)?;
+        let h = nn::add(x, &lin.run(LlamaSite::O, &ctx, pass)?)?;
         drop(ctx);
         let (hn, post_norm) = self.post_attention_norm.forward(&h, save)?;
         let g = lin.run(LlamaSite::Gate, &hn, pass)?;
@@ -166,7 +166,7 @@ impl LlamaLayer {
         drop(hn);
         let (a, sw) = swiglu::forward(&g, &u, save)?;
         drop((g, u));
-        let out = (&h + lin.run(LlamaSite::Down, &a, pass)?)?;
+        let out = nn::add(&h, &lin.run(LlamaSite::Down, &a, pass)?)?;
         // Every part is Some when `save` is set.
         let saved = (|| {
             Some(LlamaLayerSaved {
@@ -210,7 +210,7 @@ impl LlamaLayer {
         let mut lin = SiteBackward::new(self, saved.lin);
         let add = |acc: Option<Tensor>, d: Option<Tensor>| -> Result<Option<Tensor>> {
             Ok(match (acc, d) {
-                (Some(a), Some(d)) => Some((a + d)?),
+                (Some(a), Some(d)) => Some(nn::add(&a, &d)?),
                 (a, d) => a.or(d),
             })
         };
@@ -223,7 +223,10 @@ impl LlamaLayer {
         )?
         .expect("dx requested");
         drop((dg, du));
-        let dh = (dout + saved.post_norm.backward(&self.post_attention_norm, &dhn)?)?;
+        let dh = nn::add(
+            dout,
+            &saved.post_norm.backward(&self.post_attention_norm, &dhn)?,
+        )?;
         drop(dhn);
         let dctx = lin.back_dx(LlamaSite::O, &dh)?;
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
@@ -233,7 +236,10 @@ impl LlamaLayer {
             dxn = add(dxn, lin.back(s, &d, need_dx)?)?;
         }
         let dx = match dxn {
-            Some(dxn) => Some((dh + saved.input_norm.backward(&self.input_norm, &dxn)?)?),
+            Some(dxn) => Some(nn::add(
+                &dh,
+                &saved.input_norm.backward(&self.input_norm, &dxn)?,
+            )?),
             None => None,
         };
         Ok((dx, lin.grads()))

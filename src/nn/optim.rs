@@ -157,16 +157,22 @@ impl LrScheduler {
 }
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-/// The squares are summed in the slice's order, so the order decides the last bits.
+/// The squares are summed in the slice's order, so the order decides the last bits. Each
+/// gradient's sum of squares stays on its device until all are gathered in one copy: on a GPU
+/// one synchronization a step rather than one per gradient.
 pub fn clip_global_norm<K>(grads: &mut [(K, Tensor)], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for (_, g) in grads.iter() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-    }
+    let sums = grads
+        .iter()
+        .map(|(_, g)| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64))
+        .collect::<Result<Vec<_>>>()?;
+    let sq = if sums.is_empty() {
+        0.0
+    } else {
+        Tensor::stack(&sums, 0)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .fold(0f64, |acc, x| acc + x)
+    };
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let s = max_norm / (norm + 1e-6);
