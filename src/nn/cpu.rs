@@ -92,35 +92,18 @@ pub fn layer_norm_fwd(
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let c = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / c;
-    let out = slices!(x, gamma, beta => {
-        let mut y = vec![0f32; rows * c];
-        let mut xhat = vec![0f32; rows * c];
-        let mut rstd = vec![0f32; rows];
-        y.par_chunks_mut(c)
-            .zip(xhat.par_chunks_mut(c))
-            .zip(rstd.par_iter_mut())
-            .zip(x.par_chunks(c))
-            .for_each(|(((y, xh), r), x)| {
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
-                let rs = 1.0 / (var + eps).sqrt();
-                *r = rs as f32;
-                for i in 0..c {
-                    let h = ((x[i] as f64 - mean) * rs) as f32;
-                    xh[i] = h;
-                    y[i] = h * gamma[i] + beta[i];
-                }
-            });
-        (y, xhat, rstd)
-    });
-    let Some((y, xhat, rstd)) = out else {
-        return Ok(None);
-    };
-    let rs = Tensor::from_vec(rstd, rows, x.device())?;
-    let mut rdims = x.dims().to_vec();
-    *rdims.last_mut().expect("rank >= 1") = 1;
-    Ok(Some((tensor(y, x)?, tensor(xhat, x)?, rs.reshape(rdims)?)))
+    let out = slices!(x, gamma, beta => norm_rows(x, c, |x, xh, y| {
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        let rs = 1.0 / (var + eps).sqrt();
+        for i in 0..c {
+            let h = ((x[i] as f64 - mean) * rs) as f32;
+            xh[i] = h;
+            y[i] = h * gamma[i] + beta[i];
+        }
+        rs as f32
+    }));
+    norm_tensors(x, out)
 }
 
 /// LayerNorm backward: `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`, `g = dy * gamma`.
@@ -141,30 +124,48 @@ pub fn rms_norm_fwd(
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let c = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / c;
-    let out = slices!(x, weight => {
-        let mut y = vec![0f32; rows * c];
-        let mut xhat = vec![0f32; rows * c];
-        let mut rstd = vec![0f32; rows];
-        y.par_chunks_mut(c)
-            .zip(xhat.par_chunks_mut(c))
-            .zip(rstd.par_iter_mut())
-            .zip(x.par_chunks(c))
-            .for_each(|(((y, xh), r), x)| {
-                let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
-                let rs = 1.0 / (ms + eps).sqrt();
-                *r = rs as f32;
-                for i in 0..c {
-                    let h = (x[i] as f64 * rs) as f32;
-                    xh[i] = h;
-                    y[i] = h * weight[i];
-                }
-            });
-        (y, xhat, rstd)
-    });
+    let out = slices!(x, weight => norm_rows(x, c, |x, xh, y| {
+        let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
+        let rs = 1.0 / (ms + eps).sqrt();
+        for i in 0..c {
+            let h = (x[i] as f64 * rs) as f32;
+            xh[i] = h;
+            y[i] = h * weight[i];
+        }
+        rs as f32
+    }));
+    norm_tensors(x, out)
+}
+
+/// Both norms' forward loop: `row(x, xhat, y)` fills one row's outputs and returns its rstd;
+/// rows of `c` run in parallel. Returns `(y, xhat, rstd)`.
+fn norm_rows(
+    x: &[f32],
+    c: usize,
+    row: impl Fn(&[f32], &mut [f32], &mut [f32]) -> f32 + Sync,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = x.len() / c;
+    let mut y = vec![0f32; rows * c];
+    let mut xhat = vec![0f32; rows * c];
+    let mut rstd = vec![0f32; rows];
+    y.par_chunks_mut(c)
+        .zip(xhat.par_chunks_mut(c))
+        .zip(rstd.par_iter_mut())
+        .zip(x.par_chunks(c))
+        .for_each(|(((y, xh), r), x)| *r = row(x, xh, y));
+    (y, xhat, rstd)
+}
+
+/// `(y, xhat, rstd)` tensors shaped like `x` (rstd with a last dimension of 1) from
+/// [`norm_rows`]' vectors; None where the kernel did not apply.
+fn norm_tensors(
+    x: &Tensor,
+    out: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some((y, xhat, rstd)) = out else {
         return Ok(None);
     };
+    let rows = rstd.len();
     let rs = Tensor::from_vec(rstd, rows, x.device())?;
     let mut rdims = x.dims().to_vec();
     *rdims.last_mut().expect("rank >= 1") = 1;
