@@ -29,8 +29,8 @@ use crate::io::IoError;
 use crate::nn::attention::{Attention, AttnShape};
 use crate::nn::embedding::Embeddings;
 use crate::nn::head::{ClassificationHead, HeadGrads, QaHead};
-use crate::nn::layer_norm::LayerNorm;
 use crate::nn::linear::Linear;
+use crate::nn::norm::Norm;
 use crate::nn::{Dropout, Pass};
 use crate::safe::MonitorPoint;
 use candle_core::{DType, Device, Result, Tensor};
@@ -356,14 +356,14 @@ impl<H: EncoderHead> BertWithHead<H> {
         let c = &config;
         let family = c.family();
         let (h, f) = (c.hidden_size, c.intermediate_size);
-        let ln = |w: &Weights| -> std::result::Result<LayerNorm, IoError> {
+        let ln = |w: &Weights| -> std::result::Result<Norm, IoError> {
             // Old checkpoints name LayerNorm parameters gamma/beta.
             let (g, b) = if w.contains("gamma") {
                 ("gamma", "beta")
             } else {
                 ("weight", "bias")
             };
-            Ok(LayerNorm::new(
+            Ok(Norm::layer(
                 w.get(g, &[h])?,
                 w.get(b, &[h])?,
                 c.layer_norm_eps,
@@ -444,7 +444,7 @@ impl<H: EncoderHead> BertWithHead<H> {
     fn token_embeddings(
         c: &BertConfig,
         e: &Weights,
-        ln: impl Fn(&Weights) -> std::result::Result<LayerNorm, IoError>,
+        ln: impl Fn(&Weights) -> std::result::Result<Norm, IoError>,
         hidden_drop: Dropout,
     ) -> std::result::Result<Embeddings, IoError> {
         let family = c.family();

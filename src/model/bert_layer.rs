@@ -8,7 +8,7 @@ use crate::adapters::{self, SiteBackward, SiteForward, SiteStates};
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluSaved};
-use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
+use crate::nn::norm::{Norm, NormSaved};
 use crate::nn::{self, Dropout, Pass};
 use candle_core::{Result, Tensor};
 
@@ -54,8 +54,8 @@ pub struct BertLayer {
     /// Linears in `Site::ALL` order.
     pub linears: [LoraLinear; 6],
     pub attention: Attention,
-    pub ln_attn: LayerNorm,
-    pub ln_out: LayerNorm,
+    pub ln_attn: Norm,
+    pub ln_out: Norm,
     /// After the attention output projection (none in DistilBERT).
     pub dropout_attn: Dropout,
     /// After the MLP output.
@@ -89,10 +89,10 @@ pub struct BertLayerSaved {
     lin: SiteStates<Site, LoraLinearSaved>,
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
-    ln_attn: LayerNormSaved,
+    ln_attn: NormSaved,
     gelu: GeluSaved,
     drop_out: Option<DropoutSaved>,
-    ln_out: LayerNormSaved,
+    ln_out: NormSaved,
 }
 
 /// Gradients of a layer's trainable adapters.

@@ -17,8 +17,8 @@ use crate::io::IoError;
 use crate::nn::attention::{Attention, AttentionCall, AttentionSaved, AttnShape, KvCache};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
-use crate::nn::layer_norm::{LayerNorm, LayerNormSaved};
 use crate::nn::linear::Linear;
+use crate::nn::norm::{Norm, NormSaved};
 use crate::nn::{self, Dropout, Pass};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::Rng;
@@ -227,8 +227,8 @@ pub struct Gpt2Block {
     /// Linears in `Gpt2Site::ALL` order, in `Linear`'s `[out, in]` layout.
     pub linears: [LoraLinear; 4],
     pub attention: Attention,
-    pub ln_1: LayerNorm,
-    pub ln_2: LayerNorm,
+    pub ln_1: Norm,
+    pub ln_2: Norm,
     pub act: GeluKind,
     /// On each branch's output before the residual add (`resid_pdrop`).
     pub resid_dropout: Dropout,
@@ -239,10 +239,10 @@ crate::adapters::block::impl_block!(Gpt2Block, Gpt2Site);
 /// What a block on the gradient path keeps for backward.
 pub struct Gpt2BlockSaved {
     lin: SiteStates<Gpt2Site, LoraLinearSaved>,
-    ln_1: LayerNormSaved,
+    ln_1: NormSaved,
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
-    ln_2: LayerNormSaved,
+    ln_2: NormSaved,
     gelu: GeluSaved,
     drop_mlp: Option<DropoutSaved>,
 }
@@ -408,7 +408,7 @@ pub struct Gpt2LMHeadModel {
     /// `[n_positions, n_embd]`.
     pub wpe: Tensor,
     pub layers: Vec<Gpt2Block>,
-    pub ln_f: LayerNorm,
+    pub ln_f: Norm,
     /// On the summed embeddings (`embd_pdrop`).
     pub embd_dropout: Dropout,
 }
@@ -448,8 +448,8 @@ impl Gpt2LMHeadModel {
             path: w.file().into(),
             message: e.to_string(),
         };
-        let ln = |p: &Weights| -> std::result::Result<LayerNorm, IoError> {
-            Ok(LayerNorm::new(
+        let ln = |p: &Weights| -> std::result::Result<Norm, IoError> {
+            Ok(Norm::layer(
                 p.get("weight", &[h])?,
                 p.get("bias", &[h])?,
                 c.layer_norm_epsilon,
@@ -581,7 +581,7 @@ impl AdaptedStack for Gpt2LMHeadModel {
 
 impl DecoderParts for Gpt2LMHeadModel {
     type LayerSaved = Gpt2BlockSaved;
-    type NormSaved = LayerNormSaved;
+    type NormSaved = NormSaved;
 
     /// Token plus position embeddings, then embedding dropout.
     fn embed_at(
@@ -642,11 +642,11 @@ impl DecoderParts for Gpt2LMHeadModel {
         block.forward_cached(x, 1, cache, pass)
     }
 
-    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<LayerNormSaved>)> {
+    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<NormSaved>)> {
         self.ln_f.forward(h, save)
     }
 
-    fn final_norm_backward(&self, saved: LayerNormSaved, d: &Tensor) -> Result<Tensor> {
+    fn final_norm_backward(&self, saved: NormSaved, d: &Tensor) -> Result<Tensor> {
         saved.backward(&self.ln_f, d)
     }
 

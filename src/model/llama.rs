@@ -13,7 +13,7 @@ use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::nn::attention::{Attention, AttentionCall, AttentionSaved, AttnShape, KvCache};
 use crate::nn::linear::{Linear, QuantFormat};
-use crate::nn::rms_norm::{RmsNorm, RmsNormSaved};
+use crate::nn::norm::{Norm, NormSaved};
 use crate::nn::rope::Rope;
 use crate::nn::swiglu::{self, SwiGluSaved};
 use crate::nn::{self, Dropout, Pass};
@@ -79,8 +79,8 @@ pub struct LlamaLayer {
     /// Linears in `LlamaSite::ALL` order.
     pub linears: [LoraLinear; 7],
     pub attention: Attention,
-    pub input_norm: RmsNorm,
-    pub post_attention_norm: RmsNorm,
+    pub input_norm: Norm,
+    pub post_attention_norm: Norm,
 }
 
 crate::adapters::block::impl_block!(LlamaLayer, LlamaSite);
@@ -88,9 +88,9 @@ crate::adapters::block::impl_block!(LlamaLayer, LlamaSite);
 /// What a layer on the gradient path keeps for backward.
 pub struct LlamaLayerSaved {
     lin: SiteStates<LlamaSite, LoraLinearSaved>,
-    input_norm: RmsNormSaved,
+    input_norm: NormSaved,
     attn: AttentionSaved,
-    post_norm: RmsNormSaved,
+    post_norm: NormSaved,
     swiglu: SwiGluSaved,
 }
 
@@ -253,7 +253,7 @@ pub struct LlamaForCausalLM {
     /// `[vocab, hidden]`.
     pub embed_tokens: Tensor,
     pub layers: Vec<LlamaLayer>,
-    pub norm: RmsNorm,
+    pub norm: Norm,
     /// `[vocab, hidden]`; None when tied to `embed_tokens`.
     pub lm_head: Option<Tensor>,
     pub rope: Rope,
@@ -291,8 +291,8 @@ impl LlamaForCausalLM {
                     causal: true,
                     dropout: Dropout::new(0.0),
                 },
-                input_norm: RmsNorm::new(l.get("input_layernorm.weight", &[h])?, c.rms_norm_eps),
-                post_attention_norm: RmsNorm::new(
+                input_norm: Norm::rms(l.get("input_layernorm.weight", &[h])?, c.rms_norm_eps),
+                post_attention_norm: Norm::rms(
                     l.get("post_attention_layernorm.weight", &[h])?,
                     c.rms_norm_eps,
                 ),
@@ -314,7 +314,7 @@ impl LlamaForCausalLM {
             message: e.to_string(),
         })?;
         Ok(Self {
-            norm: RmsNorm::new(m.get("norm.weight", &[h])?, c.rms_norm_eps),
+            norm: Norm::rms(m.get("norm.weight", &[h])?, c.rms_norm_eps),
             config,
             embed_tokens,
             layers,
@@ -397,7 +397,7 @@ impl AdaptedStack for LlamaForCausalLM {
 
 impl DecoderParts for LlamaForCausalLM {
     type LayerSaved = LlamaLayerSaved;
-    type NormSaved = RmsNormSaved;
+    type NormSaved = NormSaved;
 
     /// Token embeddings only: positions enter through rope, in attention.
     fn embed_at(&self, ids: &Tensor, _: usize, _: usize, _: &mut Pass) -> Result<Tensor> {
@@ -437,11 +437,11 @@ impl DecoderParts for LlamaForCausalLM {
         layer.forward_cached(x, 1, &self.rope, cache, pass)
     }
 
-    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<RmsNormSaved>)> {
+    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<NormSaved>)> {
         self.norm.forward(h, save)
     }
 
-    fn final_norm_backward(&self, saved: RmsNormSaved, d: &Tensor) -> Result<Tensor> {
+    fn final_norm_backward(&self, saved: NormSaved, d: &Tensor) -> Result<Tensor> {
         saved.backward(&self.norm, d)
     }
 

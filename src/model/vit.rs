@@ -18,8 +18,8 @@ use crate::io::weights::Weights;
 use crate::io::IoError;
 use crate::nn::flops::matmul;
 use crate::nn::head::{HeadGrads, ImageHead, ImageHeadSaved};
-use crate::nn::layer_norm::LayerNorm;
 use crate::nn::linear::Linear;
+use crate::nn::norm::Norm;
 use crate::nn::{Dropout, Pass};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
@@ -241,7 +241,7 @@ fn image_head(
     };
     let ln = w.pp("layernorm");
     Ok(ImageHead {
-        layernorm: LayerNorm::new(
+        layernorm: Norm::layer(
             as_head(ln.get("weight", &[h])?)?,
             as_head(ln.get("bias", &[h])?)?,
             c.layer_norm_eps,

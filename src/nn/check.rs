@@ -5,9 +5,8 @@
 
 use super::attention::{mask_to_additive, Attention, AttnShape};
 use super::gelu::{self, GeluKind};
-use super::layer_norm::LayerNorm;
 use super::linear::Weight;
-use super::rms_norm::RmsNorm;
+use super::norm::Norm;
 use super::rope::Rope;
 use super::{dropout, swiglu, Dropout, Pass};
 use crate::nn::optim::{AdamW, AdamWConfig};
@@ -125,7 +124,7 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     for c in [768, 4096] {
         let x = r(&[64, c], 1, 3.0, 0.5)?;
         let dy = r(&[64, c], 2, 1.0, 0.0)?;
-        let ln = LayerNorm::new(r(&[c], 3, 1.0, 1.0)?, r(&[c], 4, 1.0, 0.0)?, 1e-12);
+        let ln = Norm::layer(r(&[c], 3, 1.0, 1.0)?, r(&[c], 4, 1.0, 0.0)?, 1e-12);
         let (yf, sf) = ln.forward(&x, true)?;
         let (yr, sr) = ln.forward_reference(&x, true)?;
         push(&format!("layer_norm forward c={c}"), rel(&yf, &yr)?);
@@ -134,7 +133,7 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             &format!("layer_norm backward c={c}"),
             rel(&sf.backward(&ln, &dy)?, &sr.backward_reference(&ln, &dy)?)?,
         );
-        let rms = RmsNorm::new(r(&[c], 5, 1.0, 1.0)?, 1e-6);
+        let rms = Norm::rms(r(&[c], 5, 1.0, 1.0)?, 1e-6);
         let (yf, sf) = rms.forward(&x, true)?;
         let (yr, sr) = rms.forward_reference(&x, true)?;
         push(&format!("rms_norm forward c={c}"), rel(&yf, &yr)?);

@@ -4,7 +4,7 @@
 //! Forward only. The embedding tables are frozen and the inputs are integer ids, so nothing below the
 //! lowest trainable adapter ever needs a gradient here: the trainer never calls backward on this.
 
-use super::layer_norm::LayerNorm;
+use super::norm::Norm;
 use super::{Dropout, Pass};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -19,7 +19,7 @@ pub struct Embeddings {
     /// Positions as RoBERTa and MPNet count them (`create_position_ids_from_input_ids`): tokens
     /// at `pad + 1, pad + 2, ...`, padding at `pad`. None: `0, 1, ...` for every token (BERT).
     pub padding_idx: Option<u32>,
-    pub layer_norm: LayerNorm,
+    pub layer_norm: Norm,
     pub dropout: Dropout,
 }
 
@@ -79,7 +79,7 @@ mod tests {
             .unwrap()
             .reshape((8, 2))
             .unwrap();
-        let ln = LayerNorm::new(
+        let ln = Norm::layer(
             Tensor::ones(2, DType::F32, &dev).unwrap(),
             Tensor::zeros(2, DType::F32, &dev).unwrap(),
             1e-5,

@@ -12,8 +12,8 @@
 
 use super::dropout::DropoutSaved;
 use super::flops::matmul;
-use super::layer_norm::{LayerNorm, LayerNormSaved};
 use super::linear::Linear;
+use super::norm::{Norm, NormSaved};
 use super::{Dropout, Pass};
 use candle_core::{Result, Tensor};
 
@@ -166,14 +166,14 @@ fn first_token_grad(dfirst: &Tensor, batch: usize, seq: usize) -> Result<Tensor>
 /// LayerNorm (`vit.layernorm`) is the pretrained model's, frozen; the classifier trains.
 #[derive(Clone, Debug)]
 pub struct ImageHead {
-    pub layernorm: LayerNorm,
+    pub layernorm: Norm,
     /// Trainable: `[num_labels, hidden]` and `[num_labels]`.
     pub classifier: Linear,
 }
 
 /// What [`ImageHead`]'s backward needs.
 pub struct ImageHeadSaved {
-    ln: LayerNormSaved,
+    ln: NormSaved,
     /// The classifier's input.
     features: Tensor,
     batch: usize,
@@ -390,7 +390,7 @@ mod tests {
         let (gamma, beta) = (randn(&[c], 74), randn(&[c], 75));
         let dy = randn(&[b, k], 76);
         let head = |w: &Tensor, bias: &Tensor| ImageHead {
-            layernorm: LayerNorm::new(gamma.clone(), beta.clone(), 1e-6),
+            layernorm: Norm::layer(gamma.clone(), beta.clone(), 1e-6),
             classifier: Linear::new(w.clone(), Some(bias.clone())),
         };
         let inputs = [h, w, bias];

@@ -15,11 +15,10 @@ pub mod flops;
 pub mod gelu;
 pub mod gpu;
 pub mod head;
-pub mod layer_norm;
 pub mod linear;
 pub mod loss;
+pub mod norm;
 pub mod optim;
-pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 

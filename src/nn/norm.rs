@@ -1,0 +1,217 @@
+//! LayerNorm and RMSNorm over the last dimension with frozen parameters (as in llm.c's
+//! `layernorm_forward`). RMSNorm (LLaMA) is LayerNorm without the centring and the bias: `y = x *
+//! rsqrt(mean(x^2) + eps) * w`. Either way backward reads back the same two things, the
+//! normalised input and the per-row reciprocal std (or RMS).
+
+use crate::device::compute_dtype;
+use candle_core::{Result, Tensor, D};
+
+/// LayerNorm (`bias` Some: centred, then scaled and shifted) or RMSNorm (`bias` None).
+#[derive(Clone, Debug)]
+pub struct Norm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub eps: f64,
+}
+
+pub struct NormSaved {
+    xhat: Tensor,
+    rstd: Tensor,
+}
+
+impl Norm {
+    /// LayerNorm with weight (gamma) and bias (beta).
+    pub fn layer(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            bias: Some(bias),
+            eps,
+        }
+    }
+
+    /// RMSNorm with its weight.
+    pub fn rms(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            bias: None,
+            eps,
+        }
+    }
+
+    /// Whether the rows are centred (LayerNorm).
+    fn centred(&self) -> bool {
+        self.bias.is_some()
+    }
+
+    /// `x` is `[rows, c]`.
+    pub fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<NormSaved>)> {
+        let fused = match &self.bias {
+            Some(b) => super::cpu::layer_norm_fwd(x, &self.weight, b, self.eps)?,
+            None => super::cpu::rms_norm_fwd(x, &self.weight, self.eps)?,
+        };
+        let fused = match fused {
+            Some(out) => Some(out),
+            None => super::gpu::norm_fwd(x, &self.weight, self.bias.as_ref(), self.eps)?,
+        };
+        match fused {
+            Some((y, xhat, rstd)) => Ok((y, save.then_some(NormSaved { xhat, rstd }))),
+            None => self.forward_reference(x, save),
+        }
+    }
+
+    /// The candle composition: the fallback, and the reference for the fused CPU and CUDA kernels.
+    pub fn forward_reference(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<NormSaved>)> {
+        // Statistics in f32 for half-precision activations; xhat is kept in the activations' dtype.
+        let cdt = compute_dtype(x.dtype());
+        let xc = {
+            let x = x.to_dtype(cdt)?;
+            if self.centred() {
+                x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
+            } else {
+                x
+            }
+        };
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        drop(xc);
+        let mut y = xhat.broadcast_mul(&self.weight.to_dtype(cdt)?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(cdt)?)?;
+        }
+        let y = y.to_dtype(x.dtype())?;
+        let xhat = xhat.to_dtype(x.dtype())?;
+        Ok((y, save.then_some(NormSaved { xhat, rstd })))
+    }
+}
+
+impl NormSaved {
+    /// Input gradient only (the parameters are frozen): `dx = rstd * (g - mean(g) - xhat *
+    /// mean(g * xhat))` with `g = dy * weight`, without the `mean(g)` term for RMSNorm.
+    pub fn backward(&self, norm: &Norm, dy: &Tensor) -> Result<Tensor> {
+        let (x, r, w, c) = (&self.xhat, &self.rstd, &norm.weight, norm.centred());
+        let fused = match c {
+            true => super::cpu::layer_norm_bwd(dy, x, r, w)?,
+            false => super::cpu::rms_norm_bwd(dy, x, r, w)?,
+        };
+        if let Some(dx) = fused {
+            return Ok(dx);
+        }
+        if let Some(dx) = super::gpu::norm_bwd(dy, x, r, w, c)? {
+            return Ok(dx);
+        }
+        self.backward_reference(norm, dy)
+    }
+
+    pub fn backward_reference(&self, norm: &Norm, dy: &Tensor) -> Result<Tensor> {
+        let cdt = compute_dtype(dy.dtype());
+        let xhat = self.xhat.to_dtype(cdt)?;
+        let g = dy
+            .to_dtype(cdt)?
+            .broadcast_mul(&norm.weight.to_dtype(cdt)?)?;
+        let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+        let g = if norm.centred() {
+            g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+        } else {
+            g
+        };
+        g.sub(&xhat.broadcast_mul(&gx_mean)?)?
+            .broadcast_mul(&self.rstd.to_dtype(cdt)?)?
+            .to_dtype(dy.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::{check, max_abs_diff, randn};
+    use candle_core::DType;
+
+    fn layer(c: usize, seed: u64) -> Norm {
+        Norm::layer(randn(&[c], seed), randn(&[c], seed + 1), 1e-5)
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_autograd_and_finite_differences() {
+        let x = randn(&[5, 7], 1).affine(3.0, 0.5).unwrap();
+        let ln = layer(7, 2);
+        let dy = randn(&[5, 7], 4);
+        let (_, saved) = ln.forward(&x, true).unwrap();
+        let dx = saved.unwrap().backward(&ln, &dy).unwrap();
+        check(&[x], &dy, &[dx], |t| Ok(ln.forward(&t[0], false)?.0), 1e-10);
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_autograd_and_finite_differences() {
+        let x = randn(&[5, 7], 1).affine(3.0, 0.5).unwrap();
+        let norm = Norm::rms(randn(&[7], 2), 1e-6);
+        let dy = randn(&[5, 7], 4);
+        let (_, saved) = norm.forward(&x, true).unwrap();
+        let dx = saved.unwrap().backward(&norm, &dy).unwrap();
+        // Oracle written independently of forward_reference: x / sqrt(mean(x^2) + eps) * w.
+        check(
+            &[x],
+            &dy,
+            &[dx],
+            |t| {
+                let rms = (t[0].sqr()?.mean_keepdim(1)? + norm.eps)?.sqrt()?;
+                t[0].broadcast_div(&rms)?.broadcast_mul(&norm.weight)
+            },
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn fused_cpu_kernels_match_the_composition() {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = f32(randn(&[33, 40], 6).affine(2.0, 1.0).unwrap());
+        let dy = f32(randn(&[33, 40], 9));
+        let layer = Norm::layer(f32(randn(&[40], 7)), f32(randn(&[40], 8)), 1e-12);
+        let rms = Norm::rms(f32(randn(&[40], 7)), 1e-5);
+        for norm in [layer, rms] {
+            let (y1, s1) = norm.forward(&x, true).unwrap();
+            let (y2, s2) = norm.forward_reference(&x, true).unwrap();
+            assert!(max_abs_diff(&y1, &y2) < 1e-5);
+            let d1 = s1.unwrap().backward(&norm, &dy).unwrap();
+            let d2 = s2.unwrap().backward_reference(&norm, &dy).unwrap();
+            assert!(max_abs_diff(&d1, &d2) < 1e-4);
+        }
+    }
+
+    /// Per-row mean and mean square of `y`.
+    fn row_moments(y: &Tensor) -> Vec<(f64, f64)> {
+        let v = |t: Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let mean = v(y.mean_keepdim(1).unwrap());
+        let ms = v(y.sqr().unwrap().mean_keepdim(1).unwrap());
+        mean.into_iter().zip(ms).collect()
+    }
+
+    #[test]
+    fn layer_norm_gives_zero_mean_unit_variance_rows() {
+        let x = randn(&[3, 16], 5).affine(4.0, 2.0).unwrap();
+        let ones = Tensor::ones(16, DType::F64, &candle_core::Device::Cpu).unwrap();
+        let (y, _) = Norm::layer(ones.clone(), ones.zeros_like().unwrap(), 0.0)
+            .forward(&x, false)
+            .unwrap();
+        for (m, v) in row_moments(&y) {
+            assert!(
+                m.abs() < 1e-12 && (v - 1.0).abs() < 1e-12,
+                "mean {m} var {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_gives_unit_rms_rows() {
+        let x = randn(&[3, 16], 5).affine(4.0, 2.0).unwrap();
+        let ones = Tensor::ones(16, DType::F64, &candle_core::Device::Cpu).unwrap();
+        let (y, _) = Norm::rms(ones, 0.0).forward(&x, false).unwrap();
+        for (m, ms) in row_moments(&y) {
+            // The rows are not centred: a nonzero mean, a mean square of 1.
+            assert!(
+                m.abs() > 1e-3 && (ms - 1.0).abs() < 1e-12,
+                "mean {m} mean square {ms}"
+            );
+        }
+    }
+}
