@@ -59,6 +59,60 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     Some(f(&data[start..end]))
 }
 
+/// A contiguous f64 CPU matrix's elements and its row length; None otherwise.
+fn with_f64_rows<R>(t: &Tensor, f: impl FnOnce(&[f64], usize) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let data = cpu.as_slice::<f64>().ok()?;
+    let (start, end) = layout.contiguous_offsets()?;
+    let &[_, c] = t.dims() else {
+        return None;
+    };
+    (c > 0).then(|| f(&data[start..end], c))
+}
+
+/// `t.sqr()?.sum(1)?.sum_all()` of a contiguous f64 CPU matrix with its rows in parallel: the
+/// same products and sums in the same order (each row from 0, then the rows in order), so the
+/// same bits, where candle runs the squares and the sums on one thread. None elsewhere.
+pub fn sum_sq_f64(t: &Tensor) -> Option<f64> {
+    with_f64_rows(t, |x, c| {
+        let rows: Vec<f64> = x
+            .par_chunks(c)
+            .map(|r| r.iter().fold(0f64, |a, &v| a + v * v))
+            .collect();
+        rows.iter().fold(0f64, |a, &v| a + v)
+    })
+}
+
+/// `t.mean_keepdim(0)` of a contiguous f64 CPU matrix `[n, c]` with its columns in parallel: each
+/// column summed from 0 down the rows, then scaled by `1 / n`, as candle does on one thread (so the
+/// same bits). None elsewhere.
+pub fn col_mean_f64(t: &Tensor) -> Result<Option<Tensor>> {
+    let Some(mean) = with_f64_rows(t, |x, c| {
+        let n = x.len() / c;
+        let scale = 1f64 / n as f64;
+        let mut mean = vec![0f64; c];
+        const BLOCK: usize = 64;
+        mean.par_chunks_mut(BLOCK).enumerate().for_each(|(b, out)| {
+            for row in x.chunks(c) {
+                for (o, &v) in out.iter_mut().zip(&row[b * BLOCK..]) {
+                    *o += v;
+                }
+            }
+            for o in out.iter_mut() {
+                *o *= scale;
+            }
+        });
+        mean
+    }) else {
+        return Ok(None);
+    };
+    let c = mean.len();
+    Ok(Some(Tensor::from_vec(mean, (1, c), t.device())?))
+}
+
 fn tensor(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, like.shape(), like.device())
 }
@@ -657,6 +711,36 @@ pub fn dropout_bwd(dy: &Tensor, keep: &Tensor, scale: f64) -> Result<Option<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel f64 sum of squares and column means give candle's one-thread results to the
+    /// bit, at widths that are not multiples of the column blocks.
+    #[test]
+    fn f64_row_reductions_are_candles_to_the_bit() {
+        for (n, c) in [(37, 200), (256, 576), (1, 3)] {
+            let x = crate::nn::gradcheck::randn(&[n, c], 7)
+                .affine(3.0, 0.25)
+                .unwrap();
+            let sq = x.sqr().unwrap().sum(1).unwrap().sum_all().unwrap();
+            let sq = sq.to_scalar::<f64>().unwrap();
+            assert_eq!(sum_sq_f64(&x).unwrap().to_bits(), sq.to_bits(), "{n} x {c}");
+            let mean: Vec<f64> = x
+                .mean_keepdim(0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let ours = col_mean_f64(&x).unwrap().unwrap();
+            assert_eq!(ours.dims(), [1, c]);
+            let ours: Vec<f64> = ours.flatten_all().unwrap().to_vec1().unwrap();
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ours), bits(&mean), "{n} x {c}");
+        }
+        // Not a contiguous f64 CPU matrix: the caller's composition runs.
+        let t = crate::nn::gradcheck::randn(&[4, 6], 8);
+        assert!(sum_sq_f64(&t.t().unwrap()).is_none());
+        assert!(sum_sq_f64(&t.to_dtype(candle_core::DType::F32).unwrap()).is_none());
+    }
 
     /// `exp_f32` against f64's `exp` over its whole range, and at its edges.
     #[test]

@@ -273,8 +273,21 @@ fn pick_rows(t: &Tensor, rows: &Tensor) -> Result<Tensor> {
 
 /// Sum of squares as a 0-d tensor, by rows first: candle's CUDA `sum_all` reduces in one thread
 /// block, which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
+/// On the CPU, rows in parallel with the same bits (`nn::cpu::sum_sq_f64`).
 fn sum_sq(t: &Tensor) -> Result<Tensor> {
-    t.sqr()?.sum(1)?.sum_all()
+    match crate::nn::cpu::sum_sq_f64(t) {
+        Some(s) => Tensor::new(s, t.device()),
+        None => t.sqr()?.sum(1)?.sum_all(),
+    }
+}
+
+/// Column means `[1, c]` of `[n, c]` rows; on the CPU, columns in parallel with the same bits
+/// (`nn::cpu::col_mean_f64`).
+fn col_mean(t: &Tensor) -> Result<Tensor> {
+    match crate::nn::cpu::col_mean_f64(t)? {
+        Some(m) => Ok(m),
+        None => t.mean_keepdim(0),
+    }
 }
 
 #[cfg(test)]

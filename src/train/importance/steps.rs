@@ -2,7 +2,7 @@
 //! `StepMonitor` the training forward hands each adapter's rows to, and the per-micro-batch CKA
 //! it computes from them, in the moment or the Gram form.
 
-use super::{importance_of, pick_rows, sum_sq, token_rows, DeviceMoments};
+use super::{col_mean, importance_of, pick_rows, sum_sq, token_rows, DeviceMoments};
 use crate::adapters::{AdapterId, CkaRows};
 use crate::nn::{flops, RowSink};
 use candle_core::{DType, Device, Result, Tensor};
@@ -42,8 +42,8 @@ impl Kept {
 /// Layout: `[||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r), mean(U) (r), mean(Y) B (r)]`.
 fn gram_terms(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
     let mm = crate::nn::matmul;
-    let y_mean = y.mean_keepdim(0)?;
-    let u_mean = u.mean_keepdim(0)?;
+    let y_mean = col_mean(y)?;
+    let u_mean = col_mean(u)?;
     let yc = y.broadcast_sub(&y_mean)?;
     let uc = u.broadcast_sub(&u_mean)?;
     let l = mm(&yc, &yc.t()?)?;
