@@ -11,6 +11,7 @@ use crate::adapters::lora::{LoraConfig, LoraGrads};
 use crate::adapters::{Adapted, AdaptedStack, Monitored};
 use crate::nn::attention::{AttnShape, KvCache};
 use crate::nn::loss::{lm_head_loss, LmLoss};
+use crate::nn::norm::{Norm, NormSaved};
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
 use candle_core::{DType, Device, Result, Tensor};
@@ -28,8 +29,6 @@ pub fn lm_head_chunk_rows(vocab: usize) -> usize {
 pub trait DecoderParts: AdaptedStack + Sized {
     /// What a layer on the gradient path keeps for backward.
     type LayerSaved;
-    /// What the final norm keeps for backward.
-    type NormSaved;
 
     /// Input embeddings `[batch*seq, hidden]` of `ids` (`batch` sequences) at positions `start..`.
     fn embed_at(&self, ids: &Tensor, batch: usize, start: usize, pass: &mut Pass)
@@ -67,10 +66,8 @@ pub trait DecoderParts: AdaptedStack + Sized {
         pass: &mut Pass,
     ) -> Result<Tensor>;
 
-    fn final_norm_train(&self, h: &Tensor, save: bool)
-        -> Result<(Tensor, Option<Self::NormSaved>)>;
-
-    fn final_norm_backward(&self, saved: Self::NormSaved, d: &Tensor) -> Result<Tensor>;
+    /// The norm between the last layer and the head.
+    fn last_norm(&self) -> &Norm;
 
     /// The LM head `[vocab, hidden]` (the embeddings when tied).
     fn head_weight(&self) -> &Tensor;
@@ -94,7 +91,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
     }
 
     fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.final_norm_train(h, false)?.0)
+        Ok(self.last_norm().forward(h, false)?.0)
     }
 
     /// Training forward to the final norm's output `[batch*seq, hidden]`. Layers below the
@@ -120,7 +117,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
         };
         let trained = &self.layers()[first..];
         let (h, layers) = stack::forward(trained, first, h, pass, recompute, run)?;
-        let (hn, norm) = self.final_norm_train(&h, true)?;
+        let (hn, norm) = self.last_norm().forward(&h, true)?;
         let norm = norm.expect("final norm saved");
         let mask_add = b.mask_add.clone();
         Ok((
@@ -141,7 +138,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
         saved: DecoderSaved<Self>,
         dhidden: &Tensor,
     ) -> Result<SiteGrads<Site<Self>>> {
-        let dh = self.final_norm_backward(saved.norm, dhidden)?;
+        let dh = saved.norm.backward(self.last_norm(), dhidden)?;
         let (mask_add, shape, first) = (&saved.mask_add, saved.shape, saved.first);
         let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, save| {
             self.layer_train(l, x, mask_add, shape, pass, save, None)
@@ -161,7 +158,7 @@ pub struct DecoderSaved<M: DecoderParts> {
     /// The lowest trainable layer, where `layers` starts.
     pub first: usize,
     pub layers: StackSaved<M::LayerSaved>,
-    norm: M::NormSaved,
+    norm: NormSaved,
     mask_add: Tensor,
     shape: AttnShape,
 }

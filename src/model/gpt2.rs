@@ -581,7 +581,6 @@ impl AdaptedStack for Gpt2LMHeadModel {
 
 impl DecoderParts for Gpt2LMHeadModel {
     type LayerSaved = Gpt2BlockSaved;
-    type NormSaved = NormSaved;
 
     /// Token plus position embeddings, then embedding dropout.
     fn embed_at(
@@ -642,12 +641,8 @@ impl DecoderParts for Gpt2LMHeadModel {
         block.forward_cached(x, 1, cache, pass)
     }
 
-    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<NormSaved>)> {
-        self.ln_f.forward(h, save)
-    }
-
-    fn final_norm_backward(&self, saved: NormSaved, d: &Tensor) -> Result<Tensor> {
-        saved.backward(&self.ln_f, d)
+    fn last_norm(&self) -> &Norm {
+        &self.ln_f
     }
 
     /// The LM head's weight: the token embeddings.

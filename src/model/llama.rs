@@ -397,7 +397,6 @@ impl AdaptedStack for LlamaForCausalLM {
 
 impl DecoderParts for LlamaForCausalLM {
     type LayerSaved = LlamaLayerSaved;
-    type NormSaved = NormSaved;
 
     /// Token embeddings only: positions enter through rope, in attention.
     fn embed_at(&self, ids: &Tensor, _: usize, _: usize, _: &mut Pass) -> Result<Tensor> {
@@ -437,12 +436,8 @@ impl DecoderParts for LlamaForCausalLM {
         layer.forward_cached(x, 1, &self.rope, cache, pass)
     }
 
-    fn final_norm_train(&self, h: &Tensor, save: bool) -> Result<(Tensor, Option<NormSaved>)> {
-        self.norm.forward(h, save)
-    }
-
-    fn final_norm_backward(&self, saved: NormSaved, d: &Tensor) -> Result<Tensor> {
-        saved.backward(&self.norm, d)
+    fn last_norm(&self) -> &Norm {
+        &self.norm
     }
 
     /// The LM head's weight: its own, or the tied embeddings.
