@@ -50,27 +50,29 @@ macro_rules! multiversion {
 
 /// Runs `f` on the tensor's contiguous f32 host data, if it has such data.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    with_slice(t, f)
+}
+
+/// The elements of a contiguous CPU tensor of dtype `T`; None otherwise.
+fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         return None;
     };
-    let data = cpu.as_slice::<f32>().ok()?;
+    let data = cpu.as_slice::<T>().ok()?;
     let (start, end) = layout.contiguous_offsets()?;
     Some(f(&data[start..end]))
 }
 
 /// A contiguous f64 CPU matrix's elements and its row length; None otherwise.
 fn with_f64_rows<R>(t: &Tensor, f: impl FnOnce(&[f64], usize) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return None;
-    };
-    let data = cpu.as_slice::<f64>().ok()?;
-    let (start, end) = layout.contiguous_offsets()?;
     let &[_, c] = t.dims() else {
         return None;
     };
-    (c > 0).then(|| f(&data[start..end], c))
+    if c == 0 {
+        return None;
+    }
+    with_slice(t, |x| f(x, c))
 }
 
 /// `t.sqr()?.sum(1)?.sum_all()` of a contiguous f64 CPU matrix with its rows in parallel: the
@@ -160,16 +162,6 @@ pub fn layer_norm_fwd(
     norm_tensors(x, out)
 }
 
-/// LayerNorm backward: `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`, `g = dy * gamma`.
-pub fn layer_norm_bwd(
-    dy: &Tensor,
-    xhat: &Tensor,
-    rstd: &Tensor,
-    gamma: &Tensor,
-) -> Result<Option<Tensor>> {
-    norm_bwd(dy, xhat, rstd, gamma, true)
-}
-
 /// RMSNorm forward over rows of `c`: returns `(y, xhat, rstd)`, `xhat = x * rstd`,
 /// `rstd = 1 / sqrt(mean(x^2) + eps)`, `y = xhat * weight`.
 pub fn rms_norm_fwd(
@@ -226,18 +218,9 @@ fn norm_tensors(
     Ok(Some((tensor(y, x)?, tensor(xhat, x)?, rs.reshape(rdims)?)))
 }
 
-/// RMSNorm backward: `dx = rstd * (g - xhat * mean(g * xhat))`, `g = dy * weight`.
-pub fn rms_norm_bwd(
-    dy: &Tensor,
-    xhat: &Tensor,
-    rstd: &Tensor,
-    weight: &Tensor,
-) -> Result<Option<Tensor>> {
-    norm_bwd(dy, xhat, rstd, weight, false)
-}
-
-/// Shared by both norms: RMSNorm is LayerNorm without the centring term (`center = false`).
-fn norm_bwd(
+/// Both norms' backward: `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`, `g = dy * gamma`,
+/// for LayerNorm; RMSNorm (`center = false`) without the `mean(g)` term.
+pub fn norm_bwd(
     dy: &Tensor,
     xhat: &Tensor,
     rstd: &Tensor,

@@ -90,11 +90,7 @@ impl NormSaved {
     /// mean(g * xhat))` with `g = dy * weight`, without the `mean(g)` term for RMSNorm.
     pub fn backward(&self, norm: &Norm, dy: &Tensor) -> Result<Tensor> {
         let (x, r, w, c) = (&self.xhat, &self.rstd, &norm.weight, norm.centred());
-        let fused = match c {
-            true => super::cpu::layer_norm_bwd(dy, x, r, w)?,
-            false => super::cpu::rms_norm_bwd(dy, x, r, w)?,
-        };
-        if let Some(dx) = fused {
+        if let Some(dx) = super::cpu::norm_bwd(dy, x, r, w, c)? {
             return Ok(dx);
         }
         if let Some(dx) = super::gpu::norm_bwd(dy, x, r, w, c)? {
