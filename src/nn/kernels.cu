@@ -390,6 +390,15 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The A fragment (16 x 16, bf16) of a next product from two adjacent f32 C tiles (16 x 8 each:
+// columns 0-7 in c0, 8-15 in c1) of this one, without a trip through shared memory.
+__device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float* c1) {
+  a[0] = pack_bf16(c0[0], c0[1]);
+  a[1] = pack_bf16(c0[2], c0[3]);
+  a[2] = pack_bf16(c1[0], c1[1]);
+  a[3] = pack_bf16(c1[2], c1[3]);
+}
+
 // Rows row0 .. row0+R of a [rows, D] matrix (row stride rs, zeros past T) into shared memory
 // (row-major, row stride SS) with asynchronous 16-byte copies (cp.async; the caller commits and
 // waits).
@@ -588,12 +597,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     for (int ks = 0; ks < BC / 16; ++ks) {
       uint32_t a[MT][4];
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        a[i][0] = pack_bf16(s[i][2 * ks][0], s[i][2 * ks][1]);
-        a[i][1] = pack_bf16(s[i][2 * ks][2], s[i][2 * ks][3]);
-        a[i][2] = pack_bf16(s[i][2 * ks + 1][0], s[i][2 * ks + 1][1]);
-        a[i][3] = pack_bf16(s[i][2 * ks + 1][2], s[i][2 * ks + 1][3]);
-      }
+      for (int i = 0; i < MT; ++i) pack_a(a[i], s[i][2 * ks], s[i][2 * ks + 1]);
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
         uint32_t bv[4];
@@ -782,14 +786,9 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     // dV += P^T dO, dK += dS^T Q (k = the BR queries).
 #pragma unroll
     for (int ks = 0; ks < BR / 16; ++ks) {
-      const uint32_t ap[4] = {pack_bf16(st[2 * ks][0], st[2 * ks][1]),
-                              pack_bf16(st[2 * ks][2], st[2 * ks][3]),
-                              pack_bf16(st[2 * ks + 1][0], st[2 * ks + 1][1]),
-                              pack_bf16(st[2 * ks + 1][2], st[2 * ks + 1][3])};
-      const uint32_t ad[4] = {pack_bf16(dpt[2 * ks][0], dpt[2 * ks][1]),
-                              pack_bf16(dpt[2 * ks][2], dpt[2 * ks][3]),
-                              pack_bf16(dpt[2 * ks + 1][0], dpt[2 * ks + 1][1]),
-                              pack_bf16(dpt[2 * ks + 1][2], dpt[2 * ks + 1][3])};
+      uint32_t ap[4], ad[4];
+      pack_a(ap, st[2 * ks], st[2 * ks + 1]);
+      pack_a(ad, dpt[2 * ks], dpt[2 * ks + 1]);
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
         uint32_t bd[4], bq[4];
