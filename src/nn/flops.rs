@@ -16,6 +16,8 @@ thread_local! {
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let out = if !a.device().is_cpu() {
         gpu_matmul(a, b)?
+    } else if let Some(out) = super::cpu_matmul::matmul_by_columns(a, b)? {
+        out
     } else if a.rank() >= 3 && a.dim(0)? >= 2 {
         super::cpu::batched_matmul(a, b)?
     } else {
