@@ -83,10 +83,14 @@ const MASKED: f64 = -1e9;
 
 impl Attention {
     fn split_heads(&self, x: &Tensor, s: AttnShape, heads: usize) -> Result<Tensor> {
+        self.heads_view(x, s, heads)?.contiguous()
+    }
+
+    /// `[batch*seq, heads*d]` viewed as `[batch, heads, seq, d]`, without a copy.
+    fn heads_view(&self, x: &Tensor, s: AttnShape, heads: usize) -> Result<Tensor> {
         let c = x.dim(D::Minus1)?;
         x.reshape((s.batch, s.seq, heads, c / heads))?
-            .transpose(1, 2)?
-            .contiguous()
+            .transpose(1, 2)
     }
 
     fn merge_heads(&self, x: &Tensor, s: AttnShape) -> Result<Tensor> {
@@ -226,13 +230,17 @@ impl Attention {
         // The fused softmax kernels read a key mask `[batch, 1, 1, keys]`; a per-head bias
         // (MPNet's relative positions, `[batch, heads, seq, seq]`) takes the composition.
         let fused = fused && mask_add.dims() == [shape.batch, 1, 1, shape.seq];
-        let q = self.split_heads(q, shape, self.num_heads)?;
-        let k = self.split_heads(k, shape, self.num_kv_heads)?;
-        let v = self.split_heads(v, shape, self.num_kv_heads)?;
         let (q, k) = match rope {
-            Some(r) => (r.apply(&q, 0)?, r.apply(&k, 0)?),
-            None => (q, k),
+            Some(r) => (
+                r.apply(&self.heads_view(q, shape, self.num_heads)?, 0)?,
+                r.apply(&self.heads_view(k, shape, self.num_kv_heads)?, 0)?,
+            ),
+            None => (
+                self.split_heads(q, shape, self.num_heads)?,
+                self.split_heads(k, shape, self.num_kv_heads)?,
+            ),
         };
+        let v = self.split_heads(v, shape, self.num_kv_heads)?;
         let (ctx, lse, drop) = {
             let (p, lse) = self.probs(&q, &k, mask_add, fused)?;
             let (p, drop) = self.dropout.forward(&p, pass, save)?;
@@ -514,14 +522,16 @@ impl AttentionSaved {
             dk = dk.affine(ds_scale, 0.0)?;
         }
         let (dq, dk) = match &self.rope {
-            Some(r) => (r.apply_backward(&dq, 0)?, r.apply_backward(&dk, 0)?),
-            None => (dq, dk),
+            Some(r) => (
+                r.apply_backward_merged(&dq, 0)?,
+                r.apply_backward_merged(&dk, 0)?,
+            ),
+            None => (
+                attn.merge_heads(&dq, self.shape)?,
+                attn.merge_heads(&dk, self.shape)?,
+            ),
         };
-        Ok((
-            attn.merge_heads(&dq, self.shape)?,
-            attn.merge_heads(&dk, self.shape)?,
-            attn.merge_heads(&dv, self.shape)?,
-        ))
+        Ok((dq, dk, attn.merge_heads(&dv, self.shape)?))
     }
 }
 

@@ -605,6 +605,77 @@ pub fn cross_entropy_rows(
     Ok(Some((loss, d)))
 }
 
+/// Rows of [`rope`] per rayon task: a row is one head of one token, too little work alone.
+const ROPE_ROWS: usize = 64;
+
+/// Rotary embedding (`nn::rope`) of `x` `[b, h, t, d]`, any strides with the last 1 (so the
+/// layers' `[b*t, h*d]` projection seen per head needs no copy), into a new contiguous tensor:
+/// heads-major `[b, h, t, d]`, or with `merged` `[b, t, h, d]` (the layers' layout). `cos` and
+/// `sin` are `[t, d/2]`; `inverse` rotates by the negated angle (backward). One pass where the
+/// composition makes a head-split copy, four products, two sums and a concatenation; the same
+/// products and sums in its order, so its bits. None unless f32 on the CPU.
+pub fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    inverse: bool,
+    merged: bool,
+) -> Result<Option<Tensor>> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    if half == 0 || cos.dims() != [t, half] || sin.dims() != [t, half] {
+        return Ok(None);
+    }
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let (Ok(data), &[sb, sh, st, 1]) = (cpu.as_slice::<f32>(), layout.stride()) else {
+        return Ok(None);
+    };
+    let data = &data[layout.start_offset()..];
+    let y = with_f32(cos, |c| {
+        with_f32(sin, |s| {
+            let mut y = vec![0f32; b * h * t * d];
+            y.par_chunks_mut(d * ROPE_ROWS)
+                .enumerate()
+                .for_each(|(chunk, ys)| {
+                    for (i, yr) in ys.chunks_mut(d).enumerate() {
+                        let r = chunk * ROPE_ROWS + i;
+                        let (bi, hi, ti) = if merged {
+                            (r / (t * h), r % h, r / h % t)
+                        } else {
+                            (r / (h * t), r / t % h, r % t)
+                        };
+                        let xr = &data[bi * sb + hi * sh + ti * st..][..d];
+                        let at = ti * half..(ti + 1) * half;
+                        rope_row(yr, xr, &c[at.clone()], &s[at], inverse);
+                    }
+                });
+            y
+        })
+    });
+    let Some(Some(y)) = y else {
+        return Ok(None);
+    };
+    let shape = if merged { (b, t, h, d) } else { (b, h, t, d) };
+    Ok(Some(Tensor::from_vec(y, shape, x.device())?))
+}
+
+multiversion! {
+    /// `[x1 cos - x2 sin, x2 cos + x1 sin]` of one row `x = [x1, x2]`, `sin` negated if `inverse`.
+    fn rope_row(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], inverse: bool) {
+        let half = cos.len();
+        let (x1, x2) = x.split_at(half);
+        let (y1, y2) = y.split_at_mut(half);
+        for i in 0..half {
+            let s = if inverse { -sin[i] } else { sin[i] };
+            y1[i] = x1[i] * cos[i] - x2[i] * s;
+            y2[i] = x2[i] * cos[i] + x1[i] * s;
+        }
+    }
+}
+
 /// Batched matmul `[n, m, k] x [n, k, p]` with the batch split across threads: candle runs the
 /// small per-head products of attention one after another on one thread.
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -4,6 +4,7 @@
 //! The rotation is orthogonal and has no parameters, so backward needs nothing saved: it is the
 //! same rotation by the negated angle (the transpose).
 
+use super::cpu;
 use candle_core::{bail, Device, Result, Tensor, D};
 
 #[derive(Clone, Debug)]
@@ -58,16 +59,38 @@ impl Rope {
         self.cos.dims()[0]
     }
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]`, row `s` at position `start_pos + s`.
+    /// Rotates `x` `[batch, heads, seq, head_dim]`, row `s` at position `start_pos + s`, into a
+    /// contiguous `[batch, heads, seq, head_dim]`. `x` may be any view with head_dim contiguous,
+    /// such as a projection's `[batch*seq, heads*head_dim]` output viewed as heads: on the CPU
+    /// one pass splits the heads out and rotates (`cpu::rope`); elsewhere the view is copied
+    /// first.
     pub fn apply(&self, x: &Tensor, start_pos: usize) -> Result<Tensor> {
         let (cos, sin) = self.tables(x, start_pos)?;
-        rotate(x, &cos, &sin)
+        if let Some(y) = cpu::rope(x, &cos, &sin, false, false)? {
+            return Ok(y);
+        }
+        rotate(&x.contiguous()?, &cos, &sin)
     }
 
     /// Gradient of [`Rope::apply`]: the inverse (transposed) rotation applied to `dy`.
     pub fn apply_backward(&self, dy: &Tensor, start_pos: usize) -> Result<Tensor> {
         let (cos, sin) = self.tables(dy, start_pos)?;
+        if let Some(dx) = cpu::rope(dy, &cos, &sin, true, false)? {
+            return Ok(dx);
+        }
         rotate(dy, &cos, &sin.neg()?)
+    }
+
+    /// [`Rope::apply_backward`] with the heads merged back into the layers' `[batch*seq,
+    /// heads*head_dim]` layout (one pass on the CPU).
+    pub fn apply_backward_merged(&self, dy: &Tensor, start_pos: usize) -> Result<Tensor> {
+        let (b, h, t, d) = dy.dims4()?;
+        let (cos, sin) = self.tables(dy, start_pos)?;
+        let merged = match cpu::rope(dy, &cos, &sin, true, true)? {
+            Some(dx) => dx,
+            None => rotate(dy, &cos, &sin.neg()?)?.transpose(1, 2)?,
+        };
+        merged.reshape((b * t, h * d))
     }
 
     /// The `[seq, head_dim/2]` slices of the tables for `x`'s positions, in `x`'s dtype.
@@ -157,6 +180,50 @@ mod tests {
             .to_dtype(candle_core::DType::F64)
             .unwrap();
         assert!(max_abs_diff(&y32, &rope.apply(&q, 7).unwrap()) < 1e-6);
+    }
+
+    /// On the CPU in f32 one pass (`cpu::rope`) gives the composition's bits: heads read from the
+    /// layers' `[b*t, h*d]` layout, the gradient written back to it, and a table offset.
+    #[test]
+    fn one_pass_on_the_layers_layout_gives_the_compositions_bits() {
+        use candle_core::DType::F32;
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let rope = Rope::new(d, 16, 10_000.0, &Device::Cpu).unwrap();
+        let bits = |x: Tensor| -> Vec<u32> {
+            let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        let heads = |x: &Tensor| x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap();
+        let merge = |y: Tensor| y.transpose(1, 2).unwrap().reshape((b * t, h * d)).unwrap();
+        let composition = |x: &Tensor, start: usize, inverse: bool| {
+            let (cos, sin) = rope.tables(x, start).unwrap();
+            let sin = if inverse { sin.neg().unwrap() } else { sin };
+            rotate(&x.contiguous().unwrap(), &cos, &sin).unwrap()
+        };
+        let x = randn(&[b * t, h * d], 7).to_dtype(F32).unwrap();
+        let (cos, sin) = rope.tables(&heads(&x), 0).unwrap();
+        let one_pass = cpu::rope(&heads(&x), &cos, &sin, false, false).unwrap();
+        assert!(
+            one_pass.is_some(),
+            "f32 on the CPU takes the one-pass kernel"
+        );
+        let theirs = composition(&heads(&x), 0, false);
+        assert_eq!(bits(rope.apply(&heads(&x), 0).unwrap()), bits(theirs));
+
+        let dy = randn(&[b, h, t, d], 8).to_dtype(F32).unwrap();
+        for start in [0, 4] {
+            let theirs = composition(&dy, start, true);
+            assert_eq!(
+                bits(rope.apply_backward(&dy, start).unwrap()),
+                bits(theirs.clone())
+            );
+            let ours = rope.apply_backward_merged(&dy, start).unwrap();
+            assert_eq!(bits(ours), bits(merge(theirs)));
+        }
+        // f64 takes the composition.
+        let x64 = heads(&randn(&[b * t, h * d], 9));
+        let theirs = composition(&x64, 0, false);
+        assert_eq!(max_abs_diff(&rope.apply(&x64, 0).unwrap(), &theirs), 0.0);
     }
 
     #[test]
