@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the elementwise and row-wise parts of a step (LayerNorm, RMSNorm, GELU,
-//! SwiGLU, masked and causal softmax, cross-entropy), one pass over memory each, rows split across
-//! threads with rayon.
+//! SwiGLU, masked and causal softmax, cross-entropy, rotary embeddings), one pass over memory
+//! each, rows split across threads with rayon.
 //!
 //! Why: composed from candle ops, each of these is 5-10 passes with a fresh allocation per pass,
 //! which measured as half of a MiniLM training step on 2 cores. Each kernel returns `None` when its
