@@ -634,28 +634,26 @@ pub fn rope(
         return Ok(None);
     };
     let data = &data[layout.start_offset()..];
-    let y = with_f32(cos, |c| {
-        with_f32(sin, |s| {
-            let mut y = vec![0f32; b * h * t * d];
-            y.par_chunks_mut(d * ROPE_ROWS)
-                .enumerate()
-                .for_each(|(chunk, ys)| {
-                    for (i, yr) in ys.chunks_mut(d).enumerate() {
-                        let r = chunk * ROPE_ROWS + i;
-                        let (bi, hi, ti) = if merged {
-                            (r / (t * h), r % h, r / h % t)
-                        } else {
-                            (r / (h * t), r / t % h, r % t)
-                        };
-                        let xr = &data[bi * sb + hi * sh + ti * st..][..d];
-                        let at = ti * half..(ti + 1) * half;
-                        rope_row(yr, xr, &c[at.clone()], &s[at], inverse);
-                    }
-                });
-            y
-        })
+    let y = slices!(cos, sin => {
+        let mut y = vec![0f32; b * h * t * d];
+        y.par_chunks_mut(d * ROPE_ROWS)
+            .enumerate()
+            .for_each(|(chunk, ys)| {
+                for (i, yr) in ys.chunks_mut(d).enumerate() {
+                    let r = chunk * ROPE_ROWS + i;
+                    let (bi, hi, ti) = if merged {
+                        (r / (t * h), r % h, r / h % t)
+                    } else {
+                        (r / (h * t), r / t % h, r % t)
+                    };
+                    let xr = &data[bi * sb + hi * sh + ti * st..][..d];
+                    let at = ti * half..(ti + 1) * half;
+                    rope_row(yr, xr, &cos[at.clone()], &sin[at], inverse);
+                }
+            });
+        y
     });
-    let Some(Some(y)) = y else {
+    let Some(y) = y else {
         return Ok(None);
     };
     let shape = if merged { (b, t, h, d) } else { (b, h, t, d) };
