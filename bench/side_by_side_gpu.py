@@ -45,6 +45,7 @@ p.add_argument("--skip-safetune", action="store_true", help="with --rows long: o
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
 p.add_argument("--rows", default="shapes", choices=["shapes", "long"], help="long: the LLaMA-7B rows of the GPU issue")
 p.add_argument("--liger", action="store_true", help="with --rows long: also PyTorch + PEFT + Liger-Kernel")
+p.add_argument("--only", default=None, help="with --rows long: these rows only, 0-based indices (e.g. 2,3,4)")
 a = p.parse_args()
 
 out = open(a.out, "a") if a.out else None
@@ -84,7 +85,10 @@ LLAMA_7B = ["--layers", "32", "--hidden", "4096", "--heads", "32", "--ffn", "110
 
 def long_rows():
     table = []
-    for label, batch, seq, r, targets, frozen, ckpt, liger in LONG:
+    only = None if a.only is None else {int(i) for i in a.only.split(",")}
+    for i, (label, batch, seq, r, targets, frozen, ckpt, liger) in enumerate(LONG):
+        if only is not None and i not in only:
+            continue
         cmd = [a.safetune, "bench", "--preset", "llama-7b", "--device", "cuda", "--dtype", a.dtype,
                "--batch-size", str(batch), "--max-length", str(seq), "--lora-r", str(r),
                "--frozen-prefix", str(frozen), "--warmup", str(a.warmup), "--steps", str(a.steps)]

@@ -93,10 +93,6 @@ impl Pass<'_> {
     }
 }
 
-/// Runs `f` on blocks of rows of `inputs` (same number of rows each) and writes its results into
-/// one output. Off the CPU an elementwise formula is a chain of candle ops, each allocating a
-/// tensor as large as its input; by rows, those temporaries take one block's worth of memory
-/// instead of several activations' worth. One block (no copy) when everything fits.
 /// `a + b` for same-shaped tensors (residuals, gradient sums): one fused kernel on CUDA.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     match gpu::add(a, b)? {
@@ -105,6 +101,10 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Runs `f` on blocks of rows of `inputs` (same number of rows each) and writes its results into
+/// one output. Off the CPU an elementwise formula is a chain of candle ops, each allocating a
+/// tensor as large as its input; by rows, those temporaries take one block's worth of memory
+/// instead of several activations' worth. One block (no copy) when everything fits.
 pub(crate) fn map_row_blocks(
     inputs: &[&Tensor],
     block_elems: usize,
