@@ -297,8 +297,8 @@ impl Attention {
         }
         let (q, k, qs, ks) = match rope {
             Some(r) => (
-                r.apply(&self.split_heads(q, shape, h)?, 0)?.contiguous()?,
-                r.apply(&self.split_heads(k, shape, kv)?, 0)?.contiguous()?,
+                r.apply(&self.heads_view(q, shape, h)?, 0)?.contiguous()?,
+                r.apply(&self.heads_view(k, shape, kv)?, 0)?.contiguous()?,
                 dims.heads_major(h),
                 dims.heads_major(kv),
             ),
@@ -453,7 +453,7 @@ impl AttentionSaved {
     /// `[batch*seq, num_kv_heads*head_dim]` for dk and dv.
     pub fn backward(&self, attn: &Attention, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         if let Some(f) = &self.flash {
-            return self.flash_backward(attn, f, dctx);
+            return self.flash_backward(f, dctx);
         }
         let dctx = attn.split_heads(dctx, self.shape, attn.num_heads)?;
         let scale = 1.0 / (self.q.dim(D::Minus1)? as f64).sqrt();
@@ -541,12 +541,7 @@ impl AttentionSaved {
         self.flash.is_some()
     }
 
-    fn flash_backward(
-        &self,
-        attn: &Attention,
-        f: &FlashSaved,
-        dctx: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    fn flash_backward(&self, f: &FlashSaved, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let d = &f.dims;
         let (h, kv) = (d.heads, d.kv_heads);
         let (qs, ks) = if f.heads_major {
@@ -588,8 +583,8 @@ impl AttentionSaved {
         super::flops::add(5 * d.attention_product_flops());
         match &self.rope {
             Some(r) if f.heads_major => Ok((
-                attn.merge_heads(&r.apply_backward(&dq, 0)?, self.shape)?,
-                attn.merge_heads(&r.apply_backward(&dk, 0)?, self.shape)?,
+                r.apply_backward_merged(&dq, 0)?,
+                r.apply_backward_merged(&dk, 0)?,
                 dv,
             )),
             _ => Ok((dq, dk, dv)),

@@ -179,6 +179,28 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     push("swiglu backward gate", rel(&dg, &dgr)?);
     push("swiglu backward up", rel(&du, &dur)?);
 
+    // Rotary embedding (one fused kernel on CUDA) against the composition on the CPU: a
+    // projection's output viewed as heads and rotated from position 3, and the gradient merged
+    // back into the projection's layout.
+    let (b, t, h, d) = (2, 40, 4, 64);
+    let cpu = Device::Cpu;
+    let rope = Rope::new(d, 64, 10_000.0, device)?;
+    let rope_cpu = Rope::new(d, 64, 10_000.0, &cpu)?;
+    let heads = |x: &Tensor| x.reshape((b, t, h, d))?.transpose(1, 2);
+    let (x, dy) = (
+        r(&[b * t, h * d], 13, 1.0, 0.0)?,
+        r(&[b, h, t, d], 14, 1.0, 0.0)?,
+    );
+    let (x_cpu, dy_cpu) = (x.to_device(&cpu)?, dy.to_device(&cpu)?);
+    let y = rope.apply(&heads(&x)?, 3)?.to_device(&cpu)?;
+    push(
+        "rope forward",
+        rel(&y, &rope_cpu.apply(&heads(&x_cpu)?, 3)?)?,
+    );
+    let dx = rope.apply_backward_merged(&dy, 3)?.to_device(&cpu)?;
+    let dx_ref = rope_cpu.apply_backward_merged(&dy_cpu, 3)?;
+    push("rope backward, heads merged", rel(&dx, &dx_ref)?);
+
     // Attention: BERT-like (padding) and LLaMA-like (causal, grouped-query, rope).
     let cases = [
         ("attention mha padded", 4, 64, 4, 4, false, 32),

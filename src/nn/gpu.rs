@@ -424,6 +424,56 @@ mod imp {
         Ok(Some(y))
     }
 
+    /// Rotary embedding of `x`, a `[batch, heads, seq, head_dim]` view with head_dim contiguous
+    /// (e.g. a projection's `[batch*seq, heads*head_dim]` output viewed as heads, without a copy),
+    /// at positions `start..start+seq`, by the negated angle when `inverse`; `cos` and `sin` f32
+    /// `[positions, head_dim/2]`. Written as a new contiguous `[batch, heads, seq, head_dim]`, or as
+    /// `[batch*seq, heads*head_dim]` when `merged`. None where the kernel does not apply.
+    pub fn rope(
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        start: usize,
+        inverse: bool,
+        merged: bool,
+    ) -> Result<Option<Tensor>> {
+        let (Some(sfx), true) = (dtype_suffix(x.dtype()), x.device().is_cuda()) else {
+            return Ok(None);
+        };
+        let (b, h, t, d) = x.dims4()?;
+        let [xsb, xsh, xsr, one] = <[usize; 4]>::try_from(x.layout().stride()).expect("4-d");
+        if one != 1 || !d.is_multiple_of(2) {
+            return Ok(None);
+        }
+        let half = d / 2;
+        if !f32_on_cuda(&[cos, sin]) {
+            return Ok(None);
+        }
+        for (name, tab) in [("cos", cos), ("sin", sin)] {
+            if tab.rank() != 2 || tab.dim(1)? != half || start + t > tab.dim(0)? {
+                bail!(
+                    "rope: '{name}' {:?} does not hold positions {start}..{} of {half} pairs",
+                    tab.dims(),
+                    start + t
+                );
+            }
+        }
+        let dev = device(x)?;
+        let (shape, [ysb, ysh, ysr]) = if merged {
+            (Shape::from((b * t, h * d)), [t * h * d, d, h * d])
+        } else {
+            (Shape::from((b, h, t, d)), [h * t * d, t * d, d])
+        };
+        let (y, py) = output(&dev, x.dtype(), &shape)?;
+        let (px, pc, ps) = (ptr(x, &dev)?, ptr(cos, &dev)?, ptr(sin, &dev)?);
+        let (b32, h32, t32, half32, start32) =
+            (b as i32, h as i32, t as i32, half as i32, start as i32);
+        let [xsb, xsh, xsr, ysb, ysh, ysr] = [xsb, xsh, xsr, ysb, ysh, ysr].map(|v| v as i64);
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        launch!(dev, format!("st_rope_{sfx}"), elems_cfg(b * h * t * half); px, pc, ps, py, b32, h32, t32, half32, xsb, xsh, xsr, ysb, ysh, ysr, start32, sign);
+        Ok(Some(y))
+    }
+
     pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         let Some(sfx) = suffix(gate.dtype(), &[gate, up]) else {
             return Ok(None);
@@ -580,11 +630,12 @@ mod imp {
         }
     }
 
-    /// Dynamic shared memory of the forward: q (`fwd_rows` rows), and two buffers of k and v
-    /// (a key block each: 64 rows, 32 at head_dim 128, as `flash_fwd` in kernels.cu).
+    /// Dynamic shared memory of the forward: q (`fwd_rows` rows), and two buffers of k, v and
+    /// the key mask (a key block each: 64 rows, 32 at head_dim 128, as `flash_fwd` in
+    /// kernels.cu).
     fn fwd_smem(d: usize) -> usize {
         let key_block = if d == 128 { 32 } else { 64 };
-        (fwd_rows(d) + 4 * key_block) * (d + 8) * 2
+        (fwd_rows(d) + 4 * key_block) * (d + 8) * 2 + 2 * key_block * 4
     }
 
     /// Keys per backward block (`BC` of `flash_bwd` in kernels.cu; a warp per 16).
@@ -850,6 +901,16 @@ mod imp {
         Ok(None)
     }
     pub fn add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn rope(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: bool,
+        _: bool,
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn swiglu_fwd(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {

@@ -131,6 +131,33 @@ __device__ void bias_add(const T* x, const T* b, T* y, size_t n, int c) {
   GRID_STRIDE(i, n) y[i] = st<T>(ld(x[i]) + ld(b[i % c]));
 }
 
+// Rotary position embedding (Hugging Face's rotate_half pairing: i with i + half) of the
+// [batch, heads, seq, 2*half] rows of x, read and written through element strides (batch, head,
+// row; head_dim contiguous), so that splitting the heads out of a projection's output (or merging
+// them back) is part of the same pass: y[i] = x[i] cos - x[i+half] sin, y[i+half] = x[i+half] cos +
+// x[i] sin at position start + row; sign = -1 rotates by the negated angle (the gradient). cos and
+// sin are f32 [positions, half]. One thread per pair.
+template <typename T>
+__device__ void rope(const T* x, const float* cos_t, const float* sin_t, T* y, int B, int H, int S,
+                     int half, long long xsb, long long xsh, long long xsr, long long ysb,
+                     long long ysh, long long ysr, int start, float sign) {
+  const size_t n = (size_t)B * H * S * half;
+  GRID_STRIDE(i, n) {
+    const int c = i % half;
+    size_t r = i / half;
+    const int s = r % S;
+    r /= S;
+    const int h = r % H, b = r / H;
+    const T* xr = x + b * xsb + h * xsh + s * xsr;
+    T* yr = y + b * ysb + h * ysh + s * ysr;
+    const size_t at = (size_t)(start + s) * half + c;
+    const float co = cos_t[at], si = sign * sin_t[at];
+    const float x1 = ld(xr[c]), x2 = ld(xr[c + half]);
+    yr[c] = st<T>(x1 * co - x2 * si);
+    yr[c + half] = st<T>(x2 * co + x1 * si);
+  }
+}
+
 // y = a + b, same shape.
 template <typename T>
 __device__ void add(const T* a, const T* b, T* y, size_t n) {
@@ -316,6 +343,12 @@ __device__ void dequant(const uint8_t* q, T* y, size_t n, int fmt) {
   extern "C" __global__ void st_bias_add_##S(const T* x, const T* b, T* y, size_t n, int c) {     \
     bias_add<T>(x, b, y, n, c);                                                                   \
   }                                                                                               \
+  extern "C" __global__ void st_rope_##S(const T* x, const float* c, const float* s, T* y, int B, \
+                                         int H, int rows, int half, long long xsb, long long xsh, \
+                                         long long xsr, long long ysb, long long ysh,            \
+                                         long long ysr, int start, float sign) {                 \
+    rope<T>(x, c, s, y, B, H, rows, half, xsb, xsh, xsr, ysb, ysh, ysr, start, sign);            \
+  }                                                                                               \
   extern "C" __global__ void st_add_##S(const T* a, const T* b, T* y, size_t n) {                 \
     add<T>(a, b, y, n);                                                                           \
   }                                                                                               \
@@ -416,6 +449,19 @@ __device__ __forceinline__ void fl_load_async(bf16* s, int SS, const bf16* g, lo
   }
 }
 
+// Keys k0 .. k0+N of a key mask row (f32; zeros past T) into shared memory, 4-byte cp.async
+// copies (a row of T floats need not start 16-byte aligned); nothing when there is no mask.
+template <int N>
+__device__ __forceinline__ void fl_load_mask(float* s, const float* mk, int k0, int T) {
+  if (!mk) return;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    const bool in = k0 + i < T;
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(s + i);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst),
+                 "l"(in ? mk + k0 + i : mk), "r"(in ? 4 : 0));
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -478,6 +524,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
   bf16* sK = sQ + BR * SD;                       // 2 x [BC][SD]
   bf16* sV = sK + 2 * BC * SD;                   // 2 x [BC][SD]
+  float* sM = reinterpret_cast<float*>(sV + 2 * BC * SD);  // 2 x [BC] key mask * log2(e)
   const int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / (H / KVH);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
@@ -492,6 +539,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   fl_load_async<D, BR>(sQ, SD, q, qsr, q0, T);
   fl_load_async<D, BC>(sK, SD, k, ksr, 0, T);
   fl_load_async<D, BC>(sV, SD, v, vsr, 0, T);
+  fl_load_mask<BC>(sM, mk, 0, T);
   cp_async_commit();
   const int r0 = warp * 16 * MT;
   float acc[MT][D / 8][4];
@@ -515,6 +563,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       const int nb = (kb + 1) & 1;
       fl_load_async<D, BC>(sK + nb * BC * SD, SD, k, ksr, k0 + BC, T);
       fl_load_async<D, BC>(sV + nb * BC * SD, SD, v, vsr, k0 + BC, T);
+      fl_load_mask<BC>(sM + nb * BC, mk, k0 + BC, T);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -523,6 +572,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     __syncthreads();
     const bf16* cK = sK + (kb & 1) * BC * SD;
     const bf16* cV = sV + (kb & 1) * BC * SD;
+    const float* cM = sM + (kb & 1) * BC;
     float s[MT][BC / 8][4];
 #pragma unroll
     for (int i = 0; i < MT; ++i)
@@ -556,7 +606,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int kj = k0 + nt * 8 + 2 * t4 + c;
-          const float madd = kj < T && mk ? mk[kj] * FL_LOG2E : 0.f;
+          const float madd = mk ? cM[nt * 8 + 2 * t4 + c] * FL_LOG2E : 0.f;
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             float x;

@@ -4,7 +4,7 @@
 //! The rotation is orthogonal and has no parameters, so backward needs nothing saved: it is the
 //! same rotation by the negated angle (the transpose).
 
-use super::cpu;
+use super::{cpu, gpu};
 use candle_core::{bail, Device, Result, Tensor, D};
 
 #[derive(Clone, Debug)]
@@ -61,10 +61,14 @@ impl Rope {
 
     /// Rotates `x` `[batch, heads, seq, head_dim]`, row `s` at position `start_pos + s`, into a
     /// contiguous `[batch, heads, seq, head_dim]`. `x` may be any view with head_dim contiguous,
-    /// such as a projection's `[batch*seq, heads*head_dim]` output viewed as heads: on the CPU
-    /// one pass splits the heads out and rotates (`cpu::rope`); elsewhere the view is copied
-    /// first.
+    /// such as a projection's `[batch*seq, heads*head_dim]` output viewed as heads: one pass
+    /// splits the heads out and rotates, a fused kernel on the GPU, `cpu::rope` on the CPU;
+    /// elsewhere the view is copied first.
     pub fn apply(&self, x: &Tensor, start_pos: usize) -> Result<Tensor> {
+        self.check(x, start_pos)?;
+        if let Some(y) = gpu::rope(x, &self.cos, &self.sin, start_pos, false, false)? {
+            return Ok(y);
+        }
         let (cos, sin) = self.tables(x, start_pos)?;
         if let Some(y) = cpu::rope(x, &cos, &sin, false, false)? {
             return Ok(y);
@@ -74,6 +78,10 @@ impl Rope {
 
     /// Gradient of [`Rope::apply`]: the inverse (transposed) rotation applied to `dy`.
     pub fn apply_backward(&self, dy: &Tensor, start_pos: usize) -> Result<Tensor> {
+        self.check(dy, start_pos)?;
+        if let Some(dx) = gpu::rope(dy, &self.cos, &self.sin, start_pos, true, false)? {
+            return Ok(dx);
+        }
         let (cos, sin) = self.tables(dy, start_pos)?;
         if let Some(dx) = cpu::rope(dy, &cos, &sin, true, false)? {
             return Ok(dx);
@@ -82,8 +90,12 @@ impl Rope {
     }
 
     /// [`Rope::apply_backward`] with the heads merged back into the layers' `[batch*seq,
-    /// heads*head_dim]` layout (one pass on the CPU).
+    /// heads*head_dim]` layout (one pass on the GPU and on the CPU).
     pub fn apply_backward_merged(&self, dy: &Tensor, start_pos: usize) -> Result<Tensor> {
+        self.check(dy, start_pos)?;
+        if let Some(dx) = gpu::rope(dy, &self.cos, &self.sin, start_pos, true, true)? {
+            return Ok(dx);
+        }
         let (b, h, t, d) = dy.dims4()?;
         let (cos, sin) = self.tables(dy, start_pos)?;
         let merged = match cpu::rope(dy, &cos, &sin, true, true)? {
@@ -93,8 +105,7 @@ impl Rope {
         merged.reshape((b * t, h * d))
     }
 
-    /// The `[seq, head_dim/2]` slices of the tables for `x`'s positions, in `x`'s dtype.
-    fn tables(&self, x: &Tensor, start_pos: usize) -> Result<(Tensor, Tensor)> {
+    fn check(&self, x: &Tensor, start_pos: usize) -> Result<()> {
         let (_, _, seq, d) = x.dims4()?;
         if d != self.head_dim {
             bail!("rope: head_dim {d}, tables built for {}", self.head_dim);
@@ -106,6 +117,12 @@ impl Rope {
                 self.max_positions()
             );
         }
+        Ok(())
+    }
+
+    /// The `[seq, head_dim/2]` slices of the tables for `x`'s positions, in `x`'s dtype.
+    fn tables(&self, x: &Tensor, start_pos: usize) -> Result<(Tensor, Tensor)> {
+        let seq = x.dim(2)?;
         let cut = |t: &Tensor| t.narrow(0, start_pos, seq)?.to_dtype(x.dtype());
         Ok((cut(&self.cos)?, cut(&self.sin)?))
     }
