@@ -674,27 +674,6 @@ multiversion! {
     }
 }
 
-/// Batched matmul `[n, m, k] x [n, k, p]` with the batch split across threads: candle runs the
-/// small per-head products of attention one after another on one thread.
-pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let n = a.dim(0)?;
-    let threads = rayon::current_num_threads().min(n);
-    if threads < 2 || !a.device().is_cpu() {
-        return a.matmul(b);
-    }
-    let per = n.div_ceil(threads);
-    let starts: Vec<usize> = (0..n).step_by(per).collect();
-    let parts: Vec<Result<Tensor>> = starts
-        .into_par_iter()
-        .map(|start| {
-            let len = per.min(n - start);
-            a.narrow(0, start, len)?.matmul(&b.narrow(0, start, len)?)
-        })
-        .collect();
-    let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 0)
-}
-
 /// Dropout forward in one pass: `y = x * keep * scale`, the keep-mask drawn per
 /// [`dropout::MASK_CHUNK`] elements from that chunk's seed (see [`dropout`]), as
 /// `gpu::dropout_fwd` takes them. Returns `(y, keep)`, `keep` as `u8`.
@@ -850,30 +829,5 @@ mod tests {
         }
         assert_eq!(erf(1e30), 1.0);
         assert_eq!(erf(f32::INFINITY), 1.0);
-    }
-
-    #[test]
-    fn batched_matmul_matches_candle_for_any_batch_and_thread_count() {
-        for threads in [1, 2, 3, 8] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for n in [1, 2, 5, 10, 11] {
-                let a = Tensor::randn(0f32, 1., (n, 3, 4, 5), &candle_core::Device::Cpu).unwrap();
-                let b = Tensor::randn(0f32, 1., (n, 3, 5, 2), &candle_core::Device::Cpu).unwrap();
-                let ours = pool.install(|| batched_matmul(&a, &b)).unwrap();
-                let d = (ours - a.matmul(&b).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap();
-                assert!(
-                    d.to_scalar::<f32>().unwrap() < 1e-5,
-                    "n={n} threads={threads}"
-                );
-            }
-        }
     }
 }

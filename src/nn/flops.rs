@@ -18,8 +18,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         gpu_matmul(a, b)?
     } else if let Some(out) = super::cpu_matmul::matmul_by_columns(a, b)? {
         out
-    } else if a.rank() >= 3 && a.dim(0)? >= 2 {
-        super::cpu::batched_matmul(a, b)?
+    } else if let Some(out) = super::cpu_matmul::matmul_batched(a, b)? {
+        out
     } else {
         a.matmul(b)?
     };
