@@ -66,7 +66,10 @@ fn by_columns<T: WithDType>(
             j * n / blocks / 16 * 16
         }
     };
-    let mut out = vec![T::zero(); m * n];
+    if k == 0 {
+        return Ok(None); // gemm's k = 0 leaves its output unwritten; candle handles it
+    }
+    let mut out = Vec::<T>::with_capacity(m * n); // every element written below: no zeroing
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
     (0..blocks).into_par_iter().for_each(|j| {
@@ -98,6 +101,8 @@ fn by_columns<T: WithDType>(
             )
         }
     });
+    // SAFETY: the blocks' columns cover 0..n, so gemm (k > 0, `read_dst` false) wrote all m * n.
+    unsafe { out.set_len(m * n) };
     Ok(Some(Tensor::from_vec(out, (m, n), a.device())?))
 }
 
@@ -152,22 +157,28 @@ fn batched<T: WithDType>(
     };
     let x = &a_cpu.as_slice::<T>()?[a_layout.start_offset()..];
     let y = &b_cpu.as_slice::<T>()?[b_layout.start_offset()..];
-    let mut out = vec![T::zero(); lead.iter().product::<usize>() * m * p];
-    if !out.is_empty() {
+    let len = lead.iter().product::<usize>() * m * p;
+    if k == 0 || len == 0 {
+        return Ok(None); // nothing for gemm to write; candle handles it
+    }
+    let mut out = Vec::<T>::with_capacity(len); // every element written below: no zeroing
+    {
         let as_isize = |v: usize| v as isize;
         let (a_rows, a_cols) = (as_isize(sa[r - 2]), as_isize(sa[r - 1]));
         let (b_rows, b_cols) = (as_isize(sb[r - 2]), as_isize(sb[r - 1]));
-        out.par_chunks_mut(m * p).enumerate().for_each(|(i, o)| {
+        let spare = &mut out.spare_capacity_mut()[..len];
+        spare.par_chunks_mut(m * p).enumerate().for_each(|(i, o)| {
             let (ai, bi) = (batch_offset(i, lead, sa), batch_offset(i, lead, sb));
             // SAFETY: the layouts describe `a` and `b` inside their storage (candle checked
             // them when it made the views), so item i's m x k and k x p elements lie in x and y
-            // at these offsets and strides; `o` is item i's own m x p block of `out`.
+            // at these offsets and strides; `o` is item i's own m x p block of `out`, which
+            // gemm (k > 0, `read_dst` false) writes whole without reading it.
             unsafe {
                 gemm::gemm(
                     m,
                     p,
                     k,
-                    o.as_mut_ptr(),
+                    o.as_mut_ptr().cast::<T>(),
                     1,
                     p as isize,
                     false,
@@ -187,6 +198,8 @@ fn batched<T: WithDType>(
             }
         });
     }
+    // SAFETY: the chunks cover all `len` elements and gemm wrote each (above).
+    unsafe { out.set_len(len) };
     let mut shape = lead.to_vec();
     shape.extend([m, p]);
     Ok(Some(Tensor::from_vec(out, shape, a.device())?))
@@ -310,6 +323,9 @@ mod tests {
         let a16 = a.to_dtype(DType::BF16).unwrap();
         let b16 = r(&[2, 4, 5]).to_dtype(DType::BF16).unwrap();
         assert!(matmul_batched(&a16, &b16).unwrap().is_none()); // bf16
+        assert!(matmul_batched(&r(&[2, 3, 0]), &r(&[2, 0, 4]))
+            .unwrap()
+            .is_none()); // k = 0
         let tracked = candle_core::Var::from_tensor(&r(&[2, 4, 5])).unwrap();
         assert!(matmul_batched(&a.narrow(0, 0, 2).unwrap(), &tracked)
             .unwrap()
