@@ -11,7 +11,7 @@
 //! over all rows; every output element is still one dot product over `k` in gemm's `k` blocks,
 //! so the bits are candle's (the test checks them for both dtypes and several thread counts).
 
-use candle_core::{DType, Result, Storage, Tensor, WithDType};
+use candle_core::{DType, Device, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Columns per block at the least: below it (or at 64 rows or fewer) gemm takes other paths
@@ -29,35 +29,48 @@ pub fn matmul_by_columns(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let threads = rayon::current_num_threads();
     let blocks = threads.min(n / MIN_BLOCK);
     let transposed_weight = b.stride() == [1, k];
-    if k != k2 || m <= MIN_BLOCK || blocks < 2 || !transposed_weight || a.dtype() != b.dtype() {
+    if k != k2 || k == 0 || m <= MIN_BLOCK || blocks < 2 || !transposed_weight {
+        return Ok(None); // (gemm's k = 0 would leave the output unwritten)
+    }
+    if !a.is_contiguous() {
         return Ok(None);
     }
-    if !a.is_contiguous() || !a.device().is_cpu() {
-        return Ok(None);
-    }
-    if a.track_op() || b.track_op() {
-        return Ok(None); // autograd's graph (the tests' oracle) needs candle's own op
-    }
+    let dev = a.device();
     match a.dtype() {
-        DType::F32 => by_columns::<f32>(a, b, (m, k, n), blocks),
-        DType::F64 => by_columns::<f64>(a, b, (m, k, n), blocks),
+        DType::F32 => with_slices(a, b, |x, w| by_columns::<f32>(x, w, (m, k, n), blocks, dev)),
+        DType::F64 => with_slices(a, b, |x, w| by_columns::<f64>(x, w, (m, k, n), blocks, dev)),
         _ => Ok(None),
     }
 }
 
-fn by_columns<T: WithDType>(
+/// `f` on the elements of `a` and `b` from their layouts' starts, when both are CPU tensors of
+/// `T` that autograd does not track (its graph, the tests' oracle, needs candle's own op);
+/// otherwise `None`, for candle's matmul.
+fn with_slices<T: WithDType>(
     a: &Tensor,
     b: &Tensor,
-    (m, k, n): (usize, usize, usize),
-    blocks: usize,
+    f: impl FnOnce(&[T], &[T]) -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
+    if a.track_op() || b.track_op() || a.dtype() != T::DTYPE || b.dtype() != T::DTYPE {
+        return Ok(None);
+    }
     let (a_storage, a_layout) = a.storage_and_layout();
     let (b_storage, b_layout) = b.storage_and_layout();
     let (Storage::Cpu(a_cpu), Storage::Cpu(b_cpu)) = (&*a_storage, &*b_storage) else {
         return Ok(None);
     };
     let x = &a_cpu.as_slice::<T>()?[a_layout.start_offset()..];
-    let w = &b_cpu.as_slice::<T>()?[b_layout.start_offset()..];
+    let y = &b_cpu.as_slice::<T>()?[b_layout.start_offset()..];
+    f(x, y).map(Some)
+}
+
+fn by_columns<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    (m, k, n): (usize, usize, usize),
+    blocks: usize,
+    device: &Device,
+) -> Result<Tensor> {
     // Block edges on multiples of 16 columns (a SIMD register of f32): at least 48 wide.
     let edge = |j: usize| {
         if j == blocks {
@@ -66,9 +79,6 @@ fn by_columns<T: WithDType>(
             j * n / blocks / 16 * 16
         }
     };
-    if k == 0 {
-        return Ok(None); // gemm's k = 0 leaves its output unwritten; candle handles it
-    }
     let mut out = Vec::<T>::with_capacity(m * n); // every element written below: no zeroing
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
@@ -103,7 +113,7 @@ fn by_columns<T: WithDType>(
     });
     // SAFETY: the blocks' columns cover 0..n, so gemm (k > 0, `read_dst` false) wrote all m * n.
     unsafe { out.set_len(m * n) };
-    Ok(Some(Tensor::from_vec(out, (m, n), a.device())?))
+    Tensor::from_vec(out, (m, n), device)
 }
 
 /// `a b` batched over the leading dims, for CPU f32 / f64 operands of rank 3 or more with the same
@@ -119,15 +129,12 @@ pub fn matmul_batched(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let (m, k, k2, p) = (a.dim(r - 2)?, a.dim(r - 1)?, b.dim(r - 2)?, b.dim(r - 1)?);
-    if k != k2 || a.dtype() != b.dtype() || !a.device().is_cpu() || !b.device().is_cpu() {
-        return Ok(None);
-    }
-    if a.track_op() || b.track_op() {
-        return Ok(None); // autograd's graph (the tests' oracle) needs candle's own op
+    if k != k2 || k == 0 || a.elem_count() == 0 || b.elem_count() == 0 {
+        return Ok(None); // an empty output, or k = 0: nothing for gemm to write
     }
     match a.dtype() {
-        DType::F32 => batched::<f32>(a, b, (m, k, p)),
-        DType::F64 => batched::<f64>(a, b, (m, k, p)),
+        DType::F32 => with_slices(a, b, |x, y| batched::<f32>(x, y, (a, b), (m, k, p))),
+        DType::F64 => with_slices(a, b, |x, y| batched::<f64>(x, y, (a, b), (m, k, p))),
         _ => Ok(None),
     }
 }
@@ -142,25 +149,17 @@ fn batch_offset(i: usize, dims: &[usize], strides: &[usize]) -> usize {
     off
 }
 
+/// [`matmul_batched`] on `a`'s elements `x` and `b`'s `y` (the tensors give shape and strides).
 fn batched<T: WithDType>(
-    a: &Tensor,
-    b: &Tensor,
+    x: &[T],
+    y: &[T],
+    (a, b): (&Tensor, &Tensor),
     (m, k, p): (usize, usize, usize),
-) -> Result<Option<Tensor>> {
+) -> Result<Tensor> {
     let r = a.rank();
     let lead = &a.dims()[..r - 2];
     let (sa, sb) = (a.stride(), b.stride());
-    let (a_storage, a_layout) = a.storage_and_layout();
-    let (b_storage, b_layout) = b.storage_and_layout();
-    let (Storage::Cpu(a_cpu), Storage::Cpu(b_cpu)) = (&*a_storage, &*b_storage) else {
-        return Ok(None);
-    };
-    let x = &a_cpu.as_slice::<T>()?[a_layout.start_offset()..];
-    let y = &b_cpu.as_slice::<T>()?[b_layout.start_offset()..];
     let len = lead.iter().product::<usize>() * m * p;
-    if k == 0 || len == 0 {
-        return Ok(None); // nothing for gemm to write; candle handles it
-    }
     let mut out = Vec::<T>::with_capacity(len); // every element written below: no zeroing
     {
         let as_isize = |v: usize| v as isize;
@@ -202,7 +201,7 @@ fn batched<T: WithDType>(
     unsafe { out.set_len(len) };
     let mut shape = lead.to_vec();
     shape.extend([m, p]);
-    Ok(Some(Tensor::from_vec(out, shape, a.device())?))
+    Tensor::from_vec(out, shape, a.device())
 }
 
 /// The output's base pointer, shared by blocks that write disjoint columns.

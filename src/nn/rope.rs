@@ -65,44 +65,47 @@ impl Rope {
     /// splits the heads out and rotates, a fused kernel on the GPU, `cpu::rope` on the CPU;
     /// elsewhere the view is copied first.
     pub fn apply(&self, x: &Tensor, start_pos: usize) -> Result<Tensor> {
-        self.check(x, start_pos)?;
-        if let Some(y) = gpu::rope(x, &self.cos, &self.sin, start_pos, false, false)? {
-            return Ok(y);
-        }
-        let (cos, sin) = self.tables(x, start_pos)?;
-        if let Some(y) = cpu::rope(x, &cos, &sin, false, false)? {
-            return Ok(y);
-        }
-        rotate(&x.contiguous()?, &cos, &sin)
+        self.rotate_view(x, start_pos, false, false)
     }
 
     /// Gradient of [`Rope::apply`]: the inverse (transposed) rotation applied to `dy`.
     pub fn apply_backward(&self, dy: &Tensor, start_pos: usize) -> Result<Tensor> {
-        self.check(dy, start_pos)?;
-        if let Some(dx) = gpu::rope(dy, &self.cos, &self.sin, start_pos, true, false)? {
-            return Ok(dx);
-        }
-        let (cos, sin) = self.tables(dy, start_pos)?;
-        if let Some(dx) = cpu::rope(dy, &cos, &sin, true, false)? {
-            return Ok(dx);
-        }
-        rotate(dy, &cos, &sin.neg()?)
+        self.rotate_view(dy, start_pos, true, false)
     }
 
     /// [`Rope::apply_backward`] with the heads merged back into the layers' `[batch*seq,
     /// heads*head_dim]` layout (one pass on the GPU and on the CPU).
     pub fn apply_backward_merged(&self, dy: &Tensor, start_pos: usize) -> Result<Tensor> {
-        self.check(dy, start_pos)?;
-        if let Some(dx) = gpu::rope(dy, &self.cos, &self.sin, start_pos, true, true)? {
-            return Ok(dx);
+        self.rotate_view(dy, start_pos, true, true)
+    }
+
+    /// The rotation (by the negated angle when `inverse`) of a `[batch, heads, seq, head_dim]`
+    /// view, heads-major or (`merged`) as `[batch*seq, heads*head_dim]`: the fused kernel on the
+    /// GPU, `cpu::rope` on the CPU, else the composition on a contiguous copy.
+    fn rotate_view(&self, x: &Tensor, start: usize, inverse: bool, merged: bool) -> Result<Tensor> {
+        self.check(x, start)?;
+        if let Some(y) = gpu::rope(x, &self.cos, &self.sin, start, inverse, merged)? {
+            return Ok(y);
         }
-        let (b, h, t, d) = dy.dims4()?;
-        let (cos, sin) = self.tables(dy, start_pos)?;
-        let merged = match cpu::rope(dy, &cos, &sin, true, true)? {
-            Some(dx) => dx,
-            None => rotate(dy, &cos, &sin.neg()?)?.transpose(1, 2)?,
+        let (b, h, t, d) = x.dims4()?;
+        let (cos, sin) = self.tables(x, start)?;
+        let y = match cpu::rope(x, &cos, &sin, inverse, merged)? {
+            Some(y) => y,
+            None => {
+                let sin = if inverse { sin.neg()? } else { sin };
+                let y = rotate(&x.contiguous()?, &cos, &sin)?;
+                if merged {
+                    y.transpose(1, 2)?
+                } else {
+                    y
+                }
+            }
         };
-        merged.reshape((b * t, h * d))
+        if merged {
+            y.reshape((b * t, h * d))
+        } else {
+            Ok(y)
+        }
     }
 
     fn check(&self, x: &Tensor, start_pos: usize) -> Result<()> {
