@@ -638,13 +638,17 @@ mod imp {
         (fwd_rows(d) + 4 * key_block) * (d + 8) * 2 + 2 * key_block * 4
     }
 
-    /// Keys per backward block (`BC` of `flash_bwd` in kernels.cu; a warp per 16).
+    /// Keys per backward block and query rows per step of its loop (`BC` and `BR` of
+    /// `flash_bwd` in kernels.cu), and its threads (8 warps).
     const BWD_KEYS: usize = 128;
+    const BWD_ROWS: usize = 64;
+    const BWD_THREADS: u32 = 256;
 
-    /// Of the backward: two buffers of lse and D (32 f32 each), k and v (`BWD_KEYS` rows), two
-    /// buffers of q and do (32 rows), dS (32 x (`BWD_KEYS` + 8)).
+    /// Of the backward: two buffers of lse and D (`BWD_ROWS` f32 each), k and v (`BWD_KEYS`
+    /// rows), two buffers of q and do (`BWD_ROWS` rows), P and dS (`BWD_ROWS` x (`BWD_KEYS` + 8)).
     fn bwd_smem(d: usize) -> usize {
-        4 * 32 * 4 + (2 * BWD_KEYS * (d + 8) + 4 * 32 * (d + 8) + 32 * (BWD_KEYS + 8)) * 2
+        let (r, c) = (BWD_ROWS, BWD_KEYS);
+        4 * r * 4 + (2 * c * (d + 8) + 4 * r * (d + 8) + 2 * r * (c + 8)) * 2
     }
 
     /// Flash attention forward: the context `[batch*seq, heads*head_dim]` (bf16) and the per-row
@@ -680,7 +684,7 @@ mod imp {
         let smem = fwd_smem(d);
         big_smem(&dev, &name, smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(fwd_rows(d)) as u32, h as u32, b as u32),
+            grid_dim: (h as u32, t.div_ceil(fwd_rows(d)) as u32, b as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -767,8 +771,8 @@ mod imp {
         let smem = bwd_smem(d);
         big_smem(&dev, &name, smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(BWD_KEYS) as u32, kv as u32, b as u32),
-            block_dim: (BWD_KEYS as u32 / 16 * 32, 1, 1),
+            grid_dim: (kv as u32, t.div_ceil(BWD_KEYS) as u32, b as u32),
+            block_dim: (BWD_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let [qsb, qsh, qsr] = q.strides;

@@ -504,10 +504,11 @@ __device__ __forceinline__ void ldsm_b(uint32_t* b, const bf16* tile, int SS, in
   ldsm_x4(b, tile + (n0 + (l & 7) + (l >> 4) * 8) * SS + k0 + ((l >> 3) & 1) * 8);
 }
 
-// One block of 4 warps per (query rows, head, batch); at head_dim 64 each warp owns two 16-row
+// One block of 4 warps per (head, query rows, batch); at head_dim 64 each warp owns two 16-row
 // m-tiles (128 rows a block), so every K and V fragment read from shared memory feeds two
 // products. Key/value tiles are double-buffered (the next one is copied while this one is used);
-// causal blocks run heaviest (last query rows) first. At head_dim 128 a warp owns one m-tile and
+// the grid runs the heads fastest, so causal blocks run heaviest (last query rows) first over all
+// heads, and the light ones fill the tail. At head_dim 128 a warp owns one m-tile and
 // key blocks are 32 wide: two m-tiles' output accumulators and 64-wide score tiles spilled to
 // local memory (ncu: 255 registers, 3.0 M spill requests per T=4096 call, 8 warps an SM); one
 // m-tile and 32-wide blocks take 127 registers, so four blocks share an SM.
@@ -525,7 +526,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   bf16* sK = sQ + BR * SD;                       // 2 x [BC][SD]
   bf16* sV = sK + 2 * BC * SD;                   // 2 x [BC][SD]
   float* sM = reinterpret_cast<float*>(sV + 2 * BC * SD);  // 2 x [BC] key mask * log2(e)
-  const int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.x, qb = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
   const int kvh = h / (H / KVH);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   q += b * qsb + h * qsh;
@@ -717,11 +718,31 @@ __device__ void flash_dq_store(const float* __restrict__ acc, bf16* __restrict__
   }
 }
 
-// One block of 8 warps per (128 keys, kv head, batch); each warp owns 16 keys and keeps their dK
-// and dV in registers over every query block (32 rows) of every query head of the group. The
-// query-side tiles (q, do, lse, D) are double-buffered; causal blocks skip query blocks wholly
-// before their keys. Each (key block, query block) tile adds its dQ into the f32 buffer with
-// atomics, so 128-key blocks make half the atomics per product that 64-key blocks did.
+// A fragment (16 x 16) at rows r0 .. r0+16, columns k0 .. k0+16 of A = T^T, where the tile T is
+// stored [k][m] row-major (row stride SS): ldmatrix.x4.trans, matrices (k0, r0), (k0, r0+8),
+// (k0+8, r0), (k0+8, r0+8) of T in the order a0..a3.
+__device__ __forceinline__ void ldsm_a_trans(uint32_t* a, const bf16* tile, int SS, int r0,
+                                             int k0) {
+  const int l = threadIdx.x & 31, mi = l >> 3;
+  const bf16* p = tile + (k0 + (mi >> 1) * 8 + (l & 7)) * SS + r0 + (mi & 1) * 8;
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+}
+
+// One block of 8 warps per (kv head, 128 keys, batch), looping over query blocks of 64 rows of
+// every query head of the kv group (grouped-query attention sums over the group without
+// atomics); the query-side tiles (q, do, lse, D) are double-buffered, and causal blocks skip the
+// query blocks wholly before their keys, so the first key blocks are the heaviest: the grid runs
+// the kv heads fastest, so those run first over all heads and the light ones fill the tail. Each of the five products of a (key block, query block)
+// tile spreads over the 8 warps as a 2-d grid of 32-row tiles, so a fragment read from shared
+// memory feeds two or four tensor-core products (the layout of FlashAttention-2's backward):
+//   S = Q K^T and dP = dO V^T (64 x 128): warps 2 (queries) x 4 (keys);
+//   P and dS = P (dP - D) go to shared memory as bf16 [query][key];
+//   dV += P^T dO and dK += dS^T Q (128 x D): warps 4 (keys) x 2 (columns), in registers over the
+//   whole loop;
+//   dQ = dS K (64 x D): warps 2 (queries) x 4 (columns), added into the f32 buffer with atomics.
 template <int D>
 __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
@@ -733,7 +754,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long vsr, long long dsb, long long dsh, long long dsr,
                           long long dksb, long long dksh, long long dksr, long long dvsb,
                           long long dvsh, long long dvsr, float scale, int causal) {
-  constexpr int BR = 32, BC = 128, SD = D + 8, STK = BC + 8, NQ = D / 32;
+  constexpr int BR = 64, BC = 128, SD = D + 8, SP = BC + 8;
+  constexpr int NKV = D / 16, NQ = D / 32;  // 8-column tiles a warp owns in dK/dV, in dQ
   extern __shared__ __align__(16) unsigned char fl_smem[];
   float* sL = reinterpret_cast<float*>(fl_smem);  // 2 x [BR] lse * log2(e)
   float* sDd = sL + 2 * BR;                        // 2 x [BR]
@@ -741,8 +763,9 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   bf16* sV = sK + BC * SD;                           // [BC][SD]
   bf16* sQ = sV + BC * SD;                           // 2 x [BR][SD]
   bf16* sdO = sQ + 2 * BR * SD;                      // 2 x [BR][SD]
-  bf16* sdS = sdO + 2 * BR * SD;                     // [BR][STK]
-  const int kb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  bf16* sP = sdO + 2 * BR * SD;                      // [BR][SP]
+  bf16* sdS = sP + BR * SP;                          // [BR][SP]
+  const int kvh = blockIdx.x, kb = blockIdx.y, b = blockIdx.z;
   const int G = H / KVH;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const int k0 = kb * BC;
@@ -767,145 +790,177 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
   fl_load_async<D, BC>(sV, SD, v, vsr, k0, T);
   if (total > 0) issue(0, 0);
   cp_async_commit();
-  const int kr = warp * 16;
-  const int kj[2] = {k0 + kr + g, k0 + kr + g + 8};
-  float mk[2];
+  // This warp's tiles: S/dP rows sm*32.., keys sn*32..; dK/dV keys kn*32.., columns kd*D/2..;
+  // dQ rows sm*32.., columns qd*D/4...
+  const int sm = warp & 1, sn = warp >> 1, kn = warp & 3, kd = warp >> 2, qd = warp >> 1;
+  // The key mask (times log2(e)) of the keys of this thread's S elements.
+  float mk[4][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
-    mk[r] = kj[r] < T && mask ? mask[(long long)b * T + kj[r]] * FL_LOG2E : 0.f;
-  float dka[D / 8][4], dva[D / 8][4];
+  for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n)
+    for (int c = 0; c < 2; ++c) {
+      const int key = k0 + sn * 32 + nt * 8 + 2 * t4 + c;
+      mk[nt][c] = key < T && mask ? mask[(long long)b * T + key] * FL_LOG2E : 0.f;
+    }
+  float dka[2][NKV][4], dva[2][NKV][4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.f;
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int n = 0; n < NKV; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dka[i][n][e] = dva[i][n][e] = 0.f;
   const float sl2 = scale * FL_LOG2E;
-  const int mt = warp & 1, quarter = warp >> 1;
   for (int it = 0; it < total; ++it) {
     const int hq = kvh * G + it / nq, q0 = (qb0 + it % nq) * BR, bf = it & 1;
+    // This block's tiles have landed, and every warp is done with the last iteration (so with
+    // the other buffer, and with sP and sdS): the next block's copy overlaps this one's work.
+    cp_async_wait<0>();
+    __syncthreads();
     if (it + 1 < total) {
       issue(it + 1, bf ^ 1);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();
     const bf16* cQ = sQ + bf * BR * SD;
     const bf16* cdO = sdO + bf * BR * SD;
     const float* cL = sL + bf * BR;
     const float* cD = sDd + bf * BR;
-    // S^T = K_w Q^T and dP^T = V_w dO^T, 16 keys x BR queries.
-    float st[BR / 8][4], dpt[BR / 8][4];
+    // S = Q K^T and dP = dO V^T: 32 queries x 32 keys a warp.
+    float s[2][4][4], dp[2][4][4];
 #pragma unroll
-    for (int nt = 0; nt < BR / 8; ++nt)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][nt][e] = dp[i][nt][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t a[4], av[4];
-      ldsm_a(a, sK, SD, kr, ks * 16);
-      ldsm_a(av, sV, SD, kr, ks * 16);
+      uint32_t qa[2][4], da[2][4];
 #pragma unroll
-      for (int nt = 0; nt < BR / 8; nt += 2) {
-        uint32_t bq[4], bd[4];
-        ldsm_b(bq, cQ, SD, ks * 16, nt * 8);
-        mma_bf16(st[nt], a, bq[0], bq[1]);
-        mma_bf16(st[nt + 1], a, bq[2], bq[3]);
-        ldsm_b(bd, cdO, SD, ks * 16, nt * 8);
-        mma_bf16(dpt[nt], av, bd[0], bd[1]);
-        mma_bf16(dpt[nt + 1], av, bd[2], bd[3]);
+      for (int i = 0; i < 2; ++i) {
+        ldsm_a(qa[i], cQ, SD, sm * 32 + 16 * i, ks * 16);
+        ldsm_a(da[i], cdO, SD, sm * 32 + 16 * i, ks * 16);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; nt += 2) {
+        uint32_t bk[4], bv[4];
+        ldsm_b(bk, sK, SD, ks * 16, sn * 32 + nt * 8);
+        ldsm_b(bv, sV, SD, ks * 16, sn * 32 + nt * 8);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mma_bf16(s[i][nt], qa[i], bk[0], bk[1]);
+          mma_bf16(s[i][nt + 1], qa[i], bk[2], bk[3]);
+          mma_bf16(dp[i][nt], da[i], bv[0], bv[1]);
+          mma_bf16(dp[i][nt + 1], da[i], bv[2], bv[3]);
+        }
       }
     }
-    // P^T from the log-sum-exp; dS^T = P^T (dP^T - D) (unscaled: scale goes on dQ and dK).
-    // Interior tiles (every query and key in range, causal: every key at or before every query)
-    // skip the per-element tests.
+    // P from the log-sum-exp and dS = P (dP - D) (unscaled: scale goes on dQ and dK), as bf16
+    // [query][key] in shared memory. Interior tiles (every query and key in range, causal: every
+    // key at or before every query) skip the per-element tests.
     const bool interior = q0 + BR <= T && k0 + BC <= T && (!causal || k0 + BC - 1 <= q0);
 #pragma unroll
-    for (int nt = 0; nt < BR / 8; ++nt) {
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = nt * 8 + 2 * t4 + (e & 1);
-        const int qi = q0 + ql, key = kj[e >> 1];
-        float p = 0.f;
-        if (interior || (qi < T && key < T && !(causal && key > qi)))
-          p = exp2f(st[nt][e] * sl2 + mk[e >> 1] - cL[ql]);
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - cD[ql]);
+      for (int r = 0; r < 2; ++r) {
+        const int ql = sm * 32 + 16 * i + g + 8 * r, qi = q0 + ql;
+        const float lq = cL[ql], dq = cD[ql];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int kl = sn * 32 + nt * 8 + 2 * t4;
+          float p[2], ds[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int key = k0 + kl + c;
+            p[c] = 0.f;
+            if (interior || (qi < T && key < T && !(causal && key > qi)))
+              p[c] = exp2f(s[i][nt][2 * r + c] * sl2 + mk[nt][c] - lq);
+            ds[c] = p[c] * (dp[i][nt][2 * r + c] - dq);
+          }
+          *reinterpret_cast<uint32_t*>(sP + ql * SP + kl) = pack_bf16(p[0], p[1]);
+          *reinterpret_cast<uint32_t*>(sdS + ql * SP + kl) = pack_bf16(ds[0], ds[1]);
+        }
       }
-    }
-    // dV += P^T dO, dK += dS^T Q (k = the BR queries).
+    __syncthreads();
+    // dV += P^T dO and dK += dS^T Q: 32 keys x D/2 columns a warp, k = the BR queries.
 #pragma unroll
     for (int ks = 0; ks < BR / 16; ++ks) {
-      uint32_t ap[4], ad[4];
-      pack_a(ap, st[2 * ks], st[2 * ks + 1]);
-      pack_a(ad, dpt[2 * ks], dpt[2 * ks + 1]);
+      uint32_t pa[2][4], sa[2][4];
 #pragma unroll
-      for (int n = 0; n < D / 8; n += 2) {
+      for (int i = 0; i < 2; ++i) {
+        ldsm_a_trans(pa[i], sP, SP, kn * 32 + 16 * i, ks * 16);
+        ldsm_a_trans(sa[i], sdS, SP, kn * 32 + 16 * i, ks * 16);
+      }
+#pragma unroll
+      for (int n = 0; n < NKV; n += 2) {
         uint32_t bd[4], bq[4];
-        ldsm_b_trans(bd, cdO, SD, ks * 16, n * 8);
-        mma_bf16(dva[n], ap, bd[0], bd[1]);
-        mma_bf16(dva[n + 1], ap, bd[2], bd[3]);
-        ldsm_b_trans(bq, cQ, SD, ks * 16, n * 8);
-        mma_bf16(dka[n], ad, bq[0], bq[1]);
-        mma_bf16(dka[n + 1], ad, bq[2], bq[3]);
+        ldsm_b_trans(bd, cdO, SD, ks * 16, kd * (D / 2) + n * 8);
+        ldsm_b_trans(bq, cQ, SD, ks * 16, kd * (D / 2) + n * 8);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mma_bf16(dva[i][n], pa[i], bd[0], bd[1]);
+          mma_bf16(dva[i][n + 1], pa[i], bd[2], bd[3]);
+          mma_bf16(dka[i][n], sa[i], bq[0], bq[1]);
+          mma_bf16(dka[i][n + 1], sa[i], bq[2], bq[3]);
+        }
       }
     }
-    // dS as [query][key] in shared memory for dQ = dS K.
+    // dQ = dS K: 32 queries x D/4 columns a warp, k = the BC keys.
+    float dqa[2][NQ][4];
 #pragma unroll
-    for (int nt = 0; nt < BR / 8; ++nt)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        sdS[(nt * 8 + 2 * t4 + (e & 1)) * STK + kr + g + (e >> 1) * 8] =
-            __float2bfloat16(dpt[nt][e]);
-    __syncthreads();
-    // dQ rows mt*16 .. +16, columns quarter*D/4 .. +D/4 of this warp.
-    float dqa[NQ][4];
-#pragma unroll
-    for (int j = 0; j < NQ; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
+      for (int j = 0; j < NQ; ++j) dqa[i][j][0] = dqa[i][j][1] = dqa[i][j][2] = dqa[i][j][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < BC / 16; ++ks) {
-      uint32_t a[4];
-      ldsm_a(a, sdS, STK, mt * 16, ks * 16);
+      uint32_t a[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) ldsm_a(a[i], sdS, SP, sm * 32 + 16 * i, ks * 16);
 #pragma unroll
       for (int j = 0; j < NQ; j += 2) {
         uint32_t bk[4];
-        ldsm_b_trans(bk, sK, SD, ks * 16, (quarter * NQ + j) * 8);
-        mma_bf16(dqa[j], a, bk[0], bk[1]);
-        mma_bf16(dqa[j + 1], a, bk[2], bk[3]);
+        ldsm_b_trans(bk, sK, SD, ks * 16, qd * (D / 4) + j * 8);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mma_bf16(dqa[i][j], a[i], bk[0], bk[1]);
+          mma_bf16(dqa[i][j + 1], a[i], bk[2], bk[3]);
+        }
       }
     }
     float* dqh = dq_acc + ((long long)b * H + hq) * T * D;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int qi = q0 + mt * 16 + g + 8 * r;
-      if (qi >= T) continue;
-      float* dqr = dqh + (long long)qi * D;
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < NQ; ++j) {
-        const int col = (quarter * NQ + j) * 8 + 2 * t4;
-        // One 8-byte reduction per pair (sm_90's vector atomics).
-        atomicAdd(reinterpret_cast<float2*>(dqr + col),
-                  make_float2(dqa[j][2 * r] * scale, dqa[j][2 * r + 1] * scale));
+      for (int r = 0; r < 2; ++r) {
+        const int qi = q0 + sm * 32 + 16 * i + g + 8 * r;
+        if (qi >= T) continue;
+        float* dqr = dqh + (long long)qi * D;
+#pragma unroll
+        for (int j = 0; j < NQ; ++j) {
+          const int col = qd * (D / 4) + j * 8 + 2 * t4;
+          // One 8-byte reduction per pair (sm_90's vector atomics).
+          atomicAdd(reinterpret_cast<float2*>(dqr + col),
+                    make_float2(dqa[i][j][2 * r] * scale, dqa[i][j][2 * r + 1] * scale));
+        }
       }
-    }
-    // The next iteration refills the other buffer; the one after refills this one, after the
-    // __syncthreads at its top that follows every warp's use of this one (above).
   }
   cp_async_wait<0>();
   dk += b * dksb + kvh * dksh;
   dv += b * dvsb + kvh * dvsh;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (kj[r] >= T) continue;
+  for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int col = n * 8 + 2 * t4;
-      *reinterpret_cast<uint32_t*>(dk + (long long)kj[r] * dksr + col) =
-          pack_bf16(dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv + (long long)kj[r] * dvsr + col) =
-          pack_bf16(dva[n][2 * r], dva[n][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int key = k0 + kn * 32 + 16 * i + g + 8 * r;
+      if (key >= T) continue;
+#pragma unroll
+      for (int n = 0; n < NKV; ++n) {
+        const int col = kd * (D / 2) + n * 8 + 2 * t4;
+        *reinterpret_cast<uint32_t*>(dk + (long long)key * dksr + col) =
+            pack_bf16(dka[i][n][2 * r] * scale, dka[i][n][2 * r + 1] * scale);
+        *reinterpret_cast<uint32_t*>(dv + (long long)key * dvsr + col) =
+            pack_bf16(dva[i][n][2 * r], dva[i][n][2 * r + 1]);
+      }
     }
-  }
 }
 
 #define FLASH_INSTANTIATE(DIM)                                                                   \
