@@ -605,13 +605,17 @@ mod imp {
         last <= t.elem_count() as i64
     }
 
-    /// Whether the fused kernels cover `dims` (head_dim 64 or 128, whole kv groups).
+    /// Whether the fused kernels cover `dims` (head_dim 64 or 128, whole kv groups), and their
+    /// grids fit CUDA's limits (query or key blocks on y and the batch on z: at most 65,535 each).
     pub fn flash_supported(dims: &FlashDims) -> bool {
+        const GRID_YZ: usize = 65_535;
         matches!(dims.head_dim, 64 | 128)
             && dims.kv_heads > 0
             && dims.heads.is_multiple_of(dims.kv_heads)
             && dims.seq > 0
             && dims.batch > 0
+            && dims.seq.div_ceil(fwd_rows(dims.head_dim)) <= GRID_YZ
+            && dims.batch <= GRID_YZ
     }
 
     fn flash_mask(mask_add: &Tensor, dims: &FlashDims) -> Result<Option<Tensor>> {
