@@ -88,30 +88,15 @@ fn by_columns<T: WithDType>(
         // block j0 writes only columns j0..j0 + cols of each of the m rows of `out`, which no
         // other block writes, and `out` outlives the loop.
         unsafe {
-            gemm::gemm(
-                m,
-                cols,
-                k,
-                dst.0.add(j0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr().add(j0 * k),
-                k as isize,
-                1,
-                T::zero(),
-                T::one(),
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+            gemm_overwrite(
+                (m, cols, k),
+                (dst.0.add(j0), n as isize),
+                (x.as_ptr(), 1, k as isize),
+                (w.as_ptr().add(j0 * k), k as isize, 1),
             )
         }
     });
-    // SAFETY: the blocks' columns cover 0..n, so gemm (k > 0, `read_dst` false) wrote all m * n.
+    // SAFETY: the blocks' columns cover 0..n, so `gemm_overwrite` (k > 0) wrote all m * n.
     unsafe { out.set_len(m * n) };
     Tensor::from_vec(out, (m, n), device)
 }
@@ -171,28 +156,13 @@ fn batched<T: WithDType>(
             // SAFETY: the layouts describe `a` and `b` inside their storage (candle checked
             // them when it made the views), so item i's m x k and k x p elements lie in x and y
             // at these offsets and strides; `o` is item i's own m x p block of `out`, which
-            // gemm (k > 0, `read_dst` false) writes whole without reading it.
+            // `gemm_overwrite` (k > 0) writes whole.
             unsafe {
-                gemm::gemm(
-                    m,
-                    p,
-                    k,
-                    o.as_mut_ptr().cast::<T>(),
-                    1,
-                    p as isize,
-                    false,
-                    x.as_ptr().add(ai),
-                    a_cols,
-                    a_rows,
-                    y.as_ptr().add(bi),
-                    b_cols,
-                    b_rows,
-                    T::zero(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                gemm_overwrite(
+                    (m, p, k),
+                    (o.as_mut_ptr().cast::<T>(), p as isize),
+                    (x.as_ptr().add(ai), a_cols, a_rows),
+                    (y.as_ptr().add(bi), b_cols, b_rows),
                 )
             }
         });
@@ -202,6 +172,45 @@ fn batched<T: WithDType>(
     let mut shape = lead.to_vec();
     shape.extend([m, p]);
     Tensor::from_vec(out, shape, a.device())
+}
+
+/// `dst = lhs rhs` for an `m x k` lhs and a `k x n` rhs, on the calling thread: one `gemm` call
+/// that overwrites every element of `dst` (row stride `dst_rs`, unit column stride) without
+/// reading it when `k > 0`. Operands are `(pointer, column stride, row stride)`, in elements.
+///
+/// # Safety
+/// Every addressed element of the operands must be readable and of `dst` writable, and no other
+/// thread may touch `dst`'s elements during the call.
+unsafe fn gemm_overwrite<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut T, isize),
+    (lhs, lhs_cs, lhs_rs): (*const T, isize, isize),
+    (rhs, rhs_cs, rhs_rs): (*const T, isize, isize),
+) {
+    // SAFETY: the caller's contract (above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            false, // read_dst: the output is overwritten (alpha is then ignored)
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// The output's base pointer, shared by blocks that write disjoint columns.
