@@ -127,7 +127,12 @@ pub struct ForwardSaved<S> {
 
 impl<H: EncoderHead> StepMemory for BertWithHead<H> {
     fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
-        self.layers[layer].memory(Acts::new(rows, seq, self.embeddings.dtype()))
+        self.layers[layer].memory(Acts::new(
+            rows,
+            seq,
+            self.embeddings.dtype(),
+            &self.embeddings.device(),
+        ))
     }
 
     fn hidden_size(&self) -> usize {
@@ -135,7 +140,13 @@ impl<H: EncoderHead> StepMemory for BertWithHead<H> {
     }
 
     fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
-        Acts::new(rows, seq, self.embeddings.dtype()).of(self.config.hidden_size)
+        Acts::new(
+            rows,
+            seq,
+            self.embeddings.dtype(),
+            &self.embeddings.device(),
+        )
+        .of(self.config.hidden_size)
     }
 
     /// The classification head's dense layer and classifier work on one row each, `qa_outputs`

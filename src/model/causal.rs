@@ -230,8 +230,13 @@ fn layers_between<M: DecoderParts>(
 
 impl<M: DecoderParts> StepMemory for M {
     fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
-        let dtype = self.head_weight().dtype();
-        DecoderParts::layer_memory(self, &self.layers()[layer], Acts::new(rows, seq, dtype))
+        let acts = Acts::new(
+            rows,
+            seq,
+            self.head_weight().dtype(),
+            self.head_weight().device(),
+        );
+        DecoderParts::layer_memory(self, &self.layers()[layer], acts)
     }
 
     fn hidden_size(&self) -> usize {
@@ -239,14 +244,24 @@ impl<M: DecoderParts> StepMemory for M {
     }
 
     fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
-        let (vocab_hidden, dtype) = (self.head_weight().dims()[1], self.head_weight().dtype());
-        Acts::new(rows, seq, dtype).of(vocab_hidden)
+        Acts::new(
+            rows,
+            seq,
+            self.head_weight().dtype(),
+            self.head_weight().device(),
+        )
+        .of(self.hidden_size())
     }
 
     /// The final norm's state, the hidden gradient, and two f32 logits chunks of the LM head.
     fn head_bytes(&self, rows: usize, seq: usize) -> usize {
         let (vocab, hidden) = self.head_weight().dims2().unwrap_or((0, 0));
-        let acts = Acts::new(rows, seq, self.head_weight().dtype());
+        let acts = Acts::new(
+            rows,
+            seq,
+            self.head_weight().dtype(),
+            self.head_weight().device(),
+        );
         let chunk = lm_head_chunk_rows(vocab).min(acts.tokens());
         acts.norm(hidden) + 2 * acts.of(hidden) + 2 * chunk * vocab * 4
     }

@@ -6,7 +6,7 @@
 use crate::adapters::LoraLinear;
 use crate::nn::attention::Attention;
 use crate::nn::dropout::Dropout;
-use candle_core::DType;
+use candle_core::{DType, Device};
 
 /// One layer of a micro-batch in training mode, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,15 +41,20 @@ pub struct Acts {
     pub seq: usize,
     pub act: usize,
     pub compute: usize,
+    /// Attention runs the fused CPU kernels (`nn::cpu_attention`: f32 on the CPU), which keep
+    /// no dropout mask and allocate no score-sized tensor.
+    pub cpu_fused: bool,
 }
 
 impl Acts {
-    pub fn new(rows: usize, seq: usize, dtype: DType) -> Self {
+    /// Activations of `dtype` on `device`.
+    pub fn new(rows: usize, seq: usize, dtype: DType, device: &Device) -> Self {
         Self {
             rows,
             seq,
             act: dtype.size_in_bytes(),
             compute: crate::device::compute_dtype(dtype).size_in_bytes(),
+            cpu_fused: device.is_cpu() && dtype == DType::F32,
         }
     }
 
@@ -77,13 +82,13 @@ impl Acts {
     }
 
     /// Attention's saved q, k, v (after rope), per-row log-sum-exp and the probabilities'
-    /// dropout mask; and the output, which the fused flash kernels (CUDA builds, bf16, head_dim
+    /// dropout mask (but for the fused CPU kernels, which redraw it); and the output, which the fused flash kernels (CUDA builds, bf16, head_dim
     /// 64 or 128, no dropout) keep for backward's `rowsum(dO * O)`: counted wherever they may run
     /// (a CUDA build training in bf16 on the CPU over-counts it; the probabilities in
     /// [`Acts::transient`] are over-counted on the flash path, which allocates none).
     pub fn attention(&self, a: &Attention, head_dim: usize) -> usize {
         let (h, kv) = (a.num_heads, a.num_kv_heads);
-        let probs_mask = if a.dropout.p > 0.0 {
+        let probs_mask = if a.dropout.p > 0.0 && !self.cpu_fused {
             self.rows * h * self.seq * self.seq
         } else {
             0
@@ -134,11 +139,14 @@ impl Acts {
 
     /// A layer's temporaries beside its state: the attention probabilities (fused softmax
     /// kernels keep one score-sized tensor at a time; the flash kernels none, but backward's f32
-    /// dQ accumulator and per-row `rowsum(dO * O)`), and two feed-forward-wide and two
-    /// hidden-wide activations in flight (backward's gradients through the feed-forward).
+    /// dQ accumulator and per-row `rowsum(dO * O)`; the fused CPU kernels their threads' blocks),
+    /// and two feed-forward-wide and two hidden-wide activations in flight (backward's gradients
+    /// through the feed-forward).
     pub fn transient(&self, a: &Attention, head_dim: usize, hidden: usize, ffn: usize) -> usize {
         let scores = if self.flash(a, head_dim) {
             self.tokens() * a.num_heads * (head_dim + 1) * 4
+        } else if self.cpu_fused {
+            crate::nn::cpu_attention::scratch_bytes(self.seq, head_dim)
         } else {
             self.probs(a)
         };

@@ -22,9 +22,9 @@ use super::dropout::{self, Dropout, DropoutSaved};
 use super::flops::matmul;
 use super::gpu::{Bhtd, FlashDims};
 use super::rope::Rope;
-use super::{cpu, gpu, Pass};
+use super::{cpu_attention, gpu, Pass};
 use crate::device::compute_dtype;
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor, D};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Attention {
@@ -44,7 +44,7 @@ pub struct AttnShape {
 }
 
 pub struct AttentionSaved {
-    /// `[b, heads, t, d]`, after rope.
+    /// `[b, heads, t, d]`, after rope (but see [`Path::Flash`]).
     q: Tensor,
     /// `[b, kv_heads, t, d]`, after rope; unexpanded.
     k: Tensor,
@@ -52,13 +52,66 @@ pub struct AttentionSaved {
     lse: Tensor,
     mask_add: Tensor,
     rope: Option<Rope>,
-    dropout: Option<DropoutSaved>,
     shape: AttnShape,
-    fused: bool,
-    /// Set when the fused flash kernels ran forward (CUDA, bf16): then q, k and v are kept as the
-    /// kernels read them (the layers' `[b*t, heads*d]` layout without rope, `[b, heads, t, d]`
-    /// after it), `lse` is `[b, heads, t]`, and backward runs the flash backward kernel.
-    flash: Option<FlashSaved>,
+    path: Path,
+}
+
+/// Which kernels ran forward, and so which backward runs, with what only that backward needs.
+enum Path {
+    /// The candle composition, with the fused softmax kernels on CUDA when `fused`; dropout
+    /// keeps its mask.
+    Composition {
+        fused: bool,
+        dropout: Option<DropoutSaved>,
+    },
+    /// The fused flash kernels (CUDA, bf16): q, k and v are kept as the kernels read them (the
+    /// layers' `[b*t, heads*d]` layout without rope, `[b, heads, t, d]` after it) and `lse` is
+    /// `[b, heads, t]`.
+    Flash(FlashSaved),
+    /// The fused CPU kernels (f32): q, k and v are `[b, heads, t, d]` views, `lse` is
+    /// `[b, heads, t, 1]`, and dropout's mask is redrawn from its seeds.
+    Cpu(CpuSaved),
+}
+
+impl AttentionSaved {
+    fn new(
+        (q, k, v): (Tensor, Tensor, Tensor),
+        lse: Tensor,
+        mask_add: &Tensor,
+        rope: Option<&Rope>,
+        shape: AttnShape,
+        path: Path,
+    ) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            lse,
+            mask_add: mask_add.clone(),
+            rope: rope.cloned(),
+            shape,
+            path,
+        }
+    }
+}
+
+/// What the fused CPU backward needs beyond q, k, v and the log-sum-exp.
+struct CpuSaved {
+    dims: cpu_attention::Dims,
+    /// Dropout's mask seeds (the mask is redrawn), threshold and scale.
+    dropout: Option<(Vec<u64>, u32, f32)>,
+}
+
+impl CpuSaved {
+    fn drop_mask(&self) -> Option<cpu_attention::DropMask<'_>> {
+        self.dropout
+            .as_ref()
+            .map(|(seeds, threshold, scale)| cpu_attention::DropMask {
+                seeds,
+                threshold: *threshold,
+                scale: *scale,
+            })
+    }
 }
 
 struct FlashSaved {
@@ -155,11 +208,7 @@ impl Attention {
         if fused {
             let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
             let raw = self.raw_scores(q, k)?;
-            let out = match cpu::softmax_fwd(&raw, mask_add, scale, self.causal)? {
-                Some(out) => Some(out),
-                None => gpu::softmax_fwd(&raw, mask_add, scale, self.causal)?,
-            };
-            if let Some(out) = out {
+            if let Some(out) = gpu::softmax_fwd(&raw, mask_add, scale, self.causal)? {
                 return Ok(out);
             }
         }
@@ -226,6 +275,9 @@ impl Attention {
             if let Some(out) = self.flash_forward((q, k, v), mask_add, shape, rope, pass, save)? {
                 return Ok(out);
             }
+            if let Some(out) = self.cpu_forward((q, k, v), mask_add, shape, rope, pass, save)? {
+                return Ok(out);
+            }
         }
         // The fused softmax kernels read a key mask `[batch, 1, 1, keys]`; a per-head bias
         // (MPNet's relative positions, `[batch, heads, seq, seq]`) takes the composition.
@@ -248,18 +300,11 @@ impl Attention {
             (self.ungroup(&matmul(&self.group(&p)?, &v)?)?, lse, drop)
         };
         let ctx = self.merge_heads(&ctx, shape)?;
-        let saved = save.then(|| AttentionSaved {
-            q,
-            k,
-            v,
-            lse,
-            mask_add: mask_add.clone(),
-            rope: rope.cloned(),
-            dropout: drop,
-            shape,
+        let path = Path::Composition {
             fused,
-            flash: None,
-        });
+            dropout: drop,
+        };
+        let saved = save.then(|| AttentionSaved::new((q, k, v), lse, mask_add, rope, shape, path));
         Ok((ctx, saved))
     }
 
@@ -276,7 +321,7 @@ impl Attention {
         let dropout_on = pass.training && self.dropout.p > 0.0;
         let all_bf16 = [q, k, v]
             .iter()
-            .all(|t| t.dtype() == candle_core::DType::BF16 && t.device().is_cuda());
+            .all(|t| t.dtype() == DType::BF16 && t.device().is_cuda());
         let (h, kv) = (self.num_heads, self.num_kv_heads);
         let dims = FlashDims {
             batch: shape.batch,
@@ -324,23 +369,71 @@ impl Attention {
             return Ok(None);
         };
         super::flops::add(2 * dims.attention_product_flops());
-        let saved = save.then(|| AttentionSaved {
-            q,
-            k,
-            v,
-            lse,
-            mask_add: mask_add.clone(),
-            rope: rope.cloned(),
-            dropout: None,
-            shape,
-            fused: true,
-            flash: Some(FlashSaved {
-                o: o.clone(),
-                dims,
-                heads_major: rope.is_some(),
-            }),
+        let path = Path::Flash(FlashSaved {
+            o: o.clone(),
+            dims,
+            heads_major: rope.is_some(),
         });
+        let saved = save.then(|| AttentionSaved::new((q, k, v), lse, mask_add, rope, shape, path));
         Ok(Some((o, saved)))
+    }
+
+    /// The fused CPU kernels' forward (`cpu_attention`) for f32 CPU tensors autograd does not
+    /// track and a key mask `[batch, 1, 1, seq]`; None otherwise.
+    fn cpu_forward(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        mask_add: &Tensor,
+        shape: AttnShape,
+        rope: Option<&Rope>,
+        pass: &mut Pass,
+        save: bool,
+    ) -> Result<Option<(Tensor, Option<AttentionSaved>)>> {
+        let qualifies = [q, k, v, mask_add]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
+        if !qualifies || mask_add.dims() != [shape.batch, 1, 1, shape.seq] {
+            return Ok(None);
+        }
+        let (h, kv) = (self.num_heads, self.num_kv_heads);
+        let head_dim = q.dim(1)? / h;
+        let dims = cpu_attention::Dims {
+            batch: shape.batch,
+            heads: h,
+            kv_heads: kv,
+            queries: shape.seq,
+            keys: shape.seq,
+            head_dim,
+            causal: self.causal,
+            scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+        };
+        let (q, k) = match rope {
+            Some(r) => (
+                r.apply(&self.heads_view(q, shape, h)?, 0)?,
+                r.apply(&self.heads_view(k, shape, kv)?, 0)?,
+            ),
+            None => (
+                self.heads_view(q, shape, h)?,
+                self.heads_view(k, shape, kv)?,
+            ),
+        };
+        let v = self.heads_view(v, shape, kv)?;
+        // The composition's draw: one seed per chunk of the `[b, heads, t, t]` probabilities.
+        let p = self.dropout.p;
+        let dropout = (pass.training && p > 0.0).then(|| {
+            let n = shape.batch * h * shape.seq * shape.seq;
+            let seeds = dropout::mask_seeds(pass.rng, n);
+            (seeds, dropout::keep_threshold(p), (1.0 / (1.0 - p)) as f32)
+        });
+        let cpu = CpuSaved { dims, dropout };
+        let Some((ctx, lse)) =
+            cpu_attention::forward((&q, &k, &v), mask_add, &dims, cpu.drop_mask())?
+        else {
+            bail!("attention: the fused CPU kernel refused inputs it qualified");
+        };
+        let path = Path::Cpu(cpu);
+        let saved = save.then(|| AttentionSaved::new((q, k, v), lse, mask_add, rope, shape, path));
+        Ok(Some((ctx, saved)))
     }
 }
 
@@ -452,20 +545,16 @@ impl AttentionSaved {
     /// Returns `(dq, dk, dv)` in the input layouts: `[batch*seq, num_heads*head_dim]` for dq,
     /// `[batch*seq, num_kv_heads*head_dim]` for dk and dv.
     pub fn backward(&self, attn: &Attention, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        if let Some(f) = &self.flash {
-            return self.flash_backward(f, dctx);
-        }
+        let (fused, dropout) = match &self.path {
+            Path::Flash(f) => return self.flash_backward(f, dctx),
+            Path::Cpu(c) => return self.cpu_backward(attn, c, dctx),
+            Path::Composition { fused, dropout } => (*fused, dropout),
+        };
         let dctx = attn.split_heads(dctx, self.shape, attn.num_heads)?;
         let scale = 1.0 / (self.q.dim(D::Minus1)? as f64).sqrt();
-        let fused = self.fused;
         let fused_p = if fused {
             let raw = attn.raw_scores(&self.q, &self.k)?;
-            match cpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)? {
-                Some(p) => Some(p),
-                None => {
-                    gpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)?
-                }
-            }
+            gpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)?
         } else {
             None
         };
@@ -480,19 +569,16 @@ impl AttentionSaved {
         let adt = self.v.dtype();
         let gdctx = attn.group(&dctx)?;
         let dv = {
-            let p_drop = match &self.dropout {
+            let p_drop = match dropout {
                 Some(d) => d.backward(&p)?, // the same mask-and-scale as forward
                 None => p.clone(),
             };
             matmul(&attn.group(&p_drop.to_dtype(adt)?)?.t()?, &gdctx)?
         };
         let dp = attn.ungroup(&matmul(&gdctx, &self.v.t()?)?)?;
-        let dp = dropout::backward_opt(&self.dropout, dp)?;
+        let dp = dropout::backward_opt(dropout, dp)?;
         let fused_ds = if fused {
-            match cpu::softmax_bwd(&p, &dp, scale)? {
-                Some(ds) => Some(ds),
-                None => gpu::softmax_bwd(&p, &dp, scale)?,
-            }
+            gpu::softmax_bwd(&p, &dp, scale)?
         } else {
             None
         };
@@ -538,7 +624,32 @@ impl AttentionSaved {
 impl AttentionSaved {
     /// Whether the forward ran the fused flash kernels (and backward will).
     pub fn used_flash(&self) -> bool {
-        self.flash.is_some()
+        matches!(self.path, Path::Flash(_))
+    }
+
+    fn cpu_backward(
+        &self,
+        attn: &Attention,
+        c: &CpuSaved,
+        dctx: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (s, (h, kv)) = (self.shape, (attn.num_heads, attn.num_kv_heads));
+        let dctx = attn.heads_view(&dctx.to_dtype(DType::F32)?, s, h)?;
+        let qkv = (&self.q, &self.k, &self.v);
+        let lse = &self.lse;
+        let Some((dq, dk, dv)) =
+            cpu_attention::backward(qkv, &dctx, lse, &self.mask_add, &c.dims, c.drop_mask())?
+        else {
+            bail!("attention: the fused CPU backward refused inputs its forward took");
+        };
+        match &self.rope {
+            Some(r) => Ok((
+                r.apply_backward_merged(&attn.heads_view(&dq, s, h)?, 0)?,
+                r.apply_backward_merged(&attn.heads_view(&dk, s, kv)?, 0)?,
+                dv,
+            )),
+            None => Ok((dq, dk, dv)),
+        }
     }
 
     fn flash_backward(&self, f: &FlashSaved, dctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
@@ -604,7 +715,7 @@ pub fn mask_to_additive(mask: &Tensor, dtype: candle_core::DType) -> Result<Tens
 mod tests {
     use super::*;
     use crate::nn::gradcheck::{check, max_abs_diff, randn};
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use rand::SeedableRng;
 
     fn mha(heads: usize, p: f64) -> Attention {
@@ -754,8 +865,15 @@ mod tests {
     }
 
     fn fused_matches_composition(attn: Attention, rope: Option<&Rope>) {
+        fused_matches_composition_at(attn, rope, 6);
+    }
+
+    /// [`fused_matches_composition`] at `t` tokens: above 54 the fused CPU kernels take the
+    /// query rows in several blocks (a causal block then multiplies only the keys it sees), and
+    /// the rows' dropout masks cross the mask's 4096-element chunks.
+    fn fused_matches_composition_at(attn: Attention, rope: Option<&Rope>, t: usize) {
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-        let (b, t, d) = (3, 6, 4);
+        let (b, d) = (3, 4);
         let (cq, ckv) = (attn.num_heads * d, attn.num_kv_heads * d);
         let shape = AttnShape { batch: b, seq: t };
         let mut m = vec![1u32; b * t];
@@ -800,6 +918,13 @@ mod tests {
     fn fused_causal_gqa_rope_path_matches_the_composition() {
         fused_matches_composition(decoder(0.2), Some(&rope()));
         fused_matches_composition(decoder(0.0), Some(&rope()));
+    }
+
+    #[test]
+    fn fused_cpu_blocks_of_query_rows_match_the_composition() {
+        let long_rope = Rope::new(4, 400, 10000.0, &Device::Cpu).unwrap();
+        fused_matches_composition_at(decoder(0.2), Some(&long_rope), 300);
+        fused_matches_composition_at(mha(2, 0.1), None, 300);
     }
 
     /// bf16 q, k, v and output gradient (the composition, as on a GPU) against f32.

@@ -1,5 +1,5 @@
 //! Fused CPU kernels for the elementwise and row-wise parts of a step (LayerNorm, RMSNorm, GELU,
-//! SwiGLU, masked and causal softmax, cross-entropy, rotary embeddings), one pass over memory
+//! SwiGLU, cross-entropy, rotary embeddings), one pass over memory
 //! each, rows split across threads with rayon.
 //!
 //! Why: composed from candle ops, each of these is 5-10 passes with a fresh allocation per pass,
@@ -11,25 +11,25 @@ use super::dropout;
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Defines `fn $name(args)` whose body is compiled three times: for AVX-512F, for AVX2 + FMA and
+/// Defines `fn $name(args) -> ret` whose body is compiled three times: for AVX-512F, for AVX2 + FMA and
 /// for the build's baseline (SSE2 on x86-64), and picks the first the CPU has at run time. The
 /// elementwise loops below then use the CPU's full vector width (the baseline build vectorises
 /// them 4 lanes wide). Rust contracts no `a * b + c` into an FMA by itself, so every variant
 /// computes the same bits.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn v4($($arg: $ty),*) {
+                fn v4($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn v3($($arg: $ty),*) {
+                fn v3($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -47,6 +47,8 @@ macro_rules! multiversion {
         }
     };
 }
+
+pub(super) use multiversion;
 
 /// Runs `f` on the tensor's contiguous f32 host data, if it has such data.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -443,120 +445,6 @@ multiversion! {
             *du = dy * g * s;
         }
     }
-}
-
-/// How many keys query row `i` of `t` sees out of `t2` (keys `0..n`): all of them, or under a
-/// causal mask those up to its own position (queries are the last `t` of the `t2` positions).
-#[inline]
-fn visible_keys(i: usize, t: usize, t2: usize, causal: bool) -> usize {
-    if causal {
-        (i + t2 - t + 1).min(t2)
-    } else {
-        t2
-    }
-}
-
-/// Masked softmax over the last dim of raw scores `[b, h, t, t]`: `p = softmax(s * scale + mask)`,
-/// with `mask_add` `[b, 1, 1, t]`. Returns `(p, lse)`, `lse` `[b, h, t, 1]` the log-sum-exp of the
-/// scaled, masked scores (what backward needs to recompute `p`). With `causal`, keys after the
-/// query's position get probability exactly 0 (what adding -1e9 gives once exp underflows) and
-/// are not even exponentiated.
-pub fn softmax_fwd(
-    s: &Tensor,
-    mask_add: &Tensor,
-    scale: f64,
-    causal: bool,
-) -> Result<Option<(Tensor, Tensor)>> {
-    let (b, h, t, t2) = s.dims4()?;
-    let scale = scale as f32;
-    let out = slices!(s, mask_add => {
-        let mut p = vec![0f32; s.len()];
-        let mut lse = vec![0f32; b * h * t];
-        p.par_chunks_mut(t2)
-            .zip(lse.par_iter_mut())
-            .zip(s.par_chunks(t2))
-            .enumerate()
-            .for_each(|(row, ((p, lse), s))| {
-                let m = &mask_add[(row / (h * t)) * t2..][..t2];
-                let n = visible_keys(row % t, t, t2, causal);
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..n {
-                    p[j] = s[j] * scale + m[j];
-                    max = max.max(p[j]);
-                }
-                exp_minus(&mut p[..n], max);
-                let sum = p[..n].iter().sum::<f32>();
-                let inv = 1.0 / sum;
-                p[..n].iter_mut().for_each(|v| *v *= inv);
-                *lse = max + sum.ln();
-            });
-        (p, lse)
-    });
-    let Some((p, lse)) = out else { return Ok(None) };
-    Ok(Some((
-        tensor(p, s)?,
-        Tensor::from_vec(lse, (b, h, t, 1), s.device())?,
-    )))
-}
-
-multiversion! {
-    /// `v = exp(v - max)` in place.
-    fn exp_minus(v: &mut [f32], max: f32) {
-        for v in v.iter_mut() {
-            *v = exp_f32(*v - max);
-        }
-    }
-}
-
-/// Recomputes `p = exp(s * scale + mask - lse)` from raw scores (0 past the query under `causal`).
-pub fn softmax_recompute(
-    s: &Tensor,
-    mask_add: &Tensor,
-    lse: &Tensor,
-    scale: f64,
-    causal: bool,
-) -> Result<Option<Tensor>> {
-    let (_, h, t, t2) = s.dims4()?;
-    let scale = scale as f32;
-    let out = slices!(s, mask_add, lse => {
-        let mut p = vec![0f32; s.len()];
-        p.par_chunks_mut(t2).zip(s.par_chunks(t2)).enumerate().for_each(|(row, (p, s))| {
-            let m = &mask_add[(row / (h * t)) * t2..][..t2];
-            let n = visible_keys(row % t, t, t2, causal);
-            exp_scaled(&mut p[..n], &s[..n], &m[..n], scale, lse[row]);
-        });
-        p
-    });
-    out.map(|p| tensor(p, s)).transpose()
-}
-
-multiversion! {
-    /// `p = exp(s * scale + m - l)`.
-    fn exp_scaled(p: &mut [f32], s: &[f32], m: &[f32], scale: f32, l: f32) {
-        for ((p, &s), &m) in p.iter_mut().zip(s).zip(m) {
-            *p = exp_f32(s * scale + m - l);
-        }
-    }
-}
-
-/// Softmax backward: `ds = scale * p * (dp - sum(dp * p))` per row (gradient of the raw scores).
-pub fn softmax_bwd(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let t2 = p.dim(candle_core::D::Minus1)?;
-    let scale = scale as f32;
-    let out = slices!(p, dp => {
-        let mut ds = vec![0f32; p.len()];
-        ds.par_chunks_mut(t2)
-            .zip(p.par_chunks(t2))
-            .zip(dp.par_chunks(t2))
-            .for_each(|((ds, p), dp)| {
-                let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
-                for j in 0..t2 {
-                    ds[j] = scale * p[j] * (dp[j] - dot);
-                }
-            });
-        ds
-    });
-    out.map(|ds| tensor(ds, p)).transpose()
 }
 
 /// Cross-entropy of each row of `logits [n, v]` against `targets` (all counted): returns the sum

@@ -182,10 +182,25 @@ fn batched<T: WithDType>(
 /// Every addressed element of the operands must be readable and of `dst` writable, and no other
 /// thread may touch `dst`'s elements during the call.
 unsafe fn gemm_overwrite<T: WithDType>(
+    mnk: (usize, usize, usize),
+    dst: (*mut T, isize),
+    lhs: (*const T, isize, isize),
+    rhs: (*const T, isize, isize),
+) {
+    // SAFETY: the caller's contract (above).
+    unsafe { gemm_single(mnk, dst, lhs, rhs, false) }
+}
+
+/// [`gemm_overwrite`], or with `accumulate` `dst += lhs rhs` (reading `dst`).
+///
+/// # Safety
+/// As [`gemm_overwrite`]; with `accumulate` every element of `dst` must also be initialised.
+pub(super) unsafe fn gemm_single<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut T, isize),
     (lhs, lhs_cs, lhs_rs): (*const T, isize, isize),
     (rhs, rhs_cs, rhs_rs): (*const T, isize, isize),
+    accumulate: bool,
 ) {
     // SAFETY: the caller's contract (above).
     unsafe {
@@ -196,14 +211,14 @@ unsafe fn gemm_overwrite<T: WithDType>(
             dst,
             1,
             dst_rs,
-            false, // read_dst: the output is overwritten (alpha is then ignored)
+            accumulate, // read_dst: without it the output is overwritten (alpha is then ignored)
             lhs,
             lhs_cs,
             lhs_rs,
             rhs,
             rhs_cs,
             rhs_rs,
-            T::zero(),
+            T::one(),
             T::one(),
             false,
             false,
@@ -214,7 +229,7 @@ unsafe fn gemm_overwrite<T: WithDType>(
 }
 
 /// The output's base pointer, shared by blocks that write disjoint columns.
-struct SendPtr<T>(*mut T);
+pub(super) struct SendPtr<T>(pub(super) *mut T);
 // SAFETY: see `by_columns`: the blocks write disjoint elements.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}

@@ -27,9 +27,12 @@ pub fn keep_threshold(p: f64) -> u32 {
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
+    /// The counter's increment per output.
+    pub const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+
     #[inline]
     pub fn next_u32(&mut self) -> u32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(Self::STEP);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -42,6 +45,26 @@ pub fn mask_seeds(rng: &mut impl RngCore, n: usize) -> Vec<u64> {
     (0..n.div_ceil(MASK_CHUNK))
         .map(|_| rng.next_u64())
         .collect()
+}
+
+/// Dropout's keep decisions for elements `start..start + keep.len()` of the mask [`host_mask`]
+/// draws, without drawing the elements before them: SplitMix64's state is a counter, so
+/// element `i` of a chunk is the generator's `(i + 1)`-th output from the chunk's seed (as
+/// `kernels.cu` draws it). The fused CPU attention redraws a row's mask in backward this way
+/// instead of keeping a `[b, heads, t, t]` mask.
+pub fn keep_range(seeds: &[u64], start: usize, threshold: u32, keep: &mut [bool]) {
+    let mut done = 0;
+    while done < keep.len() {
+        let e = start + done;
+        let (chunk, pos) = (e / MASK_CHUNK, e % MASK_CHUNK);
+        let len = (MASK_CHUNK - pos).min(keep.len() - done);
+        let mut r =
+            SplitMix64(seeds[chunk].wrapping_add((pos as u64).wrapping_mul(SplitMix64::STEP)));
+        for k in &mut keep[done..done + len] {
+            *k = r.next_u32() < threshold;
+        }
+        done += len;
+    }
 }
 
 /// The keep-mask of `n` elements for `seeds` (one per chunk), on the host.
@@ -165,6 +188,29 @@ mod tests {
 
     /// The mask depends on the seed alone: the fused f32 path, the host path of other dtypes and
     /// a non-contiguous input give the same mask (the CUDA kernel is held to it by `self-test`).
+    /// Any range of the mask, redrawn from the seeds alone, is that range of the full mask:
+    /// within a chunk, from a chunk's start, and across chunk edges.
+    #[test]
+    fn a_range_of_the_mask_redraws_the_same_values() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let n = 3 * MASK_CHUNK + 500;
+        let seeds = mask_seeds(&mut rng, n);
+        let threshold = keep_threshold(0.3);
+        let full = host_mask(&seeds, n, threshold);
+        assert!(full.contains(&0) && full.contains(&1));
+        for (start, len) in [
+            (0, 10),
+            (4090, 20),
+            (MASK_CHUNK, 1),
+            (100, 2 * MASK_CHUNK + 7),
+        ] {
+            let mut keep = vec![false; len];
+            keep_range(&seeds, start, threshold, &mut keep);
+            let expected: Vec<bool> = full[start..start + len].iter().map(|&k| k == 1).collect();
+            assert_eq!(keep, expected, "elements {start}..{}", start + len);
+        }
+    }
+
     #[test]
     fn mask_is_the_same_on_every_path() {
         let x = randn(&[3, 5000], 7)

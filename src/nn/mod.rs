@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod check;
 pub mod cpu;
+pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod dropout;
 pub mod embedding;
