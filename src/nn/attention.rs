@@ -3,15 +3,22 @@
 //!
 //! Memory: backward does not read saved `(batch, heads, seq, seq)` probabilities. It saves q, k, v and
 //! the per-row log-sum-exp, and recomputes the probabilities (one extra `q k^T` matmul), the way
-//! flash attention does. Only the dropout keep-mask of that shape is kept, as `u8`, when dropout is on.
+//! flash attention does. The composition keeps only the dropout keep-mask of that shape, as `u8`,
+//! when dropout is on.
 //!
 //! Fused (flash) attention on CUDA: for bf16 q, k and v with head_dim 64 or 128, a key mask
 //! `[batch, 1, 1, seq]` and no dropout, [`Attention::forward`] runs the FlashAttention-2 style
 //! kernels of `kernels.cu` (`gpu::flash_fwd` / `gpu::flash_bwd`): nothing of size `seq x seq` is
 //! allocated, q, k and v are read in the layers' layout (or after rope, `[b, heads, t, d]`) without
 //! head split / merge copies, and [`AttentionSaved`] keeps q, k, v, the output and the per-row
-//! log-sum-exp. Everything else (f32, dropout, MPNet's per-head bias, other head sizes,
-//! `SAFETUNE_FLASH=0`) takes the composition below, which stays the reference.
+//! log-sum-exp.
+//!
+//! Fused attention on the CPU: for f32 q, k and v and a key mask `[batch, 1, 1, seq]` (dropout
+//! included), the kernels of `cpu_attention.rs` work through one head's block of query rows at a
+//! time, read and write the layers' layout, and keep no `seq x seq` tensor, not even the dropout
+//! mask (its seeds are kept and the mask redrawn). Everything else (CUDA in f32 or with dropout,
+//! MPNet's per-head bias, other head sizes, `SAFETUNE_FLASH=0`, tensors autograd tracks) takes
+//! the composition below, which stays the reference.
 //!
 //! Grouped-query attention without copies: query heads `g*G .. (g+1)*G` share kv head `g`
 //! (transformers' `repeat_kv`), so viewing q `[b, heads, t, d]` as `[b, kv_heads, G*t, d]` (a free
@@ -378,8 +385,33 @@ impl Attention {
         Ok(Some((o, saved)))
     }
 
-    /// The fused CPU kernels' forward (`cpu_attention`) for f32 CPU tensors autograd does not
-    /// track and a key mask `[batch, 1, 1, seq]`; None otherwise.
+    /// The fused CPU kernels' shapes for `shape.seq` queries over `keys` keys, where they apply:
+    /// f32 CPU tensors autograd does not track and a key mask `[batch, 1, 1, keys]`.
+    fn cpu_dims(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        mask_add: &Tensor,
+        shape: AttnShape,
+        keys: usize,
+        head_dim: usize,
+    ) -> Option<cpu_attention::Dims> {
+        let qualifies = [q, k, v, mask_add]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
+        (qualifies && mask_add.dims() == [shape.batch, 1, 1, keys]).then(|| cpu_attention::Dims {
+            batch: shape.batch,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            queries: shape.seq,
+            keys,
+            head_dim,
+            causal: self.causal,
+            scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+        })
+    }
+
+    /// The fused CPU kernels' forward (`cpu_attention`) where they apply (see
+    /// [`Attention::cpu_dims`]); None otherwise.
     fn cpu_forward(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -389,23 +421,9 @@ impl Attention {
         pass: &mut Pass,
         save: bool,
     ) -> Result<Option<(Tensor, Option<AttentionSaved>)>> {
-        let qualifies = [q, k, v, mask_add]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-        if !qualifies || mask_add.dims() != [shape.batch, 1, 1, shape.seq] {
-            return Ok(None);
-        }
         let (h, kv) = (self.num_heads, self.num_kv_heads);
-        let head_dim = q.dim(1)? / h;
-        let dims = cpu_attention::Dims {
-            batch: shape.batch,
-            heads: h,
-            kv_heads: kv,
-            queries: shape.seq,
-            keys: shape.seq,
-            head_dim,
-            causal: self.causal,
-            scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+        let Some(dims) = self.cpu_dims((q, k, v), mask_add, shape, shape.seq, q.dim(1)? / h) else {
+            return Ok(None);
         };
         let (q, k) = match rope {
             Some(r) => (
@@ -534,7 +552,15 @@ impl Attention {
             None => (q, k),
         };
         let (k, v) = cache.append(k, v)?;
-        let no_padding = Tensor::zeros((batch, 1, 1, start + shape.seq), q.dtype(), q.device())?;
+        let keys = start + shape.seq;
+        let no_padding = Tensor::zeros((batch, 1, 1, keys), q.dtype(), q.device())?;
+        let head_dim = q.dim(3)?;
+        if let Some(dims) = self.cpu_dims((&q, &k, &v), &no_padding, shape, keys, head_dim) {
+            if let Some((ctx, _)) = cpu_attention::forward((&q, &k, &v), &no_padding, &dims, None)?
+            {
+                return Ok(ctx);
+            }
+        }
         let (p, _) = self.probs(&q, &k, &no_padding, false)?;
         let ctx = self.ungroup(&matmul(&self.group(&p.to_dtype(v.dtype())?)?, &v)?)?;
         self.merge_heads(&ctx, shape)
@@ -797,16 +823,22 @@ mod tests {
             causal: true,
             ..mha(2, 0.0)
         };
-        for (attn, rope) in [(decoder(0.0), Some(&rope)), (gpt, None)] {
+        // f64: the compositions; f32: the fused CPU kernels, queries the last of the keys.
+        let cases = [(DType::F64, 1e-12), (DType::F32, 1e-5)];
+        for ((attn, rope), (dtype, tol)) in [(decoder(0.0), Some(&rope)), (gpt, None)]
+            .into_iter()
+            .flat_map(|a| cases.map(|c| (a, c)))
+        {
             let (b, t, d) = (2, 6, 4);
             let (cq, ckv) = (attn.num_heads * d, attn.num_kv_heads * d);
+            let x = |shape: &[usize], seed| randn(shape, seed).to_dtype(dtype).unwrap();
             let (q, k, v) = (
-                randn(&[b * t, cq], 51),
-                randn(&[b * t, ckv], 52),
-                randn(&[b * t, ckv], 53),
+                x(&[b * t, cq], 51),
+                x(&[b * t, ckv], 52),
+                x(&[b * t, ckv], 53),
             );
             let shape = AttnShape { batch: b, seq: t };
-            let mask_add = mask(b, t, false, DType::F64);
+            let mask_add = mask(b, t, false, dtype);
             let full = Pass::inference(|pass| {
                 attn.forward((&q, &k, &v), &mask_add, shape, rope, pass, false)
             })
@@ -833,8 +865,8 @@ mod tests {
                 let got = attn.forward_cached(qkv, b, rope, &mut cache).unwrap();
                 let want = rows(&full, start, len);
                 assert!(
-                    max_abs_diff(&got, &want) < 1e-12,
-                    "positions {start}..{}",
+                    max_abs_diff(&got, &want) < tol,
+                    "{dtype:?}: positions {start}..{}",
                     start + len
                 );
             }
