@@ -4,16 +4,20 @@ patterns, one process per configuration, and prints a markdown table of ours / t
 
     python3 bench/side_by_side.py --device cpu --cores 0,1 --shape minilm --frozen 0,3,5
     python3 bench/side_by_side.py --device cuda --shape bert-base --frozen 0,6
+    python3 bench/side_by_side.py --device cpu --shape smollm2 --batch 4 --frozen 0,15,25
 
 On CPU both are pinned to the same cores (taskset) with as many threads; memory is peak RSS of the
 whole process. On CUDA, memory is peak allocated device memory above the weights.
 """
 import argparse, json, os, subprocess, sys
 
-SHAPES = {  # layers, hidden, heads, ffn
-    "minilm": (6, 384, 12, 1536),
-    "bert-base": (12, 768, 12, 3072),
-    "bert-large": (24, 1024, 16, 4096),
+SHAPES = {  # layers, hidden, heads, ffn, and for decoders the architecture flags
+    "minilm": (6, 384, 12, 1536, []),
+    "bert-base": (12, 768, 12, 3072, []),
+    "bert-large": (24, 1024, 16, 4096, []),
+    # SmolLM2-135M's body (9 heads sharing 3 kv heads) with peft_bench.py's LLaMA vocabulary of
+    # 32000 (SmolLM2's is 49152); LoRA on q_proj / v_proj, next-token loss on every position.
+    "smollm2": (30, 576, 9, 1536, ["--arch", "llama", "--kv-heads", "3"]),
 }
 
 p = argparse.ArgumentParser()
@@ -28,10 +32,11 @@ p.add_argument("--steps", type=int, default=6)
 p.add_argument("--safetune", default="./target/release/safetune")
 p.add_argument("--python", default=sys.executable)
 a = p.parse_args()
-layers, hidden, heads, ffn = SHAPES[a.shape]
+layers, hidden, heads, ffn, arch = SHAPES[a.shape]
 threads = len(a.cores.split(","))
 shape = ["--layers", str(layers), "--hidden", str(hidden), "--heads", str(heads), "--ffn", str(ffn),
-         "--batch", str(a.batch), "--seq", str(a.seq), "--lora-r", str(a.lora_r), "--steps", str(a.steps)]
+         "--batch", str(a.batch), "--seq", str(a.seq), "--lora-r", str(a.lora_r), "--steps", str(a.steps),
+         *arch]
 pin = ["taskset", "-c", a.cores] if a.device == "cpu" else []
 env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
 
