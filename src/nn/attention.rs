@@ -952,6 +952,46 @@ mod tests {
         fused_matches_composition(decoder(0.0), Some(&rope()));
     }
 
+    /// f32 on the CPU takes the fused kernels, for the layers' `[b*t, heads*d]` projections
+    /// with and without rope, dropout on or off; f64 and tensors autograd tracks do not.
+    #[test]
+    fn f32_cpu_attention_takes_the_fused_kernels() {
+        let (b, t, d) = (2, 5, 4);
+        let shape = AttnShape { batch: b, seq: t };
+        let run = |attn: Attention, rope: Option<&Rope>, dtype: DType, track: bool| {
+            let (cq, ckv) = (attn.num_heads * d, attn.num_kv_heads * d);
+            let x = |c, seed| {
+                let x = randn(&[b * t, c], seed).to_dtype(dtype).unwrap();
+                if track {
+                    candle_core::Var::from_tensor(&x)
+                        .unwrap()
+                        .as_tensor()
+                        .clone()
+                } else {
+                    x
+                }
+            };
+            let (q, k, v) = (x(cq, 1), x(ckv, 2), x(ckv, 3));
+            let mask_add = mask(b, t, true, dtype);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+            let mut pass = Pass {
+                training: true,
+                rng: &mut rng,
+                monitor: None,
+            };
+            let (_, saved) = attn
+                .forward((&q, &k, &v), &mask_add, shape, rope, &mut pass, true)
+                .unwrap();
+            matches!(saved.unwrap().path, Path::Cpu(_))
+        };
+        let rope = rope();
+        for (attn, rope) in [(mha(2, 0.1), None), (decoder(0.0), Some(&rope))] {
+            assert!(run(attn, rope, DType::F32, false));
+            assert!(!run(attn, rope, DType::F64, false));
+            assert!(!run(attn, rope, DType::F32, true));
+        }
+    }
+
     #[test]
     fn fused_cpu_blocks_of_query_rows_match_the_composition() {
         let long_rope = Rope::new(4, 400, 10000.0, &Device::Cpu).unwrap();
