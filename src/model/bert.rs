@@ -125,14 +125,21 @@ pub struct ForwardSaved<S> {
     shape: AttnShape,
 }
 
-impl<H: EncoderHead> StepMemory for BertWithHead<H> {
-    fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
-        self.layers[layer].memory(Acts::new(
+impl<H: EncoderHead> BertWithHead<H> {
+    /// Activations of `rows` sequences of `seq` tokens in the layers' dtype, on their device.
+    fn acts(&self, rows: usize, seq: usize) -> Acts {
+        Acts::new(
             rows,
             seq,
             self.embeddings.dtype(),
             &self.embeddings.device(),
-        ))
+        )
+    }
+}
+
+impl<H: EncoderHead> StepMemory for BertWithHead<H> {
+    fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
+        self.layers[layer].memory(self.acts(rows, seq))
     }
 
     fn hidden_size(&self) -> usize {
@@ -140,13 +147,7 @@ impl<H: EncoderHead> StepMemory for BertWithHead<H> {
     }
 
     fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
-        Acts::new(
-            rows,
-            seq,
-            self.embeddings.dtype(),
-            &self.embeddings.device(),
-        )
-        .of(self.config.hidden_size)
+        self.acts(rows, seq).of(self.config.hidden_size)
     }
 
     /// The classification head's dense layer and classifier work on one row each, `qa_outputs`

@@ -230,12 +230,7 @@ fn layers_between<M: DecoderParts>(
 
 impl<M: DecoderParts> StepMemory for M {
     fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
-        let acts = Acts::new(
-            rows,
-            seq,
-            self.head_weight().dtype(),
-            self.head_weight().device(),
-        );
+        let acts = Acts::like(rows, seq, self.head_weight());
         DecoderParts::layer_memory(self, &self.layers()[layer], acts)
     }
 
@@ -244,24 +239,13 @@ impl<M: DecoderParts> StepMemory for M {
     }
 
     fn hidden_bytes(&self, rows: usize, seq: usize) -> usize {
-        Acts::new(
-            rows,
-            seq,
-            self.head_weight().dtype(),
-            self.head_weight().device(),
-        )
-        .of(self.hidden_size())
+        Acts::like(rows, seq, self.head_weight()).of(self.hidden_size())
     }
 
     /// The final norm's state, the hidden gradient, and two f32 logits chunks of the LM head.
     fn head_bytes(&self, rows: usize, seq: usize) -> usize {
         let (vocab, hidden) = self.head_weight().dims2().unwrap_or((0, 0));
-        let acts = Acts::new(
-            rows,
-            seq,
-            self.head_weight().dtype(),
-            self.head_weight().device(),
-        );
+        let acts = Acts::like(rows, seq, self.head_weight());
         let chunk = lm_head_chunk_rows(vocab).min(acts.tokens());
         acts.norm(hidden) + 2 * acts.of(hidden) + 2 * chunk * vocab * 4
     }

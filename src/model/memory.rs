@@ -6,7 +6,7 @@
 use crate::adapters::LoraLinear;
 use crate::nn::attention::Attention;
 use crate::nn::dropout::Dropout;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 /// One layer of a micro-batch in training mode, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,6 +58,11 @@ impl Acts {
         }
     }
 
+    /// Activations in the dtype and on the device of `weight` (a model's tensor).
+    pub fn like(rows: usize, seq: usize, weight: &Tensor) -> Self {
+        Self::new(rows, seq, weight.dtype(), weight.device())
+    }
+
     pub fn tokens(&self) -> usize {
         self.rows * self.seq
     }
@@ -82,8 +87,9 @@ impl Acts {
     }
 
     /// Attention's saved q, k, v (after rope), per-row log-sum-exp and the probabilities'
-    /// dropout mask (but for the fused CPU kernels, which redraw it); and the output, which the fused flash kernels (CUDA builds, bf16, head_dim
-    /// 64 or 128, no dropout) keep for backward's `rowsum(dO * O)`: counted wherever they may run
+    /// dropout mask (but for the fused CPU kernels, which redraw it); and the output, which the
+    /// fused flash kernels (CUDA builds, bf16, head_dim 64 or 128, no dropout) keep for
+    /// backward's `rowsum(dO * O)`: counted wherever they may run
     /// (a CUDA build training in bf16 on the CPU over-counts it; the probabilities in
     /// [`Acts::transient`] are over-counted on the flash path, which allocates none).
     pub fn attention(&self, a: &Attention, head_dim: usize) -> usize {

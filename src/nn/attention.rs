@@ -105,20 +105,8 @@ impl AttentionSaved {
 /// What the fused CPU backward needs beyond q, k, v and the log-sum-exp.
 struct CpuSaved {
     dims: cpu_attention::Dims,
-    /// Dropout's mask seeds (the mask is redrawn), threshold and scale.
-    dropout: Option<(Vec<u64>, u32, f32)>,
-}
-
-impl CpuSaved {
-    fn drop_mask(&self) -> Option<cpu_attention::DropMask<'_>> {
-        self.dropout
-            .as_ref()
-            .map(|(seeds, threshold, scale)| cpu_attention::DropMask {
-                seeds,
-                threshold: *threshold,
-                scale: *scale,
-            })
-    }
+    /// Dropout's draw of the probabilities' mask (redrawn from its seeds).
+    dropout: Option<dropout::MaskDraw>,
 }
 
 struct FlashSaved {
@@ -436,16 +424,14 @@ impl Attention {
             ),
         };
         let v = self.heads_view(v, shape, kv)?;
-        // The composition's draw: one seed per chunk of the `[b, heads, t, t]` probabilities.
-        let p = self.dropout.p;
-        let dropout = (pass.training && p > 0.0).then(|| {
-            let n = shape.batch * h * shape.seq * shape.seq;
-            let seeds = dropout::mask_seeds(pass.rng, n);
-            (seeds, dropout::keep_threshold(p), (1.0 / (1.0 - p)) as f32)
-        });
-        let cpu = CpuSaved { dims, dropout };
+        // The composition's draw, over the `[b, heads, t, t]` probabilities.
+        let probs = shape.batch * h * shape.seq * shape.seq;
+        let cpu = CpuSaved {
+            dims,
+            dropout: self.dropout.draw(pass, probs),
+        };
         let Some((ctx, lse)) =
-            cpu_attention::forward((&q, &k, &v), mask_add, &dims, cpu.drop_mask())?
+            cpu_attention::forward((&q, &k, &v), mask_add, &dims, cpu.dropout.as_ref())?
         else {
             bail!("attention: the fused CPU kernel refused inputs it qualified");
         };
@@ -664,7 +650,7 @@ impl AttentionSaved {
         let qkv = (&self.q, &self.k, &self.v);
         let lse = &self.lse;
         let Some((dq, dk, dv)) =
-            cpu_attention::backward(qkv, &dctx, lse, &self.mask_add, &c.dims, c.drop_mask())?
+            cpu_attention::backward(qkv, &dctx, lse, &self.mask_add, &c.dims, c.dropout.as_ref())?
         else {
             bail!("attention: the fused CPU backward refused inputs its forward took");
         };

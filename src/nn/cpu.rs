@@ -11,11 +11,11 @@ use super::dropout;
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Defines `fn $name(args) -> ret` whose body is compiled three times: for AVX-512F, for AVX2 + FMA and
-/// for the build's baseline (SSE2 on x86-64), and picks the first the CPU has at run time. The
-/// elementwise loops below then use the CPU's full vector width (the baseline build vectorises
-/// them 4 lanes wide). Rust contracts no `a * b + c` into an FMA by itself, so every variant
-/// computes the same bits.
+/// Defines `[vis] fn $name(args) [-> ret]` whose body is compiled three times: for AVX-512F,
+/// for AVX2 + FMA and for the build's baseline (SSE2 on x86-64), and picks the first the CPU has
+/// at run time. The elementwise loops below then use the CPU's full vector width (the baseline
+/// build vectorises them 4 lanes wide). Rust contracts no `a * b + c` into an FMA by itself, so
+/// every variant computes the same bits.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -447,20 +447,27 @@ multiversion! {
     }
 }
 
+/// Lanes of a SIMD register-wide reduction: `f` folded over `x` in 16 interleaved lanes (which
+/// the compiler keeps in vector registers), to be folded once more by the caller.
+#[inline(always)]
+pub(super) fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
+    let mut acc = [init; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            acc[l] = f(acc[l], c[l]);
+        }
+    }
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        acc[l] = f(acc[l], v);
+    }
+    acc
+}
+
 multiversion! {
     /// The largest element (NEG_INFINITY for an empty row), over 16 lanes.
-    fn row_max(z: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; 16];
-        let mut chunks = z.chunks_exact(16);
-        for c in &mut chunks {
-            for l in 0..16 {
-                acc[l] = acc[l].max(c[l]);
-            }
-        }
-        for (l, &v) in chunks.remainder().iter().enumerate() {
-            acc[l] = acc[l].max(v);
-        }
-        acc.into_iter().fold(f32::NEG_INFINITY, f32::max)
+    pub(super) fn row_max(z: &[f32]) -> f32 {
+        lanes(z, f32::NEG_INFINITY, f32::max).into_iter().fold(f32::NEG_INFINITY, f32::max)
     }
 }
 

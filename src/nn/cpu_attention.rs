@@ -16,9 +16,9 @@
 //! rayon's threads; backward spreads (batch, kv head) pairs, whose query heads add into one
 //! dk and dv (grouped-query attention without expanded copies).
 
-use super::cpu::{exp_f32, multiversion};
+use super::cpu::{exp_f32, lanes, multiversion, row_max};
 use super::cpu_matmul::{gemm_single, SendPtr};
-use super::dropout;
+use super::dropout::{self, MaskDraw};
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -34,15 +34,6 @@ pub struct Dims {
     pub head_dim: usize,
     pub causal: bool,
     /// Multiplies the scores before the mask is added (`1 / sqrt(head_dim)`).
-    pub scale: f32,
-}
-
-/// Dropout on the probabilities: the mask of a `[b, heads, queries, keys]` tensor drawn from
-/// `seeds` (see [`dropout::keep_range`]), kept values multiplied by `scale`.
-#[derive(Clone, Copy)]
-pub struct DropMask<'a> {
-    pub seeds: &'a [u64],
-    pub threshold: u32,
     pub scale: f32,
 }
 
@@ -222,7 +213,7 @@ pub fn forward(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     mask_add: &Tensor,
     dims: &Dims,
-    drop: Option<DropMask>,
+    drop: Option<&MaskDraw>,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let dm = *dims;
     let (b, h, kv, t, t2, d) = dm.sizes();
@@ -257,8 +248,8 @@ pub fn forward(
                     row[nv..].fill(0.0);
                     if let Some(dr) = drop {
                         let keep = &mut keep[..nv];
-                        dropout::keep_range(dr.seeds, (bh * t + i) * t2, dr.threshold, keep);
-                        apply_keep(&mut row[..nv], keep, dr.scale);
+                        dropout::keep_range(&dr.seeds, (bh * t + i) * t2, dr.threshold, keep);
+                        apply_keep(&mut row[..nv], keep, dr.scale as f32);
                     }
                 }
                 // SAFETY: rows i0..i0 + rows, columns hi*d.. of the [b*t, h*d] context: written
@@ -293,7 +284,7 @@ pub fn backward(
     lse: &Tensor,
     mask_add: &Tensor,
     dims: &Dims,
-    drop: Option<DropMask>,
+    drop: Option<&MaskDraw>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let dm = *dims;
     let (b, h, kv, t, t2, d) = dm.sizes();
@@ -354,12 +345,12 @@ pub fn backward(
                         if let Some(dr) = drop {
                             let keep = &mut keep[..nv];
                             let e = ((bi * h + hi) * t + i) * t2;
-                            dropout::keep_range(dr.seeds, e, dr.threshold, keep);
+                            dropout::keep_range(&dr.seeds, e, dr.threshold, keep);
                             let pd = &mut p_drop[r * n..(r + 1) * n];
                             pd[..nv].copy_from_slice(&p_row[..nv]);
                             pd[nv..].fill(0.0);
-                            apply_keep(&mut pd[..nv], keep, dr.scale);
-                            apply_keep(&mut dp_row[..nv], keep, dr.scale);
+                            apply_keep(&mut pd[..nv], keep, dr.scale as f32);
+                            apply_keep(&mut dp_row[..nv], keep, dr.scale as f32);
                         }
                     }
                     let pv: &[f32] = if drop.is_some() {
@@ -443,7 +434,7 @@ multiversion! {
         for (p, &m) in p.iter_mut().zip(m) {
             *p = *p * scale + m;
         }
-        let max = lanes(p, f32::NEG_INFINITY, |a, x| a.max(x)).into_iter().fold(f32::NEG_INFINITY, f32::max);
+        let max = row_max(p);
         for p in p.iter_mut() {
             *p = exp_f32(*p - max);
         }
@@ -452,23 +443,6 @@ multiversion! {
         p.iter_mut().for_each(|v| *v *= inv);
         max + sum.ln()
     }
-}
-
-/// Lanes of a SIMD register-wide reduction: `f` folded over `x` in 16 interleaved lanes (which
-/// the compiler keeps in vector registers), to be folded once more by the caller.
-#[inline(always)]
-fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
-    let mut acc = [init; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for l in 0..16 {
-            acc[l] = f(acc[l], c[l]);
-        }
-    }
-    for (l, &v) in chunks.remainder().iter().enumerate() {
-        acc[l] = f(acc[l], v);
-    }
-    acc
 }
 
 multiversion! {

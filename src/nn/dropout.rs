@@ -92,9 +92,28 @@ pub struct DropoutSaved {
     scale: f64,
 }
 
+/// One pass's draw of an `n`-element mask: its seeds (see [`mask_seeds`]), the keep threshold
+/// and the scale of a kept value.
+pub struct MaskDraw {
+    pub seeds: Vec<u64>,
+    pub threshold: u32,
+    pub scale: f64,
+}
+
 impl Dropout {
     pub fn new(p: f64) -> Self {
         Self { p }
+    }
+
+    /// The mask of `n` elements this pass draws from the run's RNG; None (and nothing drawn) in
+    /// inference or when `p == 0`. The fused CPU attention keeps the draw and expands it where
+    /// it needs it (see [`keep_range`]).
+    pub fn draw(&self, pass: &mut Pass, n: usize) -> Option<MaskDraw> {
+        (pass.training && self.p > 0.0).then(|| MaskDraw {
+            seeds: mask_seeds(pass.rng, n),
+            threshold: keep_threshold(self.p),
+            scale: 1.0 / (1.0 - self.p),
+        })
     }
 
     /// Returns `x` unchanged (and nothing saved) in inference or when `p == 0`.
@@ -104,13 +123,15 @@ impl Dropout {
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, Option<DropoutSaved>)> {
-        if !pass.training || self.p <= 0.0 {
-            return Ok((x.clone(), None));
-        }
         let n = x.elem_count();
-        let seeds = mask_seeds(pass.rng, n);
-        let threshold = keep_threshold(self.p);
-        let scale = 1.0 / (1.0 - self.p);
+        let Some(MaskDraw {
+            seeds,
+            threshold,
+            scale,
+        }) = self.draw(pass, n)
+        else {
+            return Ok((x.clone(), None));
+        };
         let fused = match super::cpu::dropout_fwd(x, &seeds, threshold, scale as f32)? {
             Some(out) => Some(out),
             None => super::gpu::dropout_fwd(x, &seeds, threshold, scale as f32)?,
