@@ -3,7 +3,7 @@
 //! [`Adapted`] follows from that. A layer's saved linear states are kept by site
 //! ([`SiteStates`]), so backward reads what forward saved whatever the order of calls.
 
-use super::lora::{CkaRows, LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved};
+use super::lora::{CkaRows, LoraAdapter, LoraConfig, LoraGrads, LoraLinear, LoraLinearSaved, Save};
 use super::{Adapted, AdapterId, HeadParam};
 use crate::nn::Pass;
 use crate::safe::MonitorPoint;
@@ -363,8 +363,28 @@ impl<'a, L: Block> SiteForward<'a, L> {
     }
 
     pub fn run(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        self.run_saving(site, x, pass, Save::Input)
+    }
+
+    /// [`SiteForward::run`] keeping no input for the adapter: the layer's backward recomputes it
+    /// ([`SiteBackward::back_dx_recomputed`]).
+    pub fn run_recomputed(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        self.run_saving(site, x, pass, Save::Recomputed)
+    }
+
+    fn run_saving(
+        &mut self,
+        site: L::Site,
+        x: &Tensor,
+        pass: &mut Pass,
+        save: Save,
+    ) -> Result<Tensor> {
         // Monitoring runs on `monitor_layer`'s inference pass and saves nothing.
-        let save = self.save && self.monitor.is_none();
+        let save = if self.save && self.monitor.is_none() {
+            save
+        } else {
+            Save::Nothing
+        };
         let (y, saved, rows) = self.layer.linear(site).forward_rows(x, pass, save)?;
         self.states.put(site, saved)?;
         match (self.monitor.as_deref_mut(), rows) {
@@ -411,6 +431,30 @@ impl<'a, L: Block> SiteBackward<'a, L> {
     /// `back` where `dx` is always needed.
     pub fn back_dx(&mut self, site: L::Site, dy: &Tensor) -> Result<Tensor> {
         Ok(self.back(site, dy, true)?.expect("dx requested"))
+    }
+
+    /// `back_dx` of a site run by [`SiteForward::run_recomputed`]: `input` gives its input back,
+    /// called only when its adapter trains.
+    pub fn back_dx_recomputed(
+        &mut self,
+        site: L::Site,
+        dy: &Tensor,
+        input: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let st = self.states.take(site)?;
+        let x = if st.needs_input() {
+            Some(input()?)
+        } else {
+            None
+        };
+        let (dx, g) = self
+            .layer
+            .linear(site)
+            .backward_with_input(st, dy, true, x)?;
+        if let Some(g) = g {
+            self.grads.push((site, g));
+        }
+        Ok(dx.expect("dx requested"))
     }
 
     /// The gradients by site, in site order.

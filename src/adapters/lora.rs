@@ -98,12 +98,17 @@ impl LoraAdapter {
         &self,
         x: &Tensor,
         pass: &mut Pass,
-        save: bool,
+        save: Save,
     ) -> Result<(Tensor, LoraLinearSaved, (Tensor, Tensor))> {
-        let (xd, drop) = self.dropout.forward(x, pass, save)?;
+        let (xd, drop) = self.dropout.forward(x, pass, save != Save::Nothing)?;
         let (xa, u, b) = self.rank_r(&xd)?;
         let y = matmul(&u, &b.t()?)?;
-        let inputs = (save && self.trainable).then(|| (x.clone(), xa));
+        let inputs = match save {
+            _ if !self.trainable => None,
+            Save::Nothing => None,
+            Save::Input => Some((Some(x.clone()), xa)),
+            Save::Recomputed => Some((None, xa)),
+        };
         Ok((y, LoraLinearSaved { inputs, drop }, (u, b)))
     }
 
@@ -125,9 +130,33 @@ pub struct LoraLinear {
     pub lora: Option<LoraAdapter>,
 }
 
-/// Saved for backward: the adapter's dropout mask, and its inputs only while it trains.
+/// What a training forward keeps of a linear's input for its adapter's gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Save {
+    /// Nothing (inference, or a pass that will not run backward).
+    Nothing,
+    /// The input itself.
+    Input,
+    /// Not the input: the layer recomputes it for backward from state it keeps anyway (the
+    /// activation between a feed-forward's two linears, from the activation's own saved input).
+    Recomputed,
+}
+
+impl Save {
+    /// `Input` when `save`, else `Nothing`.
+    pub fn input_if(save: bool) -> Self {
+        if save {
+            Self::Input
+        } else {
+            Self::Nothing
+        }
+    }
+}
+
+/// Saved for backward: the adapter's dropout mask, and while it trains `x A^T` and (unless the
+/// layer recomputes it) its input.
 pub struct LoraLinearSaved {
-    inputs: Option<(Tensor, Tensor)>,
+    inputs: Option<(Option<Tensor>, Tensor)>,
     drop: Option<DropoutSaved>,
 }
 
@@ -137,6 +166,11 @@ impl LoraLinearSaved {
         inputs: None,
         drop: None,
     };
+
+    /// Whether backward needs the input given back ([`Save::Recomputed`] on a trainable adapter).
+    pub fn needs_input(&self) -> bool {
+        matches!(self.inputs, Some((None, _)))
+    }
 }
 
 /// What SAFE's CKA needs of one adapter on one batch, as `[rows, d]` tensors.
@@ -184,7 +218,7 @@ impl LoraLinear {
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
-        let (y, saved, _) = self.forward_rows(x, pass, save)?;
+        let (y, saved, _) = self.forward_rows(x, pass, Save::input_if(save))?;
         Ok((y, saved))
     }
 
@@ -196,7 +230,7 @@ impl LoraLinear {
         &self,
         x: &Tensor,
         pass: &mut Pass,
-        save: bool,
+        save: Save,
     ) -> Result<(Tensor, LoraLinearSaved, Option<CkaRows>)> {
         let base = self.base.forward(x)?;
         let Some(lora) = &self.lora else {
@@ -213,6 +247,18 @@ impl LoraLinear {
         saved: LoraLinearSaved,
         dy: &Tensor,
         need_dx: bool,
+    ) -> Result<(Option<Tensor>, Option<LoraGrads>)> {
+        self.backward_with_input(saved, dy, need_dx, None)
+    }
+
+    /// [`LoraLinear::backward`] given the input its forward did not keep ([`Save::Recomputed`];
+    /// an error if it is needed and not given).
+    pub fn backward_with_input(
+        &self,
+        saved: LoraLinearSaved,
+        dy: &Tensor,
+        need_dx: bool,
+        input: Option<Tensor>,
     ) -> Result<(Option<Tensor>, Option<LoraGrads>)> {
         let mut dx = if need_dx {
             Some(self.base.backward_input(dy)?)
@@ -235,6 +281,9 @@ impl LoraLinear {
         }
         let grads = match saved.inputs {
             Some((x, xa)) => {
+                let Some(x) = x.or(input) else {
+                    candle_core::bail!("a recomputed LoRA input was not given to backward");
+                };
                 let xd = dropout::backward_opt(&saved.drop, x)?;
                 Some(LoraGrads {
                     a: matmul(&dxa.t()?, &xd)?.to_dtype(lora.a.dtype())?,
@@ -252,7 +301,7 @@ impl LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check, randn};
+    use crate::nn::gradcheck::{check, max_abs_diff, randn};
     use rand::SeedableRng;
 
     fn layer(a: &Tensor, b: &Tensor, trainable: bool, p: f64) -> LoraLinear {
@@ -316,6 +365,36 @@ mod tests {
             |t| Ok(fwd(&l, &t[0], false).0),
             1e-10,
         );
+    }
+
+    #[test]
+    fn recomputed_input_gives_the_kept_inputs_gradients() {
+        let (x, a, b) = (randn(&[7, 6], 81), randn(&[3, 6], 82), randn(&[4, 3], 83));
+        let dy = randn(&[7, 4], 84);
+        for p in [0.0, 0.3] {
+            let l = layer(&a, &b, true, p);
+            let run = |save: Save| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+                let mut pass = Pass {
+                    training: true,
+                    rng: &mut rng,
+                    monitor: None,
+                };
+                l.forward_rows(&x, &mut pass, save).unwrap().1
+            };
+            let (kept, recomputed) = (run(Save::Input), run(Save::Recomputed));
+            assert!(!kept.needs_input() && recomputed.needs_input());
+            let (dx1, g1) = l.backward(kept, &dy, true).unwrap();
+            let (dx2, g2) = l
+                .backward_with_input(recomputed, &dy, true, Some(x.clone()))
+                .unwrap();
+            let (g1, g2) = (g1.unwrap(), g2.unwrap());
+            for (u, v) in [(dx1.unwrap(), dx2.unwrap()), (g1.a, g2.a), (g1.b, g2.b)] {
+                assert_eq!(max_abs_diff(&u, &v), 0.0);
+            }
+            let err = l.backward(run(Save::Recomputed), &dy, true);
+            assert!(err.is_err(), "a missing recomputed input must be an error");
+        }
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl BertLayer {
         let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
-        let o = lin.run(Site::Output, &g, pass)?;
+        let o = lin.run_recomputed(Site::Output, &g, pass)?;
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let (out, ln_out) = self.ln_out.forward(&nn::add(&o, &a)?, save)?;
@@ -176,7 +176,7 @@ impl BertLayer {
         let (x, ln_out) = self.ln_out.forward(&a, save)?;
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &x, pass)?, save)?;
         drop(x);
-        let o = lin.run(Site::Output, &g, pass)?;
+        let o = lin.run_recomputed(Site::Output, &g, pass)?;
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let out = nn::add(&o, &a)?;
@@ -205,7 +205,7 @@ impl BertLayer {
         // out = o + a: dout reaches a directly and through the MLP branch.
         let d_x2 = {
             let d_o = dropout::backward_opt(&saved.drop_out, dout.clone())?;
-            let d_g = lin.back_dx(Site::Output, &d_o)?;
+            let d_g = lin.back_dx_recomputed(Site::Output, &d_o, || saved.gelu.output())?;
             drop(d_o);
             let d_i = saved.gelu.backward(&d_g)?;
             lin.back_dx(Site::Intermediate, &d_i)?
@@ -238,18 +238,19 @@ impl BertLayer {
             lin(Site::Intermediate).base.out_features(),
         );
         let linears = acts.lora_group(&[lin(Site::Query), lin(Site::Key), lin(Site::Value)])
-            + acts.lora_group(&[lin(Site::AttnOut)])
             + acts.lora_group(&[lin(Site::Intermediate)])
-            + acts.lora_group(&[lin(Site::Output)]);
+            + acts.lora_group_recomputed(&[lin(Site::Output)]);
+        let head_dim = h / self.attention.num_heads;
         let state = linears
-            + acts.attention(&self.attention, h / self.attention.num_heads)
+            + acts.attention_then(&self.attention, head_dim, lin(Site::AttnOut))
             + acts.mask(&self.dropout_attn, h)
             + acts.mask(&self.dropout, h)
             + 2 * acts.norm(h)
             + acts.of(f);
         LayerMemory {
             state,
-            transient: acts.transient(&self.attention, h / self.attention.num_heads, h, f),
+            transient: acts.transient(&self.attention, head_dim, h, f)
+                + acts.recomputed_input(&[lin(Site::Output)]),
         }
     }
 
@@ -269,7 +270,7 @@ impl BertLayer {
         drop(saved.ln_out);
         let d_i = {
             let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
-            let d_g = lin.back_dx(Site::Output, &d_o)?;
+            let d_g = lin.back_dx_recomputed(Site::Output, &d_o, || saved.gelu.output())?;
             drop(d_o);
             saved.gelu.backward(&d_g)?
         };

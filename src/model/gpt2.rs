@@ -263,17 +263,18 @@ impl Gpt2Block {
         use Gpt2Site::*;
         let lin = |s: Gpt2Site| crate::adapters::Block::linear(self, s);
         let (h, f) = (lin(CAttn).base.in_features(), lin(CFc).base.out_features());
-        let state = [CAttn, AttnCProj, CFc, MlpCProj]
-            .iter()
-            .map(|&s| acts.lora_group(&[lin(s)]))
-            .sum::<usize>()
+        let head_dim = h / self.attention.num_heads;
+        let state = acts.lora_group(&[lin(CAttn)])
+            + acts.lora_group(&[lin(CFc)])
+            + acts.lora_group_recomputed(&[lin(MlpCProj)])
             + 2 * acts.norm(h)
-            + acts.attention(&self.attention, h / self.attention.num_heads)
+            + acts.attention_then(&self.attention, head_dim, lin(AttnCProj))
             + 2 * acts.mask(&self.resid_dropout, h)
             + acts.of(f);
         LayerMemory {
             state,
-            transient: acts.transient(&self.attention, h / self.attention.num_heads, h, f),
+            transient: acts.transient(&self.attention, head_dim, h, f)
+                + acts.recomputed_input(&[lin(MlpCProj)]),
         }
     }
 
@@ -344,7 +345,7 @@ impl Gpt2Block {
         drop(hn);
         let (g, gelu) = gelu::forward_kind(&f, self.act, save)?;
         drop(f);
-        let m = lin.run(Gpt2Site::MlpCProj, &g, pass)?;
+        let m = lin.run_recomputed(Gpt2Site::MlpCProj, &g, pass)?;
         drop(g);
         let (m, drop_mlp) = self.resid_dropout.forward(&m, pass, save)?;
         let out = nn::add(&h, &m)?;
@@ -372,7 +373,7 @@ impl Gpt2Block {
     ) -> Result<(Option<Tensor>, BlockGrads)> {
         let mut lin = SiteBackward::new(self, saved.lin);
         let dm = dropout::backward_opt(&saved.drop_mlp, dout.clone())?;
-        let dg = lin.back_dx(Gpt2Site::MlpCProj, &dm)?;
+        let dg = lin.back_dx_recomputed(Gpt2Site::MlpCProj, &dm, || saved.gelu.output())?;
         drop(dm);
         let df = saved.gelu.backward(&dg)?;
         drop(dg);

@@ -166,7 +166,7 @@ impl LlamaLayer {
         drop(hn);
         let (a, sw) = swiglu::forward(&g, &u, save)?;
         drop((g, u));
-        let out = nn::add(&h, &lin.run(LlamaSite::Down, &a, pass)?)?;
+        let out = nn::add(&h, &lin.run_recomputed(LlamaSite::Down, &a, pass)?)?;
         // Every part is Some when `save` is set.
         let saved = (|| {
             Some(LlamaLayerSaved {
@@ -187,16 +187,15 @@ impl LlamaLayer {
         let lin = |s: LlamaSite| crate::adapters::Block::linear(self, s);
         let (h, f) = (lin(Q).base.in_features(), lin(Gate).base.out_features());
         let head_dim = lin(Q).base.out_features() / self.attention.num_heads;
-        let state = acts.lora_group(&[lin(Q), lin(K), lin(V)])
-            + acts.lora_group(&[lin(O)])
-            + acts.lora_group(&[lin(Gate), lin(Up)])
-            + acts.lora_group(&[lin(Down)])
-            + 2 * acts.norm(h)
-            + acts.attention(&self.attention, head_dim)
+        let state = acts.norm_then(&self.input_norm, &[lin(Q), lin(K), lin(V)])
+            + acts.attention_then(&self.attention, head_dim, lin(O))
+            + acts.norm_then(&self.post_attention_norm, &[lin(Gate), lin(Up)])
+            + acts.lora_group_recomputed(&[lin(Down)])
             + 2 * acts.of(f);
         LayerMemory {
             state,
-            transient: acts.transient(&self.attention, head_dim, h, f),
+            transient: acts.transient(&self.attention, head_dim, h, f)
+                + acts.recomputed_input(&[lin(Down)]),
         }
     }
 
@@ -214,7 +213,7 @@ impl LlamaLayer {
                 (a, d) => a.or(d),
             })
         };
-        let da = lin.back_dx(LlamaSite::Down, dout)?;
+        let da = lin.back_dx_recomputed(LlamaSite::Down, dout, || saved.swiglu.output())?;
         let (dg, du) = saved.swiglu.backward(&da)?;
         drop(da);
         let dhn = add(

@@ -6,6 +6,7 @@
 use crate::adapters::LoraLinear;
 use crate::nn::attention::Attention;
 use crate::nn::dropout::Dropout;
+use crate::nn::norm::Norm;
 use candle_core::{DType, Device, Tensor};
 
 /// One layer of a micro-batch in training mode, in bytes.
@@ -39,6 +40,7 @@ pub trait StepMemory: crate::adapters::Adapted {
 pub struct Acts {
     pub rows: usize,
     pub seq: usize,
+    pub dtype: DType,
     pub act: usize,
     pub compute: usize,
     /// Attention runs the fused CPU kernels (`nn::cpu_attention`: f32 on the CPU), which keep
@@ -52,6 +54,7 @@ impl Acts {
         Self {
             rows,
             seq,
+            dtype,
             act: dtype.size_in_bytes(),
             compute: crate::device::compute_dtype(dtype).size_in_bytes(),
             cpu_fused: device.is_cpu() && dtype == DType::F32,
@@ -141,6 +144,41 @@ impl Acts {
             }
         }
         bytes + input
+    }
+
+    /// [`Acts::lora_group`] of linears whose input backward recomputes (`Save::Recomputed`).
+    pub fn lora_group_recomputed(&self, linears: &[&LoraLinear]) -> usize {
+        self.lora_group(linears) - self.recomputed_input(linears)
+    }
+
+    /// The input those linears' backward recomputes, when an adapter among them trains: a
+    /// temporary of the layer in backward (so [`Acts::transient`] of its layer adds it).
+    pub fn recomputed_input(&self, linears: &[&LoraLinear]) -> usize {
+        match linears.iter().find(|l| l.trains()) {
+            Some(l) => self.of(l.base.in_features()),
+            None => 0,
+        }
+    }
+
+    /// A norm and the linears reading its output ([`Acts::lora_group`]): the output counts once
+    /// where the norm keeps it for its own backward ([`Norm::keeps_output`]), as the adapters
+    /// keep the same tensor.
+    pub fn norm_then(&self, norm: &Norm, linears: &[&LoraLinear]) -> usize {
+        let width = norm.weight.elem_count();
+        let shared = norm.keeps_output(self.dtype) && linears.iter().any(|l| l.trains());
+        self.norm(width) + self.lora_group(linears) - if shared { self.of(width) } else { 0 }
+    }
+
+    /// Attention and the linear reading its output: the flash kernels keep the output that
+    /// linear's adapter keeps too, so it counts once.
+    pub fn attention_then(&self, a: &Attention, head_dim: usize, out: &LoraLinear) -> usize {
+        let shared = self.flash(a, head_dim) && out.trains();
+        self.attention(a, head_dim) + self.lora_group(&[out])
+            - if shared {
+                self.of(a.num_heads * head_dim)
+            } else {
+                0
+            }
     }
 
     /// A layer's temporaries beside its state: the attention probabilities (fused softmax

@@ -224,30 +224,37 @@ fn norm_tensors(
 /// for LayerNorm; RMSNorm (`center = false`) without the `mean(g)` term.
 pub fn norm_bwd(
     dy: &Tensor,
-    xhat: &Tensor,
+    rows: &Tensor,
     rstd: &Tensor,
     gamma: &Tensor,
     center: bool,
+    from_output: bool,
 ) -> Result<Option<Tensor>> {
     let c = dy.dim(candle_core::D::Minus1)?;
-    let rows = dy.elem_count() / c;
-    let out = slices!(dy, xhat, rstd, gamma => {
-        let mut dx = vec![0f32; rows * c];
+    let n = dy.elem_count() / c;
+    let out = slices!(dy, rows, rstd, gamma => {
+        let mut dx = vec![0f32; n * c];
         dx.par_chunks_mut(c)
             .zip(dy.par_chunks(c))
-            .zip(xhat.par_chunks(c))
+            .zip(rows.par_chunks(c))
             .zip(rstd.par_iter())
-            .for_each(|(((dx, dy), xh), &rs)| {
+            .for_each(|(((dx, dy), xs), &rs)| {
+                // `xs` is xhat, or the output y = xhat * gamma (`from_output`).
+                let xhat = |i: usize| if from_output { xs[i] / gamma[i] } else { xs[i] };
                 let (mut sg, mut sgx) = (0f64, 0f64);
                 for i in 0..c {
                     let g = (dy[i] * gamma[i]) as f64;
                     sg += g;
-                    sgx += g * xh[i] as f64;
+                    sgx += if from_output {
+                        (dy[i] * xs[i]) as f64
+                    } else {
+                        g * xs[i] as f64
+                    };
                 }
                 let mg = if center { (sg / c as f64) as f32 } else { 0.0 };
                 let mgx = (sgx / c as f64) as f32;
                 for i in 0..c {
-                    dx[i] = rs * (dy[i] * gamma[i] - mg - xh[i] * mgx);
+                    dx[i] = rs * (dy[i] * gamma[i] - mg - xhat(i) * mgx);
                 }
             });
         dx

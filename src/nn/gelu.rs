@@ -49,6 +49,12 @@ pub fn forward_reference(x: &Tensor, kind: GeluKind) -> Result<Tensor> {
 }
 
 impl GeluSaved {
+    /// The forward's output, recomputed from the saved input (for the linear that reads it, which
+    /// keeps no copy).
+    pub fn output(&self) -> Result<Tensor> {
+        Ok(forward_kind(&self.x, self.kind, false)?.0)
+    }
+
     /// Erf: `dy * (Phi(x) + x * phi(x))`, `phi` the standard normal density. Tanh: `dy * (0.5 (1 +
     /// t) + 0.5 x (1 - t^2) u')` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, `t = tanh(u)`.
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {

@@ -277,34 +277,36 @@ mod imp {
         Ok(Some((y, xhat, rstd)))
     }
 
+    /// `rows` is xhat, or the output where `from_output` (see `nn::norm::NormSaved`).
     pub fn norm_bwd(
         dy: &Tensor,
-        xhat: &Tensor,
+        rows: &Tensor,
         rstd: &Tensor,
         weight: &Tensor,
         center: bool,
+        from_output: bool,
     ) -> Result<Option<Tensor>> {
-        let Some(sfx) = suffix(dy.dtype(), &[dy, xhat, weight]) else {
+        let Some(sfx) = suffix(dy.dtype(), &[dy, rows, weight]) else {
             return Ok(None);
         };
         if !f32_on_cuda(&[rstd]) {
             return Ok(None);
         }
         let c = dy.dim(D::Minus1)?;
-        let rows = dy.elem_count() / c;
-        check_same_len("norm_bwd", &[("dy", dy), ("xhat", xhat)])?;
+        let n = dy.elem_count() / c;
+        check_same_len("norm_bwd", &[("dy", dy), ("rows", rows)])?;
         check_len("norm_bwd", "weight", weight, c)?;
-        check_len("norm_bwd", "rstd", rstd, rows)?;
+        check_len("norm_bwd", "rstd", rstd, n)?;
         let dev = device(dy)?;
         let (dx, pdx) = output(&dev, dy.dtype(), dy.shape())?;
         let (pdy, ph, pr, pw) = (
             ptr(dy, &dev)?,
-            ptr(xhat, &dev)?,
+            ptr(rows, &dev)?,
             ptr(rstd, &dev)?,
             ptr(weight, &dev)?,
         );
-        let (c32, center) = (c as i32, center as i32);
-        launch!(dev, format!("st_norm_bwd_{sfx}"), rows_cfg(rows, c); pdy, ph, pr, pw, pdx, c32, center);
+        let (c32, center, from_output) = (c as i32, center as i32, from_output as i32);
+        launch!(dev, format!("st_norm_bwd_{sfx}"), rows_cfg(n, c); pdy, ph, pr, pw, pdx, c32, center, from_output);
         Ok(Some(dx))
     }
 
@@ -625,20 +627,25 @@ mod imp {
         Ok(Some(mask_add.to_dtype(DType::F32)?.contiguous()?))
     }
 
-    /// Query rows per forward block (`BR` of `flash_fwd` in kernels.cu).
-    fn fwd_rows(d: usize) -> usize {
+    /// The forward's tile (`MT`, `BC` of `flash_fwd` in kernels.cu): 16-row m-tiles per warp
+    /// and keys per block; one kernel is instantiated for each.
+    fn fwd_tile(d: usize) -> (usize, usize) {
         if d == 128 {
-            64
+            (1, 32)
         } else {
-            128
+            (2, 64)
         }
     }
 
+    /// Query rows per forward block (`BR` of `flash_fwd` in kernels.cu).
+    fn fwd_rows(d: usize) -> usize {
+        64 * fwd_tile(d).0
+    }
+
     /// Dynamic shared memory of the forward: q (`fwd_rows` rows), and two buffers of k, v and
-    /// the key mask (a key block each: 64 rows, 32 at head_dim 128, as `flash_fwd` in
-    /// kernels.cu).
+    /// the key mask (a key block each).
     fn fwd_smem(d: usize) -> usize {
-        let key_block = if d == 128 { 32 } else { 64 };
+        let key_block = fwd_tile(d).1;
         (fwd_rows(d) + 4 * key_block) * (d + 8) * 2 + 2 * key_block * 4
     }
 
@@ -684,7 +691,8 @@ mod imp {
             ptr(v.t, &dev)?,
             ptr(&mask, &dev)?,
         );
-        let name = format!("st_flash_fwd_d{d}_bf16");
+        let (mt, bc) = fwd_tile(d);
+        let name = format!("st_flash_fwd_d{d}_m{mt}c{bc}_bf16");
         let smem = fwd_smem(d);
         big_smem(&dev, &name, smem)?;
         let cfg = LaunchConfig {
@@ -886,6 +894,7 @@ mod imp {
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
+        _: bool,
         _: bool,
     ) -> Result<Option<Tensor>> {
         Ok(None)

@@ -75,22 +75,24 @@ __device__ void norm_fwd(const T* x, const T* gamma, const T* beta, T* y, T* xha
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma (no mean(g) term for RMSNorm).
+// `rows` is xhat, or with `from_output` the RMSNorm's output y = xhat * gamma (xhat = y / gamma).
 template <typename T>
-__device__ void norm_bwd(const T* dy, const T* xhat, const float* rstd, const T* gamma, T* dx,
-                         int c, int center) {
+__device__ void norm_bwd(const T* dy, const T* rows, const float* rstd, const T* gamma, T* dx,
+                         int c, int center, int from_output) {
   const size_t row = blockIdx.x;
-  dy += row * c; xhat += row * c; dx += row * c;
+  dy += row * c; rows += row * c; dx += row * c;
   float sg = 0.f, sgx = 0.f;
   for (int i = threadIdx.x; i < c; i += blockDim.x) {
     const float g = ld(dy[i]) * ld(gamma[i]);
     sg += g;
-    sgx += g * ld(xhat[i]);
+    sgx += from_output ? ld(dy[i]) * ld(rows[i]) : g * ld(rows[i]);
   }
   sg = block_sum(sg);
   sgx = block_sum(sgx);
   const float mg = center ? sg / c : 0.f, mgx = sgx / c, rs = rstd[row];
   for (int i = threadIdx.x; i < c; i += blockDim.x) {
-    dx[i] = st<T>(rs * (ld(dy[i]) * ld(gamma[i]) - mg - ld(xhat[i]) * mgx));
+    const float xh = from_output ? ld(rows[i]) / ld(gamma[i]) : ld(rows[i]);
+    dx[i] = st<T>(rs * (ld(dy[i]) * ld(gamma[i]) - mg - xh * mgx));
   }
 }
 
@@ -327,9 +329,10 @@ __device__ void dequant(const uint8_t* q, T* y, size_t n, int fmt) {
                                              T* xhat, float* rstd, int c, float eps, int center) { \
     norm_fwd<T>(x, gamma, beta, y, xhat, rstd, c, eps, center);                                   \
   }                                                                                               \
-  extern "C" __global__ void st_norm_bwd_##S(const T* dy, const T* xhat, const float* rstd,       \
-                                             const T* gamma, T* dx, int c, int center) {          \
-    norm_bwd<T>(dy, xhat, rstd, gamma, dx, c, center);                                            \
+  extern "C" __global__ void st_norm_bwd_##S(const T* dy, const T* rows, const float* rstd,       \
+                                             const T* gamma, T* dx, int c, int center,            \
+                                             int from_output) {                                   \
+    norm_bwd<T>(dy, rows, rstd, gamma, dx, c, center, from_output);                               \
   }                                                                                               \
   extern "C" __global__ void st_gelu_erf_bwd_##S(const T* x, const T* dy, T* dx, size_t n) {      \
     gelu_erf_bwd<T>(x, dy, dx, n);                                                                \
@@ -512,7 +515,7 @@ __device__ __forceinline__ void ldsm_b(uint32_t* b, const bf16* tile, int SS, in
 // key blocks are 32 wide: two m-tiles' output accumulators and 64-wide score tiles spilled to
 // local memory (ncu: 255 registers, 3.0 M spill requests per T=4096 call, 8 warps an SM); one
 // m-tile and 32-wide blocks take 127 registers, so four blocks share an SM.
-template <int D>
+template <int D, int MT, int BC>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const float* __restrict__ mask,
                           bf16* __restrict__ o, float* __restrict__ lse, int T, int H, int KVH,
@@ -520,7 +523,7 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           long long ksh, long long ksr, long long vsb, long long vsh,
                           long long vsr, long long osb, long long osh, long long osr,
                           float scale, int causal) {
-  constexpr int MT = D == 128 ? 1 : 2, BR = 64 * MT, BC = D == 128 ? 32 : 64, SD = D + 8;
+  constexpr int BR = 64 * MT, SD = D + 8;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
   bf16* sK = sQ + BR * SD;                       // 2 x [BC][SD]
@@ -963,15 +966,19 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     }
 }
 
-#define FLASH_INSTANTIATE(DIM)                                                                   \
-  extern "C" __global__ void __launch_bounds__(128) st_flash_fwd_d##DIM##_bf16(                 \
+#define FLASH_FWD(DIM, MT, BC)                                                                    \
+  extern "C" __global__ void __launch_bounds__(128) st_flash_fwd_d##DIM##_m##MT##c##BC##_bf16(   \
       const bf16* q, const bf16* k, const bf16* v, const float* mask, bf16* o, float* lse, int T, \
       int H, int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,  \
       long long ksr, long long vsb, long long vsh, long long vsr, long long osb, long long osh,    \
       long long osr, float scale, int causal) {                                                   \
-    flash_fwd<DIM>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, \
-                   osb, osh, osr, scale, causal);                                                 \
-  }                                                                                               \
+    flash_fwd<DIM, MT, BC>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb,   \
+                           vsh, vsr, osb, osh, osr, scale, causal);                               \
+  }
+FLASH_FWD(64, 2, 64)
+FLASH_FWD(128, 1, 32)
+
+#define FLASH_INSTANTIATE(DIM)                                                                   \
   extern "C" __global__ void __launch_bounds__(256) st_flash_bwd_d##DIM##_bf16(                 \
       const bf16* q, const bf16* k, const bf16* v, const float* mask, const bf16* dout,           \
       const float* lse, const float* dvec, float* dq_acc, bf16* dk, bf16* dv, int T, int H,       \

@@ -1,10 +1,13 @@
 //! LayerNorm and RMSNorm over the last dimension with frozen parameters (as in llm.c's
 //! `layernorm_forward`). RMSNorm (LLaMA) is LayerNorm without the centring and the bias: `y = x *
 //! rsqrt(mean(x^2) + eps) * w`. Either way backward reads back the same two things, the
-//! normalised input and the per-row reciprocal std (or RMS).
+//! normalised input and the per-row reciprocal std (or RMS). An RMSNorm whose weight has no entry
+//! near zero keeps its output instead of the normalised input (`xhat = y / w`): the adapted
+//! projections after it keep that output for their gradients anyway, so a layer stores one
+//! `[rows, c]` tensor where it stored two.
 
 use crate::device::compute_dtype;
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// LayerNorm (`bias` Some: centred, then scaled and shifted) or RMSNorm (`bias` None).
 #[derive(Clone, Debug)]
@@ -12,10 +15,15 @@ pub struct Norm {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub eps: f64,
+    /// RMSNorm with every `|w| >= 1e-6`, so that `y / w` gives back `xhat` to the activations'
+    /// precision: backward may then read the output.
+    invertible: bool,
 }
 
 pub struct NormSaved {
-    xhat: Tensor,
+    /// `xhat`, or the output `y` where `from_output`.
+    rows: Tensor,
+    from_output: bool,
     rstd: Tensor,
 }
 
@@ -26,21 +34,44 @@ impl Norm {
             weight,
             bias: Some(bias),
             eps,
+            invertible: false,
         }
     }
 
-    /// RMSNorm with its weight.
+    /// RMSNorm with its weight (read once here, to see whether backward may read the output).
     pub fn rms(weight: Tensor, eps: f64) -> Self {
+        let smallest = weight
+            .abs()
+            .and_then(|w| w.min_all())
+            .and_then(|m| m.to_dtype(DType::F32))
+            .and_then(|m| m.to_scalar::<f32>());
         Self {
             weight,
             bias: None,
             eps,
+            invertible: smallest.is_ok_and(|m| m >= 1e-6),
         }
     }
 
     /// Whether the rows are centred (LayerNorm).
     fn centred(&self) -> bool {
         self.bias.is_some()
+    }
+
+    /// Whether a forward on `dtype` activations keeps its output for backward, not `xhat` (f16's
+    /// narrow range could flush small outputs to zero).
+    pub fn keeps_output(&self, dtype: DType) -> bool {
+        self.invertible && dtype != DType::F16
+    }
+
+    /// What a forward keeps for backward, from its output, `xhat` and `rstd`.
+    fn saved(&self, y: &Tensor, xhat: Tensor, rstd: Tensor) -> NormSaved {
+        let from_output = self.keeps_output(y.dtype());
+        NormSaved {
+            rows: if from_output { y.clone() } else { xhat },
+            from_output,
+            rstd,
+        }
     }
 
     /// `x` is `[rows, c]`.
@@ -54,7 +85,10 @@ impl Norm {
             None => super::gpu::norm_fwd(x, &self.weight, self.bias.as_ref(), self.eps)?,
         };
         match fused {
-            Some((y, xhat, rstd)) => Ok((y, save.then_some(NormSaved { xhat, rstd }))),
+            Some((y, xhat, rstd)) => {
+                let saved = save.then(|| self.saved(&y, xhat, rstd));
+                Ok((y, saved))
+            }
             None => self.forward_reference(x, save),
         }
     }
@@ -81,7 +115,8 @@ impl Norm {
         }
         let y = y.to_dtype(x.dtype())?;
         let xhat = xhat.to_dtype(x.dtype())?;
-        Ok((y, save.then_some(NormSaved { xhat, rstd })))
+        let saved = save.then(|| self.saved(&y, xhat, rstd));
+        Ok((y, saved))
     }
 }
 
@@ -89,11 +124,17 @@ impl NormSaved {
     /// Input gradient only (the parameters are frozen): `dx = rstd * (g - mean(g) - xhat *
     /// mean(g * xhat))` with `g = dy * weight`, without the `mean(g)` term for RMSNorm.
     pub fn backward(&self, norm: &Norm, dy: &Tensor) -> Result<Tensor> {
-        let (x, r, w, c) = (&self.xhat, &self.rstd, &norm.weight, norm.centred());
-        if let Some(dx) = super::cpu::norm_bwd(dy, x, r, w, c)? {
+        let (x, r, w, c, o) = (
+            &self.rows,
+            &self.rstd,
+            &norm.weight,
+            norm.centred(),
+            self.from_output,
+        );
+        if let Some(dx) = super::cpu::norm_bwd(dy, x, r, w, c, o)? {
             return Ok(dx);
         }
-        if let Some(dx) = super::gpu::norm_bwd(dy, x, r, w, c)? {
+        if let Some(dx) = super::gpu::norm_bwd(dy, x, r, w, c, o)? {
             return Ok(dx);
         }
         self.backward_reference(norm, dy)
@@ -101,10 +142,14 @@ impl NormSaved {
 
     pub fn backward_reference(&self, norm: &Norm, dy: &Tensor) -> Result<Tensor> {
         let cdt = compute_dtype(dy.dtype());
-        let xhat = self.xhat.to_dtype(cdt)?;
-        let g = dy
-            .to_dtype(cdt)?
-            .broadcast_mul(&norm.weight.to_dtype(cdt)?)?;
+        let w = norm.weight.to_dtype(cdt)?;
+        let xhat = self.rows.to_dtype(cdt)?;
+        let xhat = if self.from_output {
+            xhat.broadcast_div(&w)?
+        } else {
+            xhat
+        };
+        let g = dy.to_dtype(cdt)?.broadcast_mul(&w)?;
         let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
         let g = if norm.centred() {
             g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
@@ -158,13 +203,52 @@ mod tests {
     }
 
     #[test]
+    fn rms_norm_keeps_its_output_only_where_the_weight_inverts() {
+        let x = randn(&[5, 7], 1).affine(3.0, 0.5).unwrap();
+        let dy = randn(&[5, 7], 4);
+        let mut w: Vec<f64> = randn(&[7], 2).to_vec1().unwrap();
+        let invertible = Norm::rms(Tensor::new(w.as_slice(), x.device()).unwrap(), 1e-6);
+        w[3] = 0.0; // xhat[3] cannot come back from y[3] = 0
+        let singular = Norm::rms(Tensor::new(w.as_slice(), x.device()).unwrap(), 1e-6);
+        for (norm, keeps_output) in [(invertible, true), (singular, false)] {
+            let (y, saved) = norm.forward(&x, true).unwrap();
+            let saved = saved.unwrap();
+            assert_eq!(saved.from_output, keeps_output);
+            if keeps_output {
+                assert_eq!(max_abs_diff(&saved.rows, &y), 0.0);
+            }
+            let dx = saved.backward(&norm, &dy).unwrap();
+            let reference = saved.backward_reference(&norm, &dy).unwrap();
+            assert!(max_abs_diff(&dx, &reference) < 1e-12);
+            check(
+                std::slice::from_ref(&x),
+                &dy,
+                &[dx],
+                |t| Ok(norm.forward(&t[0], false)?.0),
+                1e-10,
+            );
+        }
+        let f16 = x.to_dtype(DType::F16).unwrap();
+        let norm = Norm::rms(randn(&[7], 2).to_dtype(DType::F16).unwrap(), 1e-6);
+        assert!(!norm.forward(&f16, true).unwrap().1.unwrap().from_output);
+    }
+
+    #[test]
     fn fused_cpu_kernels_match_the_composition() {
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let x = f32(randn(&[33, 40], 6).affine(2.0, 1.0).unwrap());
         let dy = f32(randn(&[33, 40], 9));
         let layer = Norm::layer(f32(randn(&[40], 7)), f32(randn(&[40], 8)), 1e-12);
         let rms = Norm::rms(f32(randn(&[40], 7)), 1e-5);
-        for norm in [layer, rms] {
+        let w = f32(randn(&[40], 7)).to_vec1::<f32>().unwrap();
+        let w: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if i == 5 { 0.0 } else { v })
+            .collect();
+        let rms_singular = Norm::rms(Tensor::new(w.as_slice(), x.device()).unwrap(), 1e-5);
+        assert!(rms.keeps_output(DType::F32) && !rms_singular.keeps_output(DType::F32));
+        for norm in [layer, rms, rms_singular] {
             let (y1, s1) = norm.forward(&x, true).unwrap();
             let (y2, s2) = norm.forward_reference(&x, true).unwrap();
             assert!(max_abs_diff(&y1, &y2) < 1e-5);

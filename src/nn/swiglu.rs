@@ -30,6 +30,12 @@ pub fn forward_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 impl SwiGluSaved {
+    /// The forward's output, recomputed from the saved inputs (for the linear that reads it,
+    /// which keeps no copy).
+    pub fn output(&self) -> Result<Tensor> {
+        Ok(forward(&self.gate, &self.up, false)?.0)
+    }
+
     /// Returns `(dgate, dup)`: `dgate = dy * up * s * (1 + g * (1 - s))` with `s = sigmoid(g)`,
     /// `dup = dy * silu(g)`.
     pub fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
