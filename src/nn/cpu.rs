@@ -8,6 +8,7 @@
 //! which stays the reference the kernels are tested against (and the path on other devices).
 
 use super::dropout;
+use super::gpu::NormOut;
 use candle_core::{Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -142,74 +143,83 @@ fn with_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     Some(f(&slices))
 }
 
-/// LayerNorm forward over rows of `c`: returns `(y, xhat, rstd)`.
+/// LayerNorm forward over rows of `c`: returns `(y, xhat, rstd)`, xhat only if `want_xhat`.
 pub fn layer_norm_fwd(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    want_xhat: bool,
+) -> Result<Option<NormOut>> {
     let c = x.dim(candle_core::D::Minus1)?;
-    let out = slices!(x, gamma, beta => norm_rows(x, c, |x, xh, y| {
+    let out = slices!(x, gamma, beta => norm_rows(x, c, want_xhat, |x, y| {
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
         let rs = 1.0 / (var + eps).sqrt();
         for i in 0..c {
-            let h = ((x[i] as f64 - mean) * rs) as f32;
-            xh[i] = h;
-            y[i] = h * gamma[i] + beta[i];
+            y[i] = ((x[i] as f64 - mean) * rs) as f32;
         }
         rs as f32
+    }, |y| {
+        for i in 0..c {
+            y[i] = y[i] * gamma[i] + beta[i];
+        }
     }));
     norm_tensors(x, out)
 }
 
-/// RMSNorm forward over rows of `c`: returns `(y, xhat, rstd)`, `xhat = x * rstd`,
-/// `rstd = 1 / sqrt(mean(x^2) + eps)`, `y = xhat * weight`.
+/// RMSNorm forward over rows of `c`: returns `(y, xhat, rstd)` (xhat only if `want_xhat`),
+/// `xhat = x * rstd`, `rstd = 1 / sqrt(mean(x^2) + eps)`, `y = xhat * weight`.
 pub fn rms_norm_fwd(
     x: &Tensor,
     weight: &Tensor,
     eps: f64,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    want_xhat: bool,
+) -> Result<Option<NormOut>> {
     let c = x.dim(candle_core::D::Minus1)?;
-    let out = slices!(x, weight => norm_rows(x, c, |x, xh, y| {
+    let out = slices!(x, weight => norm_rows(x, c, want_xhat, |x, y| {
         let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
         let rs = 1.0 / (ms + eps).sqrt();
         for i in 0..c {
-            let h = (x[i] as f64 * rs) as f32;
-            xh[i] = h;
-            y[i] = h * weight[i];
+            y[i] = (x[i] as f64 * rs) as f32;
         }
         rs as f32
+    }, |y| {
+        for i in 0..c {
+            y[i] *= weight[i];
+        }
     }));
     norm_tensors(x, out)
 }
 
-/// Both norms' forward loop: `row(x, xhat, y)` fills one row's outputs and returns its rstd;
-/// rows of `c` run in parallel. Returns `(y, xhat, rstd)`.
+/// A norm forward's `(y, xhat, rstd)` on the host, xhat where wanted.
+type NormVecs = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
+
+/// Both norms' forward loop over rows of `c` in parallel: `normalize(x, row)` writes one row's
+/// xhat into `row` and returns its rstd, a copy goes to xhat where wanted, then `scale(row)` turns
+/// it into y in place. Returns `(y, xhat, rstd)`.
 fn norm_rows(
     x: &[f32],
     c: usize,
-    row: impl Fn(&[f32], &mut [f32], &mut [f32]) -> f32 + Sync,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    want_xhat: bool,
+    normalize: impl Fn(&[f32], &mut [f32]) -> f32 + Sync,
+    scale: impl Fn(&mut [f32]) + Sync,
+) -> NormVecs {
     let rows = x.len() / c;
     let mut y = vec![0f32; rows * c];
-    let mut xhat = vec![0f32; rows * c];
     let mut rstd = vec![0f32; rows];
     y.par_chunks_mut(c)
-        .zip(xhat.par_chunks_mut(c))
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(c))
-        .for_each(|(((y, xh), r), x)| *r = row(x, xh, y));
+        .for_each(|((y, r), x)| *r = normalize(x, y));
+    let xhat = want_xhat.then(|| y.clone());
+    y.par_chunks_mut(c).for_each(&scale);
     (y, xhat, rstd)
 }
 
 /// `(y, xhat, rstd)` tensors shaped like `x` (rstd with a last dimension of 1) from
 /// [`norm_rows`]' vectors; None where the kernel did not apply.
-fn norm_tensors(
-    x: &Tensor,
-    out: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+fn norm_tensors(x: &Tensor, out: Option<NormVecs>) -> Result<Option<NormOut>> {
     let Some((y, xhat, rstd)) = out else {
         return Ok(None);
     };
@@ -217,7 +227,8 @@ fn norm_tensors(
     let rs = Tensor::from_vec(rstd, rows, x.device())?;
     let mut rdims = x.dims().to_vec();
     *rdims.last_mut().expect("rank >= 1") = 1;
-    Ok(Some((tensor(y, x)?, tensor(xhat, x)?, rs.reshape(rdims)?)))
+    let xhat = xhat.map(|v| tensor(v, x)).transpose()?;
+    Ok(Some((tensor(y, x)?, xhat, rs.reshape(rdims)?)))
 }
 
 /// Both norms' backward: `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`, `g = dy * gamma`,

@@ -64,8 +64,9 @@ pub fn check_same_len(op: &str, ts: &[(&str, &Tensor)]) -> candle_core::Result<(
     Ok(())
 }
 
-/// `(y, xhat, rstd)` of LayerNorm (`beta` given, centred) or RMSNorm (`beta` None).
-pub type NormOut = (Tensor, Tensor, Tensor);
+/// `(y, xhat, rstd)` of LayerNorm (`beta` given, centred) or RMSNorm (`beta` None); xhat only
+/// where asked for.
+pub type NormOut = (Tensor, Option<Tensor>, Tensor);
 
 /// A bf16 tensor read by the flash attention kernels as `[batch, heads, rows, head_dim]` through
 /// element strides `(batch, head, row)`, head_dim contiguous: the layers' `[batch*seq,
@@ -249,6 +250,7 @@ mod imp {
         weight: &Tensor,
         beta: Option<&Tensor>,
         eps: f64,
+        want_xhat: bool,
     ) -> Result<Option<NormOut>> {
         let mut ts = vec![x, weight];
         ts.extend(beta);
@@ -263,7 +265,13 @@ mod imp {
         let rows = x.elem_count() / c;
         let dev = device(x)?;
         let (y, py) = output(&dev, x.dtype(), x.shape())?;
-        let (xhat, ph) = output(&dev, x.dtype(), x.shape())?;
+        let (xhat, ph) = match want_xhat {
+            true => {
+                let (t, p) = output(&dev, x.dtype(), x.shape())?;
+                (Some(t), p)
+            }
+            false => (None, 0),
+        };
         let mut rdims = x.dims().to_vec();
         *rdims.last_mut().expect("rank >= 1") = 1;
         let (rstd, pr) = output(&dev, DType::F32, &Shape::from(rdims))?;
@@ -886,7 +894,13 @@ mod imp {
         pub bc2: f64,
     }
 
-    pub fn norm_fwd(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: f64) -> Result<Option<NormOut>> {
+    pub fn norm_fwd(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: f64,
+        _: bool,
+    ) -> Result<Option<NormOut>> {
         Ok(None)
     }
     pub fn norm_bwd(

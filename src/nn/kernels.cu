@@ -48,12 +48,13 @@ __device__ float block_sum(float v) {
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm (center = 1, with beta) and RMSNorm (center = 0, beta = 0) over rows of c; one block
-// per row. Writes y, xhat = (x - mean) * rstd, and rstd[row].
+// per row. Writes y, xhat = (x - mean) * rstd (unless xhat is null), and rstd[row].
 template <typename T>
 __device__ void norm_fwd(const T* x, const T* gamma, const T* beta, T* y, T* xhat, float* rstd,
                          int c, float eps, int center) {
   const size_t row = blockIdx.x;
-  x += row * c; y += row * c; xhat += row * c;
+  x += row * c; y += row * c;
+  if (xhat) xhat += row * c;
   float mean = 0.f;
   if (center) {
     float s = 0.f;
@@ -69,7 +70,7 @@ __device__ void norm_fwd(const T* x, const T* gamma, const T* beta, T* y, T* xha
   if (threadIdx.x == 0) rstd[row] = rs;
   for (int i = threadIdx.x; i < c; i += blockDim.x) {
     const float h = (ld(x[i]) - mean) * rs;
-    xhat[i] = st<T>(h);
+    if (xhat) xhat[i] = st<T>(h);
     y[i] = st<T>(h * ld(gamma[i]) + (beta ? ld(beta[i]) : 0.f));
   }
 }

@@ -64,33 +64,42 @@ impl Norm {
         self.invertible && dtype != DType::F16
     }
 
-    /// What a forward keeps for backward, from its output, `xhat` and `rstd`.
-    fn saved(&self, y: &Tensor, xhat: Tensor, rstd: Tensor) -> NormSaved {
+    /// What a forward keeps for backward, from its output, `xhat` (where computed) and `rstd`.
+    fn saved(&self, y: &Tensor, xhat: Option<Tensor>, rstd: Tensor) -> Result<NormSaved> {
         let from_output = self.keeps_output(y.dtype());
-        NormSaved {
-            rows: if from_output { y.clone() } else { xhat },
+        let rows = match (from_output, xhat) {
+            (true, _) => y.clone(),
+            (false, Some(xhat)) => xhat,
+            (false, None) => candle_core::bail!("norm forward kept no xhat"),
+        };
+        Ok(NormSaved {
+            rows,
             from_output,
             rstd,
-        }
+        })
     }
 
     /// `x` is `[rows, c]`.
     pub fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<NormSaved>)> {
+        // The fused kernels write xhat only when backward will read it.
+        let want_xhat = save && !self.keeps_output(x.dtype());
+        let (w, eps) = (&self.weight, self.eps);
         let fused = match &self.bias {
-            Some(b) => super::cpu::layer_norm_fwd(x, &self.weight, b, self.eps)?,
-            None => super::cpu::rms_norm_fwd(x, &self.weight, self.eps)?,
+            Some(b) => super::cpu::layer_norm_fwd(x, w, b, eps, want_xhat)?,
+            None => super::cpu::rms_norm_fwd(x, w, eps, want_xhat)?,
         };
         let fused = match fused {
             Some(out) => Some(out),
-            None => super::gpu::norm_fwd(x, &self.weight, self.bias.as_ref(), self.eps)?,
+            None => super::gpu::norm_fwd(x, w, self.bias.as_ref(), eps, want_xhat)?,
         };
-        match fused {
-            Some((y, xhat, rstd)) => {
-                let saved = save.then(|| self.saved(&y, xhat, rstd));
-                Ok((y, saved))
-            }
-            None => self.forward_reference(x, save),
-        }
+        let Some((y, xhat, rstd)) = fused else {
+            return self.forward_reference(x, save);
+        };
+        let saved = match save {
+            true => Some(self.saved(&y, xhat, rstd)?),
+            false => None,
+        };
+        Ok((y, saved))
     }
 
     /// The candle composition: the fallback, and the reference for the fused CPU and CUDA kernels.
@@ -115,7 +124,10 @@ impl Norm {
         }
         let y = y.to_dtype(x.dtype())?;
         let xhat = xhat.to_dtype(x.dtype())?;
-        let saved = save.then(|| self.saved(&y, xhat, rstd));
+        let saved = match save {
+            true => Some(self.saved(&y, Some(xhat), rstd)?),
+            false => None,
+        };
         Ok((y, saved))
     }
 }
