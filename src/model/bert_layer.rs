@@ -243,8 +243,6 @@ impl BertLayer {
         let head_dim = h / self.attention.num_heads;
         let state = linears
             + acts.attention_then(&self.attention, head_dim, lin(Site::AttnOut))
-            + acts.mask(&self.dropout_attn, h)
-            + acts.mask(&self.dropout, h)
             + 2 * acts.norm(h)
             + acts.of(f);
         LayerMemory {

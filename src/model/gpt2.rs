@@ -269,7 +269,6 @@ impl Gpt2Block {
             + acts.lora_group_recomputed(&[lin(MlpCProj)])
             + 2 * acts.norm(h)
             + acts.attention_then(&self.attention, head_dim, lin(AttnCProj))
-            + 2 * acts.mask(&self.resid_dropout, h)
             + acts.of(f);
         LayerMemory {
             state,

@@ -5,7 +5,6 @@
 
 use crate::adapters::LoraLinear;
 use crate::nn::attention::Attention;
-use crate::nn::dropout::Dropout;
 use crate::nn::norm::Norm;
 use candle_core::{DType, Device, Tensor};
 
@@ -75,33 +74,18 @@ impl Acts {
         self.tokens() * width * self.act
     }
 
-    /// A dropout keep-mask over `[tokens, width]` (u8), when the dropout is active.
-    pub fn mask(&self, d: &Dropout, width: usize) -> usize {
-        if d.p > 0.0 {
-            self.tokens() * width
-        } else {
-            0
-        }
-    }
-
     /// A norm's saved `xhat` (activation dtype) and per-row `1/std` (f32 or wider).
     pub fn norm(&self, width: usize) -> usize {
         self.of(width) + self.tokens() * self.compute.max(4)
     }
 
-    /// Attention's saved q, k, v (after rope), per-row log-sum-exp and the probabilities'
-    /// dropout mask (but for the fused CPU kernels, which redraw it); and the output, which the
-    /// fused flash kernels (CUDA builds, bf16, head_dim 64 or 128, no dropout) keep for
+    /// Attention's saved q, k, v (after rope) and per-row log-sum-exp (dropout keeps no mask: it
+    /// is redrawn from its seeds); and the output, which the fused flash kernels (CUDA builds, bf16, head_dim 64 or 128, no dropout) keep for
     /// backward's `rowsum(dO * O)`: counted wherever they may run
     /// (a CUDA build training in bf16 on the CPU over-counts it; the probabilities in
     /// [`Acts::transient`] are over-counted on the flash path, which allocates none).
     pub fn attention(&self, a: &Attention, head_dim: usize) -> usize {
         let (h, kv) = (a.num_heads, a.num_kv_heads);
-        let probs_mask = if a.dropout.p > 0.0 && !self.cpu_fused {
-            self.rows * h * self.seq * self.seq
-        } else {
-            0
-        };
         let flash_out = if self.flash(a, head_dim) {
             self.of(h * head_dim)
         } else {
@@ -110,7 +94,6 @@ impl Acts {
         self.of(h * head_dim)
             + 2 * self.of(kv * head_dim)
             + self.tokens() * h * self.compute
-            + probs_mask
             + flash_out
     }
 
@@ -129,15 +112,14 @@ impl Acts {
         self.rows * a.num_heads * self.seq * self.seq * self.compute
     }
 
-    /// Linears that read one input: each adapter's dropout mask, each trainable adapter's
-    /// `x A^T`, and the input itself once if any of them trains (the same tensor is kept for all).
+    /// Linears that read one input: each trainable adapter's `x A^T`, and the input itself once
+    /// if any of them trains (the same tensor is kept for all).
     pub fn lora_group(&self, linears: &[&LoraLinear]) -> usize {
         let mut bytes = 0;
         let mut input = 0;
         for l in linears {
             let Some(a) = &l.lora else { continue };
             let (r, inp) = (a.a.dims()[0], l.base.in_features());
-            bytes += self.mask(&a.dropout, inp);
             if a.trainable {
                 bytes += self.of(r);
                 input = self.of(inp);

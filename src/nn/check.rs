@@ -308,7 +308,10 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             monitor: None,
         };
         let (y, saved) = Dropout::new(0.1).forward(&x, &mut pass, true)?;
-        let keep = saved.expect("saved").keep_mask().to_device(&Device::Cpu)?;
+        // The device's mask, as its backward redraws it: kept where the gradient of ones is not 0.
+        let ones = x.ones_like()?;
+        let keep = saved.expect("saved").backward(&ones)?.ne(0.0)?;
+        let keep = keep.to_device(&Device::Cpu)?;
         let mut rng = StdRng::seed_from_u64(17);
         let seeds = dropout::mask_seeds(&mut rng, n);
         let host = dropout::host_mask(&seeds, n, dropout::keep_threshold(0.1));

@@ -652,69 +652,31 @@ multiversion! {
     }
 }
 
-/// Dropout forward in one pass: `y = x * keep * scale`, the keep-mask drawn per
+/// Dropout in one pass: `y = x * keep * scale`, the keep-mask drawn per
 /// [`dropout::MASK_CHUNK`] elements from that chunk's seed (see [`dropout`]), as
-/// `gpu::dropout_fwd` takes them. Returns `(y, keep)`, `keep` as `u8`.
+/// `gpu::dropout_fwd` takes them. Backward is the same call on the output gradient.
 pub fn dropout_fwd(
     x: &Tensor,
     seeds: &[u64],
     threshold: u32,
     scale: f32,
-) -> Result<Option<(Tensor, Tensor)>> {
+) -> Result<Option<Tensor>> {
     let n = x.elem_count();
     let out = with_f32(x, |x| {
         let mut y = vec![0f32; n];
-        let mut keep = vec![0u8; n];
         y.par_chunks_mut(dropout::MASK_CHUNK)
-            .zip(keep.par_chunks_mut(dropout::MASK_CHUNK))
             .zip(x.par_chunks(dropout::MASK_CHUNK))
             .zip(seeds.par_iter())
-            .for_each(|(((y, k), x), &seed)| {
+            .for_each(|((y, x), &seed)| {
                 let mut r = dropout::SplitMix64(seed);
                 for i in 0..y.len() {
                     let kept = r.next_u32() < threshold;
-                    k[i] = kept as u8;
                     y[i] = if kept { x[i] * scale } else { 0.0 };
                 }
             });
-        (y, keep)
+        y
     });
-    let Some((y, keep)) = out else {
-        return Ok(None);
-    };
-    Ok(Some((
-        tensor(y, x)?,
-        Tensor::from_vec(keep, x.shape(), x.device())?,
-    )))
-}
-
-/// Dropout backward: `dx = dy * keep * scale`.
-pub fn dropout_bwd(dy: &Tensor, keep: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let scale = scale as f32;
-    let (storage, layout) = keep.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Ok(None);
-    };
-    let Ok(k) = cpu.as_slice::<u8>() else {
-        return Ok(None);
-    };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        return Ok(None);
-    };
-    let k = &k[a..b];
-    let out = with_f32(dy, |dy| {
-        let mut dx = vec![0f32; dy.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(dy.par_chunks(CHUNK))
-            .zip(k.par_chunks(CHUNK))
-            .for_each(|((dx, dy), k)| {
-                for i in 0..dx.len() {
-                    dx[i] = if k[i] != 0 { dy[i] * scale } else { 0.0 };
-                }
-            });
-        dx
-    });
-    out.map(|dx| tensor(dx, dy)).transpose()
+    out.map(|y| tensor(y, x)).transpose()
 }
 
 #[cfg(test)]

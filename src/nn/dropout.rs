@@ -6,8 +6,8 @@
 //! kernel in closed form (`gpu::dropout_fwd`), so the masks, and a run, are the same on any
 //! device and thread count, and the host draws one number per 4096 elements, not one per element.
 //!
-//! The saved mask is a `u8` tensor (a quarter of an f32 activation), so dropout costs little memory
-//! for backward.
+//! Backward redraws the mask from the pass's seeds (one `u64` per 4096 elements) with the same
+//! kernel, so dropout keeps no mask for backward.
 
 use super::Pass;
 use candle_core::{Result, Tensor};
@@ -86,10 +86,9 @@ pub struct Dropout {
     pub p: f64,
 }
 
-/// What backward needs: the keep mask (1 = kept) and the scale `1 / (1 - p)`.
+/// What backward needs: the pass's draw, from which it redraws the mask (no mask is stored).
 pub struct DropoutSaved {
-    keep: Tensor,
-    scale: f64,
+    draw: MaskDraw,
 }
 
 /// One pass's draw of an `n`-element mask: its seeds (see [`mask_seeds`]), the keep threshold
@@ -123,43 +122,35 @@ impl Dropout {
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, Option<DropoutSaved>)> {
-        let n = x.elem_count();
-        let Some(MaskDraw {
-            seeds,
-            threshold,
-            scale,
-        }) = self.draw(pass, n)
-        else {
+        let Some(draw) = self.draw(pass, x.elem_count()) else {
             return Ok((x.clone(), None));
         };
-        let fused = match super::cpu::dropout_fwd(x, &seeds, threshold, scale as f32)? {
-            Some(out) => Some(out),
-            None => super::gpu::dropout_fwd(x, &seeds, threshold, scale as f32)?,
-        };
-        let (y, keep) = match fused {
-            Some(out) => out,
-            None => {
-                let keep =
-                    Tensor::from_vec(host_mask(&seeds, n, threshold), x.shape(), x.device())?;
-                let y = (x * keep.to_dtype(x.dtype())?)?.affine(scale, 0.0)?;
-                (y, keep)
-            }
-        };
-        Ok((y, save.then_some(DropoutSaved { keep, scale })))
+        let y = draw.apply(x)?;
+        Ok((y, save.then_some(DropoutSaved { draw })))
+    }
+}
+
+impl MaskDraw {
+    /// `x * keep * scale` with this draw's mask: the fused CPU or CUDA kernel, else the host's
+    /// mask (other dtypes, non-contiguous tensors), the same mask either way.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (seeds, threshold, scale) = (&self.seeds, self.threshold, self.scale);
+        if let Some(y) = super::cpu::dropout_fwd(x, seeds, threshold, scale as f32)? {
+            return Ok(y);
+        }
+        if let Some(y) = super::gpu::dropout_fwd(x, seeds, threshold, scale as f32)? {
+            return Ok(y);
+        }
+        let keep = host_mask(seeds, x.elem_count(), threshold);
+        let keep = Tensor::from_vec(keep, x.shape(), x.device())?;
+        (x * keep.to_dtype(x.dtype())?)?.affine(scale, 0.0)
     }
 }
 
 impl DropoutSaved {
-    /// The keep-mask (`u8`, 1 = kept).
-    pub fn keep_mask(&self) -> &Tensor {
-        &self.keep
-    }
-
+    /// `dx = dy * keep * scale`, the mask redrawn from the forward's seeds.
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        if let Some(dx) = super::cpu::dropout_bwd(dy, &self.keep, self.scale)? {
-            return Ok(dx);
-        }
-        (dy * self.keep.to_dtype(dy.dtype())?)?.affine(self.scale, 0.0)
+        self.draw.apply(dy)
     }
 }
 
@@ -208,7 +199,8 @@ mod tests {
     }
 
     /// The mask depends on the seed alone: the fused f32 path, the host path of other dtypes and
-    /// a non-contiguous input give the same mask (the CUDA kernel is held to it by `self-test`).
+    /// a non-contiguous input give the same mask, and backward redraws it on each (the CUDA
+    /// kernel is held to it by `self-test`).
     /// Any range of the mask, redrawn from the seeds alone, is that range of the full mask:
     /// within a chunk, from a chunk's start, and across chunk edges.
     #[test]
@@ -244,13 +236,16 @@ mod tests {
                 rng: &mut rng,
                 monitor: None,
             };
-            let (_, s) = Dropout::new(0.3).forward(x, &mut pass, true).unwrap();
-            s.unwrap()
-                .keep
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<u8>()
-                .unwrap()
+            let (y, s) = Dropout::new(0.3).forward(x, &mut pass, true).unwrap();
+            let kept = |t: Tensor| -> Vec<u8> {
+                let t = t.ne(0.0).unwrap();
+                t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+            };
+            // Forward's mask (x has no zeros), and the one backward redraws from the seeds.
+            let forward = kept(y);
+            let redrawn = kept(s.unwrap().backward(&x.ones_like().unwrap()).unwrap());
+            assert_eq!(forward, redrawn, "backward redraws forward's mask");
+            forward
         };
         let f32_mask = mask(&x);
         assert_eq!(

@@ -361,15 +361,14 @@ mod imp {
         Ok(Some(y))
     }
 
-    /// Inverted dropout `y = x * keep / (1 - p)` and its `u8` keep mask, drawn on the device from
-    /// one SplitMix64 seed per 4096 elements: the masks `cpu::dropout_fwd` draws from the same
-    /// seeds.
+    /// Inverted dropout `y = x * keep / (1 - p)`, the keep mask drawn on the device from one
+    /// SplitMix64 seed per 4096 elements: the masks `cpu::dropout_fwd` draws from the same seeds.
     pub fn dropout_fwd(
         x: &Tensor,
         seeds: &[u64],
         threshold: u32,
         scale: f32,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    ) -> Result<Option<Tensor>> {
         let Some(sfx) = suffix(x.dtype(), &[x]) else {
             return Ok(None);
         };
@@ -384,19 +383,10 @@ mod imp {
         let seeds = stream.clone_htod(seeds).w()?;
         let ps = seeds.device_ptr(&stream).0;
         let (y, py) = output(&dev, x.dtype(), x.shape())?;
-        // SAFETY: the kernel writes every element of the mask.
-        let keep = unsafe { dev.alloc::<u8>(n)? };
-        let pk = keep.device_ptr(&stream).0;
-        let keep = Tensor::from_storage(
-            Storage::Cuda(CudaStorage::wrap_cuda_slice(keep, dev.clone())),
-            x.shape().clone(),
-            BackpropOp::none(),
-            false,
-        );
         let (px, n64) = (ptr(x, &dev)?, n as u64);
-        launch!(dev, format!("st_dropout_fwd_{sfx}"), elems_cfg(n); px, ps, py, pk, n64, threshold, scale);
+        launch!(dev, format!("st_dropout_fwd_{sfx}"), elems_cfg(n); px, ps, py, n64, threshold, scale);
         drop(seeds); // freed in stream order, after the kernel
-        Ok(Some((y, keep)))
+        Ok(Some(y))
     }
 
     /// A Q4_0 / Q4_1 / Q8_0 weight dequantized straight into `dtype` (None: another format or
@@ -922,7 +912,7 @@ mod imp {
     pub fn bias_add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn dropout_fwd(_: &Tensor, _: &[u64], _: u32, _: f32) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn dropout_fwd(_: &Tensor, _: &[u64], _: u32, _: f32) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn dequantize(

@@ -171,15 +171,15 @@ __device__ void add(const T* a, const T* b, T* y, size_t n) {
 // i / 4096, whose SplitMix64 stream starts at seeds[chunk]; its value is that stream's
 // (i % 4096 + 1)-th output, which SplitMix64 reaches in closed form (state + k * gamma). Kept when
 // the top 32 bits fall below `threshold`: the same masks as the host draws, on any device.
+// Backward is the same kernel on the output gradient (the mask is redrawn, never stored).
 template <typename T>
-__device__ void dropout_fwd(const T* x, const uint64_t* seeds, T* y, uint8_t* keep, size_t n,
-                            uint32_t threshold, float scale) {
+__device__ void dropout_fwd(const T* x, const uint64_t* seeds, T* y, size_t n, uint32_t threshold,
+                            float scale) {
   GRID_STRIDE(i, n) {
     uint64_t z = seeds[i >> 12] + (uint64_t)((i & 4095) + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     const bool kept = (uint32_t)((z ^ (z >> 31)) >> 32) < threshold;
-    keep[i] = kept;
     y[i] = st<T>(kept ? ld(x[i]) * scale : 0.0f);
   }
 }
@@ -374,9 +374,8 @@ __device__ void dequant(const uint8_t* q, T* y, size_t n, int fmt) {
     softmax_recompute<T>(s, mask, lse, p, rows, h, t, t2, scale, causal);                         \
   }                                                                                               \
   extern "C" __global__ void st_dropout_fwd_##S(const T* x, const uint64_t* seeds, T* y,           \
-                                                uint8_t* keep, size_t n, uint32_t threshold,       \
-                                                float scale) {                                     \
-    dropout_fwd<T>(x, seeds, y, keep, n, threshold, scale);                                       \
+                                                size_t n, uint32_t threshold, float scale) {       \
+    dropout_fwd<T>(x, seeds, y, n, threshold, scale);                                             \
   }                                                                                               \
   extern "C" __global__ void st_dequant_##S(const uint8_t* q, T* y, size_t n, int fmt) {          \
     dequant<T>(q, y, n, fmt);                                                                     \
