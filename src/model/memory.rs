@@ -42,8 +42,8 @@ pub struct Acts {
     pub dtype: DType,
     pub act: usize,
     pub compute: usize,
-    /// Attention runs the fused CPU kernels (`nn::cpu_attention`: f32 on the CPU), which keep
-    /// no dropout mask and allocate no score-sized tensor.
+    /// Attention runs the fused CPU kernels (`nn::cpu_attention`: f32 on the CPU), which
+    /// allocate no score-sized tensor.
     pub cpu_fused: bool,
 }
 
@@ -74,16 +74,18 @@ impl Acts {
         self.tokens() * width * self.act
     }
 
-    /// A norm's saved `xhat` (activation dtype) and per-row `1/std` (f32 or wider).
+    /// A norm's saved rows (`xhat` or its output, activation dtype) and per-row `1/std` (f32 or
+    /// wider).
     pub fn norm(&self, width: usize) -> usize {
         self.of(width) + self.tokens() * self.compute.max(4)
     }
 
     /// Attention's saved q, k, v (after rope) and per-row log-sum-exp (dropout keeps no mask: it
-    /// is redrawn from its seeds); and the output, which the fused flash kernels (CUDA builds, bf16, head_dim 64 or 128, no dropout) keep for
-    /// backward's `rowsum(dO * O)`: counted wherever they may run
-    /// (a CUDA build training in bf16 on the CPU over-counts it; the probabilities in
-    /// [`Acts::transient`] are over-counted on the flash path, which allocates none).
+    /// is redrawn from its seeds); and the output, which the fused flash kernels (CUDA builds,
+    /// bf16, head_dim 64 or 128, no dropout) keep for backward's `rowsum(dO * O)`: counted
+    /// wherever they may run (a CUDA build training in bf16 on the CPU over-counts it; the
+    /// probabilities in [`Acts::transient`] are over-counted on the flash path, which allocates
+    /// none).
     pub fn attention(&self, a: &Attention, head_dim: usize) -> usize {
         let (h, kv) = (a.num_heads, a.num_kv_heads);
         let flash_out = if self.flash(a, head_dim) {

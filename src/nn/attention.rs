@@ -3,8 +3,8 @@
 //!
 //! Memory: backward does not read saved `(batch, heads, seq, seq)` probabilities. It saves q, k, v and
 //! the per-row log-sum-exp, and recomputes the probabilities (one extra `q k^T` matmul), the way
-//! flash attention does. The composition keeps only the dropout keep-mask of that shape, as `u8`,
-//! when dropout is on.
+//! flash attention does. Its dropout keeps the mask's seeds and redraws the mask in backward, so
+//! the composition keeps nothing of that shape either.
 //!
 //! Fused (flash) attention on CUDA: for bf16 q, k and v with head_dim 64 or 128, a key mask
 //! `[batch, 1, 1, seq]` and no dropout, [`Attention::forward`] runs the FlashAttention-2 style
@@ -15,8 +15,8 @@
 //!
 //! Fused attention on the CPU: for f32 q, k and v and a key mask `[batch, 1, 1, seq]` (dropout
 //! included), the kernels of `cpu_attention.rs` work through one head's block of query rows at a
-//! time, read and write the layers' layout, and keep no `seq x seq` tensor, not even the dropout
-//! mask (its seeds are kept and the mask redrawn). Everything else (CUDA in f32 or with dropout,
+//! time, read and write the layers' layout, and allocate no `seq x seq` tensor (dropout's mask is
+//! redrawn per block from its seeds). Everything else (CUDA in f32 or with dropout,
 //! MPNet's per-head bias, other head sizes, `SAFETUNE_FLASH=0`, tensors autograd tracks) takes
 //! the composition below, which stays the reference.
 //!
@@ -66,7 +66,7 @@ pub struct AttentionSaved {
 /// Which kernels ran forward, and so which backward runs, with what only that backward needs.
 enum Path {
     /// The candle composition, with the fused softmax kernels on CUDA when `fused`; dropout
-    /// keeps its mask.
+    /// keeps its seeds.
     Composition {
         fused: bool,
         dropout: Option<DropoutSaved>,
