@@ -142,17 +142,6 @@ pub enum Save {
     Recomputed,
 }
 
-impl Save {
-    /// `Input` when `save`, else `Nothing`.
-    pub fn input_if(save: bool) -> Self {
-        if save {
-            Self::Input
-        } else {
-            Self::Nothing
-        }
-    }
-}
-
 /// Saved for backward: the adapter's dropout mask, and while it trains `x A^T` and (unless the
 /// layer recomputes it) its input.
 pub struct LoraLinearSaved {
@@ -218,7 +207,8 @@ impl LoraLinear {
         pass: &mut Pass,
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
-        let (y, saved, _) = self.forward_rows(x, pass, Save::input_if(save))?;
+        let save = if save { Save::Input } else { Save::Nothing };
+        let (y, saved, _) = self.forward_rows(x, pass, save)?;
         Ok((y, saved))
     }
 

@@ -33,15 +33,12 @@ pub trait StepMemory: crate::adapters::Adapted {
     fn head_bytes(&self, rows: usize, seq: usize) -> usize;
 }
 
-/// Activation shapes of one micro-batch: `tokens = rows * seq`, `act` the bytes of an activation
-/// element, `compute` of a statistics element (f32 beside half precision).
+/// Activation shapes of one micro-batch: `tokens = rows * seq` of `dtype`.
 #[derive(Clone, Copy, Debug)]
 pub struct Acts {
     pub rows: usize,
     pub seq: usize,
     pub dtype: DType,
-    pub act: usize,
-    pub compute: usize,
     /// Attention runs the fused CPU kernels (`nn::cpu_attention`: f32 on the CPU), which
     /// allocate no score-sized tensor.
     pub cpu_fused: bool,
@@ -54,8 +51,6 @@ impl Acts {
             rows,
             seq,
             dtype,
-            act: dtype.size_in_bytes(),
-            compute: crate::device::compute_dtype(dtype).size_in_bytes(),
             cpu_fused: device.is_cpu() && dtype == DType::F32,
         }
     }
@@ -69,15 +64,25 @@ impl Acts {
         self.rows * self.seq
     }
 
+    /// Bytes of an activation element.
+    fn act(&self) -> usize {
+        self.dtype.size_in_bytes()
+    }
+
+    /// Bytes of a statistics element (f32 beside half precision).
+    fn compute(&self) -> usize {
+        crate::device::compute_dtype(self.dtype).size_in_bytes()
+    }
+
     /// An activation `[tokens, width]`.
     pub fn of(&self, width: usize) -> usize {
-        self.tokens() * width * self.act
+        self.tokens() * width * self.act()
     }
 
     /// A norm's saved rows (`xhat` or its output, activation dtype) and per-row `1/std` (f32 or
     /// wider).
     pub fn norm(&self, width: usize) -> usize {
-        self.of(width) + self.tokens() * self.compute.max(4)
+        self.of(width) + self.tokens() * self.compute().max(4)
     }
 
     /// Attention's saved q, k, v (after rope) and per-row log-sum-exp (dropout keeps no mask: it
@@ -95,7 +100,7 @@ impl Acts {
         };
         self.of(h * head_dim)
             + 2 * self.of(kv * head_dim)
-            + self.tokens() * h * self.compute
+            + self.tokens() * h * self.compute()
             + flash_out
     }
 
@@ -103,7 +108,7 @@ impl Acts {
     /// head_dim 64 or 128, no dropout, not turned off (`SAFETUNE_FLASH=0`).
     fn flash(&self, a: &Attention, head_dim: usize) -> bool {
         crate::nn::gpu::AVAILABLE
-            && self.act == 2
+            && self.act() == 2
             && matches!(head_dim, 64 | 128)
             && a.dropout.p <= 0.0
             && crate::nn::attention::flash_enabled()
@@ -111,7 +116,7 @@ impl Acts {
 
     /// Attention's `[rows, heads, seq, seq]` probabilities in the compute dtype.
     pub fn probs(&self, a: &Attention) -> usize {
-        self.rows * a.num_heads * self.seq * self.seq * self.compute
+        self.rows * a.num_heads * self.seq * self.seq * self.compute()
     }
 
     /// Linears that read one input: each trainable adapter's `x A^T`, and the input itself once

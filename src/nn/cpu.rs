@@ -195,9 +195,9 @@ pub fn rms_norm_fwd(
 /// A norm forward's `(y, xhat, rstd)` on the host, xhat where wanted.
 type NormVecs = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
 
-/// Both norms' forward loop over rows of `c` in parallel: `normalize(x, row)` writes one row's
-/// xhat into `row` and returns its rstd, a copy goes to xhat where wanted, then `scale(row)` turns
-/// it into y in place. Returns `(y, xhat, rstd)`.
+/// Both norms' forward loop over rows of `c` in parallel, one pass per row while it is in cache:
+/// `normalize(x, row)` writes the row's xhat into `row` and returns its rstd, a copy goes to
+/// xhat where wanted, then `scale(row)` turns it into y in place. Returns `(y, xhat, rstd)`.
 fn norm_rows(
     x: &[f32],
     c: usize,
@@ -208,12 +208,25 @@ fn norm_rows(
     let rows = x.len() / c;
     let mut y = vec![0f32; rows * c];
     let mut rstd = vec![0f32; rows];
-    y.par_chunks_mut(c)
+    let mut xhat = want_xhat.then(|| vec![0f32; rows * c]);
+    let row = |y: &mut [f32], x: &[f32], xh: Option<&mut [f32]>| {
+        let rs = normalize(x, y);
+        if let Some(xh) = xh {
+            xh.copy_from_slice(y);
+        }
+        scale(y);
+        rs
+    };
+    let each = y
+        .par_chunks_mut(c)
         .zip(rstd.par_iter_mut())
-        .zip(x.par_chunks(c))
-        .for_each(|((y, r), x)| *r = normalize(x, y));
-    let xhat = want_xhat.then(|| y.clone());
-    y.par_chunks_mut(c).for_each(&scale);
+        .zip(x.par_chunks(c));
+    match xhat.as_mut() {
+        Some(xhat) => each
+            .zip(xhat.par_chunks_mut(c))
+            .for_each(|(((y, r), x), xh)| *r = row(y, x, Some(xh))),
+        None => each.for_each(|((y, r), x)| *r = row(y, x, None)),
+    }
     (y, xhat, rstd)
 }
 

@@ -198,9 +198,6 @@ mod tests {
             .all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-12));
     }
 
-    /// The mask depends on the seed alone: the fused f32 path, the host path of other dtypes and
-    /// a non-contiguous input give the same mask, and backward redraws it on each (the CUDA
-    /// kernel is held to it by `self-test`).
     /// Any range of the mask, redrawn from the seeds alone, is that range of the full mask:
     /// within a chunk, from a chunk's start, and across chunk edges.
     #[test]
@@ -224,6 +221,9 @@ mod tests {
         }
     }
 
+    /// The mask depends on the seed alone: the fused f32 path, the host path of other dtypes and
+    /// a non-contiguous input give the same mask, and backward redraws it on each (the CUDA
+    /// kernel is held to it by `self-test`).
     #[test]
     fn mask_is_the_same_on_every_path() {
         let x = randn(&[3, 5000], 7)
