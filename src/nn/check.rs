@@ -328,6 +328,42 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         push("dropout output", rel(&y.to_device(&Device::Cpu)?, &want)?);
     }
 
+    // SAFE's CKA terms in the Gram form (`cka::gram_terms`, fused on CUDA) against the candle
+    // composition on the same rows in f64, at a LLaMA-7B q/v adapter's width with padding rows
+    // left out and with every row; the FLOPs each counts must agree too.
+    for (tokens, keep) in [(96, 80), (512, 512)] {
+        let (d, rank) = (4096, 8);
+        let y = r(&[tokens, d], 18, 2.0, 0.3)?;
+        let u = r(&[tokens, rank], 19, 1.0, -0.2)?;
+        let b = rand(&[d, rank], 20, 0.05, 0.0, DType::F32, device)?;
+        let rows: Vec<u32> = (0..keep as u32)
+            .map(|i| i * tokens as u32 / keep as u32)
+            .collect();
+        let rows = Tensor::new(rows, device)?;
+        let f0 = super::flops::total();
+        let fused = super::cka::gram_terms(&y, &u, &b, &rows)?;
+        let f1 = super::flops::total();
+        let pick = |t: &Tensor| super::cka::pick_rows(t, &rows);
+        let composed =
+            super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?)?;
+        let f2 = super::flops::total();
+        out.push(Check {
+            name: format!("cka gram terms {keep} of {tokens} rows, d {d}, r {rank}"),
+            dtype: dname.clone(),
+            rel_err: rel(&fused, &composed)?,
+            tol: 1e-10,
+            ok: rel(&fused, &composed)? <= 1e-10,
+        });
+        let flops_differ = (f1 - f0) as f64 - (f2 - f1) as f64;
+        out.push(Check {
+            name: format!("cka gram terms {keep} of {tokens} rows: FLOPs counted, difference"),
+            dtype: dname.clone(),
+            rel_err: flops_differ.abs(),
+            tol: 0.0,
+            ok: flops_differ == 0.0,
+        });
+    }
+
     // AdamW: three updates of an f32 parameter (trained tensors are f32 whatever the dtype).
     let p0 = rand(&[64, 768], 13, 0.1, 0.0, DType::F32, device)?;
     let (mut pf, mut pr) = (p0.clone(), p0);
@@ -372,6 +408,17 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                 tol: 1e12,
                 ok: true,
             });
+            // SAFE's per-adapter measurement at a 7B q/v adapter over 512 token rows, ms a
+            // call (20 calls queued back to back), for information.
+            for (fused, kind) in [(true, "fused"), (false, "composition")] {
+                out.push(Check {
+                    name: format!("  (timing: cka gram terms 512 rows d 4096 r 8, {kind} ms)"),
+                    dtype: dname.clone(),
+                    rel_err: cka_gram_ms(device, fused)?,
+                    tol: 1e12,
+                    ok: true,
+                });
+            }
             // Timings, for information (ms of one forward / backward, median of 5).
             // The reference composition builds its causal mask on the host each call, so its
             // figure is not the fallback's (`SAFETUNE_FLASH=0`: the fused softmax kernels).
@@ -390,6 +437,33 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         }
     }
     Ok(out)
+}
+
+/// Milliseconds a call of SAFE's Gram-form CKA terms takes at a LLaMA-7B q/v adapter (512 rows,
+/// width 4096, rank 8, bf16 rows), 20 calls queued back to back after 3 to warm up.
+fn cka_gram_ms(device: &Device, fused: bool) -> Result<f64> {
+    let y = rand(&[512, 4096], 41, 1.0, 0.0, DType::BF16, device)?;
+    let u = rand(&[512, 8], 42, 1.0, 0.0, DType::BF16, device)?;
+    let b = rand(&[4096, 8], 43, 0.05, 0.0, DType::F32, device)?;
+    let rows = Tensor::arange(0u32, 512, device)?;
+    let call = || -> Result<Tensor> {
+        if fused {
+            super::cka::gram_terms(&y, &u, &b, &rows)
+        } else {
+            let pick = |t: &Tensor| super::cka::pick_rows(t, &rows);
+            super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?)
+        }
+    };
+    for _ in 0..3 {
+        call()?;
+    }
+    device.synchronize()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..20 {
+        call()?;
+    }
+    device.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / 20.0)
 }
 
 /// Median milliseconds of one attention forward (saving) and one backward at the shape of

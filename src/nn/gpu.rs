@@ -169,7 +169,9 @@ mod imp {
         Ok(match &cs.slice {
             CudaStorageSlice::F32(s) => s.device_ptr(&stream).0 + 4 * off,
             CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0 + 2 * off,
-            _ => bail!("fused kernels take f32 or bf16 tensors"),
+            CudaStorageSlice::F64(s) => s.device_ptr(&stream).0 + 8 * off,
+            CudaStorageSlice::U32(s) => s.device_ptr(&stream).0 + 4 * off,
+            _ => bail!("fused kernels take f32, bf16, f64 or u32 tensors"),
         })
     }
 
@@ -186,6 +188,11 @@ mod imp {
             }
             DType::BF16 => {
                 let s = unsafe { dev.alloc::<half::bf16>(n)? };
+                let p = s.device_ptr(&stream).0;
+                (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+            }
+            DType::F64 => {
+                let s = unsafe { dev.alloc::<f64>(n)? };
                 let p = s.device_ptr(&stream).0;
                 (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
             }
@@ -840,6 +847,116 @@ mod imp {
         launch!(dev, "st_adamw_f32", elems_cfg(n); pp, pg, pm, pv, pp2, pm2, pv2, n64, lr, b1, b2, eps, wd, bc1, bc2);
         Ok(Some((p2, m2, v2)))
     }
+
+    /// Rows `rows` of `x` `[N, c]` centred in f64 (`[n, c]`), their column means `[1, c]` and,
+    /// when asked for, each column's sum of squares before centring `[c]`.
+    fn cka_center(
+        dev: &CudaDevice,
+        x: &Tensor,
+        rows: Option<&Tensor>,
+        n: usize,
+        want_colsq: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let c = x.dim(1)?;
+        let sfx = dtype_suffix(x.dtype()).expect("checked by the caller");
+        let (xc, pxc) = output(dev, DType::F64, &Shape::from((n, c)))?;
+        let (mean, pmean) = output(dev, DType::F64, &Shape::from((1, c)))?;
+        let colsq = want_colsq
+            .then(|| output(dev, DType::F64, &Shape::from(c)))
+            .transpose()?;
+        let pcolsq = colsq.as_ref().map_or(0u64, |(_, p)| *p);
+        let prows = rows.map(|r| ptr(r, dev)).transpose()?.unwrap_or(0);
+        let px = ptr(x, dev)?;
+        let (n32, c32) = (n as i32, c as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, format!("st_cka_center_{sfx}"), cfg; px, prows, n32, c32, pxc, pmean, pcolsq);
+        Ok((xc, mean, colsq.map(|(t, _)| t)))
+    }
+
+    /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
+    /// `nn::cka::gram_terms`, the composition this replaces and is checked against): two
+    /// centring kernels, cuBLAS's `Yc Yc^T`, `Yc B`, `B^T B` and `Z^T Z`, a kernel per row of
+    /// `L` and one that assembles the terms. None unless `y` and `u` are contiguous CUDA
+    /// tensors of f32 or bf16, `rows` contiguous u32 and the rank at most 256.
+    pub fn cka_gram_terms(
+        y: &Tensor,
+        u: &Tensor,
+        b: &Tensor,
+        rows: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let usable = |t: &Tensor| {
+            t.device().is_cuda() && t.is_contiguous() && dtype_suffix(t.dtype()).is_some()
+        };
+        let r = b.dim(1)?;
+        if !usable(y)
+            || !usable(u)
+            || r > 256
+            || rows.dtype() != DType::U32
+            || !rows.is_contiguous()
+        {
+            return Ok(None);
+        }
+        let (big_n, d) = y.dims2()?;
+        let n = rows.dim(0)?;
+        if u.dims2()? != (big_n, r) || b.dim(0)? != d || n > big_n {
+            bail!(
+                "cka_gram_terms: y {:?}, u {:?}, b {:?} and {n} rows disagree",
+                y.dims(),
+                u.dims(),
+                b.dims()
+            );
+        }
+        let dev = device(y)?;
+        // Every row in order needs no index (token rows are distinct and sorted).
+        let rows = (n < big_n).then_some(rows);
+        let (yc, ymean, colsq) = cka_center(&dev, y, rows, n, true)?;
+        let (uc, umean, _) = cka_center(&dev, u, rows, n, false)?;
+        let colsq = colsq.expect("asked for");
+        let b = b.to_dtype(DType::F64)?.contiguous()?;
+        let mm = crate::nn::matmul;
+        let l = mm(&yc, &yc.t()?)?;
+        let ycb = mm(&yc, &b)?;
+        let g = mm(&b.t()?, &b)?.contiguous()?;
+        let (z, pz) = output(&dev, DType::F64, &Shape::from((n, 2 * r)))?;
+        let (partial, ppartial) = output(&dev, DType::F64, &Shape::from((n, 2)))?;
+        let (pl, pycb, puc, pg) = (
+            ptr(&l, &dev)?,
+            ptr(&ycb, &dev)?,
+            ptr(&uc, &dev)?,
+            ptr(&g, &dev)?,
+        );
+        let (n32, r32, d32) = (n as i32, r as i32, d as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_cka_gram_rows", cfg; pl, pycb, puc, pg, n32, r32, pz, ppartial);
+        let ztz = mm(&z.t()?, &z)?.contiguous()?;
+        // The products the kernels did where the composition called `matmul`: `Uc G / 2`,
+        // `L Uc` and `mean(Y) B`.
+        crate::nn::flops::add(2 * (n * r * r + n * n * r + d * r) as u64);
+        let (out, pout) = output(&dev, DType::F64, &Shape::from(3 + 5 * r * r + 2 * r))?;
+        let (ppart, pcolsq, pztz, pumean, pymean, pb) = (
+            ptr(&partial, &dev)?,
+            ptr(&colsq, &dev)?,
+            ptr(&ztz, &dev)?,
+            ptr(&umean, &dev)?,
+            ptr(&ymean, &dev)?,
+            ptr(&b, &dev)?,
+        );
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_cka_gram_finish", one; ppart, n32, pcolsq, d32, pztz, pg, pumean, pymean, pb, r32, pout);
+        Ok(Some(out))
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -967,6 +1084,14 @@ mod imp {
         _: &Tensor,
         _: &AdamWStep,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
+    pub fn cka_gram_terms(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

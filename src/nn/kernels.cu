@@ -389,6 +389,145 @@ INSTANTIATE(float, f32)
 INSTANTIATE(bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
+// SAFE's CKA in the Gram form (`nn/cka.rs`): of X = Y + U B^T over n token rows, what CKA's norms
+// need, in f64 and in three kernels around cuBLAS's products (the candle composition took ~40
+// launches per adapter and batch). Every sum runs in a fixed order, so results repeat bit for bit.
+
+__device__ double block_sum_d(double v) {
+  __shared__ double sh[32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // the previous call's readers are done with sh
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    double w = lane < nw ? sh[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+    if (lane == 0) sh[0] = w;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+// Rows `rows` (the first n when null) of x [*, c], centred, in f64: xc [n, c], the column means,
+// and (colsq not null) each column's sum of squares before centring. A block of 256 threads takes
+// 32 columns; its 8 warps split the rows and add their partial sums in a fixed order.
+template <typename T>
+__device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, double* xc, double* mean,
+                           double* colsq) {
+  __shared__ double s_sum[8][32], s_sq[8][32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = blockIdx.x * 32 + lane;
+  double s = 0.0, q = 0.0;
+  if (col < c)
+    for (int i = w; i < n; i += 8) {
+      const size_t r = rows ? rows[i] : i;
+      const double v = (double)ld(x[r * c + col]);
+      s += v;
+      q += v * v;
+    }
+  s_sum[w][lane] = s;
+  s_sq[w][lane] = q;
+  __syncthreads();
+  if (w == 0) {
+    double ts = 0.0, tq = 0.0;
+    for (int k = 0; k < 8; k++) {
+      ts += s_sum[k][lane];
+      tq += s_sq[k][lane];
+    }
+    s_sum[0][lane] = ts / n;
+    if (col < c) {
+      mean[col] = ts / n;
+      if (colsq) colsq[col] = tq;
+    }
+  }
+  __syncthreads();
+  const double m = s_sum[0][lane];
+  if (col < c)
+    for (int i = w; i < n; i += 8) {
+      const size_t r = rows ? rows[i] : i;
+      xc[(size_t)i * c + col] = (double)ld(x[r * c + col]) - m;
+    }
+}
+
+extern "C" __global__ void st_cka_center_f32(const float* x, const uint32_t* rows, int n, int c,
+                                             double* xc, double* mean, double* colsq) {
+  cka_center<float>(x, rows, n, c, xc, mean, colsq);
+}
+extern "C" __global__ void st_cka_center_bf16(const bf16* x, const uint32_t* rows, int n, int c,
+                                              double* xc, double* mean, double* colsq) {
+  cka_center<bf16>(x, rows, n, c, xc, mean, colsq);
+}
+
+// One block per row i of L = Yc Yc^T [n, n]: p_i = (Yc B)_i + (Uc G)_i / 2 (G = B^T B, r x r),
+// written with Uc's row as z_i = [p_i, uc_i] (z [n, 2r]), and partial[i] = (sum_j L_ij^2,
+// sum_j L_ij (uc_j . p_i)), whose sums are ||L||^2 and <L Uc, P>. r <= 256.
+extern "C" __global__ void st_cka_gram_rows(const double* L, const double* ycb, const double* uc,
+                                            const double* g, int n, int r, double* z,
+                                            double* partial) {
+  __shared__ double pi[256];
+  const size_t i = blockIdx.x;
+  for (int j = threadIdx.x; j < r; j += blockDim.x) {
+    double a = 0.0;
+    for (int k = 0; k < r; k++) a += uc[i * r + k] * (g[k * r + j] * 0.5);
+    const double v = ycb[i * r + j] + a;
+    pi[j] = v;
+    z[i * 2 * r + j] = v;
+    z[i * 2 * r + r + j] = uc[i * r + j];
+  }
+  __syncthreads();
+  double l2 = 0.0, lup = 0.0;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const double lij = L[i * n + j];
+    double up = 0.0;
+    for (int k = 0; k < r; k++) up += uc[(size_t)j * r + k] * pi[k];
+    l2 += lij * lij;
+    lup += lij * up;
+  }
+  l2 = block_sum_d(l2);
+  lup = block_sum_d(lup);
+  if (threadIdx.x == 0) {
+    partial[2 * i] = l2;
+    partial[2 * i + 1] = lup;
+  }
+}
+
+// The Gram form's terms in one block: out = [||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G
+// (r x r), mean(U) (r), mean(Y) B (r)] from the rows' partials, Y's column sums of squares, and
+// the products ztz, g and b (B [d, r]) in f64.
+extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, const double* colsq,
+                                              int d, const double* ztz, const double* g,
+                                              const double* umean, const double* ymean,
+                                              const double* b, int r, double* out) {
+  double l2 = 0.0, lup = 0.0, yy = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    l2 += partial[2 * i];
+    lup += partial[2 * i + 1];
+  }
+  for (int k = threadIdx.x; k < d; k += blockDim.x) yy += colsq[k];
+  l2 = block_sum_d(l2);
+  lup = block_sum_d(lup);
+  yy = block_sum_d(yy);
+  if (threadIdx.x == 0) {
+    out[0] = l2;
+    out[1] = lup;
+    out[2] = yy;
+  }
+  double* o = out + 3;
+  for (int e = threadIdx.x; e < 4 * r * r; e += blockDim.x) o[e] = ztz[e];
+  o += 4 * r * r;
+  for (int e = threadIdx.x; e < r * r; e += blockDim.x) o[e] = g[e];
+  o += r * r;
+  for (int j = threadIdx.x; j < r; j += blockDim.x) o[j] = umean[j];
+  o += r;
+  for (int j = 0; j < r; j++) {
+    double v = 0.0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) v += ymean[k] * b[(size_t)k * r + j];
+    v = block_sum_d(v);
+    if (threadIdx.x == 0) o[j] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Fused (flash) attention, bf16 storage, f32 accumulation, tensor cores through `mma.sync`
 // m16n8k16 (inline PTX). FlashAttention-2: the forward runs an online softmax over key blocks and
 // writes the output and the per-row log-sum-exp (natural log, f32), nothing of size T x T; the

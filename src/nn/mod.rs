@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod check;
+pub mod cka;
 pub mod cpu;
 pub mod cpu_attention;
 pub mod cpu_matmul;

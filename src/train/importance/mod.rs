@@ -12,6 +12,7 @@
 //! on the training steps themselves ([`StepMonitor`], in `steps.rs`).
 
 use crate::adapters::{Adapted, CkaRows};
+use crate::nn::cka::{pick_rows, sum_sq};
 use crate::safe::{cka_from_norms, CkaNorms};
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
@@ -260,34 +261,6 @@ fn importance_of(rows: usize, v: &[f64]) -> f64 {
     cka_from_norms(&norms)
         .map(crate::safe::importance)
         .unwrap_or(f64::NAN)
-}
-
-/// The token rows `rows` of `[n, d]` rows `t`, in f64 (CKA's norms cancel in lower precision).
-fn pick_rows(t: &Tensor, rows: &Tensor) -> Result<Tensor> {
-    // Token rows are distinct: as many as the tensor has rows means all of them, in order.
-    if rows.dim(0)? == t.dim(0)? {
-        return t.to_dtype(DType::F64);
-    }
-    t.index_select(rows, 0)?.to_dtype(DType::F64)
-}
-
-/// Sum of squares as a 0-d tensor, by rows first: candle's CUDA `sum_all` reduces in one thread
-/// block, which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
-/// On the CPU, rows in parallel with the same bits (`nn::cpu::sum_sq_f64`).
-fn sum_sq(t: &Tensor) -> Result<Tensor> {
-    match crate::nn::cpu::sum_sq_f64(t) {
-        Some(s) => Tensor::new(s, t.device()),
-        None => t.sqr()?.sum(1)?.sum_all(),
-    }
-}
-
-/// Column means `[1, c]` of `[n, c]` rows; on the CPU, columns in parallel with the same bits
-/// (`nn::cpu::col_mean_f64`).
-fn col_mean(t: &Tensor) -> Result<Tensor> {
-    match crate::nn::cpu::col_mean_f64(t)? {
-        Some(m) => Ok(m),
-        None => t.mean_keepdim(0),
-    }
 }
 
 #[cfg(test)]

@@ -2,17 +2,18 @@
 //! `StepMonitor` the training forward hands each adapter's rows to, and the per-micro-batch CKA
 //! it computes from them, in the moment or the Gram form.
 
-use super::{col_mean, importance_of, pick_rows, sum_sq, token_rows, DeviceMoments};
+use super::{importance_of, token_rows, DeviceMoments};
 use crate::adapters::{AdapterId, CkaRows};
+use crate::nn::cka::gram_terms;
 use crate::nn::{flops, RowSink};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
 
 /// What a measured micro-batch keeps on the device until its round ends: the five norms (the
 /// moment form computes them there), or the Gram form's raw terms, which the host turns into
-/// the norms (see [`gram_terms`]). Either way a few numbers, so nothing of size `n` or `d`
+/// the norms (see [`gram_terms`](crate::nn::cka::gram_terms)). Either way a few numbers, so nothing of size `n` or `d`
 /// outlives the layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kept {
@@ -28,45 +29,6 @@ impl Kept {
             Self::GramTerms { rank } => gram_norms(rows, rank, v),
         }
     }
-}
-
-/// The Gram form's terms of one batch's rows at the linear, `X = Y + U B^T` (`Y` `[n, d]`, `U`
-/// `[n, r]`, `B` `[d, r]`, f64): `O(n^2 d)` instead of the moments' `O(n d^2)`, the cheaper
-/// one when a batch has fewer token rows than the layer is wide. With `L = Yc Yc^T` (the one
-/// `n x n x d` product), `G = B^T B` and `P = Yc B + Uc G / 2`, the centered Gram of `X` is
-/// `K = L + P Uc^T + Uc P^T`, so CKA's norms need from the device only `||L||^2`,
-/// `<L Uc, P>`, `||Y||^2` and `r`-sized terms: `Z^T Z` for `Z = [P Uc]`, `G`, the column
-/// means of `U` and `mean(Y) B` ([`gram_norms`] does the rest on the host). Every step is a
-/// device kernel, so fewer steps is what makes a measured step cheap on a GPU.
-///
-/// Layout: `[||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r), mean(U) (r), mean(Y) B (r)]`.
-fn gram_terms(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let mm = crate::nn::matmul;
-    let y_mean = col_mean(y)?;
-    let u_mean = col_mean(u)?;
-    let yc = y.broadcast_sub(&y_mean)?;
-    let uc = u.broadcast_sub(&u_mean)?;
-    let l = mm(&yc, &yc.t()?)?;
-    let g = mm(&b.t()?, b)?;
-    let p = (mm(&yc, b)? + mm(&uc, &(&g * 0.5)?)?)?;
-    let z = Tensor::cat(&[&p, &uc], 1)?;
-    // Sums by rows first, as in `sum_sq`.
-    let scalars = [
-        sum_sq(&l)?,
-        (mm(&l, &uc)? * &p)?.sum(1)?.sum_all()?,
-        sum_sq(y)?,
-    ];
-    let flat = |t: Tensor| t.flatten_all();
-    Tensor::cat(
-        &[
-            Tensor::stack(&scalars, 0)?,
-            flat(mm(&z.t()?, &z)?)?,
-            flat(g)?,
-            flat(u_mean)?,
-            flat(mm(&y_mean, b)?)?,
-        ],
-        0,
-    )
 }
 
 /// CKA's five norms (in [`NORMS`](super::NORMS) order) of `n` rows from their Gram-form terms (see
@@ -118,11 +80,7 @@ fn batch_norms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<(Kep
         };
         return Ok((Kept::Norms, DeviceMoments::of(&r, rows)?.norms()?.1));
     }
-    let terms = gram_terms(
-        &pick_rows(y, rows)?,
-        &pick_rows(u, rows)?,
-        &b.to_dtype(DType::F64)?,
-    )?;
+    let terms = gram_terms(y, u, b, rows)?;
     Ok((Kept::GramTerms { rank: b.dim(1)? }, terms))
 }
 
@@ -302,6 +260,7 @@ impl RowSink for StepMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::cka::{gram_terms_composed, pick_rows};
 
     /// At the linear the Gram form (`||L||^2`, `<L Uc, P>` and rank-r terms on the device, the
     /// norms on the host, `||X||` without `X`) gives the moment form's five norms, for rows with
@@ -336,7 +295,7 @@ mod tests {
             .to_vec1()
             .unwrap();
         let pick = |t: &Tensor| pick_rows(t, &rows).unwrap();
-        let terms: Vec<f64> = gram_terms(&pick(&y), &pick(&u), &b)
+        let terms: Vec<f64> = gram_terms_composed(&pick(&y), &pick(&u), &b)
             .unwrap()
             .to_vec1()
             .unwrap();
@@ -367,7 +326,7 @@ mod tests {
         // Every row a token row: no gather, the same terms as the rows picked one by one.
         let all = token_rows(&[1; 7], &dev).unwrap();
         let (_, whole) = batch_norms(&y, &u, &b, &all).unwrap();
-        let gathered = gram_terms(&y.index_select(&all, 0).unwrap(), &u, &b).unwrap();
+        let gathered = gram_terms_composed(&y.index_select(&all, 0).unwrap(), &u, &b).unwrap();
         assert_eq!(
             whole.to_vec1::<f64>().unwrap(),
             gathered.to_vec1::<f64>().unwrap()

@@ -1,0 +1,86 @@
+//! SAFE's CKA products on the device: the token rows in f64, their sums, and the Gram form's
+//! terms of an adapted linear's rows (`train/importance` turns them into CKA's norms). On CUDA the
+//! Gram form runs as fused kernels around cuBLAS (`gpu::cka_gram_terms`); the candle composition
+//! here is the CPU path and the reference the self-test checks the kernels against.
+
+use candle_core::{DType, Result, Tensor};
+
+/// The Gram form's terms (see [`gram_terms_composed`]) of the token rows `rows` of `y` `[N, d]`
+/// and `u` `[N, r]`, with `b` `[d, r]`.
+pub fn gram_terms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    if let Some(t) = super::gpu::cka_gram_terms(y, u, b, rows)? {
+        return Ok(t);
+    }
+    gram_terms_composed(
+        &pick_rows(y, rows)?,
+        &pick_rows(u, rows)?,
+        &b.to_dtype(DType::F64)?,
+    )
+}
+
+/// The Gram form's terms of one batch's rows at the linear, `X = Y + U B^T` (`Y` `[n, d]`, `U`
+/// `[n, r]`, `B` `[d, r]`, f64): `O(n^2 d)` instead of the moments' `O(n d^2)`, the cheaper
+/// one when a batch has fewer token rows than the layer is wide. With `L = Yc Yc^T` (the one
+/// `n x n x d` product), `G = B^T B` and `P = Yc B + Uc G / 2`, the centered Gram of `X` is
+/// `K = L + P Uc^T + Uc P^T`, so CKA's norms need from the device only `||L||^2`,
+/// `<L Uc, P>`, `||Y||^2` and `r`-sized terms: `Z^T Z` for `Z = [P Uc]`, `G`, the column
+/// means of `U` and `mean(Y) B` (`train/importance`'s `gram_norms` does the rest on the host).
+/// Each op here is a device kernel (about 40); the CUDA path does the same in nine.
+///
+/// Layout: `[||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r), mean(U) (r), mean(Y) B (r)]`.
+pub fn gram_terms_composed(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mm = super::matmul;
+    let y_mean = col_mean(y)?;
+    let u_mean = col_mean(u)?;
+    let yc = y.broadcast_sub(&y_mean)?;
+    let uc = u.broadcast_sub(&u_mean)?;
+    let l = mm(&yc, &yc.t()?)?;
+    let g = mm(&b.t()?, b)?;
+    let p = (mm(&yc, b)? + mm(&uc, &(&g * 0.5)?)?)?;
+    let z = Tensor::cat(&[&p, &uc], 1)?;
+    // Sums by rows first, as in `sum_sq`.
+    let scalars = [
+        sum_sq(&l)?,
+        (mm(&l, &uc)? * &p)?.sum(1)?.sum_all()?,
+        sum_sq(y)?,
+    ];
+    let flat = |t: Tensor| t.flatten_all();
+    Tensor::cat(
+        &[
+            Tensor::stack(&scalars, 0)?,
+            flat(mm(&z.t()?, &z)?)?,
+            flat(g)?,
+            flat(u_mean)?,
+            flat(mm(&y_mean, b)?)?,
+        ],
+        0,
+    )
+}
+
+/// The token rows `rows` of `[n, d]` rows `t`, in f64 (CKA's norms cancel in lower precision).
+pub fn pick_rows(t: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    // Token rows are distinct: as many as the tensor has rows means all of them, in order.
+    if rows.dim(0)? == t.dim(0)? {
+        return t.to_dtype(DType::F64);
+    }
+    t.index_select(rows, 0)?.to_dtype(DType::F64)
+}
+
+/// Sum of squares as a 0-d tensor, by rows first: candle's CUDA `sum_all` reduces in one thread
+/// block, which took 4.9 of a 7B round's 5.7 s; `d` row sums spread over the device.
+/// On the CPU, rows in parallel with the same bits (`nn::cpu::sum_sq_f64`).
+pub fn sum_sq(t: &Tensor) -> Result<Tensor> {
+    match super::cpu::sum_sq_f64(t) {
+        Some(s) => Tensor::new(s, t.device()),
+        None => t.sqr()?.sum(1)?.sum_all(),
+    }
+}
+
+/// Column means `[1, c]` of `[n, c]` rows; on the CPU, columns in parallel with the same bits
+/// (`nn::cpu::col_mean_f64`).
+pub fn col_mean(t: &Tensor) -> Result<Tensor> {
+    match super::cpu::col_mean_f64(t)? {
+        Some(m) => Ok(m),
+        None => t.mean_keepdim(0),
+    }
+}
