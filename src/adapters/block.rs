@@ -366,6 +366,16 @@ impl<'a, L: Block> SiteForward<'a, L> {
         self.run_saving(site, x, pass, Save::Input)
     }
 
+    /// Skips `site` when it has no adapter (true): its frozen linear keeps nothing, so a forward
+    /// that needs only the layer's state (see `model::stack::backward`) need not run it.
+    pub fn skip_unadapted(&mut self, site: L::Site) -> Result<bool> {
+        if self.layer.linear(site).lora.is_some() {
+            return Ok(false);
+        }
+        self.states.put(site, LoraLinearSaved::NONE)?;
+        Ok(true)
+    }
+
     /// [`SiteForward::run`] keeping no input for the adapter: the layer's backward recomputes it
     /// ([`SiteBackward::back_dx_recomputed`]).
     pub fn run_recomputed(&mut self, site: L::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {

@@ -625,9 +625,13 @@ impl<H: EncoderHead> BertWithHead<H> {
     pub fn backward(&self, saved: ForwardSaved<H::Saved>, dlogits: &Tensor) -> Result<ModelGrads> {
         let (dh, head) = self.head.backward(saved.head, dlogits)?;
         let first = saved.first_saved_layer;
-        let run = Self::layer_forward(&saved.mask_add, saved.shape);
+        let mut run = Self::layer_forward(&saved.mask_add, saved.shape);
+        let state = |l: &BertLayer, x: &Tensor, pass: &mut Pass| match run(l, x, pass, true)?.1 {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("a BERT layer run with save kept no state"),
+        };
         let back = |l: &BertLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
-        let per_layer = stack::backward(&self.layers[first..], saved.layers, dh, run, back)?;
+        let per_layer = stack::backward(&self.layers[first..], saved.layers, dh, state, back)?;
         let adapters = stack::by_site(first, per_layer);
         Ok(ModelGrads { adapters, head })
     }

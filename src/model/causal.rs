@@ -48,6 +48,25 @@ pub trait DecoderParts: AdaptedStack + Sized {
         monitor: Option<&mut Monitored<Site<Self>>>,
     ) -> Result<(Tensor, Option<Self::LayerSaved>)>;
 
+    /// A checkpointed layer's saved state, rebuilt in backward by its training forward (see
+    /// `stack::backward`): by default [`DecoderParts::layer_train`], output and all.
+    fn layer_state(
+        &self,
+        layer: &Self::Layer,
+        x: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        pass: &mut Pass,
+    ) -> Result<Self::LayerSaved> {
+        match self
+            .layer_train(layer, x, mask_add, shape, pass, true, None)?
+            .1
+        {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("a layer run with save kept no state"),
+        }
+    }
+
     /// One layer's backward; `dx` only when `need_dx`.
     fn layer_backward(
         &self,
@@ -140,13 +159,13 @@ pub trait DecoderParts: AdaptedStack + Sized {
     ) -> Result<SiteGrads<Site<Self>>> {
         let dh = saved.norm.backward(self.last_norm(), dhidden)?;
         let (mask_add, shape, first) = (&saved.mask_add, saved.shape, saved.first);
-        let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, save| {
-            self.layer_train(l, x, mask_add, shape, pass, save, None)
+        let state = |l: &Self::Layer, x: &Tensor, pass: &mut Pass| {
+            self.layer_state(l, x, mask_add, shape, pass)
         };
         let back =
             |l: &Self::Layer, st, dout: &Tensor, need| self.layer_backward(l, st, dout, need);
         let trained = &self.layers()[first..];
-        let per_layer = stack::backward(trained, saved.layers, dh, run, back)?;
+        let per_layer = stack::backward(trained, saved.layers, dh, state, back)?;
         Ok(stack::by_site(first, per_layer))
     }
 }

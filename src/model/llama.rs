@@ -123,7 +123,32 @@ impl LlamaLayer {
             rope: Some(rope),
             save,
         };
-        self.forward_with(x, call, pass, save, monitor)
+        let (out, saved) = self.forward_with(x, call, pass, save, monitor, true)?;
+        Ok((out.expect("output asked for"), saved))
+    }
+
+    /// The layer's saved state from a training forward that stops where only its output would
+    /// be computed: `down_proj` without an adapter keeps nothing, so its product, SwiGLU's
+    /// output and the residual add are left out (about a fifth of the layer's matmul FLOPs at
+    /// LLaMA's widths). For a checkpointed layer's second forward, in backward.
+    pub fn state(
+        &self,
+        x: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        rope: &Rope,
+        pass: &mut Pass,
+    ) -> Result<LlamaLayerSaved> {
+        let call = AttentionCall::Forward {
+            mask_add,
+            shape,
+            rope: Some(rope),
+            save: true,
+        };
+        match self.forward_with(x, call, pass, true, None, false)?.1 {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("a LLaMA layer run with save kept no state"),
+        }
     }
 
     /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and
@@ -138,10 +163,14 @@ impl LlamaLayer {
     ) -> Result<Tensor> {
         let rope = Some(rope);
         let call = AttentionCall::Cached { batch, rope, cache };
-        Ok(self.forward_with(x, call, pass, false, None)?.0)
+        Ok(self
+            .forward_with(x, call, pass, false, None, true)?
+            .0
+            .expect("output asked for"))
     }
 
-    /// The layer around its attention, which runs as `call` says.
+    /// The layer around its attention, which runs as `call` says; its output only when
+    /// `output` or when `down_proj` has an adapter (see [`LlamaLayer::state`]).
     fn forward_with(
         &self,
         x: &Tensor,
@@ -149,7 +178,8 @@ impl LlamaLayer {
         pass: &mut Pass,
         save: bool,
         monitor: Option<&mut LlamaMonitored>,
-    ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
+        output: bool,
+    ) -> Result<(Option<Tensor>, Option<LlamaLayerSaved>)> {
         let mut lin = SiteForward::new(self, save, monitor);
         let (xn, input_norm) = self.input_norm.forward(x, save)?;
         let q = lin.run(LlamaSite::Q, &xn, pass)?;
@@ -164,9 +194,14 @@ impl LlamaLayer {
         let g = lin.run(LlamaSite::Gate, &hn, pass)?;
         let u = lin.run(LlamaSite::Up, &hn, pass)?;
         drop(hn);
-        let (a, sw) = swiglu::forward(&g, &u, save)?;
-        drop((g, u));
-        let out = nn::add(&h, &lin.run_recomputed(LlamaSite::Down, &a, pass)?)?;
+        let (out, sw) = if !output && save && lin.skip_unadapted(LlamaSite::Down)? {
+            (None, Some(swiglu::SwiGluSaved::of(g, u)))
+        } else {
+            let (a, sw) = swiglu::forward(&g, &u, save)?;
+            drop((g, u));
+            let down = lin.run_recomputed(LlamaSite::Down, &a, pass)?;
+            (Some(nn::add(&h, &down)?), sw)
+        };
         // Every part is Some when `save` is set.
         let saved = (|| {
             Some(LlamaLayerSaved {
@@ -413,6 +448,17 @@ impl DecoderParts for LlamaForCausalLM {
         monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
         layer.forward(x, mask_add, shape, &self.rope, pass, save, monitor)
+    }
+
+    fn layer_state(
+        &self,
+        layer: &LlamaLayer,
+        x: &Tensor,
+        mask_add: &Tensor,
+        shape: AttnShape,
+        pass: &mut Pass,
+    ) -> Result<LlamaLayerSaved> {
+        layer.state(x, mask_add, shape, &self.rope, pass)
     }
 
     fn layer_backward(

@@ -104,14 +104,16 @@ pub fn forward<L, S>(
 }
 
 /// Backward from the stack output's gradient `dh` down to the lowest trainable layer.
-/// `back(layer, saved, dout, need_dx)` is one layer's backward; `run` must be the forward given to
-/// [`forward`] (checkpointed layers are run again with it, in training mode). Returns each
-/// layer's gradients with its index relative to `first`, top layer first.
+/// `back(layer, saved, dout, need_dx)` is one layer's backward; `state(layer, x, pass)` rebuilds a
+/// checkpointed layer's saved state by running the forward given to [`forward`] again on its
+/// input, in training mode (its output is not needed: the first forward gave it, so a layer may
+/// skip what only makes the output). Returns each layer's gradients with its index relative to
+/// `first`, top layer first.
 pub fn backward<L, S, G>(
     layers: &[L],
     saved: StackSaved<S>,
     mut dh: Tensor,
-    mut run: impl FnMut(&L, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<S>)>,
+    mut state: impl FnMut(&L, &Tensor, &mut Pass) -> Result<S>,
     mut back: impl FnMut(&L, S, &Tensor, bool) -> Result<(Option<Tensor>, G)>,
 ) -> Result<Vec<(usize, G)>> {
     let mut grads = Vec::new();
@@ -124,12 +126,7 @@ pub fn backward<L, S, G>(
                     rng: &mut rng,
                     monitor: None,
                 };
-                let (_, state) = run(&layers[i], &x, &mut pass, true)?;
-                drop(x);
-                match state {
-                    Some(s) => s,
-                    None => candle_core::bail!("layer {} run with save kept no state", i),
-                }
+                state(&layers[i], &x, &mut pass)?
             }
         };
         let (dx, g) = back(&layers[i], state, &dh, i > 0)?;

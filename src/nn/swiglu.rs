@@ -30,6 +30,12 @@ pub fn forward_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 impl SwiGluSaved {
+    /// What [`forward`] keeps, without computing its output (a layer's state rebuilt in
+    /// backward, where the output is not needed).
+    pub fn of(gate: Tensor, up: Tensor) -> Self {
+        Self { gate, up }
+    }
+
     /// The forward's output, recomputed from the saved inputs (for the linear that reads it,
     /// which keeps no copy).
     pub fn output(&self) -> Result<Tensor> {
