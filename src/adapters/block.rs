@@ -395,7 +395,11 @@ impl<'a, L: Block> SiteForward<'a, L> {
         } else {
             Save::Nothing
         };
-        let (y, saved, rows) = self.layer.linear(site).forward_rows(x, pass, save)?;
+        let want_rows = self.monitor.is_some() || pass.taking_rows().is_some();
+        let (y, saved, rows) = self
+            .layer
+            .linear(site)
+            .forward_rows(x, pass, save, want_rows)?;
         self.states.put(site, saved)?;
         match (self.monitor.as_deref_mut(), rows) {
             (Some(m), Some(rows)) => m.push((site, rows)),

@@ -87,7 +87,8 @@ impl LoraAdapter {
         })
     }
 
-    /// The adapter's own output `scaling * dropout(x) A^T B^T`, computed in `x`'s dtype: beside
+    /// The rank-r rows `U = scaling * dropout(x) A^T` and `B` of the adapter's output `U B^T`,
+    /// computed in `x`'s dtype: beside
     /// a bf16 base, `A` and `B` (f32 master weights, `[r, in]` and `[out, r]`) are cast down for
     /// the product instead of casting the `[n, in]` activations up, so the matmuls run on bf16
     /// tensor cores and no activation-sized cast exists (PEFT with its adapters in bf16 computes
@@ -99,17 +100,16 @@ impl LoraAdapter {
         x: &Tensor,
         pass: &mut Pass,
         save: Save,
-    ) -> Result<(Tensor, LoraLinearSaved, (Tensor, Tensor))> {
+    ) -> Result<(LoraLinearSaved, (Tensor, Tensor))> {
         let (xd, drop) = self.dropout.forward(x, pass, save != Save::Nothing)?;
         let (xa, u, b) = self.rank_r(&xd)?;
-        let y = matmul(&u, &b.t()?)?;
         let inputs = match save {
             _ if !self.trainable => None,
             Save::Nothing => None,
             Save::Input => Some((Some(x.clone()), xa)),
             Save::Recomputed => Some((None, xa)),
         };
-        Ok((y, LoraLinearSaved { inputs, drop }, (u, b)))
+        Ok((LoraLinearSaved { inputs, drop }, (u, b)))
     }
 
     /// The rank-r side of the adapter on its (dropped-out) input `x`: `x A^T`, the scaled rows
@@ -208,26 +208,31 @@ impl LoraLinear {
         save: bool,
     ) -> Result<(Tensor, LoraLinearSaved)> {
         let save = if save { Save::Input } else { Save::Nothing };
-        let (y, saved, _) = self.forward_rows(x, pass, save)?;
+        let (y, saved, _) = self.forward_rows(x, pass, save, false)?;
         Ok((y, saved))
     }
 
-    /// [`LoraLinear::forward`], and with an adapter its [`CkaRows::LowRank`] rows on this pass
-    /// (dropout included on a training pass): what SAFE measures, on a training step or on its
-    /// monitoring passes (inference). They are the forward's own tensors, so nothing is computed
-    /// for them.
+    /// [`LoraLinear::forward`], and when `rows` (and with an adapter) its [`CkaRows::LowRank`]
+    /// rows on this pass (dropout included on a training pass): what SAFE measures, on a
+    /// training step or on its monitoring passes (inference). They are the forward's own
+    /// tensors, so nothing is computed for them; without them the adapter's update is added
+    /// into the base output in place ([`crate::nn::add_low_rank`]).
     pub fn forward_rows(
         &self,
         x: &Tensor,
         pass: &mut Pass,
         save: Save,
+        rows: bool,
     ) -> Result<(Tensor, LoraLinearSaved, Option<CkaRows>)> {
         let base = self.base.forward(x)?;
         let Some(lora) = &self.lora else {
             return Ok((base, LoraLinearSaved::NONE, None));
         };
-        let (delta, saved, (u, b)) = lora.forward(x, pass, save)?;
-        let y = crate::nn::add(&base, &delta)?;
+        let (saved, (u, b)) = lora.forward(x, pass, save)?;
+        if !rows {
+            return Ok((crate::nn::add_low_rank(base, &u, &b, true)?, saved, None));
+        }
+        let y = crate::nn::add(&base, &matmul(&u, &b.t()?)?)?;
         Ok((y, saved, Some(CkaRows::LowRank { y: base, u, b })))
     }
 
@@ -265,9 +270,15 @@ impl LoraLinear {
         // gradients come back in the master weights' dtype.
         let (a, b) = (lora.a.to_dtype(dy.dtype())?, lora.b.to_dtype(dy.dtype())?);
         let dxa = matmul(dy, &b)?.affine(lora.scaling, 0.0)?; // [n, r]
-        if let Some(d) = dx.as_mut() {
-            let dxd = dropout::backward_opt(&saved.drop, matmul(&dxa, &a)?)?;
-            *d = crate::nn::add(d, &dxd)?;
+        if let Some(d) = dx.take() {
+            // Without dropout the update goes straight into the base's fresh `dx`.
+            dx = Some(match &saved.drop {
+                None => crate::nn::add_low_rank(d, &dxa, &a, false)?,
+                Some(drop) => {
+                    let update = drop.backward(&matmul(&dxa, &a)?)?; // the product freed here
+                    crate::nn::add(&d, &update)?
+                }
+            });
         }
         let grads = match saved.inputs {
             Some((x, xa)) => {
@@ -370,7 +381,7 @@ mod tests {
                     rng: &mut rng,
                     monitor: None,
                 };
-                l.forward_rows(&x, &mut pass, save).unwrap().1
+                l.forward_rows(&x, &mut pass, save, false).unwrap().1
             };
             let (kept, recomputed) = (run(Save::Input), run(Save::Recomputed));
             assert!(!kept.needs_input() && recomputed.needs_input());

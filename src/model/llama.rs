@@ -117,13 +117,8 @@ impl LlamaLayer {
         save: bool,
         monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
-        let call = AttentionCall::Forward {
-            mask_add,
-            shape,
-            rope: Some(rope),
-            save,
-        };
-        let (out, saved) = self.forward_with(x, call, pass, save, monitor, true)?;
+        let attn = (mask_add, shape, rope);
+        let (out, saved) = self.forward_train(x, attn, pass, save, monitor, true)?;
         Ok((out.expect("output asked for"), saved))
     }
 
@@ -139,16 +134,30 @@ impl LlamaLayer {
         rope: &Rope,
         pass: &mut Pass,
     ) -> Result<LlamaLayerSaved> {
+        let attn = (mask_add, shape, rope);
+        match self.forward_train(x, attn, pass, true, None, false)?.1 {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("a LLaMA layer run with save kept no state"),
+        }
+    }
+
+    /// [`LlamaLayer::forward_with`] on a whole-sequence attention of `(mask_add, shape, rope)`.
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        (mask_add, shape, rope): (&Tensor, AttnShape, &Rope),
+        pass: &mut Pass,
+        save: bool,
+        monitor: Option<&mut LlamaMonitored>,
+        output: bool,
+    ) -> Result<(Option<Tensor>, Option<LlamaLayerSaved>)> {
         let call = AttentionCall::Forward {
             mask_add,
             shape,
             rope: Some(rope),
-            save: true,
+            save,
         };
-        match self.forward_with(x, call, pass, true, None, false)?.1 {
-            Some(s) => Ok(s),
-            None => candle_core::bail!("a LLaMA layer run with save kept no state"),
-        }
+        self.forward_with(x, call, pass, save, monitor, output)
     }
 
     /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and

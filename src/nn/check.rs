@@ -328,6 +328,28 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         push("dropout output", rel(&y.to_device(&Device::Cpu)?, &want)?);
     }
 
+    // A rank-r update added into a fresh output (`add_low_rank`: in place through cuBLAS on
+    // CUDA) against the product and the add, with `w` as `[out, r]` (a LoRA forward) and as
+    // `[r, out]` (its input gradient).
+    for w_t in [true, false] {
+        let y = r(&[256, 512], 21, 1.0, 0.0)?;
+        let u = r(&[256, 8], 22, 1.0, 0.0)?;
+        let w = if w_t {
+            r(&[512, 8], 23, 0.5, 0.0)?
+        } else {
+            r(&[8, 512], 23, 0.5, 0.0)?
+        };
+        let product = if w_t {
+            u.matmul(&w.t()?)?
+        } else {
+            u.matmul(&w)?
+        };
+        let composed = super::add(&y, &product)?;
+        let fused = super::add_low_rank(y.copy()?, &u, &w, w_t)?;
+        let name = if w_t { "y + u w^T" } else { "y + u w" };
+        push(&format!("add_low_rank {name}"), rel(&fused, &composed)?);
+    }
+
     // SAFE's CKA terms in the Gram form (`cka::gram_terms`, fused on CUDA) against the candle
     // composition on the same rows in f64, at a LLaMA-7B q/v adapter's width with padding rows
     // left out and with every row; the FLOPs each counts must agree too.

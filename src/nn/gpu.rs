@@ -431,6 +431,127 @@ mod imp {
         Ok(Some(y))
     }
 
+    /// `y += u w^T` (`w_t`: `w` is `[out, r]`) or `y += u w` (`w` `[r, out]`), `u` `[n, r]`, `y`
+    /// `[n, out]`, in place through cuBLAS with beta = 1 (f32 accumulation). False, and `y`
+    /// untouched, unless all three are contiguous CUDA tensors of one dtype (f32 or bf16) that
+    /// autograd does not track.
+    pub fn add_product(y: &Tensor, u: &Tensor, w: &Tensor, w_t: bool) -> Result<bool> {
+        let tracked = [y, u, w].iter().any(|t| t.track_op());
+        if suffix(y.dtype(), &[y, u, w]).is_none() || tracked || y.rank() != 2 || u.rank() != 2 {
+            return Ok(false);
+        }
+        let ((n, out), (n_u, r)) = (y.dims2()?, u.dims2()?);
+        let w_dims = if w_t { (out, r) } else { (r, out) };
+        if n_u != n || w.dims2()? != w_dims {
+            bail!(
+                "add_product: y {:?}, u {:?} and w {:?} (transposed: {w_t}) disagree",
+                y.dims(),
+                u.dims(),
+                w.dims()
+            );
+        }
+        y.inplace_op3(u, w, &AddProduct { n, out, r, w_t })?;
+        Ok(true)
+    }
+
+    struct AddProduct {
+        n: usize,
+        out: usize,
+        r: usize,
+        w_t: bool,
+    }
+
+    impl candle_core::InplaceOp3 for AddProduct {
+        fn name(&self) -> &'static str {
+            "add_product"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &mut candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> Result<()> {
+            bail!("add_product runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            dst: &mut CudaStorage,
+            dst_l: &candle_core::Layout,
+            u: &CudaStorage,
+            u_l: &candle_core::Layout,
+            w: &CudaStorage,
+            w_l: &candle_core::Layout,
+        ) -> Result<()> {
+            use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t as Op;
+            use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig};
+            let blas = dst.device.cublas_handle();
+            // Column-major: y^T [out, n] += op(w) [out, r] . u^T [r, n].
+            let (out, n, r) = (self.out as i32, self.n as i32, self.r as i32);
+            let (transa, lda) = if self.w_t {
+                (Op::CUBLAS_OP_T, r)
+            } else {
+                (Op::CUBLAS_OP_N, out)
+            };
+            fn cfg<T>(one: T, transa: Op, lda: i32, (out, n, r): (i32, i32, i32)) -> GemmConfig<T>
+            where
+                T: Copy,
+            {
+                GemmConfig {
+                    transa,
+                    transb: Op::CUBLAS_OP_N,
+                    m: out,
+                    n,
+                    k: r,
+                    alpha: one,
+                    lda,
+                    ldb: r,
+                    beta: one,
+                    ldc: out,
+                }
+            }
+            let dims = (out, n, r);
+            let (yo, uo, wo) = (dst_l.start_offset(), u_l.start_offset(), w_l.start_offset());
+            match (&mut dst.slice, &u.slice, &w.slice) {
+                (
+                    CudaStorageSlice::BF16(y),
+                    CudaStorageSlice::BF16(u),
+                    CudaStorageSlice::BF16(w),
+                ) => {
+                    let one = half::bf16::ONE;
+                    // SAFETY: the shapes were checked against the configuration above.
+                    unsafe {
+                        blas.gemm(
+                            cfg(one, transa, lda, dims),
+                            &w.slice(wo..),
+                            &u.slice(uo..),
+                            &mut y.slice_mut(yo..),
+                        )
+                    }
+                }
+                (CudaStorageSlice::F32(y), CudaStorageSlice::F32(u), CudaStorageSlice::F32(w)) => {
+                    // SAFETY: as above.
+                    unsafe {
+                        blas.gemm(
+                            cfg(1f32, transa, lda, dims),
+                            &w.slice(wo..),
+                            &u.slice(uo..),
+                            &mut y.slice_mut(yo..),
+                        )
+                    }
+                }
+                _ => bail!("add_product: y, u and w must be all bf16 or all f32"),
+            }
+            .w()?;
+            crate::nn::flops::add(2 * (self.n * self.out * self.r) as u64);
+            Ok(())
+        }
+    }
+
     /// Rotary embedding of `x`, a `[batch, heads, seq, head_dim]` view with head_dim contiguous
     /// (e.g. a projection's `[batch*seq, heads*head_dim]` output viewed as heads, without a copy),
     /// at positions `start..start+seq`, by the negated angle when `inverse`; `cos` and `sin` f32
@@ -1040,6 +1161,9 @@ mod imp {
     }
     pub fn add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+    pub fn add_product(_: &Tensor, _: &Tensor, _: &Tensor, _: bool) -> Result<bool> {
+        Ok(false)
     }
     pub fn rope(
         _: &Tensor,
