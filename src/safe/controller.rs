@@ -346,10 +346,6 @@ impl SafeController {
         }
     }
 
-    pub fn is_frozen(&self, i: usize) -> bool {
-        self.frozen_at[i].is_some()
-    }
-
     /// Epoch at which each adapter froze.
     pub fn frozen_at(&self) -> &[Option<usize>] {
         &self.frozen_at
