@@ -31,6 +31,11 @@ st() { # data method seed [flags]
     $BIN train --device cuda --model $M --data ${DATA[$d]} --data-kind $d --method $m --seed $s \
     --output $R/$d-$m$TAG-$s --quiet "$@" > $R/$d-$m$TAG-$s.log 2>&1
 }
+pt() { # data seed; PyTorch + PEFT with the loop's $flag (gradient checkpointing or none) and $tag
+  local d=$1 s=$2
+  /usr/bin/time -f %e -o $R/$d-$tag-$s.wall python3 $HERE/peft_train_gpu.py --model $M \
+    --data ${DATA[$d]} --kind $d --seed $s $flag --targets $PT > $R/$d-$tag-$s.json 2> $R/$d-$tag-$s.err
+}
 for d in ${DATASETS:-folder spam}; do
   TAG=""
   if [ -z "${SKIP_LORA:-}" ]; then
@@ -48,9 +53,7 @@ print(int(0.6 * max(json.loads(l)['step_mem_bytes'] for f in glob.glob('$R/$d-lo
   for mode in ${PEFT_MODES:-ckpt plain}; do
     flag=""; tag="peft"
     [ $mode = ckpt ] && flag=--grad-ckpt && tag=peft-ckpt
-    pt() { /usr/bin/time -f %e -o $R/$d-$tag-$1.wall python3 $HERE/peft_train_gpu.py --model $M \
-        --data ${DATA[$d]} --kind $d --seed $1 $flag --targets $PT > $R/$d-$tag-$1.json 2> $R/$d-$tag-$1.err; }
-    for s in $SEEDS; do seed_run pt $s; done; wait
+    for s in $SEEDS; do seed_run pt $d $s; done; wait
   done
 done
 # SAFE with no SAFE flags and no budget at 1, 3 and 10 epochs (BBC, seed 42): does it freeze?
