@@ -395,7 +395,8 @@ impl<'a, L: Block> SiteForward<'a, L> {
         } else {
             Save::Nothing
         };
-        let want_rows = self.monitor.is_some() || pass.taking_rows().is_some();
+        let index = site_index::<L>(site);
+        let want_rows = self.monitor.is_some() || pass.taking_rows(index).is_some();
         let (y, saved, rows) = self
             .layer
             .linear(site)
@@ -405,8 +406,8 @@ impl<'a, L: Block> SiteForward<'a, L> {
             (Some(m), Some(rows)) => m.push((site, rows)),
             // A training pass may hand its rows to SAFE's in-step importance.
             (None, Some(CkaRows::LowRank { y: base, u, b })) => {
-                if let Some(sink) = pass.taking_rows() {
-                    sink.take(site_index::<L>(site), &base, &u, &b)?;
+                if let Some(sink) = pass.taking_rows(index) {
+                    sink.take(index, &base, &u, &b)?;
                 }
             }
             _ => {}

@@ -49,8 +49,9 @@ pub trait RowSink {
     /// bottom, the head, a checkpointed layer's second forward): nothing is taken there.
     fn enter_layer(&mut self, layer: Option<usize>);
 
-    /// Whether rows are taken now (a layer is entered).
-    fn taking(&self) -> bool;
+    /// Whether site `site`'s rows are taken now: a layer is entered and its adapter is measured
+    /// (a site whose rows are not taken keeps its fused forward).
+    fn takes(&self, site: usize) -> bool;
 
     /// The micro-batch's attention mask `[batch * seq]` (1: a real token), rows in that order.
     fn tokens(&mut self, attention_mask: &[u32]);
@@ -74,10 +75,10 @@ impl Pass<'_> {
         }
     }
 
-    /// The monitor when it takes rows now.
-    pub fn taking_rows(&mut self) -> Option<&mut dyn RowSink> {
+    /// The monitor when it takes site `site`'s rows now.
+    pub fn taking_rows(&mut self, site: usize) -> Option<&mut dyn RowSink> {
         match self.monitor.as_deref_mut() {
-            Some(m) if m.taking() => Some(m),
+            Some(m) if m.takes(site) => Some(m),
             _ => None,
         }
     }

@@ -208,6 +208,10 @@ impl StepMonitor {
         Ok(scores)
     }
 
+    fn measures(&self, id: AdapterId) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(&id))
+    }
+
     fn token_rows(&mut self, device: &Device, n: usize) -> Result<Tensor> {
         if self.mask.len() != n {
             candle_core::bail!(
@@ -228,8 +232,9 @@ impl RowSink for StepMonitor {
         self.layer = layer;
     }
 
-    fn taking(&self) -> bool {
-        self.layer.is_some()
+    fn takes(&self, site: usize) -> bool {
+        self.layer
+            .is_some_and(|layer| self.measures(AdapterId { layer, site }))
     }
 
     fn tokens(&mut self, attention_mask: &[u32]) {
@@ -242,7 +247,7 @@ impl RowSink for StepMonitor {
             return Ok(());
         };
         let id = AdapterId { layer, site };
-        if self.only.as_ref().is_some_and(|only| !only.contains(&id)) {
+        if !self.measures(id) {
             return Ok(());
         }
         let f0 = flops::total();
@@ -261,6 +266,24 @@ impl RowSink for StepMonitor {
 mod tests {
     use super::*;
     use crate::nn::cka::{gram_terms_composed, pick_rows};
+
+    /// Rows are asked for only inside a layer and only for the adapters measured, so every other
+    /// adapter keeps its fused forward on a measured step.
+    #[test]
+    fn the_monitor_takes_only_the_measured_adapters_rows() {
+        let mut m = StepMonitor::new().only(vec![AdapterId { layer: 1, site: 0 }]);
+        assert!(!m.takes(0), "no layer entered");
+        m.enter_layer(Some(1));
+        assert!(m.takes(0));
+        assert!(!m.takes(1), "site 1 of layer 1 is not measured");
+        m.enter_layer(Some(2));
+        assert!(!m.takes(0), "layer 2's adapters are not measured");
+        let mut all = StepMonitor::new();
+        all.enter_layer(Some(2));
+        assert!(all.takes(0) && all.takes(1));
+        all.enter_layer(None);
+        assert!(!all.takes(0));
+    }
 
     /// At the linear the Gram form (`||L||^2`, `<L Uc, P>` and rank-r terms on the device, the
     /// norms on the host, `||X||` without `X`) gives the moment form's five norms, for rows with
