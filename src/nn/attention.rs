@@ -274,8 +274,8 @@ impl Attention {
                 return Ok(out);
             }
         }
-        // The fused softmax kernels read a key mask `[batch, 1, 1, keys]`; a per-head bias
-        // (MPNet's relative positions, `[batch, heads, seq, seq]`) takes the composition.
+        // The fused softmax kernels (CUDA) read a key mask `[batch, 1, 1, keys]`; a per-head bias
+        // (MPNet's relative positions, `[batch, heads, seq, seq]`) takes the composition there.
         let fused = fused && mask_add.dims() == [shape.batch, 1, 1, shape.seq];
         let (q, k) = match rope {
             Some(r) => (
@@ -374,7 +374,8 @@ impl Attention {
     }
 
     /// The fused CPU kernels' shapes for `shape.seq` queries over `keys` keys, where they apply:
-    /// f32 CPU tensors autograd does not track and a key mask `[batch, 1, 1, keys]`.
+    /// f32 CPU tensors autograd does not track and a contiguous additive mask the kernels read (a
+    /// key mask, or MPNet's per-head bias: [`cpu_attention::Dims::mask_fits`]).
     fn cpu_dims(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -386,7 +387,7 @@ impl Attention {
         let qualifies = [q, k, v, mask_add]
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-        (qualifies && mask_add.dims() == [shape.batch, 1, 1, keys]).then(|| cpu_attention::Dims {
+        let dims = cpu_attention::Dims {
             batch: shape.batch,
             heads: self.num_heads,
             kv_heads: self.num_kv_heads,
@@ -395,7 +396,8 @@ impl Attention {
             head_dim,
             causal: self.causal,
             scale: (1.0 / (head_dim as f64).sqrt()) as f32,
-        })
+        };
+        (qualifies && mask_add.is_contiguous() && dims.mask_fits(mask_add.dims())).then_some(dims)
     }
 
     /// The fused CPU kernels' forward (`cpu_attention`) where they apply (see
@@ -890,6 +892,18 @@ mod tests {
     /// query rows in several blocks (a causal block then multiplies only the keys it sees), and
     /// the rows' dropout masks cross the mask's 4096-element chunks.
     fn fused_matches_composition_at(attn: Attention, rope: Option<&Rope>, t: usize) {
+        fused_matches_composition_with(attn, rope, t, None);
+    }
+
+    /// [`fused_matches_composition_at`] with, when `bias_batch` is given, a per-head bias
+    /// `[bias_batch, heads, t, t]` (MPNet's relative positions) added to the key mask, or in its
+    /// place for a bias of batch 1; the fused CPU kernels must take it too.
+    fn fused_matches_composition_with(
+        attn: Attention,
+        rope: Option<&Rope>,
+        t: usize,
+        bias_batch: Option<usize>,
+    ) {
         let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let (b, d) = (3, 4);
         let (cq, ckv) = (attn.num_heads * d, attn.num_kv_heads * d);
@@ -898,7 +912,16 @@ mod tests {
         m[t - 1] = 0;
         m[2 * t - 2..2 * t].fill(0);
         let mask = Tensor::from_vec(m, (b, t), &Device::Cpu).unwrap();
-        let mask_add = mask_to_additive(&mask, DType::F32).unwrap();
+        let mut mask_add = mask_to_additive(&mask, DType::F32).unwrap();
+        match bias_batch {
+            // One bias for the whole batch, no key padding: `[1, heads, t, t]`.
+            Some(1) => mask_add = f32(randn(&[1, attn.num_heads, t, t], 5)),
+            Some(bb) => {
+                let bias = f32(randn(&[bb, attn.num_heads, t, t], 5));
+                mask_add = bias.broadcast_add(&mask_add).unwrap();
+            }
+            None => {}
+        }
         let (q, k, v) = (
             f32(randn(&[b * t, cq], 1)),
             f32(randn(&[b * t, ckv], 2)),
@@ -919,11 +942,23 @@ mod tests {
                 attn.forward_reference(qkv, &mask_add, shape, rope, &mut pass, true)
             }
             .unwrap();
-            let (dq, dk, dv) = s.unwrap().backward(&attn, &dy).unwrap();
+            let s = s.unwrap();
+            assert_eq!(matches!(s.path, Path::Cpu(_)), fused, "the path taken");
+            let (dq, dk, dv) = s.backward(&attn, &dy).unwrap();
             [y, dq, dk, dv]
         };
         for (a, r) in run(true).iter().zip(run(false).iter()) {
             assert!(max_abs_diff(a, r) < 1e-5);
+        }
+    }
+
+    /// MPNet's relative position bias, per head and row (one for the batch, or one per item as
+    /// `BertWithHead::attention_bias` makes it), with dropout, in one block of rows and several.
+    #[test]
+    fn fused_cpu_path_takes_a_per_head_bias() {
+        for t in [6, 130] {
+            fused_matches_composition_with(mha(2, 0.2), None, t, Some(1));
+            fused_matches_composition_with(mha(3, 0.0), None, t, Some(3));
         }
     }
 

@@ -10,7 +10,8 @@
 //! q, k, v and the output gradient are read in place as `[b, heads, t, d]` views (the layers'
 //! `[b*t, heads*d]` layout seen per head, or rope's output), and the context and the gradients
 //! are written straight into the layers' layout. Under a causal mask a block multiplies only
-//! the keys its last row sees.
+//! the keys its last row sees. The additive mask is a key mask `[b, 1, 1, keys]` or a per-head
+//! bias over every row (`[b or 1, heads, queries, keys]`: MPNet's relative positions).
 //!
 //! Each product is one single-threaded `gemm` call. The forward spreads (batch, head) pairs over
 //! rayon's threads; backward spreads (batch, kv head) pairs, whose query heads add into one
@@ -63,6 +64,19 @@ impl Dims {
         (d.batch, d.heads, d.kv_heads, d.queries, d.keys, d.head_dim)
     }
 
+    /// Whether an additive mask of `dims` reads here: a key mask `[batch, 1, 1, keys]`, or a
+    /// bias per head and row `[batch or 1, heads, queries, keys]` (see [`MaskRows`]).
+    pub fn mask_fits(&self, dims: &[usize]) -> bool {
+        match *dims {
+            [mb, mh, mt, mk] => {
+                (mb == self.batch || mb == 1)
+                    && mk == self.keys
+                    && ((mh, mt) == (1, 1) || (mh, mt) == (self.heads, self.queries))
+            }
+            _ => false,
+        }
+    }
+
     fn valid(&self) -> bool {
         let d = self;
         d.batch > 0
@@ -97,6 +111,37 @@ impl Heads<'_> {
 
 /// Strided rows: the first one's start and the row stride, in elements (unit column stride).
 type Rows = (*const f32, usize);
+
+/// A contiguous additive mask `[mb, mh, mt, keys]` read per (batch item, head, query row): a
+/// dimension of 1 is broadcast (stride 0).
+#[derive(Clone, Copy)]
+struct MaskRows<'a> {
+    m: &'a [f32],
+    keys: usize,
+    sb: usize,
+    sh: usize,
+    st: usize,
+}
+
+impl<'a> MaskRows<'a> {
+    fn new(m: &'a [f32], [mb, mh, mt, keys]: [usize; 4]) -> Self {
+        let st = if mt > 1 { keys } else { 0 };
+        let sh = if mh > 1 { mt * keys } else { 0 };
+        let sb = if mb > 1 { mh * mt * keys } else { 0 };
+        Self {
+            m,
+            keys,
+            sb,
+            sh,
+            st,
+        }
+    }
+
+    /// The mask over the keys of query row `i` of head `h` of batch item `b`.
+    fn row(&self, b: usize, h: usize, i: usize) -> &'a [f32] {
+        &self.m[b * self.sb + h * self.sh + i * self.st..][..self.keys]
+    }
+}
 
 /// `dst = a b^T` (`rows x n`, row-major) for `a` of `rows` rows and `b` of `n` rows, `d` wide.
 ///
@@ -171,12 +216,13 @@ unsafe fn add_mul_at(
 }
 
 /// `f` on `ts` as [`Heads`] views of the given `[b, heads, t, d]` shapes and the contiguous
-/// `[b, 1, 1, keys]` mask `mask` as a slice; None unless all are f32 CPU tensors of those shapes
-/// with unit stride along `d` that autograd does not track (its graph is the tests' oracle).
+/// additive mask `mask` (its shape checked by the caller, [`Dims::mask_fits`]) as [`MaskRows`];
+/// None unless all are f32 CPU tensors of those shapes with unit stride along `d` that autograd
+/// does not track (its graph is the tests' oracle).
 fn with_views<R>(
     ts: &[(&Tensor, [usize; 4])],
     mask: &Tensor,
-    f: impl FnOnce(&[Heads], &[f32]) -> R,
+    f: impl FnOnce(&[Heads], MaskRows) -> R,
 ) -> Option<R> {
     let all: Vec<&Tensor> = ts.iter().map(|(t, _)| *t).chain([mask]).collect();
     if all.iter().any(|t| t.track_op()) {
@@ -202,11 +248,16 @@ fn with_views<R>(
         return None;
     };
     let (a, b) = layout.contiguous_offsets()?;
-    Some(f(&views, &cpu.as_slice::<f32>().ok()?[a..b]))
+    let dims: [usize; 4] = mask.dims().try_into().ok()?;
+    Some(f(
+        &views,
+        MaskRows::new(&cpu.as_slice::<f32>().ok()?[a..b], dims),
+    ))
 }
 
 /// Forward: q `[b, heads, t, d]`, k and v `[b, kv_heads, keys, d]` (any strides with unit stride
-/// along d), the additive key mask `[b, 1, 1, keys]`. Returns the context in the layers' layout
+/// along d), the additive mask (a key mask `[b, 1, 1, keys]` or a per-head bias, see
+/// [`Dims::mask_fits`]). Returns the context in the layers' layout
 /// `[b*t, heads*d]` and the log-sum-exp of each row's scaled, masked scores `[b, heads, t, 1]`.
 /// None where the inputs do not qualify (see [`with_views`]).
 pub fn forward(
@@ -217,7 +268,7 @@ pub fn forward(
 ) -> Result<Option<(Tensor, Tensor)>> {
     let dm = *dims;
     let (b, h, kv, t, t2, d) = dm.sizes();
-    if !dm.valid() || mask_add.dims() != [b, 1, 1, t2] {
+    if !dm.valid() || !dm.mask_fits(mask_add.dims()) {
         return Ok(None);
     }
     let qb = dm.block_rows();
@@ -231,7 +282,6 @@ pub fn forward(
         lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
             let (bi, hi) = (bh / h, bh % h);
             let g = hi / (h / kv);
-            let mask = &mask[bi * t2..][..t2];
             let mut s = vec![0f32; qb * t2];
             let mut keep = vec![false; t2];
             for i0 in (0..t).step_by(qb) {
@@ -244,7 +294,8 @@ pub fn forward(
                 for (r, row) in s.chunks_mut(n).enumerate() {
                     let i = i0 + r;
                     let nv = dm.visible(i);
-                    lse[i] = softmax_row(&mut row[..nv], &mask[..nv], dm.scale);
+                    let m = &mask.row(bi, hi, i)[..nv];
+                    lse[i] = softmax_row(&mut row[..nv], m, dm.scale);
                     row[nv..].fill(0.0);
                     if let Some(dr) = drop {
                         let keep = &mut keep[..nv];
@@ -288,7 +339,7 @@ pub fn backward(
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let dm = *dims;
     let (b, h, kv, t, t2, d) = dm.sizes();
-    if !dm.valid() || mask_add.dims() != [b, 1, 1, t2] || lse.dims() != [b, h, t, 1] {
+    if !dm.valid() || !dm.mask_fits(mask_add.dims()) || lse.dims() != [b, h, t, 1] {
         return Ok(None);
     }
     let lse = lse.contiguous()?;
@@ -317,7 +368,6 @@ pub fn backward(
         let (dq_ptr, dk_ptr, dv_ptr) = (&dq_ptr, &dk_ptr, &dv_ptr);
         (0..b * kv).into_par_iter().for_each(|bg| {
             let (bi, g) = (bg / kv, bg % kv);
-            let mask = &mask[bi * t2..][..t2];
             let (mut dk_acc, mut dv_acc) = (vec![0f32; t2 * d], vec![0f32; t2 * d]);
             let (mut p, mut ds) = (vec![0f32; qb * t2], vec![0f32; qb * t2]);
             let mut p_drop = vec![0f32; if drop.is_some() { qb * t2 } else { 0 }];
@@ -340,7 +390,8 @@ pub fn backward(
                     for (r, (p_row, dp_row)) in p.chunks_mut(n).zip(ds.chunks_mut(n)).enumerate() {
                         let i = i0 + r;
                         let nv = dm.visible(i);
-                        probs_row(&mut p_row[..nv], &mask[..nv], dm.scale, lse[i]);
+                        let m = &mask.row(bi, hi, i)[..nv];
+                        probs_row(&mut p_row[..nv], m, dm.scale, lse[i]);
                         p_row[nv..].fill(0.0);
                         if let Some(dr) = drop {
                             let keep = &mut keep[..nv];
