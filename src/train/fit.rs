@@ -297,7 +297,7 @@ pub fn fit<T: Task>(
     // In-step importance: the last `window` steps before each round's end are measured.
     let in_step = is_safe && cfg.safe.in_step();
     let replan = |model: &T::Model, safe: &Option<SafeController>| {
-        plan::plan(
+        plan::step_plans(
             model,
             plan.micro,
             plan.accum,
@@ -318,15 +318,11 @@ pub fn fit<T: Task>(
         plan::ensure_monitoring_fits(model, monitor.len(), seq, budget)?;
     }
     let mut plan_log = plan::PlanLog::open(cfg.output, started_at)?;
-    let mut mem_plan = replan(model, &safe)?;
-    let mut recompute = mem_plan.recompute();
+    let mut plans = replan(model, &safe)?;
     let steps_in = state.partial_epoch.as_ref().map_or(0, |p| p.steps);
-    plan_log.write(
-        state.epochs_done + 1,
-        steps_in,
-        state.global_step,
-        &mem_plan,
-    )?;
+    for p in plans.all() {
+        plan_log.write(state.epochs_done + 1, steps_in, state.global_step, p)?;
+    }
     let mut step_log = StepLog::open(cfg.output, started_at)?;
     // TensorBoard's scalars (`--report-to tensorboard`): a new event file per (resumed) run.
     let mut events = match cfg.report_to {
@@ -395,6 +391,8 @@ pub fn fit<T: Task>(
                 step_monitor = Some(StepMonitor::new().only(needed_adapters(c, model)));
             }
             let monitor_flops_before = step_monitor.as_ref().map_or(0, |m| m.flops);
+            let mem_plan = plans.step(measured);
+            let recompute = mem_plan.recompute();
             for m in 0..mem_plan.accum {
                 let Some(examples) = plan.pass(&order, s, m, mem_plan.micro) else {
                     break;
@@ -453,6 +451,7 @@ pub fn fit<T: Task>(
                 step_s: t_step.elapsed().as_secs_f64(),
                 step_mem_bytes,
                 tokens: step_tokens,
+                measured,
             };
             step_log.write(&line)?;
             if let Some(w) = events.as_mut() {
@@ -496,10 +495,11 @@ pub fn fit<T: Task>(
                 p.importance = Some(scores);
                 p.threshold = Some(d.threshold);
                 let next = replan(model, &safe)?;
-                if next != mem_plan {
-                    plan_log.write(epoch, s + 1, state.global_step, &next)?;
-                    recompute = next.recompute();
-                    mem_plan = next;
+                if next != plans {
+                    for p in next.all() {
+                        plan_log.write(epoch, s + 1, state.global_step, p)?;
+                    }
+                    plans = next;
                 }
             }
             p.wall_s += t_step.elapsed().as_secs_f64();
@@ -618,7 +618,7 @@ pub fn fit<T: Task>(
             peak_mem_bytes: p.peak_mem_bytes.max(epoch_peak),
             driver_used_bytes: mem.driver().map(|d| d.used),
             step_mem_bytes: p.step_mem_bytes.max(step_peak),
-            plan: Some(mem_plan.clone()),
+            plan: Some(plans.plain.clone()),
             lowest_trainable_layer: model.lowest_trainable_layer(),
             trainable_params: p.trainable_params,
             importance: p.importance.take(),

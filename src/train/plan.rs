@@ -69,6 +69,64 @@ pub struct MemoryPlan {
     pub estimated_step_bytes: usize,
     /// The budget it was planned for.
     pub budget_bytes: Option<usize>,
+    /// Planned for the steps SAFE measures on (its in-step importance's temporaries included).
+    #[serde(default)]
+    pub measuring: bool,
+}
+
+/// A run's plans for now: `plain` for the steps SAFE does not measure on, and while it measures
+/// on training steps, `measured` for those it does. Apart, an unmeasured step keeps no room for
+/// the measurement's temporaries (at LLaMA-7B's width they outweigh a layer's own), so it may
+/// checkpoint fewer layers or split the batch less.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepPlans {
+    pub plain: MemoryPlan,
+    pub measured: Option<MemoryPlan>,
+}
+
+impl StepPlans {
+    /// The plan of a step that SAFE measures on (`measured`) or not.
+    pub fn step(&self, measured: bool) -> &MemoryPlan {
+        match &self.measured {
+            Some(m) if measured => m,
+            _ => &self.plain,
+        }
+    }
+
+    /// Every plan, the plain one first.
+    pub fn all(&self) -> impl Iterator<Item = &MemoryPlan> {
+        std::iter::once(&self.plain).chain(&self.measured)
+    }
+}
+
+/// [`plan`] for the steps SAFE does not measure on and, when `measuring`, for those it does.
+#[allow(clippy::too_many_arguments)]
+pub fn step_plans(
+    model: &impl StepMemory,
+    micro: usize,
+    accum: usize,
+    seq: usize,
+    checkpoint_all: bool,
+    budget: Option<usize>,
+    efficient_tokens: usize,
+    measuring: bool,
+) -> anyhow::Result<StepPlans> {
+    let make = |measuring| {
+        plan(
+            model,
+            micro,
+            accum,
+            seq,
+            checkpoint_all,
+            budget,
+            efficient_tokens,
+            measuring,
+        )
+    };
+    Ok(StepPlans {
+        plain: make(false)?,
+        measured: if measuring { Some(make(true)?) } else { None },
+    })
 }
 
 impl MemoryPlan {
@@ -247,6 +305,7 @@ pub fn plan(
                 estimated_step_bytes: estimate,
                 checkpointed,
                 budget_bytes: budget,
+                measuring,
             }
         };
     let Some(budget) = budget else {
@@ -524,6 +583,12 @@ mod tests {
         let m_q = measure_bytes(&m, q.micro, seq);
         let estimate = step_bytes_measured(&m, &q.recompute(), q.micro, seq, m_q);
         assert!(estimate <= budget - budget / BUDGET_MARGIN);
+        // A run that measures keeps both: the measured steps checkpoint, the others need not.
+        let plans = step_plans(&m, rows, 1, seq, false, Some(budget), GPU, true).unwrap();
+        assert_eq!((plans.step(false), plans.step(true)), (&p, &q));
+        assert!(!p.measuring && q.measuring);
+        let plain = step_plans(&m, rows, 1, seq, false, Some(budget), GPU, false).unwrap();
+        assert_eq!((plain.step(true), plain.all().count()), (&p, 1));
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct StepLine {
     pub step_mem_bytes: usize,
     /// Tokens the step fed the model.
     pub tokens: usize,
+    /// SAFE measured its importance on this step (it ran the measuring plan, `plan.jsonl`).
+    #[serde(default)]
+    pub measured: bool,
 }
 
 /// `steps.jsonl`, open for appending a run's steps.
@@ -83,6 +86,7 @@ mod tests {
             step_s: 0.1,
             step_mem_bytes: 10,
             tokens: 7,
+            measured: false,
         }
     }
 
