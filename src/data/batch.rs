@@ -18,6 +18,27 @@ pub struct Encoded {
 pub struct TextEncoder {
     tokenizer: Tokenizer,
     path: PathBuf,
+    max_length: usize,
+}
+
+/// Characters of a long single text tokenized at first, per token of `max_length`: ordinary text
+/// spends 4-6 characters a token, so the prefix almost always holds enough of them.
+const PREFIX_CHARS_PER_TOKEN: usize = 16;
+
+/// The text up to the last whitespace within `max_length * PREFIX_CHARS_PER_TOKEN` bytes, when the
+/// text is longer: every word in it is whole, so its tokens are the whole text's first tokens
+/// (the normalizers and pre-tokenizers of BERT's WordPiece, byte-level BPE and SentencePiece work
+/// word by word). None for a shorter text, or one with no whitespace there.
+fn word_prefix(text: &str, max_length: usize) -> Option<&str> {
+    let mut cut = max_length.saturating_mul(PREFIX_CHARS_PER_TOKEN);
+    if text.len() <= cut {
+        return None;
+    }
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let end = text[..cut].rfind(char::is_whitespace)?;
+    Some(&text[..end])
 }
 
 impl TextEncoder {
@@ -62,25 +83,40 @@ impl TextEncoder {
         Ok(Self {
             tokenizer,
             path: path.into(),
+            max_length,
         })
     }
 
     /// Tokenizes all examples (in parallel inside `tokenizers`), keeping their order.
+    ///
+    /// A long single text is tokenized from its first words ([`word_prefix`]): e-mails and
+    /// articles run to many thousand tokens, of which only `max_length` are kept, and tokenizing
+    /// them whole took most of a short run's start. When the prefix gives fewer than `max_length`
+    /// tokens it may have cut some that the whole text keeps, so that text is tokenized whole.
     pub fn encode_all(&self, examples: &[Example]) -> Result<Vec<Encoded>, DataError> {
-        let inputs: Vec<tokenizers::EncodeInput> = examples
-            .iter()
-            .map(|e| match &e.text_b {
-                Some(b) => (e.text_a.as_str(), b.as_str()).into(),
-                None => e.text_a.as_str().into(),
+        fn input(e: &Example, prefix_of: Option<usize>) -> tokenizers::EncodeInput<'_> {
+            match (&e.text_b, prefix_of) {
+                (Some(b), _) => (e.text_a.as_str(), b.as_str()).into(),
+                (None, Some(max)) => word_prefix(&e.text_a, max).unwrap_or(&e.text_a).into(),
+                (None, None) => e.text_a.as_str().into(),
+            }
+        }
+        let max = self.max_length;
+        let mut encodings = self.encode(examples.iter().map(|e| input(e, Some(max))).collect())?;
+        let short: Vec<usize> = (0..examples.len())
+            .filter(|&i| {
+                let e = &examples[i];
+                e.text_b.is_none()
+                    && encodings[i].len() < max
+                    && word_prefix(&e.text_a, max).is_some()
             })
             .collect();
-        let encodings =
-            self.tokenizer
-                .encode_batch(inputs, true)
-                .map_err(|e| DataError::Format {
-                    path: self.path.clone(),
-                    msg: format!("tokenization failed ({e})"),
-                })?;
+        if !short.is_empty() {
+            let whole = self.encode(short.iter().map(|&i| input(&examples[i], None)).collect())?;
+            for (i, enc) in short.into_iter().zip(whole) {
+                encodings[i] = enc;
+            }
+        }
         Ok(encodings
             .into_iter()
             .zip(examples)
@@ -90,6 +126,18 @@ impl TextEncoder {
                 label: ex.label.clone(),
             })
             .collect())
+    }
+
+    fn encode(
+        &self,
+        inputs: Vec<tokenizers::EncodeInput>,
+    ) -> Result<Vec<tokenizers::Encoding>, DataError> {
+        self.tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| DataError::Format {
+                path: self.path.clone(),
+                msg: format!("tokenization failed ({e})"),
+            })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -274,5 +322,69 @@ mod tests {
         assert_eq!(batch.input_ids, vec![101, 7, 102, 101, 102, 0]);
         assert_eq!(batch.attention_mask, vec![1, 1, 1, 1, 1, 0]);
         assert_eq!(batch.labels, vec![Label::Class(1), Label::Class(0)]);
+    }
+
+    /// Long texts tokenized from their first words give the whole texts' tokens, for BERT's
+    /// WordPiece (MiniLM's tokenizer.json), byte-level BPE (RoBERTa) and DistilBERT's tokenizer
+    /// (transformers' fixtures): words, punctuation, accents, CJK, runs of blanks and
+    /// newlines, a word longer than WordPiece keeps; a text whose prefix is mostly blanks (so it
+    /// gives too few tokens and is tokenized whole), one without blanks, and a pair.
+    #[test]
+    fn long_texts_tokenize_as_their_whole_text() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let sentence = "Héllo, wörld! The 3rd quarter's results (Q3) beat forecasts by 12.5%; \
+                        東京 markets rose.\n\n  Unbelievably-long-hyphenated-words and tabs\there. ";
+        let long = sentence.repeat(80);
+        let examples_for = |max_length: usize| {
+            // Just past the prefix's length (byte-level BPE's merges grow with a word's square).
+            let past = max_length * PREFIX_CHARS_PER_TOKEN + 50;
+            let blanks = format!("{}{}", " ".repeat(past), "tail words only ".repeat(40));
+            let no_blanks = "x".repeat(past);
+            let huge_word = format!("{} {}", "a".repeat(300), sentence.repeat(60));
+            let texts = [
+                long.clone(),
+                blanks,
+                no_blanks,
+                huge_word,
+                sentence.to_string(),
+            ];
+            let mut examples: Vec<Example> = texts
+                .into_iter()
+                .map(|text_a| Example {
+                    text_a,
+                    text_b: None,
+                    label: Label::Class(0),
+                })
+                .collect();
+            // A pair is tokenized whole (tokenizers' longest-first truncation of two long texts
+            // takes seconds, so this one is short).
+            examples.push(Example {
+                text_a: sentence.repeat(5),
+                text_b: Some(sentence.repeat(3)),
+                label: Label::Class(1),
+            });
+            examples
+        };
+        let fixtures = repo.join("tests/fixtures/hf");
+        for (path, max_length) in [
+            (repo.join("interop/tokenizer.json"), 64),
+            (fixtures.join("roberta-padded/tokenizer.json"), 32),
+            (fixtures.join("distilbert-padded/tokenizer.json"), 128),
+        ] {
+            let enc = TextEncoder::from_file(&path, max_length).unwrap();
+            let examples = examples_for(max_length);
+            let prefix = |i: usize| word_prefix(&examples[i].text_a, max_length);
+            assert!(prefix(0).is_some() && prefix(1).is_some_and(|p| p.trim().is_empty()));
+            assert!(prefix(2).is_none() && prefix(4).is_none());
+            for (e, got) in examples.iter().zip(enc.encode_all(&examples).unwrap()) {
+                let input: tokenizers::EncodeInput = match &e.text_b {
+                    Some(b) => (e.text_a.as_str(), b.as_str()).into(),
+                    None => e.text_a.as_str().into(),
+                };
+                let whole = enc.tokenizer().encode(input, true).unwrap();
+                assert_eq!(got.ids, whole.get_ids(), "{path:?}: {:.40}", e.text_a);
+                assert_eq!(got.type_ids, whole.get_type_ids());
+            }
+        }
     }
 }
