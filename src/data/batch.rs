@@ -25,10 +25,11 @@ pub struct TextEncoder {
 /// spends 4-6 characters a token, so the prefix almost always holds enough of them.
 const PREFIX_CHARS_PER_TOKEN: usize = 16;
 
-/// The text up to the last whitespace within `max_length * PREFIX_CHARS_PER_TOKEN` bytes, when the
+/// The text up to the last space within `max_length * PREFIX_CHARS_PER_TOKEN` bytes, when the
 /// text is longer: every word in it is whole, so its tokens are the whole text's first tokens
 /// (the normalizers and pre-tokenizers of BERT's WordPiece, byte-level BPE and SentencePiece work
-/// word by word). None for a shorter text, or one with no whitespace there.
+/// word by word, and all of them split at an ASCII space; SentencePiece does not split at other
+/// blanks). None for a shorter text, or one with no space there.
 fn word_prefix(text: &str, max_length: usize) -> Option<&str> {
     let mut cut = max_length.saturating_mul(PREFIX_CHARS_PER_TOKEN);
     if text.len() <= cut {
@@ -37,7 +38,7 @@ fn word_prefix(text: &str, max_length: usize) -> Option<&str> {
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    let end = text[..cut].rfind(char::is_whitespace)?;
+    let end = text[..cut].rfind(' ')?;
     Some(&text[..end])
 }
 
@@ -327,8 +328,9 @@ mod tests {
     /// Long texts tokenized from their first words give the whole texts' tokens, for BERT's
     /// WordPiece (MiniLM's tokenizer.json), byte-level BPE (RoBERTa) and DistilBERT's tokenizer
     /// (transformers' fixtures): words, punctuation, accents, CJK, runs of blanks and
-    /// newlines, a word longer than WordPiece keeps; a text whose prefix is mostly blanks (so it
-    /// gives too few tokens and is tokenized whole), one without blanks, and a pair.
+    /// newlines, a word longer than WordPiece keeps; a text whose prefix is mostly spaces (so it
+    /// gives too few tokens and is tokenized whole), one without blanks, one with blanks but no
+    /// space, and a pair.
     #[test]
     fn long_texts_tokenize_as_their_whole_text() {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -341,12 +343,15 @@ mod tests {
             let blanks = format!("{}{}", " ".repeat(past), "tail words only ".repeat(40));
             let no_blanks = "x".repeat(past);
             let huge_word = format!("{} {}", "a".repeat(300), sentence.repeat(60));
+            // Blanks other than spaces only: not a cut (SentencePiece keeps them inside words).
+            let lines = "line\u{a0}of\ttext\n".repeat(past / 10);
             let texts = [
                 long.clone(),
                 blanks,
                 no_blanks,
                 huge_word,
                 sentence.to_string(),
+                lines,
             ];
             let mut examples: Vec<Example> = texts
                 .into_iter()
@@ -375,7 +380,7 @@ mod tests {
             let examples = examples_for(max_length);
             let prefix = |i: usize| word_prefix(&examples[i].text_a, max_length);
             assert!(prefix(0).is_some() && prefix(1).is_some_and(|p| p.trim().is_empty()));
-            assert!(prefix(2).is_none() && prefix(4).is_none());
+            assert!(prefix(2).is_none() && prefix(4).is_none() && prefix(5).is_none());
             for (e, got) in examples.iter().zip(enc.encode_all(&examples).unwrap()) {
                 let input: tokenizers::EncodeInput = match &e.text_b {
                     Some(b) => (e.text_a.as_str(), b.as_str()).into(),
