@@ -65,7 +65,7 @@ impl Dims {
     }
 
     /// Whether an additive mask of `dims` reads here: a key mask `[batch, 1, 1, keys]`, or a
-    /// bias per head and row `[batch or 1, heads, queries, keys]` (see [`MaskRows`]).
+    /// bias per head and row `[batch or 1, heads, queries, keys]` (read through [`Heads::broadcast`]).
     pub fn mask_fits(&self, dims: &[usize]) -> bool {
         match *dims {
             [mb, mh, mt, mk] => {
@@ -98,50 +98,33 @@ struct Heads<'a> {
     st: usize,
 }
 
-impl Heads<'_> {
+impl<'a> Heads<'a> {
+    /// A contiguous `[mb, mh, mt, d]` tensor's elements `x` seen as `[b, heads, t, d]`: a
+    /// dimension of 1 is broadcast (stride 0), as the additive mask's are.
+    fn broadcast(x: &'a [f32], [mb, mh, mt, d]: [usize; 4]) -> Self {
+        let stride = |n: usize, s: usize| if n > 1 { s } else { 0 };
+        Self {
+            x,
+            sb: stride(mb, mh * mt * d),
+            sh: stride(mh, mt * d),
+            st: stride(mt, d),
+        }
+    }
+
     /// Rows from `t` of head `h` of batch item `b`: the first one's start (bounds-checked) and
     /// the row stride.
     fn rows(&self, b: usize, h: usize, t: usize) -> Rows {
-        (
-            self.x[b * self.sb + h * self.sh + t * self.st..].as_ptr(),
-            self.st,
-        )
+        (self.row(b, h, t, 0).as_ptr(), self.st)
+    }
+
+    /// The first `len` elements of row `t` of head `h` of batch item `b`.
+    fn row(&self, b: usize, h: usize, t: usize, len: usize) -> &'a [f32] {
+        &self.x[b * self.sb + h * self.sh + t * self.st..][..len]
     }
 }
 
 /// Strided rows: the first one's start and the row stride, in elements (unit column stride).
 type Rows = (*const f32, usize);
-
-/// A contiguous additive mask `[mb, mh, mt, keys]` read per (batch item, head, query row): a
-/// dimension of 1 is broadcast (stride 0).
-#[derive(Clone, Copy)]
-struct MaskRows<'a> {
-    m: &'a [f32],
-    keys: usize,
-    sb: usize,
-    sh: usize,
-    st: usize,
-}
-
-impl<'a> MaskRows<'a> {
-    fn new(m: &'a [f32], [mb, mh, mt, keys]: [usize; 4]) -> Self {
-        let st = if mt > 1 { keys } else { 0 };
-        let sh = if mh > 1 { mt * keys } else { 0 };
-        let sb = if mb > 1 { mh * mt * keys } else { 0 };
-        Self {
-            m,
-            keys,
-            sb,
-            sh,
-            st,
-        }
-    }
-
-    /// The mask over the keys of query row `i` of head `h` of batch item `b`.
-    fn row(&self, b: usize, h: usize, i: usize) -> &'a [f32] {
-        &self.m[b * self.sb + h * self.sh + i * self.st..][..self.keys]
-    }
-}
 
 /// `dst = a b^T` (`rows x n`, row-major) for `a` of `rows` rows and `b` of `n` rows, `d` wide.
 ///
@@ -215,14 +198,14 @@ unsafe fn add_mul_at(
     }
 }
 
-/// `f` on `ts` as [`Heads`] views of the given `[b, heads, t, d]` shapes and the contiguous
-/// additive mask `mask` (its shape checked by the caller, [`Dims::mask_fits`]) as [`MaskRows`];
-/// None unless all are f32 CPU tensors of those shapes with unit stride along `d` that autograd
+/// `f` on `ts` as [`Heads`] views of the given `[b, heads, t, d]` shapes and on the contiguous
+/// additive mask `mask` (its shape checked by the caller, [`Dims::mask_fits`]) broadcast to
+/// `[b, heads, t, keys]` ([`Heads::broadcast`]); None unless all are f32 CPU tensors of those shapes with unit stride along `d` that autograd
 /// does not track (its graph is the tests' oracle).
 fn with_views<R>(
     ts: &[(&Tensor, [usize; 4])],
     mask: &Tensor,
-    f: impl FnOnce(&[Heads], MaskRows) -> R,
+    f: impl FnOnce(&[Heads], Heads) -> R,
 ) -> Option<R> {
     let all: Vec<&Tensor> = ts.iter().map(|(t, _)| *t).chain([mask]).collect();
     if all.iter().any(|t| t.track_op()) {
@@ -251,7 +234,7 @@ fn with_views<R>(
     let dims: [usize; 4] = mask.dims().try_into().ok()?;
     Some(f(
         &views,
-        MaskRows::new(&cpu.as_slice::<f32>().ok()?[a..b], dims),
+        Heads::broadcast(&cpu.as_slice::<f32>().ok()?[a..b], dims),
     ))
 }
 
@@ -294,7 +277,7 @@ pub fn forward(
                 for (r, row) in s.chunks_mut(n).enumerate() {
                     let i = i0 + r;
                     let nv = dm.visible(i);
-                    let m = &mask.row(bi, hi, i)[..nv];
+                    let m = mask.row(bi, hi, i, nv);
                     lse[i] = softmax_row(&mut row[..nv], m, dm.scale);
                     row[nv..].fill(0.0);
                     if let Some(dr) = drop {
@@ -390,7 +373,7 @@ pub fn backward(
                     for (r, (p_row, dp_row)) in p.chunks_mut(n).zip(ds.chunks_mut(n)).enumerate() {
                         let i = i0 + r;
                         let nv = dm.visible(i);
-                        let m = &mask.row(bi, hi, i)[..nv];
+                        let m = mask.row(bi, hi, i, nv);
                         probs_row(&mut p_row[..nv], m, dm.scale, lse[i]);
                         p_row[nv..].fill(0.0);
                         if let Some(dr) = drop {
