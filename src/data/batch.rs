@@ -95,22 +95,22 @@ impl TextEncoder {
     /// them whole took most of a short run's start. When the prefix gives fewer than `max_length`
     /// tokens it may have cut some that the whole text keeps, so that text is tokenized whole.
     pub fn encode_all(&self, examples: &[Example]) -> Result<Vec<Encoded>, DataError> {
-        fn input(e: &Example, prefix_of: Option<usize>) -> tokenizers::EncodeInput<'_> {
-            match (&e.text_b, prefix_of) {
-                (Some(b), _) => (e.text_a.as_str(), b.as_str()).into(),
-                (None, Some(max)) => word_prefix(&e.text_a, max).unwrap_or(&e.text_a).into(),
-                (None, None) => e.text_a.as_str().into(),
+        /// The pair, or the single text's `prefix` when given, or the whole single text.
+        fn input<'a>(e: &'a Example, prefix: Option<&'a str>) -> tokenizers::EncodeInput<'a> {
+            match &e.text_b {
+                Some(b) => (e.text_a.as_str(), b.as_str()).into(),
+                None => prefix.unwrap_or(&e.text_a).into(),
             }
         }
         let max = self.max_length;
-        let mut encodings = self.encode(examples.iter().map(|e| input(e, Some(max))).collect())?;
+        let prefixes: Vec<Option<&str>> = examples
+            .iter()
+            .map(|e| e.text_b.is_none().then(|| word_prefix(&e.text_a, max))?)
+            .collect();
+        let firsts = examples.iter().zip(&prefixes).map(|(e, &p)| input(e, p));
+        let mut encodings = self.encode(firsts.collect())?;
         let short: Vec<usize> = (0..examples.len())
-            .filter(|&i| {
-                let e = &examples[i];
-                e.text_b.is_none()
-                    && encodings[i].len() < max
-                    && word_prefix(&e.text_a, max).is_some()
-            })
+            .filter(|&i| prefixes[i].is_some() && encodings[i].len() < max)
             .collect();
         if !short.is_empty() {
             let whole = self.encode(short.iter().map(|&i| input(&examples[i], None)).collect())?;
