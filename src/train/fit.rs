@@ -297,16 +297,19 @@ pub fn fit<T: Task>(
     // In-step importance: the last `window` steps before each round's end are measured.
     let in_step = is_safe && cfg.safe.in_step();
     let replan = |model: &T::Model, safe: &Option<SafeController>| {
-        plan::step_plans(
-            model,
-            plan.micro,
-            plan.accum,
-            seq,
-            cfg.gradient_checkpointing,
-            cfg.memory_budget,
-            plan::efficient_tokens(mem.device(), model.hidden_size()),
-            in_step && safe.as_ref().is_some_and(SafeController::measures),
-        )
+        let measuring = in_step && safe.as_ref().is_some_and(SafeController::measures);
+        plan::StepPlans::new(measuring, |measured_step| {
+            plan::plan(
+                model,
+                plan.micro,
+                plan.accum,
+                seq,
+                cfg.gradient_checkpointing,
+                cfg.memory_budget,
+                plan::efficient_tokens(mem.device(), model.hidden_size()),
+                measured_step,
+            )
+        })
     };
     let window = cfg
         .safe

@@ -85,6 +85,18 @@ pub struct StepPlans {
 }
 
 impl StepPlans {
+    /// The plain plan from `make(false)` and, when `measuring`, the measured one from
+    /// `make(true)` (`make`: [`plan`] with its other arguments fixed).
+    pub fn new(
+        measuring: bool,
+        make: impl Fn(bool) -> anyhow::Result<MemoryPlan>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            plain: make(false)?,
+            measured: if measuring { Some(make(true)?) } else { None },
+        })
+    }
+
     /// The plan of a step that SAFE measures on (`measured`) or not.
     pub fn step(&self, measured: bool) -> &MemoryPlan {
         match &self.measured {
@@ -97,36 +109,6 @@ impl StepPlans {
     pub fn all(&self) -> impl Iterator<Item = &MemoryPlan> {
         std::iter::once(&self.plain).chain(&self.measured)
     }
-}
-
-/// [`plan`] for the steps SAFE does not measure on and, when `measuring`, for those it does.
-#[allow(clippy::too_many_arguments)]
-pub fn step_plans(
-    model: &impl StepMemory,
-    micro: usize,
-    accum: usize,
-    seq: usize,
-    checkpoint_all: bool,
-    budget: Option<usize>,
-    efficient_tokens: usize,
-    measuring: bool,
-) -> anyhow::Result<StepPlans> {
-    let make = |measuring| {
-        plan(
-            model,
-            micro,
-            accum,
-            seq,
-            checkpoint_all,
-            budget,
-            efficient_tokens,
-            measuring,
-        )
-    };
-    Ok(StepPlans {
-        plain: make(false)?,
-        measured: if measuring { Some(make(true)?) } else { None },
-    })
 }
 
 impl MemoryPlan {
@@ -584,10 +566,11 @@ mod tests {
         let estimate = step_bytes_measured(&m, &q.recompute(), q.micro, seq, m_q);
         assert!(estimate <= budget - budget / BUDGET_MARGIN);
         // A run that measures keeps both: the measured steps checkpoint, the others need not.
-        let plans = step_plans(&m, rows, 1, seq, false, Some(budget), GPU, true).unwrap();
+        let make = |measuring| plan(&m, rows, 1, seq, false, Some(budget), GPU, measuring);
+        let plans = StepPlans::new(true, make).unwrap();
         assert_eq!((plans.step(false), plans.step(true)), (&p, &q));
         assert!(!p.measuring && q.measuring);
-        let plain = step_plans(&m, rows, 1, seq, false, Some(budget), GPU, false).unwrap();
+        let plain = StepPlans::new(false, make).unwrap();
         assert_eq!((plain.step(true), plain.all().count()), (&p, 1));
     }
 
