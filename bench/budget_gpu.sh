@@ -12,7 +12,9 @@
 # bbc-news, spam-assassin as `safetune fetch` lays them out). DATASETS, SEEDS, METHODS narrow it.
 set -u
 K=${K:-/root/keep}
-BIN=$K/safetune
+# BIN: the safetune binary (default K/safetune); SAFE_TAG: a suffix for its SAFE runs' names, so
+# that a second call with another BIN and SKIP_LORA=1 SKIP_PEFT=1 adds its SAFE runs beside them.
+BIN=${BIN:-$K/safetune}
 HERE=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64
 export SAFETUNE_CACHE=$K/cache
@@ -45,7 +47,7 @@ for d in ${DATASETS:-folder spam}; do
 import json, glob
 print(int(0.6 * max(json.loads(l)['step_mem_bytes'] for f in glob.glob('$R/$d-lora-*/metrics.jsonl') for l in open(f))))")
   echo "$d budget_bytes $B" | tee -a $R/budgets.txt
-  TAG="-budget"
+  TAG="-budget${SAFE_TAG:-}"
   # SAFE_CONFIG: a TOML file for the SAFE runs (e.g. other SAFE settings).
   for s in $SEEDS; do seed_run st $d safe $s --memory-budget $B ${SAFE_CONFIG:+--config $SAFE_CONFIG}; done; wait
   [ -n "${SKIP_PEFT:-}" ] && continue
@@ -77,7 +79,7 @@ for f in sorted(glob.glob(f"{R}/*/summary.json")):
         "train_s": s.get("train_wall_s"), "step_max_mb": max(e["step_mem_bytes"] for e in m) / 1e6,
         "step_mean_mb": sum(e["step_mem_bytes"] for e in m) / len(m) / 1e6,
         "estimated_max_mb": max(p["estimated_step_bytes"] for p in plans) / 1e6,
-        "plans": [(p["epoch"], p["step"], p["micro"], p["checkpointed"]) for p in plans],
+        "plans": [(p["epoch"], p["step"], p["micro"], p["checkpointed"], p.get("ffn_recomputed", [])) for p in plans],
         "frozen": len(s.get("frozen") or []), "flops": s.get("train_flops")}))
 for f in sorted(glob.glob(f"{R}/*.json")):
     print(open(f).read().strip() or f"{f}: " + open(f[:-5] + ".err").read()[-400:])

@@ -184,8 +184,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// The most a training step may add to memory above the weights, e.g. 6GB or 900MB: layers
-    /// are checkpointed and the batch split into smaller passes (same effective batch) to fit,
-    /// planned again as SAFE freezes adapters.
+    /// recompute their feed-forward input or are checkpointed, and the batch is split into smaller
+    /// passes (same effective batch) to fit, planned again as SAFE freezes adapters.
     #[arg(long, value_name = "SIZE")]
     pub memory_budget: Option<crate::train::plan::ByteSize>,
     /// Recompute the frozen bottom layers every step instead of caching their output on disk.

@@ -21,7 +21,7 @@
 //! ```
 
 use super::memory::{Acts, LayerMemory, StepMemory};
-use super::stack::{self, Recompute, StackSaved};
+use super::stack::{self, Keep, Recompute, StackSaved};
 use crate::adapters::lora::{LoraAdapter, LoraConfig, LoraGrads, LoraLinear};
 use crate::adapters::{self, AdaptedStack, HeadParam};
 use crate::io::weights::Weights;
@@ -575,7 +575,9 @@ impl<H: EncoderHead> BertWithHead<H> {
         };
         let bias = self.attention_bias(b)?;
         for layer in &self.layers[from..to] {
-            h = layer.forward(&h, &bias, shape, pass, false, None)?.0;
+            h = layer
+                .forward(&h, &bias, shape, pass, Keep::Nothing, None)?
+                .0;
         }
         Ok(h)
     }
@@ -584,9 +586,9 @@ impl<H: EncoderHead> BertWithHead<H> {
     fn layer_forward<'a>(
         mask_add: &'a Tensor,
         shape: AttnShape,
-    ) -> impl FnMut(&BertLayer, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<BertLayerSaved>)> + 'a
+    ) -> impl FnMut(&BertLayer, &Tensor, &mut Pass, Keep) -> Result<(Tensor, Option<BertLayerSaved>)> + 'a
     {
-        move |layer, x, pass, save| layer.forward(x, mask_add, shape, pass, save, None)
+        move |layer, x, pass, keep| layer.forward(x, mask_add, shape, pass, keep, None)
     }
 
     /// Layers `first..` and the head on `h` (the output of layer `first - 1`, or of the
@@ -626,10 +628,11 @@ impl<H: EncoderHead> BertWithHead<H> {
         let (dh, head) = self.head.backward(saved.head, dlogits)?;
         let first = saved.first_saved_layer;
         let mut run = Self::layer_forward(&saved.mask_add, saved.shape);
-        let state = |l: &BertLayer, x: &Tensor, pass: &mut Pass| match run(l, x, pass, true)?.1 {
-            Some(s) => Ok(s),
-            None => candle_core::bail!("a BERT layer run with save kept no state"),
-        };
+        let state =
+            |l: &BertLayer, x: &Tensor, pass: &mut Pass| match run(l, x, pass, Keep::State)?.1 {
+                Some(s) => Ok(s),
+                None => candle_core::bail!("a BERT layer run with save kept no state"),
+            };
         let back = |l: &BertLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
         let per_layer = stack::backward(&self.layers[first..], saved.layers, dh, state, back)?;
         let adapters = stack::by_site(first, per_layer);
@@ -652,7 +655,7 @@ impl<H: EncoderHead> BertWithHead<H> {
         };
         let bias = self.attention_bias(b)?;
         let run = |l: &BertLayer, pass: &mut Pass, monitor: Option<&mut Monitored>| {
-            Ok(l.forward(h, &bias, shape, pass, false, monitor)?.0)
+            Ok(l.forward(h, &bias, shape, pass, Keep::Nothing, monitor)?.0)
         };
         adapters::monitor_layer(&self.layers[i], point, run)
     }
@@ -684,7 +687,9 @@ impl<H: EncoderHead> BertWithHead<H> {
         let mut h = self.embeddings.forward(b, pass)?;
         let bias = self.attention_bias(b)?;
         for layer in &self.layers {
-            h = layer.forward(&h, &bias, shape, pass, false, None)?.0;
+            h = layer
+                .forward(&h, &bias, shape, pass, Keep::Nothing, None)?
+                .0;
         }
         Ok(self.head.forward(&h, b.batch, b.seq, pass, false)?.0)
     }

@@ -3,11 +3,12 @@
 
 use super::bert_config::EncoderFamily;
 use super::memory::{Acts, LayerMemory};
-use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use super::stack::{self, FfnSaved, Keep};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
 use crate::adapters::{self, SiteBackward, SiteForward, SiteStates};
 use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
 use crate::nn::dropout::{self, DropoutSaved};
-use crate::nn::gelu::{self, GeluSaved};
+use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::norm::{Norm, NormSaved};
 use crate::nn::{self, Dropout, Pass};
 use candle_core::{Result, Tensor};
@@ -90,7 +91,7 @@ pub struct BertLayerSaved {
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
     ln_attn: NormSaved,
-    gelu: GeluSaved,
+    gelu: FfnSaved<GeluSaved>,
     drop_out: Option<DropoutSaved>,
     ln_out: NormSaved,
 }
@@ -109,12 +110,13 @@ impl BertLayer {
         mask_add: &Tensor,
         shape: AttnShape,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut Monitored>,
     ) -> Result<(Tensor, Option<BertLayerSaved>)> {
         if self.pre_norm {
-            return self.forward_pre_norm(h, mask_add, shape, pass, save, monitor);
+            return self.forward_pre_norm(h, mask_add, shape, pass, keep, monitor);
         }
+        let save = keep.saves();
         let mut lin = SiteForward::new(self, save, monitor);
         // Each intermediate is dropped as soon as it is used: what stays is what the saved
         // structs hold (the peak of a step is the saved layers plus one layer's temporaries).
@@ -129,7 +131,9 @@ impl BertLayer {
         drop(ctx);
         let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
+        let ffn = stack::ffn_start(keep, pass);
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
+        let gelu = FfnSaved::new(ffn, gelu);
         let o = lin.run_recomputed(Site::Output, &g, pass)?;
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
@@ -156,9 +160,10 @@ impl BertLayer {
         mask_add: &Tensor,
         shape: AttnShape,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut Monitored>,
     ) -> Result<(Tensor, Option<BertLayerSaved>)> {
+        let save = keep.saves();
         let mut lin = SiteForward::new(self, save, monitor);
         let (x, ln_attn) = self.ln_attn.forward(h, save)?;
         let (ctx, attn) = {
@@ -174,7 +179,9 @@ impl BertLayer {
         let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
         let a = nn::add(&a, h)?;
         let (x, ln_out) = self.ln_out.forward(&a, save)?;
+        let ffn = stack::ffn_start(keep, pass);
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &x, pass)?, save)?;
+        let gelu = FfnSaved::new(ffn, gelu);
         drop(x);
         let o = lin.run_recomputed(Site::Output, &g, pass)?;
         drop(g);
@@ -204,13 +211,13 @@ impl BertLayer {
         let mut lin = SiteBackward::new(self, saved.lin);
         // out = o + a: dout reaches a directly and through the MLP branch.
         let d_x2 = {
+            let gelu = self.gelu_state(saved.gelu, &saved.ln_out, &self.ln_out)?;
             let d_o = dropout::backward_opt(&saved.drop_out, dout.clone())?;
-            let d_g = lin.back_dx_recomputed(Site::Output, &d_o, || saved.gelu.output())?;
+            let d_g = lin.back_dx_recomputed(Site::Output, &d_o, || gelu.output())?;
             drop(d_o);
-            let d_i = saved.gelu.backward(&d_g)?;
+            let d_i = gelu.backward(&d_g)?;
             lin.back_dx(Site::Intermediate, &d_i)?
         };
-        drop(saved.gelu);
         let d_a = nn::add(&saved.ln_out.backward(&self.ln_out, &d_x2)?, dout)?;
         drop((d_x2, saved.ln_out));
         // a = attn_out + h.
@@ -227,6 +234,22 @@ impl BertLayer {
             (true, None) => Some(d_a),
         };
         Ok((dh, lin.grads()))
+    }
+
+    /// GELU's saved input: kept, or the intermediate linear run again on the output of `norm`
+    /// (whose saved state is `normed`), the norm before it.
+    fn gelu_state(
+        &self,
+        gelu: FfnSaved<GeluSaved>,
+        normed: &NormSaved,
+        norm: &Norm,
+    ) -> Result<GeluSaved> {
+        gelu.get(|pass| {
+            let x = normed.output(norm)?;
+            let linear = crate::adapters::Block::linear(self, Site::Intermediate);
+            let (i, _, _) = linear.forward_rows(&x, pass, Save::Nothing, false)?;
+            Ok(GeluSaved::of(i, GeluKind::Erf))
+        })
     }
 
     /// What [`BertLayer::forward`] keeps (its [`BertLayerSaved`]) and its temporaries, from
@@ -249,6 +272,8 @@ impl BertLayer {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.recomputed_input(&[lin(Site::Output)]),
+            ffn_input: acts.of(f),
+            ffn_cost_pct: acts.ffn_cost_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
         }
     }
 
@@ -267,12 +292,12 @@ impl BertLayer {
         let d_res2 = saved.ln_out.backward(&self.ln_out, dout)?; // d(o + a)
         drop(saved.ln_out);
         let d_i = {
+            let gelu = self.gelu_state(saved.gelu, &saved.ln_attn, &self.ln_attn)?;
             let d_o = dropout::backward_opt(&saved.drop_out, d_res2.clone())?;
-            let d_g = lin.back_dx_recomputed(Site::Output, &d_o, || saved.gelu.output())?;
+            let d_g = lin.back_dx_recomputed(Site::Output, &d_o, || gelu.output())?;
             drop(d_o);
-            saved.gelu.backward(&d_g)?
+            gelu.backward(&d_g)?
         };
-        drop(saved.gelu);
         let d_a = nn::add(&lin.back_dx(Site::Intermediate, &d_i)?, &d_res2)?;
         drop(d_i);
         let d_res1 = saved.ln_attn.backward(&self.ln_attn, &d_a)?; // d(attn_out + h)

@@ -66,12 +66,12 @@ pub(super) fn batch() -> (BatchTensors, Vec<u32>) {
 fn loss_grads(
     m: &BertForSequenceClassification,
 ) -> (ModelGrads, ForwardSaved<crate::nn::head::HeadSaved>) {
-    loss_grads_with(m, false)
+    loss_grads_with(m, &Recompute::None)
 }
 
 fn loss_grads_with(
     m: &BertForSequenceClassification,
-    checkpoint: bool,
+    recompute: &Recompute,
 ) -> (ModelGrads, ForwardSaved<crate::nn::head::HeadSaved>) {
     let (b, labels) = batch();
     let mut rng = StdRng::seed_from_u64(5);
@@ -80,13 +80,7 @@ fn loss_grads_with(
         rng: &mut rng,
         monitor: None,
     };
-    let (logits, saved) = m
-        .forward_train(
-            &b,
-            &mut pass,
-            &crate::model::stack::Recompute::all_if(checkpoint),
-        )
-        .unwrap();
+    let (logits, saved) = m.forward_train(&b, &mut pass, recompute).unwrap();
     let (_, dlogits) = crate::nn::loss::cross_entropy(&logits, &labels).unwrap();
     let (_, saved2) = {
         let mut rng = StdRng::seed_from_u64(5);
@@ -95,12 +89,7 @@ fn loss_grads_with(
             rng: &mut rng,
             monitor: None,
         };
-        m.forward_train(
-            &b,
-            &mut pass,
-            &crate::model::stack::Recompute::all_if(checkpoint),
-        )
-        .unwrap()
+        m.forward_train(&b, &mut pass, recompute).unwrap()
     };
     (m.backward(saved, &dlogits).unwrap(), saved2)
 }
@@ -114,7 +103,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         for (l, s) in m.adapter_sites() {
             m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
         }
-        let ((g, _), (g_ck, saved_ck)) = (loss_grads(&m), loss_grads_with(&m, true));
+        let ((g, _), (g_ck, saved_ck)) = (loss_grads(&m), loss_grads_with(&m, &Recompute::All));
         assert_eq!(
             (
                 saved_ck.layers.states_kept(),
@@ -128,6 +117,31 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             assert_eq!((l, *s as usize), (l_ck, *s_ck as usize));
             assert_eq!(max_abs_diff(&a.a, &b.a), 0.0);
             assert_eq!(max_abs_diff(&a.b, &b.b), 0.0);
+        }
+    }
+}
+
+/// Layers recomputing GELU's input (the intermediate linear run again on `ln_attn`'s output from
+/// its kept `xhat`, its LoRA dropout replayed), alone or beside a checkpointed layer, every
+/// dropout on: the same classifier and adapter gradients bit for bit (in f64 the norm's output
+/// from `xhat` is the forward's own arithmetic), and with layer 0 frozen.
+#[test]
+fn recomputing_the_feed_forward_input_gives_the_same_gradients() {
+    let mut m = tiny(0.1);
+    for frozen_below in [0, 1] {
+        for (l, s) in m.adapter_sites() {
+            m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
+        }
+        let (g, _) = loss_grads(&m);
+        for r in crate::model::stack::test_recomputes() {
+            let (g_r, _) = loss_grads_with(&m, &r);
+            assert_eq!(max_abs_diff(&g.head.weight, &g_r.head.weight), 0.0);
+            assert_eq!(g.adapters.len(), g_r.adapters.len());
+            for ((l, s, a), (l_r, s_r, b)) in g.adapters.iter().zip(&g_r.adapters) {
+                assert_eq!((l, *s as usize), (l_r, *s_r as usize));
+                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "{r:?} layer {l} {s:?}");
+                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "{r:?} layer {l} {s:?}");
+            }
         }
     }
 }

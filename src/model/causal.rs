@@ -4,7 +4,7 @@
 //! supplies its embeddings, one layer's forward and backward, final norm and head.
 
 use super::memory::{Acts, LayerMemory, StepMemory};
-use super::stack::{self, Recompute, StackSaved};
+use super::stack::{self, Keep, Recompute, StackSaved};
 use super::{AdapterGrads, CausalLm, LmBatch, MonitoredLayer};
 use crate::adapters::block::Site;
 use crate::adapters::lora::{LoraConfig, LoraGrads};
@@ -34,7 +34,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
     fn embed_at(&self, ids: &Tensor, batch: usize, start: usize, pass: &mut Pass)
         -> Result<Tensor>;
 
-    /// One layer's forward, keeping its state when `save`; with `monitor`, its adapted linears'
+    /// One layer's forward, keeping what `keep` says; with `monitor`, its adapted linears'
     /// `(site, X, Y)`.
     #[allow(clippy::too_many_arguments)]
     fn layer_train(
@@ -44,7 +44,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
         mask_add: &Tensor,
         shape: AttnShape,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut Monitored<Site<Self>>>,
     ) -> Result<(Tensor, Option<Self::LayerSaved>)>;
 
@@ -59,7 +59,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
         pass: &mut Pass,
     ) -> Result<Self::LayerSaved> {
         match self
-            .layer_train(layer, x, mask_add, shape, pass, true, None)?
+            .layer_train(layer, x, mask_add, shape, pass, Keep::State, None)?
             .1
         {
             Some(s) => Ok(s),
@@ -105,7 +105,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
     ) -> Result<Tensor> {
         let shape = attn_shape(b);
         Ok(self
-            .layer_train(layer, x, &b.mask_add, shape, pass, false, monitor)?
+            .layer_train(layer, x, &b.mask_add, shape, pass, Keep::Nothing, monitor)?
             .0)
     }
 
@@ -131,8 +131,8 @@ pub trait DecoderParts: AdaptedStack + Sized {
             None if first == 0 => self.embed_at(&b.input_ids, b.batch, 0, pass)?,
             None => Pass::inference(|inference| hidden_before_with(self, b, first, inference))?,
         };
-        let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, save| {
-            self.layer_train(l, x, &b.mask_add, shape, pass, save, None)
+        let run = |l: &Self::Layer, x: &Tensor, pass: &mut Pass, keep| {
+            self.layer_train(l, x, &b.mask_add, shape, pass, keep, None)
         };
         let trained = &self.layers()[first..];
         let (h, layers) = stack::forward(trained, first, h, pass, recompute, run)?;
@@ -399,22 +399,17 @@ pub(crate) fn test_batch(dtype: DType) -> LmBatch {
 
 /// A test step's loss and gradients on [`test_batch`] in f64, dropout drawn from seed 5.
 #[cfg(test)]
-pub(crate) fn test_grads<M: DecoderParts>(m: &M, checkpoint: bool) -> (LmLoss, SiteGrads<Site<M>>) {
+pub(crate) fn test_grads<M: DecoderParts>(
+    m: &M,
+    recompute: &Recompute,
+) -> (LmLoss, SiteGrads<Site<M>>) {
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
         monitor: None,
     };
-    loss_and_site_grads(
-        m,
-        &test_batch(DType::F64),
-        &mut pass,
-        1.0,
-        &Recompute::all_if(checkpoint),
-        None,
-    )
-    .unwrap()
+    loss_and_site_grads(m, &test_batch(DType::F64), &mut pass, 1.0, recompute, None).unwrap()
 }
 
 /// The oracle's loss for gradient tests: mean cross-entropy of the counted targets over

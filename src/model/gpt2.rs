@@ -9,7 +9,8 @@
 
 use super::causal::{self, DecoderParts};
 use super::memory::{Acts, LayerMemory};
-use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use super::stack::{self, FfnSaved, Keep};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
 use crate::adapters::{self, AdaptedStack, Block};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
@@ -243,7 +244,7 @@ pub struct Gpt2BlockSaved {
     attn: AttentionSaved,
     drop_attn: Option<DropoutSaved>,
     ln_2: NormSaved,
-    gelu: GeluSaved,
+    gelu: FfnSaved<GeluSaved>,
     drop_mlp: Option<DropoutSaved>,
 }
 
@@ -274,6 +275,8 @@ impl Gpt2Block {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.recomputed_input(&[lin(MlpCProj)]),
+            ffn_input: acts.of(f),
+            ffn_cost_pct: acts.ffn_cost_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
         }
     }
 
@@ -285,16 +288,16 @@ impl Gpt2Block {
         mask_add: &Tensor,
         shape: AttnShape,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut Gpt2Monitored>,
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
         let call = AttentionCall::Forward {
             mask_add,
             shape,
             rope: None,
-            save,
+            save: keep.saves(),
         };
-        self.forward_with(x, call, pass, save, monitor)
+        self.forward_with(x, call, pass, keep, monitor)
     }
 
     /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and
@@ -311,7 +314,7 @@ impl Gpt2Block {
             rope: None,
             cache,
         };
-        Ok(self.forward_with(x, call, pass, false, None)?.0)
+        Ok(self.forward_with(x, call, pass, Keep::Nothing, None)?.0)
     }
 
     /// The block around its attention, which runs as `call` says.
@@ -320,9 +323,10 @@ impl Gpt2Block {
         x: &Tensor,
         call: AttentionCall,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut Gpt2Monitored>,
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
+        let save = keep.saves();
         let mut lin = SiteForward::new(self, save, monitor);
         let c = x.dim(1)?;
         let (xn, ln_1) = self.ln_1.forward(x, save)?;
@@ -340,9 +344,11 @@ impl Gpt2Block {
         let (a, drop_attn) = self.resid_dropout.forward(&a, pass, save)?;
         let h = nn::add(x, &a)?;
         let (hn, ln_2) = self.ln_2.forward(&h, save)?;
+        let ffn = stack::ffn_start(keep, pass);
         let f = lin.run(Gpt2Site::CFc, &hn, pass)?;
         drop(hn);
         let (g, gelu) = gelu::forward_kind(&f, self.act, save)?;
+        let gelu = FfnSaved::new(ffn, gelu);
         drop(f);
         let m = lin.run_recomputed(Gpt2Site::MlpCProj, &g, pass)?;
         drop(g);
@@ -371,11 +377,17 @@ impl Gpt2Block {
         need_dx: bool,
     ) -> Result<(Option<Tensor>, BlockGrads)> {
         let mut lin = SiteBackward::new(self, saved.lin);
+        let gelu = saved.gelu.get(|pass| {
+            let hn = saved.ln_2.output(&self.ln_2)?;
+            let c_fc = self.linear(Gpt2Site::CFc);
+            let (f, _, _) = c_fc.forward_rows(&hn, pass, Save::Nothing, false)?;
+            Ok(GeluSaved::of(f, self.act))
+        })?;
         let dm = dropout::backward_opt(&saved.drop_mlp, dout.clone())?;
-        let dg = lin.back_dx_recomputed(Gpt2Site::MlpCProj, &dm, || saved.gelu.output())?;
+        let dg = lin.back_dx_recomputed(Gpt2Site::MlpCProj, &dm, || gelu.output())?;
         drop(dm);
-        let df = saved.gelu.backward(&dg)?;
-        drop(dg);
+        let df = gelu.backward(&dg)?;
+        drop((dg, gelu));
         let dhn = lin.back_dx(Gpt2Site::CFc, &df)?;
         drop(df);
         let dh = nn::add(dout, &saved.ln_2.backward(&self.ln_2, &dhn)?)?;
@@ -615,10 +627,10 @@ impl DecoderParts for Gpt2LMHeadModel {
         mask_add: &Tensor,
         shape: AttnShape,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut Gpt2Monitored>,
     ) -> Result<(Tensor, Option<Gpt2BlockSaved>)> {
-        layer.forward(x, mask_add, shape, pass, save, monitor)
+        layer.forward(x, mask_add, shape, pass, keep, monitor)
     }
 
     fn layer_backward(

@@ -72,23 +72,24 @@ fn batch(dtype: DType) -> LmBatch {
 }
 
 fn grads(m: &Gpt2LMHeadModel) -> (LmLoss, SiteGrads) {
-    causal::test_grads(m, false)
-}
-
-fn grads_with(m: &Gpt2LMHeadModel, checkpoint: bool) -> (LmLoss, SiteGrads) {
-    causal::test_grads(m, checkpoint)
+    causal::test_grads(m, &Recompute::None)
 }
 
 /// With every dropout on (embeddings, attention, residual, LoRA), gradient checkpointing
-/// replays each block's masks in its second forward: the same loss and gradients bit for bit.
+/// replays each block's masks in its second forward, and a block recomputing its feed-forward
+/// input replays `c_fc`'s LoRA dropout: the same loss and gradients bit for bit.
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     let mut m = tiny();
-    for frozen_below in [0, 1] {
+    let recomputes = crate::model::stack::test_recomputes();
+    for (frozen_below, r) in [0, 1]
+        .into_iter()
+        .flat_map(|f| recomputes.iter().map(move |r| (f, r)))
+    {
         for (l, s) in m.adapter_sites() {
             m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
         }
-        let ((loss, g), (loss_ck, g_ck)) = (grads_with(&m, false), grads_with(&m, true));
+        let ((loss, g), (loss_ck, g_ck)) = (grads(&m), causal::test_grads(&m, r));
         assert_eq!(loss.loss_sum, loss_ck.loss_sum);
         assert_eq!(g.len(), g_ck.len());
         for ((l, s, a), (l_ck, s_ck, b)) in g.iter().zip(&g_ck) {

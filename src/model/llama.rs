@@ -7,7 +7,8 @@ use std::path::Path;
 use super::causal::{self, DecoderParts};
 pub use super::llama_config::{LlamaConfig, RopeScaling};
 use super::memory::{Acts, LayerMemory};
-use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use super::stack::{self, FfnSaved, Keep};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
 use crate::adapters::{self, AdaptedStack};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
@@ -91,7 +92,7 @@ pub struct LlamaLayerSaved {
     input_norm: NormSaved,
     attn: AttentionSaved,
     post_norm: NormSaved,
-    swiglu: SwiGluSaved,
+    swiglu: FfnSaved<SwiGluSaved>,
 }
 
 /// Gradients of a layer's trainable adapters.
@@ -114,11 +115,11 @@ impl LlamaLayer {
         shape: AttnShape,
         rope: &Rope,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
         let attn = (mask_add, shape, rope);
-        let (out, saved) = self.forward_train(x, attn, pass, save, monitor, true)?;
+        let (out, saved) = self.forward_train(x, attn, pass, keep, monitor, true)?;
         Ok((out.expect("output asked for"), saved))
     }
 
@@ -135,7 +136,10 @@ impl LlamaLayer {
         pass: &mut Pass,
     ) -> Result<LlamaLayerSaved> {
         let attn = (mask_add, shape, rope);
-        match self.forward_train(x, attn, pass, true, None, false)?.1 {
+        match self
+            .forward_train(x, attn, pass, Keep::State, None, false)?
+            .1
+        {
             Some(s) => Ok(s),
             None => candle_core::bail!("a LLaMA layer run with save kept no state"),
         }
@@ -147,7 +151,7 @@ impl LlamaLayer {
         x: &Tensor,
         (mask_add, shape, rope): (&Tensor, AttnShape, &Rope),
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut LlamaMonitored>,
         output: bool,
     ) -> Result<(Option<Tensor>, Option<LlamaLayerSaved>)> {
@@ -155,9 +159,9 @@ impl LlamaLayer {
             mask_add,
             shape,
             rope: Some(rope),
-            save,
+            save: keep.saves(),
         };
-        self.forward_with(x, call, pass, save, monitor, output)
+        self.forward_with(x, call, pass, keep, monitor, output)
     }
 
     /// Inference forward of new positions of `batch` unpadded sequences whose earlier keys and
@@ -173,7 +177,7 @@ impl LlamaLayer {
         let rope = Some(rope);
         let call = AttentionCall::Cached { batch, rope, cache };
         Ok(self
-            .forward_with(x, call, pass, false, None, true)?
+            .forward_with(x, call, pass, Keep::Nothing, None, true)?
             .0
             .expect("output asked for"))
     }
@@ -185,10 +189,11 @@ impl LlamaLayer {
         x: &Tensor,
         call: AttentionCall,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut LlamaMonitored>,
         output: bool,
     ) -> Result<(Option<Tensor>, Option<LlamaLayerSaved>)> {
+        let save = keep.saves();
         let mut lin = SiteForward::new(self, save, monitor);
         let (xn, input_norm) = self.input_norm.forward(x, save)?;
         let q = lin.run(LlamaSite::Q, &xn, pass)?;
@@ -200,6 +205,7 @@ impl LlamaLayer {
         let h = nn::add(x, &lin.run(LlamaSite::O, &ctx, pass)?)?;
         drop(ctx);
         let (hn, post_norm) = self.post_attention_norm.forward(&h, save)?;
+        let ffn = stack::ffn_start(keep, pass);
         let g = lin.run(LlamaSite::Gate, &hn, pass)?;
         let u = lin.run(LlamaSite::Up, &hn, pass)?;
         drop(hn);
@@ -218,7 +224,7 @@ impl LlamaLayer {
                 input_norm: input_norm?,
                 attn: attn?,
                 post_norm: post_norm?,
-                swiglu: sw?,
+                swiglu: FfnSaved::new(ffn, sw)?,
             })
         })();
         Ok((out, saved))
@@ -236,10 +242,13 @@ impl LlamaLayer {
             + acts.norm_then(&self.post_attention_norm, &[lin(Gate), lin(Up)])
             + acts.lora_group_recomputed(&[lin(Down)])
             + 2 * acts.of(f);
+        let kv = lin(K).base.out_features();
         LayerMemory {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.recomputed_input(&[lin(Down)]),
+            ffn_input: 2 * acts.of(f),
+            ffn_cost_pct: acts.ffn_cost_pct(4 * h * f, 4 * h * (h + kv) + 2 * h * f, h),
         }
     }
 
@@ -257,9 +266,18 @@ impl LlamaLayer {
                 (a, d) => a.or(d),
             })
         };
-        let da = lin.back_dx_recomputed(LlamaSite::Down, dout, || saved.swiglu.output())?;
-        let (dg, du) = saved.swiglu.backward(&da)?;
-        drop(da);
+        let swiglu = saved.swiglu.get(|pass| {
+            let hn = saved.post_norm.output(&self.post_attention_norm)?;
+            let mut run = |site| {
+                let linear = crate::adapters::Block::linear(self, site);
+                Ok::<_, candle_core::Error>(linear.forward_rows(&hn, pass, Save::Nothing, false)?.0)
+            };
+            let g = run(LlamaSite::Gate)?;
+            Ok(SwiGluSaved::of(g, run(LlamaSite::Up)?))
+        })?;
+        let da = lin.back_dx_recomputed(LlamaSite::Down, dout, || swiglu.output())?;
+        let (dg, du) = swiglu.backward(&da)?;
+        drop((da, swiglu));
         let dhn = add(
             lin.back(LlamaSite::Gate, &dg, true)?,
             lin.back(LlamaSite::Up, &du, true)?,
@@ -453,10 +471,10 @@ impl DecoderParts for LlamaForCausalLM {
         mask_add: &Tensor,
         shape: AttnShape,
         pass: &mut Pass,
-        save: bool,
+        keep: Keep,
         monitor: Option<&mut LlamaMonitored>,
     ) -> Result<(Tensor, Option<LlamaLayerSaved>)> {
-        layer.forward(x, mask_add, shape, &self.rope, pass, save, monitor)
+        layer.forward(x, mask_add, shape, &self.rope, pass, keep, monitor)
     }
 
     fn layer_state(

@@ -54,11 +54,11 @@ fn batch() -> LmBatch {
 }
 
 fn grads(m: &LlamaForCausalLM) -> (LmLoss, SiteGrads) {
-    causal::test_grads(m, false)
+    causal::test_grads(m, &Recompute::None)
 }
 
 fn grads_with(m: &LlamaForCausalLM, checkpoint: bool) -> (LmLoss, SiteGrads) {
-    causal::test_grads(m, checkpoint)
+    causal::test_grads(m, &Recompute::all_if(checkpoint))
 }
 
 /// Gradient checkpointing changes what is kept, not what is computed: the same loss and
@@ -98,6 +98,36 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             .unwrap();
         let kept = (saved.layers.states_kept(), saved.layers.checkpoints_kept());
         assert_eq!(kept, (0, 3 - frozen_below));
+    }
+}
+
+/// A layer recomputing its feed-forward input (SwiGLU's gate and up from the kept post-attention
+/// norm output, the `gate_proj` and `up_proj` adapters' dropout replayed), alone or beside a
+/// checkpointed layer, with the bottom layer frozen or not: the same loss and gradients bit for
+/// bit.
+#[test]
+fn recomputing_the_feed_forward_input_gives_the_same_gradients() {
+    for (targets, frozen_below) in [
+        (&["q_proj", "v_proj"][..], 0),
+        (&["gate_proj", "up_proj", "down_proj"][..], 0),
+        (&["gate_proj", "up_proj", "down_proj"][..], 1),
+    ] {
+        let mut m = tiny_with(false, targets);
+        for (l, s) in m.adapter_sites() {
+            m.adapter_mut(l, s).unwrap().trainable = l >= frozen_below;
+        }
+        let (loss, g) = grads(&m);
+        for r in crate::model::stack::test_recomputes() {
+            let (loss_r, g_r) = causal::test_grads(&m, &r);
+            assert_eq!(loss.loss_sum, loss_r.loss_sum);
+            assert_eq!(g.len(), g_r.len());
+            assert!(!g.is_empty());
+            for ((l, s, a), (l_r, s_r, b)) in g.iter().zip(&g_r) {
+                assert_eq!((l, s), (l_r, s_r));
+                assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "{r:?} layer {l} {s:?} A");
+                assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "{r:?} layer {l} {s:?} B");
+            }
+        }
     }
 }
 

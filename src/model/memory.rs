@@ -16,6 +16,12 @@ pub struct LayerMemory {
     /// The most its forward or backward holds at once beyond that state and its input and output
     /// (attention probabilities, the feed-forward's intermediate, gradients in flight).
     pub transient: usize,
+    /// What of `state` a forward keeping its state less the feed-forward input
+    /// (`stack::Keep::StateLessFfn`) does not keep: that input (GELU's, or SwiGLU's gate and up).
+    pub ffn_input: usize,
+    /// Backward's cost of recomputing it, in percent of the layer's forward: the share of its
+    /// matmul FLOPs that the feed-forward's first linear(s) take.
+    pub ffn_cost_pct: usize,
 }
 
 /// What a training step of a model keeps, by layer, for `rows` rows of `seq` tokens.
@@ -168,6 +174,14 @@ impl Acts {
             } else {
                 0
             }
+    }
+
+    /// [`LayerMemory::ffn_cost_pct`] of a layer whose matmuls take `ffn` FLOPs a token to make
+    /// the feed-forward input and `rest` for everything else, attention's products over `seq`
+    /// keys of width `width` included.
+    pub fn ffn_cost_pct(&self, ffn: usize, rest: usize, width: usize) -> usize {
+        let attention = 4 * self.seq * width;
+        (100 * ffn).div_ceil(ffn + rest + attention)
     }
 
     /// A layer's temporaries beside its state: the attention probabilities (fused softmax

@@ -22,16 +22,66 @@ pub enum Recompute {
     None,
     /// Every layer keeps only its input (`--gradient-checkpointing`).
     All,
-    /// These layers keep only their input.
-    Layers(BTreeSet<usize>),
+    /// `whole` layers keep only their input; `ffn` layers keep their state less the
+    /// feed-forward activation's input ([`Keep::StateLessFfn`]).
+    Layers {
+        whole: BTreeSet<usize>,
+        ffn: BTreeSet<usize>,
+    },
+}
+
+/// What a layer's training forward keeps for its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Nothing: inference, or a checkpointed layer's first forward.
+    Nothing,
+    /// All that its backward reads.
+    State,
+    /// All but the feed-forward activation's input (GELU's, or SwiGLU's gate and up: the widest
+    /// tensors of a layer, 36-47% of its state), which backward recomputes from the norm output
+    /// before it with the same dropout draws ([`FfnSaved`]): one or two matmuls instead of the
+    /// whole layer's forward that checkpointing replays.
+    StateLessFfn,
+}
+
+impl Keep {
+    /// Whether anything is kept.
+    pub fn saves(self) -> bool {
+        self != Keep::Nothing
+    }
 }
 
 impl Recompute {
+    /// Checkpointed layers `whole`, none recomputing only its feed-forward input.
+    pub fn layers(whole: impl IntoIterator<Item = usize>) -> Self {
+        Recompute::Layers {
+            whole: whole.into_iter().collect(),
+            ffn: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `layer` is checkpointed whole.
     pub fn covers(&self, layer: usize) -> bool {
         match self {
             Recompute::None => false,
             Recompute::All => true,
-            Recompute::Layers(l) => l.contains(&layer),
+            Recompute::Layers { whole, .. } => whole.contains(&layer),
+        }
+    }
+
+    /// Whether `layer` recomputes its feed-forward input (and is not checkpointed whole).
+    pub fn ffn(&self, layer: usize) -> bool {
+        matches!(self, Recompute::Layers { ffn, .. } if ffn.contains(&layer)) && !self.covers(layer)
+    }
+
+    /// What `layer`'s first training forward keeps.
+    pub fn keep(&self, layer: usize) -> Keep {
+        if self.covers(layer) {
+            Keep::Nothing
+        } else if self.ffn(layer) {
+            Keep::StateLessFfn
+        } else {
+            Keep::State
         }
     }
 
@@ -43,6 +93,62 @@ impl Recompute {
             Recompute::None
         }
     }
+}
+
+/// A feed-forward activation's saved state `S` ([`Keep::StateLessFfn`]): kept, or the RNG state
+/// the feed-forward's first linear started from, so that backward runs its linear(s) again with
+/// the same dropout draws and gets the same input.
+pub enum FfnSaved<S> {
+    Kept(S),
+    Recompute(Box<StdRng>),
+}
+
+/// Taken just before a feed-forward's first linear runs: the RNG state to replay when `keep`
+/// recomputes the activation's input ([`FfnSaved::new`]).
+pub fn ffn_start(keep: Keep, pass: &Pass) -> Option<Box<StdRng>> {
+    (keep == Keep::StateLessFfn).then(|| Box::new(pass.rng.clone()))
+}
+
+impl<S> FfnSaved<S> {
+    /// What the forward keeps: the replay point from [`ffn_start`], else the activation's own
+    /// state (None when nothing is saved).
+    pub fn new(start: Option<Box<StdRng>>, saved: Option<S>) -> Option<Self> {
+        match start {
+            Some(rng) => Some(FfnSaved::Recompute(rng)),
+            None => saved.map(FfnSaved::Kept),
+        }
+    }
+
+    /// The activation's state: kept, or `run` (the feed-forward's linear(s) and the activation's
+    /// state from their output) on a training pass from the saved RNG state.
+    pub fn get(self, run: impl FnOnce(&mut Pass) -> Result<S>) -> Result<S> {
+        match self {
+            FfnSaved::Kept(s) => Ok(s),
+            FfnSaved::Recompute(mut rng) => run(&mut Pass {
+                training: true,
+                rng: &mut rng,
+                monitor: None,
+            }),
+        }
+    }
+}
+
+/// What a model's gradient tests compare with keeping every state: every layer checkpointed;
+/// every layer recomputing its feed-forward input; layer 1 checkpointed and the others
+/// recomputing their feed-forward input (a model of 3 layers).
+#[cfg(test)]
+pub(crate) fn test_recomputes() -> [Recompute; 3] {
+    [
+        Recompute::All,
+        Recompute::Layers {
+            whole: BTreeSet::new(),
+            ffn: (0..3).collect(),
+        },
+        Recompute::Layers {
+            whole: [1].into(),
+            ffn: [0, 1, 2].into(),
+        },
+    ]
 }
 
 /// What a training forward of the stack keeps for backward.
@@ -74,8 +180,8 @@ impl<S> StackSaved<S> {
 }
 
 /// Runs `layers` (model layers `first..`, all on the gradient path) on `h`, each saving its state
-/// or, when `recompute` covers it, keeping its input. `run(layer, x, pass, save)` is one layer's
-/// forward. A monitored pass is told each layer's index, so its adapters' rows are taken once
+/// (less its feed-forward input where `recompute` says) or, when `recompute` covers it, keeping
+/// its input. `run(layer, x, pass, keep)` is one layer's forward. A monitored pass is told each layer's index, so its adapters' rows are taken once
 /// per step (a checkpointed layer's second forward, in backward, has no monitor).
 pub fn forward<L, S>(
     layers: &[L],
@@ -83,14 +189,14 @@ pub fn forward<L, S>(
     mut h: Tensor,
     pass: &mut Pass,
     recompute: &Recompute,
-    mut run: impl FnMut(&L, &Tensor, &mut Pass, bool) -> Result<(Tensor, Option<S>)>,
+    mut run: impl FnMut(&L, &Tensor, &mut Pass, Keep) -> Result<(Tensor, Option<S>)>,
 ) -> Result<(Tensor, StackSaved<S>)> {
     let mut kept = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
-        let checkpoint = recompute.covers(first + i);
-        let point = checkpoint.then(|| (h.clone(), pass.rng.clone()));
+        let keep = recompute.keep(first + i);
+        let point = (!keep.saves()).then(|| (h.clone(), pass.rng.clone()));
         pass.monitor_layer(Some(first + i));
-        let run_layer = run(layer, &h, pass, !checkpoint);
+        let run_layer = run(layer, &h, pass, keep);
         pass.monitor_layer(None);
         let (out, saved) = run_layer?;
         kept.push(match (point, saved) {

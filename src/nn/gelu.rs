@@ -49,6 +49,12 @@ pub fn forward_reference(x: &Tensor, kind: GeluKind) -> Result<Tensor> {
 }
 
 impl GeluSaved {
+    /// What [`forward_kind`] keeps for input `x`, without computing the output (an input
+    /// recomputed in backward).
+    pub fn of(x: Tensor, kind: GeluKind) -> Self {
+        Self { x, kind }
+    }
+
     /// The forward's output, recomputed from the saved input (for the linear that reads it, which
     /// keeps no copy).
     pub fn output(&self) -> Result<Tensor> {

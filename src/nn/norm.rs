@@ -133,6 +133,23 @@ impl Norm {
 }
 
 impl NormSaved {
+    /// The forward's output: kept, or `xhat * weight (+ bias)` (in f32 on the kept rows, so in
+    /// half precision it may differ from the forward's in the last bit).
+    pub fn output(&self, norm: &Norm) -> Result<Tensor> {
+        if self.from_output {
+            return Ok(self.rows.clone());
+        }
+        let cdt = compute_dtype(self.rows.dtype());
+        let mut y = self
+            .rows
+            .to_dtype(cdt)?
+            .broadcast_mul(&norm.weight.to_dtype(cdt)?)?;
+        if let Some(b) = &norm.bias {
+            y = y.broadcast_add(&b.to_dtype(cdt)?)?;
+        }
+        y.to_dtype(self.rows.dtype())
+    }
+
     /// Input gradient only (the parameters are frozen): `dx = rstd * (g - mean(g) - xhat *
     /// mean(g * xhat))` with `g = dy * weight`, without the `mean(g)` term for RMSNorm.
     pub fn backward(&self, norm: &Norm, dy: &Tensor) -> Result<Tensor> {

@@ -3,8 +3,8 @@
 //! memory budget. SAFE freezes adapters as training goes, so the loop plans again after every
 //! round: checkpointing is dropped and the micro-batch grows as the trainable part shrinks.
 
-use crate::model::stack::Recompute;
-use crate::model::StepMemory;
+use crate::model::stack::{Keep, Recompute};
+use crate::model::{LayerMemory, StepMemory};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -65,6 +65,10 @@ pub struct MemoryPlan {
     pub pass_through_bytes: usize,
     /// Checkpointed layers: they keep their input and run again in backward.
     pub checkpointed: Vec<usize>,
+    /// Layers that keep their state less the feed-forward activation's input, which backward
+    /// recomputes from the norm before it (one or two matmuls, not the whole layer).
+    #[serde(default)]
+    pub ffn_recomputed: Vec<usize>,
     /// The estimated peak a pass adds to what is live before it, in bytes.
     pub estimated_step_bytes: usize,
     /// The budget it was planned for.
@@ -113,7 +117,10 @@ impl StepPlans {
 
 impl MemoryPlan {
     pub fn recompute(&self) -> Recompute {
-        Recompute::Layers(self.checkpointed.iter().copied().collect())
+        Recompute::Layers {
+            whole: self.checkpointed.iter().copied().collect(),
+            ffn: self.ffn_recomputed.iter().copied().collect(),
+        }
     }
 
     /// One line for people: passes, checkpointed layers, pass-through layers and what they hold.
@@ -132,6 +139,12 @@ impl MemoryPlan {
             self.micro,
             layers(&self.checkpointed)
         );
+        if !self.ffn_recomputed.is_empty() {
+            d += &format!(
+                ", feed-forward input recomputed: {}",
+                layers(&self.ffn_recomputed)
+            );
+        }
         if !self.pass_through.is_empty() {
             d += &format!(
                 ", pass-through: {} ({} kept)",
@@ -195,15 +208,20 @@ pub fn step_bytes_measured(
     let layers: Vec<_> = (first..n)
         .map(|l| (l, model.layer_memory(l, rows, seq)))
         .collect();
-    let kept = |l: usize, state: usize| if recompute.covers(l) { x } else { state };
+    let kept = |l: usize, m: &LayerMemory| match recompute.keep(l) {
+        Keep::Nothing => x,
+        Keep::StateLessFfn => m.state - m.ffn_input,
+        Keep::State => m.state,
+    };
     let mut below = 0;
-    for &(l, m) in &layers {
+    for (l, m) in &layers {
         peak = peak.max(below + x + m.state + (m.transient + x).max(measure));
-        below += kept(l, m.state);
+        below += kept(*l, m);
     }
     peak = peak.max(below + x + model.head_bytes(rows, seq));
-    for &(l, m) in layers.iter().rev() {
-        below -= kept(l, m.state);
+    for (l, m) in layers.iter().rev() {
+        let l = *l;
+        below -= kept(l, m);
         let input = if recompute.covers(l) { x } else { 0 };
         peak = peak.max(below + input + m.state + m.transient + 2 * x);
     }
@@ -271,34 +289,45 @@ pub fn plan(
     let n = model.num_layers();
     let first = model.lowest_trainable_layer().unwrap_or(n);
     let through = pass_through(model, first);
-    let make =
-        |micro: usize, accum: usize, (checkpointed, estimate): (Vec<usize>, usize)| -> MemoryPlan {
-            let pass_through_bytes = through
-                .iter()
-                .filter(|l| !checkpointed.contains(l))
-                .map(|&l| model.layer_memory(l, micro, seq).state)
-                .sum();
-            MemoryPlan {
-                micro,
-                accum,
-                first_trained_layer: first,
-                pass_through: through.clone(),
-                pass_through_bytes,
-                estimated_step_bytes: estimate,
-                checkpointed,
-                budget_bytes: budget,
-                measuring,
-            }
-        };
+    let make = |micro: usize, accum: usize, chosen: Chosen| -> MemoryPlan {
+        let pass_through_bytes = through
+            .iter()
+            .filter(|l| !chosen.whole.contains(l))
+            .map(|&l| {
+                let m = model.layer_memory(l, micro, seq);
+                match chosen.ffn.contains(&l) {
+                    true => m.state - m.ffn_input,
+                    false => m.state,
+                }
+            })
+            .sum();
+        MemoryPlan {
+            micro,
+            accum,
+            first_trained_layer: first,
+            pass_through: through.clone(),
+            pass_through_bytes,
+            estimated_step_bytes: chosen.estimate,
+            checkpointed: chosen.whole,
+            ffn_recomputed: chosen.ffn,
+            budget_bytes: budget,
+            measuring,
+        }
+    };
     let Some(budget) = budget else {
-        let all: Vec<usize> = if checkpoint_all {
+        let whole: Vec<usize> = if checkpoint_all {
             (first..n).collect()
         } else {
             vec![]
         };
-        let recompute = Recompute::Layers(all.iter().copied().collect());
-        let estimate = step_bytes(model, &recompute, micro, seq);
-        return Ok(make(micro, accum, (all, estimate)));
+        let estimate = step_bytes(model, &Recompute::layers(whole.clone()), micro, seq);
+        let chosen = Chosen {
+            whole,
+            ffn: vec![],
+            estimate,
+            cost_pct: 0,
+        };
+        return Ok(make(micro, accum, chosen));
     };
     let batch = micro * accum;
     let span = n - first;
@@ -312,15 +341,16 @@ pub fn plan(
         } else {
             0
         };
-        let Some(chosen) = fewest_checkpoints(model, first, &through, rows, seq, measure, target)
+        let Some(chosen) = cheapest_recompute(model, first, &through, rows, seq, measure, target)
         else {
             continue;
         };
-        // Work in layer-forward units per token: 3 per trained layer (forward, backward), 1 per
-        // layer below, 1 more per checkpointed layer; a pass counts at least `efficient_tokens`.
+        // Work in hundredths of a layer forward per token: 3 per trained layer (forward,
+        // backward), 1 per layer below, 1 more per checkpointed layer, a share of one per layer
+        // recomputing its feed-forward input; a pass counts at least `efficient_tokens`.
         let passes = batch / rows;
         let tokens = (rows * seq).max(efficient_tokens);
-        let cost = passes * tokens * (first + 3 * span + chosen.0.len());
+        let cost = passes * tokens * (100 * (first + 3 * span) + chosen.cost_pct);
         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
             best = Some((cost, make(rows, passes, chosen)));
         }
@@ -328,7 +358,7 @@ pub fn plan(
     match best {
         Some((_, p)) => Ok(p),
         None => {
-            let all = Recompute::Layers((first..n).collect());
+            let all = Recompute::layers(first..n);
             anyhow::bail!(
                 "--memory-budget {}: too small; one example of {seq} tokens with every trained \
                  layer checkpointed needs about {} for a step (layers {first}..{n} train)",
@@ -339,10 +369,23 @@ pub fn plan(
     }
 }
 
-/// The fewest checkpointed layers with which a pass of `rows` rows fits `budget`: pass-through
-/// layers first, then the trained layers that save most by it, with the pass's estimated bytes;
-/// None when even all do not fit.
-fn fewest_checkpoints(
+/// What a pass recomputes: layers checkpointed whole and layers recomputing their feed-forward
+/// input, the pass's estimated bytes, and the recomputation's cost in hundredths of a layer
+/// forward per token.
+struct Chosen {
+    whole: Vec<usize>,
+    ffn: Vec<usize>,
+    estimate: usize,
+    cost_pct: usize,
+}
+
+/// The cheapest recomputation with which a pass of `rows` rows fits `budget`. Whole layers are
+/// checkpointed in a fixed order (pass-through layers first: they have no weight gradients to
+/// compute; then the trained layers that save most); for each number of them, the fewest other
+/// layers that recompute their feed-forward input (pass-through layers first, then the largest
+/// inputs). None when even
+/// every layer checkpointed does not fit.
+fn cheapest_recompute(
     model: &impl StepMemory,
     first: usize,
     through: &[usize],
@@ -350,28 +393,61 @@ fn fewest_checkpoints(
     seq: usize,
     measure: usize,
     budget: usize,
-) -> Option<(Vec<usize>, usize)> {
+) -> Option<Chosen> {
     let n = model.num_layers();
     let x = model.hidden_bytes(rows, seq);
-    let mut order: Vec<usize> = through.to_vec();
-    let mut trained: Vec<(usize, usize)> = (first..n)
-        .filter(|l| !through.contains(l))
-        .map(|l| (l, model.layer_memory(l, rows, seq).state.saturating_sub(x)))
+    let memory: Vec<LayerMemory> = (first..n)
+        .map(|l| model.layer_memory(l, rows, seq))
         .collect();
-    trained.sort_by_key(|&(l, saves)| (std::cmp::Reverse(saves), l));
-    order.extend(trained.into_iter().map(|(l, _)| l));
-    let mut chosen = BTreeSet::new();
-    for k in 0..=order.len() {
-        if k > 0 {
-            chosen.insert(order[k - 1]);
+    let of = |l: usize| memory[l - first];
+    let mut whole_order: Vec<usize> = through.to_vec();
+    let mut trained: Vec<usize> = (first..n).filter(|l| !through.contains(l)).collect();
+    trained.sort_by_key(|&l| (std::cmp::Reverse(of(l).state.saturating_sub(x)), l));
+    whole_order.extend(trained);
+    let mut ffn_order: Vec<usize> = (first..n).filter(|&l| of(l).ffn_input > 0).collect();
+    ffn_order.sort_by_key(|&l| {
+        let trained = !through.contains(&l);
+        (
+            trained,
+            std::cmp::Reverse(of(l).ffn_input),
+            of(l).ffn_cost_pct,
+            l,
+        )
+    });
+    let mut best: Option<Chosen> = None;
+    for k in 0..=whole_order.len() {
+        if best.as_ref().is_some_and(|b| 100 * k >= b.cost_pct) {
+            break; // more whole layers only cost more
         }
-        let recompute = Recompute::Layers(chosen.clone());
-        let estimate = step_bytes_measured(model, &recompute, rows, seq, measure);
-        if estimate <= budget {
-            return Some((chosen.into_iter().collect(), estimate));
+        let whole: BTreeSet<usize> = whole_order[..k].iter().copied().collect();
+        let light: Vec<usize> = ffn_order
+            .iter()
+            .copied()
+            .filter(|l| !whole.contains(l))
+            .collect();
+        for j in 0..=light.len() {
+            let ffn: BTreeSet<usize> = light[..j].iter().copied().collect();
+            let recompute = Recompute::Layers {
+                whole: whole.clone(),
+                ffn: ffn.clone(),
+            };
+            let estimate = step_bytes_measured(model, &recompute, rows, seq, measure);
+            if estimate > budget {
+                continue;
+            }
+            let cost_pct = 100 * k + ffn.iter().map(|&l| of(l).ffn_cost_pct).sum::<usize>();
+            if best.as_ref().is_none_or(|b| cost_pct < b.cost_pct) {
+                best = Some(Chosen {
+                    whole: whole.iter().copied().collect(),
+                    ffn: ffn.into_iter().collect(),
+                    estimate,
+                    cost_pct,
+                });
+            }
+            break;
         }
     }
-    None
+    best
 }
 
 /// `1.2 GB`, `850 MB`, `12 KB` (decimal units, as `--memory-budget` reads them).
@@ -559,9 +635,9 @@ mod tests {
         );
         let budget = plain + plain / 11;
         let p = plan(&m, rows, 1, seq, false, Some(budget), GPU, false).unwrap();
-        assert!(p.checkpointed.is_empty());
+        assert_eq!(recomputed(&p), 0);
         let q = plan(&m, rows, 1, seq, false, Some(budget), GPU, true).unwrap();
-        assert!(!q.checkpointed.is_empty(), "{q:?}");
+        assert!(recomputed(&q) > 0, "{q:?}");
         let m_q = measure_bytes(&m, q.micro, seq);
         let estimate = step_bytes_measured(&m, &q.recompute(), q.micro, seq, m_q);
         assert!(estimate <= budget - budget / BUDGET_MARGIN);
@@ -572,6 +648,44 @@ mod tests {
         assert!(!p.measuring && q.measuring);
         let plain = StepPlans::new(false, make).unwrap();
         assert_eq!((plain.step(true), plain.all().count()), (&p, 1));
+    }
+
+    /// Layers a plan recomputes, whole or their feed-forward input.
+    fn recomputed(p: &MemoryPlan) -> usize {
+        p.checkpointed.len() + p.ffn_recomputed.len()
+    }
+
+    /// A budget a little under the plain step is met by recomputing the feed-forward inputs of a
+    /// few layers (a quarter of a layer's forward each in this model),
+    /// not by checkpointing a whole layer; a tighter one adds whole layers.
+    #[test]
+    fn a_budget_recomputes_feed_forward_inputs_before_whole_layers() {
+        let m = model();
+        let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+        let state = m.layer_memory(0, 16, SEQ);
+        assert!(state.ffn_input > state.state / 4, "{state:?}");
+        // 2hf / (8h^2 + 4hf + 4 seq h) = 8192 / 32768 at h = 32, f = 128, seq = 64.
+        assert_eq!(state.ffn_cost_pct, 25, "{state:?}");
+        let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU, false).unwrap();
+        assert_eq!(p.micro, 16);
+        assert!(
+            p.checkpointed.is_empty() && !p.ffn_recomputed.is_empty(),
+            "{p:?}"
+        );
+        assert!(p.estimated_step_bytes <= full * 9 / 10);
+        assert!(
+            p.describe().contains("feed-forward input recomputed"),
+            "{}",
+            p.describe()
+        );
+        let q = plan(&m, 16, 1, SEQ, false, Some(full * 7 / 10), GPU, false).unwrap();
+        assert!(!q.checkpointed.is_empty(), "{q:?}");
+        assert!(q.checkpointed.iter().all(|l| !q.ffn_recomputed.contains(l)));
+        // What the plan runs is what it estimated.
+        assert_eq!(
+            step_bytes(&m, &q.recompute(), 16, SEQ),
+            q.estimated_step_bytes
+        );
     }
 
     #[test]
@@ -634,7 +748,7 @@ mod tests {
     }
 
     /// Layers whose adapters are all frozen above a trainable one only pass the gradient down:
-    /// they are checkpointed first.
+    /// they are recomputed first (their feed-forward input, or whole).
     #[test]
     fn pass_through_layers_are_checkpointed_first() {
         let mut m = model();
@@ -655,17 +769,34 @@ mod tests {
             p.describe()
         );
         let full = step_bytes(&m, &Recompute::None, 16, SEQ);
-        let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU, false).unwrap();
-        assert!(!p.checkpointed.is_empty(), "{p:?}");
-        assert!(
-            p.checkpointed.iter().all(|l| [1, 2, 3].contains(l)),
-            "{p:?}"
-        );
-        let kept: Vec<usize> = [1, 2, 3]
-            .into_iter()
-            .filter(|l| !p.checkpointed.contains(l))
-            .collect();
-        assert_eq!(p.pass_through_bytes, held(&kept), "{p:?}");
+        for budget in [full * 9 / 10, full * 6 / 10] {
+            let p = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
+            let through = |ls: &[usize]| ls.iter().all(|l| [1, 2, 3].contains(l));
+            assert!(recomputed(&p) > 0, "{p:?}");
+            // Layer 0 trains: it is recomputed only once all of layers 1-3 are.
+            let all_through = |ls: &[usize]| [1, 2, 3].iter().all(|l| ls.contains(l));
+            assert!(
+                through(&p.checkpointed) || all_through(&p.checkpointed),
+                "{p:?}"
+            );
+            assert!(
+                !p.ffn_recomputed.contains(&0)
+                    || all_through(&[&p.ffn_recomputed[..], &p.checkpointed[..]].concat()),
+                "{p:?}"
+            );
+            let kept: usize = [1, 2, 3]
+                .into_iter()
+                .filter(|l| !p.checkpointed.contains(l))
+                .map(|l| {
+                    let m = m.layer_memory(l, 16, SEQ);
+                    match p.ffn_recomputed.contains(&l) {
+                        true => m.state - m.ffn_input,
+                        false => m.state,
+                    }
+                })
+                .sum();
+            assert_eq!(p.pass_through_bytes, kept, "{p:?}");
+        }
     }
 
     /// As SAFE freezes the bottom, the same budget needs fewer checkpoints.

@@ -675,9 +675,16 @@ mod tests {
         let mut h = m.forward_frozen_bottom(&t, 0).unwrap();
         for (l, lay) in m.layers.iter().enumerate() {
             let run = |x: &BertLayer, pass: &mut Pass| {
-                x.forward(&h, &t.mask_add, shape, pass, false, None)
-                    .unwrap()
-                    .0
+                x.forward(
+                    &h,
+                    &t.mask_add,
+                    shape,
+                    pass,
+                    crate::model::stack::Keep::Nothing,
+                    None,
+                )
+                .unwrap()
+                .0
             };
             let with = run(lay, &mut pass);
             for (i, &(layer, site)) in sites.iter().enumerate().filter(|(_, s)| s.0 == l) {
