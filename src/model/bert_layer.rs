@@ -273,7 +273,8 @@ impl BertLayer {
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.recomputed_input(&[lin(Site::Output)]),
             ffn_input: acts.of(f),
-            ffn_cost_pct: acts.ffn_cost_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
+            ffn_cost_pct: acts.share_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
+            checkpoint_cost_pct: 100,
         }
     }
 

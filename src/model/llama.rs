@@ -242,13 +242,23 @@ impl LlamaLayer {
             + acts.norm_then(&self.post_attention_norm, &[lin(Gate), lin(Up)])
             + acts.lora_group_recomputed(&[lin(Down)])
             + 2 * acts.of(f);
-        let kv = lin(K).base.out_features();
+        // Matmul FLOPs a token: q, k, v, o; gate and up; down.
+        let (attn, gate_up, down) = (
+            4 * h * (h + lin(K).base.out_features()),
+            4 * h * f,
+            2 * h * f,
+        );
         LayerMemory {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.recomputed_input(&[lin(Down)]),
             ffn_input: 2 * acts.of(f),
-            ffn_cost_pct: acts.ffn_cost_pct(4 * h * f, 4 * h * (h + kv) + 2 * h * f, h),
+            ffn_cost_pct: acts.share_pct(gate_up, attn + down, h),
+            // Without a down_proj adapter the second forward stops before it (`state`).
+            checkpoint_cost_pct: match lin(Down).lora {
+                Some(_) => 100,
+                None => 100 - acts.share_pct(down, attn + gate_up, h),
+            },
         }
     }
 

@@ -131,6 +131,26 @@ fn recomputing_the_feed_forward_input_gives_the_same_gradients() {
     }
 }
 
+/// The plan's costs of a layer (`LayerMemory`): recomputing the feed-forward input is gate's
+/// and up's share of the forward's matmul FLOPs; a checkpointed layer's second forward costs a
+/// whole forward with a `down_proj` adapter and stops before `down_proj` without one.
+#[test]
+fn layer_costs_follow_the_forward() {
+    let acts = crate::model::memory::Acts::new(2, 8, DType::F64, &Device::Cpu);
+    // Per token at hidden 16, kv 8, FFN 24: q/k/v/o 4*16*(16+8) = 1536, gate and up 4*16*24 =
+    // 1536, down 2*16*24 = 768, attention's products 4*8*16 = 512; 4,352 in all.
+    for (targets, checkpoint) in [
+        (&["q_proj"][..], 100 - 18), // down: 768 / 4352 = 17.6%, rounded up
+        (&["q_proj", "down_proj"][..], 100),
+    ] {
+        let m = tiny_with(false, targets);
+        let l = m.layers[0].memory(acts);
+        assert_eq!(l.ffn_cost_pct, 36, "1536 / 4352 = 35.3%, rounded up");
+        assert_eq!(l.checkpoint_cost_pct, checkpoint, "{targets:?}");
+        assert_eq!(l.ffn_input, 2 * acts.of(24));
+    }
+}
+
 /// Every adapter's gradient equals candle's autograd through the same forward (LoRA dropout
 /// on, same seed) and a full-logits cross-entropy, on a tiny random GQA decoder in f64.
 #[test]

@@ -22,6 +22,9 @@ pub struct LayerMemory {
     /// Backward's cost of recomputing it, in percent of the layer's forward: the share of its
     /// matmul FLOPs that the feed-forward's first linear(s) take.
     pub ffn_cost_pct: usize,
+    /// The cost of a checkpointed layer's second forward, in percent of its forward: 100, or
+    /// less where it stops once the state is rebuilt (`LlamaLayer::state`).
+    pub checkpoint_cost_pct: usize,
 }
 
 /// What a training step of a model keeps, by layer, for `rows` rows of `seq` tokens.
@@ -176,12 +179,12 @@ impl Acts {
             }
     }
 
-    /// [`LayerMemory::ffn_cost_pct`] of a layer whose matmuls take `ffn` FLOPs a token to make
-    /// the feed-forward input and `rest` for everything else, attention's products over `seq`
-    /// keys of width `width` included.
-    pub fn ffn_cost_pct(&self, ffn: usize, rest: usize, width: usize) -> usize {
+    /// The share in percent (rounded up) of a layer's forward that `part` matmul FLOPs a token
+    /// take, beside `rest` for its other projections and attention's products over `seq` keys
+    /// of width `width`: the costs of [`LayerMemory`].
+    pub fn share_pct(&self, part: usize, rest: usize, width: usize) -> usize {
         let attention = 4 * self.seq * width;
-        (100 * ffn).div_ceil(ffn + rest + attention)
+        (100 * part).div_ceil(part + rest + attention)
     }
 
     /// A layer's temporaries beside its state: the attention probabilities (fused softmax

@@ -346,8 +346,9 @@ pub fn plan(
             continue;
         };
         // Work in hundredths of a layer forward per token: 3 per trained layer (forward,
-        // backward), 1 per layer below, 1 more per checkpointed layer, a share of one per layer
-        // recomputing its feed-forward input; a pass counts at least `efficient_tokens`.
+        // backward), 1 per layer below, up to 1 more per checkpointed layer and a share of one
+        // per layer recomputing its feed-forward input (`LayerMemory`'s costs); a pass counts at
+        // least `efficient_tokens`.
         let passes = batch / rows;
         let tokens = (rows * seq).max(efficient_tokens);
         let cost = passes * tokens * (100 * (first + 3 * span) + chosen.cost_pct);
@@ -414,9 +415,16 @@ fn cheapest_recompute(
             l,
         )
     });
+    // The cost of checkpointing the first k layers of `whole_order`.
+    let whole_cost: Vec<usize> = std::iter::once(0)
+        .chain(whole_order.iter().scan(0, |c, &l| {
+            *c += of(l).checkpoint_cost_pct;
+            Some(*c)
+        }))
+        .collect();
     let mut best: Option<Chosen> = None;
     for k in 0..=whole_order.len() {
-        if best.as_ref().is_some_and(|b| 100 * k >= b.cost_pct) {
+        if best.as_ref().is_some_and(|b| whole_cost[k] >= b.cost_pct) {
             break; // more whole layers only cost more
         }
         let whole: BTreeSet<usize> = whole_order[..k].iter().copied().collect();
@@ -435,7 +443,8 @@ fn cheapest_recompute(
             if estimate > budget {
                 continue;
             }
-            let cost_pct = 100 * k + ffn.iter().map(|&l| of(l).ffn_cost_pct).sum::<usize>();
+            let ffn_cost: usize = ffn.iter().map(|&l| of(l).ffn_cost_pct).sum();
+            let cost_pct = whole_cost[k] + ffn_cost;
             if best.as_ref().is_none_or(|b| cost_pct < b.cost_pct) {
                 best = Some(Chosen {
                     whole: whole.iter().copied().collect(),
