@@ -9,7 +9,8 @@
 #   K=/root/keep OUT=/tmp/out bash bench/budget_gpu.sh
 #
 # K holds the CUDA binary (safetune) and the assets in K/cache (SAFETUNE_CACHE layout: minilm,
-# bbc-news, spam-assassin as `safetune fetch` lays them out). DATASETS, SEEDS, METHODS narrow it.
+# bbc-news, spam-assassin as `safetune fetch` lays them out). DATASETS, SEEDS, SKIP_LORA, SKIP_SAFE,
+# SKIP_PEFT and PEFT_MODES narrow it.
 set -u
 K=${K:-/root/keep}
 # BIN: the safetune binary (default K/safetune); SAFE_TAG: a suffix for its SAFE runs' names, so
@@ -43,13 +44,15 @@ for d in ${DATASETS:-folder spam}; do
   if [ -z "${SKIP_LORA:-}" ]; then
     for s in $SEEDS; do seed_run st $d lora $s; done; wait
   fi
-  B=$(python3 -c "
+  if [ -z "${SKIP_SAFE:-}" ]; then
+    B=$(python3 -c "
 import json, glob
 print(int(0.6 * max(json.loads(l)['step_mem_bytes'] for f in glob.glob('$R/$d-lora-*/metrics.jsonl') for l in open(f))))")
-  echo "$d budget_bytes $B" | tee -a $R/budgets.txt
-  TAG="-budget${SAFE_TAG:-}"
-  # SAFE_CONFIG: a TOML file for the SAFE runs (e.g. other SAFE settings).
-  for s in $SEEDS; do seed_run st $d safe $s --memory-budget $B ${SAFE_CONFIG:+--config $SAFE_CONFIG}; done; wait
+    echo "$d budget_bytes $B" | tee -a $R/budgets.txt
+    TAG="-budget${SAFE_TAG:-}"
+    # SAFE_CONFIG: a TOML file for the SAFE runs (e.g. other SAFE settings).
+    for s in $SEEDS; do seed_run st $d safe $s --memory-budget $B ${SAFE_CONFIG:+--config $SAFE_CONFIG}; done; wait
+  fi
   [ -n "${SKIP_PEFT:-}" ] && continue
   # PEFT_MODES: which PyTorch + PEFT runs (ckpt: with transformers' gradient checkpointing).
   for mode in ${PEFT_MODES:-ckpt plain}; do
