@@ -412,6 +412,25 @@ pub(crate) fn test_grads<M: DecoderParts>(
     loss_and_site_grads(m, &test_batch(DType::F64), &mut pass, 1.0, recompute, None).unwrap()
 }
 
+/// Asserts that two [`test_grads`] results are the same bit for bit: the loss, and every
+/// adapter's gradients by `(layer, site)`, of which there are some.
+#[cfg(test)]
+pub(crate) fn assert_same_grads<S: PartialEq + std::fmt::Debug>(
+    (loss, g): &(LmLoss, SiteGrads<S>),
+    (loss_b, g_b): &(LmLoss, SiteGrads<S>),
+    what: &str,
+) {
+    use crate::nn::gradcheck::max_abs_diff;
+    assert_eq!(loss.loss_sum, loss_b.loss_sum, "{what}");
+    assert_eq!(g.len(), g_b.len(), "{what}");
+    assert!(!g.is_empty(), "{what}");
+    for ((l, s, a), (l_b, s_b, b)) in g.iter().zip(g_b) {
+        assert_eq!((l, s), (l_b, s_b), "{what}");
+        assert_eq!(max_abs_diff(&a.a, &b.a), 0.0, "{what}: layer {l} {s:?} A");
+        assert_eq!(max_abs_diff(&a.b, &b.b), 0.0, "{what}: layer {l} {s:?} B");
+    }
+}
+
 /// The oracle's loss for gradient tests: mean cross-entropy of the counted targets over
 /// full logits, on candle's tape.
 #[cfg(test)]
