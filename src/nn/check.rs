@@ -386,6 +386,47 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         });
     }
 
+    // SAFE's CKA norms from the moment form's low-rank moments (`cka::LowRankMoments::norms`,
+    // fused on CUDA) against their composition, at MiniLM's q/v adapter (d 384, r 8) over 2,048
+    // rows, and at a wider, higher-rank one; the FLOPs each counts must agree too.
+    for (n, d, rank) in [(2048, 384, 8), (700, 1000, 64)] {
+        let f64s = |t: Tensor| t.to_dtype(DType::F64);
+        let y = f64s(r(&[n, d], 24, 2.0, 0.3)?)?;
+        let u = f64s(r(&[n, rank], 25, 1.0, -0.2)?)?;
+        let b = f64s(rand(&[d, rank], 26, 0.05, 0.0, DType::F32, device)?)?;
+        let mm = |a: &Tensor, b: &Tensor| a.t()?.matmul(b)?.contiguous();
+        let m = super::cka::LowRankMoments {
+            n,
+            sum_y: y.sum(0)?,
+            sum_u: u.sum(0)?,
+            yty: mm(&y, &y)?,
+            ytu: mm(&y, &u)?,
+            utu: mm(&u, &u)?,
+            b,
+        };
+        let f0 = super::flops::total();
+        let fused = m.norms()?;
+        let f1 = super::flops::total();
+        let composed = m.norms_composed()?;
+        let f2 = super::flops::total();
+        let err = rel(&fused, &composed)?;
+        out.push(Check {
+            name: format!("cka moment norms {n} rows, d {d}, r {rank}"),
+            dtype: dname.clone(),
+            rel_err: err,
+            tol: 1e-10,
+            ok: err <= 1e-10,
+        });
+        let flops_differ = (f1 - f0) as f64 - (f2 - f1) as f64;
+        out.push(Check {
+            name: format!("cka moment norms d {d}, r {rank}: FLOPs counted, difference"),
+            dtype: dname.clone(),
+            rel_err: flops_differ.abs(),
+            tol: 0.0,
+            ok: flops_differ == 0.0,
+        });
+    }
+
     // AdamW: three updates of an f32 parameter (trained tensors are f32 whatever the dtype).
     let p0 = rand(&[64, 768], 13, 0.1, 0.0, DType::F32, device)?;
     let (mut pf, mut pr) = (p0.clone(), p0);
@@ -441,6 +482,16 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                     ok: true,
                 });
             }
+            // The moment form's norms at MiniLM's q/v adapter (d 384, r 8), ms a call.
+            for (fused, kind) in [(true, "fused"), (false, "composition")] {
+                out.push(Check {
+                    name: format!("  (timing: cka moment norms d 384 r 8, {kind} ms)"),
+                    dtype: dname.clone(),
+                    rel_err: cka_moment_ms(device, fused)?,
+                    tol: 1e12,
+                    ok: true,
+                });
+            }
             // Timings, for information (ms of one forward / backward, median of 5).
             // The reference composition builds its causal mask on the host each call, so its
             // figure is not the fallback's (`SAFETUNE_FLASH=0`: the fused softmax kernels).
@@ -476,6 +527,33 @@ fn cka_gram_ms(device: &Device, fused: bool) -> Result<f64> {
             super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?)
         }
     };
+    for _ in 0..3 {
+        call()?;
+    }
+    device.synchronize()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..20 {
+        call()?;
+    }
+    device.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / 20.0)
+}
+
+/// Milliseconds a call of SAFE's moment-form CKA norms takes at MiniLM's q/v adapter (width
+/// 384, rank 8), 20 calls queued back to back after 3 to warm up.
+fn cka_moment_ms(device: &Device, fused: bool) -> Result<f64> {
+    let (d, rank) = (384, 8);
+    let f64s = |shape: &[usize], seed| rand(shape, seed, 1.0, 0.0, DType::F64, device);
+    let m = super::cka::LowRankMoments {
+        n: 2048,
+        sum_y: f64s(&[d], 44)?,
+        sum_u: f64s(&[rank], 45)?,
+        yty: f64s(&[d, d], 46)?,
+        ytu: f64s(&[d, rank], 47)?,
+        utu: f64s(&[rank, rank], 48)?,
+        b: f64s(&[d, rank], 49)?,
+    };
+    let call = || if fused { m.norms() } else { m.norms_composed() };
     for _ in 0..3 {
         call()?;
     }

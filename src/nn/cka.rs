@@ -1,7 +1,8 @@
-//! SAFE's CKA products on the device: the token rows in f64, their sums, and the Gram form's
-//! terms of an adapted linear's rows (`train/importance` turns them into CKA's norms). On CUDA the
-//! Gram form runs as fused kernels around cuBLAS (`gpu::cka_gram_terms`); the candle composition
-//! here is the CPU path and the reference the self-test checks the kernels against.
+//! SAFE's CKA products on the device: the token rows in f64, their sums, the Gram form's terms of
+//! an adapted linear's rows and the moment form's five norms (`train/importance` turns them into
+//! CKA). On CUDA the Gram form runs as fused kernels around cuBLAS (`gpu::cka_gram_terms`) and the
+//! low-rank moments' norms as two kernels (`gpu::cka_moment_norms`); the candle compositions here
+//! are the CPU path and the references the self-test checks the kernels against.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -55,6 +56,71 @@ pub fn gram_terms_composed(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor>
         ],
         0,
     )
+}
+
+/// The moments of one batch's rows at the linear, `X = Y + U B^T` (`Y` `[n, d]`, `U` `[n, r]`,
+/// `B` `[d, r]`, f64): the column sums of `Y` and `U`, `Y^T Y`, `Y^T U` and `U^T U`.
+pub struct LowRankMoments {
+    pub n: usize,
+    pub sum_y: Tensor,
+    pub sum_u: Tensor,
+    pub yty: Tensor,
+    pub ytu: Tensor,
+    pub utu: Tensor,
+    pub b: Tensor,
+}
+
+impl LowRankMoments {
+    /// CKA's five norms `[5]` (`||Xc^T Xc||^2`, `||X^T X||^2`, `||Yc^T Yc||^2`, `||Y^T Y||^2`,
+    /// `||Yc^T Xc||^2`): two kernels on CUDA (`gpu::cka_moment_norms`), else
+    /// [`LowRankMoments::norms_composed`].
+    pub fn norms(&self) -> Result<Tensor> {
+        if let Some(t) = super::gpu::cka_moment_norms(self)? {
+            return Ok(t);
+        }
+        self.norms_composed()
+    }
+
+    /// The composition of [`LowRankMoments::norms`]: with `C = (Y^T U) B^T` (`= Y^T (X - Y)`),
+    /// `Y^T X = Y^T Y + C`, `X^T X = Y^T Y + C + C^T + B (U^T U) B^T` and `sum_x = sum_y + B
+    /// sum_u`, then [`moment_norms`]; about thirty kernels on a GPU.
+    pub fn norms_composed(&self) -> Result<Tensor> {
+        let mm = super::matmul;
+        let b = &self.b;
+        let c = mm(&self.ytu, &b.t()?)?;
+        let ytx = (&self.yty + &c)?;
+        let bub = mm(&mm(b, &self.utu)?, &b.t()?)?;
+        let xtx = ((&ytx + c.t()?)? + bub)?;
+        let sum_x = (&self.sum_y + mm(b, &self.sum_u.unsqueeze(1)?)?.squeeze(1)?)?;
+        moment_norms(self.n, &sum_x, &self.sum_y, &xtx, &self.yty, &ytx)
+    }
+}
+
+/// CKA's five norms `[5]` from `n` rows' column sums and uncentered products `X^T X`, `Y^T Y`,
+/// `Y^T X` (f64; the order of [`LowRankMoments::norms`]): each centered product is
+/// `M - a b^T / n`.
+pub fn moment_norms(
+    n: usize,
+    sum_x: &Tensor,
+    sum_y: &Tensor,
+    xtx: &Tensor,
+    yty: &Tensor,
+    ytx: &Tensor,
+) -> Result<Tensor> {
+    let n = n as f64;
+    // ||M - a b^T / n||_F^2.
+    let centered = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
+        let outer = a.unsqueeze(1)?.broadcast_mul(&b.unsqueeze(0)?)?;
+        sum_sq(&(m - (outer / n)?)?)
+    };
+    let norms = [
+        centered(xtx, sum_x, sum_x)?,
+        sum_sq(xtx)?,
+        centered(yty, sum_y, sum_y)?,
+        sum_sq(yty)?,
+        centered(ytx, sum_y, sum_x)?,
+    ];
+    Tensor::stack(&norms, 0)
 }
 
 /// The token rows `rows` of `[n, d]` rows `t`, in f64 (CKA's norms cancel in lower precision).

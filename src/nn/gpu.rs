@@ -1078,6 +1078,70 @@ mod imp {
         launch!(dev, "st_cka_gram_finish", one; ppart, n32, pcolsq, d32, pztz, pg, pumean, pymean, pb, r32, pout);
         Ok(Some(out))
     }
+
+    /// CKA's five norms `[5]` from one batch's low-rank moments (`nn::cka::LowRankMoments`, whose
+    /// composition this replaces and is checked against): a kernel per row of the `d x d`
+    /// products, one that adds the rows. None unless every moment is a contiguous f64 CUDA
+    /// tensor and the rank at most 256; an error when their shapes disagree.
+    pub fn cka_moment_norms(m: &crate::nn::cka::LowRankMoments) -> Result<Option<Tensor>> {
+        let all = [&m.yty, &m.ytu, &m.utu, &m.b, &m.sum_y, &m.sum_u];
+        let usable = all
+            .iter()
+            .all(|t| t.device().is_cuda() && t.is_contiguous() && t.dtype() == DType::F64);
+        let (d, r) = (
+            m.yty.dims().first().copied().unwrap_or(0),
+            m.sum_u.elem_count(),
+        );
+        if !usable || r > 256 {
+            return Ok(None);
+        }
+        let fits = m.yty.dims() == [d, d]
+            && m.ytu.dims() == [d, r]
+            && m.utu.dims() == [r, r]
+            && m.b.dims() == [d, r]
+            && m.sum_y.dims() == [d]
+            && m.sum_u.dims() == [r];
+        if !fits {
+            bail!(
+                "cka_moment_norms: yty {:?}, ytu {:?}, utu {:?}, b {:?}, sum_y {:?} and sum_u {:?} \
+                 disagree",
+                m.yty.dims(),
+                m.ytu.dims(),
+                m.utu.dims(),
+                m.b.dims(),
+                m.sum_y.dims(),
+                m.sum_u.dims()
+            );
+        }
+        let dev = device(&m.yty)?;
+        // Named so that it lives to the end of the function, as the other wrappers' scratch does.
+        let (_partial, ppartial) = output(&dev, DType::F64, &Shape::from((d, 5)))?;
+        let (out, pout) = output(&dev, DType::F64, &Shape::from(5))?;
+        let (pyty, pytu, putu, pb, psy, psu) = (
+            ptr(&m.yty, &dev)?,
+            ptr(&m.ytu, &dev)?,
+            ptr(&m.utu, &dev)?,
+            ptr(&m.b, &dev)?,
+            ptr(&m.sum_y, &dev)?,
+            ptr(&m.sum_u, &dev)?,
+        );
+        let (d32, r32, n) = (d as i32, r as i32, m.n as f64);
+        let rows = LaunchConfig {
+            grid_dim: (d as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_cka_moment_rows", rows; pyty, pytu, putu, pb, psy, psu, d32, r32, n, ppartial);
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_cka_moment_finish", one; ppartial, d32, pout);
+        // The products the composition counts: `C`, `B (U^T U) B^T` and `B sum_u`.
+        crate::nn::flops::add(2 * (d * d * r + d * r * r + d * d * r + d * r) as u64);
+        Ok(Some(out))
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -1216,6 +1280,9 @@ mod imp {
         _: &Tensor,
         _: &Tensor,
     ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn cka_moment_norms(_: &crate::nn::cka::LowRankMoments) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

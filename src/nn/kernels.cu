@@ -527,6 +527,72 @@ extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, cons
   }
 }
 
+// CKA's five norms from one batch's low-rank moments (X = Y + U B^T; `nn::cka::LowRankMoments`,
+// whose composition this replaces): yty [d, d], ytu [d, r], utu [r, r], b [d, r], sum_y [d],
+// sum_u [r], all f64. With C = ytu b^T, Y^T X = yty + C, X^T X = yty + C + C^T + b utu b^T and
+// sum_x = sum_y + b sum_u; the norms are ||X^T X - sx sx^T / n||^2, ||X^T X||^2,
+// ||Y^T Y - sy sy^T / n||^2, ||Y^T Y||^2 and ||Y^T X - sy sx^T / n||^2. One block per row i
+// (blockDim 256, r <= 256) writes its row's five partial sums to partial[5 i ..]; the finish
+// kernel adds them over the rows in order, so the result does not depend on scheduling.
+extern "C" __global__ void st_cka_moment_rows(const double* yty, const double* ytu,
+                                              const double* utu, const double* b,
+                                              const double* sum_y, const double* sum_u, int d,
+                                              int r, double n, double* partial) {
+  const int i = blockIdx.x;
+  __shared__ double bi[256], wi[256], ytui[256], sxi_sh;
+  // b_i, w_i = b_i utu (row i of b utu) and ytu_i, once per block.
+  for (int k = threadIdx.x; k < r; k += blockDim.x) {
+    bi[k] = b[(size_t)i * r + k];
+    ytui[k] = ytu[(size_t)i * r + k];
+  }
+  __syncthreads();
+  for (int l = threadIdx.x; l < r; l += blockDim.x) {
+    double v = 0.0;
+    for (int k = 0; k < r; k++) v += bi[k] * utu[(size_t)k * r + l];
+    wi[l] = v;
+  }
+  if (threadIdx.x == 0) {
+    double v = sum_y[i];
+    for (int k = 0; k < r; k++) v += bi[k] * sum_u[k];
+    sxi_sh = v;
+  }
+  __syncthreads();
+  const double sxi = sxi_sh, syi = sum_y[i];
+  double t[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const double* bj = b + (size_t)j * r;
+    const double* ytuj = ytu + (size_t)j * r;
+    double cij = 0.0, cji = 0.0, bub = 0.0, sxj = sum_y[j];
+    for (int k = 0; k < r; k++) {
+      cij += ytui[k] * bj[k];
+      cji += ytuj[k] * bi[k];
+      bub += wi[k] * bj[k];
+      sxj += bj[k] * sum_u[k];
+    }
+    const double yy = yty[(size_t)i * d + j], syj = sum_y[j];
+    const double yx = yy + cij, xx = yx + cji + bub;
+    const double xxc = xx - sxi * sxj / n, yyc = yy - syi * syj / n, yxc = yx - syi * sxj / n;
+    t[0] += xxc * xxc;
+    t[1] += xx * xx;
+    t[2] += yyc * yyc;
+    t[3] += yy * yy;
+    t[4] += yxc * yxc;
+  }
+  for (int e = 0; e < 5; e++) {
+    const double v = block_sum_d(t[e]);
+    if (threadIdx.x == 0) partial[(size_t)i * 5 + e] = v;
+  }
+}
+
+extern "C" __global__ void st_cka_moment_finish(const double* partial, int d, double* out) {
+  for (int e = 0; e < 5; e++) {
+    double v = 0.0;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) v += partial[(size_t)i * 5 + e];
+    v = block_sum_d(v);
+    if (threadIdx.x == 0) out[e] = v;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fused (flash) attention, bf16 storage, f32 accumulation, tensor cores through `mma.sync`
 // m16n8k16 (inline PTX). FlashAttention-2: the forward runs an online softmax over key blocks and

@@ -12,7 +12,7 @@
 //! on the training steps themselves ([`StepMonitor`], in `steps.rs`).
 
 use crate::adapters::{Adapted, CkaRows};
-use crate::nn::cka::{pick_rows, sum_sq};
+use crate::nn::cka::{moment_norms, pick_rows, LowRankMoments};
 use crate::safe::{cka_from_norms, CkaNorms};
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
@@ -182,40 +182,6 @@ impl DeviceMoments {
         Ok(())
     }
 
-    /// `(n, sum_x, sum_y, X^T X, Y^T Y, Y^T X)`. From the low-rank form, with `C = (Y^T U) B^T`
-    /// (`= Y^T (X - Y)`): `Y^T X = Y^T Y + C`, `X^T X = Y^T Y + C + C^T + B (U^T U) B^T`, and
-    /// `sum_x = sum_y + B sum_u`.
-    #[allow(clippy::type_complexity)]
-    fn full(self) -> Result<(usize, Tensor, Tensor, Tensor, Tensor, Tensor)> {
-        match self {
-            Self::Full {
-                n,
-                sum_x,
-                sum_y,
-                xtx,
-                yty,
-                ytx,
-            } => Ok((n, sum_x, sum_y, xtx, yty, ytx)),
-            Self::LowRank {
-                n,
-                sum_y,
-                sum_u,
-                yty,
-                ytu,
-                utu,
-                b,
-            } => {
-                let mm = crate::nn::matmul;
-                let c = mm(&ytu, &b.t()?)?;
-                let ytx = (&yty + &c)?;
-                let bub = mm(&mm(&b, &utu)?, &b.t()?)?;
-                let xtx = ((&ytx + c.t()?)? + bub)?;
-                let sum_x = (&sum_y + mm(&b, &sum_u.unsqueeze(1)?)?.squeeze(1)?)?;
-                Ok((n, sum_x, sum_y, xtx, yty, ytx))
-            }
-        }
-    }
-
     /// `1 - CKA` (NaN where CKA is undefined, see [`cka_from_norms`]).
     fn importance(self) -> Result<f64> {
         let (rows, norms) = self.norms()?;
@@ -226,21 +192,36 @@ impl DeviceMoments {
     /// [`NORMS`]): the centered products and their norms are computed where the moments are, so
     /// only five numbers reach the host.
     fn norms(self) -> Result<(usize, Tensor)> {
-        let (rows, sum_x, sum_y, xtx, yty, ytx) = self.full()?;
-        let n = rows as f64;
-        // ||M - a b^T / n||_F^2.
-        let centered = |m: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
-            let outer = a.unsqueeze(1)?.broadcast_mul(&b.unsqueeze(0)?)?;
-            sum_sq(&(m - (outer / n)?)?)
-        };
-        let norms = [
-            centered(&xtx, &sum_x, &sum_x)?,
-            sum_sq(&xtx)?,
-            centered(&yty, &sum_y, &sum_y)?,
-            sum_sq(&yty)?,
-            centered(&ytx, &sum_y, &sum_x)?,
-        ];
-        Ok((rows, Tensor::stack(&norms, 0)?))
+        match self {
+            Self::Full {
+                n,
+                sum_x,
+                sum_y,
+                xtx,
+                yty,
+                ytx,
+            } => Ok((n, moment_norms(n, &sum_x, &sum_y, &xtx, &yty, &ytx)?)),
+            Self::LowRank {
+                n,
+                sum_y,
+                sum_u,
+                yty,
+                ytu,
+                utu,
+                b,
+            } => {
+                let m = LowRankMoments {
+                    n,
+                    sum_y,
+                    sum_u,
+                    yty,
+                    ytu,
+                    utu,
+                    b,
+                };
+                Ok((n, m.norms()?))
+            }
+        }
     }
 }
 
