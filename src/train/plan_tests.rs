@@ -1,0 +1,267 @@
+use super::*;
+use crate::adapters::{Adapted, LoraConfig};
+use crate::model::{BertConfig, BertForSequenceClassification};
+use candle_core::{DType, Device};
+use rand::SeedableRng;
+
+const SEQ: usize = 64;
+/// Tokens of an efficient pass on a GPU at this width (launch-bound: splitting costs time).
+const GPU: usize = 8192;
+/// ... and on a CPU (compute-bound: splitting is nearly free).
+const CPU: usize = 256;
+
+/// Six layers, LoRA on query and value of each.
+fn model() -> BertForSequenceClassification {
+    model_of_width(32)
+}
+
+/// [`model`] at another width (4 heads, feed-forward 4x wide).
+fn model_of_width(hidden: usize) -> BertForSequenceClassification {
+    let cfg = BertConfig {
+        vocab_size: 50,
+        hidden_size: hidden,
+        num_hidden_layers: 6,
+        num_attention_heads: 4,
+        intermediate_size: 4 * hidden,
+        hidden_act: "gelu".into(),
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        max_position_embeddings: SEQ,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        pad_token_id: 0,
+        model_type: None,
+        relative_attention_num_buckets: 32,
+        classifier_dropout: None,
+        qa_dropout: None,
+        image: None,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut m =
+        BertForSequenceClassification::random(cfg, 2, DType::F32, &Device::Cpu, &mut rng).unwrap();
+    let lora = LoraConfig {
+        r: 4,
+        target_modules: vec!["query".into(), "value".into()],
+        ..Default::default()
+    };
+    m.add_lora(&lora, None, &mut rng).unwrap();
+    m
+}
+
+fn freeze(m: &mut BertForSequenceClassification, layers: &[usize]) {
+    for id in m.adapter_ids() {
+        if layers.contains(&id.layer) {
+            m.adapter_by_id_mut(id).unwrap().trainable = false;
+        }
+    }
+}
+
+/// In the steps where SAFE measures importance on the training forward, its temporaries sit
+/// beside a layer's state: at width 256 and 8 tokens a pass (the Gram form) they outweigh the
+/// layer's own temporaries, so a budget the plain step fits needs checkpoints once measuring,
+/// and the measuring plan's estimate, with them, fits.
+#[test]
+fn a_measuring_step_keeps_room_for_the_measurement() {
+    let (m, rows, seq) = (model_of_width(256), 2, 4);
+    let measure = measure_bytes(&m, rows, seq);
+    assert_eq!(measure, 8 * (6 * 8 * 256 + 4 * 8 * 8));
+    let plain = step_bytes(&m, &Recompute::None, rows, seq);
+    let measured = step_bytes_measured(&m, &Recompute::None, rows, seq, measure);
+    assert!(
+        measured > plain && measured <= plain + measure,
+        "{plain} {measured}"
+    );
+    let budget = plain + plain / 11;
+    let p = plan(&m, rows, 1, seq, false, Some(budget), GPU, false).unwrap();
+    assert_eq!(recomputed(&p), 0);
+    let q = plan(&m, rows, 1, seq, false, Some(budget), GPU, true).unwrap();
+    assert!(recomputed(&q) > 0, "{q:?}");
+    let m_q = measure_bytes(&m, q.micro, seq);
+    let estimate = step_bytes_measured(&m, &q.recompute(), q.micro, seq, m_q);
+    assert!(estimate <= budget - budget / BUDGET_MARGIN);
+    // A run that measures keeps both: the measured steps checkpoint, the others need not.
+    let make = |measuring| plan(&m, rows, 1, seq, false, Some(budget), GPU, measuring);
+    let plans = StepPlans::new(true, make).unwrap();
+    assert_eq!((plans.step(false), plans.step(true)), (&p, &q));
+    assert!(!p.measuring && q.measuring);
+    let plain = StepPlans::new(false, make).unwrap();
+    assert_eq!((plain.step(true), plain.all().count()), (&p, 1));
+}
+
+/// Layers a plan recomputes, whole or their feed-forward input.
+fn recomputed(p: &MemoryPlan) -> usize {
+    p.checkpointed.len() + p.ffn_recomputed.len()
+}
+
+/// A budget a little under the plain step is met by recomputing the feed-forward inputs of a
+/// few layers (a quarter of a layer's forward each in this model),
+/// not by checkpointing a whole layer; a tighter one adds whole layers.
+#[test]
+fn a_budget_recomputes_feed_forward_inputs_before_whole_layers() {
+    let m = model();
+    let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+    let state = m.layer_memory(0, 16, SEQ);
+    assert!(state.ffn_input > state.state / 4, "{state:?}");
+    // 2hf / (8h^2 + 4hf + 4 seq h) = 8192 / 32768 at h = 32, f = 128, seq = 64.
+    assert_eq!(state.ffn_cost_pct, 25, "{state:?}");
+    let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU, false).unwrap();
+    assert_eq!(p.micro, 16);
+    assert!(
+        p.checkpointed.is_empty() && !p.ffn_recomputed.is_empty(),
+        "{p:?}"
+    );
+    assert!(p.estimated_step_bytes <= full * 9 / 10);
+    assert!(
+        p.describe().contains("feed-forward input recomputed"),
+        "{}",
+        p.describe()
+    );
+    let q = plan(&m, 16, 1, SEQ, false, Some(full * 7 / 10), GPU, false).unwrap();
+    assert!(!q.checkpointed.is_empty(), "{q:?}");
+    assert!(q.checkpointed.iter().all(|l| !q.ffn_recomputed.contains(l)));
+    // What the plan runs is what it estimated.
+    assert_eq!(
+        step_bytes(&m, &q.recompute(), 16, SEQ),
+        q.estimated_step_bytes
+    );
+}
+
+#[test]
+fn without_a_budget_the_plan_is_the_flags() {
+    let m = model();
+    let p = plan(&m, 8, 2, SEQ, false, None, GPU, false).unwrap();
+    assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
+    let p = plan(&m, 8, 2, SEQ, true, None, GPU, false).unwrap();
+    assert_eq!(p.checkpointed, (0..6).collect::<Vec<_>>());
+    assert!(p.estimated_step_bytes < step_bytes(&m, &Recompute::None, 8, SEQ));
+}
+
+/// A budget between the checkpointed and the plain step: the batch stays whole (splitting it
+/// below efficient passes costs more than recomputing a few layers) and only as many layers
+/// as needed are checkpointed; the estimate fits; a smaller budget checkpoints more.
+#[test]
+fn a_budget_checkpoints_as_few_layers_as_needed() {
+    let m = model();
+    let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+    let p = plan(&m, 16, 1, SEQ, false, Some(full + full / 10), GPU, false).unwrap();
+    assert_eq!((p.micro, p.checkpointed.len()), (16, 0));
+    let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), GPU, false).unwrap();
+    assert_eq!(p.micro, 16);
+    assert!(
+        !p.checkpointed.is_empty() && p.checkpointed.len() < 6,
+        "{p:?}"
+    );
+    assert!(p.estimated_step_bytes <= full * 8 / 10);
+    let q = plan(&m, 16, 1, SEQ, false, Some(full * 5 / 10), GPU, false).unwrap();
+    assert!(
+        q.checkpointed.len() > p.checkpointed.len() || q.micro < 16,
+        "{q:?}"
+    );
+    assert!(q.estimated_step_bytes <= full * 5 / 10);
+    // The step's examples are unchanged: passes of `micro` rows, `accum` of them.
+    assert_eq!(q.micro * q.accum, 16);
+}
+
+/// On a CPU, splitting the batch is nearly free: a budget is met by smaller passes first.
+#[test]
+fn on_a_cpu_the_batch_is_split_before_layers_are_checkpointed() {
+    let m = model();
+    let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+    let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), CPU, false).unwrap();
+    assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
+}
+
+/// Below what checkpointing every layer allows, the batch is split into passes.
+#[test]
+fn a_tight_budget_splits_the_batch_and_too_small_a_budget_is_an_error() {
+    let m = model();
+    let all = Recompute::All;
+    let tight = step_bytes(&m, &all, 4, SEQ);
+    let p = plan(&m, 16, 1, SEQ, false, Some(tight), GPU, false).unwrap();
+    assert!(p.micro <= 4 && p.micro * p.accum == 16, "{p:?}");
+    assert!(p.estimated_step_bytes <= tight);
+    let one = step_bytes(&m, &all, 1, SEQ);
+    let e = plan(&m, 16, 1, SEQ, false, Some(one / 2), GPU, false).unwrap_err();
+    assert!(e.to_string().contains("--memory-budget"), "{e}");
+}
+
+/// Layers whose adapters are all frozen above a trainable one only pass the gradient down:
+/// they are recomputed first (their feed-forward input, or whole).
+#[test]
+fn pass_through_layers_are_checkpointed_first() {
+    let mut m = model();
+    freeze(&mut m, &[1, 2, 3]);
+    let p = plan(&m, 16, 1, SEQ, false, None, GPU, false).unwrap();
+    assert_eq!(
+        (p.first_trained_layer, p.pass_through.clone()),
+        (0, vec![1, 2, 3])
+    );
+    // Without a budget the plan says what they hold: their saved state.
+    let held =
+        |ls: &[usize]| -> usize { ls.iter().map(|&l| m.layer_memory(l, 16, SEQ).state).sum() };
+    assert!(held(&[1]) > 0);
+    assert_eq!(p.pass_through_bytes, held(&[1, 2, 3]));
+    assert!(
+        p.describe().contains("pass-through: layers 1-3"),
+        "{}",
+        p.describe()
+    );
+    let full = step_bytes(&m, &Recompute::None, 16, SEQ);
+    for budget in [full * 9 / 10, full * 6 / 10] {
+        let p = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
+        let through = |ls: &[usize]| ls.iter().all(|l| [1, 2, 3].contains(l));
+        assert!(recomputed(&p) > 0, "{p:?}");
+        // Layer 0 trains: it is recomputed only once all of layers 1-3 are.
+        let all_through = |ls: &[usize]| [1, 2, 3].iter().all(|l| ls.contains(l));
+        assert!(
+            through(&p.checkpointed) || all_through(&p.checkpointed),
+            "{p:?}"
+        );
+        assert!(
+            !p.ffn_recomputed.contains(&0)
+                || all_through(&[&p.ffn_recomputed[..], &p.checkpointed[..]].concat()),
+            "{p:?}"
+        );
+        let kept: usize = [1, 2, 3]
+            .into_iter()
+            .filter(|l| !p.checkpointed.contains(l))
+            .map(|l| {
+                let m = m.layer_memory(l, 16, SEQ);
+                match p.ffn_recomputed.contains(&l) {
+                    true => m.state - m.ffn_input,
+                    false => m.state,
+                }
+            })
+            .sum();
+        assert_eq!(p.pass_through_bytes, kept, "{p:?}");
+    }
+}
+
+/// As SAFE freezes the bottom, the same budget needs fewer checkpoints.
+#[test]
+fn freezing_relaxes_the_plan() {
+    let mut m = model();
+    let budget = step_bytes(&m, &Recompute::None, 16, SEQ) * 6 / 10;
+    let before = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
+    freeze(&mut m, &[0, 1, 2, 3]);
+    let after = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
+    assert_eq!(after.first_trained_layer, 4);
+    assert!(
+        after.checkpointed.len() < before.checkpointed.len(),
+        "{before:?} {after:?}"
+    );
+}
+
+#[test]
+fn sizes_parse_as_people_write_them() {
+    assert_eq!(parse_bytes("6GB"), Ok(6_000_000_000));
+    assert_eq!(parse_bytes("900MB"), Ok(900_000_000));
+    assert_eq!(parse_bytes("1.5GiB"), Ok(1_610_612_736));
+    assert_eq!(parse_bytes("4096"), Ok(4096));
+    assert!(parse_bytes("lots").is_err());
+    assert!(parse_bytes("5 parsecs").is_err());
+    assert!(parse_bytes("0MB").is_err());
+    let t: ByteSize =
+        toml::from_str::<std::collections::HashMap<String, ByteSize>>("b = \"2GB\"").unwrap()["b"];
+    assert_eq!(t, ByteSize(2_000_000_000));
+}
