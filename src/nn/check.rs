@@ -362,28 +362,14 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             .map(|i| i * tokens as u32 / keep as u32)
             .collect();
         let rows = Tensor::new(rows, device)?;
-        let f0 = super::flops::total();
-        let fused = super::cka::gram_terms(&y, &u, &b, &rows)?;
-        let f1 = super::flops::total();
         let pick = |t: &Tensor| super::cka::pick_rows(t, &rows);
-        let composed =
-            super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?)?;
-        let f2 = super::flops::total();
-        out.push(Check {
-            name: format!("cka gram terms {keep} of {tokens} rows, d {d}, r {rank}"),
-            dtype: dname.clone(),
-            rel_err: rel(&fused, &composed)?,
-            tol: 1e-10,
-            ok: rel(&fused, &composed)? <= 1e-10,
-        });
-        let flops_differ = (f1 - f0) as f64 - (f2 - f1) as f64;
-        out.push(Check {
-            name: format!("cka gram terms {keep} of {tokens} rows: FLOPs counted, difference"),
-            dtype: dname.clone(),
-            rel_err: flops_differ.abs(),
-            tol: 0.0,
-            ok: flops_differ == 0.0,
-        });
+        out.extend(cka_checks(
+            &format!("cka gram terms {keep} of {tokens} rows, d {d}, r {rank}"),
+            &format!("cka gram terms {keep} of {tokens} rows: FLOPs counted, difference"),
+            &dname,
+            || super::cka::gram_terms(&y, &u, &b, &rows),
+            || super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?),
+        )?);
     }
 
     // SAFE's CKA norms from the moment form's low-rank moments (`cka::LowRankMoments::norms`,
@@ -404,27 +390,13 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             utu: mm(&u, &u)?,
             b,
         };
-        let f0 = super::flops::total();
-        let fused = m.norms()?;
-        let f1 = super::flops::total();
-        let composed = m.norms_composed()?;
-        let f2 = super::flops::total();
-        let err = rel(&fused, &composed)?;
-        out.push(Check {
-            name: format!("cka moment norms {n} rows, d {d}, r {rank}"),
-            dtype: dname.clone(),
-            rel_err: err,
-            tol: 1e-10,
-            ok: err <= 1e-10,
-        });
-        let flops_differ = (f1 - f0) as f64 - (f2 - f1) as f64;
-        out.push(Check {
-            name: format!("cka moment norms d {d}, r {rank}: FLOPs counted, difference"),
-            dtype: dname.clone(),
-            rel_err: flops_differ.abs(),
-            tol: 0.0,
-            ok: flops_differ == 0.0,
-        });
+        out.extend(cka_checks(
+            &format!("cka moment norms {n} rows, d {d}, r {rank}"),
+            &format!("cka moment norms d {d}, r {rank}: FLOPs counted, difference"),
+            &dname,
+            || m.norms(),
+            || m.norms_composed(),
+        )?);
     }
 
     // AdamW: three updates of an f32 parameter (trained tensors are f32 whatever the dtype).
@@ -527,16 +499,7 @@ fn cka_gram_ms(device: &Device, fused: bool) -> Result<f64> {
             super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?)
         }
     };
-    for _ in 0..3 {
-        call()?;
-    }
-    device.synchronize()?;
-    let t0 = std::time::Instant::now();
-    for _ in 0..20 {
-        call()?;
-    }
-    device.synchronize()?;
-    Ok(t0.elapsed().as_secs_f64() * 1e3 / 20.0)
+    queued_ms(device, call)
 }
 
 /// Milliseconds a call of SAFE's moment-form CKA norms takes at MiniLM's q/v adapter (width
@@ -554,6 +517,45 @@ fn cka_moment_ms(device: &Device, fused: bool) -> Result<f64> {
         b: f64s(&[d, rank], 49)?,
     };
     let call = || if fused { m.norms() } else { m.norms_composed() };
+    queued_ms(device, call)
+}
+
+/// A CKA kernel against its composition in f64: the relative difference (at most 1e-10) and the
+/// difference of the FLOPs each counts (none), under the names `what` and `flops_what`.
+fn cka_checks(
+    what: &str,
+    flops_what: &str,
+    dname: &str,
+    fused: impl FnOnce() -> Result<Tensor>,
+    composed: impl FnOnce() -> Result<Tensor>,
+) -> Result<[Check; 2]> {
+    let f0 = super::flops::total();
+    let fused = fused()?;
+    let f1 = super::flops::total();
+    let composed = composed()?;
+    let f2 = super::flops::total();
+    let err = rel(&fused, &composed)?;
+    let flops_differ = (f1 - f0) as f64 - (f2 - f1) as f64;
+    Ok([
+        Check {
+            name: what.into(),
+            dtype: dname.into(),
+            rel_err: err,
+            tol: 1e-10,
+            ok: err <= 1e-10,
+        },
+        Check {
+            name: flops_what.into(),
+            dtype: dname.into(),
+            rel_err: flops_differ.abs(),
+            tol: 0.0,
+            ok: flops_differ == 0.0,
+        },
+    ])
+}
+
+/// Milliseconds a call of `call` takes, 20 calls queued back to back after 3 to warm up.
+fn queued_ms(device: &Device, call: impl Fn() -> Result<Tensor>) -> Result<f64> {
     for _ in 0..3 {
         call()?;
     }
