@@ -27,6 +27,19 @@ pub struct LayerMemory {
     pub checkpoint_cost_pct: usize,
 }
 
+impl LayerMemory {
+    /// What a forward that keeps what `keep` says holds of [`LayerMemory::state`]: all of it,
+    /// all but the feed-forward input, or none (a checkpointed layer keeps its input instead).
+    pub fn kept(&self, keep: super::stack::Keep) -> usize {
+        use super::stack::Keep;
+        match keep {
+            Keep::State => self.state,
+            Keep::StateLessFfn => self.state - self.ffn_input,
+            Keep::Nothing => 0,
+        }
+    }
+}
+
 /// What a training step of a model keeps, by layer, for `rows` rows of `seq` tokens.
 pub trait StepMemory: crate::adapters::Adapted {
     /// Layer `layer` in training mode with its adapters' current trainable state.

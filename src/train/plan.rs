@@ -210,8 +210,7 @@ pub fn step_bytes_measured(
         .collect();
     let kept = |l: usize, m: &LayerMemory| match recompute.keep(l) {
         Keep::Nothing => x,
-        Keep::StateLessFfn => m.state - m.ffn_input,
-        Keep::State => m.state,
+        keep => m.kept(keep),
     };
     let mut below = 0;
     for (l, m) in &layers {
@@ -290,16 +289,13 @@ pub fn plan(
     let first = model.lowest_trainable_layer().unwrap_or(n);
     let through = pass_through(model, first);
     let make = |micro: usize, accum: usize, chosen: Chosen| -> MemoryPlan {
+        let recompute = Recompute::Layers {
+            whole: chosen.whole.iter().copied().collect(),
+            ffn: chosen.ffn.iter().copied().collect(),
+        };
         let pass_through_bytes = through
             .iter()
-            .filter(|l| !chosen.whole.contains(l))
-            .map(|&l| {
-                let m = model.layer_memory(l, micro, seq);
-                match chosen.ffn.contains(&l) {
-                    true => m.state - m.ffn_input,
-                    false => m.state,
-                }
-            })
+            .map(|&l| model.layer_memory(l, micro, seq).kept(recompute.keep(l)))
             .sum();
         MemoryPlan {
             micro,
