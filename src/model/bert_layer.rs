@@ -216,6 +216,7 @@ impl BertLayer {
             let d_g = lin.back_dx_recomputed(Site::Output, &d_o, || gelu.output())?;
             drop(d_o);
             let d_i = gelu.backward(&d_g)?;
+            drop(d_g);
             lin.back_dx(Site::Intermediate, &d_i)?
         };
         let d_a = nn::add(&saved.ln_out.backward(&self.ln_out, &d_x2)?, dout)?;

@@ -388,7 +388,7 @@ impl Gpt2Block {
         let dg = lin.back_dx_recomputed(Gpt2Site::MlpCProj, &dm, || gelu.output())?;
         drop(dm);
         let df = gelu.backward(&dg)?;
-        drop((dg, gelu));
+        drop(dg);
         let dhn = lin.back_dx(Gpt2Site::CFc, &df)?;
         drop(df);
         let dh = nn::add(dout, &saved.ln_2.backward(&self.ln_2, &dhn)?)?;

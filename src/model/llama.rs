@@ -287,7 +287,7 @@ impl LlamaLayer {
         })?;
         let da = lin.back_dx_recomputed(LlamaSite::Down, dout, || swiglu.output())?;
         let (dg, du) = swiglu.backward(&da)?;
-        drop((da, swiglu));
+        drop(da);
         let dhn = add(
             lin.back(LlamaSite::Gate, &dg, true)?,
             lin.back(LlamaSite::Up, &du, true)?,

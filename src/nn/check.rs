@@ -155,9 +155,10 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             rel(&y, &gelu::forward_reference(&x, kind)?)?,
         );
         let saved = saved.expect("saved");
+        let reference = saved.backward_reference(&dy)?;
         push(
             &format!("gelu {name} backward"),
-            rel(&saved.backward(&dy)?, &saved.backward_reference(&dy)?)?,
+            rel(&saved.backward(&dy)?, &reference)?,
         );
     }
     // The bias and residual adds (CUDA kernels only; elsewhere they are candle's ops).
@@ -174,8 +175,8 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         rel(&y, &swiglu::forward_reference(&x, &up)?)?,
     );
     let saved = saved.expect("saved");
-    let (dg, du) = saved.backward(&dy)?;
     let (dgr, dur) = saved.backward_reference(&dy)?;
+    let (dg, du) = saved.backward(&dy)?;
     push("swiglu backward gate", rel(&dg, &dgr)?);
     push("swiglu backward up", rel(&du, &dur)?);
 

@@ -361,26 +361,20 @@ multiversion! {
     }
 }
 
-/// GELU backward: `dy * (Phi(x) + x * phi(x))`.
-pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-    let out = slices!(x, dy => {
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .zip(dy.par_chunks(CHUNK))
-            .for_each(|((dx, x), dy)| gelu_bwd_chunk(dx, x, dy));
-        dx
-    });
-    out.map(|dx| tensor(dx, x)).transpose()
+/// GELU backward in place: `x <- dy * (Phi(x) + x * phi(x))`; false where `x` and `dy` are not
+/// contiguous f32 host tensors of one length.
+pub fn gelu_bwd_in_place(x: &Tensor, dy: &Tensor) -> Result<bool> {
+    in_place(x, &[dy], InPlace::Two(gelu_bwd_chunk))
 }
 
 multiversion! {
-    fn gelu_bwd_chunk(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    fn gelu_bwd_chunk(x: &mut [f32], dy: &[f32]) {
         let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-        for ((dx, &v), &dy) in dx.iter_mut().zip(x).zip(dy) {
+        for (x, &dy) in x.iter_mut().zip(dy) {
+            let v = *x;
             let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
             let pdf = exp_f32(-0.5 * v * v) * inv_sqrt_2pi;
-            *dx = dy * (cdf + v * pdf);
+            *x = dy * (cdf + v * pdf);
         }
     }
 }
@@ -406,24 +400,19 @@ pub fn gelu_tanh_fwd(x: &Tensor) -> Result<Option<Tensor>> {
     out.map(|y| tensor(y, x)).transpose()
 }
 
-/// GELU (tanh) backward: `dy * (0.5 (1 + t) + 0.5 x (1 - t^2) u')`, `t = tanh(u)`.
-pub fn gelu_tanh_bwd(x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-    let out = slices!(x, dy => {
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .zip(dy.par_chunks(CHUNK))
-            .for_each(|((dx, x), dy)| {
-                for i in 0..dx.len() {
-                    let v = x[i];
-                    let t = (GELU_TANH_C * (v + GELU_TANH_A * v * v * v)).tanh();
-                    let du = GELU_TANH_C * (1.0 + 3.0 * GELU_TANH_A * v * v);
-                    dx[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-                }
-            });
-        dx
-    });
-    out.map(|dx| tensor(dx, x)).transpose()
+/// GELU (tanh) backward in place: `x <- dy * (0.5 (1 + t) + 0.5 x (1 - t^2) u')`, `t = tanh(u)`;
+/// false as for [`gelu_bwd_in_place`].
+pub fn gelu_tanh_bwd_in_place(x: &Tensor, dy: &Tensor) -> Result<bool> {
+    in_place(x, &[dy], InPlace::Two(gelu_tanh_bwd_chunk))
+}
+
+fn gelu_tanh_bwd_chunk(x: &mut [f32], dy: &[f32]) {
+    for (x, &dy) in x.iter_mut().zip(dy) {
+        let v = *x;
+        let t = (GELU_TANH_C * (v + GELU_TANH_A * v * v * v)).tanh();
+        let du = GELU_TANH_C * (1.0 + 3.0 * GELU_TANH_A * v * v);
+        *x = dy * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+    }
 }
 
 #[inline(always)]
@@ -444,20 +433,14 @@ pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     out.map(|y| tensor(y, gate)).transpose()
 }
 
-/// SwiGLU backward: `dgate = dy * up * s (1 + g (1 - s))`, `dup = dy * g s`, `s = sigmoid(g)`.
-pub fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-    let out = slices!(gate, up, dy => {
-        let mut dg = vec![0f32; gate.len()];
-        let mut du = vec![0f32; gate.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(gate.par_chunks(CHUNK))
-            .zip(up.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(((dg, du), g), (u, dy))| swiglu_bwd_chunk(dg, du, g, u, dy));
-        (dg, du)
-    });
-    let Some((dg, du)) = out else { return Ok(None) };
-    Ok(Some((tensor(dg, gate)?, tensor(du, gate)?)))
+/// SwiGLU backward in place, in two passes: `up <- dgate = dy * up * s (1 + g (1 - s))`, then
+/// `gate <- dup = dy * g s` (`s = sigmoid(g)`), so that `up` holds the gate's gradient and `gate`
+/// the up projection's; false where the three are not contiguous f32 host tensors of one length.
+pub fn swiglu_bwd_in_place(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<bool> {
+    Ok(
+        in_place(up, &[gate, dy], InPlace::Three(swiglu_dgate_chunk))?
+            && in_place(gate, &[dy], InPlace::Two(swiglu_dup_chunk))?,
+    )
 }
 
 multiversion! {
@@ -469,13 +452,116 @@ multiversion! {
 }
 
 multiversion! {
-    fn swiglu_bwd_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
-        for (((dg, du), &g), (&u, &dy)) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u.iter().zip(dy)) {
+    fn swiglu_dgate_chunk(u: &mut [f32], g: &[f32], dy: &[f32]) {
+        for ((u, &g), &dy) in u.iter_mut().zip(g).zip(dy) {
             let s = sigmoid(g);
-            *dg = dy * u * s * (1.0 + g * (1.0 - s));
-            *du = dy * g * s;
+            *u = dy * *u * s * (1.0 + g * (1.0 - s));
         }
     }
+}
+
+multiversion! {
+    fn swiglu_dup_chunk(g: &mut [f32], dy: &[f32]) {
+        for (g, &dy) in g.iter_mut().zip(dy) {
+            *g = dy * *g * sigmoid(*g);
+        }
+    }
+}
+
+/// An elementwise pass that overwrites its first operand, chunk by chunk over the threads.
+#[derive(Clone, Copy)]
+enum InPlace {
+    Two(fn(&mut [f32], &[f32])),
+    Three(fn(&mut [f32], &[f32], &[f32])),
+}
+
+impl candle_core::InplaceOp2 for InPlace {
+    fn name(&self) -> &'static str {
+        "cpu_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        a: &candle_core::CpuStorage,
+        a_l: &candle_core::Layout,
+    ) -> Result<()> {
+        let (dst, [a]) = in_place_slices(dst, dst_l, [(a, a_l)])?;
+        let Self::Two(f) = *self else {
+            candle_core::bail!("cpu_in_place: a three-operand pass given two")
+        };
+        dst.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .for_each(|(d, a)| f(d, a));
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp3 for InPlace {
+    fn name(&self) -> &'static str {
+        "cpu_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        a: &candle_core::CpuStorage,
+        a_l: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        b_l: &candle_core::Layout,
+    ) -> Result<()> {
+        let (dst, [a, b]) = in_place_slices(dst, dst_l, [(a, a_l), (b, b_l)])?;
+        let Self::Three(f) = *self else {
+            candle_core::bail!("cpu_in_place: a two-operand pass given three")
+        };
+        dst.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(d, (a, b))| f(d, a, b));
+        Ok(())
+    }
+}
+
+/// The contiguous f32 slices of an in-place pass's operands (checked by [`in_place`] first).
+fn in_place_slices<'a, const N: usize>(
+    dst: &'a mut candle_core::CpuStorage,
+    dst_l: &candle_core::Layout,
+    srcs: [(&'a candle_core::CpuStorage, &candle_core::Layout); N],
+) -> Result<(&'a mut [f32], [&'a [f32]; N])> {
+    let range = |l: &candle_core::Layout| {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cpu_in_place: a strided operand".into()))
+    };
+    let (a, b) = range(dst_l)?;
+    let dst = match dst {
+        candle_core::CpuStorage::F32(v) => &mut v[a..b],
+        _ => candle_core::bail!("cpu_in_place: not f32"),
+    };
+    let mut out = [&[][..]; N];
+    for (o, (s, l)) in out.iter_mut().zip(srcs) {
+        let (a, b) = range(l)?;
+        *o = &s.as_slice::<f32>()?[a..b];
+    }
+    Ok((dst, out))
+}
+
+/// Runs `pass` over `dst` and `srcs` in place, where all are contiguous f32 host tensors of
+/// `dst`'s length; false (nothing done) otherwise.
+fn in_place(dst: &Tensor, srcs: &[&Tensor], pass: InPlace) -> Result<bool> {
+    let fits = |t: &Tensor| {
+        t.device().is_cpu()
+            && t.dtype() == candle_core::DType::F32
+            && t.is_contiguous()
+            && t.elem_count() == dst.elem_count()
+    };
+    if !fits(dst) || !srcs.iter().all(|t| fits(t)) {
+        return Ok(false);
+    }
+    match (pass, srcs) {
+        (InPlace::Two(_), [a]) => dst.inplace_op2(a, &pass)?,
+        (InPlace::Three(_), [a, b]) => dst.inplace_op3(a, b, &pass)?,
+        _ => candle_core::bail!("cpu_in_place: {} operands for the pass", srcs.len() + 1),
+    }
+    Ok(true)
 }
 
 /// Lanes of a SIMD register-wide reduction: `f` folded over `x` in 16 interleaved lanes (which

@@ -62,20 +62,20 @@ impl GeluSaved {
     }
 
     /// Erf: `dy * (Phi(x) + x * phi(x))`, `phi` the standard normal density. Tanh: `dy * (0.5 (1 +
-    /// t) + 0.5 x (1 - t^2) u')` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, `t = tanh(u)`.
-    pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        let fused = match self.kind {
-            GeluKind::Erf => super::cpu::gelu_bwd(&self.x, dy)?,
-            GeluKind::Tanh => super::cpu::gelu_tanh_bwd(&self.x, dy)?,
+    /// t) + 0.5 x (1 - t^2) u')` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, `t = tanh(u)`. The
+    /// fused kernels write the gradient over the saved input, which backward consumes, so no
+    /// second feed-forward-wide tensor is allocated.
+    pub fn backward(self, dy: &Tensor) -> Result<Tensor> {
+        let tanh = self.kind == GeluKind::Tanh;
+        let fused = if tanh {
+            super::cpu::gelu_tanh_bwd_in_place(&self.x, dy)?
+        } else {
+            super::cpu::gelu_bwd_in_place(&self.x, dy)?
         };
-        let fused = match fused {
-            Some(dx) => Some(dx),
-            None => super::gpu::gelu_bwd(&self.x, dy, self.kind == GeluKind::Tanh)?,
-        };
-        match fused {
-            Some(dx) => Ok(dx),
-            None => self.backward_reference(dy),
+        if fused || super::gpu::gelu_bwd_in_place(&self.x, dy, tanh)? {
+            return Ok(self.x);
         }
+        self.backward_reference(dy)
     }
 
     /// The candle composition (other devices; reference for the fused kernel). Computed in f32
@@ -132,10 +132,8 @@ mod tests {
         let (y, saved) = forward(&x, true).unwrap();
         assert!(crate::nn::gradcheck::max_abs_diff(&y, &x.gelu_erf().unwrap()) < 1e-6);
         let saved = saved.unwrap();
-        let d = crate::nn::gradcheck::max_abs_diff(
-            &saved.backward(&dy).unwrap(),
-            &saved.backward_reference(&dy).unwrap(),
-        );
+        let reference = saved.backward_reference(&dy).unwrap();
+        let d = crate::nn::gradcheck::max_abs_diff(&saved.backward(&dy).unwrap(), &reference);
         assert!(d < 1e-6, "{d}");
     }
 
@@ -185,10 +183,8 @@ mod tests {
         let r = forward_reference(&x, GeluKind::Tanh).unwrap();
         assert!(crate::nn::gradcheck::max_abs_diff(&y, &r) < 1e-5);
         let saved = saved.unwrap();
-        let d = crate::nn::gradcheck::max_abs_diff(
-            &saved.backward(&dy).unwrap(),
-            &saved.backward_reference(&dy).unwrap(),
-        );
+        let reference = saved.backward_reference(&dy).unwrap();
+        let d = crate::nn::gradcheck::max_abs_diff(&saved.backward(&dy).unwrap(), &reference);
         assert!(d < 1e-5, "{d}");
     }
 

@@ -325,18 +325,20 @@ mod imp {
         Ok(Some(dx))
     }
 
-    pub fn gelu_bwd(x: &Tensor, dy: &Tensor, tanh: bool) -> Result<Option<Tensor>> {
+    /// GELU backward in place: the kernel overwrites `x` with the input gradient (each thread
+    /// reads its element before writing it); false where `x` and `dy` are not CUDA tensors the
+    /// kernels take.
+    pub fn gelu_bwd_in_place(x: &Tensor, dy: &Tensor, tanh: bool) -> Result<bool> {
         let Some(sfx) = suffix(x.dtype(), &[x, dy]) else {
-            return Ok(None);
+            return Ok(false);
         };
         check_same_len("gelu_bwd", &[("x", x), ("dy", dy)])?;
         let dev = device(x)?;
         let n = x.elem_count();
-        let (dx, pdx) = output(&dev, x.dtype(), x.shape())?;
         let (px, pdy, n64) = (ptr(x, &dev)?, ptr(dy, &dev)?, n as u64);
         let kind = if tanh { "tanh" } else { "erf" };
-        launch!(dev, format!("st_gelu_{kind}_bwd_{sfx}"), elems_cfg(n); px, pdy, pdx, n64);
-        Ok(Some(dx))
+        launch!(dev, format!("st_gelu_{kind}_bwd_{sfx}"), elems_cfg(n); px, pdy, px, n64);
+        Ok(true)
     }
 
     pub fn gelu_fwd(x: &Tensor, tanh: bool) -> Result<Option<Tensor>> {
@@ -615,18 +617,19 @@ mod imp {
         Ok(Some(y))
     }
 
-    pub fn swiglu_bwd(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    /// SwiGLU backward in place: the kernel overwrites `gate` with its gradient and `up` with
+    /// its own (each thread reads its elements before writing them); false where the three are
+    /// not CUDA tensors the kernels take.
+    pub fn swiglu_bwd_in_place(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<bool> {
         let Some(sfx) = suffix(gate.dtype(), &[gate, up, dy]) else {
-            return Ok(None);
+            return Ok(false);
         };
         check_same_len("swiglu_bwd", &[("gate", gate), ("up", up), ("dy", dy)])?;
         let dev = device(gate)?;
         let n = gate.elem_count();
-        let (dg, pdg) = output(&dev, gate.dtype(), gate.shape())?;
-        let (du, pdu) = output(&dev, gate.dtype(), gate.shape())?;
         let (pg, pu, pdy, n64) = (ptr(gate, &dev)?, ptr(up, &dev)?, ptr(dy, &dev)?, n as u64);
-        launch!(dev, format!("st_swiglu_bwd_{sfx}"), elems_cfg(n); pg, pu, pdy, pdg, pdu, n64);
-        Ok(Some((dg, du)))
+        launch!(dev, format!("st_swiglu_bwd_{sfx}"), elems_cfg(n); pg, pu, pdy, pg, pu, n64);
+        Ok(true)
     }
 
     /// Shape checks shared by the softmax kernels: `s` `[b, h, t, t2]`, mask `[b, 1, 1, t2]` f32.
@@ -1205,8 +1208,8 @@ mod imp {
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn gelu_bwd(_: &Tensor, _: &Tensor, _: bool) -> Result<Option<Tensor>> {
-        Ok(None)
+    pub fn gelu_bwd_in_place(_: &Tensor, _: &Tensor, _: bool) -> Result<bool> {
+        Ok(false)
     }
     pub fn gelu_fwd(_: &Tensor, _: bool) -> Result<Option<Tensor>> {
         Ok(None)
@@ -1242,8 +1245,8 @@ mod imp {
     pub fn swiglu_fwd(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn swiglu_bwd(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-        Ok(None)
+    pub fn swiglu_bwd_in_place(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<bool> {
+        Ok(false)
     }
     pub fn softmax_fwd(
         _: &Tensor,

@@ -43,13 +43,15 @@ impl SwiGluSaved {
     }
 
     /// Returns `(dgate, dup)`: `dgate = dy * up * s * (1 + g * (1 - s))` with `s = sigmoid(g)`,
-    /// `dup = dy * silu(g)`.
-    pub fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        if let Some(d) = super::cpu::swiglu_bwd(&self.gate, &self.up, dy)? {
-            return Ok(d);
+    /// `dup = dy * silu(g)`. The fused kernels write the gradients over the saved `gate` and
+    /// `up`, which backward consumes, so no feed-forward-wide tensor is allocated.
+    pub fn backward(self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        // The CPU's two passes leave the gate's gradient in `up` and the up's in `gate`.
+        if super::cpu::swiglu_bwd_in_place(&self.gate, &self.up, dy)? {
+            return Ok((self.up, self.gate));
         }
-        if let Some(d) = super::gpu::swiglu_bwd(&self.gate, &self.up, dy)? {
-            return Ok(d);
+        if super::gpu::swiglu_bwd_in_place(&self.gate, &self.up, dy)? {
+            return Ok((self.gate, self.up));
         }
         self.backward_reference(dy)
     }
@@ -111,8 +113,8 @@ mod tests {
         let (y, saved) = forward(&gate, &up, true).unwrap();
         assert!(max_abs_diff(&y, &forward_reference(&gate, &up).unwrap()) < 1e-5);
         let saved = saved.unwrap();
-        let (a, b) = saved.backward(&dy).unwrap();
         let (ra, rb) = saved.backward_reference(&dy).unwrap();
+        let (a, b) = saved.backward(&dy).unwrap();
         assert!(max_abs_diff(&a, &ra) < 1e-5 && max_abs_diff(&b, &rb) < 1e-5);
     }
 }
