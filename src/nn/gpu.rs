@@ -974,37 +974,79 @@ mod imp {
 
     /// Rows `rows` of `x` `[N, c]` centred in f64 (`[n, c]`), their column means `[1, c]` and,
     /// when asked for, each column's sum of squares before centring `[c]`.
+    /// The rows `rows` (all `n` when None) of `x` `[N, c]` centred in f64 `[n, c]`, their
+    /// column means `[1, c]` and, if asked, column sums of squares `[c]`. With `bt`, the f64
+    /// `[c, r]` matrix's transpose follows as rows `n .. n + r` (the centred rows are then
+    /// `[n + r, c]`).
     fn cka_center(
         dev: &CudaDevice,
         x: &Tensor,
         rows: Option<&Tensor>,
         n: usize,
         want_colsq: bool,
+        bt: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let c = x.dim(1)?;
         let sfx = dtype_suffix(x.dtype()).expect("checked by the caller");
-        let (xc, pxc) = output(dev, DType::F64, &Shape::from((n, c)))?;
+        let r = bt.map_or(Ok(0), |b| b.dim(1))?;
+        let (xc, pxc) = output(dev, DType::F64, &Shape::from((n + r, c)))?;
         let (mean, pmean) = output(dev, DType::F64, &Shape::from((1, c)))?;
         let colsq = want_colsq
             .then(|| output(dev, DType::F64, &Shape::from(c)))
             .transpose()?;
         let pcolsq = colsq.as_ref().map_or(0u64, |(_, p)| *p);
         let prows = rows.map(|r| ptr(r, dev)).transpose()?.unwrap_or(0);
+        let pb = bt.map(|b| ptr(b, dev)).transpose()?.unwrap_or(0);
         let px = ptr(x, dev)?;
-        let (n32, c32) = (n as i32, c as i32);
+        let (n32, c32, r32) = (n as i32, c as i32, r as i32);
         let cfg = LaunchConfig {
             grid_dim: (c.div_ceil(32) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(dev, format!("st_cka_center_{sfx}"), cfg; px, prows, n32, c32, pxc, pmean, pcolsq);
+        launch!(dev, format!("st_cka_center_{sfx}"), cfg; px, prows, n32, c32, pxc, pmean, pcolsq, pb, r32);
         Ok((xc, mean, colsq.map(|(t, _)| t)))
+    }
+
+    /// `M = E E^T` `[m, m]` of a contiguous f64 `e` `[m, k]` by cuBLAS's symmetric rank-k
+    /// update, half a general product's work: only `M[i][j]` for `i >= j` (row-major) is
+    /// written, the rest is left as allocated.
+    fn syrk_f64(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
+        use candle_core::cuda_backend::cudarc::cublas::sys;
+        let (m, k) = e.dims2()?;
+        let (out, pout) = output(dev, DType::F64, &Shape::from((m, m)))?;
+        let pe = ptr(e, dev)?;
+        let blas = dev.cublas_handle();
+        let (one, zero) = (1f64, 0f64);
+        // Column-major, `e` is `E^T` `[k, m]`, so `C = op(A)^T op(A)` with `op = T` is `E E^T`;
+        // its upper triangle is the row-major lower one.
+        // SAFETY: `e` holds m * k f64 and `out` m * m; the handle runs on the device's stream.
+        let status = unsafe {
+            sys::cublasDsyrk_v2(
+                *blas.handle(),
+                sys::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                m as i32,
+                k as i32,
+                &one,
+                pe as *const f64,
+                k as i32,
+                &zero,
+                pout as *mut f64,
+                m as i32,
+            )
+        };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cublasDsyrk: {status:?}");
+        }
+        Ok(out)
     }
 
     /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
     /// `nn::cka::gram_terms`, the composition this replaces and is checked against): two
-    /// centring kernels, cuBLAS's `Yc Yc^T`, `Yc B`, `B^T B` and `Z^T Z`, a kernel per row of
-    /// `L` and one that assembles the terms. None unless `y` and `u` are contiguous CUDA
+    /// centring kernels (the first also appends `B^T` to `Yc`), one cuBLAS symmetric product
+    /// `[Yc; B^T] [Yc; B^T]^T` that holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per row of
+    /// `L`, cuBLAS's `Z^T Z` and a kernel that assembles the terms. None unless `y` and `u` are contiguous CUDA
     /// tensors of f32 or bf16, `rows` contiguous u32 and the rank at most 256.
     pub fn cka_gram_terms(
         y: &Tensor,
@@ -1037,30 +1079,26 @@ mod imp {
         let dev = device(y)?;
         // Every row in order needs no index (token rows are distinct and sorted).
         let rows = (n < big_n).then_some(rows);
-        let (yc, ymean, colsq) = cka_center(&dev, y, rows, n, true)?;
-        let (uc, umean, _) = cka_center(&dev, u, rows, n, false)?;
-        let colsq = colsq.expect("asked for");
         let b = b.to_dtype(DType::F64)?.contiguous()?;
-        let mm = crate::nn::matmul;
-        let l = mm(&yc, &yc.t()?)?;
-        let ycb = mm(&yc, &b)?;
-        let g = mm(&b.t()?, &b)?.contiguous()?;
+        // E = [Yc; B^T] and M = E E^T hold L = Yc Yc^T, Yc B and G = B^T B (see the kernels).
+        let (e, ymean, colsq) = cka_center(&dev, y, rows, n, true, Some(&b))?;
+        let (uc, umean, _) = cka_center(&dev, u, rows, n, false, None)?;
+        let colsq = colsq.expect("asked for");
+        let m = syrk_f64(&dev, &e)?;
+        drop(e);
+        // What the composition's three products count (`Yc Yc^T`, `Yc B`, `B^T B`).
+        crate::nn::flops::add(2 * (n * n * d + n * d * r + d * r * r) as u64);
         let (z, pz) = output(&dev, DType::F64, &Shape::from((n, 2 * r)))?;
         let (partial, ppartial) = output(&dev, DType::F64, &Shape::from((n, 2)))?;
-        let (pl, pycb, puc, pg) = (
-            ptr(&l, &dev)?,
-            ptr(&ycb, &dev)?,
-            ptr(&uc, &dev)?,
-            ptr(&g, &dev)?,
-        );
+        let (pm, puc) = (ptr(&m, &dev)?, ptr(&uc, &dev)?);
         let (n32, r32, d32) = (n as i32, r as i32, d as i32);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(dev, "st_cka_gram_rows", cfg; pl, pycb, puc, pg, n32, r32, pz, ppartial);
-        let ztz = mm(&z.t()?, &z)?.contiguous()?;
+        launch!(dev, "st_cka_gram_rows", cfg; pm, puc, n32, r32, pz, ppartial);
+        let ztz = crate::nn::matmul(&z.t()?, &z)?.contiguous()?;
         // The products the kernels did where the composition called `matmul`: `Uc G / 2`,
         // `L Uc` and `mean(Y) B`.
         crate::nn::flops::add(2 * (n * r * r + n * n * r + d * r) as u64);
@@ -1073,12 +1111,13 @@ mod imp {
             ptr(&ymean, &dev)?,
             ptr(&b, &dev)?,
         );
+        // Block 0 adds and copies; blocks 1 ..= r form mean(Y) B.
         let one = LaunchConfig {
-            grid_dim: (1, 1, 1),
+            grid_dim: (r as u32 + 1, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(dev, "st_cka_gram_finish", one; ppart, n32, pcolsq, d32, pztz, pg, pumean, pymean, pb, r32, pout);
+        launch!(dev, "st_cka_gram_finish", one; ppart, n32, pcolsq, d32, pztz, pm, pumean, pymean, pb, r32, pout);
         Ok(Some(out))
     }
 

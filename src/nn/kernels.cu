@@ -414,7 +414,7 @@ __device__ double block_sum_d(double v) {
 // 32 columns; its 8 warps split the rows and add their partial sums in a fixed order.
 template <typename T>
 __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, double* xc, double* mean,
-                           double* colsq) {
+                           double* colsq, const double* b, int r) {
   __shared__ double s_sum[8][32], s_sq[8][32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = blockIdx.x * 32 + lane;
   double s = 0.0, q = 0.0;
@@ -447,37 +447,47 @@ __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, doubl
       const size_t r = rows ? rows[i] : i;
       xc[(size_t)i * c + col] = (double)ld(x[r * c + col]) - m;
     }
+  // B^T (b [c, r]) as rows n .. n + r of xc, for the Gram form's one symmetric product.
+  if (b && col < c)
+    for (int j = w; j < r; j += 8) xc[(size_t)(n + j) * c + col] = b[(size_t)col * r + j];
 }
 
 extern "C" __global__ void st_cka_center_f32(const float* x, const uint32_t* rows, int n, int c,
-                                             double* xc, double* mean, double* colsq) {
-  cka_center<float>(x, rows, n, c, xc, mean, colsq);
+                                             double* xc, double* mean, double* colsq,
+                                             const double* b, int r) {
+  cka_center<float>(x, rows, n, c, xc, mean, colsq, b, r);
 }
 extern "C" __global__ void st_cka_center_bf16(const bf16* x, const uint32_t* rows, int n, int c,
-                                              double* xc, double* mean, double* colsq) {
-  cka_center<bf16>(x, rows, n, c, xc, mean, colsq);
+                                              double* xc, double* mean, double* colsq,
+                                              const double* b, int r) {
+  cka_center<bf16>(x, rows, n, c, xc, mean, colsq, b, r);
 }
 
-// One block per row i of L = Yc Yc^T [n, n]: p_i = (Yc B)_i + (Uc G)_i / 2 (G = B^T B, r x r),
-// written with Uc's row as z_i = [p_i, uc_i] (z [n, 2r]), and partial[i] = (sum_j L_ij^2,
-// sum_j L_ij (uc_j . p_i)), whose sums are ||L||^2 and <L Uc, P>. r <= 256.
-extern "C" __global__ void st_cka_gram_rows(const double* L, const double* ycb, const double* uc,
-                                            const double* g, int n, int r, double* z,
-                                            double* partial) {
+// M = E E^T for E = [Yc; B^T] ([n + r, d]): L = Yc Yc^T is M[:n, :n], (Yc B)^T is M[n:, :n] and
+// G = B^T B is M[n:, n:]. cuBLAS's syrk fills one triangle: row-major, M[i][j] for i >= j.
+__device__ __forceinline__ double sym_at(const double* M, int ld, int i, int j) {
+  return i >= j ? M[(size_t)i * ld + j] : M[(size_t)j * ld + i];
+}
+
+// One block per row i of L: p_i = (Yc B)_i + (Uc G)_i / 2, written with Uc's row as
+// z_i = [p_i, uc_i] (z [n, 2r]), and partial[i] = (sum_j L_ij^2, sum_j L_ij (uc_j . p_i)), whose
+// sums are ||L||^2 and <L Uc, P>. r <= 256.
+extern "C" __global__ void st_cka_gram_rows(const double* M, const double* uc, int n, int r,
+                                            double* z, double* partial) {
   __shared__ double pi[256];
-  const size_t i = blockIdx.x;
+  const int ld = n + r, i = blockIdx.x;
   for (int j = threadIdx.x; j < r; j += blockDim.x) {
     double a = 0.0;
-    for (int k = 0; k < r; k++) a += uc[i * r + k] * (g[k * r + j] * 0.5);
-    const double v = ycb[i * r + j] + a;
+    for (int k = 0; k < r; k++) a += uc[(size_t)i * r + k] * (sym_at(M, ld, n + k, n + j) * 0.5);
+    const double v = M[(size_t)(n + j) * ld + i] + a;
     pi[j] = v;
-    z[i * 2 * r + j] = v;
-    z[i * 2 * r + r + j] = uc[i * r + j];
+    z[(size_t)i * 2 * r + j] = v;
+    z[(size_t)i * 2 * r + r + j] = uc[(size_t)i * r + j];
   }
   __syncthreads();
   double l2 = 0.0, lup = 0.0;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const double lij = L[i * n + j];
+    const double lij = sym_at(M, ld, i, j);
     double up = 0.0;
     for (int k = 0; k < r; k++) up += uc[(size_t)j * r + k] * pi[k];
     l2 += lij * lij;
@@ -491,13 +501,23 @@ extern "C" __global__ void st_cka_gram_rows(const double* L, const double* ycb, 
   }
 }
 
-// The Gram form's terms in one block: out = [||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G
-// (r x r), mean(U) (r), mean(Y) B (r)] from the rows' partials, Y's column sums of squares, and
-// the products ztz, g and b (B [d, r]) in f64.
+// The Gram form's terms: out = [||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r),
+// mean(U) (r), mean(Y) B (r)] from the rows' partials, Y's column sums of squares, ztz, M (for
+// G) and b (B [d, r]), in f64. Block 0 adds the partials and copies; block 1 + j forms
+// (mean(Y) B)_j, so the r dot products over d run side by side.
 extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, const double* colsq,
-                                              int d, const double* ztz, const double* g,
+                                              int d, const double* ztz, const double* M,
                                               const double* umean, const double* ymean,
                                               const double* b, int r, double* out) {
+  double* o = out + 3 + 5 * r * r + r;
+  if (blockIdx.x > 0) {
+    const int j = blockIdx.x - 1;
+    double v = 0.0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) v += ymean[k] * b[(size_t)k * r + j];
+    v = block_sum_d(v);
+    if (threadIdx.x == 0) o[j] = v;
+    return;
+  }
   double l2 = 0.0, lup = 0.0, yy = 0.0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     l2 += partial[2 * i];
@@ -512,19 +532,12 @@ extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, cons
     out[1] = lup;
     out[2] = yy;
   }
-  double* o = out + 3;
+  o = out + 3;
   for (int e = threadIdx.x; e < 4 * r * r; e += blockDim.x) o[e] = ztz[e];
   o += 4 * r * r;
-  for (int e = threadIdx.x; e < r * r; e += blockDim.x) o[e] = g[e];
+  for (int e = threadIdx.x; e < r * r; e += blockDim.x) o[e] = sym_at(M, n + r, n + e / r, n + e % r);
   o += r * r;
   for (int j = threadIdx.x; j < r; j += blockDim.x) o[j] = umean[j];
-  o += r;
-  for (int j = 0; j < r; j++) {
-    double v = 0.0;
-    for (int k = threadIdx.x; k < d; k += blockDim.x) v += ymean[k] * b[(size_t)k * r + j];
-    v = block_sum_d(v);
-    if (threadIdx.x == 0) o[j] = v;
-  }
 }
 
 // CKA's five norms from one batch's low-rank moments (X = Y + U B^T; `nn::cka::LowRankMoments`,
