@@ -274,7 +274,7 @@ impl Gpt2Block {
         LayerMemory {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
-                + acts.recomputed_input(&[lin(MlpCProj)]),
+                + acts.ffn_out_backward(lin(MlpCProj)),
             ffn_input: acts.of(f),
             ffn_cost_pct: acts.share_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
             checkpoint_cost_pct: 100,

@@ -251,7 +251,7 @@ impl LlamaLayer {
         LayerMemory {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
-                + acts.recomputed_input(&[lin(Down)]),
+                + acts.ffn_out_backward(lin(Down)),
             ffn_input: 2 * acts.of(f),
             ffn_cost_pct: acts.share_pct(gate_up, attn + down, h),
             // Without a down_proj adapter the second forward stops before it (`state`).

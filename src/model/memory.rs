@@ -171,6 +171,18 @@ impl Acts {
         }
     }
 
+    /// The temporaries of backward through the linear reading the feed-forward's activation,
+    /// beside [`Acts::transient`]: its input, recomputed when its adapter trains
+    /// ([`Acts::recomputed_input`]), and with LoRA dropout the adapter's update to the input
+    /// gradient, a tensor of its own (the mask stands between it and an in-place add).
+    pub fn ffn_out_backward(&self, out: &LoraLinear) -> usize {
+        let update = match &out.lora {
+            Some(a) if a.dropout.p > 0.0 => self.of(out.base.in_features()),
+            _ => 0,
+        };
+        self.recomputed_input(&[out]) + update
+    }
+
     /// A norm and the linears reading its output ([`Acts::lora_group`]): the output counts once
     /// where the norm keeps it for its own backward ([`Norm::keeps_output`]), as the adapters
     /// keep the same tensor.
@@ -203,8 +215,9 @@ impl Acts {
     /// A layer's temporaries beside its state: the attention probabilities (fused softmax
     /// kernels keep one score-sized tensor at a time; the flash kernels none, but backward's f32
     /// dQ accumulator and per-row `rowsum(dO * O)`; the fused CPU kernels their threads' blocks),
-    /// and two feed-forward-wide and two hidden-wide activations in flight (backward's gradients
-    /// through the feed-forward).
+    /// and one feed-forward-wide and two hidden-wide activations in flight (backward's gradients
+    /// through the feed-forward: the activation's backward writes its input gradient over its
+    /// saved input, and an adapter's update is added into the base product in place).
     pub fn transient(&self, a: &Attention, head_dim: usize, hidden: usize, ffn: usize) -> usize {
         let scores = if self.flash(a, head_dim) {
             self.tokens() * a.num_heads * (head_dim + 1) * 4
@@ -213,6 +226,6 @@ impl Acts {
         } else {
             self.probs(a)
         };
-        scores + 2 * self.of(ffn) + 2 * self.of(hidden)
+        scores + self.of(ffn) + 2 * self.of(hidden)
     }
 }

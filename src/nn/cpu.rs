@@ -468,6 +468,17 @@ multiversion! {
     }
 }
 
+/// `y += t` in place (the same sums as candle's `y + t`); false as for [`gelu_bwd_in_place`].
+pub fn add_in_place(y: &Tensor, t: &Tensor) -> Result<bool> {
+    in_place(y, &[t], InPlace::Two(add_chunk))
+}
+
+fn add_chunk(y: &mut [f32], t: &[f32]) {
+    for (y, &t) in y.iter_mut().zip(t) {
+        *y += t;
+    }
+}
+
 /// An elementwise pass that overwrites its first operand, chunk by chunk over the threads.
 #[derive(Clone, Copy)]
 enum InPlace {

@@ -107,13 +107,18 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// `y + u w^T` (`w_t`: `w` is `[out, r]`) or `y + u w` (`w` `[r, out]`): a rank-r update of a
 /// base output or input gradient. `y` must be a tensor nothing else refers to (a product just
 /// made): on CUDA one cuBLAS product accumulates into it (beta = 1), so the `[n, out]` update is
-/// never a tensor of its own and no add kernel runs; elsewhere the product, then [`add`].
+/// never a tensor of its own and no add kernel runs; on the CPU (f32) the product is added into
+/// `y` in place; elsewhere the product, then [`add`].
 pub fn add_low_rank(y: Tensor, u: &Tensor, w: &Tensor, w_t: bool) -> candle_core::Result<Tensor> {
     if gpu::add_product(&y, u, w, w_t)? {
         return Ok(y);
     }
     let w = if w_t { w.t()? } else { w.clone() };
-    add(&y, &matmul(u, &w)?)
+    let update = matmul(u, &w)?;
+    if cpu::add_in_place(&y, &update)? {
+        return Ok(y);
+    }
+    add(&y, &update)
 }
 
 /// Runs `f` on blocks of rows of `inputs` (same number of rows each) and writes its results into
