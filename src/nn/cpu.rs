@@ -486,6 +486,31 @@ enum InPlace {
     Three(fn(&mut [f32], &[f32], &[f32])),
 }
 
+impl InPlace {
+    /// The pass over `dst` and its `N` source operands, chunk by chunk.
+    fn run<const N: usize>(
+        self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        srcs: [(&candle_core::CpuStorage, &candle_core::Layout); N],
+    ) -> Result<()> {
+        let (dst, srcs) = in_place_slices(dst, dst_l, srcs)?;
+        let part = |i: usize, len: usize| srcs.map(|s| &s[i * CHUNK..i * CHUNK + len]);
+        match (self, N) {
+            (Self::Two(f), 1) => dst
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(i, d)| f(d, part(i, d.len())[0])),
+            (Self::Three(f), 2) => dst.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| {
+                let s = part(i, d.len());
+                f(d, s[0], s[1])
+            }),
+            _ => candle_core::bail!("cpu_in_place: {} operands for the pass", N + 1),
+        }
+        Ok(())
+    }
+}
+
 impl candle_core::InplaceOp2 for InPlace {
     fn name(&self) -> &'static str {
         "cpu_in_place"
@@ -497,14 +522,7 @@ impl candle_core::InplaceOp2 for InPlace {
         a: &candle_core::CpuStorage,
         a_l: &candle_core::Layout,
     ) -> Result<()> {
-        let (dst, [a]) = in_place_slices(dst, dst_l, [(a, a_l)])?;
-        let Self::Two(f) = *self else {
-            candle_core::bail!("cpu_in_place: a three-operand pass given two")
-        };
-        dst.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK))
-            .for_each(|(d, a)| f(d, a));
-        Ok(())
+        self.run(dst, dst_l, [(a, a_l)])
     }
 }
 
@@ -521,14 +539,7 @@ impl candle_core::InplaceOp3 for InPlace {
         b: &candle_core::CpuStorage,
         b_l: &candle_core::Layout,
     ) -> Result<()> {
-        let (dst, [a, b]) = in_place_slices(dst, dst_l, [(a, a_l), (b, b_l)])?;
-        let Self::Three(f) = *self else {
-            candle_core::bail!("cpu_in_place: a two-operand pass given three")
-        };
-        dst.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(d, (a, b))| f(d, a, b));
-        Ok(())
+        self.run(dst, dst_l, [(a, a_l), (b, b_l)])
     }
 }
 
