@@ -400,6 +400,28 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         )?);
     }
 
+    // The moment form from the rows (`cka::low_rank_norms`: on CUDA one gather kernel, one
+    // symmetric product for the three moments and the norm kernels) against the composition of
+    // `LowRankMoments::of_rows` and its norms, at MiniLM's q/v adapter with padding rows left
+    // out; the FLOPs each counts must agree too.
+    {
+        let (tokens, keep, d, rank) = (2100, 2048, 384, 8);
+        let y = r(&[tokens, d], 27, 2.0, 0.3)?;
+        let u = r(&[tokens, rank], 28, 1.0, -0.2)?;
+        let b = rand(&[d, rank], 29, 0.05, 0.0, DType::F32, device)?;
+        let rows: Vec<u32> = (0..keep as u32)
+            .map(|i| i * tokens as u32 / keep as u32)
+            .collect();
+        let rows = Tensor::new(rows, device)?;
+        out.extend(cka_checks(
+            &format!("cka low-rank norms {keep} of {tokens} rows, d {d}, r {rank}"),
+            &format!("cka low-rank norms {keep} of {tokens} rows: FLOPs counted, difference"),
+            &dname,
+            || super::cka::low_rank_norms(&y, &u, &b, &rows),
+            || super::cka::LowRankMoments::of_rows(&y, &u, &b, &rows)?.norms_composed(),
+        )?);
+    }
+
     // AdamW: three updates of an f32 parameter (trained tensors are f32 whatever the dtype).
     let p0 = rand(&[64, 768], 13, 0.1, 0.0, DType::F32, device)?;
     let (mut pf, mut pr) = (p0.clone(), p0);
@@ -465,6 +487,17 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                     ok: true,
                 });
             }
+            // The moment form from a batch's rows at MiniLM's q/v adapter, ms a call: fused
+            // from the rows, the moments composed then the fused norms, all composed.
+            for kind in ["fused", "moments then fused norms", "composition"] {
+                out.push(Check {
+                    name: format!("  (timing: cka low-rank norms 2048 rows d 384 r 8, {kind} ms)"),
+                    dtype: dname.clone(),
+                    rel_err: cka_low_rank_ms(device, kind)?,
+                    tol: 1e12,
+                    ok: true,
+                });
+            }
             // Timings, for information (ms of one forward / backward, median of 5).
             // The reference composition builds its causal mask on the host each call, so its
             // figure is not the fallback's (`SAFETUNE_FLASH=0`: the fused softmax kernels).
@@ -518,6 +551,24 @@ fn cka_moment_ms(device: &Device, fused: bool) -> Result<f64> {
         b: f64s(&[d, rank], 49)?,
     };
     let call = || if fused { m.norms() } else { m.norms_composed() };
+    queued_ms(device, call)
+}
+
+/// Milliseconds a call of SAFE's moment-form measurement of one batch takes at MiniLM's q/v
+/// adapter (2,048 bf16 rows, width 384, rank 8), `kind` as in the self-test's timing names.
+fn cka_low_rank_ms(device: &Device, kind: &str) -> Result<f64> {
+    let y = rand(&[2048, 384], 50, 1.0, 0.0, DType::BF16, device)?;
+    let u = rand(&[2048, 8], 51, 1.0, 0.0, DType::BF16, device)?;
+    let b = rand(&[384, 8], 52, 0.05, 0.0, DType::F32, device)?;
+    let rows = Tensor::arange(0u32, 2048, device)?;
+    let moments = || super::cka::LowRankMoments::of_rows(&y, &u, &b, &rows);
+    let call = || -> Result<Tensor> {
+        match kind {
+            "fused" => super::cka::low_rank_norms(&y, &u, &b, &rows),
+            "moments then fused norms" => moments()?.norms(),
+            _ => moments()?.norms_composed(),
+        }
+    };
     queued_ms(device, call)
 }
 

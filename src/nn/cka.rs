@@ -70,7 +70,34 @@ pub struct LowRankMoments {
     pub b: Tensor,
 }
 
+/// CKA's five norms `[5]` (see [`LowRankMoments::norms`]) of one batch's rows at the linear,
+/// `X = Y + U B^T`, over its token rows `rows`, in the moment form: on CUDA one kernel gathers
+/// the rows with their sums, one symmetric product forms the three moments and two kernels the
+/// norms (`gpu::cka_low_rank_norms`); elsewhere [`LowRankMoments::of_rows`], then its norms.
+pub fn low_rank_norms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    if let Some(t) = super::gpu::cka_low_rank_norms(y, u, b, rows)? {
+        return Ok(t);
+    }
+    LowRankMoments::of_rows(y, u, b, rows)?.norms()
+}
+
 impl LowRankMoments {
+    /// The moments of the token rows `rows` of `y` `[N, d]` and `u` `[N, r]`, in f64, with `b`
+    /// `[d, r]`; the products counted as the model's matmuls are (SAFE's monitoring FLOPs).
+    pub fn of_rows(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<Self> {
+        let (y, u) = (pick_rows(y, rows)?, pick_rows(u, rows)?);
+        let mm = |a: &Tensor, b: &Tensor| super::matmul(&a.t()?, b);
+        Ok(Self {
+            n: y.dim(0)?,
+            sum_y: y.sum(0)?,
+            sum_u: u.sum(0)?,
+            yty: mm(&y, &y)?,
+            ytu: mm(&y, &u)?,
+            utu: mm(&u, &u)?,
+            b: b.to_dtype(DType::F64)?,
+        })
+    }
+
     /// CKA's five norms `[5]` (`||Xc^T Xc||^2`, `||X^T X||^2`, `||Yc^T Yc||^2`, `||Y^T Y||^2`,
     /// `||Yc^T Xc||^2`): two kernels on CUDA (`gpu::cka_moment_norms`), else
     /// [`LowRankMoments::norms_composed`].

@@ -1008,38 +1008,131 @@ mod imp {
         Ok((xc, mean, colsq.map(|(t, _)| t)))
     }
 
-    /// `M = E E^T` `[m, m]` of a contiguous f64 `e` `[m, k]` by cuBLAS's symmetric rank-k
-    /// update, half a general product's work: only `M[i][j]` for `i >= j` (row-major) is
-    /// written, the rest is left as allocated.
-    fn syrk_f64(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
+    /// The Gram matrix of a contiguous f64 `e` `[m, k]` by cuBLAS's symmetric rank-k update,
+    /// half a general product's work: of its rows, `E E^T` `[m, m]`, or (`of_columns`) of its
+    /// columns, `E^T E` `[k, k]`. Only `M[i][j]` for `i >= j` (row-major) is written, the rest
+    /// is left as allocated.
+    fn syrk_f64(dev: &CudaDevice, e: &Tensor, of_columns: bool) -> Result<Tensor> {
         use candle_core::cuda_backend::cudarc::cublas::sys;
         let (m, k) = e.dims2()?;
-        let (out, pout) = output(dev, DType::F64, &Shape::from((m, m)))?;
+        // Column-major, `e` is `A = E^T` `[k, m]`: `A^T A = E E^T` (op T), `A A^T = E^T E` (op
+        // N). The column-major upper triangle is the row-major lower one.
+        let (size, depth, op) = if of_columns {
+            (k, m, sys::cublasOperation_t::CUBLAS_OP_N)
+        } else {
+            (m, k, sys::cublasOperation_t::CUBLAS_OP_T)
+        };
+        let (out, pout) = output(dev, DType::F64, &Shape::from((size, size)))?;
         let pe = ptr(e, dev)?;
         let blas = dev.cublas_handle();
         let (one, zero) = (1f64, 0f64);
-        // Column-major, `e` is `E^T` `[k, m]`, so `C = op(A)^T op(A)` with `op = T` is `E E^T`;
-        // its upper triangle is the row-major lower one.
-        // SAFETY: `e` holds m * k f64 and `out` m * m; the handle runs on the device's stream.
+        // SAFETY: `e` holds m * k f64 (leading dimension k) and `out` size * size; the handle
+        // runs on the device's stream.
         let status = unsafe {
             sys::cublasDsyrk_v2(
                 *blas.handle(),
                 sys::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                m as i32,
-                k as i32,
+                op,
+                size as i32,
+                depth as i32,
                 &one,
                 pe as *const f64,
                 k as i32,
                 &zero,
                 pout as *mut f64,
-                m as i32,
+                size as i32,
             )
         };
         if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             bail!("cublasDsyrk: {status:?}");
         }
         Ok(out)
+    }
+
+    /// CKA's five norms `[5]` of `X = Y + U B^T` over the token rows `rows` in the moment form
+    /// (`nn::cka::low_rank_norms`, whose composition this replaces and is checked against): one
+    /// kernel gathers the rows of `y` and `u` side by side in f64 with their column sums, one
+    /// cuBLAS symmetric product forms `[Y U]^T [Y U]` (`Y^T Y`, `Y^T U` and `U^T U` at once),
+    /// and the moment kernels turn it into the norms. None unless `y` and `u` are contiguous
+    /// CUDA tensors of one dtype the kernels take, `rows` contiguous u32 and the rank at most
+    /// 256.
+    pub fn cka_low_rank_norms(
+        y: &Tensor,
+        u: &Tensor,
+        b: &Tensor,
+        rows: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let usable = |t: &Tensor| t.device().is_cuda() && t.is_contiguous();
+        let r = b.dim(1)?;
+        let Some(sfx) = dtype_suffix(y.dtype()) else {
+            return Ok(None);
+        };
+        if !usable(y)
+            || !usable(u)
+            || u.dtype() != y.dtype()
+            || r > 256
+            || rows.dtype() != DType::U32
+            || !rows.is_contiguous()
+        {
+            return Ok(None);
+        }
+        let (big_n, d) = y.dims2()?;
+        let n = rows.dim(0)?;
+        if u.dims2()? != (big_n, r) || b.dim(0)? != d || n > big_n {
+            bail!(
+                "cka_low_rank_norms: y {:?}, u {:?}, b {:?} and {n} rows disagree",
+                y.dims(),
+                u.dims(),
+                b.dims()
+            );
+        }
+        let dev = device(y)?;
+        let c = d + r;
+        let (e, pe) = output(&dev, DType::F64, &Shape::from((n, c)))?;
+        // Chunks of 128 rows (`CKA_CHUNK` in kernels.cu), each block 32 columns of one chunk.
+        let chunks = n.div_ceil(128);
+        let (_partial_sums, ppartial_sums) = output(&dev, DType::F64, &Shape::from((chunks, c)))?;
+        let (_sums, psums) = output(&dev, DType::F64, &Shape::from(c))?;
+        // Every row in order needs no index (token rows are distinct and sorted).
+        let prows = if n < big_n { ptr(rows, &dev)? } else { 0 };
+        let (py, pu) = (ptr(y, &dev)?, ptr(u, &dev)?);
+        let (n32, d32, r32, c32, chunks32) =
+            (n as i32, d as i32, r as i32, c as i32, chunks as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(32) as u32, chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, format!("st_cka_gather_{sfx}"), cfg; py, pu, prows, n32, d32, r32, pe, ppartial_sums);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_cka_col_sums", cfg; ppartial_sums, chunks32, c32, psums);
+        let m = syrk_f64(&dev, &e, true)?;
+        drop(e);
+        // What the composition's three products count (`Y^T Y`, `Y^T U`, `U^T U`).
+        crate::nn::flops::add(2 * (n * d * d + n * d * r + n * r * r) as u64);
+        let b = b.to_dtype(DType::F64)?.contiguous()?;
+        let (_partial, ppartial) = output(&dev, DType::F64, &Shape::from((d, 5)))?;
+        let (out, pout) = output(&dev, DType::F64, &Shape::from(5))?;
+        let (pm, pb, nf) = (ptr(&m, &dev)?, ptr(&b, &dev)?, n as f64);
+        let per_row = LaunchConfig {
+            grid_dim: (d as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_cka_moment_rows_packed", per_row; pm, pb, psums, d32, r32, nf, ppartial);
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_cka_moment_finish", one; ppartial, d32, pout);
+        // The products the composition of the norms counts (as `cka_moment_norms`).
+        crate::nn::flops::add(2 * (d * d * r + d * r * r + d * d * r + d * r) as u64);
+        Ok(Some(out))
     }
 
     /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
@@ -1084,7 +1177,7 @@ mod imp {
         let (e, ymean, colsq) = cka_center(&dev, y, rows, n, true, Some(&b))?;
         let (uc, umean, _) = cka_center(&dev, u, rows, n, false, None)?;
         let colsq = colsq.expect("asked for");
-        let m = syrk_f64(&dev, &e)?;
+        let m = syrk_f64(&dev, &e, false)?;
         drop(e);
         // What the composition's three products count (`Yc Yc^T`, `Yc B`, `B^T B`).
         crate::nn::flops::add(2 * (n * n * d + n * d * r + d * r * r) as u64);
@@ -1325,6 +1418,14 @@ mod imp {
         Ok(None)
     }
     pub fn cka_moment_norms(_: &crate::nn::cka::LowRankMoments) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn cka_low_rank_norms(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

@@ -463,6 +463,53 @@ extern "C" __global__ void st_cka_center_bf16(const bf16* x, const uint32_t* row
   cka_center<bf16>(x, rows, n, c, xc, mean, colsq, b, r);
 }
 
+// The token rows `rows` (all n when null) of y [N, d] and u [N, r] side by side in f64,
+// e = [Y U] ([n, d + r]), and the column sums of each chunk of CKA_CHUNK rows (partial
+// [chunks, d + r]; `st_cka_col_sums` adds them in order): the moment form's one input. Blocks of
+// 32 columns by one chunk of rows, 8 warps over the chunk's rows.
+#define CKA_CHUNK 128
+template <typename T>
+__device__ void cka_gather(const T* y, const T* u, const uint32_t* rows, int n, int d, int r,
+                           double* e, double* partial) {
+  __shared__ double s_sum[8][32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = blockIdx.x * 32 + lane;
+  const int c = d + r, first = blockIdx.y * CKA_CHUNK, last = min(n, first + CKA_CHUNK);
+  double s = 0.0;
+  if (col < c)
+    for (int i = first + w; i < last; i += 8) {
+      const size_t row = rows ? rows[i] : i;
+      const double v = col < d ? (double)ld(y[row * d + col]) : (double)ld(u[row * r + col - d]);
+      e[(size_t)i * c + col] = v;
+      s += v;
+    }
+  s_sum[w][lane] = s;
+  __syncthreads();
+  if (w == 0 && col < c) {
+    double t = 0.0;
+    for (int k = 0; k < 8; k++) t += s_sum[k][lane];
+    partial[(size_t)blockIdx.y * c + col] = t;
+  }
+}
+
+extern "C" __global__ void st_cka_gather_f32(const float* y, const float* u, const uint32_t* rows,
+                                             int n, int d, int r, double* e, double* partial) {
+  cka_gather<float>(y, u, rows, n, d, r, e, partial);
+}
+extern "C" __global__ void st_cka_gather_bf16(const bf16* y, const bf16* u, const uint32_t* rows,
+                                              int n, int d, int r, double* e, double* partial) {
+  cka_gather<bf16>(y, u, rows, n, d, r, e, partial);
+}
+
+// sums[j] = the chunks' partial sums of column j, added in chunk order.
+extern "C" __global__ void st_cka_col_sums(const double* partial, int chunks, int c,
+                                           double* sums) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= c) return;
+  double t = 0.0;
+  for (int k = 0; k < chunks; k++) t += partial[(size_t)k * c + j];
+  sums[j] = t;
+}
+
 // M = E E^T for E = [Yc; B^T] ([n + r, d]): L = Yc Yc^T is M[:n, :n], (Yc B)^T is M[n:, :n] and
 // G = B^T B is M[n:, n:]. cuBLAS's syrk fills one triangle: row-major, M[i][j] for i >= j.
 __device__ __forceinline__ double sym_at(const double* M, int ld, int i, int j) {
@@ -547,21 +594,40 @@ extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, cons
 // ||Y^T Y - sy sy^T / n||^2, ||Y^T Y||^2 and ||Y^T X - sy sx^T / n||^2. One block per row i
 // (blockDim 256, r <= 256) writes its row's five partial sums to partial[5 i ..]; the finish
 // kernel adds them over the rows in order, so the result does not depend on scheduling.
-extern "C" __global__ void st_cka_moment_rows(const double* yty, const double* ytu,
-                                              const double* utu, const double* b,
-                                              const double* sum_y, const double* sum_u, int d,
-                                              int r, double n, double* partial) {
+// The three moments as separate row-major matrices: yty [d, d], ytu [d, r], utu [r, r].
+struct MomentsApart {
+  const double *yty, *ytu, *utu;
+  int d, r;
+  __device__ double yy(int i, int j) const { return yty[(size_t)i * d + j]; }
+  __device__ double yu(int i, int k) const { return ytu[(size_t)i * r + k]; }
+  __device__ double uu(int k, int l) const { return utu[(size_t)k * r + l]; }
+};
+
+// The three moments in one symmetric M = E^T E for E = [Y U] ([n, d + r]), of which cuBLAS's
+// syrk filled M[i][j] for i >= j (row-major): Y^T Y is M[:d, :d], (Y^T U)^T is M[d:, :d] and
+// U^T U is M[d:, d:].
+struct MomentsPacked {
+  const double* m;
+  int d, r;
+  __device__ double yy(int i, int j) const { return sym_at(m, d + r, i, j); }
+  __device__ double yu(int i, int k) const { return m[(size_t)(d + k) * (d + r) + i]; }
+  __device__ double uu(int k, int l) const { return sym_at(m, d + r, d + k, d + l); }
+};
+
+template <typename M>
+__device__ void cka_moment_rows(M mo, const double* b, const double* sum_y, const double* sum_u,
+                                int d, int r, double n, double* partial) {
   const int i = blockIdx.x;
   __shared__ double bi[256], wi[256], ytui[256], sxi_sh;
   // b_i, w_i = b_i utu (row i of b utu) and ytu_i, once per block.
   for (int k = threadIdx.x; k < r; k += blockDim.x) {
     bi[k] = b[(size_t)i * r + k];
-    ytui[k] = ytu[(size_t)i * r + k];
+    ytui[k] = mo.yu(i, k);
   }
   __syncthreads();
   for (int l = threadIdx.x; l < r; l += blockDim.x) {
     double v = 0.0;
-    for (int k = 0; k < r; k++) v += bi[k] * utu[(size_t)k * r + l];
+    for (int k = 0; k < r; k++) v += bi[k] * mo.uu(k, l);
     wi[l] = v;
   }
   if (threadIdx.x == 0) {
@@ -574,15 +640,14 @@ extern "C" __global__ void st_cka_moment_rows(const double* yty, const double* y
   double t[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
     const double* bj = b + (size_t)j * r;
-    const double* ytuj = ytu + (size_t)j * r;
     double cij = 0.0, cji = 0.0, bub = 0.0, sxj = sum_y[j];
     for (int k = 0; k < r; k++) {
       cij += ytui[k] * bj[k];
-      cji += ytuj[k] * bi[k];
+      cji += mo.yu(j, k) * bi[k];
       bub += wi[k] * bj[k];
       sxj += bj[k] * sum_u[k];
     }
-    const double yy = yty[(size_t)i * d + j], syj = sum_y[j];
+    const double yy = mo.yy(i, j), syj = sum_y[j];
     const double yx = yy + cij, xx = yx + cji + bub;
     const double xxc = xx - sxi * sxj / n, yyc = yy - syi * syj / n, yxc = yx - syi * sxj / n;
     t[0] += xxc * xxc;
@@ -595,6 +660,19 @@ extern "C" __global__ void st_cka_moment_rows(const double* yty, const double* y
     const double v = block_sum_d(t[e]);
     if (threadIdx.x == 0) partial[(size_t)i * 5 + e] = v;
   }
+}
+
+extern "C" __global__ void st_cka_moment_rows(const double* yty, const double* ytu,
+                                              const double* utu, const double* b,
+                                              const double* sum_y, const double* sum_u, int d,
+                                              int r, double n, double* partial) {
+  cka_moment_rows(MomentsApart{yty, ytu, utu, d, r}, b, sum_y, sum_u, d, r, n, partial);
+}
+
+extern "C" __global__ void st_cka_moment_rows_packed(const double* m, const double* b,
+                                                     const double* sums, int d, int r, double n,
+                                                     double* partial) {
+  cka_moment_rows(MomentsPacked{m, d, r}, b, sums, sums + d, d, r, n, partial);
 }
 
 extern "C" __global__ void st_cka_moment_finish(const double* partial, int d, double* out) {

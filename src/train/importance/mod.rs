@@ -14,7 +14,7 @@
 use crate::adapters::{Adapted, CkaRows};
 use crate::nn::cka::{moment_norms, pick_rows, LowRankMoments};
 use crate::safe::{cka_from_norms, CkaNorms};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use std::ops::Range;
 
 mod steps;
@@ -132,15 +132,15 @@ impl DeviceMoments {
                 }
             }
             CkaRows::LowRank { y, u, b } => {
-                let (y, u) = (pick(y)?, pick(u)?);
+                let m = LowRankMoments::of_rows(y, u, b, rows)?;
                 Self::LowRank {
-                    n: y.dim(0)?,
-                    sum_y: y.sum(0)?,
-                    sum_u: u.sum(0)?,
-                    yty: mm(&y, &y)?,
-                    ytu: mm(&y, &u)?,
-                    utu: mm(&u, &u)?,
-                    b: b.to_dtype(DType::F64)?,
+                    n: m.n,
+                    sum_y: m.sum_y,
+                    sum_u: m.sum_u,
+                    yty: m.yty,
+                    ytu: m.ytu,
+                    utu: m.utu,
+                    b: m.b,
                 }
             }
         })
@@ -248,6 +248,7 @@ fn importance_of(rows: usize, v: &[f64]) -> f64 {
 mod tests {
     use super::*;
     use crate::safe::linear_cka_gram;
+    use candle_core::DType;
 
     /// FLOPs of a monitoring pass: the layers' own matmuls plus, per adapter and batch, the
     /// moments `X^T X`, `Y^T Y`, `Y^T X` over the batch's `n` real rows: `2 n (dx^2 + dy^2 + dy dx)`.

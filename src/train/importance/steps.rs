@@ -2,9 +2,9 @@
 //! `StepMonitor` the training forward hands each adapter's rows to, and the per-micro-batch CKA
 //! it computes from them, in the moment or the Gram form.
 
-use super::{importance_of, token_rows, DeviceMoments};
-use crate::adapters::{AdapterId, CkaRows};
-use crate::nn::cka::gram_terms;
+use super::{importance_of, token_rows};
+use crate::adapters::AdapterId;
+use crate::nn::cka::{gram_terms, low_rank_norms};
 use crate::nn::{flops, RowSink};
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -73,12 +73,7 @@ fn gram_norms(n: usize, r: usize, v: &[f64]) -> [f64; 5] {
 /// `rows`, in whichever of the moment (`d^2 n`) and Gram (`n^2 d`) forms costs less.
 fn batch_norms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<(Kept, Tensor)> {
     if rows.dim(0)? > y.dim(1)? {
-        let r = CkaRows::LowRank {
-            y: y.clone(),
-            u: u.clone(),
-            b: b.clone(),
-        };
-        return Ok((Kept::Norms, DeviceMoments::of(&r, rows)?.norms()?.1));
+        return Ok((Kept::Norms, low_rank_norms(y, u, b, rows)?));
     }
     let terms = gram_terms(y, u, b, rows)?;
     Ok((Kept::GramTerms { rank: b.dim(1)? }, terms))
@@ -265,7 +260,9 @@ impl RowSink for StepMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::CkaRows;
     use crate::nn::cka::{gram_terms_composed, pick_rows};
+    use crate::train::importance::DeviceMoments;
 
     /// Rows are asked for only inside a layer and only for the adapters measured, so every other
     /// adapter keeps its fused forward on a measured step.
