@@ -1008,6 +1008,42 @@ mod imp {
         Ok((xc, mean, colsq.map(|(t, _)| t)))
     }
 
+    /// `(N, n, d, r)` of the CKA kernels' inputs, the rows `y` `[N, d]` and `u` `[N, r]` of an
+    /// adapted linear, `b` `[d, r]` and `n` token rows `rows`: None unless `y` and `u` are
+    /// contiguous CUDA tensors of a dtype the kernels take, `rows` contiguous u32 and the rank at
+    /// most 256; an error naming `what` when the shapes disagree.
+    fn cka_rows(
+        what: &str,
+        y: &Tensor,
+        u: &Tensor,
+        b: &Tensor,
+        rows: &Tensor,
+    ) -> Result<Option<(usize, usize, usize, usize)>> {
+        let usable = |t: &Tensor| {
+            t.device().is_cuda() && t.is_contiguous() && dtype_suffix(t.dtype()).is_some()
+        };
+        let r = b.dim(1)?;
+        if !usable(y)
+            || !usable(u)
+            || r > 256
+            || rows.dtype() != DType::U32
+            || !rows.is_contiguous()
+        {
+            return Ok(None);
+        }
+        let (big_n, d) = y.dims2()?;
+        let n = rows.dim(0)?;
+        if u.dims2()? != (big_n, r) || b.dim(0)? != d || n > big_n {
+            bail!(
+                "{what}: y {:?}, u {:?}, b {:?} and {n} rows disagree",
+                y.dims(),
+                u.dims(),
+                b.dims()
+            );
+        }
+        Ok(Some((big_n, n, d, r)))
+    }
+
     /// The Gram matrix of a contiguous f64 `e` `[m, k]` by cuBLAS's symmetric rank-k update,
     /// half a general product's work: of its rows, `E E^T` `[m, m]`, or (`of_columns`) of its
     /// columns, `E^T E` `[k, k]`. Only `M[i][j]` for `i >= j` (row-major) is written, the rest
@@ -1062,29 +1098,12 @@ mod imp {
         b: &Tensor,
         rows: &Tensor,
     ) -> Result<Option<Tensor>> {
-        let usable = |t: &Tensor| t.device().is_cuda() && t.is_contiguous();
-        let r = b.dim(1)?;
-        let Some(sfx) = dtype_suffix(y.dtype()) else {
+        let Some((big_n, n, d, r)) = cka_rows("cka_low_rank_norms", y, u, b, rows)? else {
             return Ok(None);
         };
-        if !usable(y)
-            || !usable(u)
-            || u.dtype() != y.dtype()
-            || r > 256
-            || rows.dtype() != DType::U32
-            || !rows.is_contiguous()
-        {
+        let sfx = dtype_suffix(y.dtype()).expect("checked by cka_rows");
+        if u.dtype() != y.dtype() {
             return Ok(None);
-        }
-        let (big_n, d) = y.dims2()?;
-        let n = rows.dim(0)?;
-        if u.dims2()? != (big_n, r) || b.dim(0)? != d || n > big_n {
-            bail!(
-                "cka_low_rank_norms: y {:?}, u {:?}, b {:?} and {n} rows disagree",
-                y.dims(),
-                u.dims(),
-                b.dims()
-            );
         }
         let dev = device(y)?;
         let c = d + r;
@@ -1147,28 +1166,9 @@ mod imp {
         b: &Tensor,
         rows: &Tensor,
     ) -> Result<Option<Tensor>> {
-        let usable = |t: &Tensor| {
-            t.device().is_cuda() && t.is_contiguous() && dtype_suffix(t.dtype()).is_some()
-        };
-        let r = b.dim(1)?;
-        if !usable(y)
-            || !usable(u)
-            || r > 256
-            || rows.dtype() != DType::U32
-            || !rows.is_contiguous()
-        {
+        let Some((big_n, n, d, r)) = cka_rows("cka_gram_terms", y, u, b, rows)? else {
             return Ok(None);
-        }
-        let (big_n, d) = y.dims2()?;
-        let n = rows.dim(0)?;
-        if u.dims2()? != (big_n, r) || b.dim(0)? != d || n > big_n {
-            bail!(
-                "cka_gram_terms: y {:?}, u {:?}, b {:?} and {n} rows disagree",
-                y.dims(),
-                u.dims(),
-                b.dims()
-            );
-        }
+        };
         let dev = device(y)?;
         // Every row in order needs no index (token rows are distinct and sorted).
         let rows = (n < big_n).then_some(rows);
