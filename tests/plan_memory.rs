@@ -35,25 +35,7 @@ fn lora(targets: &[&str], dropout: f64) -> LoraConfig {
 }
 
 fn bert(dropout: f64) -> BertForSequenceClassification {
-    let cfg = BertConfig {
-        vocab_size: 100,
-        hidden_size: 64,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        intermediate_size: 256,
-        hidden_act: "gelu".into(),
-        hidden_dropout_prob: dropout,
-        attention_probs_dropout_prob: dropout,
-        max_position_embeddings: 64,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-        pad_token_id: 0,
-        model_type: None,
-        relative_attention_num_buckets: 32,
-        classifier_dropout: None,
-        qa_dropout: None,
-        image: None,
-    };
+    let cfg = BertConfig::sized(100, 64, 4, 4, 256, 64, dropout);
     let mut rng = StdRng::seed_from_u64(1);
     let mut m =
         BertForSequenceClassification::random(cfg, 3, DType::F32, &Device::Cpu, &mut rng).unwrap();

@@ -730,20 +730,29 @@ impl BertConfig {
     }
 }
 
-#[cfg(test)]
 impl BertConfig {
-    /// A 3-layer, 8-wide BERT (vocabulary 50) for tests.
-    pub(crate) fn tiny(dropout: f64) -> Self {
+    /// A BERT of the given sizes with BERT's defaults otherwise (GELU, two token types,
+    /// padding id 0, LayerNorm eps 1e-12; `dropout` for the hidden states and the attention
+    /// probabilities): the random models of `bench` and of the tests.
+    pub fn sized(
+        vocab: usize,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        ffn: usize,
+        max_positions: usize,
+        dropout: f64,
+    ) -> Self {
         Self {
-            vocab_size: 50,
-            hidden_size: 8,
-            num_hidden_layers: 3,
-            num_attention_heads: 2,
-            intermediate_size: 16,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: ffn,
             hidden_act: "gelu".into(),
             hidden_dropout_prob: dropout,
             attention_probs_dropout_prob: dropout,
-            max_position_embeddings: 16,
+            max_position_embeddings: max_positions,
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
             pad_token_id: 0,
@@ -753,6 +762,14 @@ impl BertConfig {
             qa_dropout: None,
             image: None,
         }
+    }
+}
+
+#[cfg(test)]
+impl BertConfig {
+    /// A 3-layer, 8-wide BERT (vocabulary 50) for tests.
+    pub(crate) fn tiny(dropout: f64) -> Self {
+        Self::sized(50, 8, 3, 2, 16, 16, dropout)
     }
 
     /// [`BertConfig::tiny`] as another family: RoBERTa's one-row type table and padding index

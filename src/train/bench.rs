@@ -393,25 +393,15 @@ fn build(
     };
     Ok(match s.arch {
         Arch::Bert => {
-            let config = BertConfig {
-                vocab_size: s.vocab,
-                hidden_size: s.hidden,
-                num_hidden_layers: s.layers,
-                num_attention_heads: s.heads,
-                intermediate_size: s.ffn,
-                hidden_act: "gelu".into(),
-                hidden_dropout_prob: a.dropout,
-                attention_probs_dropout_prob: a.dropout,
-                max_position_embeddings: s.seq.max(512),
-                type_vocab_size: 2,
-                layer_norm_eps: 1e-12,
-                pad_token_id: 0,
-                model_type: None,
-                relative_attention_num_buckets: 32,
-                classifier_dropout: None,
-                qa_dropout: None,
-                image: None,
-            };
+            let config = BertConfig::sized(
+                s.vocab,
+                s.hidden,
+                s.layers,
+                s.heads,
+                s.ffn,
+                s.seq.max(512),
+                a.dropout,
+            );
             anyhow::ensure!(
                 a.quantize.is_none(),
                 "--quantize keeps a LLaMA base quantized; BERT's is always dense"

@@ -17,25 +17,7 @@ fn model() -> BertForSequenceClassification {
 
 /// [`model`] at another width (4 heads, feed-forward 4x wide).
 fn model_of_width(hidden: usize) -> BertForSequenceClassification {
-    let cfg = BertConfig {
-        vocab_size: 50,
-        hidden_size: hidden,
-        num_hidden_layers: 6,
-        num_attention_heads: 4,
-        intermediate_size: 4 * hidden,
-        hidden_act: "gelu".into(),
-        hidden_dropout_prob: 0.1,
-        attention_probs_dropout_prob: 0.1,
-        max_position_embeddings: SEQ,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-        pad_token_id: 0,
-        model_type: None,
-        relative_attention_num_buckets: 32,
-        classifier_dropout: None,
-        qa_dropout: None,
-        image: None,
-    };
+    let cfg = BertConfig::sized(50, hidden, 6, 4, 4 * hidden, SEQ, 0.1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let mut m =
         BertForSequenceClassification::random(cfg, 2, DType::F32, &Device::Cpu, &mut rng).unwrap();

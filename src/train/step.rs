@@ -362,25 +362,7 @@ mod dtype_tests {
     use rand::SeedableRng;
 
     fn model(dtype: DType) -> BertForSequenceClassification {
-        let cfg = BertConfig {
-            vocab_size: 64,
-            hidden_size: 32,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            intermediate_size: 64,
-            hidden_act: "gelu".into(),
-            hidden_dropout_prob: 0.0,
-            attention_probs_dropout_prob: 0.0,
-            max_position_embeddings: 16,
-            type_vocab_size: 2,
-            layer_norm_eps: 1e-12,
-            pad_token_id: 0,
-            model_type: None,
-            relative_attention_num_buckets: 32,
-            classifier_dropout: None,
-            qa_dropout: None,
-            image: None,
-        };
+        let cfg = BertConfig::sized(64, 32, 2, 4, 64, 16, 0.0);
         let mut rng = StdRng::seed_from_u64(3);
         let mut m =
             BertForSequenceClassification::random(cfg, 3, dtype, &Device::Cpu, &mut rng).unwrap();
