@@ -92,7 +92,7 @@ pub fn importance_by_layer<B, K: PartialEq>(
 /// row count, column sums, and the uncentered `X^T X`, `Y^T Y`, `Y^T X`. At the linear, where
 /// `X = Y + U B^T` with `U` of rank r, they are kept as `Y^T Y`, `Y^T U`, `U^T U` and `B`:
 /// one `d x d` product over the rows instead of three (`X^T X` and `Y^T X` follow from them
-/// in `O(d^2 r)` when the round's batches are done).
+/// in `O(d^2 r)` when the round's batches are done, [`LowRankMoments`]).
 enum DeviceMoments {
     Full {
         n: usize,
@@ -102,15 +102,7 @@ enum DeviceMoments {
         yty: Tensor,
         ytx: Tensor,
     },
-    LowRank {
-        n: usize,
-        sum_y: Tensor,
-        sum_u: Tensor,
-        yty: Tensor,
-        ytu: Tensor,
-        utu: Tensor,
-        b: Tensor,
-    },
+    LowRank(LowRankMoments),
 }
 
 impl DeviceMoments {
@@ -131,18 +123,7 @@ impl DeviceMoments {
                     ytx: mm(&y, &x)?,
                 }
             }
-            CkaRows::LowRank { y, u, b } => {
-                let m = LowRankMoments::of_rows(y, u, b, rows)?;
-                Self::LowRank {
-                    n: m.n,
-                    sum_y: m.sum_y,
-                    sum_u: m.sum_u,
-                    yty: m.yty,
-                    ytu: m.ytu,
-                    utu: m.utu,
-                    b: m.b,
-                }
-            }
+            CkaRows::LowRank { y, u, b } => Self::LowRank(LowRankMoments::of_rows(y, u, b, rows)?),
         })
     }
 
@@ -157,15 +138,16 @@ impl DeviceMoments {
                 yty,
                 ytx,
             } => (n, [sum_x, sum_y, xtx, yty, ytx]),
-            Self::LowRank {
-                n,
-                sum_y,
-                sum_u,
-                yty,
-                ytu,
-                utu,
-                ..
-            } => (n, [sum_y, sum_u, yty, ytu, utu]),
+            Self::LowRank(m) => (
+                &mut m.n,
+                [
+                    &mut m.sum_y,
+                    &mut m.sum_u,
+                    &mut m.yty,
+                    &mut m.ytu,
+                    &mut m.utu,
+                ],
+            ),
         }
     }
 
@@ -201,26 +183,7 @@ impl DeviceMoments {
                 yty,
                 ytx,
             } => Ok((n, moment_norms(n, &sum_x, &sum_y, &xtx, &yty, &ytx)?)),
-            Self::LowRank {
-                n,
-                sum_y,
-                sum_u,
-                yty,
-                ytu,
-                utu,
-                b,
-            } => {
-                let m = LowRankMoments {
-                    n,
-                    sum_y,
-                    sum_u,
-                    yty,
-                    ytu,
-                    utu,
-                    b,
-                };
-                Ok((n, m.norms()?))
-            }
+            Self::LowRank(m) => Ok((m.n, m.norms()?)),
         }
     }
 }
