@@ -354,15 +354,20 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     // SAFE's CKA terms in the Gram form (`cka::gram_terms`, fused on CUDA) against the candle
     // composition on the same rows in f64, at a LLaMA-7B q/v adapter's width with padding rows
     // left out and with every row; the FLOPs each counts must agree too.
-    for (tokens, keep) in [(96, 80), (512, 512)] {
-        let (d, rank) = (4096, 8);
-        let y = r(&[tokens, d], 18, 2.0, 0.3)?;
-        let u = r(&[tokens, rank], 19, 1.0, -0.2)?;
-        let b = rand(&[d, rank], 20, 0.05, 0.0, DType::F32, device)?;
+    // An adapted linear's rows `y` `[tokens, d]` and `u` `[tokens, rank]`, its `b` `[d, rank]`
+    // (f32) and `keep` token rows spread over the tokens, drawn from `seed` on.
+    let cka_rows = |tokens: usize, keep: usize, d: usize, rank: usize, seed: u64| -> Result<_> {
+        let y = r(&[tokens, d], seed, 2.0, 0.3)?;
+        let u = r(&[tokens, rank], seed + 1, 1.0, -0.2)?;
+        let b = rand(&[d, rank], seed + 2, 0.05, 0.0, DType::F32, device)?;
         let rows: Vec<u32> = (0..keep as u32)
             .map(|i| i * tokens as u32 / keep as u32)
             .collect();
-        let rows = Tensor::new(rows, device)?;
+        Ok((y, u, b, Tensor::new(rows, device)?))
+    };
+    for (tokens, keep) in [(96, 80), (512, 512)] {
+        let (d, rank) = (4096, 8);
+        let (y, u, b, rows) = cka_rows(tokens, keep, d, rank, 18)?;
         let pick = |t: &Tensor| super::cka::pick_rows(t, &rows);
         out.extend(cka_checks(
             &format!("cka gram terms {keep} of {tokens} rows, d {d}, r {rank}"),
@@ -406,13 +411,7 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     // out; the FLOPs each counts must agree too.
     {
         let (tokens, keep, d, rank) = (2100, 2048, 384, 8);
-        let y = r(&[tokens, d], 27, 2.0, 0.3)?;
-        let u = r(&[tokens, rank], 28, 1.0, -0.2)?;
-        let b = rand(&[d, rank], 29, 0.05, 0.0, DType::F32, device)?;
-        let rows: Vec<u32> = (0..keep as u32)
-            .map(|i| i * tokens as u32 / keep as u32)
-            .collect();
-        let rows = Tensor::new(rows, device)?;
+        let (y, u, b, rows) = cka_rows(tokens, keep, d, rank, 27)?;
         out.extend(cka_checks(
             &format!("cka low-rank norms {keep} of {tokens} rows, d {d}, r {rank}"),
             &format!("cka low-rank norms {keep} of {tokens} rows: FLOPs counted, difference"),
