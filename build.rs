@@ -1,6 +1,8 @@
 //! With the `cuda` feature, compiles safetune's own CUDA kernels (src/nn/kernels.cu) to PTX with
 //! nvcc (`NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH) for `CUDA_COMPUTE_CAP`
-//! (default 90); `src/nn/gpu.rs` embeds the PTX. Nothing to do without the feature.
+//! (default 90); `src/nn/gpu.rs` embeds the PTX. At 90 the target is `compute_90a` (Hopper's
+//! warpgroup MMAs, which the PTX then needs) and `cfg(safetune_sm90a)` tells gpu.rs the Hopper
+//! kernels are in. Nothing to do without the feature.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,6 +12,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/nn/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo::rustc-check-cfg=cfg(safetune_sm90a)");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -25,9 +28,15 @@ fn main() {
             .map(|h| format!("{h}/bin/nvcc"))
             .unwrap_or_else(|_| "nvcc".into())
     });
+    let arch = if cap == "90" {
+        println!("cargo:rustc-cfg=safetune_sm90a");
+        "90a".to_string()
+    } else {
+        cap
+    };
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
+        .arg(format!("-arch=compute_{arch}"))
         .arg("-o")
         .arg(&out)
         .arg("src/nn/kernels.cu")

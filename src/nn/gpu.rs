@@ -745,7 +745,7 @@ mod imp {
             && dims.heads.is_multiple_of(dims.kv_heads)
             && dims.seq > 0
             && dims.batch > 0
-            && dims.seq.div_ceil(fwd_rows(dims.head_dim)) <= GRID_YZ
+            && dims.seq.div_ceil(fwd_kernel(dims.head_dim).rows) <= GRID_YZ
             && dims.batch <= GRID_YZ
     }
 
@@ -756,39 +756,67 @@ mod imp {
         Ok(Some(mask_add.to_dtype(DType::F32)?.contiguous()?))
     }
 
-    /// The forward's tile (`MT`, `BC` of `flash_fwd` in kernels.cu): 16-row m-tiles per warp
-    /// and keys per block; one kernel is instantiated for each.
-    fn fwd_tile(d: usize) -> (usize, usize) {
-        if d == 128 {
-            (1, 32)
-        } else {
-            (2, 64)
+    /// A forward kernel of kernels.cu: its name, threads, query rows a block and dynamic shared
+    /// memory.
+    struct FwdKernel {
+        name: String,
+        threads: u32,
+        rows: usize,
+        smem: usize,
+    }
+
+    /// The forward for head_dim `d`. At 128 on Hopper `flash_fwd_wg` (warpgroup MMAs; 192 query
+    /// rows, 64 keys a block, tiles unpadded), else `flash_fwd` (`mma.sync`; `MT` 16-row m-tiles
+    /// a warp, `BC` keys a block, rows padded by 8). Shared memory: q, two buffers of k and v,
+    /// two of the key mask.
+    fn fwd_kernel(d: usize) -> FwdKernel {
+        if d == 128 && hopper(false) {
+            let (rows, keys) = (192, 64);
+            return FwdKernel {
+                name: "st_flash_fwd_wg_d128_bf16".into(),
+                threads: 384,
+                rows,
+                smem: (rows + 4 * keys) * d * 2 + 2 * keys * 4,
+            };
+        }
+        let (mt, keys) = if d == 128 { (1, 32) } else { (2, 64) };
+        let rows = 64 * mt;
+        FwdKernel {
+            name: format!("st_flash_fwd_d{d}_m{mt}c{keys}_bf16"),
+            threads: 128,
+            rows,
+            smem: (rows + 4 * keys) * (d + 8) * 2 + 2 * keys * 4,
         }
     }
 
-    /// Query rows per forward block (`BR` of `flash_fwd` in kernels.cu).
-    fn fwd_rows(d: usize) -> usize {
-        64 * fwd_tile(d).0
-    }
-
-    /// Dynamic shared memory of the forward: q (`fwd_rows` rows), and two buffers of k, v and
-    /// the key mask (a key block each).
-    fn fwd_smem(d: usize) -> usize {
-        let key_block = fwd_tile(d).1;
-        (fwd_rows(d) + 4 * key_block) * (d + 8) * 2 + 2 * key_block * 4
+    /// Whether the Hopper kernel (`flash_fwd_wg`, or `flash_bwd_wg` for `backward`) runs at
+    /// head_dim 128: where the PTX was built for sm_90a (`CUDA_COMPUTE_CAP=90`, build.rs).
+    /// `SAFETUNE_WGMMA=0` keeps the `mma.sync` kernels and `SAFETUNE_WGMMA=fwd` only the Hopper
+    /// forward, to compare them in one binary.
+    fn hopper(backward: bool) -> bool {
+        static MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let mode = MODE.get_or_init(|| std::env::var("SAFETUNE_WGMMA").unwrap_or_default());
+        cfg!(safetune_sm90a) && mode.trim() != "0" && !(backward && mode.trim() == "fwd")
     }
 
     /// Keys per backward block and query rows per step of its loop (`BC` and `BR` of
-    /// `flash_bwd` in kernels.cu), and its threads (8 warps).
+    /// `flash_bwd` and `flash_bwd_wg` in kernels.cu), and their threads (8 warps).
     const BWD_KEYS: usize = 128;
     const BWD_ROWS: usize = 64;
     const BWD_THREADS: u32 = 256;
 
-    /// Of the backward: two buffers of lse and D (`BWD_ROWS` f32 each), k and v (`BWD_KEYS`
-    /// rows), two buffers of q and do (`BWD_ROWS` rows), P and dS (`BWD_ROWS` x (`BWD_KEYS` + 8)).
-    fn bwd_smem(d: usize) -> usize {
+    /// The backward for head_dim `d` and its dynamic shared memory: two buffers of lse and D
+    /// (`BWD_ROWS` f32 each), k and v (`BWD_KEYS` rows), two buffers of q and do (`BWD_ROWS`
+    /// rows); `flash_bwd` (rows padded by 8) also P and dS (`BWD_ROWS` x (`BWD_KEYS` + 8)),
+    /// `flash_bwd_wg` (Hopper, head_dim 128, unpadded) dS^T (`BWD_KEYS` x `BWD_ROWS`).
+    fn bwd_kernel(d: usize) -> (String, usize) {
         let (r, c) = (BWD_ROWS, BWD_KEYS);
-        4 * r * 4 + (2 * c * (d + 8) + 4 * r * (d + 8) + 2 * r * (c + 8)) * 2
+        if d == 128 && hopper(true) {
+            let smem = 4 * r * 4 + (2 * c * d + 4 * r * d + c * r) * 2;
+            return ("st_flash_bwd_wg_d128_bf16".into(), smem);
+        }
+        let smem = 4 * r * 4 + (2 * c * (d + 8) + 4 * r * (d + 8) + 2 * r * (c + 8)) * 2;
+        (format!("st_flash_bwd_d{d}_bf16"), smem)
     }
 
     /// Flash attention forward: the context `[batch*seq, heads*head_dim]` (bf16) and the per-row
@@ -820,14 +848,12 @@ mod imp {
             ptr(v.t, &dev)?,
             ptr(&mask, &dev)?,
         );
-        let (mt, bc) = fwd_tile(d);
-        let name = format!("st_flash_fwd_d{d}_m{mt}c{bc}_bf16");
-        let smem = fwd_smem(d);
-        big_smem(&dev, &name, smem)?;
+        let kernel = fwd_kernel(d);
+        big_smem(&dev, &kernel.name, kernel.smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (h as u32, t.div_ceil(fwd_rows(d)) as u32, b as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem as u32,
+            grid_dim: (h as u32, t.div_ceil(kernel.rows) as u32, b as u32),
+            block_dim: (kernel.threads, 1, 1),
+            shared_mem_bytes: kernel.smem as u32,
         };
         let (t32, h32, kv32) = (t as i32, h as i32, dims.kv_heads as i32);
         let [qsb, qsh, qsr] = q.strides;
@@ -835,7 +861,7 @@ mod imp {
         let [vsb, vsh, vsr] = v.strides;
         let [osb, osh, osr] = dims.merged(h);
         let (sc, ca) = (dims.scale as f32, dims.causal as i32);
-        launch!(dev, name, cfg; pq, pk, pv, pm, po, pl, t32, h32, kv32, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, osb, osh, osr, sc, ca);
+        launch!(dev, kernel.name, cfg; pq, pk, pv, pm, po, pl, t32, h32, kv32, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, osb, osh, osr, sc, ca);
         Ok(Some((o, lse)))
     }
 
@@ -908,8 +934,7 @@ mod imp {
             ptr(&mask, &dev)?,
         );
         let (pl, pacc) = (ptr(lse, &dev)?, ptr(&dq_acc, &dev)?);
-        let name = format!("st_flash_bwd_d{d}_bf16");
-        let smem = bwd_smem(d);
+        let (name, smem) = bwd_kernel(d);
         big_smem(&dev, &name, smem)?;
         let cfg = LaunchConfig {
             grid_dim: (kv as u32, t.div_ceil(BWD_KEYS) as u32, b as u32),

@@ -686,7 +686,8 @@ extern "C" __global__ void st_cka_moment_finish(const double* partial, int d, do
 
 // ---------------------------------------------------------------------------------------------
 // Fused (flash) attention, bf16 storage, f32 accumulation, tensor cores through `mma.sync`
-// m16n8k16 (inline PTX). FlashAttention-2: the forward runs an online softmax over key blocks and
+// m16n8k16 (inline PTX); on Hopper at head_dim 128 through warpgroup MMAs (flash_fwd_wg and
+// flash_bwd_wg, below). FlashAttention-2: the forward runs an online softmax over key blocks and
 // writes the output and the per-row log-sum-exp (natural log, f32), nothing of size T x T; the
 // backward recomputes the probabilities from the log-sum-exp per (key block, query block) tile,
 // accumulates dK and dV of one key block in registers over every query block and every query head
@@ -981,6 +982,437 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
       }
     }
   }
+}
+
+// Hopper (sm_90a, CUDA_COMPUTE_CAP=90) forward at head_dim 128: flash_fwd's contract, with the two
+// products of a key block as warpgroup MMAs (`wgmma.mma_async`). A block of three warpgroups
+// (384 threads) takes 192 query rows, 64 a warpgroup and 16 a warp; the accumulators come in
+// mma.sync's C layout, so the softmax is flash_fwd's and P stays in registers as the A operand
+// of P V. q, k and v tiles sit in shared memory in wgmma's no-swizzle canonical layout: 8 x 8
+// core matrices of 128 contiguous bytes, core (r/8, c/8) of a [rows][128] tile at
+// (r/8 * 16 + c/8) * 128 bytes; the scores read q and k k-major, P V reads v as an n-major
+// (transposed) B. Body kb issues the scores of key block kb and P V of block kb - 1, then runs
+// block kb's softmax while P V is on the tensor cores (FlashAttention-3's intra-warpgroup
+// overlap; no producer warps: measured slower here with cp.async). Key blocks of 64.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// d (m64n64, f32) = (scale_d ? d : 0) + A B, A and B from shared memory (descriptors).
+__device__ __forceinline__ void wgmma_ss_n64(float* d, uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(scale_d));}
+
+// d (m64n128, f32) += A B, A (m64k16, bf16) from registers in mma.sync's A layout, B from
+// shared memory stored n-major ([k][n], n contiguous: transposed).
+__device__ __forceinline__ void wgmma_rs_n128_tb(float* d, const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));}
+
+__device__ __forceinline__ uint64_t wg_desc(const void* s, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(s);
+  return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+         ((uint64_t)(sbo >> 4) << 32);
+}
+__device__ __forceinline__ void wg_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Rows row0 .. row0+R of a [rows, 128] matrix (row stride rs, zeros past T) into the core-matrix
+// layout with cp.async: consecutive threads take consecutive rows of one core matrix, so a warp
+// writes 512 contiguous bytes and reads 64 contiguous bytes of each of 8 rows.
+template <int R>
+__device__ __forceinline__ void wg_load_async(bf16* s, const bf16* g, long long rs, int row0,
+                                              int T) {
+  constexpr int C = 16;  // core matrices (16-byte vectors) per row
+  for (int i = threadIdx.x; i < R * C; i += blockDim.x) {
+    const int r8 = i & 7, c = (i >> 3) % C, rb = (i >> 3) / C;
+    const int r = rb * 8 + r8;
+    const bool in = row0 + r < T;
+    const bf16* src = in ? g + (long long)(row0 + r) * rs + c * 8 : g;
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(s + (rb * C + c) * 64 + r8 * 8);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(in ? 16 : 0));
+  }
+}
+
+template <bool MASKED>
+__device__ void flash_fwd_wg(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                             const bf16* __restrict__ v, const float* __restrict__ mask,
+                             bf16* __restrict__ o, float* __restrict__ lse, int T, int H, int KVH,
+                             long long qsb, long long qsh, long long qsr, long long ksb,
+                             long long ksh, long long ksr, long long vsb, long long vsh,
+                             long long vsr, long long osb, long long osh, long long osr,
+                             float scale, int causal) {
+  constexpr int D = 128, BC = 64, BR = 192, CB = D / 8 * 128;  // CB: bytes between row blocks
+  extern __shared__ __align__(16) unsigned char fl_smem[];
+  bf16* sQ = reinterpret_cast<bf16*>(fl_smem);             // BR x D
+  bf16* sK = sQ + BR * D;                                   // 2 x BC x D
+  bf16* sV = sK + 2 * BC * D;                               // 2 x BC x D
+  float* sM = reinterpret_cast<float*>(sV + 2 * BC * D);   // 2 x BC
+  const int h = blockIdx.x, qb = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (H / KVH);
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  q += b * qsb + h * qsh;
+  k += b * ksb + kvh * ksh;
+  v += b * vsb + kvh * vsh;
+  o += b * osb + h * osh;
+  const float* mk = MASKED ? mask + (long long)b * T : nullptr;
+  const int q0 = qb * BR;
+  const int nkb_all = (T + BC - 1) / BC;
+  const int nkb = causal ? min(nkb_all, (q0 + BR - 1) / BC + 1) : nkb_all;
+  wg_load_async<BR>(sQ, q, qsr, q0, T);
+  wg_load_async<BC>(sK, k, ksr, 0, T);
+  fl_load_mask<BC>(sM, mk, 0, T);
+  cp_async_commit();
+  float acc[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int r0 = wg * 64 + warp * 16;
+  const int qi[2] = {q0 + r0 + g, q0 + r0 + g + 8};
+  const float sl2 = scale * FL_LOG2E;
+  const uint64_t dq = wg_desc(sQ + wg * 64 * D, 128, CB);
+  uint32_t pa[BC / 16][4];  // P of the previous key block: the A operand of its P V
+  for (int kb = 0; kb < nkb; ++kb) {
+    const int k0 = kb * BC;
+    cp_async_wait<0>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma's reads
+    __syncthreads();  // k of block kb and v of kb - 1 are in; the buffers refilled below are free
+    if (kb + 1 < nkb) {
+      wg_load_async<BC>(sK + ((kb + 1) & 1) * BC * D, k, ksr, k0 + BC, T);
+      fl_load_mask<BC>(sM + ((kb + 1) & 1) * BC, mk, k0 + BC, T);
+    }
+    wg_load_async<BC>(sV + (kb & 1) * BC * D, v, vsr, k0, T);
+    cp_async_commit();
+    const float* cM = sM + (kb & 1) * BC;
+    float s[BC / 2];
+    const uint64_t dk = wg_desc(sK + (kb & 1) * BC * D, 128, CB);
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_ss_n64(s, dq + ks * 16, dk + ks * 16, ks > 0);
+    wg_commit();
+    if (kb > 0) {
+      const bf16* pV = sV + ((kb - 1) & 1) * BC * D;
+#pragma unroll
+      for (int ks = 0; ks < BC / 16; ++ks)
+        wgmma_rs_n128_tb(acc, pa[ks], wg_desc(pV + ks * 16 * D, CB, 128));
+      wg_commit();
+      wg_wait<1>();  // the scores are in; P V may still run
+    } else {
+      wg_wait<0>();
+    }
+    // Scores in log2 units with the mask and bounds (interior blocks skip the tests); each
+    // row's max and sum by trees (short dependency chains).
+    const bool interior = k0 + BC <= T && (!causal || k0 + BC - 1 <= q0);
+#pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt) {
+      float2 madd = make_float2(0.f, 0.f);
+      if (MASKED) madd = *reinterpret_cast<const float2*>(cM + nt * 8 + 2 * t4);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int kj = k0 + nt * 8 + 2 * t4 + c;
+        const float ma = c ? madd.y : madd.x;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float& x = s[4 * nt + 2 * r + c];
+          x = MASKED ? fmaf(ma, FL_LOG2E, x * sl2) : x * sl2;
+          if (!interior && (kj >= T || (causal && kj > qi[r]))) x = -INFINITY;
+        }
+      }
+    }
+    float mu[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float t[BC / 8];
+#pragma unroll
+      for (int nt = 0; nt < BC / 8; ++nt) t[nt] = fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]);
+#pragma unroll
+      for (int w = BC / 16; w > 0; w >>= 1)
+#pragma unroll
+        for (int i = 0; i < w; ++i) t[i] = fmaxf(t[i], t[i + w]);
+      float mx = fmaxf(m[r], t[0]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mu[r] = mx == -INFINITY ? 0.f : mx;
+      alpha[r] = exp2f(m[r] - mu[r]);
+      m[r] = mx;
+    }
+#pragma unroll
+    for (int i = 0; i < BC / 2; ++i) s[i] = exp2f(s[i] - mu[(i >> 1) & 1]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float t[BC / 8];
+#pragma unroll
+      for (int nt = 0; nt < BC / 8; ++nt) t[nt] = s[4 * nt + 2 * r] + s[4 * nt + 2 * r + 1];
+#pragma unroll
+      for (int w = BC / 16; w > 0; w >>= 1)
+#pragma unroll
+        for (int i = 0; i < w; ++i) t[i] += t[i + w];
+      l[r] = l[r] * alpha[r] + t[0];
+    }
+    wg_wait<0>();  // P V of block kb - 1 is in acc and done with pa
+    if (alpha[0] != 1.f || alpha[1] != 1.f) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[4 * n] *= alpha[0];
+        acc[4 * n + 1] *= alpha[0];
+        acc[4 * n + 2] *= alpha[1];
+        acc[4 * n + 3] *= alpha[1];
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < BC / 16; ++ks) pack_a(pa[ks], s + 8 * ks, s + 8 * ks + 4);
+  }
+  cp_async_wait<0>();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const bf16* pV = sV + ((nkb - 1) & 1) * BC * D;
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < BC / 16; ++ks)
+    wgmma_rs_n128_tb(acc, pa[ks], wg_desc(pV + ks * 16 * D, CB, 128));
+  wg_commit();
+  wg_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float li = l[r];
+    li += __shfl_xor_sync(0xffffffffu, li, 1);
+    li += __shfl_xor_sync(0xffffffffu, li, 2);
+    if (qi[r] >= T) continue;
+    const float inv = li > 0.f ? 1.f / li : 0.f;
+    bf16* orow = o + (long long)qi[r] * osr;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * t4) =
+          pack_bf16(acc[4 * n + 2 * r] * inv, acc[4 * n + 2 * r + 1] * inv);
+    if (t4 == 0) {
+      const float mu = m[r] == -INFINITY ? 0.f : m[r];
+      lse[((long long)b * H + h) * T + qi[r]] = mu * FL_LN2 + logf(li);
+    }
+  }
+}
+
+// d (m64n64, f32) = (scale_d ? d : 0) + A B, A (m-major: [k][m], m contiguous) and B (n-major)
+// from shared memory, both transposed.
+__device__ __forceinline__ void wgmma_ss_n64_tt(float* d, uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// Hopper backward at head_dim 128: flash_bwd's contract with warpgroup MMAs. A block of two
+// warpgroups owns 128 keys (64 each) of one kv head and loops over query blocks of 64 rows of
+// every query head of its group. Per block each warpgroup forms S^T = K Q^T and dP^T = V dO^T
+// (64 keys x 64 queries, both operands k-major in shared memory), turns them into P^T and
+// dS^T = P^T (dP^T - D) in registers, accumulates dV += P^T dO and dK += dS^T Q with P^T and dS^T
+// as register A operands (dO and Q read transposed), and writes dS^T to shared memory, from
+// which dQ = dS K (64 queries x its half of the columns, dS read m-major) is added into the f32
+// buffer with vector atomics. Tiles in wgmma's no-swizzle core-matrix layout (see flash_fwd_wg).
+// The loop is flash_bwd's (two block-wide barriers a query block, nothing overlapped across
+// them); adding dQ by bulk reductions (`cp.reduce.async.bulk`) from a staging tile measured
+// slower than the atomics.
+__device__ void flash_bwd_wg(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                             const bf16* __restrict__ v, const float* __restrict__ mask,
+                             const bf16* __restrict__ dout, const float* __restrict__ lse,
+                             const float* __restrict__ dvec, float* __restrict__ dq_acc,
+                             bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int H, int KVH,
+                             long long qsb, long long qsh, long long qsr, long long ksb,
+                             long long ksh, long long ksr, long long vsb, long long vsh,
+                             long long vsr, long long dsb, long long dsh, long long dsr,
+                             long long dksb, long long dksh, long long dksr, long long dvsb,
+                             long long dvsh, long long dvsr, float scale, int causal) {
+  constexpr int D = 128, BR = 64, BC = 128, CB = D / 8 * 128;  // CB: bytes between row blocks
+  constexpr int SB = BR / 8 * 128;  // bytes between key blocks of dS^T ([BC][BR] tile)
+  extern __shared__ __align__(16) unsigned char fl_smem[];
+  float* sL = reinterpret_cast<float*>(fl_smem);    // 2 x [BR] lse * log2(e)
+  float* sDd = sL + 2 * BR;                          // 2 x [BR]
+  bf16* sK = reinterpret_cast<bf16*>(sDd + 2 * BR);  // [BC][D]
+  bf16* sV = sK + BC * D;                            // [BC][D]
+  bf16* sQ = sV + BC * D;                            // 2 x [BR][D]
+  bf16* sdO = sQ + 2 * BR * D;                       // 2 x [BR][D]
+  bf16* sdS = sdO + 2 * BR * D;                      // [BC][BR]: dS^T
+  const int kvh = blockIdx.x, kb = blockIdx.y, b = blockIdx.z;
+  const int G = H / KVH;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int k0 = kb * BC;
+  k += b * ksb + kvh * ksh;
+  v += b * vsb + kvh * vsh;
+  const int nqb = (T + BR - 1) / BR;
+  const int qb0 = causal ? k0 / BR : 0;
+  const int nq = nqb - qb0, total = G * nq;
+  auto issue = [&](int it, int bf) {
+    const int hq = kvh * G + it / nq, q0 = (qb0 + it % nq) * BR;
+    wg_load_async<BR>(sQ + bf * BR * D, q + b * qsb + hq * qsh, qsr, q0, T);
+    wg_load_async<BR>(sdO + bf * BR * D, dout + b * dsb + hq * dsh, dsr, q0, T);
+    if (threadIdx.x < BR) {
+      const int i = q0 + threadIdx.x;
+      const long long row = ((long long)b * H + hq) * T + i;
+      sL[bf * BR + threadIdx.x] = i < T ? lse[row] * FL_LOG2E : 0.f;
+      sDd[bf * BR + threadIdx.x] = i < T ? dvec[row] : 0.f;
+    }
+  };
+  wg_load_async<BC>(sK, k, ksr, k0, T);
+  wg_load_async<BC>(sV, v, vsr, k0, T);
+  if (total > 0) issue(0, 0);
+  cp_async_commit();
+  // This thread's keys (rows of S^T): kr[r] within the block, and their mask * log2(e).
+  const int kr[2] = {wg * 64 + warp * 16 + g, wg * 64 + warp * 16 + g + 8};
+  float mk[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    mk[r] = k0 + kr[r] < T && mask ? mask[(long long)b * T + k0 + kr[r]] * FL_LOG2E : 0.f;
+  float dka[D / 2], dva[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dka[i] = dva[i] = 0.f;
+  const float sl2 = scale * FL_LOG2E;
+  const uint64_t dK_ = wg_desc(sK + wg * 64 * D, 128, CB), dV_ = wg_desc(sV + wg * 64 * D, 128, CB);
+  for (int it = 0; it < total; ++it) {
+    const int hq = kvh * G + it / nq, q0 = (qb0 + it % nq) * BR, bf = it & 1;
+    cp_async_wait<0>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // this block's tiles are in; the last iteration is done with sdS and bf^1
+    if (it + 1 < total) {
+      issue(it + 1, bf ^ 1);
+      cp_async_commit();
+    }
+    const bf16* cQ = sQ + bf * BR * D;
+    const bf16* cdO = sdO + bf * BR * D;
+    const float* cL = sL + bf * BR;
+    const float* cD = sDd + bf * BR;
+    float s[BR / 2], dp[BR / 2];
+    const uint64_t dq_ = wg_desc(cQ, 128, CB), ddo = wg_desc(cdO, 128, CB);
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_ss_n64(s, dK_ + ks * 16, dq_ + ks * 16, ks > 0);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_ss_n64(dp, dV_ + ks * 16, ddo + ks * 16, ks > 0);
+    wg_commit();
+    wg_wait<0>();
+    // P^T and dS^T (unscaled: scale goes on dQ and dK); interior tiles skip the tests.
+    const bool interior = q0 + BR <= T && k0 + BC <= T && (!causal || k0 + BC - 1 <= q0);
+    uint32_t pa[BR / 16][4], sa[BR / 16][4];
+#pragma unroll
+    for (int j = 0; j < BR / 8; ++j) {
+      const int ql = j * 8 + 2 * t4;
+      const float2 lq = *reinterpret_cast<const float2*>(cL + ql);
+      const float2 dq = *reinterpret_cast<const float2*>(cD + ql);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int e = 4 * j + 2 * r + c, qi = q0 + ql + c, key = k0 + kr[r];
+          float p = 0.f;
+          if (interior || (qi < T && key < T && !(causal && key > qi)))
+            p = exp2f(s[e] * sl2 + mk[r] - (c ? lq.y : lq.x));
+          s[e] = p;
+          dp[e] = p * (dp[e] - (c ? dq.y : dq.x));
+        }
+    }
+#pragma unroll
+    for (int ks = 0; ks < BR / 16; ++ks) {
+      pack_a(pa[ks], s + 8 * ks, s + 8 * ks + 4);
+      pack_a(sa[ks], dp + 8 * ks, dp + 8 * ks + 4);
+    }
+    // dS^T into shared memory for dQ: rows kr, columns 8j + 2t4.
+#pragma unroll
+    for (int j = 0; j < BR / 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<unsigned char*>(sdS) +
+                                     (kr[r] >> 3) * SB + j * 128 + (kr[r] & 7) * 16 + t4 * 4) =
+            pack_bf16(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]);
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < BR / 16; ++ks)
+      wgmma_rs_n128_tb(dva, pa[ks], wg_desc(cdO + ks * 16 * D, CB, 128));
+#pragma unroll
+    for (int ks = 0; ks < BR / 16; ++ks)
+      wgmma_rs_n128_tb(dka, sa[ks], wg_desc(cQ + ks * 16 * D, CB, 128));
+    wg_commit();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // dS^T of both warpgroups is in
+    // dQ = dS K: this warpgroup's 64 columns, k = the BC keys.
+    float dqa[32];
+    const uint64_t dsd = wg_desc(sdS, SB, 128);
+    const uint64_t dkd = wg_desc(sK + wg * 8 * 64, CB, 128);  // columns wg*64..: 8 core matrices on
+#pragma unroll
+    for (int ks = 0; ks < BC / 16; ++ks)
+      wgmma_ss_n64_tt(dqa, dsd + ks * (2 * SB / 16), dkd + ks * (2 * CB / 16), ks > 0);
+    wg_commit();
+    wg_wait<0>();
+    float* dqh = dq_acc + ((long long)b * H + hq) * T * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int qi = q0 + warp * 16 + g + 8 * r;
+      if (qi >= T) continue;
+      float* dqr = dqh + (long long)qi * D + wg * 64;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        atomicAdd(reinterpret_cast<float2*>(dqr + j * 8 + 2 * t4),
+                  make_float2(dqa[4 * j + 2 * r] * scale, dqa[4 * j + 2 * r + 1] * scale));
+    }
+  }
+  cp_async_wait<0>();
+  dk += b * dksb + kvh * dksh;
+  dv += b * dvsb + kvh * dvsh;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = k0 + kr[r];
+    if (key >= T) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + 2 * t4;
+      *reinterpret_cast<uint32_t*>(dk + (long long)key * dksr + col) =
+          pack_bf16(dka[4 * n + 2 * r] * scale, dka[4 * n + 2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv + (long long)key * dvsr + col) =
+          pack_bf16(dva[4 * n + 2 * r], dva[4 * n + 2 * r + 1]);
+    }
+  }
+}
+#endif
+
+// Declared in every compilation pass, its body only where the Hopper instructions exist.
+extern "C" __global__ void __launch_bounds__(384, 1) st_flash_fwd_wg_d128_bf16(
+    const bf16* q, const bf16* k, const bf16* v, const float* mask, bf16* o, float* lse, int T,
+    int H, int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,
+    long long ksr, long long vsb, long long vsh, long long vsr, long long osb, long long osh,
+    long long osr, float scale, int causal) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if (mask)
+    flash_fwd_wg<true>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh,
+                       vsr, osb, osh, osr, scale, causal);
+  else
+    flash_fwd_wg<false>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh,
+                        vsr, osb, osh, osr, scale, causal);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) st_flash_bwd_wg_d128_bf16(
+    const bf16* q, const bf16* k, const bf16* v, const float* mask, const bf16* dout,
+    const float* lse, const float* dvec, float* dq_acc, bf16* dk, bf16* dv, int T, int H, int KVH,
+    long long qsb, long long qsh, long long qsr, long long ksb, long long ksh, long long ksr,
+    long long vsb, long long vsh, long long vsr, long long dsb, long long dsh, long long dsr,
+    long long dksb, long long dksh, long long dksr, long long dvsb, long long dvsh,
+    long long dvsr, float scale, int causal) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  flash_bwd_wg(q, k, v, mask, dout, lse, dvec, dq_acc, dk, dv, T, H, KVH, qsb, qsh, qsr, ksb, ksh,
+               ksr, vsb, vsh, vsr, dsb, dsh, dsr, dksb, dksh, dksr, dvsb, dvsh, dvsr, scale,
+               causal);
+#endif
 }
 
 // dvec[b, h, i] = sum_d do[b, h, i, d] * o[b, h, i, d]: one warp per row, 8 rows per block.
