@@ -599,3 +599,48 @@ fn qa_model_gradients_match_autograd() {
             > 1e-6
     );
 }
+
+/// Test configs (used across the crate's tests).
+impl BertConfig {
+    /// A 3-layer, 8-wide BERT (vocabulary 50) for tests.
+    pub(crate) fn tiny(dropout: f64) -> Self {
+        Self::sized(50, 8, 3, 2, 16, 16, dropout)
+    }
+
+    /// [`BertConfig::tiny`] as another family: RoBERTa's one-row type table and padding index
+    /// 1, DistilBERT's absent token types.
+    pub(crate) fn tiny_of(family: EncoderFamily, dropout: f64) -> Self {
+        let mut c = Self::tiny(dropout);
+        c.model_type = Some(family.model_type().into());
+        match family {
+            EncoderFamily::Roberta => {
+                c.type_vocab_size = 1;
+                c.pad_token_id = 1;
+                c.max_position_embeddings = 18;
+            }
+            EncoderFamily::MPNet => {
+                c.pad_token_id = 1;
+                c.max_position_embeddings = 18;
+            }
+            EncoderFamily::DistilBert => {
+                c.type_vocab_size = 0;
+                c.classifier_dropout = Some(2.0 * dropout);
+                c.qa_dropout = Some(dropout);
+            }
+            EncoderFamily::ViT => {
+                let g = crate::model::bert_config::ImageGeometry {
+                    image_size: 8,
+                    patch_size: 4,
+                    num_channels: 3,
+                };
+                c.vocab_size = 1;
+                c.type_vocab_size = 0;
+                c.max_position_embeddings = g.num_patches() + 1;
+                c.classifier_dropout = Some(0.0);
+                c.image = Some(g);
+            }
+            EncoderFamily::Bert => {}
+        }
+        c
+    }
+}
