@@ -578,10 +578,11 @@ fn in_place(dst: &Tensor, srcs: &[&Tensor], pass: InPlace) -> Result<bool> {
     if !fits(dst) || !srcs.iter().all(|t| fits(t)) {
         return Ok(false);
     }
-    match (pass, srcs) {
-        (InPlace::Two(_), [a]) => dst.inplace_op2(a, &pass)?,
-        (InPlace::Three(_), [a, b]) => dst.inplace_op3(a, b, &pass)?,
-        _ => candle_core::bail!("cpu_in_place: {} operands for the pass", srcs.len() + 1),
+    // `InPlace::run` checks that the pass takes this many operands.
+    match srcs {
+        [a] => dst.inplace_op2(a, &pass)?,
+        [a, b] => dst.inplace_op3(a, b, &pass)?,
+        _ => candle_core::bail!("cpu_in_place: {} operands", srcs.len() + 1),
     }
     Ok(true)
 }

@@ -1160,7 +1160,6 @@ mod imp {
         crate::nn::flops::add(2 * (n * d * d + n * d * r + n * r * r) as u64);
         let b = b.to_dtype(DType::F64)?.contiguous()?;
         let (_partial, ppartial) = output(&dev, DType::F64, &Shape::from((d, 5)))?;
-        let (out, pout) = output(&dev, DType::F64, &Shape::from(5))?;
         let (pm, pb, nf) = (ptr(&m, &dev)?, ptr(&b, &dev)?, n as f64);
         let per_row = LaunchConfig {
             grid_dim: (d as u32, 1, 1),
@@ -1168,15 +1167,7 @@ mod imp {
             shared_mem_bytes: 0,
         };
         launch!(dev, "st_cka_moment_rows_packed", per_row; pm, pb, psums, d32, r32, nf, ppartial);
-        let one = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(dev, "st_cka_moment_finish", one; ppartial, d32, pout);
-        // The products the composition of the norms counts (as `cka_moment_norms`).
-        crate::nn::flops::add(2 * (d * d * r + d * r * r + d * d * r + d * r) as u64);
-        Ok(Some(out))
+        Ok(Some(cka_moment_finish(&dev, ppartial, d, r)?))
     }
 
     /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
@@ -1276,7 +1267,6 @@ mod imp {
         let dev = device(&m.yty)?;
         // Named so that it lives to the end of the function, as the other wrappers' scratch does.
         let (_partial, ppartial) = output(&dev, DType::F64, &Shape::from((d, 5)))?;
-        let (out, pout) = output(&dev, DType::F64, &Shape::from(5))?;
         let (pyty, pytu, putu, pb, psy, psu) = (
             ptr(&m.yty, &dev)?,
             ptr(&m.ytu, &dev)?,
@@ -1292,15 +1282,23 @@ mod imp {
             shared_mem_bytes: 0,
         };
         launch!(dev, "st_cka_moment_rows", rows; pyty, pytu, putu, pb, psy, psu, d32, r32, n, ppartial);
+        Ok(Some(cka_moment_finish(&dev, ppartial, d, r)?))
+    }
+
+    /// The last step of both moment-norm paths: `st_cka_moment_finish` adds the `[d, 5]` per-row
+    /// partial norms at `ppartial` (kept alive by the caller) into CKA's five norms `[5]`; the
+    /// products the norms' composition counts (`C`, `B (U^T U) B^T` and `B sum_u`) are counted.
+    fn cka_moment_finish(dev: &CudaDevice, ppartial: u64, d: usize, r: usize) -> Result<Tensor> {
+        let (out, pout) = output(dev, DType::F64, &Shape::from(5))?;
         let one = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let d32 = d as i32;
         launch!(dev, "st_cka_moment_finish", one; ppartial, d32, pout);
-        // The products the composition counts: `C`, `B (U^T U) B^T` and `B sum_u`.
         crate::nn::flops::add(2 * (d * d * r + d * r * r + d * d * r + d * r) as u64);
-        Ok(Some(out))
+        Ok(out)
     }
 }
 
