@@ -707,6 +707,28 @@ extern "C" __global__ void st_cka_moment_finish(const double* partial, int d, do
 // [n][k] with k contiguous, or transposed from a [k][n] tile), and two adjacent C tiles of a
 // product are the A fragment of the next product.
 
+// The parameters of the flash kernels (R: `__restrict__` on the device functions, nothing on the
+// kernels that pass them on) and the argument lists that pass them on: one place for the
+// signatures of flash_fwd, flash_fwd_wg, flash_bwd, flash_bwd_wg and their kernels.
+#define FLASH_FWD_PARAMS(R)                                                                      \
+  const bf16* R q, const bf16* R k, const bf16* R v, const float* R mask, bf16* R o,             \
+      float* R lse, int T, int H, int KVH, long long qsb, long long qsh, long long qsr,          \
+      long long ksb, long long ksh, long long ksr, long long vsb, long long vsh, long long vsr,  \
+      long long osb, long long osh, long long osr, float scale, int causal
+#define FLASH_FWD_ARGS                                                                           \
+  q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh, vsr, osb, osh, osr,  \
+      scale, causal
+#define FLASH_BWD_PARAMS(R)                                                                      \
+  const bf16* R q, const bf16* R k, const bf16* R v, const float* R mask, const bf16* R dout,    \
+      const float* R lse, const float* R dvec, float* R dq_acc, bf16* R dk, bf16* R dv, int T,   \
+      int H, int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,  \
+      long long ksr, long long vsb, long long vsh, long long vsr, long long dsb, long long dsh,  \
+      long long dsr, long long dksb, long long dksh, long long dksr, long long dvsb,             \
+      long long dvsh, long long dvsr, float scale, int causal
+#define FLASH_BWD_ARGS                                                                           \
+  q, k, v, mask, dout, lse, dvec, dq_acc, dk, dv, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb,  \
+      vsh, vsr, dsb, dsh, dsr, dksb, dksh, dksr, dvsb, dvsh, dvsr, scale, causal
+
 #define FL_LOG2E 1.4426950408889634f
 #define FL_LN2 0.6931471805599453f
 
@@ -813,13 +835,7 @@ __device__ __forceinline__ void ldsm_b(uint32_t* b, const bf16* tile, int SS, in
 // local memory (ncu: 255 registers, 3.0 M spill requests per T=4096 call, 8 warps an SM); one
 // m-tile and 32-wide blocks take 127 registers, so four blocks share an SM.
 template <int D, int MT, int BC>
-__device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                          const bf16* __restrict__ v, const float* __restrict__ mask,
-                          bf16* __restrict__ o, float* __restrict__ lse, int T, int H, int KVH,
-                          long long qsb, long long qsh, long long qsr, long long ksb,
-                          long long ksh, long long ksr, long long vsb, long long vsh,
-                          long long vsr, long long osb, long long osh, long long osr,
-                          float scale, int causal) {
+__device__ void flash_fwd(FLASH_FWD_PARAMS(__restrict__)) {
   constexpr int BR = 64 * MT, SD = D + 8;
   extern __shared__ __align__(16) unsigned char fl_smem[];
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);  // [BR][SD]
@@ -1046,13 +1062,7 @@ __device__ __forceinline__ void wg_load_async(bf16* s, const bf16* g, long long 
 }
 
 template <bool MASKED>
-__device__ void flash_fwd_wg(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                             const bf16* __restrict__ v, const float* __restrict__ mask,
-                             bf16* __restrict__ o, float* __restrict__ lse, int T, int H, int KVH,
-                             long long qsb, long long qsh, long long qsr, long long ksb,
-                             long long ksh, long long ksr, long long vsb, long long vsh,
-                             long long vsr, long long osb, long long osh, long long osr,
-                             float scale, int causal) {
+__device__ void flash_fwd_wg(FLASH_FWD_PARAMS(__restrict__)) {
   constexpr int D = 128, BC = 64, BR = 192, CB = D / 8 * 128;  // CB: bytes between row blocks
   extern __shared__ __align__(16) unsigned char fl_smem[];
   bf16* sQ = reinterpret_cast<bf16*>(fl_smem);             // BR x D
@@ -1224,16 +1234,7 @@ __device__ __forceinline__ void wgmma_ss_n64_tt(float* d, uint64_t da, uint64_t 
 // The loop is flash_bwd's (two block-wide barriers a query block, nothing overlapped across
 // them); adding dQ by bulk reductions (`cp.reduce.async.bulk`) from a staging tile measured
 // slower than the atomics.
-__device__ void flash_bwd_wg(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                             const bf16* __restrict__ v, const float* __restrict__ mask,
-                             const bf16* __restrict__ dout, const float* __restrict__ lse,
-                             const float* __restrict__ dvec, float* __restrict__ dq_acc,
-                             bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int H, int KVH,
-                             long long qsb, long long qsh, long long qsr, long long ksb,
-                             long long ksh, long long ksr, long long vsb, long long vsh,
-                             long long vsr, long long dsb, long long dsh, long long dsr,
-                             long long dksb, long long dksh, long long dksr, long long dvsb,
-                             long long dvsh, long long dvsr, float scale, int causal) {
+__device__ void flash_bwd_wg(FLASH_BWD_PARAMS(__restrict__)) {
   constexpr int D = 128, BR = 64, BC = 128, CB = D / 8 * 128;  // CB: bytes between row blocks
   constexpr int SB = BR / 8 * 128;  // bytes between key blocks of dS^T ([BC][BR] tile)
   extern __shared__ __align__(16) unsigned char fl_smem[];
@@ -1386,32 +1387,20 @@ __device__ void flash_bwd_wg(const bf16* __restrict__ q, const bf16* __restrict_
 #endif
 
 // Declared in every compilation pass, its body only where the Hopper instructions exist.
-extern "C" __global__ void __launch_bounds__(384, 1) st_flash_fwd_wg_d128_bf16(
-    const bf16* q, const bf16* k, const bf16* v, const float* mask, bf16* o, float* lse, int T,
-    int H, int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,
-    long long ksr, long long vsb, long long vsh, long long vsr, long long osb, long long osh,
-    long long osr, float scale, int causal) {
+extern "C" __global__ void __launch_bounds__(384, 1)
+    st_flash_fwd_wg_d128_bf16(FLASH_FWD_PARAMS()) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if (mask)
-    flash_fwd_wg<true>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh,
-                       vsr, osb, osh, osr, scale, causal);
+    flash_fwd_wg<true>(FLASH_FWD_ARGS);
   else
-    flash_fwd_wg<false>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb, vsh,
-                        vsr, osb, osh, osr, scale, causal);
+    flash_fwd_wg<false>(FLASH_FWD_ARGS);
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1) st_flash_bwd_wg_d128_bf16(
-    const bf16* q, const bf16* k, const bf16* v, const float* mask, const bf16* dout,
-    const float* lse, const float* dvec, float* dq_acc, bf16* dk, bf16* dv, int T, int H, int KVH,
-    long long qsb, long long qsh, long long qsr, long long ksb, long long ksh, long long ksr,
-    long long vsb, long long vsh, long long vsr, long long dsb, long long dsh, long long dsr,
-    long long dksb, long long dksh, long long dksr, long long dvsb, long long dvsh,
-    long long dvsr, float scale, int causal) {
+extern "C" __global__ void __launch_bounds__(256, 1)
+    st_flash_bwd_wg_d128_bf16(FLASH_BWD_PARAMS()) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  flash_bwd_wg(q, k, v, mask, dout, lse, dvec, dq_acc, dk, dv, T, H, KVH, qsb, qsh, qsr, ksb, ksh,
-               ksr, vsb, vsh, vsr, dsb, dsh, dsr, dksb, dksh, dksr, dvsb, dvsh, dvsr, scale,
-               causal);
+  flash_bwd_wg(FLASH_BWD_ARGS);
 #endif
 }
 
@@ -1475,16 +1464,7 @@ __device__ __forceinline__ void ldsm_a_trans(uint32_t* a, const bf16* tile, int 
 //   whole loop;
 //   dQ = dS K (64 x D): warps 2 (queries) x 4 (columns), added into the f32 buffer with atomics.
 template <int D>
-__device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                          const bf16* __restrict__ v, const float* __restrict__ mask,
-                          const bf16* __restrict__ dout, const float* __restrict__ lse,
-                          const float* __restrict__ dvec, float* __restrict__ dq_acc,
-                          bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int H, int KVH,
-                          long long qsb, long long qsh, long long qsr, long long ksb,
-                          long long ksh, long long ksr, long long vsb, long long vsh,
-                          long long vsr, long long dsb, long long dsh, long long dsr,
-                          long long dksb, long long dksh, long long dksr, long long dvsb,
-                          long long dvsh, long long dvsr, float scale, int causal) {
+__device__ void flash_bwd(FLASH_BWD_PARAMS(__restrict__)) {
   constexpr int BR = 64, BC = 128, SD = D + 8, SP = BC + 8;
   constexpr int NKV = D / 16, NQ = D / 32;  // 8-column tiles a warp owns in dK/dV, in dQ
   extern __shared__ __align__(16) unsigned char fl_smem[];
@@ -1694,29 +1674,18 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     }
 }
 
-#define FLASH_FWD(DIM, MT, BC)                                                                    \
-  extern "C" __global__ void __launch_bounds__(128) st_flash_fwd_d##DIM##_m##MT##c##BC##_bf16(   \
-      const bf16* q, const bf16* k, const bf16* v, const float* mask, bf16* o, float* lse, int T, \
-      int H, int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,  \
-      long long ksr, long long vsb, long long vsh, long long vsr, long long osb, long long osh,    \
-      long long osr, float scale, int causal) {                                                   \
-    flash_fwd<DIM, MT, BC>(q, k, v, mask, o, lse, T, H, KVH, qsb, qsh, qsr, ksb, ksh, ksr, vsb,   \
-                           vsh, vsr, osb, osh, osr, scale, causal);                               \
+#define FLASH_FWD(DIM, MT, BC)                                                                  \
+  extern "C" __global__ void __launch_bounds__(128)                                             \
+      st_flash_fwd_d##DIM##_m##MT##c##BC##_bf16(FLASH_FWD_PARAMS()) {                           \
+    flash_fwd<DIM, MT, BC>(FLASH_FWD_ARGS);                                                     \
   }
 FLASH_FWD(64, 2, 64)
 FLASH_FWD(128, 1, 32)
 
-#define FLASH_INSTANTIATE(DIM)                                                                   \
-  extern "C" __global__ void __launch_bounds__(256) st_flash_bwd_d##DIM##_bf16(                 \
-      const bf16* q, const bf16* k, const bf16* v, const float* mask, const bf16* dout,           \
-      const float* lse, const float* dvec, float* dq_acc, bf16* dk, bf16* dv, int T, int H,       \
-      int KVH, long long qsb, long long qsh, long long qsr, long long ksb, long long ksh,          \
-      long long ksr, long long vsb, long long vsh, long long vsr, long long dsb, long long dsh,   \
-      long long dsr, long long dksb, long long dksh, long long dksr, long long dvsb,              \
-      long long dvsh, long long dvsr, float scale, int causal) {                                  \
-    flash_bwd<DIM>(q, k, v, mask, dout, lse, dvec, dq_acc, dk, dv, T, H, KVH, qsb, qsh, qsr, ksb, \
-                   ksh, ksr, vsb, vsh, vsr, dsb, dsh, dsr, dksb, dksh, dksr, dvsb, dvsh, dvsr,    \
-                   scale, causal);                                                                \
+#define FLASH_INSTANTIATE(DIM)                                                                  \
+  extern "C" __global__ void __launch_bounds__(256)                                             \
+      st_flash_bwd_d##DIM##_bf16(FLASH_BWD_PARAMS()) {                                          \
+    flash_bwd<DIM>(FLASH_BWD_ARGS);                                                             \
   }
 
 FLASH_INSTANTIATE(64)
