@@ -26,6 +26,19 @@ pub struct Check {
     pub ok: bool,
 }
 
+impl Check {
+    /// A line for information (a timing or a size in `value`), which always passes.
+    fn info(name: String, dtype: &str, value: f64) -> Self {
+        Self {
+            name,
+            dtype: dtype.into(),
+            rel_err: value,
+            tol: 1e12,
+            ok: true,
+        }
+    }
+}
+
 fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
     let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
     let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
@@ -458,44 +471,36 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                 tol: 256.0,
                 ok: flash_mb <= 256.0,
             });
-            out.push(Check {
-                name: "  (the composition's peak MB, same call)".into(),
-                dtype: dname.clone(),
-                rel_err: comp_mb,
-                tol: 1e12,
-                ok: true,
-            });
+            out.push(Check::info(
+                "  (the composition's peak MB, same call)".into(),
+                &dname,
+                comp_mb,
+            ));
             // SAFE's per-adapter measurement at a 7B q/v adapter over 512 token rows, ms a
             // call (20 calls queued back to back), for information.
             for (fused, kind) in [(true, "fused"), (false, "composition")] {
-                out.push(Check {
-                    name: format!("  (timing: cka gram terms 512 rows d 4096 r 8, {kind} ms)"),
-                    dtype: dname.clone(),
-                    rel_err: cka_gram_ms(device, fused)?,
-                    tol: 1e12,
-                    ok: true,
-                });
+                out.push(Check::info(
+                    format!("  (timing: cka gram terms 512 rows d 4096 r 8, {kind} ms)"),
+                    &dname,
+                    cka_gram_ms(device, fused)?,
+                ));
             }
             // The moment form's norms at MiniLM's q/v adapter (d 384, r 8), ms a call.
             for (fused, kind) in [(true, "fused"), (false, "composition")] {
-                out.push(Check {
-                    name: format!("  (timing: cka moment norms d 384 r 8, {kind} ms)"),
-                    dtype: dname.clone(),
-                    rel_err: cka_moment_ms(device, fused)?,
-                    tol: 1e12,
-                    ok: true,
-                });
+                out.push(Check::info(
+                    format!("  (timing: cka moment norms d 384 r 8, {kind} ms)"),
+                    &dname,
+                    cka_moment_ms(device, fused)?,
+                ));
             }
             // The moment form from a batch's rows at MiniLM's q/v adapter, ms a call: fused
             // from the rows, the moments composed then the fused norms, all composed.
             for kind in ["fused", "moments then fused norms", "composition"] {
-                out.push(Check {
-                    name: format!("  (timing: cka low-rank norms 2048 rows d 384 r 8, {kind} ms)"),
-                    dtype: dname.clone(),
-                    rel_err: cka_low_rank_ms(device, kind)?,
-                    tol: 1e12,
-                    ok: true,
-                });
+                out.push(Check::info(
+                    format!("  (timing: cka low-rank norms 2048 rows d 384 r 8, {kind} ms)"),
+                    &dname,
+                    cka_low_rank_ms(device, kind)?,
+                ));
             }
             // Timings, for information (ms of one forward / backward, median of 5).
             // The reference composition builds its causal mask on the host each call, so its
@@ -503,13 +508,11 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             for (fused, kind) in [(true, "flash"), (false, "reference composition")] {
                 let (f, b) = attention_ms(device, fused)?;
                 for (part, ms) in [("forward", f), ("backward", b)] {
-                    out.push(Check {
-                        name: format!("  (timing: {kind} T=4096 32h d128 causal {part} ms)"),
-                        dtype: dname.clone(),
-                        rel_err: ms,
-                        tol: 1e12,
-                        ok: true,
-                    });
+                    out.push(Check::info(
+                        format!("  (timing: {kind} T=4096 32h d128 causal {part} ms)"),
+                        &dname,
+                        ms,
+                    ));
                 }
             }
         }
