@@ -136,8 +136,15 @@ fn lm_batch(vocab: u32) -> LmBatch {
 /// (so that buffers the kernels allocate once per process or thread are not counted).
 fn measured_peak(f: impl Fn()) -> usize {
     f();
-    (0..2)
+    least_peak(2, || Box::new(&f))
+}
+
+/// The least heap peak, over `runs` runs, of the closure `prepare` returns, over what was live
+/// before it (what `prepare` allocates is not counted).
+fn least_peak<'a>(runs: usize, prepare: impl Fn() -> Box<dyn FnOnce() + 'a>) -> usize {
+    (0..runs)
         .map(|_| {
+            let f = prepare();
             let before = memory::live_bytes();
             memory::reset_peak();
             f();
@@ -232,18 +239,7 @@ fn activation_backward_writes_over_its_saved_input() {
     };
     let input_bytes = 512 * 256 * 4;
     // The least extra peak of three backward passes, each on a fresh forward's saved state.
-    let extra = |run: &dyn Fn() -> Box<dyn FnOnce()>| {
-        (0..3)
-            .map(|_| {
-                let backward = run();
-                let before = memory::live_bytes();
-                memory::reset_peak();
-                backward();
-                memory::peak_bytes().saturating_sub(before)
-            })
-            .min()
-            .unwrap()
-    };
+    let extra = |run: &dyn Fn() -> Box<dyn FnOnce()>| least_peak(3, run);
     let dy = rand(3);
     for kind in [gelu::GeluKind::Erf, gelu::GeluKind::Tanh] {
         let bytes = extra(&|| {
