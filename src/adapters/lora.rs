@@ -7,7 +7,7 @@
 //! constant: no weight gradient, nothing saved.
 
 use crate::nn::dropout::{self, DropoutSaved};
-use crate::nn::flops::matmul;
+use crate::nn::flops::{matmul, matmul_scaled};
 use crate::nn::linear::Linear;
 use crate::nn::{Dropout, Pass};
 use candle_core::{DType, Device, Result, Tensor};
@@ -56,6 +56,28 @@ pub struct LoraAdapter {
     pub dropout: Dropout,
     /// False once frozen (by SAFE or a fixed prefix): the adapter is then a constant.
     pub trainable: bool,
+    /// `a` and `b` in the activations' dtype while they are current (see [`LowCopy`]).
+    pub low: LowCopy,
+}
+
+/// An adapter's `A` and `B` cast to the activations' dtype (bf16 beside a bf16 base), made once
+/// per change of the master weights instead of twice per forward and backward: the optimizer
+/// replaces `a` and `b` with new tensors, so the copy is keyed by their tensor ids. A clone starts
+/// empty.
+#[derive(Debug, Default)]
+pub struct LowCopy(std::sync::Mutex<Option<LowWeights>>);
+
+#[derive(Debug)]
+struct LowWeights {
+    of: (candle_core::TensorId, candle_core::TensorId),
+    a: Tensor,
+    b: Tensor,
+}
+
+impl Clone for LowCopy {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 pub struct LoraGrads {
@@ -84,7 +106,27 @@ impl LoraAdapter {
             scaling: cfg.scaling(),
             dropout: Dropout::new(cfg.dropout),
             trainable: true,
+            low: LowCopy::default(),
         })
+    }
+
+    /// `(A, B)` in `dtype`: the master weights themselves when they are of it, else their copy
+    /// cast down, made again only after they change.
+    fn weights_in(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        if self.a.dtype() == dtype && self.b.dtype() == dtype {
+            return Ok((self.a.clone(), self.b.clone()));
+        }
+        let mut low = self.low.0.lock().unwrap_or_else(|e| e.into_inner());
+        let of = (self.a.id(), self.b.id());
+        match &*low {
+            Some(w) if w.of == of && w.a.dtype() == dtype => {}
+            _ => {
+                let (a, b) = (self.a.to_dtype(dtype)?, self.b.to_dtype(dtype)?);
+                *low = Some(LowWeights { of, a, b });
+            }
+        }
+        let w = low.as_ref().expect("just made");
+        Ok((w.a.clone(), w.b.clone()))
     }
 
     /// The rank-r rows `U = scaling * dropout(x) A^T` and `B` of the adapter's output `U B^T`,
@@ -94,7 +136,7 @@ impl LoraAdapter {
     /// tensor cores and no activation-sized cast exists (PEFT with its adapters in bf16 computes
     /// the same way). When `save`, keeps the dropout mask (needed for `dx` even when frozen) and,
     /// if the adapter trains, `x` as it came (the same tensor for every adapter on that input,
-    /// e.g. query and value) and `x A^T`; backward re-applies the mask for `dA`.
+    /// e.g. query and value) and `U`; backward re-applies the mask for `dA`.
     fn forward(
         &self,
         x: &Tensor,
@@ -102,24 +144,23 @@ impl LoraAdapter {
         save: Save,
     ) -> Result<(LoraLinearSaved, (Tensor, Tensor))> {
         let (xd, drop) = self.dropout.forward(x, pass, save != Save::Nothing)?;
-        let (xa, u, b) = self.rank_r(&xd)?;
+        let (u, b) = self.rank_r(&xd)?;
         let inputs = match save {
             _ if !self.trainable => None,
             Save::Nothing => None,
-            Save::Input => Some((Some(x.clone()), xa)),
-            Save::Recomputed => Some((None, xa)),
+            Save::Input => Some((Some(x.clone()), u.clone())),
+            Save::Recomputed => Some((None, u.clone())),
         };
         Ok((LoraLinearSaved { inputs, drop }, (u, b)))
     }
 
-    /// The rank-r side of the adapter on its (dropped-out) input `x`: `x A^T`, the scaled rows
+    /// The rank-r side of the adapter on its (dropped-out) input `x`: the scaled rows
     /// `U = scaling * x A^T` and `B` in `x`'s dtype; the output is `U B^T`. The scaling sits on
-    /// the rank-r side: an `[n, r]` pass instead of an `[n, out]` one.
-    fn rank_r(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (a, b) = (self.a.to_dtype(x.dtype())?, self.b.to_dtype(x.dtype())?);
-        let xa = matmul(x, &a.t()?)?;
-        let u = xa.affine(self.scaling, 0.0)?;
-        Ok((xa, u, b))
+    /// the rank-r side (in the product itself on CUDA), not on an `[n, out]` pass.
+    fn rank_r(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (a, b) = self.weights_in(x.dtype())?;
+        let u = matmul_scaled(x, &a.t()?, self.scaling, x.dtype())?;
+        Ok((u, b))
     }
 }
 
@@ -142,8 +183,8 @@ pub enum Save {
     Recomputed,
 }
 
-/// Saved for backward: the adapter's dropout mask, and while it trains `x A^T` and (unless the
-/// layer recomputes it) its input.
+/// Saved for backward: the adapter's dropout mask, and while it trains `U = scaling * x A^T` and
+/// (unless the layer recomputes it) its input.
 pub struct LoraLinearSaved {
     inputs: Option<(Option<Tensor>, Tensor)>,
     drop: Option<DropoutSaved>,
@@ -267,9 +308,9 @@ impl LoraLinear {
             return Ok((None, None)); // frozen adapter at the bottom of the backward: nothing to do
         }
         // The adapter path runs in the activations' dtype (see `LoraAdapter::forward`); the
-        // gradients come back in the master weights' dtype.
-        let (a, b) = (lora.a.to_dtype(dy.dtype())?, lora.b.to_dtype(dy.dtype())?);
-        let dxa = matmul(dy, &b)?.affine(lora.scaling, 0.0)?; // [n, r]
+        // gradients come back in the master weights' dtype, straight out of their products.
+        let (a, b) = lora.weights_in(dy.dtype())?;
+        let dxa = matmul_scaled(dy, &b, lora.scaling, dy.dtype())?; // d(x A^T), [n, r]
         if let Some(d) = dx.take() {
             // Without dropout the update goes straight into the base's fresh `dx`.
             dx = Some(match &saved.drop {
@@ -281,16 +322,14 @@ impl LoraLinear {
             });
         }
         let grads = match saved.inputs {
-            Some((x, xa)) => {
+            Some((x, u)) => {
                 let Some(x) = x.or(input) else {
                     candle_core::bail!("a recomputed LoRA input was not given to backward");
                 };
                 let xd = dropout::backward_opt(&saved.drop, x)?;
                 Some(LoraGrads {
-                    a: matmul(&dxa.t()?, &xd)?.to_dtype(lora.a.dtype())?,
-                    b: matmul(&dy.t()?, &xa)?
-                        .affine(lora.scaling, 0.0)?
-                        .to_dtype(lora.b.dtype())?,
+                    a: matmul_scaled(&dxa.t()?, &xd, 1.0, lora.a.dtype())?,
+                    b: matmul_scaled(&dy.t()?, &u, 1.0, lora.b.dtype())?,
                 })
             }
             None => None,
@@ -314,6 +353,7 @@ mod tests {
                 scaling: 2.0,
                 dropout: Dropout::new(p),
                 trainable,
+                low: LowCopy::default(),
             }),
         }
     }

@@ -193,6 +193,72 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     push("swiglu backward gate", rel(&dg, &dgr)?);
     push("swiglu backward up", rel(&du, &dur)?);
 
+    // Widths that are not a multiple of 8: the kernels' element-at-a-time paths.
+    {
+        let (x, up, dy) = (
+            r(&[7, 103], 61, 3.0, 0.5)?,
+            r(&[7, 103], 62, 2.0, 0.0)?,
+            r(&[7, 103], 63, 1.0, 0.0)?,
+        );
+        let rms = Norm::rms(r(&[103], 64, 1.0, 1.0)?, 1e-6);
+        let ((yf, sf), (yr, sr)) = (rms.forward(&x, true)?, rms.forward_reference(&x, true)?);
+        push("rms_norm forward c=103", rel(&yf, &yr)?);
+        let (sf, sr) = (sf.expect("saved"), sr.expect("saved"));
+        push(
+            "rms_norm backward c=103",
+            rel(&sf.backward(&rms, &dy)?, &sr.backward_reference(&rms, &dy)?)?,
+        );
+        let (y, saved) = swiglu::forward(&x, &up, true)?;
+        push(
+            "swiglu forward c=103",
+            rel(&y, &swiglu::forward_reference(&x, &up)?)?,
+        );
+        let saved = saved.expect("saved");
+        let (dgr, dur) = saved.backward_reference(&dy)?;
+        let (dg, du) = saved.backward(&dy)?;
+        push("swiglu backward gate c=103", rel(&dg, &dgr)?);
+        push("swiglu backward up c=103", rel(&du, &dur)?);
+    }
+
+    // A LoRA adapter's thin products (`flops::matmul_scaled`: one cuBLAS call on CUDA with the
+    // scale and the f32 output folded in) against the product, the scale and the cast: `x A^T`
+    // (a transposed view), `dy^T u` (both transposed views) into f32.
+    {
+        let (x, a) = (r(&[300, 96], 65, 1.0, 0.0)?, r(&[8, 96], 66, 1.0, 0.0)?);
+        let dy = r(&[300, 40], 67, 1.0, 0.0)?;
+        let want = super::flops::matmul(&x, &a.t()?)?.affine(2.5, 0.0)?;
+        let got = super::flops::matmul_scaled(&x, &a.t()?, 2.5, dtype)?;
+        push("lora product x A^T, scaled", rel(&got, &want)?);
+        let u = got;
+        let want = super::flops::matmul(&dy.t()?, &u)?.to_dtype(DType::F32)?;
+        let got = super::flops::matmul_scaled(&dy.t()?, &u, 1.0, DType::F32)?;
+        push("lora gradient dy^T U into f32", rel(&got, &want)?);
+    }
+
+    // The LM head's loss (`nn::loss::lm_head_loss`: the fused cross-entropy on CUDA and the CPU,
+    // the ignored rows' gradient placed by runs) against the candle composition, with two
+    // sequences' last rows ignored and chunks that split them.
+    {
+        let (rows, width, vocab) = (70, 64, 1000);
+        let hidden = r(&[rows, width], 68, 1.0, 0.0)?;
+        let head = r(&[vocab, width], 69, 0.5, 0.0)?;
+        let targets: Vec<i64> = (0..rows)
+            .map(|i| match i {
+                34 | 69 => super::loss::IGNORE_INDEX,
+                _ => (i as i64 * 37) % vocab as i64,
+            })
+            .collect();
+        let fused = super::loss::lm_head_loss(&hidden, &head, &targets, 16, true)?;
+        let reference = super::loss::lm_head_loss_reference(&hidden, &head, &targets, 16)?;
+        push(
+            "lm head loss",
+            (fused.loss_sum - reference.loss_sum).abs() / reference.loss_sum.abs(),
+        );
+        let (dh, dh_ref) = (fused.dhidden, reference.dhidden);
+        let (dh, dh_ref) = (dh.expect("asked"), dh_ref.expect("asked"));
+        push("lm head loss gradient", rel(&dh, &dh_ref)?);
+    }
+
     // Rotary embedding (one fused kernel on CUDA) against the composition on the CPU: a
     // projection's output viewed as heads and rotated from position 3, and the gradient merged
     // back into the projection's layout.
@@ -312,8 +378,8 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
 
     // Dropout: the mask the device draws against the host's from the same seeds (they must be
     // identical: a run is the same on any device), and its output against `x * keep * scale`.
-    {
-        let n = 3 * 4096 + 123; // several seeds, a partial last chunk
+    // Several seeds and a partial last chunk; the second length takes the kernels' 16-byte path.
+    for n in [3 * 4096 + 123, 2 * 4096 + 64] {
         let x = r(&[n], 16, 1.0, 0.0)?;
         let mut rng = StdRng::seed_from_u64(17);
         let mut pass = Pass {
@@ -335,11 +401,17 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             .zip(&host)
             .filter(|(a, b)| a != b)
             .count();
-        push("dropout mask (differing elements)", differ as f64);
+        push(
+            &format!("dropout mask n={n} (differing elements)"),
+            differ as f64,
+        );
         let want = (x.to_device(&Device::Cpu)?
             * Tensor::new(host, &Device::Cpu)?.to_dtype(dtype)?)?
         .affine(1.0 / 0.9, 0.0)?;
-        push("dropout output", rel(&y.to_device(&Device::Cpu)?, &want)?);
+        push(
+            &format!("dropout output n={n}"),
+            rel(&y.to_device(&Device::Cpu)?, &want)?,
+        );
     }
 
     // A rank-r update added into a fresh output (`add_low_rank`: in place through cuBLAS on
@@ -455,7 +527,6 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         tol: 1e-6,
         ok: e <= 1e-6,
     });
-
     // The memory claim: at LLaMA-7B's attention shape (32 heads, d 128, causal) and 4096 tokens,
     // forward + backward through the flash kernels allocate far less than one `[heads, T, T]`
     // score tensor (1 GiB in bf16; the composition holds f32 ones). In MB above the inputs,

@@ -3,7 +3,7 @@
 //! training FLOPs are those of the matmuls actually executed (frozen layers' backward included or
 //! not, exactly as run), not an estimate from the model shape.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use std::cell::Cell;
 
 thread_local! {
@@ -28,6 +28,24 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let mn = out.elem_count() as u64; // batch * m * n
     MATMUL_FLOPS.with(|f| f.set(f.get() + 2 * mn * k));
     Ok(out)
+}
+
+/// `alpha * (a @ b)` as a tensor of `out`, counted as [`matmul`]: on CUDA one cuBLAS product with
+/// the scale and the output dtype folded in (`gpu::gemm`); elsewhere [`matmul`], the scale, the
+/// cast.
+pub fn matmul_scaled(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Tensor> {
+    let Some(y) = super::gpu::gemm(a, b, alpha, out)? else {
+        let y = matmul(a, b)?;
+        let y = if alpha == 1.0 {
+            y
+        } else {
+            y.affine(alpha, 0.0)?
+        };
+        return y.to_dtype(out);
+    };
+    let k = a.dims()[a.rank() - 1] as u64;
+    MATMUL_FLOPS.with(|f| f.set(f.get() + 2 * y.elem_count() as u64 * k));
+    Ok(y)
 }
 
 /// cuBLAS takes each operand's last two dims either row-major or transposed, with evenly strided

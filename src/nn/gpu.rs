@@ -554,6 +554,96 @@ mod imp {
         }
     }
 
+    /// How cuBLAS (column-major) reads a 2-d `[rows, cols]` tensor: row-major is its transpose
+    /// with leading dimension `cols` (op N of it gives the transpose), a transposed view is the
+    /// matrix itself with leading dimension `rows` (op T). None for other layouts.
+    fn column_major(
+        t: &Tensor,
+    ) -> Option<(
+        candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t,
+        i32,
+    )> {
+        use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t as Op;
+        let [r, c]: [usize; 2] = t.dims().try_into().ok()?;
+        let [sr, sc]: [usize; 2] = t.stride().try_into().ok()?;
+        if (c == 1 || sc == 1) && (r == 1 || sr == c) {
+            Some((Op::CUBLAS_OP_N, c.max(1) as i32))
+        } else if (r == 1 || sr == 1) && (c == 1 || sc == r) {
+            Some((Op::CUBLAS_OP_T, r.max(1) as i32))
+        } else {
+            None
+        }
+    }
+
+    /// `alpha * a b` for 2-d `a` `[m, k]` and `b` `[k, n]` of one dtype (f32 or bf16), each
+    /// row-major or a transposed view, as a new `[m, n]` tensor of `out` (f32, or the inputs'
+    /// dtype): one cuBLAS product accumulating in f32, its scale and its output's dtype part of
+    /// it. A LoRA adapter's thin products use it so that neither the scaling nor the bf16
+    /// gradient's cast to the f32 master weights is a kernel of its own. None where it does not
+    /// apply (another device or dtype, other layouts, autograd tracking an input).
+    pub fn gemm(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Option<Tensor>> {
+        use candle_core::cuda_backend::cudarc::cublas::sys;
+        let on_cuda = a.device().is_cuda() && b.device().is_cuda();
+        let dtypes = dtype_suffix(a.dtype()).is_some()
+            && b.dtype() == a.dtype()
+            && (out == a.dtype() || out == DType::F32);
+        if !on_cuda || !dtypes || a.track_op() || b.track_op() || a.rank() != 2 || b.rank() != 2 {
+            return Ok(None);
+        }
+        let ((m, k), (k_b, n)) = (a.dims2()?, b.dims2()?);
+        if k != k_b {
+            bail!("gemm: a {:?} and b {:?} do not chain", a.dims(), b.dims());
+        }
+        let (Some((op_a, lda)), Some((op_b, ldb))) = (column_major(a), column_major(b)) else {
+            return Ok(None);
+        };
+        let cuda_type = |d: DType| match d {
+            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+            _ => sys::cudaDataType_t::CUDA_R_32F,
+        };
+        let dev = device(a)?;
+        let (y, py) = output(&dev, out, &Shape::from((m, n)))?;
+        if m * n == 0 {
+            return Ok(Some(y));
+        }
+        if k == 0 {
+            return Ok(Some(y.zeros_like()?));
+        }
+        let (pa, pb) = (ptr(a, &dev)?, ptr(b, &dev)?);
+        let (alpha, beta) = (alpha as f32, 0f32);
+        let blas = dev.cublas_handle();
+        // Column-major: y^T [n, m] = op(b) [n, k] . op(a) [k, m]. SAFETY: the operands hold the
+        // elements their dims and leading dimensions address (checked above), `y` holds m * n of
+        // `out`; the handle runs on the device's stream; beta = 0, so `y` is only written.
+        let status = unsafe {
+            sys::cublasGemmEx(
+                *blas.handle(),
+                op_b,
+                op_a,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                pb as *const std::ffi::c_void,
+                cuda_type(b.dtype()),
+                ldb,
+                pa as *const std::ffi::c_void,
+                cuda_type(a.dtype()),
+                lda,
+                &beta as *const f32 as *const std::ffi::c_void,
+                py as *mut std::ffi::c_void,
+                cuda_type(out),
+                n as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cublasGemmEx: {status:?}");
+        }
+        Ok(Some(y))
+    }
+
     /// Rotary embedding of `x`, a `[batch, heads, seq, head_dim]` view with head_dim contiguous
     /// (e.g. a projection's `[batch*seq, heads*head_dim]` output viewed as heads, without a copy),
     /// at positions `start..start+seq`, by the negated angle when `inverse`; `cos` and `sin` f32
@@ -630,6 +720,48 @@ mod imp {
         let (pg, pu, pdy, n64) = (ptr(gate, &dev)?, ptr(up, &dev)?, ptr(dy, &dev)?, n as u64);
         launch!(dev, format!("st_swiglu_bwd_{sfx}"), elems_cfg(n); pg, pu, pdy, pg, pu, n64);
         Ok(true)
+    }
+
+    /// Cross-entropy of each row of `logits` `[n, v]` (f32 or bf16) against `targets` (all
+    /// counted, each below `v`): the row losses `lse - logit[target]` `[n]` in f32 and, with
+    /// `grad_scale`, `dlogits = (softmax - onehot) * grad_scale` in the logits' dtype. One kernel
+    /// per call (a block per row).
+    pub fn cross_entropy_rows(
+        logits: &Tensor,
+        targets: &[u32],
+        grad_scale: Option<f64>,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let Some(sfx) = suffix(logits.dtype(), &[logits]) else {
+            return Ok(None);
+        };
+        let (n, v) = logits.dims2()?;
+        if targets.len() != n || n == 0 {
+            bail!("cross_entropy: {} targets for {n} rows", targets.len());
+        }
+        if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+            bail!("cross_entropy: target {t} outside the {v} logits of a row");
+        }
+        let dev = device(logits)?;
+        let stream = dev.cuda_stream();
+        // Straight through the stream: the upload cache would keep every chunk's targets.
+        let tg = stream.clone_htod(targets).w()?;
+        let pt = tg.device_ptr(&stream).0;
+        let (loss, pl) = output(&dev, DType::F32, &Shape::from(n))?;
+        let (d, pd) = match grad_scale {
+            Some(_) => {
+                let (d, p) = output(&dev, logits.dtype(), logits.shape())?;
+                (Some(d), p)
+            }
+            None => (None, 0),
+        };
+        let (pz, v32, g) = (
+            ptr(logits, &dev)?,
+            v as i32,
+            grad_scale.unwrap_or(0.0) as f32,
+        );
+        launch!(dev, format!("st_cross_entropy_{sfx}"), rows_cfg(n, v); pz, pt, pl, pd, v32, g);
+        drop(tg); // freed in stream order, after the kernel
+        Ok(Some((loss, d)))
     }
 
     /// Shape checks shared by the softmax kernels: `s` `[b, h, t, t2]`, mask `[b, 1, 1, t2]` f32.
@@ -1387,6 +1519,9 @@ mod imp {
     pub fn add_product(_: &Tensor, _: &Tensor, _: &Tensor, _: bool) -> Result<bool> {
         Ok(false)
     }
+    pub fn gemm(_: &Tensor, _: &Tensor, _: f64, _: candle_core::DType) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     pub fn rope(
         _: &Tensor,
         _: &Tensor,
@@ -1398,6 +1533,13 @@ mod imp {
         Ok(None)
     }
     pub fn swiglu_fwd(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn cross_entropy_rows(
+        _: &Tensor,
+        _: &[u32],
+        _: Option<f64>,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         Ok(None)
     }
     pub fn swiglu_bwd_in_place(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<bool> {

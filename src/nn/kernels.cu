@@ -19,6 +19,29 @@ template <typename T> __device__ __forceinline__ T st(float x);
 template <> __device__ __forceinline__ float st<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 st<bf16>(float x) { return __float2bfloat16(x); }
 
+// Elementwise and row kernels read and write 16 bytes at a time (8 bf16 or 4 f32: `Pack<T>::W`)
+// where every pointer is 16-byte aligned and the length a multiple of W, a condition uniform over
+// the launch; elsewhere one element at a time. Each element gets the same formula either way, so
+// elementwise results do not depend on the path (a row kernel's sums add in another order).
+template <typename T> struct Pack { static constexpr int W = 16 / sizeof(T); };
+
+__device__ __forceinline__ bool al16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+template <typename T> __device__ __forceinline__ void loadv(const T* p, float* f) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < Pack<T>::W; j++) f[j] = ld(e[j]);
+}
+
+template <typename T> __device__ __forceinline__ void storev(T* p, const float* f) {
+  uint4 v;
+  T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+  for (int j = 0; j < Pack<T>::W; j++) e[j] = st<T>(f[j]);
+  *reinterpret_cast<uint4*>(p) = v;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -46,55 +69,191 @@ __device__ float block_sum(float v) {
   return sh[0];
 }
 
+// Max over the block, as block_sum.
+__device__ float block_max(float v) {
+  __shared__ float sh[32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    float w = lane < nw ? sh[lane] : -INFINITY;
+    w = warp_max(w);
+    if (lane == 0) sh[0] = w;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// V elements at p: one 16-byte access when V is the pack width, else V single ones. Row kernels
+// take V as a template parameter (the loops then unroll and the values stay in registers) and pick
+// the pack width where every row pointer is aligned and the row length a multiple of it.
+template <int V, typename T> __device__ __forceinline__ void getv(const T* p, float* f) {
+  if constexpr (V == Pack<T>::W) {
+    loadv(p, f);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; j++) f[j] = ld(p[j]);
+  }
+}
+
+template <int V, typename T> __device__ __forceinline__ void putv(T* p, const float* f) {
+  if constexpr (V == Pack<T>::W) {
+    storev(p, f);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; j++) p[j] = st<T>(f[j]);
+  }
+}
+
+// Calls kernel<W>(...) where `vec`, else kernel<1>(...).
+#define BY_WIDTH(T, vec, kernel, ...)                         \
+  do {                                                        \
+    if (vec) kernel<Pack<T>::W, T>(__VA_ARGS__);              \
+    else kernel<1, T>(__VA_ARGS__);                           \
+  } while (0)
+
+// Cross-entropy of each row of logits z [n, v] against its target, one block per row (the LM
+// head's chunks, `nn/loss.rs`): loss[row] = lse - z[target] in f32 and, when d is not null,
+// d = (softmax - onehot) * g in the logits' dtype. Three passes over a row (its max, the sum of
+// exp(z - max), the gradient) that stays in L2: the composition ran about ten kernels over f32
+// copies of the logits.
+template <int V, typename T>
+__device__ void cross_entropy_v(const T* z, const uint32_t* targets, float* loss, T* d, int v,
+                                float g) {
+  float x[V];
+  float mx = -INFINITY;
+  for (int i = threadIdx.x * V; i < v; i += V * blockDim.x) {
+    getv<V>(z + i, x);
+#pragma unroll
+    for (int j = 0; j < V; j++) mx = fmaxf(mx, x[j]);
+  }
+  mx = block_max(mx);
+  float s = 0.f;
+  for (int i = threadIdx.x * V; i < v; i += V * blockDim.x) {
+    getv<V>(z + i, x);
+#pragma unroll
+    for (int j = 0; j < V; j++) s += expf(x[j] - mx);
+  }
+  s = block_sum(s);
+  const int t = (int)targets[blockIdx.x];
+  if (threadIdx.x == 0) loss[blockIdx.x] = mx + logf(s) - ld(z[t]);
+  if (!d) return;
+  const float k = g / s;
+  for (int i = threadIdx.x * V; i < v; i += V * blockDim.x) {
+    getv<V>(z + i, x);
+#pragma unroll
+    for (int j = 0; j < V; j++) x[j] = expf(x[j] - mx) * k - (i + j == t ? g : 0.f);
+    putv<V>(d + i, x);
+  }
+}
+
+template <typename T>
+__device__ void cross_entropy(const T* z, const uint32_t* targets, float* loss, T* d, int v,
+                              float g) {
+  const size_t row = blockIdx.x;
+  z += row * v;
+  if (d) d += row * v;
+  const bool vec = v % Pack<T>::W == 0 && al16(z) && (!d || al16(d));
+  BY_WIDTH(T, vec, cross_entropy_v, z, targets, loss, d, v, g);
+}
+
 // ---------------------------------------------------------------------------------------------
 // LayerNorm (center = 1, with beta) and RMSNorm (center = 0, beta = 0) over rows of c; one block
 // per row. Writes y, xhat = (x - mean) * rstd (unless xhat is null), and rstd[row].
+template <int V, typename T>
+__device__ void norm_fwd_v(const T* x, const T* gamma, const T* beta, T* y, T* xhat, float* rstd,
+                           int c, float eps, int center) {
+  float v[V], w[V], b[V], o[V];
+  float mean = 0.f;
+  if (center) {
+    float s = 0.f;
+    for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
+      getv<V>(x + i, v);
+#pragma unroll
+      for (int j = 0; j < V; j++) s += v[j];
+    }
+    mean = block_sum(s) / c;
+  }
+  float s2 = 0.f;
+  for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
+    getv<V>(x + i, v);
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+      const float d = v[j] - mean;
+      s2 += d * d;
+    }
+  }
+  const float rs = 1.f / sqrtf(block_sum(s2) / c + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = rs;
+  for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
+    getv<V>(x + i, v);
+    getv<V>(gamma + i, w);
+    if (beta) getv<V>(beta + i, b);
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+      v[j] = (v[j] - mean) * rs;
+      o[j] = v[j] * w[j] + (beta ? b[j] : 0.f);
+    }
+    if (xhat) putv<V>(xhat + i, v);
+    putv<V>(y + i, o);
+  }
+}
+
 template <typename T>
 __device__ void norm_fwd(const T* x, const T* gamma, const T* beta, T* y, T* xhat, float* rstd,
                          int c, float eps, int center) {
   const size_t row = blockIdx.x;
   x += row * c; y += row * c;
   if (xhat) xhat += row * c;
-  float mean = 0.f;
-  if (center) {
-    float s = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) s += ld(x[i]);
-    mean = block_sum(s) / c;
-  }
-  float s2 = 0.f;
-  for (int i = threadIdx.x; i < c; i += blockDim.x) {
-    const float d = ld(x[i]) - mean;
-    s2 += d * d;
-  }
-  const float rs = 1.f / sqrtf(block_sum(s2) / c + eps);
-  if (threadIdx.x == 0) rstd[row] = rs;
-  for (int i = threadIdx.x; i < c; i += blockDim.x) {
-    const float h = (ld(x[i]) - mean) * rs;
-    if (xhat) xhat[i] = st<T>(h);
-    y[i] = st<T>(h * ld(gamma[i]) + (beta ? ld(beta[i]) : 0.f));
-  }
+  const bool vec = c % Pack<T>::W == 0 && al16(x) && al16(y) && al16(gamma) &&
+                   (!beta || al16(beta)) && (!xhat || al16(xhat));
+  BY_WIDTH(T, vec, norm_fwd_v, x, gamma, beta, y, xhat, rstd, c, eps, center);
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma (no mean(g) term for RMSNorm).
 // `rows` is xhat, or with `from_output` the RMSNorm's output y = xhat * gamma (xhat = y / gamma).
+template <int V, typename T>
+__device__ void norm_bwd_v(const T* dy, const T* rows, const float* rstd, const T* gamma, T* dx,
+                           int c, int center, int from_output) {
+  float d[V], h[V], w[V];
+  float sg = 0.f, sgx = 0.f;
+  for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
+    getv<V>(dy + i, d);
+    getv<V>(rows + i, h);
+    getv<V>(gamma + i, w);
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+      const float g = d[j] * w[j];
+      sg += g;
+      sgx += from_output ? d[j] * h[j] : g * h[j];
+    }
+  }
+  sg = block_sum(sg);
+  sgx = block_sum(sgx);
+  const float mg = center ? sg / c : 0.f, mgx = sgx / c, rs = rstd[blockIdx.x];
+  for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
+    getv<V>(dy + i, d);
+    getv<V>(rows + i, h);
+    getv<V>(gamma + i, w);
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+      const float xh = from_output ? h[j] / w[j] : h[j];
+      d[j] = rs * (d[j] * w[j] - mg - xh * mgx);
+    }
+    putv<V>(dx + i, d);
+  }
+}
+
 template <typename T>
 __device__ void norm_bwd(const T* dy, const T* rows, const float* rstd, const T* gamma, T* dx,
                          int c, int center, int from_output) {
   const size_t row = blockIdx.x;
   dy += row * c; rows += row * c; dx += row * c;
-  float sg = 0.f, sgx = 0.f;
-  for (int i = threadIdx.x; i < c; i += blockDim.x) {
-    const float g = ld(dy[i]) * ld(gamma[i]);
-    sg += g;
-    sgx += from_output ? ld(dy[i]) * ld(rows[i]) : g * ld(rows[i]);
-  }
-  sg = block_sum(sg);
-  sgx = block_sum(sgx);
-  const float mg = center ? sg / c : 0.f, mgx = sgx / c, rs = rstd[row];
-  for (int i = threadIdx.x; i < c; i += blockDim.x) {
-    const float xh = from_output ? ld(rows[i]) / ld(gamma[i]) : ld(rows[i]);
-    dx[i] = st<T>(rs * (ld(dy[i]) * ld(gamma[i]) - mg - xh * mgx));
-  }
+  const bool vec = c % Pack<T>::W == 0 && al16(dy) && al16(rows) && al16(gamma) && al16(dx);
+  BY_WIDTH(T, vec, norm_bwd_v, dy, rows, rstd, gamma, dx, c, center, from_output);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -102,36 +261,76 @@ __device__ void norm_bwd(const T* dy, const T* rows, const float* rstd, const T*
 #define GRID_STRIDE(i, n) \
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
+// f(k, x, y) for every element k of NI inputs and NO outputs of n elements (x[a]: input a's value
+// at k; f writes y[b], output b's), W elements a thread at a time through 16-byte loads where every
+// pointer is aligned and n a multiple of W. An output may be an input (in place): a thread reads
+// its elements before writing them.
+template <typename T, int NI, int NO, typename F>
+__device__ __forceinline__ void map(size_t n, const T* const (&in)[NI], T* const (&out)[NO], F f) {
+  constexpr int W = Pack<T>::W;
+  bool vec = n % W == 0;
+#pragma unroll
+  for (int a = 0; a < NI; a++) vec = vec && al16(in[a]);
+#pragma unroll
+  for (int b = 0; b < NO; b++) vec = vec && al16(out[b]);
+  float x[NI], y[NO];
+  if (vec) {
+    GRID_STRIDE(i, n / W) {
+      float xv[NI][W], yv[NO][W];
+#pragma unroll
+      for (int a = 0; a < NI; a++) loadv(in[a] + W * i, xv[a]);
+#pragma unroll
+      for (int j = 0; j < W; j++) {
+#pragma unroll
+        for (int a = 0; a < NI; a++) x[a] = xv[a][j];
+        f(W * i + j, x, y);
+#pragma unroll
+        for (int b = 0; b < NO; b++) yv[b][j] = y[b];
+      }
+#pragma unroll
+      for (int b = 0; b < NO; b++) storev(out[b] + W * i, yv[b]);
+    }
+    return;
+  }
+  GRID_STRIDE(k, n) {
+#pragma unroll
+    for (int a = 0; a < NI; a++) x[a] = ld(in[a][k]);
+    f(k, x, y);
+#pragma unroll
+    for (int b = 0; b < NO; b++) out[b][k] = st<T>(y[b]);
+  }
+}
+
 // GELU (erf): dy * (Phi(x) + x phi(x)).
 template <typename T>
 __device__ void gelu_erf_bwd(const T* x, const T* dy, T* dx, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float v = ld(x[i]);
+  map<T, 2, 1>(n, {x, dy}, {dx}, [](size_t, const float* in, float* out) {
+    const float v = in[0];
     const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
     const float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
-    dx[i] = st<T>(ld(dy[i]) * (cdf + v * pdf));
-  }
+    out[0] = in[1] * (cdf + v * pdf);
+  });
 }
 
 // GELU forward, both forms: x * Phi(x) (erf) or 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 template <typename T>
 __device__ void gelu_fwd(const T* x, T* y, size_t n, int tanh_form) {
-  GRID_STRIDE(i, n) {
-    const float v = ld(x[i]);
-    float g;
+  map<T, 1, 1>(n, {x}, {y}, [tanh_form](size_t, const float* in, float* out) {
+    const float v = in[0];
     if (tanh_form) {
-      g = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+      out[0] = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     } else {
-      g = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+      out[0] = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
     }
-    y[i] = st<T>(g);
-  }
+  });
 }
 
 // y = x + b broadcast over rows of c (a linear layer's bias): one pass, no strided indexing.
 template <typename T>
 __device__ void bias_add(const T* x, const T* b, T* y, size_t n, int c) {
-  GRID_STRIDE(i, n) y[i] = st<T>(ld(x[i]) + ld(b[i % c]));
+  map<T, 1, 1>(n, {x}, {y}, [b, c](size_t k, const float* in, float* out) {
+    out[0] = in[0] + ld(b[k % c]);
+  });
 }
 
 // Rotary position embedding (Hugging Face's rotate_half pairing: i with i + half) of the
@@ -139,32 +338,51 @@ __device__ void bias_add(const T* x, const T* b, T* y, size_t n, int c) {
 // row; head_dim contiguous), so that splitting the heads out of a projection's output (or merging
 // them back) is part of the same pass: y[i] = x[i] cos - x[i+half] sin, y[i+half] = x[i+half] cos +
 // x[i] sin at position start + row; sign = -1 rotates by the negated angle (the gradient). cos and
-// sin are f32 [positions, half]. One thread per pair.
-template <typename T>
-__device__ void rope(const T* x, const float* cos_t, const float* sin_t, T* y, int B, int H, int S,
-                     int half, long long xsb, long long xsh, long long xsr, long long ysb,
-                     long long ysh, long long ysr, int start, float sign) {
-  const size_t n = (size_t)B * H * S * half;
+// sin are f32 [positions, half]. One thread per pair, or per W pairs where 16-byte loads apply.
+template <int V, typename T>
+__device__ void rope_v(const T* x, const float* cos_t, const float* sin_t, T* y, int B, int H, int S,
+                       int half, long long xsb, long long xsh, long long xsr, long long ysb,
+                       long long ysh, long long ysr, int start, float sign) {
+  const int groups = half / V;
+  const size_t n = (size_t)B * H * S * groups;
   GRID_STRIDE(i, n) {
-    const int c = i % half;
-    size_t r = i / half;
+    const int c = (int)(i % groups) * V;
+    size_t r = i / groups;
     const int s = r % S;
     r /= S;
     const int h = r % H, b = r / H;
     const T* xr = x + b * xsb + h * xsh + s * xsr;
     T* yr = y + b * ysb + h * ysh + s * ysr;
-    const size_t at = (size_t)(start + s) * half + c;
-    const float co = cos_t[at], si = sign * sin_t[at];
-    const float x1 = ld(xr[c]), x2 = ld(xr[c + half]);
-    yr[c] = st<T>(x1 * co - x2 * si);
-    yr[c + half] = st<T>(x2 * co + x1 * si);
+    float x1[V], x2[V];
+    getv<V>(xr + c, x1);
+    getv<V>(xr + c + half, x2);
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+      const size_t at = (size_t)(start + s) * half + c + j;
+      const float co = cos_t[at], si = sign * sin_t[at], a = x1[j], b2 = x2[j];
+      x1[j] = a * co - b2 * si;
+      x2[j] = b2 * co + a * si;
+    }
+    putv<V>(yr + c, x1);
+    putv<V>(yr + c + half, x2);
   }
+}
+
+template <typename T>
+__device__ void rope(const T* x, const float* cos_t, const float* sin_t, T* y, int B, int H, int S,
+                     int half, long long xsb, long long xsh, long long xsr, long long ysb,
+                     long long ysh, long long ysr, int start, float sign) {
+  constexpr int W = Pack<T>::W;
+  const bool vec = half % W == 0 && xsb % W == 0 && xsh % W == 0 && xsr % W == 0 &&
+                   ysb % W == 0 && ysh % W == 0 && ysr % W == 0 && al16(x) && al16(y);
+  BY_WIDTH(T, vec, rope_v, x, cos_t, sin_t, y, B, H, S, half, xsb, xsh, xsr, ysb, ysh, ysr, start,
+           sign);
 }
 
 // y = a + b, same shape.
 template <typename T>
 __device__ void add(const T* a, const T* b, T* y, size_t n) {
-  GRID_STRIDE(i, n) y[i] = st<T>(ld(a[i]) + ld(b[i]));
+  map<T, 2, 1>(n, {a, b}, {y}, [](size_t, const float* in, float* out) { out[0] = in[0] + in[1]; });
 }
 
 // Inverted dropout with the host's masks (src/nn/cpu.rs dropout_fwd): element i belongs to chunk
@@ -175,44 +393,43 @@ __device__ void add(const T* a, const T* b, T* y, size_t n) {
 template <typename T>
 __device__ void dropout_fwd(const T* x, const uint64_t* seeds, T* y, size_t n, uint32_t threshold,
                             float scale) {
-  GRID_STRIDE(i, n) {
+  map<T, 1, 1>(n, {x}, {y}, [=](size_t i, const float* in, float* out) {
     uint64_t z = seeds[i >> 12] + (uint64_t)((i & 4095) + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     const bool kept = (uint32_t)((z ^ (z >> 31)) >> 32) < threshold;
-    y[i] = st<T>(kept ? ld(x[i]) * scale : 0.0f);
-  }
+    out[0] = kept ? in[0] * scale : 0.0f;
+  });
 }
 
 // GELU (tanh approximation): dy * (0.5 (1 + t) + 0.5 x (1 - t^2) u'), t = tanh(u).
 template <typename T>
 __device__ void gelu_tanh_bwd(const T* x, const T* dy, T* dx, size_t n) {
-  const float c = 0.7978845608028654f, a = 0.044715f;
-  GRID_STRIDE(i, n) {
-    const float v = ld(x[i]);
+  map<T, 2, 1>(n, {x, dy}, {dx}, [](size_t, const float* in, float* out) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    const float v = in[0];
     const float t = tanhf(c * (v + a * v * v * v));
     const float du = c * (1.f + 3.f * a * v * v);
-    dx[i] = st<T>(ld(dy[i]) * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * du));
-  }
+    out[0] = in[1] * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * du);
+  });
 }
 
 template <typename T>
 __device__ void swiglu_fwd(const T* g, const T* u, T* y, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float gv = ld(g[i]);
-    y[i] = st<T>(gv / (1.f + expf(-gv)) * ld(u[i]));
-  }
+  map<T, 2, 1>(n, {g, u}, {y}, [](size_t, const float* in, float* out) {
+    out[0] = in[0] / (1.f + expf(-in[0])) * in[1];
+  });
 }
 
 // dgate = dy * up * s (1 + g (1 - s)), dup = dy * g s, s = sigmoid(g).
 template <typename T>
 __device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float gv = ld(g[i]), d = ld(dy[i]);
+  map<T, 3, 2>(n, {g, u, dy}, {dg, du}, [](size_t, const float* in, float* out) {
+    const float gv = in[0], d = in[2];
     const float s = 1.f / (1.f + expf(-gv));
-    dg[i] = st<T>(d * ld(u[i]) * s * (1.f + gv * (1.f - s)));
-    du[i] = st<T>(d * gv * s);
-  }
+    out[0] = d * in[1] * s * (1.f + gv * (1.f - s));
+    out[1] = d * gv * s;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -376,6 +593,10 @@ __device__ void dequant(const uint8_t* q, T* y, size_t n, int fmt) {
   extern "C" __global__ void st_dropout_fwd_##S(const T* x, const uint64_t* seeds, T* y,           \
                                                 size_t n, uint32_t threshold, float scale) {       \
     dropout_fwd<T>(x, seeds, y, n, threshold, scale);                                             \
+  }                                                                                               \
+  extern "C" __global__ void st_cross_entropy_##S(const T* z, const uint32_t* targets,           \
+                                                  float* loss, T* d, int v, float g) {            \
+    cross_entropy<T>(z, targets, loss, d, v, g);                                                  \
   }                                                                                               \
   extern "C" __global__ void st_dequant_##S(const uint8_t* q, T* y, size_t n, int fmt) {          \
     dequant<T>(q, y, n, fmt);                                                                     \

@@ -115,6 +115,17 @@ pub fn lm_head_loss(
     lm_head_loss_impl(hidden, head_weight, targets, chunk_rows, need_grad, true)
 }
 
+/// [`lm_head_loss`] through the candle composition only (no fused kernel): the reference of
+/// `safetune self-test` and the tests.
+pub fn lm_head_loss_reference(
+    hidden: &Tensor,
+    head_weight: &Tensor,
+    targets: &[i64],
+    chunk_rows: usize,
+) -> Result<LmLoss> {
+    lm_head_loss_impl(hidden, head_weight, targets, chunk_rows, true, false)
+}
+
 fn lm_head_loss_impl(
     hidden: &Tensor,
     head_weight: &Tensor,
@@ -153,35 +164,41 @@ fn lm_head_loss_impl(
             dhidden,
         });
     }
-    // Gather the counted rows so that ignored ones cost no matmul.
-    let all = tokens == rows;
+    // Gather the counted rows so that ignored ones cost no matmul: a view when they are one run
+    // (a sequence's last row has no target).
+    let runs = row_runs(&counted);
     let index = Tensor::from_vec(counted, tokens, hidden.device())?;
-    let sel = if all {
-        hidden.clone()
-    } else {
-        hidden.index_select(&index, 0)?
+    let sel = match runs[..] {
+        [(start, n)] => hidden.narrow(0, start, n)?,
+        _ => hidden.index_select(&index, 0)?,
     };
     let grad_scale = need_grad.then_some(1.0 / tokens as f64);
     let w_t = head_weight.t()?;
-    let mut loss_sum = 0.0;
+    let mut loss = ChunkLoss::default();
     let mut dsel = Vec::new();
     for start in (0..tokens).step_by(chunk_rows) {
         let n = chunk_rows.min(tokens - start);
         let logits = matmul(&sel.narrow(0, start, n)?, &w_t)?;
-        let (loss, dlogits) = chunk_loss(&logits, &labels[start..start + n], grad_scale, fused)?;
+        let dlogits = chunk_loss(
+            &logits,
+            &labels[start..start + n],
+            grad_scale,
+            fused,
+            &mut loss,
+        )?;
         drop(logits);
-        loss_sum += loss;
         if let Some(d) = dlogits {
             // The gradient flows back in the head's dtype (bf16 logits' gradient is bf16).
             dsel.push(matmul(&d.to_dtype(head_weight.dtype())?, head_weight)?);
         }
     }
+    let loss_sum = loss.total()?;
     let dhidden = if need_grad {
         let dsel = Tensor::cat(&dsel, 0)?.to_dtype(hidden.dtype())?;
-        Some(if all {
-            dsel
-        } else {
-            zeros()?.index_add(&index, &dsel, 0)?
+        Some(match runs[..] {
+            [(0, n)] if n == rows => dsel,
+            _ if runs.len() * 8 <= tokens => spread_runs(&dsel, &runs, rows)?,
+            _ => zeros()?.index_add(&index, &dsel, 0)?,
         })
     } else {
         None
@@ -193,17 +210,73 @@ fn lm_head_loss_impl(
     })
 }
 
-/// Summed cross-entropy of one chunk of logits, and `dlogits * grad_scale` if asked: the fused
-/// CPU kernel, or the candle composition (other devices; the kernel's reference).
+/// The maximal runs `(start, len)` of consecutive values in `sorted` (ascending).
+fn row_runs(sorted: &[u32]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &i in sorted {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == i as usize => *len += 1,
+            _ => runs.push((i as usize, 1)),
+        }
+    }
+    runs
+}
+
+/// `rows` rows, zero but where `runs` (as [`row_runs`] gives them) place the rows of `x` in order:
+/// one copy per run and per gap, where `index_add` takes one atomic add per element.
+fn spread_runs(x: &Tensor, runs: &[(usize, usize)], rows: usize) -> Result<Tensor> {
+    let width = x.dim(1)?;
+    let zeros = |n: usize| Tensor::zeros((n, width), x.dtype(), x.device());
+    let (mut parts, mut at, mut taken) = (Vec::new(), 0, 0);
+    for &(start, len) in runs {
+        if start > at {
+            parts.push(zeros(start - at)?);
+        }
+        parts.push(x.narrow(0, taken, len)?);
+        (at, taken) = (start + len, taken + len);
+    }
+    if rows > at {
+        parts.push(zeros(rows - at)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// A loss summed over chunks: on the host, or as the device's row losses, added up once at the
+/// end (one synchronisation a step instead of one a chunk).
+#[derive(Default)]
+struct ChunkLoss {
+    host: f64,
+    rows: Vec<Tensor>,
+}
+
+impl ChunkLoss {
+    fn total(self) -> Result<f64> {
+        if self.rows.is_empty() {
+            return Ok(self.host);
+        }
+        let rows = Tensor::cat(&self.rows, 0)?.to_dtype(DType::F64)?;
+        Ok(self.host + rows.sum_all()?.to_scalar::<f64>()?)
+    }
+}
+
+/// Adds the summed cross-entropy of one chunk of logits to `loss`, and returns `dlogits *
+/// grad_scale` if asked: the fused CPU or CUDA kernel, or the candle composition (other devices
+/// and dtypes; the kernels' reference).
 fn chunk_loss(
     logits: &Tensor,
     labels: &[u32],
     grad_scale: Option<f64>,
     fused: bool,
-) -> Result<(f64, Option<Tensor>)> {
+    loss: &mut ChunkLoss,
+) -> Result<Option<Tensor>> {
     if fused {
-        if let Some(out) = super::cpu::cross_entropy_rows(logits, labels, grad_scale)? {
-            return Ok(out);
+        if let Some((sum, d)) = super::cpu::cross_entropy_rows(logits, labels, grad_scale)? {
+            loss.host += sum;
+            return Ok(d);
+        }
+        if let Some((rows, d)) = super::gpu::cross_entropy_rows(logits, labels, grad_scale)? {
+            loss.rows.push(rows);
+            return Ok(d);
         }
     }
     // In f32 for half-precision logits (a log-softmax over 10^4-10^5 entries).
@@ -216,7 +289,7 @@ fn chunk_loss(
     };
     drop(logits);
     let index = Tensor::from_slice(labels, (n, 1), logp.device())?;
-    let loss = -logp
+    loss.host -= logp
         .gather(&index, 1)?
         .to_dtype(DType::F64)?
         .sum_all()?
@@ -232,7 +305,7 @@ fn chunk_loss(
         }
         None => None,
     };
-    Ok((loss, dlogits))
+    Ok(dlogits)
 }
 
 #[cfg(test)]
