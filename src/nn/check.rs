@@ -133,8 +133,9 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     };
     let r = |shape: &[usize], seed, scale, shift| rand(shape, seed, scale, shift, dtype, device);
 
-    // LayerNorm and RMSNorm, BERT-base and LLaMA widths.
-    for c in [768, 4096] {
+    // LayerNorm and RMSNorm, BERT-base and LLaMA widths, and one that is not a multiple of 8 (the
+    // kernels' element-at-a-time path).
+    for c in [768, 4096, 103] {
         let x = r(&[64, c], 1, 3.0, 0.5)?;
         let dy = r(&[64, c], 2, 1.0, 0.0)?;
         let ln = Norm::layer(r(&[c], 3, 1.0, 1.0)?, r(&[c], 4, 1.0, 0.0)?, 1e-12);
@@ -182,42 +183,26 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     if let Some(y) = super::gpu::add(&x, &up)? {
         push("add", rel(&y, &(&x + &up)?)?);
     }
-    let (y, saved) = swiglu::forward(&x, &up, true)?;
-    push(
-        "swiglu forward",
-        rel(&y, &swiglu::forward_reference(&x, &up)?)?,
-    );
-    let saved = saved.expect("saved");
-    let (dgr, dur) = saved.backward_reference(&dy)?;
-    let (dg, du) = saved.backward(&dy)?;
-    push("swiglu backward gate", rel(&dg, &dgr)?);
-    push("swiglu backward up", rel(&du, &dur)?);
-
-    // Widths that are not a multiple of 8: the kernels' element-at-a-time paths.
-    {
-        let (x, up, dy) = (
+    // SwiGLU, also at a width that is not a multiple of 8.
+    for (x, up, dy, tag) in [
+        (x.clone(), up.clone(), dy.clone(), ""),
+        (
             r(&[7, 103], 61, 3.0, 0.5)?,
             r(&[7, 103], 62, 2.0, 0.0)?,
             r(&[7, 103], 63, 1.0, 0.0)?,
-        );
-        let rms = Norm::rms(r(&[103], 64, 1.0, 1.0)?, 1e-6);
-        let ((yf, sf), (yr, sr)) = (rms.forward(&x, true)?, rms.forward_reference(&x, true)?);
-        push("rms_norm forward c=103", rel(&yf, &yr)?);
-        let (sf, sr) = (sf.expect("saved"), sr.expect("saved"));
-        push(
-            "rms_norm backward c=103",
-            rel(&sf.backward(&rms, &dy)?, &sr.backward_reference(&rms, &dy)?)?,
-        );
+            " c=103",
+        ),
+    ] {
         let (y, saved) = swiglu::forward(&x, &up, true)?;
         push(
-            "swiglu forward c=103",
+            &format!("swiglu forward{tag}"),
             rel(&y, &swiglu::forward_reference(&x, &up)?)?,
         );
         let saved = saved.expect("saved");
         let (dgr, dur) = saved.backward_reference(&dy)?;
         let (dg, du) = saved.backward(&dy)?;
-        push("swiglu backward gate c=103", rel(&dg, &dgr)?);
-        push("swiglu backward up c=103", rel(&du, &dur)?);
+        push(&format!("swiglu backward gate{tag}"), rel(&dg, &dgr)?);
+        push(&format!("swiglu backward up{tag}"), rel(&du, &dur)?);
     }
 
     // A LoRA adapter's thin products (`flops::matmul_scaled`: one cuBLAS call on CUDA with the

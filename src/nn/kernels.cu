@@ -219,11 +219,14 @@ template <int V, typename T>
 __device__ void norm_bwd_v(const T* dy, const T* rows, const float* rstd, const T* gamma, T* dx,
                            int c, int center, int from_output) {
   float d[V], h[V], w[V];
-  float sg = 0.f, sgx = 0.f;
-  for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
+  auto load = [&](int i) {
     getv<V>(dy + i, d);
     getv<V>(rows + i, h);
     getv<V>(gamma + i, w);
+  };
+  float sg = 0.f, sgx = 0.f;
+  for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
+    load(i);
 #pragma unroll
     for (int j = 0; j < V; j++) {
       const float g = d[j] * w[j];
@@ -235,9 +238,7 @@ __device__ void norm_bwd_v(const T* dy, const T* rows, const float* rstd, const 
   sgx = block_sum(sgx);
   const float mg = center ? sg / c : 0.f, mgx = sgx / c, rs = rstd[blockIdx.x];
   for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
-    getv<V>(dy + i, d);
-    getv<V>(rows + i, h);
-    getv<V>(gamma + i, w);
+    load(i);
 #pragma unroll
     for (int j = 0; j < V; j++) {
       const float xh = from_output ? h[j] / w[j] : h[j];
