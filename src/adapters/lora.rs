@@ -439,6 +439,32 @@ mod tests {
     }
 
     #[test]
+    fn low_copies_follow_the_master_weights() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let cfg = LoraConfig::default();
+        let mut ad = LoraAdapter::init(6, 4, &cfg, &mut rng, DType::F32, &Device::Cpu).unwrap();
+        ad.b = randn(&[4, 8], 85).to_dtype(DType::F32).unwrap();
+        let cast = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (a1, b1) = ad.weights_in(DType::BF16).unwrap();
+        assert_eq!(max_abs_diff(&b1, &cast(&ad.b)), 0.0);
+        assert_eq!(max_abs_diff(&a1, &cast(&ad.a)), 0.0);
+        let (_, again) = ad.weights_in(DType::BF16).unwrap();
+        assert_eq!(again.id(), b1.id(), "unchanged weights reuse their copy");
+        ad.b = (&ad.b * 2.0).unwrap(); // the optimizer's way: a new tensor
+        let (_, b2) = ad.weights_in(DType::BF16).unwrap();
+        assert_ne!(b2.id(), b1.id());
+        assert_eq!(max_abs_diff(&b2, &cast(&ad.b)), 0.0);
+        let (_, f32_b) = ad.weights_in(DType::F32).unwrap();
+        assert_eq!(
+            f32_b.id(),
+            ad.b.id(),
+            "the master weights themselves in their own dtype"
+        );
+        let (_, cloned) = ad.clone().weights_in(DType::BF16).unwrap();
+        assert_ne!(cloned.id(), b2.id(), "a clone makes its own copy");
+    }
+
+    #[test]
     fn init_matches_peft() {
         let cfg = LoraConfig {
             r: 4,

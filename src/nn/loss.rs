@@ -314,6 +314,27 @@ mod tests {
     use crate::nn::gradcheck::{check, max_abs_diff, randn};
 
     #[test]
+    fn rows_spread_by_runs_are_index_add_into_zeros() {
+        use candle_core::Device;
+        let counted = [0u32, 1, 2, 5, 6, 9];
+        let runs = row_runs(&counted);
+        assert_eq!(runs, vec![(0, 3), (5, 2), (9, 1)]);
+        let x = randn(&[6, 4], 90).to_dtype(DType::F32).unwrap();
+        for rows in [10, 13] {
+            let spread = spread_runs(&x, &runs, rows).unwrap();
+            let index = Tensor::new(&counted[..], &Device::Cpu).unwrap();
+            let added = Tensor::zeros((rows, 4), DType::F32, &Device::Cpu)
+                .unwrap()
+                .index_add(&index, &x, 0)
+                .unwrap();
+            assert_eq!(spread.dims(), [rows, 4]);
+            assert_eq!(max_abs_diff(&spread, &added), 0.0);
+        }
+        assert_eq!(row_runs(&[]), vec![]);
+        assert_eq!(row_runs(&[3]), vec![(3, 1)]);
+    }
+
+    #[test]
     fn cross_entropy_gradient_and_value() {
         let logits = randn(&[4, 3], 31).affine(2.0, 0.0).unwrap();
         let labels = [0u32, 2, 1, 2];
