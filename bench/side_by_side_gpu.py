@@ -12,6 +12,10 @@ its own unfrozen run.
 without the bottom 16 layers' adapters frozen; batch 1 x 2,048 with LoRA r16 on every linear;
 batch 1 x 4,096 and 8,192 with r4 on q/v; 8,192 and 2 x 512 with gradient checkpointing in both),
 each against PyTorch + PEFT and, with `--liger` (Liger-Kernel importable), PEFT + Liger.
+`--liger-wheel WHEEL` installs Liger-Kernel for the run from its wheel (checked against the pinned
+sha256 of liger_kernel 0.8.5, the version the BENCHMARKS rows used) into a temporary folder, for a
+GPU machine without network: fetch the wheel beforehand with `pip download liger-kernel==0.8.5
+--no-deps -d DIR` and carry it.
 
 Run on the GPU machine (torch, transformers, peft installed; the CUDA libraries on
 LD_LIBRARY_PATH for safetune). One PyTorch process per shape (its start-up is long), one safetune
@@ -19,7 +23,10 @@ process per run. Memory on both sides is the allocator's peak above what is live
 step (PyTorch: max_memory_allocated - memory_allocated; safetune: the CUDA pool's USED_MEM_HIGH
 minus USED_MEM_CURRENT).
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, hashlib, json, os, subprocess, sys, tempfile, time
+
+LIGER_WHEEL = ("liger_kernel-0.8.5-py3-none-any.whl",
+               "60789cd576af073ab9b192b570d2597fd0cdad489cd62fb44fb16256d43754c9")
 
 # preset, arch, shape flags for peft_bench.py, frozen prefixes (0 and half the layers).
 SHAPES = {
@@ -45,8 +52,27 @@ p.add_argument("--skip-safetune", action="store_true", help="with --rows long: o
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both frameworks")
 p.add_argument("--rows", default="shapes", choices=["shapes", "long"], help="long: the LLaMA-7B rows of the GPU issue")
 p.add_argument("--liger", action="store_true", help="with --rows long: also PyTorch + PEFT + Liger-Kernel")
+p.add_argument("--liger-wheel", default=None, help="install Liger-Kernel from this wheel (pinned sha256) for the run; implies --liger")
 p.add_argument("--only", default=None, help="with --rows long: these rows only, 0-based indices (e.g. 2,3,4)")
 a = p.parse_args()
+
+
+def install_liger(wheel):
+    """Liger-Kernel from its pinned wheel into a temporary folder on PYTHONPATH (the PyTorch
+    processes inherit it): no network, no change to the machine's packages."""
+    name, sha = LIGER_WHEEL
+    with open(wheel, "rb") as f:
+        got = hashlib.sha256(f.read()).hexdigest()
+    if os.path.basename(wheel) != name or got != sha:
+        sys.exit(f"{wheel}: expected {name} with sha256 {sha}, got {os.path.basename(wheel)} with {got}")
+    target = tempfile.mkdtemp(prefix="liger-")
+    subprocess.run([a.python, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, wheel], check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [target, os.environ.get("PYTHONPATH")] if x)
+
+
+if a.liger_wheel:
+    install_liger(a.liger_wheel)
+    a.liger = True
 
 out = open(a.out, "a") if a.out else None
 
