@@ -23,11 +23,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     } else {
         a.matmul(b)?
     };
-    let dims = a.dims();
-    let k = dims[dims.len() - 1] as u64;
+    count(a, &out);
+    Ok(out)
+}
+
+/// Adds the FLOPs of the product `out` of `a` with something: `2 * batch * m * n * k`.
+fn count(a: &Tensor, out: &Tensor) {
+    let k = a.dims()[a.rank() - 1] as u64;
     let mn = out.elem_count() as u64; // batch * m * n
     MATMUL_FLOPS.with(|f| f.set(f.get() + 2 * mn * k));
-    Ok(out)
 }
 
 /// `alpha * (a @ b)` as a tensor of `out`, counted as [`matmul`]: on CUDA one cuBLAS product with
@@ -43,8 +47,7 @@ pub fn matmul_scaled(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<T
         };
         return y.to_dtype(out);
     };
-    let k = a.dims()[a.rank() - 1] as u64;
-    MATMUL_FLOPS.with(|f| f.set(f.get() + 2 * y.elem_count() as u64 * k));
+    count(a, &y);
     Ok(y)
 }
 
@@ -62,6 +65,19 @@ fn gpu_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// How a `[rows, cols]` matrix with element strides `[sr, sc]` lies in memory, as cuBLAS takes an
+/// operand: Some(false) row-major, Some(true) a transposed view of a row-major `[cols, rows]`
+/// (column-major), None otherwise. A dimension of 1 fits either.
+pub(crate) fn matrix_transposed([rows, cols]: [usize; 2], [sr, sc]: [usize; 2]) -> Option<bool> {
+    if (sc == 1 || cols == 1) && (sr == cols || rows == 1) {
+        Some(false)
+    } else if (sr == 1 || rows == 1) && (sc == rows || cols == 1) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 /// Whether candle's CUDA matmul accepts this operand's layout as it is.
 pub(crate) fn cublas_layout_ok(t: &Tensor) -> bool {
     let (d, s) = (t.dims(), t.stride());
@@ -69,10 +85,7 @@ pub(crate) fn cublas_layout_ok(t: &Tensor) -> bool {
     if n < 2 {
         return t.is_contiguous();
     }
-    let (rows, cols) = (d[n - 2], d[n - 1]);
-    let (sr, sc) = (s[n - 2], s[n - 1]);
-    let inner = (sc == 1 || cols == 1) && (sr == cols || rows == 1)
-        || (sr == 1 || rows == 1) && (sc == rows || cols == 1);
+    let inner = matrix_transposed([d[n - 2], d[n - 1]], [s[n - 2], s[n - 1]]).is_some();
     // Batch dims (rank 4): the outer batch stride must step over whole inner batches.
     let batch_ok = (0..n.saturating_sub(3)).all(|i| d[i + 1] == 1 || s[i] == s[i + 1] * d[i + 1]);
     inner && batch_ok

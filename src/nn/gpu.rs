@@ -554,9 +554,10 @@ mod imp {
         }
     }
 
-    /// How cuBLAS (column-major) reads a 2-d `[rows, cols]` tensor: row-major is its transpose
-    /// with leading dimension `cols` (op N of it gives the transpose), a transposed view is the
-    /// matrix itself with leading dimension `rows` (op T). None for other layouts.
+    /// How cuBLAS (column-major) reads a 2-d `[rows, cols]` tensor (`flops::matrix_transposed`):
+    /// row-major is its transpose with leading dimension `cols` (op N of it gives the transpose),
+    /// a transposed view is the matrix itself with leading dimension `rows` (op T). None for other
+    /// layouts.
     fn column_major(
         t: &Tensor,
     ) -> Option<(
@@ -565,14 +566,13 @@ mod imp {
     )> {
         use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t as Op;
         let [r, c]: [usize; 2] = t.dims().try_into().ok()?;
-        let [sr, sc]: [usize; 2] = t.stride().try_into().ok()?;
-        if (c == 1 || sc == 1) && (r == 1 || sr == c) {
-            Some((Op::CUBLAS_OP_N, c.max(1) as i32))
-        } else if (r == 1 || sr == 1) && (c == 1 || sc == r) {
-            Some((Op::CUBLAS_OP_T, r.max(1) as i32))
-        } else {
-            None
-        }
+        let strides: [usize; 2] = t.stride().try_into().ok()?;
+        Some(
+            match crate::nn::flops::matrix_transposed([r, c], strides)? {
+                false => (Op::CUBLAS_OP_N, c.max(1) as i32),
+                true => (Op::CUBLAS_OP_T, r.max(1) as i32),
+            },
+        )
     }
 
     /// `alpha * a b` for 2-d `a` `[m, k]` and `b` `[k, n]` of one dtype (f32 or bf16), each
@@ -601,14 +601,11 @@ mod imp {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
             _ => sys::cudaDataType_t::CUDA_R_32F,
         };
+        if m * n == 0 || k == 0 {
+            return Ok(Some(Tensor::zeros((m, n), out, a.device())?));
+        }
         let dev = device(a)?;
         let (y, py) = output(&dev, out, &Shape::from((m, n)))?;
-        if m * n == 0 {
-            return Ok(Some(y));
-        }
-        if k == 0 {
-            return Ok(Some(y.zeros_like()?));
-        }
         let (pa, pb) = (ptr(a, &dev)?, ptr(b, &dev)?);
         let (alpha, beta) = (alpha as f32, 0f32);
         let blas = dev.cublas_handle();

@@ -27,21 +27,6 @@ template <typename T> struct Pack { static constexpr int W = 16 / sizeof(T); };
 
 __device__ __forceinline__ bool al16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 
-template <typename T> __device__ __forceinline__ void loadv(const T* p, float* f) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int j = 0; j < Pack<T>::W; j++) f[j] = ld(e[j]);
-}
-
-template <typename T> __device__ __forceinline__ void storev(T* p, const float* f) {
-  uint4 v;
-  T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-  for (int j = 0; j < Pack<T>::W; j++) e[j] = st<T>(f[j]);
-  *reinterpret_cast<uint4*>(p) = v;
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -92,7 +77,10 @@ __device__ float block_max(float v) {
 // the pack width where every row pointer is aligned and the row length a multiple of it.
 template <int V, typename T> __device__ __forceinline__ void getv(const T* p, float* f) {
   if constexpr (V == Pack<T>::W) {
-    loadv(p, f);
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < V; j++) f[j] = ld(e[j]);
   } else {
 #pragma unroll
     for (int j = 0; j < V; j++) f[j] = ld(p[j]);
@@ -101,7 +89,11 @@ template <int V, typename T> __device__ __forceinline__ void getv(const T* p, fl
 
 template <int V, typename T> __device__ __forceinline__ void putv(T* p, const float* f) {
   if constexpr (V == Pack<T>::W) {
-    storev(p, f);
+    uint4 v;
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int j = 0; j < V; j++) e[j] = st<T>(f[j]);
+    *reinterpret_cast<uint4*>(p) = v;
   } else {
 #pragma unroll
     for (int j = 0; j < V; j++) p[j] = st<T>(f[j]);
@@ -279,7 +271,7 @@ __device__ __forceinline__ void map(size_t n, const T* const (&in)[NI], T* const
     GRID_STRIDE(i, n / W) {
       float xv[NI][W], yv[NO][W];
 #pragma unroll
-      for (int a = 0; a < NI; a++) loadv(in[a] + W * i, xv[a]);
+      for (int a = 0; a < NI; a++) getv<W>(in[a] + W * i, xv[a]);
 #pragma unroll
       for (int j = 0; j < W; j++) {
 #pragma unroll
@@ -289,7 +281,7 @@ __device__ __forceinline__ void map(size_t n, const T* const (&in)[NI], T* const
         for (int b = 0; b < NO; b++) yv[b][j] = y[b];
       }
 #pragma unroll
-      for (int b = 0; b < NO; b++) storev(out[b] + W * i, yv[b]);
+      for (int b = 0; b < NO; b++) putv<W>(out[b] + W * i, yv[b]);
     }
     return;
   }
