@@ -205,19 +205,26 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         push(&format!("swiglu backward up{tag}"), rel(&du, &dur)?);
     }
 
-    // A LoRA adapter's thin products (`flops::matmul_scaled`: one cuBLAS call on CUDA with the
-    // scale and the f32 output folded in) against the product, the scale and the cast: `x A^T`
-    // (a transposed view), `dy^T u` (both transposed views) into f32.
-    {
-        let (x, a) = (r(&[300, 96], 65, 1.0, 0.0)?, r(&[8, 96], 66, 1.0, 0.0)?);
-        let dy = r(&[300, 40], 67, 1.0, 0.0)?;
-        let want = super::flops::matmul(&x, &a.t()?)?.affine(2.5, 0.0)?;
-        let got = super::flops::matmul_scaled(&x, &a.t()?, 2.5, dtype)?;
-        push("lora product x A^T, scaled", rel(&got, &want)?);
-        let u = got;
-        let want = super::flops::matmul(&dy.t()?, &u)?.to_dtype(DType::F32)?;
-        let got = super::flops::matmul_scaled(&dy.t()?, &u, 1.0, DType::F32)?;
-        push("lora gradient dy^T U into f32", rel(&got, &want)?);
+    // A LoRA adapter's thin products (`flops::matmul_scaled`: on CUDA the thin-product kernels
+    // at ranks 1-8, else one cuBLAS call, with the scale and the f32 output folded in) against
+    // the product, the scale and the cast, in each of their four forms: `x A^T` (a transposed
+    // view) and `dy B` in the activations' dtype, `dy^T U` and `dxa^T x` into f32. Ranks 12 and
+    // 16 take cuBLAS.
+    for rank in [1, 2, 4, 8, 12, 16] {
+        let (x, a) = (r(&[300, 96], 65, 1.0, 0.0)?, r(&[rank, 96], 66, 1.0, 0.0)?);
+        let (dy, b) = (r(&[300, 40], 67, 1.0, 0.0)?, r(&[40, rank], 70, 1.0, 0.0)?);
+        let mut product = |name: &str, p: &Tensor, q: &Tensor, alpha: f64, out: DType| {
+            let want = super::flops::matmul(p, q)?
+                .affine(alpha, 0.0)?
+                .to_dtype(out)?;
+            let got = super::flops::matmul_scaled(p, q, alpha, out)?;
+            push(&format!("lora {name} r{rank}"), rel(&got, &want)?);
+            Ok::<_, candle_core::Error>(got)
+        };
+        let u = product("x A^T scaled", &x, &a.t()?, 2.5, dtype)?;
+        let dxa = product("dy B scaled", &dy, &b, 2.5, dtype)?;
+        product("dy^T U into f32", &dy.t()?, &u, 1.0, DType::F32)?;
+        product("dxa^T x into f32", &dxa.t()?, &x, 1.0, DType::F32)?;
     }
 
     // The LM head's loss (`nn::loss::lm_head_loss`: the fused cross-entropy on CUDA and the CPU,
@@ -399,16 +406,16 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         );
     }
 
-    // A rank-r update added into a fresh output (`add_low_rank`: in place through cuBLAS on
-    // CUDA) against the product and the add, with `w` as `[out, r]` (a LoRA forward) and as
-    // `[r, out]` (its input gradient).
-    for w_t in [true, false] {
+    // A rank-r update added into a fresh output (`add_low_rank`: in place on CUDA, by the
+    // thin-update kernel at ranks 1-8, else cuBLAS with beta = 1) against the product and the
+    // add, with `w` as `[out, r]` (a LoRA forward) and as `[r, out]` (its input gradient).
+    for (w_t, rank) in [(true, 8), (false, 8), (true, 1), (false, 2), (true, 16)] {
         let y = r(&[256, 512], 21, 1.0, 0.0)?;
-        let u = r(&[256, 8], 22, 1.0, 0.0)?;
+        let u = r(&[256, rank], 22, 1.0, 0.0)?;
         let w = if w_t {
-            r(&[512, 8], 23, 0.5, 0.0)?
+            r(&[512, rank], 23, 0.5, 0.0)?
         } else {
-            r(&[8, 512], 23, 0.5, 0.0)?
+            r(&[rank, 512], 23, 0.5, 0.0)?
         };
         let product = if w_t {
             u.matmul(&w.t()?)?
@@ -418,7 +425,10 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         let composed = super::add(&y, &product)?;
         let fused = super::add_low_rank(y.copy()?, &u, &w, w_t)?;
         let name = if w_t { "y + u w^T" } else { "y + u w" };
-        push(&format!("add_low_rank {name}"), rel(&fused, &composed)?);
+        push(
+            &format!("add_low_rank {name} r{rank}"),
+            rel(&fused, &composed)?,
+        );
     }
 
     // SAFE's CKA terms in the Gram form (`cka::gram_terms`, fused on CUDA) against the candle
@@ -558,6 +568,15 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                     cka_low_rank_ms(device, kind)?,
                 ));
             }
+            // A LoRA adapter's thin products at a LLaMA-7B q adapter (1,024 rows, width 4,096),
+            // ms a call: the thin kernels, and cuBLAS's product alone.
+            for (name, ms) in thin_ms(device)? {
+                out.push(Check::info(
+                    format!("  (timing: lora {name} 1024 x 4096 ms)"),
+                    &dname,
+                    ms,
+                ));
+            }
             // Timings, for information (ms of one forward / backward, median of 5).
             // The reference composition builds its causal mask on the host each call, so its
             // figure is not the fallback's (`SAFETUNE_FLASH=0`: the fused softmax kernels).
@@ -662,6 +681,40 @@ fn cka_checks(
             ok: flops_differ == 0.0,
         },
     ])
+}
+
+/// Milliseconds a call of each of a LoRA adapter's thin products takes at 1,024 rows, width 4,096
+/// and ranks 4 and 8 (bf16), through `matmul_scaled` (the thin kernels) and through cuBLAS's
+/// product alone, and of the rank-r updates in place.
+fn thin_ms(device: &Device) -> Result<Vec<(String, f64)>> {
+    let r = |shape: &[usize], seed| rand(shape, seed, 1.0, 0.0, DType::BF16, device);
+    let (x, dy) = (r(&[1024, 4096], 1)?, r(&[1024, 4096], 2)?);
+    let mut out = Vec::new();
+    for rank in [4, 8] {
+        let (u, a, b) = (
+            r(&[1024, rank], 3)?,
+            r(&[rank, 4096], 4)?,
+            r(&[4096, rank], 5)?,
+        );
+        let forms = [
+            ("x A^T", x.clone(), a.t()?, DType::BF16),
+            ("dy B", dy.clone(), b.clone(), DType::BF16),
+            ("dy^T U into f32", dy.t()?, u.clone(), DType::F32),
+            ("dxa^T x into f32", u.t()?, x.clone(), DType::F32),
+        ];
+        for (name, p, q, dt) in forms {
+            let thin = queued_ms(device, || super::flops::matmul_scaled(&p, &q, 1.0, dt))?;
+            let cublas = queued_ms(device, || super::flops::matmul(&p, &q))?;
+            out.push((format!("{name} r{rank}, thin"), thin));
+            out.push((format!("{name} r{rank}, cuBLAS"), cublas));
+        }
+        let y = dy.copy()?;
+        for (name, w, w_t) in [("U B^T", &b, true), ("dxa A", &a, false)] {
+            let ms = queued_ms(device, || super::add_low_rank(y.clone(), &u, w, w_t))?;
+            out.push((format!("y += {name} in place r{rank}, thin"), ms));
+        }
+    }
+    Ok(out)
 }
 
 /// Milliseconds a call of `call` takes, 20 calls queued back to back after 3 to warm up.

@@ -452,7 +452,9 @@ mod imp {
                 w.dims()
             );
         }
-        y.inplace_op3(u, w, &AddProduct { n, out, r, w_t })?;
+        if !thin_update(y, u, w, w_t)? {
+            y.inplace_op3(u, w, &AddProduct { n, out, r, w_t })?;
+        }
         Ok(true)
     }
 
@@ -604,6 +606,9 @@ mod imp {
         if m * n == 0 || k == 0 {
             return Ok(Some(Tensor::zeros((m, n), out, a.device())?));
         }
+        if let Some(y) = thin_gemm(a, b, alpha, out)? {
+            return Ok(Some(y));
+        }
         let dev = device(a)?;
         let (y, py) = output(&dev, out, &Shape::from((m, n)))?;
         let (pa, pb) = (ptr(a, &dev)?, ptr(b, &dev)?);
@@ -639,6 +644,128 @@ mod imp {
             bail!("cublasGemmEx: {status:?}");
         }
         Ok(Some(y))
+    }
+
+    /// The ranks the thin-product kernels are built for (`st_thin_*` in kernels.cu).
+    const THIN_RANKS: [usize; 4] = [1, 2, 4, 8];
+
+    /// The thin-product kernels are used unless the environment sets `SAFETUNE_THIN=0` (then
+    /// cuBLAS runs every product, for comparison).
+    fn thin_on() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("SAFETUNE_THIN").map_or(true, |v| v.trim() != "0"))
+    }
+
+    /// Whether every tensor's first element is 16-byte aligned (contiguity is checked apart).
+    fn aligned16(ts: &[&Tensor], dev: &CudaDevice) -> Result<bool> {
+        for t in ts {
+            if !ptr(t, dev)?.is_multiple_of(16) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether `t` is a transposed view of a row-major matrix.
+    fn transposed(t: &Tensor) -> bool {
+        t.t().is_ok_and(|t| t.is_contiguous())
+    }
+
+    /// [`gemm`] through the thin-product kernels where one side has a rank of [`THIN_RANKS`]
+    /// columns (at 16 and more, cuBLAS's tensor cores beat them): `x W` (x `[n, d]` row-major, `W` `[d, R]` row-major or a transposed `[R, d]`) in
+    /// x's dtype, as a LoRA forward's `U` and backward's `dxa`; `x^T v` and `v^T x` (x `[n, d]`,
+    /// v `[n, R]`, both row-major) into f32, as `dB` and `dA`. One kernel a product instead of
+    /// cuBLAS's split-K pair. None where they do not apply.
+    fn thin_gemm(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Option<Tensor>> {
+        let (Some(sfx), true) = (dtype_suffix(a.dtype()), thin_on()) else {
+            return Ok(None);
+        };
+        let dev = device(a)?;
+        let pack = 16 / a.dtype().size_in_bytes();
+        let ((m, k), (_, n)) = (a.dims2()?, b.dims2()?);
+        let fits = |d: usize, rows: usize| d.is_multiple_of(pack) && d < 1 << 30 && rows < 1 << 30;
+        if THIN_RANKS.contains(&n) && out == a.dtype() && a.is_contiguous() && fits(k, m) {
+            let (kind, w) = if b.is_contiguous() {
+                ("b", b.clone())
+            } else if transposed(b) {
+                ("a", b.t()?)
+            } else {
+                return Ok(None);
+            };
+            if !aligned16(&[a, &w], &dev)? {
+                return Ok(None);
+            }
+            let (y, py) = output(&dev, out, &Shape::from((m, n)))?;
+            let rows_per_block = if n <= 4 { 8 } else { 4 };
+            let cfg = LaunchConfig {
+                grid_dim: (m.div_ceil(rows_per_block).min(65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (px, pw) = (ptr(a, &dev)?, ptr(&w, &dev)?);
+            let (rows, d, alpha) = (m as i32, k as i32, alpha as f32);
+            launch!(dev, format!("st_thin_rows_{kind}_r{n}_{sfx}"), cfg; px, pw, py, rows, d, alpha);
+            return Ok(Some(y));
+        }
+        // x^T v ([d, R], from a = x^T) or v^T x ([R, d], from a = v^T), summed over k rows.
+        let (x, v, rank, d, oj, ok) = if THIN_RANKS.contains(&n) && transposed(a) {
+            (a.t()?, b.clone(), n, m, n, 1)
+        } else if THIN_RANKS.contains(&m) && transposed(a) {
+            (b.clone(), a.t()?, m, n, 1, n)
+        } else {
+            return Ok(None);
+        };
+        let usable = out == DType::F32 && x.is_contiguous() && v.is_contiguous() && fits(d, k);
+        if !usable || alpha != 1.0 || !aligned16(&[&x, &v], &dev)? {
+            return Ok(None);
+        }
+        let y = Tensor::zeros((m, n), DType::F32, a.device())?;
+        let cols = if pack * rank <= 32 { pack } else { 32 / rank };
+        let col_blocks = d.div_ceil(32 * cols);
+        let row_blocks = (264 / col_blocks).clamp(1, k.div_ceil(8));
+        let rows_per_block = k.div_ceil(row_blocks);
+        let cfg = LaunchConfig {
+            grid_dim: (col_blocks as u32, k.div_ceil(rows_per_block) as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let (px, pv, py) = (ptr(&x, &dev)?, ptr(&v, &dev)?, ptr(&y, &dev)?);
+        let (rows, dd, rpb) = (k as i32, d as i32, rows_per_block as i32);
+        let (oj, ok) = (oj as i64, ok as i64);
+        launch!(dev, format!("st_thin_cols_r{rank}_{sfx}"), cfg; px, pv, py, rows, dd, rpb, oj, ok);
+        Ok(Some(y))
+    }
+
+    /// `y += u w^T` (`w_t`, `w` `[out, R]`) or `y += u w` (`w` `[R, out]`) in place through the
+    /// thin-update kernel; false where it does not apply (shapes already checked by the caller).
+    fn thin_update(y: &Tensor, u: &Tensor, w: &Tensor, w_t: bool) -> Result<bool> {
+        let (Some(sfx), true) = (suffix(y.dtype(), &[y, u, w]), thin_on()) else {
+            return Ok(false);
+        };
+        let dev = device(y)?;
+        let ((n, out), r) = (y.dims2()?, u.dim(1)?);
+        let pack = 16 / y.dtype().size_in_bytes();
+        let fits = out.is_multiple_of(pack) && out < 1 << 30 && n < 1 << 30;
+        if !THIN_RANKS.contains(&r) || !fits || !aligned16(&[y, u, w], &dev)? {
+            return Ok(false);
+        }
+        let kind = if w_t { "b" } else { "a" };
+        let (py, pu, pw) = (ptr(y, &dev)?, ptr(u, &dev)?, ptr(w, &dev)?);
+        // A thread a pack of columns, a block 128 packs and 8 rows (more past 65,535 blocks).
+        let rows_per_block = n.div_ceil(65_535).max(8);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (out / pack).div_ceil(128) as u32,
+                n.div_ceil(rows_per_block) as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, d, rpb) = (n as i32, out as i32, rows_per_block as i32);
+        launch!(dev, format!("st_thin_update_{kind}_r{r}_{sfx}"), cfg; py, pu, pw, rows, d, rpb);
+        crate::nn::flops::add(2 * (n * out * r) as u64);
+        Ok(true)
     }
 
     /// Rotary embedding of `x`, a `[batch, heads, seq, head_dim]` view with head_dim contiguous

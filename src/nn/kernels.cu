@@ -603,6 +603,218 @@ INSTANTIATE(float, f32)
 INSTANTIATE(bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
+// A LoRA adapter's thin products (`gpu::gemm`, `gpu::add_product`): one operand has R <= 8
+// columns, so each product is bound by one pass over a wide `[n, d]` activation. cuBLAS ran each
+// as a split-K product plus a reduction, about 13 us a call at n = 1,024, d = 4,096 (twice what
+// reading the 8 MB takes). Storage bf16 or f32, sums in f32. Callers check that d is a multiple
+// of the pack width and that every pointer is 16-byte aligned.
+
+// N consecutive elements at p, in the widest accesses (up to 16 bytes) that N * sizeof(T) allows.
+template <int N, typename T> __device__ __forceinline__ void getn(const T* p, float* f) {
+  constexpr int bytes = N * (int)sizeof(T);
+  constexpr int step = bytes % 16 == 0 ? 16 : bytes % 8 == 0 ? 8 : bytes % 4 == 0 ? 4 : 2;
+  constexpr int per = step / (int)sizeof(T);
+#pragma unroll
+  for (int i = 0; i < N; i += per) {
+    if constexpr (step == 16) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p + i);
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int j = 0; j < per; j++) f[i + j] = ld(e[j]);
+    } else if constexpr (step == 8) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p + i);
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int j = 0; j < per; j++) f[i + j] = ld(e[j]);
+    } else {
+      f[i] = ld(p[i]);
+      if constexpr (per == 2) f[i + 1] = ld(p[i + 1]);
+    }
+  }
+}
+
+// out[i, k] = alpha * sum_j x[i, j] w(k, j), k < R: x [n, d]; w [R, d] (W_T false: A in x A^T)
+// or [d, R] (W_T true: B in dy B); out [n, R]. A block of 256 threads takes ROWS rows, each thread
+// a pack of columns every 256 packs; the threads' partial sums meet in shared memory.
+template <int R, typename T, bool W_T>
+__device__ void thin_rows(const T* x, const T* w, T* out, int n, int d, float alpha) {
+  constexpr int V = Pack<T>::W, ROWS = R <= 4 ? 8 : 4;
+  __shared__ float sh[8][ROWS * R];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  for (int r0 = blockIdx.x * ROWS; r0 < n; r0 += gridDim.x * ROWS) {
+    float acc[ROWS][R];
+#pragma unroll
+    for (int q = 0; q < ROWS; q++)
+#pragma unroll
+      for (int k = 0; k < R; k++) acc[q][k] = 0.f;
+#pragma unroll 2
+    for (int j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+      float xv[ROWS][V];
+#pragma unroll
+      for (int q = 0; q < ROWS; q++) {
+        if (r0 + q < n) getv<V>(x + (size_t)(r0 + q) * d + j, xv[q]);
+        else
+#pragma unroll
+          for (int e = 0; e < V; e++) xv[q][e] = 0.f;
+      }
+      if constexpr (W_T) {
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+          float wv[R];
+          getn<R>(w + (size_t)(j + e) * R, wv);
+#pragma unroll
+          for (int q = 0; q < ROWS; q++)
+#pragma unroll
+            for (int k = 0; k < R; k++) acc[q][k] += xv[q][e] * wv[k];
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < R; k++) {
+          float wv[V];
+          getv<V>(w + (size_t)k * d + j, wv);
+#pragma unroll
+          for (int q = 0; q < ROWS; q++)
+#pragma unroll
+            for (int e = 0; e < V; e++) acc[q][k] += xv[q][e] * wv[e];
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < ROWS; q++)
+#pragma unroll
+      for (int k = 0; k < R; k++) {
+        const float s = warp_sum(acc[q][k]);
+        if (lane == 0) sh[wid][q * R + k] = s;
+      }
+    __syncthreads();
+    for (int t = threadIdx.x; t < ROWS * R; t += blockDim.x) {
+      float s = 0.f;
+      for (int v = 0; v < (int)(blockDim.x >> 5); v++) s += sh[v][t];
+      const int q = t / R;
+      if (r0 + q < n) out[(size_t)(r0 + q) * R + t % R] = st<T>(alpha * s);
+    }
+    __syncthreads();  // sh is reused by the next rows
+  }
+}
+
+// out[j * oj + k * ok] += sum_i x[i, j] v[i, k], k < R, into f32 `out` that the caller zeroed:
+// x [n, d], v [n, R]. dB = dy^T U is [d, R] (oj = R, ok = 1), dA = dxa^T x is [R, d] (oj = 1,
+// ok = d). A block is 32 x 8 threads: 32 threads side by side over 32 * C columns, 8 slices of the
+// block's rows; the slices meet in shared memory and the blocks of other rows meet in `out`
+// through 16-byte atomics (d a multiple of 4), so the sum's order (and its last bits) vary from
+// run to run.
+template <int R, typename T>
+__device__ void thin_cols(const T* x, const T* v, float* out, int n, int d, int rows_per_block,
+                          long long oj, long long ok) {
+  constexpr int C = Pack<T>::W * R <= 32 ? Pack<T>::W : 32 / R;
+  __shared__ float sh[8][C * R][33];
+  const int j0 = blockIdx.x * 32 * C, j = j0 + threadIdx.x * C;
+  const int i0 = blockIdx.y * rows_per_block, i1 = min(n, i0 + rows_per_block);
+  float acc[C][R];
+#pragma unroll
+  for (int c = 0; c < C; c++)
+#pragma unroll
+    for (int k = 0; k < R; k++) acc[c][k] = 0.f;
+  if (j < d) {
+#pragma unroll 4
+    for (int i = i0 + threadIdx.y; i < i1; i += 8) {
+      float xv[C], vv[R];
+      getn<C>(x + (size_t)i * d + j, xv);
+      getn<R>(v + (size_t)i * R, vv);
+#pragma unroll
+      for (int c = 0; c < C; c++)
+#pragma unroll
+        for (int k = 0; k < R; k++) acc[c][k] += xv[c] * vv[k];
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < C; c++)
+#pragma unroll
+    for (int k = 0; k < R; k++) sh[threadIdx.y][c * R + k][threadIdx.x] = acc[c][k];
+  __syncthreads();
+  // The block's 32 * C * R sums, four at a time: four neighbours in `out` (the block's columns
+  // are contiguous in dB's layout, each k's columns in dA's).
+  const bool by_col = ok == 1;  // dB: f = (column - j0) * R + k
+  for (int g = threadIdx.y * 32 + threadIdx.x; g < 8 * C * R; g += 256) {
+    float4 s4;
+    float* s = reinterpret_cast<float*>(&s4);
+    long long at = 0;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int f = 4 * g + e;
+      const int col = by_col ? f / R : f % (32 * C), k = by_col ? f % R : f / (32 * C);
+      float t = 0.f;
+#pragma unroll
+      for (int y = 0; y < 8; y++) t += sh[y][(col % C) * R + k][col / C];
+      s[e] = t;
+      if (e == 0) at = (long long)(j0 + col) * oj + k * ok;
+    }
+    const int col0 = by_col ? (4 * g) / R : (4 * g) % (32 * C);
+    if (j0 + col0 < d) atomicAdd(reinterpret_cast<float4*>(out + at), s4);
+  }
+}
+
+// y[i, j] += sum_k u[i, k] w(j, k), k < R, in place (the sum in f32, rounded once): u [n, R];
+// w [d, R] (W_T true: B in U B^T) or [R, d] (W_T false: A in dxa A). A thread keeps the weights of
+// its pack of columns in registers and walks a slice of rows.
+template <int R, typename T, bool W_T>
+__device__ void thin_update(T* y, const T* u, const T* w, int n, int d, int rows_per_block) {
+  constexpr int V = Pack<T>::W;
+  const int j = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (j >= d) return;
+  float wv[V][R];
+  if constexpr (W_T) {
+    getn<V * R>(w + (size_t)j * R, &wv[0][0]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+      float t[V];
+      getv<V>(w + (size_t)k * d + j, t);
+#pragma unroll
+      for (int e = 0; e < V; e++) wv[e][k] = t[e];
+    }
+  }
+  const int i0 = blockIdx.y * rows_per_block, i1 = min(n, i0 + rows_per_block);
+#pragma unroll 4
+  for (int i = i0; i < i1; i++) {
+    float yv[V], uv[R];
+    getv<V>(y + (size_t)i * d + j, yv);
+    getn<R>(u + (size_t)i * R, uv);
+#pragma unroll
+    for (int e = 0; e < V; e++)
+#pragma unroll
+      for (int k = 0; k < R; k++) yv[e] += uv[k] * wv[e][k];
+    putv<V>(y + (size_t)i * d + j, yv);
+  }
+}
+
+#define THIN(R, T, S)                                                                             \
+  extern "C" __global__ void __launch_bounds__(256)                                              \
+      st_thin_rows_a_r##R##_##S(const T* x, const T* w, T* out, int n, int d, float alpha) {      \
+    thin_rows<R, T, false>(x, w, out, n, d, alpha);                                               \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(256)                                              \
+      st_thin_rows_b_r##R##_##S(const T* x, const T* w, T* out, int n, int d, float alpha) {      \
+    thin_rows<R, T, true>(x, w, out, n, d, alpha);                                                \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(256)                                              \
+      st_thin_cols_r##R##_##S(const T* x, const T* v, float* out, int n, int d, int rows,        \
+                              long long oj, long long ok) {                                       \
+    thin_cols<R, T>(x, v, out, n, d, rows, oj, ok);                                               \
+  }                                                                                               \
+  extern "C" __global__ void st_thin_update_a_r##R##_##S(T* y, const T* u, const T* w, int n,     \
+                                                         int d, int rows) {                       \
+    thin_update<R, T, false>(y, u, w, n, d, rows);                                                \
+  }                                                                                               \
+  extern "C" __global__ void st_thin_update_b_r##R##_##S(T* y, const T* u, const T* w, int n,     \
+                                                         int d, int rows) {                       \
+    thin_update<R, T, true>(y, u, w, n, d, rows);                                                 \
+  }
+#define THIN_RANKS(T, S) THIN(1, T, S) THIN(2, T, S) THIN(4, T, S) THIN(8, T, S)
+THIN_RANKS(float, f32)
+THIN_RANKS(bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
 // SAFE's CKA in the Gram form (`nn/cka.rs`): of X = Y + U B^T over n token rows, what CKA's norms
 // need, in f64 and in three kernels around cuBLAS's products (the candle composition took ~40
 // launches per adapter and batch). Every sum runs in a fixed order, so results repeat bit for bit.
