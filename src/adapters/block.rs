@@ -443,6 +443,27 @@ impl<'a, L: Block> SiteBackward<'a, L> {
         Ok(dx)
     }
 
+    /// `back` with the site's `dx` added onto `acc` (the input gradient so far of linears that
+    /// share this one's input), in place on CUDA ([`LoraLinear::backward_adding`]); with no
+    /// `acc`, the site's own `dx`; without `need_dx`, nothing (as `back`).
+    pub fn back_onto(
+        &mut self,
+        site: L::Site,
+        dy: &Tensor,
+        acc: Option<Tensor>,
+        need_dx: bool,
+    ) -> Result<Option<Tensor>> {
+        let Some(acc) = acc.filter(|_| need_dx) else {
+            return self.back(site, dy, need_dx);
+        };
+        let st = self.states.take(site)?;
+        let (dx, g) = self.layer.linear(site).backward_adding(st, dy, acc)?;
+        if let Some(g) = g {
+            self.grads.push((site, g));
+        }
+        Ok(Some(dx))
+    }
+
     /// `back` where `dx` is always needed.
     pub fn back_dx(&mut self, site: L::Site, dy: &Tensor) -> Result<Tensor> {
         Ok(self.back(site, dy, true)?.expect("dx requested"))

@@ -296,11 +296,41 @@ impl LoraLinear {
         need_dx: bool,
         input: Option<Tensor>,
     ) -> Result<(Option<Tensor>, Option<LoraGrads>)> {
-        let mut dx = if need_dx {
+        let dx = if need_dx {
             Some(self.base.backward_input(dy)?)
         } else {
             None
         };
+        self.adapter_backward(saved, dy, dx, input)
+    }
+
+    /// `acc + dx` and the adapter's gradients: a linear whose input gradient joins others' (q, k
+    /// and v on one input). On CUDA the base's product and the adapter's update add into `acc`
+    /// in place, which must be a tensor no one else reads; elsewhere `dx` is made, then added.
+    pub fn backward_adding(
+        &self,
+        saved: LoraLinearSaved,
+        dy: &Tensor,
+        acc: Tensor,
+    ) -> Result<(Tensor, Option<LoraGrads>)> {
+        let (dx, grads) = if self.base.backward_input_onto(dy, &acc)? {
+            self.adapter_backward(saved, dy, Some(acc), None)?
+        } else {
+            let (dx, grads) = self.backward(saved, dy, true)?;
+            let dx = dx.expect("dx requested");
+            (Some(crate::nn::add(&acc, &dx)?), grads)
+        };
+        Ok((dx.expect("dx given"), grads))
+    }
+
+    /// The adapter's share of backward, given the base's input gradient `dx` (when wanted).
+    fn adapter_backward(
+        &self,
+        saved: LoraLinearSaved,
+        dy: &Tensor,
+        mut dx: Option<Tensor>,
+        input: Option<Tensor>,
+    ) -> Result<(Option<Tensor>, Option<LoraGrads>)> {
         let Some(lora) = &self.lora else {
             return Ok((dx, None));
         };

@@ -219,7 +219,7 @@ impl BertLayer {
             drop(d_g);
             lin.back_dx(Site::Intermediate, &d_i)?
         };
-        let d_a = nn::add(&saved.ln_out.backward(&self.ln_out, &d_x2)?, dout)?;
+        let d_a = saved.ln_out.backward_adding(&self.ln_out, &d_x2, dout)?;
         drop((d_x2, saved.ln_out));
         // a = attn_out + h.
         let d_ctx = {
@@ -231,7 +231,7 @@ impl BertLayer {
         let dx = qkv_backward(&mut lin, [dq, dk, dv], need_dx, None)?;
         let dh = match (need_dx, dx) {
             (false, _) => None,
-            (true, Some(dx)) => Some(nn::add(&saved.ln_attn.backward(&self.ln_attn, &dx)?, &d_a)?),
+            (true, Some(dx)) => Some(saved.ln_attn.backward_adding(&self.ln_attn, &dx, &d_a)?),
             (true, None) => Some(d_a),
         };
         Ok((dh, lin.grads()))
@@ -325,12 +325,7 @@ fn qkv_backward(
     mut acc: Option<Tensor>,
 ) -> Result<Option<Tensor>> {
     for (s, d) in [(Site::Query, dq), (Site::Key, dk), (Site::Value, dv)] {
-        if let Some(dxs) = lin.back(s, &d, need_dx)? {
-            acc = Some(match acc {
-                Some(a) => nn::add(&a, &dxs)?,
-                None => dxs,
-            });
-        }
+        acc = lin.back_onto(s, &d, acc, need_dx)?;
     }
     Ok(acc)
 }

@@ -391,7 +391,7 @@ impl Gpt2Block {
         drop(dg);
         let dhn = lin.back_dx(Gpt2Site::CFc, &df)?;
         drop(df);
-        let dh = nn::add(dout, &saved.ln_2.backward(&self.ln_2, &dhn)?)?;
+        let dh = saved.ln_2.backward_adding(&self.ln_2, &dhn, dout)?;
         drop(dhn);
         let da = dropout::backward_opt(&saved.drop_attn, dh.clone())?;
         let dctx = lin.back_dx(Gpt2Site::AttnCProj, &da)?;
@@ -402,7 +402,7 @@ impl Gpt2Block {
             let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?;
             drop((dq, dk, dv));
             match lin.back(Gpt2Site::CAttn, &dqkv, need_dx)? {
-                Some(dxn) => Some(nn::add(&dh, &saved.ln_1.backward(&self.ln_1, &dxn)?)?),
+                Some(dxn) => Some(saved.ln_1.backward_adding(&self.ln_1, &dxn, &dh)?),
                 None => None,
             }
         } else {

@@ -270,12 +270,6 @@ impl LlamaLayer {
         need_dx: bool,
     ) -> Result<(Option<Tensor>, LayerGrads)> {
         let mut lin = SiteBackward::new(self, saved.lin);
-        let add = |acc: Option<Tensor>, d: Option<Tensor>| -> Result<Option<Tensor>> {
-            Ok(match (acc, d) {
-                (Some(a), Some(d)) => Some(nn::add(&a, &d)?),
-                (a, d) => a.or(d),
-            })
-        };
         let swiglu = saved.swiglu.get(|pass| {
             let hn = saved.post_norm.output(&self.post_attention_norm)?;
             let mut run = |site| {
@@ -288,29 +282,27 @@ impl LlamaLayer {
         let da = lin.back_dx_recomputed(LlamaSite::Down, dout, || swiglu.output())?;
         let (dg, du) = swiglu.backward(&da)?;
         drop(da);
-        let dhn = add(
-            lin.back(LlamaSite::Gate, &dg, true)?,
-            lin.back(LlamaSite::Up, &du, true)?,
-        )?
-        .expect("dx requested");
+        let dhn = lin.back_onto(LlamaSite::Gate, &dg, None, true)?;
+        let dhn = lin.back_onto(LlamaSite::Up, &du, dhn, true)?;
+        let dhn = dhn.expect("dx requested");
         drop((dg, du));
-        let dh = nn::add(
-            dout,
-            &saved.post_norm.backward(&self.post_attention_norm, &dhn)?,
-        )?;
+        let dh = saved
+            .post_norm
+            .backward_adding(&self.post_attention_norm, &dhn, dout)?;
         drop(dhn);
         let dctx = lin.back_dx(LlamaSite::O, &dh)?;
         let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
         drop(dctx);
         let mut dxn = None;
         for (s, d) in [(LlamaSite::Q, dq), (LlamaSite::K, dk), (LlamaSite::V, dv)] {
-            dxn = add(dxn, lin.back(s, &d, need_dx)?)?;
+            dxn = lin.back_onto(s, &d, dxn, need_dx)?;
         }
         let dx = match dxn {
-            Some(dxn) => Some(nn::add(
-                &dh,
-                &saved.input_norm.backward(&self.input_norm, &dxn)?,
-            )?),
+            Some(dxn) => Some(
+                saved
+                    .input_norm
+                    .backward_adding(&self.input_norm, &dxn, &dh)?,
+            ),
             None => None,
         };
         Ok((dx, lin.grads()))

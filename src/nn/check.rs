@@ -147,6 +147,13 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             &format!("layer_norm backward c={c}"),
             rel(&sf.backward(&ln, &dy)?, &sr.backward_reference(&ln, &dy)?)?,
         );
+        // With a residual branch's gradient joined in the kernel (`backward_adding`).
+        let res = r(&[64, c], 9, 1.0, 0.0)?;
+        let want = (&res + sr.backward_reference(&ln, &dy)?)?;
+        push(
+            &format!("layer_norm backward + residual c={c}"),
+            rel(&sf.backward_adding(&ln, &dy, &res)?, &want)?,
+        );
         let rms = Norm::rms(r(&[c], 5, 1.0, 1.0)?, 1e-6);
         let (yf, sf) = rms.forward(&x, true)?;
         let (yr, sr) = rms.forward_reference(&x, true)?;
@@ -155,6 +162,11 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         push(
             &format!("rms_norm backward c={c}"),
             rel(&sf.backward(&rms, &dy)?, &sr.backward_reference(&rms, &dy)?)?,
+        );
+        let want = (&res + sr.backward_reference(&rms, &dy)?)?;
+        push(
+            &format!("rms_norm backward + residual c={c}"),
+            rel(&sf.backward_adding(&rms, &dy, &res)?, &want)?,
         );
     }
 
@@ -404,6 +416,18 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             &format!("dropout output n={n}"),
             rel(&y.to_device(&Device::Cpu)?, &want)?,
         );
+    }
+
+    // A linear's input gradient added onto another's (`Linear::backward_input_onto`: cuBLAS with
+    // beta = 1 on CUDA; false elsewhere, where the caller adds) against the product and the add.
+    {
+        let (acc, dy) = (r(&[300, 96], 24, 1.0, 0.0)?, r(&[300, 40], 25, 1.0, 0.0)?);
+        let linear = super::linear::Linear::new(r(&[40, 96], 26, 0.5, 0.0)?, None);
+        let want = super::add(&acc, &linear.backward_input(&dy)?)?;
+        let acc = acc.copy()?;
+        if linear.backward_input_onto(&dy, &acc)? {
+            push("linear dx onto an accumulator", rel(&acc, &want)?);
+        }
     }
 
     // A rank-r update added into a fresh output (`add_low_rank`: in place on CUDA, by the

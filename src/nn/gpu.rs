@@ -293,6 +293,8 @@ mod imp {
     }
 
     /// `rows` is xhat, or the output where `from_output` (see `nn::norm::NormSaved`).
+    /// The norm's input gradient, plus `residual` (a residual branch's gradient of the same
+    /// shape) when given, in one kernel.
     pub fn norm_bwd(
         dy: &Tensor,
         rows: &Tensor,
@@ -300,8 +302,11 @@ mod imp {
         weight: &Tensor,
         center: bool,
         from_output: bool,
+        residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        let Some(sfx) = suffix(dy.dtype(), &[dy, rows, weight]) else {
+        let mut ts = vec![dy, rows, weight];
+        ts.extend(residual);
+        let Some(sfx) = suffix(dy.dtype(), &ts) else {
             return Ok(None);
         };
         if !f32_on_cuda(&[rstd]) {
@@ -310,6 +315,9 @@ mod imp {
         let c = dy.dim(D::Minus1)?;
         let n = dy.elem_count() / c;
         check_same_len("norm_bwd", &[("dy", dy), ("rows", rows)])?;
+        if let Some(r) = residual {
+            check_same_len("norm_bwd", &[("dy", dy), ("residual", r)])?;
+        }
         check_len("norm_bwd", "weight", weight, c)?;
         check_len("norm_bwd", "rstd", rstd, n)?;
         let dev = device(dy)?;
@@ -320,8 +328,9 @@ mod imp {
             ptr(rstd, &dev)?,
             ptr(weight, &dev)?,
         );
+        let pres = residual.map_or(Ok(0), |r| ptr(r, &dev))?;
         let (c32, center, from_output) = (c as i32, center as i32, from_output as i32);
-        launch!(dev, format!("st_norm_bwd_{sfx}"), rows_cfg(n, c); pdy, ph, pr, pw, pdx, c32, center, from_output);
+        launch!(dev, format!("st_norm_bwd_{sfx}"), rows_cfg(n, c); pdy, ph, pr, pw, pres, pdx, c32, center, from_output);
         Ok(Some(dx))
     }
 
@@ -584,7 +593,6 @@ mod imp {
     /// gradient's cast to the f32 master weights is a kernel of its own. None where it does not
     /// apply (another device or dtype, other layouts, autograd tracking an input).
     pub fn gemm(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Option<Tensor>> {
-        use candle_core::cuda_backend::cudarc::cublas::sys;
         let on_cuda = a.device().is_cuda() && b.device().is_cuda();
         let dtypes = dtype_suffix(a.dtype()).is_some()
             && b.dtype() == a.dtype()
@@ -599,10 +607,6 @@ mod imp {
         let (Some((op_a, lda)), Some((op_b, ldb))) = (column_major(a), column_major(b)) else {
             return Ok(None);
         };
-        let cuda_type = |d: DType| match d {
-            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
-            _ => sys::cudaDataType_t::CUDA_R_32F,
-        };
         if m * n == 0 || k == 0 {
             return Ok(Some(Tensor::zeros((m, n), out, a.device())?));
         }
@@ -611,12 +615,84 @@ mod imp {
         }
         let dev = device(a)?;
         let (y, py) = output(&dev, out, &Shape::from((m, n)))?;
-        let (pa, pb) = (ptr(a, &dev)?, ptr(b, &dev)?);
-        let (alpha, beta) = (alpha as f32, 0f32);
+        // beta = 0: `y` is only written.
+        cublas_gemm(
+            &dev,
+            [(a, op_a, lda), (b, op_b, ldb)],
+            (py, out),
+            alpha,
+            0.0,
+        )?;
+        Ok(Some(y))
+    }
+
+    /// `acc += a b` in place: 2-d `a` `[m, k]` and `b` `[k, n]` (each row-major or a transposed
+    /// view) and a contiguous `acc` `[m, n]`, all of one dtype (f32 or bf16), in one cuBLAS
+    /// product with beta = 1, so that an input gradient summed over several linears (q, k and v)
+    /// needs no add kernel. False, and `acc` untouched, where it does not apply.
+    pub fn matmul_acc(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<bool> {
+        let ts = [acc, a, b];
+        let usable = suffix(acc.dtype(), &[acc]).is_some()
+            && ts.iter().all(|t| {
+                t.rank() == 2 && t.dtype() == acc.dtype() && t.device().is_cuda() && !t.track_op()
+            });
+        if !usable {
+            return Ok(false);
+        }
+        let ((m, k), (k_b, n)) = (a.dims2()?, b.dims2()?);
+        if k != k_b || acc.dims2()? != (m, n) {
+            bail!(
+                "matmul_acc: acc {:?}, a {:?} and b {:?} disagree",
+                acc.dims(),
+                a.dims(),
+                b.dims()
+            );
+        }
+        let (Some((op_a, lda)), Some((op_b, ldb))) = (column_major(a), column_major(b)) else {
+            return Ok(false);
+        };
+        if m * n * k == 0 {
+            return Ok(true); // acc += 0
+        }
+        let dev = device(acc)?;
+        let pc = ptr(acc, &dev)?;
+        cublas_gemm(
+            &dev,
+            [(a, op_a, lda), (b, op_b, ldb)],
+            (pc, acc.dtype()),
+            1.0,
+            1.0,
+        )?;
+        crate::nn::flops::add(2 * (m * n * k) as u64);
+        Ok(true)
+    }
+
+    /// `c = alpha * a b + beta * c` through `cublasGemmEx` (f32 accumulation) for `a` `[m, k]` and
+    /// `b` `[k, n]` given with their cuBLAS operations and leading dimensions ([`column_major`]),
+    /// `c` a row-major `[m, n]` of its dtype at address `pc`.
+    fn cublas_gemm(
+        dev: &CudaDevice,
+        [(a, op_a, lda), (b, op_b, ldb)]: [(
+            &Tensor,
+            candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t,
+            i32,
+        ); 2],
+        (pc, c_dtype): (u64, DType),
+        alpha: f64,
+        beta: f64,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::sys;
+        let cuda_type = |d: DType| match d {
+            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+            _ => sys::cudaDataType_t::CUDA_R_32F,
+        };
+        let ((m, k), n) = (a.dims2()?, b.dim(1)?);
+        let (pa, pb) = (ptr(a, dev)?, ptr(b, dev)?);
+        let (alpha, beta) = (alpha as f32, beta as f32);
         let blas = dev.cublas_handle();
-        // Column-major: y^T [n, m] = op(b) [n, k] . op(a) [k, m]. SAFETY: the operands hold the
-        // elements their dims and leading dimensions address (checked above), `y` holds m * n of
-        // `out`; the handle runs on the device's stream; beta = 0, so `y` is only written.
+        // Column-major: c^T [n, m] = op(b) [n, k] . op(a) [k, m]. SAFETY: the operands hold the
+        // elements their dims and leading dimensions address (the callers check), `c` holds
+        // m * n of its dtype; the handle runs on the device's stream.
         let status = unsafe {
             sys::cublasGemmEx(
                 *blas.handle(),
@@ -633,8 +709,8 @@ mod imp {
                 cuda_type(a.dtype()),
                 lda,
                 &beta as *const f32 as *const std::ffi::c_void,
-                py as *mut std::ffi::c_void,
-                cuda_type(out),
+                pc as *mut std::ffi::c_void,
+                cuda_type(c_dtype),
                 n as i32,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -643,7 +719,7 @@ mod imp {
         if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             bail!("cublasGemmEx: {status:?}");
         }
-        Ok(Some(y))
+        Ok(())
     }
 
     /// The ranks the thin-product kernels are built for (`st_thin_*` in kernels.cu).
@@ -1616,6 +1692,7 @@ mod imp {
         _: &Tensor,
         _: bool,
         _: bool,
+        _: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }
@@ -1645,6 +1722,9 @@ mod imp {
     }
     pub fn gemm(_: &Tensor, _: &Tensor, _: f64, _: candle_core::DType) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+    pub fn matmul_acc(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<bool> {
+        Ok(false)
     }
     pub fn rope(
         _: &Tensor,

@@ -207,10 +207,11 @@ __device__ void norm_fwd(const T* x, const T* gamma, const T* beta, T* y, T* xha
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma (no mean(g) term for RMSNorm).
 // `rows` is xhat, or with `from_output` the RMSNorm's output y = xhat * gamma (xhat = y / gamma).
+// With `res` (a residual branch's gradient, else null) dx is res + that, rounded once.
 template <int V, typename T>
-__device__ void norm_bwd_v(const T* dy, const T* rows, const float* rstd, const T* gamma, T* dx,
-                           int c, int center, int from_output) {
-  float d[V], h[V], w[V];
+__device__ void norm_bwd_v(const T* dy, const T* rows, const float* rstd, const T* gamma,
+                           const T* res, T* dx, int c, int center, int from_output) {
+  float d[V], h[V], w[V], e[V];
   auto load = [&](int i) {
     getv<V>(dy + i, d);
     getv<V>(rows + i, h);
@@ -231,22 +232,26 @@ __device__ void norm_bwd_v(const T* dy, const T* rows, const float* rstd, const 
   const float mg = center ? sg / c : 0.f, mgx = sgx / c, rs = rstd[blockIdx.x];
   for (int i = threadIdx.x * V; i < c; i += V * blockDim.x) {
     load(i);
+    if (res) getv<V>(res + i, e);
 #pragma unroll
     for (int j = 0; j < V; j++) {
       const float xh = from_output ? h[j] / w[j] : h[j];
       d[j] = rs * (d[j] * w[j] - mg - xh * mgx);
+      if (res) d[j] += e[j];
     }
     putv<V>(dx + i, d);
   }
 }
 
 template <typename T>
-__device__ void norm_bwd(const T* dy, const T* rows, const float* rstd, const T* gamma, T* dx,
-                         int c, int center, int from_output) {
+__device__ void norm_bwd(const T* dy, const T* rows, const float* rstd, const T* gamma,
+                         const T* res, T* dx, int c, int center, int from_output) {
   const size_t row = blockIdx.x;
   dy += row * c; rows += row * c; dx += row * c;
-  const bool vec = c % Pack<T>::W == 0 && al16(dy) && al16(rows) && al16(gamma) && al16(dx);
-  BY_WIDTH(T, vec, norm_bwd_v, dy, rows, rstd, gamma, dx, c, center, from_output);
+  if (res) res += row * c;
+  const bool vec = c % Pack<T>::W == 0 && al16(dy) && al16(rows) && al16(gamma) && al16(dx) &&
+                   (!res || al16(res));
+  BY_WIDTH(T, vec, norm_bwd_v, dy, rows, rstd, gamma, res, dx, c, center, from_output);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,9 +546,9 @@ __device__ void dequant(const uint8_t* q, T* y, size_t n, int fmt) {
     norm_fwd<T>(x, gamma, beta, y, xhat, rstd, c, eps, center);                                   \
   }                                                                                               \
   extern "C" __global__ void st_norm_bwd_##S(const T* dy, const T* rows, const float* rstd,       \
-                                             const T* gamma, T* dx, int c, int center,            \
-                                             int from_output) {                                   \
-    norm_bwd<T>(dy, rows, rstd, gamma, dx, c, center, from_output);                               \
+                                             const T* gamma, const T* res, T* dx, int c,          \
+                                             int center, int from_output) {                       \
+    norm_bwd<T>(dy, rows, rstd, gamma, res, dx, c, center, from_output);                          \
   }                                                                                               \
   extern "C" __global__ void st_gelu_erf_bwd_##S(const T* x, const T* dy, T* dx, size_t n) {      \
     gelu_erf_bwd<T>(x, dy, dx, n);                                                                \

@@ -173,6 +173,12 @@ impl Linear {
     pub fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         matmul(dy, self.weight.dense()?.as_ref())
     }
+
+    /// `acc += dy W` in place where one product does it (CUDA: cuBLAS with beta = 1); false,
+    /// and `acc` untouched, elsewhere.
+    pub fn backward_input_onto(&self, dy: &Tensor, acc: &Tensor) -> Result<bool> {
+        super::gpu::matmul_acc(acc, dy, self.weight.dense()?.as_ref())
+    }
 }
 
 #[cfg(test)]

@@ -163,10 +163,21 @@ impl NormSaved {
         if let Some(dx) = super::cpu::norm_bwd(dy, x, r, w, c, o)? {
             return Ok(dx);
         }
-        if let Some(dx) = super::gpu::norm_bwd(dy, x, r, w, c, o)? {
+        if let Some(dx) = super::gpu::norm_bwd(dy, x, r, w, c, o, None)? {
             return Ok(dx);
         }
         self.backward_reference(norm, dy)
+    }
+
+    /// `residual + backward(dy)`: the norm's input gradient joined with a residual branch's (a
+    /// pre-norm block's skip connection), on CUDA in the norm's own kernel.
+    pub fn backward_adding(&self, norm: &Norm, dy: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (x, r, w) = (&self.rows, &self.rstd, &norm.weight);
+        let (c, o) = (norm.centred(), self.from_output);
+        if let Some(dx) = super::gpu::norm_bwd(dy, x, r, w, c, o, Some(residual))? {
+            return Ok(dx);
+        }
+        super::add(residual, &self.backward(norm, dy)?)
     }
 
     pub fn backward_reference(&self, norm: &Norm, dy: &Tensor) -> Result<Tensor> {
