@@ -469,6 +469,26 @@ mod tests {
     }
 
     #[test]
+    fn backward_adding_is_the_accumulator_plus_the_input_gradient() {
+        let (x, a, b) = (randn(&[7, 6], 86), randn(&[3, 6], 87), randn(&[4, 3], 88));
+        let (dy, acc) = (randn(&[7, 4], 89), randn(&[7, 6], 90));
+        for (trainable, p) in [(true, 0.0), (true, 0.3), (false, 0.3)] {
+            let l = layer(&a, &b, trainable, p);
+            let (dx, g) = l.backward(fwd(&l, &x, true).1, &dy, true).unwrap();
+            let (sum, g2) = l
+                .backward_adding(fwd(&l, &x, true).1, &dy, acc.clone())
+                .unwrap();
+            let want = (&acc + dx.unwrap()).unwrap();
+            assert_eq!(max_abs_diff(&sum, &want), 0.0);
+            assert_eq!((g.is_some(), g2.is_some()), (trainable, trainable));
+            if let (Some(g), Some(g2)) = (g, g2) {
+                assert_eq!(max_abs_diff(&g.a, &g2.a), 0.0);
+                assert_eq!(max_abs_diff(&g.b, &g2.b), 0.0);
+            }
+        }
+    }
+
+    #[test]
     fn low_copies_follow_the_master_weights() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         let cfg = LoraConfig::default();
