@@ -313,14 +313,12 @@ impl LoraLinear {
         dy: &Tensor,
         acc: Tensor,
     ) -> Result<(Tensor, Option<LoraGrads>)> {
-        let (dx, grads) = if self.base.backward_input_onto(dy, &acc)? {
-            self.adapter_backward(saved, dy, Some(acc), None)?
-        } else {
-            let (dx, grads) = self.backward(saved, dy, true)?;
-            let dx = dx.expect("dx requested");
-            (Some(crate::nn::add(&acc, &dx)?), grads)
-        };
-        Ok((dx.expect("dx given"), grads))
+        if self.base.backward_input_onto(dy, &acc)? {
+            let (dx, grads) = self.adapter_backward(saved, dy, Some(acc), None)?;
+            return Ok((dx.expect("dx given"), grads));
+        }
+        let (dx, grads) = self.backward(saved, dy, true)?;
+        Ok((crate::nn::add(&acc, &dx.expect("dx requested"))?, grads))
     }
 
     /// The adapter's share of backward, given the base's input gradient `dx` (when wanted).

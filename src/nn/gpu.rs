@@ -292,9 +292,9 @@ mod imp {
         Ok(Some((y, xhat, rstd)))
     }
 
-    /// `rows` is xhat, or the output where `from_output` (see `nn::norm::NormSaved`).
     /// The norm's input gradient, plus `residual` (a residual branch's gradient of the same
-    /// shape) when given, in one kernel.
+    /// shape) when given, in one kernel. `rows` is xhat, or the output where `from_output` (see
+    /// `nn::norm::NormSaved`).
     pub fn norm_bwd(
         dy: &Tensor,
         rows: &Tensor,
@@ -748,10 +748,11 @@ mod imp {
     }
 
     /// [`gemm`] through the thin-product kernels where one side has a rank of [`THIN_RANKS`]
-    /// columns (at 16 and more, cuBLAS's tensor cores beat them): `x W` (x `[n, d]` row-major, `W` `[d, R]` row-major or a transposed `[R, d]`) in
-    /// x's dtype, as a LoRA forward's `U` and backward's `dxa`; `x^T v` and `v^T x` (x `[n, d]`,
-    /// v `[n, R]`, both row-major) into f32, as `dB` and `dA`. One kernel a product instead of
-    /// cuBLAS's split-K pair. None where they do not apply.
+    /// columns (at 16 and more, cuBLAS's tensor cores beat them): `x W` (x `[n, d]` row-major,
+    /// `W` `[d, R]` row-major or a transposed `[R, d]`) in x's dtype, as a LoRA forward's `U`
+    /// and backward's `dxa`; `x^T v` and `v^T x` (x `[n, d]`, v `[n, R]`, both row-major) into
+    /// f32, as `dB` and `dA`. One kernel a product instead of cuBLAS's split-K pair. None where
+    /// they do not apply.
     fn thin_gemm(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Option<Tensor>> {
         let (Some(sfx), true) = (dtype_suffix(a.dtype()), thin_on()) else {
             return Ok(None);
@@ -784,9 +785,12 @@ mod imp {
             return Ok(Some(y));
         }
         // x^T v ([d, R], from a = x^T) or v^T x ([R, d], from a = v^T), summed over k rows.
-        let (x, v, rank, d, oj, ok) = if THIN_RANKS.contains(&n) && transposed(a) {
+        if !transposed(a) {
+            return Ok(None);
+        }
+        let (x, v, rank, d, oj, ok) = if THIN_RANKS.contains(&n) {
             (a.t()?, b.clone(), n, m, n, 1)
-        } else if THIN_RANKS.contains(&m) && transposed(a) {
+        } else if THIN_RANKS.contains(&m) {
             (b.clone(), a.t()?, m, n, 1, n)
         } else {
             return Ok(None);
