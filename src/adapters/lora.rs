@@ -6,6 +6,7 @@
 //! adapter trains (for `dA`), plus the tiny `[n, r]` projection (for `dB`). A frozen adapter is a
 //! constant: no weight gradient, nothing saved.
 
+use super::LoraMatrix;
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::flops::{matmul, matmul_scaled};
 use crate::nn::linear::Linear;
@@ -62,21 +63,53 @@ pub struct LoraAdapter {
 
 /// An adapter's `A` and `B` cast to the activations' dtype (bf16 beside a bf16 base), made once
 /// per change of the master weights instead of twice per forward and backward: the optimizer
-/// replaces `a` and `b` with new tensors, so the copy is keyed by their tensor ids. A clone starts
-/// empty.
+/// replaces `a` and `b` with new tensors, so each copy is keyed by its master's tensor id. The
+/// fused optimizer writes the next copies itself ([`LowCopy::install`]). A clone starts empty.
 #[derive(Debug, Default)]
-pub struct LowCopy(std::sync::Mutex<Option<LowWeights>>);
+pub struct LowCopy(std::sync::Mutex<[Option<LowWeight>; 2]>);
 
 #[derive(Debug)]
-struct LowWeights {
-    of: (candle_core::TensorId, candle_core::TensorId),
-    a: Tensor,
-    b: Tensor,
+struct LowWeight {
+    of: candle_core::TensorId,
+    t: Tensor,
 }
 
 impl Clone for LowCopy {
     fn clone(&self) -> Self {
         Self::default()
+    }
+}
+
+impl LowCopy {
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Option<LowWeight>; 2]> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The dtype of the copy of `matrix` made last (None when there is none): what the
+    /// optimizer's next copy should be.
+    pub fn dtype(&self, matrix: LoraMatrix) -> Option<DType> {
+        self.lock()[matrix as usize].as_ref().map(|w| w.t.dtype())
+    }
+
+    /// Takes `t` as the copy of `matrix` while its master weight is the tensor `of`.
+    pub fn install(&self, matrix: LoraMatrix, of: &Tensor, t: Tensor) {
+        self.lock()[matrix as usize] = Some(LowWeight { of: of.id(), t });
+    }
+
+    /// `master` in `dtype`: the copy kept for it, else a new cast, kept.
+    fn get(&self, matrix: LoraMatrix, master: &Tensor, dtype: DType) -> Result<Tensor> {
+        let slot = &mut self.lock()[matrix as usize];
+        match slot {
+            Some(w) if w.of == master.id() && w.t.dtype() == dtype => Ok(w.t.clone()),
+            _ => {
+                let t = master.to_dtype(dtype)?;
+                *slot = Some(LowWeight {
+                    of: master.id(),
+                    t: t.clone(),
+                });
+                Ok(t)
+            }
+        }
     }
 }
 
@@ -116,17 +149,10 @@ impl LoraAdapter {
         if self.a.dtype() == dtype && self.b.dtype() == dtype {
             return Ok((self.a.clone(), self.b.clone()));
         }
-        let mut low = self.low.0.lock().unwrap_or_else(|e| e.into_inner());
-        let of = (self.a.id(), self.b.id());
-        match &*low {
-            Some(w) if w.of == of && w.a.dtype() == dtype => {}
-            _ => {
-                let (a, b) = (self.a.to_dtype(dtype)?, self.b.to_dtype(dtype)?);
-                *low = Some(LowWeights { of, a, b });
-            }
-        }
-        let w = low.as_ref().expect("just made");
-        Ok((w.a.clone(), w.b.clone()))
+        Ok((
+            self.low.get(LoraMatrix::A, &self.a, dtype)?,
+            self.low.get(LoraMatrix::B, &self.b, dtype)?,
+        ))
     }
 
     /// The rank-r rows `U = scaling * dropout(x) A^T` and `B` of the adapter's output `U B^T`,
@@ -510,6 +536,39 @@ mod tests {
         );
         let (_, cloned) = ad.clone().weights_in(DType::BF16).unwrap();
         assert_ne!(cloned.id(), b2.id(), "a clone makes its own copy");
+    }
+
+    #[test]
+    fn an_installed_copy_serves_its_master_only() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let cfg = LoraConfig::default();
+        let mut ad = LoraAdapter::init(6, 4, &cfg, &mut rng, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            ad.low.dtype(LoraMatrix::A),
+            None,
+            "no copy before one is needed"
+        );
+        ad.weights_in(DType::BF16).unwrap();
+        assert_eq!(ad.low.dtype(LoraMatrix::A), Some(DType::BF16));
+        // What the fused optimizer does: a new master and its copy, installed together.
+        let new_a = (&ad.a * 3.0).unwrap();
+        let copy = new_a.to_dtype(DType::BF16).unwrap();
+        ad.low.install(LoraMatrix::A, &new_a, copy.clone());
+        ad.a = new_a;
+        let (a, _) = ad.weights_in(DType::BF16).unwrap();
+        assert_eq!(
+            a.id(),
+            copy.id(),
+            "the installed copy is used, not a new cast"
+        );
+        // A copy installed for another tensor is not used for this one.
+        ad.low.install(
+            LoraMatrix::B,
+            &copy,
+            (&ad.b + 1.0).unwrap().to_dtype(DType::BF16).unwrap(),
+        );
+        let (_, b) = ad.weights_in(DType::BF16).unwrap();
+        assert_eq!(max_abs_diff(&b, &ad.b.to_dtype(DType::BF16).unwrap()), 0.0);
     }
 
     #[test]

@@ -546,6 +546,89 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         tol: 1e-6,
         ok: e <= 1e-6,
     });
+    // AdamW on several parameters at once (`update_many`: one kernel on CUDA, which also writes
+    // the bf16 copies asked for), gradients scaled as clipping does, against each parameter's
+    // reference update of the scaled gradient; the copies against a cast of the new values.
+    {
+        let shapes: [&[usize]; 4] = [&[8, 384], &[384, 8], &[5, 37], &[1]];
+        let cfg = AdamWConfig::default();
+        let (mut om, mut or) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
+        let mut ps = Vec::new();
+        for (i, sh) in shapes.iter().enumerate() {
+            ps.push(rand(sh, 40 + i as u64, 0.1, 0.0, DType::F32, device)?);
+        }
+        let mut refs = ps.clone();
+        let (mut e, mut e_low, mut lows) = (0f64, 0f64, 0);
+        for step in 0..3u64 {
+            let mut items = Vec::new();
+            for (i, p) in ps.iter().enumerate() {
+                let g = rand(
+                    p.dims(),
+                    50 + 10 * step + i as u64,
+                    1e-2,
+                    0.0,
+                    DType::F32,
+                    device,
+                )?;
+                refs[i] = or.update_reference(i, &refs[i], &(&g * 0.3)?, 1e-3)?;
+                let low = (i % 2 == 0).then_some(DType::BF16);
+                items.push(super::optim::ParamUpdate {
+                    key: i,
+                    param: p.clone(),
+                    grad: g,
+                    low,
+                });
+            }
+            let new = om.update_many(items, 1e-3, 0.3)?;
+            for (i, u) in new.into_iter().enumerate() {
+                e = e.max(rel(&u.param, &refs[i])?);
+                if let Some(low) = &u.low {
+                    e_low = e_low.max(rel(low, &u.param.to_dtype(DType::BF16)?)?);
+                    lows += 1;
+                }
+                ps[i] = u.param;
+            }
+        }
+        // Clipping's global norm (on CUDA one kernel of f64 sums) against the f64 composition.
+        let grads = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Ok((i, (p * 3.0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let (norm, _) = super::optim::clip_factor(&grads, 0.0)?;
+        let mut sq = 0f64;
+        for (_, g) in &grads {
+            sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        let e_norm = (norm - sq.sqrt()).abs() / sq.sqrt();
+        out.push(Check {
+            name: "gradient clipping's global norm, 4 tensors".into(),
+            dtype: "f32".into(),
+            rel_err: e_norm,
+            tol: 1e-6,
+            ok: e_norm <= 1e-6,
+        });
+        out.push(Check {
+            name: "adamw many: 4 parameters, 3 updates, scaled gradients".into(),
+            dtype: "f32".into(),
+            rel_err: e,
+            tol: 1e-6,
+            ok: e <= 1e-6,
+        });
+        // On CUDA the kernel writes the copies of the even parameters; elsewhere none are made.
+        let want = if device.is_cuda() { 6 } else { 0 };
+        out.push(Check {
+            name: format!("adamw many: bf16 copies written ({lows} of {want}) against the cast"),
+            dtype: "bf16".into(),
+            rel_err: e_low,
+            tol: 0.0,
+            ok: e_low == 0.0 && lows == want,
+        });
+    }
     // The memory claim: at LLaMA-7B's attention shape (32 heads, d 128, causal) and 4096 tokens,
     // forward + backward through the flash kernels allocate far less than one `[heads, T, T]`
     // score tensor (1 GiB in bf16; the composition holds f32 ones). In MB above the inputs,

@@ -14,7 +14,38 @@
 //! the candle composition, which stays the reference (`safetune self-test --device cuda` compares
 //! the two).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+
+/// Hyper-parameters of one AdamW update, bias corrections included.
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub bc1: f64,
+    pub bc2: f64,
+}
+
+/// One parameter of [`adamw_many`]: its value, gradient and moments, its own bias corrections,
+/// and the dtype of a copy of the new value to write beside it, if any.
+pub struct AdamWItem<'a> {
+    pub p: &'a Tensor,
+    pub g: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub bc1: f64,
+    pub bc2: f64,
+    pub low: Option<DType>,
+}
+
+/// One parameter's result from [`adamw_many`]: new value, moments and the copy asked for.
+pub struct AdamWOut {
+    pub p: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    pub low: Option<Tensor>,
+}
 
 /// Host-side preconditions of a fused kernel that reads its inputs as flat arrays: each kernel is
 /// launched over one tensor's `elem_count()` elements, so an input shorter than that would be read
@@ -115,7 +146,9 @@ impl FlashDims {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::{check_len, check_same_len, Bhtd, FlashDims, NormOut};
+    use super::{
+        check_len, check_same_len, AdamWItem, AdamWOut, AdamWStep, Bhtd, FlashDims, NormOut,
+    };
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::op::BackpropOp;
@@ -1290,17 +1323,6 @@ mod imp {
         Ok(Some((dq, dk, dv)))
     }
 
-    /// Hyper-parameters of one AdamW update, bias corrections included.
-    pub struct AdamWStep {
-        pub lr: f64,
-        pub beta1: f64,
-        pub beta2: f64,
-        pub eps: f64,
-        pub weight_decay: f64,
-        pub bc1: f64,
-        pub bc2: f64,
-    }
-
     pub fn adamw(
         p: &Tensor,
         g: &Tensor,
@@ -1331,6 +1353,118 @@ mod imp {
         );
         launch!(dev, "st_adamw_f32", elems_cfg(n); pp, pg, pm, pv, pp2, pm2, pv2, n64, lr, b1, b2, eps, wd, bc1, bc2);
         Ok(Some((p2, m2, v2)))
+    }
+
+    /// Each tensor's sum of squares in f64, `[n]`, in one launch (`st_sum_squares_many`, one
+    /// block a tensor). None unless every tensor is contiguous f32 on one CUDA device.
+    pub fn sum_squares_many(ts: &[&Tensor]) -> Result<Option<Tensor>> {
+        if ts.is_empty() || ts.len() > 65535 || !f32_on_cuda(ts) {
+            return Ok(None);
+        }
+        let here = ts[0].device();
+        if ts.iter().any(|t| !t.device().same_device(here)) {
+            bail!("sum of squares: tensors on more than one GPU");
+        }
+        let dev = device(ts[0])?;
+        let mut table = Vec::with_capacity(2 * ts.len());
+        for t in ts {
+            table.extend([ptr(t, &dev)?, t.elem_count() as u64]);
+        }
+        let stream = dev.cuda_stream();
+        // Straight through the stream, not `dev.clone_htod`: see `dropout_fwd`.
+        let table = stream.clone_htod(&table).w()?;
+        let pt = table.device_ptr(&stream).0;
+        let (out, pout) = output(&dev, DType::F64, &Shape::from(ts.len()))?;
+        let cfg = LaunchConfig {
+            grid_dim: (ts.len() as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(dev, "st_sum_squares_many", cfg; pt, pout);
+        drop(table); // freed in stream order, after the kernel
+        Ok(Some(out))
+    }
+
+    /// Every item's AdamW update in one launch (`st_adamw_many`), each gradient times
+    /// `grad_scale`: new values, moments and, where an item asks for bf16, its copy in bf16.
+    /// None (the caller updates one by one) unless every tensor is contiguous f32 on CUDA and
+    /// every copy bf16.
+    pub fn adamw_many(
+        items: &[AdamWItem],
+        h: &AdamWStep,
+        grad_scale: f64,
+    ) -> Result<Option<Vec<AdamWOut>>> {
+        let fits = |it: &AdamWItem| {
+            f32_on_cuda(&[it.p, it.g, it.m, it.v]) && it.low.is_none_or(|d| d == DType::BF16)
+        };
+        if items.is_empty() || items.len() > 65535 || !items.iter().all(fits) {
+            return Ok(None);
+        }
+        let dev = device(items[0].p)?;
+        let mut table = Vec::with_capacity(10 * items.len());
+        let mut out = Vec::with_capacity(items.len());
+        let mut widest = 0;
+        for it in items {
+            check_same_len(
+                "adamw",
+                &[("param", it.p), ("grad", it.g), ("m", it.m), ("v", it.v)],
+            )?;
+            let here = items[0].p.device();
+            if [it.p, it.g, it.m, it.v]
+                .iter()
+                .any(|t| !t.device().same_device(here))
+            {
+                bail!("adamw: parameters on more than one GPU");
+            }
+            let shape = it.p.shape();
+            let (p2, pp2) = output(&dev, DType::F32, shape)?;
+            let (m2, pm2) = output(&dev, DType::F32, shape)?;
+            let (v2, pv2) = output(&dev, DType::F32, shape)?;
+            let low = it.low.map(|d| output(&dev, d, shape)).transpose()?;
+            let plow = low.as_ref().map_or(0, |(_, p)| *p);
+            let n = it.p.elem_count();
+            widest = widest.max(n);
+            let bits = |x: f64| u64::from((x as f32).to_bits());
+            table.extend([
+                ptr(it.p, &dev)?,
+                ptr(it.g, &dev)?,
+                ptr(it.m, &dev)?,
+                ptr(it.v, &dev)?,
+                pp2,
+                pm2,
+                pv2,
+                plow,
+                n as u64,
+                bits(it.bc1) | bits(it.bc2) << 32,
+            ]);
+            out.push(AdamWOut {
+                p: p2,
+                m: m2,
+                v: v2,
+                low: low.map(|(t, _)| t),
+            });
+        }
+        let stream = dev.cuda_stream();
+        // Straight through the stream, not `dev.clone_htod`: see `dropout_fwd`.
+        let table = stream.clone_htod(&table).w()?;
+        let pt = table.device_ptr(&stream).0;
+        let cfg = LaunchConfig {
+            grid_dim: (widest.div_ceil(256).min(64) as u32, items.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = |x: f64| x as f32;
+        let (lr, b1, b2, eps, wd, gs) = (
+            f(h.lr),
+            f(h.beta1),
+            f(h.beta2),
+            f(h.eps),
+            f(h.weight_decay),
+            f(grad_scale),
+        );
+        launch!(dev, "st_adamw_many", cfg; pt, lr, b1, b2, eps, wd, gs);
+        drop(table); // freed in stream order, after the kernel
+        Ok(Some(out))
     }
 
     /// Rows `rows` of `x` `[N, c]` centred in f64 (`[n, c]`), their column means `[1, c]` and,
@@ -1640,7 +1774,7 @@ mod imp {
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::{Bhtd, FlashDims, NormOut};
+    use super::{AdamWItem, AdamWOut, AdamWStep, Bhtd, FlashDims, NormOut};
     use candle_core::{Result, Tensor};
 
     pub fn flash_supported(_: &FlashDims) -> bool {
@@ -1670,14 +1804,11 @@ mod imp {
         Ok(None)
     }
 
-    pub struct AdamWStep {
-        pub lr: f64,
-        pub beta1: f64,
-        pub beta2: f64,
-        pub eps: f64,
-        pub weight_decay: f64,
-        pub bc1: f64,
-        pub bc2: f64,
+    pub fn sum_squares_many(_: &[&Tensor]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn adamw_many(_: &[AdamWItem], _: &AdamWStep, _: f64) -> Result<Option<Vec<AdamWOut>>> {
+        Ok(None)
     }
 
     pub fn norm_fwd(

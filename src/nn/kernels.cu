@@ -54,6 +54,23 @@ __device__ float block_sum(float v) {
   return sh[0];
 }
 
+// block_sum in f64.
+__device__ double block_sum_d(double v) {
+  __shared__ double sh[32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // the previous call's readers are done with sh
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    double w = lane < nw ? sh[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+    if (lane == 0) sh[0] = w;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
 // Max over the block, as block_sum.
 __device__ float block_max(float v) {
   __shared__ float sh[32];
@@ -497,18 +514,74 @@ __device__ void softmax_bwd(const T* p, const T* dp, T* ds, int rows, int t2, fl
 // ---------------------------------------------------------------------------------------------
 // AdamW, out of place (f32 parameters and moments): m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2)
 // g^2, p' = p (1 - lr wd) - lr (m' / bc1) / (sqrt(v' / bc2) + eps).
+// One element's AdamW step: new moments into m2 / v2, the new weight returned.
+__device__ __forceinline__ float adamw_elem(float p, float g, float m, float v, float* m2,
+                                            float* v2, float lr, float b1, float b2, float eps,
+                                            float wd, float bc1, float bc2) {
+  const float mi = b1 * m + (1.f - b1) * g;
+  const float vi = b2 * v + (1.f - b2) * g * g;
+  *m2 = mi;
+  *v2 = vi;
+  return p * (1.f - lr * wd) - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
+}
+
 extern "C" __global__ void st_adamw_f32(const float* p, const float* g, const float* m,
                                         const float* v, float* p2, float* m2, float* v2, size_t n,
                                         float lr, float b1, float b2, float eps, float wd,
                                         float bc1, float bc2) {
   GRID_STRIDE(i, n) {
-    const float gi = g[i];
-    const float mi = b1 * m[i] + (1.f - b1) * gi;
-    const float vi = b2 * v[i] + (1.f - b2) * gi * gi;
-    m2[i] = mi;
-    v2[i] = vi;
-    p2[i] = p[i] * (1.f - lr * wd) - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
+    p2[i] = adamw_elem(p[i], g[i], m[i], v[i], &m2[i], &v2[i], lr, b1, b2, eps, wd, bc1, bc2);
   }
+}
+
+// One parameter of st_adamw_many (the host writes it as ten 8-byte words, gpu::adamw_many): its
+// tensors, its length and its own bias corrections; `low`, when not null, takes the new weight
+// rounded to bf16 (an adapter's copy beside a bf16 base).
+struct AdamSeg {
+  const float* p;
+  const float* g;
+  const float* m;
+  const float* v;
+  float* p2;
+  float* m2;
+  float* v2;
+  bf16* low;
+  unsigned long long n;
+  float bc1, bc2;
+};
+static_assert(sizeof(AdamSeg) == 80, "gpu::adamw_many writes ten 8-byte words a parameter");
+
+// Every parameter of an optimizer step in one launch: block row y updates parameter y, its
+// gradient multiplied by `gscale` (the clipping factor) first.
+extern "C" __global__ void st_adamw_many(const AdamSeg* segs, float lr, float b1, float b2,
+                                         float eps, float wd, float gscale) {
+  const AdamSeg s = segs[blockIdx.y];
+  GRID_STRIDE(i, s.n) {
+    const float p = adamw_elem(s.p[i], s.g[i] * gscale, s.m[i], s.v[i], &s.m2[i], &s.v2[i], lr,
+                               b1, b2, eps, wd, s.bc1, s.bc2);
+    s.p2[i] = p;
+    if (s.low) s.low[i] = st<bf16>(p);
+  }
+}
+
+// Each tensor's sum of squares in f64, one block a tensor (gradient clipping's norm): the same
+// fixed order every call, so the sums repeat bit for bit. The host writes a tensor as two 8-byte
+// words (address, length).
+struct SqSeg {
+  const float* x;
+  unsigned long long n;
+};
+static_assert(sizeof(SqSeg) == 16, "gpu::sum_squares_many writes two 8-byte words a tensor");
+
+extern "C" __global__ void st_sum_squares_many(const SqSeg* segs, double* out) {
+  const SqSeg s = segs[blockIdx.x];
+  double acc = 0.0;
+  for (size_t i = threadIdx.x; i < s.n; i += blockDim.x) {
+    const double v = s.x[i];
+    acc += v * v;
+  }
+  acc = block_sum_d(acc);
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -823,22 +896,6 @@ THIN_RANKS(bf16, bf16)
 // SAFE's CKA in the Gram form (`nn/cka.rs`): of X = Y + U B^T over n token rows, what CKA's norms
 // need, in f64 and in three kernels around cuBLAS's products (the candle composition took ~40
 // launches per adapter and batch). Every sum runs in a fixed order, so results repeat bit for bit.
-
-__device__ double block_sum_d(double v) {
-  __shared__ double sh[32];
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // the previous call's readers are done with sh
-  if (lane == 0) sh[wid] = v;
-  __syncthreads();
-  if (wid == 0) {
-    double w = lane < nw ? sh[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
-    if (lane == 0) sh[0] = w;
-  }
-  __syncthreads();
-  return sh[0];
-}
 
 // Rows `rows` (the first n when null) of x [*, c], centred, in f64: xc [n, c], the column means,
 // and (colsq not null) each column's sum of squares before centring. A block of 256 threads takes

@@ -2,7 +2,7 @@
 //! training), and the learning-rate schedules with warm-up (transformers' `linear`, `cosine` and
 //! `constant_with_warmup`).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
@@ -33,12 +33,27 @@ pub struct Moments {
     pub step: u64,
 }
 
+/// One parameter of [`AdamW::update_many`].
+pub struct ParamUpdate<K> {
+    pub key: K,
+    pub param: Tensor,
+    pub grad: Tensor,
+    /// The dtype of a copy to write beside the new value, if the model keeps one.
+    pub low: Option<DType>,
+}
+
+/// A parameter's new value and, where one was asked for and made, its copy in the lower dtype.
+pub struct Updated {
+    pub param: Tensor,
+    pub low: Option<Tensor>,
+}
+
 pub struct AdamW<K> {
     pub config: AdamWConfig,
     pub state: BTreeMap<K, Moments>,
 }
 
-impl<K: Ord> AdamW<K> {
+impl<K: Ord + Clone> AdamW<K> {
     pub fn new(config: AdamWConfig) -> Self {
         Self {
             config,
@@ -106,6 +121,84 @@ impl<K: Ord> AdamW<K> {
         decayed - (update * lr)?
     }
 
+    /// Updates every parameter of `items`, each gradient multiplied by `grad_scale` first (the
+    /// clipping factor), and returns the new values in order. An item's `low` asks for a copy of
+    /// its new value in that dtype (an adapter's bf16 copy beside a bf16 base). On CUDA one kernel
+    /// updates every f32 parameter and writes the copies; elsewhere each parameter goes through
+    /// [`AdamW::update`] and no copy is made (the model casts when it needs one).
+    pub fn update_many(
+        &mut self,
+        items: Vec<ParamUpdate<K>>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<Vec<Updated>> {
+        let c = self.config.clone();
+        let mut steps = Vec::with_capacity(items.len());
+        for it in &items {
+            if !self.state.contains_key(&it.key) {
+                let m = Moments {
+                    m: it.param.zeros_like()?,
+                    v: it.param.zeros_like()?,
+                    step: 0,
+                };
+                self.state.insert(it.key.clone(), m);
+            }
+            steps.push(self.state[&it.key].step + 1);
+        }
+        let fused_items = items
+            .iter()
+            .zip(&steps)
+            .map(|(it, &step)| {
+                let st = &self.state[&it.key];
+                crate::nn::gpu::AdamWItem {
+                    p: &it.param,
+                    g: &it.grad,
+                    m: &st.m,
+                    v: &st.v,
+                    bc1: 1.0 - c.beta1.powi(step as i32),
+                    bc2: 1.0 - c.beta2.powi(step as i32),
+                    low: it.low,
+                }
+            })
+            .collect::<Vec<_>>();
+        let h = crate::nn::gpu::AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bc1: 1.0,
+            bc2: 1.0,
+        };
+        if let Some(out) = crate::nn::gpu::adamw_many(&fused_items, &h, grad_scale)? {
+            drop(fused_items);
+            let mut updated = Vec::with_capacity(out.len());
+            for (it, o) in items.iter().zip(out) {
+                let st = self.state.get_mut(&it.key).expect("made above");
+                (st.m, st.v) = (o.m, o.v);
+                st.step += 1;
+                updated.push(Updated {
+                    param: o.p,
+                    low: o.low,
+                });
+            }
+            return Ok(updated);
+        }
+        drop(fused_items);
+        items
+            .into_iter()
+            .map(|it| {
+                let g = if grad_scale == 1.0 {
+                    it.grad
+                } else {
+                    (it.grad * grad_scale)?
+                };
+                let param = self.update(it.key, &it.param, &g, lr)?;
+                Ok(Updated { param, low: None })
+            })
+            .collect()
+    }
+
     /// Frees a frozen parameter's moments: it will never be updated again.
     pub fn drop_state(&mut self, key: &K) {
         self.state.remove(key);
@@ -156,31 +249,33 @@ impl LrScheduler {
     }
 }
 
-/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-/// The squares are summed in the slice's order, so the order decides the last bits. Each
-/// gradient's sum of squares stays on its device until all are gathered in one copy: on a GPU
-/// one synchronization a step rather than one per gradient.
-pub fn clip_global_norm<K>(grads: &mut [(K, Tensor)], max_norm: f64) -> Result<f64> {
-    let sums = grads
-        .iter()
-        .map(|(_, g)| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64))
-        .collect::<Result<Vec<_>>>()?;
-    let sq = if sums.is_empty() {
-        0.0
-    } else {
-        Tensor::stack(&sums, 0)?
-            .to_vec1::<f64>()?
-            .into_iter()
-            .fold(0f64, |acc, x| acc + x)
-    };
-    let norm = sq.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
-        for (_, g) in grads.iter_mut() {
-            *g = (&*g * s)?;
+/// The gradients' global L2 norm and the factor that brings it down to `max_norm` (1 when it is
+/// not above, or `max_norm` is 0): [`AdamW::update_many`] multiplies each gradient by it. The
+/// gradients' sums of squares are added in the slice's order, so the order decides the last
+/// bits. They stay on their device until all are gathered in one copy: on a GPU one
+/// synchronization a step, and one kernel for all the sums (in f64; elsewhere each gradient's
+/// sum is its own dtype's).
+pub fn clip_factor<K>(grads: &[(K, Tensor)], max_norm: f64) -> Result<(f64, f64)> {
+    let ts: Vec<&Tensor> = grads.iter().map(|(_, g)| g).collect();
+    let sums = match crate::nn::gpu::sum_squares_many(&ts)? {
+        Some(sums) => sums.to_vec1::<f64>()?,
+        None if ts.is_empty() => Vec::new(),
+        None => {
+            let each = ts
+                .iter()
+                .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&each, 0)?.to_vec1::<f64>()?
         }
-    }
-    Ok(norm)
+    };
+    let sq = sums.into_iter().fold(0f64, |acc, x| acc + x);
+    let norm = sq.sqrt();
+    let factor = if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    Ok((norm, factor))
 }
 
 #[cfg(test)]
@@ -257,14 +352,61 @@ mod tests {
     }
 
     #[test]
+    fn update_many_is_each_update_of_the_scaled_gradient() {
+        // Off CUDA `update_many` goes parameter by parameter: the same bits as `update` on the
+        // gradient times the factor, each parameter with its own step count, and no copies.
+        let (mut many, mut one) = (
+            AdamW::new(AdamWConfig::default()),
+            AdamW::new(AdamWConfig::default()),
+        );
+        let dev = Device::Cpu;
+        let mut ps = [
+            Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap(),
+            Tensor::new(&[[0.25f32, 3.0]], &dev).unwrap(),
+        ];
+        let mut refs = ps.clone();
+        for step in 0..3 {
+            let gs = [
+                Tensor::new(&[0.3f32, -4.0, 1e-3], &dev).unwrap(),
+                Tensor::new(&[[2.0f32 + step as f32, -0.5]], &dev).unwrap(),
+            ];
+            // The second parameter joins at the second step: its own bias corrections.
+            let live = if step == 0 { 1 } else { 2 };
+            let items = (0..live)
+                .map(|i| ParamUpdate {
+                    key: i,
+                    param: ps[i].clone(),
+                    grad: gs[i].clone(),
+                    low: Some(DType::BF16),
+                })
+                .collect();
+            let new = many.update_many(items, 0.1, 0.5).unwrap();
+            for (i, u) in new.into_iter().enumerate() {
+                let g = (&gs[i] * 0.5).unwrap();
+                refs[i] = one.update(i, &refs[i], &g, 0.1).unwrap();
+                assert!(u.low.is_none(), "no copies off CUDA");
+                let (a, b) = (
+                    u.param.flatten_all().unwrap(),
+                    refs[i].flatten_all().unwrap(),
+                );
+                assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+                ps[i] = u.param;
+            }
+        }
+        assert_eq!(many.state[&0].step, 3);
+        assert_eq!(many.state[&1].step, 2);
+    }
+
+    #[test]
     fn clipping_bounds_the_global_norm() {
-        let mut g = vec![
+        let g = vec![
             ("a", Tensor::new(&[3.0f64], &Device::Cpu).unwrap()),
             ("b", Tensor::new(&[4.0f64], &Device::Cpu).unwrap()),
         ];
-        let n = clip_global_norm(&mut g, 1.0).unwrap();
+        let (n, f) = clip_factor(&g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-12);
-        let a = g[0].1.to_vec1::<f64>().unwrap()[0];
-        assert!((a - 0.6).abs() < 1e-5);
+        assert!((3.0 * f - 0.6).abs() < 1e-6);
+        assert_eq!(clip_factor(&g, 6.0).unwrap().1, 1.0, "under the limit");
+        assert_eq!(clip_factor(&g, 0.0).unwrap().1, 1.0, "no limit");
     }
 }

@@ -520,11 +520,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
             monitor: None,
         };
         let (loss, grads) = model.step(&inputs, &mut pass, a.gradient_checkpointing)?;
-        let params = model.params();
-        for (id, g) in &grads {
-            let p = params.param_mut(*id).expect("known parameter");
-            *p = opt.update(*id, p, g, 1e-3)?;
-        }
+        super::run::adamw_step(model.params(), &mut opt, &grads, 1e-3, 1.0)?;
         drop(grads);
         crate::device::synchronize(&device)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;

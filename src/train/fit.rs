@@ -15,7 +15,7 @@ use crate::adapters::{Adapted, AdapterId, ParamId};
 use crate::memory::MemTracker;
 use crate::model::stack::Recompute;
 use crate::model::StepMemory;
-use crate::nn::optim::{clip_global_norm, AdamW, AdamWConfig};
+use crate::nn::optim::{clip_factor, AdamW, AdamWConfig};
 use crate::nn::{flops, Pass, RowSink};
 use crate::report::tensorboard::EventWriter;
 use crate::safe::{SafeConfig, SafeController};
@@ -430,12 +430,13 @@ pub fn fit<T: Task>(
             p.loss_sum += step_loss;
             p.loss_n += step_passes;
             p.tokens += step_tokens;
-            clip_global_norm(&mut grads, cfg.grad_clip)?;
+            let (_, clip) = clip_factor(&grads, cfg.grad_clip)?;
             let step_mem_bytes = epoch_mem.end_step();
             p.lr = run::optimizer_step(
                 model,
                 &mut opt,
                 &grads,
+                clip,
                 &plan,
                 cfg.lr_scheduler,
                 cfg.lr,

@@ -8,7 +8,7 @@ use super::fit::EpochLog;
 use super::frozen_cache::FrozenCache;
 use crate::adapters::{Adapted, AdapterId, ParamId};
 use crate::memory::{self, MemTracker};
-use crate::nn::optim::{AdamW, LrScheduler};
+use crate::nn::optim::{AdamW, LrScheduler, ParamUpdate};
 use crate::safe::{EpochDecision, SafeController};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -222,13 +222,14 @@ pub fn start_or_resume(
     })
 }
 
-/// The optimizer step of both trainers, after clipping: this step's learning rate on the run's
-/// schedule, AdamW on every gradient (by parameter), the step counted. Returns the learning rate.
+/// The optimizer step of both trainers: this step's learning rate on the run's schedule, AdamW on
+/// every gradient times `clip` (the clipping factor), the step counted. Returns the learning rate.
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step(
     model: &mut impl Adapted,
     opt: &mut AdamW<ParamId>,
     grads: &[(ParamId, Tensor)],
+    clip: f64,
     plan: &StepPlan,
     schedule: LrScheduler,
     peak_lr: f64,
@@ -240,12 +241,50 @@ pub fn optimizer_step(
         plan.total_steps,
         peak_lr,
     );
-    for (id, g) in grads {
-        let p = model.param_mut(*id).expect("gradient of a known parameter");
-        *p = opt.update(*id, p, g, lr)?;
-    }
+    adamw_step(model, opt, grads, lr, clip)?;
     state.global_step += 1;
     Ok(lr)
+}
+
+/// AdamW on every gradient, each multiplied by `grad_scale` first, the new values put in the
+/// model. Where an adapter keeps its weights' copy in the activations' dtype ([`LowCopy`]), the
+/// update writes the next copy too: on CUDA one kernel updates every parameter and writes the
+/// copies, so a step casts nothing.
+///
+/// [`LowCopy`]: crate::adapters::lora::LowCopy
+pub fn adamw_step<M: Adapted + ?Sized>(
+    model: &mut M,
+    opt: &mut AdamW<ParamId>,
+    grads: &[(ParamId, Tensor)],
+    lr: f64,
+    grad_scale: f64,
+) -> Result<()> {
+    let mut items = Vec::with_capacity(grads.len());
+    for (id, g) in grads {
+        let low = match *id {
+            ParamId::Lora { adapter, matrix } => model
+                .adapter_by_id_mut(adapter)
+                .and_then(|a| a.low.dtype(matrix)),
+            ParamId::Head(_) => None,
+        };
+        let param = model.param_mut(*id).expect("gradient of a known parameter");
+        items.push(ParamUpdate {
+            key: *id,
+            param: param.clone(),
+            grad: g.clone(),
+            low,
+        });
+    }
+    for ((id, _), new) in grads.iter().zip(opt.update_many(items, lr, grad_scale)?) {
+        if let (ParamId::Lora { adapter, matrix }, Some(low)) = (*id, new.low) {
+            let ad = model
+                .adapter_by_id_mut(adapter)
+                .expect("an adapter's parameter");
+            ad.low.install(matrix, &new.param, low);
+        }
+        *model.param_mut(*id).expect("gradient of a known parameter") = new.param;
+    }
+    Ok(())
 }
 
 /// The end of a SAFE round whose `scores` were measured, in either trainer: the controller
