@@ -15,6 +15,21 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// The hyper-parameters of a parameter's `step`-th update (1-based), bias corrections included.
+    fn at_step(&self, lr: f64, step: u64) -> crate::nn::gpu::AdamWStep {
+        crate::nn::gpu::AdamWStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            bc1: 1.0 - self.beta1.powi(step as i32),
+            bc2: 1.0 - self.beta2.powi(step as i32),
+        }
+    }
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self {
@@ -95,18 +110,9 @@ impl<K: Ord + Clone> AdamW<K> {
             }),
         };
         st.step += 1;
-        let bc1 = 1.0 - c.beta1.powi(st.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(st.step as i32);
+        let h = c.at_step(lr, st.step);
+        let (bc1, bc2) = (h.bc1, h.bc2);
         if fused {
-            let h = crate::nn::gpu::AdamWStep {
-                lr,
-                beta1: c.beta1,
-                beta2: c.beta2,
-                eps: c.eps,
-                weight_decay: c.weight_decay,
-                bc1,
-                bc2,
-            };
             if let Some((p, m, v)) = crate::nn::gpu::adamw(param, grad, &st.m, &st.v, &h)? {
                 st.m = m;
                 st.v = v;
@@ -150,26 +156,20 @@ impl<K: Ord + Clone> AdamW<K> {
             .zip(&steps)
             .map(|(it, &step)| {
                 let st = &self.state[&it.key];
+                let h = c.at_step(lr, step);
                 crate::nn::gpu::AdamWItem {
                     p: &it.param,
                     g: &it.grad,
                     m: &st.m,
                     v: &st.v,
-                    bc1: 1.0 - c.beta1.powi(step as i32),
-                    bc2: 1.0 - c.beta2.powi(step as i32),
+                    bc1: h.bc1,
+                    bc2: h.bc2,
                     low: it.low,
                 }
             })
             .collect::<Vec<_>>();
-        let h = crate::nn::gpu::AdamWStep {
-            lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: c.weight_decay,
-            bc1: 1.0,
-            bc2: 1.0,
-        };
+        // The items carry their own bias corrections; the kernel reads the rest from here.
+        let h = c.at_step(lr, 1);
         if let Some(out) = crate::nn::gpu::adamw_many(&fused_items, &h, grad_scale)? {
             drop(fused_items);
             let mut updated = Vec::with_capacity(out.len());
