@@ -96,6 +96,14 @@ impl LowCopy {
         self.lock()[matrix as usize] = Some(LowWeight { of: of.id(), t });
     }
 
+    /// The copy of `matrix` kept for `master`, if there is one.
+    pub fn copy_of(&self, matrix: LoraMatrix, master: &Tensor) -> Option<Tensor> {
+        let slot = &self.lock()[matrix as usize];
+        slot.as_ref()
+            .filter(|w| w.of == master.id())
+            .map(|w| w.t.clone())
+    }
+
     /// `master` in `dtype`: the copy kept for it, else a new cast, kept.
     fn get(&self, matrix: LoraMatrix, master: &Tensor, dtype: DType) -> Result<Tensor> {
         let slot = &mut self.lock()[matrix as usize];

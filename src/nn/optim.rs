@@ -131,7 +131,7 @@ impl<K: Ord + Clone> AdamW<K> {
     /// clipping factor), and returns the new values in order. An item's `low` asks for a copy of
     /// its new value in that dtype (an adapter's bf16 copy beside a bf16 base). On CUDA one kernel
     /// updates every f32 parameter and writes the copies; elsewhere each parameter goes through
-    /// [`AdamW::update`] and no copy is made (the model casts when it needs one).
+    /// [`AdamW::update`] and its copy is a cast of the new value (the same bits).
     pub fn update_many(
         &mut self,
         items: Vec<ParamUpdate<K>>,
@@ -194,7 +194,8 @@ impl<K: Ord + Clone> AdamW<K> {
                     (it.grad * grad_scale)?
                 };
                 let param = self.update(it.key, &it.param, &g, lr)?;
-                Ok(Updated { param, low: None })
+                let low = it.low.map(|d| param.to_dtype(d)).transpose()?;
+                Ok(Updated { param, low })
             })
             .collect()
     }
@@ -354,7 +355,7 @@ mod tests {
     #[test]
     fn update_many_is_each_update_of_the_scaled_gradient() {
         // Off CUDA `update_many` goes parameter by parameter: the same bits as `update` on the
-        // gradient times the factor, each parameter with its own step count, and no copies.
+        // gradient times the factor, each parameter with its own step count, copies as casts.
         let (mut many, mut one) = (
             AdamW::new(AdamWConfig::default()),
             AdamW::new(AdamWConfig::default()),
@@ -384,12 +385,16 @@ mod tests {
             for (i, u) in new.into_iter().enumerate() {
                 let g = (&gs[i] * 0.5).unwrap();
                 refs[i] = one.update(i, &refs[i], &g, 0.1).unwrap();
-                assert!(u.low.is_none(), "no copies off CUDA");
                 let (a, b) = (
                     u.param.flatten_all().unwrap(),
                     refs[i].flatten_all().unwrap(),
                 );
                 assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+                let low = u.low.expect("asked for").flatten_all().unwrap();
+                let cast = a.to_dtype(DType::BF16).unwrap();
+                // bf16 to f32 is exact: equal f32 values are equal bf16 bits.
+                let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(f32s(low), f32s(cast));
                 ps[i] = u.param;
             }
         }

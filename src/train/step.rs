@@ -355,7 +355,7 @@ mod tests {
 #[cfg(test)]
 mod dtype_tests {
     use super::*;
-    use crate::adapters::{Adapted, LoraConfig};
+    use crate::adapters::{Adapted, LoraConfig, LoraMatrix};
     use crate::model::bert::{BertConfig, Site};
     use crate::nn::gradcheck::{randn, rel_err};
     use rand::rngs::StdRng;
@@ -443,6 +443,40 @@ mod dtype_tests {
         // The trainable parameters match their gradients' dtype: AdamW runs in f32.
         for (name, p) in m16.trainable_params() {
             assert_eq!(p.dtype(), DType::F32, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_optimizer_step_leaves_each_adapter_its_next_bf16_copy() {
+        let mut m = model(DType::BF16);
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut pass = Pass {
+            training: true,
+            rng: &mut rng,
+            monitor: None,
+        };
+        let out = forward_backward(
+            &m,
+            &batch(),
+            &mut pass,
+            1.0,
+            FrozenBottom::Inference,
+            &Recompute::None,
+        )
+        .unwrap();
+        let mut opt = crate::nn::optim::AdamW::new(Default::default());
+        crate::train::run::adamw_step(&mut m, &mut opt, &out.grads, 1e-2, 0.5).unwrap();
+        for (name, ad) in m.adapters() {
+            for (matrix, master) in [(LoraMatrix::A, &ad.a), (LoraMatrix::B, &ad.b)] {
+                let copy = ad.low.copy_of(matrix, master).expect("the step's copy");
+                let cast = master.to_dtype(DType::BF16).unwrap();
+                // bf16 to f32 is exact: equal f32 values are equal bf16 bits.
+                let f32s = |t: Tensor| {
+                    let t = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+                    t.to_vec1::<f32>().unwrap()
+                };
+                assert_eq!(f32s(copy), f32s(cast), "{name} {matrix:?}");
+            }
         }
     }
 }
