@@ -1387,8 +1387,8 @@ mod imp {
 
     /// Every item's AdamW update in one launch (`st_adamw_many`), each gradient times
     /// `grad_scale`: new values, moments and, where an item asks for bf16, its copy in bf16.
-    /// None (the caller updates one by one) unless every tensor is contiguous f32 on CUDA and
-    /// every copy bf16.
+    /// Each item brings its own bias corrections; `h`'s are not read. None (the caller updates
+    /// one by one) unless every tensor is contiguous f32 on CUDA and every copy bf16.
     pub fn adamw_many(
         items: &[AdamWItem],
         h: &AdamWStep,
@@ -1404,12 +1404,12 @@ mod imp {
         let mut table = Vec::with_capacity(10 * items.len());
         let mut out = Vec::with_capacity(items.len());
         let mut widest = 0;
+        let here = items[0].p.device();
         for it in items {
             check_same_len(
                 "adamw",
                 &[("param", it.p), ("grad", it.g), ("m", it.m), ("v", it.v)],
             )?;
-            let here = items[0].p.device();
             if [it.p, it.g, it.m, it.v]
                 .iter()
                 .any(|t| !t.device().same_device(here))

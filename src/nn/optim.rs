@@ -168,7 +168,7 @@ impl<K: Ord + Clone> AdamW<K> {
                 }
             })
             .collect::<Vec<_>>();
-        // The items carry their own bias corrections; the kernel reads the rest from here.
+        // The rate, betas, eps and decay; the items carry their own bias corrections.
         let h = c.at_step(lr, 1);
         if let Some(out) = crate::nn::gpu::adamw_many(&fused_items, &h, grad_scale)? {
             drop(fused_items);
