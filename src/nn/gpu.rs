@@ -16,15 +16,14 @@
 
 use candle_core::{DType, Tensor};
 
-/// Hyper-parameters of one AdamW update, bias corrections included.
+/// Hyper-parameters of an AdamW step, the same for every parameter (each parameter's bias
+/// corrections follow its own step count: `AdamWItem`).
 pub struct AdamWStep {
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    pub bc1: f64,
-    pub bc2: f64,
 }
 
 /// One parameter of [`adamw_many`]: its value, gradient and moments, its own bias corrections,
@@ -1323,13 +1322,10 @@ mod imp {
         Ok(Some((dq, dk, dv)))
     }
 
-    pub fn adamw(
-        p: &Tensor,
-        g: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        h: &AdamWStep,
-    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    /// One parameter's AdamW update (`st_adamw_f32`): new value and moments (its `low` is not
+    /// read). None unless every tensor is contiguous f32 on CUDA.
+    pub fn adamw(it: &AdamWItem, h: &AdamWStep) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let (p, g, m, v) = (it.p, it.g, it.m, it.v);
         if !f32_on_cuda(&[p, g, m, v]) {
             return Ok(None);
         }
@@ -1348,8 +1344,8 @@ mod imp {
             f(h.beta2),
             f(h.eps),
             f(h.weight_decay),
-            f(h.bc1),
-            f(h.bc2),
+            f(it.bc1),
+            f(it.bc2),
         );
         launch!(dev, "st_adamw_f32", elems_cfg(n); pp, pg, pm, pv, pp2, pm2, pv2, n64, lr, b1, b2, eps, wd, bc1, bc2);
         Ok(Some((p2, m2, v2)))
@@ -1387,8 +1383,8 @@ mod imp {
 
     /// Every item's AdamW update in one launch (`st_adamw_many`), each gradient times
     /// `grad_scale`: new values, moments and, where an item asks for bf16, its copy in bf16.
-    /// Each item brings its own bias corrections; `h`'s are not read. None (the caller updates
-    /// one by one) unless every tensor is contiguous f32 on CUDA and every copy bf16.
+    /// None (the caller updates one by one) unless every tensor is contiguous f32 on CUDA and
+    /// every copy bf16.
     pub fn adamw_many(
         items: &[AdamWItem],
         h: &AdamWStep,
@@ -1904,13 +1900,7 @@ mod imp {
     pub fn softmax_bwd(_: &Tensor, _: &Tensor, _: f64) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn adamw(
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &AdamWStep,
-    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    pub fn adamw(_: &AdamWItem, _: &AdamWStep) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(None)
     }
     pub fn cka_gram_terms(

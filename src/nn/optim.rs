@@ -16,17 +16,23 @@ pub struct AdamWConfig {
 }
 
 impl AdamWConfig {
-    /// The hyper-parameters of a parameter's `step`-th update (1-based), bias corrections included.
-    fn at_step(&self, lr: f64, step: u64) -> crate::nn::gpu::AdamWStep {
+    /// The hyper-parameters of a step at learning rate `lr`.
+    fn at(&self, lr: f64) -> crate::nn::gpu::AdamWStep {
         crate::nn::gpu::AdamWStep {
             lr,
             beta1: self.beta1,
             beta2: self.beta2,
             eps: self.eps,
             weight_decay: self.weight_decay,
-            bc1: 1.0 - self.beta1.powi(step as i32),
-            bc2: 1.0 - self.beta2.powi(step as i32),
         }
+    }
+
+    /// The bias corrections of a parameter's `step`-th update (1-based).
+    fn bias_corrections(&self, step: u64) -> (f64, f64) {
+        (
+            1.0 - self.beta1.powi(step as i32),
+            1.0 - self.beta2.powi(step as i32),
+        )
     }
 }
 
@@ -110,10 +116,18 @@ impl<K: Ord + Clone> AdamW<K> {
             }),
         };
         st.step += 1;
-        let h = c.at_step(lr, st.step);
-        let (bc1, bc2) = (h.bc1, h.bc2);
+        let (bc1, bc2) = c.bias_corrections(st.step);
         if fused {
-            if let Some((p, m, v)) = crate::nn::gpu::adamw(param, grad, &st.m, &st.v, &h)? {
+            let it = crate::nn::gpu::AdamWItem {
+                p: param,
+                g: grad,
+                m: &st.m,
+                v: &st.v,
+                bc1,
+                bc2,
+                low: None,
+            };
+            if let Some((p, m, v)) = crate::nn::gpu::adamw(&it, &c.at(lr))? {
                 st.m = m;
                 st.v = v;
                 return Ok(p);
@@ -156,21 +170,19 @@ impl<K: Ord + Clone> AdamW<K> {
             .zip(&steps)
             .map(|(it, &step)| {
                 let st = &self.state[&it.key];
-                let h = c.at_step(lr, step);
+                let (bc1, bc2) = c.bias_corrections(step);
                 crate::nn::gpu::AdamWItem {
                     p: &it.param,
                     g: &it.grad,
                     m: &st.m,
                     v: &st.v,
-                    bc1: h.bc1,
-                    bc2: h.bc2,
+                    bc1,
+                    bc2,
                     low: it.low,
                 }
             })
             .collect::<Vec<_>>();
-        // The rate, betas, eps and decay; the items carry their own bias corrections.
-        let h = c.at_step(lr, 1);
-        if let Some(out) = crate::nn::gpu::adamw_many(&fused_items, &h, grad_scale)? {
+        if let Some(out) = crate::nn::gpu::adamw_many(&fused_items, &c.at(lr), grad_scale)? {
             drop(fused_items);
             let mut updated = Vec::with_capacity(out.len());
             for (it, o) in items.iter().zip(out) {
