@@ -148,7 +148,9 @@ mod imp {
     use super::{
         check_len, check_same_len, AdamWItem, AdamWOut, AdamWStep, Bhtd, FlashDims, NormOut,
     };
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -205,6 +207,17 @@ mod imp {
             CudaStorageSlice::U32(s) => s.device_ptr(&stream).0 + 4 * off,
             _ => bail!("fused kernels take f32, bf16, f64 or u32 tensors"),
         })
+    }
+
+    /// `data` on the device, and its address: a per-call upload (dropout seeds, targets, a table
+    /// of tensors) copied straight through the stream, not with `dev.clone_htod`, which inside
+    /// `device::upload_cache` would keep every such upload (keyed by its bytes) for the life of
+    /// the process. Drop the slice after the launches that read it: frees are stream-ordered.
+    fn upload<T: DeviceRepr>(dev: &CudaDevice, data: &[T]) -> Result<(CudaSlice<T>, u64)> {
+        let stream = dev.cuda_stream();
+        let slice = stream.clone_htod(data).w()?;
+        let p = slice.device_ptr(&stream).0;
+        Ok((slice, p))
     }
 
     /// An uninitialised output of `shape` (every element is written by the kernel) and its address.
@@ -427,11 +440,7 @@ mod imp {
         if seeds.len() != n.div_ceil(4096) {
             bail!("dropout: {} seeds for {n} elements", seeds.len());
         }
-        let stream = dev.cuda_stream();
-        // Straight through the stream, not `dev.clone_htod`: inside `device::upload_cache` that
-        // would keep every step's new seeds (keyed by their bytes) for the life of the process.
-        let seeds = stream.clone_htod(seeds).w()?;
-        let ps = seeds.device_ptr(&stream).0;
+        let (seeds, ps) = upload(&dev, seeds)?;
         let (y, py) = output(&dev, x.dtype(), x.shape())?;
         let (px, n64) = (ptr(x, &dev)?, n as u64);
         launch!(dev, format!("st_dropout_fwd_{sfx}"), elems_cfg(n); px, ps, py, n64, threshold, scale);
@@ -978,10 +987,7 @@ mod imp {
             bail!("cross_entropy: target {t} outside the {v} logits of a row");
         }
         let dev = device(logits)?;
-        let stream = dev.cuda_stream();
-        // Straight through the stream: the upload cache would keep every chunk's targets.
-        let tg = stream.clone_htod(targets).w()?;
-        let pt = tg.device_ptr(&stream).0;
+        let (tg, pt) = upload(&dev, targets)?;
         let (loss, pl) = output(&dev, DType::F32, &Shape::from(n))?;
         let (d, pd) = match grad_scale {
             Some(_) => {
@@ -1322,35 +1328,6 @@ mod imp {
         Ok(Some((dq, dk, dv)))
     }
 
-    /// One parameter's AdamW update (`st_adamw_f32`): new value and moments (its `low` is not
-    /// read). None unless every tensor is contiguous f32 on CUDA.
-    pub fn adamw(it: &AdamWItem, h: &AdamWStep) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-        let (p, g, m, v) = (it.p, it.g, it.m, it.v);
-        if !f32_on_cuda(&[p, g, m, v]) {
-            return Ok(None);
-        }
-        check_same_len("adamw", &[("param", p), ("grad", g), ("m", m), ("v", v)])?;
-        let dev = device(p)?;
-        let n = p.elem_count();
-        let (p2, pp2) = output(&dev, DType::F32, p.shape())?;
-        let (m2, pm2) = output(&dev, DType::F32, p.shape())?;
-        let (v2, pv2) = output(&dev, DType::F32, p.shape())?;
-        let (pp, pg, pm, pv) = (ptr(p, &dev)?, ptr(g, &dev)?, ptr(m, &dev)?, ptr(v, &dev)?);
-        let n64 = n as u64;
-        let f = |x: f64| x as f32;
-        let (lr, b1, b2, eps, wd, bc1, bc2) = (
-            f(h.lr),
-            f(h.beta1),
-            f(h.beta2),
-            f(h.eps),
-            f(h.weight_decay),
-            f(it.bc1),
-            f(it.bc2),
-        );
-        launch!(dev, "st_adamw_f32", elems_cfg(n); pp, pg, pm, pv, pp2, pm2, pv2, n64, lr, b1, b2, eps, wd, bc1, bc2);
-        Ok(Some((p2, m2, v2)))
-    }
-
     /// Each tensor's sum of squares in f64, `[n]`, in one launch (`st_sum_squares_many`, one
     /// block a tensor). None unless every tensor is contiguous f32 on one CUDA device.
     pub fn sum_squares_many(ts: &[&Tensor]) -> Result<Option<Tensor>> {
@@ -1366,10 +1343,7 @@ mod imp {
         for t in ts {
             table.extend([ptr(t, &dev)?, t.elem_count() as u64]);
         }
-        let stream = dev.cuda_stream();
-        // Straight through the stream, not `dev.clone_htod`: see `dropout_fwd`.
-        let table = stream.clone_htod(&table).w()?;
-        let pt = table.device_ptr(&stream).0;
+        let (table, pt) = upload(&dev, &table)?;
         let (out, pout) = output(&dev, DType::F64, &Shape::from(ts.len()))?;
         let cfg = LaunchConfig {
             grid_dim: (ts.len() as u32, 1, 1),
@@ -1440,10 +1414,7 @@ mod imp {
                 low: low.map(|(t, _)| t),
             });
         }
-        let stream = dev.cuda_stream();
-        // Straight through the stream, not `dev.clone_htod`: see `dropout_fwd`.
-        let table = stream.clone_htod(&table).w()?;
-        let pt = table.device_ptr(&stream).0;
+        let (table, pt) = upload(&dev, &table)?;
         let cfg = LaunchConfig {
             grid_dim: (widest.div_ceil(256).min(64) as u32, items.len() as u32, 1),
             block_dim: (256, 1, 1),
@@ -1898,9 +1869,6 @@ mod imp {
         Ok(None)
     }
     pub fn softmax_bwd(_: &Tensor, _: &Tensor, _: f64) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-    pub fn adamw(_: &AdamWItem, _: &AdamWStep) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(None)
     }
     pub fn cka_gram_terms(

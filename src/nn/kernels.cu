@@ -512,28 +512,6 @@ __device__ void softmax_bwd(const T* p, const T* dp, T* ds, int rows, int t2, fl
 }
 
 // ---------------------------------------------------------------------------------------------
-// AdamW, out of place (f32 parameters and moments): m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2)
-// g^2, p' = p (1 - lr wd) - lr (m' / bc1) / (sqrt(v' / bc2) + eps).
-// One element's AdamW step: new moments into m2 / v2, the new weight returned.
-__device__ __forceinline__ float adamw_elem(float p, float g, float m, float v, float* m2,
-                                            float* v2, float lr, float b1, float b2, float eps,
-                                            float wd, float bc1, float bc2) {
-  const float mi = b1 * m + (1.f - b1) * g;
-  const float vi = b2 * v + (1.f - b2) * g * g;
-  *m2 = mi;
-  *v2 = vi;
-  return p * (1.f - lr * wd) - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
-}
-
-extern "C" __global__ void st_adamw_f32(const float* p, const float* g, const float* m,
-                                        const float* v, float* p2, float* m2, float* v2, size_t n,
-                                        float lr, float b1, float b2, float eps, float wd,
-                                        float bc1, float bc2) {
-  GRID_STRIDE(i, n) {
-    p2[i] = adamw_elem(p[i], g[i], m[i], v[i], &m2[i], &v2[i], lr, b1, b2, eps, wd, bc1, bc2);
-  }
-}
-
 // One parameter of st_adamw_many (the host writes it as ten 8-byte words, gpu::adamw_many): its
 // tensors, its length and its own bias corrections; `low`, when not null, takes the new weight
 // rounded to bf16 (an adapter's copy beside a bf16 base).
@@ -551,14 +529,20 @@ struct AdamSeg {
 };
 static_assert(sizeof(AdamSeg) == 80, "gpu::adamw_many writes ten 8-byte words a parameter");
 
-// Every parameter of an optimizer step in one launch: block row y updates parameter y, its
-// gradient multiplied by `gscale` (the clipping factor) first.
+// AdamW, out of place (f32 parameters and moments), every parameter of an optimizer step in one
+// launch: block row y updates parameter y, with g its gradient times `gscale` (the clipping
+// factor): m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2,
+// p' = p (1 - lr wd) - lr (m' / bc1) / (sqrt(v' / bc2) + eps).
 extern "C" __global__ void st_adamw_many(const AdamSeg* segs, float lr, float b1, float b2,
                                          float eps, float wd, float gscale) {
   const AdamSeg s = segs[blockIdx.y];
   GRID_STRIDE(i, s.n) {
-    const float p = adamw_elem(s.p[i], s.g[i] * gscale, s.m[i], s.v[i], &s.m2[i], &s.v2[i], lr,
-                               b1, b2, eps, wd, s.bc1, s.bc2);
+    const float g = s.g[i] * gscale;
+    const float mi = b1 * s.m[i] + (1.f - b1) * g;
+    const float vi = b2 * s.v[i] + (1.f - b2) * g * g;
+    s.m2[i] = mi;
+    s.v2[i] = vi;
+    const float p = s.p[i] * (1.f - lr * wd) - lr * ((mi / s.bc1) / (sqrtf(vi / s.bc2) + eps));
     s.p2[i] = p;
     if (s.low) s.low[i] = st<bf16>(p);
   }

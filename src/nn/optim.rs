@@ -54,6 +54,17 @@ pub struct Moments {
     pub step: u64,
 }
 
+impl Moments {
+    /// A parameter's state before its first update.
+    fn zeros_like(param: &Tensor) -> Result<Self> {
+        Ok(Self {
+            m: param.zeros_like()?,
+            v: param.zeros_like()?,
+            step: 0,
+        })
+    }
+}
+
 /// One parameter of [`AdamW::update_many`].
 pub struct ParamUpdate<K> {
     pub key: K,
@@ -82,7 +93,8 @@ impl<K: Ord + Clone> AdamW<K> {
         }
     }
 
-    /// Returns the updated parameter. State is created on first use. One fused kernel on CUDA.
+    /// Returns the updated parameter. State is created on first use. On CUDA the batched
+    /// update's kernel with this one parameter.
     pub fn update(&mut self, key: K, param: &Tensor, grad: &Tensor, lr: f64) -> Result<Tensor> {
         self.update_impl(key, param, grad, lr, true)
     }
@@ -109,11 +121,7 @@ impl<K: Ord + Clone> AdamW<K> {
         let c = &self.config;
         let st = match self.state.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Moments {
-                m: param.zeros_like()?,
-                v: param.zeros_like()?,
-                step: 0,
-            }),
+            Entry::Vacant(e) => e.insert(Moments::zeros_like(param)?),
         };
         st.step += 1;
         let (bc1, bc2) = c.bias_corrections(st.step);
@@ -127,10 +135,10 @@ impl<K: Ord + Clone> AdamW<K> {
                 bc2,
                 low: None,
             };
-            if let Some((p, m, v)) = crate::nn::gpu::adamw(&it, &c.at(lr))? {
-                st.m = m;
-                st.v = v;
-                return Ok(p);
+            if let Some(mut out) = crate::nn::gpu::adamw_many(&[it], &c.at(lr), 1.0)? {
+                let o = out.pop().expect("one parameter's update");
+                (st.m, st.v) = (o.m, o.v);
+                return Ok(o.p);
             }
         }
         st.m = ((&st.m * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
@@ -152,25 +160,18 @@ impl<K: Ord + Clone> AdamW<K> {
         lr: f64,
         grad_scale: f64,
     ) -> Result<Vec<Updated>> {
-        let c = self.config.clone();
-        let mut steps = Vec::with_capacity(items.len());
         for it in &items {
             if !self.state.contains_key(&it.key) {
-                let m = Moments {
-                    m: it.param.zeros_like()?,
-                    v: it.param.zeros_like()?,
-                    step: 0,
-                };
-                self.state.insert(it.key.clone(), m);
+                self.state
+                    .insert(it.key.clone(), Moments::zeros_like(&it.param)?);
             }
-            steps.push(self.state[&it.key].step + 1);
         }
+        let c = &self.config;
         let fused_items = items
             .iter()
-            .zip(&steps)
-            .map(|(it, &step)| {
+            .map(|it| {
                 let st = &self.state[&it.key];
-                let (bc1, bc2) = c.bias_corrections(step);
+                let (bc1, bc2) = c.bias_corrections(st.step + 1);
                 crate::nn::gpu::AdamWItem {
                     p: &it.param,
                     g: &it.grad,
