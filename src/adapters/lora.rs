@@ -106,18 +106,12 @@ impl LowCopy {
 
     /// `master` in `dtype`: the copy kept for it, else a new cast, kept.
     fn get(&self, matrix: LoraMatrix, master: &Tensor, dtype: DType) -> Result<Tensor> {
-        let slot = &mut self.lock()[matrix as usize];
-        match slot {
-            Some(w) if w.of == master.id() && w.t.dtype() == dtype => Ok(w.t.clone()),
-            _ => {
-                let t = master.to_dtype(dtype)?;
-                *slot = Some(LowWeight {
-                    of: master.id(),
-                    t: t.clone(),
-                });
-                Ok(t)
-            }
+        if let Some(t) = self.copy_of(matrix, master).filter(|t| t.dtype() == dtype) {
+            return Ok(t);
         }
+        let t = master.to_dtype(dtype)?;
+        self.install(matrix, master, t.clone());
+        Ok(t)
     }
 }
 
