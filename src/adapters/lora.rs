@@ -301,7 +301,9 @@ impl LoraLinear {
         if !rows {
             return Ok((crate::nn::add_low_rank(base, &u, &b, true)?, saved, None));
         }
-        let y = crate::nn::add(&base, &matmul(&u, &b.t()?)?)?;
+        // The same in-place update on a copy, so a measured step computes what an unmeasured
+        // one does (one product fused into the copy on CUDA, not a product and an add).
+        let y = crate::nn::add_low_rank(base.copy()?, &u, &b, true)?;
         Ok((y, saved, Some(CkaRows::LowRank { y: base, u, b })))
     }
 

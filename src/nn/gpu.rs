@@ -1434,42 +1434,6 @@ mod imp {
         Ok(Some(out))
     }
 
-    /// Rows `rows` of `x` `[N, c]` centred in f64 (`[n, c]`), their column means `[1, c]` and,
-    /// when asked for, each column's sum of squares before centring `[c]`.
-    /// The rows `rows` (all `n` when None) of `x` `[N, c]` centred in f64 `[n, c]`, their
-    /// column means `[1, c]` and, if asked, column sums of squares `[c]`. With `bt`, the f64
-    /// `[c, r]` matrix's transpose follows as rows `n .. n + r` (the centred rows are then
-    /// `[n + r, c]`).
-    fn cka_center(
-        dev: &CudaDevice,
-        x: &Tensor,
-        rows: Option<&Tensor>,
-        n: usize,
-        want_colsq: bool,
-        bt: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-        let c = x.dim(1)?;
-        let sfx = dtype_suffix(x.dtype()).expect("checked by the caller");
-        let r = bt.map_or(Ok(0), |b| b.dim(1))?;
-        let (xc, pxc) = output(dev, DType::F64, &Shape::from((n + r, c)))?;
-        let (mean, pmean) = output(dev, DType::F64, &Shape::from((1, c)))?;
-        let colsq = want_colsq
-            .then(|| output(dev, DType::F64, &Shape::from(c)))
-            .transpose()?;
-        let pcolsq = colsq.as_ref().map_or(0u64, |(_, p)| *p);
-        let prows = rows.map(|r| ptr(r, dev)).transpose()?.unwrap_or(0);
-        let pb = bt.map(|b| ptr(b, dev)).transpose()?.unwrap_or(0);
-        let px = ptr(x, dev)?;
-        let (n32, c32, r32) = (n as i32, c as i32, r as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(32) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(dev, format!("st_cka_center_{sfx}"), cfg; px, prows, n32, c32, pxc, pmean, pcolsq, pb, r32);
-        Ok((xc, mean, colsq.map(|(t, _)| t)))
-    }
-
     /// `(N, n, d, r)` of the CKA kernels' inputs, the rows `y` `[N, d]` and `u` `[N, r]` of an
     /// adapted linear, `b` `[d, r]` and `n` token rows `rows`: None unless `y` and `u` are
     /// contiguous CUDA tensors of a dtype the kernels take, `rows` contiguous u32 and the rank at
@@ -1608,11 +1572,12 @@ mod imp {
     }
 
     /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
-    /// `nn::cka::gram_terms`, the composition this replaces and is checked against): two
-    /// centring kernels (the first also appends `B^T` to `Yc`), one cuBLAS symmetric product
-    /// `[Yc; B^T] [Yc; B^T]^T` that holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per row of
-    /// `L`, cuBLAS's `Z^T Z` and a kernel that assembles the terms. None unless `y` and `u` are contiguous CUDA
-    /// tensors of f32 or bf16, `rows` contiguous u32 and the rank at most 256.
+    /// `nn::cka::gram_terms`, the composition this replaces and is checked against) in four
+    /// launches: one centres `Y`'s and `U`'s rows and appends `B^T` to `Yc`, one cuBLAS symmetric
+    /// product `[Yc; B^T] [Yc; B^T]^T` holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per row
+    /// of `L` forms `Z`, and one assembles the terms (with `Z^T Z`). None unless `y` and `u` are
+    /// contiguous CUDA tensors of one dtype, `b` of f32 or bf16, `rows` contiguous u32 and the
+    /// rank at most 256.
     pub fn cka_gram_terms(
         y: &Tensor,
         u: &Tensor,
@@ -1622,48 +1587,48 @@ mod imp {
         let Some((big_n, n, d, r)) = cka_rows("cka_gram_terms", y, u, b, rows)? else {
             return Ok(None);
         };
+        let (Some(ys), Some(bs)) = (dtype_suffix(y.dtype()), dtype_suffix(b.dtype())) else {
+            return Ok(None);
+        };
+        if u.dtype() != y.dtype() {
+            return Ok(None);
+        }
         let dev = device(y)?;
+        let b = b.contiguous()?;
         // Every row in order needs no index (token rows are distinct and sorted).
-        let rows = (n < big_n).then_some(rows);
-        let b = b.to_dtype(DType::F64)?.contiguous()?;
+        let prows = if n < big_n { ptr(rows, &dev)? } else { 0 };
         // E = [Yc; B^T] and M = E E^T hold L = Yc Yc^T, Yc B and G = B^T B (see the kernels).
-        let (e, ymean, colsq) = cka_center(&dev, y, rows, n, true, Some(&b))?;
-        let (uc, umean, _) = cka_center(&dev, u, rows, n, false, None)?;
-        let colsq = colsq.expect("asked for");
+        let f64s = |shape: Shape| output(&dev, DType::F64, &shape);
+        let (e, pe) = f64s(Shape::from((n + r, d)))?;
+        let (_ymean, pymean) = f64s(Shape::from(d))?;
+        let (_colsq, pcolsq) = f64s(Shape::from(d))?;
+        let (_uc, puc) = f64s(Shape::from((n, r)))?;
+        let (_umean, pumean) = f64s(Shape::from(r))?;
+        let (py, pu, pb) = (ptr(y, &dev)?, ptr(u, &dev)?, ptr(&b, &dev)?);
+        let (n32, r32, d32) = (n as i32, r as i32, d as i32);
+        let blocks = |count: usize| LaunchConfig {
+            grid_dim: (count as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let centre = blocks(d.div_ceil(32) + r.div_ceil(32));
+        launch!(dev, format!("st_cka_gram_center_{ys}_{bs}"), centre; py, pu, prows, n32, d32, r32, pb, pe, pymean, pcolsq, puc, pumean);
         let m = syrk_f64(&dev, &e, false)?;
-        drop(e);
         // What the composition's three products count (`Yc Yc^T`, `Yc B`, `B^T B`).
         crate::nn::flops::add(2 * (n * n * d + n * d * r + d * r * r) as u64);
-        let (z, pz) = output(&dev, DType::F64, &Shape::from((n, 2 * r)))?;
-        let (partial, ppartial) = output(&dev, DType::F64, &Shape::from((n, 2)))?;
-        let (pm, puc) = (ptr(&m, &dev)?, ptr(&uc, &dev)?);
-        let (n32, r32, d32) = (n as i32, r as i32, d as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(dev, "st_cka_gram_rows", cfg; pm, puc, n32, r32, pz, ppartial);
-        let ztz = crate::nn::matmul(&z.t()?, &z)?.contiguous()?;
+        let (_z, pz) = f64s(Shape::from((n, 2 * r)))?;
+        let (_partial, ppartial) = f64s(Shape::from((n, 2)))?;
+        let pm = ptr(&m, &dev)?;
+        launch!(dev, "st_cka_gram_rows", blocks(n); pm, puc, n32, r32, pz, ppartial);
         // The products the kernels did where the composition called `matmul`: `Uc G / 2`,
-        // `L Uc` and `mean(Y) B`.
-        crate::nn::flops::add(2 * (n * r * r + n * n * r + d * r) as u64);
-        let (out, pout) = output(&dev, DType::F64, &Shape::from(3 + 5 * r * r + 2 * r))?;
-        let (ppart, pcolsq, pztz, pumean, pymean, pb) = (
-            ptr(&partial, &dev)?,
-            ptr(&colsq, &dev)?,
-            ptr(&ztz, &dev)?,
-            ptr(&umean, &dev)?,
-            ptr(&ymean, &dev)?,
-            ptr(&b, &dev)?,
-        );
-        // Block 0 adds and copies; blocks 1 ..= r form mean(Y) B.
-        let one = LaunchConfig {
-            grid_dim: (r as u32 + 1, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(dev, "st_cka_gram_finish", one; ppart, n32, pcolsq, d32, pztz, pm, pumean, pymean, pb, r32, pout);
+        // `L Uc`, `Z^T Z` and `mean(Y) B`.
+        crate::nn::flops::add(2 * (n * r * r + n * n * r + 4 * r * r * n + d * r) as u64);
+        let (out, pout) = f64s(Shape::from(3 + 5 * r * r + 2 * r))?;
+        // B^T in f64 is E's last r rows.
+        let pbt = pe + (8 * n * d) as u64;
+        // Block 0 adds and copies; blocks 1 ..= r form mean(Y) B, the rest Z^T Z.
+        let finish = blocks(1 + r + 4 * r * r);
+        launch!(dev, "st_cka_gram_finish", finish; ppartial, n32, pcolsq, d32, pz, pm, pumean, pymean, pbt, r32, pout);
         Ok(Some(out))
     }
 

@@ -878,17 +878,18 @@ THIN_RANKS(bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // SAFE's CKA in the Gram form (`nn/cka.rs`): of X = Y + U B^T over n token rows, what CKA's norms
-// need, in f64 and in three kernels around cuBLAS's products (the candle composition took ~40
+// need, in f64 and in three kernels around cuBLAS's symmetric product (the candle composition took ~40
 // launches per adapter and batch). Every sum runs in a fixed order, so results repeat bit for bit.
 
 // Rows `rows` (the first n when null) of x [*, c], centred, in f64: xc [n, c], the column means,
-// and (colsq not null) each column's sum of squares before centring. A block of 256 threads takes
-// 32 columns; its 8 warps split the rows and add their partial sums in a fixed order.
-template <typename T>
+// and (colsq not null) each column's sum of squares before centring. Block `block` of 256
+// threads takes 32 columns; its 8 warps split the rows and add their partial sums in a fixed
+// order.
+template <typename T, typename Tb>
 __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, double* xc, double* mean,
-                           double* colsq, const double* b, int r) {
+                           double* colsq, const Tb* b, int r, int block) {
   __shared__ double s_sum[8][32], s_sq[8][32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = blockIdx.x * 32 + lane;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = block * 32 + lane;
   double s = 0.0, q = 0.0;
   if (col < c)
     for (int i = w; i < n; i += 8) {
@@ -921,19 +922,34 @@ __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, doubl
     }
   // B^T (b [c, r]) as rows n .. n + r of xc, for the Gram form's one symmetric product.
   if (b && col < c)
-    for (int j = w; j < r; j += 8) xc[(size_t)(n + j) * c + col] = b[(size_t)col * r + j];
+    for (int j = w; j < r; j += 8) xc[(size_t)(n + j) * c + col] = (double)ld(b[(size_t)col * r + j]);
 }
 
-extern "C" __global__ void st_cka_center_f32(const float* x, const uint32_t* rows, int n, int c,
-                                             double* xc, double* mean, double* colsq,
-                                             const double* b, int r) {
-  cka_center<float>(x, rows, n, c, xc, mean, colsq, b, r);
+// The Gram form's inputs in one launch: the first ceil(d / 32) blocks centre y's token rows into
+// e [n + r, d] (with their column means and sums of squares) and write B^T (b [d, r]) below them
+// in f64; the blocks after centre u's rows into uc [n, r] with their means.
+template <typename T, typename Tb>
+__device__ void cka_gram_center(const T* y, const T* u, const uint32_t* rows, int n, int d, int r,
+                                const Tb* b, double* e, double* ymean, double* colsq, double* uc,
+                                double* umean) {
+  const int yblocks = (d + 31) / 32;
+  if ((int)blockIdx.x < yblocks)
+    cka_center<T, Tb>(y, rows, n, d, e, ymean, colsq, b, r, blockIdx.x);
+  else
+    cka_center<T, Tb>(u, rows, n, r, uc, umean, nullptr, (const Tb*)nullptr, 0,
+                      blockIdx.x - yblocks);
 }
-extern "C" __global__ void st_cka_center_bf16(const bf16* x, const uint32_t* rows, int n, int c,
-                                              double* xc, double* mean, double* colsq,
-                                              const double* b, int r) {
-  cka_center<bf16>(x, rows, n, c, xc, mean, colsq, b, r);
-}
+
+#define CKA_GRAM_CENTER(YS, T, BS, TB)                                                            \
+  extern "C" __global__ void st_cka_gram_center_##YS##_##BS(                                     \
+      const T* y, const T* u, const uint32_t* rows, int n, int d, int r, const TB* b, double* e, \
+      double* ymean, double* colsq, double* uc, double* umean) {                                 \
+    cka_gram_center<T, TB>(y, u, rows, n, d, r, b, e, ymean, colsq, uc, umean);                  \
+  }
+CKA_GRAM_CENTER(f32, float, f32, float)
+CKA_GRAM_CENTER(f32, float, bf16, bf16)
+CKA_GRAM_CENTER(bf16, bf16, f32, float)
+CKA_GRAM_CENTER(bf16, bf16, bf16, bf16)
 
 // The token rows `rows` (all n when null) of y [N, d] and u [N, r] side by side in f64,
 // e = [Y U] ([n, d + r]), and the column sums of each chunk of CKA_CHUNK rows (partial
@@ -1021,18 +1037,26 @@ extern "C" __global__ void st_cka_gram_rows(const double* M, const double* uc, i
 }
 
 // The Gram form's terms: out = [||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r),
-// mean(U) (r), mean(Y) B (r)] from the rows' partials, Y's column sums of squares, ztz, M (for
-// G) and b (B [d, r]), in f64. Block 0 adds the partials and copies; block 1 + j forms
-// (mean(Y) B)_j, so the r dot products over d run side by side.
+// mean(U) (r), mean(Y) B (r)] from the rows' partials, Y's column sums of squares, z [n, 2r], M
+// (for G) and bt (B^T [r, d], f64), in f64. Block 0 adds the partials and copies; block 1 + j
+// forms (mean(Y) B)_j and block 1 + r + e entry e of Z^T Z, so the dot products run side by side.
 extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, const double* colsq,
-                                              int d, const double* ztz, const double* M,
+                                              int d, const double* z, const double* M,
                                               const double* umean, const double* ymean,
-                                              const double* b, int r, double* out) {
+                                              const double* bt, int r, double* out) {
+  if ((int)blockIdx.x > r) {
+    const int e = blockIdx.x - 1 - r, w = 2 * r, a = e / w, c = e % w;
+    double v = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v += z[(size_t)i * w + a] * z[(size_t)i * w + c];
+    v = block_sum_d(v);
+    if (threadIdx.x == 0) out[3 + e] = v;
+    return;
+  }
   double* o = out + 3 + 5 * r * r + r;
   if (blockIdx.x > 0) {
     const int j = blockIdx.x - 1;
     double v = 0.0;
-    for (int k = threadIdx.x; k < d; k += blockDim.x) v += ymean[k] * b[(size_t)k * r + j];
+    for (int k = threadIdx.x; k < d; k += blockDim.x) v += ymean[k] * bt[(size_t)j * d + k];
     v = block_sum_d(v);
     if (threadIdx.x == 0) o[j] = v;
     return;
@@ -1051,9 +1075,7 @@ extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, cons
     out[1] = lup;
     out[2] = yy;
   }
-  o = out + 3;
-  for (int e = threadIdx.x; e < 4 * r * r; e += blockDim.x) o[e] = ztz[e];
-  o += 4 * r * r;
+  o = out + 3 + 4 * r * r;
   for (int e = threadIdx.x; e < r * r; e += blockDim.x) o[e] = sym_at(M, n + r, n + e / r, n + e % r);
   o += r * r;
   for (int j = threadIdx.x; j < r; j += blockDim.x) o[j] = umean[j];
