@@ -26,7 +26,7 @@ pub fn gram_terms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<T
 /// `K = L + P Uc^T + Uc P^T`, so CKA's norms need from the device only `||L||^2`,
 /// `<L Uc, P>`, `||Y||^2` and `r`-sized terms: `Z^T Z` for `Z = [P Uc]`, `G`, the column
 /// means of `U` and `mean(Y) B` (`train/importance`'s `gram_norms` does the rest on the host).
-/// Each op here is a device kernel (about 40); the CUDA path does the same in seven.
+/// Each op here is a device kernel (about 40); the CUDA path does the same in four.
 ///
 /// Layout: `[||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r), mean(U) (r), mean(Y) B (r)]`.
 pub fn gram_terms_composed(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
