@@ -1611,7 +1611,11 @@ mod imp {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let centre = blocks(d.div_ceil(32) + r.div_ceil(32));
+        // 32 warps a block (`CKA_CENTER_WARPS` in kernels.cu).
+        let centre = LaunchConfig {
+            block_dim: (1024, 1, 1),
+            ..blocks(d.div_ceil(32) + r.div_ceil(32))
+        };
         launch!(dev, format!("st_cka_gram_center_{ys}_{bs}"), centre; py, pu, prows, n32, d32, r32, pb, pe, pymean, pcolsq, puc, pumean);
         let m = syrk_f64(&dev, &e, false)?;
         // What the composition's three products count (`Yc Yc^T`, `Yc B`, `B^T B`).

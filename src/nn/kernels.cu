@@ -882,17 +882,19 @@ THIN_RANKS(bf16, bf16)
 // launches per adapter and batch). Every sum runs in a fixed order, so results repeat bit for bit.
 
 // Rows `rows` (the first n when null) of x [*, c], centred, in f64: xc [n, c], the column means,
-// and (colsq not null) each column's sum of squares before centring. Block `block` of 256
-// threads takes 32 columns; its 8 warps split the rows and add their partial sums in a fixed
-// order.
+// and (colsq not null) each column's sum of squares before centring. Block `block` of
+// CKA_CENTER_WARPS warps takes 32 columns; the warps split the rows and add their partial sums in
+// a fixed order. A whole block of warps per 32 columns: at width 4096 there are only 128 such
+// blocks, so fewer warps would leave the loads' latency exposed.
+#define CKA_CENTER_WARPS 32
 template <typename T, typename Tb>
 __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, double* xc, double* mean,
                            double* colsq, const Tb* b, int r, int block) {
-  __shared__ double s_sum[8][32], s_sq[8][32];
+  __shared__ double s_sum[CKA_CENTER_WARPS][32], s_sq[CKA_CENTER_WARPS][32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = block * 32 + lane;
   double s = 0.0, q = 0.0;
   if (col < c)
-    for (int i = w; i < n; i += 8) {
+    for (int i = w; i < n; i += CKA_CENTER_WARPS) {
       const size_t r = rows ? rows[i] : i;
       const double v = (double)ld(x[r * c + col]);
       s += v;
@@ -903,7 +905,7 @@ __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, doubl
   __syncthreads();
   if (w == 0) {
     double ts = 0.0, tq = 0.0;
-    for (int k = 0; k < 8; k++) {
+    for (int k = 0; k < CKA_CENTER_WARPS; k++) {
       ts += s_sum[k][lane];
       tq += s_sq[k][lane];
     }
@@ -916,13 +918,13 @@ __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, doubl
   __syncthreads();
   const double m = s_sum[0][lane];
   if (col < c)
-    for (int i = w; i < n; i += 8) {
+    for (int i = w; i < n; i += CKA_CENTER_WARPS) {
       const size_t r = rows ? rows[i] : i;
       xc[(size_t)i * c + col] = (double)ld(x[r * c + col]) - m;
     }
   // B^T (b [c, r]) as rows n .. n + r of xc, for the Gram form's one symmetric product.
   if (b && col < c)
-    for (int j = w; j < r; j += 8) xc[(size_t)(n + j) * c + col] = (double)ld(b[(size_t)col * r + j]);
+    for (int j = w; j < r; j += CKA_CENTER_WARPS) xc[(size_t)(n + j) * c + col] = (double)ld(b[(size_t)col * r + j]);
 }
 
 // The Gram form's inputs in one launch: the first ceil(d / 32) blocks centre y's token rows into
