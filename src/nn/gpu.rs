@@ -1459,7 +1459,7 @@ mod imp {
         }
         let (big_n, d) = y.dims2()?;
         let n = rows.dim(0)?;
-        if u.dims2()? != (big_n, r) || b.dim(0)? != d || n > big_n {
+        if u.dims2()? != (big_n, r) || b.dims2()? != (d, r) || n > big_n {
             bail!(
                 "{what}: y {:?}, u {:?}, b {:?} and {n} rows disagree",
                 y.dims(),
