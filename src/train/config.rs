@@ -175,7 +175,8 @@ pub struct RunConfig {
     /// none | tensorboard: TensorBoard event files in `OUTPUT/runs/`.
     pub report_to: super::config::ReportTo,
     /// Once the bottom layers freeze, keep their output per example on disk (in the output folder)
-    /// and reuse it in later epochs instead of recomputing those layers.
+    /// and reuse it in later epochs instead of recomputing those layers (on a GPU only where that
+    /// pays: `plan::frozen_cache_pays`).
     pub cache_frozen_bottom: bool,
     /// Keep only each trainable layer's input in the forward and run the layer again in backward:
     /// activation memory of one layer instead of all, for one more forward of the trainable layers.

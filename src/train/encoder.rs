@@ -18,6 +18,7 @@ use crate::io::fetch;
 use crate::io::labels::TrainedOn;
 use crate::memory;
 use crate::model::bert::{BatchTensors, BertWithHead, EncoderHead};
+use crate::model::memory::StepMemory;
 use crate::safe::MonitorPoint;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -115,9 +116,10 @@ pub struct EncoderRun<'a> {
 
 impl<'a> EncoderRun<'a> {
     /// The run settings of `cfg` on the model in `model_dir`, with the frozen-bottom cache in
-    /// the output folder when the method freezes layers.
-    pub fn of(cfg: &'a TrainConfig, model_dir: &'a Path) -> Result<Self> {
-        let cache = cfg.run.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
+    /// the output folder when the method freezes layers and the cache `pays` (see
+    /// [`plan::frozen_cache_pays`](super::plan::frozen_cache_pays)).
+    pub fn of(cfg: &'a TrainConfig, model_dir: &'a Path, pays: bool) -> Result<Self> {
+        let cache = cfg.run.cache_frozen_bottom && !cfg.frozen_bottom_dropout && pays;
         Ok(Self {
             eval_batch_size: cfg.run.eval_batch_size,
             frozen_cache: run::frozen_cache(cache, &cfg.run.method, &cfg.run.output)?,
@@ -338,7 +340,9 @@ pub fn train_encoder<'a, T: Task, S: Serialize>(
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
     let mem = memory::MemTracker::new(&device);
     let _lock = prepare_output(&cfg.run.output, cfg, resume)?;
-    let mut task = task(EncoderRun::of(cfg, model_dir)?, &model);
+    let tokens = cfg.run.batch_size * cfg.data.max_length;
+    let pays = super::plan::frozen_cache_pays(!device.is_cpu(), model.hidden_size(), tokens);
+    let mut task = task(EncoderRun::of(cfg, model_dir, pays)?, &model);
     let fitted = fit(
         &mut task,
         &mut model,

@@ -246,3 +246,13 @@ fn sizes_parse_as_people_write_them() {
         toml::from_str::<std::collections::HashMap<String, ByteSize>>("b = \"2GB\"").unwrap()["b"];
     assert_eq!(t, ByteSize(2_000_000_000));
 }
+
+/// The frozen bottom's cache: always on a CPU; on a GPU for passes where a layer is launch-bound
+/// (MiniLM at 16 x 128 tokens, SmolLM2 at 4 x 128), not for LLaMA-7B's width at 4 x 128.
+#[test]
+fn the_frozen_cache_pays_on_a_cpu_and_for_launch_bound_gpu_passes() {
+    assert!(frozen_cache_pays(false, 4096, 4 * 128));
+    assert!(frozen_cache_pays(true, 384, 16 * 128));
+    assert!(frozen_cache_pays(true, 576, 4 * 128));
+    assert!(!frozen_cache_pays(true, 4096, 4 * 128));
+}
