@@ -115,14 +115,26 @@ pub struct EncoderRun<'a> {
 }
 
 impl<'a> EncoderRun<'a> {
-    /// The run settings of `cfg` on the model in `model_dir`, with the frozen-bottom cache in
-    /// the output folder when the method freezes layers and the cache `pays` (see
-    /// [`plan::frozen_cache_pays`](super::plan::frozen_cache_pays)).
-    pub fn of(cfg: &'a TrainConfig, model_dir: &'a Path, pays: bool) -> Result<Self> {
-        let cache = cfg.run.cache_frozen_bottom && !cfg.frozen_bottom_dropout && pays;
+    /// The run settings of `cfg` on `model` (loaded from `model_dir`) on `device`, with the
+    /// frozen-bottom cache in the output folder where [`run::frozen_cache`] makes one.
+    pub fn of(
+        cfg: &'a TrainConfig,
+        model_dir: &'a Path,
+        device: &Device,
+        model: &impl StepMemory,
+    ) -> Result<Self> {
+        let cache = cfg.run.cache_frozen_bottom && !cfg.frozen_bottom_dropout;
+        let tokens = cfg.run.batch_size * cfg.data.max_length;
         Ok(Self {
             eval_batch_size: cfg.run.eval_batch_size,
-            frozen_cache: run::frozen_cache(cache, &cfg.run.method, &cfg.run.output)?,
+            frozen_cache: run::frozen_cache(
+                cache,
+                &cfg.run.method,
+                &cfg.run.output,
+                device,
+                model,
+                tokens,
+            )?,
             frozen_bottom_dropout: cfg.frozen_bottom_dropout,
             monitor_point: cfg.safe.monitor,
             lora: &cfg.lora,
@@ -340,9 +352,7 @@ pub fn train_encoder<'a, T: Task, S: Serialize>(
     // Heap counters on the CPU, the CUDA memory pool's on a GPU.
     let mem = memory::MemTracker::new(&device);
     let _lock = prepare_output(&cfg.run.output, cfg, resume)?;
-    let tokens = cfg.run.batch_size * cfg.data.max_length;
-    let pays = super::plan::frozen_cache_pays(!device.is_cpu(), model.hidden_size(), tokens);
-    let mut task = task(EncoderRun::of(cfg, model_dir, pays)?, &model);
+    let mut task = task(EncoderRun::of(cfg, model_dir, &device, &model)?, &model);
     let fitted = fit(
         &mut task,
         &mut model,

@@ -14,7 +14,6 @@ use crate::data::lm::{self, LmSequence};
 use crate::io::fetch;
 use crate::memory;
 use crate::model::llama::LlamaForCausalLM;
-use crate::model::memory::StepMemory;
 use crate::model::stack::Recompute;
 use crate::model::{CausalLm, Decoder, LmBatch};
 use crate::nn::attention::mask_to_additive;
@@ -406,14 +405,12 @@ pub fn train_lm(
         monitor_point: cfg.safe.monitor,
         device: device.clone(),
         frozen_cache: run::frozen_cache(
-            cfg.run.cache_frozen_bottom
-                && super::plan::frozen_cache_pays(
-                    !device.is_cpu(),
-                    model.hidden_size(),
-                    cfg.run.batch_size * cfg.seq_len,
-                ),
+            cfg.run.cache_frozen_bottom,
             &cfg.run.method,
             &cfg.run.output,
+            &device,
+            &model,
+            cfg.run.batch_size * cfg.seq_len,
         )?,
         lora: &cfg.lora,
         source: source.display().to_string(),

@@ -8,6 +8,7 @@ use super::fit::EpochLog;
 use super::frozen_cache::FrozenCache;
 use crate::adapters::{Adapted, AdapterId, ParamId};
 use crate::memory::{self, MemTracker};
+use crate::model::StepMemory;
 use crate::nn::optim::{AdamW, LrScheduler, ParamUpdate};
 use crate::safe::{EpochDecision, SafeController};
 use anyhow::Result;
@@ -417,10 +418,19 @@ pub fn write_summary(output: &Path, summary: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
-/// The cache of the frozen bottom's outputs on disk (in `output`), when `enabled` and the method
-/// freezes layers (SAFE, freeze-prefix); None otherwise.
-pub fn frozen_cache(enabled: bool, method: &Method, output: &Path) -> Result<Option<FrozenCache>> {
-    Ok(match (enabled, method) {
+/// The cache of the frozen bottom's outputs on disk (in `output`), when `enabled`, the method
+/// freezes layers (SAFE, freeze-prefix) and the cache pays on `device` for `model`'s passes of
+/// `tokens` tokens ([`super::plan::frozen_cache_pays`]); None otherwise.
+pub fn frozen_cache(
+    enabled: bool,
+    method: &Method,
+    output: &Path,
+    device: &candle_core::Device,
+    model: &impl StepMemory,
+    tokens: usize,
+) -> Result<Option<FrozenCache>> {
+    let pays = super::plan::frozen_cache_pays(!device.is_cpu(), model.hidden_size(), tokens);
+    Ok(match (enabled && pays, method) {
         (true, Method::Safe | Method::FreezePrefix(_)) => Some(FrozenCache::create(output)?),
         _ => None,
     })
