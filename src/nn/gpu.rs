@@ -1470,20 +1470,15 @@ mod imp {
         Ok(Some((big_n, n, d, r)))
     }
 
-    /// The Gram matrix of a contiguous f64 `e` `[m, k]` by cuBLAS's symmetric rank-k update,
-    /// half a general product's work: of its rows, `E E^T` `[m, m]`, or (`of_columns`) of its
-    /// columns, `E^T E` `[k, k]`. Only `M[i][j]` for `i >= j` (row-major) is written, the rest
-    /// is left as allocated.
-    fn syrk_f64(dev: &CudaDevice, e: &Tensor, of_columns: bool) -> Result<Tensor> {
+    /// The Gram matrix of the columns of a contiguous f64 `e` `[m, k]`, `E^T E` `[k, k]`, by
+    /// cuBLAS's symmetric rank-k update, half a general product's work. Only `M[i][j]` for
+    /// `i >= j` (row-major) is written, the rest is left as allocated.
+    fn syrk_f64(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
         use candle_core::cuda_backend::cudarc::cublas::sys;
         let (m, k) = e.dims2()?;
-        // Column-major, `e` is `A = E^T` `[k, m]`: `A^T A = E E^T` (op T), `A A^T = E^T E` (op
-        // N). The column-major upper triangle is the row-major lower one.
-        let (size, depth, op) = if of_columns {
-            (k, m, sys::cublasOperation_t::CUBLAS_OP_N)
-        } else {
-            (m, k, sys::cublasOperation_t::CUBLAS_OP_T)
-        };
+        // Column-major, `e` is `A = E^T` `[k, m]` and `A A^T = E^T E` (op N). The column-major
+        // upper triangle is the row-major lower one.
+        let (size, depth, op) = (k, m, sys::cublasOperation_t::CUBLAS_OP_N);
         let (out, pout) = output(dev, DType::F64, &Shape::from((size, size)))?;
         let pe = ptr(e, dev)?;
         let blas = dev.cublas_handle();
@@ -1507,6 +1502,48 @@ mod imp {
         };
         if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             bail!("cublasDsyrk: {status:?}");
+        }
+        Ok(out)
+    }
+
+    /// `E E^T` `[m, m]` (all of it) of a contiguous f32 `e` `[m, k]` on TF32 tensor cores with
+    /// f32 accumulation: the Gram form's one product, whose inputs carry bf16 activations'
+    /// precision at best, where cuBLAS's f64 symmetric product took most of a CKA call.
+    fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
+        use candle_core::cuda_backend::cudarc::cublas::sys;
+        let (m, k) = e.dims2()?;
+        let (out, pout) = output(dev, DType::F32, &Shape::from((m, m)))?;
+        let pe = ptr(e, dev)?;
+        let blas = dev.cublas_handle();
+        let (one, zero) = (1f32, 0f32);
+        // Column-major, `e` is `A = E^T` `[k, m]` and `A^T A = E E^T`, symmetric, so its
+        // column-major layout is the row-major one. SAFETY: `e` holds m * k f32 (leading
+        // dimension k) and `out` m * m; the handle runs on the device's stream.
+        let status = unsafe {
+            sys::cublasGemmEx(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                m as i32,
+                k as i32,
+                &one as *const f32 as *const std::ffi::c_void,
+                pe as *const std::ffi::c_void,
+                sys::cudaDataType_t::CUDA_R_32F,
+                k as i32,
+                pe as *const std::ffi::c_void,
+                sys::cudaDataType_t::CUDA_R_32F,
+                k as i32,
+                &zero as *const f32 as *const std::ffi::c_void,
+                pout as *mut std::ffi::c_void,
+                sys::cudaDataType_t::CUDA_R_32F,
+                m as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("cublasGemmEx (TF32): {status:?}");
         }
         Ok(out)
     }
@@ -1555,7 +1592,7 @@ mod imp {
             shared_mem_bytes: 0,
         };
         launch!(dev, "st_cka_col_sums", cfg; ppartial_sums, chunks32, c32, psums);
-        let m = syrk_f64(&dev, &e, true)?;
+        let m = syrk_f64(&dev, &e)?;
         drop(e);
         // What the composition's three products count (`Y^T Y`, `Y^T U`, `U^T U`).
         crate::nn::flops::add(2 * (n * d * d + n * d * r + n * r * r) as u64);
@@ -1573,9 +1610,11 @@ mod imp {
 
     /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
     /// `nn::cka::gram_terms`, the composition this replaces and is checked against) in four
-    /// launches: one centres `Y`'s and `U`'s rows and appends `B^T` to `Yc`, one cuBLAS symmetric
-    /// product `[Yc; B^T] [Yc; B^T]^T` holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per row
-    /// of `L` forms `Z`, and one assembles the terms (with `Z^T Z`). None unless `y` and `u` are
+    /// launches: one centres `Y`'s and `U`'s rows and appends `B^T` to `Yc` (f32), one cuBLAS
+    /// TF32 product `[Yc; B^T] [Yc; B^T]^T` holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per
+    /// row of `L` forms `Z`, and one assembles the terms (with `Z^T Z`), each sum in f64. The
+    /// product's terms agree with the f64 composition to TF32's precision (about 1e-4 of each
+    /// term's scale), finer than the bf16 activations they measure. None unless `y` and `u` are
     /// contiguous CUDA tensors of one dtype, `b` of f32 or bf16, `rows` contiguous u32 and the
     /// rank at most 256.
     pub fn cka_gram_terms(
@@ -1597,9 +1636,10 @@ mod imp {
         let b = b.contiguous()?;
         // Every row in order needs no index (token rows are distinct and sorted).
         let prows = if n < big_n { ptr(rows, &dev)? } else { 0 };
-        // E = [Yc; B^T] and M = E E^T hold L = Yc Yc^T, Yc B and G = B^T B (see the kernels).
+        // E = [Yc; B^T] (f32) and M = E E^T hold L = Yc Yc^T, Yc B and G = B^T B (see the
+        // kernels).
         let f64s = |shape: Shape| output(&dev, DType::F64, &shape);
-        let (e, pe) = f64s(Shape::from((n + r, d)))?;
+        let (e, pe) = output(&dev, DType::F32, &Shape::from((n + r, d)))?;
         let (_ymean, pymean) = f64s(Shape::from(d))?;
         let (_colsq, pcolsq) = f64s(Shape::from(d))?;
         let (_uc, puc) = f64s(Shape::from((n, r)))?;
@@ -1617,7 +1657,7 @@ mod imp {
             ..blocks(d.div_ceil(32) + r.div_ceil(32))
         };
         launch!(dev, format!("st_cka_gram_center_{ys}_{bs}"), centre; py, pu, prows, n32, d32, r32, pb, pe, pymean, pcolsq, puc, pumean);
-        let m = syrk_f64(&dev, &e, false)?;
+        let m = gram_tf32(&dev, &e)?;
         // What the composition's three products count (`Yc Yc^T`, `Yc B`, `B^T B`).
         crate::nn::flops::add(2 * (n * n * d + n * d * r + d * r * r) as u64);
         let (_z, pz) = f64s(Shape::from((n, 2 * r)))?;
@@ -1628,8 +1668,8 @@ mod imp {
         // `L Uc`, `Z^T Z` and `mean(Y) B`.
         crate::nn::flops::add(2 * (n * r * r + n * n * r + 4 * r * r * n + d * r) as u64);
         let (out, pout) = f64s(Shape::from(3 + 5 * r * r + 2 * r))?;
-        // B^T in f64 is E's last r rows.
-        let pbt = pe + (8 * n * d) as u64;
+        // B^T in f32 is E's last r rows.
+        let pbt = pe + (4 * n * d) as u64;
         // Block 0 adds and copies; blocks 1 ..= r form mean(Y) B, the rest Z^T Z.
         let finish = blocks(1 + r + 4 * r * r);
         launch!(dev, "st_cka_gram_finish", finish; ppartial, n32, pcolsq, d32, pz, pm, pumean, pymean, pbt, r32, pout);

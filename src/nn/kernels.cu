@@ -878,17 +878,18 @@ THIN_RANKS(bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // SAFE's CKA in the Gram form (`nn/cka.rs`): of X = Y + U B^T over n token rows, what CKA's norms
-// need, in f64 and in three kernels around cuBLAS's symmetric product (the candle composition took ~40
-// launches per adapter and batch). Every sum runs in a fixed order, so results repeat bit for bit.
+// need, in three kernels around one cuBLAS product (the candle composition took ~40 launches per
+// adapter and batch). The product runs on TF32 tensor cores over f32 inputs; every sum of its
+// output and every other term is formed in f64, in a fixed order.
 
-// Rows `rows` (the first n when null) of x [*, c], centred, in f64: xc [n, c], the column means,
-// and (colsq not null) each column's sum of squares before centring. Block `block` of
+// Rows `rows` (the first n when null) of x [*, c], centred, in TE: xc [n, c]; the column means
+// and (colsq not null) each column's sum of squares before centring, in f64. Block `block` of
 // CKA_CENTER_WARPS warps takes 32 columns; the warps split the rows and add their partial sums in
 // a fixed order. A whole block of warps per 32 columns: at width 4096 there are only 128 such
 // blocks, so fewer warps would leave the loads' latency exposed.
 #define CKA_CENTER_WARPS 32
-template <typename T, typename Tb>
-__device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, double* xc, double* mean,
+template <typename T, typename Tb, typename TE>
+__device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, TE* xc, double* mean,
                            double* colsq, const Tb* b, int r, int block) {
   __shared__ double s_sum[CKA_CENTER_WARPS][32], s_sq[CKA_CENTER_WARPS][32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = block * 32 + lane;
@@ -920,31 +921,31 @@ __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, doubl
   if (col < c)
     for (int i = w; i < n; i += CKA_CENTER_WARPS) {
       const size_t r = rows ? rows[i] : i;
-      xc[(size_t)i * c + col] = (double)ld(x[r * c + col]) - m;
+      xc[(size_t)i * c + col] = (TE)((double)ld(x[r * c + col]) - m);
     }
   // B^T (b [c, r]) as rows n .. n + r of xc, for the Gram form's one symmetric product.
   if (b && col < c)
-    for (int j = w; j < r; j += CKA_CENTER_WARPS) xc[(size_t)(n + j) * c + col] = (double)ld(b[(size_t)col * r + j]);
+    for (int j = w; j < r; j += CKA_CENTER_WARPS) xc[(size_t)(n + j) * c + col] = (TE)ld(b[(size_t)col * r + j]);
 }
 
 // The Gram form's inputs in one launch: the first ceil(d / 32) blocks centre y's token rows into
-// e [n + r, d] (with their column means and sums of squares) and write B^T (b [d, r]) below them
-// in f64; the blocks after centre u's rows into uc [n, r] with their means.
+// e [n + r, d] (f32, with their column means and sums of squares in f64) and write B^T (b [d, r])
+// below them; the blocks after centre u's rows into uc [n, r] (f64) with their means.
 template <typename T, typename Tb>
 __device__ void cka_gram_center(const T* y, const T* u, const uint32_t* rows, int n, int d, int r,
-                                const Tb* b, double* e, double* ymean, double* colsq, double* uc,
+                                const Tb* b, float* e, double* ymean, double* colsq, double* uc,
                                 double* umean) {
   const int yblocks = (d + 31) / 32;
   if ((int)blockIdx.x < yblocks)
-    cka_center<T, Tb>(y, rows, n, d, e, ymean, colsq, b, r, blockIdx.x);
+    cka_center<T, Tb, float>(y, rows, n, d, e, ymean, colsq, b, r, blockIdx.x);
   else
-    cka_center<T, Tb>(u, rows, n, r, uc, umean, nullptr, (const Tb*)nullptr, 0,
-                      blockIdx.x - yblocks);
+    cka_center<T, Tb, double>(u, rows, n, r, uc, umean, nullptr, (const Tb*)nullptr, 0,
+                              blockIdx.x - yblocks);
 }
 
 #define CKA_GRAM_CENTER(YS, T, BS, TB)                                                            \
   extern "C" __global__ void st_cka_gram_center_##YS##_##BS(                                     \
-      const T* y, const T* u, const uint32_t* rows, int n, int d, int r, const TB* b, double* e, \
+      const T* y, const T* u, const uint32_t* rows, int n, int d, int r, const TB* b, float* e,  \
       double* ymean, double* colsq, double* uc, double* umean) {                                 \
     cka_gram_center<T, TB>(y, u, rows, n, d, r, b, e, ymean, colsq, uc, umean);                  \
   }
@@ -1000,23 +1001,20 @@ extern "C" __global__ void st_cka_col_sums(const double* partial, int chunks, in
   sums[j] = t;
 }
 
-// M = E E^T for E = [Yc; B^T] ([n + r, d]): L = Yc Yc^T is M[:n, :n], (Yc B)^T is M[n:, :n] and
-// G = B^T B is M[n:, n:]. cuBLAS's syrk fills one triangle: row-major, M[i][j] for i >= j.
-__device__ __forceinline__ double sym_at(const double* M, int ld, int i, int j) {
-  return i >= j ? M[(size_t)i * ld + j] : M[(size_t)j * ld + i];
-}
+// M = E E^T for E = [Yc; B^T] ([n + r, d], f32; all of M, both triangles): L = Yc Yc^T is
+// M[:n, :n], (Yc B)^T is M[n:, :n] and G = B^T B is M[n:, n:].
 
 // One block per row i of L: p_i = (Yc B)_i + (Uc G)_i / 2, written with Uc's row as
 // z_i = [p_i, uc_i] (z [n, 2r]), and partial[i] = (sum_j L_ij^2, sum_j L_ij (uc_j . p_i)), whose
 // sums are ||L||^2 and <L Uc, P>. r <= 256.
-extern "C" __global__ void st_cka_gram_rows(const double* M, const double* uc, int n, int r,
+extern "C" __global__ void st_cka_gram_rows(const float* M, const double* uc, int n, int r,
                                             double* z, double* partial) {
   __shared__ double pi[256];
   const int ld = n + r, i = blockIdx.x;
   for (int j = threadIdx.x; j < r; j += blockDim.x) {
     double a = 0.0;
-    for (int k = 0; k < r; k++) a += uc[(size_t)i * r + k] * (sym_at(M, ld, n + k, n + j) * 0.5);
-    const double v = M[(size_t)(n + j) * ld + i] + a;
+    for (int k = 0; k < r; k++) a += uc[(size_t)i * r + k] * ((double)M[(size_t)(n + k) * ld + n + j] * 0.5);
+    const double v = (double)M[(size_t)(n + j) * ld + i] + a;
     pi[j] = v;
     z[(size_t)i * 2 * r + j] = v;
     z[(size_t)i * 2 * r + r + j] = uc[(size_t)i * r + j];
@@ -1024,7 +1022,7 @@ extern "C" __global__ void st_cka_gram_rows(const double* M, const double* uc, i
   __syncthreads();
   double l2 = 0.0, lup = 0.0;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const double lij = sym_at(M, ld, i, j);
+    const double lij = M[(size_t)i * ld + j];
     double up = 0.0;
     for (int k = 0; k < r; k++) up += uc[(size_t)j * r + k] * pi[k];
     l2 += lij * lij;
@@ -1040,12 +1038,12 @@ extern "C" __global__ void st_cka_gram_rows(const double* M, const double* uc, i
 
 // The Gram form's terms: out = [||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r),
 // mean(U) (r), mean(Y) B (r)] from the rows' partials, Y's column sums of squares, z [n, 2r], M
-// (for G) and bt (B^T [r, d], f64), in f64. Block 0 adds the partials and copies; block 1 + j
+// (for G) and bt (B^T [r, d], f32), in f64. Block 0 adds the partials and copies; block 1 + j
 // forms (mean(Y) B)_j and block 1 + r + e entry e of Z^T Z, so the dot products run side by side.
 extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, const double* colsq,
-                                              int d, const double* z, const double* M,
+                                              int d, const double* z, const float* M,
                                               const double* umean, const double* ymean,
-                                              const double* bt, int r, double* out) {
+                                              const float* bt, int r, double* out) {
   if ((int)blockIdx.x > r) {
     const int e = blockIdx.x - 1 - r, w = 2 * r, a = e / w, c = e % w;
     double v = 0.0;
@@ -1058,7 +1056,7 @@ extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, cons
   if (blockIdx.x > 0) {
     const int j = blockIdx.x - 1;
     double v = 0.0;
-    for (int k = threadIdx.x; k < d; k += blockDim.x) v += ymean[k] * bt[(size_t)j * d + k];
+    for (int k = threadIdx.x; k < d; k += blockDim.x) v += ymean[k] * (double)bt[(size_t)j * d + k];
     v = block_sum_d(v);
     if (threadIdx.x == 0) o[j] = v;
     return;
@@ -1078,7 +1076,7 @@ extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, cons
     out[2] = yy;
   }
   o = out + 3 + 4 * r * r;
-  for (int e = threadIdx.x; e < r * r; e += blockDim.x) o[e] = sym_at(M, n + r, n + e / r, n + e % r);
+  for (int e = threadIdx.x; e < r * r; e += blockDim.x) o[e] = M[(size_t)(n + e / r) * (n + r) + n + e % r];
   o += r * r;
   for (int j = threadIdx.x; j < r; j += blockDim.x) o[j] = umean[j];
 }
@@ -1102,6 +1100,9 @@ struct MomentsApart {
 // The three moments in one symmetric M = E^T E for E = [Y U] ([n, d + r]), of which cuBLAS's
 // syrk filled M[i][j] for i >= j (row-major): Y^T Y is M[:d, :d], (Y^T U)^T is M[d:, :d] and
 // U^T U is M[d:, d:].
+__device__ __forceinline__ double sym_at(const double* M, int ld, int i, int j) {
+  return i >= j ? M[(size_t)i * ld + j] : M[(size_t)j * ld + i];
+}
 struct MomentsPacked {
   const double* m;
   int d, r;
