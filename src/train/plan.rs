@@ -248,20 +248,25 @@ pub fn step_bytes_measured(
 }
 
 /// The most SAFE's in-step importance holds at once while it measures one adapter on a pass of
-/// `rows` rows of `seq` tokens (`train::importance`, f64), of the widest adapter. In the Gram form
-/// (no more token rows than the adapter is wide) the rows of `Y`, their centered copy and a
-/// squared temporary (`3 n d`) and `L` with its temporaries (`3 n^2`), counted with room to
-/// spare as `6 n d + 4 n^2`; in the moment form the rows of `Y` and `U`, and eight `d x d`
-/// products and temporaries.
+/// `rows` rows of `seq` tokens (`train::importance`), of the widest adapter. In the Gram form (no
+/// more token rows than the adapter is wide): on CUDA (`gpu::cka_gram_terms`) the base output `Y`
+/// beside the adapted one, `E = [Yc; B^T]` and `E E^T` in f32 and a few f64 vectors; elsewhere,
+/// in f64, the rows of `Y`, their centered copy and a squared temporary (`3 n d`) and `L` with
+/// its temporaries (`3 n^2`), counted with room to spare as `6 n d + 4 n^2`. In the moment form
+/// the rows of `Y` and `U`, and eight `d x d` products and temporaries, in f64.
 pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize {
     let n = rows * seq;
+    let act = model.hidden_bytes(1, 1) / model.hidden_size().max(1);
     let f64s = |e: usize| 8 * e;
     model
         .adapters()
         .iter()
         .map(|(_, a)| {
             let (d, r) = (a.b.dims()[0], a.b.dims()[1]);
-            if n <= d {
+            let fused = crate::nn::gpu::AVAILABLE && a.b.device().is_cuda();
+            if n <= d && fused {
+                act * n * d + 4 * (n + r) * (d + n + r) + f64s(2 * d + 3 * n * r + 2 * n)
+            } else if n <= d {
                 f64s(6 * n * d + 4 * n * n)
             } else {
                 f64s(n * (d + r) + 8 * d * d)
