@@ -663,6 +663,7 @@ mod imp {
             (py, out),
             alpha,
             0.0,
+            false,
         )?;
         Ok(Some(y))
     }
@@ -703,14 +704,16 @@ mod imp {
             (pc, acc.dtype()),
             1.0,
             1.0,
+            false,
         )?;
         crate::nn::flops::add(2 * (m * n * k) as u64);
         Ok(true)
     }
 
-    /// `c = alpha * a b + beta * c` through `cublasGemmEx` (f32 accumulation) for `a` `[m, k]` and
-    /// `b` `[k, n]` given with their cuBLAS operations and leading dimensions ([`column_major`]),
-    /// `c` a row-major `[m, n]` of its dtype at address `pc`.
+    /// `c = alpha * a b + beta * c` through `cublasGemmEx` (f32 accumulation; f32 inputs on TF32
+    /// tensor cores when `tf32`) for `a` `[m, k]` and `b` `[k, n]` given with their cuBLAS
+    /// operations and leading dimensions ([`column_major`]), `c` a row-major `[m, n]` of its
+    /// dtype at address `pc`.
     fn cublas_gemm(
         dev: &CudaDevice,
         [(a, op_a, lda), (b, op_b, ldb)]: [(
@@ -721,8 +724,14 @@ mod imp {
         (pc, c_dtype): (u64, DType),
         alpha: f64,
         beta: f64,
+        tf32: bool,
     ) -> Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::sys;
+        let compute = if tf32 {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
         let cuda_type = |d: DType| match d {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
             _ => sys::cudaDataType_t::CUDA_R_32F,
@@ -753,7 +762,7 @@ mod imp {
                 pc as *mut std::ffi::c_void,
                 cuda_type(c_dtype),
                 n as i32,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                compute,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
@@ -1510,41 +1519,20 @@ mod imp {
     /// f32 accumulation: the Gram form's one product, whose inputs carry bf16 activations'
     /// precision at best, where cuBLAS's f64 symmetric product took most of a CKA call.
     fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
-        use candle_core::cuda_backend::cudarc::cublas::sys;
-        let (m, k) = e.dims2()?;
-        let (out, pout) = output(dev, DType::F32, &Shape::from((m, m)))?;
-        let pe = ptr(e, dev)?;
-        let blas = dev.cublas_handle();
-        let (one, zero) = (1f32, 0f32);
-        // Column-major, `e` is `A = E^T` `[k, m]` and `A^T A = E E^T`, symmetric, so its
-        // column-major layout is the row-major one. SAFETY: `e` holds m * k f32 (leading
-        // dimension k) and `out` m * m; the handle runs on the device's stream.
-        let status = unsafe {
-            sys::cublasGemmEx(
-                *blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                m as i32,
-                m as i32,
-                k as i32,
-                &one as *const f32 as *const std::ffi::c_void,
-                pe as *const std::ffi::c_void,
-                sys::cudaDataType_t::CUDA_R_32F,
-                k as i32,
-                pe as *const std::ffi::c_void,
-                sys::cudaDataType_t::CUDA_R_32F,
-                k as i32,
-                &zero as *const f32 as *const std::ffi::c_void,
-                pout as *mut std::ffi::c_void,
-                sys::cudaDataType_t::CUDA_R_32F,
-                m as i32,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        let m = e.dim(0)?;
+        let et = e.t()?;
+        let (Some((op_a, lda)), Some((op_b, ldb))) = (column_major(e), column_major(&et)) else {
+            bail!("gram_tf32: e {:?} is not a contiguous matrix", e.dims());
         };
-        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            bail!("cublasGemmEx (TF32): {status:?}");
-        }
+        let (out, pout) = output(dev, DType::F32, &Shape::from((m, m)))?;
+        cublas_gemm(
+            dev,
+            [(e, op_a, lda), (&et, op_b, ldb)],
+            (pout, DType::F32),
+            1.0,
+            0.0,
+            true,
+        )?;
         Ok(out)
     }
 

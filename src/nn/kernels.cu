@@ -923,7 +923,7 @@ __device__ void cka_center(const T* x, const uint32_t* rows, int n, int c, TE* x
       const size_t r = rows ? rows[i] : i;
       xc[(size_t)i * c + col] = (TE)((double)ld(x[r * c + col]) - m);
     }
-  // B^T (b [c, r]) as rows n .. n + r of xc, for the Gram form's one symmetric product.
+  // B^T (b [c, r]) as rows n .. n + r of xc, for the Gram form's one product E E^T.
   if (b && col < c)
     for (int j = w; j < r; j += CKA_CENTER_WARPS) xc[(size_t)(n + j) * c + col] = (TE)ld(b[(size_t)col * r + j]);
 }
