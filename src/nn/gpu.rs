@@ -1460,7 +1460,7 @@ mod imp {
         let r = b.dim(1)?;
         if !usable(y)
             || !usable(u)
-            || r > 256
+            || r > super::CKA_MAX_RANK
             || rows.dtype() != DType::U32
             || !rows.is_contiguous()
         {
@@ -1893,6 +1893,25 @@ pub use imp::*;
 
 /// Whether this build has the fused CUDA kernels.
 pub const AVAILABLE: bool = cfg!(feature = "cuda");
+
+/// The largest adapter rank SAFE's CKA kernels take (`st_cka_*` in kernels.cu); above it the
+/// candle composition runs.
+pub const CKA_MAX_RANK: usize = 256;
+
+/// Whether [`cka_gram_terms`] runs (rather than the composition) for an adapter of rank `r`
+/// whose tensors are on CUDA when `on_cuda`.
+pub fn cka_gram_fused(on_cuda: bool, r: usize) -> bool {
+    AVAILABLE && on_cuda && r <= CKA_MAX_RANK
+}
+
+/// The bytes [`cka_gram_terms`] allocates for `n` token rows of width `d` and rank `r`:
+/// `E = [Yc; B^T]` and `E E^T` in f32, and its f64 vectors (the column means and squares, `Uc`,
+/// the mean of `U`, `Z`, the per-row partial sums and the terms).
+pub fn cka_gram_bytes(n: usize, d: usize, r: usize) -> usize {
+    let f32s = (n + r) * d + (n + r) * (n + r);
+    let f64s = 2 * d + n * r + r + 2 * n * r + 2 * n + 3 + 5 * r * r + 2 * r;
+    4 * f32s + 8 * f64s
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 
 use crate::model::stack::{Keep, Recompute};
 use crate::model::{LayerMemory, StepMemory};
+use crate::nn::{cka, gpu};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -248,29 +249,24 @@ pub fn step_bytes_measured(
 }
 
 /// The most SAFE's in-step importance holds at once while it measures one adapter on a pass of
-/// `rows` rows of `seq` tokens (`train::importance`), of the widest adapter. In the Gram form (no
-/// more token rows than the adapter is wide): on CUDA (`gpu::cka_gram_terms`) the base output `Y`
-/// beside the adapted one, `E = [Yc; B^T]` and `E E^T` in f32 and a few f64 vectors; elsewhere,
-/// in f64, the rows of `Y`, their centered copy and a squared temporary (`3 n d`) and `L` with
-/// its temporaries (`3 n^2`), counted with room to spare as `6 n d + 4 n^2`. In the moment form
-/// the rows of `Y` and `U`, and eight `d x d` products and temporaries, in f64.
+/// `rows` rows of `seq` tokens (`train::importance`), of the widest adapter: what the measurement
+/// allocates (`nn::cka::batch_bytes`), and on CUDA in the Gram form the base output `Y` the
+/// forward keeps beside the adapted one for it.
 pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize {
     let n = rows * seq;
     let act = model.hidden_bytes(1, 1) / model.hidden_size().max(1);
-    let f64s = |e: usize| 8 * e;
     model
         .adapters()
         .iter()
         .map(|(_, a)| {
             let (d, r) = (a.b.dims()[0], a.b.dims()[1]);
-            let fused = crate::nn::gpu::AVAILABLE && a.b.device().is_cuda();
-            if n <= d && fused {
-                act * n * d + 4 * (n + r) * (d + n + r) + f64s(2 * d + 3 * n * r + 2 * n)
-            } else if n <= d {
-                f64s(6 * n * d + 4 * n * n)
+            let on_cuda = a.b.device().is_cuda();
+            let y = if cka::gram_form(n, d) && gpu::cka_gram_fused(on_cuda, r) {
+                act * n * d
             } else {
-                f64s(n * (d + r) + 8 * d * d)
-            }
+                0
+            };
+            y + cka::batch_bytes(n, d, r, on_cuda)
         })
         .max()
         .unwrap_or(0)

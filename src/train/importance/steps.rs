@@ -4,7 +4,7 @@
 
 use super::{importance_of, token_rows};
 use crate::adapters::AdapterId;
-use crate::nn::cka::{gram_terms, low_rank_norms};
+use crate::nn::cka::{gram_form, gram_terms, low_rank_norms};
 use crate::nn::{flops, RowSink};
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -72,7 +72,7 @@ fn gram_norms(n: usize, r: usize, v: &[f64]) -> [f64; 5] {
 /// What CKA needs of one batch's rows at the linear (`X = Y + U B^T`) over its token rows
 /// `rows`, in whichever of the moment (`d^2 n`) and Gram (`n^2 d`) forms costs less.
 fn batch_norms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<(Kept, Tensor)> {
-    if rows.dim(0)? > y.dim(1)? {
+    if !gram_form(rows.dim(0)?, y.dim(1)?) {
         return Ok((Kept::Norms, low_rank_norms(y, u, b, rows)?));
     }
     let terms = gram_terms(y, u, b, rows)?;
