@@ -144,7 +144,7 @@ fn load_adapter(dir: &Path, adapter: &Path) -> anyhow::Result<()> {
         let path = dir.join("bert.json");
         write(&path, BERT_CONFIG.as_bytes());
         let cfg = BertConfig::from_file(&path)?;
-        let labels = peft::num_labels(adapter, cfg.family().head().out)?;
+        let labels = peft::num_labels(adapter, cfg.family().spec().head.out)?;
         PeftBase::Bert(BertForSequenceClassification::random(
             cfg, labels, dtype, &cpu, &mut rng,
         )?)

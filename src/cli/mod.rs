@@ -654,7 +654,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let encoder = crate::data::batch::TextEncoder::from_model_dir(&model_dir, cfg.data.max_length)?;
     let items = encoder.encode_all(&dataset.examples)?;
     let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
-    let num_labels = peft::num_labels(&a.adapter, family.head().out)?;
+    let num_labels = peft::num_labels(&a.adapter, family.spec().head.out)?;
     anyhow::ensure!(
         num_labels == dataset.num_labels(),
         "{}: the adapter's classifier has {num_labels} outputs, the data has {} labels",
@@ -714,7 +714,7 @@ fn eval_image(a: EvalArgs, pc: peft::PeftConfig) -> Result<()> {
         format!("{:?}", a.split).to_lowercase()
     );
     let family = crate::model::bert::EncoderFamily::ViT;
-    let num_labels = peft::num_labels(&a.adapter, family.head().out)?;
+    let num_labels = peft::num_labels(&a.adapter, family.spec().head.out)?;
     // The adapter's outputs are its training data's classes, by name.
     let names = saved
         .map(|l| l.label_names)
@@ -942,7 +942,7 @@ fn export(a: ExportArgs) -> Result<()> {
     }
     let family = crate::model::BertConfig::from_file(&model_dir.join("config.json"))?.family();
     let classifier = peft::head_key(
-        family.head().out,
+        family.spec().head.out,
         crate::adapters::HeadParam::ClassifierWeight,
     );
     let num_labels = tensors

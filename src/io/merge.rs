@@ -55,17 +55,17 @@ impl EncoderNaming {
     /// layer first) and transformers' class.
     pub fn of(config: &crate::model::BertConfig) -> Self {
         let family = config.family();
-        let spec = family.head();
+        let spec = family.spec().head;
         let mut head = vec![spec.out];
         if spec.dense_trains {
             head.push(spec.dense);
         }
         Self {
-            prefix: family.prefix(),
-            base_modules: family.base_modules(),
+            prefix: family.spec().prefix,
+            base_modules: family.spec().base_modules,
             head,
-            architecture: family.architecture(),
-            qa_architecture: family.qa_architecture(),
+            architecture: family.spec().architecture,
+            qa_architecture: family.spec().qa_architecture,
             hidden_size: config.hidden_size,
             family,
         }
@@ -82,8 +82,8 @@ impl EncoderNaming {
                 .strip_prefix('.')?
                 .split_once('.')?;
             let i = sites.iter().position(|s| *s == site)?;
-            let site = self.family.site_paths()[i];
-            Some(format!("{}.{layer}.{site}", self.family.layers_path()))
+            let site = self.family.spec().site_paths[i];
+            Some(format!("{}.{layer}.{site}", self.family.spec().layers_path))
         };
         own(module).unwrap_or_else(|| module.into())
     }

@@ -200,7 +200,7 @@ impl BertForSequenceClassification {
     ) -> std::result::Result<ClassificationHead, IoError> {
         let family = c.family();
         let h = c.hidden_size;
-        let spec = family.head();
+        let spec = family.spec().head;
         let mut new_linear = |out: usize| new_head_linear(out, h, on, w, rng);
         let new_classifier = new_linear(num_labels)?;
         let new_dense = spec.dense_trains.then(|| new_linear(h)).transpose()?;
@@ -240,8 +240,8 @@ impl BertForSequenceClassification {
             Some(g) => super::vit::embedding_shapes(g, h),
             None => Self::token_embedding_shapes(c),
         };
-        if !family.head().dense_trains && !family.images() {
-            let d = family.head().dense;
+        if !family.spec().head.dense_trains && !family.spec().images {
+            let d = family.spec().head.dense;
             shapes.push((format!("{d}.weight"), vec![h, h]));
             shapes.push((format!("{d}.bias"), vec![h]));
         }
@@ -252,14 +252,14 @@ impl BertForSequenceClassification {
             ));
         }
         for i in 0..c.num_hidden_layers {
-            let p = format!("{}.{i}", family.encoder_layers());
+            let p = format!("{}.{i}", family.spec().encoder_layers);
             for s in Site::ALL {
                 let (o, inp) = s.shape(h, f);
-                let path = family.site_paths()[s as usize];
+                let path = family.spec().site_paths[s as usize];
                 shapes.push((format!("{p}.{path}.weight"), vec![o, inp]));
                 shapes.push((format!("{p}.{path}.bias"), vec![o]));
             }
-            for ln in family.layer_norm_paths() {
+            for ln in family.spec().layer_norm_paths {
                 shapes.push((format!("{p}.{ln}.weight"), vec![h]));
                 shapes.push((format!("{p}.{ln}.bias"), vec![h]));
             }
@@ -282,7 +282,7 @@ impl BertForSequenceClassification {
             ("embeddings.LayerNorm.weight".into(), vec![h]),
             ("embeddings.LayerNorm.bias".into(), vec![h]),
         ];
-        if c.family().token_types() {
+        if c.family().spec().token_types {
             shapes.push((
                 "embeddings.token_type_embeddings.weight".into(),
                 vec![c.type_vocab_size, h],
@@ -397,10 +397,10 @@ impl<H: EncoderHead> BertWithHead<H> {
             None => InputEmbeddings::Tokens(Self::token_embeddings(c, &e, ln, hidden_drop)?),
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        let paths = family.site_paths();
-        let [ln_attn, ln_out] = family.layer_norm_paths();
+        let paths = &family.spec().site_paths;
+        let [ln_attn, ln_out] = family.spec().layer_norm_paths;
         for i in 0..c.num_hidden_layers {
-            let l = w.pp(family.encoder_layers()).pp(i);
+            let l = w.pp(family.spec().encoder_layers).pp(i);
             let mut lins = Vec::with_capacity(6);
             for s in Site::ALL {
                 let (o, inp) = s.shape(h, f);
@@ -416,14 +416,14 @@ impl<H: EncoderHead> BertWithHead<H> {
                 },
                 ln_attn: ln(&l.pp(ln_attn))?,
                 ln_out: ln(&l.pp(ln_out))?,
-                dropout_attn: if family.attention_output_dropout() {
+                dropout_attn: if family.spec().attention_output_dropout {
                     hidden_drop
                 } else {
                     Dropout::new(0.0)
                 },
                 dropout: hidden_drop,
                 paths,
-                pre_norm: family.pre_norm(),
+                pre_norm: family.spec().images,
             });
         }
         // The head runs in f32 beside half-precision layers.
@@ -461,7 +461,7 @@ impl<H: EncoderHead> BertWithHead<H> {
     ) -> std::result::Result<Embeddings, IoError> {
         let family = c.family();
         let h = c.hidden_size;
-        let token_type = if family.token_types() {
+        let token_type = if family.spec().token_types {
             Some(e.get("token_type_embeddings.weight", &[c.type_vocab_size, h])?)
         } else {
             None
@@ -473,7 +473,10 @@ impl<H: EncoderHead> BertWithHead<H> {
                 &[c.max_position_embeddings, h],
             )?,
             token_type,
-            padding_idx: family.positions_from_padding().then_some(c.pad_token_id),
+            padding_idx: family
+                .spec()
+                .positions_from_padding
+                .then_some(c.pad_token_id),
             layer_norm: ln(&e.pp("LayerNorm"))?,
             dropout: hidden_drop,
         })
@@ -698,7 +701,7 @@ impl<H: EncoderHead> BertWithHead<H> {
 impl<H: EncoderHead> AdaptedStack for BertWithHead<H> {
     type Layer = BertLayer;
     fn layers_path(&self) -> &'static str {
-        self.config.family().layers_path()
+        self.config.family().spec().layers_path
     }
     const TASK_TYPE: Option<&'static str> = H::TASK_TYPE;
 

@@ -110,6 +110,178 @@ pub struct HeadSpec {
     pub out: &'static str,
 }
 
+/// One family's row of the table: what it names and does differently around the shared layer.
+#[derive(Debug)]
+pub struct FamilySpec {
+    /// Its `model_type` in `config.json` (`bert` also when absent).
+    pub model_type: &'static str,
+    /// transformers' sequence classifier (`architectures` of a merged model).
+    pub architecture: &'static str,
+    /// transformers' extractive question-answering model (`qa_outputs` on the body), which
+    /// `--task qa` trains and `merge` writes; None for ViT (an image model).
+    pub qa_architecture: Option<&'static str>,
+    /// The base model's prefix in the task model (`bert.`): its tensors carry it or not.
+    pub prefix: &'static str,
+    /// The base model's top-level modules (a bare checkpoint's names start with these).
+    pub base_modules: &'static [&'static str],
+    /// The layer list's path in the base model.
+    pub encoder_layers: &'static str,
+    /// PEFT's path of the layer list in the task model (`...ForSequenceClassification`).
+    pub layers_path: &'static str,
+    /// Paths of the six linears in a layer, in `bert::Site::ALL` order.
+    pub site_paths: [&'static str; 6],
+    /// The attention block's LayerNorm, then the layer output's (ViT: the LayerNorms before the
+    /// attention and before the MLP, see `images`).
+    pub layer_norm_paths: [&'static str; 2],
+    /// PEFT's default LoRA targets (the query and value projections).
+    pub default_targets: [&'static str; 2],
+    /// Whether it has a token type table (RoBERTa's has one row: every token is type 0).
+    pub token_types: bool,
+    /// Whether positions count from the padding index (transformers'
+    /// `create_position_ids_from_input_ids`) rather than from 0.
+    pub positions_from_padding: bool,
+    /// Whether the input is images (patch embeddings) rather than tokens; such layers are pre-LN
+    /// (`x + f(LN(x))`, ViT) where the text encoders' are post-LN (`LN(x + f(x))`).
+    pub images: bool,
+    /// Whether the attention output goes through dropout before its residual (not DistilBERT's).
+    pub attention_output_dropout: bool,
+    /// Its classification head.
+    pub head: HeadSpec,
+}
+
+const BERT_SITES: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+/// RoBERTa's and MPNet's head.
+const CLASSIFIER_HEAD: HeadSpec = HeadSpec {
+    dense: "classifier.dense",
+    activation: HeadActivation::Tanh,
+    dense_trains: true,
+    dropout_first: true,
+    out: "classifier.out_proj",
+};
+
+const BERT: FamilySpec = FamilySpec {
+    model_type: "bert",
+    architecture: "BertForSequenceClassification",
+    qa_architecture: Some("BertForQuestionAnswering"),
+    prefix: "bert.",
+    base_modules: &["embeddings", "encoder", "pooler"],
+    encoder_layers: "encoder.layer",
+    layers_path: "bert.encoder.layer",
+    site_paths: BERT_SITES,
+    layer_norm_paths: ["attention.output.LayerNorm", "output.LayerNorm"],
+    default_targets: ["query", "value"],
+    token_types: true,
+    positions_from_padding: false,
+    images: false,
+    attention_output_dropout: true,
+    head: HeadSpec {
+        dense: "pooler.dense",
+        activation: HeadActivation::Tanh,
+        dense_trains: false,
+        dropout_first: false,
+        out: "classifier",
+    },
+};
+
+const ROBERTA: FamilySpec = FamilySpec {
+    model_type: "roberta",
+    architecture: "RobertaForSequenceClassification",
+    qa_architecture: Some("RobertaForQuestionAnswering"),
+    prefix: "roberta.",
+    // Its sequence classifier has no pooler (a base checkpoint's is left out).
+    base_modules: &["embeddings", "encoder"],
+    layers_path: "roberta.encoder.layer",
+    positions_from_padding: true,
+    head: CLASSIFIER_HEAD,
+    ..BERT
+};
+
+const MPNET: FamilySpec = FamilySpec {
+    model_type: "mpnet",
+    architecture: "MPNetForSequenceClassification",
+    qa_architecture: Some("MPNetForQuestionAnswering"),
+    prefix: "mpnet.",
+    layers_path: "mpnet.encoder.layer",
+    site_paths: [
+        "attention.attn.q",
+        "attention.attn.k",
+        "attention.attn.v",
+        "attention.attn.o",
+        "intermediate.dense",
+        "output.dense",
+    ],
+    layer_norm_paths: ["attention.LayerNorm", "output.LayerNorm"],
+    default_targets: ["q", "v"],
+    token_types: false,
+    ..ROBERTA
+};
+
+const DISTILBERT: FamilySpec = FamilySpec {
+    model_type: "distilbert",
+    architecture: "DistilBertForSequenceClassification",
+    qa_architecture: Some("DistilBertForQuestionAnswering"),
+    prefix: "distilbert.",
+    base_modules: &["embeddings", "transformer"],
+    encoder_layers: "transformer.layer",
+    layers_path: "distilbert.transformer.layer",
+    site_paths: [
+        "attention.q_lin",
+        "attention.k_lin",
+        "attention.v_lin",
+        "attention.out_lin",
+        "ffn.lin1",
+        "ffn.lin2",
+    ],
+    layer_norm_paths: ["sa_layer_norm", "output_layer_norm"],
+    default_targets: ["q_lin", "v_lin"],
+    token_types: false,
+    attention_output_dropout: false,
+    head: HeadSpec {
+        dense: "pre_classifier",
+        activation: HeadActivation::Relu,
+        dense_trains: true,
+        dropout_first: false,
+        out: "classifier",
+    },
+    ..BERT
+};
+
+const VIT: FamilySpec = FamilySpec {
+    model_type: "vit",
+    architecture: "ViTForImageClassification",
+    qa_architecture: None,
+    prefix: "vit.",
+    // The image classifier has no pooler (its final LayerNorm runs in `ImageHead`).
+    base_modules: &["embeddings", "encoder", "layernorm"],
+    layers_path: "vit.encoder.layer",
+    site_paths: [
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ],
+    layer_norm_paths: ["layernorm_before", "layernorm_after"],
+    token_types: false,
+    images: true,
+    // No dense layer: the final LayerNorm (`vit.layernorm`, frozen) takes its place in
+    // `model::vit::ImageHead`; only `classifier` trains.
+    head: HeadSpec {
+        dense: "vit.layernorm",
+        ..BERT.head
+    },
+    ..BERT
+};
+
 impl EncoderFamily {
     /// The text encoders (token inputs).
     pub const TEXT: [EncoderFamily; 4] = [
@@ -127,134 +299,31 @@ impl EncoderFamily {
         EncoderFamily::ViT,
     ];
 
-    /// Its `model_type` in `config.json` (`bert` also when absent).
-    pub fn model_type(self) -> &'static str {
+    /// Its row of the table.
+    pub fn spec(self) -> &'static FamilySpec {
         match self {
-            EncoderFamily::Bert => "bert",
-            EncoderFamily::Roberta => "roberta",
-            EncoderFamily::MPNet => "mpnet",
-            EncoderFamily::DistilBert => "distilbert",
-            EncoderFamily::ViT => "vit",
+            EncoderFamily::Bert => &BERT,
+            EncoderFamily::Roberta => &ROBERTA,
+            EncoderFamily::MPNet => &MPNET,
+            EncoderFamily::DistilBert => &DISTILBERT,
+            EncoderFamily::ViT => &VIT,
         }
     }
 
-    /// transformers' sequence classifier of the family (`architectures` of a merged model).
-    pub fn architecture(self) -> &'static str {
-        match self {
-            EncoderFamily::Bert => "BertForSequenceClassification",
-            EncoderFamily::Roberta => "RobertaForSequenceClassification",
-            EncoderFamily::MPNet => "MPNetForSequenceClassification",
-            EncoderFamily::DistilBert => "DistilBertForSequenceClassification",
-            EncoderFamily::ViT => "ViTForImageClassification",
-        }
-    }
-
-    /// transformers' extractive question-answering model of the family (`qa_outputs` on the
-    /// body), which `--task qa` trains and `merge` writes; None for ViT (an image model).
-    pub fn qa_architecture(self) -> Option<&'static str> {
-        match self {
-            EncoderFamily::Bert => Some("BertForQuestionAnswering"),
-            EncoderFamily::Roberta => Some("RobertaForQuestionAnswering"),
-            EncoderFamily::MPNet => Some("MPNetForQuestionAnswering"),
-            EncoderFamily::DistilBert => Some("DistilBertForQuestionAnswering"),
-            EncoderFamily::ViT => None,
-        }
-    }
-
-    /// [`Self::qa_architecture`], or the error that `--task qa` gives for the family.
+    /// [`FamilySpec::qa_architecture`], or the error that `--task qa` gives for the family.
     pub fn qa_support(self) -> Result<&'static str, String> {
-        self.qa_architecture().ok_or_else(|| {
+        self.spec().qa_architecture.ok_or_else(|| {
             format!(
                 "question answering (--task qa) needs a text encoder (BERT, RoBERTa, MPNet, \
                  DistilBERT), not model_type '{}'",
-                self.model_type()
+                self.spec().model_type
             )
         })
     }
 
-    /// The base model's prefix in the task model (`bert.`): its tensors carry it or not.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            EncoderFamily::Bert => "bert.",
-            EncoderFamily::Roberta => "roberta.",
-            EncoderFamily::MPNet => "mpnet.",
-            EncoderFamily::DistilBert => "distilbert.",
-            EncoderFamily::ViT => "vit.",
-        }
-    }
-
     /// The checkpoint prefixes its tensors may carry (a task model's, then the bare model's).
     pub fn prefixes(self) -> [&'static str; 2] {
-        [self.prefix(), ""]
-    }
-
-    /// The base model's top-level modules (a bare checkpoint's names start with these).
-    pub fn base_modules(self) -> &'static [&'static str] {
-        match self {
-            EncoderFamily::Bert => &["embeddings", "encoder", "pooler"],
-            // Their sequence classifiers have no pooler (a base checkpoint's is left out).
-            EncoderFamily::Roberta | EncoderFamily::MPNet => &["embeddings", "encoder"],
-            EncoderFamily::DistilBert => &["embeddings", "transformer"],
-            // The image classifier has no pooler (its final LayerNorm runs in `ImageHead`).
-            EncoderFamily::ViT => &["embeddings", "encoder", "layernorm"],
-        }
-    }
-
-    /// The layer list's path in the base model.
-    pub fn encoder_layers(self) -> &'static str {
-        match self {
-            EncoderFamily::DistilBert => "transformer.layer",
-            _ => "encoder.layer",
-        }
-    }
-
-    /// PEFT's path of the layer list in the task model (`...ForSequenceClassification`).
-    pub fn layers_path(self) -> &'static str {
-        match self {
-            EncoderFamily::Bert => "bert.encoder.layer",
-            EncoderFamily::Roberta => "roberta.encoder.layer",
-            EncoderFamily::MPNet => "mpnet.encoder.layer",
-            EncoderFamily::DistilBert => "distilbert.transformer.layer",
-            EncoderFamily::ViT => "vit.encoder.layer",
-        }
-    }
-
-    /// Paths of the six linears in a layer, in `bert::Site::ALL` order.
-    pub fn site_paths(self) -> &'static [&'static str; 6] {
-        match self {
-            EncoderFamily::Bert | EncoderFamily::Roberta => &[
-                "attention.self.query",
-                "attention.self.key",
-                "attention.self.value",
-                "attention.output.dense",
-                "intermediate.dense",
-                "output.dense",
-            ],
-            EncoderFamily::MPNet => &[
-                "attention.attn.q",
-                "attention.attn.k",
-                "attention.attn.v",
-                "attention.attn.o",
-                "intermediate.dense",
-                "output.dense",
-            ],
-            EncoderFamily::DistilBert => &[
-                "attention.q_lin",
-                "attention.k_lin",
-                "attention.v_lin",
-                "attention.out_lin",
-                "ffn.lin1",
-                "ffn.lin2",
-            ],
-            EncoderFamily::ViT => &[
-                "attention.attention.query",
-                "attention.attention.key",
-                "attention.attention.value",
-                "attention.output.dense",
-                "intermediate.dense",
-                "output.dense",
-            ],
-        }
+        [self.spec().prefix, ""]
     }
 
     /// The layers' path and the six linears' paths (in `Site::ALL` order) as transformers 5
@@ -270,91 +339,6 @@ impl EncoderFamily {
             "mlp.fc2",
         ];
         (self == EncoderFamily::ViT).then_some(("vit.layers", &VIT))
-    }
-
-    /// The attention block's LayerNorm, then the layer output's (ViT: the LayerNorms before the
-    /// attention and before the MLP, see [`Self::pre_norm`]).
-    pub fn layer_norm_paths(self) -> [&'static str; 2] {
-        match self {
-            EncoderFamily::Bert | EncoderFamily::Roberta => {
-                ["attention.output.LayerNorm", "output.LayerNorm"]
-            }
-            EncoderFamily::MPNet => ["attention.LayerNorm", "output.LayerNorm"],
-            EncoderFamily::DistilBert => ["sa_layer_norm", "output_layer_norm"],
-            EncoderFamily::ViT => ["layernorm_before", "layernorm_after"],
-        }
-    }
-
-    /// PEFT's default LoRA targets for the family (the query and value projections).
-    pub fn default_targets(self) -> [&'static str; 2] {
-        match self {
-            EncoderFamily::Bert | EncoderFamily::Roberta | EncoderFamily::ViT => ["query", "value"],
-            EncoderFamily::MPNet => ["q", "v"],
-            EncoderFamily::DistilBert => ["q_lin", "v_lin"],
-        }
-    }
-
-    /// Whether it has a token type table (RoBERTa's has one row: every token is type 0).
-    pub fn token_types(self) -> bool {
-        matches!(self, EncoderFamily::Bert | EncoderFamily::Roberta)
-    }
-
-    /// Whether positions count from the padding index (transformers'
-    /// `create_position_ids_from_input_ids`) rather than from 0.
-    pub fn positions_from_padding(self) -> bool {
-        matches!(self, EncoderFamily::Roberta | EncoderFamily::MPNet)
-    }
-
-    /// Whether each sublayer normalizes its input (pre-LN: `x + f(LN(x))`, ViT) rather than its
-    /// residual sum (post-LN: `LN(x + f(x))`, the text encoders).
-    pub fn pre_norm(self) -> bool {
-        self == EncoderFamily::ViT
-    }
-
-    /// Whether the input is images (patch embeddings) rather than tokens.
-    pub fn images(self) -> bool {
-        self == EncoderFamily::ViT
-    }
-
-    /// Whether the attention output goes through dropout before its residual (not DistilBERT's).
-    pub fn attention_output_dropout(self) -> bool {
-        self != EncoderFamily::DistilBert
-    }
-
-    /// Its classification head.
-    pub fn head(self) -> HeadSpec {
-        match self {
-            EncoderFamily::Bert => HeadSpec {
-                dense: "pooler.dense",
-                activation: HeadActivation::Tanh,
-                dense_trains: false,
-                dropout_first: false,
-                out: "classifier",
-            },
-            EncoderFamily::Roberta | EncoderFamily::MPNet => HeadSpec {
-                dense: "classifier.dense",
-                activation: HeadActivation::Tanh,
-                dense_trains: true,
-                dropout_first: true,
-                out: "classifier.out_proj",
-            },
-            EncoderFamily::DistilBert => HeadSpec {
-                dense: "pre_classifier",
-                activation: HeadActivation::Relu,
-                dense_trains: true,
-                dropout_first: false,
-                out: "classifier",
-            },
-            // No dense layer: the final LayerNorm (`vit.layernorm`, frozen) takes its place in
-            // `model::vit::ImageHead`; only `classifier` trains.
-            EncoderFamily::ViT => HeadSpec {
-                dense: "vit.layernorm",
-                activation: HeadActivation::Tanh,
-                dense_trains: false,
-                dropout_first: false,
-                out: "classifier",
-            },
-        }
     }
 
     /// The name of a BERT config key in the family's `config.json` (DistilBERT's differ), for
@@ -565,8 +549,8 @@ impl BertConfig {
         // Not JSON at all reads as before, "not a BERT config (...)".
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad("BERT", e))?;
         let model_type = value.get("model_type").and_then(|t| t.as_str());
-        let distilbert = model_type == Some(EncoderFamily::DistilBert.model_type());
-        let cfg: Self = if model_type == Some(EncoderFamily::ViT.model_type()) {
+        let distilbert = model_type == Some(EncoderFamily::DistilBert.spec().model_type);
+        let cfg: Self = if model_type == Some(EncoderFamily::ViT.spec().model_type) {
             let keys: ViTKeys = serde_json::from_value(value).map_err(|e| bad("ViT", e))?;
             keys.into_config(path)?
         } else if distilbert {
@@ -585,7 +569,7 @@ impl BertConfig {
         let t = self.model_type.as_deref().unwrap_or("bert");
         EncoderFamily::ALL
             .into_iter()
-            .find(|f| f.model_type() == t)
+            .find(|f| f.spec().model_type == t)
             .unwrap_or(EncoderFamily::Bert)
     }
 
@@ -597,7 +581,7 @@ impl BertConfig {
     /// The most tokens a sequence may have: the position table's rows, less the padding index
     /// and the rows below it where positions count from it (RoBERTa's 514 rows hold 512).
     pub fn max_tokens(&self) -> usize {
-        if self.family().positions_from_padding() {
+        if self.family().spec().positions_from_padding {
             self.max_position_embeddings
                 .saturating_sub(self.pad_token_id as usize + 1)
         } else {
@@ -614,8 +598,14 @@ impl BertConfig {
             message,
         };
         let t = self.model_type.as_deref().unwrap_or("bert");
-        let Some(family) = EncoderFamily::ALL.into_iter().find(|f| f.model_type() == t) else {
-            let known: Vec<&str> = EncoderFamily::ALL.iter().map(|f| f.model_type()).collect();
+        let Some(family) = EncoderFamily::ALL
+            .into_iter()
+            .find(|f| f.spec().model_type == t)
+        else {
+            let known: Vec<&str> = EncoderFamily::ALL
+                .iter()
+                .map(|f| f.spec().model_type)
+                .collect();
             return Err(bad(format!(
                 "model_type '{t}' is not supported by the encoder ({})",
                 known.join(", ")
@@ -653,7 +643,7 @@ impl BertConfig {
                 limits::POSITIONS,
             ),
         ];
-        if family.token_types() {
+        if family.spec().token_types {
             sizes.push(("type_vocab_size", self.type_vocab_size, limits::TYPE_VOCAB));
         }
         if let Some(g) = &self.image {
@@ -693,7 +683,7 @@ impl BertConfig {
         }
         super::check_reals(path, &dropouts, true)?;
         super::check_reals(path, &[("layer_norm_eps", self.layer_norm_eps)], false)?;
-        match (&self.image, family.images()) {
+        match (&self.image, family.spec().images) {
             (Some(g), true) => {
                 if !g.image_size.is_multiple_of(g.patch_size) {
                     return Err(bad(format!(
@@ -719,7 +709,7 @@ impl BertConfig {
                 self.pad_token_id, self.vocab_size
             )));
         }
-        if family.positions_from_padding() && self.max_tokens() == 0 {
+        if family.spec().positions_from_padding && self.max_tokens() == 0 {
             return Err(bad(format!(
                 "max_position_embeddings ({}) leaves no position for a token: positions start \
                  after pad_token_id ({})",

@@ -87,7 +87,7 @@ fn family_config(family: EncoderFamily) -> serde_json::Value {
             "activation": "gelu", "sinusoidal_pos_embds": false, "pad_token_id": 0
         }),
         _ => serde_json::json!({
-            "model_type": family.model_type(), "vocab_size": 40, "hidden_size": 8,
+            "model_type": family.spec().model_type, "vocab_size": 40, "hidden_size": 8,
             "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
             "max_position_embeddings": 20,
             "type_vocab_size": if family == EncoderFamily::Roberta { 1 } else { 2 },
@@ -105,7 +105,7 @@ fn write_checkpoint(dir: &Path, config: &serde_json::Value, head: &[(&str, usize
     let path = dir.join("config.json");
     std::fs::write(&path, config.to_string()).unwrap();
     let c = BertConfig::from_file(&path).unwrap();
-    let prefix = c.family().prefix();
+    let prefix = c.family().spec().prefix;
     let mut shapes: Vec<(String, Vec<usize>)> =
         BertForSequenceClassification::checkpoint_shapes(&c)
             .into_iter()
@@ -291,7 +291,7 @@ fn family_names_and_peft_keys() {
                     .unwrap();
             let lora = LoraConfig {
                 r: 2,
-                target_modules: family.default_targets().map(String::from).to_vec(),
+                target_modules: family.spec().default_targets.map(String::from).to_vec(),
                 ..Default::default()
             };
             assert_eq!(m.add_lora(&lora, None, &mut rng).unwrap(), 4, "{family:?}");
@@ -446,7 +446,7 @@ fn merged_encoders_give_the_adapted_logits() {
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
                 .unwrap();
-        assert_eq!(cfg["architectures"][0], family.architecture());
+        assert_eq!(cfg["architectures"][0], family.spec().architecture);
         assert_eq!(
             (cfg["num_labels"].clone(), cfg["id2label"]["2"].clone()),
             (3.into(), "LABEL_2".into())

@@ -46,7 +46,7 @@ impl Site {
     /// Path inside a BERT layer, as in the checkpoint (and in PEFT's adapter keys); another
     /// family's are [`EncoderFamily::site_paths`].
     pub fn path(self) -> &'static str {
-        EncoderFamily::Bert.site_paths()[self as usize]
+        EncoderFamily::Bert.spec().site_paths[self as usize]
     }
 }
 

@@ -611,7 +611,7 @@ impl BertConfig {
     /// 1, DistilBERT's absent token types.
     pub(crate) fn tiny_of(family: EncoderFamily, dropout: f64) -> Self {
         let mut c = Self::tiny(dropout);
-        c.model_type = Some(family.model_type().into());
+        c.model_type = Some(family.spec().model_type.into());
         match family {
             EncoderFamily::Roberta => {
                 c.type_vocab_size = 1;

@@ -91,7 +91,7 @@ impl EncoderHead for ClassificationHead {
     }
 
     fn trained_path(&self, family: EncoderFamily, key: HeadParam) -> Option<&'static str> {
-        let spec = family.head();
+        let spec = family.spec().head;
         match key {
             HeadParam::ClassifierWeight | HeadParam::ClassifierBias => Some(spec.out),
             HeadParam::DenseWeight | HeadParam::DenseBias => {

@@ -130,7 +130,9 @@ impl EncoderHead for ImageHead {
     }
 
     fn trained_path(&self, family: EncoderFamily, key: HeadParam) -> Option<&'static str> {
-        Self::PARAMS.contains(&key).then_some(family.head().out)
+        Self::PARAMS
+            .contains(&key)
+            .then_some(family.spec().head.out)
     }
 }
 
@@ -153,12 +155,12 @@ impl ViTForImageClassification {
         }
         let path = dir.join("config.json");
         let config = BertConfig::from_file(&path)?;
-        if !config.family().images() {
+        if !config.family().spec().images {
             return Err(IoError::Invalid {
                 path,
                 message: format!(
                     "image classification needs a ViT model (model_type 'vit'), not '{}'",
-                    config.family().model_type()
+                    config.family().spec().model_type
                 ),
             });
         }

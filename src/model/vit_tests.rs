@@ -250,7 +250,7 @@ fn lora_targets_peft_module_paths() {
     let mut rng = StdRng::seed_from_u64(1);
     let mut m =
         ViTForImageClassification::random(cfg, 3, DType::F32, &Device::Cpu, &mut rng).unwrap();
-    let targets = EncoderFamily::ViT.default_targets();
+    let targets = EncoderFamily::ViT.spec().default_targets;
     let lora = LoraConfig {
         target_modules: targets.iter().map(|t| t.to_string()).collect(),
         ..Default::default()

@@ -320,14 +320,14 @@ impl TrainConfig {
             }
         }
         let images = self.data.task == crate::data::TaskKind::Image;
-        match (images, config.family().images()) {
+        match (images, config.family().spec().images) {
             // Images are the patches the model's config says; --max-length does not apply.
             (true, true) => return Ok(()),
             (true, false) => anyhow::bail!(
                 "{}: image classification (--task image) needs a ViT model (model_type 'vit'), \
                  not '{}'",
                 path.display(),
-                config.family().model_type()
+                config.family().spec().model_type
             ),
             (false, true) => anyhow::bail!(
                 "{}: a ViT model classifies images: pass --task image",

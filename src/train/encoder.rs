@@ -65,7 +65,12 @@ pub(crate) fn with_family_targets<'a>(
     let Ok(config) = crate::model::BertConfig::from_file(&model_dir.join("config.json")) else {
         return Cow::Borrowed(cfg);
     };
-    let targets = config.family().default_targets().map(String::from).to_vec();
+    let targets = config
+        .family()
+        .spec()
+        .default_targets
+        .map(String::from)
+        .to_vec();
     if cfg.lora.target_modules != default || targets == default {
         return Cow::Borrowed(cfg);
     }
