@@ -1677,7 +1677,7 @@ mod imp {
             m.yty.dims().first().copied().unwrap_or(0),
             m.sum_u.elem_count(),
         );
-        if !usable || r > 256 {
+        if !usable || r > super::CKA_MAX_RANK {
             return Ok(None);
         }
         let fits = m.yty.dims() == [d, d]
