@@ -423,7 +423,7 @@ impl<H: EncoderHead> BertWithHead<H> {
                 },
                 dropout: hidden_drop,
                 paths,
-                pre_norm: family.spec().images,
+                pre_norm: family.spec().pre_norm,
             });
         }
         // The head runs in f32 beside half-precision layers.

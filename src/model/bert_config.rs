@@ -131,7 +131,7 @@ pub struct FamilySpec {
     /// Paths of the six linears in a layer, in `bert::Site::ALL` order.
     pub site_paths: [&'static str; 6],
     /// The attention block's LayerNorm, then the layer output's (ViT: the LayerNorms before the
-    /// attention and before the MLP, see `images`).
+    /// attention and before the MLP, see `pre_norm`).
     pub layer_norm_paths: [&'static str; 2],
     /// PEFT's default LoRA targets (the query and value projections).
     pub default_targets: [&'static str; 2],
@@ -140,9 +140,11 @@ pub struct FamilySpec {
     /// Whether positions count from the padding index (transformers'
     /// `create_position_ids_from_input_ids`) rather than from 0.
     pub positions_from_padding: bool,
-    /// Whether the input is images (patch embeddings) rather than tokens; such layers are pre-LN
-    /// (`x + f(LN(x))`, ViT) where the text encoders' are post-LN (`LN(x + f(x))`).
+    /// Whether the input is images (patch embeddings) rather than tokens.
     pub images: bool,
+    /// Whether each sublayer normalizes its input (pre-LN: `x + f(LN(x))`, ViT) rather than its
+    /// residual sum (post-LN: `LN(x + f(x))`, the text encoders).
+    pub pre_norm: bool,
     /// Whether the attention output goes through dropout before its residual (not DistilBERT's).
     pub attention_output_dropout: bool,
     /// Its classification head.
@@ -181,6 +183,7 @@ const BERT: FamilySpec = FamilySpec {
     token_types: true,
     positions_from_padding: false,
     images: false,
+    pre_norm: false,
     attention_output_dropout: true,
     head: HeadSpec {
         dense: "pooler.dense",
@@ -273,6 +276,7 @@ const VIT: FamilySpec = FamilySpec {
     layer_norm_paths: ["layernorm_before", "layernorm_after"],
     token_types: false,
     images: true,
+    pre_norm: true,
     // No dense layer: the final LayerNorm (`vit.layernorm`, frozen) takes its place in
     // `model::vit::ImageHead`; only `classifier` trains.
     head: HeadSpec {
