@@ -1,8 +1,11 @@
-//! With the `cuda` feature, compiles safetune's own CUDA kernels (src/nn/kernels.cu) to PTX with
-//! nvcc (`NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH) for `CUDA_COMPUTE_CAP`
-//! (default 90); `src/nn/gpu.rs` embeds the PTX. At 90 the target is `compute_90a` (Hopper's
-//! warpgroup MMAs, which the PTX then needs) and `cfg(safetune_sm90a)` tells gpu.rs the Hopper
-//! kernels are in. Nothing to do without the feature.
+//! With the `cuda` feature, compiles safetune's own CUDA kernels (src/nn/kernels.cu) with nvcc
+//! (`NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH) for `CUDA_COMPUTE_CAP` (default
+//! 90) into a fat binary that `src/nn/gpu.rs` embeds: machine code for that GPU, so the driver
+//! compiles nothing at run time, and the PTX for later GPUs. From PTX alone the driver compiled
+//! the whole module at its first load: 4.9 s in a fresh machine's first process (H100), 12 ms
+//! from its disk cache after that; 2 ms from the machine code. At 90 the target is `sm_90a` (Hopper's warpgroup
+//! MMAs) and `cfg(safetune_sm90a)` tells gpu.rs the Hopper kernels are in. Nothing to do
+//! without the feature.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,7 +20,7 @@ fn main() {
         return;
     }
     let out =
-        PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("safetune_kernels.ptx");
+        PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("safetune_kernels.fatbin");
     let cap: String = std::env::var("CUDA_COMPUTE_CAP")
         .unwrap_or_else(|_| "90".into())
         .chars()
@@ -35,8 +38,10 @@ fn main() {
         cap
     };
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{arch}"))
+        .args(["--fatbin", "-O3", "-std=c++17"])
+        .arg(format!(
+            "-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"
+        ))
         .arg("-o")
         .arg(&out)
         .arg("src/nn/kernels.cu")

@@ -1,4 +1,4 @@
-//! Fused CUDA kernels (`src/nn/kernels.cu`, compiled to PTX by `build.rs` under the `cuda` feature)
+//! Fused CUDA kernels (`src/nn/kernels.cu`, compiled by `build.rs` under the `cuda` feature)
 //! for the parts of a step that candle composes from many small ops, or runs slowly: LayerNorm /
 //! RMSNorm forward and backward, GELU forward and backward, SwiGLU, the attention softmax
 //! (forward with log-sum-exp, recomputation, backward), fused flash attention forward and
@@ -149,15 +149,40 @@ mod imp {
         check_len, check_same_len, AdamWItem, AdamWOut, AdamWStep, Bhtd, FlashDims, NormOut,
     };
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaFunction, CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
     };
-    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor, D};
+    use std::sync::{Arc, Mutex, OnceLock};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/safetune_kernels.ptx"));
-    const MODULE: &str = "safetune_kernels";
+    /// kernels.cu as machine code for the GPU it was built for, with its PTX (build.rs).
+    const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/safetune_kernels.fatbin"));
+
+    /// Kernel `name` of safetune's module, the module loaded once per device. Loaded from the
+    /// fat binary rather than through candle's custom-kernel cache, which takes PTX text that
+    /// the driver must compile first (the whole module, 4.9 s in a fresh machine's first
+    /// process).
+    fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+        type Modules = Mutex<Vec<(DeviceId, Arc<CudaModule>)>>;
+        static MODULES: OnceLock<Modules> = OnceLock::new();
+        let modules = MODULES.get_or_init(Default::default).lock();
+        // A panic elsewhere while the list was held leaves it whole: it is only ever pushed to.
+        let mut modules = modules.unwrap_or_else(|poisoned| poisoned.into_inner());
+        let module = match modules.iter().find(|(id, _)| *id == dev.id()) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let image = Ptx::from_binary(FATBIN.to_vec());
+                let m = dev.cuda_stream().context().load_module(image).w()?;
+                modules.push((dev.id(), m.clone()));
+                m
+            }
+        };
+        drop(modules);
+        module.load_function(name).w()
+    }
 
     /// The kernels' dtype suffix when every tensor is a contiguous CUDA tensor of `dtype`.
     fn suffix(dtype: DType, ts: &[&Tensor]) -> Option<&'static str> {
@@ -256,8 +281,9 @@ mod imp {
     /// types must match the kernel's signature in kernels.cu).
     macro_rules! launch {
         ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-            let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
-            let mut b = func.builder();
+            let func = function(&$dev, &$name)?;
+            let stream = $dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
             $( b.arg(&$arg); )*
             // SAFETY: argument lists match the kernels' signatures in kernels.cu.
             unsafe { b.launch($cfg) }.w()?;
@@ -1092,8 +1118,7 @@ mod imp {
     /// default).
     fn big_smem(dev: &CudaDevice, name: &str, smem: usize) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-        dev.get_or_load_custom_func(name, MODULE, PTX)?
-            .into_cuda_function()
+        function(dev, name)?
             .set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -1173,7 +1198,7 @@ mod imp {
     }
 
     /// Whether the Hopper kernel (`flash_fwd_wg`, or `flash_bwd_wg` for `backward`) runs at
-    /// head_dim 128: where the PTX was built for sm_90a (`CUDA_COMPUTE_CAP=90`, build.rs).
+    /// head_dim 128: where the kernels were built for sm_90a (`CUDA_COMPUTE_CAP=90`, build.rs).
     /// `SAFETUNE_WGMMA=0` keeps the `mma.sync` kernels and `SAFETUNE_WGMMA=fwd` only the Hopper
     /// forward, to compare them in one binary.
     fn hopper(backward: bool) -> bool {
