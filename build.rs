@@ -1,11 +1,11 @@
 //! With the `cuda` feature, compiles safetune's own CUDA kernels (src/nn/kernels.cu) with nvcc
 //! (`NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH) for `CUDA_COMPUTE_CAP` (default
 //! 90) into a fat binary that `src/nn/gpu.rs` embeds: machine code for that GPU, so the driver
-//! compiles nothing at run time, and the PTX for later GPUs. From PTX alone the driver compiled
-//! the whole module at its first load: 4.9 s in a fresh machine's first process (H100), 12 ms
-//! from its disk cache after that; 2 ms from the machine code. At 90 the target is `sm_90a` (Hopper's warpgroup
-//! MMAs) and `cfg(safetune_sm90a)` tells gpu.rs the Hopper kernels are in. Nothing to do
-//! without the feature.
+//! compiles nothing at run time, and its PTX (which later GPUs can compile where the target has
+//! no `a` suffix). From PTX alone the driver compiled the whole module at its first load: 4.9 s in
+//! a fresh machine's first process (H100), 12 ms from its disk cache after that; 2 ms from the
+//! machine code. At 90 the target is `sm_90a` (Hopper's warpgroup MMAs) and `cfg(safetune_sm90a)`
+//! tells gpu.rs the Hopper kernels are in. Nothing to do without the feature.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,14 +1,16 @@
 //! What the first call of SAFE's fused CKA Gram terms costs in a fresh CUDA process, and on
-//! what: the 7B budget run's first measured step spends 80-200 ms in its first CKA call
-//! (BENCHMARKS.md). Each run is a new process; the argument lists what to call first, in order:
+//! what. Each run is a new process; the argument lists what to call first, in order:
 //!
-//!   cargo run --release --features cuda --example cka_first_call_probe -- tf32,gram
+//!   cargo run --release --features cuda --example cka_first_call_probe -- module,tf32,gram
 //!
-//! `tf32`: cuBLAS's TF32 product `E E^T` at the Gram form's shape (520 x 4096), twice; `f64`: the
-//! same in f64; `gram`: `nn::cka::gram_terms` at a 7B q/v adapter (512 of 2,048 rows), three
-//! times; `queued`: a call's time, 50 queued, at 512, 256 and 128 rows beside the TF32 product
-//! alone. Before any of them, two bf16 matmuls of a training step's shape load cuBLAS as a step
-//! would.
+//! `module`: one of safetune's own kernels (SwiGLU), which loads their module as a training
+//! step has before SAFE's first measurement; `tf32`: cuBLAS's TF32 product `E E^T` at the Gram
+//! form's shape (520 x 4096), twice; `f64`: the same in f64; `gram`: `nn::cka::gram_terms` at a
+//! 7B q/v adapter (512 of 2,048 rows), three times; `queued`: a call's time, 50 queued, at 512,
+//! 256 and 128 rows beside cuBLAS's TF32 product alone. Before any of them, two bf16 matmuls of a
+//! training step's shape load cuBLAS as a step would. Measured (BENCHMARKS.md): the first use of
+//! cuBLAS's TF32 product in a process cost 55-82 ms, which SAFE's first measured step paid while
+//! the Gram product went through cuBLAS; the first call of the terms now costs 0.2 ms.
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
@@ -58,6 +60,16 @@ fn main() {
     let gram = |t: &Tensor| t.matmul(&t.t().unwrap()).unwrap();
     for step in order.split(',') {
         match step {
+            "module" => {
+                let g = randn((8, 64), 1.0).to_dtype(DType::BF16).unwrap();
+                for i in 0..2 {
+                    let ms = synced_ms(&dev, || {
+                        let out = safetune::nn::gpu::swiglu_fwd(&g, &g).unwrap();
+                        assert!(out.is_some(), "the CUDA build's SwiGLU kernel");
+                    });
+                    println!("SwiGLU kernel 8 x 64, call {i}: {ms:.2} ms");
+                }
+            }
             "tf32" => {
                 candle_core::cuda::set_gemm_reduced_precision_f32(true);
                 for i in 0..2 {
@@ -95,7 +107,7 @@ fn main() {
                     println!("{n} rows: gram terms {ms:.4} ms a call, its TF32 product alone {product:.4}");
                 }
             }
-            other => eprintln!("unknown step '{other}' (tf32, f64, gram, queued)"),
+            other => eprintln!("unknown step '{other}' (module, tf32, f64, gram, queued)"),
         }
     }
 }

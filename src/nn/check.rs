@@ -652,6 +652,16 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                 &dname,
                 comp_mb,
             ));
+            // What the memory plan counts for SAFE's fused Gram terms against the pool.
+            let (peak, counted) = cka_gram_peak(device)?;
+            let err = (peak as f64 - counted as f64).abs() / counted as f64;
+            out.push(Check {
+                name: "cka gram terms 512 rows d 4096 r 8: pool peak vs gpu::cka_gram_bytes".into(),
+                dtype: dname.clone(),
+                rel_err: err,
+                tol: 0.1,
+                ok: err <= 0.1,
+            });
             // SAFE's per-adapter measurement at a 7B q/v adapter over 512 token rows, ms a
             // call (20 calls queued back to back), for information.
             for (fused, kind) in [(true, "fused"), (false, "composition")] {
@@ -721,6 +731,27 @@ fn cka_gram_ms(device: &Device, fused: bool) -> Result<f64> {
         }
     };
     queued_ms(device, call)
+}
+
+/// The pool's peak above its inputs over one call of SAFE's fused Gram terms at a LLaMA-7B q/v
+/// adapter (512 of 2,048 token rows, width 4096, rank 8, bf16 rows), and what
+/// `gpu::cka_gram_bytes` counts for it (the memory plan's figure).
+fn cka_gram_peak(device: &Device) -> Result<(usize, usize)> {
+    let (n, d, r) = (512, 4096, 8);
+    let y = rand(&[4 * n, d], 44, 1.0, 0.0, DType::BF16, device)?;
+    let u = rand(&[4 * n, r], 45, 1.0, 0.0, DType::BF16, device)?;
+    let b = rand(&[d, r], 46, 0.05, 0.0, DType::F32, device)?;
+    let picked: Vec<u32> = (0..n as u32).map(|i| 4 * i + 1).collect();
+    let rows = Tensor::from_vec(picked, n, device)?;
+    let tracker = crate::memory::MemTracker::new(device);
+    device.synchronize()?;
+    let before = tracker.live();
+    tracker.reset_peak();
+    let terms = super::cka::gram_terms(&y, &u, &b, &rows)?;
+    device.synchronize()?;
+    let peak = tracker.peak().saturating_sub(before);
+    drop(terms);
+    Ok((peak, super::gpu::cka_gram_bytes(n, d, r)))
 }
 
 /// Milliseconds a call of SAFE's moment-form CKA norms takes at MiniLM's q/v adapter (width

@@ -1,8 +1,9 @@
 //! SAFE's CKA products on the device: the token rows in f64, their sums, the Gram form's terms of
 //! an adapted linear's rows and the moment form's five norms (`train/importance` turns them into
-//! CKA). On CUDA the Gram form runs as fused kernels around cuBLAS (`gpu::cka_gram_terms`) and the
-//! low-rank moments' norms as two kernels (`gpu::cka_moment_norms`); the candle compositions here
-//! are the CPU path and the references the self-test checks the kernels against.
+//! CKA). On CUDA the Gram form runs as fused kernels around a TF32 tensor-core product of
+//! safetune's own (`gpu::cka_gram_terms`) and the low-rank moments' norms as two kernels
+//! (`gpu::cka_moment_norms`); the candle compositions here are the CPU path and the references
+//! the self-test checks the kernels against.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -201,7 +202,7 @@ pub fn col_mean(t: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::batch_bytes;
-    use crate::nn::gpu::{cka_gram_bytes, AVAILABLE, CKA_MAX_RANK};
+    use crate::nn::gpu::{cka_gram_bytes, cka_gram_splits, AVAILABLE, CKA_MAX_RANK};
 
     #[test]
     fn the_measurement_is_counted_in_the_form_and_path_that_run() {
@@ -221,5 +222,28 @@ mod tests {
         assert_eq!(batch_bytes(512, 4096, r, true), composed(512, 4096));
         // The kernels hold E and E E^T in f32, a fraction of the composition's f64 rows.
         assert!(cka_gram_bytes(512, 4096, 8) < composed(512, 4096) / 5);
+    }
+
+    #[test]
+    fn the_gram_product_is_split_into_aligned_chunks_that_cover_the_width() {
+        for m in [8, 64, 65, 136, 264, 520, 1032] {
+            for k in [24, 384, 768, 1000, 4096, 5120, 8192] {
+                let (splits, chunk) = cka_gram_splits(m, k);
+                // Chunks of whole kernel steps, none empty, together exactly the width.
+                assert_eq!(chunk % 32, 0, "m {m} k {k}");
+                assert!(
+                    (splits - 1) * chunk < k && k <= splits * chunk,
+                    "m {m} k {k}"
+                );
+                assert!(splits == 1 || chunk >= 256, "m {m} k {k}: chunk {chunk}");
+            }
+        }
+        // SAFE's 7B shape (512 token rows and rank 8, width 4096): 45 tiles of the upper
+        // triangle, six chunks of 704 columns (the last 576) to fill a GPU with 270 blocks.
+        assert_eq!(cka_gram_splits(520, 4096), (6, 704));
+        // One tile's worth of rows takes as many chunks as 256 columns allow.
+        assert_eq!(cka_gram_splits(40, 4096), (16, 256));
+        // Narrow layers are one chunk.
+        assert_eq!(cka_gram_splits(392, 384), (1, 384));
     }
 }

@@ -689,7 +689,6 @@ mod imp {
             (py, out),
             alpha,
             0.0,
-            false,
         )?;
         Ok(Some(y))
     }
@@ -730,16 +729,14 @@ mod imp {
             (pc, acc.dtype()),
             1.0,
             1.0,
-            false,
         )?;
         crate::nn::flops::add(2 * (m * n * k) as u64);
         Ok(true)
     }
 
-    /// `c = alpha * a b + beta * c` through `cublasGemmEx` (f32 accumulation; f32 inputs on TF32
-    /// tensor cores when `tf32`) for `a` `[m, k]` and `b` `[k, n]` given with their cuBLAS
-    /// operations and leading dimensions ([`column_major`]), `c` a row-major `[m, n]` of its
-    /// dtype at address `pc`.
+    /// `c = alpha * a b + beta * c` through `cublasGemmEx` (f32 accumulation) for `a` `[m, k]`
+    /// and `b` `[k, n]` given with their cuBLAS operations and leading dimensions
+    /// ([`column_major`]), `c` a row-major `[m, n]` of its dtype at address `pc`.
     fn cublas_gemm(
         dev: &CudaDevice,
         [(a, op_a, lda), (b, op_b, ldb)]: [(
@@ -750,14 +747,8 @@ mod imp {
         (pc, c_dtype): (u64, DType),
         alpha: f64,
         beta: f64,
-        tf32: bool,
     ) -> Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::sys;
-        let compute = if tf32 {
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-        };
         let cuda_type = |d: DType| match d {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
             _ => sys::cudaDataType_t::CUDA_R_32F,
@@ -788,7 +779,7 @@ mod imp {
                 pc as *mut std::ffi::c_void,
                 cuda_type(c_dtype),
                 n as i32,
-                compute,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
@@ -1540,25 +1531,31 @@ mod imp {
         Ok(out)
     }
 
-    /// `E E^T` `[m, m]` (all of it) of a contiguous f32 `e` `[m, k]` on TF32 tensor cores with
-    /// f32 accumulation: the Gram form's one product, whose inputs carry bf16 activations'
-    /// precision at best, where cuBLAS's f64 symmetric product took most of a CKA call.
+    /// `E E^T` `[m, m]` in f32 of a contiguous f32 `e` `[m, k]` on TF32 tensor cores (its
+    /// inputs carry bf16 activations' precision at best), with safetune's own kernel: the upper
+    /// triangle's 64 x 64 tiles times [`super::cka_gram_splits`] column chunks side by side, the
+    /// chunks' products summed. cuBLAS's TF32 product is faster once running (a call of the
+    /// terms took 50 us with it, 66 us with this kernel, at SAFE's 7B shape on an H100) but cost
+    /// 55-82 ms at its first use in a process, which SAFE's first measured step paid; this
+    /// kernel loads with safetune's module at the run's first step.
     fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
-        let m = e.dim(0)?;
-        let et = e.t()?;
-        let (Some((op_a, lda)), Some((op_b, ldb))) = (column_major(e), column_major(&et)) else {
-            bail!("gram_tf32: e {:?} is not a contiguous matrix", e.dims());
+        let (m, k) = e.dims2()?;
+        let (splits, kc) = super::cka_gram_splits(m, k);
+        let (parts, pparts) = output(dev, DType::F32, &Shape::from((splits, m, m)))?;
+        let pe = ptr(e, dev)?;
+        let tiles = m.div_ceil(64);
+        let cfg = LaunchConfig {
+            grid_dim: ((tiles * (tiles + 1) / 2) as u32, splits as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
         };
-        let (out, pout) = output(dev, DType::F32, &Shape::from((m, m)))?;
-        cublas_gemm(
-            dev,
-            [(e, op_a, lda), (&et, op_b, ldb)],
-            (pout, DType::F32),
-            1.0,
-            0.0,
-            true,
-        )?;
-        Ok(out)
+        let (m32, k32, kc32) = (m as i32, k as i32, kc as i32);
+        launch!(dev, "st_gram_tf32", cfg; pe, m32, k32, kc32, pparts);
+        if splits > 1 {
+            let (mm32, s32) = ((m * m) as i32, splits as i32);
+            launch!(dev, "st_sum_slices_f32", elems_cfg(m * m); pparts, mm32, s32);
+        }
+        parts.narrow(0, 0, 1)?.reshape((m, m))
     }
 
     /// CKA's five norms `[5]` of `X = Y + U B^T` over the token rows `rows` in the moment form
@@ -1622,9 +1619,9 @@ mod imp {
     }
 
     /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
-    /// `nn::cka::gram_terms`, the composition this replaces and is checked against) in four
-    /// launches: one centres `Y`'s and `U`'s rows and appends `B^T` to `Yc` (f32), one cuBLAS
-    /// TF32 product `[Yc; B^T] [Yc; B^T]^T` holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per
+    /// `nn::cka::gram_terms`, the composition this replaces and is checked against) in five
+    /// launches: one centres `Y`'s and `U`'s rows and appends `B^T` to `Yc` (f32), a TF32
+    /// product `[Yc; B^T] [Yc; B^T]^T` (two) holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per
     /// row of `L` forms `Z`, and one assembles the terms (with `Z^T Z`), each sum in f64. The
     /// product's terms agree with the f64 composition to TF32's precision (about 1e-4 of each
     /// term's scale), finer than the bf16 activations they measure. None unless `y` and `u` are
@@ -1929,11 +1926,23 @@ pub fn cka_gram_fused(on_cuda: bool, r: usize) -> bool {
     AVAILABLE && on_cuda && r <= CKA_MAX_RANK
 }
 
+/// How the Gram form's product `E E^T` (`E` `[m, k]`) is split over `E`'s columns: (chunks,
+/// columns a chunk). About two blocks a multiprocessor over the upper triangle's 64 x 64 tiles,
+/// each chunk at least 256 columns wide and a multiple of 32 (the kernel's step), the last one
+/// what is left.
+pub fn cka_gram_splits(m: usize, k: usize) -> (usize, usize) {
+    let tiles = m.div_ceil(64);
+    let wanted = 264usize.div_ceil(tiles * (tiles + 1) / 2);
+    let splits = wanted.clamp(1, (k / 256).max(1));
+    let chunk = k.div_ceil(splits).next_multiple_of(32);
+    (k.div_ceil(chunk), chunk)
+}
+
 /// The bytes [`cka_gram_terms`] allocates for `n` token rows of width `d` and rank `r`:
-/// `E = [Yc; B^T]` and `E E^T` in f32, and its f64 vectors (the column means and squares, `Uc`,
-/// the mean of `U`, `Z`, the per-row partial sums and the terms).
+/// `E = [Yc; B^T]` and `E E^T`'s split products in f32, and its f64 vectors (the column means
+/// and squares, `Uc`, the mean of `U`, `Z`, the per-row partial sums and the terms).
 pub fn cka_gram_bytes(n: usize, d: usize, r: usize) -> usize {
-    let f32s = (n + r) * d + (n + r) * (n + r);
+    let f32s = (n + r) * d + cka_gram_splits(n + r, d).0 * (n + r) * (n + r);
     let f64s = 2 * d + n * r + r + 2 * n * r + 2 * n + 3 + 5 * r * r + 2 * r;
     4 * f32s + 8 * f64s
 }
