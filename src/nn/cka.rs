@@ -13,15 +13,16 @@ pub fn gram_form(n: usize, d: usize) -> bool {
     n <= d
 }
 
-/// The bytes one batch's measurement at an adapter (`n` token rows, width `d`, rank `r`)
-/// allocates, in the form [`gram_form`] picks. The Gram form on CUDA: what
-/// `gpu::cka_gram_terms` allocates (`gpu::cka_gram_bytes`); composed, in f64, the rows of `Y`,
-/// their centered copy and a squared temporary (`3 n d`) and `L` with its temporaries
-/// (`3 n^2`), counted with room to spare as `6 n d + 4 n^2`. The moment form: the rows of `Y`
-/// and `U` and eight `d x d` products and temporaries, in f64.
-pub fn batch_bytes(n: usize, d: usize, r: usize, on_cuda: bool) -> usize {
+/// The bytes one batch's measurement at an adapter (`n` token rows, width `d`, rank `r`,
+/// activations of `act` bytes) holds, in the form [`gram_form`] picks. The Gram form on CUDA:
+/// what `gpu::cka_gram_terms` allocates (`gpu::cka_gram_bytes`) and the base output `Y` the
+/// forward keeps beside the adapted one for it (the kernels read its rows in place); composed,
+/// in f64, the rows of `Y`, their centered copy and a squared temporary (`3 n d`) and `L` with
+/// its temporaries (`3 n^2`), counted with room to spare as `6 n d + 4 n^2`. The moment form:
+/// the rows of `Y` and `U` and eight `d x d` products and temporaries, in f64.
+pub fn batch_bytes(n: usize, d: usize, r: usize, act: usize, on_cuda: bool) -> usize {
     match (gram_form(n, d), super::gpu::cka_gram_fused(on_cuda, r)) {
-        (true, true) => super::gpu::cka_gram_bytes(n, d, r),
+        (true, true) => super::gpu::cka_gram_bytes(n, d, r) + act * n * d,
         (true, false) => 8 * (6 * n * d + 4 * n * n),
         (false, _) => 8 * (n * (d + r) + 8 * d * d),
     }
@@ -208,18 +209,19 @@ mod tests {
     fn the_measurement_is_counted_in_the_form_and_path_that_run() {
         let composed = |n: usize, d: usize| 8 * (6 * n * d + 4 * n * n);
         // No more rows than the width: the Gram form, composed in f64 off CUDA.
-        assert_eq!(batch_bytes(512, 4096, 8, false), composed(512, 4096));
-        assert_eq!(batch_bytes(4096, 4096, 8, false), composed(4096, 4096));
+        assert_eq!(batch_bytes(512, 4096, 8, 2, false), composed(512, 4096));
+        assert_eq!(batch_bytes(4096, 4096, 8, 2, false), composed(4096, 4096));
         // One row more: the moment form's `d x d` products.
         assert_eq!(
-            batch_bytes(4097, 4096, 8, false),
+            batch_bytes(4097, 4096, 8, 2, false),
             8 * (4097 * 4104 + 8 * 4096 * 4096)
         );
-        // On CUDA the kernels' own buffers where they run; a rank they do not take is composed.
-        let fused = batch_bytes(512, 4096, 8, true) == cka_gram_bytes(512, 4096, 8);
-        assert_eq!(fused, AVAILABLE);
+        // On CUDA the kernels' own buffers and the bf16 base output they read, where they run; a
+        // rank they do not take is composed.
+        let fused_bytes = cka_gram_bytes(512, 4096, 8) + 2 * 512 * 4096;
+        assert_eq!(batch_bytes(512, 4096, 8, 2, true) == fused_bytes, AVAILABLE);
         let r = CKA_MAX_RANK + 1;
-        assert_eq!(batch_bytes(512, 4096, r, true), composed(512, 4096));
+        assert_eq!(batch_bytes(512, 4096, r, 2, true), composed(512, 4096));
         // The kernels hold E and E E^T in f32, a fraction of the composition's f64 rows.
         assert!(cka_gram_bytes(512, 4096, 8) < composed(512, 4096) / 5);
     }

@@ -5,7 +5,7 @@
 
 use crate::model::stack::{Keep, Recompute};
 use crate::model::{LayerMemory, StepMemory};
-use crate::nn::{cka, gpu};
+use crate::nn::cka;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -249,9 +249,8 @@ pub fn step_bytes_measured(
 }
 
 /// The most SAFE's in-step importance holds at once while it measures one adapter on a pass of
-/// `rows` rows of `seq` tokens (`train::importance`), of the widest adapter: what the measurement
-/// allocates (`nn::cka::batch_bytes`), and on CUDA in the Gram form the base output `Y` the
-/// forward keeps beside the adapted one for it.
+/// `rows` rows of `seq` tokens (`train::importance`), of the widest adapter
+/// (`nn::cka::batch_bytes`: the form and path that run).
 pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize {
     let n = rows * seq;
     let act = model.hidden_bytes(1, 1) / model.hidden_size().max(1);
@@ -260,13 +259,7 @@ pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize 
         .iter()
         .map(|(_, a)| {
             let (d, r) = (a.b.dims()[0], a.b.dims()[1]);
-            let on_cuda = a.b.device().is_cuda();
-            let y = if cka::gram_form(n, d) && gpu::cka_gram_fused(on_cuda, r) {
-                act * n * d
-            } else {
-                0
-            };
-            y + cka::batch_bytes(n, d, r, on_cuda)
+            cka::batch_bytes(n, d, r, act, a.b.device().is_cuda())
         })
         .max()
         .unwrap_or(0)
