@@ -1014,11 +1014,12 @@ extern "C" __global__ void st_sum_slices_f32(float* parts, int n, int s) {
 }
 
 // M = E E^T on TF32 tensor cores (mma.sync m16n8k8, f32 accumulation) for E [m, k] f32
-// row-major, both triangles. Block (tile pair p, split s) forms the 64 x 64 tile (ti, tj), ti <= tj,
-// over columns [s kc, (s + 1) kc) of E into parts[s], mirrored to (tj, ti) off the diagonal: the upper
-// triangle's tiles times the splits fill the GPU where the one product at SAFE's shape (520 x
-// 4096) has a few dozen tiles. 128 threads, four warps of 32 x 32; the next columns' tiles are read
-// into registers while the current ones multiply.
+// row-major, both triangles. Block (tile pair p, split s) forms the 64 x 64 tile (ti, tj),
+// ti <= tj, over columns [s kc, (s + 1) kc) of E into parts[s], mirrored to (tj, ti) off the
+// diagonal: the upper triangle's tiles times the splits fill the GPU where the one product at
+// SAFE's shape (520 x 4096) has a few dozen tiles. 128 threads, four warps of 32 x 32; the next
+// columns' tiles are read into registers while the current ones multiply. Loaded with the
+// module, unlike cuBLAS's product, whose first use in a process cost 55-82 ms (BENCHMARKS.md).
 #define GT_TILE 64
 #define GT_K 32
 #define GT_LD (GT_K + 4)  // rows 36 floats apart: fragment reads hit 32 distinct banks
