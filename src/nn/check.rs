@@ -743,15 +743,20 @@ fn cka_gram_peak(device: &Device) -> Result<(usize, usize)> {
     let b = rand(&[d, r], 46, 0.05, 0.0, DType::F32, device)?;
     let picked: Vec<u32> = (0..n as u32).map(|i| 4 * i + 1).collect();
     let rows = Tensor::from_vec(picked, n, device)?;
+    let (peak, _terms) = pool_peak_over(device, || super::cka::gram_terms(&y, &u, &b, &rows))?;
+    Ok((peak, super::gpu::cka_gram_bytes(n, d, r)))
+}
+
+/// The device pool's high-water mark while `f` runs, above what was live before it, and what
+/// `f` returned (dropped after the reading, so it counts).
+fn pool_peak_over<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(usize, T)> {
     let tracker = crate::memory::MemTracker::new(device);
     device.synchronize()?;
     let before = tracker.live();
     tracker.reset_peak();
-    let terms = super::cka::gram_terms(&y, &u, &b, &rows)?;
+    let out = f()?;
     device.synchronize()?;
-    let peak = tracker.peak().saturating_sub(before);
-    drop(terms);
-    Ok((peak, super::gpu::cka_gram_bytes(n, d, r)))
+    Ok((tracker.peak().saturating_sub(before), out))
 }
 
 /// Milliseconds a call of SAFE's moment-form CKA norms takes at MiniLM's q/v adapter (width
@@ -967,17 +972,13 @@ fn attention_peak_mb(device: &Device, fused: bool) -> Result<(f64, bool)> {
     let (q, k, v, dy) = (x(31)?, x(32)?, x(33)?, x(34)?);
     let mask = Tensor::zeros((b, 1, 1, t), DType::F32, device)?;
     let shape = AttnShape { batch: b, seq: t };
-    let tracker = crate::memory::MemTracker::new(device);
-    device.synchronize()?;
-    let before = tracker.live();
-    tracker.reset_peak();
     let mut rng = StdRng::seed_from_u64(0);
     let mut pass = Pass {
         training: true,
         rng: &mut rng,
         monitor: None,
     };
-    let used = {
+    let (peak, used) = pool_peak_over(device, || {
         let (_y, s) = if fused {
             attn.forward((&q, &k, &v), &mask, shape, None, &mut pass, true)?
         } else {
@@ -987,10 +988,8 @@ fn attention_peak_mb(device: &Device, fused: bool) -> Result<(f64, bool)> {
         let grads = s.backward(&attn, &dy)?;
         device.synchronize()?;
         drop(grads);
-        s.used_flash()
-    };
-    device.synchronize()?;
-    let peak = tracker.peak().saturating_sub(before);
+        Ok(s.used_flash())
+    })?;
     Ok((peak as f64 / 1e6, used))
 }
 

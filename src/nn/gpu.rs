@@ -1543,9 +1543,8 @@ mod imp {
         let (splits, kc) = super::cka_gram_splits(m, k);
         let (parts, pparts) = output(dev, DType::F32, &Shape::from((splits, m, m)))?;
         let pe = ptr(e, dev)?;
-        let tiles = m.div_ceil(64);
         let cfg = LaunchConfig {
-            grid_dim: ((tiles * (tiles + 1) / 2) as u32, splits as u32, 1),
+            grid_dim: (super::gram_tile_pairs(m) as u32, splits as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1931,11 +1930,17 @@ pub fn cka_gram_fused(on_cuda: bool, r: usize) -> bool {
 /// each chunk at least 256 columns wide and a multiple of 32 (the kernel's step), the last one
 /// what is left.
 pub fn cka_gram_splits(m: usize, k: usize) -> (usize, usize) {
-    let tiles = m.div_ceil(64);
-    let wanted = 264usize.div_ceil(tiles * (tiles + 1) / 2);
+    let wanted = 264usize.div_ceil(gram_tile_pairs(m));
     let splits = wanted.clamp(1, (k / 256).max(1));
     let chunk = k.div_ceil(splits).next_multiple_of(32);
     (k.div_ceil(chunk), chunk)
+}
+
+/// The upper triangle's tiles of `E E^T` for `m` rows of `E`: `st_gram_tf32`'s blocks over one
+/// chunk of the width (its tiles are `GT_TILE` = 64 rows square).
+fn gram_tile_pairs(m: usize) -> usize {
+    let tiles = m.div_ceil(64);
+    tiles * (tiles + 1) / 2
 }
 
 /// The bytes [`cka_gram_terms`] allocates for `n` token rows of width `d` and rank `r`:
