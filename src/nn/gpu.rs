@@ -1534,10 +1534,12 @@ mod imp {
     /// `E E^T` `[m, m]` in f32 of a contiguous f32 `e` `[m, k]` on TF32 tensor cores (its
     /// inputs carry bf16 activations' precision at best), with safetune's own kernel: the upper
     /// triangle's 64 x 64 tiles times [`super::cka_gram_splits`] column chunks side by side, the
-    /// chunks' products summed. cuBLAS's TF32 product is faster once running (a call of the
-    /// terms took 50 us with it, 66 us with this kernel, at SAFE's 7B shape on an H100) but cost
-    /// 55-82 ms at its first use in a process, which SAFE's first measured step paid; this
-    /// kernel loads with safetune's module at the run's first step.
+    /// chunks' products summed; `st_gram_tf32_async` (tiles copied with `cp.async` in two
+    /// stages) where the width is a multiple of 4, else `st_gram_tf32`. cuBLAS's TF32 product is
+    /// faster once running (a call of the terms took 50 us with it, 58 us with the `cp.async`
+    /// kernel and 65 us with the other, at SAFE's 7B shape on an H100) but cost 55-82 ms at its
+    /// first use in a process, which SAFE's first measured step paid; these kernels load with
+    /// safetune's module at the run's first step.
     fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
         let (m, k) = e.dims2()?;
         let (splits, kc) = super::cka_gram_splits(m, k);
@@ -1549,7 +1551,14 @@ mod imp {
             shared_mem_bytes: 0,
         };
         let (m32, k32, kc32) = (m as i32, k as i32, kc as i32);
-        launch!(dev, "st_gram_tf32", cfg; pe, m32, k32, kc32, pparts);
+        // The cp.async kernel where the width allows its 16-byte copies (chunks are multiples
+        // of 32 columns).
+        let name = if k % 4 == 0 {
+            "st_gram_tf32_async"
+        } else {
+            "st_gram_tf32"
+        };
+        launch!(dev, name, cfg; pe, m32, k32, kc32, pparts);
         if splits > 1 {
             let (mm32, s32) = ((m * m) as i32, splits as i32);
             launch!(dev, "st_sum_slices_f32", elems_cfg(m * m); pparts, mm32, s32);
