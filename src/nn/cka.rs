@@ -21,7 +21,7 @@ pub fn gram_form(n: usize, d: usize) -> bool {
 /// its temporaries (`3 n^2`), counted with room to spare as `6 n d + 4 n^2`. The moment form:
 /// the rows of `Y` and `U` and eight `d x d` products and temporaries, in f64.
 pub fn batch_bytes(n: usize, d: usize, r: usize, act: usize, on_cuda: bool) -> usize {
-    match (gram_form(n, d), super::gpu::cka_gram_fused(on_cuda, r)) {
+    match (gram_form(n, d), super::gpu::cka_gram_fused(on_cuda, d, r)) {
         (true, true) => super::gpu::cka_gram_bytes(n, d, r) + act * n * d,
         (true, false) => 8 * (6 * n * d + 4 * n * n),
         (false, _) => 8 * (n * (d + r) + 8 * d * d),
@@ -222,6 +222,8 @@ mod tests {
         assert_eq!(batch_bytes(512, 4096, 8, 2, true) == fused_bytes, AVAILABLE);
         let r = CKA_MAX_RANK + 1;
         assert_eq!(batch_bytes(512, 4096, r, 2, true), composed(512, 4096));
+        // So is a width the product's 16-byte copies cannot take.
+        assert_eq!(batch_bytes(512, 4098, 8, 2, true), composed(512, 4098));
         // The kernels hold E and E E^T in f32, a fraction of the composition's f64 rows.
         assert!(cka_gram_bytes(512, 4096, 8) < composed(512, 4096) / 5);
     }

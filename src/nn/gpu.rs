@@ -1534,12 +1534,11 @@ mod imp {
     /// `E E^T` `[m, m]` in f32 of a contiguous f32 `e` `[m, k]` on TF32 tensor cores (its
     /// inputs carry bf16 activations' precision at best), with safetune's own kernel: the upper
     /// triangle's 64 x 64 tiles times [`super::cka_gram_splits`] column chunks side by side, the
-    /// chunks' products summed; `st_gram_tf32_async` (tiles copied with `cp.async` in two
-    /// stages) where the width is a multiple of 4, else `st_gram_tf32`. cuBLAS's TF32 product is
-    /// faster once running (a call of the terms took 50 us with it, 58 us with the `cp.async`
-    /// kernel and 65 us with the other, at SAFE's 7B shape on an H100) but cost 55-82 ms at its
-    /// first use in a process, which SAFE's first measured step paid; these kernels load with
-    /// safetune's module at the run's first step.
+    /// chunks' products summed, the tiles copied with `cp.async` (so `k` a multiple of 4).
+    /// cuBLAS's TF32 product is faster once running (a call of the terms took 50 us with it, 58
+    /// us with this kernel, at SAFE's 7B shape on an H100) but cost 55-82 ms at its first use in
+    /// a process, which SAFE's first measured step paid; this kernel loads with safetune's
+    /// module at the run's first step.
     fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
         let (m, k) = e.dims2()?;
         let (splits, kc) = super::cka_gram_splits(m, k);
@@ -1551,14 +1550,7 @@ mod imp {
             shared_mem_bytes: 0,
         };
         let (m32, k32, kc32) = (m as i32, k as i32, kc as i32);
-        // The cp.async kernel where the width allows its 16-byte copies (chunks are multiples
-        // of 32 columns).
-        let name = if k % 4 == 0 {
-            "st_gram_tf32_async"
-        } else {
-            "st_gram_tf32"
-        };
-        launch!(dev, name, cfg; pe, m32, k32, kc32, pparts);
+        launch!(dev, "st_gram_tf32", cfg; pe, m32, k32, kc32, pparts);
         if splits > 1 {
             let (mm32, s32) = ((m * m) as i32, splits as i32);
             launch!(dev, "st_sum_slices_f32", elems_cfg(m * m); pparts, mm32, s32);
@@ -1647,7 +1639,7 @@ mod imp {
         let (Some(ys), Some(bs)) = (dtype_suffix(y.dtype()), dtype_suffix(b.dtype())) else {
             return Ok(None);
         };
-        if u.dtype() != y.dtype() {
+        if u.dtype() != y.dtype() || !super::cka_gram_fused(true, d, r) {
             return Ok(None);
         }
         let dev = device(y)?;
@@ -1928,10 +1920,11 @@ pub const AVAILABLE: bool = cfg!(feature = "cuda");
 /// candle composition runs.
 pub const CKA_MAX_RANK: usize = 256;
 
-/// Whether [`cka_gram_terms`] runs (rather than the composition) for an adapter of rank `r`
-/// whose tensors are on CUDA when `on_cuda`.
-pub fn cka_gram_fused(on_cuda: bool, r: usize) -> bool {
-    AVAILABLE && on_cuda && r <= CKA_MAX_RANK
+/// Whether [`cka_gram_terms`] runs (rather than the composition) for an adapter of width `d`
+/// and rank `r` whose tensors are on CUDA when `on_cuda`: its product copies 16-byte pieces of
+/// rows, so the width is a multiple of 4.
+pub fn cka_gram_fused(on_cuda: bool, d: usize, r: usize) -> bool {
+    AVAILABLE && on_cuda && r <= CKA_MAX_RANK && d.is_multiple_of(4)
 }
 
 /// How the Gram form's product `E E^T` (`E` `[m, k]`) is split over `E`'s columns: (chunks,

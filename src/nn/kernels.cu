@@ -1018,8 +1018,11 @@ extern "C" __global__ void st_sum_slices_f32(float* parts, int n, int s) {
 // ti <= tj, over columns [s kc, (s + 1) kc) of E into parts[s], mirrored to (tj, ti) off the
 // diagonal: the upper triangle's tiles times the splits fill the GPU where the one product at
 // SAFE's shape (520 x 4096) has a few dozen tiles. 128 threads, four warps of 32 x 32; the next
-// columns' tiles are read into registers while the current ones multiply. Loaded with the
-// module, unlike cuBLAS's product, whose first use in a process cost 55-82 ms (BENCHMARKS.md).
+// columns' tiles are copied straight to shared memory (cp.async, two stages) while the current
+// ones multiply: 58 us a call of the CKA terms at that shape (H100), 65 when they went through
+// registers. Needs k and the chunk width kc multiples of 4 (16-byte copies;
+// `gpu::cka_gram_fused` sends other widths to the composition). Loaded with the module, unlike
+// cuBLAS's product, whose first use in a process cost 55-82 ms (BENCHMARKS.md).
 #define GT_TILE 64
 #define GT_K 32
 #define GT_LD (GT_K + 4)  // rows 36 floats apart: fragment reads hit 32 distinct banks
@@ -1035,88 +1038,8 @@ __device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, uint32_t b
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// Thread `tid`'s four float4 of a 64 x 32 tile of E (rows r0.., columns k0..k1), zeros outside.
-__device__ __forceinline__ void gt_load(const float* e, int m, int k, int r0, int k0, int k1,
-                                        int tid, float4* v) {
-  for (int q = 0; q < 4; q++) {
-    const int idx = tid + q * 128, row = r0 + idx / 8, col = k0 + (idx % 8) * 4;
-    float f[4] = {0.f, 0.f, 0.f, 0.f};
-    if (row < m) {
-      const float* src = e + (size_t)row * k + col;
-      if (col + 3 < k1 && ((col | k) & 3) == 0) {
-        const float4 w = *reinterpret_cast<const float4*>(src);
-        f[0] = w.x; f[1] = w.y; f[2] = w.z; f[3] = w.w;
-      } else {
-        for (int x = 0; x < 4; x++) if (col + x < k1) f[x] = src[x];
-      }
-    }
-    v[q] = make_float4(f[0], f[1], f[2], f[3]);
-  }
-}
-__device__ __forceinline__ void gt_store(float (*s)[GT_LD], int tid, const float4* v) {
-  for (int q = 0; q < 4; q++) {
-    const int idx = tid + q * 128, row = idx / 8, col = (idx % 8) * 4;
-    s[row][col] = v[q].x; s[row][col + 1] = v[q].y; s[row][col + 2] = v[q].z; s[row][col + 3] = v[q].w;
-  }
-}
-extern "C" __global__ void __launch_bounds__(128) st_gram_tf32(const float* e, int m, int k, int kc,
-                                                               float* parts) {
-  __shared__ float sa[GT_TILE][GT_LD], sb[GT_TILE][GT_LD];
-  // Tile pair p -> (ti, tj), ti <= tj, row by row of the upper triangle.
-  const int tiles = (m + GT_TILE - 1) / GT_TILE;
-  int p = blockIdx.x, ti = 0;
-  while (p >= tiles - ti) { p -= tiles - ti; ti++; }
-  const int tj = ti + p, ra = ti * GT_TILE, rb = tj * GT_TILE;
-  const int k0 = blockIdx.y * kc, k1 = min(k, k0 + kc);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int wr = (warp >> 1) * 32, wc = (warp & 1) * 32;
-  float acc[2][4][4] = {};
-  float4 va[4], vb[4];
-  gt_load(e, m, k, ra, k0, k1, tid, va);
-  gt_load(e, m, k, rb, k0, k1, tid, vb);
-  for (int kk = k0; kk < k1; kk += GT_K) {
-    __syncthreads();
-    gt_store(sa, tid, va);
-    gt_store(sb, tid, vb);
-    __syncthreads();
-    if (kk + GT_K < k1) {
-      gt_load(e, m, k, ra, kk + GT_K, k1, tid, va);
-      gt_load(e, m, k, rb, kk + GT_K, k1, tid, vb);
-    }
-    for (int k8 = 0; k8 < GT_K; k8 += 8) {
-      uint32_t a[2][4], b[4][2];
-      for (int i = 0; i < 2; i++) {
-        const int r = wr + 16 * i + g;
-        a[i][0] = to_tf32(sa[r][k8 + t]);
-        a[i][1] = to_tf32(sa[r + 8][k8 + t]);
-        a[i][2] = to_tf32(sa[r][k8 + t + 4]);
-        a[i][3] = to_tf32(sa[r + 8][k8 + t + 4]);
-      }
-      for (int j = 0; j < 4; j++) {
-        const int c = wc + 8 * j + g;
-        b[j][0] = to_tf32(sb[c][k8 + t]);
-        b[j][1] = to_tf32(sb[c][k8 + t + 4]);
-      }
-      for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 4; j++) mma_tf32(acc[i][j], a[i], b[j][0], b[j][1]);
-    }
-  }
-  float* out = parts + (size_t)blockIdx.y * m * m;
-  for (int i = 0; i < 2; i++)
-    for (int j = 0; j < 4; j++)
-      for (int h = 0; h < 4; h++) {
-        const int row = ra + wr + 16 * i + g + 8 * (h >> 1), col = rb + wc + 8 * j + 2 * t + (h & 1);
-        if (row < m && col < m) {
-          out[(size_t)row * m + col] = acc[i][j][h];
-          if (ti != tj) out[(size_t)col * m + row] = acc[i][j][h];
-        }
-      }
-}
-
-// st_gram_tf32 with the next columns' tiles copied straight to shared memory (cp.async, two
-// stages) while the current ones multiply: 58 against 65 us a call of the CKA terms at SAFE's 7B
-// shape (H100). Needs k and the chunk width kc multiples of 4 (16-byte copies); rows past m are
-// zero-filled. st_gram_tf32 takes the other widths.
+// Thread `tid`'s four 16-byte copies of a 64 x 32 tile of E (rows r0.., columns col0..k1) into
+// s; rows and columns outside are zero-filled.
 __device__ __forceinline__ void gt_load_async(float (*s)[GT_LD], const float* e, int m, int k,
                                               int r0, int col0, int k1, int tid) {
   for (int q = 0; q < 4; q++) {
@@ -1128,7 +1051,7 @@ __device__ __forceinline__ void gt_load_async(float (*s)[GT_LD], const float* e,
                  "r"(in ? 16 : 0));
   }
 }
-extern "C" __global__ void __launch_bounds__(128) st_gram_tf32_async(const float* e, int m, int k,
+extern "C" __global__ void __launch_bounds__(128) st_gram_tf32(const float* e, int m, int k,
                                                                      int kc, float* parts) {
   __shared__ __align__(16) float sa[2][GT_TILE][GT_LD];
   __shared__ __align__(16) float sb[2][GT_TILE][GT_LD];
