@@ -1541,6 +1541,13 @@ mod imp {
     /// module at the run's first step.
     fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
         let (m, k) = e.dims2()?;
+        if e.dtype() != DType::F32 || !e.is_contiguous() || !k.is_multiple_of(4) {
+            bail!(
+                "gram_tf32: e {:?} {:?} must be contiguous f32 with a multiple of 4 columns",
+                e.dims(),
+                e.dtype()
+            );
+        }
         let (splits, kc) = super::cka_gram_splits(m, k);
         let (parts, pparts) = output(dev, DType::F32, &Shape::from((splits, m, m)))?;
         let pe = ptr(e, dev)?;
@@ -1625,8 +1632,8 @@ mod imp {
     /// row of `L` forms `Z`, and one assembles the terms (with `Z^T Z`), each sum in f64. The
     /// product's terms agree with the f64 composition to TF32's precision (about 1e-4 of each
     /// term's scale), finer than the bf16 activations they measure. None unless `y` and `u` are
-    /// contiguous CUDA tensors of one dtype, `b` of f32 or bf16, `rows` contiguous u32 and the
-    /// rank at most 256.
+    /// contiguous CUDA tensors of one dtype, `b` of f32 or bf16, `rows` contiguous u32, the
+    /// rank at most 256 and the width a multiple of 4 ([`super::cka_gram_fused`]).
     pub fn cka_gram_terms(
         y: &Tensor,
         u: &Tensor,

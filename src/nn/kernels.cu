@@ -1001,9 +1001,6 @@ extern "C" __global__ void st_cka_col_sums(const double* partial, int chunks, in
   sums[j] = t;
 }
 
-// M = E E^T for E = [Yc; B^T] ([n + r, d], f32; all of M, both triangles): L = Yc Yc^T is
-// M[:n, :n], (Yc B)^T is M[n:, :n] and G = B^T B is M[n:, n:].
-
 // Split-K's partial products: parts [s, n] summed into its first slice.
 extern "C" __global__ void st_sum_slices_f32(float* parts, int n, int s) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -1105,6 +1102,9 @@ extern "C" __global__ void __launch_bounds__(128) st_gram_tf32(const float* e, i
         }
       }
 }
+
+// M = E E^T for E = [Yc; B^T] ([n + r, d], f32; all of M, both triangles): L = Yc Yc^T is
+// M[:n, :n], (Yc B)^T is M[n:, :n] and G = B^T B is M[n:, n:].
 
 // One block per row i of L: p_i = (Yc B)_i + (Uc G)_i / 2, written with Uc's row as
 // z_i = [p_i, uc_i] (z [n, 2r]), and partial[i] = (sum_j L_ij^2, sum_j L_ij (uc_j . p_i)), whose
