@@ -1539,7 +1539,7 @@ mod imp {
     /// us with this kernel, at SAFE's 7B shape on an H100) but cost 55-82 ms at its first use in
     /// a process, which SAFE's first measured step paid; this kernel loads with safetune's
     /// module at the run's first step.
-    fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<Tensor> {
+    fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<(Tensor, usize)> {
         let (m, k) = e.dims2()?;
         if e.dtype() != DType::F32 || !e.is_contiguous() || !k.is_multiple_of(4) {
             bail!(
@@ -1558,11 +1558,7 @@ mod imp {
         };
         let (m32, k32, kc32) = (m as i32, k as i32, kc as i32);
         launch!(dev, "st_gram_tf32", cfg; pe, m32, k32, kc32, pparts);
-        if splits > 1 {
-            let (mm32, s32) = ((m * m) as i32, splits as i32);
-            launch!(dev, "st_sum_slices_f32", elems_cfg(m * m); pparts, mm32, s32);
-        }
-        parts.narrow(0, 0, 1)?.reshape((m, m))
+        Ok((parts, splits))
     }
 
     /// CKA's five norms `[5]` of `X = Y + U B^T` over the token rows `rows` in the moment form
@@ -1626,10 +1622,11 @@ mod imp {
     }
 
     /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
-    /// `nn::cka::gram_terms`, the composition this replaces and is checked against) in five
+    /// `nn::cka::gram_terms`, the composition this replaces and is checked against) in four
     /// launches: one centres `Y`'s and `U`'s rows and appends `B^T` to `Yc` (f32), a TF32
-    /// product `[Yc; B^T] [Yc; B^T]^T` (two) holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per
-    /// row of `L` forms `Z`, and one assembles the terms (with `Z^T Z`), each sum in f64. The
+    /// product `[Yc; B^T] [Yc; B^T]^T` (in slices over the width) holds `L = Yc Yc^T`, `Yc B`
+    /// and `B^T B`, a kernel per row of `L` adds the slices and forms `Z`, and one assembles the
+    /// terms (with `Z^T Z`), each sum in f64. The
     /// product's terms agree with the f64 composition to TF32's precision (about 1e-4 of each
     /// term's scale), finer than the bf16 activations they measure. None unless `y` and `u` are
     /// contiguous CUDA tensors of one dtype, `b` of f32 or bf16, `rows` contiguous u32, the
@@ -1674,13 +1671,15 @@ mod imp {
             ..blocks(d.div_ceil(32) + r.div_ceil(32))
         };
         launch!(dev, format!("st_cka_gram_center_{ys}_{bs}"), centre; py, pu, prows, n32, d32, r32, pb, pe, pymean, pcolsq, puc, pumean);
-        let m = gram_tf32(&dev, &e)?;
+        // M's partial products over chunks of the width, which its readers add (`gram_at`).
+        let (m, slices) = gram_tf32(&dev, &e)?;
+        let slices = slices as i32;
         // What the composition's three products count (`Yc Yc^T`, `Yc B`, `B^T B`).
         crate::nn::flops::add(2 * (n * n * d + n * d * r + d * r * r) as u64);
         let (_z, pz) = f64s(Shape::from((n, 2 * r)))?;
         let (_partial, ppartial) = f64s(Shape::from((n, 2)))?;
         let pm = ptr(&m, &dev)?;
-        launch!(dev, "st_cka_gram_rows", blocks(n); pm, puc, n32, r32, pz, ppartial);
+        launch!(dev, "st_cka_gram_rows", blocks(n); pm, slices, puc, n32, r32, pz, ppartial);
         // The products the kernels did where the composition called `matmul`: `Uc G / 2`,
         // `L Uc`, `Z^T Z` and `mean(Y) B`.
         crate::nn::flops::add(2 * (n * r * r + n * n * r + 4 * r * r * n + d * r) as u64);
@@ -1689,7 +1688,7 @@ mod imp {
         let pbt = pe + (4 * n * d) as u64;
         // Block 0 adds and copies; blocks 1 ..= r form mean(Y) B, the rest Z^T Z.
         let finish = blocks(1 + r + 4 * r * r);
-        launch!(dev, "st_cka_gram_finish", finish; ppartial, n32, pcolsq, d32, pz, pm, pumean, pymean, pbt, r32, pout);
+        launch!(dev, "st_cka_gram_finish", finish; ppartial, n32, pcolsq, d32, pz, pm, slices, pumean, pymean, pbt, r32, pout);
         Ok(Some(out))
     }
 

@@ -1001,14 +1001,6 @@ extern "C" __global__ void st_cka_col_sums(const double* partial, int chunks, in
   sums[j] = t;
 }
 
-// Split-K's partial products: parts [s, n] summed into its first slice.
-extern "C" __global__ void st_sum_slices_f32(float* parts, int n, int s) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    float v = parts[i];
-    for (int k = 1; k < s; k++) v += parts[(size_t)k * n + i];
-    parts[i] = v;
-  }
-}
 
 // M = E E^T on TF32 tensor cores (mma.sync m16n8k8, f32 accumulation) for E [m, k] f32
 // row-major, both triangles. Block (tile pair p, split s) forms the 64 x 64 tile (ti, tj),
@@ -1104,19 +1096,27 @@ extern "C" __global__ void __launch_bounds__(128) st_gram_tf32(const float* e, i
 }
 
 // M = E E^T for E = [Yc; B^T] ([n + r, d], f32; all of M, both triangles): L = Yc Yc^T is
-// M[:n, :n], (Yc B)^T is M[n:, :n] and G = B^T B is M[n:, n:].
+// M[:n, :n], (Yc B)^T is M[n:, :n] and G = B^T B is M[n:, n:]. st_gram_tf32 leaves it as
+// `slices` partial products over chunks of the width ([slices, n + r, n + r]); its readers add
+// them as they read, in slice order.
+__device__ __forceinline__ float gram_at(const float* M, int slices, int m, size_t idx) {
+  float v = M[idx];
+  for (int s = 1; s < slices; s++) v += M[(size_t)s * m * m + idx];
+  return v;
+}
 
 // One block per row i of L: p_i = (Yc B)_i + (Uc G)_i / 2, written with Uc's row as
 // z_i = [p_i, uc_i] (z [n, 2r]), and partial[i] = (sum_j L_ij^2, sum_j L_ij (uc_j . p_i)), whose
 // sums are ||L||^2 and <L Uc, P>. r <= 256.
-extern "C" __global__ void st_cka_gram_rows(const float* M, const double* uc, int n, int r,
-                                            double* z, double* partial) {
+extern "C" __global__ void st_cka_gram_rows(const float* M, int slices, const double* uc, int n,
+                                            int r, double* z, double* partial) {
   __shared__ double pi[256];
   const int ld = n + r, i = blockIdx.x;
   for (int j = threadIdx.x; j < r; j += blockDim.x) {
     double a = 0.0;
-    for (int k = 0; k < r; k++) a += uc[(size_t)i * r + k] * ((double)M[(size_t)(n + k) * ld + n + j] * 0.5);
-    const double v = (double)M[(size_t)(n + j) * ld + i] + a;
+    for (int k = 0; k < r; k++)
+      a += uc[(size_t)i * r + k] * ((double)gram_at(M, slices, ld, (size_t)(n + k) * ld + n + j) * 0.5);
+    const double v = (double)gram_at(M, slices, ld, (size_t)(n + j) * ld + i) + a;
     pi[j] = v;
     z[(size_t)i * 2 * r + j] = v;
     z[(size_t)i * 2 * r + r + j] = uc[(size_t)i * r + j];
@@ -1124,7 +1124,7 @@ extern "C" __global__ void st_cka_gram_rows(const float* M, const double* uc, in
   __syncthreads();
   double l2 = 0.0, lup = 0.0;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const double lij = M[(size_t)i * ld + j];
+    const double lij = gram_at(M, slices, ld, (size_t)i * ld + j);
     double up = 0.0;
     for (int k = 0; k < r; k++) up += uc[(size_t)j * r + k] * pi[k];
     l2 += lij * lij;
@@ -1143,7 +1143,7 @@ extern "C" __global__ void st_cka_gram_rows(const float* M, const double* uc, in
 // (for G) and bt (B^T [r, d], f32), in f64. Block 0 adds the partials and copies; block 1 + j
 // forms (mean(Y) B)_j and block 1 + r + e entry e of Z^T Z, so the dot products run side by side.
 extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, const double* colsq,
-                                              int d, const double* z, const float* M,
+                                              int d, const double* z, const float* M, int slices,
                                               const double* umean, const double* ymean,
                                               const float* bt, int r, double* out) {
   if ((int)blockIdx.x > r) {
@@ -1178,7 +1178,8 @@ extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, cons
     out[2] = yy;
   }
   o = out + 3 + 4 * r * r;
-  for (int e = threadIdx.x; e < r * r; e += blockDim.x) o[e] = M[(size_t)(n + e / r) * (n + r) + n + e % r];
+  for (int e = threadIdx.x; e < r * r; e += blockDim.x)
+    o[e] = gram_at(M, slices, n + r, (size_t)(n + e / r) * (n + r) + n + e % r);
   o += r * r;
   for (int j = threadIdx.x; j < r; j += blockDim.x) o[j] = umean[j];
 }

@@ -498,12 +498,16 @@ pub fn fit<T: Task>(
                 )?;
                 p.importance = Some(scores);
                 p.threshold = Some(d.threshold);
-                let next = replan(model, &safe)?;
-                if next != plans {
-                    for p in next.all() {
-                        plan_log.write(epoch, s + 1, state.global_step, p)?;
+                // The plans follow the frozen adapters and whether SAFE still measures.
+                let still_measuring = in_step && c.measures();
+                if !d.newly_frozen.is_empty() || still_measuring != plans.measured.is_some() {
+                    let next = replan(model, &safe)?;
+                    if next != plans {
+                        for p in next.all() {
+                            plan_log.write(epoch, s + 1, state.global_step, p)?;
+                        }
+                        plans = next;
                     }
-                    plans = next;
                 }
             }
             p.wall_s += t_step.elapsed().as_secs_f64();

@@ -219,33 +219,71 @@ pub fn step_bytes_measured(
     seq: usize,
     measure: usize,
 ) -> usize {
-    let n = model.num_layers();
-    let first = model.lowest_trainable_layer().unwrap_or(n);
-    let x = model.hidden_bytes(rows, seq);
-    let mut peak = (0..first)
-        .map(|l| 2 * x + model.layer_memory(l, rows, seq).transient)
-        .max()
-        .unwrap_or(x);
-    let layers: Vec<_> = (first..n)
-        .map(|l| (l, model.layer_memory(l, rows, seq)))
-        .collect();
-    let kept = |l: usize, m: &LayerMemory| match recompute.keep(l) {
-        Keep::Nothing => x,
-        keep => m.kept(keep),
-    };
-    let mut below = 0;
-    for (l, m) in &layers {
-        peak = peak.max(below + x + m.state + (m.transient + x).max(measure));
-        below += kept(*l, m);
+    PassMemory::of(model, rows, seq).peak(recompute, measure)
+}
+
+/// What a pass of a given size keeps and holds, by layer: computed once, so that a plan can
+/// estimate many recomputations of the same pass.
+struct PassMemory {
+    /// The lowest trainable layer.
+    first: usize,
+    /// One hidden state of the pass.
+    x: usize,
+    /// The peak of the inference-mode layers below `first`.
+    below: usize,
+    /// Each layer from `first` up.
+    layers: Vec<(usize, LayerMemory)>,
+    head: usize,
+}
+
+impl PassMemory {
+    fn of(model: &impl StepMemory, rows: usize, seq: usize) -> Self {
+        let n = model.num_layers();
+        let first = model.lowest_trainable_layer().unwrap_or(n);
+        let x = model.hidden_bytes(rows, seq);
+        let below = (0..first)
+            .map(|l| 2 * x + model.layer_memory(l, rows, seq).transient)
+            .max()
+            .unwrap_or(x);
+        let layers = (first..n)
+            .map(|l| (l, model.layer_memory(l, rows, seq)))
+            .collect();
+        let head = model.head_bytes(rows, seq);
+        Self {
+            first,
+            x,
+            below,
+            layers,
+            head,
+        }
     }
-    peak = peak.max(below + x + model.head_bytes(rows, seq));
-    for (l, m) in layers.iter().rev() {
-        let l = *l;
-        below -= kept(l, m);
-        let input = if recompute.covers(l) { x } else { 0 };
-        peak = peak.max(below + input + m.state + m.transient + 2 * x);
+
+    fn layer(&self, l: usize) -> LayerMemory {
+        self.layers[l - self.first].1
     }
-    peak
+
+    /// The pass's estimated peak with `recompute` and `measure` bytes of SAFE's measurement.
+    fn peak(&self, recompute: &Recompute, measure: usize) -> usize {
+        let x = self.x;
+        let kept = |l: usize, m: &LayerMemory| match recompute.keep(l) {
+            Keep::Nothing => x,
+            keep => m.kept(keep),
+        };
+        let mut peak = self.below;
+        let mut below = 0;
+        for (l, m) in &self.layers {
+            peak = peak.max(below + x + m.state + (m.transient + x).max(measure));
+            below += kept(*l, m);
+        }
+        peak = peak.max(below + x + self.head);
+        for (l, m) in self.layers.iter().rev() {
+            let l = *l;
+            below -= kept(l, m);
+            let input = if recompute.covers(l) { x } else { 0 };
+            peak = peak.max(below + input + m.state + m.transient + 2 * x);
+        }
+        peak
+    }
 }
 
 /// The most SAFE's in-step importance holds at once while it measures one adapter on a pass of
@@ -406,11 +444,9 @@ fn cheapest_recompute(
     budget: usize,
 ) -> Option<Chosen> {
     let n = model.num_layers();
-    let x = model.hidden_bytes(rows, seq);
-    let memory: Vec<LayerMemory> = (first..n)
-        .map(|l| model.layer_memory(l, rows, seq))
-        .collect();
-    let of = |l: usize| memory[l - first];
+    let pass = PassMemory::of(model, rows, seq);
+    let x = pass.x;
+    let of = |l: usize| pass.layer(l);
     let mut whole_order: Vec<usize> = through.to_vec();
     let mut trained: Vec<usize> = (first..n).filter(|l| !through.contains(l)).collect();
     trained.sort_by_key(|&l| (std::cmp::Reverse(of(l).state.saturating_sub(x)), l));
@@ -449,7 +485,7 @@ fn cheapest_recompute(
                 whole: whole.clone(),
                 ffn: ffn.clone(),
             };
-            let estimate = step_bytes_measured(model, &recompute, rows, seq, measure);
+            let estimate = pass.peak(&recompute, measure);
             if estimate > budget {
                 continue;
             }

@@ -79,29 +79,30 @@ fn batch_norms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<(Kep
     Ok((Kept::GramTerms { rank: b.dim(1)? }, terms))
 }
 
-/// One adapter's measured micro-batches as `(rows, five norms)` on the host: one transfer when
-/// every batch kept the same form (the usual case), one per batch otherwise.
-fn host_norms(batches: &[(usize, Kept, Tensor)]) -> Result<Vec<(usize, [f64; 5])>> {
-    let Some((_, first, t0)) = batches.first() else {
-        return Ok(Vec::new());
-    };
-    let same = batches
-        .iter()
-        .all(|(_, k, t)| k == first && t.dims() == t0.dims());
-    let values: Vec<Vec<f64>> = if same {
-        let ts: Vec<&Tensor> = batches.iter().map(|(_, _, t)| t).collect();
-        Tensor::stack(&ts, 0)?.to_vec2()?
-    } else {
-        batches
+/// One measured micro-batch on the device: its rows and what it kept.
+type OnDevice = (usize, Kept, Tensor);
+
+/// Measured micro-batches as `(rows, five norms)` on the host, in the order given: one transfer
+/// for all the batches that kept the same form and size (usually all of them).
+fn host_norms<'a>(
+    batches: impl IntoIterator<Item = &'a OnDevice>,
+) -> Result<Vec<(usize, [f64; 5])>> {
+    let batches: Vec<&OnDevice> = batches.into_iter().collect();
+    let mut out = vec![(0, [0.0; 5]); batches.len()];
+    let mut left: Vec<usize> = (0..batches.len()).collect();
+    while let Some(&i0) = left.first() {
+        let (_, kept, t0) = batches[i0];
+        let (group, rest): (Vec<usize>, Vec<usize>) = left
             .iter()
-            .map(|(_, _, t)| t.to_vec1())
-            .collect::<Result<_>>()?
-    };
-    Ok(batches
-        .iter()
-        .zip(values)
-        .map(|((n, k, _), v)| (*n, k.norms(*n, &v)))
-        .collect())
+            .partition(|&&i| batches[i].1 == *kept && batches[i].2.dims() == t0.dims());
+        let ts: Vec<&Tensor> = group.iter().map(|&i| &batches[i].2).collect();
+        for (&i, v) in group.iter().zip(Tensor::stack(&ts, 0)?.to_vec2::<f64>()?) {
+            let (n, k, _) = batches[i];
+            out[i] = (*n, k.norms(*n, &v));
+        }
+        left = rest;
+    }
+    Ok(out)
 }
 
 /// SAFE's importance measured on the training steps themselves (`safe.measure = "steps"`): the
@@ -120,7 +121,7 @@ pub struct StepMonitor {
     only: Option<Vec<AdapterId>>,
     /// Each adapter's per-micro-batch `(rows, what is kept)`, on the device until the round
     /// ends.
-    norms: BTreeMap<AdapterId, Vec<(usize, Kept, Tensor)>>,
+    norms: BTreeMap<AdapterId, Vec<OnDevice>>,
     /// Matmul FLOPs of the measurement.
     pub flops: u64,
 }
@@ -149,17 +150,19 @@ impl StepMonitor {
 
     /// The micro-batches measured so far, on the host.
     pub fn measured(&self) -> Result<Vec<MeasuredBatch>> {
-        let mut out = Vec::new();
-        for (&adapter, batches) in &self.norms {
-            for (rows, norms) in host_norms(batches)? {
-                out.push(MeasuredBatch {
-                    adapter,
-                    rows,
-                    norms,
-                });
-            }
-        }
-        Ok(out)
+        let adapters = self
+            .norms
+            .iter()
+            .flat_map(|(&id, batches)| batches.iter().map(move |_| id));
+        let batches = self.norms.values().flatten();
+        Ok(adapters
+            .zip(host_norms(batches)?)
+            .map(|(adapter, (rows, norms))| MeasuredBatch {
+                adapter,
+                rows,
+                norms,
+            })
+            .collect())
     }
 
     /// A monitor that carries on from `measured` (a step checkpoint's), its norms on `device`.
@@ -187,17 +190,23 @@ impl StepMonitor {
         let Some(layers) = layers else {
             return Ok(scores);
         };
-        for (score, id) in scores.iter_mut().zip(adapters) {
-            let Some(batches) = self.norms.get(id).filter(|_| layers.contains(&id.layer)) else {
-                continue;
-            };
-            let values: Vec<f64> = host_norms(batches)?
-                .into_iter()
+        // Every scored batch in one transfer, then each adapter's mean over its batches.
+        let scored: Vec<(usize, &Vec<OnDevice>)> = adapters
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| layers.contains(&id.layer))
+            .filter_map(|(i, id)| Some((i, self.norms.get(id)?)))
+            .collect();
+        let mut norms = host_norms(scored.iter().flat_map(|(_, b)| b.iter()))?.into_iter();
+        for (i, batches) in scored {
+            let values: Vec<f64> = norms
+                .by_ref()
+                .take(batches.len())
                 .map(|(n, v)| importance_of(n, &v))
                 .filter(|v| v.is_finite())
                 .collect();
             if !values.is_empty() {
-                *score = values.iter().sum::<f64>() / values.len() as f64;
+                scores[i] = values.iter().sum::<f64>() / values.len() as f64;
             }
         }
         Ok(scores)
