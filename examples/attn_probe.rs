@@ -41,11 +41,7 @@ fn main() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let (mut fwd, mut bwd) = (vec![], vec![]);
     for _ in 0..12 {
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let start = Instant::now();
         let (_, saved) = attn
             .forward((&q, &k, &v), &mask, shape, None, &mut pass, true)

@@ -282,11 +282,7 @@ fn layer_state_matches_what_forward_keeps() {
             let layer = &m.layers[1];
             let got = measured_state(keep, |keep| {
                 let mut rng = StdRng::seed_from_u64(4);
-                let mut pass = Pass {
-                    training: true,
-                    rng: &mut rng,
-                    monitor: None,
-                };
+                let mut pass = Pass::training(&mut rng);
                 layer
                     .forward(&x.copy().unwrap(), &mask, shape, &mut pass, keep, None)
                     .unwrap()
@@ -305,11 +301,7 @@ fn layer_state_matches_what_forward_keeps() {
         let got = measured_state(keep, |keep| {
             let x = x.copy().unwrap();
             let mut rng = StdRng::seed_from_u64(4);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             match &m {
                 safetune::model::Decoder::Llama(l) => {
                     let (out, s) = l.layers[1]
@@ -355,11 +347,7 @@ fn step_estimate_is_within_ten_percent_of_the_measured_peak() {
             for r in &recomputes {
                 let got = measured_peak(|| {
                     let mut rng = StdRng::seed_from_u64(5);
-                    let mut pass = Pass {
-                        training: true,
-                        rng: &mut rng,
-                        monitor: None,
-                    };
+                    let mut pass = Pass::training(&mut rng);
                     let (logits, saved) = m.forward_train(&b, &mut pass, r).unwrap();
                     let (_, d) = safetune::nn::loss::cross_entropy(&logits, &labels).unwrap();
                     drop(logits);
@@ -384,11 +372,7 @@ fn step_estimate_is_within_ten_percent_of_the_measured_peak() {
             for r in &recomputes {
                 let got = measured_peak(|| {
                     let mut rng = StdRng::seed_from_u64(5);
-                    let mut pass = Pass {
-                        training: true,
-                        rng: &mut rng,
-                        monitor: None,
-                    };
+                    let mut pass = Pass::training(&mut rng);
                     m.loss_and_grads(&b, &mut pass, 1.0, r, None).unwrap();
                 });
                 let est = step_bytes(&m, r, ROWS, SEQ);

@@ -418,11 +418,7 @@ mod tests {
 
     fn fwd(l: &LoraLinear, x: &Tensor, save: bool) -> (Tensor, LoraLinearSaved) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         l.forward(x, &mut pass, save).unwrap()
     }
 
@@ -474,11 +470,7 @@ mod tests {
             let l = layer(&a, &b, true, p);
             let run = |save: Save| {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-                let mut pass = Pass {
-                    training: true,
-                    rng: &mut rng,
-                    monitor: None,
-                };
+                let mut pass = Pass::training(&mut rng);
                 l.forward_rows(&x, &mut pass, save, false).unwrap().1
             };
             let (kept, recomputed) = (run(Save::Input), run(Save::Recomputed));

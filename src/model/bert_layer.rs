@@ -96,6 +96,29 @@ pub struct BertLayerSaved {
     ln_out: NormSaved,
 }
 
+impl BertLayerSaved {
+    /// A forward's parts as one saved state: every part is Some when the forward saved.
+    fn gather(
+        lin: SiteStates<Site, LoraLinearSaved>,
+        attn: Option<AttentionSaved>,
+        drop_attn: Option<DropoutSaved>,
+        ln_attn: Option<NormSaved>,
+        gelu: Option<FfnSaved<GeluSaved>>,
+        drop_out: Option<DropoutSaved>,
+        ln_out: Option<NormSaved>,
+    ) -> Option<Self> {
+        Some(Self {
+            lin,
+            attn: attn?,
+            drop_attn,
+            ln_attn: ln_attn?,
+            gelu: gelu?,
+            drop_out,
+            ln_out: ln_out?,
+        })
+    }
+}
+
 /// Gradients of a layer's trainable adapters.
 pub type SiteGrads = Vec<(Site, LoraGrads)>;
 
@@ -139,17 +162,8 @@ impl BertLayer {
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let (out, ln_out) = self.ln_out.forward(&nn::add(&o, &a)?, save)?;
         // Every part is Some when `save` is set.
-        let saved = (|| {
-            Some(BertLayerSaved {
-                lin: lin.states,
-                attn: attn?,
-                drop_attn,
-                ln_attn: ln_attn?,
-                gelu: gelu?,
-                drop_out,
-                ln_out: ln_out?,
-            })
-        })();
+        let saved =
+            BertLayerSaved::gather(lin.states, attn, drop_attn, ln_attn, gelu, drop_out, ln_out);
         Ok((out, saved))
     }
 
@@ -187,17 +201,8 @@ impl BertLayer {
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
         let out = nn::add(&o, &a)?;
-        let saved = (|| {
-            Some(BertLayerSaved {
-                lin: lin.states,
-                attn: attn?,
-                drop_attn,
-                ln_attn: ln_attn?,
-                gelu: gelu?,
-                drop_out,
-                ln_out: ln_out?,
-            })
-        })();
+        let saved =
+            BertLayerSaved::gather(lin.states, attn, drop_attn, ln_attn, gelu, drop_out, ln_out);
         Ok((out, saved))
     }
 

@@ -75,20 +75,12 @@ fn loss_grads_with(
 ) -> (ModelGrads, ForwardSaved<crate::nn::head::HeadSaved>) {
     let (b, labels) = batch();
     let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let (logits, saved) = m.forward_train(&b, &mut pass, recompute).unwrap();
     let (_, dlogits) = crate::nn::loss::cross_entropy(&logits, &labels).unwrap();
     let (_, saved2) = {
         let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         m.forward_train(&b, &mut pass, recompute).unwrap()
     };
     (m.backward(saved, &dlogits).unwrap(), saved2)
@@ -169,11 +161,7 @@ fn whole_model_gradients_match_autograd() {
         assert_eq!(dense.is_some(), family != EncoderFamily::Bert);
         let (b, labels) = batch();
         let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let (logits, _) = taped
             .forward_train(&b, &mut pass, &Recompute::None)
             .unwrap();
@@ -539,11 +527,7 @@ fn qa_model_gradients_match_autograd() {
     let (starts, ends) = ([1u32, 2], [3u32, 3]);
     let forward = |m: &BertForQuestionAnswering| {
         let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         m.forward_train(&b, &mut pass, &Recompute::None).unwrap()
     };
     let (logits, saved) = forward(&m);

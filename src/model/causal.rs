@@ -404,11 +404,7 @@ pub(crate) fn test_grads<M: DecoderParts>(
     recompute: &Recompute,
 ) -> (LmLoss, SiteGrads<Site<M>>) {
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     loss_and_site_grads(m, &test_batch(DType::F64), &mut pass, 1.0, recompute, None).unwrap()
 }
 

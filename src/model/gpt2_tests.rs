@@ -112,11 +112,7 @@ fn whole_model_gradients_match_finite_differences() {
     let (_, ours) = grads(&m);
     let loss_of = |m: &Gpt2LMHeadModel| {
         let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let b = batch(DType::F64);
         let (hn, _) = m
             .forward_train(&b, &mut pass, &Recompute::None, None)
@@ -159,11 +155,7 @@ fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
     let mut taped = m.clone();
     let vars = crate::adapters::block::tape_adapters(&mut taped);
     let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let b = batch(DType::F64);
     let (hn, _) = taped
         .forward_train(&b, &mut pass, &Recompute::None, None)
@@ -212,11 +204,7 @@ fn frozen_bottom_layers_save_nothing() {
         }
     }
     let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let (_, saved) = m
         .forward_train(&batch(DType::F64), &mut pass, &Recompute::None, None)
         .unwrap();
@@ -419,11 +407,7 @@ fn hf_folder_trains_with_config_dropout() {
     let b = batch(DType::F64);
     let train_loss = |m: &Gpt2LMHeadModel| {
         let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let (hn, _) = m
             .forward_train(&b, &mut pass, &Recompute::None, None)
             .unwrap();

@@ -83,11 +83,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             "checkpointed",
         );
         let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let (_, saved) = m
             .forward_train(&batch(), &mut pass, &Recompute::All, None)
             .unwrap();
@@ -148,11 +144,7 @@ fn whole_model_gradients_match_autograd() {
         let mut taped = m.clone();
         let vars = crate::adapters::block::tape_adapters(&mut taped);
         let mut rng = StdRng::seed_from_u64(5);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let b = batch();
         let (hn, _) = taped
             .forward_train(&b, &mut pass, &Recompute::None, None)
@@ -191,11 +183,7 @@ fn frozen_bottom_layers_save_nothing() {
         }
     }
     let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let (_, saved) = m
         .forward_train(&batch(), &mut pass, &Recompute::None, None)
         .unwrap();

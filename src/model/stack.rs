@@ -124,11 +124,7 @@ impl<S> FfnSaved<S> {
     pub fn get(self, run: impl FnOnce(&mut Pass) -> Result<S>) -> Result<S> {
         match self {
             FfnSaved::Kept(s) => Ok(s),
-            FfnSaved::Recompute(mut rng) => run(&mut Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            }),
+            FfnSaved::Recompute(mut rng) => run(&mut Pass::training(&mut rng)),
         }
     }
 }
@@ -227,11 +223,7 @@ pub fn backward<L, S, G>(
         let state = match kept {
             Kept::State(s) => s,
             Kept::Checkpoint(x, mut rng) => {
-                let mut pass = Pass {
-                    training: true,
-                    rng: &mut rng,
-                    monitor: None,
-                };
+                let mut pass = Pass::training(&mut rng);
                 state(&layers[i], &x, &mut pass)?
             }
         };

@@ -53,11 +53,7 @@ fn loss_of(logits: &Tensor) -> (f32, Tensor) {
 fn grads(m: &ViTForImageClassification, recompute: &Recompute) -> ModelGrads {
     let b = image_batch(m, pixels());
     let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let (logits, saved) = m.forward_train(&b, &mut pass, recompute).unwrap();
     let (_, dlogits) = loss_of(&logits);
     m.backward(saved, &dlogits).unwrap()
@@ -67,11 +63,7 @@ fn grads(m: &ViTForImageClassification, recompute: &Recompute) -> ModelGrads {
 fn loss_f64(m: &ViTForImageClassification) -> f64 {
     let b = image_batch(m, pixels());
     let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let (logits, _) = m.forward_train(&b, &mut pass, &Recompute::None).unwrap();
     let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
     let logp: Vec<Vec<f64>> = logits.broadcast_sub(&lse).unwrap().to_vec2().unwrap();
@@ -116,11 +108,7 @@ fn whole_model_gradients_match_autograd() {
     taped.head.classifier.weight = crate::nn::linear::Weight::Dense(w.as_tensor().clone());
     let b = image_batch(&m, pixels());
     let mut rng = StdRng::seed_from_u64(5);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let (logits, _) = taped
         .forward_train(&b, &mut pass, &Recompute::None)
         .unwrap();

@@ -775,11 +775,7 @@ mod tests {
         let dy = randn(&[b * t, cq], 44);
         let fwd = |q: &Tensor, k: &Tensor, v: &Tensor, save: bool| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             attn.forward((q, k, v), &mask_add, shape, rope, &mut pass, save)
                 .unwrap()
         };
@@ -930,11 +926,7 @@ mod tests {
         let dy = f32(randn(&[b * t, cq], 4));
         let run = |fused: bool| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             let qkv = (&q, &k, &v);
             let (y, s) = if fused {
                 attn.forward(qkv, &mask_add, shape, rope, &mut pass, true)
@@ -995,11 +987,7 @@ mod tests {
             let (q, k, v) = (x(cq, 1), x(ckv, 2), x(ckv, 3));
             let mask_add = mask(b, t, true, dtype);
             let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             let (_, saved) = attn
                 .forward((&q, &k, &v), &mask_add, shape, rope, &mut pass, true)
                 .unwrap();
@@ -1036,11 +1024,7 @@ mod tests {
         let run = |dtype: DType| {
             let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             let (y, s) = attn
                 .forward(
                     (&c(&q), &c(&k), &c(&v)),
@@ -1092,11 +1076,7 @@ mod tests {
         for fused in [true, false] {
             let out = |q: &Tensor, k: &Tensor, v: &Tensor| {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-                let mut pass = Pass {
-                    training: false,
-                    rng: &mut rng,
-                    monitor: None,
-                };
+                let mut pass = Pass::evaluating(&mut rng);
                 let r = if fused {
                     attn.forward((q, k, v), &mask_add, shape, Some(&rope), &mut pass, false)
                 } else {
@@ -1134,11 +1114,7 @@ mod tests {
     fn rejects_widths_that_do_not_fit_the_heads() {
         let attn = decoder(0.0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::evaluating(&mut rng);
         let q = randn(&[5, 16], 1);
         let mask_add = mask(1, 5, false, DType::F64);
         let s = AttnShape { batch: 1, seq: 5 };
@@ -1160,11 +1136,7 @@ mod tests {
         vals[8..].iter_mut().for_each(|x| *x += 100.0);
         let v2 = Tensor::from_vec(vals, (3, 4), &Device::Cpu).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::evaluating(&mut rng);
         let s = AttnShape { batch: 1, seq: 3 };
         let a = attn
             .forward((&q, &q, &v1), &mask_add, s, None, &mut pass, false)

@@ -96,11 +96,7 @@ impl AttentionCase<'_> {
     /// `dt`; and whether the flash kernels ran.
     fn run(&self, fused: bool, dt: DType) -> Result<([Tensor; 4], bool)> {
         let mut rng = StdRng::seed_from_u64(0);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let c = |x: &Tensor| x.to_dtype(dt);
         let [q, k, v] = &self.qkv;
         let qkv = (&c(q)?, &c(k)?, &c(v)?);
@@ -386,11 +382,7 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     for n in [3 * 4096 + 123, 2 * 4096 + 64] {
         let x = r(&[n], 16, 1.0, 0.0)?;
         let mut rng = StdRng::seed_from_u64(17);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let (y, saved) = Dropout::new(0.1).forward(&x, &mut pass, true)?;
         // The device's mask, as its backward redraws it: kept where the gradient of ones is not 0.
         let ones = x.ones_like()?;
@@ -913,9 +905,11 @@ fn queued_ms(device: &Device, call: impl Fn() -> Result<Tensor>) -> Result<f64> 
     Ok(t0.elapsed().as_secs_f64() * 1e3 / 20.0)
 }
 
-/// Median milliseconds of one attention forward (saving) and one backward at the shape of
-/// [`attention_peak_mb`].
-fn attention_ms(device: &Device, fused: bool) -> Result<(f64, f64)> {
+/// The attention timings' case: 1 x 4096 tokens, 32 heads of 128, causal, bf16: the attention,
+/// `[q, k, v, dy]`, the additive mask and the shape.
+type TimedAttention = (Attention, [Tensor; 4], Tensor, AttnShape);
+
+fn timed_attention(device: &Device) -> Result<TimedAttention> {
     let (b, t, heads, d) = (1, 4096, 32, 128);
     let attn = Attention {
         num_heads: heads,
@@ -924,17 +918,19 @@ fn attention_ms(device: &Device, fused: bool) -> Result<(f64, f64)> {
         dropout: Dropout::new(0.0),
     };
     let x = |seed| rand(&[b * t, heads * d], seed, 1.0, 0.0, DType::BF16, device);
-    let (q, k, v, dy) = (x(31)?, x(32)?, x(33)?, x(34)?);
+    let qkvd = [x(31)?, x(32)?, x(33)?, x(34)?];
     let mask = Tensor::zeros((b, 1, 1, t), DType::F32, device)?;
-    let shape = AttnShape { batch: b, seq: t };
+    Ok((attn, qkvd, mask, AttnShape { batch: b, seq: t }))
+}
+
+/// Median milliseconds of one attention forward (saving) and one backward at the shape of
+/// [`attention_peak_mb`].
+fn attention_ms(device: &Device, fused: bool) -> Result<(f64, f64)> {
+    let (attn, [q, k, v, dy], mask, shape) = timed_attention(device)?;
     let mut rng = StdRng::seed_from_u64(0);
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
     for _ in 0..7 {
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         device.synchronize()?;
         let t0 = std::time::Instant::now();
         let (_y, s) = if fused {
@@ -961,23 +957,9 @@ fn attention_ms(device: &Device, fused: bool) -> Result<(f64, f64)> {
 /// 1 x 4096 tokens, 32 heads of 128, causal, bf16, above what was allocated before it; and whether
 /// the flash kernels ran.
 fn attention_peak_mb(device: &Device, fused: bool) -> Result<(f64, bool)> {
-    let (b, t, heads, d) = (1, 4096, 32, 128);
-    let attn = Attention {
-        num_heads: heads,
-        num_kv_heads: heads,
-        causal: true,
-        dropout: Dropout::new(0.0),
-    };
-    let x = |seed| rand(&[b * t, heads * d], seed, 1.0, 0.0, DType::BF16, device);
-    let (q, k, v, dy) = (x(31)?, x(32)?, x(33)?, x(34)?);
-    let mask = Tensor::zeros((b, 1, 1, t), DType::F32, device)?;
-    let shape = AttnShape { batch: b, seq: t };
+    let (attn, [q, k, v, dy], mask, shape) = timed_attention(device)?;
     let mut rng = StdRng::seed_from_u64(0);
-    let mut pass = Pass {
-        training: true,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::training(&mut rng);
     let (peak, used) = pool_peak_over(device, || {
         let (_y, s) = if fused {
             attn.forward((&q, &k, &v), &mask, shape, None, &mut pass, true)?

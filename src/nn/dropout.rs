@@ -179,11 +179,7 @@ mod tests {
         let d = Dropout::new(0.25);
         let run = |seed| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             d.forward(&x, &mut pass, false).unwrap().0
         };
         let (a, b, c) = (run(1), run(1), run(2));
@@ -231,11 +227,7 @@ mod tests {
             .unwrap();
         let mask = |x: &Tensor| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             let (y, s) = Dropout::new(0.3).forward(x, &mut pass, true).unwrap();
             let kept = |t: Tensor| -> Vec<u8> {
                 let t = t.ne(0.0).unwrap();
@@ -269,11 +261,7 @@ mod tests {
         let d = Dropout::new(0.5);
         let fwd = |x: &Tensor, save| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             d.forward(x, &mut pass, save).unwrap()
         };
         let dx = fwd(&x, true).1.unwrap().backward(&dy).unwrap();

@@ -310,11 +310,7 @@ mod tests {
             };
             let fwd = |x: &[Tensor], save: bool| {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-                let mut pass = Pass {
-                    training: true,
-                    rng: &mut rng,
-                    monitor: None,
-                };
+                let mut pass = Pass::training(&mut rng);
                 head_with(x).forward(&x[0], b, t, &mut pass, save).unwrap()
             };
             let inputs = [h.clone(), w.clone(), bias.clone(), dw.clone(), db.clone()];
@@ -357,11 +353,7 @@ mod tests {
             };
             let fwd = |x: &[Tensor], save: bool| {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-                let mut pass = Pass {
-                    training: true,
-                    rng: &mut rng,
-                    monitor: None,
-                };
+                let mut pass = Pass::training(&mut rng);
                 head(&x[1], &x[2]).forward(&x[0], &mut pass, save).unwrap()
             };
             let inputs = [h.clone(), w.clone(), bias.clone()];

@@ -60,6 +60,26 @@ pub trait RowSink {
     fn take(&mut self, site: usize, y: &Tensor, u: &Tensor, b: &Tensor) -> candle_core::Result<()>;
 }
 
+impl<'a> Pass<'a> {
+    /// A training pass (dropout on) that draws its masks from `rng`, with no monitor.
+    pub fn training(rng: &'a mut rand::rngs::StdRng) -> Self {
+        Self {
+            training: true,
+            rng,
+            monitor: None,
+        }
+    }
+
+    /// A pass with dropout off (its RNG is never drawn from), with no monitor.
+    pub fn evaluating(rng: &'a mut rand::rngs::StdRng) -> Self {
+        Self {
+            training: false,
+            rng,
+            monitor: None,
+        }
+    }
+}
+
 impl Pass<'_> {
     /// Tells the monitor, when there is one, which rows of this pass are real tokens.
     pub fn monitor_tokens(&mut self, attention_mask: &[u32]) {
@@ -88,11 +108,7 @@ impl Pass<'_> {
     /// Runs `f` with an inference pass: no dropout, so its RNG is never drawn from.
     pub fn inference<T>(f: impl FnOnce(&mut Pass) -> T) -> T {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-        f(&mut Pass {
-            training: false,
-            rng: &mut rng,
-            monitor: None,
-        })
+        f(&mut Pass::evaluating(&mut rng))
     }
 }
 

@@ -514,11 +514,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         mem.reset_peak();
         let f0 = flops::total();
         let t = Instant::now();
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let (loss, grads) = model.step(&inputs, &mut pass, a.gradient_checkpointing)?;
         super::run::adamw_step(model.params(), &mut opt, &grads, 1e-3, 1.0)?;
         drop(grads);

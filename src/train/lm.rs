@@ -729,11 +729,7 @@ mod tests {
             (0..2)
                 .map(|_| {
                     let mut r = StdRng::seed_from_u64(9);
-                    let mut pass = Pass {
-                        training: true,
-                        rng: &mut r,
-                        monitor: None,
-                    };
+                    let mut pass = Pass::training(&mut r);
                     let out = t
                         .step(&m, &[2, 0], &mut pass, 1.0, &Recompute::None)
                         .unwrap();

@@ -305,11 +305,7 @@ mod tests {
             bottom: FrozenBottom,
         ) -> StepOutput {
             let mut rng = StdRng::seed_from_u64(9);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             forward_backward(m, batch, &mut pass, 1.0, bottom, &Recompute::None).unwrap()
         }
         let plain = run(&m, &batch, FrozenBottom::Inference);
@@ -411,11 +407,7 @@ mod dtype_tests {
         assert_eq!(m16.head.classifier.weight.dtype(), DType::F32);
         let run = |m: &BertForSequenceClassification| {
             let mut rng = StdRng::seed_from_u64(9);
-            let mut pass = Pass {
-                training: true,
-                rng: &mut rng,
-                monitor: None,
-            };
+            let mut pass = Pass::training(&mut rng);
             forward_backward(
                 m,
                 &batch(),
@@ -450,11 +442,7 @@ mod dtype_tests {
     fn the_optimizer_step_leaves_each_adapter_its_next_bf16_copy() {
         let mut m = model(DType::BF16);
         let mut rng = StdRng::seed_from_u64(9);
-        let mut pass = Pass {
-            training: true,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::training(&mut rng);
         let out = forward_backward(
             &m,
             &batch(),

@@ -194,11 +194,7 @@ pub fn predict_logits(
 ) -> Result<Vec<Vec<f32>>> {
     let device = model.head.classifier.weight.device();
     let mut rng = StdRng::seed_from_u64(0);
-    let mut pass = Pass {
-        training: false,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::evaluating(&mut rng);
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(batch_size.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
@@ -220,11 +216,7 @@ pub fn evaluate(
 ) -> Result<Scores> {
     let device = model.head.classifier.weight.device();
     let mut rng = StdRng::seed_from_u64(0);
-    let mut pass = Pass {
-        training: false,
-        rng: &mut rng,
-        monitor: None,
-    };
+    let mut pass = Pass::evaluating(&mut rng);
     let (mut pred_c, mut gold_c, mut pred_v, mut gold_v) = (vec![], vec![], vec![], vec![]);
     let mut loss_sum = 0.0;
     for chunk in items.chunks(batch_size.max(1)) {
@@ -660,11 +652,7 @@ mod tests {
             seq: b.seq,
         };
         let mut rng = StdRng::seed_from_u64(0);
-        let mut pass = Pass {
-            training: false,
-            rng: &mut rng,
-            monitor: None,
-        };
+        let mut pass = Pass::evaluating(&mut rng);
         let rows = |x: &Tensor| -> Vec<f64> {
             let v: Vec<Vec<f32>> = x.to_vec2().unwrap();
             keep.iter()
