@@ -449,26 +449,28 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
 
     // SAFE's CKA terms in the Gram form (`cka::gram_terms`, fused on CUDA around a TF32 product)
     // against the candle composition on the same rows in f64, each block of terms to 2e-3 of its
-    // scale, at a LLaMA-7B q/v adapter's width with padding rows left out and with every row;
-    // the FLOPs each counts must agree too.
-    // An adapted linear's rows `y` `[tokens, d]` and `u` `[tokens, rank]`, its `b` `[d, rank]`
-    // (f32) and `keep` token rows spread over the tokens, drawn from `seed` on.
-    let cka_rows = |tokens: usize, keep: usize, d: usize, rank: usize, seed: u64| -> Result<_> {
-        let y = r(&[tokens, d], seed, 2.0, 0.3)?;
+    // scale, at a LLaMA-7B q/v adapter's width with padding rows left out and with every row, and
+    // with rows far from centred; the FLOPs each counts must agree too.
+    // An adapted linear's rows `y` `[tokens, d]` (mean `y_mean`) and `u` `[tokens, rank]`, its
+    // `b` `[d, rank]` (f32) and `keep` token rows spread over the tokens, drawn from `seed` on.
+    let cka_rows = |tokens: usize, keep: usize, d: usize, rank: usize, y_mean: f64, seed: u64| {
+        let y = r(&[tokens, d], seed, 2.0, y_mean)?;
         let u = r(&[tokens, rank], seed + 1, 1.0, -0.2)?;
         let b = rand(&[d, rank], seed + 2, 0.05, 0.0, DType::F32, device)?;
         let rows: Vec<u32> = (0..keep as u32)
             .map(|i| i * tokens as u32 / keep as u32)
             .collect();
-        Ok((y, u, b, Tensor::new(rows, device)?))
+        Ok::<_, candle_core::Error>((y, u, b, Tensor::new(rows, device)?))
     };
-    for (tokens, keep) in [(96, 80), (512, 512)] {
+    // Rows uniform over +-2 about 0.3, and about 5 (the mean 4.3 times the spread).
+    for (tokens, keep, y_mean) in [(96, 80, 0.3), (512, 512, 0.3), (512, 512, 5.0)] {
         let (d, rank) = (4096, 8);
-        let (y, u, b, rows) = cka_rows(tokens, keep, d, rank, 18)?;
+        let (y, u, b, rows) = cka_rows(tokens, keep, d, rank, y_mean, 18)?;
         let pick = |t: &Tensor| super::cka::pick_rows(t, &rows);
+        let what = format!("cka gram terms {keep} of {tokens} rows, mean {y_mean}");
         out.extend(cka_checks(
-            &format!("cka gram terms {keep} of {tokens} rows, d {d}, r {rank}"),
-            &format!("cka gram terms {keep} of {tokens} rows: FLOPs counted, difference"),
+            &format!("{what}, d {d}, r {rank}"),
+            &format!("{what}: FLOPs counted, difference"),
             &dname,
             (|f: &Tensor, c: &Tensor| gram_terms_err(f, c, rank), 2e-3),
             || super::cka::gram_terms(&y, &u, &b, &rows),
@@ -510,7 +512,7 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     // out; the FLOPs each counts must agree too.
     {
         let (tokens, keep, d, rank) = (2100, 2048, 384, 8);
-        let (y, u, b, rows) = cka_rows(tokens, keep, d, rank, 27)?;
+        let (y, u, b, rows) = cka_rows(tokens, keep, d, rank, 0.3, 27)?;
         out.extend(cka_checks(
             &format!("cka low-rank norms {keep} of {tokens} rows, d {d}, r {rank}"),
             &format!("cka low-rank norms {keep} of {tokens} rows: FLOPs counted, difference"),
