@@ -233,6 +233,7 @@ struct PassMemory {
     below: usize,
     /// Each layer from `first` up.
     layers: Vec<(usize, LayerMemory)>,
+    /// The head and its loss.
     head: usize,
 }
 
