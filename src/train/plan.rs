@@ -390,8 +390,7 @@ pub fn plan(
         } else {
             0
         };
-        let Some(chosen) = cheapest_recompute(model, first, &through, rows, seq, measure, target)
-        else {
+        let Some(chosen) = cheapest_recompute(model, &through, rows, seq, measure, target) else {
             continue;
         };
         // Work in hundredths of a layer forward per token: 3 per trained layer (forward,
@@ -437,7 +436,6 @@ struct Chosen {
 /// every layer checkpointed does not fit.
 fn cheapest_recompute(
     model: &impl StepMemory,
-    first: usize,
     through: &[usize],
     rows: usize,
     seq: usize,
@@ -446,7 +444,7 @@ fn cheapest_recompute(
 ) -> Option<Chosen> {
     let n = model.num_layers();
     let pass = PassMemory::of(model, rows, seq);
-    let x = pass.x;
+    let (x, first) = (pass.x, pass.first);
     let of = |l: usize| pass.layer(l);
     let mut whole_order: Vec<usize> = through.to_vec();
     let mut trained: Vec<usize> = (first..n).filter(|l| !through.contains(l)).collect();
