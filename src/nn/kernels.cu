@@ -1001,7 +1001,6 @@ extern "C" __global__ void st_cka_col_sums(const double* partial, int chunks, in
   sums[j] = t;
 }
 
-
 // M = E E^T on TF32 tensor cores (mma.sync m16n8k8, f32 accumulation) for E [m, k] f32
 // row-major, both triangles. Block (tile pair p, split s) forms the 64 x 64 tile (ti, tj),
 // ti <= tj, over columns [s kc, (s + 1) kc) of E into parts[s], mirrored to (tj, ti) off the

@@ -150,14 +150,16 @@ impl StepMonitor {
 
     /// The micro-batches measured so far, on the host.
     pub fn measured(&self) -> Result<Vec<MeasuredBatch>> {
-        let adapters = self
+        let batches: Vec<(AdapterId, &OnDevice)> = self
             .norms
             .iter()
-            .flat_map(|(&id, batches)| batches.iter().map(move |_| id));
-        let batches = self.norms.values().flatten();
-        Ok(adapters
-            .zip(host_norms(batches)?)
-            .map(|(adapter, (rows, norms))| MeasuredBatch {
+            .flat_map(|(&id, batches)| batches.iter().map(move |b| (id, b)))
+            .collect();
+        let on_host = host_norms(batches.iter().map(|&(_, b)| b))?;
+        Ok(batches
+            .iter()
+            .zip(on_host)
+            .map(|(&(adapter, _), (rows, norms))| MeasuredBatch {
                 adapter,
                 rows,
                 norms,
