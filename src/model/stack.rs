@@ -191,10 +191,11 @@ pub fn forward<L, S>(
     for (i, layer) in layers.iter().enumerate() {
         let keep = recompute.keep(first + i);
         let point = (!keep.saves()).then(|| (h.clone(), pass.rng.clone()));
-        pass.monitor_layer(Some(first + i));
+        pass.monitor_layer(Some(first + i))?;
         let run_layer = run(layer, &h, pass, keep);
-        pass.monitor_layer(None);
+        let measured = pass.monitor_layer(None);
         let (out, saved) = run_layer?;
+        measured?;
         kept.push(match (point, saved) {
             (Some((x, rng)), _) => Kept::Checkpoint(x, Box::new(rng)),
             (None, Some(s)) => Kept::State(s),

@@ -478,6 +478,34 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
         )?);
     }
 
+    // Two adapters' Gram terms in one call (`cka::gram_terms_batch`, one set of the fused
+    // kernels' launches on CUDA) against each alone: the same arithmetic, so the same bits, and
+    // the same FLOPs counted.
+    for (tokens, keep) in [(96, 80), (512, 512)] {
+        let (d, rank) = (4096, 8);
+        let first = cka_rows(tokens, keep, d, rank, 0.3, 18)?;
+        let second = cka_rows(tokens, keep, d, rank, -1.0, 30)?;
+        let rows = &first.3;
+        let items = [
+            (&first.0, &first.1, &first.2),
+            (&second.0, &second.1, &second.2),
+        ];
+        out.extend(cka_checks(
+            &format!("cka gram terms of 2 adapters in one call vs alone, {keep} of {tokens} rows"),
+            &format!("cka gram terms of 2 adapters in one call, {keep} of {tokens} rows: FLOPs counted, difference"),
+            &dname,
+            (rel, 0.0),
+            || Tensor::stack(&super::cka::gram_terms_batch(&items, rows)?, 0),
+            || {
+                let alone: Result<Vec<Tensor>> = items
+                    .iter()
+                    .map(|&(y, u, b)| super::cka::gram_terms(y, u, b, rows))
+                    .collect();
+                Tensor::stack(&alone?, 0)
+            },
+        )?);
+    }
+
     // SAFE's CKA norms from the moment form's low-rank moments (`cka::LowRankMoments::norms`,
     // fused on CUDA) against their composition, at MiniLM's q/v adapter (d 384, r 8) over 2,048
     // rows, and at a wider, higher-rank one; the FLOPs each counts must agree too.
@@ -646,23 +674,34 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
                 &dname,
                 comp_mb,
             ));
-            // What the memory plan counts for SAFE's fused Gram terms against the pool.
-            let (peak, counted) = cka_gram_peak(device)?;
-            let err = (peak as f64 - counted as f64).abs() / counted as f64;
-            out.push(Check {
-                name: "cka gram terms 512 rows d 4096 r 8: pool peak vs gpu::cka_gram_bytes".into(),
-                dtype: dname.clone(),
-                rel_err: err,
-                tol: 0.1,
-                ok: err <= 0.1,
-            });
-            // SAFE's per-adapter measurement at a 7B q/v adapter over 512 token rows, ms a
-            // call (20 calls queued back to back), for information.
-            for (fused, kind) in [(true, "fused"), (false, "composition")] {
+            // What the memory plan counts for SAFE's fused Gram terms against the pool, for
+            // one adapter and for a call that measures two.
+            for count in [1, 2] {
+                let (peak, counted) = cka_gram_peak(device, count)?;
+                let err = (peak as f64 - counted as f64).abs() / counted as f64;
+                out.push(Check {
+                    name: format!(
+                        "cka gram terms of {count} adapter(s), 512 rows d 4096 r 8: pool peak vs \
+                         gpu::cka_gram_bytes"
+                    ),
+                    dtype: dname.clone(),
+                    rel_err: err,
+                    tol: 0.1,
+                    ok: err <= 0.1,
+                });
+            }
+            // SAFE's measurement at a 7B q/v adapter over 512 token rows, ms a call (20 calls
+            // queued back to back), for information: one adapter fused, two in one call, one
+            // composed.
+            for kind in [
+                GramTiming::Fused,
+                GramTiming::FusedPair,
+                GramTiming::Composed,
+            ] {
                 out.push(Check::info(
-                    format!("  (timing: cka gram terms 512 rows d 4096 r 8, {kind} ms)"),
+                    format!("  (timing: cka gram terms 512 rows d 4096 r 8, {kind:?} ms)"),
                     &dname,
-                    cka_gram_ms(device, fused)?,
+                    cka_gram_ms(device, kind)?,
                 ));
             }
             // The moment form's norms at MiniLM's q/v adapter (d 384, r 8), ms a call.
@@ -709,36 +748,58 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
     Ok(out)
 }
 
+/// What [`cka_gram_ms`] times: one adapter's fused terms, two adapters' in one call, or one
+/// adapter's composition.
+#[derive(Clone, Copy, Debug)]
+enum GramTiming {
+    Fused,
+    FusedPair,
+    Composed,
+}
+
 /// Milliseconds a call of SAFE's Gram-form CKA terms takes at a LLaMA-7B q/v adapter (512 rows,
 /// width 4096, rank 8, bf16 rows), 20 calls queued back to back after 3 to warm up.
-fn cka_gram_ms(device: &Device, fused: bool) -> Result<f64> {
+fn cka_gram_ms(device: &Device, kind: GramTiming) -> Result<f64> {
     let y = rand(&[512, 4096], 41, 1.0, 0.0, DType::BF16, device)?;
     let u = rand(&[512, 8], 42, 1.0, 0.0, DType::BF16, device)?;
     let b = rand(&[4096, 8], 43, 0.05, 0.0, DType::F32, device)?;
+    let y2 = rand(&[512, 4096], 47, 1.0, 0.0, DType::BF16, device)?;
     let rows = Tensor::arange(0u32, 512, device)?;
     let call = || -> Result<Tensor> {
-        if fused {
-            super::cka::gram_terms(&y, &u, &b, &rows)
-        } else {
-            let pick = |t: &Tensor| super::cka::pick_rows(t, &rows);
-            super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?)
+        match kind {
+            GramTiming::Fused => super::cka::gram_terms(&y, &u, &b, &rows),
+            GramTiming::FusedPair => {
+                let items = [(&y, &u, &b), (&y2, &u, &b)];
+                Ok(super::cka::gram_terms_batch(&items, &rows)?.remove(0))
+            }
+            GramTiming::Composed => {
+                let pick = |t: &Tensor| super::cka::pick_rows(t, &rows);
+                super::cka::gram_terms_composed(&pick(&y)?, &pick(&u)?, &b.to_dtype(DType::F64)?)
+            }
         }
     };
     queued_ms(device, call)
 }
 
-/// The pool's peak above its inputs over one call of SAFE's fused Gram terms at a LLaMA-7B q/v
-/// adapter (512 of 2,048 token rows, width 4096, rank 8, bf16 rows), and what
-/// `gpu::cka_gram_bytes` counts for it (the memory plan's figure).
-fn cka_gram_peak(device: &Device) -> Result<(usize, usize)> {
+/// The pool's peak above its inputs over one call of SAFE's fused Gram terms of `count`
+/// adapters at a LLaMA-7B q/v adapter's shape (512 of 2,048 token rows, width 4096, rank 8,
+/// bf16 rows), and what `gpu::cka_gram_bytes` counts for them (the memory plan's figure).
+fn cka_gram_peak(device: &Device, count: usize) -> Result<(usize, usize)> {
     let (n, d, r) = (512, 4096, 8);
-    let y = rand(&[4 * n, d], 44, 1.0, 0.0, DType::BF16, device)?;
-    let u = rand(&[4 * n, r], 45, 1.0, 0.0, DType::BF16, device)?;
-    let b = rand(&[d, r], 46, 0.05, 0.0, DType::F32, device)?;
+    let mut inputs = Vec::new();
+    for a in 0..count as u64 {
+        inputs.push((
+            rand(&[4 * n, d], 44 + 3 * a, 1.0, 0.0, DType::BF16, device)?,
+            rand(&[4 * n, r], 45 + 3 * a, 1.0, 0.0, DType::BF16, device)?,
+            rand(&[d, r], 46 + 3 * a, 0.05, 0.0, DType::F32, device)?,
+        ));
+    }
+    let items: Vec<(&Tensor, &Tensor, &Tensor)> =
+        inputs.iter().map(|(y, u, b)| (y, u, b)).collect();
     let picked: Vec<u32> = (0..n as u32).map(|i| 4 * i + 1).collect();
     let rows = Tensor::from_vec(picked, n, device)?;
-    let (peak, _terms) = pool_peak_over(device, || super::cka::gram_terms(&y, &u, &b, &rows))?;
-    Ok((peak, super::gpu::cka_gram_bytes(n, d, r)))
+    let (peak, _terms) = pool_peak_over(device, || super::cka::gram_terms_batch(&items, &rows))?;
+    Ok((peak, count * super::gpu::cka_gram_bytes(n, d, r)))
 }
 
 /// The device pool's high-water mark while `f` runs, above what was live before it, and what

@@ -28,17 +28,49 @@ pub fn batch_bytes(n: usize, d: usize, r: usize, act: usize, on_cuda: bool) -> u
     }
 }
 
+/// How many adapters' measurements ([`batch_bytes`] each) SAFE's in-step monitor holds at once
+/// for adapters of width `d`, rank `r` over `n` token rows: the Gram form's fused CUDA kernels
+/// are latency-bound at SAFE's shapes, so a layer's adapters are measured
+/// [`CKA_GRAM_BATCH`](super::gpu::CKA_GRAM_BATCH) at a time ([`gram_terms_batch`]), their rows
+/// kept until then; every other form and path measures each adapter as its rows come.
+pub fn measured_together(n: usize, d: usize, r: usize, on_cuda: bool) -> usize {
+    if gram_form(n, d) && super::gpu::cka_gram_fused(on_cuda, d, r) {
+        super::gpu::CKA_GRAM_BATCH
+    } else {
+        1
+    }
+}
+
 /// The Gram form's terms (see [`gram_terms_composed`]) of the token rows `rows` of `y` `[N, d]`
 /// and `u` `[N, r]`, with `b` `[d, r]`.
 pub fn gram_terms(y: &Tensor, u: &Tensor, b: &Tensor, rows: &Tensor) -> Result<Tensor> {
-    if let Some(t) = super::gpu::cka_gram_terms(y, u, b, rows)? {
-        return Ok(t);
+    if let Some(t) = super::gpu::cka_gram_terms(&[(y, u, b)], rows)? {
+        return t.get(0);
     }
     gram_terms_composed(
         &pick_rows(y, rows)?,
         &pick_rows(u, rows)?,
         &b.to_dtype(DType::F64)?,
     )
+}
+
+/// [`gram_terms`] of several adapters' `(y, u, b)` over the same token rows, one tensor each:
+/// on CUDA up to [`CKA_GRAM_BATCH`](super::gpu::CKA_GRAM_BATCH) of one shape share one set of
+/// the fused kernels' launches (latency-bound at SAFE's shapes), with each adapter's terms the
+/// same as alone; otherwise one by one.
+pub fn gram_terms_batch(
+    items: &[(&Tensor, &Tensor, &Tensor)],
+    rows: &Tensor,
+) -> Result<Vec<Tensor>> {
+    if items.len() > 1 {
+        if let Some(t) = super::gpu::cka_gram_terms(items, rows)? {
+            return (0..items.len()).map(|i| t.get(i)).collect();
+        }
+    }
+    items
+        .iter()
+        .map(|&(y, u, b)| gram_terms(y, u, b, rows))
+        .collect()
 }
 
 /// The Gram form's terms of one batch's rows at the linear, `X = Y + U B^T` (`Y` `[n, d]`, `U`
@@ -202,8 +234,10 @@ pub fn col_mean(t: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::batch_bytes;
-    use crate::nn::gpu::{cka_gram_bytes, cka_gram_splits, AVAILABLE, CKA_MAX_RANK};
+    use super::{batch_bytes, measured_together};
+    use crate::nn::gpu::{
+        cka_gram_bytes, cka_gram_splits, AVAILABLE, CKA_GRAM_BATCH, CKA_MAX_RANK,
+    };
 
     #[test]
     fn the_measurement_is_counted_in_the_form_and_path_that_run() {
@@ -226,6 +260,13 @@ mod tests {
         assert_eq!(batch_bytes(512, 4098, 8, 2, true), composed(512, 4098));
         // The kernels hold E and E E^T in f32, a fraction of the composition's f64 rows.
         assert!(cka_gram_bytes(512, 4096, 8) < composed(512, 4096) / 5);
+        // Where they run they measure a layer's adapters two at a time (the monitor keeps the
+        // first one's rows until the second's come); every other form and path one at a time.
+        let pairs = if AVAILABLE { CKA_GRAM_BATCH } else { 1 };
+        assert_eq!(measured_together(512, 4096, 8, true), pairs);
+        assert_eq!(measured_together(512, 4096, 8, false), 1);
+        assert_eq!(measured_together(4097, 4096, 8, true), 1);
+        assert_eq!(measured_together(512, 4098, 8, true), 1);
     }
 
     #[test]

@@ -1531,16 +1531,17 @@ mod imp {
         Ok(out)
     }
 
-    /// `E E^T` `[m, m]` in f32 of a contiguous f32 `e` `[m, k]` on TF32 tensor cores (its
-    /// inputs carry bf16 activations' precision at best), with safetune's own kernel: the upper
-    /// triangle's 64 x 64 tiles times [`super::cka_gram_splits`] column chunks side by side, the
-    /// chunks' products summed, the tiles copied with `cp.async` (so `k` a multiple of 4).
-    /// cuBLAS's TF32 product is faster once running (a call of the terms took 50 us with it, 58
-    /// us with this kernel, at SAFE's 7B shape on an H100) but cost 55-82 ms at its first use in
-    /// a process, which SAFE's first measured step paid; this kernel loads with safetune's
-    /// module at the run's first step.
+    /// `E E^T` in f32 of each `E` `[m, k]` of a contiguous f32 `e` `[count, m, k]` on TF32
+    /// tensor cores (its inputs carry bf16 activations' precision at best), with safetune's own
+    /// kernel: the upper triangle's 64 x 64 tiles times [`super::cka_gram_splits`] column
+    /// chunks side by side, the tiles copied with `cp.async` (so `k` a multiple of 4). Returns
+    /// the chunks' partial products `[count, splits, m, m]`, which their readers add, and
+    /// `splits`. cuBLAS's TF32 product is faster once running (a call of the terms took 50 us
+    /// with it, 58 us with this kernel, at SAFE's 7B shape on an H100) but cost 55-82 ms at its
+    /// first use in a process, which SAFE's first measured step paid; this kernel loads with
+    /// safetune's module at the run's first step.
     fn gram_tf32(dev: &CudaDevice, e: &Tensor) -> Result<(Tensor, usize)> {
-        let (m, k) = e.dims2()?;
+        let (count, m, k) = e.dims3()?;
         if e.dtype() != DType::F32 || !e.is_contiguous() || !k.is_multiple_of(4) {
             bail!(
                 "gram_tf32: e {:?} {:?} must be contiguous f32 with a multiple of 4 columns",
@@ -1549,10 +1550,14 @@ mod imp {
             );
         }
         let (splits, kc) = super::cka_gram_splits(m, k);
-        let (parts, pparts) = output(dev, DType::F32, &Shape::from((splits, m, m)))?;
+        let (parts, pparts) = output(dev, DType::F32, &Shape::from((count, splits, m, m)))?;
         let pe = ptr(e, dev)?;
         let cfg = LaunchConfig {
-            grid_dim: (super::gram_tile_pairs(m) as u32, splits as u32, 1),
+            grid_dim: (
+                super::gram_tile_pairs(m) as u32,
+                splits as u32,
+                count as u32,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1621,22 +1626,41 @@ mod imp {
         Ok(Some(cka_moment_finish(&dev, ppartial, d, r)?))
     }
 
-    /// The Gram form's CKA terms of `X = Y + U B^T` over the token rows `rows` (see
-    /// `nn::cka::gram_terms`, the composition this replaces and is checked against) in four
-    /// launches: one centres `Y`'s and `U`'s rows and appends `B^T` to `Yc` (f32), a TF32
-    /// product `[Yc; B^T] [Yc; B^T]^T` (in slices over the width) holds `L = Yc Yc^T`, `Yc B`
-    /// and `B^T B`, a kernel per row of `L` adds the slices and forms `Z`, and one assembles the
-    /// terms (with `Z^T Z`), each sum in f64. The
-    /// product's terms agree with the f64 composition to TF32's precision (about 1e-4 of each
-    /// term's scale), finer than the bf16 activations they measure. None unless `y` and `u` are
-    /// contiguous CUDA tensors of one dtype, `b` of f32 or bf16, `rows` contiguous u32, the
+    /// Up to [`CKA_GRAM_BATCH`](super::CKA_GRAM_BATCH) adapters' rows for one launch set of
+    /// the Gram kernels, passed by value (`CkaGramInputs` in kernels.cu).
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct CkaGramInputs {
+        y: [u64; super::CKA_GRAM_BATCH],
+        u: [u64; super::CKA_GRAM_BATCH],
+        b: [u64; super::CKA_GRAM_BATCH],
+    }
+    // SAFETY: plain pointers, laid out as the kernels' struct.
+    unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for CkaGramInputs {}
+
+    /// The Gram form's CKA terms `[items, terms]` of each item's `X = Y + U B^T` (`(y, u, b)`)
+    /// over the same token rows `rows` (see `nn::cka::gram_terms`, the composition this replaces
+    /// and is checked against) in four launches for all of them: one centres `Y`'s and `U`'s
+    /// rows and appends `B^T` to `Yc` (f32), a TF32 product `[Yc; B^T] [Yc; B^T]^T` (in slices
+    /// over the width) holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per row of `L` adds the
+    /// slices and forms `Z`, and one assembles the terms (with `Z^T Z`), each sum in f64. The
+    /// kernels are latency-bound at SAFE's shapes, so up to
+    /// [`CKA_GRAM_BATCH`](super::CKA_GRAM_BATCH) adapters share them; each adapter's terms are
+    /// the same as alone. The product's terms agree with the f64 composition to TF32's precision
+    /// (about 1e-4 of each term's scale), finer than the bf16 activations they measure. None
+    /// unless there are 1 to `CKA_GRAM_BATCH` items of one shape, `y` and `u` contiguous CUDA
+    /// tensors of one dtype, `b` of f32 or bf16 (the same for all), `rows` contiguous u32, the
     /// rank at most 256 and the width a multiple of 4 ([`super::cka_gram_fused`]).
     pub fn cka_gram_terms(
-        y: &Tensor,
-        u: &Tensor,
-        b: &Tensor,
+        items: &[(&Tensor, &Tensor, &Tensor)],
         rows: &Tensor,
     ) -> Result<Option<Tensor>> {
+        let Some(&(y, u, b)) = items.first() else {
+            return Ok(None);
+        };
+        if items.len() > super::CKA_GRAM_BATCH {
+            return Ok(None);
+        }
         let Some((big_n, n, d, r)) = cka_rows("cka_gram_terms", y, u, b, rows)? else {
             return Ok(None);
         };
@@ -1647,21 +1671,34 @@ mod imp {
             return Ok(None);
         }
         let dev = device(y)?;
-        let b = b.contiguous()?;
+        let mut inputs = CkaGramInputs::default();
+        // Each B made contiguous lives until the launches are queued.
+        let mut bs_kept = Vec::with_capacity(items.len());
+        for (a, &(ya, ua, ba)) in items.iter().enumerate() {
+            let same = (ya.dtype(), ua.dtype(), ba.dtype()) == (y.dtype(), u.dtype(), b.dtype());
+            if !same || cka_rows("cka_gram_terms", ya, ua, ba, rows)? != Some((big_n, n, d, r)) {
+                return Ok(None);
+            }
+            let ba = ba.contiguous()?;
+            inputs.y[a] = ptr(ya, &dev)?;
+            inputs.u[a] = ptr(ua, &dev)?;
+            inputs.b[a] = ptr(&ba, &dev)?;
+            bs_kept.push(ba);
+        }
+        let count = items.len();
         // Every row in order needs no index (token rows are distinct and sorted).
         let prows = if n < big_n { ptr(rows, &dev)? } else { 0 };
-        // E = [Yc; B^T] (f32) and M = E E^T hold L = Yc Yc^T, Yc B and G = B^T B (see the
-        // kernels).
+        // Per adapter, E = [Yc; B^T] (f32) and M = E E^T hold L = Yc Yc^T, Yc B and G = B^T B
+        // (see the kernels).
         let f64s = |shape: Shape| output(&dev, DType::F64, &shape);
-        let (e, pe) = output(&dev, DType::F32, &Shape::from((n + r, d)))?;
-        let (_ymean, pymean) = f64s(Shape::from(d))?;
-        let (_colsq, pcolsq) = f64s(Shape::from(d))?;
-        let (_uc, puc) = f64s(Shape::from((n, r)))?;
-        let (_umean, pumean) = f64s(Shape::from(r))?;
-        let (py, pu, pb) = (ptr(y, &dev)?, ptr(u, &dev)?, ptr(&b, &dev)?);
+        let (e, pe) = output(&dev, DType::F32, &Shape::from((count, n + r, d)))?;
+        let (_ymean, pymean) = f64s(Shape::from((count, d)))?;
+        let (_colsq, pcolsq) = f64s(Shape::from((count, d)))?;
+        let (_uc, puc) = f64s(Shape::from((count, n, r)))?;
+        let (_umean, pumean) = f64s(Shape::from((count, r)))?;
         let (n32, r32, d32) = (n as i32, r as i32, d as i32);
-        let blocks = |count: usize| LaunchConfig {
-            grid_dim: (count as u32, 1, 1),
+        let blocks = |per_item: usize| LaunchConfig {
+            grid_dim: (per_item as u32, count as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1670,25 +1707,27 @@ mod imp {
             block_dim: (1024, 1, 1),
             ..blocks(d.div_ceil(32) + r.div_ceil(32))
         };
-        launch!(dev, format!("st_cka_gram_center_{ys}_{bs}"), centre; py, pu, prows, n32, d32, r32, pb, pe, pymean, pcolsq, puc, pumean);
+        launch!(dev, format!("st_cka_gram_center_{ys}_{bs}"), centre; inputs, prows, n32, d32, r32, pe, pymean, pcolsq, puc, pumean);
+        drop(bs_kept);
         // M's partial products over chunks of the width, which its readers add (`gram_at`).
         let (m, slices) = gram_tf32(&dev, &e)?;
         let slices = slices as i32;
+        let per_item = |flops: usize| (count * flops) as u64;
         // What the composition's three products count (`Yc Yc^T`, `Yc B`, `B^T B`).
-        crate::nn::flops::add(2 * (n * n * d + n * d * r + d * r * r) as u64);
-        let (_z, pz) = f64s(Shape::from((n, 2 * r)))?;
-        let (_partial, ppartial) = f64s(Shape::from((n, 2)))?;
+        crate::nn::flops::add(per_item(2 * (n * n * d + n * d * r + d * r * r)));
+        let (_z, pz) = f64s(Shape::from((count, n, 2 * r)))?;
+        let (_partial, ppartial) = f64s(Shape::from((count, n, 2)))?;
         let pm = ptr(&m, &dev)?;
         launch!(dev, "st_cka_gram_rows", blocks(n); pm, slices, puc, n32, r32, pz, ppartial);
         // The products the kernels did where the composition called `matmul`: `Uc G / 2`,
         // `L Uc`, `Z^T Z` and `mean(Y) B`.
-        crate::nn::flops::add(2 * (n * r * r + n * n * r + 4 * r * r * n + d * r) as u64);
-        let (out, pout) = f64s(Shape::from(3 + 5 * r * r + 2 * r))?;
-        // B^T in f32 is E's last r rows.
-        let pbt = pe + (4 * n * d) as u64;
+        crate::nn::flops::add(per_item(
+            2 * (n * r * r + n * n * r + 4 * r * r * n + d * r),
+        ));
+        let (out, pout) = f64s(Shape::from((count, 3 + 5 * r * r + 2 * r)))?;
         // Block 0 adds and copies; blocks 1 ..= r form mean(Y) B, the rest Z^T Z.
         let finish = blocks(1 + r + 4 * r * r);
-        launch!(dev, "st_cka_gram_finish", finish; ppartial, n32, pcolsq, d32, pz, pm, slices, pumean, pymean, pbt, r32, pout);
+        launch!(dev, "st_cka_gram_finish", finish; ppartial, n32, pcolsq, d32, pz, pm, slices, pumean, pymean, pe, r32, pout);
         Ok(Some(out))
     }
 
@@ -1896,12 +1935,7 @@ mod imp {
     pub fn softmax_bwd(_: &Tensor, _: &Tensor, _: f64) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn cka_gram_terms(
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<Option<Tensor>> {
+    pub fn cka_gram_terms(_: &[(&Tensor, &Tensor, &Tensor)], _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn cka_moment_norms(_: &crate::nn::cka::LowRankMoments) -> Result<Option<Tensor>> {
@@ -1921,6 +1955,9 @@ pub use imp::*;
 
 /// Whether this build has the fused CUDA kernels.
 pub const AVAILABLE: bool = cfg!(feature = "cuda");
+
+/// The most adapters one call of [`cka_gram_terms`] measures (`CKA_GRAM_BATCH` in kernels.cu).
+pub const CKA_GRAM_BATCH: usize = 2;
 
 /// The largest adapter rank SAFE's CKA kernels take (`st_cka_*` in kernels.cu); above it the
 /// candle composition runs.

@@ -943,11 +943,24 @@ __device__ void cka_gram_center(const T* y, const T* u, const uint32_t* rows, in
                               blockIdx.x - yblocks);
 }
 
+// Up to CKA_GRAM_BATCH adapters' Gram terms over the same token rows in one set of launches
+// (`gpu::CKA_GRAM_BATCH`): the kernels are latency-bound at SAFE's shapes, so a layer's adapters
+// share their latency. blockIdx.y (.z in the product) picks the adapter; each adapter's buffers
+// follow one another, and each adapter's arithmetic is the same as alone.
+#define CKA_GRAM_BATCH 2
+struct CkaGramInputs {
+  const void* y[CKA_GRAM_BATCH];
+  const void* u[CKA_GRAM_BATCH];
+  const void* b[CKA_GRAM_BATCH];
+};
 #define CKA_GRAM_CENTER(YS, T, BS, TB)                                                            \
   extern "C" __global__ void st_cka_gram_center_##YS##_##BS(                                     \
-      const T* y, const T* u, const uint32_t* rows, int n, int d, int r, const TB* b, float* e,  \
-      double* ymean, double* colsq, double* uc, double* umean) {                                 \
-    cka_gram_center<T, TB>(y, u, rows, n, d, r, b, e, ymean, colsq, uc, umean);                  \
+      CkaGramInputs in, const uint32_t* rows, int n, int d, int r, float* e, double* ymean,      \
+      double* colsq, double* uc, double* umean) {                                                \
+    const size_t a = blockIdx.y;                                                                  \
+    cka_gram_center<T, TB>((const T*)in.y[a], (const T*)in.u[a], rows, n, d, r,                  \
+                           (const TB*)in.b[a], e + a * (n + r) * d, ymean + a * d,               \
+                           colsq + a * d, uc + a * n * r, umean + a * r);                        \
   }
 CKA_GRAM_CENTER(f32, float, f32, float)
 CKA_GRAM_CENTER(f32, float, bf16, bf16)
@@ -1043,6 +1056,9 @@ extern "C" __global__ void __launch_bounds__(128) st_gram_tf32(const float* e, i
                                                                      int kc, float* parts) {
   __shared__ __align__(16) float sa[2][GT_TILE][GT_LD];
   __shared__ __align__(16) float sb[2][GT_TILE][GT_LD];
+  // blockIdx.z: which of a batch's E (each [m, k]) and its parts ([gridDim.y, m, m]).
+  e += (size_t)blockIdx.z * m * k;
+  parts += (size_t)blockIdx.z * gridDim.y * m * m;
   const int tiles = (m + GT_TILE - 1) / GT_TILE;
   int p = blockIdx.x, ti = 0;
   while (p >= tiles - ti) { p -= tiles - ti; ti++; }
@@ -1111,6 +1127,11 @@ extern "C" __global__ void st_cka_gram_rows(const float* M, int slices, const do
                                             int r, double* z, double* partial) {
   __shared__ double pi[256];
   const int ld = n + r, i = blockIdx.x;
+  const size_t a = blockIdx.y;  // the adapter of a batch
+  M += a * slices * ld * ld;
+  uc += a * n * r;
+  z += a * n * 2 * r;
+  partial += a * 2 * n;
   for (int j = threadIdx.x; j < r; j += blockDim.x) {
     double a = 0.0;
     for (int k = 0; k < r; k++)
@@ -1139,12 +1160,22 @@ extern "C" __global__ void st_cka_gram_rows(const float* M, int slices, const do
 
 // The Gram form's terms: out = [||L||^2, <L Uc, P>, ||Y||^2, Z^T Z (2r x 2r), G (r x r),
 // mean(U) (r), mean(Y) B (r)] from the rows' partials, Y's column sums of squares, z [n, 2r], M
-// (for G) and bt (B^T [r, d], f32), in f64. Block 0 adds the partials and copies; block 1 + j
-// forms (mean(Y) B)_j and block 1 + r + e entry e of Z^T Z, so the dot products run side by side.
+// (for G) and B^T (e's last r rows, f32), in f64. Block 0 adds the partials and copies; block
+// 1 + j forms (mean(Y) B)_j and block 1 + r + e entry e of Z^T Z, so the dot products run side by
+// side. blockIdx.y: the adapter of a batch.
 extern "C" __global__ void st_cka_gram_finish(const double* partial, int n, const double* colsq,
                                               int d, const double* z, const float* M, int slices,
                                               const double* umean, const double* ymean,
-                                              const float* bt, int r, double* out) {
+                                              const float* e, int r, double* out) {
+  const size_t a = blockIdx.y, ld = n + r;
+  partial += a * 2 * n;
+  colsq += a * d;
+  z += a * n * 2 * r;
+  M += a * slices * ld * ld;
+  umean += a * r;
+  ymean += a * d;
+  const float* bt = e + a * ld * d + (size_t)n * d;
+  out += a * (3 + 5 * r * r + 2 * r);
   if ((int)blockIdx.x > r) {
     const int e = blockIdx.x - 1 - r, w = 2 * r, a = e / w, c = e % w;
     double v = 0.0;

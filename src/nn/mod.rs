@@ -46,8 +46,9 @@ pub struct Pass<'a> {
 /// (`X = Y + U B^T`). Declared here so that layers hand rows over without knowing who measures.
 pub trait RowSink {
     /// The model layer whose linears run next; None outside the trainable stack (the frozen
-    /// bottom, the head, a checkpointed layer's second forward): nothing is taken there.
-    fn enter_layer(&mut self, layer: Option<usize>);
+    /// bottom, the head, a checkpointed layer's second forward): nothing is taken there. Rows
+    /// taken in the layer before are measured by now.
+    fn enter_layer(&mut self, layer: Option<usize>) -> candle_core::Result<()>;
 
     /// Whether site `site`'s rows are taken now: a layer is entered and its adapter is measured
     /// (a site whose rows are not taken keeps its fused forward).
@@ -89,9 +90,10 @@ impl Pass<'_> {
     }
 
     /// Tells the monitor, when there is one, which layer runs next.
-    pub fn monitor_layer(&mut self, layer: Option<usize>) {
-        if let Some(m) = self.monitor.as_deref_mut() {
-            m.enter_layer(layer);
+    pub fn monitor_layer(&mut self, layer: Option<usize>) -> candle_core::Result<()> {
+        match self.monitor.as_deref_mut() {
+            Some(m) => m.enter_layer(layer),
+            None => Ok(()),
         }
     }
 
@@ -102,9 +104,7 @@ impl Pass<'_> {
             _ => None,
         }
     }
-}
 
-impl Pass<'_> {
     /// Runs `f` with an inference pass: no dropout, so its RNG is never drawn from.
     pub fn inference<T>(f: impl FnOnce(&mut Pass) -> T) -> T {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);

@@ -287,18 +287,27 @@ impl PassMemory {
     }
 }
 
-/// The most SAFE's in-step importance holds at once while it measures one adapter on a pass of
-/// `rows` rows of `seq` tokens (`train::importance`), of the widest adapter
-/// (`nn::cka::batch_bytes`: the form and path that run).
+/// The most SAFE's in-step importance holds at once while it measures a layer's adapters on a
+/// pass of `rows` rows of `seq` tokens (`train::importance`): each adapter's measurement in the
+/// form and path that run (`nn::cka::batch_bytes`), as many of a layer's widest at once as are
+/// measured together (`nn::cka::measured_together`).
 pub fn measure_bytes(model: &impl StepMemory, rows: usize, seq: usize) -> usize {
     let n = rows * seq;
     let act = model.hidden_bytes(1, 1) / model.hidden_size().max(1);
-    model
-        .adapters()
-        .iter()
-        .map(|(_, a)| {
-            let (d, r) = (a.b.dims()[0], a.b.dims()[1]);
-            cka::batch_bytes(n, d, r, act, a.b.device().is_cuda())
+    let mut by_layer: std::collections::BTreeMap<usize, Vec<(usize, usize)>> = Default::default();
+    for (&layer, (_, a)) in model.adapter_layers().iter().zip(model.adapters()) {
+        let (d, r, on_cuda) = (a.b.dims()[0], a.b.dims()[1], a.b.device().is_cuda());
+        by_layer.entry(layer).or_default().push((
+            cka::batch_bytes(n, d, r, act, on_cuda),
+            cka::measured_together(n, d, r, on_cuda),
+        ));
+    }
+    by_layer
+        .into_values()
+        .map(|mut held| {
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            let together = held.iter().map(|&(_, k)| k).max().unwrap_or(1);
+            held.iter().take(together).map(|&(bytes, _)| bytes).sum()
         })
         .max()
         .unwrap_or(0)

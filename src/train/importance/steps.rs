@@ -4,7 +4,8 @@
 
 use super::{importance_of, token_rows};
 use crate::adapters::AdapterId;
-use crate::nn::cka::{gram_form, gram_terms, low_rank_norms};
+use crate::nn::cka::{gram_form, gram_terms, gram_terms_batch, low_rank_norms, measured_together};
+use crate::nn::gpu::CKA_GRAM_BATCH;
 use crate::nn::{flops, RowSink};
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -122,6 +123,10 @@ pub struct StepMonitor {
     /// Each adapter's per-micro-batch `(rows, what is kept)`, on the device until the round
     /// ends.
     norms: BTreeMap<AdapterId, Vec<OnDevice>>,
+    /// Rows taken and not yet measured (see [`measured_together`]): `(adapter, y, u, b)` of one
+    /// shape, at most [`CKA_GRAM_BATCH`], measured together when the batch is full, another
+    /// shape comes or the layer ends.
+    pending: Vec<(AdapterId, Tensor, Tensor, Tensor)>,
     /// Matmul FLOPs of the measurement.
     pub flops: u64,
 }
@@ -214,6 +219,37 @@ impl StepMonitor {
         Ok(scores)
     }
 
+    /// Measures the pending adapters' rows in one call.
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let f0 = flops::total();
+        let rows = self.token_rows(pending[0].1.device(), pending[0].1.dim(0)?)?;
+        let items: Vec<(&Tensor, &Tensor, &Tensor)> =
+            pending.iter().map(|(_, y, u, b)| (y, u, b)).collect();
+        let terms = gram_terms_batch(&items, &rows)?;
+        for ((id, _, _, b), t) in pending.iter().zip(terms) {
+            let kept = Kept::GramTerms { rank: b.dim(1)? };
+            self.norms
+                .entry(*id)
+                .or_default()
+                .push((rows.dim(0)?, kept, t));
+        }
+        self.flops += flops::total() - f0;
+        Ok(())
+    }
+
+    /// Whether no adapter measured after `site` in `layer` is left (when the measured adapters
+    /// are known; a block lists its sites in its forward's order): then rows waiting for one
+    /// would only be held longer.
+    fn last_in_layer(&self, layer: usize, site: usize) -> bool {
+        self.only
+            .as_ref()
+            .is_some_and(|only| !only.iter().any(|id| id.layer == layer && id.site > site))
+    }
+
     fn measures(&self, id: AdapterId) -> bool {
         self.only.as_ref().is_none_or(|only| only.contains(&id))
     }
@@ -234,8 +270,10 @@ impl StepMonitor {
 }
 
 impl RowSink for StepMonitor {
-    fn enter_layer(&mut self, layer: Option<usize>) {
+    fn enter_layer(&mut self, layer: Option<usize>) -> Result<()> {
+        self.flush()?;
         self.layer = layer;
+        Ok(())
     }
 
     fn takes(&self, site: usize) -> bool {
@@ -256,13 +294,25 @@ impl RowSink for StepMonitor {
         if !self.measures(id) {
             return Ok(());
         }
-        let f0 = flops::total();
         let rows = self.token_rows(y.device(), y.dim(0)?)?;
+        let (n, d, r) = (rows.dim(0)?, y.dim(1)?, b.dim(1)?);
+        if measured_together(n, d, r, y.device().is_cuda()) > 1 {
+            let same = |(_, py, pu, pb): &(AdapterId, Tensor, Tensor, Tensor)| {
+                (py.dims(), pu.dims(), pb.dims()) == (y.dims(), u.dims(), b.dims())
+                    && (py.dtype(), pb.dtype()) == (y.dtype(), b.dtype())
+            };
+            if !self.pending.iter().all(same) {
+                self.flush()?;
+            }
+            self.pending.push((id, y.clone(), u.clone(), b.clone()));
+            if self.pending.len() == CKA_GRAM_BATCH || self.last_in_layer(layer, site) {
+                self.flush()?;
+            }
+            return Ok(());
+        }
+        let f0 = flops::total();
         let (kept, t) = batch_norms(y, u, b, &rows)?;
-        self.norms
-            .entry(id)
-            .or_default()
-            .push((rows.dim(0)?, kept, t));
+        self.norms.entry(id).or_default().push((n, kept, t));
         self.flops += flops::total() - f0;
         Ok(())
     }
@@ -281,15 +331,15 @@ mod tests {
     fn the_monitor_takes_only_the_measured_adapters_rows() {
         let mut m = StepMonitor::new().only(vec![AdapterId { layer: 1, site: 0 }]);
         assert!(!m.takes(0), "no layer entered");
-        m.enter_layer(Some(1));
+        m.enter_layer(Some(1)).unwrap();
         assert!(m.takes(0));
         assert!(!m.takes(1), "site 1 of layer 1 is not measured");
-        m.enter_layer(Some(2));
+        m.enter_layer(Some(2)).unwrap();
         assert!(!m.takes(0), "layer 2's adapters are not measured");
         let mut all = StepMonitor::new();
-        all.enter_layer(Some(2));
+        all.enter_layer(Some(2)).unwrap();
         assert!(all.takes(0) && all.takes(1));
-        all.enter_layer(None);
+        all.enter_layer(None).unwrap();
         assert!(!all.takes(0));
     }
 
