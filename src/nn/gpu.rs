@@ -1672,7 +1672,7 @@ mod imp {
         }
         let dev = device(y)?;
         let mut inputs = CkaGramInputs::default();
-        // Each B made contiguous lives until the launches are queued.
+        // Each B made contiguous lives to the end, as the other wrappers' inputs do.
         let mut bs_kept = Vec::with_capacity(items.len());
         for (a, &(ya, ua, ba)) in items.iter().enumerate() {
             let same = (ya.dtype(), ua.dtype(), ba.dtype()) == (y.dtype(), u.dtype(), b.dtype());
@@ -1708,7 +1708,6 @@ mod imp {
             ..blocks(d.div_ceil(32) + r.div_ceil(32))
         };
         launch!(dev, format!("st_cka_gram_center_{ys}_{bs}"), centre; inputs, prows, n32, d32, r32, pe, pymean, pcolsq, puc, pumean);
-        drop(bs_kept);
         // M's partial products over chunks of the width, which its readers add (`gram_at`).
         let (m, slices) = gram_tf32(&dev, &e)?;
         let slices = slices as i32;
