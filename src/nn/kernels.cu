@@ -878,9 +878,10 @@ THIN_RANKS(bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // SAFE's CKA in the Gram form (`nn/cka.rs`): of X = Y + U B^T over n token rows, what CKA's norms
-// need, in three kernels around one cuBLAS product (the candle composition took ~40 launches per
-// adapter and batch). The product runs on TF32 tensor cores over f32 inputs; every sum of its
-// output and every other term is formed in f64, in a fixed order.
+// need, in three kernels around safetune's own product (st_gram_tf32), for up to CKA_GRAM_BATCH
+// adapters a call (the candle composition took ~40 launches per adapter and batch). The product
+// runs on TF32 tensor cores over f32 inputs; every sum of its output and every other term is
+// formed in f64, in a fixed order.
 
 // Rows `rows` (the first n when null) of x [*, c], centred, in TE: xc [n, c]; the column means
 // and (colsq not null) each column's sum of squares before centring, in f64. Block `block` of
