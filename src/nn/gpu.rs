@@ -1643,10 +1643,10 @@ mod imp {
     /// and is checked against) in four launches for all of them: one centres `Y`'s and `U`'s
     /// rows and appends `B^T` to `Yc` (f32), a TF32 product `[Yc; B^T] [Yc; B^T]^T` (in slices
     /// over the width) holds `L = Yc Yc^T`, `Yc B` and `B^T B`, a kernel per row of `L` adds the
-    /// slices and forms `Z`, and one assembles the terms (with `Z^T Z`), each sum in f64. The
-    /// kernels are latency-bound at SAFE's shapes, so up to
-    /// [`CKA_GRAM_BATCH`](super::CKA_GRAM_BATCH) adapters share them; each adapter's terms are
-    /// the same as alone. The product's terms agree with the f64 composition to TF32's precision
+    /// slices and forms `Z`, and one assembles the terms (with `Z^T Z`), each sum in f64. Up to
+    /// [`CKA_GRAM_BATCH`](super::CKA_GRAM_BATCH) adapters share the launches (at SAFE's 7B
+    /// shape a pair takes about 1.86x one adapter's time); each adapter's terms are the same as
+    /// alone. The product's terms agree with the f64 composition to TF32's precision
     /// (about 1e-4 of each term's scale), finer than the bf16 activations they measure. None
     /// unless there are 1 to `CKA_GRAM_BATCH` items of one shape, `y` and `u` contiguous CUDA
     /// tensors of one dtype, `b` of f32 or bf16 (the same for all), `rows` contiguous u32, the
