@@ -631,11 +631,11 @@ impl<H: EncoderHead> BertWithHead<H> {
         let (dh, head) = self.head.backward(saved.head, dlogits)?;
         let first = saved.first_saved_layer;
         let mut run = Self::layer_forward(&saved.mask_add, saved.shape);
-        let state =
-            |l: &BertLayer, x: &Tensor, pass: &mut Pass| match run(l, x, pass, Keep::State)?.1 {
-                Some(s) => Ok(s),
-                None => candle_core::bail!("a BERT layer run with save kept no state"),
-            };
+        let state = |l: &BertLayer, x: &Tensor, pass: &mut Pass| match run(l, x, pass, Keep::ALL)?.1
+        {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("a BERT layer run with save kept no state"),
+        };
         let back = |l: &BertLayer, st, dout: &Tensor, need_dx| l.backward(st, dout, need_dx);
         let per_layer = stack::backward(&self.layers[first..], saved.layers, dh, state, back)?;
         let adapters = stack::by_site(first, per_layer);

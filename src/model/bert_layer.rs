@@ -3,10 +3,10 @@
 
 use super::bert_config::EncoderFamily;
 use super::memory::{Acts, LayerMemory};
-use super::stack::{self, FfnSaved, Keep};
+use super::stack::{self, Keep, PartSaved};
 use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
 use crate::adapters::{self, SiteBackward, SiteForward, SiteStates};
-use crate::nn::attention::{Attention, AttentionSaved, AttnShape};
+use crate::nn::attention::{Attention, AttentionArgs, AttentionSaved, AttnShape};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::norm::{Norm, NormSaved};
@@ -88,22 +88,26 @@ impl crate::adapters::Block for BertLayer {
 /// What a layer on the gradient path keeps for backward.
 pub struct BertLayerSaved {
     lin: SiteStates<Site, LoraLinearSaved>,
-    attn: AttentionSaved,
+    attn: PartSaved<AttentionSaved, AttentionReplay>,
     drop_attn: Option<DropoutSaved>,
     ln_attn: NormSaved,
-    gelu: FfnSaved<GeluSaved>,
+    gelu: PartSaved<GeluSaved>,
     drop_out: Option<DropoutSaved>,
     ln_out: NormSaved,
 }
+
+/// What a layer recomputing its attention keeps for it: the attention's arguments, and the q, k
+/// and v projections' input when no norm's saved state gives it (a post-LN layer's input).
+type AttentionReplay = (AttentionArgs, Option<Tensor>);
 
 impl BertLayerSaved {
     /// A forward's parts as one saved state: every part is Some when the forward saved.
     fn gather(
         lin: SiteStates<Site, LoraLinearSaved>,
-        attn: Option<AttentionSaved>,
+        attn: Option<PartSaved<AttentionSaved, AttentionReplay>>,
         drop_attn: Option<DropoutSaved>,
         ln_attn: Option<NormSaved>,
-        gelu: Option<FfnSaved<GeluSaved>>,
+        gelu: Option<PartSaved<GeluSaved>>,
         drop_out: Option<DropoutSaved>,
         ln_out: Option<NormSaved>,
     ) -> Option<Self> {
@@ -143,20 +147,28 @@ impl BertLayer {
         let mut lin = SiteForward::new(self, save, monitor);
         // Each intermediate is dropped as soon as it is used: what stays is what the saved
         // structs hold (the peak of a step is the saved layers plus one layer's temporaries).
+        let attn_start = stack::attention_start(keep, pass).map(|rng| {
+            (
+                rng,
+                (AttentionArgs::new(mask_add, shape, None), Some(h.clone())),
+            )
+        });
         let (ctx, attn) = {
             let q = lin.run(Site::Query, h, pass)?;
             let k = lin.run(Site::Key, h, pass)?;
             let v = lin.run(Site::Value, h, pass)?;
+            let save = keep.keeps_attention();
             self.attention
                 .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
         };
+        let attn = PartSaved::with(attn_start, attn);
         let a = lin.run(Site::AttnOut, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
         let (a, ln_attn) = self.ln_attn.forward(&nn::add(&a, h)?, save)?;
         let ffn = stack::ffn_start(keep, pass);
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &a, pass)?, save)?;
-        let gelu = FfnSaved::new(ffn, gelu);
+        let gelu = PartSaved::new(ffn, gelu);
         let o = lin.run_recomputed(Site::Output, &g, pass)?;
         drop(g);
         let (o, drop_out) = self.dropout.forward(&o, pass, save)?;
@@ -180,14 +192,18 @@ impl BertLayer {
         let save = keep.saves();
         let mut lin = SiteForward::new(self, save, monitor);
         let (x, ln_attn) = self.ln_attn.forward(h, save)?;
+        let attn_start = stack::attention_start(keep, pass)
+            .map(|rng| (rng, (AttentionArgs::new(mask_add, shape, None), None)));
         let (ctx, attn) = {
             let q = lin.run(Site::Query, &x, pass)?;
             let k = lin.run(Site::Key, &x, pass)?;
             let v = lin.run(Site::Value, &x, pass)?;
             drop(x);
+            let save = keep.keeps_attention();
             self.attention
                 .forward((&q, &k, &v), mask_add, shape, None, pass, save)?
         };
+        let attn = PartSaved::with(attn_start, attn);
         let a = lin.run(Site::AttnOut, &ctx, pass)?;
         drop(ctx);
         let (a, drop_attn) = self.dropout_attn.forward(&a, pass, save)?;
@@ -195,7 +211,7 @@ impl BertLayer {
         let (x, ln_out) = self.ln_out.forward(&a, save)?;
         let ffn = stack::ffn_start(keep, pass);
         let (g, gelu) = gelu::forward(&lin.run(Site::Intermediate, &x, pass)?, save)?;
-        let gelu = FfnSaved::new(ffn, gelu);
+        let gelu = PartSaved::new(ffn, gelu);
         drop(x);
         let o = lin.run_recomputed(Site::Output, &g, pass)?;
         drop(g);
@@ -231,8 +247,9 @@ impl BertLayer {
             let d_ao = dropout::backward_opt(&saved.drop_attn, d_a.clone())?;
             lin.back_dx(Site::AttnOut, &d_ao)?
         };
-        let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
-        drop((d_ctx, saved.attn));
+        let attn = self.attention_state(saved.attn, Some(&saved.ln_attn))?;
+        let (dq, dk, dv) = attn.backward(&self.attention, &d_ctx)?;
+        drop((d_ctx, attn));
         let dx = qkv_backward(&mut lin, [dq, dk, dv], need_dx, None)?;
         let dh = match (need_dx, dx) {
             (false, _) => None,
@@ -242,15 +259,45 @@ impl BertLayer {
         Ok((dh, lin.grads()))
     }
 
+    /// The attention's saved state: kept, or the q, k and v projections and the attention run
+    /// again on the input the layer kept for them, or on the output of the pre-LN layer's norm
+    /// before them (whose saved state is `normed`).
+    fn attention_state(
+        &self,
+        attn: PartSaved<AttentionSaved, AttentionReplay>,
+        normed: Option<&NormSaved>,
+    ) -> Result<AttentionSaved> {
+        attn.get(|pass, (args, input)| {
+            let (q, k, v) = {
+                let x = match (input, normed) {
+                    (Some(x), _) => x,
+                    (None, Some(n)) => n.output(&self.ln_attn)?,
+                    (None, None) => candle_core::bail!("a BERT layer kept no attention input"),
+                };
+                let mut run = |site| {
+                    let linear = crate::adapters::Block::linear(self, site);
+                    Ok::<_, candle_core::Error>(
+                        linear.forward_rows(&x, pass, Save::Nothing, false)?.0,
+                    )
+                };
+                (run(Site::Query)?, run(Site::Key)?, run(Site::Value)?)
+            };
+            match self.attention.call(args.call(true), (&q, &k, &v), pass)?.1 {
+                Some(s) => Ok(s),
+                None => candle_core::bail!("a BERT attention run with save kept no state"),
+            }
+        })
+    }
+
     /// GELU's saved input: kept, or the intermediate linear run again on the output of `norm`
     /// (whose saved state is `normed`), the norm before it.
     fn gelu_state(
         &self,
-        gelu: FfnSaved<GeluSaved>,
+        gelu: PartSaved<GeluSaved>,
         normed: &NormSaved,
         norm: &Norm,
     ) -> Result<GeluSaved> {
-        gelu.get(|pass| {
+        gelu.get(|pass, ()| {
             let x = normed.output(norm)?;
             let linear = crate::adapters::Block::linear(self, Site::Intermediate);
             let (i, _, _) = linear.forward_rows(&x, pass, Save::Nothing, false)?;
@@ -266,10 +313,18 @@ impl BertLayer {
             lin(Site::Query).base.in_features(),
             lin(Site::Intermediate).base.out_features(),
         );
-        let linears = acts.lora_group(&[lin(Site::Query), lin(Site::Key), lin(Site::Value)])
+        let qkv = [lin(Site::Query), lin(Site::Key), lin(Site::Value)];
+        // A post-LN layer recomputing its attention keeps its input, unless an adapter of the
+        // q, k and v projections keeps it already.
+        let replay_input = match self.pre_norm || qkv.iter().any(|l| l.trains()) {
+            true => 0,
+            false => acts.of(h),
+        };
+        let linears = acts.lora_group(&qkv)
             + acts.lora_group(&[lin(Site::Intermediate)])
             + acts.lora_group_recomputed(&[lin(Site::Output)]);
         let head_dim = h / self.attention.num_heads;
+        let attention_state = acts.attention_alone(&self.attention, head_dim, lin(Site::AttnOut));
         let state = linears
             + acts.attention_then(&self.attention, head_dim, lin(Site::AttnOut))
             + 2 * acts.norm(h)
@@ -280,6 +335,8 @@ impl BertLayer {
                 + acts.ffn_out_backward(lin(Site::Output)),
             ffn_input: acts.of(f),
             ffn_cost_pct: acts.share_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
+            attention_state: attention_state.saturating_sub(replay_input),
+            attention_cost_pct: acts.attention_share_pct(6 * h * h, 2 * h * h + 4 * h * f, h),
             checkpoint_cost_pct: 100,
         }
     }
@@ -313,8 +370,9 @@ impl BertLayer {
             let d_ao = dropout::backward_opt(&saved.drop_attn, d_res1.clone())?;
             lin.back_dx(Site::AttnOut, &d_ao)?
         };
-        let (dq, dk, dv) = saved.attn.backward(&self.attention, &d_ctx)?;
-        drop((d_ctx, saved.attn));
+        let attn = self.attention_state(saved.attn, None)?;
+        let (dq, dk, dv) = attn.backward(&self.attention, &d_ctx)?;
+        drop((d_ctx, attn));
         let dh = qkv_backward(&mut lin, [dq, dk, dv], need_dx, need_dx.then_some(d_res1))?;
         Ok((dh, lin.grads()))
     }

@@ -59,7 +59,7 @@ pub trait DecoderParts: AdaptedStack + Sized {
         pass: &mut Pass,
     ) -> Result<Self::LayerSaved> {
         match self
-            .layer_train(layer, x, mask_add, shape, pass, Keep::State, None)?
+            .layer_train(layer, x, mask_add, shape, pass, Keep::ALL, None)?
             .1
         {
             Some(s) => Ok(s),

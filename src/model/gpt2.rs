@@ -9,13 +9,15 @@
 
 use super::causal::{self, DecoderParts};
 use super::memory::{Acts, LayerMemory};
-use super::stack::{self, FfnSaved, Keep};
+use super::stack::{self, Keep, PartSaved};
 use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
 use crate::adapters::{self, AdaptedStack, Block};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
 use crate::io::IoError;
-use crate::nn::attention::{Attention, AttentionCall, AttentionSaved, AttnShape, KvCache};
+use crate::nn::attention::{
+    Attention, AttentionArgs, AttentionCall, AttentionSaved, AttnShape, KvCache,
+};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::linear::Linear;
@@ -241,10 +243,10 @@ crate::adapters::block::impl_block!(Gpt2Block, Gpt2Site);
 pub struct Gpt2BlockSaved {
     lin: SiteStates<Gpt2Site, LoraLinearSaved>,
     ln_1: NormSaved,
-    attn: AttentionSaved,
+    attn: PartSaved<AttentionSaved, AttentionArgs>,
     drop_attn: Option<DropoutSaved>,
     ln_2: NormSaved,
-    gelu: FfnSaved<GeluSaved>,
+    gelu: PartSaved<GeluSaved>,
     drop_mlp: Option<DropoutSaved>,
 }
 
@@ -277,6 +279,8 @@ impl Gpt2Block {
                 + acts.ffn_out_backward(lin(MlpCProj)),
             ffn_input: acts.of(f),
             ffn_cost_pct: acts.share_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
+            attention_state: acts.attention_alone(&self.attention, head_dim, lin(AttnCProj)),
+            attention_cost_pct: acts.attention_share_pct(6 * h * h, 2 * h * h + 4 * h * f, h),
             checkpoint_cost_pct: 100,
         }
     }
@@ -296,7 +300,7 @@ impl Gpt2Block {
             mask_add,
             shape,
             rope: None,
-            save: keep.saves(),
+            save: keep.keeps_attention(),
         };
         self.forward_with(x, call, pass, keep, monitor)
     }
@@ -331,6 +335,10 @@ impl Gpt2Block {
         let mut lin = SiteForward::new(self, save, monitor);
         let c = x.dim(1)?;
         let (xn, ln_1) = self.ln_1.forward(x, save)?;
+        let attn_start = match stack::attention_start(keep, pass) {
+            Some(rng) => Some((rng, AttentionArgs::of(&call)?)),
+            None => None,
+        };
         let qkv = lin.run(Gpt2Site::CAttn, &xn, pass)?;
         drop(xn);
         let (q, k, v) = (
@@ -349,7 +357,7 @@ impl Gpt2Block {
         let f = lin.run(Gpt2Site::CFc, &hn, pass)?;
         drop(hn);
         let (g, gelu) = gelu::forward_kind(&f, self.act, save)?;
-        let gelu = FfnSaved::new(ffn, gelu);
+        let gelu = PartSaved::new(ffn, gelu);
         drop(f);
         let m = lin.run_recomputed(Gpt2Site::MlpCProj, &g, pass)?;
         drop(g);
@@ -360,7 +368,7 @@ impl Gpt2Block {
             Some(Gpt2BlockSaved {
                 lin: lin.states,
                 ln_1: ln_1?,
-                attn: attn?,
+                attn: PartSaved::with(attn_start, attn)?,
                 drop_attn,
                 ln_2: ln_2?,
                 gelu: gelu?,
@@ -378,7 +386,7 @@ impl Gpt2Block {
         need_dx: bool,
     ) -> Result<(Option<Tensor>, BlockGrads)> {
         let mut lin = SiteBackward::new(self, saved.lin);
-        let gelu = saved.gelu.get(|pass| {
+        let gelu = saved.gelu.get(|pass, ()| {
             let hn = saved.ln_2.output(&self.ln_2)?;
             let c_fc = self.linear(Gpt2Site::CFc);
             let (f, _, _) = c_fc.forward_rows(&hn, pass, Save::Nothing, false)?;
@@ -397,7 +405,23 @@ impl Gpt2Block {
         let dctx = lin.back_dx(Gpt2Site::AttnCProj, &da)?;
         drop(da);
         let dx = if need_dx || self.linear(Gpt2Site::CAttn).trains() {
-            let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
+            let attn = saved.attn.get(|pass, args| {
+                let xn = saved.ln_1.output(&self.ln_1)?;
+                let c_attn = self.linear(Gpt2Site::CAttn);
+                let (qkv, _, _) = c_attn.forward_rows(&xn, pass, Save::Nothing, false)?;
+                drop(xn);
+                let c = qkv.dim(1)? / 3;
+                let (q, k, v) = (
+                    qkv.narrow(1, 0, c)?,
+                    qkv.narrow(1, c, c)?,
+                    qkv.narrow(1, 2 * c, c)?,
+                );
+                match self.attention.call(args.call(true), (&q, &k, &v), pass)?.1 {
+                    Some(s) => Ok(s),
+                    None => candle_core::bail!("a GPT-2 attention run with save kept no state"),
+                }
+            })?;
+            let (dq, dk, dv) = attn.backward(&self.attention, &dctx)?;
             drop(dctx);
             let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?;
             drop((dq, dk, dv));

@@ -7,12 +7,14 @@ use std::path::Path;
 use super::causal::{self, DecoderParts};
 pub use super::llama_config::{LlamaConfig, RopeScaling};
 use super::memory::{Acts, LayerMemory};
-use super::stack::{self, FfnSaved, Keep};
+use super::stack::{self, Keep, PartSaved};
 use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
 use crate::adapters::{self, AdaptedStack};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
-use crate::nn::attention::{Attention, AttentionCall, AttentionSaved, AttnShape, KvCache};
+use crate::nn::attention::{
+    Attention, AttentionArgs, AttentionCall, AttentionSaved, AttnShape, KvCache,
+};
 use crate::nn::linear::{Linear, QuantFormat};
 use crate::nn::norm::{Norm, NormSaved};
 use crate::nn::rope::Rope;
@@ -90,9 +92,9 @@ crate::adapters::block::impl_block!(LlamaLayer, LlamaSite);
 pub struct LlamaLayerSaved {
     lin: SiteStates<LlamaSite, LoraLinearSaved>,
     input_norm: NormSaved,
-    attn: AttentionSaved,
+    attn: PartSaved<AttentionSaved, AttentionArgs>,
     post_norm: NormSaved,
-    swiglu: FfnSaved<SwiGluSaved>,
+    swiglu: PartSaved<SwiGluSaved>,
 }
 
 /// Gradients of a layer's trainable adapters.
@@ -136,10 +138,7 @@ impl LlamaLayer {
         pass: &mut Pass,
     ) -> Result<LlamaLayerSaved> {
         let attn = (mask_add, shape, rope);
-        match self
-            .forward_train(x, attn, pass, Keep::State, None, false)?
-            .1
-        {
+        match self.forward_train(x, attn, pass, Keep::ALL, None, false)?.1 {
             Some(s) => Ok(s),
             None => candle_core::bail!("a LLaMA layer run with save kept no state"),
         }
@@ -159,7 +158,7 @@ impl LlamaLayer {
             mask_add,
             shape,
             rope: Some(rope),
-            save: keep.saves(),
+            save: keep.keeps_attention(),
         };
         self.forward_with(x, call, pass, keep, monitor, output)
     }
@@ -196,6 +195,10 @@ impl LlamaLayer {
         let save = keep.saves();
         let mut lin = SiteForward::new(self, save, monitor);
         let (xn, input_norm) = self.input_norm.forward(x, save)?;
+        let attn_start = match stack::attention_start(keep, pass) {
+            Some(rng) => Some((rng, AttentionArgs::of(&call)?)),
+            None => None,
+        };
         let q = lin.run(LlamaSite::Q, &xn, pass)?;
         let k = lin.run(LlamaSite::K, &xn, pass)?;
         let v = lin.run(LlamaSite::V, &xn, pass)?;
@@ -222,9 +225,9 @@ impl LlamaLayer {
             Some(LlamaLayerSaved {
                 lin: lin.states,
                 input_norm: input_norm?,
-                attn: attn?,
+                attn: PartSaved::with(attn_start, attn)?,
                 post_norm: post_norm?,
-                swiglu: FfnSaved::new(ffn, sw)?,
+                swiglu: PartSaved::new(ffn, sw)?,
             })
         })();
         Ok((out, saved))
@@ -248,12 +251,15 @@ impl LlamaLayer {
             4 * h * f,
             2 * h * f,
         );
+        let qkv = 2 * h * (h + 2 * lin(K).base.out_features());
         LayerMemory {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.ffn_out_backward(lin(Down)),
             ffn_input: 2 * acts.of(f),
             ffn_cost_pct: acts.share_pct(gate_up, attn + down, h),
+            attention_state: acts.attention_alone(&self.attention, head_dim, lin(O)),
+            attention_cost_pct: acts.attention_share_pct(qkv, attn - qkv + gate_up + down, h),
             // Without a down_proj adapter the second forward stops before it (`state`).
             checkpoint_cost_pct: match lin(Down).lora {
                 Some(_) => 100,
@@ -270,7 +276,7 @@ impl LlamaLayer {
         need_dx: bool,
     ) -> Result<(Option<Tensor>, LayerGrads)> {
         let mut lin = SiteBackward::new(self, saved.lin);
-        let swiglu = saved.swiglu.get(|pass| {
+        let swiglu = saved.swiglu.get(|pass, ()| {
             let hn = saved.post_norm.output(&self.post_attention_norm)?;
             let mut run = |site| {
                 let linear = crate::adapters::Block::linear(self, site);
@@ -291,7 +297,23 @@ impl LlamaLayer {
             .backward_adding(&self.post_attention_norm, &dhn, dout)?;
         drop(dhn);
         let dctx = lin.back_dx(LlamaSite::O, &dh)?;
-        let (dq, dk, dv) = saved.attn.backward(&self.attention, &dctx)?;
+        let attn = saved.attn.get(|pass, args| {
+            let (q, k, v) = {
+                let xn = saved.input_norm.output(&self.input_norm)?;
+                let mut run = |site| {
+                    let linear = crate::adapters::Block::linear(self, site);
+                    Ok::<_, candle_core::Error>(
+                        linear.forward_rows(&xn, pass, Save::Nothing, false)?.0,
+                    )
+                };
+                (run(LlamaSite::Q)?, run(LlamaSite::K)?, run(LlamaSite::V)?)
+            };
+            match self.attention.call(args.call(true), (&q, &k, &v), pass)?.1 {
+                Some(s) => Ok(s),
+                None => candle_core::bail!("a LLaMA attention run with save kept no state"),
+            }
+        })?;
+        let (dq, dk, dv) = attn.backward(&self.attention, &dctx)?;
         drop(dctx);
         let mut dxn = None;
         for (s, d) in [(LlamaSite::Q, dq), (LlamaSite::K, dk), (LlamaSite::V, dv)] {

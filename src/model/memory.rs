@@ -16,26 +16,40 @@ pub struct LayerMemory {
     /// The most its forward or backward holds at once beyond that state and its input and output
     /// (attention probabilities, the feed-forward's intermediate, gradients in flight).
     pub transient: usize,
-    /// What of `state` a forward keeping its state less the feed-forward input
-    /// (`stack::Keep::StateLessFfn`) does not keep: that input (GELU's, or SwiGLU's gate and up).
+    /// What of `state` a forward that recomputes the feed-forward input (`stack::Parts::ffn`)
+    /// does not keep: that input (GELU's, or SwiGLU's gate and up).
     pub ffn_input: usize,
     /// Backward's cost of recomputing it, in percent of the layer's forward: the share of its
     /// matmul FLOPs that the feed-forward's first linear(s) take.
     pub ffn_cost_pct: usize,
+    /// What of `state` a forward that recomputes the attention (`stack::Parts::attention`) does
+    /// not keep: the attention's saved state, less what the layer keeps for its recomputation
+    /// that it would not keep otherwise.
+    pub attention_state: usize,
+    /// Backward's cost of recomputing it, in percent of the layer's forward: the share of the q,
+    /// k and v projections and the attention's own products.
+    pub attention_cost_pct: usize,
     /// The cost of a checkpointed layer's second forward, in percent of its forward: 100, or
     /// less where it stops once the state is rebuilt (`LlamaLayer::state`).
     pub checkpoint_cost_pct: usize,
 }
 
 impl LayerMemory {
-    /// What a forward that keeps what `keep` says holds of [`LayerMemory::state`]: all of it,
-    /// all but the feed-forward input, or none (a checkpointed layer keeps its input instead).
+    /// What a forward that keeps what `keep` says holds of [`LayerMemory::state`]: all of it
+    /// less the parts backward recomputes, or none (a checkpointed layer keeps its input instead).
     pub fn kept(&self, keep: super::stack::Keep) -> usize {
         use super::stack::Keep;
         match keep {
-            Keep::State => self.state,
-            Keep::StateLessFfn => self.state - self.ffn_input,
             Keep::Nothing => 0,
+            Keep::State(parts) => {
+                self.state
+                    - if parts.ffn { self.ffn_input } else { 0 }
+                    - if parts.attention {
+                        self.attention_state
+                    } else {
+                        0
+                    }
+            }
         }
     }
 }
@@ -202,6 +216,20 @@ impl Acts {
             } else {
                 0
             }
+    }
+
+    /// What a layer recomputing its attention does not keep of [`Acts::attention_then`]: the
+    /// attention's state, less the output that `out`'s adapter keeps anyway.
+    pub fn attention_alone(&self, a: &Attention, head_dim: usize, out: &LoraLinear) -> usize {
+        self.attention_then(a, head_dim, out) - self.lora_group(&[out])
+    }
+
+    /// The share in percent (rounded up) of a layer's forward that its q, k and v projections
+    /// (`qkv` matmul FLOPs a token) and the attention's products take, beside `rest` for its
+    /// other projections: [`LayerMemory::attention_cost_pct`].
+    pub fn attention_share_pct(&self, qkv: usize, rest: usize, width: usize) -> usize {
+        let attention = 4 * self.seq * width;
+        (100 * (qkv + attention)).div_ceil(qkv + rest + attention)
     }
 
     /// The share in percent (rounded up) of a layer's forward that `part` matmul FLOPs a token

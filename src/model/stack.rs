@@ -22,11 +22,13 @@ pub enum Recompute {
     None,
     /// Every layer keeps only its input (`--gradient-checkpointing`).
     All,
-    /// `whole` layers keep only their input; `ffn` layers keep their state less the
-    /// feed-forward activation's input ([`Keep::StateLessFfn`]).
+    /// `whole` layers keep only their input; the others keep their state less the parts that
+    /// backward recomputes: the feed-forward activation's input in `ffn` layers, the attention's
+    /// in `attention` layers ([`Parts`]).
     Layers {
         whole: BTreeSet<usize>,
         ffn: BTreeSet<usize>,
+        attention: BTreeSet<usize>,
     },
 }
 
@@ -35,28 +37,57 @@ pub enum Recompute {
 pub enum Keep {
     /// Nothing: inference, or a checkpointed layer's first forward.
     Nothing,
-    /// All that its backward reads.
-    State,
-    /// All but the feed-forward activation's input (GELU's, or SwiGLU's gate and up: the widest
-    /// tensors of a layer, 36-47% of its state), which backward recomputes from the norm output
-    /// before it with the same dropout draws ([`FfnSaved`]): one or two matmuls instead of the
-    /// whole layer's forward that checkpointing replays.
-    StateLessFfn,
+    /// All that its backward reads, less the parts backward recomputes.
+    State(Parts),
+}
+
+/// The parts of a layer's state that its backward recomputes instead of keeping, each from a
+/// tensor the layer keeps anyway, with the same dropout draws ([`PartSaved`]): one or a few
+/// matmuls instead of the whole layer's forward that checkpointing replays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Parts {
+    /// The feed-forward activation's input (GELU's, or SwiGLU's gate and up: the widest tensors
+    /// of a layer, 36-47% of its state), from the norm output before it.
+    pub ffn: bool,
+    /// The attention's saved q, k, v, log-sum-exp (and the flash kernels' output), from the
+    /// tensor the q, k and v projections read (a third of a LLaMA layer's state for about a
+    /// quarter of its forward).
+    pub attention: bool,
 }
 
 impl Keep {
+    /// Everything its backward reads.
+    pub const ALL: Keep = Keep::State(Parts {
+        ffn: false,
+        attention: false,
+    });
+
     /// Whether anything is kept.
     pub fn saves(self) -> bool {
         self != Keep::Nothing
     }
+
+    /// The parts backward recomputes (none when nothing is kept).
+    pub fn recomputed(self) -> Parts {
+        match self {
+            Keep::Nothing => Parts::default(),
+            Keep::State(p) => p,
+        }
+    }
+
+    /// Whether the attention's state is kept: saved, and not recomputed.
+    pub fn keeps_attention(self) -> bool {
+        self.saves() && !self.recomputed().attention
+    }
 }
 
 impl Recompute {
-    /// Checkpointed layers `whole`, none recomputing only its feed-forward input.
+    /// Checkpointed layers `whole`, none recomputing only a part.
     pub fn layers(whole: impl IntoIterator<Item = usize>) -> Self {
         Recompute::Layers {
             whole: whole.into_iter().collect(),
             ffn: BTreeSet::new(),
+            attention: BTreeSet::new(),
         }
     }
 
@@ -69,19 +100,15 @@ impl Recompute {
         }
     }
 
-    /// Whether `layer` recomputes its feed-forward input (and is not checkpointed whole).
-    pub fn ffn(&self, layer: usize) -> bool {
-        matches!(self, Recompute::Layers { ffn, .. } if ffn.contains(&layer)) && !self.covers(layer)
-    }
-
     /// What `layer`'s first training forward keeps.
     pub fn keep(&self, layer: usize) -> Keep {
-        if self.covers(layer) {
-            Keep::Nothing
-        } else if self.ffn(layer) {
-            Keep::StateLessFfn
-        } else {
-            Keep::State
+        match self {
+            _ if self.covers(layer) => Keep::Nothing,
+            Recompute::Layers { ffn, attention, .. } => Keep::State(Parts {
+                ffn: ffn.contains(&layer),
+                attention: attention.contains(&layer),
+            }),
+            _ => Keep::ALL,
         }
     }
 
@@ -95,55 +122,73 @@ impl Recompute {
     }
 }
 
-/// A feed-forward activation's saved state `S` ([`Keep::StateLessFfn`]): kept, or the RNG state
-/// the feed-forward's first linear started from, so that backward runs its linear(s) again with
-/// the same dropout draws and gets the same input.
-pub enum FfnSaved<S> {
+/// A part of a layer's saved state `S` that backward may recompute ([`Parts`]): kept, or the RNG
+/// state the part's first linear started from and what else its forward needs (`R`), so that
+/// backward runs it again with the same dropout draws and gets the same state.
+pub enum PartSaved<S, R = ()> {
     Kept(S),
-    Recompute(Box<StdRng>),
+    Recompute(Box<StdRng>, R),
 }
 
-/// Taken just before a feed-forward's first linear runs: the RNG state to replay when `keep`
-/// recomputes the activation's input ([`FfnSaved::new`]).
+/// Taken just before the feed-forward's first linear runs: the RNG state to replay when `keep`
+/// recomputes the activation's input ([`PartSaved::new`]).
 pub fn ffn_start(keep: Keep, pass: &Pass) -> Option<Box<StdRng>> {
-    (keep == Keep::StateLessFfn).then(|| Box::new(pass.rng.clone()))
+    keep.recomputed().ffn.then(|| Box::new(pass.rng.clone()))
 }
 
-impl<S> FfnSaved<S> {
-    /// What the forward keeps: the replay point from [`ffn_start`], else the activation's own
-    /// state (None when nothing is saved).
+/// Taken just before the q, k and v projections run: the RNG state to replay when `keep`
+/// recomputes the attention's state.
+pub fn attention_start(keep: Keep, pass: &Pass) -> Option<Box<StdRng>> {
+    keep.recomputed()
+        .attention
+        .then(|| Box::new(pass.rng.clone()))
+}
+
+impl<S> PartSaved<S> {
+    /// What the forward keeps: the replay point from [`ffn_start`], else the part's own state
+    /// (None when nothing is saved).
     pub fn new(start: Option<Box<StdRng>>, saved: Option<S>) -> Option<Self> {
+        Self::with(start.map(|rng| (rng, ())), saved)
+    }
+}
+
+impl<S, R> PartSaved<S, R> {
+    /// What the forward keeps: the replay point and what the part's forward needs, else the
+    /// part's own state (None when nothing is saved).
+    pub fn with(start: Option<(Box<StdRng>, R)>, saved: Option<S>) -> Option<Self> {
         match start {
-            Some(rng) => Some(FfnSaved::Recompute(rng)),
-            None => saved.map(FfnSaved::Kept),
+            Some((rng, r)) => Some(PartSaved::Recompute(rng, r)),
+            None => saved.map(PartSaved::Kept),
         }
     }
 
-    /// The activation's state: kept, or `run` (the feed-forward's linear(s) and the activation's
-    /// state from their output) on a training pass from the saved RNG state.
-    pub fn get(self, run: impl FnOnce(&mut Pass) -> Result<S>) -> Result<S> {
+    /// The part's state: kept, or `run` (the part's forward from a tensor the layer keeps, and
+    /// the state from its output) on a training pass from the saved RNG state.
+    pub fn get(self, run: impl FnOnce(&mut Pass, R) -> Result<S>) -> Result<S> {
         match self {
-            FfnSaved::Kept(s) => Ok(s),
-            FfnSaved::Recompute(mut rng) => run(&mut Pass::training(&mut rng)),
+            PartSaved::Kept(s) => Ok(s),
+            PartSaved::Recompute(mut rng, r) => run(&mut Pass::training(&mut rng), r),
         }
     }
 }
 
-/// What a model's gradient tests compare with keeping every state: every layer checkpointed;
-/// every layer recomputing its feed-forward input; layer 1 checkpointed and the others
-/// recomputing their feed-forward input (a model of 3 layers).
+/// What a model's gradient tests compare with keeping every state (a model of 3 layers): every
+/// layer checkpointed; every layer recomputing its feed-forward input; every layer recomputing
+/// its attention; layer 1 checkpointed, the others recomputing both parts; layer 0 recomputing
+/// its attention, layer 2 its feed-forward input.
 #[cfg(test)]
-pub(crate) fn test_recomputes() -> [Recompute; 3] {
+pub(crate) fn test_recomputes() -> [Recompute; 5] {
+    let layers = |whole: &[usize], ffn: &[usize], attention: &[usize]| Recompute::Layers {
+        whole: whole.iter().copied().collect(),
+        ffn: ffn.iter().copied().collect(),
+        attention: attention.iter().copied().collect(),
+    };
     [
         Recompute::All,
-        Recompute::Layers {
-            whole: BTreeSet::new(),
-            ffn: (0..3).collect(),
-        },
-        Recompute::Layers {
-            whole: [1].into(),
-            ffn: [0, 1, 2].into(),
-        },
+        layers(&[], &[0, 1, 2], &[]),
+        layers(&[], &[], &[0, 1, 2]),
+        layers(&[1], &[0, 1, 2], &[0, 1, 2]),
+        layers(&[], &[2], &[0]),
     ]
 }
 
@@ -176,9 +221,10 @@ impl<S> StackSaved<S> {
 }
 
 /// Runs `layers` (model layers `first..`, all on the gradient path) on `h`, each saving its state
-/// (less its feed-forward input where `recompute` says) or, when `recompute` covers it, keeping
-/// its input. `run(layer, x, pass, keep)` is one layer's forward. A monitored pass is told each layer's index, so its adapters' rows are taken once
-/// per step (a checkpointed layer's second forward, in backward, has no monitor).
+/// (less the parts `recompute` says) or, when `recompute` covers it, keeping its input.
+/// `run(layer, x, pass, keep)` is one layer's forward. A monitored pass is told each layer's
+/// index, so its adapters' rows are taken once per step (a checkpointed layer's second forward,
+/// in backward, has no monitor).
 pub fn forward<L, S>(
     layers: &[L],
     first: usize,

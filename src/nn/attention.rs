@@ -460,6 +460,51 @@ pub enum AttentionCall<'a> {
     },
 }
 
+/// A whole-sequence attention's mask, shape and rope, owned: what its forward needs to run again
+/// in backward, in a layer that recomputes its attention's state (`stack::Parts::attention`).
+#[derive(Clone)]
+pub struct AttentionArgs {
+    mask_add: Tensor,
+    shape: AttnShape,
+    rope: Option<Rope>,
+}
+
+impl AttentionArgs {
+    pub fn new(mask_add: &Tensor, shape: AttnShape, rope: Option<&Rope>) -> Self {
+        Self {
+            mask_add: mask_add.clone(),
+            shape,
+            rope: rope.cloned(),
+        }
+    }
+
+    /// The arguments of a whole-sequence `call`; an error for generation's cached calls, which
+    /// keep nothing to recompute.
+    pub fn of(call: &AttentionCall) -> Result<Self> {
+        match call {
+            AttentionCall::Forward {
+                mask_add,
+                shape,
+                rope,
+                ..
+            } => Ok(Self::new(mask_add, *shape, *rope)),
+            AttentionCall::Cached { .. } => {
+                bail!("a cached attention call has nothing to recompute")
+            }
+        }
+    }
+
+    /// The whole-sequence call on these arguments.
+    pub fn call(&self, save: bool) -> AttentionCall<'_> {
+        AttentionCall::Forward {
+            mask_add: &self.mask_add,
+            shape: self.shape,
+            rope: self.rope.as_ref(),
+            save,
+        }
+    }
+}
+
 impl Attention {
     /// The context of `qkv` the way `call` says, and what backward needs when it saves.
     pub fn call(

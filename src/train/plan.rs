@@ -70,6 +70,10 @@ pub struct MemoryPlan {
     /// recomputes from the norm before it (one or two matmuls, not the whole layer).
     #[serde(default)]
     pub ffn_recomputed: Vec<usize>,
+    /// Layers that keep their state less the attention's, which backward recomputes from the
+    /// input of the q, k and v projections (those projections and the attention's forward).
+    #[serde(default)]
+    pub attention_recomputed: Vec<usize>,
     /// The estimated peak a pass adds to what is live before it, in bytes.
     pub estimated_step_bytes: usize,
     /// The budget it was planned for.
@@ -121,6 +125,7 @@ impl MemoryPlan {
         Recompute::Layers {
             whole: self.checkpointed.iter().copied().collect(),
             ffn: self.ffn_recomputed.iter().copied().collect(),
+            attention: self.attention_recomputed.iter().copied().collect(),
         }
     }
 
@@ -144,6 +149,12 @@ impl MemoryPlan {
             d += &format!(
                 ", feed-forward input recomputed: {}",
                 layers(&self.ffn_recomputed)
+            );
+        }
+        if !self.attention_recomputed.is_empty() {
+            d += &format!(
+                ", attention recomputed: {}",
+                layers(&self.attention_recomputed)
             );
         }
         if !self.pass_through.is_empty() {
@@ -354,6 +365,7 @@ pub fn plan(
         let recompute = Recompute::Layers {
             whole: chosen.whole.iter().copied().collect(),
             ffn: chosen.ffn.iter().copied().collect(),
+            attention: chosen.attention.iter().copied().collect(),
         };
         let pass_through_bytes = through
             .iter()
@@ -368,6 +380,7 @@ pub fn plan(
             estimated_step_bytes: chosen.estimate,
             checkpointed: chosen.whole,
             ffn_recomputed: chosen.ffn,
+            attention_recomputed: chosen.attention,
             budget_bytes: budget,
             measuring,
         }
@@ -382,6 +395,7 @@ pub fn plan(
         let chosen = Chosen {
             whole,
             ffn: vec![],
+            attention: vec![],
             estimate,
             cost_pct: 0,
         };
@@ -404,7 +418,7 @@ pub fn plan(
         };
         // Work in hundredths of a layer forward per token: 3 per trained layer (forward,
         // backward), 1 per layer below, up to 1 more per checkpointed layer and a share of one
-        // per layer recomputing its feed-forward input (`LayerMemory`'s costs); a pass counts at
+        // per part a layer recomputes (`LayerMemory`'s costs); a pass counts at
         // least `efficient_tokens`.
         let passes = batch / rows;
         let tokens = (rows * seq).max(efficient_tokens);
@@ -427,22 +441,39 @@ pub fn plan(
     }
 }
 
-/// What a pass recomputes: layers checkpointed whole and layers recomputing their feed-forward
-/// input, the pass's estimated bytes, and the recomputation's cost in hundredths of a layer
-/// forward per token.
+/// What a pass recomputes: layers checkpointed whole, layers recomputing their feed-forward input
+/// or their attention, the pass's estimated bytes, and the recomputation's cost in hundredths of
+/// a layer forward per token.
 struct Chosen {
     whole: Vec<usize>,
     ffn: Vec<usize>,
+    attention: Vec<usize>,
     estimate: usize,
     cost_pct: usize,
 }
 
+/// A part of a layer's state that backward may recompute (`stack::Parts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    Ffn,
+    Attention,
+}
+
+impl Part {
+    /// What recomputing it frees, and its cost in percent of the layer's forward.
+    fn of(self, m: &LayerMemory) -> (usize, usize) {
+        match self {
+            Part::Ffn => (m.ffn_input, m.ffn_cost_pct),
+            Part::Attention => (m.attention_state, m.attention_cost_pct),
+        }
+    }
+}
+
 /// The cheapest recomputation with which a pass of `rows` rows fits `budget`. Whole layers are
 /// checkpointed in a fixed order (pass-through layers first: they have no weight gradients to
-/// compute; then the trained layers that save most); for each number of them, the fewest other
-/// layers that recompute their feed-forward input (pass-through layers first, then the largest
-/// inputs). None when even
-/// every layer checkpointed does not fit.
+/// compute; then the trained layers that save most); for each number of them, the fewest parts
+/// of the other layers recomputed (pass-through layers first, then the parts that cost least for
+/// what they free). None when even every layer checkpointed does not fit.
 fn cheapest_recompute(
     model: &impl StepMemory,
     through: &[usize],
@@ -459,15 +490,17 @@ fn cheapest_recompute(
     let mut trained: Vec<usize> = (first..n).filter(|l| !through.contains(l)).collect();
     trained.sort_by_key(|&l| (std::cmp::Reverse(of(l).state.saturating_sub(x)), l));
     whole_order.extend(trained);
-    let mut ffn_order: Vec<usize> = (first..n).filter(|&l| of(l).ffn_input > 0).collect();
-    ffn_order.sort_by_key(|&l| {
-        let trained = !through.contains(&l);
-        (
-            trained,
-            std::cmp::Reverse(of(l).ffn_input),
-            of(l).ffn_cost_pct,
-            l,
-        )
+    let mut part_order: Vec<(usize, Part)> = (first..n)
+        .flat_map(|l| [(l, Part::Ffn), (l, Part::Attention)])
+        .filter(|&(l, p)| p.of(&of(l)).0 > 0)
+        .collect();
+    part_order.sort_by(|&(la, pa), &(lb, pb)| {
+        let ((fa, ca), (fb, cb)) = (pa.of(&of(la)), pb.of(&of(lb)));
+        let trained = |l: usize| !through.contains(&l);
+        (trained(la).cmp(&trained(lb)))
+            .then((ca * fb).cmp(&(cb * fa)))
+            .then(fb.cmp(&fa))
+            .then((la, pa).cmp(&(lb, pb)))
     });
     // The cost of checkpointing the first k layers of `whole_order`.
     let whole_cost: Vec<usize> = std::iter::once(0)
@@ -482,27 +515,35 @@ fn cheapest_recompute(
             break; // more whole layers only cost more
         }
         let whole: BTreeSet<usize> = whole_order[..k].iter().copied().collect();
-        let light: Vec<usize> = ffn_order
+        let parts: Vec<(usize, Part)> = part_order
             .iter()
             .copied()
-            .filter(|l| !whole.contains(l))
+            .filter(|(l, _)| !whole.contains(l))
             .collect();
-        for j in 0..=light.len() {
-            let ffn: BTreeSet<usize> = light[..j].iter().copied().collect();
+        for j in 0..=parts.len() {
+            let layers = |part: Part| -> BTreeSet<usize> {
+                parts[..j]
+                    .iter()
+                    .filter(|&&(_, p)| p == part)
+                    .map(|&(l, _)| l)
+                    .collect()
+            };
             let recompute = Recompute::Layers {
                 whole: whole.clone(),
-                ffn: ffn.clone(),
+                ffn: layers(Part::Ffn),
+                attention: layers(Part::Attention),
             };
             let estimate = pass.peak(&recompute, measure);
             if estimate > budget {
                 continue;
             }
-            let ffn_cost: usize = ffn.iter().map(|&l| of(l).ffn_cost_pct).sum();
-            let cost_pct = whole_cost[k] + ffn_cost;
+            let parts_cost: usize = parts[..j].iter().map(|&(l, p)| p.of(&of(l)).1).sum();
+            let cost_pct = whole_cost[k] + parts_cost;
             if best.as_ref().is_none_or(|b| cost_pct < b.cost_pct) {
                 best = Some(Chosen {
                     whole: whole.iter().copied().collect(),
-                    ffn: ffn.into_iter().collect(),
+                    ffn: layers(Part::Ffn).into_iter().collect(),
+                    attention: layers(Part::Attention).into_iter().collect(),
                     estimate,
                     cost_pct,
                 });

@@ -70,16 +70,17 @@ fn a_measuring_step_keeps_room_for_the_measurement() {
     assert_eq!((plain.step(true), plain.all().count()), (&p, 1));
 }
 
-/// Layers a plan recomputes, whole or their feed-forward input.
+/// Layers a plan recomputes, whole or parts.
 fn recomputed(p: &MemoryPlan) -> usize {
-    p.checkpointed.len() + p.ffn_recomputed.len()
+    p.checkpointed.len() + p.ffn_recomputed.len() + p.attention_recomputed.len()
 }
 
 /// A budget a little under the plain step is met by recomputing the feed-forward inputs of a
-/// few layers (a quarter of a layer's forward each in this model),
-/// not by checkpointing a whole layer; a tighter one adds whole layers.
+/// few layers (a quarter of a layer's forward each in this model), not by checkpointing a whole
+/// layer; a tighter one adds attentions (44% of a layer's forward for 30% of its state: dearer
+/// for what they free), and one under what every part frees adds whole layers.
 #[test]
-fn a_budget_recomputes_feed_forward_inputs_before_whole_layers() {
+fn a_budget_recomputes_parts_before_whole_layers() {
     let m = model();
     let full = step_bytes(&m, &Recompute::None, 16, SEQ);
     let state = m.layer_memory(0, 16, SEQ);
@@ -98,9 +99,27 @@ fn a_budget_recomputes_feed_forward_inputs_before_whole_layers() {
         "{}",
         p.describe()
     );
+    let state = m.layer_memory(0, 16, SEQ);
+    // (6h^2 + 4 seq h) / (8h^2 + 4hf + 4 seq h): 14336 / 32768, rounded up.
+    assert_eq!(state.attention_cost_pct, 44, "{state:?}");
+    assert!(p.attention_recomputed.is_empty(), "{p:?}");
     let q = plan(&m, 16, 1, SEQ, false, Some(full * 7 / 10), GPU, false).unwrap();
+    assert!(q.checkpointed.is_empty(), "{q:?}");
+    assert_eq!(q.ffn_recomputed, (0..6).collect::<Vec<_>>());
+    assert!(!q.attention_recomputed.is_empty(), "{q:?}");
+    let parts = Recompute::Layers {
+        whole: Default::default(),
+        ffn: (0..6).collect(),
+        attention: (0..6).collect(),
+    };
+    let tighter = step_bytes(&m, &parts, 16, SEQ) * 11 / 12 - 1;
+    let q = plan(&m, 16, 1, SEQ, false, Some(tighter), GPU, false).unwrap();
     assert!(!q.checkpointed.is_empty(), "{q:?}");
     assert!(q.checkpointed.iter().all(|l| !q.ffn_recomputed.contains(l)));
+    assert!(q
+        .checkpointed
+        .iter()
+        .all(|l| !q.attention_recomputed.contains(l)));
     // What the plan runs is what it estimated.
     assert_eq!(
         step_bytes(&m, &q.recompute(), 16, SEQ),
@@ -198,21 +217,16 @@ fn pass_through_layers_are_checkpointed_first() {
             through(&p.checkpointed) || all_through(&p.checkpointed),
             "{p:?}"
         );
+        let recomputed = [&p.ffn_recomputed[..], &p.attention_recomputed[..]].concat();
         assert!(
-            !p.ffn_recomputed.contains(&0)
-                || all_through(&[&p.ffn_recomputed[..], &p.checkpointed[..]].concat()),
+            !recomputed.contains(&0)
+                || all_through(&[&recomputed[..], &p.checkpointed[..]].concat()),
             "{p:?}"
         );
         let kept: usize = [1, 2, 3]
             .into_iter()
             .filter(|l| !p.checkpointed.contains(l))
-            .map(|l| {
-                let m = m.layer_memory(l, 16, SEQ);
-                match p.ffn_recomputed.contains(&l) {
-                    true => m.state - m.ffn_input,
-                    false => m.state,
-                }
-            })
+            .map(|l| m.layer_memory(l, 16, SEQ).kept(p.recompute().keep(l)))
             .sum();
         assert_eq!(p.pass_through_bytes, kept, "{p:?}");
     }
