@@ -325,6 +325,11 @@ impl BertLayer {
             + acts.lora_group_recomputed(&[lin(Site::Output)]);
         let head_dim = h / self.attention.num_heads;
         let attention_state = acts.attention_alone(&self.attention, head_dim, lin(Site::AttnOut));
+        // Matmul FLOPs a token of each linear.
+        let mm = |l: &LoraLinear| acts.matmul(l.base.out_features(), l.base.in_features());
+        let qkv_cost = qkv.iter().map(|l| mm(l)).sum();
+        let (attn_out, inter) = (mm(lin(Site::AttnOut)), mm(lin(Site::Intermediate)));
+        let output = mm(lin(Site::Output));
         let state = linears
             + acts.attention_then(&self.attention, head_dim, lin(Site::AttnOut))
             + 2 * acts.norm(h)
@@ -334,9 +339,9 @@ impl BertLayer {
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.ffn_out_backward(lin(Site::Output)),
             ffn_input: acts.of(f),
-            ffn_cost_pct: acts.share_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
+            ffn_cost_pct: acts.share_pct(inter, qkv_cost + attn_out + output, h),
             attention_state: attention_state.saturating_sub(replay_input),
-            attention_cost_pct: acts.attention_share_pct(6 * h * h, 2 * h * h + 4 * h * f, h),
+            attention_cost_pct: acts.attention_share_pct(qkv_cost, attn_out + inter + output, h),
             checkpoint_cost_pct: 100,
         }
     }

@@ -273,14 +273,17 @@ impl Gpt2Block {
             + 2 * acts.norm(h)
             + acts.attention_then(&self.attention, head_dim, lin(AttnCProj))
             + acts.of(f);
+        // Matmul FLOPs a token of each linear.
+        let mm = |s: Gpt2Site| acts.matmul(lin(s).base.out_features(), lin(s).base.in_features());
+        let (c_attn, c_proj, fc, mlp_proj) = (mm(CAttn), mm(AttnCProj), mm(CFc), mm(MlpCProj));
         LayerMemory {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.ffn_out_backward(lin(MlpCProj)),
             ffn_input: acts.of(f),
-            ffn_cost_pct: acts.share_pct(2 * h * f, 8 * h * h + 2 * h * f, h),
+            ffn_cost_pct: acts.share_pct(fc, c_attn + c_proj + mlp_proj, h),
             attention_state: acts.attention_alone(&self.attention, head_dim, lin(AttnCProj)),
-            attention_cost_pct: acts.attention_share_pct(6 * h * h, 2 * h * h + 4 * h * f, h),
+            attention_cost_pct: acts.attention_share_pct(c_attn, c_proj + fc + mlp_proj, h),
             checkpoint_cost_pct: 100,
         }
     }

@@ -245,25 +245,22 @@ impl LlamaLayer {
             + acts.norm_then(&self.post_attention_norm, &[lin(Gate), lin(Up)])
             + acts.lora_group_recomputed(&[lin(Down)])
             + 2 * acts.of(f);
-        // Matmul FLOPs a token: q, k, v, o; gate and up; down.
-        let (attn, gate_up, down) = (
-            4 * h * (h + lin(K).base.out_features()),
-            4 * h * f,
-            2 * h * f,
-        );
-        let qkv = 2 * h * (h + 2 * lin(K).base.out_features());
+        // Matmul FLOPs a token: q, k and v; o; gate and up; down.
+        let mm = |l: &LoraLinear| acts.matmul(l.base.out_features(), l.base.in_features());
+        let (qkv, o) = (mm(lin(Q)) + mm(lin(K)) + mm(lin(V)), mm(lin(O)));
+        let (gate_up, down) = (mm(lin(Gate)) + mm(lin(Up)), mm(lin(Down)));
         LayerMemory {
             state,
             transient: acts.transient(&self.attention, head_dim, h, f)
                 + acts.ffn_out_backward(lin(Down)),
             ffn_input: 2 * acts.of(f),
-            ffn_cost_pct: acts.share_pct(gate_up, attn + down, h),
+            ffn_cost_pct: acts.share_pct(gate_up, qkv + o + down, h),
             attention_state: acts.attention_alone(&self.attention, head_dim, lin(O)),
-            attention_cost_pct: acts.attention_share_pct(qkv, attn - qkv + gate_up + down, h),
+            attention_cost_pct: acts.attention_share_pct(qkv, o + gate_up + down, h),
             // Without a down_proj adapter the second forward stops before it (`state`).
             checkpoint_cost_pct: match lin(Down).lora {
                 Some(_) => 100,
-                None => 100 - acts.share_pct(down, attn + gate_up, h),
+                None => 100 - acts.share_pct(down, qkv + o + gate_up, h),
             },
         }
     }

@@ -115,13 +115,14 @@ fn recomputing_the_feed_forward_input_gives_the_same_gradients() {
 }
 
 /// The plan's costs of a layer (`LayerMemory`): recomputing the feed-forward input is gate's
-/// and up's share of the forward's matmul FLOPs; a checkpointed layer's second forward costs a
-/// whole forward with a `down_proj` adapter and stops before `down_proj` without one.
+/// and up's share of the forward's matmul FLOPs, recomputing the attention q's, k's, v's and the
+/// attention's products'; a checkpointed layer's second forward costs a whole forward with a
+/// `down_proj` adapter and stops before `down_proj` without one.
 #[test]
 fn layer_costs_follow_the_forward() {
     let acts = crate::model::memory::Acts::new(2, 8, DType::F64, &Device::Cpu);
-    // Per token at hidden 16, kv 8, FFN 24: q/k/v/o 4*16*(16+8) = 1536, gate and up 4*16*24 =
-    // 1536, down 2*16*24 = 768, attention's products 4*8*16 = 512; 4,352 in all.
+    // Per token at hidden 16, kv 8, FFN 24: q 512, k and v 256 each, o 512, gate and up 1536,
+    // down 768, attention's products 4*8*16 = 512; 4,352 in all.
     for (targets, checkpoint) in [
         (&["q_proj"][..], 100 - 18), // down: 768 / 4352 = 17.6%, rounded up
         (&["q_proj", "down_proj"][..], 100),
@@ -129,9 +130,27 @@ fn layer_costs_follow_the_forward() {
         let m = tiny_with(false, targets);
         let l = m.layers[0].memory(acts);
         assert_eq!(l.ffn_cost_pct, 36, "1536 / 4352 = 35.3%, rounded up");
+        assert_eq!(l.attention_cost_pct, 36, "(1024 + 512) / 4352 = 35.3%");
         assert_eq!(l.checkpoint_cost_pct, checkpoint, "{targets:?}");
         assert_eq!(l.ffn_input, 2 * acts.of(24));
     }
+}
+
+/// On a GPU a product whose output is under one wave of tiles costs as much as that wave: with a
+/// floor of 320 output elements over the 16 tokens (20 columns), q, k, v, o (16 and 8 wide) and
+/// down (16) cost as if 20 wide, gate and up (24) their FLOPs, and the shares follow.
+#[test]
+fn a_gpu_product_under_one_wave_costs_the_wave() {
+    let acts = crate::model::memory::Acts {
+        matmul_floor: 320,
+        ..crate::model::memory::Acts::new(2, 8, DType::F64, &Device::Cpu)
+    };
+    assert_eq!((acts.matmul(16, 16), acts.matmul(24, 16)), (640, 768));
+    let l = tiny_with(false, &["q_proj"]).layers[0].memory(acts);
+    // q, k, v 3 x 640, o 640, gate and up 1536, down 2*24*20 = 960, attention 512: 5,568.
+    assert_eq!(l.ffn_cost_pct, 28, "1536 / 5568 = 27.6%");
+    assert_eq!(l.attention_cost_pct, 44, "(1920 + 512) / 5568 = 43.7%");
+    assert_eq!(l.checkpoint_cost_pct, 100 - 18, "down: 960 / 5568 = 17.2%");
 }
 
 /// Every adapter's gradient equals candle's autograd through the same forward (LoRA dropout

@@ -54,6 +54,24 @@ impl LayerMemory {
     }
 }
 
+impl LayerMemory {
+    /// The most of its state a layer holds at once in its forward or backward as `keep` says:
+    /// what it keeps and one recomputed part at a time (backward rebuilds the feed-forward input
+    /// and consumes it before it rebuilds the attention's; forward drops each once used); all of
+    /// it where it keeps nothing (a checkpointed layer's backward rebuilds it whole).
+    pub fn live(&self, keep: super::stack::Keep) -> usize {
+        use super::stack::Keep;
+        match keep {
+            Keep::Nothing => self.state,
+            Keep::State(p) => {
+                let ffn = if p.ffn { self.ffn_input } else { 0 };
+                let attention = if p.attention { self.attention_state } else { 0 };
+                self.kept(keep) + ffn.max(attention)
+            }
+        }
+    }
+}
+
 /// What a training step of a model keeps, by layer, for `rows` rows of `seq` tokens.
 pub trait StepMemory: crate::adapters::Adapted {
     /// Layer `layer` in training mode with its adapters' current trainable state.
@@ -69,6 +87,13 @@ pub trait StepMemory: crate::adapters::Adapted {
     fn head_bytes(&self, rows: usize, seq: usize) -> usize;
 }
 
+/// Output elements of one wave of 128 x 256 tiles over an H100's or H200's 132 multiprocessors: a
+/// GPU product with a smaller output takes about as long as one of this size. Measured on an H100
+/// (`examples/recompute_probe`, one LLaMA-7B layer, 4 x 128 tokens): recomputing gate and up
+/// (11008 wide) took 34% of the layer's forward, q, k, v and the attention (4096 wide) 33%, where
+/// their shares of its FLOPs are 45% and 26%.
+pub const GPU_WAVE: usize = 132 * 128 * 256;
+
 /// Activation shapes of one micro-batch: `tokens = rows * seq` of `dtype`.
 #[derive(Clone, Copy, Debug)]
 pub struct Acts {
@@ -78,6 +103,9 @@ pub struct Acts {
     /// Attention runs the fused CPU kernels (`nn::cpu_attention`: f32 on the CPU), which
     /// allocate no score-sized tensor.
     pub cpu_fused: bool,
+    /// The output elements below which a product costs as much as at this size: [`GPU_WAVE`] on
+    /// a GPU, 0 on the CPU (compute-bound from a few rows on).
+    pub matmul_floor: usize,
 }
 
 impl Acts {
@@ -88,7 +116,14 @@ impl Acts {
             seq,
             dtype,
             cpu_fused: device.is_cpu() && dtype == DType::F32,
+            matmul_floor: if device.is_cpu() { 0 } else { GPU_WAVE },
         }
+    }
+
+    /// The cost a token of a product of `[tokens, k]` rows with a `[k, n]` weight, in FLOPs:
+    /// `2 k n`, or where its output is under [`Acts::matmul_floor`], that floor's share.
+    pub fn matmul(&self, n: usize, k: usize) -> usize {
+        2 * k * n.max(self.matmul_floor.div_ceil(self.tokens().max(1)))
     }
 
     /// Activations in the dtype and on the device of `weight` (a model's tensor).
@@ -225,7 +260,7 @@ impl Acts {
     }
 
     /// The share in percent (rounded up) of a layer's forward that its q, k and v projections
-    /// (`qkv` matmul FLOPs a token) and the attention's products take, beside `rest` for its
+    /// (`qkv` matmul FLOPs a token, [`Acts::matmul`]) and the attention's products take, beside `rest` for its
     /// other projections: [`LayerMemory::attention_cost_pct`].
     pub fn attention_share_pct(&self, qkv: usize, rest: usize, width: usize) -> usize {
         let attention = 4 * self.seq * width;
@@ -233,8 +268,8 @@ impl Acts {
     }
 
     /// The share in percent (rounded up) of a layer's forward that `part` matmul FLOPs a token
-    /// take, beside `rest` for its other projections and attention's products over `seq` keys
-    /// of width `width`: the costs of [`LayerMemory`].
+    /// take ([`Acts::matmul`]), beside `rest` for its other projections and attention's products
+    /// over `seq` keys of width `width`: the costs of [`LayerMemory`].
     pub fn share_pct(&self, part: usize, rest: usize, width: usize) -> usize {
         let attention = 4 * self.seq * width;
         (100 * part).div_ceil(part + rest + attention)

@@ -184,7 +184,7 @@ pub fn efficient_tokens(device: &candle_core::Device, hidden: usize) -> usize {
     match device {
         candle_core::Device::Cpu => 256,
         _ => launch_bound_tokens(hidden)
-            .max(4.33e6 / h)
+            .max(crate::model::memory::GPU_WAVE as f64 / h)
             .clamp(64.0, 65536.0) as usize,
     }
 }
@@ -284,7 +284,8 @@ impl PassMemory {
         let mut peak = self.below;
         let mut below = 0;
         for (l, m) in &self.layers {
-            peak = peak.max(below + x + m.state + (m.transient + x).max(measure));
+            let live = m.live(recompute.keep(*l));
+            peak = peak.max(below + x + live + (m.transient + x).max(measure));
             below += kept(*l, m);
         }
         peak = peak.max(below + x + self.head);
@@ -292,7 +293,8 @@ impl PassMemory {
             let l = *l;
             below -= kept(l, m);
             let input = if recompute.covers(l) { x } else { 0 };
-            peak = peak.max(below + input + m.state + m.transient + 2 * x);
+            let live = m.live(recompute.keep(l));
+            peak = peak.max(below + input + live + m.transient + 2 * x);
         }
         peak
     }
