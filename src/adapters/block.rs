@@ -39,6 +39,15 @@ pub trait Block: Clone {
     fn trains(&self) -> bool {
         self.linears().iter().any(|l| l.trains())
     }
+
+    /// `site`'s output on `x` from a training pass that keeps nothing: backward recomputing a
+    /// part of the layer's state (`model::stack::PartSaved`) with the dropout draws it replays.
+    fn replay(&self, site: Self::Site, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        Ok(self
+            .linear(site)
+            .forward_rows(x, pass, Save::Nothing, false)?
+            .0)
+    }
 }
 
 /// [`Block`] for a layer struct whose `linears` array is in `$site::ALL` order, with

@@ -4,7 +4,8 @@
 use super::bert_config::EncoderFamily;
 use super::memory::{Acts, LayerMemory};
 use super::stack::{self, Keep, PartSaved};
-use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::Block;
 use crate::adapters::{self, SiteBackward, SiteForward, SiteStates};
 use crate::nn::attention::{Attention, AttentionArgs, AttentionSaved, AttnShape};
 use crate::nn::dropout::{self, DropoutSaved};
@@ -268,24 +269,16 @@ impl BertLayer {
         normed: Option<&NormSaved>,
     ) -> Result<AttentionSaved> {
         attn.get(|pass, (args, input)| {
-            let (q, k, v) = {
-                let x = match (input, normed) {
-                    (Some(x), _) => x,
-                    (None, Some(n)) => n.output(&self.ln_attn)?,
-                    (None, None) => candle_core::bail!("a BERT layer kept no attention input"),
-                };
-                let mut run = |site| {
-                    let linear = crate::adapters::Block::linear(self, site);
-                    Ok::<_, candle_core::Error>(
-                        linear.forward_rows(&x, pass, Save::Nothing, false)?.0,
-                    )
-                };
-                (run(Site::Query)?, run(Site::Key)?, run(Site::Value)?)
+            let x = match (input, normed) {
+                (Some(x), _) => x,
+                (None, Some(n)) => n.output(&self.ln_attn)?,
+                (None, None) => candle_core::bail!("a BERT layer kept no attention input"),
             };
-            match self.attention.call(args.call(true), (&q, &k, &v), pass)?.1 {
-                Some(s) => Ok(s),
-                None => candle_core::bail!("a BERT attention run with save kept no state"),
-            }
+            let q = self.replay(Site::Query, &x, pass)?;
+            let k = self.replay(Site::Key, &x, pass)?;
+            let v = self.replay(Site::Value, &x, pass)?;
+            drop(x);
+            args.recompute(&self.attention, (&q, &k, &v), pass)
         })
     }
 
@@ -299,16 +292,17 @@ impl BertLayer {
     ) -> Result<GeluSaved> {
         gelu.get(|pass, ()| {
             let x = normed.output(norm)?;
-            let linear = crate::adapters::Block::linear(self, Site::Intermediate);
-            let (i, _, _) = linear.forward_rows(&x, pass, Save::Nothing, false)?;
-            Ok(GeluSaved::of(i, GeluKind::Erf))
+            Ok(GeluSaved::of(
+                self.replay(Site::Intermediate, &x, pass)?,
+                GeluKind::Erf,
+            ))
         })
     }
 
     /// What [`BertLayer::forward`] keeps (its [`BertLayerSaved`]) and its temporaries, from
     /// shapes.
     pub fn memory(&self, acts: Acts) -> LayerMemory {
-        let lin = |s: Site| crate::adapters::Block::linear(self, s);
+        let lin = |s: Site| Block::linear(self, s);
         let (h, f) = (
             lin(Site::Query).base.in_features(),
             lin(Site::Intermediate).base.out_features(),

@@ -10,7 +10,7 @@
 use super::causal::{self, DecoderParts};
 use super::memory::{Acts, LayerMemory};
 use super::stack::{self, Keep, PartSaved};
-use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
 use crate::adapters::{self, AdaptedStack, Block};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
@@ -264,7 +264,7 @@ impl Gpt2Block {
     /// shapes.
     pub fn memory(&self, acts: Acts) -> LayerMemory {
         use Gpt2Site::*;
-        let lin = |s: Gpt2Site| crate::adapters::Block::linear(self, s);
+        let lin = |s: Gpt2Site| Block::linear(self, s);
         let (h, f) = (lin(CAttn).base.in_features(), lin(CFc).base.out_features());
         let head_dim = h / self.attention.num_heads;
         let state = acts.lora_group(&[lin(CAttn)])
@@ -391,9 +391,10 @@ impl Gpt2Block {
         let mut lin = SiteBackward::new(self, saved.lin);
         let gelu = saved.gelu.get(|pass, ()| {
             let hn = saved.ln_2.output(&self.ln_2)?;
-            let c_fc = self.linear(Gpt2Site::CFc);
-            let (f, _, _) = c_fc.forward_rows(&hn, pass, Save::Nothing, false)?;
-            Ok(GeluSaved::of(f, self.act))
+            Ok(GeluSaved::of(
+                self.replay(Gpt2Site::CFc, &hn, pass)?,
+                self.act,
+            ))
         })?;
         let dm = dropout::backward_opt(&saved.drop_mlp, dout.clone())?;
         let dg = lin.back_dx_recomputed(Gpt2Site::MlpCProj, &dm, || gelu.output())?;
@@ -410,8 +411,7 @@ impl Gpt2Block {
         let dx = if need_dx || self.linear(Gpt2Site::CAttn).trains() {
             let attn = saved.attn.get(|pass, args| {
                 let xn = saved.ln_1.output(&self.ln_1)?;
-                let c_attn = self.linear(Gpt2Site::CAttn);
-                let (qkv, _, _) = c_attn.forward_rows(&xn, pass, Save::Nothing, false)?;
+                let qkv = self.replay(Gpt2Site::CAttn, &xn, pass)?;
                 drop(xn);
                 let c = qkv.dim(1)? / 3;
                 let (q, k, v) = (
@@ -419,10 +419,7 @@ impl Gpt2Block {
                     qkv.narrow(1, c, c)?,
                     qkv.narrow(1, 2 * c, c)?,
                 );
-                match self.attention.call(args.call(true), (&q, &k, &v), pass)?.1 {
-                    Some(s) => Ok(s),
-                    None => candle_core::bail!("a GPT-2 attention run with save kept no state"),
-                }
+                args.recompute(&self.attention, (&q, &k, &v), pass)
             })?;
             let (dq, dk, dv) = attn.backward(&self.attention, &dctx)?;
             drop(dctx);

@@ -8,7 +8,8 @@ use super::causal::{self, DecoderParts};
 pub use super::llama_config::{LlamaConfig, RopeScaling};
 use super::memory::{Acts, LayerMemory};
 use super::stack::{self, Keep, PartSaved};
-use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved, Save};
+use crate::adapters::lora::{LoraGrads, LoraLinear, LoraLinearSaved};
+use crate::adapters::Block;
 use crate::adapters::{self, AdaptedStack};
 use crate::adapters::{SiteBackward, SiteForward, SiteStates};
 use crate::io::weights::Weights;
@@ -237,7 +238,7 @@ impl LlamaLayer {
     /// shapes.
     pub fn memory(&self, acts: Acts) -> LayerMemory {
         use LlamaSite::*;
-        let lin = |s: LlamaSite| crate::adapters::Block::linear(self, s);
+        let lin = |s: LlamaSite| Block::linear(self, s);
         let (h, f) = (lin(Q).base.in_features(), lin(Gate).base.out_features());
         let head_dim = lin(Q).base.out_features() / self.attention.num_heads;
         let state = acts.norm_then(&self.input_norm, &[lin(Q), lin(K), lin(V)])
@@ -275,12 +276,8 @@ impl LlamaLayer {
         let mut lin = SiteBackward::new(self, saved.lin);
         let swiglu = saved.swiglu.get(|pass, ()| {
             let hn = saved.post_norm.output(&self.post_attention_norm)?;
-            let mut run = |site| {
-                let linear = crate::adapters::Block::linear(self, site);
-                Ok::<_, candle_core::Error>(linear.forward_rows(&hn, pass, Save::Nothing, false)?.0)
-            };
-            let g = run(LlamaSite::Gate)?;
-            Ok(SwiGluSaved::of(g, run(LlamaSite::Up)?))
+            let g = self.replay(LlamaSite::Gate, &hn, pass)?;
+            Ok(SwiGluSaved::of(g, self.replay(LlamaSite::Up, &hn, pass)?))
         })?;
         let da = lin.back_dx_recomputed(LlamaSite::Down, dout, || swiglu.output())?;
         let (dg, du) = swiglu.backward(&da)?;
@@ -295,20 +292,12 @@ impl LlamaLayer {
         drop(dhn);
         let dctx = lin.back_dx(LlamaSite::O, &dh)?;
         let attn = saved.attn.get(|pass, args| {
-            let (q, k, v) = {
-                let xn = saved.input_norm.output(&self.input_norm)?;
-                let mut run = |site| {
-                    let linear = crate::adapters::Block::linear(self, site);
-                    Ok::<_, candle_core::Error>(
-                        linear.forward_rows(&xn, pass, Save::Nothing, false)?.0,
-                    )
-                };
-                (run(LlamaSite::Q)?, run(LlamaSite::K)?, run(LlamaSite::V)?)
-            };
-            match self.attention.call(args.call(true), (&q, &k, &v), pass)?.1 {
-                Some(s) => Ok(s),
-                None => candle_core::bail!("a LLaMA attention run with save kept no state"),
-            }
+            let xn = saved.input_norm.output(&self.input_norm)?;
+            let q = self.replay(LlamaSite::Q, &xn, pass)?;
+            let k = self.replay(LlamaSite::K, &xn, pass)?;
+            let v = self.replay(LlamaSite::V, &xn, pass)?;
+            drop(xn);
+            args.recompute(&self.attention, (&q, &k, &v), pass)
         })?;
         let (dq, dk, dv) = attn.backward(&self.attention, &dctx)?;
         drop(dctx);

@@ -503,6 +503,20 @@ impl AttentionArgs {
             save,
         }
     }
+
+    /// What `attention`'s backward needs, from its forward on `qkv` again (the context it
+    /// returns is dropped: the first forward gave it).
+    pub fn recompute(
+        &self,
+        attention: &Attention,
+        qkv: (&Tensor, &Tensor, &Tensor),
+        pass: &mut Pass,
+    ) -> Result<AttentionSaved> {
+        match attention.call(self.call(true), qkv, pass)?.1 {
+            Some(saved) => Ok(saved),
+            None => bail!("an attention forward that saves kept no state"),
+        }
+    }
 }
 
 impl Attention {
