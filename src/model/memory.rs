@@ -20,14 +20,14 @@ pub struct LayerMemory {
     /// does not keep: that input (GELU's, or SwiGLU's gate and up).
     pub ffn_input: usize,
     /// Backward's cost of recomputing it, in percent of the layer's forward: the share of its
-    /// matmul FLOPs that the feed-forward's first linear(s) take.
+    /// matmul cost ([`Acts::matmul`]) that the feed-forward's first linear(s) take.
     pub ffn_cost_pct: usize,
     /// What of `state` a forward that recomputes the attention (`stack::Parts::attention`) does
     /// not keep: the attention's saved state, less what the layer keeps for its recomputation
     /// that it would not keep otherwise.
     pub attention_state: usize,
     /// Backward's cost of recomputing it, in percent of the layer's forward: the share of the q,
-    /// k and v projections and the attention's own products.
+    /// k and v projections ([`Acts::matmul`]) and the attention's own products.
     pub attention_cost_pct: usize,
     /// The cost of a checkpointed layer's second forward, in percent of its forward: 100, or
     /// less where it stops once the state is rebuilt (`LlamaLayer::state`).

@@ -344,11 +344,10 @@ fn pass_through(model: &impl StepMemory, first: usize) -> Vec<usize> {
 /// The step's plan. Without a budget: `micro` rows per pass, `accum` passes, every trainable layer
 /// checkpointed when `checkpoint_all`. With `budget` bytes: the plan of least estimated time whose
 /// [`step_bytes`] fits (with SAFE's in-step measurement when `measuring`), over micro-batches that
-/// divide the step's batch (`micro * accum` examples,
-/// so the step's examples and result do not change) and the fewest checkpointed layers, taken
-/// first from the pass-through layers (they have no weight gradients, only the gradient to pass
-/// down), then the layers that save most. An error when not even one row with every layer
-/// checkpointed fits.
+/// divide the step's batch (`micro * accum` examples, so the step's examples and result do not
+/// change) and the cheapest recomputation (`cheapest_recompute`: parts of layers and whole
+/// layers, pass-through layers first, as they have no weight gradients, only the gradient to pass
+/// down). An error when not even one row with every layer checkpointed fits.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     model: &impl StepMemory,
