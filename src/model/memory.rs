@@ -38,37 +38,36 @@ impl LayerMemory {
     /// What a forward that keeps what `keep` says holds of [`LayerMemory::state`]: all of it
     /// less the parts backward recomputes, or none (a checkpointed layer keeps its input instead).
     pub fn kept(&self, keep: super::stack::Keep) -> usize {
-        use super::stack::Keep;
+        let (ffn, attention) = self.recomputed(keep);
         match keep {
-            Keep::Nothing => 0,
-            Keep::State(parts) => {
-                self.state
-                    - if parts.ffn { self.ffn_input } else { 0 }
-                    - if parts.attention {
-                        self.attention_state
-                    } else {
-                        0
-                    }
-            }
+            super::stack::Keep::Nothing => 0,
+            super::stack::Keep::State(_) => self.state - ffn - attention,
         }
     }
-}
 
-impl LayerMemory {
     /// The most of its state a layer holds at once in its forward or backward as `keep` says:
     /// what it keeps and one recomputed part at a time (backward rebuilds the feed-forward input
     /// and consumes it before it rebuilds the attention's; forward drops each once used); all of
     /// it where it keeps nothing (a checkpointed layer's backward rebuilds it whole).
     pub fn live(&self, keep: super::stack::Keep) -> usize {
-        use super::stack::Keep;
+        let (ffn, attention) = self.recomputed(keep);
         match keep {
-            Keep::Nothing => self.state,
-            Keep::State(p) => {
-                let ffn = if p.ffn { self.ffn_input } else { 0 };
-                let attention = if p.attention { self.attention_state } else { 0 };
-                self.kept(keep) + ffn.max(attention)
-            }
+            super::stack::Keep::Nothing => self.state,
+            super::stack::Keep::State(_) => self.kept(keep) + ffn.max(attention),
         }
+    }
+
+    /// The bytes of the feed-forward input and of the attention's state that `keep` recomputes.
+    fn recomputed(&self, keep: super::stack::Keep) -> (usize, usize) {
+        let parts = keep.recomputed();
+        (
+            if parts.ffn { self.ffn_input } else { 0 },
+            if parts.attention {
+                self.attention_state
+            } else {
+                0
+            },
+        )
     }
 }
 
@@ -244,8 +243,14 @@ impl Acts {
     /// Attention and the linear reading its output: the flash kernels keep the output that
     /// linear's adapter keeps too, so it counts once.
     pub fn attention_then(&self, a: &Attention, head_dim: usize, out: &LoraLinear) -> usize {
+        self.attention_alone(a, head_dim, out) + self.lora_group(&[out])
+    }
+
+    /// What a layer recomputing its attention does not keep of [`Acts::attention_then`]: the
+    /// attention's state, less the output that `out`'s adapter keeps anyway.
+    pub fn attention_alone(&self, a: &Attention, head_dim: usize, out: &LoraLinear) -> usize {
         let shared = self.flash(a, head_dim) && out.trains();
-        self.attention(a, head_dim) + self.lora_group(&[out])
+        self.attention(a, head_dim)
             - if shared {
                 self.of(a.num_heads * head_dim)
             } else {
@@ -253,25 +258,24 @@ impl Acts {
             }
     }
 
-    /// What a layer recomputing its attention does not keep of [`Acts::attention_then`]: the
-    /// attention's state, less the output that `out`'s adapter keeps anyway.
-    pub fn attention_alone(&self, a: &Attention, head_dim: usize, out: &LoraLinear) -> usize {
-        self.attention_then(a, head_dim, out) - self.lora_group(&[out])
-    }
-
     /// The share in percent (rounded up) of a layer's forward that its q, k and v projections
     /// (`qkv` matmul FLOPs a token, [`Acts::matmul`]) and the attention's products take, beside `rest` for its
     /// other projections: [`LayerMemory::attention_cost_pct`].
     pub fn attention_share_pct(&self, qkv: usize, rest: usize, width: usize) -> usize {
-        let attention = 4 * self.seq * width;
+        let attention = self.attention_products(width);
         (100 * (qkv + attention)).div_ceil(qkv + rest + attention)
+    }
+
+    /// The attention's products a token over `seq` keys of width `width`, in FLOPs.
+    fn attention_products(&self, width: usize) -> usize {
+        4 * self.seq * width
     }
 
     /// The share in percent (rounded up) of a layer's forward that `part` matmul FLOPs a token
     /// take ([`Acts::matmul`]), beside `rest` for its other projections and attention's products
     /// over `seq` keys of width `width`: the costs of [`LayerMemory`].
     pub fn share_pct(&self, part: usize, rest: usize, width: usize) -> usize {
-        let attention = 4 * self.seq * width;
+        let attention = self.attention_products(width);
         (100 * part).div_ceil(part + rest + attention)
     }
 

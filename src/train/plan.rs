@@ -529,10 +529,11 @@ fn cheapest_recompute(
                     .map(|&(l, _)| l)
                     .collect()
             };
+            let (ffn, attention) = (layers(Part::Ffn), layers(Part::Attention));
             let recompute = Recompute::Layers {
                 whole: whole.clone(),
-                ffn: layers(Part::Ffn),
-                attention: layers(Part::Attention),
+                ffn: ffn.clone(),
+                attention: attention.clone(),
             };
             let estimate = pass.peak(&recompute, measure);
             if estimate > budget {
@@ -543,8 +544,8 @@ fn cheapest_recompute(
             if best.as_ref().is_none_or(|b| cost_pct < b.cost_pct) {
                 best = Some(Chosen {
                     whole: whole.iter().copied().collect(),
-                    ffn: layers(Part::Ffn).into_iter().collect(),
-                    attention: layers(Part::Attention).into_iter().collect(),
+                    ffn: ffn.into_iter().collect(),
+                    attention: attention.into_iter().collect(),
                     estimate,
                     cost_pct,
                 });
