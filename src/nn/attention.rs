@@ -57,9 +57,8 @@ pub struct AttentionSaved {
     k: Tensor,
     v: Tensor,
     lse: Tensor,
-    mask_add: Tensor,
-    rope: Option<Rope>,
-    shape: AttnShape,
+    /// The mask, shape and rope its forward ran with.
+    args: AttentionArgs,
     path: Path,
 }
 
@@ -94,9 +93,7 @@ impl AttentionSaved {
             k,
             v,
             lse,
-            mask_add: mask_add.clone(),
-            rope: rope.cloned(),
-            shape,
+            args: AttentionArgs::new(mask_add, shape, rope),
             path,
         }
     }
@@ -460,8 +457,9 @@ pub enum AttentionCall<'a> {
     },
 }
 
-/// A whole-sequence attention's mask, shape and rope, owned: what its forward needs to run again
-/// in backward, in a layer that recomputes its attention's state (`stack::Parts::attention`).
+/// A whole-sequence attention's mask, shape and rope, owned: what its backward reads
+/// ([`AttentionSaved`]), and what its forward needs to run again in backward, in a layer that
+/// recomputes its attention's state (`stack::Parts::attention`).
 #[derive(Clone)]
 pub struct AttentionArgs {
     mask_add: Tensor,
@@ -623,18 +621,18 @@ impl AttentionSaved {
             Path::Cpu(c) => return self.cpu_backward(attn, c, dctx),
             Path::Composition { fused, dropout } => (*fused, dropout),
         };
-        let dctx = attn.split_heads(dctx, self.shape, attn.num_heads)?;
+        let dctx = attn.split_heads(dctx, self.args.shape, attn.num_heads)?;
         let scale = 1.0 / (self.q.dim(D::Minus1)? as f64).sqrt();
         let fused_p = if fused {
             let raw = attn.raw_scores(&self.q, &self.k)?;
-            gpu::softmax_recompute(&raw, &self.mask_add, &self.lse, scale, attn.causal)?
+            gpu::softmax_recompute(&raw, &self.args.mask_add, &self.lse, scale, attn.causal)?
         } else {
             None
         };
         let p = match fused_p {
             Some(p) => p,
             None => {
-                let mut p = attn.scores(&self.q, &self.k, &self.mask_add)?;
+                let mut p = attn.scores(&self.q, &self.k, &self.args.mask_add)?;
                 p = p.broadcast_sub(&self.lse.to_dtype(p.dtype())?)?;
                 p.exp()?
             }
@@ -680,17 +678,17 @@ impl AttentionSaved {
             dq = dq.affine(ds_scale, 0.0)?;
             dk = dk.affine(ds_scale, 0.0)?;
         }
-        let (dq, dk) = match &self.rope {
+        let (dq, dk) = match &self.args.rope {
             Some(r) => (
                 r.apply_backward_merged(&dq, 0)?,
                 r.apply_backward_merged(&dk, 0)?,
             ),
             None => (
-                attn.merge_heads(&dq, self.shape)?,
-                attn.merge_heads(&dk, self.shape)?,
+                attn.merge_heads(&dq, self.args.shape)?,
+                attn.merge_heads(&dk, self.args.shape)?,
             ),
         };
-        Ok((dq, dk, attn.merge_heads(&dv, self.shape)?))
+        Ok((dq, dk, attn.merge_heads(&dv, self.args.shape)?))
     }
 }
 
@@ -706,16 +704,22 @@ impl AttentionSaved {
         c: &CpuSaved,
         dctx: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (s, (h, kv)) = (self.shape, (attn.num_heads, attn.num_kv_heads));
+        let (s, (h, kv)) = (self.args.shape, (attn.num_heads, attn.num_kv_heads));
         let dctx = attn.heads_view(&dctx.to_dtype(DType::F32)?, s, h)?;
         let qkv = (&self.q, &self.k, &self.v);
         let lse = &self.lse;
-        let Some((dq, dk, dv)) =
-            cpu_attention::backward(qkv, &dctx, lse, &self.mask_add, &c.dims, c.dropout.as_ref())?
+        let Some((dq, dk, dv)) = cpu_attention::backward(
+            qkv,
+            &dctx,
+            lse,
+            &self.args.mask_add,
+            &c.dims,
+            c.dropout.as_ref(),
+        )?
         else {
             bail!("attention: the fused CPU backward refused inputs its forward took");
         };
-        match &self.rope {
+        match &self.args.rope {
             Some(r) => Ok((
                 r.apply_backward_merged(&attn.heads_view(&dq, s, h)?, 0)?,
                 r.apply_backward_merged(&attn.heads_view(&dk, s, kv)?, 0)?,
@@ -747,7 +751,7 @@ impl AttentionSaved {
                 t: &self.v,
                 strides: d.merged(kv),
             },
-            &self.mask_add,
+            &self.args.mask_add,
             Bhtd {
                 t: &f.o,
                 strides: d.merged(h),
@@ -765,7 +769,7 @@ impl AttentionSaved {
         };
         // The composition's backward: the recomputed scores and four gradient products.
         super::flops::add(5 * d.attention_product_flops());
-        match &self.rope {
+        match &self.args.rope {
             Some(r) if f.heads_major => Ok((
                 r.apply_backward_merged(&dq, 0)?,
                 r.apply_backward_merged(&dk, 0)?,
