@@ -82,7 +82,7 @@ for f in sorted(glob.glob(f"{R}/*/summary.json")):
         "train_s": s.get("train_wall_s"), "step_max_mb": max(e["step_mem_bytes"] for e in m) / 1e6,
         "step_mean_mb": sum(e["step_mem_bytes"] for e in m) / len(m) / 1e6,
         "estimated_max_mb": max(p["estimated_step_bytes"] for p in plans) / 1e6,
-        "plans": [(p["epoch"], p["step"], p["micro"], p["checkpointed"], p.get("ffn_recomputed", [])) for p in plans],
+        "plans": [(p["epoch"], p["step"], p["micro"], p["checkpointed"], p.get("ffn_recomputed", []), p.get("attention_recomputed", [])) for p in plans],
         "frozen": len(s.get("frozen") or []), "flops": s.get("train_flops")}))
 for f in sorted(glob.glob(f"{R}/*.json")):
     print(open(f).read().strip() or f"{f}: " + open(f[:-5] + ".err").read()[-400:])

@@ -1,6 +1,6 @@
 #!/bin/bash
-# SAFE's tau_T, warm-up cap (0: half the rounds) and measurement (MEASURES: passes, steps) chosen
-# on VALIDATION accuracy (issue #16): `safetune train
+# SAFE's tau_T, warm-up cap (0: half the rounds), measurement (MEASURES: passes, steps) and
+# examples measured per round (MONITORS) chosen on VALIDATION accuracy (issue #16): `safetune train
 # --method safe` at train's defaults otherwise, BBC News and SpamAssassin, seeds 42 and 43, every
 # setting at once on one GPU. Prints, per run, the best validation accuracy (the epoch the run
 # keeps), the adapters frozen and the training FLOPs; never reads the test split's numbers.
@@ -17,13 +17,13 @@ R=$OUT/sweep
 mkdir -p $R
 for d in ${DATASETS:-folder spam}; do
   for tau in ${TAUS:-0.5 0.25 0.1}; do for cap in ${CAPS:-3 6}; do for s in ${SEEDS:-42 43}; do
-  for measure in ${MEASURES:-passes}; do
-    n=$d-tau$tau-cap$cap-$measure-$s
-    printf '[safe]\ntau_final = { RelativeToMax = %s }\nmax_warmup_epochs = %s\nmeasure = "%s"\n' \
-      $tau $cap $measure > $R/$n.toml
+  for measure in ${MEASURES:-passes}; do for mon in ${MONITORS:-128}; do
+    n=$d-tau$tau-cap$cap-$measure-mon$mon-$s
+    printf '[safe]\ntau_final = { RelativeToMax = %s }\nmax_warmup_epochs = %s\nmeasure = "%s"\nmonitor_examples = %s\n' \
+      $tau $cap $measure $mon > $R/$n.toml
     $BIN train --device cuda --config $R/$n.toml --model $M --data ${DATA[$d]} --data-kind $d \
       --method safe --seed $s --output $R/$n --quiet > $R/$n.log 2>&1 &
-  done; done; done; done
+  done; done; done; done; done
   wait
 done
 python3 - "$R" <<'PY'

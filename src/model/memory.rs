@@ -86,13 +86,6 @@ pub trait StepMemory: crate::adapters::Adapted {
     fn head_bytes(&self, rows: usize, seq: usize) -> usize;
 }
 
-/// Output elements of one wave of 128 x 256 tiles over an H100's or H200's 132 multiprocessors: a
-/// GPU product with a smaller output takes about as long as one of this size. Measured on an H100
-/// (`examples/recompute_probe`, one LLaMA-7B layer, 4 x 128 tokens): recomputing gate and up
-/// (11008 wide) took 34% of the layer's forward, q, k, v and the attention (4096 wide) 33%, where
-/// their shares of its FLOPs are 45% and 26%.
-pub const GPU_WAVE: usize = 132 * 128 * 256;
-
 /// Activation shapes of one micro-batch: `tokens = rows * seq` of `dtype`.
 #[derive(Clone, Copy, Debug)]
 pub struct Acts {
@@ -102,8 +95,8 @@ pub struct Acts {
     /// Attention runs the fused CPU kernels (`nn::cpu_attention`: f32 on the CPU), which
     /// allocate no score-sized tensor.
     pub cpu_fused: bool,
-    /// The output elements below which a product costs as much as at this size: [`GPU_WAVE`] on
-    /// a GPU, 0 on the CPU (compute-bound from a few rows on).
+    /// The output elements below which a product costs as much as at this size: one wave of
+    /// tiles on a GPU, 0 on the CPU ([`crate::device::matmul_wave`]).
     pub matmul_floor: usize,
 }
 
@@ -115,7 +108,7 @@ impl Acts {
             seq,
             dtype,
             cpu_fused: device.is_cpu() && dtype == DType::F32,
-            matmul_floor: if device.is_cpu() { 0 } else { GPU_WAVE },
+            matmul_floor: crate::device::matmul_wave(device),
         }
     }
 

@@ -175,16 +175,17 @@ const BUDGET_MARGIN: usize = 12;
 /// into smaller passes costs time while recomputing a layer costs a third of its passes. On a GPU
 /// two floors: kernel launches (a layer's take about as long as 30 GFLOP of work, 150 us at 200
 /// TFLOP/s, and a token costs a layer about 24 hidden^2 FLOP: 8,500 tokens at MiniLM's width 384),
-/// and filling the GPU's multiprocessors with a projection's output tiles (132 SMs x 128 x 256
-/// tiles over `hidden` columns: about 1,060 tokens at LLaMA-7B's 4096). Measured at 7B on the
-/// H200 (batch 4 x 128): passes of 2 sequences took 81 ms a step against 62 ms for one pass of 4,
-/// while checkpointing every layer took 85 ms. A CPU is compute-bound from a few rows on.
+/// and filling the GPU's multiprocessors with a projection's output tiles
+/// ([`crate::device::matmul_wave`] over `hidden` columns: an H100's 132 SMs x 128 x 256 make
+/// about 1,060 tokens at LLaMA-7B's 4096). Measured at 7B on the H200 (batch 4 x 128): passes of
+/// 2 sequences took 81 ms a step against 62 ms for one pass of 4, while checkpointing every layer
+/// took 85 ms. A CPU is compute-bound from a few rows on.
 pub fn efficient_tokens(device: &candle_core::Device, hidden: usize) -> usize {
     let h = hidden.max(1) as f64;
     match device {
         candle_core::Device::Cpu => 256,
         _ => launch_bound_tokens(hidden)
-            .max(crate::model::memory::GPU_WAVE as f64 / h)
+            .max(crate::device::matmul_wave(device) as f64 / h)
             .clamp(64.0, 65536.0) as usize,
     }
 }
