@@ -443,8 +443,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => {
             let mut cfg = a.to_config()?;
             // The demo: 2 epochs (under 15 minutes on 2 CPU cores), SAFE deciding 4 times per epoch
-            // on 64 monitoring examples so warm-up and freezing fit in the run. Flags and the config
-            // file still override.
+            // so warm-up and freezing fit in the run. Flags and the config file still override.
             let file: Option<toml::Value> = a
                 .config
                 .as_ref()
@@ -462,9 +461,6 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             if a.run.safe_rounds_per_epoch.is_none() && !in_file(&["safe", "rounds_per_epoch"]) {
                 cfg.safe.rounds_per_epoch = 4;
-            }
-            if a.run.safe_monitor_examples.is_none() && !in_file(&["safe", "monitor_examples"]) {
-                cfg.safe.monitor_examples = 64;
             }
             // The demo replaces its own default folder's earlier run; another folder is the
             // user's, and kept unless they pass --overwrite.

@@ -128,12 +128,8 @@ pub struct ForwardSaved<S> {
 impl<H: EncoderHead> BertWithHead<H> {
     /// Activations of `rows` sequences of `seq` tokens in the layers' dtype, on their device.
     fn acts(&self, rows: usize, seq: usize) -> Acts {
-        Acts::new(
-            rows,
-            seq,
-            self.embeddings.dtype(),
-            &self.embeddings.device(),
-        )
+        let device = self.embeddings.device();
+        Acts::new(rows, seq, self.embeddings.dtype(), &device).at_width(self.config.hidden_size)
     }
 }
 

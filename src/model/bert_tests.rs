@@ -319,6 +319,58 @@ fn mpnet_matches_the_numpy_reference() {
 
 /// transformers' bucket table, computed by hand from its definition for a few offsets: exact
 /// below 8, log-spaced to 15 beyond, keys after the query in the upper half.
+/// On a GPU a MiniLM layer (6 x 384, FFN 1536, 12 heads; LoRA on query and value) at 16 x 128
+/// tokens is launch-bound (2,048 tokens, under 30e9 / (24 * 384^2) = 8,477): each product and
+/// each of the attention's three steps costs the same, so recomputing the attention (q, k, v
+/// and the three steps: 6 of 9) costs more per byte freed than checkpointing the layer whole
+/// (measured on an H100: recomputing five layers' attention took longer than checkpointing
+/// three whole layers). At 16 x 1024 tokens the layer is not launch-bound and FLOPs count again.
+#[test]
+fn a_launch_bound_gpu_layer_prices_its_attention_above_the_whole_layer_per_byte() {
+    let cfg = BertConfig::sized(100, 384, 1, 12, 1536, 1024, 0.1);
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut m =
+        BertForSequenceClassification::random(cfg, 2, DType::F32, &Device::Cpu, &mut rng).unwrap();
+    let lora = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        target_modules: vec!["query".into(), "value".into()],
+        use_rslora: false,
+    };
+    m.add_lora(&lora, None, &mut rng).unwrap();
+    let gpu = |seq: usize| {
+        let cpu = crate::model::memory::Acts::new(16, seq, DType::F32, &Device::Cpu);
+        crate::model::memory::Acts {
+            cpu_fused: false,
+            matmul_floor: 132 * 128 * 256,
+            on_gpu: true,
+            ..cpu
+        }
+        .at_width(384)
+    };
+    let acts = gpu(128);
+    assert!(acts.launch_bound);
+    let lm = m.layers[0].memory(acts);
+    // The intermediate: 1 of 9 -> 12%; q, k, v and the attention: 6 of 9 -> 67%.
+    assert_eq!((lm.ffn_cost_pct, lm.attention_cost_pct), (12, 67));
+    let whole = 100.0 / (lm.state - acts.of(384)) as f64;
+    let attention = lm.attention_cost_pct as f64 / lm.attention_state as f64;
+    let ffn = lm.ffn_cost_pct as f64 / lm.ffn_input as f64;
+    assert!(
+        ffn < whole && whole < attention,
+        "{ffn} {whole} {attention}"
+    );
+    // 16 x 1024 tokens: FLOPs a token, q, k, v and the attention output 2 * 384 * 384 =
+    // 294,912 each (their outputs fill the wave), the intermediate and the output 2 * 384 * 1536
+    // = 1,179,648 each, the attention's products 4 * 1024 * 384 = 1,572,864; 5,111,808 in all.
+    // The intermediate: 23.1% -> 24; q, k, v and the products: 2,457,600, 48.1% -> 49.
+    let acts = gpu(1024);
+    assert!(!acts.launch_bound);
+    let lm = m.layers[0].memory(acts);
+    assert_eq!((lm.ffn_cost_pct, lm.attention_cost_pct), (24, 49));
+}
+
 #[test]
 fn mpnet_relative_buckets() {
     let t = 200;

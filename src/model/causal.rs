@@ -249,7 +249,7 @@ fn layers_between<M: DecoderParts>(
 
 impl<M: DecoderParts> StepMemory for M {
     fn layer_memory(&self, layer: usize, rows: usize, seq: usize) -> LayerMemory {
-        let acts = Acts::like(rows, seq, self.head_weight());
+        let acts = Acts::like(rows, seq, self.head_weight()).at_width(self.hidden_size());
         DecoderParts::layer_memory(self, &self.layers()[layer], acts)
     }
 

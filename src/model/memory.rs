@@ -98,6 +98,23 @@ pub struct Acts {
     /// The output elements below which a product costs as much as at this size: one wave of
     /// tiles on a GPU, 0 on the CPU ([`crate::device::matmul_wave`]).
     pub matmul_floor: usize,
+    /// A GPU pass too small for its layers' work to outlast their kernel launches
+    /// ([`Acts::at_width`]): each product, and each of the attention's three steps, then costs
+    /// the same.
+    pub launch_bound: bool,
+    /// On a GPU (where [`Acts::at_width`] may find the pass launch-bound).
+    pub on_gpu: bool,
+}
+
+/// A GPU layer's kernel launches take about as long as this much work (150 us at 200 TFLOP/s).
+pub const GPU_LAYER_LAUNCH_FLOPS: f64 = 30e9;
+
+/// Tokens below which a layer of width `hidden` on a GPU takes about as long as its kernel
+/// launches, whatever the tokens: a token costs a layer's forward about 24 hidden^2 FLOP (8,500
+/// tokens at MiniLM's 384, 75 at LLaMA-7B's 4096).
+pub fn launch_bound_tokens(hidden: usize) -> f64 {
+    let h = hidden.max(1) as f64;
+    GPU_LAYER_LAUNCH_FLOPS / (24.0 * h * h)
 }
 
 impl Acts {
@@ -109,13 +126,38 @@ impl Acts {
             dtype,
             cpu_fused: device.is_cpu() && dtype == DType::F32,
             matmul_floor: crate::device::matmul_wave(device),
+            launch_bound: false,
+            on_gpu: !device.is_cpu(),
+        }
+    }
+
+    /// These activations in a layer of width `hidden`: launch-bound on a GPU below
+    /// [`launch_bound_tokens`]. There a product's FLOPs say little of its time: at MiniLM's width
+    /// and 16 x 128 tokens the FLOPs priced the attention's recomputation at a third of the
+    /// layer's forward, cheaper per byte than checkpointing the layer, but on an H100
+    /// recomputing five layers' attention made a BBC News run 8% slower than checkpointing
+    /// three whole layers; counted by products, the attention is two thirds of the forward.
+    pub fn at_width(self, hidden: usize) -> Self {
+        Self {
+            launch_bound: self.on_gpu && (self.tokens() as f64) < launch_bound_tokens(hidden),
+            ..self
         }
     }
 
     /// The cost a token of a product of `[tokens, k]` rows with a `[k, n]` weight, in FLOPs:
-    /// `2 k n`, or where its output is under [`Acts::matmul_floor`], that floor's share.
+    /// `2 k n`, or where its output is under [`Acts::matmul_floor`], that floor's share; see
+    /// [`Acts::launched`].
     pub fn matmul(&self, n: usize, k: usize) -> usize {
-        2 * k * n.max(self.matmul_floor.div_ceil(self.tokens().max(1)))
+        self.launched(2 * k * n.max(self.matmul_floor.div_ceil(self.tokens().max(1))))
+    }
+
+    /// A step of `flops` a token: the same for every step where the pass is launch-bound.
+    fn launched(&self, flops: usize) -> usize {
+        if self.launch_bound {
+            1
+        } else {
+            flops
+        }
     }
 
     /// Activations in the dtype and on the device of `weight` (a model's tensor).
@@ -259,9 +301,10 @@ impl Acts {
         (100 * (qkv + attention)).div_ceil(qkv + rest + attention)
     }
 
-    /// The attention's products a token over `seq` keys of width `width`, in FLOPs.
+    /// The attention's products a token over `seq` keys of width `width`, in FLOPs: `q k^T`, the
+    /// softmax and `p v`, each at least [`Acts::launched`].
     fn attention_products(&self, width: usize) -> usize {
-        4 * self.seq * width
+        2 * self.launched(2 * self.seq * width) + self.launched(0)
     }
 
     /// The share in percent (rounded up) of a layer's forward that `part` matmul FLOPs a token

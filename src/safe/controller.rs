@@ -84,7 +84,8 @@ pub struct SafeConfig {
     pub max_warmup_epochs: usize,
     /// Examples measured per round: the training steps before a round's end that hold this many
     /// ([`Measure::Steps`]), or the size of the seeded monitoring subset ([`Measure::Passes`]).
-    /// Default 128.
+    /// Default 64, chosen on validation accuracy: 64 and 128 gave the same mean over BBC News and
+    /// SpamAssassin (32 and 256 less), 64 at half the monitoring FLOPs.
     pub monitor_examples: usize,
     /// Where CKA looks; see [`MonitorPoint`]. Default `Linear`.
     pub monitor: MonitorPoint,
@@ -114,7 +115,7 @@ impl Default for SafeConfig {
             warmup_rel_tol: 0.05,
             warmup_abs_floor: 1e-3,
             max_warmup_epochs: 0,
-            monitor_examples: 128,
+            monitor_examples: 64,
             monitor: MonitorPoint::Linear,
             measure: Measure::Steps,
             rounds_per_epoch: 0,

@@ -184,17 +184,10 @@ pub fn efficient_tokens(device: &candle_core::Device, hidden: usize) -> usize {
     let h = hidden.max(1) as f64;
     match device {
         candle_core::Device::Cpu => 256,
-        _ => launch_bound_tokens(hidden)
+        _ => crate::model::memory::launch_bound_tokens(hidden)
             .max(crate::device::matmul_wave(device) as f64 / h)
             .clamp(64.0, 65536.0) as usize,
     }
-}
-
-/// Tokens below which a layer's forward on a GPU takes about as long as its kernel launches,
-/// whatever the tokens (the first floor of [`efficient_tokens`]).
-fn launch_bound_tokens(hidden: usize) -> f64 {
-    let h = hidden.max(1) as f64;
-    1.25e9 / (h * h)
 }
 
 /// Whether the frozen bottom's cache on disk (`train::frozen_cache`) beats recomputing the
@@ -205,7 +198,7 @@ fn launch_bound_tokens(hidden: usize) -> f64 {
 /// uploads them). Measured at LLaMA-7B's shape on an H200 (passes of 4 x 128 tokens, layer 0
 /// frozen for the last 14 of 58 steps): 37.0 ms a step there without the cache, 40.9 with it.
 pub fn frozen_cache_pays(on_gpu: bool, hidden: usize, tokens: usize) -> bool {
-    !on_gpu || (tokens as f64) < launch_bound_tokens(hidden)
+    !on_gpu || (tokens as f64) < crate::model::memory::launch_bound_tokens(hidden)
 }
 
 /// Estimated peak bytes of one pass of `rows` rows of `seq` tokens over and above what is live
