@@ -188,6 +188,28 @@ fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
 /// Freezing the bottom layers' adapters: those layers save nothing, get no gradient, and the
 /// top layer's gradients are unchanged. With only c_fc training in the lowest trainable
 /// layer, its attention backward is skipped and the gradients still agree.
+/// The plan's costs of a GPT-2 block, whose q, k and v come from one product (`c_attn`): by FLOPs
+/// on the CPU, and on a GPU in a launch-bound pass by products, each of c_attn, c_proj, c_fc,
+/// the MLP's c_proj and the attention's three steps counting the same (7 in all): c_fc 1 (15%),
+/// c_attn and the three steps 4 (58%).
+#[test]
+fn layer_costs_follow_the_forward() {
+    let m = tiny();
+    let acts = crate::model::memory::Acts::new(2, 8, DType::F64, &Device::Cpu);
+    // FLOPs a token at width 16, inner 64: c_attn 1,536, c_proj 512, c_fc and the MLP's c_proj
+    // 2,048 each, the attention's products 4 * 8 * 16 = 512; 6,656 in all. c_fc: 30.8% -> 31;
+    // c_attn and the products: 2,048, 30.8% -> 31.
+    let l = m.layers[0].memory(acts);
+    assert_eq!((l.ffn_cost_pct, l.attention_cost_pct), (31, 31));
+    let gpu = crate::model::memory::Acts {
+        on_gpu: true,
+        ..acts
+    }
+    .at_width(16);
+    let l = m.layers[0].memory(gpu);
+    assert_eq!((l.ffn_cost_pct, l.attention_cost_pct), (15, 58));
+}
+
 #[test]
 fn frozen_bottom_layers_save_nothing() {
     let mut m = tiny();

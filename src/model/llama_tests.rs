@@ -117,7 +117,8 @@ fn recomputing_the_feed_forward_input_gives_the_same_gradients() {
 /// The plan's costs of a layer (`LayerMemory`): recomputing the feed-forward input is gate's
 /// and up's share of the forward's matmul FLOPs, recomputing the attention q's, k's, v's and the
 /// attention's products'; a checkpointed layer's second forward costs a whole forward with a
-/// `down_proj` adapter and stops before `down_proj` without one.
+/// `down_proj` adapter and stops before `down_proj` without one; in a launch-bound GPU pass every
+/// product and attention step counts the same.
 #[test]
 fn layer_costs_follow_the_forward() {
     let acts = crate::model::memory::Acts::new(2, 8, DType::F64, &Device::Cpu);
@@ -134,6 +135,18 @@ fn layer_costs_follow_the_forward() {
         assert_eq!(l.checkpoint_cost_pct, checkpoint, "{targets:?}");
         assert_eq!(l.ffn_input, 2 * acts.of(24));
     }
+    // On a GPU the 16 tokens are launch-bound (far under 30e9 / (24 * 16^2)): each product and
+    // each of the attention's three steps costs the same, 10 in all. Gate and up: 2 (20%); q,
+    // k, v and the three steps: 6 (60%); the second forward, stopping before down: 9 (90%).
+    let gpu = crate::model::memory::Acts {
+        on_gpu: true,
+        ..acts
+    }
+    .at_width(16);
+    assert!(gpu.launch_bound);
+    let l = tiny_with(false, &["q_proj"]).layers[0].memory(gpu);
+    let costs = (l.ffn_cost_pct, l.attention_cost_pct, l.checkpoint_cost_pct);
+    assert_eq!(costs, (20, 60, 90));
 }
 
 /// On a GPU a product whose output is under one wave of tiles costs as much as that wave: with a
