@@ -317,8 +317,6 @@ fn mpnet_matches_the_numpy_reference() {
     assert_eq!(names[23], "mpnet.encoder.layer.11.attention.attn.v");
 }
 
-/// transformers' bucket table, computed by hand from its definition for a few offsets: exact
-/// below 8, log-spaced to 15 beyond, keys after the query in the upper half.
 /// On a GPU a MiniLM layer (6 x 384, FFN 1536, 12 heads; LoRA on query and value) at 16 x 128
 /// tokens is launch-bound (2,048 tokens, under 30e9 / (24 * 384^2) = 8,477): each product and
 /// each of the attention's three steps costs the same, so recomputing the attention (q, k, v
@@ -371,6 +369,8 @@ fn a_launch_bound_gpu_layer_prices_its_attention_above_the_whole_layer_per_byte(
     assert_eq!((lm.ffn_cost_pct, lm.attention_cost_pct), (24, 49));
 }
 
+/// transformers' bucket table, computed by hand from its definition for a few offsets: exact
+/// below 8, log-spaced to 15 beyond, keys after the query in the upper half.
 #[test]
 fn mpnet_relative_buckets() {
     let t = 200;

@@ -185,9 +185,6 @@ fn check_against_autograd(m: &Gpt2LMHeadModel, tol: f64) {
     }
 }
 
-/// Freezing the bottom layers' adapters: those layers save nothing, get no gradient, and the
-/// top layer's gradients are unchanged. With only c_fc training in the lowest trainable
-/// layer, its attention backward is skipped and the gradients still agree.
 /// The plan's costs of a GPT-2 block, whose q, k and v come from one product (`c_attn`): by FLOPs
 /// on the CPU, and on a GPU in a launch-bound pass by products, each of c_attn, c_proj, c_fc,
 /// the MLP's c_proj and the attention's three steps counting the same (7 in all): c_fc 1 (15%),
@@ -210,6 +207,9 @@ fn layer_costs_follow_the_forward() {
     assert_eq!((l.ffn_cost_pct, l.attention_cost_pct), (15, 58));
 }
 
+/// Freezing the bottom layers' adapters: those layers save nothing, get no gradient, and the
+/// top layer's gradients are unchanged. With only c_fc training in the lowest trainable
+/// layer, its attention backward is skipped and the gradients still agree.
 #[test]
 fn frozen_bottom_layers_save_nothing() {
     let mut m = tiny();

@@ -302,7 +302,8 @@ impl Acts {
     }
 
     /// The attention's products a token over `seq` keys of width `width`, in FLOPs: `q k^T`, the
-    /// softmax and `p v`, each at least [`Acts::launched`].
+    /// softmax and `p v`, each counting as one product where the pass is launch-bound
+    /// ([`Acts::launched`]).
     fn attention_products(&self, width: usize) -> usize {
         2 * self.launched(2 * self.seq * width) + self.launched(0)
     }
