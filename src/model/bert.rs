@@ -296,7 +296,7 @@ impl BertForSequenceClassification {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        let w = random_weights(&config, dtype, device, rng)?;
+        let w = random_weights(&config, dtype, device, rng);
         Self::from_weights(config, &w, num_labels, rng)
     }
 }
@@ -308,30 +308,20 @@ pub(crate) fn random_weights(
     dtype: DType,
     device: &Device,
     rng: &mut impl Rng,
-) -> std::result::Result<Weights, IoError> {
-    let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
-    let mut tensors = std::collections::HashMap::new();
-    for (name, shape) in BertForSequenceClassification::checkpoint_shapes(config) {
-        let n: usize = shape.iter().product();
+) -> Weights {
+    let shapes = BertForSequenceClassification::checkpoint_shapes(config);
+    let constant = |name: &str| {
         let norm = ["LayerNorm", "layer_norm", "layernorm"]
             .iter()
             .any(|l| name.contains(l));
-        let v: Vec<f32> = if norm {
-            vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
-        } else if name.ends_with("bias") {
-            vec![0.0; n]
+        if norm {
+            Some(if name.ends_with("weight") { 1.0 } else { 0.0 })
         } else {
-            (0..n)
-                .map(|_| rand_distr::Distribution::sample(&normal, rng))
-                .collect()
-        };
-        let t = Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| IoError::Invalid {
-            path: "<memory>".into(),
-            message: e.to_string(),
-        })?;
-        tensors.insert(name, t);
-    }
-    Ok(Weights::from_tensors(tensors, dtype, device))
+            name.ends_with("bias").then_some(0.0)
+        }
+    };
+    let tensors = super::random_tensors(shapes, constant, rng);
+    Weights::from_tensors(tensors, dtype, device)
 }
 
 /// A Hugging Face encoder folder's `config.json` and its tensors (`model.safetensors`, one file or

@@ -548,24 +548,14 @@ impl Gpt2LMHeadModel {
     /// Random checkpoint tensors in Hugging Face's layout (Conv1D `[in, out]`, no `transformer.`
     /// prefix), f32 on the CPU: linears and embeddings normal(0, 0.02), biases 0, LayerNorms 1/0.
     pub fn random_tensors(config: &Gpt2Config, rng: &mut impl Rng) -> HashMap<String, Tensor> {
-        let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
-        let mut tensors = HashMap::new();
-        for (name, shape) in tensor_shapes(config) {
-            let n: usize = shape.iter().product();
-            let is_ln = name.starts_with("ln_f") || name.contains(".ln_");
-            let v: Vec<f32> = if name.ends_with(".bias") {
-                vec![0.0; n]
-            } else if is_ln {
-                vec![1.0; n]
+        let constant = |name: &str| {
+            if name.ends_with(".bias") {
+                Some(0.0)
             } else {
-                (0..n)
-                    .map(|_| rand_distr::Distribution::sample(&normal, rng))
-                    .collect()
-            };
-            let t = Tensor::from_vec(v, shape, &Device::Cpu).expect("shape fits the data");
-            tensors.insert(name, t);
-        }
-        tensors
+                (name.starts_with("ln_f") || name.contains(".ln_")).then_some(1.0)
+            }
+        };
+        super::random_tensors(tensor_shapes(config), constant, rng)
     }
 
     /// A model of the given shape with random weights ([`Self::random_tensors`]), for benchmarks

@@ -428,24 +428,8 @@ impl LlamaForCausalLM {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        let shapes = config.tensor_shapes();
-        let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
-        let mut tensors = std::collections::HashMap::new();
-        for (name, shape) in shapes {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = if name.ends_with("norm.weight") {
-                vec![1.0; n]
-            } else {
-                (0..n)
-                    .map(|_| rand_distr::Distribution::sample(&normal, rng))
-                    .collect()
-            };
-            let t = Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| IoError::Invalid {
-                path: "<memory>".into(),
-                message: e.to_string(),
-            })?;
-            tensors.insert(name, t);
-        }
+        let constant = |name: &str| name.ends_with("norm.weight").then_some(1.0);
+        let tensors = super::random_tensors(config.tensor_shapes(), constant, rng);
         Self::from_weights(config, &Weights::from_tensors(tensors, dtype, device))
     }
 }

@@ -36,6 +36,31 @@ pub(crate) mod limits {
     pub const TYPE_VOCAB: usize = 1 << 10;
 }
 
+/// Random checkpoint tensors, f32 on the CPU, in `shapes`' order: each named tensor filled with
+/// `constant(name)` where it gives one (norms 1 or 0, biases 0), else drawn from normal(0, 0.02)
+/// (an architecture's `random` model, for benchmarks and tests).
+pub(crate) fn random_tensors(
+    shapes: Vec<(String, Vec<usize>)>,
+    constant: impl Fn(&str) -> Option<f32>,
+    rng: &mut impl rand::Rng,
+) -> std::collections::HashMap<String, Tensor> {
+    let normal = rand_distr::Normal::new(0.0f32, 0.02).expect("valid std");
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = match constant(&name) {
+                Some(c) => vec![c; n],
+                None => (0..n)
+                    .map(|_| rand_distr::Distribution::sample(&normal, rng))
+                    .collect(),
+            };
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).expect("shape fits the data");
+            (name, t)
+        })
+        .collect()
+}
+
 /// Each `(key, value, max)` of a config file must be in `1..=max`.
 pub(crate) fn check_sizes(
     path: &std::path::Path,

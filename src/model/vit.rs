@@ -186,7 +186,7 @@ impl ViTForImageClassification {
         device: &Device,
         rng: &mut impl Rng,
     ) -> std::result::Result<Self, IoError> {
-        let w = super::bert::random_weights(&config, dtype, device, rng)?;
+        let w = super::bert::random_weights(&config, dtype, device, rng);
         Self::from_weights(config, &w, num_labels, rng)
     }
 
