@@ -17,6 +17,7 @@ pub mod device;
 pub mod files;
 pub mod io;
 pub mod memory;
+pub mod merge;
 pub mod model;
 pub mod nn;
 pub mod report;

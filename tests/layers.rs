@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-/// Layers, lowest first: a file of layer `n` may use modules of layers `< n`. `io` has two:
-/// its readers (weights, PEFT files, assets) sit under the models, `io/merge.rs` above them.
+/// Layers, lowest first: a file of layer `n` may use modules of layers `< n`. The readers (`io`:
+/// weights, PEFT files, assets) sit under the models, `merge` (a merged model's checkpoint)
+/// above them.
 const LAYERS: &[(&str, u8)] = &[
     ("memory", 0),
     ("files", 0),
@@ -17,12 +18,12 @@ const LAYERS: &[(&str, u8)] = &[
     ("adapters", 4),
     ("io", 5),
     ("model", 6),
-    ("io::merge", 7),
+    ("merge", 7),
     ("train", 8),
     ("cli", 9),
 ];
 
-/// The layer of a module path such as `io::merge` or `train` (the longest entry that prefixes it).
+/// The layer of a module path such as `io::weights` or `train` (the longest entry that prefixes it).
 fn layer_of(module: &str) -> Option<u8> {
     LAYERS
         .iter()
@@ -98,11 +99,11 @@ fn no_source_file_imports_from_a_higher_layer() {
 fn layers_rank_merge_above_the_models_and_readers_below() {
     assert_eq!(layer_of("io::weights"), Some(5));
     assert_eq!(layer_of("io"), Some(5));
-    assert_eq!(layer_of("io::merge"), Some(7));
+    assert_eq!(layer_of("merge"), Some(7));
     assert_eq!(layer_of("model::bert"), Some(6));
     assert_eq!(layer_of("iox"), None);
     assert_eq!(
-        crate_paths("use crate::io::merge::X; crate::nn::{a}; crate::train"),
-        ["io::merge", "nn::", "train"]
+        crate_paths("use crate::io::weights::X; crate::nn::{a}; crate::train"),
+        ["io::weights", "nn::", "train"]
     );
 }

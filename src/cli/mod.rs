@@ -485,7 +485,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         a.adapter.display()
                     );
                 };
-                crate::io::merge::merge_decoder_adapter(&base, &a.adapter, &a.output)?
+                crate::merge::merge_decoder_adapter(&base, &a.adapter, &a.output)?
             } else {
                 let cfg = TrainConfig {
                     model: a.model.clone(),
@@ -493,11 +493,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 };
                 let base = encoder::resolve_model_dir(&cfg)?;
                 let config = crate::model::BertConfig::from_file(&base.join("config.json"))?;
-                crate::io::merge::merge_adapter(
+                crate::merge::merge_adapter(
                     &base,
                     &a.adapter,
                     &a.output,
-                    &crate::io::merge::EncoderNaming::of(&config),
+                    &crate::merge::EncoderNaming::of(&config),
                 )?
             };
             println!(

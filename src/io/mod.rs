@@ -4,7 +4,6 @@ pub mod fetch;
 pub mod hub;
 pub mod joined;
 pub mod labels;
-pub mod merge;
 pub mod peft;
 pub mod weights;
 

@@ -408,7 +408,7 @@ fn checkpoint_heads_load_when_they_fit() {
 }
 
 /// For every family, a LoRA adapter (every linear, nonzero B) and trained head merged into the
-/// base checkpoint (`io::merge`, with the family's names) is a checkpoint of transformers'
+/// base checkpoint (`merge`, with the family's names) is a checkpoint of transformers'
 /// sequence classifier: loaded back without adapters (its head from the file), it gives the
 /// adapted model's logits; its config names the class and the labels.
 #[test]
@@ -440,8 +440,8 @@ fn merged_encoders_give_the_adapted_logits() {
         crate::io::peft::save(&adapter, &m, &lora, "base").unwrap();
         let out = dir.path().join("merged");
         let config = BertConfig::from_file(&base.join("config.json")).unwrap();
-        let naming = crate::io::merge::EncoderNaming::of(&config);
-        let report = crate::io::merge::merge_adapter(&base, &adapter, &out, &naming).unwrap();
+        let naming = crate::merge::EncoderNaming::of(&config);
+        let report = crate::merge::merge_adapter(&base, &adapter, &out, &naming).unwrap();
         assert_eq!(report.merged_modules, 12);
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())

@@ -7,8 +7,8 @@
 //! copied unchanged (byte for byte), renamed to the prefixed layout transformers expects
 //! (`bert.`, `roberta.`, ...).
 
-use super::peft::{self, PeftConfig};
-use super::IoError;
+use crate::io::peft::{self, PeftConfig};
+use crate::io::IoError;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
@@ -313,12 +313,12 @@ pub fn merge_adapter(
     }
     // The class names saved with the adapter, else transformers' LABEL_i.
     // (A regression adapter's file names no classes.)
-    let saved = super::labels::load(adapter_dir)?.filter(|l| !l.label_names.is_empty());
+    let saved = crate::io::labels::load(adapter_dir)?.filter(|l| !l.label_names.is_empty());
     let names: Vec<String> = match saved {
         Some(l) if l.label_names.len() == num_labels => l.label_names,
         Some(l) => {
             return Err(invalid(
-                &adapter_dir.join(super::labels::FILE),
+                &adapter_dir.join(crate::io::labels::FILE),
                 &format!(
                     "{} label names for a classifier of {num_labels} outputs",
                     l.label_names.len()
@@ -404,19 +404,19 @@ pub fn merge_decoder_adapter(
             "the output folder is the base model folder; choose another",
         ));
     }
-    let index = base_dir.join(super::weights::INDEX_FILE);
+    let index = base_dir.join(crate::io::weights::INDEX_FILE);
     let files = if index.is_file() {
-        super::weights::shard_files(&index)?
+        crate::io::weights::shard_files(&index)?
     } else {
-        let single = base_dir.join(super::weights::SINGLE_FILE);
+        let single = base_dir.join(crate::io::weights::SINGLE_FILE);
         if !single.is_file() {
             return Err(IoError::Missing {
                 path: single,
                 what: format!(
                     "base model weights (a Hugging Face folder with {} or {}; a GGUF base \
                      cannot be merged)",
-                    super::weights::SINGLE_FILE,
-                    super::weights::INDEX_FILE
+                    crate::io::weights::SINGLE_FILE,
+                    crate::io::weights::INDEX_FILE
                 ),
             });
         }
@@ -454,7 +454,7 @@ pub fn merge_decoder_adapter(
 
     std::fs::create_dir_all(out_dir).map_err(|e| invalid(out_dir, &e.to_string()))?;
     let mut merged_modules = 0;
-    let mut out_file = out_dir.join(super::weights::SINGLE_FILE);
+    let mut out_file = out_dir.join(crate::io::weights::SINGLE_FILE);
     for file in &files {
         let mut tensors: BTreeMap<String, Tensor> = load(file)?.into_iter().collect();
         for (name, w) in tensors.iter_mut() {
@@ -468,7 +468,7 @@ pub fn merge_decoder_adapter(
         save(&tensors, &out_file)?;
     }
     if index.is_file() {
-        out_file = out_dir.join(super::weights::INDEX_FILE);
+        out_file = out_dir.join(crate::io::weights::INDEX_FILE);
         copy_file(&index, &out_file)?;
     }
     for name in DECODER_FILES {
@@ -544,7 +544,7 @@ fn merged_weight(
     cfg: &PeftConfig,
 ) -> Result<Tensor, IoError> {
     // An integer W would take the delta silently cast; a NaN one would stay NaN.
-    super::check_weight(file, name, w)?;
+    crate::io::check_weight(file, name, w)?;
     let a = lora_tensor(adapter, adapter_file, module, "A")?;
     let b = lora_tensor(adapter, adapter_file, module, "B")?;
     let (out_f, in_f) = match (w.dims(), cfg.fan_in_fan_out) {
@@ -638,7 +638,7 @@ fn load_adapter(path: &Path) -> Result<HashMap<String, Tensor>, IoError> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
-        super::check_weight(path, name, &tensors[name])?;
+        crate::io::check_weight(path, name, &tensors[name])?;
     }
     Ok(tensors)
 }
