@@ -3,11 +3,10 @@
 //! memory budget. SAFE freezes adapters as training goes, so the loop plans again after every
 //! round: checkpointing is dropped and the micro-batch grows as the trainable part shrinks.
 
-use crate::model::stack::{Keep, Recompute};
+use crate::model::stack::{Keep, Parts, Recompute};
 use crate::model::{LayerMemory, StepMemory};
 use crate::nn::cka;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 
 /// A memory size as people write it (`6GB`, `900MB`, `1.5GiB`, or bytes), for `--memory-budget`
 /// and `memory_budget` in TOML (a string or a number of bytes).
@@ -268,29 +267,34 @@ impl PassMemory {
         self.layers[l - self.first].1
     }
 
+    /// What layer `m` keeps for backward as `keep` says (a checkpointed layer: its input).
+    fn kept(&self, m: &LayerMemory, keep: Keep) -> usize {
+        match keep {
+            Keep::Nothing => self.x,
+            keep => m.kept(keep),
+        }
+    }
+
+    /// The most the pass holds at layer `m` beside what the layers below it keep: in its forward
+    /// its input, what it holds of its state, and its temporaries or SAFE's `measure`; in its
+    /// backward a checkpointed layer's input, its state, temporaries and the gradients in and out.
+    fn at_layer(&self, m: &LayerMemory, keep: Keep, measure: usize) -> usize {
+        let x = self.x;
+        let live = m.live(keep);
+        let input = if keep.saves() { 0 } else { x };
+        (x + live + (m.transient + x).max(measure)).max(input + live + m.transient + 2 * x)
+    }
+
     /// The pass's estimated peak with `recompute` and `measure` bytes of SAFE's measurement.
     fn peak(&self, recompute: &Recompute, measure: usize) -> usize {
-        let x = self.x;
-        let kept = |l: usize, m: &LayerMemory| match recompute.keep(l) {
-            Keep::Nothing => x,
-            keep => m.kept(keep),
-        };
         let mut peak = self.below;
         let mut below = 0;
         for (l, m) in &self.layers {
-            let live = m.live(recompute.keep(*l));
-            peak = peak.max(below + x + live + (m.transient + x).max(measure));
-            below += kept(*l, m);
+            let keep = recompute.keep(*l);
+            peak = peak.max(below + self.at_layer(m, keep, measure));
+            below += self.kept(m, keep);
         }
-        peak = peak.max(below + x + self.head);
-        for (l, m) in self.layers.iter().rev() {
-            let l = *l;
-            below -= kept(l, m);
-            let input = if recompute.covers(l) { x } else { 0 };
-            let live = m.live(recompute.keep(l));
-            peak = peak.max(below + input + live + m.transient + 2 * x);
-        }
-        peak
+        peak.max(below + self.x + self.head)
     }
 }
 
@@ -447,28 +451,31 @@ struct Chosen {
     cost_pct: usize,
 }
 
-/// A part of a layer's state that backward may recompute (`stack::Parts`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Part {
-    Ffn,
-    Attention,
-}
-
-impl Part {
-    /// What recomputing it frees, and its cost in percent of the layer's forward.
-    fn of(self, m: &LayerMemory) -> (usize, usize) {
-        match self {
-            Part::Ffn => (m.ffn_input, m.ffn_cost_pct),
-            Part::Attention => (m.attention_state, m.attention_cost_pct),
-        }
+/// What a layer may keep, with its cost in percent of the layer's forward: everything; less its
+/// feed-forward input, its attention's state or both (where they hold bytes); or only its input
+/// (checkpointed whole).
+fn choices(m: &LayerMemory) -> Vec<(Keep, usize)> {
+    let parts = |ffn: bool, attention: bool| Keep::State(Parts { ffn, attention });
+    let mut c = vec![(Keep::ALL, 0)];
+    let (ffn, attention) = (m.ffn_input > 0, m.attention_state > 0);
+    if ffn {
+        c.push((parts(true, false), m.ffn_cost_pct));
     }
+    if attention {
+        c.push((parts(false, true), m.attention_cost_pct));
+    }
+    if ffn && attention {
+        c.push((parts(true, true), m.ffn_cost_pct + m.attention_cost_pct));
+    }
+    c.push((Keep::Nothing, m.checkpoint_cost_pct));
+    c
 }
 
-/// The cheapest recomputation with which a pass of `rows` rows fits `budget`. Whole layers are
-/// checkpointed in a fixed order (pass-through layers first: they have no weight gradients to
-/// compute; then the trained layers that save most); for each number of them, the fewest parts
-/// of the other layers recomputed (pass-through layers first, then the parts that cost least for
-/// what they free). None when even every layer checkpointed does not fit.
+/// The cheapest recomputation with which a pass of `rows` rows fits `budget`: the least total
+/// cost over every layer's [`choices`]. Pass-through layers (`through`: no weight gradients to
+/// compute, only the gradient to pass down) come first: a trained layer recomputes a part only
+/// once every pass-through layer recomputes both or is checkpointed, and is checkpointed only once
+/// every pass-through layer is. None when even every layer checkpointed does not fit.
 fn cheapest_recompute(
     model: &impl StepMemory,
     through: &[usize],
@@ -477,77 +484,115 @@ fn cheapest_recompute(
     measure: usize,
     budget: usize,
 ) -> Option<Chosen> {
-    let n = model.num_layers();
     let pass = PassMemory::of(model, rows, seq);
-    let (x, first) = (pass.x, pass.first);
-    let of = |l: usize| pass.layer(l);
-    let mut whole_order: Vec<usize> = through.to_vec();
-    let mut trained: Vec<usize> = (first..n).filter(|l| !through.contains(l)).collect();
-    trained.sort_by_key(|&l| (std::cmp::Reverse(of(l).state.saturating_sub(x)), l));
-    whole_order.extend(trained);
-    let mut part_order: Vec<(usize, Part)> = (first..n)
-        .flat_map(|l| [(l, Part::Ffn), (l, Part::Attention)])
-        .filter(|&(l, p)| p.of(&of(l)).0 > 0)
-        .collect();
-    part_order.sort_by(|&(la, pa), &(lb, pb)| {
-        let ((fa, ca), (fb, cb)) = (pa.of(&of(la)), pb.of(&of(lb)));
-        let trained = |l: usize| !through.contains(&l);
-        (trained(la).cmp(&trained(lb)))
-            .then((ca * fb).cmp(&(cb * fa)))
-            .then(fb.cmp(&fa))
-            .then((la, pa).cmp(&(lb, pb)))
-    });
-    // The cost of checkpointing the first k layers of `whole_order`.
-    let whole_cost: Vec<usize> = std::iter::once(0)
-        .chain(whole_order.iter().scan(0, |c, &l| {
-            *c += of(l).checkpoint_cost_pct;
-            Some(*c)
-        }))
-        .collect();
-    let mut best: Option<Chosen> = None;
-    for k in 0..=whole_order.len() {
-        if best.as_ref().is_some_and(|b| whole_cost[k] >= b.cost_pct) {
-            break; // more whole layers only cost more
-        }
-        let whole: BTreeSet<usize> = whole_order[..k].iter().copied().collect();
-        let parts: Vec<(usize, Part)> = part_order
-            .iter()
-            .copied()
-            .filter(|(l, _)| !whole.contains(l))
-            .collect();
-        for j in 0..=parts.len() {
-            let layers = |part: Part| -> BTreeSet<usize> {
-                parts[..j]
-                    .iter()
-                    .filter(|&&(_, p)| p == part)
-                    .map(|&(l, _)| l)
-                    .collect()
-            };
-            let (ffn, attention) = (layers(Part::Ffn), layers(Part::Attention));
-            let recompute = Recompute::Layers {
-                whole: whole.clone(),
-                ffn: ffn.clone(),
-                attention: attention.clone(),
-            };
-            let estimate = pass.peak(&recompute, measure);
-            if estimate > budget {
-                continue;
+    let trained = |l: usize| !through.contains(&l);
+    // Everything the layer can recompute short of its whole forward.
+    let every_part = |l: usize| {
+        let m = pass.layer(l);
+        let (ffn, attention) = (m.ffn_input > 0, m.attention_state > 0);
+        Keep::State(Parts { ffn, attention })
+    };
+    // Pass-through layers alone; then with trained layers' parts; then with trained layers whole.
+    let stages: [&dyn Fn(usize, Keep) -> bool; 3] = [
+        &|l, k| !trained(l) || k == Keep::ALL,
+        &|l, k| match trained(l) {
+            true => k.saves(),
+            false => k == every_part(l) || !k.saves(),
+        },
+        &|l, k| trained(l) || !k.saves(),
+    ];
+    let stages = if through.is_empty() {
+        &stages[2..]
+    } else {
+        &stages[..]
+    };
+    let mut best: Option<(usize, Vec<Keep>)> = None;
+    for allowed in stages {
+        if let Some((cost, keeps)) = least_cost(&pass, measure, budget, allowed) {
+            if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                best = Some((cost, keeps));
             }
-            let parts_cost: usize = parts[..j].iter().map(|&(l, p)| p.of(&of(l)).1).sum();
-            let cost_pct = whole_cost[k] + parts_cost;
-            if best.as_ref().is_none_or(|b| cost_pct < b.cost_pct) {
-                best = Some(Chosen {
-                    whole: whole.iter().copied().collect(),
-                    ffn: ffn.into_iter().collect(),
-                    attention: attention.into_iter().collect(),
-                    estimate,
-                    cost_pct,
-                });
-            }
-            break;
         }
     }
-    best
+    let (cost_pct, keeps) = best?;
+    let layers = |f: &dyn Fn(Keep) -> bool| -> Vec<usize> {
+        let on = pass.layers.iter().zip(&keeps);
+        on.filter(|(_, &k)| f(k)).map(|((l, _), _)| *l).collect()
+    };
+    let whole = layers(&|k| !k.saves());
+    let ffn = layers(&|k| k.saves() && k.recomputed().ffn);
+    let attention = layers(&|k| k.saves() && k.recomputed().attention);
+    let recompute = Recompute::Layers {
+        whole: whole.iter().copied().collect(),
+        ffn: ffn.iter().copied().collect(),
+        attention: attention.iter().copied().collect(),
+    };
+    Some(Chosen {
+        estimate: pass.peak(&recompute, measure),
+        whole,
+        ffn,
+        attention,
+        cost_pct,
+    })
+}
+
+/// The least-cost choice per layer (among those `allowed`) whose pass fits `budget`, and its
+/// cost. Exact: each of the pass's peaks ([`PassMemory::peak`]) is what the layers below one
+/// keep plus a term of that layer alone, so for every total cost so far it is enough to know the
+/// least the layers so far can keep (a table over costs, layer by layer, bottom up).
+fn least_cost(
+    pass: &PassMemory,
+    measure: usize,
+    budget: usize,
+    allowed: &dyn Fn(usize, Keep) -> bool,
+) -> Option<(usize, Vec<Keep>)> {
+    if pass.below > budget {
+        return None;
+    }
+    let options: Vec<Vec<(Keep, usize)>> = (pass.layers.iter())
+        .map(|(l, m)| {
+            choices(m)
+                .into_iter()
+                .filter(|&(k, _)| allowed(*l, k))
+                .collect()
+        })
+        .collect();
+    let max_cost: usize = (options.iter())
+        .map(|o| o.iter().map(|&(_, c)| c).max().unwrap_or(0))
+        .sum();
+    // least[c]: the least the layers so far keep at total cost c; picks[i][c]: layer i's choice.
+    let mut least: Vec<Option<usize>> = vec![None; max_cost + 1];
+    least[0] = Some(0);
+    let mut picks = Vec::with_capacity(options.len());
+    for ((_, m), options) in pass.layers.iter().zip(&options) {
+        let mut next: Vec<Option<usize>> = vec![None; max_cost + 1];
+        let mut pick = vec![0u8; max_cost + 1];
+        for (c, below) in least.iter().enumerate() {
+            let Some(below) = *below else { continue };
+            for (i, &(keep, cost)) in options.iter().enumerate() {
+                if below + pass.at_layer(m, keep, measure) > budget {
+                    continue;
+                }
+                let kept = below + pass.kept(m, keep);
+                if next[c + cost].is_none_or(|k| kept < k) {
+                    next[c + cost] = Some(kept);
+                    pick[c + cost] = i as u8;
+                }
+            }
+        }
+        least = next;
+        picks.push(pick);
+    }
+    let top = pass.x + pass.head;
+    let mut c = (0..=max_cost).find(|&c| least[c].is_some_and(|k| k + top <= budget))?;
+    let cost = c;
+    let mut keeps = vec![Keep::ALL; options.len()];
+    for i in (0..options.len()).rev() {
+        let (keep, step) = options[i][picks[i][c] as usize];
+        keeps[i] = keep;
+        c -= step;
+    }
+    Some((cost, keeps))
 }
 
 /// `1.2 GB`, `850 MB`, `12 KB` (decimal units, as `--memory-budget` reads them).

@@ -1,8 +1,10 @@
 use super::*;
 use crate::adapters::{Adapted, LoraConfig};
+use crate::model::stack::Parts;
 use crate::model::{BertConfig, BertForSequenceClassification};
 use candle_core::{DType, Device};
 use rand::SeedableRng;
+use std::collections::BTreeSet;
 
 const SEQ: usize = 64;
 /// Tokens of an efficient pass on a GPU at this width (launch-bound: splitting costs time).
@@ -105,8 +107,14 @@ fn a_budget_recomputes_parts_before_whole_layers() {
     assert!(p.attention_recomputed.is_empty(), "{p:?}");
     let q = plan(&m, 16, 1, SEQ, false, Some(full * 7 / 10), GPU, false).unwrap();
     assert!(q.checkpointed.is_empty(), "{q:?}");
-    assert_eq!(q.ffn_recomputed, (0..6).collect::<Vec<_>>());
     assert!(!q.attention_recomputed.is_empty(), "{q:?}");
+    // The cheaper part per byte first: a layer recomputing its attention recomputes its
+    // feed-forward input too.
+    let ffn = &q.ffn_recomputed;
+    assert!(
+        q.attention_recomputed.iter().all(|l| ffn.contains(l)),
+        "{q:?}"
+    );
     let parts = Recompute::Layers {
         whole: Default::default(),
         ffn: (0..6).collect(),
@@ -231,7 +239,7 @@ fn pass_through_layers_are_checkpointed_first() {
     }
 }
 
-/// As SAFE freezes the bottom, the same budget needs fewer checkpoints.
+/// As SAFE freezes the bottom, the same budget needs less recomputation.
 #[test]
 fn freezing_relaxes_the_plan() {
     let mut m = model();
@@ -241,7 +249,7 @@ fn freezing_relaxes_the_plan() {
     let after = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
     assert_eq!(after.first_trained_layer, 4);
     assert!(
-        after.checkpointed.len() < before.checkpointed.len(),
+        recomputed(&after) < recomputed(&before),
         "{before:?} {after:?}"
     );
 }
@@ -268,4 +276,82 @@ fn the_frozen_cache_pays_on_a_cpu_and_for_launch_bound_gpu_passes() {
     assert!(frozen_cache_pays(true, 384, 16 * 128));
     assert!(frozen_cache_pays(true, 576, 4 * 128));
     assert!(!frozen_cache_pays(true, 4096, 4 * 128));
+}
+
+/// The recomputation chosen is the cheapest that fits, against every combination of the six
+/// layers' choices (keep all, less the feed-forward input, the attention or both, or checkpoint
+/// whole), over budgets from 30% to 99% of the plain step, with and without pass-through layers
+/// (then with their rule: a trained layer recomputes a part only once every pass-through layer
+/// recomputes all it can, and is checkpointed only once every pass-through layer is). Measuring
+/// steps included (SAFE's temporaries beside a layer's).
+#[test]
+fn the_recomputation_is_the_cheapest_that_fits() {
+    for (frozen, measuring) in [(vec![], false), (vec![1, 2, 3], false), (vec![], true)] {
+        let mut m = model();
+        freeze(&mut m, &frozen);
+        let through = pass_through(&m, 0);
+        assert_eq!(through, frozen);
+        let pass = PassMemory::of(&m, 16, SEQ);
+        let measure = if measuring {
+            measure_bytes(&m, 16, SEQ)
+        } else {
+            0
+        };
+        let options: Vec<Vec<(Keep, usize)>> = (0..6).map(|l| choices(&pass.layer(l))).collect();
+        assert!(options.iter().all(|o| o.len() == 5));
+        let every_part = Keep::State(Parts {
+            ffn: true,
+            attention: true,
+        });
+        let full = pass.peak(&Recompute::None, measure);
+        let mut cheaper_than_all_parts = 0;
+        for pct in 30..100 {
+            let budget = full * pct / 100;
+            let mut least: Option<usize> = None;
+            for code in 0..5usize.pow(6) {
+                let keeps: Vec<(Keep, usize)> = (0..6)
+                    .map(|l| options[l][code / 5usize.pow(l as u32) % 5])
+                    .collect();
+                let trained_parts =
+                    (0..6).any(|l| !through.contains(&l) && keeps[l].0 != Keep::ALL);
+                let trained_whole = (0..6).any(|l| !through.contains(&l) && !keeps[l].0.saves());
+                let through_all = through
+                    .iter()
+                    .all(|&l| [every_part, Keep::Nothing].contains(&keeps[l].0));
+                let through_whole = through.iter().all(|&l| keeps[l].0 == Keep::Nothing);
+                if (trained_parts && !through_all) || (trained_whole && !through_whole) {
+                    continue;
+                }
+                let layers = |f: &dyn Fn(Keep) -> bool| -> BTreeSet<usize> {
+                    (0..6).filter(|&l| f(keeps[l].0)).collect()
+                };
+                let recompute = Recompute::Layers {
+                    whole: layers(&|k| !k.saves()),
+                    ffn: layers(&|k| k.saves() && k.recomputed().ffn),
+                    attention: layers(&|k| k.saves() && k.recomputed().attention),
+                };
+                let cost = keeps.iter().map(|&(_, c)| c).sum();
+                if pass.peak(&recompute, measure) <= budget && least.is_none_or(|l| cost < l) {
+                    least = Some(cost);
+                }
+            }
+            let chosen = cheapest_recompute(&m, &through, 16, SEQ, measure, budget);
+            assert_eq!(
+                chosen.as_ref().map(|c| c.cost_pct),
+                least,
+                "{pct}% {frozen:?}"
+            );
+            let Some(c) = chosen else { continue };
+            let recompute = Recompute::Layers {
+                whole: c.whole.iter().copied().collect(),
+                ffn: c.ffn.iter().copied().collect(),
+                attention: c.attention.iter().copied().collect(),
+            };
+            assert_eq!(c.estimate, pass.peak(&recompute, measure));
+            assert!(c.estimate <= budget);
+            let parts: usize = (0..6).map(|l| options[l][3].1).sum();
+            cheaper_than_all_parts += usize::from(c.cost_pct < parts);
+        }
+        assert!(cheaper_than_all_parts > 10, "{cheaper_than_all_parts}");
+    }
 }
