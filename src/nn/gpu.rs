@@ -1675,8 +1675,12 @@ mod imp {
         // Each B made contiguous lives to the end, as the other wrappers' inputs do.
         let mut bs_kept = Vec::with_capacity(items.len());
         for (a, &(ya, ua, ba)) in items.iter().enumerate() {
+            // The first item set the shapes and dtypes the others must have.
             let same = (ya.dtype(), ua.dtype(), ba.dtype()) == (y.dtype(), u.dtype(), b.dtype());
-            if !same || cka_rows("cka_gram_terms", ya, ua, ba, rows)? != Some((big_n, n, d, r)) {
+            if a > 0
+                && (!same
+                    || cka_rows("cka_gram_terms", ya, ua, ba, rows)? != Some((big_n, n, d, r)))
+            {
                 return Ok(None);
             }
             let ba = ba.contiguous()?;
