@@ -359,12 +359,7 @@ fn finish(
     let out_config = out_dir.join("config.json");
     std::fs::write(&out_config, text).map_err(|e| invalid(&out_config, &e.to_string()))?;
 
-    for name in TOKENIZER_FILES {
-        let src = base_dir.join(name);
-        if src.is_file() {
-            copy_file(&src, &out_dir.join(name))?;
-        }
-    }
+    copy_present(base_dir, out_dir, &TOKENIZER_FILES)?;
     Ok(MergeReport {
         merged_modules,
         out_file,
@@ -471,12 +466,7 @@ pub fn merge_decoder_adapter(
         out_file = out_dir.join(crate::io::weights::INDEX_FILE);
         copy_file(&index, &out_file)?;
     }
-    for name in DECODER_FILES {
-        let src = base_dir.join(name);
-        if src.is_file() {
-            copy_file(&src, &out_dir.join(name))?;
-        }
-    }
+    copy_present(base_dir, out_dir, &DECODER_FILES)?;
     Ok(MergeReport {
         merged_modules,
         out_file,
@@ -577,6 +567,17 @@ fn merged_weight(
         (w.to_dtype(DType::F64)? + delta)?.to_dtype(w.dtype())
     })()
     .map_err(|e| invalid(file, &format!("merging into '{name}': {e}")))
+}
+
+/// Copies each of `names` that `base_dir` has into `out_dir`.
+fn copy_present(base_dir: &Path, out_dir: &Path, names: &[&str]) -> Result<(), IoError> {
+    for name in names {
+        let src = base_dir.join(name);
+        if src.is_file() {
+            copy_file(&src, &out_dir.join(name))?;
+        }
+    }
+    Ok(())
 }
 
 fn copy_file(src: &Path, dst: &Path) -> Result<(), IoError> {

@@ -91,6 +91,24 @@ impl Recompute {
         }
     }
 
+    /// The recomputation under which each `(layer, keep)` keeps that: [`Recompute::keep`]'s
+    /// inverse.
+    pub fn from_keeps(keeps: impl IntoIterator<Item = (usize, Keep)>) -> Self {
+        let (mut whole, mut ffn, mut attention) = Default::default();
+        let add = |set: &mut BTreeSet<usize>, on: bool, l: usize| on.then(|| set.insert(l));
+        for (l, keep) in keeps {
+            let parts = keep.recomputed();
+            add(&mut whole, !keep.saves(), l);
+            add(&mut ffn, parts.ffn, l);
+            add(&mut attention, parts.attention, l);
+        }
+        Recompute::Layers {
+            whole,
+            ffn,
+            attention,
+        }
+    }
+
     /// Whether `layer` is checkpointed whole.
     pub fn covers(&self, layer: usize) -> bool {
         match self {

@@ -361,11 +361,8 @@ pub fn plan(
     let first = model.lowest_trainable_layer().unwrap_or(n);
     let through = pass_through(model, first);
     let make = |micro: usize, accum: usize, chosen: Chosen| -> MemoryPlan {
-        let recompute = Recompute::Layers {
-            whole: chosen.whole.iter().copied().collect(),
-            ffn: chosen.ffn.iter().copied().collect(),
-            attention: chosen.attention.iter().copied().collect(),
-        };
+        let recompute = chosen.recompute;
+        let layers = |f: fn(Keep) -> bool| (first..n).filter(|&l| f(recompute.keep(l))).collect();
         let pass_through_bytes = through
             .iter()
             .map(|&l| model.layer_memory(l, micro, seq).kept(recompute.keep(l)))
@@ -377,24 +374,18 @@ pub fn plan(
             pass_through: through.clone(),
             pass_through_bytes,
             estimated_step_bytes: chosen.estimate,
-            checkpointed: chosen.whole,
-            ffn_recomputed: chosen.ffn,
-            attention_recomputed: chosen.attention,
+            checkpointed: layers(|k| !k.saves()),
+            ffn_recomputed: layers(|k| k.recomputed().ffn),
+            attention_recomputed: layers(|k| k.recomputed().attention),
             budget_bytes: budget,
             measuring,
         }
     };
     let Some(budget) = budget else {
-        let whole: Vec<usize> = if checkpoint_all {
-            (first..n).collect()
-        } else {
-            vec![]
-        };
-        let estimate = step_bytes(model, &Recompute::layers(whole.clone()), micro, seq);
+        let recompute = Recompute::layers(if checkpoint_all { first..n } else { n..n });
+        let estimate = step_bytes(model, &recompute, micro, seq);
         let chosen = Chosen {
-            whole,
-            ffn: vec![],
-            attention: vec![],
+            recompute,
             estimate,
             cost_pct: 0,
         };
@@ -440,15 +431,20 @@ pub fn plan(
     }
 }
 
-/// What a pass recomputes: layers checkpointed whole, layers recomputing their feed-forward input
-/// or their attention, the pass's estimated bytes, and the recomputation's cost in hundredths of
-/// a layer forward per token.
+/// What a pass recomputes, the pass's estimated bytes, and the recomputation's cost in hundredths
+/// of a layer forward per token.
 struct Chosen {
-    whole: Vec<usize>,
-    ffn: Vec<usize>,
-    attention: Vec<usize>,
+    recompute: Recompute,
     estimate: usize,
     cost_pct: usize,
+}
+
+/// All a layer can recompute short of its whole forward: the parts that hold bytes.
+fn every_part(m: &LayerMemory) -> Parts {
+    Parts {
+        ffn: m.ffn_input > 0,
+        attention: m.attention_state > 0,
+    }
 }
 
 /// What a layer may keep, with its cost in percent of the layer's forward: everything; less its
@@ -457,7 +453,7 @@ struct Chosen {
 fn choices(m: &LayerMemory) -> Vec<(Keep, usize)> {
     let parts = |ffn: bool, attention: bool| Keep::State(Parts { ffn, attention });
     let mut c = vec![(Keep::ALL, 0)];
-    let (ffn, attention) = (m.ffn_input > 0, m.attention_state > 0);
+    let Parts { ffn, attention } = every_part(m);
     if ffn {
         c.push((parts(true, false), m.ffn_cost_pct));
     }
@@ -486,18 +482,12 @@ fn cheapest_recompute(
 ) -> Option<Chosen> {
     let pass = PassMemory::of(model, rows, seq);
     let trained = |l: usize| !through.contains(&l);
-    // Everything the layer can recompute short of its whole forward.
-    let every_part = |l: usize| {
-        let m = pass.layer(l);
-        let (ffn, attention) = (m.ffn_input > 0, m.attention_state > 0);
-        Keep::State(Parts { ffn, attention })
-    };
     // Pass-through layers alone; then with trained layers' parts; then with trained layers whole.
     let stages: [&dyn Fn(usize, Keep) -> bool; 3] = [
         &|l, k| !trained(l) || k == Keep::ALL,
         &|l, k| match trained(l) {
             true => k.saves(),
-            false => k == every_part(l) || !k.saves(),
+            false => k == Keep::State(every_part(&pass.layer(l))) || !k.saves(),
         },
         &|l, k| trained(l) || !k.saves(),
     ];
@@ -515,23 +505,10 @@ fn cheapest_recompute(
         }
     }
     let (cost_pct, keeps) = best?;
-    let layers = |f: &dyn Fn(Keep) -> bool| -> Vec<usize> {
-        let on = pass.layers.iter().zip(&keeps);
-        on.filter(|(_, &k)| f(k)).map(|((l, _), _)| *l).collect()
-    };
-    let whole = layers(&|k| !k.saves());
-    let ffn = layers(&|k| k.saves() && k.recomputed().ffn);
-    let attention = layers(&|k| k.saves() && k.recomputed().attention);
-    let recompute = Recompute::Layers {
-        whole: whole.iter().copied().collect(),
-        ffn: ffn.iter().copied().collect(),
-        attention: attention.iter().copied().collect(),
-    };
+    let recompute = Recompute::from_keeps(pass.layers.iter().map(|(l, _)| *l).zip(keeps));
     Some(Chosen {
         estimate: pass.peak(&recompute, measure),
-        whole,
-        ffn,
-        attention,
+        recompute,
         cost_pct,
     })
 }

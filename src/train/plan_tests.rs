@@ -4,7 +4,6 @@ use crate::model::stack::Parts;
 use crate::model::{BertConfig, BertForSequenceClassification};
 use candle_core::{DType, Device};
 use rand::SeedableRng;
-use std::collections::BTreeSet;
 
 const SEQ: usize = 64;
 /// Tokens of an efficient pass on a GPU at this width (launch-bound: splitting costs time).
@@ -322,14 +321,8 @@ fn the_recomputation_is_the_cheapest_that_fits() {
                 if (trained_parts && !through_all) || (trained_whole && !through_whole) {
                     continue;
                 }
-                let layers = |f: &dyn Fn(Keep) -> bool| -> BTreeSet<usize> {
-                    (0..6).filter(|&l| f(keeps[l].0)).collect()
-                };
-                let recompute = Recompute::Layers {
-                    whole: layers(&|k| !k.saves()),
-                    ffn: layers(&|k| k.saves() && k.recomputed().ffn),
-                    attention: layers(&|k| k.saves() && k.recomputed().attention),
-                };
+                let recompute = Recompute::from_keeps((0..6).zip(keeps.iter().map(|&(k, _)| k)));
+                assert!((0..6).all(|l| recompute.keep(l) == keeps[l].0));
                 let cost = keeps.iter().map(|&(_, c)| c).sum();
                 if pass.peak(&recompute, measure) <= budget && least.is_none_or(|l| cost < l) {
                     least = Some(cost);
@@ -342,12 +335,7 @@ fn the_recomputation_is_the_cheapest_that_fits() {
                 "{pct}% {frozen:?}"
             );
             let Some(c) = chosen else { continue };
-            let recompute = Recompute::Layers {
-                whole: c.whole.iter().copied().collect(),
-                ffn: c.ffn.iter().copied().collect(),
-                attention: c.attention.iter().copied().collect(),
-            };
-            assert_eq!(c.estimate, pass.peak(&recompute, measure));
+            assert_eq!(c.estimate, pass.peak(&c.recompute, measure));
             assert!(c.estimate <= budget);
             let parts: usize = (0..6).map(|l| options[l][3].1).sum();
             cheaper_than_all_parts += usize::from(c.cost_pct < parts);
