@@ -348,11 +348,13 @@ fn step_estimate_is_within_ten_percent_of_the_measured_peak() {
             whole: [1].into(),
             ffn: [0, 2, 3].into(),
             attention: [].into(),
+            offload: [].into(),
         },
         Recompute::Layers {
             whole: [].into(),
             ffn: [0, 3].into(),
             attention: [0, 1, 2, 3].into(),
+            offload: [].into(),
         },
     ];
     for dropout in [0.0, 0.1] {

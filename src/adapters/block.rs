@@ -320,6 +320,14 @@ pub struct SiteStates<S, T> {
     items: Vec<(S, T)>,
 }
 
+impl<S, T: crate::nn::offload::SavedTensors> crate::nn::offload::SavedTensors for SiteStates<S, T> {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        for (_, t) in &mut self.items {
+            t.each_tensor(f);
+        }
+    }
+}
+
 impl<S: Copy + Eq + Debug, T> SiteStates<S, T> {
     pub fn new() -> Self {
         Self { items: Vec::new() }

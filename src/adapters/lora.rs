@@ -218,6 +218,15 @@ pub struct LoraLinearSaved {
     drop: Option<DropoutSaved>,
 }
 
+impl crate::nn::offload::SavedTensors for LoraLinearSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        if let Some((x, u)) = &mut self.inputs {
+            crate::nn::offload::SavedTensors::each_tensor(x, f);
+            f(u);
+        }
+    }
+}
+
 impl LoraLinearSaved {
     /// Nothing saved: a linear without an adapter, or an inference pass.
     pub const NONE: Self = Self {

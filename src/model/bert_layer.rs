@@ -11,6 +11,7 @@ use crate::nn::attention::{Attention, AttentionArgs, AttentionSaved, AttnShape};
 use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::norm::{Norm, NormSaved};
+use crate::nn::offload::SavedTensors;
 use crate::nn::{self, Dropout, Pass};
 use candle_core::{Result, Tensor};
 
@@ -95,6 +96,16 @@ pub struct BertLayerSaved {
     gelu: PartSaved<GeluSaved>,
     drop_out: Option<DropoutSaved>,
     ln_out: NormSaved,
+}
+
+impl SavedTensors for BertLayerSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.lin.each_tensor(f);
+        self.attn.each_tensor(f);
+        self.ln_attn.each_tensor(f);
+        self.gelu.each_tensor(f);
+        self.ln_out.each_tensor(f);
+    }
 }
 
 /// What a layer recomputing its attention keeps for it: the attention's arguments, and the q, k

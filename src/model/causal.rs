@@ -28,7 +28,7 @@ pub fn lm_head_chunk_rows(vocab: usize) -> usize {
 /// forward and backward, the final norm and the head. Everything else is written once below.
 pub trait DecoderParts: AdaptedStack + Sized {
     /// What a layer on the gradient path keeps for backward.
-    type LayerSaved;
+    type LayerSaved: crate::nn::offload::SavedTensors;
 
     /// Input embeddings `[batch*seq, hidden]` of `ids` (`batch` sequences) at positions `start..`.
     fn embed_at(&self, ids: &Tensor, batch: usize, start: usize, pass: &mut Pass)

@@ -22,6 +22,7 @@ use crate::nn::dropout::{self, DropoutSaved};
 use crate::nn::gelu::{self, GeluKind, GeluSaved};
 use crate::nn::linear::Linear;
 use crate::nn::norm::{Norm, NormSaved};
+use crate::nn::offload::SavedTensors;
 use crate::nn::{self, Dropout, Pass};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::Rng;
@@ -248,6 +249,16 @@ pub struct Gpt2BlockSaved {
     ln_2: NormSaved,
     gelu: PartSaved<GeluSaved>,
     drop_mlp: Option<DropoutSaved>,
+}
+
+impl SavedTensors for Gpt2BlockSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.lin.each_tensor(f);
+        self.ln_1.each_tensor(f);
+        self.attn.each_tensor(f);
+        self.ln_2.each_tensor(f);
+        self.gelu.each_tensor(f);
+    }
 }
 
 /// Gradients of a block's trainable adapters.

@@ -2,6 +2,7 @@
 //! grouped-query causal attention, SwiGLU MLP, tied or untied LM head.
 
 use crate::io::IoError;
+use crate::nn::offload::SavedTensors;
 use std::path::Path;
 
 use super::causal::{self, DecoderParts};
@@ -96,6 +97,16 @@ pub struct LlamaLayerSaved {
     attn: PartSaved<AttentionSaved, AttentionArgs>,
     post_norm: NormSaved,
     swiglu: PartSaved<SwiGluSaved>,
+}
+
+impl SavedTensors for LlamaLayerSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.lin.each_tensor(f);
+        self.input_norm.each_tensor(f);
+        self.attn.each_tensor(f);
+        self.post_norm.each_tensor(f);
+        self.swiglu.each_tensor(f);
+    }
 }
 
 /// Gradients of a layer's trainable adapters.

@@ -9,6 +9,7 @@
 //! layer for its activation memory; the memory planner (`train/plan.rs`) chooses which layers.
 
 use crate::adapters::LoraGrads;
+use crate::nn::offload::{self, SavedTensors, Stashed};
 use crate::nn::Pass;
 use candle_core::{Result, Tensor};
 use rand::rngs::StdRng;
@@ -24,11 +25,13 @@ pub enum Recompute {
     All,
     /// `whole` layers keep only their input; the others keep their state less the parts that
     /// backward recomputes: the feed-forward activation's input in `ffn` layers, the attention's
-    /// in `attention` layers ([`Parts`]).
+    /// in `attention` layers ([`Parts`]). What `offload` layers keep goes to host memory until
+    /// their backward (`nn::offload`).
     Layers {
         whole: BTreeSet<usize>,
         ffn: BTreeSet<usize>,
         attention: BTreeSet<usize>,
+        offload: BTreeSet<usize>,
     },
 }
 
@@ -88,6 +91,7 @@ impl Recompute {
             whole: whole.into_iter().collect(),
             ffn: BTreeSet::new(),
             attention: BTreeSet::new(),
+            offload: BTreeSet::new(),
         }
     }
 
@@ -106,7 +110,24 @@ impl Recompute {
             whole,
             ffn,
             attention,
+            offload: BTreeSet::new(),
         }
+    }
+
+    /// Every layer keeps all its state, and what `layers` keep goes to host memory until their
+    /// backward.
+    pub fn offloading(layers: impl IntoIterator<Item = usize>) -> Self {
+        Recompute::Layers {
+            whole: BTreeSet::new(),
+            ffn: BTreeSet::new(),
+            attention: BTreeSet::new(),
+            offload: layers.into_iter().collect(),
+        }
+    }
+
+    /// Whether what `layer` keeps goes to host memory until its backward.
+    pub fn offloads(&self, layer: usize) -> bool {
+        matches!(self, Recompute::Layers { offload, .. } if offload.contains(&layer))
     }
 
     /// Whether `layer` is checkpointed whole.
@@ -146,6 +167,15 @@ impl Recompute {
 pub enum PartSaved<S, R = ()> {
     Kept(S),
     Recompute(Box<StdRng>, R),
+}
+
+impl<S: SavedTensors, R: SavedTensors> SavedTensors for PartSaved<S, R> {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        match self {
+            PartSaved::Kept(s) => s.each_tensor(f),
+            PartSaved::Recompute(_, r) => r.each_tensor(f),
+        }
+    }
 }
 
 /// Taken just before the feed-forward's first linear runs: the RNG state to replay when `keep`
@@ -193,13 +223,16 @@ impl<S, R> PartSaved<S, R> {
 /// What a model's gradient tests compare with keeping every state (a model of 3 layers): every
 /// layer checkpointed; every layer recomputing its feed-forward input; every layer recomputing
 /// its attention; layer 1 checkpointed, the others recomputing both parts; layer 0 recomputing
-/// its attention, layer 2 its feed-forward input.
+/// its attention, layer 2 its feed-forward input; every layer offloaded; layer 1 checkpointed
+/// and layers 0 and 2 offloaded, layer 2 recomputing its feed-forward input.
 #[cfg(test)]
-pub(crate) fn test_recomputes() -> [Recompute; 5] {
+pub(crate) fn test_recomputes() -> [Recompute; 7] {
+    let set = |ls: &[usize]| ls.iter().copied().collect();
     let layers = |whole: &[usize], ffn: &[usize], attention: &[usize]| Recompute::Layers {
-        whole: whole.iter().copied().collect(),
-        ffn: ffn.iter().copied().collect(),
-        attention: attention.iter().copied().collect(),
+        whole: set(whole),
+        ffn: set(ffn),
+        attention: set(attention),
+        offload: Default::default(),
     };
     [
         Recompute::All,
@@ -207,6 +240,13 @@ pub(crate) fn test_recomputes() -> [Recompute; 5] {
         layers(&[], &[], &[0, 1, 2]),
         layers(&[1], &[0, 1, 2], &[0, 1, 2]),
         layers(&[], &[2], &[0]),
+        Recompute::offloading(0..3),
+        Recompute::Layers {
+            whole: set(&[1]),
+            ffn: set(&[2]),
+            attention: set(&[]),
+            offload: set(&[0, 2]),
+        },
     ]
 }
 
@@ -219,6 +259,8 @@ pub struct StackSaved<S> {
 enum Kept<S> {
     /// The layer's saved state.
     State(S),
+    /// The layer's saved state, its tensors in host memory until its backward.
+    Offloaded(Box<Stashed<S>>),
     /// The layer's input and the RNG state its forward started from.
     Checkpoint(Tensor, Box<StdRng>),
 }
@@ -228,7 +270,7 @@ impl<S> StackSaved<S> {
     pub fn states_kept(&self) -> usize {
         self.kept
             .iter()
-            .filter(|k| matches!(k, Kept::State(_)))
+            .filter(|k| matches!(k, Kept::State(_) | Kept::Offloaded(_)))
             .count()
     }
 
@@ -239,11 +281,13 @@ impl<S> StackSaved<S> {
 }
 
 /// Runs `layers` (model layers `first..`, all on the gradient path) on `h`, each saving its state
-/// (less the parts `recompute` says) or, when `recompute` covers it, keeping its input.
+/// (less the parts `recompute` says) or, when `recompute` covers it, keeping its input. The state
+/// of a layer `recompute` offloads starts its copy to the host at once, and its device copy is
+/// freed after the next layer's forward, which the copy overlaps.
 /// `run(layer, x, pass, keep)` is one layer's forward. A monitored pass is told each layer's
 /// index, so its adapters' rows are taken once per step (a checkpointed layer's second forward,
 /// in backward, has no monitor).
-pub fn forward<L, S>(
+pub fn forward<L, S: SavedTensors>(
     layers: &[L],
     first: usize,
     mut h: Tensor,
@@ -260,12 +304,21 @@ pub fn forward<L, S>(
         let measured = pass.monitor_layer(None);
         let (out, saved) = run_layer?;
         measured?;
+        if let Some(Kept::Offloaded(below)) = kept.last_mut() {
+            below.release()?;
+        }
         kept.push(match (point, saved) {
             (Some((x, rng)), _) => Kept::Checkpoint(x, Box::new(rng)),
+            (None, Some(s)) if recompute.offloads(first + i) => {
+                Kept::Offloaded(Box::new(offload::stash(s, h.device())?))
+            }
             (None, Some(s)) => Kept::State(s),
             (None, None) => candle_core::bail!("layer {} run with save kept no state", first + i),
         });
         h = out;
+    }
+    if let Some(Kept::Offloaded(top)) = kept.last_mut() {
+        top.release()?;
     }
     Ok((h, StackSaved { kept }))
 }
@@ -274,9 +327,10 @@ pub fn forward<L, S>(
 /// `back(layer, saved, dout, need_dx)` is one layer's backward; `state(layer, x, pass)` rebuilds a
 /// checkpointed layer's saved state by running the forward given to [`forward`] again on its
 /// input, in training mode (its output is not needed: the first forward gave it, so a layer may
-/// skip what only makes the output). Returns each layer's gradients with its index relative to
-/// `first`, top layer first.
-pub fn backward<L, S, G>(
+/// skip what only makes the output). An offloaded layer's state starts its copy back when the
+/// backward of the layer above it starts. Returns each layer's gradients with its index relative
+/// to `first`, top layer first.
+pub fn backward<L, S: SavedTensors, G>(
     layers: &[L],
     saved: StackSaved<S>,
     mut dh: Tensor,
@@ -284,14 +338,20 @@ pub fn backward<L, S, G>(
     mut back: impl FnMut(&L, S, &Tensor, bool) -> Result<(Option<Tensor>, G)>,
 ) -> Result<Vec<(usize, G)>> {
     let mut grads = Vec::new();
-    for (i, kept) in saved.kept.into_iter().enumerate().rev() {
+    let mut kept_below = saved.kept;
+    while let Some(kept) = kept_below.pop() {
+        let i = kept_below.len();
         let state = match kept {
             Kept::State(s) => s,
+            Kept::Offloaded(stashed) => stashed.restore()?,
             Kept::Checkpoint(x, mut rng) => {
                 let mut pass = Pass::training(&mut rng);
                 state(&layers[i], &x, &mut pass)?
             }
         };
+        if let Some(Kept::Offloaded(next)) = kept_below.last_mut() {
+            next.fetch()?;
+        }
         let (dx, g) = back(&layers[i], state, &dh, i > 0)?;
         grads.push((i, g));
         match dx {

@@ -62,6 +62,17 @@ pub struct AttentionSaved {
     path: Path,
 }
 
+impl super::offload::SavedTensors for AttentionSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        for t in [&mut self.q, &mut self.k, &mut self.v, &mut self.lse] {
+            f(t);
+        }
+        if let Path::Flash(flash) = &mut self.path {
+            f(&mut flash.o);
+        }
+    }
+}
+
 /// Which kernels ran forward, and so which backward runs, with what only that backward needs.
 enum Path {
     /// The candle composition, with the fused softmax kernels on CUDA when `fused`; dropout
@@ -465,6 +476,11 @@ pub struct AttentionArgs {
     mask_add: Tensor,
     shape: AttnShape,
     rope: Option<Rope>,
+}
+
+/// Nothing to move: the mask and rope tables are shared by every layer.
+impl super::offload::SavedTensors for AttentionArgs {
+    fn each_tensor(&mut self, _: &mut dyn FnMut(&mut Tensor)) {}
 }
 
 impl AttentionArgs {

@@ -654,6 +654,31 @@ pub fn fused_against_reference(device: &Device, dtype: DType) -> Result<Vec<Chec
             ok: e_low == 0.0 && lows == 6,
         });
     }
+    // Activation offload: a state's tensors go to the host and come back bit for bit (f32, bf16
+    // and a narrowed view among them); on CUDA the pool frees what moved once released.
+    if dtype == DType::F32 {
+        let (e, moved, freed, storages) = offload_round_trip(device)?;
+        out.push(Check {
+            name: "activation offload: tensors back bit for bit".into(),
+            dtype: "f32+bf16".into(),
+            rel_err: e,
+            tol: 0.0,
+            ok: e == 0.0,
+        });
+        if device.is_cuda() {
+            let err = (freed as f64 - storages as f64).abs() / storages as f64;
+            out.push(Check {
+                name: format!(
+                    "activation offload: {moved} bytes moved, the pool frees their {storages} \
+                     bytes of storage"
+                ),
+                dtype: "f32+bf16".into(),
+                rel_err: err,
+                tol: 0.01,
+                ok: err <= 0.01,
+            });
+        }
+    }
     // The memory claim: at LLaMA-7B's attention shape (32 heads, d 128, causal) and 4096 tokens,
     // forward + backward through the flash kernels allocate far less than one `[heads, T, T]`
     // score tensor (1 GiB in bf16; the composition holds f32 ones). In MB above the inputs,
@@ -800,6 +825,41 @@ fn cka_gram_peak(device: &Device, count: usize) -> Result<(usize, usize)> {
     let rows = Tensor::from_vec(picked, n, device)?;
     let (peak, _terms) = pool_peak_over(device, || super::cka::gram_terms_batch(&items, &rows))?;
     Ok((peak, count * super::gpu::cka_gram_bytes(n, d, r)))
+}
+
+/// Stashes a state of a wide f32 tensor, a bf16 one named twice and a narrowed view, releases
+/// it, fetches it back and restores it: the largest relative difference from the originals, the
+/// bytes moved, by how much the pool's live bytes fell at the release (0 on the CPU), and the
+/// bytes of the storages moved (the view's whole storage goes: nothing else holds it).
+fn offload_round_trip(device: &Device) -> Result<(f64, usize, usize, usize)> {
+    use super::offload;
+    let wide = rand(&[1024, 1024], 61, 1.0, 0.0, DType::F32, device)?;
+    let low = rand(&[512, 256], 62, 1.0, 0.0, DType::BF16, device)?;
+    let rows = rand(&[64, 2048], 63, 1.0, 0.0, DType::F32, device)?.narrow(0, 16, 32)?;
+    let originals = [wide.copy()?, low.copy()?, low.copy()?, rows.copy()?];
+    let state = (wide, ((low.clone(), low), Some(rows)));
+    let tracker = crate::memory::MemTracker::new(device);
+    device.synchronize()?;
+    let mut stashed = offload::stash(state, device)?;
+    let moved = stashed.bytes();
+    device.synchronize()?;
+    let before = tracker.live();
+    stashed.release()?;
+    device.synchronize()?;
+    let freed = before.saturating_sub(tracker.live());
+    stashed.fetch()?;
+    let (a, ((b, c), d)) = stashed.restore()?;
+    let back = [a, b, c, d.expect("restored")];
+    let mut e = 0f64;
+    for (x, y) in back.iter().zip(&originals) {
+        e = e.max(rel(x, y)?);
+    }
+    Ok((
+        e,
+        moved,
+        freed,
+        (1024 * 1024 + 64 * 2048) * 4 + 512 * 256 * 2,
+    ))
 }
 
 /// The device pool's high-water mark while `f` runs, above what was live before it, and what

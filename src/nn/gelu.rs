@@ -19,6 +19,12 @@ pub struct GeluSaved {
     kind: GeluKind,
 }
 
+impl super::offload::SavedTensors for GeluSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        f(&mut self.x)
+    }
+}
+
 /// The erf form, as BERT uses.
 pub fn forward(x: &Tensor, save: bool) -> Result<(Tensor, Option<GeluSaved>)> {
     forward_kind(x, GeluKind::Erf, save)

@@ -277,6 +277,16 @@ mod imp {
         Ok((t, p))
     }
 
+    /// Device address of a CUDA tensor's first element (activation offload's copies).
+    pub(crate) fn address(t: &Tensor) -> Result<u64> {
+        ptr(t, &device(t)?)
+    }
+
+    /// An uninitialised CUDA tensor of `shape` (activation offload's copies write every byte).
+    pub(crate) fn uninit(dev: &CudaDevice, dtype: DType, shape: &Shape) -> Result<Tensor> {
+        Ok(output(dev, dtype, shape)?.0)
+    }
+
     /// Launches kernel `$name` of the safetune module with the given locals as arguments (their
     /// types must match the kernel's signature in kernels.cu).
     macro_rules! launch {

@@ -21,6 +21,7 @@ pub mod head;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod offload;
 pub mod optim;
 pub mod rope;
 pub mod swiglu;

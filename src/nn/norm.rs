@@ -27,6 +27,13 @@ pub struct NormSaved {
     rstd: Tensor,
 }
 
+impl super::offload::SavedTensors for NormSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        f(&mut self.rows);
+        f(&mut self.rstd);
+    }
+}
+
 impl Norm {
     /// LayerNorm with weight (gamma) and bias (beta).
     pub fn layer(weight: Tensor, bias: Tensor, eps: f64) -> Self {

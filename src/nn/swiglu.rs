@@ -8,6 +8,13 @@ pub struct SwiGluSaved {
     up: Tensor,
 }
 
+impl super::offload::SavedTensors for SwiGluSaved {
+    fn each_tensor(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        f(&mut self.gate);
+        f(&mut self.up);
+    }
+}
+
 /// `gate` and `up` are the two projections of the same input, same shape.
 pub fn forward(gate: &Tensor, up: &Tensor, save: bool) -> Result<(Tensor, Option<SwiGluSaved>)> {
     let y = match super::cpu::swiglu_fwd(gate, up)? {

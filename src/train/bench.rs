@@ -173,6 +173,10 @@ pub struct BenchArgs {
     /// Gradient checkpointing of the trainable layers (see `model::stack`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Move what the lowest N trainable layers keep for backward to host memory until their
+    /// backward, on a copy stream beside the compute (`nn::offload`; CUDA).
+    #[arg(long, default_value_t = 0, conflicts_with = "gradient_checkpointing")]
+    pub offload_layers: usize,
     /// LLaMA only: keep the frozen projection weights quantized in GGUF blocks (`q4_0`, `q4_1`,
     /// `q8_0`) and dequantize each for its matmul, as `train-lm --quantized-base` does with a GGUF
     /// model. The embeddings and the head stay dense.
@@ -236,6 +240,8 @@ pub struct BenchResult {
     pub targets: Vec<String>,
     pub frozen_prefix: usize,
     pub gradient_checkpointing: bool,
+    /// Trainable layers whose saved state went to host memory (`--offload-layers`).
+    pub offload_layers: usize,
     /// The frozen projections' GGUF block format when kept quantized (`--quantize`).
     pub quantized: Option<QuantFormat>,
     /// `host` (seeded host RNG, the same on every device) or `device` (`randn` on the device).
@@ -293,11 +299,10 @@ impl Model {
     }
 
     /// The memory model's estimate of one step's peak above what is live before it.
-    fn estimated_step_bytes(&self, rows: usize, seq: usize, checkpoint: bool) -> usize {
-        let recompute = Recompute::all_if(checkpoint);
+    fn estimated_step_bytes(&self, rows: usize, seq: usize, recompute: &Recompute) -> usize {
         match self {
-            Model::Bert(m) => super::plan::step_bytes(m.as_ref(), &recompute, rows, seq),
-            Model::Llama(m) => super::plan::step_bytes(m.as_ref(), &recompute, rows, seq),
+            Model::Bert(m) => super::plan::step_bytes(m.as_ref(), recompute, rows, seq),
+            Model::Llama(m) => super::plan::step_bytes(m.as_ref(), recompute, rows, seq),
         }
     }
 
@@ -306,7 +311,7 @@ impl Model {
         &self,
         inputs: &Inputs,
         pass: &mut Pass,
-        checkpoint: bool,
+        recompute: &Recompute,
     ) -> Result<(f32, Vec<(ParamId, Tensor)>)> {
         Ok(match (self, inputs) {
             (Model::Bert(m), Inputs::Bert(b)) => {
@@ -316,13 +321,12 @@ impl Model {
                     pass,
                     1.0,
                     step::FrozenBottom::Inference,
-                    &Recompute::all_if(checkpoint),
+                    recompute,
                 )?;
                 (out.loss, out.grads)
             }
             (Model::Llama(m), Inputs::Llama(b)) => {
-                let (loss, grads) =
-                    m.loss_and_grads(b, pass, 1.0, &Recompute::all_if(checkpoint), None)?;
+                let (loss, grads) = m.loss_and_grads(b, pass, 1.0, recompute, None)?;
                 let mut named = Vec::with_capacity(2 * grads.len());
                 for (id, g) in grads {
                     named.extend(crate::adapters::lora_grads(id, g));
@@ -504,6 +508,15 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
     let live0 = mem.live();
     let (mut model, inputs, targets, init) = build(a, &s, dtype, &device, &mut rng)?;
     let mut opt = AdamW::new(AdamWConfig::default());
+    let recompute = match a.offload_layers {
+        0 => Recompute::all_if(a.gradient_checkpointing),
+        _ if !device.is_cuda() => {
+            anyhow::bail!(
+                "--offload-layers moves CUDA memory to the host: run it with --device cuda"
+            )
+        }
+        n => Recompute::offloading(a.frozen_prefix..a.frozen_prefix + n),
+    };
     crate::device::synchronize(&device)?;
     let base = mem.live();
     let mut times = Vec::new();
@@ -515,7 +528,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         let f0 = flops::total();
         let t = Instant::now();
         let mut pass = Pass::training(&mut rng);
-        let (loss, grads) = model.step(&inputs, &mut pass, a.gradient_checkpointing)?;
+        let (loss, grads) = model.step(&inputs, &mut pass, &recompute)?;
         super::run::adamw_step(model.params(), &mut opt, &grads, 1e-3, 1.0)?;
         drop(grads);
         crate::device::synchronize(&device)?;
@@ -542,6 +555,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         targets,
         frozen_prefix: a.frozen_prefix,
         gradient_checkpointing: a.gradient_checkpointing,
+        offload_layers: a.offload_layers,
         quantized: a.quantize,
         init,
         warmup: a.warmup,
@@ -552,11 +566,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         memory_counter: mem.kind(),
         peak_mem_mb: mb(peak),
         step_peak_mem_mb: mb(step_peak),
-        estimated_step_mem_mb: mb(model.estimated_step_bytes(
-            s.batch,
-            s.seq,
-            a.gradient_checkpointing,
-        )),
+        estimated_step_mem_mb: mb(model.estimated_step_bytes(s.batch, s.seq, &recompute)),
         weights_mb: mb(base.saturating_sub(live0)),
         driver_used_mb: driver.map(|d| mb(d.used)),
         driver_total_mb: driver.map(|d| mb(d.total)),

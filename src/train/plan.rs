@@ -125,6 +125,7 @@ impl MemoryPlan {
             whole: self.checkpointed.iter().copied().collect(),
             ffn: self.ffn_recomputed.iter().copied().collect(),
             attention: self.attention_recomputed.iter().copied().collect(),
+            offload: Default::default(),
         }
     }
 
@@ -285,16 +286,24 @@ impl PassMemory {
         (x + live + (m.transient + x).max(measure)).max(input + live + m.transient + 2 * x)
     }
 
-    /// The pass's estimated peak with `recompute` and `measure` bytes of SAFE's measurement.
+    /// The pass's estimated peak with `recompute` and `measure` bytes of SAFE's measurement. An
+    /// offloaded layer's state is on the device only while the layer above it runs (its copy out
+    /// overlaps that layer's forward, its copy back that layer's backward).
     fn peak(&self, recompute: &Recompute, measure: usize) -> usize {
         let mut peak = self.below;
-        let mut below = 0;
+        // What the layers below the one under `l` keep on the device; what the layer under `l`
+        // keeps, and whether it is offloaded (it is on the device while `l` runs either way).
+        let (mut below, mut under) = (0, (0, false));
         for (l, m) in &self.layers {
             let keep = recompute.keep(*l);
-            peak = peak.max(below + self.at_layer(m, keep, measure));
-            below += self.kept(m, keep);
+            peak = peak.max(below + under.0 + self.at_layer(m, keep, measure));
+            if !under.1 {
+                below += under.0;
+            }
+            under = (self.kept(m, keep), keep.saves() && recompute.offloads(*l));
         }
-        peak.max(below + self.x + self.head)
+        let top = if under.1 { 0 } else { under.0 };
+        peak.max(below + top + self.x + self.head)
     }
 }
 

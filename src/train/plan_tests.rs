@@ -118,6 +118,7 @@ fn a_budget_recomputes_parts_before_whole_layers() {
         whole: Default::default(),
         ffn: (0..6).collect(),
         attention: (0..6).collect(),
+        offload: Default::default(),
     };
     let tighter = step_bytes(&m, &parts, 16, SEQ) * 11 / 12 - 1;
     let q = plan(&m, 16, 1, SEQ, false, Some(tighter), GPU, false).unwrap();
@@ -342,4 +343,38 @@ fn the_recomputation_is_the_cheapest_that_fits() {
         }
         assert!(cheaper_than_all_parts > 10, "{cheaper_than_all_parts}");
     }
+}
+
+/// An offloaded layer's state counts only while the layer above it runs: offloading every layer
+/// leaves the peak of two neighbouring layers (the state under the running one beside the running
+/// one's own), and offloading none changes nothing.
+#[test]
+fn an_offloaded_layer_counts_only_under_the_running_one() {
+    let m = model();
+    let pass = PassMemory::of(&m, 16, SEQ);
+    let kept = |l: usize| pass.kept(&pass.layer(l), Keep::ALL);
+    let at = |l: usize| pass.at_layer(&pass.layer(l), Keep::ALL, 0);
+    // The peak by its definition: at each layer, what the layers below keep on the device (an
+    // offloaded one only when it is the one under), beside the layer's own; then the head
+    // (`l` = 6), when the top layer's copy is out.
+    let peak = |offloaded: &[usize]| {
+        let on_device = |j: usize, l: usize| !offloaded.contains(&j) || (j + 1 == l && l < 6);
+        (0..6)
+            .map(|l| (0..l).filter(|&j| on_device(j, l)).map(kept).sum::<usize>() + at(l))
+            .chain([
+                (0..6).filter(|&j| on_device(j, 6)).map(kept).sum::<usize>() + pass.x + pass.head,
+                pass.below,
+            ])
+            .max()
+            .unwrap()
+    };
+    let plain = peak(&[]);
+    assert_eq!(pass.peak(&Recompute::None, 0), plain);
+    assert_eq!(pass.peak(&Recompute::offloading([]), 0), plain);
+    for offloaded in [vec![0, 1, 2, 3, 4, 5], vec![0, 1], vec![1, 3], vec![5]] {
+        let estimate = pass.peak(&Recompute::offloading(offloaded.clone()), 0);
+        assert_eq!(estimate, peak(&offloaded), "{offloaded:?}");
+    }
+    let all = pass.peak(&Recompute::offloading(0..6), 0);
+    assert!(all < plain * 2 / 3, "{all} of {plain}");
 }
