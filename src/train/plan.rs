@@ -412,7 +412,8 @@ pub fn plan(
         } else {
             0
         };
-        let Some(chosen) = cheapest_recompute(model, &through, rows, seq, measure, target) else {
+        let Some(chosen) = cheapest_recompute(model, &through, rows, seq, measure, target, None)
+        else {
             continue;
         };
         // Work in hundredths of a layer forward per token: 3 per trained layer (forward,
@@ -439,6 +440,10 @@ pub fn plan(
         }
     }
 }
+
+/// What offloading a layer's state of some bytes costs, in hundredths of the layer's forward
+/// (the copies the compute does not hide).
+type OffloadPrice = dyn Fn(&LayerMemory, usize) -> usize;
 
 /// What a pass recomputes, the pass's estimated bytes, and the recomputation's cost in hundredths
 /// of a layer forward per token.
@@ -488,6 +493,7 @@ fn cheapest_recompute(
     seq: usize,
     measure: usize,
     budget: usize,
+    offload: Option<&OffloadPrice>,
 ) -> Option<Chosen> {
     let pass = PassMemory::of(model, rows, seq);
     let trained = |l: usize| !through.contains(&l);
@@ -505,16 +511,51 @@ fn cheapest_recompute(
     } else {
         &stages[..]
     };
-    let mut best: Option<(usize, Vec<Keep>)> = None;
+    let mut best: Option<(usize, Vec<Choice>)> = None;
     for allowed in stages {
-        if let Some((cost, keeps)) = least_cost(&pass, measure, budget, allowed) {
+        let options: Vec<Vec<(Choice, usize)>> = (pass.layers.iter())
+            .map(|(l, m)| {
+                let keeps = choices(m).into_iter().filter(|&(k, _)| allowed(*l, k));
+                let kept = |k: Keep| pass.kept(m, k);
+                keeps
+                    .flat_map(|(keep, cost)| {
+                        let moved = (offload.filter(|_| keep.saves())).map(|price| {
+                            (
+                                Choice {
+                                    keep,
+                                    offload: true,
+                                },
+                                cost + price(m, kept(keep)),
+                            )
+                        });
+                        [(
+                            Choice {
+                                keep,
+                                offload: false,
+                            },
+                            cost,
+                        )]
+                        .into_iter()
+                        .chain(moved)
+                    })
+                    .collect()
+            })
+            .collect();
+        if let Some((cost, picked)) = least_cost(&pass, measure, budget, &options) {
             if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-                best = Some((cost, keeps));
+                best = Some((cost, picked));
             }
         }
     }
-    let (cost_pct, keeps) = best?;
-    let recompute = Recompute::from_keeps(pass.layers.iter().map(|(l, _)| *l).zip(keeps));
+    let (cost_pct, picked) = best?;
+    let layers = pass.layers.iter().map(|(l, _)| *l);
+    let mut recompute = Recompute::from_keeps(layers.clone().zip(picked.iter().map(|c| c.keep)));
+    if let Recompute::Layers { offload: moved, .. } = &mut recompute {
+        *moved = (layers.zip(&picked))
+            .filter(|(_, c)| c.offload)
+            .map(|(l, _)| l)
+            .collect();
+    }
     Some(Chosen {
         estimate: pass.peak(&recompute, measure),
         recompute,
@@ -522,63 +563,89 @@ fn cheapest_recompute(
     })
 }
 
-/// The least-cost choice per layer (among those `allowed`) whose pass fits `budget`, and its
-/// cost. Exact: each of the pass's peaks ([`PassMemory::peak`]) is what the layers below one
-/// keep plus a term of that layer alone, so for every total cost so far it is enough to know the
-/// least the layers so far can keep (a table over costs, layer by layer, bottom up).
+/// One layer's part of a plan: what it keeps, and whether that goes to host memory until its
+/// backward (`nn::offload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Choice {
+    keep: Keep,
+    offload: bool,
+}
+
+/// The least-cost choice per layer (one of each layer's `options`, with its cost) whose pass fits
+/// `budget`, and its cost. Exact: each of the pass's peaks ([`PassMemory::peak`]) is what the
+/// layers below one keep on the device, plus what the layer just under it holds when that one is
+/// offloaded, plus a term of the layer alone; so for every total cost so far and choice of the
+/// last layer it is enough to know the least the layers so far keep on the device (a table over
+/// costs and last choices, layer by layer, bottom up).
 fn least_cost(
     pass: &PassMemory,
     measure: usize,
     budget: usize,
-    allowed: &dyn Fn(usize, Keep) -> bool,
-) -> Option<(usize, Vec<Keep>)> {
+    options: &[Vec<(Choice, usize)>],
+) -> Option<(usize, Vec<Choice>)> {
     if pass.below > budget {
         return None;
     }
-    let options: Vec<Vec<(Keep, usize)>> = (pass.layers.iter())
-        .map(|(l, m)| {
-            choices(m)
-                .into_iter()
-                .filter(|&(k, _)| allowed(*l, k))
-                .collect()
-        })
-        .collect();
     let max_cost: usize = (options.iter())
         .map(|o| o.iter().map(|&(_, c)| c).max().unwrap_or(0))
         .sum();
-    // least[c]: the least the layers so far keep at total cost c; picks[i][c]: layer i's choice.
-    let mut least: Vec<Option<usize>> = vec![None; max_cost + 1];
-    least[0] = Some(0);
-    let mut picks = Vec::with_capacity(options.len());
-    for ((_, m), options) in pass.layers.iter().zip(&options) {
-        let mut next: Vec<Option<usize>> = vec![None; max_cost + 1];
-        let mut pick = vec![0u8; max_cost + 1];
-        for (c, below) in least.iter().enumerate() {
+    let width = options.iter().map(Vec::len).max().unwrap_or(1);
+    let at = |c: usize, last: usize| c * width + last;
+    // least[at(c, o)]: the least the layers so far keep on the device at total cost c with the
+    // last layer's option o (its state not counted when offloaded: `held` is what it holds while
+    // the next layer runs); came_from[i][at(c, o)]: the option of the layer before layer i.
+    let mut least: Vec<Option<usize>> = vec![None; (max_cost + 1) * width];
+    least[at(0, 0)] = Some(0);
+    let mut held = vec![0; width];
+    let mut came_from = Vec::with_capacity(options.len());
+    for ((_, m), options) in pass.layers.iter().zip(options) {
+        let mut next: Vec<Option<usize>> = vec![None; least.len()];
+        let mut from = vec![0u8; least.len()];
+        for (state, below) in least.iter().enumerate() {
             let Some(below) = *below else { continue };
-            for (i, &(keep, cost)) in options.iter().enumerate() {
-                if below + pass.at_layer(m, keep, measure) > budget {
+            let (c, last) = (state / width, state % width);
+            for (o, &(choice, cost)) in options.iter().enumerate() {
+                if below + held[last] + pass.at_layer(m, choice.keep, measure) > budget {
                     continue;
                 }
-                let kept = below + pass.kept(m, keep);
-                if next[c + cost].is_none_or(|k| kept < k) {
-                    next[c + cost] = Some(kept);
-                    pick[c + cost] = i as u8;
+                let kept = match choice.offload {
+                    true => below,
+                    false => below + pass.kept(m, choice.keep),
+                };
+                let k = at(c + cost, o);
+                if next[k].is_none_or(|x| kept < x) {
+                    next[k] = Some(kept);
+                    from[k] = last as u8;
                 }
             }
         }
+        held = vec![0; width];
+        for (o, &(choice, _)) in options.iter().enumerate() {
+            if choice.offload {
+                held[o] = pass.kept(m, choice.keep);
+            }
+        }
         least = next;
-        picks.push(pick);
+        came_from.push(from);
     }
     let top = pass.x + pass.head;
-    let mut c = (0..=max_cost).find(|&c| least[c].is_some_and(|k| k + top <= budget))?;
-    let cost = c;
-    let mut keeps = vec![Keep::ALL; options.len()];
+    let fits = |c: usize| (0..width).find(|&o| least[at(c, o)].is_some_and(|k| k + top <= budget));
+    let (cost, mut last) = (0..=max_cost).find_map(|c| fits(c).map(|o| (c, o)))?;
+    let mut c = cost;
+    let mut picked = vec![
+        Choice {
+            keep: Keep::ALL,
+            offload: false
+        };
+        options.len()
+    ];
     for i in (0..options.len()).rev() {
-        let (keep, step) = options[i][picks[i][c] as usize];
-        keeps[i] = keep;
+        let (choice, step) = options[i][last];
+        picked[i] = choice;
+        last = came_from[i][at(c, last)] as usize;
         c -= step;
     }
-    Some((cost, keeps))
+    Some((cost, picked))
 }
 
 /// `1.2 GB`, `850 MB`, `12 KB` (decimal units, as `--memory-budget` reads them).

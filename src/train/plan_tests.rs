@@ -329,7 +329,7 @@ fn the_recomputation_is_the_cheapest_that_fits() {
                     least = Some(cost);
                 }
             }
-            let chosen = cheapest_recompute(&m, &through, 16, SEQ, measure, budget);
+            let chosen = cheapest_recompute(&m, &through, 16, SEQ, measure, budget, None);
             assert_eq!(
                 chosen.as_ref().map(|c| c.cost_pct),
                 least,
@@ -377,4 +377,61 @@ fn an_offloaded_layer_counts_only_under_the_running_one() {
     }
     let all = pass.peak(&Recompute::offloading(0..6), 0);
     assert!(all < plain * 2 / 3, "{all} of {plain}");
+}
+
+/// With offloading among the choices (at a price per byte moved), the plan is still the cheapest
+/// that fits: against every combination of the six layers' nine choices (five keeps, four of them
+/// offloaded too), over budgets from 20% to 99% of the plain step; and a cheap enough offload
+/// replaces recomputation.
+#[test]
+fn with_offload_the_plan_is_still_the_cheapest_that_fits() {
+    let m = model();
+    let pass = PassMemory::of(&m, 16, SEQ);
+    let layer_bytes = pass.kept(&pass.layer(0), Keep::ALL);
+    // Moving a whole layer's state costs 20 (a fifth of a forward); less state, less.
+    let price = move |_: &LayerMemory, bytes: usize| 1 + 20 * bytes / layer_bytes;
+    let options: Vec<Vec<(Keep, usize, bool)>> = (0..6)
+        .map(|l| {
+            let m = pass.layer(l);
+            choices(&m)
+                .into_iter()
+                .flat_map(|(k, c)| {
+                    let moved = k
+                        .saves()
+                        .then(|| (k, c + price(&m, pass.kept(&m, k)), true));
+                    [(k, c, false)].into_iter().chain(moved)
+                })
+                .collect()
+        })
+        .collect();
+    assert!(options.iter().all(|o| o.len() == 9));
+    // Every combination's cost and estimated peak.
+    let mut all = Vec::with_capacity(9usize.pow(6));
+    for code in 0..9usize.pow(6) {
+        let picks: Vec<(Keep, usize, bool)> = (0..6)
+            .map(|l| options[l][code / 9usize.pow(l as u32) % 9])
+            .collect();
+        let mut recompute = Recompute::from_keeps((0..6).zip(picks.iter().map(|p| p.0)));
+        if let Recompute::Layers { offload, .. } = &mut recompute {
+            *offload = (0..6).filter(|&l| picks[l].2).collect();
+        }
+        let cost: usize = picks.iter().map(|p| p.1).sum();
+        all.push((cost, pass.peak(&recompute, 0)));
+    }
+    let full = pass.peak(&Recompute::None, 0);
+    let mut offloaded_plans = 0;
+    for pct in (20..100).step_by(3) {
+        let budget = full * pct / 100;
+        let least = (all.iter())
+            .filter(|(_, peak)| *peak <= budget)
+            .map(|(c, _)| *c)
+            .min();
+        let chosen = cheapest_recompute(&m, &[], 16, SEQ, 0, budget, Some(&price));
+        assert_eq!(chosen.as_ref().map(|c| c.cost_pct), least, "{pct}%");
+        let Some(c) = chosen else { continue };
+        assert_eq!(c.estimate, pass.peak(&c.recompute, 0));
+        assert!(c.estimate <= budget);
+        offloaded_plans += usize::from((0..6).any(|l| c.recompute.offloads(l)));
+    }
+    assert!(offloaded_plans > 10, "{offloaded_plans}");
 }
