@@ -282,8 +282,9 @@ impl<S> StackSaved<S> {
 
 /// Runs `layers` (model layers `first..`, all on the gradient path) on `h`, each saving its state
 /// (less the parts `recompute` says) or, when `recompute` covers it, keeping its input. The state
-/// of a layer `recompute` offloads starts its copy to the host at once, and its device copy is
-/// freed after the next layer's forward, which the copy overlaps.
+/// of a layer `recompute` offloads starts its copy to the host at once; its device copy is freed
+/// when the next offloaded layer's is stashed (or the forward ends), so the copy overlaps every
+/// layer's forward in between.
 /// `run(layer, x, pass, keep)` is one layer's forward. A monitored pass is told each layer's
 /// index, so its adapters' rows are taken once per step (a checkpointed layer's second forward,
 /// in backward, has no monitor).
@@ -296,6 +297,8 @@ pub fn forward<L, S: SavedTensors>(
     mut run: impl FnMut(&L, &Tensor, &mut Pass, Keep) -> Result<(Tensor, Option<S>)>,
 ) -> Result<(Tensor, StackSaved<S>)> {
     let mut kept = Vec::with_capacity(layers.len());
+    // The last offloaded layer whose device copy is not yet freed.
+    let mut in_flight: Option<usize> = None;
     for (i, layer) in layers.iter().enumerate() {
         let keep = recompute.keep(first + i);
         let point = (!keep.saves()).then(|| (h.clone(), pass.rng.clone()));
@@ -304,32 +307,47 @@ pub fn forward<L, S: SavedTensors>(
         let measured = pass.monitor_layer(None);
         let (out, saved) = run_layer?;
         measured?;
-        if let Some(Kept::Offloaded(below)) = kept.last_mut() {
-            below.release()?;
-        }
-        kept.push(match (point, saved) {
+        let entry = match (point, saved) {
             (Some((x, rng)), _) => Kept::Checkpoint(x, Box::new(rng)),
             (None, Some(s)) if recompute.offloads(first + i) => {
+                release(&mut kept, in_flight.replace(i))?;
                 Kept::Offloaded(Box::new(offload::stash(s, h.device())?))
             }
             (None, Some(s)) => Kept::State(s),
             (None, None) => candle_core::bail!("layer {} run with save kept no state", first + i),
-        });
+        };
+        kept.push(entry);
         h = out;
     }
-    if let Some(Kept::Offloaded(top)) = kept.last_mut() {
-        top.release()?;
-    }
+    release(&mut kept, in_flight)?;
     Ok((h, StackSaved { kept }))
+}
+
+/// Frees layer `i`'s device copy once its copy to the host is done.
+fn release<S: SavedTensors>(kept: &mut [Kept<S>], i: Option<usize>) -> Result<()> {
+    match i.map(|i| &mut kept[i]) {
+        Some(Kept::Offloaded(stashed)) => stashed.release(),
+        _ => Ok(()),
+    }
+}
+
+/// Starts copying back the highest offloaded layer of `kept` (a no-op when its copy has started).
+fn fetch_highest<S: SavedTensors>(kept: &mut [Kept<S>]) -> Result<()> {
+    let highest = kept.iter_mut().rev().find_map(|k| match k {
+        Kept::Offloaded(stashed) => Some(stashed),
+        _ => None,
+    });
+    highest.map_or(Ok(()), |s| s.fetch())
 }
 
 /// Backward from the stack output's gradient `dh` down to the lowest trainable layer.
 /// `back(layer, saved, dout, need_dx)` is one layer's backward; `state(layer, x, pass)` rebuilds a
 /// checkpointed layer's saved state by running the forward given to [`forward`] again on its
 /// input, in training mode (its output is not needed: the first forward gave it, so a layer may
-/// skip what only makes the output). An offloaded layer's state starts its copy back when the
-/// backward of the layer above it starts. Returns each layer's gradients with its index relative
-/// to `first`, top layer first.
+/// skip what only makes the output). The highest offloaded layer's state starts its copy back at
+/// once, and each next one down when the one above it is back, so each copy overlaps the
+/// backward of every layer in between. Returns each layer's gradients with its index relative to
+/// `first`, top layer first.
 pub fn backward<L, S: SavedTensors, G>(
     layers: &[L],
     saved: StackSaved<S>,
@@ -339,19 +357,21 @@ pub fn backward<L, S: SavedTensors, G>(
 ) -> Result<Vec<(usize, G)>> {
     let mut grads = Vec::new();
     let mut kept_below = saved.kept;
+    fetch_highest(&mut kept_below)?;
     while let Some(kept) = kept_below.pop() {
         let i = kept_below.len();
         let state = match kept {
             Kept::State(s) => s,
-            Kept::Offloaded(stashed) => stashed.restore()?,
+            Kept::Offloaded(stashed) => {
+                let s = stashed.restore()?;
+                fetch_highest(&mut kept_below)?;
+                s
+            }
             Kept::Checkpoint(x, mut rng) => {
                 let mut pass = Pass::training(&mut rng);
                 state(&layers[i], &x, &mut pass)?
             }
         };
-        if let Some(Kept::Offloaded(next)) = kept_below.last_mut() {
-            next.fetch()?;
-        }
         let (dx, g) = back(&layers[i], state, &dh, i > 0)?;
         grads.push((i, g));
         match dx {

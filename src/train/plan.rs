@@ -287,23 +287,22 @@ impl PassMemory {
     }
 
     /// The pass's estimated peak with `recompute` and `measure` bytes of SAFE's measurement. An
-    /// offloaded layer's state is on the device only while the layer above it runs (its copy out
-    /// overlaps that layer's forward, its copy back that layer's backward).
+    /// offloaded layer's state is on the device while it is the nearest offloaded layer below the
+    /// running one (`model::stack`: freed when the next one is stashed, fetched back when the one
+    /// above it is back), and not at the head.
     fn peak(&self, recompute: &Recompute, measure: usize) -> usize {
         let mut peak = self.below;
-        // What the layers below the one under `l` keep on the device; what the layer under `l`
-        // keeps, and whether it is offloaded (it is on the device while `l` runs either way).
-        let (mut below, mut under) = (0, (0, false));
+        // What the layers below keep on the device, and what the nearest offloaded one holds.
+        let (mut below, mut held) = (0, 0);
         for (l, m) in &self.layers {
             let keep = recompute.keep(*l);
-            peak = peak.max(below + under.0 + self.at_layer(m, keep, measure));
-            if !under.1 {
-                below += under.0;
+            peak = peak.max(below + held + self.at_layer(m, keep, measure));
+            match keep.saves() && recompute.offloads(*l) {
+                true => held = self.kept(m, keep),
+                false => below += self.kept(m, keep),
             }
-            under = (self.kept(m, keep), keep.saves() && recompute.offloads(*l));
         }
-        let top = if under.1 { 0 } else { under.0 };
-        peak.max(below + top + self.x + self.head)
+        peak.max(below + self.x + self.head)
     }
 }
 
@@ -573,10 +572,10 @@ struct Choice {
 
 /// The least-cost choice per layer (one of each layer's `options`, with its cost) whose pass fits
 /// `budget`, and its cost. Exact: each of the pass's peaks ([`PassMemory::peak`]) is what the
-/// layers below one keep on the device, plus what the layer just under it holds when that one is
-/// offloaded, plus a term of the layer alone; so for every total cost so far and choice of the
-/// last layer it is enough to know the least the layers so far keep on the device (a table over
-/// costs and last choices, layer by layer, bottom up).
+/// layers below one keep on the device, plus what the nearest offloaded layer below holds, plus a
+/// term of the layer alone; so for every total cost so far and bytes the nearest offloaded layer
+/// holds it is enough to know the least the layers so far keep on the device (a table over both,
+/// layer by layer, bottom up).
 fn least_cost(
     pass: &PassMemory,
     measure: usize,
@@ -589,48 +588,52 @@ fn least_cost(
     let max_cost: usize = (options.iter())
         .map(|o| o.iter().map(|&(_, c)| c).max().unwrap_or(0))
         .sum();
-    let width = options.iter().map(Vec::len).max().unwrap_or(1);
-    let at = |c: usize, last: usize| c * width + last;
-    // least[at(c, o)]: the least the layers so far keep on the device at total cost c with the
-    // last layer's option o (its state not counted when offloaded: `held` is what it holds while
-    // the next layer runs); came_from[i][at(c, o)]: the option of the layer before layer i.
+    // What an offloaded layer may hold (the first: none offloaded yet).
+    let mut helds = vec![0];
+    for ((_, m), options) in pass.layers.iter().zip(options) {
+        for (choice, _) in options.iter().filter(|(c, _)| c.offload) {
+            let bytes = pass.kept(m, choice.keep);
+            if !helds.contains(&bytes) {
+                helds.push(bytes);
+            }
+        }
+    }
+    let width = helds.len();
+    let at = |c: usize, h: usize| c * width + h;
+    // least[at(c, h)]: the least the layers so far keep on the device at total cost c with the
+    // nearest offloaded one holding helds[h]; came_from[i][at(c, h)]: layer i's option and the
+    // state before it.
     let mut least: Vec<Option<usize>> = vec![None; (max_cost + 1) * width];
     least[at(0, 0)] = Some(0);
-    let mut held = vec![0; width];
     let mut came_from = Vec::with_capacity(options.len());
     for ((_, m), options) in pass.layers.iter().zip(options) {
         let mut next: Vec<Option<usize>> = vec![None; least.len()];
-        let mut from = vec![0u8; least.len()];
+        let mut from = vec![(0u8, 0u16); least.len()];
         for (state, below) in least.iter().enumerate() {
             let Some(below) = *below else { continue };
-            let (c, last) = (state / width, state % width);
+            let (c, h) = (state / width, state % width);
             for (o, &(choice, cost)) in options.iter().enumerate() {
-                if below + held[last] + pass.at_layer(m, choice.keep, measure) > budget {
+                if below + helds[h] + pass.at_layer(m, choice.keep, measure) > budget {
                     continue;
                 }
-                let kept = match choice.offload {
-                    true => below,
-                    false => below + pass.kept(m, choice.keep),
+                let bytes = pass.kept(m, choice.keep);
+                let (kept, h_next) = match choice.offload {
+                    true => (below, helds.iter().position(|&b| b == bytes).unwrap_or(0)),
+                    false => (below + bytes, h),
                 };
-                let k = at(c + cost, o);
+                let k = at(c + cost, h_next);
                 if next[k].is_none_or(|x| kept < x) {
                     next[k] = Some(kept);
-                    from[k] = last as u8;
+                    from[k] = (o as u8, h as u16);
                 }
-            }
-        }
-        held = vec![0; width];
-        for (o, &(choice, _)) in options.iter().enumerate() {
-            if choice.offload {
-                held[o] = pass.kept(m, choice.keep);
             }
         }
         least = next;
         came_from.push(from);
     }
     let top = pass.x + pass.head;
-    let fits = |c: usize| (0..width).find(|&o| least[at(c, o)].is_some_and(|k| k + top <= budget));
-    let (cost, mut last) = (0..=max_cost).find_map(|c| fits(c).map(|o| (c, o)))?;
+    let fits = |c: usize| (0..width).find(|&h| least[at(c, h)].is_some_and(|k| k + top <= budget));
+    let (cost, mut h) = (0..=max_cost).find_map(|c| fits(c).map(|h| (c, h)))?;
     let mut c = cost;
     let mut picked = vec![
         Choice {
@@ -640,10 +643,10 @@ fn least_cost(
         options.len()
     ];
     for i in (0..options.len()).rev() {
-        let (choice, step) = options[i][last];
+        let (o, h_before) = came_from[i][at(c, h)];
+        let (choice, step) = options[i][o as usize];
         picked[i] = choice;
-        last = came_from[i][at(c, last)] as usize;
-        c -= step;
+        (c, h) = (c - step, h_before as usize);
     }
     Some((cost, picked))
 }
