@@ -173,10 +173,11 @@ pub struct BenchArgs {
     /// Gradient checkpointing of the trainable layers (see `model::stack`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// Move what the lowest N trainable layers keep for backward to host memory until their
-    /// backward, on a copy stream beside the compute (`nn::offload`; CUDA).
-    #[arg(long, default_value_t = 0, conflicts_with = "gradient_checkpointing")]
-    pub offload_layers: usize,
+    /// Move what these layers keep for backward (e.g. `0,4,8`) to host memory until their
+    /// backward, on a copy stream beside the compute (`nn::offload`; CUDA). Spaced layers hide
+    /// their copies best: each copy overlaps every layer up to the next offloaded one.
+    #[arg(long, value_delimiter = ',', conflicts_with = "gradient_checkpointing")]
+    pub offload_layers: Vec<usize>,
     /// LLaMA only: keep the frozen projection weights quantized in GGUF blocks (`q4_0`, `q4_1`,
     /// `q8_0`) and dequantize each for its matmul, as `train-lm --quantized-base` does with a GGUF
     /// model. The embeddings and the head stay dense.
@@ -240,8 +241,8 @@ pub struct BenchResult {
     pub targets: Vec<String>,
     pub frozen_prefix: usize,
     pub gradient_checkpointing: bool,
-    /// Trainable layers whose saved state went to host memory (`--offload-layers`).
-    pub offload_layers: usize,
+    /// Layers whose saved state went to host memory (`--offload-layers`).
+    pub offload_layers: Vec<usize>,
     /// The frozen projections' GGUF block format when kept quantized (`--quantize`).
     pub quantized: Option<QuantFormat>,
     /// `host` (seeded host RNG, the same on every device) or `device` (`randn` on the device).
@@ -508,14 +509,14 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
     let live0 = mem.live();
     let (mut model, inputs, targets, init) = build(a, &s, dtype, &device, &mut rng)?;
     let mut opt = AdamW::new(AdamWConfig::default());
-    let recompute = match a.offload_layers {
-        0 => Recompute::all_if(a.gradient_checkpointing),
+    let recompute = match &a.offload_layers[..] {
+        [] => Recompute::all_if(a.gradient_checkpointing),
         _ if !device.is_cuda() => {
             anyhow::bail!(
                 "--offload-layers moves CUDA memory to the host: run it with --device cuda"
             )
         }
-        n => Recompute::offloading(a.frozen_prefix..a.frozen_prefix + n),
+        layers => Recompute::offloading(layers.iter().copied()),
     };
     crate::device::synchronize(&device)?;
     let base = mem.live();
@@ -555,7 +556,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         targets,
         frozen_prefix: a.frozen_prefix,
         gradient_checkpointing: a.gradient_checkpointing,
-        offload_layers: a.offload_layers,
+        offload_layers: a.offload_layers.clone(),
         quantized: a.quantize,
         init,
         warmup: a.warmup,
