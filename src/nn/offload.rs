@@ -73,7 +73,7 @@ enum Slot {
 }
 
 /// One moved tensor: its shape and dtype, and where its bytes are while it is off the device.
-struct Copy {
+struct HostCopy {
     dims: Vec<usize>,
     dtype: DType,
     /// Byte offset in the pinned buffer (CUDA).
@@ -88,7 +88,7 @@ pub struct Stashed<S> {
     /// The state, the moved tensors replaced by placeholders.
     state: S,
     slots: Vec<Slot>,
-    copies: Vec<Copy>,
+    copies: Vec<HostCopy>,
     /// The copies' buffer and events. Declared (so dropped) before `originals`: a stash dropped
     /// before its release has the compute stream wait for the copy before the originals' frees.
     #[cfg(feature = "cuda")]
@@ -106,13 +106,14 @@ fn placeholder(dtype: DType) -> Result<Tensor> {
 }
 
 /// Starts moving `state`'s tensors off `device` (see the module doc). Tensors on another device,
-/// strided views, integer tensors and (on CUDA) tensors under [`MIN_BYTES`] stay in the state. A tensor named twice (the
-/// same storage, offset, shape and dtype) moves once.
+/// strided views, integer tensors and (on CUDA) tensors under [`MIN_BYTES`] stay in the state.
+/// A tensor named twice (the same first element, shape and dtype) moves once.
 pub fn stash<S: SavedTensors>(mut state: S, device: &Device) -> Result<Stashed<S>> {
     let mut slots = Vec::new();
-    let mut copies: Vec<Copy> = Vec::new();
+    let mut copies: Vec<HostCopy> = Vec::new();
     let mut originals: Vec<Tensor> = Vec::new();
     let mut keys: Vec<(usize, Vec<usize>, DType)> = Vec::new();
+    // The pinned buffer's size: each copy at a 256-byte boundary.
     let mut bytes = 0;
     let mut error = None;
     state.each_tensor(&mut |t| {
@@ -124,7 +125,7 @@ pub fn stash<S: SavedTensors>(mut state: S, device: &Device) -> Result<Stashed<S
             Some(i) => i,
             None => {
                 let n = t.elem_count() * t.dtype().size_in_bytes();
-                copies.push(Copy {
+                copies.push(HostCopy {
                     dims: t.dims().to_vec(),
                     dtype: t.dtype(),
                     offset: bytes,
