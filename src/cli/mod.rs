@@ -183,6 +183,10 @@ pub struct RunArgs {
     /// backward (less activation memory, one more forward of the trainable layers).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Move what these layers keep for backward (e.g. 0,4,8) to pinned host memory until their
+    /// backward, on a copy stream beside the compute (CUDA): spaced layers hide their copies best.
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS")]
+    pub offload_layers: Vec<usize>,
     /// The most a training step may add to memory above the weights, e.g. 6GB or 900MB: layers
     /// recompute their feed-forward input or are checkpointed, and the batch is split into smaller
     /// passes (same effective batch) to fit, planned again as SAFE freezes adapters.
@@ -242,6 +246,9 @@ impl RunArgs {
             safe.tau_final = crate::safe::TauTarget::Absolute(t);
         }
         c.gradient_checkpointing |= a.gradient_checkpointing;
+        if !a.offload_layers.is_empty() {
+            c.offload_layers = a.offload_layers.clone();
+        }
         if a.memory_budget.is_some() {
             c.memory_budget = a.memory_budget;
         }

@@ -181,6 +181,10 @@ pub struct RunConfig {
     /// Keep only each trainable layer's input in the forward and run the layer again in backward:
     /// activation memory of one layer instead of all, for one more forward of the trainable layers.
     pub gradient_checkpointing: bool,
+    /// These layers' saved state goes to pinned host memory until their backward (CUDA; e.g.
+    /// `[0, 4, 8]`: spaced layers hide their copies best). Not with `memory_budget`, whose plan
+    /// does not offload yet, nor with `gradient_checkpointing`.
+    pub offload_layers: Vec<usize>,
     /// The most a training step may add to memory above the weights (`"6GB"`, `"900MB"` or
     /// bytes): the memory plan checkpoints layers and splits the batch into smaller passes to
     /// fit, and plans again as SAFE freezes adapters (see `train/plan.rs`).
@@ -217,6 +221,7 @@ impl Default for RunConfig {
             report_to: Default::default(),
             cache_frozen_bottom: true,
             gradient_checkpointing: false,
+            offload_layers: Vec::new(),
             memory_budget: None,
             device: Default::default(),
             dtype: Default::default(),
@@ -408,6 +413,16 @@ pub(crate) fn check_run_settings(f: &FitConfig, lora: &LoraConfig) -> anyhow::Re
     if let Some(k) = f.stop_after_epoch {
         at_least(1, Some("--stop-after-epoch"), "stop_after_epoch", k)?;
     }
+    if !f.offload_layers.is_empty() {
+        let other = match (f.memory_budget.is_some(), f.gradient_checkpointing) {
+            (true, _) => Some("--memory-budget (memory_budget), whose plan does not offload yet"),
+            (_, true) => Some("--gradient-checkpointing (gradient_checkpointing)"),
+            _ => None,
+        };
+        if let Some(other) = other {
+            anyhow::bail!("--offload-layers (offload_layers) and {other}: use one");
+        }
+    }
     if !(f.lr.is_finite() && f.lr >= 0.0) {
         return Err(out_of_range(
             Some("--lr"),
@@ -593,5 +608,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("c.toml") && e.contains("dropuot"), "{e}");
+    }
+
+    /// Offloaded layers read from TOML, and refused beside a memory budget or checkpointing (the
+    /// budget's plan does not offload yet; checkpointed layers keep only their input).
+    #[test]
+    fn offload_layers_come_from_toml_and_exclude_a_budget_and_checkpointing() {
+        let c: TrainConfig = toml::from_str("offload_layers = [0, 3]\n").unwrap();
+        assert_eq!(c.run.offload_layers, [0, 3]);
+        c.validate().unwrap();
+        let mut budget = TrainConfig::default();
+        budget.run.offload_layers = vec![1];
+        budget.run.memory_budget = Some(super::super::plan::ByteSize(1 << 30));
+        let e = budget.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--offload-layers") && e.contains("--memory-budget"),
+            "{e}"
+        );
+        let mut checkpointing = TrainConfig::default();
+        checkpointing.run.offload_layers = vec![1];
+        checkpointing.run.gradient_checkpointing = true;
+        let e = checkpointing.validate().unwrap_err().to_string();
+        assert!(e.contains("--gradient-checkpointing"), "{e}");
     }
 }

@@ -100,6 +100,8 @@ pub struct FitConfig<'a> {
     pub grad_clip: f64,
     pub seed: u64,
     pub gradient_checkpointing: bool,
+    /// Layers whose saved state goes to host memory until their backward (CUDA).
+    pub offload_layers: &'a [usize],
     /// The most a step may add to memory, in bytes: the memory plan checkpoints layers and splits
     /// the batch to fit (see `train/plan.rs`).
     pub memory_budget: Option<usize>,
@@ -138,6 +140,7 @@ impl<'a> FitConfig<'a> {
             grad_clip: run.grad_clip,
             seed: run.seed,
             gradient_checkpointing: run.gradient_checkpointing,
+            offload_layers: &run.offload_layers,
             memory_budget: run.memory_budget.map(|b| b.0),
             safe,
             resume,
@@ -278,6 +281,19 @@ pub fn fit<T: Task>(
     if is_safe {
         run::ensure_cka_fits(model, cfg.safe.monitor, mem)?;
     }
+    if !cfg.offload_layers.is_empty() {
+        anyhow::ensure!(
+            mem.device().is_cuda(),
+            "--offload-layers (offload_layers) moves CUDA memory to the host: run it with \
+             --device cuda"
+        );
+        let n = model.num_layers();
+        if let Some(l) = cfg.offload_layers.iter().find(|&&l| l >= n) {
+            anyhow::bail!(
+                "--offload-layers (offload_layers): layer {l}, but the model's are 0..{n}"
+            );
+        }
+    }
     let mut safe = is_safe.then(|| SafeController::new(cfg.safe.clone(), names.len(), rounds));
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: cfg.weight_decay,
@@ -305,6 +321,7 @@ pub fn fit<T: Task>(
                 plan.accum,
                 seq,
                 cfg.gradient_checkpointing,
+                cfg.offload_layers,
                 cfg.memory_budget,
                 plan::efficient_tokens(mem.device(), model.hidden_size()),
                 measured_step,

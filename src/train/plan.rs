@@ -73,6 +73,9 @@ pub struct MemoryPlan {
     /// input of the q, k and v projections (those projections and the attention's forward).
     #[serde(default)]
     pub attention_recomputed: Vec<usize>,
+    /// Layers whose saved state goes to host memory until their backward (`--offload-layers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offloaded: Vec<usize>,
     /// The estimated peak a pass adds to what is live before it, in bytes.
     pub estimated_step_bytes: usize,
     /// The budget it was planned for.
@@ -125,7 +128,7 @@ impl MemoryPlan {
             whole: self.checkpointed.iter().copied().collect(),
             ffn: self.ffn_recomputed.iter().copied().collect(),
             attention: self.attention_recomputed.iter().copied().collect(),
-            offload: Default::default(),
+            offload: self.offloaded.iter().copied().collect(),
         }
     }
 
@@ -156,6 +159,9 @@ impl MemoryPlan {
                 ", attention recomputed: {}",
                 layers(&self.attention_recomputed)
             );
+        }
+        if !self.offloaded.is_empty() {
+            d += &format!(", offloaded: {}", layers(&self.offloaded));
         }
         if !self.pass_through.is_empty() {
             d += &format!(
@@ -361,6 +367,7 @@ pub fn plan(
     accum: usize,
     seq: usize,
     checkpoint_all: bool,
+    offload: &[usize],
     budget: Option<usize>,
     efficient_tokens: usize,
     measuring: bool,
@@ -385,12 +392,16 @@ pub fn plan(
             checkpointed: layers(|k| !k.saves()),
             ffn_recomputed: layers(|k| k.recomputed().ffn),
             attention_recomputed: layers(|k| k.recomputed().attention),
+            offloaded: (first..n).filter(|&l| recompute.offloads(l)).collect(),
             budget_bytes: budget,
             measuring,
         }
     };
     let Some(budget) = budget else {
-        let recompute = Recompute::layers(if checkpoint_all { first..n } else { n..n });
+        let mut recompute = Recompute::layers(if checkpoint_all { first..n } else { n..n });
+        if let Recompute::Layers { offload: moved, .. } = &mut recompute {
+            *moved = offload.iter().copied().filter(|&l| l >= first).collect();
+        }
         let estimate = step_bytes(model, &recompute, micro, seq);
         let chosen = Chosen {
             recompute,

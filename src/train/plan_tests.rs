@@ -55,15 +55,15 @@ fn a_measuring_step_keeps_room_for_the_measurement() {
         "{plain} {measured}"
     );
     let budget = plain + plain / 11;
-    let p = plan(&m, rows, 1, seq, false, Some(budget), GPU, false).unwrap();
+    let p = plan(&m, rows, 1, seq, false, &[], Some(budget), GPU, false).unwrap();
     assert_eq!(recomputed(&p), 0);
-    let q = plan(&m, rows, 1, seq, false, Some(budget), GPU, true).unwrap();
+    let q = plan(&m, rows, 1, seq, false, &[], Some(budget), GPU, true).unwrap();
     assert!(recomputed(&q) > 0, "{q:?}");
     let m_q = measure_bytes(&m, q.micro, seq);
     let estimate = step_bytes_measured(&m, &q.recompute(), q.micro, seq, m_q);
     assert!(estimate <= budget - budget / BUDGET_MARGIN);
     // A run that measures keeps both: the measured steps checkpoint, the others need not.
-    let make = |measuring| plan(&m, rows, 1, seq, false, Some(budget), GPU, measuring);
+    let make = |measuring| plan(&m, rows, 1, seq, false, &[], Some(budget), GPU, measuring);
     let plans = StepPlans::new(true, make).unwrap();
     assert_eq!((plans.step(false), plans.step(true)), (&p, &q));
     assert!(!p.measuring && q.measuring);
@@ -88,7 +88,7 @@ fn a_budget_recomputes_parts_before_whole_layers() {
     assert!(state.ffn_input > state.state / 4, "{state:?}");
     // 2hf / (8h^2 + 4hf + 4 seq h) = 8192 / 32768 at h = 32, f = 128, seq = 64.
     assert_eq!(state.ffn_cost_pct, 25, "{state:?}");
-    let p = plan(&m, 16, 1, SEQ, false, Some(full * 9 / 10), GPU, false).unwrap();
+    let p = plan(&m, 16, 1, SEQ, false, &[], Some(full * 9 / 10), GPU, false).unwrap();
     assert_eq!(p.micro, 16);
     assert!(
         p.checkpointed.is_empty() && !p.ffn_recomputed.is_empty(),
@@ -104,7 +104,7 @@ fn a_budget_recomputes_parts_before_whole_layers() {
     // (6h^2 + 4 seq h) / (8h^2 + 4hf + 4 seq h): 14336 / 32768, rounded up.
     assert_eq!(state.attention_cost_pct, 44, "{state:?}");
     assert!(p.attention_recomputed.is_empty(), "{p:?}");
-    let q = plan(&m, 16, 1, SEQ, false, Some(full * 7 / 10), GPU, false).unwrap();
+    let q = plan(&m, 16, 1, SEQ, false, &[], Some(full * 7 / 10), GPU, false).unwrap();
     assert!(q.checkpointed.is_empty(), "{q:?}");
     assert!(!q.attention_recomputed.is_empty(), "{q:?}");
     // The cheaper part per byte first: a layer recomputing its attention recomputes its
@@ -121,7 +121,7 @@ fn a_budget_recomputes_parts_before_whole_layers() {
         offload: Default::default(),
     };
     let tighter = step_bytes(&m, &parts, 16, SEQ) * 11 / 12 - 1;
-    let q = plan(&m, 16, 1, SEQ, false, Some(tighter), GPU, false).unwrap();
+    let q = plan(&m, 16, 1, SEQ, false, &[], Some(tighter), GPU, false).unwrap();
     assert!(!q.checkpointed.is_empty(), "{q:?}");
     assert!(q.checkpointed.iter().all(|l| !q.ffn_recomputed.contains(l)));
     assert!(q
@@ -138,9 +138,9 @@ fn a_budget_recomputes_parts_before_whole_layers() {
 #[test]
 fn without_a_budget_the_plan_is_the_flags() {
     let m = model();
-    let p = plan(&m, 8, 2, SEQ, false, None, GPU, false).unwrap();
+    let p = plan(&m, 8, 2, SEQ, false, &[], None, GPU, false).unwrap();
     assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
-    let p = plan(&m, 8, 2, SEQ, true, None, GPU, false).unwrap();
+    let p = plan(&m, 8, 2, SEQ, true, &[], None, GPU, false).unwrap();
     assert_eq!(p.checkpointed, (0..6).collect::<Vec<_>>());
     assert!(p.estimated_step_bytes < step_bytes(&m, &Recompute::None, 8, SEQ));
 }
@@ -153,16 +153,27 @@ fn without_a_budget_the_plan_is_the_flags() {
 fn a_budget_checkpoints_as_few_layers_as_needed() {
     let m = model();
     let full = step_bytes(&m, &Recompute::None, 16, SEQ);
-    let p = plan(&m, 16, 1, SEQ, false, Some(full + full / 10), GPU, false).unwrap();
+    let p = plan(
+        &m,
+        16,
+        1,
+        SEQ,
+        false,
+        &[],
+        Some(full + full / 10),
+        GPU,
+        false,
+    )
+    .unwrap();
     assert_eq!((p.micro, p.checkpointed.len()), (16, 0));
-    let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), GPU, false).unwrap();
+    let p = plan(&m, 16, 1, SEQ, false, &[], Some(full * 8 / 10), GPU, false).unwrap();
     assert_eq!(p.micro, 16);
     assert!(recomputed(&p) > 0 && p.checkpointed.len() < 6, "{p:?}");
     assert!(p.estimated_step_bytes <= full * 8 / 10);
-    let q = plan(&m, 16, 1, SEQ, false, Some(full * 5 / 10), GPU, false).unwrap();
+    let q = plan(&m, 16, 1, SEQ, false, &[], Some(full * 5 / 10), GPU, false).unwrap();
     assert!(recomputed(&q) > recomputed(&p) || q.micro < 16, "{q:?}");
     assert!(q.estimated_step_bytes <= full * 5 / 10);
-    let r = plan(&m, 16, 1, SEQ, false, Some(full * 4 / 10), GPU, false).unwrap();
+    let r = plan(&m, 16, 1, SEQ, false, &[], Some(full * 4 / 10), GPU, false).unwrap();
     assert!(!r.checkpointed.is_empty() || r.micro < 16, "{r:?}");
     assert!(r.estimated_step_bytes <= full * 4 / 10);
     // The step's examples are unchanged: passes of `micro` rows, `accum` of them.
@@ -174,7 +185,7 @@ fn a_budget_checkpoints_as_few_layers_as_needed() {
 fn on_a_cpu_the_batch_is_split_before_layers_are_checkpointed() {
     let m = model();
     let full = step_bytes(&m, &Recompute::None, 16, SEQ);
-    let p = plan(&m, 16, 1, SEQ, false, Some(full * 8 / 10), CPU, false).unwrap();
+    let p = plan(&m, 16, 1, SEQ, false, &[], Some(full * 8 / 10), CPU, false).unwrap();
     assert_eq!((p.micro, p.accum, p.checkpointed.len()), (8, 2, 0));
 }
 
@@ -184,11 +195,11 @@ fn a_tight_budget_splits_the_batch_and_too_small_a_budget_is_an_error() {
     let m = model();
     let all = Recompute::All;
     let tight = step_bytes(&m, &all, 4, SEQ);
-    let p = plan(&m, 16, 1, SEQ, false, Some(tight), GPU, false).unwrap();
+    let p = plan(&m, 16, 1, SEQ, false, &[], Some(tight), GPU, false).unwrap();
     assert!(p.micro <= 4 && p.micro * p.accum == 16, "{p:?}");
     assert!(p.estimated_step_bytes <= tight);
     let one = step_bytes(&m, &all, 1, SEQ);
-    let e = plan(&m, 16, 1, SEQ, false, Some(one / 2), GPU, false).unwrap_err();
+    let e = plan(&m, 16, 1, SEQ, false, &[], Some(one / 2), GPU, false).unwrap_err();
     assert!(e.to_string().contains("--memory-budget"), "{e}");
 }
 
@@ -198,7 +209,7 @@ fn a_tight_budget_splits_the_batch_and_too_small_a_budget_is_an_error() {
 fn pass_through_layers_are_checkpointed_first() {
     let mut m = model();
     freeze(&mut m, &[1, 2, 3]);
-    let p = plan(&m, 16, 1, SEQ, false, None, GPU, false).unwrap();
+    let p = plan(&m, 16, 1, SEQ, false, &[], None, GPU, false).unwrap();
     assert_eq!(
         (p.first_trained_layer, p.pass_through.clone()),
         (0, vec![1, 2, 3])
@@ -215,7 +226,7 @@ fn pass_through_layers_are_checkpointed_first() {
     );
     let full = step_bytes(&m, &Recompute::None, 16, SEQ);
     for budget in [full * 9 / 10, full * 6 / 10] {
-        let p = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
+        let p = plan(&m, 16, 1, SEQ, false, &[], Some(budget), GPU, false).unwrap();
         let through = |ls: &[usize]| ls.iter().all(|l| [1, 2, 3].contains(l));
         assert!(recomputed(&p) > 0, "{p:?}");
         // Layer 0 trains: it is recomputed only once all of layers 1-3 are.
@@ -244,9 +255,9 @@ fn pass_through_layers_are_checkpointed_first() {
 fn freezing_relaxes_the_plan() {
     let mut m = model();
     let budget = step_bytes(&m, &Recompute::None, 16, SEQ) * 6 / 10;
-    let before = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
+    let before = plan(&m, 16, 1, SEQ, false, &[], Some(budget), GPU, false).unwrap();
     freeze(&mut m, &[0, 1, 2, 3]);
-    let after = plan(&m, 16, 1, SEQ, false, Some(budget), GPU, false).unwrap();
+    let after = plan(&m, 16, 1, SEQ, false, &[], Some(budget), GPU, false).unwrap();
     assert_eq!(after.first_trained_layer, 4);
     assert!(
         recomputed(&after) < recomputed(&before),
@@ -443,4 +454,25 @@ fn with_offload_the_plan_is_still_the_cheapest_that_fits() {
         offloaded_plans += usize::from((0..6).any(|l| c.recompute.offloads(l)));
     }
     assert!(offloaded_plans > 10, "{offloaded_plans}");
+}
+
+/// Without a budget, `--offload-layers` is the plan: the layers listed from the lowest trainable
+/// one up, with the estimate of that offload (the frozen layers below keep nothing to move).
+#[test]
+fn without_a_budget_offloaded_layers_are_the_flags() {
+    let mut m = model();
+    let p = plan(&m, 16, 1, SEQ, false, &[1, 3], None, GPU, false).unwrap();
+    assert_eq!(p.offloaded, [1, 3]);
+    assert!(p.recompute().offloads(3) && !p.recompute().offloads(2));
+    let offloaded = Recompute::offloading([1, 3]);
+    assert_eq!(p.estimated_step_bytes, step_bytes(&m, &offloaded, 16, SEQ));
+    assert!(p.estimated_step_bytes < step_bytes(&m, &Recompute::None, 16, SEQ));
+    assert!(
+        p.describe().contains("offloaded: layers [1, 3]"),
+        "{}",
+        p.describe()
+    );
+    freeze(&mut m, &[0, 1]);
+    let p = plan(&m, 16, 1, SEQ, false, &[1, 3], None, GPU, false).unwrap();
+    assert_eq!(p.offloaded, [3]);
 }
