@@ -117,11 +117,32 @@ impl Recompute {
     /// Every layer keeps all its state, and what `layers` keep goes to host memory until their
     /// backward.
     pub fn offloading(layers: impl IntoIterator<Item = usize>) -> Self {
-        Recompute::Layers {
-            whole: BTreeSet::new(),
-            ffn: BTreeSet::new(),
-            attention: BTreeSet::new(),
-            offload: layers.into_iter().collect(),
+        Recompute::None.with_offload(layers)
+    }
+
+    /// The same recomputation with what `layers` keep going to host memory until their backward
+    /// (instead of any offload it had). Under [`Recompute::All`] no layer keeps a state to move,
+    /// so it stays as it is.
+    pub fn with_offload(self, layers: impl IntoIterator<Item = usize>) -> Self {
+        match self {
+            Recompute::None => Recompute::Layers {
+                whole: BTreeSet::new(),
+                ffn: BTreeSet::new(),
+                attention: BTreeSet::new(),
+                offload: layers.into_iter().collect(),
+            },
+            Recompute::All => Recompute::All,
+            Recompute::Layers {
+                whole,
+                ffn,
+                attention,
+                ..
+            } => Recompute::Layers {
+                whole,
+                ffn,
+                attention,
+                offload: layers.into_iter().collect(),
+            },
         }
     }
 

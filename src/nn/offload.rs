@@ -7,9 +7,11 @@
 //! A saved state names its tensors through [`SavedTensors`]; [`stash`] replaces the ones worth
 //! moving (contiguous, at least [`MIN_BYTES`], the same tensor once) by placeholders and starts
 //! their copies; [`Stashed::release`] frees the device originals once the copy is done (call it
-//! after the next layer's forward, so the copy overlaps it); [`Stashed::fetch`] starts the copy
-//! back (call it one layer ahead in backward); [`Stashed::restore`] waits for it and gives the
-//! state back, its tensors equal to the originals bit for bit.
+//! as late as memory allows, so the copy overlaps the layers in between: `model::stack` calls it
+//! when the next offloaded layer is stashed); [`Stashed::fetch`] starts the copy back (called
+//! ahead of the layer's backward: when the offloaded layer above it is back);
+//! [`Stashed::restore`] waits for it and gives the state back, its tensors equal to the originals
+//! bit for bit.
 //!
 //! On CUDA the copies run on one copy stream per device, ordered against the compute stream by
 //! events, into pinned buffers reused from step to step. On the CPU the "host copy" is a plain
@@ -112,16 +114,19 @@ pub fn stash<S: SavedTensors>(mut state: S, device: &Device) -> Result<Stashed<S
     let mut slots = Vec::new();
     let mut copies: Vec<HostCopy> = Vec::new();
     let mut originals: Vec<Tensor> = Vec::new();
-    let mut keys: Vec<(usize, Vec<usize>, DType)> = Vec::new();
+    // The first element's address of each copy, beside `copies`.
+    let mut addresses: Vec<usize> = Vec::new();
     // The pinned buffer's size: each copy at a 256-byte boundary.
     let mut bytes = 0;
     let mut error = None;
     state.each_tensor(&mut |t| {
-        let key = match movable(t, device, min_bytes(device)) {
-            Some(address) => (address, t.dims().to_vec(), t.dtype()),
-            None => return slots.push(Slot::Stayed),
+        let Some(address) = movable(t, device, min_bytes(device)) else {
+            return slots.push(Slot::Stayed);
         };
-        let i = match keys.iter().position(|k| *k == key) {
+        let same = |(a, c): (&usize, &HostCopy)| {
+            *a == address && c.dims == t.dims() && c.dtype == t.dtype()
+        };
+        let i = match addresses.iter().zip(&copies).position(same) {
             Some(i) => i,
             None => {
                 let n = t.elem_count() * t.dtype().size_in_bytes();
@@ -132,7 +137,7 @@ pub fn stash<S: SavedTensors>(mut state: S, device: &Device) -> Result<Stashed<S
                     cpu: None,
                 });
                 bytes += n.next_multiple_of(256);
-                keys.push(key);
+                addresses.push(address);
                 originals.push(t.clone());
                 copies.len() - 1
             }
@@ -251,14 +256,14 @@ impl<S: SavedTensors> Stashed<S> {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) if self.copies.is_empty() => Vec::new(),
             #[cfg(feature = "cuda")]
-            Device::Cuda(dev) => {
+            Device::Cuda(_) => {
                 let shapes: Vec<(&[usize], DType, usize)> = self
                     .copies
                     .iter()
                     .map(|c| (c.dims.as_slice(), c.dtype, c.offset))
                     .collect();
                 let f = self.cuda.as_mut().expect("a CUDA stash has its copies");
-                f.copy_in(dev, &shapes)?
+                f.copy_in(&shapes)?
             }
             _ => self
                 .copies
@@ -395,18 +400,14 @@ mod cuda {
         }
 
         /// Allocates each tensor on the compute stream and copies it back on the copy stream.
-        pub fn copy_in(
-            &mut self,
-            dev: &CudaDevice,
-            shapes: &[(&[usize], DType, usize)],
-        ) -> Result<Vec<Tensor>> {
-            let compute = dev.cuda_stream();
+        pub fn copy_in(&mut self, shapes: &[(&[usize], DType, usize)]) -> Result<Vec<Tensor>> {
+            let dev = self.device.clone();
             let mut out = Vec::with_capacity(shapes.len());
             for &(dims, dtype, _) in shapes {
-                out.push(crate::nn::gpu::uninit(dev, dtype, &dims.into())?);
+                out.push(crate::nn::gpu::uninit(&dev, dtype, &dims.into())?);
             }
-            with_engine(dev, |e| {
-                e.copies.wait(&compute.record_event(None).w()?).w()?;
+            with_engine(&dev, |e| {
+                e.copies.wait(&self.compute.record_event(None).w()?).w()?;
                 for (t, &(_, _, off)) in out.iter().zip(shapes) {
                     let dst = crate::nn::gpu::address(t)?;
                     let n = t.elem_count() * t.dtype().size_in_bytes();

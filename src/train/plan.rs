@@ -398,10 +398,8 @@ pub fn plan(
         }
     };
     let Some(budget) = budget else {
-        let mut recompute = Recompute::layers(if checkpoint_all { first..n } else { n..n });
-        if let Recompute::Layers { offload: moved, .. } = &mut recompute {
-            *moved = offload.iter().copied().filter(|&l| l >= first).collect();
-        }
+        let recompute = Recompute::layers(if checkpoint_all { first..n } else { n..n })
+            .with_offload(offload.iter().copied().filter(|&l| l >= first));
         let estimate = step_bytes(model, &recompute, micro, seq);
         let chosen = Chosen {
             recompute,
@@ -559,13 +557,13 @@ fn cheapest_recompute(
     }
     let (cost_pct, picked) = best?;
     let layers = pass.layers.iter().map(|(l, _)| *l);
-    let mut recompute = Recompute::from_keeps(layers.clone().zip(picked.iter().map(|c| c.keep)));
-    if let Recompute::Layers { offload: moved, .. } = &mut recompute {
-        *moved = (layers.zip(&picked))
-            .filter(|(_, c)| c.offload)
-            .map(|(l, _)| l)
-            .collect();
-    }
+    let recompute = Recompute::from_keeps(layers.clone().zip(picked.iter().map(|c| c.keep)))
+        .with_offload(
+            layers
+                .zip(&picked)
+                .filter(|(_, c)| c.offload)
+                .map(|(l, _)| l),
+        );
     Some(Chosen {
         estimate: pass.peak(&recompute, measure),
         recompute,

@@ -431,10 +431,8 @@ fn with_offload_the_plan_is_still_the_cheapest_that_fits() {
         let picks: Vec<(Keep, usize, bool)> = (0..6)
             .map(|l| options[l][code / 9usize.pow(l as u32) % 9])
             .collect();
-        let mut recompute = Recompute::from_keeps((0..6).zip(picks.iter().map(|p| p.0)));
-        if let Recompute::Layers { offload, .. } = &mut recompute {
-            *offload = (0..6).filter(|&l| picks[l].2).collect();
-        }
+        let recompute = Recompute::from_keeps((0..6).zip(picks.iter().map(|p| p.0)))
+            .with_offload((0..6).filter(|&l| picks[l].2));
         let cost: usize = picks.iter().map(|p| p.1).sum();
         all.push((cost, pass.peak(&recompute, 0)));
     }
