@@ -144,6 +144,38 @@ pub fn matmul_wave(device: &Device) -> usize {
     }
 }
 
+/// Rough rates of an H100 / H200 for what the memory plan times rather than counts: whether
+/// copies of saved state to pinned host memory (`nn::offload`) hide behind the compute.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuRates {
+    /// FLOP/s a layer's products reach in bf16 / f16: about 500 TFLOP/s, from the LLaMA-7B
+    /// shape's steps at 4,096 tokens (259 ms an H100 step, about 2.1 forwards of counted FLOPs).
+    pub half_flops_per_s: f64,
+    /// The same in f32 (cuBLAS's single precision, no TF32).
+    pub f32_flops_per_s: f64,
+    /// Bytes a second each way to pinned host memory while the compute runs. The probe
+    /// (`bench/offload_probe.py`) measured 53 GB/s; offloading every third LLaMA-7B layer at 4,096
+    /// tokens (about 2.5 forwards of copy for 3 of compute at that rate) still cost 3% of the
+    /// step, every fourth nothing: 40 GB/s puts such layers four apart.
+    pub host_bytes_per_s: f64,
+    /// Host time an offloaded layer's copies take to issue, out and back: 0.8 ms a step for 8
+    /// layers at 2,048 tokens with the copies hidden.
+    pub offload_issue_s: f64,
+    /// A layer's forward takes at least this long, however few its tokens (its kernel launches).
+    pub layer_launch_s: f64,
+}
+
+/// [`GpuRates`] of `device`; None on the CPU.
+pub fn gpu_rates(device: &Device) -> Option<GpuRates> {
+    (!device.is_cpu()).then_some(GpuRates {
+        half_flops_per_s: 500e12,
+        f32_flops_per_s: 50e12,
+        host_bytes_per_s: 40e9,
+        offload_issue_s: 100e-6,
+        layer_launch_s: 150e-6,
+    })
+}
+
 /// The device's multiprocessor count; an H100's or H200's 132 where the driver cannot say.
 fn multiprocessors(device: &Device) -> usize {
     const HOPPER: usize = 132;

@@ -192,6 +192,10 @@ pub struct RunArgs {
     /// passes (same effective batch) to fit, planned again as SAFE freezes adapters.
     #[arg(long, value_name = "SIZE")]
     pub memory_budget: Option<crate::train::plan::ByteSize>,
+    /// Under --memory-budget, let the plan also move saved state to pinned host memory (CUDA)
+    /// where its copies hide behind the compute and cost less than recomputing.
+    #[arg(long)]
+    pub budget_offload: bool,
     /// Recompute the frozen bottom layers every step instead of caching their output on disk.
     #[arg(long)]
     pub no_frozen_cache: bool,
@@ -252,6 +256,7 @@ impl RunArgs {
         if a.memory_budget.is_some() {
             c.memory_budget = a.memory_budget;
         }
+        c.budget_offload |= a.budget_offload;
         if a.no_frozen_cache {
             c.cache_frozen_bottom = false;
         }

@@ -5,6 +5,7 @@
 //! clock is read), the peak memory the highest allocator-level peak of a timed step above what was
 //! live before the first step (the weights), as PyTorch's `max_memory_allocated - base`.
 
+use super::plan::{self, MemoryPlan, PlanDevice};
 use super::step;
 use crate::adapters::{Adapted, AdaptedStack, LoraConfig, ParamId};
 use crate::data::batch::Batch;
@@ -15,7 +16,7 @@ use crate::memory::{self, MemTracker};
 use crate::model::bert::{BertConfig, BertForSequenceClassification};
 use crate::model::llama::LlamaForCausalLM;
 use crate::model::stack::Recompute;
-use crate::model::{CausalLm, LlamaConfig, LmBatch};
+use crate::model::{CausalLm, LlamaConfig, LmBatch, StepMemory};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::{QuantFormat, Weight};
 use crate::nn::optim::{AdamW, AdamWConfig};
@@ -178,6 +179,13 @@ pub struct BenchArgs {
     /// their copies best: each copy overlaps every layer up to the next offloaded one.
     #[arg(long, value_delimiter = ',', conflicts_with = "gradient_checkpointing")]
     pub offload_layers: Vec<usize>,
+    /// The most a step may add to memory (e.g. 9GB): the layers' recomputation and offload come
+    /// from `train`'s memory plan (`train/plan.rs`) for one pass of the whole batch.
+    #[arg(long, value_name = "SIZE", conflicts_with_all = ["gradient_checkpointing", "offload_layers"])]
+    pub memory_budget: Option<super::plan::ByteSize>,
+    /// With --memory-budget: the plan may also offload (CUDA), as `train --budget-offload`.
+    #[arg(long, requires = "memory_budget")]
+    pub budget_offload: bool,
     /// LLaMA only: keep the frozen projection weights quantized in GGUF blocks (`q4_0`, `q4_1`,
     /// `q8_0`) and dequantize each for its matmul, as `train-lm --quantized-base` does with a GGUF
     /// model. The embeddings and the head stay dense.
@@ -241,8 +249,11 @@ pub struct BenchResult {
     pub targets: Vec<String>,
     pub frozen_prefix: usize,
     pub gradient_checkpointing: bool,
-    /// Layers whose saved state went to host memory (`--offload-layers`).
+    /// Layers whose saved state went to host memory (`--offload-layers`, or the budget's plan).
     pub offload_layers: Vec<usize>,
+    /// `--memory-budget`'s plan (`MemoryPlan::describe`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
     /// The frozen projections' GGUF block format when kept quantized (`--quantize`).
     pub quantized: Option<QuantFormat>,
     /// `host` (seeded host RNG, the same on every device) or `device` (`randn` on the device).
@@ -299,11 +310,26 @@ impl Model {
         }
     }
 
+    /// The memory plan of one pass of `rows` rows under `budget` bytes (see `train::plan`).
+    fn plan(&self, rows: usize, seq: usize, budget: usize, offload: bool) -> Result<MemoryPlan> {
+        let (budget, m) = (Some(budget), false);
+        match self {
+            Model::Bert(b) => {
+                let device = PlanDevice::of(&b.device(), b.hidden_size(), offload);
+                plan::plan(b.as_ref(), rows, 1, seq, false, &[], budget, &device, m)
+            }
+            Model::Llama(l) => {
+                let device = PlanDevice::of(&l.device(), l.hidden_size(), offload);
+                plan::plan(l.as_ref(), rows, 1, seq, false, &[], budget, &device, m)
+            }
+        }
+    }
+
     /// The memory model's estimate of one step's peak above what is live before it.
     fn estimated_step_bytes(&self, rows: usize, seq: usize, recompute: &Recompute) -> usize {
         match self {
-            Model::Bert(m) => super::plan::step_bytes(m.as_ref(), recompute, rows, seq),
-            Model::Llama(m) => super::plan::step_bytes(m.as_ref(), recompute, rows, seq),
+            Model::Bert(m) => plan::step_bytes(m.as_ref(), recompute, rows, seq),
+            Model::Llama(m) => plan::step_bytes(m.as_ref(), recompute, rows, seq),
         }
     }
 
@@ -509,14 +535,30 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
     let live0 = mem.live();
     let (mut model, inputs, targets, init) = build(a, &s, dtype, &device, &mut rng)?;
     let mut opt = AdamW::new(AdamWConfig::default());
-    let recompute = match &a.offload_layers[..] {
-        [] => Recompute::all_if(a.gradient_checkpointing),
-        _ if !device.is_cuda() => {
-            anyhow::bail!(
-                "--offload-layers moves CUDA memory to the host: run it with --device cuda"
-            )
+    let budget_plan = match a.memory_budget {
+        Some(b) => {
+            if a.budget_offload {
+                super::config::ensure_offload_device("--budget-offload", device.is_cuda())?;
+            }
+            let p = model.plan(s.batch, s.seq, b.0, a.budget_offload)?;
+            anyhow::ensure!(
+                p.accum == 1,
+                "--memory-budget {b}: the plan splits the batch into passes of {} rows; bench \
+                 runs one pass a step (try --batch-size {})",
+                p.micro,
+                p.micro
+            );
+            Some(p)
         }
-        layers => Recompute::offloading(layers.iter().copied()),
+        None => None,
+    };
+    let recompute = match &a.offload_layers[..] {
+        _ if budget_plan.is_some() => budget_plan.as_ref().expect("some").recompute(),
+        [] => Recompute::all_if(a.gradient_checkpointing),
+        layers => {
+            super::config::ensure_offload_device("--offload-layers", device.is_cuda())?;
+            Recompute::offloading(layers.iter().copied())
+        }
     };
     crate::device::synchronize(&device)?;
     let base = mem.live();
@@ -556,7 +598,10 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         targets,
         frozen_prefix: a.frozen_prefix,
         gradient_checkpointing: a.gradient_checkpointing,
-        offload_layers: a.offload_layers.clone(),
+        offload_layers: budget_plan
+            .as_ref()
+            .map_or_else(|| a.offload_layers.clone(), |p| p.offloaded.clone()),
+        plan: budget_plan.as_ref().map(MemoryPlan::describe),
         quantized: a.quantize,
         init,
         warmup: a.warmup,
@@ -653,6 +698,40 @@ mod tests {
         assert!(q8.losses[3] < q8.losses[0], "{:?}", q8.losses);
         let e = run(&args(&["--preset", "tiny-bert", "--quantize", "q4_1"]));
         assert!(e.is_err());
+    }
+
+    /// `--memory-budget` runs the step as `train`'s plan says: at 70% of the plain step's estimate
+    /// on the CPU it recomputes (offloading nothing there), with the same losses and the step's
+    /// estimate under the budget. Where the plan would split the batch (a CPU splits before it
+    /// recomputes) or nothing fits, a clear error.
+    #[test]
+    fn a_budget_runs_the_plan() {
+        let one = [
+            "--preset",
+            "tiny-llama",
+            "--layers",
+            "8",
+            "--batch-size",
+            "1",
+            "--max-length",
+            "64",
+        ];
+        let plain = quick(&one);
+        let budget = (plain.estimated_step_mem_mb * 0.7 * (1 << 20) as f64) as usize;
+        let b = budget.to_string();
+        let planned = quick(&[&one[..], &["--memory-budget", &b]].concat());
+        let plan = planned.plan.as_deref().expect("a plan");
+        assert!(!plan.ends_with("checkpointed: none"), "{plan}");
+        assert!(planned.offload_layers.is_empty());
+        assert!(planned.estimated_step_mem_mb * ((1 << 20) as f64) <= budget as f64);
+        assert_eq!(planned.losses, plain.losses);
+        let two = [&one[..4], &["--batch-size", "2", "--max-length", "64"]].concat();
+        let split = run(&args(&[&two[..], &["--memory-budget", &b]].concat()));
+        let msg = format!("{:#}", split.err().expect("split"));
+        assert!(msg.contains("try --batch-size"), "{msg}");
+        let e = run(&args(&[&one[..], &["--memory-budget", "1000"]].concat()));
+        let msg = format!("{:#}", e.err().expect("too small"));
+        assert!(msg.contains("too small"), "{msg}");
     }
 
     fn quick(flags: &[&str]) -> BenchResult {

@@ -183,8 +183,12 @@ pub struct RunConfig {
     pub gradient_checkpointing: bool,
     /// These layers' saved state goes to pinned host memory until their backward (CUDA; e.g.
     /// `[0, 4, 8]`: spaced layers hide their copies best). Not with `memory_budget`, whose plan
-    /// does not offload yet, nor with `gradient_checkpointing`.
+    /// chooses the layers itself, nor with `gradient_checkpointing`.
     pub offload_layers: Vec<usize>,
+    /// Whether `memory_budget`'s plan may also offload saved state to pinned host memory (CUDA)
+    /// where its price (`plan::OffloadPrice`, from measured copy rates) is below recomputing it.
+    /// Off by default until a whole run with it is measured on a GPU.
+    pub budget_offload: bool,
     /// The most a training step may add to memory above the weights (`"6GB"`, `"900MB"` or
     /// bytes): the memory plan checkpoints layers and splits the batch into smaller passes to
     /// fit, and plans again as SAFE freezes adapters (see `train/plan.rs`).
@@ -222,6 +226,7 @@ impl Default for RunConfig {
             cache_frozen_bottom: true,
             gradient_checkpointing: false,
             offload_layers: Vec::new(),
+            budget_offload: false,
             memory_budget: None,
             device: Default::default(),
             dtype: Default::default(),
@@ -258,7 +263,7 @@ impl TrainConfig {
     /// Checks every setting's range once flags and the config file are merged: an error names the
     /// flag (and its config key) or the key, and what is allowed.
     pub fn validate(&self) -> anyhow::Result<()> {
-        check_run_settings(&self.fit_config(false, false), &self.lora)?;
+        check_run_settings(&self.fit_config(false, false), &self.lora, &self.run.device)?;
         at_least(1, None, "eval_batch_size", self.run.eval_batch_size)?;
         let d = &self.data;
         at_least(2, Some("--max-length"), "data.max_length", d.max_length)?;
@@ -393,9 +398,22 @@ pub(crate) fn at_least(
     Ok(())
 }
 
+/// Offload (`nn::offload`) moves CUDA memory to the host: `what` (a flag) needs a CUDA device.
+pub(crate) fn ensure_offload_device(what: &str, cuda: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cuda,
+        "{what} moves CUDA memory to the host: run it with --device cuda"
+    );
+    Ok(())
+}
+
 /// The rules of the settings every training run has (`RunArgs`' flags and their config keys), for
 /// [`TrainConfig::validate`] and `LmTrainConfig::validate`.
-pub(crate) fn check_run_settings(f: &FitConfig, lora: &LoraConfig) -> anyhow::Result<()> {
+pub(crate) fn check_run_settings(
+    f: &FitConfig,
+    lora: &LoraConfig,
+    device: &crate::device::DeviceSpec,
+) -> anyhow::Result<()> {
     at_least(1, Some("--epochs"), "epochs", f.epochs)?;
     at_least(1, Some("--batch-size"), "batch_size", f.batch_size)?;
     at_least(1, Some("--grad-accum"), "grad_accum", f.grad_accum)?;
@@ -415,13 +433,22 @@ pub(crate) fn check_run_settings(f: &FitConfig, lora: &LoraConfig) -> anyhow::Re
     }
     if !f.offload_layers.is_empty() {
         let other = match (f.memory_budget.is_some(), f.gradient_checkpointing) {
-            (true, _) => Some("--memory-budget (memory_budget), whose plan does not offload yet"),
+            (true, _) => Some("--memory-budget (memory_budget), whose plan chooses the layers"),
             (_, true) => Some("--gradient-checkpointing (gradient_checkpointing)"),
             _ => None,
         };
         if let Some(other) = other {
             anyhow::bail!("--offload-layers (offload_layers) and {other}: use one");
         }
+        ensure_offload_device("--offload-layers (offload_layers)", device.is_cuda())?;
+    }
+    if f.budget_offload {
+        anyhow::ensure!(
+            f.memory_budget.is_some(),
+            "--budget-offload (budget_offload) lets --memory-budget's plan offload: give \
+             --memory-budget (memory_budget) too"
+        );
+        ensure_offload_device("--budget-offload (budget_offload)", device.is_cuda())?;
     }
     if !(f.lr.is_finite() && f.lr >= 0.0) {
         return Err(out_of_range(
@@ -614,9 +641,17 @@ mod tests {
     /// budget's plan does not offload yet; checkpointed layers keep only their input).
     #[test]
     fn offload_layers_come_from_toml_and_exclude_a_budget_and_checkpointing() {
-        let c: TrainConfig = toml::from_str("offload_layers = [0, 3]\n").unwrap();
+        let c: TrainConfig =
+            toml::from_str("offload_layers = [0, 3]\ndevice = \"cuda\"\n").unwrap();
         assert_eq!(c.run.offload_layers, [0, 3]);
         c.validate().unwrap();
+        let mut on_cpu = c.clone();
+        on_cpu.run.device = crate::device::DeviceSpec::Cpu;
+        let e = on_cpu.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--offload-layers") && e.contains("--device cuda"),
+            "{e}"
+        );
         let mut budget = TrainConfig::default();
         budget.run.offload_layers = vec![1];
         budget.run.memory_budget = Some(super::super::plan::ByteSize(1 << 30));
@@ -630,5 +665,30 @@ mod tests {
         checkpointing.run.gradient_checkpointing = true;
         let e = checkpointing.validate().unwrap_err().to_string();
         assert!(e.contains("--gradient-checkpointing"), "{e}");
+    }
+
+    /// `budget_offload` lets a budget's plan offload: it needs the budget and a CUDA device.
+    #[test]
+    fn budget_offload_needs_a_budget_on_cuda() {
+        let c: TrainConfig =
+            toml::from_str("budget_offload = true\nmemory_budget = \"2GB\"\ndevice = \"cuda\"\n")
+                .unwrap();
+        assert!(c.run.budget_offload);
+        c.validate().unwrap();
+        assert!(!TrainConfig::default().run.budget_offload);
+        let mut no_budget = c.clone();
+        no_budget.run.memory_budget = None;
+        let e = no_budget.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--budget-offload") && e.contains("--memory-budget"),
+            "{e}"
+        );
+        let mut on_cpu = c.clone();
+        on_cpu.run.device = crate::device::DeviceSpec::Cpu;
+        let e = on_cpu.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--budget-offload") && e.contains("--device cuda"),
+            "{e}"
+        );
     }
 }

@@ -105,6 +105,8 @@ pub struct FitConfig<'a> {
     /// The most a step may add to memory, in bytes: the memory plan checkpoints layers and splits
     /// the batch to fit (see `train/plan.rs`).
     pub memory_budget: Option<usize>,
+    /// Whether the budget's plan may offload saved state to the host (CUDA).
+    pub budget_offload: bool,
     pub safe: &'a SafeConfig,
     pub resume: bool,
     /// Stop after this epoch with its checkpoint written (the run resumes with `--resume`).
@@ -142,6 +144,7 @@ impl<'a> FitConfig<'a> {
             gradient_checkpointing: run.gradient_checkpointing,
             offload_layers: &run.offload_layers,
             memory_budget: run.memory_budget.map(|b| b.0),
+            budget_offload: run.budget_offload,
             safe,
             resume,
             stop_after_epoch: run.stop_after_epoch,
@@ -282,11 +285,6 @@ pub fn fit<T: Task>(
         run::ensure_cka_fits(model, cfg.safe.monitor, mem)?;
     }
     if !cfg.offload_layers.is_empty() {
-        anyhow::ensure!(
-            mem.device().is_cuda(),
-            "--offload-layers (offload_layers) moves CUDA memory to the host: run it with \
-             --device cuda"
-        );
         let n = model.num_layers();
         if let Some(l) = cfg.offload_layers.iter().find(|&&l| l >= n) {
             anyhow::bail!(
@@ -323,7 +321,7 @@ pub fn fit<T: Task>(
                 cfg.gradient_checkpointing,
                 cfg.offload_layers,
                 cfg.memory_budget,
-                plan::efficient_tokens(mem.device(), model.hidden_size()),
+                &plan::PlanDevice::of(mem.device(), model.hidden_size(), cfg.budget_offload),
                 measured_step,
             )
         })

@@ -100,7 +100,8 @@ impl LmTrainConfig {
     /// flag (and its config key) or the key, and what is allowed.
     pub fn validate(&self) -> anyhow::Result<()> {
         use super::config::at_least;
-        super::config::check_run_settings(&self.fit_config(false, false), &self.lora)?;
+        let fit = self.fit_config(false, false);
+        super::config::check_run_settings(&fit, &self.lora, &self.run.device)?;
         at_least(2, Some("--max-length"), "seq_len", self.seq_len)?;
         at_least(1, None, "eval_batch_size", self.run.eval_batch_size)?;
         // One document of every period validates and one tests.

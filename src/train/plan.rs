@@ -3,6 +3,7 @@
 //! memory budget. SAFE freezes adapters as training goes, so the loop plans again after every
 //! round: checkpointing is dropped and the micro-batch grows as the trainable part shrinks.
 
+use crate::device::GpuRates;
 use crate::model::stack::{Keep, Parts, Recompute};
 use crate::model::{LayerMemory, StepMemory};
 use crate::nn::cka;
@@ -196,6 +197,25 @@ pub fn efficient_tokens(device: &candle_core::Device, hidden: usize) -> usize {
     }
 }
 
+/// What the plan needs to know of the device: the tokens below which a pass's time stops falling
+/// with its size ([`efficient_tokens`]), and the rates that price offloading saved state to the
+/// host (None on the CPU, or with offloading turned off).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlanDevice {
+    pub efficient_tokens: usize,
+    pub offload: Option<GpuRates>,
+}
+
+impl PlanDevice {
+    /// `device` for layers of width `hidden`; `offload`: whether a budget's plan may offload.
+    pub fn of(device: &candle_core::Device, hidden: usize, offload: bool) -> Self {
+        Self {
+            efficient_tokens: efficient_tokens(device, hidden),
+            offload: crate::device::gpu_rates(device).filter(|_| offload && device.is_cuda()),
+        }
+    }
+}
+
 /// Whether the frozen bottom's cache on disk (`train::frozen_cache`) beats recomputing the
 /// frozen layers, for passes of `tokens` tokens. On a CPU a layer's forward costs far more than
 /// reading its rows back. On a GPU only while a layer's forward is launch-bound (MiniLM or
@@ -369,7 +389,7 @@ pub fn plan(
     checkpoint_all: bool,
     offload: &[usize],
     budget: Option<usize>,
-    efficient_tokens: usize,
+    device: &PlanDevice,
     measuring: bool,
 ) -> anyhow::Result<MemoryPlan> {
     let n = model.num_layers();
@@ -420,8 +440,18 @@ pub fn plan(
         } else {
             0
         };
-        let Some(chosen) = cheapest_recompute(model, &through, rows, seq, measure, target, None)
-        else {
+        let act = model.hidden_bytes(1, 1) / model.hidden_size().max(1);
+        let offload = (device.offload.as_ref())
+            .and_then(|r| OffloadPrice::of(r, model.hidden_size(), rows, seq, act));
+        let Some(chosen) = cheapest_recompute(
+            model,
+            &through,
+            rows,
+            seq,
+            measure,
+            target,
+            offload.as_ref(),
+        ) else {
             continue;
         };
         // Work in hundredths of a layer forward per token: 3 per trained layer (forward,
@@ -429,7 +459,7 @@ pub fn plan(
         // per part a layer recomputes (`LayerMemory`'s costs); a pass counts at
         // least `efficient_tokens`.
         let passes = batch / rows;
-        let tokens = (rows * seq).max(efficient_tokens);
+        let tokens = (rows * seq).max(device.efficient_tokens);
         let cost = passes * tokens * (100 * (first + 3 * span) + chosen.cost_pct);
         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
             best = Some((cost, make(rows, passes, chosen)));
@@ -449,9 +479,48 @@ pub fn plan(
     }
 }
 
-/// What offloading a layer's state of some bytes costs, in hundredths of the layer's forward
-/// (the copies the compute does not hide).
-type OffloadPrice = dyn Fn(&LayerMemory, usize) -> usize;
+/// What offloading a layer's state costs a pass (`nn::offload`): the copies' issue, in hundredths
+/// of a layer forward, and the layer forwards a copy needs beside it to stay hidden: the next
+/// offloaded layer (whose stash frees this one's device copy once it is on the host), or the end
+/// of the forward, at least [`OffloadPrice::spacing`] layers above. Backward fetches a layer
+/// while the layers between run their backward, twice their forward, so the forward binds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct OffloadPrice {
+    issue_pct: usize,
+    /// Bytes the copies move while one layer runs its forward.
+    bytes_per_forward: f64,
+}
+
+impl OffloadPrice {
+    /// The price on a GPU of `rates` for a pass of `rows` x `seq` tokens through layers of width
+    /// `hidden` with activations of `act` bytes. None where the pass is launch-bound: there the
+    /// host issues the copies on the step's critical path, and measured at MiniLM's shape on an
+    /// H100 moving a layer cost about a layer's forward, no less than recomputing it.
+    fn of(rates: &GpuRates, hidden: usize, rows: usize, seq: usize, act: usize) -> Option<Self> {
+        let tokens = (rows * seq) as f64;
+        if tokens < crate::model::memory::launch_bound_tokens(hidden) {
+            return None;
+        }
+        // A layer's forward: its projections (about 24 hidden^2 FLOP a token: BERT's and GPT-2's
+        // exactly, LLaMA-7B's within 1%) and its attention's two products.
+        let h = hidden as f64;
+        let flops = tokens * (24.0 * h * h + 4.0 * seq as f64 * h);
+        let rate = match act {
+            4.. => rates.f32_flops_per_s,
+            _ => rates.half_flops_per_s,
+        };
+        let forward_s = (flops / rate).max(rates.layer_launch_s);
+        Some(Self {
+            issue_pct: (100.0 * rates.offload_issue_s / forward_s).ceil() as usize,
+            bytes_per_forward: rates.host_bytes_per_s * forward_s,
+        })
+    }
+
+    /// Layer forwards the copy of `bytes` takes: at least 1.
+    fn spacing(&self, bytes: usize) -> usize {
+        (bytes as f64 / self.bytes_per_forward).ceil().max(1.0) as usize
+    }
+}
 
 /// What a pass recomputes, the pass's estimated bytes, and the recomputation's cost in hundredths
 /// of a layer forward per token.
@@ -527,13 +596,15 @@ fn cheapest_recompute(
                 let kept = |k: Keep| pass.kept(m, k);
                 keeps
                     .flat_map(|(keep, cost)| {
-                        let moved = (offload.filter(|_| keep.saves())).map(|price| {
+                        // An offload whose copy outlasts the pass's forward cannot hide.
+                        let hides = |p: &&OffloadPrice| p.spacing(kept(keep)) <= pass.layers.len();
+                        let moved = (offload.filter(|p| keep.saves() && hides(p))).map(|p| {
                             (
                                 Choice {
                                     keep,
                                     offload: true,
                                 },
-                                cost + price(m, kept(keep)),
+                                cost + p.issue_pct,
                             )
                         });
                         [(
@@ -549,7 +620,8 @@ fn cheapest_recompute(
                     .collect()
             })
             .collect();
-        if let Some((cost, picked)) = least_cost(&pass, measure, budget, &options) {
+        let spacing = |bytes: usize| offload.map_or(1, |p| p.spacing(bytes));
+        if let Some((cost, picked)) = least_cost(&pass, measure, budget, &options, &spacing) {
             if best.as_ref().is_none_or(|(c, _)| cost < *c) {
                 best = Some((cost, picked));
             }
@@ -582,14 +654,17 @@ struct Choice {
 /// The least-cost choice per layer (one of each layer's `options`, with its cost) whose pass fits
 /// `budget`, and its cost. Exact: each of the pass's peaks ([`PassMemory::peak`]) is what the
 /// layers below one keep on the device, plus what the nearest offloaded layer below holds, plus a
-/// term of the layer alone; so for every total cost so far and bytes the nearest offloaded layer
-/// holds it is enough to know the least the layers so far keep on the device (a table over both,
-/// layer by layer, bottom up).
+/// term of the layer alone; so for every total cost so far, bytes the nearest offloaded layer
+/// holds and layers run since it, it is enough to know the least the layers so far keep on the
+/// device (a table over the three, layer by layer, bottom up). An offloaded layer of `bytes`
+/// needs the next offloaded layer, or the end of the forward, at least `spacing(bytes)` layers
+/// above it.
 fn least_cost(
     pass: &PassMemory,
     measure: usize,
     budget: usize,
     options: &[Vec<(Choice, usize)>],
+    spacing: &dyn Fn(usize) -> usize,
 ) -> Option<(usize, Vec<Choice>)> {
     if pass.below > budget {
         return None;
@@ -607,33 +682,47 @@ fn least_cost(
             }
         }
     }
+    let gaps: Vec<usize> = helds.iter().map(|&b| spacing(b)).collect();
+    // Layers run since the nearest offloaded one, counted up to the widest gap any needs.
+    let depth = gaps.iter().max().copied().unwrap_or(1) + 1;
     let width = helds.len();
-    let at = |c: usize, h: usize| c * width + h;
-    // least[at(c, h)]: the least the layers so far keep on the device at total cost c with the
-    // nearest offloaded one holding helds[h]; came_from[i][at(c, h)]: layer i's option and the
-    // state before it.
-    let mut least: Vec<Option<usize>> = vec![None; (max_cost + 1) * width];
-    least[at(0, 0)] = Some(0);
+    let at = |c: usize, h: usize, d: usize| (c * width + h) * depth + d;
+    // least[at(c, h, d)]: the least the layers so far keep on the device at total cost c, with
+    // the nearest offloaded one holding helds[h] and d layers run above it; came_from[i][...]:
+    // layer i's option and the state before it.
+    let mut least: Vec<Option<usize>> = vec![None; (max_cost + 1) * width * depth];
+    least[at(0, 0, 0)] = Some(0);
     let mut came_from = Vec::with_capacity(options.len());
     for ((_, m), options) in pass.layers.iter().zip(options) {
         let mut next: Vec<Option<usize>> = vec![None; least.len()];
-        let mut from = vec![(0u8, 0u16); least.len()];
+        let mut from = vec![(0u8, 0u32); least.len()];
         for (state, below) in least.iter().enumerate() {
             let Some(below) = *below else { continue };
-            let (c, h) = (state / width, state % width);
+            let (c, h, d) = (
+                state / (width * depth),
+                state / depth % width,
+                state % depth,
+            );
             for (o, &(choice, cost)) in options.iter().enumerate() {
                 if below + helds[h] + pass.at_layer(m, choice.keep, measure) > budget {
                     continue;
                 }
                 let bytes = pass.kept(m, choice.keep);
-                let (kept, h_next) = match choice.offload {
-                    true => (below, helds.iter().position(|&b| b == bytes).unwrap_or(0)),
-                    false => (below + bytes, h),
+                let (kept, h_next, d_next) = match choice.offload {
+                    // The copy of the one below has run beside this layer too.
+                    true if h > 0 && d + 1 < gaps[h] => continue,
+                    true => (
+                        below,
+                        helds.iter().position(|&b| b == bytes).unwrap_or(0),
+                        0,
+                    ),
+                    false if h == 0 => (below + bytes, 0, 0),
+                    false => (below + bytes, h, (d + 1).min(depth - 1)),
                 };
-                let k = at(c + cost, h_next);
+                let k = at(c + cost, h_next, d_next);
                 if next[k].is_none_or(|x| kept < x) {
                     next[k] = Some(kept);
-                    from[k] = (o as u8, h as u16);
+                    from[k] = (o as u8, state as u32);
                 }
             }
         }
@@ -641,9 +730,15 @@ fn least_cost(
         came_from.push(from);
     }
     let top = pass.x + pass.head;
-    let fits = |c: usize| (0..width).find(|&h| least[at(c, h)].is_some_and(|k| k + top <= budget));
-    let (cost, mut h) = (0..=max_cost).find_map(|c| fits(c).map(|h| (c, h)))?;
-    let mut c = cost;
+    let fits = |c: usize| {
+        (0..width * depth).find(|&hd| {
+            let (h, d) = (hd / depth, hd % depth);
+            (h == 0 || d >= gaps[h])
+                && least[c * width * depth + hd].is_some_and(|k| k + top <= budget)
+        })
+    };
+    let (cost, hd) = (0..=max_cost).find_map(|c| fits(c).map(|hd| (c, hd)))?;
+    let mut state = cost * width * depth + hd;
     let mut picked = vec![
         Choice {
             keep: Keep::ALL,
@@ -652,10 +747,9 @@ fn least_cost(
         options.len()
     ];
     for i in (0..options.len()).rev() {
-        let (o, h_before) = came_from[i][at(c, h)];
-        let (choice, step) = options[i][o as usize];
-        picked[i] = choice;
-        (c, h) = (c - step, h_before as usize);
+        let (o, before) = came_from[i][state];
+        picked[i] = options[i][o as usize].0;
+        state = before as usize;
     }
     Some((cost, picked))
 }
