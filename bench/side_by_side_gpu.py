@@ -15,7 +15,9 @@ each against PyTorch + PEFT and, with `--liger` (Liger-Kernel importable), PEFT 
 `--liger-wheel WHEEL` installs Liger-Kernel for the run from its wheel (checked against the pinned
 sha256 of liger_kernel 0.8.5, the version the BENCHMARKS rows used) into a temporary folder, for a
 GPU machine without network: fetch the wheel beforehand with `pip download liger-kernel==0.8.5
---no-deps -d DIR` and carry it.
+--no-deps -d DIR` and carry it. `--budget-fraction 0.6` adds safetune under `--memory-budget`, set
+from the references just measured so that its peak above the weights stays under 0.6x the smaller
+one's: once with the plan free to offload (`--budget-offload`), once recomputing only.
 
 Run on the GPU machine (torch, transformers, peft installed; the CUDA libraries on
 LD_LIBRARY_PATH for safetune). One PyTorch process per shape (its start-up is long), one safetune
@@ -54,6 +56,10 @@ p.add_argument("--rows", default="shapes", choices=["shapes", "long"], help="lon
 p.add_argument("--liger", action="store_true", help="with --rows long: also PyTorch + PEFT + Liger-Kernel")
 p.add_argument("--liger-wheel", default=None, help="install Liger-Kernel from this wheel (pinned sha256) for the run; implies --liger")
 p.add_argument("--only", default=None, help="with --rows long: these rows only, 0-based indices (e.g. 2,3,4)")
+p.add_argument("--budget-fraction", type=float, default=None,
+               help="with --rows long: also safetune under --memory-budget, set so that its peak above the weights "
+                    "stays under this fraction of the smaller reference's (e.g. 0.6), once with the plan's offload "
+                    "(--budget-offload) and once recomputing only")
 a = p.parse_args()
 
 
@@ -139,6 +145,19 @@ def long_rows():
                 rec["row"] = label
                 emit(rec)
                 row[name] = rec
+        peaks = [r["peak_mem_mb"] for k, r in row.items() if k in ("peft", "liger")]
+        if a.budget_fraction and peaks and "safetune" in row and not ckpt:
+            # The budget bounds a step's peak; the peak above the weights adds what lives between
+            # steps (the adapters' optimizer state), as the plain run measured it.
+            s = row["safetune"]
+            target = a.budget_fraction * min(peaks)
+            budget = int(target - (s["peak_mem_mb"] - s["step_peak_mem_mb"]))
+            for tag, extra in (("offload", ["--budget-offload"]), ("recompute", [])):
+                for rec in run_lines(cmd + ["--memory-budget", f"{budget}MiB", *extra]):
+                    rec.pop("losses", None)
+                    rec.update(row=label, budget_mib=budget, target_mb=target)
+                    emit(rec)
+                    row[f"budget-{tag}"] = rec
         table.append(row)
     print("\n| row | safetune ms | PEFT ms | PEFT + Liger ms | safetune peak MB | PEFT peak MB | PEFT + Liger peak MB "
           "| time vs faster reference | peak vs smaller reference | safetune TFLOP/s |")
@@ -152,6 +171,23 @@ def long_rows():
               f"| {f(op, '{:.0f}')} | {f(g('peft', 'peak_mem_mb'), '{:.0f}')} | {f(g('liger', 'peak_mem_mb'), '{:.0f}')} "
               f"| {f(ratio(om, min(times) if times else None), '{:.2f}')} | {f(ratio(op, min(peaks) if peaks else None), '{:.2f}')} "
               f"| {f(g('safetune', 'tflops_per_s'), '{:.0f}')} |")
+
+
+    if not a.budget_fraction:
+        return
+    print(f"\nsafetune under --memory-budget (peak target {a.budget_fraction} x the smaller reference's)")
+    print("| row | plan | budget MiB | step ms | peak MB | time vs faster reference | peak vs smaller reference |")
+    print("|---|---|---|---|---|---|---|")
+    for row in table:
+        times = [row[k]["step_ms_median"] for k in ("peft", "liger") if k in row]
+        peaks = [row[k]["peak_mem_mb"] for k in ("peft", "liger") if k in row]
+        for tag in ("offload", "recompute"):
+            r = row.get(f"budget-{tag}")
+            if not r:
+                continue
+            print(f"| {row['label']} | {tag}: {r.get('plan')} | {r['budget_mib']} | {f(r['step_ms_median'])} "
+                  f"| {f(r['peak_mem_mb'], '{:.0f}')} | {f(ratio(r['step_ms_median'], min(times)), '{:.2f}')} "
+                  f"| {f(ratio(r['peak_mem_mb'], min(peaks)), '{:.2f}')} |")
 
 
 def f(x, fmt="{:.1f}"):
