@@ -477,6 +477,17 @@ fn with_offload_the_plan_is_still_the_cheapest_that_fits() {
         }
         assert!(offloaded_plans > 5, "gap {gap}: {offloaded_plans}");
     }
+    // Copies that need more forwards than the pass has layers (or than the search tracks) are
+    // never offered, however cheap to issue.
+    let slow = OffloadPrice {
+        issue_pct: 0,
+        bytes_per_forward: layer_bytes as f64 / 1000.0,
+    };
+    let full = pass.peak(&Recompute::None, 0);
+    for pct in (20..100).step_by(7) {
+        let c = cheapest_recompute(&m, &[], 16, SEQ, 0, full * pct / 100, Some(&slow));
+        assert!(c.is_none_or(|c| (0..6).all(|l| !c.recompute.offloads(l))));
+    }
 }
 
 /// The price of offloading on an H100 from its rates: none where a pass is launch-bound

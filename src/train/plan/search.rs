@@ -130,7 +130,8 @@ pub(super) fn cheapest_recompute(
                 keeps
                     .flat_map(|(keep, cost)| {
                         // An offload whose copy outlasts the pass's forward cannot hide.
-                        let hides = |p: &&OffloadPrice| p.spacing(kept(keep)) <= pass.layers.len();
+                        let most = pass.layers.len().min(MAX_SPACING);
+                        let hides = |p: &&OffloadPrice| p.spacing(kept(keep)) <= most;
                         let moved = (offload.filter(|p| keep.saves() && hides(p))).map(|p| {
                             (
                                 Choice {
@@ -184,6 +185,19 @@ struct Choice {
     offload: bool,
 }
 
+/// The most layer forwards an offloaded layer's copy may need beside it: the search's table grows
+/// with it, and a copy that slow frees little (one layer's state in that many).
+const MAX_SPACING: usize = 8;
+
+/// How the search reached a state: the layer's option, and the state before it (the bytes the
+/// nearest offloaded layer held, and the layers run since), its cost implied by the option's.
+#[derive(Clone, Copy, Default)]
+struct Step {
+    option: u8,
+    held: u16,
+    run: u8,
+}
+
 /// The least-cost choice per layer (one of each layer's `options`, with its cost) whose pass fits
 /// `budget`, and its cost. Exact: each of the pass's peaks ([`PassMemory::peak`]) is what the
 /// layers below one keep on the device, plus what the nearest offloaded layer below holds, plus a
@@ -228,7 +242,7 @@ fn least_cost(
     let mut came_from = Vec::with_capacity(options.len());
     for ((_, m), options) in pass.layers.iter().zip(options) {
         let mut next: Vec<Option<usize>> = vec![None; least.len()];
-        let mut from = vec![(0u8, 0u32); least.len()];
+        let mut from = vec![Step::default(); least.len()];
         for (state, below) in least.iter().enumerate() {
             let Some(below) = *below else { continue };
             let (c, h, d) = (
@@ -255,7 +269,11 @@ fn least_cost(
                 let k = at(c + cost, h_next, d_next);
                 if next[k].is_none_or(|x| kept < x) {
                     next[k] = Some(kept);
-                    from[k] = (o as u8, state as u32);
+                    from[k] = Step {
+                        option: o as u8,
+                        held: h as u16,
+                        run: d as u8,
+                    };
                 }
             }
         }
@@ -280,9 +298,10 @@ fn least_cost(
         options.len()
     ];
     for i in (0..options.len()).rev() {
-        let (o, before) = came_from[i][state];
-        picked[i] = options[i][o as usize].0;
-        state = before as usize;
+        let Step { option, held, run } = came_from[i][state];
+        let (o, c) = (option as usize, state / (width * depth));
+        picked[i] = options[i][o].0;
+        state = at(c - options[i][o].1, held as usize, run as usize);
     }
     Some((cost, picked))
 }
