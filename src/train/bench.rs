@@ -16,7 +16,7 @@ use crate::memory::{self, MemTracker};
 use crate::model::bert::{BertConfig, BertForSequenceClassification};
 use crate::model::llama::LlamaForCausalLM;
 use crate::model::stack::Recompute;
-use crate::model::{CausalLm, LlamaConfig, LmBatch, StepMemory};
+use crate::model::{CausalLm, LlamaConfig, LmBatch};
 use crate::nn::attention::mask_to_additive;
 use crate::nn::linear::{QuantFormat, Weight};
 use crate::nn::optim::{AdamW, AdamWConfig};
@@ -311,16 +311,20 @@ impl Model {
     }
 
     /// The memory plan of one pass of `rows` rows under `budget` bytes (see `train::plan`).
-    fn plan(&self, rows: usize, seq: usize, budget: usize, offload: bool) -> Result<MemoryPlan> {
-        let (budget, m) = (Some(budget), false);
+    fn plan(
+        &self,
+        rows: usize,
+        seq: usize,
+        budget: usize,
+        device: &PlanDevice,
+    ) -> Result<MemoryPlan> {
+        let budget = Some(budget);
         match self {
-            Model::Bert(b) => {
-                let device = PlanDevice::of(&b.device(), b.hidden_size(), offload);
-                plan::plan(b.as_ref(), rows, 1, seq, false, &[], budget, &device, m)
+            Model::Bert(m) => {
+                plan::plan(m.as_ref(), rows, 1, seq, false, &[], budget, device, false)
             }
-            Model::Llama(l) => {
-                let device = PlanDevice::of(&l.device(), l.hidden_size(), offload);
-                plan::plan(l.as_ref(), rows, 1, seq, false, &[], budget, &device, m)
+            Model::Llama(m) => {
+                plan::plan(m.as_ref(), rows, 1, seq, false, &[], budget, device, false)
             }
         }
     }
@@ -540,7 +544,8 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
             if a.budget_offload {
                 super::config::ensure_offload_device("--budget-offload", device.is_cuda())?;
             }
-            let p = model.plan(s.batch, s.seq, b.0, a.budget_offload)?;
+            let plan_device = PlanDevice::of(&device, s.hidden, a.budget_offload);
+            let p = model.plan(s.batch, s.seq, b.0, &plan_device)?;
             anyhow::ensure!(
                 p.accum == 1,
                 "--memory-budget {b}: the plan splits the batch into passes of {} rows; bench \
@@ -552,10 +557,10 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
         }
         None => None,
     };
-    let recompute = match &a.offload_layers[..] {
-        _ if budget_plan.is_some() => budget_plan.as_ref().expect("some").recompute(),
-        [] => Recompute::all_if(a.gradient_checkpointing),
-        layers => {
+    let recompute = match (&budget_plan, &a.offload_layers[..]) {
+        (Some(p), _) => p.recompute(),
+        (None, []) => Recompute::all_if(a.gradient_checkpointing),
+        (None, layers) => {
             super::config::ensure_offload_device("--offload-layers", device.is_cuda())?;
             Recompute::offloading(layers.iter().copied())
         }

@@ -637,8 +637,9 @@ mod tests {
         assert!(e.contains("c.toml") && e.contains("dropuot"), "{e}");
     }
 
-    /// Offloaded layers read from TOML, and refused beside a memory budget or checkpointing (the
-    /// budget's plan does not offload yet; checkpointed layers keep only their input).
+    /// Offloaded layers read from TOML, refused on the CPU and beside a memory budget or
+    /// checkpointing (the budget's plan picks its own layers, with `budget_offload`; checkpointed
+    /// layers keep only their input).
     #[test]
     fn offload_layers_come_from_toml_and_exclude_a_budget_and_checkpointing() {
         let c: TrainConfig =

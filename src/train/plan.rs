@@ -438,6 +438,10 @@ pub fn plan(
     // The estimate is within a few percent of the allocator's count (tests/plan_memory.rs): plan
     // against a little less than the budget so that the measured peak stays under it.
     let target = budget - budget / BUDGET_MARGIN;
+    let (hidden, act) = (
+        model.hidden_size(),
+        model.hidden_bytes(1, 1) / model.hidden_size().max(1),
+    );
     let mut best: Option<(usize, MemoryPlan)> = None;
     for rows in (1..=batch).rev().filter(|r| batch.is_multiple_of(*r)) {
         let measure = if measuring {
@@ -445,9 +449,8 @@ pub fn plan(
         } else {
             0
         };
-        let act = model.hidden_bytes(1, 1) / model.hidden_size().max(1);
-        let offload = (device.offload.as_ref())
-            .and_then(|r| OffloadPrice::of(r, model.hidden_size(), rows, seq, act));
+        let offload =
+            (device.offload.as_ref()).and_then(|r| OffloadPrice::of(r, hidden, rows, seq, act));
         let Some(chosen) = cheapest_recompute(
             model,
             &through,

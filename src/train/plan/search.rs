@@ -121,6 +121,10 @@ pub(super) fn cheapest_recompute(
     } else {
         &stages[..]
     };
+    // An offload whose copy outlasts the pass's forward (or the spacing the search tracks) cannot
+    // hide.
+    let most = pass.layers.len().min(MAX_SPACING);
+    let spacing = |bytes: usize| offload.map_or(1, |p| p.spacing(bytes));
     let mut best: Option<(usize, Vec<Choice>)> = None;
     for allowed in stages {
         let options: Vec<Vec<(Choice, usize)>> = (pass.layers.iter())
@@ -129,8 +133,6 @@ pub(super) fn cheapest_recompute(
                 let kept = |k: Keep| pass.kept(m, k);
                 keeps
                     .flat_map(|(keep, cost)| {
-                        // An offload whose copy outlasts the pass's forward cannot hide.
-                        let most = pass.layers.len().min(MAX_SPACING);
                         let hides = |p: &&OffloadPrice| p.spacing(kept(keep)) <= most;
                         let moved = (offload.filter(|p| keep.saves() && hides(p))).map(|p| {
                             (
@@ -154,7 +156,6 @@ pub(super) fn cheapest_recompute(
                     .collect()
             })
             .collect();
-        let spacing = |bytes: usize| offload.map_or(1, |p| p.spacing(bytes));
         if let Some((cost, picked)) = least_cost(&pass, measure, budget, &options, &spacing) {
             if best.as_ref().is_none_or(|(c, _)| cost < *c) {
                 best = Some((cost, picked));
